@@ -1,0 +1,36 @@
+"""Shared test fixtures.
+
+Tests that need root or a kernel feature use the `root` fixture (or `needs_root()`): on a
+developer machine without root they are skipped with the reason; in CI (CI=true) a missing
+capability is a failure, never a skip.
+"""
+
+import os
+import uuid
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally, fail loudly in CI."""
+    if IN_CI:
+        pytest.fail(f"required in CI but unavailable: {reason}")
+    pytest.skip(reason)
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        unavailable("needs root (cgroups, namespaces, raw sockets)")
+
+
+@pytest.fixture
+def root():
+    needs_root()
+
+
+@pytest.fixture
+def unique():
+    """A short unique token for kernel object names (tests may run in parallel)."""
+    return uuid.uuid4().hex[:6]
