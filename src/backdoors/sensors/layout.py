@@ -1,0 +1,81 @@
+"""The Sensor Box binary layout (ABI version 1).
+
+A Sensor Box is a header of 64 bytes followed by `capacity` slots of 64 bytes, all
+little-endian and 8-byte aligned, so that every value is one aligned 64-bit word that a
+writer updates with a single store. `docs/sensor-box.md` and
+`include/backdoors/sensorbox.h` describe the same layout; change all three together.
+
+Header::
+
+    off  size  field
+      0     4  magic        b"BDSB"
+      4     2  version      1
+      6     2  header_size  64
+      8     4  slot_size    64
+     12     4  capacity     number of slots
+     16     4  count        slots in use (0..capacity)
+     20     4  owner_pid    pid of the process that created the box
+     24     8  generation   even when stable; odd while a sensor is being added
+     32    32  name         UTF-8, NUL-padded (at most 31 bytes)
+
+Slot::
+
+      0     4  id           1..count, unique
+      4     1  type         1 progress, 2 level, 3 pressure
+      5     1  flags        bit 0: level has a minimum, bit 1: level has a maximum
+      6     2  reserved     0
+      8     8  value        progress/pressure: u64 counter; level: f64
+     16     8  threshold    progress: deadline (s); level: max; pressure: max events
+     24     8  param        level: min; pressure: window (s); progress: 0
+     32    32  name         UTF-8, NUL-padded (at most 31 bytes)
+"""
+
+import enum
+import struct
+
+MAGIC = b"BDSB"
+VERSION = 1
+HEADER_SIZE = 64
+SLOT_SIZE = 64
+NAME_SIZE = 32
+MAX_NAME_BYTES = NAME_SIZE - 1
+MAX_CAPACITY = 4096
+
+HEADER = struct.Struct("<4sHHIIII Q 32s")
+SLOT = struct.Struct("<IBBH 8s d d 32s")
+assert HEADER.size == HEADER_SIZE and SLOT.size == SLOT_SIZE
+
+# Offsets of the header fields a writer changes after creation.
+OFF_COUNT = 16
+OFF_GENERATION = 24
+# Offset of a slot's value word, relative to the slot.
+SLOT_OFF_VALUE = 8
+
+FLAG_HAS_MIN = 1
+FLAG_HAS_MAX = 2
+
+
+class SensorType(enum.IntEnum):
+    PROGRESS = 1
+    LEVEL = 2
+    PRESSURE = 3
+
+
+def region_size(capacity: int) -> int:
+    """Bytes needed for a box with `capacity` slots."""
+    return HEADER_SIZE + capacity * SLOT_SIZE
+
+
+def slot_offset(index: int) -> int:
+    """Byte offset of slot `index` (0-based)."""
+    return HEADER_SIZE + index * SLOT_SIZE
+
+
+def encode_name(name: str, what: str) -> bytes:
+    """UTF-8 bytes of a box or sensor name, checked against the ABI's limit."""
+    raw = name.encode("utf-8")
+    if not raw or len(raw) > MAX_NAME_BYTES or b"\0" in raw:
+        raise ValueError(
+            f"{what} name {name!r} must be 1..{MAX_NAME_BYTES} UTF-8 bytes without NUL"
+        )
+    return raw

@@ -1,0 +1,278 @@
+"""Reading Sensor Boxes from outside: validated parsing, consistent copies, tracking.
+
+The reader never trusts the region. `parse` checks every field against the ABI and
+turns anything unexpected into a SensorBoxError that says what and where. The layout is
+copied under the generation seqlock; each value is one aligned word. Whether a progress
+sensor is stalled, and how many pressure events fell in the last window, is computed
+here from successive snapshots, so applications never write timestamps.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from collections import deque
+from typing import Callable
+
+import msgspec
+
+from ..errors import SensorBoxError
+from . import layout as L
+from .region import Region
+
+READ_RETRIES = 64
+
+
+class Sensor(msgspec.Struct, frozen=True):
+    """One sensor as stored in the region."""
+
+    id: int
+    name: str
+    type: L.SensorType
+    value: float  # an int for progress and pressure
+    threshold: float
+    param: float
+    flags: int = 0
+
+    @property
+    def min(self) -> float | None:
+        return self.param if self.flags & L.FLAG_HAS_MIN else None
+
+    @property
+    def max(self) -> float | None:
+        return self.threshold if self.flags & L.FLAG_HAS_MAX else None
+
+
+class BoxImage(msgspec.Struct, frozen=True):
+    """A validated copy of a whole box."""
+
+    name: str
+    owner_pid: int
+    generation: int
+    capacity: int
+    sensors: list[Sensor]
+
+
+class SensorState(msgspec.Struct):
+    """A sensor with what the reader derived about it."""
+
+    id: int
+    name: str
+    type: str
+    value: float
+    violated: bool
+    # progress: seconds since the counter last moved, and its deadline
+    stalled_for: float | None = None
+    deadline: float | None = None
+    # level: bounds
+    min: float | None = None
+    max: float | None = None
+    # pressure: events in the last window, and the allowed maximum
+    rate: float | None = None
+    max_events: float | None = None
+    window: float | None = None
+
+
+class Snapshot(msgspec.Struct):
+    box: str
+    owner_pid: int
+    generation: int
+    taken_at: float
+    sensors: list[SensorState]
+
+    @property
+    def violations(self) -> list[SensorState]:
+        return [s for s in self.sensors if s.violated]
+
+    def get(self, name: str) -> SensorState | None:
+        return next((s for s in self.sensors if s.name == name), None)
+
+
+def _name(raw: bytes, where: str) -> str:
+    end = raw.find(b"\0")
+    if end < 0:
+        raise SensorBoxError(f"{where}: name is not NUL-terminated")
+    if end == 0:
+        raise SensorBoxError(f"{where}: name is empty")
+    try:
+        return raw[:end].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SensorBoxError(f"{where}: name is not valid UTF-8 ({e.reason})") from None
+
+
+def parse_header(data: bytes) -> tuple[int, int, int, int, str]:
+    """Check the header; return (capacity, count, owner_pid, generation, name)."""
+    if len(data) < L.HEADER_SIZE:
+        raise SensorBoxError(
+            f"region truncated: {len(data)} bytes, the header alone needs {L.HEADER_SIZE}"
+        )
+    magic, version, hsize, ssize, capacity, count, pid, gen, raw_name = L.HEADER.unpack_from(data)
+    if magic != L.MAGIC:
+        raise SensorBoxError(f"not a Sensor Box: magic is {magic!r}, expected {L.MAGIC!r}")
+    if version != L.VERSION:
+        raise SensorBoxError(f"unsupported Sensor Box layout version {version} (reader knows {L.VERSION})")
+    if hsize != L.HEADER_SIZE or ssize != L.SLOT_SIZE:
+        raise SensorBoxError(
+            f"header: header_size {hsize} / slot_size {ssize}, ABI v1 requires {L.HEADER_SIZE}/{L.SLOT_SIZE}"
+        )
+    if not 1 <= capacity <= L.MAX_CAPACITY:
+        raise SensorBoxError(f"header: capacity {capacity} is outside 1..{L.MAX_CAPACITY}")
+    if count > capacity:
+        raise SensorBoxError(f"header: count {count} exceeds capacity {capacity}")
+    return capacity, count, pid, gen, _name(raw_name, "header")
+
+
+def parse(data: bytes) -> BoxImage:
+    """Validate a copy of a region and decode it; SensorBoxError on anything malformed."""
+    capacity, count, pid, gen, name = parse_header(data)
+    if gen & 1:
+        raise SensorBoxError(f"header: generation {gen} is odd (copy taken while a sensor was being added)")
+    need = L.region_size(capacity)
+    if len(data) < need:
+        raise SensorBoxError(
+            f"region truncated: {len(data)} bytes, capacity {capacity} needs {need}"
+        )
+    sensors: list[Sensor] = []
+    names: set[str] = set()
+    for i in range(count):
+        off = L.slot_offset(i)
+        where = f"sensor slot {i} (offset {off})"
+        sid, type_, flags, reserved, value, threshold, param, raw_name = L.SLOT.unpack_from(data, off)
+        if sid != i + 1:
+            raise SensorBoxError(f"{where}: id {sid}, expected {i + 1}")
+        if reserved:
+            raise SensorBoxError(f"{where}: reserved field is {reserved}, must be 0")
+        try:
+            kind = L.SensorType(type_)
+        except ValueError:
+            raise SensorBoxError(f"{where}: unknown sensor type {type_}") from None
+        if not (math.isfinite(threshold) and math.isfinite(param)):
+            raise SensorBoxError(f"{where}: threshold/param must be finite")
+        sname = _name(raw_name, where)
+        if sname in names:
+            raise SensorBoxError(f"{where}: duplicate sensor name {sname!r}")
+        names.add(sname)
+        if kind is L.SensorType.LEVEL:
+            if flags & ~(L.FLAG_HAS_MIN | L.FLAG_HAS_MAX) or not flags:
+                raise SensorBoxError(f"{where}: level flags {flags:#x} are invalid")
+            if flags == L.FLAG_HAS_MIN | L.FLAG_HAS_MAX and param > threshold:
+                raise SensorBoxError(f"{where}: level min {param} > max {threshold}")
+            v: float = struct.unpack("<d", value)[0]
+        else:
+            if flags:
+                raise SensorBoxError(f"{where}: flags {flags:#x} are invalid for {kind.name.lower()}")
+            if threshold <= 0 or (kind is L.SensorType.PRESSURE and param <= 0):
+                raise SensorBoxError(f"{where}: {kind.name.lower()} thresholds must be positive")
+            v = int.from_bytes(value, "little")
+        sensors.append(Sensor(sid, sname, kind, v, threshold, param, flags))
+    return BoxImage(name, pid, gen, capacity, sensors)
+
+
+def read_consistent(region: Region) -> bytes:
+    """Copy a box's bytes under the generation seqlock, values as atomic word loads.
+
+    Gives up with SensorBoxError if the generation never settles (a writer that died
+    mid-update, or a hostile one); never spins without bound.
+    """
+    header = region.read(0, L.HEADER_SIZE)
+    capacity, _, _, _, _ = parse_header(header)
+    size = L.region_size(capacity)
+    for attempt in range(READ_RETRIES):
+        g1 = region.load_word(L.OFF_GENERATION)
+        if g1 & 1:
+            time.sleep(0 if attempt < 8 else 0.0005)
+            continue
+        data = bytearray(region.read(0, size))
+        count = int.from_bytes(data[L.OFF_COUNT:L.OFF_COUNT + 4], "little")
+        if region.words is not None:
+            for i in range(min(count, capacity)):
+                off = L.slot_offset(i) + L.SLOT_OFF_VALUE
+                data[off:off + 8] = region.words[off // 8].to_bytes(8, "little")
+        if region.load_word(L.OFF_GENERATION) == g1 and int.from_bytes(
+            data[L.OFF_GENERATION:L.OFF_GENERATION + 8], "little"
+        ) == g1:
+            return bytes(data)
+    raise SensorBoxError(
+        f"{region.label}: layout generation did not settle after {READ_RETRIES} tries "
+        "(a writer died while adding a sensor, or the region is being rewritten)"
+    )
+
+
+class SensorTracker:
+    """Derives stalls and rates from successive images of one box.
+
+    Progress: stalled_for = now - when this tracker last saw the counter move (the first
+    sighting counts as a move). Pressure: events in the last `window` seconds, from the
+    counter's history. A new owner pid resets everything (the box was recreated).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._owner: int | None = None
+        self._last: dict[int, tuple[float, float]] = {}  # id -> (value, changed_at)
+        self._hist: dict[int, deque[tuple[float, float]]] = {}
+
+    def update(self, image: BoxImage, now: float | None = None) -> Snapshot:
+        now = self._clock() if now is None else now
+        if image.owner_pid != self._owner:
+            self._owner = image.owner_pid
+            self._last.clear()
+            self._hist.clear()
+        states = []
+        for s in image.sensors:
+            if s.type is L.SensorType.PROGRESS:
+                prev = self._last.get(s.id)
+                if prev is None or prev[0] != s.value:
+                    prev = (s.value, now)
+                    self._last[s.id] = prev
+                stalled = now - prev[1]
+                states.append(SensorState(s.id, s.name, "progress", s.value, stalled > s.threshold,
+                                          stalled_for=stalled, deadline=s.threshold))
+            elif s.type is L.SensorType.LEVEL:
+                lo, hi = s.min, s.max
+                bad = not math.isfinite(s.value) or (lo is not None and s.value < lo) or (
+                    hi is not None and s.value > hi)
+                states.append(SensorState(s.id, s.name, "level", s.value, bad, min=lo, max=hi))
+            else:
+                hist = self._hist.setdefault(s.id, deque())
+                hist.append((now, s.value))
+                while len(hist) > 1 and hist[1][0] <= now - s.param:
+                    hist.popleft()
+                # hist[0] is the newest sample at least one window old (or the oldest one)
+                rate = float(max(0, s.value - hist[0][1]))
+                states.append(SensorState(s.id, s.name, "pressure", s.value, rate > s.threshold,
+                                          rate=rate, max_events=s.threshold, window=s.param))
+        return Snapshot(image.name, image.owner_pid, image.generation, now, states)
+
+
+class SensorBoxReader:
+    """Consistent, validated snapshots of one Sensor Box, with derived state.
+
+    `source` is a Region, an fd, or a path to a file-backed box.
+    """
+
+    def __init__(self, source: Region | int | str, *, clock: Callable[[], float] = time.monotonic):
+        if isinstance(source, Region):
+            self.region, self._own = source, False
+        elif isinstance(source, int):
+            self.region, self._own = Region(source, label=f"fd {source}"), True
+        else:
+            self.region, self._own = Region.open_path(source), True
+        self.tracker = SensorTracker(clock)
+
+    def image(self) -> BoxImage:
+        return parse(read_consistent(self.region))
+
+    def snapshot(self) -> Snapshot:
+        return self.tracker.update(self.image())
+
+    def close(self) -> None:
+        if self._own:
+            self.region.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

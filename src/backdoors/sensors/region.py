@@ -1,0 +1,127 @@
+"""A shared-memory region seen from outside its owner, bounds-checked.
+
+The agent and local readers hold a region by its file descriptor (a memfd handed over
+with SCM_RIGHTS, or a file in a tmpfs). A memfd sealed against shrinking is mapped and
+read with plain loads; anything else is read with pread, so that a region truncated by
+a hostile owner gives a short read and an error, never a SIGBUS.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+
+from ..errors import SensorBoxError
+
+
+class Region:
+    """Bounds-checked reads (and, when allowed, writes) of a region held by `fd`.
+
+    The Region owns a duplicate of `fd` and closes it in `close()`.
+    """
+
+    def __init__(self, fd: int, *, writable: bool = False, label: str = "region"):
+        self.label = label
+        self.writable = writable
+        self.fd = os.dup(fd)
+        self._mm: mmap.mmap | None = None
+        self.words: memoryview | None = None
+        try:
+            self.size = os.fstat(self.fd).st_size
+            if _sealed_against_shrink(self.fd) and self.size > 0:
+                prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+                self._mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
+                if self.size % 8 == 0:
+                    self.words = memoryview(self._mm).cast("Q")
+        except OSError as e:
+            os.close(self.fd)
+            raise SensorBoxError(f"{label}: cannot map region: {e}") from e
+
+    @classmethod
+    def open_path(cls, path: str, *, writable: bool = False) -> "Region":
+        """Open a region backed by a file (normally in a tmpfs)."""
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as e:
+            raise SensorBoxError(f"cannot open region {path}: {e.strerror}") from e
+        try:
+            return cls(fd, writable=writable, label=path)
+        finally:
+            os.close(fd)
+
+    @property
+    def mapped(self) -> bool:
+        return self._mm is not None
+
+    def current_size(self) -> int:
+        """The region's size now (a file-backed region can change under us)."""
+        if self._mm is not None:
+            return self.size
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as e:
+            raise SensorBoxError(f"{self.label}: {e.strerror}") from e
+
+    def _check(self, offset: int, length: int) -> None:
+        size = self.current_size()
+        if offset < 0 or length < 0 or offset + length > size:
+            raise SensorBoxError(
+                f"{self.label}: range [{offset}, {offset + length}) is outside the region "
+                f"of {size} bytes"
+            )
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`, or SensorBoxError."""
+        self._check(offset, length)
+        if self._mm is not None:
+            return self._mm[offset:offset + length]
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise SensorBoxError(
+                f"{self.label}: short read at {offset} ({len(data)} of {length} bytes): "
+                "the region was truncated"
+            )
+        return data
+
+    def load_word(self, offset: int) -> int:
+        """One aligned 64-bit load (atomic against a concurrent aligned store)."""
+        if offset % 8:
+            raise SensorBoxError(f"{self.label}: unaligned word offset {offset}")
+        if self.words is not None:
+            self._check(offset, 8)
+            return self.words[offset // 8]
+        return int.from_bytes(self.read(offset, 8), "little")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write `data` at `offset`; only for regions registered writable."""
+        if not self.writable:
+            raise SensorBoxError(f"{self.label}: region is not writable")
+        self._check(offset, len(data))
+        if self._mm is not None:
+            self._mm[offset:offset + len(data)] = data
+        elif os.pwrite(self.fd, data, offset) != len(data):
+            raise SensorBoxError(f"{self.label}: short write at {offset}")
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self.words is not None:
+            self.words.release()
+        if self._mm is not None:
+            self._mm.close()
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _sealed_against_shrink(fd: int) -> bool:
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False  # not a memfd / shmem file: no seals
