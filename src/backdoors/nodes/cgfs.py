@@ -1,0 +1,147 @@
+"""Reading and writing cgroupfs files, with errors that say what, where and what to do.
+
+Small helpers shared by the Cgroup class: one syscall per write (cgroupfs acts on each
+write), parsers for the flat-keyed and pressure formats, and waiting on cgroup.events.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import select
+import time
+from pathlib import Path
+
+from backdoors.errors import NodeError
+
+_HINTS = {
+    errno.ENOENT: "it does not exist: the cgroup was removed, or the controller is not "
+    "mounted or enabled here",
+    errno.EACCES: "permission denied: cgroups need root",
+    errno.EPERM: "operation not permitted: cgroups need root",
+    errno.EROFS: "cgroupfs is read-only: in a container, run it privileged",
+}
+
+
+def error(action: str, path: Path, exc: OSError, hint: str = "") -> NodeError:
+    """A NodeError for a failed cgroupfs access, with the kernel's reason and a hint."""
+    reason = _HINTS.get(exc.errno or 0, exc.strerror or str(exc))
+    return NodeError(f"cannot {action} {path}: {reason}" + (f". {hint}" if hint else ""))
+
+
+def read(path: Path) -> str:
+    """The whole text of a cgroupfs (or procfs) file."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read().decode()
+    except OSError as e:
+        raise error("read", path, e) from None
+
+
+def read_int(path: Path) -> int | None:
+    """An integer file; None for "max" (no limit)."""
+    text = read(path).strip()
+    return None if text == "max" else int(text)
+
+
+def write(path: Path, value: str, hint: str = "") -> None:
+    """Write `value` to a cgroupfs file in one syscall; `hint` is added to the error."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise error("open", path, e, hint) from None
+    try:
+        os.write(fd, value.encode())
+    except OSError as e:
+        raise error(f"write {value!r} to", path, e, hint) from None
+    finally:
+        os.close(fd)
+
+
+def keyed(text: str) -> dict[str, int]:
+    """Parse "key value" lines (cgroup.events, memory.events, cpu.stat, oom_control)."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+def pressure(text: str) -> dict[str, float | int]:
+    """Parse a PSI file: "some avg10=0.00 avg60=0.00 avg300=0.00 total=12" lines.
+
+    Gives e.g. {"some_avg10": 0.0, ..., "some_total_us": 12, "full_avg10": ...}.
+    """
+    out: dict[str, float | int] = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key == "total":
+                out[f"{kind}_total_us"] = int(value)
+            else:
+                out[f"{kind}_{key}"] = float(value)
+    return out
+
+
+def wait_event(path: Path, key: str, want: int, timeout: float) -> bool:
+    """Wait until `key` in the events file `path` (e.g. cgroup.events) reads `want`.
+
+    cgroupfs signals a change of an events file with POLLPRI, but at most once per 10 ms
+    (later changes are notified late), so the file is also re-read on a backoff from 0.1 ms
+    to 10 ms: a v2 freeze under fork load is seen in ~3 ms instead of ~10 ms.
+    Returns False on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise error("open", path, e) from None
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        pause = 0.0001
+        while True:
+            try:
+                text = os.pread(fd, 4096, 0).decode()
+            except OSError as e:
+                raise error("read", path, e) from None
+            if keyed(text).get(key) == want:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            wait = min(pause, remaining)
+            if wait < 0.001:  # poll() counts whole milliseconds
+                time.sleep(wait)
+            else:
+                poller.poll(math.ceil(wait * 1000))
+            pause = min(pause * 2, 0.01)
+    finally:
+        os.close(fd)
+
+
+def wait_until(check, timeout: float) -> bool:
+    """Call `check()` until it is true or `timeout` passes, backing off 0.1 ms to 10 ms.
+
+    For state files that give no notification (v1 freezer.state). Returns the last result.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.0001
+    while True:
+        if check():
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.01)
+
+
+def tree(top: Path) -> list[Path]:
+    """`top` and every cgroup below it, deepest first (the order rmdir needs)."""
+    if not top.is_dir():
+        return []
+    return [Path(d) for d, _, _ in os.walk(top, topdown=False)]

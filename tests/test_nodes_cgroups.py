@@ -1,0 +1,302 @@
+"""Cgroup: layout detection, lifecycle, freezing (v1 and v2), killing, limits, reaping."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_nodes_support import (
+    COUNTER,
+    FORK_BOMB,
+    PY,
+    alive,
+    prefix,
+    read_counter,
+    require_freezer,
+    wait_for,
+)
+
+from backdoors.errors import NodeError
+from backdoors.nodes import Cgroup, Layout, Node, detect, reap
+from backdoors.nodes.layout import layout_from_mounts
+
+__all__ = ["prefix"]  # the fixture, imported for pytest
+pytestmark = pytest.mark.root
+
+HYBRID_MOUNTS = """\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu type cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,nosuid,nodev,noexec,relatime,cpu,cpuacct 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
+cgroup /sys/fs/cgroup/freezer cgroup rw,nosuid,nodev,noexec,relatime,freezer 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,nosuid,nodev,noexec,relatime,pids 0 0
+cgroup /sys/fs/cgroup/systemd cgroup rw,nosuid,nodev,noexec,relatime,xattr,name=systemd 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime 0 0
+"""
+UNIFIED_MOUNTS = """\
+sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
+cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0
+"""
+
+
+# -- layout -----------------------------------------------------------------------------
+
+
+def test_detect_this_machine():
+    layout = detect()
+    assert layout.kind in ("hybrid", "unified")
+    for mount in layout.hierarchies().values():
+        assert (mount / "cgroup.procs").exists()
+    if layout.kind == "hybrid":
+        assert set(layout.v1) == {"memory", "pids", "freezer", "cpuacct"}
+    else:
+        assert {"memory", "pids"} <= layout.v2_controllers
+
+
+def test_layout_from_hybrid_mounts():
+    layout = layout_from_mounts(HYBRID_MOUNTS)
+    assert layout.kind == "hybrid"
+    # cpuacct is co-mounted with cpu: one directory serves it.
+    assert layout.v1["cpuacct"] == Path("/sys/fs/cgroup/cpu,cpuacct")
+    assert layout.v2 == Path("/sys/fs/cgroup/unified")
+    assert list(layout.hierarchies()) == ["memory", "pids", "freezer", "cpuacct", "unified"]
+    assert layout.home("memory") == "v1" and layout.home("io") is None
+
+
+def test_layout_from_unified_mounts():
+    layout = layout_from_mounts(UNIFIED_MOUNTS)
+    assert layout.kind == "unified"
+    assert layout.hierarchies() == {"unified": Path("/sys/fs/cgroup")}
+
+
+def test_layout_without_cgroups_is_a_clear_error():
+    with pytest.raises(NodeError, match="no cgroup hierarchy is mounted"):
+        layout_from_mounts("proc /proc proc rw 0 0\n")
+    with pytest.raises(NodeError, match="read-only"):
+        layout_from_mounts("cgroup2 /sys/fs/cgroup cgroup2 ro,nosuid 0 0\n")
+
+
+# -- lifecycle --------------------------------------------------------------------------
+
+
+def _leftovers(name: str) -> list[str]:
+    layout = detect()
+    return [str(m / name) for m in layout.hierarchies().values() if (m / name).exists()]
+
+
+def test_create_attach_destroy_leaves_nothing(prefix):
+    cg = Cgroup.create(f"{prefix}/a/b")
+    assert Cgroup.create(f"{prefix}/a/b").paths == cg.paths  # idempotent
+    assert all(p.is_dir() for p in cg.paths.values())
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        cg.attach(child.pid)
+        assert cg.procs() == [child.pid]
+        assert Cgroup.open(f"{prefix}/a").procs() == [child.pid]  # members of children count
+        cgroup_file = Path(f"/proc/{child.pid}/cgroup").read_text()
+        assert cgroup_file.count(f"/{prefix}/a/b") == len(cg.paths)
+        cg.destroy()
+        assert child.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+    assert not any(p.exists() for p in cg.paths.values())
+    cg.destroy()  # idempotent
+    Cgroup.open(prefix).destroy()
+    assert _leftovers(prefix) == []
+    with pytest.raises(NodeError, match="does not exist"):
+        Cgroup.open(prefix)
+
+
+def test_errors_say_what_and_where(prefix):
+    cg = Cgroup.create(prefix)
+    with pytest.raises(NodeError, match=r"cgroup\.procs.*still alive"):
+        cg.attach(2**22 + 1)  # beyond pid_max: no such process
+    with pytest.raises(NodeError, match="invalid memory limit"):
+        cg.set_memory_limit(-5)
+    with pytest.raises(NodeError, match="invalid cgroup path"):
+        Cgroup.create("../etc")
+    with pytest.raises(NodeError, match="unknown freezer"):
+        Cgroup.open(prefix, freezer="v3")
+    cg.destroy()
+    with pytest.raises(NodeError, match="vanished"):
+        cg.procs()
+    with pytest.raises(NodeError, match="does not exist"):
+        cg.freeze()
+
+
+def test_limits_roundtrip(prefix):
+    cg = Cgroup.create(prefix)
+    assert cg.memory_limit() is None and cg.pids_limit() is None
+    cg.set_memory_limit(64 << 20)
+    cg.set_pids_limit(17)
+    assert cg.memory_limit() == 64 << 20 and cg.pids_limit() == 17
+    cg.set_memory_limit(None)
+    cg.set_pids_limit(None)
+    assert cg.memory_limit() is None and cg.pids_limit() is None
+    assert cg.memory_usage() == 0 and cg.pids_current() == 0 and cg.oom_kills() == 0
+    assert cg.cpu_seconds() == 0.0
+
+
+# -- freezing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freezer", ["v1", "v2"])
+def test_freeze_stops_progress_and_thaw_resumes(prefix, freezer, tmp_path):
+    require_freezer(freezer)
+    node = Node.create("n", prefix, freezer=freezer)
+    assert node.cgroup.freezer == freezer
+    counter = tmp_path / "counter"
+    child = node.run([PY, "-c", COUNTER, str(counter)])
+    try:
+        wait_for(lambda: read_counter(counter) > 0, what="the counter to start")
+        took = node.cgroup.freeze(timeout=1.0)
+        assert node.cgroup.is_frozen() and took < 1.0
+        frozen_at = read_counter(counter)
+        cpu = node.cgroup.cpu_seconds()
+        time.sleep(0.2)
+        assert read_counter(counter) == frozen_at
+        assert node.cgroup.cpu_seconds() == pytest.approx(cpu, abs=0.005)
+        node.cgroup.thaw()
+        assert not node.cgroup.is_frozen()
+        wait_for(lambda: read_counter(counter) > frozen_at, what="progress after thaw")
+    finally:
+        node.destroy()
+        child.wait()
+
+
+def test_unified_code_path_on_the_v2_hierarchy(prefix, tmp_path):
+    """The v2-only layout, driven on this machine's v2 hierarchy (whatever its controllers)."""
+    real = detect()
+    if real.v2 is None:
+        pytest.skip("no cgroup2 mount on this machine")
+    layout = Layout(v2=real.v2, v2_controllers=real.v2_controllers - {"memory", "pids"})
+    assert layout.kind == "unified"
+    node = Node.create("u", f"{prefix}/u", layout=layout)
+    assert node.cgroup.paths == {"unified": real.v2 / prefix / "u"}
+    counter = tmp_path / "counter"
+    child = node.run([PY, "-c", COUNTER, str(counter)])
+    wait_for(lambda: read_counter(counter) > 0, what="the counter to start")
+    with node.locked():
+        frozen_at = read_counter(counter)
+        time.sleep(0.1)
+        assert read_counter(counter) == frozen_at
+    assert node.cgroup.cpu_seconds() > 0  # cpu.stat usage_usec
+    assert set(node.cgroup.pressure()) == {"memory", "cpu", "io"}
+    with pytest.raises(NodeError, match="memory controller is not available"):
+        node.cgroup.memory_usage()
+    assert node.kill_all() == [child.pid]  # cgroup.kill
+    assert child.wait(timeout=5) == -signal.SIGKILL
+    node.destroy()
+    assert not (real.v2 / prefix / "u").exists()
+
+
+# -- killing ----------------------------------------------------------------------------
+
+
+def _fork_bomb_node(prefix, layout=None, freezer="auto"):
+    node = Node.create("bomb", prefix, pids_limit=40, memory_limit=1 << 30, freezer=freezer,
+                       layout=layout)
+    child = node.run([PY, "-c", FORK_BOMB])
+    wait_for(lambda: node.cgroup.pids_current() >= 40, what="the fork bomb to hit the limit")
+    return node, child
+
+
+def test_kill_all_fork_bomb_with_cgroup_kill(prefix):
+    node, child = _fork_bomb_node(prefix)
+    killed = node.kill_all(timeout=5)
+    assert child.pid in killed and len(killed) >= 10
+    assert node.cgroup.procs() == []
+    assert child.wait(timeout=5) == -signal.SIGKILL
+    node.destroy()
+
+
+def test_kill_all_fork_bomb_without_cgroup2(prefix):
+    """Legacy v1-only layout: freeze, SIGKILL every member, thaw, repeat."""
+    layout = replace(detect(), v2=None, v2_controllers=frozenset())
+    if "freezer" not in layout.v1:
+        pytest.skip("no v1 freezer on this machine")
+    node, child = _fork_bomb_node(prefix, layout=layout)
+    assert node.cgroup.freezer == "v1" and node.cgroup.pressure() == {}
+    killed = node.kill_all(timeout=5)
+    assert child.pid in killed and node.cgroup.procs() == []
+    assert not node.cgroup.is_frozen()
+    assert child.wait(timeout=5) == -signal.SIGKILL
+    node.destroy()
+
+
+@pytest.mark.parametrize("freezer", ["v1", "v2"])
+def test_destroy_kills_a_frozen_cgroup(prefix, freezer):
+    require_freezer(freezer)
+    node = Node.create("n", prefix, freezer=freezer)
+    child = node.run(["sleep", "60"])
+    node.lock()
+    node.destroy()
+    assert child.wait(timeout=5) == -signal.SIGKILL
+    assert _leftovers(prefix) == []
+
+
+# -- reaping ----------------------------------------------------------------------------
+
+OWNER = """
+import sys, time
+from backdoors.nodes import Node
+prefix = sys.argv[1]
+a = Node.create("a", prefix + "-a/n0", freezer=sys.argv[2])
+b = Node.create("b", prefix + "-b", freezer="v2")
+pa = a.run(["sleep", "300"])
+pb = b.run(["sleep", "300"])
+a.lock()
+b.lock()
+print(pa.pid, pb.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_reap_removes_leftovers_of_a_killed_owner(prefix):
+    """One leftover frozen by v1 (where there is a v1 freezer), one by v2."""
+    freezer = "v1" if "freezer" in detect().v1 else "v2"
+    owner = subprocess.Popen([PY, "-c", OWNER, prefix, freezer], stdout=subprocess.PIPE)
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert _leftovers(f"{prefix}-a") and _leftovers(f"{prefix}-b")
+    unrelated = Cgroup.create(f"x{prefix}")  # a different prefix survives
+    try:
+        assert reap(prefix) == [f"{prefix}-a", f"{prefix}-b"]
+        assert _leftovers(f"{prefix}-a") == [] and _leftovers(f"{prefix}-b") == []
+        wait_for(lambda: not any(alive(p) for p in pids), what="the orphans to die")
+        assert unrelated.exists()
+        assert reap(prefix) == []
+    finally:
+        unrelated.destroy()
+
+
+SELF_REAPER = """
+import os, sys
+from backdoors.errors import NodeError
+from backdoors.nodes import Cgroup, reap
+Cgroup.open(sys.argv[1]).attach(os.getpid())
+try:
+    reap(sys.argv[2])
+except NodeError as e:
+    print(e)
+"""
+
+
+def test_reap_refuses_foreign_names_and_its_own_cgroup(prefix):
+    with pytest.raises(NodeError, match="only reaps its own"):
+        reap("system")
+    Cgroup.create(f"{prefix}-self")
+    out = subprocess.run(
+        [PY, "-c", SELF_REAPER, f"{prefix}-self", prefix], capture_output=True, text=True
+    )
+    assert "this process is inside" in out.stdout, out.stderr
+    assert reap(prefix) == [f"{prefix}-self"]

@@ -1,0 +1,88 @@
+"""Process table: /proc/PID/stat parsing, vanishing processes, subtrees."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from backdoors.nodes import ProcessInfo, process_table, read_process, subtree
+from backdoors.nodes.proctable import CLOCK_TICKS, PAGE_SIZE, parse_stat
+
+# A real stat line (Linux 6.x, 52 fields) whose comm contains spaces and parentheses.
+STAT_WEIRD = (
+    "4242 (a) b (c) d) S 4200 4242 4200 34816 4242 4194304 120 0 0 0 "
+    "250 50 0 0 20 0 3 0 123456 18350080 2345 18446744073709551615 1 1 0 0 0 0 0 "
+    "16781312 2 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+)
+
+
+def test_parse_stat_comm_with_spaces_and_parens():
+    info = parse_stat(STAT_WEIRD)
+    assert info == ProcessInfo(
+        pid=4242,
+        ppid=4200,
+        comm="a) b (c) d",
+        state="S",
+        rss_bytes=2345 * PAGE_SIZE,
+        start_time=123456 / CLOCK_TICKS,
+        cpu_seconds=300 / CLOCK_TICKS,
+        threads=3,
+    )
+
+
+def test_parse_stat_rejects_garbage():
+    with pytest.raises(ValueError):
+        parse_stat("not a stat line")
+
+
+def test_read_process_of_self_matches_kernel():
+    info = read_process(os.getpid())
+    assert info.pid == os.getpid()
+    assert info.ppid == os.getppid()
+    assert info.state in "RS"
+    assert info.rss_bytes > 1 << 20
+    assert info.threads >= 1
+    assert 0 < info.start_time < float(open("/proc/uptime").read().split()[0]) + 1
+
+
+def test_weird_comm_of_a_live_process():
+    """A process renames itself (prctl PR_SET_NAME) to a comm with ') (' in it."""
+    code = (
+        "import ctypes, sys\n"
+        "ctypes.CDLL(None).prctl(15, b'x) (y z)', 0, 0, 0)\n"
+        "print('ok', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout.readline() == b"ok\n"
+        info = read_process(child.pid)
+        assert info.comm == "x) (y z)"
+        assert info.ppid == os.getpid()
+        assert info.state in "RS"
+    finally:
+        child.stdin.close()
+        child.wait()
+
+
+def test_vanished_processes_are_left_out():
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: its pid is gone
+    assert read_process(child.pid) is None
+    table = process_table([os.getpid(), child.pid, os.getpid()])
+    assert [p.pid for p in table] == [os.getpid()]
+
+
+def _info(pid, ppid):
+    return ProcessInfo(pid, ppid, "p", "S", 0, 0.0, 0.0, 1)
+
+
+def test_subtree_follows_ppid_links():
+    table = [_info(1, 0), _info(10, 1), _info(11, 10), _info(12, 11), _info(20, 1), _info(13, 10)]
+    assert subtree(table, 10) == {10, 11, 12, 13}
+    assert subtree(table, 12) == {12}
+    assert subtree(table, 99) == {99}
+    assert subtree(table, 1) == {1, 10, 11, 12, 13, 20}
