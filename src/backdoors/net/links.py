@@ -1,0 +1,268 @@
+"""Links, addresses and routes inside named namespaces, over netlink (pyroute2).
+
+Interface names are local to their namespace, so short names (eth0, br-svc) are fine.
+Link down (`set_up(..., False)`) and detaching a port from its bridge (`set_master(...,
+None)`) are the two ways to emulate a failed network driver on this kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from backdoors.errors import NetError
+from backdoors.net import netns
+
+_IFF_UP = 0x1
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """One interface as the kernel sees it."""
+
+    ns: str
+    name: str
+    index: int
+    up: bool  # administratively up (IFF_UP)
+    operstate: str  # kernel's view: UP, DOWN, LOWERLAYERDOWN (peer or carrier down), ...
+    mac: str
+    master: str | None  # bridge this interface is a port of
+    kind: str | None  # bridge, veth, ... (None for lo)
+
+    @property
+    def state(self) -> str:
+        """'up' or 'down' (administrative state)."""
+        return "up" if self.up else "down"
+
+
+def add_bridge(ns: str, name: str) -> None:
+    """Create bridge `name` in `ns` and bring it up. STP is off: ports forward at once."""
+    with netns.iproute(ns) as ipr:
+        try:
+            ipr.link("add", ifname=name, kind="bridge")
+            ipr.link("set", index=_index(ipr, ns, name), state="up")
+        except NetlinkError as e:
+            raise _error(e, ns, name, "cannot create bridge") from e
+
+
+def add_veth(
+    ns: str,
+    ifname: str,
+    peer_ns: str,
+    peer_ifname: str,
+    *,
+    bridge: str | None = None,
+    mac: str | None = None,
+    peer_mac: str | None = None,
+) -> None:
+    """Create veth `ifname` in `ns` with its peer `peer_ifname` in `peer_ns`, both up.
+
+    `ifname` becomes a port of `bridge` if given. `mac`/`peer_mac` set the MAC of each end
+    (default: random). The peer is created directly in `peer_ns`, so its name never has
+    to be free in `ns`. On failure nothing is left behind.
+    """
+    peer: dict[str, object] = {"ifname": peer_ifname}
+    if peer_mac is not None:
+        peer["address"] = peer_mac
+    extra = {"address": mac} if mac is not None else {}
+    peer_fd = None
+    if peer_ns != ns:
+        peer_fd = _open_ns(peer_ns, ifname=peer_ifname)
+        peer["net_ns_fd"] = peer_fd
+    with netns.iproute(ns) as ipr:
+        try:
+            ipr.link("add", ifname=ifname, kind="veth", peer=peer, **extra)
+        except NetlinkError as e:
+            raise _error(
+                e, ns, ifname, f"cannot create veth pair (peer {peer_ifname!r} in {peer_ns!r})"
+            ) from e
+        finally:
+            if peer_fd is not None:
+                os.close(peer_fd)
+        try:
+            index = _index(ipr, ns, ifname)
+            if bridge is not None:
+                ipr.link("set", index=index, master=_index(ipr, ns, bridge))
+            ipr.link("set", index=index, state="up")
+            set_up(peer_ns, peer_ifname)
+        except BaseException as e:
+            _delete_quietly(ipr, ifname)  # takes the peer with it
+            if isinstance(e, NetlinkError):
+                raise _error(e, ns, ifname, "cannot set up new veth") from e
+            raise
+
+
+def remove_link(ns: str, ifname: str) -> None:
+    """Delete interface `ifname` (a veth takes its peer along); a missing one is fine."""
+    with netns.iproute(ns) as ipr:
+        index = ipr.link_lookup(ifname=ifname)
+        if not index:
+            return
+        try:
+            ipr.link("del", index=index[0])
+        except NetlinkError as e:
+            raise _error(e, ns, ifname, "cannot delete interface") from e
+
+
+def set_up(ns: str, ifname: str, up: bool = True) -> None:
+    """Set `ifname` administratively up or down (down cuts its traffic)."""
+    with netns.iproute(ns) as ipr:
+        try:
+            ipr.link("set", index=_index(ipr, ns, ifname), state="up" if up else "down")
+        except NetlinkError as e:
+            raise _error(e, ns, ifname, f"cannot set interface {'up' if up else 'down'}") from e
+
+
+def set_master(ns: str, ifname: str, bridge: str | None) -> None:
+    """Make `ifname` a port of `bridge`, or detach it from its bridge when None."""
+    with netns.iproute(ns) as ipr:
+        try:
+            master = 0 if bridge is None else _index(ipr, ns, bridge)
+            ipr.link("set", index=_index(ipr, ns, ifname), master=master)
+        except NetlinkError as e:
+            target = "detach from its bridge" if bridge is None else f"attach to {bridge!r}"
+            raise _error(e, ns, ifname, f"cannot {target}") from e
+
+
+def link_info(ns: str, ifname: str) -> LinkInfo:
+    """State, MAC, bridge and index of `ifname` in `ns`."""
+    with netns.iproute(ns) as ipr:
+        msg = ipr.link("get", index=_index(ipr, ns, ifname))[0]
+        master_index = msg.get("master")
+        master = None
+        if master_index:
+            master = ipr.link("get", index=master_index)[0].get("ifname")
+    linkinfo = msg.get("linkinfo")
+    return LinkInfo(
+        ns=ns,
+        name=ifname,
+        index=msg["index"],
+        up=bool(msg["flags"] & _IFF_UP),
+        operstate=msg.get("operstate", "UNKNOWN"),
+        mac=msg.get("address", ""),
+        master=master,
+        kind=linkinfo.get("kind") if linkinfo is not None else None,
+    )
+
+
+def add_address(ns: str, ifname: str, cidr: str) -> None:
+    """Add address `cidr` (e.g. 10.0.0.5/24) to `ifname`; already present is fine."""
+    iface = _parse_cidr(cidr, ns, ifname)
+    extra = {}
+    if iface.version == 6:
+        extra["flags"] = 0x02  # IFA_F_NODAD: usable at once, as a moved VIP must be
+    with netns.iproute(ns) as ipr:
+        try:
+            ipr.addr(
+                "add",
+                index=_index(ipr, ns, ifname),
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+                **extra,
+            )
+        except NetlinkError as e:
+            if e.code == 17:  # EEXIST
+                return
+            raise _error(e, ns, ifname, f"cannot add address {cidr}") from e
+
+
+def del_address(ns: str, ifname: str, cidr: str) -> None:
+    """Remove address `cidr` from `ifname`; already absent is fine."""
+    iface = _parse_cidr(cidr, ns, ifname)
+    with netns.iproute(ns) as ipr:
+        try:
+            ipr.addr(
+                "del",
+                index=_index(ipr, ns, ifname),
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+            )
+        except NetlinkError as e:
+            if e.code == 99:  # EADDRNOTAVAIL: not there
+                return
+            raise _error(e, ns, ifname, f"cannot delete address {cidr}") from e
+
+
+def addresses(ns: str, ifname: str) -> list[str]:
+    """Addresses of `ifname` as 'ip/prefixlen' strings, IPv4 first, in kernel order."""
+    with netns.iproute(ns) as ipr:
+        index = _index(ipr, ns, ifname)
+        found = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.addr("dump", family=family, index=index):
+                found.append(f"{msg.get('address')}/{msg['prefixlen']}")
+    return found
+
+
+def add_route(ns: str, dst_cidr: str, via: str) -> None:
+    """Route `dst_cidr` ('default' for the default route) through gateway `via` in `ns`.
+
+    Replaces an existing route to the same destination, so calling it twice is fine.
+    """
+    dst = "0.0.0.0/0" if dst_cidr == "default" else dst_cidr
+    with netns.iproute(ns) as ipr:
+        try:
+            ipr.route("replace", dst=dst, gateway=via)
+        except NetlinkError as e:
+            raise NetError(
+                f"cannot route {dst_cidr} via {via} in network namespace {ns!r}: "
+                f"{e.args[-1]} (is {via} on a directly connected subnet of an up interface?)"
+            ) from e
+
+
+def _index(ipr, ns: str, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NetError(
+            f"no interface {ifname!r} in network namespace {ns!r}: "
+            "check the name, or create it (add_bridge/add_veth)"
+        )
+    return found[0]
+
+
+def _open_ns(ns: str, *, ifname: str) -> int:
+    if not netns.exists(ns):
+        raise NetError(
+            f"cannot place {ifname!r} in network namespace {ns!r}: it does not exist; "
+            "create it first (netns.create)"
+        )
+    return os.open(netns.path(ns), os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _parse_cidr(cidr: str, ns: str, ifname: str):
+    if "/" not in cidr:
+        raise NetError(
+            f"address {cidr!r} for {ifname!r} in {ns!r} needs a prefix length, like 10.0.0.5/24"
+        )
+    try:
+        return ipaddress.ip_interface(cidr)
+    except ValueError as e:
+        raise NetError(f"bad address {cidr!r} for {ifname!r} in {ns!r}: {e}") from e
+
+
+def _delete_quietly(ipr, ifname: str) -> None:
+    try:
+        for index in ipr.link_lookup(ifname=ifname):
+            ipr.link("del", index=index)
+    except NetlinkError:
+        pass
+
+
+_HINTS = {
+    1: "needs root (CAP_NET_ADMIN)",
+    17: "the name is taken: pick another or remove the old interface first",
+    19: "the interface or bridge is gone",
+    34: "the name is too long: at most 15 characters",
+}
+
+
+def _error(e: NetlinkError, ns: str, ifname: str, what: str) -> NetError:
+    hint = _HINTS.get(e.code, "")
+    return NetError(
+        f"{what}: {ifname!r} in network namespace {ns!r}: {e.args[-1]}"
+        + (f" ({hint})" if hint else "")
+    )
