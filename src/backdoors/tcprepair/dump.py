@@ -1,0 +1,202 @@
+"""Dump an established TCP socket into a TcpState, and close a dumped socket silently.
+
+The caller holds the network lock: while it is held no segment of the connection reaches
+this stack, so the snapshot is consistent and nothing is ACKed after it. A snapshot that
+changes while it is taken (the lock is missing) is retried, then refused.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from backdoors.errors import TcpRepairError
+
+from . import kernel
+from .accounting import handed_from, read_from
+from .state import TcpOptions, TcpState, TcpWindow
+
+_ATTEMPTS = 3
+
+
+def dump(sock: socket.socket, *, since: TcpState | None = None) -> TcpState:
+    """Put `sock` into repair mode and return its state.
+
+    The socket is left in repair mode: closing it afterwards sends nothing to the peer
+    (use close_silently), and resume() puts it back in service if the move is abandoned.
+    `since`: the TcpState `sock` was itself restored from, so byte counts stay continuous.
+    Raises TcpRepairError if `sock` is not an established IPv4 or IPv6 TCP connection or
+    cannot be read consistently; the socket is then left as it was.
+    """
+    _check_dumpable(sock)
+    try:
+        was_in_repair = kernel.get_u32(sock, kernel.TCP_REPAIR) == 1
+        kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_ON)
+    except OSError as err:
+        raise kernel.fail(
+            "dump: TCP_REPAIR on", err, "needs CAP_NET_ADMIN in the socket's network namespace"
+        ) from None
+    try:
+        return _snapshot(sock, since)
+    except BaseException:
+        if not was_in_repair:  # leave the socket as it was: in service, no probe sent
+            try:
+                kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_OFF_NO_PROBE)
+            except OSError:
+                pass
+        raise
+
+
+def resume(sock: socket.socket) -> None:
+    """Take a dumped socket out of repair mode: it serves its connection again here."""
+    try:
+        kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_OFF)
+    except OSError as err:
+        raise kernel.fail("resume: TCP_REPAIR off", err) from None
+
+
+def close_silently(sock: socket.socket) -> None:
+    """Close `sock` without sending FIN or RST to the peer.
+
+    Repair mode is (re)entered first, so this also works on a socket that was never dumped,
+    in any state but LISTEN (the kernel refuses repair mode there: TcpRepairError, and the
+    listener stays open).
+    Other descriptors of the same socket (in another process, or from pidfd_getfd) keep it
+    open; it stays in repair mode, so closing the last one is silent too.
+    """
+    if sock.fileno() < 0:
+        return
+    try:
+        kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_ON)
+    except OSError as err:
+        raise kernel.fail(
+            "close_silently: TCP_REPAIR on",
+            err,
+            f"a socket in state {_state_name(sock)} cannot be closed silently; it is left open",
+        ) from None
+    sock.close()
+
+
+release = close_silently  # soccr's name for the same step
+
+
+def _state_name(sock: socket.socket) -> str:
+    try:
+        return kernel.tcp_info(sock).state_name
+    except OSError:
+        return "unknown"
+
+
+def _check_dumpable(sock: socket.socket) -> None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        raise TcpRepairError(f"dump: {sock!r} is not a TCP/IP socket")
+    try:
+        info = kernel.tcp_info(sock)
+    except OSError as err:
+        raise kernel.fail("dump: TCP_INFO", err, "is this a TCP socket?") from None
+    if info.state != kernel.ESTABLISHED:
+        raise TcpRepairError(
+            f"dump: socket is {info.state_name}, not ESTABLISHED; only established "
+            "connections can be dumped (listening, unconnected and closing sockets cannot)"
+        )
+
+
+def _snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
+    """Read the state of a socket already in repair mode, retrying if it moves.
+
+    In repair mode the application can neither read nor (with no queue selected) write,
+    so the queue sizes change only when segments arrive: equal sizes before and after
+    mean the sequence numbers, queues and window belong together.
+    """
+    for _ in range(_ATTEMPTS):
+        sizes = _queue_sizes(sock)
+        state = _read_state(sock, sizes, since)
+        if state is not None and _queue_sizes(sock) == sizes:
+            try:
+                kernel.select_queue(sock, kernel.NO_QUEUE)
+            except OSError as err:
+                raise kernel.fail("dump: deselecting the repair queue", err) from None
+            return state
+    raise TcpRepairError(
+        f"dump: the connection kept changing during {_ATTEMPTS} snapshots "
+        "(segments still arrive): lock the network before dumping"
+    )
+
+
+def _queue_sizes(sock: socket.socket) -> tuple[int, int, int]:
+    """(unread, unacknowledged + unsent, unsent) bytes."""
+    try:
+        return (
+            kernel.ioctl_int(sock, kernel.SIOCINQ),
+            kernel.ioctl_int(sock, kernel.SIOCOUTQ),
+            kernel.ioctl_int(sock, kernel.SIOCOUTQNSD),
+        )
+    except OSError as err:
+        raise kernel.fail("dump: reading queue sizes", err) from None
+
+
+def _read_state(
+    sock: socket.socket, sizes: tuple[int, int, int], since: TcpState | None
+) -> TcpState | None:
+    """The state, or None if a queue no longer holds the amount `sizes` says."""
+    inq, outq, unsent = sizes
+    try:
+        kernel.select_queue(sock, kernel.RECV_QUEUE)
+        rcv_seq = kernel.get_u32(sock, kernel.TCP_QUEUE_SEQ)
+        recv_queue = _peek(sock, inq)
+        kernel.select_queue(sock, kernel.SEND_QUEUE)
+        snd_seq = kernel.get_u32(sock, kernel.TCP_QUEUE_SEQ)
+        send_queue = _peek(sock, outq)
+        if recv_queue is None or send_queue is None:
+            return None
+        info = kernel.tcp_info(sock)
+        mss = kernel.get_u32(sock, kernel.TCP_MAXSEG)  # the MSS clamp, in repair mode
+        timestamp = 0
+        if info.options & kernel.TCPI_OPT_TIMESTAMPS:
+            timestamp = kernel.get_u32(sock, kernel.TCP_TIMESTAMP)
+        raw_window = sock.getsockopt(kernel.SOL_TCP, kernel.TCP_REPAIR_WINDOW, kernel.WINDOW.size)
+        nodelay = bool(sock.getsockopt(kernel.SOL_TCP, socket.TCP_NODELAY))
+        keepalive = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        local, remote = sock.getsockname(), sock.getpeername()
+    except OSError as err:
+        raise kernel.fail("dump: reading queues, options, window and addresses", err) from None
+    if info.state != kernel.ESTABLISHED:
+        raise TcpRepairError(f"dump: connection went to {info.state_name} during the dump")
+    wscale = bool(info.options & kernel.TCPI_OPT_WSCALE)
+    return TcpState(
+        family=int(sock.family),
+        local_addr=local[0],
+        local_port=local[1],
+        remote_addr=remote[0],
+        remote_port=remote[1],
+        snd_seq=snd_seq,
+        rcv_seq=rcv_seq,
+        recv_queue=recv_queue,
+        send_queue=send_queue,
+        unsent=unsent,
+        options=TcpOptions(
+            mss=mss,
+            sack=bool(info.options & kernel.TCPI_OPT_SACK),
+            timestamps=bool(info.options & kernel.TCPI_OPT_TIMESTAMPS),
+            wscale=wscale,
+            snd_wscale=info.snd_wscale if wscale else 0,
+            rcv_wscale=info.rcv_wscale if wscale else 0,
+        ),
+        window=TcpWindow(*kernel.WINDOW.unpack(raw_window)),
+        timestamp=timestamp,
+        nodelay=nodelay,
+        keepalive=keepalive,
+        handed=handed_from(info, outq, since),
+        read=read_from(info, inq, since),
+    )
+
+
+def _peek(sock: socket.socket, size: int) -> bytes | None:
+    """The `size` bytes of the selected queue, or None if it holds another amount."""
+    if size == 0:
+        return b""
+    try:
+        # one byte more than expected: getting it means the queue grew
+        data = sock.recv(size + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    return data if len(data) == size else None

@@ -1,0 +1,176 @@
+"""Recreate a dumped TCP connection as a new socket in the current network namespace.
+
+The steps follow the order the kernel requires: repair on first, bind, queue sequence
+numbers, connect (sends no SYN), options, timestamp clock, queue contents, window,
+repair off, and only then the bytes that were never sent, as ordinary writes. A failure
+names the step and the errno, and closes the new socket silently, so the peer sees
+nothing and the same TcpState can be restored again.
+
+Measured cost of a move: the new socket has no RTT sample (RTO falls back to 3 s), so
+data that was in flight and lost under the network lock is resent by the tail-loss
+probe after 1 s; queued data never sent goes out at once."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import socket
+from collections.abc import Callable
+
+from . import kernel
+from .state import TcpState
+
+_MIN_SNDBUF = 64 * 1024
+
+
+def restore(state: TcpState) -> socket.socket:
+    """A new blocking socket carrying the connection described by `state`.
+
+    The socket is created in the calling thread's network namespace, which must own
+    `state.local_addr` and route to `state.remote_addr`. The peer's packets must still be
+    kept away (network lock) until this returns; a window probe is the first segment the
+    new socket sends. Raises TcpRepairError naming the failed step.
+    """
+    state.check()
+    sock = socket.socket(state.family, socket.SOCK_STREAM)
+    try:
+        _rebuild(sock, state)
+    except BaseException:
+        _abandon(sock)
+        raise
+    return sock
+
+
+def _rebuild(sock: socket.socket, state: TcpState) -> None:
+    step = _Steps(f"restore {state.describe()}")
+    tcp_opt = functools.partial(sock.setsockopt, kernel.SOL_TCP)
+
+    # Repair mode first: it also forces address reuse for bind. SO_REUSEADDR set
+    # afterwards would clear that again.
+    step("TCP_REPAIR on", tcp_opt, kernel.TCP_REPAIR, kernel.REPAIR_ON)
+    step(f"bind {_addr(state.local)}", sock.bind, _sockaddr(state, state.local))
+
+    # The queues start where their saved contents begin; writing the contents moves
+    # rcv_nxt and write_seq to the dumped values.
+    recv_start = (state.rcv_seq - len(state.recv_queue)) & 0xFFFFFFFF
+    send_start = (state.snd_seq - len(state.send_queue)) & 0xFFFFFFFF
+    step("select receive queue", kernel.select_queue, sock, kernel.RECV_QUEUE)
+    step("set receive sequence", kernel.set_u32, sock, kernel.TCP_QUEUE_SEQ, recv_start)
+    step("select send queue", kernel.select_queue, sock, kernel.SEND_QUEUE)
+    step("set send sequence", kernel.set_u32, sock, kernel.TCP_QUEUE_SEQ, send_start)
+
+    step(f"connect {_addr(state.remote)}", sock.connect, _sockaddr(state, state.remote))
+
+    # Options only between connect and the first data (Linux >= 6.1 refuses them later).
+    step("TCP_REPAIR_OPTIONS", tcp_opt, kernel.TCP_REPAIR_OPTIONS, _options(state))
+    if state.options.timestamps:
+        # Without the old clock the peer's PAWS check drops every segment: a hung connection.
+        step("TCP_TIMESTAMP", kernel.set_u32, sock, kernel.TCP_TIMESTAMP, state.timestamp)
+    if state.nodelay:
+        step("TCP_NODELAY", tcp_opt, socket.TCP_NODELAY, 1)
+    if state.keepalive:
+        step("SO_KEEPALIVE", sock.setsockopt, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if len(state.send_queue) * 2 > sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
+        # The whole send queue must fit at once: restore never waits for the peer. Only
+        # then is the size forced, because a set size ends the kernel's autotuning.
+        size = max(len(state.send_queue), _MIN_SNDBUF)
+        step("SO_SNDBUFFORCE", sock.setsockopt, socket.SOL_SOCKET, kernel.SO_SNDBUFFORCE, size)
+
+    if state.recv_queue:
+        step("select receive queue", kernel.select_queue, sock, kernel.RECV_QUEUE)
+        step("write receive queue", _write_all, sock, state.recv_queue)
+    if state.sent_unacked:  # as sent: the peer may have it, or gets it retransmitted
+        step("select send queue", kernel.select_queue, sock, kernel.SEND_QUEUE)
+        step("write sent-unacknowledged data", _write_all, sock, state.sent_unacked)
+
+    step("TCP_REPAIR_WINDOW", tcp_opt, kernel.TCP_REPAIR_WINDOW, _window(state))
+    step("TCP_REPAIR off", tcp_opt, kernel.TCP_REPAIR, kernel.REPAIR_OFF)
+    step("write never-sent data", _write_all, sock, state.never_sent)
+
+
+class _Steps:
+    """Runs one restore step, turning an OSError into a TcpRepairError that names it."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __call__(self, name: str, action: Callable[..., object], *args: object) -> None:
+        try:
+            action(*args)
+        except OSError as err:
+            raise kernel.fail(f"{self.prefix}: {name}", err, _hint(name, err)) from None
+
+
+def _hint(step: str, err: OSError) -> str:
+    code = err.errno
+    if code == errno.EPERM and "TCP_REPAIR" in step:
+        return "TCP_REPAIR needs CAP_NET_ADMIN in this network namespace"
+    if step.startswith("bind"):
+        if code == errno.EADDRNOTAVAIL:
+            return "this network namespace does not own the address: move it here first"
+        if code == errno.EADDRINUSE:
+            return (
+                "TCP_REPAIR must be set before SO_REUSEADDR "
+                "(setting it afterwards drops the forced reuse)"
+            )
+    if step.startswith("connect"):
+        if code in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            return (
+                "a socket with the same addresses and ports exists in this network namespace: "
+                "close the dumped socket silently first, or restore in another namespace"
+            )
+        if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "no route to the peer from this network namespace"
+    if step == "TCP_REPAIR_WINDOW" and code == errno.EINVAL:
+        return "the saved window does not fit the restored receive sequence: inconsistent TcpState"
+    if step.startswith("write") and code == errno.EAGAIN:
+        return "the socket buffer is too small for the saved queue"
+    return ""
+
+
+def _abandon(sock: socket.socket) -> None:
+    """Close a half-restored socket without a FIN or RST reaching the peer.
+
+    Also after repair off (a failed never-sent write): back in repair mode, close is silent.
+    """
+    try:
+        kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_ON)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _write_all(sock: socket.socket, data: bytes) -> None:
+    """Write all of `data` without waiting; the kernel takes a queue in several pieces."""
+    view = memoryview(data)
+    while view:
+        sent = sock.send(view, socket.MSG_DONTWAIT)
+        if sent <= 0:
+            raise OSError(errno.ENOSPC, "the kernel accepted no more queue data")
+        view = view[sent:]
+
+
+def _options(state: TcpState) -> bytes:
+    opts = state.options
+    pairs = [(kernel.OPT_MSS, opts.mss)]
+    if opts.wscale:
+        pairs.append((kernel.OPT_WINDOW, opts.snd_wscale | opts.rcv_wscale << 16))
+    if opts.sack:
+        pairs.append((kernel.OPT_SACK_PERM, 0))
+    if opts.timestamps:
+        pairs.append((kernel.OPT_TIMESTAMP, 0))
+    return b"".join(kernel.REPAIR_OPT.pack(code, value) for code, value in pairs)
+
+
+def _window(state: TcpState) -> bytes:
+    w = state.window
+    return kernel.WINDOW.pack(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
+
+
+def _sockaddr(state: TcpState, endpoint: tuple[str, int]) -> tuple:
+    return endpoint if state.family == socket.AF_INET else (*endpoint, 0, 0)
+
+
+def _addr(endpoint: tuple[str, int]) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
