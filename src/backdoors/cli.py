@@ -1,0 +1,207 @@
+"""The `backdoors` command (alias `bd`).
+
+Every error raised on purpose (BackdoorsError) becomes one line on stderr and a non-zero
+exit: 77 when root is needed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BackdoorsError, NeedRootError
+
+app = typer.Typer(
+    help="Remote healing for Linux services: sensor boxes, an out-of-band agent, "
+    "repair in place and transparent session recovery.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+lab_app = typer.Typer(help="The embedded lab: hosts, nodes and a client on this machine (needs root).",
+                      no_args_is_help=True)
+fault_app = typer.Typer(help="Inject faults into a node of a running lab, and stop them.",
+                        no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (JSON out); peers measured side by side in one run.",
+                        no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+lab_app.add_typer(fault_app, name="fault")
+app.add_typer(bench_app, name="bench")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _print_json(obj) -> None:
+    out.print_json(json.dumps(obj)) if out.is_terminal else print(json.dumps(obj, indent=2))
+
+
+# ---- lab ------------------------------------------------------------------------------
+
+
+@lab_app.command("up")
+def lab_up(
+    hosts: int = typer.Option(2, help="Lab hosts, each with its own namespace on the private network."),
+    nodes: int = typer.Option(4, help="Nodes (cgroup + netns), spread over the hosts."),
+    name: str = typer.Option("lab", help="Lab name; prefixes every namespace and cgroup (bd-NAME-)."),
+    memory_mb: int = typer.Option(1024, help="Memory limit of each node, MiB (0: none)."),
+    pids: int = typer.Option(512, help="Pids limit of each node (0: none)."),
+    foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
+) -> None:
+    """Build a lab. Without --foreground it stays until `backdoors lab down`."""
+    from .lab import Lab
+    from .lab.lab import StopSignals
+
+    lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
+              pids_limit=pids or None)
+    signals = StopSignals() if foreground else None
+    lab.up()
+    if signals:
+        try:
+            if not signals.received:
+                _show_lab(lab.status())
+                err.print(f"lab {name} is up; Ctrl-C tears it down")
+                signals.wait()
+        finally:
+            lab.down()
+            err.print(f"lab {name} torn down")
+        return
+    _show_lab(lab.status())
+    err.print(f"lab {name} is up; `backdoors lab down --name {name}` removes it")
+
+
+@lab_app.command("status")
+def lab_status(
+    name: Optional[str] = typer.Option(None, help="One lab (default: every running lab)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show running labs: hosts, nodes, processes, memory, link state."""
+    from .errors import require_root
+    from .lab import Lab, running_labs
+
+    require_root("reading lab status")
+    names = [name] if name else running_labs()
+    statuses = [Lab.attach(n).status() for n in names]
+    if as_json:
+        _print_json(statuses)
+    elif not statuses:
+        err.print("no lab is running")
+    for s in statuses if not as_json else ():
+        _show_lab(s)
+
+
+def _show_lab(s: dict) -> None:
+    t = Table(title=f"lab {s['lab']}")
+    for col in ("node", "host", "vip", "processes", "memory_mb", "frozen", "link", "service_pid"):
+        t.add_column(col)
+    for n in s["nodes"]:
+        t.add_row(*(str(n.get(c, n.get("error", "?"))) for c in
+                    ("node", "host", "vip", "processes", "memory_mb", "frozen", "link", "service_pid")))
+    out.print(t)
+
+
+@lab_app.command("down")
+def lab_down(name: str = typer.Option("lab", help="Lab to remove (also reaps a killed lab's leftovers).")) -> None:
+    """Tear a lab down: processes, namespaces, cgroups and files, found by name prefix."""
+    from .lab import reap
+
+    removed = reap(name)
+    err.print(f"lab {name}: removed {len(removed['netns'])} namespaces, "
+              f"{len(removed['cgroups'])} cgroups, {len(removed['files'])} files")
+
+
+@fault_app.command("inject")
+def fault_inject(
+    kind: str = typer.Argument(..., help="freeze | memory-hog | fork-bomb | crash | network | cpu-hog | stall"),
+    node: str = typer.Option(..., help="Node to hurt, e.g. n0."),
+    name: str = typer.Option("lab", help="Lab name."),
+    rate_mb: float = typer.Option(40, help="memory-hog: growth, MB/s."),
+    cap_mb: float = typer.Option(400, help="memory-hog: stop growing at this size, MB."),
+    procs: int = typer.Option(2, help="cpu-hog: busy processes."),
+    mode: str = typer.Option("down", help="network: 'down' (link down) or 'detach' (off the bridge)."),
+) -> None:
+    """Inject a fault into a node of a running lab."""
+    from .lab import Lab, inject
+
+    opts = {"memory-hog": {"rate_mb": rate_mb, "cap_mb": cap_mb}, "cpu-hog": {"procs": procs},
+            "network": {"mode": mode}}.get(kind, {})
+    inject(Lab.attach(name), kind, node, **opts)
+    err.print(f"{kind} injected into {node}; stop it with `backdoors lab fault stop {kind} --node {node}`")
+
+
+@fault_app.command("stop")
+def fault_stop(
+    kind: str = typer.Argument(..., help="The fault kind to stop."),
+    node: str = typer.Option(..., help="Node."),
+    name: str = typer.Option("lab", help="Lab name."),
+    mode: str = typer.Option("down", help="network: the mode it was injected with."),
+) -> None:
+    """Stop a fault (a crash is undone by restarting the sample service)."""
+    from .lab import Lab, stop
+
+    stop(Lab.attach(name), kind, node, **({"mode": mode} if kind == "network" else {}))
+    err.print(f"{kind} stopped in {node}")
+
+
+# ---- benchmarks -----------------------------------------------------------------------
+
+
+def _bench_module(name: str):
+    """Import bench/<name>.py from the source checkout (benchmarks are not installed)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "bench"
+    path = root / f"{name}.py"
+    if not path.exists():
+        raise BackdoorsError(f"benchmark {path} not found: benchmarks run from a source checkout")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@bench_app.command("sensors")
+def bench_sensors(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    number: int = typer.Option(1_000_000, help="Calls per timing loop."),
+) -> None:
+    """Cost of a sensor update vs prometheus_client and a Unix datagram, in ns."""
+    result = _bench_module("bench_sensors").run(number)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        t = Table("measure", "value")
+        for k, v in result.items():
+            t.add_row(k, f"{v:.1f}" if isinstance(v, float) else str(v))
+        out.print(t)
+
+
+# ---- demo -----------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    seconds: float = typer.Option(12.0, help="How long to watch."),
+    name: str = typer.Option("demo", help="Lab name."),
+) -> None:
+    """Build a lab, watch the services' sensors live, inject a fault, tear down."""
+    from .demo import run_demo
+
+    run_demo(name=name, seconds=seconds)
+
+
+def main() -> None:
+    try:
+        app()
+    except NeedRootError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(77)
+    except BackdoorsError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)

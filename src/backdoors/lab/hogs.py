@@ -1,0 +1,104 @@
+"""Misbehaving programs the lab starts inside a node to inject faults.
+
+    python -m backdoors.lab.hogs memory --rate-mb 40 --cap-mb 400
+    python -m backdoors.lab.hogs cache --mb 256
+    python -m backdoors.lab.hogs forkbomb
+    python -m backdoors.lab.hogs cpu --procs 2
+
+Each sets its process name (comm) to `bd-<kind>` so the lab can find and stop it by name,
+without remembering pids across commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+import time
+
+_PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+COMM = {"memory": "bd-memhog", "cache": "bd-cache", "forkbomb": "bd-forkbomb", "cpu": "bd-cpuhog"}
+
+
+def set_comm(name: str) -> None:
+    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def hold_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def memory(rate_mb: float, cap_mb: float, step: float = 0.05) -> None:
+    """Grow resident memory by `rate_mb` MB/s up to `cap_mb`, touching every page."""
+    chunks = []
+    per_step = max(1, int(rate_mb * 2**20 * step))
+    held = 0
+    next_at = time.monotonic()
+    while held < cap_mb * 2**20:
+        chunks.append(bytearray(b"\1") * per_step)  # written, so resident
+        held += per_step
+        next_at += step
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    hold_forever()
+
+
+def cache(mb: float) -> None:
+    """A legitimate, stable cache: allocate once and keep it."""
+    data = bytearray(b"\2") * int(mb * 2**20)  # noqa: F841 (held)
+    print("ready", flush=True)
+    hold_forever()
+
+
+def forkbomb() -> None:
+    """Fork without end; every process keeps forking, none ever exits on its own.
+
+    The root is a child subreaper, so the lineage stays one tree even if a member is killed.
+    """
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    while True:
+        try:
+            os.fork()
+        except OSError:
+            time.sleep(0.001)  # the pids limit: keep trying, as a real bomb does
+
+
+def cpu(procs: int) -> None:
+    """Busy-loop on `procs` processes."""
+    for _ in range(procs - 1):
+        if os.fork() == 0:
+            break
+    while True:
+        pass
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="backdoors.lab.hogs", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="kind", required=True)
+    m = sub.add_parser("memory")
+    m.add_argument("--rate-mb", type=float, default=40)
+    m.add_argument("--cap-mb", type=float, default=400)
+    c = sub.add_parser("cache")
+    c.add_argument("--mb", type=float, default=256)
+    sub.add_parser("forkbomb")
+    p = sub.add_parser("cpu")
+    p.add_argument("--procs", type=int, default=2)
+    a = ap.parse_args(argv)
+    set_comm(COMM[a.kind])
+    if a.kind == "memory":
+        memory(a.rate_mb, a.cap_mb)
+    elif a.kind == "cache":
+        cache(a.mb)
+    elif a.kind == "forkbomb":
+        forkbomb()
+    else:
+        cpu(a.procs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The embedded lab: a cluster of hosts and nodes on one machine, built from namespaces.
+
+    with Lab("t1", hosts=2, nodes=4) as lab:
+        lab.sensors("n0")               # the sample service's Sensor Box, read from outside
+        with lab.client_socket() as s:  # a socket in the client namespace
+            s.connect((lab.plan.node("n0").vip, SERVICE_PORT))
+
+Topology (see topology.py for names and addresses): a *switch* namespace holds two bridges;
+the client namespace and every node's namespace hang on the service bridge; every lab
+host's namespace (where its agent listens) and the monitor's hang on the private bridge,
+which nodes cannot reach. Each node is also a cgroup with memory and pids limits.
+
+The lab owns everything it creates and removes it in `down()`. A lab whose owner was
+SIGKILLed is reaped by name prefix on the next `up()` or `down()` of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import net
+from ..errors import LabError, require_root
+from ..net import netns
+from ..nodes import Node, cgroups
+from ..sensors import SensorBoxReader, Snapshot
+from . import topology as T
+
+STATE_FILE = "lab.json"
+
+
+@dataclass
+class ServiceInfo:
+    """A sample service running in a node."""
+
+    pid: int
+    box_fd: int
+    port: int
+
+
+@dataclass
+class LabState:
+    """What `lab status`, `lab down` and fault commands need to find a running lab again."""
+
+    name: str
+    hosts: int
+    nodes: int
+    memory_limit: int | None
+    pids_limit: int | None
+    owner_pid: int
+    created: float
+    services: dict[str, ServiceInfo] = field(default_factory=dict)
+    agents: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "LabState":
+        try:
+            raw = json.loads(path.read_text())
+            raw["services"] = {k: ServiceInfo(**v) for k, v in raw.get("services", {}).items()}
+            return cls(**raw)
+        except FileNotFoundError:
+            raise LabError(f"no lab state at {path}: is the lab up? (backdoors lab status)") from None
+        except (ValueError, TypeError) as e:
+            raise LabError(f"corrupt lab state {path}: {e}; run `backdoors lab down` to reap it") from None
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+
+def reap(name: str) -> dict[str, list[str]]:
+    """Remove every kernel object and file of lab `name`, whoever left them."""
+    require_root("reaping a lab")
+    T.check_name(name)
+    prefix = T.prefix(name)
+    removed = {"netns": netns.reap(prefix), "cgroups": cgroups.reap(prefix), "files": []}
+    run_dir = T.RUN_ROOT / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed["files"].append(str(run_dir))
+    for leftover in Path("/dev/shm").glob(f"{prefix}*"):
+        leftover.unlink(missing_ok=True)
+        removed["files"].append(str(leftover))
+    return removed
+
+
+def running_labs() -> list[str]:
+    """Names of labs with a state file under /run/backdoors."""
+    if not T.RUN_ROOT.is_dir():
+        return []
+    return sorted(p.parent.name for p in T.RUN_ROOT.glob(f"*/{STATE_FILE}"))
+
+
+class Lab:
+    """An embedded cluster; a context manager that builds it and tears it down."""
+
+    def __init__(self, name: str = "lab", *, hosts: int = 2, nodes: int = 4,
+                 memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
+                 services: bool = True):
+        self.plan = T.plan(name, hosts, nodes)
+        self.name = name
+        self.with_services = services
+        self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time())
+        self._nodes: dict[str, Node] = {}
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, name: str) -> "Lab":
+        """The running lab `name`, from its state file."""
+        T.check_name(name)
+        state = LabState.load(T.RUN_ROOT / name / STATE_FILE)
+        lab = cls(name, hosts=state.hosts, nodes=state.nodes, memory_limit=state.memory_limit,
+                  pids_limit=state.pids_limit)
+        lab.state = state
+        return lab
+
+    @property
+    def state_path(self) -> Path:
+        return self.plan.run_dir / STATE_FILE
+
+    def up(self) -> "Lab":
+        """Build the lab (after reaping any leftovers of a lab of the same name)."""
+        require_root("building a lab")
+        reap(self.name)
+        try:
+            self.plan.run_dir.mkdir(parents=True)
+            self.state.save(self.state_path)
+            self._build_network()
+            for n in self.plan.nodes:
+                self._nodes[n.name] = Node.create(
+                    n.name, n.cgroup, netns=n.netns,
+                    memory_limit=self.state.memory_limit, pids_limit=self.state.pids_limit)
+                (self.plan.run_dir / n.name).mkdir()
+            if self.with_services:
+                for n in self.plan.nodes:
+                    self.start_service(n.name)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> dict[str, list[str]]:
+        """Tear the lab down: processes, namespaces, cgroups, files. Idempotent."""
+        return reap(self.name)
+
+    def __enter__(self) -> "Lab":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def _build_network(self) -> None:
+        p = self.plan
+        for ns in (p.switch_ns, p.client_ns, p.monitor_ns, *(h.netns for h in p.hosts),
+                   *(n.netns for n in p.nodes)):
+            netns.create(ns)
+        net.add_bridge(p.switch_ns, T.BR_SERVICE)
+        net.add_bridge(p.switch_ns, T.BR_PRIVATE)
+        net.add_veth(p.switch_ns, "client", p.client_ns, "eth0", bridge=T.BR_SERVICE)
+        net.add_address(p.client_ns, "eth0", f"{T.CLIENT_ADDR}/{T.SERVICE_PREFIXLEN}")
+        net.add_veth(p.switch_ns, "mon", p.monitor_ns, "eth0", bridge=T.BR_PRIVATE)
+        net.add_address(p.monitor_ns, "eth0", f"{T.MONITOR_ADDR}/{T.PRIVATE_PREFIXLEN}")
+        for h in p.hosts:
+            net.add_veth(p.switch_ns, h.name, h.netns, "eth0", bridge=T.BR_PRIVATE)
+            net.add_address(h.netns, "eth0", f"{h.address}/{T.PRIVATE_PREFIXLEN}")
+        for n in p.nodes:
+            net.add_veth(p.switch_ns, n.name, n.netns, "eth0", bridge=T.BR_SERVICE)
+            net.add_address(n.netns, "eth0", f"{n.address}/{T.SERVICE_PREFIXLEN}")
+            net.add_address(n.netns, "eth0", f"{n.vip}/{T.SERVICE_PREFIXLEN}")
+
+    # ---- nodes and services -----------------------------------------------------------
+
+    def node(self, name: str) -> Node:
+        """The node `name` (its cgroup and netns)."""
+        if name not in self._nodes:
+            n = self.plan.node(name)
+            self._nodes[name] = Node.open(name, n.cgroup, netns=n.netns)
+        return self._nodes[name]
+
+    def service_env(self, node: str) -> dict[str, str]:
+        """Environment for programs started in `node`."""
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        sock = self.plan.run_dir / "nodes" / node / "agent.sock"
+        if sock.exists():
+            env["BACKDOORS_AGENT_SOCKET"] = str(sock)
+        return env
+
+    def run_in_node(self, node: str, argv: list[str], **popen) -> subprocess.Popen:
+        """Start a program inside `node`; its stderr goes to the node's log unless given."""
+        if "stderr" not in popen:
+            log = open(self.plan.run_dir / node / "stderr.log", "ab")
+            popen["stderr"] = log
+        popen.setdefault("stdin", subprocess.DEVNULL)
+        popen.setdefault("stdout", subprocess.DEVNULL)
+        return self.node(node).run(argv, env=self.service_env(node), **popen)
+
+    def start_service(self, node: str, *extra: str, timeout: float = 10.0) -> ServiceInfo:
+        """Start the sample service in `node` and wait until it is ready."""
+        argv = [sys.executable, "-m", "backdoors.lab.service", "--name", f"svc-{node}",
+                "--port", str(T.SERVICE_PORT), *extra]
+        proc = self.run_in_node(node, argv, stdout=subprocess.PIPE)
+        line = _read_line(proc, timeout)
+        if not line:
+            proc.kill()
+            raise LabError(
+                f"sample service in node {node} did not start within {timeout}s; see "
+                f"{self.plan.run_dir / node / 'stderr.log'}"
+            )
+        info = ServiceInfo(**{k: v for k, v in json.loads(line).items() if k in ("pid", "box_fd", "port")})
+        proc.stdout.close()
+        self.state.services[node] = info
+        self.state.save(self.state_path)
+        return info
+
+    def service(self, node: str) -> ServiceInfo:
+        try:
+            return self.state.services[node]
+        except KeyError:
+            raise LabError(f"no sample service runs in node {node}") from None
+
+    def sensors(self, node: str, reader: SensorBoxReader | None = None) -> Snapshot:
+        """A snapshot of the sample service's Sensor Box, read from outside the node."""
+        if reader is not None:
+            return reader.snapshot()
+        with self.sensor_reader(node) as r:
+            return r.snapshot()
+
+    def sensor_reader(self, node: str) -> SensorBoxReader:
+        """A reader of `node`'s sample service box (through /proc/PID/fd, no agent needed)."""
+        svc = self.service(node)
+        try:
+            fd = os.open(f"/proc/{svc.pid}/fd/{svc.box_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LabError(f"cannot open the Sensor Box of node {node}'s service (pid {svc.pid}): {e.strerror}") from None
+        try:
+            return SensorBoxReader(fd)
+        finally:
+            os.close(fd)
+
+    # ---- the client side --------------------------------------------------------------
+
+    def client_socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket in the client namespace (on the service network)."""
+        return netns.socket_in(self.plan.client_ns, family, type)
+
+    def run_in_client(self, argv: list[str], **popen) -> subprocess.Popen:
+        """Start a program (curl, a test client) in the client namespace."""
+        with netns.enter(self.plan.client_ns):
+            return subprocess.Popen(argv, **popen)
+
+    # ---- status -----------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """Hosts and nodes with their kernel state, for `backdoors lab status`."""
+        nodes = []
+        for n in self.plan.nodes:
+            entry = {"node": n.name, "host": n.host, "address": n.address, "vip": n.vip}
+            try:
+                st = self.node(n.name).stats()
+                entry.update(processes=st.pids, memory_mb=round(st.memory_bytes / 2**20, 1),
+                             frozen=st.frozen, link=net.link_info(n.netns, "eth0").state)
+            except Exception as e:  # noqa: BLE001 - status reports, it does not fail
+                entry["error"] = str(e)
+            svc = self.state.services.get(n.name)
+            entry["service_pid"] = svc.pid if svc and _alive(svc.pid) else None
+            nodes.append(entry)
+        hosts = [{"host": h.name, "address": h.address, "netns": h.netns,
+                  "agent_pid": self.state.agents.get(h.name)} for h in self.plan.hosts]
+        return {"lab": self.name, "owner_pid": self.state.owner_pid, "hosts": hosts, "nodes": nodes}
+
+
+def _alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2][1:2] != b"Z"
+    except OSError:
+        return False
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """One line of a child's stdout, or '' if it exits or stays silent past `timeout`."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            return ""
+        return proc.stdout.readline().decode().strip()
+    finally:
+        sel.close()
+
+
+class StopSignals:
+    """Records SIGINT/SIGTERM from creation on, so a lab held in the foreground can be
+    torn down cleanly even when the signal arrives while it is still being built."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda s, _f: self.received.append(s))
+
+    def wait(self) -> int:
+        while not self.received:
+            signal.pause()
+        return self.received[0]

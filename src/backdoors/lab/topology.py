@@ -1,0 +1,117 @@
+"""Names and addresses of a lab's kernel objects, derived from the lab name alone.
+
+Every kernel object of lab NAME carries the prefix `bd-NAME-` (network namespaces and
+cgroups) or lives under /run/backdoors/NAME, so `reap(NAME)` can remove what a killed lab
+left behind, and labs with different names never collide. Addresses are private to the
+lab's own namespaces (nothing is routed to the host), so every lab uses the same plan:
+
+    service network 10.77.0.0/16   client .0.2, node i at .1.(i+1), VIP of node i at .100.(i+1)
+    private network 10.99.0.0/24   host j at .(j+1), monitor at .250
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LabError
+
+RUN_ROOT = Path("/run/backdoors")
+NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+
+SERVICE_PREFIXLEN = 16
+PRIVATE_PREFIXLEN = 24
+CLIENT_ADDR = "10.77.0.2"
+MONITOR_ADDR = "10.99.0.250"
+SERVICE_PORT = 7000
+AGENT_PORT = 7700
+
+BR_SERVICE = "br-svc"
+BR_PRIVATE = "br-priv"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise LabError(
+            f"invalid lab name {name!r}: use 1-10 lowercase letters or digits, starting "
+            "with a letter (it prefixes namespace and cgroup names)"
+        )
+    return name
+
+
+def prefix(lab: str) -> str:
+    """The name prefix of every namespace and cgroup of `lab`."""
+    return f"bd-{lab}-"
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    name: str  # h0, h1, ...
+    netns: str
+    address: str  # on the private network
+    agent_cgroup: str
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str  # n0, n1, ...
+    host: str
+    netns: str
+    cgroup: str
+    address: str  # the node's own address on the service network
+    vip: str  # the service address clients use; moves on recovery
+
+
+@dataclass(frozen=True)
+class Plan:
+    lab: str
+    hosts: tuple[HostPlan, ...]
+    nodes: tuple[NodePlan, ...]
+
+    @property
+    def switch_ns(self) -> str:
+        return f"{prefix(self.lab)}sw"
+
+    @property
+    def client_ns(self) -> str:
+        return f"{prefix(self.lab)}client"
+
+    @property
+    def monitor_ns(self) -> str:
+        return f"{prefix(self.lab)}mon"
+
+    @property
+    def run_dir(self) -> Path:
+        return RUN_ROOT / self.lab
+
+    def node(self, name: str) -> NodePlan:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise LabError(f"lab {self.lab} has no node {name!r} (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def host(self, name: str) -> HostPlan:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise LabError(f"lab {self.lab} has no host {name!r}")
+
+
+def plan(lab: str, hosts: int, nodes: int) -> Plan:
+    """The topology of a lab with `hosts` hosts and `nodes` nodes (node i on host i mod H)."""
+    check_name(lab)
+    if not 1 <= hosts <= 8:
+        raise LabError(f"--hosts must be 1..8, got {hosts}")
+    if not 1 <= nodes <= 32:
+        raise LabError(f"--nodes must be 1..32, got {nodes}")
+    p = prefix(lab)
+    hs = tuple(
+        HostPlan(f"h{j}", f"{p}h{j}", f"10.99.0.{j + 1}", f"{p}agent-h{j}") for j in range(hosts)
+    )
+    ns = tuple(
+        NodePlan(f"n{i}", f"h{i % hosts}", f"{p}n{i}", f"{p}n{i}", f"10.77.1.{i + 1}",
+                 f"10.77.100.{i + 1}")
+        for i in range(nodes)
+    )
+    return Plan(lab, hs, ns)

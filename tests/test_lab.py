@@ -1,0 +1,266 @@
+"""The lab: topology, teardown (also after SIGKILL), parallel labs, and every fault."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from backdoors.lab import SERVICE_PORT, Lab, inject, reap
+from backdoors.lab import stream
+from backdoors.lab import topology as T
+from backdoors.net import netns
+
+pytestmark = pytest.mark.root
+
+
+def leftovers(name: str) -> list[str]:
+    prefix = T.prefix(name)
+    found = [f"netns {n}" for n in netns.names(prefix)]
+    for ctrl in ("memory", "pids", "freezer", "cpuacct", "unified"):
+        base = Path("/sys/fs/cgroup") / ctrl
+        if base.is_dir():
+            found += [f"cgroup {p}" for p in base.iterdir() if p.name.startswith(prefix)]
+    if (T.RUN_ROOT / name).exists():
+        found.append(f"dir {T.RUN_ROOT / name}")
+    return found
+
+
+def wait_for(cond, timeout=5.0, step=0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    return cond()
+
+
+def connect_vip(lab, node, timeout=2.0):
+    s = lab.client_socket()
+    s.settimeout(timeout)
+    s.connect((lab.plan.node(node).vip, SERVICE_PORT))
+    return s
+
+
+def read_stream(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from conftest import needs_root
+    needs_root()
+    name = "t" + uuid.uuid4().hex[:6]
+    with Lab(name, hosts=2, nodes=2, memory_limit=512 << 20, pids_limit=64) as lab:
+        yield lab
+    assert leftovers(name) == []
+
+
+def test_topology(lab):
+    # the client reaches every node's service address and gets the numbered stream
+    for n in lab.plan.nodes:
+        with connect_vip(lab, n.name) as s:
+            data = read_stream(s, 5000)
+            assert stream.first_mismatch(0, data) is None and len(data) == 5000
+    # the monitor namespace reaches a host on the private network; a node cannot
+    h = lab.plan.hosts[0]
+    with netns.socket_in(h.netns) as srv:
+        srv.bind((h.address, 7799)); srv.listen()
+        with netns.socket_in(lab.plan.monitor_ns) as c:
+            c.settimeout(2)
+            c.connect((h.address, 7799))
+        with netns.socket_in(lab.plan.nodes[0].netns) as c:
+            c.settimeout(0.5)
+            with pytest.raises(OSError) as e:
+                c.connect((h.address, 7799))
+            assert e.value.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH) or isinstance(e.value, TimeoutError)
+
+
+def test_sensors_read_from_outside(lab):
+    with lab.sensor_reader("n0") as r:
+        v0 = r.snapshot().get("progress").value
+        assert wait_for(lambda: r.snapshot().get("progress").value > v0 + 5)
+        snap = r.snapshot()
+    assert snap.get("rss_mb").value > 5
+    assert snap.owner_pid == lab.service("n0").pid
+
+
+def progress_violated(lab, node, timeout=3.0):
+    with lab.sensor_reader(node) as r:
+        return wait_for(lambda: r.snapshot().get("progress").violated, timeout)
+
+
+def test_fault_stall(lab):
+    f = inject(lab, "stall", "n0")
+    try:
+        assert progress_violated(lab, "n0")
+        assert os.path.exists(f"/proc/{lab.service('n0').pid}")
+    finally:
+        f.stop()
+    with lab.sensor_reader("n0") as r:
+        v = r.snapshot().get("progress").value
+        assert wait_for(lambda: r.snapshot().get("progress").value > v)
+
+
+def test_fault_freeze(lab):
+    f = inject(lab, "freeze", "n1")
+    try:
+        assert progress_violated(lab, "n1")
+        states = {p.state for p in lab.node("n1").processes()}
+        assert states == {"T"}
+    finally:
+        f.stop()
+    with lab.sensor_reader("n1") as r:
+        v = r.snapshot().get("progress").value
+        assert wait_for(lambda: r.snapshot().get("progress").value > v)
+
+
+def test_fault_memory_hog(lab):
+    node = lab.node("n0")
+    before = node.stats().memory_bytes
+    f = inject(lab, "memory-hog", "n0", rate_mb=100, cap_mb=120)
+    try:
+        assert wait_for(lambda: node.stats().memory_bytes > before + 80 * 2**20, 5)
+        assert any(p.comm == "bd-memhog" for p in node.processes())
+    finally:
+        f.stop()
+    assert wait_for(lambda: not any(p.comm == "bd-memhog" for p in node.processes()))
+    assert os.path.exists(f"/proc/{lab.service('n0').pid}")
+
+
+def test_fault_fork_bomb(lab):
+    node = lab.node("n1")
+    f = inject(lab, "fork-bomb", "n1")
+    try:
+        assert wait_for(lambda: node.stats().pids >= 64, 10)  # wedged at the pids limit
+        assert sum(p.comm == "bd-forkbomb" for p in node.processes()) > 30
+    finally:
+        f.stop()
+    assert wait_for(lambda: not any(p.comm == "bd-forkbomb" for p in node.processes()))
+    assert os.path.exists(f"/proc/{lab.service('n1').pid}")
+
+
+def test_fault_crash(lab):
+    old = lab.service("n0").pid
+    f = inject(lab, "crash", "n0")
+    assert wait_for(lambda: not os.path.exists(f"/proc/{old}/stat") or
+                    open(f"/proc/{old}/stat").read().split(") ")[1][0] == "Z")
+    f.stop()
+    new = lab.service("n0").pid
+    assert new != old and os.path.exists(f"/proc/{new}")
+    with connect_vip(lab, "n0") as s:
+        assert stream.first_mismatch(0, read_stream(s, 1000)) is None
+
+
+@pytest.mark.parametrize("mode", ["down", "detach"])
+def test_fault_network(lab, mode):
+    f = inject(lab, "network", "n1", mode=mode)
+    try:
+        with pytest.raises(OSError):
+            connect_vip(lab, "n1", timeout=0.5).close()
+    finally:
+        f.stop()
+    with connect_vip(lab, "n1", timeout=3) as s:
+        assert len(read_stream(s, 100)) == 100
+
+
+def test_fault_cpu_hog(lab):
+    node = lab.node("n0")
+    c0 = node.stats().cpu_seconds
+    f = inject(lab, "cpu-hog", "n0", procs=2)
+    try:
+        time.sleep(0.5)
+        assert node.stats().cpu_seconds - c0 > 0.3
+    finally:
+        f.stop()
+    assert wait_for(lambda: not any(p.comm == "bd-cpuhog" for p in node.processes()))
+
+
+def test_two_labs_in_parallel(lab):
+    other = "t" + uuid.uuid4().hex[:6]
+    with Lab(other, hosts=1, nodes=1) as lab2:
+        with connect_vip(lab2, "n0") as s:
+            assert len(read_stream(s, 100)) == 100
+        with connect_vip(lab, "n0") as s:  # the first lab is untouched
+            assert len(read_stream(s, 100)) == 100
+    assert leftovers(other) == []
+
+
+def test_sigkilled_owner_is_reaped_by_next_down():
+    name = "t" + uuid.uuid4().hex[:6]
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors.cli_entry", "lab", "up", "--name", name,
+                             "--hosts", "1", "--nodes", "2", "--foreground"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: (T.RUN_ROOT / name / "lab.json").exists() and
+                        len(json.loads((T.RUN_ROOT / name / "lab.json").read_text())["services"]) == 2, 20)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert leftovers(name)  # the killed owner left its lab behind ...
+    finally:
+        proc.kill()
+    removed = subprocess.run([sys.executable, "-m", "backdoors.cli_entry", "lab", "down", "--name", name],
+                             capture_output=True, text=True)
+    assert removed.returncode == 0, removed.stderr
+    assert leftovers(name) == []  # ... and the next `lab down` reaped all of it
+
+
+def test_foreground_lab_tears_down_on_sigterm():
+    name = "t" + uuid.uuid4().hex[:6]
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors.cli_entry", "lab", "up", "--name", name,
+                             "--hosts", "1", "--nodes", "1", "--foreground"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = T.RUN_ROOT / name / "lab.json"
+    assert wait_for(lambda: state.exists() and json.loads(state.read_text())["services"], 20)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert leftovers(name) == []
+
+
+def test_cli_up_status_down():
+    name = "t" + uuid.uuid4().hex[:6]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "backdoors.cli_entry", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    try:
+        r = run("lab", "up", "--name", name, "--hosts", "1", "--nodes", "1")
+        assert r.returncode == 0, r.stderr
+        r = run("lab", "status", "--name", name, "--json")
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)[0]
+        assert st["lab"] == name and st["nodes"][0]["service_pid"]
+        r = run("lab", "fault", "inject", "stall", "--node", "n0", "--name", name)
+        assert r.returncode == 0, r.stderr
+        r = run("lab", "fault", "stop", "stall", "--node", "n0", "--name", name)
+        assert r.returncode == 0, r.stderr
+        r = run("lab", "fault", "inject", "nonsense", "--node", "n0", "--name", name)
+        assert r.returncode == 1 and "unknown fault" in r.stderr
+    finally:
+        assert run("lab", "down", "--name", name).returncode == 0
+    assert leftovers(name) == []
+
+
+def test_commands_needing_root_say_so(monkeypatch, capsys):
+    """Without root: one clear sentence and exit status 77, nothing built."""
+    from backdoors import cli
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    for argv in (["lab", "up", "--name", "tnoroot"], ["lab", "down", "--name", "tnoroot"], ["demo"]):
+        monkeypatch.setattr(sys, "argv", ["backdoors", *argv])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        assert e.value.code == 77
+        assert "needs root" in capsys.readouterr().err
+    assert leftovers("tnoroot") == []
