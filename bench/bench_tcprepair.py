@@ -125,7 +125,7 @@ def check(clients: list[socket.socket], restored: list[socket.socket]) -> None:
         assert client.recv(QUEUED + 1, socket.MSG_WAITALL) == b"r" * QUEUED + b"!"
 
 
-def run(sizes: list[int], repeat: int) -> dict:
+def run(sizes: list[int] = (1, 100, 1000), repeat: int = 3) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ns = PrivateNetns()
