@@ -31,8 +31,10 @@ from backdoors.tcprepair import (
     bytes_received,
     close_silently,
     dump,
+    initial_window,
     restore,
     resume,
+    segments_needed,
 )
 from backdoors.tcprepair import kernel
 
@@ -195,9 +197,9 @@ class Connection:
             master = ipr.link_lookup(ifname="br0")[0] if into_bridge else 0
             ipr.link("set", index=ipr.link_lookup(ifname="v-s")[0], master=master)
 
-    def restore_in(self, ns: Netns, state: TcpState) -> socket.socket:
+    def restore_in(self, ns: Netns, state: TcpState, resend: bool = False) -> socket.socket:
         """The connection restored in `ns`, as the new server socket."""
-        self.server = self._keep(ns.run(restore, state))
+        self.server = self._keep(ns.run(_restore_fast if resend else restore, state))
         return self.server
 
     def move_address_to_new_node(self) -> None:
@@ -208,6 +210,12 @@ class Connection:
             ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=VIP, prefixlen=24)
         with self.c.ipr() as ipr:  # stands in for the gratuitous ARP the net package sends
             ipr.neigh("del", dst=VIP, ifindex=ipr.link_lookup(ifname="br0")[0])
+
+
+def _restore_fast(state: TcpState) -> socket.socket:
+    """Unacknowledged data resent at once, with a first flight large enough to pass it."""
+    with initial_window([state.remote_addr], segments_needed([state])):
+        return restore(state, resend_unacked=True)
 
 
 def _listen(address: str, port: int = PORT, family: int = socket.AF_INET) -> socket.socket:
@@ -310,14 +318,14 @@ def tcp_state(sock: socket.socket) -> str:
     return kernel.tcp_info(sock).state_name
 
 
-def move_in_place(conn: Connection) -> tuple[TcpState, socket.socket]:
+def move_in_place(conn: Connection, resend: bool = False) -> tuple[TcpState, socket.socket]:
     """Lock, dump, close the old socket silently, restore in the same netns, unlock."""
     conn.lock()
     state = dump(conn.server)
     close_silently(conn.server)
     received = TcpState.decode(state.encode())  # (e) as another agent would get it
     assert received == state
-    new = conn.restore_in(conn.s, received)
+    new = conn.restore_in(conn.s, received, resend)
     conn.unlock()
     return state, new
 
@@ -349,7 +357,8 @@ def test_restored_socket_continues_both_streams(lab):
     assert bytes_received(new, since=state) == 6000
 
 
-def test_move_while_streaming_under_load(lab):
+@pytest.mark.parametrize("resend", [False, True], ids=["unacked-as-sent", "unacked-resent"])
+def test_move_while_streaming_under_load(lab, resend):
     """(a, d) dump in the middle of a running transfer: the writer is paused, not stopped."""
     conn = Connection(lab)
     total = 8_000_000
@@ -359,7 +368,7 @@ def test_move_while_streaming_under_load(lab):
         sent = write_until_full(conn.server, sent)
         time.sleep(0.001)
 
-    state, new = move_in_place(conn)
+    state, new = move_in_place(conn, resend)
     assert state.handed == sent
     new.sendall(numbered(sent, total - sent))
     assert_stream(reader.result(), 0, total)

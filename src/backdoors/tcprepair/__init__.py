@@ -5,7 +5,8 @@ A small leaf library in the spirit of CRIU's soccr: it knows sockets, not nodes 
     state = dump(sock)          # sock enters repair mode; the caller holds the network lock
     close_silently(sock)        # no FIN, no RST
     blob = state.encode()       # msgpack, to another agent
-    new = restore(TcpState.decode(blob))   # in the target network namespace
+    with initial_window([state.remote_addr], segments_needed([state])):
+        new = restore(TcpState.decode(blob))   # in the target network namespace
 
 `bytes_handed` and `bytes_received` give the application's stream positions for the
 Continuation Box. Every failure is a TcpRepairError naming the step and the errno.
@@ -14,6 +15,7 @@ Continuation Box. Every failure is a TcpRepairError naming the step and the errn
 from .accounting import bytes_handed, bytes_received
 from .dump import close_silently, dump, release, resume
 from .restore import restore
+from .route import initial_window, segments_needed
 from .state import TcpOptions, TcpState, TcpWindow
 
 __all__ = [
@@ -23,8 +25,10 @@ __all__ = [
     "bytes_handed",
     "bytes_received",
     "close_silently",
+    "initial_window",
     "dump",
     "release",
     "restore",
     "resume",
+    "segments_needed",
 ]

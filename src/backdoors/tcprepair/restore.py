@@ -6,9 +6,13 @@ repair off, and only then the bytes that were never sent, as ordinary writes. A 
 names the step and the errno, and closes the new socket silently, so the peer sees
 nothing and the same TcpState can be restored again.
 
-Measured cost of a move: the new socket has no RTT sample (RTO falls back to 3 s), so
-data that was in flight and lost under the network lock is resent by the tail-loss
-probe after 1 s; queued data never sent goes out at once."""
+Data sent but not yet acknowledged is restored as sent (CRIU's way) by default. It then
+waits for a retransmission timer, and the new socket has no RTT sample (RTO falls back
+to 3 s): a segment lost under the network lock comes back only after the 1 s tail-loss
+probe. With `resend_unacked=True` it is queued again as never sent and goes out at once;
+the peer drops what it already has. Then the first flight must pass whatever the peer
+already acknowledged (Linux ignores an ACK of data not yet sent): give the socket a large
+initial window with `route.initial_window`."""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from .state import TcpState
 _MIN_SNDBUF = 64 * 1024
 
 
-def restore(state: TcpState) -> socket.socket:
+def restore(state: TcpState, *, resend_unacked: bool = False) -> socket.socket:
     """A new blocking socket carrying the connection described by `state`.
 
     The socket is created in the calling thread's network namespace, which must own
@@ -34,14 +38,14 @@ def restore(state: TcpState) -> socket.socket:
     state.check()
     sock = socket.socket(state.family, socket.SOCK_STREAM)
     try:
-        _rebuild(sock, state)
+        _rebuild(sock, state, resend_unacked)
     except BaseException:
         _abandon(sock)
         raise
     return sock
 
 
-def _rebuild(sock: socket.socket, state: TcpState) -> None:
+def _rebuild(sock: socket.socket, state: TcpState, resend_unacked: bool) -> None:
     step = _Steps(f"restore {state.describe()}")
     tcp_opt = functools.partial(sock.setsockopt, kernel.SOL_TCP)
 
@@ -53,7 +57,7 @@ def _rebuild(sock: socket.socket, state: TcpState) -> None:
     # The queues start where their saved contents begin; writing the contents moves
     # rcv_nxt and write_seq to the dumped values.
     recv_start = (state.rcv_seq - len(state.recv_queue)) & 0xFFFFFFFF
-    send_start = (state.snd_seq - len(state.send_queue)) & 0xFFFFFFFF
+    send_start = (state.snd_seq - len(state.send_queue)) & 0xFFFFFFFF  # snd_una
     step("select receive queue", kernel.select_queue, sock, kernel.RECV_QUEUE)
     step("set receive sequence", kernel.set_u32, sock, kernel.TCP_QUEUE_SEQ, recv_start)
     step("select send queue", kernel.select_queue, sock, kernel.SEND_QUEUE)
@@ -79,13 +83,16 @@ def _rebuild(sock: socket.socket, state: TcpState) -> None:
     if state.recv_queue:
         step("select receive queue", kernel.select_queue, sock, kernel.RECV_QUEUE)
         step("write receive queue", _write_all, sock, state.recv_queue)
-    if state.sent_unacked:  # as sent: the peer may have it, or gets it retransmitted
+    if state.sent_unacked and not resend_unacked:  # as sent: waits for a retransmission
         step("select send queue", kernel.select_queue, sock, kernel.SEND_QUEUE)
         step("write sent-unacknowledged data", _write_all, sock, state.sent_unacked)
 
     step("TCP_REPAIR_WINDOW", tcp_opt, kernel.TCP_REPAIR_WINDOW, _window(state))
     step("TCP_REPAIR off", tcp_opt, kernel.TCP_REPAIR, kernel.REPAIR_OFF)
-    step("write never-sent data", _write_all, sock, state.never_sent)
+    if resend_unacked:
+        step("write unacknowledged and never-sent data", _write_all, sock, state.send_queue)
+    else:
+        step("write never-sent data", _write_all, sock, state.never_sent)
 
 
 class _Steps:

@@ -1,0 +1,73 @@
+"""A large initial congestion window for restored sockets, through a temporary host route.
+
+Restoring sent-but-unacknowledged data as unsent (restore's default) makes it go out at
+once instead of after a 1-3 s retransmission timer. But the peer may already hold part of
+it, its acknowledgement lost under the network lock: it then acknowledges a sequence
+number beyond what the new socket has sent, and Linux ignores an ACK of unsent data. The
+new socket must therefore send past that point in its first flight, i.e. its initial
+congestion window must cover what the peer's window allowed. The kernel takes the initial
+window from the route (RTAX_INITCWND) when the restored socket connects, so a host route
+to each peer carries it for the duration of the restore, and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import math
+from collections.abc import Iterable, Iterator
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import TcpRepairError
+from .state import TcpState
+
+MAX_SEGMENTS = 4096
+
+
+def segments_needed(states: Iterable[TcpState]) -> int:
+    """The initial window (in segments) that lets each state's first flight pass what its
+    peer may already have: the resent part plus the peer's advertised window."""
+    need = 10
+    for s in states:
+        span = len(s.sent_unacked) + s.window.snd_wnd
+        need = max(need, math.ceil(span / max(1, s.options.mss)) + 2)
+    return min(need, MAX_SEGMENTS)
+
+
+@contextlib.contextmanager
+def initial_window(peers: Iterable[str], segments: int) -> Iterator[None]:
+    """Host routes to `peers` with initcwnd `segments`, in the calling thread's netns.
+
+    Restore the sockets inside the block. A peer that already has a host route of its own
+    is left alone (its route is the operator's).
+    """
+    added: list[tuple[str, int, dict]] = []
+    with IPRoute() as ipr:
+        try:
+            for peer in sorted(set(peers)):
+                addr = ipaddress.ip_address(peer)
+                plen = addr.max_prefixlen
+                try:
+                    found = ipr.route("get", dst=peer)[0]
+                except NetlinkError as e:
+                    raise TcpRepairError(f"initial window: no route to {peer}: {e}") from None
+                spec = {"dst": peer, "dst_len": plen, "oif": found.get_attr("RTA_OIF"),
+                        "family": found["family"]}
+                gateway = found.get_attr("RTA_GATEWAY")
+                if gateway:
+                    spec["gateway"] = gateway
+                try:
+                    ipr.route("add", metrics={"initcwnd": segments}, **spec)
+                except NetlinkError as e:
+                    if e.code == errno.EEXIST:  # the operator's own host route: leave it
+                        continue
+                    raise TcpRepairError(f"initial window: cannot add a host route to {peer}: {e}") from None
+                added.append(spec)
+            yield
+        finally:
+            for spec in added:
+                with contextlib.suppress(NetlinkError):
+                    ipr.route("del", **spec)
