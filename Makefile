@@ -12,7 +12,7 @@ all: test
 # curl for the unmodified-client recovery test, haproxy for the recovery benchmark).
 system-deps:
 	@missing=""; \
-	for p in gcc curl strace; do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in gcc curl strace haproxy; do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
