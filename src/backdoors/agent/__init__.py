@@ -1,1 +1,36 @@
-"""agent"""
+"""The agent: the backdoor daemon of a host, its RPC client and the app-side registration.
+
+- `Agent`, `BackgroundAgent` (daemon.py) and `python -m backdoors.agent --config FILE`;
+- `AgentConfig`, `load_config` (config.py); `generate_keys`, `load_keys` (keys.py);
+- `AgentClient` (client.py), used by monitors;
+- `register_box`, `register_region`, `unregister` (register.py), used by services.
+
+Names are imported lazily, so that `backdoors.agent.register` stays light for services.
+docs/agent-protocol.md describes the wire protocol and the configuration.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Agent": "daemon", "BackgroundAgent": "daemon",
+    "AgentConfig": "config", "NodeSpec": "config", "KernelSensorLimits": "config",
+    "load_config": "config",
+    "AgentClient": "client",
+    "generate_keys": "keys", "load_keys": "keys", "load_key": "keys", "new_key": "keys",
+    "register_box": "register", "register_region": "register", "unregister": "register",
+    "RemoteError": "errors", "TransportError": "errors", "RegistrationError": "errors",
+    "AuthError": "errors", "QuorumError": "errors", "DeadlineError": "errors",
+    "BusyError": "errors", "BoundsError": "errors", "NotFoundError": "errors",
+    "RequestError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'backdoors.agent' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -414,6 +414,11 @@ class Cgroup:
         """Tasks (processes and threads) charged to the cgroup, exited-but-unreaped included."""
         return cgfs.read_int(self._controller_dir("pids")[1] / "pids.current") or 0
 
+    def fork_failures(self) -> int:
+        """Forks refused so far because the pids limit was reached (pids.events "max")."""
+        _, path = self._controller_dir("pids")
+        return cgfs.keyed(cgfs.read(path / "pids.events")).get("max", 0)
+
     def cpu_seconds(self) -> float:
         """CPU time used by the cgroup's processes so far (user + system), in seconds."""
         if "cpuacct" in self.layout.v1:

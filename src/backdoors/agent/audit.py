@@ -1,0 +1,107 @@
+"""The append-only audit log: one JSON line per request and per local registration.
+
+Opened with O_APPEND, each line written with one write(2), so lines of concurrent writers
+never interleave. Bulk data never enters the log: byte strings are summarised by length.
+Unauthenticated rejections are rate-limited (a flood on the private network must not fill
+the disk): beyond `max_rejects_per_s`, they are counted and summarised in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import msgspec
+
+log = logging.getLogger("backdoors.agent")
+
+_encode = msgspec.json.Encoder().encode
+MAX_STRING = 200
+
+
+def summarise(value: Any, depth: int = 0) -> Any:
+    """A small, JSON-safe picture of request arguments: no bulk bytes, short strings."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, str):
+        return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "..."
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if depth > 3:
+        return "..."
+    if isinstance(value, dict):
+        return {str(summarise(k, depth + 1)): summarise(v, depth + 1)
+                for k, v in list(value.items())[:32]}
+    if isinstance(value, (list, tuple)):
+        return [summarise(v, depth + 1) for v in value[:32]]
+    if isinstance(value, msgspec.Struct):
+        return summarise(msgspec.structs.asdict(value), depth)
+    return repr(value)[:MAX_STRING]
+
+
+class AuditLog:
+    """Append-only JSONL; write failures are logged and counted, never raised."""
+
+    def __init__(self, path: str, *, max_rejects_per_s: float = 100.0):
+        self.path = path
+        self.failures = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock = threading.Lock()
+        self._rate = max_rejects_per_s
+        self._tokens = max_rejects_per_s
+        self._refill_at = time.monotonic()
+        self._suppressed = 0
+
+    def write(self, **fields: Any) -> None:
+        fields.setdefault("ts", round(time.time(), 6))
+        line = _encode(fields) + b"\n"
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                os.write(self._fd, line)
+            except OSError as e:
+                self.failures += 1
+                log.warning("audit log %s: write failed: %s", self.path, e.strerror)
+
+    def request(self, *, monitor: str, peer: str, op: str, args: Any, ok: bool,
+                error: str | None, elapsed_ms: float, votes: list[str] | None = None,
+                message: str | None = None) -> None:
+        """One line for an RPC request that reached dispatch."""
+        self.write(kind="rpc", monitor=monitor, peer=peer, op=op, args=summarise(args), ok=ok,
+                   error=error, message=message, elapsed_ms=round(elapsed_ms, 3), votes=votes)
+
+    def rejected(self, *, peer: str, code: str, message: str, monitor: str = "?",
+                 op: str = "?") -> None:
+        """One line for a request rejected before dispatch (rate-limited)."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._refill_at) * self._rate)
+            self._refill_at = now
+            if self._tokens < 1:
+                self._suppressed += 1
+                return
+            self._tokens -= 1
+            suppressed, self._suppressed = self._suppressed, 0
+        if suppressed:
+            self.write(kind="rejected_suppressed", count=suppressed)
+        self.write(kind="rejected", monitor=monitor, peer=peer, op=op, ok=False, error=code,
+                   message=message[:MAX_STRING])
+
+    def local(self, *, node: str, pid: int, op: str, name: str, ok: bool,
+              kind: str | None = None, error: str | None = None) -> None:
+        """One line for a local registration (or its refusal)."""
+        self.write(kind="local", node=node, pid=pid, op=op, name=summarise(name),
+                   region_kind=kind, ok=ok, error=error)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                if self._suppressed:
+                    os.write(self._fd, _encode({"ts": time.time(), "kind": "rejected_suppressed",
+                                                "count": self._suppressed}) + b"\n")
+                os.close(self._fd)
+                self._fd = -1

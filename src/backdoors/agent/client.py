@@ -1,0 +1,259 @@
+"""The monitors' side of the agent RPC: `AgentClient`, with a typed method per op.
+
+A client keeps one connection and reconnects when it has to. It signs each request with
+its monitor key, and accepts a reply only if it carries a valid MAC under the same key and
+echoes the request's nonce (mutual authentication). Errors become AgentError subclasses
+with a `.code`: RemoteError ones for the agent's answers, TransportError for the wire.
+Thread-safe: calls are serialised on the connection (use one client per thread for
+parallel calls).
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+import msgspec
+
+from .errors import TransportError, remote_error
+from .protocol import (
+    DECODE_ERRORS, DESTRUCTIVE, MAX_FRAME, NONCE_BYTES, VERSION, Envelope, KillReply,
+    KillTreeReply, LimitsReply, LockReply, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse,
+    RegionInfo, SensorsReply, UnlockReply, WriteReply, frame, mac, mac_ok,
+)
+
+_encode = msgspec.msgpack.Encoder().encode
+_envelope = msgspec.msgpack.Decoder(Envelope)
+_response = msgspec.msgpack.Decoder(RawResponse)
+_UNSET = msgspec.UNSET
+
+
+class _Closed(Exception):
+    """The connection ended before any byte of the reply."""
+
+
+class AgentClient:
+    """A monitor's connection to one agent.
+
+    `address` is (host, port) or "host:port"; `netns` makes the socket in that network
+    namespace (the private network of a lab). `timeout` bounds each call; with an agent
+    whose quorum is above 1, pass its `vote_window` too: destructive calls may wait that
+    long for the other monitors' votes.
+    """
+
+    def __init__(self, address: tuple[str, int] | str, monitor_id: str, key: bytes, *,
+                 netns: str | None = None, timeout: float = 1.0, vote_window: float = 0.0):
+        if isinstance(address, str):
+            from .config import parse_address
+            address = parse_address(address)
+        self.address, self.monitor, self.netns = address, monitor_id, netns
+        self.timeout, self.vote_window = timeout, vote_window
+        self._key = key
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._disconnect()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the generic call --------------------------------------------------------------
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Run `op` with `args`; the result as plain msgpack types. Raises AgentError."""
+        return self._decode(op, self._request(op, args), Any)
+
+    def _typed(self, op: str, type_: Any, **args: Any) -> Any:
+        raw = self._request(op, {k: v for k, v in args.items() if v is not _UNSET})
+        return self._decode(op, raw, type_)
+
+    @staticmethod
+    def _decode(op: str, raw: msgspec.Raw, type_: Any) -> Any:
+        try:
+            return msgspec.msgpack.decode(raw, type=type_)
+        except DECODE_ERRORS as e:
+            raise TransportError(f"{op}: unexpected result from the agent: {e}",
+                                 "protocol") from None
+
+    def signed_request(self, op: str, args: dict[str, Any], *, ts: float | None = None,
+                       nonce: bytes | None = None) -> tuple[bytes, bytes]:
+        """(frame payload, nonce) of a request; exposed for tests of the agent's checks."""
+        nonce = secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce
+        body = _encode({"v": VERSION, "monitor": self.monitor, "nonce": nonce,
+                        "ts": time.time() if ts is None else ts, "op": op, "args": args})
+        return _encode(Envelope(body, mac(self._key, body))), nonce
+
+    def _request(self, op: str, args: dict[str, Any]) -> msgspec.Raw:
+        payload, nonce = self.signed_request(op, args)
+        timeout = self.timeout + (self.vote_window if op in DESTRUCTIVE else 0.0)
+        with self._lock:
+            reply = self._exchange(payload, timeout)
+        return self._open_reply(op, reply, nonce)
+
+    def _open_reply(self, op: str, reply: bytes, nonce: bytes) -> msgspec.Raw:
+        try:
+            env = _envelope.decode(reply)
+            resp = _response.decode(env.body)
+        except DECODE_ERRORS as e:
+            raise TransportError(f"{op}: malformed reply from the agent: {e}", "protocol") from None
+        if not env.mac:
+            if resp.ok or resp.error is None:
+                raise TransportError(f"{op}: unsigned success reply: not our agent",
+                                     "protocol")
+            raise remote_error(resp.error.code, f"{op}: {resp.error.message} "
+                                                "(unauthenticated reply)")
+        if not mac_ok(self._key, env.body, env.mac):
+            raise TransportError(f"{op}: the reply's MAC is invalid: not our agent, or another "
+                                 "key", "protocol")
+        if resp.nonce != nonce and not (resp.nonce == b"" and not resp.ok):
+            raise TransportError(f"{op}: the reply does not echo our nonce", "protocol")
+        if not resp.ok:
+            error = resp.error
+            raise remote_error(error.code if error else "failed",
+                               f"{op}: {error.message if error else 'failed'}")
+        return resp.result
+
+    # -- the wire ----------------------------------------------------------------------
+
+    def exchange(self, payload: bytes, timeout: float | None = None) -> bytes:
+        """Send one frame payload and return the reply's payload (raw; for tests)."""
+        with self._lock:
+            return self._exchange(payload, self.timeout if timeout is None else timeout)
+
+    def _exchange(self, payload: bytes, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        for attempt in (1, 2):
+            reused = self._sock is not None
+            if not reused:
+                self._connect(timeout)
+            try:
+                self._sock.settimeout(max(0.001, deadline - time.monotonic()))
+                self._sock.sendall(frame(payload))
+                return self._read_frame(deadline)
+            except (_Closed, BrokenPipeError, ConnectionResetError) as e:
+                self._disconnect()
+                # A reused connection may have been closed by the agent while idle: send
+                # again once on a new one. The same nonce makes this safe: a request that
+                # did arrive the first time is refused the second as a replay.
+                if not reused or attempt == 2:
+                    raise TransportError(f"agent {self._where()} closed the connection: {e}",
+                                         "connect") from None
+            except TimeoutError:
+                self._disconnect()
+                raise TransportError(f"no reply from agent {self._where()} within "
+                                     f"{timeout:g} s", "timeout") from None
+            except OSError as e:
+                self._disconnect()
+                raise TransportError(f"agent {self._where()}: {e.strerror or e}",
+                                     "connect") from None
+        raise AssertionError("unreachable")
+
+    def _read_frame(self, deadline: float) -> bytes:
+        header = self._read_exactly(4, deadline, first=True)
+        size = int.from_bytes(header, "big")
+        if not 0 < size <= MAX_FRAME:
+            self._disconnect()
+            raise TransportError(f"agent {self._where()} sent a frame of {size} bytes",
+                                 "protocol")
+        return self._read_exactly(size, deadline)
+
+    def _read_exactly(self, n: int, deadline: float, first: bool = False) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            self._sock.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                if first and not buf:
+                    raise _Closed("end of stream")
+                raise ConnectionResetError("end of stream inside a frame")
+            buf += chunk
+        return bytes(buf)
+
+    def _connect(self, timeout: float) -> None:
+        host, port = self.address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            if self.netns:
+                from ..net.netns import socket_in  # pyroute2: only when needed
+                sock = socket_in(self.netns, family)
+            else:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+        except Exception as e:
+            raise TransportError(f"cannot make a socket for agent {self._where()}: {e}",
+                                 "connect") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        except OSError as e:
+            sock.close()
+            raise TransportError(f"cannot connect to agent {self._where()}: "
+                                 f"{e.strerror or e}", "connect") from None
+        self._sock = sock
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _where(self) -> str:
+        host, port = self.address
+        return f"{host}:{port}" + (f" (netns {self.netns})" if self.netns else "")
+
+    # -- typed ops ---------------------------------------------------------------------
+
+    def ping(self) -> Pong:
+        return self._typed("ping", Pong)
+
+    def nodes(self) -> list[NodeInfo]:
+        return self._typed("nodes", list[NodeInfo])
+
+    def status(self, node: str) -> NodeStatus:
+        return self._typed("status", NodeStatus, node=node)
+
+    def regions(self, node: str) -> list[RegionInfo]:
+        return self._typed("regions", list[RegionInfo], node=node)
+
+    def read(self, node: str, region: str, offset: int, length: int) -> bytes:
+        return self._typed("read", bytes, node=node, region=region, offset=offset,
+                           length=length)
+
+    def sensors(self, node: str) -> SensorsReply:
+        return self._typed("sensors", SensorsReply, node=node)
+
+    def write(self, node: str, region: str, offset: int, data: bytes) -> int:
+        return self._typed("write", WriteReply, node=node, region=region, offset=offset,
+                           data=bytes(data)).written
+
+    def processes(self, node: str) -> ProcessTable:
+        return self._typed("processes", ProcessTable, node=node)
+
+    def lock(self, node: str, lease_s: float | None) -> LockReply:
+        """Freeze `node` for `lease_s` seconds (renewable), or as a fence if None."""
+        return self._typed("lock", LockReply, node=node, lease_s=lease_s)
+
+    def unlock(self, node: str, *, force: bool = False) -> UnlockReply:
+        return self._typed("unlock", UnlockReply, node=node, force=force)
+
+    def kill(self, node: str, pid: int, start_time: float | None = None) -> bool:
+        """SIGKILL one process; `start_time` (from processes()) guards against pid reuse."""
+        return self._typed("kill", KillReply, node=node, pid=pid, start_time=start_time).killed
+
+    def kill_tree(self, node: str, pid: int) -> list[int]:
+        return self._typed("kill_tree", KillTreeReply, node=node, pid=pid).pids
+
+    def kill_node(self, node: str) -> list[int]:
+        return self._typed("kill_node", KillTreeReply, node=node).pids
+
+    def set_limits(self, node: str, *, memory: int | None | Any = _UNSET,
+                   pids: int | None | Any = _UNSET) -> LimitsReply:
+        """Set limits; None removes one, leaving an argument out keeps it."""
+        return self._typed("set_limits", LimitsReply, node=node, memory=memory, pids=pids)

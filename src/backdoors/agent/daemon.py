@@ -1,0 +1,271 @@
+"""The agent: nodes, regions, samplers, the local registration socket and the RPC server.
+
+`Agent` assembles the parts on an asyncio loop (`await start()`, `await stop()`); it does
+not change the process (cgroup, mlockall, priority: see `hardening`, applied by the daemon
+entry point). `BackgroundAgent` runs an Agent on a loop of its own in a thread, for tests,
+benchmarks and embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+from ..errors import AgentError, BackdoorsError
+from ..nodes import Layout, Node, detect, read_process
+from ..sensors import Region
+from .audit import AuditLog
+from .config import AgentConfig, NodeSpec, validate
+from .leases import LeaseTable
+from .local import LocalServer
+from .metrics import AgentMetrics
+from .ops import OPS, Op
+from .regions import KERNEL, Entry, RegionTable
+from .sampler import KernelSensors, NodeSampler
+from .server import Lane, RpcServer
+
+log = logging.getLogger("backdoors.agent")
+
+NODE_WORKERS = 2
+LEASE_CHECK_S = 0.02
+
+
+@dataclass(eq=False)
+class NodeRuntime:
+    """A served node and what the agent keeps for it."""
+
+    spec: NodeSpec
+    node: Node
+    sampler: NodeSampler
+    lane: Lane
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Agent:
+    """One host's agent. Every kernel object it creates is removed by `stop()`."""
+
+    def __init__(self, config: AgentConfig, *, layout: Layout | None = None):
+        validate(config)
+        self.config = config
+        self.keys = config.keys()
+        self.layout = layout or detect()
+        self.metrics = AgentMetrics()
+        self.ops: dict[str, Op] = dict(OPS)
+        self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
+        self.nodes: dict[str, NodeRuntime] = {}
+        self.regions = RegionTable([n.name for n in config.nodes],
+                                   max_regions=config.max_regions_per_node,
+                                   max_region_bytes=config.max_region_bytes,
+                                   max_node_bytes=config.max_node_bytes)
+        self.leases: LeaseTable | None = None
+        self.audit: AuditLog | None = None
+        self.local: LocalServer | None = None
+        self.rpc: RpcServer | None = None
+        self.address: tuple[str, int] | None = None
+        self._reaper: asyncio.Task | None = None
+        self._expiring: set[str] = set()
+        self._expire_errors: dict[str, str] = {}
+
+    def add_op(self, op: Op) -> None:
+        """Add (or replace) an RPC op: the extension point, also used by tests."""
+        self.ops[op.name] = op
+
+    def socket_path(self, node: str) -> str:
+        """The registration socket of `node` (give it to the node's apps)."""
+        return os.path.join(self.config.run_dir, node, "agent.sock")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the nodes, start sampling and serving; undone again if anything fails."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        c = self.config
+        try:
+            self.audit = AuditLog(c.audit_log)
+        except OSError as e:
+            raise AgentError(f"cannot open the audit log {c.audit_log}: {e.strerror}") from None
+        for spec in c.nodes:
+            try:
+                node = Node.open(spec.name, spec.cgroup, netns=spec.netns, freezer=spec.freezer,
+                                 layout=self.layout)
+            except BackdoorsError as e:
+                raise AgentError(f"node {spec.name}: {e}") from None
+            sampler = NodeSampler(
+                node, c.kernel_sensors, period=c.sample_period_s, max_procs=c.max_procs_sampled,
+                on_new_box=lambda ks, n=spec.name: self._show_kernel_box(n, ks),
+                gauge=self.metrics.sample_seconds.labels(spec.name))
+            self.nodes[spec.name] = NodeRuntime(spec, node, sampler, Lane(spec.name, NODE_WORKERS))
+        self.leases = LeaseTable({n: rt.node for n, rt in self.nodes.items()})
+        for rt in self.nodes.values():
+            try:
+                rt.sampler.start()
+            except BackdoorsError as e:
+                raise AgentError(f"node {rt.name}: cannot sample it: {e}") from None
+        self.local = LocalServer({n: rt.node for n, rt in self.nodes.items()}, c.run_dir,
+                                 self.regions, audit=self.audit, metrics=self.metrics)
+        self.local.start()
+        self.rpc = RpcServer(self)
+        sock = self._listen_socket()
+        self.address = sock.getsockname()[:2]
+        await self.rpc.start(sock)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_leases())
+        self.audit.write(kind="start", host=c.host, listen=f"{self.address[0]}:{self.address[1]}",
+                         nodes=[n.name for n in c.nodes], quorum=c.quorum)
+        log.info("agent %s listening on %s:%d for %d nodes", c.host, *self.address, len(self.nodes))
+
+    def _listen_socket(self) -> socket.socket:
+        host, port = self.config.listen_address()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if self.config.netns:
+            from ..net.netns import socket_in  # pyroute2: only when needed
+            sock = socket_in(self.config.netns, family)
+        else:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            where = f" in netns {self.config.netns}" if self.config.netns else ""
+            raise AgentError(f"cannot listen on {self.config.listen}{where}: "
+                             f"{e.strerror}") from None
+        return sock
+
+    def _show_kernel_box(self, node: str, sensors: KernelSensors) -> None:
+        region = Region(sensors.box.fd, label=f"node {node} kernel sensors")
+        me = read_process(os.getpid())
+        self.regions.add(Entry(node, KERNEL, "sensorbox", region, False, os.getpid(),
+                               me.start_time if me else 0.0, internal=True))
+
+    async def stop(self) -> None:
+        """Stop serving; thaw nodes locked under a lease (fences stay); remove sockets."""
+        if self.rpc is not None:
+            await self.rpc.stop()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self.leases is not None:
+            await self._release_leases()
+        if self.local is not None:
+            self.local.stop()
+            self.local = None
+        for rt in self.nodes.values():
+            rt.sampler.stop()
+            rt.lane.pool.shutdown(wait=False, cancel_futures=True)
+        self.regions.close()
+        for rt in self.nodes.values():
+            rt.sampler.close()
+        if self.audit is not None:
+            self.audit.write(kind="stop", host=self.config.host)
+            self.audit.close()
+        self.rpc = None
+
+    def stuck_ops(self) -> int:
+        """Operations abandoned at their deadline and still running."""
+        lanes = [rt.lane for rt in self.nodes.values()]
+        if self.rpc is not None:
+            lanes.append(self.rpc.memory_lane)
+        return sum(lane.stuck for lane in lanes)
+
+    # -- leases ------------------------------------------------------------------------
+
+    async def _reap_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_CHECK_S)
+            for name in self.leases.expired():
+                if name not in self._expiring:
+                    self._expiring.add(name)
+                    asyncio.get_running_loop().create_task(self._expire(name))
+
+    async def _expire(self, name: str) -> None:
+        try:
+            released = await self.rpc.run_blocking(self.nodes[name].lane, "lease expiry",
+                                                   self.leases.expire, name, self.inner_timeout)
+            if released:
+                self.audit.write(kind="lease_expired", node=name, ok=True)
+            self._expire_errors.pop(name, None)
+        except Exception as e:  # noqa: BLE001 - retried on the next check
+            if self._expire_errors.get(name) != str(e):  # say it once, not every 20 ms
+                self._expire_errors[name] = str(e)
+                self.audit.write(kind="lease_expired", node=name, ok=False, error=str(e))
+                log.warning("node %s: lease expired but the thaw failed (retrying): %s", name, e)
+        finally:
+            self._expiring.discard(name)
+
+    async def _release_leases(self) -> None:
+        for name in self.leases.leased():
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.wait_for(loop.run_in_executor(
+                    None, self.nodes[name].node.unlock, self.inner_timeout),
+                    self.config.op_deadline_s)
+                self.leases.released(name)
+                self.audit.write(kind="lease_released", node=name, ok=True, why="agent stop")
+            except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001
+                log.warning("node %s: could not thaw it at shutdown: %s", name, e)
+
+
+class BackgroundAgent:
+    """An Agent on its own event loop in a daemon thread; a context manager."""
+
+    def __init__(self, config: AgentConfig, **kwargs):
+        self.agent = Agent(config, **kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="bd-agent-loop", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.agent.address
+
+    def start(self, timeout: float = 10.0) -> BackgroundAgent:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise AgentError(f"the agent did not start within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(timeout)
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        try:
+            await self.agent.start()
+        except BaseException as e:  # noqa: BLE001 - handed to start()
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stopped.wait()
+        await self.agent.stop()
+
+    def __enter__(self) -> BackgroundAgent:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

@@ -1,0 +1,362 @@
+"""The local registration server: one Unix socket per node, served by one thread.
+
+A process inside a node connects to <run_dir>/<node>/agent.sock and sends a request frame
+(4-byte big-endian length + msgpack) with a region's fd attached (SCM_RIGHTS). The caller
+is identified by SO_PEERCRED (and SO_PEERPIDFD, so a recycled pid is noticed) and
+accepted only if /proc/PID/cgroup puts it inside that node's cgroup in every hierarchy:
+a node registers regions for itself only. Regions must be memfds sealed against
+shrinking (no SIGBUS for the agent); Sensor Boxes are validated before they are kept.
+`LOCAL_OPS` is the dispatch table; "hold_socket" (Continuation Boxes) will be added there.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import logging
+import os
+import select
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from ..errors import AgentError, SensorBoxError
+from ..nodes import Node, read_process
+from ..sensors import Region, parse, read_consistent
+from .audit import AuditLog
+from .membership import is_member, read_cgroups
+from .protocol import DECODE_ERRORS
+from .metrics import AgentMetrics
+from .regions import Entry, RegionRefused, RegionTable
+
+log = logging.getLogger("backdoors.agent")
+
+SOCKET_NAME = "agent.sock"
+MAX_FRAME = 64 * 1024
+MAX_FDS = 4
+CONN_TIMEOUT_S = 10.0
+MAX_CONNS_PER_NODE = 16
+SO_PEERPIDFD = 77  # Linux 6.5+
+_UCRED = struct.Struct("3i")
+
+
+class LocalRequest(msgspec.Struct, forbid_unknown_fields=True):
+    op: str
+    kind: str = "sensorbox"
+    name: str = ""
+    writable: bool = False
+
+
+class LocalReply(msgspec.Struct):
+    ok: bool
+    region: dict | None = None
+    error: str | None = None
+
+
+_decode_request = msgspec.msgpack.Decoder(LocalRequest).decode
+_encode = msgspec.msgpack.Encoder().encode
+
+
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    node: str
+    pid: int
+    uid: int
+    pidfd: int | None
+    deadline: float
+    buf: bytearray = field(default_factory=bytearray)
+    fds: list[int] = field(default_factory=list)
+
+
+class LocalServer:
+    """Serves every node's registration socket from one thread; `start()`, `stop()`."""
+
+    def __init__(self, nodes: dict[str, Node], run_dir: str, table: RegionTable, *,
+                 audit: AuditLog, metrics: AgentMetrics):
+        self.nodes, self.run_dir, self.table = nodes, run_dir, table
+        self.audit, self.metrics = audit, metrics
+        self.paths = {n: os.path.join(run_dir, n, SOCKET_NAME) for n in nodes}
+        self._sel = selectors.DefaultSelector()
+        self._listeners: dict[socket.socket, str] = {}
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._made_dirs: list[str] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="bd-agent-local", daemon=True)
+        self.ops = {"register": self._register, "unregister": self._unregister}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the sockets (replacing stale ones of a killed agent) and start serving."""
+        try:
+            self._mkdir(self.run_dir)
+            for node, path in self.paths.items():
+                self._mkdir(os.path.dirname(path))
+                self._remove_stale(path)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._listeners[sock] = node
+                sock.bind(path)
+                os.chmod(path, 0o666)  # anyone may connect; the cgroup check decides
+                sock.listen(MAX_CONNS_PER_NODE)
+                sock.setblocking(False)
+                self._sel.register(sock, selectors.EVENT_READ, None)
+        except OSError as e:
+            self._close_all()
+            raise AgentError(f"cannot create the registration socket under {self.run_dir}: "
+                             f"{e.strerror} ({e.filename or ''})") from None
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving; remove the sockets and the directories this server created."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        self._close_all()
+
+    def _close_all(self) -> None:
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        for sock in self._listeners:
+            sock.close()
+        self._listeners.clear()
+        for path in self.paths.values():
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except OSError:
+                pass
+        for d in reversed(self._made_dirs):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        self._made_dirs.clear()
+        self._wake_r.close()
+        self._wake_w.close()
+        self._sel.close()
+
+    def _mkdir(self, path: str) -> None:
+        try:
+            os.mkdir(path, 0o755)
+            self._made_dirs.append(path)
+        except FileExistsError:
+            pass
+
+    @staticmethod
+    def _remove_stale(path: str) -> None:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.EEXIST, "exists and is not a socket", path)
+        os.unlink(path)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            for key, _ in self._sel.select(timeout=1.0):
+                if key.data == "wake":
+                    continue
+                try:
+                    if key.data is None:
+                        self._accept(key.fileobj)
+                    else:
+                        self._readable(key.data)
+                except Exception:  # noqa: BLE001 - one caller must not stop registrations
+                    log.exception("local registration: unexpected error")
+                    if isinstance(key.data, _Conn):
+                        self._drop(key.data)
+            now = time.monotonic()
+            for conn in [c for c in self._conns.values() if c.deadline < now]:
+                self._reply(conn, LocalReply(False, error=f"no complete request within "
+                                                          f"{CONN_TIMEOUT_S:g} s"))
+                self._drop(conn)
+
+    def _accept(self, listener) -> None:
+        node = self._listeners[listener]
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            return
+        if sum(c.node == node for c in self._conns.values()) >= MAX_CONNS_PER_NODE:
+            sock.close()
+            return
+        sock.setblocking(False)
+        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    _UCRED.size))
+        try:
+            pidfd: int | None = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        except OSError:  # older kernel: pid reuse during the check goes unnoticed
+            pidfd = None
+        conn = _Conn(sock, node, pid, uid, pidfd, time.monotonic() + CONN_TIMEOUT_S)
+        self._conns[sock] = conn
+        self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            data, anc, flags, _ = conn.sock.recvmsg(
+                MAX_FRAME, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                conn.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC or len(conn.fds) > MAX_FDS:
+            return self._fail(conn, "too many file descriptors attached: send exactly one")
+        if not data:
+            return self._drop(conn)
+        conn.buf += data
+        if len(conn.buf) < 4:
+            return
+        size = int.from_bytes(conn.buf[:4], "big")
+        if size > MAX_FRAME:
+            return self._fail(conn, f"request of {size} bytes exceeds {MAX_FRAME}")
+        if len(conn.buf) < 4 + size:
+            return
+        if len(conn.buf) > 4 + size:
+            return self._fail(conn, "send one request and wait for its reply")
+        payload, fds = bytes(conn.buf[4:]), conn.fds
+        conn.buf, conn.fds = bytearray(), []
+        try:
+            reply = self._dispatch(conn, payload, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._reply(conn, reply)
+        conn.deadline = time.monotonic() + CONN_TIMEOUT_S
+
+    def _fail(self, conn: _Conn, message: str) -> None:
+        self._reply(conn, LocalReply(False, error=message))
+        self._refused(conn, "?", "", message)
+        self._drop(conn)
+
+    def _reply(self, conn: _Conn, reply: LocalReply) -> None:
+        data = _encode(reply)
+        try:
+            conn.sock.send(len(data).to_bytes(4, "big") + data)
+        except OSError:
+            pass
+
+    def _drop(self, conn: _Conn) -> None:
+        self._conns.pop(conn.sock, None)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        for fd in conn.fds:
+            os.close(fd)
+        conn.fds = []
+        if conn.pidfd is not None:
+            os.close(conn.pidfd)
+            conn.pidfd = None
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _dispatch(self, conn: _Conn, payload: bytes, fds: list[int]) -> LocalReply:
+        try:
+            req = _decode_request(payload)
+        except DECODE_ERRORS as e:
+            self._refused(conn, "?", "", f"malformed request: {e}")
+            return LocalReply(False, error=f"malformed request: {e}")
+        handler = self.ops.get(req.op)
+        if handler is None:
+            message = f"unknown op {req.op!r}; this agent knows {', '.join(sorted(self.ops))}"
+            self._refused(conn, req.op, req.name, message)
+            return LocalReply(False, error=message)
+        try:
+            self._check_caller(conn)
+            region = handler(conn, req, fds)
+        except (RegionRefused, SensorBoxError) as e:
+            self._refused(conn, req.op, req.name, str(e))
+            return LocalReply(False, error=str(e))
+        self.audit.local(node=conn.node, pid=conn.pid, op=req.op, name=req.name, kind=req.kind,
+                         ok=True)
+        self.metrics.registrations.labels(conn.node, req.op, "ok").inc()
+        self._count_regions(conn.node)
+        return LocalReply(True, region=region)
+
+    def _refused(self, conn: _Conn, op: str, name: str, message: str) -> None:
+        log.warning("node %s: %s of %r by pid %d refused: %s", conn.node, op, name, conn.pid,
+                    message)
+        self.audit.local(node=conn.node, pid=conn.pid, op=op, name=name, ok=False,
+                         error=message)
+        self.metrics.registrations.labels(conn.node, op if op in self.ops else "?",
+                                          "refused").inc()
+
+    def _count_regions(self, node: str) -> None:
+        self.metrics.regions.labels(node).set(self.table.usage(node)[0])
+
+    def _check_caller(self, conn: _Conn) -> None:
+        node = self.nodes[conn.node]
+        try:
+            cgroups = read_cgroups(conn.pid)
+        except OSError:
+            raise RegionRefused(f"the caller (pid {conn.pid}) has exited") from None
+        if conn.pidfd is not None and select.select([conn.pidfd], [], [], 0)[0]:
+            raise RegionRefused(f"the caller (pid {conn.pid}) exited during the check")
+        if not is_member(node.cgroup.layout, cgroups, node.cgroup.relpath):
+            where = cgroups.get("unified") or cgroups.get("freezer") or "?"
+            raise RegionRefused(
+                f"process {conn.pid} is not inside node {conn.node} (cgroup {where!r}, not "
+                f"{'/' + node.cgroup.relpath!r}): a node can register regions only for itself")
+
+    def _register(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
+        if len(fds) != 1:
+            raise RegionRefused(f"attach exactly one file descriptor (SCM_RIGHTS), got {len(fds)}")
+        fd = fds[0]
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            st = os.fstat(fd)
+        except OSError:
+            raise RegionRefused("the fd is not a memfd (memfd_create with "
+                                "MFD_ALLOW_SEALING)") from None
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise RegionRefused("the memfd is not sealed against shrinking: add F_SEAL_SHRINK "
+                                "(fcntl F_ADD_SEALS) before registering")
+        if not stat.S_ISREG(st.st_mode) or st.st_size <= 0:
+            raise RegionRefused("the memfd is empty: size it (ftruncate) before sealing")
+        if st.st_size > self.table.max_region_bytes:
+            raise RegionRefused(f"region {req.name!r} has {st.st_size} bytes; the cap is "
+                                f"{self.table.max_region_bytes} per region")
+        info = read_process(conn.pid)
+        region = Region(fd, writable=req.writable, label=f"node {conn.node} region {req.name!r}")
+        try:
+            if req.kind == "sensorbox":
+                parse(read_consistent(region))
+            self.table.add(Entry(conn.node, req.name, req.kind, region, req.writable, conn.pid,
+                                 info.start_time if info else 0.0))
+        except BaseException:
+            region.close()
+            raise
+        return {"name": req.name, "kind": req.kind, "size": region.size,
+                "writable": req.writable}
+
+    def _unregister(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
+        try:
+            entry = self.table.remove(conn.node, req.name)
+        except KeyError:
+            raise RegionRefused(f"node {conn.node} has no region {req.name!r}") from None
+        return {"name": entry.name, "kind": entry.kind, "size": entry.size,
+                "writable": entry.writable}

@@ -1,0 +1,310 @@
+"""The RPC operations: argument types, where each runs, and what it does.
+
+Each Op has a strict msgspec argument type (decoded from the request's raw args), a
+`where` ("inline" on the event loop: memory-only and quick; "memory": a region copy that
+may retry, on the memory workers; "node": anything touching /proc or cgroupfs, on the
+node's own workers under the op deadline) and whether it is destructive (held for votes
+when the quorum is above 1). `OPS` is the table; `Agent.add_op` extends it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..errors import SensorBoxError
+from ..nodes import KEEP, process_table, read_process, subtree
+from ..sensors import read_consistent
+from .regions import Entry, NoSuchRegion
+from .protocol import (
+    MAX_IO, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong, ProcessRow,
+    ProcessTable, RegionInfo, SensorsReply, WriteReply,
+)
+
+if TYPE_CHECKING:
+    from .daemon import Agent, NodeRuntime
+
+MAX_LEASE_S = 3600.0
+PID_MAX = 1 << 22  # the kernel's largest pid_max
+
+
+class OpError(Exception):
+    """An op failed with a protocol error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Call:
+    """One execution of an op: the agent, decoded args, the node, the monitors asking."""
+
+    agent: Agent
+    args: Any
+    node: NodeRuntime | None
+    monitors: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    args: type
+    run: Callable[[Call], Any]
+    where: str = "node"  # "inline" | "memory" | "node"
+    destructive: bool = False
+    decoder: msgspec.msgpack.Decoder = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.where not in ("inline", "memory", "node"):
+            raise ValueError(f"op {self.name}: where must be inline, memory or node")
+        object.__setattr__(self, "decoder", msgspec.msgpack.Decoder(self.args))
+
+    @property
+    def has_node(self) -> bool:
+        return "node" in getattr(self.args, "__struct_fields__", ())
+
+
+# -- argument types ----------------------------------------------------------------------
+
+
+class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class NodeArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+
+
+class ReadArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    region: str
+    offset: int
+    length: int
+
+
+class WriteArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    region: str
+    offset: int
+    data: bytes
+
+
+class LockArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    lease_s: float | None  # None: a fence, held until unlock
+
+
+class UnlockArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    force: bool = False
+
+
+class KillArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    pid: int
+    start_time: float | None = None
+
+
+class KillTreeArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    pid: int
+
+
+class LimitsArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    memory: int | None | msgspec.UnsetType = msgspec.UNSET  # None removes, absent keeps
+    pids: int | None | msgspec.UnsetType = msgspec.UNSET
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+def ping(call: Call) -> Pong:
+    return Pong(call.agent.config.host, os.getpid(), time.time())
+
+
+def nodes(call: Call) -> list[NodeInfo]:
+    out = []
+    for name, rt in call.agent.nodes.items():
+        latest = rt.sampler.latest
+        lock = call.agent.leases.state(name)
+        out.append(NodeInfo(name, latest.stats.frozen if latest else None, lock.locked_by,
+                            lock.lease_left_s, lock.fenced, rt.sampler.age()))
+    return out
+
+
+def _region_infos(call: Call) -> list[RegionInfo]:
+    return [RegionInfo(e.name, e.kind, e.size, e.writable, e.pid, e.registered_at,
+                       e.registrant_alive())
+            for e in call.agent.regions.entries(call.node.name)]
+
+
+def regions(call: Call) -> list[RegionInfo]:
+    return _region_infos(call)
+
+
+def status(call: Call) -> NodeStatus:
+    rt = call.node
+    stats = rt.node.stats()
+    return NodeStatus(rt.name, stats, rt.node.cgroup.fork_failures(),
+                      call.agent.leases.state(rt.name), _region_infos(call), rt.lane.stuck,
+                      rt.lane.misses, rt.sampler.age(), rt.sampler.error)
+
+
+def _check_range(size: int, offset: int, length: int, what: str) -> None:
+    if length > MAX_IO:
+        raise OpError("out_of_bounds", f"{what} of {length} bytes exceeds the maximum {MAX_IO}")
+    if offset < 0 or length < 0 or offset + length > size:
+        raise OpError("out_of_bounds", f"{what} [{offset}, {offset + length}) is outside the "
+                                       f"region of {size} bytes")
+
+
+@contextmanager
+def _use(call: Call, name: str) -> Iterator[Entry]:
+    try:
+        with call.agent.regions.use(call.node.name, name) as entry:
+            yield entry
+    except NoSuchRegion:
+        raise OpError("no_such_region", f"node {call.node.name} has no region "
+                                        f"{name[:64]!r}") from None
+
+
+def read(call: Call) -> bytes:
+    a = call.args
+    with _use(call, a.region) as entry:
+        _check_range(entry.size, a.offset, a.length, "read")
+        return entry.region.read(a.offset, a.length)
+
+
+def sensors(call: Call) -> SensorsReply:
+    boxes, errors = {}, {}
+    with call.agent.regions.use_all(call.node.name, "sensorbox") as entries:
+        for entry in entries:
+            try:
+                boxes[entry.name] = read_consistent(entry.region)
+            except SensorBoxError as e:
+                errors[entry.name] = str(e)
+    return SensorsReply(boxes, errors)
+
+
+def processes(call: Call) -> ProcessTable:
+    rt = call.node
+    pids = rt.node.cgroup.procs()
+    cap = call.agent.config.max_procs_sampled
+    table = process_table(pids[:cap])
+    now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
+    registrants = dict(call.agent.regions.registrants(rt.name))
+    rows = [
+        ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
+                   p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
+                   abs(registrants.get(p.pid, -1.0) - p.start_time) < 0.005)
+        for p in table
+    ]
+    return ProcessTable(rows, len(pids), len(pids) > cap)
+
+
+# -- actions -----------------------------------------------------------------------------
+
+
+def write(call: Call) -> WriteReply:
+    a = call.args
+    with _use(call, a.region) as entry:
+        if not entry.writable:
+            raise OpError("not_writable", f"region {a.region!r} of node {call.node.name} was "
+                                          "registered read-only")
+        _check_range(entry.size, a.offset, len(a.data), "write")
+        entry.region.write(a.offset, a.data)
+    return WriteReply(len(a.data))
+
+
+def lock(call: Call):
+    lease = call.args.lease_s
+    if lease is not None and not (math.isfinite(lease) and 0 < lease <= MAX_LEASE_S):
+        raise OpError("bad_request", f"lease_s must be within (0, {MAX_LEASE_S:g}] s, or null "
+                                     "for a fence")
+    return call.agent.leases.lock(call.node.name, call.monitors, lease, call.agent.inner_timeout)
+
+
+def unlock(call: Call):
+    return call.agent.leases.unlock(call.node.name, call.monitors, call.args.force,
+                                    call.agent.inner_timeout)
+
+
+def _refuse_protected(call: Call, pids: set[int]) -> None:
+    protected = set(call.node.spec.protected_comms)
+    if not protected:
+        return
+    for pid in sorted(pids):
+        info = read_process(pid)
+        if info is not None and info.comm in protected:
+            raise OpError("failed", f"process {pid} ({info.comm}) of node {call.node.name} is "
+                                    "protected (protected_comms): refused")
+
+
+def _check_pid(pid: int) -> None:
+    if not 0 < pid <= PID_MAX:
+        raise OpError("bad_request", f"pid {pid} is not a valid process id")
+
+
+def kill(call: Call) -> KillReply:
+    a = call.args
+    _check_pid(a.pid)
+    _refuse_protected(call, {a.pid})
+    return KillReply(call.node.node.kill(a.pid, signal.SIGKILL, a.start_time))
+
+
+def kill_tree(call: Call) -> KillTreeReply:
+    rt, pid = call.node, call.args.pid
+    _check_pid(pid)
+    if call.node.spec.protected_comms:
+        _refuse_protected(call, subtree(rt.node.processes(), pid))
+    return KillTreeReply(rt.node.kill_tree(pid, call.agent.inner_timeout))
+
+
+def kill_node(call: Call) -> KillTreeReply:
+    rt = call.node
+    with call.agent.leases.exclusive(rt.name):
+        try:
+            pids = rt.node.kill_all(call.agent.inner_timeout)
+        finally:
+            call.agent.leases.released(rt.name)  # kill_all leaves the node thawed
+    return KillTreeReply(pids)
+
+
+def set_limits(call: Call) -> LimitsReply:
+    a = call.args
+    for what in ("memory", "pids"):
+        v = getattr(a, what)
+        if isinstance(v, int) and v < 0:
+            raise OpError("bad_request", f"{what} limit must be >= 0, or null to remove it")
+    node = call.node.node
+    node.set_limits(memory=KEEP if a.memory is msgspec.UNSET else a.memory,
+                    pids=KEEP if a.pids is msgspec.UNSET else a.pids)
+    return LimitsReply(node.cgroup.memory_limit(), node.cgroup.pids_limit())
+
+
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("ping", NoArgs, ping, "inline"),
+    Op("nodes", NoArgs, nodes, "inline"),
+    Op("status", NodeArgs, status),
+    Op("regions", NodeArgs, regions),
+    Op("read", ReadArgs, read, "inline"),
+    Op("sensors", NodeArgs, sensors, "memory"),
+    Op("processes", NodeArgs, processes),
+    Op("write", WriteArgs, write, "inline", destructive=True),
+    Op("lock", LockArgs, lock, destructive=True),
+    Op("unlock", UnlockArgs, unlock, destructive=True),
+    Op("kill", KillArgs, kill, destructive=True),
+    Op("kill_tree", KillTreeArgs, kill_tree, destructive=True),
+    Op("kill_node", NodeArgs, kill_node, destructive=True),
+    Op("set_limits", LimitsArgs, set_limits, destructive=True),
+)}

@@ -1,0 +1,216 @@
+"""The agent's wire protocol: frames, the signed envelope, requests, replies, results.
+
+Shared by the server and the client; docs/agent-protocol.md is the prose version of this
+file. A frame is a 4-byte big-endian length and that many bytes of msgpack. The envelope
+carries the request body as raw bytes and an HMAC-SHA256 of exactly those bytes, so the
+MAC is checked before the body is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+import msgspec
+
+from backdoors.nodes.node import NodeStats
+
+VERSION = 1
+#: Largest read length and write payload.
+MAX_IO = 1 << 20
+#: Largest frame, either direction: a full MAX_IO payload plus envelope and header.
+MAX_FRAME = MAX_IO + 4096
+NONCE_BYTES = 16
+#: A request's ts must be within this many seconds of the agent's clock.
+REPLAY_WINDOW_S = 30.0
+MIN_KEY_BYTES = 16
+
+#: Every error code the agent sends.
+CODES = (
+    "bad_frame", "auth", "replay", "bad_request", "unknown_op", "no_such_node",
+    "no_such_region", "out_of_bounds", "not_writable", "deadline", "quorum", "busy", "failed",
+)
+#: Operations held for votes when the agent's quorum is above 1.
+DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits"})
+
+_HEADER = 4
+
+#: What decoding untrusted msgpack can raise: msgspec's errors, invalid UTF-8 in a key
+#: (UnicodeDecodeError, a ValueError) and nesting beyond msgspec's depth limit.
+DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
+
+
+def frame(payload: bytes) -> bytes:
+    """`payload` with its length prefix."""
+    return len(payload).to_bytes(_HEADER, "big") + payload
+
+
+def mac(key: bytes, body: bytes) -> bytes:
+    """HMAC-SHA256 of `body` under `key`."""
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
+def mac_ok(key: bytes, body: bytes, tag: bytes) -> bool:
+    """Constant-time check of a MAC."""
+    return hmac.compare_digest(mac(key, body), tag)
+
+
+class Envelope(msgspec.Struct, forbid_unknown_fields=True):
+    """What travels in a frame: a msgpack body kept as bytes, and its MAC ("" if none)."""
+
+    body: bytes
+    mac: bytes
+
+
+class MonitorOf(msgspec.Struct):
+    """Just the `monitor` field of a request body: picks the key to verify the MAC with."""
+
+    monitor: str
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True):
+    """A request body; `args` stays raw until the op's argument type decodes it."""
+
+    v: int
+    monitor: str
+    nonce: bytes
+    ts: float
+    op: str
+    args: msgspec.Raw = msgspec.Raw(b"\x80")
+
+
+class ErrorInfo(msgspec.Struct):
+    code: str
+    message: str
+
+
+class Response(msgspec.Struct):
+    """A reply body; `nonce` echoes the request's (empty when it could not be read)."""
+
+    nonce: bytes
+    ok: bool
+    result: Any = None
+    error: ErrorInfo | None = None
+    elapsed_ms: float = 0.0
+
+
+class RawResponse(msgspec.Struct):
+    """A reply body as the client decodes it: `result` stays raw for the op's type."""
+
+    nonce: bytes
+    ok: bool
+    result: msgspec.Raw = msgspec.Raw(b"\xc0")
+    error: ErrorInfo | None = None
+    elapsed_ms: float = 0.0
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+class Pong(msgspec.Struct):
+    host: str
+    pid: int
+    time: float
+    version: int = VERSION
+
+
+class LockState(msgspec.Struct):
+    """Who holds a node's lock: `locked_by` is empty when free; a fence has no lease."""
+
+    locked_by: list[str]
+    lease_left_s: float | None
+    fenced: bool
+
+
+class NodeInfo(msgspec.Struct):
+    """One node in `nodes()`; `frozen` is as of the last sample (`sample_age_s` ago)."""
+
+    name: str
+    frozen: bool | None
+    locked_by: list[str]
+    lease_left_s: float | None
+    fenced: bool
+    sample_age_s: float | None
+
+
+class RegionInfo(msgspec.Struct):
+    """A registered region; `pid` registered it, `registrant_alive` tells if it still runs."""
+
+    name: str
+    kind: str
+    size: int
+    writable: bool
+    pid: int
+    registered_at: float
+    registrant_alive: bool
+
+
+class NodeStatus(msgspec.Struct):
+    name: str
+    stats: NodeStats
+    fork_failures: int
+    lock: LockState
+    regions: list[RegionInfo]
+    stuck_ops: int
+    deadline_misses: int
+    sample_age_s: float | None
+    sampler_error: str | None
+
+
+class ProcessRow(msgspec.Struct):
+    """A process of a node; `age_s` is computed by the agent, `rss_rate` in bytes/s."""
+
+    pid: int
+    ppid: int
+    comm: str
+    state: str
+    rss_bytes: int
+    start_time: float
+    cpu_seconds: float
+    threads: int
+    age_s: float
+    rss_rate: float
+    registered: bool
+
+
+class ProcessTable(msgspec.Struct):
+    rows: list[ProcessRow]
+    total: int
+    truncated: bool
+
+
+class SensorsReply(msgspec.Struct):
+    """Consistent copies of every Sensor Box of a node, and the boxes that failed."""
+
+    boxes: dict[str, bytes]
+    errors: dict[str, str]
+
+
+class LockReply(msgspec.Struct):
+    locked_by: list[str]
+    lease_s: float | None
+    freeze_ms: float
+    renewed: bool
+
+
+class UnlockReply(msgspec.Struct):
+    was_locked: bool
+    thaw_ms: float
+
+
+class KillReply(msgspec.Struct):
+    killed: bool
+
+
+class KillTreeReply(msgspec.Struct):
+    pids: list[int]
+
+
+class LimitsReply(msgspec.Struct):
+    memory_limit: int | None
+    pids_limit: int | None
+
+
+class WriteReply(msgspec.Struct):
+    written: int

@@ -1,0 +1,184 @@
+"""The regions registered with the agent, per node, with their caps and lifetimes.
+
+The table owns each region's file descriptor and mapping (a `Region`), so a region
+outlives the process that registered it. Readers borrow an entry with `use()`; an entry
+removed or replaced while borrowed is closed when the last borrower returns it, so a read
+never races an unmap. The table is shared by the local registration thread, the RPC loop
+and its worker threads: every access holds its lock (briefly: never during a copy).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ..errors import AgentError
+from ..nodes import read_process
+from ..sensors import Region
+
+REGION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+KINDS = ("sensorbox", "region")
+#: The agent's own kernel-sensor box of each node; apps cannot register this name.
+KERNEL = "kernel"
+
+
+class RegionRefused(AgentError):
+    """A registration broke a rule (name, caps, a live owner); the message says which."""
+
+
+class NoSuchRegion(KeyError):
+    """The node has no region of that name."""
+
+
+@dataclass(eq=False)
+class Entry:
+    """One registered region; `pid`/`start_time` name the process that registered it."""
+
+    node: str
+    name: str
+    kind: str
+    region: Region
+    writable: bool
+    pid: int
+    start_time: float
+    internal: bool = False  # the agent's own (kernel sensors): not counted in the caps
+    registered_at: float = field(default_factory=time.time)
+    _users: int = 0
+    _retired: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.region.size
+
+    def registrant_alive(self) -> bool:
+        info = read_process(self.pid)
+        return info is not None and info.state not in ("Z", "X") and (
+            abs(info.start_time - self.start_time) < 0.005)
+
+
+class RegionTable:
+    """Regions per node, with per-node caps on count, total bytes and region size."""
+
+    def __init__(self, nodes, *, max_regions: int, max_region_bytes: int, max_node_bytes: int):
+        self.max_regions, self.max_region_bytes = max_regions, max_region_bytes
+        self.max_node_bytes = max_node_bytes
+        self._nodes: dict[str, dict[str, Entry]] = {n: {} for n in nodes}
+        self._lock = threading.Lock()
+
+    def usage(self, node: str) -> tuple[int, int]:
+        """(count, bytes) of the node's registered regions, the agent's own excluded."""
+        with self._lock:
+            mine = [e for e in self._nodes[node].values() if not e.internal]
+        return len(mine), sum(e.size for e in mine)
+
+    def add(self, entry: Entry) -> Entry | None:
+        """Insert `entry`; returns the entry it replaced (already retired), if any.
+
+        A name in use is taken over only from a registrant that has exited, or by the same
+        process; otherwise, and beyond the caps, RegionRefused says why.
+        """
+        if not REGION_NAME.fullmatch(entry.name):
+            raise RegionRefused(f"region name {entry.name!r} must be 1-64 of A-Z a-z 0-9 _ . : -")
+        if entry.kind not in KINDS:
+            raise RegionRefused(f"region kind {entry.kind!r} is not one of {', '.join(KINDS)}")
+        if entry.name == KERNEL and not entry.internal:
+            raise RegionRefused(f"region name {KERNEL!r} is reserved for the agent's kernel "
+                                "sensors")
+        if not entry.internal and entry.size > self.max_region_bytes:
+            raise RegionRefused(f"region {entry.name!r} has {entry.size} bytes; the cap is "
+                                f"{self.max_region_bytes} per region")
+        with self._lock:
+            regions = self._nodes[entry.node]
+            old = regions.get(entry.name)
+        if old is not None and old.internal != entry.internal:
+            raise RegionRefused(f"region name {entry.name!r} is reserved")
+        if old is not None and old.pid != entry.pid and old.registrant_alive():
+            raise RegionRefused(
+                f"region {entry.name!r} of node {entry.node} is registered by process {old.pid}, "
+                "which still runs: unregister it there first, or use another name")
+        with self._lock:
+            regions = self._nodes[entry.node]
+            if regions.get(entry.name) is not old:
+                raise RegionRefused(f"region {entry.name!r} changed during registration; retry")
+            if not entry.internal:
+                mine = [e for e in regions.values() if not e.internal and e is not old]
+                if len(mine) + 1 > self.max_regions:
+                    raise RegionRefused(f"node {entry.node} has {len(mine)} regions, the cap is "
+                                        f"{self.max_regions}: unregister some first")
+                total = sum(e.size for e in mine) + entry.size
+                if total > self.max_node_bytes:
+                    raise RegionRefused(
+                        f"node {entry.node} would hold {total} bytes of regions, the cap is "
+                        f"{self.max_node_bytes}: unregister some or register smaller ones")
+            regions[entry.name] = entry
+            if old is not None:
+                self._retire(old)
+        return old
+
+    def remove(self, node: str, name: str) -> Entry:
+        """Unregister `name` (closed once no reader holds it); KeyError if absent."""
+        with self._lock:
+            entry = self._nodes[node].get(name)
+            if entry is None or entry.internal:
+                raise KeyError(name)
+            del self._nodes[node][name]
+            self._retire(entry)
+        return entry
+
+    def entries(self, node: str) -> list[Entry]:
+        with self._lock:
+            return list(self._nodes[node].values())
+
+    def registrants(self, node: str) -> set[tuple[int, float]]:
+        """(pid, start_time) of every process that registered a region of `node`."""
+        with self._lock:
+            return {(e.pid, e.start_time) for e in self._nodes[node].values() if not e.internal}
+
+    @contextmanager
+    def use(self, node: str, name: str) -> Iterator[Entry]:
+        """Borrow a region for a read or write; NoSuchRegion if it is not registered."""
+        with self._lock:
+            entry = self._nodes[node].get(name)
+            if entry is None:
+                raise NoSuchRegion(name)
+            entry._users += 1
+        try:
+            yield entry
+        finally:
+            self._give_back([entry])
+
+    @contextmanager
+    def use_all(self, node: str, kind: str) -> Iterator[list[Entry]]:
+        """Borrow every region of `kind` of a node."""
+        with self._lock:
+            entries = [e for e in self._nodes[node].values() if e.kind == kind]
+            for e in entries:
+                e._users += 1
+        try:
+            yield entries
+        finally:
+            self._give_back(entries)
+
+    def _give_back(self, entries: list[Entry]) -> None:
+        with self._lock:
+            for e in entries:
+                e._users -= 1
+                if e._retired and e._users == 0:
+                    e.region.close()
+
+    def _retire(self, entry: Entry) -> None:  # with self._lock held
+        entry._retired = True
+        if entry._users == 0:
+            entry.region.close()
+
+    def close(self) -> None:
+        """Close every region (at agent shutdown)."""
+        with self._lock:
+            for regions in self._nodes.values():
+                for e in regions.values():
+                    self._retire(e)
+                regions.clear()

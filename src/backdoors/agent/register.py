@@ -1,0 +1,89 @@
+"""The application side of local registration: hand a region to the node's agent.
+
+Light on purpose (stdlib and msgspec only): services import it. The agent's socket for a
+node is <run_dir>/<node>/agent.sock; the node's launcher passes it in the environment
+variable BACKDOORS_AGENT_SOCKET. The agent keeps a duplicate of the fd, so the region
+outlives this process; it accepts regions only from processes inside its node.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from .errors import RegistrationError
+
+if TYPE_CHECKING:
+    from ..sensors import SensorBox
+
+ENV_SOCKET = "BACKDOORS_AGENT_SOCKET"
+MAX_REPLY = 64 * 1024
+
+
+def register_box(box: SensorBox, *, name: str | None = None, socket_path: str | None = None,
+                 timeout: float = 2.0) -> dict:
+    """Register a Sensor Box; its region name defaults to the box's own name."""
+    if name is None:
+        header = os.pread(box.fd, 64, 0)
+        name = header[32:].split(b"\0", 1)[0].decode("utf-8")
+    return _call({"op": "register", "kind": "sensorbox", "name": name, "writable": False},
+                 box.fd, socket_path, timeout)
+
+
+def register_region(fd: int, name: str, writable: bool = False, *, kind: str = "region",
+                    socket_path: str | None = None, timeout: float = 2.0) -> dict:
+    """Register a region (a memfd sealed with F_SEAL_SHRINK) of `kind` ("region" or
+    "sensorbox"). `writable` lets monitors write it through the agent (a mailbox for
+    remote access hooks).
+    """
+    return _call({"op": "register", "kind": kind, "name": name, "writable": writable},
+                 fd, socket_path, timeout)
+
+
+def unregister(name: str, *, socket_path: str | None = None, timeout: float = 2.0) -> dict:
+    """Withdraw a region of this node; the agent closes its copy."""
+    return _call({"op": "unregister", "name": name}, None, socket_path, timeout)
+
+
+def _call(request: dict, fd: int | None, socket_path: str | None, timeout: float) -> dict:
+    path = socket_path or os.environ.get(ENV_SOCKET)
+    if not path:
+        raise RegistrationError(f"no agent socket: pass socket_path or set {ENV_SOCKET}",
+                                "no_agent")
+    payload = msgspec.msgpack.encode(request)
+    data = len(payload).to_bytes(4, "big") + payload
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            if fd is None:
+                sock.sendall(data)
+            else:
+                socket.send_fds(sock, [data], [fd])
+            reply = _read_frame(sock)
+    except OSError as e:
+        raise RegistrationError(f"agent socket {path}: {e.strerror or e}", "no_agent") from None
+    try:
+        answer = msgspec.msgpack.decode(reply)
+        ok, error = answer["ok"], answer.get("error")
+    except (msgspec.MsgspecError, ValueError, RecursionError, KeyError, TypeError):
+        raise RegistrationError(f"agent socket {path}: malformed reply", "protocol") from None
+    if not ok:
+        raise RegistrationError(f"the agent refused {request['op']} of {request['name']!r}: "
+                                f"{error}")
+    return answer.get("region") or {}
+
+
+def _read_frame(sock: socket.socket) -> bytes:
+    buf = b""
+    while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "big"):
+        if len(buf) >= 4 and int.from_bytes(buf[:4], "big") > MAX_REPLY:
+            raise OSError(0, "reply too large")
+        chunk = sock.recv(MAX_REPLY)
+        if not chunk:
+            raise OSError(0, "the agent closed the connection without a reply")
+        buf += chunk
+    return buf[4:4 + int.from_bytes(buf[:4], "big")]

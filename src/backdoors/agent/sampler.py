@@ -1,0 +1,223 @@
+"""Kernel-derived sensors: one sampler thread per node writes a real Sensor Box.
+
+Every `period` the sampler reads what the kernel accounts for the node (memory, tasks,
+failed forks, OOM kills, PSI) and stores it in the node's "kernel" box, which monitors read
+like any application box. It also reads the process table (at most `max_procs` processes,
+and at most a fifth of the thread's time: a big table is read less often) to count new
+processes (fork rate) and keep each process's RSS history over `RSS_WINDOW_S`, from
+which `rss_rate` gives its growth in bytes/s. One thread per node: a node whose cgroupfs
+or /proc reads stall stalls only its own sampler, visible as a growing sample age.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..nodes import Node, NodeStats, ProcessInfo, process_table
+from ..sensors import SensorBox
+from .config import KernelSensorLimits
+
+log = logging.getLogger("backdoors.agent")
+
+MiB = 1 << 20
+RSS_WINDOW_S = 1.0
+RSS_POINT_S = 0.05  # keep at most one history point per process per this many seconds
+TABLE_DUTY = 0.2  # the process table takes at most this share of the sampler's time
+
+
+class KernelSensors:
+    """The kernel-sensor box of one node; thresholds depend on the limits it was made for."""
+
+    def __init__(self, node: str, limits: KernelSensorLimits, memory_limit: int | None,
+                 pids_limit: int | None):
+        self.memory_limit, self.pids_limit = memory_limit, pids_limit
+        self.box = box = SensorBox.create(f"kernel:{node}", capacity=16)
+        if memory_limit:
+            self.memory = box.level("memory_mb", min=0.0,
+                                    max=memory_limit * limits.memory_high_pct / 100 / MiB)
+        else:
+            self.memory = box.level("memory_mb", min=0.0)
+        if pids_limit:
+            self.pids = box.level("pids", min=0.0, max=pids_limit * limits.pids_high_pct / 100)
+        else:
+            self.pids = box.level("pids", min=0.0)
+        self.forks = box.pressure("forks", max_events=limits.forks_per_s, window=1.0)
+        self.fork_failures = box.pressure("fork_failures", max_events=limits.fork_failures_per_s,
+                                          window=1.0)
+        self.oom_kills = box.pressure("oom_kills", max_events=limits.oom_kills_per_10s,
+                                      window=10.0)
+        self.psi = {
+            "memory": box.level("psi_memory_some", min=0.0, max=limits.psi_memory_some),
+            "cpu": box.level("psi_cpu_some", min=0.0, max=limits.psi_cpu_some),
+            "io": box.level("psi_io_some", min=0.0, max=limits.psi_io_some),
+        }
+
+    def update(self, stats: NodeStats, forks: int, fork_failures: int) -> None:
+        self.memory.set(stats.memory_bytes / MiB)
+        self.pids.set(float(stats.pids))
+        _set_counter(self.forks, forks)
+        _set_counter(self.fork_failures, fork_failures)
+        _set_counter(self.oom_kills, stats.oom_kills)
+        for resource, level in self.psi.items():
+            level.set(float(stats.pressure.get(resource, {}).get("some_avg10", 0.0)))
+
+    def close(self) -> None:
+        self.box.close()
+
+
+def _set_counter(sensor, total: int) -> None:
+    if total > sensor.value:
+        sensor.add(total - sensor.value)
+
+
+@dataclass
+class Sample:
+    """The latest sample of a node (`taken_at` is time.monotonic())."""
+
+    stats: NodeStats
+    fork_failures: int
+    table: list[ProcessInfo]
+    taken_at: float
+    duration_s: float
+
+
+class RssHistory:
+    """RSS of each process over the last RSS_WINDOW_S; bounded by the sampled processes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._points: dict[tuple[int, float], deque[tuple[float, int]]] = {}
+
+    def record(self, table: list[ProcessInfo], now: float) -> None:
+        with self._lock:
+            alive = set()
+            for p in table:
+                key = (p.pid, p.start_time)
+                alive.add(key)
+                points = self._points.setdefault(key, deque())
+                if points and now - points[-1][0] < RSS_POINT_S:
+                    points[-1] = (points[-1][0], p.rss_bytes)  # keep the newest value
+                else:
+                    points.append((now, p.rss_bytes))
+                while len(points) > 2 and now - points[1][0] >= RSS_WINDOW_S:
+                    points.popleft()
+            for key in self._points.keys() - alive:
+                del self._points[key]
+
+    def rate(self, p: ProcessInfo, now: float) -> float:
+        """Bytes/s of `p`'s RSS growth from the oldest point in the window to `p` now."""
+        with self._lock:
+            points = self._points.get((p.pid, p.start_time))
+            if not points:
+                return 0.0
+            t0, rss0 = points[0]
+        span = now - t0
+        return (p.rss_bytes - rss0) / span if span >= 0.05 else 0.0
+
+
+class NodeSampler:
+    """Samples one node every `period` on a thread of its own; `start()`, `stop()`."""
+
+    def __init__(self, node: Node, limits: KernelSensorLimits, *, period: float, max_procs: int,
+                 on_new_box: Callable[[KernelSensors], None], gauge=None):
+        self.node, self.limits, self.period, self.max_procs = node, limits, period, max_procs
+        self.on_new_box, self.gauge = on_new_box, gauge  # gauge: the sample duration metric
+        self.history = RssHistory()
+        self.sensors: KernelSensors | None = None
+        self.latest: Sample | None = None
+        self.error: str | None = None
+        self.errors = 0
+        self._forks = 0
+        self._known: set[tuple[int, float]] | None = None
+        self._table: list[ProcessInfo] = []
+        self._table_due = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bd-sample-{node.name}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        """Take the first sample now (so the kernel box exists), then keep sampling."""
+        self.sample_once()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(max(1.0, 3 * self.period))
+
+    def close(self) -> None:
+        if self.sensors is not None and not self._thread.is_alive():
+            self.sensors.close()
+
+    def age(self) -> float | None:
+        return None if self.latest is None else time.monotonic() - self.latest.taken_at
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            next_at += self.period
+            try:
+                self.sample_once()
+            except Exception as e:  # noqa: BLE001 - a sampler must survive anything
+                self.errors += 1
+                if self.error != str(e):
+                    log.warning("node %s: sampling failed: %s", self.node.name, e)
+                self.error = str(e)
+            delay = next_at - time.monotonic()
+            if delay < 0:  # overran: skip the missed periods rather than catch up
+                next_at = time.monotonic()
+                delay = 0
+            self._stop.wait(delay)
+
+    def sample_once(self) -> Sample:
+        start = time.monotonic()
+        cg = self.node.cgroup
+        stats = self.node.stats()
+        failures = cg.fork_failures()
+        if start >= self._table_due:
+            self._table = process_table(cg.procs()[: self.max_procs])
+            now = time.monotonic()
+            self.history.record(self._table, now)
+            self._count_forks(self._table)
+            self._table_due = now + max(0.0, (now - start) * (1 / TABLE_DUTY - 1))
+        sensors = self.sensors
+        if sensors is None or (sensors.memory_limit, sensors.pids_limit) != (
+                stats.memory_limit, stats.pids_limit):
+            self._replace_box(stats, failures)
+        else:
+            sensors.update(stats, self._forks, failures)
+        now = time.monotonic()
+        self.latest = Sample(stats, failures, self._table, now, now - start)
+        self.error = None
+        if self.gauge is not None:
+            self.gauge.set(now - start)
+        return self.latest
+
+    def _count_forks(self, table: list[ProcessInfo]) -> None:
+        keys = {(p.pid, p.start_time) for p in table}
+        if self._known is not None:
+            self._forks += len(keys - self._known)
+        self._known = keys
+
+    def _replace_box(self, stats: NodeStats, failures: int) -> None:
+        """Make a box with thresholds for the current limits, filled before it is shown."""
+        fresh = KernelSensors(self.node.name, self.limits, stats.memory_limit, stats.pids_limit)
+        old = self.sensors
+        try:
+            if old is not None:  # counters continue, so no reader sees a jump
+                _set_counter(fresh.forks, old.forks.value)
+                _set_counter(fresh.fork_failures, old.fork_failures.value)
+                _set_counter(fresh.oom_kills, old.oom_kills.value)
+            fresh.update(stats, self._forks, failures)
+            self.on_new_box(fresh)
+        except BaseException:
+            fresh.close()
+            raise
+        self.sensors = fresh
+        if old is not None:
+            old.close()

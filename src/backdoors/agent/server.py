@@ -1,0 +1,283 @@
+"""The RPC server on the private network: frames in, authenticated replies out.
+
+One asyncio task per connection reads a frame, answers it, reads the next (one request in
+flight per connection; open more connections for concurrency). Nothing a peer sends can
+end the server or another connection: every failure becomes an error reply (and, when the
+frame cannot be delimited, a close). Ops run inline, on the memory workers or on the
+node's workers under the op deadline: an op still running at its deadline is abandoned,
+answered with "deadline", counted as stuck until it returns, and audited when it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..errors import BackdoorsError, NodeError
+from .auth import Authenticator, Rejected
+from .leases import LockBusy
+from .ops import Call, Op, OpError
+from .protocol import DECODE_ERRORS, MAX_FRAME, Envelope, ErrorInfo, Response, frame, mac
+from .votes import BallotBox, Short
+
+if TYPE_CHECKING:
+    from .daemon import Agent
+
+log = logging.getLogger("backdoors.agent")
+
+FRAME_TIMEOUT_S = 5.0  # for the rest of a frame once its header came
+IDLE_TIMEOUT_S = 300.0  # between frames
+_encode = msgspec.msgpack.Encoder().encode
+
+
+@dataclass
+class Lane:
+    """Workers for blocking ops, and how many of them are stuck past a deadline."""
+
+    name: str
+    workers: int
+    stuck: int = 0
+    misses: int = 0
+    pool: concurrent.futures.ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.workers,
+                                                          thread_name_prefix=f"bd-{self.name}")
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    result: Any = None
+    code: str | None = None
+    message: str | None = None
+    votes: list[str] | None = None
+
+
+class RpcServer:
+    """Serves one agent's RPC on a listening socket it is given."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        config = agent.config
+        self.auth = Authenticator(agent.keys, cache_entries=config.replay_cache_entries)
+        self.ballots = BallotBox(config.quorum, config.vote_window_s)
+        self.memory_lane = Lane("memory", 2)
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.Task] = set()
+
+    async def start(self, sock) -> None:
+        self._server = await asyncio.start_server(self._serve, sock=sock)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        if self._conns:
+            await asyncio.wait(list(self._conns), timeout=2.0)
+        self.ballots.close()
+        self.memory_lane.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- connections -------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer(writer)
+        if len(self._conns) >= self.agent.config.max_connections:
+            await self._refuse(writer, peer, "busy", f"{len(self._conns)} connections are open, "
+                               "the most this agent serves")
+            writer.close()
+            return
+        task = asyncio.current_task()
+        self._conns.add(task)
+        try:
+            while True:
+                try:
+                    header = await asyncio.wait_for(reader.readexactly(4), IDLE_TIMEOUT_S)
+                except asyncio.IncompleteReadError as e:
+                    if e.partial:
+                        await self._refuse_frame(writer, peer, f"truncated header of "
+                                                 f"{len(e.partial)} bytes")
+                    return
+                except asyncio.TimeoutError:
+                    return  # idle: the client reconnects when it needs to
+                size = int.from_bytes(header, "big")
+                if not 0 < size <= MAX_FRAME:
+                    await self._refuse_frame(writer, peer, f"frame length {size} is outside "
+                                             f"1..{MAX_FRAME}")
+                    return
+                try:
+                    payload = await asyncio.wait_for(reader.readexactly(size), FRAME_TIMEOUT_S)
+                except asyncio.IncompleteReadError as e:
+                    await self._refuse_frame(writer, peer, f"truncated frame: {len(e.partial)} "
+                                             f"of {size} bytes")
+                    return
+                writer.write(frame(await self.handle(payload, peer)))
+                await writer.drain()
+        except asyncio.TimeoutError:
+            await self._refuse_frame(writer, peer, "timed out waiting for the rest of the frame")
+        except (ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the server is stopping (3.11 streams log a cancelled handler task)
+        except Exception:  # noqa: BLE001 - one connection's bug must not end the server
+            log.exception("connection from %s failed", peer)
+        finally:
+            self._conns.discard(task)
+            writer.close()
+
+    async def _refuse_frame(self, writer, peer: str, message: str) -> None:
+        await self._refuse(writer, peer, "bad_frame", message)
+
+    async def _refuse(self, writer, peer: str, code: str, message: str) -> None:
+        """Send an unsigned error reply before closing the connection."""
+        self._reject(peer, Rejected(code, message))
+        try:
+            writer.write(frame(_reply(None, b"", Outcome(False, code=code, message=message),
+                                      0.0)))
+            await asyncio.wait_for(writer.drain(), 1.0)
+        except (ConnectionError, OSError, asyncio.TimeoutError):
+            pass
+
+    def _reject(self, peer: str, r: Rejected) -> None:
+        self.agent.metrics.rejected.labels(r.code).inc()
+        self.agent.audit.rejected(peer=peer, code=r.code, message=r.message, monitor=r.monitor,
+                                  op=r.op if r.op in self.agent.ops else "?")
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def handle(self, payload: bytes, peer: str = "?") -> bytes:
+        """The reply envelope (unframed) for one request frame's payload."""
+        start = time.monotonic()
+        try:
+            req, key = self.auth.open(payload)
+        except Rejected as r:
+            self._reject(peer, r)
+            outcome = Outcome(False, code=r.code, message=r.message)
+            return _reply(r.key, r.nonce, outcome, _ms(start))
+        op = self.agent.ops.get(req.op)
+        args: Any = None
+        if op is None:
+            outcome = Outcome(False, code="unknown_op", message=f"unknown op {req.op[:64]!r}; "
+                              f"known: {', '.join(sorted(self.agent.ops))}")
+        else:
+            try:
+                args = op.decoder.decode(req.args)
+                outcome = await self._dispatch(op, args, req.monitor)
+            except DECODE_ERRORS as e:
+                outcome = Outcome(False, code="bad_request", message=f"{req.op}: bad args: {e}")
+        elapsed = _ms(start)
+        label = op.name if op else "?"
+        self.agent.metrics.rpc.labels(label, "ok" if outcome.ok else outcome.code).inc()
+        self.agent.metrics.rpc_seconds.labels(label).observe(elapsed / 1000)
+        self.agent.audit.request(monitor=req.monitor, peer=peer, op=label, args=args,
+                                 ok=outcome.ok, error=outcome.code, elapsed_ms=elapsed,
+                                 votes=outcome.votes, message=outcome.message)
+        return _reply(key, req.nonce, outcome, elapsed)
+
+    async def _dispatch(self, op: Op, args: Any, monitor: str) -> Outcome:
+        rt = None
+        if op.has_node:
+            rt = self.agent.nodes.get(args.node)
+            if rt is None:
+                return Outcome(False, code="no_such_node",
+                               message=f"this agent serves no node {args.node[:64]!r}")
+        if not (op.destructive and self.ballots.quorum > 1):
+            return await self._execute(op, args, rt, frozenset({monitor}))
+        key = (op.name, _encode(args))
+        metrics = self.agent.metrics.votes
+        metrics.labels(op.name, "cast").inc()
+        try:
+            outcome = await self.ballots.vote(
+                key, monitor, lambda voters: self._execute(op, args, rt, voters))
+        except OverflowError as e:
+            return Outcome(False, code="busy", message=f"too many pending votes: {e}")
+        if isinstance(outcome, Short):
+            metrics.labels(op.name, "expired").inc()
+            return Outcome(False, code="quorum", votes=outcome.votes, message=(
+                f"{len(outcome.votes)} of {outcome.needed} votes for {op.name} within "
+                f"{self.ballots.window:g} s (from {', '.join(outcome.votes)}); not applied"))
+        metrics.labels(op.name, "applied").inc()
+        return outcome
+
+    async def _execute(self, op: Op, args: Any, rt, monitors: frozenset[str]) -> Outcome:
+        """Run an op once for `monitors`; every failure becomes an Outcome."""
+        votes = sorted(monitors) if self.ballots.quorum > 1 and op.destructive else None
+        try:
+            if op.destructive and rt is not None and op.name not in ("lock", "unlock"):
+                holders = self.agent.leases.holders(rt.name)
+                if holders and not holders & monitors:
+                    raise LockBusy(f"{self.agent.leases.describe(rt.name)}: only its "
+                                   f"holders may {op.name} it until they unlock")
+            call = Call(self.agent, args, rt, monitors)
+            if op.where == "inline":
+                result = op.run(call)
+            else:
+                result = await self.run_blocking(rt.lane if op.where == "node" else
+                                                 self.memory_lane, op.name, op.run, call)
+            return Outcome(True, result, votes=votes)
+        except OpError as e:
+            return Outcome(False, code=e.code, message=e.message, votes=votes)
+        except LockBusy as e:
+            return Outcome(False, code="busy", message=str(e), votes=votes)
+        except (NodeError, BackdoorsError) as e:
+            return Outcome(False, code="failed", message=str(e), votes=votes)
+        except Exception as e:  # noqa: BLE001 - reported, never fatal
+            log.exception("op %s failed", op.name)
+            return Outcome(False, code="failed", message=f"internal error in {op.name}: {e!r}",
+                           votes=votes)
+
+    async def run_blocking(self, lane: Lane, what: str, fn, *fn_args) -> Any:
+        """fn(*fn_args) on the lane's workers, abandoned (code deadline) at the op deadline."""
+        if lane.stuck >= lane.workers:
+            raise OpError("busy", f"all {lane.workers} workers of {lane.name} are stuck in "
+                                  "operations past their deadline (a /proc or cgroupfs access "
+                                  "that does not return); retry later")
+        deadline = self.agent.config.op_deadline_s
+        loop = asyncio.get_running_loop()
+        cf = lane.pool.submit(fn, *fn_args)
+        fut = asyncio.wrap_future(cf, loop=loop)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), deadline)
+        except asyncio.TimeoutError:
+            if cf.cancel():
+                raise OpError("deadline", f"{what} on {lane.name} waited {deadline:g} s for a "
+                                          "worker and was dropped") from None
+            lane.stuck += 1
+            lane.misses += 1
+            self.agent.metrics.stuck_ops.labels(lane.name).set(lane.stuck)
+            started = time.monotonic()
+            fut.add_done_callback(lambda f: self._late(lane, what, f, started))
+            raise OpError("deadline", f"{what} on {lane.name} did not finish within "
+                                      f"{deadline:g} s; abandoned ({lane.stuck} stuck)") from None
+
+    def _late(self, lane: Lane, what: str, fut: asyncio.Future, started: float) -> None:
+        lane.stuck -= 1
+        self.agent.metrics.stuck_ops.labels(lane.name).set(lane.stuck)
+        error = None if fut.cancelled() or fut.exception() is None else repr(fut.exception())
+        self.agent.audit.write(kind="late", lane=lane.name, op=what, ok=error is None,
+                               error=error, late_ms=_ms(started))
+
+
+def _reply(key: bytes | None, nonce: bytes, outcome: Outcome, elapsed_ms: float) -> bytes:
+    error = None if outcome.ok else ErrorInfo(outcome.code or "failed", outcome.message or "")
+    body = _encode(Response(nonce, outcome.ok, outcome.result if outcome.ok else None, error,
+                            round(elapsed_ms, 3)))
+    return _encode(Envelope(body, mac(key, body) if key is not None else b""))
+
+
+def _ms(start: float) -> float:
+    return (time.monotonic() - start) * 1000
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    info = writer.get_extra_info("peername")
+    if isinstance(info, tuple) and len(info) >= 2:
+        return f"[{info[0]}]:{info[1]}" if ":" in str(info[0]) else f"{info[0]}:{info[1]}"
+    return str(info or "?")

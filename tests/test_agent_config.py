@@ -1,0 +1,110 @@
+"""Agent configuration and keys: defaults, and errors that name the file, key and line."""
+
+import os
+import stat
+
+import pytest
+
+from backdoors.agent import load_config, load_key, load_keys, generate_keys
+from backdoors.agent.config import AgentConfig, validate
+from backdoors.errors import ConfigError
+
+KEY = "ab" * 32
+
+GOOD = f"""
+host = "h0"
+listen = "10.0.0.1:7700"
+run_dir = "/run/backdoors/h0"
+audit_log = "/var/log/backdoors/h0.jsonl"
+
+[monitors]
+m1 = "{KEY}"
+m2 = "{KEY}"
+
+[[nodes]]
+name = "n0"
+cgroup = "bd-lab/n0"
+netns = "bd-lab-n0"
+
+[[nodes]]
+name = "n1"
+cgroup = "bd-lab/n1"
+protected_comms = ["sshd"]
+"""
+
+
+def _write(tmp_path, text, name="agent.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_good_config_with_defaults(tmp_path):
+    c = load_config(_write(tmp_path, GOOD))
+    assert c.listen_address() == ("10.0.0.1", 7700)
+    assert [n.name for n in c.nodes] == ["n0", "n1"] and c.nodes[1].protected_comms == ["sshd"]
+    assert c.own_cgroup == "bd-agent-h0" and c.quorum == 1 and c.vote_window_s == 2.0
+    assert (c.op_deadline_s, c.sample_period_s) == (1.0, 0.05)
+    assert (c.max_regions_per_node, c.max_region_bytes, c.max_node_bytes) == (
+        64, 16 << 20, 64 << 20)
+    assert c.max_procs_sampled == 2048 and c.kernel_sensors.memory_high_pct == 80
+    assert c.keys() == {"m1": bytes.fromhex(KEY), "m2": bytes.fromhex(KEY)}
+
+
+def test_keys_from_a_file_next_to_the_config(tmp_path):
+    keys = generate_keys(str(tmp_path / "keys.toml"), ["m1", "m2"])
+    assert stat.S_IMODE(os.stat(tmp_path / "keys.toml").st_mode) == 0o600
+    assert load_keys(str(tmp_path / "keys.toml")) == keys
+    assert load_key(str(tmp_path / "keys.toml"), "m2") == keys["m2"]
+    head, tail = GOOD.split("[monitors]")[0], GOOD.split('m2 = "' + KEY + '"')[1]
+    text = head + 'monitors = "keys.toml"\n' + tail
+    c = load_config(_write(tmp_path, text))
+    assert c.keys() == keys and c.monitors == str(tmp_path / "keys.toml")
+    with pytest.raises(ConfigError, match="exists"):
+        generate_keys(str(tmp_path / "keys.toml"), ["m3"])
+    with pytest.raises(ConfigError, match="no key for monitor 'm9'"):
+        load_key(str(tmp_path / "keys.toml"), "m9")
+
+
+@pytest.mark.parametrize("change, match", [
+    (('quorum = 1', 'quorum = "two"'), r"line 3: key quorum: Expected `int`, got `str`"),
+    (('quorum = 1', 'quorum = 3'), r"line 3: key quorum: 3 exceeds the 2 monitors known"),
+    (('quorum = 1', 'qorum = 2'), r"line 3: key qorum: Object contains unknown field `qorum`"),
+    (('listen = "10.0.0.1:7700"', 'listen = "10.0.0.1"'), r"line 4: key listen: .* ADDR:PORT"),
+    (('cgroup = "bd-lab/n1"', 'cgroup = 5'), r"line 19: key nodes\[1\]\.cgroup: Expected `str`"),
+    (('cgroup = "bd-lab/n1"', 'cgroup = "bd-lab/n0/x"'),
+     r"line 19: key nodes\[1\]\.cgroup: .* overlaps node n0's cgroup"),
+    (('name = "n1"', 'name = "n0"'), r"line 18: key nodes\[1\]\.name: node 'n0' is listed twice"),
+    (('m2 = "' + KEY + '"', 'm2 = "abcd"'), r"key monitors\.m2: .* at least 16"),
+    (('run_dir = "/run/backdoors/h0"', 'run_dir = "run"'), r"line 5: key run_dir: .*absolute"),
+    (('quorum = 1', 'op_deadline_s = 0'), r"key op_deadline_s: must be within"),
+    (('quorum = 1', 'cgroup = "agent"'), r"key cgroup: .*starting with 'bd'"),
+    (('quorum = 1', 'cgroup = "bd-lab"'),
+     r"line 14: key nodes\[0\]\.cgroup: .*overlaps the agent's"),
+    (('quorum = 1', 'quorum = '), r"not valid TOML: .*line 3"),
+])
+def test_errors_name_file_key_and_line(tmp_path, change, match):
+    text = GOOD.replace('host = "h0"', 'host = "h0"\nquorum = 1', 1)
+    old, new = change
+    assert old in text
+    path = _write(tmp_path, text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(path)
+    assert str(err.value).startswith(path)
+
+
+def test_a_missing_file_and_a_missing_key(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read agent config .*nope.toml"):
+        load_config(str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="missing required field `listen`"):
+        load_config(_write(tmp_path, GOOD.replace('listen = "10.0.0.1:7700"', "")))
+
+
+def test_validate_checks_a_config_built_in_code():
+    c = AgentConfig(host="h0", listen="[::1]:0", run_dir="/r", audit_log="/a",
+                    monitors={"m1": KEY}, quorum=2)
+    with pytest.raises(ConfigError, match="key quorum: 2 exceeds the 1 monitors"):
+        validate(c)
+    c.quorum = 1
+    validate(c)
+    assert c.listen_address() == ("::1", 0)

@@ -1,0 +1,99 @@
+"""The agent daemon process: hardening, its own cgroup, clean shutdown, config errors."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+from test_agent_support import PY, agent_lab, daemon, prefix
+
+from backdoors.agent.membership import read_cgroups
+from backdoors.nodes import Cgroup
+
+__all__ = ["agent_lab", "prefix"]
+pytestmark = pytest.mark.root
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def _has_cap(cap: int) -> bool:
+    return bool(int(_status_field(os.getpid(), "CapEff"), 16) >> cap & 1)
+
+
+def _status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":"))
+
+
+def test_the_daemon_hardens_itself_and_cleans_up_on_sigterm(agent_lab):
+    lab = agent_lab(nodes={"leased": {}, "fenced": {}}, start=False)
+    with daemon(lab) as (proc, ready):
+        assert ready["event"] == "ready" and ready["pid"] == proc.pid and ready["host"] == "h0"
+        c = lab.client()
+        assert c.ping().pid == proc.pid
+        # Its own cgroup, outside the nodes, in every hierarchy.
+        cgroups = read_cgroups(proc.pid)
+        own = f"/{lab.prefix}-agent"
+        assert cgroups["freezer"] == own and cgroups["memory"] == own
+        assert cgroups["unified"] == own and cgroups["pids"] == own
+        with open(f"/proc/{proc.pid}/oom_score_adj") as f:
+            oom_score_adj = f.read().strip()
+        # Lowering it needs CAP_SYS_RESOURCE, which some sandboxes withhold: then a warning.
+        assert oom_score_adj == ("-1000" if _has_cap(CAP_SYS_RESOURCE) else "0")
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == -10
+        assert int(_status_field(proc.pid, "VmLck").split()[0]) > 0  # mlockall took
+        app, _ = lab.start_app("leased")
+        assert "app" in c.sensors("leased").boxes
+        c.lock("leased", 60)
+        c.lock("fenced", None)
+        sockets = [lab.socket_path(n) for n in lab.nodes]
+        assert all(os.path.exists(s) for s in sockets)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        stderr = proc.stderr.read().decode()
+        assert ("cannot set oom_score_adj" in stderr) != (oom_score_adj == "-1000"), stderr
+    assert not any(os.path.exists(s) for s in sockets)
+    assert not os.path.exists(lab.config.run_dir)
+    assert not Cgroup(f"{lab.prefix}-agent", lab.nodes["leased"].cgroup.layout).exists()
+    assert not lab.nodes["leased"].is_locked()  # a lease is released at exit...
+    assert lab.nodes["fenced"].is_locked()  # ...a fence is not
+    lab.nodes["fenced"].unlock()
+    kinds = [a["kind"] for a in lab.audit()]
+    assert kinds[0] == "start" and kinds[-1] == "stop" and "lease_released" in kinds
+
+
+def test_a_restarted_daemon_replaces_stale_sockets(agent_lab):
+    lab = agent_lab(start=False)
+    with daemon(lab) as (proc, _):
+        proc.kill()  # no cleanup: the socket file and the cgroup stay behind
+        proc.wait()
+    assert os.path.exists(lab.socket_path("n0"))
+    with daemon(lab) as (proc, _):
+        assert lab.client().ping().pid == proc.pid
+        _, reply = lab.start_app("n0")
+        assert reply["box"]["name"] == "app"
+
+
+def test_a_bad_config_exits_2_naming_the_problem(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('host = "h0"\nlisten = 7\n')
+    out = subprocess.run([PY, "-m", "backdoors.agent", "--config", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert f"{path}: line 2: key listen: Expected `str`, got `int`" in out.stderr
+
+
+def test_a_missing_node_cgroup_fails_start_clearly(agent_lab):
+    lab = agent_lab(start=False)
+    lab.nodes["n0"].destroy()
+    path = os.path.join(lab.tmp, "agent.toml")
+    from test_agent_support import to_toml
+
+    with open(path, "w") as f:
+        f.write(to_toml(lab.config))
+    out = subprocess.run([PY, "-m", "backdoors.agent", "--config", path],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "node n0: cgroup" in out.stderr and "does not exist" in out.stderr
+    assert not Cgroup(f"{lab.prefix}-agent", lab.nodes["n0"].cgroup.layout).exists()

@@ -1,0 +1,215 @@
+"""Local registration: only a node's own processes register, and only sealed memfds, capped."""
+
+import json
+import os
+import stat
+
+import pytest
+from test_agent_support import REGISTER, agent_lab, prefix, read_line, wait_for
+
+from backdoors.agent.errors import RegistrationError
+from backdoors.agent.register import register_box, register_region, unregister
+from backdoors.sensors import SensorBox, parse
+
+__all__ = ["agent_lab", "prefix"]
+pytestmark = pytest.mark.root
+
+
+def _try(lab, node, **spec):
+    return json.loads(read_line(lab.run(node, REGISTER, json.dumps(spec))))
+
+
+def test_a_process_inside_the_node_registers_its_box(agent_lab):
+    lab = agent_lab()
+    proc, reply = lab.start_app("n0", "svc")
+    assert reply["box"] == {"name": "svc", "kind": "sensorbox", "size": 64 + 64 * 64,
+                            "writable": False}
+    c = lab.client()
+    regions = {r.name: r for r in c.regions("n0")}
+    assert regions["svc"].pid == proc.pid and regions["svc"].registrant_alive
+    image = parse(c.sensors("n0").boxes["svc"])
+    assert image.name == "svc" and image.owner_pid == proc.pid
+    assert [s.name for s in image.sensors] == ["tick"]
+    socket_mode = os.stat(lab.socket_path("n0")).st_mode
+    assert stat.S_ISSOCK(socket_mode) and stat.S_IMODE(socket_mode) == 0o666
+
+
+def test_the_region_outlives_the_process_that_registered_it(agent_lab):
+    lab = agent_lab()
+    proc, _ = lab.start_app("n0", "svc")
+    proc.kill()
+    proc.wait()
+    c = lab.client()
+    info = {r.name: r for r in c.regions("n0")}["svc"]
+    assert not info.registrant_alive
+    assert parse(c.sensors("n0").boxes["svc"]).owner_pid == proc.pid
+
+
+def test_a_process_outside_the_node_is_refused_and_audited(agent_lab):
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    box = SensorBox.create("intruder")
+    try:
+        with pytest.raises(RegistrationError, match=r"is not inside node n0.*only for itself"):
+            register_box(box, socket_path=lab.socket_path("n0"))
+    finally:
+        box.close()
+    # A process of node n1 cannot register into n0 either.
+    proc = lab.run("n1", REGISTER, json.dumps({"name": "x"}), socket_of="n0")
+    assert "is not inside node n0" in json.loads(read_line(proc))[0]["error"]
+    assert [r.name for r in lab.client().regions("n0")] == ["kernel"]
+    refusals = [a for a in lab.audit() if a["kind"] == "local" and not a["ok"]]
+    assert len(refusals) == 2 and all("only for itself" in a["error"] for a in refusals)
+
+
+def test_an_unsealed_memfd_is_refused(agent_lab):
+    lab = agent_lab()
+    [result] = _try(lab, "n0", seal=False)
+    assert "not sealed against shrinking" in result["error"]
+
+
+def test_a_file_that_is_not_a_memfd_is_refused(agent_lab):
+    lab = agent_lab()
+    script = f"""
+import os, json
+from backdoors.agent.register import register_region
+from backdoors.agent.errors import RegistrationError
+fd = os.open("{lab.tmp}", os.O_RDONLY)
+try:
+    register_region(fd, "dir")
+except RegistrationError as e:
+    print(json.dumps(str(e)), flush=True)
+"""
+    assert "not a memfd" in json.loads(read_line(lab.run("n0", script)))
+
+
+def test_a_malformed_sensor_box_is_refused(agent_lab):
+    lab = agent_lab()
+    script = """
+import fcntl, json, os
+from backdoors.agent.register import _call
+from backdoors.agent.errors import RegistrationError
+fd = os.memfd_create("fake", os.MFD_ALLOW_SEALING)
+os.write(fd, b"NOPE" + bytes(4092))
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+try:
+    _call({"op": "register", "kind": "sensorbox", "name": "fake"}, fd, None, 2.0)
+except RegistrationError as e:
+    print(json.dumps(str(e)), flush=True)
+"""
+    assert "not a Sensor Box" in json.loads(read_line(lab.run("n0", script)))
+
+
+def test_caps_on_count_size_and_bytes_per_node(agent_lab):
+    lab = agent_lab(max_regions_per_node=3, max_region_bytes=64 << 10, max_node_bytes=128 << 10)
+    results = _try(lab, "n0", count=4, size=4096, name="small")
+    assert [("ok" in r) for r in results] == [True, True, True, False]
+    assert "the cap is 3" in results[3]["error"]
+    [big] = _try(lab, "n0", size=(64 << 10) + 4096, name="big")
+    assert "the cap is 65536 per region" in big["error"]
+    for name in ("small0", "small1", "small2"):
+        unregister_script = f"""
+from backdoors.agent.register import unregister
+unregister({name!r})
+print("{{}}", flush=True)
+"""
+        read_line(lab.run("n0", unregister_script))
+    results = _try(lab, "n0", count=3, size=60 << 10, name="mid")
+    assert [("ok" in r) for r in results] == [True, True, False]
+    assert "would hold" in results[2]["error"] and "131072" in results[2]["error"]
+    assert sorted(r.name for r in lab.client().regions("n0")) == ["kernel", "mid0", "mid1"]
+
+
+def test_kernel_is_a_reserved_name_and_a_live_owner_keeps_its_name(agent_lab):
+    lab = agent_lab()
+    script = """
+import fcntl, json, os
+from backdoors.agent.register import register_region
+from backdoors.agent.errors import RegistrationError
+fd = os.memfd_create("r", os.MFD_ALLOW_SEALING)
+os.ftruncate(fd, 4096)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+try:
+    register_region(fd, "kernel")
+except RegistrationError as e:
+    print(json.dumps(str(e)), flush=True)
+"""
+    assert "reserved" in json.loads(read_line(lab.run("n0", script)))
+    proc, _ = lab.start_app("n0", "svc")
+    # Another live process of the node cannot take the name over...
+    script = """
+import json
+from backdoors.sensors import SensorBox
+from backdoors.agent.register import register_box
+from backdoors.agent.errors import RegistrationError
+box = SensorBox.create("svc")
+try:
+    print(json.dumps(register_box(box)), flush=True)
+except RegistrationError as e:
+    print(json.dumps(str(e)), flush=True)
+"""
+    assert "still runs" in json.loads(read_line(lab.run("n0", script)))
+    # ...but once the owner has exited, a restarted service re-registers it.
+    proc.kill()
+    proc.wait()
+    assert json.loads(read_line(lab.run("n0", script)))["name"] == "svc"
+
+
+def test_unregister_and_writable_regions(agent_lab):
+    lab = agent_lab()
+    [result] = _try(lab, "n0", name="mbox", writable=True)
+    assert result["ok"]["writable"] is True
+    assert {r.name: r.writable for r in lab.client().regions("n0")}["mbox0"] is True
+    script = """
+import json
+from backdoors.agent.register import unregister
+from backdoors.agent.errors import RegistrationError
+print(json.dumps(unregister("mbox0")), flush=True)
+try:
+    unregister("mbox0")
+except RegistrationError as e:
+    print(json.dumps(str(e)), flush=True)
+"""
+    proc = lab.run("n0", script)
+    assert json.loads(read_line(proc))["name"] == "mbox0"
+    assert "has no region 'mbox0'" in json.loads(read_line(proc))
+    assert [r.name for r in lab.client().regions("n0")] == ["kernel"]
+
+
+def test_register_without_an_agent_socket_says_so(monkeypatch):
+    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+    fd = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+    try:
+        with pytest.raises(RegistrationError, match="BACKDOORS_AGENT_SOCKET") as info:
+            register_region(fd, "x")
+        assert info.value.code == "no_agent"
+        with pytest.raises(RegistrationError, match="No such file"):
+            register_region(fd, "x", socket_path="/nonexistent/agent.sock")
+    finally:
+        os.close(fd)
+
+
+def test_garbage_on_the_local_socket_is_answered_and_changes_nothing(agent_lab):
+    import socket
+
+    lab = agent_lab()
+    for garbage in (b"\x00\x00\x00\x03abc", b"\xff\xff\xff\xff", b"\x00\x00\x00\x01\xc1"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(lab.socket_path("n0"))
+            s.sendall(garbage)
+            reply = s.recv(65536)
+            assert reply and b"error" in reply
+    _, reply = lab.start_app("n0", "svc")  # still serving
+    assert reply["box"]["name"] == "svc"
+    wait_for(lambda: len(lab.client().regions("n0")) == 2)
+
+
+def test_the_app_side_module_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, backdoors.agent.register; "
+            "print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
+            "('asyncio', 'pyroute2', 'prometheus_client', 'psutil')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

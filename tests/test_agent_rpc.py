@@ -1,0 +1,324 @@
+"""The agent's RPC ops against real nodes: reads, sensors, processes, locks, kills, limits."""
+
+import json
+import os
+import time
+
+import pytest
+from test_agent_support import GROWER, agent_lab, prefix, read_line, wait_for
+from test_nodes_support import COUNTER, alive, read_counter, require_freezer
+
+from backdoors.agent import AgentClient
+from backdoors.agent.errors import BoundsError, BusyError, NotFoundError, RemoteError
+from backdoors.agent.protocol import MAX_IO
+from backdoors.net import netns
+from backdoors.sensors import SensorTracker, parse
+
+__all__ = ["agent_lab", "prefix"]
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+
+def test_ping_and_nodes(agent_lab):
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    c = lab.client()
+    pong = c.ping()
+    assert pong.host == "h0" and abs(pong.time - time.time()) < 5
+    infos = {n.name: n for n in c.nodes()}
+    assert set(infos) == {"n0", "n1"}
+    assert infos["n0"].frozen is False and infos["n0"].locked_by == []
+    assert infos["n0"].sample_age_s < 1.0
+    with pytest.raises(NotFoundError, match="no node 'nope'") as err:
+        c.status("nope")
+    assert err.value.code == "no_such_node"
+
+
+def test_kernel_sensors_report_memory_and_pids(agent_lab):
+    lab = agent_lab(nodes={"n0": {"memory_limit": 256 * MiB, "pids_limit": 50}})
+    lab.start_app("n0")
+    lab.run("n0", GROWER, "40")
+    c = lab.client()
+
+    def kernel():
+        return {s.name: s for s in parse(c.sensors("n0").boxes["kernel"]).sensors}
+
+    sensors = wait_for(lambda: (k := kernel())["memory_mb"].value > 40 and k, timeout=10,
+                       what="memory_mb to show the grower's 40 MiB")
+    assert sensors["memory_mb"].max == pytest.approx(256 * 0.8)
+    assert sensors["pids"].value == 2 and sensors["pids"].max == pytest.approx(45)
+    assert {"forks", "fork_failures", "oom_kills", "psi_memory_some", "psi_cpu_some",
+            "psi_io_some"} <= set(sensors)
+    assert sensors["forks"].value >= 1  # the grower appeared after the first sample
+    tracker = SensorTracker()
+    snap = tracker.update(parse(c.sensors("n0").boxes["kernel"]))
+    assert not snap.violations
+
+
+def test_kernel_sensors_see_fork_failures_and_follow_new_limits(agent_lab):
+    lab = agent_lab(nodes={"n0": {"pids_limit": 10}})
+    from test_nodes_support import SPAWNER
+
+    lab.run("n0", SPAWNER)
+    c = lab.client()
+    def value(name):
+        return {s.name: s for s in parse(c.sensors("n0").boxes["kernel"]).sensors}[name]
+
+    wait_for(lambda: value("fork_failures").value > 50, timeout=10, what="failed forks")
+    assert value("pids").value == 10 and c.status("n0").fork_failures > 50
+    assert c.set_limits("n0", pids=200).pids_limit == 200
+    wait_for(lambda: value("pids").max == pytest.approx(180), what="the new pids threshold")
+    assert value("fork_failures").value > 50  # counters carried over to the new box
+
+
+# Registers two boxes, then breaks them from inside: one's magic is overwritten, the
+# other's generation stays odd (a writer that died while adding a sensor, or a hostile one).
+BREAKER = """
+import sys, time
+from backdoors.sensors import SensorBox
+from backdoors.agent.register import register_box
+bad, stuck = SensorBox.create("bad"), SensorBox.create("stuck")
+register_box(bad)
+register_box(stuck)
+bad._mm[0:4] = b"EVIL"
+stuck._words[3] = stuck._words[3] + 1
+print("broken", flush=True)
+time.sleep(300)
+"""
+
+
+def test_sensors_returns_every_box_and_reports_broken_ones(agent_lab):
+    lab = agent_lab()
+    lab.start_app("n0", "svc")
+    c = lab.client()
+    reply = c.sensors("n0")
+    assert set(reply.boxes) == {"kernel", "svc"} and reply.errors == {}
+    t0 = parse(reply.boxes["svc"]).sensors[0].value
+    wait_for(lambda: parse(c.sensors("n0").boxes["svc"]).sensors[0].value > t0,
+             what="the service's ticks to show")
+    read_line(lab.run("n0", BREAKER))
+    start = time.monotonic()
+    reply = c.sensors("n0")
+    assert time.monotonic() - start < 0.5
+    assert set(reply.boxes) == {"kernel", "svc"}
+    assert "not a Sensor Box" in reply.errors["bad"]
+    assert "did not settle" in reply.errors["stuck"]
+    assert c.read("n0", "bad", 0, 4) == b"EVIL"  # raw reads still work
+
+
+def test_metrics_count_requests(agent_lab):
+    from prometheus_client import generate_latest
+
+    lab = agent_lab()
+    c = lab.client()
+    c.ping()
+    with pytest.raises(NotFoundError):
+        c.read("n0", "nothere", 0, 1)
+    text = generate_latest(lab.agent.agent.metrics.registry).decode()
+    assert 'backdoors_agent_rpc_total{op="ping",result="ok"} 1.0' in text
+    assert 'backdoors_agent_rpc_total{op="read",result="no_such_region"} 1.0' in text
+    assert 'backdoors_agent_sample_seconds{node="n0"}' in text
+
+
+def test_read_is_bounds_checked(agent_lab):
+    lab = agent_lab()
+    lab.start_app("n0", "svc")
+    c = lab.client()
+    size = {r.name: r.size for r in c.regions("n0")}["svc"]
+    assert c.read("n0", "svc", 0, 4) == b"BDSB"
+    assert len(c.read("n0", "svc", size - 8, 8)) == 8
+    assert c.read("n0", "svc", size, 0) == b""
+    for offset, length in ((-1, 4), (0, -1), (size - 3, 4), (size, 1), (0, size + 1),
+                           (2**62, 8), (0, MAX_IO + 1), (-(2**63), 2**63 - 1), (1, 2**63 - 1)):
+        with pytest.raises(BoundsError) as err:
+            c.read("n0", "svc", offset, length)
+        assert err.value.code == "out_of_bounds", (offset, length)
+    with pytest.raises(NotFoundError) as err:
+        c.read("n0", "nothere", 0, 1)
+    assert err.value.code == "no_such_region"
+
+
+def test_write_only_to_writable_regions(agent_lab):
+    lab = agent_lab()
+    proc, reply = lab.start_app("n0", "svc", mailbox=True)
+    c = lab.client()
+    with pytest.raises(BoundsError) as err:
+        c.write("n0", "svc", 0, b"evil")
+    assert err.value.code == "not_writable"
+    assert c.read("n0", "svc", 0, 4) == b"BDSB"
+    with pytest.raises(BoundsError, match="outside"):
+        c.write("n0", "mailbox", 4090, b"12345678")
+    assert c.write("n0", "mailbox", 0, b"\x01hello\x00\x02") == 8
+    assert json.loads(read_line(proc)) == {"mailbox": "0168656c6c6f0002"}  # the app saw it
+    assert c.read("n0", "mailbox", 0, 8) == b"\x01hello\x00\x02"
+
+
+def test_processes_shows_age_rss_and_growth(agent_lab):
+    lab = agent_lab()
+    app, _ = lab.start_app("n0", "svc")
+    time.sleep(1.1)  # the app's own start-up growth leaves the 1 s rate window
+    grower = lab.run("n0", GROWER, "200")
+    c = lab.client()
+    time.sleep(0.6)
+    table = c.processes("n0")
+    rows = {r.pid: r for r in table.rows}
+    assert set(rows) == {app.pid, grower.pid} and table.total == 2 and not table.truncated
+    assert rows[app.pid].registered and not rows[grower.pid].registered
+    assert rows[grower.pid].rss_rate > 20 * MiB, rows[grower.pid]
+    assert abs(rows[app.pid].rss_rate) < 5 * MiB
+    assert 0.5 < rows[grower.pid].age_s < 10 and rows[grower.pid].comm.startswith("python")
+    assert rows[grower.pid].rss_bytes > 20 * MiB
+
+
+def test_lock_freezes_and_the_lease_expiry_thaws(agent_lab, tmp_path):
+    lab = agent_lab()
+    counter = tmp_path / "count"
+    lab.run("n0", COUNTER, str(counter))
+    wait_for(lambda: read_counter(counter) > 0, what="the counter to run")
+    c = lab.client()
+    reply = c.lock("n0", 0.4)
+    assert reply.locked_by == ["m1"] and not reply.renewed
+    status = c.status("n0")
+    assert status.stats.frozen and status.lock.locked_by == ["m1"]
+    assert 0 < status.lock.lease_left_s <= 0.4 and not status.lock.fenced
+    before = read_counter(counter)
+    time.sleep(0.2)
+    assert read_counter(counter) == before  # frozen: no progress
+    assert c.lock("n0", 0.4).renewed  # the holder renews
+    wait_for(lambda: not c.status("n0").stats.frozen, timeout=2, what="the lease to expire")
+    assert c.status("n0").lock.locked_by == []
+    wait_for(lambda: read_counter(counter) > before, what="the counter to run again")
+    assert any(a["kind"] == "lease_expired" and a["ok"] for a in lab.audit())
+
+
+@pytest.mark.parametrize("freezer", ["v1", "v2"])
+def test_lock_works_with_either_freezer(agent_lab, freezer):
+    require_freezer(freezer)
+    lab = agent_lab(nodes={"n0": {"freezer": freezer}}, node_n0={"freezer": freezer})
+    app, _ = lab.start_app("n0")
+    c = lab.client()
+    c.lock("n0", 5)
+    assert c.status("n0").stats.frozen
+    assert lab.agent.agent.nodes["n0"].node.cgroup.freezer == freezer
+    c.kill("n0", app.pid)  # v1-frozen tasks die at the thaw; v2-frozen ones at once
+    c.unlock("n0")
+    app.wait(5)
+
+
+def test_a_fence_holds_until_its_holder_unlocks(agent_lab):
+    lab = agent_lab()
+    lab.start_app("n0")
+    m1, m2 = lab.client("m1"), lab.client("m2")
+    assert m1.lock("n0", None).lease_s is None
+    time.sleep(0.3)
+    status = m1.status("n0")
+    assert status.stats.frozen and status.lock.fenced and status.lock.lease_left_s is None
+    for attempt in (lambda: m2.lock("n0", 1.0), lambda: m2.unlock("n0"),
+                    lambda: m2.kill_node("n0")):
+        with pytest.raises(BusyError, match="locked by m1, fenced"):
+            attempt()
+    # Reads still work while frozen.
+    assert m2.read("n0", "app", 0, 4) == b"BDSB" and "app" in m2.sensors("n0").boxes
+    assert m1.unlock("n0").was_locked
+    assert not m1.status("n0").stats.frozen
+
+
+def test_unlock_force_overrides_another_monitors_lock(agent_lab):
+    lab = agent_lab()
+    m1, m2 = lab.client("m1"), lab.client("m2")
+    m1.lock("n0", None)
+    assert m2.unlock("n0", force=True).was_locked
+    assert not m1.status("n0").stats.frozen and m1.status("n0").lock.locked_by == []
+
+
+def test_stopping_the_agent_thaws_leases_but_keeps_fences(agent_lab):
+    lab = agent_lab(nodes={"leased": {}, "fenced": {}})
+    c = lab.client()
+    c.lock("leased", 60)
+    c.lock("fenced", None)
+    c.close()
+    lab.agent.stop()
+    lab.agent = None
+    assert not lab.nodes["leased"].is_locked()
+    assert lab.nodes["fenced"].is_locked()  # fail-stop fencing survives the agent
+    lab.nodes["fenced"].unlock()
+
+
+def test_kill_a_process_and_refuse_one_outside_the_node(agent_lab):
+    lab = agent_lab()
+    app, _ = lab.start_app("n0")
+    other, _ = lab.start_app("n0", "other")
+    c = lab.client()
+    start = {r.pid: r.start_time for r in c.processes("n0").rows}
+    with pytest.raises(RemoteError, match="pid was reused") as err:
+        c.kill("n0", app.pid, start_time=start[app.pid] + 5)
+    assert err.value.code == "failed" and alive(app.pid)
+    assert c.kill("n0", app.pid, start_time=start[app.pid]) is True
+    app.wait(5)
+    assert alive(other.pid)
+    with pytest.raises(RemoteError, match="not in node n0"):
+        c.kill("n0", os.getpid())
+    with pytest.raises(RemoteError, match="not a valid process id") as err:
+        c.kill("n0", 0)
+    assert err.value.code == "bad_request"
+
+
+def test_kill_tree_and_kill_node(agent_lab):
+    lab = agent_lab()
+    app, _ = lab.start_app("n0")
+    tree = lab.nodes["n0"].run(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+    lab.procs.append(tree)
+    wait_for(lambda: len(lab.nodes["n0"].cgroup.procs()) == 4, what="the tree")
+    c = lab.client()
+    killed = c.kill_tree("n0", tree.pid)
+    assert len(killed) == 3 and tree.pid in killed
+    tree.wait(5)
+    assert lab.nodes["n0"].cgroup.procs() == [app.pid]
+    assert c.kill_node("n0") == [app.pid]
+    app.wait(5)
+    wait_for(lambda: lab.nodes["n0"].cgroup.procs() == [], what="an empty node")
+
+
+def test_protected_processes_are_refused(agent_lab):
+    lab = agent_lab(node_n0={"protected_comms": ["sleep"]})
+    sleeper = lab.nodes["n0"].run(["sleep", "60"])
+    tree = lab.nodes["n0"].run(["sh", "-c", "sleep 61 & wait"])
+    lab.procs += [sleeper, tree]
+    wait_for(lambda: len(lab.nodes["n0"].cgroup.procs()) == 3, what="the processes")
+    c = lab.client()
+    with pytest.raises(RemoteError, match=r"\(sleep\) of node n0 is protected"):
+        c.kill("n0", sleeper.pid)
+    with pytest.raises(RemoteError, match="protected"):
+        c.kill_tree("n0", tree.pid)
+    assert alive(sleeper.pid) and alive(tree.pid)
+
+
+def test_set_limits(agent_lab):
+    lab = agent_lab()
+    c = lab.client()
+    reply = c.set_limits("n0", memory=128 * MiB, pids=77)
+    assert (reply.memory_limit, reply.pids_limit) == (128 * MiB, 77)
+    assert c.set_limits("n0", pids=None).pids_limit is None  # removed
+    assert c.set_limits("n0").memory_limit == 128 * MiB  # kept
+    stats = c.status("n0").stats
+    assert stats.memory_limit == 128 * MiB and stats.pids_limit is None
+    with pytest.raises(RemoteError, match=">= 0") as err:
+        c.set_limits("n0", pids=-1)
+    assert err.value.code == "bad_request"
+
+
+def test_the_listener_can_live_in_a_private_netns(agent_lab, unique):
+    name = f"bdt-{unique}"
+    netns.create(name)
+    try:
+        lab = agent_lab(netns=name, listen="127.0.0.1:0")
+        port = lab.agent.address[1]
+        with pytest.raises(Exception):  # nothing listens on the host's loopback
+            AgentClient(("127.0.0.1", port), "m1", lab.keys["m1"], timeout=0.5).ping()
+        inside = lab.client(netns=name)
+        assert inside.ping().host == "h0"
+        lab.agent.stop()
+        lab.agent = None
+    finally:
+        netns.remove(name)
+

@@ -1,0 +1,235 @@
+"""Fixtures and workloads shared by the agent tests (this module holds no tests).
+
+`agent_lab` builds nodes named `bdt-<unique>/<node>` and runs an agent on them, in-process
+(BackgroundAgent) on 127.0.0.1 with an ephemeral port; everything is removed at teardown,
+even on failure (the `prefix` fixture reaps the cgroups). Node processes are started with
+BACKDOORS_AGENT_SOCKET set to their node's registration socket.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+from test_nodes_support import PY, prefix, wait_for  # noqa: F401 - fixture re-exported
+
+from backdoors.agent import AgentClient, AgentConfig, BackgroundAgent, NodeSpec, new_key
+from backdoors.agent.register import ENV_SOCKET
+from backdoors.nodes import Node
+
+MONITORS = ("m1", "m2", "m3")
+
+# A service: registers a Sensor Box named argv[1] (a progress sensor ticking every 10 ms)
+# and, with argv[2] == "mailbox", a writable 4 KiB region "mailbox"; prints the replies as
+# one JSON line, then prints each new non-zero first 8 bytes of the mailbox.
+APP = """
+import fcntl, json, mmap, os, sys, time
+from backdoors.sensors import SensorBox
+from backdoors.agent.register import register_box, register_region
+box = SensorBox.create(sys.argv[1])
+tick = box.progress("tick", deadline=1.0)
+out = {"box": register_box(box)}
+mm = None
+if len(sys.argv) > 2 and sys.argv[2] == "mailbox":
+    fd = os.memfd_create("mailbox", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    mm = mmap.mmap(fd, 4096)
+    out["mailbox"] = register_region(fd, "mailbox", writable=True)
+print(json.dumps(out), flush=True)
+last = bytes(8)
+while True:
+    tick.tick()
+    if mm is not None and mm[:8] != last:
+        last = mm[:8]
+        print(json.dumps({"mailbox": last.hex()}), flush=True)
+    time.sleep(0.01)
+"""
+
+# Tries one registration described by argv[1] (JSON) and prints {"ok": ...} or {"error"}.
+REGISTER = """
+import fcntl, json, os, sys
+from backdoors.agent.register import register_region
+from backdoors.agent.errors import RegistrationError
+spec = json.loads(sys.argv[1])
+results = []
+for i in range(spec.get("count", 1)):
+    fd = os.memfd_create("r", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, spec.get("size", 4096))
+    if spec.get("seal", True):
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    try:
+        results.append({"ok": register_region(fd, spec.get("name", "r") + str(i),
+                                              writable=spec.get("writable", False))})
+    except RegistrationError as e:
+        results.append({"error": str(e)})
+print(json.dumps(results), flush=True)
+"""
+
+# Allocates and touches 4 MiB every 50 ms (about 80 MB/s of RSS growth), up to argv[1] MiB.
+GROWER = """
+import sys, time
+chunks = []
+while len(chunks) * 4 < int(sys.argv[1]):
+    chunks.append(bytearray(4 << 20))
+    time.sleep(0.05)
+time.sleep(300)
+"""
+
+
+@dataclass
+class AgentLab:
+    """Nodes, keys and a running agent; `client()` talks to it as a monitor."""
+
+    prefix: str
+    tmp: str
+    keys: dict[str, bytes]
+    nodes: dict[str, Node]
+    config: AgentConfig
+    agent: BackgroundAgent | None = None
+    address: tuple[str, int] | None = None  # of a daemon started with `daemon()`
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    clients: list[AgentClient] = field(default_factory=list)
+
+    def client(self, monitor: str = "m1", **kwargs) -> AgentClient:
+        kwargs.setdefault("timeout", 5.0)
+        address = self.address or self.agent.address
+        c = AgentClient(address, monitor, self.keys[monitor], **kwargs)
+        self.clients.append(c)
+        return c
+
+    def socket_path(self, node: str) -> str:
+        return os.path.join(self.config.run_dir, node, "agent.sock")
+
+    def run(self, node: str, script: str, *args: str, socket_of: str | None = None,
+            **kwargs) -> subprocess.Popen:
+        """Run a Python script in `node`, told the registration socket of `socket_of`."""
+        env = dict(os.environ, **{ENV_SOCKET: self.socket_path(socket_of or node)})
+        proc = self.nodes[node].run([PY, "-c", script, *args], env=env,
+                                    stdout=subprocess.PIPE, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def start_app(self, node: str, box: str = "app", mailbox: bool = False):
+        """Start APP in `node`; returns (proc, its registration replies)."""
+        proc = self.run(node, APP, box, *(["mailbox"] if mailbox else []))
+        return proc, json.loads(read_line(proc))
+
+    def audit(self) -> list[dict]:
+        with open(self.config.audit_log) as f:
+            return [json.loads(line) for line in f]
+
+
+def to_toml(config: AgentConfig) -> str:
+    """The config as a TOML file (the daemon reads files)."""
+    from backdoors.agent.config import dump_config
+    return dump_config(config)
+
+
+@contextmanager
+def daemon(lab: AgentLab, *args: str):
+    """Run `python -m backdoors.agent` on the lab's config; SIGTERM it at the end.
+
+    Yields the process and its ready line; the lab's clients then talk to it.
+    """
+    path = os.path.join(lab.tmp, "agent.toml")
+    with open(path, "w") as f:
+        f.write(to_toml(lab.config))
+    proc = subprocess.Popen([PY, "-m", "backdoors.agent", "--config", path, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready = json.loads(read_line(proc, 20))
+        host, _, port = ready["listen"].rpartition(":")
+        lab.address = (host, int(port))
+        yield proc, ready
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def read_line(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    """One line of a child's stdout, or AssertionError after `timeout`."""
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise AssertionError(f"process {proc.pid} printed nothing within {timeout} s")
+    line = proc.stdout.readline().decode()
+    if not line:
+        raise AssertionError(f"process {proc.pid} exited (status {proc.poll()}) without output")
+    return line
+
+
+def make_config(prefix: str, tmp: str, nodes: dict[str, str], keys: dict[str, bytes],
+                **overrides) -> AgentConfig:
+    specs = [NodeSpec(name, relpath, **overrides.pop(f"node_{name}", {}))
+             for name, relpath in nodes.items()]
+    fields = dict(host="h0", listen="127.0.0.1:0", run_dir=f"{tmp}/run",
+                  audit_log=f"{tmp}/audit.jsonl", monitors={m: k.hex() for m, k in keys.items()},
+                  nodes=specs, cgroup=f"{prefix}-agent")
+    fields.update(overrides)
+    return AgentConfig(**fields)
+
+
+@pytest.fixture
+def agent_lab(prefix):  # noqa: F811 - the nodes tests' fixture
+    """A factory: agent_lab(nodes={"n0": {"pids_limit": 64}}, **config) -> AgentLab."""
+    tmp = tempfile.mkdtemp(prefix="bdt-", dir="/tmp")
+    labs: list[AgentLab] = []
+
+    def make(nodes=None, start=True, **overrides) -> AgentLab:
+        nodes = {"n0": {}} if nodes is None else nodes
+        built = {name: Node.create(name, f"{prefix}/{name}", **limits)
+                 for name, limits in nodes.items()}
+        keys = {m: new_key() for m in MONITORS}
+        config = make_config(prefix, tmp, {n: f"{prefix}/{n}" for n in nodes}, keys, **overrides)
+        lab = AgentLab(prefix, tmp, keys, built, config)
+        labs.append(lab)
+        if start:
+            lab.agent = BackgroundAgent(config).start()
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in labs:
+            for c in lab.clients:
+                c.close()
+            if lab.agent is not None:
+                lab.agent.stop()
+            for node in lab.nodes.values():
+                node.destroy()
+            for proc in lab.procs:
+                proc.wait(5)
+                if proc.stdout:
+                    proc.stdout.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def alive_in(node: Node, pid: int) -> bool:
+    return pid in node.cgroup.procs()
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """(milliseconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return (time.perf_counter() - start) * 1000, result
+
+
+__all__ = ["prefix", "agent_lab", "wait_for", "PY", "sys"]
