@@ -51,6 +51,7 @@ def lab_up(
     name: str = typer.Option("lab", help="Lab name; prefixes every namespace and cgroup (bd-NAME-)."),
     memory_mb: int = typer.Option(1024, help="Memory limit of each node, MiB (0: none)."),
     pids: int = typer.Option(512, help="Pids limit of each node (0: none)."),
+    agents: bool = typer.Option(True, "--agents/--no-agents", help="Start a backdoor agent per host."),
     foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
 ) -> None:
     """Build a lab. Without --foreground it stays until `backdoors lab down`."""
@@ -58,7 +59,7 @@ def lab_up(
     from .lab.lab import StopSignals
 
     lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
-              pids_limit=pids or None)
+              pids_limit=pids or None, agents=agents)
     signals = StopSignals() if foreground else None
     lab.up()
     if signals:

@@ -32,6 +32,7 @@ from ..errors import LabError, require_root
 from ..net import netns
 from ..nodes import Node, cgroups
 from ..sensors import SensorBoxReader, Snapshot
+from .agents import keys_path, start_agent, stop_agents, write_keys
 from . import topology as T
 
 STATE_FILE = "lab.json"
@@ -105,12 +106,15 @@ class Lab:
 
     def __init__(self, name: str = "lab", *, hosts: int = 2, nodes: int = 4,
                  memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
-                 services: bool = True):
+                 services: bool = True, agents: bool = False, quorum: int = 1,
+                 monitors: tuple[str, ...] = ("m1",)):
         self.plan = T.plan(name, hosts, nodes)
         self.name = name
         self.with_services = services
+        self.with_agents, self.quorum, self.monitors = agents, quorum, tuple(monitors)
         self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time())
         self._nodes: dict[str, Node] = {}
+        self._keys: dict[str, bytes] = {}
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -141,6 +145,11 @@ class Lab:
                     n.name, n.cgroup, netns=n.netns,
                     memory_limit=self.state.memory_limit, pids_limit=self.state.pids_limit)
                 (self.plan.run_dir / n.name).mkdir()
+            if self.with_agents:
+                self._keys = write_keys(self.plan, self.monitors)
+                for h in self.plan.hosts:
+                    self.state.agents[h.name] = start_agent(self.plan, h, self.quorum)
+                    self.state.save(self.state_path)
             if self.with_services:
                 for n in self.plan.nodes:
                     self.start_service(n.name)
@@ -150,7 +159,10 @@ class Lab:
         return self
 
     def down(self) -> dict[str, list[str]]:
-        """Tear the lab down: processes, namespaces, cgroups, files. Idempotent."""
+        """Tear the lab down: agents first (they thaw what they hold), then processes,
+        namespaces, cgroups and files. Idempotent."""
+        if self.state.agents:
+            stop_agents(self.state.agents)
         return reap(self.name)
 
     def __enter__(self) -> "Lab":
@@ -247,6 +259,28 @@ class Lab:
             return SensorBoxReader(fd)
         finally:
             os.close(fd)
+
+    # ---- agents -----------------------------------------------------------------------
+
+    def agent_address(self, host: str) -> str:
+        """"ADDR:PORT" of `host`'s agent on the private network."""
+        return f"{self.plan.host(host).address}:{T.AGENT_PORT}"
+
+    def monitor_key(self, monitor_id: str = "m1") -> bytes:
+        """The HMAC key of one of the lab's monitors."""
+        if not self._keys:
+            from ..agent.keys import load_keys
+            self._keys = load_keys(str(keys_path(self.plan)))
+        try:
+            return self._keys[monitor_id]
+        except KeyError:
+            raise LabError(f"lab {self.name} has no monitor {monitor_id!r} (monitors: {', '.join(self._keys)})") from None
+
+    def agent_client(self, host: str, monitor_id: str = "m1", timeout: float = 2.0):
+        """An authenticated client of `host`'s agent, from the lab's monitor namespace."""
+        from ..agent.client import AgentClient
+        return AgentClient(self.agent_address(host), monitor_id, self.monitor_key(monitor_id),
+                           netns=self.plan.monitor_ns, timeout=timeout)
 
     # ---- the client side --------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""The lab's backdoor agents: one daemon per lab host, on the private network.
+
+Each agent serves the nodes placed on its host, listens in the host's namespace, runs in
+its own cgroup `bd-<lab>-agent-<host>` (so the lab's reaper removes a killed one) and
+authenticates the lab's monitors with keys generated into the lab's run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ..agent.config import AgentConfig, NodeSpec, dump_config, validate
+from ..agent.keys import generate_keys
+from ..errors import LabError
+from . import topology as T
+
+READY_TIMEOUT = 15.0
+
+
+def keys_path(plan: T.Plan) -> Path:
+    return plan.run_dir / "keys.toml"
+
+
+def write_keys(plan: T.Plan, monitors: tuple[str, ...]) -> dict[str, bytes]:
+    """Fresh keys for the lab's monitors (file mode 0600)."""
+    return generate_keys(str(keys_path(plan)), list(monitors))
+
+
+def agent_config(plan: T.Plan, host: T.HostPlan, quorum: int) -> AgentConfig:
+    nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns) for n in plan.nodes if n.host == host.name]
+    config = AgentConfig(
+        host=host.name, listen=f"{host.address}:{T.AGENT_PORT}", netns=host.netns,
+        run_dir=str(plan.run_dir / "nodes"), audit_log=str(plan.run_dir / f"audit-{host.name}.jsonl"),
+        monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes)
+    validate(config, f"lab {plan.lab} agent {host.name}")
+    return config
+
+
+def start_agent(plan: T.Plan, host: T.HostPlan, quorum: int) -> int:
+    """Start the agent of `host` and wait until it serves; returns its pid."""
+    path = plan.run_dir / f"agent-{host.name}.toml"
+    path.write_text(dump_config(agent_config(plan, host, quorum)))
+    log_path = plan.run_dir / f"agent-{host.name}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "backdoors.agent", "--config", str(path)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+    from .lab import _read_line
+    line = _read_line(proc, READY_TIMEOUT)
+    proc.stdout.close()
+    try:
+        ready = json.loads(line).get("event") == "ready"
+    except ValueError:
+        ready = False
+    if not ready:
+        proc.kill()
+        proc.wait()
+        raise LabError(f"the agent of host {host.name} did not come up within {READY_TIMEOUT:g} s; "
+                       f"see {log_path}")
+    return proc.pid
+
+
+def stop_agents(pids: dict[str, int], timeout: float = 5.0) -> None:
+    """SIGTERM each agent (it thaws leased nodes, removes its sockets) and wait for it."""
+    import os
+    import time
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + timeout
+    for pid in pids.values():
+        while time.monotonic() < end:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:  # not our child (another process started the lab)
+                if not Path(f"/proc/{pid}").exists():
+                    break
+            time.sleep(0.01)
