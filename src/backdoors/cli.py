@@ -149,6 +149,20 @@ def fault_stop(
     err.print(f"{kind} stopped in {node}")
 
 
+# ---- the daemons ----------------------------------------------------------------------
+
+
+@app.command()
+def agent(
+    config: str = typer.Option(..., help="The agent's TOML config (see docs/agent-protocol.md)."),
+    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Run the backdoor agent of this host (root): serves monitors on the private network."""
+    from .agent.__main__ import main as agent_main
+
+    raise typer.Exit(agent_main(["--config", config, "--log-level", log_level]))
+
+
 # ---- benchmarks -----------------------------------------------------------------------
 
 
