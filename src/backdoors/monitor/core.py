@@ -1,0 +1,367 @@
+"""The monitor: polls every node of every agent, applies the rules, responds, logs.
+
+    with Monitor(config, key=key) as mon:     # or run_monitor(config, stop_event)
+        mon.wait_ready()
+        ...
+        mon.incidents()
+
+One poller thread per agent, each with its own connection: an agent that is down or slow
+costs only its own thread (its calls time out after `timeout_ms`), and shows up as the
+`agent_unreachable` condition of its nodes. Each poll makes one `sensors()` call per node
+(plus one `nodes()` per agent when a rule watches for frozen nodes or nodes are
+discovered). Responses (diagnosis and actions) run on a bounded pool of repair workers,
+each with its own connections, so polling goes on during a repair.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import AgentError, ConfigError, SensorBoxError
+from ..sensors import SensorTracker, parse
+from . import rules as R
+from .config import AgentEntry, MonitorConfig, load_config, load_monitor_key, validate
+from .detectors import NodeView
+from .engine import Detection, Engine
+from .incidents import Incident, IncidentLog
+from .repair import Context, respond
+
+log = logging.getLogger("backdoors.monitor")
+
+ClientFactory = Callable[[AgentEntry, float], Any]
+#: Where `run_monitor` (the `backdoors monitor` command) writes incidents by default.
+DEFAULT_INCIDENTS_DIR = "/var/lib/backdoors/incidents"
+
+
+class AgentPoller:
+    """Polls one agent's nodes every period on a thread of its own."""
+
+    def __init__(self, monitor: Monitor, entry: AgentEntry):
+        self.monitor, self.entry = monitor, entry
+        self.nodes: list[str] = list(entry.nodes or [])
+        self.discover = entry.nodes is None
+        self.polls = 0  # successful polls
+        self.failures = 0
+        self.error: str | None = None
+        self.last_ok: float | None = None
+        self.started = monitor.clock()
+        self._next_discover = 0.0
+        self._trackers: dict[tuple[str, str], SensorTracker] = {}
+        self._thread = threading.Thread(target=self._run, name=f"bd-mon-poll-{entry.host}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        m = self.monitor
+        client = m.client_factory(self.entry, m.config.timeout_ms / 1000)
+        period = m.config.period_ms / 1000
+        next_at = m.clock()
+        try:
+            while not m.stopping.is_set():
+                try:
+                    self.poll_once(client)
+                except Exception:  # noqa: BLE001 - a poller must survive anything
+                    log.exception("agent %s: poll failed", self.entry.host)
+                next_at += period
+                delay = next_at - m.clock()
+                if delay < 0:  # overran: skip the missed periods rather than catch up
+                    next_at, delay = m.clock(), 0.0
+                m.stopping.wait(delay)
+        finally:
+            client.close()
+
+    def poll_once(self, client) -> list[NodeView]:
+        m = self.monitor
+        now = m.clock()
+        views: list[NodeView] = []
+        try:
+            infos = {}
+            discover = self.discover and now >= self._next_discover
+            if discover or m.watches_frozen:
+                infos = {i.name: i for i in client.nodes()}
+                if discover:
+                    for gone in set(self.nodes) - set(infos):
+                        self._drop(gone)
+                    self.nodes = sorted(infos)
+                    self._next_discover = now + m.config.discover_s
+            for node in self.nodes:
+                try:
+                    reply = client.sensors(node)
+                except AgentError as e:
+                    if getattr(e, "code", "") in ("connect", "timeout", "protocol", "auth"):
+                        raise
+                    self._node_error(node, e)
+                    continue
+                views.append(self._view(node, reply, m.clock(), infos.get(node)))
+        except AgentError as e:
+            self.failures += 1
+            if self.error is None:
+                log.warning("agent %s unreachable: %s", self.entry.host, e)
+            self.error = str(e)
+            now = m.clock()
+            silent = now - (self.last_ok if self.last_ok is not None else self.started)
+            views = [NodeView(n, self.entry.host, now, agent_ok=False, agent_silent_s=silent)
+                     for n in (self.nodes or [self._pseudo])]
+        else:
+            if self.error is not None:
+                log.info("agent %s reachable again", self.entry.host)
+            self.error, self.last_ok = None, m.clock()
+            self.polls += 1
+            if self._pseudo in m.engine.nodes:  # it was silent before any node was known
+                m.engine.forget(self._pseudo, "agent reachable again")
+        for view in views:
+            m.observe(view)
+        m.polled()
+        return views
+
+    @property
+    def _pseudo(self) -> str:
+        """The node name of an agent silent before any of its nodes was known."""
+        return f"@{self.entry.host}"
+
+    def _drop(self, node: str) -> None:
+        self.nodes = [n for n in self.nodes if n != node]
+        for key in [k for k in self._trackers if k[0] == node]:
+            del self._trackers[key]
+        self.monitor.engine.forget(node)
+
+    def _node_error(self, node: str, e: AgentError) -> None:
+        if getattr(e, "code", "") == "no_such_node" and self.discover:
+            self._drop(node)
+        log.debug("agent %s node %s: %s", self.entry.host, node, e)
+
+    def _view(self, node: str, reply, at: float, info) -> NodeView:
+        snapshots, errors = {}, dict(reply.errors)
+        for box, data in reply.boxes.items():
+            tracker = self._trackers.get((node, box))
+            if tracker is None:
+                tracker = self._trackers[(node, box)] = SensorTracker(self.monitor.clock)
+            try:
+                snapshots[box] = tracker.update(parse(data), at)
+            except SensorBoxError as e:
+                errors[box] = str(e)
+        for key in [k for k in self._trackers if k[0] == node and k[1] not in reply.boxes]:
+            del self._trackers[key]
+        return NodeView(node, self.entry.host, at, snapshots,
+                        frozen=info.frozen if info else None,
+                        locked_by=list(info.locked_by) if info else [],
+                        box_errors=errors)
+
+
+class Monitor:
+    """Watches the nodes of `config.agents` with `rules` (default: config.rulesets).
+
+    `key` is this monitor's HMAC key (default: read from config.key_file). `hooks` are
+    the in-process callables refresh actions may name. `client_factory(entry, timeout)`
+    makes agent clients (default: AgentClient over the network).
+    """
+
+    def __init__(self, config: MonitorConfig, *, key: bytes | None = None,
+                 rules: list[R.Rule] | None = None,
+                 hooks: dict[str, Callable[[dict], Any]] | None = None,
+                 client_factory: ClientFactory | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = validate(config)
+        self.rules = list(rules) if rules is not None else R.load_rulesets(config.rulesets)
+        self.hooks = dict(hooks or {})
+        for rule in self.rules:
+            for a in rule.actions:
+                if isinstance(a, R.Refresh) and a.hook is not None and a.hook not in self.hooks:
+                    raise ConfigError(f"rule {rule.name}: refresh hook {a.hook!r} is not "
+                                      f"registered (hooks: {', '.join(self.hooks) or 'none'})")
+        self.clock = clock
+        if client_factory is None:
+            self.key = key if key is not None else load_monitor_key(config)
+            client_factory = self._default_client
+        self.client_factory = client_factory
+        self.watches_frozen = any(isinstance(d, R.NodeFrozen) for r in self.rules for d in r.detectors)
+        self.stopping = threading.Event()
+        self.log = IncidentLog(config.incidents_dir)
+        self.engine = Engine(self.rules, config.monitor_id, history_s=config.history_s,
+                             settle_s=config.settle_ms / 1000, clock=clock,
+                             on_close=lambda inc: self._emit("closed", inc, record=inc))
+        self.pollers = [AgentPoller(self, e) for e in config.agents]
+        self._pool = ThreadPoolExecutor(config.max_parallel_repairs,
+                                        thread_name_prefix="bd-mon-repair")
+        self._local = threading.local()
+        self._worker_clients: list[Any] = []
+        self._cond = threading.Condition()
+        self._listeners: list[Callable[[str, Incident], None]] = []
+        self._incidents: deque[Incident] = deque(maxlen=1000)
+        self._started = False
+
+    def _default_client(self, entry: AgentEntry, timeout: float):
+        from ..agent.client import AgentClient
+        return AgentClient(entry.address, self.config.monitor_id, self.key, netns=entry.netns,
+                           timeout=timeout, vote_window=self.config.vote_window_s)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> Monitor:
+        if not self._started:
+            self._started = True
+            for p in self.pollers:
+                p.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop polling, let running repairs finish, close open incidents, close the log."""
+        self.stopping.set()
+        for p in self.pollers:
+            p.join(timeout)
+        self._pool.shutdown(wait=True)
+        self.engine.close_all("monitor stopped")
+        for c in self._worker_clients:
+            c.close()
+        self.log.close()
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- observing -----------------------------------------------------------------------
+
+    def observe(self, view: NodeView) -> None:
+        for det in self.engine.observe(view):
+            with self._cond:
+                self._incidents.append(det.incident)
+            log.warning("incident %s: rule %s on node %s: %s", det.incident.id, det.rule.name,
+                        view.node, "; ".join(h.summary for h in det.hits))
+            self._emit("opened", det.incident, record=det.incident)
+            try:
+                self._pool.submit(self._respond, det)
+            except RuntimeError:  # shutting down
+                self.engine.responded(det, "not handled: monitor stopping")
+
+    def polled(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _client_for(self, host: str):
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        if host not in clients:
+            entry = next(e for e in self.config.agents if e.host == host)
+            clients[host] = self.client_factory(entry, self.config.action_timeout_ms / 1000)
+            self._worker_clients.append(clients[host])
+        return clients[host]
+
+    def _respond(self, det: Detection) -> None:
+        state = "failed"
+        try:
+            ctx = Context(det.rule, det.incident, det.view, det.hits, det.onset, det.detected,
+                          self._client_for(det.view.host), det.history, self.clock, self.hooks)
+
+            def step(kind: str, payload) -> None:
+                if kind == "diagnosis":
+                    self._emit("diagnosis", det.incident, diagnosis=payload)
+                else:
+                    self._emit("action", det.incident, action=payload)
+
+            state = respond(ctx, step)
+        except Exception as e:  # noqa: BLE001 - recorded; the worker must survive
+            log.exception("incident %s: response failed", det.incident.id)
+            det.incident.actions.append(_failure(str(e)))
+        finally:
+            self.engine.responded(det, state)
+            log.warning("incident %s: %s in %.0f ms%s", det.incident.id, state,
+                        det.incident.repaired_ms or 0,
+                        f" ({det.incident.diagnosis.summary})" if det.incident.diagnosis else "")
+            self._emit("responded", det.incident, record=det.incident)
+
+    def _emit(self, event: str, incident: Incident, **payload) -> None:
+        try:
+            self.log.write(event, incident, **payload)
+        except Exception:  # noqa: BLE001 - a full disk must not stop repairs
+            log.exception("cannot write incident event")
+        for fn in list(self._listeners):
+            try:
+                fn(event, incident)
+            except Exception:  # noqa: BLE001
+                log.exception("incident listener failed")
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- for callers ---------------------------------------------------------------------
+
+    def subscribe(self, fn: Callable[[str, Incident], None]) -> None:
+        """Call `fn(event, incident)` on every incident event (from monitor threads)."""
+        self._listeners.append(fn)
+
+    def incidents(self) -> list[Incident]:
+        """Every incident this monitor opened (the latest 1000), oldest first."""
+        with self._cond:
+            return list(self._incidents)
+
+    def wait_for(self, predicate: Callable[[Incident], bool], timeout: float) -> Incident | None:
+        """The first incident satisfying `predicate`, waiting up to `timeout` s for it."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for inc in self._incidents:
+                    if predicate(inc):
+                        return inc
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def wait_ready(self, timeout: float = 10.0, polls: int = 3) -> None:
+        """Wait until every agent has answered `polls` polls; AgentError if one did not."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not all(p.polls >= polls and p.nodes for p in self.pollers):
+                left = end - time.monotonic()
+                if left <= 0:
+                    bad = [f"{p.entry.host}: {p.error or 'no nodes'}" for p in self.pollers
+                           if p.polls < polls or not p.nodes]
+                    raise AgentError(f"monitor not ready within {timeout:g} s: {'; '.join(bad)}")
+                self._cond.wait(left)
+
+    def status(self) -> dict[str, dict]:
+        """Per agent: reachable, polls, failures, last error, nodes."""
+        now = self.clock()
+        return {p.entry.host: {
+            "reachable": p.error is None and p.last_ok is not None, "polls": p.polls,
+            "failures": p.failures, "error": p.error, "nodes": list(p.nodes),
+            "last_ok_s_ago": None if p.last_ok is None else round(now - p.last_ok, 3),
+        } for p in self.pollers}
+
+
+def _failure(error: str):
+    from .incidents import ActionRecord
+    return ActionRecord("response", "failed", 0.0, 0.0, {}, error)
+
+
+def run_monitor(config: MonitorConfig | str, stop_event: threading.Event, *,
+                hooks: dict[str, Callable[[dict], Any]] | None = None) -> list[Incident]:
+    """Run a monitor until `stop_event` is set (the CLI's `backdoors monitor`).
+
+    `config` is a MonitorConfig or the path of its TOML file; incidents go to its
+    incidents_dir, DEFAULT_INCIDENTS_DIR when it has none. Returns its incidents.
+    """
+    if isinstance(config, str):
+        config = load_config(config)
+    if config.incidents_dir is None:
+        import msgspec
+        config = msgspec.structs.replace(config, incidents_dir=DEFAULT_INCIDENTS_DIR)
+    mon = Monitor(config, hooks=hooks)
+    with mon:
+        log.info("monitor %s: %d rules, polling %d agents every %g ms", config.monitor_id,
+                 len(mon.rules), len(config.agents), config.period_ms)
+        stop_event.wait()
+    return mon.incidents()

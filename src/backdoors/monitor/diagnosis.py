@@ -1,0 +1,305 @@
+"""Diagnosis units: from a node's externalized state to a culprit, with the evidence.
+
+Pure functions over the agent's process table (rows with pid, ppid, comm, state,
+rss_bytes, start_time, age_s, rss_rate, registered, ...) and the detection. They never
+call the agent themselves, so they are tested over synthetic tables; the engine fetches
+what they need. A Finding names its culprits by (pid, start_time), which the agent checks
+again before it kills, so a pid reused since the diagnosis is never hit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from . import rules as R
+from .detectors import Hit, NodeView
+
+MiB = 1 << 20
+
+STATE_MEANING = {
+    "R": "running: busy but not progressing (a livelock or a busy loop)",
+    "S": "sleeping: waiting and not progressing (a deadlock, or waiting for something that never comes)",
+    "D": "in uninterruptible sleep: stuck in the kernel (I/O, a lock, memory reclaim)",
+    "T": "stopped by a signal",
+    "t": "stopped by a tracer",
+    "Z": "a zombie: it died and was not reaped",
+    "X": "dead",
+}
+
+
+class Row(Protocol):
+    pid: int
+    ppid: int
+    comm: str
+    state: str
+    rss_bytes: int
+    start_time: float
+    cpu_seconds: float
+    threads: int
+    age_s: float
+    rss_rate: float
+    registered: bool
+
+
+class Target(msgspec.Struct, frozen=True):
+    """A process to act on, named so that a reused pid is refused."""
+
+    pid: int
+    start_time: float
+    comm: str
+
+
+class Finding(msgspec.Struct):
+    """What a diagnosis unit concluded: culprits (maybe none) and the evidence."""
+
+    kind: str
+    summary: str
+    culprits: list[Target] = []
+    evidence: dict[str, Any] = {}
+
+
+def _target(p: Row) -> Target:
+    return Target(p.pid, p.start_time, p.comm)
+
+
+def _brief(p: Row) -> dict[str, Any]:
+    return {"pid": p.pid, "comm": p.comm, "state": p.state, "rss_mb": round(p.rss_bytes / MiB, 1),
+            "rate_mb_s": round(p.rss_rate / MiB, 2), "age_s": round(p.age_s, 2),
+            "registered": p.registered}
+
+
+def _protected_comm(p: Row, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(p.comm, pat) for pat in patterns)
+
+
+# ---- memory hog ------------------------------------------------------------------------
+
+
+def memory_hog(cfg: R.MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
+    """The process responsible for the growth: the highest RSS growth rate, at least
+    `min_rate_mb_s`; never a registered service or a protected comm, never chosen for
+    its size. No culprit (and no kill) when nothing grows."""
+    alive = [p for p in table if p.state not in ("Z", "X")]
+    by_rate = sorted(alive, key=lambda p: p.rss_rate, reverse=True)
+    eligible = [p for p in by_rate if not p.registered and not _protected_comm(p, cfg.protect_comms)]
+    largest = max(alive, key=lambda p: p.rss_bytes, default=None)
+    evidence = {
+        "by_growth": [_brief(p) for p in by_rate[: cfg.top]],
+        "largest": _brief(largest) if largest else None,
+        "min_rate_mb_s": cfg.min_rate_mb_s,
+        "total_rss_mb": round(sum(p.rss_bytes for p in alive) / MiB, 1),
+    }
+    top = eligible[0] if eligible else None
+    if top is None or top.rss_rate < cfg.min_rate_mb_s * MiB:
+        return Finding("memory_hog", "no process grows faster than "
+                       f"{cfg.min_rate_mb_s:g} MB/s: no culprit", [], evidence)
+    note = "" if largest is None or largest.pid == top.pid else (
+        f"; the largest process is {largest.comm} ({largest.pid}, "
+        f"{largest.rss_bytes / MiB:.0f} MB), stable or slower")
+    return Finding("memory_hog", f"{top.comm} (pid {top.pid}) grows {top.rss_rate / MiB:.1f} MB/s, "
+                   f"now {top.rss_bytes / MiB:.0f} MB{note}", [_target(top)], evidence)
+
+
+def largest_rss(cfg: R.LargestRssDiagnosis, table: Sequence[Row]) -> Finding:
+    """Baseline (kernel OOM killer, earlyoom): the largest resident process."""
+    alive = [p for p in table if p.state not in ("Z", "X")
+             and not (cfg.protect_registered and p.registered)]
+    by_size = sorted(alive, key=lambda p: p.rss_bytes, reverse=True)
+    evidence = {"by_size": [_brief(p) for p in by_size[: cfg.top]]}
+    if not by_size:
+        return Finding("largest_rss", "no process", [], evidence)
+    top = by_size[0]
+    return Finding("largest_rss", f"{top.comm} (pid {top.pid}) is the largest, "
+                   f"{top.rss_bytes / MiB:.0f} MB", [_target(top)], evidence)
+
+
+# ---- fork bomb -------------------------------------------------------------------------
+
+
+def first_process(table: Sequence[Row]) -> Row | None:
+    """The node's first process: the oldest one whose parent is outside the node."""
+    pids = {p.pid for p in table}
+    roots = [p for p in table if p.ppid not in pids]
+    return min(roots, key=lambda p: (p.start_time, p.pid), default=None)
+
+
+def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterable[str] = (),
+                 old_ancestor_min_children: int = 3) -> tuple[list[Row], dict[str, Any]]:
+    """The fork bomb in a (frozen) node's table: live processes born within the last
+    `young_age_s` seconds (since onset), plus their ancestors in the node up to, but
+    excluding, any protected one (a registered service, the node's first process if
+    older than onset, a protected comm). An ancestor older than onset joins only if at
+    least `old_ancestor_min_children` of its children are young. Protected processes are
+    never part of it, whatever their age."""
+    by_pid = {p.pid: p for p in table}
+    first = first_process(table)
+    protect_comms = list(protect_comms)
+
+    def protected(p: Row) -> bool:
+        return p.registered or (first is not None and p.pid == first.pid
+                                and p.age_s > young_age_s) or _protected_comm(p, protect_comms)
+
+    young = [p for p in table if p.age_s <= young_age_s and p.state not in ("Z", "X")
+             and not protected(p)]
+    young_children: dict[int, int] = {}
+    for p in young:
+        young_children[p.ppid] = young_children.get(p.ppid, 0) + 1
+    lineage: dict[int, Row] = {p.pid: p for p in young}
+    held_back: list[Row] = []
+    for p in young:
+        parent = by_pid.get(p.ppid)
+        while parent is not None and parent.pid not in lineage and not protected(parent):
+            if parent.age_s > young_age_s and young_children.get(
+                    parent.pid, 0) < old_ancestor_min_children:
+                held_back.append(parent)
+                break
+            lineage[parent.pid] = parent
+            parent = by_pid.get(parent.ppid)
+    spared = [p for p in table if p.pid not in lineage]
+    comms: dict[str, int] = {}
+    for p in lineage.values():
+        comms[p.comm] = comms.get(p.comm, 0) + 1
+    evidence = {
+        "young_age_s": round(young_age_s, 3),
+        "bomb_processes": len(lineage),
+        "young": len(young),
+        "ancestors": len(lineage) - len(young),
+        "comms": dict(sorted(comms.items(), key=lambda kv: -kv[1])[:5]),
+        "spared": [_brief(p) for p in sorted(spared, key=lambda p: p.pid)[:10]],
+        "spared_count": len(spared),
+        "old_parents_spared": sorted({p.pid for p in held_back}),
+        "first_process": first.pid if first else None,
+    }
+    return sorted(lineage.values(), key=lambda p: p.pid), evidence
+
+
+def subtree_roots(lineage: Sequence[Row], table: Sequence[Row]) -> tuple[list[Row], list[Row]]:
+    """Split the lineage into roots whose whole subtree is in the lineage (killable as a
+    tree) and the remaining members to kill one by one."""
+    members = {p.pid for p in lineage}
+    children: dict[int, list[int]] = {}
+    for p in table:
+        children.setdefault(p.ppid, []).append(p.pid)
+
+    def whole(pid: int) -> bool:
+        todo = [pid]
+        while todo:
+            cur = todo.pop()
+            if cur not in members:
+                return False
+            todo.extend(children.get(cur, ()))
+        return True
+
+    roots = [p for p in lineage if p.ppid not in members and whole(p.pid)]
+    covered: set[int] = set()
+    for r in roots:
+        todo = [r.pid]
+        while todo:
+            cur = todo.pop()
+            covered.add(cur)
+            todo.extend(children.get(cur, ()))
+    return roots, [p for p in lineage if p.pid not in covered]
+
+
+FORK_SENSORS = (("kernel", "forks"), ("kernel", "fork_failures"), ("kernel", "pids"))
+
+
+def bomb_onset(history, view: NodeView, onset: float) -> float:
+    """The onset of a fork bomb: the earliest start of the latest rise of the kernel's
+    fork counter, failed-fork counter or task count, whichever detector fired."""
+    times = [onset]
+    for key in FORK_SENSORS:
+        t = history.rise_start(key, view.at)
+        if t is not None:
+            times.append(t)
+    return min(times)
+
+
+def fork_bomb(cfg: R.ForkBombDiagnosis, view: NodeView, hits: list[Hit], onset: float) -> Finding:
+    """Before the lock: the onset and the fork sensors. The lineage itself is found by
+    `bomb_lineage` once the node is frozen (see the lock_kill_lineage action)."""
+    kernel = view.snapshots.get("kernel")
+    sensors = {}
+    if kernel is not None:
+        for s in kernel.sensors:
+            if s.name in ("forks", "fork_failures", "pids"):
+                sensors[s.name] = s.rate if s.type == "pressure" else s.value
+    return Finding("fork_bomb", f"fork pressure since {view.at - onset:.2f} s before detection; "
+                   "the lineage is identified with the node locked",
+                   [], {"onset_before_detection_s": round(view.at - onset, 3),
+                        "kernel": sensors, "detectors": [h.summary for h in hits]})
+
+
+# ---- hang ------------------------------------------------------------------------------
+
+
+def hang(view: NodeView, hits: list[Hit], table: Sequence[Row],
+         later: Sequence[Row] | None = None, interval_s: float = 0.0) -> Finding:
+    """Which process is stuck and in what state; the whole node frozen or one process.
+
+    The stuck process is the owner of each box whose progress sensor stalled (the owner
+    pid the box carries), else the registered processes. `later`, a second table taken
+    `interval_s` after `table`, tells a spinning process (CPU time moves) from a blocked
+    one.
+    """
+    by_pid = {p.pid: p for p in table}
+    cpu_later = {(p.pid, p.start_time): p.cpu_seconds for p in later or ()}
+    stalled = [v for h in hits for v in h.violations if v.type == "progress"]
+    frozen_hit = any(h.kind == "node_frozen" for h in hits)
+    live = [p for p in table if p.state not in ("Z", "X")]
+    all_stopped = bool(live) and all(p.state in ("T", "t") for p in live)
+    owners: dict[int, list[str]] = {}
+    for v in stalled:
+        snap = view.snapshots.get(v.box)
+        if snap is not None:
+            owners.setdefault(snap.owner_pid, []).append(
+                f"{v.box}/{v.sensor} (stalled {v.measure * 1000:.0f} ms, counter {v.value:.0f})")
+    if not owners:
+        for p in live:
+            if p.registered:
+                owners[p.pid] = []
+    stuck, culprits, gone = [], [], []
+    for pid, sensors in owners.items():
+        p = by_pid.get(pid)
+        if p is None:
+            gone.append({"pid": pid, "sensors": sensors})
+            continue
+        entry = {"pid": p.pid, "comm": p.comm, "state": p.state,
+                 "meaning": STATE_MEANING.get(p.state, "unknown state"),
+                 "threads": p.threads, "cpu_seconds": round(p.cpu_seconds, 3),
+                 "sensors": sensors}
+        if (p.pid, p.start_time) in cpu_later and interval_s > 0:
+            entry["cpu_share"] = round((cpu_later[(p.pid, p.start_time)] - p.cpu_seconds)
+                                       / interval_s, 3)
+        stuck.append(entry)
+        culprits.append(_target(p))
+    if frozen_hit or all_stopped:
+        scope = "node"
+        how = ("its cgroup is frozen and nobody holds the lock" if frozen_hit
+               else f"every process of the node ({len(live)}) is stopped")
+        summary = f"whole node frozen: {how}"
+    elif gone and not stuck:
+        scope = "process"
+        summary = (f"the owner of the stalled sensors (pid {gone[0]['pid']}) is gone: "
+                   "the service crashed")
+    elif stuck:
+        scope = "process"
+        s = stuck[0]
+        spin = ""
+        if "cpu_share" in s:
+            spin = " and spinning" if s["cpu_share"] > 0.2 else " and not using CPU"
+        summary = (f"{s['comm']} (pid {s['pid']}) stopped progressing; state {s['state']} "
+                   f"({s['meaning']}){spin}; {s['threads']} threads")
+    else:
+        scope = "unknown"
+        summary = "progress stalled but no owner process could be found"
+    states: dict[str, int] = {}
+    for p in live:
+        states[p.state] = states.get(p.state, 0) + 1
+    evidence = {"scope": scope, "stuck": stuck, "gone": gone, "node_states": states,
+                "node_frozen": bool(view.frozen), "processes": len(live)}
+    return Finding("hang", summary, culprits, evidence)

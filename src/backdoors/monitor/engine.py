@@ -1,0 +1,239 @@
+"""The rule engine: from a node's successive views to opened and closed incidents.
+
+For each node it keeps the sensor history and, per rule, how long each detector has
+held (`for_ms`), the open incident and the cooldown. `observe(view)` is called by the
+node's poller thread after every poll; it returns the incidents to respond to, which the
+monitor hands to a repair worker. Only one rule responds on a node at a time, and the
+node settles for `settle_ms` after a response (a repair's freeze stalls progress).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import rules as R
+from .detectors import Hit, NodeView, evaluate
+from .history import History, Key
+from .incidents import Incident
+
+_seq = itertools.count(1)
+
+
+@dataclass
+class RuleState:
+    since: list[float | None]
+    incident: Incident | None = None
+    hits: list[Hit] = field(default_factory=list)
+    clear_since: float | None = None
+    acted_at: float | None = None  # when its response finished
+    cooldown_until: float = 0.0
+
+
+@dataclass
+class NodeState:
+    node: str
+    host: str
+    history: History
+    rules: dict[str, RuleState] = field(default_factory=dict)
+    busy: str | None = None  # id of the incident being responded to
+    settle_until: float = 0.0
+
+
+@dataclass
+class Detection:
+    """An incident just opened, with what its response needs."""
+
+    incident: Incident
+    rule: R.Rule
+    view: NodeView
+    hits: list[Hit]
+    onset: float
+    detected: float
+    history: History
+
+
+class Engine:
+    """Rules applied to the views of every node; thread-safe per node."""
+
+    def __init__(self, rules: list[R.Rule], monitor_id: str, *, history_s: float = 5.0,
+                 settle_s: float = 0.25, clock: Callable[[], float] = time.monotonic,
+                 on_close: Callable[[Incident], None] | None = None):
+        self.rules, self.monitor_id = rules, monitor_id
+        self.history_s, self.settle_s, self.clock = history_s, settle_s, clock
+        self.on_close = on_close or (lambda inc: None)
+        self.nodes: dict[str, NodeState] = {}
+        self._lock = threading.Lock()
+
+    def state(self, node: str, host: str) -> NodeState:
+        with self._lock:
+            st = self.nodes.get(node)
+            if st is None:
+                st = self.nodes[node] = NodeState(node, host, History(self.history_s))
+            return st
+
+    def open_incidents(self) -> list[Incident]:
+        with self._lock:
+            states = list(self.nodes.values())
+        return [rs.incident for st in states for rs in st.rules.values() if rs.incident]
+
+    # -- per poll ------------------------------------------------------------------------
+
+    def observe(self, view: NodeView) -> list[Detection]:
+        st = self.state(view.node, view.host)
+        if view.agent_ok:
+            st.history.add(view)
+        now = view.at
+        opened: list[Detection] = []
+        for rule in self.rules:
+            if not rule.applies_to(view.node):
+                continue
+            if not view.agent_ok and not any(isinstance(d, R.AgentUnreachable)
+                                             for d in rule.detectors):
+                continue  # stale data cannot judge this rule: hold its state as it is
+            rs = st.rules.get(rule.name)
+            if rs is None:
+                rs = st.rules[rule.name] = RuleState([None] * len(rule.detectors))
+            hits, raw = self._hits(rule, rs, view)
+            if rs.incident is not None:  # held open by the raw condition: for_ms debounces
+                self._follow(rule, rs, st, self._fired(rule, raw), now)  # opening only
+            elif (self._fired(rule, hits) and not opened and st.busy is None and now >= st.settle_until
+                  and now >= rs.cooldown_until):
+                det = self._open(rule, rs, st, view, hits)
+                opened.append(det)
+        return opened
+
+    @staticmethod
+    def _fired(rule: R.Rule, hits: list[Hit]) -> bool:
+        return bool(hits) if rule.match == "any" else len(hits) == len(rule.detectors)
+
+    def _hits(self, rule: R.Rule, rs: RuleState, view: NodeView) -> tuple[list[Hit], list[Hit]]:
+        """(hits held for their for_ms, every hit now)."""
+        hits, raw = [], []
+        for i, det in enumerate(rule.detectors):
+            if not view.agent_ok and not isinstance(det, R.AgentUnreachable):
+                continue  # no fresh data: neither fired nor cleared
+            hit = evaluate(det, i, view)
+            if hit is None:
+                rs.since[i] = None
+                continue
+            raw.append(hit)
+            if rs.since[i] is None:
+                rs.since[i] = view.at
+            if (view.at - rs.since[i]) * 1000 >= getattr(det, "for_ms", 0.0):
+                hits.append(hit)
+        return hits, raw
+
+    def _follow(self, rule: R.Rule, rs: RuleState, st: NodeState, fired: bool, now: float) -> None:
+        inc = rs.incident
+        if st.busy == inc.id:
+            return  # its response is running: judge it afterwards
+        if fired:
+            rs.clear_since = None
+            if rs.acted_at is not None and (now - rs.acted_at) * 1000 >= rule.retry_after_ms:
+                self.close(st, rule, "unresolved", now)
+        else:
+            if rs.clear_since is None:
+                rs.clear_since = now
+            if (now - rs.clear_since) * 1000 >= rule.clear_ms:
+                self.close(st, rule, "cleared", now)
+
+    def _open(self, rule: R.Rule, rs: RuleState, st: NodeState, view: NodeView,
+              hits: list[Hit]) -> Detection:
+        onset = self.onset(st.history, view, hits, rule)
+        now_wall, now = time.time(), self.clock()
+        wall = lambda t: now_wall - (now - t)  # noqa: E731
+        keys: list[Key] = list(dict.fromkeys((v.box, v.sensor) for h in hits for v in h.violations))
+        series = st.history.around(keys, onset - 1.0, view.at)
+        sensors = {k: [[round((t - view.at) * 1000, 1), v] for t, v in pts]
+                   for k, pts in series.items()}
+        inc = Incident(
+            id=f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now_wall))}-{view.node}-{next(_seq)}",
+            monitor=self.monitor_id, rule=rule.name, node=view.node, host=view.host,
+            onset=wall(onset), detected=wall(view.at),
+            onset_to_detect_ms=round((view.at - onset) * 1000, 1), detectors=hits,
+            sensors=sensors)
+        rs.incident, rs.hits, rs.clear_since, rs.acted_at = inc, hits, None, None
+        st.busy = inc.id
+        return Detection(inc, rule, view, hits, onset, view.at, st.history.copy())
+
+    def responded(self, det: Detection, state: str) -> None:
+        """Called by the repair worker when the response of `det` has finished."""
+        st = self.state(det.view.node, det.view.host)
+        rs = st.rules[det.rule.name]
+        now = self.clock()
+        det.incident.state = state
+        det.incident.repaired_ms = round((now - det.detected) * 1000, 1)
+        rs.acted_at = now
+        st.busy = None
+        st.settle_until = now + self.settle_s
+
+    def close(self, st: NodeState, rule: R.Rule, outcome: str, now: float) -> None:
+        rs = st.rules[rule.name]
+        inc = rs.incident
+        if inc is None:
+            return
+        inc.closed = time.time() - (self.clock() - now)
+        inc.outcome = outcome
+        inc.open_ms = round((inc.closed - inc.detected) * 1000, 1)
+        rs.incident, rs.clear_since, rs.acted_at = None, None, None
+        rs.cooldown_until = now + rule.cooldown_ms / 1000
+        self.on_close(inc)
+
+    def forget(self, node: str, outcome: str = "node gone") -> None:
+        """Drop a node no longer served (closing its open incidents)."""
+        with self._lock:
+            st = self.nodes.pop(node, None)
+        if st is None:
+            return
+        rules = {r.name: r for r in self.rules}
+        for name, rs in list(st.rules.items()):
+            if rs.incident is not None:
+                self.close(st, rules[name], outcome, self.clock())
+
+    def close_all(self, outcome: str) -> None:
+        """Close every open incident (the monitor is stopping)."""
+        now = self.clock()
+        with self._lock:
+            states = list(self.nodes.values())
+        rules = {r.name: r for r in self.rules}
+        for st in states:
+            for name, rs in list(st.rules.items()):
+                if rs.incident is not None:
+                    self.close(st, rules[name], outcome, now)
+
+    # -- onset ---------------------------------------------------------------------------
+
+    @staticmethod
+    def onset(history: History, view: NodeView, hits: list[Hit], rule: R.Rule) -> float:
+        """When the trouble began, from the history: the earliest onset over the hits.
+
+        progress: when the counter last moved; level: the start of the unbroken run out
+        of bounds; pressure: the start of the counter's rise; frozen/unreachable: now
+        minus how long the condition is known to have held.
+        """
+        times = [view.at]
+        for h in hits:
+            if h.kind == "agent_unreachable":
+                times.append(view.at - view.agent_silent_s)
+            for v in h.violations:
+                key = (v.box, v.sensor)
+                if v.type == "progress":
+                    times.append(view.at - v.measure)
+                elif v.type == "level":
+                    if v.bound is None or not math.isfinite(v.value):
+                        bad = lambda x: not math.isfinite(x)  # noqa: E731
+                    elif v.value > v.bound:
+                        bad = lambda x, b=v.bound: x > b  # noqa: E731
+                    else:
+                        bad = lambda x, b=v.bound: x < b  # noqa: E731
+                    t = history.violation_start(key, bad, view.at)
+                    times.append(t if t is not None else view.at)
+                else:
+                    t = history.rise_start(key, view.at)
+                    times.append(t if t is not None else view.at)
+        return min(times)

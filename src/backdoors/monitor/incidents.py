@@ -1,0 +1,195 @@
+"""Incidents: what was detected, diagnosed and done, with a timeline, as JSONL.
+
+The log is a file of JSON lines, one per incident *event*, appended as it happens (so a
+monitor killed mid-repair leaves what it had done):
+
+    {"v": 1, "event": "opened",    "incident": ID, "at": T, "record": {...the incident...}}
+    {"v": 1, "event": "diagnosis", "incident": ID, "at": T, "diagnosis": {...}}
+    {"v": 1, "event": "action",    "incident": ID, "at": T, "action": {...}}
+    {"v": 1, "event": "closed",    "incident": ID, "at": T, "record": {...final incident...}}
+
+`at` is Unix time. `load_incidents` folds events back into Incident records (the
+"closed" record when there is one); `show_incidents` renders them for
+`backdoors incidents`. docs/monitor.md lists every field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..errors import ConfigError
+from .detectors import Hit
+from .diagnosis import Finding
+
+LOG_NAME = "incidents.jsonl"
+
+
+class ActionRecord(msgspec.Struct):
+    """One action of an incident: `started_ms` counts from detection."""
+
+    kind: str
+    status: str  # "done", "failed", "skipped"
+    started_ms: float
+    duration_ms: float
+    detail: dict[str, Any] = {}
+    error: str | None = None
+
+
+class Incident(msgspec.Struct):
+    """One detection on one node by one rule, from onset to close.
+
+    Times `onset`, `detected`, `closed` are Unix seconds; `*_ms` are durations from
+    detection. `sensors` holds the involved sensors' values around onset as
+    {"box/sensor": [[ms relative to detection, value], ...]}.
+    """
+
+    id: str
+    monitor: str
+    rule: str
+    node: str
+    host: str
+    onset: float
+    detected: float
+    onset_to_detect_ms: float
+    detectors: list[Hit]
+    sensors: dict[str, list[list[float]]] = {}
+    state: str = "detected"  # detected -> acting -> repaired | recorded | failed
+    diagnosis: Finding | None = None
+    actions: list[ActionRecord] = []
+    repaired_ms: float | None = None  # detection -> the last action done
+    closed: float | None = None
+    outcome: str | None = None  # "cleared", "unresolved", "monitor stopped"
+    open_ms: float | None = None  # detection -> closed
+
+
+class Event(msgspec.Struct, omit_defaults=True):
+    v: int
+    event: str
+    incident: str
+    at: float
+    record: Incident | None = None
+    diagnosis: Finding | None = None
+    action: ActionRecord | None = None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+class IncidentLog:
+    """Appends incident events to DIR/incidents.jsonl; safe to share between threads.
+
+    With `directory=None` nothing is written (events still reach `listeners`).
+    """
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.path: Path | None = None
+        self._lock = threading.Lock()
+        self._file = None
+        if directory is not None:
+            d = Path(directory)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                self.path = d / LOG_NAME
+                self._file = open(self.path, "ab", buffering=0)
+            except OSError as e:
+                raise ConfigError(f"incidents directory {d}: {e.strerror}") from None
+
+    def write(self, event: str, incident: Incident, **payload) -> None:
+        line = _encoder.encode(Event(1, event, incident.id, time.time(), **payload)) + b"\n"
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def _files(path: str | os.PathLike) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        return sorted(p.glob("*.jsonl"))
+    if p.exists():
+        return [p]
+    raise ConfigError(f"no incident log at {p}: give the monitor's incidents_dir or a .jsonl file")
+
+
+def load_incidents(path: str | os.PathLike) -> list[Incident]:
+    """Incidents of a log file (or of every *.jsonl in a directory), oldest first.
+
+    A torn last line (a monitor killed mid-write) is skipped; any other bad line is a
+    ConfigError naming file and line.
+    """
+    found: dict[str, Incident] = {}
+    decoder = msgspec.json.Decoder(Event)
+    for file in _files(path):
+        lines = file.read_bytes().split(b"\n")
+        for n, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                ev = decoder.decode(raw)
+            except msgspec.DecodeError as e:
+                if n >= len(lines) - 1:
+                    continue  # torn tail
+                raise ConfigError(f"{file}:{n}: not an incident event: {e}") from None
+            if ev.record is not None:
+                found[ev.incident] = ev.record
+                continue
+            inc = found.get(ev.incident)
+            if inc is None:
+                continue
+            if ev.diagnosis is not None:
+                inc.diagnosis = ev.diagnosis
+            if ev.action is not None:
+                inc.actions.append(ev.action)
+    return sorted(found.values(), key=lambda i: i.detected)
+
+
+def _fmt_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int | None = None,
+                   console=None) -> list[Incident]:
+    """Print the incidents of a log (file or directory): a table, or JSON with `as_json`.
+
+    The CLI's `backdoors incidents`. Returns the incidents shown (newest `limit`).
+    """
+    incidents = load_incidents(path)
+    if limit is not None:
+        incidents = incidents[-limit:]
+    if as_json:
+        print(json.dumps(msgspec.to_builtins(incidents), indent=2))
+        return incidents
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not incidents:
+        console.print(f"no incidents in {path}")
+        return incidents
+    t = Table(title=f"incidents ({path})")
+    for col in ("id", "detected", "rule", "node", "onset→detect ms", "diagnosis", "actions",
+                "repair ms", "outcome"):
+        t.add_column(col, overflow="fold")
+    for i in incidents:
+        acts = ", ".join(f"{a.kind}:{a.status}" for a in i.actions) or "-"
+        t.add_row(i.id, _fmt_time(i.detected), i.rule, i.node, _ms(i.onset_to_detect_ms),
+                  i.diagnosis.summary if i.diagnosis else "-", acts, _ms(i.repaired_ms),
+                  i.outcome or f"open ({i.state})")
+    console.print(t)
+    return incidents

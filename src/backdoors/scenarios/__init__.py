@@ -1,0 +1,10 @@
+"""End-to-end scenarios: each builds its own lab, runs a case, tears down, returns JSON.
+
+`SCENARIOS` maps the CLI names (`backdoors scenario NAME --json`) to their functions.
+"""
+
+from .repair import HANG_MODES, fork_bomb, hang, memory_hog
+
+SCENARIOS = {"memory-hog": memory_hog, "fork-bomb": fork_bomb, "hang": hang}
+
+__all__ = ["HANG_MODES", "SCENARIOS", "fork_bomb", "hang", "memory_hog"]

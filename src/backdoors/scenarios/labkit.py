@@ -1,0 +1,95 @@
+"""A lab with its agents, plus what a monitor and a scenario need around it.
+
+`AgentLab` wraps `Lab(..., agents=True)` (one agent per lab host, services registering
+their Sensor Box with their node's agent) and adds: a MonitorConfig that reaches every
+agent from the lab's monitor namespace, waiting until a service's box is served, and
+restarting a service (the refresh action of a hang).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from ..errors import LabError
+from ..lab import Lab
+from ..lab.lab import _alive
+from ..monitor.config import AgentEntry, MonitorConfig
+from ..sensors import parse
+
+MiB = 1 << 20
+
+
+class AgentLab:
+    """A context manager: the lab up with its agents, torn down on exit (also on error)."""
+
+    def __init__(self, name: str, *, hosts: int = 1, nodes: int = 1,
+                 memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
+                 monitors: tuple[str, ...] = ("m1",), quorum: int = 1, services: bool = True):
+        self.lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_limit,
+                       pids_limit=pids_limit, services=services, agents=True, quorum=quorum,
+                       monitors=monitors)
+
+    @property
+    def plan(self):
+        return self.lab.plan
+
+    def up(self) -> AgentLab:
+        self.lab.up()
+        return self
+
+    def down(self) -> None:
+        self.lab.down()
+
+    def __enter__(self) -> AgentLab:
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def agent_client(self, host: str, monitor_id: str = "m1", timeout: float = 2.0):
+        return self.lab.agent_client(host, monitor_id=monitor_id, timeout=timeout)
+
+    def monitor_key(self, monitor_id: str = "m1") -> bytes:
+        return self.lab.monitor_key(monitor_id)
+
+    def monitor_config(self, monitor_id: str = "m1", **kw) -> MonitorConfig:
+        """A config polling every agent of the lab (nodes discovered) from the lab's
+        monitor namespace on the private network; `kw` sets other MonitorConfig keys."""
+        agents = [AgentEntry(h.name, self.lab.agent_address(h.name), netns=self.plan.monitor_ns)
+                  for h in self.plan.hosts]
+        return MonitorConfig(monitor_id=monitor_id, agents=agents, **kw)
+
+    def wait_registered(self, node: str, timeout: float = 10.0, owner: int | None = None) -> None:
+        """Wait until the node's agent serves an application box besides its kernel box
+        (one created by process `owner`, when given)."""
+        host = self.plan.node(node).host
+        end = time.monotonic() + timeout
+        with self.agent_client(host) as c:
+            while True:
+                boxes = c.sensors(node).boxes
+                apps = [parse(b) for k, b in boxes.items() if k != "kernel"]
+                if apps and (owner is None or any(a.owner_pid == owner for a in apps)):
+                    return
+                if time.monotonic() > end:
+                    raise LabError(f"node {node}: the service's Sensor Box was not registered "
+                                   f"with the agent within {timeout:g} s (boxes: {sorted(boxes)})")
+                time.sleep(0.05)
+
+    def restart_service(self, node: str, *args: str, timeout: float = 10.0) -> int:
+        """Kill the node's sample service and start it again with `args`; wait until the
+        new one's box is registered. Returns the new pid."""
+        old = self.lab.service(node).pid
+        self.lab.node(node).kill(old, signal.SIGKILL)
+        end = time.monotonic() + timeout
+        while _alive(old) and time.monotonic() < end:
+            time.sleep(0.01)
+        pid = self.lab.start_service(node, *args).pid
+        self.wait_registered(node, timeout, owner=pid)
+        return pid
+
+
+def unique_name(prefix: str = "s") -> str:
+    """A lab name `<prefix><6 hex>` (labs of concurrent runs never collide)."""
+    return f"{prefix}{os.urandom(3).hex()}"

@@ -1,0 +1,269 @@
+"""Diagnosis units over synthetic process tables; the incident log and its rendering."""
+
+import io
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backdoors.agent.protocol import ProcessRow
+from backdoors.errors import ConfigError
+from backdoors.monitor import diagnosis as D
+from backdoors.monitor import rules as R
+from backdoors.monitor.detectors import Hit, NodeView, Violation
+from backdoors.monitor.incidents import (
+    ActionRecord, Incident, IncidentLog, load_incidents, show_incidents,
+)
+from backdoors.sensors import Snapshot
+
+MiB = 1 << 20
+
+
+def row(pid, ppid=1, comm="p", *, rss_mb=10, rate_mb=0.0, age=100.0, state="S",
+        registered=False, cpu=1.0, threads=1):
+    return ProcessRow(pid, ppid, comm, state, int(rss_mb * MiB), 1000.0 - age, cpu, threads,
+                      age, rate_mb * MiB, registered)
+
+
+# ---- memory hog ---------------------------------------------------------------------------
+
+
+def test_memory_hog_blames_growth_not_size():
+    table = [row(10, comm="python", rss_mb=40, registered=True),
+             row(11, comm="bd-cache", rss_mb=300, rate_mb=0.0),
+             row(12, comm="bd-memhog", rss_mb=120, rate_mb=38.0),
+             row(13, comm="worker", rss_mb=20, rate_mb=0.5)]
+    f = D.memory_hog(R.MemoryHogDiagnosis(), table)
+    assert [c.pid for c in f.culprits] == [12]
+    assert f.culprits[0].start_time == pytest.approx(1000.0 - 100.0)
+    assert "bd-memhog (pid 12) grows 38.0 MB/s" in f.summary and "largest process is bd-cache" in f.summary
+    assert [c["pid"] for c in f.evidence["by_growth"]][:2] == [12, 13]
+    assert f.evidence["largest"]["pid"] == 11
+
+
+def test_memory_hog_never_picks_a_registered_service_or_a_protected_comm():
+    table = [row(10, comm="svc", rss_mb=40, rate_mb=50, registered=True),
+             row(11, comm="sshd", rss_mb=20, rate_mb=30),
+             row(12, comm="leak", rss_mb=30, rate_mb=5)]
+    f = D.memory_hog(R.MemoryHogDiagnosis(protect_comms=["ssh*"]), table)
+    assert [c.pid for c in f.culprits] == [12]
+
+
+def test_memory_hog_without_growth_names_no_culprit():
+    table = [row(10, rss_mb=300), row(11, rss_mb=200, rate_mb=0.4), row(12, state="Z", rate_mb=90)]
+    f = D.memory_hog(R.MemoryHogDiagnosis(min_rate_mb_s=1.0), table)
+    assert f.culprits == [] and "no culprit" in f.summary
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 2000), st.floats(0, 100), st.booleans()), min_size=1,
+                max_size=30))
+def test_memory_hog_culprit_is_always_the_fastest_eligible_grower(procs):
+    table = [row(i + 2, rss_mb=rss, rate_mb=rate, registered=reg)
+             for i, (rss, rate, reg) in enumerate(procs)]
+    f = D.memory_hog(R.MemoryHogDiagnosis(min_rate_mb_s=1.0), table)
+    eligible = [p for p in table if not p.registered]
+    if f.culprits:
+        c = next(p for p in table if p.pid == f.culprits[0].pid)
+        assert not c.registered and c.rss_rate >= 1.0 * MiB
+        assert c.rss_rate == max(p.rss_rate for p in eligible)
+    else:
+        assert all(p.rss_rate < 1.0 * MiB for p in eligible)
+
+
+def test_largest_rss_baseline():
+    table = [row(10, rss_mb=40, registered=True), row(11, rss_mb=300), row(12, rss_mb=120, rate_mb=40)]
+    assert D.largest_rss(R.LargestRssDiagnosis(), table).culprits[0].pid == 11
+    big_service = [row(10, rss_mb=400, registered=True), row(11, rss_mb=300)]
+    assert D.largest_rss(R.LargestRssDiagnosis(), big_service).culprits[0].pid == 10
+    assert D.largest_rss(R.LargestRssDiagnosis(protect_registered=True),
+                         big_service).culprits[0].pid == 11
+
+
+# ---- fork bomb ----------------------------------------------------------------------------
+
+
+def bomb_table():
+    """outside(1) -> service 10 (registered, old); outside -> init 20 (old) -> bomb 30
+    (young) -> 31..39 (young) -> 40..44; init -> helper 21 (old) -> child 22 (young);
+    outside -> cache 50 (old); a young zombie 60."""
+    t = [row(10, 1, "svc", age=50, registered=True), row(20, 1, "init", age=60),
+         row(30, 20, "bomb", age=0.4), row(21, 20, "helper", age=40),
+         row(22, 21, "helper-child", age=0.1), row(50, 1, "cache", age=30),
+         row(60, 21, "zombie", age=0.2, state="Z")]
+    t += [row(p, 30, "bomb", age=0.3) for p in range(31, 40)]
+    t += [row(p, 31, "bomb", age=0.2) for p in range(40, 45)]
+    return t
+
+
+def test_bomb_lineage_is_young_processes_and_their_bomb_ancestors():
+    lineage, ev = D.bomb_lineage(bomb_table(), young_age_s=1.0)
+    pids = {p.pid for p in lineage}
+    assert pids == {30, *range(31, 45), 22}
+    # init is the node's first process; helper (old, one young child) is held back
+    assert ev["first_process"] == 20 and ev["old_parents_spared"] == [21]
+    assert 10 not in pids and 50 not in pids and 60 not in pids
+    assert ev["comms"]["bomb"] == 15
+
+
+def test_old_shell_that_forks_the_bomb_is_part_of_it():
+    t = [row(10, 1, "svc", age=100, registered=True), row(20, 1, "bash", age=60)]
+    t += [row(p, 20, "bash", age=0.3) for p in range(30, 40)]
+    lineage, _ = D.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {20, *range(30, 40)}
+    lineage, _ = D.bomb_lineage(t, young_age_s=1.0, old_ancestor_min_children=20)
+    assert 20 not in {p.pid for p in lineage}
+
+
+def test_registered_and_protected_processes_are_never_in_the_lineage():
+    t = [row(10, 1, "svc", age=0.5, registered=True),  # a young registered service
+         row(11, 10, "svc-worker", age=0.2), row(12, 1, "sshd", age=0.1)]
+    lineage, _ = D.bomb_lineage(t, young_age_s=1.0, protect_comms=["sshd"])
+    assert {p.pid for p in lineage} == {11}
+
+
+def test_first_process_is_protected_only_when_older_than_onset():
+    t = [row(5, 1, "init", age=100), row(6, 5, "x", age=0.1), row(7, 5, "x", age=0.1),
+         row(8, 5, "x", age=0.1)]
+    assert {p.pid for p in D.bomb_lineage(t, 1.0)[0]} == {6, 7, 8}
+    young_first = [row(5, 1, "bomb", age=0.5)] + [row(p, 5, "bomb", age=0.1) for p in (6, 7)]
+    assert {p.pid for p in D.bomb_lineage(young_first, 1.0)[0]} == {5, 6, 7}
+
+
+def test_subtree_roots_split_whole_trees_from_singles():
+    table = bomb_table()
+    lineage, _ = D.bomb_lineage(table, 1.0)
+    roots, singles = D.subtree_roots(lineage, table)
+    assert [r.pid for r in roots] == [22, 30]
+    assert singles == []
+    # a bomb process with a spared (old) child cannot be killed as a tree
+    table.append(row(70, 33, "old-child", age=5))
+    lineage, _ = D.bomb_lineage(table, 1.0)
+    roots, singles = D.subtree_roots(lineage, table)
+    assert 30 not in [r.pid for r in roots] and 33 in [s.pid for s in singles]
+    assert 70 not in {p.pid for p in lineage}
+
+
+def test_bomb_onset_from_the_fork_counters():
+    from backdoors.monitor.history import History
+    from backdoors.sensors import SensorState
+    h = History()
+    for i, (forks, pids) in enumerate([(0, 3), (0, 3), (40, 45), (90, 100), (90, 128), (90, 128)]):
+        snap = Snapshot("kernel", 1, 2, i * 0.05, [
+            SensorState(1, "forks", "pressure", forks, False, rate=0, max_events=200, window=1),
+            SensorState(2, "pids", "level", pids, pids > 115, min=0, max=115)])
+        h.add(NodeView("n0", "h0", i * 0.05, {"kernel": snap}))
+    v = NodeView("n0", "h0", 0.25, {})
+    # detected on pids at 0.20: the forks counter began rising after the sample at 0.05
+    assert D.bomb_onset(h, v, 0.20) == pytest.approx(0.05)
+
+
+# ---- hang ---------------------------------------------------------------------------------
+
+
+def hang_view(frozen=False):
+    snap = Snapshot("svc", 10, 2, 5.0, [])
+    return NodeView("n0", "h0", 5.0, {"svc": snap}, frozen=frozen)
+
+
+STALL = Hit(0, "progress_stalled", "svc/progress stalled",
+            [Violation("svc", "progress", "progress", 12, 0.2, 0.25)])
+
+
+def test_hang_names_the_stuck_process_and_its_state():
+    table = [row(10, comm="svc", state="S", registered=True, threads=4, cpu=2.0), row(11, comm="x")]
+    later = [row(10, comm="svc", state="S", registered=True, threads=4, cpu=2.0)]
+    f = D.hang(hang_view(), [STALL], table, later, 0.1)
+    assert f.evidence["scope"] == "process" and [c.pid for c in f.culprits] == [10]
+    assert "svc (pid 10) stopped progressing; state S" in f.summary and "not using CPU" in f.summary
+    assert f.evidence["stuck"][0]["threads"] == 4 and f.evidence["stuck"][0]["cpu_share"] == 0
+    spinning = [row(10, comm="svc", state="R", registered=True, cpu=2.09)]
+    f = D.hang(hang_view(), [STALL], [row(10, comm="svc", state="R", registered=True, cpu=2.0)],
+               spinning, 0.1)
+    assert "state R" in f.summary and "spinning" in f.summary
+
+
+def test_hang_whole_node_frozen_or_stopped():
+    stopped = [row(10, comm="svc", state="T", registered=True), row(11, state="T")]
+    f = D.hang(hang_view(), [STALL], stopped)
+    assert f.evidence["scope"] == "node" and "every process of the node (2) is stopped" in f.summary
+    frozen = Hit(1, "node_frozen", "frozen")
+    f = D.hang(hang_view(frozen=True), [frozen], [row(10, comm="svc", registered=True)])
+    assert f.evidence["scope"] == "node" and "cgroup is frozen" in f.summary
+    assert [c.pid for c in f.culprits] == [10]  # the registered service, as no sensor named one
+
+
+def test_hang_of_a_crashed_service():
+    f = D.hang(hang_view(), [STALL], [row(11, comm="other")])
+    assert "is gone: the service crashed" in f.summary and f.culprits == []
+
+
+# ---- incidents ----------------------------------------------------------------------------
+
+
+def incident(i=1, **kw):
+    return Incident(id=f"inc-{i}", monitor="m1", rule="hang", node="n0", host="h0",
+                    onset=1000.0 + i, detected=1000.25 + i, onset_to_detect_ms=250.0,
+                    detectors=[STALL], **kw)
+
+
+def test_log_folds_events_into_incidents(tmp_path):
+    log = IncidentLog(tmp_path / "inc")
+    a, b = incident(1), incident(2)
+    log.write("opened", a, record=a)
+    log.write("opened", b, record=b)
+    f = D.Finding("hang", "svc stuck", [D.Target(10, 900.0, "svc")], {"scope": "process"})
+    log.write("diagnosis", a, diagnosis=f)
+    log.write("action", a, action=ActionRecord("record", "done", 100.0, 0.1))
+    a.closed, a.outcome = 1002.0, "cleared"
+    log.write("closed", a, record=a)
+    log.close()
+    text = (tmp_path / "inc" / "incidents.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in text] == ["opened", "opened", "diagnosis",
+                                                            "action", "closed"]
+    got = load_incidents(tmp_path / "inc")
+    assert [i.id for i in got] == ["inc-1", "inc-2"]
+    assert got[0].outcome == "cleared"
+    assert got[1].outcome is None  # still open when the log ended
+    # events after "opened" alone are folded in
+    (tmp_path / "part.jsonl").write_text("\n".join(text[:4]) + "\n")
+    part = load_incidents(tmp_path / "part.jsonl")[0]
+    assert part.diagnosis.summary == "svc stuck" and part.actions[0].kind == "record"
+
+
+def test_log_tolerates_a_torn_tail_but_not_garbage(tmp_path):
+    log = IncidentLog(tmp_path)
+    log.write("opened", incident(), record=incident())
+    log.close()
+    path = tmp_path / "incidents.jsonl"
+    with open(path, "a") as f:
+        f.write('{"v": 1, "event": "clo')
+    assert len(load_incidents(path)) == 1
+    path.write_text("garbage\n" + path.read_text())
+    with pytest.raises(ConfigError, match=rf"{path}:1: not an incident event"):
+        load_incidents(path)
+    with pytest.raises(ConfigError, match="no incident log"):
+        load_incidents(tmp_path / "nope")
+
+
+def test_show_incidents_table_and_json(tmp_path, capsys):
+    from rich.console import Console
+    log = IncidentLog(tmp_path)
+    inc = incident(diagnosis=D.Finding("hang", "svc (pid 10) stuck in S"), repaired_ms=101.0,
+                   actions=[ActionRecord("record", "done", 100.0, 0.1)], state="recorded")
+    log.write("opened", inc, record=inc)
+    log.close()
+    console = Console(width=200, record=True, file=io.StringIO())
+    shown = show_incidents(tmp_path, console=console)
+    text = console.export_text()
+    assert len(shown) == 1 and "inc-1" in text and "record:done" in text
+    assert "svc (pid 10) stuck in S" in text and "open (recorded)" in text
+    show_incidents(tmp_path, as_json=True)
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["id"] == "inc-1" and data[0]["diagnosis"]["summary"].startswith("svc")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    console = Console(width=200, record=True, file=io.StringIO())
+    assert show_incidents(empty, console=console) == []
+    assert "no incidents" in console.export_text()

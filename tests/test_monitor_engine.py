@@ -1,0 +1,297 @@
+"""Detectors over synthetic snapshots, the rule engine over a fake clock, the history."""
+
+import math
+
+import pytest
+
+from backdoors.monitor import rules as R
+from backdoors.monitor.detectors import NodeView, evaluate
+from backdoors.monitor.engine import Engine
+from backdoors.monitor.history import History
+from backdoors.sensors import SensorBox, SensorTracker, Snapshot, SensorState, parse
+
+
+def progress(name, value, stalled, deadline=0.2):
+    return SensorState(1, name, "progress", value, stalled > deadline, stalled_for=stalled,
+                       deadline=deadline)
+
+
+def level(name, value, lo=None, hi=None):
+    bad = (hi is not None and value > hi) or (lo is not None and value < lo)
+    return SensorState(2, name, "level", value, bad, min=lo, max=hi)
+
+
+def pressure(name, value, rate, max_events=20, window=1.0):
+    return SensorState(3, name, "pressure", value, rate > max_events, rate=rate,
+                       max_events=max_events, window=window)
+
+
+def view(at=10.0, node="n0", boxes=None, **kw):
+    snaps = {b: Snapshot(b, 100, 2, at, sensors) for b, sensors in (boxes or {}).items()}
+    return NodeView(node, "h0", at, snaps, **kw)
+
+
+def det(text):
+    return R.parse_ruleset(f'[[rule]]\nname = "r"\ndetectors = [{text}]\n').rule[0].detectors[0]
+
+
+# ---- detectors --------------------------------------------------------------------------
+
+
+def test_progress_uses_the_sensor_deadline_or_the_override():
+    v = view(boxes={"svc": [progress("progress", 5, 0.25)]})
+    hit = evaluate(det('{ kind = "progress_stalled" }'), 0, v)
+    assert hit and hit.violations[0].measure == 0.25 and hit.violations[0].bound == 0.2
+    assert "stalled 250 ms > 200 ms" in hit.summary
+    assert evaluate(det('{ kind = "progress_stalled", deadline_ms = 300 }'), 0, v) is None
+    assert evaluate(det('{ kind = "progress_stalled", box = "other" }'), 0, v) is None
+    assert evaluate(det('{ kind = "progress_stalled", sensors = ["prog*"] }'), 0, v)
+    assert evaluate(det('{ kind = "progress_stalled", sensors = ["x"] }'), 0, v) is None
+
+
+def test_level_bounds_and_overrides():
+    v = view(boxes={"kernel": [level("memory_mb", 410, 0, 409.6), level("pids", 3, 0, 115)]})
+    hit = evaluate(det('{ kind = "level_out_of_bounds", box = "kernel", sensors = ["memory_mb"] }'), 0, v)
+    assert hit.violations[0].bound == 409.6 and "410 > 409.6" in hit.summary
+    assert evaluate(det('{ kind = "level_out_of_bounds", box = "kernel", sensors = ["pids"] }'), 0, v) is None
+    assert evaluate(det('{ kind = "level_out_of_bounds", sensors = ["pids"], max = 2 }'), 0, v)
+    low = evaluate(det('{ kind = "level_out_of_bounds", sensors = ["pids"], min = 5 }'), 0, v)
+    assert low.violations[0].bound == 5 and "< 5" in low.summary
+    assert evaluate(det('{ kind = "level_out_of_bounds", sensors = ["memory_mb"], max = 500 }'), 0, v) is None
+    nan = view(boxes={"svc": [level("x", math.nan, hi=1)]})
+    assert evaluate(det('{ kind = "level_out_of_bounds" }'), 0, nan)
+
+
+def test_pressure_rate_and_override():
+    v = view(boxes={"kernel": [pressure("fork_failures", 100, 35)]})
+    hit = evaluate(det('{ kind = "pressure_over_rate", box = "kernel" }'), 0, v)
+    assert hit.violations[0].measure == 35 and "35 events/window > 20" in hit.summary
+    assert evaluate(det('{ kind = "pressure_over_rate", max_events = 50 }'), 0, v) is None
+
+
+def test_node_frozen_only_without_a_lock_holder():
+    d = det('{ kind = "node_frozen" }')
+    assert evaluate(d, 0, view(frozen=True))
+    assert evaluate(d, 0, view(frozen=True, locked_by=["m1"])) is None
+    assert evaluate(d, 0, view(frozen=False)) is None
+    assert evaluate(d, 0, view(frozen=None)) is None
+
+
+def test_agent_unreachable_and_stale_data():
+    d = det('{ kind = "agent_unreachable", after_ms = 1000 }')
+    assert evaluate(d, 0, view(agent_ok=False, agent_silent_s=0.5)) is None
+    assert "silent for 1500 ms" in evaluate(d, 0, view(agent_ok=False, agent_silent_s=1.5)).summary
+    # sensor detectors do not judge from stale data while the agent is silent
+    stale = view(boxes={"svc": [progress("p", 1, 9.0)]}, agent_ok=False, agent_silent_s=9)
+    assert evaluate(det('{ kind = "progress_stalled" }'), 0, stale) is None
+
+
+def test_detectors_read_real_box_images():
+    """A real Sensor Box, parsed and tracked as the poller does."""
+    box = SensorBox.create("svc")
+    p = box.progress("progress", deadline=0.1)
+    box.level("rss_mb", max=10, initial=50)
+    try:
+        tracker = SensorTracker()
+        raw = bytes(box._mm)
+        tracker.update(parse(raw), 0.0)
+        p.tick()
+        snap = tracker.update(parse(bytes(box._mm)), 0.05)
+        snap = tracker.update(parse(bytes(box._mm)), 0.3)
+        v = NodeView("n0", "h0", 0.3, {"svc": snap})
+        assert evaluate(det('{ kind = "progress_stalled" }'), 0, v).violations[0].measure == pytest.approx(0.25)
+        assert evaluate(det('{ kind = "level_out_of_bounds" }'), 0, v).violations[0].value == 50
+    finally:
+        box.close()
+
+
+# ---- the engine -------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+RULES = """
+[[rule]]
+name = "mem"
+detectors = [{ kind = "level_out_of_bounds", box = "kernel", sensors = ["memory_mb"], for_ms = 100 }]
+clear_ms = 200
+cooldown_ms = 1000
+retry_after_ms = 500
+
+[[rule]]
+name = "hang"
+match = "all"
+detectors = [{ kind = "progress_stalled" }, { kind = "level_out_of_bounds", sensors = ["rss"] }]
+"""
+
+
+def engine_and_clock():
+    clock = Clock()
+    closed = []
+    eng = Engine(list(R.parse_ruleset(RULES).rule), "m1", clock=clock, settle_s=0.2,
+                 on_close=closed.append)
+    return eng, clock, closed
+
+
+def mem_view(clock, mb, node="n0"):
+    return view(at=clock.t, node=node, boxes={"kernel": [level("memory_mb", mb, 0, 400)]})
+
+
+def test_for_ms_debounces_and_one_incident_opens():
+    eng, clock, closed = engine_and_clock()
+    assert eng.observe(mem_view(clock, 300)) == []
+    assert eng.observe(mem_view(clock, 450)) == []  # condition starts
+    clock.t += 0.05
+    assert eng.observe(mem_view(clock, 450)) == []  # held 50 ms < 100 ms
+    clock.t += 0.06
+    [d] = eng.observe(mem_view(clock, 460))
+    assert d.incident.rule == "mem" and d.incident.node == "n0"
+    assert d.incident.onset_to_detect_ms == pytest.approx(110, abs=1)  # level: start of the run
+    assert d.incident.sensors["kernel/memory_mb"][-1] == [0.0, 460]
+    clock.t += 0.05
+    assert eng.observe(mem_view(clock, 470)) == []  # already open, and the node is busy
+    assert [i.rule for i in eng.open_incidents()] == ["mem"]
+
+
+def test_incident_closes_after_clear_ms_then_cools_down():
+    eng, clock, closed = engine_and_clock()
+    eng.observe(mem_view(clock, 450))
+    clock.t += 0.2
+    [d] = eng.observe(mem_view(clock, 450))
+    eng.responded(d, "repaired")
+    assert d.incident.state == "repaired"
+    clock.t += 0.1
+    eng.observe(mem_view(clock, 100))  # clear starts
+    clock.t += 0.1
+    eng.observe(mem_view(clock, 450))  # fires again: the clear period restarts
+    clock.t += 0.1
+    eng.observe(mem_view(clock, 100))
+    clock.t += 0.15
+    eng.observe(mem_view(clock, 100))
+    assert closed == []
+    clock.t += 0.06
+    eng.observe(mem_view(clock, 100))
+    assert [c.outcome for c in closed] == ["cleared"] and closed[0].open_ms > 0
+    # cooldown: firing again right away opens nothing
+    for _ in range(3):
+        clock.t += 0.1
+        assert eng.observe(mem_view(clock, 450)) == []
+    clock.t += 0.8
+    assert len(eng.observe(mem_view(clock, 450))) == 1
+
+
+def test_still_firing_after_the_response_is_unresolved():
+    eng, clock, closed = engine_and_clock()
+    eng.observe(mem_view(clock, 450))
+    clock.t += 0.2
+    [d] = eng.observe(mem_view(clock, 450))
+    eng.responded(d, "failed")
+    clock.t += 0.3
+    eng.observe(mem_view(clock, 450))
+    assert closed == []
+    clock.t += 0.3
+    eng.observe(mem_view(clock, 450))
+    assert [c.outcome for c in closed] == ["unresolved"]
+
+
+def test_busy_node_and_settling_suppress_other_rules():
+    eng, clock, closed = engine_and_clock()
+    both = lambda: view(at=clock.t, boxes={  # noqa: E731
+        "kernel": [level("memory_mb", 450, 0, 400)],
+        "svc": [progress("progress", 1, 1.0), level("rss", 99, hi=10)]})
+    eng.observe(mem_view(clock, 450))
+    clock.t += 0.2
+    opened = eng.observe(both())
+    assert [d.rule.name for d in opened] == ["mem"]  # one rule per node per poll
+    clock.t += 0.05
+    assert eng.observe(both()) == []  # busy: the response of "mem" runs
+    eng.responded(opened[0], "repaired")
+    clock.t += 0.1
+    assert eng.observe(both()) == []  # settling after a response
+    clock.t += 0.15
+    assert [d.rule.name for d in eng.observe(both())] == ["hang"]
+    # another node is independent
+    eng.observe(mem_view(clock, 450, node="n1"))
+    clock.t += 0.2
+    assert [d.incident.node for d in eng.observe(mem_view(clock, 450, node="n1"))] == ["n1"]
+
+
+def test_a_silent_agent_neither_fires_nor_clears_sensor_rules():
+    eng, clock, closed = engine_and_clock()
+    eng.observe(mem_view(clock, 450))
+    clock.t += 0.2
+    [d] = eng.observe(mem_view(clock, 450))
+    eng.responded(d, "failed")
+    for _ in range(5):  # a second of silence: the incident stays open, not "cleared"
+        clock.t += 0.2
+        eng.observe(view(at=clock.t, agent_ok=False, agent_silent_s=1.0))
+    assert closed == [] and [i.id for i in eng.open_incidents()] == [d.incident.id]
+
+
+def test_match_all_needs_every_detector():
+    eng, clock, _ = engine_and_clock()
+    only_one = view(at=clock.t, boxes={"svc": [progress("progress", 1, 1.0), level("rss", 1, hi=10)]})
+    assert eng.observe(only_one) == []
+
+
+def test_close_all_closes_open_incidents():
+    eng, clock, closed = engine_and_clock()
+    eng.observe(mem_view(clock, 450))
+    clock.t += 0.2
+    eng.observe(mem_view(clock, 450))
+    eng.close_all("monitor stopped")
+    assert [c.outcome for c in closed] == ["monitor stopped"]
+    assert eng.open_incidents() == []
+
+
+def test_onset_of_progress_and_pressure():
+    h = History(5.0)
+    for i, count in enumerate([10, 10, 10, 30, 60, 60, 90, 120]):
+        h.add(view(at=i * 0.05, boxes={"kernel": [pressure("forks", count, 0)]}))
+    v = view(at=0.35, boxes={"kernel": [pressure("forks", 120, 110)],
+                             "svc": [progress("progress", 7, 0.3)]})
+    hits = [evaluate(det('{ kind = "pressure_over_rate", max_events = 100 }'), 0, v),
+            evaluate(det('{ kind = "progress_stalled" }'), 1, v)]
+    # forks began to rise after the sample at 0.10; progress last moved at 0.35 - 0.3
+    assert Engine.onset(h, v, hits[:1], None) == pytest.approx(0.10)
+    assert Engine.onset(h, v, hits, None) == pytest.approx(0.05)
+
+
+# ---- history ----------------------------------------------------------------------------
+
+
+def fill(values, step=0.05):
+    h = History(5.0)
+    for i, val in enumerate(values):
+        h.add(view(at=i * step, boxes={"k": [level("x", val, hi=1e9)]}))
+    return h
+
+
+def test_rise_start_tolerates_short_flat_stretches():
+    h = fill([0, 0, 5, 5, 5, 9, 12])  # flat for 0.1 s inside the rise
+    assert h.rise_start(("k", "x"), 0.30) == pytest.approx(0.05)
+    assert h.rise_start(("k", "x"), 0.30, gap=0.05) == pytest.approx(0.20)
+    assert fill([1, 1, 1, 1]).rise_start(("k", "x"), 0.15) is None
+
+
+def test_violation_start_and_around():
+    h = fill([1, 5, 1, 6, 7, 8])
+    assert h.violation_start(("k", "x"), lambda v: v > 4, 0.25) == pytest.approx(0.15)
+    assert h.violation_start(("k", "x"), lambda v: v > 100, 0.25) is None
+    around = h.around([("k", "x")], 0.1, 0.2)
+    assert around == {"k/x": [[pytest.approx(0.1), 1], [pytest.approx(0.15), 6],
+                              [pytest.approx(0.2), 7]]}
+    thin = fill(list(range(500)), step=0.001).around([("k", "x")], 0, 1, max_points=10)
+    assert len(thin["k/x"]) == 10 and thin["k/x"][-1][1] == 499
+
+
+def test_history_is_bounded_by_age():
+    h = fill(list(range(200)), step=0.05)  # 10 s of samples, 5 s kept
+    assert len(h) in (100, 101) and h.entries()[0][0] >= 4.9
+    assert h.copy().entries() == h.entries()

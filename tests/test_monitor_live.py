@@ -1,0 +1,160 @@
+"""The monitor against real agents in a lab: polling, incidents on disk, unreachable
+agents, the config file entry points. Real kernel, real agents, no mocks."""
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from backdoors.monitor import Monitor, load_incidents, parse_ruleset, run_monitor
+from backdoors.monitor.config import AgentEntry
+from backdoors.net import netns
+from backdoors.scenarios.labkit import AgentLab
+
+pytestmark = pytest.mark.root
+
+UNREACHABLE_RULE = """
+[[rule]]
+name = "agent-unreachable"
+detectors = [{ kind = "agent_unreachable", after_ms = 300 }]
+actions = [{ kind = "record" }]
+"""
+
+
+@pytest.fixture
+def agent_lab(root, unique):
+    with AgentLab(f"t{unique}", nodes=1) as al:
+        al.wait_registered("n0")
+        yield al
+
+
+def test_stall_is_detected_diagnosed_logged_and_closed(agent_lab, tmp_path):
+    al = agent_lab
+    cfg = al.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
+    svc = al.lab.service("n0").pid
+    with Monitor(cfg, key=al.monitor_key()) as mon:
+        mon.wait_ready()
+        assert mon.status()["h0"]["reachable"] and mon.status()["h0"]["nodes"] == ["n0"]
+        al.lab.node("n0").kill(svc, signal.SIGUSR1)
+        inc = mon.wait_for(lambda i: i.rule == "hang" and i.state == "recorded", 5)
+        assert inc is not None, mon.incidents()
+        assert inc.node == "n0" and inc.host == "h0"
+        assert inc.diagnosis.evidence["scope"] == "process"
+        assert inc.diagnosis.culprits[0].pid == svc
+        assert inc.diagnosis.evidence["stuck"][0]["state"] == "S"
+        assert inc.onset_to_detect_ms >= 199  # not before the deadline (200 ms)
+        assert inc.sensors  # values around onset
+        al.lab.node("n0").kill(svc, signal.SIGUSR2)
+        closed = mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5)
+        assert closed is not None
+    logged = {i.id: i for i in load_incidents(tmp_path / "incidents")}
+    assert logged[inc.id].outcome == "cleared"
+    assert logged[inc.id].diagnosis.summary == inc.diagnosis.summary
+    assert [a.kind for a in logged[inc.id].actions] == ["record"]
+
+
+def test_silent_agent_is_its_own_condition_and_does_not_slow_the_others(agent_lab):
+    al = agent_lab
+    # A "black hole" agent on the private network: it accepts and never answers.
+    hole = netns.socket_in(al.plan.monitor_ns, socket.AF_INET)
+    hole.bind(("10.99.0.250", 0))
+    hole.listen(8)
+    port = hole.getsockname()[1]
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        hole.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(hole.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    good = al.monitor_config(period_ms=50, timeout_ms=200)
+    refused = netns.socket_in(al.plan.monitor_ns, socket.AF_INET)
+    refused.bind(("10.99.0.250", 0))  # bound, never listening: connections are refused
+    agents = [*good.agents,
+              AgentEntry("hx", f"10.99.0.250:{port}", nodes=["x0"], netns=al.plan.monitor_ns),
+              AgentEntry("hy", f"10.99.0.250:{refused.getsockname()[1]}",
+                         netns=al.plan.monitor_ns)]
+    import msgspec
+    cfg = msgspec.structs.replace(good, agents=agents)
+    rules = [*parse_ruleset(UNREACHABLE_RULE).rule]
+    try:
+        with Monitor(cfg, key=al.monitor_key(), rules=rules) as mon:
+            inc = mon.wait_for(lambda i: i.rule == "agent-unreachable" and i.host == "hx", 5)
+            assert inc is not None and inc.node == "x0" and inc.host == "hx"
+            assert "silent for" in inc.detectors[0].summary
+            # an agent whose nodes were never discovered: the incident names the agent
+            refused_inc = mon.wait_for(lambda i: i.host == "hy", 5)
+            assert refused_inc is not None and refused_inc.node == "@hy"
+            st = mon.status()
+            assert not st["hx"]["reachable"] and "within" in st["hx"]["error"]
+            assert not st["hy"]["reachable"] and "refused" in st["hy"]["error"]
+            assert st["h0"]["reachable"]
+            before = st["h0"]["polls"]
+            time.sleep(1.0)
+            polls = mon.status()["h0"]["polls"] - before
+            assert polls >= 15, f"the good agent was polled {polls} times in 1 s at 50 ms"
+            assert not any(i.host == "h0" for i in mon.incidents())
+    finally:
+        stop.set()
+        hole.close()
+        refused.close()
+        for s in accepted:
+            s.close()
+
+
+def test_run_monitor_and_the_module_entry_point(agent_lab, tmp_path):
+    al = agent_lab
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'm1 = "{al.monitor_key().hex()}"\n')
+    keys.chmod(0o600)
+    agent = al.monitor_config().agents[0]
+    conf = tmp_path / "monitor.toml"
+    conf.write_text(f"""\
+monitor_id = "m1"
+key_file = "keys.toml"
+period_ms = 50
+incidents_dir = "incidents"
+
+[[agents]]
+host = "{agent.host}"
+address = "{agent.address}"
+netns = "{agent.netns}"
+""")
+    check = subprocess.run([sys.executable, "-m", "backdoors.monitor", "--config", str(conf),
+                            "--check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "memory-hog, fork-bomb, hang, agent-unreachable" in check.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(conf.read_text().replace("period_ms = 50", "period_ms = -1"))
+    out = subprocess.run([sys.executable, "-m", "backdoors.monitor", "--config", str(bad),
+                          "--check"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"{bad}:3: key period_ms" in out.stderr
+
+    stop = threading.Event()
+    result = []
+    t = threading.Thread(target=lambda: result.append(run_monitor(str(conf), stop)))
+    t.start()
+    try:
+        time.sleep(1.0)
+        svc = al.lab.service("n0").pid
+        al.lab.node("n0").kill(svc, signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (tmp_path / "incidents" / "incidents.jsonl").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(15)
+        al.lab.node("n0").kill(al.lab.service("n0").pid, signal.SIGUSR2)
+    assert not t.is_alive()
+    assert [i.rule for i in result[0]] == ["hang"]
+    logged = load_incidents(tmp_path / "incidents")
+    assert [i.outcome for i in logged] == ["monitor stopped"]

@@ -1,0 +1,101 @@
+"""The three repair scenarios end to end (lab, real agents, the monitor in-process).
+
+Each asserts the JSON facts the scenario reports, never timings: what was detected, who
+was killed, who survived, what is left. Each lab has a unique name t<6 hex> and is torn
+down by the scenario itself, also on failure; a final check looks for leftovers.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from backdoors.lab import topology as T
+from backdoors.monitor import load_incidents
+from backdoors.net import netns
+from backdoors.scenarios import repair
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def no_leftovers(name: str) -> None:
+    assert netns.names(T.prefix(name)) == []
+    assert not (T.RUN_ROOT / name).exists()
+    for ctrl in ("memory", "pids", "freezer"):
+        base = Path("/sys/fs/cgroup") / ctrl
+        if base.is_dir():
+            assert not [p for p in base.iterdir() if p.name.startswith(T.prefix(name))]
+
+
+def test_memory_hog_kills_the_grower_not_the_large_cache(root, unique, tmp_path):
+    name = f"t{unique}"
+    r = repair.memory_hog(name=name, incidents_dir=str(tmp_path))
+    json.dumps(r)
+    assert r["detected"] is True
+    assert r["culprit_killed"] is True
+    assert r["innocent_killed"] == 0
+    assert r["service_survived"] is True and r["cache_survived"] is True
+    assert r["victim"] == "hog"
+    assert r["oom_kills"] == 0  # the kernel never had to step in
+    assert {"detect_ms", "repair_ms", "max_progress_gap_ms"} <= r.keys()
+    [inc] = [i for i in load_incidents(tmp_path) if i.rule == "memory-hog"]
+    largest = inc.diagnosis.evidence["largest"]
+    assert largest["comm"] == "bd-cache" and inc.diagnosis.culprits[0].comm == "bd-memhog"
+    no_leftovers(name)
+
+
+def test_fork_bomb_is_frozen_killed_and_the_node_forks_again(root, unique, tmp_path):
+    name = f"t{unique}"
+    r = repair.fork_bomb(name=name, incidents_dir=str(tmp_path))
+    json.dumps(r)
+    assert r["detected"] is True
+    assert r["bomb_processes_left"] == 0
+    assert r["service_survived"] is True
+    assert r["probe_survived"] is True and r["init_survived"] is True  # old innocents spared
+    assert r["node_thawed"] is True
+    assert r["can_fork_after"] is True
+    [inc] = [i for i in load_incidents(tmp_path) if i.rule == "fork-bomb"]
+    [action] = inc.actions
+    assert action.kind == "lock_kill_lineage" and action.status == "done"
+    assert action.detail["survivors"] == [] and action.detail["killed"] > 50
+    assert set(inc.diagnosis.evidence["lineage"]["comms"]) == {"bd-forkbomb"}
+    no_leftovers(name)
+
+
+@pytest.mark.parametrize("mode, scope", [("stall", "process"), ("freeze", "node"),
+                                         ("cgroup-freeze", "node")])
+def test_hang_is_detected_and_diagnosed(root, unique, mode, scope):
+    name = f"t{unique}"
+    r = repair.hang(name=name, mode=mode)
+    json.dumps(r)
+    assert r["detected"] is True
+    assert r["scope"] == scope
+    assert r["diagnosis"]
+    assert r["deadline_ms"] == 200 and r["poll_ms"] == 50
+    assert r["actions"] == ["record:done"]
+    if mode == "stall":
+        assert r["stuck"][0]["state"] == "S" and "stopped progressing" in r["diagnosis"]
+    if mode == "freeze":
+        assert r["stuck"][0]["state"] == "T"
+    no_leftovers(name)
+
+
+def test_hang_refresh_restarts_the_service(root, unique):
+    name = f"t{unique}"
+    r = repair.hang(name=name, refresh=True)
+    assert r["detected"] is True
+    assert r["actions"] == ["refresh:done"]
+    assert r["service_restarted"] is True
+    no_leftovers(name)
+
+
+def test_a_failing_scenario_still_tears_its_lab_down(root, unique, monkeypatch):
+    name = f"t{unique}"
+
+    def boom(*a, **kw):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(repair, "ProgressWatch", boom)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        repair.memory_hog(name=name)
+    no_leftovers(name)
