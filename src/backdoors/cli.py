@@ -32,6 +32,9 @@ bench_app = typer.Typer(help="Benchmarks (JSON out); peers measured side by side
 app.add_typer(lab_app, name="lab")
 lab_app.add_typer(fault_app, name="fault")
 app.add_typer(bench_app, name="bench")
+scenario_app = typer.Typer(help="End-to-end cases: each builds its own lab, runs, tears down, prints JSON (root).",
+                           no_args_is_help=True)
+app.add_typer(scenario_app, name="scenario")
 
 out = Console()
 err = Console(stderr=True)
@@ -163,6 +166,72 @@ def agent(
     raise typer.Exit(agent_main(["--config", config, "--log-level", log_level]))
 
 
+@app.command()
+def monitor(
+    config: str = typer.Option(..., help="The monitor's TOML config (see docs/monitor.md)."),
+    check: bool = typer.Option(False, "--check", help="Only check the config and its rulesets."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every poll problem."),
+) -> None:
+    """Run a monitor: poll agents, detect, diagnose, repair; incidents go to JSONL."""
+    from .monitor.__main__ import main as monitor_main
+
+    raise typer.Exit(monitor_main(["--config", config, *(["--check"] if check else []),
+                                   *(["--verbose"] if verbose else [])]))
+
+
+@app.command()
+def incidents(
+    path: Optional[str] = typer.Argument(None, help="Incident folder or .jsonl file (default: the monitor's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    limit: Optional[int] = typer.Option(None, help="Only the last N incidents."),
+) -> None:
+    """Show incidents: detection, diagnosis, actions and their timings."""
+    from .monitor import DEFAULT_INCIDENTS_DIR, show_incidents
+
+    show_incidents(path or DEFAULT_INCIDENTS_DIR, as_json, limit=limit)
+
+
+# ---- scenarios ------------------------------------------------------------------------
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        t = Table("fact", "value")
+        for k, v in result.items():
+            t.add_row(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+        out.print(t)
+
+
+@scenario_app.command("memory-hog")
+def scenario_memory_hog(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """A hog grows beside the service and a large stable cache: the hog (not the largest) is killed."""
+    from .scenarios import SCENARIOS
+
+    _emit(SCENARIOS["memory-hog"](), as_json)
+
+
+@scenario_app.command("fork-bomb")
+def scenario_fork_bomb(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """A fork bomb wedges a node under its pids limit: lock, kill the lineage, unlock."""
+    from .scenarios import SCENARIOS
+
+    _emit(SCENARIOS["fork-bomb"](), as_json)
+
+
+@scenario_app.command("hang")
+def scenario_hang(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    mode: str = typer.Option("stall", help="stall (service deadlock), freeze (SIGSTOP the node) or cgroup-freeze."),
+    refresh: bool = typer.Option(False, "--refresh", help="Restart the service after the diagnosis."),
+) -> None:
+    """The service stops progressing: detected within deadline + 2 polls, with a diagnosis."""
+    from .scenarios import SCENARIOS
+
+    _emit(SCENARIOS["hang"](mode=mode, refresh=refresh), as_json)
+
+
 # ---- benchmarks -----------------------------------------------------------------------
 
 
@@ -195,6 +264,42 @@ def bench_sensors(
         for k, v in result.items():
             t.add_row(k, f"{v:.1f}" if isinstance(v, float) else str(v))
         out.print(t)
+
+
+@bench_app.command("repair")
+def bench_repair(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    wedge_cap_s: float = typer.Option(30.0, help="Cap of the pids-limit-only baseline, seconds."),
+) -> None:
+    """Memory hog and fork bomb: backdoors vs the kernel OOM killer, kill-largest, pids limit."""
+    _emit(_bench_module("bench_repair").run(wedge_cap_s=wedge_cap_s), as_json)
+
+
+@bench_app.command("detection")
+def bench_detection(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    soak_seconds: float = typer.Option(60.0, help="False-positive soak under full CPU and memory load."),
+    trials: int = typer.Option(20, help="Hangs per deadline."),
+    period_ms: float = typer.Option(50.0, help="Monitor poll period."),
+) -> None:
+    """Hang detection latency p50/p99 per deadline, and false positives under load."""
+    _emit(_bench_module("bench_detection").run(soak_seconds=soak_seconds, trials=trials,
+                                                period_ms=period_ms), as_json)
+
+
+@bench_app.command("agent")
+def bench_agent(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    seconds: float = typer.Option(3.0, help="Seconds of reads per condition."),
+) -> None:
+    """Agent RPC read latency while the node is idle, frozen, memory-hogged, fork-bombed."""
+    _emit(_bench_module("bench_agent").run(seconds=seconds), as_json)
+
+
+@bench_app.command("nonintrusive")
+def bench_nonintrusive(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """System calls and throughput of a service watched at 100 Hz vs not watched."""
+    _emit(_bench_module("bench_nonintrusive").run(), as_json)
 
 
 # ---- demo -----------------------------------------------------------------------------
