@@ -67,9 +67,10 @@ class AgentClient:
 
     # -- the generic call --------------------------------------------------------------
 
-    def call(self, op: str, **args: Any) -> Any:
-        """Run `op` with `args`; the result as plain msgpack types. Raises AgentError."""
-        return self._decode(op, self._request(op, args), Any)
+    def call(self, op: str, *, timeout: float | None = None, **args: Any) -> Any:
+        """Run `op` with `args`; the result as plain msgpack types. Raises AgentError.
+        `timeout` overrides the client's for this call (long ops: evacuate)."""
+        return self._decode(op, self._request(op, args, timeout), Any)
 
     def _typed(self, op: str, type_: Any, **args: Any) -> Any:
         raw = self._request(op, {k: v for k, v in args.items() if v is not _UNSET})
@@ -91,9 +92,9 @@ class AgentClient:
                         "ts": time.time() if ts is None else ts, "op": op, "args": args})
         return _encode(Envelope(body, mac(self._key, body))), nonce
 
-    def _request(self, op: str, args: dict[str, Any]) -> msgspec.Raw:
+    def _request(self, op: str, args: dict[str, Any], timeout: float | None = None) -> msgspec.Raw:
         payload, nonce = self.signed_request(op, args)
-        timeout = self.timeout + (self.vote_window if op in DESTRUCTIVE else 0.0)
+        timeout = (timeout or self.timeout) + (self.vote_window if op in DESTRUCTIVE else 0.0)
         with self._lock:
             reply = self._exchange(payload, timeout)
         return self._open_reply(op, reply, nonce)

@@ -31,6 +31,8 @@ class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     netns: str | None = None
     protected_comms: list[str] = []  # comm names kill/kill_tree refuse to touch
     freezer: str = "auto"  # "auto", "v1" or "v2"
+    interface: str = "eth0"  # the node's interface on the service network (in its netns)
+    addresses: list[str] = []  # service addresses (CIDR) that move with its sessions
 
 
 class KernelSensorLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -66,6 +68,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_node_bytes: int = 64 * MiB
     max_procs_sampled: int = 2048
     max_connections: int = 64
+    max_sessions_per_node: int = 4096  # Continuation Boxes (and held sockets) per node
+    peer_id: str | None = None  # this agent's id (a key in `monitors`) towards other agents
+    peers: list[str] = []  # ids allowed to hand sessions to this agent (op adopt)
     replay_cache_entries: int = 262144
     kernel_sensors: KernelSensorLimits = KernelSensorLimits()
 
@@ -157,7 +162,8 @@ def _validate(c: AgentConfig) -> None:
         v = getattr(c, key)
         _check(math.isfinite(v) and low <= v <= high, key, f"must be within {low}..{high} s")
     for key in ("max_regions_per_node", "max_region_bytes", "max_node_bytes",
-                "max_procs_sampled", "max_connections", "replay_cache_entries"):
+                "max_procs_sampled", "max_connections", "replay_cache_entries",
+                "max_sessions_per_node"):
         _check(getattr(c, key) >= 1, key, "must be at least 1")
     _check(c.max_region_bytes <= c.max_node_bytes, "max_region_bytes",
            "must not exceed max_node_bytes")
@@ -179,6 +185,8 @@ def _validate(c: AgentConfig) -> None:
             except ConfigError as e:
                 raise _Invalid(f"monitors.{m}", str(e).split(": ", 1)[1]) from None
     _check(bool(keys), "monitors", "no monitor keys: no one could talk to the agent")
+    _check(c.peer_id is None or c.peer_id in keys, "peer_id",
+           f"{c.peer_id!r} has no key in monitors: other agents could not authenticate it")
     _check(c.quorum <= len(keys), "quorum", f"{c.quorum} exceeds the {len(keys)} monitors known")
     _validate_nodes(c)
 
@@ -197,6 +205,13 @@ def _validate_nodes(c: AgentConfig) -> None:
         _check(n.freezer in FREEZERS, f"{key}.freezer", f"must be one of {', '.join(FREEZERS)}")
         _check(n.netns is None or bool(n.netns) and "/" not in n.netns, f"{key}.netns",
                "must be a netns name")
+        for a, cidr in enumerate(n.addresses):
+            try:
+                ipaddress.ip_interface(cidr)
+                ok = "/" in cidr
+            except ValueError:
+                ok = False
+            _check(ok, f"{key}.addresses[{a}]", f"{cidr!r} is not ADDR/PREFIXLEN")
         mine = n.cgroup.strip("/")
         for j, other in enumerate(cgroups):
             nested = mine == other or mine.startswith(other + "/") or other.startswith(mine + "/")

@@ -24,8 +24,10 @@ from .leases import LeaseTable
 from .local import LocalServer
 from .metrics import AgentMetrics
 from .ops import OPS, Op
+from .recovery import RECOVERY_OPS
 from .regions import KERNEL, Entry, RegionTable
 from .sampler import KernelSensors, NodeSampler
+from .sessions import SessionTable
 from .server import Lane, RpcServer
 
 log = logging.getLogger("backdoors.agent")
@@ -58,12 +60,16 @@ class Agent:
         self.layout = layout or detect()
         self.metrics = AgentMetrics()
         self.ops: dict[str, Op] = dict(OPS)
+        self.ops.update((op.name, op) for op in RECOVERY_OPS)
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
         self.nodes: dict[str, NodeRuntime] = {}
         self.regions = RegionTable([n.name for n in config.nodes],
                                    max_regions=config.max_regions_per_node,
                                    max_region_bytes=config.max_region_bytes,
-                                   max_node_bytes=config.max_node_bytes)
+                                   max_node_bytes=config.max_node_bytes,
+                                   max_sessions=config.max_sessions_per_node)
+        self.sessions = SessionTable([n.name for n in config.nodes], config.max_sessions_per_node)
+        self.limbo: dict[str, list] = {}  # node -> sessions dumped but not yet adopted
         self.leases: LeaseTable | None = None
         self.audit: AuditLog | None = None
         self.local: LocalServer | None = None
@@ -115,7 +121,8 @@ class Agent:
             except BackdoorsError as e:
                 raise AgentError(f"node {rt.name}: cannot sample it: {e}") from None
         self.local = LocalServer({n: rt.node for n, rt in self.nodes.items()}, c.run_dir,
-                                 self.regions, audit=self.audit, metrics=self.metrics)
+                                 self.regions, audit=self.audit, metrics=self.metrics,
+                                 sessions=self.sessions)
         self.local.start()
         self.rpc = RpcServer(self)
         sock = self._listen_socket()
@@ -167,6 +174,7 @@ class Agent:
             rt.sampler.stop()
             rt.lane.pool.shutdown(wait=False, cancel_futures=True)
         self.regions.close()
+        self.sessions.close()
         for rt in self.nodes.values():
             rt.sampler.close()
         if self.audit is not None:

@@ -6,7 +6,9 @@ is identified by SO_PEERCRED (and SO_PEERPIDFD, so a recycled pid is noticed) an
 accepted only if /proc/PID/cgroup puts it inside that node's cgroup in every hierarchy:
 a node registers regions for itself only. Regions must be memfds sealed against
 shrinking (no SIGBUS for the agent); Sensor Boxes are validated before they are kept.
-`LOCAL_OPS` is the dispatch table; "hold_socket" (Continuation Boxes) will be added there.
+Continuation Boxes use two more ops: "hold_socket" hands over a duplicate of the
+session's TCP socket (kept in the SessionTable, so a crashed server's connections live on)
+and "release" drops a session's box and socket when it ends normally.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from .audit import AuditLog
 from .membership import is_member, read_cgroups
 from .protocol import DECODE_ERRORS
 from .metrics import AgentMetrics
-from .regions import Entry, RegionRefused, RegionTable
+from .regions import SESSION_KIND, Entry, RegionRefused, RegionTable
+from .sessions import SessionRefused, SessionTable
 
 log = logging.getLogger("backdoors.agent")
 
@@ -80,8 +83,9 @@ class LocalServer:
     """Serves every node's registration socket from one thread; `start()`, `stop()`."""
 
     def __init__(self, nodes: dict[str, Node], run_dir: str, table: RegionTable, *,
-                 audit: AuditLog, metrics: AgentMetrics):
+                 audit: AuditLog, metrics: AgentMetrics, sessions: SessionTable | None = None):
         self.nodes, self.run_dir, self.table = nodes, run_dir, table
+        self.sessions = sessions or SessionTable(list(nodes), 4096)
         self.audit, self.metrics = audit, metrics
         self.paths = {n: os.path.join(run_dir, n, SOCKET_NAME) for n in nodes}
         self._sel = selectors.DefaultSelector()
@@ -91,7 +95,8 @@ class LocalServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="bd-agent-local", daemon=True)
-        self.ops = {"register": self._register, "unregister": self._unregister}
+        self.ops = {"register": self._register, "unregister": self._unregister,
+                    "hold_socket": self._hold_socket, "release": self._release}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -288,7 +293,7 @@ class LocalServer:
         try:
             self._check_caller(conn)
             region = handler(conn, req, fds)
-        except (RegionRefused, SensorBoxError) as e:
+        except (RegionRefused, SessionRefused, SensorBoxError) as e:
             self._refused(conn, req.op, req.name, str(e))
             return LocalReply(False, error=str(e))
         self.audit.local(node=conn.node, pid=conn.pid, op=req.op, name=req.name, kind=req.kind,
@@ -345,6 +350,8 @@ class LocalServer:
         try:
             if req.kind == "sensorbox":
                 parse(read_consistent(region))
+            elif req.kind == SESSION_KIND:
+                _check_cb(region, req.name)
             self.table.add(Entry(conn.node, req.name, req.kind, region, req.writable, conn.pid,
                                  info.start_time if info else 0.0))
         except BaseException:
@@ -360,3 +367,34 @@ class LocalServer:
             raise RegionRefused(f"node {conn.node} has no region {req.name!r}") from None
         return {"name": entry.name, "kind": entry.kind, "size": entry.size,
                 "writable": entry.writable}
+
+    def _hold_socket(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
+        if len(fds) != 1:
+            raise RegionRefused(f"attach exactly one socket (SCM_RIGHTS), got {len(fds)}")
+        session = self.sessions.hold(conn.node, req.name, fds[0], conn.pid)
+        return {"name": req.name, "kind": "socket", "session": session.describe()}
+
+    def _release(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
+        """The session ended: drop its socket and its box (either may be gone already)."""
+        held = self.sessions.release(conn.node, req.name)
+        try:
+            self.table.remove(conn.node, req.name)
+            box = True
+        except KeyError:
+            box = False
+        if held is None and not box:
+            raise RegionRefused(f"node {conn.node} holds no session {req.name!r}")
+        return {"name": req.name, "kind": SESSION_KIND, "socket": held is not None, "box": box}
+
+
+def _check_cb(region: Region, name: str) -> None:
+    """A Continuation Box must parse, and be named after its session."""
+    from ..continuations.errors import ContinuationError
+    from ..continuations.image import read_cb
+    try:
+        image = read_cb(region)
+    except ContinuationError as e:
+        raise RegionRefused(f"region {name!r} is not a valid Continuation Box: {e}") from None
+    if name != f"cb-{image.session_id}":
+        raise RegionRefused(f"a Continuation Box must be named cb-<session>: "
+                            f"cb-{image.session_id}, not {name!r}")

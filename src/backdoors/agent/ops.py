@@ -61,6 +61,7 @@ class Op:
     run: Callable[[Call], Any]
     where: str = "node"  # "inline" | "memory" | "node"
     destructive: bool = False
+    deadline_s: float | None = None  # None: the agent's op_deadline_s
     decoder: msgspec.msgpack.Decoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -32,7 +32,8 @@ CODES = (
     "no_such_region", "out_of_bounds", "not_writable", "deadline", "quorum", "busy", "failed",
 )
 #: Operations held for votes when the agent's quorum is above 1.
-DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits"})
+DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits",
+                         "fence", "evacuate"})
 
 _HEADER = 4
 

@@ -21,7 +21,10 @@ from ..nodes import read_process
 from ..sensors import Region
 
 REGION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-KINDS = ("sensorbox", "region")
+KINDS = ("sensorbox", "region", "cb")
+#: Continuation Boxes are capped by the session count (max_sessions_per_node), not with
+#: the other regions.
+SESSION_KIND = "cb"
 #: The agent's own kernel-sensor box of each node; apps cannot register this name.
 KERNEL = "kernel"
 
@@ -63,8 +66,10 @@ class Entry:
 class RegionTable:
     """Regions per node, with per-node caps on count, total bytes and region size."""
 
-    def __init__(self, nodes, *, max_regions: int, max_region_bytes: int, max_node_bytes: int):
+    def __init__(self, nodes, *, max_regions: int, max_region_bytes: int, max_node_bytes: int,
+                 max_sessions: int = 4096):
         self.max_regions, self.max_region_bytes = max_regions, max_region_bytes
+        self.max_sessions = max_sessions
         self.max_node_bytes = max_node_bytes
         self._nodes: dict[str, dict[str, Entry]] = {n: {} for n in nodes}
         self._lock = threading.Lock()
@@ -72,7 +77,8 @@ class RegionTable:
     def usage(self, node: str) -> tuple[int, int]:
         """(count, bytes) of the node's registered regions, the agent's own excluded."""
         with self._lock:
-            mine = [e for e in self._nodes[node].values() if not e.internal]
+            mine = [e for e in self._nodes[node].values()
+                    if not e.internal and e.kind != SESSION_KIND]
         return len(mine), sum(e.size for e in mine)
 
     def add(self, entry: Entry) -> Entry | None:
@@ -104,8 +110,14 @@ class RegionTable:
             regions = self._nodes[entry.node]
             if regions.get(entry.name) is not old:
                 raise RegionRefused(f"region {entry.name!r} changed during registration; retry")
-            if not entry.internal:
-                mine = [e for e in regions.values() if not e.internal and e is not old]
+            if entry.kind == SESSION_KIND:
+                held = sum(e.kind == SESSION_KIND and e is not old for e in regions.values())
+                if held + 1 > self.max_sessions:
+                    raise RegionRefused(f"node {entry.node} has {held} Continuation Boxes, the "
+                                        f"cap is {self.max_sessions} (max_sessions_per_node)")
+            elif not entry.internal:
+                mine = [e for e in regions.values()
+                        if not e.internal and e.kind != SESSION_KIND and e is not old]
                 if len(mine) + 1 > self.max_regions:
                     raise RegionRefused(f"node {entry.node} has {len(mine)} regions, the cap is "
                                         f"{self.max_regions}: unregister some first")

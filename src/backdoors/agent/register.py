@@ -35,12 +35,24 @@ def register_box(box: SensorBox, *, name: str | None = None, socket_path: str | 
 
 def register_region(fd: int, name: str, writable: bool = False, *, kind: str = "region",
                     socket_path: str | None = None, timeout: float = 2.0) -> dict:
-    """Register a region (a memfd sealed with F_SEAL_SHRINK) of `kind` ("region" or
-    "sensorbox"). `writable` lets monitors write it through the agent (a mailbox for
+    """Register a region (a memfd sealed with F_SEAL_SHRINK) of `kind` ("region",
+    "sensorbox" or "cb", a Continuation Box named "cb-<session>"). `writable` lets monitors write it through the agent (a mailbox for
     remote access hooks).
     """
     return _call({"op": "register", "kind": kind, "name": name, "writable": writable},
                  fd, socket_path, timeout)
+
+
+def hold_socket(fd: int, *, name: str, socket_path: str | None = None,
+                timeout: float = 2.0) -> dict:
+    """Hand the agent a duplicate of a session's TCP socket (Continuation Boxes): the
+    connection then survives a crash of this process, for recovery elsewhere."""
+    return _call({"op": "hold_socket", "name": name}, fd, socket_path, timeout)
+
+
+def release(name: str, *, socket_path: str | None = None, timeout: float = 2.0) -> dict:
+    """A session ended: the agent drops its Continuation Box and socket."""
+    return _call({"op": "release", "name": name}, None, socket_path, timeout)
 
 
 def unregister(name: str, *, socket_path: str | None = None, timeout: float = 2.0) -> dict:

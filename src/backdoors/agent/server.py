@@ -220,7 +220,8 @@ class RpcServer:
                 result = op.run(call)
             else:
                 result = await self.run_blocking(rt.lane if op.where == "node" else
-                                                 self.memory_lane, op.name, op.run, call)
+                                                 self.memory_lane, op.name, op.run, call,
+                                                 deadline=op.deadline_s)
             return Outcome(True, result, votes=votes)
         except OpError as e:
             return Outcome(False, code=e.code, message=e.message, votes=votes)
@@ -233,13 +234,14 @@ class RpcServer:
             return Outcome(False, code="failed", message=f"internal error in {op.name}: {e!r}",
                            votes=votes)
 
-    async def run_blocking(self, lane: Lane, what: str, fn, *fn_args) -> Any:
+    async def run_blocking(self, lane: Lane, what: str, fn, *fn_args,
+                           deadline: float | None = None) -> Any:
         """fn(*fn_args) on the lane's workers, abandoned (code deadline) at the op deadline."""
         if lane.stuck >= lane.workers:
             raise OpError("busy", f"all {lane.workers} workers of {lane.name} are stuck in "
                                   "operations past their deadline (a /proc or cgroupfs access "
                                   "that does not return); retry later")
-        deadline = self.agent.config.op_deadline_s
+        deadline = deadline or self.agent.config.op_deadline_s
         loop = asyncio.get_running_loop()
         cf = lane.pool.submit(fn, *fn_args)
         fut = asyncio.wrap_future(cf, loop=loop)

@@ -25,17 +25,24 @@ def keys_path(plan: T.Plan) -> Path:
     return plan.run_dir / "keys.toml"
 
 
+def peer_id(host: T.HostPlan) -> str:
+    """The identity an agent uses towards the other agents (for session hand-over)."""
+    return f"agent-{host.name}"
+
+
 def write_keys(plan: T.Plan, monitors: tuple[str, ...]) -> dict[str, bytes]:
-    """Fresh keys for the lab's monitors (file mode 0600)."""
-    return generate_keys(str(keys_path(plan)), list(monitors))
+    """Fresh keys for the lab's monitors and agents (file mode 0600)."""
+    return generate_keys(str(keys_path(plan)), [*monitors, *(peer_id(h) for h in plan.hosts)])
 
 
 def agent_config(plan: T.Plan, host: T.HostPlan, quorum: int) -> AgentConfig:
-    nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns) for n in plan.nodes if n.host == host.name]
+    nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns, addresses=[f"{n.vip}/{T.SERVICE_PREFIXLEN}"])
+             for n in plan.nodes if n.host == host.name]
     config = AgentConfig(
         host=host.name, listen=f"{host.address}:{T.AGENT_PORT}", netns=host.netns,
         run_dir=str(plan.run_dir / "nodes"), audit_log=str(plan.run_dir / f"audit-{host.name}.jsonl"),
-        monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes)
+        monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes,
+        peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts])
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 

@@ -206,6 +206,7 @@ class Lab:
         sock = self.plan.run_dir / "nodes" / node / "agent.sock"
         if sock.exists():
             env["BACKDOORS_AGENT_SOCKET"] = str(sock)
+            env["BACKDOORS_ADOPT_SOCKET"] = str(sock.with_name("adopt.sock"))
         return env
 
     def run_in_node(self, node: str, argv: list[str], **popen) -> subprocess.Popen:
@@ -217,16 +218,22 @@ class Lab:
         popen.setdefault("stdout", subprocess.DEVNULL)
         return self.node(node).run(argv, env=self.service_env(node), **popen)
 
-    def start_service(self, node: str, *extra: str, timeout: float = 10.0) -> ServiceInfo:
-        """Start the sample service in `node` and wait until it is ready."""
-        argv = [sys.executable, "-m", "backdoors.lab.service", "--name", f"svc-{node}",
-                "--port", str(T.SERVICE_PORT), *extra]
+    def start_service(self, node: str, *extra: str, recoverable: bool = False,
+                      timeout: float = 10.0) -> ServiceInfo:
+        """Start the sample service in `node` (or, `recoverable`, the stream service with
+        Continuation Boxes on port RECOVERABLE_PORT) and wait until it is ready."""
+        if recoverable:
+            argv = [sys.executable, "-m", "backdoors.lab.recoverable", "--name", f"rsvc-{node}",
+                    "--port", str(T.RECOVERABLE_PORT), *extra]
+        else:
+            argv = [sys.executable, "-m", "backdoors.lab.service", "--name", f"svc-{node}",
+                    "--port", str(T.SERVICE_PORT), *extra]
         proc = self.run_in_node(node, argv, stdout=subprocess.PIPE)
         line = _read_line(proc, timeout)
         if not line:
             proc.kill()
             raise LabError(
-                f"sample service in node {node} did not start within {timeout}s; see "
+                f"{argv[2]} in node {node} did not start within {timeout}s; see "
                 f"{self.plan.run_dir / node / 'stderr.log'}"
             )
         info = ServiceInfo(**{k: v for k, v in json.loads(line).items() if k in ("pid", "box_fd", "port")})

@@ -132,8 +132,30 @@ def record(cfg: R.Record, ctx, finding: Finding) -> Outcome:
 
 
 def recover(cfg: R.Recover, ctx, finding: Finding) -> Outcome:
-    return "skipped", {"reason": "session recovery (transfer to another node) is not "
-                                 "implemented yet", "target": cfg.target}
+    """Fence the node, then evacuate its sessions to the target node's agent."""
+    target = cfg.target or next((n for n, (host, _) in sorted(ctx.placement.items())
+                                 if host != ctx.host), None)
+    if target is None or target not in ctx.placement:
+        return "failed", {"error": f"no recovery node: {target or 'none'} is not served by a "
+                                   "reachable agent; set target in the rule"}
+    to_host, to_address = ctx.placement[target]
+    t0 = ctx.clock()
+    fence = ctx.client.call("fence", node=ctx.node)
+    fenced_at = ctx.clock()
+    ev = ctx.client.call("evacuate", node=ctx.node, to=to_address, to_node=target,
+                         timeout=cfg.timeout_s)
+    detail = {"target": target, "target_host": to_host,
+              "fence_ms": round((fenced_at - t0) * 1000, 1),
+              "evacuate_ms": round((ctx.clock() - fenced_at) * 1000, 1),
+              "fence": fence, "sessions": ev["sessions"], "moved": ev["moved"],
+              "failed": ev["failed"], "dump_ms": ev["dump_ms"], "transfer_ms": ev["transfer_ms"],
+              "adopt": ev["adopt"]}
+    if cfg.after == "release":
+        ctx.client.kill_node(ctx.node)
+        ctx.client.unlock(ctx.node, force=True)
+        detail["released"] = True
+    ok = ev["moved"] == ev["sessions"] and not ev["failed"]
+    return ("done" if ok else "failed"), detail
 
 
 RUNNERS = {R.KillCulprit: kill_culprit, R.LockKillLineage: lock_kill_lineage,

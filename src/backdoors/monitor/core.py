@@ -264,7 +264,8 @@ class Monitor:
         state = "failed"
         try:
             ctx = Context(det.rule, det.incident, det.view, det.hits, det.onset, det.detected,
-                          self._client_for(det.view.host), det.history, self.clock, self.hooks)
+                          self._client_for(det.view.host), det.history, self.clock, self.hooks,
+                          self.placement())
 
             def step(kind: str, payload) -> None:
                 if kind == "diagnosis":
@@ -331,6 +332,11 @@ class Monitor:
                            if p.polls < polls or not p.nodes]
                     raise AgentError(f"monitor not ready within {timeout:g} s: {'; '.join(bad)}")
                 self._cond.wait(left)
+
+    def placement(self) -> dict[str, tuple[str, str]]:
+        """node -> (host, agent address) for the nodes of reachable agents."""
+        return {n: (p.entry.host, p.entry.address) for p in self.pollers
+                if p.error is None for n in p.nodes}
 
     def status(self) -> dict[str, dict]:
         """Per agent: reachable, polls, failures, last error, nodes."""

@@ -35,6 +35,7 @@ class Context:
     history: History | None = None  # the node's sensor history at detection
     clock: Callable[[], float] = time.monotonic
     hooks: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
+    placement: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (host, agent)
 
     @property
     def node(self) -> str:

@@ -178,10 +178,15 @@ class Record(_Unit, tag="record"):
 
 
 class Recover(_Unit, tag="recover"):
-    """Move the node's sessions to a healthy node. Not implemented yet: recorded as
-    skipped (session recovery is the next issue)."""
+    """Move the node's client sessions to a healthy node (another agent's, normally):
+    fence the failed node (freeze it, cut its network), then have its agent evacuate the
+    sessions to `target` (default: the first node, by name, of another reachable agent).
+    The failed node stays fenced for inspection unless `after` is "release" (unfence and
+    kill what ran there: a refresh is then up to the operator)."""
 
     target: str | None = None
+    after: Literal["fenced", "release"] = "fenced"
+    timeout_s: float = 30.0
 
 
 Action = Union[KillCulprit, LockKillLineage, Refresh, Record, Recover]

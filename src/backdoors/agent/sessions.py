@@ -1,0 +1,113 @@
+"""Client sessions held by the agent: the socket duplicate of each Continuation Box.
+
+A server that makes a session recoverable hands the agent its CB region (a region of kind
+"cb", named "cb-<session>") and a duplicate of the session's TCP socket ("hold_socket",
+same name). Holding the duplicate keeps the connection alive in the kernel when the server
+crashes: the crash becomes recoverable. At recovery the agent dumps these sockets.
+
+A session restored here by `adopt` remembers the TcpState it was restored from, so a later
+dump of it continues the session's byte counts (tcprepair's `since=`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from ..tcprepair import TcpState
+
+
+class SessionRefused(Exception):
+    """A hold or release broke a rule; the message says which."""
+
+
+@dataclass(eq=False)
+class Session:
+    node: str
+    name: str
+    sock: socket.socket
+    pid: int
+    since: TcpState | None = None  # the state it was restored from, if adopted here
+
+    def describe(self) -> str:
+        try:
+            local, remote = self.sock.getsockname(), self.sock.getpeername()
+            return f"{local[0]}:{local[1]} <-> {remote[0]}:{remote[1]}"
+        except OSError:
+            return "(disconnected)"
+
+
+@dataclass
+class SessionTable:
+    """Held sessions per node, capped; thread-safe."""
+
+    nodes: list[str]
+    max_per_node: int
+    _sessions: dict[str, dict[str, Session]] = field(init=False)
+    _adopted: dict[tuple[str, str], TcpState] = field(init=False, default_factory=dict)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._sessions = {n: {} for n in self.nodes}
+
+    def hold(self, node: str, name: str, fd: int, pid: int) -> Session:
+        """Keep a duplicate of the TCP socket `fd` (the caller keeps its own fd)."""
+        sock = socket.socket(fileno=os.dup(fd))
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock.close()
+            raise SessionRefused("hold_socket takes a TCP socket")
+        try:
+            sock.getpeername()
+        except OSError:
+            sock.close()
+            raise SessionRefused("hold_socket takes a connected socket") from None
+        with self._lock:
+            held = self._sessions[node]
+            if name not in held and len(held) >= self.max_per_node:
+                sock.close()
+                raise SessionRefused(f"node {node} holds {len(held)} sessions, the cap is "
+                                     f"{self.max_per_node}")
+            old = held.pop(name, None)
+            session = Session(node, name, sock, pid, self._adopted.pop((node, name), None))
+            held[name] = session
+        if old is not None:
+            old.sock.close()
+        return session
+
+    def release(self, node: str, name: str) -> Session | None:
+        """Drop a session (it ended); closes the agent's duplicate."""
+        with self._lock:
+            session = self._sessions[node].pop(name, None)
+        if session is not None:
+            session.sock.close()
+        return session
+
+    def take_all(self, node: str) -> list[Session]:
+        """Remove and return every held session of `node` (for an evacuation)."""
+        with self._lock:
+            sessions = list(self._sessions[node].values())
+            self._sessions[node].clear()
+        return sessions
+
+    def expect(self, node: str, name: str, since: TcpState) -> None:
+        """A session restored here will be held again under `name`: remember its origin."""
+        with self._lock:
+            self._adopted[(node, name)] = since
+
+    def list(self, node: str) -> list[Session]:
+        with self._lock:
+            return list(self._sessions[node].values())
+
+    def count(self, node: str) -> int:
+        with self._lock:
+            return len(self._sessions[node])
+
+    def close(self) -> None:
+        with self._lock:
+            for held in self._sessions.values():
+                for s in held.values():
+                    s.sock.close()
+                held.clear()
+            self._adopted.clear()
