@@ -1,0 +1,96 @@
+"""A stateful line protocol, recoverable: a per-session running total.
+
+Commands, one per line; every one is answered with one line:
+
+    ADD n   ->  TOTAL <total after adding n>
+    SUB n   ->  TOTAL <total after subtracting n>
+    GET     ->  TOTAL <total>
+    QUIT    ->  BYE <total>, then the server closes
+    other   ->  ERR <reason>
+
+Clients may send without waiting for answers, so the server reads ahead; the state
+{total, count} is exported every EXPORT_EVERY commands. After a recovery the commands
+read since that export are replayed from the Continuation Box's receive log.
+
+    python examples/line_server.py --port 7000 [--adopt /run/ls.adopt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import signal
+import threading
+
+import msgspec
+
+from backdoors.continuations import Listener, create_cb
+
+EXPORT_EVERY = 16
+MAX_LINE = 1024
+
+log = logging.getLogger("line_server")
+
+
+class Tally(msgspec.Struct):
+    total: int = 0
+    count: int = 0  # commands handled
+
+
+def serve_session(conn) -> None:
+    with create_cb(conn) as cb:  # CB
+        tally = cb.import_state(Tally) or Tally()  # CB
+        while line := cb.conn.readline(MAX_LINE):  # CB (was: rfile.readline)
+            reply, done = execute(tally, line)
+            cb.conn.sendall(reply)  # CB (was: conn.sendall)
+            if done:
+                return
+            if tally.count % EXPORT_EVERY == 0:  # CB
+                cb.export(tally)  # CB
+
+
+def execute(tally: Tally, line: bytes) -> tuple[bytes, bool]:
+    """Apply one command; (reply line, whether the session ends)."""
+    tally.count += 1
+    words = line.decode("ascii", "replace").split()
+    verb = words[0].upper() if words else ""
+    if verb in ("ADD", "SUB") and len(words) == 2:
+        try:
+            n = int(words[1])
+        except ValueError:
+            return b"ERR not a number\n", False
+        tally.total += n if verb == "ADD" else -n
+        return b"TOTAL %d\n" % tally.total, False
+    if verb == "GET" and len(words) == 1:
+        return b"TOTAL %d\n" % tally.total, False
+    if verb == "QUIT" and len(words) == 1:
+        return b"BYE %d\n" % tally.total, True
+    return b"ERR unknown command\n", False
+
+
+def session_thread(conn) -> None:
+    try:
+        serve_session(conn)
+    except OSError as err:
+        log.info("session ended: %s", err)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--adopt", help="Unix socket path where recovered sessions arrive")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 3 descriptors per session:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # socket, box, its mapping
+    with Listener.tcp(args.host, args.port, adopt=args.adopt) as listener:  # CB
+        signal.signal(signal.SIGTERM, lambda *_: listener.close())
+        print("line_server listening on %s:%d" % listener.address, flush=True)
+        while conn := listener.accept():  # CB
+            threading.Thread(target=session_thread, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Recovered sessions reaching a recovery server: the hand-over message and its sources.
+
+At recovery the agent restores a session's socket in the recovery node, then hands the
+socket, the session's Continuation Box (a memfd) and the socket's byte counts at the dump
+to the recovery server. The local transport is a Unix SOCK_SEQPACKET socket at a path
+the server listens on; one message per session:
+
+    data:       msgpack Handover {v, session, handed, read, tail}
+    ancillary:  SCM_RIGHTS [restored socket fd, CB memfd]
+    reply:      msgpack HandoverReply {session, ok, error}
+
+The server validates before it replies: the CB parses, its session id matches, and it
+agrees with the byte counts (CbImage.plan). `ok: false` means the server refused the
+session (the sender still holds its copies and may try elsewhere); no reply means the
+server is gone. `hand_over()` / `AdoptionClient` are the sending side (the agent's, and
+the tests').
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgspec
+
+from ..tcprepair import TcpState
+from .errors import AdoptionError, ContinuationError
+from .image import CbImage, ResumePlan, read_cb
+
+log = logging.getLogger("backdoors.continuations")
+
+HANDOVER_VERSION = 1
+TAIL_MAX = 64 * 1024  # bytes of the dumped send queue sent along to check regeneration
+MAX_MESSAGE = TAIL_MAX + 4096
+BATCH = 256  # sessions taken per receive() at most
+_FDS = 2
+
+
+class Handover(msgspec.Struct, forbid_unknown_fields=True):
+    """The metadata of one recovered session (travels with its two fds)."""
+
+    v: int
+    session: str  # hex session id, as in the CB
+    handed: int  # bytes the old application had written to the socket (TcpState.handed)
+    read: int  # bytes it had read from it (TcpState.read)
+    tail: bytes = b""  # the last bytes of output ending at `handed` (the dumped send queue)
+
+    @classmethod
+    def from_tcp_state(cls, session: str, state: TcpState, *, tail_max: int = TAIL_MAX) -> Handover:
+        """The hand-over for a socket dumped as `state` (dumped with `since=` when it had
+        been restored before, so the counts continue the session's)."""
+        tail = state.send_queue[max(0, len(state.send_queue) - tail_max):]
+        return cls(HANDOVER_VERSION, session, state.handed, state.read, tail)
+
+
+class HandoverReply(msgspec.Struct):
+    session: str
+    ok: bool
+    error: str = ""
+
+
+_decode_handover = msgspec.msgpack.Decoder(Handover).decode
+_decode_reply = msgspec.msgpack.Decoder(HandoverReply).decode
+_encode = msgspec.msgpack.Encoder().encode
+
+
+@dataclass(eq=False)
+class Recovered:
+    """A recovered session ready for create_cb/open_cb: restored socket, CB, plan."""
+
+    sock: socket.socket
+    image: CbImage
+    plan: ResumePlan
+    opened: bool = field(default=False)
+
+    @property
+    def session(self) -> str:
+        return self.image.session_id
+
+    def close(self) -> None:
+        """Drop a session that will not be served (its socket is closed)."""
+        self.sock.close()
+
+
+def prepare(sock: socket.socket, cb_fd: int, handover: Handover) -> Recovered:
+    """Validate a handed-over session; ContinuationError (with the reason) if unusable.
+
+    Reads the CB from `cb_fd` (the caller keeps and closes `cb_fd`).
+    """
+    if handover.v != HANDOVER_VERSION:
+        raise AdoptionError(f"hand-over version {handover.v}, this server knows {HANDOVER_VERSION}")
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise AdoptionError(f"session {handover.session}: the handed socket is not a TCP socket")
+    try:
+        sock.getpeername()
+    except OSError:
+        raise AdoptionError(f"session {handover.session}: the handed socket is not connected") from None
+    image = read_cb(cb_fd)
+    if image.session_id != handover.session:
+        raise AdoptionError(
+            f"hand-over names session {handover.session} but the CB holds {image.session_id}"
+        )
+    plan = image.plan(handover.handed, handover.read, handover.tail)
+    return Recovered(sock, image, plan)
+
+
+class AdoptionSource(Protocol):
+    """Where recovered sessions come from; a Listener polls `fileno()` for readability."""
+
+    def fileno(self) -> int: ...
+
+    def receive(self) -> Recovered | None:
+        """The next recovered session if one is ready, else None; never blocks. Called
+        by the Listener when fileno() is readable and before each wait."""
+
+    def close(self) -> None: ...
+
+
+class UnixAdoptionSource:
+    """Receives sessions on a Unix SOCK_SEQPACKET socket at `path` (mode 0600).
+
+    A stale socket file of a dead server is replaced; one in use is an error.
+    """
+
+    def __init__(self, path: str, *, backlog: int = 16):
+        self.path = path
+        _remove_stale(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._epoll = select.epoll()
+        self._conns: dict[int, socket.socket] = {}
+        self._ready: deque[Recovered] = deque()
+        try:
+            self._listener.bind(path)
+            os.chmod(path, 0o600)
+            self._listener.listen(backlog)
+            self._listener.setblocking(False)
+            self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+        except OSError as err:
+            self.close()
+            raise AdoptionError(f"cannot listen for recovered sessions at {path}: {err.strerror}") from None
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def receive(self) -> Recovered | None:
+        """The next session. Everything already sent is taken (and answered) at once, so
+        a sender handing over many sessions waits for one round trip, not one each."""
+        if not self._ready:
+            for _ in range(BATCH):
+                events = self._epoll.poll(0)
+                if not events:
+                    break
+                for fd, _ in events:
+                    if fd == self._listener.fileno():
+                        self._accept()
+                    elif (conn := self._conns.get(fd)) is not None:
+                        recovered = self._receive_from(conn)
+                        if recovered is not None:
+                            self._ready.append(recovered)
+        return self._ready.popleft() if self._ready else None
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self._conns[conn.fileno()] = conn
+        self._epoll.register(conn.fileno(), select.EPOLLIN)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._conns.pop(conn.fileno(), None)
+        try:
+            self._epoll.unregister(conn.fileno())
+        except (OSError, ValueError):
+            pass
+        conn.close()
+
+    def _receive_from(self, conn: socket.socket) -> Recovered | None:
+        try:
+            data, ancdata, flags, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(_FDS * 4 + 16))
+        except BlockingIOError:
+            return None
+        except OSError:
+            self._drop(conn)
+            return None
+        fds = _fds_of(ancdata)
+        if not data and not fds:
+            self._drop(conn)  # sender closed
+            return None
+        session = "?"
+        sock: socket.socket | None = None
+        try:
+            try:
+                handover = _decode_handover(data)
+                session = handover.session
+            except (msgspec.DecodeError, msgspec.ValidationError) as err:
+                handover = None
+                bad_metadata = f"hand-over metadata does not decode: {err}"
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise AdoptionError("hand-over message or its fds were truncated")
+            if len(fds) != _FDS:
+                raise AdoptionError(f"hand-over carries {len(fds)} fds, expected {_FDS} (socket, CB)")
+            if handover is None:
+                raise AdoptionError(bad_metadata)
+            sock = socket.socket(fileno=fds[0])
+            fds[0] = -1
+            recovered = prepare(sock, fds[1], handover)
+        except (ContinuationError, OSError) as err:
+            if sock is not None:
+                sock.close()
+            log.warning("refused recovered session %s: %s", session, err)
+            self._reply(conn, HandoverReply(session, False, str(err)))
+            return None
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+        self._reply(conn, HandoverReply(session, True))
+        return recovered
+
+    def _reply(self, conn: socket.socket, reply: HandoverReply) -> None:
+        try:
+            conn.send(_encode(reply))
+        except OSError:
+            self._drop(conn)
+
+    def close(self) -> None:
+        while self._ready:  # taken but never served: their sockets close (sender has copies)
+            self._ready.popleft().close()
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        self._epoll.close()
+        if self._listener.fileno() >= 0:
+            self._listener.close()
+            try:
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> UnixAdoptionSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AdoptionClient:
+    """The sending side: hands recovered sessions to the server listening at `path`."""
+
+    def __init__(self, path: str, *, timeout: float = 5.0):
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as err:
+            self._sock.close()
+            raise AdoptionError(
+                f"no recovery server at {path}: {err.strerror}; is it running with this "
+                "adoption socket?"
+            ) from None
+
+    def hand_over(self, sock: socket.socket | int, cb_fd: int, handover: Handover) -> None:
+        """Send one session and wait for the server's verdict; AdoptionError if refused.
+
+        The caller keeps its own descriptors (the server gets duplicates)."""
+        error = self.hand_over_all([(sock, cb_fd, handover)])[0]
+        if error is not None:
+            raise error
+
+    def hand_over_all(
+        self, sessions: list[tuple[socket.socket | int, int, Handover]]
+    ) -> list[AdoptionError | None]:
+        """Send every session, then collect the verdicts (one round trip for all, not
+        one per session); returns None or the AdoptionError of each, in order. A broken
+        transport raises AdoptionError."""
+        for sock, cb_fd, handover in sessions:
+            fd = sock if isinstance(sock, int) else sock.fileno()
+            rights = array.array("i", [fd, cb_fd])
+            try:
+                self._sock.sendmsg([_encode(handover)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            except OSError as err:
+                raise AdoptionError(
+                    f"hand-over of session {handover.session} to {self.path} failed: {err}"
+                ) from None
+        return [self._verdict(handover) for _, _, handover in sessions]
+
+    def _verdict(self, handover: Handover) -> AdoptionError | None:
+        try:
+            raw = self._sock.recv(4096)
+        except OSError as err:
+            raise AdoptionError(f"no verdict from {self.path} on session {handover.session}: {err}") from None
+        if not raw:
+            raise AdoptionError(f"recovery server at {self.path} closed without answering")
+        try:
+            reply = _decode_reply(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            raise AdoptionError(f"bad reply from recovery server at {self.path}: {err}") from None
+        if not reply.ok:
+            return AdoptionError(f"recovery server at {self.path} refused session {handover.session}: {reply.error}")
+        if reply.session != handover.session:
+            raise AdoptionError(f"recovery server at {self.path} accepted session "
+                                f"{reply.session}, expected {handover.session}")
+        return None
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> AdoptionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def hand_over(path: str, sock: socket.socket | int, cb_fd: int, handover: Handover,
+              *, timeout: float = 5.0) -> None:
+    """Hand one recovered session to the server listening at `path` (see AdoptionClient)."""
+    with AdoptionClient(path, timeout=timeout) as client:
+        client.hand_over(sock, cb_fd, handover)
+
+
+def _fds_of(ancdata: list) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def _remove_stale(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise AdoptionError(f"{path} exists and is not a socket: choose another adoption path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except OSError as err:
+        if err.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EPROTOTYPE):
+            os.unlink(path)
+            return
+        raise AdoptionError(f"cannot probe adoption socket {path}: {err.strerror}") from None
+    finally:
+        probe.close()
+    raise AdoptionError(f"another recovery server listens at {path}")

@@ -1,0 +1,123 @@
+"""The seam between Continuation Boxes and the agent: the Registrar.
+
+create_cb() calls `registrar.attach(box)` once the box exists, and box.close() calls
+`registrar.detach(box)`. Attaching is the original design's registration of the CB and
+"association of the I/O channel": the agent keeps the CB region (a memfd) and a duplicate
+of the session socket, so both outlive a crashed server.
+
+Without an agent (BACKDOORS_AGENT_SOCKET unset: tests, servers run outside backdoors)
+the default registrar does nothing and the server runs as usual, just not recoverable.
+With it, `AgentRegistrar` calls the agent's app-side registration module
+(`backdoors.agent.register`), which must offer:
+
+    register_region(fd, *, name, kind)   kind "cb": the CB memfd, named "cb-<session>"
+    hold_socket(fd, *, name)             the session socket, under the same name
+    release(name)                        the session ended: drop region and socket
+
+An agent that refuses or fails does not stop the session: the box is served unregistered
+(`box.registered` is False) and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import BackdoorsError
+from .errors import ContinuationError
+
+if TYPE_CHECKING:
+    from .box import ContinuationBox
+
+AGENT_ENV = "BACKDOORS_AGENT_SOCKET"
+CLIENT_MODULE = "backdoors.agent.register"
+KIND = "cb"
+_NEEDED = ("register_region", "hold_socket", "release")
+
+log = logging.getLogger("backdoors.continuations")
+
+
+class Registrar(Protocol):
+    """Hands a box's region and socket to the agent, and takes them back."""
+
+    def attach(self, box: ContinuationBox) -> bool:
+        """Register `box.fd` (kind "cb", name `box.name`) and hold `box.conn.sock`;
+        True if the agent now holds both."""
+
+    def detach(self, box: ContinuationBox) -> None:
+        """The session ended normally: the agent drops the region and the socket."""
+
+
+class NullRegistrar:
+    """No agent: sessions are served but not recoverable by an agent."""
+
+    def attach(self, box: ContinuationBox) -> bool:
+        return False
+
+    def detach(self, box: ContinuationBox) -> None:
+        pass
+
+
+class AgentRegistrar:
+    """Registers boxes through an agent client offering register_region, hold_socket and
+    release (the `backdoors.agent.register` module, or any object with those calls)."""
+
+    def __init__(self, client: Any):
+        missing = [name for name in _NEEDED if not callable(getattr(client, name, None))]
+        if missing:
+            raise ContinuationError(
+                f"agent client {getattr(client, '__name__', client)!r} lacks {', '.join(missing)}: "
+                f"Continuation Boxes need {', '.join(_NEEDED)} (see continuations/agent_link.py)"
+            )
+        self.client = client
+
+    def attach(self, box: ContinuationBox) -> bool:
+        try:
+            self.client.register_region(box.fd, name=box.name, kind=KIND)
+        except (BackdoorsError, OSError) as err:
+            log.warning("session %s: agent did not register its box: %s", box.session, err)
+            return False
+        try:
+            self.client.hold_socket(box.conn.fileno(), name=box.name)
+        except (BackdoorsError, OSError) as err:
+            log.warning("session %s: agent did not take its socket: %s", box.session, err)
+            self._release(box)
+            return False
+        return True
+
+    def detach(self, box: ContinuationBox) -> None:
+        self._release(box)
+
+    def _release(self, box: ContinuationBox) -> None:
+        try:
+            self.client.release(box.name)
+        except (BackdoorsError, OSError) as err:
+            log.warning("session %s: agent did not release it: %s", box.session, err)
+
+
+NULL = NullRegistrar()
+_cached: tuple[str, Registrar] | None = None
+
+
+def default_registrar(environ: Mapping[str, str] = os.environ) -> Registrar:
+    """NULL when $BACKDOORS_AGENT_SOCKET is unset, else an AgentRegistrar over
+    `backdoors.agent.register` (ContinuationError if that module is unusable)."""
+    global _cached
+    path = environ.get(AGENT_ENV, "")
+    if not path:
+        return NULL
+    if _cached is not None and _cached[0] == path:
+        return _cached[1]
+    try:
+        module = importlib.import_module(CLIENT_MODULE)
+    except ImportError as err:
+        raise ContinuationError(
+            f"{AGENT_ENV}={path} but the agent's registration module {CLIENT_MODULE} cannot "
+            f"be imported ({err}); unset {AGENT_ENV} to run without an agent"
+        ) from None
+    registrar = AgentRegistrar(module)
+    _cached = (path, registrar)
+    return registrar

@@ -1,0 +1,225 @@
+"""The Continuation Box API for server authors: create_cb, export, open_cb, import_state.
+
+    while conn := listener.accept():          # new connections and recovered sessions
+        cb = create_cb(conn)                  # region + I/O channel handed to the agent
+        state = cb.import_state() or new_state(receive_request(cb.conn))
+        ... send from state through cb.conn ...; cb.export(state)
+
+A server made recoverable this way must be deterministic: given an exported state and
+the input that follows it, it produces the same output bytes (see docs/continuations.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..errors import TcpRepairError
+from . import layout as L
+from .connection import RecoverableConnection
+from .errors import ContinuationError, StateTooLargeError
+from .image import decode_state
+from .region import CbRegion, endpoints_of
+
+if TYPE_CHECKING:
+    from .adoption import Recovered
+    from .agent_link import Registrar
+
+DEFAULT_STATE_CAPACITY = 4096
+DEFAULT_LOG_CAPACITY = 64 * 1024
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+class ContinuationBox:
+    """One client session's Continuation Box: its region, its connection, its exports."""
+
+    def __init__(self, region: CbRegion, conn: RecoverableConnection, session: bytes, *,
+                 version: int, last: tuple[L.Encoding, bytes], recovered: bool,
+                 registrar: Registrar):
+        self.region, self.conn = region, conn
+        self.session = session.hex()
+        self.recovered = recovered
+        self._version = version
+        self._last = last
+        self._registrar = registrar
+        self.registered = False
+
+    @property
+    def fd(self) -> int:
+        """The region's memfd (what the agent holds)."""
+        return self.region.fd
+
+    @property
+    def name(self) -> str:
+        """The region's name for the agent: 'cb-<session id>'."""
+        return f"cb-{self.session}"
+
+    @property
+    def version(self) -> int:
+        """Number of the last export (0: never exported); it continues across recoveries."""
+        return self._version
+
+    def export(self, state: Any) -> int:
+        """Store `state` atomically with the connection's stream positions; returns the
+        export version. `state` is bytes, or anything msgspec encodes to msgpack
+        (Structs, dicts, lists, numbers, strings). The receive log restarts here."""
+        if state is None:
+            raise TypeError("export(None): None means 'no state'; export a value")
+        if isinstance(state, (bytes, bytearray, memoryview)):
+            encoding, data = L.Encoding.RAW, bytes(state)
+        else:
+            encoding, data = L.Encoding.MSGPACK, _encode(state)
+        if len(data) > self.region.state_capacity:
+            raise StateTooLargeError(
+                f"session {self.session}: exported state is {len(data)} bytes, the box holds "
+                f"{self.region.state_capacity}; create it with a larger state_capacity"
+            )
+        version = self._version + 1
+        sent, received = self.conn._exported()
+        self.region.write_export(version, sent, received, encoding, data)
+        self._version, self._last = version, (encoding, data)
+        return version
+
+    def import_state(self, type: Any = None) -> Any:  # noqa: A002 - mirrors msgspec
+        """The last exported state, or None for a new session; decoded as `type` if given
+        (e.g. a msgspec Struct class), else as plain msgpack values (bytes stay bytes)."""
+        encoding, data = self._last
+        return decode_state(encoding, data, type, self.session)
+
+    def close(self) -> None:
+        """End the session: release it at the agent, close the connection and region."""
+        if self.region.fd < 0:
+            return
+        try:
+            if self.registered:
+                self._registrar.detach(self)
+        finally:
+            self.registered = False
+            self.conn.close()
+            self.region.close()
+
+    def __enter__(self) -> ContinuationBox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ContinuationBox {self.session} v{self._version} {self.conn!r}>"
+
+
+def create_cb(
+    conn: socket.socket | Recovered,
+    *,
+    state_capacity: int = DEFAULT_STATE_CAPACITY,
+    log_capacity: int = DEFAULT_LOG_CAPACITY,
+    registrar: Registrar | None = None,
+) -> ContinuationBox:
+    """The session's Continuation Box, for what `Listener.accept()` returned.
+
+    A new connection (a socket nothing was read from or written to yet) gets a new, empty
+    box; a recovered session gets the box it had (see open_cb). Either way the box's
+    region and the socket are handed to the agent through `registrar` (default: the
+    agent named by BACKDOORS_AGENT_SOCKET, or none). Capacities are bytes, multiples of 8.
+    """
+    from .adoption import Recovered
+
+    if isinstance(conn, Recovered):
+        return open_cb(conn, state_capacity=state_capacity, log_capacity=log_capacity,
+                       registrar=registrar)
+    _check_fresh(conn)
+    session = os.urandom(L.SESSION_SIZE)
+    region = CbRegion.create(session, state_capacity=_round(state_capacity),
+                             log_capacity=_round(log_capacity), endpoints=endpoints_of(conn))
+    try:
+        rconn = RecoverableConnection(conn, region, session.hex())
+        box = ContinuationBox(region, rconn, session, version=0, last=(L.Encoding.NONE, b""),
+                              recovered=False, registrar=_registrar(registrar))
+    except BaseException:
+        region.close()
+        raise
+    box.registered = box._registrar.attach(box)
+    return box
+
+
+def open_cb(
+    recovered: Recovered,
+    *,
+    state_capacity: int = DEFAULT_STATE_CAPACITY,
+    log_capacity: int = DEFAULT_LOG_CAPACITY,
+    registrar: Registrar | None = None,
+) -> ContinuationBox:
+    """The box of a recovered session, rolled back to its last export.
+
+    The recovering server gets a region of its own (capacities: the larger of the old
+    box's and the ones given) holding the last export and the input logged since, and a
+    connection that replays that input before the socket's and discards the output the
+    client already has. import_state() returns the exported state.
+    """
+    image, plan, sock = recovered.image, recovered.plan, recovered.sock
+    region = CbRegion.create(
+        image.session,
+        state_capacity=max(_round(state_capacity), image.state_capacity),
+        log_capacity=max(_round(log_capacity), image.log_capacity),
+        endpoints=endpoints_of(sock),
+        recoveries=image.recoveries + 1,
+    )
+    try:
+        ex = image.export
+        if ex.version:
+            region.write_export(ex.version, ex.sent, ex.received, ex.encoding, ex.data,
+                                ex.exported_at_ns)
+        region.put_log(plan.received, plan.replay)
+        region.set_log_end(plan.read)
+        rconn = RecoverableConnection(
+            sock, region, image.session_id, sent=plan.sent, received=plan.received,
+            log_end=plan.read, skip_until=plan.handed, tail=plan.tail,
+        )
+        box = ContinuationBox(region, rconn, image.session, version=ex.version,
+                              last=(ex.encoding, ex.data), recovered=True,
+                              registrar=_registrar(registrar))
+    except BaseException:
+        region.close()
+        raise
+    recovered.opened = True
+    box.registered = box._registrar.attach(box)
+    return box
+
+
+def _registrar(registrar: Registrar | None) -> Registrar:
+    if registrar is not None:
+        return registrar
+    from .agent_link import default_registrar
+
+    return default_registrar()
+
+
+def _round(n: int) -> int:
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"capacity must be a positive number of bytes, got {n!r}")
+    return L.round8(n)
+
+
+def _check_fresh(sock: socket.socket) -> None:
+    """A box must start with the connection: nothing read or written before it."""
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"create_cb needs a socket or a Recovered session, got {type(sock).__name__}")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return  # no kernel byte counts to check (e.g. a Unix socket in tests)
+    from ..tcprepair import bytes_handed, bytes_received
+
+    try:
+        handed, read = bytes_handed(sock), bytes_received(sock)
+    except TcpRepairError:
+        return  # the connection is already closing; nothing to recover anyway
+    # Counted from TCP_INFO and an ioctl taken one after the other: input arriving in
+    # between makes `read` come out low, even negative, never high.
+    if handed > 0 or read > 0:
+        raise ContinuationError(
+            f"create_cb on a connection that already carried data ({handed} bytes written, "
+            f"{read} read): call create_cb right after accept, before any send or recv"
+        )

@@ -1,0 +1,330 @@
+"""Reading a Continuation Box from outside, validated, and planning a session's resumption.
+
+The reader never trusts the region: `parse` checks every field of a copy against the ABI
+and turns anything unexpected into a CbFormatError naming the field and its offset.
+`read_cb` copies a region consistently even while its owner keeps exporting (the active
+slot's seq word is read before and after the copy), and a frozen or killed owner never
+blocks it: the slot an export rewrites is never the active one.
+
+`CbImage.plan(handed, read)` is the heart of log-based rollback: from the kernel's byte
+counts of the session socket it derives how much regenerated output the client already
+has (to skip) and which input to replay, after checking that CB and socket agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..errors import SensorBoxError
+from ..sensors.region import Region
+from . import layout as L
+from .errors import CbFormatError, RecoveryError
+
+READ_RETRIES = 64
+_MAX_POSITION = 1 << 62
+
+
+@dataclass(frozen=True)
+class Export:
+    """One export as stored in the active slot: the state and the stream positions."""
+
+    version: int  # 0: never exported (no state)
+    sent: int  # output stream position when it was taken
+    received: int  # input stream position when it was taken
+    encoding: L.Encoding
+    data: bytes
+    exported_at_ns: int
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How a recovering server resumes a session from its last export.
+
+    Its regenerated output starts at stream position `sent`; the client already has (or
+    will get from the restored send queue) everything before `handed`, so the first
+    `skip` bytes are discarded. Its input restarts at `received`: `replay` holds the
+    bytes up to `read`, the position the restored socket continues from.
+    """
+
+    version: int
+    sent: int
+    received: int
+    handed: int
+    read: int
+    replay: bytes
+    tail: bytes = b""  # the last bytes of output before `handed`, to check regeneration
+
+    @property
+    def skip(self) -> int:
+        return self.handed - self.sent
+
+
+@dataclass(frozen=True)
+class CbImage:
+    """A validated copy of one Continuation Box."""
+
+    session: bytes
+    owner_pid: int
+    state_capacity: int
+    log_capacity: int
+    export: Export
+    log_end: int
+    recoveries: int
+    family: int
+    local: tuple[str, int] | None
+    remote: tuple[str, int] | None
+    ring: bytes
+    # False when the copy was taken while the owner kept exporting: the export is whole,
+    # but the log may already be reused, so the image cannot plan a resumption.
+    log_complete: bool = True
+
+    @property
+    def session_id(self) -> str:
+        return self.session.hex()
+
+    def log(self, start: int, end: int) -> bytes:
+        """Input bytes at stream positions [start, end) from the ring (at most its size)."""
+        cap, count = self.log_capacity, end - start
+        if count <= 0:
+            return b""
+        if count > cap:
+            raise ValueError(f"positions [{start}, {end}) span more than the ring ({cap})")
+        first = start % cap
+        if first + count <= cap:
+            return self.ring[first:first + count]
+        return self.ring[first:] + self.ring[:first + count - cap]
+
+    def state(self, type: Any = None) -> Any:  # noqa: A002 - mirrors msgspec
+        """The exported state (decoded), or None if the session was never exported."""
+        return decode_state(self.export.encoding, self.export.data, type, self.session_id)
+
+    def plan(self, handed: int, read: int, tail: bytes = b"") -> ResumePlan:
+        """The resumption of this session given the socket's byte counts.
+
+        `handed`/`read`: bytes the old application had written to / read from the socket
+        at the dump (tcprepair's TcpState.handed and .read). `tail`: optionally the last
+        bytes of output ending at `handed` (the dumped send queue), to check that the
+        recovering server regenerates the same bytes. RecoveryError if they disagree.
+        """
+        ex, where = self.export, f"session {self.session_id} (export {self.export.version})"
+        if not self.log_complete:
+            raise RecoveryError(
+                f"{where}: the box was copied while its owner kept exporting, so its receive "
+                "log is incomplete: freeze (or lose) the owner before reading it for recovery"
+            )
+        for value, what in ((handed, "handed"), (read, "read")):
+            if not (isinstance(value, int) and 0 <= value < _MAX_POSITION):
+                raise RecoveryError(f"{where}: byte count {what}={value!r} is not a stream position")
+        if handed < ex.sent:
+            raise RecoveryError(
+                f"{where}: the socket had {handed} bytes handed but the export was taken after "
+                f"{ex.sent} sent: the CB is newer than the socket (not the same session?)"
+            )
+        if read < ex.received:
+            raise RecoveryError(
+                f"{where}: the socket had {read} bytes read but the export was taken after "
+                f"{ex.received} received: the CB is newer than the socket (not the same session?)"
+            )
+        if read - ex.received > self.log_capacity:
+            raise RecoveryError(
+                f"{where}: {read - ex.received} bytes were read since the export, more than the "
+                f"receive log holds ({self.log_capacity}): the log cannot have recorded them"
+            )
+        if self.log_end > read:
+            raise RecoveryError(
+                f"{where}: the receive log ends at input position {self.log_end}, beyond the "
+                f"{read} bytes the socket says were read: CB and socket do not match"
+            )
+        if len(tail) > handed:
+            raise RecoveryError(f"{where}: check tail of {len(tail)} bytes exceeds handed={handed}")
+        return ResumePlan(
+            version=ex.version, sent=ex.sent, received=ex.received, handed=handed,
+            read=read, replay=self.log(ex.received, read), tail=bytes(tail),
+        )
+
+
+_DECODERS: dict[Any, msgspec.msgpack.Decoder] = {}
+
+
+def decode_state(encoding: L.Encoding, data: bytes, type: Any, session: str) -> Any:  # noqa: A002
+    """Decode state data as stored with `encoding`; CbFormatError if it does not decode."""
+    if encoding is L.Encoding.NONE:
+        return None
+    if encoding is L.Encoding.RAW:
+        return data
+    decoder = _DECODERS.get(type)
+    if decoder is None:
+        decoder = _DECODERS[type] = msgspec.msgpack.Decoder(Any if type is None else type)
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise CbFormatError(f"session {session}: exported state does not decode: {err}") from None
+
+
+def parse(data: bytes | bytearray | memoryview) -> CbImage:
+    """Validate a copy of a CB region and decode it; CbFormatError on anything malformed."""
+    data = bytes(data)
+    (pid, session, state_cap, log_cap, export_version, log_end, recoveries, family,
+     lport, laddr, raddr, rport) = parse_header(data)
+    need = L.region_size(state_cap, log_cap)
+    if len(data) < need:
+        raise CbFormatError(f"region truncated: {len(data)} bytes, its capacities need {need}")
+    local, remote = _endpoints(family, laddr, lport, raddr, rport)
+    export = _parse_slot(data, export_version & 1, export_version, state_cap)
+    if not export.received <= log_end <= export.received + log_cap:
+        raise CbFormatError(
+            f"header (offset 56): log_end {log_end} is outside [{export.received}, "
+            f"{export.received + log_cap}] (export {export_version} received + log capacity)"
+        )
+    ring_at = L.log_offset(state_cap)
+    return CbImage(
+        session=session, owner_pid=pid, state_capacity=state_cap, log_capacity=log_cap,
+        export=export, log_end=log_end, recoveries=recoveries, family=family,
+        local=local, remote=remote, ring=data[ring_at:ring_at + log_cap],
+    )
+
+
+def parse_header(data: bytes) -> tuple:
+    """Check the fixed header; return its fields from owner_pid on (see layout.HEADER)."""
+    if len(data) < L.HEADER_SIZE:
+        raise CbFormatError(f"region of {len(data)} bytes is smaller than the {L.HEADER_SIZE}-byte header")
+    magic, version, hsize, ssize, *fields, reserved = L.HEADER.unpack_from(data)
+    if magic != L.MAGIC:
+        raise CbFormatError(f"not a Continuation Box: magic is {magic!r}, expected {L.MAGIC!r}")
+    if version != L.VERSION:
+        raise CbFormatError(f"unsupported Continuation Box layout version {version} (reader knows {L.VERSION})")
+    if hsize != L.HEADER_SIZE or ssize != L.SLOT_HEADER_SIZE:
+        raise CbFormatError(
+            f"header: header_size {hsize} / slot_header {ssize}, ABI v1 requires "
+            f"{L.HEADER_SIZE}/{L.SLOT_HEADER_SIZE}"
+        )
+    try:
+        L.check_capacities(fields[2], fields[3])
+    except ValueError as err:
+        raise CbFormatError(f"header (offset 32): {err}") from None
+    if any(reserved):
+        raise CbFormatError("header (offset 106): reserved bytes are not zero")
+    if fields[4] >= _MAX_POSITION:
+        raise CbFormatError(f"header (offset 48): export_version {fields[4]} is out of range")
+    return tuple(fields)
+
+
+def _parse_slot(data: bytes, index: int, version: int, state_cap: int) -> Export:
+    off = L.slot_offset(index, state_cap)
+    where = f"slot {index} (offset {off}) of export {version}"
+    seq, sent, received, length, encoding, res1, crc, res2, at_ns, res3 = L.SLOT.unpack_from(data, off)
+    if seq != 2 * version:
+        state = "being rewritten" if seq & 1 else f"holding export {seq // 2}"
+        raise CbFormatError(f"{where}: seq {seq} says the slot is {state}, expected {2 * version}")
+    if res1 or res2 or any(res3):
+        raise CbFormatError(f"{where}: reserved fields are not zero")
+    if length > state_cap:
+        raise CbFormatError(f"{where}: state length {length} exceeds state capacity {state_cap}")
+    try:
+        enc = L.Encoding(encoding)
+    except ValueError:
+        raise CbFormatError(f"{where}: unknown state encoding {encoding}") from None
+    if sent >= _MAX_POSITION or received >= _MAX_POSITION:
+        raise CbFormatError(f"{where}: stream positions sent={sent} received={received} out of range")
+    if (version == 0) != (enc is L.Encoding.NONE):
+        raise CbFormatError(f"{where}: encoding {enc.name} does not fit export version {version}")
+    if version == 0 and (length or sent or received):
+        raise CbFormatError(f"{where}: a session never exported must have no state and positions 0")
+    body = data[off + L.SLOT_HEADER_SIZE:off + L.SLOT_HEADER_SIZE + length]
+    if zlib.crc32(body, zlib.crc32(data[off + 8:off + 32])) != crc:
+        raise CbFormatError(f"{where}: positions or state fail their CRC32 (corrupt or torn)")
+    return Export(version, sent, received, enc, body, at_ns)
+
+
+def _endpoints(family, laddr, lport, raddr, rport):
+    if family == 0:
+        if any(laddr) or any(raddr) or lport or rport:
+            raise CbFormatError("header (offset 68): addresses given for family 0 (unknown)")
+        return None, None
+    if family == socket.AF_INET:
+        if any(laddr[4:]) or any(raddr[4:]):
+            raise CbFormatError("header (offset 72): IPv4 addresses with non-zero padding")
+        make = lambda raw: str(ipaddress.IPv4Address(raw[:4]))  # noqa: E731
+    elif family == socket.AF_INET6:
+        make = lambda raw: str(ipaddress.IPv6Address(raw))  # noqa: E731
+    else:
+        raise CbFormatError(f"header (offset 68): unknown socket family {family}")
+    return (make(laddr), lport), (make(raddr), rport)
+
+
+def read_cb(source: Region | int) -> CbImage:
+    """A consistent, validated image of the CB held by `source` (a Region or an fd).
+
+    Works on a region whose owner is running (retries while it rewrites), frozen or dead.
+    CbFormatError if the region is malformed or never settles.
+    """
+    region = source if isinstance(source, Region) else _region(source)
+    try:
+        return _read(region)
+    except SensorBoxError as err:  # the Region's bounds checks
+        raise CbFormatError(str(err).replace("region", "Continuation Box region", 1)) from None
+    finally:
+        if region is not source:
+            region.close()
+
+
+def _region(fd: int) -> Region:
+    try:
+        return Region(fd, label=f"Continuation Box fd {fd}")
+    except SensorBoxError as err:
+        raise CbFormatError(str(err)) from None
+
+
+def _read(region: Region) -> CbImage:
+    """Copy under the active slot's seqlock; see read_cb.
+
+    A copy is whole when the active slot's seq word reads 2v before and after it: the
+    writer rewrites a slot (seq odd) only two exports later. The export version must also
+    stay put for the log to belong to that export; a writer exporting faster than this
+    reader copies gets, after a few tries, the whole export with an empty, flagged log.
+    """
+    fields = parse_header(region.read(0, L.HEADER_SIZE))
+    state_cap, log_cap = fields[2], fields[3]
+    size = L.region_size(state_cap, log_cap)
+    for attempt in range(READ_RETRIES):
+        version = region.load_word(L.OFF_EXPORT_VERSION)
+        seq_at = L.slot_offset(version & 1, state_cap) + L.SLOT_OFF_SEQ
+        before = region.load_word(seq_at)
+        data = region.read(0, size)
+        after = region.load_word(seq_at)
+        stable = region.load_word(L.OFF_EXPORT_VERSION) == version
+        if before != after or before & 1:
+            time.sleep(0 if attempt < 8 else 0.0005)  # the slot was being rewritten
+            continue
+        if before != 2 * version or stable:
+            # A writer never touches the active slot: a wrong seq here is corruption,
+            # which parse reports precisely.
+            return parse(data)
+        if attempt >= LOG_RETRIES:
+            return _without_log(data, version)
+    raise CbFormatError(
+        f"{region.label}: no consistent copy after {READ_RETRIES} tries: "
+        "the active slot kept being rewritten"
+    )
+
+
+LOG_RETRIES = 8
+
+
+def _without_log(data: bytes, version: int) -> CbImage:
+    """The image of export `version` (whole in `data`) with its log marked incomplete."""
+    fixed = bytearray(data)
+    fixed[L.OFF_EXPORT_VERSION:L.OFF_EXPORT_VERSION + 8] = version.to_bytes(8, "little")
+    state_cap = int.from_bytes(fixed[32:40], "little")
+    slot = L.slot_offset(version & 1, state_cap)
+    received = fixed[slot + 16:slot + 24]
+    fixed[L.OFF_LOG_END:L.OFF_LOG_END + 8] = received  # an empty log
+    return dataclasses.replace(parse(fixed), log_complete=False)

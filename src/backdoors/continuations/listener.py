@@ -1,0 +1,132 @@
+"""One accept loop for new connections and recovered sessions.
+
+    with Listener.tcp("0.0.0.0", 8080, adopt="/run/app/adopt.sock") as listener:
+        while conn := listener.accept():
+            cb = create_cb(conn)     # a new box, or the recovered one
+            ...
+
+accept() returns a connected socket (new client) or a Recovered session (its CB and
+restored socket, handed over by the agent); create_cb() takes either. It returns None
+once close() was called, from any thread, which ends the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+from typing import Iterator
+
+from .adoption import AdoptionSource, Recovered, UnixAdoptionSource
+
+ADOPT_ENV = "BACKDOORS_ADOPT_SOCKET"
+
+
+class Listener:
+    """Accepts from a listening socket and an adoption source (either may be absent).
+
+    Recovered sessions come first when both are ready: their clients are already waiting.
+    """
+
+    def __init__(self, sock: socket.socket | None = None, *,
+                 adopt: AdoptionSource | str | None = None):
+        if sock is None and adopt is None:
+            raise ValueError("a Listener needs a listening socket, an adoption source, or both")
+        self.sock = sock
+        self.source: AdoptionSource | None = UnixAdoptionSource(adopt) if isinstance(adopt, str) else adopt
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel = selectors.DefaultSelector()
+        self._closed = False
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        if self.source is not None:
+            self._sel.register(self.source.fileno(), selectors.EVENT_READ, "adopt")
+        if sock is not None:
+            sock.setblocking(False)
+            self._sel.register(sock, selectors.EVENT_READ, "accept")
+
+    @classmethod
+    def tcp(cls, host: str, port: int, *, adopt: AdoptionSource | str | None = None,
+            backlog: int = 128) -> Listener:
+        """Listen on host:port (SO_REUSEADDR); `adopt`: a path (Unix adoption socket) or a
+        source; default: the path in $BACKDOORS_ADOPT_SOCKET, if set."""
+        if adopt is None:
+            adopt = os.environ.get(ADOPT_ENV) or None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            return cls(sock, adopt=adopt)
+        except BaseException:
+            sock.close()
+            raise
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self.sock.getsockname()[:2] if self.sock is not None else None
+
+    def accept(self, timeout: float | None = None) -> socket.socket | Recovered | None:
+        """The next new connection or recovered session; None when closed or on timeout."""
+        while not self._closed:
+            if self.source is not None and (recovered := self.source.receive()) is not None:
+                return recovered  # taken earlier in a batch
+            events = self._sel.select(timeout)
+            if not events:
+                return None
+            kinds = {key.data for key, _ in events}
+            if "wake" in kinds or self._closed:
+                return None
+            if "adopt" in kinds and self.source is not None:
+                recovered = self.source.receive()
+                if recovered is not None:
+                    return recovered
+            if "accept" in kinds and self.sock is not None:
+                try:
+                    conn, _ = self.sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    if self._closed:
+                        return None
+                    raise
+                conn.setblocking(True)
+                return conn
+        return None
+
+    def __iter__(self) -> Iterator[socket.socket | Recovered]:
+        while (conn := self.accept()) is not None:
+            yield conn
+
+    def close(self) -> None:
+        """Stop accepting; a blocked accept() returns None. Safe from any thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Close the sockets and the adoption source (after the accept loop ended)."""
+        self.close()
+        if self._wake_r < 0:
+            return
+        self._sel.close()
+        if self.sock is not None:
+            self.sock.close()
+        if self.source is not None:
+            self.source.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,355 @@
+"""The Continuation Box layout: round trips, atomic exports, and a reader that never trusts
+the region (random, corrupt and truncated bytes give a CbFormatError or a valid image)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backdoors.continuations import (
+    CbFormatError,
+    NullRegistrar,
+    RecoveryError,
+    StateTooLargeError,
+    create_cb,
+    parse,
+    read_cb,
+)
+from backdoors.continuations import layout as L
+from backdoors.continuations.region import CbRegion
+
+SETTINGS = settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Point(msgspec.Struct):
+    name: str
+    offset: int
+
+
+def new_box(state_capacity=256, log_capacity=128):
+    a, b = socket.socketpair()
+    cb = create_cb(a, state_capacity=state_capacity, log_capacity=log_capacity,
+                   registrar=NullRegistrar())
+    return cb, b
+
+
+def region_bytes(cb) -> bytes:
+    return os.pread(cb.fd, os.fstat(cb.fd).st_size, 0)
+
+
+def valid_image_bytes() -> bytes:
+    cb, peer = new_box()
+    try:
+        peer.sendall(b"line one\nline two\n")
+        cb.conn.readline()
+        cb.conn.sendall(b"x" * 100)
+        cb.export(Point("f", 1))
+        cb.conn.readline()
+        return region_bytes(cb)
+    finally:
+        cb.close()
+        peer.close()
+
+
+VALID = valid_image_bytes()
+
+
+def test_structs_and_offsets_match_the_documented_layout():
+    assert L.HEADER.size == 128 and L.SLOT.size == 64
+    assert L.slot_offset(0, 256) == 128 and L.slot_offset(1, 256) == 128 + 64 + 256
+    assert L.log_offset(256) == 128 + 2 * (64 + 256)
+    assert L.region_size(256, 128) == L.log_offset(256) + 128
+    assert L.OFF_EXPORT_VERSION % 8 == 0 and L.OFF_LOG_END % 8 == 0
+    with pytest.raises(ValueError):
+        L.check_capacities(12, 64)
+    with pytest.raises(ValueError):
+        L.check_capacities(8, L.MAX_LOG_CAPACITY + 8)
+
+
+def test_new_box_is_sealed_and_describes_its_session():
+    a, b = socket.socketpair()
+    with create_cb(a, registrar=NullRegistrar()) as cb:
+        seals = fcntl.fcntl(cb.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+        image = read_cb(cb.fd)
+        assert image.session_id == cb.session and image.owner_pid == os.getpid()
+        assert image.export.version == 0 and image.state() is None
+        assert image.family == 0 and image.remote is None  # a Unix socket: no addresses
+        assert cb.import_state() is None
+    b.close()
+
+
+def test_tcp_box_records_the_connection_addresses():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        with create_cb(conn, registrar=NullRegistrar()) as cb:
+            image = read_cb(cb.fd)
+            assert image.family == socket.AF_INET
+            assert image.local == server.getsockname() and image.remote == client.getsockname()
+        client.close()
+
+
+def test_export_round_trip_bytes_and_structs():
+    cb, peer = new_box()
+    with cb:
+        assert cb.export(b"\x00raw") == 1 and cb.import_state() == b"\x00raw"
+        assert cb.export(Point("a.txt", 7)) == 2
+        assert cb.import_state(Point) == Point("a.txt", 7)
+        assert cb.import_state() == {"name": "a.txt", "offset": 7}
+        image = read_cb(cb.fd)
+        assert image.export.version == 2 and image.state(Point) == Point("a.txt", 7)
+        with pytest.raises(StateTooLargeError, match="larger state_capacity"):
+            cb.export(b"y" * 257)
+        with pytest.raises(TypeError):
+            cb.export(None)
+        assert read_cb(cb.fd).export.version == 2  # refused exports change nothing
+    peer.close()
+
+
+def test_export_records_stream_positions_and_restarts_the_log():
+    cb, peer = new_box()
+    with cb:
+        peer.sendall(b"hello\nworld\n")
+        assert cb.conn.readline() == b"hello\n"
+        cb.conn.sendall(b"0123456789")
+        cb.export(b"s")
+        image = read_cb(cb.fd)
+        assert (image.export.sent, image.export.received) == (10, 6)
+        assert image.log_end == 12  # "world\n" read ahead, not consumed: still logged
+        assert image.log(6, 12) == b"world\n"
+    peer.close()
+
+
+def test_a_torn_inactive_slot_never_shows():
+    """Whatever a crashed export left in the slot it was writing, the last complete
+    export is what a reader gets."""
+    cb, peer = new_box()
+    with cb:
+        cb.export(Point("one", 1))
+        before = read_cb(cb.fd)
+        inactive = L.slot_offset(0, cb.region.state_capacity)  # export 2 would go there
+        for garbage in (b"\xff" * 80, b"\x03" + bytes(70), os.urandom(64 + 256)):
+            os.pwrite(cb.fd, garbage, inactive)
+            after = read_cb(cb.fd)
+            assert after.export == before.export
+    peer.close()
+
+
+def test_reader_never_sees_a_torn_export_from_a_running_writer():
+    """A writer process exports as fast as it can; this process reads concurrently.
+    Every image is internally consistent and versions never go back."""
+    writer, fd = _spawn_writer()
+    try:
+        seen, last = 0, 0
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            image = read_cb(fd)
+            _check_writer_image(image)
+            assert image.export.version >= last
+            last = image.export.version
+            seen += 1
+        assert last > 1000, "the writer did not run concurrently"
+        assert seen > 100
+    finally:
+        writer.kill()
+        writer.wait()
+        os.close(fd)
+
+
+def test_writer_killed_at_any_moment_leaves_a_valid_box():
+    for _ in range(15):
+        writer, fd = _spawn_writer()
+        try:
+            time.sleep(0.02 + 0.05 * (os.urandom(1)[0] / 255))
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.wait()
+            _check_writer_image(read_cb(fd))
+        finally:
+            writer.kill()
+            writer.wait()
+            os.close(fd)
+
+
+_WRITER = textwrap.dedent("""
+    import array, socket, sys
+    from backdoors.continuations import NullRegistrar, create_cb
+    parent = socket.socket(fileno=int(sys.argv[1]))
+    a, b = socket.socketpair()
+    cb = create_cb(a, state_capacity=4096, log_capacity=64, registrar=NullRegistrar())
+    parent.sendmsg([b"cb"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cb.fd]))])
+    n = 0
+    while True:
+        n += 1
+        cb.export({"n": n, "pad": bytes([n % 251]) * (n % 3000)})
+""")
+
+
+def _spawn_writer():
+    mine, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(theirs.fileno())],
+                            pass_fds=[theirs.fileno()])
+    theirs.close()
+    mine.settimeout(10)
+    _, ancdata, _, _ = mine.recvmsg(16, socket.CMSG_SPACE(4))
+    mine.close()
+    fd = int.from_bytes(ancdata[0][2][:4], sys.byteorder)
+    return proc, fd
+
+
+def _check_writer_image(image) -> None:
+    state = image.state()
+    if state is None:
+        assert image.export.version == 0
+        return
+    n = state["n"]
+    assert image.export.version == n
+    assert state["pad"] == bytes([n % 251]) * (n % 3000)
+
+
+# ---------------------------------------------------------------- the resumption plan
+
+
+def test_plan_replays_the_log_and_skips_what_was_handed():
+    image = parse(VALID)
+    assert (image.export.sent, image.export.received, image.log_end) == (100, 9, 18)
+    plan = image.plan(handed=150, read=18)
+    assert plan.skip == 50 and plan.replay == b"line two\n"
+    # the kernel read more than log_end says: the receive copied them before log_end moved
+    assert image.plan(handed=100, read=18).skip == 0
+
+
+@pytest.mark.parametrize("handed, read, match", [
+    (99, 18, "newer than the socket"),  # handed < sent at export
+    (100, 8, "newer than the socket"),  # read < received at export
+    (100, 17, "beyond the 17 bytes"),  # log_end > read
+    (100, 9 + 129, "more than the receive log holds"),
+    (-1, 18, "not a stream position"),
+])
+def test_plan_refuses_a_box_that_disagrees_with_the_socket(handed, read, match):
+    with pytest.raises(RecoveryError, match=match):
+        parse(VALID).plan(handed, read)
+
+
+# ---------------------------------------------------------------- hostile regions
+
+
+def parse_or_error(data: bytes):
+    try:
+        image = parse(data)
+    except CbFormatError as err:
+        assert str(err)
+        return None
+    assert L.region_size(image.state_capacity, image.log_capacity) <= len(data)
+    assert len(image.export.data) <= image.state_capacity
+    assert image.export.received <= image.log_end <= image.export.received + image.log_capacity
+    assert len(image.ring) == image.log_capacity
+    try:
+        image.state()
+    except CbFormatError:
+        pass
+    return image
+
+
+@SETTINGS
+@given(st.binary(max_size=1200))
+def test_random_bytes(data):
+    parse_or_error(data)
+
+
+@SETTINGS
+@given(st.binary(min_size=L.HEADER_SIZE, max_size=1200))
+def test_random_bytes_behind_a_valid_magic(data):
+    parse_or_error(L.MAGIC + (1).to_bytes(2, "little") + (128).to_bytes(2, "little")
+                   + (64).to_bytes(4, "little") + data[12:])
+
+
+@SETTINGS
+@given(st.integers(0, len(VALID) - 1), st.integers(0, 255))
+def test_any_single_byte_changed(offset, value):
+    data = bytearray(VALID)
+    data[offset] = value
+    image = parse_or_error(bytes(data))
+    active = L.slot_offset(1, 256)  # VALID holds export 1
+    if image is not None and active <= offset < active + 64 + len(image.export.data):
+        # the active export is covered by seq, zero checks and CRC, all but its timestamp
+        assert active + 40 <= offset < active + 48 or value == VALID[offset]
+
+
+@SETTINGS
+@given(st.integers(0, len(VALID) - 1))
+def test_truncated_copies(length):
+    with pytest.raises(CbFormatError):
+        parse(VALID[:length])
+
+
+@SETTINGS
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_hostile_positions_and_versions(version, log_end, sent):
+    data = bytearray(VALID)
+    data[L.OFF_EXPORT_VERSION:L.OFF_EXPORT_VERSION + 8] = version.to_bytes(8, "little")
+    data[L.OFF_LOG_END:L.OFF_LOG_END + 8] = log_end.to_bytes(8, "little")
+    slot = L.slot_offset(version & 1, 256)
+    data[slot + 8:slot + 16] = sent.to_bytes(8, "little")
+    image = parse_or_error(bytes(data))
+    if image is not None:
+        try:
+            image.plan(handed=2**63, read=image.log_end)
+        except RecoveryError:
+            pass
+
+
+def test_hostile_fds():
+    """Regions that are too small, unsealed, truncated, or not files at all."""
+    fd = os.memfd_create("bdcb:test", os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, VALID[:200])  # unsealed and short: read with pread, refused
+        with pytest.raises(CbFormatError, match="outside the Continuation Box region|truncated"):
+            read_cb(fd)
+        os.ftruncate(fd, 0)
+        with pytest.raises(CbFormatError):
+            read_cb(fd)
+        os.pwrite(fd, VALID, 0)
+        assert read_cb(fd).export.version == 1  # unsealed but whole: fine
+    finally:
+        os.close(fd)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(CbFormatError):
+            read_cb(r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_region_of_the_recovering_server_continues_the_export_versions():
+    region = CbRegion.create(b"s" * 16, state_capacity=64, log_capacity=64)
+    try:
+        region.write_export(41, 10, 5, L.Encoding.RAW, b"state")
+        region.put_log(5, b"abc")
+        region.set_log_end(8)
+        image = read_cb(region.fd)
+        assert image.export.version == 41 and image.log(5, 8) == b"abc"
+    finally:
+        region.close()
+
+
+def test_a_copy_racing_the_writer_keeps_the_export_but_cannot_plan():
+    from backdoors.continuations.image import _without_log
+
+    image = _without_log(VALID, 1)
+    assert image.export == parse(VALID).export and not image.log_complete
+    assert image.log_end == image.export.received
+    with pytest.raises(RecoveryError, match="freeze"):
+        image.plan(handed=100, read=18)
