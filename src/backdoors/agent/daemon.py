@@ -70,6 +70,7 @@ class Agent:
                                    max_sessions=config.max_sessions_per_node)
         self.sessions = SessionTable([n.name for n in config.nodes], config.max_sessions_per_node)
         self.limbo: dict[str, list] = {}  # node -> sessions dumped but not yet adopted
+        self.adopting: dict[str, list] = {}  # node -> sessions restored, awaiting the final batch
         self.leases: LeaseTable | None = None
         self.audit: AuditLog | None = None
         self.local: LocalServer | None = None
@@ -112,7 +113,7 @@ class Agent:
             sampler = NodeSampler(
                 node, c.kernel_sensors, period=c.sample_period_s, max_procs=c.max_procs_sampled,
                 on_new_box=lambda ks, n=spec.name: self._show_kernel_box(n, ks),
-                gauge=self.metrics.sample_seconds.labels(spec.name))
+                gauge=self.metrics.sample_seconds.labels(spec.name), interface=spec.interface)
             self.nodes[spec.name] = NodeRuntime(spec, node, sampler, Lane(spec.name, NODE_WORKERS))
         self.leases = LeaseTable({n: rt.node for n, rt in self.nodes.items()})
         for rt in self.nodes.values():
@@ -175,6 +176,10 @@ class Agent:
             rt.lane.pool.shutdown(wait=False, cancel_futures=True)
         self.regions.close()
         self.sessions.close()
+        for pending in self.adopting.values():
+            for _, _, sock in pending:
+                sock.close()  # still in repair mode: closing sends nothing
+        self.adopting.clear()
         for rt in self.nodes.values():
             rt.sampler.close()
         if self.audit is not None:

@@ -17,6 +17,7 @@ import array
 import errno
 import fcntl
 import logging
+import math
 import os
 import select
 import selectors
@@ -45,7 +46,7 @@ SOCKET_NAME = "agent.sock"
 MAX_FRAME = 64 * 1024
 MAX_FDS = 4
 CONN_TIMEOUT_S = 10.0
-MAX_CONNS_PER_NODE = 16
+MAX_CONNS_PER_NODE = 64  # each process keeps one connection; a node's own problem if it hoards
 SO_PEERPIDFD = 77  # Linux 6.5+
 _UCRED = struct.Struct("3i")
 
@@ -111,7 +112,7 @@ class LocalServer:
                 self._listeners[sock] = node
                 sock.bind(path)
                 os.chmod(path, 0o666)  # anyone may connect; the cgroup check decides
-                sock.listen(MAX_CONNS_PER_NODE)
+                sock.listen(256)
                 sock.setblocking(False)
                 self._sel.register(sock, selectors.EVENT_READ, None)
         except OSError as e:
@@ -231,6 +232,8 @@ class LocalServer:
             return self._fail(conn, "too many file descriptors attached: send exactly one")
         if not data:
             return self._drop(conn)
+        if not conn.buf:  # a request starts: it must be complete within CONN_TIMEOUT_S
+            conn.deadline = time.monotonic() + CONN_TIMEOUT_S
         conn.buf += data
         if len(conn.buf) < 4:
             return
@@ -249,7 +252,7 @@ class LocalServer:
             for fd in fds:
                 os.close(fd)
         self._reply(conn, reply)
-        conn.deadline = time.monotonic() + CONN_TIMEOUT_S
+        conn.deadline = math.inf  # idle between requests: a process keeps its connection
 
     def _fail(self, conn: _Conn, message: str) -> None:
         self._reply(conn, LocalReply(False, error=message))

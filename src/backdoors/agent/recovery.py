@@ -18,15 +18,17 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import threading
 import time
+import zlib
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from .. import net
 from ..errors import AgentError, BackdoorsError
-from ..tcprepair import TcpState, close_silently, dump, initial_window, restore, segments_needed
+from ..tcprepair import (
+    TcpState, close_silently, dump, finish_restore, initial_window, restore, segments_needed,
+)
 from .ops import Call, Op, OpError
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ log = logging.getLogger("backdoors.agent")
 ADOPT_SOCKET = "adopt.sock"
 BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
 LONG_OP_S = 30.0
+HANDOVER_BATCH = 64  # sessions per round of hand-overs (verdicts queue up meanwhile)
 
 
 class NodeArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,13 +55,14 @@ class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
 class MovedSession(msgspec.Struct, forbid_unknown_fields=True):
     name: str  # "cb-<session>"
     tcp: bytes  # TcpState.encode()
-    cb: bytes  # the Continuation Box region
+    cb: bytes  # the Continuation Box region, zlib-compressed
 
 
 class AdoptArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
     addresses: list[str]
     sessions: list[MovedSession]
+    final: bool = True  # the last batch: announce the addresses, start every session
 
 
 class SessionInfo(msgspec.Struct):
@@ -134,7 +138,7 @@ def evacuate(call: Call) -> EvacuateReply:
             state = dump(s.sock, since=s.since)
             close_silently(s.sock)
             with agent.regions.use(rt.name, s.name) as entry:
-                cb = entry.region.read(0, entry.size)
+                cb = zlib.compress(entry.region.read(0, entry.size), 1)  # mostly empty log ring
             moving.append(MovedSession(s.name, state.encode(), cb))
         except (BackdoorsError, OSError, KeyError) as e:
             failed[s.name] = f"dump: {e}"
@@ -147,9 +151,10 @@ def evacuate(call: Call) -> EvacuateReply:
     replies: list[dict] = []
     try:
         with _peer_client(agent, a.to) as peer:
-            for batch in _batches(moving):
+            batches = list(_batches(moving)) or [[]]
+            for i, batch in enumerate(batches):
                 reply = peer.call("adopt", node=a.to_node, addresses=list(rt.spec.addresses),
-                                  sessions=batch)
+                                  sessions=batch, final=i == len(batches) - 1)
                 replies.append(reply)
                 failed.update(reply.get("failed", {}))
     except BackdoorsError as e:
@@ -165,7 +170,13 @@ def evacuate(call: Call) -> EvacuateReply:
 
 
 def adopt(call: Call) -> AdoptReply:
-    """Restore sessions in this agent's node and hand them to its recovery server."""
+    """Restore sessions in this agent's node; on the final batch announce the service
+    addresses, start every session and hand them to the node's recovery server.
+
+    Sockets of earlier batches wait in repair mode (inert): a session restored and
+    talking before its peers are restored would draw the client's packets here, to a
+    stack without the others' sockets, which answers them with resets.
+    """
     rt, agent, a = call.node, call.agent, call.args
     if not call.monitors <= set(agent.config.peers):
         raise OpError("auth", f"{', '.join(sorted(call.monitors))} may not hand sessions here: "
@@ -183,62 +194,87 @@ def adopt(call: Call) -> AdoptReply:
             failed[m.name] = f"decode: {e}"
     ns, ifname = rt.spec.netns, rt.spec.interface
     try:
+        # A restored socket's own ARP request for its peer must not announce the service
+        # address before every session is restored: source it from the node's own address.
+        net.netns.set_sysctl(ns, f"net/ipv4/conf/{ifname}/arp_announce", 2)
         net.set_up(ns, ifname, True)
         for cidr in a.addresses:
             net.add_address(ns, ifname, cidr)
     except BackdoorsError as e:
         raise OpError("failed", f"node {rt.name}: cannot take the service addresses: {e}") from None
-    restored = []
+    pending = agent.adopting.setdefault(rt.name, [])
     with net.netns.enter(ns):
         with initial_window({s.remote_addr for _, s in states}, segments_needed(s for _, s in states)):
             for m, state in states:
                 try:
-                    restored.append((m, state, restore(state, resend_unacked=True)))
+                    pending.append((m, state, restore(state, resend_unacked=True, finish=False)))
                 except BackdoorsError as e:
                     failed[m.name] = f"restore: {e}"
     t1 = time.monotonic()
-    # Announce the addresses now (closing a packet socket waits for an RCU grace period,
-    # ~10 ms: let that happen beside the hand-over).
-    announce = threading.Thread(target=_announce, args=(ns, ifname, a.addresses), daemon=True)
-    announce.start()
+    if not a.final:
+        return AdoptReply(len(states) - len(failed), 0, failed, round((t1 - t0) * 1000, 3), 0.0, 0.0)
+    restored = agent.adopting.pop(rt.name, [])
+    for cidr in a.addresses:
+        net.gratuitous_arp(ns, ifname, cidr.split("/")[0], count=1, linger=False)
+    started = []
+    for m, state, sock in restored:
+        try:
+            finish_restore(sock, state, resend_unacked=True)
+            started.append((m, state, sock))
+        except BackdoorsError as e:
+            failed[m.name] = f"restore: {e}"
+            close_silently(sock)
+    _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
     t2 = time.monotonic()
-    handed = 0
-    path = os.path.join(agent.config.run_dir, rt.name, ADOPT_SOCKET)
+    handed = _hand_over(agent, rt.name, started, failed, AdoptionClient, Handover)
+    t3 = time.monotonic()
+    return AdoptReply(len(started), handed, failed, round((t1 - t0) * 1000, 3),
+                      round((t2 - t1) * 1000, 3), round((t3 - t2) * 1000, 3))
+
+
+def _hand_over(agent: Agent, node: str, started: list, failed: dict[str, str],
+               AdoptionClient, Handover) -> int:
+    """Hand each started session (socket + a memfd copy of its CB) to the node's server."""
+    path = os.path.join(agent.config.run_dir, node, ADOPT_SOCKET)
     try:
         client = AdoptionClient(path)
     except BackdoorsError as e:
-        for m, _, sock in restored:
-            close_silently(sock)  # nothing reaches the client; the sessions are lost here
-            failed[m.name] = (f"hand-over: {e} (the recovery server listens at {path}: "
-                              "BACKDOORS_ADOPT_SOCKET)")
-        restored = []
-        client = None
-    for m, state, sock in restored:
-        cb_fd = _memfd(m.name, m.cb)
-        try:
-            agent.sessions.expect(rt.name, m.name, state)
-            client.hand_over(sock, cb_fd, Handover.from_tcp_state(m.name.removeprefix("cb-"), state))
-            handed += 1
-        except BackdoorsError as e:
-            failed[m.name] = f"hand-over: {e}"
-            close_silently(sock)
-            sock = None
-        finally:
-            os.close(cb_fd)
-            if sock is not None:
-                sock.close()  # the server holds its own duplicate now
-    if client is not None:
-        client.close()
-    t3 = time.monotonic()
-    announce.join()
-    return AdoptReply(len(restored), handed, failed, round((t1 - t0) * 1000, 3),
-                      round((time.monotonic() - t1) * 1000, 3), round((t3 - t2) * 1000, 3))
+        for m, _, sock in started:
+            failed[m.name] = f"hand-over: {e} (the recovery server listens at {path}: " \
+                             "BACKDOORS_ADOPT_SOCKET)"
+            close_silently(sock)  # the session is lost here; nothing reaches its client
+        return 0
+    handed = 0
+    with client:
+        for start in range(0, len(started), HANDOVER_BATCH):
+            batch = started[start:start + HANDOVER_BATCH]
+            fds = [_memfd(m.name, zlib.decompress(m.cb)) for m, _, _ in batch]
+            try:
+                for m, state, _ in batch:
+                    agent.sessions.expect(node, m.name, state)
+                try:
+                    verdicts = client.hand_over_all(
+                        [(sock, fd, Handover.from_tcp_state(m.name.removeprefix("cb-"), state))
+                         for (m, state, sock), fd in zip(batch, fds)])
+                except BackdoorsError as e:
+                    verdicts = [e] * len(batch)
+                for (m, _, sock), verdict in zip(batch, verdicts):
+                    if verdict is None:
+                        handed += 1
+                        sock.close()  # the server holds its own duplicate now
+                    else:
+                        failed[m.name] = f"hand-over: {verdict}"
+                        close_silently(sock)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+    return handed
 
 
 def _announce(ns: str, ifname: str, addresses: list[str]) -> None:
     for cidr in addresses:
         try:
-            net.gratuitous_arp(ns, ifname, cidr.split("/")[0], count=2)
+            net.gratuitous_arp(ns, ifname, cidr.split("/")[0], linger=False)
         except BackdoorsError as e:
             log.warning("gratuitous ARP for %s in %s failed: %s", cidr, ns, e)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -60,6 +61,54 @@ def unregister(name: str, *, socket_path: str | None = None, timeout: float = 2.
     return _call({"op": "unregister", "name": name}, None, socket_path, timeout)
 
 
+class _Channel:
+    """One connection to the agent per process and socket path, reused by every call
+    (a server registering a box per client session makes thousands of calls)."""
+
+    def __init__(self, path: str):
+        self.path, self.pid = path, os.getpid()
+        self.sock: socket.socket | None = None
+        self.lock = threading.Lock()
+
+    def exchange(self, data: bytes, fd: int | None, timeout: float) -> bytes:
+        with self.lock:
+            for attempt in (1, 2):
+                fresh = self.sock is None
+                try:
+                    if fresh:
+                        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                        self.sock.settimeout(timeout)
+                        self.sock.connect(self.path)
+                    self.sock.settimeout(timeout)
+                    if fd is None:
+                        self.sock.sendall(data)
+                    else:
+                        socket.send_fds(self.sock, [data], [fd])
+                    return _read_frame(self.sock)
+                except OSError:
+                    self.close()
+                    if fresh or attempt == 2:  # a kept connection may have gone stale: retry once
+                        raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+_channels: dict[str, _Channel] = {}
+_channels_lock = threading.Lock()
+
+
+def _channel(path: str) -> _Channel:
+    with _channels_lock:
+        ch = _channels.get(path)
+        if ch is None or ch.pid != os.getpid():  # a forked child makes its own
+            ch = _channels[path] = _Channel(path)
+        return ch
+
+
 def _call(request: dict, fd: int | None, socket_path: str | None, timeout: float) -> dict:
     path = socket_path or os.environ.get(ENV_SOCKET)
     if not path:
@@ -68,14 +117,7 @@ def _call(request: dict, fd: int | None, socket_path: str | None, timeout: float
     payload = msgspec.msgpack.encode(request)
     data = len(payload).to_bytes(4, "big") + payload
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            if fd is None:
-                sock.sendall(data)
-            else:
-                socket.send_fds(sock, [data], [fd])
-            reply = _read_frame(sock)
+        reply = _channel(path).exchange(data, fd, timeout)
     except OSError as e:
         raise RegistrationError(f"agent socket {path}: {e.strerror or e}", "no_agent") from None
     try:

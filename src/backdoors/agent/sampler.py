@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..net.links import LinkWatch
 from ..nodes import Node, NodeStats, ProcessInfo, process_table
 from ..sensors import SensorBox
 from .config import KernelSensorLimits
@@ -34,7 +35,7 @@ class KernelSensors:
     """The kernel-sensor box of one node; thresholds depend on the limits it was made for."""
 
     def __init__(self, node: str, limits: KernelSensorLimits, memory_limit: int | None,
-                 pids_limit: int | None):
+                 pids_limit: int | None, link: bool = False):
         self.memory_limit, self.pids_limit = memory_limit, pids_limit
         self.box = box = SensorBox.create(f"kernel:{node}", capacity=16)
         if memory_limit:
@@ -56,8 +57,13 @@ class KernelSensors:
             "cpu": box.level("psi_cpu_some", min=0.0, max=limits.psi_cpu_some),
             "io": box.level("psi_io_some", min=0.0, max=limits.psi_io_some),
         }
+        # 1 while the node's service interface is up with carrier (a failed network driver)
+        self.link_up = box.level("link_up", min=0.5, initial=1.0) if link else None
 
-    def update(self, stats: NodeStats, forks: int, fork_failures: int) -> None:
+    def update(self, stats: NodeStats, forks: int, fork_failures: int,
+               link_up: bool | None = None) -> None:
+        if self.link_up is not None and link_up is not None:
+            self.link_up.set(1.0 if link_up else 0.0)
         self.memory.set(stats.memory_bytes / MiB)
         self.pids.set(float(stats.pids))
         _set_counter(self.forks, forks)
@@ -124,8 +130,10 @@ class NodeSampler:
     """Samples one node every `period` on a thread of its own; `start()`, `stop()`."""
 
     def __init__(self, node: Node, limits: KernelSensorLimits, *, period: float, max_procs: int,
-                 on_new_box: Callable[[KernelSensors], None], gauge=None):
+                 on_new_box: Callable[[KernelSensors], None], gauge=None,
+                 interface: str | None = None):
         self.node, self.limits, self.period, self.max_procs = node, limits, period, max_procs
+        self.link = LinkWatch(node.netns, interface) if node.netns and interface else None
         self.on_new_box, self.gauge = on_new_box, gauge  # gauge: the sample duration metric
         self.history = RssHistory()
         self.sensors: KernelSensors | None = None
@@ -153,6 +161,8 @@ class NodeSampler:
     def close(self) -> None:
         if self.sensors is not None and not self._thread.is_alive():
             self.sensors.close()
+        if self.link is not None:
+            self.link.close()
 
     def age(self) -> float | None:
         return None if self.latest is None else time.monotonic() - self.latest.taken_at
@@ -179,6 +189,7 @@ class NodeSampler:
         cg = self.node.cgroup
         stats = self.node.stats()
         failures = cg.fork_failures()
+        link_up = self.link.up() if self.link is not None else None
         if start >= self._table_due:
             self._table = process_table(cg.procs()[: self.max_procs])
             now = time.monotonic()
@@ -188,9 +199,9 @@ class NodeSampler:
         sensors = self.sensors
         if sensors is None or (sensors.memory_limit, sensors.pids_limit) != (
                 stats.memory_limit, stats.pids_limit):
-            self._replace_box(stats, failures)
+            self._replace_box(stats, failures, link_up)
         else:
-            sensors.update(stats, self._forks, failures)
+            sensors.update(stats, self._forks, failures, link_up)
         now = time.monotonic()
         self.latest = Sample(stats, failures, self._table, now, now - start)
         self.error = None
@@ -204,16 +215,17 @@ class NodeSampler:
             self._forks += len(keys - self._known)
         self._known = keys
 
-    def _replace_box(self, stats: NodeStats, failures: int) -> None:
+    def _replace_box(self, stats: NodeStats, failures: int, link_up: bool | None) -> None:
         """Make a box with thresholds for the current limits, filled before it is shown."""
-        fresh = KernelSensors(self.node.name, self.limits, stats.memory_limit, stats.pids_limit)
+        fresh = KernelSensors(self.node.name, self.limits, stats.memory_limit, stats.pids_limit,
+                              link=self.link is not None)
         old = self.sensors
         try:
             if old is not None:  # counters continue, so no reader sees a jump
                 _set_counter(fresh.forks, old.forks.value)
                 _set_counter(fresh.fork_failures, old.fork_failures.value)
                 _set_counter(fresh.oom_kills, old.oom_kills.value)
-            fresh.update(stats, self._forks, failures)
+            fresh.update(stats, self._forks, failures, link_up)
             self.on_new_box(fresh)
         except BaseException:
             fresh.close()

@@ -189,6 +189,9 @@ class Lab:
             net.add_veth(p.switch_ns, n.name, n.netns, "eth0", bridge=T.BR_SERVICE)
             net.add_address(n.netns, "eth0", f"{n.address}/{T.SERVICE_PREFIXLEN}")
             net.add_address(n.netns, "eth0", f"{n.vip}/{T.SERVICE_PREFIXLEN}")
+            # ARP requests from the node's own address: a moving VIP is announced only
+            # by the gratuitous ARP of the recovery, never early by a restored socket
+            netns.set_sysctl(n.netns, "net/ipv4/conf/eth0/arp_announce", 2)
 
     # ---- nodes and services -----------------------------------------------------------
 

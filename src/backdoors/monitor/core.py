@@ -88,7 +88,7 @@ class AgentPoller:
         try:
             infos = {}
             discover = self.discover and now >= self._next_discover
-            if discover or m.watches_frozen:
+            if discover or m.watches_frozen or m.recovers:
                 infos = {i.name: i for i in client.nodes()}
                 if discover:
                     for gone in set(self.nodes) - set(infos):
@@ -156,7 +156,7 @@ class AgentPoller:
         return NodeView(node, self.entry.host, at, snapshots,
                         frozen=info.frozen if info else None,
                         locked_by=list(info.locked_by) if info else [],
-                        box_errors=errors)
+                        fenced=bool(info.fenced) if info else False, box_errors=errors)
 
 
 class Monitor:
@@ -186,6 +186,8 @@ class Monitor:
             client_factory = self._default_client
         self.client_factory = client_factory
         self.watches_frozen = any(isinstance(d, R.NodeFrozen) for r in self.rules for d in r.detectors)
+        # rules that fence nodes need to know which nodes are fenced: every poll asks
+        self.recovers = any(isinstance(a, R.Recover) for r in self.rules for a in r.actions)
         self.stopping = threading.Event()
         self.log = IncidentLog(config.incidents_dir)
         self.engine = Engine(self.rules, config.monitor_id, history_s=config.history_s,

@@ -31,6 +31,7 @@ class NodeView:
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
     frozen: bool | None = None
     locked_by: list[str] = field(default_factory=list)
+    fenced: bool = False  # fenced after a recovery: out of service, left to the operator
     agent_ok: bool = True
     agent_silent_s: float = 0.0
     box_errors: dict[str, str] = field(default_factory=dict)

@@ -99,10 +99,12 @@ class Engine:
             if rs is None:
                 rs = st.rules[rule.name] = RuleState([None] * len(rule.detectors))
             hits, raw = self._hits(rule, rs, view)
-            if rs.incident is not None:  # held open by the raw condition: for_ms debounces
+            if rs.incident is not None and view.fenced and st.busy != rs.incident.id:
+                self.close(st, rule, "fenced", now)  # recovered away; the node is out of service
+            elif rs.incident is not None:  # held open by the raw condition: for_ms debounces
                 self._follow(rule, rs, st, self._fired(rule, raw), now)  # opening only
             elif (self._fired(rule, hits) and not opened and st.busy is None and now >= st.settle_until
-                  and now >= rs.cooldown_until):
+                  and now >= rs.cooldown_until and not view.fenced):
                 det = self._open(rule, rs, st, view, hits)
                 opened.append(det)
         return opened

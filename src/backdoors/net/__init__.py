@@ -8,6 +8,7 @@ from backdoors.net import netns
 from backdoors.net.arp import garp_frame, gratuitous_arp, neighbours
 from backdoors.net.links import (
     LinkInfo,
+    LinkWatch,
     add_address,
     add_bridge,
     add_route,
@@ -23,6 +24,7 @@ from backdoors.net.vip import MoveTimings, move_address
 
 __all__ = [
     "LinkInfo",
+    "LinkWatch",
     "MoveTimings",
     "add_address",
     "add_bridge",

@@ -10,6 +10,7 @@ import fcntl
 import ipaddress
 import socket
 import struct
+import threading
 import time
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -40,13 +41,15 @@ def garp_frame(mac: str, ip: str) -> bytes:
 
 
 def gratuitous_arp(
-    ns: str, ifname: str, ip: str, count: int = 1, interval: float = 0.0
+    ns: str, ifname: str, ip: str, count: int = 1, interval: float = 0.0, *,
+    linger: bool = True,
 ) -> float:
     """Broadcast `count` gratuitous ARPs for `ip` from `ifname`'s MAC, `interval` s apart.
 
     Returns the seconds until the last frame was handed to the kernel. Closing the packet
     socket afterwards costs another ~8-16 ms (the kernel waits for an RCU grace period);
-    the neighbours have their answer before that.
+    the neighbours have their answer before that. With `linger=False` the close happens
+    on a background thread and this returns as soon as the frames are out.
     """
     try:
         ipaddress.IPv4Address(ip)
@@ -54,19 +57,25 @@ def gratuitous_arp(
         raise NetError(f"gratuitous ARP needs an IPv4 address, got {ip!r}") from e
     start = time.perf_counter()
     # proto 0: a send-only packet socket, it never queues received frames.
-    with netns.socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
-        try:
-            frame = garp_frame(_hardware_address(sock, ifname), ip)
-            for i in range(count):
-                if i and interval:
-                    time.sleep(interval)
-                sock.sendto(frame, (ifname, ETH_P_ARP))
-        except OSError as e:
-            raise NetError(
-                f"cannot send gratuitous ARP for {ip} on {ifname!r} in network namespace "
-                f"{ns!r}: {e.strerror or e} (does the interface exist, and is it up?)"
-            ) from e
-        return time.perf_counter() - start
+    sock = netns.socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        frame = garp_frame(_hardware_address(sock, ifname), ip)
+        for i in range(count):
+            if i and interval:
+                time.sleep(interval)
+            sock.sendto(frame, (ifname, ETH_P_ARP))
+    except OSError as e:
+        sock.close()
+        raise NetError(
+            f"cannot send gratuitous ARP for {ip} on {ifname!r} in network namespace "
+            f"{ns!r}: {e.strerror or e} (does the interface exist, and is it up?)"
+        ) from e
+    sent = time.perf_counter() - start
+    if linger:
+        sock.close()
+    else:
+        threading.Thread(target=sock.close, name="bd-garp-close", daemon=True).start()
+    return sent
 
 
 def neighbours(ns: str, ifname: str | None = None) -> dict[str, str]:

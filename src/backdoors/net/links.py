@@ -7,9 +7,11 @@ None)`) are the two ways to emulate a failed network driver on this kernel.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -266,3 +268,30 @@ def _error(e: NetlinkError, ns: str, ifname: str, what: str) -> NetError:
         f"{what}: {ifname!r} in network namespace {ns!r}: {e.args[-1]}"
         + (f" ({hint})" if hint else "")
     )
+
+
+class LinkWatch:
+    """Whether one interface of a namespace is up and running, for frequent sampling.
+
+    One SIOCGIFFLAGS ioctl on a socket made inside the namespace once: microseconds, where
+    a netlink round trip through pyroute2 costs about a millisecond.
+    """
+
+    _SIOCGIFFLAGS = 0x8913
+    _IFF_RUNNING = 0x40
+
+    def __init__(self, ns: str, ifname: str):
+        self.ns, self.ifname = ns, ifname
+        self._sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+        self._req = struct.pack("16sH14x", ifname.encode(), 0)
+
+    def up(self) -> bool:
+        """Administratively up and with carrier (IFF_UP and IFF_RUNNING)."""
+        try:
+            flags = struct.unpack_from("16sH", fcntl.ioctl(self._sock, self._SIOCGIFFLAGS, self._req))[1]
+        except OSError:
+            return False  # the interface is gone
+        return bool(flags & _IFF_UP and flags & self._IFF_RUNNING)
+
+    def close(self) -> None:
+        self._sock.close()

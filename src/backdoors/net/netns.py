@@ -197,3 +197,14 @@ def _remove_mount(name: str) -> None:
     except OSError as e:
         if e.errno != errno.ENOENT:
             raise NetError(f"cannot remove network namespace {name!r}: {e}") from e
+
+
+def set_sysctl(name: str, key: str, value: str | int) -> None:
+    """Write a network sysctl (e.g. "net/ipv4/conf/eth0/arp_announce") inside namespace
+    `name`: /proc/sys/net belongs to the namespace of the thread that opens it."""
+    with enter(name):
+        try:
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(str(value))
+        except OSError as e:
+            raise NetError(f"cannot set {key} = {value} in namespace {name!r}: {e.strerror}") from None

@@ -14,7 +14,7 @@ Continuation Box. Every failure is a TcpRepairError naming the step and the errn
 
 from .accounting import bytes_handed, bytes_received
 from .dump import close_silently, dump, release, resume
-from .restore import restore
+from .restore import finish_restore, restore
 from .route import initial_window, segments_needed
 from .state import TcpOptions, TcpState, TcpWindow
 
@@ -27,6 +27,7 @@ __all__ = [
     "close_silently",
     "initial_window",
     "dump",
+    "finish_restore",
     "release",
     "restore",
     "resume",

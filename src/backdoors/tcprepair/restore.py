@@ -27,22 +27,40 @@ from .state import TcpState
 _MIN_SNDBUF = 64 * 1024
 
 
-def restore(state: TcpState, *, resend_unacked: bool = False) -> socket.socket:
+def restore(state: TcpState, *, resend_unacked: bool = False, finish: bool = True) -> socket.socket:
     """A new blocking socket carrying the connection described by `state`.
 
     The socket is created in the calling thread's network namespace, which must own
     `state.local_addr` and route to `state.remote_addr`. The peer's packets must still be
     kept away (network lock) until this returns; a window probe is the first segment the
     new socket sends. Raises TcpRepairError naming the failed step.
+
+    With `finish=False` the socket stays in repair mode, inert (it sends nothing), until
+    `finish_restore` — so that many sessions can be restored before any of them talks.
     """
     state.check()
     sock = socket.socket(state.family, socket.SOCK_STREAM)
     try:
         _rebuild(sock, state, resend_unacked)
+        if finish:
+            finish_restore(sock, state, resend_unacked=resend_unacked)
     except BaseException:
         _abandon(sock)
         raise
     return sock
+
+
+def finish_restore(sock: socket.socket, state: TcpState, *, resend_unacked: bool = False) -> None:
+    """Bring a socket restored with `finish=False` to life: window, repair off (a window
+    probe goes out), then the data to send. Pass the same `resend_unacked` as to restore."""
+    step = _Steps(f"restore {state.describe()}")
+    step("TCP_REPAIR_WINDOW", sock.setsockopt, kernel.SOL_TCP, kernel.TCP_REPAIR_WINDOW,
+         _window(state))
+    step("TCP_REPAIR off", sock.setsockopt, kernel.SOL_TCP, kernel.TCP_REPAIR, kernel.REPAIR_OFF)
+    if resend_unacked:
+        step("write unacknowledged and never-sent data", _write_all, sock, state.send_queue)
+    else:
+        step("write never-sent data", _write_all, sock, state.never_sent)
 
 
 def _rebuild(sock: socket.socket, state: TcpState, resend_unacked: bool) -> None:
@@ -87,12 +105,6 @@ def _rebuild(sock: socket.socket, state: TcpState, resend_unacked: bool) -> None
         step("select send queue", kernel.select_queue, sock, kernel.SEND_QUEUE)
         step("write sent-unacknowledged data", _write_all, sock, state.sent_unacked)
 
-    step("TCP_REPAIR_WINDOW", tcp_opt, kernel.TCP_REPAIR_WINDOW, _window(state))
-    step("TCP_REPAIR off", tcp_opt, kernel.TCP_REPAIR, kernel.REPAIR_OFF)
-    if resend_unacked:
-        step("write unacknowledged and never-sent data", _write_all, sock, state.send_queue)
-    else:
-        step("write never-sent data", _write_all, sock, state.never_sent)
 
 
 class _Steps:
