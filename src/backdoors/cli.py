@@ -232,6 +232,18 @@ def scenario_hang(
     _emit(SCENARIOS["hang"](mode=mode, refresh=refresh), as_json)
 
 
+@scenario_app.command("recovery")
+def scenario_recovery(
+    fault: str = typer.Option("freeze", help="freeze (SIGSTOP the node), crash (SIGKILL the server) or network (link down)."),
+    sessions: int = typer.Option(10, help="Concurrent client sessions, each verified byte for byte."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """A node fails; its live sessions move to another node and continue byte-exact."""
+    from .scenarios.recovery import recovery
+
+    _emit(recovery(fault, sessions), as_json)
+
+
 # ---- benchmarks -----------------------------------------------------------------------
 
 
