@@ -213,17 +213,19 @@ def adopt(call: Call) -> AdoptReply:
     t1 = time.monotonic()
     if not a.final:
         return AdoptReply(len(states) - len(failed), 0, failed, round((t1 - t0) * 1000, 3), 0.0, 0.0)
-    restored = agent.adopting.pop(rt.name, [])
+    restored = [(m, state, sock, _memfd(m.name, zlib.decompress(m.cb)))
+                for m, state, sock in agent.adopting.pop(rt.name, [])]
     for cidr in a.addresses:
         net.gratuitous_arp(ns, ifname, cidr.split("/")[0], count=1, linger=False)
     started = []
-    for m, state, sock in restored:
+    for m, state, sock, fd in restored:
         try:
             finish_restore(sock, state, resend_unacked=True)
-            started.append((m, state, sock))
+            started.append((m, state, sock, fd))
         except BackdoorsError as e:
             failed[m.name] = f"restore: {e}"
             close_silently(sock)
+            os.close(fd)
     _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
     t2 = time.monotonic()
     handed = _hand_over(agent, rt.name, started, failed, AdoptionClient, Handover)
@@ -234,41 +236,44 @@ def adopt(call: Call) -> AdoptReply:
 
 def _hand_over(agent: Agent, node: str, started: list, failed: dict[str, str],
                AdoptionClient, Handover) -> int:
-    """Hand each started session (socket + a memfd copy of its CB) to the node's server."""
+    """Hand each started session (socket + a memfd copy of its CB) to the node's server,
+    then hold them here as the server's (off the sessions' critical path)."""
     path = os.path.join(agent.config.run_dir, node, ADOPT_SOCKET)
     try:
         client = AdoptionClient(path)
     except BackdoorsError as e:
-        for m, _, sock in started:
+        for m, _, sock, _ in started:
             failed[m.name] = f"hand-over: {e} (the recovery server listens at {path}: " \
                              "BACKDOORS_ADOPT_SOCKET)"
             close_silently(sock)  # the session is lost here; nothing reaches its client
         return 0
-    handed = 0
+    accepted = []
     with client:
+        server = client.server_pid
         for start in range(0, len(started), HANDOVER_BATCH):
             batch = started[start:start + HANDOVER_BATCH]
-            fds = [_memfd(m.name, zlib.decompress(m.cb)) for m, _, _ in batch]
+            for m, state, _, _ in batch:
+                agent.sessions.expect(node, m.name, state)
             try:
-                for m, state, _ in batch:
-                    agent.sessions.expect(node, m.name, state)
-                try:
-                    verdicts = client.hand_over_all(
-                        [(sock, fd, Handover.from_tcp_state(m.name.removeprefix("cb-"), state))
-                         for (m, state, sock), fd in zip(batch, fds)])
-                except BackdoorsError as e:
-                    verdicts = [e] * len(batch)
-                for (m, _, sock), verdict in zip(batch, verdicts):
-                    if verdict is None:
-                        handed += 1
-                        sock.close()  # the server holds its own duplicate now
-                    else:
-                        failed[m.name] = f"hand-over: {verdict}"
-                        close_silently(sock)
-            finally:
-                for fd in fds:
+                verdicts = client.hand_over_all(
+                    [(sock, fd, Handover.from_tcp_state(m.name.removeprefix("cb-"), state))
+                     for m, state, sock, fd in batch])
+            except BackdoorsError as e:
+                verdicts = [e] * len(batch)
+            for (m, state, sock, fd), verdict in zip(batch, verdicts):
+                if verdict is None:
+                    accepted.append((m, sock, fd))
+                else:
+                    failed[m.name] = f"hand-over: {verdict}"
+                    close_silently(sock)
                     os.close(fd)
-    return handed
+    for m, sock, fd in accepted:
+        # Held at once as if the server had registered it: recoverable again before the
+        # server gets to register it itself (which replaces these).
+        _hold(agent, node, m.name, sock, fd, server)
+        sock.close()  # the agent and the server hold their own duplicates
+        os.close(fd)
+    return len(accepted)
 
 
 def _announce(ns: str, ifname: str, addresses: list[str]) -> None:
@@ -277,6 +282,26 @@ def _announce(ns: str, ifname: str, addresses: list[str]) -> None:
             net.gratuitous_arp(ns, ifname, cidr.split("/")[0], linger=False)
         except BackdoorsError as e:
             log.warning("gratuitous ARP for %s in %s failed: %s", cidr, ns, e)
+
+
+def _hold(agent: Agent, node: str, name: str, sock, cb_fd: int, pid: int) -> None:
+    """Register a handed-over session's box and socket under the server's pid (the
+    server's own registration of the same name replaces them)."""
+    from ..nodes import read_process
+    from ..sensors import Region
+    from .regions import SESSION_KIND, Entry
+    try:
+        agent.sessions.hold(node, name, sock.fileno(), pid)
+        info = read_process(pid)
+        region = Region(cb_fd, label=f"node {node} region {name!r}")
+        try:
+            agent.regions.add(Entry(node, name, SESSION_KIND, region, False, pid,
+                                    info.start_time if info else 0.0))
+        except BaseException:
+            region.close()
+            raise
+    except (BackdoorsError, OSError) as e:
+        log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 
 
 def _memfd(name: str, data: bytes) -> int:

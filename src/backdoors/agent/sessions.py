@@ -70,7 +70,8 @@ class SessionTable:
                 raise SessionRefused(f"node {node} holds {len(held)} sessions, the cap is "
                                      f"{self.max_per_node}")
             old = held.pop(name, None)
-            session = Session(node, name, sock, pid, self._adopted.pop((node, name), None))
+            since = self._adopted.pop((node, name), None) or (old.since if old else None)
+            session = Session(node, name, sock, pid, since)
             held[name] = session
         if old is not None:
             old.sock.close()

@@ -25,6 +25,7 @@ import os
 import select
 import socket
 import stat
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -269,6 +270,12 @@ class AdoptionClient:
                 f"no recovery server at {path}: {err.strerror}; is it running with this "
                 "adoption socket?"
             ) from None
+
+    @property
+    def server_pid(self) -> int:
+        """The pid of the recovery server at the other end (SO_PEERCRED)."""
+        cred = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", cred)[0]
 
     def hand_over(self, sock: socket.socket | int, cb_fd: int, handover: Handover) -> None:
         """Send one session and wait for the server's verdict; AdoptionError if refused.

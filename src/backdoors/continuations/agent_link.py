@@ -23,6 +23,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import queue
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -73,6 +75,9 @@ class AgentRegistrar:
                 f"Continuation Boxes need {', '.join(_NEEDED)} (see continuations/agent_link.py)"
             )
         self.client = client
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
 
     def attach(self, box: ContinuationBox) -> bool:
         try:
@@ -87,6 +92,22 @@ class AgentRegistrar:
             self._release(box)
             return False
         return True
+
+    def attach_later(self, box: ContinuationBox) -> None:
+        """attach() on a background thread (for recovered sessions, which the agent that
+        handed them over holds already); `box.registered` turns True when done."""
+        with self._queue_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._attach_queued, daemon=True,
+                                                name="bd-cb-register")
+                self._worker.start()
+            self._queue.put(box)
+
+    def _attach_queued(self) -> None:
+        while True:
+            box = self._queue.get()
+            if box.region.fd >= 0:  # the session may have ended meanwhile
+                box.registered = self.attach(box)
 
     def detach(self, box: ContinuationBox) -> None:
         self._release(box)

@@ -95,7 +95,7 @@ class ContinuationBox:
         if self.region.fd < 0:
             return
         try:
-            if self.registered:
+            if self.registered or self.recovered:  # a recovered one the agent held at hand-over
                 self._registrar.detach(self)
         finally:
             self.registered = False
@@ -186,7 +186,13 @@ def open_cb(
         region.close()
         raise
     recovered.opened = True
-    box.registered = box._registrar.attach(box)
+    # The agent that handed the session over already holds it: registering it again (under
+    # this process) need not delay the session's first bytes.
+    attach_later = getattr(box._registrar, "attach_later", None)
+    if attach_later is not None:
+        attach_later(box)
+    else:
+        box.registered = box._registrar.attach(box)
     return box
 
 
