@@ -23,6 +23,7 @@ import mimetypes
 import os
 import resource
 import signal
+import socket
 import threading
 import urllib.parse
 
@@ -65,8 +66,44 @@ class Request(msgspec.Struct):
     headers: dict[str, str]
 
 
-def serve_session(conn, root: str) -> None:
-    with create_cb(conn) as cb:
+class PlainBox:
+    """The same server without Continuation Boxes (--plain): what they cost is measured
+    against this (bench/bench_recovery.py, overhead_pct)."""
+
+    def __init__(self, sock):
+        self.conn = PlainConn(sock)
+
+    def import_state(self, type=None):  # noqa: A002 - mirrors ContinuationBox
+        return None
+
+    def export(self, state) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.conn.close()
+
+
+class PlainConn:
+    def __init__(self, sock):
+        self.sock, self.rfile = sock, sock.makefile("rb")
+        self.sendall = sock.sendall
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.rfile.readline(limit)
+
+    def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
+        return self.sock.sendfile(file, offset, count)
+
+    def close(self) -> None:
+        self.rfile.close()
+        self.sock.close()
+
+
+def serve_session(conn, root: str, plain: bool = False) -> None:
+    with (PlainBox(conn) if plain else create_cb(conn)) as cb:
         state = cb.import_state(Session) or Session()
         while True:
             if state.response is None:
@@ -226,9 +263,9 @@ def int_or(text: str | None, default):
         return default
 
 
-def session_thread(conn, root: str) -> None:
+def session_thread(conn, root: str, plain: bool = False) -> None:
     try:
-        serve_session(conn, root)
+        serve_session(conn, root, plain)
     except OSError as err:
         log.info("session ended: %s", err)
 
@@ -239,15 +276,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--root", default=".", help="directory of the files served")
     parser.add_argument("--adopt", help="Unix socket path where recovered sessions arrive")
+    parser.add_argument("--plain", action="store_true",
+                        help="serve without Continuation Boxes (a baseline: not recoverable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 3 descriptors per session:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # socket, box, its mapping
-    with Listener.tcp(args.host, args.port, adopt=args.adopt) as listener:
+    listener = (Listener(socket.create_server((args.host, args.port), backlog=128)) if args.plain
+                else Listener.tcp(args.host, args.port, adopt=args.adopt))
+    with listener:
         signal.signal(signal.SIGTERM, lambda *_: listener.close())
         print("http_server listening on %s:%d" % listener.address, flush=True)
         while conn := listener.accept():
-            threading.Thread(target=session_thread, args=(conn, args.root), daemon=True).start()
+            threading.Thread(target=session_thread, args=(conn, args.root, args.plain),
+                             daemon=True).start()
 
 
 if __name__ == "__main__":

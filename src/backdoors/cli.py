@@ -308,6 +308,16 @@ def bench_agent(
     _emit(_bench_module("bench_agent").run(seconds=seconds), as_json)
 
 
+@bench_app.command("recovery")
+def bench_recovery(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    sessions: list[int] = typer.Option([1, 10, 100, 1000], help="Session counts (repeat the option)."),
+    haproxy: bool = typer.Option(True, "--haproxy/--no-haproxy", help="Measure the HAProxy peer too."),
+) -> None:
+    """Recovery of N sessions from a frozen node vs HAProxy; overhead of Continuation Boxes."""
+    _emit(_bench_module("bench_recovery").run(tuple(sessions), with_haproxy=haproxy), as_json)
+
+
 @bench_app.command("nonintrusive")
 def bench_nonintrusive(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """System calls and throughput of a service watched at 100 Hz vs not watched."""

@@ -1,0 +1,165 @@
+"""Session recovery vs HAProxy, and the cost of being recoverable, measured in one run.
+
+For N = 1, 10, 100, 1000 concurrent sessions and a frozen node:
+  backdoors: `scenario recovery` (agents, monitor, TCP_REPAIR, Continuation Boxes) —
+             broken sessions, detection, recovery time, client stall p50/p99;
+  haproxy:   the same stream workload behind HAProxy balancing two plain servers with
+             health checks, one server frozen (bench/haproxy_baseline.py) — broken
+             sessions, time until new connections are served again.
+Overhead: the HTTP example serving keep-alive requests with Continuation Boxes (exports,
+agent registration) vs the same server with --plain, rounds alternated.
+
+    python bench/bench_recovery.py [--sessions 1 10 100 1000] [--json]
+
+Stalls include the stream's pacing interval (reported): a session receives a chunk every
+`chunk / rate` seconds, so the gap around a fault is stall + up to one interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _haproxy():
+    spec = importlib.util.spec_from_file_location("haproxy_baseline", HERE / "haproxy_baseline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pacing(n: int) -> tuple[int, int]:
+    """(rate bytes/s, chunk bytes) per session: ~2 MB/s in all, keeping 2 cores usable."""
+    rate = max(2048, min(65536, 2_000_000 // n))
+    chunk = max(128, min(1024, rate // 32))
+    return rate, chunk
+
+
+def recovery_row(n: int) -> dict:
+    from backdoors.scenarios.recovery import recovery
+
+    rate, chunk = pacing(n)
+    r = recovery("freeze", n, rate=rate, chunk=chunk, watch_s=2.0, timeout_s=60.0)
+    return {
+        "sessions": n,
+        "backdoors_broken": r["broken_connections"] + (n - r["sessions_ok"]),
+        "backdoors_sessions_ok": r["sessions_ok"],
+        "backdoors_bytes_lost": r["bytes_lost"],
+        "backdoors_bytes_duplicated": r["bytes_duplicated"],
+        "backdoors_detect_ms": r["detect_ms"],
+        "backdoors_recovery_ms": r["recovery_ms"],
+        "backdoors_stall_p50_ms": r["stall_p50_ms"],
+        "backdoors_stall_p99_ms": r["stall_p99_ms"],
+        "backdoors_stall_p99_beyond_detection_ms": (
+            round(r["stall_p99_ms"] - r["detect_ms"], 1) if r["detect_ms"] is not None else None),
+        "pace_interval_ms": round(chunk / rate * 1000, 1),
+        "backdoors_steps": r.get("recover_detail"),
+    }
+
+
+def haproxy_row(n: int) -> dict:
+    h = _haproxy().run(sessions=n)
+    return {"haproxy_broken": h["haproxy_broken"], "haproxy_resume_ms": h["haproxy_resume_ms"],
+            "haproxy_pinned": h.get("haproxy_pinned")}
+
+
+# ---- overhead -----------------------------------------------------------------------------
+
+
+CLIENT = r"""
+import http.client, sys, time, json
+host, port, seconds, path = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+c = http.client.HTTPConnection(host, port, timeout=10)
+lat = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    t = time.perf_counter()
+    c.request("GET", path)
+    r = c.getresponse(); body = r.read()
+    assert r.status == 200, r.status
+    lat.append(time.perf_counter() - t)
+lat.sort()
+print(json.dumps({"requests": len(lat), "seconds": seconds,
+                  "p50_ms": lat[len(lat)//2]*1000, "p99_ms": lat[int(len(lat)*0.99)]*1000}))
+"""
+
+
+def overhead(seconds: float = 3.0, rounds: int = 3, size: int = 16 * 1024) -> dict:
+    """Requests/s and latency of the HTTP example with CBs vs --plain (same lab node)."""
+    from backdoors.lab import Lab
+
+    with tempfile.TemporaryDirectory() as www, Lab(_name("o"), hosts=1, nodes=1, agents=True,
+                                                    services=False) as lab:
+        with open(os.path.join(www, "f.bin"), "wb") as f:
+            f.write(os.urandom(size))
+        servers = {}
+        for mode, port in (("plain", 8080), ("cb", 8081)):
+            argv = [sys.executable, str(ROOT / "examples/http_server.py"), "--port", str(port),
+                    "--root", www] + (["--plain"] if mode == "plain" else [])
+            servers[mode] = (lab.run_in_node("n0", argv, stdout=subprocess.PIPE), port)
+            servers[mode][0].stdout.readline()  # listening
+        vip = lab.plan.node("n0").vip
+        runs: dict[str, list[dict]] = {"plain": [], "cb": []}
+        for _ in range(rounds):
+            for mode in ("plain", "cb"):
+                out = lab.run_in_client([sys.executable, "-c", CLIENT, vip, str(servers[mode][1]),
+                                         str(seconds), "/f.bin"], stdout=subprocess.PIPE)
+                runs[mode].append(json.loads(out.communicate(timeout=seconds + 30)[0]))
+        for proc, _ in servers.values():
+            proc.kill()
+            proc.wait()
+    rps = {m: statistics.median(r["requests"] / r["seconds"] for r in rs) for m, rs in runs.items()}
+    p50 = {m: statistics.median(r["p50_ms"] for r in rs) for m, rs in runs.items()}
+    p99 = {m: statistics.median(r["p99_ms"] for r in rs) for m, rs in runs.items()}
+    return {"response_bytes": size, "seconds_per_round": seconds, "rounds": rounds,
+            "plain_rps": round(rps["plain"], 1), "cb_rps": round(rps["cb"], 1),
+            "plain_p50_ms": round(p50["plain"], 3), "cb_p50_ms": round(p50["cb"], 3),
+            "plain_p99_ms": round(p99["plain"], 3), "cb_p99_ms": round(p99["cb"], 3),
+            "overhead_pct": round((rps["plain"] - rps["cb"]) / rps["plain"] * 100, 2)}
+
+
+def _name(prefix: str) -> str:
+    return prefix + os.urandom(3).hex()
+
+
+def run(sessions: tuple[int, ...] = (1, 10, 100, 1000), *, with_haproxy: bool = True,
+        with_overhead: bool = True) -> dict:
+    results = []
+    for n in sessions:
+        row = recovery_row(n)
+        if with_haproxy:
+            row.update(haproxy_row(n))
+        results.append(row)
+    out: dict = {"fault": "freeze", "results": results}
+    if with_overhead:
+        o = overhead()
+        out["overhead_pct"] = o["overhead_pct"]
+        out["overhead"] = o
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 10, 100, 1000])
+    ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--no-overhead", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    r = run(tuple(a.sessions), with_haproxy=not a.no_haproxy, with_overhead=not a.no_overhead)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
