@@ -45,6 +45,7 @@ class AgentPoller:
     def __init__(self, monitor: Monitor, entry: AgentEntry):
         self.monitor, self.entry = monitor, entry
         self.nodes: list[str] = list(entry.nodes or [])
+        self.fenced: set[str] = set()  # from the last nodes() answer
         self.discover = entry.nodes is None
         self.polls = 0  # successful polls
         self.failures = 0
@@ -90,6 +91,7 @@ class AgentPoller:
             discover = self.discover and now >= self._next_discover
             if discover or m.watches_frozen or m.recovers:
                 infos = {i.name: i for i in client.nodes()}
+                self.fenced = {n for n, i in infos.items() if i.fenced}
                 if discover:
                     for gone in set(self.nodes) - set(infos):
                         self._drop(gone)
@@ -336,9 +338,10 @@ class Monitor:
                 self._cond.wait(left)
 
     def placement(self) -> dict[str, tuple[str, str]]:
-        """node -> (host, agent address) for the nodes of reachable agents."""
+        """node -> (host, agent address) for the nodes of reachable agents that are in
+        service (not fenced): where sessions may be recovered to."""
         return {n: (p.entry.host, p.entry.address) for p in self.pollers
-                if p.error is None for n in p.nodes}
+                if p.error is None for n in p.nodes if n not in p.fenced}
 
     def status(self) -> dict[str, dict]:
         """Per agent: reachable, polls, failures, last error, nodes."""
