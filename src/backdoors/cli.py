@@ -329,13 +329,18 @@ def bench_nonintrusive(as_json: bool = typer.Option(False, "--json", help="Print
 
 @app.command()
 def demo(
-    seconds: float = typer.Option(12.0, help="How long to watch."),
+    quick: bool = typer.Option(False, "--quick", help="One repair and one recovery scenario (under a minute)."),
+    scenario: Optional[str] = typer.Option(None, help="Run one scenario: memory-hog, fork-bomb, deadlock, freeze, crash, network."),
     name: str = typer.Option("demo", help="Lab name."),
+    out_dir: str = typer.Option("out/demo", help="Where results, incidents and the report go."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),
 ) -> None:
-    """Build a lab, watch the services' sensors live, inject a fault, tear down."""
+    """Build a lab with agents, a monitor and live sessions; repair, detect and recover in turn."""
     from .demo import run_demo
 
-    run_demo(name=name, seconds=seconds)
+    result = run_demo(name=name, quick=quick, scenario=scenario, out_root=out_dir, report=report)
+    if not result["passed"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

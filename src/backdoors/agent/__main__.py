@@ -74,9 +74,11 @@ async def _serve(config: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = agent.address
-    print(json.dumps({"event": "ready", "host": config.host, "pid": os.getpid(),
-                      "listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}),
-          flush=True)
+    ready = {"event": "ready", "host": config.host, "pid": os.getpid(),
+             "listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+    if agent.metrics_server is not None:
+        ready["metrics"] = agent.metrics_server.url_host
+    print(json.dumps(ready), flush=True)
     try:
         await stop.wait()
     finally:

@@ -73,6 +73,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     peers: list[str] = []  # ids allowed to hand sessions to this agent (op adopt)
     replay_cache_entries: int = 262144
     kernel_sensors: KernelSensorLimits = KernelSensorLimits()
+    metrics_listen: str | None = None  # "ADDR:PORT" of GET /metrics (in `netns`); none: off
 
     @property
     def own_cgroup(self) -> str:
@@ -99,13 +100,17 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def load_config(path: str) -> AgentConfig:
-    """Read, decode and validate the agent config at `path`."""
+    """Read, decode and validate the agent config at `path`: a plain agent file, or the
+    unified file's [agent] section (backdoors.config)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read agent config {path}: {e.strerror}") from None
     text = raw.decode("utf-8", errors="replace")
+    if re.search(r"(?m)^\s*\[+\s*agent\s*[.\]]", text):  # an [agent] table: the unified file
+        from ..config import load_agent_config
+        return load_agent_config(path)
     try:
         config = msgspec.toml.decode(raw, type=AgentConfig)
     except msgspec.ValidationError as e:
@@ -123,6 +128,30 @@ def load_config(path: str) -> AgentConfig:
     except ConfigError as e:  # from the keys file
         raise ConfigError(f"{path}: {e}") from None
     return config
+
+
+def decode_table(table: dict, base: str | None = None) -> AgentConfig:
+    """An AgentConfig from an already parsed TOML table (the unified file's [agent]);
+    a relative keys file is taken from `base`. KeyProblem names the key at fault."""
+    try:
+        config = msgspec.convert(table, AgentConfig, strict=True)
+    except msgspec.ValidationError as e:
+        raise KeyProblem(_error_path(str(e)), _strip_path(str(e))) from None
+    if isinstance(config.monitors, str) and not os.path.isabs(config.monitors) and base:
+        config.monitors = os.path.join(base, config.monitors)
+    try:
+        _validate(config)
+    except _Invalid as e:
+        raise KeyProblem(e.key, e.message) from None
+    return config
+
+
+class KeyProblem(ConfigError):
+    """A value of the config that is wrong: `key` ("nodes[1].cgroup") and `message`."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"key {key}: {message}" if key else message)
+        self.key, self.message = key, message
 
 
 def validate(config: AgentConfig, source: str = "agent config") -> None:
@@ -150,6 +179,14 @@ def _validate(c: AgentConfig) -> None:
         parse_address(c.listen)
     except ValueError:
         _check(False, "listen", f"{c.listen!r} is not ADDR:PORT (like 10.0.0.1:7700)")
+    if c.metrics_listen is not None:
+        try:
+            parse_address(c.metrics_listen)
+        except ValueError:
+            _check(False, "metrics_listen", f"{c.metrics_listen!r} is not ADDR:PORT (like "
+                   "10.0.0.1:9464)")
+        _check(c.metrics_listen != c.listen or c.listen.endswith(":0"), "metrics_listen",
+               "must differ from listen")
     for key in ("run_dir", "audit_log"):
         _check(os.path.isabs(getattr(c, key)), key, "must be an absolute path")
     _check(c.netns is None or bool(c.netns) and "/" not in c.netns, "netns", "must be a name")

@@ -22,7 +22,7 @@ from .audit import AuditLog
 from .config import AgentConfig, NodeSpec, validate
 from .leases import LeaseTable
 from .local import LocalServer
-from .metrics import AgentMetrics
+from .metrics import AgentMetrics, MetricsServer
 from .ops import OPS, Op
 from .recovery import RECOVERY_OPS
 from .regions import KERNEL, Entry, RegionTable
@@ -71,11 +71,14 @@ class Agent:
         self.sessions = SessionTable([n.name for n in config.nodes], config.max_sessions_per_node)
         self.limbo: dict[str, list] = {}  # node -> sessions dumped but not yet adopted
         self.adopting: dict[str, list] = {}  # node -> sessions restored, awaiting the final batch
+        self.staged: dict[tuple[str, str], bytearray] = {}  # (node, session) -> state in pieces
+        self.adopted_addresses: dict[str, set[str]] = {}  # node -> service addresses taken over
         self.leases: LeaseTable | None = None
         self.audit: AuditLog | None = None
         self.local: LocalServer | None = None
         self.rpc: RpcServer | None = None
         self.address: tuple[str, int] | None = None
+        self.metrics_server: MetricsServer | None = None  # GET /metrics, with metrics_listen
         self._reaper: asyncio.Task | None = None
         self._expiring: set[str] = set()
         self._expire_errors: dict[str, str] = {}
@@ -121,6 +124,7 @@ class Agent:
                 rt.sampler.start()
             except BackdoorsError as e:
                 raise AgentError(f"node {rt.name}: cannot sample it: {e}") from None
+        self.metrics.watch(self)
         self.local = LocalServer({n: rt.node for n, rt in self.nodes.items()}, c.run_dir,
                                  self.regions, audit=self.audit, metrics=self.metrics,
                                  sessions=self.sessions)
@@ -130,6 +134,10 @@ class Agent:
         self.address = sock.getsockname()[:2]
         await self.rpc.start(sock)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_leases())
+        if c.metrics_listen:
+            self.metrics_server = MetricsServer(self.metrics.registry, c.metrics_listen,
+                                                netns=c.netns, what=f"agent {c.host} metrics")
+            self.metrics_server.start()
         self.audit.write(kind="start", host=c.host, listen=f"{self.address[0]}:{self.address[1]}",
                          nodes=[n.name for n in c.nodes], quorum=c.quorum)
         log.info("agent %s listening on %s:%d for %d nodes", c.host, *self.address, len(self.nodes))
@@ -162,6 +170,9 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop serving; thaw nodes locked under a lease (fences stay); remove sockets."""
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
+            self.metrics_server = None
         if self.rpc is not None:
             await self.rpc.stop()
         if self._reaper is not None:

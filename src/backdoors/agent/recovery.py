@@ -29,6 +29,7 @@ from ..errors import AgentError, BackdoorsError
 from ..tcprepair import (
     TcpState, close_silently, dump, finish_restore, initial_window, restore, segments_needed,
 )
+from ..continuations.listener import adoption_path
 from .ops import Call, Op, OpError
 
 if TYPE_CHECKING:
@@ -36,9 +37,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("backdoors.agent")
 
-ADOPT_SOCKET = "adopt.sock"
+ADOPT_SOCKET = "adopt.sock"  # a node's single recovery server; else adopt-<port>.sock
 BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
 LONG_OP_S = 30.0
+STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)
+STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
 HANDOVER_BATCH = 64  # sessions per round of hand-overs (verdicts queue up meanwhile)
 
 
@@ -54,8 +57,17 @@ class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 class MovedSession(msgspec.Struct, forbid_unknown_fields=True):
     name: str  # "cb-<session>"
-    tcp: bytes  # TcpState.encode()
+    tcp: bytes  # TcpState.encode(); empty when staged (sent before in pieces: op stage)
     cb: bytes  # the Continuation Box region, zlib-compressed
+    staged: bool = False
+
+
+class StageArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    name: str  # the session the piece belongs to
+    offset: int
+    total: int
+    data: bytes
 
 
 class AdoptArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,6 +81,7 @@ class SessionInfo(msgspec.Struct):
     name: str
     connection: str
     pid: int
+    adopted: bool = False  # moved here from another node by a recovery
 
 
 class FenceReply(msgspec.Struct):
@@ -97,7 +110,7 @@ class AdoptReply(msgspec.Struct):
 
 
 def sessions(call: Call) -> list[SessionInfo]:
-    return [SessionInfo(s.name, s.describe(), s.pid)
+    return [SessionInfo(s.name, s.describe(), s.pid, s.since is not None)
             for s in call.agent.sessions.list(call.node.name)]
 
 
@@ -110,7 +123,7 @@ def fence(call: Call) -> FenceReply:
     removed = []
     if rt.spec.netns:
         try:
-            for cidr in rt.spec.addresses:
+            for cidr in _service_addresses(agent, rt):
                 if cidr in net.addresses(rt.spec.netns, rt.spec.interface):
                     net.del_address(rt.spec.netns, rt.spec.interface, cidr)
                     removed.append(cidr)
@@ -151,9 +164,10 @@ def evacuate(call: Call) -> EvacuateReply:
     replies: list[dict] = []
     try:
         with _peer_client(agent, a.to) as peer:
+            moving = [_stage(peer, a.to_node, m) for m in moving]
             batches = list(_batches(moving)) or [[]]
             for i, batch in enumerate(batches):
-                reply = peer.call("adopt", node=a.to_node, addresses=list(rt.spec.addresses),
+                reply = peer.call("adopt", node=a.to_node, addresses=_service_addresses(agent, rt),
                                   sessions=batch, final=i == len(batches) - 1)
                 replies.append(reply)
                 failed.update(reply.get("failed", {}))
@@ -189,7 +203,8 @@ def adopt(call: Call) -> AdoptReply:
     states = []
     for m in a.sessions:
         try:
-            states.append((m, TcpState.decode(m.tcp)))
+            tcp = agent.staged.pop((rt.name, m.name), b"") if m.staged else m.tcp
+            states.append((m, TcpState.decode(bytes(tcp))))
         except BackdoorsError as e:
             failed[m.name] = f"decode: {e}"
     ns, ifname = rt.spec.netns, rt.spec.interface
@@ -200,6 +215,7 @@ def adopt(call: Call) -> AdoptReply:
         net.set_up(ns, ifname, True)
         for cidr in a.addresses:
             net.add_address(ns, ifname, cidr)
+            agent.adopted_addresses.setdefault(rt.name, set()).add(cidr)
     except BackdoorsError as e:
         raise OpError("failed", f"node {rt.name}: cannot take the service addresses: {e}") from None
     pending = agent.adopting.setdefault(rt.name, [])
@@ -236,15 +252,30 @@ def adopt(call: Call) -> AdoptReply:
 
 def _hand_over(agent: Agent, node: str, started: list, failed: dict[str, str],
                AdoptionClient, Handover) -> int:
-    """Hand each started session (socket + a memfd copy of its CB) to the node's server,
+    """Hand each session to the recovery server of its port, in the node's directory."""
+    by_port: dict[int, list] = {}
+    for item in started:
+        by_port.setdefault(item[1].local_port, []).append(item)
+    handed = 0
+    for port, items in sorted(by_port.items()):
+        directory = os.path.join(agent.config.run_dir, node)
+        path = adoption_path(directory, port)
+        if not os.path.exists(path):
+            path = os.path.join(directory, ADOPT_SOCKET)  # one server for every port
+        handed += _hand_over_to(agent, node, path, items, failed, AdoptionClient, Handover)
+    return handed
+
+
+def _hand_over_to(agent: Agent, node: str, path: str, started: list, failed: dict[str, str],
+                  AdoptionClient, Handover) -> int:
+    """Hand each started session (socket + a memfd copy of its CB) to the server at `path`,
     then hold them here as the server's (off the sessions' critical path)."""
-    path = os.path.join(agent.config.run_dir, node, ADOPT_SOCKET)
     try:
         client = AdoptionClient(path)
     except BackdoorsError as e:
         for m, _, sock, _ in started:
-            failed[m.name] = f"hand-over: {e} (the recovery server listens at {path}: " \
-                             "BACKDOORS_ADOPT_SOCKET)"
+            failed[m.name] = f"hand-over: {e} (no recovery server listens at {path}: see " \
+                             "BACKDOORS_ADOPT_DIR / BACKDOORS_ADOPT_SOCKET)"
             close_silently(sock)  # the session is lost here; nothing reaches its client
         return 0
     accepted = []
@@ -304,6 +335,11 @@ def _hold(agent: Agent, node: str, name: str, sock, cb_fd: int, pid: int) -> Non
         log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 
 
+def _service_addresses(agent: Agent, rt) -> list[str]:
+    """The node's own service addresses and those it took over with adopted sessions."""
+    return sorted(set(rt.spec.addresses) | agent.adopted_addresses.get(rt.name, set()))
+
+
 def _memfd(name: str, data: bytes) -> int:
     """A sealed memfd holding a copy of a Continuation Box."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -315,6 +351,37 @@ def _memfd(name: str, data: bytes) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def stage(call: Call) -> dict:
+    """A piece of a large session state, sent ahead of the adopt that uses it (a request
+    is at most 1 MiB; a session's queues can hold megabytes)."""
+    agent, a = call.agent, call.args
+    if not call.monitors <= set(agent.config.peers):
+        raise OpError("auth", "stage is for the agents listed in peers")
+    key = (call.node.name, a.name)
+    buf = agent.staged.get(key)
+    if buf is None:
+        held = sum(len(b) for b in agent.staged.values())
+        if not 0 < a.total <= STAGE_MAX_BYTES - held:
+            raise OpError("out_of_bounds", f"staging {a.total} bytes would exceed "
+                                           f"{STAGE_MAX_BYTES} (holding {held})")
+        buf = agent.staged[key] = bytearray(a.total)
+    if len(buf) != a.total or a.offset < 0 or a.offset + len(a.data) > a.total:
+        raise OpError("out_of_bounds", f"piece [{a.offset}, {a.offset + len(a.data)}) does not "
+                                       f"fit the {a.total} bytes staged for {a.name!r}")
+    buf[a.offset:a.offset + len(a.data)] = a.data
+    return {"staged": len(a.data)}
+
+
+def _stage(peer, to_node: str, m: MovedSession) -> MovedSession:
+    """Send a large session state ahead in pieces; the session then travels without it."""
+    if len(m.tcp) <= STAGE_PIECE:
+        return m
+    for off in range(0, len(m.tcp), STAGE_PIECE):
+        peer.call("stage", node=to_node, name=m.name, offset=off, total=len(m.tcp),
+                  data=m.tcp[off:off + STAGE_PIECE])
+    return MovedSession(m.name, b"", m.cb, staged=True)
 
 
 def _batches(moving: list[MovedSession]):
@@ -343,5 +410,6 @@ RECOVERY_OPS = (
     Op("sessions", NodeArgs, sessions),
     Op("fence", NodeArgs, fence, destructive=True),
     Op("evacuate", EvacuateArgs, evacuate, destructive=True, deadline_s=LONG_OP_S),
+    Op("stage", StageArgs, stage, "inline"),
     Op("adopt", AdoptArgs, adopt, deadline_s=LONG_OP_S),
 )

@@ -51,7 +51,7 @@ def _by_comm(lab: Lab, node: str, comm: str) -> list[int]:
 
 def inject(lab: Lab, kind: str, node: str, **opts) -> Fault:
     """Start fault `kind` in `node`. Options: memory-hog rate_mb, cap_mb; cpu-hog procs;
-    network mode ("down" or "detach")."""
+    network mode ("down" or "detach"); crash recoverable (True: the stream service)."""
     if kind not in KINDS:
         raise LabError(f"unknown fault {kind!r}; choose one of {', '.join(KINDS)}")
     n = lab.node(node)
@@ -67,7 +67,7 @@ def inject(lab: Lab, kind: str, node: str, **opts) -> Fault:
     elif kind == "fork-bomb":
         fault.pid = lab.run_in_node(node, _hog_argv("forkbomb")).pid
     elif kind == "crash":
-        n.kill(lab.service(node).pid, signal.SIGKILL)
+        n.kill(_service(lab, node, opts).pid, signal.SIGKILL)
     elif kind == "network":
         _network(lab, node, opts.get("mode", "down"), broken=True)
     elif kind == "cpu-hog":
@@ -92,12 +92,17 @@ def stop(lab: Lab, kind: str, node: str, **opts) -> None:
                 n.kill(pid, signal.SIGKILL)
     elif kind == "crash":
         from .lab import _alive
-        if not _alive(lab.service(node).pid):
-            lab.start_service(node)
+        if not _alive(_service(lab, node, opts).pid):
+            lab.start_service(node, recoverable=bool(opts.get("recoverable")))
     elif kind == "network":
         _network(lab, node, opts.get("mode", "down"), broken=False)
     elif kind == "stall":
         n.kill(lab.service(node).pid, signal.SIGUSR2)
+
+
+def _service(lab: Lab, node: str, opts: dict):
+    """The service a crash is about: option recoverable=True picks the stream service."""
+    return lab.service(node, recoverable=opts.get("recoverable"))
 
 
 def _network(lab: Lab, node: str, mode: str, *, broken: bool) -> None:

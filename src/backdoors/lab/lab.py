@@ -209,7 +209,7 @@ class Lab:
         sock = self.plan.run_dir / "nodes" / node / "agent.sock"
         if sock.exists():
             env["BACKDOORS_AGENT_SOCKET"] = str(sock)
-            env["BACKDOORS_ADOPT_SOCKET"] = str(sock.with_name("adopt.sock"))
+            env["BACKDOORS_ADOPT_DIR"] = str(sock.parent)
         return env
 
     def run_in_node(self, node: str, argv: list[str], **popen) -> subprocess.Popen:
@@ -241,15 +241,19 @@ class Lab:
             )
         info = ServiceInfo(**{k: v for k, v in json.loads(line).items() if k in ("pid", "box_fd", "port")})
         proc.stdout.close()
-        self.state.services[node] = info
+        self.state.services[_service_key(node, recoverable)] = info
         self.state.save(self.state_path)
         return info
 
-    def service(self, node: str) -> ServiceInfo:
-        try:
-            return self.state.services[node]
-        except KeyError:
-            raise LabError(f"no sample service runs in node {node}") from None
+    def service(self, node: str, *, recoverable: bool | None = None) -> ServiceInfo:
+        """The sample service of `node` (recoverable=True: the stream service; None: the
+        sample service if there is one, else the stream service)."""
+        keys = ([_service_key(node, recoverable)] if recoverable is not None
+                else [_service_key(node, False), _service_key(node, True)])
+        for key in keys:
+            if key in self.state.services:
+                return self.state.services[key]
+        raise LabError(f"no such service runs in node {node}")
 
     def sensors(self, node: str, reader: SensorBoxReader | None = None) -> Snapshot:
         """A snapshot of the sample service's Sensor Box, read from outside the node."""
@@ -322,6 +326,10 @@ class Lab:
         hosts = [{"host": h.name, "address": h.address, "netns": h.netns,
                   "agent_pid": self.state.agents.get(h.name)} for h in self.plan.hosts]
         return {"lab": self.name, "owner_pid": self.state.owner_pid, "hosts": hosts, "nodes": nodes}
+
+
+def _service_key(node: str, recoverable: bool) -> str:
+    return f"{node}:stream" if recoverable else node
 
 
 def _alive(pid: int) -> bool:

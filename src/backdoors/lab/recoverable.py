@@ -7,7 +7,7 @@ bytes/s, from offset 0 (or from where a recovered session left off). The state o
 session is its offset; it is exported every --export-every bytes. A heartbeat thread ticks
 a progress sensor every 10 ms while the process runs; its Sensor Box, the sessions' boxes
 and sockets are registered with the node's agent, and recovered sessions arrive on the
-node's adoption socket (BACKDOORS_AGENT_SOCKET, BACKDOORS_ADOPT_SOCKET). Prints one JSON
+node's adoption socket (BACKDOORS_AGENT_SOCKET, BACKDOORS_ADOPT_DIR). Prints one JSON
 line when ready: {"pid", "port", "box_fd"}.
 """
 

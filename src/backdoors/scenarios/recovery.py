@@ -39,13 +39,13 @@ def _wait(pred, timeout: float, what: str, step: float = 0.02):
 
 
 def monitor_for(lab: Lab, *, period_ms: float = 50, incidents_dir: str | None = None,
-                rulesets: tuple[str, ...] = ("heal",)) -> Monitor:
+                rulesets: tuple[str, ...] = ("heal",), hooks=None) -> Monitor:
     """A monitor of every agent of `lab`, from its monitor namespace (not started)."""
     cfg = MonitorConfig(
         monitor_id="m1", period_ms=period_ms, incidents_dir=incidents_dir, rulesets=list(rulesets),
         agents=[AgentEntry(h.name, lab.agent_address(h.name), netns=lab.plan.monitor_ns)
                 for h in lab.plan.hosts])
-    return Monitor(cfg, key=lab.monitor_key("m1"))
+    return Monitor(cfg, key=lab.monitor_key("m1"), hooks=hooks)
 
 
 def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = None,

@@ -4,6 +4,8 @@
 every few milliseconds and keeps the longest gap between two moves of its progress
 counter, and the time each watched process was first seen dead. `ForkProbe` tries to
 start a process in a node every interval and measures how long that was impossible.
+Both keep what they saw, so `series()` gives it back as a compact time series, and
+`recording()` hands a benchmark the watches and probes a scenario created.
 """
 
 from __future__ import annotations
@@ -11,9 +13,58 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from ..errors import BackdoorsError
 from ..lab.lab import _alive
+
+
+class Recording:
+    """The ProgressWatch and ForkProbe objects created while a `recording()` was open."""
+
+    def __init__(self) -> None:
+        self.watches: list[ProgressWatch] = []
+        self.probes: list[ForkProbe] = []
+
+
+_recordings: list[Recording] = []
+_recordings_lock = threading.Lock()
+
+
+@contextmanager
+def recording() -> Iterator[Recording]:
+    """Collect every ProgressWatch and ForkProbe created inside the block (by any thread),
+    so a benchmark can read their time series after the scenario returned."""
+    rec = Recording()
+    with _recordings_lock:
+        _recordings.append(rec)
+    try:
+        yield rec
+    finally:
+        with _recordings_lock:
+            _recordings.remove(rec)
+
+
+def _recorded(obj) -> None:
+    with _recordings_lock:
+        for rec in _recordings:
+            (rec.watches if isinstance(obj, ProgressWatch) else rec.probes).append(obj)
+
+
+def _downsample(points: list[tuple[float, float | None]], since: float, until: float, n: int,
+                reduce: Callable[[list], tuple[float, float | None]]) -> list[list]:
+    """`points` (time, value), sorted, as at most `n` points [ms after `since`, value]:
+    each of n equal bins of [first point, until] is reduced to one point by `reduce`."""
+    points = [p for p in points if p[0] <= until]
+    if len(points) > n:
+        t0 = points[0][0]
+        width = max(until - t0, 1e-9) / n
+        bins: dict[int, list] = {}
+        for p in points:
+            bins.setdefault(min(int((p[0] - t0) / width), n - 1), []).append(p)
+        points = [reduce(b) for _, b in sorted(bins.items())]
+    return [[round((t - since) * 1000, 1), v] for t, v in points]
 
 
 class ProgressWatch:
@@ -27,10 +78,15 @@ class ProgressWatch:
         self.died: dict[str, float] = {}  # name -> time.monotonic() first seen dead
         self._gaps: list[tuple[float, float]] = []  # (gap start, gap length)
         self._last: tuple[float, float] | None = None  # (value, changed_at)
+        self._changes: list[tuple[float, float | None]] = []  # (time, value; None: unreadable)
+        self.started: float | None = None
+        self.window: tuple[float, float] | None = None  # the last max_gap_ms() window
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-progress-watch", daemon=True)
+        _recorded(self)
 
     def start(self) -> ProgressWatch:
+        self.started = time.monotonic()
         self._sample()
         self._thread.start()
         return self
@@ -47,6 +103,8 @@ class ProgressWatch:
             value = next(s.value for s in image.sensors if s.name == self.sensor)
         except (BackdoorsError, StopIteration):
             value = None
+        if not self._changes or self._changes[-1][1] != value:
+            self._changes.append((now, value))
         if value is not None:
             if self._last is None or value != self._last[0]:
                 if self._last is not None:
@@ -64,6 +122,7 @@ class ProgressWatch:
         """The longest time the counter stood still within [since, until], in ms
         (a gap still open at `until` counts up to then)."""
         until = time.monotonic() if until is None else until
+        self.window = (since, until)
         gaps = [length for start, length in self._gaps if start + length >= since and start <= until]
         if self._last is not None and self._last[1] <= until:
             gaps.append(until - max(self._last[1], since))
@@ -71,6 +130,17 @@ class ProgressWatch:
 
     def first_death(self) -> str | None:
         return min(self.died, key=self.died.get) if self.died else None
+
+    def series(self, since: float, until: float | None = None, *,
+               points: int = 300) -> list[list]:
+        """The counter from the watch's start to `until`: at most `points` points
+        [ms after `since`, value], value None while the box was unreadable (its owner
+        gone). A stall longer than (until - start) / points keeps its exact edges."""
+        until = time.monotonic() if until is None else until
+        out = _downsample(self._changes, since, until, points, lambda b: b[-1])
+        if out and out[-1][1] is not None and out[-1][0] < round((until - since) * 1000, 1):
+            out.append([round((until - since) * 1000, 1), out[-1][1]])  # held until the end
+        return out
 
 
 # Runs inside the node: fork (the child exits at once) every INTERVAL s and print
@@ -108,8 +178,10 @@ class ForkProbe:
         self.last_ok: float | None = None
         self.failures = 0
         self.attempts = 0
+        self._tries: list[tuple[float, float]] = []  # (CLOCK_MONOTONIC, 1 ok | 0 failed)
         self.proc: subprocess.Popen | None = None
         self._thread = threading.Thread(target=self._run, name="bd-fork-probe", daemon=True)
+        _recorded(self)
 
     def start(self, timeout: float = 10.0) -> ForkProbe:
         import sys
@@ -143,6 +215,7 @@ class ForkProbe:
             except ValueError:
                 continue
             self.attempts += 1
+            self._tries.append((t, 1.0 if ok == b"1" else 0.0))
             if ok == b"1":
                 self.last_ok = t
                 if self.first_failure is not None and self.recovered_at is None:
@@ -165,3 +238,12 @@ class ForkProbe:
     def can_fork_since(self, t: float) -> bool:
         """Whether a fork succeeded in the node after time `t` (time.monotonic())."""
         return self.last_ok is not None and self.last_ok > t
+
+    def series(self, since: float, until: float | None = None, *,
+               points: int = 300) -> list[list]:
+        """Whether a fork worked, from the first attempt to `until`: at most `points`
+        points [ms after `since`, 1 or 0] (0 when any attempt of the bin failed). No
+        point while the probe could not run (the node frozen)."""
+        until = time.monotonic() if until is None else until
+        return _downsample(self._tries, since, until, points,
+                           lambda b: (b[0][0], min(v for _, v in b)))

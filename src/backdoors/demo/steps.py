@@ -1,0 +1,214 @@
+"""The demo's scenarios, played in turn in one world; each returns its result record.
+
+A record is the shape `backdoors report` reads: name, title, kind, node, passed, verdict,
+checks [{what, ok, detail}], incident, detect_ms, repair_ms / recovery_ms, sessions,
+sessions_ok, stalls_ms.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+from ..lab import hogs, inject
+from ..lab.lab import _alive, _read_line
+from .world import World
+
+TIMEOUT_S = 30.0
+
+
+class Step:
+    def __init__(self, name: str, title: str, kind: str, node: str):
+        self.record = {"name": name, "title": title, "kind": kind, "node": node, "passed": False,
+                       "verdict": "", "checks": [], "incident": None, "detect_ms": None,
+                       "repair_ms": None, "recovery_ms": None, "sessions": None,
+                       "sessions_ok": None, "stalls_ms": None}
+
+    def check(self, what: str, ok: bool, detail: str = "") -> bool:
+        self.record["checks"].append({"what": what, "ok": bool(ok), "detail": detail})
+        return ok
+
+    def done(self, verdict: str) -> dict:
+        self.record["passed"] = all(c["ok"] for c in self.record["checks"])
+        self.record["verdict"] = verdict
+        return self.record
+
+
+def _incident(w: World, node: str, rules: tuple[str, ...], action: str, since: float):
+    """The incident on `node` by one of `rules`, detected after `since`, once `action` ran."""
+    return w.monitor.wait_for(lambda i: i.node == node and i.rule in rules and i.detected >= since
+                              and any(a.kind == action for a in i.actions), TIMEOUT_S)
+
+
+def _note_incident(step: Step, inc, t0_wall: float, action: str) -> None:
+    step.record["incident"] = inc.id
+    step.record["detect_ms"] = round((inc.detected - t0_wall) * 1000, 1)
+    act = next(a for a in inc.actions if a.kind == action)
+    step.record["repair_ms" if step.record["kind"] != "recovery" else "recovery_ms"] = round(
+        act.started_ms + act.duration_ms, 1)
+
+
+def _comm_alive(w: World, node: str, comm: str) -> list[int]:
+    return [p.pid for p in w.lab.node(node).processes() if p.comm == comm and p.state != "Z"]
+
+
+def _wait(cond, timeout: float = 5.0):
+    end = time.monotonic() + timeout
+    while not (v := cond()) and time.monotonic() < end:
+        time.sleep(0.05)
+    return v
+
+
+# ---- repair ----------------------------------------------------------------------------
+
+
+def memory_hog(w: World, node: str = "n3") -> dict:
+    step = Step("memory-hog", "memory hog: repair", "repair", node)
+    cache = w.lab.run_in_node(node, [sys.executable, "-m", "backdoors.lab.hogs", "cache", "--mb", "180"],
+                              stdout=subprocess.PIPE)
+    try:
+        if _read_line(cache, 20.0) != "ready":
+            step.check("the legitimate 180 MB cache started", False)
+            return step.done("setup failed")
+        time.sleep(0.6)  # a window of RSS history for the growth rates
+        service = w.lab.service(node, recoverable=False).pid
+        t0 = time.time()
+        hog = w.lab.run_in_node(node, [sys.executable, "-m", "backdoors.lab.hogs", "memory",
+                                       "--rate-mb", "40", "--cap-mb", "400"])
+        inc = _incident(w, node, ("memory-hog",), "kill_culprit", t0)
+        if not step.check("detected and repaired", inc is not None, "no incident within 30 s"):
+            hog.kill()
+            return step.done("the memory hog was NOT repaired")
+        _note_incident(step, inc, t0, "kill_culprit")
+        gone = _wait(lambda: hog.poll() is not None)
+        step.check("the hog (growing fastest) was killed", gone)
+        step.check("the cache (largest, stable) survived", cache.poll() is None)
+        step.check("the service survived", _alive(service))
+        summary = inc.diagnosis.summary if inc.diagnosis else ""
+        return step.done(f"hog killed {step.record['repair_ms']:.0f} ms after detection "
+                         f"({step.record['detect_ms']:.0f} ms after it started); cache and "
+                         f"service kept their state. Diagnosis: {summary}")
+    finally:
+        cache.kill()
+        cache.wait()
+
+
+def fork_bomb(w: World, node: str = "n3") -> dict:
+    step = Step("fork-bomb", "fork bomb: lock and repair", "repair", node)
+    service = w.lab.service(node, recoverable=False).pid
+    t0 = time.time()
+    bomb = w.lab.run_in_node(node, [sys.executable, "-m", "backdoors.lab.hogs", "forkbomb"])
+    inc = _incident(w, node, ("fork-bomb",), "lock_kill_lineage", t0)
+    bomb.wait(10)
+    if not step.check("detected and repaired", inc is not None, "no incident within 30 s"):
+        return step.done("the fork bomb was NOT repaired")
+    _note_incident(step, inc, t0, "lock_kill_lineage")
+    left = _wait(lambda: not _comm_alive(w, node, hogs.COMM["forkbomb"]), 5.0)
+    step.check("no bomb process left", left, f"{len(_comm_alive(w, node, hogs.COMM['forkbomb']))} left")
+    step.check("the node is thawed", not w.lab.node(node).stats().frozen)
+    step.check("the service survived", _alive(service))
+    forked = _wait(lambda: _can_fork(w, node), 8.0)
+    step.check("the node can fork again", forked)
+    return step.done(f"node locked, {_killed(inc)} bomb processes killed while frozen, unlocked "
+                     f"{step.record['repair_ms']:.0f} ms after detection; the service runs on")
+
+
+def _can_fork(w: World, node: str) -> bool:
+    probe = w.lab.run_in_node(node, [sys.executable, "-c",
+                                     "import os; p = os.fork(); os._exit(0) if p == 0 else os.waitpid(p, 0)"])
+    try:
+        return probe.wait(10) == 0
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        return False
+
+
+def _killed(inc) -> int:
+    act = next((a for a in inc.actions if a.kind == "lock_kill_lineage"), None)
+    return act.detail.get("killed", 0) if act else 0
+
+
+def deadlock(w: World, node: str = "n3") -> dict:
+    step = Step("deadlock", "service deadlock: detection", "detection", node)
+    old = w.lab.service(node, recoverable=False).pid
+    t0 = time.time()
+    inject(w.lab, "stall", node)
+    inc = _incident(w, node, ("deadlock",), "refresh", t0)
+    if not step.check("detected", inc is not None, "no incident within 30 s"):
+        return step.done("the deadlock was NOT detected")
+    _note_incident(step, inc, t0, "refresh")
+    bound = 200 + 2 * 50 + 50  # deadline + 2 polls (+ the last tick's age at the fault)
+    step.check(f"detected within the deadline + 2 polls (~{bound} ms)", step.record["detect_ms"] <= bound,
+               f"{step.record['detect_ms']} ms")
+    diag = inc.diagnosis.summary if inc.diagnosis else ""
+    step.check("the diagnosis names the stuck process", str(old) in diag, diag)
+    new = w.lab.service(node, recoverable=False).pid
+    step.check("the service was restarted (refresh)", new != old and _alive(new))
+    return step.done(f"detected {step.record['detect_ms']:.0f} ms after the service stopped "
+                     f"ticking: {diag}; restarted as pid {new}")
+
+
+# ---- recovery ----------------------------------------------------------------------------
+
+
+def recovery(w: World, fault: str) -> dict:
+    """Fail the node that serves the sessions now; they move on (and the next fault finds
+    them where they landed)."""
+    node = w.session_node
+    titles = {"freeze": "node freeze", "crash": "server crash", "network": "network driver failure"}
+    step = Step(fault, f"{titles[fault]}: session recovery", "recovery", node)
+    host = w.lab.plan.node(node).host
+    with w.lab.agent_client(host) as c:
+        held = len(c.call("sessions", node=node))
+    offsets = w.clients.offsets()
+    t0_mono, t0 = time.monotonic(), time.time()
+    if fault == "crash":
+        inject(w.lab, "crash", node, recoverable=True)  # the stream server holding sessions
+    else:
+        inject(w.lab, fault, node)
+    inc = _incident(w, node, ("hang", "network-failure"), "recover", t0)
+    if not step.check("detected and recovered", inc is not None, "no incident within 30 s"):
+        return step.done("the sessions were NOT recovered")
+    _note_incident(step, inc, t0, "recover")
+    act = next(a for a in inc.actions if a.kind == "recover")
+    moved, target = act.detail.get("moved"), act.detail.get("target")
+    if target:
+        w.session_node = target
+    time.sleep(1.5)  # the sessions flow again from the target node
+    report = w.clients.report(t0_mono, offsets)
+    n = report["sessions"]
+    step.record.update(sessions=n, sessions_ok=report["sessions_ok"], stalls_ms=report["stalls_ms"])
+    step.check(f"every session held by {node} moved", moved == held, f"{moved}/{held} to {target}")
+    step.check("every stream session continued byte-exact", report["sessions_ok"] == n and
+               not report["bytes_lost"] and not report["bytes_duplicated"],
+               f"{report['sessions_ok']}/{n} ok, {report['bytes_lost']} lost, "
+               f"{report['bytes_duplicated']} duplicated")
+    step.check("no connection broke", report["broken_connections"] == 0, str(report["broken_by"]))
+    # curl --limit-rate reads in bursts (it averages over the whole transfer), so a
+    # download may rightly be idle for seconds: what counts is that curl is alive or done
+    # and every byte it wrote is the file's
+    intact, problems = w.downloads_intact()
+    step.check("the HTTP downloads (unmodified curl) go on, byte-exact so far",
+               intact == len(w.downloads),
+               f"{intact}/{len(w.downloads)} intact, {sum(w.download_sizes()) / 2**20:.1f} MiB; "
+               + "; ".join(problems))
+    p99 = sorted(report["stalls_ms"])[int(0.99 * (len(report["stalls_ms"]) - 1))]
+    return step.done(
+        f"{report['sessions_ok']}/{n} stream sessions and {intact}/{len(w.downloads)} downloads "
+        f"continued byte-exact on {target}; detected {step.record['detect_ms']:.0f} ms after the "
+        f"fault, moved in {step.record['recovery_ms']:.0f} ms; client stall p50 "
+        f"{statistics.median(report['stalls_ms']):.0f} ms, p99 {p99:.0f} ms")
+
+
+SCENARIOS = {
+    "memory-hog": memory_hog,
+    "fork-bomb": fork_bomb,
+    "deadlock": deadlock,
+    "freeze": lambda w: recovery(w, "freeze"),
+    "crash": lambda w: recovery(w, "crash"),
+    "network": lambda w: recovery(w, "network"),
+}
+ORDER = tuple(SCENARIOS)
+QUICK = ("memory-hog", "freeze")
