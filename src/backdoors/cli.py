@@ -328,6 +328,21 @@ def bench_nonintrusive(as_json: bool = typer.Option(False, "--json", help="Print
 
 
 @app.command()
+def report(
+    demo_dir: Optional[str] = typer.Option(None, help="A demo run (default: the newest under out/demo)."),
+    bench_dir: Optional[str] = typer.Option(None, help="Benchmark JSON folder (default: out/bench)."),
+    incidents: Optional[str] = typer.Option(None, help="Incident log (default: the demo's)."),
+    out: str = typer.Option("out/report.html", help="Where to write the HTML file."),
+) -> None:
+    """Write a self-contained HTML report (plots of repair, recovery, overhead; incidents).
+    It reads incident logs and benchmark JSON; it never re-measures."""
+    from .report import build_report
+
+    path = build_report(demo_dir=demo_dir, bench_dir=bench_dir, incidents=incidents, out=out)
+    err.print(f"report written: {path}")
+
+
+@app.command()
 def demo(
     quick: bool = typer.Option(False, "--quick", help="One repair and one recovery scenario (under a minute)."),
     scenario: Optional[str] = typer.Option(None, help="Run one scenario: memory-hog, fork-bomb, deadlock, freeze, crash, network."),

@@ -78,7 +78,7 @@ def memory_hog(w: World, node: str = "n3") -> dict:
         hog = w.lab.run_in_node(node, [sys.executable, "-m", "backdoors.lab.hogs", "memory",
                                        "--rate-mb", "40", "--cap-mb", "400"])
         inc = _incident(w, node, ("memory-hog",), "kill_culprit", t0)
-        if not step.check("detected and repaired", inc is not None, "no incident within 30 s"):
+        if not step.check("detected and repaired", inc is not None, "" if inc else "no incident within 30 s"):
             hog.kill()
             return step.done("the memory hog was NOT repaired")
         _note_incident(step, inc, t0, "kill_culprit")
@@ -102,7 +102,7 @@ def fork_bomb(w: World, node: str = "n3") -> dict:
     bomb = w.lab.run_in_node(node, [sys.executable, "-m", "backdoors.lab.hogs", "forkbomb"])
     inc = _incident(w, node, ("fork-bomb",), "lock_kill_lineage", t0)
     bomb.wait(10)
-    if not step.check("detected and repaired", inc is not None, "no incident within 30 s"):
+    if not step.check("detected and repaired", inc is not None, "" if inc else "no incident within 30 s"):
         return step.done("the fork bomb was NOT repaired")
     _note_incident(step, inc, t0, "lock_kill_lineage")
     left = _wait(lambda: not _comm_alive(w, node, hogs.COMM["forkbomb"]), 5.0)
@@ -136,7 +136,7 @@ def deadlock(w: World, node: str = "n3") -> dict:
     t0 = time.time()
     inject(w.lab, "stall", node)
     inc = _incident(w, node, ("deadlock",), "refresh", t0)
-    if not step.check("detected", inc is not None, "no incident within 30 s"):
+    if not step.check("detected", inc is not None, "" if inc else "no incident within 30 s"):
         return step.done("the deadlock was NOT detected")
     _note_incident(step, inc, t0, "refresh")
     bound = 200 + 2 * 50 + 50  # deadline + 2 polls (+ the last tick's age at the fault)
@@ -169,7 +169,7 @@ def recovery(w: World, fault: str) -> dict:
     else:
         inject(w.lab, fault, node)
     inc = _incident(w, node, ("hang", "network-failure"), "recover", t0)
-    if not step.check("detected and recovered", inc is not None, "no incident within 30 s"):
+    if not step.check("detected and recovered", inc is not None, "" if inc else "no incident within 30 s"):
         return step.done("the sessions were NOT recovered")
     _note_incident(step, inc, t0, "recover")
     act = next(a for a in inc.actions if a.kind == "recover")

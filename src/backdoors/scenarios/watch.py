@@ -53,17 +53,18 @@ def _recorded(obj) -> None:
 
 
 def _downsample(points: list[tuple[float, float | None]], since: float, until: float, n: int,
-                reduce: Callable[[list], tuple[float, float | None]]) -> list[list]:
+                per_bin: int, reduce: Callable[[list], list]) -> list[list]:
     """`points` (time, value), sorted, as at most `n` points [ms after `since`, value]:
-    each of n equal bins of [first point, until] is reduced to one point by `reduce`."""
+    when there are more, [first point, until] is cut into n // per_bin equal bins, each
+    reduced by `reduce` to at most `per_bin` points."""
     points = [p for p in points if p[0] <= until]
     if len(points) > n:
-        t0 = points[0][0]
-        width = max(until - t0, 1e-9) / n
+        t0, count = points[0][0], max(1, n // per_bin)
+        width = max(until - t0, 1e-9) / count
         bins: dict[int, list] = {}
         for p in points:
-            bins.setdefault(min(int((p[0] - t0) / width), n - 1), []).append(p)
-        points = [reduce(b) for _, b in sorted(bins.items())]
+            bins.setdefault(min(int((p[0] - t0) / width), count - 1), []).append(p)
+        points = [q for _, b in sorted(bins.items()) for q in reduce(b)]
     return [[round((t - since) * 1000, 1), v] for t, v in points]
 
 
@@ -135,11 +136,14 @@ class ProgressWatch:
                points: int = 300) -> list[list]:
         """The counter from the watch's start to `until`: at most `points` points
         [ms after `since`, value], value None while the box was unreadable (its owner
-        gone). A stall longer than (until - start) / points keeps its exact edges."""
+        gone). Each bin keeps its first and last change, so a stall longer than a bin
+        (2 * (until - start) / points) keeps its exact edges."""
         until = time.monotonic() if until is None else until
-        out = _downsample(self._changes, since, until, points, lambda b: b[-1])
-        if out and out[-1][1] is not None and out[-1][0] < round((until - since) * 1000, 1):
-            out.append([round((until - since) * 1000, 1), out[-1][1]])  # held until the end
+        out = _downsample(self._changes, since, until, points - 1, 2,
+                          lambda b: [b[0], b[-1]] if len(b) > 1 else b)
+        end = round((until - since) * 1000, 1)
+        if out and out[-1][1] is not None and out[-1][0] < end:
+            out.append([end, out[-1][1]])  # held until the end
         return out
 
 
@@ -245,5 +249,5 @@ class ForkProbe:
         points [ms after `since`, 1 or 0] (0 when any attempt of the bin failed). No
         point while the probe could not run (the node frozen)."""
         until = time.monotonic() if until is None else until
-        return _downsample(self._tries, since, until, points,
-                           lambda b: (b[0][0], min(v for _, v in b)))
+        return _downsample(self._tries, since, until, points, 1,
+                           lambda b: [(b[0][0], min(v for _, v in b))])

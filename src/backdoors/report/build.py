@@ -1,0 +1,433 @@
+"""The report, section by section: `build_report` reads the inputs and writes one HTML file.
+
+Sections (anchors in SECTIONS): the header with the demo's verdicts, then the
+counterparts of the original Backdoors figures: repairing timeline, effectiveness of
+remote repair, recovery is fast, low overhead under load, and the incident list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..monitor.incidents import Incident
+from . import plots
+from .data import BenchRepair, Inputs, RepairPolicy, ReportError, Scenario, load_inputs
+from .html import Html, esc, figure, inline, note, page, para, section, status, table
+
+log = logging.getLogger(__name__)
+
+SECTIONS = {
+    "repairing-timeline": "1. Repairing timeline",
+    "repair-effectiveness": "2. Effectiveness of remote repair",
+    "recovery": "3. Recovery is fast",
+    "overhead": "4. Low overhead under load",
+    "incidents": "5. Incidents",
+}
+REPAIR_RULES = ("memory-hog", "fork-bomb", "deadlock", "hang")
+REPORT_NAME = "report.html"
+
+
+def _ms(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    text = f"{v:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # not "-0"
+
+
+def _time(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _yes(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def _plot(what: str, draw: Callable[[], bytes], caption: str | None = None) -> Html:
+    """A figure, or an error note naming it if drawing failed (the rest of the report
+    is still written)."""
+    try:
+        return figure(draw(), what, caption)
+    except Exception as e:  # noqa: BLE001 - one bad figure must not lose the report
+        log.exception("report figure %r failed", what)
+        return note(f"could not draw {what}: {type(e).__name__}: {e}", error=True)
+
+
+# ---- header -------------------------------------------------------------------------------
+
+
+def header(inputs: Inputs, generated: float) -> list[str]:
+    demo = inputs.demo
+    meta = [f"generated {_time(generated)} {time.strftime('%Z', time.localtime(generated))} "
+            f"on {socket.gethostname()}"]
+    if demo is not None:
+        meta.append(f"lab `{demo.lab or '?'}`, demo started {_time(demo.started)}"
+                    + (f", ran {demo.duration_s:.0f} s" if demo.duration_s is not None else ""))
+    nav = " ".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in SECTIONS.items())
+    parts = [Html("<header><h1>backdoors report</h1>"), para(" · ".join(meta), "meta"),
+             Html(f"<nav>{nav}</nav></header>"),
+             para("What the system did, read from the demo's results, the monitor's incident "
+                  "log and the benchmarks' JSON; nothing is measured again for this page."),
+             Html('<section id="verdicts"><h2>Demo verdicts</h2>')]
+    if demo is None:
+        parts.append(note(inputs.missing.get("demo", "no demo results")))
+    else:
+        passed = sum(s.passed for s in demo.scenarios)
+        parts.append(para(f"{passed}/{len(demo.scenarios)} scenarios passed "
+                          f"(results: `{inputs.demo_dir}`)."))
+        parts.append(table(["scenario", "kind", "node", "result", "verdict", "checks",
+                            "detect ms", "repair ms", "recovery ms"],
+                           [_verdict_row(s) for s in demo.scenarios], numeric=(6, 7, 8)))
+    parts.append(Html("</section>"))
+    return parts
+
+
+def _verdict_row(s: Scenario) -> list[object]:
+    checks = "".join(f"<li>{status(c.ok, '✔', '✘')} {inline(c.what)}"
+                     f"{(': ' + inline(c.detail)) if c.detail else ''}</li>" for c in s.checks)
+    name = f"{s.title} ({s.name})" if s.title and s.title != s.name else s.name
+    return [name, s.kind or "-", s.node or "-", status(s.passed), s.verdict or "-",
+            Html(f'<ul class="checks">{checks}</ul>') if checks else "-",
+            _ms(s.detect_ms), _ms(s.repair_ms), _ms(s.recovery_ms)]
+
+
+# ---- 1. repairing timeline ----------------------------------------------------------------
+
+
+def _timeline_cases(inputs: Inputs) -> tuple[list[tuple[str, Incident]], list[str]]:
+    by_id = {i.id: i for i in inputs.incidents}
+    cases, notes = [], []
+    if inputs.demo is not None:
+        for s in inputs.demo.scenarios:
+            if s.kind not in ("repair", "detection") or not s.incident:
+                continue
+            if s.incident in by_id:
+                cases.append((s.title or s.name, by_id[s.incident]))
+            elif inputs.incidents_path is not None:
+                notes.append(f"scenario {s.name} names incident {s.incident}, which is not in "
+                             f"`{inputs.incidents_path}`")
+    if not cases:
+        for rule in REPAIR_RULES:
+            found = [i for i in inputs.incidents if i.rule == rule]
+            best = next((i for i in found if i.actions), found[0] if found else None)
+            if best is not None:
+                cases.append((rule, best))
+    return cases, notes
+
+
+def timeline_section(inputs: Inputs) -> Html:
+    parts = [para("For each repair case: the sensors that fired, as the monitor saw them "
+                  "before detection (left), and its response after detection (right): "
+                  "diagnosis, each action with its status, and the end of the repair. "
+                  "The onset is where the monitor's sensor history says the fault began.")]
+    if inputs.incidents_path is None:
+        parts.append(note(inputs.missing.get("incidents", "no incident log")))
+        return section("repairing-timeline", SECTIONS["repairing-timeline"], parts)
+    cases, notes = _timeline_cases(inputs)
+    parts += [note(n) for n in notes]
+    if not cases:
+        parts.append(note(f"no incident of the repair rules ({', '.join(REPAIR_RULES)}) in "
+                          f"`{inputs.incidents_path}`: run `make demo` (or `backdoors demo`)"))
+    for title, inc in cases:
+        diag = inputs.diagnosis_ms.get(inc.id)
+        summary = inc.diagnosis.summary if inc.diagnosis else "no diagnosis"
+        parts.append(Html(f"<h3>{esc(title)}</h3>"))
+        parts.append(_plot(f"repairing timeline of incident {inc.id}",
+                           lambda inc=inc, diag=diag: plots.timeline(inc, diag),
+                           f"incident `{inc.id}` ({inc.rule} on {inc.node}): {summary}"))
+        parts.append(table(["step", "at (ms after detection)", "took (ms)", "status", "detail"],
+                           _steps(inc, diag), numeric=(1, 2)))
+    return section("repairing-timeline", SECTIONS["repairing-timeline"], parts)
+
+
+def _steps(inc: Incident, diag: float | None) -> list[list[object]]:
+    rows: list[list[object]] = [
+        ["onset", _ms(-inc.onset_to_detect_ms), "-", "-",
+         "; ".join(h.summary for h in inc.detectors)],
+        ["detection", "0", "-", "-", f"rule {inc.rule}"]]
+    if inc.diagnosis is not None:
+        rows.append([f"diagnosis ({inc.diagnosis.kind})", _ms(diag), "-", "-",
+                     inc.diagnosis.summary])
+    for a in inc.actions:
+        detail = a.error or ", ".join(f"{k}={v}" for k, v in a.detail.items()
+                                      if not isinstance(v, (dict, list)))
+        rows.append([a.kind, _ms(a.started_ms), _ms(a.duration_ms), status(
+            a.status == "done", a.status, a.status) if a.status != "skipped" else a.status, detail])
+    if inc.repaired_ms is not None:
+        rows.append([f"response done ({inc.state})", _ms(inc.repaired_ms), "-", "-", ""])
+    return rows
+
+
+# ---- 2. effectiveness of remote repair ------------------------------------------------------
+
+
+def effectiveness_section(inputs: Inputs) -> Html:
+    parts = [para("The same fault with and without backdoors (bench_repair): the service's "
+                  "progress counter, read beside the monitor straight from its Sensor Box, "
+                  "and who was killed.")]
+    b: BenchRepair | None = inputs.bench.get("bench_repair")
+    if b is None:
+        parts.append(note(inputs.missing["bench_repair"]))
+        return section("repair-effectiveness", SECTIONS["repair-effectiveness"], parts)
+    p = b.params
+    if b.memory_hog:
+        parts.append(Html("<h3>Memory hog</h3>"))
+        fault = (f"a hog grows {p.get('hog_rate_mb_s', '?')} MB/s next to a "
+                 f"{p.get('cache_mb', '?')} MB cache, memory limit "
+                 f"{p.get('memory_limit_mb', '?')} MB")
+        parts += _case(b.memory_hog, "Memory hog: service progress", fault, "hog starts",
+                       "max_progress_gap_ms", "longest progress gap (ms)")
+        d = b.details.get("memory_hog", {})
+        parts.append(table(
+            ["policy", "first killed", "service survived", "cache survived",
+             "longest progress gap (ms)", "detect (ms)", "repair (ms)"],
+            [[plots._policy(n, i)[0], r.victim or "-", _yes(r.service_survived),
+              _yes(r.cache_survived), _ms(r.max_progress_gap_ms),
+              _ms(d.get(n, {}).get("detect_ms")), _ms(d.get(n, {}).get("repair_ms"))]
+             for i, (n, r) in enumerate(b.memory_hog.items())], numeric=(4, 5, 6)))
+    if b.fork_bomb:
+        parts.append(Html("<h3>Fork bomb</h3>"))
+        fault = f"a fork bomb under a pids limit of {p.get('pids_limit', '?')}"
+        parts += _case(b.fork_bomb, "Fork bomb: service progress", fault, "bomb starts",
+                       "wedged_ms", "time a fork in the node failed (ms)")
+        d = b.details.get("fork_bomb", {})
+        parts.append(table(
+            ["policy", "service survived", "fork failed for (ms)", "bomb processes left",
+             "detect (ms)", "repair (ms)"],
+            [[plots._policy(n, i)[0], _yes(r.service_survived), _ms(r.wedged_ms),
+              _ms(r.bomb_processes_left), _ms(d.get(n, {}).get("detect_ms")),
+              _ms(d.get(n, {}).get("repair_ms"))]
+             for i, (n, r) in enumerate(b.fork_bomb.items())], numeric=(2, 3, 4, 5)))
+    if not b.memory_hog and not b.fork_bomb:
+        parts.append(note(f"`{inputs.bench_files['bench_repair']}` holds no case: "
+                          "run `make bench` (bench_repair)"))
+    return section("repair-effectiveness", SECTIONS["repair-effectiveness"], parts)
+
+
+def _case(policies: dict[str, RepairPolicy], title: str, fault: str, start: str, metric: str,
+          ylabel: str) -> list[Html]:
+    if any(r.progress_series for r in policies.values()):
+        return [_plot(title, lambda: plots.repair_effect(title, start, policies),
+                      f"{fault}; time 0 is the fault's start. ✕ marks when a watched process "
+                      "was first seen dead. Lines lying on each other mean the service "
+                      "progressed alike under those policies.")]
+    return [note("this bench_repair.json has no time series (written by an older "
+                 "bench_repair): run `make bench` (bench_repair) again for the progress plot; "
+                 "here, its summary"),
+            _plot(title, lambda: plots.repair_bars(f"{title.split(':')[0]}: {ylabel}", policies,
+                                                   metric, ylabel), fault)]
+
+
+# ---- 3. recovery is fast --------------------------------------------------------------------
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else None
+
+
+def recovery_section(inputs: Inputs) -> Html:
+    parts = [para("When a node fails, its client sessions move to another node. A session's "
+                  "stall is the longest time its client received nothing around the fault; "
+                  "detection is part of it.")]
+    demo = inputs.demo
+    cases = [s for s in demo.scenarios if s.kind == "recovery"] if demo else []
+    with_stalls = [s for s in cases if s.stalls_ms]
+    parts.append(Html("<h3>In the demo</h3>"))
+    if demo is None:
+        parts.append(note(inputs.missing.get("demo", "no demo results")))
+    elif not with_stalls:
+        parts.append(note(f"the demo results in `{inputs.demo_dir}` have no recovery scenario "
+                          "with client stalls: run `make demo` (or `backdoors demo`)"))
+    else:
+        parts.append(_plot("client stall distribution", lambda: plots.stall_cdf(
+            [(s.name, s.stalls_ms, s.detect_ms) for s in with_stalls]),
+            "one line per recovery scenario; the dashed line of the same colour is when the "
+            "monitor detected the fault"))
+        parts.append(table(
+            ["scenario", "node", "sessions continued", "detect (ms)", "recovery (ms)",
+             "stall p50 (ms)", "stall p99 (ms)", "stall max (ms)"],
+            [[s.title or s.name, s.node or "-",
+              f"{_ms(s.sessions_ok)}/{_ms(s.sessions)}" if s.sessions is not None else "-",
+              _ms(s.detect_ms), _ms(s.recovery_ms), _ms(statistics.median(s.stalls_ms)),
+              _ms(_pct(s.stalls_ms, 0.99)), _ms(max(s.stalls_ms))] for s in with_stalls],
+            numeric=(3, 4, 5, 6, 7)))
+    parts.append(Html("<h3>Backdoors vs HAProxy (bench_recovery)</h3>"))
+    rec = inputs.bench.get("bench_recovery")
+    if rec is None:
+        parts.append(note(inputs.missing["bench_recovery"]))
+    elif not rec.results:
+        parts.append(note(f"`{inputs.bench_files['bench_recovery']}` has no per-session-count "
+                          "results: run `make bench` (bench_recovery)"))
+    else:
+        parts.append(_plot("recovery vs HAProxy", lambda: plots.recovery_bench(rec.results),
+                           f"fault: node {rec.fault or 'frozen'}; HAProxy balances two plain "
+                           "servers with health checks. Backdoors' recovery time counts from "
+                           "detection; its stall includes the stream's pacing interval."))
+        parts.append(table(
+            ["sessions", "broken (backdoors)", "broken (HAProxy)", "detect (ms)",
+             "recovery (ms)", "stall p50 (ms)", "stall p99 (ms)", "pacing interval (ms)",
+             "HAProxy serving again after (ms)"],
+            [[_ms(r.sessions), _ms(r.backdoors_broken), _ms(r.haproxy_broken),
+              _ms(r.backdoors_detect_ms), _ms(r.backdoors_recovery_ms),
+              _ms(r.backdoors_stall_p50_ms), _ms(r.backdoors_stall_p99_ms),
+              _ms(r.pace_interval_ms, 1), _ms(r.haproxy_resume_ms)] for r in rec.results],
+            numeric=tuple(range(9))))
+    parts += _detection_part(inputs) + _tcprepair_part(inputs)
+    return section("recovery", SECTIONS["recovery"], parts)
+
+
+def _detection_part(inputs: Inputs) -> list[Html]:
+    parts = [Html("<h3>Detection latency (bench_detection)</h3>")]
+    d = inputs.bench.get("bench_detection")
+    if d is None:
+        return parts + [note(inputs.missing["bench_detection"])]
+    parts.append(table(
+        ["progress deadline (ms)", "trials", "p50 (ms)", "p99 (ms)", "max (ms)",
+         "bound: deadline + 2 polls (ms)", "within bound"],
+        [[k, _ms(v.trials), _ms(v.p50_ms), _ms(v.p99_ms), _ms(v.max_ms), _ms(v.bound_ms),
+          f"{_ms(v.within_bound)}/{_ms(v.trials)}"] for k, v in d.latency.items()],
+        numeric=(0, 1, 2, 3, 4, 5)))
+    if d.soak is not None and d.soak.false_positives is not None:
+        load = d.soak.load or "saturated cores"
+        parts.append(para(f"False positives: {d.soak.false_positives:.0f} in "
+                          f"{_ms(d.soak.seconds)} s under load ({load})."))
+    return parts
+
+
+def _tcprepair_part(inputs: Inputs) -> list[Html]:
+    parts = [Html("<h3>Moving a TCP session (bench_tcprepair)</h3>")]
+    t = inputs.bench.get("bench_tcprepair")
+    if t is None:
+        return parts + [note(inputs.missing["bench_tcprepair"])]
+    parts.append(table(
+        ["sockets", "dump (µs/socket)", "restore (µs/socket)", "total (ms)",
+         "for reference: connect+accept (µs/socket)"],
+        [[_ms(r.sockets), _ms(r.dump_us_per_socket, 1), _ms(r.restore_us_per_socket, 1),
+          _ms(r.total_ms, 2), _ms(r.reference_connect_accept_us_per_socket, 1)]
+         for r in t.results], numeric=(0, 1, 2, 3, 4)))
+    return parts
+
+
+# ---- 4. low overhead under load ---------------------------------------------------------------
+
+
+def overhead_section(inputs: Inputs) -> Html:
+    parts = [para("What being recoverable and watched costs a service in normal operation.")]
+    parts.append(Html("<h3>Continuation Boxes under load (bench_recovery)</h3>"))
+    rec = inputs.bench.get("bench_recovery")
+    if rec is None:
+        parts.append(note(inputs.missing["bench_recovery"]))
+    elif rec.overhead is None:
+        parts.append(note(f"`{inputs.bench_files['bench_recovery']}` has no overhead measure "
+                          "(run without --no-overhead): run `make bench` (bench_recovery)"))
+    else:
+        o = rec.overhead
+        detail = (f"the HTTP example serving {_ms(o.response_bytes)}-byte responses over "
+                  f"keep-alive, {_ms(o.rounds)} alternated rounds of {_ms(o.seconds_per_round)} s "
+                  "each, medians")
+        parts.append(_plot("throughput and latency with and without Continuation Boxes",
+                           lambda: plots.overhead(o), detail))
+        parts.append(table(["", "requests/s", "p50 (ms)", "p99 (ms)"], [
+            ["without Continuation Boxes", _ms(o.plain_rps), _ms(o.plain_p50_ms, 3),
+             _ms(o.plain_p99_ms, 3)],
+            ["with Continuation Boxes", _ms(o.cb_rps), _ms(o.cb_p50_ms, 3), _ms(o.cb_p99_ms, 3)],
+        ], numeric=(1, 2, 3)))
+        if o.overhead_pct is not None:
+            parts.append(para(f"Throughput overhead: {o.overhead_pct:.1f}%."))
+    parts.append(Html("<h3>Sensor updates (bench_sensors)</h3>"))
+    s = inputs.bench.get("bench_sensors")
+    if s is None:
+        parts.append(note(inputs.missing["bench_sensors"]))
+    else:
+        parts.append(_plot("cost of one sensor update", lambda: plots.sensor_cost(s),
+                           "best of several timing loops, one call through a bound method"))
+        if s.progress_tick_ns is not None and s.prometheus_counter_inc_ns:
+            parts.append(para(f"A progress tick costs {s.progress_tick_ns:.0f} ns, "
+                              f"{s.progress_tick_ns / s.prometheus_counter_inc_ns:.2f}× a "
+                              "prometheus_client `Counter.inc()`; it is a memory store, no "
+                              "system call."))
+    return section("overhead", SECTIONS["overhead"], parts)
+
+
+# ---- 5. incidents ---------------------------------------------------------------------------
+
+
+def incidents_section(inputs: Inputs) -> Html:
+    parts: list[str] = []
+    if inputs.incidents_path is None:
+        parts.append(note(inputs.missing.get("incidents", "no incident log")))
+    elif not inputs.incidents:
+        parts.append(note(f"no incidents in `{inputs.incidents_path}`"))
+    else:
+        parts.append(para(f"{len(inputs.incidents)} incidents in `{inputs.incidents_path}`, "
+                          "oldest first. Action times count from detection."))
+        parts.append(table(
+            ["id", "node", "rule", "detected", "onset→detect (ms)", "diagnosis",
+             "actions", "response (ms)", "outcome"],
+            [_incident_row(i) for i in inputs.incidents], numeric=(4, 7)))
+    return section("incidents", SECTIONS["incidents"], parts)
+
+
+def _incident_row(i: Incident) -> list[object]:
+    acts = "".join(f"<li>{esc(a.kind)}: {status(a.status == 'done', a.status, a.status)} "
+                   f"(at {a.started_ms:.0f} ms, {a.duration_ms:.0f} ms)"
+                   f"{(' — ' + esc(a.error)) if a.error else ''}</li>" for a in i.actions)
+    return [i.id, i.node, i.rule, _time(i.detected), _ms(i.onset_to_detect_ms),
+            i.diagnosis.summary if i.diagnosis else "-",
+            Html(f'<ul class="checks">{acts}</ul>') if acts else "-", _ms(i.repaired_ms),
+            f"{i.outcome or 'open'} ({i.state})"]
+
+
+# ---- the page -------------------------------------------------------------------------------
+
+
+def sources(inputs: Inputs) -> Html:
+    rows = [["demo results", str(inputs.demo_dir) if inputs.demo else "missing"],
+            ["incident log", str(inputs.incidents_path or "missing")]]
+    rows += [[name, str(inputs.bench_files.get(name, "missing"))]
+             for name in ("bench_repair", "bench_recovery", "bench_detection", "bench_sensors",
+                          "bench_tcprepair")]
+    return Html('<footer><h2>Sources</h2>' + table(["input", "file"], rows) + "</footer>")
+
+
+def render(inputs: Inputs, generated: float | None = None) -> str:
+    """The whole page for `inputs`."""
+    generated = time.time() if generated is None else generated
+    parts = header(inputs, generated) + [
+        timeline_section(inputs), effectiveness_section(inputs), recovery_section(inputs),
+        overhead_section(inputs), incidents_section(inputs), sources(inputs)]
+    return page("backdoors report", parts)
+
+
+def build_report(*, demo_dir: str | os.PathLike | None, bench_dir: str | os.PathLike | None,
+                 incidents: str | os.PathLike | None, out: str | os.PathLike) -> Path:
+    """Write the report as one self-contained HTML file and return its path.
+
+    demo_dir: a `backdoors demo` results folder (None: the newest under out/demo);
+    bench_dir: the benchmarks' JSON folder (None: out/bench when it exists);
+    incidents: an incident log file or folder (None: the demo's); out: the HTML file
+    (an existing folder: report.html in it). Missing inputs are noted in the page;
+    malformed ones, and given paths that do not exist, raise ReportError.
+    """
+    inputs = load_inputs(demo_dir=demo_dir, bench_dir=bench_dir, incidents=incidents)
+    path = Path(out)
+    if path.is_dir():
+        path = path / REPORT_NAME
+    text = render(inputs)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ReportError(f"cannot write the report to {path}: {e.strerror}") from None
+    return path

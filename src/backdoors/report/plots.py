@@ -1,0 +1,459 @@
+"""The report's figures: each function takes loaded inputs and returns one PNG (bytes).
+
+Figures are drawn on their own matplotlib Figure with the Agg canvas (no pyplot, no
+display, no global state beyond a style context while drawing).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from functools import wraps
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from ..monitor.incidents import Incident
+from .data import BenchSensors, Overhead, RecoveryRow, RepairPolicy
+
+DPI = 100
+MAX_SENSORS = 4  # sensor panels per timeline
+
+STYLE = {
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+    "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False,
+    "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "legend.framealpha": 0.9,
+}
+
+BLUE, RED, ORANGE, GREEN, PURPLE, GREY = \
+    "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f"
+
+POLICIES = {  # policy -> (label, colour, line style)
+    "backdoors": ("with backdoors", BLUE, "-"),
+    "kernel_oom": ("kernel OOM killer alone", RED, "--"),
+    "largest_rss": ('"kill the largest" (earlyoom)', ORANGE, ":"),
+    "pids_limit_only": ("pids limit alone", RED, "--"),
+}
+STATUS_COLOURS = {"done": GREEN, "failed": RED, "skipped": GREY}
+
+
+def _policy(name: str, i: int) -> tuple[str, str, str]:
+    return POLICIES.get(name, (name, f"C{i % 10}", "-"))
+
+
+def _styled(fn: Callable[..., bytes]) -> Callable[..., bytes]:
+    @wraps(fn)
+    def draw(*args, **kw) -> bytes:
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kw)
+    return draw
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f} ms"
+
+
+def _log_if_wide(ax, values: Sequence[float | None], ratio: float = 30.0) -> None:
+    vs = [v for v in values if v is not None and v > 0]
+    if vs and max(vs) / min(vs) > ratio:
+        ax.set_yscale("log")
+
+
+def _label_bars(ax, bars, values, fmt: Callable[[float], str]) -> None:
+    for bar, v in zip(bars, values):
+        if v is None:
+            continue
+        ax.annotate(fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7)
+
+
+# ---- 1. repairing timeline ------------------------------------------------------------------
+
+
+def _unit(sensor: str, type_: str | None) -> str:
+    if sensor.endswith("_mb"):
+        return "MB"
+    if sensor.startswith("psi_"):
+        return "% of time (avg10)"
+    if sensor.endswith("_ms"):
+        return "ms"
+    if sensor == "pids":
+        return "tasks"
+    if sensor == "link_up":
+        return "1 up / 0 down"
+    return {"progress": "count", "pressure": "events (total)"}.get(type_ or "", "value")
+
+
+@_styled
+def timeline(inc: Incident, diagnosis_ms: float | None = None) -> bytes:
+    """Sensor values around an incident (left) and its response in ms (right), with
+    onset, detection, diagnosis, each action and the repair marked."""
+    keys = list(inc.sensors)[:MAX_SENSORS]
+    n = max(1, len(keys))
+    fig = _figure(9.5, 1.6 * n + 1.4)
+    gs = fig.add_gridspec(n, 2, width_ratios=[3, 2])
+    axes = [fig.add_subplot(gs[0, 0])]
+    axes += [fig.add_subplot(gs[i, 0], sharex=axes[0]) for i in range(1, n)]
+    levels = {f"{v.box}/{v.sensor}": v for h in inc.detectors for v in h.violations}
+    onset = -inc.onset_to_detect_ms
+    for ax, key in zip(axes, keys):
+        pts = inc.sensors[key]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=BLUE, lw=1.4, marker=".",
+                ms=3, label=key)
+        v = levels.get(key)
+        if v is not None and v.type == "level" and v.bound is not None:
+            ax.axhline(v.bound, color=GREY, ls=":", lw=1.2, label=f"bound ({v.bound:g})")
+        ax.set_ylabel(f"{key.split('/')[-1]}\n({_unit(key.split('/')[-1], v and v.type)})")
+    if not keys:
+        axes[0].text(0.5, 0.5, "no sensor history in this incident", ha="center",
+                     va="center", transform=axes[0].transAxes, color=GREY)
+    for k, ax in enumerate(axes):  # onset and detection named once, in the first legend
+        ax.axvline(onset, color=ORANGE, ls="--", lw=1.3,
+                   label=f"onset ({round(onset)} ms)" if k == 0 else None)
+        ax.axvline(0, color=RED, lw=1.5, label="detection (0 ms)" if k == 0 else None)
+        if k < len(axes) - 1:
+            ax.tick_params(labelbottom=False)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", ncols=2)
+    axes[-1].set_xlabel("time relative to detection (ms)")
+    axes[0].set_title("sensors before detection")
+    _response(fig.add_subplot(gs[:, 1]), inc, diagnosis_ms)
+    repaired = f", response done in {inc.repaired_ms:.0f} ms" if inc.repaired_ms is not None else ""
+    fig.suptitle(f"{inc.rule} on node {inc.node}: detected {inc.onset_to_detect_ms:.0f} ms "
+                 f"after onset{repaired} ({inc.state}, {inc.outcome or 'open'})",
+                 fontsize=10, fontweight="bold")
+    return _png(fig)
+
+
+def _response(ax, inc: Incident, diagnosis_ms: float | None) -> None:
+    """The response after detection as bars: diagnosis, then each action."""
+    rows: list[tuple[str, float, float, str, str]] = []  # label, start, width, colour, text
+    if diagnosis_ms is not None:
+        kind = inc.diagnosis.kind if inc.diagnosis else "?"
+        rows.append((f"diagnosis\n({kind})", 0.0, diagnosis_ms, PURPLE, f"{diagnosis_ms:.0f} ms"))
+    for a in inc.actions:
+        rows.append((a.kind, a.started_ms, a.duration_ms, STATUS_COLOURS.get(a.status, GREY),
+                     f"{a.status}, {a.duration_ms:.0f} ms"))
+    ax.set_title("response (after detection)")
+    ax.set_xlabel("time after detection (ms)")
+    if not rows:
+        ax.text(0.5, 0.5, "no response recorded", ha="center", va="center",
+                transform=ax.transAxes, color=GREY)
+        ax.set_yticks([])
+        return
+    end = max([s + w for _, s, w, _, _ in rows] + [inc.repaired_ms or 0.0, 1.0])
+    for y, (label, start, width, colour, text) in enumerate(rows):
+        ax.barh(y, max(width, end * 0.004), left=start, color=colour, height=0.5)
+        ax.annotate(text, (start + width, y), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.set_ylim(len(rows) + 0.1, -0.6)  # room below the last row for the legend
+    ax.axvline(0, color=RED, lw=1.5)
+    if inc.repaired_ms is not None:
+        ax.axvline(inc.repaired_ms, color=GREEN, lw=1.5,
+                   label=f"{'repaired' if inc.state == 'repaired' else inc.state} "
+                         f"({inc.repaired_ms:.0f} ms)")
+        ax.legend(loc="lower right")
+    ax.set_xlim(-end * 0.03, end * 1.35)
+    ax.grid(axis="y", visible=False)
+
+
+# ---- 2. effectiveness of remote repair --------------------------------------------------------
+
+
+def _at(series: Sequence[Sequence], t: float) -> float | None:
+    """`series` ([t, v], sorted; v None: no value) at time t, linearly interpolated
+    between its neighbours; the nearest value outside them."""
+    before = next((p for p in reversed(series) if p[0] <= t and p[1] is not None), None)
+    after = next((p for p in series if p[0] >= t and p[1] is not None), None)
+    if before is None or after is None:
+        return (before or after or (None, None))[1]
+    if after[0] == before[0]:
+        return before[1]
+    return before[1] + (after[1] - before[1]) * (t - before[0]) / (after[0] - before[0])
+
+
+def _base(series: Sequence[Sequence]) -> float:
+    v = _at(series, 0.0)
+    return 0.0 if v is None else v
+
+
+def _zoom(policies: dict[str, RepairPolicy]) -> tuple[float, float] | None:
+    """A window (s) on the shortest run when another one lasts much longer, else None."""
+    spans = [(p.progress_series[0][0] / 1000, p.progress_series[-1][0] / 1000)
+             for p in policies.values() if p.progress_series]
+    if len(spans) < 2:
+        return None
+    start = min(a for a, _ in spans)
+    ends = sorted(b for _, b in spans)
+    if ends[-1] - start <= 2.5 * (ends[0] - start):
+        return None
+    return start, ends[0] + 0.08 * (ends[0] - start)
+
+
+@_styled
+def repair_effect(title: str, fault: str, policies: dict[str, RepairPolicy]) -> bytes:
+    """Service progress over time per policy (and, when measured, whether a process in
+    the node could fork), the fault's start at 0; with a zoom on the shortest run when
+    another lasts much longer."""
+    with_fork = any(p.fork_series for p in policies.values())
+    zoom = _zoom(policies)
+    windows = [None, zoom] if zoom else [None]
+    fig = _figure(11 if zoom else 9, 5.4 if with_fork else 3.8)
+    grid = fig.subplots(2 if with_fork else 1, len(windows), squeeze=False,
+                        height_ratios=[3, 1.5] if with_fork else None,
+                        width_ratios=[3, 2] if zoom else None)
+    for col, window in enumerate(windows):
+        ax = grid[0][col]
+        _progress_panel(ax, policies, fault, window)
+        ax.set_title("whole run" if window is None
+                     else f"zoom: {window[0]:.1f} to {window[1]:.1f} s")
+        if with_fork:
+            _fork_strip(grid[1][col], policies, window, labels=col == 0)
+            grid[0][col].sharex(grid[1][col])
+            grid[0][col].tick_params(labelbottom=False)
+        grid[-1][col].set_xlabel("time relative to fault start (s)")
+    grid[0][0].set_ylabel("service progress\n(ticks since fault start)")
+    grid[0][0].legend(loc="upper left")
+    if with_fork:
+        fig.legend(handles=[Patch(color=GREEN, label="fork works"),
+                            Patch(color=RED, label="fork fails"),
+                            Patch(color=FROZEN, label="no attempt (node frozen)")],
+                   loc="outside lower center", ncols=3)
+    fig.suptitle(title, fontsize=10, fontweight="bold")
+    return _png(fig)
+
+
+def _progress_panel(ax, policies: dict[str, RepairPolicy], fault: str,
+                    window: tuple[float, float] | None) -> None:
+    seen: list[float] = []
+    for i, (name, p) in enumerate(policies.items()):
+        if not p.progress_series:
+            continue
+        label, colour, style = _policy(name, i)
+        base = _base(p.progress_series)
+        xs = [t / 1000 for t, _ in p.progress_series]
+        ys = [math.nan if v is None else v - base for _, v in p.progress_series]
+        ax.plot(xs, ys, color=colour, ls=style, lw=1.8 - 0.3 * i,
+                label=label)
+        seen += [y for x, y in zip(xs, ys) if not math.isnan(y)
+                 and (window is None or window[0] <= x <= window[1])]
+        deaths = sorted(p.deaths_ms.items(), key=lambda kv: kv[1])
+        for j, (who, t) in enumerate(deaths):
+            if window is not None and not window[0] <= t / 1000 <= window[1]:
+                continue
+            y = _at(p.progress_series, t)
+            y = (y - base) if y is not None else next(
+                (v for v in reversed(ys) if not math.isnan(v)), 0.0)
+            ax.plot([t / 1000], [y], marker="X", color=colour, ms=8, ls="none")
+            ax.annotate(f"{who} killed ({t / 1000:.2f} s)", (t / 1000, y),
+                        xytext=(8, -16 - 12 * (i + j)), textcoords="offset points",
+                        fontsize=7, color=colour,
+                        arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6})
+    ax.axvline(0, color="black", ls="--", lw=1.2, label=f"fault start ({fault})")
+    if window is not None:
+        ax.set_xlim(*window)
+        if seen:
+            lo, hi = min(seen), max(seen)
+            pad = (hi - lo) * 0.08 or 1.0
+            ax.set_ylim(lo - pad, hi + pad)
+
+
+FROZEN = "#dddddd"
+
+
+def _fork_strip(ax, policies: dict[str, RepairPolicy], window: tuple[float, float] | None,
+                labels: bool = True) -> None:
+    """Per policy, a bar coloured by whether a fork inside the node worked."""
+    names = [n for n, p in policies.items() if p.fork_series]
+    for y, name in enumerate(names):
+        pts = policies[name].fork_series
+        steps = [b[0] - a[0] for a, b in zip(pts, pts[1:])]
+        typical = statistics.median(steps) if steps else 20.0
+        spans: dict[str, list[tuple[float, float]]] = {GREEN: [], RED: [], FROZEN: []}
+        for k, (t, ok) in enumerate(pts):
+            nxt = pts[k + 1][0] if k + 1 < len(pts) else t + typical
+            colour = GREEN if ok else RED
+            if nxt - t > max(5 * typical, 60.0):  # no attempt: the node was frozen
+                spans[colour].append((t / 1000, typical / 1000))
+                spans[FROZEN].append(((t + typical) / 1000, (nxt - t - typical) / 1000))
+            else:
+                spans[colour].append((t / 1000, (nxt - t) / 1000))
+        for colour, segs in spans.items():
+            if segs:
+                ax.broken_barh(segs, (y - 0.3, 0.6), color=colour, linewidth=0)
+    ax.set_yticks(range(len(names)), [_policy(n, i)[0] for i, n in enumerate(names)]
+                  if labels else [])
+    ax.set_ylim(len(names) - 0.4, -0.6)
+    ax.axvline(0, color="black", ls="--", lw=1.2)
+    ax.set_title("can a process in the node fork?")
+    ax.grid(axis="y", visible=False)
+    if window is not None:
+        ax.set_xlim(*window)
+
+
+@_styled
+def repair_bars(title: str, policies: dict[str, RepairPolicy], metric: str,
+                ylabel: str) -> bytes:
+    """The fallback when a benchmark file has no time series: one bar per policy."""
+    fig = _figure(6.5, 3.2)
+    ax = fig.subplots()
+    names = list(policies)
+    values = [getattr(policies[n], metric) for n in names]
+    bars = ax.bar([_policy(n, i)[0] for i, n in enumerate(names)],
+                  [v or 0 for v in values], color=[_policy(n, i)[1] for i, n in enumerate(names)])
+    notes = [f"{v:.0f} ms" + (f"\nfirst killed: {policies[n].victim}" if policies[n].victim else "")
+             if v is not None else "" for n, v in zip(names, values)]
+    for bar, text in zip(bars, notes):
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    _log_if_wide(ax, values)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.margins(y=0.25)
+    return _png(fig)
+
+
+# ---- 3. recovery is fast ----------------------------------------------------------------------
+
+
+@_styled
+def stall_cdf(cases: list[tuple[str, list[float], float | None]]) -> bytes:
+    """The distribution (CDF) of per-session client stall, one line per scenario, its
+    detection time marked; cases are (label, stalls_ms, detect_ms)."""
+    fig = _figure(8, 3.6)
+    ax = fig.subplots()
+    for i, (label, stalls, detect) in enumerate(cases):
+        xs = sorted(stalls)
+        ys = [(k + 1) / len(xs) for k in range(len(xs))]
+        colour = f"C{i % 10}"
+        ax.step([0.0] + xs, [0.0] + ys, where="post", color=colour, lw=1.8,
+                label=f"{label}: {len(xs)} sessions, median {statistics.median(xs):.0f} ms")
+        if detect is not None:
+            ax.axvline(detect, color=colour, ls="--", lw=1.1,
+                       label=f"{label}: detected at {detect:.0f} ms")
+    ax.set_xlabel("client stall per session (ms)")
+    ax.set_ylabel("fraction of sessions")
+    ax.set_ylim(0, 1.03)
+    ax.set_xlim(left=0)
+    ax.set_title("Client stall during session recovery (CDF)")
+    ax.legend(loc="upper left")
+    return _png(fig)
+
+
+@_styled
+def recovery_bench(rows: list[RecoveryRow]) -> bytes:
+    """Per session count: backdoors' detection, recovery and stall vs HAProxy's resume
+    time (left), broken sessions of each (right)."""
+    fig = _figure(10, 3.8)
+    left, right = fig.subplots(1, 2, width_ratios=[3, 2])
+    labels = [f"{r.sessions:.0f}" for r in rows]
+    series = [("backdoors detection", "backdoors_detect_ms", "#aec7e8"),
+              ("backdoors recovery", "backdoors_recovery_ms", "#6baed6"),
+              ("backdoors stall p50", "backdoors_stall_p50_ms", BLUE),
+              ("backdoors stall p99", "backdoors_stall_p99_ms", "#08519c"),
+              ("HAProxy: new connections served", "haproxy_resume_ms", RED)]
+    series = [s for s in series if any(getattr(r, s[1]) is not None for r in rows)]
+    width = 0.8 / max(1, len(series))
+    every = []
+    for k, (label, key, colour) in enumerate(series):
+        vals = [getattr(r, key) for r in rows]
+        every += vals
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(rows))]
+        left.bar(xs, [v or 0 for v in vals], width, color=colour, label=label)
+    _log_if_wide(left, every)
+    left.set_xticks(range(len(rows)), labels)
+    left.set_xlabel("concurrent sessions")
+    left.set_ylabel("time (ms)")
+    left.set_title("Time to heal (node frozen)")
+    left.legend(loc="upper left", fontsize=7)
+    left.margins(y=0.15)
+    for k, (label, key, colour) in enumerate([("backdoors", "backdoors_broken", BLUE),
+                                              ("HAProxy", "haproxy_broken", RED)]):
+        vals = [getattr(r, key) for r in rows]
+        xs = [i + (k - 0.5) * 0.38 for i in range(len(rows))]
+        bars = right.bar(xs, [v or 0 for v in vals], 0.38, color=colour, label=label)
+        _label_bars(right, bars, vals, lambda v: f"{v:.0f}")
+    right.set_xticks(range(len(rows)), labels)
+    right.set_xlabel("concurrent sessions")
+    right.set_ylabel("broken sessions")
+    right.set_title("Sessions broken by the fault")
+    right.legend(loc="upper left")
+    right.margins(y=0.2)
+    return _png(fig)
+
+
+# ---- 4. low overhead under load -----------------------------------------------------------------
+
+
+@_styled
+def overhead(o: Overhead) -> bytes:
+    """Requests/s and latency of the HTTP example with and without Continuation Boxes."""
+    fig = _figure(8.5, 3.3)
+    thr, lat = fig.subplots(1, 2)
+    names = ["without CBs (plain)", "with Continuation Boxes"]
+    bars = thr.bar(names, [o.plain_rps or 0, o.cb_rps or 0], color=[GREY, BLUE], width=0.55)
+    _label_bars(thr, bars, [o.plain_rps, o.cb_rps], lambda v: f"{v:.0f}")
+    thr.set_ylabel("throughput (requests/s)")
+    pct = f" (overhead of CBs: {o.overhead_pct:.1f}%)" if o.overhead_pct is not None else ""
+    thr.set_title(f"Throughput{pct}")
+    thr.margins(y=0.15)
+    for k, (label, colour, vals) in enumerate([
+            ("without CBs", GREY, [o.plain_p50_ms, o.plain_p99_ms]),
+            ("with CBs", BLUE, [o.cb_p50_ms, o.cb_p99_ms])]):
+        xs = [i + (k - 0.5) * 0.38 for i in range(2)]
+        bars = lat.bar(xs, [v or 0 for v in vals], 0.38, color=colour, label=label)
+        _label_bars(lat, bars, vals, lambda v: f"{v:.2f}")
+    lat.set_xticks(range(2), ["p50", "p99"])
+    lat.set_ylabel("request latency (ms)")
+    lat.set_title("Latency per request (keep-alive)")
+    lat.legend(loc="upper left")
+    lat.margins(y=0.15)
+    return _png(fig)
+
+
+SENSOR_COSTS = [
+    ("progress_tick_ns", "Sensor Box: progress tick", BLUE),
+    ("level_set_ns", "Sensor Box: level set", BLUE),
+    ("pressure_event_ns", "Sensor Box: pressure event", BLUE),
+    ("prometheus_counter_inc_ns", "prometheus_client Counter.inc", ORANGE),
+    ("prometheus_gauge_set_ns", "prometheus_client Gauge.set", ORANGE),
+    ("notify_datagram_ns", "notify datagram (sd_notify style)", RED),
+]
+
+
+@_styled
+def sensor_cost(s: BenchSensors) -> bytes:
+    """ns per update: Sensor Box operations vs in-process metrics and a notify syscall."""
+    rows = [(label, getattr(s, key), colour) for key, label, colour in SENSOR_COSTS
+            if getattr(s, key) is not None]
+    fig = _figure(8, 0.42 * len(rows) + 1.2)
+    ax = fig.subplots()
+    bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color=[r[2] for r in rows])
+    for bar, (_, v, _) in zip(bars, rows):
+        ax.annotate(f"{v:.0f} ns", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                    xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("cost per update (ns, log scale)")
+    ax.set_title("Cost of one sensor update")
+    ax.margins(x=0.15)
+    ax.grid(axis="y", visible=False)
+    return _png(fig)
