@@ -10,7 +10,7 @@ from backdoors.scenarios.recovery import recovery
 pytestmark = pytest.mark.root
 
 
-@pytest.mark.parametrize("fault", ["freeze", "crash", "network"])
+@pytest.mark.parametrize("fault", ["freeze", "crash", "network", "memory-hog"])
 def test_every_session_continues_byte_exact(root, fault):
     name = unique_name("r")
     r = recovery(fault, sessions=6, name=name, watch_s=1.0)

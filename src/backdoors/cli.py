@@ -234,7 +234,7 @@ def scenario_hang(
 
 @scenario_app.command("recovery")
 def scenario_recovery(
-    fault: str = typer.Option("freeze", help="freeze (SIGSTOP the node), crash (SIGKILL the server) or network (link down)."),
+    fault: str = typer.Option("freeze", help="freeze (SIGSTOP the node), crash (SIGKILL the server), network (link down) or memory-hog (the server itself leaks: unrepairable)."),
     sessions: int = typer.Option(10, help="Concurrent client sessions, each verified byte for byte."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

@@ -108,7 +108,7 @@ def load_config(path: str) -> AgentConfig:
     except OSError as e:
         raise ConfigError(f"cannot read agent config {path}: {e.strerror}") from None
     text = raw.decode("utf-8", errors="replace")
-    if re.search(r"(?m)^\s*\[+\s*agent\s*[.\]]", text):  # an [agent] table: the unified file
+    if re.search(r"(?m)^\s*\[+\s*(agent|monitor)\s*[.\]]", text):  # the unified file
         from ..config import load_agent_config
         return load_agent_config(path)
     try:

@@ -45,10 +45,10 @@ class AgentMetrics:
         self.rpc_seconds = Histogram(
             "backdoors_agent_rpc_seconds", "RPC latency from decoded request to reply, by op",
             ["op"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.rpc = Counter("backdoors_agent_rpc_requests",
-                           "RPC requests that reached dispatch, by op and outcome (ok or the "
-                           "error code)", ["op", "outcome"], registry=r)
-        self.rejected = Counter("backdoors_agent_rpc_rejected",
+        self.rpc = Counter("backdoors_agent_rpc",
+                           "RPC requests that reached dispatch, by op and result (ok or the "
+                           "error code)", ["op", "result"], registry=r)
+        self.rejected = Counter("backdoors_agent_rejected",
                                 "Requests rejected before dispatch (bad frame, auth, replay, "
                                 "malformed body, busy), by code", ["code"], registry=r)
         self.votes = Counter("backdoors_agent_votes",
@@ -63,7 +63,7 @@ class AgentMetrics:
         self.stuck_ops = Gauge("backdoors_agent_stuck_ops",
                                "Operations abandoned at their deadline and still running, "
                                "by worker lane", ["lane"], registry=r)
-        self.sample_seconds = Gauge("backdoors_agent_sample_duration_seconds",
+        self.sample_seconds = Gauge("backdoors_agent_sample_seconds",
                                     "Duration of the node's last kernel-sensor sample",
                                     ["node"], registry=r)
 

@@ -8,7 +8,8 @@ session is its offset; it is exported every --export-every bytes. A heartbeat th
 a progress sensor every 10 ms while the process runs; its Sensor Box, the sessions' boxes
 and sockets are registered with the node's agent, and recovered sessions arrive on the
 node's adoption socket (BACKDOORS_AGENT_SOCKET, BACKDOORS_ADOPT_DIR). Prints one JSON
-line when ready: {"pid", "port", "box_fd"}.
+line when ready: {"pid", "port", "box_fd"}. SIGUSR1 makes it leak memory (a service that
+is itself the memory hog: not repairable by killing it).
 """
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ def serve(conn, rate: int, chunk: int, export_every: int) -> None:
         pass  # the client went away
 
 
-def heartbeat(progress, stop: threading.Event) -> None:
+def heartbeat(progress, stop: threading.Event, leak: threading.Event, leak_mb_s: float) -> None:
+    """Tick progress every 10 ms; once `leak` is set (SIGUSR1), also leak memory."""
+    leaked = []
     while not stop.wait(0.01):
         progress.tick()
+        if leak.is_set():
+            leaked.append(bytearray(b"\3") * int(leak_mb_s * 2**20 / 100))
 
 
 def main(argv=None) -> int:
@@ -69,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--export-every", type=int, default=8 * 1024, help="a multiple of --chunk")
     ap.add_argument("--deadline", type=float, default=0.2, help="progress deadline (s)")
+    ap.add_argument("--leak-mb-s", type=float, default=50.0,
+                    help="after SIGUSR1, leak this many MB/s (the service itself as memory hog)")
     a = ap.parse_args(argv)
     if a.export_every % a.chunk:
         ap.error("--export-every must be a multiple of --chunk")
@@ -81,8 +88,9 @@ def main(argv=None) -> int:
     if os.environ.get("BACKDOORS_AGENT_SOCKET"):
         from ..agent.register import register_box
         register_box(box)
-    stop = threading.Event()
-    threading.Thread(target=heartbeat, args=(progress, stop), daemon=True).start()
+    stop, leak = threading.Event(), threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: leak.set())  # the lab's "the service leaks" fault
+    threading.Thread(target=heartbeat, args=(progress, stop, leak, a.leak_mb_s), daemon=True).start()
 
     with Listener.tcp("0.0.0.0", a.port, backlog=1024) as listener:
         signal.signal(signal.SIGTERM, lambda *_: listener.close())

@@ -133,6 +133,9 @@ def record(cfg: R.Record, ctx, finding: Finding) -> Outcome:
 
 def recover(cfg: R.Recover, ctx, finding: Finding) -> Outcome:
     """Fence the node, then evacuate its sessions to the target node's agent."""
+    if cfg.when == "unrepaired" and any(a.status == "done" and a.kind != "record"
+                                        for a in ctx.incident.actions):
+        return "skipped", {"reason": "an earlier action repaired the node"}
     target = cfg.target or next((n for n, (host, _) in sorted(ctx.placement.items())
                                  if host != ctx.host), None)
     if target is None or target not in ctx.placement:

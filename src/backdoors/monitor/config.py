@@ -56,6 +56,7 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_parallel_repairs: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     settle_ms: Annotated[float, msgspec.Meta(ge=0)] = 250.0
     vote_window_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # the agents' vote window
+    metrics_listen: str | None = None  # "ADDR:PORT" of GET /metrics; None: not served
 
 
 def _validate(c: MonitorConfig) -> None:
@@ -78,6 +79,13 @@ def _validate(c: MonitorConfig) -> None:
                           "(like 10.99.0.1:7700)") from None
         if a.nodes is not None and len(set(a.nodes)) != len(a.nodes):
             raise Invalid(("agents", i, "nodes"), "a node is listed twice")
+    if c.metrics_listen is not None:
+        from ..agent.config import parse_address
+        try:
+            parse_address(c.metrics_listen)
+        except ValueError:
+            raise Invalid(("metrics_listen",), f"{c.metrics_listen!r} is not ADDR:PORT "
+                          "(like 10.99.0.250:9465)") from None
     if not c.rulesets:
         raise Invalid(("rulesets",), "name at least one ruleset (\"default\")")
     if c.period_ms < 1:
@@ -103,19 +111,41 @@ def parse_config(text: str, source: str = "<monitor config>", base: str | None =
         _validate(c)
     except Invalid as e:
         raise ConfigError(f"{tomlfile.where(source, text, e.path)}: {e.message}") from None
-    if base is not None:
-        def absolute(p: str | None) -> str | None:
-            return p if p is None or os.path.isabs(p) else os.path.join(base, p)
-        rulesets = [r if not (os.sep in r or r.endswith(".toml")) else absolute(r)
-                    for r in c.rulesets]
-        c = msgspec.structs.replace(c, key_file=absolute(c.key_file),
-                                    incidents_dir=absolute(c.incidents_dir), rulesets=rulesets)
-    return c
+    return _resolve(c, base)
+
+
+def decode_table(table: dict, base: str | None = None) -> MonitorConfig:
+    """A MonitorConfig from an already parsed TOML table (the unified file's [monitor]);
+    relative paths are resolved from `base`. Invalid names the key path at fault."""
+    try:
+        c = msgspec.convert(table, MonitorConfig, strict=True)
+    except msgspec.ValidationError as e:
+        from .tomlpos import parse_error_path
+        raise Invalid(*parse_error_path(str(e))) from None
+    _validate(c)
+    return _resolve(c, base)
+
+
+def _resolve(c: MonitorConfig, base: str | None) -> MonitorConfig:
+    """Relative paths taken from `base` (the config file's folder)."""
+    if base is None:
+        return c
+
+    def absolute(p: str | None) -> str | None:
+        return p if p is None or os.path.isabs(p) else os.path.join(base, p)
+    rulesets = [r if not (os.sep in r or r.endswith(".toml")) else absolute(r)
+                for r in c.rulesets]
+    return msgspec.structs.replace(c, key_file=absolute(c.key_file),
+                                   incidents_dir=absolute(c.incidents_dir), rulesets=rulesets)
 
 
 def load_config(path: str) -> MonitorConfig:
-    """Read and check the monitor config at `path`."""
+    """Read and check the monitor config at `path`: a plain monitor file, or the unified
+    file's [monitor] section (backdoors.config)."""
     text = tomlfile.read(path, "monitor config")
+    if re.search(r"(?m)^\s*\[+\s*(agent|monitor)\s*[.\]]", text):  # the unified file
+        from ..config import load_monitor_config
+        return load_monitor_config(path)
     return parse_config(text, path, os.path.dirname(os.path.abspath(path)))
 
 

@@ -30,6 +30,7 @@ from .config import AgentEntry, MonitorConfig, load_config, load_monitor_key, va
 from .detectors import NodeView
 from .engine import Detection, Engine
 from .incidents import Incident, IncidentLog
+from .metrics import MonitorMetrics
 from .repair import Context, respond
 
 log = logging.getLogger("backdoors.monitor")
@@ -85,6 +86,7 @@ class AgentPoller:
     def poll_once(self, client) -> list[NodeView]:
         m = self.monitor
         now = m.clock()
+        started = time.perf_counter()
         views: list[NodeView] = []
         try:
             infos = {}
@@ -122,6 +124,7 @@ class AgentPoller:
             self.polls += 1
             if self._pseudo in m.engine.nodes:  # it was silent before any node was known
                 m.engine.forget(self._pseudo, "agent reachable again")
+        m.metrics.poll_seconds.labels(self.entry.host).observe(time.perf_counter() - started)
         for view in views:
             m.observe(view)
         m.polled()
@@ -204,6 +207,9 @@ class Monitor:
         self._listeners: list[Callable[[str, Incident], None]] = []
         self._incidents: deque[Incident] = deque(maxlen=1000)
         self._started = False
+        self.metrics = MonitorMetrics()  # served at config.metrics_listen while running
+        self.metrics.watch(self)
+        self.metrics_server = None
 
     def _default_client(self, entry: AgentEntry, timeout: float):
         from ..agent.client import AgentClient
@@ -214,6 +220,11 @@ class Monitor:
 
     def start(self) -> Monitor:
         if not self._started:
+            if self.config.metrics_listen:
+                from ..agent.metrics import MetricsServer
+                self.metrics_server = MetricsServer(
+                    self.metrics.registry, self.config.metrics_listen,
+                    what=f"monitor {self.config.monitor_id} metrics").start()
             self._started = True
             for p in self.pollers:
                 p.start()
@@ -229,6 +240,9 @@ class Monitor:
         for c in self._worker_clients:
             c.close()
         self.log.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
 
     def __enter__(self) -> Monitor:
         return self.start()
@@ -239,6 +253,7 @@ class Monitor:
     # -- observing -----------------------------------------------------------------------
 
     def observe(self, view: NodeView) -> None:
+        self.metrics.saw(view)
         for det in self.engine.observe(view):
             with self._cond:
                 self._incidents.append(det.incident)

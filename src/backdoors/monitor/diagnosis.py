@@ -95,6 +95,11 @@ def memory_hog(cfg: R.MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
     }
     top = eligible[0] if eligible else None
     if top is None or top.rss_rate < cfg.min_rate_mb_s * MiB:
+        grower = by_rate[0] if by_rate else None
+        if grower is not None and grower.registered and grower.rss_rate >= cfg.min_rate_mb_s * MiB:
+            return Finding("memory_hog", f"the service itself, {grower.comm} (pid {grower.pid}), "
+                           f"grows {grower.rss_rate / MiB:.1f} MB/s: it holds the sessions, so it "
+                           "is not killed; nothing else to repair", [], evidence)
         return Finding("memory_hog", "no process grows faster than "
                        f"{cfg.min_rate_mb_s:g} MB/s: no culprit", [], evidence)
     note = "" if largest is None or largest.pid == top.pid else (

@@ -182,9 +182,12 @@ class Recover(_Unit, tag="recover"):
     fence the failed node (freeze it, cut its network), then have its agent evacuate the
     sessions to `target` (default: the first node, by name, of another reachable agent).
     The failed node stays fenced for inspection unless `after` is "release" (unfence and
-    kill what ran there: a refresh is then up to the operator)."""
+    kill what ran there: a refresh is then up to the operator). With `when` =
+    "unrepaired" it runs only if no earlier action of the incident repaired the node (a
+    memory hog that is the service itself cannot be killed: its sessions move instead)."""
 
     target: str | None = None
+    when: Literal["always", "unrepaired"] = "always"
     after: Literal["fenced", "release"] = "fenced"
     timeout_s: float = 30.0
 

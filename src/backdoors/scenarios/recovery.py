@@ -14,6 +14,7 @@ unbroken, byte-exact stream each.
 
 from __future__ import annotations
 
+import signal
 import statistics
 import time
 
@@ -25,8 +26,7 @@ from ..lab.clients import StreamClients
 from ..monitor import AgentEntry, Monitor, MonitorConfig
 from .labkit import unique_name
 
-FAULTS = ("freeze", "crash", "network")
-FAULT_OF = {"freeze": "freeze", "crash": "crash", "network": "network"}
+FAULTS = ("freeze", "crash", "network", "memory-hog")
 
 
 def _wait(pred, timeout: float, what: str, step: float = 0.02):
@@ -58,7 +58,9 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
     name = name or unique_name("r")
     out: dict = {"fault": fault, "sessions": sessions, "poll_ms": period_ms,
                  "deadline_ms": deadline_ms, "rate_bytes_per_s": rate}
-    with Lab(name, hosts=2, nodes=2, agents=True, services=False,
+    # the memory-hog case: the service itself leaks, in a node small enough to fill fast
+    memory = 256 * 2**20 if fault == "memory-hog" else 1 << 30
+    with Lab(name, hosts=2, nodes=2, agents=True, services=False, memory_limit=memory,
              pids_limit=max(512, 2 * sessions + 256)) as lab:
         for node in ("n0", "n1"):
             lab.start_service(node, "--rate", str(rate), "--chunk", str(chunk),
@@ -76,7 +78,10 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
                     time.sleep(warmup_s)
                     at_fault = clients.offsets()
                     t_fault, wall_fault = time.monotonic(), time.time()
-                    inject(lab, FAULT_OF[fault], "n0")
+                    if fault == "memory-hog":
+                        lab.node("n0").kill(lab.service("n0").pid, signal.SIGUSR1)
+                    else:
+                        inject(lab, fault, "n0")
                     inc = mon.wait_for(lambda i: i.node == "n0" and any(
                         a.kind == "recover" for a in i.actions), timeout_s)
                     time.sleep(watch_s)

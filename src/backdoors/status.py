@@ -1,0 +1,328 @@
+"""`backdoors status`: every host and node in one table, asked of the agents themselves.
+
+    rows = status_table(lab="demo")                         # a running lab's agents
+    rows = status_table(monitor_config="/etc/backdoors/backdoors.toml")
+    render_status(rows)
+
+Each row is one node (JSON-friendly dict): its host, its state, its worst sensor and its
+open incidents. The state, worst first:
+
+- `unreachable`: its agent did not answer (the error says why);
+- `fenced`: frozen and cut off the network after a recovery, until an operator acts;
+- `locked`: frozen by a monitor for a repair (a lease);
+- `suspect`: a sensor beyond its bound, the cgroup frozen with no lock holder, a box the
+  agent cannot read, or an open incident;
+- `recovered`: healthy, and holding client sessions moved here from a failed node;
+- `ok`.
+
+The worst sensor is a violated one if any, else the one closest to its bound. Stalls and
+rates need two readings: the boxes are read twice, `sample_s` apart, so a progress
+counter that did not move in between has stalled for at least that long. Open incidents
+are those of the monitor's incident log with no "closed" event.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .agent.errors import RemoteError
+from .errors import BackdoorsError, ConfigError, SensorBoxError
+
+STATES = ("unreachable", "fenced", "locked", "suspect", "recovered", "ok")
+
+
+@dataclass
+class AgentSource:
+    """One agent to ask: how to reach it, and the nodes we expect it to serve."""
+
+    host: str
+    address: str
+    connect: Callable[[], Any]  # -> an AgentClient
+    nodes: list[str] | None = None
+
+
+def status_table(*, lab: str | None = None, monitor_config: str | None = None,
+                 incidents: str | None = None, sample_s: float = 0.3,
+                 timeout: float = 2.0) -> list[dict]:
+    """One row per node of every agent of `lab` or of the monitor config's agents.
+
+    With neither, the unified config at backdoors.config.DEFAULT_PATH is used if it exists,
+    else the one running lab. `incidents` is an incident log (file or folder); by default
+    the monitor config's incidents_dir, or the lab's <run_dir>/incidents, when they exist.
+    """
+    sources, default_incidents = _sources(lab, monitor_config, timeout)
+    log = incidents if incidents is not None else default_incidents
+    open_incidents = _open_incidents(log) if log is not None else {}
+    with ThreadPoolExecutor(min(16, len(sources)) or 1, thread_name_prefix="bd-status") as pool:
+        per_agent = list(pool.map(lambda s: _agent_rows(s, sample_s), sources))
+    rows = [row for rows in per_agent for row in rows]
+    seen = {(r["host"], r["node"]) for r in rows}
+    for (host, node), incs in sorted(open_incidents.items()):
+        if (host, node) not in seen:  # e.g. "@h0": an agent silent before its nodes were known
+            rows.append(_row(host, "", node, reachable=None, state="suspect",
+                             error="not served by the agent now; open incidents only"))
+    for r in rows:
+        r["incidents"] = [{"id": i.id, "rule": i.rule, "detected": i.detected,
+                           "state": i.state}
+                          for i in open_incidents.get((r["host"], r["node"]), [])]
+        if r["incidents"] and r["state"] in ("ok", "recovered"):
+            r["state"] = "suspect"
+    return rows
+
+
+# -- sources ----------------------------------------------------------------------------
+
+
+def _sources(lab: str | None, monitor_config: str | None,
+             timeout: float) -> tuple[list[AgentSource], str | None]:
+    if lab is not None and monitor_config is not None:
+        raise ConfigError("status: give a lab or a monitor config, not both")
+    if lab is None and monitor_config is None:
+        from .config import DEFAULT_PATH
+        from .lab import running_labs
+        if os.path.exists(DEFAULT_PATH):
+            monitor_config = DEFAULT_PATH
+        else:
+            labs = running_labs()
+            if len(labs) != 1:
+                raise ConfigError(
+                    f"status: no config at {DEFAULT_PATH} and "
+                    + (f"{len(labs)} labs are running ({', '.join(labs)})" if labs else
+                       "no lab is running") + ": name a lab or a monitor config file")
+            lab = labs[0]
+    if lab is not None:
+        return _lab_sources(lab, timeout)
+    return _config_sources(monitor_config, timeout)
+
+
+def _lab_sources(name: str, timeout: float) -> tuple[list[AgentSource], str | None]:
+    from .errors import require_root
+    from .lab import Lab
+
+    require_root(f"reading the status of lab {name} (its agents sit in network namespaces)")
+    lab = Lab.attach(name)
+    if not lab.state.agents:
+        raise ConfigError(f"lab {name} runs no agents (it was built with --no-agents)")
+    sources = [AgentSource(h.name, lab.agent_address(h.name),
+                           lambda h=h: lab.agent_client(h.name, timeout=timeout),
+                           [n.name for n in lab.plan.nodes if n.host == h.name])
+               for h in lab.plan.hosts]
+    log = lab.plan.run_dir / "incidents"
+    return sources, str(log) if log.exists() else None
+
+
+def _config_sources(path: str, timeout: float) -> tuple[list[AgentSource], str | None]:
+    from .agent.client import AgentClient
+    from .monitor.config import load_config, load_monitor_key
+    from .monitor.core import DEFAULT_INCIDENTS_DIR
+
+    config = load_config(path)
+    key = load_monitor_key(config)
+    sources = [AgentSource(e.host, e.address,
+                           lambda e=e: AgentClient(e.address, config.monitor_id, key,
+                                                   netns=e.netns, timeout=timeout),
+                           list(e.nodes) if e.nodes is not None else None)
+               for e in config.agents]
+    log = config.incidents_dir or DEFAULT_INCIDENTS_DIR
+    return sources, log if Path(log).exists() else None
+
+
+def _open_incidents(path: str) -> dict[tuple[str, str], list]:
+    from .monitor.incidents import load_incidents
+
+    out: dict[tuple[str, str], list] = {}
+    for inc in load_incidents(path):
+        if inc.closed is None:
+            out.setdefault((inc.host, inc.node), []).append(inc)
+    return out
+
+
+# -- asking one agent -------------------------------------------------------------------
+
+
+def _row(host: str, address: str, node: str, **fields) -> dict:
+    row = {"host": host, "address": address, "node": node, "state": "ok", "reachable": True,
+           "error": None, "frozen": None, "locked_by": [], "fenced": False, "sessions": None,
+           "adopted_sessions": None, "violations": 0, "worst": None, "box_errors": {}}
+    row.update(fields)
+    return row
+
+
+def _agent_rows(src: AgentSource, sample_s: float) -> list[dict]:
+    try:
+        with src.connect() as client:
+            infos = {i.name: i for i in client.nodes()}
+            first = {n: _node_read(client, n, with_sessions=False) for n in infos}
+            t0 = time.monotonic()
+            time.sleep(sample_s)
+            rows = []
+            for name, info in sorted(infos.items()):
+                second = _node_read(client, name, with_sessions=True)
+                if isinstance(first[name], RemoteError) or isinstance(second, RemoteError):
+                    error = first[name] if isinstance(first[name], RemoteError) else second
+                    rows.append(_row(src.host, src.address, name, state="suspect",
+                                     frozen=info.frozen, locked_by=list(info.locked_by),
+                                     fenced=info.fenced, error=f"{error.code}: {error}"))
+                    continue
+                dt = time.monotonic() - t0
+                rows.append(_node_row(src, info, first[name][0], second[0], dt, second[1]))
+            return rows
+    except (BackdoorsError, OSError) as e:  # transport, auth, a missing netns
+        return [_row(src.host, src.address, n, reachable=False, state="unreachable",
+                     error=str(e)) for n in (src.nodes or ["?"])]
+
+
+def _node_read(client, node: str, with_sessions: bool):
+    """(box images and errors, sessions) of one node, or the agent's RemoteError about it
+    (transport errors propagate: the agent itself is unreachable)."""
+    try:
+        images = _images(client.sensors(node))
+        sessions = []
+        if with_sessions:
+            try:
+                sessions = client.call("sessions", node=node)
+            except RemoteError as e:
+                if e.code != "unknown_op":  # an agent without session recovery holds none
+                    raise
+        return images, sessions
+    except RemoteError as e:
+        if e.code == "auth":
+            raise
+        return e
+
+
+def _images(reply) -> tuple[dict, dict[str, str]]:
+    from .sensors import parse
+
+    images, errors = {}, dict(reply.errors)
+    for box, data in reply.boxes.items():
+        try:
+            images[box] = parse(data)
+        except SensorBoxError as e:
+            errors[box] = str(e)
+    return images, errors
+
+
+def _node_row(src: AgentSource, info, first, second, dt: float, sessions: list) -> dict:
+    (before, _), (after, errors) = first, second
+    judged = [judge(box, s, before.get(box), dt)
+              for box, image in sorted(after.items()) for s in image.sensors]
+    violated = [j for j in judged if j["violated"]]
+    adopted = sum(bool(s.get("adopted")) for s in sessions)
+    row = _row(src.host, src.address, info.name, frozen=info.frozen,
+               locked_by=list(info.locked_by), fenced=info.fenced, sessions=len(sessions),
+               adopted_sessions=adopted, violations=len(violated), box_errors=errors,
+               worst=max(judged, key=lambda j: (j["violated"], j["ratio"]), default=None))
+    if info.fenced:
+        row["state"] = "fenced"
+    elif info.locked_by:
+        row["state"] = "locked"
+    elif violated or info.frozen or errors:
+        row["state"] = "suspect"
+    elif adopted:
+        row["state"] = "recovered"
+    return row
+
+
+def judge(box: str, s, before, dt: float) -> dict:
+    """How close sensor `s` (of BoxImage `before` taken `dt` s earlier) is to its bound.
+
+    `ratio` is measure / bound: at least 1 when violated. Progress: the stall seen between
+    the two readings; pressure: the events between them, as a rate per the sensor's window.
+    """
+    from .sensors.layout import SensorType
+
+    prev = next((p for p in before.sensors if p.name == s.name), None) if before else None
+    out = {"box": box, "sensor": s.name, "type": s.type.name.lower(), "value": float(s.value)}
+    if s.type is SensorType.LEVEL:
+        v, lo, hi = s.value, s.min, s.max
+        ratios = []
+        if hi is not None:
+            ratios.append(v / hi if hi > 0 else (math.inf if v > hi else 0.0))
+        flag = hi is None and lo is not None and 0 < lo < 1 and v in (0.0, 1.0)  # link_up
+        if lo is not None and lo > 0 and not flag:  # a 0/1 flag is up or down: no closeness
+            ratios.append(lo / v if v > 0 else math.inf)
+        bad = not math.isfinite(v) or (hi is not None and v > hi) or (lo is not None and v < lo)
+        if lo is not None and (v < lo or hi is None):
+            out.update(bound=lo, bound_kind="min")
+        else:
+            out.update(bound=hi, bound_kind="max")
+        ratio = max(ratios, default=0.0) if math.isfinite(v) else math.inf
+        out.update(measure=v if math.isfinite(v) else None)
+    elif s.type is SensorType.PROGRESS:
+        stalled = dt if prev is not None and prev.value == s.value else 0.0
+        bad, ratio = stalled > s.threshold, stalled / s.threshold
+        out.update(bound=s.threshold, measure=stalled)
+    else:
+        rate = max(0.0, s.value - prev.value) * s.param / dt if prev is not None and dt > 0 else 0.0
+        bad, ratio = rate > s.threshold, rate / s.threshold
+        out.update(bound=s.threshold, measure=rate, window=s.param)
+    if not math.isfinite(out["value"]):
+        out["value"] = None  # JSON has no NaN
+    out["violated"] = bool(bad)
+    out["ratio"] = min(max(ratio, 1.0), 1e9) if bad else min(ratio, 0.999)  # finite: JSON
+    out["text"] = _describe(out)
+    return out
+
+
+def _describe(j: dict) -> str:
+    name, m, b = f"{j['box']}/{j['sensor']}", j["measure"], j["bound"]
+    if j["type"] == "progress":
+        if not m:
+            return f"{name} moving (deadline {b:g} s)"
+        return f"{name} stalled >= {m:.2f} s" + (" > " if j["violated"] else " (") + \
+            f"deadline {b:g} s" + ("" if j["violated"] else ")")
+    if j["type"] == "pressure":
+        rate = f"{m:.3g}/{j['window']:g} s"
+        return f"{name} {rate} > max {b:g}" if j["violated"] else f"{name} {rate} (max {b:g})"
+    value = "not a number" if m is None else f"{m:.4g}"
+    if b is None:
+        return f"{name} {value}"
+    kind = j["bound_kind"]
+    if j["violated"]:
+        return f"{name} {value} {'<' if kind == 'min' else '>'} {kind} {b:g}"
+    return f"{name} {value} ({kind} {b:g})"
+
+
+# -- rendering --------------------------------------------------------------------------
+
+_STYLE = {"ok": "green", "recovered": "cyan", "suspect": "yellow", "locked": "magenta",
+          "fenced": "bold red", "unreachable": "bold red"}
+
+
+def render_status(rows: list[dict], console=None, *, title: str = "backdoors status") -> None:
+    """Print the rows as one rich table: host, node, state, worst sensor, sessions,
+    open incidents."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=title)
+    for col in ("host", "node", "state", "worst sensor", "sessions", "open incidents"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        state = f"[{_STYLE.get(r['state'], 'white')}]{r['state']}[/]"
+        if r["state"] == "locked" and r["locked_by"]:
+            state += f" ({', '.join(r['locked_by'])})"
+        if r["reachable"] is False or r["worst"] is None:
+            worst = r["error"] or "-"
+        else:
+            worst = r["worst"]["text"]
+            if r["violations"] > 1:
+                worst += f" (+{r['violations'] - 1} more)"
+        if r["box_errors"]:
+            worst += "; unreadable: " + ", ".join(sorted(r["box_errors"]))
+        sessions = "-" if r["sessions"] is None else str(r["sessions"])
+        if r["adopted_sessions"]:
+            sessions += f" ({r['adopted_sessions']} recovered)"
+        incs = ", ".join(f"{i['rule']} {i['id']}" for i in r["incidents"]) or "-"
+        t.add_row(r["host"], r["node"], state, worst, sessions, incs)
+    console.print(t)
+    if not rows:
+        console.print("no agents")
