@@ -32,6 +32,11 @@ bench_app = typer.Typer(help="Benchmarks (JSON out); peers measured side by side
 app.add_typer(lab_app, name="lab")
 lab_app.add_typer(fault_app, name="fault")
 app.add_typer(bench_app, name="bench")
+node_app = typer.Typer(help="Act on one node through its agent (root for a lab): unfence or kill it.",
+                       no_args_is_help=True)
+app.add_typer(node_app, name="node")
+config_app = typer.Typer(help="The configuration file.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 scenario_app = typer.Typer(help="End-to-end cases: each builds its own lab, runs, tears down, prints JSON (root).",
                            no_args_is_help=True)
 app.add_typer(scenario_app, name="scenario")
@@ -189,6 +194,72 @@ def incidents(
     from .monitor import DEFAULT_INCIDENTS_DIR, show_incidents
 
     show_incidents(path or DEFAULT_INCIDENTS_DIR, as_json, limit=limit)
+
+
+@app.command()
+def status(
+    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
+    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
+    incidents: Optional[str] = typer.Option(None, "--incidents", help="Incident log file or folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Hosts, nodes, node state (ok/suspect/locked/fenced/recovered), worst sensor, open incidents."""
+    from .status import render_status, status_table
+
+    rows = status_table(lab=lab, monitor_config=config, incidents=incidents)
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        render_status(rows, out)
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[str] = typer.Option(None, "--config", help="A unified, agent or monitor config (default /etc/backdoors/backdoors.toml)."),
+) -> None:
+    """Print the effective configuration: every key, its value, defaults filled in."""
+    from .config import config_show as show
+
+    print(show(config), end="")
+
+
+def _node_client(node: str, lab: Optional[str], config: Optional[str]):
+    from .status import _sources
+
+    sources, _ = _sources(lab, config, 2.0)
+    for src in sources:
+        client = src.connect()
+        try:
+            if node in {i.name for i in client.nodes()}:
+                return client
+        except BackdoorsError:
+            pass
+        client.close()
+    raise BackdoorsError(f"no reachable agent serves node {node!r}")
+
+
+@node_app.command("unfence")
+def node_unfence(
+    node: str = typer.Argument(..., help="The fenced node."),
+    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
+    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
+) -> None:
+    """Return a node fenced by a recovery to service: thaw it, bring its interface up."""
+    with _node_client(node, lab, config) as c:
+        r = c.call("unfence", node=node)
+    err.print(f"node {node} unfenced (thawed in {r['thaw_ms']:.1f} ms, interface up)")
+
+
+@node_app.command("kill")
+def node_kill(
+    node: str = typer.Argument(..., help="The node whose processes to kill."),
+    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
+    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
+) -> None:
+    """Kill every process of a node (a refresh starts from there)."""
+    with _node_client(node, lab, config) as c:
+        r = c.kill_node(node)
+    err.print(f"node {node}: {len(r)} processes killed")
 
 
 # ---- scenarios ------------------------------------------------------------------------

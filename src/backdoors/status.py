@@ -300,6 +300,7 @@ def render_status(rows: list[dict], console=None, *, title: str = "backdoors sta
     """Print the rows as one rich table: host, node, state, worst sensor, sessions,
     open incidents."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -310,6 +311,8 @@ def render_status(rows: list[dict], console=None, *, title: str = "backdoors sta
         state = f"[{_STYLE.get(r['state'], 'white')}]{r['state']}[/]"
         if r["state"] == "locked" and r["locked_by"]:
             state += f" ({', '.join(r['locked_by'])})"
+        elif r["state"] == "suspect" and r["frozen"]:
+            state += " (frozen, no lock holder)"
         if r["reachable"] is False or r["worst"] is None:
             worst = r["error"] or "-"
         else:
@@ -322,7 +325,8 @@ def render_status(rows: list[dict], console=None, *, title: str = "backdoors sta
         if r["adopted_sessions"]:
             sessions += f" ({r['adopted_sessions']} recovered)"
         incs = ", ".join(f"{i['rule']} {i['id']}" for i in r["incidents"]) or "-"
-        t.add_row(r["host"], r["node"], state, worst, sessions, incs)
+        t.add_row(escape(r["host"]), escape(r["node"]), state, escape(worst), sessions,
+                  escape(incs))
     console.print(t)
     if not rows:
         console.print("no agents")

@@ -33,7 +33,7 @@ CODES = (
 )
 #: Operations held for votes when the agent's quorum is above 1.
 DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits",
-                         "fence", "evacuate"})
+                         "fence", "unfence", "evacuate"})
 
 _HEADER = 4
 

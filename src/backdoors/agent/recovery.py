@@ -135,6 +135,17 @@ def fence(call: Call) -> FenceReply:
                       removed, agent.sessions.count(rt.name))
 
 
+def unfence(call: Call) -> dict:
+    """Return a fenced node to service after inspection: thaw it and bring its interface
+    up. The service addresses it had stay where its sessions went."""
+    rt, agent = call.node, call.agent
+    reply = agent.leases.unlock(rt.name, call.monitors, True, agent.inner_timeout)
+    if rt.spec.netns:
+        net.set_up(rt.spec.netns, rt.spec.interface, True)
+    agent.adopted_addresses.pop(rt.name, None)
+    return {"was_locked": reply.was_locked, "thaw_ms": reply.thaw_ms}
+
+
 def evacuate(call: Call) -> EvacuateReply:
     """Dump every session of a fenced node and hand them to another agent's node."""
     rt, agent, a = call.node, call.agent, call.args
@@ -409,6 +420,7 @@ def _peer_client(agent: Agent, address: str):
 RECOVERY_OPS = (
     Op("sessions", NodeArgs, sessions),
     Op("fence", NodeArgs, fence, destructive=True),
+    Op("unfence", NodeArgs, unfence, destructive=True),
     Op("evacuate", EvacuateArgs, evacuate, destructive=True, deadline_s=LONG_OP_S),
     Op("stage", StageArgs, stage, "inline"),
     Op("adopt", AdoptArgs, adopt, deadline_s=LONG_OP_S),

@@ -95,6 +95,8 @@ class MonitorMetrics:
             self.detection_seconds.labels(inc.rule).observe(inc.onset_to_detect_ms / 1000)
         elif event == "action" and inc.actions and inc.actions[-1].kind == "recover":
             a = inc.actions[-1]
+            if a.status == "skipped":  # when = "unrepaired", and an earlier action repaired
+                return
             self.recoveries.labels(inc.rule, a.status).inc()
             moved = int(a.detail.get("moved", 0) or 0)
             self.sessions_moved.labels(inc.rule).inc(moved)

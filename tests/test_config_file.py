@@ -1,0 +1,202 @@
+"""The unified configuration file: [agent] and [monitor] in one TOML file, the loaders and
+entry points that accept it, its errors, and `config show`."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+import backdoors.config as C
+from backdoors.agent.config import AgentConfig, KernelSensorLimits, NodeSpec
+from backdoors.agent.config import load_config as load_agent
+from backdoors.agent.keys import generate_keys
+from backdoors.errors import ConfigError
+from backdoors.monitor.config import AgentEntry, MonitorConfig
+from backdoors.monitor.config import load_config as load_monitor
+
+CONTRIB = Path(__file__).resolve().parents[1] / "contrib" / "backdoors.toml"
+
+UNIFIED = """\
+[agent]
+host = "h0"
+listen = "10.99.0.1:7700"
+run_dir = "/run/backdoors"
+audit_log = "/var/log/backdoors/audit.jsonl"
+monitors = "keys.toml"
+metrics_listen = "10.99.0.1:9464"
+
+[[agent.nodes]]
+name = "n0"
+cgroup = "svc/n0"
+
+[[agent.nodes]]
+name = "n1"
+cgroup = "svc/n1"
+
+[agent.kernel_sensors]
+forks_per_s = 100.0
+
+[monitor]
+monitor_id = "m1"
+key_file = "keys.toml"
+incidents_dir = "incidents"
+metrics_listen = "10.99.0.1:9465"
+
+[[monitor.agents]]
+host = "h0"
+address = "10.99.0.1:7700"
+"""
+
+
+@pytest.fixture
+def folder(tmp_path):
+    generate_keys(str(tmp_path / "keys.toml"), ["m1", "m2"])
+    return tmp_path
+
+
+def write(folder: Path, text: str, name: str = "backdoors.toml") -> str:
+    path = folder / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_both_loaders_read_their_section_of_the_unified_file(folder):
+    path = write(folder, UNIFIED)
+    agent = load_agent(path)
+    assert agent.host == "h0" and [n.name for n in agent.nodes] == ["n0", "n1"]
+    assert agent.monitors == str(folder / "keys.toml")  # relative to the file
+    assert agent.kernel_sensors.forks_per_s == 100.0 and agent.metrics_listen == "10.99.0.1:9464"
+    monitor = load_monitor(path)
+    assert monitor.monitor_id == "m1" and monitor.agents[0].address == "10.99.0.1:7700"
+    assert monitor.key_file == str(folder / "keys.toml")
+    assert monitor.incidents_dir == str(folder / "incidents")
+    assert monitor.metrics_listen == "10.99.0.1:9465"
+    assert C.load_agent_config(path) == agent and C.load_monitor_config(path) == monitor
+
+
+def test_plain_files_still_load(folder):
+    agent_part, monitor_part = UNIFIED.split("[monitor]\n")
+    agent = write(folder, agent_part.replace("[agent]\n", "").replace("agent.", ""), "agent.toml")
+    assert load_agent(agent).nodes[1].cgroup == "svc/n1"
+    monitor = write(folder, monitor_part.replace("monitor.", ""), "monitor.toml")
+    assert load_monitor(monitor).agents[0].host == "h0"
+
+
+@pytest.mark.parametrize("change, where", [
+    (('cgroup = "svc/n1"', 'cgroup = "svc/n0/x"'),
+     r":15: key agent\.nodes\[1\]\.cgroup: 'svc/n0/x' overlaps node n0's cgroup"),
+    (("[agent]\n", "[agent]\nquorum = 5\n"),
+     r":2: key agent\.quorum: 5 exceeds the 2 monitors known"),
+    (('forks_per_s = 100.0', 'forks_per_s = "many"'),
+     r":18: key agent\.kernel_sensors\.forks_per_s: Expected `float`, got `str`"),
+    (('metrics_listen = "10.99.0.1:9464"', 'metrics_listen = "nowhere"'),
+     r":7: key agent\.metrics_listen: 'nowhere' is not ADDR:PORT"),
+    (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nperiod = 5'),
+     r":24: key monitor\.period: Object contains unknown field `period`"),
+    (('metrics_listen = "10.99.0.1:9465"', 'metrics_listen = ":"'),
+     r":24: key monitor\.metrics_listen: ':' is not ADDR:PORT"),
+    (('address = "10.99.0.1:7700"\n', 'address = "h0"\n'),
+     r":28: key monitor\.agents\[0\]\.address: 'h0' is not ADDR:PORT"),
+])
+def test_errors_name_file_line_and_key(folder, change, where):
+    path = write(folder, UNIFIED.replace(*change))
+    section = "agent" if "key agent" in where else "monitor"
+    load = load_agent if section == "agent" else load_monitor
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert re.search(re.escape(path) + where, str(err.value)), str(err.value)
+
+
+def test_layout_errors(folder):
+    path = write(folder, UNIFIED.replace("[monitor]", "[monitors]"))
+    with pytest.raises(ConfigError, match=r"backdoors\.toml:20: key monitors: unknown top-level"):
+        load_agent(path)
+    path = write(folder, UNIFIED.split("[monitor]")[0])
+    with pytest.raises(ConfigError, match=r"has no \[monitor\] section \(it has: \[agent\]\)"):
+        load_monitor(path)
+    path = write(folder, UNIFIED.replace('monitors = "keys.toml"', 'monitors = "nokeys.toml"'))
+    with pytest.raises(ConfigError, match=r"backdoors\.toml: \[agent\]: cannot read keys file"):
+        load_agent(path)
+    path = write(folder, UNIFIED.replace("[agent]\n", "[agent\n"))
+    with pytest.raises(ConfigError, match=r"not valid TOML.*line 1"):
+        C.load_agent_config(path)
+
+
+def test_the_daemons_entry_points_take_the_unified_file(folder):
+    path = write(folder, UNIFIED)
+    check = subprocess.run([sys.executable, "-m", "backdoors.monitor", "--config", path,
+                            "--check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and f"{path}: ok (1 agents" in check.stdout
+    bad = write(folder, UNIFIED.replace('host = "h0"\nlisten', 'host = "h 0"\nlisten'))
+    out = subprocess.run([sys.executable, "-m", "backdoors.agent", "--config", bad],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"{bad}:2: key agent.host: must be 1-32 of" in out.stderr
+
+
+# -- config show ----------------------------------------------------------------------------
+
+
+def test_every_key_is_documented():
+    for struct, docs in ((AgentConfig, C.AGENT_DOCS), (NodeSpec, C.NODE_DOCS),
+                         (KernelSensorLimits, C.KERNEL_DOCS), (MonitorConfig, C.MONITOR_DOCS),
+                         (AgentEntry, C.AGENT_ENTRY_DOCS)):
+        assert set(docs) == set(struct.__struct_fields__), struct.__name__
+
+
+def test_show_the_contrib_example_round_trips(folder):
+    generate_keys(str(folder / "all.toml"), ["m1", "m2", "m3", "agent-web-a", "agent-web-b"])
+    text = CONTRIB.read_text().replace("/etc/backdoors/keys.toml", str(folder / "all.toml"))
+    path = write(folder, text)
+    shown = C.config_show(path)
+    again = write(folder, shown, "shown.toml")
+    assert load_agent(again) == load_agent(path)
+    assert load_monitor(again) == load_monitor(path)
+    lines = shown.splitlines()
+    for section, struct in (("agent", AgentConfig), ("monitor", MonitorConfig)):
+        assert f"[{section}]" in lines
+    for key in (*AgentConfig.__struct_fields__, *MonitorConfig.__struct_fields__,
+                *NodeSpec.__struct_fields__, *KernelSensorLimits.__struct_fields__):
+        assert any(re.match(rf"(# )?{key} = ", ln) for ln in lines) or f"[agent.{key}]" in \
+            lines or f"[[agent.{key}]]" in lines or f"[[monitor.{key}]]" in lines, key
+    for i, line in enumerate(lines):  # a comment above every key
+        if re.match(r"(# )?[a-z_]+ = ", line):
+            assert lines[i - 1].startswith("# ") and not re.match(r"# [a-z_]+ = ", lines[i - 1])
+    assert 'cgroup = "bd-agent-web-a"' in lines
+    assert "# netns = (unset)" in lines  # the agent's own: not set
+    assert "max_connections = 64" in lines  # a default, filled in
+    idx = lines.index("max_connections = 64")
+    assert lines[idx - 1].endswith("(default)")
+
+
+def test_show_fills_effective_defaults_and_hides_inline_keys(folder):
+    keys = {"m1": "ab" * 32}
+    plain = write(folder, f"""\
+host = "h0"
+listen = "10.99.0.1:7700"
+run_dir = "/run/backdoors"
+audit_log = "/var/log/backdoors/audit.jsonl"
+[monitors]
+m1 = "{keys['m1']}"
+""", "agent.toml")
+    shown = C.config_show(plain)
+    assert "ab" * 32 not in shown and 'm1 = "<redacted: 32-byte key>"' in shown
+    assert 'cgroup = "bd-agent-h0"' in shown and "\n[monitor]" not in shown
+    mon = write(folder, 'monitor_id = "m9"\n[[agents]]\nhost = "h0"\naddress = "10.0.0.1:1"\n',
+                "monitor.toml")
+    shown = C.config_show(mon)
+    assert 'incidents_dir = "/var/lib/backdoors/incidents"' in shown and "\n[agent]" not in shown
+    with pytest.raises(ConfigError, match="neither a unified config"):
+        C.config_show(write(folder, "x = 1\n", "other.toml"))
+
+
+def test_show_without_a_file_prints_the_defaults(monkeypatch, tmp_path):
+    monkeypatch.setattr(C, "DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    shown = C.config_show(None)
+    assert "quorum = 1" in shown and "period_ms = 50.0" in shown
+    assert "# host =" in shown and "(required)" in shown
+    defaults = msgspec.toml.decode(shown.encode())  # valid TOML
+    assert defaults["agent"]["kernel_sensors"]["memory_high_pct"] == 80.0
