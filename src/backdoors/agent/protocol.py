@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 
+from ..nodes.proctable import ProcessInfo
+
 from backdoors.nodes.node import NodeStats
 
 VERSION = 1
@@ -159,17 +161,9 @@ class NodeStatus(msgspec.Struct):
     sampler_error: str | None
 
 
-class ProcessRow(msgspec.Struct):
+class ProcessRow(ProcessInfo, frozen=True):
     """A process of a node; `age_s` is computed by the agent, `rss_rate` in bytes/s."""
 
-    pid: int
-    ppid: int
-    comm: str
-    state: str
-    rss_bytes: int
-    start_time: float
-    cpu_seconds: float
-    threads: int
     age_s: float
     rss_rate: float
     registered: bool

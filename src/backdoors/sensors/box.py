@@ -21,52 +21,54 @@ from . import layout as L
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
-class Progress:
+class _Counter:
+    """A u64 counter sensor: one store per update (the count is kept here too, so an
+    update needs no load from the shared page)."""
+
+    __slots__ = ("_words", "_index", "_count", "name")
+
+    def __init__(self, words: memoryview, index: int, name: str):
+        self._words, self._index, self._count = words, index, words[index]
+        self.name = name
+
+    def add(self, n: int) -> None:
+        """Count `n` at once."""
+        self._count = c = self._count + n
+        self._words[self._index] = c
+
+    @property
+    def value(self) -> int:
+        return self._count
+
+
+class Progress(_Counter):
     """A monotonic counter that must move at least once per `deadline` seconds."""
 
-    __slots__ = ("_words", "_index", "_count", "name", "deadline")
+    __slots__ = ("deadline",)
 
     def __init__(self, words: memoryview, index: int, name: str, deadline: float):
-        self._words, self._index, self._count = words, index, words[index]
-        self.name, self.deadline = name, deadline
+        super().__init__(words, index, name)
+        self.deadline = deadline
 
     def tick(self) -> None:
         """Count one unit of progress: one store into the shared region."""
         self._count = c = self._count + 1
         self._words[self._index] = c
 
-    def add(self, n: int) -> None:
-        """Count `n` units of progress at once."""
-        self._count = c = self._count + n
-        self._words[self._index] = c
 
-    @property
-    def value(self) -> int:
-        return self._count
-
-
-class Pressure:
+class Pressure(_Counter):
     """An event counter; more than `max_events` per `window` seconds is a failure."""
 
-    __slots__ = ("_words", "_index", "_count", "name", "max_events", "window")
+    __slots__ = ("max_events", "window")
 
     def __init__(self, words, index, name, max_events, window):
-        self._words, self._index, self._count = words, index, words[index]
-        self.name, self.max_events, self.window = name, max_events, window
+        super().__init__(words, index, name)
+        self.max_events, self.window = max_events, window
 
     def event(self) -> None:
         """Count one event: one store into the shared region."""
         self._count = c = self._count + 1
         self._words[self._index] = c
-
-    def add(self, n: int) -> None:
-        """Count `n` events at once."""
-        self._count = c = self._count + n
-        self._words[self._index] = c
-
-    @property
-    def value(self) -> int:
-        return self._count
 
 
 class Level:
