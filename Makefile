@@ -29,7 +29,7 @@ venv: $(STAMP)
 test: system-deps $(STAMP)
 	$(BIN)/python -m pytest
 
-demo: $(STAMP)
+demo: system-deps $(STAMP)
 	$(BIN)/backdoors demo
 
 bench: system-deps $(STAMP)

@@ -8,7 +8,7 @@ import pytest
 from test_agent_support import REGISTER, agent_lab, prefix, read_line, wait_for
 
 from backdoors.agent.errors import RegistrationError
-from backdoors.agent.register import register_box, register_region, unregister
+from backdoors.agent.register import register_box, register_region
 from backdoors.sensors import SensorBox, parse
 
 __all__ = ["agent_lab", "prefix"]

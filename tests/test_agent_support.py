@@ -17,7 +17,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import msgspec
 import pytest
 from test_nodes_support import PY, prefix, wait_for  # noqa: F401 - fixture re-exported
 

@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoors.lab import SERVICE_PORT, Lab, inject, reap
+from backdoors.lab import SERVICE_PORT, Lab, inject
 from backdoors.lab import stream
 from backdoors.lab import topology as T
 from backdoors.net import netns

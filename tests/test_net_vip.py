@@ -1,6 +1,5 @@
 """Gratuitous ARP and moving a service address between nodes, seen from a client."""
 
-import socket
 import threading
 import time
 from types import SimpleNamespace

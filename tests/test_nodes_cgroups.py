@@ -1,9 +1,7 @@
 """Cgroup: layout detection, lifecycle, freezing (v1 and v2), killing, limits, reaping."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path

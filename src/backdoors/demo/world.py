@@ -84,7 +84,7 @@ class World:
             end = time.monotonic() + 30
             while len(c.call("sessions", node="n0")) < want:
                 if time.monotonic() > end:
-                    raise LabError(f"the sessions to n0 were not all held by its agent within 30 s")
+                    raise LabError("the sessions to n0 were not all held by its agent within 30 s")
                 time.sleep(0.05)
         return self
 

@@ -18,7 +18,6 @@ import signal
 import statistics
 import time
 
-from ..agent.keys import load_key  # noqa: F401 - keeps the agent package importable first
 from ..errors import LabError
 from ..lab import Lab, inject
 from ..lab import topology as T
