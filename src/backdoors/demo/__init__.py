@@ -10,6 +10,7 @@ byte-exact). A verdict per scenario, a results file and an HTML report at the en
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def run_demo(*, name: str = "demo", quick: bool = False, scenario: str | None = 
     records: list[dict] = []
     world = World(name, out_dir, stream_sessions=24, downloads=4, say=console.print)
     view = None
+    quiet = logging.getLogger("backdoors.monitor")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the view shows the incident timeline itself
     try:
         world.up()
         view = View(world, console)
@@ -49,6 +53,7 @@ def run_demo(*, name: str = "demo", quick: bool = False, scenario: str | None = 
             view.verdict(record)
         view.set_phase("done", "report")
     finally:
+        quiet.setLevel(level)
         if view is not None:
             view.stop()
         console.print("tearing the lab down")

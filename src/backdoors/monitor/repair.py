@@ -89,7 +89,8 @@ def respond(ctx: Context, on_step: Callable[[str, Any], None]) -> str:
     """Diagnose, then run the actions; `on_step(kind, payload)` after each step.
 
     Returns the incident's state: "repaired" (every action done, a kill among them),
-    "recorded" (no kill was configured), "failed" (an action failed), or "nothing to do".
+    "recovered" (its sessions moved), "recorded" (no kill was configured), "failed" (an
+    action failed), or "nothing to do".
     """
     finding = diagnose(ctx)
     ctx.incident.diagnosis = finding
@@ -112,4 +113,6 @@ def respond(ctx: Context, on_step: Callable[[str, Any], None]) -> str:
         if isinstance(action, (R.KillCulprit, R.LockKillLineage, R.Refresh)):
             state = "repaired" if status == "done" else ("nothing to do" if state == "recorded"
                                                           else state)
+        elif isinstance(action, R.Recover) and status == "done":
+            state = "recovered"
     return state
