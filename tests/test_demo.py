@@ -40,7 +40,9 @@ def test_demo_quick_end_to_end(root, tmp_path):
     html = (out / "report.html").read_text()
     assert "http://" not in html and "https://" not in html and "file://" not in html
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) >= 3
+    # without benchmark JSON: the memory hog's repairing timeline and the recovery's stalls
+    assert len(images) >= 2
+    assert "Repairing timeline" in html and "Recovery is fast" in html
     for b64 in images:
         data = base64.b64decode(b64)
         w, h = png_size(data)
