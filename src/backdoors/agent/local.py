@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..errors import AgentError, SensorBoxError
-from ..nodes import Node, read_process
+from ..nodes import Node
 from ..sensors import Region, parse, read_consistent
 from .audit import AuditLog
 from .membership import is_member, read_cgroups
 from .protocol import DECODE_ERRORS
 from .metrics import AgentMetrics
-from .regions import SESSION_KIND, Entry, RegionRefused, RegionTable
+from .regions import SESSION_KIND, RegionRefused, RegionTable
 from .sessions import SessionRefused, SessionTable
 
 log = logging.getLogger("backdoors.agent")
@@ -348,18 +348,14 @@ class LocalServer:
         if st.st_size > self.table.max_region_bytes:
             raise RegionRefused(f"region {req.name!r} has {st.st_size} bytes; the cap is "
                                 f"{self.table.max_region_bytes} per region")
-        info = read_process(conn.pid)
-        region = Region(fd, writable=req.writable, label=f"node {conn.node} region {req.name!r}")
-        try:
+        def check(region: Region) -> None:
             if req.kind == "sensorbox":
                 parse(read_consistent(region))
             elif req.kind == SESSION_KIND:
                 _check_cb(region, req.name)
-            self.table.add(Entry(conn.node, req.name, req.kind, region, req.writable, conn.pid,
-                                 info.start_time if info else 0.0))
-        except BaseException:
-            region.close()
-            raise
+
+        region = self.table.keep(conn.node, req.name, req.kind, fd, conn.pid,
+                                 writable=req.writable, check=check)
         return {"name": req.name, "kind": req.kind, "size": region.size,
                 "writable": req.writable}
 

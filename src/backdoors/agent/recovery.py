@@ -329,19 +329,10 @@ def _announce(ns: str, ifname: str, addresses: list[str]) -> None:
 def _hold(agent: Agent, node: str, name: str, sock, cb_fd: int, pid: int) -> None:
     """Register a handed-over session's box and socket under the server's pid (the
     server's own registration of the same name replaces them)."""
-    from ..nodes import read_process
-    from ..sensors import Region
-    from .regions import SESSION_KIND, Entry
+    from .regions import SESSION_KIND
     try:
         agent.sessions.hold(node, name, sock.fileno(), pid)
-        info = read_process(pid)
-        region = Region(cb_fd, label=f"node {node} region {name!r}")
-        try:
-            agent.regions.add(Entry(node, name, SESSION_KIND, region, False, pid,
-                                    info.start_time if info else 0.0))
-        except BaseException:
-            region.close()
-            raise
+        agent.regions.keep(node, name, SESSION_KIND, cb_fd, pid)
     except (BackdoorsError, OSError) as e:
         log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 

@@ -131,6 +131,22 @@ class RegionTable:
                 self._retire(old)
         return old
 
+    def keep(self, node: str, name: str, kind: str, fd: int, pid: int, *,
+             writable: bool = False, check=None) -> Region:
+        """Take on a region held by `fd` for the process `pid`: map it, run `check(region)`
+        (validation), add it. The region is closed again if anything fails."""
+        info = read_process(pid)
+        region = Region(fd, writable=writable, label=f"node {node} region {name!r}")
+        try:
+            if check is not None:
+                check(region)
+            self.add(Entry(node, name, kind, region, writable, pid,
+                           info.start_time if info else 0.0))
+        except BaseException:
+            region.close()
+            raise
+        return region
+
     def remove(self, node: str, name: str) -> Entry:
         """Unregister `name` (closed once no reader holds it); KeyError if absent."""
         with self._lock:

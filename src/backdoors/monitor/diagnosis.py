@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
+from ..agent.protocol import ProcessRow as Row  # the agent's process table rows
 from . import rules as R
 from .detectors import Hit, NodeView
 
@@ -31,18 +32,6 @@ STATE_MEANING = {
 }
 
 
-class Row(Protocol):
-    pid: int
-    ppid: int
-    comm: str
-    state: str
-    rss_bytes: int
-    start_time: float
-    cpu_seconds: float
-    threads: int
-    age_s: float
-    rss_rate: float
-    registered: bool
 
 
 class Target(msgspec.Struct, frozen=True):

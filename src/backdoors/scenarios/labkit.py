@@ -55,11 +55,7 @@ class AgentLab:
         return self.lab.monitor_key(monitor_id)
 
     def monitor_config(self, monitor_id: str = "m1", **kw) -> MonitorConfig:
-        """A config polling every agent of the lab (nodes discovered) from the lab's
-        monitor namespace on the private network; `kw` sets other MonitorConfig keys."""
-        agents = [AgentEntry(h.name, self.lab.agent_address(h.name), netns=self.plan.monitor_ns)
-                  for h in self.plan.hosts]
-        return MonitorConfig(monitor_id=monitor_id, agents=agents, **kw)
+        return lab_monitor_config(self.lab, monitor_id, **kw)
 
     def wait_registered(self, node: str, timeout: float = 10.0, owner: int | None = None) -> None:
         """Wait until the node's agent serves an application box besides its kernel box
@@ -88,6 +84,14 @@ class AgentLab:
         pid = self.lab.start_service(node, *args).pid
         self.wait_registered(node, timeout, owner=pid)
         return pid
+
+
+def lab_monitor_config(lab: Lab, monitor_id: str = "m1", **kw) -> MonitorConfig:
+    """A config polling every agent of `lab` (nodes discovered) from the lab's monitor
+    namespace on the private network; `kw` sets other MonitorConfig keys."""
+    agents = [AgentEntry(h.name, lab.agent_address(h.name), netns=lab.plan.monitor_ns)
+              for h in lab.plan.hosts]
+    return MonitorConfig(monitor_id=monitor_id, agents=agents, **kw)
 
 
 def unique_name(prefix: str = "s") -> str:

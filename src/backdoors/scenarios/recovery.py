@@ -22,8 +22,8 @@ from ..errors import LabError
 from ..lab import Lab, inject
 from ..lab import topology as T
 from ..lab.clients import StreamClients
-from ..monitor import AgentEntry, Monitor, MonitorConfig
-from .labkit import unique_name
+from ..monitor import Monitor
+from .labkit import lab_monitor_config, unique_name
 
 FAULTS = ("freeze", "crash", "network", "memory-hog")
 
@@ -40,10 +40,8 @@ def _wait(pred, timeout: float, what: str, step: float = 0.02):
 def monitor_for(lab: Lab, *, period_ms: float = 50, incidents_dir: str | None = None,
                 rulesets: tuple[str, ...] = ("heal",), hooks=None) -> Monitor:
     """A monitor of every agent of `lab`, from its monitor namespace (not started)."""
-    cfg = MonitorConfig(
-        monitor_id="m1", period_ms=period_ms, incidents_dir=incidents_dir, rulesets=list(rulesets),
-        agents=[AgentEntry(h.name, lab.agent_address(h.name), netns=lab.plan.monitor_ns)
-                for h in lab.plan.hosts])
+    cfg = lab_monitor_config(lab, period_ms=period_ms, incidents_dir=incidents_dir,
+                             rulesets=list(rulesets))
     return Monitor(cfg, key=lab.monitor_key("m1"), hooks=hooks)
 
 
