@@ -9,10 +9,11 @@ STAMP  := $(VENV)/.installed
 all: test
 
 # Debian packages the tests and benchmarks use (gcc for the C Sensor Box writer test,
-# curl for the unmodified-client recovery test, haproxy for the recovery benchmark).
+# curl for the unmodified-client recovery test, haproxy for the recovery benchmark,
+# catatonit for the PID 1 and exec shim of nodes as containers).
 system-deps:
 	@missing=""; \
-	for p in gcc curl strace haproxy; do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in gcc curl strace haproxy catatonit; do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
