@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from test_nodes_support import prefix, wait_for
 
+from backdoors.errors import NodeError
 from backdoors.net import netns as netns_mod
 from backdoors.nodes import Node, read_process
 from backdoors.nodes.container import (
@@ -421,3 +422,41 @@ def test_open_finds_the_running_container_and_stop_ends_it(setup):
     assert proc.wait(10) == 128 + signal.SIGKILL  # the PID namespace died with its PID 1
     wait_for(lambda: not setup.node.cgroup.procs(), what="the node to be empty")
     assert not setup.box.alive()
+
+
+def test_errors_say_what_is_wrong(setup):
+    with pytest.raises(NodeError, match="not one: start the node's container"):
+        Container.open(setup.sibling.cgroup, setup.iso)
+    with setup.node.locked():
+        with pytest.raises(NodeError, match="is locked"):
+            setup.box.spawn(["true"])
+    with pytest.raises(NodeError, match="does not exist"):
+        Container.start(setup.sibling.cgroup, None, setup.iso, setup.base / "missing")
+    with pytest.raises(NodeError, match="No such file"):
+        Container.start(setup.sibling.cgroup, f"{setup.netns}-missing", setup.iso, setup.run_dir)
+
+
+def test_two_nodes_cannot_reach_each_other(setup):
+    """Node b (no netns given: a fresh one) sees a's run directory path, as nothing hides it
+    here, but may not enter it; neither sees the other's processes."""
+    index = (setup.iso.uid_base - uid_base_for(0)) // setup.iso.count + 1
+    iso_b = Isolation(uid_base=uid_base_for(index), hide=(Path.home(),), share=python_paths(),
+                      hostname="b")
+    box_b = Container.start(setup.sibling.cgroup, None, iso_b, setup.other_run_dir)
+    try:
+        sleeper = setup.box.spawn(["sleep", "60"])
+        code = LIST_PIDS.replace("sys.stdin.read()", "")
+        seen_b = json.loads(box_b.spawn([PY, "-c", code], root=True,
+                                        stdout=subprocess.PIPE).communicate(timeout=20)[0])
+        out = json.loads(box_b.spawn([PY, "-c", READ_FILES, json.dumps([str(setup.run_dir)]),
+                                      json.dumps(str(setup.base))], root=True,
+                                     stdout=subprocess.PIPE).communicate(timeout=20)[0])
+        net_b = os.readlink(f"/proc/{box_b.init_pid}/ns/net")
+        sleeper.kill()
+        sleeper.wait()
+    finally:
+        box_b.stop()
+    assert out[str(setup.run_dir)] == "Permission denied"
+    assert seen_b["pids"] == [1, seen_b["me"]]  # not a's sleeper, nor anything else
+    assert net_b not in (os.readlink("/proc/self/ns/net"),
+                         os.readlink(f"/proc/{setup.box.init_pid}/ns/net"))

@@ -76,8 +76,9 @@ takes ~50 ms, spawn ~17 ms.
   net.ipv4.ip_unprivileged_port_start in the netns if a node needs a low port).
 - A SIGKILLed PID 1 makes `unshare` print "sigprocmask unblock failed" (signal(SIGKILL) is
   EINVAL), so `stop()` sends SIGTERM, on which `catatonit -P` exits 0.
-- The node's run directory is chowned to the service uid (`Isolation.grant`); a socket the host
-  creates in it must be connectable by that uid (the agent's registration socket is 0666).
+- The node's run directory is given to the service uid, mode 0700 (`Isolation.grant`): the
+  node's root may use it too (its owner is mapped in the node), other nodes may not. A socket
+  the host creates in it must be connectable by that uid (the agent's socket is 0666).
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class Isolation:
 
     def __post_init__(self) -> None:
         if (self.uid_base <= 0 or self.count <= 0 or not 0 <= self.uid < self.count
-                or self.uid_base + self.count > 1 << 32):
+                or self.uid_base + self.count > (1 << 32) - 1):
             raise NodeError(
                 f"invalid isolation: uid_base {self.uid_base}, count {self.count}, uid "
                 f"{self.uid}: the node's ids must map to a host range above 0 that holds its uid"
@@ -206,10 +207,13 @@ class Isolation:
         """The host uid (and gid) that `inner` inside the node is."""
         return self.uid_base + inner
 
-    def grant(self, path: str | os.PathLike) -> None:
-        """Make `path` owned by the node's service uid and gid (e.g. its run directory)."""
+    def grant(self, path: str | os.PathLike, mode: int | None = None) -> None:
+        """Make `path` owned by the node's service uid and gid (e.g. its run directory),
+        and set its `mode` if given."""
         host = self.host_uid(self.uid)
         os.chown(path, host, host)
+        if mode is not None:
+            os.chmod(path, mode)
 
 
 class NodeProcess:
@@ -246,7 +250,7 @@ class NodeProcess:
 
     def send_signal(self, sig: int) -> None:
         """Signal the command itself (not the shim); nothing happens once it has ended."""
-        if self._pidfd is not None and self.popen.poll() is None:
+        if self.poll() is None and self._pidfd is not None:
             syscalls.pidfd_signal(self._pidfd, sig)
 
     def terminate(self) -> None:
@@ -392,8 +396,8 @@ class Container:
               run_dir: str | os.PathLike, *, timeout: float = 5.0) -> Container:
         """Create the node's namespaces and start its PID 1; returns when PID 1 runs.
 
-        `run_dir` (which must exist) is chowned to the node's service uid and is the one
-        path under `isolation.hide` the node sees. `netns` is the name of an existing netns
+        `run_dir` (which must exist) is given to the node's service uid (mode 0700) and is
+        bound back in, writable, if it lies under a path of `isolation.hide`. `netns` is the name of an existing netns
         (None: a fresh empty one).
         """
         if missing := tools_missing():
@@ -402,7 +406,7 @@ class Container:
         run_dir = Path(run_dir).resolve()
         if not run_dir.is_dir():
             raise NodeError(f"the node's run directory {run_dir} does not exist: create it first")
-        isolation.grant(run_dir)
+        isolation.grant(run_dir, 0o700)
         for path in isolation.hide:
             if not Path(path).is_absolute() or Path(path) == run_dir:
                 raise NodeError(f"cannot hide {path}: give absolute paths other than the run "
@@ -477,8 +481,8 @@ class Container:
                  and _status(pid).get("Name") == _INIT]
         if len(inits) != 1:
             raise NodeError(
-                f"cgroup {cgroup.relpath!r} holds {len(inits) or 'no'} container PID 1"
-                f"{'s' if len(inits) != 1 else ''}: start the node's container first"
+                f"cgroup {cgroup.relpath!r} holds {len(inits)} container PID 1 processes, "
+                "not one: start the node's container (Container.start)"
             )
         return cls(cgroup, isolation, inits[0])
 
@@ -625,8 +629,12 @@ def _hide(hide: tuple[Path, ...], binds: list[tuple[Path, bool]], failure: _Chil
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     covered = [(path, writable) for path, writable in sorted(binds, key=lambda b: len(b[0].parts))
                if any(h in path.parents for h in hide)]
-    held = [(path, writable, os.open(path, os.O_PATH | os.O_CLOEXEC))
-            for path, writable in covered]
+    held = []
+    for path, writable in covered:
+        try:
+            held.append((path, writable, os.open(path, os.O_PATH | os.O_CLOEXEC)))
+        except OSError as e:
+            failure.step(f"open {path}", _raise, e)
     for path in hide:
         failure.step(f"hide {path}", _mount, "tmpfs", str(path), "tmpfs", flags,
                      "mode=0755,size=64k")
@@ -636,7 +644,7 @@ def _hide(hide: tuple[Path, ...], binds: list[tuple[Path, bool]], failure: _Chil
         else:
             failure.step(f"make {path.parent} in the tmpfs", os.makedirs, path.parent, 0o755,
                          True)
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+            failure.step(f"make {path} in the tmpfs", _touch, path)
         failure.step(f"bind {path}", _mount, f"/proc/self/fd/{fd}", str(path), None,
                      MS_BIND | MS_REC)
         if not writable:
@@ -645,6 +653,14 @@ def _hide(hide: tuple[Path, ...], binds: list[tuple[Path, bool]], failure: _Chil
     for path in hide:
         failure.step(f"make {path} read-only", _mount, None, str(path), None,
                      MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+
+
+def _raise(e: OSError) -> None:
+    raise e
+
+
+def _touch(path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 
 
 def _become(uid: int, failure: _ChildError) -> None:
