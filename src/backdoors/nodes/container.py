@@ -76,6 +76,11 @@ takes ~50 ms, spawn ~17 ms.
   net.ipv4.ip_unprivileged_port_start in the netns if a node needs a low port).
 - A SIGKILLed PID 1 makes `unshare` print "sigprocmask unblock failed" (signal(SIGKILL) is
   EINVAL), so `stop()` sends SIGTERM, on which `catatonit -P` exits 0.
+- The run directory must outlive the container: rmdir on the host succeeds while it is bound
+  in a node, and the node keeps the deleted directory ("//deleted" in its mountinfo), never
+  seeing a recreated one or the sockets in it. So the lab creates each node's run directory
+  before starting agent and container (an agent's LocalServer only removes directories it
+  made itself), and an agent restart must keep it.
 - The node's run directory is given to the service uid, mode 0700 (`Isolation.grant`): the
   node's root may use it too (its owner is mapped in the node), other nodes may not. A socket
   the host creates in it must be connectable by that uid (the agent's socket is 0666).
