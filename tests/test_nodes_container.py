@@ -6,6 +6,7 @@ the node and an agent-like 0600 key file in it. Probes run inside the node as sm
 programs that print JSON. Everything is removed at the end (cgroups reaped by prefix).
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -305,8 +306,6 @@ def test_service_registers_a_memfd_through_its_run_dir(setup):
     assert pid == proc.pid == mapped and in_node
     (fd,) = fds
     try:
-        import fcntl
-
         assert fcntl.fcntl(fd, F_GET_SEALS) & F_SEAL_WRITE
         assert os.pread(fd, 10, 0) == b"sensor box"
     finally:
