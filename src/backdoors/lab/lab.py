@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..common.procs import alive, read_line
+from ..common.runtime import agent_socket, service_env
 from .. import net
 from ..errors import LabError, require_root
 from ..net import netns
@@ -207,10 +208,9 @@ class Lab:
         """Environment for programs started in `node`."""
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        sock = self.plan.run_dir / "nodes" / node / "agent.sock"
-        if sock.exists():
-            env["BACKDOORS_AGENT_SOCKET"] = str(sock)
-            env["BACKDOORS_ADOPT_DIR"] = str(sock.parent)
+        sock = agent_socket(str(self.plan.run_dir / "nodes"), node)
+        if os.path.exists(sock):
+            env.update(service_env(sock))
         return env
 
     def run_in_node(self, node: str, argv: list[str], **popen) -> subprocess.Popen:
