@@ -104,13 +104,9 @@ class LocalServer:
             self._mkdir(self.run_dir)
             for node, path in self.paths.items():
                 self._mkdir(os.path.dirname(path))
-                ipc.remove_stale(path)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                # mode 0666: anyone may connect; the cgroup check decides
+                sock = ipc.listen(path, mode=0o666, backlog=256)
                 self._listeners[sock] = node
-                sock.bind(path)
-                os.chmod(path, 0o666)  # anyone may connect; the cgroup check decides
-                sock.listen(256)
-                sock.setblocking(False)
                 self._sel.register(sock, selectors.EVENT_READ, None)
         except OSError as e:
             self._close_all()
@@ -133,15 +129,10 @@ class LocalServer:
     def _close_all(self) -> None:
         for conn in list(self._conns.values()):
             self._drop(conn)
-        for sock in self._listeners:
+        for sock, node in self._listeners.items():  # only the sockets this server made
             sock.close()
+            ipc.unlink_socket(self.paths[node])
         self._listeners.clear()
-        for path in self.paths.values():
-            try:
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)
-            except OSError:
-                pass
         for d in reversed(self._made_dirs):
             try:
                 os.rmdir(d)

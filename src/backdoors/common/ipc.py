@@ -4,9 +4,9 @@ A frame is a 4-byte big-endian length and that many bytes of msgpack. Descriptor
 (SCM_RIGHTS) travel with a frame's first byte. A receiver reads one frame at a time and
 never past its end, so the descriptors it gets belong to the frame it reads.
 
-The one rule for a socket file already at a listener's path (`remove_stale`): nothing
-there, fine; a socket nobody listens on (its server died), removed; a live listener, or
-a file that is not a socket, refused.
+The one rule for a socket file already at a listener's path (`remove_stale`, run by
+`listen`): nothing there, fine; a socket nobody listens on (its server died), removed; a
+live listener, or a file that is not a socket, refused.
 """
 
 from __future__ import annotations
@@ -152,6 +152,44 @@ def recv(sock: socket.socket, *, max_bytes: int, max_fds: int = 0) -> Frame:
     if frame is None:  # a non-blocking socket
         raise BlockingIOError(errno.EAGAIN, "no complete frame yet")
     return frame
+
+
+def listen(path: str, *, mode: int, backlog: int) -> socket.socket:
+    """A non-blocking Unix stream listener at `path` with file mode `mode`, once a stale
+    file there was removed (`remove_stale`; its errors as they are)."""
+    remove_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def unlink_socket(path: str) -> None:
+    """Remove a listener's socket file at `path` after closing it (anything else there,
+    or nothing, is left alone; a failure too: this is cleanup)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def connect(path: str, *, timeout: float) -> socket.socket:
+    """A Unix stream connection to the listener at `path`, with `timeout` on every call."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def remove_stale(path: str) -> None:

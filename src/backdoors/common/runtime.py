@@ -133,9 +133,7 @@ class _Channel:
                 fresh = self.sock is None
                 try:
                     if fresh:
-                        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                        self.sock.settimeout(timeout)
-                        self.sock.connect(self.path)
+                        self.sock = ipc.connect(self.path, timeout=timeout)
                     self.sock.settimeout(timeout)
                     ipc.send(self.sock, request, () if fd is None else (fd,))
                     return ipc.recv(self.sock, max_bytes=MAX_REPLY).payload

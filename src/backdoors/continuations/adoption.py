@@ -22,7 +22,6 @@ import logging
 import os
 import select
 import socket
-import stat
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -132,28 +131,20 @@ class UnixAdoptionSource:
     def __init__(self, path: str, *, backlog: int = 16):
         self.path = path
         try:
-            ipc.remove_stale(path)
+            self._listener = ipc.listen(path, mode=0o600, backlog=backlog)
         except ipc.SocketInUse:
             raise AdoptionError(f"another recovery server listens at {path}") from None
         except ipc.NotASocket:
             raise AdoptionError(f"{path} exists and is not a socket: choose another "
                                 "adoption path") from None
         except OSError as err:
-            raise AdoptionError(f"cannot probe adoption socket {path}: {err.strerror}") from None
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raise AdoptionError(f"cannot listen for recovered sessions at {path}: "
+                                f"{err.strerror}") from None
         self._epoll = select.epoll()
+        self._epoll.register(self._listener.fileno(), select.EPOLLIN)
         self._conns: dict[int, socket.socket] = {}
         self._readers: dict[int, ipc.FrameReader] = {}
         self._ready: deque[Recovered] = deque()
-        try:
-            self._listener.bind(path)
-            os.chmod(path, 0o600)
-            self._listener.listen(backlog)
-            self._listener.setblocking(False)
-            self._epoll.register(self._listener.fileno(), select.EPOLLIN)
-        except OSError as err:
-            self.close()
-            raise AdoptionError(f"cannot listen for recovered sessions at {path}: {err.strerror}") from None
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -253,11 +244,7 @@ class UnixAdoptionSource:
         self._epoll.close()
         if self._listener.fileno() >= 0:
             self._listener.close()
-            try:
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            ipc.unlink_socket(self.path)
 
     def __enter__(self) -> UnixAdoptionSource:
         return self
@@ -271,12 +258,9 @@ class AdoptionClient:
 
     def __init__(self, path: str, *, timeout: float = 5.0):
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
         try:
-            self._sock.connect(path)
+            self._sock = ipc.connect(path, timeout=timeout)
         except OSError as err:
-            self._sock.close()
             raise AdoptionError(
                 f"no recovery server at {path}: {err.strerror}; is it running with this "
                 "adoption socket?"
