@@ -219,7 +219,7 @@ class LocalServer:
 
     def _reply(self, conn: _Conn, reply: LocalReply) -> None:
         try:
-            ipc.send(conn.sock, reply)
+            ipc.send(conn.sock, reply, timeout=0)  # a caller that does not read is not waited for
         except OSError:
             pass
 

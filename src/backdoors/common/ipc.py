@@ -56,7 +56,7 @@ def pack(message: object) -> bytes:
 def send(sock: socket.socket, message: object, fds: Sequence[int] = (), *,
          timeout: float = 1.0) -> None:
     """Send `message` as one frame with `fds` attached. A non-blocking socket whose buffer
-    is full is waited on for up to `timeout` seconds (then BlockingIOError)."""
+    is full is waited on for up to `timeout` seconds each time (then BlockingIOError)."""
     data = memoryview(pack(message))
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     while data:
