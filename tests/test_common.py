@@ -29,6 +29,21 @@ def test_frames_keep_their_descriptors_when_sent_back_to_back():
     b.close()
 
 
+def test_a_partial_frame_is_kept_between_reads():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.setblocking(False)
+    frame = ipc.pack({"op": "x"})
+    reader = ipc.FrameReader(max_bytes=100)
+    previous = 0
+    for cut in (2, ipc.HEADER, len(frame) - 1):
+        a.send(frame[previous:cut])
+        previous = cut
+        assert reader.read(b) is None and reader.partial
+    a.send(frame[previous:])
+    assert reader.read(b).payload == frame[ipc.HEADER:] and not reader.partial
+    a.close(), b.close()
+
+
 def test_a_frame_over_the_bound_is_refused():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ipc.send(a, b"y" * 2000)

@@ -97,7 +97,7 @@ class FrameReader:
     @property
     def partial(self) -> bool:
         """True while a frame has begun and is not complete."""
-        return bool(self._buf) or bool(self._fds)
+        return self._size is not None or bool(self._buf) or bool(self._fds)
 
     def read(self, sock: socket.socket) -> Frame | None:
         """The next complete frame; None if a non-blocking socket has no more for now.
