@@ -7,8 +7,8 @@ import stat
 import pytest
 from test_agent_support import REGISTER, agent_lab, prefix, read_line, wait_for
 
-from backdoors.agent.errors import RegistrationError
-from backdoors.agent.register import register_box, register_region
+from backdoors.common.runtime import register_box, register_region
+from backdoors.errors import RegistrationError
 from backdoors.sensors import SensorBox, parse
 
 __all__ = ["agent_lab", "prefix"]
@@ -71,8 +71,8 @@ def test_a_file_that_is_not_a_memfd_is_refused(agent_lab):
     lab = agent_lab()
     script = f"""
 import os, json
-from backdoors.agent.register import register_region
-from backdoors.agent.errors import RegistrationError
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
 fd = os.open("{lab.tmp}", os.O_RDONLY)
 try:
     register_region(fd, "dir")
@@ -86,8 +86,8 @@ def test_a_malformed_sensor_box_is_refused(agent_lab):
     lab = agent_lab()
     script = """
 import fcntl, json, os
-from backdoors.agent.register import _call
-from backdoors.agent.errors import RegistrationError
+from backdoors.common.runtime import _call
+from backdoors.errors import RegistrationError
 fd = os.memfd_create("fake", os.MFD_ALLOW_SEALING)
 os.write(fd, b"NOPE" + bytes(4092))
 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
@@ -108,7 +108,7 @@ def test_caps_on_count_size_and_bytes_per_node(agent_lab):
     assert "the cap is 65536 per region" in big["error"]
     for name in ("small0", "small1", "small2"):
         unregister_script = f"""
-from backdoors.agent.register import unregister
+from backdoors.common.runtime import unregister
 unregister({name!r})
 print("{{}}", flush=True)
 """
@@ -123,8 +123,8 @@ def test_kernel_is_a_reserved_name_and_a_live_owner_keeps_its_name(agent_lab):
     lab = agent_lab()
     script = """
 import fcntl, json, os
-from backdoors.agent.register import register_region
-from backdoors.agent.errors import RegistrationError
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
 fd = os.memfd_create("r", os.MFD_ALLOW_SEALING)
 os.ftruncate(fd, 4096)
 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
@@ -139,8 +139,8 @@ except RegistrationError as e:
     script = """
 import json
 from backdoors.sensors import SensorBox
-from backdoors.agent.register import register_box
-from backdoors.agent.errors import RegistrationError
+from backdoors.common.runtime import register_box
+from backdoors.errors import RegistrationError
 box = SensorBox.create("svc")
 try:
     print(json.dumps(register_box(box)), flush=True)
@@ -161,8 +161,8 @@ def test_unregister_and_writable_regions(agent_lab):
     assert {r.name: r.writable for r in lab.client().regions("n0")}["mbox0"] is True
     script = """
 import json
-from backdoors.agent.register import unregister
-from backdoors.agent.errors import RegistrationError
+from backdoors.common.runtime import unregister
+from backdoors.errors import RegistrationError
 print(json.dumps(unregister("mbox0")), flush=True)
 try:
     unregister("mbox0")
@@ -208,7 +208,7 @@ def test_the_app_side_module_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, backdoors.agent.register; "
+    code = ("import sys, backdoors.common.runtime; "
             "print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
             "('asyncio', 'pyroute2', 'prometheus_client', 'psutil')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -76,7 +76,7 @@ def test_kernel_sensors_see_fork_failures_and_follow_new_limits(agent_lab):
 BREAKER = """
 import sys, time
 from backdoors.sensors import SensorBox
-from backdoors.agent.register import register_box
+from backdoors.common.runtime import register_box
 bad, stuck = SensorBox.create("bad"), SensorBox.create("stuck")
 register_box(bad)
 register_box(stuck)

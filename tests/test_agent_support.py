@@ -21,7 +21,7 @@ import pytest
 from test_nodes_support import PY, prefix, wait_for  # noqa: F401 - fixture re-exported
 
 from backdoors.agent import AgentClient, AgentConfig, BackgroundAgent, NodeSpec, new_key
-from backdoors.agent.register import ENV_SOCKET
+from backdoors.common.runtime import AGENT_SOCKET_ENV
 from backdoors.nodes import Node
 
 MONITORS = ("m1", "m2", "m3")
@@ -32,7 +32,7 @@ MONITORS = ("m1", "m2", "m3")
 APP = """
 import fcntl, json, mmap, os, sys, time
 from backdoors.sensors import SensorBox
-from backdoors.agent.register import register_box, register_region
+from backdoors.common.runtime import register_box, register_region
 box = SensorBox.create(sys.argv[1])
 tick = box.progress("tick", deadline=1.0)
 out = {"box": register_box(box)}
@@ -56,8 +56,8 @@ while True:
 # Tries one registration described by argv[1] (JSON) and prints {"ok": ...} or {"error"}.
 REGISTER = """
 import fcntl, json, os, sys
-from backdoors.agent.register import register_region
-from backdoors.agent.errors import RegistrationError
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
 spec = json.loads(sys.argv[1])
 results = []
 for i in range(spec.get("count", 1)):
@@ -111,7 +111,7 @@ class AgentLab:
     def run(self, node: str, script: str, *args: str, socket_of: str | None = None,
             **kwargs) -> subprocess.Popen:
         """Run a Python script in `node`, told the registration socket of `socket_of`."""
-        env = dict(os.environ, **{ENV_SOCKET: self.socket_path(socket_of or node)})
+        env = dict(os.environ, **{AGENT_SOCKET_ENV: self.socket_path(socket_of or node)})
         proc = self.nodes[node].run([PY, "-c", script, *args], env=env,
                                     stdout=subprocess.PIPE, **kwargs)
         self.procs.append(proc)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from backdoors.nodes import ProcessInfo, process_table, read_process, subtree
-from backdoors.nodes.proctable import CLOCK_TICKS, PAGE_SIZE, parse_stat
+from backdoors.common.procs import CLOCK_TICKS, PAGE_SIZE, parse_stat
 
 # A real stat line (Linux 6.x, 52 fields) whose comm contains spaces and parentheses.
 STAT_WEIRD = (

@@ -39,6 +39,15 @@ class AgentError(BackdoorsError):
     """The agent refused or failed a request."""
 
 
+class RegistrationError(AgentError):
+    """A local registration was refused or could not be made; `.code` says which
+    (refused, no_agent, protocol)."""
+
+    def __init__(self, message: str, code: str = "refused"):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
 class ConfigError(BackdoorsError):
     """A configuration or ruleset file is invalid."""
 

@@ -1,11 +1,11 @@
-"""The agent: the backdoor daemon of a host, its RPC client and the app-side registration.
+"""The agent: the backdoor daemon of a host and its RPC client.
 
 - `Agent`, `BackgroundAgent` (daemon.py) and `python -m backdoors.agent --config FILE`;
 - `AgentConfig`, `load_config` (config.py); `generate_keys`, `load_keys` (keys.py);
-- `AgentClient` (client.py), used by monitors;
-- `register_box`, `register_region`, `unregister` (register.py), used by services.
+- `AgentClient` (client.py), used by monitors.
 
-Names are imported lazily, so that `backdoors.agent.register` stays light for services.
+Services register with their agent through `backdoors.common.runtime`. Names are imported
+lazily: importing the package does not load the daemon.
 docs/agent-protocol.md describes the wire protocol and the configuration.
 """
 
@@ -19,8 +19,7 @@ _EXPORTS = {
     "load_config": "config",
     "AgentClient": "client",
     "generate_keys": "keys", "load_keys": "keys", "load_key": "keys", "new_key": "keys",
-    "register_box": "register", "register_region": "register", "unregister": "register",
-    "RemoteError": "errors", "TransportError": "errors", "RegistrationError": "errors",
+    "RemoteError": "errors", "TransportError": "errors",
     "AuthError": "errors", "QuorumError": "errors", "DeadlineError": "errors",
     "BusyError": "errors", "BoundsError": "errors", "NotFoundError": "errors",
     "RequestError": "errors",

@@ -15,6 +15,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from ..common.runtime import agent_socket
 from ..errors import AgentError, BackdoorsError
 from ..nodes import Layout, Node, detect, read_process
 from ..sensors import Region
@@ -89,7 +90,7 @@ class Agent:
 
     def socket_path(self, node: str) -> str:
         """The registration socket of `node` (give it to the node's apps)."""
-        return os.path.join(self.config.run_dir, node, "agent.sock")
+        return agent_socket(self.config.run_dir, node)
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 A reply of the agent with `ok: false` becomes a RemoteError subclass chosen by its code
 (docs/agent-protocol.md lists the codes). Failures on the client's side of the wire
 (cannot connect, no reply in time, a reply that fails authentication) are TransportError.
-Only stdlib here: the light app-side `register` module imports this file.
+The registration client's RegistrationError is on the ground floor (backdoors.errors).
 """
 
 from __future__ import annotations
@@ -69,14 +69,6 @@ class TransportError(AgentError):
     """The client could not get an authentic reply (code: connect, timeout, protocol)."""
 
     def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.message, self.code = message, code
-
-
-class RegistrationError(AgentError):
-    """A local registration was refused or could not be made; `.code` says which."""
-
-    def __init__(self, message: str, code: str = "refused"):
         super().__init__(message)
         self.message, self.code = message, code
 

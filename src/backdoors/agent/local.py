@@ -1,7 +1,7 @@
 """The local registration server: one Unix socket per node, served by one thread.
 
-A process inside a node connects to <run_dir>/<node>/agent.sock and sends a request frame
-(4-byte big-endian length + msgpack) with a region's fd attached (SCM_RIGHTS). The caller
+A process inside a node connects to <run_dir>/<node>/agent.sock (common.runtime) and sends
+a request frame (common.ipc: length + msgpack) with a region's fd attached. The caller
 is identified by SO_PEERCRED (and SO_PEERPIDFD, so a recycled pid is noticed) and
 accepted only if /proc/PID/cgroup puts it inside that node's cgroup in every hierarchy:
 a node registers regions for itself only. Regions must be memfds sealed against
@@ -13,8 +13,6 @@ and "release" drops a session's box and socket when it ends normally.
 
 from __future__ import annotations
 
-import array
-import errno
 import fcntl
 import logging
 import math
@@ -23,13 +21,14 @@ import select
 import selectors
 import socket
 import stat
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 
 import msgspec
 
+from ..common import ipc
+from ..common.runtime import agent_socket
 from ..errors import AgentError, SensorBoxError
 from ..nodes import Node
 from ..sensors import Region, parse, read_consistent
@@ -42,13 +41,11 @@ from .sessions import SessionRefused, SessionTable
 
 log = logging.getLogger("backdoors.agent")
 
-SOCKET_NAME = "agent.sock"
 MAX_FRAME = 64 * 1024
 MAX_FDS = 4
 CONN_TIMEOUT_S = 10.0
 MAX_CONNS_PER_NODE = 64  # each process keeps one connection; a node's own problem if it hoards
 SO_PEERPIDFD = 77  # Linux 6.5+
-_UCRED = struct.Struct("3i")
 
 
 class LocalRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -65,7 +62,6 @@ class LocalReply(msgspec.Struct):
 
 
 _decode_request = msgspec.msgpack.Decoder(LocalRequest).decode
-_encode = msgspec.msgpack.Encoder().encode
 
 
 @dataclass(eq=False)
@@ -76,8 +72,8 @@ class _Conn:
     uid: int
     pidfd: int | None
     deadline: float
-    buf: bytearray = field(default_factory=bytearray)
-    fds: list[int] = field(default_factory=list)
+    reader: ipc.FrameReader = field(
+        default_factory=lambda: ipc.FrameReader(max_bytes=MAX_FRAME, max_fds=MAX_FDS))
 
 
 class LocalServer:
@@ -88,7 +84,7 @@ class LocalServer:
         self.nodes, self.run_dir, self.table = nodes, run_dir, table
         self.sessions = sessions or SessionTable(list(nodes), 4096)
         self.audit, self.metrics = audit, metrics
-        self.paths = {n: os.path.join(run_dir, n, SOCKET_NAME) for n in nodes}
+        self.paths = {n: agent_socket(run_dir, n) for n in nodes}
         self._sel = selectors.DefaultSelector()
         self._listeners: dict[socket.socket, str] = {}
         self._conns: dict[socket.socket, _Conn] = {}
@@ -102,18 +98,15 @@ class LocalServer:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the sockets (replacing stale ones of a killed agent) and start serving."""
+        """Create the sockets (replacing stale ones of a killed agent; refused if another
+        agent serves one) and start serving."""
         try:
             self._mkdir(self.run_dir)
             for node, path in self.paths.items():
                 self._mkdir(os.path.dirname(path))
-                self._remove_stale(path)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                # mode 0666: anyone may connect; the cgroup check decides
+                sock = ipc.listen(path, mode=0o666, backlog=256)
                 self._listeners[sock] = node
-                sock.bind(path)
-                os.chmod(path, 0o666)  # anyone may connect; the cgroup check decides
-                sock.listen(256)
-                sock.setblocking(False)
                 self._sel.register(sock, selectors.EVENT_READ, None)
         except OSError as e:
             self._close_all()
@@ -136,15 +129,10 @@ class LocalServer:
     def _close_all(self) -> None:
         for conn in list(self._conns.values()):
             self._drop(conn)
-        for sock in self._listeners:
+        for sock, node in self._listeners.items():  # only the sockets this server made
             sock.close()
+            ipc.unlink_socket(self.paths[node])
         self._listeners.clear()
-        for path in self.paths.values():
-            try:
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)
-            except OSError:
-                pass
         for d in reversed(self._made_dirs):
             try:
                 os.rmdir(d)
@@ -161,16 +149,6 @@ class LocalServer:
             self._made_dirs.append(path)
         except FileExistsError:
             pass
-
-    @staticmethod
-    def _remove_stale(path: str) -> None:
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(mode):
-            raise OSError(errno.EEXIST, "exists and is not a socket", path)
-        os.unlink(path)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -204,8 +182,7 @@ class LocalServer:
             sock.close()
             return
         sock.setblocking(False)
-        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                    _UCRED.size))
+        pid, uid, _ = ipc.peer_credentials(sock)
         try:
             pidfd: int | None = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
         except OSError:  # older kernel: pid reuse during the check goes unnoticed
@@ -215,42 +192,23 @@ class LocalServer:
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _readable(self, conn: _Conn) -> None:
+        started = conn.reader.partial
         try:
-            data, anc, flags, _ = conn.sock.recvmsg(
-                MAX_FRAME, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(conn)
-            return
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                conn.fds.extend(fds)
-        if flags & socket.MSG_CTRUNC or len(conn.fds) > MAX_FDS:
-            return self._fail(conn, "too many file descriptors attached: send exactly one")
-        if not data:
+            frame = conn.reader.read(conn.sock)
+        except ipc.PeerClosed:
             return self._drop(conn)
-        if not conn.buf:  # a request starts: it must be complete within CONN_TIMEOUT_S
-            conn.deadline = time.monotonic() + CONN_TIMEOUT_S
-        conn.buf += data
-        if len(conn.buf) < 4:
+        except ipc.FrameError as e:
+            return self._fail(conn, e.strerror)
+        except OSError:
+            return self._drop(conn)
+        if frame is None:
+            if not started and conn.reader.partial:  # it must be complete within CONN_TIMEOUT_S
+                conn.deadline = time.monotonic() + CONN_TIMEOUT_S
             return
-        size = int.from_bytes(conn.buf[:4], "big")
-        if size > MAX_FRAME:
-            return self._fail(conn, f"request of {size} bytes exceeds {MAX_FRAME}")
-        if len(conn.buf) < 4 + size:
-            return
-        if len(conn.buf) > 4 + size:
-            return self._fail(conn, "send one request and wait for its reply")
-        payload, fds = bytes(conn.buf[4:]), conn.fds
-        conn.buf, conn.fds = bytearray(), []
         try:
-            reply = self._dispatch(conn, payload, fds)
+            reply = self._dispatch(conn, frame.payload, frame.fds)
         finally:
-            for fd in fds:
-                os.close(fd)
+            frame.close_fds()
         self._reply(conn, reply)
         conn.deadline = math.inf  # idle between requests: a process keeps its connection
 
@@ -260,9 +218,8 @@ class LocalServer:
         self._drop(conn)
 
     def _reply(self, conn: _Conn, reply: LocalReply) -> None:
-        data = _encode(reply)
         try:
-            conn.sock.send(len(data).to_bytes(4, "big") + data)
+            ipc.send(conn.sock, reply, timeout=0)  # a caller that does not read is not waited for
         except OSError:
             pass
 
@@ -273,9 +230,7 @@ class LocalServer:
         except (KeyError, ValueError):
             pass
         conn.sock.close()
-        for fd in conn.fds:
-            os.close(fd)
-        conn.fds = []
+        conn.reader.discard()
         if conn.pidfd is not None:
             os.close(conn.pidfd)
             conn.pidfd = None

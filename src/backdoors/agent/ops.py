@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..common.procs import same_start
 from ..errors import SensorBoxError
 from ..nodes import KEEP, process_table, read_process, subtree
 from ..sensors import read_consistent
@@ -207,7 +208,7 @@ def processes(call: Call) -> ProcessTable:
     rows = [
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
-                   abs(registrants.get(p.pid, -1.0) - p.start_time) < 0.005)
+                   same_start(registrants.get(p.pid, -1.0), p.start_time))
         for p in table
     ]
     return ProcessTable(rows, len(pids), len(pids) > cap)

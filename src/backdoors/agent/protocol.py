@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from ..nodes.proctable import ProcessInfo
+from ..common.procs import ProcessInfo
 
 from backdoors.nodes.node import NodeStats
 

@@ -29,7 +29,7 @@ from ..errors import AgentError, BackdoorsError
 from ..tcprepair import (
     TcpState, close_silently, dump, finish_restore, initial_window, restore, segments_needed,
 )
-from ..continuations.listener import adoption_path
+from ..common.runtime import ADOPT_SOCKET, adoption_path
 from .ops import Call, Op, OpError
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("backdoors.agent")
 
-ADOPT_SOCKET = "adopt.sock"  # a node's single recovery server; else adopt-<port>.sock
 BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
 LONG_OP_S = 30.0
 STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)

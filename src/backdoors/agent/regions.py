@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ..common.procs import is_same, read_process
 from ..errors import AgentError
-from ..nodes import read_process
 from ..sensors import Region
 
 REGION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -58,9 +58,7 @@ class Entry:
         return self.region.size
 
     def registrant_alive(self) -> bool:
-        info = read_process(self.pid)
-        return info is not None and info.state not in ("Z", "X") and (
-            abs(info.start_time - self.start_time) < 0.005)
+        return is_same(self.pid, self.start_time)
 
 
 class RegionTable:

@@ -2,12 +2,12 @@
 
 At recovery the agent restores a session's socket in the recovery node, then hands the
 socket, the session's Continuation Box (a memfd) and the socket's byte counts at the dump
-to the recovery server. The local transport is a Unix SOCK_SEQPACKET socket at a path
-the server listens on; one message per session:
+to the recovery server. The local transport is a Unix stream socket at a path the
+server listens on, carrying common.ipc frames; one frame per session:
 
-    data:       msgpack Handover {v, session, handed, read, tail}
-    ancillary:  SCM_RIGHTS [restored socket fd, CB memfd]
-    reply:      msgpack HandoverReply {session, ok, error}
+    frame:      msgpack Handover {v, session, handed, read, tail}
+    attached:   [restored socket fd, CB memfd]
+    reply:      a frame, msgpack HandoverReply {session, ok, error}
 
 The server validates before it replies: the CB parses, its session id matches, and it
 agrees with the byte counts (CbImage.plan). `ok: false` means the server refused the
@@ -18,20 +18,17 @@ the tests').
 
 from __future__ import annotations
 
-import array
-import errno
 import logging
 import os
 import select
 import socket
-import stat
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
+from ..common import ipc
 from ..tcprepair import TcpState
 from .errors import AdoptionError, ContinuationError
 from .image import CbImage, ResumePlan, read_cb
@@ -41,6 +38,7 @@ log = logging.getLogger("backdoors.continuations")
 HANDOVER_VERSION = 1
 TAIL_MAX = 64 * 1024  # bytes of the dumped send queue sent along to check regeneration
 MAX_MESSAGE = TAIL_MAX + 4096
+MAX_REPLY = 4096
 BATCH = 256  # sessions taken per receive() at most
 _FDS = 2
 
@@ -70,7 +68,6 @@ class HandoverReply(msgspec.Struct):
 
 _decode_handover = msgspec.msgpack.Decoder(Handover).decode
 _decode_reply = msgspec.msgpack.Decoder(HandoverReply).decode
-_encode = msgspec.msgpack.Encoder().encode
 
 
 @dataclass(eq=False)
@@ -126,27 +123,28 @@ class AdoptionSource(Protocol):
 
 
 class UnixAdoptionSource:
-    """Receives sessions on a Unix SOCK_SEQPACKET socket at `path` (mode 0600).
+    """Receives sessions on a Unix stream socket at `path` (mode 0600).
 
     A stale socket file of a dead server is replaced; one in use is an error.
     """
 
     def __init__(self, path: str, *, backlog: int = 16):
         self.path = path
-        _remove_stale(path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._epoll = select.epoll()
-        self._conns: dict[int, socket.socket] = {}
-        self._ready: deque[Recovered] = deque()
         try:
-            self._listener.bind(path)
-            os.chmod(path, 0o600)
-            self._listener.listen(backlog)
-            self._listener.setblocking(False)
-            self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+            self._listener = ipc.listen(path, mode=0o600, backlog=backlog)
+        except ipc.SocketInUse:
+            raise AdoptionError(f"another recovery server listens at {path}") from None
+        except ipc.NotASocket:
+            raise AdoptionError(f"{path} exists and is not a socket: choose another "
+                                "adoption path") from None
         except OSError as err:
-            self.close()
-            raise AdoptionError(f"cannot listen for recovered sessions at {path}: {err.strerror}") from None
+            raise AdoptionError(f"cannot listen for recovered sessions at {path}: "
+                                f"{err.strerror}") from None
+        self._epoll = select.epoll()
+        self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+        self._conns: dict[int, socket.socket] = {}
+        self._readers: dict[int, ipc.FrameReader] = {}
+        self._ready: deque[Recovered] = deque()
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -175,10 +173,13 @@ class UnixAdoptionSource:
             return
         conn.setblocking(False)
         self._conns[conn.fileno()] = conn
+        self._readers[conn.fileno()] = ipc.FrameReader(max_bytes=MAX_MESSAGE, max_fds=_FDS)
         self._epoll.register(conn.fileno(), select.EPOLLIN)
 
     def _drop(self, conn: socket.socket) -> None:
         self._conns.pop(conn.fileno(), None)
+        if (reader := self._readers.pop(conn.fileno(), None)) is not None:
+            reader.discard()
         try:
             self._epoll.unregister(conn.fileno())
         except (OSError, ValueError):
@@ -187,27 +188,28 @@ class UnixAdoptionSource:
 
     def _receive_from(self, conn: socket.socket) -> Recovered | None:
         try:
-            data, ancdata, flags, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(_FDS * 4 + 16))
-        except BlockingIOError:
+            frame = self._readers[conn.fileno()].read(conn)
+        except ipc.FrameError as err:  # a sender breaking the framing is not heard further
+            if not isinstance(err, ipc.PeerClosed):
+                log.warning("refused a hand-over: %s", err.strerror)
+                self._reply(conn, HandoverReply("?", False, f"hand-over refused: {err.strerror}"))
+            self._drop(conn)
             return None
         except OSError:
             self._drop(conn)
             return None
-        fds = _fds_of(ancdata)
-        if not data and not fds:
-            self._drop(conn)  # sender closed
+        if frame is None:
             return None
+        fds = frame.fds
         session = "?"
         sock: socket.socket | None = None
         try:
             try:
-                handover = _decode_handover(data)
+                handover = _decode_handover(frame.payload)
                 session = handover.session
             except (msgspec.DecodeError, msgspec.ValidationError) as err:
                 handover = None
                 bad_metadata = f"hand-over metadata does not decode: {err}"
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                raise AdoptionError("hand-over message or its fds were truncated")
             if len(fds) != _FDS:
                 raise AdoptionError(f"hand-over carries {len(fds)} fds, expected {_FDS} (socket, CB)")
             if handover is None:
@@ -230,7 +232,7 @@ class UnixAdoptionSource:
 
     def _reply(self, conn: socket.socket, reply: HandoverReply) -> None:
         try:
-            conn.send(_encode(reply))
+            ipc.send(conn, reply)
         except OSError:
             self._drop(conn)
 
@@ -242,11 +244,7 @@ class UnixAdoptionSource:
         self._epoll.close()
         if self._listener.fileno() >= 0:
             self._listener.close()
-            try:
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            ipc.unlink_socket(self.path)
 
     def __enter__(self) -> UnixAdoptionSource:
         return self
@@ -260,12 +258,9 @@ class AdoptionClient:
 
     def __init__(self, path: str, *, timeout: float = 5.0):
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._sock.settimeout(timeout)
         try:
-            self._sock.connect(path)
+            self._sock = ipc.connect(path, timeout=timeout)
         except OSError as err:
-            self._sock.close()
             raise AdoptionError(
                 f"no recovery server at {path}: {err.strerror}; is it running with this "
                 "adoption socket?"
@@ -274,8 +269,7 @@ class AdoptionClient:
     @property
     def server_pid(self) -> int:
         """The pid of the recovery server at the other end (SO_PEERCRED)."""
-        cred = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", cred)[0]
+        return ipc.peer_credentials(self._sock)[0]
 
     def hand_over(self, sock: socket.socket | int, cb_fd: int, handover: Handover) -> None:
         """Send one session and wait for the server's verdict; AdoptionError if refused.
@@ -293,9 +287,8 @@ class AdoptionClient:
         transport raises AdoptionError."""
         for sock, cb_fd, handover in sessions:
             fd = sock if isinstance(sock, int) else sock.fileno()
-            rights = array.array("i", [fd, cb_fd])
             try:
-                self._sock.sendmsg([_encode(handover)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+                ipc.send(self._sock, handover, (fd, cb_fd))
             except OSError as err:
                 raise AdoptionError(
                     f"hand-over of session {handover.session} to {self.path} failed: {err}"
@@ -304,11 +297,11 @@ class AdoptionClient:
 
     def _verdict(self, handover: Handover) -> AdoptionError | None:
         try:
-            raw = self._sock.recv(4096)
+            raw = ipc.recv(self._sock, max_bytes=MAX_REPLY).payload
+        except ipc.PeerClosed:
+            raise AdoptionError(f"recovery server at {self.path} closed without answering") from None
         except OSError as err:
             raise AdoptionError(f"no verdict from {self.path} on session {handover.session}: {err}") from None
-        if not raw:
-            raise AdoptionError(f"recovery server at {self.path} closed without answering")
         try:
             reply = _decode_reply(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
@@ -335,32 +328,3 @@ def hand_over(path: str, sock: socket.socket | int, cb_fd: int, handover: Handov
     """Hand one recovered session to the server listening at `path` (see AdoptionClient)."""
     with AdoptionClient(path, timeout=timeout) as client:
         client.hand_over(sock, cb_fd, handover)
-
-
-def _fds_of(ancdata: list) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(array.array("i", payload[:usable]))
-    return fds
-
-
-def _remove_stale(path: str) -> None:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise AdoptionError(f"{path} exists and is not a socket: choose another adoption path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        probe.connect(path)
-    except OSError as err:
-        if err.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EPROTOTYPE):
-            os.unlink(path)
-            return
-        raise AdoptionError(f"cannot probe adoption socket {path}: {err.strerror}") from None
-    finally:
-        probe.close()
-    raise AdoptionError(f"another recovery server listens at {path}")

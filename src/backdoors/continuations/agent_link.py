@@ -7,8 +7,8 @@ of the session socket, so both outlive a crashed server.
 
 Without an agent (BACKDOORS_AGENT_SOCKET unset: tests, servers run outside backdoors)
 the default registrar does nothing and the server runs as usual, just not recoverable.
-With it, `AgentRegistrar` calls the agent's app-side registration module
-(`backdoors.agent.register`), which must offer:
+With it, `AgentRegistrar` calls the registration client (`backdoors.common.runtime`, or any
+object with the same calls, a `RegistrationLink`):
 
     register_region(fd, *, name, kind)   kind "cb": the CB memfd, named "cb-<session>"
     hold_socket(fd, *, name)             the session socket, under the same name
@@ -20,22 +20,21 @@ An agent that refuses or fails does not stop the session: the box is served unre
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import queue
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from ..common import runtime
+from ..common.runtime import AGENT_SOCKET_ENV, RegistrationLink
 from ..errors import BackdoorsError
 from .errors import ContinuationError
 
 if TYPE_CHECKING:
     from .box import ContinuationBox
 
-AGENT_ENV = "BACKDOORS_AGENT_SOCKET"
-CLIENT_MODULE = "backdoors.agent.register"
 KIND = "cb"
 _NEEDED = ("register_region", "hold_socket", "release")
 
@@ -64,10 +63,10 @@ class NullRegistrar:
 
 
 class AgentRegistrar:
-    """Registers boxes through an agent client offering register_region, hold_socket and
-    release (the `backdoors.agent.register` module, or any object with those calls)."""
+    """Registers boxes through a registration client offering register_region, hold_socket
+    and release (the `backdoors.common.runtime` module, or any object with those calls)."""
 
-    def __init__(self, client: Any):
+    def __init__(self, client: RegistrationLink):
         missing = [name for name in _NEEDED if not callable(getattr(client, name, None))]
         if missing:
             raise ContinuationError(
@@ -124,21 +123,12 @@ _cached: tuple[str, Registrar] | None = None
 
 
 def default_registrar(environ: Mapping[str, str] = os.environ) -> Registrar:
-    """NULL when $BACKDOORS_AGENT_SOCKET is unset, else an AgentRegistrar over
-    `backdoors.agent.register` (ContinuationError if that module is unusable)."""
+    """NULL when $BACKDOORS_AGENT_SOCKET is unset, else an AgentRegistrar over the
+    registration client `backdoors.common.runtime`."""
     global _cached
-    path = environ.get(AGENT_ENV, "")
+    path = environ.get(AGENT_SOCKET_ENV, "")
     if not path:
         return NULL
-    if _cached is not None and _cached[0] == path:
-        return _cached[1]
-    try:
-        module = importlib.import_module(CLIENT_MODULE)
-    except ImportError as err:
-        raise ContinuationError(
-            f"{AGENT_ENV}={path} but the agent's registration module {CLIENT_MODULE} cannot "
-            f"be imported ({err}); unset {AGENT_ENV} to run without an agent"
-        ) from None
-    registrar = AgentRegistrar(module)
-    _cached = (path, registrar)
-    return registrar
+    if _cached is None or _cached[0] != path:
+        _cached = (path, AgentRegistrar(runtime))
+    return _cached[1]

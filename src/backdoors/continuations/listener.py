@@ -17,17 +17,8 @@ import selectors
 import socket
 from typing import Iterator
 
+from ..common.runtime import adoption_socket
 from .adoption import AdoptionSource, Recovered, UnixAdoptionSource
-
-ADOPT_ENV = "BACKDOORS_ADOPT_SOCKET"
-#: A directory where a server listening on port P receives its sessions at adopt-P.sock:
-#: several recoverable servers in one node, each with its own adoption socket.
-ADOPT_DIR_ENV = "BACKDOORS_ADOPT_DIR"
-
-
-def adoption_path(directory: str, port: int) -> str:
-    """Where the server of `port` receives recovered sessions, in an adoption directory."""
-    return os.path.join(directory, f"adopt-{port}.sock")
 
 
 class Listener:
@@ -59,9 +50,7 @@ class Listener:
         source; default: the path in $BACKDOORS_ADOPT_SOCKET, else adopt-PORT.sock in
         $BACKDOORS_ADOPT_DIR, if either is set."""
         if adopt is None:
-            adopt = os.environ.get(ADOPT_ENV) or None
-        if adopt is None and os.environ.get(ADOPT_DIR_ENV):
-            adopt = adoption_path(os.environ[ADOPT_DIR_ENV], port)
+            adopt = adoption_socket(port)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:

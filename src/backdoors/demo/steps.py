@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 
+from ..common.procs import alive, read_line, running
 from ..lab import hogs, inject
-from ..lab.lab import _alive, _read_line
 from .world import World
 
 TIMEOUT_S = 30.0
@@ -51,7 +51,7 @@ def _note_incident(step: Step, inc, t0_wall: float, action: str) -> None:
 
 
 def _comm_alive(w: World, node: str, comm: str) -> list[int]:
-    return [p.pid for p in w.lab.node(node).processes() if p.comm == comm and p.state != "Z"]
+    return [p.pid for p in w.lab.node(node).processes() if p.comm == comm and running(p.state)]
 
 
 def _wait(cond, timeout: float = 5.0):
@@ -69,7 +69,7 @@ def memory_hog(w: World, node: str = "n3") -> dict:
     cache = w.lab.run_in_node(node, [sys.executable, "-m", "backdoors.lab.hogs", "cache", "--mb", "180"],
                               stdout=subprocess.PIPE)
     try:
-        if _read_line(cache, 20.0) != "ready":
+        if read_line(cache, 20.0) != "ready":
             step.check("the legitimate 180 MB cache started", False)
             return step.done("setup failed")
         time.sleep(0.6)  # a window of RSS history for the growth rates
@@ -85,7 +85,7 @@ def memory_hog(w: World, node: str = "n3") -> dict:
         gone = _wait(lambda: hog.poll() is not None)
         step.check("the hog (growing fastest) was killed", gone)
         step.check("the cache (largest, stable) survived", cache.poll() is None)
-        step.check("the service survived", _alive(service))
+        step.check("the service survived", alive(service))
         summary = inc.diagnosis.summary if inc.diagnosis else ""
         return step.done(f"hog killed {step.record['repair_ms']:.0f} ms after detection "
                          f"({step.record['detect_ms']:.0f} ms after it started); cache and "
@@ -108,7 +108,7 @@ def fork_bomb(w: World, node: str = "n3") -> dict:
     left = _wait(lambda: not _comm_alive(w, node, hogs.COMM["forkbomb"]), 5.0)
     step.check("no bomb process left", left, f"{len(_comm_alive(w, node, hogs.COMM['forkbomb']))} left")
     step.check("the node is thawed", not w.lab.node(node).stats().frozen)
-    step.check("the service survived", _alive(service))
+    step.check("the service survived", alive(service))
     forked = _wait(lambda: _can_fork(w, node), 8.0)
     step.check("the node can fork again", forked)
     return step.done(f"node locked, {_killed(inc)} bomb processes killed while frozen, unlocked "
@@ -145,7 +145,7 @@ def deadlock(w: World, node: str = "n3") -> dict:
     diag = inc.diagnosis.summary if inc.diagnosis else ""
     step.check("the diagnosis names the stuck process", str(old) in diag, diag)
     new = w.lab.service(node, recoverable=False).pid
-    step.check("the service was restarted (refresh)", new != old and _alive(new))
+    step.check("the service was restarted (refresh)", new != old and alive(new))
     return step.done(f"detected {step.record['detect_ms']:.0f} ms after the service stopped "
                      f"ticking: {diag}; restarted as pid {new}")
 

@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..common.procs import alive, read_line
 from ..errors import LabError
 from ..lab import Lab
 from ..lab import topology as T
 from ..lab.clients import StreamClients
-from ..lab.lab import _alive, _read_line
 from ..scenarios.recovery import monitor_for
 
 MiB = 1 << 20
@@ -96,7 +96,7 @@ class World:
         proc = self.lab.run_in_node(node, [sys.executable, str(EXAMPLES / "http_server.py"),
                                            "--port", str(HTTP_PORT), "--root", str(self.www)],
                                     stdout=subprocess.PIPE)
-        if not _read_line(proc, 10.0):
+        if not read_line(proc, 10.0):
             raise LabError(f"the HTTP example did not start in node {node}")
         proc.stdout.close()
         self._procs.append(proc)
@@ -107,7 +107,7 @@ class World:
         old = self.lab.service(node, recoverable=False).pid
         self.lab.node(node).kill(old, signal.SIGKILL)
         end = time.monotonic() + 5
-        while _alive(old) and time.monotonic() < end:
+        while alive(old) and time.monotonic() < end:
             time.sleep(0.01)
         return {"old_pid": old, "new_pid": self.start_sample(node)}
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..common.procs import read_line
 from ..agent.config import AgentConfig, NodeSpec, dump_config, validate
 from ..agent.keys import generate_keys
 from ..errors import LabError
@@ -55,8 +56,7 @@ def start_agent(plan: T.Plan, host: T.HostPlan, quorum: int) -> int:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "backdoors.agent", "--config", str(path)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
-    from .lab import _read_line
-    line = _read_line(proc, READY_TIMEOUT)
+    line = read_line(proc, READY_TIMEOUT)
     proc.stdout.close()
     try:
         ready = json.loads(line).get("event") == "ready"

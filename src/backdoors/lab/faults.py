@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..common.procs import alive
 from .. import net
 from ..errors import LabError
 from . import hogs
@@ -91,8 +92,7 @@ def stop(lab: Lab, kind: str, node: str, **opts) -> None:
             for pid in _by_comm(lab, node, comm):
                 n.kill(pid, signal.SIGKILL)
     elif kind == "crash":
-        from .lab import _alive
-        if not _alive(_service(lab, node, opts).pid):
+        if not alive(_service(lab, node, opts).pid):
             lab.start_service(node, recoverable=bool(opts.get("recoverable")))
     elif kind == "network":
         _network(lab, node, opts.get("mode", "down"), broken=False)

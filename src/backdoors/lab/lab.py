@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..common.procs import alive, read_line
+from ..common.runtime import agent_socket, service_env
 from .. import net
 from ..errors import LabError, require_root
 from ..net import netns
@@ -206,10 +208,9 @@ class Lab:
         """Environment for programs started in `node`."""
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        sock = self.plan.run_dir / "nodes" / node / "agent.sock"
-        if sock.exists():
-            env["BACKDOORS_AGENT_SOCKET"] = str(sock)
-            env["BACKDOORS_ADOPT_DIR"] = str(sock.parent)
+        sock = agent_socket(str(self.plan.run_dir / "nodes"), node)
+        if os.path.exists(sock):
+            env.update(service_env(sock))
         return env
 
     def run_in_node(self, node: str, argv: list[str], **popen) -> subprocess.Popen:
@@ -232,7 +233,7 @@ class Lab:
             argv = [sys.executable, "-m", "backdoors.lab.service", "--name", f"svc-{node}",
                     "--port", str(T.SERVICE_PORT), *extra]
         proc = self.run_in_node(node, argv, stdout=subprocess.PIPE)
-        line = _read_line(proc, timeout)
+        line = read_line(proc, timeout)
         if not line:
             proc.kill()
             raise LabError(
@@ -321,7 +322,7 @@ class Lab:
             except Exception as e:  # noqa: BLE001 - status reports, it does not fail
                 entry["error"] = str(e)
             svc = self.state.services.get(n.name)
-            entry["service_pid"] = svc.pid if svc and _alive(svc.pid) else None
+            entry["service_pid"] = svc.pid if svc and alive(svc.pid) else None
             nodes.append(entry)
         hosts = [{"host": h.name, "address": h.address, "netns": h.netns,
                   "agent_pid": self.state.agents.get(h.name)} for h in self.plan.hosts]
@@ -330,28 +331,6 @@ class Lab:
 
 def _service_key(node: str, recoverable: bool) -> str:
     return f"{node}:stream" if recoverable else node
-
-
-def _alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2][1:2] != b"Z"
-    except OSError:
-        return False
-
-
-def _read_line(proc: subprocess.Popen, timeout: float) -> str:
-    """One line of a child's stdout, or '' if it exits or stays silent past `timeout`."""
-    import selectors
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            return ""
-        return proc.stdout.readline().decode().strip()
-    finally:
-        sel.close()
 
 
 class StopSignals:

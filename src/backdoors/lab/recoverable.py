@@ -25,6 +25,7 @@ import time
 
 import msgspec
 
+from ..common.runtime import AGENT_SOCKET_ENV, register_box
 from ..continuations import Listener, create_cb
 from ..sensors import SensorBox
 from . import stream
@@ -85,8 +86,7 @@ def main(argv=None) -> int:
 
     box = SensorBox.create(a.name)
     progress = box.progress("progress", deadline=a.deadline)
-    if os.environ.get("BACKDOORS_AGENT_SOCKET"):
-        from ..agent.register import register_box
+    if os.environ.get(AGENT_SOCKET_ENV):
         register_box(box)
     stop, leak = threading.Event(), threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: leak.set())  # the lab's "the service leaks" fault

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+from backdoors.common.runtime import AGENT_SOCKET_ENV, register_box
 from backdoors.lab import stream
 from backdoors.sensors import SensorBox
 
@@ -71,8 +72,7 @@ def main(argv=None) -> int:
     progress = box.progress("progress", deadline=a.deadline)
     rss = box.level("rss_mb", max=a.rss_max_mb, initial=rss_mb())
     errors = box.pressure("errors", max_events=50, window=1.0)
-    if os.environ.get("BACKDOORS_AGENT_SOCKET"):
-        from backdoors.agent.register import register_box
+    if os.environ.get(AGENT_SOCKET_ENV):
         register_box(box)
 
     listener = socket.create_server(("0.0.0.0", a.port), backlog=128, reuse_port=False)

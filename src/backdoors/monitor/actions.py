@@ -11,6 +11,7 @@ import subprocess
 import time
 from typing import Any
 
+from ..common.procs import running
 from ..errors import AgentError
 from . import rules as R
 from .diagnosis import Finding, Target, bomb_lineage, subtree_roots
@@ -27,7 +28,7 @@ def _wait_gone(ctx, targets: list[Target], timeout: float) -> tuple[list[Target]
     start = ctx.clock()
     want = {(t.pid, t.start_time) for t in targets}
     while True:
-        alive = {(p.pid, p.start_time) for p in _rows(ctx) if p.state not in ("Z", "X")}
+        alive = {(p.pid, p.start_time) for p in _rows(ctx) if running(p.state)}
         left = [t for t in targets if (t.pid, t.start_time) in alive & want]
         waited = ctx.clock() - start
         if not left or waited >= timeout:

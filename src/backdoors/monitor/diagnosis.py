@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from ..common.procs import running
 from ..agent.protocol import ProcessRow as Row  # the agent's process table rows
 from . import rules as R
 from .detectors import Hit, NodeView
@@ -72,7 +73,7 @@ def memory_hog(cfg: R.MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
     """The process responsible for the growth: the highest RSS growth rate, at least
     `min_rate_mb_s`; never a registered service or a protected comm, never chosen for
     its size. No culprit (and no kill) when nothing grows."""
-    alive = [p for p in table if p.state not in ("Z", "X")]
+    alive = [p for p in table if running(p.state)]
     by_rate = sorted(alive, key=lambda p: p.rss_rate, reverse=True)
     eligible = [p for p in by_rate if not p.registered and not _protected_comm(p, cfg.protect_comms)]
     largest = max(alive, key=lambda p: p.rss_bytes, default=None)
@@ -100,7 +101,7 @@ def memory_hog(cfg: R.MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
 
 def largest_rss(cfg: R.LargestRssDiagnosis, table: Sequence[Row]) -> Finding:
     """Baseline (kernel OOM killer, earlyoom): the largest resident process."""
-    alive = [p for p in table if p.state not in ("Z", "X")
+    alive = [p for p in table if running(p.state)
              and not (cfg.protect_registered and p.registered)]
     by_size = sorted(alive, key=lambda p: p.rss_bytes, reverse=True)
     evidence = {"by_size": [_brief(p) for p in by_size[: cfg.top]]}
@@ -137,7 +138,7 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
         return p.registered or (first is not None and p.pid == first.pid
                                 and p.age_s > young_age_s) or _protected_comm(p, protect_comms)
 
-    young = [p for p in table if p.age_s <= young_age_s and p.state not in ("Z", "X")
+    young = [p for p in table if p.age_s <= young_age_s and running(p.state)
              and not protected(p)]
     young_children: dict[int, int] = {}
     for p in young:
@@ -244,7 +245,7 @@ def hang(view: NodeView, hits: list[Hit], table: Sequence[Row],
     cpu_later = {(p.pid, p.start_time): p.cpu_seconds for p in later or ()}
     stalled = [v for h in hits for v in h.violations if v.type == "progress"]
     frozen_hit = any(h.kind == "node_frozen" for h in hits)
-    live = [p for p in table if p.state not in ("Z", "X")]
+    live = [p for p in table if running(p.state)]
     all_stopped = bool(live) and all(p.state in ("T", "t") for p in live)
     owners: dict[int, list[str]] = {}
     for v in stalled:

@@ -8,7 +8,8 @@ remote access hooks: run inside, lock (freeze), kill a process, a tree or all, l
 from backdoors.nodes.cgroups import Cgroup, reap
 from backdoors.nodes.layout import Layout, detect
 from backdoors.nodes.node import KEEP, Node, NodeStats
-from backdoors.nodes.proctable import ProcessInfo, process_table, read_process, subtree
+from backdoors.common.procs import ProcessInfo, read_process
+from backdoors.nodes.proctable import process_table, subtree
 
 __all__ = [
     "KEEP",

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import msgspec
 
+from backdoors.common.procs import ProcessInfo, read_process, running, same_start
 from backdoors.errors import NodeError
 from backdoors.nodes import syscalls
 from backdoors.nodes.cgroups import Cgroup
 from backdoors.nodes.layout import Layout, detect
-from backdoors.nodes.proctable import CLOCK_TICKS, ProcessInfo, process_table, read_process, subtree
+from backdoors.nodes.proctable import process_table, subtree
 
 NETNS_DIR = Path("/run/netns")
 
@@ -249,12 +250,12 @@ class Node:
             return None
         try:
             info = read_process(pid)
-            if info is None or info.state in ("Z", "X"):
+            if info is None or not running(info.state):
                 os.close(pidfd)
                 return None
             if pid not in (members if members is not None else self.cgroup.procs()):
                 raise NodeError(f"process {pid} ({info.comm}) is not in node {self.name}: refused")
-            if start_time is not None and abs(info.start_time - start_time) > 0.5 / CLOCK_TICKS:
+            if start_time is not None and not same_start(info.start_time, start_time):
                 raise NodeError(
                     f"process {pid} in node {self.name} started at {info.start_time:.2f} s, not "
                     f"{start_time:.2f} s: the pid was reused by another process; refused"

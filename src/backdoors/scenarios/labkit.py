@@ -12,9 +12,9 @@ import os
 import signal
 import time
 
+from ..common.procs import alive
 from ..errors import LabError
 from ..lab import Lab
-from ..lab.lab import _alive
 from ..monitor.config import AgentEntry, MonitorConfig
 from ..sensors import parse
 
@@ -79,7 +79,7 @@ class AgentLab:
         old = self.lab.service(node).pid
         self.lab.node(node).kill(old, signal.SIGKILL)
         end = time.monotonic() + timeout
-        while _alive(old) and time.monotonic() < end:
+        while alive(old) and time.monotonic() < end:
             time.sleep(0.01)
         pid = self.lab.start_service(node, *args).pid
         self.wait_registered(node, timeout, owner=pid)

@@ -20,9 +20,9 @@ import sys
 import time
 from contextlib import ExitStack
 
+from ..common.procs import alive, read_line, running
 from ..errors import BackdoorsError, LabError
 from ..lab import hogs
-from ..lab.lab import _alive
 from ..monitor import Monitor, parse_ruleset
 from ..monitor.incidents import Incident
 from .labkit import AgentLab, unique_name
@@ -64,8 +64,7 @@ def _monitor(al: AgentLab, stack: ExitStack, *, period_ms: float, rules=None,
 
 def _start_cache(al: AgentLab, node: str, mb: float) -> subprocess.Popen:
     proc = al.lab.run_in_node(node, _hog_argv("cache", "--mb", str(mb)), stdout=subprocess.PIPE)
-    from ..lab.lab import _read_line
-    if _read_line(proc, 20.0) != "ready":
+    if read_line(proc, 20.0) != "ready":
         proc.kill()
         raise LabError(f"the cache process in node {node} did not get ready")
     proc.stdout.close()
@@ -156,7 +155,7 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
                 repair_ms=inc.repaired_ms if inc else None,
                 culprit_killed=killed_by_monitor if mon is not None else hog.poll() is not None,
                 innocent_killed=len(innocents_gone),
-                service_survived=_alive(service_pid),
+                service_survived=alive(service_pid),
                 cache_survived=cache.poll() is None,
                 hog_survived=hog.poll() is None,
                 victim={"hog": "hog", "cache": "cache", "service": "service"}.get(first),
@@ -211,8 +210,7 @@ class NodeInit:
     def __init__(self, al: AgentLab, node: str):
         self.proc = al.lab.run_in_node(node, [sys.executable, "-c", _NODE_INIT],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        from ..lab.lab import _read_line
-        if _read_line(self.proc, 10.0) != "ready":
+        if read_line(self.proc, 10.0) != "ready":
             self.proc.kill()
             raise LabError(f"the init of node {node} did not start")
 
@@ -226,7 +224,7 @@ class NodeInit:
 
 
 def _count_comm(al: AgentLab, node: str, comm: str) -> int:
-    return sum(1 for p in al.lab.node(node).processes() if p.comm == comm and p.state != "Z")
+    return sum(1 for p in al.lab.node(node).processes() if p.comm == comm and running(p.state))
 
 
 def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_limit: int = 128,
@@ -283,7 +281,7 @@ def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_li
                 detect_ms=_ms(t_bomb, _mono(inc.detected)) if inc else None,
                 repair_ms=inc.repaired_ms if inc else None,
                 bomb_processes_left=left,
-                service_survived=_alive(service_pid),
+                service_survived=alive(service_pid),
                 probe_survived="probe" not in watch.died,
                 init_survived="init" not in watch.died,
                 node_thawed=not n.is_locked() and not stats.frozen,

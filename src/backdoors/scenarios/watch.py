@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from ..common.procs import alive
 from ..errors import BackdoorsError
-from ..lab.lab import _alive
 
 
 class Recording:
@@ -112,7 +112,7 @@ class ProgressWatch:
                     self._gaps.append((self._last[1], now - self._last[1]))
                 self._last = (value, now)
         for name, pid in self.pids.items():
-            if name not in self.died and not _alive(pid):
+            if name not in self.died and not alive(pid):
                 self.died[name] = now
 
     def _run(self) -> None:

@@ -131,6 +131,12 @@ class SensorBox:
         return cls(fd, mm, capacity, path)
 
     @property
+    def name(self) -> str:
+        """The box's own name (from its header): the region name it registers under."""
+        raw = L.HEADER.unpack_from(self._mm, 0)[-1]
+        return raw.split(b"\0", 1)[0].decode("utf-8")
+
+    @property
     def count(self) -> int:
         return self._words[L.OFF_COUNT // 8] & 0xFFFFFFFF
 

@@ -1,0 +1,113 @@
+"""Process identity: one process read from /proc/PID/stat, alive or not, the same or not.
+
+A pid alone does not name a process (pids are recycled); a pid with its start time does.
+Only /proc/PID/stat is read: it never blocks on a process's memory map lock (cmdline and
+status can, for a process stuck in the kernel), and one read gives every field needed.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+
+import msgspec
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+#: Two start times name the same process when they differ by less than half a clock tick
+#: (start times are whole ticks; this absorbs float rounding only).
+START_TIME_TOLERANCE_S = 0.5 / CLOCK_TICKS
+#: Task states of a process that has ended: a zombie (not reaped yet) or dead.
+ENDED_STATES = frozenset({"Z", "X"})
+
+
+class ProcessInfo(msgspec.Struct, frozen=True):
+    """One process as seen from outside.
+
+    start_time is in seconds since boot; with pid it names the process uniquely
+    (a recycled pid has a later start_time). cpu_seconds is user + system time.
+    """
+
+    pid: int
+    ppid: int
+    comm: str
+    state: str
+    rss_bytes: int
+    start_time: float
+    cpu_seconds: float
+    threads: int
+
+
+def parse_stat(text: str) -> ProcessInfo:
+    """Parse the text of /proc/PID/stat.
+
+    comm sits in parentheses and may itself contain spaces and ')', so the fixed fields
+    are those after the LAST ')'. Raises ValueError on text that is not a stat line.
+    """
+    open_paren, close_paren = text.find("("), text.rfind(")")
+    if open_paren < 0 or close_paren < open_paren:
+        raise ValueError(f"not a /proc/PID/stat line: {text[:80]!r}")
+    rest = text[close_paren + 2 :].split()
+    # rest[0] is field 3 (state) of proc(5); field n is rest[n - 3].
+    return ProcessInfo(
+        pid=int(text[:open_paren]),
+        ppid=int(rest[1]),
+        comm=text[open_paren + 1 : close_paren],
+        state=rest[0],
+        rss_bytes=int(rest[21]) * PAGE_SIZE,
+        start_time=int(rest[19]) / CLOCK_TICKS,
+        cpu_seconds=(int(rest[11]) + int(rest[12])) / CLOCK_TICKS,
+        threads=int(rest[17]),
+    )
+
+
+def read_process(pid: int) -> ProcessInfo | None:
+    """The ProcessInfo of `pid`, or None when it does not exist (or vanished)."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except ProcessLookupError:  # exited between open and read
+        return None
+    finally:
+        os.close(fd)
+    return parse_stat(data.decode(errors="replace"))
+
+
+def running(state: str) -> bool:
+    """Whether a process in task `state` still runs (not a zombie, not dead)."""
+    return state not in ENDED_STATES
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    info = read_process(pid)
+    return info is not None and running(info.state)
+
+
+def same_start(start_time: float, other: float) -> bool:
+    """Whether two start times (seconds since boot) are those of one process."""
+    return abs(start_time - other) < START_TIME_TOLERANCE_S
+
+
+def is_same(pid: int, start_time: float) -> bool:
+    """True if the process that started at `start_time` as `pid` still runs (its pid was
+    not recycled since)."""
+    info = read_process(pid)
+    return info is not None and running(info.state) and same_start(info.start_time, start_time)
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """One line of a child's stdout (stripped), or '' if it exits or stays silent past
+    `timeout`: how a started program says it is ready."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            return ""
+        return proc.stdout.readline().decode().strip()
+    finally:
+        sel.close()

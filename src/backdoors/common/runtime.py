@@ -1,0 +1,181 @@
+"""The node-side runtime contract: what a service inside a node finds, and how it registers.
+
+The agent serves one registration socket per node, <run_dir>/<node>/agent.sock; recovery
+servers of that node receive recovered sessions in the same directory, at adopt.sock (one
+server for every port) or adopt-<port>.sock. The node's launcher passes them on in the
+environment (`service_env`):
+
+    BACKDOORS_AGENT_SOCKET   the node's registration socket
+    BACKDOORS_ADOPT_DIR      where a server on port P listens for sessions (adopt-P.sock)
+    BACKDOORS_ADOPT_SOCKET   one server's own adoption socket (overrides the directory)
+
+The registration client (`register_box`, `register_region`, `hold_socket`, `release`,
+`unregister`) hands regions (sealed memfds) and session sockets to the agent over that
+socket (common.ipc frames, one descriptor attached). The agent keeps a duplicate of each
+descriptor, so a region or session outlives this process; it accepts them only from
+processes inside its node. Light on purpose (stdlib and msgspec only): services import it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from typing import Protocol
+
+import msgspec
+
+from ..errors import RegistrationError
+from . import ipc
+
+AGENT_SOCKET_ENV = "BACKDOORS_AGENT_SOCKET"
+ADOPT_DIR_ENV = "BACKDOORS_ADOPT_DIR"
+ADOPT_SOCKET_ENV = "BACKDOORS_ADOPT_SOCKET"
+AGENT_SOCKET = "agent.sock"
+ADOPT_SOCKET = "adopt.sock"  # a node's single recovery server; else adopt-<port>.sock
+MAX_REPLY = 64 * 1024
+
+
+def agent_socket(run_dir: str, node: str) -> str:
+    """The registration socket of `node` under an agent's run directory."""
+    return os.path.join(run_dir, node, AGENT_SOCKET)
+
+
+def adoption_path(directory: str, port: int) -> str:
+    """Where the server of `port` receives recovered sessions, in an adoption directory."""
+    return os.path.join(directory, f"adopt-{port}.sock")
+
+
+def service_env(agent_socket_path: str) -> dict[str, str]:
+    """The variables a node's launcher sets for its services: the registration socket,
+    and its directory as the adoption directory."""
+    return {AGENT_SOCKET_ENV: agent_socket_path,
+            ADOPT_DIR_ENV: os.path.dirname(agent_socket_path)}
+
+
+def adoption_socket(port: int, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The adoption socket of a server on `port` named by the environment, if any."""
+    if path := environ.get(ADOPT_SOCKET_ENV):
+        return path
+    if directory := environ.get(ADOPT_DIR_ENV):
+        return adoption_path(directory, port)
+    return None
+
+
+class NamedRegion(Protocol):
+    """A region with a name of its own (a Sensor Box): its memfd and name."""
+
+    @property
+    def fd(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class RegistrationLink(Protocol):
+    """What Continuation Boxes need of the registration client (this module, or a fake)."""
+
+    def register_region(self, fd: int, name: str, writable: bool = False, *,
+                        kind: str = "region") -> dict: ...
+
+    def hold_socket(self, fd: int, *, name: str) -> dict: ...
+
+    def release(self, name: str) -> dict: ...
+
+
+def register_box(box: NamedRegion, *, name: str | None = None,
+                 socket_path: str | None = None, timeout: float = 2.0) -> dict:
+    """Register a Sensor Box; its region name defaults to the box's own name."""
+    return _call({"op": "register", "kind": "sensorbox", "name": name or box.name,
+                  "writable": False}, box.fd, socket_path, timeout)
+
+
+def register_region(fd: int, name: str, writable: bool = False, *, kind: str = "region",
+                    socket_path: str | None = None, timeout: float = 2.0) -> dict:
+    """Register a region (a memfd sealed with F_SEAL_SHRINK) of `kind` ("region",
+    "sensorbox" or "cb", a Continuation Box named "cb-<session>"). `writable` lets
+    monitors write it through the agent (a mailbox for remote access hooks).
+    """
+    return _call({"op": "register", "kind": kind, "name": name, "writable": writable},
+                 fd, socket_path, timeout)
+
+
+def hold_socket(fd: int, *, name: str, socket_path: str | None = None,
+                timeout: float = 2.0) -> dict:
+    """Hand the agent a duplicate of a session's TCP socket (Continuation Boxes): the
+    connection then survives a crash of this process, for recovery elsewhere."""
+    return _call({"op": "hold_socket", "name": name}, fd, socket_path, timeout)
+
+
+def release(name: str, *, socket_path: str | None = None, timeout: float = 2.0) -> dict:
+    """A session ended: the agent drops its Continuation Box and socket."""
+    return _call({"op": "release", "name": name}, None, socket_path, timeout)
+
+
+def unregister(name: str, *, socket_path: str | None = None, timeout: float = 2.0) -> dict:
+    """Withdraw a region of this node; the agent closes its copy."""
+    return _call({"op": "unregister", "name": name}, None, socket_path, timeout)
+
+
+class _Channel:
+    """One connection to the agent per process and socket path, reused by every call
+    (a server registering a box per client session makes thousands of calls)."""
+
+    def __init__(self, path: str):
+        self.path, self.pid = path, os.getpid()
+        self.sock: socket.socket | None = None
+        self.lock = threading.Lock()
+
+    def exchange(self, request: dict, fd: int | None, timeout: float) -> bytes:
+        with self.lock:
+            for attempt in (1, 2):
+                fresh = self.sock is None
+                try:
+                    if fresh:
+                        self.sock = ipc.connect(self.path, timeout=timeout)
+                    self.sock.settimeout(timeout)
+                    ipc.send(self.sock, request, () if fd is None else (fd,))
+                    return ipc.recv(self.sock, max_bytes=MAX_REPLY).payload
+                except OSError:
+                    self.close()
+                    if fresh or attempt == 2:  # a kept connection may have gone stale: retry once
+                        raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+_channels: dict[str, _Channel] = {}
+_channels_lock = threading.Lock()
+
+
+def _channel(path: str) -> _Channel:
+    with _channels_lock:
+        channel = _channels.get(path)
+        if channel is None or channel.pid != os.getpid():  # a forked child makes its own
+            channel = _channels[path] = _Channel(path)
+        return channel
+
+
+def _call(request: dict, fd: int | None, socket_path: str | None, timeout: float) -> dict:
+    path = socket_path or os.environ.get(AGENT_SOCKET_ENV)
+    if not path:
+        raise RegistrationError(f"no agent socket: pass socket_path or set {AGENT_SOCKET_ENV}",
+                                "no_agent")
+    try:
+        reply = _channel(path).exchange(request, fd, timeout)
+    except OSError as e:
+        raise RegistrationError(f"agent socket {path}: {e.strerror or e}", "no_agent") from None
+    try:
+        answer = msgspec.msgpack.decode(reply)
+        ok, error = answer["ok"], answer.get("error")
+    except (msgspec.MsgspecError, ValueError, RecursionError, KeyError, TypeError):
+        raise RegistrationError(f"agent socket {path}: malformed reply", "protocol") from None
+    if not ok:
+        raise RegistrationError(f"the agent refused {request['op']} of {request['name']!r}: "
+                                f"{error}")
+    return answer.get("region") or {}
