@@ -2,7 +2,7 @@
 
 Each key is documented in its type (`doc`); docs/agent-protocol.md ("Configuration") lists
 them with their defaults, checked against these classes by the tests. `load_config(path)`
-reads a plain agent file; the combined file's [agent] table is backdoors.config's to
+reads a plain agent file; the unified file's [agent] table is backdoors.config's to
 find, and `decode_table` decodes it. Errors name the file, the line and the key.
 `validate(config)` applies the same checks to a config built in code.
 """

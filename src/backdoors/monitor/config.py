@@ -13,7 +13,7 @@
 
 Relative paths are taken from the config file's folder. Each key is documented in its type
 (`doc`); docs/monitor.md §2 lists them, checked against these classes by the tests.
-`load_config(path)` reads a plain monitor file; the combined file's [monitor] table is
+`load_config(path)` reads a plain monitor file; the unified file's [monitor] table is
 backdoors.config's to find, and `decode_table` decodes it.
 """
 
