@@ -67,20 +67,20 @@ def test_keys_from_a_file_next_to_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (('quorum = 1', 'quorum = "two"'), r"line 3: key quorum: Expected `int`, got `str`"),
-    (('quorum = 1', 'quorum = 3'), r"line 3: key quorum: 3 exceeds the 2 monitors known"),
-    (('quorum = 1', 'qorum = 2'), r"line 3: key qorum: Object contains unknown field `qorum`"),
-    (('listen = "10.0.0.1:7700"', 'listen = "10.0.0.1"'), r"line 4: key listen: .* ADDR:PORT"),
-    (('cgroup = "bd-lab/n1"', 'cgroup = 5'), r"line 19: key nodes\[1\]\.cgroup: Expected `str`"),
+    (('quorum = 1', 'quorum = "two"'), r":3: key quorum: Expected `int`, got `str`"),
+    (('quorum = 1', 'quorum = 3'), r":3: key quorum: 3 exceeds the 2 monitors known"),
+    (('quorum = 1', 'qorum = 2'), r":3: key qorum: Object contains unknown field `qorum`"),
+    (('listen = "10.0.0.1:7700"', 'listen = "10.0.0.1"'), r":4: key listen: .* ADDR:PORT"),
+    (('cgroup = "bd-lab/n1"', 'cgroup = 5'), r":19: key nodes\[1\]\.cgroup: Expected `str`"),
     (('cgroup = "bd-lab/n1"', 'cgroup = "bd-lab/n0/x"'),
-     r"line 19: key nodes\[1\]\.cgroup: .* overlaps node n0's cgroup"),
-    (('name = "n1"', 'name = "n0"'), r"line 18: key nodes\[1\]\.name: node 'n0' is listed twice"),
+     r":19: key nodes\[1\]\.cgroup: .* overlaps node n0's cgroup"),
+    (('name = "n1"', 'name = "n0"'), r":18: key nodes\[1\]\.name: node 'n0' is listed twice"),
     (('m2 = "' + KEY + '"', 'm2 = "abcd"'), r"key monitors\.m2: .* at least 16"),
-    (('run_dir = "/run/backdoors/h0"', 'run_dir = "run"'), r"line 5: key run_dir: .*absolute"),
+    (('run_dir = "/run/backdoors/h0"', 'run_dir = "run"'), r":5: key run_dir: .*absolute"),
     (('quorum = 1', 'op_deadline_s = 0'), r"key op_deadline_s: must be within"),
     (('quorum = 1', 'cgroup = "agent"'), r"key cgroup: .*starting with 'bd'"),
     (('quorum = 1', 'cgroup = "bd-lab"'),
-     r"line 14: key nodes\[0\]\.cgroup: .*overlaps the agent's"),
+     r":14: key nodes\[0\]\.cgroup: .*overlaps the agent's"),
     (('quorum = 1', 'quorum = '), r"not valid TOML: .*line 3"),
 ])
 def test_errors_name_file_key_and_line(tmp_path, change, match):

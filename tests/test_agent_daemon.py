@@ -78,10 +78,10 @@ def test_a_restarted_daemon_replaces_stale_sockets(agent_lab):
 def test_a_bad_config_exits_2_naming_the_problem(tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text('host = "h0"\nlisten = 7\n')
-    out = subprocess.run([PY, "-m", "backdoors.agent", "--config", str(path)],
+    out = subprocess.run([PY, "-m", "backdoors", "agent", "--config", str(path)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert f"{path}: line 2: key listen: Expected `str`, got `int`" in out.stderr
+    assert f"{path}:2: key listen: Expected `str`, got `int`" in out.stderr
 
 
 def test_a_missing_node_cgroup_fails_start_clearly(agent_lab):
@@ -92,7 +92,7 @@ def test_a_missing_node_cgroup_fails_start_clearly(agent_lab):
 
     with open(path, "w") as f:
         f.write(to_toml(lab.config))
-    out = subprocess.run([PY, "-m", "backdoors.agent", "--config", path],
+    out = subprocess.run([PY, "-m", "backdoors", "agent", "--config", path],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert "node n0: cgroup" in out.stderr and "does not exist" in out.stderr

@@ -129,20 +129,20 @@ class AgentLab:
 
 def to_toml(config: AgentConfig) -> str:
     """The config as a TOML file (the daemon reads files)."""
-    from backdoors.agent.config import dump_config
-    return dump_config(config)
+    from backdoors.common.configfile import dumps
+    return dumps(config)
 
 
 @contextmanager
 def daemon(lab: AgentLab, *args: str):
-    """Run `python -m backdoors.agent` on the lab's config; SIGTERM it at the end.
+    """Run `python -m backdoors agent` on the lab's config; SIGTERM it at the end.
 
     Yields the process and its ready line; the lab's clients then talk to it.
     """
     path = os.path.join(lab.tmp, "agent.toml")
     with open(path, "w") as f:
         f.write(to_toml(lab.config))
-    proc = subprocess.Popen([PY, "-m", "backdoors.agent", "--config", path, *args],
+    proc = subprocess.Popen([PY, "-m", "backdoors", "agent", "--config", path, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         ready = json.loads(read_line(proc, 20))

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.root
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "backdoors.cli_entry", *args],
+    return subprocess.run([sys.executable, "-m", "backdoors", *args],
                           capture_output=True, text=True, timeout=60)
 
 

@@ -11,11 +11,12 @@ import pytest
 
 import backdoors.config as C
 from backdoors.agent.config import AgentConfig, KernelSensorLimits, NodeSpec
-from backdoors.agent.config import load_config as load_agent
 from backdoors.agent.keys import generate_keys
+from backdoors.common.configfile import descriptions
+from backdoors.config import load_agent_config as load_agent
+from backdoors.config import load_monitor_config as load_monitor
 from backdoors.errors import ConfigError
 from backdoors.monitor.config import AgentEntry, MonitorConfig
-from backdoors.monitor.config import load_config as load_monitor
 
 CONTRIB = Path(__file__).resolve().parents[1] / "contrib" / "backdoors.toml"
 
@@ -127,11 +128,11 @@ def test_layout_errors(folder):
 
 def test_the_daemons_entry_points_take_the_unified_file(folder):
     path = write(folder, UNIFIED)
-    check = subprocess.run([sys.executable, "-m", "backdoors.monitor", "--config", path,
+    check = subprocess.run([sys.executable, "-m", "backdoors", "monitor", "--config", path,
                             "--check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and f"{path}: ok (1 agents" in check.stdout
     bad = write(folder, UNIFIED.replace('host = "h0"\nlisten', 'host = "h 0"\nlisten'))
-    out = subprocess.run([sys.executable, "-m", "backdoors.agent", "--config", bad],
+    out = subprocess.run([sys.executable, "-m", "backdoors", "agent", "--config", bad],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert f"{bad}:2: key agent.host: must be 1-32 of" in out.stderr
@@ -141,10 +142,8 @@ def test_the_daemons_entry_points_take_the_unified_file(folder):
 
 
 def test_every_key_is_documented():
-    for struct, docs in ((AgentConfig, C.AGENT_DOCS), (NodeSpec, C.NODE_DOCS),
-                         (KernelSensorLimits, C.KERNEL_DOCS), (MonitorConfig, C.MONITOR_DOCS),
-                         (AgentEntry, C.AGENT_ENTRY_DOCS)):
-        assert set(docs) == set(struct.__struct_fields__), struct.__name__
+    for struct in (AgentConfig, NodeSpec, KernelSensorLimits, MonitorConfig, AgentEntry):
+        assert set(descriptions(struct)) == set(struct.__struct_fields__), struct.__name__
 
 
 def test_show_the_contrib_example_round_trips(folder):
@@ -200,3 +199,69 @@ def test_show_without_a_file_prints_the_defaults(monkeypatch, tmp_path):
     assert "# host =" in shown and "(required)" in shown
     defaults = msgspec.toml.decode(shown.encode())  # valid TOML
     assert defaults["agent"]["kernel_sensors"]["memory_high_pct"] == 80.0
+
+
+# -- the docs against the classes (each key is documented once, in its type) ---------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+LAYOUT = {"agent": AgentConfig, "monitor": MonitorConfig}
+TABLES = {AgentConfig: {"nodes": NodeSpec, "kernel_sensors": KernelSensorLimits},
+          MonitorConfig: {"agents": AgentEntry}}
+
+
+def section(doc: str, heading: str) -> str:
+    text = (DOCS / doc).read_text()
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def toml_blocks(text: str) -> list[dict]:
+    import tomllib
+    return [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", text, re.S)]
+
+
+def unknown_keys(table: dict, struct: type, prefix: str = "") -> list[str]:
+    """Keys of a documented TOML table that `struct` (and its sub-tables) does not have."""
+    out = []
+    for key, value in table.items():
+        if key not in struct.__struct_fields__:
+            out.append(prefix + key)
+            continue
+        sub = TABLES.get(struct, {}).get(key)
+        for entry in (value if isinstance(value, list) else [value]) if sub else ():
+            out += unknown_keys(entry, sub, f"{prefix}{key}.")
+    return out
+
+
+def test_the_agent_docs_list_exactly_the_keys_of_its_classes():
+    text = section("agent-protocol.md", "## 2. Configuration")
+    tables = re.findall(r"((?:^\| `[a-z_]+` \|.*\n)+)", text, re.M)
+    assert len(tables) == 2
+    for table, struct in zip(tables, (AgentConfig, NodeSpec)):
+        keys = re.findall(r"^\| `([a-z_]+)` \|", table, re.M)
+        assert sorted(keys) == sorted(struct.__struct_fields__), struct.__name__
+    kernel = re.search(r"^`\[kernel_sensors\]`:(.*?)\n\n", text, re.M | re.S).group(1)
+    assert sorted(re.findall(r"`([a-z_0-9]+)` [0-9.]+", kernel)) == sorted(
+        KernelSensorLimits.__struct_fields__)
+    for example in toml_blocks(text):
+        assert unknown_keys(example, AgentConfig) == []
+
+
+def test_the_monitor_docs_list_exactly_the_keys_of_its_classes():
+    example, = toml_blocks(section("monitor.md", "## 2. Configuration"))
+    assert sorted(example) == sorted(MonitorConfig.__struct_fields__)
+    assert sorted(example["agents"][0]) == sorted(AgentEntry.__struct_fields__)
+
+
+def test_the_operations_guide_names_only_existing_keys():
+    text = (DOCS / "operations.md").read_text()
+    blocks = toml_blocks(text)
+    assert blocks
+    for block in blocks:
+        for name, table in block.items():
+            assert unknown_keys(table, LAYOUT[name], f"{name}.") == []
+    named = re.findall(r"`\[(agent|monitor)\] ([a-z_]+)", text)
+    assert named
+    for name, key in named:
+        assert key in LAYOUT[name].__struct_fields__, f"[{name}] {key}"

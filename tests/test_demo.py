@@ -25,7 +25,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def test_demo_quick_end_to_end(root, tmp_path):
     name = "d" + uuid.uuid4().hex[:6]
-    run = subprocess.run([sys.executable, "-m", "backdoors.cli_entry", "demo", "--quick",
+    run = subprocess.run([sys.executable, "-m", "backdoors", "demo", "--quick",
                           "--name", name, "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -201,7 +201,7 @@ def test_two_labs_in_parallel(lab):
 
 def test_sigkilled_owner_is_reaped_by_next_down():
     name = "t" + uuid.uuid4().hex[:6]
-    proc = subprocess.Popen([sys.executable, "-m", "backdoors.cli_entry", "lab", "up", "--name", name,
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors", "lab", "up", "--name", name,
                              "--hosts", "1", "--nodes", "2", "--foreground"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -212,7 +212,7 @@ def test_sigkilled_owner_is_reaped_by_next_down():
         assert leftovers(name)  # the killed owner left its lab behind ...
     finally:
         proc.kill()
-    removed = subprocess.run([sys.executable, "-m", "backdoors.cli_entry", "lab", "down", "--name", name],
+    removed = subprocess.run([sys.executable, "-m", "backdoors", "lab", "down", "--name", name],
                              capture_output=True, text=True)
     assert removed.returncode == 0, removed.stderr
     assert leftovers(name) == []  # ... and the next `lab down` reaped all of it
@@ -220,7 +220,7 @@ def test_sigkilled_owner_is_reaped_by_next_down():
 
 def test_foreground_lab_tears_down_on_sigterm():
     name = "t" + uuid.uuid4().hex[:6]
-    proc = subprocess.Popen([sys.executable, "-m", "backdoors.cli_entry", "lab", "up", "--name", name,
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors", "lab", "up", "--name", name,
                              "--hosts", "1", "--nodes", "1", "--foreground"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = T.RUN_ROOT / name / "lab.json"
@@ -232,7 +232,7 @@ def test_foreground_lab_tears_down_on_sigterm():
 
 def test_cli_up_status_down():
     name = "t" + uuid.uuid4().hex[:6]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "backdoors.cli_entry", *a],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "backdoors", *a],  # noqa: E731
                                     capture_output=True, text=True)
     try:
         r = run("lab", "up", "--name", name, "--hosts", "1", "--nodes", "1")

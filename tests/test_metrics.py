@@ -164,7 +164,7 @@ def test_the_agent_daemon_on_a_unified_file_serves_metrics(agent_lab, tmp_path):
     lab = agent_lab(start=False, metrics_listen="127.0.0.1:0")
     path = tmp_path / "backdoors.toml"  # the plain config, as the [agent] section
     path.write_text(tomli_w.dumps({"agent": tomllib.loads(to_toml(lab.config))}))
-    proc = subprocess.Popen([sys.executable, "-m", "backdoors.agent", "--config", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors", "agent", "--config", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         ready = json.loads(read_line(proc, 20))

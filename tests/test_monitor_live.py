@@ -129,12 +129,12 @@ host = "{agent.host}"
 address = "{agent.address}"
 netns = "{agent.netns}"
 """)
-    check = subprocess.run([sys.executable, "-m", "backdoors.monitor", "--config", str(conf),
+    check = subprocess.run([sys.executable, "-m", "backdoors", "monitor", "--config", str(conf),
                             "--check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "memory-hog, fork-bomb, hang, agent-unreachable" in check.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text(conf.read_text().replace("period_ms = 50", "period_ms = -1"))
-    out = subprocess.run([sys.executable, "-m", "backdoors.monitor", "--config", str(bad),
+    out = subprocess.run([sys.executable, "-m", "backdoors", "monitor", "--config", str(bad),
                           "--check"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and f"{bad}:3: key period_ms" in out.stderr
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from backdoors.errors import ConfigError
 from backdoors.monitor import rules as R
 from backdoors.monitor.config import load_config, parse_config
-from backdoors.monitor.tomlpos import locate, parse_error_path
+from backdoors.common.configfile import locate, parse_error_path
 
 
 def rules(text: str) -> R.Ruleset:

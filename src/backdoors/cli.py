@@ -162,26 +162,66 @@ def fault_stop(
 
 @app.command()
 def agent(
-    config: str = typer.Option(..., help="The agent's TOML config (see docs/agent-protocol.md)."),
+    config: str = typer.Option(..., help="The agent's TOML config, unified or its own (see docs/agent-protocol.md)."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
-    """Run the backdoor agent of this host (root): serves monitors on the private network."""
-    from .agent.__main__ import main as agent_main
+    """Run the backdoor agent of this host (root): serves monitors on the private network.
 
-    raise typer.Exit(agent_main(["--config", config, "--log-level", log_level]))
+    A bad config or no root: one line on stderr, exit status 2. When it serves it prints
+    one JSON line on stdout, {"event": "ready", ...}.
+    """
+    import logging
+
+    from .agent.run import run_agent
+    from .config import load_agent_config
+    from .errors import require_root
+
+    level = log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise typer.BadParameter("one of DEBUG, INFO, WARNING, ERROR", param_hint="--log-level")
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s agent %(levelname)s %(message)s")
+    try:
+        loaded = load_agent_config(config)
+        require_root("the agent")
+    except BackdoorsError as e:
+        print(f"backdoors agent: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_agent(loaded))
 
 
 @app.command()
 def monitor(
-    config: str = typer.Option(..., help="The monitor's TOML config (see docs/monitor.md)."),
+    config: str = typer.Option(..., help="The monitor's TOML config, unified or its own (see docs/monitor.md)."),
     check: bool = typer.Option(False, "--check", help="Only check the config and its rulesets."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every poll problem."),
 ) -> None:
-    """Run a monitor: poll agents, detect, diagnose, repair; incidents go to JSONL."""
-    from .monitor.__main__ import main as monitor_main
+    """Run a monitor until SIGINT or SIGTERM: poll agents, detect, diagnose, repair;
+    incidents go to JSONL. A bad config or ruleset: one line on stderr, exit status 1."""
+    import logging
+    import signal
+    import threading
 
-    raise typer.Exit(monitor_main(["--config", config, *(["--check"] if check else []),
-                                   *(["--verbose"] if verbose else [])]))
+    from .config import load_monitor_config
+    from .monitor.core import run_monitor
+    from .monitor.rules import load_rulesets
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        loaded = load_monitor_config(config)
+        rules = load_rulesets(loaded.rulesets)
+        if check:
+            print(f"{config}: ok ({len(loaded.agents)} agents, {len(rules)} rules: "
+                  f"{', '.join(r.name for r in rules)})")
+            return
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        run_monitor(loaded, stop)
+    except BackdoorsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
 
 
 @app.command()

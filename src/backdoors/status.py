@@ -119,10 +119,11 @@ def _lab_sources(name: str, timeout: float) -> tuple[list[AgentSource], str | No
 
 def _config_sources(path: str, timeout: float) -> tuple[list[AgentSource], str | None]:
     from .agent.client import AgentClient
-    from .monitor.config import load_config, load_monitor_key
+    from .config import load_monitor_config
+    from .monitor.config import load_monitor_key
     from .monitor.core import DEFAULT_INCIDENTS_DIR
 
-    config = load_config(path)
+    config = load_monitor_config(path)
     key = load_monitor_key(config)
     sources = [AgentSource(e.host, e.address,
                            lambda e=e: AgentClient(e.address, config.monitor_id, key,

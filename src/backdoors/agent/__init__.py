@@ -1,6 +1,7 @@
 """The agent: the backdoor daemon of a host and its RPC client.
 
-- `Agent`, `BackgroundAgent` (daemon.py) and `python -m backdoors.agent --config FILE`;
+- `Agent`, `BackgroundAgent` (daemon.py); `run_agent` (run.py), the daemon process that
+  `backdoors agent --config FILE` runs;
 - `AgentConfig`, `load_config` (config.py); `generate_keys`, `load_keys` (keys.py);
 - `AgentClient` (client.py), used by monitors.
 

@@ -47,7 +47,7 @@ class AgentClient:
     def __init__(self, address: tuple[str, int] | str, monitor_id: str, key: bytes, *,
                  netns: str | None = None, timeout: float = 1.0, vote_window: float = 0.0):
         if isinstance(address, str):
-            from .config import parse_address
+            from ..common.configfile import parse_address
             address = parse_address(address)
         self.address, self.monitor, self.netns = address, monitor_id, netns
         self.timeout, self.vote_window = timeout, vote_window

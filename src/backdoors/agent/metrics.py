@@ -228,7 +228,7 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> MetricsServer:
-        from .config import parse_address
+        from ..common.configfile import parse_address
 
         host, port = parse_address(self.listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -13,9 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..common.procs import read_line
-from ..agent.config import AgentConfig, NodeSpec, dump_config, validate
+from ..agent.config import AgentConfig, NodeSpec, validate
 from ..agent.keys import generate_keys
+from ..common.configfile import dumps
+from ..common.procs import read_line
 from ..errors import LabError
 from . import topology as T
 
@@ -51,10 +52,10 @@ def agent_config(plan: T.Plan, host: T.HostPlan, quorum: int) -> AgentConfig:
 def start_agent(plan: T.Plan, host: T.HostPlan, quorum: int) -> int:
     """Start the agent of `host` and wait until it serves; returns its pid."""
     path = plan.run_dir / f"agent-{host.name}.toml"
-    path.write_text(dump_config(agent_config(plan, host, quorum)))
+    path.write_text(dumps(agent_config(plan, host, quorum)))
     log_path = plan.run_dir / f"agent-{host.name}.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "backdoors.agent", "--config", str(path)],
+        proc = subprocess.Popen([sys.executable, "-m", "backdoors", "agent", "--config", str(path)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
     line = read_line(proc, READY_TIMEOUT)
     proc.stdout.close()

@@ -2,7 +2,7 @@
 
 Rulesets in TOML (oomd's shape): detectors -> one diagnosis unit -> ordered actions.
 
-- `Monitor`, `run_monitor` (core.py) and `python -m backdoors.monitor --config FILE`;
+- `Monitor`, `run_monitor` (core.py), what `backdoors monitor --config FILE` runs;
 - `MonitorConfig`, `AgentEntry`, `load_config` (config.py);
 - `Rule`, `load_ruleset`, `load_rulesets`, `default_rules` (rules.py);
 - `Incident`, `load_incidents`, `show_incidents` (incidents.py).

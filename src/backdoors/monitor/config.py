@@ -11,7 +11,10 @@
     address = "10.99.0.1:7700"
     nodes = ["n0", "n1"]                    # leave out to discover them with nodes()
 
-Relative paths are taken from the config file's folder. docs/monitor.md lists every key.
+Relative paths are taken from the config file's folder. Each key is documented in its type
+(`doc`); docs/monitor.md §2 lists them, checked against these classes by the tests.
+`load_config(path)` reads a plain monitor file; the unified file's [monitor] table is
+backdoors.config's to find, and `decode_table` decodes it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ from typing import Annotated
 
 import msgspec
 
+from ..common.configfile import Document, Invalid, convert, doc, parse_address
 from ..errors import ConfigError
-from . import tomlfile
-from .tomlfile import Invalid
 
 Pos = Annotated[float, msgspec.Meta(gt=0)]
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -34,29 +36,40 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 class AgentEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One agent to poll: its host name, "ADDR:PORT", and optionally its nodes."""
 
-    host: str
-    address: str
-    nodes: list[str] | None = None  # None: discover with nodes(), again every discover_s
-    netns: str | None = None  # make the connection from this network namespace
+    host: Annotated[str, doc("the agent's host name (as in its [agent] host)")]
+    address: Annotated[str, doc("ADDR:PORT of the agent on the private network")]
+    nodes: Annotated[list[str] | None, doc(
+        "its nodes; unset: discovered with nodes() every discover_s")] = None
+    netns: Annotated[str | None, doc("make the connection from this network namespace")] = None
 
 
 class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Everything a monitor needs; see docs/monitor.md for each key."""
+    """Everything a monitor needs."""
 
-    monitor_id: str
-    agents: list[AgentEntry]
-    key_file: str | None = None  # required to run; in-process users may pass the key
-    period_ms: Pos = 50.0
-    timeout_ms: Pos = 500.0  # per poll RPC; an agent slower than this is "unreachable" meanwhile
-    action_timeout_ms: Pos = 3000.0  # per RPC of a repair (lock, kill, process table)
-    rulesets: list[str] = msgspec.field(default_factory=lambda: ["default"])
-    incidents_dir: str | None = None  # None: incidents are not written to disk
-    history_s: Pos = 5.0
-    discover_s: Pos = 2.0
-    max_parallel_repairs: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
-    settle_ms: Annotated[float, msgspec.Meta(ge=0)] = 250.0
-    vote_window_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # the agents' vote window
-    metrics_listen: str | None = None  # "ADDR:PORT" of GET /metrics; None: not served
+    monitor_id: Annotated[str, doc("this monitor's id at the agents (its key's name)")]
+    agents: Annotated[list[AgentEntry], doc("the agents polled: [[monitor.agents]] tables")]
+    key_file: Annotated[str | None, doc(
+        "keys file with a line <monitor_id> = \"hex key\" (mode 0600)")] = None
+    period_ms: Annotated[Pos, doc("poll period")] = 50.0
+    timeout_ms: Annotated[Pos, doc(
+        "per poll RPC; a slower agent counts as unreachable meanwhile")] = 500.0
+    action_timeout_ms: Annotated[Pos, doc(
+        "per RPC of a repair (lock, kill, process table)")] = 3000.0
+    rulesets: Annotated[list[str], doc(
+        "packaged names (default, heal) or paths of ruleset files")] = msgspec.field(
+            default_factory=lambda: ["default"])
+    incidents_dir: Annotated[str | None, doc(
+        "folder of incidents.jsonl (unset: /var/lib/backdoors/incidents)")] = None
+    history_s: Annotated[Pos, doc("sensor history kept per node, seconds")] = 5.0
+    discover_s: Annotated[Pos, doc(
+        "how often nodes() is asked when an agent's nodes are discovered")] = 2.0
+    max_parallel_repairs: Annotated[int, msgspec.Meta(ge=1, le=64), doc("repair workers")] = 4
+    settle_ms: Annotated[float, msgspec.Meta(ge=0), doc(
+        "after a repair, no new incident on that node for this long")] = 250.0
+    vote_window_s: Annotated[float, msgspec.Meta(ge=0), doc(
+        "the agents' vote window when their quorum is above 1")] = 0.0
+    metrics_listen: Annotated[str | None, doc(
+        "ADDR:PORT of GET /metrics (Prometheus); unset: not served")] = None
 
 
 def _validate(c: MonitorConfig) -> None:
@@ -71,7 +84,6 @@ def _validate(c: MonitorConfig) -> None:
         if a.host in hosts:
             raise Invalid(("agents", i, "host"), f"host {a.host!r} is listed twice")
         hosts.add(a.host)
-        from ..agent.config import parse_address
         try:
             parse_address(a.address)
         except ValueError:
@@ -80,7 +92,6 @@ def _validate(c: MonitorConfig) -> None:
         if a.nodes is not None and len(set(a.nodes)) != len(a.nodes):
             raise Invalid(("agents", i, "nodes"), "a node is listed twice")
     if c.metrics_listen is not None:
-        from ..agent.config import parse_address
         try:
             parse_address(c.metrics_listen)
         except ValueError:
@@ -100,28 +111,19 @@ def validate(config: MonitorConfig, source: str = "monitor config") -> MonitorCo
     try:
         _validate(config)
     except Invalid as e:
-        raise ConfigError(f"{source}: key {tomlfile.dotted(e.path)}: {e.message}") from None
+        raise e.error(source) from None
     return config
 
 
 def parse_config(text: str, source: str = "<monitor config>", base: str | None = None) -> MonitorConfig:
     """Decode and check monitor config TOML; relative paths are resolved from `base`."""
-    c = tomlfile.decode(text, MonitorConfig, source)
-    try:
-        _validate(c)
-    except Invalid as e:
-        raise ConfigError(f"{tomlfile.where(source, text, e.path)}: {e.message}") from None
-    return _resolve(c, base)
+    return Document(source, text).decode(lambda table: decode_table(table, base))
 
 
 def decode_table(table: dict, base: str | None = None) -> MonitorConfig:
-    """A MonitorConfig from an already parsed TOML table (the unified file's [monitor]);
-    relative paths are resolved from `base`. Invalid names the key path at fault."""
-    try:
-        c = msgspec.convert(table, MonitorConfig, strict=True)
-    except msgspec.ValidationError as e:
-        from .tomlpos import parse_error_path
-        raise Invalid(*parse_error_path(str(e))) from None
+    """A MonitorConfig from a parsed TOML table; relative paths are resolved from `base`.
+    Invalid names the key at fault (a path within `table`)."""
+    c = convert(table, MonitorConfig)
     _validate(c)
     return _resolve(c, base)
 
@@ -140,13 +142,9 @@ def _resolve(c: MonitorConfig, base: str | None) -> MonitorConfig:
 
 
 def load_config(path: str) -> MonitorConfig:
-    """Read and check the monitor config at `path`: a plain monitor file, or the unified
-    file's [monitor] section (backdoors.config)."""
-    text = tomlfile.read(path, "monitor config")
-    if re.search(r"(?m)^\s*\[+\s*(agent|monitor)\s*[.\]]", text):  # the unified file
-        from ..config import load_monitor_config
-        return load_monitor_config(path)
-    return parse_config(text, path, os.path.dirname(os.path.abspath(path)))
+    """Read and check the plain monitor config file at `path`."""
+    document = Document.read(path, "monitor config")
+    return document.decode(lambda table: decode_table(table, document.folder))
 
 
 def load_monitor_key(config: MonitorConfig) -> bytes:

@@ -22,9 +22,9 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
+from ..common import configfile
+from ..common.configfile import Invalid
 from ..errors import ConfigError
-from . import tomlfile
-from .tomlfile import Invalid
 
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Pos = Annotated[float, msgspec.Meta(gt=0)]
@@ -286,11 +286,7 @@ def _hint(path, message: str) -> str:
 
 def parse_ruleset(text: str, source: str = "<ruleset>") -> Ruleset:
     """Decode and check ruleset TOML; ConfigError naming source, line and key."""
-    rs = tomlfile.decode(text, Ruleset, source, _hint)
-    try:
-        _validate(rs)
-    except Invalid as e:
-        raise ConfigError(f"{tomlfile.where(source, text, e.path)}: {e.message}") from None
+    rs = configfile.decode(text, Ruleset, source, _hint, check=_validate)
     return msgspec.structs.replace(rs, source=source)
 
 
@@ -308,7 +304,7 @@ def load_ruleset(spec: str) -> Ruleset:
             raise ConfigError(f"no packaged ruleset {spec!r} (packaged: {', '.join(packaged())}); "
                               "give a path to a TOML file instead")
         return parse_ruleset(res.read_text("utf-8"), f"<packaged {spec}.toml>")
-    return parse_ruleset(tomlfile.read(spec, "ruleset"), spec)
+    return parse_ruleset(configfile.read(spec, "ruleset"), spec)
 
 
 def load_rulesets(specs: list[str]) -> list[Rule]:

@@ -1,21 +1,181 @@
-"""Where a key sits in a TOML file: from a decoder's path back to a line number.
+"""The TOML config-file layer: read a file, decode it into typed msgspec Structs, and say
+where an error is, as `FILE:LINE: key K: message`.
+
+A config class documents each of its keys in its type: `Annotated[int, doc("...")]`
+(`descriptions` reads them back, for `backdoors config show` and the docs' test).
+Decoding is strict and forbids unknown keys (the Structs say `forbid_unknown_fields`).
+Checks a type cannot express raise `Invalid(path, message)`; `Document.decode` turns that
+into a ConfigError with the file, the line and the key.
 
 tomllib reports the line of a syntax error, but a schema error (msgspec's
 `$.rule[0].detectors[1].kind`) only names a path in the decoded document. `locate` scans
 the text once, recording the line of every key, array element and table header by its
-path, and returns the line of the deepest part of the path it found. The text has
-already been parsed by tomllib, so the scanner may assume it is valid TOML.
+path, and returns the line of the deepest part of the path it found.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import os
 import re
+import tomllib
+import typing
+from typing import Any, Callable, TypeVar
 
+import msgspec
+
+from ..errors import ConfigError
+
+T = TypeVar("T")
 Path = tuple[str | int, ...]
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
 _ERROR_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+
+
+class Invalid(Exception):
+    """A value a type cannot reject by itself; `path` is where it sits in the document."""
+
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path, self.message = tuple(path), message
+
+    def error(self, source: str) -> ConfigError:
+        """The ConfigError of a config built in code (no file): "SOURCE: key K: message"."""
+        return ConfigError(f"{source}: key {dotted(self.path)}: {self.message}")
+
+
+# -- documenting keys --------------------------------------------------------------------
+
+
+def doc(text: str) -> msgspec.Meta:
+    """The description of a config key, for its type: `Annotated[int, doc("...")]`."""
+    return msgspec.Meta(description=text)
+
+
+@functools.cache
+def descriptions(struct: type) -> dict[str, str]:
+    """Field name -> description, for the fields of `struct` that have one."""
+    hints = typing.get_type_hints(struct, include_extras=True)
+    out = {}
+    for name in struct.__struct_fields__:
+        for meta in getattr(hints[name], "__metadata__", ()):
+            if isinstance(meta, msgspec.Meta) and meta.description:
+                out[name] = meta.description
+    return out
+
+
+# -- reading and decoding ----------------------------------------------------------------
+
+
+def read(path: str, what: str = "config") -> str:
+    """The text of the file at `path`; ConfigError naming `what` it was meant to be."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 (byte {e.start})") from None
+
+
+class Document:
+    """A TOML text parsed: `source` (its file name), `text` and the top `table`."""
+
+    def __init__(self, source: str, text: str):
+        self.source, self.text = source, text
+        try:
+            self.table: dict[str, Any] = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:  # its message ends with "(at line L, column C)"
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+
+    @classmethod
+    def read(cls, path: str, what: str = "config") -> Document:
+        return cls(path, read(path, what))
+
+    @property
+    def folder(self) -> str:
+        """The folder relative paths in the file are taken from."""
+        return os.path.dirname(os.path.abspath(self.source))
+
+    def where(self, path: Path) -> str:
+        """"FILE:LINE: key K" (the line when it can be found)."""
+        line = locate(self.text, path) if path else None
+        at = f"{self.source}:{line}" if line else self.source
+        return f"{at}: key {dotted(path)}" if path else at
+
+    def decode(self, decode: Callable[[Any], T], at: Path = ()) -> T:
+        """`decode(the table at path `at`)`; its Invalid becomes a ConfigError at file, line
+        and key, another ConfigError (from a file it read) is prefixed with this file."""
+        table: Any = self.table
+        for part in at:
+            table = table[part]
+        try:
+            return decode(table)
+        except Invalid as e:
+            raise ConfigError(f"{self.where(at + e.path)}: {e.message}") from None
+        except ConfigError as e:
+            inside = f" [{dotted(at)}]:" if at else ""
+            raise ConfigError(f"{self.source}:{inside} {e}") from None
+
+
+def convert(table: Any, type_: type[T], hint: Callable[[Path, str], str] | None = None) -> T:
+    """`table` (parsed TOML) as `type_`, strictly; Invalid naming the key at fault.
+
+    `hint(path, message)` may return a sentence appended to a schema error.
+    """
+    try:
+        return msgspec.convert(table, type_, strict=True)
+    except msgspec.ValidationError as e:
+        path, message = parse_error_path(str(e))
+        extra = hint(path, message) if hint else ""
+        raise Invalid(path, f"{message}; {extra}" if extra else message) from None
+
+
+def decode(text: str, type_: type[T], source: str,
+           hint: Callable[[Path, str], str] | None = None,
+           check: Callable[[T], None] | None = None) -> T:
+    """Parse TOML `text` (from `source`, a file name) into `type_`, then `check(value)`
+    (which raises Invalid); ConfigError naming file, line and key on any error."""
+    def convert_and_check(table: Any) -> T:
+        value = convert(table, type_, hint)
+        if check is not None:
+            check(value)
+        return value
+    return Document(source, text).decode(convert_and_check)
+
+
+def dumps(value: msgspec.Struct) -> str:
+    """A config as TOML text, as it is read back (absent optionals are left out: TOML has
+    no null)."""
+    import tomli_w
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    return tomli_w.dumps(strip(msgspec.to_builtins(value)))
+
+
+# -- values shared by several config classes -------------------------------------------
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """("addr", port) from "ADDR:PORT" or "[V6ADDR]:PORT"; ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not ADDR:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+# -- locating a key in the text ----------------------------------------------------------
 
 
 def parse_error_path(message: str) -> tuple[Path, str]:

@@ -1,4 +1,4 @@
-"""`python -m backdoors.agent --config FILE`: the agent daemon.
+"""The agent as a process (`backdoors agent --config FILE`): the daemon of a host.
 
 Hardens the process, moves it into its own cgroup, serves until SIGTERM or SIGINT, then
 releases leases, removes its sockets and its cgroup. When it is serving it prints one
@@ -7,7 +7,6 @@ JSON line on stdout: {"event": "ready", "host", "listen", "pid"}.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -15,28 +14,17 @@ import os
 import signal
 import sys
 
-from ..errors import BackdoorsError, require_root
-from .config import AgentConfig, load_config
+from ..errors import BackdoorsError
+from .config import AgentConfig
 from .daemon import Agent
 from .hardening import OwnCgroup, harden
 
 log = logging.getLogger("backdoors.agent")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="backdoors agent", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the agent's TOML config file")
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s agent %(levelname)s %(message)s")
-    try:
-        config = load_config(args.config)
-        require_root("the agent")
-    except BackdoorsError as e:
-        print(f"backdoors agent: {e}", file=sys.stderr)
-        return 2
+def run_agent(config: AgentConfig) -> int:
+    """Run the agent daemon of `config` in this process until SIGTERM or SIGINT; the exit
+    status (0, or 1 when it could not serve)."""
     for warning in harden():
         log.warning("%s", warning)
     own = OwnCgroup(config.own_cgroup)
@@ -85,7 +73,3 @@ async def _serve(config: AgentConfig) -> int:
         log.info("stopping")
         await agent.stop()
     return agent.stuck_ops()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
