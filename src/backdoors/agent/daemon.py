@@ -188,8 +188,8 @@ class Agent:
         self.regions.close()
         self.sessions.close()
         for pending in self.adopting.values():
-            for _, _, sock in pending:
-                sock.close()  # still in repair mode: closing sends nothing
+            for _, _, handle in pending:
+                handle.close()  # still in repair mode: closing sends nothing
         self.adopting.clear()
         for rt in self.nodes.values():
             rt.sampler.close()

@@ -26,9 +26,8 @@ import msgspec
 
 from .. import net
 from ..errors import AgentError, BackdoorsError
-from ..tcprepair import (
-    TcpState, close_silently, dump, finish_restore, initial_window, restore, segments_needed,
-)
+from ..net.route import initial_window
+from ..tcprepair import TcpState, close_silently, repair, restore_paused, segments_needed
 from ..continuations.listener import adoption_path
 from .ops import Call, Op, OpError
 
@@ -159,8 +158,9 @@ def evacuate(call: Call) -> EvacuateReply:
     failed: dict[str, str] = {}
     for s in agent.sessions.take_all(rt.name):
         try:
-            state = dump(s.sock, since=s.since)
-            close_silently(s.sock)
+            with repair(s.sock) as handle:
+                state = handle.dump(since=s.since)
+                handle.close()
             with agent.regions.use(rt.name, s.name) as entry:
                 cb = zlib.compress(entry.region.read(0, entry.size), 1)  # mostly empty log ring
             moving.append(MovedSession(s.name, state.encode(), cb))
@@ -234,24 +234,22 @@ def adopt(call: Call) -> AdoptReply:
         with initial_window({s.remote_addr for _, s in states}, segments_needed(s for _, s in states)):
             for m, state in states:
                 try:
-                    pending.append((m, state, restore(state, resend_unacked=True, finish=False)))
+                    pending.append((m, state, restore_paused(state, resend_unacked=True)))
                 except BackdoorsError as e:
                     failed[m.name] = f"restore: {e}"
     t1 = time.monotonic()
     if not a.final:
         return AdoptReply(len(states) - len(failed), 0, failed, round((t1 - t0) * 1000, 3), 0.0, 0.0)
-    restored = [(m, state, sock, _memfd(m.name, zlib.decompress(m.cb)))
-                for m, state, sock in agent.adopting.pop(rt.name, [])]
+    restored = [(m, state, handle, _memfd(m.name, zlib.decompress(m.cb)))
+                for m, state, handle in agent.adopting.pop(rt.name, [])]
     for cidr in a.addresses:
         net.gratuitous_arp(ns, ifname, cidr.split("/")[0], count=1, linger=False)
     started = []
-    for m, state, sock, fd in restored:
+    for m, state, handle, fd in restored:
         try:
-            finish_restore(sock, state, resend_unacked=True)
-            started.append((m, state, sock, fd))
-        except BackdoorsError as e:
+            started.append((m, state, handle.resume(), fd))
+        except BackdoorsError as e:  # the handle closed the socket silently
             failed[m.name] = f"restore: {e}"
-            close_silently(sock)
             os.close(fd)
     _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
     t2 = time.monotonic()
