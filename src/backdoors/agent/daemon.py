@@ -46,8 +46,7 @@ class Agent:
         self.layout = layout or detect()
         self.metrics = AgentMetrics()
         self.recovery = Recovery(config.run_dir, peers=config.peers, peer_id=config.peer_id,
-                                 peer_key=self.keys.get(config.peer_id) if config.peer_id
-                                 else None, netns=config.netns)
+                                 peer_key=self.keys.get(config.peer_id), netns=config.netns)
         self.ops: dict[str, Op] = dict(OPS)
         self.ops.update((op.name, op) for op in self.recovery.ops())
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
