@@ -34,11 +34,6 @@ class Repair:
         self._rebuilt = rebuilt  # (state, resend_unacked) of a socket made by restore_paused
         self._open = True
 
-    @property
-    def open(self) -> bool:
-        """True until close() or resume() ended the handle."""
-        return self._open
-
     def dump(self, *, since: TcpState | None = None) -> TcpState:
         """The connection's state. `since`: the TcpState the socket was itself restored
         from, so byte counts stay continuous. Raises TcpRepairError if the socket is not
