@@ -1,8 +1,8 @@
 """Cost of moving N established TCP sockets with TCP_REPAIR: dump, silent close, restore.
 
 For N = 1, 100, 1000 connections over loopback in a private network namespace (removed
-at the end), each with a little unread data in both directions, it times dump() of all N,
-close_silently() of all N and restore() of all N, and reports per-socket costs and the
+at the end), each with a little unread data in both directions, it times repair + dump()
+of all N, the silent close() of all N and restore() of all N, and reports per-socket costs and the
 total for N (what a move adds between the network lock and repair-off). As a reference
 point, the cost of establishing a fresh connection (connect + accept) is measured in the
 same run. Every restored socket is checked afterwards: one byte each way.
@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pyroute2 import IPRoute, netns
 
-from backdoors.tcprepair import close_silently, dump, restore
+from backdoors.tcprepair import repair, restore
 
 CLONE_NEWNET = 0x40000000
 QUEUED = 100  # unread bytes left in each direction of every connection
@@ -96,10 +96,11 @@ def one_round(ns: PrivateNetns, count: int) -> dict:
     time.sleep(0.05)  # let the queued bytes arrive
     try:
         started = time.perf_counter()
-        states = [dump(sock) for sock in servers]
+        handles = [repair(sock) for sock in servers]
+        states = [handle.dump() for handle in handles]
         dumped = time.perf_counter()
-        for sock in servers:
-            close_silently(sock)
+        for handle in handles:
+            handle.close()
         closed = time.perf_counter()
         restored, restore_s = ns.run(timed_restore, states)
         check(clients, restored)

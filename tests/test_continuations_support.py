@@ -38,7 +38,7 @@ import pytest
 from backdoors.continuations import AdoptionClient, CbFormatError, Handover, read_cb
 from backdoors.continuations.image import CbImage
 from backdoors.net import add_address, add_bridge, add_veth, del_address, gratuitous_arp, netns, set_up
-from backdoors.tcprepair import TcpState, close_silently, dump, restore
+from backdoors.tcprepair import TcpState, repair, restore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -238,8 +238,9 @@ class RecoveryLab:
         self.lock(self.vip_at)
         dumped = []
         for h, prev in zip(held, since or [None] * len(held)):
-            dumped.append((dump(h.sock, since=prev), read_cb(h.cb_fd)))
-            close_silently(h.sock)
+            with repair(h.sock) as handle:
+                dumped.append((handle.dump(since=prev), read_cb(h.cb_fd)))
+                handle.close()
         # The address first (restore binds to it), the announcement only once every
         # session is restored: until the gratuitous ARP the client still sends to the
         # old, locked node, so no segment reaches the new node before its socket exists

@@ -30,12 +30,11 @@ from backdoors.tcprepair import (
     bytes_handed,
     bytes_received,
     close_silently,
-    dump,
-    initial_window,
+    repair,
     restore,
-    resume,
     segments_needed,
 )
+from backdoors.net.route import initial_window
 from backdoors.tcprepair import kernel
 
 CLIENT_IP = "10.77.0.1"
@@ -321,8 +320,9 @@ def tcp_state(sock: socket.socket) -> str:
 def move_in_place(conn: Connection, resend: bool = False) -> tuple[TcpState, socket.socket]:
     """Lock, dump, close the old socket silently, restore in the same netns, unlock."""
     conn.lock()
-    state = dump(conn.server)
-    close_silently(conn.server)
+    with repair(conn.server) as handle:
+        state = handle.dump()
+        handle.close()
     received = TcpState.decode(state.encode())  # (e) as another agent would get it
     assert received == state
     new = conn.restore_in(conn.s, received, resend)
@@ -400,12 +400,13 @@ def test_send_queue_unacked_and_unsent_arrive_once(lab):
     conn.lock()
     sent = write_until_full(conn.server, 10_000)
 
-    state = dump(conn.server)
-    assert state.unsent > 0, "expected never-sent bytes in the send queue"
-    assert len(state.sent_unacked) > 0, "expected sent-unacknowledged bytes"
-    assert len(state.send_queue) == sent - 10_000
-    assert state.handed == sent
-    close_silently(conn.server)
+    with repair(conn.server) as handle:
+        state = handle.dump()
+        assert state.unsent > 0, "expected never-sent bytes in the send queue"
+        assert len(state.sent_unacked) > 0, "expected sent-unacknowledged bytes"
+        assert len(state.send_queue) == sent - 10_000
+        assert state.handed == sent
+        handle.close()
     new = conn.restore_in(conn.s, state)
     conn.unlock()
 
@@ -429,10 +430,11 @@ def test_megabyte_queues_in_both_directions(lab):
     assert queued > 1_000_000
 
     conn.lock()
-    state = dump(conn.server)
+    with repair(conn.server) as handle:
+        state = handle.dump()
+        handle.close()
     assert len(state.recv_queue) == upload and state.read == 0
     assert state.handed == queued and len(state.send_queue) > 500_000
-    close_silently(conn.server)
     new = conn.restore_in(conn.s, state)
     conn.unlock()
 
@@ -466,8 +468,9 @@ def test_move_to_another_namespace_with_the_service_address(lab):
     wait_until(lambda: inq(conn.server) == 7000, what="request at the old server")
 
     conn.s.set_link("eth0", "down")  # network lock: the old node is cut off
-    state = dump(conn.server)
-    close_silently(conn.server)
+    with repair(conn.server) as handle:
+        state = handle.dump()
+        handle.close()
     conn.move_address_to_new_node()
     new = conn.restore_in(conn.n, TcpState.decode(state.encode()))
     assert new.getsockname() == (VIP, PORT)
@@ -484,8 +487,9 @@ def test_restore_into_a_namespace_without_the_address_fails_cleanly(lab):
     """A restore where the address is missing names bind and errno; a retry then works."""
     conn = Connection(lab, new_node=True)
     conn.s.set_link("eth0", "down")
-    state = dump(conn.server)
-    close_silently(conn.server)
+    with repair(conn.server) as handle:
+        state = handle.dump()
+        handle.close()
 
     with pytest.raises(TcpRepairError, match=r"bind 10\.77\.0\.100:8080 failed: EADDRNOTAVAIL"):
         conn.restore_in(conn.n, state)
@@ -502,12 +506,13 @@ def test_restore_beside_the_live_original_is_refused(lab):
     """Restoring while the dumped socket still exists in the same netns fails at connect."""
     conn = Connection(lab)
     conn.lock()
-    state = dump(conn.server)
+    handle = repair(conn.server)
+    state = handle.dump()
     refused = r"connect 10\.77\.0\.1:\d+ failed: EADDRNOTAVAIL.*close the dumped socket"
     with pytest.raises(TcpRepairError, match=refused):
         conn.s.run(restore, state)
     # Abandoning the move: the original goes back into service.
-    resume(conn.server)
+    handle.resume()
     conn.unlock()
     conn.client.settimeout(5)
     conn.server.sendall(b"still here")
@@ -519,7 +524,7 @@ def test_dump_refuses_sockets_that_are_not_established(lab):
     conn = Connection(lab)
     listener = lab.socket_in(conn.s, _listen, VIP, PORT + 1)
     with pytest.raises(TcpRepairError, match="LISTEN, not ESTABLISHED"):
-        dump(listener)
+        repair(listener).dump()
     with pytest.raises(TcpRepairError, match="EPERM.*LISTEN cannot be closed silently"):
         close_silently(listener)
     lab.socket_in(conn.c, socket.create_connection, (VIP, PORT + 1), 5)
@@ -528,18 +533,20 @@ def test_dump_refuses_sockets_that_are_not_established(lab):
 
     unconnected = socket.socket()
     with pytest.raises(TcpRepairError, match="CLOSE, not ESTABLISHED"):
-        dump(unconnected)
+        with repair(unconnected) as handle:
+            handle.dump()
     unconnected.close()
 
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with pytest.raises(TcpRepairError, match="not a TCP/IP socket"):
-        dump(udp)
+        repair(udp).dump()
     udp.close()
 
     conn.client.shutdown(socket.SHUT_WR)
     wait_until(lambda: conn.server.recv(1, socket.MSG_PEEK) == b"", what="FIN at the server")
     with pytest.raises(TcpRepairError, match="CLOSE_WAIT, not ESTABLISHED"):
-        dump(conn.server)
+        with repair(conn.server) as handle:
+            handle.dump()
     conn.server.sendall(b"bye")  # not left in repair mode: the half-closed socket works
     assert recv_exactly(conn.client, 3) == b"bye"
     close_silently(conn.server)  # repair mode is allowed in every state but LISTEN
@@ -584,8 +591,9 @@ def test_byte_counts_match_what_was_written_and_read(lab):
 
     # A second dump of the restored socket keeps counting from the first one.
     conn.lock()
-    again = dump(new, since=state)
-    resume(new)
+    with repair(new) as handle:
+        again = handle.dump(since=state)
+        handle.resume()
     conn.unlock()
     assert (again.handed, again.read) == (70_004, 123_457)
 
@@ -625,9 +633,10 @@ def test_ipv6_connection_moves(lab):
     server.sendall(numbered(0, 4000))
     wait_until(lambda: inq(server) == 5000)
 
-    state = dump(server)
+    with repair(server) as handle:
+        state = handle.dump()
+        handle.close()
     assert state.family == socket.AF_INET6 and state.local_addr == "::1"
-    close_silently(server)
     new = lab.socket_in(ns, restore, TcpState.decode(state.encode()))
     new.sendall(numbered(4000, 1000))
     assert_stream(recv_exactly(client, 5000), 0, 5000)
@@ -657,7 +666,7 @@ def test_dump_without_privilege_names_the_capability(lab):
         words[0] &= ~(1 << 12)
         assert _libc.capset(header, struct.pack("6I", *words)) == 0
         with pytest.raises(TcpRepairError, match="TCP_REPAIR on failed: EPERM.*CAP_NET_ADMIN"):
-            dump(conn.server)
+            repair(conn.server).dump()
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(dump_unprivileged).result()

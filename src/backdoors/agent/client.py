@@ -20,9 +20,10 @@ import msgspec
 
 from .errors import TransportError, remote_error
 from .protocol import (
-    DECODE_ERRORS, DESTRUCTIVE, MAX_FRAME, NONCE_BYTES, VERSION, Envelope, KillReply,
-    KillTreeReply, LimitsReply, LockReply, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse,
-    RegionInfo, SensorsReply, UnlockReply, WriteReply, frame, mac, mac_ok,
+    DECODE_ERRORS, DESTRUCTIVE, MAX_FRAME, NONCE_BYTES, VERSION, AdoptReply, Envelope,
+    EvacuateReply, FenceReply, KillReply, KillTreeReply, LimitsReply, LockReply, MovedSession,
+    NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo, SensorsReply,
+    SessionInfo, StageReply, UnlockReply, WriteReply, frame, mac, mac_ok,
 )
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -72,8 +73,8 @@ class AgentClient:
         `timeout` overrides the client's for this call (long ops: evacuate)."""
         return self._decode(op, self._request(op, args, timeout), Any)
 
-    def _typed(self, op: str, type_: Any, **args: Any) -> Any:
-        raw = self._request(op, {k: v for k, v in args.items() if v is not _UNSET})
+    def _typed(self, op: str, type_: Any, *, timeout: float | None = None, **args: Any) -> Any:
+        raw = self._request(op, {k: v for k, v in args.items() if v is not _UNSET}, timeout)
         return self._decode(op, raw, type_)
 
     @staticmethod
@@ -258,3 +259,36 @@ class AgentClient:
                    pids: int | None | Any = _UNSET) -> LimitsReply:
         """Set limits; None removes one, leaving an argument out keeps it."""
         return self._typed("set_limits", LimitsReply, node=node, memory=memory, pids=pids)
+
+    # -- session recovery (docs/recovery.md) -------------------------------------------
+
+    def sessions(self, node: str) -> list[SessionInfo]:
+        """The client sessions the agent holds for `node`."""
+        return self._typed("sessions", list[SessionInfo], node=node)
+
+    def fence(self, node: str) -> FenceReply:
+        """Freeze `node` until unfenced and cut its network: fail-stop before evacuate."""
+        return self._typed("fence", FenceReply, node=node)
+
+    def unfence(self, node: str) -> UnlockReply:
+        """Thaw a fenced node and bring its interface up again."""
+        return self._typed("unfence", UnlockReply, node=node)
+
+    def evacuate(self, node: str, to: str, to_node: str, *,
+                 timeout: float | None = None) -> EvacuateReply:
+        """Move the sessions of fenced `node` to `to_node` of the agent at `to` ("ADDR:PORT"
+        on the private network). `timeout` overrides the client's (a long op)."""
+        return self._typed("evacuate", EvacuateReply, node=node, to=to, to_node=to_node,
+                           timeout=timeout)
+
+    def stage(self, node: str, name: str, offset: int, total: int, data: bytes) -> int:
+        """Agent to agent: a piece of session `name`'s large state, ahead of its adopt."""
+        return self._typed("stage", StageReply, node=node, name=name, offset=offset,
+                           total=total, data=bytes(data)).staged
+
+    def adopt(self, node: str, addresses: list[str], sessions: list[MovedSession], *,
+              final: bool = True) -> AdoptReply:
+        """Agent to agent: restore `sessions` in `node` with the service `addresses`; the
+        `final` batch starts them all and hands them to the node's recovery server."""
+        return self._typed("adopt", AdoptReply, node=node, addresses=addresses,
+                           sessions=sessions, final=final)

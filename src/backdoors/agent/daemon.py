@@ -13,42 +13,28 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
 
 from ..common.runtime import agent_socket
 from ..errors import AgentError, BackdoorsError
 from ..nodes import Layout, Node, detect, read_process
 from ..sensors import Region
 from .audit import AuditLog
-from .config import AgentConfig, NodeSpec, validate
+from .config import AgentConfig, validate
 from .leases import LeaseTable
 from .local import LocalServer
 from .metrics import AgentMetrics, MetricsServer
 from .ops import OPS, Op
-from .recovery import RECOVERY_OPS
+from .recovery import Recovery
 from .regions import KERNEL, Entry, RegionTable
+from .runtime import Lane, NodeRuntime
 from .sampler import KernelSensors, NodeSampler
 from .sessions import SessionTable
-from .server import Lane, RpcServer
+from .server import RpcServer
 
 log = logging.getLogger("backdoors.agent")
 
 NODE_WORKERS = 2
 LEASE_CHECK_S = 0.02
-
-
-@dataclass(eq=False)
-class NodeRuntime:
-    """A served node and what the agent keeps for it."""
-
-    spec: NodeSpec
-    node: Node
-    sampler: NodeSampler
-    lane: Lane
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
 
 
 class Agent:
@@ -60,8 +46,10 @@ class Agent:
         self.keys = config.keys()
         self.layout = layout or detect()
         self.metrics = AgentMetrics()
+        self.recovery = Recovery(config.run_dir, peers=config.peers, peer_id=config.peer_id,
+                                 peer_key=self.keys.get(config.peer_id), netns=config.netns)
         self.ops: dict[str, Op] = dict(OPS)
-        self.ops.update((op.name, op) for op in RECOVERY_OPS)
+        self.ops.update((op.name, op) for op in self.recovery.ops())
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
         self.nodes: dict[str, NodeRuntime] = {}
         self.regions = RegionTable([n.name for n in config.nodes],
@@ -70,10 +58,6 @@ class Agent:
                                    max_node_bytes=config.max_node_bytes,
                                    max_sessions=config.max_sessions_per_node)
         self.sessions = SessionTable([n.name for n in config.nodes], config.max_sessions_per_node)
-        self.limbo: dict[str, list] = {}  # node -> sessions dumped but not yet adopted
-        self.adopting: dict[str, list] = {}  # node -> sessions restored, awaiting the final batch
-        self.staged: dict[tuple[str, str], bytearray] = {}  # (node, session) -> state in pieces
-        self.adopted_addresses: dict[str, set[str]] = {}  # node -> service addresses taken over
         self.leases: LeaseTable | None = None
         self.audit: AuditLog | None = None
         self.local: LocalServer | None = None
@@ -130,7 +114,7 @@ class Agent:
                                  self.regions, audit=self.audit, metrics=self.metrics,
                                  sessions=self.sessions)
         self.local.start()
-        self.rpc = RpcServer(self)
+        self.rpc = RpcServer(self, self.ops, self.keys, self.metrics, self.audit)
         sock = self._listen_socket()
         self.address = sock.getsockname()[:2]
         await self.rpc.start(sock)
@@ -188,10 +172,7 @@ class Agent:
             rt.lane.pool.shutdown(wait=False, cancel_futures=True)
         self.regions.close()
         self.sessions.close()
-        for pending in self.adopting.values():
-            for _, _, sock in pending:
-                sock.close()  # still in repair mode: closing sends nothing
-        self.adopting.clear()
+        self.recovery.close()
         for rt in self.nodes.values():
             rt.sampler.close()
         if self.audit is not None:
@@ -199,12 +180,20 @@ class Agent:
             self.audit.close()
         self.rpc = None
 
-    def stuck_ops(self) -> int:
-        """Operations abandoned at their deadline and still running."""
-        lanes = [rt.lane for rt in self.nodes.values()]
+    def lanes(self) -> list[Lane]:
+        """Every worker lane: the nodes' and, while serving, the memory lane."""
+        lanes = [rt.lane for rt in list(self.nodes.values())]
         if self.rpc is not None:
             lanes.append(self.rpc.memory_lane)
-        return sum(lane.stuck for lane in lanes)
+        return lanes
+
+    def connections(self) -> int:
+        """Open RPC connections."""
+        return self.rpc.connections if self.rpc is not None else 0
+
+    def stuck_ops(self) -> int:
+        """Operations abandoned at their deadline and still running."""
+        return sum(lane.stuck for lane in self.lanes())
 
     # -- leases ------------------------------------------------------------------------
 
@@ -240,7 +229,7 @@ class Agent:
                     self.config.op_deadline_s)
                 self.leases.released(name)
                 self.audit.write(kind="lease_released", node=name, ok=True, why="agent stop")
-            except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - TimeoutError too
                 log.warning("node %s: could not thaw it at shutdown: %s", name, e)
 
 

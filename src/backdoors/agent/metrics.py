@@ -18,7 +18,8 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -27,14 +28,32 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ..errors import AgentError, BackdoorsError
-
-if TYPE_CHECKING:
-    from .daemon import Agent
+from .config import AgentConfig
+from .leases import LeaseTable
+from .regions import KERNEL, RegionTable
+from .runtime import Lane, NodeRuntime
+from .sessions import SessionTable
 
 log = logging.getLogger("backdoors.agent")
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Watched(Protocol):
+    """What the collector reads of an agent at scrape time (daemon.Agent provides it)."""
+
+    config: AgentConfig
+    nodes: Mapping[str, NodeRuntime]
+    sessions: SessionTable
+    regions: RegionTable
+    leases: LeaseTable | None
+
+    def lanes(self) -> list[Lane]:
+        """Every worker lane: the nodes' and the memory lane."""
+
+    def connections(self) -> int:
+        """Open RPC connections."""
 
 
 class AgentMetrics:
@@ -67,7 +86,7 @@ class AgentMetrics:
                                     "Duration of the node's last kernel-sensor sample",
                                     ["node"], registry=r)
 
-    def watch(self, agent: Agent) -> None:
+    def watch(self, agent: Watched) -> None:
         """Collect `agent`'s state at every scrape (sessions, locks, kernel sensors)."""
         self.registry.register(AgentCollector(agent))
         for spec in agent.config.nodes:  # a series per node from the start, not at first use
@@ -79,7 +98,7 @@ class AgentMetrics:
 class AgentCollector(Collector):
     """Reads an agent's state when scraped; never blocks on a node (only memory reads)."""
 
-    def __init__(self, agent: Agent):
+    def __init__(self, agent: Watched):
         self.agent = agent
         self.started = time.time()
 
@@ -93,13 +112,13 @@ class AgentCollector(Collector):
                                 "Unix time the agent started", value=self.started)
         conns = GaugeMetricFamily("backdoors_agent_rpc_connections",
                                   "Open RPC connections on the private network")
-        conns.add_metric([], float(len(a.rpc._conns)) if a.rpc is not None else 0.0)
+        conns.add_metric([], float(a.connections()))
         yield conns
         yield from self._nodes(a)
         yield from self._lanes(a)
         yield from self._kernel(a)
 
-    def _nodes(self, a: Agent):
+    def _nodes(self, a: Watched):
         sessions = GaugeMetricFamily("backdoors_agent_sessions",
                                      "Client sessions (socket + Continuation Box) held for a "
                                      "node", labels=["node"])
@@ -135,21 +154,17 @@ class AgentCollector(Collector):
             errors.add_metric([name], float(rt.sampler.errors))
         yield from (sessions, region_bytes, frozen, locked, fenced, age, errors)
 
-    def _lanes(self, a: Agent):
+    def _lanes(self, a: Watched):
         misses = CounterMetricFamily("backdoors_agent_deadline_misses",
                                      "Operations abandoned at their deadline, by worker lane",
                                      labels=["lane"])
-        lanes = [rt.lane for rt in list(a.nodes.values())]
-        if a.rpc is not None:
-            lanes.append(a.rpc.memory_lane)
-        for lane in lanes:
+        for lane in a.lanes():
             misses.add_metric([lane.name], float(lane.misses))
         yield misses
 
-    def _kernel(self, a: Agent):
+    def _kernel(self, a: Watched):
         from ..sensors import parse, read_consistent
         from ..sensors.layout import SensorType
-        from .regions import KERNEL
 
         level = GaugeMetricFamily("backdoors_agent_kernel_sensor",
                                   "A level sensor of the node's kernel box (memory_mb, pids, "

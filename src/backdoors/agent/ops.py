@@ -3,8 +3,10 @@
 Each Op has a strict msgspec argument type (decoded from the request's raw args), a
 `where` ("inline" on the event loop: memory-only and quick; "memory": a region copy that
 may retry, on the memory workers; "node": anything touching /proc or cgroupfs, on the
-node's own workers under the op deadline) and whether it is destructive (held for votes
-when the quorum is above 1). `OPS` is the table; `Agent.add_op` extends it.
+node's own workers under the op deadline). Whether it is destructive (held for votes
+when the quorum is above 1) is read from the one table of them, `protocol.DESTRUCTIVE`.
+`OPS` is the table of ops; `Agent.add_op` extends it. An op sees the agent only through
+`AgentView`: its configuration, nodes and tables.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -24,14 +26,15 @@ from ..common.procs import same_start
 from ..errors import SensorBoxError
 from ..nodes import KEEP, process_table, read_process, subtree
 from ..sensors import read_consistent
-from .regions import Entry, NoSuchRegion
+from .config import AgentConfig
+from .leases import LeaseTable
 from .protocol import (
-    MAX_IO, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong, ProcessRow,
-    ProcessTable, RegionInfo, SensorsReply, WriteReply,
+    DESTRUCTIVE, MAX_IO, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong,
+    ProcessRow, ProcessTable, RegionInfo, SensorsReply, WriteReply,
 )
-
-if TYPE_CHECKING:
-    from .daemon import Agent, NodeRuntime
+from .regions import Entry, NoSuchRegion, RegionTable
+from .runtime import NodeRuntime
+from .sessions import SessionTable
 
 MAX_LEASE_S = 3600.0
 PID_MAX = 1 << 22  # the kernel's largest pid_max
@@ -45,11 +48,22 @@ class OpError(Exception):
         self.code, self.message = code, message
 
 
+class AgentView(Protocol):
+    """What ops read and act on of their agent (daemon.Agent provides it)."""
+
+    config: AgentConfig
+    nodes: Mapping[str, NodeRuntime]
+    leases: LeaseTable
+    regions: RegionTable
+    sessions: SessionTable
+    inner_timeout: float  # node ops give up before the op deadline
+
+
 @dataclass
 class Call:
     """One execution of an op: the agent, decoded args, the node, the monitors asking."""
 
-    agent: Agent
+    agent: AgentView
     args: Any
     node: NodeRuntime | None
     monitors: frozenset[str]
@@ -61,7 +75,6 @@ class Op:
     args: type
     run: Callable[[Call], Any]
     where: str = "node"  # "inline" | "memory" | "node"
-    destructive: bool = False
     deadline_s: float | None = None  # None: the agent's op_deadline_s
     decoder: msgspec.msgpack.Decoder = field(init=False, repr=False, compare=False)
 
@@ -69,6 +82,11 @@ class Op:
         if self.where not in ("inline", "memory", "node"):
             raise ValueError(f"op {self.name}: where must be inline, memory or node")
         object.__setattr__(self, "decoder", msgspec.msgpack.Decoder(self.args))
+
+    @property
+    def destructive(self) -> bool:
+        """Held for votes when the quorum is above 1 (protocol.DESTRUCTIVE)."""
+        return self.name in DESTRUCTIVE
 
     @property
     def has_node(self) -> bool:
@@ -302,11 +320,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("read", ReadArgs, read, "inline"),
     Op("sensors", NodeArgs, sensors, "memory"),
     Op("processes", NodeArgs, processes),
-    Op("write", WriteArgs, write, "inline", destructive=True),
-    Op("lock", LockArgs, lock, destructive=True),
-    Op("unlock", UnlockArgs, unlock, destructive=True),
-    Op("kill", KillArgs, kill, destructive=True),
-    Op("kill_tree", KillTreeArgs, kill_tree, destructive=True),
-    Op("kill_node", NodeArgs, kill_node, destructive=True),
-    Op("set_limits", LimitsArgs, set_limits, destructive=True),
+    Op("write", WriteArgs, write, "inline"),
+    Op("lock", LockArgs, lock),
+    Op("unlock", UnlockArgs, unlock),
+    Op("kill", KillArgs, kill),
+    Op("kill_tree", KillTreeArgs, kill_tree),
+    Op("kill_node", NodeArgs, kill_node),
+    Op("set_limits", LimitsArgs, set_limits),
 )}

@@ -33,7 +33,8 @@ CODES = (
     "bad_frame", "auth", "replay", "bad_request", "unknown_op", "no_such_node",
     "no_such_region", "out_of_bounds", "not_writable", "deadline", "quorum", "busy", "failed",
 )
-#: Operations held for votes when the agent's quorum is above 1.
+#: Operations held for votes when the agent's quorum is above 1: the one table, read by
+#: the server (ops.Op.destructive) and the client (which waits the vote window for them).
 DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits",
                          "fence", "unfence", "evacuate"})
 
@@ -209,3 +210,57 @@ class LimitsReply(msgspec.Struct):
 
 class WriteReply(msgspec.Struct):
     written: int
+
+
+# -- session recovery (agent/recovery.py) -------------------------------------------------
+
+
+class SessionInfo(msgspec.Struct):
+    """A session held for a node: its Continuation Box name, connection and server pid."""
+
+    name: str
+    connection: str
+    pid: int
+    adopted: bool = False  # moved here from another node by a recovery
+
+
+class MovedSession(msgspec.Struct, forbid_unknown_fields=True):
+    """A session on its way from one agent to another (evacuate -> adopt)."""
+
+    name: str  # "cb-<session>"
+    tcp: bytes  # TcpState.encode(); empty when staged (sent before in pieces: op stage)
+    cb: bytes  # the Continuation Box region, zlib-compressed
+    staged: bool = False
+
+
+class FenceReply(msgspec.Struct):
+    frozen_ms: float
+    network_ms: float
+    addresses_removed: list[str]
+    sessions: int
+
+
+class StageReply(msgspec.Struct):
+    staged: int
+
+
+class AdoptReply(msgspec.Struct):
+    """One adopt batch: sessions restored (and, on the final batch, handed to the server)."""
+
+    restored: int
+    handed: int
+    failed: dict[str, str]
+    restore_ms: float
+    announce_ms: float
+    handover_ms: float
+
+
+class EvacuateReply(msgspec.Struct):
+    """`sessions` dumped or failed at the dump; `moved` handed over by the target."""
+
+    sessions: int
+    moved: int
+    failed: dict[str, str]
+    dump_ms: float
+    transfer_ms: float
+    adopt: list[AdoptReply]

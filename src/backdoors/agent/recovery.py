@@ -1,4 +1,4 @@
-"""Session recovery ops: fence a failed node, evacuate its sessions, adopt them elsewhere.
+"""Session recovery: fence a failed node, evacuate its sessions, adopt them elsewhere.
 
 The monitor asks the failed node's agent to `fence` the node (freeze it and cut its
 network: interface down, service addresses removed — fail-stop, and the network lock of
@@ -9,8 +9,9 @@ target agent over the private network (agent to agent, authenticated with this a
 sockets inside the node's namespace, announces the addresses (gratuitous ARP) and hands
 each session (socket + CB) to the recovery server listening on the node's adoption socket.
 
-Sessions dumped but not adopted (the target failed) stay in limbo here, in memory, and go
-with the next `evacuate` of the same node.
+`Recovery` holds these ops and what they keep between requests: sessions dumped but not
+adopted (the target failed) stay in limbo, in memory, and go with the next `evacuate` of
+the same node.
 """
 
 from __future__ import annotations
@@ -18,22 +19,27 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 import time
 import zlib
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import msgspec
 
 from .. import net
-from ..errors import AgentError, BackdoorsError
-from ..tcprepair import (
-    TcpState, close_silently, dump, finish_restore, initial_window, restore, segments_needed,
-)
+from ..continuations.adoption import AdoptionClient, Handover
 from ..common.runtime import ADOPT_SOCKET, adoption_path
-from .ops import Call, Op, OpError
-
-if TYPE_CHECKING:
-    from .daemon import Agent
+from ..errors import AgentError, BackdoorsError
+from ..net.route import initial_window
+from ..tcprepair import Repair, TcpState, close_silently, repair, restore_paused, segments_needed
+from .client import AgentClient
+from .ops import Call, NodeArgs, Op, OpError
+from .protocol import (
+    AdoptReply, EvacuateReply, FenceReply, MovedSession, SessionInfo, StageReply, UnlockReply,
+)
+from .regions import SESSION_KIND
+from .runtime import NodeRuntime
 
 log = logging.getLogger("backdoors.agent")
 
@@ -44,21 +50,10 @@ STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
 HANDOVER_BATCH = 64  # sessions per round of hand-overs (verdicts queue up meanwhile)
 
 
-class NodeArgs(msgspec.Struct, forbid_unknown_fields=True):
-    node: str
-
-
 class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
     to: str  # the target agent, "ADDR:PORT" on the private network
     to_node: str  # a node of the target agent running the recovery server
-
-
-class MovedSession(msgspec.Struct, forbid_unknown_fields=True):
-    name: str  # "cb-<session>"
-    tcp: bytes  # TcpState.encode(); empty when staged (sent before in pieces: op stage)
-    cb: bytes  # the Continuation Box region, zlib-compressed
-    staged: bool = False
 
 
 class StageArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -76,245 +71,304 @@ class AdoptArgs(msgspec.Struct, forbid_unknown_fields=True):
     final: bool = True  # the last batch: announce the addresses, start every session
 
 
-class SessionInfo(msgspec.Struct):
-    name: str
-    connection: str
-    pid: int
-    adopted: bool = False  # moved here from another node by a recovery
+@dataclass
+class Restoring:
+    """A session restored in a node, its socket still in repair mode (inert)."""
+
+    moved: MovedSession
+    state: TcpState
+    handle: Repair
 
 
-class FenceReply(msgspec.Struct):
-    frozen_ms: float
-    network_ms: float
-    addresses_removed: list[str]
-    sessions: int
+@dataclass
+class Started:
+    """A restored session in service, with a memfd copy of its Continuation Box."""
+
+    moved: MovedSession
+    state: TcpState
+    sock: socket.socket
+    cb_fd: int
 
 
-class EvacuateReply(msgspec.Struct):
-    sessions: int
-    moved: int
-    failed: dict[str, str]
-    dump_ms: float
-    transfer_ms: float
-    adopt: list[dict]
+class Recovery:
+    """One agent's session recovery: its ops (`ops()`) and the state they keep.
 
-
-class AdoptReply(msgspec.Struct):
-    restored: int
-    handed: int
-    failed: dict[str, str]
-    restore_ms: float
-    announce_ms: float
-    handover_ms: float
-
-
-def sessions(call: Call) -> list[SessionInfo]:
-    return [SessionInfo(s.name, s.describe(), s.pid, s.since is not None)
-            for s in call.agent.sessions.list(call.node.name)]
-
-
-def fence(call: Call) -> FenceReply:
-    """Freeze the node (held until unlock) and cut it off the service network."""
-    rt, agent = call.node, call.agent
-    t0 = time.monotonic()
-    agent.leases.lock(rt.name, call.monitors, None, agent.inner_timeout)
-    t1 = time.monotonic()
-    removed = []
-    if rt.spec.netns:
-        try:
-            for cidr in _service_addresses(agent, rt):
-                if cidr in net.addresses(rt.spec.netns, rt.spec.interface):
-                    net.del_address(rt.spec.netns, rt.spec.interface, cidr)
-                    removed.append(cidr)
-            net.set_up(rt.spec.netns, rt.spec.interface, False)
-        except BackdoorsError as e:
-            raise OpError("failed", f"node {rt.name} is frozen but its network could not be "
-                                    f"cut: {e}") from None
-    return FenceReply(round((t1 - t0) * 1000, 3), round((time.monotonic() - t1) * 1000, 3),
-                      removed, agent.sessions.count(rt.name))
-
-
-def unfence(call: Call) -> dict:
-    """Return a fenced node to service after inspection: thaw it and bring its interface
-    up. The service addresses it had stay where its sessions went."""
-    rt, agent = call.node, call.agent
-    reply = agent.leases.unlock(rt.name, call.monitors, True, agent.inner_timeout)
-    if rt.spec.netns:
-        net.set_up(rt.spec.netns, rt.spec.interface, True)
-    agent.adopted_addresses.pop(rt.name, None)
-    return {"was_locked": reply.was_locked, "thaw_ms": reply.thaw_ms}
-
-
-def evacuate(call: Call) -> EvacuateReply:
-    """Dump every session of a fenced node and hand them to another agent's node."""
-    rt, agent, a = call.node, call.agent, call.args
-    if not agent.leases.state(rt.name).fenced:
-        raise OpError("failed", f"node {rt.name} is not fenced: fence it first, so that its "
-                                "sessions cannot change while they move")
-    if not agent.config.peer_id:
-        raise OpError("failed", "this agent has no peer_id: it cannot talk to other agents")
-    t0 = time.monotonic()
-    moving = agent.limbo.pop(rt.name, [])
-    failed: dict[str, str] = {}
-    for s in agent.sessions.take_all(rt.name):
-        try:
-            state = dump(s.sock, since=s.since)
-            close_silently(s.sock)
-            with agent.regions.use(rt.name, s.name) as entry:
-                cb = zlib.compress(entry.region.read(0, entry.size), 1)  # mostly empty log ring
-            moving.append(MovedSession(s.name, state.encode(), cb))
-        except (BackdoorsError, OSError, KeyError) as e:
-            failed[s.name] = f"dump: {e}"
-            s.sock.close()
-        try:
-            agent.regions.remove(rt.name, s.name)
-        except KeyError:
-            pass
-    t1 = time.monotonic()
-    replies: list[dict] = []
-    try:
-        with _peer_client(agent, a.to) as peer:
-            moving = [_stage(peer, a.to_node, m) for m in moving]
-            batches = list(_batches(moving)) or [[]]
-            for i, batch in enumerate(batches):
-                reply = peer.call("adopt", node=a.to_node, addresses=_service_addresses(agent, rt),
-                                  sessions=batch, final=i == len(batches) - 1)
-                replies.append(reply)
-                failed.update(reply.get("failed", {}))
-    except BackdoorsError as e:
-        agent.limbo[rt.name] = moving  # kept for the next evacuate of this node
-        raise OpError("failed", f"node {rt.name}: {len(moving)} sessions dumped but the agent "
-                                f"at {a.to} did not adopt them ({e}); they are kept for another "
-                                "evacuate") from None
-    moved = sum(r.get("handed", 0) for r in replies)
-    return EvacuateReply(len(moving) + sum(k.startswith("cb-") and v.startswith("dump")
-                                           for k, v in failed.items()),
-                         moved, failed, round((t1 - t0) * 1000, 3),
-                         round((time.monotonic() - t1) * 1000, 3), replies)
-
-
-def adopt(call: Call) -> AdoptReply:
-    """Restore sessions in this agent's node; on the final batch announce the service
-    addresses, start every session and hand them to the node's recovery server.
-
-    Sockets of earlier batches wait in repair mode (inert): a session restored and
-    talking before its peers are restored would draw the client's packets here, to a
-    stack without the others' sockets, which answers them with resets.
+    `run_dir` holds each node's adoption sockets; `peers` may hand sessions here (adopt,
+    stage); `peer_id` and `peer_key` authenticate this agent to others (evacuate);
+    `netns` is where the private network is.
     """
-    rt, agent, a = call.node, call.agent, call.args
-    if not call.monitors <= set(agent.config.peers):
-        raise OpError("auth", f"{', '.join(sorted(call.monitors))} may not hand sessions here: "
-                              "adopt is for the agents listed in peers")
-    if not rt.spec.netns:
-        raise OpError("failed", f"node {rt.name} has no network namespace to restore into")
-    from ..continuations.adoption import AdoptionClient, Handover
-    failed: dict[str, str] = {}
-    t0 = time.monotonic()
-    states = []
-    for m in a.sessions:
+
+    def __init__(self, run_dir: str, *, peers: Iterable[str] = (), peer_id: str | None = None,
+                 peer_key: bytes | None = None, netns: str | None = None):
+        self.run_dir, self.peers, self.netns = run_dir, frozenset(peers), netns
+        self.peer_id, self.peer_key = peer_id, peer_key
+        self.limbo: dict[str, list[MovedSession]] = {}  # node -> dumped, not yet adopted
+        self.adopting: dict[str, list[Restoring]] = {}  # node -> awaiting the final batch
+        self.staged: dict[tuple[str, str], bytearray] = {}  # (node, session) -> state in pieces
+        self.adopted_addresses: dict[str, set[str]] = {}  # node -> service addresses taken over
+
+    def ops(self) -> tuple[Op, ...]:
+        return (
+            Op("sessions", NodeArgs, self.sessions),
+            Op("fence", NodeArgs, self.fence),
+            Op("unfence", NodeArgs, self.unfence),
+            Op("evacuate", EvacuateArgs, self.evacuate, deadline_s=LONG_OP_S),
+            Op("stage", StageArgs, self.stage, "inline"),
+            Op("adopt", AdoptArgs, self.adopt, deadline_s=LONG_OP_S),
+        )
+
+    def close(self) -> None:
+        """Drop what waits for a final adopt batch (at agent stop); sends nothing."""
+        for pending in self.adopting.values():
+            for item in pending:
+                item.handle.close()
+        self.adopting.clear()
+        self.staged.clear()
+
+    # -- ops ---------------------------------------------------------------------------
+
+    def sessions(self, call: Call) -> list[SessionInfo]:
+        return [SessionInfo(s.name, s.describe(), s.pid, s.since is not None)
+                for s in call.agent.sessions.list(call.node.name)]
+
+    def fence(self, call: Call) -> FenceReply:
+        """Freeze the node (held until unlock) and cut it off the service network."""
+        rt, agent = call.node, call.agent
+        t0 = time.monotonic()
+        agent.leases.lock(rt.name, call.monitors, None, agent.inner_timeout)
+        t1 = time.monotonic()
+        removed = []
+        if rt.spec.netns:
+            try:
+                for cidr in self._service_addresses(rt):
+                    if cidr in net.addresses(rt.spec.netns, rt.spec.interface):
+                        net.del_address(rt.spec.netns, rt.spec.interface, cidr)
+                        removed.append(cidr)
+                net.set_up(rt.spec.netns, rt.spec.interface, False)
+            except BackdoorsError as e:
+                raise OpError("failed", f"node {rt.name} is frozen but its network could not "
+                                        f"be cut: {e}") from None
+        return FenceReply(_ms(t0, t1), _ms(t1), removed, agent.sessions.count(rt.name))
+
+    def unfence(self, call: Call) -> UnlockReply:
+        """Return a fenced node to service after inspection: thaw it and bring its
+        interface up. The service addresses it had stay where its sessions went."""
+        rt, agent = call.node, call.agent
+        reply = agent.leases.unlock(rt.name, call.monitors, True, agent.inner_timeout)
+        if rt.spec.netns:
+            net.set_up(rt.spec.netns, rt.spec.interface, True)
+        self.adopted_addresses.pop(rt.name, None)
+        return UnlockReply(reply.was_locked, reply.thaw_ms)
+
+    def evacuate(self, call: Call) -> EvacuateReply:
+        """Dump every session of a fenced node and hand them to another agent's node."""
+        rt, agent, a = call.node, call.agent, call.args
+        if not agent.leases.state(rt.name).fenced:
+            raise OpError("failed", f"node {rt.name} is not fenced: fence it first, so that "
+                                    "its sessions cannot change while they move")
+        if not self.peer_id:
+            raise OpError("failed", "this agent has no peer_id: it cannot talk to other agents")
+        t0 = time.monotonic()
+        moving = self.limbo.pop(rt.name, [])
+        failed: dict[str, str] = {}
+        for s in agent.sessions.take_all(rt.name):
+            try:
+                with repair(s.sock) as handle:
+                    state = handle.dump(since=s.since)
+                    handle.close()
+                with agent.regions.use(rt.name, s.name) as entry:
+                    cb = zlib.compress(entry.region.read(0, entry.size), 1)  # mostly empty ring
+                moving.append(MovedSession(s.name, state.encode(), cb))
+            except (BackdoorsError, OSError, KeyError) as e:
+                failed[s.name] = f"dump: {e}"
+                s.sock.close()
+            try:
+                agent.regions.remove(rt.name, s.name)
+            except KeyError:
+                pass
+        dump_failures = len(failed)
+        t1 = time.monotonic()
+        replies: list[AdoptReply] = []
         try:
-            tcp = agent.staged.pop((rt.name, m.name), b"") if m.staged else m.tcp
-            states.append((m, TcpState.decode(bytes(tcp))))
+            with self._peer_client(a.to) as peer:
+                moving = [_stage(peer, a.to_node, m) for m in moving]
+                batches = list(_batches(moving)) or [[]]
+                for i, batch in enumerate(batches):
+                    reply = peer.adopt(a.to_node, self._service_addresses(rt), batch,
+                                       final=i == len(batches) - 1)
+                    replies.append(reply)
+                    failed.update(reply.failed)
         except BackdoorsError as e:
-            failed[m.name] = f"decode: {e}"
-    ns, ifname = rt.spec.netns, rt.spec.interface
-    try:
-        # A restored socket's own ARP request for its peer must not announce the service
-        # address before every session is restored: source it from the node's own address.
-        net.netns.set_sysctl(ns, f"net/ipv4/conf/{ifname}/arp_announce", 2)
-        net.set_up(ns, ifname, True)
+            self.limbo[rt.name] = moving  # kept for the next evacuate of this node
+            raise OpError("failed", f"node {rt.name}: {len(moving)} sessions dumped but the "
+                                    f"agent at {a.to} did not adopt them ({e}); they are kept "
+                                    "for another evacuate") from None
+        return EvacuateReply(len(moving) + dump_failures, sum(r.handed for r in replies),
+                             failed, _ms(t0, t1), _ms(t1), replies)
+
+    def stage(self, call: Call) -> StageReply:
+        """A piece of a large session state, sent ahead of the adopt that uses it (a
+        request is at most 1 MiB; a session's queues can hold megabytes)."""
+        a = call.args
+        if not call.monitors <= self.peers:
+            raise OpError("auth", "stage is for the agents listed in peers")
+        key = (call.node.name, a.name)
+        buf = self.staged.get(key)
+        if buf is None:
+            held = sum(len(b) for b in self.staged.values())
+            if not 0 < a.total <= STAGE_MAX_BYTES - held:
+                raise OpError("out_of_bounds", f"staging {a.total} bytes would exceed "
+                                               f"{STAGE_MAX_BYTES} (holding {held})")
+            buf = self.staged[key] = bytearray(a.total)
+        if len(buf) != a.total or a.offset < 0 or a.offset + len(a.data) > a.total:
+            raise OpError("out_of_bounds", f"piece [{a.offset}, {a.offset + len(a.data)}) does "
+                                           f"not fit the {a.total} bytes staged for {a.name!r}")
+        buf[a.offset:a.offset + len(a.data)] = a.data
+        return StageReply(len(a.data))
+
+    def adopt(self, call: Call) -> AdoptReply:
+        """Restore sessions in this agent's node; on the final batch announce the service
+        addresses, start every session and hand them to the node's recovery server.
+
+        Sockets of earlier batches wait in repair mode (inert): a session restored and
+        talking before its peers are restored would draw the client's packets here, to a
+        stack without the others' sockets, which answers them with resets.
+        """
+        rt, a = call.node, call.args
+        if not call.monitors <= self.peers:
+            raise OpError("auth", f"{', '.join(sorted(call.monitors))} may not hand sessions "
+                                  "here: adopt is for the agents listed in peers")
+        if not rt.spec.netns:
+            raise OpError("failed", f"node {rt.name} has no network namespace to restore into")
+        failed: dict[str, str] = {}
+        t0 = time.monotonic()
+        states = []
+        for m in a.sessions:
+            try:
+                tcp = self.staged.pop((rt.name, m.name), b"") if m.staged else m.tcp
+                states.append((m, TcpState.decode(bytes(tcp))))
+            except BackdoorsError as e:
+                failed[m.name] = f"decode: {e}"
+        ns, ifname = rt.spec.netns, rt.spec.interface
+        try:
+            # A restored socket's own ARP request for its peer must not announce the service
+            # address before every session is restored: source it from the node's own address.
+            net.netns.set_sysctl(ns, f"net/ipv4/conf/{ifname}/arp_announce", 2)
+            net.set_up(ns, ifname, True)
+            for cidr in a.addresses:
+                net.add_address(ns, ifname, cidr)
+                self.adopted_addresses.setdefault(rt.name, set()).add(cidr)
+        except BackdoorsError as e:
+            raise OpError("failed", f"node {rt.name}: cannot take the service addresses: "
+                                    f"{e}") from None
+        pending = self.adopting.setdefault(rt.name, [])
+        with net.netns.enter(ns):
+            with initial_window({s.remote_addr for _, s in states},
+                                segments_needed(s for _, s in states)):
+                for m, state in states:
+                    try:
+                        pending.append(Restoring(m, state,
+                                                 restore_paused(state, resend_unacked=True)))
+                    except BackdoorsError as e:
+                        failed[m.name] = f"restore: {e}"
+        t1 = time.monotonic()
+        if not a.final:
+            return AdoptReply(len(states) - len(failed), 0, failed, _ms(t0, t1), 0.0, 0.0)
+        restored = [(r, _memfd(r.moved.name, zlib.decompress(r.moved.cb)))
+                    for r in self.adopting.pop(rt.name, [])]
         for cidr in a.addresses:
-            net.add_address(ns, ifname, cidr)
-            agent.adopted_addresses.setdefault(rt.name, set()).add(cidr)
-    except BackdoorsError as e:
-        raise OpError("failed", f"node {rt.name}: cannot take the service addresses: {e}") from None
-    pending = agent.adopting.setdefault(rt.name, [])
-    with net.netns.enter(ns):
-        with initial_window({s.remote_addr for _, s in states}, segments_needed(s for _, s in states)):
-            for m, state in states:
-                try:
-                    pending.append((m, state, restore(state, resend_unacked=True, finish=False)))
-                except BackdoorsError as e:
-                    failed[m.name] = f"restore: {e}"
-    t1 = time.monotonic()
-    if not a.final:
-        return AdoptReply(len(states) - len(failed), 0, failed, round((t1 - t0) * 1000, 3), 0.0, 0.0)
-    restored = [(m, state, sock, _memfd(m.name, zlib.decompress(m.cb)))
-                for m, state, sock in agent.adopting.pop(rt.name, [])]
-    for cidr in a.addresses:
-        net.gratuitous_arp(ns, ifname, cidr.split("/")[0], count=1, linger=False)
-    started = []
-    for m, state, sock, fd in restored:
-        try:
-            finish_restore(sock, state, resend_unacked=True)
-            started.append((m, state, sock, fd))
-        except BackdoorsError as e:
-            failed[m.name] = f"restore: {e}"
-            close_silently(sock)
-            os.close(fd)
-    _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
-    t2 = time.monotonic()
-    handed = _hand_over(agent, rt.name, started, failed, AdoptionClient, Handover)
-    t3 = time.monotonic()
-    return AdoptReply(len(started), handed, failed, round((t1 - t0) * 1000, 3),
-                      round((t2 - t1) * 1000, 3), round((t3 - t2) * 1000, 3))
+            net.gratuitous_arp(ns, ifname, cidr.split("/")[0], count=1, linger=False)
+        started = []
+        for r, fd in restored:
+            try:
+                started.append(Started(r.moved, r.state, r.handle.resume(), fd))
+            except BackdoorsError as e:  # the handle closed the socket silently
+                failed[r.moved.name] = f"restore: {e}"
+                os.close(fd)
+        _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
+        t2 = time.monotonic()
+        handed = self._hand_over(call, started, failed)
+        return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2))
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str]) -> int:
+        """Hand each session to the recovery server of its port, in the node's directory."""
+        by_port: dict[int, list[Started]] = {}
+        for item in started:
+            by_port.setdefault(item.state.local_port, []).append(item)
+        directory = os.path.join(self.run_dir, call.node.name)
+        handed = 0
+        for port, items in sorted(by_port.items()):
+            path = adoption_path(directory, port)
+            if not os.path.exists(path):
+                path = os.path.join(directory, ADOPT_SOCKET)  # one server for every port
+            handed += _hand_over_to(call, path, items, failed)
+        return handed
+
+    def _service_addresses(self, rt: NodeRuntime) -> list[str]:
+        """The node's own service addresses and those it took over with adopted sessions."""
+        return sorted(set(rt.spec.addresses) | self.adopted_addresses.get(rt.name, set()))
+
+    def _peer_client(self, address: str) -> AgentClient:
+        if self.peer_key is None:
+            raise AgentError(f"peer_id {self.peer_id!r} has no key")
+        return AgentClient(address, self.peer_id, self.peer_key, netns=self.netns,
+                           timeout=LONG_OP_S)
 
 
-def _hand_over(agent: Agent, node: str, started: list, failed: dict[str, str],
-               AdoptionClient, Handover) -> int:
-    """Hand each session to the recovery server of its port, in the node's directory."""
-    by_port: dict[int, list] = {}
-    for item in started:
-        by_port.setdefault(item[1].local_port, []).append(item)
-    handed = 0
-    for port, items in sorted(by_port.items()):
-        directory = os.path.join(agent.config.run_dir, node)
-        path = adoption_path(directory, port)
-        if not os.path.exists(path):
-            path = os.path.join(directory, ADOPT_SOCKET)  # one server for every port
-        handed += _hand_over_to(agent, node, path, items, failed, AdoptionClient, Handover)
-    return handed
-
-
-def _hand_over_to(agent: Agent, node: str, path: str, started: list, failed: dict[str, str],
-                  AdoptionClient, Handover) -> int:
+def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[str, str]) -> int:
     """Hand each started session (socket + a memfd copy of its CB) to the server at `path`,
     then hold them here as the server's (off the sessions' critical path)."""
+    node = call.node.name
     try:
         client = AdoptionClient(path)
     except BackdoorsError as e:
-        for m, _, sock, _ in started:
-            failed[m.name] = f"hand-over: {e} (no recovery server listens at {path}: see " \
-                             "BACKDOORS_ADOPT_DIR / BACKDOORS_ADOPT_SOCKET)"
-            close_silently(sock)  # the session is lost here; nothing reaches its client
+        for item in started:
+            failed[item.moved.name] = f"hand-over: {e} (no recovery server listens at {path}: " \
+                                      "see BACKDOORS_ADOPT_DIR / BACKDOORS_ADOPT_SOCKET)"
+            close_silently(item.sock)  # the session is lost here; nothing reaches its client
+            os.close(item.cb_fd)
         return 0
-    accepted = []
+    accepted: list[Started] = []
     with client:
         server = client.server_pid
         for start in range(0, len(started), HANDOVER_BATCH):
             batch = started[start:start + HANDOVER_BATCH]
-            for m, state, _, _ in batch:
-                agent.sessions.expect(node, m.name, state)
+            for item in batch:
+                call.agent.sessions.expect(node, item.moved.name, item.state)
             try:
                 verdicts = client.hand_over_all(
-                    [(sock, fd, Handover.from_tcp_state(m.name.removeprefix("cb-"), state))
-                     for m, state, sock, fd in batch])
+                    [(item.sock, item.cb_fd,
+                      Handover.from_tcp_state(item.moved.name.removeprefix("cb-"), item.state))
+                     for item in batch])
             except BackdoorsError as e:
                 verdicts = [e] * len(batch)
-            for (m, state, sock, fd), verdict in zip(batch, verdicts):
+            for item, verdict in zip(batch, verdicts):
                 if verdict is None:
-                    accepted.append((m, sock, fd))
+                    accepted.append(item)
                 else:
-                    failed[m.name] = f"hand-over: {verdict}"
-                    close_silently(sock)
-                    os.close(fd)
-    for m, sock, fd in accepted:
+                    failed[item.moved.name] = f"hand-over: {verdict}"
+                    close_silently(item.sock)
+                    os.close(item.cb_fd)
+    for item in accepted:
         # Held at once as if the server had registered it: recoverable again before the
         # server gets to register it itself (which replaces these).
-        _hold(agent, node, m.name, sock, fd, server)
-        sock.close()  # the agent and the server hold their own duplicates
-        os.close(fd)
+        _hold(call, item, server)
+        item.sock.close()  # the agent and the server hold their own duplicates
+        os.close(item.cb_fd)
     return len(accepted)
+
+
+def _hold(call: Call, item: Started, pid: int) -> None:
+    """Register a handed-over session's box and socket under the server's pid (the
+    server's own registration of the same name replaces them)."""
+    node, name = call.node.name, item.moved.name
+    try:
+        call.agent.sessions.hold(node, name, item.sock.fileno(), pid)
+        call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid)
+    except (BackdoorsError, OSError) as e:
+        log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 
 
 def _announce(ns: str, ifname: str, addresses: list[str]) -> None:
@@ -323,22 +377,6 @@ def _announce(ns: str, ifname: str, addresses: list[str]) -> None:
             net.gratuitous_arp(ns, ifname, cidr.split("/")[0], linger=False)
         except BackdoorsError as e:
             log.warning("gratuitous ARP for %s in %s failed: %s", cidr, ns, e)
-
-
-def _hold(agent: Agent, node: str, name: str, sock, cb_fd: int, pid: int) -> None:
-    """Register a handed-over session's box and socket under the server's pid (the
-    server's own registration of the same name replaces them)."""
-    from .regions import SESSION_KIND
-    try:
-        agent.sessions.hold(node, name, sock.fileno(), pid)
-        agent.regions.keep(node, name, SESSION_KIND, cb_fd, pid)
-    except (BackdoorsError, OSError) as e:
-        log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
-
-
-def _service_addresses(agent: Agent, rt) -> list[str]:
-    """The node's own service addresses and those it took over with adopted sessions."""
-    return sorted(set(rt.spec.addresses) | agent.adopted_addresses.get(rt.name, set()))
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -354,38 +392,16 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def stage(call: Call) -> dict:
-    """A piece of a large session state, sent ahead of the adopt that uses it (a request
-    is at most 1 MiB; a session's queues can hold megabytes)."""
-    agent, a = call.agent, call.args
-    if not call.monitors <= set(agent.config.peers):
-        raise OpError("auth", "stage is for the agents listed in peers")
-    key = (call.node.name, a.name)
-    buf = agent.staged.get(key)
-    if buf is None:
-        held = sum(len(b) for b in agent.staged.values())
-        if not 0 < a.total <= STAGE_MAX_BYTES - held:
-            raise OpError("out_of_bounds", f"staging {a.total} bytes would exceed "
-                                           f"{STAGE_MAX_BYTES} (holding {held})")
-        buf = agent.staged[key] = bytearray(a.total)
-    if len(buf) != a.total or a.offset < 0 or a.offset + len(a.data) > a.total:
-        raise OpError("out_of_bounds", f"piece [{a.offset}, {a.offset + len(a.data)}) does not "
-                                       f"fit the {a.total} bytes staged for {a.name!r}")
-    buf[a.offset:a.offset + len(a.data)] = a.data
-    return {"staged": len(a.data)}
-
-
-def _stage(peer, to_node: str, m: MovedSession) -> MovedSession:
+def _stage(peer: AgentClient, to_node: str, m: MovedSession) -> MovedSession:
     """Send a large session state ahead in pieces; the session then travels without it."""
     if len(m.tcp) <= STAGE_PIECE:
         return m
     for off in range(0, len(m.tcp), STAGE_PIECE):
-        peer.call("stage", node=to_node, name=m.name, offset=off, total=len(m.tcp),
-                  data=m.tcp[off:off + STAGE_PIECE])
+        peer.stage(to_node, m.name, off, len(m.tcp), m.tcp[off:off + STAGE_PIECE])
     return MovedSession(m.name, b"", m.cb, staged=True)
 
 
-def _batches(moving: list[MovedSession]):
+def _batches(moving: list[MovedSession]) -> Iterator[list[MovedSession]]:
     batch, size = [], 0
     for m in moving:
         n = len(m.tcp) + len(m.cb) + 64
@@ -398,20 +414,6 @@ def _batches(moving: list[MovedSession]):
         yield batch
 
 
-def _peer_client(agent: Agent, address: str):
-    from .client import AgentClient
-    me = agent.config.peer_id
-    key = agent.keys.get(me)
-    if key is None:
-        raise AgentError(f"peer_id {me!r} has no key")
-    return AgentClient(address, me, key, netns=agent.config.netns, timeout=LONG_OP_S)
-
-
-RECOVERY_OPS = (
-    Op("sessions", NodeArgs, sessions),
-    Op("fence", NodeArgs, fence, destructive=True),
-    Op("unfence", NodeArgs, unfence, destructive=True),
-    Op("evacuate", EvacuateArgs, evacuate, destructive=True, deadline_s=LONG_OP_S),
-    Op("stage", StageArgs, stage, "inline"),
-    Op("adopt", AdoptArgs, adopt, deadline_s=LONG_OP_S),
-)
+def _ms(start: float, end: float | None = None) -> float:
+    """Milliseconds from `start` to `end` (now), rounded as replies carry them."""
+    return round(((time.monotonic() if end is None else end) - start) * 1000, 3)

@@ -11,44 +11,29 @@ answered with "deadline", counted as stuck until it returns, and audited when it
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
-from ..errors import BackdoorsError, NodeError
+from ..errors import BackdoorsError
+from .audit import AuditLog
 from .auth import Authenticator, Rejected
 from .leases import LockBusy
-from .ops import Call, Op, OpError
+from .metrics import AgentMetrics
+from .ops import AgentView, Call, Op, OpError
 from .protocol import DECODE_ERRORS, MAX_FRAME, Envelope, ErrorInfo, Response, frame, mac
+from .runtime import Lane
 from .votes import BallotBox, Short
-
-if TYPE_CHECKING:
-    from .daemon import Agent
 
 log = logging.getLogger("backdoors.agent")
 
 FRAME_TIMEOUT_S = 5.0  # for the rest of a frame once its header came
 IDLE_TIMEOUT_S = 300.0  # between frames
 _encode = msgspec.msgpack.Encoder().encode
-
-
-@dataclass
-class Lane:
-    """Workers for blocking ops, and how many of them are stuck past a deadline."""
-
-    name: str
-    workers: int
-    stuck: int = 0
-    misses: int = 0
-    pool: concurrent.futures.ThreadPoolExecutor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.workers,
-                                                          thread_name_prefix=f"bd-{self.name}")
 
 
 @dataclass
@@ -61,16 +46,23 @@ class Outcome:
 
 
 class RpcServer:
-    """Serves one agent's RPC on a listening socket it is given."""
+    """Serves one agent's RPC on a listening socket it is given: `ops` on `agent`'s nodes,
+    requests signed with `keys`, counted in `metrics` and written to `audit`."""
 
-    def __init__(self, agent: Agent):
-        self.agent = agent
+    def __init__(self, agent: AgentView, ops: Mapping[str, Op], keys: Mapping[str, bytes],
+                 metrics: AgentMetrics, audit: AuditLog):
+        self.agent, self.ops, self.metrics, self.audit = agent, ops, metrics, audit
         config = agent.config
-        self.auth = Authenticator(agent.keys, cache_entries=config.replay_cache_entries)
+        self.auth = Authenticator(keys, cache_entries=config.replay_cache_entries)
         self.ballots = BallotBox(config.quorum, config.vote_window_s)
         self.memory_lane = Lane("memory", 2)
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._conns)
 
     async def start(self, sock) -> None:
         self._server = await asyncio.start_server(self._serve, sock=sock)
@@ -122,8 +114,8 @@ class RpcServer:
                 await writer.drain()
         except asyncio.TimeoutError:
             await self._refuse_frame(writer, peer, "timed out waiting for the rest of the frame")
-        except (ConnectionError, OSError):
-            pass
+        except OSError:
+            pass  # the peer went away
         except asyncio.CancelledError:
             pass  # the server is stopping (3.11 streams log a cancelled handler task)
         except Exception:  # noqa: BLE001 - one connection's bug must not end the server
@@ -142,13 +134,13 @@ class RpcServer:
             writer.write(frame(_reply(None, b"", Outcome(False, code=code, message=message),
                                       0.0)))
             await asyncio.wait_for(writer.drain(), 1.0)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
-            pass
+        except OSError:
+            pass  # gone or not reading (TimeoutError is an OSError)
 
     def _reject(self, peer: str, r: Rejected) -> None:
-        self.agent.metrics.rejected.labels(r.code).inc()
-        self.agent.audit.rejected(peer=peer, code=r.code, message=r.message, monitor=r.monitor,
-                                  op=r.op if r.op in self.agent.ops else "?")
+        self.metrics.rejected.labels(r.code).inc()
+        self.audit.rejected(peer=peer, code=r.code, message=r.message, monitor=r.monitor,
+                                  op=r.op if r.op in self.ops else "?")
 
     # -- requests ----------------------------------------------------------------------
 
@@ -161,11 +153,11 @@ class RpcServer:
             self._reject(peer, r)
             outcome = Outcome(False, code=r.code, message=r.message)
             return _reply(r.key, r.nonce, outcome, _ms(start))
-        op = self.agent.ops.get(req.op)
+        op = self.ops.get(req.op)
         args: Any = None
         if op is None:
             outcome = Outcome(False, code="unknown_op", message=f"unknown op {req.op[:64]!r}; "
-                              f"known: {', '.join(sorted(self.agent.ops))}")
+                              f"known: {', '.join(sorted(self.ops))}")
         else:
             try:
                 args = op.decoder.decode(req.args)
@@ -174,9 +166,9 @@ class RpcServer:
                 outcome = Outcome(False, code="bad_request", message=f"{req.op}: bad args: {e}")
         elapsed = _ms(start)
         label = op.name if op else "?"
-        self.agent.metrics.rpc.labels(label, "ok" if outcome.ok else outcome.code).inc()
-        self.agent.metrics.rpc_seconds.labels(label).observe(elapsed / 1000)
-        self.agent.audit.request(monitor=req.monitor, peer=peer, op=label, args=args,
+        self.metrics.rpc.labels(label, "ok" if outcome.ok else outcome.code).inc()
+        self.metrics.rpc_seconds.labels(label).observe(elapsed / 1000)
+        self.audit.request(monitor=req.monitor, peer=peer, op=label, args=args,
                                  ok=outcome.ok, error=outcome.code, elapsed_ms=elapsed,
                                  votes=outcome.votes, message=outcome.message)
         return _reply(key, req.nonce, outcome, elapsed)
@@ -191,7 +183,7 @@ class RpcServer:
         if not (op.destructive and self.ballots.quorum > 1):
             return await self._execute(op, args, rt, frozenset({monitor}))
         key = (op.name, _encode(args))
-        metrics = self.agent.metrics.votes
+        metrics = self.metrics.votes
         metrics.labels(op.name, "cast").inc()
         try:
             outcome = await self.ballots.vote(
@@ -227,7 +219,7 @@ class RpcServer:
             return Outcome(False, code=e.code, message=e.message, votes=votes)
         except LockBusy as e:
             return Outcome(False, code="busy", message=str(e), votes=votes)
-        except (NodeError, BackdoorsError) as e:
+        except BackdoorsError as e:
             return Outcome(False, code="failed", message=str(e), votes=votes)
         except Exception as e:  # noqa: BLE001 - reported, never fatal
             log.exception("op %s failed", op.name)
@@ -253,7 +245,7 @@ class RpcServer:
                                           "worker and was dropped") from None
             lane.stuck += 1
             lane.misses += 1
-            self.agent.metrics.stuck_ops.labels(lane.name).set(lane.stuck)
+            self.metrics.stuck_ops.labels(lane.name).set(lane.stuck)
             started = time.monotonic()
             fut.add_done_callback(lambda f: self._late(lane, what, f, started))
             raise OpError("deadline", f"{what} on {lane.name} did not finish within "
@@ -261,9 +253,9 @@ class RpcServer:
 
     def _late(self, lane: Lane, what: str, fut: asyncio.Future, started: float) -> None:
         lane.stuck -= 1
-        self.agent.metrics.stuck_ops.labels(lane.name).set(lane.stuck)
+        self.metrics.stuck_ops.labels(lane.name).set(lane.stuck)
         error = None if fut.cancelled() or fut.exception() is None else repr(fut.exception())
-        self.agent.audit.write(kind="late", lane=lane.name, op=what, ok=error is None,
+        self.audit.write(kind="late", lane=lane.name, op=what, ok=error is None,
                                error=error, late_ms=_ms(started))
 
 

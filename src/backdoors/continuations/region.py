@@ -113,9 +113,6 @@ class CbRegion:
         words[seq] = 2 * version  # even: stable, holds `version`
         words[L.OFF_EXPORT_VERSION // 8] = version  # the commit
 
-    def set_recoveries(self, count: int) -> None:
-        self.mm[L.OFF_RECOVERIES:L.OFF_RECOVERIES + 4] = count.to_bytes(4, "little")
-
     # -- ring ------------------------------------------------------------------------
 
     def put_log(self, start: int, data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""Dump an established TCP socket into a TcpState, and close a dumped socket silently.
+"""Read an established TCP socket in repair mode into a TcpState (see `repair.Repair.dump`).
 
 The caller holds the network lock: while it is held no segment of the connection reaches
 this stack, so the snapshot is consistent and nothing is ACKed after it. A snapshot that
@@ -18,77 +18,14 @@ from .state import TcpOptions, TcpState, TcpWindow
 _ATTEMPTS = 3
 
 
-def dump(sock: socket.socket, *, since: TcpState | None = None) -> TcpState:
-    """Put `sock` into repair mode and return its state.
-
-    The socket is left in repair mode: closing it afterwards sends nothing to the peer
-    (use close_silently), and resume() puts it back in service if the move is abandoned.
-    `since`: the TcpState `sock` was itself restored from, so byte counts stay continuous.
-    Raises TcpRepairError if `sock` is not an established IPv4 or IPv6 TCP connection or
-    cannot be read consistently; the socket is then left as it was.
-    """
-    _check_dumpable(sock)
-    try:
-        was_in_repair = kernel.get_u32(sock, kernel.TCP_REPAIR) == 1
-        kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_ON)
-    except OSError as err:
-        raise kernel.fail(
-            "dump: TCP_REPAIR on", err, "needs CAP_NET_ADMIN in the socket's network namespace"
-        ) from None
-    try:
-        return _snapshot(sock, since)
-    except BaseException:
-        if not was_in_repair:  # leave the socket as it was: in service, no probe sent
-            try:
-                kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_OFF_NO_PROBE)
-            except OSError:
-                pass
-        raise
-
-
-def resume(sock: socket.socket) -> None:
-    """Take a dumped socket out of repair mode: it serves its connection again here."""
-    try:
-        kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_OFF)
-    except OSError as err:
-        raise kernel.fail("resume: TCP_REPAIR off", err) from None
-
-
-def close_silently(sock: socket.socket) -> None:
-    """Close `sock` without sending FIN or RST to the peer.
-
-    Repair mode is (re)entered first, so this also works on a socket that was never dumped,
-    in any state but LISTEN (the kernel refuses repair mode there: TcpRepairError, and the
-    listener stays open).
-    Other descriptors of the same socket (in another process, or from pidfd_getfd) keep it
-    open; it stays in repair mode, so closing the last one is silent too.
-    """
-    if sock.fileno() < 0:
-        return
-    try:
-        kernel.set_int(sock, kernel.TCP_REPAIR, kernel.REPAIR_ON)
-    except OSError as err:
-        raise kernel.fail(
-            "close_silently: TCP_REPAIR on",
-            err,
-            f"a socket in state {_state_name(sock)} cannot be closed silently; it is left open",
-        ) from None
-    sock.close()
-
-
-release = close_silently  # soccr's name for the same step
-
-
-def _state_name(sock: socket.socket) -> str:
-    try:
-        return kernel.tcp_info(sock).state_name
-    except OSError:
-        return "unknown"
-
-
-def _check_dumpable(sock: socket.socket) -> None:
+def check_tcp(sock: socket.socket, step: str) -> None:
+    """Raise TcpRepairError unless `sock` is an IPv4 or IPv6 TCP socket."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-        raise TcpRepairError(f"dump: {sock!r} is not a TCP/IP socket")
+        raise TcpRepairError(f"{step}: {sock!r} is not a TCP/IP socket")
+
+
+def check_established(sock: socket.socket) -> None:
+    """Raise TcpRepairError unless `sock` is an established connection (dumpable)."""
     try:
         info = kernel.tcp_info(sock)
     except OSError as err:
@@ -100,7 +37,7 @@ def _check_dumpable(sock: socket.socket) -> None:
         )
 
 
-def _snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
+def snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
     """Read the state of a socket already in repair mode, retrying if it moves.
 
     In repair mode the application can neither read nor (with no queue selected) write,

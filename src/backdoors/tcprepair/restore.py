@@ -12,47 +12,43 @@ to 3 s): a segment lost under the network lock comes back only after the 1 s tai
 probe. With `resend_unacked=True` it is queued again as never sent and goes out at once;
 the peer drops what it already has. Then the first flight must pass whatever the peer
 already acknowledged (Linux ignores an ACK of data not yet sent): give the socket a large
-initial window with `route.initial_window`."""
+initial window (`segments_needed`, set on its route by the caller: net.route)."""
 
 from __future__ import annotations
 
 import errno
 import functools
+import math
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from . import kernel
 from .state import TcpState
 
 _MIN_SNDBUF = 64 * 1024
+MAX_SEGMENTS = 4096  # the largest initial window segments_needed asks for
 
 
-def restore(state: TcpState, *, resend_unacked: bool = False, finish: bool = True) -> socket.socket:
-    """A new blocking socket carrying the connection described by `state`.
+def rebuild(state: TcpState, *, resend_unacked: bool = False) -> socket.socket:
+    """A new socket carrying the connection of `state`, still in repair mode (inert).
 
-    The socket is created in the calling thread's network namespace, which must own
-    `state.local_addr` and route to `state.remote_addr`. The peer's packets must still be
-    kept away (network lock) until this returns; a window probe is the first segment the
-    new socket sends. Raises TcpRepairError naming the failed step.
-
-    With `finish=False` the socket stays in repair mode, inert (it sends nothing), until
-    `finish_restore` — so that many sessions can be restored before any of them talks.
+    Created in the calling thread's network namespace, which must own `state.local_addr`
+    and route to `state.remote_addr`. On failure the socket is closed silently and the
+    TcpRepairError names the step.
     """
     state.check()
     sock = socket.socket(state.family, socket.SOCK_STREAM)
     try:
         _rebuild(sock, state, resend_unacked)
-        if finish:
-            finish_restore(sock, state, resend_unacked=resend_unacked)
     except BaseException:
-        _abandon(sock)
+        abandon(sock)
         raise
     return sock
 
 
-def finish_restore(sock: socket.socket, state: TcpState, *, resend_unacked: bool = False) -> None:
-    """Bring a socket restored with `finish=False` to life: window, repair off (a window
-    probe goes out), then the data to send. Pass the same `resend_unacked` as to restore."""
+def finish(sock: socket.socket, state: TcpState, *, resend_unacked: bool = False) -> None:
+    """Bring a rebuilt socket to life: window, repair off (a window probe goes out), then
+    the data to send. Pass the same `resend_unacked` as to rebuild."""
     step = _Steps(f"restore {state.describe()}")
     step("TCP_REPAIR_WINDOW", sock.setsockopt, kernel.SOL_TCP, kernel.TCP_REPAIR_WINDOW,
          _window(state))
@@ -61,6 +57,17 @@ def finish_restore(sock: socket.socket, state: TcpState, *, resend_unacked: bool
         step("write unacknowledged and never-sent data", _write_all, sock, state.send_queue)
     else:
         step("write never-sent data", _write_all, sock, state.never_sent)
+
+
+def segments_needed(states: Iterable[TcpState]) -> int:
+    """The initial congestion window (in segments) that lets each restored socket's first
+    flight pass what its peer may already have: the resent part plus the peer's advertised
+    window. Give it to the restored sockets' route (net.route.initial_window)."""
+    need = 10
+    for s in states:
+        span = len(s.sent_unacked) + s.window.snd_wnd
+        need = max(need, math.ceil(span / max(1, s.options.mss)) + 2)
+    return min(need, MAX_SEGMENTS)
 
 
 def _rebuild(sock: socket.socket, state: TcpState, resend_unacked: bool) -> None:
@@ -147,7 +154,7 @@ def _hint(step: str, err: OSError) -> str:
     return ""
 
 
-def _abandon(sock: socket.socket) -> None:
+def abandon(sock: socket.socket) -> None:
     """Close a half-restored socket without a FIN or RST reaching the peer.
 
     Also after repair off (a failed never-sent write): back in repair mode, close is silent.

@@ -1,6 +1,8 @@
 """A large initial congestion window for restored sockets, through a temporary host route.
 
-Restoring sent-but-unacknowledged data as unsent (restore's default) makes it go out at
+Network policy for session recovery; the agent combines it with tcprepair (which says how
+many segments a restored socket needs: tcprepair.segments_needed). Restoring
+sent-but-unacknowledged data as unsent (tcprepair's resend_unacked) makes it go out at
 once instead of after a 1-3 s retransmission timer. But the peer may already hold part of
 it, its acknowledgement lost under the network lock: it then acknowledges a sequence
 number beyond what the new socket has sent, and Linux ignores an ACK of unsent data. The
@@ -15,26 +17,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import math
 from collections.abc import Iterable, Iterator
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import TcpRepairError
-from .state import TcpState
-
-MAX_SEGMENTS = 4096
-
-
-def segments_needed(states: Iterable[TcpState]) -> int:
-    """The initial window (in segments) that lets each state's first flight pass what its
-    peer may already have: the resent part plus the peer's advertised window."""
-    need = 10
-    for s in states:
-        span = len(s.sent_unacked) + s.window.snd_wnd
-        need = max(need, math.ceil(span / max(1, s.options.mss)) + 2)
-    return min(need, MAX_SEGMENTS)
+from backdoors.errors import NetError
 
 
 @contextlib.contextmanager
@@ -44,7 +32,7 @@ def initial_window(peers: Iterable[str], segments: int) -> Iterator[None]:
     Restore the sockets inside the block. A peer that already has a host route of its own
     is left alone (its route is the operator's).
     """
-    added: list[tuple[str, int, dict]] = []
+    added: list[dict] = []
     with IPRoute() as ipr:
         try:
             for peer in sorted(set(peers)):
@@ -53,7 +41,7 @@ def initial_window(peers: Iterable[str], segments: int) -> Iterator[None]:
                 try:
                     found = ipr.route("get", dst=peer)[0]
                 except NetlinkError as e:
-                    raise TcpRepairError(f"initial window: no route to {peer}: {e}") from None
+                    raise NetError(f"initial window: no route to {peer}: {e}") from None
                 spec = {"dst": peer, "dst_len": plen, "oif": found.get_attr("RTA_OIF"),
                         "family": found["family"]}
                 gateway = found.get_attr("RTA_GATEWAY")
@@ -64,7 +52,7 @@ def initial_window(peers: Iterable[str], segments: int) -> Iterator[None]:
                 except NetlinkError as e:
                     if e.code == errno.EEXIST:  # the operator's own host route: leave it
                         continue
-                    raise TcpRepairError(f"initial window: cannot add a host route to {peer}: {e}") from None
+                    raise NetError(f"initial window: cannot add a host route to {peer}: {e}") from None
                 added.append(spec)
             yield
         finally:

@@ -1,0 +1,43 @@
+"""What the agent keeps per served node, and the worker lanes its blocking ops run on.
+
+Below the daemon, the RPC server, the ops and the metrics, which all speak of nodes and
+lanes: none of them needs the daemon for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+
+from ..nodes import Node
+from .config import NodeSpec
+from .sampler import NodeSampler
+
+
+@dataclass
+class Lane:
+    """Workers for blocking ops, and how many of them are stuck past a deadline."""
+
+    name: str
+    workers: int
+    stuck: int = 0
+    misses: int = 0
+    pool: concurrent.futures.ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.workers,
+                                                          thread_name_prefix=f"bd-{self.name}")
+
+
+@dataclass(eq=False)
+class NodeRuntime:
+    """A served node and what the agent keeps for it."""
+
+    spec: NodeSpec
+    node: Node
+    sampler: NodeSampler
+    lane: Lane
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
