@@ -25,20 +25,36 @@ import os
 import queue
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..common import runtime
 from ..common.runtime import AGENT_SOCKET_ENV, RegistrationLink
 from ..errors import BackdoorsError
 from .errors import ContinuationError
 
-if TYPE_CHECKING:
-    from .box import ContinuationBox
-
 KIND = "cb"
 _NEEDED = ("register_region", "hold_socket", "release")
 
 log = logging.getLogger("backdoors.continuations")
+
+
+class _Channel(Protocol):
+    def fileno(self) -> int: ...
+
+
+class ContinuationBox(Protocol):
+    """What a registrar uses of a box (`box.ContinuationBox`): its region's memfd and name,
+    its session id, its connection, and the flag saying whether the agent holds it."""
+
+    session: str
+    conn: _Channel
+    registered: bool
+
+    @property
+    def fd(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 class Registrar(Protocol):
@@ -105,7 +121,7 @@ class AgentRegistrar:
     def _attach_queued(self) -> None:
         while True:
             box = self._queue.get()
-            if box.region.fd >= 0:  # the session may have ended meanwhile
+            if box.fd >= 0:  # the session may have ended meanwhile
                 box.registered = self.attach(box)
 
     def detach(self, box: ContinuationBox) -> None:

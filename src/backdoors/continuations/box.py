@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from ..errors import TcpRepairError
 from . import layout as L
+from .adoption import Recovered
+from .agent_link import Registrar, default_registrar
 from .connection import RecoverableConnection
 from .errors import ContinuationError, StateTooLargeError
 from .image import decode_state
 from .region import CbRegion, endpoints_of
-
-if TYPE_CHECKING:
-    from .adoption import Recovered
-    from .agent_link import Registrar
 
 DEFAULT_STATE_CAPACITY = 4096
 DEFAULT_LOG_CAPACITY = 64 * 1024
@@ -126,8 +124,6 @@ def create_cb(
     region and the socket are handed to the agent through `registrar` (default: the
     agent named by BACKDOORS_AGENT_SOCKET, or none). Capacities are bytes, multiples of 8.
     """
-    from .adoption import Recovered
-
     if isinstance(conn, Recovered):
         return open_cb(conn, state_capacity=state_capacity, log_capacity=log_capacity,
                        registrar=registrar)
@@ -199,8 +195,6 @@ def open_cb(
 def _registrar(registrar: Registrar | None) -> Registrar:
     if registrar is not None:
         return registrar
-    from .agent_link import default_registrar
-
     return default_registrar()
 
 
