@@ -26,7 +26,7 @@ from .metrics import AgentMetrics, MetricsServer
 from .ops import OPS, Op
 from .recovery import Recovery
 from .regions import KERNEL, Entry, RegionTable
-from .runtime import Lane, NodeRuntime
+from .served import Lane, NodeRuntime
 from .sampler import KernelSensors, NodeSampler
 from .sessions import SessionTable
 from .server import RpcServer

@@ -31,7 +31,7 @@ from ..errors import AgentError, BackdoorsError
 from .config import AgentConfig
 from .leases import LeaseTable
 from .regions import KERNEL, RegionTable
-from .runtime import Lane, NodeRuntime
+from .served import Lane, NodeRuntime
 from .sessions import SessionTable
 
 log = logging.getLogger("backdoors.agent")

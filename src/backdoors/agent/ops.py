@@ -33,7 +33,7 @@ from .protocol import (
     ProcessRow, ProcessTable, RegionInfo, SensorsReply, WriteReply,
 )
 from .regions import Entry, NoSuchRegion, RegionTable
-from .runtime import NodeRuntime
+from .served import NodeRuntime
 from .sessions import SessionTable
 
 MAX_LEASE_S = 3600.0

@@ -39,7 +39,7 @@ from .protocol import (
     AdoptReply, EvacuateReply, FenceReply, MovedSession, SessionInfo, StageReply, UnlockReply,
 )
 from .regions import SESSION_KIND
-from .runtime import NodeRuntime
+from .served import NodeRuntime
 
 log = logging.getLogger("backdoors.agent")
 

@@ -26,7 +26,7 @@ from .leases import LockBusy
 from .metrics import AgentMetrics
 from .ops import AgentView, Call, Op, OpError
 from .protocol import DECODE_ERRORS, MAX_FRAME, Envelope, ErrorInfo, Response, frame, mac
-from .runtime import Lane
+from .served import Lane
 from .votes import BallotBox, Short
 
 log = logging.getLogger("backdoors.agent")
