@@ -284,7 +284,11 @@ def test_protected_processes_are_refused(agent_lab):
     sleeper = lab.nodes["n0"].run(["sleep", "60"])
     tree = lab.nodes["n0"].run(["sh", "-c", "sleep 61 & wait"])
     lab.procs += [sleeper, tree]
-    wait_for(lambda: len(lab.nodes["n0"].cgroup.procs()) == 3, what="the processes")
+    # Protection is by comm: wait until both have exec'd (a forked child keeps its parent's
+    # comm until then) and the tree's sleep runs.
+    def comms():
+        return sorted(p.comm for p in lab.nodes["n0"].processes())
+    wait_for(lambda: comms() == ["sh", "sleep", "sleep"], what="the processes")
     c = lab.client()
     with pytest.raises(RemoteError, match=r"\(sleep\) of node n0 is protected"):
         c.kill("n0", sleeper.pid)
