@@ -147,9 +147,7 @@ class AgentCollector(Collector):
         yield misses
 
     def _kernel(self, a: Agent):
-        from ..sensors import parse, read_consistent
-        from ..sensors.layout import SensorType
-        from .regions import KERNEL
+        from ..sensors import KERNEL_BOX, SensorType, parse, read_consistent
 
         level = GaugeMetricFamily("backdoors_agent_kernel_sensor",
                                   "A level sensor of the node's kernel box (memory_mb, pids, "
@@ -163,7 +161,7 @@ class AgentCollector(Collector):
                                      labels=["node", "sensor"])
         for name in list(a.nodes):
             try:
-                with a.regions.use(name, KERNEL) as entry:
+                with a.regions.use(name, KERNEL_BOX) as entry:
                     image = parse(read_consistent(entry.region))
             except (KeyError, BackdoorsError, ValueError, OSError):
                 continue  # not sampled yet, or being replaced: the next scrape has it

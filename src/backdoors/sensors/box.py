@@ -187,7 +187,7 @@ class SensorBox:
         gen = self._words[gen_word]
         self._words[gen_word] = gen + 1  # odd: layout changing
         off = L.slot_offset(count)
-        L.SLOT.pack_into(self._mm, off, count + 1, int(type_), flags, 0, value, threshold, param, raw)
+        L.SLOT.pack_into(self._mm, off, count + 1, type_.code, flags, 0, value, threshold, param, raw)
         self._mm[L.OFF_COUNT:L.OFF_COUNT + 4] = (count + 1).to_bytes(4, "little")
         self._words[gen_word] = gen + 2  # even: stable again
         return (off + L.SLOT_OFF_VALUE) // 8

@@ -2,9 +2,10 @@
 
 The reader never trusts the region. `parse` checks every field against the ABI and
 turns anything unexpected into a SensorBoxError that says what and where. The layout is
-copied under the generation seqlock; each value is one aligned word. Whether a progress
-sensor is stalled, and how many pressure events fell in the last window, is computed
-here from successive snapshots, so applications never write timestamps.
+copied under the generation seqlock; each value is one aligned word. How long a progress
+sensor has stalled, and how many pressure events fell in the last window, is computed
+here from successive snapshots, so applications never write timestamps; whether that
+is a violation is judged by `judgement`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import msgspec
 
 from ..errors import SensorBoxError
 from . import layout as L
+from .judgement import out_of_bounds, over_rate, stalled
 from .region import Region
 
 READ_RETRIES = 64
@@ -59,7 +61,7 @@ class SensorState(msgspec.Struct):
 
     id: int
     name: str
-    type: str
+    type: L.SensorType
     value: float
     violated: bool
     # progress: seconds since the counter last moved, and its deadline
@@ -144,7 +146,7 @@ def parse(data: bytes) -> BoxImage:
         if reserved:
             raise SensorBoxError(f"{where}: reserved field is {reserved}, must be 0")
         try:
-            kind = L.SensorType(type_)
+            kind = L.SensorType.from_code(type_)
         except ValueError:
             raise SensorBoxError(f"{where}: unknown sensor type {type_}") from None
         if not (math.isfinite(threshold) and math.isfinite(param)):
@@ -226,14 +228,14 @@ class SensorTracker:
                 if prev is None or prev[0] != s.value:
                     prev = (s.value, now)
                     self._last[s.id] = prev
-                stalled = now - prev[1]
-                states.append(SensorState(s.id, s.name, "progress", s.value, stalled > s.threshold,
-                                          stalled_for=stalled, deadline=s.threshold))
+                since = now - prev[1]
+                states.append(SensorState(s.id, s.name, s.type, s.value,
+                                          stalled(since, s.threshold),
+                                          stalled_for=since, deadline=s.threshold))
             elif s.type is L.SensorType.LEVEL:
                 lo, hi = s.min, s.max
-                bad = not math.isfinite(s.value) or (lo is not None and s.value < lo) or (
-                    hi is not None and s.value > hi)
-                states.append(SensorState(s.id, s.name, "level", s.value, bad, min=lo, max=hi))
+                bad = out_of_bounds(s.value, lo, hi) is not None
+                states.append(SensorState(s.id, s.name, s.type, s.value, bad, min=lo, max=hi))
             else:
                 hist = self._hist.setdefault(s.id, deque())
                 hist.append((now, s.value))
@@ -241,7 +243,7 @@ class SensorTracker:
                     hist.popleft()
                 # hist[0] is the newest sample at least one window old (or the oldest one)
                 rate = float(max(0, s.value - hist[0][1]))
-                states.append(SensorState(s.id, s.name, "pressure", s.value, rate > s.threshold,
+                states.append(SensorState(s.id, s.name, s.type, s.value, over_rate(rate, s.threshold),
                                           rate=rate, max_events=s.threshold, window=s.param))
         return Snapshot(image.name, image.owner_pid, image.generation, now, states)
 
