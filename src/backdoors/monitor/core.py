@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import AgentError, ConfigError, SensorBoxError
 from ..sensors import SensorTracker, parse
-from . import rules as R
+from .rules import Rule, load_rulesets
 from .config import AgentEntry, MonitorConfig, load_config, load_monitor_key, validate
 from .detectors import NodeView
 from .engine import Detection, Engine
@@ -181,12 +181,12 @@ class Monitor:
     """
 
     def __init__(self, config: MonitorConfig, *, key: bytes | None = None,
-                 rules: list[R.Rule] | None = None,
+                 rules: list[Rule] | None = None,
                  hooks: dict[str, Callable[[dict], Any]] | None = None,
                  client_factory: ClientFactory | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.config = validate(config)
-        self.rules = list(rules) if rules is not None else R.load_rulesets(config.rulesets)
+        self.rules = list(rules) if rules is not None else load_rulesets(config.rulesets)
         self.hooks = dict(hooks or {})
         for rule in self.rules:
             for a in rule.actions:

@@ -195,7 +195,8 @@ class LevelOutOfBounds(SensorDetector, tag="level_out_of_bounds"):
     @staticmethod
     def describe(v: Violation) -> str:
         rel = ">" if v.bound is None or v.value > v.bound else "<"
-        return f"{v.box}/{v.sensor} = {v.value:.4g} {rel} {v.bound if v.bound is None else f'{v.bound:.4g}'}"
+        bound = "None" if v.bound is None else f"{v.bound:.4g}"
+        return f"{v.box}/{v.sensor} = {v.value:.4g} {rel} {bound}"
 
     @classmethod
     def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import rules as R
+from .rules import Rule
 from .detectors import BY_KIND, Hit, NodeView, evaluate
 from .history import History, Key
 from .incidents import Incident
@@ -48,7 +48,7 @@ class Detection:
     """An incident just opened, with what its response needs."""
 
     incident: Incident
-    rule: R.Rule
+    rule: Rule
     view: NodeView
     hits: list[Hit]
     onset: float
@@ -59,7 +59,7 @@ class Detection:
 class Engine:
     """Rules applied to the views of every node; thread-safe per node."""
 
-    def __init__(self, rules: list[R.Rule], monitor_id: str, *, history_s: float = 5.0,
+    def __init__(self, rules: list[Rule], monitor_id: str, *, history_s: float = 5.0,
                  settle_s: float = 0.25, clock: Callable[[], float] = time.monotonic,
                  on_close: Callable[[Incident], None] | None = None):
         self.rules, self.monitor_id = rules, monitor_id
@@ -108,10 +108,10 @@ class Engine:
         return opened
 
     @staticmethod
-    def _fired(rule: R.Rule, hits: list[Hit]) -> bool:
+    def _fired(rule: Rule, hits: list[Hit]) -> bool:
         return bool(hits) if rule.match == "any" else len(hits) == len(rule.detectors)
 
-    def _hits(self, rule: R.Rule, rs: RuleState, view: NodeView) -> tuple[list[Hit], list[Hit]]:
+    def _hits(self, rule: Rule, rs: RuleState, view: NodeView) -> tuple[list[Hit], list[Hit]]:
         """(hits held for their for_ms, every hit now)."""
         hits, raw = [], []
         for i, det in enumerate(rule.detectors):
@@ -128,7 +128,7 @@ class Engine:
                 hits.append(hit)
         return hits, raw
 
-    def _follow(self, rule: R.Rule, rs: RuleState, st: NodeState, fired: bool, now: float) -> None:
+    def _follow(self, rule: Rule, rs: RuleState, st: NodeState, fired: bool, now: float) -> None:
         inc = rs.incident
         if st.busy == inc.id:
             return  # its response is running: judge it afterwards
@@ -142,7 +142,7 @@ class Engine:
             if (now - rs.clear_since) * 1000 >= rule.clear_ms:
                 self.close(st, rule, "cleared", now)
 
-    def _open(self, rule: R.Rule, rs: RuleState, st: NodeState, view: NodeView,
+    def _open(self, rule: Rule, rs: RuleState, st: NodeState, view: NodeView,
               hits: list[Hit]) -> Detection:
         onset = self.onset(st.history, view, hits)
         now_wall, now = time.time(), self.clock()
@@ -172,7 +172,7 @@ class Engine:
         st.busy = None
         st.settle_until = now + self.settle_s
 
-    def close(self, st: NodeState, rule: R.Rule, outcome: str, now: float) -> None:
+    def close(self, st: NodeState, rule: Rule, outcome: str, now: float) -> None:
         rs = st.rules[rule.name]
         inc = rs.incident
         if inc is None:
