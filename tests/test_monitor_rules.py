@@ -301,3 +301,15 @@ def test_config_errors_name_file_line_and_key(change, where):
     with pytest.raises(ConfigError) as e:
         parse_config(CONFIG.replace(*change), "mon.toml")
     assert str(e.value).startswith(f"mon.toml:{where}:"), str(e.value)
+
+
+def test_every_unit_declares_what_the_engine_needs():
+    """Units are registered once; what an action needs some diagnosis provides."""
+    for unit in (*detectors.DETECTORS, *diagnosis.DIAGNOSES, *actions.ACTIONS):
+        assert unit.kind_name()
+    for action in actions.ACTIONS:
+        assert action.effect in ("repair", "recover", "record")
+        for need in action.needs:
+            assert need in diagnosis.CAPABILITIES
+            assert any(need in d.provides for d in diagnosis.DIAGNOSES)
+    assert monitor_rules.KINDS["actions"] == [a.kind_name() for a in actions.ACTIONS]
