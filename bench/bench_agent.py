@@ -21,6 +21,7 @@ import time
 
 from backdoors.lab import hogs
 from backdoors.scenarios.labkit import AgentLab, unique_name
+from backdoors.sensors import KERNEL_BOX
 
 MiB = 1 << 20
 
@@ -79,7 +80,7 @@ def run(*, seconds: float = 3.0, memory_mb: int = 512, pids_limit: int = 128) ->
         al.wait_registered(node)
         n = al.lab.node(node)
         with al.agent_client("h0", timeout=5.0) as c:
-            [region] = [r for r in c.regions(node) if r.name != "kernel"]
+            [region] = [r for r in c.regions(node) if r.name != KERNEL_BOX]
             conditions = {}
             _measure(c, node, region.name, region.size, 0.2)  # warm up the connection
             conditions["idle"] = _measure(c, node, region.name, region.size, seconds)

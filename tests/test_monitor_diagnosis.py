@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 
 from backdoors.agent.protocol import ProcessRow
 from backdoors.errors import ConfigError
-from backdoors.monitor import diagnosis as D
-from backdoors.monitor import rules as R
+from backdoors.monitor import diagnosis
 from backdoors.monitor.detectors import Hit, NodeView, Violation
 from backdoors.monitor.incidents import (
     ActionRecord, Incident, IncidentLog, load_incidents, show_incidents,
@@ -34,7 +33,7 @@ def test_memory_hog_blames_growth_not_size():
              row(11, comm="bd-cache", rss_mb=300, rate_mb=0.0),
              row(12, comm="bd-memhog", rss_mb=120, rate_mb=38.0),
              row(13, comm="worker", rss_mb=20, rate_mb=0.5)]
-    f = D.memory_hog(R.MemoryHogDiagnosis(), table)
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), table)
     assert [c.pid for c in f.culprits] == [12]
     assert f.culprits[0].start_time == pytest.approx(1000.0 - 100.0)
     assert "bd-memhog (pid 12) grows 38.0 MB/s" in f.summary and "largest process is bd-cache" in f.summary
@@ -46,13 +45,13 @@ def test_memory_hog_never_picks_a_registered_service_or_a_protected_comm():
     table = [row(10, comm="svc", rss_mb=40, rate_mb=50, registered=True),
              row(11, comm="sshd", rss_mb=20, rate_mb=30),
              row(12, comm="leak", rss_mb=30, rate_mb=5)]
-    f = D.memory_hog(R.MemoryHogDiagnosis(protect_comms=["ssh*"]), table)
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(protect_comms=["ssh*"]), table)
     assert [c.pid for c in f.culprits] == [12]
 
 
 def test_memory_hog_without_growth_names_no_culprit():
     table = [row(10, rss_mb=300), row(11, rss_mb=200, rate_mb=0.4), row(12, state="Z", rate_mb=90)]
-    f = D.memory_hog(R.MemoryHogDiagnosis(min_rate_mb_s=1.0), table)
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(min_rate_mb_s=1.0), table)
     assert f.culprits == [] and "no culprit" in f.summary
 
 
@@ -62,7 +61,7 @@ def test_memory_hog_without_growth_names_no_culprit():
 def test_memory_hog_culprit_is_always_the_fastest_eligible_grower(procs):
     table = [row(i + 2, rss_mb=rss, rate_mb=rate, registered=reg)
              for i, (rss, rate, reg) in enumerate(procs)]
-    f = D.memory_hog(R.MemoryHogDiagnosis(min_rate_mb_s=1.0), table)
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(min_rate_mb_s=1.0), table)
     eligible = [p for p in table if not p.registered]
     if f.culprits:
         c = next(p for p in table if p.pid == f.culprits[0].pid)
@@ -74,10 +73,10 @@ def test_memory_hog_culprit_is_always_the_fastest_eligible_grower(procs):
 
 def test_largest_rss_baseline():
     table = [row(10, rss_mb=40, registered=True), row(11, rss_mb=300), row(12, rss_mb=120, rate_mb=40)]
-    assert D.largest_rss(R.LargestRssDiagnosis(), table).culprits[0].pid == 11
+    assert diagnosis.largest_rss(diagnosis.LargestRssDiagnosis(), table).culprits[0].pid == 11
     big_service = [row(10, rss_mb=400, registered=True), row(11, rss_mb=300)]
-    assert D.largest_rss(R.LargestRssDiagnosis(), big_service).culprits[0].pid == 10
-    assert D.largest_rss(R.LargestRssDiagnosis(protect_registered=True),
+    assert diagnosis.largest_rss(diagnosis.LargestRssDiagnosis(), big_service).culprits[0].pid == 10
+    assert diagnosis.largest_rss(diagnosis.LargestRssDiagnosis(protect_registered=True),
                          big_service).culprits[0].pid == 11
 
 
@@ -98,7 +97,7 @@ def bomb_table():
 
 
 def test_bomb_lineage_is_young_processes_and_their_bomb_ancestors():
-    lineage, ev = D.bomb_lineage(bomb_table(), young_age_s=1.0)
+    lineage, ev = diagnosis.bomb_lineage(bomb_table(), young_age_s=1.0)
     pids = {p.pid for p in lineage}
     assert pids == {30, *range(31, 45), 22}
     # init is the node's first process; helper (old, one young child) is held back
@@ -110,37 +109,37 @@ def test_bomb_lineage_is_young_processes_and_their_bomb_ancestors():
 def test_old_shell_that_forks_the_bomb_is_part_of_it():
     t = [row(10, 1, "svc", age=100, registered=True), row(20, 1, "bash", age=60)]
     t += [row(p, 20, "bash", age=0.3) for p in range(30, 40)]
-    lineage, _ = D.bomb_lineage(t, young_age_s=1.0)
+    lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0)
     assert {p.pid for p in lineage} == {20, *range(30, 40)}
-    lineage, _ = D.bomb_lineage(t, young_age_s=1.0, old_ancestor_min_children=20)
+    lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0, old_ancestor_min_children=20)
     assert 20 not in {p.pid for p in lineage}
 
 
 def test_registered_and_protected_processes_are_never_in_the_lineage():
     t = [row(10, 1, "svc", age=0.5, registered=True),  # a young registered service
          row(11, 10, "svc-worker", age=0.2), row(12, 1, "sshd", age=0.1)]
-    lineage, _ = D.bomb_lineage(t, young_age_s=1.0, protect_comms=["sshd"])
+    lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0, protect_comms=["sshd"])
     assert {p.pid for p in lineage} == {11}
 
 
 def test_first_process_is_protected_only_when_older_than_onset():
     t = [row(5, 1, "init", age=100), row(6, 5, "x", age=0.1), row(7, 5, "x", age=0.1),
          row(8, 5, "x", age=0.1)]
-    assert {p.pid for p in D.bomb_lineage(t, 1.0)[0]} == {6, 7, 8}
+    assert {p.pid for p in diagnosis.bomb_lineage(t, 1.0)[0]} == {6, 7, 8}
     young_first = [row(5, 1, "bomb", age=0.5)] + [row(p, 5, "bomb", age=0.1) for p in (6, 7)]
-    assert {p.pid for p in D.bomb_lineage(young_first, 1.0)[0]} == {5, 6, 7}
+    assert {p.pid for p in diagnosis.bomb_lineage(young_first, 1.0)[0]} == {5, 6, 7}
 
 
 def test_subtree_roots_split_whole_trees_from_singles():
     table = bomb_table()
-    lineage, _ = D.bomb_lineage(table, 1.0)
-    roots, singles = D.subtree_roots(lineage, table)
+    lineage, _ = diagnosis.bomb_lineage(table, 1.0)
+    roots, singles = diagnosis.subtree_roots(lineage, table)
     assert [r.pid for r in roots] == [22, 30]
     assert singles == []
     # a bomb process with a spared (old) child cannot be killed as a tree
     table.append(row(70, 33, "old-child", age=5))
-    lineage, _ = D.bomb_lineage(table, 1.0)
-    roots, singles = D.subtree_roots(lineage, table)
+    lineage, _ = diagnosis.bomb_lineage(table, 1.0)
+    roots, singles = diagnosis.subtree_roots(lineage, table)
     assert 30 not in [r.pid for r in roots] and 33 in [s.pid for s in singles]
     assert 70 not in {p.pid for p in lineage}
 
@@ -156,7 +155,7 @@ def test_bomb_onset_from_the_fork_counters():
         h.add(NodeView("n0", "h0", i * 0.05, {"kernel": snap}))
     v = NodeView("n0", "h0", 0.25, {})
     # detected on pids at 0.20: the forks counter began rising after the sample at 0.05
-    assert D.bomb_onset(h, v, 0.20) == pytest.approx(0.05)
+    assert diagnosis.bomb_onset(h, v, 0.20) == pytest.approx(0.05)
 
 
 # ---- hang ---------------------------------------------------------------------------------
@@ -174,28 +173,28 @@ STALL = Hit(0, "progress_stalled", "svc/progress stalled",
 def test_hang_names_the_stuck_process_and_its_state():
     table = [row(10, comm="svc", state="S", registered=True, threads=4, cpu=2.0), row(11, comm="x")]
     later = [row(10, comm="svc", state="S", registered=True, threads=4, cpu=2.0)]
-    f = D.hang(hang_view(), [STALL], table, later, 0.1)
+    f = diagnosis.hang(hang_view(), [STALL], table, later, 0.1)
     assert f.evidence["scope"] == "process" and [c.pid for c in f.culprits] == [10]
     assert "svc (pid 10) stopped progressing; state S" in f.summary and "not using CPU" in f.summary
     assert f.evidence["stuck"][0]["threads"] == 4 and f.evidence["stuck"][0]["cpu_share"] == 0
     spinning = [row(10, comm="svc", state="R", registered=True, cpu=2.09)]
-    f = D.hang(hang_view(), [STALL], [row(10, comm="svc", state="R", registered=True, cpu=2.0)],
+    f = diagnosis.hang(hang_view(), [STALL], [row(10, comm="svc", state="R", registered=True, cpu=2.0)],
                spinning, 0.1)
     assert "state R" in f.summary and "spinning" in f.summary
 
 
 def test_hang_whole_node_frozen_or_stopped():
     stopped = [row(10, comm="svc", state="T", registered=True), row(11, state="T")]
-    f = D.hang(hang_view(), [STALL], stopped)
+    f = diagnosis.hang(hang_view(), [STALL], stopped)
     assert f.evidence["scope"] == "node" and "every process of the node (2) is stopped" in f.summary
     frozen = Hit(1, "node_frozen", "frozen")
-    f = D.hang(hang_view(frozen=True), [frozen], [row(10, comm="svc", registered=True)])
+    f = diagnosis.hang(hang_view(frozen=True), [frozen], [row(10, comm="svc", registered=True)])
     assert f.evidence["scope"] == "node" and "cgroup is frozen" in f.summary
     assert [c.pid for c in f.culprits] == [10]  # the registered service, as no sensor named one
 
 
 def test_hang_of_a_crashed_service():
-    f = D.hang(hang_view(), [STALL], [row(11, comm="other")])
+    f = diagnosis.hang(hang_view(), [STALL], [row(11, comm="other")])
     assert "is gone: the service crashed" in f.summary and f.culprits == []
 
 
@@ -213,7 +212,7 @@ def test_log_folds_events_into_incidents(tmp_path):
     a, b = incident(1), incident(2)
     log.write("opened", a, record=a)
     log.write("opened", b, record=b)
-    f = D.Finding("hang", "svc stuck", [D.Target(10, 900.0, "svc")], {"scope": "process"})
+    f = diagnosis.Finding("hang", "svc stuck", [diagnosis.Target(10, 900.0, "svc")], {"scope": "process"})
     log.write("diagnosis", a, diagnosis=f)
     log.write("action", a, action=ActionRecord("record", "done", 100.0, 0.1))
     a.closed, a.outcome = 1002.0, "cleared"
@@ -250,7 +249,7 @@ def test_log_tolerates_a_torn_tail_but_not_garbage(tmp_path):
 def test_show_incidents_table_and_json(tmp_path, capsys):
     from rich.console import Console
     log = IncidentLog(tmp_path)
-    inc = incident(diagnosis=D.Finding("hang", "svc (pid 10) stuck in S"), repaired_ms=101.0,
+    inc = incident(diagnosis=diagnosis.Finding("hang", "svc (pid 10) stuck in S"), repaired_ms=101.0,
                    actions=[ActionRecord("record", "done", 100.0, 0.1)], state="recorded")
     log.write("opened", inc, record=inc)
     log.close()

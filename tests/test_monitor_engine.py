@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from backdoors.monitor import rules as R
+from backdoors.monitor import rules
 from backdoors.monitor.detectors import NodeView, evaluate
 from backdoors.monitor.engine import Engine
 from backdoors.monitor.history import History
@@ -32,7 +32,7 @@ def view(at=10.0, node="n0", boxes=None, **kw):
 
 
 def det(text):
-    return R.parse_ruleset(f'[[rule]]\nname = "r"\ndetectors = [{text}]\n').rule[0].detectors[0]
+    return rules.parse_ruleset(f'[[rule]]\nname = "r"\ndetectors = [{text}]\n').rule[0].detectors[0]
 
 
 # ---- detectors --------------------------------------------------------------------------
@@ -134,7 +134,7 @@ detectors = [{ kind = "progress_stalled" }, { kind = "level_out_of_bounds", sens
 def engine_and_clock():
     clock = Clock()
     closed = []
-    eng = Engine(list(R.parse_ruleset(RULES).rule), "m1", clock=clock, settle_s=0.2,
+    eng = Engine(list(rules.parse_ruleset(RULES).rule), "m1", clock=clock, settle_s=0.2,
                  on_close=closed.append)
     return eng, clock, closed
 
@@ -259,8 +259,8 @@ def test_onset_of_progress_and_pressure():
     hits = [evaluate(det('{ kind = "pressure_over_rate", max_events = 100 }'), 0, v),
             evaluate(det('{ kind = "progress_stalled" }'), 1, v)]
     # forks began to rise after the sample at 0.10; progress last moved at 0.35 - 0.3
-    assert Engine.onset(h, v, hits[:1], None) == pytest.approx(0.10)
-    assert Engine.onset(h, v, hits, None) == pytest.approx(0.05)
+    assert Engine.onset(h, v, hits[:1]) == pytest.approx(0.10)
+    assert Engine.onset(h, v, hits) == pytest.approx(0.05)
 
 
 # ---- history ----------------------------------------------------------------------------

@@ -7,13 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backdoors.errors import ConfigError
-from backdoors.monitor import rules as R
+from backdoors.monitor import actions, detectors, diagnosis
+from backdoors.monitor import rules as monitor_rules
 from backdoors.monitor.config import load_config, parse_config
 from backdoors.common.configfile import locate, parse_error_path
 
 
-def rules(text: str) -> R.Ruleset:
-    return R.parse_ruleset(textwrap.dedent(text), "rules.toml")
+def rules(text: str) -> monitor_rules.Ruleset:
+    return monitor_rules.parse_ruleset(textwrap.dedent(text), "monitor_rules.toml")
 
 
 def error(text: str) -> str:
@@ -23,15 +24,15 @@ def error(text: str) -> str:
 
 
 def test_default_ruleset_covers_the_three_repair_cases():
-    by_name = {r.name: r for r in R.default_rules()}
+    by_name = {r.name: r for r in monitor_rules.default_rules()}
     assert list(by_name) == ["memory-hog", "fork-bomb", "hang", "agent-unreachable"]
-    assert isinstance(by_name["memory-hog"].diagnosis, R.MemoryHogDiagnosis)
-    assert [type(a) for a in by_name["memory-hog"].actions] == [R.KillCulprit]
-    assert isinstance(by_name["fork-bomb"].diagnosis, R.ForkBombDiagnosis)
-    assert [type(a) for a in by_name["fork-bomb"].actions] == [R.LockKillLineage]
-    assert {type(d) for d in by_name["hang"].detectors} == {R.ProgressStalled, R.NodeFrozen}
-    assert [type(a) for a in by_name["hang"].actions] == [R.Record]
-    assert "default" in R.packaged()
+    assert isinstance(by_name["memory-hog"].diagnosis, diagnosis.MemoryHogDiagnosis)
+    assert [type(a) for a in by_name["memory-hog"].actions] == [actions.KillCulprit]
+    assert isinstance(by_name["fork-bomb"].diagnosis, diagnosis.ForkBombDiagnosis)
+    assert [type(a) for a in by_name["fork-bomb"].actions] == [actions.LockKillLineage]
+    assert {type(d) for d in by_name["hang"].detectors} == {detectors.ProgressStalled, detectors.NodeFrozen}
+    assert [type(a) for a in by_name["hang"].actions] == [actions.Record]
+    assert "default" in monitor_rules.packaged()
 
 
 def test_both_toml_spellings_decode_the_same():
@@ -63,7 +64,7 @@ def test_syntax_error_names_file_line_and_column():
         name = "r"
         detectors = [{ kind = "node_frozen" ]
     """)
-    assert msg.startswith("rules.toml: not valid TOML")
+    assert msg.startswith("monitor_rules.toml: not valid TOML")
     assert "line 4" in msg
 
 
@@ -76,7 +77,7 @@ def test_unknown_kind_names_line_key_and_the_choices():
           { kind = "levle_out_of_bounds" },
         ]
     """)
-    assert msg.startswith("rules.toml:6: key rule[0].detectors[1].kind: Invalid value")
+    assert msg.startswith("monitor_rules.toml:6: key rule[0].detectors[1].kind: Invalid value")
     assert "level_out_of_bounds" in msg and "progress_stalled" in msg
 
 
@@ -94,7 +95,7 @@ def test_bad_value_in_second_array_table_names_its_line():
         kind = "progress_stalled"
         deadline_ms = -5
     """)
-    assert msg.startswith("rules.toml:12: key rule[1].detectors[1].deadline_ms:")
+    assert msg.startswith("monitor_rules.toml:12: key rule[1].detectors[1].deadline_ms:")
     assert "> 0" in msg
 
 
@@ -106,7 +107,7 @@ def test_unknown_field_is_located():
         # a comment with [brackets] and {braces}
         bogus = "x"
     """)
-    assert msg.startswith("rules.toml:6: key rule[0].bogus: Object contains unknown field")
+    assert msg.startswith("monitor_rules.toml:6: key rule[0].bogus: Object contains unknown field")
 
 
 def test_missing_required_field_names_the_rule():
@@ -114,7 +115,7 @@ def test_missing_required_field_names_the_rule():
         [[rule]]
         detectors = [{ kind = "node_frozen" }]
     """)
-    assert msg.startswith("rules.toml:2: key rule[0]:") and "`name`" in msg
+    assert msg.startswith("monitor_rules.toml:2: key rule[0]:") and "`name`" in msg
 
 
 def test_wrong_type_is_located():
@@ -123,7 +124,7 @@ def test_wrong_type_is_located():
         name = "a"
         detectors = [{ kind = "node_frozen", for_ms = "soon" }]
     """)
-    assert msg.startswith("rules.toml:4: key rule[0].detectors[0].for_ms: Expected `float`")
+    assert msg.startswith("monitor_rules.toml:4: key rule[0].detectors[0].for_ms: Expected `float`")
 
 
 @pytest.mark.parametrize("body, where, words", [
@@ -142,7 +143,7 @@ def test_wrong_type_is_located():
 ])
 def test_semantic_errors_name_line_and_key(body, where, words):
     msg = error("[[rule]]\n" + body + "\n")
-    assert msg.startswith(f"rules.toml:{where}:"), msg
+    assert msg.startswith(f"monitor_rules.toml:{where}:"), msg
     assert words in msg
 
 
@@ -155,30 +156,30 @@ def test_duplicate_rule_names_are_refused():
         name = "a"
         detectors = [{ kind = "node_frozen" }]
     """)
-    assert msg.startswith("rules.toml:6: key rule[1].name") and "twice" in msg
+    assert msg.startswith("monitor_rules.toml:6: key rule[1].name") and "twice" in msg
 
 
 def test_ruleset_file_errors_name_the_path(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('[[rule]]\nname = "a"\ndetectors = [{ kind = "nope" }]\n')
     with pytest.raises(ConfigError, match=rf"^{path}:3: key rule\[0\]\.detectors\[0\]\.kind"):
-        R.load_ruleset(str(path))
+        monitor_rules.load_ruleset(str(path))
     with pytest.raises(ConfigError, match="cannot read ruleset"):
-        R.load_ruleset(str(tmp_path / "absent.toml"))
+        monitor_rules.load_ruleset(str(tmp_path / "absent.toml"))
     with pytest.raises(ConfigError, match="no packaged ruleset 'nosuch'"):
-        R.load_ruleset("nosuch")
+        monitor_rules.load_ruleset("nosuch")
 
 
 def test_rulesets_combine_and_refuse_a_name_twice(tmp_path):
     extra = tmp_path / "extra.toml"
     extra.write_text('[[rule]]\nname = "unreachable"\n'
                      'detectors = [{ kind = "agent_unreachable", after_ms = 500 }]\n')
-    combined = R.load_rulesets(["default", str(extra)])
+    combined = monitor_rules.load_rulesets(["default", str(extra)])
     assert [r.name for r in combined][-1] == "unreachable"
     dup = tmp_path / "dup.toml"
     dup.write_text('[[rule]]\nname = "hang"\ndetectors = [{ kind = "node_frozen" }]\n')
     with pytest.raises(ConfigError, match="rule 'hang' is already defined in <packaged default.toml>"):
-        R.load_rulesets(["default", str(dup)])
+        monitor_rules.load_rulesets(["default", str(dup)])
 
 
 def test_rule_node_patterns():
@@ -300,3 +301,15 @@ def test_config_errors_name_file_line_and_key(change, where):
     with pytest.raises(ConfigError) as e:
         parse_config(CONFIG.replace(*change), "mon.toml")
     assert str(e.value).startswith(f"mon.toml:{where}:"), str(e.value)
+
+
+def test_every_unit_declares_what_the_engine_needs():
+    """Units are registered once; what an action needs some diagnosis provides."""
+    for unit in (*detectors.DETECTORS, *diagnosis.DIAGNOSES, *actions.ACTIONS):
+        assert unit.kind_name()
+    for action in actions.ACTIONS:
+        assert action.effect in ("repair", "recover", "record")
+        for need in action.needs:
+            assert need in diagnosis.CAPABILITIES
+            assert any(need in d.provides for d in diagnosis.DIAGNOSES)
+    assert monitor_rules.KINDS["actions"] == [a.kind_name() for a in actions.ACTIONS]

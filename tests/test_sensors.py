@@ -214,3 +214,25 @@ def test_concurrent_writer_never_breaks_reader():
     assert rd.snapshot().sensors[-1].name == "s255"
     rd.close(); b.close()
     assert len(errors) < 50
+
+
+def test_sensor_type_is_one_enum_named_by_value_stored_by_code():
+    from backdoors.sensors import SensorType
+
+    assert [(t.value, t.code) for t in SensorType] == [("progress", 1), ("level", 2), ("pressure", 3)]
+    assert all(SensorType.from_code(t.code) is t for t in SensorType)
+    assert SensorType.LEVEL == "level" and f"{SensorType.PRESSURE}" == "pressure"
+    with pytest.raises(ValueError):
+        SensorType.from_code(4)
+
+
+def test_one_judgement_of_each_sensor_type():
+    import math
+
+    from backdoors.sensors import out_of_bounds, over_rate, stalled
+
+    assert stalled(0.25, 0.2) and not stalled(0.2, 0.2)
+    assert out_of_bounds(math.nan, 0.0, 1.0) == "nan" and out_of_bounds(math.inf, None, None) == "nan"
+    assert out_of_bounds(2.0, 0.0, 1.0) == "above" and out_of_bounds(-1.0, 0.0, 1.0) == "below"
+    assert out_of_bounds(0.5, 0.0, 1.0) is None and out_of_bounds(9.0, None, None) is None
+    assert over_rate(21, 20) and not over_rate(20, 20)

@@ -33,8 +33,7 @@ from typing import Any, Callable
 
 from .agent.errors import RemoteError
 from .errors import BackdoorsError, ConfigError, SensorBoxError
-
-STATES = ("unreachable", "fenced", "locked", "suspect", "recovered", "ok")
+from .sensors import SensorType, out_of_bounds, over_rate, parse, stalled
 
 
 @dataclass
@@ -199,8 +198,6 @@ def _node_read(client, node: str, with_sessions: bool):
 
 
 def _images(reply) -> tuple[dict, dict[str, str]]:
-    from .sensors import parse
-
     images, errors = {}, dict(reply.errors)
     for box, data in reply.boxes.items():
         try:
@@ -236,11 +233,10 @@ def judge(box: str, s, before, dt: float) -> dict:
 
     `ratio` is measure / bound: at least 1 when violated. Progress: the stall seen between
     the two readings; pressure: the events between them, as a rate per the sensor's window.
+    Whether that is a violation is the judgement of `backdoors.sensors.judgement`.
     """
-    from .sensors.layout import SensorType
-
     prev = next((p for p in before.sensors if p.name == s.name), None) if before else None
-    out = {"box": box, "sensor": s.name, "type": s.type.name.lower(), "value": float(s.value)}
+    out = {"box": box, "sensor": s.name, "type": s.type.value, "value": float(s.value)}
     if s.type is SensorType.LEVEL:
         v, lo, hi = s.value, s.min, s.max
         ratios = []
@@ -249,7 +245,7 @@ def judge(box: str, s, before, dt: float) -> dict:
         flag = hi is None and lo is not None and 0 < lo < 1 and v in (0.0, 1.0)  # link_up
         if lo is not None and lo > 0 and not flag:  # a 0/1 flag is up or down: no closeness
             ratios.append(lo / v if v > 0 else math.inf)
-        bad = not math.isfinite(v) or (hi is not None and v > hi) or (lo is not None and v < lo)
+        bad = out_of_bounds(v, lo, hi) is not None
         if lo is not None and (v < lo or hi is None):
             out.update(bound=lo, bound_kind="min")
         else:
@@ -257,12 +253,12 @@ def judge(box: str, s, before, dt: float) -> dict:
         ratio = max(ratios, default=0.0) if math.isfinite(v) else math.inf
         out.update(measure=v if math.isfinite(v) else None)
     elif s.type is SensorType.PROGRESS:
-        stalled = dt if prev is not None and prev.value == s.value else 0.0
-        bad, ratio = stalled > s.threshold, stalled / s.threshold
-        out.update(bound=s.threshold, measure=stalled)
+        since = dt if prev is not None and prev.value == s.value else 0.0
+        bad, ratio = stalled(since, s.threshold), since / s.threshold
+        out.update(bound=s.threshold, measure=since)
     else:
         rate = max(0.0, s.value - prev.value) * s.param / dt if prev is not None and dt > 0 else 0.0
-        bad, ratio = rate > s.threshold, rate / s.threshold
+        bad, ratio = over_rate(rate, s.threshold), rate / s.threshold
         out.update(bound=s.threshold, measure=rate, window=s.param)
     if not math.isfinite(out["value"]):
         out["value"] = None  # JSON has no NaN
@@ -274,12 +270,12 @@ def judge(box: str, s, before, dt: float) -> dict:
 
 def _describe(j: dict) -> str:
     name, m, b = f"{j['box']}/{j['sensor']}", j["measure"], j["bound"]
-    if j["type"] == "progress":
+    if j["type"] == SensorType.PROGRESS:
         if not m:
             return f"{name} moving (deadline {b:g} s)"
         return f"{name} stalled >= {m:.2f} s" + (" > " if j["violated"] else " (") + \
             f"deadline {b:g} s" + ("" if j["violated"] else ")")
-    if j["type"] == "pressure":
+    if j["type"] == SensorType.PRESSURE:
         rate = f"{m:.3g}/{j['window']:g} s"
         return f"{name} {rate} > max {b:g}" if j["violated"] else f"{name} {rate} (max {b:g})"
     value = "not a number" if m is None else f"{m:.4g}"

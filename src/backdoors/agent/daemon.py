@@ -17,7 +17,7 @@ import threading
 from ..common.runtime import agent_socket
 from ..errors import AgentError, BackdoorsError
 from ..nodes import Layout, Node, detect, read_process
-from ..sensors import Region
+from ..sensors import KERNEL_BOX, Region
 from .audit import AuditLog
 from .config import AgentConfig, validate
 from .leases import LeaseTable
@@ -25,7 +25,7 @@ from .local import LocalServer
 from .metrics import AgentMetrics, MetricsServer
 from .ops import OPS, Op
 from .recovery import Recovery
-from .regions import KERNEL, Entry, RegionTable
+from .regions import Entry, RegionTable
 from .served import Lane, NodeRuntime
 from .sampler import KernelSensors, NodeSampler
 from .sessions import SessionTable
@@ -150,7 +150,7 @@ class Agent:
     def _show_kernel_box(self, node: str, sensors: KernelSensors) -> None:
         region = Region(sensors.box.fd, label=f"node {node} kernel sensors")
         me = read_process(os.getpid())
-        self.regions.add(Entry(node, KERNEL, "sensorbox", region, False, os.getpid(),
+        self.regions.add(Entry(node, KERNEL_BOX, "sensorbox", region, False, os.getpid(),
                                me.start_time if me else 0.0, internal=True))
 
     async def stop(self) -> None:

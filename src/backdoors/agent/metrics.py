@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from ..errors import AgentError, BackdoorsError
 from .config import AgentConfig
 from .leases import LeaseTable
-from .regions import KERNEL, RegionTable
+from .regions import RegionTable
 from .served import Lane, NodeRuntime
 from .sessions import SessionTable
 
@@ -163,8 +163,7 @@ class AgentCollector(Collector):
         yield misses
 
     def _kernel(self, a: Watched):
-        from ..sensors import parse, read_consistent
-        from ..sensors.layout import SensorType
+        from ..sensors import KERNEL_BOX, SensorType, parse, read_consistent
 
         level = GaugeMetricFamily("backdoors_agent_kernel_sensor",
                                   "A level sensor of the node's kernel box (memory_mb, pids, "
@@ -178,7 +177,7 @@ class AgentCollector(Collector):
                                      labels=["node", "sensor"])
         for name in list(a.nodes):
             try:
-                with a.regions.use(name, KERNEL) as entry:
+                with a.regions.use(name, KERNEL_BOX) as entry:
                     image = parse(read_consistent(entry.region))
             except (KeyError, BackdoorsError, ValueError, OSError):
                 continue  # not sampled yet, or being replaced: the next scrape has it

@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 
 from ..common.procs import is_same, read_process
 from ..errors import AgentError
-from ..sensors import Region
+from ..sensors import KERNEL_BOX, Region
 
 REGION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 KINDS = ("sensorbox", "region", "cb")
 #: Continuation Boxes are capped by the session count (max_sessions_per_node), not with
 #: the other regions.
 SESSION_KIND = "cb"
-#: The agent's own kernel-sensor box of each node; apps cannot register this name.
-KERNEL = "kernel"
 
 
 class RegionRefused(AgentError):
@@ -89,8 +87,8 @@ class RegionTable:
             raise RegionRefused(f"region name {entry.name!r} must be 1-64 of A-Z a-z 0-9 _ . : -")
         if entry.kind not in KINDS:
             raise RegionRefused(f"region kind {entry.kind!r} is not one of {', '.join(KINDS)}")
-        if entry.name == KERNEL and not entry.internal:
-            raise RegionRefused(f"region name {KERNEL!r} is reserved for the agent's kernel "
+        if entry.name == KERNEL_BOX and not entry.internal:
+            raise RegionRefused(f"region name {KERNEL_BOX!r} is reserved for the agent's kernel "
                                 "sensors")
         if not entry.internal and entry.size > self.max_region_bytes:
             raise RegionRefused(f"region {entry.name!r} has {entry.size} bytes; the cap is "

@@ -1,7 +1,7 @@
 """Kernel-derived sensors: one sampler thread per node writes a real Sensor Box.
 
 Every `period` the sampler reads what the kernel accounts for the node (memory, tasks,
-failed forks, OOM kills, PSI) and stores it in the node's "kernel" box, which monitors read
+failed forks, OOM kills, PSI) and stores it in the node's kernel box (`KERNEL_BOX`), which monitors read
 like any application box. It also reads the process table (at most `max_procs` processes,
 and at most a fifth of the thread's time: a big table is read less often) to count new
 processes (fork rate) and keep each process's RSS history over `RSS_WINDOW_S`, from
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..net.links import LinkWatch
 from ..nodes import Node, NodeStats, ProcessInfo, process_table
-from ..sensors import SensorBox
+from ..sensors import KERNEL_BOX, SensorBox
 from .config import KernelSensorLimits
 
 log = logging.getLogger("backdoors.agent")
@@ -37,7 +37,7 @@ class KernelSensors:
     def __init__(self, node: str, limits: KernelSensorLimits, memory_limit: int | None,
                  pids_limit: int | None, link: bool = False):
         self.memory_limit, self.pids_limit = memory_limit, pids_limit
-        self.box = box = SensorBox.create(f"kernel:{node}", capacity=16)
+        self.box = box = SensorBox.create(f"{KERNEL_BOX}:{node}", capacity=16)
         if memory_limit:
             self.memory = box.level("memory_mb", min=0.0,
                                     max=memory_limit * limits.memory_high_pct / 100 / MiB)

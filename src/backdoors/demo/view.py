@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import BackdoorsError
-from ..sensors import parse
+from ..sensors import KERNEL_BOX, parse
 
 BARS = "▁▂▃▄▅▆▇█"
 HISTORY = 32
@@ -133,7 +133,7 @@ class View:
                 except BackdoorsError:
                     continue
                 values = {s.name: s.value for s in img.sensors}
-                if box == "kernel":
+                if box == KERNEL_BOX:
                     self._mem[name].append(values.get("memory_mb", 0.0))
                     row["memory"] = values.get("memory_mb", 0.0)
                     row["pids"] = values.get("pids", 0.0)

@@ -1,29 +1,68 @@
 """Action units: what the monitor does about a diagnosis, through the node's agent.
 
-Each runner takes the action's config, the repair context and the Finding, and returns
-(status, detail): "done", "failed" or "skipped", with a dict of what happened. A runner
-raises only for the unexpected; agent errors become a "failed" status with the error.
+Each unit (an Action subclass) `run`s itself with the response's Context and the
+Finding, and returns an Outcome: "done", "failed" or "skipped", with a dict of what
+happened. A unit raises only for the unexpected; agent errors become a "failed" outcome
+with the error. What it needs of the diagnosis it declares (`needs`, checked when a
+ruleset is loaded), and what its success means for the incident (`effect`).
+
+To add an action: an Action subclass with `tag=`, its `run`, listed in ACTIONS.
 """
 
 from __future__ import annotations
 
 import subprocess
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import msgspec
 
 from ..common.procs import running
 from ..errors import AgentError
-from . import rules as R
-from .diagnosis import Finding, Target, bomb_lineage, subtree_roots
+from .context import Context
+from .diagnosis import Finding, Target, subtree_roots
+from .unit import Path, Pos, Unit
 
-Outcome = tuple[str, dict[str, Any]]
+
+@dataclass
+class Outcome:
+    """What an action did. `finding` replaces the diagnosis's Finding for the incident
+    and the actions after it, when the action learnt more (the lineage found with the
+    node locked)."""
+
+    status: str  # "done", "failed", "skipped"
+    detail: dict[str, Any] = field(default_factory=dict)
+    finding: Finding | None = None
 
 
-def _rows(ctx) -> list:
+class Action(Unit):
+    """One step of a rule's response."""
+
+    #: what the rule's diagnosis must provide (keys of diagnosis.CAPABILITIES)
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: what "done" means for the incident: "repair" (the node was changed in place),
+    #: "recover" (its sessions moved) or "record" (nothing changed)
+    effect: ClassVar[Literal["repair", "recover", "record"]] = "repair"
+    #: a kill action: a rule has at most one
+    kills: ClassVar[bool] = False
+    #: needs each poll to ask the agent for the nodes' state (which are fenced)
+    needs_node_state: ClassVar[bool] = False
+
+    def missing_hook(self, hooks: dict[str, Callable[[dict], Any]]) -> str | None:
+        """The name of an in-process hook it needs and `hooks` lacks, else None."""
+        return None
+
+    def run(self, ctx: Context, finding: Finding) -> Outcome:
+        raise NotImplementedError
+
+
+def _rows(ctx: Context) -> list:
     return ctx.client.processes(ctx.node).rows
 
 
-def _wait_gone(ctx, targets: list[Target], timeout: float) -> tuple[list[Target], float]:
+def _wait_gone(ctx: Context, targets: list[Target], timeout: float) -> tuple[list[Target], float]:
     """Poll the process table until none of `targets` is alive; (survivors, seconds)."""
     start = ctx.clock()
     want = {(t.pid, t.start_time) for t in targets}
@@ -36,133 +75,192 @@ def _wait_gone(ctx, targets: list[Target], timeout: float) -> tuple[list[Target]
         time.sleep(0.01)
 
 
-def kill_culprit(cfg: R.KillCulprit, ctx, finding: Finding) -> Outcome:
-    """SIGKILL each culprit (pid + start time), then wait for it to be gone."""
-    if not finding.culprits:
-        return "skipped", {"reason": "the diagnosis named no culprit"}
-    killed = []
-    for t in finding.culprits:
-        if ctx.client.kill(ctx.node, t.pid, t.start_time):
-            killed.append({"pid": t.pid, "comm": t.comm})
-    left, waited = _wait_gone(ctx, finding.culprits, cfg.wait_ms / 1000)
-    detail = {"killed": killed, "gone_after_ms": round(waited * 1000, 1),
-              "survivors": [t.pid for t in left]}
-    return ("failed" if left else "done"), detail
+class KillCulprit(Action, tag="kill_culprit"):
+    """Kill the diagnosed culprit through the agent (pid + start time, so never a reused
+    pid), then wait up to `wait_ms` for it to be gone."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"culprits"})
+    kills: ClassVar[bool] = True
+    wait_ms: Pos = 1000.0
+
+    def run(self, ctx: Context, finding: Finding) -> Outcome:
+        """SIGKILL each culprit (pid + start time), then wait for it to be gone."""
+        if not finding.culprits:
+            return Outcome("skipped", {"reason": "the diagnosis named no culprit"})
+        killed = []
+        for t in finding.culprits:
+            if ctx.client.kill(ctx.node, t.pid, t.start_time):
+                killed.append({"pid": t.pid, "comm": t.comm})
+        left, waited = _wait_gone(ctx, finding.culprits, self.wait_ms / 1000)
+        detail = {"killed": killed, "gone_after_ms": round(waited * 1000, 1),
+                  "survivors": [t.pid for t in left]}
+        return Outcome("failed" if left else "done", detail)
 
 
-def lock_kill_lineage(cfg: R.LockKillLineage, ctx, finding: Finding) -> Outcome:
-    """Freeze, find the lineage born since onset, kill it frozen, thaw, check survivors."""
-    slack = ctx.rule.diagnosis.onset_slack_ms / 1000
-    protect = ctx.rule.diagnosis.protect_comms
-    rounds, killed_total, survivors = [], 0, []
-    for n in range(cfg.max_rounds):
-        t0 = ctx.clock()
-        lock = ctx.client.lock(ctx.node, cfg.lease_s)
-        frozen_at = ctx.clock()
-        error, table, lineage, evidence, roots, singles = None, None, [], {}, [], []
-        try:
-            table = ctx.client.processes(ctx.node)
-            young_age = ctx.clock() - ctx.onset + slack
-            lineage, evidence = bomb_lineage(table.rows, young_age, protect,
-                                             ctx.rule.diagnosis.old_ancestor_min_children)
-            roots, singles = subtree_roots(lineage, table.rows)
-            for root in roots:
-                ctx.client.kill_tree(ctx.node, root.pid)
-            for p in singles:
-                ctx.client.kill(ctx.node, p.pid, p.start_time)
-        except AgentError as e:
-            error = str(e)
-        finally:
+class LockKillLineage(Action, tag="lock_kill_lineage"):
+    """Lock (freeze) the node, identify the lineage, kill it frozen, unlock, verify.
+
+    The lock has a lease of `lease_s`, so a monitor dying mid-repair cannot leave the
+    node frozen. Up to `max_rounds` rounds if survivors are found within `verify_ms`.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset({"lineage"})
+    kills: ClassVar[bool] = True
+    lease_s: Pos = 5.0
+    verify_ms: Pos = 2000.0
+    max_rounds: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+
+    def run(self, ctx: Context, finding: Finding) -> Outcome:
+        """Freeze, find the lineage born since onset, kill it frozen, thaw, check survivors."""
+        rounds, killed_total, survivors, found = [], 0, [], None
+        for n in range(self.max_rounds):
+            t0 = ctx.clock()
+            lock = ctx.client.lock(ctx.node, self.lease_s)
+            frozen_at = ctx.clock()
+            error, table, lineage, evidence, roots, singles = None, None, [], {}, [], []
             try:
-                thaw_ms = round(ctx.client.unlock(ctx.node).thaw_ms, 2)
+                table = ctx.client.processes(ctx.node)
+                lineage, evidence = ctx.lineage(table.rows, ctx.clock() - ctx.onset)
+                roots, singles = subtree_roots(lineage, table.rows)
+                for root in roots:
+                    ctx.client.kill_tree(ctx.node, root.pid)
+                for p in singles:
+                    ctx.client.kill(ctx.node, p.pid, p.start_time)
             except AgentError as e:
-                thaw_ms = None
-                error = f"{error + '; ' if error else ''}unlock failed: {e} (the lease thaws " \
-                        f"the node within {cfg.lease_s:g} s)"
-        thawed_at = ctx.clock()
-        targets = [Target(p.pid, p.start_time, p.comm) for p in lineage]
-        left, waited = _wait_gone(ctx, targets, cfg.verify_ms / 1000) if targets else ([], 0.0)
-        killed_total += len(targets) - len(left)
-        rounds.append({
-            "freeze_ms": round(lock.freeze_ms, 2), "thaw_ms": thaw_ms,
-            "locked_ms": round((thawed_at - t0) * 1000, 1),
-            "frozen_ms": round((thawed_at - frozen_at) * 1000, 1),
-            "table_total": table.total if table else None,
-            "table_truncated": table.truncated if table else None,
-            "killed_trees": [r.pid for r in roots], "killed_singly": len(singles),
-            "lineage": len(targets), "gone_after_ms": round(waited * 1000, 1),
-            "survivors": [t.pid for t in left], "error": error,
-        })
-        if n == 0:
-            finding.evidence["lineage"] = evidence
-            finding.culprits = targets[:64]
-            finding.summary = (f"fork bomb of {len(targets)} processes "
-                               f"({', '.join(f'{c}×{k}' for c, k in evidence.get('comms', {}).items())}) "
-                               f"born since onset; {evidence.get('spared_count', 0)} processes spared")
-        survivors = left
-        if error is None and not left and not (table and table.truncated):
-            break
-    status = "done" if not survivors and rounds[-1]["error"] is None else "failed"
-    return status, {"rounds": rounds, "killed": killed_total,
-                    "survivors": [t.pid for t in survivors]}
+                error = str(e)
+            finally:
+                try:
+                    thaw_ms = round(ctx.client.unlock(ctx.node).thaw_ms, 2)
+                except AgentError as e:
+                    thaw_ms = None
+                    error = f"{error + '; ' if error else ''}unlock failed: {e} (the lease " \
+                            f"thaws the node within {self.lease_s:g} s)"
+            thawed_at = ctx.clock()
+            targets = [Target(p.pid, p.start_time, p.comm) for p in lineage]
+            left, waited = (_wait_gone(ctx, targets, self.verify_ms / 1000) if targets
+                            else ([], 0.0))
+            killed_total += len(targets) - len(left)
+            rounds.append({
+                "freeze_ms": round(lock.freeze_ms, 2), "thaw_ms": thaw_ms,
+                "locked_ms": round((thawed_at - t0) * 1000, 1),
+                "frozen_ms": round((thawed_at - frozen_at) * 1000, 1),
+                "table_total": table.total if table else None,
+                "table_truncated": table.truncated if table else None,
+                "killed_trees": [r.pid for r in roots], "killed_singly": len(singles),
+                "lineage": len(targets), "gone_after_ms": round(waited * 1000, 1),
+                "survivors": [t.pid for t in left], "error": error,
+            })
+            if n == 0:
+                comms = ", ".join(f"{c}×{k}" for c, k in evidence.get("comms", {}).items())
+                found = Finding(
+                    finding.kind,
+                    f"fork bomb of {len(targets)} processes ({comms}) born since onset; "
+                    f"{evidence.get('spared_count', 0)} processes spared",
+                    targets[:64], {**finding.evidence, "lineage": evidence})
+            survivors = left
+            if error is None and not left and not (table and table.truncated):
+                break
+        status = "done" if not survivors and rounds[-1]["error"] is None else "failed"
+        return Outcome(status, {"rounds": rounds, "killed": killed_total,
+                                "survivors": [t.pid for t in survivors]}, found)
 
 
-def refresh(cfg: R.Refresh, ctx, finding: Finding) -> Outcome:
-    """Restart the service: an in-process hook, or a command run by the monitor."""
-    pid = finding.culprits[0].pid if finding.culprits else None
-    info = {"node": ctx.node, "host": ctx.host, "rule": ctx.rule.name,
-            "incident": ctx.incident.id, "pid": pid}
-    if cfg.hook is not None:
-        hook = ctx.hooks.get(cfg.hook)
-        if hook is None:
-            return "failed", {"error": f"no hook named {cfg.hook!r} is registered with the monitor"}
-        result = hook(info)
-        return "done", {"hook": cfg.hook, "result": result}
-    argv = [a.format(**{k: "" if v is None else v for k, v in info.items()}) for a in cfg.command]
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=cfg.timeout_s, text=True)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return "failed", {"command": argv, "error": str(e)}
-    detail = {"command": argv, "returncode": proc.returncode,
-              "output": (proc.stdout + proc.stderr)[-400:]}
-    return ("done" if proc.returncode == 0 else "failed"), detail
+class Refresh(Action, tag="refresh"):
+    """Restart the service: an in-process hook (`hook`, registered with the Monitor) or a
+    command run by the monitor (`command`; {node}, {host}, {pid}, {incident} expand)."""
+
+    hook: str | None = None
+    command: list[str] | None = None
+    timeout_s: Pos = 30.0
+
+    def problems(self) -> Iterator[tuple[Path, str]]:
+        if (self.hook is None) == (self.command is None):
+            yield (), "refresh needs exactly one of hook or command"
+        elif self.command is not None and not self.command:
+            yield ("command",), "must not be empty"
+
+    def missing_hook(self, hooks: dict[str, Callable[[dict], Any]]) -> str | None:
+        return self.hook if self.hook is not None and self.hook not in hooks else None
+
+    def run(self, ctx: Context, finding: Finding) -> Outcome:
+        """Restart the service: an in-process hook, or a command run by the monitor."""
+        pid = finding.culprits[0].pid if finding.culprits else None
+        info = {"node": ctx.node, "host": ctx.host, "rule": ctx.rule,
+                "incident": ctx.incident, "pid": pid}
+        if self.hook is not None:
+            hook = ctx.hooks.get(self.hook)
+            if hook is None:
+                return Outcome("failed", {"error": f"no hook named {self.hook!r} is registered "
+                                                   "with the monitor"})
+            result = hook(info)
+            return Outcome("done", {"hook": self.hook, "result": result})
+        argv = [a.format(**{k: "" if v is None else v for k, v in info.items()})
+                for a in self.command]
+        try:
+            proc = subprocess.run(argv, capture_output=True, timeout=self.timeout_s, text=True)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return Outcome("failed", {"command": argv, "error": str(e)})
+        detail = {"command": argv, "returncode": proc.returncode,
+                  "output": (proc.stdout + proc.stderr)[-400:]}
+        return Outcome("done" if proc.returncode == 0 else "failed", detail)
 
 
-def record(cfg: R.Record, ctx, finding: Finding) -> Outcome:
-    return "done", ({"note": cfg.note} if cfg.note else {})
+class Record(Action, tag="record"):
+    """Record the incident only."""
+
+    effect: ClassVar[Literal["repair", "recover", "record"]] = "record"
+    note: str = ""
+
+    def run(self, ctx: Context, finding: Finding) -> Outcome:
+        return Outcome("done", {"note": self.note} if self.note else {})
 
 
-def recover(cfg: R.Recover, ctx, finding: Finding) -> Outcome:
-    """Fence the node, then evacuate its sessions to the target node's agent."""
-    if cfg.when == "unrepaired" and any(a.status == "done" and a.kind != "record"
-                                        for a in ctx.incident.actions):
-        return "skipped", {"reason": "an earlier action repaired the node"}
-    target = cfg.target or next((n for n, (host, _) in sorted(ctx.placement.items())
-                                 if host != ctx.host), None)
-    if target is None or target not in ctx.placement:
-        return "failed", {"error": f"no recovery node: {target or 'none'} is not served by a "
-                                   "reachable agent; set target in the rule"}
-    to_host, to_address = ctx.placement[target]
-    t0 = ctx.clock()
-    fence = ctx.client.call("fence", node=ctx.node)
-    fenced_at = ctx.clock()
-    ev = ctx.client.call("evacuate", node=ctx.node, to=to_address, to_node=target,
-                         timeout=cfg.timeout_s)
-    detail = {"target": target, "target_host": to_host,
-              "fence_ms": round((fenced_at - t0) * 1000, 1),
-              "evacuate_ms": round((ctx.clock() - fenced_at) * 1000, 1),
-              "fence": fence, "sessions": ev["sessions"], "moved": ev["moved"],
-              "failed": ev["failed"], "dump_ms": ev["dump_ms"], "transfer_ms": ev["transfer_ms"],
-              "adopt": ev["adopt"]}
-    if cfg.after == "release":
-        ctx.client.kill_node(ctx.node)
-        ctx.client.unlock(ctx.node, force=True)
-        detail["released"] = True
-    ok = ev["moved"] == ev["sessions"] and not ev["failed"]
-    return ("done" if ok else "failed"), detail
+class Recover(Action, tag="recover"):
+    """Move the node's client sessions to a healthy node (another agent's, normally):
+    fence the failed node (freeze it, cut its network), then have its agent evacuate the
+    sessions to `target` (default: the first node, by name, of another reachable agent).
+    The failed node stays fenced for inspection unless `after` is "release" (unfence and
+    kill what ran there: a refresh is then up to the operator). With `when` =
+    "unrepaired" it runs only if no earlier action of the incident repaired the node (a
+    memory hog that is the service itself cannot be killed: its sessions move instead)."""
+
+    effect: ClassVar[Literal["repair", "recover", "record"]] = "recover"
+    needs_node_state: ClassVar[bool] = True
+    target: str | None = None
+    when: Literal["always", "unrepaired"] = "always"
+    after: Literal["fenced", "release"] = "fenced"
+    timeout_s: float = 30.0
+
+    def run(self, ctx: Context, finding: Finding) -> Outcome:
+        """Fence the node, then evacuate its sessions to the target node's agent."""
+        if self.when == "unrepaired" and ctx.repaired:
+            return Outcome("skipped", {"reason": "an earlier action repaired the node"})
+        target = self.target or next((n for n, (host, _) in sorted(ctx.placement.items())
+                                      if host != ctx.host), None)
+        if target is None or target not in ctx.placement:
+            return Outcome("failed", {"error": f"no recovery node: {target or 'none'} is not "
+                                               "served by a reachable agent; set target in "
+                                               "the rule"})
+        to_host, to_address = ctx.placement[target]
+        t0 = ctx.clock()
+        fence = ctx.client.fence(ctx.node)
+        fenced_at = ctx.clock()
+        ev = ctx.client.evacuate(ctx.node, to_address, target, timeout=self.timeout_s)
+        detail = {"target": target, "target_host": to_host,
+                  "fence_ms": round((fenced_at - t0) * 1000, 1),
+                  "evacuate_ms": round((ctx.clock() - fenced_at) * 1000, 1),
+                  "fence": msgspec.to_builtins(fence), "sessions": ev.sessions,
+                  "moved": ev.moved, "failed": ev.failed, "dump_ms": ev.dump_ms,
+                  "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt)}
+        if self.after == "release":
+            ctx.client.kill_node(ctx.node)
+            ctx.client.unlock(ctx.node, force=True)
+            detail["released"] = True
+        ok = ev.moved == ev.sessions and not ev.failed
+        return Outcome("done" if ok else "failed", detail)
 
 
-RUNNERS = {R.KillCulprit: kill_culprit, R.LockKillLineage: lock_kill_lineage,
-           R.Refresh: refresh, R.Record: record, R.Recover: recover}
+# ---- registration ------------------------------------------------------------------------
 
-__all__ = ["RUNNERS"]
+ACTIONS = (KillCulprit, LockKillLineage, Refresh, Record, Recover)
+ActionUnit = Union[ACTIONS]  # the TOML `actions = [...]` entries

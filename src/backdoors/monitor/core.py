@@ -25,13 +25,13 @@ from typing import Any
 
 from ..errors import AgentError, ConfigError, SensorBoxError
 from ..sensors import SensorTracker, parse
-from . import rules as R
+from .rules import Rule, load_rulesets
 from .config import AgentEntry, MonitorConfig, load_config, load_monitor_key, validate
 from .detectors import NodeView
 from .engine import Detection, Engine
 from .incidents import Incident, IncidentLog
 from .metrics import MonitorMetrics
-from .repair import Context, respond
+from .repair import context, respond
 
 log = logging.getLogger("backdoors.monitor")
 
@@ -84,6 +84,14 @@ class AgentPoller:
             client.close()
 
     def poll_once(self, client) -> list[NodeView]:
+        """Poll this agent once and hand every node's view to the monitor's engine.
+
+        Asks `nodes()` when nodes are discovered (every `discover_s`) or a rule needs the
+        nodes' state (frozen, locked, fenced), then `sensors()` per node, tracking each box
+        for stalls and rates. An agent that does not answer gives views with
+        `agent_ok=False` for each of its nodes (or one pseudo-node "@HOST" before any node
+        was known); an error about one node only skips that node. Returns the views.
+        """
         m = self.monitor
         now = m.clock()
         started = time.perf_counter()
@@ -91,7 +99,7 @@ class AgentPoller:
         try:
             infos = {}
             discover = self.discover and now >= self._next_discover
-            if discover or m.watches_frozen or m.recovers:
+            if discover or m.needs_node_state:
                 infos = {i.name: i for i in client.nodes()}
                 self.fenced = {n for n, i in infos.items() if i.fenced}
                 if discover:
@@ -173,26 +181,26 @@ class Monitor:
     """
 
     def __init__(self, config: MonitorConfig, *, key: bytes | None = None,
-                 rules: list[R.Rule] | None = None,
+                 rules: list[Rule] | None = None,
                  hooks: dict[str, Callable[[dict], Any]] | None = None,
                  client_factory: ClientFactory | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.config = validate(config)
-        self.rules = list(rules) if rules is not None else R.load_rulesets(config.rulesets)
+        self.rules = list(rules) if rules is not None else load_rulesets(config.rulesets)
         self.hooks = dict(hooks or {})
         for rule in self.rules:
             for a in rule.actions:
-                if isinstance(a, R.Refresh) and a.hook is not None and a.hook not in self.hooks:
-                    raise ConfigError(f"rule {rule.name}: refresh hook {a.hook!r} is not "
-                                      f"registered (hooks: {', '.join(self.hooks) or 'none'})")
+                if (missing := a.missing_hook(self.hooks)) is not None:
+                    raise ConfigError(f"rule {rule.name}: {a.kind_name()} hook {missing!r} is "
+                                      f"not registered (hooks: {', '.join(self.hooks) or 'none'})")
         self.clock = clock
         if client_factory is None:
             self.key = key if key is not None else load_monitor_key(config)
             client_factory = self._default_client
         self.client_factory = client_factory
-        self.watches_frozen = any(isinstance(d, R.NodeFrozen) for r in self.rules for d in r.detectors)
-        # rules that fence nodes need to know which nodes are fenced: every poll asks
-        self.recovers = any(isinstance(a, R.Recover) for r in self.rules for a in r.actions)
+        # a unit that watches frozen or fenced nodes makes every poll ask nodes()
+        self.needs_node_state = any(u.needs_node_state for r in self.rules
+                                    for u in (*r.detectors, *r.actions))
         self.stopping = threading.Event()
         self.log = IncidentLog(config.incidents_dir)
         self.engine = Engine(self.rules, config.monitor_id, history_s=config.history_s,
@@ -282,8 +290,7 @@ class Monitor:
     def _respond(self, det: Detection) -> None:
         state = "failed"
         try:
-            ctx = Context(det.rule, det.incident, det.view, det.hits, det.onset, det.detected,
-                          self._client_for(det.view.host), det.history, self.clock, self.hooks,
+            ctx = context(det, self._client_for(det.view.host), self.clock, self.hooks,
                           self.placement())
 
             def step(kind: str, payload) -> None:
@@ -292,7 +299,7 @@ class Monitor:
                 else:
                     self._emit("action", det.incident, action=payload)
 
-            state = respond(ctx, step)
+            state = respond(det, ctx, step)
         except Exception as e:  # noqa: BLE001 - recorded; the worker must survive
             log.exception("incident %s: response failed", det.incident.id)
             det.incident.actions.append(_failure(str(e)))

@@ -1,24 +1,29 @@
-"""Detectors: does a condition hold on one poll of a node? Pure functions over a NodeView.
+"""Detector units: does a condition hold on one poll of a node?
 
 A NodeView is what one poll learnt about a node: a tracked Snapshot per Sensor Box (the
-agent's "kernel" box included), whether its cgroup is frozen and who holds its lock, and
-how long its agent has been silent. `evaluate` returns a Hit naming the sensors that
-violate, with their values and bounds, or None. Holding a condition for `for_ms` is the
-engine's business, not this module's.
+agent's kernel box included), whether its cgroup is frozen and who holds its lock, and
+how long its agent has been silent. Each detector unit `check`s a view and returns a Hit
+naming the sensors that violate, with their values and bounds, or None; it also says
+when the trouble it detected began (`onset`, from the node's history). Whether a sensor
+violates is the judgement of `backdoors.sensors.judgement`, with the rule's overrides of
+the bounds. Holding a condition for `for_ms` is the engine's business.
+
+To add a detector: a Detector subclass with `tag=`, its `check` and `onset`, listed in
+DETECTORS.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, Union
 
 import msgspec
 
-from ..sensors import Snapshot, SensorState
-from . import rules as R
-
-KERNEL_BOX = "kernel"
+from ..sensors import SensorState, SensorType, Snapshot, out_of_bounds, over_rate, stalled
+from .unit import NonNeg, Path, Pos, Unit
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Violation(msgspec.Struct):
 
     box: str
     sensor: str
-    type: str
+    type: SensorType
     value: float
     bound: float | None
     measure: float  # stalled_for (progress), value (level), events in window (pressure)
@@ -62,76 +67,228 @@ class Hit(msgspec.Struct):
     violations: list[Violation] = []
 
 
-def _matching(view: NodeView, det, type_: str):
-    for box, snap in view.snapshots.items():
-        if not fnmatch.fnmatchcase(box, det.box):
-            continue
-        for s in snap.sensors:
-            if s.type == type_ and (not det.sensors or any(
-                    fnmatch.fnmatchcase(s.name, p) for p in det.sensors)):
-                yield box, s
+class SensorHistory(Protocol):
+    """What onsets read of a node's sensor history (monitor.history.History)."""
+
+    def rise_start(self, key: tuple[str, str], before: float) -> float | None: ...
+
+    def violation_start(self, key: tuple[str, str], violated, before: float) -> float | None: ...
 
 
-def _progress(view: NodeView, det: R.ProgressStalled) -> list[Violation]:
-    out = []
-    for box, s in _matching(view, det, "progress"):
-        deadline = det.deadline_ms / 1000 if det.deadline_ms is not None else s.deadline
-        if s.stalled_for is not None and deadline is not None and s.stalled_for > deadline:
-            out.append(Violation(box, s.name, "progress", s.value, deadline, s.stalled_for))
-    return out
+class Detector(Unit):
+    """A condition on one poll of a node."""
+
+    #: evaluated while the agent is silent (the view then holds no fresh sensor data)
+    judges_stale: ClassVar[bool] = False
+    #: needs each poll to ask the agent for the nodes' state (frozen, locked, fenced)
+    needs_node_state: ClassVar[bool] = False
+
+    @property
+    def hold_ms(self) -> float:
+        """How long the condition must hold before the detector fires."""
+        return 0.0
+
+    def check(self, index: int, view: NodeView) -> Hit | None:
+        """The Hit of this detector (the `index`-th of its rule) on `view`, or None."""
+        raise NotImplementedError
+
+    @classmethod
+    def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:
+        """When the trouble of `hit` began: by default, now."""
+        return view.at
 
 
-def _level(view: NodeView, det: R.LevelOutOfBounds) -> list[Violation]:
-    out = []
-    for box, s in _matching(view, det, "level"):
-        lo = det.min if det.min is not None else s.min
-        hi = det.max if det.max is not None else s.max
-        if not math.isfinite(s.value):
-            out.append(Violation(box, s.name, "level", s.value, hi, s.value))
-        elif hi is not None and s.value > hi:
-            out.append(Violation(box, s.name, "level", s.value, hi, s.value))
-        elif lo is not None and s.value < lo:
-            out.append(Violation(box, s.name, "level", s.value, lo, s.value))
-    return out
+# ---- sensor detectors --------------------------------------------------------------------
 
 
-def _pressure(view: NodeView, det: R.PressureOverRate) -> list[Violation]:
-    out = []
-    for box, s in _matching(view, det, "pressure"):
-        limit = det.max_events if det.max_events is not None else s.max_events
-        if s.rate is not None and limit is not None and s.rate > limit:
-            out.append(Violation(box, s.name, "pressure", s.value, limit, s.rate))
-    return out
+class SensorDetector(Detector):
+    """A detector over the sensors of one type: `box` is a glob over the node's box
+    (region) names; `sensors` names sensors (globs too), empty meaning every sensor of
+    the type in the matching boxes."""
+
+    sensor_type: ClassVar[SensorType]
+    box: str = "*"
+    sensors: list[str] = []
+    for_ms: NonNeg = 0.0
+
+    @property
+    def hold_ms(self) -> float:
+        return self.for_ms
+
+    def problems(self) -> Iterator[tuple[Path, str]]:
+        if not self.box:
+            yield ("box",), "must be a box name or glob"
+
+    def matching(self, view: NodeView) -> Iterator[tuple[str, SensorState]]:
+        for box, snap in view.snapshots.items():
+            if not fnmatch.fnmatchcase(box, self.box):
+                continue
+            for s in snap.sensors:
+                if s.type == self.sensor_type and (not self.sensors or any(
+                        fnmatch.fnmatchcase(s.name, p) for p in self.sensors)):
+                    yield box, s
+
+    def violation(self, box: str, s: SensorState) -> Violation | None:
+        raise NotImplementedError
+
+    @staticmethod
+    def describe(v: Violation) -> str:
+        raise NotImplementedError
+
+    def check(self, index: int, view: NodeView) -> Hit | None:
+        found = [v for box, s in self.matching(view) if (v := self.violation(box, s))]
+        if not found:
+            return None
+        return Hit(index, self.kind_name(), "; ".join(self.describe(v) for v in found[:4]),
+                   found)
 
 
-_SENSOR_CHECKS = {R.ProgressStalled: _progress, R.LevelOutOfBounds: _level,
-                  R.PressureOverRate: _pressure}
+class ProgressStalled(SensorDetector, tag="progress_stalled"):
+    """A progress counter that has not moved for longer than its deadline.
 
+    `deadline_ms` replaces the deadline the sensor carries.
+    """
 
-def _describe(v: Violation) -> str:
-    if v.type == "progress":
+    sensor_type: ClassVar[SensorType] = SensorType.PROGRESS
+    deadline_ms: Pos | None = None
+
+    def violation(self, box: str, s: SensorState) -> Violation | None:
+        deadline = self.deadline_ms / 1000 if self.deadline_ms is not None else s.deadline
+        if s.stalled_for is not None and deadline is not None and stalled(s.stalled_for, deadline):
+            return Violation(box, s.name, s.type, s.value, deadline, s.stalled_for)
+        return None
+
+    @staticmethod
+    def describe(v: Violation) -> str:
         return f"{v.box}/{v.sensor} stalled {v.measure * 1000:.0f} ms > {v.bound * 1000:.0f} ms"
-    if v.type == "pressure":
+
+    @classmethod
+    def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:
+        """When the counter last moved."""
+        return min([view.at] + [view.at - v.measure for v in hit.violations])
+
+
+class LevelOutOfBounds(SensorDetector, tag="level_out_of_bounds"):
+    """A gauge outside [min, max]; the sensor's own bounds unless replaced here."""
+
+    sensor_type: ClassVar[SensorType] = SensorType.LEVEL
+    min: float | None = None
+    max: float | None = None
+
+    def problems(self) -> Iterator[tuple[Path, str]]:
+        for bound in ("min", "max"):
+            v = getattr(self, bound)
+            if v is not None and not math.isfinite(v):
+                yield (bound,), "must be finite"
+        if self.min is not None and self.max is not None and self.min > self.max:
+            yield ("min",), f"min {self.min} > max {self.max}"
+        yield from super().problems()
+
+    def violation(self, box: str, s: SensorState) -> Violation | None:
+        lo = self.min if self.min is not None else s.min
+        hi = self.max if self.max is not None else s.max
+        breach = out_of_bounds(s.value, lo, hi)
+        if breach is None:
+            return None
+        return Violation(box, s.name, s.type, s.value, lo if breach == "below" else hi, s.value)
+
+    @staticmethod
+    def describe(v: Violation) -> str:
+        rel = ">" if v.bound is None or v.value > v.bound else "<"
+        bound = "None" if v.bound is None else f"{v.bound:.4g}"
+        return f"{v.box}/{v.sensor} = {v.value:.4g} {rel} {bound}"
+
+    @classmethod
+    def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:
+        """The start of the unbroken run out of bounds."""
+        times = [view.at]
+        for v in hit.violations:
+            if v.bound is None or not math.isfinite(v.value):
+                bad = lambda x: not math.isfinite(x)  # noqa: E731
+            elif v.value > v.bound:
+                bad = lambda x, b=v.bound: x > b  # noqa: E731
+            else:
+                bad = lambda x, b=v.bound: x < b  # noqa: E731
+            t = history.violation_start((v.box, v.sensor), bad, view.at)
+            times.append(t if t is not None else view.at)
+        return min(times)
+
+
+class PressureOverRate(SensorDetector, tag="pressure_over_rate"):
+    """More events in the sensor's window than its maximum (or `max_events`)."""
+
+    sensor_type: ClassVar[SensorType] = SensorType.PRESSURE
+    max_events: Pos | None = None
+
+    def violation(self, box: str, s: SensorState) -> Violation | None:
+        limit = self.max_events if self.max_events is not None else s.max_events
+        if s.rate is not None and limit is not None and over_rate(s.rate, limit):
+            return Violation(box, s.name, s.type, s.value, limit, s.rate)
+        return None
+
+    @staticmethod
+    def describe(v: Violation) -> str:
         return f"{v.box}/{v.sensor} {v.measure:g} events/window > {v.bound:g}"
-    rel = ">" if v.bound is None or v.value > v.bound else "<"
-    return f"{v.box}/{v.sensor} = {v.value:.4g} {rel} {v.bound if v.bound is None else f'{v.bound:.4g}'}"
+
+    @classmethod
+    def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:
+        """The start of the counter's rise."""
+        times = [view.at]
+        for v in hit.violations:
+            t = history.rise_start((v.box, v.sensor), view.at)
+            times.append(t if t is not None else view.at)
+        return min(times)
 
 
-def evaluate(det: R.Detector, index: int, view: NodeView) -> Hit | None:
-    """The Hit of detector `det` (the `index`-th of its rule) on `view`, or None."""
-    kind = det.__struct_config__.tag
-    if isinstance(det, R.AgentUnreachable):
-        if not view.agent_ok and view.agent_silent_s * 1000 >= det.after_ms:
-            return Hit(index, kind, f"agent of host {view.host} silent for "
-                                    f"{view.agent_silent_s * 1000:.0f} ms")
-        return None
-    if not view.agent_ok:
-        return None  # stale data: only agent_unreachable speaks while the agent is silent
-    if isinstance(det, R.NodeFrozen):
+# ---- node detectors ----------------------------------------------------------------------
+
+
+class NodeFrozen(Detector, tag="node_frozen"):
+    """The node's cgroup is frozen while nobody holds its lock (not a repair's freeze)."""
+
+    needs_node_state: ClassVar[bool] = True
+    for_ms: NonNeg = 0.0
+
+    @property
+    def hold_ms(self) -> float:
+        return self.for_ms
+
+    def check(self, index: int, view: NodeView) -> Hit | None:
         if view.frozen and not view.locked_by:
-            return Hit(index, kind, f"node {view.node} is frozen and nobody holds its lock")
+            return Hit(index, self.kind_name(),
+                       f"node {view.node} is frozen and nobody holds its lock")
         return None
-    found = _SENSOR_CHECKS[type(det)](view, det)
-    if not found:
+
+
+class AgentUnreachable(Detector, tag="agent_unreachable"):
+    """The node's agent has not answered for `after_ms` (down, partitioned or stuck)."""
+
+    judges_stale: ClassVar[bool] = True
+    after_ms: Pos = 1000.0
+
+    def check(self, index: int, view: NodeView) -> Hit | None:
+        if not view.agent_ok and view.agent_silent_s * 1000 >= self.after_ms:
+            return Hit(index, self.kind_name(), f"agent of host {view.host} silent for "
+                                                f"{view.agent_silent_s * 1000:.0f} ms")
         return None
-    return Hit(index, kind, "; ".join(_describe(v) for v in found[:4]), found)
+
+    @classmethod
+    def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:
+        """Now minus how long the agent has been silent."""
+        return view.at - view.agent_silent_s
+
+
+# ---- registration ------------------------------------------------------------------------
+
+DETECTORS = (ProgressStalled, LevelOutOfBounds, PressureOverRate, NodeFrozen, AgentUnreachable)
+DetectorUnit = Union[DETECTORS]  # the TOML `detectors = [...]` entries
+BY_KIND: dict[str, type[Detector]] = {d.kind_name(): d for d in DETECTORS}
+
+
+def evaluate(det: Detector, index: int, view: NodeView) -> Hit | None:
+    """The Hit of detector `det` (the `index`-th of its rule) on `view`, or None.
+
+    While the agent is silent only detectors that judge stale views speak."""
+    if not view.agent_ok and not det.judges_stale:
+        return None
+    return det.check(index, view)

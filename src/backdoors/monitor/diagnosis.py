@@ -1,24 +1,31 @@
 """Diagnosis units: from a node's externalized state to a culprit, with the evidence.
 
-Pure functions over the agent's process table (rows with pid, ppid, comm, state,
-rss_bytes, start_time, age_s, rss_rate, registered, ...) and the detection. They never
-call the agent themselves, so they are tested over synthetic tables; the engine fetches
-what they need. A Finding names its culprits by (pid, start_time), which the agent checks
-again before it kills, so a pid reused since the diagnosis is never hit.
+Each unit (a Diagnosis subclass) `run`s itself over the response's Context: it fetches
+the agent's process table (rows with pid, ppid, comm, state, rss_bytes, start_time,
+age_s, rss_rate, registered, ...) and hands it to a pure function of this module, tested
+over synthetic tables. A unit declares what it `provides` to the actions ("culprits",
+"lineage") and may refine the onset the detectors gave. A Finding names its culprits by
+(pid, start_time), which the agent checks again before it kills, so a pid reused since
+the diagnosis is never hit.
+
+To add a diagnosis: a Diagnosis subclass with `tag=`, its `run`, listed in DIAGNOSES.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar, Union
 
 import msgspec
 
 from ..common.procs import running
 from ..agent.protocol import ProcessRow as Row  # the agent's process table rows
-from . import rules as R
-from .detectors import Hit, NodeView
+from ..sensors import KERNEL_BOX, SensorType
+from .context import Context
+from .detectors import Hit, NodeView, SensorHistory
+from .unit import NonNeg, Pos, Unit
 
 MiB = 1 << 20
 
@@ -32,7 +39,8 @@ STATE_MEANING = {
     "X": "dead",
 }
 
-
+#: What a diagnosis may provide to the actions, and how an error message says it.
+CAPABILITIES = {"culprits": "names a culprit", "lineage": "finds a fork bomb's lineage"}
 
 
 class Target(msgspec.Struct, frozen=True):
@@ -69,7 +77,7 @@ def _protected_comm(p: Row, patterns: Iterable[str]) -> bool:
 # ---- memory hog ------------------------------------------------------------------------
 
 
-def memory_hog(cfg: R.MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
+def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
     """The process responsible for the growth: the highest RSS growth rate, at least
     `min_rate_mb_s`; never a registered service or a protected comm, never chosen for
     its size. No culprit (and no kill) when nothing grows."""
@@ -99,7 +107,7 @@ def memory_hog(cfg: R.MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
                    f"now {top.rss_bytes / MiB:.0f} MB{note}", [_target(top)], evidence)
 
 
-def largest_rss(cfg: R.LargestRssDiagnosis, table: Sequence[Row]) -> Finding:
+def largest_rss(cfg: LargestRssDiagnosis, table: Sequence[Row]) -> Finding:
     """Baseline (kernel OOM killer, earlyoom): the largest resident process."""
     alive = [p for p in table if running(p.state)
              and not (cfg.protect_registered and p.registered)]
@@ -200,10 +208,10 @@ def subtree_roots(lineage: Sequence[Row], table: Sequence[Row]) -> tuple[list[Ro
     return roots, [p for p in lineage if p.pid not in covered]
 
 
-FORK_SENSORS = (("kernel", "forks"), ("kernel", "fork_failures"), ("kernel", "pids"))
+FORK_SENSORS = ((KERNEL_BOX, "forks"), (KERNEL_BOX, "fork_failures"), (KERNEL_BOX, "pids"))
 
 
-def bomb_onset(history, view: NodeView, onset: float) -> float:
+def bomb_onset(history: SensorHistory, view: NodeView, onset: float) -> float:
     """The onset of a fork bomb: the earliest start of the latest rise of the kernel's
     fork counter, failed-fork counter or task count, whichever detector fired."""
     times = [onset]
@@ -214,15 +222,15 @@ def bomb_onset(history, view: NodeView, onset: float) -> float:
     return min(times)
 
 
-def fork_bomb(cfg: R.ForkBombDiagnosis, view: NodeView, hits: list[Hit], onset: float) -> Finding:
+def fork_bomb(view: NodeView, hits: list[Hit], onset: float) -> Finding:
     """Before the lock: the onset and the fork sensors. The lineage itself is found by
     `bomb_lineage` once the node is frozen (see the lock_kill_lineage action)."""
-    kernel = view.snapshots.get("kernel")
+    kernel = view.snapshots.get(KERNEL_BOX)
     sensors = {}
     if kernel is not None:
         for s in kernel.sensors:
             if s.name in ("forks", "fork_failures", "pids"):
-                sensors[s.name] = s.rate if s.type == "pressure" else s.value
+                sensors[s.name] = s.rate if s.type == SensorType.PRESSURE else s.value
     return Finding("fork_bomb", f"fork pressure since {view.at - onset:.2f} s before detection; "
                    "the lineage is identified with the node locked",
                    [], {"onset_before_detection_s": round(view.at - onset, 3),
@@ -243,7 +251,7 @@ def hang(view: NodeView, hits: list[Hit], table: Sequence[Row],
     """
     by_pid = {p.pid: p for p in table}
     cpu_later = {(p.pid, p.start_time): p.cpu_seconds for p in later or ()}
-    stalled = [v for h in hits for v in h.violations if v.type == "progress"]
+    stalled = [v for h in hits for v in h.violations if v.type == SensorType.PROGRESS]
     frozen_hit = any(h.kind == "node_frozen" for h in hits)
     live = [p for p in table if running(p.state)]
     all_stopped = bool(live) and all(p.state in ("T", "t") for p in live)
@@ -298,3 +306,120 @@ def hang(view: NodeView, hits: list[Hit], table: Sequence[Row],
     evidence = {"scope": scope, "stuck": stuck, "gone": gone, "node_states": states,
                 "node_frozen": bool(view.frozen), "processes": len(live)}
     return Finding("hang", summary, culprits, evidence)
+
+
+# ---- the units -------------------------------------------------------------------------
+
+
+class Diagnosis(Unit):
+    """From the detection and the node's externalized state to a Finding."""
+
+    #: what its Finding gives the actions (keys of CAPABILITIES)
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    def onset(self, history: SensorHistory, view: NodeView, onset: float) -> float:
+        """The onset to respond with, from the detectors' `onset`: unchanged by default."""
+        return onset
+
+    def run(self, ctx: Context) -> Finding:
+        """Diagnose; agent errors may propagate (the pipeline records them)."""
+        raise NotImplementedError
+
+
+def _table_noted(finding: Finding, table) -> Finding:
+    if table.truncated:
+        finding.evidence["table_truncated"] = {"shown": len(table.rows), "total": table.total}
+    return finding
+
+
+class MemoryHogDiagnosis(Diagnosis, tag="memory_hog"):
+    """The culprit is the process growing fastest (rss_rate), never the largest as such.
+
+    Processes growing slower than `min_rate_mb_s` are never chosen (no culprit at all if
+    none grows); registered services and `protect_comms` never are. `top` candidates go
+    to the evidence.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"culprits"})
+    min_rate_mb_s: Pos = 1.0
+    top: Annotated[int, msgspec.Meta(ge=1, le=50)] = 5
+    protect_comms: list[str] = []
+
+    def run(self, ctx: Context) -> Finding:
+        table = ctx.client.processes(ctx.node)
+        return _table_noted(memory_hog(self, table.rows), table)
+
+
+class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
+    """The bomb is the lineage created since onset, identified while the node is locked.
+
+    Onset comes from the sensor history; processes younger than onset + `onset_slack_ms`
+    and their unprotected ancestors are the bomb. An ancestor older than onset joins only
+    with at least `old_ancestor_min_children` young children alive (a shell that forks
+    the bomb does; a service that started one helper does not). Registered services, the
+    node's first process and `protect_comms` are never part of it.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"lineage"})
+    onset_slack_ms: NonNeg = 250.0
+    old_ancestor_min_children: Annotated[int, msgspec.Meta(ge=1)] = 3
+    protect_comms: list[str] = []
+
+    def onset(self, history: SensorHistory, view: NodeView, onset: float) -> float:
+        return bomb_onset(history, view, onset)
+
+    def run(self, ctx: Context) -> Finding:
+        return fork_bomb(ctx.view, ctx.hits, ctx.onset)
+
+    def lineage(self, table: Sequence[Row], since_onset_s: float) -> tuple[list[Row], dict[str, Any]]:
+        """The bomb in a frozen node's table, `since_onset_s` after onset (a LineageFinder)."""
+        return bomb_lineage(table, since_onset_s + self.onset_slack_ms / 1000,
+                            self.protect_comms, self.old_ancestor_min_children)
+
+
+class HangDiagnosis(Diagnosis, tag="hang"):
+    """Which process is stuck, in what state; whole node frozen vs one process stalled.
+
+    A second process table `sample_ms` later tells a spinning process from a blocked one
+    (0: one table only).
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"culprits"})
+    sample_ms: NonNeg = 100.0
+
+    def run(self, ctx: Context) -> Finding:
+        table = ctx.client.processes(ctx.node)
+        later, interval = None, 0.0
+        if self.sample_ms > 0:
+            t0 = ctx.clock()
+            time.sleep(self.sample_ms / 1000)
+            later = ctx.client.processes(ctx.node).rows
+            interval = ctx.clock() - t0
+        return _table_noted(hang(ctx.view, ctx.hits, table.rows, later, interval), table)
+
+
+class LargestRssDiagnosis(Diagnosis, tag="largest_rss"):
+    """Baseline policy (the kernel's and earlyoom's): the largest process is the culprit."""
+
+    provides: ClassVar[frozenset[str]] = frozenset({"culprits"})
+    top: Annotated[int, msgspec.Meta(ge=1, le=50)] = 5
+    protect_registered: bool = False
+
+    def run(self, ctx: Context) -> Finding:
+        table = ctx.client.processes(ctx.node)
+        return _table_noted(largest_rss(self, table.rows), table)
+
+
+class NoDiagnosis(Diagnosis, tag="none"):
+    """No diagnosis: actions run on the detection alone."""
+
+    def run(self, ctx: Context) -> Finding:
+        return Finding("none", "no diagnosis configured",
+                       evidence={"detectors": [h.summary for h in ctx.hits]})
+
+
+# ---- registration ------------------------------------------------------------------------
+
+DIAGNOSES = (MemoryHogDiagnosis, ForkBombDiagnosis, HangDiagnosis, LargestRssDiagnosis,
+             NoDiagnosis)
+DiagnosisUnit = Union[DIAGNOSES]  # the TOML `diagnosis = {...}` entry

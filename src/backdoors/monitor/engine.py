@@ -10,14 +10,13 @@ node settles for `settle_ms` after a response (a repair's freeze stalls progress
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import rules as R
-from .detectors import Hit, NodeView, evaluate
+from .rules import Rule
+from .detectors import BY_KIND, Hit, NodeView, evaluate
 from .history import History, Key
 from .incidents import Incident
 
@@ -49,7 +48,7 @@ class Detection:
     """An incident just opened, with what its response needs."""
 
     incident: Incident
-    rule: R.Rule
+    rule: Rule
     view: NodeView
     hits: list[Hit]
     onset: float
@@ -60,7 +59,7 @@ class Detection:
 class Engine:
     """Rules applied to the views of every node; thread-safe per node."""
 
-    def __init__(self, rules: list[R.Rule], monitor_id: str, *, history_s: float = 5.0,
+    def __init__(self, rules: list[Rule], monitor_id: str, *, history_s: float = 5.0,
                  settle_s: float = 0.25, clock: Callable[[], float] = time.monotonic,
                  on_close: Callable[[Incident], None] | None = None):
         self.rules, self.monitor_id = rules, monitor_id
@@ -92,8 +91,7 @@ class Engine:
         for rule in self.rules:
             if not rule.applies_to(view.node):
                 continue
-            if not view.agent_ok and not any(isinstance(d, R.AgentUnreachable)
-                                             for d in rule.detectors):
+            if not view.agent_ok and not any(d.judges_stale for d in rule.detectors):
                 continue  # stale data cannot judge this rule: hold its state as it is
             rs = st.rules.get(rule.name)
             if rs is None:
@@ -110,14 +108,14 @@ class Engine:
         return opened
 
     @staticmethod
-    def _fired(rule: R.Rule, hits: list[Hit]) -> bool:
+    def _fired(rule: Rule, hits: list[Hit]) -> bool:
         return bool(hits) if rule.match == "any" else len(hits) == len(rule.detectors)
 
-    def _hits(self, rule: R.Rule, rs: RuleState, view: NodeView) -> tuple[list[Hit], list[Hit]]:
+    def _hits(self, rule: Rule, rs: RuleState, view: NodeView) -> tuple[list[Hit], list[Hit]]:
         """(hits held for their for_ms, every hit now)."""
         hits, raw = [], []
         for i, det in enumerate(rule.detectors):
-            if not view.agent_ok and not isinstance(det, R.AgentUnreachable):
+            if not view.agent_ok and not det.judges_stale:
                 continue  # no fresh data: neither fired nor cleared
             hit = evaluate(det, i, view)
             if hit is None:
@@ -126,11 +124,11 @@ class Engine:
             raw.append(hit)
             if rs.since[i] is None:
                 rs.since[i] = view.at
-            if (view.at - rs.since[i]) * 1000 >= getattr(det, "for_ms", 0.0):
+            if (view.at - rs.since[i]) * 1000 >= det.hold_ms:
                 hits.append(hit)
         return hits, raw
 
-    def _follow(self, rule: R.Rule, rs: RuleState, st: NodeState, fired: bool, now: float) -> None:
+    def _follow(self, rule: Rule, rs: RuleState, st: NodeState, fired: bool, now: float) -> None:
         inc = rs.incident
         if st.busy == inc.id:
             return  # its response is running: judge it afterwards
@@ -144,9 +142,9 @@ class Engine:
             if (now - rs.clear_since) * 1000 >= rule.clear_ms:
                 self.close(st, rule, "cleared", now)
 
-    def _open(self, rule: R.Rule, rs: RuleState, st: NodeState, view: NodeView,
+    def _open(self, rule: Rule, rs: RuleState, st: NodeState, view: NodeView,
               hits: list[Hit]) -> Detection:
-        onset = self.onset(st.history, view, hits, rule)
+        onset = self.onset(st.history, view, hits)
         now_wall, now = time.time(), self.clock()
         wall = lambda t: now_wall - (now - t)  # noqa: E731
         keys: list[Key] = list(dict.fromkeys((v.box, v.sensor) for h in hits for v in h.violations))
@@ -174,7 +172,7 @@ class Engine:
         st.busy = None
         st.settle_until = now + self.settle_s
 
-    def close(self, st: NodeState, rule: R.Rule, outcome: str, now: float) -> None:
+    def close(self, st: NodeState, rule: Rule, outcome: str, now: float) -> None:
         rs = st.rules[rule.name]
         inc = rs.incident
         if inc is None:
@@ -211,31 +209,7 @@ class Engine:
     # -- onset ---------------------------------------------------------------------------
 
     @staticmethod
-    def onset(history: History, view: NodeView, hits: list[Hit], rule: R.Rule) -> float:
-        """When the trouble began, from the history: the earliest onset over the hits.
-
-        progress: when the counter last moved; level: the start of the unbroken run out
-        of bounds; pressure: the start of the counter's rise; frozen/unreachable: now
-        minus how long the condition is known to have held.
-        """
-        times = [view.at]
-        for h in hits:
-            if h.kind == "agent_unreachable":
-                times.append(view.at - view.agent_silent_s)
-            for v in h.violations:
-                key = (v.box, v.sensor)
-                if v.type == "progress":
-                    times.append(view.at - v.measure)
-                elif v.type == "level":
-                    if v.bound is None or not math.isfinite(v.value):
-                        bad = lambda x: not math.isfinite(x)  # noqa: E731
-                    elif v.value > v.bound:
-                        bad = lambda x, b=v.bound: x > b  # noqa: E731
-                    else:
-                        bad = lambda x, b=v.bound: x < b  # noqa: E731
-                    t = history.violation_start(key, bad, view.at)
-                    times.append(t if t is not None else view.at)
-                else:
-                    t = history.rise_start(key, view.at)
-                    times.append(t if t is not None else view.at)
-        return min(times)
+    def onset(history: History, view: NodeView, hits: list[Hit]) -> float:
+        """When the trouble began: the earliest onset of the hits, each judged by the
+        detector unit of its kind from the history (see Detector.onset)."""
+        return min([view.at] + [BY_KIND[h.kind].onset(h, view, history) for h in hits])

@@ -1,8 +1,7 @@
 """A short history of a node's sensor values, for onsets and incident timelines.
 
-One entry per poll: the time and, per (box, sensor), the value and whether the sensor
-itself reported a violation. Bounded by age (`seconds`) and by count, so a fast poll
-cannot make it grow without end.
+One entry per poll: the time and, per (box, sensor), the value. Bounded by age
+(`seconds`) and by count, so a fast poll cannot make it grow without end.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ sensors and the loaded rules. docs/metrics.md lists every metric.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,8 +21,17 @@ from prometheus_client.registry import Collector
 from .detectors import NodeView
 from .incidents import Incident
 
-if TYPE_CHECKING:
-    from .core import Monitor
+
+class Monitor(Protocol):
+    """What the metrics read of a monitor (monitor.core.Monitor), without importing it."""
+
+    rules: list[Any]
+    pollers: list[Any]
+    engine: Any
+    clock: Callable[[], float]
+
+    def subscribe(self, fn: Callable[[str, Incident], None]) -> None: ...
+
 
 _POLL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _REPAIR_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -182,7 +192,7 @@ class MonitorCollector(Collector):
             for box, snap in sorted(v.snapshots.items()):
                 for s in snap.sensors:
                     key = [v.host, v.node, box, s.name]
-                    value.add_metric(key + [s.type], float(s.value))
+                    value.add_metric(key + [str(s.type)], float(s.value))
                     violated.add_metric(key, float(s.violated))
                     if s.stalled_for is not None:
                         stalled.add_metric(key, s.stalled_for)

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from ..monitor.incidents import Incident
+from ..sensors import SensorType
 from .data import BenchSensors, Overhead, RecoveryRow, RepairPolicy
 
 DPI = 100
@@ -87,7 +88,7 @@ def _label_bars(ax, bars, values, fmt: Callable[[float], str]) -> None:
 # ---- 1. repairing timeline ------------------------------------------------------------------
 
 
-def _unit(sensor: str, type_: str | None) -> str:
+def _unit(sensor: str, type_: SensorType | None) -> str:
     if sensor.endswith("_mb"):
         return "MB"
     if sensor.startswith("psi_"):
@@ -98,7 +99,8 @@ def _unit(sensor: str, type_: str | None) -> str:
         return "tasks"
     if sensor == "link_up":
         return "1 up / 0 down"
-    return {"progress": "count", "pressure": "events (total)"}.get(type_ or "", "value")
+    return {SensorType.PROGRESS: "count", SensorType.PRESSURE: "events (total)"}.get(
+        type_, "value")
 
 
 @_styled
@@ -118,7 +120,7 @@ def timeline(inc: Incident, diagnosis_ms: float | None = None) -> bytes:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=BLUE, lw=1.4, marker=".",
                 ms=3, label=key)
         v = levels.get(key)
-        if v is not None and v.type == "level" and v.bound is not None:
+        if v is not None and v.type == SensorType.LEVEL and v.bound is not None:
             ax.axhline(v.bound, color=GREY, ls=":", lw=1.2, label=f"bound ({v.bound:g})")
         ax.set_ylabel(f"{key.split('/')[-1]}\n({_unit(key.split('/')[-1], v and v.type)})")
     if not keys:

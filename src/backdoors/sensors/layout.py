@@ -55,10 +55,33 @@ FLAG_HAS_MIN = 1
 FLAG_HAS_MAX = 2
 
 
-class SensorType(enum.IntEnum):
-    PROGRESS = 1
-    LEVEL = 2
-    PRESSURE = 3
+class SensorType(enum.StrEnum):
+    """The three kinds of sensor, everywhere: its value is the name (JSON, metrics,
+    messages), `code` the byte stored in a slot."""
+
+    PROGRESS = "progress"
+    LEVEL = "level"
+    PRESSURE = "pressure"
+
+    @property
+    def code(self) -> int:
+        return _CODES[self]
+
+    @classmethod
+    def from_code(cls, code: int) -> "SensorType":
+        """The type stored as `code` in a slot; ValueError for an unknown code."""
+        for kind, c in _CODES.items():
+            if c == code:
+                return kind
+        raise ValueError(f"unknown sensor type code {code}")
+
+
+_CODES = {SensorType.PROGRESS: 1, SensorType.LEVEL: 2, SensorType.PRESSURE: 3}
+
+#: The box the agent keeps for a node's kernel-derived sensors (memory, pids, forks, PSI);
+#: its region name, reserved (apps cannot register it), and the prefix of its header name
+#: (`kernel:<node>`).
+KERNEL_BOX = "kernel"
 
 
 def region_size(capacity: int) -> int:

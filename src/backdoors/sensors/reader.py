@@ -2,9 +2,10 @@
 
 The reader never trusts the region. `parse` checks every field against the ABI and
 turns anything unexpected into a SensorBoxError that says what and where. The layout is
-copied under the generation seqlock; each value is one aligned word. Whether a progress
-sensor is stalled, and how many pressure events fell in the last window, is computed
-here from successive snapshots, so applications never write timestamps.
+copied under the generation seqlock; each value is one aligned word. How long a progress
+sensor has stalled, and how many pressure events fell in the last window, is computed
+here from successive snapshots, so applications never write timestamps; whether that
+is a violation is judged by `judgement`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Callable
 import msgspec
 
 from ..errors import SensorBoxError
-from . import layout as L
+from . import layout
+from .judgement import out_of_bounds, over_rate, stalled
 from .region import Region
 
 READ_RETRIES = 64
@@ -29,7 +31,7 @@ class Sensor(msgspec.Struct, frozen=True):
 
     id: int
     name: str
-    type: L.SensorType
+    type: layout.SensorType
     value: float  # an int for progress and pressure
     threshold: float
     param: float
@@ -37,11 +39,11 @@ class Sensor(msgspec.Struct, frozen=True):
 
     @property
     def min(self) -> float | None:
-        return self.param if self.flags & L.FLAG_HAS_MIN else None
+        return self.param if self.flags & layout.FLAG_HAS_MIN else None
 
     @property
     def max(self) -> float | None:
-        return self.threshold if self.flags & L.FLAG_HAS_MAX else None
+        return self.threshold if self.flags & layout.FLAG_HAS_MAX else None
 
 
 class BoxImage(msgspec.Struct, frozen=True):
@@ -59,7 +61,7 @@ class SensorState(msgspec.Struct):
 
     id: int
     name: str
-    type: str
+    type: layout.SensorType
     value: float
     violated: bool
     # progress: seconds since the counter last moved, and its deadline
@@ -103,21 +105,22 @@ def _name(raw: bytes, where: str) -> str:
 
 def parse_header(data: bytes) -> tuple[int, int, int, int, str]:
     """Check the header; return (capacity, count, owner_pid, generation, name)."""
-    if len(data) < L.HEADER_SIZE:
+    if len(data) < layout.HEADER_SIZE:
         raise SensorBoxError(
-            f"region truncated: {len(data)} bytes, the header alone needs {L.HEADER_SIZE}"
+            f"region truncated: {len(data)} bytes, the header alone needs {layout.HEADER_SIZE}"
         )
-    magic, version, hsize, ssize, capacity, count, pid, gen, raw_name = L.HEADER.unpack_from(data)
-    if magic != L.MAGIC:
-        raise SensorBoxError(f"not a Sensor Box: magic is {magic!r}, expected {L.MAGIC!r}")
-    if version != L.VERSION:
-        raise SensorBoxError(f"unsupported Sensor Box layout version {version} (reader knows {L.VERSION})")
-    if hsize != L.HEADER_SIZE or ssize != L.SLOT_SIZE:
+    magic, version, hsize, ssize, capacity, count, pid, gen, raw_name = \
+        layout.HEADER.unpack_from(data)
+    if magic != layout.MAGIC:
+        raise SensorBoxError(f"not a Sensor Box: magic is {magic!r}, expected {layout.MAGIC!r}")
+    if version != layout.VERSION:
+        raise SensorBoxError(f"unsupported Sensor Box layout version {version} (reader knows {layout.VERSION})")
+    if hsize != layout.HEADER_SIZE or ssize != layout.SLOT_SIZE:
         raise SensorBoxError(
-            f"header: header_size {hsize} / slot_size {ssize}, ABI v1 requires {L.HEADER_SIZE}/{L.SLOT_SIZE}"
+            f"header: header_size {hsize} / slot_size {ssize}, ABI v1 requires {layout.HEADER_SIZE}/{layout.SLOT_SIZE}"
         )
-    if not 1 <= capacity <= L.MAX_CAPACITY:
-        raise SensorBoxError(f"header: capacity {capacity} is outside 1..{L.MAX_CAPACITY}")
+    if not 1 <= capacity <= layout.MAX_CAPACITY:
+        raise SensorBoxError(f"header: capacity {capacity} is outside 1..{layout.MAX_CAPACITY}")
     if count > capacity:
         raise SensorBoxError(f"header: count {count} exceeds capacity {capacity}")
     return capacity, count, pid, gen, _name(raw_name, "header")
@@ -128,7 +131,7 @@ def parse(data: bytes) -> BoxImage:
     capacity, count, pid, gen, name = parse_header(data)
     if gen & 1:
         raise SensorBoxError(f"header: generation {gen} is odd (copy taken while a sensor was being added)")
-    need = L.region_size(capacity)
+    need = layout.region_size(capacity)
     if len(data) < need:
         raise SensorBoxError(
             f"region truncated: {len(data)} bytes, capacity {capacity} needs {need}"
@@ -136,15 +139,15 @@ def parse(data: bytes) -> BoxImage:
     sensors: list[Sensor] = []
     names: set[str] = set()
     for i in range(count):
-        off = L.slot_offset(i)
+        off = layout.slot_offset(i)
         where = f"sensor slot {i} (offset {off})"
-        sid, type_, flags, reserved, value, threshold, param, raw_name = L.SLOT.unpack_from(data, off)
+        sid, type_, flags, reserved, value, threshold, param, raw_name = layout.SLOT.unpack_from(data, off)
         if sid != i + 1:
             raise SensorBoxError(f"{where}: id {sid}, expected {i + 1}")
         if reserved:
             raise SensorBoxError(f"{where}: reserved field is {reserved}, must be 0")
         try:
-            kind = L.SensorType(type_)
+            kind = layout.SensorType.from_code(type_)
         except ValueError:
             raise SensorBoxError(f"{where}: unknown sensor type {type_}") from None
         if not (math.isfinite(threshold) and math.isfinite(param)):
@@ -153,16 +156,16 @@ def parse(data: bytes) -> BoxImage:
         if sname in names:
             raise SensorBoxError(f"{where}: duplicate sensor name {sname!r}")
         names.add(sname)
-        if kind is L.SensorType.LEVEL:
-            if flags & ~(L.FLAG_HAS_MIN | L.FLAG_HAS_MAX) or not flags:
+        if kind is layout.SensorType.LEVEL:
+            if flags & ~(layout.FLAG_HAS_MIN | layout.FLAG_HAS_MAX) or not flags:
                 raise SensorBoxError(f"{where}: level flags {flags:#x} are invalid")
-            if flags == L.FLAG_HAS_MIN | L.FLAG_HAS_MAX and param > threshold:
+            if flags == layout.FLAG_HAS_MIN | layout.FLAG_HAS_MAX and param > threshold:
                 raise SensorBoxError(f"{where}: level min {param} > max {threshold}")
             v: float = struct.unpack("<d", value)[0]
         else:
             if flags:
                 raise SensorBoxError(f"{where}: flags {flags:#x} are invalid for {kind.name.lower()}")
-            if threshold <= 0 or (kind is L.SensorType.PRESSURE and param <= 0):
+            if threshold <= 0 or (kind is layout.SensorType.PRESSURE and param <= 0):
                 raise SensorBoxError(f"{where}: {kind.name.lower()} thresholds must be positive")
             v = int.from_bytes(value, "little")
         sensors.append(Sensor(sid, sname, kind, v, threshold, param, flags))
@@ -175,22 +178,22 @@ def read_consistent(region: Region) -> bytes:
     Gives up with SensorBoxError if the generation never settles (a writer that died
     mid-update, or a hostile one); never spins without bound.
     """
-    header = region.read(0, L.HEADER_SIZE)
+    header = region.read(0, layout.HEADER_SIZE)
     capacity, _, _, _, _ = parse_header(header)
-    size = L.region_size(capacity)
+    size = layout.region_size(capacity)
     for attempt in range(READ_RETRIES):
-        g1 = region.load_word(L.OFF_GENERATION)
+        g1 = region.load_word(layout.OFF_GENERATION)
         if g1 & 1:
             time.sleep(0 if attempt < 8 else 0.0005)
             continue
         data = bytearray(region.read(0, size))
-        count = int.from_bytes(data[L.OFF_COUNT:L.OFF_COUNT + 4], "little")
+        count = int.from_bytes(data[layout.OFF_COUNT:layout.OFF_COUNT + 4], "little")
         if region.words is not None:
             for i in range(min(count, capacity)):
-                off = L.slot_offset(i) + L.SLOT_OFF_VALUE
+                off = layout.slot_offset(i) + layout.SLOT_OFF_VALUE
                 data[off:off + 8] = region.words[off // 8].to_bytes(8, "little")
-        if region.load_word(L.OFF_GENERATION) == g1 and int.from_bytes(
-            data[L.OFF_GENERATION:L.OFF_GENERATION + 8], "little"
+        if region.load_word(layout.OFF_GENERATION) == g1 and int.from_bytes(
+            data[layout.OFF_GENERATION:layout.OFF_GENERATION + 8], "little"
         ) == g1:
             return bytes(data)
     raise SensorBoxError(
@@ -221,19 +224,19 @@ class SensorTracker:
             self._hist.clear()
         states = []
         for s in image.sensors:
-            if s.type is L.SensorType.PROGRESS:
+            if s.type is layout.SensorType.PROGRESS:
                 prev = self._last.get(s.id)
                 if prev is None or prev[0] != s.value:
                     prev = (s.value, now)
                     self._last[s.id] = prev
-                stalled = now - prev[1]
-                states.append(SensorState(s.id, s.name, "progress", s.value, stalled > s.threshold,
-                                          stalled_for=stalled, deadline=s.threshold))
-            elif s.type is L.SensorType.LEVEL:
+                since = now - prev[1]
+                states.append(SensorState(s.id, s.name, s.type, s.value,
+                                          stalled(since, s.threshold),
+                                          stalled_for=since, deadline=s.threshold))
+            elif s.type is layout.SensorType.LEVEL:
                 lo, hi = s.min, s.max
-                bad = not math.isfinite(s.value) or (lo is not None and s.value < lo) or (
-                    hi is not None and s.value > hi)
-                states.append(SensorState(s.id, s.name, "level", s.value, bad, min=lo, max=hi))
+                bad = out_of_bounds(s.value, lo, hi) is not None
+                states.append(SensorState(s.id, s.name, s.type, s.value, bad, min=lo, max=hi))
             else:
                 hist = self._hist.setdefault(s.id, deque())
                 hist.append((now, s.value))
@@ -241,7 +244,7 @@ class SensorTracker:
                     hist.popleft()
                 # hist[0] is the newest sample at least one window old (or the oldest one)
                 rate = float(max(0, s.value - hist[0][1]))
-                states.append(SensorState(s.id, s.name, "pressure", s.value, rate > s.threshold,
+                states.append(SensorState(s.id, s.name, s.type, s.value, over_rate(rate, s.threshold),
                                           rate=rate, max_events=s.threshold, window=s.param))
         return Snapshot(image.name, image.owner_pid, image.generation, now, states)
 

@@ -1,0 +1,47 @@
+"""What a diagnosis or an action unit may use while it responds to one incident.
+
+The response pipeline (repair.py) builds it from the detection and owns it: units read
+it, they do not reach into the rule, the incident or each other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..agent.protocol import ProcessRow
+from .detectors import Hit, NodeView
+from .history import History
+
+#: A fork bomb's lineage in a (frozen) node's process table, `since_onset_s` after its
+#: onset: (its processes, the evidence). Provided by a diagnosis that finds lineages.
+LineageFinder = Callable[[Sequence[ProcessRow], float], tuple[list[ProcessRow], dict[str, Any]]]
+
+
+@dataclass
+class Context:
+    """One incident's response; times are the monitor's clock()."""
+
+    rule: str  # the rule's name
+    incident: str  # the incident's id
+    view: NodeView
+    hits: list[Hit]
+    onset: float
+    detected: float
+    client: Any  # AgentClient of this worker, for the node's agent
+    history: History | None = None  # the node's sensor history at detection
+    clock: Callable[[], float] = time.monotonic
+    hooks: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
+    placement: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (host, agent)
+    lineage: LineageFinder | None = None  # from the diagnosis, when it provides "lineage"
+    repaired: bool = False  # an earlier action of this response changed the node
+
+    @property
+    def node(self) -> str:
+        return self.view.node
+
+    @property
+    def host(self) -> str:
+        return self.view.host
