@@ -10,7 +10,7 @@ from test_agent_support import agent_lab, daemon, prefix, wait_for
 from test_nodes_support import FORK_BOMB
 
 from backdoors.agent.errors import DeadlineError
-from backdoors.sensors import parse
+from backdoors.sensors import parse_box
 
 __all__ = ["agent_lab", "prefix"]
 pytestmark = pytest.mark.root
@@ -50,7 +50,7 @@ def _measure(client, node: str) -> dict:
 
 
 def _kernel(client, node: str) -> dict[str, float]:
-    return {s.name: s.value for s in parse(client.sensors(node).boxes["kernel"]).sensors}
+    return {s.name: s.value for s in parse_box(client.sensors(node).boxes["kernel"]).sensors}
 
 
 def _within_deadline(client, fn):

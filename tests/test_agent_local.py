@@ -9,7 +9,7 @@ from test_agent_support import REGISTER, agent_lab, prefix, read_line, wait_for
 
 from backdoors.common.runtime import register_box, register_region
 from backdoors.errors import RegistrationError
-from backdoors.sensors import SensorBox, parse
+from backdoors.sensors import SensorBox, parse_box
 
 __all__ = ["agent_lab", "prefix"]
 pytestmark = pytest.mark.root
@@ -27,7 +27,7 @@ def test_a_process_inside_the_node_registers_its_box(agent_lab):
     c = lab.client()
     regions = {r.name: r for r in c.regions("n0")}
     assert regions["svc"].pid == proc.pid and regions["svc"].registrant_alive
-    image = parse(c.sensors("n0").boxes["svc"])
+    image = parse_box(c.sensors("n0").boxes["svc"])
     assert image.name == "svc" and image.owner_pid == proc.pid
     assert [s.name for s in image.sensors] == ["tick"]
     socket_mode = os.stat(lab.socket_path("n0")).st_mode
@@ -42,7 +42,7 @@ def test_the_region_outlives_the_process_that_registered_it(agent_lab):
     c = lab.client()
     info = {r.name: r for r in c.regions("n0")}["svc"]
     assert not info.registrant_alive
-    assert parse(c.sensors("n0").boxes["svc"]).owner_pid == proc.pid
+    assert parse_box(c.sensors("n0").boxes["svc"]).owner_pid == proc.pid
 
 
 def test_a_process_outside_the_node_is_refused_and_audited(agent_lab):

@@ -12,7 +12,7 @@ from backdoors.agent import AgentClient
 from backdoors.agent.errors import BoundsError, BusyError, NotFoundError, RemoteError
 from backdoors.agent.protocol import MAX_IO
 from backdoors.net import netns
-from backdoors.sensors import SensorTracker, parse
+from backdoors.sensors import SensorTracker, parse_box
 
 __all__ = ["agent_lab", "prefix"]
 pytestmark = pytest.mark.root
@@ -41,7 +41,7 @@ def test_kernel_sensors_report_memory_and_pids(agent_lab):
     c = lab.client()
 
     def kernel():
-        return {s.name: s for s in parse(c.sensors("n0").boxes["kernel"]).sensors}
+        return {s.name: s for s in parse_box(c.sensors("n0").boxes["kernel"]).sensors}
 
     sensors = wait_for(lambda: (k := kernel())["memory_mb"].value > 40 and k, timeout=10,
                        what="memory_mb to show the grower's 40 MiB")
@@ -51,7 +51,7 @@ def test_kernel_sensors_report_memory_and_pids(agent_lab):
             "psi_io_some"} <= set(sensors)
     assert sensors["forks"].value >= 1  # the grower appeared after the first sample
     tracker = SensorTracker()
-    snap = tracker.update(parse(c.sensors("n0").boxes["kernel"]))
+    snap = tracker.update(parse_box(c.sensors("n0").boxes["kernel"]))
     assert not snap.violations
 
 
@@ -62,7 +62,7 @@ def test_kernel_sensors_see_fork_failures_and_follow_new_limits(agent_lab):
     lab.run("n0", SPAWNER)
     c = lab.client()
     def value(name):
-        return {s.name: s for s in parse(c.sensors("n0").boxes["kernel"]).sensors}[name]
+        return {s.name: s for s in parse_box(c.sensors("n0").boxes["kernel"]).sensors}[name]
 
     wait_for(lambda: value("fork_failures").value > 50, timeout=10, what="failed forks")
     assert value("pids").value == 10 and c.status("n0").fork_failures > 50
@@ -93,8 +93,8 @@ def test_sensors_returns_every_box_and_reports_broken_ones(agent_lab):
     c = lab.client()
     reply = c.sensors("n0")
     assert set(reply.boxes) == {"kernel", "svc"} and reply.errors == {}
-    t0 = parse(reply.boxes["svc"]).sensors[0].value
-    wait_for(lambda: parse(c.sensors("n0").boxes["svc"]).sensors[0].value > t0,
+    t0 = parse_box(reply.boxes["svc"]).sensors[0].value
+    wait_for(lambda: parse_box(c.sensors("n0").boxes["svc"]).sensors[0].value > t0,
              what="the service's ticks to show")
     read_line(lab.run("n0", BREAKER))
     start = time.monotonic()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoors.lab import topology as T
+from backdoors.lab import topology
 from backdoors.net import netns
 
 pytestmark = pytest.mark.root
@@ -21,17 +21,17 @@ def load_bench():
 
 
 def leftovers(lab: str) -> list[str]:
-    prefix = T.prefix(lab)
+    prefix = topology.prefix(lab)
     found = [f"netns {n}" for n in netns.names(prefix)]
     found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob(f"*/{prefix}*")]
-    if (T.RUN_ROOT / lab).exists():
-        found.append(f"dir {T.RUN_ROOT / lab}")
+    if (topology.RUN_ROOT / lab).exists():
+        found.append(f"dir {topology.RUN_ROOT / lab}")
     return found
 
 
 def haproxy_processes(lab: str) -> list[int]:
     """Processes still running the lab's HAProxy configuration."""
-    conf = str(T.RUN_ROOT / lab / "haproxy.cfg").encode()
+    conf = str(topology.RUN_ROOT / lab / "haproxy.cfg").encode()
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoors.lab import topology as T
+from backdoors.lab import topology
 from backdoors.net import netns
 
 pytestmark = pytest.mark.root
@@ -47,4 +47,4 @@ def test_demo_quick_end_to_end(root, tmp_path):
         data = base64.b64decode(b64)
         w, h = png_size(data)
         assert w > 100 and h > 100 and len(data) > 5000
-    assert netns.names(T.prefix(name)) == []
+    assert netns.names(topology.prefix(name)) == []

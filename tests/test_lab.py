@@ -14,21 +14,21 @@ import pytest
 
 from backdoors.lab import SERVICE_PORT, Lab, inject
 from backdoors.lab import stream
-from backdoors.lab import topology as T
+from backdoors.lab import topology
 from backdoors.net import netns
 
 pytestmark = pytest.mark.root
 
 
 def leftovers(name: str) -> list[str]:
-    prefix = T.prefix(name)
+    prefix = topology.prefix(name)
     found = [f"netns {n}" for n in netns.names(prefix)]
     for ctrl in ("memory", "pids", "freezer", "cpuacct", "unified"):
         base = Path("/sys/fs/cgroup") / ctrl
         if base.is_dir():
             found += [f"cgroup {p}" for p in base.iterdir() if p.name.startswith(prefix)]
-    if (T.RUN_ROOT / name).exists():
-        found.append(f"dir {T.RUN_ROOT / name}")
+    if (topology.RUN_ROOT / name).exists():
+        found.append(f"dir {topology.RUN_ROOT / name}")
     return found
 
 
@@ -206,8 +206,8 @@ def test_sigkilled_owner_is_reaped_by_next_down():
                              "--hosts", "1", "--nodes", "2", "--foreground"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert wait_for(lambda: (T.RUN_ROOT / name / "lab.json").exists() and
-                        len(json.loads((T.RUN_ROOT / name / "lab.json").read_text())["services"]) == 2, 20)
+        assert wait_for(lambda: (topology.RUN_ROOT / name / "lab.json").exists() and
+                        len(json.loads((topology.RUN_ROOT / name / "lab.json").read_text())["services"]) == 2, 20)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert leftovers(name)  # the killed owner left its lab behind ...
@@ -224,7 +224,7 @@ def test_foreground_lab_tears_down_on_sigterm():
     proc = subprocess.Popen([sys.executable, "-m", "backdoors", "lab", "up", "--name", name,
                              "--hosts", "1", "--nodes", "1", "--foreground"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = T.RUN_ROOT / name / "lab.json"
+    state = topology.RUN_ROOT / name / "lab.json"
     assert wait_for(lambda: state.exists() and json.loads(state.read_text())["services"], 20)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0

@@ -8,7 +8,7 @@ from backdoors.monitor import rules
 from backdoors.monitor.detectors import NodeView, evaluate
 from backdoors.monitor.engine import Engine
 from backdoors.monitor.history import History
-from backdoors.sensors import SensorBox, SensorTracker, Snapshot, SensorState, parse
+from backdoors.sensors import SensorBox, SensorTracker, Snapshot, SensorState, parse_box
 
 
 def progress(name, value, stalled, deadline=0.2):
@@ -94,10 +94,10 @@ def test_detectors_read_real_box_images():
     try:
         tracker = SensorTracker()
         raw = bytes(box._mm)
-        tracker.update(parse(raw), 0.0)
+        tracker.update(parse_box(raw), 0.0)
         p.tick()
-        snap = tracker.update(parse(bytes(box._mm)), 0.05)
-        snap = tracker.update(parse(bytes(box._mm)), 0.3)
+        snap = tracker.update(parse_box(bytes(box._mm)), 0.05)
+        snap = tracker.update(parse_box(bytes(box._mm)), 0.3)
         v = NodeView("n0", "h0", 0.3, {"svc": snap})
         assert evaluate(det('{ kind = "progress_stalled" }'), 0, v).violations[0].measure == pytest.approx(0.25)
         assert evaluate(det('{ kind = "level_out_of_bounds" }'), 0, v).violations[0].value == 50

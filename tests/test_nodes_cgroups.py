@@ -20,7 +20,7 @@ from test_nodes_support import (
 
 from backdoors.errors import NodeError
 from backdoors.nodes import Cgroup, Layout, Node, detect, reap
-from backdoors.nodes.layout import layout_from_mounts
+from backdoors.nodes.hierarchies import layout_from_mounts
 
 __all__ = ["prefix"]  # the fixture, imported for pytest
 pytestmark = pytest.mark.root

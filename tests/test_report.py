@@ -25,7 +25,7 @@ from backdoors.monitor.detectors import Hit, Violation
 from backdoors.monitor.diagnosis import Finding, Target
 from backdoors.monitor.incidents import ActionRecord, Event, Incident
 from backdoors.report import SECTIONS, ReportError, build_report, load_inputs
-from backdoors.scenarios import watch as W
+from backdoors.scenarios import watch
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_764_300_000.0  # a fixed Unix time for the synthetic run
@@ -397,8 +397,8 @@ class _Lab:
 
 
 def test_progress_series_is_bounded_and_keeps_a_stall():
-    with W.recording() as rec:
-        w = W.ProgressWatch(_Lab(), "n0", {})
+    with watch.recording() as rec:
+        w = watch.ProgressWatch(_Lab(), "n0", {})
     assert rec.watches == [w]
     t0 = 1000.0
     v = 0
@@ -418,8 +418,8 @@ def test_progress_series_is_bounded_and_keeps_a_stall():
 
 
 def test_fork_series_marks_failures():
-    with W.recording() as rec:
-        p = W.ForkProbe(_Lab(), "n0")
+    with watch.recording() as rec:
+        p = watch.ForkProbe(_Lab(), "n0")
     assert rec.probes == [p]
     p._tries = [(100.0 + k * 0.02, 0.0 if 50 <= k < 60 else 1.0) for k in range(1000)]
     s = p.series(101.0, 120.0, points=100)
@@ -433,9 +433,9 @@ def test_bench_repair_attaches_the_watch_series():
     spec = importlib.util.spec_from_file_location("bench_repair", ROOT / "bench/bench_repair.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    with W.recording() as rec:
-        w = W.ProgressWatch(_Lab(), "n0", {})
-        p = W.ForkProbe(_Lab(), "n0")
+    with watch.recording() as rec:
+        w = watch.ProgressWatch(_Lab(), "n0", {})
+        p = watch.ForkProbe(_Lab(), "n0")
     now = time.monotonic()
     w._changes = [(now + k * 0.01, k) for k in range(100)]
     w.died = {"cache": now + 0.5}

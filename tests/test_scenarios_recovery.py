@@ -2,7 +2,7 @@
 
 import pytest
 
-from backdoors.lab import topology as T
+from backdoors.lab import topology
 from backdoors.net import netns
 from backdoors.scenarios.labkit import unique_name
 from backdoors.scenarios.recovery import recovery
@@ -20,4 +20,4 @@ def test_every_session_continues_byte_exact(root, fault):
     assert r["sessions_ok"] == r["sessions"] == 6, r
     assert r["bytes_lost"] == 0 and r["bytes_duplicated"] == 0, r
     assert r["broken_connections"] == 0, r
-    assert netns.names(T.prefix(name)) == []
+    assert netns.names(topology.prefix(name)) == []

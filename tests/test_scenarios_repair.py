@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backdoors.lab import topology as T
+from backdoors.lab import topology
 from backdoors.monitor import load_incidents
 from backdoors.net import netns
 from backdoors.scenarios import repair
@@ -19,12 +19,12 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def no_leftovers(name: str) -> None:
-    assert netns.names(T.prefix(name)) == []
-    assert not (T.RUN_ROOT / name).exists()
+    assert netns.names(topology.prefix(name)) == []
+    assert not (topology.RUN_ROOT / name).exists()
     for ctrl in ("memory", "pids", "freezer"):
         base = Path("/sys/fs/cgroup") / ctrl
         if base.is_dir():
-            assert not [p for p in base.iterdir() if p.name.startswith(T.prefix(name))]
+            assert not [p for p in base.iterdir() if p.name.startswith(topology.prefix(name))]
 
 
 def test_memory_hog_kills_the_grower_not_the_large_cache(root, unique, tmp_path):

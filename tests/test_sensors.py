@@ -9,8 +9,8 @@ import time
 import pytest
 
 from backdoors.errors import SensorBoxError
-from backdoors.sensors import Region, SensorBox, SensorBoxReader, parse, read_consistent
-from backdoors.sensors import layout as L
+from backdoors.sensors import Region, SensorBox, SensorBoxReader, parse_box, read_consistent
+from backdoors.sensors import abi
 
 
 class FakeClock:
@@ -33,7 +33,7 @@ def test_round_trip(box):
     mem = box.level("cache_mb", min=1, max=512, initial=5)
     err = box.pressure("errors", max_events=100, window=1.0)
     req.tick(); req.add(3); mem.set(300.25); err.event(); err.add(2)
-    img = parse(read_consistent(Region(box.fd)))
+    img = parse_box(read_consistent(Region(box.fd)))
     assert img.name == "svc" and img.owner_pid == os.getpid() and img.capacity == 8
     by = {s.name: s for s in img.sensors}
     assert by["requests"].value == 4 and by["requests"].threshold == 0.2
@@ -47,7 +47,7 @@ def test_memfd_is_sealed_and_mapped(box):
     seals = fcntl.fcntl(box.fd, fcntl.F_GET_SEALS)
     assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
     with Region(box.fd) as r:
-        assert r.mapped and r.size == L.region_size(8)
+        assert r.mapped and r.size == abi.region_size(8)
 
 
 def test_path_backed_box(tmp_path):

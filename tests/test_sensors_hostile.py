@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 import pytest
 
 from backdoors.errors import SensorBoxError
-from backdoors.sensors import Region, SensorBox, SensorBoxReader, parse, read_consistent
-from backdoors.sensors import layout as L
+from backdoors.sensors import Region, SensorBox, SensorBoxReader, parse_box, read_consistent
+from backdoors.sensors import abi
 
 SETTINGS = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -24,7 +24,7 @@ def valid_box_bytes(n_sensors: int = 3, capacity: int = 4) -> bytes:
                  lambda i: b.pressure(f"e{i}", max_events=3, window=1)]
         for i in range(n_sensors):
             kinds[i % 3](i)
-        return os.pread(b.fd, L.region_size(capacity), 0)
+        return os.pread(b.fd, abi.region_size(capacity), 0)
     finally:
         b.close()
 
@@ -34,13 +34,13 @@ VALID = valid_box_bytes()
 
 def parse_or_error(data: bytes):
     try:
-        img = parse(data)
+        img = parse_box(data)
     except SensorBoxError as e:
         assert str(e)
         return None
     # whatever parses must be internally consistent and within the data
     assert len(img.sensors) <= img.capacity
-    assert L.region_size(img.capacity) <= len(data)
+    assert abi.region_size(img.capacity) <= len(data)
     return img
 
 
@@ -51,9 +51,9 @@ def test_random_bytes(data):
 
 
 @SETTINGS
-@given(st.binary(min_size=L.HEADER_SIZE, max_size=600))
+@given(st.binary(min_size=abi.HEADER_SIZE, max_size=600))
 def test_random_bytes_with_valid_magic(data):
-    parse_or_error(L.MAGIC + struct.pack("<HHI", 1, 64, 64) + data[12:])
+    parse_or_error(abi.MAGIC + struct.pack("<HHI", 1, 64, 64) + data[12:])
 
 
 @SETTINGS
@@ -92,15 +92,15 @@ def test_specific_hostile_cases():
     }
     for what, data in cases.items():
         with pytest.raises(SensorBoxError):
-            parse(data)
+            parse_box(data)
     bad_name = bytearray(VALID)
     bad_name[32:64] = b"\xff" * 32
     with pytest.raises(SensorBoxError, match="NUL|UTF-8"):
-        parse(bytes(bad_name))
+        parse_box(bytes(bad_name))
     nan_threshold = bytearray(VALID)
-    struct.pack_into("<d", nan_threshold, L.slot_offset(0) + 16, float("nan"))
+    struct.pack_into("<d", nan_threshold, abi.slot_offset(0) + 16, float("nan"))
     with pytest.raises(SensorBoxError, match="finite"):
-        parse(bytes(nan_threshold))
+        parse_box(bytes(nan_threshold))
 
 
 def test_region_truncated_after_open(tmp_path):
@@ -119,7 +119,7 @@ def test_region_truncated_after_open(tmp_path):
 
 def test_stuck_odd_generation_gives_up():
     b = SensorBox.create("stuck")
-    b._words[L.OFF_GENERATION // 8] = 3  # a writer that died mid-update
+    b._words[abi.OFF_GENERATION // 8] = 3  # a writer that died mid-update
     with pytest.raises(SensorBoxError, match="did not settle"):
         read_consistent(Region(b.fd))
     b.close()

@@ -10,12 +10,12 @@ import pytest
 from rich.console import Console
 
 from backdoors.lab import Lab
-from backdoors.lab import topology as T
+from backdoors.lab import topology
 from backdoors.lab.agents import stop_agents
 from backdoors.lab.clients import StreamClients
 from backdoors.monitor.incidents import Incident, IncidentLog
 from backdoors.sensors import SensorBox
-from backdoors.sensors.reader import parse
+from backdoors.sensors.reader import parse_box
 from backdoors.status import judge, render_status, status_table
 
 def by_node(rows):
@@ -140,7 +140,7 @@ def test_recovered_and_fenced_after_sessions_move(root, unique):
             lab.start_service(node, "--rate", "4096", recoverable=True)
         vip = lab.plan.node("n0").vip
         with lab.agent_client("h0", timeout=30) as c, \
-                StreamClients(lab, vip, T.RECOVERABLE_PORT, 3) as clients:
+                StreamClients(lab, vip, topology.RECOVERABLE_PORT, 3) as clients:
             wait(lambda: len(c.call("sessions", node="n0")) == 3, 20, "3 held sessions")
             assert by_node(status_table(lab=lab.name))["n1"]["state"] == "ok"
             c.call("fence", node="n0")
@@ -162,7 +162,7 @@ def test_recovered_and_fenced_after_sessions_move(root, unique):
 
 def _read(box):
     with open(f"/proc/self/fd/{box.fd}", "rb") as f:
-        return parse(f.read())
+        return parse_box(f.read())
 
 
 def test_judge_levels_progress_and_pressure():

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from .agent.errors import RemoteError
 from .errors import BackdoorsError, ConfigError, SensorBoxError
-from .sensors import SensorType, out_of_bounds, over_rate, parse, stalled
+from .sensors import SensorType, out_of_bounds, over_rate, parse_box, stalled
 
 
 @dataclass
@@ -201,7 +201,7 @@ def _images(reply) -> tuple[dict, dict[str, str]]:
     images, errors = {}, dict(reply.errors)
     for box, data in reply.boxes.items():
         try:
-            images[box] = parse(data)
+            images[box] = parse_box(data)
         except SensorBoxError as e:
             errors[box] = str(e)
     return images, errors

@@ -31,7 +31,7 @@ from ..common import ipc
 from ..common.runtime import agent_socket
 from ..errors import AgentError, SensorBoxError
 from ..nodes import Node
-from ..sensors import Region, parse, read_consistent
+from ..sensors import Region, parse_box, read_consistent
 from .audit import AuditLog
 from .membership import is_member, read_cgroups
 from .protocol import DECODE_ERRORS
@@ -305,7 +305,7 @@ class LocalServer:
                                 f"{self.table.max_region_bytes} per region")
         def check(region: Region) -> None:
             if req.kind == "sensorbox":
-                parse(read_consistent(region))
+                parse_box(read_consistent(region))
             elif req.kind == SESSION_KIND:
                 _check_cb(region, req.name)
 

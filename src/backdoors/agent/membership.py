@@ -7,7 +7,7 @@ A Layout names its hierarchies by controller ("memory", "freezer", ...) or "unif
 from __future__ import annotations
 
 from ..nodes import Layout
-from ..nodes.layout import UNIFIED
+from ..nodes.hierarchies import UNIFIED
 
 
 def parse_proc_cgroup(text: str) -> dict[str, str]:

@@ -163,7 +163,7 @@ class AgentCollector(Collector):
         yield misses
 
     def _kernel(self, a: Watched):
-        from ..sensors import KERNEL_BOX, SensorType, parse, read_consistent
+        from ..sensors import KERNEL_BOX, SensorType, parse_box, read_consistent
 
         level = GaugeMetricFamily("backdoors_agent_kernel_sensor",
                                   "A level sensor of the node's kernel box (memory_mb, pids, "
@@ -178,7 +178,7 @@ class AgentCollector(Collector):
         for name in list(a.nodes):
             try:
                 with a.regions.use(name, KERNEL_BOX) as entry:
-                    image = parse(read_consistent(entry.region))
+                    image = parse_box(read_consistent(entry.region))
             except (KeyError, BackdoorsError, ValueError, OSError):
                 continue  # not sampled yet, or being replaced: the next scrape has it
             for s in image.sensors:

@@ -34,7 +34,7 @@ from .errors import (
     RecoveryError,
     StateTooLargeError,
 )
-from .image import CbImage, Export, ResumePlan, parse, read_cb
+from .image import CbImage, Export, ResumePlan, parse_cb, read_cb
 from .listener import Listener
 
 __all__ = [
@@ -43,5 +43,5 @@ __all__ = [
     "DEFAULT_STATE_CAPACITY", "Export", "Handover", "HandoverReply", "Listener",
     "LogFullError", "NullRegistrar", "Recovered", "RecoverableConnection", "RecoveryError",
     "Registrar", "ResumePlan", "SessionFile", "StateTooLargeError", "UnixAdoptionSource",
-    "create_cb", "default_registrar", "hand_over", "open_cb", "parse", "prepare", "read_cb",
+    "create_cb", "default_registrar", "hand_over", "open_cb", "parse_cb", "prepare", "read_cb",
 ]

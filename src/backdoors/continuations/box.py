@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from ..errors import TcpRepairError
-from . import layout as L
+from . import cbformat
 from .adoption import Recovered
 from .agent_link import Registrar, default_registrar
 from .connection import RecoverableConnection
@@ -36,7 +36,7 @@ class ContinuationBox:
     """One client session's Continuation Box: its region, its connection, its exports."""
 
     def __init__(self, region: CbRegion, conn: RecoverableConnection, session: bytes, *,
-                 version: int, last: tuple[L.Encoding, bytes], recovered: bool,
+                 version: int, last: tuple[cbformat.Encoding, bytes], recovered: bool,
                  registrar: Registrar):
         self.region, self.conn = region, conn
         self.session = session.hex()
@@ -68,9 +68,9 @@ class ContinuationBox:
         if state is None:
             raise TypeError("export(None): None means 'no state'; export a value")
         if isinstance(state, (bytes, bytearray, memoryview)):
-            encoding, data = L.Encoding.RAW, bytes(state)
+            encoding, data = cbformat.Encoding.RAW, bytes(state)
         else:
-            encoding, data = L.Encoding.MSGPACK, _encode(state)
+            encoding, data = cbformat.Encoding.MSGPACK, _encode(state)
         if len(data) > self.region.state_capacity:
             raise StateTooLargeError(
                 f"session {self.session}: exported state is {len(data)} bytes, the box holds "
@@ -128,12 +128,12 @@ def create_cb(
         return open_cb(conn, state_capacity=state_capacity, log_capacity=log_capacity,
                        registrar=registrar)
     _check_fresh(conn)
-    session = os.urandom(L.SESSION_SIZE)
+    session = os.urandom(cbformat.SESSION_SIZE)
     region = CbRegion.create(session, state_capacity=_round(state_capacity),
                              log_capacity=_round(log_capacity), endpoints=endpoints_of(conn))
     try:
         rconn = RecoverableConnection(conn, region, session.hex())
-        box = ContinuationBox(region, rconn, session, version=0, last=(L.Encoding.NONE, b""),
+        box = ContinuationBox(region, rconn, session, version=0, last=(cbformat.Encoding.NONE, b""),
                               recovered=False, registrar=_registrar(registrar))
     except BaseException:
         region.close()
@@ -201,7 +201,7 @@ def _registrar(registrar: Registrar | None) -> Registrar:
 def _round(n: int) -> int:
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"capacity must be a positive number of bytes, got {n!r}")
-    return L.round8(n)
+    return cbformat.round8(n)
 
 
 def _check_fresh(sock: socket.socket) -> None:

@@ -1,6 +1,6 @@
 """Reading a Continuation Box from outside, validated, and planning a session's resumption.
 
-The reader never trusts the region: `parse` checks every field of a copy against the ABI
+The reader never trusts the region: `parse_cb` checks every field of a copy against the ABI
 and turns anything unexpected into a CbFormatError naming the field and its offset.
 `read_cb` copies a region consistently even while its owner keeps exporting (the active
 slot's seq word is read before and after the copy), and a frozen or killed owner never
@@ -25,7 +25,7 @@ import msgspec
 
 from ..errors import SensorBoxError
 from ..sensors.region import Region
-from . import layout as L
+from . import cbformat
 from .errors import CbFormatError, RecoveryError
 
 READ_RETRIES = 64
@@ -39,7 +39,7 @@ class Export:
     version: int  # 0: never exported (no state)
     sent: int  # output stream position when it was taken
     received: int  # input stream position when it was taken
-    encoding: L.Encoding
+    encoding: cbformat.Encoding
     data: bytes
     exported_at_ns: int
 
@@ -154,11 +154,11 @@ class CbImage:
 _DECODERS: dict[Any, msgspec.msgpack.Decoder] = {}
 
 
-def decode_state(encoding: L.Encoding, data: bytes, type: Any, session: str) -> Any:  # noqa: A002
+def decode_state(encoding: cbformat.Encoding, data: bytes, type: Any, session: str) -> Any:  # noqa: A002
     """Decode state data as stored with `encoding`; CbFormatError if it does not decode."""
-    if encoding is L.Encoding.NONE:
+    if encoding is cbformat.Encoding.NONE:
         return None
-    if encoding is L.Encoding.RAW:
+    if encoding is cbformat.Encoding.RAW:
         return data
     decoder = _DECODERS.get(type)
     if decoder is None:
@@ -169,12 +169,12 @@ def decode_state(encoding: L.Encoding, data: bytes, type: Any, session: str) -> 
         raise CbFormatError(f"session {session}: exported state does not decode: {err}") from None
 
 
-def parse(data: bytes | bytearray | memoryview) -> CbImage:
+def parse_cb(data: bytes | bytearray | memoryview) -> CbImage:
     """Validate a copy of a CB region and decode it; CbFormatError on anything malformed."""
     data = bytes(data)
     (pid, session, state_cap, log_cap, export_version, log_end, recoveries, family,
      lport, laddr, raddr, rport) = parse_header(data)
-    need = L.region_size(state_cap, log_cap)
+    need = cbformat.region_size(state_cap, log_cap)
     if len(data) < need:
         raise CbFormatError(f"region truncated: {len(data)} bytes, its capacities need {need}")
     local, remote = _endpoints(family, laddr, lport, raddr, rport)
@@ -184,7 +184,7 @@ def parse(data: bytes | bytearray | memoryview) -> CbImage:
             f"header (offset 56): log_end {log_end} is outside [{export.received}, "
             f"{export.received + log_cap}] (export {export_version} received + log capacity)"
         )
-    ring_at = L.log_offset(state_cap)
+    ring_at = cbformat.log_offset(state_cap)
     return CbImage(
         session=session, owner_pid=pid, state_capacity=state_cap, log_capacity=log_cap,
         export=export, log_end=log_end, recoveries=recoveries, family=family,
@@ -194,20 +194,20 @@ def parse(data: bytes | bytearray | memoryview) -> CbImage:
 
 def parse_header(data: bytes) -> tuple:
     """Check the fixed header; return its fields from owner_pid on (see layout.HEADER)."""
-    if len(data) < L.HEADER_SIZE:
-        raise CbFormatError(f"region of {len(data)} bytes is smaller than the {L.HEADER_SIZE}-byte header")
-    magic, version, hsize, ssize, *fields, reserved = L.HEADER.unpack_from(data)
-    if magic != L.MAGIC:
-        raise CbFormatError(f"not a Continuation Box: magic is {magic!r}, expected {L.MAGIC!r}")
-    if version != L.VERSION:
-        raise CbFormatError(f"unsupported Continuation Box layout version {version} (reader knows {L.VERSION})")
-    if hsize != L.HEADER_SIZE or ssize != L.SLOT_HEADER_SIZE:
+    if len(data) < cbformat.HEADER_SIZE:
+        raise CbFormatError(f"region of {len(data)} bytes is smaller than the {cbformat.HEADER_SIZE}-byte header")
+    magic, version, hsize, ssize, *fields, reserved = cbformat.HEADER.unpack_from(data)
+    if magic != cbformat.MAGIC:
+        raise CbFormatError(f"not a Continuation Box: magic is {magic!r}, expected {cbformat.MAGIC!r}")
+    if version != cbformat.VERSION:
+        raise CbFormatError(f"unsupported Continuation Box layout version {version} (reader knows {cbformat.VERSION})")
+    if hsize != cbformat.HEADER_SIZE or ssize != cbformat.SLOT_HEADER_SIZE:
         raise CbFormatError(
             f"header: header_size {hsize} / slot_header {ssize}, ABI v1 requires "
-            f"{L.HEADER_SIZE}/{L.SLOT_HEADER_SIZE}"
+            f"{cbformat.HEADER_SIZE}/{cbformat.SLOT_HEADER_SIZE}"
         )
     try:
-        L.check_capacities(fields[2], fields[3])
+        cbformat.check_capacities(fields[2], fields[3])
     except ValueError as err:
         raise CbFormatError(f"header (offset 32): {err}") from None
     if any(reserved):
@@ -218,9 +218,9 @@ def parse_header(data: bytes) -> tuple:
 
 
 def _parse_slot(data: bytes, index: int, version: int, state_cap: int) -> Export:
-    off = L.slot_offset(index, state_cap)
+    off = cbformat.slot_offset(index, state_cap)
     where = f"slot {index} (offset {off}) of export {version}"
-    seq, sent, received, length, encoding, res1, crc, res2, at_ns, res3 = L.SLOT.unpack_from(data, off)
+    seq, sent, received, length, encoding, res1, crc, res2, at_ns, res3 = cbformat.SLOT.unpack_from(data, off)
     if seq != 2 * version:
         state = "being rewritten" if seq & 1 else f"holding export {seq // 2}"
         raise CbFormatError(f"{where}: seq {seq} says the slot is {state}, expected {2 * version}")
@@ -229,16 +229,16 @@ def _parse_slot(data: bytes, index: int, version: int, state_cap: int) -> Export
     if length > state_cap:
         raise CbFormatError(f"{where}: state length {length} exceeds state capacity {state_cap}")
     try:
-        enc = L.Encoding(encoding)
+        enc = cbformat.Encoding(encoding)
     except ValueError:
         raise CbFormatError(f"{where}: unknown state encoding {encoding}") from None
     if sent >= _MAX_POSITION or received >= _MAX_POSITION:
         raise CbFormatError(f"{where}: stream positions sent={sent} received={received} out of range")
-    if (version == 0) != (enc is L.Encoding.NONE):
+    if (version == 0) != (enc is cbformat.Encoding.NONE):
         raise CbFormatError(f"{where}: encoding {enc.name} does not fit export version {version}")
     if version == 0 and (length or sent or received):
         raise CbFormatError(f"{where}: a session never exported must have no state and positions 0")
-    body = data[off + L.SLOT_HEADER_SIZE:off + L.SLOT_HEADER_SIZE + length]
+    body = data[off + cbformat.SLOT_HEADER_SIZE:off + cbformat.SLOT_HEADER_SIZE + length]
     if zlib.crc32(body, zlib.crc32(data[off + 8:off + 32])) != crc:
         raise CbFormatError(f"{where}: positions or state fail their CRC32 (corrupt or torn)")
     return Export(version, sent, received, enc, body, at_ns)
@@ -291,23 +291,23 @@ def _read(region: Region) -> CbImage:
     stay put for the log to belong to that export; a writer exporting faster than this
     reader copies gets, after a few tries, the whole export with an empty, flagged log.
     """
-    fields = parse_header(region.read(0, L.HEADER_SIZE))
+    fields = parse_header(region.read(0, cbformat.HEADER_SIZE))
     state_cap, log_cap = fields[2], fields[3]
-    size = L.region_size(state_cap, log_cap)
+    size = cbformat.region_size(state_cap, log_cap)
     for attempt in range(READ_RETRIES):
-        version = region.load_word(L.OFF_EXPORT_VERSION)
-        seq_at = L.slot_offset(version & 1, state_cap) + L.SLOT_OFF_SEQ
+        version = region.load_word(cbformat.OFF_EXPORT_VERSION)
+        seq_at = cbformat.slot_offset(version & 1, state_cap) + cbformat.SLOT_OFF_SEQ
         before = region.load_word(seq_at)
         data = region.read(0, size)
         after = region.load_word(seq_at)
-        stable = region.load_word(L.OFF_EXPORT_VERSION) == version
+        stable = region.load_word(cbformat.OFF_EXPORT_VERSION) == version
         if before != after or before & 1:
             time.sleep(0 if attempt < 8 else 0.0005)  # the slot was being rewritten
             continue
         if before != 2 * version or stable:
             # A writer never touches the active slot: a wrong seq here is corruption,
-            # which parse reports precisely.
-            return parse(data)
+            # which parse_cb reports precisely.
+            return parse_cb(data)
         if attempt >= LOG_RETRIES:
             return _without_log(data, version)
     raise CbFormatError(
@@ -322,9 +322,9 @@ LOG_RETRIES = 8
 def _without_log(data: bytes, version: int) -> CbImage:
     """The image of export `version` (whole in `data`) with its log marked incomplete."""
     fixed = bytearray(data)
-    fixed[L.OFF_EXPORT_VERSION:L.OFF_EXPORT_VERSION + 8] = version.to_bytes(8, "little")
+    fixed[cbformat.OFF_EXPORT_VERSION:cbformat.OFF_EXPORT_VERSION + 8] = version.to_bytes(8, "little")
     state_cap = int.from_bytes(fixed[32:40], "little")
-    slot = L.slot_offset(version & 1, state_cap)
+    slot = cbformat.slot_offset(version & 1, state_cap)
     received = fixed[slot + 16:slot + 24]
-    fixed[L.OFF_LOG_END:L.OFF_LOG_END + 8] = received  # an empty log
-    return dataclasses.replace(parse(fixed), log_complete=False)
+    fixed[cbformat.OFF_LOG_END:cbformat.OFF_LOG_END + 8] = received  # an empty log
+    return dataclasses.replace(parse_cb(fixed), log_complete=False)

@@ -21,7 +21,7 @@ import struct
 import time
 import zlib
 
-from . import layout as L
+from . import cbformat
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -36,7 +36,7 @@ class CbRegion:
         self.state_capacity, self.log_capacity = state_capacity, log_capacity
         self.mm = mm
         self.words = memoryview(mm).cast("Q")
-        self.ring_at = L.log_offset(state_capacity)
+        self.ring_at = cbformat.log_offset(state_capacity)
         self.ring = memoryview(mm)[self.ring_at:self.ring_at + log_capacity]
 
     @classmethod
@@ -50,10 +50,10 @@ class CbRegion:
         recoveries: int = 0,
     ) -> CbRegion:
         """A new, empty box (export version 0, empty log) for `session`."""
-        L.check_capacities(state_capacity, log_capacity)
-        if len(session) != L.SESSION_SIZE:
-            raise ValueError(f"session id must be {L.SESSION_SIZE} bytes")
-        size = L.region_size(state_capacity, log_capacity)
+        cbformat.check_capacities(state_capacity, log_capacity)
+        if len(session) != cbformat.SESSION_SIZE:
+            raise ValueError(f"session id must be {cbformat.SESSION_SIZE} bytes")
+        size = cbformat.region_size(state_capacity, log_capacity)
         fd = os.memfd_create(f"bdcb:{session.hex()}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
@@ -63,34 +63,34 @@ class CbRegion:
             os.close(fd)
             raise
         family, local, remote = endpoints
-        L.HEADER.pack_into(
-            mm, 0, L.MAGIC, L.VERSION, L.HEADER_SIZE, L.SLOT_HEADER_SIZE, os.getpid(), session,
+        cbformat.HEADER.pack_into(
+            mm, 0, cbformat.MAGIC, cbformat.VERSION, cbformat.HEADER_SIZE, cbformat.SLOT_HEADER_SIZE, os.getpid(), session,
             state_capacity, log_capacity, 0, 0, recoveries, family,
             local[1] if local else 0, _packed(local), _packed(remote),
             remote[1] if remote else 0, bytes(22),
         )
         region = cls(fd, mm, state_capacity, log_capacity)
-        region.write_export(0, 0, 0, L.Encoding.NONE, b"", 0)  # slot 0: "no export yet"
+        region.write_export(0, 0, 0, cbformat.Encoding.NONE, b"", 0)  # slot 0: "no export yet"
         return region
 
     # -- header words ----------------------------------------------------------------
 
     @property
     def export_version(self) -> int:
-        return self.words[L.OFF_EXPORT_VERSION // 8]
+        return self.words[cbformat.OFF_EXPORT_VERSION // 8]
 
     @property
     def log_end(self) -> int:
-        return self.words[L.OFF_LOG_END // 8]
+        return self.words[cbformat.OFF_LOG_END // 8]
 
     def set_log_end(self, position: int) -> None:
         """Advance log_end: one aligned store, after the bytes are in the ring."""
-        self.words[L.OFF_LOG_END // 8] = position
+        self.words[cbformat.OFF_LOG_END // 8] = position
 
     # -- exports ---------------------------------------------------------------------
 
     def write_export(
-        self, version: int, sent: int, received: int, encoding: L.Encoding, data: bytes,
+        self, version: int, sent: int, received: int, encoding: cbformat.Encoding, data: bytes,
         exported_at_ns: int | None = None,
     ) -> None:
         """Store export `version` in its slot, then commit it with one store.
@@ -100,18 +100,18 @@ class CbRegion:
         """
         if len(data) > self.state_capacity:
             raise ValueError(f"state of {len(data)} bytes exceeds capacity {self.state_capacity}")
-        off = L.slot_offset(version & 1, self.state_capacity)
-        seq = (off + L.SLOT_OFF_SEQ) // 8
+        off = cbformat.slot_offset(version & 1, self.state_capacity)
+        seq = (off + cbformat.SLOT_OFF_SEQ) // 8
         words, mm = self.words, self.mm
         words[seq] = 2 * version - 1 if version else 1  # odd: being rewritten
-        start = off + L.SLOT_HEADER_SIZE
+        start = off + cbformat.SLOT_HEADER_SIZE
         mm[start:start + len(data)] = data
         at = time.time_ns() if exported_at_ns is None else exported_at_ns
         fields = _SLOT_FIELDS.pack(sent, received, len(data), int(encoding), 0)
         # the fields after seq only: seq is the last store to the slot
         _SLOT_TAIL.pack_into(mm, off + 8, fields, zlib.crc32(data, zlib.crc32(fields)), 0, at, _ZERO16)
         words[seq] = 2 * version  # even: stable, holds `version`
-        words[L.OFF_EXPORT_VERSION // 8] = version  # the commit
+        words[cbformat.OFF_EXPORT_VERSION // 8] = version  # the commit
 
     # -- ring ------------------------------------------------------------------------
 
@@ -143,7 +143,7 @@ class CbRegion:
 _SLOT_FIELDS = struct.Struct("<QQIHH")  # sent, received, length, encoding, reserved
 _SLOT_TAIL = struct.Struct("<24sIIQ16s")  # the slot header after its seq word
 _ZERO16 = bytes(16)
-assert 8 + _SLOT_TAIL.size == L.SLOT_HEADER_SIZE and _SLOT_FIELDS.size == 24
+assert 8 + _SLOT_TAIL.size == cbformat.SLOT_HEADER_SIZE and _SLOT_FIELDS.size == 24
 
 
 def endpoints_of(sock: socket.socket) -> Endpoints:
@@ -159,5 +159,5 @@ def endpoints_of(sock: socket.socket) -> Endpoints:
 
 def _packed(endpoint: tuple[str, int] | None) -> bytes:
     if endpoint is None:
-        return bytes(L.ADDR_SIZE)
-    return ipaddress.ip_address(endpoint[0]).packed.ljust(L.ADDR_SIZE, b"\0")
+        return bytes(cbformat.ADDR_SIZE)
+    return ipaddress.ip_address(endpoint[0]).packed.ljust(cbformat.ADDR_SIZE, b"\0")

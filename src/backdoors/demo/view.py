@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import BackdoorsError
-from ..sensors import KERNEL_BOX, parse
+from ..sensors import KERNEL_BOX, parse_box
 
 BARS = "▁▂▃▄▅▆▇█"
 HISTORY = 32
@@ -129,7 +129,7 @@ class View:
                 boxes = {}
             for box, data in boxes.items():
                 try:
-                    img = parse(data)
+                    img = parse_box(data)
                 except BackdoorsError:
                     continue
                 values = {s.name: s.value for s in img.sensors}

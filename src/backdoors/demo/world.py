@@ -21,7 +21,7 @@ from pathlib import Path
 from ..common.procs import alive, read_line
 from ..errors import LabError
 from ..lab import Lab
-from ..lab import topology as T
+from ..lab import topology
 from ..lab.clients import StreamClients
 from ..scenarios.recovery import monitor_for
 
@@ -71,7 +71,7 @@ class World:
         self.say(f"opening {self.stream_sessions} stream sessions and {self.download_count} "
                  "HTTP downloads to n0")
         vip = self.lab.plan.node("n0").vip
-        self.clients = StreamClients(self.lab, vip, T.RECOVERABLE_PORT, self.stream_sessions)
+        self.clients = StreamClients(self.lab, vip, topology.RECOVERABLE_PORT, self.stream_sessions)
         for i in range(self.download_count):
             out = self.tmp / f"download-{i}"
             proc = self.lab.run_in_client(

@@ -18,30 +18,30 @@ from ..agent.keys import generate_keys
 from ..common.configfile import dumps
 from ..common.procs import read_line
 from ..errors import LabError
-from . import topology as T
+from . import topology
 
 READY_TIMEOUT = 15.0
 
 
-def keys_path(plan: T.Plan) -> Path:
+def keys_path(plan: topology.Plan) -> Path:
     return plan.run_dir / "keys.toml"
 
 
-def peer_id(host: T.HostPlan) -> str:
+def peer_id(host: topology.HostPlan) -> str:
     """The identity an agent uses towards the other agents (for session hand-over)."""
     return f"agent-{host.name}"
 
 
-def write_keys(plan: T.Plan, monitors: tuple[str, ...]) -> dict[str, bytes]:
+def write_keys(plan: topology.Plan, monitors: tuple[str, ...]) -> dict[str, bytes]:
     """Fresh keys for the lab's monitors and agents (file mode 0600)."""
     return generate_keys(str(keys_path(plan)), [*monitors, *(peer_id(h) for h in plan.hosts)])
 
 
-def agent_config(plan: T.Plan, host: T.HostPlan, quorum: int) -> AgentConfig:
-    nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns, addresses=[f"{n.vip}/{T.SERVICE_PREFIXLEN}"])
+def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> AgentConfig:
+    nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns, addresses=[f"{n.vip}/{topology.SERVICE_PREFIXLEN}"])
              for n in plan.nodes if n.host == host.name]
     config = AgentConfig(
-        host=host.name, listen=f"{host.address}:{T.AGENT_PORT}", netns=host.netns,
+        host=host.name, listen=f"{host.address}:{topology.AGENT_PORT}", netns=host.netns,
         run_dir=str(plan.run_dir / "nodes"), audit_log=str(plan.run_dir / f"audit-{host.name}.jsonl"),
         monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes,
         peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts])
@@ -49,7 +49,7 @@ def agent_config(plan: T.Plan, host: T.HostPlan, quorum: int) -> AgentConfig:
     return config
 
 
-def start_agent(plan: T.Plan, host: T.HostPlan, quorum: int) -> int:
+def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> int:
     """Start the agent of `host` and wait until it serves; returns its pid."""
     path = plan.run_dir / f"agent-{host.name}.toml"
     path.write_text(dumps(agent_config(plan, host, quorum)))

@@ -21,7 +21,7 @@ from ..common.procs import alive
 from .. import net
 from ..errors import LabError
 from . import hogs
-from . import topology as T
+from . import topology
 from .lab import Lab
 
 KINDS = ("freeze", "memory-hog", "fork-bomb", "crash", "network", "cpu-hog", "stall")
@@ -111,6 +111,6 @@ def _network(lab: Lab, node: str, mode: str, *, broken: bool) -> None:
     if mode == "down":
         net.set_up(plan.netns, "eth0", not broken)
     elif mode == "detach":
-        net.set_master(lab.plan.switch_ns, node, None if broken else T.BR_SERVICE)
+        net.set_master(lab.plan.switch_ns, node, None if broken else topology.BR_SERVICE)
     else:
         raise LabError(f"network fault mode must be 'down' or 'detach', got {mode!r}")

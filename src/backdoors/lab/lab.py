@@ -35,7 +35,7 @@ from ..net import netns
 from ..nodes import Node, cgroups
 from ..sensors import SensorBoxReader, Snapshot
 from .agents import keys_path, start_agent, stop_agents, write_keys
-from . import topology as T
+from . import topology
 
 STATE_FILE = "lab.json"
 
@@ -83,10 +83,10 @@ class LabState:
 def reap(name: str) -> dict[str, list[str]]:
     """Remove every kernel object and file of lab `name`, whoever left them."""
     require_root("reaping a lab")
-    T.check_name(name)
-    prefix = T.prefix(name)
+    topology.check_name(name)
+    prefix = topology.prefix(name)
     removed = {"netns": netns.reap(prefix), "cgroups": cgroups.reap(prefix), "files": []}
-    run_dir = T.RUN_ROOT / name
+    run_dir = topology.RUN_ROOT / name
     if run_dir.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
         removed["files"].append(str(run_dir))
@@ -98,9 +98,9 @@ def reap(name: str) -> dict[str, list[str]]:
 
 def running_labs() -> list[str]:
     """Names of labs with a state file under /run/backdoors."""
-    if not T.RUN_ROOT.is_dir():
+    if not topology.RUN_ROOT.is_dir():
         return []
-    return sorted(p.parent.name for p in T.RUN_ROOT.glob(f"*/{STATE_FILE}"))
+    return sorted(p.parent.name for p in topology.RUN_ROOT.glob(f"*/{STATE_FILE}"))
 
 
 class Lab:
@@ -110,7 +110,7 @@ class Lab:
                  memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
                  services: bool = True, agents: bool = False, quorum: int = 1,
                  monitors: tuple[str, ...] = ("m1",)):
-        self.plan = T.plan(name, hosts, nodes)
+        self.plan = topology.plan(name, hosts, nodes)
         self.name = name
         self.with_services = services
         self.with_agents, self.quorum, self.monitors = agents, quorum, tuple(monitors)
@@ -123,8 +123,8 @@ class Lab:
     @classmethod
     def attach(cls, name: str) -> "Lab":
         """The running lab `name`, from its state file."""
-        T.check_name(name)
-        state = LabState.load(T.RUN_ROOT / name / STATE_FILE)
+        topology.check_name(name)
+        state = LabState.load(topology.RUN_ROOT / name / STATE_FILE)
         lab = cls(name, hosts=state.hosts, nodes=state.nodes, memory_limit=state.memory_limit,
                   pids_limit=state.pids_limit)
         lab.state = state
@@ -178,19 +178,19 @@ class Lab:
         for ns in (p.switch_ns, p.client_ns, p.monitor_ns, *(h.netns for h in p.hosts),
                    *(n.netns for n in p.nodes)):
             netns.create(ns)
-        net.add_bridge(p.switch_ns, T.BR_SERVICE)
-        net.add_bridge(p.switch_ns, T.BR_PRIVATE)
-        net.add_veth(p.switch_ns, "client", p.client_ns, "eth0", bridge=T.BR_SERVICE)
-        net.add_address(p.client_ns, "eth0", f"{T.CLIENT_ADDR}/{T.SERVICE_PREFIXLEN}")
-        net.add_veth(p.switch_ns, "mon", p.monitor_ns, "eth0", bridge=T.BR_PRIVATE)
-        net.add_address(p.monitor_ns, "eth0", f"{T.MONITOR_ADDR}/{T.PRIVATE_PREFIXLEN}")
+        net.add_bridge(p.switch_ns, topology.BR_SERVICE)
+        net.add_bridge(p.switch_ns, topology.BR_PRIVATE)
+        net.add_veth(p.switch_ns, "client", p.client_ns, "eth0", bridge=topology.BR_SERVICE)
+        net.add_address(p.client_ns, "eth0", f"{topology.CLIENT_ADDR}/{topology.SERVICE_PREFIXLEN}")
+        net.add_veth(p.switch_ns, "mon", p.monitor_ns, "eth0", bridge=topology.BR_PRIVATE)
+        net.add_address(p.monitor_ns, "eth0", f"{topology.MONITOR_ADDR}/{topology.PRIVATE_PREFIXLEN}")
         for h in p.hosts:
-            net.add_veth(p.switch_ns, h.name, h.netns, "eth0", bridge=T.BR_PRIVATE)
-            net.add_address(h.netns, "eth0", f"{h.address}/{T.PRIVATE_PREFIXLEN}")
+            net.add_veth(p.switch_ns, h.name, h.netns, "eth0", bridge=topology.BR_PRIVATE)
+            net.add_address(h.netns, "eth0", f"{h.address}/{topology.PRIVATE_PREFIXLEN}")
         for n in p.nodes:
-            net.add_veth(p.switch_ns, n.name, n.netns, "eth0", bridge=T.BR_SERVICE)
-            net.add_address(n.netns, "eth0", f"{n.address}/{T.SERVICE_PREFIXLEN}")
-            net.add_address(n.netns, "eth0", f"{n.vip}/{T.SERVICE_PREFIXLEN}")
+            net.add_veth(p.switch_ns, n.name, n.netns, "eth0", bridge=topology.BR_SERVICE)
+            net.add_address(n.netns, "eth0", f"{n.address}/{topology.SERVICE_PREFIXLEN}")
+            net.add_address(n.netns, "eth0", f"{n.vip}/{topology.SERVICE_PREFIXLEN}")
             # ARP requests from the node's own address: a moving VIP is announced only
             # by the gratuitous ARP of the recovery, never early by a restored socket
             netns.set_sysctl(n.netns, "net/ipv4/conf/eth0/arp_announce", 2)
@@ -228,10 +228,10 @@ class Lab:
         Continuation Boxes on port RECOVERABLE_PORT) and wait until it is ready."""
         if recoverable:
             argv = [sys.executable, "-m", "backdoors.lab.recoverable", "--name", f"rsvc-{node}",
-                    "--port", str(T.RECOVERABLE_PORT), *extra]
+                    "--port", str(topology.RECOVERABLE_PORT), *extra]
         else:
             argv = [sys.executable, "-m", "backdoors.lab.service", "--name", f"svc-{node}",
-                    "--port", str(T.SERVICE_PORT), *extra]
+                    "--port", str(topology.SERVICE_PORT), *extra]
         proc = self.run_in_node(node, argv, stdout=subprocess.PIPE)
         line = read_line(proc, timeout)
         if not line:
@@ -279,7 +279,7 @@ class Lab:
 
     def agent_address(self, host: str) -> str:
         """"ADDR:PORT" of `host`'s agent on the private network."""
-        return f"{self.plan.host(host).address}:{T.AGENT_PORT}"
+        return f"{self.plan.host(host).address}:{topology.AGENT_PORT}"
 
     def monitor_key(self, monitor_id: str = "m1") -> bytes:
         """The HMAC key of one of the lab's monitors."""

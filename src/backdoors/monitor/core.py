@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import AgentError, ConfigError, SensorBoxError
-from ..sensors import SensorTracker, parse
+from ..sensors import SensorTracker, parse_box
 from .rules import Rule, load_rulesets
 from .config import AgentEntry, MonitorConfig, load_config, load_monitor_key, validate
 from .detectors import NodeView
@@ -161,7 +161,7 @@ class AgentPoller:
             if tracker is None:
                 tracker = self._trackers[(node, box)] = SensorTracker(self.monitor.clock)
             try:
-                snapshots[box] = tracker.update(parse(data), at)
+                snapshots[box] = tracker.update(parse_box(data), at)
             except SensorBoxError as e:
                 errors[box] = str(e)
         for key in [k for k in self._trackers if k[0] == node and k[1] not in reply.boxes]:

@@ -6,7 +6,7 @@ remote access hooks: run inside, lock (freeze), kill a process, a tree or all, l
 """
 
 from backdoors.nodes.cgroups import Cgroup, reap
-from backdoors.nodes.layout import Layout, detect
+from backdoors.nodes.hierarchies import Layout, detect
 from backdoors.nodes.node import KEEP, Node, NodeStats
 from backdoors.common.procs import ProcessInfo, read_process
 from backdoors.nodes.proctable import process_table, subtree

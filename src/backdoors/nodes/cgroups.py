@@ -15,7 +15,7 @@ from pathlib import Path
 
 from backdoors.errors import NodeError
 from backdoors.nodes import cgfs, syscalls
-from backdoors.nodes.layout import UNIFIED, V2_CONTROLLERS, Layout, detect
+from backdoors.nodes.hierarchies import UNIFIED, V2_CONTROLLERS, Layout, detect
 from backdoors.nodes.proctable import process_table
 
 __all__ = ["Cgroup", "Layout", "detect", "reap"]

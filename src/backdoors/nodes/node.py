@@ -21,7 +21,7 @@ from backdoors.common.procs import ProcessInfo, read_process, running, same_star
 from backdoors.errors import NodeError
 from backdoors.nodes import syscalls
 from backdoors.nodes.cgroups import Cgroup
-from backdoors.nodes.layout import Layout, detect
+from backdoors.nodes.hierarchies import Layout, detect
 from backdoors.nodes.proctable import process_table, subtree
 
 NETNS_DIR = Path("/run/netns")

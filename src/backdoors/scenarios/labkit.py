@@ -16,7 +16,7 @@ from ..common.procs import alive
 from ..errors import LabError
 from ..lab import Lab
 from ..monitor.config import AgentEntry, MonitorConfig
-from ..sensors import KERNEL_BOX, parse
+from ..sensors import KERNEL_BOX, parse_box
 
 MiB = 1 << 20
 
@@ -65,7 +65,7 @@ class AgentLab:
         with self.agent_client(host) as c:
             while True:
                 boxes = c.sensors(node).boxes
-                apps = [parse(b) for k, b in boxes.items() if k != KERNEL_BOX]
+                apps = [parse_box(b) for k, b in boxes.items() if k != KERNEL_BOX]
                 if apps and (owner is None or any(a.owner_pid == owner for a in apps)):
                     return
                 if time.monotonic() > end:

@@ -20,7 +20,7 @@ import time
 
 from ..errors import LabError
 from ..lab import Lab, inject
-from ..lab import topology as T
+from ..lab import topology
 from ..lab.clients import StreamClients
 from ..monitor import Monitor
 from .labkit import lab_monitor_config, unique_name
@@ -69,7 +69,7 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
             with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
                 mon.wait_ready(timeout=10)
                 vip = lab.plan.node("n0").vip
-                with StreamClients(lab, vip, T.RECOVERABLE_PORT, sessions) as clients:
+                with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
                     _wait(lambda: len(c.call("sessions", node="n0")) == sessions, 30,
                           f"{sessions} sessions held by the agent")
                     time.sleep(warmup_s)

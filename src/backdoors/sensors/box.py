@@ -16,7 +16,7 @@ import os
 import struct
 
 from ..errors import SensorBoxError
-from . import layout
+from . import abi
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -107,10 +107,10 @@ class SensorBox:
     @classmethod
     def create(cls, name: str, *, capacity: int = 64, path: str | None = None) -> "SensorBox":
         """Create an empty box with room for `capacity` sensors."""
-        raw_name = layout.encode_name(name, "box")
-        if not 1 <= capacity <= layout.MAX_CAPACITY:
-            raise ValueError(f"capacity must be 1..{layout.MAX_CAPACITY}, got {capacity}")
-        size = layout.region_size(capacity)
+        raw_name = abi.encode_name(name, "box")
+        if not 1 <= capacity <= abi.MAX_CAPACITY:
+            raise ValueError(f"capacity must be 1..{abi.MAX_CAPACITY}, got {capacity}")
+        size = abi.region_size(capacity)
         if path is None:
             fd = os.memfd_create(f"sensorbox:{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         else:
@@ -126,28 +126,28 @@ class SensorBox:
             if path is not None:
                 os.unlink(path)
             raise
-        layout.HEADER.pack_into(mm, 0, layout.MAGIC, layout.VERSION, layout.HEADER_SIZE,
-                                layout.SLOT_SIZE, capacity, 0, os.getpid(), 0, raw_name)
+        abi.HEADER.pack_into(mm, 0, abi.MAGIC, abi.VERSION, abi.HEADER_SIZE,
+                                abi.SLOT_SIZE, capacity, 0, os.getpid(), 0, raw_name)
         return cls(fd, mm, capacity, path)
 
     @property
     def name(self) -> str:
         """The box's own name (from its header): the region name it registers under."""
-        raw = layout.HEADER.unpack_from(self._mm, 0)[-1]
+        raw = abi.HEADER.unpack_from(self._mm, 0)[-1]
         return raw.split(b"\0", 1)[0].decode("utf-8")
 
     @property
     def count(self) -> int:
-        return self._words[layout.OFF_COUNT // 8] & 0xFFFFFFFF
+        return self._words[abi.OFF_COUNT // 8] & 0xFFFFFFFF
 
     @property
     def generation(self) -> int:
-        return self._words[layout.OFF_GENERATION // 8]
+        return self._words[abi.OFF_GENERATION // 8]
 
     def progress(self, name: str, *, deadline: float) -> Progress:
         """Add a progress sensor that must tick at least every `deadline` seconds."""
         _positive(deadline, "deadline")
-        index = self._add(name, layout.SensorType.PROGRESS, 0, 0, float(deadline), 0.0)
+        index = self._add(name, abi.SensorType.PROGRESS, 0, 0, float(deadline), 0.0)
         return self._remember(name, Progress(self._words, index, name, deadline))
 
     def level(self, name: str, *, min: float | None = None, max: float | None = None,
@@ -160,8 +160,8 @@ class SensorBox:
                 raise ValueError(f"level {name!r}: {what} must be finite")
         if min is not None and max is not None and min > max:
             raise ValueError(f"level {name!r}: min {min} > max {max}")
-        flags = (layout.FLAG_HAS_MIN if min is not None else 0) | (layout.FLAG_HAS_MAX if max is not None else 0)
-        index = self._add(name, layout.SensorType.LEVEL, flags, struct.pack("<d", float(initial)),
+        flags = (abi.FLAG_HAS_MIN if min is not None else 0) | (abi.FLAG_HAS_MAX if max is not None else 0)
+        index = self._add(name, abi.SensorType.LEVEL, flags, struct.pack("<d", float(initial)),
                           float(max if max is not None else 0.0),
                           float(min if min is not None else 0.0))
         return self._remember(name, Level(self._doubles, index, name, min, max))
@@ -170,7 +170,7 @@ class SensorBox:
         """Add an event counter that must not count more than `max_events` per `window` s."""
         _positive(max_events, "max_events")
         _positive(window, "window")
-        index = self._add(name, layout.SensorType.PRESSURE, 0, 0, float(max_events), float(window))
+        index = self._add(name, abi.SensorType.PRESSURE, 0, 0, float(max_events), float(window))
         return self._remember(name, Pressure(self._words, index, name, max_events, window))
 
     def _remember(self, name, sensor):
@@ -179,7 +179,7 @@ class SensorBox:
 
     def _add(self, name, type_, flags, value, threshold, param) -> int:
         """Write a new slot under the generation seqlock; return its value word index."""
-        raw = layout.encode_name(name, "sensor")
+        raw = abi.encode_name(name, "sensor")
         if name in self._names:
             raise ValueError(f"sensor {name!r} already exists in this box")
         count = self.count
@@ -189,14 +189,14 @@ class SensorBox:
             )
         if isinstance(value, int):
             value = value.to_bytes(8, "little")
-        gen_word = layout.OFF_GENERATION // 8
+        gen_word = abi.OFF_GENERATION // 8
         gen = self._words[gen_word]
         self._words[gen_word] = gen + 1  # odd: layout changing
-        off = layout.slot_offset(count)
-        layout.SLOT.pack_into(self._mm, off, count + 1, type_.code, flags, 0, value, threshold, param, raw)
-        self._mm[layout.OFF_COUNT:layout.OFF_COUNT + 4] = (count + 1).to_bytes(4, "little")
+        off = abi.slot_offset(count)
+        abi.SLOT.pack_into(self._mm, off, count + 1, type_.code, flags, 0, value, threshold, param, raw)
+        self._mm[abi.OFF_COUNT:abi.OFF_COUNT + 4] = (count + 1).to_bytes(4, "little")
         self._words[gen_word] = gen + 2  # even: stable again
-        return (off + layout.SLOT_OFF_VALUE) // 8
+        return (off + abi.SLOT_OFF_VALUE) // 8
 
     def close(self, *, unlink: bool = True) -> None:
         """Unmap and close; remove the file of a path-backed box when `unlink`."""

@@ -1,6 +1,6 @@
 """Reading Sensor Boxes from outside: validated parsing, consistent copies, tracking.
 
-The reader never trusts the region. `parse` checks every field against the ABI and
+The reader never trusts the region. `parse_box` checks every field against the ABI and
 turns anything unexpected into a SensorBoxError that says what and where. The layout is
 copied under the generation seqlock; each value is one aligned word. How long a progress
 sensor has stalled, and how many pressure events fell in the last window, is computed
@@ -19,7 +19,7 @@ from typing import Callable
 import msgspec
 
 from ..errors import SensorBoxError
-from . import layout
+from . import abi
 from .judgement import out_of_bounds, over_rate, stalled
 from .region import Region
 
@@ -31,7 +31,7 @@ class Sensor(msgspec.Struct, frozen=True):
 
     id: int
     name: str
-    type: layout.SensorType
+    type: abi.SensorType
     value: float  # an int for progress and pressure
     threshold: float
     param: float
@@ -39,11 +39,11 @@ class Sensor(msgspec.Struct, frozen=True):
 
     @property
     def min(self) -> float | None:
-        return self.param if self.flags & layout.FLAG_HAS_MIN else None
+        return self.param if self.flags & abi.FLAG_HAS_MIN else None
 
     @property
     def max(self) -> float | None:
-        return self.threshold if self.flags & layout.FLAG_HAS_MAX else None
+        return self.threshold if self.flags & abi.FLAG_HAS_MAX else None
 
 
 class BoxImage(msgspec.Struct, frozen=True):
@@ -61,7 +61,7 @@ class SensorState(msgspec.Struct):
 
     id: int
     name: str
-    type: layout.SensorType
+    type: abi.SensorType
     value: float
     violated: bool
     # progress: seconds since the counter last moved, and its deadline
@@ -105,33 +105,33 @@ def _name(raw: bytes, where: str) -> str:
 
 def parse_header(data: bytes) -> tuple[int, int, int, int, str]:
     """Check the header; return (capacity, count, owner_pid, generation, name)."""
-    if len(data) < layout.HEADER_SIZE:
+    if len(data) < abi.HEADER_SIZE:
         raise SensorBoxError(
-            f"region truncated: {len(data)} bytes, the header alone needs {layout.HEADER_SIZE}"
+            f"region truncated: {len(data)} bytes, the header alone needs {abi.HEADER_SIZE}"
         )
     magic, version, hsize, ssize, capacity, count, pid, gen, raw_name = \
-        layout.HEADER.unpack_from(data)
-    if magic != layout.MAGIC:
-        raise SensorBoxError(f"not a Sensor Box: magic is {magic!r}, expected {layout.MAGIC!r}")
-    if version != layout.VERSION:
-        raise SensorBoxError(f"unsupported Sensor Box layout version {version} (reader knows {layout.VERSION})")
-    if hsize != layout.HEADER_SIZE or ssize != layout.SLOT_SIZE:
+        abi.HEADER.unpack_from(data)
+    if magic != abi.MAGIC:
+        raise SensorBoxError(f"not a Sensor Box: magic is {magic!r}, expected {abi.MAGIC!r}")
+    if version != abi.VERSION:
+        raise SensorBoxError(f"unsupported Sensor Box layout version {version} (reader knows {abi.VERSION})")
+    if hsize != abi.HEADER_SIZE or ssize != abi.SLOT_SIZE:
         raise SensorBoxError(
-            f"header: header_size {hsize} / slot_size {ssize}, ABI v1 requires {layout.HEADER_SIZE}/{layout.SLOT_SIZE}"
+            f"header: header_size {hsize} / slot_size {ssize}, ABI v1 requires {abi.HEADER_SIZE}/{abi.SLOT_SIZE}"
         )
-    if not 1 <= capacity <= layout.MAX_CAPACITY:
-        raise SensorBoxError(f"header: capacity {capacity} is outside 1..{layout.MAX_CAPACITY}")
+    if not 1 <= capacity <= abi.MAX_CAPACITY:
+        raise SensorBoxError(f"header: capacity {capacity} is outside 1..{abi.MAX_CAPACITY}")
     if count > capacity:
         raise SensorBoxError(f"header: count {count} exceeds capacity {capacity}")
     return capacity, count, pid, gen, _name(raw_name, "header")
 
 
-def parse(data: bytes) -> BoxImage:
+def parse_box(data: bytes) -> BoxImage:
     """Validate a copy of a region and decode it; SensorBoxError on anything malformed."""
     capacity, count, pid, gen, name = parse_header(data)
     if gen & 1:
         raise SensorBoxError(f"header: generation {gen} is odd (copy taken while a sensor was being added)")
-    need = layout.region_size(capacity)
+    need = abi.region_size(capacity)
     if len(data) < need:
         raise SensorBoxError(
             f"region truncated: {len(data)} bytes, capacity {capacity} needs {need}"
@@ -139,15 +139,15 @@ def parse(data: bytes) -> BoxImage:
     sensors: list[Sensor] = []
     names: set[str] = set()
     for i in range(count):
-        off = layout.slot_offset(i)
+        off = abi.slot_offset(i)
         where = f"sensor slot {i} (offset {off})"
-        sid, type_, flags, reserved, value, threshold, param, raw_name = layout.SLOT.unpack_from(data, off)
+        sid, type_, flags, reserved, value, threshold, param, raw_name = abi.SLOT.unpack_from(data, off)
         if sid != i + 1:
             raise SensorBoxError(f"{where}: id {sid}, expected {i + 1}")
         if reserved:
             raise SensorBoxError(f"{where}: reserved field is {reserved}, must be 0")
         try:
-            kind = layout.SensorType.from_code(type_)
+            kind = abi.SensorType.from_code(type_)
         except ValueError:
             raise SensorBoxError(f"{where}: unknown sensor type {type_}") from None
         if not (math.isfinite(threshold) and math.isfinite(param)):
@@ -156,16 +156,16 @@ def parse(data: bytes) -> BoxImage:
         if sname in names:
             raise SensorBoxError(f"{where}: duplicate sensor name {sname!r}")
         names.add(sname)
-        if kind is layout.SensorType.LEVEL:
-            if flags & ~(layout.FLAG_HAS_MIN | layout.FLAG_HAS_MAX) or not flags:
+        if kind is abi.SensorType.LEVEL:
+            if flags & ~(abi.FLAG_HAS_MIN | abi.FLAG_HAS_MAX) or not flags:
                 raise SensorBoxError(f"{where}: level flags {flags:#x} are invalid")
-            if flags == layout.FLAG_HAS_MIN | layout.FLAG_HAS_MAX and param > threshold:
+            if flags == abi.FLAG_HAS_MIN | abi.FLAG_HAS_MAX and param > threshold:
                 raise SensorBoxError(f"{where}: level min {param} > max {threshold}")
             v: float = struct.unpack("<d", value)[0]
         else:
             if flags:
                 raise SensorBoxError(f"{where}: flags {flags:#x} are invalid for {kind.name.lower()}")
-            if threshold <= 0 or (kind is layout.SensorType.PRESSURE and param <= 0):
+            if threshold <= 0 or (kind is abi.SensorType.PRESSURE and param <= 0):
                 raise SensorBoxError(f"{where}: {kind.name.lower()} thresholds must be positive")
             v = int.from_bytes(value, "little")
         sensors.append(Sensor(sid, sname, kind, v, threshold, param, flags))
@@ -178,22 +178,22 @@ def read_consistent(region: Region) -> bytes:
     Gives up with SensorBoxError if the generation never settles (a writer that died
     mid-update, or a hostile one); never spins without bound.
     """
-    header = region.read(0, layout.HEADER_SIZE)
+    header = region.read(0, abi.HEADER_SIZE)
     capacity, _, _, _, _ = parse_header(header)
-    size = layout.region_size(capacity)
+    size = abi.region_size(capacity)
     for attempt in range(READ_RETRIES):
-        g1 = region.load_word(layout.OFF_GENERATION)
+        g1 = region.load_word(abi.OFF_GENERATION)
         if g1 & 1:
             time.sleep(0 if attempt < 8 else 0.0005)
             continue
         data = bytearray(region.read(0, size))
-        count = int.from_bytes(data[layout.OFF_COUNT:layout.OFF_COUNT + 4], "little")
+        count = int.from_bytes(data[abi.OFF_COUNT:abi.OFF_COUNT + 4], "little")
         if region.words is not None:
             for i in range(min(count, capacity)):
-                off = layout.slot_offset(i) + layout.SLOT_OFF_VALUE
+                off = abi.slot_offset(i) + abi.SLOT_OFF_VALUE
                 data[off:off + 8] = region.words[off // 8].to_bytes(8, "little")
-        if region.load_word(layout.OFF_GENERATION) == g1 and int.from_bytes(
-            data[layout.OFF_GENERATION:layout.OFF_GENERATION + 8], "little"
+        if region.load_word(abi.OFF_GENERATION) == g1 and int.from_bytes(
+            data[abi.OFF_GENERATION:abi.OFF_GENERATION + 8], "little"
         ) == g1:
             return bytes(data)
     raise SensorBoxError(
@@ -224,7 +224,7 @@ class SensorTracker:
             self._hist.clear()
         states = []
         for s in image.sensors:
-            if s.type is layout.SensorType.PROGRESS:
+            if s.type is abi.SensorType.PROGRESS:
                 prev = self._last.get(s.id)
                 if prev is None or prev[0] != s.value:
                     prev = (s.value, now)
@@ -233,7 +233,7 @@ class SensorTracker:
                 states.append(SensorState(s.id, s.name, s.type, s.value,
                                           stalled(since, s.threshold),
                                           stalled_for=since, deadline=s.threshold))
-            elif s.type is layout.SensorType.LEVEL:
+            elif s.type is abi.SensorType.LEVEL:
                 lo, hi = s.min, s.max
                 bad = out_of_bounds(s.value, lo, hi) is not None
                 states.append(SensorState(s.id, s.name, s.type, s.value, bad, min=lo, max=hi))
@@ -265,7 +265,7 @@ class SensorBoxReader:
         self.tracker = SensorTracker(clock)
 
     def image(self) -> BoxImage:
-        return parse(read_consistent(self.region))
+        return parse_box(read_consistent(self.region))
 
     def snapshot(self) -> Snapshot:
         return self.tracker.update(self.image())

@@ -23,10 +23,10 @@ from backdoors.continuations import (
     RecoveryError,
     StateTooLargeError,
     create_cb,
-    parse,
+    parse_cb,
     read_cb,
 )
-from backdoors.continuations import layout as L
+from backdoors.continuations import cbformat
 from backdoors.continuations.region import CbRegion
 
 SETTINGS = settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -66,15 +66,15 @@ VALID = valid_image_bytes()
 
 
 def test_structs_and_offsets_match_the_documented_layout():
-    assert L.HEADER.size == 128 and L.SLOT.size == 64
-    assert L.slot_offset(0, 256) == 128 and L.slot_offset(1, 256) == 128 + 64 + 256
-    assert L.log_offset(256) == 128 + 2 * (64 + 256)
-    assert L.region_size(256, 128) == L.log_offset(256) + 128
-    assert L.OFF_EXPORT_VERSION % 8 == 0 and L.OFF_LOG_END % 8 == 0
+    assert cbformat.HEADER.size == 128 and cbformat.SLOT.size == 64
+    assert cbformat.slot_offset(0, 256) == 128 and cbformat.slot_offset(1, 256) == 128 + 64 + 256
+    assert cbformat.log_offset(256) == 128 + 2 * (64 + 256)
+    assert cbformat.region_size(256, 128) == cbformat.log_offset(256) + 128
+    assert cbformat.OFF_EXPORT_VERSION % 8 == 0 and cbformat.OFF_LOG_END % 8 == 0
     with pytest.raises(ValueError):
-        L.check_capacities(12, 64)
+        cbformat.check_capacities(12, 64)
     with pytest.raises(ValueError):
-        L.check_capacities(8, L.MAX_LOG_CAPACITY + 8)
+        cbformat.check_capacities(8, cbformat.MAX_LOG_CAPACITY + 8)
 
 
 def test_new_box_is_sealed_and_describes_its_session():
@@ -139,7 +139,7 @@ def test_a_torn_inactive_slot_never_shows():
     with cb:
         cb.export(Point("one", 1))
         before = read_cb(cb.fd)
-        inactive = L.slot_offset(0, cb.region.state_capacity)  # export 2 would go there
+        inactive = cbformat.slot_offset(0, cb.region.state_capacity)  # export 2 would go there
         for garbage in (b"\xff" * 80, b"\x03" + bytes(70), os.urandom(64 + 256)):
             os.pwrite(cb.fd, garbage, inactive)
             after = read_cb(cb.fd)
@@ -222,7 +222,7 @@ def _check_writer_image(image) -> None:
 
 
 def test_plan_replays_the_log_and_skips_what_was_handed():
-    image = parse(VALID)
+    image = parse_cb(VALID)
     assert (image.export.sent, image.export.received, image.log_end) == (100, 9, 18)
     plan = image.plan(handed=150, read=18)
     assert plan.skip == 50 and plan.replay == b"line two\n"
@@ -239,7 +239,7 @@ def test_plan_replays_the_log_and_skips_what_was_handed():
 ])
 def test_plan_refuses_a_box_that_disagrees_with_the_socket(handed, read, match):
     with pytest.raises(RecoveryError, match=match):
-        parse(VALID).plan(handed, read)
+        parse_cb(VALID).plan(handed, read)
 
 
 # ---------------------------------------------------------------- hostile regions
@@ -247,11 +247,11 @@ def test_plan_refuses_a_box_that_disagrees_with_the_socket(handed, read, match):
 
 def parse_or_error(data: bytes):
     try:
-        image = parse(data)
+        image = parse_cb(data)
     except CbFormatError as err:
         assert str(err)
         return None
-    assert L.region_size(image.state_capacity, image.log_capacity) <= len(data)
+    assert cbformat.region_size(image.state_capacity, image.log_capacity) <= len(data)
     assert len(image.export.data) <= image.state_capacity
     assert image.export.received <= image.log_end <= image.export.received + image.log_capacity
     assert len(image.ring) == image.log_capacity
@@ -269,9 +269,9 @@ def test_random_bytes(data):
 
 
 @SETTINGS
-@given(st.binary(min_size=L.HEADER_SIZE, max_size=1200))
+@given(st.binary(min_size=cbformat.HEADER_SIZE, max_size=1200))
 def test_random_bytes_behind_a_valid_magic(data):
-    parse_or_error(L.MAGIC + (1).to_bytes(2, "little") + (128).to_bytes(2, "little")
+    parse_or_error(cbformat.MAGIC + (1).to_bytes(2, "little") + (128).to_bytes(2, "little")
                    + (64).to_bytes(4, "little") + data[12:])
 
 
@@ -281,7 +281,7 @@ def test_any_single_byte_changed(offset, value):
     data = bytearray(VALID)
     data[offset] = value
     image = parse_or_error(bytes(data))
-    active = L.slot_offset(1, 256)  # VALID holds export 1
+    active = cbformat.slot_offset(1, 256)  # VALID holds export 1
     if image is not None and active <= offset < active + 64 + len(image.export.data):
         # the active export is covered by seq, zero checks and CRC, all but its timestamp
         assert active + 40 <= offset < active + 48 or value == VALID[offset]
@@ -291,16 +291,16 @@ def test_any_single_byte_changed(offset, value):
 @given(st.integers(0, len(VALID) - 1))
 def test_truncated_copies(length):
     with pytest.raises(CbFormatError):
-        parse(VALID[:length])
+        parse_cb(VALID[:length])
 
 
 @SETTINGS
 @given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
 def test_hostile_positions_and_versions(version, log_end, sent):
     data = bytearray(VALID)
-    data[L.OFF_EXPORT_VERSION:L.OFF_EXPORT_VERSION + 8] = version.to_bytes(8, "little")
-    data[L.OFF_LOG_END:L.OFF_LOG_END + 8] = log_end.to_bytes(8, "little")
-    slot = L.slot_offset(version & 1, 256)
+    data[cbformat.OFF_EXPORT_VERSION:cbformat.OFF_EXPORT_VERSION + 8] = version.to_bytes(8, "little")
+    data[cbformat.OFF_LOG_END:cbformat.OFF_LOG_END + 8] = log_end.to_bytes(8, "little")
+    slot = cbformat.slot_offset(version & 1, 256)
     data[slot + 8:slot + 16] = sent.to_bytes(8, "little")
     image = parse_or_error(bytes(data))
     if image is not None:
@@ -336,7 +336,7 @@ def test_hostile_fds():
 def test_region_of_the_recovering_server_continues_the_export_versions():
     region = CbRegion.create(b"s" * 16, state_capacity=64, log_capacity=64)
     try:
-        region.write_export(41, 10, 5, L.Encoding.RAW, b"state")
+        region.write_export(41, 10, 5, cbformat.Encoding.RAW, b"state")
         region.put_log(5, b"abc")
         region.set_log_end(8)
         image = read_cb(region.fd)
@@ -349,7 +349,7 @@ def test_a_copy_racing_the_writer_keeps_the_export_but_cannot_plan():
     from backdoors.continuations.image import _without_log
 
     image = _without_log(VALID, 1)
-    assert image.export == parse(VALID).export and not image.log_complete
+    assert image.export == parse_cb(VALID).export and not image.log_complete
     assert image.log_end == image.export.received
     with pytest.raises(RecoveryError, match="freeze"):
         image.plan(handed=100, read=18)
