@@ -109,7 +109,10 @@ class Server:
         return Path(self.log_path).read_text(errors="replace")[-3000:]
 
     def freeze(self) -> None:
+        """Stop the server; returns once all its threads have stopped (a signal is
+        delivered asynchronously: without the wait the server could read on for a while)."""
         os.kill(self.pid, signal.SIGSTOP)
+        os.waitid(os.P_PID, self.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
