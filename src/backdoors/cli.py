@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import BackdoorsError, NeedRootError
@@ -429,12 +430,17 @@ def demo(
         raise typer.Exit(1)
 
 
+def _print_error(e: BackdoorsError) -> None:
+    """One line on stderr, the message verbatim (brackets in it are not markup)."""
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()
     except NeedRootError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        _print_error(e)
         sys.exit(77)
     except BackdoorsError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        _print_error(e)
         sys.exit(1)
