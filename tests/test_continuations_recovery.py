@@ -12,7 +12,7 @@ import os
 import threading
 
 import pytest
-from test_continuations_support import (  # noqa: F401 - rlab is a fixture; puts examples/ on sys.path
+from test_continuations_support import (  # noqa: F401 - rlab is a fixture
     Background,
     assert_exact,
     numbered,
@@ -20,9 +20,7 @@ from test_continuations_support import (  # noqa: F401 - rlab is a fixture; puts
     wait_for,
 )
 
-import file_client  # examples/
-import line_client  # examples/
-import line_server  # examples/
+from backdoors.examples import file_client, line_client, line_server
 
 FILE_SIZE = 24 << 20
 FREEZE_AT = 3 << 20
