@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 
 
 def _haproxy():
@@ -104,7 +103,7 @@ def overhead(seconds: float = 3.0, rounds: int = 3, size: int = 16 * 1024) -> di
             f.write(os.urandom(size))
         servers = {}
         for mode, port in (("plain", 8080), ("cb", 8081)):
-            argv = [sys.executable, str(ROOT / "examples/http_server.py"), "--port", str(port),
+            argv = [sys.executable, "-m", "backdoors.examples.http_server", "--port", str(port),
                     "--root", www] + (["--plain"] if mode == "plain" else [])
             servers[mode] = (lab.run_in_node("n0", argv, stdout=subprocess.PIPE), port)
             servers[mode][0].stdout.readline()  # listening

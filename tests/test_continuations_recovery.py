@@ -12,7 +12,7 @@ import os
 import threading
 
 import pytest
-from test_continuations_support import (  # noqa: F401 - rlab is a fixture; puts examples/ on sys.path
+from test_continuations_support import (  # noqa: F401 - rlab is a fixture
     Background,
     assert_exact,
     numbered,
@@ -20,8 +20,7 @@ from test_continuations_support import (  # noqa: F401 - rlab is a fixture; puts
     wait_for,
 )
 
-import file_client  # examples/
-import line_client  # examples/
+from backdoors.examples import file_client, line_client, line_server
 
 FILE_SIZE = 24 << 20
 FREEZE_AT = 3 << 20
@@ -149,10 +148,20 @@ def test_line_server_replays_the_receive_log(rlab, fault):
     reached = threading.Event()
     held: list = []
     count = 60_000
+    # The server exports after every 16th command. The fault comes at answer 20,007, and
+    # the client sends nothing past command 20,015 until then: the server has read
+    # commands 20,001..20,007 at least (it answered them) after its export at 20,000, and
+    # cannot have reached the next export (20,016). So there is input to replay whatever
+    # the scheduling.
+    fault_at = 20_007
+    next_export = fault_at - fault_at % line_server.EXPORT_EVERY + line_server.EXPORT_EVERY
+
+    def pace(i: int) -> None:
+        if i == next_export:
+            reached.wait(60)
 
     def progress(i: int) -> None:
-        # fault between two exports (every 16 commands), with more commands read ahead
-        if i == 20_007 and not reached.is_set():
+        if i == fault_at and not reached.is_set():
             if fault == "crash":
                 held.extend(a.sessions())
                 a.kill()
@@ -160,7 +169,7 @@ def test_line_server_replays_the_receive_log(rlab, fault):
                 a.freeze()
             reached.set()
 
-    client = Background(line_client.run, sock, count, progress)
+    client = Background(line_client.run, sock, count, progress, pace)
     wait_for(reached, "the fault", client=client)
     if fault != "crash":
         held.extend(a.sessions())

@@ -40,17 +40,12 @@ from backdoors.continuations.image import CbImage
 from backdoors.net import add_address, add_bridge, add_veth, del_address, gratuitous_arp, netns, set_up
 from backdoors.tcprepair import TcpState, repair, restore
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
 CLIENT_IP = "10.91.0.1"
 VIP = "10.91.0.100"
 NODE_IPS = {"a": VIP, "b": "10.91.0.2", "d": "10.91.0.3"}
 PORT = 8080
 _SYS_PIDFD_GETFD = 438
 _libc = ctypes.CDLL(None, use_errno=True)
-
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
 
 
 def pidfd_getfd(pid: int, fd: int) -> int:
@@ -90,7 +85,7 @@ class Server:
         self.log_path = os.path.join(lab.tmp, f"{node}-{len(lab.servers)}.log")
         self._log = open(self.log_path, "wb")
         cmd = ["nsenter", f"--net={netns.path(lab.ns[node])}", sys.executable,
-               str(EXAMPLES / f"{example}.py"), "--port", str(PORT), "--adopt", self.adopt, *args]
+               "-m", f"backdoors.examples.{example}", "--port", str(PORT), "--adopt", self.adopt, *args]
         env = {k: v for k, v in os.environ.items() if k != "BACKDOORS_AGENT_SOCKET"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)
         self.pid = self.proc.pid  # nsenter execs python: same process
@@ -109,7 +104,10 @@ class Server:
         return Path(self.log_path).read_text(errors="replace")[-3000:]
 
     def freeze(self) -> None:
+        """Stop the server; returns once all its threads have stopped (a signal is
+        delivered asynchronously: without the wait the server could read on for a while)."""
         os.kill(self.pid, signal.SIGSTOP)
+        os.waitid(os.P_PID, self.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

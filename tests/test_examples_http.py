@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from test_continuations_support import (  # noqa: F401 - rlab is a fixture; puts examples/ on sys.path
+from test_continuations_support import (  # noqa: F401 - rlab is a fixture
     PORT,
     VIP,
     Background,
@@ -18,7 +18,7 @@ from test_continuations_support import (  # noqa: F401 - rlab is a fixture; puts
     wait_for,
 )
 
-import http_client  # examples/
+from backdoors.examples import http_client
 
 BIG = 32 << 20
 

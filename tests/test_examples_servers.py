@@ -9,17 +9,10 @@ import select
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-import file_client  # noqa: E402 - examples/
-import http_client  # noqa: E402
-import line_client  # noqa: E402
+from backdoors.examples import file_client, http_client, line_client
 
 
 @pytest.fixture
@@ -38,7 +31,7 @@ def start(tmp_path):
     def start(example: str, *args: str) -> int:
         env = {k: v for k, v in os.environ.items() if k != "BACKDOORS_AGENT_SOCKET"}
         proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / f"{example}.py"), "--host", "127.0.0.1",
+            [sys.executable, "-m", f"backdoors.examples.{example}", "--host", "127.0.0.1",
              "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         procs.append(proc)
         ready, _, _ = select.select([proc.stdout], [], [], 15)

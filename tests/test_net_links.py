@@ -1,5 +1,6 @@
 """Bridges, veths, addresses and routes, with real traffic between namespaces."""
 
+import contextlib
 import os
 import socket
 import time
@@ -16,6 +17,7 @@ from backdoors.net import (
     addresses,
     del_address,
     link_info,
+    neighbours,
     netns,
     remove_link,
     set_master,
@@ -173,3 +175,85 @@ def test_remove_link_takes_the_peer_and_is_idempotent(topo):
     remove_link(topo.sw, "b")
     with pytest.raises(NetError):
         link_info(topo.b, "eth0")
+
+
+class Vanishing:
+    """An IPRoute whose first call of `method` deletes interface `victim` right after
+    answering: the interface vanishes between a look-up and the request that uses it, as
+    when a namespace at the veth's other end is being destroyed."""
+
+    def __init__(self, ipr, method: str, victim: str):
+        self._ipr, self._method, self._victim = ipr, method, victim
+        self.vanished = False
+
+    def __getattr__(self, name):
+        real = getattr(self._ipr, name)
+        if name != self._method or self.vanished:
+            return real
+
+        def call(*args, **kwargs):
+            answer = real(*args, **kwargs)
+            self.vanished = True
+            self._ipr.link("del", index=self._ipr.link_lookup(ifname=self._victim)[0])
+            return answer
+
+        return call
+
+
+@pytest.fixture
+def vanishing(monkeypatch):
+    """vanishing(method, victim): netlink in the next call of net/ loses `victim` after the
+    first `method` call; returns the Vanishing to check that it did."""
+    real_iproute = netns.iproute
+    made = []
+
+    def install(method: str, victim: str) -> list:
+        @contextlib.contextmanager
+        def iproute(name):
+            with real_iproute(name) as ipr:
+                proxy = Vanishing(ipr, method, victim)
+                made.append(proxy)
+                yield proxy
+
+        monkeypatch.setattr(netns, "iproute", iproute)
+        return made
+
+    return install
+
+
+RACES = {
+    "set_up": lambda ns: set_up(ns, "gone", False),
+    "set_master": lambda ns: set_master(ns, "gone", "br0"),
+    "add_address": lambda ns: add_address(ns, "gone", "10.77.9.1/24"),
+    "del_address": lambda ns: del_address(ns, "gone", "10.77.9.1/24"),
+    "addresses": lambda ns: addresses(ns, "gone"),
+    "neighbours": lambda ns: neighbours(ns, "gone"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(RACES))
+def test_an_interface_vanishing_after_its_look_up_is_the_usual_error(topo, vanishing, op):
+    """Gone between look-up and request: the same NetError as gone before, never a raw
+    pyroute2 NetlinkError."""
+    add_veth(topo.sw, "gone", topo.a, "gone-peer")
+    add_address(topo.sw, "gone", "10.77.9.1/24")
+    made = vanishing("link_lookup", "gone")
+    with pytest.raises(NetError, match=f"no interface 'gone' in network namespace '{topo.sw}'"):
+        RACES[op](topo.sw)
+    assert made[0].vanished
+
+
+def test_remove_link_of_a_vanishing_interface_is_done(topo, vanishing):
+    add_veth(topo.sw, "gone", topo.a, "gone-peer")
+    made = vanishing("link_lookup", "gone")
+    remove_link(topo.sw, "gone")
+    assert made[0].vanished
+
+
+def test_link_info_of_a_port_whose_bridge_vanishes_has_no_bridge(topo, vanishing):
+    add_bridge(topo.sw, "br-gone")
+    add_veth(topo.sw, "port", topo.a, "port-peer", bridge="br-gone")
+    assert link_info(topo.sw, "port").master == "br-gone"
+    made = vanishing("link", "br-gone")
+    assert link_info(topo.sw, "port").master is None
+    assert made[0].vanished

@@ -105,7 +105,8 @@ def test_reap_after_owner_was_sigkilled(prefix):
     assert netns.reap(orphans) == [orphans + "a", orphans + "b"]
     assert netns.names(orphans) == []
     # The kernel destroys the namespaces asynchronously; the veth end in keeper goes too.
-    deadline = time.monotonic() + 5
+    # link_info says so with NetError, also when the veth goes during its own request.
+    deadline = time.monotonic() + 30  # a guard against a hang, not a timing figure
     while True:
         try:
             link_info(keeper, "from-orphan")
@@ -179,6 +180,18 @@ def test_enter_missing_namespace_is_a_clear_error(prefix):
         with netns.enter(prefix + "missing"):
             pass
     assert thread_netns() == outside
+
+
+def test_namespace_removed_after_the_check_is_the_same_clear_error(prefix, monkeypatch):
+    """Removed between exists() and open: NetError, not a raw FileNotFoundError."""
+    here = prefix + "here"
+    netns.create(here)
+    monkeypatch.setattr(netns, "exists", lambda name: True)
+    with pytest.raises(NetError, match=f"{prefix}gone.*does not exist"):
+        with netns.enter(prefix + "gone"):
+            pass
+    with pytest.raises(NetError, match=f"{prefix}gone.*does not exist"):
+        add_veth(here, "v0", prefix + "gone", "eth0")
 
 
 def test_socket_in_belongs_to_the_namespace(prefix):

@@ -13,6 +13,8 @@ import io
 import json
 import re
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -446,3 +448,18 @@ def test_bench_repair_attaches_the_watch_series():
     assert got["deaths_ms"] == {"cache": pytest.approx(300, abs=0.1)}
     assert got["progress_series"][0] == [pytest.approx(-200, abs=0.1), 0]
     assert len(got["fork_series"]) == 50
+
+
+def test_report_without_its_extra_names_the_extra(tmp_path):
+    """Without matplotlib (the "report" extra), `backdoors report` says what to install, in
+    one line, instead of a traceback; it writes nothing."""
+    no_matplotlib = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+                     "runpy.run_module('backdoors.cli_entry', run_name='__main__')")
+    out = tmp_path / "report.html"
+    done = subprocess.run([sys.executable, "-c", no_matplotlib, "report", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "pip install 'backdoors[report]'" in line and "matplotlib" in line
+    assert not out.exists()

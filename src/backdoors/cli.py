@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import BackdoorsError, NeedRootError
@@ -359,14 +360,28 @@ def scenario_recovery(
 
 
 def _bench_module(name: str):
-    """Import bench/<name>.py from the source checkout (benchmarks are not installed)."""
-    import importlib.util
-    from pathlib import Path
+    """Import bench/<name>.py of the source checkout the package is installed from.
 
-    root = Path(__file__).resolve().parents[2] / "bench"
-    path = root / f"{name}.py"
-    if not path.exists():
-        raise BackdoorsError(f"benchmark {path} not found: benchmarks run from a source checkout")
+    The benchmarks are not installed. Their checkout is the one an editable install
+    (`make venv`) records in the package's metadata (PEP 610 direct_url.json); without
+    one, a one-line error says so.
+    """
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, distribution
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    try:
+        origin = json.loads(distribution("backdoors").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, ValueError):
+        origin = {}
+    url = urlparse(origin.get("url", ""))
+    path = Path(unquote(url.path)) / "bench" / f"{name}.py"
+    if not (origin.get("dir_info", {}).get("editable") and url.scheme == "file" and path.is_file()):
+        raise BackdoorsError(
+            "`backdoors bench` runs the benchmarks of a source checkout, and this backdoors is "
+            "not installed from one: clone backdoors, `make venv`, then `make bench` there"
+        )
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -469,12 +484,17 @@ def demo(
         raise typer.Exit(1)
 
 
+def _print_error(e: BackdoorsError) -> None:
+    """One line on stderr, the message verbatim (brackets in it are not markup)."""
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()
     except NeedRootError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        _print_error(e)
         sys.exit(77)
     except BackdoorsError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        _print_error(e)
         sys.exit(1)

@@ -83,8 +83,8 @@ def run_demo(*, name: str = "demo", quick: bool = False, scenario: str | None = 
 def _report(out_dir: Path, console: Console) -> Path | None:
     try:
         from ..report import build_report
-    except ImportError:
-        console.print("(the report module is not available)")
+    except ImportError as e:  # the "report" extra is not installed: say which to install
+        console.print(f"(no report: {e})", markup=False)
         return None
     bench = Path("out/bench")
     return build_report(demo_dir=str(out_dir), bench_dir=str(bench) if bench.is_dir() else None,

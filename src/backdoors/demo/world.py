@@ -26,7 +26,6 @@ from ..lab.clients import StreamClients
 from ..scenarios.recovery import monitor_for
 
 MiB = 1 << 20
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 HTTP_PORT = 8080
 FILE_MB = 16
 CURL_RATE = "120k"  # bytes/s per download: they outlast the demo
@@ -51,8 +50,6 @@ class World:
     # ---- building -----------------------------------------------------------------------
 
     def up(self) -> World:
-        if not (EXAMPLES / "http_server.py").exists():
-            raise LabError(f"the demo runs from a source checkout: {EXAMPLES} is missing")
         self.say("building the lab: 2 hosts, 4 nodes, an agent per host")
         self.lab.up()
         self.www.mkdir()
@@ -93,7 +90,7 @@ class World:
         return self.lab.start_service(node).pid
 
     def _start_http(self, node: str) -> None:
-        proc = self.lab.run_in_node(node, [sys.executable, str(EXAMPLES / "http_server.py"),
+        proc = self.lab.run_in_node(node, [sys.executable, "-m", "backdoors.examples.http_server",
                                            "--port", str(HTTP_PORT), "--root", str(self.www)],
                                     stdout=subprocess.PIPE)
         if not read_line(proc, 10.0):

@@ -6,6 +6,7 @@ times out (seconds). A gratuitous ARP tells them the new MAC at once.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import socket
@@ -16,7 +17,7 @@ import time
 from pyroute2.netlink.exceptions import NetlinkError
 
 from backdoors.errors import NetError
-from backdoors.net import netns
+from backdoors.net import links, netns
 
 ETH_P_ARP = 0x0806
 _ETH_P_IP = 0x0800
@@ -86,19 +87,16 @@ def neighbours(ns: str, ifname: str | None = None) -> dict[str, str]:
     with netns.iproute(ns) as ipr:
         query = {"family": socket.AF_INET}
         if ifname is not None:
-            found = ipr.link_lookup(ifname=ifname)
-            if not found:
-                raise NetError(f"no interface {ifname!r} in network namespace {ns!r}")
-            query["ifindex"] = found[0]
+            query["ifindex"] = links.index_of(ipr, ns, ifname)
         try:
-            entries = ipr.neigh("dump", **query)
+            entries = [msg for msg in ipr.neigh("dump", **query) if msg.get("lladdr") is not None]
         except NetlinkError as e:
+            if ifname is not None and e.code == errno.ENODEV:
+                raise links.missing_interface(ns, ifname) from e  # gone meanwhile
             raise NetError(f"cannot read the neighbour table of {ns!r}: {e.args[-1]}") from e
-        return {
-            msg.get("dst"): msg.get("lladdr")
-            for msg in entries
-            if msg.get("lladdr") is not None
-        }
+        if ifname is not None:  # a dump for a vanished index is empty, not an error
+            links.index_of(ipr, ns, ifname, expect=query["ifindex"])
+        return {msg.get("dst"): msg.get("lladdr") for msg in entries}
 
 
 def _hardware_address(sock: socket.socket, ifname: str) -> str:

@@ -3,10 +3,16 @@
 Interface names are local to their namespace, so short names (eth0, br-svc) are fine.
 Link down (`set_up(..., False)`) and detaching a port from its bridge (`set_master(...,
 None)`) are the two ways to emulate a failed network driver on this kernel.
+
+An interface can vanish at any moment (its namespace, or its veth peer's, is being
+destroyed). Whether it went before its index was looked up or between the look-up and the
+request, the caller sees the same thing: NetError "no interface ..." (`remove_link`: nothing
+to do). A raw pyroute2 NetlinkError never leaves this module.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import os
@@ -46,7 +52,7 @@ def add_bridge(ns: str, name: str) -> None:
     with netns.iproute(ns) as ipr:
         try:
             ipr.link("add", ifname=name, kind="bridge")
-            ipr.link("set", index=_index(ipr, ns, name), state="up")
+            ipr.link("set", index=index_of(ipr, ns, name), state="up")
         except NetlinkError as e:
             raise _error(e, ns, name, "cannot create bridge") from e
 
@@ -86,9 +92,9 @@ def add_veth(
             if peer_fd is not None:
                 os.close(peer_fd)
         try:
-            index = _index(ipr, ns, ifname)
+            index = index_of(ipr, ns, ifname)
             if bridge is not None:
-                ipr.link("set", index=index, master=_index(ipr, ns, bridge))
+                ipr.link("set", index=index, master=index_of(ipr, ns, bridge))
             ipr.link("set", index=index, state="up")
             set_up(peer_ns, peer_ifname)
         except BaseException as e:
@@ -107,6 +113,8 @@ def remove_link(ns: str, ifname: str) -> None:
         try:
             ipr.link("del", index=index[0])
         except NetlinkError as e:
+            if e.code == errno.ENODEV:  # gone meanwhile (its peer's namespace went)
+                return
             raise _error(e, ns, ifname, "cannot delete interface") from e
 
 
@@ -114,7 +122,7 @@ def set_up(ns: str, ifname: str, up: bool = True) -> None:
     """Set `ifname` administratively up or down (down cuts its traffic)."""
     with netns.iproute(ns) as ipr:
         try:
-            ipr.link("set", index=_index(ipr, ns, ifname), state="up" if up else "down")
+            ipr.link("set", index=index_of(ipr, ns, ifname), state="up" if up else "down")
         except NetlinkError as e:
             raise _error(e, ns, ifname, f"cannot set interface {'up' if up else 'down'}") from e
 
@@ -123,8 +131,8 @@ def set_master(ns: str, ifname: str, bridge: str | None) -> None:
     """Make `ifname` a port of `bridge`, or detach it from its bridge when None."""
     with netns.iproute(ns) as ipr:
         try:
-            master = 0 if bridge is None else _index(ipr, ns, bridge)
-            ipr.link("set", index=_index(ipr, ns, ifname), master=master)
+            master = 0 if bridge is None else index_of(ipr, ns, bridge)
+            ipr.link("set", index=index_of(ipr, ns, ifname), master=master)
         except NetlinkError as e:
             target = "detach from its bridge" if bridge is None else f"attach to {bridge!r}"
             raise _error(e, ns, ifname, f"cannot {target}") from e
@@ -133,11 +141,11 @@ def set_master(ns: str, ifname: str, bridge: str | None) -> None:
 def link_info(ns: str, ifname: str) -> LinkInfo:
     """State, MAC, bridge and index of `ifname` in `ns`."""
     with netns.iproute(ns) as ipr:
-        msg = ipr.link("get", index=_index(ipr, ns, ifname))[0]
-        master_index = msg.get("master")
-        master = None
-        if master_index:
-            master = ipr.link("get", index=master_index)[0].get("ifname")
+        try:
+            msg = ipr.link("get", ifname=ifname)[0]  # by name: one request, no look-up race
+            master = _name_of(ipr, msg.get("master"))
+        except NetlinkError as e:
+            raise _error(e, ns, ifname, "cannot read interface") from e
     linkinfo = msg.get("linkinfo")
     return LinkInfo(
         ns=ns,
@@ -161,7 +169,7 @@ def add_address(ns: str, ifname: str, cidr: str) -> None:
         try:
             ipr.addr(
                 "add",
-                index=_index(ipr, ns, ifname),
+                index=index_of(ipr, ns, ifname),
                 address=str(iface.ip),
                 prefixlen=iface.network.prefixlen,
                 **extra,
@@ -179,7 +187,7 @@ def del_address(ns: str, ifname: str, cidr: str) -> None:
         try:
             ipr.addr(
                 "del",
-                index=_index(ipr, ns, ifname),
+                index=index_of(ipr, ns, ifname),
                 address=str(iface.ip),
                 prefixlen=iface.network.prefixlen,
             )
@@ -192,11 +200,16 @@ def del_address(ns: str, ifname: str, cidr: str) -> None:
 def addresses(ns: str, ifname: str) -> list[str]:
     """Addresses of `ifname` as 'ip/prefixlen' strings, IPv4 first, in kernel order."""
     with netns.iproute(ns) as ipr:
-        index = _index(ipr, ns, ifname)
+        index = index_of(ipr, ns, ifname)
         found = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in ipr.addr("dump", family=family, index=index):
-                found.append(f"{msg.get('address')}/{msg['prefixlen']}")
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ipr.addr("dump", family=family, index=index):
+                    found.append(f"{msg.get('address')}/{msg['prefixlen']}")
+        except NetlinkError as e:
+            raise _error(e, ns, ifname, "cannot read addresses") from e
+        # A dump filtered by index is empty, not an error, once the interface is gone.
+        index_of(ipr, ns, ifname, expect=index)
     return found
 
 
@@ -216,23 +229,41 @@ def add_route(ns: str, dst_cidr: str, via: str) -> None:
             ) from e
 
 
-def _index(ipr, ns: str, ifname: str) -> int:
+def index_of(ipr, ns: str, ifname: str, *, expect: int | None = None) -> int:
+    """Index of `ifname` through `ipr` (an IPRoute of `ns`); NetError if there is none
+    (or, with `expect`, another one: the interface was replaced meanwhile)."""
     found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise NetError(
-            f"no interface {ifname!r} in network namespace {ns!r}: "
-            "check the name, or create it (add_bridge/add_veth)"
-        )
+    if not found or (expect is not None and found[0] != expect):
+        raise missing_interface(ns, ifname)
     return found[0]
 
 
+def missing_interface(ns: str, ifname: str) -> NetError:
+    """The error for an interface that is not there (any more)."""
+    return NetError(
+        f"no interface {ifname!r} in network namespace {ns!r}: "
+        "check the name, or create it (add_bridge/add_veth)"
+    )
+
+
+def _name_of(ipr, index: int | None) -> str | None:
+    """Name of interface `index`; None for no index, or an interface gone meanwhile (a
+    bridge that is deleted lets go of its ports, so "no bridge" is then the truth)."""
+    if not index:
+        return None
+    try:
+        return ipr.link("get", index=index)[0].get("ifname")
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
+
+
 def _open_ns(ns: str, *, ifname: str) -> int:
-    if not netns.exists(ns):
-        raise NetError(
-            f"cannot place {ifname!r} in network namespace {ns!r}: it does not exist; "
-            "create it first (netns.create)"
-        )
-    return os.open(netns.path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return netns.open_fd(ns)
+    except NetError as e:
+        raise NetError(f"cannot place {ifname!r} there: {e}") from None
 
 
 def _parse_cidr(cidr: str, ns: str, ifname: str):
@@ -257,12 +288,15 @@ def _delete_quietly(ipr, ifname: str) -> None:
 _HINTS = {
     1: "needs root (CAP_NET_ADMIN)",
     17: "the name is taken: pick another or remove the old interface first",
-    19: "the interface or bridge is gone",
     34: "the name is too long: at most 15 characters",
 }
 
 
 def _error(e: NetlinkError, ns: str, ifname: str, what: str) -> NetError:
+    """The NetError for a failed request on `ifname`. ENODEV (the interface vanished after
+    its index was looked up) is the same error as not finding it at all."""
+    if e.code == errno.ENODEV:
+        return missing_interface(ns, ifname)
     hint = _HINTS.get(e.code, "")
     return NetError(
         f"{what}: {ifname!r} in network namespace {ns!r}: {e.args[-1]}"

@@ -117,7 +117,7 @@ def enter(name: str) -> Iterator[None]:
     does meanwhile (including other coroutines of an event loop it runs) happens in `name`.
     """
     require_root(f"entering network namespace {name!r}")
-    target = _open_netns(name)
+    target = open_fd(name)
     try:
         saved = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -175,12 +175,18 @@ def iproute(name: str) -> Iterator[IPRoute]:
         ipr.close()  # closes sock too
 
 
-def _open_netns(name: str) -> int:
+def open_fd(name: str) -> int:
+    """An O_CLOEXEC descriptor of namespace `name` (the caller closes it); NetError if it
+    does not exist, also when it is removed between the check and the open."""
+    missing = NetError(
+        f"network namespace {name!r} does not exist: create it first (netns.create)"
+    )
     if not exists(name):
-        raise NetError(
-            f"network namespace {name!r} does not exist: create it first (netns.create)"
-        )
-    return os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
+        raise missing
+    try:
+        return os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise missing from None
 
 
 def _setns(fd: int, what: str) -> None:

@@ -28,6 +28,10 @@ class ReportError(BackdoorsError):
     """An input of the report is malformed, or a path given for it does not exist."""
 
 
+class MissingExtraError(ReportError, ImportError):
+    """The report's optional dependencies (the "report" extra) are not installed."""
+
+
 # ---- demo results (written by `backdoors demo`) -------------------------------------------
 
 

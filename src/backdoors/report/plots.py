@@ -12,14 +12,20 @@ import statistics
 from collections.abc import Callable, Sequence
 from functools import wraps
 
-import matplotlib
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-
 from ..monitor.incidents import Incident
 from ..sensors import SensorType
-from .data import BenchSensors, Overhead, RecoveryRow, RepairPolicy
+from .data import BenchSensors, MissingExtraError, Overhead, RecoveryRow, RepairPolicy
+
+try:
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+except ImportError as e:
+    raise MissingExtraError(
+        "the report draws its plots with matplotlib, of the 'report' extra: "
+        f"pip install 'backdoors[report]' (import failed: {e})"
+    ) from e
 
 DPI = 100
 MAX_SENSORS = 4  # sensor panels per timeline

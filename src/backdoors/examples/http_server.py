@@ -11,7 +11,7 @@ mid-response resumes the body where the last export was; a recovery between requ
 replays the next request from the receive log. The files must be the same on the
 recovery node (the server is deterministic given its state, its input and its files).
 
-    python examples/http_server.py --port 8080 --root /srv/www [--adopt /run/http.adopt]
+    python -m backdoors.examples.http_server --port 8080 --root /srv/www [--adopt /run/http.adopt]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Client of examples/line_server.py that keeps sending: ADD 1..N without waiting, and
+"""Client of backdoors.examples.line_server that keeps sending: ADD 1..N without waiting, and
 checks every answer against the running total it expects.
 
-    python examples/line_client.py --host 10.0.0.5 --port 7000 --count 10000
+    python -m backdoors.examples.line_client --host 10.0.0.5 --port 7000 --count 10000
 """
 
 from __future__ import annotations

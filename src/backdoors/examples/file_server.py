@@ -5,7 +5,7 @@ connection. The session state is {file_name, offset}; it is exported every
 EXPORT_EVERY bytes. After a recovery the server resumes from its last export and the
 Continuation Box skips the bytes the client already has: the client sees one stream.
 
-    python examples/file_server.py --port 8080 --root /srv/files [--adopt /run/fs.adopt]
+    python -m backdoors.examples.file_server --port 8080 --root /srv/files [--adopt /run/fs.adopt]
 
 The lines marked `# CB` are all it takes to make the plain server recoverable.
 """

@@ -1,6 +1,6 @@
-"""Client of examples/file_server.py: ask for a file, read the stream to the end.
+"""Client of backdoors.examples.file_server: ask for a file, read the stream to the end.
 
-    python examples/file_client.py --host 10.0.0.5 --port 8080 NAME [-o OUT]
+    python -m backdoors.examples.file_client --host 10.0.0.5 --port 8080 NAME [-o OUT]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Client of examples/http_server.py built on the standard library's http.client: several
+"""Client of backdoors.examples.http_server built on the standard library's http.client: several
 requests over one keep-alive connection, optionally with byte ranges.
 
-    python examples/http_client.py --host 10.0.0.5 --port 8080 /a.bin /b.bin:100-199
+    python -m backdoors.examples.http_client --host 10.0.0.5 --port 8080 /a.bin /b.bin:100-199
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Clients may send without waiting for answers, so the server reads ahead; the sta
 {total, count} is exported every EXPORT_EVERY commands. After a recovery the commands
 read since that export are replayed from the Continuation Box's receive log.
 
-    python examples/line_server.py --port 7000 [--adopt /run/ls.adopt]
+    python -m backdoors.examples.line_server --port 7000 [--adopt /run/ls.adopt]
 """
 
 from __future__ import annotations
