@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from ..common.preamble import Preamble, check_preamble
 from ..errors import SensorBoxError
 from ..sensors.region import Region
 from . import cbformat
@@ -191,21 +192,14 @@ def parse_cb(data: bytes | bytearray | memoryview) -> CbImage:
         local=local, remote=remote, ring=data[ring_at:ring_at + log_cap],
     )
 
+PREAMBLE = Preamble("Continuation Box", cbformat.MAGIC, cbformat.VERSION, cbformat.HEADER_SIZE,
+                    cbformat.SLOT_HEADER_SIZE, "slot_header")
+
 
 def parse_header(data: bytes) -> tuple:
     """Check the fixed header; return its fields from owner_pid on (see layout.HEADER)."""
-    if len(data) < cbformat.HEADER_SIZE:
-        raise CbFormatError(f"region of {len(data)} bytes is smaller than the {cbformat.HEADER_SIZE}-byte header")
-    magic, version, hsize, ssize, *fields, reserved = cbformat.HEADER.unpack_from(data)
-    if magic != cbformat.MAGIC:
-        raise CbFormatError(f"not a Continuation Box: magic is {magic!r}, expected {cbformat.MAGIC!r}")
-    if version != cbformat.VERSION:
-        raise CbFormatError(f"unsupported Continuation Box layout version {version} (reader knows {cbformat.VERSION})")
-    if hsize != cbformat.HEADER_SIZE or ssize != cbformat.SLOT_HEADER_SIZE:
-        raise CbFormatError(
-            f"header: header_size {hsize} / slot_header {ssize}, ABI v1 requires "
-            f"{cbformat.HEADER_SIZE}/{cbformat.SLOT_HEADER_SIZE}"
-        )
+    check_preamble(data, PREAMBLE, CbFormatError)
+    _magic, _version, _hsize, _ssize, *fields, reserved = cbformat.HEADER.unpack_from(data)
     try:
         cbformat.check_capacities(fields[2], fields[3])
     except ValueError as err:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import msgspec
 
+from ..common.preamble import Preamble, check_preamble
 from ..errors import SensorBoxError
 from . import abi
 from .judgement import out_of_bounds, over_rate, stalled
@@ -102,23 +103,14 @@ def _name(raw: bytes, where: str) -> str:
     except UnicodeDecodeError as e:
         raise SensorBoxError(f"{where}: name is not valid UTF-8 ({e.reason})") from None
 
+PREAMBLE = Preamble("Sensor Box", abi.MAGIC, abi.VERSION, abi.HEADER_SIZE, abi.SLOT_SIZE,
+                    "slot_size")
+
 
 def parse_header(data: bytes) -> tuple[int, int, int, int, str]:
     """Check the header; return (capacity, count, owner_pid, generation, name)."""
-    if len(data) < abi.HEADER_SIZE:
-        raise SensorBoxError(
-            f"region truncated: {len(data)} bytes, the header alone needs {abi.HEADER_SIZE}"
-        )
-    magic, version, hsize, ssize, capacity, count, pid, gen, raw_name = \
-        abi.HEADER.unpack_from(data)
-    if magic != abi.MAGIC:
-        raise SensorBoxError(f"not a Sensor Box: magic is {magic!r}, expected {abi.MAGIC!r}")
-    if version != abi.VERSION:
-        raise SensorBoxError(f"unsupported Sensor Box layout version {version} (reader knows {abi.VERSION})")
-    if hsize != abi.HEADER_SIZE or ssize != abi.SLOT_SIZE:
-        raise SensorBoxError(
-            f"header: header_size {hsize} / slot_size {ssize}, ABI v1 requires {abi.HEADER_SIZE}/{abi.SLOT_SIZE}"
-        )
+    check_preamble(data, PREAMBLE, SensorBoxError)
+    *_preamble, capacity, count, pid, gen, raw_name = abi.HEADER.unpack_from(data)
     if not 1 <= capacity <= abi.MAX_CAPACITY:
         raise SensorBoxError(f"header: capacity {capacity} is outside 1..{abi.MAX_CAPACITY}")
     if count > capacity:
