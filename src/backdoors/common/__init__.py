@@ -5,7 +5,8 @@
   registration client a service uses to hand regions and sessions to its agent);
 - `ipc`: length-framed msgpack over Unix sockets with descriptor passing (SCM_RIGHTS), and
   the one rule for a stale socket file;
-- `procs`: process identity (alive, the same process as before by its start time).
+- `procs`: process identity (alive, the same process as before by its start time);
+- `preamble`: the check of the magic, version and sizes a shared-memory region starts with.
 
 Only `backdoors.errors` sits beside it; everything else in the package is above it.
 """
