@@ -12,16 +12,13 @@ The lines marked `# CB` are all it takes to make the plain server recoverable.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import resource
-import signal
-import threading
 
 import msgspec
 
 from backdoors.continuations import Listener, create_cb
+from backdoors.examples import arguments, serve_forever
 
 CHUNK = 64 * 1024
 EXPORT_EVERY = 256 * 1024  # a multiple of CHUNK
@@ -62,28 +59,13 @@ def resolve(root: str, name: str) -> str | None:
     return path
 
 
-def session_thread(conn, root: str) -> None:
-    try:
-        serve_session(conn, root)
-    except OSError as err:  # the client went away
-        log.info("session ended: %s", err)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, required=True)
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="directory of the files served")
-    parser.add_argument("--adopt", help="Unix socket path where recovered sessions arrive")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 3 descriptors per session:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # socket, box, its mapping
-    with Listener.tcp(args.host, args.port, adopt=args.adopt) as listener:  # CB
-        signal.signal(signal.SIGTERM, lambda *_: listener.close())
-        print("file_server listening on %s:%d" % listener.address, flush=True)
-        while conn := listener.accept():  # CB (was: sock.accept()[0])
-            threading.Thread(target=session_thread, args=(conn, args.root), daemon=True).start()
+    listener = Listener.tcp(args.host, args.port, adopt=args.adopt)  # CB (was: a server socket)
+    serve_forever(listener, "file_server", serve_session, args.root)  # accept() gives CB conns
 
 
 if __name__ == "__main__":

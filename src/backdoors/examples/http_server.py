@@ -16,20 +16,17 @@ recovery node (the server is deterministic given its state, its input and its fi
 
 from __future__ import annotations
 
-import argparse
 import email.utils
 import logging
 import mimetypes
 import os
-import resource
-import signal
 import socket
-import threading
 import urllib.parse
 
 import msgspec
 
 from backdoors.continuations import Listener, create_cb
+from backdoors.examples import arguments, serve_forever
 
 EXPORT_EVERY = 1 << 20
 MAX_LINE = 8192
@@ -263,33 +260,16 @@ def int_or(text: str | None, default):
         return default
 
 
-def session_thread(conn, root: str, plain: bool = False) -> None:
-    try:
-        serve_session(conn, root, plain)
-    except OSError as err:
-        log.info("session ended: %s", err)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, required=True)
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="directory of the files served")
-    parser.add_argument("--adopt", help="Unix socket path where recovered sessions arrive")
     parser.add_argument("--plain", action="store_true",
                         help="serve without Continuation Boxes (a baseline: not recoverable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 3 descriptors per session:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # socket, box, its mapping
     listener = (Listener(socket.create_server((args.host, args.port), backlog=128)) if args.plain
                 else Listener.tcp(args.host, args.port, adopt=args.adopt))
-    with listener:
-        signal.signal(signal.SIGTERM, lambda *_: listener.close())
-        print("http_server listening on %s:%d" % listener.address, flush=True)
-        while conn := listener.accept():
-            threading.Thread(target=session_thread, args=(conn, args.root, args.plain),
-                             daemon=True).start()
+    serve_forever(listener, "http_server", serve_session, args.root, args.plain)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,12 @@ read since that export are replayed from the Continuation Box's receive log.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import resource
-import signal
-import threading
 
 import msgspec
 
 from backdoors.continuations import Listener, create_cb
+from backdoors.examples import arguments, serve_forever
 
 EXPORT_EVERY = 16
 MAX_LINE = 1024
@@ -69,27 +66,11 @@ def execute(tally: Tally, line: bytes) -> tuple[bytes, bool]:
     return b"ERR unknown command\n", False
 
 
-def session_thread(conn) -> None:
-    try:
-        serve_session(conn)
-    except OSError as err:
-        log.info("session ended: %s", err)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--adopt", help="Unix socket path where recovered sessions arrive")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__.splitlines()[0]).parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 3 descriptors per session:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # socket, box, its mapping
-    with Listener.tcp(args.host, args.port, adopt=args.adopt) as listener:  # CB
-        signal.signal(signal.SIGTERM, lambda *_: listener.close())
-        print("line_server listening on %s:%d" % listener.address, flush=True)
-        while conn := listener.accept():  # CB
-            threading.Thread(target=session_thread, args=(conn,), daemon=True).start()
+    listener = Listener.tcp(args.host, args.port, adopt=args.adopt)  # CB
+    serve_forever(listener, "line_server", serve_session)
 
 
 if __name__ == "__main__":
