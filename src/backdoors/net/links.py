@@ -161,40 +161,28 @@ def link_info(ns: str, ifname: str) -> LinkInfo:
 
 def add_address(ns: str, ifname: str, cidr: str) -> None:
     """Add address `cidr` (e.g. 10.0.0.5/24) to `ifname`; already present is fine."""
-    iface = _parse_cidr(cidr, ns, ifname)
-    extra = {}
-    if iface.version == 6:
-        extra["flags"] = 0x02  # IFA_F_NODAD: usable at once, as a moved VIP must be
-    with netns.iproute(ns) as ipr:
-        try:
-            ipr.addr(
-                "add",
-                index=index_of(ipr, ns, ifname),
-                address=str(iface.ip),
-                prefixlen=iface.network.prefixlen,
-                **extra,
-            )
-        except NetlinkError as e:
-            if e.code == 17:  # EEXIST
-                return
-            raise _error(e, ns, ifname, f"cannot add address {cidr}") from e
+    _change_address("add", ns, ifname, cidr, done_if=17)  # EEXIST
 
 
 def del_address(ns: str, ifname: str, cidr: str) -> None:
     """Remove address `cidr` from `ifname`; already absent is fine."""
+    _change_address("del", ns, ifname, cidr, done_if=99)  # EADDRNOTAVAIL: not there
+
+
+def _change_address(op: str, ns: str, ifname: str, cidr: str, done_if: int) -> None:
     iface = _parse_cidr(cidr, ns, ifname)
+    extra = {}
+    if op == "add" and iface.version == 6:
+        extra["flags"] = 0x02  # IFA_F_NODAD: usable at once, as a moved VIP must be
     with netns.iproute(ns) as ipr:
         try:
-            ipr.addr(
-                "del",
-                index=index_of(ipr, ns, ifname),
-                address=str(iface.ip),
-                prefixlen=iface.network.prefixlen,
-            )
+            ipr.addr(op, index=index_of(ipr, ns, ifname), address=str(iface.ip),
+                     prefixlen=iface.network.prefixlen, **extra)
         except NetlinkError as e:
-            if e.code == 99:  # EADDRNOTAVAIL: not there
+            if e.code == done_if:
                 return
-            raise _error(e, ns, ifname, f"cannot delete address {cidr}") from e
+            verb = "add" if op == "add" else "delete"
+            raise _error(e, ns, ifname, f"cannot {verb} address {cidr}") from e
 
 
 def addresses(ns: str, ifname: str) -> list[str]:
