@@ -14,12 +14,12 @@ def nowhere(name):
     raise importlib.metadata.PackageNotFoundError(name)
 
 importlib.metadata.distribution = nowhere  # as for a wheel: no direct_url.json
-runpy.run_module("backdoors.cli_entry", run_name="__main__")
+runpy.run_module("backdoors", run_name="__main__")
 """
 
 
 def test_bench_runs_the_checkouts_benchmark_from_anywhere(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "backdoors.cli_entry", "bench", "sensors",
+    done = subprocess.run([sys.executable, "-m", "backdoors", "bench", "sensors",
                            "--number", "1000", "--json"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

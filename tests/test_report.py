@@ -454,7 +454,7 @@ def test_report_without_its_extra_names_the_extra(tmp_path):
     """Without matplotlib (the "report" extra), `backdoors report` says what to install, in
     one line, instead of a traceback; it writes nothing."""
     no_matplotlib = ("import runpy, sys; sys.modules['matplotlib'] = None; "
-                     "runpy.run_module('backdoors.cli_entry', run_name='__main__')")
+                     "runpy.run_module('backdoors', run_name='__main__')")
     out = tmp_path / "report.html"
     done = subprocess.run([sys.executable, "-c", no_matplotlib, "report", "--out", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
