@@ -2,7 +2,8 @@
 
 Hardens the process, moves it into its own cgroup, serves until SIGTERM or SIGINT, then
 releases leases, removes its sockets and its cgroup. When it is serving it prints one
-JSON line on stdout: {"event": "ready", "host", "listen", "pid"}.
+JSON line on stdout: {"event": "ready", "host", "listen", "pid"} (and "sealed": {"action",
+"denied"} when it sealed itself, `--sealed`: agent/sealing.py).
 """
 
 from __future__ import annotations

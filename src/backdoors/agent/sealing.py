@@ -92,7 +92,9 @@ def seal(*, secrets: tuple[str, ...] = (), action: str = "errno", log_denials: b
     (keys) is readable by anyone but root. Irreversible."""
     if action not in ACTIONS:
         raise AgentError(f"seal action {action!r}: expected one of {', '.join(ACTIONS)}")
-    warnings = [w for path in secrets for w in _check_secret(path)]
+    for path in secrets:
+        _check_secret(path)
+    warnings = []
     _prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE 0")
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS 1")
     denied, unknown = _load_filter(action, log_denials)
@@ -128,7 +130,7 @@ def secret_paths(config_path: str | None, monitors: object) -> tuple[str, ...]:
     return (config_path,) if config_path else ()
 
 
-def _check_secret(path: str) -> list[str]:
+def _check_secret(path: str) -> None:
     try:
         st = os.stat(path)
     except OSError as e:
@@ -137,7 +139,6 @@ def _check_secret(path: str) -> list[str]:
         raise AgentError(f"sealing: {path} holds the agent's keys and is readable by others "
                          f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}): make it "
                          f"root's and private (chown root {path}; chmod 600 {path})")
-    return []
 
 
 def _prctl(option: int, value: int, what: str) -> None:
@@ -148,8 +149,8 @@ def _prctl(option: int, value: int, what: str) -> None:
 
 def _load_filter(action: str, log_denials: bool) -> tuple[list[str], list[str]]:
     try:
-        import pyseccomp
-    except (ImportError, OSError) as e:
+        import pyseccomp  # finds libseccomp.so.2 with ctypes.util (runs ldconfig: before the seal)
+    except (ImportError, OSError, RuntimeError) as e:
         raise AgentError(f"sealing: cannot load libseccomp ({e}): install the Debian package "
                          "libseccomp2 and the Python package pyseccomp, or run without "
                          "--sealed") from None
