@@ -18,6 +18,7 @@ import pytest
 from test_agent_support import PY, agent_lab, daemon, prefix, read_line, to_toml
 
 from backdoors.agent.sealing import DENIED
+from backdoors.lab import Lab
 
 __all__ = ["agent_lab", "prefix"]
 pytestmark = pytest.mark.root
@@ -247,3 +248,17 @@ def test_a_sealed_agent_refuses_to_start_with_keys_readable_by_others(agent_lab,
     assert f"{keys} holds the agent's keys and is readable by others" in stderr, stderr
     assert f"chmod 600 {keys}" in stderr
     assert not os.path.exists(lab.socket_path("n0"))  # it stopped and cleaned up
+
+
+def test_the_labs_agents_run_sealed(unique):
+    with Lab(f"t{unique}", hosts=2, nodes=2, agents=True, services=False) as lab:
+        for host, pid in lab.state.agents.items():
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f)
+            assert status["Seccomp"].strip() == "2", host
+            assert status["NoNewPrivs"].strip() == "1", host
+            assert os.stat(f"/proc/{pid}/mem").st_uid == 0  # not dumpable
+            config = lab.plan.run_dir / f"agent-{host}.toml"
+            assert config.stat().st_mode & 0o777 == 0o600
+            with lab.agent_client(host) as c:
+                assert c.ping().pid == pid
