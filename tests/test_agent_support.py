@@ -140,8 +140,8 @@ def daemon(lab: AgentLab, *args: str):
     Yields the process and its ready line; the lab's clients then talk to it.
     """
     path = os.path.join(lab.tmp, "agent.toml")
-    with open(path, "w") as f:
-        f.write(to_toml(lab.config))
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(to_toml(lab.config))  # root's only: it holds the keys (a sealed agent checks)
     proc = subprocess.Popen([PY, "-m", "backdoors", "agent", "--config", path, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -165,6 +165,8 @@ def fault_stop(
 def agent(
     config: str = typer.Option(..., help="The agent's TOML config, unified or its own (see docs/agent-protocol.md)."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
+    sealed: bool = typer.Option(False, "--sealed", help="Once set up, seal the agent: not dumpable, no new privileges, a seccomp filter refusing exec, ptrace, mount, module loading... (docs/operations.md, \"The sealed agent\")."),
+    seal_action: str = typer.Option("errno", help="With --sealed, what a denied system call does: errno (EPERM), log (allowed, logged by the kernel: a dry run) or kill."),
 ) -> None:
     """Run the backdoor agent of this host (root): serves monitors on the private network.
 
@@ -180,6 +182,8 @@ def agent(
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise typer.BadParameter("one of DEBUG, INFO, WARNING, ERROR", param_hint="--log-level")
+    if seal_action not in ("errno", "log", "kill"):
+        raise typer.BadParameter("one of errno, log, kill", param_hint="--seal-action")
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s agent %(levelname)s %(message)s")
     try:
@@ -188,7 +192,7 @@ def agent(
     except BackdoorsError as e:
         print(f"backdoors agent: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
-    raise typer.Exit(run_agent(loaded))
+    raise typer.Exit(run_agent(loaded, sealed=sealed, config_path=config, seal_action=seal_action))
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 Hardens the process, moves it into its own cgroup, serves until SIGTERM or SIGINT, then
 releases leases, removes its sockets and its cgroup. When it is serving it prints one
-JSON line on stdout: {"event": "ready", "host", "listen", "pid"}.
+JSON line on stdout: {"event": "ready", "host", "listen", "pid"} (and "sealed": {"action",
+"denied"} when it sealed itself, `--sealed`: agent/sealing.py).
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from ..errors import BackdoorsError
 from .config import AgentConfig
 from .daemon import Agent
 from .hardening import OwnCgroup, harden
+from .sealing import seal, secret_paths
 
 log = logging.getLogger("backdoors.agent")
 
 
-def run_agent(config: AgentConfig) -> int:
+def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | None = None,
+              seal_action: str = "errno") -> int:
     """Run the agent daemon of `config` in this process until SIGTERM or SIGINT; the exit
-    status (0, or 1 when it could not serve)."""
+    status (0, or 1 when it could not serve). `sealed`: seal the process once it is set up
+    (agent/sealing.py; `config_path` is checked if it holds the keys)."""
     for warning in harden():
         log.warning("%s", warning)
     own = OwnCgroup(config.own_cgroup)
@@ -36,7 +40,8 @@ def run_agent(config: AgentConfig) -> int:
         return 1
     stuck = 0
     try:
-        stuck = asyncio.run(_serve(config))
+        stuck = asyncio.run(_serve(config, _Sealing(config, config_path, seal_action)
+                                                  if sealed else None))
         rc = 0
     except BackdoorsError as e:
         print(f"backdoors agent: {e}", file=sys.stderr)
@@ -54,9 +59,30 @@ def run_agent(config: AgentConfig) -> int:
     return rc
 
 
-async def _serve(config: AgentConfig) -> int:
+class _Sealing:
+    def __init__(self, config: AgentConfig, config_path: str | None, action: str):
+        self.secrets = secret_paths(config_path, config.monitors)
+        self.action = action
+
+    def apply(self) -> dict:
+        done = seal(secrets=self.secrets, action=self.action)
+        for warning in done.warnings:
+            log.warning("%s", warning)
+        log.info("sealed: not dumpable, no new privileges, %d system calls denied (%s)%s",
+                 len(done.denied), done.action,
+                 f"; unknown here: {', '.join(done.unknown)}" if done.unknown else "")
+        return {"action": done.action, "denied": len(done.denied)}
+
+
+async def _serve(config: AgentConfig, sealing: _Sealing | None = None) -> int:
     agent = Agent(config)
     await agent.start()
+    if sealing is not None:
+        try:
+            sealed = sealing.apply()
+        except BackdoorsError:
+            await agent.stop()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -64,6 +90,8 @@ async def _serve(config: AgentConfig) -> int:
     host, port = agent.address
     ready = {"event": "ready", "host": config.host, "pid": os.getpid(),
              "listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
+    if sealing is not None:
+        ready["sealed"] = sealed
     if agent.metrics_server is not None:
         ready["metrics"] = agent.metrics_server.url_host
     print(json.dumps(ready), flush=True)

@@ -53,9 +53,10 @@ def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> in
     """Start the agent of `host` and wait until it serves; returns its pid."""
     path = plan.run_dir / f"agent-{host.name}.toml"
     path.write_text(dumps(agent_config(plan, host, quorum)))
+    path.chmod(0o600)  # root's only, like the keys: nodes never read an agent's config
     log_path = plan.run_dir / f"agent-{host.name}.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "backdoors", "agent", "--config", str(path)],
+        proc = subprocess.Popen([sys.executable, "-m", "backdoors", "agent", "--config", str(path), "--sealed"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
     line = read_line(proc, READY_TIMEOUT)
     proc.stdout.close()
