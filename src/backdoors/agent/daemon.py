@@ -14,12 +14,14 @@ import os
 import socket
 import threading
 
+from ..common.fdstore import Notifier, listen_fds, watchdog_interval
 from ..common.runtime import agent_socket
 from ..errors import AgentError, BackdoorsError
 from ..nodes import Layout, Node, detect, read_process
 from ..sensors import KERNEL_BOX, Region
 from .audit import AuditLog
 from .config import AgentConfig, validate
+from .fdstore import AgentStore, Readopted
 from .leases import LeaseTable
 from .local import LocalServer
 from .metrics import AgentMetrics, MetricsServer
@@ -67,6 +69,10 @@ class Agent:
         self._reaper: asyncio.Task | None = None
         self._expiring: set[str] = set()
         self._expire_errors: dict[str, str] = {}
+        # the supervisor (systemd, the lab's keeper): fd store, readiness, watchdog
+        self.store = AgentStore(Notifier())
+        self.readopted: Readopted | None = None
+        self._watchdog: asyncio.Task | None = None
 
     def add_op(self, op: Op) -> None:
         """Add (or replace) an RPC op: the extension point, also used by tests."""
@@ -110,6 +116,7 @@ class Agent:
             except BackdoorsError as e:
                 raise AgentError(f"node {rt.name}: cannot sample it: {e}") from None
         self.metrics.watch(self)
+        self._take_back()
         self.local = LocalServer({n: rt.node for n, rt in self.nodes.items()}, c.run_dir,
                                  self.regions, audit=self.audit, metrics=self.metrics,
                                  sessions=self.sessions)
@@ -126,6 +133,55 @@ class Agent:
         self.audit.write(kind="start", host=c.host, listen=f"{self.address[0]}:{self.address[1]}",
                          nodes=[n.name for n in c.nodes], quorum=c.quorum)
         log.info("agent %s listening on %s:%d for %d nodes", c.host, *self.address, len(self.nodes))
+        self._supervised()
+
+    # -- supervisor: fd store, readiness, watchdog (see agent/fdstore.py) ---------------
+
+    def _take_back(self) -> None:
+        """Re-adopt the regions and sessions a previous agent kept in the fd store, then
+        mirror every later change there."""
+        passed = listen_fds()
+        if passed:
+            self.readopted = self.store.readopt(passed, self.regions, self.sessions)
+            r = self.readopted
+            self.audit.write(kind="readopted", host=self.config.host, regions=r.regions,
+                             sessions=r.sessions, dropped=r.dropped)
+            log.info("took back %d regions and %d sessions from the fd store (%d dropped)",
+                     r.regions, r.sessions, len(r.dropped))
+        self.store.attach(self.regions, self.sessions)
+
+    def _supervised(self) -> None:
+        """Tell the supervisor we serve (READY=1) and ping its watchdog, if it has one."""
+        if not self.store.enabled:
+            return
+        self.store.notifier.ready()
+        interval = watchdog_interval()
+        if interval:
+            self._watchdog = asyncio.get_running_loop().create_task(self._keep_alive(interval))
+
+    async def _keep_alive(self, interval: float) -> None:
+        """WATCHDOG=1 every quarter interval, once the event loop, the registration thread
+        and every lane (except one whose workers are known stuck) answered: a stopped or
+        wedged agent stops pinging and is replaced."""
+        period = interval / 4
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            lanes = [lane for lane in self.lanes() if not lane.stuck]
+            try:
+                await asyncio.wait_for(asyncio.gather(
+                    *(loop.run_in_executor(lane.pool, _nothing) for lane in lanes)), period)
+            except (TimeoutError, asyncio.TimeoutError):
+                log.warning("a lane did not answer within %.0f ms: no watchdog ping", period * 1e3)
+                continue
+            except RuntimeError:  # a pool shut down: we are stopping
+                return
+            if self.local is None or not self.local.alive():
+                continue
+            try:
+                self.store.notifier.watchdog()
+            except OSError as e:
+                log.warning("watchdog ping failed: %s", e)
 
     def _listen_socket(self) -> socket.socket:
         host, port = self.config.listen_address()
@@ -162,6 +218,9 @@ class Agent:
             await self.rpc.stop()
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.leases is not None:
             await self._release_leases()
         if self.local is not None:
@@ -173,6 +232,7 @@ class Agent:
         self.regions.close()
         self.sessions.close()
         self.recovery.close()
+        self.store.close()
         for rt in self.nodes.values():
             rt.sampler.close()
         if self.audit is not None:
@@ -231,6 +291,10 @@ class Agent:
                 self.audit.write(kind="lease_released", node=name, ok=True, why="agent stop")
             except Exception as e:  # noqa: BLE001 - TimeoutError too
                 log.warning("node %s: could not thaw it at shutdown: %s", name, e)
+
+
+def _nothing() -> None:
+    pass
 
 
 class BackgroundAgent:
