@@ -26,6 +26,7 @@ from .leases import LeaseTable
 from .local import LocalServer
 from .metrics import AgentMetrics, MetricsServer
 from .ops import OPS, Op
+from .peerwatch import PeerWatch
 from .recovery import Recovery
 from .regions import Entry, RegionTable
 from .served import Lane, NodeRuntime
@@ -52,6 +53,10 @@ class Agent:
                                  peer_key=self.keys.get(config.peer_id), netns=config.netns)
         self.ops: dict[str, Op] = dict(OPS)
         self.ops.update((op.name, op) for op in self.recovery.ops())
+        self.peerwatch = PeerWatch(config.watch_peers, peer_id=config.peer_id,
+                                   key=self.keys.get(config.peer_id) if config.peer_id else None,
+                                   netns=config.netns, period_s=config.peer_check_ms / 1000)
+        self.ops.update((op.name, op) for op in self.peerwatch.ops())
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
         self.nodes: dict[str, NodeRuntime] = {}
         self.regions = RegionTable([n.name for n in config.nodes],
@@ -134,6 +139,7 @@ class Agent:
                          nodes=[n.name for n in c.nodes], quorum=c.quorum)
         log.info("agent %s listening on %s:%d for %d nodes", c.host, *self.address, len(self.nodes))
         self._supervised()
+        self.peerwatch.start()
 
     # -- supervisor: fd store, readiness, watchdog (see agent/fdstore.py) ---------------
 
@@ -211,6 +217,7 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop serving; thaw nodes locked under a lease (fences stay); remove sockets."""
+        await asyncio.to_thread(self.peerwatch.stop)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
             self.metrics_server = None

@@ -9,8 +9,9 @@ environment (`service_env`):
     BACKDOORS_ADOPT_DIR      where a server on port P listens for sessions (adopt-P.sock)
     BACKDOORS_ADOPT_SOCKET   one server's own adoption socket (overrides the directory)
 
-The registration client (`register_box`, `register_region`, `hold_socket`, `release`,
-`unregister`) hands regions (sealed memfds) and session sockets to the agent over that
+`AgentWatch` notices a restarted agent (its socket file replaced) so a registrar can
+register again. The registration client (`register_box`, `register_region`, `hold_socket`,
+`release`, `unregister`) hands regions (sealed memfds) and session sockets to the agent over that
 socket (common.ipc frames, one descriptor attached). The agent keeps a duplicate of each
 descriptor, so a region or session outlives this process; it accepts them only from
 processes inside its node. Light on purpose (stdlib and msgspec only): services import it.
@@ -116,6 +117,50 @@ def release(name: str, *, socket_path: str | None = None, timeout: float = 2.0) 
 def unregister(name: str, *, socket_path: str | None = None, timeout: float = 2.0) -> dict:
     """Withdraw a region of this node; the agent closes its copy."""
     return _call({"op": "unregister", "name": name}, None, socket_path, timeout)
+
+
+class AgentWatch:
+    """Calls `on_back()` (on a daemon thread) whenever the agent's socket at `path` is
+    replaced: a restarted agent binds a new one (after a crash the stale file is replaced;
+    after a clean stop it went away first). Checked every `period` seconds with one stat;
+    the kept connection to the old agent is dropped, so the next call reconnects.
+    `close()` stops watching."""
+
+    def __init__(self, path: str, on_back, period: float = 0.1):
+        self.path, self.on_back, self.period = path, on_back, period
+        self._stop = threading.Event()
+        self._seen = self._identity()
+        self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
+        self._thread.start()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            now = self._identity()
+            if now == self._seen:
+                continue
+            self._seen = now
+            if now is None:
+                continue  # gone: wait for it to come back
+            with _channels_lock:
+                channel = _channels.get(self.path)
+            if channel is not None:
+                with channel.lock:
+                    channel.close()
+            try:
+                self.on_back()
+            except Exception:  # noqa: BLE001 - keep watching
+                import logging
+                logging.getLogger("backdoors.runtime").exception("re-registering failed")
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class _Channel:

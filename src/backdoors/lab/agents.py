@@ -45,7 +45,9 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
         host=host.name, listen=f"{host.address}:{topology.AGENT_PORT}", netns=host.netns,
         run_dir=str(plan.run_dir / "nodes"), audit_log=str(plan.run_dir / f"audit-{host.name}.jsonl"),
         monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes,
-        peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts])
+        peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts],
+        watch_peers={h.name: f"{h.address}:{topology.AGENT_PORT}" for h in plan.hosts
+                     if h.name != host.name})
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 
