@@ -36,6 +36,7 @@ LISTEN_FDS_START = 3
 MAX_NAME = 255
 MAX_MESSAGE = 4096
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD
+SEND_TIMEOUT_S = 1.0
 
 
 class NotifyError(OSError):
@@ -88,6 +89,7 @@ class Notifier:
         if self.path:
             self._address = _address(self.path)
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.settimeout(SEND_TIMEOUT_S)  # a supervisor that stops reading: an error
 
     @property
     def enabled(self) -> bool:

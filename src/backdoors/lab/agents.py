@@ -75,8 +75,7 @@ def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> in
             [sys.executable, "-m", "backdoors.lab.keeper", "--notify", str(notify),
              "--pid-file", str(pid_file), "--watchdog-ms", str(WATCHDOG_MS),
              "--agent-config", str(path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
     try:
         keeper_cgroup.attach(proc.pid)
     except BackdoorsError:
