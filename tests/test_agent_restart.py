@@ -301,7 +301,8 @@ def test_agent_down_needs_the_monitor_and_a_peer_to_agree():
 def test_a_killed_agent_is_restarted_with_its_sessions_and_reported_by_its_peer(root):
     """Lab end to end: the agent of h1 is SIGSTOPped; its peer h0 reports it (agent-down
     naming h0), the keeper's watchdog replaces it, and the new agent holds the region the
-    node's service registered, taken back from the fd store."""
+    node's service registered, taken back from the fd store; so does one started again
+    after a clean SIGTERM."""
     from backdoors.lab import Lab
     from backdoors.lab.agents import agent_pid
     from backdoors.scenarios.labkit import unique_name
@@ -334,3 +335,9 @@ def test_a_killed_agent_is_restarted_with_its_sessions_and_reported_by_its_peer(
             assert any(n.startswith("rsvc") for n in names), names
             with lab.agent_client("h1") as c:
                 assert c.ping().pid == new
+            # a clean stop (an upgrade's restart) keeps the store too
+            os.kill(new, signal.SIGTERM)
+            _wait(lambda: agent_pid(lab.plan, lab.plan.host("h1")) not in (new, None), 10,
+                  "the agent started again")
+            names = _wait(regions, 10, "the restarted agent answering")
+            assert any(n.startswith("rsvc") for n in names), names
