@@ -23,6 +23,7 @@ from backdoors.common.fdstore import (Notifier, NotifyError, PassedFd, decode_na
 from backdoors.continuations.agent_link import AgentRegistrar
 from backdoors.monitor.detectors import AgentDown, NodeView, evaluate
 from backdoors.sensors import Region
+from test_agent_support import agent_lab, prefix  # noqa: F401 - fixtures
 
 
 def _wait(pred, timeout=20.0, what="condition"):
@@ -274,7 +275,7 @@ def test_registrars_register_again_when_the_agent_comes_back(tmp_path):
     # the agent dies and a new one binds a new socket at the same path
     listener.close()
     os.unlink(path)
-    time.sleep(0.3)  # let the watch see it gone: coming back is what counts, either way
+    time.sleep(0.3)  # as a real restart does: a new socket, bound later (another mtime)
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     _wait(lambda: len(client.calls) >= 2, 5, "registering again")
@@ -341,3 +342,22 @@ def test_a_killed_agent_is_restarted_with_its_sessions_and_reported_by_its_peer(
                   "the agent started again")
             names = _wait(regions, 10, "the restarted agent answering")
             assert any(n.startswith("rsvc") for n in names), names
+
+
+@pytest.mark.root
+def test_services_register_their_boxes_again_with_an_agent_without_store(agent_lab):
+    """An agent run without a supervisor (no fd store) starts empty: the node's service
+    notices the new agent's socket and registers its Sensor Box again by itself."""
+    from test_agent_support import daemon
+
+    lab = agent_lab(start=False)
+    with daemon(lab) as (proc, _):
+        lab.start_app("n0")
+        assert "app" in lab.client().sensors("n0").boxes
+        proc.kill()
+        proc.wait()
+    with daemon(lab) as (proc, _):
+        def boxes():
+            with lab.client() as c:
+                return "app" in c.sensors("n0").boxes
+        _wait(boxes, 10, "the box registered again")
