@@ -166,23 +166,33 @@ class Agent:
             self._watchdog = asyncio.get_running_loop().create_task(self._keep_alive(interval))
 
     async def _keep_alive(self, interval: float) -> None:
-        """WATCHDOG=1 every quarter interval, once the event loop, the registration thread
-        and every lane (except one whose workers are known stuck) answered: a stopped or
-        wedged agent stops pinging and is replaced."""
+        """WATCHDOG=1 every quarter interval while the event loop runs (this task), the
+        registration thread lives and every lane gets through its work: a probe queued
+        on each lane must run within the longest op deadline (ops may fill a lane that
+        long), unless the lane's workers are known stuck (abandoned at their deadline).
+        A stopped or wedged agent stops pinging and is replaced."""
         period = interval / 4
+        grace = max([self.config.op_deadline_s,
+                     *(op.deadline_s or 0 for op in self.ops.values())]) + interval
         loop = asyncio.get_running_loop()
+        probes: dict[int, tuple[float, asyncio.Future]] = {}  # by id(lane)
         while True:
             await asyncio.sleep(period)
-            lanes = [lane for lane in self.lanes() if not lane.stuck]
-            try:
-                await asyncio.wait_for(asyncio.gather(
-                    *(loop.run_in_executor(lane.pool, _nothing) for lane in lanes)), period)
-            except (TimeoutError, asyncio.TimeoutError):
-                log.warning("a lane did not answer within %.0f ms: no watchdog ping", period * 1e3)
-                continue
-            except RuntimeError:  # a pool shut down: we are stopping
-                return
-            if self.local is None or not self.local.alive():
+            now = loop.time()
+            healthy = self.local is not None and self.local.alive()
+            for lane in self.lanes():
+                probe = probes.get(id(lane))
+                if probe is None or probe[1].done():
+                    try:
+                        probes[id(lane)] = (now, loop.run_in_executor(lane.pool, _nothing))
+                    except RuntimeError:  # the pool shut down: we are stopping
+                        return
+                elif not lane.stuck and now - probe[0] > grace:
+                    if healthy:
+                        log.warning("lane %s has not run anything for %.1f s: no watchdog "
+                                    "ping", lane.name, now - probe[0])
+                    healthy = False
+            if not healthy:
                 continue
             try:
                 self.store.notifier.watchdog()
