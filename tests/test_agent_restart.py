@@ -361,3 +361,40 @@ def test_services_register_their_boxes_again_with_an_agent_without_store(agent_l
             with lab.client() as c:
                 return "app" in c.sensors("n0").boxes
         _wait(boxes, 10, "the box registered again")
+
+
+@pytest.mark.root
+def test_the_agent_tells_its_supervisor(agent_lab, listener, monkeypatch):
+    """A real agent under a supervisor: READY=1, watchdog pings, FDSTORE=1 of a registered
+    Sensor Box (the very file the agent maps), FDSTOREREMOVE=1 when it is dropped."""
+    path, sock = listener
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    lab = agent_lab()
+    seen = []
+
+    def until(pred):
+        while True:
+            msg = receive(sock)
+            seen.append(msg)
+            if pred(msg.fields):
+                return msg
+
+    try:
+        until(lambda f: f.get("READY") == "1")
+        until(lambda f: f.get("WATCHDOG") == "1")
+        lab.start_app("n0")
+        stored = until(lambda f: f.get("FDSTORE") == "1")
+        prefix, meta = decode_name(stored.fields["FDNAME"])
+        assert prefix == PREFIX and (meta["t"], meta["n"], meta["r"], meta["k"]) == \
+            ("r", "n0", "app", "sensorbox")
+        entry = next(e for e in lab.agent.agent.regions.entries("n0") if e.name == "app")
+        assert os.fstat(stored.fds[0]).st_ino == os.fstat(entry.region.fd).st_ino
+        assert meta["p"] == entry.pid and meta["s"] == entry.start_time
+        lab.agent.agent.regions.remove("n0", "app")
+        removed = until(lambda f: f.get("FDSTOREREMOVE") == "1")
+        assert removed.fields["FDNAME"] == stored.fields["FDNAME"]
+    finally:
+        for msg in seen:
+            for fd in msg.fds:
+                os.close(fd)
