@@ -5,7 +5,9 @@
   registration client a service uses to hand regions and sessions to its agent);
 - `ipc`: length-framed msgpack over Unix sockets with descriptor passing (SCM_RIGHTS), and
   the one rule for a stale socket file;
-- `procs`: process identity (alive, the same process as before by its start time).
+- `procs`: process identity (alive, the same process as before by its start time);
+- `fdstore`: systemd's notify protocol, both sides (READY, WATCHDOG, the fd store and
+  LISTEN_FDS), spoken by the agent and by the lab's keeper.
 
 Only `backdoors.errors` sits beside it; everything else in the package is above it.
 """
