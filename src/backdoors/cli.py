@@ -350,7 +350,7 @@ def scenario_hang(
 
 @scenario_app.command("recovery")
 def scenario_recovery(
-    fault: str = typer.Option("freeze", help="freeze (SIGSTOP the node), crash (SIGKILL the server), network (link down) or memory-hog (the server itself leaks: unrepairable)."),
+    fault: str = typer.Option("freeze", help="freeze (SIGSTOP the node), crash (SIGKILL the server), network (link down) or memory-hog (the server itself leaks: unrepairable), agent-restart (SIGKILL the node's agent while sessions stream, then freeze the node) or agent-stop (SIGSTOP it: its watchdog replaces it; then freeze)."),
     sessions: int = typer.Option(10, help="Concurrent client sessions, each verified byte for byte."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

@@ -3,7 +3,9 @@
 - `Agent`, `BackgroundAgent` (daemon.py); `run_agent` (run.py), the daemon process that
   `backdoors agent --config FILE` runs;
 - `AgentConfig`, `load_config` (config.py); `generate_keys`, `load_keys` (keys.py);
-- `AgentClient` (client.py), used by monitors.
+- `AgentClient` (client.py), used by monitors;
+- `fdstore.py` (its held descriptors in the supervisor's fd store, taken back on start)
+  and `peerwatch.py` (agents watching each other; the op `peers`).
 
 Services register with their agent through `backdoors.common.runtime`. Names are imported
 lazily: importing the package does not load the daemon.

@@ -102,6 +102,11 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "thresholds of the kernel sensors: [agent.kernel_sensors]")] = KernelSensorLimits()
     metrics_listen: Annotated[str | None, doc(
         "ADDR:PORT of GET /metrics (Prometheus), in netns; unset: not served")] = None
+    watch_peers: Annotated[dict[str, str], doc(
+        "peer agents this agent checks (host = \"ADDR:PORT\"), pinging as peer_id; their "
+        "view is the op peers")] = {}
+    peer_check_ms: Annotated[float, doc(
+        "how often each watched peer is pinged; silent for 3 checks: reported down")] = 100.0
 
     @property
     def own_cgroup(self) -> str:
@@ -168,6 +173,15 @@ def _validate(c: AgentConfig) -> None:
            f"{c.own_cgroup!r} must be a relative cgroup path starting with 'bd' (so that "
            "reap can remove a killed agent's leftovers)")
     _check(c.quorum >= 1, ("quorum",), "must be at least 1")
+    for peer, address in c.watch_peers.items():
+        try:
+            parse_address(address)
+        except ValueError:
+            _check(False, ("watch_peers", peer), f"{address!r} is not ADDR:PORT")
+    _check(not c.watch_peers or bool(c.peer_id), ("watch_peers",),
+           "needs peer_id (with its key in monitors): the agent pings its peers as that id")
+    _check(math.isfinite(c.peer_check_ms) and 10 <= c.peer_check_ms <= 60000,
+           ("peer_check_ms",), "must be within 10..60000 ms")
     for key, low, high in (("vote_window_s", 0.01, 600), ("op_deadline_s", 0.01, 60),
                            ("sample_period_s", 0.005, 10)):
         v = getattr(c, key)

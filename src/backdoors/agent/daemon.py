@@ -14,16 +14,19 @@ import os
 import socket
 import threading
 
+from ..common.fdstore import Notifier, listen_fds, watchdog_interval
 from ..common.runtime import agent_socket
 from ..errors import AgentError, BackdoorsError
 from ..nodes import Layout, Node, detect, read_process
 from ..sensors import KERNEL_BOX, Region
 from .audit import AuditLog
 from .config import AgentConfig, validate
+from .fdstore import AgentStore, Readopted
 from .leases import LeaseTable
 from .local import LocalServer
 from .metrics import AgentMetrics, MetricsServer
 from .ops import OPS, Op
+from .peerwatch import PeerWatch
 from .recovery import Recovery
 from .regions import Entry, RegionTable
 from .served import Lane, NodeRuntime
@@ -50,6 +53,10 @@ class Agent:
                                  peer_key=self.keys.get(config.peer_id), netns=config.netns)
         self.ops: dict[str, Op] = dict(OPS)
         self.ops.update((op.name, op) for op in self.recovery.ops())
+        self.peerwatch = PeerWatch(config.watch_peers, peer_id=config.peer_id,
+                                   key=self.keys.get(config.peer_id) if config.peer_id else None,
+                                   netns=config.netns, period_s=config.peer_check_ms / 1000)
+        self.ops.update((op.name, op) for op in self.peerwatch.ops())
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
         self.nodes: dict[str, NodeRuntime] = {}
         self.regions = RegionTable([n.name for n in config.nodes],
@@ -67,6 +74,10 @@ class Agent:
         self._reaper: asyncio.Task | None = None
         self._expiring: set[str] = set()
         self._expire_errors: dict[str, str] = {}
+        # the supervisor (systemd, the lab's keeper): fd store, readiness, watchdog
+        self.store = AgentStore(Notifier())
+        self.readopted: Readopted | None = None
+        self._watchdog: asyncio.Task | None = None
 
     def add_op(self, op: Op) -> None:
         """Add (or replace) an RPC op: the extension point, also used by tests."""
@@ -110,6 +121,7 @@ class Agent:
             except BackdoorsError as e:
                 raise AgentError(f"node {rt.name}: cannot sample it: {e}") from None
         self.metrics.watch(self)
+        self._take_back()
         self.local = LocalServer({n: rt.node for n, rt in self.nodes.items()}, c.run_dir,
                                  self.regions, audit=self.audit, metrics=self.metrics,
                                  sessions=self.sessions)
@@ -126,6 +138,66 @@ class Agent:
         self.audit.write(kind="start", host=c.host, listen=f"{self.address[0]}:{self.address[1]}",
                          nodes=[n.name for n in c.nodes], quorum=c.quorum)
         log.info("agent %s listening on %s:%d for %d nodes", c.host, *self.address, len(self.nodes))
+        self._supervised()
+        self.peerwatch.start()
+
+    # -- supervisor: fd store, readiness, watchdog (see agent/fdstore.py) ---------------
+
+    def _take_back(self) -> None:
+        """Re-adopt the regions and sessions a previous agent kept in the fd store, then
+        mirror every later change there."""
+        passed = listen_fds()
+        if passed:
+            self.readopted = self.store.readopt(passed, self.regions, self.sessions)
+            r = self.readopted
+            self.audit.write(kind="readopted", host=self.config.host, regions=r.regions,
+                             sessions=r.sessions, dropped=r.dropped)
+            log.info("took back %d regions and %d sessions from the fd store (%d dropped)",
+                     r.regions, r.sessions, len(r.dropped))
+        self.store.attach(self.regions, self.sessions)
+
+    def _supervised(self) -> None:
+        """Tell the supervisor we serve (READY=1) and ping its watchdog, if it has one."""
+        if not self.store.enabled:
+            return
+        self.store.notifier.ready()
+        interval = watchdog_interval()
+        if interval:
+            self._watchdog = asyncio.get_running_loop().create_task(self._keep_alive(interval))
+
+    async def _keep_alive(self, interval: float) -> None:
+        """WATCHDOG=1 every quarter interval while the event loop runs (this task), the
+        registration thread lives and every lane gets through its work: a probe queued
+        on each lane must run within the longest op deadline (ops may fill a lane that
+        long), unless the lane's workers are known stuck (abandoned at their deadline).
+        A stopped or wedged agent stops pinging and is replaced."""
+        period = interval / 4
+        grace = max([self.config.op_deadline_s,
+                     *(op.deadline_s or 0 for op in self.ops.values())]) + interval
+        loop = asyncio.get_running_loop()
+        probes: dict[int, tuple[float, asyncio.Future]] = {}  # by id(lane)
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            healthy = self.local is not None and self.local.alive()
+            for lane in self.lanes():
+                probe = probes.get(id(lane))
+                if probe is None or probe[1].done():
+                    try:
+                        probes[id(lane)] = (now, loop.run_in_executor(lane.pool, _nothing))
+                    except RuntimeError:  # the pool shut down: we are stopping
+                        return
+                elif not lane.stuck and now - probe[0] > grace:
+                    if healthy:
+                        log.warning("lane %s has not run anything for %.1f s: no watchdog "
+                                    "ping", lane.name, now - probe[0])
+                    healthy = False
+            if not healthy:
+                continue
+            try:
+                self.store.notifier.watchdog()
+            except OSError as e:
+                log.warning("watchdog ping failed: %s", e)
 
     def _listen_socket(self) -> socket.socket:
         host, port = self.config.listen_address()
@@ -155,6 +227,7 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop serving; thaw nodes locked under a lease (fences stay); remove sockets."""
+        await asyncio.to_thread(self.peerwatch.stop)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.stop)
             self.metrics_server = None
@@ -162,6 +235,9 @@ class Agent:
             await self.rpc.stop()
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.leases is not None:
             await self._release_leases()
         if self.local is not None:
@@ -173,6 +249,7 @@ class Agent:
         self.regions.close()
         self.sessions.close()
         self.recovery.close()
+        self.store.close()
         for rt in self.nodes.values():
             rt.sampler.close()
         if self.audit is not None:
@@ -231,6 +308,10 @@ class Agent:
                 self.audit.write(kind="lease_released", node=name, ok=True, why="agent stop")
             except Exception as e:  # noqa: BLE001 - TimeoutError too
                 log.warning("node %s: could not thaw it at shutdown: %s", name, e)
+
+
+def _nothing() -> None:
+    pass
 
 
 class BackgroundAgent:

@@ -115,8 +115,12 @@ class LocalServer:
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._thread.start()
 
+    def alive(self) -> bool:
+        """Whether the serving thread runs (for the watchdog)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
-        """Stop serving; remove the sockets and the directories this server created."""
+        """Stop serving; remove the sockets (their directories stay for the next agent)."""
         self._stopping = True
         try:
             self._wake_w.send(b"x")
@@ -133,11 +137,8 @@ class LocalServer:
             sock.close()
             ipc.unlink_socket(self.paths[node])
         self._listeners.clear()
-        for d in reversed(self._made_dirs):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        # The directories stay: a node may have them bound in (a container), and a removed
+        # and recreated directory would stay invisible there after an agent restart.
         self._made_dirs.clear()
         self._wake_r.close()
         self._wake_w.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -69,6 +69,8 @@ class RegionTable:
         self.max_node_bytes = max_node_bytes
         self._nodes: dict[str, dict[str, Entry]] = {n: {} for n in nodes}
         self._lock = threading.Lock()
+        #: called as observer("add" | "remove", entry) after a change (the fd store)
+        self.observer: Callable[[str, Entry], None] | None = None
 
     def usage(self, node: str) -> tuple[int, int]:
         """(count, bytes) of the node's registered regions, the agent's own excluded."""
@@ -125,6 +127,8 @@ class RegionTable:
             regions[entry.name] = entry
             if old is not None:
                 self._retire(old)
+        if self.observer is not None:
+            self.observer("add", entry)
         return old
 
     def keep(self, node: str, name: str, kind: str, fd: int, pid: int, *,
@@ -151,6 +155,8 @@ class RegionTable:
                 raise KeyError(name)
             del self._nodes[node][name]
             self._retire(entry)
+        if self.observer is not None:
+            self.observer("remove", entry)
         return entry
 
     def entries(self, node: str) -> list[Entry]:

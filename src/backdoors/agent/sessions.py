@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..tcprepair import TcpState
@@ -48,6 +49,8 @@ class SessionTable:
     _sessions: dict[str, dict[str, Session]] = field(init=False)
     _adopted: dict[tuple[str, str], TcpState] = field(init=False, default_factory=dict)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    #: called as observer("add" | "remove", session) after a change (the fd store)
+    observer: Callable[[str, Session], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self._sessions = {n: {} for n in self.nodes}
@@ -73,6 +76,8 @@ class SessionTable:
             since = self._adopted.pop((node, name), None) or (old.since if old else None)
             session = Session(node, name, sock, pid, since)
             held[name] = session
+        if self.observer is not None:
+            self.observer("add", session)
         if old is not None:
             old.sock.close()
         return session
@@ -82,6 +87,8 @@ class SessionTable:
         with self._lock:
             session = self._sessions[node].pop(name, None)
         if session is not None:
+            if self.observer is not None:
+                self.observer("remove", session)
             session.sock.close()
         return session
 
@@ -90,6 +97,9 @@ class SessionTable:
         with self._lock:
             sessions = list(self._sessions[node].values())
             self._sessions[node].clear()
+        if self.observer is not None:
+            for s in sessions:
+                self.observer("remove", s)
         return sessions
 
     def expect(self, node: str, name: str, since: TcpState) -> None:

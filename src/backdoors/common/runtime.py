@@ -9,8 +9,9 @@ environment (`service_env`):
     BACKDOORS_ADOPT_DIR      where a server on port P listens for sessions (adopt-P.sock)
     BACKDOORS_ADOPT_SOCKET   one server's own adoption socket (overrides the directory)
 
-The registration client (`register_box`, `register_region`, `hold_socket`, `release`,
-`unregister`) hands regions (sealed memfds) and session sockets to the agent over that
+`AgentWatch` notices a restarted agent (its socket file replaced) so a registrar can
+register again. The registration client (`register_box`, `register_region`, `hold_socket`,
+`release`, `unregister`) hands regions (sealed memfds) and session sockets to the agent over that
 socket (common.ipc frames, one descriptor attached). The agent keeps a duplicate of each
 descriptor, so a region or session outlives this process; it accepts them only from
 processes inside its node. Light on purpose (stdlib and msgspec only): services import it.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -86,9 +88,14 @@ class RegistrationLink(Protocol):
 
 def register_box(box: NamedRegion, *, name: str | None = None,
                  socket_path: str | None = None, timeout: float = 2.0) -> dict:
-    """Register a Sensor Box; its region name defaults to the box's own name."""
-    return _call({"op": "register", "kind": "sensorbox", "name": name or box.name,
-                  "writable": False}, box.fd, socket_path, timeout)
+    """Register a Sensor Box; its region name defaults to the box's own name. The box is
+    registered again by itself when the agent restarts (its socket replaced), for as long
+    as the box lives and its name is not unregistered."""
+    name = name or box.name
+    reply = _call({"op": "register", "kind": "sensorbox", "name": name, "writable": False},
+                  box.fd, socket_path, timeout)
+    _remember_box(socket_path or os.environ.get(AGENT_SOCKET_ENV, ""), name, box)
+    return reply
 
 
 def register_region(fd: int, name: str, writable: bool = False, *, kind: str = "region",
@@ -115,7 +122,105 @@ def release(name: str, *, socket_path: str | None = None, timeout: float = 2.0) 
 
 def unregister(name: str, *, socket_path: str | None = None, timeout: float = 2.0) -> dict:
     """Withdraw a region of this node; the agent closes its copy."""
+    with _boxes_lock:
+        _boxes.get(socket_path or os.environ.get(AGENT_SOCKET_ENV, ""), {}).pop(name, None)
     return _call({"op": "unregister", "name": name}, None, socket_path, timeout)
+
+
+# Sensor Boxes registered by this process, per agent socket: registered again when the
+# agent restarts (a new agent with an fd store holds them already: a replacement in place).
+_boxes: dict[str, dict[str, tuple[weakref.ref, tuple[int, int]]]] = {}
+_box_watches: dict[str, AgentWatch] = {}
+_boxes_lock = threading.Lock()
+
+
+def _remember_box(path: str, name: str, box: NamedRegion) -> None:
+    if not path:
+        return
+    try:
+        st = os.fstat(box.fd)
+        ref = weakref.ref(box)
+    except (OSError, TypeError):  # not weakly referable: not followed
+        return
+    with _boxes_lock:
+        if os.getpid() != _boxes_pid[0]:  # a forked child follows its own boxes only
+            _boxes.clear()
+            _box_watches.clear()
+            _boxes_pid[0] = os.getpid()
+        _boxes.setdefault(path, {})[name] = (ref, (st.st_dev, st.st_ino))
+        if path not in _box_watches:
+            _box_watches[path] = AgentWatch(path, lambda: _register_boxes_again(path))
+
+
+_boxes_pid = [os.getpid()]
+
+
+def _register_boxes_again(path: str) -> None:
+    with _boxes_lock:
+        boxes = list(_boxes.get(path, {}).items())
+    for name, (ref, ident) in boxes:
+        box = ref()
+        try:
+            st = os.fstat(box.fd) if box is not None else None
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != ident:  # closed, its fd reused
+            with _boxes_lock:
+                _boxes.get(path, {}).pop(name, None)
+            continue
+        try:
+            _call({"op": "register", "kind": "sensorbox", "name": name, "writable": False},
+                  box.fd, path, 2.0)
+        except RegistrationError as e:
+            import logging
+            logging.getLogger("backdoors.runtime").warning(
+                "Sensor Box %r not registered again with the restarted agent: %s", name, e)
+
+
+class AgentWatch:
+    """Calls `on_back()` (on a daemon thread) whenever the agent's socket at `path` is
+    replaced: a restarted agent binds a new one (after a crash the stale file is replaced;
+    after a clean stop it went away first). Checked every `period` seconds with one stat;
+    the kept connection to the old agent is dropped, so the next call reconnects.
+    `close()` stops watching."""
+
+    def __init__(self, path: str, on_back, period: float = 0.1):
+        self.path, self.on_back, self.period = path, on_back, period
+        self._stop = threading.Event()
+        self._seen = self._identity()
+        self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
+        self._thread.start()
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        # a file system may give the new socket the inode number of the old one: its
+        # modification time (set when it is bound) tells them apart
+        return st.st_dev, st.st_ino, st.st_mtime_ns
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            now = self._identity()
+            if now == self._seen:
+                continue
+            self._seen = now
+            if now is None:
+                continue  # gone: wait for it to come back
+            with _channels_lock:
+                channel = _channels.get(self.path)
+            if channel is not None:
+                with channel.lock:
+                    channel.close()
+            try:
+                self.on_back()
+            except Exception:  # noqa: BLE001 - keep watching
+                import logging
+                logging.getLogger("backdoors.runtime").exception("re-registering failed")
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class _Channel:

@@ -14,7 +14,8 @@ object with the same calls, a `RegistrationLink`):
     hold_socket(fd, *, name)             the session socket, under the same name
     release(name)                        the session ended: drop region and socket
 
-An agent that refuses or fails does not stop the session: the box is served unregistered
+When the agent restarts (its socket file replaced), the registrar registers every live
+box again (`runtime.AgentWatch`). An agent that refuses or fails does not stop the session: the box is served unregistered
 (`box.registered` is False) and a warning is logged.
 """
 
@@ -24,6 +25,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -82,7 +84,7 @@ class AgentRegistrar:
     """Registers boxes through a registration client offering register_region, hold_socket
     and release (the `backdoors.common.runtime` module, or any object with those calls)."""
 
-    def __init__(self, client: RegistrationLink):
+    def __init__(self, client: RegistrationLink, *, socket_path: str | None = None):
         missing = [name for name in _NEEDED if not callable(getattr(client, name, None))]
         if missing:
             raise ContinuationError(
@@ -93,8 +95,35 @@ class AgentRegistrar:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queue_lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        # boxes the agent holds now, by name: registered again when the agent restarts
+        self._held: weakref.WeakValueDictionary[str, ContinuationBox] = weakref.WeakValueDictionary()
+        self._held_lock = threading.Lock()
+        self.socket_path = socket_path
+        self._watch: runtime.AgentWatch | None = None
+        self.reattached = 0
 
     def attach(self, box: ContinuationBox) -> bool:
+        if self._attach(box):
+            with self._held_lock:
+                self._held[box.name] = box
+                if self._watch is None and self.socket_path:
+                    self._watch = runtime.AgentWatch(self.socket_path, self._agent_back)
+            return True
+        return False
+
+    def _agent_back(self) -> None:
+        """The agent restarted: register every live box again. A new agent that took
+        them back from its fd store already holds them (same process: replaced in place);
+        one started without the store learns them here."""
+        with self._held_lock:
+            boxes = list(self._held.values())
+        for box in boxes:
+            if box.fd >= 0 and self._attach(box):
+                self.reattached += 1
+        if boxes:
+            log.info("agent restarted: registered %d sessions again", len(boxes))
+
+    def _attach(self, box: ContinuationBox) -> bool:
         try:
             self.client.register_region(box.fd, name=box.name, kind=KIND)
         except (BackdoorsError, OSError) as err:
@@ -125,6 +154,9 @@ class AgentRegistrar:
                 box.registered = self.attach(box)
 
     def detach(self, box: ContinuationBox) -> None:
+        with self._held_lock:
+            if self._held.get(box.name) is box:
+                del self._held[box.name]
         self._release(box)
 
     def _release(self, box: ContinuationBox) -> None:
@@ -146,5 +178,5 @@ def default_registrar(environ: Mapping[str, str] = os.environ) -> Registrar:
     if not path:
         return NULL
     if _cached is None or _cached[0] != path:
-        _cached = (path, AgentRegistrar(runtime))
+        _cached = (path, AgentRegistrar(runtime, socket_path=path))
     return _cached[1]

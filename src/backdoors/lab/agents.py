@@ -17,7 +17,8 @@ from ..agent.config import AgentConfig, NodeSpec, validate
 from ..agent.keys import generate_keys
 from ..common.configfile import dumps
 from ..common.procs import read_line
-from ..errors import LabError
+from ..errors import BackdoorsError, LabError
+from ..nodes import Cgroup
 from . import topology
 
 READY_TIMEOUT = 15.0
@@ -44,20 +45,42 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
         host=host.name, listen=f"{host.address}:{topology.AGENT_PORT}", netns=host.netns,
         run_dir=str(plan.run_dir / "nodes"), audit_log=str(plan.run_dir / f"audit-{host.name}.jsonl"),
         monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes,
-        peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts])
+        peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts],
+        watch_peers={h.name: f"{h.address}:{topology.AGENT_PORT}" for h in plan.hosts
+                     if h.name != host.name})
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 
 
+#: the keeper kills and restarts an agent that has not pinged its watchdog for this long
+WATCHDOG_MS = 800.0
+
+
+def keeper_files(plan: topology.Plan, host: topology.HostPlan) -> tuple[Path, Path]:
+    """(notify socket, pid file) of the keeper of `host`'s agent."""
+    return plan.run_dir / f"agent-{host.name}.notify", plan.run_dir / f"agent-{host.name}.pid"
+
+
 def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> int:
-    """Start the agent of `host` and wait until it serves; returns its pid."""
+    """Start the agent of `host` under its keeper (`lab.keeper`: the fd store that keeps
+    its regions and sessions across a crash, its watchdog, its restarts) and wait until it
+    serves; returns the keeper's pid (`agent_pid` tells the agent's)."""
     path = plan.run_dir / f"agent-{host.name}.toml"
     path.write_text(dumps(agent_config(plan, host, quorum)))
     path.chmod(0o600)  # root's only, like the keys: nodes never read an agent's config
     log_path = plan.run_dir / f"agent-{host.name}.log"
+    notify, pid_file = keeper_files(plan, host)
+    keeper_cgroup = Cgroup.create(f"{host.agent_cgroup}-keeper")  # reaped with the lab
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "backdoors", "agent", "--config", str(path), "--sealed"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backdoors.lab.keeper", "--notify", str(notify),
+             "--pid-file", str(pid_file), "--watchdog-ms", str(WATCHDOG_MS),
+             "--agent-config", str(path), "--sealed"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+    try:
+        keeper_cgroup.attach(proc.pid)
+    except BackdoorsError:
+        pass  # it still works; only a crashed lab's reaper would miss it
     line = read_line(proc, READY_TIMEOUT)
     proc.stdout.close()
     try:
@@ -70,6 +93,14 @@ def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> in
         raise LabError(f"the agent of host {host.name} did not come up within {READY_TIMEOUT:g} s; "
                        f"see {log_path}")
     return proc.pid
+
+
+def agent_pid(plan: topology.Plan, host: topology.HostPlan) -> int | None:
+    """The pid of `host`'s agent now (its keeper restarts it), or None."""
+    try:
+        return int(json.loads(keeper_files(plan, host)[1].read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def stop_agents(pids: dict[str, int], timeout: float = 5.0) -> None:

@@ -34,7 +34,7 @@ from ..errors import LabError, require_root
 from ..net import netns
 from ..nodes import Node, cgroups
 from ..sensors import SensorBoxReader, Snapshot
-from .agents import keys_path, start_agent, stop_agents, write_keys
+from .agents import agent_pid, keys_path, start_agent, stop_agents, write_keys
 from . import topology
 
 STATE_FILE = "lab.json"
@@ -325,7 +325,8 @@ class Lab:
             entry["service_pid"] = svc.pid if svc and alive(svc.pid) else None
             nodes.append(entry)
         hosts = [{"host": h.name, "address": h.address, "netns": h.netns,
-                  "agent_pid": self.state.agents.get(h.name)} for h in self.plan.hosts]
+                  "agent_pid": agent_pid(self.plan, h) or self.state.agents.get(h.name),
+                  "keeper_pid": self.state.agents.get(h.name)} for h in self.plan.hosts]
         return {"lab": self.name, "owner_pid": self.state.owner_pid, "hosts": hosts, "nodes": nodes}
 
 

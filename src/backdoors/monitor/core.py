@@ -54,6 +54,7 @@ class AgentPoller:
         self.last_ok: float | None = None
         self.started = monitor.clock()
         self._next_discover = 0.0
+        self.peers_supported = True  # False once the agent says it has no op peers
         self._trackers: dict[tuple[str, str], SensorTracker] = {}
         self._thread = threading.Thread(target=self._run, name=f"bd-mon-poll-{entry.host}",
                                         daemon=True)
@@ -116,6 +117,8 @@ class AgentPoller:
                     self._node_error(node, e)
                     continue
                 views.append(self._view(node, reply, m.clock(), infos.get(node)))
+            if m.needs_peers and self.peers_supported:
+                self._poll_peers(client)
         except AgentError as e:
             self.failures += 1
             if self.error is None:
@@ -123,7 +126,9 @@ class AgentPoller:
             self.error = str(e)
             now = m.clock()
             silent = now - (self.last_ok if self.last_ok is not None else self.started)
-            views = [NodeView(n, self.entry.host, now, agent_ok=False, agent_silent_s=silent)
+            down = m.down_reports(self.entry.host) if m.needs_peers else []
+            views = [NodeView(n, self.entry.host, now, agent_ok=False, agent_silent_s=silent,
+                              down_reports=down)
                      for n in (self.nodes or [self._pseudo])]
         else:
             if self.error is not None:
@@ -137,6 +142,23 @@ class AgentPoller:
             m.observe(view)
         m.polled()
         return views
+
+    def _poll_peers(self, client) -> None:
+        """This agent's view of its peer agents (op peers), for the agent_down detector."""
+        try:
+            view = client.call("peers")
+        except AttributeError:  # a client without call(): no peer views
+            self.peers_supported = False
+            return
+        except AgentError as e:
+            if getattr(e, "code", "") in ("connect", "timeout", "protocol", "auth"):
+                raise
+            self.peers_supported = False  # an older agent: say it once, then stop asking
+            log.warning("agent %s does not report its peers (%s): agent_down cannot use it",
+                        self.entry.host, e)
+            return
+        with self.monitor.peer_lock:
+            self.monitor.peer_views[self.entry.host] = (self.monitor.clock(), view)
 
     @property
     def _pseudo(self) -> str:
@@ -201,6 +223,11 @@ class Monitor:
         # a unit that watches frozen or fenced nodes makes every poll ask nodes()
         self.needs_node_state = any(u.needs_node_state for r in self.rules
                                     for u in (*r.detectors, *r.actions))
+        # a unit that asks the agents about each other (agent_down) makes polls ask peers()
+        self.needs_peers = any(getattr(d, "needs_peers", False) for r in self.rules
+                               for d in r.detectors)
+        self.peer_views: dict[str, tuple[float, dict]] = {}  # reporter host -> (at, view)
+        self.peer_lock = threading.Lock()
         self.stopping = threading.Event()
         self.log = IncidentLog(config.incidents_dir)
         self.engine = Engine(self.rules, config.monitor_id, history_s=config.history_s,
@@ -324,6 +351,16 @@ class Monitor:
             self._cond.notify_all()
 
     # -- for callers ---------------------------------------------------------------------
+
+    def down_reports(self, host: str, fresh_s: float = 1.0) -> list[str]:
+        """The peer agents whose view, polled within `fresh_s`, says `host`'s agent does
+        not answer them."""
+        now = self.clock()
+        with self.peer_lock:
+            views = list(self.peer_views.items())
+        return sorted(reporter for reporter, (at, view) in views
+                      if reporter != host and now - at <= fresh_s and isinstance(view, dict)
+                      and isinstance(view.get(host), dict) and not view[host].get("answering", True))
 
     def subscribe(self, fn: Callable[[str, Incident], None]) -> None:
         """Call `fn(event, incident)` on every incident event (from monitor threads)."""

@@ -18,7 +18,7 @@ import fnmatch
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, Union
+from typing import Annotated, ClassVar, Protocol, Union
 
 import msgspec
 
@@ -40,6 +40,8 @@ class NodeView:
     agent_ok: bool = True
     agent_silent_s: float = 0.0
     box_errors: dict[str, str] = field(default_factory=dict)
+    #: peer agents whose fresh `peers` view says this node's agent does not answer them
+    down_reports: list[str] = field(default_factory=list)
 
     def sensor(self, box: str, name: str) -> SensorState | None:
         snap = self.snapshots.get(box)
@@ -82,6 +84,8 @@ class Detector(Unit):
     judges_stale: ClassVar[bool] = False
     #: needs each poll to ask the agent for the nodes' state (frozen, locked, fenced)
     needs_node_state: ClassVar[bool] = False
+    #: needs each poll to ask the agent for its view of its peer agents (op peers)
+    needs_peers: ClassVar[bool] = False
 
     @property
     def hold_ms(self) -> float:
@@ -278,9 +282,31 @@ class AgentUnreachable(Detector, tag="agent_unreachable"):
         return view.at - view.agent_silent_s
 
 
+class AgentDown(Detector, tag="agent_down"):
+    """The node's agent answers neither the monitor nor at least `min_peers` of its peer
+    agents (their op `peers`): dead or hung, not a partition between monitor and agent.
+    The incident names the reporting peers."""
+
+    judges_stale: ClassVar[bool] = True
+    needs_peers: ClassVar[bool] = True
+    min_peers: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+    def check(self, index: int, view: NodeView) -> Hit | None:
+        if not view.agent_ok and len(view.down_reports) >= self.min_peers:
+            return Hit(index, self.kind_name(),
+                       f"agent of host {view.host} is down: silent to the monitor and to its "
+                       f"peers {', '.join(sorted(view.down_reports))}")
+        return None
+
+    @classmethod
+    def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:
+        return view.at - view.agent_silent_s
+
+
 # ---- registration ------------------------------------------------------------------------
 
-DETECTORS = (ProgressStalled, LevelOutOfBounds, PressureOverRate, NodeFrozen, AgentUnreachable)
+DETECTORS = (ProgressStalled, LevelOutOfBounds, PressureOverRate, NodeFrozen, AgentUnreachable,
+             AgentDown)
 DetectorUnit = Union[DETECTORS]  # the TOML `detectors = [...]` entries
 BY_KIND: dict[str, type[Detector]] = {d.kind_name(): d for d in DETECTORS}
 

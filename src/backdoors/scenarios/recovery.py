@@ -14,18 +14,23 @@ unbroken, byte-exact stream each.
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import time
 
-from ..errors import LabError
+from ..errors import BackdoorsError, LabError
 from ..lab import Lab, inject
 from ..lab import topology
+from ..lab.agents import agent_pid
 from ..lab.clients import StreamClients
 from ..monitor import Monitor
 from .labkit import lab_monitor_config, unique_name
 
-FAULTS = ("freeze", "crash", "network", "memory-hog")
+FAULTS = ("freeze", "crash", "network", "memory-hog", "agent-restart", "agent-stop")
+#: faults of the agent itself: it is SIGKILLed (or SIGSTOPped, then replaced by its keeper's
+#: watchdog) while the sessions stream, then the node is frozen and must still recover
+AGENT_FAULTS = {"agent-restart": signal.SIGKILL, "agent-stop": signal.SIGSTOP}
 
 
 def _wait(pred, timeout: float, what: str, step: float = 0.02):
@@ -73,18 +78,56 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
                     _wait(lambda: len(c.call("sessions", node="n0")) == sessions, 30,
                           f"{sessions} sessions held by the agent")
                     time.sleep(warmup_s)
+                    if fault in AGENT_FAULTS:
+                        out.update(agent_fault(lab, "n0", AGENT_FAULTS[fault], sessions, mon,
+                                               timeout_s))
                     at_fault = clients.offsets()
                     t_fault, wall_fault = time.monotonic(), time.time()
                     if fault == "memory-hog":
                         lab.node("n0").kill(lab.service("n0").pid, signal.SIGUSR1)
                     else:
-                        inject(lab, fault, "n0")
+                        inject(lab, "freeze" if fault in AGENT_FAULTS else fault, "n0")
                     inc = mon.wait_for(lambda i: i.node == "n0" and any(
                         a.kind == "recover" for a in i.actions), timeout_s)
                     time.sleep(watch_s)
                     report = clients.report(t_fault, at_fault)
         out.update(_facts(inc, wall_fault, report))
     return out
+
+
+def agent_fault(lab: Lab, node: str, sig: signal.Signals, sessions: int, mon: Monitor,
+                timeout_s: float) -> dict:
+    """Hit the agent of `node`'s host with `sig` (SIGKILL: its keeper restarts it; SIGSTOP:
+    the keeper's watchdog kills and replaces it) and wait until the new agent answers,
+    holds the node's sessions again and the monitor has no incident open on the node.
+    Facts: agent_restart_ms (signal to the new agent's first answer), sessions held at
+    that first answer (taken back from the fd store) and once settled."""
+    host = lab.plan.host(lab.plan.node(node).host)
+    old = agent_pid(lab.plan, host)
+    if old is None:
+        raise LabError(f"the agent of host {host.name} has no pid file: started without keeper?")
+    t0 = time.monotonic()
+    os.kill(old, sig)
+
+    def first_answer():
+        try:
+            with lab.agent_client(host.name, timeout=0.2) as c:
+                if c.ping().pid != old:
+                    return len(c.call("sessions", node=node)) + 1  # +1: 0 sessions is an answer
+        except (BackdoorsError, OSError):
+            return None
+        return None
+
+    held_at_answer = _wait(first_answer, timeout_s, f"a new agent of host {host.name}", 0.005) - 1
+    restart_ms = (time.monotonic() - t0) * 1000
+    with lab.agent_client(host.name) as c:
+        held = _wait(lambda: (n := len(c.call("sessions", node=node))) >= sessions and n,
+                     timeout_s, f"{sessions} sessions held by the new agent")
+    _wait(lambda: not any(i.node == node and i.closed is None for i in mon.incidents()),
+          timeout_s, f"no open incident on {node} after the agent came back")
+    return {"agent_signal": sig.name, "agent_restart_ms": round(restart_ms, 1),
+            "sessions_held_at_first_answer": held_at_answer,
+            "sessions_recovered_after_restart": held}
 
 
 def _facts(inc, wall_fault: float, report: dict) -> dict:

@@ -1,0 +1,400 @@
+"""The agent survives its own crash: the fd store protocol, re-adoption of regions and
+sessions, the keeper's restart and watchdog, registrars that register again, peers that
+report a dead agent."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from backdoors.agent.fdstore import PREFIX, AgentStore
+from backdoors.agent.regions import Entry, RegionTable
+from backdoors.agent.sessions import SessionTable
+from backdoors.common import fdstore
+from backdoors.common.fdstore import (Notifier, NotifyError, PassedFd, decode_name, encode_name,
+                                      notify_listener, receive)
+from backdoors.continuations.agent_link import AgentRegistrar
+from backdoors.monitor.detectors import AgentDown, NodeView, evaluate
+from backdoors.sensors import Region
+from test_agent_support import agent_lab, prefix  # noqa: F401 - fixtures
+
+
+def _wait(pred, timeout=20.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (v := pred()):
+            return v
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("bdt-region", os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    import fcntl
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+@pytest.fixture
+def listener():
+    d = tempfile.mkdtemp(prefix="bdt-notify-")
+    path = os.path.join(d, "notify")
+    sock = notify_listener(path)
+    sock.settimeout(5)
+    yield path, sock
+    sock.close()
+    os.unlink(path)
+    os.rmdir(d)
+
+
+@pytest.fixture
+def tcp_pair():
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    conn, _ = server.accept()
+    server.close()
+    yield conn, client
+    conn.close()
+    client.close()
+
+
+# -- the protocol ---------------------------------------------------------------------
+
+
+def test_names_carry_metadata_within_systemds_rules():
+    meta = {"t": "r", "n": "node-with-24-characters", "r": "cb-" + "x" * 61, "k": "cb",
+            "w": False, "p": 4194304, "s": 1234567.89}
+    name = encode_name(PREFIX, meta)
+    assert fdstore.valid_name(name) and len(name) <= 255 and ":" not in name
+    assert decode_name(name) == (PREFIX, meta)
+    assert decode_name("unrelated") is None and decode_name("x.!!!") is None
+    with pytest.raises(NotifyError, match="limit is 255"):
+        encode_name(PREFIX, {"r": "y" * 400})
+    assert not fdstore.valid_name("a:b") and not fdstore.valid_name("a\nb")
+
+
+def test_fdstore_messages_carry_real_descriptors(listener):
+    path, sock = listener
+    fd = _memfd(b"kept across a crash")
+    n = Notifier(path)
+    try:
+        assert n.store("bd1.abc", fd)
+        msg = receive(sock)
+        assert msg.fields == {"FDSTORE": "1", "FDNAME": "bd1.abc"} and msg.pid == os.getpid()
+        assert len(msg.fds) == 1 and os.fstat(msg.fds[0]).st_ino == os.fstat(fd).st_ino
+        assert os.pread(msg.fds[0], 100, 0) == b"kept across a crash"
+        os.close(msg.fds[0])
+        n.remove("bd1.abc")
+        assert receive(sock).fields == {"FDSTOREREMOVE": "1", "FDNAME": "bd1.abc"}
+        n.watchdog()
+        assert receive(sock).fields == {"WATCHDOG": "1"}
+        with pytest.raises(NotifyError):
+            n.store("bad:name", fd)
+    finally:
+        n.close()
+        os.close(fd)
+    assert not Notifier(None, environ={}).enabled and not Notifier(None, environ={}).ready()
+
+
+def test_watchdog_interval_from_the_environment():
+    assert fdstore.watchdog_interval({"WATCHDOG_USEC": "800000"}) == 0.8
+    assert fdstore.watchdog_interval({"WATCHDOG_USEC": "800000", "WATCHDOG_PID": "1"}) is None
+    assert fdstore.watchdog_interval({}) is None
+
+
+# -- re-adoption ----------------------------------------------------------------------
+
+
+def _tables():
+    return (RegionTable(["n0"], max_regions=8, max_region_bytes=1 << 20, max_node_bytes=1 << 22),
+            SessionTable(["n0"], 16))
+
+
+def test_a_new_agent_takes_back_regions_and_sessions(listener, tcp_pair):
+    path, sock = listener
+    regions, sessions = _tables()
+    store = AgentStore(Notifier(path))
+    store.attach(regions, sessions)
+    fd = _memfd(b"box image")
+    regions.add(Entry("n0", "app", "region", Region(fd), False, 4242, 99.5))
+    os.close(fd)
+    conn, client = tcp_pair
+    sessions.hold("n0", "cb-s1", conn.fileno(), 4243)
+    stored = [receive(sock) for _ in range(2)]
+    assert all(m.fields["FDSTORE"] == "1" for m in stored)
+    passed = [PassedFd(m.fds[0], m.fields["FDNAME"]) for m in stored]
+    # the old agent is gone (its tables closed); the supervisor hands the fds to a new one
+    regions.close()
+    sessions.close()
+    regions2, sessions2 = _tables()
+    store2 = AgentStore(Notifier(path))
+    back = store2.readopt(passed, regions2, sessions2)
+    assert (back.regions, back.sessions, back.dropped) == (1, 1, [])
+    entry = regions2.entries("n0")[0]
+    assert (entry.name, entry.kind, entry.pid, entry.start_time) == ("app", "region", 4242, 99.5)
+    assert entry.region.read(0, 9) == b"box image"
+    held = sessions2.list("n0")[0]
+    assert (held.name, held.pid) == ("cb-s1", 4243)
+    assert held.sock.getpeername() == client.getsockname()
+    # dropping them removes them from the store, under the names they were stored with
+    store2.attach(regions2, sessions2)
+    sessions2.release("n0", "cb-s1")
+    regions2.remove("n0", "app")
+    removed = {receive(sock).fields["FDNAME"] for _ in range(2)}
+    assert removed == {p.name for p in passed}
+    regions2.close()
+    sessions2.close()
+    store.close()
+    store2.close()
+
+
+def test_entries_that_no_longer_fit_are_dropped_from_the_store(listener):
+    path, sock = listener
+    regions, sessions = _tables()
+    fd = _memfd(b"x")
+    name = encode_name(PREFIX, {"t": "r", "n": "gone-node", "r": "app", "k": "region", "w": False,
+                                "p": 1, "s": 0.0})
+    back = AgentStore(Notifier(path)).readopt([PassedFd(fd, name)], regions, sessions)
+    assert back.regions == 0 and len(back.dropped) == 1
+    assert receive(sock).fields == {"FDSTOREREMOVE": "1", "FDNAME": name}
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by readopt
+
+
+# -- the keeper -----------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    from backdoors.common.fdstore import Notifier, listen_fds
+    out = sys.argv[1]
+    passed = listen_fds()
+    n = Notifier()
+    if passed:
+        with open(out, "a") as f:
+            for p in passed:
+                f.write(f"{os.getpid()} {p.name} {os.pread(p.fd, 100, 0).decode()}\\n")
+    else:
+        fd = os.memfd_create("kept")
+        os.write(fd, b"content")
+        n.store("region.one", fd)
+    n.ready()
+    mode = sys.argv[2]
+    if mode == "crash" and not passed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "hang" and not passed:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    while True:
+        n.watchdog()
+        time.sleep(0.1)
+""")
+
+
+@pytest.fixture
+def keeper_run(tmp_path):
+    procs = []
+
+    def start(mode):
+        out = tmp_path / "out"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backdoors.lab.keeper", "--notify", str(tmp_path / "notify"),
+             "--pid-file", str(tmp_path / "pid"), "--watchdog-ms", "500", "--",
+             sys.executable, "-c", CHILD, str(out), mode],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append(proc)
+        ready = json.loads(proc.stdout.readline())
+        assert ready["event"] == "ready" and ready["pid"] == proc.pid
+        return proc, out, tmp_path / "pid"
+
+    yield start
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert not (tmp_path / "notify").exists() and not (tmp_path / "pid").exists()
+
+
+@pytest.mark.parametrize("mode", ["crash", "hang"])
+def test_the_keeper_restarts_its_service_with_the_stored_fds(keeper_run, mode):
+    """A crashed (SIGKILL) or hung (SIGSTOP: no watchdog ping) service is replaced, and
+    the replacement gets the stored memfd back as LISTEN_FDS with its name."""
+    _, out, pid_file = keeper_run(mode)
+    line = _wait(lambda: out.exists() and out.read_text(), what="the restarted child")
+    pid, name, content = line.split()
+    assert (name, content) == ("region.one", "content")
+    state = json.loads(pid_file.read_text())
+    assert state["pid"] == int(pid) and state["restarts"] == 1 and state["stored"] == 1
+
+
+# -- registrar reconnection -----------------------------------------------------------
+
+
+class _Box:
+    def __init__(self, name):
+        self.name, self.session, self.registered = name, name, False
+        self.fd = 99
+        self.conn = self
+
+    def fileno(self):
+        return 98
+
+
+class _Client:
+    def __init__(self):
+        self.calls = []
+
+    def register_region(self, fd, name, writable=False, *, kind="region"):
+        self.calls.append(("register", name))
+        return {}
+
+    def hold_socket(self, fd, *, name):
+        self.calls.append(("hold", name))
+        return {}
+
+    def release(self, name):
+        self.calls.append(("release", name))
+        return {}
+
+
+def test_registrars_register_again_when_the_agent_comes_back(tmp_path):
+    path = str(tmp_path / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    client = _Client()
+    reg = AgentRegistrar(client, socket_path=path)
+    kept, ended = _Box("cb-a"), _Box("cb-b")
+    assert reg.attach(kept) and reg.attach(ended)
+    reg.detach(ended)
+    client.calls.clear()
+    # the agent dies and a new one binds a new socket at the same path
+    listener.close()
+    os.unlink(path)
+    time.sleep(0.3)  # as a real restart does: a new socket, bound later (another mtime)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    _wait(lambda: len(client.calls) >= 2, 5, "registering again")
+    assert client.calls == [("register", "cb-a"), ("hold", "cb-a")]
+    assert reg.reattached == 1
+    reg._watch.close()
+    listener.close()
+
+
+# -- peers ----------------------------------------------------------------------------
+
+
+def test_agent_down_needs_the_monitor_and_a_peer_to_agree():
+    d = AgentDown()
+    seen = NodeView("n1", "h1", 10.0, agent_ok=False, agent_silent_s=0.4, down_reports=["h0"])
+    hit = evaluate(d, 0, seen)
+    assert hit is not None and "peers h0" in hit.summary
+    assert evaluate(d, 0, NodeView("n1", "h1", 10.0, agent_ok=False)) is None  # a partition?
+    assert evaluate(d, 0, NodeView("n1", "h1", 10.0, down_reports=["h0"])) is None
+    assert evaluate(AgentDown(min_peers=2), 0, seen) is None
+
+
+@pytest.mark.root
+def test_a_killed_agent_is_restarted_with_its_sessions_and_reported_by_its_peer(root):
+    """Lab end to end: the agent of h1 is SIGSTOPped; its peer h0 reports it (agent-down
+    naming h0), the keeper's watchdog replaces it, and the new agent holds the region the
+    node's service registered, taken back from the fd store; so does one started again
+    after a clean SIGTERM."""
+    from backdoors.lab import Lab
+    from backdoors.lab.agents import agent_pid
+    from backdoors.scenarios.labkit import unique_name
+    from backdoors.scenarios.recovery import monitor_for
+
+    with Lab(unique_name("ar"), hosts=2, nodes=2, agents=True, services=False) as lab:
+        lab.start_service("n1", recoverable=True)
+        with lab.agent_client("h1") as c:
+            _wait(lambda: any(r.name.startswith("rsvc") for r in c.regions("n1")), 20,
+                  "the service's box")
+        with lab.agent_client("h0") as c:
+            assert _wait(lambda: c.call("peers")["h1"]["answering"], 10, "h0 seeing h1")
+        with monitor_for(lab) as mon:
+            mon.wait_ready(timeout=10)
+            old = agent_pid(lab.plan, lab.plan.host("h1"))
+            os.kill(old, signal.SIGSTOP)
+            inc = mon.wait_for(lambda i: i.rule == "agent-down", 10)
+            assert inc is not None and inc.host == "h1"
+            assert "peers h0" in inc.detectors[0].summary
+            new = _wait(lambda: (p := agent_pid(lab.plan, lab.plan.host("h1"))) != old and p,
+                        10, "a new agent")
+
+            def regions():
+                try:
+                    with lab.agent_client("h1") as c:
+                        return [r.name for r in c.regions("n1")]
+                except Exception:  # noqa: BLE001 - not serving yet
+                    return None
+            names = _wait(regions, 10, "the new agent answering")
+            assert any(n.startswith("rsvc") for n in names), names
+            with lab.agent_client("h1") as c:
+                assert c.ping().pid == new
+            # a clean stop (an upgrade's restart) keeps the store too
+            os.kill(new, signal.SIGTERM)
+            _wait(lambda: agent_pid(lab.plan, lab.plan.host("h1")) not in (new, None), 10,
+                  "the agent started again")
+            names = _wait(regions, 10, "the restarted agent answering")
+            assert any(n.startswith("rsvc") for n in names), names
+
+
+@pytest.mark.root
+def test_services_register_their_boxes_again_with_an_agent_without_store(agent_lab):
+    """An agent run without a supervisor (no fd store) starts empty: the node's service
+    notices the new agent's socket and registers its Sensor Box again by itself."""
+    from test_agent_support import daemon
+
+    lab = agent_lab(start=False)
+    with daemon(lab) as (proc, _):
+        lab.start_app("n0")
+        assert "app" in lab.client().sensors("n0").boxes
+        proc.kill()
+        proc.wait()
+    with daemon(lab) as (proc, _):
+        def boxes():
+            with lab.client() as c:
+                return "app" in c.sensors("n0").boxes
+        _wait(boxes, 10, "the box registered again")
+
+
+@pytest.mark.root
+def test_the_agent_tells_its_supervisor(agent_lab, listener, monkeypatch):
+    """A real agent under a supervisor: READY=1, watchdog pings, FDSTORE=1 of a registered
+    Sensor Box (the very file the agent maps), FDSTOREREMOVE=1 when it is dropped."""
+    path, sock = listener
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    lab = agent_lab()
+    seen = []
+
+    def until(pred):
+        while True:
+            msg = receive(sock)
+            seen.append(msg)
+            if pred(msg.fields):
+                return msg
+
+    try:
+        until(lambda f: f.get("READY") == "1")
+        until(lambda f: f.get("WATCHDOG") == "1")
+        lab.start_app("n0")
+        stored = until(lambda f: f.get("FDSTORE") == "1")
+        prefix, meta = decode_name(stored.fields["FDNAME"])
+        assert prefix == PREFIX and (meta["t"], meta["n"], meta["r"], meta["k"]) == \
+            ("r", "n0", "app", "sensorbox")
+        entry = next(e for e in lab.agent.agent.regions.entries("n0") if e.name == "app")
+        assert os.fstat(stored.fds[0]).st_ino == os.fstat(entry.region.fd).st_ino
+        assert meta["p"] == entry.pid and meta["s"] == entry.start_time
+        lab.agent.agent.regions.remove("n0", "app")
+        removed = until(lambda f: f.get("FDSTOREREMOVE") == "1")
+        assert removed.fields["FDNAME"] == stored.fields["FDNAME"]
+    finally:
+        for msg in seen:
+            for fd in msg.fds:
+                os.close(fd)
