@@ -398,12 +398,14 @@ class Container:
 
     @classmethod
     def start(cls, cgroup: Cgroup, netns: str | None, isolation: Isolation,
-              run_dir: str | os.PathLike, *, timeout: float = 5.0) -> Container:
+              run_dir: str | os.PathLike, *, timeout: float = 5.0, stderr=None) -> Container:
         """Create the node's namespaces and start its PID 1; returns when PID 1 runs.
 
         `run_dir` (which must exist) is given to the node's service uid (mode 0700) and is
         bound back in, writable, if it lies under a path of `isolation.hide`. `netns` is the name of an existing netns
-        (None: a fresh empty one).
+        (None: a fresh empty one). `stderr` (Popen-style) receives what the launcher and
+        PID 1 say; give a file when this process's stderr is a pipe someone waits on (the
+        container outlives this process).
         """
         if missing := tools_missing():
             raise NodeError(f"containers need {', '.join(missing)}: apt-get install catatonit "
@@ -450,7 +452,8 @@ class Container:
                 "--kill-child", "--", shutil.which(_INIT), "-P"]
         try:
             launcher = subprocess.Popen(argv, preexec_fn=enter, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, start_new_session=True)
+                                        stdout=subprocess.DEVNULL, stderr=stderr,
+                                        start_new_session=True)
         except subprocess.SubprocessError:
             raise NodeError(f"cannot start the container of cgroup {cgroup.relpath!r}: "
                             f"{failure.reason()}") from None
