@@ -24,7 +24,7 @@ def _checked(lab, **spec):
     """The lab's config with its node n0 checked (not trusted), and `spec` changes."""
     node = lab.config.nodes[0]
     fields = {f: getattr(node, f) for f in NodeSpec.__struct_fields__}
-    fields.update(isolation="checked", **spec)
+    fields.update({"isolation": "checked", **spec})
     lab.config.nodes = [NodeSpec(**fields)]
     return lab.config
 
@@ -114,3 +114,13 @@ def test_the_write_model_follows_owner_group_other_and_dac_override():
     assert not can_write(inner, St(0, 0, 0o100644), host_userns)
     assert can_write(inner, St((1 << 30) + 5, 1 << 30, 0o100600), host_userns)
     assert st.st_uid == 0
+
+
+def test_an_unknown_isolation_is_a_config_error(agent_lab):
+    from backdoors.agent.config import validate
+    from backdoors.errors import ConfigError
+
+    lab = agent_lab(start=False)
+    with pytest.raises(ConfigError, match=r"nodes\[0\]\.isolation: must be one of checked, "
+                       "trusted"):
+        validate(_checked(lab, isolation="maybe"))
