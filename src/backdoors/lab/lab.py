@@ -246,7 +246,7 @@ class Lab:
             if box is not None and box.alive():
                 return box
             if box is not None:
-                box.stop()  # reap its launcher
+                box.stop(timeout=0.1)  # reap its launcher; an exiting PID 1 ends by itself
             iso, cgroup = self.isolation(node), self.node(node).cgroup
             try:
                 box = Container.open(cgroup, iso)

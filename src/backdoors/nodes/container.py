@@ -134,6 +134,7 @@ UID_COUNT = 65536
 _JOIN = (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("net", CLONE_NEWNET),
          ("cgroup", CLONE_NEWCGROUP), ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
 _INIT = "catatonit"
+_PF_EXITING = 0x4  # /proc/PID/stat flags: the task is exiting
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -486,7 +487,7 @@ class Container:
         """The running container of the node whose cgroup is `cgroup` (found by its PID 1)."""
         inits = [pid for pid in cgroup.procs()
                  if len(ns := _ns_pids(pid)) == 2 and ns[1] == 1
-                 and _status(pid).get("Name") == _INIT]
+                 and cls(cgroup, isolation, pid).alive()]
         if len(inits) != 1:
             raise NodeError(
                 f"cgroup {cgroup.relpath!r} holds {len(inits)} container PID 1 processes, "
@@ -495,8 +496,18 @@ class Container:
         return cls(cgroup, isolation, inits[0])
 
     def alive(self) -> bool:
-        """True while the node's PID 1 runs."""
-        return _status(self.init_pid).get("Name") == _INIT
+        """True while the node's PID 1 runs: not a zombie, and not exiting (a killed PID 1
+        stays in state S, exiting, until every process of its namespace has been reaped,
+        also those whose parent is a host-side shim)."""
+        status = _status(self.init_pid)
+        if status.get("Name") != _INIT or status.get("State", "Z").startswith(("Z", "X")):
+            return False
+        try:
+            stat = Path(f"/proc/{self.init_pid}/stat").read_text()
+            flags = int(stat[stat.rindex(")") + 2:].split()[6])
+        except (OSError, ValueError, IndexError):
+            return False
+        return not flags & _PF_EXITING
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the node's PID 1, which kills every process in the node; idempotent.
