@@ -207,3 +207,14 @@ def wait(cond, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return cond()
+
+
+def test_the_agent_serves_a_services_box_with_its_host_pid(lab):
+    from backdoors.sensors import parse_box
+
+    svc = lab.service("n0")
+    assert svc.ns_pid is not None and svc.ns_pid != svc.pid
+    assert lab.sensors("n0").owner_pid == svc.ns_pid  # what the service wrote, in its node
+    with lab.agent_client("h0", timeout=5.0) as c:
+        assert wait(lambda: "svc-n0" in c.sensors("n0").boxes)
+        assert parse_box(c.sensors("n0").boxes["svc-n0"]).owner_pid == svc.pid
