@@ -99,6 +99,7 @@ def overhead(seconds: float = 3.0, rounds: int = 3, size: int = 16 * 1024) -> di
 
     with tempfile.TemporaryDirectory() as www, Lab(_name("o"), hosts=1, nodes=1, agents=True,
                                                     services=False) as lab:
+        os.chmod(www, 0o755)  # the node's server runs as an unprivileged uid
         with open(os.path.join(www, "f.bin"), "wb") as f:
             f.write(os.urandom(size))
         servers = {}

@@ -193,10 +193,10 @@ class Haproxy:
 
     def __init__(self, lab: Lab, binary: str, maxconn: int):
         self.lab = lab
-        run_dir = lab.plan.run_dir
+        run_dir = lab.node_run_dir(BALANCER)  # the one directory of /run/backdoors it sees
         self.socket_path = str(run_dir / "haproxy.sock")
         self.config_path = run_dir / "haproxy.cfg"
-        self.log_path = run_dir / BALANCER / "haproxy.log"
+        self.log_path = lab.plan.run_dir / BALANCER / "haproxy.log"
         self.config_path.write_text(haproxy_config(lab, maxconn=maxconn, stats_socket=self.socket_path))
         checked = subprocess.run([binary, "-c", "-q", "-f", str(self.config_path)],
                                  capture_output=True, text=True)

@@ -176,7 +176,9 @@ def read_line(proc: subprocess.Popen, timeout: float = 10.0) -> str:
 
 def make_config(prefix: str, tmp: str, nodes: dict[str, str], keys: dict[str, bytes],
                 **overrides) -> AgentConfig:
-    specs = [NodeSpec(name, relpath, **overrides.pop(f"node_{name}", {}))
+    # these nodes are bare cgroups whose processes run as root on the host: not isolated
+    specs = [NodeSpec(name, relpath, **{"isolation": "trusted",
+                                        **overrides.pop(f"node_{name}", {})})
              for name, relpath in nodes.items()]
     fields = dict(host="h0", listen="127.0.0.1:0", run_dir=f"{tmp}/run",
                   audit_log=f"{tmp}/audit.jsonl", monitors={m: k.hex() for m, k in keys.items()},

@@ -125,6 +125,29 @@ def lab_down(name: str = typer.Option("lab", help="Lab to remove (also reaps a k
               f"{len(removed['cgroups'])} cgroups, {len(removed['files'])} files")
 
 
+@lab_app.command("exec")
+def lab_exec(
+    node: str = typer.Argument(..., help="Node to run in, e.g. n0."),
+    command: list[str] = typer.Argument(..., help="The command and its arguments (after --)."),
+    root: bool = typer.Option(False, "--root", help="Run as the node's own root (uid 0 inside "
+                              "its user namespace), not as its services' uid."),
+    name: str = typer.Option("lab", help="Lab name."),
+) -> None:
+    """Run a command inside a node exactly as its services run: the node's cgroup, all its
+    namespaces (PID, mount, network, cgroup, IPC, UTS, user) and its services' uid. Stdin,
+    stdout and stderr are this terminal's; the exit status is the command's (128+N after
+    signal N). Example: backdoors lab exec n0 -- cat /proc/1/comm"""
+    import signal as _signal
+
+    from .lab import Lab
+
+    proc = Lab.attach(name).run_in_node(node, command, root=root, stdin=None, stdout=None,
+                                        stderr=None)
+    for sig in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(sig, lambda s, _f: proc.send_signal(s))
+    raise typer.Exit(proc.wait())
+
+
 @fault_app.command("inject")
 def fault_inject(
     kind: str = typer.Argument(..., help="freeze | memory-hog | fork-bomb | crash | network | cpu-hog | stall"),

@@ -25,6 +25,7 @@ MiB = 1 << 20
 NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,24}")  # "kernel:<node>" must fit a 31-byte box name
 HOST_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 FREEZERS = ("auto", "v1", "v2")
+ISOLATIONS = ("checked", "trusted")  # NodeSpec.isolation (the check: agent/isolation.py)
 
 
 class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -43,6 +44,11 @@ class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "its interface on the service network (in its netns)")] = "eth0"
     addresses: Annotated[list[str], doc(
         "service addresses (CIDR) that move with its sessions on recovery")] = []
+    isolation: Annotated[str, doc(
+        '"checked": the agent refuses to start if the node could reach it (its processes '
+        "root in the agent's PID namespace, able to write the agent's cgroup, or on the "
+        'host network; see docs/operations.md, Node isolation); "trusted": not checked, '
+        'for a node that runs only what you trust as much as the agent')] = "checked"
 
 
 class KernelSensorLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -232,6 +238,8 @@ def _validate_nodes(c: AgentConfig) -> None:
                f"{n.cgroup!r} is not a relative cgroup path")
         _check(n.freezer in FREEZERS, at + ("freezer",),
                f"must be one of {', '.join(FREEZERS)}")
+        _check(n.isolation in ISOLATIONS, at + ("isolation",),
+               f"must be one of {', '.join(ISOLATIONS)}")
         _check(n.netns is None or bool(n.netns) and "/" not in n.netns, at + ("netns",),
                "must be a netns name")
         for a, cidr in enumerate(n.addresses):

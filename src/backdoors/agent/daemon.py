@@ -22,6 +22,7 @@ from ..sensors import KERNEL_BOX, Region
 from .audit import AuditLog
 from .config import AgentConfig, validate
 from .fdstore import AgentStore, Readopted
+from .isolation import refuse_unisolated
 from .leases import LeaseTable
 from .local import LocalServer
 from .metrics import AgentMetrics, MetricsServer
@@ -109,6 +110,8 @@ class Agent:
                                  layout=self.layout)
             except BackdoorsError as e:
                 raise AgentError(f"node {spec.name}: {e}") from None
+            if spec.isolation != "trusted":  # could the node reach us? (agent/isolation.py)
+                refuse_unisolated(spec.name, node, own_cgroup=c.own_cgroup, netns=c.netns)
             sampler = NodeSampler(
                 node, c.kernel_sensors, period=c.sample_period_s, max_procs=c.max_procs_sampled,
                 on_new_box=lambda ks, n=spec.name: self._show_kernel_box(n, ks),

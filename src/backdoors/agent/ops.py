@@ -28,6 +28,7 @@ from ..nodes import KEEP, process_table, read_process, subtree
 from ..sensors import read_consistent
 from .config import AgentConfig
 from .leases import LeaseTable
+from .pidmap import box_in_host_terms
 from .protocol import (
     DESTRUCTIVE, MAX_IO, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong,
     ProcessRow, ProcessTable, RegionInfo, SensorsReply, WriteReply,
@@ -210,7 +211,9 @@ def sensors(call: Call) -> SensorsReply:
     with call.agent.regions.use_all(call.node.name, "sensorbox") as entries:
         for entry in entries:
             try:
-                boxes[entry.name] = read_consistent(entry.region)
+                image = read_consistent(entry.region)
+                boxes[entry.name] = (image if entry.internal
+                                     else box_in_host_terms(image, entry.pid))
             except SensorBoxError as e:
                 errors[entry.name] = str(e)
     return SensorsReply(boxes, errors)

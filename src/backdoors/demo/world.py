@@ -39,6 +39,7 @@ class World:
         self.lab = Lab(name, hosts=2, nodes=4, agents=True, services=True,
                        memory_limit=512 * MiB, pids_limit=256)
         self.tmp = Path(tempfile.mkdtemp(prefix="bd-demo-"))
+        os.chmod(self.tmp, 0o755)  # the nodes' services (unprivileged uids) read www
         self.www = self.tmp / "www"
         self.source = self.www / "big.bin"
         self.clients: StreamClients | None = None

@@ -8,7 +8,14 @@
 Topology (see topology.py for names and addresses): a *switch* namespace holds two bridges;
 the client namespace and every node's namespace hang on the service bridge; every lab
 host's namespace (where its agent listens) and the monitor's hang on the private bridge,
-which nodes cannot reach. Each node is also a cgroup with memory and pids limits.
+which nodes cannot reach. Each node is also a cgroup with memory and pids limits, and a
+container (nodes/container.py): its own PID (with a PID 1 that reaps orphans), mount, cgroup,
+IPC, UTS and user namespaces. Everything the lab runs in a node (`run_in_node`: services,
+faults, probes; `backdoors lab exec`) runs there as the node's service uid, an unprivileged
+host uid of the node's own range; /run/backdoors (the lab's keys and config, the other nodes'
+run directories) is hidden in the node but for the node's own run directory
+(<run_dir>/nodes/<node>: its agent.sock and adoption sockets). A container ended by a fault
+that killed its node's cgroup is started again by the next `run_in_node`.
 
 The lab owns everything it creates and removes it in `down()`. A lab whose owner was
 SIGKILLed is reaped by name prefix on the next `up()` or `down()` of the same name.
@@ -23,16 +30,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..common.procs import alive, read_line
 from ..common.runtime import agent_socket, service_env
 from .. import net
-from ..errors import LabError, require_root
+from ..errors import LabError, NodeError, require_root
 from ..net import netns
 from ..nodes import Node, cgroups
+from ..nodes.container import Container, Isolation, NodeProcess, python_paths, uid_base_for
 from ..sensors import SensorBoxReader, Snapshot
 from .agents import agent_pid, keys_path, start_agent, stop_agents, write_keys
 from . import topology
@@ -42,11 +52,13 @@ STATE_FILE = "lab.json"
 
 @dataclass
 class ServiceInfo:
-    """A sample service running in a node."""
+    """A sample service running in a node: `pid` on the host, `ns_pid` inside the node
+    (what the service itself sees, e.g. its Sensor Box's owner_pid)."""
 
     pid: int
     box_fd: int
     port: int
+    ns_pid: int | None = None
 
 
 @dataclass
@@ -117,6 +129,8 @@ class Lab:
         self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time())
         self._nodes: dict[str, Node] = {}
         self._keys: dict[str, bytes] = {}
+        self._containers: dict[str, Container] = {}
+        self._containers_lock = threading.Lock()
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -147,6 +161,9 @@ class Lab:
                     n.name, n.cgroup, netns=n.netns,
                     memory_limit=self.state.memory_limit, pids_limit=self.state.pids_limit)
                 (self.plan.run_dir / n.name).mkdir()
+                # before agent and container: a node keeps the directory it was started with
+                self.node_run_dir(n.name).mkdir(parents=True)
+                self.container(n.name)
             if self.with_agents:
                 self._keys = write_keys(self.plan, self.monitors)
                 for h in self.plan.hosts:
@@ -165,6 +182,7 @@ class Lab:
         namespaces, cgroups and files. Idempotent."""
         if self.state.agents:
             stop_agents(self.state.agents)
+        self._stop_containers()
         return reap(self.name)
 
     def __enter__(self) -> "Lab":
@@ -204,6 +222,50 @@ class Lab:
             self._nodes[name] = Node.open(name, n.cgroup, netns=n.netns)
         return self._nodes[name]
 
+    def node_run_dir(self, node: str) -> Path:
+        """The node's run directory (its agent.sock, its adoption sockets): the one
+        directory of /run/backdoors the node sees."""
+        self.plan.node(node)
+        return self.plan.run_dir / "nodes" / node
+
+    def isolation(self, node: str) -> Isolation:
+        """How `node` is isolated: its own uid range (derived from the lab name and the
+        node's index, so concurrent labs rarely share one), /run/backdoors and the home
+        directory hidden, the Python installation shared read-only."""
+        index = [n.name for n in self.plan.nodes].index(self.plan.node(node).name)
+        slot = zlib.crc32(self.name.encode()) % 700 * 64 + index  # 32 nodes at most
+        return Isolation(uid_base=uid_base_for(slot), hide=(topology.RUN_ROOT, Path.home()),
+                         share=python_paths(), hostname=node)
+
+    def container(self, node: str) -> Container:
+        """The running container of `node`: the one this lab started, the one another
+        process started (found by its PID 1), or a new one if it ended (a fault killed
+        the node's cgroup, or the lab's owner was SIGKILLed)."""
+        with self._containers_lock:
+            box = self._containers.get(node)
+            if box is not None and box.alive():
+                return box
+            if box is not None:
+                box.stop(timeout=0.1)  # reap its launcher; an exiting PID 1 ends by itself
+            iso, cgroup = self.isolation(node), self.node(node).cgroup
+            try:
+                box = Container.open(cgroup, iso)
+            except NodeError:
+                with open(self.plan.run_dir / node / "stderr.log", "ab") as log:
+                    box = Container.start(cgroup, self.plan.node(node).netns, iso,
+                                          self.node_run_dir(node), stderr=log)
+            self._containers[node] = box
+            return box
+
+    def _stop_containers(self) -> None:
+        with self._containers_lock:
+            for box in self._containers.values():
+                try:
+                    box.stop()
+                except NodeError:
+                    pass
+            self._containers.clear()
+
     def service_env(self, node: str) -> dict[str, str]:
         """Environment for programs started in `node`."""
         env = dict(os.environ)
@@ -213,14 +275,25 @@ class Lab:
             env.update(service_env(sock))
         return env
 
-    def run_in_node(self, node: str, argv: list[str], **popen) -> subprocess.Popen:
-        """Start a program inside `node`; its stderr goes to the node's log unless given."""
+    def run_in_node(self, node: str, argv: list[str], *, root: bool = False,
+                    **popen) -> NodeProcess:
+        """Start a program inside `node`'s container, as its services run (`root`: as the
+        node's root); its stderr goes to the node's log unless given. `popen`: stdin,
+        stdout, stderr, pass_fds, cwd (a path inside the node), new_session. The result
+        is Popen-like; its `pid` is the program's host pid."""
+        log = None
         if "stderr" not in popen:
-            log = open(self.plan.run_dir / node / "stderr.log", "ab")
-            popen["stderr"] = log
+            log = popen["stderr"] = open(self.plan.run_dir / node / "stderr.log", "ab")
         popen.setdefault("stdin", subprocess.DEVNULL)
         popen.setdefault("stdout", subprocess.DEVNULL)
-        return self.node(node).run(argv, env=self.service_env(node), **popen)
+        if popen.get("cwd") is None:
+            popen.pop("cwd", None)
+        try:
+            return self.container(node).spawn(argv, root=root, env=self.service_env(node),
+                                              **popen)
+        finally:
+            if log is not None:  # the program has its own copy
+                log.close()
 
     def start_service(self, node: str, *extra: str, recoverable: bool = False,
                       timeout: float = 10.0) -> ServiceInfo:
@@ -241,6 +314,8 @@ class Lab:
                 f"{self.plan.run_dir / node / 'stderr.log'}"
             )
         info = ServiceInfo(**{k: v for k, v in json.loads(line).items() if k in ("pid", "box_fd", "port")})
+        # it printed its pid inside the node; the lab speaks host pids
+        info.pid, info.ns_pid = proc.pid, info.pid
         proc.stdout.close()
         self.state.services[_service_key(node, recoverable)] = info
         self.state.save(self.state_path)

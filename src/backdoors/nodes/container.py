@@ -134,6 +134,7 @@ UID_COUNT = 65536
 _JOIN = (("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("net", CLONE_NEWNET),
          ("cgroup", CLONE_NEWCGROUP), ("pid", CLONE_NEWPID), ("mnt", CLONE_NEWNS))
 _INIT = "catatonit"
+_PF_EXITING = 0x4  # /proc/PID/stat flags: the task is exiting
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -398,12 +399,14 @@ class Container:
 
     @classmethod
     def start(cls, cgroup: Cgroup, netns: str | None, isolation: Isolation,
-              run_dir: str | os.PathLike, *, timeout: float = 5.0) -> Container:
+              run_dir: str | os.PathLike, *, timeout: float = 5.0, stderr=None) -> Container:
         """Create the node's namespaces and start its PID 1; returns when PID 1 runs.
 
         `run_dir` (which must exist) is given to the node's service uid (mode 0700) and is
         bound back in, writable, if it lies under a path of `isolation.hide`. `netns` is the name of an existing netns
-        (None: a fresh empty one).
+        (None: a fresh empty one). `stderr` (Popen-style) receives what the launcher and
+        PID 1 say; give a file when this process's stderr is a pipe someone waits on (the
+        container outlives this process).
         """
         if missing := tools_missing():
             raise NodeError(f"containers need {', '.join(missing)}: apt-get install catatonit "
@@ -450,7 +453,8 @@ class Container:
                 "--kill-child", "--", shutil.which(_INIT), "-P"]
         try:
             launcher = subprocess.Popen(argv, preexec_fn=enter, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, start_new_session=True)
+                                        stdout=subprocess.DEVNULL, stderr=stderr,
+                                        start_new_session=True)
         except subprocess.SubprocessError:
             raise NodeError(f"cannot start the container of cgroup {cgroup.relpath!r}: "
                             f"{failure.reason()}") from None
@@ -483,7 +487,7 @@ class Container:
         """The running container of the node whose cgroup is `cgroup` (found by its PID 1)."""
         inits = [pid for pid in cgroup.procs()
                  if len(ns := _ns_pids(pid)) == 2 and ns[1] == 1
-                 and _status(pid).get("Name") == _INIT]
+                 and cls(cgroup, isolation, pid).alive()]
         if len(inits) != 1:
             raise NodeError(
                 f"cgroup {cgroup.relpath!r} holds {len(inits)} container PID 1 processes, "
@@ -492,8 +496,18 @@ class Container:
         return cls(cgroup, isolation, inits[0])
 
     def alive(self) -> bool:
-        """True while the node's PID 1 runs."""
-        return _status(self.init_pid).get("Name") == _INIT
+        """True while the node's PID 1 runs: not a zombie, and not exiting (a killed PID 1
+        stays in state S, exiting, until every process of its namespace has been reaped,
+        also those whose parent is a host-side shim)."""
+        status = _status(self.init_pid)
+        if status.get("Name") != _INIT or status.get("State", "Z").startswith(("Z", "X")):
+            return False
+        try:
+            stat = Path(f"/proc/{self.init_pid}/stat").read_text()
+            flags = int(stat[stat.rindex(")") + 2:].split()[6])
+        except (OSError, ValueError, IndexError):
+            return False
+        return not flags & _PF_EXITING
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the node's PID 1, which kills every process in the node; idempotent.

@@ -45,6 +45,8 @@ HEADER = struct.Struct("<4sHHIIII Q 32s")
 SLOT = struct.Struct("<IBBH 8s d d 32s")
 assert HEADER.size == HEADER_SIZE and SLOT.size == SLOT_SIZE
 
+# Offset of the header's owner_pid (u32), which the agent maps to a host pid when it serves a box.
+OFF_OWNER_PID = 20
 # Offsets of the header fields a writer changes after creation.
 OFF_COUNT = 16
 OFF_GENERATION = 24

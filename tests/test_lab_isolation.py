@@ -1,0 +1,220 @@
+"""Lab nodes are real containers: what a node's root cannot do, through `backdoors lab exec`.
+
+One lab (one host with its agent, two nodes with their sample services). Every probe runs
+inside node n0 as its root (`lab exec --root`) or as its services' uid, the way a user pokes
+at a node; the agent must keep answering throughout.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from backdoors.lab import Lab
+from backdoors.lab import topology
+from backdoors.nodes import Cgroup, detect
+
+pytestmark = pytest.mark.root
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab("i" + uuid.uuid4().hex[:6], hosts=1, nodes=2, agents=True) as lab:
+        yield lab
+
+
+def lab_exec(lab, *cmd, root=True, node="n0", input=None):
+    argv = [PY, "-m", "backdoors", "lab", "exec", node, "--name", lab.name,
+            *(["--root"] if root else []), "--", *cmd]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, input=input)
+
+
+def probe(lab, code, *args, root=True):
+    """Python `code` run in n0 (argv[1:] are `args` as JSON); its JSON output."""
+    r = lab_exec(lab, PY, "-c", code, *(json.dumps(a) for a in args), root=root)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def agent_answers(lab) -> bool:
+    with lab.agent_client("h0", timeout=5.0) as c:
+        return c.ping().host == "h0"
+
+
+def test_exec_runs_as_the_services_run_and_passes_the_exit_status(lab):
+    r = lab_exec(lab, "id", "-u", root=False)
+    assert r.returncode == 0 and r.stdout.strip() == "1000", r.stderr
+    r = lab_exec(lab, "id", "-u")
+    assert r.returncode == 0 and r.stdout.strip() == "0"
+    assert lab_exec(lab, "cat", "/proc/1/comm").stdout.strip() == "catatonit"
+    assert lab_exec(lab, "hostname").stdout.strip() == "n0"
+    assert lab_exec(lab, "sh", "-c", "exit 7").returncode == 7
+    assert lab_exec(lab, "sh", "-c", "kill -TERM $$").returncode == 128 + signal.SIGTERM
+    assert lab_exec(lab, "cat", input="through stdin").stdout == "through stdin"
+    # in the node's cgroup and netns: its own address, the service port
+    r = lab_exec(lab, "cat", "/proc/self/cgroup")
+    assert r.returncode == 0 and all(line.endswith(":/") for line in r.stdout.split())
+    node_ns = os.readlink(f"/proc/{lab.service('n0').pid}/ns/net")
+    r = probe(lab, "import os; print(__import__('json').dumps(os.readlink('/proc/self/ns/net')))")
+    assert r == node_ns
+
+
+def test_only_the_nodes_own_run_directory_is_there(lab):
+    r = lab_exec(lab, "ls", "-A", "/run/backdoors")
+    assert r.returncode == 0 and r.stdout.split() == [lab.name]
+    r = lab_exec(lab, "ls", "-A", f"/run/backdoors/{lab.name}", f"/run/backdoors/{lab.name}/nodes")
+    assert r.stdout.split() == [f"/run/backdoors/{lab.name}:", "nodes",
+                                f"/run/backdoors/{lab.name}/nodes:", "n0"]
+    assert "agent.sock" in lab_exec(lab, "ls", f"/run/backdoors/{lab.name}/nodes/n0").stdout
+    keys = topology.RUN_ROOT / lab.name / "keys.toml"
+    assert keys.exists()  # on the host; not in the node
+    assert lab_exec(lab, "cat", str(keys)).returncode != 0
+    assert lab_exec(lab, "ls", f"/run/backdoors/{lab.name}/nodes/n1").returncode != 0
+    # the hidden paths cannot be uncovered
+    assert lab_exec(lab, "umount", "/run/backdoors").returncode != 0
+    assert lab_exec(lab, "ls", f"/run/backdoors/{lab.name}/nodes/n1").returncode != 0
+
+
+SIGNAL_AGENT = """
+import json, os, signal, sys
+pid = json.loads(sys.argv[1])
+out = {"visible": os.path.exists(f"/proc/{pid}")}
+for name, sig in (("stop", signal.SIGSTOP), ("kill", signal.SIGKILL)):
+    try:
+        os.kill(pid, sig)
+        out[name] = "sent"
+    except OSError as e:
+        out[name] = e.errno
+try:
+    open(f"/proc/{pid}/mem", "rb").read(1)
+    out["mem"] = "read"
+except OSError as e:
+    out["mem"] = e.errno
+print(json.dumps(out))
+"""
+
+WRITE_FILES = """
+import json, sys
+out = {}
+for path, value in json.loads(sys.argv[1]):
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+        out[path] = "written"
+    except OSError as e:
+        out[path] = e.strerror
+print(json.dumps(out))
+"""
+
+
+def test_the_nodes_root_cannot_see_signal_or_read_the_agent(lab):
+    agent = lab.state.agents["h0"]
+    import errno
+    out = probe(lab, SIGNAL_AGENT, agent)
+    assert out == {"visible": False, "stop": errno.ESRCH, "kill": errno.ESRCH,
+                   "mem": errno.ENOENT}
+    # every process it can see: its own node only; the agent keeps answering
+    assert lab_exec(lab, "kill", "-STOP", "-1").returncode in (0, 1)
+    assert agent_answers(lab)
+    assert lab_exec(lab, "kill", "-CONT", "-1").returncode in (0, 1)
+    assert lab_exec(lab, "kill", "-KILL", "1").returncode in (0, 1)
+    assert lab_exec(lab, "cat", "/proc/1/comm").stdout.strip() == "catatonit"
+    assert agent_answers(lab)
+
+
+def test_the_nodes_root_cannot_write_the_agents_or_another_nodes_cgroup(lab):
+    layout = detect()
+    agent_cg = Cgroup(lab.plan.host("h0").agent_cgroup, layout)
+    other_cg = Cgroup(lab.plan.node("n1").cgroup, layout)
+    assert lab.state.agents["h0"] in agent_cg.procs()
+    writes = []
+    for cg in (agent_cg, other_cg):
+        for path in cg.paths.values():
+            for name, value in (("cgroup.procs", "1"), ("freezer.state", "FROZEN"),
+                                ("cgroup.freeze", "1"), ("pids.max", "1")):
+                if (path / name).exists():
+                    writes.append([str(path / name), value])
+    assert len(writes) >= 4
+    out = probe(lab, WRITE_FILES, writes)
+    assert out and all(v != "written" for v in out.values()), out
+    assert not agent_cg.freeze_requested() and agent_answers(lab)
+
+
+ORPHAN = """
+import json, os, time
+r, w = os.pipe()
+if os.fork() == 0:            # the parent that will be killed
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 1)          # the output pipe ends with the first process, not these
+    os.dup2(null, 2)
+    if os.fork() == 0:        # its child, orphaned then
+        os.close(r)
+        os.write(w, str(os.getpid()).encode())
+        time.sleep(300)
+    time.sleep(300)
+os.close(w)
+print(json.dumps({"orphan": int(os.read(r, 32))}), flush=True)
+"""
+
+
+def test_an_orphan_is_reaped_by_the_nodes_pid_1(lab):
+    box = lab.container("n0")
+    ns_orphan = probe(lab, ORPHAN, root=False)["orphan"]
+    host = box.host_pid(ns_orphan)
+    assert host is not None
+    ppid_host = int(_status(host)["PPid"])
+    os.kill(ppid_host, signal.SIGKILL)  # the parent dies: PID 1 adopts the child
+
+    def adopted() -> bool:
+        return int(_status(host)["PPid"]) == box.init_pid
+
+    assert wait(adopted), _status(host)
+    os.kill(host, signal.SIGKILL)
+    assert wait(lambda: not os.path.exists(f"/proc/{host}")), "left as a zombie"
+    assert agent_answers(lab)
+
+
+def test_a_node_whose_cgroup_was_killed_gets_a_new_container(lab):
+    old = lab.container("n1")
+    lab.node("n1").kill_all()
+    assert wait(lambda: not old.alive())
+    r = lab_exec(lab, "cat", "/proc/1/comm", node="n1")
+    assert r.returncode == 0 and r.stdout.strip() == "catatonit", r.stderr
+    lab.start_service("n1")
+    assert lab.container("n1").init_pid != old.init_pid
+
+
+def _status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def wait(cond, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_the_agent_serves_a_services_box_with_its_host_pid(lab):
+    from backdoors.sensors import parse_box
+
+    svc = lab.service("n0")
+    assert svc.ns_pid is not None and svc.ns_pid != svc.pid
+    assert lab.sensors("n0").owner_pid == svc.ns_pid  # what the service wrote, in its node
+    with lab.agent_client("h0", timeout=5.0) as c:
+        assert wait(lambda: "svc-n0" in c.sensors("n0").boxes)
+        assert parse_box(c.sensors("n0").boxes["svc-n0"]).owner_pid == svc.pid
