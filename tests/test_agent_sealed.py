@@ -19,7 +19,6 @@ from test_agent_support import PY, agent_lab, daemon, prefix, read_line, to_toml
 
 from backdoors.agent.sealing import DENIED
 from backdoors.lab import Lab
-from backdoors.lab.agents import agent_pid
 
 __all__ = ["agent_lab", "prefix"]
 pytestmark = pytest.mark.root
@@ -254,7 +253,7 @@ def test_a_sealed_agent_refuses_to_start_with_keys_readable_by_others(agent_lab,
 def test_the_labs_agents_run_sealed(unique):
     with Lab(f"t{unique}", hosts=2, nodes=2, agents=True, services=False) as lab:
         for host in lab.state.agents:  # (keeper pids) each keeper forks its host's agent
-            pid = agent_pid(lab.plan, lab.plan.host(host))
+            pid = lab.agent_pid(host)
             with open(f"/proc/{pid}/status") as f:
                 status = dict(line.split(":", 1) for line in f)
             assert status["Seccomp"].strip() == "2", host

@@ -115,7 +115,7 @@ print(json.dumps(out))
 
 
 def test_the_nodes_root_cannot_see_signal_or_read_the_agent(lab):
-    agent = lab.state.agents["h0"]
+    agent = lab.agent_pid("h0")
     import errno
     out = probe(lab, SIGNAL_AGENT, agent)
     assert out == {"visible": False, "stop": errno.ESRCH, "kill": errno.ESRCH,
@@ -133,7 +133,7 @@ def test_the_nodes_root_cannot_write_the_agents_or_another_nodes_cgroup(lab):
     layout = detect()
     agent_cg = Cgroup(lab.plan.host("h0").agent_cgroup, layout)
     other_cg = Cgroup(lab.plan.node("n1").cgroup, layout)
-    assert lab.state.agents["h0"] in agent_cg.procs()
+    assert lab.agent_pid("h0") in agent_cg.procs()
     writes = []
     for cg in (agent_cg, other_cg):
         for path in cg.paths.values():

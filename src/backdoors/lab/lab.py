@@ -352,6 +352,10 @@ class Lab:
 
     # ---- agents -----------------------------------------------------------------------
 
+    def agent_pid(self, host: str) -> int | None:
+        """The pid of `host`'s agent now (its keeper, in `state.agents`, restarts it)."""
+        return agent_pid(self.plan, self.plan.host(host))
+
     def agent_address(self, host: str) -> str:
         """"ADDR:PORT" of `host`'s agent on the private network."""
         return f"{self.plan.host(host).address}:{topology.AGENT_PORT}"
