@@ -213,7 +213,7 @@ def sensors(call: Call) -> SensorsReply:
             try:
                 image = read_consistent(entry.region)
                 boxes[entry.name] = (image if entry.internal
-                                     else box_in_host_terms(image, entry.pid))
+                                     else box_in_host_terms(image, entry.pid, entry.inner_pid))
             except SensorBoxError as e:
                 errors[entry.name] = str(e)
     return SensorsReply(boxes, errors)

@@ -30,21 +30,19 @@ def ns_pids(pid: int) -> list[int]:
     return []
 
 
-def in_host_terms(pid: int, registrant: int) -> int:
-    """`pid`, as written by registrant `registrant` (a host pid), as a host pid: the
-    registrant's own host pid if `pid` is its pid inside its node, else `pid` unchanged."""
-    if pid == registrant:
-        return pid
-    ns = ns_pids(registrant)
-    return registrant if len(ns) > 1 and ns[-1] == pid else pid
+def inner_pid(pid: int) -> int:
+    """The pid host process `pid` has in its own PID namespace (`pid` itself when it has
+    none of its own, or has exited). Fixed for a process's life: callers keep it."""
+    ns = ns_pids(pid)
+    return ns[-1] if len(ns) > 1 else pid
 
 
-def box_in_host_terms(image: bytes, registrant: int) -> bytes:
-    """A Sensor Box copy whose owner_pid is mapped to a host pid (see in_host_terms)."""
-    if len(image) < OFF_OWNER_PID + 4:
+def box_in_host_terms(image: bytes, registrant: int, inner: int) -> bytes:
+    """A Sensor Box copy whose owner_pid, when it is `inner` (the registrant's pid inside
+    its node), is the registrant's host pid `registrant` instead."""
+    if inner == registrant or len(image) < OFF_OWNER_PID + 4:
         return image
     (owner,) = _U32.unpack_from(image, OFF_OWNER_PID)
-    host = in_host_terms(owner, registrant)
-    if host == owner:
+    if owner != inner:
         return image
-    return image[:OFF_OWNER_PID] + _U32.pack(host) + image[OFF_OWNER_PID + 4:]
+    return image[:OFF_OWNER_PID] + _U32.pack(registrant) + image[OFF_OWNER_PID + 4:]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ..common.procs import is_same, read_process
 from ..errors import AgentError
 from ..sensors import KERNEL_BOX, Region
+from .pidmap import inner_pid
 
 REGION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 KINDS = ("sensorbox", "region", "cb")
@@ -50,6 +51,10 @@ class Entry:
     registered_at: float = field(default_factory=time.time)
     _users: int = 0
     _retired: bool = False
+    inner_pid: int = field(init=False)  # the registrant's pid inside its node
+
+    def __post_init__(self) -> None:
+        self.inner_pid = inner_pid(self.pid)
 
     @property
     def size(self) -> int:
