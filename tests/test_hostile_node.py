@@ -89,6 +89,8 @@ def test_descriptor_exhaustion_is_capped(hostile):
 def test_filling_disk_and_memory_at_once(hostile):
     detail = attack(hostile, "fill-disk-and-memory")
     assert "memory limit" in detail  # the hog met the node's own limit
+    # /tmp and the run directory are the node's own bounded tmpfs: full, the host's untouched
+    assert detail.count('"stopped_by": "ENOSPC"') >= 2, detail
 
 
 def test_the_neighbour_stayed_healthy_through_all_of_it(hostile):
@@ -103,9 +105,12 @@ def _regions(h: Hostile, node: str):
 
 
 def test_the_whole_scenario():
-    out = hostile_node("z" + uuid.uuid4().hex[:6])
+    name = "z" + uuid.uuid4().hex[:6]
+    out = hostile_node(name)
     assert out["succeeded"] == 0, [a for a in out["attacks"] if a["succeeded"]]
     assert len(out["attacks"]) == len(ATTACKS)
     assert out["agent_answered_throughout"], out["agent_read_errors"]
     assert out["agent_read_p99_ms"] is not None and out["agent_reads"] > 10
     assert out["other_node_healthy"], out["other_node"]
+    with open("/proc/self/mountinfo") as f:  # the nodes' run directory tmpfs are gone
+        assert f"/run/backdoors/{name}" not in f.read()
