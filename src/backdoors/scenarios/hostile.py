@@ -318,6 +318,8 @@ for i in range(ARG["count"]):
         failed[err(e)] = failed.get(err(e), 0) + 1
         s.close()
 time.sleep(0.3)
+out(holding=len(socks))  # the scenario registers a box from the neighbour meanwhile
+sys.stdin.readline()
 for s in socks:  # the ones the agent kept open (not closed at once past its cap)
     try:
         d = s.recv(1)
@@ -696,11 +698,21 @@ class Hostile:
 
     # -- attacks -------------------------------------------------------------------------
 
-    def node_program(self, code: str, arg: dict, timeout: float = 30.0) -> tuple[dict | None, str]:
-        """Run `code` (after PRELUDE) in the hostile node as its root; (its JSON, stderr)."""
+    def node_program(self, code: str, arg: dict, timeout: float = 30.0,
+                     during: Callable[[], dict] | None = None) -> tuple[dict | None, str]:
+        """Run `code` (after PRELUDE) in the hostile node as its root; (its JSON, stderr).
+        `during`: the program prints a first line and waits for one on stdin; `during()`
+        runs in between, its result lands under "during" in the program's."""
         proc = self.lab.run_in_node(HOSTILE, [PY, "-c", PRELUDE + code, json.dumps(arg)],
-                                    root=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                    root=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.PIPE if during else subprocess.DEVNULL)
+        meanwhile = None
         try:
+            if during is not None:
+                first = proc.stdout.readline()  # bounded by the program's own steps
+                meanwhile = during() if first else {"error": "the program did not get there"}
+                proc.stdin.write(b"\n")
+                proc.stdin.flush()
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -709,14 +721,43 @@ class Hostile:
         lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
         if not lines:
             return None, f"exit {proc.returncode}; {err.decode(errors='replace')[-500:]}"
-        return json.loads(lines[-1]), err.decode(errors="replace")[-300:]
+        result = json.loads(lines[-1])
+        if meanwhile is not None:
+            result["during"] = meanwhile
+            result["effect"] = result.get("effect") or bool(meanwhile.get("effect"))
+        return result, err.decode(errors="replace")[-300:]
+
+    def neighbour_registers(self) -> dict:
+        """A new Sensor Box registered from inside the neighbour, as its services do;
+        {"neighbour_registration": reply or error, "effect": refused}."""
+        code = ("import json\nfrom backdoors.sensors import SensorBox\n"
+                "from backdoors.common.runtime import register_box, unregister\n"
+                "b = SensorBox.create('hostile-probe')\n"
+                "try:\n    r = register_box(b, timeout=5.0); ok = True\n"
+                "    unregister('hostile-probe', timeout=5.0)\n"
+                "except Exception as e:\n    r, ok = str(e), False\n"
+                "print(json.dumps({'reply': str(r), 'ok': ok}))\n")
+        proc = self.lab.run_in_node(NEIGHBOUR, [PY, "-c", code], stdout=subprocess.PIPE)
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=5)
+            return {"neighbour_registration": "timed out", "effect": True}
+        try:
+            r = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"neighbour_registration": f"no answer (exit {proc.returncode})", "effect": True}
+        return {"neighbour_registration": "accepted" if r["ok"] else r["reply"],
+                "effect": not r["ok"]}
 
     def run(self, name: str) -> Attack:
         """Run attack `name` and judge it (see the module docstring)."""
         before, p0 = self.fingerprint(), self.progress()
         errors_before = len(self.reader.errors) if self.reader else 0
         t0 = time.monotonic()
-        result, err = self.node_program(PROGRAMS[name], self.argument(name))
+        during = self.neighbour_registers if name == "registration-connection-flood" else None
+        result, err = self.node_program(PROGRAMS[name], self.argument(name), during=during)
         elapsed = time.monotonic() - t0
         # the neighbour's progress must have moved during the attack (it ticks every 10 ms)
         p1 = self._progressed(p0)
