@@ -56,6 +56,8 @@ def test_renice_ioprio_oom_score_adj_of_the_agent(hostile):
 def test_the_private_network_is_unreachable(hostile):
     detail = attack(hostile, "private-network")
     assert "connected" not in detail and "7700" in detail
+    # no address, route or forwarding of its own: the netns belongs to the host's user ns
+    assert detail.count("Operation not permitted") == 2 and '"ip_forward": "EACCES"' in detail
 
 
 def test_10000_malformed_registration_frames(hostile):

@@ -254,7 +254,25 @@ out(results=res, effect=effect)
 '''
 
 NETWORK = r'''
-res, effect = {}, False
+import shutil, subprocess
+res, effect, changes = {}, False, {}
+# first try to make a way there: an address and a route on the private network, forwarding
+ip = shutil.which("ip")
+for label, argv in (("ip addr add", [ip, "addr", "add", "10.99.0.77/24", "dev", "eth0"]),
+                    ("ip route add", [ip, "route", "add", "10.99.0.0/24", "dev", "eth0"])):
+    if ip is None:
+        changes[label] = "no ip tool"
+        continue
+    r = subprocess.run(argv, capture_output=True, text=True)
+    changes[label] = "done" if r.returncode == 0 else (r.stderr.strip() or str(r.returncode))
+    effect |= r.returncode == 0
+try:
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")
+    changes["ip_forward"] = "written"; effect = True
+except OSError as e:
+    changes["ip_forward"] = err(e)
+res["changes"] = changes
 for addr, port in ARG["targets"]:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(1.0)
