@@ -225,7 +225,7 @@ for pid in ARG["pids"]:
     except OSError as e:
         r["renice"] = err(e)
     # ioprio_set(IOPRIO_WHO_PROCESS, pid, IOPRIO_CLASS_IDLE << 13)
-    rc = libc.syscall(251, 1, pid, 3 << 13)
+    rc = libc.syscall(ARG["ioprio_set"], 1, pid, 3 << 13)
     r["ioprio_set"] = "ok" if rc == 0 else errno.errorcode.get(ctypes.get_errno())
     effect |= rc == 0
     try:
@@ -559,6 +559,8 @@ class Attack:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+#: (ioprio_set, ioprio_get) syscall numbers (no libc wrapper)
+IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31)}.get(os.uname().machine, (251, 252))
 
 
 def _proc_facts(pid: int) -> dict:
@@ -572,7 +574,7 @@ def _proc_facts(pid: int) -> dict:
     state = fields[0]  # running and sleeping alternate; stopped, traced or dead must not happen
     return {"alive": True, "state": {"T": "stopped", "t": "traced", "Z": "zombie", "X": "dead"}
             .get(state, "running"), "nice": int(fields[16]), "oom_score_adj": oom,
-            "ioprio": _libc.syscall(252, 1, pid),  # ioprio_get(IOPRIO_WHO_PROCESS, pid)
+            "ioprio": _libc.syscall(IOPRIO_SYSCALLS[1], 1, pid),  # IOPRIO_WHO_PROCESS
             "policy": os.sched_getscheduler(pid), "affinity": sorted(os.sched_getaffinity(pid))}
 
 
@@ -825,7 +827,9 @@ class Hostile:
     def argument(self, name: str) -> dict:
         plan = self.lab.plan
         pids = [self.agent, self.keeper]
-        if name in ("signal-all", "ptrace-and-mem", "priority"):
+        if name == "priority":
+            return {"pids": pids, "ioprio_set": IOPRIO_SYSCALLS[0]}
+        if name in ("signal-all", "ptrace-and-mem"):
             return {"pids": pids}
         if name == "cgroupfs":
             layout = detect()
