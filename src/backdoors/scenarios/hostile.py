@@ -659,6 +659,9 @@ class Hostile:
                        f"{SESSIONS} sessions of {NEIGHBOUR} held by the agent")
             self._wait(lambda: self.progress() is not None, 10, "the stream service's box")
             self.agent = self.lab.agent_pid(self.host)
+            if self.agent is None:
+                raise LabError(f"the agent of host {self.host} has no pid (started without "
+                               "its keeper?)")
             self.keeper = self.lab.state.agents[self.host]
             self.reader = Reader(self).start()
         except BaseException:
