@@ -383,6 +383,21 @@ def scenario_recovery(
     _emit(recovery(fault, sessions), as_json)
 
 
+@scenario_app.command("hostile-node")
+def scenario_hostile_node(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """A node's root attacks its own host's agent; every attack must fail.
+
+    A lab of one host and two nodes: from inside n0, as the node's root, it signals every pid it sees (kill -STOP/-KILL -1), ptraces and reads the agent's memory by its host pid, mounts cgroupfs and writes the agent's and n1's cgroup files, renices / ioprio / oom_score_adj the agent, connects to the private network, floods the registration socket (10,000 malformed frames, 3,000 connections, huge, unsealed and shrinking memfds, another node's names, 250 descriptors on a frame, the region and session caps) and fills its writable directories and its memory at once. Meanwhile n1 streams two recoverable sessions and a reader asks the agent for n1's sensors every 20 ms. Reports each attack {name, succeeded, detail}, `succeeded` (must be 0), agent_answered_throughout, agent_read_p99_ms, other_node_healthy. About 10-20 s (root). 
+    """
+    from .scenarios import SCENARIOS
+
+    result = SCENARIOS["hostile-node"]()
+    _emit(result, as_json)
+    if result["succeeded"] or not result["agent_answered_throughout"] \
+            or not result["other_node_healthy"]:
+        raise typer.Exit(1)
+
+
 # ---- benchmarks -----------------------------------------------------------------------
 
 

@@ -38,7 +38,8 @@ class World:
         self.stream_sessions, self.download_count = stream_sessions, downloads
         self.lab = Lab(name, hosts=2, nodes=4, agents=True, services=True,
                        memory_limit=512 * MiB, pids_limit=256)
-        self.tmp = Path(tempfile.mkdtemp(prefix="bd-demo-"))
+        # not under /tmp: every node has a private /tmp (nodes.container.SCRATCH)
+        self.tmp = Path(tempfile.mkdtemp(prefix="bd-demo-", dir="/run"))
         os.chmod(self.tmp, 0o755)  # the nodes' services (unprivileged uids) read www
         self.www = self.tmp / "www"
         self.source = self.www / "big.bin"

@@ -42,12 +42,15 @@ from .. import net
 from ..errors import LabError, NodeError, require_root
 from ..net import netns
 from ..nodes import Node, cgroups
-from ..nodes.container import Container, Isolation, NodeProcess, python_paths, uid_base_for
+from ..nodes.container import (Container, Isolation, NodeProcess, mount_tmpfs, python_paths,
+                               uid_base_for, unmount_under)
 from ..sensors import SensorBoxReader, Snapshot
 from .agents import agent_pid, keys_path, start_agent, stop_agents, write_keys
 from . import topology
 
 STATE_FILE = "lab.json"
+#: size of each node's run directory (a tmpfs): its sockets need next to nothing
+NODE_RUN_DIR_BYTES = 16 << 20
 
 
 @dataclass
@@ -100,6 +103,7 @@ def reap(name: str) -> dict[str, list[str]]:
     removed = {"netns": netns.reap(prefix), "cgroups": cgroups.reap(prefix), "files": []}
     run_dir = topology.RUN_ROOT / name
     if run_dir.exists():
+        unmount_under(run_dir)  # the nodes' run directories (tmpfs)
         shutil.rmtree(run_dir, ignore_errors=True)
         removed["files"].append(str(run_dir))
     for leftover in Path("/dev/shm").glob(f"{prefix}*"):
@@ -163,6 +167,8 @@ class Lab:
                 (self.plan.run_dir / n.name).mkdir()
                 # before agent and container: a node keeps the directory it was started with
                 self.node_run_dir(n.name).mkdir(parents=True)
+                # a tmpfs: what the node writes there is bounded and charged to its cgroup
+                mount_tmpfs(self.node_run_dir(n.name), NODE_RUN_DIR_BYTES)
                 self.container(n.name)
             if self.with_agents:
                 self._keys = write_keys(self.plan, self.monitors)

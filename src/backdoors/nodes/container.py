@@ -15,7 +15,9 @@ start processes in them. Everything a node runs has no power over the host:
   are *locked* for the node (umount gives EINVAL): propagation private (nothing leaks back),
   each `Isolation.hide` directory covered by an empty read-only tmpfs, and the node's run
   directory (writable) and the `Isolation.share` paths (read-only) bound back at their usual
-  paths. Hide /run/backdoors and only the node's own run directory is left there.
+  paths. Hide /run/backdoors and only the node's own run directory is left there. /tmp,
+  /var/tmp and /dev/shm are private tmpfs of `Isolation.scratch_bytes` (charged to the node),
+  unless the run directory or a hidden path lies under one.
 - **Network**: the node's named netns (/var/run/netns/NAME), owned by the host's user
   namespace, so the node's root cannot change addresses, routes or sysctls; no name: a fresh,
   empty netns. **Cgroup**: every process joins the node's cgroup in every hierarchy (the
@@ -104,7 +106,8 @@ from backdoors.errors import NodeError
 from backdoors.nodes import syscalls
 from backdoors.nodes.cgroups import Cgroup
 
-__all__ = ["Container", "Isolation", "NodeProcess", "python_paths", "tools_missing", "uid_base_for"]
+__all__ = ["Container", "Isolation", "NodeProcess", "mount_tmpfs", "python_paths", "tools_missing",
+           "uid_base_for", "unmount_under"]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -122,6 +125,9 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MNT_DETACH = 2
+#: where each node gets a private tmpfs of `Isolation.scratch_bytes`
+SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
 PR_SET_NO_NEW_PRIVS = 38
 
 #: Node user namespaces map 65536 ids from UID_BASE + index * 65536 on (far above the
@@ -191,7 +197,9 @@ class Isolation:
     directories, a home directory); the node's run directory is bound back in, writable.
     `share`: paths bound back in read-only where they lie under a hidden path (e.g. the
     Python installation under a hidden /root: see `python_paths`). `hostname`: the node's
-    hostname (UTS namespace).
+    hostname (UTS namespace). `scratch_bytes`: size of each of the node's private tmpfs
+    at SCRATCH (/tmp, /var/tmp, /dev/shm): the host's are not writable from the node, and
+    what it writes there is charged to its own memory limit.
     """
 
     uid_base: int
@@ -200,6 +208,7 @@ class Isolation:
     hide: tuple[Path, ...] = ()
     share: tuple[Path, ...] = ()
     hostname: str = "node"
+    scratch_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if (self.uid_base <= 0 or self.count <= 0 or not 0 <= self.uid < self.count
@@ -421,6 +430,10 @@ class Container:
                                 "directory")
         hide = tuple(Path(p).resolve() for p in isolation.hide if Path(p).is_dir())
         shares = [(Path(p).resolve(), False) for p in isolation.share if Path(p).exists()]
+        # not over the run directory or a hidden path (they would vanish under it)
+        scratch = [p for p in SCRATCH if os.path.isdir(p) and not any(
+            Path(p) == q or Path(p) in q.parents
+            for q in (run_dir, *hide, *(path for path, _ in shares)))]
         netns_fd = None
         if netns is not None:
             try:
@@ -444,6 +457,10 @@ class Container:
                          CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
             failure.step("make mounts private", _mount, None, "/", None, MS_REC | MS_PRIVATE)
             _hide(hide, [(run_dir, True), *shares], failure)
+            for path in scratch:
+                failure.step(f"mount a private tmpfs on {path}", _mount, "tmpfs", path,
+                             "tmpfs", MS_NOSUID | MS_NODEV,
+                             f"mode=1777,size={isolation.scratch_bytes}")
             failure.step("set the hostname", socket.sethostname, isolation.hostname)
             failure.step("enter the node's user namespace", syscalls.setns, userns,
                          CLONE_NEWUSER)
@@ -672,6 +689,33 @@ def _hide(hide: tuple[Path, ...], binds: list[tuple[Path, bool]], failure: _Chil
     for path in hide:
         failure.step(f"make {path} read-only", _mount, None, str(path), None,
                      MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+
+
+def mount_tmpfs(path: str | os.PathLike, size: int, mode: int = 0o755) -> None:
+    """Mount a tmpfs of `size` bytes on the existing directory `path` (host root): a node's
+    run directory, so what the node writes there is bounded, and charged to its cgroup."""
+    try:
+        _mount("tmpfs", str(path), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               f"mode={mode:o},size={size}")
+    except OSError as e:
+        raise NodeError(f"cannot mount a tmpfs on {path}: {e.strerror}") from None
+
+
+def unmount_under(path: str | os.PathLike) -> list[str]:
+    """Detach every mount at or under `path` in this mount namespace (deepest first);
+    the paths unmounted. For cleanup: failures are skipped."""
+    root = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == root or point.startswith(root + "/"):
+                found.append(point)
+    done = []
+    for point in sorted(found, key=len, reverse=True):
+        if _libc.umount2(point.encode(), MNT_DETACH) == 0:
+            done.append(point)
+    return done
 
 
 def _raise(e: OSError) -> None:

@@ -3,8 +3,10 @@
 `SCENARIOS` maps the CLI names (`backdoors scenario NAME --json`) to their functions.
 """
 
+from .hostile import hostile_node
 from .repair import HANG_MODES, fork_bomb, hang, memory_hog
 
-SCENARIOS = {"memory-hog": memory_hog, "fork-bomb": fork_bomb, "hang": hang}
+SCENARIOS = {"memory-hog": memory_hog, "fork-bomb": fork_bomb, "hang": hang,
+             "hostile-node": hostile_node}
 
-__all__ = ["HANG_MODES", "SCENARIOS", "fork_bomb", "hang", "memory_hog"]
+__all__ = ["HANG_MODES", "SCENARIOS", "fork_bomb", "hang", "hostile_node", "memory_hog"]
