@@ -102,6 +102,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "thresholds of the kernel sensors: [agent.kernel_sensors]")] = KernelSensorLimits()
     metrics_listen: Annotated[str | None, doc(
         "ADDR:PORT of GET /metrics (Prometheus), in netns; unset: not served")] = None
+    orphan_timeout_s: Annotated[float, doc(
+        "seconds a held session whose server died may wait for a server to adopt it; "
+        "then it is closed (FIN, or RST with unread input), never kept forever")] = 10.0
 
     @property
     def own_cgroup(self) -> str:
@@ -169,6 +172,7 @@ def _validate(c: AgentConfig) -> None:
            "reap can remove a killed agent's leftovers)")
     _check(c.quorum >= 1, ("quorum",), "must be at least 1")
     for key, low, high in (("vote_window_s", 0.01, 600), ("op_deadline_s", 0.01, 60),
+                            ("orphan_timeout_s", 0.01, 3600),
                            ("sample_period_s", 0.005, 10)):
         v = getattr(c, key)
         _check(math.isfinite(v) and low <= v <= high, (key,),

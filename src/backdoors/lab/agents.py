@@ -8,6 +8,7 @@ authenticates the lab's monitors with keys generated into the lab's run director
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -44,7 +45,9 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
         host=host.name, listen=f"{host.address}:{topology.AGENT_PORT}", netns=host.netns,
         run_dir=str(plan.run_dir / "nodes"), audit_log=str(plan.run_dir / f"audit-{host.name}.jsonl"),
         monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes,
-        peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts])
+        peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts],
+        # the server-crash tests' short bound (agent.owners); the default otherwise
+        orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")))
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 

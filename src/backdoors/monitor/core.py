@@ -207,6 +207,7 @@ class Monitor:
                              settle_s=config.settle_ms / 1000, clock=clock,
                              on_close=lambda inc: self._emit("closed", inc, record=inc))
         self.pollers = [AgentPoller(self, e) for e in config.agents]
+        self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._pool = ThreadPoolExecutor(config.max_parallel_repairs,
                                         thread_name_prefix="bd-mon-repair")
         self._local = threading.local()
@@ -236,6 +237,7 @@ class Monitor:
             self._started = True
             for p in self.pollers:
                 p.start()
+            self._follow_events()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -243,6 +245,8 @@ class Monitor:
         self.stopping.set()
         for p in self.pollers:
             p.join(timeout)
+        for f in self.followers:
+            f.stop(timeout)
         self._pool.shutdown(wait=True)
         self.engine.close_all("monitor stopped")
         for c in self._worker_clients:
@@ -261,7 +265,8 @@ class Monitor:
     # -- observing -----------------------------------------------------------------------
 
     def observe(self, view: NodeView) -> None:
-        self.metrics.saw(view)
+        if view.event is None:
+            self.metrics.saw(view)
         for det in self.engine.observe(view):
             with self._cond:
                 self._incidents.append(det.incident)
@@ -272,6 +277,25 @@ class Monitor:
                 self._pool.submit(self._respond, det)
             except RuntimeError:  # shutting down
                 self.engine.responded(det, "not handled: monitor stopping")
+
+    def _follow_events(self) -> None:
+        """Subscribe to every agent's events (with the monitor's own key: agents of a
+        custom client_factory are polled only)."""
+        key = getattr(self, "key", None)
+        if key is None:
+            return
+        from .events import EventFollower
+        self.followers = [EventFollower(self, e, key) for e in self.config.agents]
+        for f in self.followers:
+            f.start()
+
+    def on_event(self, host: str, ev, *, received: float, via: str = "event") -> None:
+        """An agent's pushed event (agent.events.EventFrame): judged at once by the rules
+        whose detectors take events (see Detector.on_events)."""
+        if not ev.node:
+            return
+        event = {"kind": ev.kind, "seq": ev.seq, "at": ev.at, **ev.data}
+        self.observe(NodeView(ev.node, host, received, event=event, via=via))
 
     def polled(self) -> None:
         with self._cond:

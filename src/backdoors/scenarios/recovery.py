@@ -25,7 +25,7 @@ from ..lab.clients import StreamClients
 from ..monitor import Monitor
 from .labkit import lab_monitor_config, unique_name
 
-FAULTS = ("freeze", "crash", "network", "memory-hog")
+FAULTS = ("freeze", "crash", "network", "memory-hog", "server-crash")
 
 
 def _wait(pred, timeout: float, what: str, step: float = 0.02):
@@ -52,6 +52,11 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
     """Run the case; returns the facts (see the module docstring)."""
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {', '.join(FAULTS)}, got {fault!r}")
+    if fault == "server-crash":  # a server dies, its node stays healthy: server_crash.py
+        from .server_crash import server_crash
+        return server_crash(sessions, name=name, period_ms=period_ms, deadline_ms=deadline_ms,
+                            rate=rate, chunk=chunk, warmup_s=warmup_s, watch_s=watch_s,
+                            timeout_s=timeout_s, incidents_dir=incidents_dir)
     name = name or unique_name("r")
     out: dict = {"fault": fault, "sessions": sessions, "poll_ms": period_ms,
                  "deadline_ms": deadline_ms, "rate_bytes_per_s": rate}

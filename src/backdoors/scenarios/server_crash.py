@@ -1,0 +1,71 @@
+"""The server-crash case of the recovery scenario: a recoverable server dies, its node
+stays healthy.
+
+    server_crash(sessions=10, restart=True) -> the keys of recovery() plus
+        {"detected_by", "same_node", "other_incidents"}
+
+Node n0 runs the stream service (recoverable, Sensor Box) and the sample service (a
+Sensor Box of its own, not recoverable, which must stay healthy); n1 runs the stream
+service as the other node's recovery server. Clients verify every byte of `sessions`
+streams from n0. The stream service of n0 is SIGKILLed: its agent sees the death through
+the pidfd and pushes "owner_died"; the monitor ("heal": rule server-died) hands the
+sessions to the service restarted in n0 (`restart`), else moves them to n1.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from ..lab import Lab
+from ..lab import topology
+from ..lab.clients import StreamClients
+from .labkit import unique_name
+
+
+def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None = None,
+                 period_ms: float = 50, deadline_ms: float = 200, rate: int = 16384,
+                 chunk: int = 1024, warmup_s: float = 1.0, watch_s: float = 2.0,
+                 timeout_s: float = 30.0, incidents_dir: str | None = None) -> dict:
+    from .recovery import _facts, _wait, monitor_for
+    name = name or unique_name("r")
+    out: dict = {"fault": "server-crash", "sessions": sessions, "poll_ms": period_ms,
+                 "deadline_ms": deadline_ms, "rate_bytes_per_s": rate, "restart": restart}
+    args = ("--rate", str(rate), "--chunk", str(chunk), "--export-every", str(chunk * 8),
+            "--deadline", str(deadline_ms / 1000))
+    with Lab(name, hosts=2, nodes=2, agents=True, services=False,
+             pids_limit=max(512, 2 * sessions + 256)) as lab:
+        for node in ("n0", "n1"):
+            lab.start_service(node, *args, recoverable=True)
+        lab.start_service("n0")  # another service of n0, which must stay healthy
+        with lab.agent_client("h0") as c:
+            _wait(lambda: sum(k.startswith(("rsvc", "svc")) for k in c.sensors("n0").boxes) == 2,
+                  10, "the services' Sensor Boxes")
+            with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
+                mon.wait_ready(timeout=10)
+                _wait(lambda: all(f.connected.is_set() for f in mon.followers), 10,
+                      "the monitor's event subscriptions")
+                vip = lab.plan.node("n0").vip
+                with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
+                    _wait(lambda: len(c.call("sessions", node="n0")) == sessions, 30,
+                          f"{sessions} sessions held by the agent")
+                    time.sleep(warmup_s)
+                    at_fault = clients.offsets()
+                    pid = lab.service("n0", recoverable=True).pid
+                    t_fault, wall_fault = time.monotonic(), time.time()
+                    lab.node("n0").kill(pid, signal.SIGKILL)
+                    if restart:
+                        lab.start_service("n0", *args, recoverable=True)
+                    inc = mon.wait_for(lambda i: i.node == "n0" and any(
+                        a.kind == "recover" for a in i.actions), timeout_s)
+                    time.sleep(watch_s)
+                    report = clients.report(t_fault, at_fault)
+                    others = [f"{i.rule}: {i.detectors[0].summary if i.detectors else ''}"
+                              for i in mon.incidents() if inc is None or i.id != inc.id]
+        out.update(_facts(inc, wall_fault, report))
+        out["other_incidents"] = others
+        if inc is not None:
+            rec = next(a for a in inc.actions if a.kind == "recover")
+            out.update(detected_by=inc.detected_by, same_node=bool(rec.detail.get("same_node")),
+                       dead_pid=pid)
+    return out
