@@ -14,7 +14,6 @@ from backdoors.lab.clients import StreamClients
 from backdoors.net import netns
 from backdoors.scenarios.labkit import unique_name
 from backdoors.scenarios.recovery import recovery
-from backdoors.scenarios.server_crash import server_crash
 
 pytestmark = pytest.mark.root
 
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.root
 @pytest.mark.parametrize("restart", [True, False], ids=["same-node", "other-node"])
 def test_server_death_is_pushed_and_its_sessions_continue(root, restart):
     name = unique_name("r")
-    r = server_crash(4, restart=restart, name=name, watch_s=1.0)
+    r = recovery("server-crash", 4, restart_server=restart, name=name, watch_s=1.0)
     assert r["detected"] and r["detected_by"] == "event", r
     assert r["rule"] == "server-died", r
     assert r["same_node"] is restart, r

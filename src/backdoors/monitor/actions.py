@@ -231,7 +231,7 @@ class Recover(Action, tag="recover"):
     after: Literal["fenced", "release"] = "fenced"
     timeout_s: float = 30.0
 
-    same_node_wait_ms: NonNeg = 1000.0
+    same_node_wait_ms: NonNeg = 3000.0
 
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """Fence the node, then evacuate its sessions to the target node's agent."""

@@ -1,8 +1,8 @@
 """The server-crash case of the recovery scenario: a recoverable server dies, its node
 stays healthy.
 
-    server_crash(sessions=10, restart=True) -> the keys of recovery() plus
-        {"detected_by", "same_node", "other_incidents"}
+    recovery("server-crash", sessions=10, restart_server=True) -> the keys of the other
+        faults plus {"detected_by", "same_node", "event_ms", "other_incidents"}
 
 Node n0 runs the stream service (recoverable, Sensor Box) and the sample service (a
 Sensor Box of its own, not recoverable, which must stay healthy); n1 runs the stream
@@ -17,17 +17,20 @@ from __future__ import annotations
 import signal
 import time
 
+from ..errors import LabError
 from ..lab import Lab
 from ..lab import topology
 from ..lab.clients import StreamClients
-from .labkit import unique_name
+from ..monitor import Monitor
+from .labkit import lab_monitor_config, unique_name
 
 
 def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None = None,
                  period_ms: float = 50, deadline_ms: float = 200, rate: int = 16384,
                  chunk: int = 1024, warmup_s: float = 1.0, watch_s: float = 2.0,
-                 timeout_s: float = 30.0, incidents_dir: str | None = None) -> dict:
-    from .recovery import _facts, _wait, monitor_for
+                 timeout_s: float = 30.0, incidents_dir: str | None = None):
+    """Run the case: (facts so far, incident, Unix time of the kill, the clients' report);
+    scenarios.recovery makes the facts of the last three."""
     name = name or unique_name("r")
     out: dict = {"fault": "server-crash", "sessions": sessions, "poll_ms": period_ms,
                  "deadline_ms": deadline_ms, "rate_bytes_per_s": rate, "restart": restart}
@@ -41,7 +44,9 @@ def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None =
         with lab.agent_client("h0") as c:
             _wait(lambda: sum(k.startswith(("rsvc", "svc")) for k in c.sensors("n0").boxes) == 2,
                   10, "the services' Sensor Boxes")
-            with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
+            cfg = lab_monitor_config(lab, period_ms=period_ms, incidents_dir=incidents_dir,
+                                     rulesets=["heal"])
+            with Monitor(cfg, key=lab.monitor_key("m1")) as mon:
                 mon.wait_ready(timeout=10)
                 _wait(lambda: all(f.connected.is_set() for f in mon.followers), 10,
                       "the monitor's event subscriptions")
@@ -62,10 +67,21 @@ def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None =
                     report = clients.report(t_fault, at_fault)
                     others = [f"{i.rule}: {i.detectors[0].summary if i.detectors else ''}"
                               for i in mon.incidents() if inc is None or i.id != inc.id]
-        out.update(_facts(inc, wall_fault, report))
         out["other_incidents"] = others
+        out.update(detected_by=None, same_node=None, event_ms=None, dead_pid=pid)
         if inc is not None:
             rec = next(a for a in inc.actions if a.kind == "recover")
+            died = (inc.event or {}).get("died")
             out.update(detected_by=inc.detected_by, same_node=bool(rec.detail.get("same_node")),
-                       dead_pid=pid)
-    return out
+                       # the agent's sight of the death (pidfd) to the monitor's detection
+                       event_ms=round((inc.detected - died) * 1000, 1) if died else None)
+    return out, inc, wall_fault, report
+
+
+def _wait(pred, timeout: float, what: str, step: float = 0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (v := pred()):
+            return v
+        time.sleep(step)
+    raise LabError(f"timed out after {timeout:g} s waiting for {what}")
