@@ -44,7 +44,7 @@ SIOCINQ = 0x541B
 
 class ReadoptArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
-    pid: int  # the dead owner whose sessions go to the node's (restarted) recovery server
+    pid: int = 0  # the dead owner whose sessions go; 0: every dead owner's of the node
 
 
 class ReadoptReply(msgspec.Struct):
@@ -54,6 +54,7 @@ class ReadoptReply(msgspec.Struct):
     handed: int
     failed: dict[str, str]
     ms: float
+    left: int = 0  # orphaned sessions still held after this call (no server took them)
 
 
 class Orphan(msgspec.Struct):
@@ -234,10 +235,10 @@ class OwnerWatch:
         live, with their byte counts from a TCP_REPAIR dump (no restore, no move)."""
         node, pid = call.node.name, call.args.pid
         t0 = time.monotonic()
-        if os.path.exists(f"/proc/{pid}") and _alive(pid):
+        if pid and _alive(pid):
             raise OpError("failed", f"process {pid} is alive: readopt is for the sessions of "
                                     "a dead server")
-        mine = [s for s in self.sessions.list(node) if s.pid == pid]
+        mine = self._orphaned(node, pid)
         failed: dict[str, str] = {}
         by_port: dict[int, list[Session]] = {}
         for s in mine:
@@ -265,7 +266,16 @@ class OwnerWatch:
             self.audit.write(kind="readopt", node=node, pid=pid, server_pid=server_pid,
                              handed=handed, failed=len(failed))
         return ReadoptReply(answered, server_pid, len(mine), handed, failed,
-                            round((time.monotonic() - t0) * 1000, 3))
+                            round((time.monotonic() - t0) * 1000, 3),
+                            len(self._orphaned(node, pid)))
+
+    def _orphaned(self, node: str, pid: int) -> list[Session]:
+        """Sessions of `node` held for dead `pid` (0: any dead owner) not adopted yet."""
+        if pid:
+            return [s for s in self.sessions.list(node) if s.pid == pid]
+        with self._lock:
+            dead = {d.pid for d in self._deaths if d.node == node}
+        return [s for s in self.sessions.list(node) if s.pid in dead and not _alive(s.pid)]
 
     def _hand(self, call: Call, client: AdoptionClient, server_pid: int,
               sessions: list[Session], failed: dict[str, str]) -> int:

@@ -273,25 +273,29 @@ class Recover(Action, tag="recover"):
         the node's adoption socket; None if none did (the node's sessions then move)."""
         t0 = ctx.clock()
         end = t0 + self.same_node_wait_ms / 1000
-        tries = 0
-        while True:
+        tries, sessions, handed, failed, servers = 0, None, 0, {}, set()
+        while True:  # every orphan of the node (servers that died together go together)
             tries += 1
-            reply = ctx.client.call("readopt", node=ctx.node, pid=ev["pid"],
-                                    timeout=self.timeout_s)
-            if reply["server"] or reply["sessions"] == 0 or ctx.clock() >= end:
+            reply = ctx.client.call("readopt", node=ctx.node, pid=0, timeout=self.timeout_s)
+            sessions = reply["sessions"] if sessions is None else sessions
+            handed += reply["handed"]
+            failed.update(reply["failed"])
+            if reply["handed"]:
+                servers.add(reply["server_pid"])
+            if reply["left"] == 0 or ctx.clock() >= end:
                 break
             time.sleep(0.02)
-        if reply["sessions"] == 0:
+        if sessions == 0:
             return Outcome("skipped", {"reason": f"no session of server {ev['pid']} is held "
                                                  "any more (released, moved or closed)"})
-        if not reply["server"]:
-            return None
+        if reply["left"] and not handed:
+            return None  # no server of the node took any: the node's sessions move
         detail = {"target": ctx.node, "target_host": ctx.host, "same_node": True,
-                  "server_pid": reply["server_pid"], "dead_pid": ev["pid"],
-                  "sessions": reply["sessions"], "moved": reply["handed"],
-                  "failed": reply["failed"], "readopt_ms": reply["ms"], "tries": tries,
+                  "server_pids": sorted(servers), "dead_pid": ev["pid"],
+                  "sessions": sessions, "moved": handed, "left": reply["left"],
+                  "failed": failed, "tries": tries,
                   "waited_ms": round((ctx.clock() - t0) * 1000, 1)}
-        ok = reply["handed"] == reply["sessions"] and not reply["failed"]
+        ok = reply["left"] == 0 and not failed
         return Outcome("done" if ok else "failed", detail)
 
 

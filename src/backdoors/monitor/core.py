@@ -208,6 +208,7 @@ class Monitor:
                              on_close=lambda inc: self._emit("closed", inc, record=inc))
         self.pollers = [AgentPoller(self, e) for e in config.agents]
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
+        self._deferred: list[NodeView] = []  # events that came while their node was busy
         self._pool = ThreadPoolExecutor(config.max_parallel_repairs,
                                         thread_name_prefix="bd-mon-repair")
         self._local = threading.local()
@@ -267,7 +268,15 @@ class Monitor:
     def observe(self, view: NodeView) -> None:
         if view.event is None:
             self.metrics.saw(view)
-        for det in self.engine.observe(view):
+        opened = self.engine.observe(view)
+        if view.event is not None and not opened:
+            st = self.engine.nodes.get(view.node)
+            if st is not None and st.busy is not None:  # judged again when the node is free
+                with self._cond:
+                    self._deferred.append(view)
+                if st.busy is None:  # its response ended meanwhile: judge it now
+                    self._judge_deferred(view.node)
+        for det in opened:
             with self._cond:
                 self._incidents.append(det.incident)
             log.warning("incident %s: rule %s on node %s: %s", det.incident.id, det.rule.name,
@@ -333,6 +342,15 @@ class Monitor:
                         det.incident.repaired_ms or 0,
                         f" ({det.incident.diagnosis.summary})" if det.incident.diagnosis else "")
             self._emit("responded", det.incident, record=det.incident)
+            self._judge_deferred(det.view.node)
+
+    def _judge_deferred(self, node: str) -> None:
+        """Judge again the events of `node` that came while it was busy."""
+        with self._cond:
+            again = [v for v in self._deferred if v.node == node]
+            self._deferred = [v for v in self._deferred if v.node != node]
+        for view in again:
+            self.observe(view)
 
     def _emit(self, event: str, incident: Incident, **payload) -> None:
         try:

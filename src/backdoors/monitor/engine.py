@@ -103,7 +103,8 @@ class Engine:
                 self.close(st, rule, "fenced", now)  # recovered away; the node is out of service
             elif rs.incident is not None:  # held open by the raw condition: for_ms debounces
                 self._follow(rule, rs, st, self._fired(rule, raw), now)  # opening only
-            elif (self._fired(rule, hits) and not opened and st.busy is None and now >= st.settle_until
+            elif (self._fired(rule, hits) and not opened and st.busy is None
+                  and (now >= st.settle_until or view.event is not None)  # events: no stall
                   and now >= rs.cooldown_until and not view.fenced):
                 det = self._open(rule, rs, st, view, hits)
                 opened.append(det)

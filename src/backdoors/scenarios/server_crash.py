@@ -4,25 +4,61 @@ stays healthy.
     recovery("server-crash", sessions=10, restart_server=True) -> the keys of the other
         faults plus {"detected_by", "same_node", "event_ms", "other_incidents"}
 
-Node n0 runs the stream service (recoverable, Sensor Box) and the sample service (a
-Sensor Box of its own, not recoverable, which must stay healthy); n1 runs the stream
-service as the other node's recovery server. Clients verify every byte of `sessions`
-streams from n0. The stream service of n0 is SIGKILLed: its agent sees the death through
-the pidfd and pushes "owner_died"; the monitor ("heal": rule server-died) hands the
-sessions to the service restarted in n0 (`restart`), else moves them to n1.
+Node n0 runs two recoverable servers, the stream service (with a Sensor Box) and the
+HTTP example (`backdoors.examples.http_server`, no Sensor Box), and the sample service (a
+Sensor Box of its own, not recoverable, which must stay healthy); n1 runs both
+recoverable servers too, as the other node's recovery servers. Clients verify every byte
+of `sessions` streams from n0, and HTTP_CLIENTS unmodified `curl`s download a file from
+it, paced. Both servers of n0 are SIGKILLed together: the agent sees the deaths through
+pidfds and pushes "owner_died"; the monitor ("heal": rule server-died) hands the sessions
+to the servers restarted in n0 (`restart`), else moves them to n1.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 from ..errors import LabError
 from ..lab import Lab
 from ..lab import topology
+from ..common.procs import read_line
 from ..lab.clients import StreamClients
 from ..monitor import Monitor
 from .labkit import lab_monitor_config, unique_name
+
+
+HTTP_PORT = 8080
+HTTP_CLIENTS = 2
+HTTP_FILE = 32 << 20
+HTTP_RATE = "4M"  # curl --limit-rate: the server is mid-response when it dies
+
+
+def _start_http(lab: Lab, node: str) -> int:
+    """The HTTP example in `node`, serving its run directory's www/; returns its pid."""
+    www = lab.plan.run_dir / node / "www"
+    proc = lab.run_in_node(node, [sys.executable, "-m", "backdoors.examples.http_server",
+                                  "--port", str(HTTP_PORT), "--root", str(www)],
+                           stdout=subprocess.PIPE)
+    line = read_line(proc, 10.0)
+    proc.stdout.close()
+    if "listening" not in line:
+        proc.kill()
+        raise LabError(f"the HTTP example did not start in node {node}; see "
+                       f"{lab.plan.run_dir / node / 'stderr.log'}")
+    return proc.pid
+
+
+def _site(lab: Lab) -> bytes:
+    data = bytes((i * 7 + i // 251) % 256 for i in range(65536)) * (HTTP_FILE // 65536)
+    for node in ("n0", "n1"):
+        www = lab.plan.run_dir / node / "www"
+        www.mkdir(exist_ok=True)
+        (www / "file.bin").write_bytes(data)
+    return data
 
 
 def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None = None,
@@ -41,6 +77,8 @@ def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None =
         for node in ("n0", "n1"):
             lab.start_service(node, *args, recoverable=True)
         lab.start_service("n0")  # another service of n0, which must stay healthy
+        data = _site(lab)
+        http = {node: _start_http(lab, node) for node in ("n0", "n1")}
         with lab.agent_client("h0") as c:
             _wait(lambda: sum(k.startswith(("rsvc", "svc")) for k in c.sensors("n0").boxes) == 2,
                   10, "the services' Sensor Boxes")
@@ -51,23 +89,48 @@ def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None =
                 _wait(lambda: all(f.connected.is_set() for f in mon.followers), 10,
                       "the monitor's event subscriptions")
                 vip = lab.plan.node("n0").vip
+                paths = [lab.plan.run_dir / f"curl-{i}.out" for i in range(HTTP_CLIENTS)]
+                curls = [lab.run_in_client(
+                    ["curl", "--silent", "--show-error", "--fail", "--limit-rate", HTTP_RATE,
+                     "-o", str(path), f"http://{vip}:{HTTP_PORT}/file.bin"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for path in paths]
                 with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
-                    _wait(lambda: len(c.call("sessions", node="n0")) == sessions, 30,
-                          f"{sessions} sessions held by the agent")
+                    held = sessions + HTTP_CLIENTS
+                    _wait(lambda: len(c.call("sessions", node="n0")) == held, 30,
+                          f"{held} sessions held by the agent")
                     time.sleep(warmup_s)
                     at_fault = clients.offsets()
                     pid = lab.service("n0", recoverable=True).pid
                     t_fault, wall_fault = time.monotonic(), time.time()
                     lab.node("n0").kill(pid, signal.SIGKILL)
+                    lab.node("n0").kill(http["n0"], signal.SIGKILL)
                     if restart:
                         lab.start_service("n0", *args, recoverable=True)
+                        _start_http(lab, "n0")
                     inc = mon.wait_for(lambda i: i.node == "n0" and any(
                         a.kind == "recover" for a in i.actions), timeout_s)
                     time.sleep(watch_s)
                     report = clients.report(t_fault, at_fault)
+                http_ok, http_errors = 0, []
+                for curl, path in zip(curls, paths):
+                    try:
+                        _, err = curl.communicate(timeout=timeout_s)
+                    except subprocess.TimeoutExpired:
+                        curl.kill()
+                        _, err = curl.communicate()
+                    got = path.read_bytes() if path.exists() else b""
+                    if curl.returncode == 0 and got == data:
+                        http_ok += 1
+                    else:
+                        http_errors.append(f"curl {curl.returncode}: {len(got)} of {len(data)} "
+                                           f"bytes{', differ' if got and got != data[:len(got)] else ''}"
+                                           f" {err.decode(errors='replace').strip()[:200]}")
+                    if path.exists():
+                        os.unlink(path)
                     others = [f"{i.rule}: {i.detectors[0].summary if i.detectors else ''}"
                               for i in mon.incidents() if inc is None or i.id != inc.id]
         out["other_incidents"] = others
+        out.update(http_sessions=HTTP_CLIENTS, http_ok=http_ok, http_errors=http_errors)
         out.update(detected_by=None, same_node=None, event_ms=None, dead_pid=pid)
         if inc is not None:
             rec = next(a for a in inc.actions if a.kind == "recover")
