@@ -158,3 +158,49 @@ netns = "{agent.netns}"
     assert [i.rule for i in result[0]] == ["hang"]
     logged = load_incidents(tmp_path / "incidents")
     assert [i.outcome for i in logged] == ["monitor stopped"]
+
+
+ORPHANED_RULE = """
+[[rule]]
+name = "server-died"
+detectors = [{ kind = "sessions_orphaned" }]
+actions = [{ kind = "record" }]
+clear_ms = 0
+cooldown_ms = 0
+"""
+
+
+def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
+    from backdoors.lab import topology
+    from backdoors.lab.clients import StreamClients
+    al = agent_lab
+    svc = al.lab.start_service("n0", recoverable=True)
+    cfg = al.monitor_config(period_ms=50)
+    with Monitor(cfg, key=al.monitor_key(), rules=parse_ruleset(ORPHANED_RULE).rule) as mon, \
+            StreamClients(al.lab, al.lab.plan.node("n0").vip, topology.RECOVERABLE_PORT, 2):
+        mon.wait_ready()
+        (follower,) = mon.followers
+        assert follower.connected.wait(10)
+        with al.lab.agent_client("h0") as c:
+            end = time.monotonic() + 20
+            while len(c.call("sessions", node="n0")) < 2:
+                assert time.monotonic() < end
+                time.sleep(0.05)
+        follower.drop()  # the monitor's subscription breaks; it subscribes again
+        end = time.monotonic() + 10
+        while follower.subscriptions < 2 or not follower.connected.is_set():
+            assert time.monotonic() < end, "no new subscription"
+            time.sleep(0.02)
+        al.lab.node("n0").kill(svc.pid, signal.SIGKILL)
+        inc = mon.wait_for(lambda i: i.rule == "server-died", 10)
+        assert inc is not None and inc.detected_by == "event", mon.incidents()
+        assert inc.event["pid"] == svc.pid and len(inc.event["sessions"]) == 2
+        follower.drop()
+        end = time.monotonic() + 10
+        while follower.subscriptions < 3 or not follower.connected.is_set():
+            assert time.monotonic() < end, "no new subscription"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert [(seq, kind, node) for _, seq, kind, node in follower.seen] == \
+            [(inc.event["seq"], "owner_died", "n0")]  # once, not again after the reconnect
+        assert len([i for i in mon.incidents() if i.rule == "server-died"]) == 1

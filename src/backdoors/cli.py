@@ -373,14 +373,18 @@ def scenario_hang(
 
 @scenario_app.command("recovery")
 def scenario_recovery(
-    fault: str = typer.Option("freeze", help="freeze (SIGSTOP the node), crash (SIGKILL the server), network (link down) or memory-hog (the server itself leaks: unrepairable), agent-restart (SIGKILL the node's agent while sessions stream, then freeze the node) or agent-stop (SIGSTOP it: its watchdog replaces it; then freeze)."),
+    fault: str = typer.Option("freeze", help="freeze (SIGSTOP the node), crash (SIGKILL the server), network (link down), memory-hog (the server itself leaks: unrepairable), server-crash (SIGKILL the server, its node stays healthy: the agent pushes the death), agent-restart (SIGKILL the node's agent while sessions stream, then freeze the node) or agent-stop (SIGSTOP it: its watchdog replaces it; then freeze)."),
     sessions: int = typer.Option(10, help="Concurrent client sessions, each verified byte for byte."),
+    restart_server: bool = typer.Option(True, help="server-crash: restart the server in its node (sessions stay there); --no-restart-server: they move to another node."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """A node fails; its live sessions move to another node and continue byte-exact."""
-    from .scenarios.recovery import recovery
+    from .scenarios.recovery import FAULTS, recovery
 
-    _emit(recovery(fault, sessions), as_json)
+    if fault not in FAULTS:
+        raise typer.BadParameter(f"{fault!r}; choose one of {', '.join(FAULTS)}",
+                                 param_hint="--fault")
+    _emit(recovery(fault, sessions, restart_server=restart_server), as_json)
 
 
 @scenario_app.command("hostile-node")

@@ -206,6 +206,13 @@ class AgentClient:
             self._sock.close()
             self._sock = None
 
+    def take_socket(self) -> socket.socket | None:
+        """The connection, taken from this client (after `subscribe`: it carries events,
+        see agent.events); the next call opens a new one."""
+        with self._lock:
+            sock, self._sock = self._sock, None
+        return sock
+
     def _where(self) -> str:
         host, port = self.address
         return f"{host}:{port}" + (f" (netns {self.netns})" if self.netns else "")

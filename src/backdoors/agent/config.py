@@ -113,6 +113,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "view is the op peers")] = {}
     peer_check_ms: Annotated[float, doc(
         "how often each watched peer is pinged; silent for 3 checks: reported down")] = 100.0
+    orphan_timeout_s: Annotated[float, doc(
+        "seconds a held session whose server died may wait for a server to adopt it; "
+        "then it is closed (FIN, or RST with unread input), never kept forever")] = 10.0
 
     @property
     def own_cgroup(self) -> str:
@@ -189,6 +192,7 @@ def _validate(c: AgentConfig) -> None:
     _check(math.isfinite(c.peer_check_ms) and 10 <= c.peer_check_ms <= 60000,
            ("peer_check_ms",), "must be within 10..60000 ms")
     for key, low, high in (("vote_window_s", 0.01, 600), ("op_deadline_s", 0.01, 60),
+                            ("orphan_timeout_s", 0.01, 3600),
                            ("sample_period_s", 0.005, 10)):
         v = getattr(c, key)
         _check(math.isfinite(v) and low <= v <= high, (key,),

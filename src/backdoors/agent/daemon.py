@@ -25,6 +25,7 @@ from .fdstore import AgentStore, Readopted
 from .isolation import refuse_unisolated
 from .leases import LeaseTable
 from .local import LocalServer
+from .events import EventBus
 from .metrics import AgentMetrics, MetricsServer
 from .ops import OPS, Op
 from .peerwatch import PeerWatch
@@ -66,6 +67,7 @@ class Agent:
                                    max_node_bytes=config.max_node_bytes,
                                    max_sessions=config.max_sessions_per_node)
         self.sessions = SessionTable([n.name for n in config.nodes], config.max_sessions_per_node)
+        self._setup_events()
         self.leases: LeaseTable | None = None
         self.audit: AuditLog | None = None
         self.local: LocalServer | None = None
@@ -83,6 +85,19 @@ class Agent:
     def add_op(self, op: Op) -> None:
         """Add (or replace) an RPC op: the extension point, also used by tests."""
         self.ops[op.name] = op
+
+    def _setup_events(self) -> None:
+        """Events pushed to subscribed monitors (agent.events), and the watch of session
+        owners that publishes their deaths and closes their orphans (agent.owners)."""
+        from .events import SubscribeArgs
+        from .owners import OwnerWatch
+        self.events = EventBus(self.metrics.registry)
+        self.owners = OwnerWatch(self.sessions, self.regions, publish=self.events.publish,
+                                 audit=None, timeout_s=self.config.orphan_timeout_s,
+                                 run_dir=self.config.run_dir, registry=self.metrics.registry)
+        self.ops.update((op.name, op) for op in self.owners.ops())
+        self.add_op(Op("subscribe", SubscribeArgs, lambda call: self.events.subscribe(call.args),
+                       "inline"))
 
     def socket_path(self, node: str) -> str:
         """The registration socket of `node` (give it to the node's apps)."""
@@ -128,6 +143,10 @@ class Agent:
         self.local = LocalServer({n: rt.node for n, rt in self.nodes.items()}, c.run_dir,
                                  self.regions, audit=self.audit, metrics=self.metrics,
                                  sessions=self.sessions)
+        self.local.owners = self.owners
+        self.owners.audit = self.audit
+        self.events.attach(asyncio.get_running_loop())
+        self.owners.start()
         self.local.start()
         self.rpc = RpcServer(self, self.ops, self.keys, self.metrics, self.audit)
         sock = self._listen_socket()
@@ -246,6 +265,7 @@ class Agent:
         if self.local is not None:
             self.local.stop()
             self.local = None
+        self.owners.stop()
         for rt in self.nodes.values():
             rt.sampler.stop()
             rt.lane.pool.shutdown(wait=False, cancel_futures=True)

@@ -84,6 +84,7 @@ class LocalServer:
         self.nodes, self.run_dir, self.table = nodes, run_dir, table
         self.sessions = sessions or SessionTable(list(nodes), 4096)
         self.audit, self.metrics = audit, metrics
+        self.owners = None  # an owners.OwnerWatch, set by the agent
         self.paths = {n: agent_socket(run_dir, n) for n in nodes}
         self._sel = selectors.DefaultSelector()
         self._listeners: dict[socket.socket, str] = {}
@@ -327,6 +328,8 @@ class LocalServer:
         if len(fds) != 1:
             raise RegionRefused(f"attach exactly one socket (SCM_RIGHTS), got {len(fds)}")
         session = self.sessions.hold(conn.node, req.name, fds[0], conn.pid)
+        if self.owners is not None:  # its death becomes an event (agent.owners)
+            self.owners.watch(conn.node, conn.pid, conn.pidfd)
         return {"name": req.name, "kind": "socket", "session": session.describe()}
 
     def _release(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:

@@ -58,6 +58,7 @@ class RpcServer:
         self.memory_lane = Lane("memory", 2)
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
+        self._streams: dict[asyncio.Task, tuple[bytes, Any]] = {}  # subscribed connections
 
     @property
     def connections(self) -> int:
@@ -112,6 +113,10 @@ class RpcServer:
                     return
                 writer.write(frame(await self.handle(payload, peer)))
                 await writer.drain()
+                if (stream := self._streams.pop(task, None)) is not None:
+                    key, args = stream  # subscribed: the connection carries events only now
+                    await self.agent.events.stream(reader, writer, key, args)
+                    return
         except asyncio.TimeoutError:
             await self._refuse_frame(writer, peer, "timed out waiting for the rest of the frame")
         except OSError:
@@ -122,6 +127,7 @@ class RpcServer:
             log.exception("connection from %s failed", peer)
         finally:
             self._conns.discard(task)
+            self._streams.pop(task, None)
             writer.close()
 
     async def _refuse_frame(self, writer, peer: str, message: str) -> None:
@@ -164,6 +170,10 @@ class RpcServer:
                 outcome = await self._dispatch(op, args, req.monitor)
             except DECODE_ERRORS as e:
                 outcome = Outcome(False, code="bad_request", message=f"{req.op}: bad args: {e}")
+        if op is not None and op.name == "subscribe" and outcome.ok:
+            task = asyncio.current_task()
+            if task in self._conns:
+                self._streams[task] = (key, args)
         elapsed = _ms(start)
         label = op.name if op else "?"
         self.metrics.rpc.labels(label, "ok" if outcome.ok else outcome.code).inc()

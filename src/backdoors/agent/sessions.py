@@ -122,3 +122,25 @@ class SessionTable:
                     s.sock.close()
                 held.clear()
             self._adopted.clear()
+
+
+def take_if(table: SessionTable, session: Session) -> bool:
+    """Remove `session` from `table` if it is still the one held under its name (not
+    replaced, released or moved meanwhile); True if it was taken."""
+    with table._lock:
+        held = table._sessions[session.node]
+        if held.get(session.name) is not session:
+            return False
+        del held[session.name]
+        return True
+
+
+def put_back(table: SessionTable, session: Session) -> None:
+    """Hold a session taken with `take_if` again (unless its name was taken meanwhile:
+    then its socket is closed)."""
+    with table._lock:
+        held = table._sessions[session.node]
+        if session.name not in held:
+            held[session.name] = session
+            return
+    session.sock.close()

@@ -8,6 +8,7 @@ authenticates the lab's monitors with keys generated into the lab's run director
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -47,7 +48,9 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
         monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes,
         peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts],
         watch_peers={h.name: f"{h.address}:{topology.AGENT_PORT}" for h in plan.hosts
-                     if h.name != host.name})
+                     if h.name != host.name},
+        # the server-crash tests' short bound (agent.owners); the default otherwise
+        orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")))
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 

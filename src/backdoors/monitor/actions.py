@@ -23,7 +23,7 @@ from ..common.procs import running
 from ..errors import AgentError
 from .context import Context
 from .diagnosis import Finding, Target, subtree_roots
-from .unit import Path, Pos, Unit
+from .unit import NonNeg, Path, Pos, Unit
 
 
 @dataclass
@@ -231,10 +231,17 @@ class Recover(Action, tag="recover"):
     after: Literal["fenced", "release"] = "fenced"
     timeout_s: float = 30.0
 
+    same_node_wait_ms: NonNeg = 3000.0
+
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """Fence the node, then evacuate its sessions to the target node's agent."""
         if self.when == "unrepaired" and ctx.repaired:
             return Outcome("skipped", {"reason": "an earlier action repaired the node"})
+        ev = ctx.view.event
+        if ev is not None and ev.get("kind") == "owner_died":
+            same = self._same_node(ctx, ev)
+            if same is not None:
+                return same
         target = self.target or next((n for n, (host, _) in sorted(ctx.placement.items())
                                       if host != ctx.host), None)
         if target is None or target not in ctx.placement:
@@ -257,6 +264,38 @@ class Recover(Action, tag="recover"):
             ctx.client.unlock(ctx.node, force=True)
             detail["released"] = True
         ok = ev.moved == ev.sessions and not ev.failed
+        return Outcome("done" if ok else "failed", detail)
+
+
+    def _same_node(self, ctx: Context, ev: dict) -> Outcome | None:
+        """A server died (not the node): hand its sessions to a recovery server of the same
+        node (the server restarted), waiting up to `same_node_wait_ms` for one to answer on
+        the node's adoption socket; None if none did (the node's sessions then move)."""
+        t0 = ctx.clock()
+        end = t0 + self.same_node_wait_ms / 1000
+        tries, sessions, handed, failed, servers = 0, None, 0, {}, set()
+        while True:  # every orphan of the node (servers that died together go together)
+            tries += 1
+            reply = ctx.client.call("readopt", node=ctx.node, pid=0, timeout=self.timeout_s)
+            sessions = reply["sessions"] if sessions is None else sessions
+            handed += reply["handed"]
+            failed.update(reply["failed"])
+            if reply["handed"]:
+                servers.add(reply["server_pid"])
+            if reply["left"] == 0 or ctx.clock() >= end:
+                break
+            time.sleep(0.02)
+        if sessions == 0:
+            return Outcome("skipped", {"reason": f"no session of server {ev['pid']} is held "
+                                                 "any more (released, moved or closed)"})
+        if reply["left"] and not handed:
+            return None  # no server of the node took any: the node's sessions move
+        detail = {"target": ctx.node, "target_host": ctx.host, "same_node": True,
+                  "server_pids": sorted(servers), "dead_pid": ev["pid"],
+                  "sessions": sessions, "moved": handed, "left": reply["left"],
+                  "failed": failed, "tries": tries,
+                  "waited_ms": round((ctx.clock() - t0) * 1000, 1)}
+        ok = reply["left"] == 0 and not failed
         return Outcome("done" if ok else "failed", detail)
 
 

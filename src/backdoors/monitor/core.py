@@ -234,6 +234,8 @@ class Monitor:
                              settle_s=config.settle_ms / 1000, clock=clock,
                              on_close=lambda inc: self._emit("closed", inc, record=inc))
         self.pollers = [AgentPoller(self, e) for e in config.agents]
+        self.followers: list = []  # monitor.events.EventFollower per agent, while running
+        self._deferred: list[NodeView] = []  # events that came while their node was busy
         self._pool = ThreadPoolExecutor(config.max_parallel_repairs,
                                         thread_name_prefix="bd-mon-repair")
         self._local = threading.local()
@@ -263,6 +265,7 @@ class Monitor:
             self._started = True
             for p in self.pollers:
                 p.start()
+            self._follow_events()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -270,6 +273,8 @@ class Monitor:
         self.stopping.set()
         for p in self.pollers:
             p.join(timeout)
+        for f in self.followers:
+            f.stop(timeout)
         self._pool.shutdown(wait=True)
         self.engine.close_all("monitor stopped")
         for c in self._worker_clients:
@@ -288,8 +293,17 @@ class Monitor:
     # -- observing -----------------------------------------------------------------------
 
     def observe(self, view: NodeView) -> None:
-        self.metrics.saw(view)
-        for det in self.engine.observe(view):
+        if view.event is None:
+            self.metrics.saw(view)
+        opened = self.engine.observe(view)
+        if view.event is not None and not opened:
+            st = self.engine.nodes.get(view.node)
+            if st is not None and st.busy is not None:  # judged again when the node is free
+                with self._cond:
+                    self._deferred.append(view)
+                if st.busy is None:  # its response ended meanwhile: judge it now
+                    self._judge_deferred(view.node)
+        for det in opened:
             with self._cond:
                 self._incidents.append(det.incident)
             log.warning("incident %s: rule %s on node %s: %s", det.incident.id, det.rule.name,
@@ -299,6 +313,25 @@ class Monitor:
                 self._pool.submit(self._respond, det)
             except RuntimeError:  # shutting down
                 self.engine.responded(det, "not handled: monitor stopping")
+
+    def _follow_events(self) -> None:
+        """Subscribe to every agent's events (with the monitor's own key: agents of a
+        custom client_factory are polled only)."""
+        key = getattr(self, "key", None)
+        if key is None:
+            return
+        from .events import EventFollower
+        self.followers = [EventFollower(self, e, key) for e in self.config.agents]
+        for f in self.followers:
+            f.start()
+
+    def on_event(self, host: str, ev, *, received: float, via: str = "event") -> None:
+        """An agent's pushed event (agent.events.EventFrame): judged at once by the rules
+        whose detectors take events (see Detector.on_events)."""
+        if not ev.node:
+            return
+        event = {"kind": ev.kind, "seq": ev.seq, "at": ev.at, **ev.data}
+        self.observe(NodeView(ev.node, host, received, event=event, via=via))
 
     def polled(self) -> None:
         with self._cond:
@@ -336,6 +369,15 @@ class Monitor:
                         det.incident.repaired_ms or 0,
                         f" ({det.incident.diagnosis.summary})" if det.incident.diagnosis else "")
             self._emit("responded", det.incident, record=det.incident)
+            self._judge_deferred(det.view.node)
+
+    def _judge_deferred(self, node: str) -> None:
+        """Judge again the events of `node` that came while it was busy."""
+        with self._cond:
+            again = [v for v in self._deferred if v.node == node]
+            self._deferred = [v for v in self._deferred if v.node != node]
+        for view in again:
+            self.observe(view)
 
     def _emit(self, event: str, incident: Incident, **payload) -> None:
         try:

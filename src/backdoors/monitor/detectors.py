@@ -42,6 +42,8 @@ class NodeView:
     box_errors: dict[str, str] = field(default_factory=dict)
     #: peer agents whose fresh `peers` view says this node's agent does not answer them
     down_reports: list[str] = field(default_factory=list)
+    event: dict | None = None  # an event pushed by the agent (monitor.events), not a poll
+    via: str = "poll"  # how this view came: "poll" or "event"
 
     def sensor(self, box: str, name: str) -> SensorState | None:
         snap = self.snapshots.get(box)
@@ -86,6 +88,8 @@ class Detector(Unit):
     needs_node_state: ClassVar[bool] = False
     #: needs each poll to ask the agent for its view of its peer agents (op peers)
     needs_peers: ClassVar[bool] = False
+    #: judges the events an agent pushes (views with `event`); others see polls only
+    on_events: ClassVar[bool] = False
 
     @property
     def hold_ms(self) -> float:
@@ -303,10 +307,31 @@ class AgentDown(Detector, tag="agent_down"):
         return view.at - view.agent_silent_s
 
 
+class SessionsOrphaned(Detector, tag="sessions_orphaned"):
+    """A server died holding client sessions (the agent's event "owner_died", pushed the
+    moment its pidfd said so; or found by the monitor asking after a gap in events)."""
+
+    on_events: ClassVar[bool] = True
+
+    def check(self, index: int, view: NodeView) -> Hit | None:
+        ev = view.event
+        if ev is None or ev.get("kind") != "owner_died" or not ev.get("sessions"):
+            return None
+        return Hit(index, self.kind_name(), f"server pid {ev.get('pid')} of node {view.node} "
+                                            f"died holding {len(ev['sessions'])} sessions")
+
+    @classmethod
+    def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:
+        """When the agent saw the death (its Unix time, on the monitor's clock)."""
+        import time
+        died = (view.event or {}).get("died")
+        return min(view.at, view.at - max(0.0, time.time() - died)) if died else view.at
+
+
 # ---- registration ------------------------------------------------------------------------
 
 DETECTORS = (ProgressStalled, LevelOutOfBounds, PressureOverRate, NodeFrozen, AgentUnreachable,
-             AgentDown)
+             AgentDown, SessionsOrphaned)
 DetectorUnit = Union[DETECTORS]  # the TOML `detectors = [...]` entries
 BY_KIND: dict[str, type[Detector]] = {d.kind_name(): d for d in DETECTORS}
 

@@ -84,13 +84,15 @@ class Engine:
 
     def observe(self, view: NodeView) -> list[Detection]:
         st = self.state(view.node, view.host)
-        if view.agent_ok:
+        if view.agent_ok and view.event is None:
             st.history.add(view)
         now = view.at
         opened: list[Detection] = []
         for rule in self.rules:
             if not rule.applies_to(view.node):
                 continue
+            if view.event is not None and not any(d.on_events for d in rule.detectors):
+                continue  # an event view tells only the rules that judge events
             if not view.agent_ok and not any(d.judges_stale for d in rule.detectors):
                 continue  # stale data cannot judge this rule: hold its state as it is
             rs = st.rules.get(rule.name)
@@ -101,7 +103,8 @@ class Engine:
                 self.close(st, rule, "fenced", now)  # recovered away; the node is out of service
             elif rs.incident is not None:  # held open by the raw condition: for_ms debounces
                 self._follow(rule, rs, st, self._fired(rule, raw), now)  # opening only
-            elif (self._fired(rule, hits) and not opened and st.busy is None and now >= st.settle_until
+            elif (self._fired(rule, hits) and not opened and st.busy is None
+                  and (now >= st.settle_until or view.event is not None)  # events: no stall
                   and now >= rs.cooldown_until and not view.fenced):
                 det = self._open(rule, rs, st, view, hits)
                 opened.append(det)
@@ -156,7 +159,7 @@ class Engine:
             monitor=self.monitor_id, rule=rule.name, node=view.node, host=view.host,
             onset=wall(onset), detected=wall(view.at),
             onset_to_detect_ms=round((view.at - onset) * 1000, 1), detectors=hits,
-            sensors=sensors)
+            sensors=sensors, detected_by=view.via, event=view.event)
         rs.incident, rs.hits, rs.clear_since, rs.acted_at = inc, hits, None, None
         st.busy = inc.id
         return Detection(inc, rule, view, hits, onset, view.at, st.history.copy())

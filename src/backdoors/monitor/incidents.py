@@ -67,6 +67,8 @@ class Incident(msgspec.Struct):
     closed: float | None = None
     outcome: str | None = None  # "cleared", "unresolved", "monitor stopped"
     open_ms: float | None = None  # detection -> closed
+    detected_by: str = "poll"  # "event": pushed by the agent (monitor.events); "poll"
+    event: dict | None = None  # the agent's event that opened it, if one did
 
 
 class Event(msgspec.Struct, omit_defaults=True):

@@ -27,7 +27,8 @@ from ..lab.clients import StreamClients
 from ..monitor import Monitor
 from .labkit import lab_monitor_config, unique_name
 
-FAULTS = ("freeze", "crash", "network", "memory-hog", "agent-restart", "agent-stop")
+FAULTS = ("freeze", "crash", "network", "memory-hog", "server-crash", "agent-restart",
+          "agent-stop")
 #: faults of the agent itself: it is SIGKILLed (or SIGSTOPped, then replaced by its keeper's
 #: watchdog) while the sessions stream, then the node is frozen and must still recover
 AGENT_FAULTS = {"agent-restart": signal.SIGKILL, "agent-stop": signal.SIGSTOP}
@@ -53,10 +54,19 @@ def monitor_for(lab: Lab, *, period_ms: float = 50, incidents_dir: str | None = 
 def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = None,
              period_ms: float = 50, deadline_ms: float = 200, rate: int = 16384,
              chunk: int = 1024, warmup_s: float = 1.0, watch_s: float = 2.0,
-             timeout_s: float = 30.0, incidents_dir: str | None = None) -> dict:
-    """Run the case; returns the facts (see the module docstring)."""
+             timeout_s: float = 30.0, incidents_dir: str | None = None,
+             restart_server: bool = True) -> dict:
+    """Run the case; returns the facts (see the module docstring). `restart_server`: the
+    server-crash fault's crashed server is restarted in its node (see server_crash)."""
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {', '.join(FAULTS)}, got {fault!r}")
+    if fault == "server-crash":  # a server dies, its node stays healthy: server_crash.py
+        from .server_crash import server_crash
+        out, inc, wall_fault, report = server_crash(
+            sessions, restart=restart_server, name=name, period_ms=period_ms,
+            deadline_ms=deadline_ms, rate=rate, chunk=chunk, warmup_s=warmup_s,
+            watch_s=watch_s, timeout_s=timeout_s, incidents_dir=incidents_dir)
+        return {**out, **_facts(inc, wall_fault, report)}
     name = name or unique_name("r")
     out: dict = {"fault": fault, "sessions": sessions, "poll_ms": period_ms,
                  "deadline_ms": deadline_ms, "rate_bytes_per_s": rate}

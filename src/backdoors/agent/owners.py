@@ -1,0 +1,353 @@
+"""The owners of held sessions: their death is an event, their orphans never hang.
+
+Every process that hands the agent a session socket (`hold_socket`) is watched through a
+pidfd (the one SO_PEERPIDFD gave the registration connection, else pidfd_open). When it
+dies holding sessions, the agent at once publishes the event "owner_died" {pid,
+sessions} for the node (agent.events) and audits it: the monitor recovers the sessions
+(op `readopt` to a restarted server of the same node, or fence + evacuate elsewhere).
+
+A session whose owner died and that nobody adopted within `orphan_timeout_s` is closed:
+with an RST when its client sent input no server will read (it must not take the
+silence for an answer), else with a FIN after what the dead server had written. Counted
+(backdoors_agent_orphans_total), audited ("orphans_closed") and published (event
+"orphans_closed"). A client of a dead server therefore never hangs silently.
+
+One thread waits on every pidfd (select on a wakeup socket and the pidfds) and on the
+next orphan deadline; it never forks or executes anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from ..common.runtime import ADOPT_SOCKET, adoption_path
+from ..continuations.adoption import AdoptionClient, Handover
+from ..errors import BackdoorsError
+from ..tcprepair import repair
+from .ops import Call, Op, OpError
+from .sessions import Session, SessionTable, put_back, take_if
+
+log = logging.getLogger("backdoors.agent")
+
+SIOCINQ = 0x541B
+
+
+class ReadoptArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    pid: int = 0  # the dead owner whose sessions go; 0: every dead owner's of the node
+
+
+class ReadoptReply(msgspec.Struct):
+    server: bool  # a recovery server answered on the node's adoption socket
+    server_pid: int
+    sessions: int  # orphaned sessions of `pid` found
+    handed: int
+    failed: dict[str, str]
+    ms: float
+    left: int = 0  # orphaned sessions still held after this call (no server took them)
+
+
+class Orphan(msgspec.Struct):
+    pid: int
+    sessions: list[str]
+    died: float  # Unix time the agent saw the death
+    closes_in_s: float
+
+
+@dataclass(eq=False)
+class _Death:
+    node: str
+    pid: int
+    died: float  # wall
+    deadline: float  # monotonic
+    sessions: list[Session]
+
+
+class OwnerWatch:
+    """Watches session owners; `start()`, `watch(...)` from the registration thread,
+    `stop()`. `publish(kind, node, **data)` pushes an event; `audit` writes records."""
+
+    def __init__(self, sessions: SessionTable, regions, *, publish, audit, timeout_s: float,
+                 run_dir: str, registry=None):
+        self.sessions, self.regions, self.publish, self.audit = sessions, regions, publish, audit
+        self.timeout_s, self.run_dir = timeout_s, run_dir
+        self._sel = selectors.DefaultSelector()
+        self._watched: dict[tuple[str, int], int] = {}  # (node, pid) -> pidfd
+        self._deaths: list[_Death] = []
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="bd-agent-owners", daemon=True)
+        self.closed = None
+        if registry is not None:
+            from prometheus_client import Counter
+            self.closed = Counter("backdoors_agent_orphans", "Held sessions whose server died, "
+                                  "by node and outcome: adopted (by a server of the same node), "
+                                  "fin or rst (closed at orphan_timeout_s)",
+                                  ["node", "outcome"], registry=registry)
+
+    def ops(self) -> tuple[Op, ...]:
+        from .ops import NodeArgs
+        return (Op("readopt", ReadoptArgs, self.readopt, deadline_s=30.0),
+                Op("orphans", NodeArgs, self.orphans, "inline"))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        with self._lock:
+            for fd in self._watched.values():
+                os.close(fd)
+            self._watched.clear()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    # -- watching ----------------------------------------------------------------------
+
+    def watch(self, node: str, pid: int, pidfd: int | None) -> None:
+        """Watch `pid` of `node` (its pidfd is duplicated; without one, opened by pid)."""
+        with self._lock:
+            if (node, pid) in self._watched or self._stopping:
+                return
+            try:
+                fd = os.dup(pidfd) if pidfd is not None else os.pidfd_open(pid)
+            except OSError as e:
+                log.warning("node %s: cannot watch session owner %d: %s", node, pid, e)
+                return
+            self._watched[(node, pid)] = fd
+            self._sel.register(fd, selectors.EVENT_READ, (node, pid))
+        self._wake()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            timeout = self._next_deadline()
+            for key, _ in self._sel.select(timeout):
+                if key.data is None:
+                    try:
+                        self._wake_r.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                try:
+                    self._died(*key.data)
+                except Exception:  # noqa: BLE001 - one owner must not stop the watch
+                    log.exception("owner watch: unexpected error")
+            try:
+                self._close_expired()
+            except Exception:  # noqa: BLE001
+                log.exception("owner watch: closing orphans failed")
+
+    def _next_deadline(self) -> float | None:
+        with self._lock:
+            if not self._deaths:
+                return None
+            return max(0.0, min(d.deadline for d in self._deaths) - time.monotonic())
+
+    def _died(self, node: str, pid: int) -> None:
+        with self._lock:
+            fd = self._watched.pop((node, pid), None)
+            if fd is None:
+                return
+            self._sel.unregister(fd)
+            os.close(fd)
+        died = time.time()
+        orphans = [s for s in self.sessions.list(node) if s.pid == pid]
+        if not orphans:
+            return
+        names = sorted(s.name for s in orphans)
+        with self._lock:
+            self._deaths.append(_Death(node, pid, died, time.monotonic() + self.timeout_s,
+                                       orphans))
+        self.publish("owner_died", node, pid=pid, sessions=names, died=died,
+                     orphan_timeout_s=self.timeout_s)
+        self.audit.write(kind="owner_died", node=node, pid=pid, sessions=len(names))
+        log.warning("node %s: server %d died holding %d sessions", node, pid, len(names))
+
+    def _close_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [d for d in self._deaths if d.deadline <= now]
+            self._deaths = [d for d in self._deaths if d.deadline > now]
+        for d in due:
+            fin, rst = [], []
+            for s in d.sessions:
+                if not take_if(self.sessions, s):
+                    continue  # adopted, moved or released meanwhile
+                (rst if _close(s.sock) else fin).append(s.name)
+                try:
+                    self.regions.remove(d.node, s.name)
+                except KeyError:
+                    pass
+            if not fin and not rst:
+                continue
+            if self.closed is not None:
+                self.closed.labels(d.node, "fin").inc(len(fin))
+                self.closed.labels(d.node, "rst").inc(len(rst))
+            self.publish("orphans_closed", d.node, pid=d.pid, fin=fin, rst=rst,
+                         after_s=self.timeout_s)
+            self.audit.write(kind="orphans_closed", node=d.node, pid=d.pid, fin=len(fin),
+                             rst=len(rst), sessions=fin + rst, after_s=self.timeout_s)
+            log.warning("node %s: closed %d sessions of dead server %d nobody adopted in "
+                        "%g s (%d with RST)", d.node, len(fin) + len(rst), d.pid,
+                        self.timeout_s, len(rst))
+
+    # -- ops ---------------------------------------------------------------------------
+
+    def orphans(self, call: Call) -> list[Orphan]:
+        """The node's sessions whose server died and that still wait here."""
+        now = time.monotonic()
+        with self._lock:
+            deaths = [d for d in self._deaths if d.node == call.node.name]
+        out = []
+        for d in deaths:
+            held = {s.name for s in self.sessions.list(d.node) if s.pid == d.pid}
+            names = sorted(s.name for s in d.sessions if s.name in held)
+            if names:
+                out.append(Orphan(d.pid, names, d.died, round(max(0.0, d.deadline - now), 3)))
+        return out
+
+    def readopt(self, call: Call) -> ReadoptReply:
+        """Hand the sessions of dead `pid` to the recovery server now listening on the
+        node's adoption socket (a restarted server): the held sockets go over as they are,
+        live, with their byte counts from a TCP_REPAIR dump (no restore, no move)."""
+        node, pid = call.node.name, call.args.pid
+        t0 = time.monotonic()
+        if pid and _alive(pid):
+            raise OpError("failed", f"process {pid} is alive: readopt is for the sessions of "
+                                    "a dead server")
+        mine = self._orphaned(node, pid)
+        failed: dict[str, str] = {}
+        by_port: dict[int, list[Session]] = {}
+        for s in mine:
+            try:
+                by_port.setdefault(s.sock.getsockname()[1], []).append(s)
+            except OSError as e:
+                failed[s.name] = f"socket: {e}"
+        directory = os.path.join(self.run_dir, node)
+        handed, server_pid, answered = 0, 0, False
+        for port, sessions in sorted(by_port.items()):
+            path = adoption_path(directory, port)
+            if not os.path.exists(path):
+                path = os.path.join(directory, ADOPT_SOCKET)
+            try:
+                client = AdoptionClient(path, timeout=2.0)
+            except BackdoorsError:
+                continue  # no server (yet): the sessions stay held
+            answered = True
+            with client:
+                server_pid = client.server_pid
+                handed += self._hand(call, client, server_pid, sessions, failed)
+        if self.closed is not None and handed:
+            self.closed.labels(node, "adopted").inc(handed)
+        if handed:
+            self.audit.write(kind="readopt", node=node, pid=pid, server_pid=server_pid,
+                             handed=handed, failed=len(failed))
+        return ReadoptReply(answered, server_pid, len(mine), handed, failed,
+                            round((time.monotonic() - t0) * 1000, 3),
+                            len(self._orphaned(node, pid)))
+
+    def _orphaned(self, node: str, pid: int) -> list[Session]:
+        """Sessions of `node` held for dead `pid` (0: any dead owner) not adopted yet."""
+        if pid:
+            return [s for s in self.sessions.list(node) if s.pid == pid]
+        with self._lock:
+            dead = {d.pid for d in self._deaths if d.node == node}
+        return [s for s in self.sessions.list(node) if s.pid in dead and not _alive(s.pid)]
+
+    def _hand(self, call: Call, client: AdoptionClient, server_pid: int,
+              sessions: list[Session], failed: dict[str, str]) -> int:
+        items = []
+        for s in sessions:
+            if not take_if(self.sessions, s):
+                continue
+            try:
+                with repair(s.sock) as handle:  # back in service, as found, on exit
+                    state = handle.dump(since=s.since)
+                with self.regions.use(s.node, s.name) as entry:
+                    cb_fd = _memfd(s.name, entry.region.read(0, entry.size))
+            except (BackdoorsError, OSError, KeyError) as e:
+                failed[s.name] = f"dump: {e}"
+                put_back(self.sessions, s)
+                continue
+            items.append((s, cb_fd, Handover.from_tcp_state(s.name.removeprefix("cb-"), state)))
+        for s, _, _ in items:
+            if s.since is not None:  # the socket's counters keep the offset it had
+                self.sessions.expect(s.node, s.name, s.since)
+        try:
+            verdicts = client.hand_over_all([(s.sock, fd, h) for s, fd, h in items])
+        except BackdoorsError as e:
+            verdicts = [e] * len(items)
+        handed = 0
+        for (s, fd, _), verdict in zip(items, verdicts):
+            os.close(fd)
+            if verdict is None:
+                handed += 1
+                # held as the new server's until it registers the session itself
+                self.sessions.hold(s.node, s.name, s.sock.fileno(), server_pid)
+                s.sock.close()
+            else:
+                failed[s.name] = f"hand-over: {verdict}"
+                put_back(self.sessions, s)
+        return handed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def _close(sock: socket.socket) -> bool:
+    """Close an orphaned session's socket: RST if input waits unread, else FIN after the
+    output queued. True if it was reset."""
+    try:
+        unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0" * 4))[0]
+    except OSError:
+        unread = 0
+    try:
+        if unread:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+    return bool(unread)
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, len(data))
+        os.pwrite(fd, data, 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

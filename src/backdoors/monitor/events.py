@@ -1,0 +1,150 @@
+"""Events pushed by an agent, followed on a connection of their own (agent.events).
+
+One `EventFollower` per agent subscribes (signed op `subscribe`), then reads the agent's
+signed event frames and hands each event to the monitor (`Monitor.on_event`), which judges
+it with the same rules as a poll. When the connection ends it subscribes again, asking
+for the events after the last one it got (`epoch`, `since`): every event arrives once,
+in order. Where the agent says events were lost (a "gap" frame, or events older than its
+history) and at the first subscription, the follower asks the agent's `orphans` of each
+node instead (a poll), so that nothing waits for the next event. The periodic poll
+(AgentPoller) stays the liveness check.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import deque
+
+import msgspec
+
+from ..agent.events import EventFrame
+from ..agent.protocol import DECODE_ERRORS, MAX_FRAME, Envelope, mac_ok
+from ..errors import AgentError
+
+log = logging.getLogger("backdoors.monitor")
+
+READ_TIMEOUT_S = 3.0  # the agent sends a heartbeat every second
+RETRY_S = 0.2
+_envelope = msgspec.msgpack.Decoder(Envelope)
+_frame = msgspec.msgpack.Decoder(EventFrame)
+
+
+class EventFollower:
+    """Follows one agent's events on a thread of its own (`start`, `stop`)."""
+
+    def __init__(self, monitor, entry, key: bytes):
+        self.monitor, self.entry, self._key = monitor, entry, key
+        self.epoch, self.last_seq = "", -1
+        self.subscriptions = 0  # successful subscribes (reconnects + 1)
+        self.gaps = 0  # events the agent said this follower missed
+        self.seen: deque[tuple[str, int, str, str]] = deque(maxlen=65536)  # epoch, seq, kind, node
+        self.connected = threading.Event()
+        self._sock: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, name=f"bd-mon-events-{entry.host}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.drop()
+        self._thread.join(timeout)
+
+    def drop(self) -> None:
+        """End the current subscription (the follower subscribes again)."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        m = self.monitor
+        while not m.stopping.is_set():
+            client = m.client_factory(self.entry, m.config.timeout_ms / 1000)
+            try:
+                reply = client.call("subscribe", epoch=self.epoch,
+                                    since=self.last_seq if self.epoch else -1)
+                self._sock = client.take_socket()
+            except AgentError as e:
+                log.debug("agent %s: cannot subscribe to events: %s", self.entry.host, e)
+                client.close()
+                m.stopping.wait(RETRY_S)
+                continue
+            client.close()
+            first = self.subscriptions == 0 or reply.get("epoch") != self.epoch
+            if reply.get("epoch") != self.epoch and self.epoch:
+                log.info("agent %s restarted (new event epoch)", self.entry.host)
+            if not self.epoch:
+                self.epoch, self.last_seq = reply["epoch"], reply["last_seq"]
+            self.subscriptions += 1
+            self.connected.set()
+            if first:
+                self._catch_up("subscribed")
+            try:
+                self._read(self._sock)
+            except (OSError, AgentError) as e:
+                if not m.stopping.is_set():
+                    log.info("agent %s: event stream ended (%s); subscribing again",
+                             self.entry.host, e)
+            finally:
+                self.connected.clear()
+                self._sock.close()
+                self._sock = None
+
+    def _read(self, sock: socket.socket) -> None:
+        sock.settimeout(READ_TIMEOUT_S)
+        while not self.monitor.stopping.is_set():
+            size = int.from_bytes(_exactly(sock, 4), "big")
+            if not 0 < size <= MAX_FRAME:
+                raise AgentError(f"event frame of {size} bytes")
+            try:
+                env = _envelope.decode(_exactly(sock, size))
+                if not mac_ok(self._key, env.body, env.mac):
+                    raise AgentError("an event frame's MAC is invalid: not our agent")
+                ev = _frame.decode(env.body)
+            except DECODE_ERRORS as e:
+                raise AgentError(f"malformed event frame: {e}") from None
+            if ev.epoch != self.epoch:  # the agent restarted: its seqs start again
+                self.epoch, self.last_seq = ev.epoch, 0
+            if ev.gap:
+                self.gaps += ev.gap
+                log.warning("agent %s: %d events missed; polling instead", self.entry.host,
+                            ev.gap)
+                self._catch_up("gap")
+            if ev.seq:
+                if ev.seq <= self.last_seq:
+                    continue  # had it already (never expected: the agent sends after since)
+                self.last_seq = ev.seq
+                self.seen.append((ev.epoch, ev.seq, ev.kind, ev.node))
+                self.monitor.on_event(self.entry.host, ev, received=self.monitor.clock())
+
+    def _catch_up(self, why: str) -> None:
+        """What events may have told: the nodes' orphaned sessions, asked by poll."""
+        m = self.monitor
+        client = m.client_factory(self.entry, m.config.timeout_ms / 1000)
+        try:
+            nodes = [n for p in m.pollers if p.entry.host == self.entry.host for n in p.nodes]
+            for node in nodes:
+                for o in client.call("orphans", node=node):
+                    ev = EventFrame("owner_died", 0, self.epoch, node, o["died"],
+                                    {"pid": o["pid"], "sessions": o["sessions"], "died": o["died"],
+                                     "caught_up": why})
+                    m.on_event(self.entry.host, ev, received=m.clock(), via="poll")
+        except AgentError as e:
+            log.debug("agent %s: orphans: %s", self.entry.host, e)
+        finally:
+            client.close()
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise AgentError("the agent closed the event stream")
+        buf += chunk
+    return bytes(buf)

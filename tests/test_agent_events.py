@@ -1,0 +1,100 @@
+"""The agent's event stream (agent.events): signed frames, in order, once, across a
+reconnect; a subscriber that does not read never blocks the agent."""
+
+import time
+
+import pytest
+import msgspec
+
+from test_agent_support import agent_lab, prefix  # noqa: F401 - fixtures
+
+from backdoors.agent.events import EventFrame
+from backdoors.agent.protocol import Envelope, mac_ok
+
+pytestmark = pytest.mark.root
+
+
+def _subscribe(lab, **args):
+    c = lab.client()
+    reply = c.call("subscribe", **args)
+    sock = c.take_socket()
+    sock.settimeout(10)
+    return reply, sock
+
+
+def _frames(sock, key, want: int, timeout: float = 60) -> list[EventFrame]:
+    out = []
+    end = time.monotonic() + timeout
+    while len(out) < want:
+        assert time.monotonic() < end, f"{len(out)} of {want} events within {timeout} s"
+        size = int.from_bytes(_exactly(sock, 4), "big")
+        env = msgspec.msgpack.decode(_exactly(sock, size), type=Envelope)
+        assert mac_ok(key, env.body, env.mac)
+        ev = msgspec.msgpack.decode(env.body, type=EventFrame)
+        assert ev.kind != "gap", f"{ev.gap} events lost after {len(out)}"
+        if ev.kind != "heartbeat":
+            out.append(ev)
+    return out
+
+
+def _exactly(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, "the agent closed the event stream"
+        buf += chunk
+    return buf
+
+
+def test_events_arrive_once_in_order_and_survive_a_reconnect(agent_lab):
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    bus, key = lab.agent.agent.events, lab.keys["m1"]
+    reply, sock = _subscribe(lab)
+    for i in range(50):
+        bus.publish("test", f"n{i % 2}", i=i)
+    got = _frames(sock, key, 50)
+    assert [e.seq for e in got] == list(range(reply["last_seq"] + 1, reply["last_seq"] + 51))
+    assert [e.data["i"] for e in got] == list(range(50))
+    last = got[-1].seq
+    sock.close()  # the monitor goes away; events go on
+    for i in range(50, 80):
+        bus.publish("test", f"n{i % 2}", i=i)
+    _, sock = _subscribe(lab, epoch=reply["epoch"], since=last)
+    bus.publish("test", "n0", i=80)
+    again = _frames(sock, key, 31)
+    assert [e.data["i"] for e in again] == list(range(50, 81))  # once each, in order
+    assert all(e.gap == 0 for e in again)
+    sock.close()
+
+
+def test_a_subscriber_that_does_not_read_blocks_nobody(agent_lab):
+    lab = agent_lab()
+    bus, key = lab.agent.agent.events, lab.keys["m1"]
+    from backdoors.agent import events
+    _, stuck = _subscribe(lab)  # never reads: its queue overflows, its socket fills
+    reply, sock = _subscribe(lab)
+    batch, got = events.QUEUE_MAX // 2, []
+    for start in range(0, 3 * events.QUEUE_MAX, batch):  # within what a reader may queue
+        for i in range(start, start + batch):
+            bus.publish("test", "n0", pad="x" * 400, i=i)
+        got += _frames(sock, key, batch)
+    assert [e.data["i"] for e in got] == list(range(3 * events.QUEUE_MAX))
+    assert lab.client().ping()  # the agent answers
+    stuck.close()
+    sock.close()
+
+
+def test_events_lost_beyond_the_history_are_announced_as_a_gap(agent_lab):
+    from backdoors.agent import events
+    lab = agent_lab()
+    bus, key = lab.agent.agent.events, lab.keys["m1"]
+    reply, sock = _subscribe(lab)
+    sock.close()
+    for i in range(events.HISTORY + 10):
+        bus.publish("test", "n0", i=i)
+    _, sock = _subscribe(lab, epoch=reply["epoch"], since=reply["last_seq"])
+    size = int.from_bytes(_exactly(sock, 4), "big")
+    first = msgspec.msgpack.decode(msgspec.msgpack.decode(_exactly(sock, size), type=Envelope).body,
+                                   type=EventFrame)
+    assert first.kind == "gap" and first.gap == 10
+    sock.close()
