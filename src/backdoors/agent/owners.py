@@ -35,7 +35,7 @@ from ..continuations.adoption import AdoptionClient, Handover
 from ..errors import BackdoorsError
 from ..tcprepair import repair
 from .ops import Call, Op, OpError
-from .sessions import Session, SessionTable, put_back, take_if
+from .sessions import Session, SessionTable
 
 log = logging.getLogger("backdoors.agent")
 
@@ -194,7 +194,7 @@ class OwnerWatch:
         for d in due:
             fin, rst = [], []
             for s in d.sessions:
-                if not take_if(self.sessions, s):
+                if not self.sessions.take_if(s):
                     continue  # adopted, moved or released meanwhile
                 (rst if _close(s.sock) else fin).append(s.name)
                 try:
@@ -281,7 +281,7 @@ class OwnerWatch:
               sessions: list[Session], failed: dict[str, str]) -> int:
         items = []
         for s in sessions:
-            if not take_if(self.sessions, s):
+            if not self.sessions.take_if(s):
                 continue
             try:
                 with repair(s.sock) as handle:  # back in service, as found, on exit
@@ -290,7 +290,7 @@ class OwnerWatch:
                     cb_fd = _memfd(s.name, entry.region.read(0, entry.size))
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
-                put_back(self.sessions, s)
+                self.sessions.put_back(s)
                 continue
             items.append((s, cb_fd, Handover.from_tcp_state(s.name.removeprefix("cb-"), state)))
         for s, _, _ in items:
@@ -310,7 +310,7 @@ class OwnerWatch:
                 s.sock.close()
             else:
                 failed[s.name] = f"hand-over: {verdict}"
-                put_back(self.sessions, s)
+                self.sessions.put_back(s)
         return handed
 
 

@@ -102,6 +102,31 @@ class SessionTable:
                 self.observer("remove", s)
         return sessions
 
+    def take_if(self, session: Session) -> bool:
+        """Remove `session` if it is still the one held under its name (not replaced,
+        released or moved meanwhile); True if it was taken."""
+        with self._lock:
+            held = self._sessions[session.node]
+            if held.get(session.name) is not session:
+                return False
+            del held[session.name]
+        if self.observer is not None:
+            self.observer("remove", session)
+        return True
+
+    def put_back(self, session: Session) -> None:
+        """Hold a session taken with `take_if` again (unless its name was taken meanwhile:
+        then its socket is closed)."""
+        with self._lock:
+            held = self._sessions[session.node]
+            kept = session.name not in held
+            if kept:
+                held[session.name] = session
+        if not kept:
+            session.sock.close()
+        elif self.observer is not None:
+            self.observer("add", session)
+
     def expect(self, node: str, name: str, since: TcpState) -> None:
         """A session restored here will be held again under `name`: remember its origin."""
         with self._lock:
@@ -122,25 +147,3 @@ class SessionTable:
                     s.sock.close()
                 held.clear()
             self._adopted.clear()
-
-
-def take_if(table: SessionTable, session: Session) -> bool:
-    """Remove `session` from `table` if it is still the one held under its name (not
-    replaced, released or moved meanwhile); True if it was taken."""
-    with table._lock:
-        held = table._sessions[session.node]
-        if held.get(session.name) is not session:
-            return False
-        del held[session.name]
-        return True
-
-
-def put_back(table: SessionTable, session: Session) -> None:
-    """Hold a session taken with `take_if` again (unless its name was taken meanwhile:
-    then its socket is closed)."""
-    with table._lock:
-        held = table._sessions[session.node]
-        if session.name not in held:
-            held[session.name] = session
-            return
-    session.sock.close()

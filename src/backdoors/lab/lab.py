@@ -49,6 +49,8 @@ from .agents import agent_pid, keys_path, start_agent, stop_agents, write_keys
 from . import topology
 
 STATE_FILE = "lab.json"
+#: Where Lab.data_dir makes directories: visible in the nodes (unlike /run/backdoors).
+DATA_ROOT = Path("/run")
 #: size of each node's run directory (a tmpfs): its sockets need next to nothing
 NODE_RUN_DIR_BYTES = 16 << 20
 
@@ -108,6 +110,9 @@ def reap(name: str) -> dict[str, list[str]]:
         removed["files"].append(str(run_dir))
     for leftover in Path("/dev/shm").glob(f"{prefix}*"):
         leftover.unlink(missing_ok=True)
+        removed["files"].append(str(leftover))
+    for leftover in DATA_ROOT.glob(f"{prefix}*"):  # Lab.data_dir
+        shutil.rmtree(leftover, ignore_errors=True)
         removed["files"].append(str(leftover))
     return removed
 
@@ -357,6 +362,14 @@ class Lab:
             os.close(fd)
 
     # ---- agents -----------------------------------------------------------------------
+
+    def data_dir(self, name: str) -> Path:
+        """A directory the lab's nodes may read but not write (e.g. files a server in a
+        node serves), removed with the lab: /run/bd-<lab>-<name>, mode 0755."""
+        path = DATA_ROOT / f"{topology.prefix(self.name)}{name}"
+        path.mkdir(mode=0o755, exist_ok=True)
+        path.chmod(0o755)
+        return path
 
     def agent_pid(self, host: str) -> int | None:
         """The pid of `host`'s agent now (its keeper, in `state.agents`, restarts it)."""

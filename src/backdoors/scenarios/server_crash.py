@@ -38,8 +38,8 @@ HTTP_RATE = "4M"  # curl --limit-rate: the server is mid-response when it dies
 
 
 def _start_http(lab: Lab, node: str) -> int:
-    """The HTTP example in `node`, serving its run directory's www/; returns its pid."""
-    www = lab.plan.run_dir / node / "www"
+    """The HTTP example in `node`, serving the lab's www data directory; its pid."""
+    www = lab.data_dir("www")
     proc = lab.run_in_node(node, [sys.executable, "-m", "backdoors.examples.http_server",
                                   "--port", str(HTTP_PORT), "--root", str(www)],
                            stdout=subprocess.PIPE)
@@ -54,10 +54,7 @@ def _start_http(lab: Lab, node: str) -> int:
 
 def _site(lab: Lab) -> bytes:
     data = bytes((i * 7 + i // 251) % 256 for i in range(65536)) * (HTTP_FILE // 65536)
-    for node in ("n0", "n1"):
-        www = lab.plan.run_dir / node / "www"
-        www.mkdir(exist_ok=True)
-        (www / "file.bin").write_bytes(data)
+    (lab.data_dir("www") / "file.bin").write_bytes(data)
     return data
 
 
