@@ -266,3 +266,17 @@ def test_show_incidents_table_and_json(tmp_path, capsys):
     console = Console(width=200, record=True, file=io.StringIO())
     assert show_incidents(empty, console=console) == []
     assert "no incidents" in console.export_text()
+
+
+def test_the_ancestors_of_a_service_are_never_part_of_a_bomb():
+    # A container node: launcher 2 -> PID 1 (catatonit) 3 -> exec shim 4 -> service 5; the
+    # bomb's orphans were reparented to PID 1, which now has young children of its own.
+    table = [row(2, ppid=1, comm="unshare", age=60), row(3, ppid=2, comm="catatonit", age=60),
+             row(4, ppid=3, comm="catatonit", age=59), row(5, ppid=4, comm="python", age=59,
+                                                           registered=True),
+             row(20, ppid=3, comm="bd-forkbomb", age=0.2), row(21, ppid=3, comm="bd-forkbomb",
+                                                               age=0.2),
+             row(22, ppid=3, comm="bd-forkbomb", age=0.1), row(23, ppid=22, comm="bd-forkbomb",
+                                                               age=0.1)]
+    lineage, _ = diagnosis.bomb_lineage(table, 1.0)
+    assert {p.pid for p in lineage} == {20, 21, 22, 23}

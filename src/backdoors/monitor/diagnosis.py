@@ -134,17 +134,26 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
                  old_ancestor_min_children: int = 3) -> tuple[list[Row], dict[str, Any]]:
     """The fork bomb in a (frozen) node's table: live processes born within the last
     `young_age_s` seconds (since onset), plus their ancestors in the node up to, but
-    excluding, any protected one (a registered service, the node's first process if
-    older than onset, a protected comm). An ancestor older than onset joins only if at
+    excluding, any protected one (a registered service or one of its ancestors, the node's
+    first process if older than onset, a protected comm). An ancestor older than onset joins only if at
     least `old_ancestor_min_children` of its children are young. Protected processes are
     never part of it, whatever their age."""
     by_pid = {p.pid: p for p in table}
     first = first_process(table)
     protect_comms = list(protect_comms)
+    # The ancestors of a registered service run it (a container's PID 1, its exec shim, a
+    # supervisor): killing one would take the service down too.
+    keepers: set[int] = set()
+    for p in table:
+        parent = by_pid.get(p.ppid) if p.registered else None
+        while parent is not None and parent.pid not in keepers:
+            keepers.add(parent.pid)
+            parent = by_pid.get(parent.ppid)
 
     def protected(p: Row) -> bool:
-        return p.registered or (first is not None and p.pid == first.pid
-                                and p.age_s > young_age_s) or _protected_comm(p, protect_comms)
+        return p.registered or p.pid in keepers or (
+            first is not None and p.pid == first.pid and p.age_s > young_age_s
+        ) or _protected_comm(p, protect_comms)
 
     young = [p for p in table if p.age_s <= young_age_s and running(p.state)
              and not protected(p)]

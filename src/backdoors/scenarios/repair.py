@@ -181,15 +181,13 @@ def memory_hog(**kw) -> dict:
 # ---- fork bomb ---------------------------------------------------------------------------
 
 
-# A node's init, as in a container: started with the node, the parent of what it is
-# asked to start (one JSON argv per stdin line), a child subreaper, and it reaps every
-# process orphaned below it at once (this machine's pid 1 takes a second or two to reap
-# orphans, which would hold their pids against the node's limit).
+# A process manager in the node, started with it: the parent of what it is asked to start
+# (one JSON argv per stdin line); it reaps its children. Orphans go to the node's own PID 1
+# (lab nodes are containers), which reaps them at once.
 _NODE_INIT = r"""
 import ctypes, json, os, sys, threading, time
 libc = ctypes.CDLL(None)
 libc.prctl(15, b"bd-init", 0, 0, 0)
-libc.prctl(36, 1, 0, 0, 0)
 def spawn():
     for line in sys.stdin:
         argv = json.loads(line)
