@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import msgspec
 
 from ..common.runtime import ADOPT_SOCKET, adoption_path
-from ..continuations.adoption import AdoptionClient, Handover
+from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..errors import BackdoorsError
 from ..tcprepair import repair
 from .ops import Call, Op, OpError
@@ -287,7 +287,7 @@ class OwnerWatch:
                 with repair(s.sock) as handle:  # back in service, as found, on exit
                     state = handle.dump(since=s.since)
                 with self.regions.use(s.node, s.name) as entry:
-                    cb_fd = _memfd(s.name, entry.region.read(0, entry.size))
+                    cb_fd = cb_memfd(s.name, entry.region.read(0, entry.size))
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
                 self.sessions.put_back(s)
@@ -340,14 +340,3 @@ def _close(sock: socket.socket) -> bool:
     sock.close()
     return bool(unread)
 
-
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, len(data))
-        os.pwrite(fd, data, 0)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd

@@ -16,7 +16,6 @@ the same node.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import msgspec
 
 from .. import net
-from ..continuations.adoption import AdoptionClient, Handover
+from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
@@ -274,7 +273,7 @@ class Recovery:
         t1 = time.monotonic()
         if not a.final:
             return AdoptReply(len(states) - len(failed), 0, failed, _ms(t0, t1), 0.0, 0.0)
-        restored = [(r, _memfd(r.moved.name, zlib.decompress(r.moved.cb)))
+        restored = [(r, cb_memfd(r.moved.name, zlib.decompress(r.moved.cb)))
                     for r in self.adopting.pop(rt.name, [])]
         for cidr in a.addresses:
             net.gratuitous_arp(ns, ifname, cidr.split("/")[0], count=1, linger=False)
@@ -378,18 +377,6 @@ def _announce(ns: str, ifname: str, addresses: list[str]) -> None:
         except BackdoorsError as e:
             log.warning("gratuitous ARP for %s in %s failed: %s", cidr, ns, e)
 
-
-def _memfd(name: str, data: bytes) -> int:
-    """A sealed memfd holding a copy of a Continuation Box."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, len(data))
-        os.pwrite(fd, data, 0)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _stage(peer: AgentClient, to_node: str, m: MovedSession) -> MovedSession:

@@ -18,6 +18,7 @@ the tests').
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import select
@@ -328,3 +329,16 @@ def hand_over(path: str, sock: socket.socket | int, cb_fd: int, handover: Handov
     """Hand one recovered session to the server listening at `path` (see AdoptionClient)."""
     with AdoptionClient(path, timeout=timeout) as client:
         client.hand_over(sock, cb_fd, handover)
+
+
+def cb_memfd(name: str, data: bytes) -> int:
+    """A sealed memfd holding a copy of a Continuation Box, to hand over with its session."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, len(data))
+        os.pwrite(fd, data, 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

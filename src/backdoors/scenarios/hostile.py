@@ -39,7 +39,7 @@ from ..lab import topology
 from ..lab.clients import StreamClients
 from ..nodes import Cgroup, detect
 from ..sensors import parse_box
-from .labkit import AgentLab, unique_name
+from .labkit import AgentLab, unique_name, wait_until
 
 PY = sys.executable
 HOSTILE, NEIGHBOUR = "n0", "n1"
@@ -655,9 +655,9 @@ class Hostile:
             self.clients = StreamClients(self.lab, self.lab.plan.node(NEIGHBOUR).vip,
                                          topology.RECOVERABLE_PORT, SESSIONS)
             self.clients.__enter__()
-            self._wait(lambda: len(self.neighbour_sessions()) == SESSIONS, 20,
+            wait_until(lambda: len(self.neighbour_sessions()) == SESSIONS, 20,
                        f"{SESSIONS} sessions of {NEIGHBOUR} held by the agent")
-            self._wait(lambda: self.progress() is not None, 10, "the stream service's box")
+            wait_until(lambda: self.progress() is not None, 10, "the stream service's box")
             self.agent = self.lab.agent_pid(self.host)
             if self.agent is None:
                 raise LabError(f"the agent of host {self.host} has no pid (started without "
@@ -675,15 +675,6 @@ class Hostile:
         if self.clients is not None:
             self.clients.close()
         self.alab.down()
-
-    @staticmethod
-    def _wait(pred: Callable[[], object], timeout: float, what: str):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if (v := pred()):
-                return v
-            time.sleep(0.02)
-        raise LabError(f"hostile-node scenario: timed out after {timeout:g} s waiting for {what}")
 
     # -- what the node must not change ---------------------------------------------------
 

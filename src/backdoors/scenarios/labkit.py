@@ -97,3 +97,14 @@ def lab_monitor_config(lab: Lab, monitor_id: str = "m1", **kw) -> MonitorConfig:
 def unique_name(prefix: str = "s") -> str:
     """A lab name `<prefix><6 hex>` (labs of concurrent runs never collide)."""
     return f"{prefix}{os.urandom(3).hex()}"
+
+
+def wait_until(pred, timeout: float, what: str, step: float = 0.02):
+    """The first true value of `pred()`, polled every `step` s; LabError naming `what`
+    after `timeout` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (v := pred()):
+            return v
+        time.sleep(step)
+    raise LabError(f"timed out after {timeout:g} s waiting for {what}")

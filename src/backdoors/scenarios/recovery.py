@@ -25,7 +25,7 @@ from ..lab import topology
 from ..lab.agents import agent_pid
 from ..lab.clients import StreamClients
 from ..monitor import Monitor
-from .labkit import lab_monitor_config, unique_name
+from .labkit import lab_monitor_config, unique_name, wait_until
 
 FAULTS = ("freeze", "crash", "network", "memory-hog", "server-crash", "agent-restart",
           "agent-stop")
@@ -33,14 +33,6 @@ FAULTS = ("freeze", "crash", "network", "memory-hog", "server-crash", "agent-res
 #: watchdog) while the sessions stream, then the node is frozen and must still recover
 AGENT_FAULTS = {"agent-restart": signal.SIGKILL, "agent-stop": signal.SIGSTOP}
 
-
-def _wait(pred, timeout: float, what: str, step: float = 0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (v := pred()):
-            return v
-        time.sleep(step)
-    raise LabError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def monitor_for(lab: Lab, *, period_ms: float = 50, incidents_dir: str | None = None,
@@ -79,13 +71,13 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
                               "--export-every", str(chunk * 8), "--deadline",
                               str(deadline_ms / 1000), recoverable=True)
         with lab.agent_client("h0") as c:
-            _wait(lambda: any(k.startswith("rsvc") for k in c.sensors("n0").boxes), 10,
+            wait_until(lambda: any(k.startswith("rsvc") for k in c.sensors("n0").boxes), 10,
                   "the service's Sensor Box")
             with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
                 mon.wait_ready(timeout=10)
                 vip = lab.plan.node("n0").vip
                 with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
-                    _wait(lambda: len(c.call("sessions", node="n0")) == sessions, 30,
+                    wait_until(lambda: len(c.call("sessions", node="n0")) == sessions, 30,
                           f"{sessions} sessions held by the agent")
                     time.sleep(warmup_s)
                     if fault in AGENT_FAULTS:
@@ -128,12 +120,12 @@ def agent_fault(lab: Lab, node: str, sig: signal.Signals, sessions: int, mon: Mo
             return None
         return None
 
-    held_at_answer = _wait(first_answer, timeout_s, f"a new agent of host {host.name}", 0.005) - 1
+    held_at_answer = wait_until(first_answer, timeout_s, f"a new agent of host {host.name}", 0.005) - 1
     restart_ms = (time.monotonic() - t0) * 1000
     with lab.agent_client(host.name) as c:
-        held = _wait(lambda: (n := len(c.call("sessions", node=node))) >= sessions and n,
+        held = wait_until(lambda: (n := len(c.call("sessions", node=node))) >= sessions and n,
                      timeout_s, f"{sessions} sessions held by the new agent")
-    _wait(lambda: not any(i.node == node and i.closed is None for i in mon.incidents()),
+    wait_until(lambda: not any(i.node == node and i.closed is None for i in mon.incidents()),
           timeout_s, f"no open incident on {node} after the agent came back")
     return {"agent_signal": sig.name, "agent_restart_ms": round(restart_ms, 1),
             "sessions_held_at_first_answer": held_at_answer,

@@ -28,7 +28,7 @@ from ..lab import topology
 from ..common.procs import read_line
 from ..lab.clients import StreamClients
 from ..monitor import Monitor
-from .labkit import lab_monitor_config, unique_name
+from .labkit import lab_monitor_config, unique_name, wait_until
 
 
 HTTP_PORT = 8080
@@ -77,13 +77,13 @@ def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None =
         data = _site(lab)
         http = {node: _start_http(lab, node) for node in ("n0", "n1")}
         with lab.agent_client("h0") as c:
-            _wait(lambda: sum(k.startswith(("rsvc", "svc")) for k in c.sensors("n0").boxes) == 2,
+            wait_until(lambda: sum(k.startswith(("rsvc", "svc")) for k in c.sensors("n0").boxes) == 2,
                   10, "the services' Sensor Boxes")
             cfg = lab_monitor_config(lab, period_ms=period_ms, incidents_dir=incidents_dir,
                                      rulesets=["heal"])
             with Monitor(cfg, key=lab.monitor_key("m1")) as mon:
                 mon.wait_ready(timeout=10)
-                _wait(lambda: all(f.connected.is_set() for f in mon.followers), 10,
+                wait_until(lambda: all(f.connected.is_set() for f in mon.followers), 10,
                       "the monitor's event subscriptions")
                 vip = lab.plan.node("n0").vip
                 paths = [lab.plan.run_dir / f"curl-{i}.out" for i in range(HTTP_CLIENTS)]
@@ -93,7 +93,7 @@ def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None =
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for path in paths]
                 with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
                     held = sessions + HTTP_CLIENTS
-                    _wait(lambda: len(c.call("sessions", node="n0")) == held, 30,
+                    wait_until(lambda: len(c.call("sessions", node="n0")) == held, 30,
                           f"{held} sessions held by the agent")
                     time.sleep(warmup_s)
                     at_fault = clients.offsets()
@@ -137,11 +137,3 @@ def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None =
                        event_ms=round((inc.detected - died) * 1000, 1) if died else None)
     return out, inc, wall_fault, report
 
-
-def _wait(pred, timeout: float, what: str, step: float = 0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (v := pred()):
-            return v
-        time.sleep(step)
-    raise LabError(f"timed out after {timeout:g} s waiting for {what}")
