@@ -70,7 +70,7 @@ def setup(prefix):
         unavailable(f"containers need {', '.join(missing)} (make system-deps)")
     ns = f"{prefix}-a"
     netns_mod.create(ns)
-    base = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    base = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/run"))  # /tmp is private in nodes
     os.chmod(base, 0o755)
     run_dir, other = base / "nodes" / "a", base / "nodes" / "b"
     run_dir.mkdir(parents=True)
@@ -242,7 +242,7 @@ print(json.dumps(out))
 
 
 def test_root_cannot_read_host_secrets(setup):
-    outside = Path(tempfile.mkdtemp(prefix="bdt-key-"))
+    outside = Path(tempfile.mkdtemp(prefix="bdt-key-", dir="/run"))  # not a private tmpfs there
     try:
         key = outside / "agent.key"
         key.write_text("secret")

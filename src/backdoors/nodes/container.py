@@ -16,8 +16,8 @@ start processes in them. Everything a node runs has no power over the host:
   each `Isolation.hide` directory covered by an empty read-only tmpfs, and the node's run
   directory (writable) and the `Isolation.share` paths (read-only) bound back at their usual
   paths. Hide /run/backdoors and only the node's own run directory is left there. /tmp,
-  /var/tmp and /dev/shm are private tmpfs of `Isolation.scratch_bytes` (charged to the node),
-  unless the run directory or a hidden path lies under one.
+  /var/tmp and /dev/shm are private tmpfs of `Isolation.scratch_bytes` (charged to the node);
+  shares under one (a checkout in /tmp) are bound back read-only.
 - **Network**: the node's named netns (/var/run/netns/NAME), owned by the host's user
   namespace, so the node's root cannot change addresses, routes or sysctls; no name: a fresh,
   empty netns. **Cgroup**: every process joins the node's cgroup in every hierarchy (the
@@ -430,10 +430,10 @@ class Container:
                                 "directory")
         hide = tuple(Path(p).resolve() for p in isolation.hide if Path(p).is_dir())
         shares = [(Path(p).resolve(), False) for p in isolation.share if Path(p).exists()]
-        # not over the run directory or a hidden path (they would vanish under it)
-        scratch = [p for p in SCRATCH if os.path.isdir(p) and not any(
-            Path(p) == q or Path(p) in q.parents
-            for q in (run_dir, *hide, *(path for path, _ in shares)))]
+        # each is covered whole; the run directory and shares under one are bound back
+        scratch = tuple(Path(p).resolve() for p in SCRATCH if os.path.isdir(p) and not any(
+            Path(p).resolve() == q for q in (run_dir, *hide, *(path for path, _ in shares)))
+                        and not any(h in Path(p).resolve().parents for h in hide))
         netns_fd = None
         if netns is not None:
             try:
@@ -456,11 +456,7 @@ class Container:
             failure.step("create mount, uts, ipc namespaces", _unshare,
                          CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
             failure.step("make mounts private", _mount, None, "/", None, MS_REC | MS_PRIVATE)
-            _hide(hide, [(run_dir, True), *shares], failure)
-            for path in scratch:
-                failure.step(f"mount a private tmpfs on {path}", _mount, "tmpfs", path,
-                             "tmpfs", MS_NOSUID | MS_NODEV,
-                             f"mode=1777,size={isolation.scratch_bytes}")
+            _hide(hide, scratch, isolation.scratch_bytes, [(run_dir, True), *shares], failure)
             failure.step("set the hostname", socket.sethostname, isolation.hostname)
             failure.step("enter the node's user namespace", syscalls.setns, userns,
                          CLONE_NEWUSER)
@@ -655,23 +651,29 @@ class Container:
         return None
 
 
-def _hide(hide: tuple[Path, ...], binds: list[tuple[Path, bool]], failure: _ChildError) -> None:
-    """Cover each hidden path with an empty read-only tmpfs, then bind back in each
-    (path, writable) of `binds` that lies under one (the run directory, the shares).
+def _hide(hide: tuple[Path, ...], scratch: tuple[Path, ...], scratch_bytes: int,
+          binds: list[tuple[Path, bool]], failure: _ChildError) -> None:
+    """Cover each hidden path with an empty read-only tmpfs and each scratch path with a
+    private writable one of `scratch_bytes`, then bind back in each (path, writable) of
+    `binds` that lies under one (the run directory, the shares: a checkout under /tmp).
 
     The bound paths are held open (O_PATH) before they are covered and bound from those
     fds, which must be opened in this mount namespace (a bind source from another is EINVAL).
     """
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     covered = [(path, writable) for path, writable in sorted(binds, key=lambda b: len(b[0].parts))
-               if any(h in path.parents for h in hide)]
+               if any(h in path.parents for h in (*hide, *scratch))]
     held = []
     for path, writable in covered:
         try:
             held.append((path, writable, os.open(path, os.O_PATH | os.O_CLOEXEC)))
         except OSError as e:
             failure.step(f"open {path}", _raise, e)
+    for path in scratch:  # first: a hidden path under one is hidden in it
+        failure.step(f"mount a private tmpfs on {path}", _mount, "tmpfs", str(path), "tmpfs",
+                     MS_NOSUID | MS_NODEV, f"mode=1777,size={scratch_bytes}")
     for path in hide:
+        failure.step(f"make {path}", os.makedirs, path, 0o755, True)
         failure.step(f"hide {path}", _mount, "tmpfs", str(path), "tmpfs", flags,
                      "mode=0755,size=64k")
     for path, writable, fd in held:
