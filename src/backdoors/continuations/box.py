@@ -216,8 +216,6 @@ def _check_fresh(sock: socket.socket) -> None:
         handed, read = bytes_handed(sock), bytes_received(sock)
     except TcpRepairError:
         return  # the connection is already closing; nothing to recover anyway
-    # Counted from TCP_INFO and an ioctl taken one after the other: input arriving in
-    # between makes `read` come out low, even negative, never high.
     if handed > 0 or read > 0:
         raise ContinuationError(
             f"create_cb on a connection that already carried data ({handed} bytes written, "

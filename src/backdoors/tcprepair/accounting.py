@@ -46,15 +46,29 @@ def bytes_handed(
     `active_open`: the socket did connect() itself (its SYN is in bytes_acked). Accepted
     and restored sockets are not active opens.
     """
-    info = _info(sock, "bytes_handed")
-    outq = _ioctl(sock, kernel.SIOCOUTQ, "bytes_handed")
+    info, outq = _consistent(sock, kernel.SIOCOUTQ, "bytes_acked", "bytes_handed")
     return handed_from(info, outq, since) - int(active_open)
 
 
 def bytes_received(sock: socket.socket, *, since: TcpState | None = None) -> int:
     """Bytes the application has read from `sock` so far (not counting unread ones)."""
-    info = _info(sock, "bytes_received")
-    return read_from(info, _ioctl(sock, kernel.SIOCINQ, "bytes_received"), since)
+    info, inq = _consistent(sock, kernel.SIOCINQ, "bytes_received", "bytes_received")
+    return read_from(info, inq, since)
+
+
+def _consistent(sock: socket.socket, request: int, counter: str,
+                what: str) -> tuple[kernel.TcpInfo, int]:
+    """TCP_INFO and a queue size (ioctl `request`) taken at one moment: two calls, so an
+    ACK or a segment arriving between them would move bytes between the counter and the
+    queue; read again until `counter` did not change around the ioctl."""
+    info = _info(sock, what)
+    for _ in range(100):
+        queued = _ioctl(sock, request, what)
+        again = _info(sock, what)
+        if getattr(again, counter) == getattr(info, counter):
+            return again, queued
+        info = again
+    return info, queued  # a connection this busy: as close as two calls get
 
 
 def handed_from(info: kernel.TcpInfo, outq: int, since: TcpState | None = None) -> int:
