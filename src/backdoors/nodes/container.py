@@ -464,19 +464,10 @@ class Container:
 
         argv = [shutil.which("unshare"), "--pid", "--cgroup", "--fork", "--mount-proc",
                 "--kill-child", "--", shutil.which(_INIT), "-P"]
-        try:
-            launcher = subprocess.Popen(argv, preexec_fn=enter, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=stderr,
-                                        start_new_session=True)
-        except subprocess.SubprocessError:
-            raise NodeError(f"cannot start the container of cgroup {cgroup.relpath!r}: "
-                            f"{failure.reason()}") from None
-        except OSError as e:
-            raise NodeError(f"cannot run {argv[0]}: {e.strerror}") from None
-        finally:
-            failure.close()
-            for fd in fds:
-                os.close(fd)
+        launcher = _launch(argv, enter, failure, fds,
+                           f"cannot start the container of cgroup {cgroup.relpath!r}",
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                           start_new_session=True)
 
         def init_runs() -> int | None:
             if launcher.poll() is not None:
@@ -585,20 +576,11 @@ class Container:
             _become(uid, failure)
             failure.step(f"chdir to {cwd}", os.chdir, cwd)
 
-        try:
-            shim = subprocess.Popen(
-                [shutil.which(_INIT) or _INIT, "--", *argv], preexec_fn=enter, env=env,
-                stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
-                start_new_session=new_session)
-        except subprocess.SubprocessError:
-            raise NodeError(f"cannot enter the container of {self.cgroup.relpath!r}: "
-                            f"{failure.reason()}") from None
-        except OSError as e:
-            raise NodeError(f"cannot run {_INIT}: {e.strerror}") from None
-        finally:
-            failure.close()
-            for fd in procs + [fd for fd, _ in ns_fds]:
-                os.close(fd)
+        shim = _launch([shutil.which(_INIT) or _INIT, "--", *argv], enter, failure,
+                       procs + [fd for fd, _ in ns_fds],
+                       f"cannot enter the container of {self.cgroup.relpath!r}", env=env,
+                       stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
+                       start_new_session=new_session)
         return self._pin_command(shim, argv[0], timeout)
 
     def _pin_command(self, shim: subprocess.Popen, argv0: str, timeout: float) -> NodeProcess:
@@ -649,6 +631,22 @@ class Container:
                 except OSError:
                     pass
         return None
+
+
+def _launch(argv: list[str], enter, failure: _ChildError, fds: list[int], what: str,
+            **popen) -> subprocess.Popen:
+    """Start `argv` with `enter` run in the child before exec; a step of `enter` that failed
+    becomes a NodeError saying `what` and which step. Closes `fds` (the child has used them)."""
+    try:
+        return subprocess.Popen(argv, preexec_fn=enter, **popen)
+    except subprocess.SubprocessError:
+        raise NodeError(f"{what}: {failure.reason()}") from None
+    except OSError as e:
+        raise NodeError(f"cannot run {argv[0]}: {e.strerror}") from None
+    finally:
+        failure.close()
+        for fd in fds:
+            os.close(fd)
 
 
 def _hide(hide: tuple[Path, ...], scratch: tuple[Path, ...], scratch_bytes: int,
