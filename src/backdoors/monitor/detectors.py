@@ -304,7 +304,8 @@ class AgentDown(Detector, tag="agent_down"):
 
     @classmethod
     def onset(cls, hit: Hit, view: NodeView, history: SensorHistory) -> float:
-        return view.at - view.agent_silent_s
+        """Now minus how long the agent has been silent (as for agent_unreachable)."""
+        return AgentUnreachable.onset(hit, view, history)
 
 
 class SessionsOrphaned(Detector, tag="sessions_orphaned"):
