@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import msgspec
 
+from .ipc import fds_in
+
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
 WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
 WATCHDOG_PID_ENV = "WATCHDOG_PID"
@@ -216,9 +218,7 @@ def receive(sock: socket.socket) -> Message:
     pid = None
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(int.from_bytes(payload[i:i + 4], "little", signed=True)
-                       for i in range(0, usable, 4))
+            fds.extend(fds_in(payload))
         elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
             pid = int.from_bytes(payload[0:4], "little", signed=True)
     fields = {}

@@ -135,15 +135,20 @@ class FrameReader:
     def _take_fds(self, ancdata: list) -> None:
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self._fds.extend(fds)
+                self._fds.extend(fds_in(payload))
 
     def discard(self) -> None:
         """Drop a partial frame and close its descriptors."""
         for fd in self._fds:
             os.close(fd)
         self._buf, self._fds, self._size = bytearray(), [], None
+
+
+def fds_in(payload: bytes) -> list[int]:
+    """The descriptors of one SCM_RIGHTS control message (a truncated last one ignored)."""
+    fds = array.array("i")
+    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return fds.tolist()
 
 
 def recv(sock: socket.socket, *, max_bytes: int, max_fds: int = 0) -> Frame:
