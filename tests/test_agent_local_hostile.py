@@ -36,7 +36,7 @@ import time; time.sleep(60)
 
 
 def test_sparse_continuation_boxes_cost_the_agent_nothing_and_count_in_node_bytes(agent_lab):
-    lab = agent_lab()  # max_region_bytes 16 MiB, max_node_bytes 64 MiB
+    lab = agent_lab(max_node_bytes=64 * MiB)  # max_region_bytes 16 MiB
     results = json.loads(read_line(lab.run("n0", SPARSE_CBS, "6"), 30))
     # Validation read the boxes without allocating their pages (pread of a hole) ...
     assert all(r["allocated"] < MiB for r in results), [r["allocated"] for r in results]
