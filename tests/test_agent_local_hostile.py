@@ -83,6 +83,32 @@ def test_a_hugetlb_memfd_is_refused(agent_lab, huge_pages):
     assert [r.name for r in lab.client().regions("n0")] == ["kernel"]
 
 
+# A write-sealed memfd registered writable: the agent maps only Sensor Boxes, so the
+# mapping no longer refuses it; the registration must.
+WRITE_SEALED = """
+import fcntl, json, os
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
+fd = os.memfd_create("ro", os.MFD_ALLOW_SEALING)
+os.ftruncate(fd, 4096)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
+ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+out = []
+for f in (fd, ro):
+    try:
+        out.append({"ok": register_region(f, "mbox", writable=True)})
+    except RegistrationError as e:
+        out.append({"error": str(e)})
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_region_registered_writable_must_be_writable(agent_lab):
+    lab = agent_lab()
+    results = json.loads(read_line(lab.run("n0", WRITE_SEALED)))
+    assert all("read-only or sealed against writes" in r.get("error", "") for r in results)
+
+
 # A TCP socket whose close would linger: a full send queue towards a listener that never
 # accepts, SO_LINGER 600 s. argv[1] "refused": sent where a memfd is expected; "release":
 # held as a session socket, then released. The node's own copy is closed first, so the

@@ -57,6 +57,7 @@ CONN_TIMEOUT_S = 10.0
 MAX_CONNS_PER_NODE = 64  # each process keeps one connection
 MAX_CONNS_PER_PID = 8  # so that one process of a node cannot take all of its node's
 SO_PEERPIDFD = 77  # Linux 6.5+
+F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1+
 
 Word = Annotated[str, msgspec.Meta(max_length=32)]
 
@@ -350,6 +351,10 @@ class LocalServer:
                                 "memfd (a hole punched in a huge page region faults its readers)")
         if fs != TMPFS_MAGIC:
             raise RegionRefused("the fd is not a memfd (memfd_create with MFD_ALLOW_SEALING)")
+        if req.writable and (seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
+                             or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR):
+            raise RegionRefused(f"region {req.name!r} is registered writable, but the fd is "
+                                "read-only or sealed against writes")
         if not stat.S_ISREG(st.st_mode) or st.st_size <= 0:
             raise RegionRefused("the memfd is empty: size it (ftruncate) before sealing")
         if st.st_size > self.table.max_region_bytes:

@@ -108,7 +108,12 @@ class Region:
         self._check(offset, len(data))
         if self._mm is not None:
             self._mm[offset:offset + len(data)] = data
-        elif os.pwrite(self.fd, data, offset) != len(data):
+            return
+        try:
+            written = os.pwrite(self.fd, data, offset)
+        except OSError as e:
+            raise SensorBoxError(f"{self.label}: cannot write at {offset}: {e.strerror}") from None
+        if written != len(data):
             raise SensorBoxError(f"{self.label}: short write at {offset}")
 
     def close(self) -> None:
