@@ -46,7 +46,7 @@ def test_a_good_config_with_defaults(tmp_path):
     assert c.own_cgroup == "bd-agent-h0" and c.quorum == 1 and c.vote_window_s == 2.0
     assert (c.op_deadline_s, c.sample_period_s) == (1.0, 0.05)
     assert (c.max_regions_per_node, c.max_region_bytes, c.max_node_bytes) == (
-        64, 16 << 20, 64 << 20)
+        64, 16 << 20, 384 << 20)
     assert c.max_procs_sampled == 2048 and c.kernel_sensors.memory_high_pct == 80
     assert c.keys() == {"m1": bytes.fromhex(KEY), "m2": bytes.fromhex(KEY)}
 

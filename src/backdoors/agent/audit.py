@@ -3,7 +3,9 @@
 Opened with O_APPEND, each line written with one write(2), so lines of concurrent writers
 never interleave. Bulk data never enters the log: byte strings are summarised by length.
 Unauthenticated rejections are rate-limited (a flood on the private network must not fill
-the disk): beyond `max_rejects_per_s`, they are counted and summarised in one line.
+the disk): beyond `max_rejects_per_s`, they are counted and summarised in one line. Refused
+local registrations are limited per node the same way (`RefusalLimiter`), and every string
+a caller chose is cut to MAX_STRING characters.
 """
 
 from __future__ import annotations
@@ -20,6 +22,51 @@ log = logging.getLogger("backdoors.agent")
 
 _encode = msgspec.json.Encoder().encode
 MAX_STRING = 200
+
+
+def clip(text: str | None, limit: int = MAX_STRING) -> str | None:
+    """`text` cut to `limit` characters (marked), for logs of attacker-chosen strings."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text) - limit} more)"
+
+
+class RefusalLimiter:
+    """A token bucket per key (a node): `admit(key)` says whether a refusal may be logged
+    and how many were suppressed before it; `pending()` hands over the suppressed counts
+    not reported yet (at most once per `1/rate` seconds per key)."""
+
+    def __init__(self, *, rate: float = 1.0, burst: int = 20, clock=time.monotonic):
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, refilled_at, suppressed]
+        self._lock = threading.Lock()
+
+    def admit(self, key: str) -> tuple[bool, int]:
+        """(log this one?, refusals suppressed since the last one logged, to report now)."""
+        with self._lock:
+            now = self._clock()
+            b = self._buckets.setdefault(key, [float(self.burst), now, 0])
+            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+            if b[0] < 1:
+                b[2] += 1
+                return False, 0
+            b[0] -= 1
+            suppressed, b[2] = int(b[2]), 0
+            return True, suppressed
+
+    def pending(self) -> list[tuple[str, int]]:
+        """(key, count) of suppressed refusals whose key may log again; counts reset."""
+        out = []
+        with self._lock:
+            now = self._clock()
+            for key, b in self._buckets.items():
+                tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+                if b[2] and tokens >= 1:
+                    b[0], b[1] = tokens - 1, now
+                    out.append((key, int(b[2])))
+                    b[2] = 0
+        return out
 
 
 def summarise(value: Any, depth: int = 0) -> Any:
@@ -93,9 +140,13 @@ class AuditLog:
 
     def local(self, *, node: str, pid: int, op: str, name: str, ok: bool,
               kind: str | None = None, error: str | None = None) -> None:
-        """One line for a local registration (or its refusal)."""
-        self.write(kind="local", node=node, pid=pid, op=op, name=summarise(name),
-                   region_kind=kind, ok=ok, error=error)
+        """One line for a local registration (or its refusal); strings cut to MAX_STRING."""
+        self.write(kind="local", node=node, pid=pid, op=clip(op, 64), name=clip(name),
+                   region_kind=clip(kind, 64), ok=ok, error=clip(error))
+
+    def local_suppressed(self, *, node: str, count: int) -> None:
+        """One line for `count` refusals of `node` not logged one by one."""
+        self.write(kind="local_suppressed", node=node, count=count)
 
     def close(self) -> None:
         with self._lock:

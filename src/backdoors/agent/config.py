@@ -93,7 +93,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "kernel sensor sampling period per node, seconds")] = 0.05
     max_regions_per_node: Annotated[int, doc("application regions a node may register")] = 64
     max_region_bytes: Annotated[int, doc("size of one region, bytes")] = 16 * MiB
-    max_node_bytes: Annotated[int, doc("total size of a node's regions, bytes")] = 64 * MiB
+    max_node_bytes: Annotated[int, doc(
+        "total size of a node's regions and Continuation Boxes, bytes (the default fits "
+        "4096 boxes of the default size and 64 MiB of regions)")] = 384 * MiB
     max_procs_sampled: Annotated[int, doc(
         "processes read per node by the sampler and by `processes`")] = 2048
     max_connections: Annotated[int, doc(

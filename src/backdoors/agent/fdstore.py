@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..common.fdstore import Notifier, NotifyError, PassedFd, decode_name, encode_name
 from ..sensors import Region
-from .regions import Entry, RegionTable
+from .regions import MAPPED_KINDS, Entry, RegionTable
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("backdoors.agent")
@@ -125,7 +125,8 @@ class AgentStore:
                 key = (meta["t"], meta["n"], meta["r"])
                 if meta["t"] == "r":
                     region = Region(p.fd, writable=bool(meta["w"]),
-                                    label=f"node {meta['n']} region {meta['r']!r}")
+                                    label=f"node {meta['n']} region {meta['r']!r}",
+                                    map=meta["k"] in MAPPED_KINDS)
                     try:
                         regions.add(Entry(meta["n"], meta["r"], meta["k"], region,
                                           bool(meta["w"]), int(meta["p"]), float(meta["s"])))

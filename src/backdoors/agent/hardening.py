@@ -33,12 +33,18 @@ def harden() -> list[str]:
     warnings = []
     _libc.mallopt(M_ARENA_MAX, 2)  # fewer malloc arenas: less memory pinned by mlockall
     # MCL_ONFAULT locks pages as they are touched: thread stacks and region mappings are
-    # not populated in full up front; what the agent has touched stays resident.
+    # not populated in full up front; what the agent has touched stays resident. Without
+    # it (Linux < 4.4) MCL_FUTURE would populate every later mapping at once - a node's
+    # sparse region mapped by the agent would be allocated in full, charged to the agent -
+    # so only the memory present now is locked then.
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        if _libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        if _libc.mlockall(MCL_CURRENT) != 0:
             err = ctypes.get_errno()
             warnings.append(f"mlockall refused ({os.strerror(err)}): the agent's memory may be "
                             "paged out under pressure (needs CAP_IPC_LOCK or RLIMIT_MEMLOCK)")
+        else:
+            warnings.append("mlockall(MCL_ONFAULT) refused: only the agent's memory at start "
+                            "is locked (later allocations may be paged out)")
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write(str(OOM_SCORE_ADJ))

@@ -4,11 +4,18 @@ A process inside a node connects to <run_dir>/<node>/agent.sock (common.runtime)
 a request frame (common.ipc: length + msgpack) with a region's fd attached. The caller
 is identified by SO_PEERCRED (and SO_PEERPIDFD, so a recycled pid is noticed) and
 accepted only if /proc/PID/cgroup puts it inside that node's cgroup in every hierarchy:
-a node registers regions for itself only. Regions must be memfds sealed against
-shrinking (no SIGBUS for the agent); Sensor Boxes are validated before they are kept.
-Continuation Boxes use two more ops: "hold_socket" hands over a duplicate of the
-session's TCP socket (kept in the SessionTable, so a crashed server's connections live on)
-and "release" drops a session's box and socket when it ends normally.
+a node registers regions for itself only. Regions must be tmpfs memfds (not hugetlbfs) sealed against
+shrinking (no SIGBUS for the agent); Sensor Boxes and Continuation Boxes are validated
+before they are kept, Continuation Boxes with pread only (a sparse box costs the agent
+nothing). Continuation Boxes use two more ops: "hold_socket" hands over a duplicate of
+the session's TCP socket (kept in the SessionTable, so a crashed server's connections live
+on) and "release" drops a session's box and socket when it ends normally.
+
+A hostile caller must not stall or crowd out the others: membership is checked at accept
+too (an outsider's connection is answered and closed at once), connections are capped per
+node and per process, request strings are bounded, refusals are logged at most
+RefusalLimiter's rate per node (the rest summarised), and every descriptor a node handed
+over is closed by the Closer thread with SO_LINGER cleared (agent.closing).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import msgspec
 
@@ -32,7 +40,9 @@ from ..common.runtime import agent_socket
 from ..errors import AgentError, SensorBoxError
 from ..nodes import Node
 from ..sensors import Region, parse_box, read_consistent
-from .audit import AuditLog
+from ..sensors.region import HUGETLBFS_MAGIC, TMPFS_MAGIC, filesystem
+from .audit import AuditLog, RefusalLimiter, clip
+from .closing import Closer
 from .membership import is_member, read_cgroups
 from .protocol import DECODE_ERRORS
 from .metrics import AgentMetrics
@@ -44,14 +54,18 @@ log = logging.getLogger("backdoors.agent")
 MAX_FRAME = 64 * 1024
 MAX_FDS = 4
 CONN_TIMEOUT_S = 10.0
-MAX_CONNS_PER_NODE = 64  # each process keeps one connection; a node's own problem if it hoards
+MAX_CONNS_PER_NODE = 64  # each process keeps one connection
+MAX_CONNS_PER_PID = 8  # so that one process of a node cannot take all of its node's
 SO_PEERPIDFD = 77  # Linux 6.5+
+F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1+
+
+Word = Annotated[str, msgspec.Meta(max_length=32)]
 
 
 class LocalRequest(msgspec.Struct, forbid_unknown_fields=True):
-    op: str
-    kind: str = "sensorbox"
-    name: str = ""
+    op: Word
+    kind: Word = "sensorbox"
+    name: Annotated[str, msgspec.Meta(max_length=64)] = ""
     writable: bool = False
 
 
@@ -72,8 +86,7 @@ class _Conn:
     uid: int
     pidfd: int | None
     deadline: float
-    reader: ipc.FrameReader = field(
-        default_factory=lambda: ipc.FrameReader(max_bytes=MAX_FRAME, max_fds=MAX_FDS))
+    reader: ipc.FrameReader
 
 
 class LocalServer:
@@ -91,6 +104,10 @@ class LocalServer:
         self._conns: dict[socket.socket, _Conn] = {}
         self._made_dirs: list[str] = []
         self._wake_r, self._wake_w = socket.socketpair()
+        self._closer = Closer()
+        self.sessions.closer = self._closer.close_socket
+        self._limiter = RefusalLimiter()
+        self._reported_at = 0.0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="bd-agent-local", daemon=True)
         self.ops = {"register": self._register, "unregister": self._unregister,
@@ -144,6 +161,7 @@ class LocalServer:
         self._wake_r.close()
         self._wake_w.close()
         self._sel.close()
+        self._closer.stop()
 
     def _mkdir(self, path: str) -> None:
         try:
@@ -169,6 +187,10 @@ class LocalServer:
                     if isinstance(key.data, _Conn):
                         self._drop(key.data)
             now = time.monotonic()
+            if now - self._reported_at >= 1.0:
+                self._reported_at = now
+                for node, count in self._limiter.pending():
+                    self._suppressed(node, count)
             for conn in [c for c in self._conns.values() if c.deadline < now]:
                 self._reply(conn, LocalReply(False, error=f"no complete request within "
                                                           f"{CONN_TIMEOUT_S:g} s"))
@@ -180,16 +202,26 @@ class LocalServer:
             sock, _ = listener.accept()
         except OSError:
             return
-        if sum(c.node == node for c in self._conns.values()) >= MAX_CONNS_PER_NODE:
-            sock.close()
-            return
         sock.setblocking(False)
         pid, uid, _ = ipc.peer_credentials(sock)
         try:
             pidfd: int | None = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
         except OSError:  # older kernel: pid reuse during the check goes unnoticed
             pidfd = None
-        conn = _Conn(sock, node, pid, uid, pidfd, time.monotonic() + CONN_TIMEOUT_S)
+        conn = _Conn(sock, node, pid, uid, pidfd, time.monotonic() + CONN_TIMEOUT_S,
+                     ipc.FrameReader(max_bytes=MAX_FRAME, max_fds=MAX_FDS,
+                                     close=self._closer.close))
+        mine = [c for c in self._conns.values() if c.node == node]
+        try:
+            self._check_caller(conn)  # at accept: an outsider holds no connection slot
+            if len(mine) >= MAX_CONNS_PER_NODE:
+                raise RegionRefused(f"node {node} has {len(mine)} connections open, the cap "
+                                    f"is {MAX_CONNS_PER_NODE}: reuse one per process")
+            if sum(c.pid == pid for c in mine) >= MAX_CONNS_PER_PID:
+                raise RegionRefused(f"process {pid} has {MAX_CONNS_PER_PID} connections open, "
+                                    "the cap: reuse one")
+        except RegionRefused as e:
+            return self._fail(conn, str(e), op="connect")
         self._conns[sock] = conn
         self._sel.register(sock, selectors.EVENT_READ, conn)
 
@@ -210,13 +242,15 @@ class LocalServer:
         try:
             reply = self._dispatch(conn, frame.payload, frame.fds)
         finally:
-            frame.close_fds()
+            for fd in frame.fds:  # what the handlers kept, they duplicated
+                self._closer.close(fd)
+            frame.fds = []
         self._reply(conn, reply)
         conn.deadline = math.inf  # idle between requests: a process keeps its connection
 
-    def _fail(self, conn: _Conn, message: str) -> None:
+    def _fail(self, conn: _Conn, message: str, op: str = "?") -> None:
         self._reply(conn, LocalReply(False, error=message))
-        self._refused(conn, "?", "", message)
+        self._refused(conn, op, "", message)
         self._drop(conn)
 
     def _reply(self, conn: _Conn, reply: LocalReply) -> None:
@@ -231,8 +265,8 @@ class LocalServer:
             self._sel.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        conn.sock.close()
         conn.reader.discard()
+        self._closer.close_socket(conn.sock)
         if conn.pidfd is not None:
             os.close(conn.pidfd)
             conn.pidfd = None
@@ -263,12 +297,23 @@ class LocalServer:
         return LocalReply(True, region=region)
 
     def _refused(self, conn: _Conn, op: str, name: str, message: str) -> None:
-        log.warning("node %s: %s of %r by pid %d refused: %s", conn.node, op, name, conn.pid,
-                    message)
-        self.audit.local(node=conn.node, pid=conn.pid, op=op, name=name, ok=False,
-                         error=message)
+        """Count a refusal; log and audit it unless the node is over its refusal rate."""
         self.metrics.registrations.labels(conn.node, op if op in self.ops else "?",
                                           "refused").inc()
+        logged, suppressed = self._limiter.admit(conn.node)
+        if suppressed:
+            self._suppressed(conn.node, suppressed)
+        if not logged:
+            return
+        log.warning("node %s: %s of %r by pid %d refused: %s", conn.node, clip(op, 64),
+                    clip(name), conn.pid, clip(message))
+        self.audit.local(node=conn.node, pid=conn.pid, op=op, name=name, ok=False,
+                         error=message)
+
+    def _suppressed(self, node: str, count: int) -> None:
+        log.warning("%d more refusals from node %s suppressed (over %g per s)", count, node,
+                    self._limiter.rate)
+        self.audit.local_suppressed(node=node, count=count)
 
     def _count_regions(self, node: str) -> None:
         self.metrics.regions.labels(node).set(self.table.usage(node)[0])
@@ -300,6 +345,16 @@ class LocalServer:
         if not seals & fcntl.F_SEAL_SHRINK:
             raise RegionRefused("the memfd is not sealed against shrinking: add F_SEAL_SHRINK "
                                 "(fcntl F_ADD_SEALS) before registering")
+        fs = filesystem(fd)
+        if fs == HUGETLBFS_MAGIC:
+            raise RegionRefused("the memfd is on hugetlbfs (MFD_HUGETLB): register a plain "
+                                "memfd (a hole punched in a huge page region faults its readers)")
+        if fs != TMPFS_MAGIC:
+            raise RegionRefused("the fd is not a memfd (memfd_create with MFD_ALLOW_SEALING)")
+        if req.writable and (seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
+                             or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR):
+            raise RegionRefused(f"region {req.name!r} is registered writable, but the fd is "
+                                "read-only or sealed against writes")
         if not stat.S_ISREG(st.st_mode) or st.st_size <= 0:
             raise RegionRefused("the memfd is empty: size it (ftruncate) before sealing")
         if st.st_size > self.table.max_region_bytes:

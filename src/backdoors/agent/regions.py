@@ -23,9 +23,12 @@ from .pidmap import inner_pid
 
 REGION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 KINDS = ("sensorbox", "region", "cb")
-#: Continuation Boxes are capped by the session count (max_sessions_per_node), not with
-#: the other regions.
+#: Continuation Boxes are counted against the session cap (max_sessions_per_node), not the
+#: region count; their bytes count in max_node_bytes like every other region's.
 SESSION_KIND = "cb"
+#: Only Sensor Boxes are mapped by the agent (their seqlock needs single word loads); every
+#: other region is read with pread, which allocates nothing for a sparse region's holes.
+MAPPED_KINDS = ("sensorbox",)
 
 
 class RegionRefused(AgentError):
@@ -78,11 +81,11 @@ class RegionTable:
         self.observer: Callable[[str, Entry], None] | None = None
 
     def usage(self, node: str) -> tuple[int, int]:
-        """(count, bytes) of the node's registered regions, the agent's own excluded."""
+        """(count, bytes) of the node's registered regions, the agent's own excluded; the
+        count leaves Continuation Boxes out (they have their own cap), the bytes do not."""
         with self._lock:
-            mine = [e for e in self._nodes[node].values()
-                    if not e.internal and e.kind != SESSION_KIND]
-        return len(mine), sum(e.size for e in mine)
+            mine = [e for e in self._nodes[node].values() if not e.internal]
+        return sum(e.kind != SESSION_KIND for e in mine), sum(e.size for e in mine)
 
     def add(self, entry: Entry) -> Entry | None:
         """Insert `entry`; returns the entry it replaced (already retired), if any.
@@ -113,22 +116,24 @@ class RegionTable:
             regions = self._nodes[entry.node]
             if regions.get(entry.name) is not old:
                 raise RegionRefused(f"region {entry.name!r} changed during registration; retry")
+            others = [e for e in regions.values() if not e.internal and e is not old]
             if entry.kind == SESSION_KIND:
-                held = sum(e.kind == SESSION_KIND and e is not old for e in regions.values())
+                held = sum(e.kind == SESSION_KIND for e in others)
                 if held + 1 > self.max_sessions:
                     raise RegionRefused(f"node {entry.node} has {held} Continuation Boxes, the "
                                         f"cap is {self.max_sessions} (max_sessions_per_node)")
             elif not entry.internal:
-                mine = [e for e in regions.values()
-                        if not e.internal and e.kind != SESSION_KIND and e is not old]
-                if len(mine) + 1 > self.max_regions:
-                    raise RegionRefused(f"node {entry.node} has {len(mine)} regions, the cap is "
+                count = sum(e.kind != SESSION_KIND for e in others)
+                if count + 1 > self.max_regions:
+                    raise RegionRefused(f"node {entry.node} has {count} regions, the cap is "
                                         f"{self.max_regions}: unregister some first")
-                total = sum(e.size for e in mine) + entry.size
+            if not entry.internal:
+                total = sum(e.size for e in others) + entry.size
                 if total > self.max_node_bytes:
                     raise RegionRefused(
-                        f"node {entry.node} would hold {total} bytes of regions, the cap is "
-                        f"{self.max_node_bytes}: unregister some or register smaller ones")
+                        f"node {entry.node} would hold {total} bytes of regions and "
+                        f"Continuation Boxes, the cap is {self.max_node_bytes} "
+                        "(max_node_bytes): unregister some or register smaller ones")
             regions[entry.name] = entry
             if old is not None:
                 self._retire(old)
@@ -138,10 +143,12 @@ class RegionTable:
 
     def keep(self, node: str, name: str, kind: str, fd: int, pid: int, *,
              writable: bool = False, check=None) -> Region:
-        """Take on a region held by `fd` for the process `pid`: map it, run `check(region)`
-        (validation), add it. The region is closed again if anything fails."""
+        """Take on a region held by `fd` for the process `pid`: open it (mapped only if a
+        Sensor Box), run `check(region)` (validation), add it. The region is closed again if
+        anything fails."""
         info = read_process(pid)
-        region = Region(fd, writable=writable, label=f"node {node} region {name!r}")
+        region = Region(fd, writable=writable, label=f"node {node} region {name!r}",
+                        map=kind in MAPPED_KINDS)
         try:
             if check is not None:
                 check(region)

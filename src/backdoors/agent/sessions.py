@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,25 +52,32 @@ class SessionTable:
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     #: called as observer("add" | "remove", session) after a change (the fd store)
     observer: Callable[[str, Session], None] | None = field(default=None, compare=False)
+    #: how a held socket is closed: the local server sets its Closer (off its thread)
+    closer: Callable[[socket.socket], None] = field(default=lambda s: _close(s), compare=False)
 
     def __post_init__(self) -> None:
         self._sessions = {n: {} for n in self.nodes}
 
     def hold(self, node: str, name: str, fd: int, pid: int) -> Session:
         """Keep a duplicate of the TCP socket `fd` (the caller keeps its own fd)."""
-        sock = socket.socket(fileno=os.dup(fd))
+        dup = os.dup(fd)
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:  # not a socket
+            os.close(dup)
+            raise SessionRefused("hold_socket takes a TCP socket") from None
         if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-            sock.close()
+            self.closer(sock)
             raise SessionRefused("hold_socket takes a TCP socket")
         try:
             sock.getpeername()
         except OSError:
-            sock.close()
+            self.closer(sock)
             raise SessionRefused("hold_socket takes a connected socket") from None
         with self._lock:
             held = self._sessions[node]
             if name not in held and len(held) >= self.max_per_node:
-                sock.close()
+                self.closer(sock)
                 raise SessionRefused(f"node {node} holds {len(held)} sessions, the cap is "
                                      f"{self.max_per_node}")
             old = held.pop(name, None)
@@ -79,7 +87,7 @@ class SessionTable:
         if self.observer is not None:
             self.observer("add", session)
         if old is not None:
-            old.sock.close()
+            self.closer(old.sock)
         return session
 
     def release(self, node: str, name: str) -> Session | None:
@@ -89,7 +97,7 @@ class SessionTable:
         if session is not None:
             if self.observer is not None:
                 self.observer("remove", session)
-            session.sock.close()
+            self.closer(session.sock)
         return session
 
     def take_all(self, node: str) -> list[Session]:
@@ -123,7 +131,7 @@ class SessionTable:
             if kept:
                 held[session.name] = session
         if not kept:
-            session.sock.close()
+            self.closer(session.sock)
         elif self.observer is not None:
             self.observer("add", session)
 
@@ -144,6 +152,16 @@ class SessionTable:
         with self._lock:
             for held in self._sessions.values():
                 for s in held.values():
-                    s.sock.close()
+                    self.closer(s.sock)
                 held.clear()
             self._adopted.clear()
+
+
+def _close(sock: socket.socket) -> None:
+    """Close a held socket with SO_LINGER cleared: the last close of a lingering socket
+    with unsent data would block this thread for the linger time."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
+    except OSError:
+        pass
+    sock.close()

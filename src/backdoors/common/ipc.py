@@ -18,12 +18,13 @@ import select
 import socket
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 HEADER = 4
+SCM_MAX_FD = 253  # the kernel's limit of descriptors in one SCM_RIGHTS message
 _UCRED = struct.Struct("3i")
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -88,8 +89,10 @@ class FrameReader:
     calls. Frames larger than `max_bytes` or with more than `max_fds` descriptors are
     FrameError (the received descriptors are closed)."""
 
-    def __init__(self, *, max_bytes: int, max_fds: int = 0):
+    def __init__(self, *, max_bytes: int, max_fds: int = 0,
+                 close: Callable[[int], None] = os.close):
         self.max_bytes, self.max_fds = max_bytes, max_fds
+        self.close = close  # how received descriptors are closed when dropped
         self._buf = bytearray()
         self._fds: list[int] = []
         self._size: int | None = None
@@ -106,8 +109,10 @@ class FrameReader:
             want = HEADER - len(self._buf) if self._size is None else self._size - len(self._buf)
             if want:
                 try:
+                    # room for every descriptor one message can carry: those that do not
+                    # fit would be closed by the kernel on this thread
                     data, ancdata, flags, _ = sock.recvmsg(
-                        want, socket.CMSG_SPACE(max(self.max_fds, 1) * 4), socket.MSG_CMSG_CLOEXEC)
+                        want, socket.CMSG_SPACE(SCM_MAX_FD * 4), socket.MSG_CMSG_CLOEXEC)
                 except BlockingIOError:
                     return None
                 self._take_fds(ancdata)
@@ -140,7 +145,7 @@ class FrameReader:
     def discard(self) -> None:
         """Drop a partial frame and close its descriptors."""
         for fd in self._fds:
-            os.close(fd)
+            self.close(fd)
         self._buf, self._fds, self._size = bytearray(), [], None
 
 

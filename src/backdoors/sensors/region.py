@@ -1,13 +1,19 @@
 """A shared-memory region seen from outside its owner, bounds-checked.
 
 The agent and local readers hold a region by its file descriptor (a memfd handed over
-with SCM_RIGHTS, or a file in a tmpfs). A memfd sealed against shrinking is mapped and
-read with plain loads; anything else is read with pread, so that a region truncated by
-a hostile owner gives a short read and an error, never a SIGBUS.
+with SCM_RIGHTS, or a file in a tmpfs). A tmpfs memfd sealed against shrinking is mapped
+(unless `map=False`) and read with plain loads; anything else is read with pread, so that
+a region truncated by a hostile owner gives a short read and an error, never a SIGBUS.
+pread of a hole in a tmpfs file allocates nothing (the kernel copies its zero page), while
+touching the same hole through a mapping allocates a page, charged to the reader: a reader
+that must not pay for a sparse region's size (the agent, for Continuation Boxes) uses
+`map=False`. A hugetlbfs memfd is never mapped: a hole punched in it SIGBUSes a reader
+when the huge page pool is empty.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -21,7 +27,8 @@ class Region:
     The Region owns a duplicate of `fd` and closes it in `close()`.
     """
 
-    def __init__(self, fd: int, *, writable: bool = False, label: str = "region"):
+    def __init__(self, fd: int, *, writable: bool = False, label: str = "region",
+                 map: bool = True):  # noqa: A002 - the plain word
         self.label = label
         self.writable = writable
         self.fd = os.dup(fd)
@@ -29,7 +36,8 @@ class Region:
         self.words: memoryview | None = None
         try:
             self.size = os.fstat(self.fd).st_size
-            if _sealed_against_shrink(self.fd) and self.size > 0:
+            if (map and self.size > 0 and _sealed_against_shrink(self.fd)
+                    and filesystem(self.fd) == TMPFS_MAGIC):
                 prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
                 self._mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
                 if self.size % 8 == 0:
@@ -100,7 +108,12 @@ class Region:
         self._check(offset, len(data))
         if self._mm is not None:
             self._mm[offset:offset + len(data)] = data
-        elif os.pwrite(self.fd, data, offset) != len(data):
+            return
+        try:
+            written = os.pwrite(self.fd, data, offset)
+        except OSError as e:
+            raise SensorBoxError(f"{self.label}: cannot write at {offset}: {e.strerror}") from None
+        if written != len(data):
             raise SensorBoxError(f"{self.label}: short write at {offset}")
 
     def close(self) -> None:
@@ -118,6 +131,22 @@ class Region:
 
     def __exit__(self, *exc):
         self.close()
+
+
+TMPFS_MAGIC = 0x01021994
+HUGETLBFS_MAGIC = 0x958458F6
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def filesystem(fd: int) -> int:
+    """The magic number of the filesystem holding `fd` (fstatfs f_type; TMPFS_MAGIC for a
+    plain memfd, HUGETLBFS_MAGIC for an MFD_HUGETLB one)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def _sealed_against_shrink(fd: int) -> bool:

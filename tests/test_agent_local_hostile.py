@@ -1,0 +1,239 @@
+"""Hostile nodes at the registration socket: none of them costs the agent memory, stalls it
+for other nodes, crowds other callers out, or floods its logs (issue 10, findings 6-8, 10)."""
+
+import json
+import logging
+import os
+import socket
+
+import pytest
+from test_agent_support import APP, REGISTER, agent_lab, prefix, read_line, wait_for
+
+__all__ = ["agent_lab", "prefix"]
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+
+# Registers argv[1] sparse Continuation Boxes of 16 MiB each; prints, per box, the reply
+# (or error) and the bytes the kernel allocated to its memfd after the registration.
+SPARSE_CBS = """
+import json, os, sys
+from backdoors.continuations.region import CbRegion
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
+out = []
+for i in range(int(sys.argv[1])):
+    cb = CbRegion.create(os.urandom(16), state_capacity=4 << 20, log_capacity=(8 << 20) - 256)
+    try:
+        r = {"ok": register_region(cb.fd, "cb-" + bytes(cb.mm[16:32]).hex(), kind="cb")}
+    except RegistrationError as e:
+        r = {"error": str(e)}
+    r["allocated"] = os.fstat(cb.fd).st_blocks * 512
+    out.append(r)
+print(json.dumps(out), flush=True)
+import time; time.sleep(60)
+"""
+
+
+def test_sparse_continuation_boxes_cost_the_agent_nothing_and_count_in_node_bytes(agent_lab):
+    lab = agent_lab(max_node_bytes=64 * MiB)  # max_region_bytes 16 MiB
+    results = json.loads(read_line(lab.run("n0", SPARSE_CBS, "6"), 30))
+    # Validation read the boxes without allocating their pages (pread of a hole) ...
+    assert all(r["allocated"] < MiB for r in results), [r["allocated"] for r in results]
+    # ... and their bytes count against max_node_bytes: 4 x 16 MiB fit, the 5th does not.
+    assert ["ok" in r for r in results] == [True] * 4 + [False] * 2
+    assert "would hold" in results[4]["error"] and str(64 * MiB) in results[4]["error"]
+
+
+# A hugetlb memfd passes the seal checks; the agent must refuse it (a hole punched in it
+# could SIGBUS the agent's mapping).
+HUGETLB = """
+import fcntl, json, os
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
+fd = os.memfd_create("huge", os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+os.ftruncate(fd, 2 << 20)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+try:
+    print(json.dumps({"ok": register_region(fd, "huge")}), flush=True)
+except RegistrationError as e:
+    print(json.dumps({"error": str(e)}), flush=True)
+"""
+
+
+@pytest.fixture
+def huge_pages():
+    """Two huge pages in the pool for the test (the previous count restored after)."""
+    path = "/proc/sys/vm/nr_hugepages"
+    with open(path) as f:
+        before = f.read().strip()
+    with open(path, "w") as f:
+        f.write(str(int(before) + 2))
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(before)
+
+
+def test_a_hugetlb_memfd_is_refused(agent_lab, huge_pages):
+    lab = agent_lab()
+    result = json.loads(read_line(lab.run("n0", HUGETLB)))
+    assert "hugetlbfs" in result.get("error", ""), result
+    assert [r.name for r in lab.client().regions("n0")] == ["kernel"]
+
+
+# A write-sealed memfd registered writable: the agent maps only Sensor Boxes, so the
+# mapping no longer refuses it; the registration must.
+WRITE_SEALED = """
+import fcntl, json, os
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
+fd = os.memfd_create("ro", os.MFD_ALLOW_SEALING)
+os.ftruncate(fd, 4096)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
+ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+out = []
+for f in (fd, ro):
+    try:
+        out.append({"ok": register_region(f, "mbox", writable=True)})
+    except RegistrationError as e:
+        out.append({"error": str(e)})
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_region_registered_writable_must_be_writable(agent_lab):
+    lab = agent_lab()
+    results = json.loads(read_line(lab.run("n0", WRITE_SEALED)))
+    assert all("read-only or sealed against writes" in r.get("error", "") for r in results)
+
+
+# A TCP socket whose close would linger: a full send queue towards a listener that never
+# accepts, SO_LINGER 600 s. argv[1] "refused": sent where a memfd is expected; "release":
+# held as a session socket, then released. The node's own copy is closed first, so the
+# agent's close is the last one. Prints the reply, then waits (the listener stays open).
+LINGERING = """
+import json, os, socket, struct, sys
+from backdoors.common import ipc
+from backdoors.common.runtime import AGENT_SOCKET_ENV
+lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+lst.bind(("127.0.0.1", 0)); lst.listen(1)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+s.connect(lst.getsockname()); s.setblocking(False)
+try:
+    while True:
+        s.send(bytes(65536))
+except BlockingIOError:
+    pass
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 600))
+agent = ipc.connect(os.environ[AGENT_SOCKET_ENV], timeout=5)
+op = "register" if sys.argv[1] == "refused" else "hold_socket"
+ipc.send(agent, {"op": op, "kind": "region", "name": "linger"}, [s.fileno()])
+s.close()
+replies = [ipc.recv(agent, max_bytes=65536).payload]
+if sys.argv[1] == "release":
+    ipc.send(agent, {"op": "release", "name": "linger"})
+    replies.append(ipc.recv(agent, max_bytes=65536).payload)
+print(json.dumps([r.decode("latin-1") for r in replies]), flush=True)
+import time; time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("path", ["refused", "release"])
+def test_a_lingering_socket_does_not_stall_registration_for_others(agent_lab, path):
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    proc = lab.run("n0", LINGERING, path)
+    _, reply = lab.start_app("n1", "early")  # the agent serves, and the scene is set
+    replies = json.loads(read_line(proc))
+    assert ("not a memfd" in replies[0]) if path == "refused" else ("linger" in replies[1])
+    # The agent's close of that socket would block for 600 s; another node is served now.
+    _, reply = lab.start_app("n1", "svc")
+    assert reply["box"]["name"] == "svc"
+
+
+def test_outsiders_cannot_crowd_out_a_node(agent_lab):
+    lab = agent_lab()
+    hoard = []
+    try:
+        for _ in range(80):  # a host process, not in the node: refused at accept
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(lab.socket_path("n0"))
+            hoard.append(s)
+        reply = hoard[0].recv(65536)
+        assert b"is not inside node n0" in reply
+        _, reply = lab.start_app("n0", "svc")
+        assert reply["box"]["name"] == "svc"
+    finally:
+        for s in hoard:
+            s.close()
+
+
+# One process of the node opens argv[1] connections and keeps them.
+HOARDER = """
+import json, os, socket, sys, time
+from backdoors.common.runtime import AGENT_SOCKET_ENV
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(os.environ[AGENT_SOCKET_ENV])
+    socks.append(s)
+time.sleep(0.5)
+refused = 0
+for s in socks:
+    s.setblocking(False)
+    try:
+        refused += bool(s.recv(65536))
+    except BlockingIOError:
+        pass
+print(json.dumps({"refused": refused}), flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_process_cannot_take_all_of_its_nodes_connections(agent_lab):
+    lab = agent_lab()
+    hoarder = json.loads(read_line(lab.run("n0", HOARDER, "70")))
+    assert hoarder["refused"] >= 70 - 8
+    _, reply = lab.start_app("n0", "svc")  # another process of the node still gets in
+    assert reply["box"]["name"] == "svc"
+
+
+# Sends argv[1] registrations with a 60,000-character name on one connection.
+LONG_NAMES = """
+import json, os, sys
+from backdoors.common import ipc
+from backdoors.common.runtime import AGENT_SOCKET_ENV
+sock = ipc.connect(os.environ[AGENT_SOCKET_ENV], timeout=5)
+errors = []
+for _ in range(int(sys.argv[1])):
+    ipc.send(sock, {"op": "unregister", "name": "x" * 60000})
+    errors.append(ipc.recv(sock, max_bytes=1 << 20).payload)
+print(json.dumps({"longest": max(map(len, errors))}), flush=True)
+"""
+
+
+def test_refusals_are_truncated_and_rate_limited_in_logs(agent_lab, caplog):
+    lab = agent_lab()
+    size = os.path.getsize(lab.config.audit_log)
+    with caplog.at_level(logging.WARNING, logger="backdoors.agent"):
+        result = json.loads(read_line(lab.run("n0", LONG_NAMES, "200"), 30))
+        _, reply = lab.start_app("n0", "svc")
+    assert result["longest"] < 1000  # the reply does not echo the name either
+    assert reply["box"]["name"] == "svc"
+
+    def new_lines():
+        with open(lab.config.audit_log) as f:
+            f.seek(size)
+            return f.read().splitlines()
+
+    wait_for(lambda: any("local_suppressed" in x for x in new_lines()), timeout=10)
+    lines = new_lines()
+    local = [json.loads(x) for x in lines if '"local' in x]
+    assert sum(map(len, lines)) < 64 << 10, sum(map(len, lines))
+    assert max(map(len, lines)) < 2000
+    assert any(a.get("kind") == "local_suppressed" and a["node"] == "n0" for a in local)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "backdoors.agent"]
+    assert sum(map(len, warnings)) < 64 << 10
+    assert any("more refusals from node n0 suppressed" in w for w in warnings)
