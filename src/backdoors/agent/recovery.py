@@ -243,6 +243,13 @@ class Recovery:
             raise OpError("failed", f"node {rt.name}: {len(moving)} sessions dumped but the "
                                     f"agent at {a.to} did not adopt them ({e}); they are kept "
                                     "for another evacuate") from None
+        refused = {name for r in replies for name in r.failed}
+        if kept := [m for m in moving if m.name in refused]:
+            # The target did not start these (it closed its copies silently): this agent's
+            # dump is their only state. Kept for another evacuate, not dropped.
+            self.limbo[rt.name] = kept
+            for m in kept:
+                failed[m.name] += " (kept here for another evacuate)"
         return EvacuateReply(len(moving) + dump_failures, sum(r.handed for r in replies),
                              failed, _ms(t0, t1), _ms(t1), replies)
 
