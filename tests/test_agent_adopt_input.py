@@ -190,3 +190,22 @@ def test_fuzz_adopt_and_stage_arguments(peer_lab):
 
     one()
     assert c.call("sessions", node="n0") == []  # still serving
+
+
+def test_the_agent_hands_sessions_only_to_a_listener_inside_the_node(agent_lab):
+    """Issue 10, finding 11 (agent side): the adoption socket's listener must be a process
+    of the target node in every hierarchy; one outside (here: the test itself, any host
+    process that bound or symlinked the path) is refused with the reason."""
+    from backdoors.agent.membership import outsider
+    lab = agent_lab()
+    node = lab.nodes["n0"]
+    inside = node.run(["sleep", "60"])
+    lab.procs.append(inside)
+    try:
+        assert outsider(node, inside.pid) is None
+        assert "is not inside node n0" in outsider(node, os.getpid())
+        assert "not visible" in outsider(node, 0)  # SO_PEERCRED of a peer in another pidns
+    finally:
+        inside.kill()
+    inside.wait(5)
+    assert "exited" in outsider(node, inside.pid)

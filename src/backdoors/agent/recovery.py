@@ -42,6 +42,7 @@ from .ops import Call, NodeArgs, Op, OpError
 from .protocol import (
     AdoptReply, EvacuateReply, FenceReply, MovedSession, SessionInfo, StageReply, UnlockReply,
 )
+from .membership import outsider
 from .regions import REGION_NAME, SESSION_KIND
 from .served import NodeRuntime
 
@@ -451,6 +452,13 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
     accepted: list[Started] = []
     with client:
         server = client.server_pid
+        if (why := outsider(call.node.node, server)) is not None:
+            for item in started:
+                failed[item.moved.name] = f"hand-over refused at {path}: {why}"
+                close_silently(item.sock)
+                os.close(item.cb_fd)
+            log.warning("node %s: not handing sessions to %s: %s", node, path, why)
+            return 0
         for start in range(0, len(started), HANDOVER_BATCH):
             batch = started[start:start + HANDOVER_BATCH]
             for item in batch:
