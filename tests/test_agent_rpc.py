@@ -328,3 +328,48 @@ def test_the_listener_can_live_in_a_private_netns(agent_lab, unique):
     finally:
         netns.remove(name)
 
+
+
+RENAMED_HOG = """
+import ctypes, sys, time
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME: any comm it likes
+hog = [bytearray(1 << 20) for _ in range(32)]
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_hog_naming_itself_after_a_protected_process_is_killed(agent_lab):
+    """Issue 10, finding 12: protection is by the executable (an installed, root-owned
+    file of that name, or a `protected_exes` path), not by the comm a process sets."""
+    import sys
+
+    from backdoors.monitor.diagnosis import MemoryHogDiagnosis, memory_hog
+    lab = agent_lab(node_n0={"protected_comms": ["sshd", "sleep"]})
+    hog = lab.run("n0", RENAMED_HOG, "sshd")
+    assert read_line(hog).strip() == "ready"
+    sleeper = lab.nodes["n0"].run(["sleep", "60"])
+    lab.procs.append(sleeper)
+    c = lab.client()
+    wait_for(lambda: {r.comm for r in c.processes("n0").rows} == {"sshd", "sleep"},
+             what="both processes")
+    rows = {r.pid: r for r in c.processes("n0").rows}
+    assert rows[hog.pid].comm == "sshd" and rows[hog.pid].exe == os.path.basename(
+        os.path.realpath(sys.executable))
+    assert rows[sleeper.pid].exe == "sleep"
+    # the monitor's diagnosis does not spare it for its comm either
+    cfg = MemoryHogDiagnosis(min_rate_mb_s=0.0, protect_comms=["sshd"])
+    hogrow = rows[hog.pid]
+    assert [t.pid for t in memory_hog(cfg, [msgspec_replace(hogrow, rss_rate=50 << 20)])
+            .culprits] == [hog.pid]
+    c.kill("n0", hog.pid)
+    hog.wait(5)
+    with pytest.raises(RemoteError, match=r"\(sleep\) of node n0 is protected"):
+        c.kill("n0", sleeper.pid)
+    assert alive(sleeper.pid)
+    sleeper.kill()
+
+
+def msgspec_replace(row, **changes):
+    import msgspec
+    return msgspec.structs.replace(row, **changes)

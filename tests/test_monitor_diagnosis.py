@@ -20,9 +20,10 @@ MiB = 1 << 20
 
 
 def row(pid, ppid=1, comm="p", *, rss_mb=10, rate_mb=0.0, age=100.0, state="S",
-        registered=False, cpu=1.0, threads=1):
+        registered=False, cpu=1.0, threads=1, exe=None):
+    """`exe`: the installed executable the agent vouches for; by default named as `comm`."""
     return ProcessRow(pid, ppid, comm, state, int(rss_mb * MiB), 1000.0 - age, cpu, threads,
-                      age, rate_mb * MiB, registered)
+                      age, rate_mb * MiB, registered, comm if exe is None else exe)
 
 
 # ---- memory hog ---------------------------------------------------------------------------
@@ -47,6 +48,19 @@ def test_memory_hog_never_picks_a_registered_service_or_a_protected_comm():
              row(12, comm="leak", rss_mb=30, rate_mb=5)]
     f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(protect_comms=["ssh*"]), table)
     assert [c.pid for c in f.culprits] == [12]
+
+
+def test_a_process_calling_itself_sshd_is_not_protected():
+    """protect_comms matches the executable the agent vouches for, not the comm a
+    process sets itself (issue 10, finding 12)."""
+    table = [row(11, comm="sshd", rss_mb=20, rate_mb=30, exe="python3"),
+             row(12, comm="sshd", rss_mb=30, rate_mb=50, exe=""),  # a file the node wrote
+             row(13, comm="x", rss_mb=30, rate_mb=90, exe="sshd")]  # the real one, renamed
+    cfg = diagnosis.MemoryHogDiagnosis(protect_comms=["sshd"])
+    assert [c.pid for c in diagnosis.memory_hog(cfg, table).culprits] == [12]
+    lineage, _ = diagnosis.bomb_lineage([row(20, comm="sshd", age=0.1, state="R", exe="sh")],
+                                        1.0, ["sshd"])
+    assert [p.pid for p in lineage] == [20]
 
 
 def test_memory_hog_without_growth_names_no_culprit():

@@ -92,15 +92,52 @@ def test_decode_of_something_else_raises(blob):
 @pytest.mark.parametrize(
     "changes, problem",
     [
-        ({"unsent": 5000}, "unsent 5000 outside send queue of 1024"),
-        ({"snd_seq": 1 << 32}, "snd_seq 4294967296 is not a u32"),
-        ({"remote_port": 0}, "remote_port 0 is not a port"),
-        ({"family": socket.AF_UNIX}, "neither AF_INET nor AF_INET6"),
-        ({"options": TcpOptions(mss=0)}, "mss 0 out of range"),
+        ({"unsent": 5000}, "invalid TcpState for 10.0.0.5:80 <-> .*: "
+                           + re.escape("unsent 5000 outside send queue of 1024")),
+        ({"snd_seq": 1 << 32}, re.escape("<= 4294967295 - at `$.snd_seq`")),
+        ({"remote_port": 0}, re.escape(">= 1 - at `$.remote_port`")),
+        ({"family": socket.AF_UNIX}, re.escape("at `$.family`")),
+        ({"options": TcpOptions(mss=0)}, re.escape(">= 1 - at `$.options.mss`")),
+        ({"local_addr": "10.0.0.300"}, "local_addr '10.0.0.300' is not an IP address"),
     ],
 )
 def test_decode_refuses_impossible_states(changes, problem):
     blob = make_state(**changes).encode()
-    expected = f"invalid TcpState for 10.0.0.5:80 <-> .*: .*{re.escape(problem)}"
-    with pytest.raises(TcpRepairError, match=expected):
+    with pytest.raises(TcpRepairError, match=problem):
         TcpState.decode(blob)
+
+
+# -- hostile input (issue 10, finding 13): every integer checked, the field named ---------
+
+_HOSTILE = [
+    ({"window": {"snd_wl1": 2**32}}, "window.snd_wl1"),
+    ({"window": {"rcv_wnd": -1}}, "window.rcv_wnd"),
+    ({"window": {"max_window": 2**63}}, "window.max_window"),
+    ({"options": {"mss": 0}}, "options.mss"),
+    ({"options": {"snd_wscale": 15}}, "options.snd_wscale"),
+    ({"options": {"rcv_wscale": -1}}, "options.rcv_wscale"),
+    ({"local_port": 70000}, "local_port"),
+    ({"remote_port": 0}, "remote_port"),
+    ({"snd_seq": 2**32}, "snd_seq"),
+    ({"timestamp": -5}, "timestamp"),
+    ({"family": 99}, "family"),
+    ({"handed": -1}, "handed"),
+    ({"read": -2}, "read"),
+    ({"unsent": -1}, "unsent"),
+    ({"local_addr": "not-an-address"}, "local_addr"),
+    ({"remote_addr": "1" * 500}, "remote_addr"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), _HOSTILE, ids=[f for _, f in _HOSTILE])
+def test_decode_refuses_out_of_range_fields_naming_them(change, field):
+    """A hostile peer's TcpState fails at decode with TcpRepairError naming the field,
+    never later as a struct.error inside restore (which leaked the restored sockets)."""
+    raw = msgspec.msgpack.decode(make_state().encode())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    with pytest.raises(TcpRepairError, match=re.escape(field)):
+        TcpState.decode(msgspec.msgpack.encode(raw))

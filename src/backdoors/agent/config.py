@@ -37,7 +37,12 @@ class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     netns: Annotated[str | None, doc(
         "its network namespace (must exist); unset: the host's")] = None
     protected_comms: Annotated[list[str], doc(
-        "process names kill and kill_tree refuse to touch")] = []
+        "executable names kill and kill_tree refuse to touch: a process is protected when "
+        "it runs an installed (root-owned, not group/other-writable) file of that name; its "
+        "comm, which it sets itself, does not count")] = []
+    protected_exes: Annotated[list[str], doc(
+        "executable paths kill and kill_tree refuse to touch (the same file, by device and "
+        "inode, whatever the process calls itself)")] = []
     freezer: Annotated[str, doc(
         'node lock: "auto", "v1" (freezer.state) or "v2" (cgroup.freeze)')] = "auto"
     interface: Annotated[str, doc(

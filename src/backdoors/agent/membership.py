@@ -45,3 +45,33 @@ def is_member(layout: Layout, cgroups: dict[str, str], relpath: str) -> bool:
         if path is None or not (path == top or path.startswith(top + "/")):
             return False
     return True
+
+
+def outsider(node, pid: int) -> str | None:
+    """Why process `pid` (as this agent's PID namespace sees it) is not inside `node` (a
+    nodes.Node), or None if it is: before the agent hands a node's sessions to whatever
+    listens at the node's adoption socket, the listener must be one of the node's own
+    processes in every hierarchy (a socket path is a name anyone able to write it, or to
+    place a symlink there, can answer at). The pid is checked again after reading its
+    cgroups, via a pidfd, so a recycled pid is noticed."""
+    import os
+    import select
+    if pid <= 0:
+        return f"the listener's pid is not visible to the agent (pid {pid})"
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return f"the listener (pid {pid}) has exited"
+    try:
+        cgroups = read_cgroups(pid)
+        if select.select([pidfd], [], [], 0)[0]:
+            return f"the listener (pid {pid}) exited during the check"
+    except OSError:
+        return f"the listener (pid {pid}) has exited"
+    finally:
+        os.close(pidfd)
+    if not is_member(node.cgroup.layout, cgroups, node.cgroup.relpath):
+        where = cgroups.get(UNIFIED) or cgroups.get("freezer") or "?"
+        return (f"the listener (pid {pid}) is not inside node {node.name} (cgroup {where!r}, "
+                f"not {'/' + node.cgroup.relpath!r})")
+    return None

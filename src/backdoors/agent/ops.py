@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ..common.procs import same_start
+from ..common.procs import installed_exe, same_start
 from ..errors import SensorBoxError
 from ..nodes import KEEP, process_table, read_process, subtree
 from ..sensors import read_consistent
@@ -229,7 +229,8 @@ def processes(call: Call) -> ProcessTable:
     rows = [
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
-                   same_start(registrants.get(p.pid, -1.0), p.start_time))
+                   same_start(registrants.get(p.pid, -1.0), p.start_time),
+                   (installed_exe(p.pid) or ("",))[0])
         for p in table
     ]
     return ProcessTable(rows, len(pids), len(pids) > cap)
@@ -263,14 +264,26 @@ def unlock(call: Call):
 
 
 def _refuse_protected(call: Call, pids: set[int]) -> None:
-    protected = set(call.node.spec.protected_comms)
-    if not protected:
+    """Refuse when a process runs a protected executable: an installed one named in
+    `protected_comms`, or one of `protected_exes`. Never by comm, which a process sets
+    itself (a hog calling itself sshd stays killable)."""
+    spec = call.node.spec
+    names = set(spec.protected_comms)
+    files = set()
+    for path in spec.protected_exes:
+        try:
+            st = os.stat(path)
+            files.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    if not (names or files):
         return
     for pid in sorted(pids):
-        info = read_process(pid)
-        if info is not None and info.comm in protected:
-            raise OpError("failed", f"process {pid} ({info.comm}) of node {call.node.name} is "
-                                    "protected (protected_comms): refused")
+        exe = installed_exe(pid)
+        if exe is not None and (exe[0] in names or exe[1] in files):
+            raise OpError("failed", f"process {pid} ({exe[0] or 'a protected_exes file'}) of "
+                                    f"node {call.node.name} is protected (protected_comms / "
+                                    "protected_exes): refused")
 
 
 def _check_pid(pid: int) -> None:
@@ -288,7 +301,7 @@ def kill(call: Call) -> KillReply:
 def kill_tree(call: Call) -> KillTreeReply:
     rt, pid = call.node, call.args.pid
     _check_pid(pid)
-    if call.node.spec.protected_comms:
+    if call.node.spec.protected_comms or call.node.spec.protected_exes:
         _refuse_protected(call, subtree(rt.node.processes(), pid))
     return KillTreeReply(rt.node.kill_tree(pid, call.agent.inner_timeout))
 

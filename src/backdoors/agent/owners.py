@@ -34,6 +34,7 @@ from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..errors import BackdoorsError
 from ..tcprepair import repair
+from .membership import outsider
 from .ops import Call, Op, OpError
 from .sessions import Session, SessionTable
 
@@ -259,6 +260,10 @@ class OwnerWatch:
             answered = True
             with client:
                 server_pid = client.server_pid
+                if (why := outsider(call.node.node, server_pid)) is not None:
+                    for s in sessions:  # still held here: a real server may come
+                        failed[s.name] = f"not handed to {path}: {why}"
+                    continue
                 handed += self._hand(call, client, server_pid, sessions, failed)
         if self.closed is not None and handed:
             self.closed.labels(node, "adopted").inc(handed)

@@ -168,6 +168,7 @@ class ProcessRow(ProcessInfo, frozen=True):
     age_s: float
     rss_rate: float
     registered: bool
+    exe: str = ""  # the installed executable's name (procs.installed_exe), never the comm
 
 
 class ProcessTable(msgspec.Struct):

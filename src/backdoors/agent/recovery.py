@@ -10,8 +10,12 @@ sockets inside the node's namespace, announces the addresses (gratuitous ARP) an
 each session (socket + CB) to the recovery server listening on the node's adoption socket.
 
 `Recovery` holds these ops and what they keep between requests: sessions dumped but not
-adopted (the target failed) stay in limbo, in memory, and go with the next `evacuate` of
-the same node.
+adopted (the target failed, or answered something unreadable) stay in limbo, in memory,
+and go with the next `evacuate` of the same node; whatever goes wrong after the dump, they
+are kept there, never dropped. What a peer sends is hostile input until checked: session
+states are range-checked at decode (TcpState), Continuation Boxes are inflated with a
+bound, and what waits for a later request (staged pieces, sessions restored for a final
+batch) expires after `PENDING_TTL_S` (freed, counted in `expired`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -37,7 +42,8 @@ from .ops import Call, NodeArgs, Op, OpError
 from .protocol import (
     AdoptReply, EvacuateReply, FenceReply, MovedSession, SessionInfo, StageReply, UnlockReply,
 )
-from .regions import SESSION_KIND
+from .membership import outsider
+from .regions import REGION_NAME, SESSION_KIND
 from .served import NodeRuntime
 
 log = logging.getLogger("backdoors.agent")
@@ -47,6 +53,8 @@ LONG_OP_S = 30.0
 STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)
 STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
 HANDOVER_BATCH = 64  # sessions per round of hand-overs (verdicts queue up meanwhile)
+ADOPT_MAX_BYTES = 512 << 20  # inflated Continuation Boxes an agent holds for adopts at most
+PENDING_TTL_S = 4 * LONG_OP_S  # staged pieces and sessions awaiting a final batch, at most
 
 
 class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -72,11 +80,18 @@ class AdoptArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 @dataclass
 class Restoring:
-    """A session restored in a node, its socket still in repair mode (inert)."""
+    """A session restored in a node, its socket still in repair mode (inert), with a memfd
+    copy of its (inflated, checked) Continuation Box."""
 
     moved: MovedSession
     state: TcpState
     handle: Repair
+    cb_fd: int
+    cb_bytes: int
+
+    def close(self) -> None:
+        self.handle.close()
+        os.close(self.cb_fd)
 
 
 @dataclass
@@ -98,13 +113,19 @@ class Recovery:
     """
 
     def __init__(self, run_dir: str, *, peers: Iterable[str] = (), peer_id: str | None = None,
-                 peer_key: bytes | None = None, netns: str | None = None):
+                 peer_key: bytes | None = None, netns: str | None = None,
+                 ttl_s: float = PENDING_TTL_S, clock=time.monotonic):
         self.run_dir, self.peers, self.netns = run_dir, frozenset(peers), netns
         self.peer_id, self.peer_key = peer_id, peer_key
+        self.ttl_s, self.clock = ttl_s, clock
         self.limbo: dict[str, list[MovedSession]] = {}  # node -> dumped, not yet adopted
         self.adopting: dict[str, list[Restoring]] = {}  # node -> awaiting the final batch
         self.staged: dict[tuple[str, str], bytearray] = {}  # (node, session) -> state in pieces
+        # when each staged entry / each node's adopting list expires (renewed by its requests)
+        self.expires: dict[tuple[str, str] | str, float] = {}
+        self.expired = {"staged": 0, "adopting": 0}  # entries freed unused, since the start
         self.adopted_addresses: dict[str, set[str]] = {}  # node -> service addresses taken over
+        self._lock = threading.Lock()  # stage runs inline, adopt on a worker thread
 
     def ops(self) -> tuple[Op, ...]:
         return (
@@ -118,15 +139,43 @@ class Recovery:
 
     def close(self) -> None:
         """Drop what waits for a final adopt batch (at agent stop); sends nothing."""
-        for pending in self.adopting.values():
-            for item in pending:
-                item.handle.close()
-        self.adopting.clear()
-        self.staged.clear()
+        with self._lock:
+            for pending in self.adopting.values():
+                for item in pending:
+                    item.close()
+            self.adopting.clear()
+            self.staged.clear()
+            self.expires.clear()
+
+    def expire(self) -> int:
+        """Free staged pieces and restored sessions whose adopt never came (a peer that
+        died or misbehaves between requests): they would hold memory and sockets forever.
+        Called at every recovery op; returns how many entries were freed."""
+        now, freed = self.clock(), 0
+        with self._lock:
+            for key in [k for k, t in self.expires.items() if t <= now]:
+                del self.expires[key]
+                if isinstance(key, tuple):
+                    if self.staged.pop(key, None) is not None:
+                        self.expired["staged"] += 1
+                        freed += 1
+                        log.warning("node %s: staged state of %s expired unused", *key)
+                else:
+                    for item in self.adopting.pop(key, []):
+                        item.close()
+                        self.expired["adopting"] += 1
+                        freed += 1
+                        log.warning("node %s: restored session %s expired without its final "
+                                    "adopt batch", key, item.moved.name)
+        return freed
+
+    def _adopting_bytes(self) -> int:
+        return sum(r.cb_bytes for pending in self.adopting.values() for r in pending)
 
     # -- ops ---------------------------------------------------------------------------
 
     def sessions(self, call: Call) -> list[SessionInfo]:
+        self.expire()
         return [SessionInfo(s.name, s.describe(), s.pid, s.since is not None)
                 for s in call.agent.sessions.list(call.node.name)]
 
@@ -167,9 +216,47 @@ class Recovery:
                                     "its sessions cannot change while they move")
         if not self.peer_id:
             raise OpError("failed", "this agent has no peer_id: it cannot talk to other agents")
+        self.expire()
         t0 = time.monotonic()
         moving = self.limbo.pop(rt.name, [])
         failed: dict[str, str] = {}
+        try:
+            self._dump_all(call, moving, failed)
+        except BaseException:
+            self.limbo[rt.name] = moving  # what was dumped so far is not lost
+            raise
+        dump_failures = len(failed)
+        t1 = time.monotonic()
+        replies: list[AdoptReply] = []
+        try:
+            with self._peer_client(a.to) as peer:
+                sent = [_stage(peer, a.to_node, m) for m in moving]
+                batches = list(_batches(sent)) or [[]]
+                for i, batch in enumerate(batches):
+                    reply = peer.adopt(a.to_node, self._service_addresses(rt), batch,
+                                       final=i == len(batches) - 1)
+                    replies.append(reply)
+                    failed.update(reply.failed)
+        except Exception as e:  # noqa: BLE001 - whatever the peer did, nothing is dropped
+            # Kept whole (not the staged stubs): the next evacuate may go to another agent.
+            self.limbo[rt.name] = moving
+            log.warning("node %s: %d sessions kept in limbo: %s", rt.name, len(moving), e)
+            raise OpError("failed", f"node {rt.name}: {len(moving)} sessions dumped but the "
+                                    f"agent at {a.to} did not adopt them ({e}); they are kept "
+                                    "for another evacuate") from None
+        refused = {name for r in replies for name in r.failed}
+        if kept := [m for m in moving if m.name in refused]:
+            # The target did not start these (it closed its copies silently): this agent's
+            # dump is their only state. Kept for another evacuate, not dropped.
+            self.limbo[rt.name] = kept
+            for m in kept:
+                failed[m.name] += " (kept here for another evacuate)"
+        return EvacuateReply(len(moving) + dump_failures, sum(r.handed for r in replies),
+                             failed, _ms(t0, t1), _ms(t1), replies)
+
+    def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str]) -> None:
+        """Dump every held session of the node into `moving` (its socket closed silently)."""
+        rt, agent = call.node, call.agent
         for s in agent.sessions.take_all(rt.name):
             try:
                 with repair(s.sock) as handle:
@@ -185,25 +272,6 @@ class Recovery:
                 agent.regions.remove(rt.name, s.name)
             except KeyError:
                 pass
-        dump_failures = len(failed)
-        t1 = time.monotonic()
-        replies: list[AdoptReply] = []
-        try:
-            with self._peer_client(a.to) as peer:
-                moving = [_stage(peer, a.to_node, m) for m in moving]
-                batches = list(_batches(moving)) or [[]]
-                for i, batch in enumerate(batches):
-                    reply = peer.adopt(a.to_node, self._service_addresses(rt), batch,
-                                       final=i == len(batches) - 1)
-                    replies.append(reply)
-                    failed.update(reply.failed)
-        except BackdoorsError as e:
-            self.limbo[rt.name] = moving  # kept for the next evacuate of this node
-            raise OpError("failed", f"node {rt.name}: {len(moving)} sessions dumped but the "
-                                    f"agent at {a.to} did not adopt them ({e}); they are kept "
-                                    "for another evacuate") from None
-        return EvacuateReply(len(moving) + dump_failures, sum(r.handed for r in replies),
-                             failed, _ms(t0, t1), _ms(t1), replies)
 
     def stage(self, call: Call) -> StageReply:
         """A piece of a large session state, sent ahead of the adopt that uses it (a
@@ -211,18 +279,23 @@ class Recovery:
         a = call.args
         if not call.monitors <= self.peers:
             raise OpError("auth", "stage is for the agents listed in peers")
+        _check_name(a.name)
+        self.expire()
         key = (call.node.name, a.name)
-        buf = self.staged.get(key)
-        if buf is None:
-            held = sum(len(b) for b in self.staged.values())
-            if not 0 < a.total <= STAGE_MAX_BYTES - held:
-                raise OpError("out_of_bounds", f"staging {a.total} bytes would exceed "
-                                               f"{STAGE_MAX_BYTES} (holding {held})")
-            buf = self.staged[key] = bytearray(a.total)
-        if len(buf) != a.total or a.offset < 0 or a.offset + len(a.data) > a.total:
-            raise OpError("out_of_bounds", f"piece [{a.offset}, {a.offset + len(a.data)}) does "
-                                           f"not fit the {a.total} bytes staged for {a.name!r}")
-        buf[a.offset:a.offset + len(a.data)] = a.data
+        with self._lock:
+            buf = self.staged.get(key)
+            if buf is None:
+                held = sum(len(b) for b in self.staged.values())
+                if not 0 < a.total <= STAGE_MAX_BYTES - held:
+                    raise OpError("out_of_bounds", f"staging {a.total} bytes would exceed "
+                                                   f"{STAGE_MAX_BYTES} (holding {held})")
+                buf = self.staged[key] = bytearray(a.total)
+            if len(buf) != a.total or a.offset < 0 or a.offset + len(a.data) > a.total:
+                raise OpError("out_of_bounds", f"piece [{a.offset}, {a.offset + len(a.data)}) "
+                                               f"does not fit the {len(buf)} bytes staged for "
+                                               f"{a.name!r}")
+            buf[a.offset:a.offset + len(a.data)] = a.data
+            self.expires[key] = self.clock() + self.ttl_s
         return StageReply(len(a.data))
 
     def adopt(self, call: Call) -> AdoptReply:
@@ -239,15 +312,74 @@ class Recovery:
                                   "here: adopt is for the agents listed in peers")
         if not rt.spec.netns:
             raise OpError("failed", f"node {rt.name} has no network namespace to restore into")
+        self.expire()
         failed: dict[str, str] = {}
         t0 = time.monotonic()
-        states = []
-        for m in a.sessions:
+        states = self._decode_all(call, failed)  # each with its CB in a memfd: ours to close
+        try:
+            restoring = self._restore_all(call, states, failed)
+        finally:
+            for _, _, fd, _ in states:
+                if fd >= 0:
+                    os.close(fd)
+        t1 = time.monotonic()
+        ns, ifname = rt.spec.netns, rt.spec.interface
+        with self._lock:
+            self.adopting.setdefault(rt.name, []).extend(restoring)
+            self.expires[rt.name] = self.clock() + self.ttl_s
+            if not a.final:
+                return AdoptReply(len(restoring), 0, failed, _ms(t0, t1), 0.0, 0.0)
+            restored = self.adopting.pop(rt.name, [])
+            self.expires.pop(rt.name, None)
+        _announce(ns, ifname, a.addresses, count=1)  # a failure is logged: sessions go on
+        started = []
+        for r in restored:
             try:
-                tcp = self.staged.pop((rt.name, m.name), b"") if m.staged else m.tcp
-                states.append((m, TcpState.decode(bytes(tcp))))
-            except BackdoorsError as e:
-                failed[m.name] = f"decode: {e}"
+                started.append(Started(r.moved, r.state, r.handle.resume(), r.cb_fd))
+            except Exception as e:  # noqa: BLE001 - the handle closed the socket silently
+                failed[r.moved.name] = f"restore: {e}"
+                os.close(r.cb_fd)
+        _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
+        t2 = time.monotonic()
+        handed = self._hand_over(call, started, failed)
+        return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2))
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _decode_all(self, call: Call, failed: dict[str, str]) -> list:
+        """(moved, TcpState, CB memfd, CB bytes) of each session of an adopt that checks:
+        its name, its state (ranges), its CB (inflated within the per-region bound and what
+        this agent may hold for adopts). The others go to `failed`, naming the problem."""
+        rt, a = call.node, call.args
+        limit = call.agent.config.max_region_bytes
+        with self._lock:
+            budget = ADOPT_MAX_BYTES - self._adopting_bytes()
+        out: list = []
+        try:
+            for m in a.sessions:
+                try:
+                    _check_name(m.name)
+                    with self._lock:
+                        tcp = self.staged.pop((rt.name, m.name), b"") if m.staged else m.tcp
+                        self.expires.pop((rt.name, m.name), None)
+                    state = TcpState.decode(bytes(tcp))
+                    cb = inflate(m.cb, min(limit, budget), f"session {m.name}: its CB")
+                    fd = cb_memfd(m.name, cb)
+                except (BackdoorsError, OpError, OSError) as e:
+                    failed[m.name] = f"decode: {e}"
+                    continue
+                budget -= len(cb)
+                out.append((m, state, fd, len(cb)))
+        except BaseException:
+            for _, _, fd, _ in out:
+                os.close(fd)
+            raise
+        return out
+
+    def _restore_all(self, call: Call, states: list, failed: dict[str, str]) -> list[Restoring]:
+        """Take the service addresses and restore each session paused (inert); a memfd
+        that goes into a Restoring is set to -1 in `states` (the Restoring owns it)."""
+        rt, a = call.node, call.args
         ns, ifname = rt.spec.netns, rt.spec.interface
         try:
             # A restored socket's own ARP request for its peer must not announce the service
@@ -260,36 +392,24 @@ class Recovery:
         except BackdoorsError as e:
             raise OpError("failed", f"node {rt.name}: cannot take the service addresses: "
                                     f"{e}") from None
-        pending = self.adopting.setdefault(rt.name, [])
-        with net.netns.enter(ns):
-            with initial_window({s.remote_addr for _, s in states},
-                                segments_needed(s for _, s in states)):
-                for m, state in states:
-                    try:
-                        pending.append(Restoring(m, state,
-                                                 restore_paused(state, resend_unacked=True)))
-                    except BackdoorsError as e:
-                        failed[m.name] = f"restore: {e}"
-        t1 = time.monotonic()
-        if not a.final:
-            return AdoptReply(len(states) - len(failed), 0, failed, _ms(t0, t1), 0.0, 0.0)
-        restored = [(r, cb_memfd(r.moved.name, zlib.decompress(r.moved.cb)))
-                    for r in self.adopting.pop(rt.name, [])]
-        for cidr in a.addresses:
-            net.gratuitous_arp(ns, ifname, cidr.split("/")[0], count=1, linger=False)
-        started = []
-        for r, fd in restored:
-            try:
-                started.append(Started(r.moved, r.state, r.handle.resume(), fd))
-            except BackdoorsError as e:  # the handle closed the socket silently
-                failed[r.moved.name] = f"restore: {e}"
-                os.close(fd)
-        _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
-        t2 = time.monotonic()
-        handed = self._hand_over(call, started, failed)
-        return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2))
-
-    # -- helpers -----------------------------------------------------------------------
+        restoring: list[Restoring] = []
+        try:
+            with net.netns.enter(ns):
+                with initial_window({s.remote_addr for _, s, _, _ in states},
+                                    segments_needed(s for _, s, _, _ in states)):
+                    for i, (m, state, fd, size) in enumerate(states):
+                        try:
+                            handle = restore_paused(state, resend_unacked=True)
+                        except Exception as e:  # noqa: BLE001 - one bad session, not the batch
+                            failed[m.name] = f"restore: {e}"
+                            continue
+                        restoring.append(Restoring(m, state, handle, fd, size))
+                        states[i] = (m, state, -1, size)
+        except BaseException:
+            for r in restoring:
+                r.close()
+            raise
+        return restoring
 
     def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str]) -> int:
         """Hand each session to the recovery server of its port, in the node's directory."""
@@ -332,6 +452,13 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
     accepted: list[Started] = []
     with client:
         server = client.server_pid
+        if (why := outsider(call.node.node, server)) is not None:
+            for item in started:
+                failed[item.moved.name] = f"hand-over refused at {path}: {why}"
+                close_silently(item.sock)
+                os.close(item.cb_fd)
+            log.warning("node %s: not handing sessions to %s: %s", node, path, why)
+            return 0
         for start in range(0, len(started), HANDOVER_BATCH):
             batch = started[start:start + HANDOVER_BATCH]
             for item in batch:
@@ -370,10 +497,33 @@ def _hold(call: Call, item: Started, pid: int) -> None:
         log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 
 
-def _announce(ns: str, ifname: str, addresses: list[str]) -> None:
+def _check_name(name: str) -> None:
+    """A session's name as regions carry it ("cb-<session>"); it names kernel objects."""
+    if not (name.startswith("cb-") and REGION_NAME.fullmatch(name)):
+        raise OpError("bad_request", f"session name {name[:80]!r} is not cb-<session> "
+                                     f"({REGION_NAME.pattern})")
+
+
+def inflate(data: bytes, limit: int, what: str) -> bytes:
+    """zlib-decompress `data` to at most `limit` bytes: AgentError if it would inflate
+    beyond (a ratio of ~1,000 makes a 768 KiB batch most of a GiB), is not zlib, is
+    truncated or has trailing bytes."""
+    z = zlib.decompressobj()
+    try:
+        out = z.decompress(data, max(limit, 0) + 1)
+    except zlib.error as e:
+        raise AgentError(f"{what} is not zlib data: {e}") from None
+    if len(out) > limit:
+        raise AgentError(f"{what} inflates beyond {limit} bytes")
+    if not z.eof or z.unused_data:
+        raise AgentError(f"{what} is truncated or has trailing bytes")
+    return out
+
+
+def _announce(ns: str, ifname: str, addresses: list[str], **kw) -> None:
     for cidr in addresses:
         try:
-            net.gratuitous_arp(ns, ifname, cidr.split("/")[0], linger=False)
+            net.gratuitous_arp(ns, ifname, cidr.split("/")[0], linger=False, **kw)
         except BackdoorsError as e:
             log.warning("gratuitous ARP for %s in %s failed: %s", cidr, ns, e)
 

@@ -77,6 +77,23 @@ def read_process(pid: int) -> ProcessInfo | None:
     return parse_stat(data.decode(errors="replace"))
 
 
+def installed_exe(pid: int) -> tuple[str, tuple[int, int]] | None:
+    """(name, (st_dev, st_ino)) of the executable `pid` runs, None if unreadable or gone.
+
+    The name is the file's base name, and only for an *installed* executable: owned by
+    root (as the reader sees it) and not writable by group or others. A process chooses
+    its comm (prctl), and can copy itself to any file name it can write; it cannot make
+    a root-owned file. "" for any other executable (the identity is still given)."""
+    path = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(path)
+        target = os.readlink(path)
+    except OSError:  # gone, a kernel thread, or not ours to read
+        return None
+    installed = st.st_uid == 0 and not st.st_mode & 0o022 and not target.endswith(" (deleted)")
+    return (os.path.basename(target) if installed else ""), (st.st_dev, st.st_ino)
+
+
 def running(state: str) -> bool:
     """Whether a process in task `state` still runs (not a zombie, not dead)."""
     return state not in ENDED_STATES

@@ -71,7 +71,9 @@ def _brief(p: Row) -> dict[str, Any]:
 
 
 def _protected_comm(p: Row, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(p.comm, pat) for pat in patterns)
+    """`protect_comms` matches the installed executable the agent vouches for (`exe`),
+    never the comm, which any process sets for itself."""
+    return bool(p.exe) and any(fnmatch.fnmatchcase(p.exe, pat) for pat in patterns)
 
 
 # ---- memory hog ------------------------------------------------------------------------

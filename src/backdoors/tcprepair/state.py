@@ -6,32 +6,46 @@ Sequence numbers are the kernel's unsigned 32-bit values, taken verbatim.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 from backdoors.errors import TcpRepairError
+
+
+# Ranges checked at decode (a TcpState may come from another agent): what the kernel's
+# structs hold, so a hostile value is refused with its field named, never a struct.error
+# inside restore.
+U32 = Annotated[int, Meta(ge=0, le=0xFFFFFFFF)]
+U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # byte counts (msgspec bounds are int64)
+Port = Annotated[int, Meta(ge=1, le=0xFFFF)]
+Mss = Annotated[int, Meta(ge=1, le=0xFFFF)]
+WScale = Annotated[int, Meta(ge=0, le=14)]  # RFC 7323: a shift above 14 is not a window scale
+Address = Annotated[str, Meta(min_length=2, max_length=64)]  # checked as an IP by check()
 
 
 class TcpWindow(msgspec.Struct, frozen=True):
     """The TCP_REPAIR_WINDOW fields: the send and receive window state at the dump."""
 
-    snd_wl1: int  # sequence number of the segment that last updated the send window
-    snd_wnd: int  # send window the peer advertised (bytes, already scaled)
-    max_window: int  # largest window the peer ever advertised
-    rcv_wnd: int  # receive window we advertised
-    rcv_wup: int  # rcv_nxt when rcv_wnd was last advertised
+    snd_wl1: U32  # sequence number of the segment that last updated the send window
+    snd_wnd: U32  # send window the peer advertised (bytes, already scaled)
+    max_window: U32  # largest window the peer ever advertised
+    rcv_wnd: U32  # receive window we advertised
+    rcv_wup: U32  # rcv_nxt when rcv_wnd was last advertised
 
 
 class TcpOptions(msgspec.Struct, frozen=True):
     """Options negotiated in the handshake; the new socket must use the same ones."""
 
-    mss: int  # MSS clamp (TCP_MAXSEG read in repair mode)
+    mss: Mss  # MSS clamp (TCP_MAXSEG read in repair mode)
     sack: bool = False
     timestamps: bool = False
     wscale: bool = False
-    snd_wscale: int = 0  # shift the peer applies to the windows it advertises
-    rcv_wscale: int = 0  # shift we apply to the windows we advertise
+    snd_wscale: WScale = 0  # shift the peer applies to the windows it advertises
+    rcv_wscale: WScale = 0  # shift we apply to the windows we advertise
 
 
 class TcpState(msgspec.Struct, frozen=True):
@@ -48,23 +62,23 @@ class TcpState(msgspec.Struct, frozen=True):
     and `bytes_received(new, since=state)` continue them on the restored socket.
     """
 
-    family: int  # socket.AF_INET or socket.AF_INET6
-    local_addr: str
-    local_port: int
-    remote_addr: str
-    remote_port: int
-    snd_seq: int  # write_seq: sequence number after the last byte in send_queue
-    rcv_seq: int  # rcv_nxt: sequence number after the last byte in recv_queue
+    family: Literal[2, 10]  # socket.AF_INET or socket.AF_INET6
+    local_addr: Address
+    local_port: Port
+    remote_addr: Address
+    remote_port: Port
+    snd_seq: U32  # write_seq: sequence number after the last byte in send_queue
+    rcv_seq: U32  # rcv_nxt: sequence number after the last byte in recv_queue
     recv_queue: bytes
     send_queue: bytes
-    unsent: int  # how many bytes at the end of send_queue were never sent
+    unsent: U32  # how many bytes at the end of send_queue were never sent
     options: TcpOptions
     window: TcpWindow
-    timestamp: int = 0  # TCP_TIMESTAMP clock, restored verbatim (PAWS) when timestamps are on
+    timestamp: U32 = 0  # TCP_TIMESTAMP clock, restored verbatim (PAWS) when timestamps are on
     nodelay: bool = False  # TCP_NODELAY as the application had set it
     keepalive: bool = False  # SO_KEEPALIVE as the application had set it
-    handed: int = 0  # bytes the application had written to the socket
-    read: int = 0  # bytes the application had read from the socket
+    handed: U64 = 0  # bytes the application had written to the socket
+    read: U64 = 0  # bytes the application had read from the socket
 
     @property
     def local(self) -> tuple[str, int]:
@@ -104,6 +118,14 @@ class TcpState(msgspec.Struct, frozen=True):
             problems.append(f"unsent {self.unsent} outside send queue of {len(self.send_queue)}")
         if not 0 < self.options.mss <= 0xFFFF:
             problems.append(f"mss {self.options.mss} out of range")
+        for name in ("local_addr", "remote_addr"):
+            try:
+                ip = ipaddress.ip_address(getattr(self, name))
+            except ValueError:
+                problems.append(f"{name} {getattr(self, name)[:48]!r} is not an IP address")
+                continue
+            if ip.version != (4 if self.family == socket.AF_INET else 6):
+                problems.append(f"{name} {ip} does not match family {self.family}")
         if problems:
             raise TcpRepairError(f"invalid TcpState for {self.describe()}: " + "; ".join(problems))
 
@@ -113,10 +135,11 @@ class TcpState(msgspec.Struct, frozen=True):
 
     @classmethod
     def decode(cls, data: bytes) -> TcpState:
-        """The TcpState in `data`; raises TcpRepairError if it is not one."""
+        """The TcpState in `data`; raises TcpRepairError naming the field if it is not one
+        (every integer is range-checked: it may come from another agent)."""
         try:
             state = _DECODER.decode(data)
-        except msgspec.DecodeError as err:
+        except (msgspec.DecodeError, RecursionError) as err:
             raise TcpRepairError(f"not a TcpState: {err}") from None
         state.check()
         return state

@@ -1,0 +1,211 @@
+"""adopt and stage on hostile input (issue 10, finding 13), at a running agent.
+
+A peer (here the monitor m1, listed in `peers`) sends what a compromised agent could:
+CBs that inflate a thousandfold, states with out-of-range window fields, names that are
+not session names, pieces that are never adopted. Each gets a clear error naming what is
+wrong, the agent holds no descriptor more afterwards, and what waits between requests
+expires. Then a fuzzer (hypothesis; 10,000 cases in CI) sends arbitrary adopt and stage
+arguments at the same agent: every reply an answer, no descriptor leaked, still serving.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import zlib
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_agent_support import agent_lab, prefix
+
+from backdoors.agent.errors import RemoteError
+from backdoors.agent.protocol import MovedSession
+from backdoors.agent.recovery import inflate
+from backdoors.errors import AgentError
+from backdoors.net import netns as netns_mod
+from backdoors.tcprepair import TcpOptions, TcpState, TcpWindow
+
+__all__ = ["agent_lab", "prefix"]
+pytestmark = pytest.mark.root
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+EXAMPLES = 10_000 if IN_CI else 1_000
+
+
+def _state(**changes) -> dict:
+    state = TcpState(socket.AF_INET, "10.9.0.5", 80, "10.9.0.9", 41000, 1, 2, b"", b"", 0,
+                     TcpOptions(mss=1448), TcpWindow(1, 65535, 65535, 65535, 2))
+    raw = msgspec.msgpack.decode(state.encode())
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))  # the agent runs in this process
+
+
+def _settled(before: int) -> bool:
+    """True once the agent holds `before` descriptors again (a worker thread may still be
+    finishing the reply it sent); False if it keeps more."""
+    deadline = time.monotonic() + 5.0
+    while _fds() != before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _warm(c) -> int:
+    """The descriptor count once the agent opened what it keeps (connection, netns)."""
+    for final in (False, True, False, True):
+        c.call("adopt", node="n0", addresses=[], sessions=[], final=final)
+    return _fds()
+
+
+@pytest.fixture
+def peer_lab(agent_lab, prefix, root):
+    """An agent whose node n0 has a network namespace, m1 listed as a peer."""
+    ns = f"{prefix}-ns"
+    netns_mod.create(ns)
+    try:
+        yield agent_lab(node_n0={"netns": ns, "interface": "lo"}, peers=["m1"])
+    finally:
+        netns_mod.remove(ns)
+
+
+def test_inflate_is_bounded():
+    bomb = zlib.compress(bytes(64 << 20), 9)  # ~64 KiB that inflate to 64 MiB
+    assert len(bomb) < 100_000
+    with pytest.raises(AgentError, match="inflates beyond 1048576 bytes"):
+        inflate(bomb, 1 << 20, "the CB")
+    with pytest.raises(AgentError, match="not zlib"):
+        inflate(b"nonsense", 1 << 20, "the CB")
+    with pytest.raises(AgentError, match="truncated"):
+        inflate(zlib.compress(b"x" * 1000)[:-3], 1 << 20, "the CB")
+    assert inflate(zlib.compress(b"abc"), 3, "the CB") == b"abc"
+
+
+def test_adopt_refuses_hostile_sessions_naming_the_problem(peer_lab):
+    c = peer_lab.client("m1")
+    before = _warm(c)
+    bomb = zlib.compress(bytes(32 << 20), 9)  # above max_region_bytes (16 MiB)
+    good_cb = zlib.compress(b"cb")
+    sessions = [
+        {"name": "cb-aa", "tcp": msgspec.msgpack.encode(_state()), "cb": bomb},
+        {"name": "cb-bb", "tcp": msgspec.msgpack.encode(_state(window={"snd_wnd": 2**40})),
+         "cb": good_cb},
+        {"name": "../../etc", "tcp": b"", "cb": good_cb},
+        {"name": "cb-cc", "tcp": msgspec.msgpack.encode(_state(options={"snd_wscale": 99})),
+         "cb": good_cb},
+    ]
+    reply = c.call("adopt", node="n0", addresses=[], sessions=sessions, final=True)
+    failed = reply["failed"]
+    assert "inflates beyond" in failed["cb-aa"]
+    assert "window.snd_wnd" in failed["cb-bb"]
+    assert "is not cb-<session>" in failed["../../etc"]
+    assert "options.snd_wscale" in failed["cb-cc"]
+    assert reply["restored"] == 0 and reply["handed"] == 0
+    assert _settled(before)
+
+
+def test_staged_and_adopting_entries_expire(peer_lab):
+    recovery = peer_lab.agent.agent.recovery
+    now = [1000.0]
+    recovery.clock = lambda: now[0]
+    c = peer_lab.client("m1")
+    assert c.stage("n0", "cb-01", 0, 10, b"01234") == 5
+    assert ("n0", "cb-01") in recovery.staged
+    now[0] += recovery.ttl_s + 1
+    assert c.stage("n0", "cb-02", 0, 4, b"ab") == 2  # any recovery op sweeps first
+    assert ("n0", "cb-01") not in recovery.staged and ("n0", "cb-02") in recovery.staged
+    assert recovery.expired["staged"] == 1
+    now[0] += recovery.ttl_s + 1
+    assert recovery.expire() == 1 and recovery.staged == {}
+    assert recovery.expired["staged"] == 2
+
+
+# -- the fuzzer over adopt and stage arguments --------------------------------------------
+
+_ints = st.one_of(st.integers(-(2**63), 2**64 - 1), st.sampled_from([0, 1, 2**32, -1]))
+_names = st.one_of(st.sampled_from(["cb-01", "cb-ff", "../x", "", "cb-" + "a" * 80]),
+                   st.text(max_size=12))
+
+
+@st.composite
+def _tcp(draw):
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        return draw(st.binary(max_size=64))
+    if kind == 1:
+        return msgspec.msgpack.encode(draw(st.dictionaries(st.text(max_size=8), _ints,
+                                                           max_size=4)))
+    field = draw(st.sampled_from(["local_port", "snd_seq", "unsent", "family", "timestamp",
+                                  "handed", "window", "options"]))
+    if field == "window":
+        return msgspec.msgpack.encode(_state(window={draw(st.sampled_from(
+            ["snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"])): draw(_ints)}))
+    if field == "options":
+        return msgspec.msgpack.encode(_state(options={draw(st.sampled_from(
+            ["mss", "snd_wscale", "rcv_wscale"])): draw(_ints)}))
+    return msgspec.msgpack.encode(_state(**{field: draw(_ints)}))
+
+
+_cbs = st.one_of(st.binary(max_size=64), st.just(zlib.compress(bytes(20 << 20), 9)),
+                 st.builds(lambda b: zlib.compress(b)[:-1], st.binary(max_size=32)))
+_sessions = st.lists(st.fixed_dictionaries(
+    {"name": _names, "tcp": _tcp(), "cb": _cbs}, optional={"staged": st.booleans()}),
+    max_size=3)
+_calls = st.one_of(
+    st.builds(lambda s, f: ("adopt", {"node": "n0", "addresses": [], "sessions": s, "final": f}),
+              _sessions, st.booleans()),
+    st.builds(lambda n, o, t, d: ("stage", {"node": "n0", "name": n, "offset": o, "total": t,
+                                            "data": d}),
+              _names, _ints, _ints, st.binary(max_size=64)),
+)
+
+
+def test_fuzz_adopt_and_stage_arguments(peer_lab):
+    c = peer_lab.client("m1")
+    recovery = peer_lab.agent.agent.recovery
+    before = _warm(c)
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(call=_calls)
+    def one(call):
+        op, args = call
+        try:
+            c.call(op, **args)
+        except RemoteError as e:
+            assert e.code in ("bad_request", "out_of_bounds", "failed"), e
+        recovery.close()  # drop what a valid stage or non-final adopt left pending
+        assert _settled(before), f"{_fds()} descriptors, {before} before"
+
+    one()
+    assert c.call("sessions", node="n0") == []  # still serving
+
+
+def test_the_agent_hands_sessions_only_to_a_listener_inside_the_node(agent_lab):
+    """Issue 10, finding 11 (agent side): the adoption socket's listener must be a process
+    of the target node in every hierarchy; one outside (here: the test itself, any host
+    process that bound or symlinked the path) is refused with the reason."""
+    from backdoors.agent.membership import outsider
+    lab = agent_lab()
+    node = lab.nodes["n0"]
+    inside = node.run(["sleep", "60"])
+    lab.procs.append(inside)
+    try:
+        assert outsider(node, inside.pid) is None
+        assert "is not inside node n0" in outsider(node, os.getpid())
+        assert "not visible" in outsider(node, 0)  # SO_PEERCRED of a peer in another pidns
+    finally:
+        inside.kill()
+    inside.wait(5)
+    assert "exited" in outsider(node, inside.pid)
