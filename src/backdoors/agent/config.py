@@ -288,8 +288,9 @@ def _publics(table: dict, key: str) -> dict:
     try:
         return decode_publics(table, key)
     except ConfigError as e:
-        bad = next((m for m in table if f"{key}: {m}" in str(e)), None)
-        raise Invalid((key, bad) if bad else (key,), str(e).split(": ", 2)[-1]) from None
+        text = str(e)
+        bad = next((m for m in table if text.startswith(f"{key}: {m}: ")), None)
+        raise Invalid((key, bad) if bad else (key,), text.split(": ", 2)[-1]) from None
 
 
 def _relpath_ok(path: str) -> bool:

@@ -119,8 +119,8 @@ def decode_publics(table: Mapping[str, object], where: str) -> dict[str, tuple[E
         for key in keys:
             raw = key.public_bytes(_RAW, serialization.PublicFormat.Raw)
             if raw in owner and owner[raw] != id:
-                raise ConfigError(f"{where}: {owner[raw]} and {id} have the same public key: "
-                                  "each signer needs its own keypair")
+                raise ConfigError(f"{at}: has the same public key as {owner[raw]}: each "
+                                  "signer needs its own keypair")
             owner[raw] = id
         out[id] = keys
     return out
