@@ -125,8 +125,8 @@ def _config_sources(path: str, timeout: float) -> tuple[list[AgentSource], str |
     config = load_monitor_config(path)
     key = load_monitor_key(config)
     sources = [AgentSource(e.host, e.address,
-                           lambda e=e, pub=agent_keys(e): AgentClient(
-                               e.address, key, e.host, pub, netns=e.netns, timeout=timeout),
+                           lambda e=e: AgentClient(e.address, key, e.host, agent_keys(e),
+                                                   netns=e.netns, timeout=timeout),
                            list(e.nodes) if e.nodes is not None else None)
                for e in config.agents]
     log = config.incidents_dir or DEFAULT_INCIDENTS_DIR
