@@ -49,7 +49,10 @@ class Agent:
         validate(config)
         self.config = config
         self.identity = config.identity()
-        self.monitor_keys, self.peer_keys = config.monitor_keys(), config.peer_keys()
+        self.monitor_keys = config.monitor_keys()
+        # itself among its peers: a recovery from one of its nodes to another (evacuate to
+        # its own address) signs and checks with its own key
+        self.peer_keys = {**config.peer_keys(), config.host: (self.identity.public,)}
         self.layout = layout or detect()
         self.metrics = AgentMetrics()
         self.recovery = Recovery(config.run_dir, identity=self.identity, peers=self.peer_keys,
