@@ -5,21 +5,24 @@ import stat
 
 import pytest
 
-from backdoors.agent import load_config, load_key, load_keys, generate_keys
+from backdoors.agent import generate, load_config, load_identity, load_publics, new_identity
 from backdoors.agent.config import AgentConfig, validate
+from backdoors.agent.keys import raw_public
 from backdoors.errors import ConfigError
 
-KEY = "ab" * 32
+M1, M2 = new_identity("m1"), new_identity("m2")
+KEY, KEY2 = M1.public_text(), M2.public_text()
 
 GOOD = f"""
 host = "h0"
 listen = "10.0.0.1:7700"
 run_dir = "/run/backdoors/h0"
 audit_log = "/var/log/backdoors/h0.jsonl"
+key_file = "/etc/backdoors/h0.key"
 
 [monitors]
 m1 = "{KEY}"
-m2 = "{KEY}"
+m2 = "{KEY2}"
 
 [[nodes]]
 name = "n0"
@@ -48,22 +51,31 @@ def test_a_good_config_with_defaults(tmp_path):
     assert (c.max_regions_per_node, c.max_region_bytes, c.max_node_bytes) == (
         64, 16 << 20, 384 << 20)
     assert c.max_procs_sampled == 2048 and c.kernel_sensors.memory_high_pct == 80
-    assert c.keys() == {"m1": bytes.fromhex(KEY), "m2": bytes.fromhex(KEY)}
+    keys = c.monitor_keys()
+    assert {m: [raw_public(k) for k in ks] for m, ks in keys.items()} == {
+        "m1": [raw_public(M1.public)], "m2": [raw_public(M2.public)]}
 
 
-def test_keys_from_a_file_next_to_the_config(tmp_path):
-    keys = generate_keys(str(tmp_path / "keys.toml"), ["m1", "m2"])
-    assert stat.S_IMODE(os.stat(tmp_path / "keys.toml").st_mode) == 0o600
-    assert load_keys(str(tmp_path / "keys.toml")) == keys
-    assert load_key(str(tmp_path / "keys.toml"), "m2") == keys["m2"]
-    head, tail = GOOD.split("[monitors]")[0], GOOD.split('m2 = "' + KEY + '"')[1]
-    text = head + 'monitors = "keys.toml"\n' + tail
+def test_keys_from_files_next_to_the_config(tmp_path):
+    me = generate(str(tmp_path / "h0.key"), "h0")
+    assert stat.S_IMODE(os.stat(tmp_path / "h0.key").st_mode) == 0o600
+    assert raw_public(load_identity(str(tmp_path / "h0.key"), "h0").public) == raw_public(me.public)
+    pub = tmp_path / "monitors.toml"
+    pub.write_text(f'm1 = "{KEY}"\nm2 = ["{KEY2}", "{new_identity("m2").public_text()}"]\n')
+    assert len(load_publics(str(pub))["m2"]) == 2  # two keys during a rotation
+    head, tail = GOOD.split("[monitors]")[0], GOOD.split('m2 = "' + KEY2 + '"')[1]
+    text = (head.replace('key_file = "/etc/backdoors/h0.key"', 'key_file = "h0.key"')
+            + 'monitors = "monitors.toml"\n' + tail)
     c = load_config(_write(tmp_path, text))
-    assert c.keys() == keys and c.monitors == str(tmp_path / "keys.toml")
+    assert c.monitors == str(pub) and c.key_file == str(tmp_path / "h0.key")
+    assert c.identity().id == "h0" and set(c.monitor_keys()) == {"m1", "m2"}
     with pytest.raises(ConfigError, match="exists"):
-        generate_keys(str(tmp_path / "keys.toml"), ["m3"])
-    with pytest.raises(ConfigError, match="no key for monitor 'm9'"):
-        load_key(str(tmp_path / "keys.toml"), "m9")
+        generate(str(tmp_path / "h0.key"), "h0")
+    with pytest.raises(ConfigError, match="is the key of 'h0', not of 'h9'"):
+        load_identity(str(tmp_path / "h0.key"), "h9")
+    pub.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"writable by group or others.*chmod go-w"):
+        load_config(_write(tmp_path, text))
 
 
 @pytest.mark.parametrize("change, match", [
@@ -71,16 +83,19 @@ def test_keys_from_a_file_next_to_the_config(tmp_path):
     (('quorum = 1', 'quorum = 3'), r":3: key quorum: 3 exceeds the 2 monitors known"),
     (('quorum = 1', 'qorum = 2'), r":3: key qorum: Object contains unknown field `qorum`"),
     (('listen = "10.0.0.1:7700"', 'listen = "10.0.0.1"'), r":4: key listen: .* ADDR:PORT"),
-    (('cgroup = "bd-lab/n1"', 'cgroup = 5'), r":19: key nodes\[1\]\.cgroup: Expected `str`"),
+    (('cgroup = "bd-lab/n1"', 'cgroup = 5'), r":20: key nodes\[1\]\.cgroup: Expected `str`"),
     (('cgroup = "bd-lab/n1"', 'cgroup = "bd-lab/n0/x"'),
-     r":19: key nodes\[1\]\.cgroup: .* overlaps node n0's cgroup"),
-    (('name = "n1"', 'name = "n0"'), r":18: key nodes\[1\]\.name: node 'n0' is listed twice"),
-    (('m2 = "' + KEY + '"', 'm2 = "abcd"'), r"key monitors\.m2: .* at least 16"),
+     r":20: key nodes\[1\]\.cgroup: .* overlaps node n0's cgroup"),
+    (('name = "n1"', 'name = "n0"'), r":19: key nodes\[1\]\.name: node 'n0' is listed twice"),
+    (('m2 = "' + KEY2 + '"', 'm2 = "abcd"'), r":11: key monitors\.m2: expected a public key"),
+    (('m2 = "' + KEY2 + '"', 'm2 = "' + KEY + '"'),
+     r":11: key monitors.m2: has the same public key as m1"),
+    (('m2 = "' + KEY2 + '"', 'm2 = "ed25519:abcd"'), r"key monitors\.m2: .*not an Ed25519"),
     (('run_dir = "/run/backdoors/h0"', 'run_dir = "run"'), r":5: key run_dir: .*absolute"),
     (('quorum = 1', 'op_deadline_s = 0'), r"key op_deadline_s: must be within"),
     (('quorum = 1', 'cgroup = "agent"'), r"key cgroup: .*starting with 'bd'"),
     (('quorum = 1', 'cgroup = "bd-lab"'),
-     r":14: key nodes\[0\]\.cgroup: .*overlaps the agent's"),
+     r":15: key nodes\[0\]\.cgroup: .*overlaps the agent's"),
     (('quorum = 1', 'quorum = '), r"not valid TOML: .*line 3"),
 ])
 def test_errors_name_file_key_and_line(tmp_path, change, match):
@@ -102,7 +117,7 @@ def test_a_missing_file_and_a_missing_key(tmp_path):
 
 def test_validate_checks_a_config_built_in_code():
     c = AgentConfig(host="h0", listen="[::1]:0", run_dir="/r", audit_log="/a",
-                    monitors={"m1": KEY}, quorum=2)
+                    monitors={"m1": KEY}, key_file="/k", quorum=2)
     with pytest.raises(ConfigError, match="key quorum: 2 exceeds the 1 monitors"):
         validate(c)
     c.quorum = 1

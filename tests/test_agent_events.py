@@ -9,7 +9,8 @@ import msgspec
 from test_agent_support import agent_lab, prefix  # noqa: F401 - fixtures
 
 from backdoors.agent.events import EventFrame
-from backdoors.agent.protocol import Envelope, mac_ok
+from backdoors.agent.keys import verify
+from backdoors.agent.protocol import EVENT_DOMAIN, Envelope
 
 pytestmark = pytest.mark.root
 
@@ -29,7 +30,7 @@ def _frames(sock, key, want: int, timeout: float = 60) -> list[EventFrame]:
         assert time.monotonic() < end, f"{len(out)} of {want} events within {timeout} s"
         size = int.from_bytes(_exactly(sock, 4), "big")
         env = msgspec.msgpack.decode(_exactly(sock, size), type=Envelope)
-        assert mac_ok(key, env.body, env.mac)
+        assert verify([key], EVENT_DOMAIN, env.body, env.sig)  # the agent's signature
         ev = msgspec.msgpack.decode(env.body, type=EventFrame)
         assert ev.kind != "gap", f"{ev.gap} events lost after {len(out)}"
         if ev.kind != "heartbeat":
@@ -48,7 +49,7 @@ def _exactly(sock, n):
 
 def test_events_arrive_once_in_order_and_survive_a_reconnect(agent_lab):
     lab = agent_lab(nodes={"n0": {}, "n1": {}})
-    bus, key = lab.agent.agent.events, lab.keys["m1"]
+    bus, key = lab.agent.agent.events, lab.agent_key.public
     reply, sock = _subscribe(lab)
     for i in range(50):
         bus.publish("test", f"n{i % 2}", i=i)
@@ -69,7 +70,7 @@ def test_events_arrive_once_in_order_and_survive_a_reconnect(agent_lab):
 
 def test_a_subscriber_that_does_not_read_blocks_nobody(agent_lab):
     lab = agent_lab()
-    bus, key = lab.agent.agent.events, lab.keys["m1"]
+    bus, key = lab.agent.agent.events, lab.agent_key.public
     from backdoors.agent import events
     _, stuck = _subscribe(lab)  # never reads: its queue overflows, its socket fills
     reply, sock = _subscribe(lab)
@@ -87,7 +88,7 @@ def test_a_subscriber_that_does_not_read_blocks_nobody(agent_lab):
 def test_events_lost_beyond_the_history_are_announced_as_a_gap(agent_lab):
     from backdoors.agent import events
     lab = agent_lab()
-    bus, key = lab.agent.agent.events, lab.keys["m1"]
+    bus, key = lab.agent.agent.events, lab.agent_key.public
     reply, sock = _subscribe(lab)
     sock.close()
     for i in range(events.HISTORY + 10):

@@ -19,7 +19,12 @@ from test_agent_support import agent_lab, prefix
 from test_nodes_support import alive
 
 from backdoors.agent.ops import OPS
-from backdoors.agent.protocol import CODES, MAX_FRAME, Envelope, Request, Response, frame, mac
+from backdoors.agent.keys import new_identity, verify
+from backdoors.agent.protocol import (
+    CODES, MAX_FRAME, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION, Envelope, Request, Response, frame,
+)
+
+_STRANGER = new_identity("m1")  # a key the agent does not know, under a known id
 
 __all__ = ["agent_lab", "prefix"]
 pytestmark = pytest.mark.root
@@ -38,7 +43,7 @@ op_names = st.one_of(st.sampled_from(sorted(OPS)), st.text(max_size=12))
 
 
 @st.composite
-def frames(draw, key: bytes, canary: str):
+def frames(draw, key, canary: str):
     """(bytes to send, whether the server should keep the connection open)."""
     kind = draw(st.integers(0, 9))
     if kind == 0:  # arbitrary bytes with a consistent length prefix
@@ -52,11 +57,11 @@ def frames(draw, key: bytes, canary: str):
         return len(body).to_bytes(4, "big") + body[:cut], False
     if kind == 3:  # valid msgpack of the wrong shape
         return frame(msgspec.msgpack.encode(draw(values))), True
-    if kind == 4:  # an envelope with a random or missing MAC
+    if kind == 4:  # an envelope with a random or missing signature
         body = msgspec.msgpack.encode(draw(values))
-        return frame(msgspec.msgpack.encode(Envelope(body, draw(st.binary(max_size=32))))), True
+        return frame(msgspec.msgpack.encode(Envelope(body, draw(st.binary(max_size=64))))), True
     nonce = secrets.token_bytes(16)
-    request = {"v": 1, "monitor": "m1", "nonce": nonce, "ts": time.time(),
+    request = {"v": VERSION, "monitor": "m1", "agent": "h0", "nonce": nonce, "ts": time.time(),
                "op": draw(op_names), "args": {}}
     if kind == 5:  # well signed, a field of the wrong type or value
         name = draw(st.sampled_from(sorted(request)))
@@ -75,10 +80,11 @@ def frames(draw, key: bytes, canary: str):
         request["op"] = "kill_node"
         request["args"] = {"node": canary}
         body = msgspec.msgpack.encode(request)
-        return frame(msgspec.msgpack.encode(Envelope(body, mac(b"k" * 32, body)))), True
+        return frame(msgspec.msgpack.encode(
+            Envelope(body, _STRANGER.sign(REQUEST_DOMAIN, body)))), True
     assume(not _valid(request))  # never send something that could act
     body = msgspec.msgpack.encode(request)
-    return frame(msgspec.msgpack.encode(Envelope(body, mac(key, body)))), True
+    return frame(msgspec.msgpack.encode(Envelope(body, key.sign(REQUEST_DOMAIN, body)))), True
 
 
 def _valid(request: dict) -> bool:
@@ -89,7 +95,8 @@ def _valid(request: dict) -> bool:
         op.decoder.decode(req.args)
     except (msgspec.MsgspecError, KeyError, TypeError):
         return False
-    return req.v == 1 and len(req.nonce) == 16 and abs(req.ts - time.time()) < 30
+    return (req.v == VERSION and req.agent == "h0" and len(req.nonce) == 16
+            and abs(req.ts - time.time()) < 30)
 
 
 class _Conn:
@@ -159,8 +166,8 @@ def test_malformed_frames_change_nothing(agent_lab):
         resp = msgspec.msgpack.decode(env.body, type=Response)
         assert not resp.ok and resp.error.code in CODES and resp.error.message
         assert resp.result is None
-        if env.mac:  # a signed reply is signed with m1's key
-            assert env.mac == mac(key, env.body)
+        if env.sig:  # a signed reply is signed with the agent's key
+            assert verify([lab.agent_key.public], REPLY_DOMAIN, env.body, env.sig)
         if resp.error.code == "bad_frame":
             conn.close()
 

@@ -9,12 +9,12 @@ import pytest
 from test_agent_support import agent_lab, prefix, wait_for
 from test_nodes_support import alive
 
-from backdoors.agent import AgentClient, new_key
+from backdoors.agent import AgentClient, new_identity
 from backdoors.agent.errors import (
     AuthError, BusyError, DeadlineError, QuorumError, RequestError, TransportError,
 )
 from backdoors.agent.ops import NodeArgs, Op
-from backdoors.agent.protocol import Envelope, Response, frame
+from backdoors.agent.protocol import REPLY_DOMAIN, Envelope, Response, frame
 
 __all__ = ["agent_lab", "prefix"]
 pytestmark = pytest.mark.root
@@ -33,12 +33,13 @@ def _victim(lab):
 def test_a_wrong_key_is_rejected_and_kills_nothing(agent_lab):
     lab = agent_lab()
     victim = _victim(lab)
-    impostor = AgentClient(lab.agent.address, "m1", new_key(), timeout=5)
-    with pytest.raises(AuthError, match="bad MAC for monitor 'm1'.*unauthenticated") as err:
+    impostor = lab.client(new_identity("m1"))
+    with pytest.raises(TransportError, match="unsigned reply.*bad signature for monitor 'm1'"
+                       ) as err:
         impostor.kill("n0", victim.pid)
-    assert err.value.code == "auth"
-    stranger = AgentClient(lab.agent.address, "nobody", new_key(), timeout=5)
-    with pytest.raises(AuthError, match="unknown monitor"):
+    assert err.value.code == "protocol"  # the agent's refusal is unsigned: not its word
+    stranger = lab.client(new_identity("nobody"))
+    with pytest.raises(TransportError, match="unknown monitor"):
         stranger.kill_node("n0")
     time.sleep(0.1)
     assert alive(victim.pid)
@@ -46,7 +47,7 @@ def test_a_wrong_key_is_rejected_and_kills_nothing(agent_lab):
     stranger.close()
 
 
-def test_a_missing_or_tampered_mac_is_rejected(agent_lab):
+def test_a_missing_or_tampered_signature_is_rejected(agent_lab):
     lab = agent_lab()
     victim = _victim(lab)
     c = lab.client()
@@ -54,10 +55,10 @@ def test_a_missing_or_tampered_mac_is_rejected(agent_lab):
     env = msgspec.msgpack.decode(payload, type=Envelope)
     unsigned = msgspec.msgpack.encode(Envelope(env.body, b""))
     tampered_body = env.body.replace(b"kill", b"kilL")
-    tampered = msgspec.msgpack.encode(Envelope(tampered_body, env.mac))
+    tampered = msgspec.msgpack.encode(Envelope(tampered_body, env.sig))
     for bad in (unsigned, tampered):
         reply_env, reply = _decode_reply(c.exchange(bad))
-        assert not reply.ok and reply.error.code == "auth" and reply_env.mac == b""
+        assert not reply.ok and reply.error.code == "auth" and reply_env.sig == b""
     assert alive(victim.pid)
     assert c.ping()  # the connection goes on
 
@@ -72,14 +73,14 @@ def test_a_replayed_request_is_rejected(agent_lab):
     assert reply.ok and reply.nonce == nonce
     c.write("n0", "mailbox", 0, b"BBBB")
     reply_env, reply = _decode_reply(c.exchange(first))
-    assert not reply.ok and reply.error.code == "replay" and reply_env.mac == b""
+    assert not reply.ok and reply.error.code == "replay" and reply_env.sig == b""
     other = lab.client()  # a replay on another connection is caught as well
     _, reply = _decode_reply(other.exchange(first))
     assert reply.error.code == "replay"
     assert c.read("n0", "mailbox", 0, 4) == b"BBBB"
 
 
-@pytest.mark.parametrize("skew", [-31.0, 31.0, float("nan")])
+@pytest.mark.parametrize("skew", [-31.0, -30.0, 31.0, float("nan")])
 def test_a_stale_or_future_timestamp_is_rejected(agent_lab, skew):
     lab = agent_lab()
     victim = _victim(lab)
@@ -106,12 +107,14 @@ def test_bad_requests_are_signed_errors(agent_lab):
 
 
 def test_the_client_rejects_a_reply_that_is_not_from_its_agent():
-    """Mutual authentication: a fake agent without the key cannot answer for the real one."""
-    key = new_key()
+    """Mutual authentication: a fake agent without the agent's key cannot answer for the
+    real one, not even with an error (a forged busy, quorum or no_such_node)."""
+    key, agent, forger = new_identity("m1"), new_identity("h0"), new_identity("h0")
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
+    busy = Response(b"", False, None, {"code": "busy", "message": "forged"})
 
-    def fake_agent(mac: bytes, nonce_from_request: bool):
+    def fake_agent(mac: bytes, nonce_from_request: bool, reply: Response | None = None):
         conn, _ = listener.accept()
         with conn:
             size = int.from_bytes(conn.recv(4), "big")
@@ -120,20 +123,27 @@ def test_the_client_rejects_a_reply_that_is_not_from_its_agent():
                 data += conn.recv(size - len(data))
             env = msgspec.msgpack.decode(data, type=Envelope)
             nonce = msgspec.msgpack.decode(env.body)["nonce"] if nonce_from_request else b"x" * 16
-            body = msgspec.msgpack.encode(Response(nonce, True, {"host": "fake", "pid": 1,
-                                                                 "time": 0.0}))
-            from backdoors.agent.protocol import mac as sign
-
-            tag = sign(key, body) if mac == b"sign" else mac
+            if reply is not None:
+                reply.nonce = nonce
+            body = msgspec.msgpack.encode(reply or Response(
+                nonce, True, {"host": "fake", "pid": 1, "time": 0.0}))
+            tag = {b"sign": agent, b"forge": forger}.get(mac)
+            tag = tag.sign(REPLY_DOMAIN, body) if tag else mac
             conn.sendall(frame(msgspec.msgpack.encode(Envelope(body, tag))))
 
     try:
-        for tag, echo, match in ((b"\x00" * 32, True, "MAC is invalid"),
-                                 (b"", True, "unsigned success"),
-                                 (b"sign", False, "does not echo our nonce")):
-            t = threading.Thread(target=fake_agent, args=(tag, echo))
+        for tag, echo, reply, match in (
+                (b"\x00" * 64, True, None, "signature is invalid"),
+                (b"forge", True, None, "signature is invalid"),
+                (b"", True, None, "unsigned reply"),
+                (b"", True, busy, r"unsigned reply \(busy: forged\)"),
+                (b"", False, busy, r"unsigned reply \(busy: forged\)"),
+                (b"forge", True, busy, "signature is invalid"),
+                (b"sign", False, None, "does not echo our nonce"),
+                (b"sign", False, busy, "does not echo our nonce")):
+            t = threading.Thread(target=fake_agent, args=(tag, echo, reply))
             t.start()
-            client = AgentClient(("127.0.0.1", port), "m1", key, timeout=5)
+            client = AgentClient(("127.0.0.1", port), key, "h0", agent.public, timeout=5)
             with pytest.raises(TransportError, match=match) as err:
                 client.ping()
             assert err.value.code == "protocol"
@@ -212,8 +222,8 @@ def test_the_audit_log_records_requests_rejections_and_registrations(agent_lab):
     c.ping()
     c.read("n0", "app", 0, 8)
     c.write("n0", "mailbox", 0, b"x" * 100)
-    with pytest.raises(AuthError):
-        AgentClient(lab.agent.address, "m2", new_key(), timeout=5).kill("n0", victim.pid)
+    with pytest.raises(TransportError, match="bad signature"):
+        lab.client(new_identity("m2")).kill("n0", victim.pid)
     c.kill("n0", victim.pid)
     lines = lab.audit()
     assert lines[0]["kind"] == "start"
@@ -227,7 +237,7 @@ def test_the_audit_log_records_requests_rejections_and_registrations(agent_lab):
     assert all("elapsed_ms" in a for a in rpc.values())
     [rejected] = [a for a in lines if a["kind"] == "rejected"]
     assert rejected["error"] == "auth" and rejected["monitor"] == "m2"
-    assert "bad MAC" in rejected["message"]
+    assert "bad signature" in rejected["message"]
 
 
 def test_a_stuck_op_is_answered_deadline_while_others_are_served(agent_lab):

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 from test_nodes_support import PY, prefix, wait_for  # noqa: F401 - fixture re-exported
 
-from backdoors.agent import AgentClient, AgentConfig, BackgroundAgent, NodeSpec, new_key
+from backdoors.agent import AgentClient, AgentConfig, BackgroundAgent, NodeSpec, new_identity
+from backdoors.agent.keys import Identity, write_key_file
 from backdoors.common.runtime import AGENT_SOCKET_ENV
 from backdoors.nodes import Node
 
@@ -86,11 +87,13 @@ time.sleep(300)
 
 @dataclass
 class AgentLab:
-    """Nodes, keys and a running agent; `client()` talks to it as a monitor."""
+    """Nodes, keys and a running agent; `client()` talks to it as a monitor. `keys` are the
+    monitors' signers, `agent_key` the agent's own."""
 
     prefix: str
     tmp: str
-    keys: dict[str, bytes]
+    keys: dict[str, Identity]
+    agent_key: Identity
     nodes: dict[str, Node]
     config: AgentConfig
     agent: BackgroundAgent | None = None
@@ -101,7 +104,8 @@ class AgentLab:
     def client(self, monitor: str = "m1", **kwargs) -> AgentClient:
         kwargs.setdefault("timeout", 5.0)
         address = self.address or self.agent.address
-        c = AgentClient(address, monitor, self.keys[monitor], **kwargs)
+        key = monitor if isinstance(monitor, Identity) else self.keys[monitor]
+        c = AgentClient(address, key, self.config.host, self.agent_key.public, **kwargs)
         self.clients.append(c)
         return c
 
@@ -174,17 +178,25 @@ def read_line(proc: subprocess.Popen, timeout: float = 10.0) -> str:
     return line
 
 
-def make_config(prefix: str, tmp: str, nodes: dict[str, str], keys: dict[str, bytes],
-                **overrides) -> AgentConfig:
+def make_config(prefix: str, tmp: str, nodes: dict[str, str], keys: dict[str, Identity],
+                agent_key: Identity, **overrides) -> AgentConfig:
     # these nodes are bare cgroups whose processes run as root on the host: not isolated
     specs = [NodeSpec(name, relpath, **{"isolation": "trusted",
                                         **overrides.pop(f"node_{name}", {})})
              for name, relpath in nodes.items()]
     fields = dict(host="h0", listen="127.0.0.1:0", run_dir=f"{tmp}/run",
-                  audit_log=f"{tmp}/audit.jsonl", monitors={m: k.hex() for m, k in keys.items()},
-                  nodes=specs, cgroup=f"{prefix}-agent")
+                  audit_log=f"{tmp}/audit.jsonl",
+                  monitors={m: k.public_text() for m, k in keys.items()},
+                  key_file=write_agent_key(tmp, agent_key), nodes=specs, cgroup=f"{prefix}-agent")
     fields.update(overrides)
     return AgentConfig(**fields)
+
+
+def write_agent_key(tmp: str, key: Identity) -> str:
+    """The agent's private key file in `tmp` (mode 0600); its path."""
+    path = os.path.join(tmp, f"agent-{key.id}.key")
+    write_key_file(path, key, overwrite=True)
+    return path
 
 
 @pytest.fixture
@@ -197,9 +209,11 @@ def agent_lab(prefix):  # noqa: F811 - the nodes tests' fixture
         nodes = {"n0": {}} if nodes is None else nodes
         built = {name: Node.create(name, f"{prefix}/{name}", **limits)
                  for name, limits in nodes.items()}
-        keys = {m: new_key() for m in MONITORS}
-        config = make_config(prefix, tmp, {n: f"{prefix}/{n}" for n in nodes}, keys, **overrides)
-        lab = AgentLab(prefix, tmp, keys, built, config)
+        keys = {m: new_identity(m) for m in MONITORS}
+        agent_key = new_identity(overrides.get("host", "h0"))
+        config = make_config(prefix, tmp, {n: f"{prefix}/{n}" for n in nodes}, keys, agent_key,
+                             **overrides)
+        lab = AgentLab(prefix, tmp, keys, agent_key, built, config)
         labs.append(lab)
         if start:
             lab.agent = BackgroundAgent(config).start()

@@ -11,7 +11,7 @@ import pytest
 
 import backdoors.config as C
 from backdoors.agent.config import AgentConfig, KernelSensorLimits, NodeSpec
-from backdoors.agent.keys import generate_keys
+from backdoors.agent.keys import generate, new_identity
 from backdoors.common.configfile import descriptions
 from backdoors.config import load_agent_config as load_agent
 from backdoors.config import load_monitor_config as load_monitor
@@ -26,7 +26,8 @@ host = "h0"
 listen = "10.99.0.1:7700"
 run_dir = "/run/backdoors"
 audit_log = "/var/log/backdoors/audit.jsonl"
-monitors = "keys.toml"
+monitors = "monitors.pub"
+key_file = "h0.key"
 metrics_listen = "10.99.0.1:9464"
 
 [[agent.nodes]]
@@ -42,7 +43,7 @@ forks_per_s = 100.0
 
 [monitor]
 monitor_id = "m1"
-key_file = "keys.toml"
+key_file = "m1.key"
 incidents_dir = "incidents"
 metrics_listen = "10.99.0.1:9465"
 
@@ -52,9 +53,17 @@ address = "10.99.0.1:7700"
 """
 
 
+def keys_in(folder: Path, monitors=("m1", "m2"), agent="h0") -> None:
+    """The monitors' private keys and public keys file, and the agent's key, in `folder`."""
+    lines = [generate(str(folder / f"{m}.key"), m).public_text() for m in monitors]
+    (folder / "monitors.pub").write_text("".join(f'{m} = "{t}"\n'
+                                                 for m, t in zip(monitors, lines)))
+    generate(str(folder / f"{agent}.key"), agent)
+
+
 @pytest.fixture
 def folder(tmp_path):
-    generate_keys(str(tmp_path / "keys.toml"), ["m1", "m2"])
+    keys_in(tmp_path)
     return tmp_path
 
 
@@ -68,11 +77,12 @@ def test_both_loaders_read_their_section_of_the_unified_file(folder):
     path = write(folder, UNIFIED)
     agent = load_agent(path)
     assert agent.host == "h0" and [n.name for n in agent.nodes] == ["n0", "n1"]
-    assert agent.monitors == str(folder / "keys.toml")  # relative to the file
+    assert agent.monitors == str(folder / "monitors.pub")  # relative to the file
+    assert agent.key_file == str(folder / "h0.key")
     assert agent.kernel_sensors.forks_per_s == 100.0 and agent.metrics_listen == "10.99.0.1:9464"
     monitor = load_monitor(path)
     assert monitor.monitor_id == "m1" and monitor.agents[0].address == "10.99.0.1:7700"
-    assert monitor.key_file == str(folder / "keys.toml")
+    assert monitor.key_file == str(folder / "m1.key")
     assert monitor.incidents_dir == str(folder / "incidents")
     assert monitor.metrics_listen == "10.99.0.1:9465"
     assert C.load_agent_config(path) == agent and C.load_monitor_config(path) == monitor
@@ -88,19 +98,19 @@ def test_plain_files_still_load(folder):
 
 @pytest.mark.parametrize("change, where", [
     (('cgroup = "svc/n1"', 'cgroup = "svc/n0/x"'),
-     r":15: key agent\.nodes\[1\]\.cgroup: 'svc/n0/x' overlaps node n0's cgroup"),
+     r":16: key agent\.nodes\[1\]\.cgroup: 'svc/n0/x' overlaps node n0's cgroup"),
     (("[agent]\n", "[agent]\nquorum = 5\n"),
      r":2: key agent\.quorum: 5 exceeds the 2 monitors known"),
     (('forks_per_s = 100.0', 'forks_per_s = "many"'),
-     r":18: key agent\.kernel_sensors\.forks_per_s: Expected `float`, got `str`"),
+     r":19: key agent\.kernel_sensors\.forks_per_s: Expected `float`, got `str`"),
     (('metrics_listen = "10.99.0.1:9464"', 'metrics_listen = "nowhere"'),
-     r":7: key agent\.metrics_listen: 'nowhere' is not ADDR:PORT"),
+     r":8: key agent\.metrics_listen: 'nowhere' is not ADDR:PORT"),
     (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nperiod = 5'),
-     r":24: key monitor\.period: Object contains unknown field `period`"),
+     r":25: key monitor\.period: Object contains unknown field `period`"),
     (('metrics_listen = "10.99.0.1:9465"', 'metrics_listen = ":"'),
-     r":24: key monitor\.metrics_listen: ':' is not ADDR:PORT"),
+     r":25: key monitor\.metrics_listen: ':' is not ADDR:PORT"),
     (('address = "10.99.0.1:7700"\n', 'address = "h0"\n'),
-     r":28: key monitor\.agents\[0\]\.address: 'h0' is not ADDR:PORT"),
+     r":29: key monitor\.agents\[0\]\.address: 'h0' is not ADDR:PORT"),
 ])
 def test_errors_name_file_line_and_key(folder, change, where):
     path = write(folder, UNIFIED.replace(*change))
@@ -113,13 +123,13 @@ def test_errors_name_file_line_and_key(folder, change, where):
 
 def test_layout_errors(folder):
     path = write(folder, UNIFIED.replace("[monitor]", "[monitors]"))
-    with pytest.raises(ConfigError, match=r"backdoors\.toml:20: key monitors: unknown top-level"):
+    with pytest.raises(ConfigError, match=r"backdoors\.toml:21: key monitors: unknown top-level"):
         load_agent(path)
     path = write(folder, UNIFIED.split("[monitor]")[0])
     with pytest.raises(ConfigError, match=r"has no \[monitor\] section \(it has: \[agent\]\)"):
         load_monitor(path)
-    path = write(folder, UNIFIED.replace('monitors = "keys.toml"', 'monitors = "nokeys.toml"'))
-    with pytest.raises(ConfigError, match=r"backdoors\.toml: \[agent\]: cannot read keys file"):
+    path = write(folder, UNIFIED.replace('monitors = "monitors.pub"', 'monitors = "nokeys.toml"'))
+    with pytest.raises(ConfigError, match=r"backdoors\.toml: \[agent\]: cannot read public keys file"):
         load_agent(path)
     path = write(folder, UNIFIED.replace("[agent]\n", "[agent\n"))
     with pytest.raises(ConfigError, match=r"not valid TOML.*line 1"):
@@ -146,9 +156,10 @@ def test_every_key_is_documented():
         assert set(descriptions(struct)) == set(struct.__struct_fields__), struct.__name__
 
 
-def test_show_the_contrib_example_round_trips(folder):
-    generate_keys(str(folder / "all.toml"), ["m1", "m2", "m3", "agent-web-a", "agent-web-b"])
-    text = CONTRIB.read_text().replace("/etc/backdoors/keys.toml", str(folder / "all.toml"))
+def test_show_the_contrib_example_round_trips(tmp_path):
+    folder = tmp_path
+    keys_in(folder, ("m1", "m2", "m3"), "web-a")
+    text = CONTRIB.read_text().replace("/etc/backdoors/", f"{folder}/")
     path = write(folder, text)
     shown = C.config_show(path)
     again = write(folder, shown, "shown.toml")
@@ -171,18 +182,19 @@ def test_show_the_contrib_example_round_trips(folder):
     assert lines[idx - 1].endswith("(default)")
 
 
-def test_show_fills_effective_defaults_and_hides_inline_keys(folder):
-    keys = {"m1": "ab" * 32}
+def test_show_fills_effective_defaults_and_shows_public_keys(folder):
+    m1 = new_identity("m1").public_text()
     plain = write(folder, f"""\
 host = "h0"
 listen = "10.99.0.1:7700"
 run_dir = "/run/backdoors"
 audit_log = "/var/log/backdoors/audit.jsonl"
+key_file = "/etc/backdoors/h0.key"
 [monitors]
-m1 = "{keys['m1']}"
+m1 = "{m1}"
 """, "agent.toml")
     shown = C.config_show(plain)
-    assert "ab" * 32 not in shown and 'm1 = "<redacted: 32-byte key>"' in shown
+    assert f'm1 = "{m1}"' in shown  # public: nothing to hide
     assert 'cgroup = "bd-agent-h0"' in shown and "\n[monitor]" not in shown
     mon = write(folder, 'monitor_id = "m9"\n[[agents]]\nhost = "h0"\naddress = "10.0.0.1:1"\n',
                 "monitor.toml")

@@ -73,7 +73,7 @@ def test_only_the_nodes_own_run_directory_is_there(lab):
     assert r.stdout.split() == [f"/run/backdoors/{lab.name}:", "nodes",
                                 f"/run/backdoors/{lab.name}/nodes:", "n0"]
     assert "agent.sock" in lab_exec(lab, "ls", f"/run/backdoors/{lab.name}/nodes/n0").stdout
-    keys = topology.RUN_ROOT / lab.name / "keys.toml"
+    keys = topology.RUN_ROOT / lab.name / "keys" / "m1.key"
     assert keys.exists()  # on the host; not in the node
     assert lab_exec(lab, "cat", str(keys)).returncode != 0
     assert lab_exec(lab, "ls", f"/run/backdoors/{lab.name}/nodes/n1").returncode != 0

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_agent_support import agent_lab, prefix  # noqa: F401 - fixtures
 
 from backdoors.agent import AgentClient
-from backdoors.agent.errors import AuthError, QuorumError
-from backdoors.agent.keys import new_key
+from backdoors.agent.errors import QuorumError, TransportError
+from backdoors.agent.keys import new_identity
 from backdoors.monitor import Monitor
 from backdoors.monitor.incidents import ActionRecord, Incident
 from backdoors.monitor.metrics import MonitorMetrics
@@ -90,8 +90,8 @@ def test_agent_serves_its_metrics_and_stops_with_it(agent_lab):  # noqa: F811
     c.sensors("n0")
     with pytest.raises(QuorumError):
         c.lock("n0", 1.0)  # one vote of two: expires, nothing applied
-    with pytest.raises(AuthError):
-        AgentClient(agent.address, "m1", new_key(), timeout=2).ping()
+    with pytest.raises(TransportError, match="bad signature"):  # refused, unsigned
+        lab.client(new_identity("m1"), timeout=2).ping()
 
     status, m = scrape(address)
     assert status == 200

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from backdoors.monitor import Monitor, load_incidents, parse_ruleset, run_monitor
+from backdoors.agent.keys import new_identity, write_key_file
 from backdoors.monitor.config import AgentEntry
 from backdoors.net import netns
 from backdoors.scenarios.labkit import AgentLab
@@ -80,9 +81,10 @@ def test_silent_agent_is_its_own_condition_and_does_not_slow_the_others(agent_la
     refused = netns.socket_in(al.plan.monitor_ns, socket.AF_INET)
     refused.bind(("10.99.0.250", 0))  # bound, never listening: connections are refused
     agents = [*good.agents,
-              AgentEntry("hx", f"10.99.0.250:{port}", nodes=["x0"], netns=al.plan.monitor_ns),
+              AgentEntry("hx", f"10.99.0.250:{port}", nodes=["x0"], netns=al.plan.monitor_ns,
+                         public_key=new_identity("hx").public_text()),
               AgentEntry("hy", f"10.99.0.250:{refused.getsockname()[1]}",
-                         netns=al.plan.monitor_ns)]
+                         netns=al.plan.monitor_ns, public_key=new_identity("hy").public_text())]
     import msgspec
     cfg = msgspec.structs.replace(good, agents=agents)
     rules = [*parse_ruleset(UNREACHABLE_RULE).rule]
@@ -113,9 +115,7 @@ def test_silent_agent_is_its_own_condition_and_does_not_slow_the_others(agent_la
 
 def test_run_monitor_and_the_module_entry_point(agent_lab, tmp_path):
     al = agent_lab
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'm1 = "{al.monitor_key().hex()}"\n')
-    keys.chmod(0o600)
+    write_key_file(str(tmp_path / "keys.toml"), al.monitor_key())
     agent = al.monitor_config().agents[0]
     conf = tmp_path / "monitor.toml"
     conf.write_text(f"""\
@@ -128,6 +128,7 @@ incidents_dir = "incidents"
 host = "{agent.host}"
 address = "{agent.address}"
 netns = "{agent.netns}"
+public_key = "{agent.public_key}"
 """)
     check = subprocess.run([sys.executable, "-m", "backdoors", "monitor", "--config", str(conf),
                             "--check"], capture_output=True, text=True, timeout=60)

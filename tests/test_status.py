@@ -9,6 +9,7 @@ import time
 import pytest
 from rich.console import Console
 
+from backdoors.agent.keys import new_identity, write_key_file
 from backdoors.lab import Lab
 from backdoors.lab import topology
 from backdoors.lab.agents import stop_agents
@@ -105,8 +106,7 @@ def test_an_unreachable_agent_is_a_state_not_a_traceback(lab):
 
 @pytest.mark.root
 def test_a_monitor_config_as_the_source(lab, tmp_path):
-    keys = tmp_path / "keys.toml"
-    keys.write_text(f'm1 = "{lab.monitor_key().hex()}"\n')
+    write_key_file(str(tmp_path / "keys.toml"), lab.monitor_key())
     conf = tmp_path / "backdoors.toml"
     conf.write_text(f"""\
 [monitor]
@@ -118,11 +118,13 @@ incidents_dir = "incidents"
 host = "h0"
 address = "{lab.agent_address('h0')}"
 netns = "{lab.plan.monitor_ns}"
+public_key = "{lab.agent_public_key('h0')}"
 
 [[monitor.agents]]
 host = "gone"
 address = "10.99.0.77:7700"
 netns = "{lab.plan.monitor_ns}"
+public_key = "{new_identity('gone').public_text()}"
 nodes = ["x0"]
 """)
     rows = status_table(monitor_config=str(conf), timeout=0.5)
@@ -144,7 +146,8 @@ def test_recovered_and_fenced_after_sessions_move(root, unique):
             wait(lambda: len(c.call("sessions", node="n0")) == 3, 20, "3 held sessions")
             assert by_node(status_table(lab=lab.name))["n1"]["state"] == "ok"
             c.call("fence", node="n0")
-            moved = c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_node="n1")
+            moved = c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
+                           to_node="n1")
             assert moved["moved"] == 3, moved
             rows = by_node(status_table(lab=lab.name))
             assert rows["n0"]["state"] == "fenced" and rows["n0"]["fenced"]

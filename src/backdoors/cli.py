@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import os
 from typing import Optional
 
 import typer
@@ -41,6 +42,13 @@ app.add_typer(config_app, name="config")
 scenario_app = typer.Typer(help="End-to-end cases: each builds its own lab, runs, tears down, prints JSON (root).",
                            no_args_is_help=True)
 app.add_typer(scenario_app, name="scenario")
+keys_app = typer.Typer(help=(
+    "Ed25519 keys of monitors and agents (docs/operations.md, Keys). Each monitor and each "
+    "agent has its own private key file (mode 0600, never copied elsewhere); the others "
+    "hold only its public key: agents list their monitors' and peers' public keys "
+    "([agent.monitors], [agent.peers]), monitors their agents' ([[monitor.agents]] "
+    "public_key)."), no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 out = Console()
 err = Console(stderr=True)
@@ -289,6 +297,72 @@ def config_show(
     from .config import config_show as show
 
     print(show(config), end="")
+
+
+# ---- keys ---------------------------------------------------------------------------
+
+
+@keys_app.command("generate")
+def keys_generate(
+    path: str = typer.Argument(..., help="The private key file to write (refused if it exists), e.g. /etc/backdoors/m1.key."),
+    id: str = typer.Option(..., "--id", help="Whose key: a monitor id (m1) or an agent's host name (web-a)."),
+) -> None:
+    """Write a new Ed25519 private key file (mode 0600) and print its public entry.
+
+    The printed line, `ID = "ed25519:..."`, goes into the configs that check this key: for a
+    monitor, the [agent.monitors] table of every agent; for an agent, the [agent.peers]
+    table of its peer agents and the public_key of its [[monitor.agents]] entries. The
+    private key file stays on its own host, readable by its user only."""
+    from .agent.keys import generate, public_entry
+
+    old = os.umask(0o077)
+    try:
+        identity = generate(path, id)
+    finally:
+        os.umask(old)
+    print(public_entry(identity.id, [identity.public]))
+
+
+@keys_app.command("show")
+def keys_show(
+    path: str = typer.Argument(..., help="A private key file."),
+) -> None:
+    """Print the public entry of a private key file: `ID = "ed25519:..."`, or with two
+    keys while a rotation is under way (paste it into the configs that check this key)."""
+    from .agent.keys import public_entry, read_key_file
+
+    current, nxt = read_key_file(path)
+    print(public_entry(current.id, [current.public] + ([nxt.public] if nxt else [])))
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    path: str = typer.Argument(..., help="The private key file to rotate."),
+    finish: bool = typer.Option(False, "--finish", help="Second step: sign with the new key from now on; drop the old one."),
+) -> None:
+    """Rotate a key without downtime, in two steps.
+
+    1. `keys rotate FILE` adds a next key to the file (the old one still signs) and prints
+    the entry with both public keys: install it everywhere this key is checked (both are
+    valid meanwhile).
+    2. `keys rotate --finish FILE` makes the next key the only one and prints the entry
+    with the new public key alone; restart the key's owner (it signs with the new key),
+    then install the new entry everywhere (the old key is refused from then on)."""
+    from .agent.keys import new_identity, public_entry, read_key_file, write_key_file
+
+    current, nxt = read_key_file(path)
+    if finish:
+        if nxt is None:
+            raise BackdoorsError(f"{path}: no rotation under way (run keys rotate {path} first)")
+        write_key_file(path, nxt, overwrite=True)
+        print(public_entry(nxt.id, [nxt.public]))
+        return
+    if nxt is not None:
+        raise BackdoorsError(f"{path}: a rotation is under way already (finish it with "
+                             f"keys rotate --finish {path})")
+    nxt = new_identity(current.id)
+    write_key_file(path, current, nxt, overwrite=True)
+    print(public_entry(current.id, [current.public, nxt.public]))
 
 
 def _node_client(node: str, lab: Optional[str], config: Optional[str]):

@@ -102,7 +102,7 @@ def config_show(path: str | None = None) -> str:
 
     `path` is a unified file or a plain agent or monitor file; None: DEFAULT_PATH, or, when
     that does not exist, the defaults alone (required keys shown commented out). Keys
-    given inline in [agent.monitors] are not shown.
+    given inline in [agent.monitors] are public keys, shown as they are.
     """
     if path is None and not os.path.exists(DEFAULT_PATH):
         return _show_defaults()
@@ -140,11 +140,8 @@ def _show_agent(c: AgentConfig, raw: dict) -> list[str]:
         out += _line("monitors", c.monitors, docs["monitors"], "monitors" in raw)
     out.append("")
     if isinstance(c.monitors, dict):
-        out += ["# monitors: their keys are secrets and not shown here; keep them in a keys",
-                "# file (monitors = \"/etc/backdoors/keys.toml\") rather than inline",
-                "[agent.monitors]"]
-        out += [f'{_key(m)} = "<redacted: {len(k) // 2}-byte key>"'
-                for m, k in c.monitors.items()]
+        out += ["# " + docs["monitors"], "[agent.monitors]"]
+        out += [f"{_key(m)} = {_value(k)}" for m, k in c.monitors.items()]
         out.append("")
     out += ["# " + docs["kernel_sensors"], "[agent.kernel_sensors]"]
     out += _fields(c.kernel_sensors, raw.get("kernel_sensors", {}), {})

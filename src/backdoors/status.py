@@ -119,13 +119,13 @@ def _lab_sources(name: str, timeout: float) -> tuple[list[AgentSource], str | No
 def _config_sources(path: str, timeout: float) -> tuple[list[AgentSource], str | None]:
     from .agent.client import AgentClient
     from .config import load_monitor_config
-    from .monitor.config import load_monitor_key
+    from .monitor.config import agent_keys, load_monitor_key
     from .monitor.core import DEFAULT_INCIDENTS_DIR
 
     config = load_monitor_config(path)
     key = load_monitor_key(config)
     sources = [AgentSource(e.host, e.address,
-                           lambda e=e: AgentClient(e.address, config.monitor_id, key,
+                           lambda e=e: AgentClient(e.address, key, e.host, agent_keys(e),
                                                    netns=e.netns, timeout=timeout),
                            list(e.nodes) if e.nodes is not None else None)
                for e in config.agents]

@@ -2,7 +2,8 @@
 
 - `Agent`, `BackgroundAgent` (daemon.py); `run_agent` (run.py), the daemon process that
   `backdoors agent --config FILE` runs;
-- `AgentConfig`, `load_config` (config.py); `generate_keys`, `load_keys` (keys.py);
+- `AgentConfig`, `load_config` (config.py); `Identity`, `new_identity`, `load_identity`,
+  `generate` (keys.py: Ed25519 keypairs of monitors and agents);
 - `AgentClient` (client.py), used by monitors;
 - `fdstore.py` (its held descriptors in the supervisor's fd store, taken back on start)
   and `peerwatch.py` (agents watching each other; the op `peers`).
@@ -21,7 +22,8 @@ _EXPORTS = {
     "AgentConfig": "config", "NodeSpec": "config", "KernelSensorLimits": "config",
     "load_config": "config",
     "AgentClient": "client",
-    "generate_keys": "keys", "load_keys": "keys", "load_key": "keys", "new_key": "keys",
+    "Identity": "keys", "new_identity": "keys", "load_identity": "keys", "generate": "keys",
+    "load_publics": "keys",
     "RemoteError": "errors", "TransportError": "errors",
     "AuthError": "errors", "QuorumError": "errors", "DeadlineError": "errors",
     "BusyError": "errors", "BoundsError": "errors", "NotFoundError": "errors",

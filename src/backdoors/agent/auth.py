@@ -1,21 +1,28 @@
-"""Opening a request frame: envelope, monitor key, MAC, strict decoding, replay checks.
+"""Opening a request frame: envelope, signer's public key, signature, strict decoding,
+target agent, time bounds and replay checks.
 
-Order matters: the body's MAC is verified over its raw bytes before the body is decoded
-into a Request (only the `monitor` field is read first, to choose the key), and a nonce
-is remembered only once its MAC is good, so unauthenticated traffic cannot fill the cache.
+Order matters: the body's signature is verified over its raw bytes before the body is
+decoded into a Request (only the `monitor` field is read first, to choose the public keys),
+and a nonce is remembered only once its signature is good, so unauthenticated traffic
+cannot fill the cache. Each signer has its own share of the cache: one stolen key can make
+the agent answer `busy` to that key's holder only.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .keys import verify
 from .protocol import (
-    DECODE_ERRORS, NONCE_BYTES, REPLAY_WINDOW_S, VERSION, Envelope, MonitorOf, Request, mac_ok,
+    DECODE_ERRORS, NONCE_BYTES, REPLAY_WINDOW_S, REQUEST_DOMAIN, VERSION, Envelope, MonitorOf,
+    Request,
 )
 
 _envelope = msgspec.msgpack.Decoder(Envelope)
@@ -24,87 +31,122 @@ _request = msgspec.msgpack.Decoder(Request)
 
 
 class Rejected(Exception):
-    """A request refused before dispatch. `key` signs the reply when the monitor is known
-    and authentic (None: the reply goes unsigned); `nonce` is echoed when it was read."""
+    """A request refused before dispatch. `signed`: the reply is signed (the signer is
+    authentic and the request fresh; a reply to a replay, a request for another agent or
+    out of its time stays unsigned, so it cannot stand in for the real request's reply);
+    `nonce` is echoed when it was read."""
 
-    def __init__(self, code: str, message: str, *, monitor: str = "?", key: bytes | None = None,
+    def __init__(self, code: str, message: str, *, monitor: str = "?", signed: bool = False,
                  nonce: bytes = b"", op: str = "?"):
         super().__init__(message)
-        self.code, self.message, self.monitor, self.key = code, message, monitor, key
+        self.code, self.message, self.monitor, self.signed = code, message, monitor, signed
         self.nonce, self.op = nonce, op
 
 
 class ReplayGuard:
-    """(monitor, nonce) pairs seen within the replay window; at most `capacity` of them."""
+    """(signer, nonce) pairs seen while their ts is within the window, in a heap ordered by
+    expiry; each signer may hold at most `quota` of them."""
 
-    def __init__(self, capacity: int, window: float = REPLAY_WINDOW_S):
-        self.capacity, self.window = capacity, window
-        self._seen: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+    def __init__(self, quota: int, window: float = REPLAY_WINDOW_S):
+        self.quota, self.window = quota, window
+        self._heap: list[tuple[float, str, bytes]] = []
+        self._seen: set[tuple[str, bytes]] = set()
+        self._held: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def admit(self, monitor: str, nonce: bytes, ts: float, now: float) -> str | None:
+    def held(self, signer: str) -> int:
+        return self._held.get(signer, 0)
+
+    def admit(self, signer: str, nonce: bytes, ts: float, now: float) -> str | None:
         """None if fresh (and now remembered), else why not: "replay" or "busy"."""
-        while self._seen:
-            first = next(iter(self._seen.values()))
-            if first > now:
-                break
-            self._seen.popitem(last=False)
-        pair = (monitor, nonce)
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, who, old = heapq.heappop(heap)
+            self._seen.discard((who, old))
+            self._held[who] -= 1
+        pair = (signer, nonce)
         if pair in self._seen:
             return "replay"
-        if len(self._seen) >= self.capacity:
+        if self._held.get(signer, 0) >= self.quota:
             return "busy"
-        self._seen[pair] = ts + self.window  # after this, ts itself is out of the window
+        self._seen.add(pair)
+        self._held[signer] = self._held.get(signer, 0) + 1
+        # after ts + window, ts itself is out of the window: the pair can go
+        heapq.heappush(heap, (ts + self.window, signer, nonce))
         return None
 
 
+@dataclass(frozen=True)
+class Opened:
+    """An authentic, fresh request and who signed it (`peer`: a peer agent, not a monitor)."""
+
+    request: Request
+    peer: bool
+
+
 class Authenticator:
-    """Turns a frame's payload into an authentic, fresh Request, or raises Rejected."""
+    """Turns a frame's payload into an authentic, fresh Request for agent `agent_id`, or
+    raises Rejected. Requests signed before `started` (the agent's start) are refused:
+    the replay cache does not outlive the agent."""
 
-    def __init__(self, keys: dict[str, bytes], *, cache_entries: int,
-                 clock: Callable[[], float] = time.time):
-        self.keys, self.clock = keys, clock
-        self.replay = ReplayGuard(cache_entries)
+    def __init__(self, agent_id: str, monitors: Mapping[str, Sequence[Ed25519PublicKey]],
+                 peers: Mapping[str, Sequence[Ed25519PublicKey]] | None = None, *,
+                 cache_entries: int, clock: Callable[[], float] = time.time,
+                 started: float | None = None):
+        self.agent_id, self.clock = agent_id, clock
+        self.monitors, self.peers = dict(monitors), dict(peers or {})
+        self.started = clock() if started is None else started
+        signers = max(1, len(self.monitors) + len(self.peers))
+        self.replay = ReplayGuard(max(1, cache_entries // signers))
 
-    def open(self, payload: bytes) -> tuple[Request, bytes]:
-        """(request, the monitor's key)."""
+    def open(self, payload: bytes) -> Opened:
         try:
             env = _envelope.decode(payload)
         except DECODE_ERRORS as e:
-            raise Rejected("bad_frame", f"not an envelope {{body, mac}}: {e}") from None
+            raise Rejected("bad_frame", f"not an envelope {{body, sig}}: {e}") from None
         try:
             monitor = _monitor_of.decode(env.body).monitor
         except DECODE_ERRORS:
             raise Rejected("auth", "the body names no monitor") from None
-        key = self.keys.get(monitor)
+        peer = monitor not in self.monitors
+        keys = self.peers.get(monitor) if peer else self.monitors[monitor]
         shown = monitor if len(monitor) <= 64 else monitor[:64] + "..."
-        if key is None:
+        if keys is None:
             raise Rejected("auth", f"unknown monitor {shown!r}", monitor="?")
-        if not env.mac or not mac_ok(key, env.body, env.mac):
-            raise Rejected("auth", f"bad MAC for monitor {shown!r}", monitor=shown)
+        if not verify(keys, REQUEST_DOMAIN, env.body, env.sig):
+            raise Rejected("auth", f"bad signature for {'peer' if peer else 'monitor'} "
+                           f"{shown!r}", monitor=shown)
         try:
             req = _request.decode(env.body)
         except DECODE_ERRORS as e:
             raise Rejected("bad_request", f"malformed request body: {e}", monitor=monitor,
-                           key=key) from None
+                           signed=True) from None
         if req.v != VERSION:
             raise Rejected("bad_request", f"protocol version {req.v}, this agent speaks {VERSION}",
-                           monitor=monitor, key=key, nonce=req.nonce, op=req.op)
+                           monitor=monitor, signed=True, nonce=req.nonce, op=req.op)
         if len(req.nonce) != NONCE_BYTES:
             raise Rejected("bad_request", f"nonce must be {NONCE_BYTES} bytes, got "
-                           f"{len(req.nonce)}", monitor=monitor, key=key, op=req.op)
+                           f"{len(req.nonce)}", monitor=monitor, signed=True, op=req.op)
+        if req.agent != self.agent_id:
+            raise Rejected("auth", f"the request is for agent {req.agent[:64]!r}, this is "
+                           f"{self.agent_id!r}", monitor=monitor, nonce=req.nonce, op=req.op)
         now = self.clock()
-        if not (math.isfinite(req.ts) and abs(req.ts - now) <= REPLAY_WINDOW_S):
-            raise Rejected("replay", f"request time {req.ts:.3f} is more than "
-                           f"{REPLAY_WINDOW_S:g} s from the agent's clock {now:.3f}",
+        if not (math.isfinite(req.ts) and abs(req.ts - now) < REPLAY_WINDOW_S):
+            raise Rejected("replay", f"request time {req.ts:.3f} is {REPLAY_WINDOW_S:g} s or "
+                           f"more from the agent's clock {now:.3f}", monitor=monitor,
+                           nonce=req.nonce, op=req.op)
+        if req.ts < self.started:
+            raise Rejected("replay", f"request time {req.ts:.3f} is before this agent started "
+                           f"({self.started:.3f}): sent to an earlier run, or replayed",
                            monitor=monitor, nonce=req.nonce, op=req.op)
         verdict = self.replay.admit(monitor, req.nonce, req.ts, now)
         if verdict == "replay":
             raise Rejected("replay", "this nonce was already used (a replayed request)",
                            monitor=monitor, nonce=req.nonce, op=req.op)
         if verdict == "busy":
-            raise Rejected("busy", f"replay cache full ({self.replay.capacity} recent requests)",
-                           monitor=monitor, key=key, nonce=req.nonce, op=req.op)
-        return req, key
+            raise Rejected("busy", f"{monitor} has {self.replay.quota} recent requests, its "
+                           "share of the replay cache; retry later", monitor=monitor,
+                           signed=True, nonce=req.nonce, op=req.op)
+        return Opened(req, peer)

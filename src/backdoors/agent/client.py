@@ -1,8 +1,9 @@
 """The monitors' side of the agent RPC: `AgentClient`, with a typed method per op.
 
 A client keeps one connection and reconnects when it has to. It signs each request with
-its monitor key, and accepts a reply only if it carries a valid MAC under the same key and
-echoes the request's nonce (mutual authentication). Errors become AgentError subclasses
+its private key, naming the agent it is for, and accepts a reply only if it carries a
+valid signature by that agent's key and echoes the request's nonce (mutual
+authentication); an unsigned reply, even an error, is not the agent's word. Errors become AgentError subclasses
 with a `.code`: RemoteError ones for the agent's answers, TransportError for the wire.
 Thread-safe: calls are serialised on the connection (use one client per thread for
 parallel calls).
@@ -17,14 +18,16 @@ import time
 from typing import Any
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import TransportError, remote_error
 from .protocol import (
-    DECODE_ERRORS, DESTRUCTIVE, MAX_FRAME, NONCE_BYTES, VERSION, AdoptReply, Envelope,
-    EvacuateReply, FenceReply, KillReply, KillTreeReply, LimitsReply, LockReply, MovedSession,
-    NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo, SensorsReply,
-    SessionInfo, StageReply, UnlockReply, WriteReply, frame, mac, mac_ok,
+    DECODE_ERRORS, DESTRUCTIVE, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
+    AdoptReply, Envelope, EvacuateReply, FenceReply, KillReply, KillTreeReply, LimitsReply,
+    LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
+    SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply, frame,
 )
+from .keys import Identity, verify
 
 _encode = msgspec.msgpack.Encoder().encode
 _envelope = msgspec.msgpack.Decoder(Envelope)
@@ -37,22 +40,28 @@ class _Closed(Exception):
 
 
 class AgentClient:
-    """A monitor's connection to one agent.
+    """A monitor's (or a peer agent's) connection to one agent.
 
-    `address` is (host, port) or "host:port"; `netns` makes the socket in that network
-    namespace (the private network of a lab). `timeout` bounds each call; with an agent
-    whose quorum is above 1, pass its `vote_window` too: destructive calls may wait that
-    long for the other monitors' votes.
+    `address` is (host, port) or "host:port"; `identity` signs the requests (a monitor's
+    id and private key); `agent` is the agent's id (its host) and `agent_keys` its public
+    key(s), two during a rotation. `netns` makes the socket in that network namespace (the
+    private network of a lab). `timeout` bounds each call; with an agent whose quorum is
+    above 1, pass its `vote_window` too: destructive calls may wait that long for the
+    other monitors' votes.
     """
 
-    def __init__(self, address: tuple[str, int] | str, monitor_id: str, key: bytes, *,
+    def __init__(self, address: tuple[str, int] | str, identity: Identity, agent: str,
+                 agent_keys: Ed25519PublicKey | tuple[Ed25519PublicKey, ...], *,
                  netns: str | None = None, timeout: float = 1.0, vote_window: float = 0.0):
         if isinstance(address, str):
             from ..common.configfile import parse_address
             address = parse_address(address)
-        self.address, self.monitor, self.netns = address, monitor_id, netns
+        self.address, self.monitor, self.netns = address, identity.id, netns
+        self.agent = agent
+        self.agent_keys = (agent_keys,) if isinstance(agent_keys, Ed25519PublicKey) \
+            else tuple(agent_keys)
         self.timeout, self.vote_window = timeout, vote_window
-        self._key = key
+        self._identity = identity
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -86,12 +95,14 @@ class AgentClient:
                                  "protocol") from None
 
     def signed_request(self, op: str, args: dict[str, Any], *, ts: float | None = None,
-                       nonce: bytes | None = None) -> tuple[bytes, bytes]:
+                       nonce: bytes | None = None, agent: str | None = None
+                       ) -> tuple[bytes, bytes]:
         """(frame payload, nonce) of a request; exposed for tests of the agent's checks."""
         nonce = secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce
-        body = _encode({"v": VERSION, "monitor": self.monitor, "nonce": nonce,
-                        "ts": time.time() if ts is None else ts, "op": op, "args": args})
-        return _encode(Envelope(body, mac(self._key, body))), nonce
+        body = _encode({"v": VERSION, "monitor": self.monitor, "agent": agent or self.agent,
+                        "nonce": nonce, "ts": time.time() if ts is None else ts, "op": op,
+                        "args": args})
+        return _encode(Envelope(body, self._identity.sign(REQUEST_DOMAIN, body))), nonce
 
     def _request(self, op: str, args: dict[str, Any], timeout: float | None = None) -> msgspec.Raw:
         payload, nonce = self.signed_request(op, args)
@@ -106,16 +117,16 @@ class AgentClient:
             resp = _response.decode(env.body)
         except DECODE_ERRORS as e:
             raise TransportError(f"{op}: malformed reply from the agent: {e}", "protocol") from None
-        if not env.mac:
-            if resp.ok or resp.error is None:
-                raise TransportError(f"{op}: unsigned success reply: not our agent",
-                                     "protocol")
-            raise remote_error(resp.error.code, f"{op}: {resp.error.message} "
-                                                "(unauthenticated reply)")
-        if not mac_ok(self._key, env.body, env.mac):
-            raise TransportError(f"{op}: the reply's MAC is invalid: not our agent, or another "
-                                 "key", "protocol")
-        if resp.nonce != nonce and not (resp.nonce == b"" and not resp.ok):
+        if not env.sig:
+            said = f"{resp.error.code}: {resp.error.message}" if resp.error else \
+                ("ok" if resp.ok else "failed")
+            raise TransportError(f"{op}: unsigned reply ({said[:300]}): not the agent's word "
+                                 "(it signs every answer to an authentic, fresh request)",
+                                 "protocol")
+        if not verify(self.agent_keys, REPLY_DOMAIN, env.body, env.sig):
+            raise TransportError(f"{op}: the reply's signature is invalid: not agent "
+                                 f"{self.agent}, or another key", "protocol")
+        if resp.nonce != nonce:
             raise TransportError(f"{op}: the reply does not echo our nonce", "protocol")
         if not resp.ok:
             error = resp.error
@@ -281,21 +292,25 @@ class AgentClient:
         """Thaw a fenced node and bring its interface up again."""
         return self._typed("unfence", UnlockReply, node=node)
 
-    def evacuate(self, node: str, to: str, to_node: str, *,
+    def evacuate(self, node: str, to: str, to_agent: str, to_node: str, *,
                  timeout: float | None = None) -> EvacuateReply:
-        """Move the sessions of fenced `node` to `to_node` of the agent at `to` ("ADDR:PORT"
-        on the private network). `timeout` overrides the client's (a long op)."""
-        return self._typed("evacuate", EvacuateReply, node=node, to=to, to_node=to_node,
-                           timeout=timeout)
+        """Move the sessions of fenced `node` to `to_node` of agent `to_agent` (one of this
+        agent's peers) at `to` ("ADDR:PORT" on the private network). `timeout` overrides
+        the client's (a long op)."""
+        return self._typed("evacuate", EvacuateReply, node=node, to=to, to_agent=to_agent,
+                           to_node=to_node, timeout=timeout)
 
-    def stage(self, node: str, name: str, offset: int, total: int, data: bytes) -> int:
-        """Agent to agent: a piece of session `name`'s large state, ahead of its adopt."""
+    def stage(self, node: str, name: str, offset: int, total: int, data: bytes,
+              warrant: list[bytes]) -> int:
+        """Agent to agent: a piece of session `name`'s large state, ahead of its adopt;
+        `warrant` is the monitors' signed evacuate requests it belongs to."""
         return self._typed("stage", StageReply, node=node, name=name, offset=offset,
-                           total=total, data=bytes(data)).staged
+                           total=total, data=bytes(data), warrant=warrant).staged
 
-    def adopt(self, node: str, addresses: list[str], sessions: list[MovedSession], *,
-              final: bool = True) -> AdoptReply:
+    def adopt(self, node: str, addresses: list[str], sessions: list[MovedSession],
+              warrant: list[bytes], *, final: bool = True) -> AdoptReply:
         """Agent to agent: restore `sessions` in `node` with the service `addresses`; the
-        `final` batch starts them all and hands them to the node's recovery server."""
+        `final` batch starts them all and hands them to the node's recovery server.
+        `warrant`: the monitors' signed evacuate requests naming this agent and node."""
         return self._typed("adopt", AdoptReply, node=node, addresses=addresses,
-                           sessions=sessions, final=final)
+                           sessions=sessions, warrant=warrant, final=final)

@@ -19,7 +19,7 @@ import msgspec
 
 from ..common.configfile import Document, Invalid, Path, convert, doc, parse_address
 from ..errors import ConfigError
-from .keys import MONITOR_ID, decode_key, load_keys
+from .keys import Identity, decode_publics, load_identity, load_publics, raw_public
 
 MiB = 1 << 20
 NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,24}")  # "kernel:<node>" must fit a 31-byte box name
@@ -49,6 +49,9 @@ class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "its interface on the service network (in its netns)")] = "eth0"
     addresses: Annotated[list[str], doc(
         "service addresses (CIDR) that move with its sessions on recovery")] = []
+    adopt_addresses: Annotated[list[str], doc(
+        "service addresses (CIDR) of other nodes that this node may take over when it "
+        "adopts their sessions; adopt refuses any other")] = []
     isolation: Annotated[str, doc(
         '"checked": the agent refuses to start if the node could reach it (its processes '
         "root in the agent's PID namespace, able to write the agent's cgroup, or on the "
@@ -81,8 +84,12 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "absolute; <run_dir>/<node>/agent.sock are the nodes' registration sockets")]
     audit_log: Annotated[str, doc(
         "absolute path of the JSONL audit log (appended; its folder must exist)")]
-    monitors: Annotated[dict[str, str] | str, doc(
-        "monitor id -> hex key (table), or the path of a keys file (mode 0600)")]
+    monitors: Annotated[dict[str, str | list[str]] | str, doc(
+        'monitor id -> its Ed25519 public key "ed25519:<hex>" (two during a rotation), or '
+        "the path of a public keys file holding that table")]
+    key_file: Annotated[str, doc(
+        "this agent's private key file (id = host, mode 0600): signs its replies, its "
+        "events and its requests to peer agents")]
     nodes: Annotated[list[NodeSpec], doc(
         "the nodes this agent serves: [[agent.nodes]] tables")] = []
     netns: Annotated[str | None, doc(
@@ -107,17 +114,18 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "concurrent RPC connections; more are closed at once")] = 64
     max_sessions_per_node: Annotated[int, doc(
         "client sessions (Continuation Boxes and held sockets) per node")] = 4096
-    peer_id: Annotated[str | None, doc(
-        "this agent's id (a key in monitors) when it hands sessions to other agents")] = None
-    peers: Annotated[list[str], doc("ids allowed to hand sessions to this agent (op adopt)")] = []
+    peers: Annotated[dict[str, str | list[str]], doc(
+        'peer agents: host -> its public key "ed25519:<hex>"; they may call stage, adopt '
+        "(with the monitors' evacuate) and ping, never vote; the agents this one evacuates "
+        "to and watches must be here")] = {}
     replay_cache_entries: Annotated[int, doc("nonces remembered for replay protection")] = 262144
     kernel_sensors: Annotated[KernelSensorLimits, doc(
         "thresholds of the kernel sensors: [agent.kernel_sensors]")] = KernelSensorLimits()
     metrics_listen: Annotated[str | None, doc(
         "ADDR:PORT of GET /metrics (Prometheus), in netns; unset: not served")] = None
     watch_peers: Annotated[dict[str, str], doc(
-        "peer agents this agent checks (host = \"ADDR:PORT\"), pinging as peer_id; their "
-        "view is the op peers")] = {}
+        "peer agents this agent checks (host = \"ADDR:PORT\", each in peers), pinging as "
+        "its host; their view is the op peers")] = {}
     peer_check_ms: Annotated[float, doc(
         "how often each watched peer is pinged; silent for 3 checks: reported down")] = 100.0
     orphan_timeout_s: Annotated[float, doc(
@@ -131,11 +139,19 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     def listen_address(self) -> tuple[str, int]:
         return parse_address(self.listen)
 
-    def keys(self) -> dict[str, bytes]:
-        """Monitor id -> key, from the inline table or the keys file."""
+    def monitor_keys(self) -> dict[str, tuple]:
+        """Monitor id -> its public keys, from the inline table or the public keys file."""
         if isinstance(self.monitors, str):
-            return load_keys(self.monitors)
-        return {m: decode_key(m, k, "monitors") for m, k in self.monitors.items()}
+            return load_publics(self.monitors)
+        return decode_publics(self.monitors, "monitors")
+
+    def peer_keys(self) -> dict[str, tuple]:
+        """Peer agent id -> its public keys."""
+        return decode_publics(self.peers, "peers")
+
+    def identity(self) -> Identity:
+        """This agent's signer (its private key file, mode 0600, id = host)."""
+        return load_identity(self.key_file, self.host)
 
 
 def load_config(path: str) -> AgentConfig:
@@ -150,6 +166,8 @@ def decode_table(table: dict, base: str | None = None) -> AgentConfig:
     config = convert(table, AgentConfig)
     if isinstance(config.monitors, str) and not os.path.isabs(config.monitors) and base:
         config.monitors = os.path.join(base, config.monitors)
+    if not os.path.isabs(config.key_file) and base:
+        config.key_file = os.path.join(base, config.key_file)
     _validate(config)
     return config
 
@@ -194,8 +212,9 @@ def _validate(c: AgentConfig) -> None:
             parse_address(address)
         except ValueError:
             _check(False, ("watch_peers", peer), f"{address!r} is not ADDR:PORT")
-    _check(not c.watch_peers or bool(c.peer_id), ("watch_peers",),
-           "needs peer_id (with its key in monitors): the agent pings its peers as that id")
+    for peer in c.watch_peers:
+        _check(peer in c.peers, ("watch_peers", peer), f"{peer!r} is not in peers: its "
+               "public key is needed to check its answers (and it needs ours)")
     _check(math.isfinite(c.peer_check_ms) and 10 <= c.peer_check_ms <= 60000,
            ("peer_check_ms",), "must be within 10..60000 ms")
     for key, low, high in (("vote_window_s", 0.01, 600), ("op_deadline_s", 0.01, 60),
@@ -217,20 +236,23 @@ def _validate(c: AgentConfig) -> None:
                "must be a positive number")
     _check(0 < ks.memory_high_pct <= 100 and 0 < ks.pids_high_pct <= 100,
            ("kernel_sensors",), "percentages must be within 0..100")
+    _check(os.path.isabs(c.key_file), ("key_file",), "must be an absolute path")
     if isinstance(c.monitors, str):
-        _check(os.path.isabs(c.monitors), ("monitors",), "keys file path must be absolute")
-        keys = load_keys(c.monitors)
+        _check(os.path.isabs(c.monitors), ("monitors",), "public keys file path must be absolute")
+        keys = load_publics(c.monitors)
     else:
-        keys = {}
-        for m, text in c.monitors.items():
-            _check(bool(MONITOR_ID.fullmatch(m)), ("monitors", m), "bad monitor id")
-            try:
-                keys[m] = decode_key(m, text, "monitors")
-            except ConfigError as e:
-                raise Invalid(("monitors", m), str(e).split(": ", 1)[1]) from None
+        keys = _publics(c.monitors, "monitors")
+    peers = _publics(c.peers, "peers")
     _check(bool(keys), ("monitors",), "no monitor keys: no one could talk to the agent")
-    _check(c.peer_id is None or c.peer_id in keys, ("peer_id",),
-           f"{c.peer_id!r} has no key in monitors: other agents could not authenticate it")
+    for p in peers:
+        _check(p not in keys, ("peers", p), f"{p!r} is also a monitor: a peer agent has its "
+               "own id and key, and never votes")
+    _check(c.host not in keys, ("monitors", c.host), "a monitor may not have this agent's id")
+    mine = {raw_public(k): m for m, ks in keys.items() for k in ks}
+    for p, ks in peers.items():
+        for k in ks:
+            _check(raw_public(k) not in mine, ("peers", p), f"{p!r} has the public key of "
+                   f"monitor {mine.get(raw_public(k))!r}: each signer needs its own keypair")
     _check(c.quorum <= len(keys), ("quorum",),
            f"{c.quorum} exceeds the {len(keys)} monitors known")
     _validate_nodes(c)
@@ -253,19 +275,29 @@ def _validate_nodes(c: AgentConfig) -> None:
                f"must be one of {', '.join(ISOLATIONS)}")
         _check(n.netns is None or bool(n.netns) and "/" not in n.netns, at + ("netns",),
                "must be a netns name")
-        for a, cidr in enumerate(n.addresses):
-            try:
-                ipaddress.ip_interface(cidr)
-                ok = "/" in cidr
-            except ValueError:
-                ok = False
-            _check(ok, at + ("addresses", a), f"{cidr!r} is not ADDR/PREFIXLEN")
+        for key in ("addresses", "adopt_addresses"):
+            for a, cidr in enumerate(getattr(n, key)):
+                try:
+                    ipaddress.ip_interface(cidr)
+                    ok = "/" in cidr
+                except ValueError:
+                    ok = False
+                _check(ok, at + (key, a), f"{cidr!r} is not ADDR/PREFIXLEN")
         mine = n.cgroup.strip("/")
         for j, other in enumerate(cgroups):
             nested = mine == other or mine.startswith(other + "/") or other.startswith(mine + "/")
             what = "the agent's own cgroup" if j == 0 else f"node {c.nodes[j - 1].name}'s cgroup"
             _check(not nested, at + ("cgroup",), f"{n.cgroup!r} overlaps {what} {other!r}")
         cgroups.append(mine)
+
+
+def _publics(table: dict, key: str) -> dict:
+    try:
+        return decode_publics(table, key)
+    except ConfigError as e:
+        text = str(e)
+        bad = next((m for m in table if text.startswith(f"{key}: {m}: ")), None)
+        raise Invalid((key, bad) if bad else (key,), text.split(": ", 2)[-1]) from None
 
 
 def _relpath_ok(path: str) -> bool:

@@ -48,16 +48,21 @@ class Agent:
     def __init__(self, config: AgentConfig, *, layout: Layout | None = None):
         validate(config)
         self.config = config
-        self.keys = config.keys()
+        self.identity = config.identity()
+        self.monitor_keys = config.monitor_keys()
+        # itself among its peers: a recovery from one of its nodes to another (evacuate to
+        # its own address) signs and checks with its own key
+        self.peer_keys = {**config.peer_keys(), config.host: (self.identity.public,)}
         self.layout = layout or detect()
         self.metrics = AgentMetrics()
-        self.recovery = Recovery(config.run_dir, peers=config.peers, peer_id=config.peer_id,
-                                 peer_key=self.keys.get(config.peer_id), netns=config.netns)
+        self.recovery = Recovery(config.run_dir, identity=self.identity, peers=self.peer_keys,
+                                 monitors=self.monitor_keys, quorum=config.quorum,
+                                 netns=config.netns)
         self.ops: dict[str, Op] = dict(OPS)
         self.ops.update((op.name, op) for op in self.recovery.ops())
-        self.peerwatch = PeerWatch(config.watch_peers, peer_id=config.peer_id,
-                                   key=self.keys.get(config.peer_id) if config.peer_id else None,
-                                   netns=config.netns, period_s=config.peer_check_ms / 1000)
+        self.peerwatch = PeerWatch(config.watch_peers, identity=self.identity,
+                                   peer_keys=self.peer_keys, netns=config.netns,
+                                   period_s=config.peer_check_ms / 1000)
         self.ops.update((op.name, op) for op in self.peerwatch.ops())
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
         self.nodes: dict[str, NodeRuntime] = {}
@@ -148,7 +153,8 @@ class Agent:
         self.events.attach(asyncio.get_running_loop())
         self.owners.start()
         self.local.start()
-        self.rpc = RpcServer(self, self.ops, self.keys, self.metrics, self.audit)
+        self.rpc = RpcServer(self, self.ops, self.identity, self.monitor_keys, self.peer_keys,
+                             self.metrics, self.audit)
         sock = self._listen_socket()
         self.address = sock.getsockname()[:2]
         await self.rpc.start(sock)

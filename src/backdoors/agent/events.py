@@ -7,7 +7,7 @@ node it is about and a small dict of facts. The bus numbers the events of this a
 
 A monitor subscribes with the signed op `subscribe` on a connection of its own: after the
 (signed) reply the connection carries only event frames from the agent, each an Envelope
-signed with the subscriber's key, whose body is an `EventFrame`. Frames of kind
+signed with the agent's key (event domain), whose body is an `EventFrame`. Frames of kind
 "heartbeat" (no seq of their own) come every HEARTBEAT_S when there is nothing else.
 Args `epoch` and `since` ask for the events after `since` of the agent run `epoch` (what
 the monitor saw last, at a reconnect): they are sent first, from the history. An event
@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from .protocol import Envelope, frame, mac
+from .protocol import EVENT_DOMAIN, Envelope, frame
 
 log = logging.getLogger("backdoors.agent")
 
@@ -152,7 +152,7 @@ class EventBus:
         return SubscribeReply(self.epoch, self._last)
 
     async def stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     key: bytes, args: SubscribeArgs) -> None:
+                     identity, args: SubscribeArgs) -> None:
         """Serve one subscriber until it goes away (or stops reading)."""
         sub = _Subscriber(frozenset(args.kinds))
         if args.since >= 0:
@@ -180,7 +180,8 @@ class EventBus:
                                              data={"last_seq": self._last}))
                 for ev in frames:
                     body = _encode(ev)
-                    writer.write(frame(_encode(Envelope(body, mac(key, body)))))
+                    writer.write(frame(_encode(Envelope(body, identity.sign(EVENT_DOMAIN,
+                                                                            body)))))
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError):
             pass  # gone, or not reading: it reconnects and asks for what it missed

@@ -62,12 +62,16 @@ class AgentView(Protocol):
 
 @dataclass
 class Call:
-    """One execution of an op: the agent, decoded args, the node, the monitors asking."""
+    """One execution of an op: the agent, decoded args, the node, the monitors asking (or
+    the peer agent, `peer`); `warrant` holds their signed requests (what evacuate forwards
+    to adopt)."""
 
     agent: AgentView
     args: Any
     node: NodeRuntime | None
     monitors: frozenset[str]
+    warrant: tuple[bytes, ...] = ()
+    peer: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Agents watch each other over the private network (the design's "BDs monitor each other").
 
-Each agent pings the peers of its `watch_peers` config every `peer_check_ms`, as its
-`peer_id` (authenticated like a monitor). The op `peers` gives its view to the monitors:
+Each agent pings the peers of its `watch_peers` config every `peer_check_ms`, as itself
+(its host id and key; each peer lists it in its `peers`, which allows ping). The op `peers` gives its view to the monitors:
 
     peers -> {host: {"address", "answering", "silent_ms", "checks", "error"}}
 
@@ -39,10 +39,10 @@ class PeerState:
 class PeerWatch:
     """One thread per watched peer; `start()`, `stop()`, `view()`."""
 
-    def __init__(self, peers: dict[str, str], *, peer_id: str | None, key: bytes | None,
+    def __init__(self, peers: dict[str, str], *, identity, peer_keys: dict[str, tuple],
                  netns: str | None, period_s: float):
         self.period_s = period_s
-        self.peer_id, self.key, self.netns = peer_id, key, netns
+        self.identity, self.peer_keys, self.netns = identity, peer_keys, netns
         now = time.monotonic()
         self.states = {host: PeerState(address, now) for host, address in peers.items()}
         self._stop = threading.Event()
@@ -50,10 +50,6 @@ class PeerWatch:
                                           name=f"bd-peer-{host}") for host in self.states]
 
     def start(self) -> None:
-        if self.states and (not self.peer_id or self.key is None):
-            log.warning("watch_peers set but peer_id %r has no key: peers are not watched",
-                        self.peer_id)
-            return
         for t in self._threads:
             t.start()
 
@@ -66,8 +62,8 @@ class PeerWatch:
     def _run(self, host: str) -> None:
         state = self.states[host]
         timeout = max(self.period_s, 0.05)
-        client = AgentClient(state.address, self.peer_id, self.key, netns=self.netns,
-                             timeout=timeout)
+        client = AgentClient(state.address, self.identity, host, self.peer_keys[host],
+                             netns=self.netns, timeout=timeout)
         try:
             while not self._stop.is_set():
                 started = time.monotonic()

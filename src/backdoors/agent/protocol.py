@@ -2,14 +2,13 @@
 
 Shared by the server and the client; docs/agent-protocol.md is the prose version of this
 file. A frame is a 4-byte big-endian length and that many bytes of msgpack. The envelope
-carries the request body as raw bytes and an HMAC-SHA256 of exactly those bytes, so the
-MAC is checked before the body is decoded.
+carries the body as raw bytes and an Ed25519 signature of exactly those bytes (prefixed
+with the domain: request, reply or event), so the signature is checked before the body is
+decoded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Any
 
 import msgspec
@@ -18,15 +17,18 @@ from ..common.procs import ProcessInfo
 
 from backdoors.nodes.node import NodeStats
 
-VERSION = 1
+VERSION = 2
 #: Largest read length and write payload.
 MAX_IO = 1 << 20
 #: Largest frame, either direction: a full MAX_IO payload plus envelope and header.
 MAX_FRAME = MAX_IO + 4096
 NONCE_BYTES = 16
-#: A request's ts must be within this many seconds of the agent's clock.
+#: A request's ts must be less than this many seconds from the agent's clock.
 REPLAY_WINDOW_S = 30.0
-MIN_KEY_BYTES = 16
+#: What a signature covers before the body: a request cannot pass for a reply or an event.
+REQUEST_DOMAIN = b"backdoors/2 request\0"
+REPLY_DOMAIN = b"backdoors/2 reply\0"
+EVENT_DOMAIN = b"backdoors/2 event\0"
 
 #: Every error code the agent sends.
 CODES = (
@@ -37,6 +39,9 @@ CODES = (
 #: the server (ops.Op.destructive) and the client (which waits the vote window for them).
 DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits",
                          "fence", "unfence", "evacuate"})
+#: The only ops a peer agent (an id of the agent's `peers`) may call: session hand-over
+#: and the peer watch's ping. Peers never vote.
+PEER_OPS = frozenset({"stage", "adopt", "ping"})
 
 _HEADER = 4
 
@@ -50,34 +55,27 @@ def frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(_HEADER, "big") + payload
 
 
-def mac(key: bytes, body: bytes) -> bytes:
-    """HMAC-SHA256 of `body` under `key`."""
-    return hmac.new(key, body, hashlib.sha256).digest()
-
-
-def mac_ok(key: bytes, body: bytes, tag: bytes) -> bool:
-    """Constant-time check of a MAC."""
-    return hmac.compare_digest(mac(key, body), tag)
-
-
 class Envelope(msgspec.Struct, forbid_unknown_fields=True):
-    """What travels in a frame: a msgpack body kept as bytes, and its MAC ("" if none)."""
+    """What travels in a frame: a msgpack body kept as bytes, and its signature ("" if
+    none: only the agent's replies to frames it could not authenticate)."""
 
     body: bytes
-    mac: bytes
+    sig: bytes
 
 
 class MonitorOf(msgspec.Struct):
-    """Just the `monitor` field of a request body: picks the key to verify the MAC with."""
+    """Just the `monitor` field of a request body: picks the key to verify it with."""
 
     monitor: str
 
 
 class Request(msgspec.Struct, forbid_unknown_fields=True):
-    """A request body; `args` stays raw until the op's argument type decodes it."""
+    """A request body; `monitor` is the signer (a monitor, or a peer agent), `agent` the
+    agent it is for; `args` stays raw until the op's argument type decodes it."""
 
     v: int
     monitor: str
+    agent: str
     nonce: bytes
     ts: float
     op: str

@@ -4,8 +4,9 @@ The monitor asks the failed node's agent to `fence` the node (freeze it and cut 
 network: interface down, service addresses removed — fail-stop, and the network lock of
 its sessions), then to `evacuate` it to a node of another agent. Evacuation dumps every
 held session socket with TCP_REPAIR, reads its Continuation Box, and sends both to the
-target agent over the private network (agent to agent, authenticated with this agent's
-`peer_id` key). The target's `adopt` adds the service addresses to its node, restores the
+target agent over the private network (agent to agent, signed with this agent's own key;
+the target lists it in its `peers`), with the monitors' signed evacuate requests as the
+warrant (agent/warrant.py). The target's `adopt` checks the warrant, adds the service addresses to its node, restores the
 sockets inside the node's namespace, announces the addresses (gratuitous ARP) and hands
 each session (socket + CB) to the recovery server listening on the node's adoption socket.
 
@@ -20,13 +21,14 @@ batch) expires after `PENDING_TTL_S` (freed, counted in `expired`).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -38,6 +40,7 @@ from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
 from ..tcprepair import Repair, TcpState, close_silently, repair, restore_paused, segments_needed
 from .client import AgentClient
+from .keys import Identity
 from .ops import Call, NodeArgs, Op, OpError
 from .protocol import (
     AdoptReply, EvacuateReply, FenceReply, MovedSession, SessionInfo, StageReply, UnlockReply,
@@ -45,6 +48,7 @@ from .protocol import (
 from .membership import outsider
 from .regions import REGION_NAME, SESSION_KIND
 from .served import NodeRuntime
+from .warrant import Warrants, WarrantError
 
 log = logging.getLogger("backdoors.agent")
 
@@ -60,6 +64,7 @@ PENDING_TTL_S = 4 * LONG_OP_S  # staged pieces and sessions awaiting a final bat
 class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
     to: str  # the target agent, "ADDR:PORT" on the private network
+    to_agent: str  # its id (host), one of this agent's peers
     to_node: str  # a node of the target agent running the recovery server
 
 
@@ -69,12 +74,14 @@ class StageArgs(msgspec.Struct, forbid_unknown_fields=True):
     offset: int
     total: int
     data: bytes
+    warrant: list[bytes] = []  # the monitors' signed evacuate requests (agent/warrant.py)
 
 
 class AdoptArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
     addresses: list[str]
     sessions: list[MovedSession]
+    warrant: list[bytes] = []  # the monitors' signed evacuate requests (agent/warrant.py)
     final: bool = True  # the last batch: announce the addresses, start every session
 
 
@@ -107,16 +114,18 @@ class Started:
 class Recovery:
     """One agent's session recovery: its ops (`ops()`) and the state they keep.
 
-    `run_dir` holds each node's adoption sockets; `peers` may hand sessions here (adopt,
-    stage); `peer_id` and `peer_key` authenticate this agent to others (evacuate);
-    `netns` is where the private network is.
+    `run_dir` holds each node's adoption sockets; `peers` (id -> public keys) may hand
+    sessions here (adopt, stage) with a warrant of `monitors` meeting `quorum`; `identity`
+    signs this agent's requests to its peers (evacuate); `netns` is where the private
+    network is.
     """
 
-    def __init__(self, run_dir: str, *, peers: Iterable[str] = (), peer_id: str | None = None,
-                 peer_key: bytes | None = None, netns: str | None = None,
+    def __init__(self, run_dir: str, *, identity: Identity, peers: Mapping[str, tuple],
+                 monitors: Mapping[str, tuple], quorum: int = 1, netns: str | None = None,
                  ttl_s: float = PENDING_TTL_S, clock=time.monotonic):
-        self.run_dir, self.peers, self.netns = run_dir, frozenset(peers), netns
-        self.peer_id, self.peer_key = peer_id, peer_key
+        self.run_dir, self.peers, self.netns = run_dir, dict(peers), netns
+        self.identity = identity
+        self.warrants = Warrants(identity.id, monitors, quorum)
         self.ttl_s, self.clock = ttl_s, clock
         self.limbo: dict[str, list[MovedSession]] = {}  # node -> dumped, not yet adopted
         self.adopting: dict[str, list[Restoring]] = {}  # node -> awaiting the final batch
@@ -214,8 +223,9 @@ class Recovery:
         if not agent.leases.state(rt.name).fenced:
             raise OpError("failed", f"node {rt.name} is not fenced: fence it first, so that "
                                     "its sessions cannot change while they move")
-        if not self.peer_id:
-            raise OpError("failed", "this agent has no peer_id: it cannot talk to other agents")
+        if a.to_agent not in self.peers:
+            raise OpError("failed", f"agent {a.to_agent[:64]!r} is not among this agent's peers: "
+                                    "it cannot check that agent's answers")
         self.expire()
         t0 = time.monotonic()
         moving = self.limbo.pop(rt.name, [])
@@ -229,11 +239,12 @@ class Recovery:
         t1 = time.monotonic()
         replies: list[AdoptReply] = []
         try:
-            with self._peer_client(a.to) as peer:
-                sent = [_stage(peer, a.to_node, m) for m in moving]
+            with self._peer_client(a.to, a.to_agent) as peer:
+                warrant = list(call.warrant)
+                sent = [_stage(peer, a.to_node, m, warrant) for m in moving]
                 batches = list(_batches(sent)) or [[]]
                 for i, batch in enumerate(batches):
-                    reply = peer.adopt(a.to_node, self._service_addresses(rt), batch,
+                    reply = peer.adopt(a.to_node, self._service_addresses(rt), batch, warrant,
                                        final=i == len(batches) - 1)
                     replies.append(reply)
                     failed.update(reply.failed)
@@ -277,8 +288,7 @@ class Recovery:
         """A piece of a large session state, sent ahead of the adopt that uses it (a
         request is at most 1 MiB; a session's queues can hold megabytes)."""
         a = call.args
-        if not call.monitors <= self.peers:
-            raise OpError("auth", "stage is for the agents listed in peers")
+        self._warranted(call, "stage")
         _check_name(a.name)
         self.expire()
         key = (call.node.name, a.name)
@@ -307,9 +317,15 @@ class Recovery:
         stack without the others' sockets, which answers them with resets.
         """
         rt, a = call.node, call.args
-        if not call.monitors <= self.peers:
-            raise OpError("auth", f"{', '.join(sorted(call.monitors))} may not hand sessions "
-                                  "here: adopt is for the agents listed in peers")
+        warrant = self._warranted(call, "adopt")
+        if call.agent.leases.state(rt.name).fenced:
+            raise OpError("failed", f"node {rt.name} is fenced: it takes no sessions")
+        allowed = {_cidr(c) for c in (*rt.spec.addresses, *rt.spec.adopt_addresses)}
+        foreign = [c for c in a.addresses if _cidr(c) not in allowed]
+        if foreign:
+            raise OpError("failed", f"node {rt.name} may not take address(es) "
+                                    f"{', '.join(x[:64] for x in foreign[:4])}: not among its "
+                                    "addresses or adopt_addresses")
         if not rt.spec.netns:
             raise OpError("failed", f"node {rt.name} has no network namespace to restore into")
         self.expire()
@@ -329,6 +345,7 @@ class Recovery:
             self.expires[rt.name] = self.clock() + self.ttl_s
             if not a.final:
                 return AdoptReply(len(restoring), 0, failed, _ms(t0, t1), 0.0, 0.0)
+            self.warrants.spend(warrant)
             restored = self.adopting.pop(rt.name, [])
             self.expires.pop(rt.name, None)
         _announce(ns, ifname, a.addresses, count=1)  # a failure is logged: sessions go on
@@ -429,11 +446,20 @@ class Recovery:
         """The node's own service addresses and those it took over with adopted sessions."""
         return sorted(set(rt.spec.addresses) | self.adopted_addresses.get(rt.name, set()))
 
-    def _peer_client(self, address: str) -> AgentClient:
-        if self.peer_key is None:
-            raise AgentError(f"peer_id {self.peer_id!r} has no key")
-        return AgentClient(address, self.peer_id, self.peer_key, netns=self.netns,
+    def _peer_client(self, address: str, agent: str) -> AgentClient:
+        return AgentClient(address, self.identity, agent, self.peers[agent], netns=self.netns,
                            timeout=LONG_OP_S)
+
+    def _warranted(self, call: Call, op: str) -> frozenset:
+        """The warrant of a peer's stage or adopt (agent/warrant.py), or OpError auth."""
+        if not call.peer:
+            raise OpError("auth", f"{op} is for peer agents (this agent's peers) handing "
+                                  "sessions over on the monitors' evacuate")
+        (peer,) = call.monitors
+        try:
+            return self.warrants.check(call.args.warrant, peer, call.node.name)
+        except WarrantError as e:
+            raise OpError("auth", f"{op} from {peer}: {e}") from None
 
 
 def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[str, str]) -> int:
@@ -529,12 +555,20 @@ def _announce(ns: str, ifname: str, addresses: list[str], **kw) -> None:
 
 
 
-def _stage(peer: AgentClient, to_node: str, m: MovedSession) -> MovedSession:
+def _cidr(text: str):
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        return text
+
+
+def _stage(peer: AgentClient, to_node: str, m: MovedSession, warrant: list[bytes]
+           ) -> MovedSession:
     """Send a large session state ahead in pieces; the session then travels without it."""
     if len(m.tcp) <= STAGE_PIECE:
         return m
     for off in range(0, len(m.tcp), STAGE_PIECE):
-        peer.stage(to_node, m.name, off, len(m.tcp), m.tcp[off:off + STAGE_PIECE])
+        peer.stage(to_node, m.name, off, len(m.tcp), m.tcp[off:off + STAGE_PIECE], warrant)
     return MovedSession(m.name, b"", m.cb, staged=True)
 
 

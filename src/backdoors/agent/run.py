@@ -61,7 +61,7 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
 
 class _Sealing:
     def __init__(self, config: AgentConfig, config_path: str | None, action: str):
-        self.secrets = secret_paths(config_path, config.monitors)
+        self.secrets = secret_paths(config.key_file)
         self.action = action
 
     def apply(self) -> dict:

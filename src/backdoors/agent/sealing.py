@@ -122,21 +122,19 @@ def dumpable() -> bool:
     return _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
 
 
-def secret_paths(config_path: str | None, monitors: object) -> tuple[str, ...]:
-    """The files holding the agent's keys: the keys file, or the config if the keys are
-    inline in it."""
-    if isinstance(monitors, str):
-        return (monitors,)
-    return (config_path,) if config_path else ()
+def secret_paths(key_file: str) -> tuple[str, ...]:
+    """The files holding the agent's secrets: its private key file (the config holds only
+    public keys)."""
+    return (key_file,)
 
 
 def _check_secret(path: str) -> None:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise AgentError(f"sealing: cannot check the keys file {path}: {e.strerror}") from None
+        raise AgentError(f"sealing: cannot check the key file {path}: {e.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or st.st_uid != 0:
-        raise AgentError(f"sealing: {path} holds the agent's keys and is readable by others "
+        raise AgentError(f"sealing: {path} holds the agent's private key and is not root's only "
                          f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}): make it "
                          f"root's and private (chown root {path}; chmod 600 {path})")
 

@@ -22,10 +22,13 @@ import msgspec
 from ..errors import BackdoorsError
 from .audit import AuditLog
 from .auth import Authenticator, Rejected
+from .keys import Identity
 from .leases import LockBusy
 from .metrics import AgentMetrics
 from .ops import AgentView, Call, Op, OpError
-from .protocol import DECODE_ERRORS, MAX_FRAME, Envelope, ErrorInfo, Response, frame, mac
+from .protocol import (
+    DECODE_ERRORS, MAX_FRAME, PEER_OPS, REPLY_DOMAIN, Envelope, ErrorInfo, Response, frame,
+)
 from .served import Lane
 from .votes import BallotBox, Short
 
@@ -47,18 +50,22 @@ class Outcome:
 
 class RpcServer:
     """Serves one agent's RPC on a listening socket it is given: `ops` on `agent`'s nodes,
-    requests signed with `keys`, counted in `metrics` and written to `audit`."""
+    requests signed by `monitors` (and `peers`, for PEER_OPS only), replies signed by
+    `identity`, counted in `metrics` and written to `audit`."""
 
-    def __init__(self, agent: AgentView, ops: Mapping[str, Op], keys: Mapping[str, bytes],
+    def __init__(self, agent: AgentView, ops: Mapping[str, Op], identity: Identity,
+                 monitors: Mapping[str, tuple], peers: Mapping[str, tuple],
                  metrics: AgentMetrics, audit: AuditLog):
         self.agent, self.ops, self.metrics, self.audit = agent, ops, metrics, audit
+        self.identity = identity
         config = agent.config
-        self.auth = Authenticator(keys, cache_entries=config.replay_cache_entries)
+        self.auth = Authenticator(identity.id, monitors, peers,
+                                  cache_entries=config.replay_cache_entries)
         self.ballots = BallotBox(config.quorum, config.vote_window_s)
         self.memory_lane = Lane("memory", 2)
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
-        self._streams: dict[asyncio.Task, tuple[bytes, Any]] = {}  # subscribed connections
+        self._streams: dict[asyncio.Task, Any] = {}  # subscribed connections: their args
 
     @property
     def connections(self) -> int:
@@ -114,8 +121,8 @@ class RpcServer:
                 writer.write(frame(await self.handle(payload, peer)))
                 await writer.drain()
                 if (stream := self._streams.pop(task, None)) is not None:
-                    key, args = stream  # subscribed: the connection carries events only now
-                    await self.agent.events.stream(reader, writer, key, args)
+                    args = stream  # subscribed: the connection carries events only now
+                    await self.agent.events.stream(reader, writer, self.identity, args)
                     return
         except asyncio.TimeoutError:
             await self._refuse_frame(writer, peer, "timed out waiting for the rest of the frame")
@@ -138,7 +145,7 @@ class RpcServer:
         self._reject(peer, Rejected(code, message))
         try:
             writer.write(frame(_reply(None, b"", Outcome(False, code=code, message=message),
-                                      0.0)))
+                                      0.0)))  # unsigned: nothing authentic was read
             await asyncio.wait_for(writer.drain(), 1.0)
         except OSError:
             pass  # gone or not reading (TimeoutError is an OSError)
@@ -154,26 +161,30 @@ class RpcServer:
         """The reply envelope (unframed) for one request frame's payload."""
         start = time.monotonic()
         try:
-            req, key = self.auth.open(payload)
+            opened = self.auth.open(payload)
         except Rejected as r:
             self._reject(peer, r)
             outcome = Outcome(False, code=r.code, message=r.message)
-            return _reply(r.key, r.nonce, outcome, _ms(start))
+            return _reply(self.identity if r.signed else None, r.nonce, outcome, _ms(start))
+        req = opened.request
         op = self.ops.get(req.op)
         args: Any = None
         if op is None:
             outcome = Outcome(False, code="unknown_op", message=f"unknown op {req.op[:64]!r}; "
                               f"known: {', '.join(sorted(self.ops))}")
+        elif opened.peer and op.name not in PEER_OPS:
+            outcome = Outcome(False, code="auth", message=f"{req.monitor} is a peer agent: it "
+                              f"may call {', '.join(sorted(PEER_OPS))} only")
         else:
             try:
                 args = op.decoder.decode(req.args)
-                outcome = await self._dispatch(op, args, req.monitor)
+                outcome = await self._dispatch(op, args, req.monitor, opened.peer, payload)
             except DECODE_ERRORS as e:
                 outcome = Outcome(False, code="bad_request", message=f"{req.op}: bad args: {e}")
         if op is not None and op.name == "subscribe" and outcome.ok:
             task = asyncio.current_task()
             if task in self._conns:
-                self._streams[task] = (key, args)
+                self._streams[task] = args
         elapsed = _ms(start)
         label = op.name if op else "?"
         self.metrics.rpc.labels(label, "ok" if outcome.ok else outcome.code).inc()
@@ -181,23 +192,25 @@ class RpcServer:
         self.audit.request(monitor=req.monitor, peer=peer, op=label, args=args,
                                  ok=outcome.ok, error=outcome.code, elapsed_ms=elapsed,
                                  votes=outcome.votes, message=outcome.message)
-        return _reply(key, req.nonce, outcome, elapsed)
+        return _reply(self.identity, req.nonce, outcome, elapsed)
 
-    async def _dispatch(self, op: Op, args: Any, monitor: str) -> Outcome:
+    async def _dispatch(self, op: Op, args: Any, monitor: str, is_peer: bool,
+                        payload: bytes) -> Outcome:
         rt = None
         if op.has_node:
             rt = self.agent.nodes.get(args.node)
             if rt is None:
                 return Outcome(False, code="no_such_node",
                                message=f"this agent serves no node {args.node[:64]!r}")
-        if not (op.destructive and self.ballots.quorum > 1):
-            return await self._execute(op, args, rt, frozenset({monitor}))
+        if is_peer or not (op.destructive and self.ballots.quorum > 1):
+            # a peer's op is never destructive (PEER_OPS): it never reaches a ballot
+            return await self._execute(op, args, rt, {monitor: payload}, is_peer)
         key = (op.name, _encode(args))
         metrics = self.metrics.votes
         metrics.labels(op.name, "cast").inc()
         try:
             outcome = await self.ballots.vote(
-                key, monitor, lambda voters: self._execute(op, args, rt, voters))
+                key, monitor, lambda voters: self._execute(op, args, rt, voters), payload)
         except OverflowError as e:
             return Outcome(False, code="busy", message=f"too many pending votes: {e}")
         if isinstance(outcome, Short):
@@ -208,8 +221,11 @@ class RpcServer:
         metrics.labels(op.name, "applied").inc()
         return outcome
 
-    async def _execute(self, op: Op, args: Any, rt, monitors: frozenset[str]) -> Outcome:
-        """Run an op once for `monitors`; every failure becomes an Outcome."""
+    async def _execute(self, op: Op, args: Any, rt, voters: dict[str, bytes],
+                       is_peer: bool = False) -> Outcome:
+        """Run an op once for `voters` (signer -> signed request); every failure becomes an
+        Outcome."""
+        monitors = frozenset(voters)
         votes = sorted(monitors) if self.ballots.quorum > 1 and op.destructive else None
         try:
             if op.destructive and rt is not None and op.name not in ("lock", "unlock"):
@@ -217,7 +233,7 @@ class RpcServer:
                 if holders and not holders & monitors:
                     raise LockBusy(f"{self.agent.leases.describe(rt.name)}: only its "
                                    f"holders may {op.name} it until they unlock")
-            call = Call(self.agent, args, rt, monitors)
+            call = Call(self.agent, args, rt, monitors, tuple(voters.values()), is_peer)
             if op.where == "inline":
                 result = op.run(call)
             else:
@@ -269,11 +285,13 @@ class RpcServer:
                                error=error, late_ms=_ms(started))
 
 
-def _reply(key: bytes | None, nonce: bytes, outcome: Outcome, elapsed_ms: float) -> bytes:
+def _reply(identity: Identity | None, nonce: bytes, outcome: Outcome,
+           elapsed_ms: float) -> bytes:
+    """A reply envelope, signed by `identity` (None: unsigned)."""
     error = None if outcome.ok else ErrorInfo(outcome.code or "failed", outcome.message or "")
     body = _encode(Response(nonce, outcome.ok, outcome.result if outcome.ok else None, error,
                             round(elapsed_ms, 3)))
-    return _encode(Envelope(body, mac(key, body) if key is not None else b""))
+    return _encode(Envelope(body, identity.sign(REPLY_DOMAIN, body) if identity else b""))
 
 
 def _ms(start: float) -> float:

@@ -3,7 +3,8 @@
 Requests for the same op with the same arguments within `window` seconds share a ballot.
 When the k-th distinct monitor votes, the op runs once and every waiting request gets its
 outcome; a monitor voting twice counts once. If the window passes first, every waiting
-request gets a quorum failure saying how many votes came.
+request gets a quorum failure saying how many votes came. Each vote keeps its signed
+request (its `proof`): an op may forward them as its warrant (evacuate -> adopt).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Short:
 class _Ballot:
     future: asyncio.Future
     timer: asyncio.TimerHandle | None = None
-    voters: set[str] = field(default_factory=set)
+    voters: dict[str, bytes] = field(default_factory=dict)  # monitor -> its signed request
 
 
 class BallotBox:
@@ -42,8 +43,10 @@ class BallotBox:
         return len(self._open)
 
     async def vote(self, key: tuple[str, bytes], monitor: str,
-                   execute: Callable[[frozenset[str]], Awaitable[Any]]) -> Any:
-        """Cast `monitor`'s vote; returns execute(voters)'s outcome, or Short.
+                   execute: Callable[[dict[str, bytes]], Awaitable[Any]],
+                   proof: bytes = b"") -> Any:
+        """Cast `monitor`'s vote (`proof`: its signed request); returns
+        execute({voter: proof})'s outcome, or Short.
 
         Raises OverflowError when too many ballots are open (the caller answers "busy").
         """
@@ -55,7 +58,7 @@ class BallotBox:
             ballot = _Ballot(loop.create_future())
             ballot.timer = loop.call_later(self.window, self._expire, key, ballot)
             self._open[key] = ballot
-        ballot.voters.add(monitor)
+        ballot.voters.setdefault(monitor, proof)
         if len(ballot.voters) >= self.quorum:
             ballot.timer.cancel()
             del self._open[key]
@@ -64,7 +67,7 @@ class BallotBox:
 
     async def _run(self, ballot: _Ballot, execute) -> None:
         try:
-            outcome = await execute(frozenset(ballot.voters))
+            outcome = await execute(dict(ballot.voters))
         except BaseException as e:  # noqa: BLE001 - handed to every waiting request
             if not ballot.future.done():
                 ballot.future.set_exception(e)

@@ -168,7 +168,7 @@ def recovery(w: World, fault: str) -> dict:
         inject(w.lab, "crash", node, recoverable=True)  # the stream server holding sessions
     else:
         inject(w.lab, fault, node)
-    inc = _incident(w, node, ("hang", "network-failure"), "recover", t0)
+    inc = _incident(w, node, ("hang", "server-died", "network-failure"), "recover", t0)
     if not step.check("detected and recovered", inc is not None, "" if inc else "no incident within 30 s"):
         return step.done("the sessions were NOT recovered")
     _note_incident(step, inc, t0, "recover")

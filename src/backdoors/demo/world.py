@@ -39,7 +39,7 @@ class World:
         self.lab = Lab(name, hosts=2, nodes=4, agents=True, services=True,
                        memory_limit=512 * MiB, pids_limit=256)
         # not under /tmp: every node has a private /tmp (nodes.container.SCRATCH)
-        self.tmp = Path(tempfile.mkdtemp(prefix="bd-demo-", dir="/run"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="backdoors-demo-", dir="/run"))  # not bd-demo-*: the lab reaps those
         os.chmod(self.tmp, 0o755)  # the nodes' services (unprivileged uids) read www
         self.www = self.tmp / "www"
         self.source = self.www / "big.bin"

@@ -2,7 +2,9 @@
 
 Each agent serves the nodes placed on its host, listens in the host's namespace, runs in
 its own cgroup `bd-<lab>-agent-<host>` (so the lab's reaper removes a killed one) and
-authenticates the lab's monitors with keys generated into the lab's run directory.
+authenticates the lab's monitors with Ed25519 keypairs generated into the lab's run
+directory (`keys/<id>.key`, mode 0600): the monitors' private keys are the monitors' own,
+an agent's config holds the monitors' and its peers' public keys and its own key file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..agent.config import AgentConfig, NodeSpec, validate
-from ..agent.keys import generate_keys
+from ..agent.keys import Identity, generate, load_identity
 from ..common.configfile import dumps
 from ..common.procs import read_line
 from ..errors import BackdoorsError, LabError
@@ -25,28 +27,45 @@ from . import topology
 READY_TIMEOUT = 15.0
 
 
-def keys_path(plan: topology.Plan) -> Path:
-    return plan.run_dir / "keys.toml"
+def keys_dir(plan: topology.Plan) -> Path:
+    return plan.run_dir / "keys"
 
 
-def peer_id(host: topology.HostPlan) -> str:
-    """The identity an agent uses towards the other agents (for session hand-over)."""
-    return f"agent-{host.name}"
+def key_path(plan: topology.Plan, id: str) -> Path:
+    """The private key file of monitor or agent (host) `id`."""
+    return keys_dir(plan) / f"{id}.key"
 
 
-def write_keys(plan: topology.Plan, monitors: tuple[str, ...]) -> dict[str, bytes]:
-    """Fresh keys for the lab's monitors and agents (file mode 0600)."""
-    return generate_keys(str(keys_path(plan)), [*monitors, *(peer_id(h) for h in plan.hosts)])
+def write_keys(plan: topology.Plan, monitors: tuple[str, ...]) -> dict[str, Identity]:
+    """Fresh keypairs for the lab's monitors and agents (private key files, mode 0600)."""
+    keys_dir(plan).mkdir(mode=0o700, exist_ok=True)
+    return {id: generate(str(key_path(plan, id)), id)
+            for id in (*monitors, *(h.name for h in plan.hosts))}
+
+
+def read_key(plan: topology.Plan, id: str) -> Identity:
+    return load_identity(str(key_path(plan, id)), id)
+
+
+def lab_monitors(plan: topology.Plan) -> list[str]:
+    """The ids of the lab's monitors (every key that is not a host's)."""
+    hosts = {h.name for h in plan.hosts}
+    return sorted(p.stem for p in keys_dir(plan).glob("*.key") if p.stem not in hosts)
 
 
 def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> AgentConfig:
-    nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns, addresses=[f"{n.vip}/{topology.SERVICE_PREFIXLEN}"])
+    prefix = topology.SERVICE_PREFIXLEN
+    nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns, addresses=[f"{n.vip}/{prefix}"],
+                      # a recovery may bring another node's sessions and address here
+                      adopt_addresses=[f"{o.vip}/{prefix}" for o in plan.nodes if o is not n])
              for n in plan.nodes if n.host == host.name]
     config = AgentConfig(
         host=host.name, listen=f"{host.address}:{topology.AGENT_PORT}", netns=host.netns,
         run_dir=str(plan.run_dir / "nodes"), audit_log=str(plan.run_dir / f"audit-{host.name}.jsonl"),
-        monitors=str(keys_path(plan)), cgroup=host.agent_cgroup, quorum=quorum, nodes=nodes,
-        peer_id=peer_id(host), peers=[peer_id(h) for h in plan.hosts],
+        monitors={m: read_key(plan, m).public_text() for m in lab_monitors(plan)},
+        key_file=str(key_path(plan, host.name)), cgroup=host.agent_cgroup, quorum=quorum,
+        nodes=nodes, peers={h.name: read_key(plan, h.name).public_text() for h in plan.hosts
+                            if h.name != host.name},
         watch_peers={h.name: f"{h.address}:{topology.AGENT_PORT}" for h in plan.hosts
                      if h.name != host.name},
         # the server-crash tests' short bound (agent.owners); the default otherwise

@@ -39,13 +39,13 @@ from pathlib import Path
 from ..common.procs import alive, read_line
 from ..common.runtime import agent_socket, service_env
 from .. import net
-from ..errors import LabError, NodeError, require_root
+from ..errors import BackdoorsError, LabError, NodeError, require_root
 from ..net import netns
 from ..nodes import Node, cgroups
 from ..nodes.container import (Container, Isolation, NodeProcess, mount_tmpfs, python_paths,
                                uid_base_for, unmount_under)
 from ..sensors import SensorBoxReader, Snapshot
-from .agents import agent_pid, keys_path, start_agent, stop_agents, write_keys
+from .agents import agent_pid, read_key, start_agent, stop_agents, write_keys
 from . import topology
 
 STATE_FILE = "lab.json"
@@ -137,7 +137,7 @@ class Lab:
         self.with_agents, self.quorum, self.monitors = agents, quorum, tuple(monitors)
         self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time())
         self._nodes: dict[str, Node] = {}
-        self._keys: dict[str, bytes] = {}
+        self._keys: dict = {}  # id -> agent.keys.Identity, read once
         self._containers: dict[str, Container] = {}
         self._containers_lock = threading.Lock()
 
@@ -379,21 +379,31 @@ class Lab:
         """"ADDR:PORT" of `host`'s agent on the private network."""
         return f"{self.plan.host(host).address}:{topology.AGENT_PORT}"
 
-    def monitor_key(self, monitor_id: str = "m1") -> bytes:
-        """The HMAC key of one of the lab's monitors."""
-        if not self._keys:
-            from ..agent.keys import load_keys
-            self._keys = load_keys(str(keys_path(self.plan)))
-        try:
-            return self._keys[monitor_id]
-        except KeyError:
-            raise LabError(f"lab {self.name} has no monitor {monitor_id!r} (monitors: {', '.join(self._keys)})") from None
+    def monitor_key(self, monitor_id: str = "m1"):
+        """The signer (agent.keys.Identity) of one of the lab's monitors."""
+        return self._key(monitor_id, "monitor")
+
+    def agent_keys(self, host: str) -> tuple:
+        """The public key of `host`'s agent (what checks its replies and events)."""
+        return (self._key(self.plan.host(host).name, "agent").public,)
+
+    def agent_public_key(self, host: str) -> str:
+        """The "ed25519:..." text of `host`'s agent key (for a monitor config)."""
+        return self._key(self.plan.host(host).name, "agent").public_text()
+
+    def _key(self, id: str, what: str):
+        if id not in self._keys:
+            try:
+                self._keys[id] = read_key(self.plan, id)
+            except BackdoorsError as e:
+                raise LabError(f"lab {self.name} has no {what} key {id!r}: {e}") from None
+        return self._keys[id]
 
     def agent_client(self, host: str, monitor_id: str = "m1", timeout: float = 2.0):
         """An authenticated client of `host`'s agent, from the lab's monitor namespace."""
         from ..agent.client import AgentClient
-        return AgentClient(self.agent_address(host), monitor_id, self.monitor_key(monitor_id),
-                           netns=self.plan.monitor_ns, timeout=timeout)
+        return AgentClient(self.agent_address(host), self.monitor_key(monitor_id), host,
+                           self.agent_keys(host), netns=self.plan.monitor_ns, timeout=timeout)
 
     # ---- the client side --------------------------------------------------------------
 

@@ -252,7 +252,7 @@ class Recover(Action, tag="recover"):
         t0 = ctx.clock()
         fence = ctx.client.fence(ctx.node)
         fenced_at = ctx.clock()
-        ev = ctx.client.evacuate(ctx.node, to_address, target, timeout=self.timeout_s)
+        ev = ctx.client.evacuate(ctx.node, to_address, to_host, target, timeout=self.timeout_s)
         detail = {"target": target, "target_host": to_host,
                   "fence_ms": round((fenced_at - t0) * 1000, 1),
                   "evacuate_ms": round((ctx.clock() - fenced_at) * 1000, 1),

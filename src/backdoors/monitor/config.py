@@ -1,7 +1,7 @@
 """The monitor's configuration file (TOML), decoded into a validated MonitorConfig.
 
     monitor_id = "m1"
-    key_file = "/etc/backdoors/keys.toml"   # the agents' keys file, or one with our key
+    key_file = "/etc/backdoors/m1.key"      # our private key (backdoors keys generate), 0600
     period_ms = 50
     rulesets = ["default"]                  # packaged names or paths to TOML files
     incidents_dir = "/var/lib/backdoors/incidents"
@@ -9,6 +9,7 @@
     [[agents]]
     host = "h0"
     address = "10.99.0.1:7700"
+    public_key = "ed25519:..."              # the agent's (backdoors keys show its key file)
     nodes = ["n0", "n1"]                    # leave out to discover them with nodes()
 
 Relative paths are taken from the config file's folder. Each key is documented in its type
@@ -34,10 +35,13 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class AgentEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """One agent to poll: its host name, "ADDR:PORT", and optionally its nodes."""
+    """One agent to poll: its host name, "ADDR:PORT", its public key, optionally its nodes."""
 
-    host: Annotated[str, doc("the agent's host name (as in its [agent] host)")]
+    host: Annotated[str, doc("the agent's host name (as in its [agent] host): its id")]
     address: Annotated[str, doc("ADDR:PORT of the agent on the private network")]
+    public_key: Annotated[str | list[str] | None, doc(
+        'the agent\'s public key "ed25519:<hex>" (two during its key rotation): its replies '
+        "and events must carry its signature; needed to talk to it")] = None
     nodes: Annotated[list[str] | None, doc(
         "its nodes; unset: discovered with nodes() every discover_s")] = None
     netns: Annotated[str | None, doc("make the connection from this network namespace")] = None
@@ -46,10 +50,11 @@ class AgentEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Everything a monitor needs."""
 
-    monitor_id: Annotated[str, doc("this monitor's id at the agents (its key's name)")]
+    monitor_id: Annotated[str, doc("this monitor's id at the agents (its key's id)")]
     agents: Annotated[list[AgentEntry], doc("the agents polled: [[monitor.agents]] tables")]
     key_file: Annotated[str | None, doc(
-        "keys file with a line <monitor_id> = \"hex key\" (mode 0600)")] = None
+        "this monitor's private key file (id = monitor_id, mode 0600; backdoors keys "
+        "generate)")] = None
     period_ms: Annotated[Pos, doc("poll period")] = 50.0
     timeout_ms: Annotated[Pos, doc(
         "per poll RPC; a slower agent counts as unreachable meanwhile")] = 500.0
@@ -89,6 +94,12 @@ def _validate(c: MonitorConfig) -> None:
         except ValueError:
             raise Invalid(("agents", i, "address"), f"{a.address!r} is not ADDR:PORT "
                           "(like 10.99.0.1:7700)") from None
+        if a.public_key is not None:
+            from ..agent.keys import decode_publics
+            try:
+                decode_publics({a.host: a.public_key}, "public_key")
+            except ConfigError as e:
+                raise Invalid(("agents", i, "public_key"), str(e).split(": ", 2)[-1]) from None
         if a.nodes is not None and len(set(a.nodes)) != len(a.nodes):
             raise Invalid(("agents", i, "nodes"), "a node is listed twice")
     if c.metrics_listen is not None:
@@ -147,10 +158,20 @@ def load_config(path: str) -> MonitorConfig:
     return document.decode(lambda table: decode_table(table, document.folder))
 
 
-def load_monitor_key(config: MonitorConfig) -> bytes:
-    """The config's monitor key, from its key_file."""
+def load_monitor_key(config: MonitorConfig):
+    """The monitor's signer (agent.keys.Identity), from its private key file."""
     if config.key_file is None:
-        raise ConfigError(f"monitor {config.monitor_id}: no key_file in the config (a TOML "
-                          f"file with a line {config.monitor_id} = \"hex key\")")
-    from ..agent.keys import load_key
-    return load_key(config.key_file, config.monitor_id)
+        raise ConfigError(f"monitor {config.monitor_id}: no key_file in the config (its "
+                          "private key file: backdoors keys generate --id "
+                          f"{config.monitor_id} FILE)")
+    from ..agent.keys import load_identity
+    return load_identity(config.key_file, config.monitor_id)
+
+
+def agent_keys(entry: AgentEntry) -> tuple:
+    """The public keys of the agent of `entry`; ConfigError if it has none."""
+    if entry.public_key is None:
+        raise ConfigError(f"agent {entry.host}: no public_key in its [[agents]] entry (the "
+                          "agent's \"ed25519:...\" key: backdoors keys show on its key file)")
+    from ..agent.keys import decode_publics
+    return decode_publics({entry.host: entry.public_key}, f"agent {entry.host}")[entry.host]

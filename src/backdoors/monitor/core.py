@@ -26,7 +26,9 @@ from typing import Any
 from ..errors import AgentError, ConfigError, SensorBoxError
 from ..sensors import SensorTracker, parse_box
 from .rules import Rule, load_rulesets
-from .config import AgentEntry, MonitorConfig, load_config, load_monitor_key, validate
+from .config import (
+    AgentEntry, MonitorConfig, agent_keys, load_config, load_monitor_key, validate,
+)
 from .detectors import NodeView
 from .engine import Detection, Engine
 from .incidents import Incident, IncidentLog
@@ -197,12 +199,13 @@ class AgentPoller:
 class Monitor:
     """Watches the nodes of `config.agents` with `rules` (default: config.rulesets).
 
-    `key` is this monitor's HMAC key (default: read from config.key_file). `hooks` are
+    `key` is this monitor's signer, an agent.keys.Identity (default: read from
+    config.key_file); each agent entry carries the agent's public key. `hooks` are
     the in-process callables refresh actions may name. `client_factory(entry, timeout)`
     makes agent clients (default: AgentClient over the network).
     """
 
-    def __init__(self, config: MonitorConfig, *, key: bytes | None = None,
+    def __init__(self, config: MonitorConfig, *, key=None,
                  rules: list[Rule] | None = None,
                  hooks: dict[str, Callable[[dict], Any]] | None = None,
                  client_factory: ClientFactory | None = None,
@@ -218,6 +221,8 @@ class Monitor:
         self.clock = clock
         if client_factory is None:
             self.key = key if key is not None else load_monitor_key(config)
+            for entry in config.agents:
+                agent_keys(entry)  # a missing or bad public key: fail now, not at each poll
             client_factory = self._default_client
         self.client_factory = client_factory
         # a unit that watches frozen or fenced nodes makes every poll ask nodes()
@@ -250,8 +255,9 @@ class Monitor:
 
     def _default_client(self, entry: AgentEntry, timeout: float):
         from ..agent.client import AgentClient
-        return AgentClient(entry.address, self.config.monitor_id, self.key, netns=entry.netns,
-                           timeout=timeout, vote_window=self.config.vote_window_s)
+        return AgentClient(entry.address, self.key, entry.host, agent_keys(entry),
+                           netns=entry.netns, timeout=timeout,
+                           vote_window=self.config.vote_window_s)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -321,7 +327,7 @@ class Monitor:
         if key is None:
             return
         from .events import EventFollower
-        self.followers = [EventFollower(self, e, key) for e in self.config.agents]
+        self.followers = [EventFollower(self, e, agent_keys(e)) for e in self.config.agents]
         for f in self.followers:
             f.start()
 

@@ -20,7 +20,8 @@ from collections import deque
 import msgspec
 
 from ..agent.events import EventFrame
-from ..agent.protocol import DECODE_ERRORS, MAX_FRAME, Envelope, mac_ok
+from ..agent.keys import verify
+from ..agent.protocol import DECODE_ERRORS, EVENT_DOMAIN, MAX_FRAME, Envelope
 from ..errors import AgentError
 
 log = logging.getLogger("backdoors.monitor")
@@ -34,8 +35,8 @@ _frame = msgspec.msgpack.Decoder(EventFrame)
 class EventFollower:
     """Follows one agent's events on a thread of its own (`start`, `stop`)."""
 
-    def __init__(self, monitor, entry, key: bytes):
-        self.monitor, self.entry, self._key = monitor, entry, key
+    def __init__(self, monitor, entry, agent_keys: tuple):
+        self.monitor, self.entry, self._agent_keys = monitor, entry, agent_keys
         self.epoch, self.last_seq = "", -1
         self.subscriptions = 0  # successful subscribes (reconnects + 1)
         self.gaps = 0  # events the agent said this follower missed
@@ -103,8 +104,8 @@ class EventFollower:
                 raise AgentError(f"event frame of {size} bytes")
             try:
                 env = _envelope.decode(_exactly(sock, size))
-                if not mac_ok(self._key, env.body, env.mac):
-                    raise AgentError("an event frame's MAC is invalid: not our agent")
+                if not verify(self._agent_keys, EVENT_DOMAIN, env.body, env.sig):
+                    raise AgentError("an event frame's signature is invalid: not our agent")
                 ev = _frame.decode(env.body)
             except DECODE_ERRORS as e:
                 raise AgentError(f"malformed event frame: {e}") from None

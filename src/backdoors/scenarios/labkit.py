@@ -51,7 +51,7 @@ class AgentLab:
     def agent_client(self, host: str, monitor_id: str = "m1", timeout: float = 2.0):
         return self.lab.agent_client(host, monitor_id=monitor_id, timeout=timeout)
 
-    def monitor_key(self, monitor_id: str = "m1") -> bytes:
+    def monitor_key(self, monitor_id: str = "m1"):
         return self.lab.monitor_key(monitor_id)
 
     def monitor_config(self, monitor_id: str = "m1", **kw) -> MonitorConfig:
@@ -89,7 +89,8 @@ class AgentLab:
 def lab_monitor_config(lab: Lab, monitor_id: str = "m1", **kw) -> MonitorConfig:
     """A config polling every agent of `lab` (nodes discovered) from the lab's monitor
     namespace on the private network; `kw` sets other MonitorConfig keys."""
-    agents = [AgentEntry(h.name, lab.agent_address(h.name), netns=lab.plan.monitor_ns)
+    agents = [AgentEntry(h.name, lab.agent_address(h.name), netns=lab.plan.monitor_ns,
+                         public_key=lab.agent_public_key(h.name))
               for h in lab.plan.hosts]
     return MonitorConfig(monitor_id=monitor_id, agents=agents, **kw)
 
