@@ -1,6 +1,7 @@
 """adopt and stage on hostile input (issue 10, finding 13), at a running agent.
 
-A peer (here the monitor m1, listed in `peers`) sends what a compromised agent could:
+A peer (agent h1, listed in `peers`, with the monitors' warrant) sends what a compromised
+agent could:
 CBs that inflate a thousandfold, states with out-of-range window fields, names that are
 not session names, pieces that are never adopted. Each gets a clear error naming what is
 wrong, the agent holds no descriptor more afterwards, and what waits between requests
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from test_agent_support import agent_lab, prefix
 
 from backdoors.agent.errors import RemoteError
+from backdoors.agent.keys import new_identity
 from backdoors.agent.protocol import MovedSession
 from backdoors.agent.recovery import inflate
 from backdoors.errors import AgentError
@@ -69,13 +71,37 @@ def _warm(c) -> int:
     return _fds()
 
 
+class _Peer:
+    """The peer agent h1's client: every stage and adopt carries a fresh warrant (monitor
+    m1's signed evacuate to h0's node n0; a final adopt spends it)."""
+
+    def __init__(self, lab, identity):
+        self.lab, self.c, self.m1 = lab, lab.client(identity), lab.client("m1")
+
+    def warrant(self) -> list[bytes]:
+        args = {"node": "x", "to": "10.0.0.2:7700", "to_agent": "h0", "to_node": "n0"}
+        return [self.m1.signed_request("evacuate", args, agent="h1")[0]]
+
+    def call(self, op, **args):
+        if op in ("adopt", "stage"):
+            args.setdefault("warrant", self.warrant())
+        return self.c.call(op, **args)
+
+    def stage(self, node, name, offset, total, data):
+        return self.c.stage(node, name, offset, total, data, self.warrant())
+
+
 @pytest.fixture
 def peer_lab(agent_lab, prefix, root):
-    """An agent whose node n0 has a network namespace, m1 listed as a peer."""
+    """An agent whose node n0 has a network namespace, h1 listed as a peer."""
     ns = f"{prefix}-ns"
     netns_mod.create(ns)
     try:
-        yield agent_lab(node_n0={"netns": ns, "interface": "lo"}, peers=["m1"])
+        peer = new_identity("h1")
+        lab = agent_lab(node_n0={"netns": ns, "interface": "lo"},
+                        peers={"h1": peer.public_text()})
+        lab.peer = _Peer(lab, peer)
+        yield lab
     finally:
         netns_mod.remove(ns)
 
@@ -93,7 +119,7 @@ def test_inflate_is_bounded():
 
 
 def test_adopt_refuses_hostile_sessions_naming_the_problem(peer_lab):
-    c = peer_lab.client("m1")
+    c = peer_lab.peer
     before = _warm(c)
     bomb = zlib.compress(bytes(32 << 20), 9)  # above max_region_bytes (16 MiB)
     good_cb = zlib.compress(b"cb")
@@ -119,7 +145,7 @@ def test_staged_and_adopting_entries_expire(peer_lab):
     recovery = peer_lab.agent.agent.recovery
     now = [1000.0]
     recovery.clock = lambda: now[0]
-    c = peer_lab.client("m1")
+    c = peer_lab.peer
     assert c.stage("n0", "cb-01", 0, 10, b"01234") == 5
     assert ("n0", "cb-01") in recovery.staged
     now[0] += recovery.ttl_s + 1
@@ -172,7 +198,7 @@ _calls = st.one_of(
 
 
 def test_fuzz_adopt_and_stage_arguments(peer_lab):
-    c = peer_lab.client("m1")
+    c = peer_lab.peer
     recovery = peer_lab.agent.agent.recovery
     before = _warm(c)
 
@@ -189,7 +215,7 @@ def test_fuzz_adopt_and_stage_arguments(peer_lab):
         assert _settled(before), f"{_fds()} descriptors, {before} before"
 
     one()
-    assert c.call("sessions", node="n0") == []  # still serving
+    assert peer_lab.client("m1").sessions("n0") == []  # still serving
 
 
 def test_the_agent_hands_sessions_only_to_a_listener_inside_the_node(agent_lab):
