@@ -136,6 +136,8 @@ def rules(*, run_dir: str, nodes: list[str], cgroup_mounts: list[str]) -> dict[s
     out.update((p, landlock.READ_FILE) for p in ETC_FILES)
     out.update(DEVICES)
     out.update({"/proc": landlock.READ, "/sys": landlock.READ, "/run/netns": landlock.READ})
+    # a node's network sysctls, set when it takes a service address over (adopt: ARP)
+    out["/proc/sys/net"] = landlock.READ | landlock.WRITE
     out.update((str(m), CGROUP) for m in cgroup_mounts)  # kill, freeze, limits, own cgroup
     # registration sockets: removed at stop (made before the seal); adoption sockets are
     # connected to, which Landlock does not check up to ABI 7
