@@ -31,15 +31,10 @@ def test_demo_quick_end_to_end(root, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     results = json.loads((out / "results.json").read_text())
-    assert [s["name"] for s in results["scenarios"]] == ["memory-hog", "agent-restart", "freeze"]
+    assert [s["name"] for s in results["scenarios"]] == ["memory-hog", "freeze"]
     assert all(s["passed"] for s in results["scenarios"])
-    freeze = results["scenarios"][2]
+    freeze = results["scenarios"][1]
     assert freeze["sessions_ok"] == freeze["sessions"] > 0
-    restart = results["scenarios"][1]  # the agent came back holding its sessions, then they moved
-    assert restart["agent_restart_ms"] > 0
-    assert restart["sessions_held_at_first_answer"] >= restart["sessions"] > 0  # (+ downloads)
-    assert restart["sessions_ok"] == restart["sessions"]
-    assert "agent restarted by its keeper" in run.stdout
     assert Path(results["incidents"]).stat().st_size > 0
 
     html = (out / "report.html").read_text()
