@@ -14,9 +14,11 @@ import subprocess
 import textwrap
 import urllib.request
 
+import msgspec
 import pytest
 from test_agent_support import PY, agent_lab, daemon, prefix, read_line, to_toml
 
+from backdoors.agent.protocol import Envelope, mac_ok
 from backdoors.agent.sealing import DENIED
 from backdoors.lab import Lab
 
@@ -190,7 +192,10 @@ def test_a_sealed_daemon_serves_every_node_op(agent_lab):
     lab = agent_lab(nodes={"n0": {}, "n1": {}}, start=False,
                     metrics_listen="127.0.0.1:0")
     with daemon(lab, "--sealed") as (proc, ready):
-        assert ready["sealed"] == {"action": "errno", "denied": len(DENIED)}
+        sealed = ready["sealed"]
+        assert (sealed["action"], sealed["denied"]) == ("errno", len(DENIED))
+        assert sealed["landlock"]["abi"] >= 1  # Linux >= 5.13 with Landlock on
+        assert not any("execute" in a for a in sealed["landlock"]["rules"].values())
         with open(f"/proc/{proc.pid}/status") as f:
             status = dict(line.split(":", 1) for line in f)
         assert status["Seccomp"].strip() == "2" and status["NoNewPrivs"].strip() == "1"
@@ -208,6 +213,10 @@ def test_a_sealed_daemon_serves_every_node_op(agent_lab):
         assert app.pid in {r.pid for r in c.processes("n0").rows}
         assert c.status("n0").name == "n0"
         assert c.sessions("n0") == []
+        events = lab.client()
+        assert "last_seq" in events.call("subscribe")
+        stream = events.take_socket()
+        stream.settimeout(10)
         limits = c.set_limits("n1", pids=64)
         assert limits.pids_limit == 64
         assert c.lock("n0", 30).locked_by and lab.nodes["n0"].is_locked()
@@ -223,6 +232,11 @@ def test_a_sealed_daemon_serves_every_node_op(agent_lab):
         fence = c.fence("n0")
         assert fence.sessions == 0 and lab.nodes["n0"].is_locked()
         assert c.unfence("n0").was_locked
+        # The event stream (pushed by the loop; a heartbeat at least every second).
+        size = int.from_bytes(_exactly(stream, 4), "big")
+        env = msgspec.msgpack.decode(_exactly(stream, size), type=Envelope)
+        assert mac_ok(lab.keys["m1"], env.body, env.mac)
+        stream.close()
         # The metrics endpoint (its own thread, started before the seal).
         with urllib.request.urlopen(f"http://{ready['metrics']}/metrics", timeout=10) as r:
             assert b"backdoors_agent" in r.read()
@@ -263,3 +277,124 @@ def test_the_labs_agents_run_sealed(unique):
             assert config.stat().st_mode & 0o777 == 0o600
             with lab.agent_client(host) as c:
                 assert c.ping().pid == pid
+
+
+def _exactly(sock, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, "the agent closed the event stream"
+        buf += chunk
+    return buf
+
+
+# Landlock alone (confine(), no seccomp filter): the agent's rules, then a thread started
+# after them tries what a hijacked agent would; argv[1]: a file outside the rules to read,
+# argv[2]: a directory outside them to write in.
+CONFINED = textwrap.dedent("""
+    import json, os, sys, threading
+    from backdoors.agent.sealing import confine, rules
+    done = confine(rules(run_dir="/run/none", nodes=[], cgroup_mounts=["/sys/fs/cgroup"]))
+    out = {"abi": done.landlock_abi}
+    def attempt(name, fn):
+        try:
+            fn()
+            out[name] = 0
+        except OSError as e:
+            out[name] = e.errno
+    def run():
+        attempt("read_outside", lambda: open(sys.argv[1]).read())
+        attempt("write_outside", lambda: open(os.path.join(sys.argv[2], "x"), "w").close())
+        attempt("write_root", lambda: open("/root/.backdoors-sealed-probe", "w").close())
+        attempt("list_root", lambda: os.listdir("/root"))
+        attempt("exec", lambda: os.execv("/bin/true", ["true"]))
+        attempt("read_proc", lambda: open("/proc/self/status").read())
+        attempt("read_sys", lambda: os.listdir("/sys/fs/cgroup"))
+        attempt("lazy_import", lambda: __import__("colorsys") and __import__("_decimal"))
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    print(json.dumps(out), flush=True)
+""")
+
+
+def test_landlock_confines_the_agents_paths_and_forbids_execution(tmp_path):
+    outside = tmp_path / "not-for-the-agent"
+    outside.write_text("secret")
+    out = subprocess.run([PY, "-c", CONFINED, str(outside), str(tmp_path)],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    got = json.loads(out.stdout)
+    assert got["abi"] >= 1
+    for what in ("read_outside", "write_outside", "write_root", "list_root", "exec"):
+        assert got[what] == errno.EACCES, (what, got)
+    for what in ("read_proc", "read_sys", "lazy_import"):
+        assert got[what] == 0, (what, got)
+    assert not (tmp_path / "x").exists()
+
+
+# The real daemon with one extra op, `probe`, that tries an action from a worker thread of
+# the sealed agent (started after the seal) and answers its errno (0: it worked).
+PROBED_DAEMON = textwrap.dedent("""
+    import logging, os, sys
+    import msgspec
+    from backdoors.agent import ops
+    from backdoors.agent.run import run_agent
+    from backdoors.config import load_agent_config
+
+    class ProbeArgs(msgspec.Struct):
+        what: str
+        path: str
+
+    def probe(call):
+        what, path = call.args.what, call.args.path
+        try:
+            if what == "read":
+                open(path, "rb").read()
+            elif what == "write":
+                open(path, "w").close()
+            elif what == "exec":
+                os.execv(path, [path])
+            elif what == "import":
+                __import__(path)
+            return 0
+        except OSError as e:
+            return e.errno
+
+    ops.OPS["probe"] = ops.Op("probe", ProbeArgs, probe, "memory")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    sys.exit(run_agent(load_agent_config(sys.argv[1]), sealed=True, config_path=sys.argv[1]))
+""")
+
+
+def test_a_sealed_daemon_cannot_read_write_or_run_outside_its_paths(agent_lab, tmp_path):
+    lab = agent_lab(nodes={"n0": {}}, start=False)
+    config = os.path.join(lab.tmp, "agent.toml")
+    with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(to_toml(lab.config))
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("not the agent's")
+    proc = subprocess.Popen([PY, "-c", PROBED_DAEMON, config], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        ready = json.loads(read_line(proc, 30))
+        host, _, port = ready["listen"].rpartition(":")
+        lab.address = (host, int(port))
+        c = lab.client()
+        probe = lambda what, path: c.call("probe", what=what, path=path)  # noqa: E731
+        assert probe("read", str(outside)) == errno.EACCES
+        assert probe("read", config) == errno.EACCES  # its own config and keys, read before
+        assert probe("write", str(tmp_path / "new")) == errno.EACCES
+        assert probe("write", "/root/.backdoors-sealed-probe") == errno.EACCES
+        assert probe("exec", "/bin/true") == errno.EPERM  # seccomp answers first
+        assert probe("read", "/proc/self/status") == 0
+        assert probe("import", "colorsys") == 0  # a lazy import from the stdlib
+        assert c.sensors("n0").boxes  # and an op on the same agent still works
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 0
+    assert not (tmp_path / "new").exists() and not os.path.exists("/root/.backdoors-sealed-probe")

@@ -174,7 +174,10 @@ def read_line(proc: subprocess.Popen, timeout: float = 10.0) -> str:
         raise AssertionError(f"process {proc.pid} printed nothing within {timeout} s")
     line = proc.stdout.readline().decode()
     if not line:
-        raise AssertionError(f"process {proc.pid} exited (status {proc.poll()}) without output")
+        proc.wait(timeout)
+        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+        raise AssertionError(f"process {proc.pid} exited (status {proc.returncode}) without "
+                             f"output; stderr:\n{err}")
     return line
 
 

@@ -196,8 +196,9 @@ def fault_stop(
 def agent(
     config: str = typer.Option(..., help="The agent's TOML config, unified or its own (see docs/agent-protocol.md)."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
-    sealed: bool = typer.Option(False, "--sealed", help="Once set up, seal the agent: not dumpable, no new privileges, a seccomp filter refusing exec, ptrace, mount, module loading... (docs/operations.md, \"The sealed agent\")."),
+    sealed: bool = typer.Option(False, "--sealed", help="Once set up, seal the agent: not dumpable, no new privileges, Landlock path rules (no execution, no reading outside its code, /proc, /sys and a few /etc files), a seccomp filter refusing exec, ptrace, mount, module loading... (docs/operations.md, \"The sealed agent\")."),
     seal_action: str = typer.Option("errno", help="With --sealed, what a denied system call does: errno (EPERM), log (allowed, logged by the kernel: a dry run) or kill."),
+    require_landlock: bool = typer.Option(False, "--require-landlock", help="With --sealed, refuse to start on a kernel without Landlock (by default: a warning, and the paths are not confined)."),
 ) -> None:
     """Run the backdoor agent of this host (root): serves monitors on the private network.
 
@@ -223,7 +224,8 @@ def agent(
     except BackdoorsError as e:
         print(f"backdoors agent: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
-    raise typer.Exit(run_agent(loaded, sealed=sealed, config_path=config, seal_action=seal_action))
+    raise typer.Exit(run_agent(loaded, sealed=sealed, config_path=config, seal_action=seal_action,
+                               require_landlock=require_landlock))
 
 
 @app.command()

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 
 from ..common.fdstore import Notifier, listen_fds, watchdog_interval
 from ..common.runtime import agent_socket
@@ -45,8 +46,12 @@ LEASE_CHECK_S = 0.02
 class Agent:
     """One host's agent. Every kernel object it creates is removed by `stop()`."""
 
-    def __init__(self, config: AgentConfig, *, layout: Layout | None = None):
+    def __init__(self, config: AgentConfig, *, layout: Layout | None = None,
+                 on_set_up: Callable[[Agent], None] | None = None):
         validate(config)
+        # called in start() once everything is opened and bound, before any thread starts
+        # (the agent's Landlock confinement: agent/sealing.py)
+        self.on_set_up = on_set_up
         self.config = config
         self.identity = config.identity()
         self.monitor_keys = config.monitor_keys()
@@ -77,6 +82,7 @@ class Agent:
         self.audit: AuditLog | None = None
         self.local: LocalServer | None = None
         self.rpc: RpcServer | None = None
+        self._rpc_sock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
         self.metrics_server: MetricsServer | None = None  # GET /metrics, with metrics_listen
         self._reaper: asyncio.Task | None = None
@@ -119,6 +125,16 @@ class Agent:
             raise
 
     async def _start(self) -> None:
+        self._set_up()
+        if self.on_set_up is not None:  # the path part of a seal: before any thread starts
+            self.on_set_up(self)
+        await self.rpc.start(self._rpc_sock)  # (yields to the loop: may serve from here on)
+        self._run()
+
+    def _set_up(self) -> None:
+        """Everything that opens or binds, and no thread: the audit log, the nodes (each
+        sampled once, so its kernel box exists), the fd store's regions and sessions, the
+        registration sockets, the RPC and metrics listening sockets."""
         c = self.config
         try:
             self.audit = AuditLog(c.audit_log)
@@ -140,7 +156,7 @@ class Agent:
         self.leases = LeaseTable({n: rt.node for n, rt in self.nodes.items()})
         for rt in self.nodes.values():
             try:
-                rt.sampler.start()
+                rt.sampler.sample_once()
             except BackdoorsError as e:
                 raise AgentError(f"node {rt.name}: cannot sample it: {e}") from None
         self.metrics.watch(self)
@@ -151,17 +167,26 @@ class Agent:
         self.local.owners = self.owners
         self.owners.audit = self.audit
         self.events.attach(asyncio.get_running_loop())
-        self.owners.start()
-        self.local.start()
+        self.local.listen()
         self.rpc = RpcServer(self, self.ops, self.identity, self.monitor_keys, self.peer_keys,
                              self.metrics, self.audit)
-        sock = self._listen_socket()
-        self.address = sock.getsockname()[:2]
-        await self.rpc.start(sock)
-        self._reaper = asyncio.get_running_loop().create_task(self._reap_leases())
+        self._rpc_sock = self._listen_socket()
+        self.address = self._rpc_sock.getsockname()[:2]
         if c.metrics_listen:
             self.metrics_server = MetricsServer(self.metrics.registry, c.metrics_listen,
                                                 netns=c.netns, what=f"agent {c.host} metrics")
+            self.metrics_server.bind()
+
+    def _run(self) -> None:
+        """Start the threads and tasks that serve: samplers, owners, registration, lease
+        reaper, metrics, the supervisor's watchdog, peer watch."""
+        c = self.config
+        for rt in self.nodes.values():
+            rt.sampler.start()
+        self.owners.start()
+        self.local.start()
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_leases())
+        if self.metrics_server is not None:
             self.metrics_server.start()
         self.audit.write(kind="start", host=c.host, listen=f"{self.address[0]}:{self.address[1]}",
                          nodes=[n.name for n in c.nodes], quorum=c.quorum)
@@ -261,6 +286,9 @@ class Agent:
             self.metrics_server = None
         if self.rpc is not None:
             await self.rpc.stop()
+        if self._rpc_sock is not None:  # (closed by the server if it started)
+            self._rpc_sock.close()
+            self._rpc_sock = None
         if self._reaper is not None:
             self._reaper.cancel()
         if self._watchdog is not None:

@@ -109,6 +109,7 @@ class LocalServer:
         self._limiter = RefusalLimiter()
         self._reported_at = 0.0
         self._stopping = False
+        self._listening = False
         self._thread = threading.Thread(target=self._run, name="bd-agent-local", daemon=True)
         self.ops = {"register": self._register, "unregister": self._unregister,
                     "hold_socket": self._hold_socket, "release": self._release}
@@ -116,8 +117,16 @@ class LocalServer:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        """Serve on the serving thread; the sockets are made now unless `listen()` made
+        them already."""
+        if not self._listening:
+            self.listen()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread.start()
+
+    def listen(self) -> None:
         """Create the sockets (replacing stale ones of a killed agent; refused if another
-        agent serves one) and start serving."""
+        agent serves one); no thread yet."""
         try:
             self._mkdir(self.run_dir)
             for node, path in self.paths.items():
@@ -126,12 +135,11 @@ class LocalServer:
                 sock = ipc.listen(path, mode=0o666, backlog=256)
                 self._listeners[sock] = node
                 self._sel.register(sock, selectors.EVENT_READ, None)
+            self._listening = True
         except OSError as e:
             self._close_all()
             raise AgentError(f"cannot create the registration socket under {self.run_dir}: "
                              f"{e.strerror} ({e.filename or ''})") from None
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._thread.start()
 
     def alive(self) -> bool:
         """Whether the serving thread runs (for the watchdog)."""

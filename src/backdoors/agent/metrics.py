@@ -242,6 +242,19 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> MetricsServer:
+        """Serve on a thread of its own; the socket is bound now unless `bind()` did."""
+        if self._httpd is None:
+            self.bind()
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.1}, name="bd-metrics",
+                                        daemon=True)
+        self._thread.start()
+        where = f" in netns {self.netns}" if self.netns else ""
+        log.info("%s served at http://%s/metrics%s", self.what, self.url_host, where)
+        return self
+
+    def bind(self) -> MetricsServer:
+        """Bind and listen (in `netns` if set); no thread yet."""
         from ..common.configfile import parse_address
 
         host, port = parse_address(self.listen)
@@ -271,10 +284,6 @@ class MetricsServer:
         httpd.server_name, httpd.server_port = host, httpd.server_address[1]
         self.address = httpd.server_address[:2]
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="bd-metrics", daemon=True)
-        self._thread.start()
-        log.info("%s served at http://%s/metrics%s", self.what, self.url_host, where)
         return self
 
     @property
@@ -288,9 +297,10 @@ class MetricsServer:
     def stop(self) -> None:
         """Stop serving and close the socket (waits for a request in progress, <= 5 s)."""
         if self._httpd is not None:
-            self._httpd.shutdown()
+            if self._thread is not None:  # (shutdown() waits for serve_forever to return)
+                self._httpd.shutdown()
+                self._thread.join(5.0)
             self._httpd.server_close()
-            self._thread.join(5.0)
             self._httpd = None
 
     def __enter__(self) -> MetricsServer:

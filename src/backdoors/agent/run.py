@@ -3,7 +3,7 @@
 Hardens the process, moves it into its own cgroup, serves until SIGTERM or SIGINT, then
 releases leases, removes its sockets and its cgroup. When it is serving it prints one
 JSON line on stdout: {"event": "ready", "host", "listen", "pid"} (and "sealed": {"action",
-"denied"} when it sealed itself, `--sealed`: agent/sealing.py).
+"denied", "landlock": {"abi", "rules"}} when it sealed itself, `--sealed`: agent/sealing.py).
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from ..errors import BackdoorsError
 from .config import AgentConfig
 from .daemon import Agent
 from .hardening import OwnCgroup, harden
-from .sealing import seal, secret_paths
+from .sealing import Confinement, confine, rules, seal, secret_paths
 
 log = logging.getLogger("backdoors.agent")
 
 
 def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | None = None,
-              seal_action: str = "errno") -> int:
+              seal_action: str = "errno", require_landlock: bool = False) -> int:
     """Run the agent daemon of `config` in this process until SIGTERM or SIGINT; the exit
     status (0, or 1 when it could not serve). `sealed`: seal the process once it is set up
-    (agent/sealing.py; `config_path` is checked if it holds the keys)."""
+    (agent/sealing.py; `config_path` is checked if it holds the keys; `require_landlock`:
+    refuse to run on a kernel without Landlock instead of warning)."""
     for warning in harden():
         log.warning("%s", warning)
     own = OwnCgroup(config.own_cgroup)
@@ -40,8 +41,9 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
         return 1
     stuck = 0
     try:
-        stuck = asyncio.run(_serve(config, _Sealing(config, config_path, seal_action)
-                                                  if sealed else None))
+        sealing = (_Sealing(config, config_path, seal_action, require_landlock)
+                   if sealed else None)
+        stuck = asyncio.run(_serve(config, sealing))
         rc = 0
     except BackdoorsError as e:
         print(f"backdoors agent: {e}", file=sys.stderr)
@@ -60,22 +62,37 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
 
 
 class _Sealing:
-    def __init__(self, config: AgentConfig, config_path: str | None, action: str):
+    """The two steps of the seal (agent/sealing.py): `confine` (no new privileges, Landlock)
+    once the agent is set up and before it starts a thread, `apply` once it serves."""
+
+    def __init__(self, config: AgentConfig, config_path: str | None, action: str,
+                 require_landlock: bool = False):
         self.secrets = secret_paths(config.key_file)
-        self.action = action
+        self.action, self.require_landlock = action, require_landlock
+        self.confined: Confinement | None = None
+
+    def confine(self, agent: Agent) -> None:
+        c = agent.config
+        mounts = sorted({str(m) for m in agent.layout.hierarchies().values()})
+        self.confined = confine(rules(run_dir=c.run_dir, nodes=[n.name for n in c.nodes],
+                                      cgroup_mounts=mounts),
+                                secrets=self.secrets, require_landlock=self.require_landlock)
 
     def apply(self) -> dict:
-        done = seal(secrets=self.secrets, action=self.action)
+        done = seal(secrets=self.secrets, action=self.action, confined=self.confined)
         for warning in done.warnings:
             log.warning("%s", warning)
-        log.info("sealed: not dumpable, no new privileges, %d system calls denied (%s)%s",
-                 len(done.denied), done.action,
-                 f"; unknown here: {', '.join(done.unknown)}" if done.unknown else "")
-        return {"action": done.action, "denied": len(done.denied)}
+        log.info("sealed: not dumpable, no new privileges, %d system calls denied (%s)%s; "
+                 "Landlock ABI %d, %d path rules: %s", len(done.denied), done.action,
+                 f"; unknown here: {', '.join(done.unknown)}" if done.unknown else "",
+                 done.landlock_abi, len(done.landlock),
+                 "; ".join(f"{p} {'+'.join(a)}" for p, a in done.landlock.items()))
+        return {"action": done.action, "denied": len(done.denied),
+                "landlock": {"abi": done.landlock_abi, "rules": done.landlock}}
 
 
 async def _serve(config: AgentConfig, sealing: _Sealing | None = None) -> int:
-    agent = Agent(config)
+    agent = Agent(config, on_set_up=sealing.confine if sealing is not None else None)
     await agent.start()
     if sealing is not None:
         try:

@@ -149,8 +149,10 @@ class NodeSampler:
                                         daemon=True)
 
     def start(self) -> None:
-        """Take the first sample now (so the kernel box exists), then keep sampling."""
-        self.sample_once()
+        """Keep sampling on the sampler's thread; the first sample (`sample_once()`, which
+        makes the kernel box) is taken now unless it was already."""
+        if self.latest is None:
+            self.sample_once()
         self._thread.start()
 
     def stop(self) -> None:

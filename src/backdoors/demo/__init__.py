@@ -4,7 +4,8 @@ A lab of 2 hosts and 4 nodes with their agents and a monitor; recoverable stream
 HTTP servers with live client sessions; then, in turn: a memory hog (repaired), a fork
 bomb (locked and repaired), a service deadlock (detected, diagnosed, refreshed), a node
 freeze, a server crash and a network driver failure (each moving the live sessions on,
-byte-exact). A verdict per scenario, a results file and an HTML report at the end.
+byte-exact), and an agent restart (its agent SIGKILLed while the sessions stream, restarted
+by its keeper holding them, then its node frozen and the sessions moved on). A verdict per scenario, a results file and an HTML report at the end.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def run_demo(*, name: str = "demo", quick: bool = False, scenario: str | None = 
         world.up()
         view = View(world, console)
         world.monitor.subscribe(view.on_incident)
+        world.note = view.say
         view.start()
         for i, key in enumerate(order):
             nxt = order[i + 1] if i + 1 < len(order) else "report"

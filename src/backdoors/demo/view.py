@@ -1,12 +1,14 @@
 """The demo's live terminal view (rich), or plain lines when stdout is not a terminal.
 
 Hosts and nodes with their state, each node's memory and service progress as
-sparklines, the client sessions and their bytes, and the incident timeline as it happens.
+sparklines, each host's agent (pid, restarts by its keeper), the client sessions and their
+bytes, and the incident timeline as it happens (agent restarts included).
 The view reads through its own agent clients, 4 times a second, on a thread of its own.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -18,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import BackdoorsError
+from ..lab.agents import keeper_files
 from ..sensors import KERNEL_BOX, parse_box
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -44,6 +47,7 @@ class View:
         self._rate = {n.name: deque(maxlen=HISTORY) for n in world.lab.plan.nodes}
         self._last_progress: dict[str, tuple[float, float]] = {}
         self._rows: dict[str, dict] = {}
+        self._agents: dict[str, dict] = {}  # host -> the keeper's pid file {pid, restarts}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._live: Live | None = None
@@ -103,12 +107,26 @@ class View:
         try:
             while not self._stop.wait(0.25):
                 for host, client in clients.items():
+                    self._watch_agent(host)
                     self._poll(host, client)
                 if self._live is not None:
                     self._live.update(self._render())
         finally:
             for c in clients.values():
                 c.close()
+
+    def _watch_agent(self, host: str) -> None:
+        """The agent's pid and restarts from its keeper's pid file; a restart is an event."""
+        lab = self.world.lab
+        try:
+            now = json.loads(keeper_files(lab.plan, lab.plan.host(host))[1].read_text())
+        except (OSError, ValueError):
+            return
+        before = self._agents.get(host)
+        if before is not None and now.get("pid") != before.get("pid"):
+            self.say(f"{host}: agent restarted by its keeper (pid {before.get('pid')} -> "
+                     f"{now.get('pid')}, restart {now.get('restarts')})")
+        self._agents[host] = now
 
     def _poll(self, host: str, client) -> None:
         try:
@@ -171,7 +189,10 @@ class View:
             sessions = Text(f"clients: {len(offs)} stream sessions, {sum(offs) / 2**20:.2f} MiB "
                             f"received and verified; {len(w.downloads)} curl downloads, "
                             f"{sum(w.download_sizes()) / 2**20:.2f} MiB")
+        agents = Text("agents: " + ", ".join(
+            f"{h} pid {a.get('pid')}" + (f" (restarted {a['restarts']}x)" if a.get("restarts") else "")
+            for h, a in sorted(self._agents.items())))
         head = Text(f"▶ {self.phase}" + (f"    next: {self.next}" if self.next else ""), style="bold")
         events = Text("\n".join(self.events) or "(no incident yet)")
-        return Group(head, t, sessions, Text("incident timeline", style="bold underline"), events,
+        return Group(head, t, agents, sessions, Text("incident timeline", style="bold underline"), events,
                      *(Text.from_markup(v) for v in self.verdicts))

@@ -47,6 +47,7 @@ class World:
         self.downloads: list[tuple[subprocess.Popen, Path]] = []
         self.monitor = None
         self.session_node = "n0"  # where the client sessions are served now
+        self.note = lambda text: None  # a line for the view's timeline (set by the runner)
         self._procs: list[subprocess.Popen] = []
 
     # ---- building -----------------------------------------------------------------------
