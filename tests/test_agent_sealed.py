@@ -18,7 +18,8 @@ import msgspec
 import pytest
 from test_agent_support import PY, agent_lab, daemon, prefix, read_line, to_toml
 
-from backdoors.agent.protocol import Envelope, mac_ok
+from backdoors.agent.keys import verify
+from backdoors.agent.protocol import EVENT_DOMAIN, Envelope
 from backdoors.agent.sealing import DENIED
 from backdoors.lab import Lab
 
@@ -235,7 +236,7 @@ def test_a_sealed_daemon_serves_every_node_op(agent_lab):
         # The event stream (pushed by the loop; a heartbeat at least every second).
         size = int.from_bytes(_exactly(stream, 4), "big")
         env = msgspec.msgpack.decode(_exactly(stream, size), type=Envelope)
-        assert mac_ok(lab.keys["m1"], env.body, env.mac)
+        assert verify((lab.agent_key.public,), EVENT_DOMAIN, env.body, env.sig)  # the agent signs
         stream.close()
         # The metrics endpoint (its own thread, started before the seal).
         with urllib.request.urlopen(f"http://{ready['metrics']}/metrics", timeout=10) as r:

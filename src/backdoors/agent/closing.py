@@ -64,18 +64,23 @@ def drain(sock: socket.socket) -> list[int]:
 
 
 class Closer:
-    """A thread that closes descriptors (sockets defused first); `close(fd)` queues one."""
+    """A thread that closes descriptors (sockets defused first); `close(fd)` queues one.
+
+    The thread starts with `start()` (the agent starts no thread before its seal's path
+    part, agent/sealing.py); until then, and after `stop()`, a close is done at once."""
 
     def __init__(self, name: str = "bd-agent-closer"):
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def close(self, fd: int) -> None:
         """Close `fd` soon, off the caller's thread (the caller must not use it again)."""
         defuse(fd)
-        if self._stopped:  # at shutdown: nothing is served any more
+        if self._stopped or not self._thread.is_alive():  # nothing served yet, or any more
             os.close(fd)
         else:
             self._queue.put(fd)
@@ -92,8 +97,9 @@ class Closer:
     def stop(self) -> None:
         """Close what is queued, then end the thread (without waiting for a stalled close)."""
         self._stopped = True
-        self._queue.put(None)
-        self._thread.join(1.0)
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(1.0)
 
     def _run(self) -> None:
         while True:

@@ -122,6 +122,7 @@ class LocalServer:
         if not self._listening:
             self.listen()
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._closer.start()
         self._thread.start()
 
     def listen(self) -> None:
