@@ -70,6 +70,10 @@ class AgentMetrics:
         self.rejected = Counter("backdoors_agent_rejected",
                                 "Requests rejected before dispatch (bad frame, auth, replay, "
                                 "malformed body, busy), by code", ["code"], registry=r)
+        self.closed = Counter("backdoors_agent_connections_closed",
+                              "RPC connections the agent closed to protect its slots: "
+                              "auth_timeout, auth_failed, evicted, send_timeout, idle",
+                              ["reason"], registry=r)
         self.votes = Counter("backdoors_agent_votes",
                              "Quorum votes of destructive ops: cast, applied (quorum reached), "
                              "expired (window passed)", ["op", "outcome"], registry=r)
