@@ -320,8 +320,9 @@ class RpcServer:
             if op.where == "inline":
                 result = op.run(call)
             else:
-                result = await self.run_blocking(rt.lane if op.where == "node" else
-                                                 self.memory_lane, op.name, op.run, call,
+                lane = (rt.lane if op.where == "node" else self.memory_lane if rt is None
+                        else rt.reads)  # a node's region copies wait only for its own
+                result = await self.run_blocking(lane, op.name, op.run, call,
                                                  deadline=op.deadline_s)
             return Outcome(True, result, votes=votes)
         except OpError as e:
