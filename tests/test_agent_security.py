@@ -291,7 +291,7 @@ def _timed_pings(client, seconds):
 
 
 def test_connections_beyond_the_cap_are_refused_busy(agent_lab):
-    lab = agent_lab(max_connections=2)
+    lab = agent_lab(max_connections=2, max_unauthenticated=1)
     first, second = lab.client(), lab.client("m2")
     assert first.ping() and second.ping()
     with socket.create_connection(lab.agent.address, timeout=5) as third:

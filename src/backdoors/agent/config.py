@@ -111,7 +111,18 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_procs_sampled: Annotated[int, doc(
         "processes read per node by the sampler and by `processes`")] = 2048
     max_connections: Annotated[int, doc(
-        "concurrent RPC connections; more are closed at once")] = 64
+        "concurrent RPC connections; more are refused (busy) and closed at once")] = 64
+    max_unauthenticated: Annotated[int, doc(
+        "of those, connections that have not yet sent an authenticated request (below "
+        "max_connections: the rest is kept for monitors); the oldest gives way to a new one")] = 16
+    max_unauthenticated_per_address: Annotated[int, doc(
+        "unauthenticated connections from one source address; the oldest gives way")] = 8
+    auth_timeout_s: Annotated[float, doc(
+        "a connection without an authenticated request within this many seconds is closed")] = 2.0
+    idle_timeout_s: Annotated[float, doc(
+        "an authenticated connection without a request for this many seconds is closed")] = 300.0
+    send_timeout_s: Annotated[float, doc(
+        "a peer that takes no bytes of a reply for this many seconds is dropped")] = 5.0
     max_sessions_per_node: Annotated[int, doc(
         "client sessions (Continuation Boxes and held sockets) per node")] = 4096
     peers: Annotated[dict[str, str | list[str]], doc(
@@ -218,15 +229,20 @@ def _validate(c: AgentConfig) -> None:
     _check(math.isfinite(c.peer_check_ms) and 10 <= c.peer_check_ms <= 60000,
            ("peer_check_ms",), "must be within 10..60000 ms")
     for key, low, high in (("vote_window_s", 0.01, 600), ("op_deadline_s", 0.01, 60),
-                            ("orphan_timeout_s", 0.01, 3600),
+                            ("orphan_timeout_s", 0.01, 3600), ("auth_timeout_s", 0.01, 60),
+                            ("idle_timeout_s", 0.01, 86400), ("send_timeout_s", 0.01, 600),
                            ("sample_period_s", 0.005, 10)):
         v = getattr(c, key)
         _check(math.isfinite(v) and low <= v <= high, (key,),
                f"must be within {low}..{high} s")
     for key in ("max_regions_per_node", "max_region_bytes", "max_node_bytes",
                 "max_procs_sampled", "max_connections", "replay_cache_entries",
-                "max_sessions_per_node"):
+                "max_sessions_per_node", "max_unauthenticated",
+                "max_unauthenticated_per_address"):
         _check(getattr(c, key) >= 1, (key,), "must be at least 1")
+    _check(c.max_unauthenticated < c.max_connections, ("max_unauthenticated",),
+           f"must be below max_connections ({c.max_connections}): the rest is kept for "
+           "authenticated monitors")
     _check(c.max_region_bytes <= c.max_node_bytes, ("max_region_bytes",),
            "must not exceed max_node_bytes")
     ks = c.kernel_sensors

@@ -303,6 +303,7 @@ class Agent:
         for rt in self.nodes.values():
             rt.sampler.stop()
             rt.lane.pool.shutdown(wait=False, cancel_futures=True)
+            rt.reads.pool.shutdown(wait=False, cancel_futures=True)
         self.regions.close()
         self.sessions.close()
         self.recovery.close()
@@ -315,8 +316,8 @@ class Agent:
         self.rpc = None
 
     def lanes(self) -> list[Lane]:
-        """Every worker lane: the nodes' and, while serving, the memory lane."""
-        lanes = [rt.lane for rt in list(self.nodes.values())]
+        """Every worker lane: the nodes' (ops and reads) and, while serving, the memory lane."""
+        lanes = [lane for rt in list(self.nodes.values()) for lane in (rt.lane, rt.reads)]
         if self.rpc is not None:
             lanes.append(self.rpc.memory_lane)
         return lanes

@@ -158,7 +158,7 @@ class EventBus:
         if args.since >= 0:
             since = args.since if args.epoch == self.epoch else 0
             old = [ev for ev in self._history if ev.seq > since]
-            first = old[0].seq if old else self._last + 1
+            first = old[0].seq if old else since + 1  # (later ones are on their way)
             if first - since - 1 > 0:  # beyond the history
                 sub.lose(first - since - 1, self.epoch)
             for ev in old:

@@ -7,7 +7,8 @@ sensor boxes, the workers' deadline misses. `MetricsServer` serves a registry at
 `GET /metrics` on one thread, from a socket made in a given network namespace.
 
 Label values are bounded: op labels are known op names or "?", node labels are the
-configured nodes, lanes are the nodes plus "memory", codes are the protocol's codes.
+configured nodes, lanes are the nodes, "<node>:memory" (a node's read workers) and
+"memory", codes are the protocol's codes.
 docs/metrics.md lists every metric.
 """
 
@@ -70,6 +71,10 @@ class AgentMetrics:
         self.rejected = Counter("backdoors_agent_rejected",
                                 "Requests rejected before dispatch (bad frame, auth, replay, "
                                 "malformed body, busy), by code", ["code"], registry=r)
+        self.closed = Counter("backdoors_agent_connections_closed",
+                              "RPC connections the agent closed to protect its slots: "
+                              "auth_timeout, auth_failed, evicted, send_timeout, idle",
+                              ["reason"], registry=r)
         self.votes = Counter("backdoors_agent_votes",
                              "Quorum votes of destructive ops: cast, applied (quorum reached), "
                              "expired (window passed)", ["op", "outcome"], registry=r)
@@ -92,6 +97,7 @@ class AgentMetrics:
         for spec in agent.config.nodes:  # a series per node from the start, not at first use
             self.regions.labels(spec.name).set(0)
             self.stuck_ops.labels(spec.name).set(0)
+            self.stuck_ops.labels(f"{spec.name}:memory").set(0)
         self.stuck_ops.labels("memory").set(0)
 
 
@@ -137,6 +143,11 @@ class AgentCollector(Collector):
         age = GaugeMetricFamily("backdoors_agent_sample_age_seconds",
                                 "Seconds since the node's last kernel-sensor sample",
                                 labels=["node"])
+        skipped = GaugeMetricFamily("backdoors_agent_boxes_skipped",
+                                    "Sensor Boxes of the node that kept failing to read (a "
+                                    "generation that never settles), skipped for now",
+                                    labels=["node"])
+        now = time.monotonic()
         errors = CounterMetricFamily("backdoors_agent_sample_errors",
                                      "Kernel-sensor samples of the node that failed",
                                      labels=["node"])
@@ -152,7 +163,8 @@ class AgentCollector(Collector):
                 locked.add_metric([name], float(bool(state.locked_by)))
                 fenced.add_metric([name], float(state.fenced))
             errors.add_metric([name], float(rt.sampler.errors))
-        yield from (sessions, region_bytes, frozen, locked, fenced, age, errors)
+            skipped.add_metric([name], float(rt.boxes.count(now)))
+        yield from (sessions, region_bytes, frozen, locked, fenced, age, errors, skipped)
 
     def _lanes(self, a: Watched):
         misses = CounterMetricFamily("backdoors_agent_deadline_misses",

@@ -2,9 +2,10 @@
 
 Each Op has a strict msgspec argument type (decoded from the request's raw args), a
 `where` ("inline" on the event loop: memory-only and quick; "memory": a region copy that
-may retry, on the memory workers; "node": anything touching /proc or cgroupfs, on the
-node's own workers under the op deadline). Whether it is destructive (held for votes
-when the quorum is above 1) is read from the one table of them, `protocol.DESTRUCTIVE`.
+may retry, on the node's own read workers, or the shared memory workers for an op without
+a node; "node": anything touching /proc or cgroupfs, on the node's own workers under the
+op deadline). Whether it is destructive (held for votes when the quorum is above 1) is
+read from the one table of them, `protocol.DESTRUCTIVE`.
 `OPS` is the table of ops; `Agent.add_op` extends it. An op sees the agent only through
 `AgentView`: its configuration, nodes and tables.
 """
@@ -38,6 +39,7 @@ from .served import NodeRuntime
 from .sessions import SessionTable
 
 MAX_LEASE_S = 3600.0
+SENSORS_BUDGET = 0.25  # share of the op deadline `sensors` spends before leaving boxes unread
 PID_MAX = 1 << 22  # the kernel's largest pid_max
 
 
@@ -211,16 +213,39 @@ def read(call: Call) -> bytes:
 
 
 def sensors(call: Call) -> SensorsReply:
-    boxes, errors = {}, {}
-    with call.agent.regions.use_all(call.node.name, "sensorbox") as entries:
-        for entry in entries:
+    """Every box of the node: the agent's own first, then those in good standing, then
+    those that failed before. A box that failed is skipped while its back-off runs
+    (`agent/backoff.py`), and once the boxes read have taken SENSORS_BUDGET of the op
+    deadline, the rest wait for the next call: a node's hostile boxes cannot make its
+    own kernel box late, nor hold the node's read workers for long."""
+    rt = call.node
+    boxes, errors, skipped = {}, {}, {}
+    start = time.monotonic()
+    budget = start + call.agent.config.op_deadline_s * SENSORS_BUDGET
+    with call.agent.regions.use_all(rt.name, "sensorbox") as entries:
+        keys = {e: (e.name, e.registered_at) for e in entries}
+        rt.boxes.keep(set(keys.values()))
+        for entry in sorted(entries, key=lambda e: (not e.internal, rt.boxes.failures(keys[e]))):
+            key = keys[entry]
+            if (f := rt.boxes.skipped(key, start)) is not None:
+                skipped[entry.name] = round(f.until - start, 3)
+                errors[entry.name] = (f"skipped for {f.until - start:.1f} s more: failed "
+                                      f"{f.failures} times in a row (last: {f.error})")
+                continue
+            if not entry.internal and time.monotonic() > budget:
+                errors[entry.name] = ("not read: this call's time went to boxes that did not "
+                                      "settle; read first by the next one")
+                continue
             try:
                 image = read_consistent(entry.region)
-                boxes[entry.name] = (image if entry.internal
-                                     else box_in_host_terms(image, entry.pid, entry.inner_pid))
             except SensorBoxError as e:
                 errors[entry.name] = str(e)
-    return SensorsReply(boxes, errors)
+                rt.boxes.failed(key, str(e), time.monotonic())
+                continue
+            rt.boxes.succeeded(key)
+            boxes[entry.name] = (image if entry.internal
+                                 else box_in_host_terms(image, entry.pid, entry.inner_pid))
+    return SensorsReply(boxes, errors, skipped)
 
 
 def processes(call: Call) -> ProcessTable:

@@ -176,10 +176,12 @@ class ProcessTable(msgspec.Struct):
 
 
 class SensorsReply(msgspec.Struct):
-    """Consistent copies of every Sensor Box of a node, and the boxes that failed."""
+    """Consistent copies of every Sensor Box of a node, and the boxes that failed; of
+    those, `skipped` were not read (they kept failing): seconds until they are again."""
 
     boxes: dict[str, bytes]
     errors: dict[str, str]
+    skipped: dict[str, float] = {}
 
 
 class LockReply(msgspec.Struct):

@@ -10,6 +10,7 @@ import concurrent.futures
 from dataclasses import dataclass, field
 
 from ..nodes import Node
+from .backoff import BoxBackoff
 from .config import NodeSpec
 from .sampler import NodeSampler
 
@@ -29,14 +30,24 @@ class Lane:
                                                           thread_name_prefix=f"bd-{self.name}")
 
 
+READ_WORKERS = 2  # per node, for its region copies (the sensors op)
+
+
 @dataclass(eq=False)
 class NodeRuntime:
-    """A served node and what the agent keeps for it."""
+    """A served node and what the agent keeps for it: `lane` for its /proc and cgroupfs
+    ops, `reads` for copies of its regions (so one node's boxes cannot make another's
+    reads wait), and the back-off of its failing Sensor Boxes."""
 
     spec: NodeSpec
     node: Node
     sampler: NodeSampler
     lane: Lane
+    reads: Lane = field(init=False)
+    boxes: BoxBackoff = field(init=False, default_factory=BoxBackoff)
+
+    def __post_init__(self) -> None:
+        self.reads = Lane(f"{self.spec.name}:memory", READ_WORKERS)
 
     @property
     def name(self) -> str:

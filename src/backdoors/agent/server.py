@@ -35,7 +35,6 @@ from .votes import BallotBox, Short
 log = logging.getLogger("backdoors.agent")
 
 FRAME_TIMEOUT_S = 5.0  # for the rest of a frame once its header came
-IDLE_TIMEOUT_S = 300.0  # between frames
 _encode = msgspec.msgpack.Encoder().encode
 
 
@@ -46,6 +45,20 @@ class Outcome:
     code: str | None = None
     message: str | None = None
     votes: list[str] | None = None
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One open connection, as the caps see it."""
+
+    task: asyncio.Task
+    reader: asyncio.StreamReader
+    address: str  # the peer's source address, without the port
+    opened: float  # time.monotonic()
+    authenticated: bool = False  # sent a request that authenticated
+    in_request: bool = False  # a request is being answered (never evicted then)
+    rejected: str | None = None  # the code, when the request in hand did not authenticate
+    closing: str | None = None  # why the server closes it (told to the peer)
 
 
 class RpcServer:
@@ -64,13 +77,22 @@ class RpcServer:
         self.ballots = BallotBox(config.quorum, config.vote_window_s)
         self.memory_lane = Lane("memory", 2)
         self._server: asyncio.base_events.Server | None = None
-        self._conns: set[asyncio.Task] = set()
+        self._conns: dict[asyncio.Task, _Conn] = {}
         self._streams: dict[asyncio.Task, Any] = {}  # subscribed connections: their args
 
     @property
     def connections(self) -> int:
         """Connections open now."""
         return len(self._conns)
+
+    @property
+    def unauthenticated(self) -> int:
+        """Open connections that have not yet sent an authenticated request."""
+        return sum(not c.authenticated for c in self._conns.values())
+
+    def unauthenticated_from(self, address: str) -> int:
+        """Open unauthenticated connections from source `address`."""
+        return sum(not c.authenticated and c.address == address for c in self._conns.values())
 
     async def start(self, sock) -> None:
         self._server = await asyncio.start_server(self._serve, sock=sock)
@@ -87,55 +109,125 @@ class RpcServer:
 
     # -- connections -------------------------------------------------------------------
 
+    def _admit(self, new: _Conn) -> str | None:
+        """Count `new` in, making room by closing the oldest unauthenticated connection
+        that is not in a request when a cap is reached; or why it cannot be admitted."""
+        c = self.agent.config
+        waiting = [x for x in self._conns.values() if not x.authenticated]
+        caps = ((c.max_unauthenticated_per_address,
+                 [x for x in waiting if x.address == new.address],
+                 f"unauthenticated connections from {new.address}"),
+                (c.max_unauthenticated, waiting, "unauthenticated connections"),
+                (c.max_connections, list(self._conns.values()), "connections"))
+        for cap, holding, what in caps:
+            if len(holding) < cap:
+                continue
+            idle = [x for x in holding if not x.authenticated and not x.in_request]
+            if not idle:
+                return f"{len(holding)} {what} are open, the most this agent serves"
+            # silent ones first (a monitor's new connection has its request on the way)
+            self._evict(min(idle, key=lambda x: (_buffered(x.reader) > 0, x.opened)),
+                        f"{len(holding)} {what} are open: the oldest without an "
+                        "authenticated request gave way")
+        self._conns[new.task] = new
+        return None
+
+    def _evict(self, conn: _Conn, why: str) -> None:
+        self._conns.pop(conn.task, None)
+        conn.closing = why
+        conn.task.cancel()
+        self._closed("evicted")
+
+    def _closed(self, reason: str) -> None:
+        self.metrics.closed.labels(reason).inc()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer(writer)
-        if len(self._conns) >= self.agent.config.max_connections:
-            await self._refuse(writer, peer, "busy", f"{len(self._conns)} connections are open, "
-                               "the most this agent serves")
-            writer.close()
-            return
         task = asyncio.current_task()
-        self._conns.add(task)
+        c = self.agent.config
+        conn = _Conn(task, reader, _address(writer), time.monotonic())
+        if (refusal := self._admit(conn)) is not None:
+            await self._refuse(writer, peer, "busy", refusal)
+            _close(writer)
+            return
         try:
             while True:
+                if conn.authenticated:
+                    wait = c.idle_timeout_s
+                else:  # everything up to the first authenticated request: auth_timeout_s
+                    wait = conn.opened + c.auth_timeout_s - time.monotonic()
                 try:
-                    header = await asyncio.wait_for(reader.readexactly(4), IDLE_TIMEOUT_S)
+                    header = await asyncio.wait_for(reader.readexactly(4), wait)
                 except asyncio.IncompleteReadError as e:
                     if e.partial:
                         await self._refuse_frame(writer, peer, f"truncated header of "
                                                  f"{len(e.partial)} bytes")
                     return
-                except asyncio.TimeoutError:
-                    return  # idle: the client reconnects when it needs to
+                except asyncio.TimeoutError:  # idle: the client reconnects when it needs to
+                    self._closed("idle" if conn.authenticated else "auth_timeout")
+                    return
                 size = int.from_bytes(header, "big")
                 if not 0 < size <= MAX_FRAME:
                     await self._refuse_frame(writer, peer, f"frame length {size} is outside "
                                              f"1..{MAX_FRAME}")
                     return
+                if not conn.authenticated:
+                    wait = min(FRAME_TIMEOUT_S, conn.opened + c.auth_timeout_s - time.monotonic())
+                else:
+                    wait = FRAME_TIMEOUT_S
                 try:
-                    payload = await asyncio.wait_for(reader.readexactly(size), FRAME_TIMEOUT_S)
+                    payload = await asyncio.wait_for(reader.readexactly(size), wait)
                 except asyncio.IncompleteReadError as e:
                     await self._refuse_frame(writer, peer, f"truncated frame: {len(e.partial)} "
                                              f"of {size} bytes")
                     return
+                except asyncio.TimeoutError:
+                    if not conn.authenticated:
+                        self._closed("auth_timeout")
+                        return
+                    await self._refuse_frame(writer, peer, "timed out waiting for the rest "
+                                             "of the frame")
+                    return
+                conn.in_request, conn.rejected = True, None
                 writer.write(frame(await self.handle(payload, peer)))
-                await writer.drain()
+                conn.in_request = False
+                if conn.rejected == "auth":  # a wrong key or signature: no second try
+                    self._closed("auth_failed")
+                    await self._drain(writer, 1.0)
+                    return
+                conn.authenticated = conn.authenticated or conn.rejected is None
+                if not await self._drain(writer, c.send_timeout_s):
+                    self._closed("send_timeout")
+                    return
                 if (stream := self._streams.pop(task, None)) is not None:
                     args = stream  # subscribed: the connection carries events only now
                     await self.agent.events.stream(reader, writer, self.identity, args)
                     return
-        except asyncio.TimeoutError:
-            await self._refuse_frame(writer, peer, "timed out waiting for the rest of the frame")
         except OSError:
             pass  # the peer went away
-        except asyncio.CancelledError:
-            pass  # the server is stopping (3.11 streams log a cancelled handler task)
+        except asyncio.CancelledError:  # evicted, or the server is stopping
+            if conn.closing is not None:  # (3.11 streams log a cancelled handler task)
+                writer.write(frame(_reply(None, b"", Outcome(False, code="busy",
+                                                             message=conn.closing), 0.0)))
         except Exception:  # noqa: BLE001 - one connection's bug must not end the server
             log.exception("connection from %s failed", peer)
         finally:
-            self._conns.discard(task)
+            self._conns.pop(task, None)
             self._streams.pop(task, None)
-            writer.close()
+            _close(writer)
+
+    @staticmethod
+    async def _drain(writer, timeout: float) -> bool:
+        """Wait until the peer took the reply (False: not within `timeout`)."""
+        transport = writer.transport
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            await writer.drain()  # not paused: returns at once, without a task
+            return True
+        try:
+            await asyncio.wait_for(writer.drain(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def _refuse_frame(self, writer, peer: str, message: str) -> None:
         await self._refuse(writer, peer, "bad_frame", message)
@@ -151,6 +243,10 @@ class RpcServer:
             pass  # gone or not reading (TimeoutError is an OSError)
 
     def _reject(self, peer: str, r: Rejected) -> None:
+        """Count and audit a rejection; the connection it came on learns of it (every
+        request that does not authenticate passes here)."""
+        if (conn := self._conns.get(asyncio.current_task())) is not None:
+            conn.rejected = r.code
         self.metrics.rejected.labels(r.code).inc()
         self.audit.rejected(peer=peer, code=r.code, message=r.message, monitor=r.monitor,
                                   op=r.op if r.op in self.ops else "?")
@@ -183,7 +279,10 @@ class RpcServer:
                 outcome = Outcome(False, code="bad_request", message=f"{req.op}: bad args: {e}")
         if op is not None and op.name == "subscribe" and outcome.ok:
             task = asyncio.current_task()
-            if task in self._conns:
+            if task in self._conns:  # "from now on" = after the last_seq of the reply
+                if args.since < 0:
+                    args = msgspec.structs.replace(args, epoch=outcome.result.epoch,
+                                                   since=outcome.result.last_seq)
                 self._streams[task] = args
         elapsed = _ms(start)
         label = op.name if op else "?"
@@ -237,8 +336,9 @@ class RpcServer:
             if op.where == "inline":
                 result = op.run(call)
             else:
-                result = await self.run_blocking(rt.lane if op.where == "node" else
-                                                 self.memory_lane, op.name, op.run, call,
+                lane = (rt.lane if op.where == "node" else self.memory_lane if rt is None
+                        else rt.reads)  # a node's region copies wait only for its own
+                result = await self.run_blocking(lane, op.name, op.run, call,
                                                  deadline=op.deadline_s)
             return Outcome(True, result, votes=votes)
         except OpError as e:
@@ -296,6 +396,25 @@ def _reply(identity: Identity | None, nonce: bytes, outcome: Outcome,
 
 def _ms(start: float) -> float:
     return (time.monotonic() - start) * 1000
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    """Close now: what the peer did not take is dropped (a peer that reads nothing would
+    otherwise keep the socket and its buffer)."""
+    if writer.transport.get_write_buffer_size():
+        writer.transport.abort()
+    else:
+        writer.close()
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes received and not yet read (StreamReader keeps them in `_buffer`)."""
+    return len(getattr(reader, "_buffer", b""))
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    info = writer.get_extra_info("peername")
+    return str(info[0]) if isinstance(info, tuple) and info else str(info or "?")
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

@@ -1,0 +1,269 @@
+"""Availability against keyless clients and hostile nodes (issue 10, findings 5 and 9).
+
+A client without a key may open connections to the agent, but cannot hold the slots a
+monitor needs: a connection must authenticate within `auth_timeout_s`, a failed
+authentication closes it, unauthenticated connections are capped overall and per source
+address (the oldest gives way to a new one), and a peer that does not read its replies is
+dropped. A node's hostile Sensor Boxes (a generation stuck odd) cost only that node: the
+`sensors` op runs on the node's own memory lane, and a box that keeps failing is skipped
+for a while and reported, so the other nodes' reads stay fast and never `busy`.
+"""
+
+import json
+import socket
+import threading
+import time
+
+import msgspec
+import pytest
+from test_agent_support import agent_lab, prefix, read_line, wait_for  # noqa: F401
+
+from backdoors.agent.errors import AgentError
+from backdoors.agent.protocol import Envelope, Response, frame
+
+pytestmark = pytest.mark.root
+
+
+def _connect(lab, source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection(lab.agent.address, timeout=10, source_address=(source, 0))
+    return s
+
+
+def _closed_by_agent(s: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the agent sent until it closed `s` (AssertionError if it did not)."""
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the agent kept the connection open for {timeout} s") from None
+    return data
+
+
+def _replies(data: bytes) -> list[Response]:
+    out = []
+    while len(data) >= 4:
+        size = int.from_bytes(data[:4], "big")
+        env = msgspec.msgpack.decode(data[4:4 + size], type=Envelope)
+        out.append(msgspec.msgpack.decode(env.body, type=Response))
+        data = data[4 + size:]
+    return out
+
+
+class Flood:
+    """Keeps `count` keyless, silent connections open to the agent from `addresses`
+    (round robin), opening a new one whenever the agent closes one."""
+
+    def __init__(self, lab, count: int, addresses: list[str]):
+        self.lab, self.count, self.addresses = lab, count, addresses
+        self.opened = self.closed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        wait_for(lambda: self.opened >= self.count, what="the flood's connections")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        try:
+            while not self._stop.is_set():
+                while len(sel.get_map()) < self.count:
+                    s = _connect(self.lab, self.addresses[self.opened % len(self.addresses)])
+                    s.setblocking(False)
+                    sel.register(s, selectors.EVENT_READ)
+                    self.opened += 1
+                for key, _ in sel.select(0.05):
+                    try:
+                        gone = key.fileobj.recv(65536) == b""
+                    except (ConnectionResetError, BlockingIOError):
+                        gone = True
+                    if gone:
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+                        self.closed += 1
+        finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()
+            sel.close()
+
+
+def _addresses(n: int) -> list[str]:
+    return [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(n)]
+
+
+# -- finding 5: keyless connections -----------------------------------------------------
+
+
+def test_keyless_idle_connections_cannot_lock_a_monitor_out(agent_lab):
+    lab = agent_lab()
+    cap = lab.config.max_connections
+    held = lab.client("m2")
+    assert held.ping()
+    sock = held._sock
+    with Flood(lab, cap, _addresses(cap)) as flood:
+        assert held.ping() and held._sock is sock  # an authenticated connection stays
+        c = lab.client(timeout=5)
+        for _ in range(20):
+            assert c.ping()
+            c.close()  # a new connection each time: each must get in
+        # the silent connections are closed (pre-authentication timeout or room made for
+        # the monitor), and the agent never holds more of them than its reserve allows
+        wait_for(lambda: flood.closed >= cap, timeout=15, what="silent connections closed")
+    assert lab.agent.agent.rpc.unauthenticated <= lab.config.max_unauthenticated
+
+
+def test_one_address_holds_at_most_its_share(agent_lab):
+    lab = agent_lab()
+    per_address = lab.config.max_unauthenticated_per_address
+    with Flood(lab, 3 * per_address, ["127.0.0.9"]):
+        wait_for(lambda: lab.agent.agent.rpc.unauthenticated_from("127.0.0.9") <= per_address,
+                 what="the address held to its share")
+        other = _connect(lab, "127.0.0.10")
+        # a different address still gets a slot: its request is answered
+        c = lab.client()
+        payload, _ = c.signed_request("ping", {})
+        other.sendall(frame(payload))
+        size = int.from_bytes(other.recv(4), "big")
+        assert size > 0
+        other.close()
+        assert lab.agent.agent.rpc.unauthenticated_from("127.0.0.9") <= per_address
+
+
+def test_a_silent_connection_is_closed_after_the_auth_timeout(agent_lab):
+    lab = agent_lab(auth_timeout_s=0.3)
+    s = _connect(lab)
+    s.sendall(b"\0\0")  # half a header, then nothing
+    assert _closed_by_agent(s) == b""
+    s.close()
+
+
+def test_a_failed_authentication_closes_the_connection(agent_lab):
+    lab = agent_lab()
+    c = lab.client()
+    payload, _ = c.signed_request("ping", {})
+    env = msgspec.msgpack.decode(payload, type=Envelope)
+    forged = msgspec.msgpack.encode(Envelope(env.body, bytes(32)))
+    s = _connect(lab)
+    s.sendall(frame(forged) + frame(forged))  # the second is never read
+    [reply] = _replies(_closed_by_agent(s))
+    assert reply.error.code == "auth"
+    s.close()
+    assert c.ping()
+
+
+def test_an_authenticated_connection_stays_past_the_auth_timeout(agent_lab):
+    lab = agent_lab(auth_timeout_s=0.3)
+    c = lab.client()
+    assert c.ping()
+    time.sleep(0.6)  # longer than the auth timeout: an authenticated connection stays
+    sock = c.take_socket()
+    payload, _ = c.signed_request("ping", {})
+    sock.sendall(frame(payload))
+    sock.settimeout(5)
+    assert int.from_bytes(sock.recv(4), "big") > 0
+    sock.close()
+
+
+def test_a_peer_that_reads_no_replies_is_dropped(agent_lab):
+    lab = agent_lab(send_timeout_s=0.5)
+    lab.start_app("n0", mailbox=True)
+    c = lab.client()
+    s = _connect(lab)
+    s.settimeout(30)
+    rpc = lab.agent.agent.rpc
+    wait_for(lambda: rpc.connections == 1, what="the connection")
+    sent = 0
+    try:  # 4 KiB replies, never read, until the agent stops taking requests
+        while True:
+            payload, _ = c.signed_request("read", {"node": "n0", "region": "mailbox",
+                                                   "offset": 0, "length": 4096})
+            s.sendall(frame(payload))
+            sent += 1
+    except (TimeoutError, ConnectionResetError, BrokenPipeError):
+        pass
+    assert sent > 10
+    wait_for(lambda: rpc.connections == 0, timeout=15, what="the non-reader dropped")
+    assert lab.client("m2").ping()
+    s.close()
+
+
+def test_a_subscriber_that_does_not_read_is_dropped(agent_lab):
+    lab = agent_lab()
+    bus = lab.agent.agent.events
+    c = lab.client()
+    c.call("subscribe")
+    stuck = c.take_socket()  # never read
+    wait_for(lambda: bus.subscribers == 1, what="the subscriber")
+    pad = "x" * 16384
+    for i in range(2048):  # 32 MiB: more than the socket buffers hold
+        bus.publish("test", "n0", pad=pad, i=i)
+        if i % 256 == 0:
+            assert lab.client("m2").ping()  # the agent answers meanwhile
+    wait_for(lambda: bus.subscribers == 0, timeout=20, what="the stuck subscriber dropped")
+    stuck.close()
+
+
+# -- finding 9: hostile Sensor Boxes ----------------------------------------------------
+
+# Registers argv[1] Sensor Boxes, then leaves each one's generation odd: a writer that
+# never finishes adding a sensor, so no copy of it ever settles.
+STUCK = """
+import json, sys, time
+from backdoors.sensors import SensorBox, abi
+from backdoors.common.runtime import register_box
+boxes = []
+for i in range(int(sys.argv[1])):
+    box = SensorBox.create(f"stuck{i}")
+    box.progress("tick", deadline=1.0)
+    register_box(box)
+    box._words[abi.OFF_GENERATION // 8] |= 1
+    boxes.append(box)
+print(json.dumps({"stuck": len(boxes)}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_node_of_stuck_boxes_does_not_make_other_nodes_busy(agent_lab):
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    stuck = lab.config.max_regions_per_node
+    lab.start_app("n1")
+    proc = lab.run("n0", STUCK, str(stuck))
+    assert json.loads(read_line(proc, 30)) == {"stuck": stuck}
+    stop, hostile_errors = threading.Event(), []
+
+    def poll_hostile():  # the monitors poll the hostile node too, as they poll every node
+        c = lab.client("m2", timeout=10)
+        while not stop.is_set():
+            try:
+                c.sensors("n0")
+            except AgentError as e:
+                hostile_errors.append(e.code)
+
+    pollers = [threading.Thread(target=poll_hostile, daemon=True) for _ in range(3)]
+    for t in pollers:
+        t.start()
+    try:
+        c = lab.client(timeout=10)
+        for _ in range(60):
+            reply = c.sensors("n1")  # raises on busy or deadline
+            assert "app" in reply.boxes and not reply.errors
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join(15)
+    # the hostile node's own reads: its stuck boxes reported, the kernel box still read
+    reply = lab.client().sensors("n0")
+    assert "kernel" in reply.boxes
+    assert {f"stuck{i}" for i in range(stuck)} <= set(reply.errors)
+    assert any("skipped" in m for m in reply.errors.values())
+    assert reply.skipped and set(reply.skipped) <= set(reply.errors)
