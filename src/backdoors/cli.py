@@ -292,11 +292,20 @@ def config_show(
 
 
 def _node_client(node: str, lab: Optional[str], config: Optional[str]):
+    """A client of the agent serving `node`; with a monitor config its destructive calls
+    wait the monitors' vote_window_s for the other votes (quorum above 1)."""
     from .status import _sources
 
     sources, _ = _sources(lab, config, 2.0)
+    import os
+
+    from .config import DEFAULT_PATH, load_monitor_config
+
+    path = config or (DEFAULT_PATH if lab is None and os.path.exists(DEFAULT_PATH) else None)
+    window = load_monitor_config(path).vote_window_s if path is not None else 0.0
     for src in sources:
         client = src.connect()
+        client.vote_window = window
         try:
             if node in {i.name for i in client.nodes()}:
                 return client
@@ -312,7 +321,10 @@ def node_unfence(
     lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
     config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
 ) -> None:
-    """Return a node fenced by a recovery to service: thaw it, bring its interface up."""
+    """Return a node fenced by a recovery to service: thaw it, bring its interface up.
+
+    With quorum k above 1, run it on k monitor hosts (each with its own config and key)
+    within the vote window."""
     with _node_client(node, lab, config) as c:
         r = c.call("unfence", node=node)
     err.print(f"node {node} unfenced (thawed in {r['thaw_ms']:.1f} ms, interface up)")
@@ -324,7 +336,10 @@ def node_kill(
     lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
     config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
 ) -> None:
-    """Kill every process of a node (a refresh starts from there)."""
+    """Kill every process of a node (a refresh starts from there).
+
+    With quorum k above 1, run it on k monitor hosts (each with its own config and key)
+    within the vote window."""
     with _node_client(node, lab, config) as c:
         r = c.kill_node(node)
     err.print(f"node {node}: {len(r)} processes killed")
