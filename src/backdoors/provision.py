@@ -75,16 +75,15 @@ def record_path(name: str, records: Path = RECORDS) -> Path:
     return records / f"{name}.json"
 
 
-def load(name: str, records: Path = RECORDS) -> Record:
-    """The record of node `name`; NodeError if `backdoors node create` did not make it."""
+def load(name: str, records: Path = RECORDS, hint: str = "") -> Record:
+    """The record of node `name`; NodeError (with `hint`) if `backdoors node create` did not
+    make it."""
     path = record_path(name, records)
     try:
         return msgspec.json.decode(path.read_bytes(), type=Record)
     except FileNotFoundError:
-        raise NodeError(
-            f"node {name} was not made by `backdoors node create` on this host (no record "
-            f"{path}): its cgroup and netns are not ours; remove them the way they were made"
-        ) from None
+        raise NodeError(f"node {name} was not made by `backdoors node create` on this host "
+                        f"(no record {path}){hint}") from None
     except (OSError, msgspec.DecodeError) as e:
         raise NodeError(f"cannot read the record of node {name} ({path}): {e}") from None
 
@@ -246,7 +245,8 @@ def _remove(rec: Record, layout: Layout, records: Path) -> dict:
 def delete(name: str, *, records: Path = RECORDS, layout: Layout | None = None) -> dict:
     """Kill what is left in node `name` and remove the cgroups, netns and veth `create`
     made; NodeError (nothing touched) if `create` did not make it."""
-    rec = load(name, records)
+    rec = load(name, records, ": its cgroup and netns are not ours to remove; remove them "
+               "the way they were made")
     require_root(f"deleting node {name}")
     return _remove(rec, layout or detect(), records)
 
@@ -262,7 +262,8 @@ def run(name: str, argv: Sequence[str], *, user: str | None = None, init: bool =
     if not argv:
         raise NodeError("no command given: backdoors node run NAME -- CMD [ARGS...]")
     if cgroup is None:
-        rec = load(name, records)
+        rec = load(name, records, ": for a node made otherwise give its --cgroup PATH "
+                   "(and --netns NS)")
         cgroup, netns = rec.cgroup, rec.netns
     require_root(f"running a command in node {name}")
     node = Node.open(name, cgroup, netns=netns)
