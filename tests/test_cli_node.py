@@ -15,7 +15,6 @@ import sys
 import time
 import tomllib
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import msgspec

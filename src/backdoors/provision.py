@@ -322,7 +322,8 @@ def stanza(rec: Record) -> str:
         lines += ['isolation = "trusted"   # no netns: it shares the host network, which the '
                   "agent's check refuses"]
     else:
-        lines += ['# isolation = "trusted"   # only if it runs as root: see the note above']
+        lines += ['# isolation = "trusted"   # only if its services must run as root '
+                  '(docs/operations.md, Node isolation)']
     return "\n".join(lines) + "\n"
 
 
