@@ -34,8 +34,8 @@ bench_app = typer.Typer(help="Benchmarks (JSON out); peers measured side by side
 app.add_typer(lab_app, name="lab")
 lab_app.add_typer(fault_app, name="fault")
 app.add_typer(bench_app, name="bench")
-node_app = typer.Typer(help="Act on one node through its agent (root for a lab): unfence or kill it.",
-                       no_args_is_help=True)
+node_app = typer.Typer(help="Nodes: make one on this host (create, run, delete; root), or act on "
+                       "one through its agent (unfence, kill).", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 config_app = typer.Typer(help="The configuration file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -368,11 +368,20 @@ def keys_rotate(
 
 
 def _node_client(node: str, lab: Optional[str], config: Optional[str]):
+    """A client of the agent serving `node`; with a monitor config its destructive calls
+    wait the monitors' vote_window_s for the other votes (quorum above 1)."""
     from .status import _sources
 
     sources, _ = _sources(lab, config, 2.0)
+    import os
+
+    from .config import DEFAULT_PATH, load_monitor_config
+
+    path = config or (DEFAULT_PATH if lab is None and os.path.exists(DEFAULT_PATH) else None)
+    window = load_monitor_config(path).vote_window_s if path is not None else 0.0
     for src in sources:
         client = src.connect()
+        client.vote_window = window
         try:
             if node in {i.name for i in client.nodes()}:
                 return client
@@ -388,7 +397,10 @@ def node_unfence(
     lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
     config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
 ) -> None:
-    """Return a node fenced by a recovery to service: thaw it, bring its interface up."""
+    """Return a node fenced by a recovery to service: thaw it, bring its interface up.
+
+    With quorum k above 1, run it on k monitor hosts (each with its own config and key)
+    within the vote window."""
     with _node_client(node, lab, config) as c:
         r = c.call("unfence", node=node)
     err.print(f"node {node} unfenced (thawed in {r['thaw_ms']:.1f} ms, interface up)")
@@ -400,10 +412,85 @@ def node_kill(
     lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
     config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
 ) -> None:
-    """Kill every process of a node (a refresh starts from there)."""
+    """Kill every process of a node (a refresh starts from there).
+
+    With quorum k above 1, run it on k monitor hosts (each with its own config and key)
+    within the vote window."""
     with _node_client(node, lab, config) as c:
         r = c.kill_node(node)
     err.print(f"node {node}: {len(r)} processes killed")
+
+
+@node_app.command("create")
+def node_create(
+    name: str = typer.Argument(..., help="The node's name, as in the agent's [[nodes]] entry."),
+    memory: Optional[str] = typer.Option(None, help="Memory limit, e.g. 2G, 512M (K/M/G/T: powers of 1024)."),
+    pids: Optional[int] = typer.Option(None, help="Limit of tasks (processes and threads)."),
+    cgroup: Optional[str] = typer.Option(None, help="Cgroup path in every hierarchy (default backdoors/NAME)."),
+    netns: Optional[str] = typer.Option(None, help="Make a network namespace of this name for the node."),
+    address: list[str] = typer.Option([], help="With --netns: an address ADDR/LEN on its interface (repeat the option)."),
+    bridge: Optional[str] = typer.Option(None, help="With --netns: the host bridge its veth's host end joins."),
+    gateway: Optional[str] = typer.Option(None, help="With --netns: its default route's gateway."),
+    interface: str = typer.Option("eth0", help="With --netns: its interface's name inside."),
+    veth: Optional[str] = typer.Option(None, help="With --netns: the veth's host end (default NAME-h)."),
+) -> None:
+    """Make a node on this host (root): cgroups, and a netns with --netns.
+
+    Its cgroup gets a directory in every hierarchy of the host's layout (cgroup v1/hybrid
+    or v2, detected) with the limits; with --netns a network namespace joined to the host
+    by a veth. Prints the agent's config entry for it on stdout. What exists
+    already is refused; `backdoors node delete NAME` removes what this made. Example:
+    backdoors node create web0 --memory 2G --pids 512 --netns web0 --address 10.20.0.10/24
+    --address 10.20.0.100/24 --bridge br-svc --gateway 10.20.0.1"""
+    from . import provision
+    from .nodes import detect
+
+    layout = detect()
+    rec = provision.create(name, cgroup=cgroup, memory=provision.parse_size(memory) if memory else None,
+                           pids=pids, netns=netns, addresses=address, bridge=bridge,
+                           gateway=gateway, interface=interface, veth=veth, layout=layout)
+    dirs = ", ".join(str(m / rec.cgroup) for m in layout.hierarchies().values())
+    err.print(f"node {name}: cgroup {rec.cgroup!r} in {dirs} ({layout.kind} layout)"
+              + (f"; netns {rec.netns} with {rec.interface} (host end {rec.veth}"
+                 + (f" on bridge {rec.bridge}" if rec.bridge else "") + ")" if rec.netns else ""),
+              highlight=False, soft_wrap=True)
+    err.print(escape(provision.what_it_is(rec)), highlight=False, soft_wrap=True)
+    err.print("The agent's config entry for it (stdout):", highlight=False)
+    print(provision.stanza(rec), end="")
+
+
+@node_app.command("run")
+def node_run(
+    name: str = typer.Argument(..., help="The node, made by `backdoors node create`."),
+    command: list[str] = typer.Argument(..., help="The command and its arguments (after --)."),
+    user: Optional[str] = typer.Option(None, help="Run as this user (name or uid), after joining the node."),
+    init: bool = typer.Option(False, "--init", help="Run it under catatonit, which reaps the node's orphans (a killed fork bomb's zombies)."),
+    cgroup: Optional[str] = typer.Option(None, help="For a node not made by `node create`: its cgroup path."),
+    netns: Optional[str] = typer.Option(None, help="With --cgroup: its network namespace."),
+    run_dir: str = typer.Option("/run/backdoors", help="The agent's run_dir: sets BACKDOORS_AGENT_SOCKET and BACKDOORS_ADOPT_DIR unless set."),
+) -> None:
+    """Run a command inside a node (root), as --user, under catatonit with --init.
+
+    It joins the node's cgroup in every hierarchy and its netns, then becomes --user. Stdin, stdout and stderr are this terminal's; the exit status is the command's (128+N
+    after signal N). Example: backdoors node run web0 --user web --init -- /usr/local/bin/web-server"""
+    from . import provision
+
+    raise typer.Exit(provision.run(name, command, user=user, init=init, cgroup=cgroup,
+                                   netns=netns, run_dir=run_dir))
+
+
+@node_app.command("delete")
+def node_delete(name: str = typer.Argument(..., help="A node made by `backdoors node create`.")) -> None:
+    """Remove a node made by `node create` (root): kill what is left, remove its cgroups,
+    netns and veth; refused for a node it did not make."""
+    from . import provision
+
+    r = provision.delete(name)
+    made = [f"cgroup {r['cgroup']!r}"] + [f"netns {r['netns']}"] * bool(r["netns"]) \
+        + [f"veth {r['veth']}"] * bool(r["veth"])
+    err.print(f"node {name}: {len(r['killed'])} processes killed; removed {', '.join(made)}"
+              + (f"; kept {', '.join(r['kept'])} (other cgroups under it)" if r["kept"] else ""),
+              highlight=False, soft_wrap=True)
 
 
 # ---- scenarios ------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from ..sensors import Region, parse_box, read_consistent
 from ..sensors.region import HUGETLBFS_MAGIC, TMPFS_MAGIC, filesystem
 from .audit import AuditLog, RefusalLimiter, clip
 from .closing import Closer
-from .membership import is_member, read_cgroups
+from .membership import misplaced, outside_message, read_cgroups
 from .protocol import DECODE_ERRORS
 from .metrics import AgentMetrics
 from .regions import SESSION_KIND, RegionRefused, RegionTable
@@ -335,11 +335,12 @@ class LocalServer:
             raise RegionRefused(f"the caller (pid {conn.pid}) has exited") from None
         if conn.pidfd is not None and select.select([conn.pidfd], [], [], 0)[0]:
             raise RegionRefused(f"the caller (pid {conn.pid}) exited during the check")
-        if not is_member(node.cgroup.layout, cgroups, node.cgroup.relpath):
-            where = cgroups.get("unified") or cgroups.get("freezer") or "?"
+        wrong = misplaced(node.cgroup.layout, cgroups, node.cgroup.relpath)
+        if wrong is not None:
             raise RegionRefused(
-                f"process {conn.pid} is not inside node {conn.node} (cgroup {where!r}, not "
-                f"{'/' + node.cgroup.relpath!r}): a node can register regions only for itself")
+                "a node registers only for itself: "
+                + outside_message(conn.pid, conn.node, node.cgroup.paths, wrong,
+                                  node.cgroup.relpath))
 
     def _register(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         if len(fds) != 1:

@@ -37,14 +37,27 @@ def paths_in(layout: Layout, cgroups: dict[str, str]) -> dict[str, str]:
     return {h: cgroups[h] for h in layout.hierarchies() if h in cgroups}
 
 
-def is_member(layout: Layout, cgroups: dict[str, str], relpath: str) -> bool:
-    """True if the process is in cgroup `relpath` (or below) in every hierarchy of `layout`."""
+def misplaced(layout: Layout, cgroups: dict[str, str], relpath: str) -> tuple[str, str] | None:
+    """The first hierarchy of `layout` (its name, and the process's path there: "?" if it
+    has none) where the process is not in cgroup `relpath` or below; None if it is in all."""
     top = "/" + relpath.strip("/")
     for hierarchy in layout.hierarchies():
         path = cgroups.get(hierarchy)
         if path is None or not (path == top or path.startswith(top + "/")):
-            return False
-    return True
+            return hierarchy, path or "?"
+    return None
+
+
+def outside_message(pid: int, node: str, cgroup_dirs: dict[str, object],
+                    wrong: tuple[str, str], relpath: str) -> str:
+    """Why process `pid` is not in node `node`, naming the hierarchy, and how to fix it."""
+    hierarchy, where = wrong
+    name = "cgroup v2 (unified)" if hierarchy == UNIFIED else f"{hierarchy} (cgroup v1)"
+    files = ", ".join(f"{d}/cgroup.procs" for d in cgroup_dirs.values())
+    return (f"process {pid} is not inside node {node}: it is in cgroup {where!r} of the "
+            f"{name} hierarchy, not "
+            f"{'/' + relpath.strip('/')!r}: start it with `backdoors node run {node} -- CMD`, "
+            f"or write its pid to the node's cgroup.procs in every hierarchy ({files})")
 
 
 def outsider(node, pid: int) -> str | None:
@@ -70,8 +83,8 @@ def outsider(node, pid: int) -> str | None:
         return f"the listener (pid {pid}) has exited"
     finally:
         os.close(pidfd)
-    if not is_member(node.cgroup.layout, cgroups, node.cgroup.relpath):
-        where = cgroups.get(UNIFIED) or cgroups.get("freezer") or "?"
-        return (f"the listener (pid {pid}) is not inside node {node.name} (cgroup {where!r}, "
-                f"not {'/' + node.cgroup.relpath!r})")
+    if (wrong := misplaced(node.cgroup.layout, cgroups, node.cgroup.relpath)) is not None:
+        hierarchy, where = wrong
+        return (f"the listener (pid {pid}) is not inside node {node.name} (cgroup {where!r} "
+                f"of the {hierarchy} hierarchy, not {'/' + node.cgroup.relpath.strip('/')!r})")
     return None

@@ -97,11 +97,44 @@ class KillCulprit(Action, tag="kill_culprit"):
         return Outcome("failed" if left else "done", detail)
 
 
+def fork_room(client: Any, node: str, killed: int, timeout: float,
+              clock: Callable[[], float] = time.monotonic) -> tuple[dict, str | None]:
+    """Wait up to `timeout` s until node `node` can fork again: its task count
+    (pids.current, which counts exited processes until their parent reaps them) below its
+    pids limit. Returns what was seen, and None or why the node still cannot fork."""
+    start = clock()
+    while True:
+        stats = client.status(node).stats
+        waited = clock() - start
+        room = stats.pids_limit is None or stats.pids < stats.pids_limit
+        if room or waited >= timeout:
+            break
+        time.sleep(0.01)
+    detail = {"pids_after": stats.pids, "pids_limit": stats.pids_limit,
+              "fork_room_after_ms": round(waited * 1000, 1)}
+    if room:
+        return detail, None
+    # an exited task leaves cgroup.procs at once but stays charged until it is reaped
+    unreaped = stats.pids - sum(p.threads for p in client.processes(node).rows)
+    why = (f"killed {killed} processes; pids.current still {stats.pids} of {stats.pids_limit} "
+           f"after {waited * 1000:.0f} ms")
+    if unreaped <= 0:
+        return detail, why + " (the node's live processes and threads fill its pids limit)"
+    detail["unreaped"] = unreaped
+    return detail, (
+        why + f" ({unreaped} zombies not reaped: their parent does not wait for them, or they "
+        "were orphaned to a host process such as PID 1 that reaps late; the node has no "
+        "reaping init: run its services under one, e.g. `backdoors node run NODE --init -- "
+        "CMD` (catatonit), docs/operations.md section 5)")
+
+
 class LockKillLineage(Action, tag="lock_kill_lineage"):
     """Lock (freeze) the node, identify the lineage, kill it frozen, unlock, verify.
 
     The lock has a lease of `lease_s`, so a monitor dying mid-repair cannot leave the
     node frozen. Up to `max_rounds` rounds if survivors are found within `verify_ms`.
+    Done only once the node can fork again: its task count below its pids limit within
+    `fork_wait_ms` (killed processes count until their parent reaps them).
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"lineage"})
@@ -109,6 +142,7 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
     lease_s: Pos = 5.0
     verify_ms: Pos = 2000.0
     max_rounds: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    fork_wait_ms: NonNeg = 2000.0
 
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """Freeze, find the lineage born since onset, kill it frozen, thaw, check survivors."""
@@ -161,8 +195,15 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
             if error is None and not left and not (table and table.truncated):
                 break
         status = "done" if not survivors and rounds[-1]["error"] is None else "failed"
-        return Outcome(status, {"rounds": rounds, "killed": killed_total,
-                                "survivors": [t.pid for t in survivors]}, found)
+        detail = {"rounds": rounds, "killed": killed_total,
+                  "survivors": [t.pid for t in survivors]}
+        if status == "done":
+            seen, why = fork_room(ctx.client, ctx.node, killed_total, self.fork_wait_ms / 1000,
+                                  ctx.clock)
+            detail.update(seen)
+            if why is not None:
+                status, detail["error"] = "failed", why
+        return Outcome(status, detail, found)
 
 
 class Refresh(Action, tag="refresh"):

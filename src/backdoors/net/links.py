@@ -1,6 +1,7 @@
 """Links, addresses and routes inside named namespaces, over netlink (pyroute2).
 
 Interface names are local to their namespace, so short names (eth0, br-svc) are fine.
+`ns` None is the caller's own namespace (the host's).
 Link down (`set_up(..., False)`) and detaching a port from its bridge (`set_master(...,
 None)`) are the two ways to emulate a failed network driver on this kernel.
 
@@ -32,7 +33,7 @@ _IFF_UP = 0x1
 class LinkInfo:
     """One interface as the kernel sees it."""
 
-    ns: str
+    ns: str | None
     name: str
     index: int
     up: bool  # administratively up (IFF_UP)
@@ -47,7 +48,7 @@ class LinkInfo:
         return "up" if self.up else "down"
 
 
-def add_bridge(ns: str, name: str) -> None:
+def add_bridge(ns: str | None, name: str) -> None:
     """Create bridge `name` in `ns` and bring it up. STP is off: ports forward at once."""
     with netns.iproute(ns) as ipr:
         try:
@@ -58,9 +59,9 @@ def add_bridge(ns: str, name: str) -> None:
 
 
 def add_veth(
-    ns: str,
+    ns: str | None,
     ifname: str,
-    peer_ns: str,
+    peer_ns: str | None,
     peer_ifname: str,
     *,
     bridge: str | None = None,
@@ -86,7 +87,7 @@ def add_veth(
             ipr.link("add", ifname=ifname, kind="veth", peer=peer, **extra)
         except NetlinkError as e:
             raise _error(
-                e, ns, ifname, f"cannot create veth pair (peer {peer_ifname!r} in {peer_ns!r})"
+                e, ns, ifname, f"cannot create veth pair (peer {peer_ifname!r} in {netns.describe(peer_ns)})"
             ) from e
         finally:
             if peer_fd is not None:
@@ -104,7 +105,7 @@ def add_veth(
             raise
 
 
-def remove_link(ns: str, ifname: str) -> None:
+def remove_link(ns: str | None, ifname: str) -> None:
     """Delete interface `ifname` (a veth takes its peer along); a missing one is fine."""
     with netns.iproute(ns) as ipr:
         index = ipr.link_lookup(ifname=ifname)
@@ -118,7 +119,7 @@ def remove_link(ns: str, ifname: str) -> None:
             raise _error(e, ns, ifname, "cannot delete interface") from e
 
 
-def set_up(ns: str, ifname: str, up: bool = True) -> None:
+def set_up(ns: str | None, ifname: str, up: bool = True) -> None:
     """Set `ifname` administratively up or down (down cuts its traffic)."""
     with netns.iproute(ns) as ipr:
         try:
@@ -127,7 +128,7 @@ def set_up(ns: str, ifname: str, up: bool = True) -> None:
             raise _error(e, ns, ifname, f"cannot set interface {'up' if up else 'down'}") from e
 
 
-def set_master(ns: str, ifname: str, bridge: str | None) -> None:
+def set_master(ns: str | None, ifname: str, bridge: str | None) -> None:
     """Make `ifname` a port of `bridge`, or detach it from its bridge when None."""
     with netns.iproute(ns) as ipr:
         try:
@@ -138,7 +139,7 @@ def set_master(ns: str, ifname: str, bridge: str | None) -> None:
             raise _error(e, ns, ifname, f"cannot {target}") from e
 
 
-def link_info(ns: str, ifname: str) -> LinkInfo:
+def link_info(ns: str | None, ifname: str) -> LinkInfo:
     """State, MAC, bridge and index of `ifname` in `ns`."""
     with netns.iproute(ns) as ipr:
         try:
@@ -159,17 +160,17 @@ def link_info(ns: str, ifname: str) -> LinkInfo:
     )
 
 
-def add_address(ns: str, ifname: str, cidr: str) -> None:
+def add_address(ns: str | None, ifname: str, cidr: str) -> None:
     """Add address `cidr` (e.g. 10.0.0.5/24) to `ifname`; already present is fine."""
     _change_address("add", ns, ifname, cidr, done_if=17)  # EEXIST
 
 
-def del_address(ns: str, ifname: str, cidr: str) -> None:
+def del_address(ns: str | None, ifname: str, cidr: str) -> None:
     """Remove address `cidr` from `ifname`; already absent is fine."""
     _change_address("del", ns, ifname, cidr, done_if=99)  # EADDRNOTAVAIL: not there
 
 
-def _change_address(op: str, ns: str, ifname: str, cidr: str, done_if: int) -> None:
+def _change_address(op: str, ns: str | None, ifname: str, cidr: str, done_if: int) -> None:
     iface = _parse_cidr(cidr, ns, ifname)
     extra = {}
     if op == "add" and iface.version == 6:
@@ -185,7 +186,7 @@ def _change_address(op: str, ns: str, ifname: str, cidr: str, done_if: int) -> N
             raise _error(e, ns, ifname, f"cannot {verb} address {cidr}") from e
 
 
-def addresses(ns: str, ifname: str) -> list[str]:
+def addresses(ns: str | None, ifname: str) -> list[str]:
     """Addresses of `ifname` as 'ip/prefixlen' strings, IPv4 first, in kernel order."""
     with netns.iproute(ns) as ipr:
         index = index_of(ipr, ns, ifname)
@@ -201,7 +202,7 @@ def addresses(ns: str, ifname: str) -> list[str]:
     return found
 
 
-def add_route(ns: str, dst_cidr: str, via: str) -> None:
+def add_route(ns: str | None, dst_cidr: str, via: str) -> None:
     """Route `dst_cidr` ('default' for the default route) through gateway `via` in `ns`.
 
     Replaces an existing route to the same destination, so calling it twice is fine.
@@ -212,12 +213,12 @@ def add_route(ns: str, dst_cidr: str, via: str) -> None:
             ipr.route("replace", dst=dst, gateway=via)
         except NetlinkError as e:
             raise NetError(
-                f"cannot route {dst_cidr} via {via} in network namespace {ns!r}: "
+                f"cannot route {dst_cidr} via {via} in {netns.describe(ns)}: "
                 f"{e.args[-1]} (is {via} on a directly connected subnet of an up interface?)"
             ) from e
 
 
-def index_of(ipr, ns: str, ifname: str, *, expect: int | None = None) -> int:
+def index_of(ipr, ns: str | None, ifname: str, *, expect: int | None = None) -> int:
     """Index of `ifname` through `ipr` (an IPRoute of `ns`); NetError if there is none
     (or, with `expect`, another one: the interface was replaced meanwhile)."""
     found = ipr.link_lookup(ifname=ifname)
@@ -226,10 +227,10 @@ def index_of(ipr, ns: str, ifname: str, *, expect: int | None = None) -> int:
     return found[0]
 
 
-def missing_interface(ns: str, ifname: str) -> NetError:
+def missing_interface(ns: str | None, ifname: str) -> NetError:
     """The error for an interface that is not there (any more)."""
     return NetError(
-        f"no interface {ifname!r} in network namespace {ns!r}: "
+        f"no interface {ifname!r} in {netns.describe(ns)}: "
         "check the name, or create it (add_bridge/add_veth)"
     )
 
@@ -247,22 +248,22 @@ def _name_of(ipr, index: int | None) -> str | None:
         raise
 
 
-def _open_ns(ns: str, *, ifname: str) -> int:
+def _open_ns(ns: str | None, *, ifname: str) -> int:
     try:
         return netns.open_fd(ns)
     except NetError as e:
         raise NetError(f"cannot place {ifname!r} there: {e}") from None
 
 
-def _parse_cidr(cidr: str, ns: str, ifname: str):
+def _parse_cidr(cidr: str, ns: str | None, ifname: str):
     if "/" not in cidr:
         raise NetError(
-            f"address {cidr!r} for {ifname!r} in {ns!r} needs a prefix length, like 10.0.0.5/24"
+            f"address {cidr!r} for {ifname!r} in {netns.describe(ns)} needs a prefix length, like 10.0.0.5/24"
         )
     try:
         return ipaddress.ip_interface(cidr)
     except ValueError as e:
-        raise NetError(f"bad address {cidr!r} for {ifname!r} in {ns!r}: {e}") from e
+        raise NetError(f"bad address {cidr!r} for {ifname!r} in {netns.describe(ns)}: {e}") from e
 
 
 def _delete_quietly(ipr, ifname: str) -> None:
@@ -280,14 +281,14 @@ _HINTS = {
 }
 
 
-def _error(e: NetlinkError, ns: str, ifname: str, what: str) -> NetError:
+def _error(e: NetlinkError, ns: str | None, ifname: str, what: str) -> NetError:
     """The NetError for a failed request on `ifname`. ENODEV (the interface vanished after
     its index was looked up) is the same error as not finding it at all."""
     if e.code == errno.ENODEV:
         return missing_interface(ns, ifname)
     hint = _HINTS.get(e.code, "")
     return NetError(
-        f"{what}: {ifname!r} in network namespace {ns!r}: {e.args[-1]}"
+        f"{what}: {ifname!r} in {netns.describe(ns)}: {e.args[-1]}"
         + (f" ({hint})" if hint else "")
     )
 

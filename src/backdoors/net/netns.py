@@ -6,6 +6,9 @@ with `ip netns`. Names are global on the machine, so owners prefix them (the lab
 
 Switching namespaces is per thread: `enter()` moves only the calling thread, so an agent
 with other threads keeps serving while one of them works inside a node's namespace.
+
+`iproute(None)` and `open_fd(None)` mean the calling thread's own namespace (the host's,
+for a command run on a host), so links can be placed there too (a veth's host end).
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def path(name: str) -> str:
             f"invalid network namespace name {name!r}: use a non-empty name without '/'"
         )
     return os.path.join(NETNS_DIR, name)
+
+
+def describe(name: str | None) -> str:
+    """How messages name namespace `name` (None: the caller's own)."""
+    return "the host's network namespace" if name is None else f"network namespace {name!r}"
 
 
 def exists(name: str) -> bool:
@@ -144,8 +152,8 @@ def socket_in(
 
 
 @contextlib.contextmanager
-def iproute(name: str) -> Iterator[IPRoute]:
-    """A pyroute2 IPRoute talking to namespace `name`, closed on exit.
+def iproute(name: str | None) -> Iterator[IPRoute]:
+    """A pyroute2 IPRoute talking to namespace `name` (None: the caller's), closed on exit.
 
     Its netlink socket is opened with `socket_in`, which costs ~0.1 ms, where
     `IPRoute(netns=...)` forks a child per socket (~10 ms, more in a big process) and
@@ -161,7 +169,8 @@ def iproute(name: str) -> Iterator[IPRoute]:
             f"netlink on namespace {name!r} called from a running asyncio loop: "
             "pyroute2's synchronous API cannot run there; call it via asyncio.to_thread"
         )
-    sock = socket_in(name, socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    args = (socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    sock = socket.socket(*args) if name is None else socket_in(name, *args)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _NETLINK_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _NETLINK_BUFFER)
@@ -175,9 +184,12 @@ def iproute(name: str) -> Iterator[IPRoute]:
         ipr.close()  # closes sock too
 
 
-def open_fd(name: str) -> int:
-    """An O_CLOEXEC descriptor of namespace `name` (the caller closes it); NetError if it
-    does not exist, also when it is removed between the check and the open."""
+def open_fd(name: str | None) -> int:
+    """An O_CLOEXEC descriptor of namespace `name` (None: the calling thread's; the caller
+    closes it); NetError if it does not exist, also when it is removed between the check
+    and the open."""
+    if name is None:
+        return os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
     missing = NetError(
         f"network namespace {name!r} does not exist: create it first (netns.create)"
     )

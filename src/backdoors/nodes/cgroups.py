@@ -143,7 +143,9 @@ class Cgroup:
         if missing:
             raise NodeError(
                 f"cgroup {cg.relpath!r} does not exist (missing: {', '.join(missing)}): "
-                "create it with Cgroup.create, or reap the remains"
+                "it needs a directory in every hierarchy of this host "
+                f"({cg.layout.describe()}); `backdoors node create NAME --cgroup {cg.relpath}` "
+                "makes them (docs/operations.md, section 5)"
             )
         cg._check_kernel_support()
         return cg

@@ -9,6 +9,7 @@ creates /run/netns/NAME); a node only enters it.
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,6 +62,16 @@ def _netns_path(name: str) -> Path:
             f"network namespace {name!r} does not exist ({path} is missing): create it first"
         )
     return path
+
+
+def _credentials(user: str | int) -> tuple[int, int, list[int]]:
+    """(uid, gid, supplementary groups) of `user`, a name or a uid, from the passwd database."""
+    try:
+        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    except KeyError:
+        raise NodeError(f"no user {user!r} on this host (getent passwd {user}): create it "
+                        "(useradd --system NAME) or give another") from None
+    return entry.pw_uid, entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)
 
 
 class Node:
@@ -140,15 +151,18 @@ class Node:
         stderr=None,
         new_session: bool = True,
         pass_fds: Sequence[int] = (),
+        user: str | int | None = None,
     ) -> subprocess.Popen:
         """Start `argv` inside the node: in its cgroup and, if it has one, its netns.
 
         The child joins the cgroup (every hierarchy) and the netns between fork and exec,
         so nothing it ever forks starts outside. The files are opened here in the parent;
-        the child only writes "0" (itself) to each cgroup.procs and calls setns.
+        the child only writes "0" (itself) to each cgroup.procs and calls setns. With
+        `user` (a name or uid) it then takes that user's uid, gid and groups.
         """
         if self.is_locked():
             raise NodeError(f"node {self.name} is locked (frozen): unlock it before run()")
+        creds = _credentials(user) if user is not None else None
         procs_fds, netns_fd = self._open_for_child()
         fds = procs_fds + ([netns_fd] if netns_fd is not None else [])
 
@@ -157,6 +171,11 @@ class Node:
                 os.write(fd, b"0")
             if netns_fd is not None:
                 syscalls.setns(netns_fd, syscalls.CLONE_NEWNET)
+            if creds is not None:  # last: joining needed root
+                uid, gid, groups = creds
+                os.setgroups(groups)
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
 
         try:
             return subprocess.Popen(
