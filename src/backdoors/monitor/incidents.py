@@ -43,11 +43,13 @@ class ActionRecord(msgspec.Struct):
 
 
 class Incident(msgspec.Struct):
-    """One detection on one node by one rule, from onset to close.
+    """One ongoing condition on one node by one rule, from onset to close.
 
-    Times `onset`, `detected`, `closed` are Unix seconds; `*_ms` are durations from
-    detection. `sensors` holds the involved sensors' values around onset as
-    {"box/sensor": [[ms relative to detection, value], ...]}.
+    Times `onset`, `detected`, `last_seen`, `closed` are Unix seconds; `*_ms` are
+    durations from detection. `sensors` holds the involved sensors' values around onset
+    as {"box/sensor": [[ms relative to detection, value], ...]}. While the condition
+    holds the incident stays open: `detections` counts the polls that saw it, `attempts`
+    the responses run (a retried repair appends its actions here).
     """
 
     id: str
@@ -60,15 +62,18 @@ class Incident(msgspec.Struct):
     onset_to_detect_ms: float
     detectors: list[Hit]
     sensors: dict[str, list[list[float]]] = {}
-    state: str = "detected"  # detected -> acting -> repaired | recorded | failed
+    state: str = "detected"  # -> repaired | recovered | recorded | nothing to do | failed | unresolved
     diagnosis: Finding | None = None
     actions: list[ActionRecord] = []
     repaired_ms: float | None = None  # detection -> the last action done
     closed: float | None = None
-    outcome: str | None = None  # "cleared", "unresolved", "monitor stopped"
+    outcome: str | None = None  # "cleared", "fenced", "node gone", "monitor stopped"
     open_ms: float | None = None  # detection -> closed
     detected_by: str = "poll"  # "event": pushed by the agent (monitor.events); "poll"
     event: dict | None = None  # the agent's event that opened it, if one did
+    last_seen: float | None = None  # the last poll that saw the condition
+    detections: int = 1  # polls (or events) that saw the condition while it was open
+    attempts: int = 1  # responses run (the first, then retries of a repair that did not help)
 
 
 class Event(msgspec.Struct, omit_defaults=True):

@@ -24,10 +24,12 @@ def context(det: Detection, client: Any, clock: Callable[[], float],
             hooks: dict[str, Callable[[dict], Any]],
             placement: dict[str, tuple[str, str]]) -> Context:
     """The Context of `det`'s response, its onset refined by the rule's diagnosis (and the
-    incident's onset with it)."""
+    incident's onset with it) at the first attempt; a retry keeps the incident's onset."""
     diagnosis, inc = det.rule.diagnosis, det.incident
     onset = det.onset
-    if det.history is not None:
+    if det.attempt > 1:
+        onset = det.detected - (inc.detected - inc.onset)  # as refined at the first attempt
+    elif det.history is not None:
         onset = diagnosis.onset(det.history, det.view, det.onset)
         if onset != det.onset:
             inc.onset = inc.detected - (det.detected - onset)
