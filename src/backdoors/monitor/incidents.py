@@ -170,11 +170,47 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _span(seconds: float) -> str:
+    """A duration in a few characters: 850 ms, 8.2 s, 12m05s, 3h02m."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def lasted(inc: Incident) -> float:
+    """Seconds from detection to close, or to the last poll that saw it while open."""
+    end = inc.closed if inc.closed is not None else (inc.last_seen or inc.detected)
+    return max(0.0, end - inc.detected)
+
+
+def _result(inc: Incident) -> str:
+    """The response's state, and how it ended unless it simply cleared: 'repaired',
+    'recovered, fenced', 'OPEN, recorded'."""
+    if inc.closed is None:
+        return f"OPEN, {inc.state}"
+    return inc.state if inc.outcome == "cleared" else f"{inc.state}, {inc.outcome}"
+
+
+def _what(inc: Incident) -> str:
+    """The diagnosis, or what the detectors saw when there is none."""
+    if inc.diagnosis is not None and inc.diagnosis.kind != "none":
+        return inc.diagnosis.summary
+    return "; ".join(h.summary for h in inc.detectors) or "-"
+
+
 def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int | None = None,
-                   console=None) -> list[Incident]:
+                   console=None, wide: bool = False) -> list[Incident]:
     """Print the incidents of a log (file or directory): a table, or JSON with `as_json`.
 
-    The CLI's `backdoors incidents`. Returns the incidents shown (newest `limit`).
+    The CLI's `backdoors incidents`. The table fits the console (80 columns too): id,
+    rule and duration are never cut, the diagnosis is cut to the width left; short of
+    room the node column goes (the id holds the node), then the diagnosis. `wide` shows
+    every column (detection time, host, latency, detections, attempts, actions, repair
+    time), folded. Returns the incidents shown (newest `limit`).
     """
     incidents = load_incidents(path)
     if limit is not None:
@@ -182,21 +218,55 @@ def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int
     if as_json:
         print(json.dumps(msgspec.to_builtins(incidents), indent=2))
         return incidents
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     if not incidents:
         console.print(f"no incidents in {path}")
         return incidents
-    t = Table(title=f"incidents ({path})")
-    for col in ("id", "detected", "rule", "node", "onset→detect ms", "diagnosis", "actions",
-                "repair ms", "outcome"):
-        t.add_column(col, overflow="fold")
-    for i in incidents:
-        acts = ", ".join(f"{a.kind}:{a.status}" for a in i.actions) or "-"
-        t.add_row(i.id, _fmt_time(i.detected), i.rule, i.node, _ms(i.onset_to_detect_ms),
-                  i.diagnosis.summary if i.diagnosis else "-", acts, _ms(i.repaired_ms),
-                  i.outcome or f"open ({i.state})")
+    rows = [(i, _result(i), _span(lasted(i))) for i in incidents]
+    width = lambda texts: max(len(x) for x in texts)  # noqa: E731
+    cols = {"id": width(i.id for i in incidents), "node": width(i.node for i in incidents),
+            "rule": width(i.rule for i in incidents),
+            "result": min(width(r for _, r, _ in rows), 18),
+            "lasted": max(6, width(d for _, _, d in rows))}
+    diagnosis = True
+    if not wide:  # short of room: the node goes first (it is in the id), then the diagnosis
+        room = lambda: console.width - sum(cols.values()) - len(cols)  # noqa: E731
+        if room() < 12:
+            del cols["node"]
+        diagnosis = room() >= 12
+    t = Table(title=f"incidents in {path}", box=box.SIMPLE_HEAD, show_edge=False,
+              padding=(0, 0), title_justify="left")  # columns apart by the box's space
+    for name in ("id", "node", "rule", "result", "lasted"):
+        if name == "lasted" and wide:
+            t.add_column("detected", no_wrap=True)
+            t.add_column("host", no_wrap=True)
+        if name in cols:
+            t.add_column(name, no_wrap=True, overflow="ellipsis", width=cols[name],
+                         justify="right" if name == "lasted" else "left")
+    if wide:
+        for col in ("onset→detect ms", "detections", "attempts", "repair ms"):
+            t.add_column(col, no_wrap=True, justify="right")
+        t.add_column("actions", overflow="fold")
+        t.add_column("diagnosis", overflow="fold")
+    elif diagnosis:  # takes the width left; its cells are cut, not wrapped
+        t.add_column("diagnosis")
+    for i, result, span in rows:
+        row = [i.id] + ([i.node] if "node" in cols else []) + [i.rule, result]
+        if wide:
+            acts = ", ".join(f"{a.kind}:{a.status}" for a in i.actions) or "-"
+            row += [_fmt_time(i.detected), i.host, span, _ms(i.onset_to_detect_ms),
+                    str(i.detections), str(i.attempts), _ms(i.repaired_ms), acts]
+        else:
+            row.append(span)
+        if wide:
+            row.append(_what(i))
+        elif diagnosis:
+            row.append(Text(_what(i), no_wrap=True, overflow="ellipsis"))
+        t.add_row(*row)
     console.print(t)
     return incidents
