@@ -275,3 +275,31 @@ def test_a_repair_that_does_not_help_is_retried_in_the_same_incident(agent_lab, 
         assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5) is not None
     [logged] = load_incidents(tmp_path / "incidents")
     assert logged.attempts == 3 and logged.state == "unresolved" and len(logged.actions) == 3
+
+
+RECOVER_RULE = """
+[[rule]]
+name = "hang"
+detectors = [{ kind = "progress_stalled" }]
+actions = [{ kind = "recover" }]
+max_attempts = 1
+"""
+
+
+def test_no_recovery_node_says_what_to_configure(agent_lab):
+    """A recover action with nowhere to go names what is missing: the monitor knows one
+    agent only, so another host's agent must be added to its agents (or a target set)."""
+    al = agent_lab
+    svc = al.lab.service("n0").pid
+    with Monitor(al.monitor_config(period_ms=50), key=al.monitor_key(),
+                 rules=parse_ruleset(RECOVER_RULE).rule) as mon:
+        mon.wait_ready()
+        al.lab.node("n0").kill(svc, signal.SIGUSR1)
+        try:
+            inc = mon.wait_for(lambda i: i.state == "failed", 10)
+        finally:
+            al.lab.node("n0").kill(svc, signal.SIGUSR2)
+    assert inc is not None, mon.incidents()
+    error = inc.actions[-1].detail["error"]
+    assert "none" not in error.split() and "n0" in error and "h0" in error
+    assert "[[monitor.agents]]" in error and "target" in error, error

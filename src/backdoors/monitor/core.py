@@ -376,7 +376,7 @@ class Monitor:
         state = "failed"
         try:
             ctx = context(det, self._client_for(det.view.host), self.clock, self.hooks,
-                          self.placement())
+                          self.placement(), self.fleet())
 
             def step(kind: str, payload) -> None:
                 if kind == "diagnosis":
@@ -474,6 +474,12 @@ class Monitor:
         service (not fenced): where sessions may be recovered to."""
         return {n: (p.entry.host, p.entry.address) for p in self.pollers
                 if p.error is None for n in p.nodes if n not in p.fenced}
+
+    def fleet(self) -> dict[str, tuple[str | None, dict[str, bool]]]:
+        """Every agent of the config: host -> (its last poll error, None when it answers;
+        {node: fenced} as last known), for saying why no node can take sessions."""
+        return {p.entry.host: (p.error if p.last_ok is not None or p.error else "not polled yet",
+                               {n: n in p.fenced for n in p.nodes}) for p in self.pollers}
 
     def status(self) -> dict[str, dict]:
         """Per agent: reachable, polls, failures, last error, nodes."""
