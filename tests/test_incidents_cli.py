@@ -56,6 +56,7 @@ def test_the_table_is_readable_at_80_columns(tmp_path):
     write_log(tmp_path, incs)
     lines = render(tmp_path)
     assert max(len(line) for line in lines) <= 80
+    assert lines[1].split() == ["id", "node", "rule", "result", "lasted", "diagnosis"]
     for inc in incs:
         [line] = [line for line in lines if inc.id in line]
         words = line.replace(inc.id, "").split()

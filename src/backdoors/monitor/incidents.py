@@ -228,11 +228,12 @@ def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int
         console.print(f"no incidents in {path}")
         return incidents
     rows = [(i, _result(i), _span(lasted(i))) for i in incidents]
-    width = lambda texts: max(len(x) for x in texts)  # noqa: E731
-    cols = {"id": width(i.id for i in incidents), "node": width(i.node for i in incidents),
-            "rule": width(i.rule for i in incidents),
-            "result": min(width(r for _, r, _ in rows), 18),
-            "lasted": max(6, width(d for _, _, d in rows))}
+    width = lambda head, texts: max(len(head), *(len(x) for x in texts))  # noqa: E731
+    cols = {"id": width("id", (i.id for i in incidents)),
+            "node": width("node", (i.node for i in incidents)),
+            "rule": width("rule", (i.rule for i in incidents)),
+            "result": min(width("result", (r for _, r, _ in rows)), 18),
+            "lasted": width("lasted", (d for _, _, d in rows))}
     diagnosis = True
     if not wide:  # short of room: the node goes first (it is in the id), then the diagnosis
         room = lambda: console.width - sum(cols.values()) - len(cols)  # noqa: E731
