@@ -51,12 +51,14 @@ def render(folder, width=80, **kw):
 def test_the_table_is_readable_at_80_columns(tmp_path):
     """One line per incident with its id, node, rule and result whole, the diagnosis cut
     to what is left (the old table folded every column down to a few characters)."""
-    incs = [incident(1, "n0"), incident(2, "web0", rule="agent-unreachable"),
-            incident(3, "n2", rule="fork-bomb", closed=False)]
+    incs = [incident(1, "n0"), incident(2, "web0", rule="hang"),
+            incident(3, "n2", rule="fork-bomb", closed=False), incident(4, "n1")]
+    incs[3].outcome, incs[3].state = "monitor stopped", "recorded"
     write_log(tmp_path, incs)
     lines = render(tmp_path)
     assert max(len(line) for line in lines) <= 80
-    assert lines[1].split() == ["id", "node", "rule", "result", "lasted", "diagnosis"]
+    header = next(line for line in lines if line.startswith("id "))
+    assert header.split() == ["id", "node", "rule", "result", "lasted", "diagnosis"]
     for inc in incs:
         [line] = [line for line in lines if inc.id in line]
         words = line.replace(inc.id, "").split()
@@ -64,6 +66,7 @@ def test_the_table_is_readable_at_80_columns(tmp_path):
         assert "hog (pid" in line  # the diagnosis, cut to fit
     assert [w for line in lines for w in line.split() if w in ("repaired", "OPEN,")] == \
         ["repaired", "repaired", "OPEN,", "repaired"]
+    assert "recorded, stopped" in lines[-1]  # the result is never cut
 
 
 def test_long_names_keep_id_and_rule_whole_at_80_columns(tmp_path):

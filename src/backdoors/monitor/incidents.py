@@ -187,12 +187,18 @@ def lasted(inc: Incident) -> float:
     return max(0.0, end - inc.detected)
 
 
+#: Outcomes as the table says them (the log and --json keep the full words).
+_SHORT = {"monitor stopped": "stopped", "node gone": "gone", "agent reachable again": "agent back"}
+
+
 def _result(inc: Incident) -> str:
     """The response's state, and how it ended unless it simply cleared: 'repaired',
-    'recovered, fenced', 'OPEN, recorded'."""
+    'recovered, fenced', 'recorded, stopped', 'OPEN, recorded'."""
     if inc.closed is None:
         return f"OPEN, {inc.state}"
-    return inc.state if inc.outcome == "cleared" else f"{inc.state}, {inc.outcome}"
+    if inc.outcome == "cleared":
+        return inc.state
+    return f"{inc.state}, {_SHORT.get(inc.outcome or '', inc.outcome)}"
 
 
 def _what(inc: Incident) -> str:
@@ -232,7 +238,7 @@ def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int
     cols = {"id": width("id", (i.id for i in incidents)),
             "node": width("node", (i.node for i in incidents)),
             "rule": width("rule", (i.rule for i in incidents)),
-            "result": min(width("result", (r for _, r, _ in rows)), 18),
+            "result": min(width("result", (r for _, r, _ in rows)), 24),
             "lasted": width("lasted", (d for _, _, d in rows))}
     diagnosis = True
     if not wide:  # short of room: the node goes first (it is in the id), then the diagnosis
