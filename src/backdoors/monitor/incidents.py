@@ -6,9 +6,12 @@ monitor killed mid-repair leaves what it had done):
     {"v": 1, "event": "opened",    "incident": ID, "at": T, "record": {...the incident...}}
     {"v": 1, "event": "diagnosis", "incident": ID, "at": T, "diagnosis": {...}}
     {"v": 1, "event": "action",    "incident": ID, "at": T, "action": {...}}
+    {"v": 1, "event": "responded", "incident": ID, "at": T, "record": {...}}
+    {"v": 1, "event": "retry",     "incident": ID, "at": T, "record": {...}}  # then diagnosis, actions again
+    {"v": 1, "event": "unresolved","incident": ID, "at": T, "record": {...}}
     {"v": 1, "event": "closed",    "incident": ID, "at": T, "record": {...final incident...}}
 
-`at` is Unix time. `load_incidents` folds events back into Incident records (the
+One incident is one ongoing condition, open until it clears (engine.py). `at` is Unix time. `load_incidents` folds events back into Incident records (the
 "closed" record when there is one); `show_incidents` renders them for
 `backdoors incidents`. docs/monitor.md lists every field.
 """
