@@ -270,8 +270,11 @@ def test_show_incidents_table_and_json(tmp_path, capsys):
     console = Console(width=200, record=True, file=io.StringIO())
     shown = show_incidents(tmp_path, console=console)
     text = console.export_text()
-    assert len(shown) == 1 and "inc-1" in text and "record:done" in text
-    assert "svc (pid 10) stuck in S" in text and "open (recorded)" in text
+    assert len(shown) == 1 and "inc-1" in text and "OPEN, recorded" in text
+    assert "svc (pid 10) stuck in S" in text
+    console = Console(width=200, record=True, file=io.StringIO())
+    show_incidents(tmp_path, console=console, wide=True)
+    assert "record:done" in console.export_text()
     show_incidents(tmp_path, as_json=True)
     data = json.loads(capsys.readouterr().out)
     assert data[0]["id"] == "inc-1" and data[0]["diagnosis"]["summary"].startswith("svc")

@@ -1,6 +1,7 @@
 """The monitor against real agents in a lab: polling, incidents on disk, unreachable
 agents, the config file entry points. Real kernel, real agents, no mocks."""
 
+import logging
 import signal
 import socket
 import subprocess
@@ -205,3 +206,101 @@ def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
         assert [(seq, kind, node) for _, seq, kind, node in follower.seen] == \
             [(inc.event["seq"], "owner_died", "n0")]  # once, not again after the reconnect
         assert len([i for i in mon.incidents() if i.rule == "server-died"]) == 1
+
+
+def test_a_long_hang_is_one_incident_until_it_clears(agent_lab, tmp_path, caplog):
+    """Under the default rules a hang that outlasts retry_after_ms + cooldown_ms (3.5 s)
+    twice over is still one incident, updated while it lasts and closed when progress
+    resumes (it used to be closed "unresolved" and opened again every ~3.6 s)."""
+    al = agent_lab
+    caplog.set_level(logging.INFO, logger="backdoors.monitor")
+    cfg = al.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
+    svc = al.lab.service("n0").pid
+    with Monitor(cfg, key=al.monitor_key()) as mon:
+        mon.wait_ready()
+        al.lab.node("n0").kill(svc, signal.SIGUSR1)
+        try:
+            inc = mon.wait_for(lambda i: i.rule == "hang", 5)
+            assert inc is not None, mon.incidents()
+            time.sleep(8.0)
+            assert [i.id for i in mon.incidents()] == [inc.id]
+            assert inc.closed is None and inc.attempts == 1
+            assert inc.detections > 50 and inc.last_seen > inc.detected + 6
+        finally:
+            al.lab.node("n0").kill(svc, signal.SIGUSR2)
+        assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5) is not None
+        assert inc.closed >= inc.last_seen
+    [logged] = load_incidents(tmp_path / "incidents")
+    assert logged.id == inc.id and logged.outcome == "cleared"
+    assert logged.detections == inc.detections and [a.kind for a in logged.actions] == ["record"]
+    said = [r.getMessage() for r in caplog.records if r.name == "backdoors.monitor"]
+    assert any(m.startswith("monitor m1 starting: 1 agent(s): h0 at ") and "rules: memory-hog, "
+               "fork-bomb, hang, agent-unreachable" in m for m in said), said
+    assert any(m.startswith(f"incident {inc.id} opened: rule hang on node n0") for m in said)
+    assert any(m.startswith(f"incident {inc.id} closed: cleared") for m in said)
+    assert any(m.startswith("monitor m1 stopped: 1 incident(s) opened") for m in said)
+
+
+RETRIED_RULE = """
+[[rule]]
+name = "stall"
+detectors = [{ kind = "progress_stalled" }]
+actions = [{ kind = "refresh", hook = "restart" }]
+retry_after_ms = 300
+max_attempts = 3
+clear_ms = 200
+"""
+
+
+def test_a_repair_that_does_not_help_is_retried_in_the_same_incident(agent_lab, tmp_path):
+    """A refresh that leaves the service stalled runs again in the same incident, up to
+    max_attempts; then the incident stays open, unresolved, until the stall ends."""
+    al = agent_lab
+    calls = []
+    cfg = al.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
+    svc = al.lab.service("n0").pid
+    with Monitor(cfg, key=al.monitor_key(), rules=parse_ruleset(RETRIED_RULE).rule,
+                 hooks={"restart": calls.append}) as mon:
+        mon.wait_ready()
+        al.lab.node("n0").kill(svc, signal.SIGUSR1)
+        try:
+            inc = mon.wait_for(lambda i: i.state == "unresolved", 10)
+            assert inc is not None, mon.incidents()
+            assert [i.id for i in mon.incidents()] == [inc.id]
+            assert inc.attempts == 3 and [a.kind for a in inc.actions] == ["refresh"] * 3
+            assert len(calls) == 3 and {c["incident"] for c in calls} == {inc.id}
+            time.sleep(1.0)
+            assert len(calls) == 3 and inc.closed is None  # no more attempts: open until it clears
+        finally:
+            al.lab.node("n0").kill(svc, signal.SIGUSR2)
+        assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5) is not None
+    [logged] = load_incidents(tmp_path / "incidents")
+    assert logged.attempts == 3 and logged.state == "unresolved" and len(logged.actions) == 3
+
+
+RECOVER_RULE = """
+[[rule]]
+name = "hang"
+detectors = [{ kind = "progress_stalled" }]
+actions = [{ kind = "recover" }]
+max_attempts = 1
+"""
+
+
+def test_no_recovery_node_says_what_to_configure(agent_lab):
+    """A recover action with nowhere to go names what is missing: the monitor knows one
+    agent only, so another host's agent must be added to its agents (or a target set)."""
+    al = agent_lab
+    svc = al.lab.service("n0").pid
+    with Monitor(al.monitor_config(period_ms=50), key=al.monitor_key(),
+                 rules=parse_ruleset(RECOVER_RULE).rule) as mon:
+        mon.wait_ready()
+        al.lab.node("n0").kill(svc, signal.SIGUSR1)
+        try:
+            inc = mon.wait_for(lambda i: i.state == "failed", 10)
+        finally:
+            al.lab.node("n0").kill(svc, signal.SIGUSR2)
+    assert inc is not None, mon.incidents()
+    error = inc.actions[-1].detail["error"]
+    assert "none" not in error.split() and "n0" in error and "h0" in error
+    assert "[[monitor.agents]]" in error and "target" in error, error

@@ -313,3 +313,24 @@ def test_every_unit_declares_what_the_engine_needs():
             assert need in diagnosis.CAPABILITIES
             assert any(need in d.provides for d in diagnosis.DIAGNOSES)
     assert monitor_rules.KINDS["actions"] == [a.kind_name() for a in actions.ACTIONS]
+
+
+def test_no_recovery_node_names_what_is_missing():
+    """Each reason a recover action has nowhere to go, said with what to do about it."""
+    from backdoors.monitor.context import Context
+    from backdoors.monitor.detectors import NodeView
+
+    def why(fleet, target=None):
+        ctx = Context("hang", "i1", NodeView("n0", "h0", 0.0), [], 0.0, 0.0, None, fleet=fleet)
+        return actions.no_recovery_node(ctx, target)
+    alone = why({"h0": (None, {"n0": False})})
+    assert "only agent h0" in alone and "[[monitor.agents]]" in alone and "target" in alone
+    down = why({"h0": (None, {"n0": False}), "h1": ("connection refused", {"n1": False})})
+    assert "agent h1 does not answer (connection refused)" in down
+    fenced = why({"h0": (None, {"n0": False}), "h1": (None, {"n1": True, "n2": True})})
+    assert "agent h1's nodes are fenced (n1, n2" in fenced and "unfence" in fenced
+    assert "agent h2 serves no node" in why({"h0": (None, {}), "h2": (None, {})})
+    unknown = why({"h0": (None, {"n0": False})}, target="web9")
+    assert "target 'web9' is not a node of any agent" in unknown and "h0" in unknown
+    assert "web9 is fenced" in why({"h1": (None, {"web9": True})}, target="web9")
+    assert "does not answer" in why({"h1": ("timeout", {"web9": False})}, target="web9")

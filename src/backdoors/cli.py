@@ -264,14 +264,47 @@ def monitor(
 
 @app.command()
 def incidents(
-    path: Optional[str] = typer.Argument(None, help="Incident folder or .jsonl file (default: the monitor's)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    path: Optional[str] = typer.Argument(
+        None, help="Incident folder or .jsonl file (default: the monitor's incidents_dir, from --config)."),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="Monitor or unified config whose incidents_dir to read "
+        "(default /etc/backdoors/backdoors.toml when it exists and has a monitor section)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: every field of every incident."),
     limit: Optional[int] = typer.Option(None, help="Only the last N incidents."),
+    wide: bool = typer.Option(False, "--wide", help="Every column (for a wide terminal)."),
 ) -> None:
-    """Show incidents: detection, diagnosis, actions and their timings."""
+    """Show incidents: detection, diagnosis, actions and their timings. Reads PATH, else
+    the incidents_dir of --config (or of /etc/backdoors/backdoors.toml), else
+    /var/lib/backdoors/incidents."""
+    import os
+    from pathlib import Path
+
+    from .config import DEFAULT_PATH, load_monitor_config
+    from .errors import ConfigError
     from .monitor import DEFAULT_INCIDENTS_DIR, show_incidents
 
-    show_incidents(path or DEFAULT_INCIDENTS_DIR, as_json, limit=limit)
+    where = "given"
+    if path is None:
+        cfg = None
+        if config is not None:
+            cfg = load_monitor_config(config)
+        elif os.path.exists(DEFAULT_PATH):
+            try:
+                cfg = load_monitor_config(DEFAULT_PATH)
+            except ConfigError:  # an agent host's file: no [monitor] section
+                cfg = None
+        source = config or DEFAULT_PATH
+        if cfg is not None and cfg.incidents_dir is not None:
+            path, where = cfg.incidents_dir, f"the incidents_dir of {source}"
+        else:
+            path = DEFAULT_INCIDENTS_DIR
+            where = (f"the default: {source} sets no incidents_dir" if cfg is not None else
+                     f"the default: no monitor config at {DEFAULT_PATH}")
+    if not Path(path).exists():
+        raise ConfigError(f"no incident log at {path} ({where}): run this on the monitor's "
+                          "host, or give --config FILE (its [monitor] incidents_dir) or the "
+                          "log's folder or .jsonl file")
+    show_incidents(path, as_json, limit=limit, console=out, wide=wide)
 
 
 @app.command()

@@ -286,9 +286,7 @@ class Recover(Action, tag="recover"):
         target = self.target or next((n for n, (host, _) in sorted(ctx.placement.items())
                                       if host != ctx.host), None)
         if target is None or target not in ctx.placement:
-            return Outcome("failed", {"error": f"no recovery node: {target or 'none'} is not "
-                                               "served by a reachable agent; set target in "
-                                               "the rule"})
+            return Outcome("failed", {"error": no_recovery_node(ctx, target)})
         to_host, to_address = ctx.placement[target]
         t0 = ctx.clock()
         fence = ctx.client.fence(ctx.node)
@@ -338,6 +336,37 @@ class Recover(Action, tag="recover"):
                   "waited_ms": round((ctx.clock() - t0) * 1000, 1)}
         ok = reply["left"] == 0 and not failed
         return Outcome("done" if ok else "failed", detail)
+
+
+def no_recovery_node(ctx: Context, target: str | None) -> str:
+    """Why no node can take `ctx.node`'s sessions, and what to configure."""
+    fleet, node, host = ctx.fleet, ctx.node, ctx.host
+
+    def why(h: str) -> str:  # why the nodes of agent `h` cannot take sessions
+        error, nodes = fleet[h]
+        if error is not None:
+            return f"agent {h} does not answer ({error})"
+        if not nodes:
+            return f"agent {h} serves no node"
+        return f"agent {h}'s nodes are fenced ({', '.join(sorted(nodes))}: backdoors node unfence)"
+    if target is not None:
+        at = next((h for h, (_, nodes) in fleet.items() if target in nodes), None)
+        if at is None:
+            return (f"no recovery node for {node}: the recover action's target {target!r} is "
+                    f"not a node of any agent in the monitor's [[monitor.agents]] "
+                    f"({', '.join(sorted(fleet)) or 'none'}); fix target in the rule, or add "
+                    "the agent that serves it")
+        reason = why(at) if fleet[at][0] is not None else f"{target} is fenced"
+        return f"no recovery node for {node}: the recover action's target {target!r}: {reason}"
+    others = sorted(h for h in fleet if h != host)
+    if not others:
+        return (f"no recovery node for {node}: sessions move to a node of another agent, and "
+                f"the monitor knows only agent {host}: add another host's agent to the "
+                "monitor's [[monitor.agents]] (host, address), or set target = \"NODE\" in "
+                "the rule's recover action")
+    return (f"no recovery node for {node}: no node of another agent is in service ("
+            f"{'; '.join(why(h) for h in others)}); or set target = \"NODE\" in the rule's "
+            "recover action")
 
 
 # ---- registration ------------------------------------------------------------------------

@@ -35,6 +35,8 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     hooks: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
     placement: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (host, agent)
+    #: every agent of the monitor's config: host -> (its last poll error or None, {node: fenced})
+    fleet: dict[str, tuple[str | None, dict[str, bool]]] = field(default_factory=dict)
     lineage: LineageFinder | None = None  # from the diagnosis, when it provides "lineage"
     repaired: bool = False  # an earlier action of this response changed the node
 

@@ -237,7 +237,8 @@ class Monitor:
         self.log = IncidentLog(config.incidents_dir)
         self.engine = Engine(self.rules, config.monitor_id, history_s=config.history_s,
                              settle_s=config.settle_ms / 1000, clock=clock,
-                             on_close=lambda inc: self._emit("closed", inc, record=inc))
+                             on_close=self._closed,
+                             on_unresolved=lambda inc: self._emit("unresolved", inc, record=inc))
         self.pollers = [AgentPoller(self, e) for e in config.agents]
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy
@@ -269,10 +270,22 @@ class Monitor:
                     self.metrics.registry, self.config.metrics_listen,
                     what=f"monitor {self.config.monitor_id} metrics").start()
             self._started = True
+            log.info("monitor %s starting: %s", self.config.monitor_id, self.summary())
             for p in self.pollers:
                 p.start()
             self._follow_events()
         return self
+
+    def summary(self) -> str:
+        """One line saying what this monitor watches: agents, nodes, rules, where it logs."""
+        agents = ", ".join(
+            f"{e.host} at {e.address} ({', '.join(e.nodes) if e.nodes is not None else 'nodes discovered'})"
+            for e in self.config.agents)
+        rules = ", ".join(r.name for r in self.rules if r.enabled) or "none"
+        where = self.log.path or "not written (no incidents_dir)"
+        return (f"{len(self.config.agents)} agent(s): {agents}; rules: {rules} "
+                f"(rulesets {', '.join(self.config.rulesets)}); polling every "
+                f"{self.config.period_ms:g} ms; incidents: {where}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop polling, let running repairs finish, close open incidents, close the log."""
@@ -282,6 +295,7 @@ class Monitor:
         for f in self.followers:
             f.stop(timeout)
         self._pool.shutdown(wait=True)
+        still_open = len(self.engine.open_incidents())
         self.engine.close_all("monitor stopped")
         for c in self._worker_clients:
             c.close()
@@ -289,6 +303,9 @@ class Monitor:
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
+        if self._started:
+            log.info("monitor %s stopped: %d incident(s) opened, %d still open closed as "
+                     "'monitor stopped'", self.config.monitor_id, len(self._incidents), still_open)
 
     def __enter__(self) -> Monitor:
         return self.start()
@@ -310,11 +327,19 @@ class Monitor:
                 if st.busy is None:  # its response ended meanwhile: judge it now
                     self._judge_deferred(view.node)
         for det in opened:
-            with self._cond:
-                self._incidents.append(det.incident)
-            log.warning("incident %s: rule %s on node %s: %s", det.incident.id, det.rule.name,
-                        view.node, "; ".join(h.summary for h in det.hits))
-            self._emit("opened", det.incident, record=det.incident)
+            inc = det.incident
+            if det.attempt == 1:
+                with self._cond:
+                    self._incidents.append(inc)
+                log.warning("incident %s opened: rule %s on node %s (host %s): %s", inc.id,
+                            det.rule.name, view.node, view.host,
+                            "; ".join(h.summary for h in det.hits))
+                self._emit("opened", inc, record=inc)
+            else:
+                log.warning("incident %s: rule %s still fires on node %s after its response "
+                            "(%s): attempt %d of %d", inc.id, det.rule.name, view.node,
+                            inc.state, det.attempt, det.rule.max_attempts)
+                self._emit("retry", inc, record=inc)
             try:
                 self._pool.submit(self._respond, det)
             except RuntimeError:  # shutting down
@@ -357,7 +382,7 @@ class Monitor:
         state = "failed"
         try:
             ctx = context(det, self._client_for(det.view.host), self.clock, self.hooks,
-                          self.placement())
+                          self.placement(), self.fleet())
 
             def step(kind: str, payload) -> None:
                 if kind == "diagnosis":
@@ -371,7 +396,7 @@ class Monitor:
             det.incident.actions.append(_failure(str(e)))
         finally:
             self.engine.responded(det, state)
-            log.warning("incident %s: %s in %.0f ms%s", det.incident.id, state,
+            log.warning("incident %s: %s %.0f ms after detection%s", det.incident.id, state,
                         det.incident.repaired_ms or 0,
                         f" ({det.incident.diagnosis.summary})" if det.incident.diagnosis else "")
             self._emit("responded", det.incident, record=det.incident)
@@ -384,6 +409,12 @@ class Monitor:
             self._deferred = [v for v in self._deferred if v.node != node]
         for view in again:
             self.observe(view)
+
+    def _closed(self, inc: Incident) -> None:
+        log.info("incident %s closed: %s, rule %s on node %s, open %.1f s (%d detections, "
+                 "%d response(s), state %s)", inc.id, inc.outcome, inc.rule, inc.node,
+                 (inc.open_ms or 0) / 1000, inc.detections, inc.attempts, inc.state)
+        self._emit("closed", inc, record=inc)
 
     def _emit(self, event: str, incident: Incident, **payload) -> None:
         try:
@@ -450,6 +481,12 @@ class Monitor:
         return {n: (p.entry.host, p.entry.address) for p in self.pollers
                 if p.error is None for n in p.nodes if n not in p.fenced}
 
+    def fleet(self) -> dict[str, tuple[str | None, dict[str, bool]]]:
+        """Every agent of the config: host -> (its last poll error, None when it answers;
+        {node: fenced} as last known), for saying why no node can take sessions."""
+        return {p.entry.host: (p.error if p.last_ok is not None or p.error else "not polled yet",
+                               {n: n in p.fenced for n in p.nodes}) for p in self.pollers}
+
     def status(self) -> dict[str, dict]:
         """Per agent: reachable, polls, failures, last error, nodes."""
         now = self.clock()
@@ -479,7 +516,5 @@ def run_monitor(config: MonitorConfig | str, stop_event: threading.Event, *,
         config = msgspec.structs.replace(config, incidents_dir=DEFAULT_INCIDENTS_DIR)
     mon = Monitor(config, hooks=hooks)
     with mon:
-        log.info("monitor %s: %d rules, polling %d agents every %g ms", config.monitor_id,
-                 len(mon.rules), len(config.agents), config.period_ms)
         stop_event.wait()
     return mon.incidents()

@@ -2,14 +2,22 @@
 
 For each node it keeps the sensor history and, per rule, how long each detector has
 held (`for_ms`), the open incident and the cooldown. `observe(view)` is called by the
-node's poller thread after every poll; it returns the incidents to respond to, which the
-monitor hands to a repair worker. Only one rule responds on a node at a time, and the
-node settles for `settle_ms` after a response (a repair's freeze stalls progress).
+node's poller thread after every poll; it returns the responses to run (a new incident,
+or another attempt of an open one), which the monitor hands to a repair worker. Only one
+rule responds on a node at a time, and the node settles for `settle_ms` after a response
+(a repair's freeze stalls progress).
+
+One ongoing condition is one incident: while the rule's condition holds on the node the
+incident stays open and is updated (`detections`, `last_seen`); a response that did not
+clear it is run again in the same incident (`attempts`, up to the rule's `max_attempts`,
+`retry_after_ms` apart; rules that only record are not re-run). It closes when the
+condition has been clear for `clear_ms`; only then may the rule open another on the node.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +29,7 @@ from .history import History, Key
 from .incidents import Incident
 
 _seq = itertools.count(1)
+log = logging.getLogger("backdoors.monitor")
 
 
 @dataclass
@@ -29,8 +38,10 @@ class RuleState:
     incident: Incident | None = None
     hits: list[Hit] = field(default_factory=list)
     clear_since: float | None = None
-    acted_at: float | None = None  # when its response finished
+    acted_at: float | None = None  # when its last response finished (None: none to judge)
     cooldown_until: float = 0.0
+    detected_at: float = 0.0  # the open incident's detection, on the engine's clock
+    onset: float = 0.0  # its onset, on the engine's clock
 
 
 @dataclass
@@ -45,7 +56,9 @@ class NodeState:
 
 @dataclass
 class Detection:
-    """An incident just opened, with what its response needs."""
+    """A response to run: an incident just opened (`attempt` 1), or another attempt of
+    an open one whose condition outlived its last response. `onset` and `detected` are
+    the incident's, on the engine's clock."""
 
     incident: Incident
     rule: Rule
@@ -54,6 +67,7 @@ class Detection:
     onset: float
     detected: float
     history: History
+    attempt: int = 1
 
 
 class Engine:
@@ -61,10 +75,12 @@ class Engine:
 
     def __init__(self, rules: list[Rule], monitor_id: str, *, history_s: float = 5.0,
                  settle_s: float = 0.25, clock: Callable[[], float] = time.monotonic,
-                 on_close: Callable[[Incident], None] | None = None):
+                 on_close: Callable[[Incident], None] | None = None,
+                 on_unresolved: Callable[[Incident], None] | None = None):
         self.rules, self.monitor_id = rules, monitor_id
         self.history_s, self.settle_s, self.clock = history_s, settle_s, clock
         self.on_close = on_close or (lambda inc: None)
+        self.on_unresolved = on_unresolved or (lambda inc: None)
         self.nodes: dict[str, NodeState] = {}
         self._lock = threading.Lock()
 
@@ -102,7 +118,9 @@ class Engine:
             if rs.incident is not None and view.fenced and st.busy != rs.incident.id:
                 self.close(st, rule, "fenced", now)  # recovered away; the node is out of service
             elif rs.incident is not None:  # held open by the raw condition: for_ms debounces
-                self._follow(rule, rs, st, self._fired(rule, raw), now)  # opening only
+                again = self._follow(rule, rs, st, view, raw, retry_ok=not opened)  # opening only
+                if again is not None:
+                    opened.append(again)
             elif (self._fired(rule, hits) and not opened and st.busy is None
                   and (now >= st.settle_until or view.event is not None)  # events: no stall
                   and now >= rs.cooldown_until and not view.fenced):
@@ -131,19 +149,49 @@ class Engine:
                 hits.append(hit)
         return hits, raw
 
-    def _follow(self, rule: Rule, rs: RuleState, st: NodeState, fired: bool, now: float) -> None:
-        inc = rs.incident
-        if st.busy == inc.id:
-            return  # its response is running: judge it afterwards
+    def _follow(self, rule: Rule, rs: RuleState, st: NodeState, view: NodeView,
+                raw: list[Hit], retry_ok: bool) -> Detection | None:
+        """Update the open incident of `rule` from this view: count the condition while
+        it holds, close it once clear for clear_ms, or return another attempt of its
+        response when it still holds retry_after_ms after the last one."""
+        inc, now = rs.incident, view.at
+        fired = self._fired(rule, raw)
         if fired:
-            rs.clear_since = None
-            if rs.acted_at is not None and (now - rs.acted_at) * 1000 >= rule.retry_after_ms:
-                self.close(st, rule, "unresolved", now)
-        else:
+            inc.detections += 1
+            inc.last_seen = self._wall(now)
+        if st.busy == inc.id:
+            return None  # its response is running: judge it afterwards
+        if not fired:
             if rs.clear_since is None:
                 rs.clear_since = now
             if (now - rs.clear_since) * 1000 >= rule.clear_ms:
                 self.close(st, rule, "cleared", now)
+            return None
+        rs.clear_since = None
+        if rs.acted_at is None or (now - rs.acted_at) * 1000 < rule.retry_after_ms:
+            return None
+        if not any(a.effect != "record" for a in rule.actions):
+            rs.acted_at = None  # recording it again would add nothing: it stays open
+            return None
+        if inc.attempts >= rule.max_attempts:
+            rs.acted_at = None  # open until it clears; its last response did not help
+            inc.state = "unresolved"
+            log.warning("incident %s: rule %s still fires on node %s after %d responses "
+                        "(max_attempts); it stays open, unresolved, until the condition clears",
+                        inc.id, rule.name, inc.node, inc.attempts)
+            self.on_unresolved(inc)
+            return None
+        if not retry_ok or st.busy is not None or now < st.settle_until:
+            return None  # another response on the node first; retried at a later poll
+        inc.attempts += 1
+        rs.acted_at = None
+        st.busy = inc.id
+        return Detection(inc, rule, view, raw, rs.onset, rs.detected_at, st.history.copy(),
+                         attempt=inc.attempts)
+
+    def _wall(self, t: float) -> float:
+        """A time of the engine's clock as Unix time."""
+        return time.time() - (self.clock() - t)
 
     def _open(self, rule: Rule, rs: RuleState, st: NodeState, view: NodeView,
               hits: list[Hit]) -> Detection:
@@ -160,7 +208,9 @@ class Engine:
             onset=wall(onset), detected=wall(view.at),
             onset_to_detect_ms=round((view.at - onset) * 1000, 1), detectors=hits,
             sensors=sensors, detected_by=view.via, event=view.event)
+        inc.last_seen = inc.detected
         rs.incident, rs.hits, rs.clear_since, rs.acted_at = inc, hits, None, None
+        rs.detected_at, rs.onset = view.at, onset
         st.busy = inc.id
         return Detection(inc, rule, view, hits, onset, view.at, st.history.copy())
 
@@ -180,7 +230,7 @@ class Engine:
         inc = rs.incident
         if inc is None:
             return
-        inc.closed = time.time() - (self.clock() - now)
+        inc.closed = self._wall(now)
         inc.outcome = outcome
         inc.open_ms = round((inc.closed - inc.detected) * 1000, 1)
         rs.incident, rs.clear_since, rs.acted_at = None, None, None

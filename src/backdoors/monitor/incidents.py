@@ -6,9 +6,12 @@ monitor killed mid-repair leaves what it had done):
     {"v": 1, "event": "opened",    "incident": ID, "at": T, "record": {...the incident...}}
     {"v": 1, "event": "diagnosis", "incident": ID, "at": T, "diagnosis": {...}}
     {"v": 1, "event": "action",    "incident": ID, "at": T, "action": {...}}
+    {"v": 1, "event": "responded", "incident": ID, "at": T, "record": {...}}
+    {"v": 1, "event": "retry",     "incident": ID, "at": T, "record": {...}}  # then diagnosis, actions again
+    {"v": 1, "event": "unresolved","incident": ID, "at": T, "record": {...}}
     {"v": 1, "event": "closed",    "incident": ID, "at": T, "record": {...final incident...}}
 
-`at` is Unix time. `load_incidents` folds events back into Incident records (the
+One incident is one ongoing condition, open until it clears (engine.py). `at` is Unix time. `load_incidents` folds events back into Incident records (the
 "closed" record when there is one); `show_incidents` renders them for
 `backdoors incidents`. docs/monitor.md lists every field.
 """
@@ -43,11 +46,13 @@ class ActionRecord(msgspec.Struct):
 
 
 class Incident(msgspec.Struct):
-    """One detection on one node by one rule, from onset to close.
+    """One ongoing condition on one node by one rule, from onset to close.
 
-    Times `onset`, `detected`, `closed` are Unix seconds; `*_ms` are durations from
-    detection. `sensors` holds the involved sensors' values around onset as
-    {"box/sensor": [[ms relative to detection, value], ...]}.
+    Times `onset`, `detected`, `last_seen`, `closed` are Unix seconds; `*_ms` are
+    durations from detection. `sensors` holds the involved sensors' values around onset
+    as {"box/sensor": [[ms relative to detection, value], ...]}. While the condition
+    holds the incident stays open: `detections` counts the polls that saw it, `attempts`
+    the responses run (a retried repair appends its actions here).
     """
 
     id: str
@@ -60,15 +65,18 @@ class Incident(msgspec.Struct):
     onset_to_detect_ms: float
     detectors: list[Hit]
     sensors: dict[str, list[list[float]]] = {}
-    state: str = "detected"  # detected -> acting -> repaired | recorded | failed
+    state: str = "detected"  # -> repaired | recovered | recorded | nothing to do | failed | unresolved
     diagnosis: Finding | None = None
     actions: list[ActionRecord] = []
     repaired_ms: float | None = None  # detection -> the last action done
     closed: float | None = None
-    outcome: str | None = None  # "cleared", "unresolved", "monitor stopped"
+    outcome: str | None = None  # "cleared", "fenced", "node gone", "monitor stopped"
     open_ms: float | None = None  # detection -> closed
     detected_by: str = "poll"  # "event": pushed by the agent (monitor.events); "poll"
     event: dict | None = None  # the agent's event that opened it, if one did
+    last_seen: float | None = None  # the last poll that saw the condition
+    detections: int = 1  # polls (or events) that saw the condition while it was open
+    attempts: int = 1  # responses run (the first, then retries of a repair that did not help)
 
 
 class Event(msgspec.Struct, omit_defaults=True):
@@ -165,11 +173,53 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _span(seconds: float) -> str:
+    """A duration in a few characters: 850 ms, 8.2 s, 12m05s, 3h02m."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def lasted(inc: Incident) -> float:
+    """Seconds from detection to close, or to the last poll that saw it while open."""
+    end = inc.closed if inc.closed is not None else (inc.last_seen or inc.detected)
+    return max(0.0, end - inc.detected)
+
+
+#: Outcomes as the table says them (the log and --json keep the full words).
+_SHORT = {"monitor stopped": "stopped", "node gone": "gone", "agent reachable again": "agent back"}
+
+
+def _result(inc: Incident) -> str:
+    """The response's state, and how it ended unless it simply cleared: 'repaired',
+    'recovered, fenced', 'recorded, stopped', 'OPEN, recorded'."""
+    if inc.closed is None:
+        return f"OPEN, {inc.state}"
+    if inc.outcome == "cleared":
+        return inc.state
+    return f"{inc.state}, {_SHORT.get(inc.outcome or '', inc.outcome)}"
+
+
+def _what(inc: Incident) -> str:
+    """The diagnosis, or what the detectors saw when there is none."""
+    if inc.diagnosis is not None and inc.diagnosis.kind != "none":
+        return inc.diagnosis.summary
+    return "; ".join(h.summary for h in inc.detectors) or "-"
+
+
 def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int | None = None,
-                   console=None) -> list[Incident]:
+                   console=None, wide: bool = False) -> list[Incident]:
     """Print the incidents of a log (file or directory): a table, or JSON with `as_json`.
 
-    The CLI's `backdoors incidents`. Returns the incidents shown (newest `limit`).
+    The CLI's `backdoors incidents`. The table fits the console (80 columns too): id,
+    rule and duration are never cut, the diagnosis is cut to the width left; short of
+    room the node column goes (the id holds the node), then the diagnosis. `wide` shows
+    every column (detection time, host, latency, detections, attempts, actions, repair
+    time), folded. Returns the incidents shown (newest `limit`).
     """
     incidents = load_incidents(path)
     if limit is not None:
@@ -177,21 +227,56 @@ def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int
     if as_json:
         print(json.dumps(msgspec.to_builtins(incidents), indent=2))
         return incidents
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     if not incidents:
         console.print(f"no incidents in {path}")
         return incidents
-    t = Table(title=f"incidents ({path})")
-    for col in ("id", "detected", "rule", "node", "onset→detect ms", "diagnosis", "actions",
-                "repair ms", "outcome"):
-        t.add_column(col, overflow="fold")
-    for i in incidents:
-        acts = ", ".join(f"{a.kind}:{a.status}" for a in i.actions) or "-"
-        t.add_row(i.id, _fmt_time(i.detected), i.rule, i.node, _ms(i.onset_to_detect_ms),
-                  i.diagnosis.summary if i.diagnosis else "-", acts, _ms(i.repaired_ms),
-                  i.outcome or f"open ({i.state})")
+    rows = [(i, _result(i), _span(lasted(i))) for i in incidents]
+    width = lambda head, texts: max(len(head), *(len(x) for x in texts))  # noqa: E731
+    cols = {"id": width("id", (i.id for i in incidents)),
+            "node": width("node", (i.node for i in incidents)),
+            "rule": width("rule", (i.rule for i in incidents)),
+            "result": min(width("result", (r for _, r, _ in rows)), 24),
+            "lasted": width("lasted", (d for _, _, d in rows))}
+    diagnosis = True
+    if not wide:  # short of room: the node goes first (it is in the id), then the diagnosis
+        room = lambda: console.width - sum(cols.values()) - len(cols)  # noqa: E731
+        if room() < 12:
+            del cols["node"]
+        diagnosis = room() >= 12
+    t = Table(title=f"incidents in {path}", box=box.SIMPLE_HEAD, show_edge=False,
+              padding=(0, 0), title_justify="left")  # columns apart by the box's space
+    for name in ("id", "node", "rule", "result", "lasted"):
+        if name == "lasted" and wide:
+            t.add_column("detected", no_wrap=True)
+            t.add_column("host", no_wrap=True)
+        if name in cols:
+            t.add_column(name, no_wrap=True, overflow="ellipsis", width=cols[name],
+                         justify="right" if name == "lasted" else "left")
+    if wide:
+        for col in ("onset→detect ms", "detections", "attempts", "repair ms"):
+            t.add_column(col, no_wrap=True, justify="right")
+        t.add_column("actions", overflow="fold")
+        t.add_column("diagnosis", overflow="fold")
+    elif diagnosis:  # takes the width left; its cells are cut, not wrapped
+        t.add_column("diagnosis")
+    for i, result, span in rows:
+        row = [i.id] + ([i.node] if "node" in cols else []) + [i.rule, result]
+        if wide:
+            acts = ", ".join(f"{a.kind}:{a.status}" for a in i.actions) or "-"
+            row += [_fmt_time(i.detected), i.host, span, _ms(i.onset_to_detect_ms),
+                    str(i.detections), str(i.attempts), _ms(i.repaired_ms), acts]
+        else:
+            row.append(span)
+        if wide:
+            row.append(_what(i))
+        elif diagnosis:
+            row.append(Text(_what(i), no_wrap=True, overflow="ellipsis"))
+        t.add_row(*row)
     console.print(t)
     return incidents

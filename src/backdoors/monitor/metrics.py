@@ -73,7 +73,7 @@ class MonitorMetrics:
                                        "Client sessions a recovery could not move",
                                        ["rule"], registry=r)
         self.closed = Counter("backdoors_monitor_incidents_closed",
-                              "Incidents closed, by rule and outcome (cleared, unresolved, "
+                              "Incidents closed, by rule and outcome (cleared, "
                               "fenced, node_gone, monitor_stopped)", ["rule", "outcome"],
                               registry=r)
         self._views: dict[tuple[str, str], NodeView] = {}

@@ -22,19 +22,23 @@ from .incidents import ActionRecord
 
 def context(det: Detection, client: Any, clock: Callable[[], float],
             hooks: dict[str, Callable[[dict], Any]],
-            placement: dict[str, tuple[str, str]]) -> Context:
+            placement: dict[str, tuple[str, str]],
+            fleet: dict[str, tuple[str | None, dict[str, bool]]] | None = None) -> Context:
     """The Context of `det`'s response, its onset refined by the rule's diagnosis (and the
-    incident's onset with it)."""
+    incident's onset with it) at the first attempt; a retry keeps the incident's onset."""
     diagnosis, inc = det.rule.diagnosis, det.incident
     onset = det.onset
-    if det.history is not None:
+    if det.attempt > 1:
+        onset = det.detected - (inc.detected - inc.onset)  # as refined at the first attempt
+    elif det.history is not None:
         onset = diagnosis.onset(det.history, det.view, det.onset)
         if onset != det.onset:
             inc.onset = inc.detected - (det.detected - onset)
             inc.onset_to_detect_ms = round((det.detected - onset) * 1000, 1)
     return Context(det.rule.name, inc.id, det.view, det.hits, onset, det.detected, client,
                    det.history, clock, hooks, placement,
-                   lineage=diagnosis.lineage if "lineage" in diagnosis.provides else None)
+                   lineage=diagnosis.lineage if "lineage" in diagnosis.provides else None,
+                   fleet=fleet or {})
 
 
 def diagnose(det: Detection, ctx: Context) -> Finding:

@@ -38,8 +38,10 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Detectors (any or all must fire) -> one diagnosis -> ordered actions.
 
     An incident opens when the rule fires on a node and closes when its detectors have
-    been clear for `clear_ms`. Still firing `retry_after_ms` after its actions, it is
-    closed unresolved, and the rule may fire again after `cooldown_ms`.
+    been clear for `clear_ms`; the rule may fire again there after `cooldown_ms`. Still
+    firing `retry_after_ms` after its actions, the actions run again in the same incident,
+    up to `max_attempts` responses in all (not when they only record); then it stays open,
+    `unresolved`, until the condition clears.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     clear_ms: NonNeg = 500.0
     cooldown_ms: NonNeg = 1000.0
     retry_after_ms: Pos = 3000.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     enabled: bool = True
 
     def applies_to(self, node: str) -> bool:

@@ -279,7 +279,8 @@ class _Stamp(msgspec.Struct):
 
 
 def _diagnosis_times(path: Path, incidents: list[Incident]) -> dict[str, float]:
-    """ms from detection to each incident's diagnosis event (load_incidents drops `at`)."""
+    """ms from detection to each incident's first diagnosis event (a retried response
+    diagnoses again; load_incidents drops `at`)."""
     detected = {i.id: i.detected for i in incidents}
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     out: dict[str, float] = {}
@@ -292,8 +293,8 @@ def _diagnosis_times(path: Path, incidents: list[Incident]) -> dict[str, float]:
                 s = decoder.decode(raw)
             except msgspec.DecodeError:
                 continue  # a torn tail: load_incidents judged every other line already
-            if s.event == "diagnosis" and s.incident in detected:
-                out[s.incident] = (s.at - detected[s.incident]) * 1000
+            if s.event == "diagnosis" and s.incident in detected and s.incident not in out:
+                out[s.incident] = (s.at - detected[s.incident]) * 1000  # the first attempt's
     return out
 
 

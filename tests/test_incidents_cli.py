@@ -1,0 +1,141 @@
+"""`backdoors incidents`: which log it reads (PATH, --config's incidents_dir, the default
+config file), and a table that stays readable in an 80-column terminal."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from backdoors.cli import app
+from backdoors.monitor.detectors import Hit
+from backdoors.monitor.diagnosis import Finding
+from backdoors.monitor.incidents import ActionRecord, Incident, IncidentLog, show_incidents
+
+NODES = ["web-frontend-1", "n0", "db-primary-eu-west"]
+
+
+def incident(i, node, rule="memory-hog", closed=True):
+    t = 1_790_000_000.0 + 60 * i
+    inc = Incident(
+        id=f"20261130-1812{i:02d}-{node}-{i}", monitor="m1", rule=rule, node=node, host="h0",
+        onset=t - 0.3, detected=t, onset_to_detect_ms=300.0,
+        detectors=[Hit(0, "level_out_of_bounds", "kernel/memory_mb 410 > 409.6")],
+        diagnosis=Finding("memory_hog", "hog (pid 4242) grows 40.1 MB/s, 380 MB resident; "
+                          "the largest, cache (pid 17, 240 MB), does not grow"),
+        actions=[ActionRecord("kill_culprit", "done", 12.0, 8.5)], state="repaired",
+        repaired_ms=20.5, last_seen=t + 1.2, detections=25)
+    if closed:
+        inc.closed, inc.outcome, inc.open_ms = t + 1.5, "cleared", 1500.0
+    return inc
+
+
+def write_log(folder, incidents):
+    log = IncidentLog(folder)
+    for inc in incidents:
+        log.write("opened", inc, record=inc)
+        if inc.closed is not None:
+            log.write("closed", inc, record=inc)
+    log.close()
+
+
+def render(folder, width=80, **kw):
+    console = Console(width=width, record=True, file=io.StringIO())
+    show_incidents(folder, console=console, **kw)
+    return console.export_text().splitlines()
+
+
+def test_the_table_is_readable_at_80_columns(tmp_path):
+    """One line per incident with its id, node, rule and result whole, the diagnosis cut
+    to what is left (the old table folded every column down to a few characters)."""
+    incs = [incident(1, "n0"), incident(2, "web0", rule="hang"),
+            incident(3, "n2", rule="fork-bomb", closed=False), incident(4, "n1")]
+    incs[3].outcome, incs[3].state = "monitor stopped", "recorded"
+    write_log(tmp_path, incs)
+    lines = render(tmp_path)
+    assert max(len(line) for line in lines) <= 80
+    header = next(line for line in lines if line.startswith("id "))
+    assert header.split() == ["id", "node", "rule", "result", "lasted", "diagnosis"]
+    for inc in incs:
+        [line] = [line for line in lines if inc.id in line]
+        words = line.replace(inc.id, "").split()
+        assert inc.node in words and inc.rule in words, line
+        assert "hog (pid" in line  # the diagnosis, cut to fit
+    assert [w for line in lines for w in line.split() if w in ("repaired", "OPEN,")] == \
+        ["repaired", "repaired", "OPEN,", "repaired"]
+    assert "recorded, stopped" in lines[-1]  # the result is never cut
+
+
+def test_long_names_keep_id_and_rule_whole_at_80_columns(tmp_path):
+    """Short of room the node column goes first (the id holds the node), then the
+    diagnosis: what is shown is never cut."""
+    incs = [incident(1, "web-frontend-1"), incident(2, "n0", rule="agent-unreachable"),
+            incident(3, "db-primary-eu-west", closed=False)]
+    write_log(tmp_path, incs)
+    lines = render(tmp_path)
+    assert max(len(line) for line in lines) <= 80 and not any("…" in line for line in lines)
+    for inc in incs:
+        [line] = [line for line in lines if inc.id in line]
+        assert inc.rule in line.split() and inc.node in inc.id
+
+
+def test_wide_shows_every_column(tmp_path):
+    write_log(tmp_path, [incident(1, NODES[0])])
+    text = "\n".join(render(tmp_path, width=250, wide=True))
+    for want in ("kill_culprit:done", "2026", "300", "25", "h0", "20"):
+        assert want in text, want
+
+
+def monitor_config(tmp_path, incidents_dir, unified=False):
+    body = f"""\
+monitor_id = "m1"
+incidents_dir = "{incidents_dir}"
+
+[[{'monitor.' if unified else ''}agents]]
+host = "h0"
+address = "10.99.0.1:7700"
+"""
+    if unified:
+        body = "[monitor]\n" + body
+    path = tmp_path / ("backdoors.toml" if unified else "monitor.toml")
+    path.write_text(body)
+    return path
+
+
+def test_the_command_reads_the_configured_incidents_dir(tmp_path):
+    write_log(tmp_path / "spool", [incident(1, NODES[0]), incident(2, NODES[1])])
+    runner = CliRunner()
+    for unified in (False, True):
+        conf = monitor_config(tmp_path, "spool", unified=unified)  # relative: from the file's folder
+        res = runner.invoke(app, ["incidents", "--config", str(conf), "--json", "--limit", "1"])
+        assert res.exit_code == 0, res.output
+        assert [i["id"] for i in json.loads(res.output)] == ["20261130-181202-n0-2"]
+    res = runner.invoke(app, ["incidents", str(tmp_path / "spool" / "incidents.jsonl"), "--json"])
+    assert res.exit_code == 0 and len(json.loads(res.output)) == 2
+
+
+def bd(*args, **env):
+    return subprocess.run([sys.executable, "-m", "backdoors", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})
+
+
+def test_the_command_at_80_columns(tmp_path):
+    incs = [incident(1, "n0"), incident(2, "web0", rule="hang", closed=False)]
+    write_log(tmp_path / "spool", incs)
+    res = bd("incidents", "--config", str(monitor_config(tmp_path, "spool")), COLUMNS="80")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for inc in incs:
+        [line] = [line for line in lines if inc.id in line]
+        assert inc.node in line.replace(inc.id, "").split()
+
+
+def test_a_missing_log_says_where_it_looked_and_why(tmp_path):
+    conf = monitor_config(tmp_path, "nowhere")
+    res = bd("incidents", "--config", str(conf))
+    assert res.returncode == 1 and res.stdout == ""
+    assert f"{tmp_path}/nowhere" in res.stderr and f"incidents_dir of {conf}" in res.stderr
