@@ -30,6 +30,7 @@ from typing import Protocol
 import msgspec
 
 from ..common import ipc
+from ..common.peers import not_the_agent
 from ..tcprepair import TcpState
 from .errors import AdoptionError, ContinuationError
 from .image import CbImage, ResumePlan, read_cb
@@ -126,7 +127,10 @@ class AdoptionSource(Protocol):
 class UnixAdoptionSource:
     """Receives sessions on a Unix stream socket at `path` (mode 0600).
 
-    A stale socket file of a dead server is replaced; one in use is an error.
+    A stale socket file of a dead server is replaced; one in use is an error. Only the
+    agent may hand sessions over: a connection from a peer that cannot be the agent
+    (common.peers.not_the_agent: another process of this node) gets one reply naming the
+    reason and is closed unread; `refused` counts them.
     """
 
     def __init__(self, path: str, *, backlog: int = 16):
@@ -146,6 +150,7 @@ class UnixAdoptionSource:
         self._conns: dict[int, socket.socket] = {}
         self._readers: dict[int, ipc.FrameReader] = {}
         self._ready: deque[Recovered] = deque()
+        self.refused = 0  # connections refused: not from the agent
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -171,6 +176,16 @@ class UnixAdoptionSource:
         try:
             conn, _ = self._listener.accept()
         except BlockingIOError:
+            return
+        if (why := not_the_agent(conn)) is not None:
+            self.refused += 1
+            log.warning("refused a connection to %s: %s", self.path, why)
+            try:  # the reason, best effort (never blocks), then nothing more is read
+                conn.setblocking(False)
+                conn.send(ipc.pack(HandoverReply("?", False, f"hand-over refused: {why}")))
+            except OSError:
+                pass
+            conn.close()
             return
         conn.setblocking(False)
         self._conns[conn.fileno()] = conn
