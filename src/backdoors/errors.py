@@ -41,7 +41,7 @@ class AgentError(BackdoorsError):
 
 class RegistrationError(AgentError):
     """A local registration was refused or could not be made; `.code` says which
-    (refused, no_agent, protocol)."""
+    (refused, no_agent, not_agent, protocol)."""
 
     def __init__(self, message: str, code: str = "refused"):
         super().__init__(message)

@@ -14,7 +14,9 @@ register again. The registration client (`register_box`, `register_region`, `hol
 `release`, `unregister`) hands regions (sealed memfds) and session sockets to the agent over that
 socket (common.ipc frames, one descriptor attached). The agent keeps a duplicate of each
 descriptor, so a region or session outlives this process; it accepts them only from
-processes inside its node. Light on purpose (stdlib and msgspec only): services import it.
+processes inside its node. Each connection is checked the other way before anything is
+sent: its listener must be the agent (`common.peers.not_the_agent`), not a process of the
+node that replaced `agent.sock` (the run directory is the node's to write). Light on purpose (stdlib and msgspec only): services import it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import msgspec
 
 from ..errors import RegistrationError
 from . import ipc
+from .peers import not_the_agent
 
 AGENT_SOCKET_ENV = "BACKDOORS_AGENT_SOCKET"
 ADOPT_DIR_ENV = "BACKDOORS_ADOPT_DIR"
@@ -223,12 +226,17 @@ class AgentWatch:
         self._stop.set()
 
 
+class NotTheAgent(OSError):
+    """Whatever listens at the agent socket path cannot be the agent (common.peers)."""
+
+
 class _Channel:
     """One connection to the agent per process and socket path, reused by every call
     (a server registering a box per client session makes thousands of calls)."""
 
     def __init__(self, path: str):
         self.path, self.pid = path, os.getpid()
+        self.refused = 0  # listeners refused: not the agent
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()
 
@@ -239,6 +247,8 @@ class _Channel:
                 try:
                     if fresh:
                         self.sock = ipc.connect(self.path, timeout=timeout)
+                        if (why := not_the_agent(self.sock)) is not None:
+                            raise NotTheAgent(f"the listener is not the agent: {why}")
                     self.sock.settimeout(timeout)
                     try:
                         ipc.send(self.sock, request, () if fd is None else (fd,))
@@ -251,6 +261,10 @@ class _Channel:
                         self.close()
                         return refusal
                     return ipc.recv(self.sock, max_bytes=MAX_REPLY).payload
+                except NotTheAgent:
+                    self.close()
+                    self.refused += 1
+                    raise
                 except OSError:
                     self.close()
                     if fresh or attempt == 2:  # a kept connection may have gone stale: retry once
@@ -294,6 +308,8 @@ def _call(request: dict, fd: int | None, socket_path: str | None, timeout: float
                                 "no_agent")
     try:
         reply = _channel(path).exchange(request, fd, timeout)
+    except NotTheAgent as e:
+        raise RegistrationError(f"agent socket {path}: {e}; nothing was sent", "not_agent") from None
     except OSError as e:
         raise RegistrationError(f"agent socket {path}: {e.strerror or e}", "no_agent") from None
     try:

@@ -25,12 +25,14 @@ import select
 import socket
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import msgspec
 
 from ..common import ipc
+from ..common.peers import not_the_agent
 from ..tcprepair import TcpState
+from .cbformat import SESSION_SIZE
 from .errors import AdoptionError, ContinuationError
 from .image import CbImage, ResumePlan, read_cb
 
@@ -44,14 +46,22 @@ BATCH = 256  # sessions taken per receive() at most
 _FDS = 2
 
 
-class Handover(msgspec.Struct, forbid_unknown_fields=True):
-    """The metadata of one recovered session (travels with its two fds)."""
+#: a stream position as the CB plans it (image._MAX_POSITION): a byte count below 2**62
+Position = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]
+#: a session id as the CB holds it: 16 bytes, lower-case hex
+SessionHex = Annotated[str, msgspec.Meta(pattern=f"^[0-9a-f]{{{2 * SESSION_SIZE}}}$")]
 
-    v: int
-    session: str  # hex session id, as in the CB
-    handed: int  # bytes the old application had written to the socket (TcpState.handed)
-    read: int  # bytes it had read from it (TcpState.read)
-    tail: bytes = b""  # the last bytes of output ending at `handed` (the dumped send queue)
+
+class Handover(msgspec.Struct, forbid_unknown_fields=True):
+    """The metadata of one recovered session (travels with its two fds). Decoding checks
+    the ranges: a field out of range is refused by name before anything else is read."""
+
+    v: Annotated[int, msgspec.Meta(ge=0, le=255)]
+    session: SessionHex  # hex session id, as in the CB
+    handed: Position  # bytes the old application had written to the socket (TcpState.handed)
+    read: Position  # bytes it had read from it (TcpState.read)
+    # the last bytes of output ending at `handed` (the dumped send queue)
+    tail: Annotated[bytes, msgspec.Meta(max_length=TAIL_MAX)] = b""
 
     @classmethod
     def from_tcp_state(cls, session: str, state: TcpState, *, tail_max: int = TAIL_MAX) -> Handover:
@@ -126,7 +136,10 @@ class AdoptionSource(Protocol):
 class UnixAdoptionSource:
     """Receives sessions on a Unix stream socket at `path` (mode 0600).
 
-    A stale socket file of a dead server is replaced; one in use is an error.
+    A stale socket file of a dead server is replaced; one in use is an error. Only the
+    agent may hand sessions over: a connection from a peer that cannot be the agent
+    (common.peers.not_the_agent: another process of this node) gets one reply naming the
+    reason and is closed unread; `refused` counts them.
     """
 
     def __init__(self, path: str, *, backlog: int = 16):
@@ -146,6 +159,7 @@ class UnixAdoptionSource:
         self._conns: dict[int, socket.socket] = {}
         self._readers: dict[int, ipc.FrameReader] = {}
         self._ready: deque[Recovered] = deque()
+        self.refused = 0  # connections refused: not from the agent
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -171,6 +185,16 @@ class UnixAdoptionSource:
         try:
             conn, _ = self._listener.accept()
         except BlockingIOError:
+            return
+        if (why := not_the_agent(conn)) is not None:
+            self.refused += 1
+            log.warning("refused a connection to %s: %s", self.path, why)
+            try:  # the reason, best effort (never blocks), then nothing more is read
+                conn.setblocking(False)
+                conn.send(ipc.pack(HandoverReply("?", False, f"hand-over refused: {why}")))
+            except OSError:
+                pass
+            conn.close()
             return
         conn.setblocking(False)
         self._conns[conn.fileno()] = conn

@@ -1,0 +1,99 @@
+"""A real evacuation whose target answers badly loses nothing (issue 10, finding 11).
+
+One host, two container nodes with the recoverable service, three verifying stream
+clients on n0. n0 is fenced and evacuated first to a fake peer agent (a listener on the
+private network answering garbage to whatever it is sent), then to the real agent but a
+node it does not have (a failed reply): each evacuate fails with the reason, and the
+dumped sessions stay at the source (limbo). A third, good evacuate to n1 moves all three,
+and every client's stream continues byte-exact. Only the public lab and client helpers
+are used, so the test does not depend on how agents authenticate each other.
+"""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from backdoors.errors import AgentError
+from backdoors.lab import Lab, topology
+from backdoors.lab.clients import StreamClients
+from backdoors.net import netns as netns_mod
+
+pytestmark = pytest.mark.root
+
+
+def wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class GarbagePeer:
+    """A listener on the private network that answers every connection with garbage."""
+
+    def __init__(self, netns: str, address: str):
+        with netns_mod.enter(netns):
+            self.sock = socket.create_server((address, 0))
+        self.address = f"{address}:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(2.0)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1 not an agent\n" * 4)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_sessions_survive_a_malformed_and_a_failed_evacuate_then_move(root, unique):
+    with Lab(f"e{unique}", hosts=1, nodes=2, agents=True, services=False) as lab:
+        for node in ("n0", "n1"):
+            lab.start_service(node, "--rate", "4096", recoverable=True)
+        host = lab.plan.host("h0")
+        vip = lab.plan.node("n0").vip
+        fake = GarbagePeer(host.netns, host.address)
+        try:
+            with lab.agent_client("h0", timeout=30) as c, \
+                    StreamClients(lab, vip, topology.RECOVERABLE_PORT, 3) as clients:
+                wait(lambda: len(c.call("sessions", node="n0")) == 3, 20, "3 held sessions")
+                wait(lambda: all(o > 0 for o in clients.offsets()), 20, "data on every session")
+                c.call("fence", node="n0")
+
+                with pytest.raises(AgentError, match=r"3 sessions dumped but the agent at "
+                                                     rf"{fake.address} did not adopt them.*kept"):
+                    c.call("evacuate", node="n0", to=fake.address, to_node="n1")
+                assert fake.connections >= 1
+                assert c.call("sessions", node="n1") == []  # nothing arrived anywhere
+
+                with pytest.raises(AgentError, match=r"3 sessions dumped .*did not adopt.*n9.*kept"):
+                    c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_node="n9")
+                assert c.call("sessions", node="n1") == []
+
+                at = clients.offsets()
+                since = time.monotonic()
+                moved = c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_node="n1")
+                assert moved["moved"] == 3 and not moved["failed"], moved
+                wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
+                     "every stream to continue after the good evacuate")
+                report = clients.report(since, progressed_from=at)
+                assert report["sessions_ok"] == 3, report
+                assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
+                assert len(c.call("sessions", node="n1")) == 3
+        finally:
+            fake.close()
