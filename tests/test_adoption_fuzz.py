@@ -136,7 +136,7 @@ FD_KINDS = ["live", "cb", "garbage", "sparse", "pipe", "dir", "unix", "tcp"]
 positions = st.one_of(st.integers(0, 64), st.sampled_from([-1, (1 << 62) - 1, 1 << 62, 2**63 - 1]),
                       st.integers(-(2**63), 2**64 - 1))
 sessions = st.one_of(st.text(alphabet="0123456789abcdefABCDEF", min_size=30, max_size=34),
-                     st.text(max_size=40), st.integers())
+                     st.text(max_size=40), st.integers(-(2**63), 2**64 - 1))  # msgpack's range
 tails = st.one_of(st.binary(max_size=64), st.just(b"t" * TAIL_MAX), st.just(b"t" * (TAIL_MAX + 1)))
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
                     st.text(max_size=16), st.binary(max_size=32))
