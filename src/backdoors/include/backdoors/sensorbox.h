@@ -22,6 +22,9 @@
 #ifndef BACKDOORS_SENSORBOX_H
 #define BACKDOORS_SENSORBOX_H
 
+#if !defined(_GNU_SOURCE) && defined(_FEATURES_H)
+#error "include backdoors/sensorbox.h before any system header, or build with -D_GNU_SOURCE"
+#endif
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
