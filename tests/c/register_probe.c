@@ -2,10 +2,14 @@
  *   register_probe sealed|unsealed region|writable|sensorbox NAME [COUNT]
  *       registers a 4 KiB memfd (a region, or as a Sensor Box it is not) COUNT times
  *   register_probe unregister NAME      bd_unregister
+ *   register_probe late NAME            connects, waits until the agent has closed the
+ *       connection (it refuses outsiders at accept), then sends a register: EPIPE, and the
+ *       refusal queued before it is still the answer
  *   register_probe reply                decodes a reply payload from stdin: "1", "0 REASON" or "-1"
  */
 #include "backdoors/register.h"
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/mman.h>
 
 static int memfd(int sealed) {
@@ -29,6 +33,20 @@ int main(int argc, char **argv) {
     }
     if (argc == 3 && strcmp(argv[1], "unregister") == 0) {
         int rc = bd_unregister(NULL, argv[2], err, sizeof err);
+        printf("%d %s\n", rc, err);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "late") == 0) {
+        struct bd__out o;
+        const char *path = bd__path(NULL, err, sizeof err);
+        int fd = memfd(1);
+        if (path == NULL || fd < 0 || bd__request(&o, "register", "region", argv[2], 0, err,
+                                                  sizeof err) != BD_REG_OK) return 2;
+        int sock = bd__connect(path, err, sizeof err);
+        if (sock < 0) { printf("%d %s\n", sock, err); return 0; }
+        struct pollfd p = { .fd = sock, .events = POLLRDHUP };
+        if (poll(&p, 1, 10000) != 1 || !(p.revents & (POLLRDHUP | POLLHUP))) return 3;
+        int rc = bd__exchange(sock, path, &o, fd, "register", argv[2], err, sizeof err);
         printf("%d %s\n", rc, err);
         return 0;
     }

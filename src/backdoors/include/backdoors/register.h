@@ -221,21 +221,9 @@ static inline int bd__send(int sock, const uint8_t *buf, size_t n, int fd) {
     return 0;
 }
 
-/* One request (op, name; with kind and writable for register) and its reply. */
-static inline int bd__call(const char *socket_path, const char *op, const char *kind,
-                           const char *name, int writable, int fd, char *err,
-                           size_t errlen) {
-    const char *path = socket_path ? socket_path : getenv(BD_AGENT_SOCKET_ENV);
-    if (path == NULL || *path == '\0')
-        return bd__fail(err, errlen, BD_REG_NO_AGENT, "no agent socket: pass socket_path or "
-                        "set %s", BD_AGENT_SOCKET_ENV);
-    struct sockaddr_un addr;
-    memset(&addr, 0, sizeof addr);
-    addr.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof addr.sun_path)
-        return bd__fail(err, errlen, BD_REG_INVALID, "agent socket %s: the path is too long "
-                        "for a Unix socket", path);
-    memcpy(addr.sun_path, path, strlen(path));
+/* The request frame {op, name[, kind, writable]} into `o`; BD_REG_OK or BD_REG_INVALID. */
+static inline int bd__request(struct bd__out *o, const char *op, const char *kind,
+                              const char *name, int writable, char *err, size_t errlen) {
     size_t nlen = name ? strlen(name) : 0;
     if (nlen == 0 || nlen > BD_REG_MAX_NAME)
         return bd__fail(err, errlen, BD_REG_INVALID, "region name '%s' must have 1 to %d "
@@ -243,76 +231,113 @@ static inline int bd__call(const char *socket_path, const char *op, const char *
     if (kind != NULL && (*kind == '\0' || strlen(kind) > BD_REG_MAX_KIND))
         return bd__fail(err, errlen, BD_REG_INVALID, "region kind '%s' must have 1 to %d "
                         "characters", kind, BD_REG_MAX_KIND);
-
-    struct bd__out o = { .len = 4 };  /* the length goes first, once known */
-    bd__byte(&o, (uint8_t)(0x80 | (kind ? 4 : 2)));
-    bd__str(&o, "op");
-    bd__str(&o, op);
-    bd__str(&o, "name");
-    bd__str(&o, name);
+    o->len = 4;  /* the length goes first, once known */
+    bd__byte(o, (uint8_t)(0x80 | (kind ? 4 : 2)));
+    bd__str(o, "op");
+    bd__str(o, op);
+    bd__str(o, "name");
+    bd__str(o, name);
     if (kind != NULL) {
-        bd__str(&o, "kind");
-        bd__str(&o, kind);
-        bd__str(&o, "writable");
-        bd__byte(&o, writable ? 0xc3 : 0xc2);
+        bd__str(o, "kind");
+        bd__str(o, kind);
+        bd__str(o, "writable");
+        bd__byte(o, writable ? 0xc3 : 0xc2);
     }
-    uint32_t payload = (uint32_t)(o.len - 4);
-    for (int i = 0; i < 4; i++) o.data[i] = (uint8_t)(payload >> (24 - 8 * i));
+    uint32_t payload = (uint32_t)(o->len - 4);
+    for (int i = 0; i < 4; i++) o->data[i] = (uint8_t)(payload >> (24 - 8 * i));
+    return BD_REG_OK;
+}
 
+/* The agent socket to use: `socket_path`, else the environment's; NULL after an error. */
+static inline const char *bd__path(const char *socket_path, char *err, size_t errlen) {
+    const char *path = socket_path ? socket_path : getenv(BD_AGENT_SOCKET_ENV);
+    if (path == NULL || *path == '\0') {
+        bd__fail(err, errlen, 0, "no agent socket: pass socket_path or set %s",
+                 BD_AGENT_SOCKET_ENV);
+        return NULL;
+    }
+    return path;
+}
+
+/* A connection to the agent at `path` with the timeouts set: the socket, or a status < 0. */
+static inline int bd__connect(const char *path, char *err, size_t errlen) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof addr.sun_path)
+        return bd__fail(err, errlen, BD_REG_INVALID, "agent socket %s: the path is too long "
+                        "for a Unix socket", path);
+    memcpy(addr.sun_path, path, strlen(path));
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (sock < 0)
         return bd__fail(err, errlen, BD_REG_NO_AGENT, "agent socket %s: %s", path,
                         strerror(errno));
     struct timeval tv = { BD_REG_TIMEOUT_MS / 1000, (BD_REG_TIMEOUT_MS % 1000) * 1000 };
     setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);  /* connect's too */
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        int e = errno;
+        close(sock);
+        return bd__fail(err, errlen, BD_REG_NO_AGENT, "agent socket %s: %s", path,
+                        strerror(e));
+    }
+    return sock;
+}
+
+/* Send the request frame `o` (with `fd` if >= 0) on `sock` and read the reply. */
+static inline int bd__exchange(int sock, const char *path, const struct bd__out *o, int fd,
+                               const char *op, const char *name, char *err, size_t errlen) {
     int status;
     uint8_t head[4];
     uint8_t *reply = NULL;
-    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
-        status = bd__fail(err, errlen, BD_REG_NO_AGENT, "agent socket %s: %s", path,
-                          strerror(errno));
-        goto out;
-    }
-    int send_errno = bd__send(sock, o.data, o.len, fd) < 0 ? errno : 0;
+    int send_errno = bd__send(sock, o->data, o->len, fd) < 0 ? errno : 0;
     /* The agent may refuse a connection at accept (one error frame, then close): after
      * EPIPE or ECONNRESET that refusal is still queued here, and it is the answer. */
-    if (send_errno != 0 && send_errno != EPIPE && send_errno != ECONNRESET) {
-        status = bd__fail(err, errlen, BD_REG_NO_AGENT, "agent socket %s: %s", path,
-                          strerror(send_errno));
-        goto out;
-    }
+    if (send_errno != 0 && send_errno != EPIPE && send_errno != ECONNRESET)
+        return bd__fail(err, errlen, BD_REG_NO_AGENT, "agent socket %s: %s", path,
+                        strerror(send_errno));
     if (bd__read(sock, head, 4) < 0) {
         int e = send_errno ? send_errno : errno;
-        status = bd__fail(err, errlen, BD_REG_NO_AGENT, "agent socket %s: %s", path,
-                          e == 0 ? "the agent closed the connection without a reply"
-                          : e == EAGAIN ? "no reply within the timeout" : strerror(e));
-        goto out;
+        return bd__fail(err, errlen, BD_REG_NO_AGENT, "agent socket %s: %s", path,
+                        e == 0 ? "the agent closed the connection without a reply"
+                        : e == EAGAIN ? "no reply within the timeout" : strerror(e));
     }
     uint32_t len = (uint32_t)head[0] << 24 | (uint32_t)head[1] << 16
                    | (uint32_t)head[2] << 8 | head[3];
     if (len == 0 || len > BD_REG_MAX_REPLY || (reply = malloc(len)) == NULL
         || bd__read(sock, reply, len) < 0) {
-        status = bd__fail(err, errlen, BD_REG_PROTOCOL, "agent socket %s: %s", path,
-                          "malformed reply (bad or short frame)");
-        goto out;
+        free(reply);
+        return bd__fail(err, errlen, BD_REG_PROTOCOL, "agent socket %s: malformed reply "
+                        "(a bad or short frame)", path);
     }
     const char *reason;
     uint32_t reason_len;
     int ok = bd__reply(reply, len, &reason, &reason_len);
     if (ok < 0) {
-        status = bd__fail(err, errlen, BD_REG_PROTOCOL, "agent socket %s: %s", path,
-                          "malformed reply");
+        status = bd__fail(err, errlen, BD_REG_PROTOCOL, "agent socket %s: malformed reply",
+                          path);
     } else if (ok) {
-        status = BD_REG_OK;
-        if (err != NULL && errlen > 0) err[0] = '\0';
+        status = bd__fail(err, errlen, BD_REG_OK, "%s", "");
     } else {
-        status = BD_REG_REFUSED;
-        bd__fail(err, errlen, 0, "the agent refused %s of '%s': %.*s", op, name,
-                 (int)reason_len, reason);
+        status = bd__fail(err, errlen, BD_REG_REFUSED, "the agent refused %s of '%s': %.*s",
+                          op, name, (int)reason_len, reason);
     }
-out:
     free(reply);
+    return status;
+}
+
+/* One request on a connection of its own. */
+static inline int bd__call(const char *socket_path, const char *op, const char *kind,
+                           const char *name, int writable, int fd, char *err,
+                           size_t errlen) {
+    struct bd__out o;
+    const char *path = bd__path(socket_path, err, errlen);
+    if (path == NULL) return BD_REG_NO_AGENT;
+    int status = bd__request(&o, op, kind, name, writable, err, errlen);
+    if (status != BD_REG_OK) return status;
+    int sock = bd__connect(path, err, errlen);
+    if (sock < 0) return sock;
+    status = bd__exchange(sock, path, &o, fd, op, name, err, errlen);
     close(sock);
     return status;
 }
