@@ -17,7 +17,7 @@
  * BD_REG_TIMEOUT_MS. The agent keeps its own duplicate of the memfd: the region outlives
  * this process. An agent restarted without its fd store has forgotten the region: register
  * it again (the Python client does that by itself; this one does not watch).
- * SIGPIPE is never raised (MSG_NOSIGNAL). Thread-safe: no global state.
+ * SIGPIPE is never raised (MSG_NOSIGNAL). No global state of its own, no thread.
  */
 #ifndef BACKDOORS_REGISTER_H
 #define BACKDOORS_REGISTER_H
@@ -64,6 +64,7 @@ static inline int bd__fail(char *err, size_t errlen, int status, const char *fmt
     return status;
 }
 
+/* A request frame: at most 4 + 1 + (3 + 11) + (5 + 66) + (5 + 34) + (9 + 1) = 139 bytes. */
 struct bd__out { uint8_t data[4 + 192]; size_t len; };
 
 static inline void bd__byte(struct bd__out *o, uint8_t b) { o->data[o->len++] = b; }
