@@ -20,7 +20,7 @@ def writer(tmp_path_factory):
         unavailable("gcc is needed to compile the C Sensor Box writer")
     exe = tmp_path_factory.mktemp("c") / "sb_writer"
     subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-O2",
-                    "-I", str(ROOT / "include"), str(ROOT / "tests/c/sb_writer.c"),
+                    "-I", str(ROOT / "src/backdoors/include"), str(ROOT / "tests/c/sb_writer.c"),
                     "-o", str(exe), "-lm"], check=True)
     return exe
 

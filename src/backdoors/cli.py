@@ -334,6 +334,18 @@ def config_show(
     print(show(config), end="")
 
 
+@config_app.command("include-dir")
+def config_include_dir() -> None:
+    """Print where the C headers are: cc -I"$(backdoors config include-dir)" finds
+    backdoors/sensorbox.h and backdoors/register.h (docs/sensor-box.md)."""
+    # the worked example ships too, at ../examples/c/sensor_service.c from that directory
+    include = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+    if not os.path.isfile(os.path.join(include, "backdoors", "register.h")):
+        err.print(f"[red]error:[/] no C headers at {include}: reinstall the backdoors package")
+        raise typer.Exit(1)
+    print(include)
+
+
 # ---- keys ---------------------------------------------------------------------------
 
 

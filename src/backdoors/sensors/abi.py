@@ -2,8 +2,9 @@
 
 A Sensor Box is a header of 64 bytes followed by `capacity` slots of 64 bytes, all
 little-endian and 8-byte aligned, so that every value is one aligned 64-bit word that a
-writer updates with a single store. `docs/sensor-box.md` and
-`include/backdoors/sensorbox.h` describe the same layout; change all three together.
+writer updates with a single store. `docs/sensor-box.md` and the C
+header `src/backdoors/include/backdoors/sensorbox.h` describe the same layout; change all
+three together.
 
 Header::
 

@@ -3,8 +3,9 @@
  *
  * A Sensor Box is a shared-memory region the backdoors agent reads from outside the
  * process. Updating a sensor is one aligned 64-bit store: no system call, no lock.
- * Layout: docs/sensor-box.md (the Python reader, src/backdoors/sensors/layout.py, is the
- * reference). Little-endian machines only.
+ * Layout: docs/sensor-box.md (the Python reader, src/backdoors/sensors/abi.py, is the
+ * reference). Little-endian machines only. `cc -I"$(backdoors config include-dir)"` finds
+ * it; backdoors/register.h hands the box to the node's agent.
  *
  *   struct bd_sensorbox box;
  *   bd_sb_init(&box, "mysvc", 64, NULL);                  // memfd; 0 or -errno
@@ -13,13 +14,17 @@
  *   struct bd_sensor *err = bd_sb_pressure(&box, "errors", 100, 1.0);
  *   bd_sb_tick(req); bd_sb_set(mem, 300.0); bd_sb_event(err);
  *
- * Hand bd_sb_fd(&box) to the agent (SCM_RIGHTS) to have the box watched.
+ * Hand bd_sb_fd(&box) to the agent to have the box watched: bd_register() of
+ * backdoors/register.h.
  * Include this header before any system header (or build with -D_GNU_SOURCE):
  * memfd_create needs _GNU_SOURCE.
  */
 #ifndef BACKDOORS_SENSORBOX_H
 #define BACKDOORS_SENSORBOX_H
 
+#if !defined(_GNU_SOURCE) && defined(_FEATURES_H)
+#error "include backdoors/sensorbox.h before any system header, or build with -D_GNU_SOURCE"
+#endif
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -87,9 +92,12 @@ static inline int bd__name(char dst[BD_SB_NAME_SIZE], const char *src) {
 }
 
 /* Create a box with room for `capacity` sensors: in a sealed memfd when `path` is NULL,
- * else in a new file at `path` (use a tmpfs such as /dev/shm). Returns 0 or -errno. */
+ * else in a new file at `path` (use a tmpfs such as /dev/shm). Returns 0 or -errno (always
+ * negative); on failure `*box` is left empty (fd -1): adding to it gives NULL, closing it
+ * does nothing. */
 static inline int bd_sb_init(struct bd_sensorbox *box, const char *name, uint32_t capacity,
                              const char *path) {
+    *box = (struct bd_sensorbox){ .fd = -1, .hdr = NULL, .slots = NULL, .size = 0 };
     if (capacity == 0 || capacity > BD_SB_MAX_CAPACITY) return -EINVAL;
     char nm[BD_SB_NAME_SIZE];
     if (bd__name(nm, name) < 0) return -EINVAL;
@@ -116,7 +124,7 @@ static inline int bd_sb_init(struct bd_sensorbox *box, const char *name, uint32_
     memcpy(box->hdr->name, nm, BD_SB_NAME_SIZE);
     return 0;
 fail:;
-    int err = errno;
+    int err = errno > 0 ? errno : EIO;  /* negative for sure: callers test rc < 0 */
     close(fd);
     if (path) unlink(path);
     return -err;
@@ -128,7 +136,7 @@ static inline int bd_sb_fd(const struct bd_sensorbox *box) { return box->fd; }
 static inline struct bd_sensor *bd__add(struct bd_sensorbox *box, const char *name, uint8_t type,
                                         uint8_t flags, double threshold, double param) {
     struct bd_sb_header *h = box->hdr;
-    if (h->count >= h->capacity) return NULL;
+    if (h == NULL || h->count >= h->capacity) return NULL;
     char nm[BD_SB_NAME_SIZE];
     if (bd__name(nm, name) < 0) return NULL;
     uint64_t gen = h->generation;
@@ -179,9 +187,12 @@ static inline void bd_sb_set(struct bd_sensor *s, double v) {
     __atomic_store_n(&s->value.count, x.u, __ATOMIC_RELAXED);
 }
 
+/* Unmap and close the box (an empty or closed one: nothing to do). A registered box stays
+ * with the agent, which holds its own duplicate of the memfd. */
 static inline void bd_sb_close(struct bd_sensorbox *box) {
-    munmap(box->hdr, box->size);
-    close(box->fd);
+    if (box->hdr != NULL) munmap(box->hdr, box->size);
+    if (box->fd >= 0) close(box->fd);
+    *box = (struct bd_sensorbox){ .fd = -1, .hdr = NULL, .slots = NULL, .size = 0 };
 }
 
 #endif /* BACKDOORS_SENSORBOX_H */
