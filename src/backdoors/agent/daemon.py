@@ -9,6 +9,7 @@ benchmarks and embedding.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
@@ -28,7 +29,7 @@ from .leases import LeaseTable
 from .local import LocalServer
 from .events import EventBus
 from .metrics import AgentMetrics, MetricsServer
-from .ops import OPS, Op
+from .ops import OPS, Op, read_boxes
 from .peerwatch import PeerWatch
 from .recovery import Recovery
 from .regions import Entry, RegionTable
@@ -71,6 +72,7 @@ class Agent:
         self.ops.update((op.name, op) for op in self.peerwatch.ops())
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
         self.nodes: dict[str, NodeRuntime] = {}
+        self._tracking: dict[str, concurrent.futures.Future] = {}  # per node, the pass queued
         self.regions = RegionTable([n.name for n in config.nodes],
                                    max_regions=config.max_regions_per_node,
                                    max_region_bytes=config.max_region_bytes,
@@ -152,7 +154,9 @@ class Agent:
                 node, c.kernel_sensors, period=c.sample_period_s, max_procs=c.max_procs_sampled,
                 on_new_box=lambda ks, n=spec.name: self._show_kernel_box(n, ks),
                 gauge=self.metrics.sample_seconds.labels(spec.name), interface=spec.interface)
-            self.nodes[spec.name] = NodeRuntime(spec, node, sampler, Lane(spec.name, NODE_WORKERS))
+            self.nodes[spec.name] = rt = NodeRuntime(spec, node, sampler,
+                                                     Lane(spec.name, NODE_WORKERS))
+            sampler.after = lambda rt=rt: self._track(rt)
         self.leases = LeaseTable({n: rt.node for n, rt in self.nodes.items()})
         for rt in self.nodes.values():
             try:
@@ -271,6 +275,13 @@ class Agent:
             raise AgentError(f"cannot listen on {self.config.listen}{where}: "
                              f"{e.strerror}") from None
         return sock
+
+    def _track(self, rt: NodeRuntime) -> None:
+        """Queue the node's box tracking pass (ops.read_boxes, agent/tracking.py) on its
+        read workers, unless the last one is still queued or running: one at a time."""
+        queued = self._tracking.get(rt.name)
+        if queued is None or queued.done():
+            self._tracking[rt.name] = rt.reads.pool.submit(read_boxes, self, rt)
 
     def _show_kernel_box(self, node: str, sensors: KernelSensors) -> None:
         region = Region(sensors.box.fd, label=f"node {node} kernel sensors")

@@ -177,11 +177,16 @@ class ProcessTable(msgspec.Struct):
 
 class SensorsReply(msgspec.Struct):
     """Consistent copies of every Sensor Box of a node, and the boxes that failed; of
-    those, `skipped` were not read (they kept failing): seconds until they are again."""
+    those, `skipped` were not read (they kept failing): seconds until they are again.
+    What the agent tracked of the boxes read (agent/tracking.py), per box and sensor:
+    `progress_unchanged_s`, seconds since each progress counter last changed, and
+    `pressure_events`, each pressure counter's events in its window."""
 
     boxes: dict[str, bytes]
     errors: dict[str, str]
     skipped: dict[str, float] = {}
+    progress_unchanged_s: dict[str, dict[str, float]] = {}
+    pressure_events: dict[str, dict[str, float]] = {}
 
 
 class LockReply(msgspec.Struct):
