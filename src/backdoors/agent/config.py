@@ -269,9 +269,22 @@ def _validate(c: AgentConfig) -> None:
         for k in ks:
             _check(raw_public(k) not in mine, ("peers", p), f"{p!r} has the public key of "
                    f"monitor {mine.get(raw_public(k))!r}: each signer needs its own keypair")
-    _check(c.quorum <= len(keys), ("quorum",),
-           f"{c.quorum} exceeds the {len(keys)} monitors known")
+    _check_quorum(c, keys, peers)
     _validate_nodes(c)
+
+
+def _check_quorum(c: AgentConfig, monitors: dict, peers: dict) -> None:
+    """The quorum must be reachable by the monitors that vote (the `monitors` keys; a peer
+    agent never votes): else every destructive op, every repair, would be refused."""
+    if c.quorum <= len(monitors):
+        return
+    where = c.monitors if isinstance(c.monitors, str) else "the monitors table"
+    nonvoters = f"; peers ({', '.join(sorted(peers))}) never vote" if peers else ""
+    _check(False, ("quorum",),
+           f"quorum = {c.quorum} needs {c.quorum} monitors that vote, and the {len(monitors)} "
+           f"of monitors ({where}: {', '.join(sorted(monitors))}) cannot reach it{nonvoters}: "
+           f"every repair would be refused. Add the other monitors' public keys to {where}, "
+           f"or set quorum = {len(monitors)}")
 
 
 def _validate_nodes(c: AgentConfig) -> None:
