@@ -80,6 +80,8 @@ def test_keys_from_files_next_to_the_config(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (('quorum = 1', 'quorum = "two"'), r":3: key quorum: Expected `int`, got `str`"),
+    (('quorum = 1', 'quorum = 1\nlisten_interface = "priv 0"'),
+     r":4: key listen_interface: 'priv 0' is not an interface name \(1-15 characters"),
     (('quorum = 1', 'quorum = 3'), r":3: key quorum: quorum = 3 needs 3 monitors that vote, and the 2 of monitors "
      r"\(the monitors table: m1, m2\) cannot reach it.*or set quorum = 2"),
     (('quorum = 1', 'qorum = 2'), r":3: key qorum: Object contains unknown field `qorum`"),

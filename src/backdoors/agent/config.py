@@ -20,6 +20,7 @@ import msgspec
 from ..common.configfile import Document, Invalid, Path, convert, doc, parse_address
 from ..errors import ConfigError
 from .keys import Identity, decode_publics, load_identity, load_publics, raw_public
+from .listening import interface_problem
 
 MiB = 1 << 20
 NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,24}")  # "kernel:<node>" must fit a 31-byte box name
@@ -94,6 +95,11 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "the nodes this agent serves: [[agent.nodes]] tables")] = []
     netns: Annotated[str | None, doc(
         "listen (RPC and metrics) inside this named network namespace")] = None
+    listen_interface: Annotated[str | None, doc(
+        "the private network's interface (e.g. priv0): RPC and metrics accept only "
+        "connections that arrive on it (SO_BINDTODEVICE), so a node that reaches the listen "
+        "address through another interface cannot connect, whatever the firewall; the "
+        "listen addresses must be the interface's")] = None
     cgroup: Annotated[str | None, doc(
         "the agent's own cgroup, outside every node, starting with 'bd' "
         "(unset: bd-agent-<host>)")] = None
@@ -210,6 +216,9 @@ def _validate(c: AgentConfig) -> None:
                    "10.0.0.1:9464)")
         _check(c.metrics_listen != c.listen or c.listen.endswith(":0"), ("metrics_listen",),
                "must differ from listen")
+    if c.listen_interface is not None:
+        problem = interface_problem(c.listen_interface)
+        _check(problem is None, ("listen_interface",), problem or "")
     for key in ("run_dir", "audit_log"):
         _check(os.path.isabs(getattr(c, key)), (key,), "must be an absolute path")
     _check(c.netns is None or bool(c.netns) and "/" not in c.netns, ("netns",),

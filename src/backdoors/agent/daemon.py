@@ -26,6 +26,7 @@ from .config import AgentConfig, validate
 from .fdstore import AgentStore, Readopted
 from .isolation import refuse_unisolated
 from .leases import LeaseTable
+from .listening import listen_socket
 from .local import LocalServer
 from .events import EventBus
 from .metrics import AgentMetrics, MetricsServer
@@ -178,7 +179,8 @@ class Agent:
         self.address = self._rpc_sock.getsockname()[:2]
         if c.metrics_listen:
             self.metrics_server = MetricsServer(self.metrics.registry, c.metrics_listen,
-                                                netns=c.netns, what=f"agent {c.host} metrics")
+                                                netns=c.netns, interface=c.listen_interface,
+                                                what=f"agent {c.host} metrics")
             self.metrics_server.bind()
 
     def _run(self) -> None:
@@ -257,23 +259,10 @@ class Agent:
                 log.warning("watchdog ping failed: %s", e)
 
     def _listen_socket(self) -> socket.socket:
-        host, port = self.config.listen_address()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if self.config.netns:
-            from ..net.netns import socket_in  # pyroute2: only when needed
-            sock = socket_in(self.config.netns, family)
-        else:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError as e:
-            sock.close()
-            where = f" in netns {self.config.netns}" if self.config.netns else ""
-            raise AgentError(f"cannot listen on {self.config.listen}{where}: "
-                             f"{e.strerror}") from None
+        c = self.config
+        sock = listen_socket(c.listen, netns=c.netns, interface=c.listen_interface,
+                             what=f"agent {c.host} RPC")
+        sock.setblocking(False)
         return sock
 
     def _track(self, rt: NodeRuntime) -> None:
