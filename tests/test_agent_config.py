@@ -80,7 +80,10 @@ def test_keys_from_files_next_to_the_config(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (('quorum = 1', 'quorum = "two"'), r":3: key quorum: Expected `int`, got `str`"),
-    (('quorum = 1', 'quorum = 3'), r":3: key quorum: 3 exceeds the 2 monitors known"),
+    (('quorum = 1', 'quorum = 1\nlisten_interface = "priv 0"'),
+     r":4: key listen_interface: 'priv 0' is not an interface name \(1-15 characters"),
+    (('quorum = 1', 'quorum = 3'), r":3: key quorum: quorum = 3 needs 3 monitors that vote, and the 2 of monitors "
+     r"\(the monitors table: m1, m2\) cannot reach it.*or set quorum = 2"),
     (('quorum = 1', 'qorum = 2'), r":3: key qorum: Object contains unknown field `qorum`"),
     (('listen = "10.0.0.1:7700"', 'listen = "10.0.0.1"'), r":4: key listen: .* ADDR:PORT"),
     (('cgroup = "bd-lab/n1"', 'cgroup = 5'), r":20: key nodes\[1\]\.cgroup: Expected `str`"),
@@ -118,7 +121,7 @@ def test_a_missing_file_and_a_missing_key(tmp_path):
 def test_validate_checks_a_config_built_in_code():
     c = AgentConfig(host="h0", listen="[::1]:0", run_dir="/r", audit_log="/a",
                     monitors={"m1": KEY}, key_file="/k", quorum=2)
-    with pytest.raises(ConfigError, match="key quorum: 2 exceeds the 1 monitors"):
+    with pytest.raises(ConfigError, match="key quorum: quorum = 2 needs 2 monitors that vote"):
         validate(c)
     c.quorum = 1
     validate(c)

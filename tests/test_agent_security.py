@@ -230,8 +230,9 @@ def test_the_audit_log_records_requests_rejections_and_registrations(agent_lab):
     regs = [a for a in lines if a["kind"] == "local"]
     assert {(a["name"], a["ok"]) for a in regs} == {("app", True), ("mailbox", True)}
     rpc = {a["op"]: a for a in lines if a["kind"] == "rpc"}
-    assert rpc["ping"]["ok"] and rpc["ping"]["monitor"] == "m1"
-    assert rpc["ping"]["peer"].startswith("127.0.0.1:")
+    assert "ping" not in rpc and "read" not in rpc  # reads: counted in metrics only
+    assert rpc["write"]["ok"] and rpc["write"]["monitor"] == "m1"
+    assert rpc["write"]["peer"].startswith("127.0.0.1:")
     assert rpc["write"]["args"]["data"] == "<100 bytes>"  # no bulk data in the log
     assert rpc["kill"]["args"] == {"node": "n0", "pid": victim.pid, "start_time": None}
     assert all("elapsed_ms" in a for a in rpc.values())

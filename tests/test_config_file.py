@@ -100,7 +100,8 @@ def test_plain_files_still_load(folder):
     (('cgroup = "svc/n1"', 'cgroup = "svc/n0/x"'),
      r":16: key agent\.nodes\[1\]\.cgroup: 'svc/n0/x' overlaps node n0's cgroup"),
     (("[agent]\n", "[agent]\nquorum = 5\n"),
-     r":2: key agent\.quorum: 5 exceeds the 2 monitors known"),
+     r":2: key agent\.quorum: quorum = 5 needs 5 monitors that vote, and the 2 of monitors "
+     r"\(.*monitors\.pub: m1, m2\) cannot reach it"),
     (('forks_per_s = 100.0', 'forks_per_s = "many"'),
      r":19: key agent\.kernel_sensors\.forks_per_s: Expected `float`, got `str`"),
     (('metrics_listen = "10.99.0.1:9464"', 'metrics_listen = "nowhere"'),
@@ -146,6 +147,58 @@ def test_the_daemons_entry_points_take_the_unified_file(folder):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert f"{bad}:2: key agent.host: must be 1-32 of" in out.stderr
+
+
+def check_monitor(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backdoors", "monitor", "--config", path,
+                           "--check"], capture_output=True, text=True, timeout=60)
+
+
+def contrib_in(folder: Path, monitors=("m1",)) -> str:
+    """The shipped example, its /etc/backdoors files in `folder` (keys of `monitors`)."""
+    keys_in(folder, monitors, "web-a")
+    return write(folder, CONTRIB.read_text().replace("/etc/backdoors/", f"{folder}/"))
+
+
+def test_the_contrib_example_works_as_shipped_for_one_monitor(tmp_path):
+    path = contrib_in(tmp_path)
+    assert "quorum = 1" in C.config_show(path)
+    check = check_monitor(path)
+    assert check.returncode == 0 and f"{path}: ok (2 agents" in check.stdout, check
+    assert "warning" not in check.stderr  # web-a lists two nodes: heal can move sessions
+
+
+def test_a_quorum_beyond_the_monitors_that_vote_is_refused_where_it_is_set(tmp_path):
+    """quorum = 2 with one monitor's key: every repair would be refused; config show and
+    monitor --check (on the unified file: the agents' quorum is there) say so, naming the
+    file, the key and the fix. Peers are no voters."""
+    path = contrib_in(tmp_path)
+    text = Path(path).read_text().replace("quorum = 1", "quorum = 2")
+    assert "quorum = 2" in text
+    path = write(tmp_path, text)
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if ln.startswith("quorum = "))
+    with pytest.raises(ConfigError) as err:
+        C.config_show(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: key agent.quorum: quorum = 2 needs 2 monitors")
+    assert f"{tmp_path}/monitors.pub: m1" in message and "peers (web-b) never vote" in message
+    assert "set quorum = 1" in message
+    check = check_monitor(path)
+    assert check.returncode == 1 and message in check.stderr, check
+
+
+def test_monitor_check_warns_when_heal_has_nowhere_to_recover_to(folder):
+    one = UNIFIED.replace('incidents_dir = "incidents"',
+                          'incidents_dir = "incidents"\nrulesets = ["heal"]')
+    one = one.replace('address = "10.99.0.1:7700"\n', 'address = "10.99.0.1:7700"\nnodes = ["n0"]\n')
+    check = check_monitor(write(folder, one))
+    assert check.returncode == 0 and ": ok (1 agents" in check.stdout, check
+    assert "warning: rules memory-hog, hang, network-failure, server-died recover sessions " \
+        "to another node" in check.stderr  # the heal ruleset's
+    assert "lists one node (n0 on h0)" in check.stderr
+    two = one.replace('nodes = ["n0"]', 'nodes = ["n0", "n1"]')
+    check = check_monitor(write(folder, two))
+    assert check.returncode == 0 and "warning" not in check.stderr, check
 
 
 # -- config show ----------------------------------------------------------------------------

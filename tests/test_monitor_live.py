@@ -304,3 +304,41 @@ def test_no_recovery_node_says_what_to_configure(agent_lab):
     error = inc.actions[-1].detail["error"]
     assert "none" not in error.split() and "n0" in error and "h0" in error
     assert "[[monitor.agents]]" in error and "target" in error, error
+
+
+def test_polling_is_not_audited_a_kill_is(agent_lab):
+    """The audit log holds what changes or could change a node, not the monitors' reads
+    (~38 lines/s for one monitor and one node before): a monitor polling for seconds
+    adds no line; a kill adds one; a refused read is still a line."""
+    import json
+
+    from backdoors.agent.errors import RemoteError
+
+    al = agent_lab
+    audit_path = al.plan.run_dir / "audit-h0.jsonl"
+
+    def rpc_lines():
+        with open(audit_path) as f:
+            return [a for a in map(json.loads, f) if a.get("kind") == "rpc"]
+
+    before = len(rpc_lines())
+    cfg = al.monitor_config(period_ms=50)
+    with Monitor(cfg, key=al.monitor_key()) as mon:
+        mon.wait_ready()
+        polls = mon.status()["h0"]["polls"]
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end or mon.status()["h0"]["polls"] < polls + 10:
+            time.sleep(0.1)
+    with al.agent_client("h0") as c:
+        c.ping(), c.nodes(), c.sensors("n0"), c.processes("n0"), c.status("n0")
+        assert rpc_lines()[before:] == []  # ~20 polls and every kind of read: no line
+        victim = al.lab.run_in_node("n0", ["sleep", "60"])
+        try:
+            assert c.kill("n0", victim.pid)
+        finally:
+            victim.wait(5)
+        with pytest.raises(RemoteError):
+            c.read("n0", "no-such-region", 0, 1)
+    new = rpc_lines()[before:]
+    assert [(a["op"], a["ok"]) for a in new] == [("kill", True), ("read", False)], new
+    assert new[0]["args"]["pid"] == victim.pid and new[1]["error"] == "no_such_region"

@@ -63,12 +63,13 @@ def test_ok_suspect_locked_and_open_incidents(lab, tmp_path):
     try:
         with lab.agent_client("h0") as c:
             c.lock("n0", 30.0)
-        nodes = by_node(status_table(lab=lab.name, sample_s=0.3))
+        nodes = wait(lambda: (r := by_node(status_table(lab=lab.name)))["n1"]["violations"]
+                     and r, what="n1 past its 0.2 s deadline")
         assert nodes["n0"]["state"] == "locked" and nodes["n0"]["locked_by"] == ["m1"]
         n1 = nodes["n1"]
         assert n1["state"] == "suspect" and n1["violations"] == 1
         assert n1["worst"]["box"] == "svc-n1" and n1["worst"]["sensor"] == "progress"
-        assert n1["worst"]["violated"] and n1["worst"]["measure"] >= 0.3
+        assert n1["worst"]["violated"] and n1["worst"]["measure"] > 0.2
         assert n1["worst"]["bound"] == pytest.approx(0.2)
         assert "stalled" in n1["worst"]["text"]
     finally:
@@ -91,6 +92,36 @@ def test_ok_suspect_locked_and_open_incidents(lab, tmp_path):
     assert by_node(rows)["n1"]["incidents"] == []
     text = rendered(rows)
     assert "hang i-open" in text and "suspect" in text and "i-done" not in text
+
+
+@pytest.mark.root
+def test_a_stopped_service_is_stalled_on_every_run_after_its_deadline(root, unique):
+    """The stall is the agent's own tracking (how long since the counter last changed),
+    not two readings of status: a SIGSTOPped service with a 0.5 s deadline is `stalled`
+    on every run once the deadline has passed, however short each run's sampling."""
+    with Lab(f"t{unique}", hosts=1, nodes=1, agents=True, services=False) as lab:
+        svc = lab.start_service("n0", "--deadline", "0.5")
+        with lab.agent_client("h0") as c:
+            wait(lambda: len(c.sensors("n0").boxes) == 2, what="the service's Sensor Box")
+            progress = lambda: c.sensors("n0").progress_unchanged_s["svc-n0"]["progress"]
+            wait(lambda: progress() < 0.5, what="the agent seeing the service progress")
+        lab.node("n0").kill(svc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.6)
+            measures = []
+            for _ in range(6):
+                row = by_node(status_table(lab=lab.name))["n0"]
+                assert row["state"] == "suspect" and row["violations"] == 1, row
+                worst = row["worst"]
+                assert (worst["box"], worst["sensor"], worst["violated"]) == \
+                    ("svc-n0", "progress", True)
+                measures.append(worst["measure"])
+                assert "stalled" in worst["text"] and "> deadline 0.5 s" in worst["text"]
+            assert 0.5 < measures[0] and measures == sorted(measures)  # one stall, growing
+        finally:
+            lab.node("n0").kill(svc.pid, signal.SIGCONT)
+        wait(lambda: by_node(status_table(lab=lab.name))["n0"]["state"] == "ok",
+             what="the service progressing again")
 
 
 @pytest.mark.root
@@ -176,12 +207,13 @@ def test_judge_levels_progress_and_pressure():
         up = box.level("link_up", min=0.5, initial=1.0)
         box.progress("tick", deadline=0.2)
         forks = box.pressure("forks", max_events=10, window=1.0)
-        before = _read(box)
-        forks.add(4)  # 4 events in 0.25 s: 16 per 1 s window
+        forks.add(16)
         after = _read(box)
     finally:
         box.close()
-    j = {s.name: judge("t", s, before, 0.25) for s in after.sensors}
+    # what the agent tracked: tick unchanged for 0.25 s, 16 fork events in the last window
+    tracked = {"tick": 0.25, "forks": 16.0}
+    j = {s.name: judge("t", s, tracked.get(s.name)) for s in after.sensors}
     assert not j["mem"]["violated"] and j["mem"]["ratio"] == pytest.approx(0.9)
     assert j["mem"]["text"] == "t/mem 90 (max 100)"
     assert j["free"]["violated"] and j["free"]["text"] == "t/free 5 < min 10"
@@ -189,3 +221,7 @@ def test_judge_levels_progress_and_pressure():
     assert j["tick"]["violated"] and j["tick"]["measure"] == 0.25  # did not move: stalled
     assert j["forks"]["violated"] and j["forks"]["measure"] == pytest.approx(16)
     assert j["forks"]["text"] == "t/forks 16/1 s > max 10"
+    assert j["tick"]["text"] == "t/tick stalled 0.25 s > deadline 0.2 s"
+    calm = judge("t", after.sensors[3], 0.1)
+    assert not calm["violated"] and calm["text"] == "t/tick unchanged 0.10 s (deadline 0.2 s)"
+    assert judge("t", after.sensors[3], None)["text"] == "t/tick moving (deadline 0.2 s)"

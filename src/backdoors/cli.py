@@ -240,19 +240,20 @@ def monitor(
     import signal
     import threading
 
-    from .config import load_monitor_config
+    from .config import check_monitor, load_monitor_config
     from .monitor.core import run_monitor
-    from .monitor.rules import load_rulesets
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        loaded = load_monitor_config(config)
-        rules = load_rulesets(loaded.rulesets)
         if check:
+            loaded, rules, warnings = check_monitor(config)
+            for w in warnings:
+                print(f"warning: {w}", file=sys.stderr)
             print(f"{config}: ok ({len(loaded.agents)} agents, {len(rules)} rules: "
                   f"{', '.join(r.name for r in rules)})")
             return
+        loaded = load_monitor_config(config)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

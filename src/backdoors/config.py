@@ -94,6 +94,42 @@ def _section(document: Document, section: str, decode: Callable[[dict, str], T])
     return document.decode(lambda part: decode(part, document.folder), at=(section,))
 
 
+# -- monitor --check --------------------------------------------------------------------
+
+
+def check_monitor(path: str) -> tuple[MonitorConfig, list, list[str]]:
+    """What `backdoors monitor --check` checks: (the monitor's config, its rules,
+    warnings). A ConfigError for anything the monitor would refuse, and, in a unified file
+    with an [agent] section, for an agent config its agent would refuse (the agents'
+    quorum is set there, and a quorum its monitors cannot reach refuses every repair).
+    Warnings: what loads but cannot work as meant (a ruleset that recovers sessions to
+    another node, and no other node to recover to)."""
+    from .monitor.rules import load_rulesets
+
+    config = load_monitor_config(path)
+    rules = load_rulesets(config.rulesets)
+    if isinstance(Document.read(path, "monitor config").table.get("agent"), dict):
+        load_agent_config(path)  # the unified file's [agent]
+    return config, rules, _recovery_warnings(config, rules)
+
+
+def _recovery_warnings(config: MonitorConfig, rules: list) -> list[str]:
+    recovering = [r.name for r in rules
+                  if any(a.kind_name() == "recover" for a in r.actions)]
+    if not recovering or any(e.nodes is None for e in config.agents):
+        return []  # nothing moves sessions, or nodes are discovered: not known here
+    nodes = [f"{n} on {e.host}" for e in config.agents for n in e.nodes or ()]
+    if len(nodes) >= 2:
+        return []
+    who = (f"rule {recovering[0]} recovers" if len(recovering) == 1 else
+           f"rules {', '.join(recovering)} recover")
+    listed = f"one node ({nodes[0]})" if nodes else "no node"
+    return [f"{who} sessions to another node, and this config lists "
+            f"{listed}: a failed node would be fenced with nowhere to move its sessions. "
+            "Add a second node (another agent's, or leave nodes out to discover them), or "
+            "use the default ruleset"]
+
+
 # -- config show ------------------------------------------------------------------------
 
 

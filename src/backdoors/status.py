@@ -16,16 +16,17 @@ open incidents. The state, worst first:
 - `ok`.
 
 The worst sensor is a violated one if any, else the one closest to its bound. Stalls and
-rates need two readings: the boxes are read twice, `sample_s` apart, so a progress
-counter that did not move in between has stalled for at least that long. Open incidents
-are those of the monitor's incident log with no "closed" event.
+rates are the agent's own tracking (agent/tracking.py: how long since each progress
+counter last changed, each pressure counter's events in its window, kept as it samples),
+judged by `backdoors.sensors.judgement` as the monitor's detectors judge them: one
+reading, and a service hung longer than its deadline shows as stalled on every run.
+Open incidents are those of the monitor's incident log with no "closed" event.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,7 @@ class AgentSource:
 
 
 def status_table(*, lab: str | None = None, monitor_config: str | None = None,
-                 incidents: str | None = None, sample_s: float = 0.3,
-                 timeout: float = 2.0) -> list[dict]:
+                 incidents: str | None = None, timeout: float = 2.0) -> list[dict]:
     """One row per node of every agent of `lab` or of the monitor config's agents.
 
     With neither, the unified config at backdoors.config.DEFAULT_PATH is used if it exists,
@@ -59,7 +59,7 @@ def status_table(*, lab: str | None = None, monitor_config: str | None = None,
     log = incidents if incidents is not None else default_incidents
     open_incidents = _open_incidents(log) if log is not None else {}
     with ThreadPoolExecutor(min(16, len(sources)) or 1, thread_name_prefix="bd-status") as pool:
-        per_agent = list(pool.map(lambda s: _agent_rows(s, sample_s), sources))
+        per_agent = list(pool.map(_agent_rows, sources))
     rows = [row for rows in per_agent for row in rows]
     seen = {(r["host"], r["node"]) for r in rows}
     for (host, node), incs in sorted(open_incidents.items()):
@@ -154,63 +154,53 @@ def _row(host: str, address: str, node: str, **fields) -> dict:
     return row
 
 
-def _agent_rows(src: AgentSource, sample_s: float) -> list[dict]:
+def _agent_rows(src: AgentSource) -> list[dict]:
     try:
         with src.connect() as client:
-            infos = {i.name: i for i in client.nodes()}
-            first = {n: _node_read(client, n, with_sessions=False) for n in infos}
-            t0 = time.monotonic()
-            time.sleep(sample_s)
             rows = []
-            for name, info in sorted(infos.items()):
-                second = _node_read(client, name, with_sessions=True)
-                if isinstance(first[name], RemoteError) or isinstance(second, RemoteError):
-                    error = first[name] if isinstance(first[name], RemoteError) else second
+            for name, info in sorted({i.name: i for i in client.nodes()}.items()):
+                read = _node_read(client, name)
+                if isinstance(read, RemoteError):
                     rows.append(_row(src.host, src.address, name, state="suspect",
                                      frozen=info.frozen, locked_by=list(info.locked_by),
-                                     fenced=info.fenced, error=f"{error.code}: {error}"))
+                                     fenced=info.fenced, error=f"{read.code}: {read}"))
                     continue
-                dt = time.monotonic() - t0
-                rows.append(_node_row(src, info, first[name][0], second[0], dt, second[1]))
+                rows.append(_node_row(src, info, *read))
             return rows
     except (BackdoorsError, OSError) as e:  # transport, auth, a missing netns
         return [_row(src.host, src.address, n, reachable=False, state="unreachable",
                      error=str(e)) for n in (src.nodes or ["?"])]
 
 
-def _node_read(client, node: str, with_sessions: bool):
-    """(box images and errors, sessions) of one node, or the agent's RemoteError about it
+def _node_read(client, node: str):
+    """(the sensors reply, sessions) of one node, or the agent's RemoteError about it
     (transport errors propagate: the agent itself is unreachable)."""
     try:
-        images = _images(client.sensors(node))
-        sessions = []
-        if with_sessions:
-            try:
-                sessions = client.call("sessions", node=node)
-            except RemoteError as e:
-                if e.code != "unknown_op":  # an agent without session recovery holds none
-                    raise
-        return images, sessions
+        reply = client.sensors(node)
+        try:
+            sessions = client.call("sessions", node=node)
+        except RemoteError as e:
+            if e.code != "unknown_op":  # an agent without session recovery holds none
+                raise
+            sessions = []
+        return reply, sessions
     except RemoteError as e:
         if e.code == "auth":
             raise
         return e
 
 
-def _images(reply) -> tuple[dict, dict[str, str]]:
-    images, errors = {}, dict(reply.errors)
-    for box, data in reply.boxes.items():
+def _node_row(src: AgentSource, info, reply, sessions: list) -> dict:
+    errors, judged = dict(reply.errors), []
+    for box, data in sorted(reply.boxes.items()):
         try:
-            images[box] = parse_box(data)
+            image = parse_box(data)
         except SensorBoxError as e:
             errors[box] = str(e)
-    return images, errors
-
-
-def _node_row(src: AgentSource, info, first, second, dt: float, sessions: list) -> dict:
-    (before, _), (after, errors) = first, second
-    judged = [judge(box, s, before.get(box), dt)
-              for box, image in sorted(after.items()) for s in image.sensors]
+            continue
+        tracked = {**reply.progress_unchanged_s.get(box, {}),
+                   **reply.pressure_events.get(box, {})}
+        judged += [judge(box, s, tracked.get(s.name)) for s in image.sensors]
     violated = [j for j in judged if j["violated"]]
     adopted = sum(bool(s.get("adopted")) for s in sessions)
     row = _row(src.host, src.address, info.name, frozen=info.frozen,
@@ -228,14 +218,14 @@ def _node_row(src: AgentSource, info, first, second, dt: float, sessions: list) 
     return row
 
 
-def judge(box: str, s, before, dt: float) -> dict:
-    """How close sensor `s` (of BoxImage `before` taken `dt` s earlier) is to its bound.
+def judge(box: str, s, tracked: float | None) -> dict:
+    """How close sensor `s` is to its bound, given what the agent tracked of it.
 
-    `ratio` is measure / bound: at least 1 when violated. Progress: the stall seen between
-    the two readings; pressure: the events between them, as a rate per the sensor's window.
-    Whether that is a violation is the judgement of `backdoors.sensors.judgement`.
+    `tracked` is, for a progress sensor, the seconds since its counter last changed; for
+    a pressure sensor, its events in its window (None: not tracked, taken as 0). `ratio`
+    is measure / bound: at least 1 when violated. Whether that is a violation is the
+    judgement of `backdoors.sensors.judgement`, the monitor's detectors' too.
     """
-    prev = next((p for p in before.sensors if p.name == s.name), None) if before else None
     out = {"box": box, "sensor": s.name, "type": s.type.value, "value": float(s.value)}
     if s.type is SensorType.LEVEL:
         v, lo, hi = s.value, s.min, s.max
@@ -253,13 +243,13 @@ def judge(box: str, s, before, dt: float) -> dict:
         ratio = max(ratios, default=0.0) if math.isfinite(v) else math.inf
         out.update(measure=v if math.isfinite(v) else None)
     elif s.type is SensorType.PROGRESS:
-        since = dt if prev is not None and prev.value == s.value else 0.0
-        bad, ratio = stalled(since, s.threshold), since / s.threshold
+        since = tracked or 0.0
+        bad, ratio = stalled(since, s.threshold), _ratio(since, s.threshold)
         out.update(bound=s.threshold, measure=since)
     else:
-        rate = max(0.0, s.value - prev.value) * s.param / dt if prev is not None and dt > 0 else 0.0
-        bad, ratio = over_rate(rate, s.threshold), rate / s.threshold
-        out.update(bound=s.threshold, measure=rate, window=s.param)
+        events = tracked or 0.0
+        bad, ratio = over_rate(events, s.threshold), _ratio(events, s.threshold)
+        out.update(bound=s.threshold, measure=events, window=s.param)
     if not math.isfinite(out["value"]):
         out["value"] = None  # JSON has no NaN
     out["violated"] = bool(bad)
@@ -268,13 +258,18 @@ def judge(box: str, s, before, dt: float) -> dict:
     return out
 
 
+def _ratio(measure: float, bound: float) -> float:
+    return measure / bound if bound > 0 else (math.inf if measure > 0 else 0.0)
+
+
 def _describe(j: dict) -> str:
     name, m, b = f"{j['box']}/{j['sensor']}", j["measure"], j["bound"]
     if j["type"] == SensorType.PROGRESS:
         if not m:
             return f"{name} moving (deadline {b:g} s)"
-        return f"{name} stalled >= {m:.2f} s" + (" > " if j["violated"] else " (") + \
-            f"deadline {b:g} s" + ("" if j["violated"] else ")")
+        if j["violated"]:
+            return f"{name} stalled {m:.2f} s > deadline {b:g} s"
+        return f"{name} unchanged {m:.2f} s (deadline {b:g} s)"
     if j["type"] == SensorType.PRESSURE:
         rate = f"{m:.3g}/{j['window']:g} s"
         return f"{name} {rate} > max {b:g}" if j["violated"] else f"{name} {rate} (max {b:g})"

@@ -20,6 +20,7 @@ import msgspec
 from ..common.configfile import Document, Invalid, Path, convert, doc, parse_address
 from ..errors import ConfigError
 from .keys import Identity, decode_publics, load_identity, load_publics, raw_public
+from .listening import interface_problem
 
 MiB = 1 << 20
 NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,24}")  # "kernel:<node>" must fit a 31-byte box name
@@ -94,6 +95,11 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "the nodes this agent serves: [[agent.nodes]] tables")] = []
     netns: Annotated[str | None, doc(
         "listen (RPC and metrics) inside this named network namespace")] = None
+    listen_interface: Annotated[str | None, doc(
+        "the private network's interface (e.g. priv0): RPC and metrics accept only "
+        "connections that arrive on it (SO_BINDTODEVICE), so a node that reaches the listen "
+        "address through another interface cannot connect, whatever the firewall; the "
+        "listen addresses must be the interface's")] = None
     cgroup: Annotated[str | None, doc(
         "the agent's own cgroup, outside every node, starting with 'bd' "
         "(unset: bd-agent-<host>)")] = None
@@ -210,6 +216,9 @@ def _validate(c: AgentConfig) -> None:
                    "10.0.0.1:9464)")
         _check(c.metrics_listen != c.listen or c.listen.endswith(":0"), ("metrics_listen",),
                "must differ from listen")
+    if c.listen_interface is not None:
+        problem = interface_problem(c.listen_interface)
+        _check(problem is None, ("listen_interface",), problem or "")
     for key in ("run_dir", "audit_log"):
         _check(os.path.isabs(getattr(c, key)), (key,), "must be an absolute path")
     _check(c.netns is None or bool(c.netns) and "/" not in c.netns, ("netns",),
@@ -269,9 +278,22 @@ def _validate(c: AgentConfig) -> None:
         for k in ks:
             _check(raw_public(k) not in mine, ("peers", p), f"{p!r} has the public key of "
                    f"monitor {mine.get(raw_public(k))!r}: each signer needs its own keypair")
-    _check(c.quorum <= len(keys), ("quorum",),
-           f"{c.quorum} exceeds the {len(keys)} monitors known")
+    _check_quorum(c, keys, peers)
     _validate_nodes(c)
+
+
+def _check_quorum(c: AgentConfig, monitors: dict, peers: dict) -> None:
+    """The quorum must be reachable by the monitors that vote (the `monitors` keys; a peer
+    agent never votes): else every destructive op, every repair, would be refused."""
+    if c.quorum <= len(monitors):
+        return
+    where = c.monitors if isinstance(c.monitors, str) else "the monitors table"
+    nonvoters = f"; peers ({', '.join(sorted(peers))}) never vote" if peers else ""
+    _check(False, ("quorum",),
+           f"quorum = {c.quorum} needs {c.quorum} monitors that vote, and the {len(monitors)} "
+           f"of monitors ({where}: {', '.join(sorted(monitors))}) cannot reach it{nonvoters}: "
+           f"every repair would be refused. Add the other monitors' public keys to {where}, "
+           f"or set quorum = {len(monitors)}")
 
 
 def _validate_nodes(c: AgentConfig) -> None:

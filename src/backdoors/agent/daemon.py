@@ -9,6 +9,7 @@ benchmarks and embedding.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
@@ -25,10 +26,11 @@ from .config import AgentConfig, validate
 from .fdstore import AgentStore, Readopted
 from .isolation import refuse_unisolated
 from .leases import LeaseTable
+from .listening import listen_socket
 from .local import LocalServer
 from .events import EventBus
 from .metrics import AgentMetrics, MetricsServer
-from .ops import OPS, Op
+from .ops import OPS, Op, read_boxes
 from .peerwatch import PeerWatch
 from .recovery import Recovery
 from .regions import Entry, RegionTable
@@ -71,6 +73,7 @@ class Agent:
         self.ops.update((op.name, op) for op in self.peerwatch.ops())
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
         self.nodes: dict[str, NodeRuntime] = {}
+        self._tracking: dict[str, concurrent.futures.Future] = {}  # per node, the pass queued
         self.regions = RegionTable([n.name for n in config.nodes],
                                    max_regions=config.max_regions_per_node,
                                    max_region_bytes=config.max_region_bytes,
@@ -152,7 +155,9 @@ class Agent:
                 node, c.kernel_sensors, period=c.sample_period_s, max_procs=c.max_procs_sampled,
                 on_new_box=lambda ks, n=spec.name: self._show_kernel_box(n, ks),
                 gauge=self.metrics.sample_seconds.labels(spec.name), interface=spec.interface)
-            self.nodes[spec.name] = NodeRuntime(spec, node, sampler, Lane(spec.name, NODE_WORKERS))
+            self.nodes[spec.name] = rt = NodeRuntime(spec, node, sampler,
+                                                     Lane(spec.name, NODE_WORKERS))
+            sampler.after = lambda rt=rt: self._track(rt)
         self.leases = LeaseTable({n: rt.node for n, rt in self.nodes.items()})
         for rt in self.nodes.values():
             try:
@@ -174,7 +179,8 @@ class Agent:
         self.address = self._rpc_sock.getsockname()[:2]
         if c.metrics_listen:
             self.metrics_server = MetricsServer(self.metrics.registry, c.metrics_listen,
-                                                netns=c.netns, what=f"agent {c.host} metrics")
+                                                netns=c.netns, interface=c.listen_interface,
+                                                what=f"agent {c.host} metrics")
             self.metrics_server.bind()
 
     def _run(self) -> None:
@@ -253,24 +259,18 @@ class Agent:
                 log.warning("watchdog ping failed: %s", e)
 
     def _listen_socket(self) -> socket.socket:
-        host, port = self.config.listen_address()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if self.config.netns:
-            from ..net.netns import socket_in  # pyroute2: only when needed
-            sock = socket_in(self.config.netns, family)
-        else:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError as e:
-            sock.close()
-            where = f" in netns {self.config.netns}" if self.config.netns else ""
-            raise AgentError(f"cannot listen on {self.config.listen}{where}: "
-                             f"{e.strerror}") from None
+        c = self.config
+        sock = listen_socket(c.listen, netns=c.netns, interface=c.listen_interface,
+                             what=f"agent {c.host} RPC")
+        sock.setblocking(False)
         return sock
+
+    def _track(self, rt: NodeRuntime) -> None:
+        """Queue the node's box tracking pass (ops.read_boxes, agent/tracking.py) on its
+        read workers, unless the last one is still queued or running: one at a time."""
+        queued = self._tracking.get(rt.name)
+        if queued is None or queued.done():
+            self._tracking[rt.name] = rt.reads.pool.submit(read_boxes, self, rt)
 
     def _show_kernel_box(self, node: str, sensors: KernelSensors) -> None:
         region = Region(sensors.box.fd, label=f"node {node} kernel sensors")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import http.server
 import logging
-import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from ..errors import AgentError, BackdoorsError
+from ..errors import BackdoorsError
 from .config import AgentConfig
 from .leases import LeaseTable
 from .regions import RegionTable
@@ -242,13 +241,15 @@ class MetricsServer:
     """Serves `registry` at http://LISTEN/metrics on a thread; `start()`, `stop()`.
 
     `listen` is "ADDR:PORT" (port 0 picks one: see `address`); with `netns`, the listening
-    socket is made in that network namespace (the process stays where it is). Requests are
+    socket is made in that network namespace (the process stays where it is); with
+    `interface`, it accepts only connections arriving there (agent/listening.py). Requests are
     served one at a time, so a scraper cannot make it use more than one thread.
     """
 
     def __init__(self, registry: CollectorRegistry, listen: str, *, netns: str | None = None,
-                 what: str = "metrics"):
+                 interface: str | None = None, what: str = "metrics"):
         self.registry, self.listen, self.netns, self.what = registry, listen, netns, what
+        self.interface = interface
         self.address: tuple[str, int] | None = None
         self._httpd: http.server.HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -261,33 +262,18 @@ class MetricsServer:
                                         kwargs={"poll_interval": 0.1}, name="bd-metrics",
                                         daemon=True)
         self._thread.start()
-        where = f" in netns {self.netns}" if self.netns else ""
+        where = (f" on interface {self.interface}" if self.interface else "") + \
+            (f" in netns {self.netns}" if self.netns else "")
         log.info("%s served at http://%s/metrics%s", self.what, self.url_host, where)
         return self
 
     def bind(self) -> MetricsServer:
-        """Bind and listen (in `netns` if set); no thread yet."""
-        from ..common.configfile import parse_address
+        """Bind and listen (in `netns`, bound to `interface`, if set); no thread yet."""
+        from .listening import listen_socket
 
-        host, port = parse_address(self.listen)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        where = f" in netns {self.netns}" if self.netns else ""
-        try:
-            if self.netns:
-                from ..net.netns import socket_in  # pyroute2: only when needed
-                sock = socket_in(self.netns, family)
-            else:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-        except (OSError, BackdoorsError) as e:
-            raise AgentError(f"cannot serve {self.what} on {self.listen}{where}: {e}") from None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(16)
-        except OSError as e:
-            sock.close()
-            raise AgentError(f"cannot serve {self.what} on {self.listen}{where}: "
-                             f"{e.strerror}") from None
+        sock = listen_socket(self.listen, netns=self.netns, interface=self.interface,
+                             backlog=16, what=self.what)
+        host, port = sock.getsockname()[:2]
         handler = type("MetricsHandler", (_Handler,), {"registry": self.registry})
         httpd = http.server.HTTPServer((host, port), handler, bind_and_activate=False)
         httpd.socket.close()  # made in this thread's netns: use ours instead

@@ -213,18 +213,24 @@ def read(call: Call) -> bytes:
 
 
 def sensors(call: Call) -> SensorsReply:
+    """Every box of the node, with the agent's tracking of them (`read_boxes`)."""
+    return read_boxes(call.agent, call.node)
+
+
+def read_boxes(agent: AgentView, rt: NodeRuntime) -> SensorsReply:
     """Every box of the node: the agent's own first, then those in good standing, then
     those that failed before. A box that failed is skipped while its back-off runs
     (`agent/backoff.py`), and once the boxes read have taken SENSORS_BUDGET of the op
     deadline, the rest wait for the next call: a node's hostile boxes cannot make its
-    own kernel box late, nor hold the node's read workers for long."""
-    rt = call.node
-    boxes, errors, skipped = {}, {}, {}
+    own kernel box late, nor hold the node's read workers for long. Each box read is
+    tracked (`agent/tracking.py`): the sensors op and the sampler's pass both call this."""
+    boxes, errors, skipped, unchanged, events = {}, {}, {}, {}, {}
     start = time.monotonic()
-    budget = start + call.agent.config.op_deadline_s * SENSORS_BUDGET
-    with call.agent.regions.use_all(rt.name, "sensorbox") as entries:
+    budget = start + agent.config.op_deadline_s * SENSORS_BUDGET
+    with agent.regions.use_all(rt.name, "sensorbox") as entries:
         keys = {e: (e.name, e.registered_at) for e in entries}
         rt.boxes.keep(set(keys.values()))
+        rt.tracking.keep(set(keys.values()))
         for entry in sorted(entries, key=lambda e: (not e.internal, rt.boxes.failures(keys[e]))):
             key = keys[entry]
             if (f := rt.boxes.skipped(key, start)) is not None:
@@ -243,9 +249,11 @@ def sensors(call: Call) -> SensorsReply:
                 rt.boxes.failed(key, str(e), time.monotonic())
                 continue
             rt.boxes.succeeded(key)
+            if (tracked := rt.tracking.observe(key, image, time.monotonic())) is not None:
+                unchanged[entry.name], events[entry.name] = tracked
             boxes[entry.name] = (image if entry.internal
                                  else box_in_host_terms(image, entry.pid, entry.inner_pid))
-    return SensorsReply(boxes, errors, skipped)
+    return SensorsReply(boxes, errors, skipped, unchanged, events)
 
 
 def processes(call: Call) -> ProcessTable:

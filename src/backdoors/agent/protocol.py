@@ -39,6 +39,15 @@ CODES = (
 #: the server (ops.Op.destructive) and the client (which waits the vote window for them).
 DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits",
                          "fence", "unfence", "evacuate"})
+#: Operations that only read: not audited unless refused (REFUSED), as a monitor polls
+#: them several times a second; every request is counted in backdoors_agent_rpc_total.
+#: Every other op (and an unknown one) is audited: it changes or could change a node.
+READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "processes",
+                   "sessions", "peers", "subscribe", "orphans"})
+#: Error codes of a request refused for what it asked (not for the agent's own trouble:
+#: busy, deadline, failed): a read refused so is audited.
+REFUSED = frozenset({"auth", "bad_request", "unknown_op", "no_such_node", "no_such_region",
+                     "out_of_bounds", "not_writable", "quorum"})
 #: The only ops a peer agent (an id of the agent's `peers`) may call: session hand-over
 #: and the peer watch's ping. Peers never vote.
 PEER_OPS = frozenset({"stage", "adopt", "ping"})
@@ -177,11 +186,16 @@ class ProcessTable(msgspec.Struct):
 
 class SensorsReply(msgspec.Struct):
     """Consistent copies of every Sensor Box of a node, and the boxes that failed; of
-    those, `skipped` were not read (they kept failing): seconds until they are again."""
+    those, `skipped` were not read (they kept failing): seconds until they are again.
+    What the agent tracked of the boxes read (agent/tracking.py), per box and sensor:
+    `progress_unchanged_s`, seconds since each progress counter last changed, and
+    `pressure_events`, each pressure counter's events in its window."""
 
     boxes: dict[str, bytes]
     errors: dict[str, str]
     skipped: dict[str, float] = {}
+    progress_unchanged_s: dict[str, dict[str, float]] = {}
+    pressure_events: dict[str, dict[str, float]] = {}
 
 
 class LockReply(msgspec.Struct):

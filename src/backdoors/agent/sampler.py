@@ -135,6 +135,9 @@ class NodeSampler:
         self.node, self.limits, self.period, self.max_procs = node, limits, period, max_procs
         self.link = LinkWatch(node.netns, interface) if node.netns and interface else None
         self.on_new_box, self.gauge = on_new_box, gauge  # gauge: the sample duration metric
+        #: called after each sample on the sampler's thread (the daemon queues the node's
+        #: box tracking pass, agent/tracking.py); must not block
+        self.after: Callable[[], None] | None = None
         self.history = RssHistory()
         self.sensors: KernelSensors | None = None
         self.latest: Sample | None = None
@@ -175,6 +178,8 @@ class NodeSampler:
             next_at += self.period
             try:
                 self.sample_once()
+                if self.after is not None:
+                    self.after()
             except Exception as e:  # noqa: BLE001 - a sampler must survive anything
                 self.errors += 1
                 if self.error != str(e):

@@ -13,6 +13,7 @@ from ..nodes import Node
 from .backoff import BoxBackoff
 from .config import NodeSpec
 from .sampler import NodeSampler
+from .tracking import BoxTracking
 
 
 @dataclass
@@ -37,7 +38,7 @@ READ_WORKERS = 2  # per node, for its region copies (the sensors op)
 class NodeRuntime:
     """A served node and what the agent keeps for it: `lane` for its /proc and cgroupfs
     ops, `reads` for copies of its regions (so one node's boxes cannot make another's
-    reads wait), and the back-off of its failing Sensor Boxes."""
+    reads wait), the back-off of its failing Sensor Boxes and what it tracks of them."""
 
     spec: NodeSpec
     node: Node
@@ -45,6 +46,7 @@ class NodeRuntime:
     lane: Lane
     reads: Lane = field(init=False)
     boxes: BoxBackoff = field(init=False, default_factory=BoxBackoff)
+    tracking: BoxTracking = field(init=False, default_factory=BoxTracking)
 
     def __post_init__(self) -> None:
         self.reads = Lane(f"{self.spec.name}:memory", READ_WORKERS)

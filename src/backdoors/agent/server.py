@@ -27,7 +27,8 @@ from .leases import LockBusy
 from .metrics import AgentMetrics
 from .ops import AgentView, Call, Op, OpError
 from .protocol import (
-    DECODE_ERRORS, MAX_FRAME, PEER_OPS, REPLY_DOMAIN, Envelope, ErrorInfo, Response, frame,
+    DECODE_ERRORS, MAX_FRAME, PEER_OPS, READS, REFUSED, REPLY_DOMAIN, Envelope, ErrorInfo,
+    Response, frame,
 )
 from .served import Lane
 from .votes import BallotBox, Short
@@ -288,9 +289,10 @@ class RpcServer:
         label = op.name if op else "?"
         self.metrics.rpc.labels(label, "ok" if outcome.ok else outcome.code).inc()
         self.metrics.rpc_seconds.labels(label).observe(elapsed / 1000)
-        self.audit.request(monitor=req.monitor, peer=peer, op=label, args=args,
-                                 ok=outcome.ok, error=outcome.code, elapsed_ms=elapsed,
-                                 votes=outcome.votes, message=outcome.message)
+        if label not in READS or (not outcome.ok and outcome.code in REFUSED):
+            self.audit.request(monitor=req.monitor, peer=peer, op=label, args=args,
+                               ok=outcome.ok, error=outcome.code, elapsed_ms=elapsed,
+                               votes=outcome.votes, message=outcome.message)
         return _reply(self.identity, req.nonce, outcome, elapsed)
 
     async def _dispatch(self, op: Op, args: Any, monitor: str, is_peer: bool,

@@ -61,6 +61,7 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
              for n in plan.nodes if n.host == host.name]
     config = AgentConfig(
         host=host.name, listen=f"{host.address}:{topology.AGENT_PORT}", netns=host.netns,
+        listen_interface="eth0",  # the host's private-network interface (lab._build_network)
         run_dir=str(plan.run_dir / "nodes"), audit_log=str(plan.run_dir / f"audit-{host.name}.jsonl"),
         monitors={m: read_key(plan, m).public_text() for m in lab_monitors(plan)},
         key_file=str(key_path(plan, host.name)), cgroup=host.agent_cgroup, quorum=quorum,

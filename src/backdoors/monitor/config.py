@@ -75,6 +75,10 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "the agents' vote window when their quorum is above 1")] = 0.0
     metrics_listen: Annotated[str | None, doc(
         "ADDR:PORT of GET /metrics (Prometheus); unset: not served")] = None
+    listen_interface: Annotated[str | None, doc(
+        "the private network's interface (e.g. priv0): metrics_listen accepts only "
+        "connections that arrive on it (SO_BINDTODEVICE), whatever the firewall; its "
+        "address must be one of the interface's")] = None
 
 
 def _validate(c: MonitorConfig) -> None:
@@ -108,6 +112,10 @@ def _validate(c: MonitorConfig) -> None:
         except ValueError:
             raise Invalid(("metrics_listen",), f"{c.metrics_listen!r} is not ADDR:PORT "
                           "(like 10.99.0.250:9465)") from None
+    if c.listen_interface is not None:
+        from ..agent.listening import interface_problem
+        if (problem := interface_problem(c.listen_interface)) is not None:
+            raise Invalid(("listen_interface",), problem)
     if not c.rulesets:
         raise Invalid(("rulesets",), "name at least one ruleset (\"default\")")
     if c.period_ms < 1:

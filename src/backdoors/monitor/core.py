@@ -268,6 +268,7 @@ class Monitor:
                 from ..agent.metrics import MetricsServer
                 self.metrics_server = MetricsServer(
                     self.metrics.registry, self.config.metrics_listen,
+                    interface=self.config.listen_interface,
                     what=f"monitor {self.config.monitor_id} metrics").start()
             self._started = True
             log.info("monitor %s starting: %s", self.config.monitor_id, self.summary())

@@ -1,0 +1,56 @@
+"""What the agent derives from the Sensor Boxes it reads: stalls and event rates.
+
+A stall is a fact of time, not of one reading: how long since a progress counter last
+changed. The agent reads every box of a node on each sample (the sampler's tracking pass,
+`sample_period_s`) and on each `sensors` call, and keeps, per box, a `SensorTracker` (the
+monitor's own): when each progress counter was last seen to move, and each pressure
+counter's events in its window. The `sensors` reply carries both, so anyone that reads
+once (`backdoors status`, a monitor just started) judges a stall with
+`sensors.judgement` as a monitor that has polled all along would. A box registered anew
+(another registration time) or recreated (another owner) starts clean: its first sighting
+counts as a move.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..errors import SensorBoxError
+from ..sensors import SensorTracker, SensorType, parse_box
+
+Key = tuple[str, float]  # (region name, registered_at), as in backoff.py
+
+
+class BoxTracking:
+    """Trackers of one node's boxes; thread-safe (the sampler's pass and the node's read
+    workers share it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._trackers: dict[Key, SensorTracker] = {}
+
+    def observe(self, key: Key, data: bytes, now: float
+                ) -> tuple[dict[str, float], dict[str, float]] | None:
+        """Track one consistent copy of a box read at `now` (time.monotonic()); returns
+        ({progress sensor: seconds unchanged}, {pressure sensor: events in its window}),
+        or None for a box that does not parse (the reader sees why itself)."""
+        try:
+            image = parse_box(data)
+        except SensorBoxError:
+            return None
+        with self._lock:
+            tracker = self._trackers.get(key)
+            if tracker is None:
+                tracker = self._trackers[key] = SensorTracker()
+            snap = tracker.update(image, now)
+        unchanged = {s.name: round(s.stalled_for, 3) for s in snap.sensors
+                     if s.type is SensorType.PROGRESS and s.stalled_for is not None}
+        events = {s.name: s.rate for s in snap.sensors
+                  if s.type is SensorType.PRESSURE and s.rate is not None}
+        return unchanged, events
+
+    def keep(self, keys: set[Key]) -> None:
+        """Forget the boxes not in `keys` (unregistered)."""
+        with self._lock:
+            for key in self._trackers.keys() - keys:
+                del self._trackers[key]
