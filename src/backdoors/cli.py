@@ -19,30 +19,31 @@ from rich.table import Table
 from .errors import BackdoorsError, NeedRootError
 
 app = typer.Typer(
+    rich_markup_mode=None,  # help texts show config tables like [agent.monitors] as written
     help="Remote healing for Linux services: sensor boxes, an out-of-band agent, "
     "repair in place and transparent session recovery.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-lab_app = typer.Typer(help="The embedded lab: hosts, nodes and a client on this machine (needs root).",
+lab_app = typer.Typer(rich_markup_mode=None, help="The embedded lab: hosts, nodes and a client on this machine (needs root).",
                       no_args_is_help=True)
-fault_app = typer.Typer(help="Inject faults into a node of a running lab, and stop them.",
+fault_app = typer.Typer(rich_markup_mode=None, help="Inject faults into a node of a running lab, and stop them.",
                         no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (JSON out); peers measured side by side in one run.",
+bench_app = typer.Typer(rich_markup_mode=None, help="Benchmarks (JSON out); peers measured side by side in one run.",
                         no_args_is_help=True)
 app.add_typer(lab_app, name="lab")
 lab_app.add_typer(fault_app, name="fault")
 app.add_typer(bench_app, name="bench")
-node_app = typer.Typer(help="Nodes: make one on this host (create, run, delete; root), or act on "
+node_app = typer.Typer(rich_markup_mode=None, help="Nodes: make one on this host (create, run, delete; root), or act on "
                        "one through its agent (unfence, kill).", no_args_is_help=True)
 app.add_typer(node_app, name="node")
-config_app = typer.Typer(help="The configuration file.", no_args_is_help=True)
+config_app = typer.Typer(rich_markup_mode=None, help="The configuration file.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-scenario_app = typer.Typer(help="End-to-end cases: each builds its own lab, runs, tears down, prints JSON (root).",
+scenario_app = typer.Typer(rich_markup_mode=None, help="End-to-end cases: each builds its own lab, runs, tears down, prints JSON (root).",
                            no_args_is_help=True)
 app.add_typer(scenario_app, name="scenario")
-keys_app = typer.Typer(help=(
+keys_app = typer.Typer(rich_markup_mode=None, help=(
     "Ed25519 keys of monitors and agents (docs/operations.md, Keys). Each monitor and each "
     "agent has its own private key file (mode 0600, never copied elsewhere); the others "
     "hold only its public key: agents list their monitors' and peers' public keys "
