@@ -309,21 +309,27 @@ class Recover(Action, tag="recover"):
     def _same_node(self, ctx: Context, ev: dict) -> Outcome | None:
         """A server died (not the node): hand its sessions to a recovery server of the same
         node (the server restarted), waiting up to `same_node_wait_ms` for one to answer on
-        the node's adoption socket; None if none did (the node's sessions then move)."""
+        the node's adoption socket; None if none did (the node's sessions then move).
+
+        Once a server of the node took sessions, the node stays where it is, and the other
+        orphans (of servers that died together) are offered until the agent would close
+        them (the event's `orphan_timeout_s`): a server restarting slower than
+        `same_node_wait_ms` (start-up under load) still gets its sessions back."""
         t0 = ctx.clock()
         end = t0 + self.same_node_wait_ms / 1000
-        tries, sessions, handed, failed, servers = 0, None, 0, {}, set()
+        last = max(end, t0 + float(ev.get("orphan_timeout_s") or 0))
+        tries, sessions, handed, servers = 0, None, 0, set()
         while True:  # every orphan of the node (servers that died together go together)
             tries += 1
             reply = ctx.client.call("readopt", node=ctx.node, pid=0, timeout=self.timeout_s)
             sessions = reply["sessions"] if sessions is None else sessions
             handed += reply["handed"]
-            failed.update(reply["failed"])
             if reply["handed"]:
                 servers.add(reply["server_pid"])
-            if reply["left"] == 0 or ctx.clock() >= end:
+            failed = reply["failed"]  # why the sessions still held were not taken, this try
+            if reply["left"] == 0 or ctx.clock() >= (last if handed else end):
                 break
-            time.sleep(0.02)
+            time.sleep(0.02 if not handed else 0.1)
         if sessions == 0:
             return Outcome("skipped", {"reason": f"no session of server {ev['pid']} is held "
                                                  "any more (released, moved or closed)"})
@@ -334,7 +340,7 @@ class Recover(Action, tag="recover"):
                   "sessions": sessions, "moved": handed, "left": reply["left"],
                   "failed": failed, "tries": tries,
                   "waited_ms": round((ctx.clock() - t0) * 1000, 1)}
-        ok = reply["left"] == 0 and not failed
+        ok = reply["left"] == 0 and not failed and handed == sessions  # none closed meanwhile
         return Outcome("done" if ok else "failed", detail)
 
 

@@ -1,0 +1,86 @@
+"""The recover action's same-node path (a server died, its node did not): the orphans of
+two servers that died together, one restarted within same_node_wait_ms, the other later.
+
+The agent here is a scripted stand-in for its `readopt` replies (the agent side of readopt
+is tested for real in test_scenarios_server_crash.py); the clock is the action's own
+(Context.clock), so the order of events is fixed, not raced.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from backdoors.monitor.actions import Recover
+from backdoors.monitor.context import Context
+from backdoors.monitor.diagnosis import Finding
+
+
+class ScriptedAgent:
+    """Answers readopt from `script`: (time at which the reply changes, reply); each
+    call advances the clock by `step` s."""
+
+    def __init__(self, script, step: float = 0.5):
+        self.script, self.step, self.now, self.calls = script, step, 0.0, 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def call(self, op, **args):
+        assert op == "readopt" and args["node"] == "n0" and args["pid"] == 0
+        reply = [r for at, r in self.script if at <= self.now][-1]
+        self.now += self.step
+        self.calls += 1
+        return reply
+
+
+def _reply(sessions, handed, left, server_pid=0, failed=None):
+    return {"server": bool(server_pid), "server_pid": server_pid, "sessions": sessions,
+            "handed": handed, "failed": failed or {}, "ms": 1.0, "left": left}
+
+
+def _run(agent: ScriptedAgent, **rule):
+    event = {"kind": "owner_died", "pid": 41, "sessions": ["cb-a"], "died": 0.0,
+             "orphan_timeout_s": 10.0}
+    view = SimpleNamespace(node="n0", host="h0", event=event)
+    ctx = Context(rule="server-died", incident="i1", view=view, hits=[], onset=0.0,
+                  detected=0.0, client=agent, clock=agent.clock,
+                  placement={"n0": ("h0", "a0"), "n1": ("h1", "a1")})
+    return Recover(**rule).run(ctx, Finding("server-died", "a server died"))
+
+
+def test_orphans_of_a_server_restarting_after_the_wait_are_still_handed_to_it():
+    # 24 stream sessions go to the restarted stream server at once; the HTTP server's 2
+    # come up only at 4.5 s (start-up under load), past same_node_wait_ms (3 s) but well
+    # before the agent would close them as orphans (10 s)
+    agent = ScriptedAgent([(0.0, _reply(26, 24, 2, server_pid=7)),
+                           (0.5, _reply(2, 0, 2)),
+                           (4.5, _reply(2, 2, 0, server_pid=8)),
+                           (5.0, _reply(0, 0, 0))])
+    out = _run(agent, same_node_wait_ms=3000)
+    assert out.status == "done", out.detail
+    assert out.detail["moved"] == 26 and out.detail["left"] == 0
+    assert out.detail["server_pids"] == [7, 8] and out.detail["same_node"]
+
+
+def test_orphans_nobody_takes_are_reported_left_once_the_agent_would_close_them():
+    agent = ScriptedAgent([(0.0, _reply(26, 24, 2, server_pid=7)),
+                           (0.5, _reply(2, 0, 2, failed={}))])
+    out = _run(agent, same_node_wait_ms=3000)
+    assert out.status == "failed"
+    assert out.detail["moved"] == 24 and out.detail["left"] == 2
+    assert agent.now >= 10.0  # offered until the orphan timeout, not given up at 3 s
+
+
+def test_no_server_within_the_wait_moves_the_node_without_waiting_for_the_orphan_timeout():
+    class Moved(Exception):
+        pass
+
+    agent = ScriptedAgent([(0.0, _reply(24, 0, 24))])
+    agent.fence = lambda node: (_ for _ in ()).throw(Moved(node))
+    try:
+        _run(agent, same_node_wait_ms=3000)
+    except Moved as e:
+        assert str(e) == "n0"
+    else:
+        raise AssertionError("the node's sessions did not move")
+    assert 3.0 <= agent.now < 4.0
