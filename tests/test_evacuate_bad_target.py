@@ -77,17 +77,19 @@ def test_sessions_survive_a_malformed_and_a_failed_evacuate_then_move(root, uniq
 
                 with pytest.raises(AgentError, match=r"3 sessions dumped but the agent at "
                                                      rf"{fake.address} did not adopt them.*kept"):
-                    c.call("evacuate", node="n0", to=fake.address, to_node="n1")
+                    c.call("evacuate", node="n0", to=fake.address, to_agent="h0", to_node="n1")
                 assert fake.connections >= 1
                 assert c.call("sessions", node="n1") == []  # nothing arrived anywhere
 
                 with pytest.raises(AgentError, match=r"3 sessions dumped .*did not adopt.*n9.*kept"):
-                    c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_node="n9")
+                    c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
+                           to_node="n9")
                 assert c.call("sessions", node="n1") == []
 
                 at = clients.offsets()
                 since = time.monotonic()
-                moved = c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_node="n1")
+                moved = c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
+                               to_node="n1")
                 assert moved["moved"] == 3 and not moved["failed"], moved
                 wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
                      "every stream to continue after the good evacuate")

@@ -315,10 +315,25 @@ class AdoptionClient:
             try:
                 ipc.send(self._sock, handover, (fd, cb_fd))
             except OSError as err:
+                if isinstance(err, (BrokenPipeError, ConnectionResetError)):
+                    self._raise_refusal()  # refused at accept: its reason is queued here
                 raise AdoptionError(
                     f"hand-over of session {handover.session} to {self.path} failed: {err}"
                 ) from None
         return [self._verdict(handover) for _, _, handover in sessions]
+
+    def _raise_refusal(self) -> None:
+        """Raise the server's refusal if one waits unread (a server refuses a peer at
+        accept with one reply, then closes); return if none does."""
+        try:
+            self._sock.settimeout(0.0)
+            frame = ipc.recv(self._sock, max_bytes=MAX_REPLY)
+            reply = _decode_reply(frame.payload) if frame is not None else None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if reply is not None and not reply.ok:
+            raise AdoptionError(f"recovery server at {self.path} refused the hand-over: "
+                                f"{reply.error}")
 
     def _verdict(self, handover: Handover) -> AdoptionError | None:
         try:

@@ -75,8 +75,10 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
     return config
 
 
-#: the keeper kills and restarts an agent that has not pinged its watchdog for this long
-WATCHDOG_MS = 800.0
+#: the keeper kills and restarts an agent that has not pinged its watchdog for this long:
+#: within the 2 s a stuck agent may last, with room for a loaded machine to starve a
+#: healthy agent's event loop for most of a second (800 ms killed healthy agents there)
+WATCHDOG_MS = 1500.0
 
 
 def keeper_files(plan: topology.Plan, host: topology.HostPlan) -> tuple[Path, Path]:
