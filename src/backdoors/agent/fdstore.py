@@ -5,10 +5,11 @@ also handed to the supervisor (systemd with `FileDescriptorStoreMax=`, or the la
 keeper) with `FDSTORE=1`, under a name that carries what the agent needs to take it back:
 
     bd1.<base64url(msgpack {t: "r", n: node, r: name, k: kind, w: writable, p: pid, s: start})>
-    bd1.<base64url(msgpack {t: "s", n: node, r: name, p: pid})>
+    bd1.<base64url(msgpack {t: "s", n: node, r: name, p: pid[, h: handed, d: read]})>
     bd1.<base64url(msgpack {t: "d", k: key, g: generation})>
 
-so a crashed, killed or restarted agent loses nothing: the next one gets the descriptors
+(h, d: the stream offsets of a session restored here, see agent/sessions.py), so a
+crashed, killed or restarted agent loses nothing: the next one gets the descriptors
 back ($LISTEN_FDS) and re-adopts them into its RegionTable and SessionTable. Dropping a
 region or session removes it from the store (`FDSTOREREMOVE=1`). The agent's own kernel
 sensor boxes are not stored: a new agent makes new ones.
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from ..common.fdstore import Notifier, NotifyError, PassedFd, decode_name, encode_name
 from ..sensors import Region
 from .regions import MAPPED_KINDS, Entry, RegionTable
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, offsets, since_from
 
 log = logging.getLogger("backdoors.agent")
 
@@ -83,8 +84,10 @@ class AgentStore:
         key = ("s", session.node, session.name)
         if what == "remove":
             return self._drop(key)
-        name = encode_name(PREFIX, {"t": "s", "n": session.node, "r": session.name,
-                                    "p": session.pid})
+        meta = {"t": "s", "n": session.node, "r": session.name, "p": session.pid}
+        if session.since is not None:
+            meta["h"], meta["d"] = offsets(session.since)
+        name = encode_name(PREFIX, meta)
         self._put(key, name, session.sock.fileno())
 
     def keep(self, key: str, data: bytes | None) -> None:
@@ -176,7 +179,8 @@ class AgentStore:
                         raise
                     out.regions += 1
                 elif meta["t"] == "s":
-                    sessions.hold(meta["n"], meta["r"], p.fd, int(meta["p"]))
+                    since = since_from(int(meta["h"]), int(meta["d"])) if "h" in meta else None
+                    sessions.hold(meta["n"], meta["r"], p.fd, int(meta["p"]), since)
                     out.sessions += 1
                 else:
                     raise ValueError(f"unknown entry type {meta['t']!r}")
