@@ -1,6 +1,7 @@
 """Session recovery end to end: agents, monitor, fault, clients verifying every byte."""
 
 import json
+import os
 import signal
 
 import pytest
@@ -45,10 +46,13 @@ def test_sessions_survive_an_agent_restart_then_recover(root, fault):
 def test_sessions_move_on_after_the_agent_that_took_them_restarted(root):
     """Sessions move n0 -> n1; n1's agent is SIGKILLed and restarted by its keeper; then
     n1 freezes and the sessions move on to n2 with n0's service address (which the new
-    agent must remember its node took over: it did not, and 0 sessions moved), byte-exact."""
+    agent must remember its node took over: it did not, and 0 sessions moved) and their
+    stream offsets, byte-exact. A fence outlives a restart too."""
     import time
 
+    from backdoors.errors import BackdoorsError
     from backdoors.lab import Lab, inject
+    from backdoors.lab.agents import agent_pid
     from backdoors.lab.clients import StreamClients
     from backdoors.scenarios.labkit import wait_until
     from backdoors.scenarios.recovery import agent_fault, monitor_for
@@ -89,6 +93,19 @@ def test_sessions_move_on_after_the_agent_that_took_them_restarted(root):
                 ("done", "n2", sessions), json.dumps(second.detail, default=str)[:3000]
             time.sleep(1.0)
             report = clients.report(t_mono, offsets)
+            # n1 is fenced now; its agent, restarted again, holds it still fenced by m1
+            old = agent_pid(lab.plan, lab.plan.host("h1"))
+            os.kill(old, signal.SIGKILL)
+
+            def n1_seen_by_a_new_agent():
+                try:
+                    with lab.agent_client("h1", timeout=0.5) as c:
+                        if c.ping().pid != old:
+                            return next(n for n in c.nodes() if n.name == "n1")
+                except (BackdoorsError, OSError):
+                    return None
+            n1 = wait_until(n1_seen_by_a_new_agent, 30, "a new agent of h1")
+            assert n1.fenced and n1.locked_by == ["m1"], n1
     assert report["sessions_ok"] == report["sessions"] == sessions, report
     assert report["bytes_lost"] == 0 and report["bytes_duplicated"] == 0, report
     assert report["broken_connections"] == 0, report
