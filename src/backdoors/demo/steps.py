@@ -249,13 +249,12 @@ SCENARIOS = {
     "memory-hog": memory_hog,
     "fork-bomb": fork_bomb,
     "deadlock": deadlock,
-    # before the other recoveries: while the sessions are still on their own node (a new
-    # agent does not know the service addresses its node took over before it: adopted
-    # addresses are not kept in the fd store yet, so a second hop after a restart fails)
-    "agent-restart": agent_restart,
     "freeze": lambda w: recovery(w, "freeze"),
     "crash": lambda w: recovery(w, "crash"),
     "network": lambda w: recovery(w, "network"),
+    # last: the sessions' node took them over (and its service address) from another; its
+    # new agent must know that to move them on
+    "agent-restart": agent_restart,
 }
 ORDER = tuple(SCENARIOS)
-QUICK = ("memory-hog", "freeze")
+QUICK = ("memory-hog", "freeze", "agent-restart")
