@@ -153,6 +153,11 @@ def test_a_warrant_meets_the_targets_quorum_and_is_spent_once():
     with pytest.raises(WarrantError, match="already used"):
         w.check(warrant, "h1", "n0")
     assert len(pairs) == 2
+    # a restarted agent has forgotten what was spent: it refuses what was signed before it
+    now[0] = 1001.0
+    w = Warrants("h0", {k: (v.public,) for k, v in m.items()}, 2, clock=lambda: now[0])
+    with pytest.raises(WarrantError, match="before this agent started"):
+        w.check(warrant, "h1", "n0")
 
 
 # -- 3. a request names its agent, and does not outlive the agent's run ---------------------

@@ -398,3 +398,61 @@ def test_the_agent_tells_its_supervisor(agent_lab, listener, monkeypatch):
         for msg in seen:
             for fd in msg.fds:
                 os.close(fd)
+
+
+def test_the_agents_durable_state_is_kept_newest_generation_first(listener, tcp_pair):
+    """`keep` stores bytes in a memfd (new generation before the old one is removed); a
+    new agent takes the newest back and removes older generations left by a crash; a
+    restored session's stream offsets travel in its name."""
+    from backdoors.agent.sessions import since_from
+
+    path, sock = listener
+    regions, sessions = _tables()
+    store = AgentStore(Notifier(path))
+    store.keep("addresses", b'{"n0": ["10.77.100.1/16"]}')
+    first = receive(sock)
+    store.keep("addresses", b'{"n0": ["10.77.100.1/16", "10.77.100.2/16"]}')
+    second, removed = receive(sock), receive(sock)
+    assert removed.fields == {"FDSTOREREMOVE": "1", "FDNAME": first.fields["FDNAME"]}
+    store.attach(regions, sessions)
+    conn, _ = tcp_pair
+    sessions.hold("n0", "cb-s1", conn.fileno(), 4243, since_from(5000, 17))
+    held = receive(sock)
+    # a crash between a store and its remove: both generations reach the next agent
+    passed = [PassedFd(m.fds[0], m.fields["FDNAME"]) for m in (second, first, held)]
+    regions2, sessions2 = _tables()
+    back = AgentStore(Notifier(path)).readopt(passed, regions2, sessions2)
+    assert back.state == {"addresses": b'{"n0": ["10.77.100.1/16", "10.77.100.2/16"]}'}
+    assert receive(sock).fields == {"FDSTOREREMOVE": "1", "FDNAME": first.fields["FDNAME"]}
+    (s,) = sessions2.list("n0")
+    assert (s.since.handed, s.since.send_queue, s.since.read) == (5000, b"", 17)
+    for table in (regions, sessions, regions2, sessions2):
+        table.close()
+    store.close()
+
+
+def test_recovery_takes_back_limbo_and_the_addresses_its_nodes_took_over():
+    """What `Recovery.keep` kept, a new agent's Recovery takes back (for configured nodes
+    only; others are dropped from the store), and keeps again as it changes."""
+    import msgspec
+
+    from backdoors.agent.keys import new_identity
+    from backdoors.agent.protocol import MovedSession
+    from backdoors.agent.recovery import Recovery
+
+    kept: dict = {}
+    r = Recovery("/nonexistent", identity=new_identity("h0"), peers={}, monitors={})
+    r.keep = kept.__setitem__
+    moved = [MovedSession("cb-a", b"tcp", b"cb")]
+    r.limbo["n0"] = moved
+    r._keep_limbo("n0")
+    r._adopted("n0", "10.77.100.1/16")
+    r._adopted("gone", "10.77.100.3/16")
+    r2 = Recovery("/nonexistent", identity=new_identity("h0"), peers={}, monitors={})
+    r2.keep = kept.__setitem__
+    dropped = r2.take_back({**kept, "limbo.gone": msgspec.msgpack.encode(moved),
+                            "limbo.n0x": b"\xc1"}, {"n0"})
+    assert r2.limbo == {"n0": moved}
+    assert r2.adopted_addresses == {"n0": {"10.77.100.1/16"}}
+    assert len(dropped) == 3 and kept["limbo.gone"] is None and kept["limbo.n0x"] is None
+    assert kept["addresses"] == b'{"n0": ["10.77.100.1/16"]}'

@@ -31,7 +31,8 @@ def test_demo_quick_end_to_end(root, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     results = json.loads((out / "results.json").read_text())
-    assert [s["name"] for s in results["scenarios"]] == ["memory-hog", "freeze"]
+    assert [s["name"] for s in results["scenarios"]] == ["memory-hog", "freeze", "agent-restart",
+                                                        "network"]
     assert all(s["passed"] for s in results["scenarios"])
     freeze = results["scenarios"][1]
     assert freeze["sessions_ok"] == freeze["sessions"] > 0

@@ -726,7 +726,7 @@ def report(
 
 @app.command()
 def demo(
-    quick: bool = typer.Option(False, "--quick", help="One repair and one recovery scenario (under a minute)."),
+    quick: bool = typer.Option(False, "--quick", help="One repair, a recovery, an agent restart and another recovery."),
     scenario: Optional[str] = typer.Option(None, help="Run one scenario: memory-hog, fork-bomb, deadlock, freeze, crash, network."),
     name: str = typer.Option("demo", help="Lab name."),
     out_dir: str = typer.Option("out/demo", help="Where results, incidents and the report go."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import socket
@@ -43,6 +44,7 @@ log = logging.getLogger("backdoors.agent")
 
 NODE_WORKERS = 2
 LEASE_CHECK_S = 0.02
+FENCES_KEY = "fences"  # durable state (fd store): {node: [monitors holding its fence]}
 
 
 class Agent:
@@ -203,17 +205,52 @@ class Agent:
     # -- supervisor: fd store, readiness, watchdog (see agent/fdstore.py) ---------------
 
     def _take_back(self) -> None:
-        """Re-adopt the regions and sessions a previous agent kept in the fd store, then
-        mirror every later change there."""
+        """Re-adopt the regions, sessions and durable state (fences, adopted addresses,
+        limbo) a previous agent kept in the fd store, then mirror every later change
+        there."""
         passed = listen_fds()
         if passed:
-            self.readopted = self.store.readopt(passed, self.regions, self.sessions)
-            r = self.readopted
+            self.readopted = r = self.store.readopt(passed, self.regions, self.sessions)
+            r.dropped += self.recovery.take_back(r.state, set(self.nodes))
+            r.dropped += self._refence(r.state.get(FENCES_KEY))
             self.audit.write(kind="readopted", host=self.config.host, regions=r.regions,
-                             sessions=r.sessions, dropped=r.dropped)
+                             sessions=r.sessions, dropped=r.dropped,
+                             fenced=self.leases.fences(),
+                             adopted_addresses={n: sorted(c) for n, c in
+                                                self.recovery.adopted_addresses.items()},
+                             limbo={n: len(m) for n, m in self.recovery.limbo.items()})
             log.info("took back %d regions and %d sessions from the fd store (%d dropped)",
                      r.regions, r.sessions, len(r.dropped))
         self.store.attach(self.regions, self.sessions)
+        self.recovery.keep = self.store.keep
+        self.leases.observer = self._keep_fences
+
+    def _refence(self, data: bytes | None) -> list[str]:
+        """Fence again the nodes a previous agent held fenced; what could not be taken
+        back, with why. (A fence is kept even if the freeze fails: fail-stop.)"""
+        if not data:
+            return []
+        dropped = []
+        try:
+            fences = {str(n): [str(h) for h in holders] for n, holders in json.loads(data).items()}
+        except (ValueError, AttributeError, TypeError) as e:
+            fences = {}
+            dropped.append(f"fences: {e}")
+        for node, holders in fences.items():
+            if node not in self.nodes:
+                dropped.append(f"fence of {node[:64]}: no such node")
+                continue
+            try:
+                self.leases.refence(node, holders, self.inner_timeout)
+            except BackdoorsError as e:
+                log.warning("node %s: fenced again, but it would not freeze: %s", node, e)
+        if dropped:
+            self._keep_fences(self.leases.fences())
+        return dropped
+
+    def _keep_fences(self, fences: dict[str, list[str]]) -> None:
+        self.store.keep(FENCES_KEY, json.dumps(fences, sort_keys=True).encode() if fences
+                        else None)
 
     def _supervised(self) -> None:
         """Tell the supervisor we serve (READY=1) and ping its watchdog, if it has one."""

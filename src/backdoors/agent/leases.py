@@ -5,14 +5,16 @@ A request whose monitors share one with the holders renews it (new lease or fenc
 get "busy". A lease that runs out is released by the agent: the node is thawed. A fence
 (lease None) never runs out. The freeze and thaw themselves are Node.lock/unlock; this
 table serialises them per node and remembers who holds what, for the RPC worker threads
-and the lease reaper alike.
+and the lease reaper alike. Fences outlive an agent restart: every change of them goes to
+`observer` (the agent keeps them in its fd store) and a new agent takes them back
+(`refence`); leases do not (see docs/operations.md §14).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,6 +43,42 @@ class LeaseTable:
         self._leases: dict[str, Lease] = {}
         self._guard = threading.Lock()  # the dict
         self._node_locks = {n: threading.Lock() for n in nodes}  # freeze/thaw, one at a time
+        # called with every fenced node's holders after the fences changed
+        self.observer: Callable[[dict[str, list[str]]], None] | None = None
+        self._fences: dict[str, list[str]] = {}  # as last told to the observer
+        self._telling = threading.Lock()
+
+    def fences(self) -> dict[str, list[str]]:
+        """Each fenced node's holders."""
+        with self._guard:
+            return self._fence_map()
+
+    def _fence_map(self) -> dict[str, list[str]]:
+        return {n: sorted(lease.holders) for n, lease in self._leases.items()
+                if lease.expires is None}
+
+    def _changed(self) -> None:
+        """Tell the observer the fences, if they changed (one at a time: the last told is
+        the last state)."""
+        with self._telling:
+            fences = self.fences()
+            if fences == self._fences:
+                return
+            self._fences = fences
+            if self.observer is not None:
+                self.observer(fences)
+
+    def refence(self, node: str, holders: list[str], timeout: float) -> None:
+        """Take back a fence a previous agent held (from its fd store): freeze the node
+        again (it stayed frozen; this heals a thaw behind our back) and hold it fenced."""
+        with self._node_locks[node]:
+            try:
+                self.nodes[node].lock(timeout)
+            finally:  # a node that will not freeze is still fenced: fail-stop, not serving
+                with self._guard:
+                    self._leases[node] = Lease(frozenset(holders), None)
+        with self._telling:
+            self._fences = self.fences()  # as the store has them
 
     def state(self, node: str) -> LockState:
         with self._guard:
@@ -69,6 +107,7 @@ class LeaseTable:
             holders = monitors if current is None else current.holders | monitors
             with self._guard:
                 self._leases[node] = Lease(holders, expires)
+        self._changed()
         return LockReply(sorted(holders), lease_s, took * 1000, current is not None)
 
     def unlock(self, node: str, monitors: frozenset[str], force: bool,
@@ -83,6 +122,7 @@ class LeaseTable:
             took = self.nodes[node].unlock(timeout)
             with self._guard:
                 self._leases.pop(node, None)
+        self._changed()
         return UnlockReply(current is not None, took * 1000)
 
     @contextmanager
@@ -95,6 +135,7 @@ class LeaseTable:
         """Forget the lock of `node` (it was thawed another way, e.g. by kill_node)."""
         with self._guard:
             self._leases.pop(node, None)
+        self._changed()
 
     def expired(self) -> list[str]:
         """Nodes whose lease has run out (still frozen until `expire()` thaws them)."""

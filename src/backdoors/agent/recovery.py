@@ -11,9 +11,12 @@ sockets inside the node's namespace, announces the addresses (gratuitous ARP) an
 each session (socket + CB) to the recovery server listening on the node's adoption socket.
 
 `Recovery` holds these ops and what they keep between requests: sessions dumped but not
-adopted (the target failed, or answered something unreadable) stay in limbo, in memory,
-and go with the next `evacuate` of the same node; whatever goes wrong after the dump, they
-are kept there, never dropped. What a peer sends is hostile input until checked: session
+adopted (the target failed, or answered something unreadable) stay in limbo and go with
+the next `evacuate` of the same node; whatever goes wrong after the dump, they are kept
+there, never dropped. Limbo and the service addresses each node took over outlive an
+agent restart: every change goes to `keep` (the agent's fd store, agent/fdstore.py) and a
+new agent takes them back (`take_back`); a session on its way (between the dump and the
+target's answer) is in memory only, so that a restart can never move it twice. What a peer sends is hostile input until checked: session
 states are range-checked at decode (TcpState), Continuation Boxes are inflated with a
 bound, and what waits for a later request (staged pieces, sessions restored for a final
 batch) expires after `PENDING_TTL_S` (freed, counted in `expired`).
@@ -22,13 +25,14 @@ batch) expires after `PENDING_TTL_S` (freed, counted in `expired`).
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -59,6 +63,8 @@ STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
 HANDOVER_BATCH = 64  # sessions per round of hand-overs (verdicts queue up meanwhile)
 ADOPT_MAX_BYTES = 512 << 20  # inflated Continuation Boxes an agent holds for adopts at most
 PENDING_TTL_S = 4 * LONG_OP_S  # staged pieces and sessions awaiting a final batch, at most
+ADDRESSES_KEY = "addresses"  # durable state: {node: [service addresses taken over]}
+LIMBO_KEY = "limbo."  # durable state: + node -> msgpack [MovedSession] dumped, not adopted
 
 
 class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -122,10 +128,11 @@ class Recovery:
 
     def __init__(self, run_dir: str, *, identity: Identity, peers: Mapping[str, tuple],
                  monitors: Mapping[str, tuple], quorum: int = 1, netns: str | None = None,
-                 ttl_s: float = PENDING_TTL_S, clock=time.monotonic):
+                 ttl_s: float = PENDING_TTL_S, clock=time.monotonic,
+                 started: float | None = None):
         self.run_dir, self.peers, self.netns = run_dir, dict(peers), netns
         self.identity = identity
-        self.warrants = Warrants(identity.id, monitors, quorum)
+        self.warrants = Warrants(identity.id, monitors, quorum, started=started)
         self.ttl_s, self.clock = ttl_s, clock
         self.limbo: dict[str, list[MovedSession]] = {}  # node -> dumped, not yet adopted
         self.adopting: dict[str, list[Restoring]] = {}  # node -> awaiting the final batch
@@ -135,6 +142,54 @@ class Recovery:
         self.expired = {"staged": 0, "adopting": 0}  # entries freed unused, since the start
         self.adopted_addresses: dict[str, set[str]] = {}  # node -> service addresses taken over
         self._lock = threading.Lock()  # stage runs inline, adopt on a worker thread
+        # keeps durable state across a restart: (key, bytes or None to drop) -> None
+        self.keep: Callable[[str, bytes | None], None] = lambda key, data: None
+        self._keeping = threading.Lock()  # one change of durable state at a time
+
+    # -- durable state (kept in the fd store) --------------------------------------------
+
+    def take_back(self, state: Mapping[str, bytes], nodes: set[str]) -> list[str]:
+        """Take back the limbo and adopted addresses a previous agent kept (before any op
+        runs); entries of nodes no longer configured, or unreadable, are dropped from the
+        store and listed (with why) in the result."""
+        dropped = []
+        for key, data in state.items():
+            try:
+                if key == ADDRESSES_KEY:
+                    kept = json.loads(data)
+                    self.adopted_addresses = {n: set(map(str, c)) for n, c in kept.items()
+                                              if n in nodes and c}
+                    if gone := sorted(set(kept) - set(self.adopted_addresses)):
+                        dropped.append(f"adopted addresses of {', '.join(gone)}: no such node")
+                        self._keep_addresses()
+                elif key.startswith(LIMBO_KEY):
+                    node = key.removeprefix(LIMBO_KEY)
+                    if node not in nodes:
+                        raise ValueError("no such node")
+                    self.limbo[node] = msgspec.msgpack.decode(data, type=list[MovedSession])
+            except (ValueError, AttributeError, msgspec.MsgspecError) as e:
+                dropped.append(f"{key[:80]}: {e}")
+                self.keep(key, None)
+        return dropped
+
+    def _adopted(self, node: str, cidr: str) -> None:
+        with self._keeping:
+            taken = self.adopted_addresses.setdefault(node, set())
+            if cidr not in taken:
+                taken.add(cidr)
+                self._keep_addresses(locked=True)
+
+    def _keep_addresses(self, *, locked: bool = False) -> None:
+        if not locked:
+            with self._keeping:
+                return self._keep_addresses(locked=True)
+        kept = {n: sorted(c) for n, c in sorted(self.adopted_addresses.items()) if c}
+        self.keep(ADDRESSES_KEY, json.dumps(kept).encode() if kept else None)
+
+    def _keep_limbo(self, node: str) -> None:
+        with self._keeping:
+            moved = self.limbo.get(node)
+            self.keep(LIMBO_KEY + node, msgspec.msgpack.encode(moved) if moved else None)
 
     def ops(self) -> tuple[Op, ...]:
         return (
@@ -214,7 +269,9 @@ class Recovery:
         reply = agent.leases.unlock(rt.name, call.monitors, True, agent.inner_timeout)
         if rt.spec.netns:
             net.set_up(rt.spec.netns, rt.spec.interface, True)
-        self.adopted_addresses.pop(rt.name, None)
+        with self._keeping:
+            if self.adopted_addresses.pop(rt.name, None):
+                self._keep_addresses(locked=True)
         return UnlockReply(reply.was_locked, reply.thaw_ms)
 
     def evacuate(self, call: Call) -> EvacuateReply:
@@ -227,8 +284,17 @@ class Recovery:
             raise OpError("failed", f"agent {a.to_agent[:64]!r} is not among this agent's peers: "
                                     "it cannot check that agent's answers")
         self.expire()
+        try:
+            return self._evacuate(call)
+        finally:
+            self._keep_limbo(rt.name)  # what is left in limbo now, if anything
+
+    def _evacuate(self, call: Call) -> EvacuateReply:
+        rt, agent, a = call.node, call.agent, call.args
         t0 = time.monotonic()
         moving = self.limbo.pop(rt.name, [])
+        if moving:
+            self._keep_limbo(rt.name)  # on its way: not to be moved twice by a new agent
         failed: dict[str, str] = {}
         try:
             self._dump_all(call, moving, failed)
@@ -405,7 +471,7 @@ class Recovery:
             net.set_up(ns, ifname, True)
             for cidr in a.addresses:
                 net.add_address(ns, ifname, cidr)
-                self.adopted_addresses.setdefault(rt.name, set()).add(cidr)
+                self._adopted(rt.name, cidr)  # kept before any session is restored on it
         except BackdoorsError as e:
             raise OpError("failed", f"node {rt.name}: cannot take the service addresses: "
                                     f"{e}") from None

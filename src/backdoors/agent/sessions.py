@@ -6,7 +6,9 @@ same name). Holding the duplicate keeps the connection alive in the kernel when 
 crashes: the crash becomes recoverable. At recovery the agent dumps these sockets.
 
 A session restored here by `adopt` remembers the TcpState it was restored from, so a later
-dump of it continues the session's byte counts (tcprepair's `since=`).
+dump of it continues the session's byte counts (tcprepair's `since=`). Only its stream
+offsets count there (`offsets`); the fd store keeps those, and a restarted agent holds the
+session with a stand-in state carrying them (`since_from`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..tcprepair import TcpState
+from ..tcprepair import TcpOptions, TcpState, TcpWindow
 
 
 class SessionRefused(Exception):
@@ -58,8 +60,10 @@ class SessionTable:
     def __post_init__(self) -> None:
         self._sessions = {n: {} for n in self.nodes}
 
-    def hold(self, node: str, name: str, fd: int, pid: int) -> Session:
-        """Keep a duplicate of the TCP socket `fd` (the caller keeps its own fd)."""
+    def hold(self, node: str, name: str, fd: int, pid: int,
+             since: TcpState | None = None) -> Session:
+        """Keep a duplicate of the TCP socket `fd` (the caller keeps its own fd); `since`:
+        the state it was restored from, if not announced by `expect`."""
         dup = os.dup(fd)
         try:
             sock = socket.socket(fileno=dup)
@@ -81,7 +85,8 @@ class SessionTable:
                 raise SessionRefused(f"node {node} holds {len(held)} sessions, the cap is "
                                      f"{self.max_per_node}")
             old = held.pop(name, None)
-            since = self._adopted.pop((node, name), None) or (old.since if old else None)
+            since = (self._adopted.pop((node, name), None) or since
+                     or (old.since if old else None))
             session = Session(node, name, sock, pid, since)
             held[name] = session
         if self.observer is not None:
@@ -155,6 +160,23 @@ class SessionTable:
                     self.closer(s.sock)
                 held.clear()
             self._adopted.clear()
+
+
+def offsets(since: TcpState) -> tuple[int, int]:
+    """What a later dump needs of the state a session was restored from: the bytes the
+    application had written before the restored socket's first, and had read."""
+    return since.handed - len(since.send_queue), since.read
+
+
+def since_from(handed: int, read: int) -> TcpState:
+    """A stand-in for the state a session was restored from, with its `offsets` (what
+    tcprepair's accounting reads of it: `handed`, `send_queue`, `read`) and nothing else."""
+    if not (0 <= handed < 1 << 64 and 0 <= read < 1 << 64):
+        raise ValueError(f"stream offsets {handed}, {read} out of range")
+    return TcpState(family=2, local_addr="0.0.0.0", local_port=0, remote_addr="0.0.0.0",
+                    remote_port=0, snd_seq=0, rcv_seq=0, recv_queue=b"", send_queue=b"",
+                    unsent=0, options=TcpOptions(mss=0), window=TcpWindow(0, 0, 0, 0, 0),
+                    handed=handed, read=read)
 
 
 def _close(sock: socket.socket) -> None:

@@ -6,7 +6,10 @@ checks them against its own monitors' public keys and its own quorum. Each must 
 authentic `evacuate` addressed to the sending peer, naming this agent and the node the
 sessions go to, and recent; together they must come from `quorum` distinct monitors
 agreeing on the same arguments. A warrant whose final adopt was served is spent: it cannot
-be used again while it is recent.
+be used again while it is recent. The spent set is in memory only, so requests signed
+before this agent started are refused: a restarted agent cannot be handed a warrant its
+predecessor spent (the evacuating agent keeps the sessions; the monitor's next evacuate
+carries a fresh warrant).
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ class Warrants:
     """Checks warrants for agent `agent_id` with its `monitors` and `quorum`."""
 
     def __init__(self, agent_id: str, monitors: Mapping[str, Sequence], quorum: int, *,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, started: float | None = None):
         self.agent_id, self.monitors, self.quorum, self.clock = agent_id, monitors, quorum, clock
+        self.started = clock() if started is None else started
         self._spent: dict[tuple[str, bytes], float] = {}  # (monitor, nonce) -> expiry
 
     def check(self, warrant: Sequence[bytes], peer: str, node: str) -> frozenset:
@@ -77,6 +81,10 @@ class Warrants:
                     < now + REPLAY_WINDOW_S):
                 raise WarrantError(f"warrant request {i} is out of date (ts {req.ts:.3f}, "
                                    f"now {now:.3f})")
+            if req.ts < self.started:
+                raise WarrantError(f"warrant request {i} was signed (ts {req.ts:.3f}) before "
+                                   f"this agent started ({self.started:.3f}): it may have been "
+                                   "spent by its predecessor; evacuate again")
             try:
                 ev = _evacuation.decode(req.args)
             except DECODE_ERRORS as e:
