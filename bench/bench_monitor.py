@@ -37,7 +37,8 @@ import threading
 import time
 
 from backdoors.common.procs import CLOCK_TICKS, read_line
-from backdoors.errors import LabError
+from backdoors.errors import BackdoorsError, LabError
+from backdoors.lab.agents import keeper_files
 from backdoors.lab.topology import MAX_NODES
 from backdoors.monitor import Monitor
 from backdoors.scenarios.labkit import AgentLab, unique_name
@@ -83,8 +84,10 @@ def _start_tickers(al: AgentLab, nodes: list[str], sensors: int, tick_ms: float,
         proc.stdout.close()
         if not line:
             proc.kill()
-            raise LabError(f"the ticker of node {node} did not start within 30 s; see "
-                           f"{al.lab.plan.run_dir / node / 'stderr.log'}")
+            log = al.lab.plan.run_dir / node / "stderr.log"
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+            raise LabError(f"the ticker of node {node} did not start within 30 s: "
+                           f"{' / '.join(tail) or 'no output'}")
         pids[node] = proc.pid
     for node in nodes:
         al.wait_registered(node, timeout=30.0)
@@ -136,39 +139,93 @@ def _detections(al: AgentLab, mon: Monitor, pids: dict[str, int], trials: int,
     return latencies, errors
 
 
+def _restarts(al: AgentLab) -> dict[str, int]:
+    """host -> how often its keeper replaced the agent (its watchdog: a starved agent)."""
+    out = {}
+    for h in al.plan.hosts:
+        try:
+            out[h.name] = json.loads(keeper_files(al.plan, h)[1].read_text())["restarts"]
+        except (OSError, ValueError, KeyError):
+            out[h.name] = 0
+    return out
+
+
+def _row(size: int, mode: str, period_ms: float, deadline_ms: float, hosts: int) -> dict:
+    """A row with every measure missing: a size that could not be measured."""
+    return {"nodes": size, "mode": mode, "hosts": hosts, "monitor_cpu_pct": None,
+            "agent_cpu_pct": None, "agent_cpu_pct_per_node": None,
+            "agent_idle_cpu_pct_per_node": None, "detect_p50_ms": None, "detect_p99_ms": None,
+            "detect_max_ms": None, "trials": 0, "period_ms": period_ms,
+            "deadline_ms": deadline_ms, "polls_per_s": None, "steady_seconds": None,
+            "steady_incidents": None, "node_memory_mb": None, "setup_s": None, "errors": []}
+
+
 def measure(size: int, mode: str, *, seconds: float, trials: int, period_ms: float,
-            deadline_ms: float, tick_ms: float, sensors: int) -> dict:
-    """One row: a lab of `size` nodes watched in `mode`."""
+            deadline_ms: float, tick_ms: float, sensors: int, hosts: int = 1) -> dict:
+    """One row: a lab of `size` nodes on `hosts` agents watched in `mode`. A size that
+    cannot be measured (the lab does not come up, an agent cannot keep up) gives a row
+    without measures and the reason in `errors`."""
     if mode != "poll":
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
-    nodes = [f"n{i}" for i in range(size)]
-    with AgentLab(unique_name("bm"), hosts=1, nodes=size, memory_limit=128 * MiB,
-                  pids_limit=64, services=False) as al:
-        pids = _start_tickers(al, nodes, sensors, tick_ms, deadline_ms)
-        agent_pids = [al.lab.agent_pid(h.name) for h in al.plan.hosts]
-        cfg = al.monitor_config(period_ms=period_ms)
-        with Monitor(cfg, key=al.monitor_key()) as mon:
-            mon.wait_ready(timeout=30.0)
-            time.sleep(1.0)  # every box tracked, trackers warm
-            steady = _steady(mon, agent_pids, seconds)
-            detect_timeout = max(5.0, 20 * deadline_ms / 1000)
-            lat, errors = _detections(al, mon, pids, trials, detect_timeout)
-        restarted = [h.name for h, p in zip(al.plan.hosts, agent_pids)
-                     if al.lab.agent_pid(h.name) != p]
+    row = _row(size, mode, period_ms, deadline_ms, hosts)
+    al = AgentLab(unique_name("bm"), hosts=hosts, nodes=size, memory_limit=128 * MiB,
+                  pids_limit=64, services=False)
+    try:
+        t0 = time.monotonic()
+        with al:
+            try:
+                _measure_lab(al, row, seconds=seconds, trials=trials, period_ms=period_ms,
+                             deadline_ms=deadline_ms, tick_ms=tick_ms, sensors=sensors,
+                             started=t0)
+            except (BackdoorsError, OSError) as e:
+                row["errors"].append(_unmeasured(size, e, _restarts(al)))
+    except (BackdoorsError, OSError) as e:  # the lab did not come up
+        row["errors"].append(_unmeasured(size, e, {}))
+    return row
+
+
+def _unmeasured(size: int, e: Exception, restarts: dict[str, int]) -> str:
+    starved = {h: n for h, n in restarts.items() if n}
+    why = (f" (agents replaced by their keeper's watchdog, starved: {starved})"
+           if starved else "")
+    return f"{size} nodes could not be measured: {e}{why}"
+
+
+def _measure_lab(al: AgentLab, row: dict, *, seconds: float, trials: int, period_ms: float,
+                 deadline_ms: float, tick_ms: float, sensors: int, started: float) -> None:
+    """Fill `row`: tickers up, the agents alone (their kernel samplers), then with the
+    monitor polling (steady state), then the hang trials."""
+    size = row["nodes"]
+    nodes = [n.name for n in al.plan.nodes]
+    pids = _start_tickers(al, nodes, sensors, tick_ms, deadline_ms)
+    row["setup_s"] = round(time.monotonic() - started, 1)
+    row["node_memory_mb"] = round(sum(al.lab.node(n).stats().memory_bytes for n in nodes)
+                                  / size / MiB, 1)
+    agent_pids = [al.lab.agent_pid(h.name) for h in al.plan.hosts]
+    idle = [_proc_cpu(p) for p in agent_pids]
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    idle_s = sum(_proc_cpu(p) - c for p, c in zip(agent_pids, idle))
+    row["agent_idle_cpu_pct_per_node"] = round(100 * idle_s / (time.monotonic() - t0) / size, 3)
+    with Monitor(al.monitor_config(period_ms=period_ms), key=al.monitor_key()) as mon:
+        mon.wait_ready(timeout=30.0)
+        time.sleep(1.0)  # every box tracked, trackers warm
+        steady = _steady(mon, agent_pids, seconds)
+        lat, errors = _detections(al, mon, pids, trials, max(5.0, 20 * deadline_ms / 1000))
+    restarted = [h.name for h, p in zip(al.plan.hosts, agent_pids)
+                 if al.lab.agent_pid(h.name) != p]
     if restarted:
-        errors.append(f"agent of {', '.join(restarted)} restarted during the run: its CPU "
-                      "time is incomplete")
-    return {
-        "nodes": size, "mode": mode,
-        "monitor_cpu_pct": round(100 * steady["monitor_cpu_s"] / steady["seconds"], 2),
-        "agent_cpu_pct": round(100 * steady["agent_cpu_s"] / steady["seconds"], 2),
-        "agent_cpu_pct_per_node": round(100 * steady["agent_cpu_s"] / steady["seconds"] / size, 3),
+        errors.append(f"agent of {', '.join(restarted)} replaced during the run (its keeper's "
+                      "watchdog: it could not keep up): its CPU time is incomplete")
+    sec = steady["seconds"]
+    row.update({
+        "monitor_cpu_pct": round(100 * steady["monitor_cpu_s"] / sec, 2),
+        "agent_cpu_pct": round(100 * steady["agent_cpu_s"] / sec, 2),
+        "agent_cpu_pct_per_node": round(100 * steady["agent_cpu_s"] / sec / size, 3),
         "detect_p50_ms": _pct(lat, 0.5), "detect_p99_ms": _pct(lat, 0.99),
-        "detect_max_ms": round(max(lat), 1) if lat else None,
-        "trials": len(lat), "period_ms": period_ms, "deadline_ms": deadline_ms,
-        "polls_per_s": steady["polls_per_s"], "steady_seconds": steady["seconds"],
-        "steady_incidents": steady["incidents"], "errors": errors,
-    }
+        "detect_max_ms": round(max(lat), 1) if lat else None, "trials": len(lat),
+        "polls_per_s": steady["polls_per_s"], "steady_seconds": sec,
+        "steady_incidents": steady["incidents"], "errors": errors})
 
 
 def machine() -> dict:
@@ -181,21 +238,24 @@ def machine() -> dict:
 
 def run(*, sizes: tuple[int, ...] = SIZES, modes: tuple[str, ...] = MODES,
         seconds: float = 10.0, trials: int = 20, period_ms: float = 50.0,
-        deadline_ms: float = 200.0, tick_ms: float = 20.0, sensors: int = 16) -> dict:
+        deadline_ms: float = 200.0, tick_ms: float = 20.0, sensors: int = 16,
+        hosts: int = 1) -> dict:
     """A row per (size, mode); every lab is torn down before the next is built."""
     for s in sizes:
         if not 1 <= s <= MAX_NODES:
             raise ValueError(f"sizes must be 1..{MAX_NODES} nodes, got {s}")
+    if not 1 <= hosts <= 8:
+        raise ValueError(f"hosts must be 1..8, got {hosts}")
     if seconds <= 0 or trials < 1:
         raise ValueError("seconds must be > 0 and trials at least 1")
     out = {"machine": machine(), "sensors_per_node": sensors, "tick_ms": tick_ms,
-           "hosts": 1, "rules": "default", "results": []}
+           "hosts": hosts, "rules": "default", "results": []}
     with _terminate_as_interrupt():
         for size in sizes:
             for mode in modes:
                 out["results"].append(measure(size, mode, seconds=seconds, trials=trials,
                                               period_ms=period_ms, deadline_ms=deadline_ms,
-                                              tick_ms=tick_ms, sensors=sensors))
+                                              tick_ms=tick_ms, sensors=sensors, hosts=hosts))
     return out
 
 
@@ -230,10 +290,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="steady-state CPU window")
     ap.add_argument("--trials", type=int, default=20, help="hangs per size")
     ap.add_argument("--period-ms", type=float, default=50.0, help="monitor poll period")
+    ap.add_argument("--hosts", type=int, default=1, help="agents the nodes are spread over")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     r = run(sizes=parse_sizes(a.sizes), seconds=a.seconds, trials=a.trials,
-            period_ms=a.period_ms)
+            period_ms=a.period_ms, hosts=a.hosts)
     if a.json:
         print(json.dumps(r, indent=2))
         return 0

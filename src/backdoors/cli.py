@@ -666,6 +666,7 @@ def bench_monitor(
     seconds: float = typer.Option(10.0, help="Steady-state CPU window per size, seconds."),
     trials: int = typer.Option(20, help="Hangs per size."),
     period_ms: float = typer.Option(50.0, help="Monitor poll period."),
+    hosts: int = typer.Option(1, help="Agents (lab hosts) the nodes are spread over."),
 ) -> None:
     """Monitor CPU, agent CPU per node and hang detection p50/p99 per lab size (poll mode)."""
     mod = _bench_module("bench_monitor")
@@ -673,7 +674,7 @@ def bench_monitor(
     logging.getLogger("backdoors.monitor").setLevel(logging.ERROR)  # the trials' incidents
     try:
         result = mod.run(sizes=mod.parse_sizes(sizes), seconds=seconds, trials=trials,
-                         period_ms=period_ms)
+                         period_ms=period_ms, hosts=hosts)
     except ValueError as e:
         raise BackdoorsError(f"bench monitor: {e}") from None
     if as_json:
@@ -686,6 +687,9 @@ def bench_monitor(
                   str(r["agent_cpu_pct_per_node"]), str(r["detect_p50_ms"]),
                   str(r["detect_p99_ms"]), str(r["trials"]), str(r["polls_per_s"]))
     out.print(t)
+    for r in result["results"]:
+        for e in r["errors"]:
+            err.print(f"{r['nodes']} nodes: {e}")
 
 
 # ---- demo -----------------------------------------------------------------------------
