@@ -9,14 +9,18 @@ from the lab's monitor namespace. The sizes are the peers: same machine, same ru
 - steady state: over --seconds with nothing wrong, the CPU time of the monitor (this
   process: its poller, event and repair threads; the main thread only sleeps meanwhile)
   and of the agent process (/proc/<pid>/stat), as % of one core; the agent's share per
-  node is its total divided by the nodes.
+  node is its total divided by the nodes. The agents are first measured alone for as
+  long, before the monitor starts (`agent_idle_cpu_pct_per_node`: their kernel samplers).
 - detection: --trials hangs spread over the nodes, one at a time: a node's ticker is
   SIGSTOPped and the time from the stop (the harness's wall clock) to the detection
   of the hang incident (Incident.detected) is measured; it includes the deadline.
 
 Detection today is the monitor's poll (`mode` "poll"): one sensors() call per node per
 period. Rows are keyed by (nodes, mode) so an event-driven mode (the agent judging its
-nodes' sensors and pushing violations) can be measured beside it.
+nodes' sensors and pushing violations) can be measured beside it: add it to MODES and
+set the lab and monitor up for it in `_measure_lab`. A size that cannot be measured (an
+agent starved and replaced by its keeper's watchdog) gives a row without measures and
+the reason in `errors`; the other sizes are measured all the same.
 
     python bench/bench_monitor.py [--json] [--sizes 8,32,128] [--seconds 10] [--trials 20]
 """
@@ -85,9 +89,9 @@ def _start_tickers(al: AgentLab, nodes: list[str], sensors: int, tick_ms: float,
         if not line:
             proc.kill()
             log = al.lab.plan.run_dir / node / "stderr.log"
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+            last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             raise LabError(f"the ticker of node {node} did not start within 30 s: "
-                           f"{' / '.join(tail) or 'no output'}")
+                           f"{last[0] if last else 'no output'}")
         pids[node] = proc.pid
     for node in nodes:
         al.wait_registered(node, timeout=30.0)
@@ -291,10 +295,12 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=20, help="hangs per size")
     ap.add_argument("--period-ms", type=float, default=50.0, help="monitor poll period")
     ap.add_argument("--hosts", type=int, default=1, help="agents the nodes are spread over")
+    ap.add_argument("--tick-ms", type=float, default=20.0, help="the tickers' period")
+    ap.add_argument("--deadline-ms", type=float, default=200.0, help="their progress deadline")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     r = run(sizes=parse_sizes(a.sizes), seconds=a.seconds, trials=a.trials,
-            period_ms=a.period_ms, hosts=a.hosts)
+            period_ms=a.period_ms, hosts=a.hosts, tick_ms=a.tick_ms, deadline_ms=a.deadline_ms)
     if a.json:
         print(json.dumps(r, indent=2))
         return 0
