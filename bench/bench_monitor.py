@@ -101,14 +101,17 @@ def _start_tickers(al: AgentLab, nodes: list[str], sensors: int, tick_ms: float,
 def _steady(mon: Monitor, agent_pids: list[int], seconds: float) -> dict:
     """CPU of the monitor and the agents over `seconds` of nothing wrong."""
     polls0 = sum(p.polls for p in mon.pollers)
+    node_polls0 = sum(p.polls * len(p.nodes) for p in mon.pollers)
     agents0 = [_proc_cpu(p) for p in agent_pids]
     t0, mon0 = time.monotonic(), _self_cpu()
     time.sleep(seconds)
     elapsed, mon_s = time.monotonic() - t0, _self_cpu() - mon0
     agent_s = sum(_proc_cpu(p) - c for p, c in zip(agent_pids, agents0))
     polls = sum(p.polls for p in mon.pollers) - polls0
+    node_polls = sum(p.polls * len(p.nodes) for p in mon.pollers) - node_polls0
     return {"seconds": round(elapsed, 1), "monitor_cpu_s": mon_s, "agent_cpu_s": agent_s,
-            "polls_per_s": round(polls / elapsed, 1), "incidents": len(mon.incidents())}
+            "polls_per_s": round(polls / elapsed, 1), "node_polls": node_polls,
+            "incidents": len(mon.incidents())}
 
 
 def _detections(al: AgentLab, mon: Monitor, pids: dict[str, int], trials: int,
@@ -161,6 +164,7 @@ def _row(size: int, mode: str, period_ms: float, deadline_ms: float, hosts: int)
             "agent_idle_cpu_pct_per_node": None, "detect_p50_ms": None, "detect_p99_ms": None,
             "detect_max_ms": None, "trials": 0, "period_ms": period_ms,
             "deadline_ms": deadline_ms, "polls_per_s": None, "steady_seconds": None,
+            "monitor_cpu_us_per_node_poll": None,
             "steady_incidents": None, "node_memory_mb": None, "setup_s": None, "errors": []}
 
 
@@ -229,6 +233,9 @@ def _measure_lab(al: AgentLab, row: dict, *, seconds: float, trials: int, period
         "detect_p50_ms": _pct(lat, 0.5), "detect_p99_ms": _pct(lat, 0.99),
         "detect_max_ms": round(max(lat), 1) if lat else None, "trials": len(lat),
         "polls_per_s": steady["polls_per_s"], "steady_seconds": sec,
+        # what one node's sensors() costs the monitor, whatever the poll rate reached
+        "monitor_cpu_us_per_node_poll": (round(1e6 * steady["monitor_cpu_s"] / steady["node_polls"])
+                                         if steady["node_polls"] else None),
         "steady_incidents": steady["incidents"], "errors": errors})
 
 

@@ -58,6 +58,7 @@ def test_bench_monitor_reports_cpu_and_detection_per_size(root, tmp_path):
         assert r["errors"] == []
         assert r["trials"] == 2
         assert r["monitor_cpu_pct"] >= 0 and r["agent_cpu_pct_per_node"] >= 0
+        assert r["agent_idle_cpu_pct_per_node"] >= 0 and r["monitor_cpu_us_per_node_poll"] >= 0
         assert 0 < r["detect_p50_ms"] <= r["detect_p99_ms"]
         assert r["period_ms"] == 50.0 and r["deadline_ms"] > 0
         assert r["steady_incidents"] == 0  # nothing was wrong in the steady window
