@@ -4,6 +4,7 @@ and says in one line that it needs one otherwise; no root needed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,3 +34,40 @@ def test_bench_without_a_checkout_says_so_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert "source checkout" in line and "make bench" in line
+
+
+def test_bench_monitor_reports_cpu_and_detection_per_size(root, tmp_path):
+    """One small lab per size; every row keyed by (nodes, mode), with sane values, and no
+    lab left behind."""
+    from backdoors.lab.lab import running_labs
+
+    def leftovers():  # the bench's labs are named bm<hex>
+        netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+        return ({n for n in running_labs() if n.startswith("bm")}
+                | {n for n in netns if n.startswith("bd-bm")})
+
+    before = leftovers()
+    done = subprocess.run([sys.executable, "-m", "backdoors", "bench", "monitor", "--json",
+                           "--sizes", "1,2", "--seconds", "2", "--trials", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["machine"]["cpus"] >= 1
+    assert [(r["nodes"], r["mode"]) for r in result["results"]] == [(1, "poll"), (2, "poll")]
+    for r in result["results"]:
+        assert r["errors"] == []
+        assert r["trials"] == 2
+        assert r["monitor_cpu_pct"] >= 0 and r["agent_cpu_pct_per_node"] >= 0
+        assert r["agent_idle_cpu_pct_per_node"] >= 0 and r["monitor_cpu_us_per_node_poll"] >= 0
+        assert 0 < r["detect_p50_ms"] <= r["detect_p99_ms"]
+        assert r["period_ms"] == 50.0 and r["deadline_ms"] > 0
+        assert r["steady_incidents"] == 0  # nothing was wrong in the steady window
+    assert not leftovers() - before
+
+
+def test_bench_monitor_refuses_a_size_beyond_the_lab_s_limit(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "backdoors", "bench", "monitor",
+                           "--sizes", "8,500"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "1..128" in done.stderr and "Traceback" not in done.stderr

@@ -264,3 +264,19 @@ def test_commands_needing_root_say_so(monkeypatch, capsys):
         assert e.value.code == 77
         assert "needs root" in capsys.readouterr().err
     assert leftovers("tnoroot") == []
+
+
+def test_a_lab_plans_up_to_max_nodes_each_with_its_own_uid_range():
+    """128 nodes (what `bench monitor` watches): distinct addresses and uid ranges, all
+    mappable; one more is refused naming the bound."""
+    from backdoors.errors import LabError
+    from backdoors.nodes.container import UID_COUNT
+
+    p = topology.plan("big", 8, topology.MAX_NODES)
+    assert len({n.address for n in p.nodes}) == len({n.vip for n in p.nodes}) == 128
+    for name in ("big", "zz9", "a"):
+        lab = Lab(name, hosts=1, nodes=topology.MAX_NODES)
+        bases = [lab.isolation(n.name).uid_base for n in lab.plan.nodes]
+        assert len(set(bases)) == 128 and max(bases) + UID_COUNT <= 1 << 32
+    with pytest.raises(LabError, match=r"1\.\.128"):
+        topology.plan("big", 1, topology.MAX_NODES + 1)

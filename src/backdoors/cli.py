@@ -706,6 +706,39 @@ def bench_nonintrusive(as_json: bool = typer.Option(False, "--json", help="Print
     _emit(_bench_module("bench_nonintrusive").run(), as_json)
 
 
+@bench_app.command("monitor")
+def bench_monitor(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    sizes: str = typer.Option("8,32,128", help="Node counts of the labs, comma-separated."),
+    seconds: float = typer.Option(10.0, help="Steady-state CPU window per size, seconds."),
+    trials: int = typer.Option(20, help="Hangs per size."),
+    period_ms: float = typer.Option(50.0, help="Monitor poll period."),
+    hosts: int = typer.Option(1, help="Agents (lab hosts) the nodes are spread over."),
+) -> None:
+    """Monitor CPU, agent CPU per node and hang detection p50/p99 per lab size (poll mode)."""
+    mod = _bench_module("bench_monitor")
+    import logging
+    logging.getLogger("backdoors.monitor").setLevel(logging.ERROR)  # the trials' incidents
+    try:
+        result = mod.run(sizes=mod.parse_sizes(sizes), seconds=seconds, trials=trials,
+                         period_ms=period_ms, hosts=hosts)
+    except ValueError as e:
+        raise BackdoorsError(f"bench monitor: {e}") from None
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    t = Table("nodes", "mode", "monitor CPU %", "agent CPU % per node", "detect p50 ms",
+              "detect p99 ms", "trials", "polls/s")
+    for r in result["results"]:
+        t.add_row(str(r["nodes"]), r["mode"], str(r["monitor_cpu_pct"]),
+                  str(r["agent_cpu_pct_per_node"]), str(r["detect_p50_ms"]),
+                  str(r["detect_p99_ms"]), str(r["trials"]), str(r["polls_per_s"]))
+    out.print(t)
+    for r in result["results"]:
+        for e in r["errors"]:
+            err.print(f"{r['nodes']} nodes: {e}")
+
+
 # ---- demo -----------------------------------------------------------------------------
 
 

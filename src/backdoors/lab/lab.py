@@ -244,7 +244,8 @@ class Lab:
         node's index, so concurrent labs rarely share one), /run/backdoors and the home
         directory hidden, the Python installation shared read-only."""
         index = [n.name for n in self.plan.nodes].index(self.plan.node(node).name)
-        slot = zlib.crc32(self.name.encode()) % 700 * 64 + index  # 32 nodes at most
+        # topology.MAX_NODES (128) uid ranges per lab; 350 slots keep every range below 2**32
+        slot = zlib.crc32(self.name.encode()) % 350 * topology.MAX_NODES + index
         return Isolation(uid_base=uid_base_for(slot), hide=(topology.RUN_ROOT, Path.home()),
                          share=python_paths(), hostname=node)
 
