@@ -15,7 +15,8 @@ lease (the agent's own lock, asked by a monitor) is not a violation, and stalls 
 while it is held are not published (the lock stops progress on purpose). Each violation's
 `detector` names the monitor's detector kind that judges it, with the facts it judges:
 
-- progress_stalled: box, sensor, value, unchanged_ms, deadline_ms, onset (Unix time);
+- progress_stalled: box, sensor, value, unchanged_ms, deadline_ms, onset (Unix time),
+  owner_pid (the box's registrant, host pid);
 - level_out_of_bounds: box "kernel", sensor "link_up", value 0, min 0.5 (link down);
 - node_frozen: the cgroup frozen by nobody's lock.
 
@@ -183,7 +184,8 @@ class Watcher:
                 self._say(rt.name, True, detector="progress_stalled",
                           condition="progress_stalled", box=entry.name, sensor=c.name,
                           value=word, unchanged_ms=round(unchanged * 1000, 1),
-                          deadline_ms=round(c.deadline * 1000, 3), onset=c.onset_wall)
+                          deadline_ms=round(c.deadline * 1000, 3), onset=c.onset_wall,
+                          owner_pid=entry.pid)
         rt.tracking.watched(key, now, {c.name: c.changed_at for c in box.counters})
 
     def _say(self, node: str, violated: bool, **data) -> None:
