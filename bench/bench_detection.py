@@ -141,7 +141,8 @@ def _measure(al: AgentLab, nodes: dict[str, int], mode: str, trials: int, period
                 "fault": fault, "deadline_ms": deadline, "mode": mode, "trials": len(lat),
                 "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
                 "max_ms": round(max(lat), 1) if lat else None,
-                "by_event": sum(1 for _, by in got if by == "event")})
+                "by_event": sum(1 for _, by in got if by == "event"),
+                "by_poll_ms": sorted(round(ms, 1) for ms, by in got if by == "poll")})
             if fault == "hang" and mode == "event":
                 bound = deadline + 2 * period_ms
                 out["latency"][str(deadline)] = {
