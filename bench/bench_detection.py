@@ -1,14 +1,22 @@
-"""Hang detection: latency for several progress deadlines, and false positives under load.
+"""Detection latency by event and by poll, for hangs, freezes and link failures; false
+positives under load.
 
 One lab, one node per deadline (50, 100, 200 ms), each with the sample service ticking
-every 10 ms under that deadline; the monitor polls every --period-ms with the default
-rules. Latency: the service's main loop is stalled (SIGUSR1) and the time until the
-monitor opens the hang incident is measured, --trials times per deadline (the nodes run
-their trials concurrently); the bound is deadline + 2 poll periods. Soak: for
---soak-seconds, nothing is wrong but both cores are saturated (two busy-loop processes
-and a memory churner allocating, touching and freeing 256 MB, all outside the nodes, so
-they compete with services, agent and monitor alike); every incident opened is a false
-positive.
+every 10 ms under that deadline. The same run measures two modes: "event", the monitor
+subscribed to the agents' events (the agent's watcher judges deadlines, link state and
+freezes itself and pushes violations), and "poll", the monitor polling every --period-ms
+only (config events = false). Faults, --trials times each per node (the nodes run their
+trials concurrently), the time until the monitor opens the incident measured from the
+injection: hang (the service's main loop stalled, SIGUSR1: rule hang), freeze (the node's
+cgroup frozen by nobody's lock: rule hang) and link_down (the node's service interface
+set down: rule network). Soak (event mode): for --soak-seconds, nothing is wrong but both
+cores are saturated (two busy-loop processes and a memory churner allocating, touching
+and freeing 256 MB, all outside the nodes, so they compete with services, agent and
+monitor alike); every incident opened is a false positive.
+
+Output: `results`, rows {fault, deadline_ms, mode, p50_ms, p99_ms, trials}; `soak`
+{deadline_ms (the smallest), seconds, false_positives, ...}; `latency` (hang, event mode,
+by deadline: the report's table).
 
     python bench/bench_detection.py [--json] [--soak-seconds 60] [--trials 20]
 """
@@ -25,7 +33,8 @@ import sys
 import threading
 import time
 
-from backdoors.monitor import Monitor
+from backdoors.lab import faults
+from backdoors.monitor import Monitor, parse_ruleset
 from backdoors.scenarios.labkit import AgentLab, unique_name
 
 DEADLINES_MS = (50, 100, 200)
@@ -47,91 +56,166 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(q * len(s)))], 1)
 
 
-def _trials(al: AgentLab, mon: Monitor, node: str, trials: int, results: list, errors: list):
+RULES = """
+[[rule]]
+name = "hang"
+match = "any"
+detectors = [{ kind = "progress_stalled", box = "*" }, { kind = "node_frozen" }]
+actions = [{ kind = "record" }]
+clear_ms = 200
+cooldown_ms = 500
+
+[[rule]]
+name = "network"
+detectors = [{ kind = "level_out_of_bounds", box = "kernel", sensors = ["link_up"] }]
+actions = [{ kind = "record" }]
+clear_ms = 200
+cooldown_ms = 500
+"""
+FAULTS = ("hang", "freeze", "link_down")
+RULE_OF = {"hang": "hang", "freeze": "hang", "link_down": "network"}
+
+
+def _inject(al: AgentLab, node: str, fault: str, on: bool) -> None:
     n = al.lab.node(node)
+    if fault == "hang":
+        n.kill(al.lab.service(node).pid, signal.SIGUSR1 if on else signal.SIGUSR2)
+    elif fault == "freeze":
+        if on:
+            n.lock()
+        else:
+            n.unlock()
+    else:
+        (faults.inject if on else faults.stop)(al.lab, "network", node, mode="down")
+
+
+def _trials(al: AgentLab, mon: Monitor, node: str, faults_: tuple[str, ...], trials: int,
+            results: dict, errors: list):
     seen: set[str] = set()
-    try:
+    for fault in faults_:
+        rule = RULE_OF[fault]
         for _ in range(trials):
-            svc = al.lab.service(node).pid
-            t0_wall = time.time()
-            n.kill(svc, signal.SIGUSR1)
-            inc = mon.wait_for(lambda i: i.node == node and i.rule == "hang" and i.id not in seen, 5)
-            n.kill(svc, signal.SIGUSR2)
-            if inc is None:
-                errors.append(f"{node}: a stall was not detected within 5 s")
-                continue
-            seen.add(inc.id)
-            results.append((inc.detected - t0_wall) * 1000)
-            mon.wait_for(lambda i: i.id == inc.id and i.outcome is not None, 5)
-            time.sleep(0.6)  # the rule's cooldown, and a steady counter again
-    except Exception as e:  # noqa: BLE001 - reported with the results
-        errors.append(f"{node}: {e}")
+            try:
+                t0_wall = time.time()
+                _inject(al, node, fault, True)
+                try:
+                    inc = mon.wait_for(lambda i: i.node == node and i.rule == rule
+                                       and i.id not in seen, 5)
+                finally:
+                    _inject(al, node, fault, False)
+                if inc is None:
+                    errors.append(f"{node}: {fault} was not detected within 5 s")
+                    continue
+                seen.add(inc.id)
+                results.setdefault(fault, []).append(((inc.detected - t0_wall) * 1000,
+                                                      inc.detected_by))
+                mon.wait_for(lambda i: i.id == inc.id and i.outcome is not None, 5)
+                time.sleep(0.6)  # the rule's cooldown, and a steady counter again
+            except Exception as e:  # noqa: BLE001 - reported with the results
+                errors.append(f"{node} {fault}: {e}")
 
 
-def run(*, soak_seconds: float = 60.0, trials: int = 20, period_ms: float = 50.0) -> dict:
-    out: dict = {"period_ms": period_ms, "deadlines_ms": list(DEADLINES_MS), "latency": {},
-                 "soak": {}}
-    nodes = {f"n{i}": d for i, d in enumerate(DEADLINES_MS)}
-    with AgentLab(unique_name("b"), nodes=len(nodes), memory_limit=1 << 30) as al:
-        for node, deadline in nodes.items():
-            al.wait_registered(node)
-            al.restart_service(node, "--deadline", str(deadline / 1000))
-        cfg = al.monitor_config(period_ms=period_ms)
-        with Monitor(cfg, key=al.monitor_key()) as mon:
-            mon.wait_ready()
-            time.sleep(0.5)
-            results = {node: [] for node in nodes}
-            errors: list[str] = []
-            threads = [threading.Thread(target=_trials, args=(al, mon, node, trials, results[node],
-                                                              errors)) for node in nodes]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            for node, deadline in nodes.items():
-                lat = results[node]
+def _measure(al: AgentLab, nodes: dict[str, int], mode: str, trials: int, period_ms: float,
+             faults_: tuple[str, ...], out: dict) -> Monitor:
+    """One mode's trials; returns its (running) monitor, for the soak."""
+    cfg = al.monitor_config(period_ms=period_ms, events=mode == "event")
+    mon = Monitor(cfg, key=al.monitor_key(), rules=parse_ruleset(RULES).rule).start()
+    mon.wait_ready()
+    if mode == "event" and not all(f.connected.wait(10) for f in mon.followers):
+        raise RuntimeError("the monitor did not subscribe to every agent's events")
+    time.sleep(0.5)
+    results: dict[str, dict] = {node: {} for node in nodes}
+    errors: list[str] = []
+    threads = [threading.Thread(target=_trials, args=(al, mon, node, faults_, trials,
+                                                      results[node], errors))
+               for node in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for node, deadline in nodes.items():
+        for fault in faults_:
+            got = results[node].get(fault, [])
+            lat = [ms for ms, _ in got]
+            out["results"].append({
+                "fault": fault, "deadline_ms": deadline, "mode": mode, "trials": len(lat),
+                "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
+                "max_ms": round(max(lat), 1) if lat else None,
+                "by_event": sum(1 for _, by in got if by == "event"),
+                "by_poll_ms": sorted(round(ms, 1) for ms, by in got if by == "poll")})
+            if fault == "hang" and mode == "event":
                 bound = deadline + 2 * period_ms
                 out["latency"][str(deadline)] = {
                     "trials": len(lat), "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
                     "max_ms": round(max(lat), 1) if lat else None, "bound_ms": bound,
                     "within_bound": sum(1 for x in lat if x <= bound)}
-            out["errors"] = errors
+    out["errors"] += [f"{mode}: {e}" for e in errors]
+    return mon
 
-            time.sleep(1.0)  # every trial's incident closed and cooled down
-            before = {i.id for i in mon.incidents()}
-            quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-            load = [subprocess.Popen([sys.executable, "-m", "backdoors.lab.hogs", "cpu",
-                                      "--procs", "2"], **quiet),
-                    subprocess.Popen([sys.executable, "-c", _CHURN], **quiet)]
-            polls0 = sum(p.polls for p in mon.pollers)
-            t0 = time.monotonic()
+
+def _soak(mon: Monitor, nodes: dict[str, int], soak_seconds: float) -> dict:
+    time.sleep(1.0)  # every trial's incident closed and cooled down
+    before = {i.id for i in mon.incidents()}
+    quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL, start_new_session=True)
+    load = [subprocess.Popen([sys.executable, "-m", "backdoors.lab.hogs", "cpu",
+                              "--procs", "2"], **quiet),
+            subprocess.Popen([sys.executable, "-c", _CHURN], **quiet)]
+    polls0 = sum(p.polls for p in mon.pollers)
+    t0 = time.monotonic()
+    try:
+        time.sleep(soak_seconds)
+    finally:
+        for p in load:  # the cpu hog forks: kill each whole session
+            os.killpg(p.pid, signal.SIGKILL)
+        for p in load:
+            p.wait()
+    elapsed = time.monotonic() - t0
+    polls = sum(p.polls for p in mon.pollers) - polls0
+    fps = [i for i in mon.incidents() if i.id not in before]
+    by_deadline = {str(d): 0 for d in nodes.values()}
+    for i in fps:
+        if i.node in nodes:
+            by_deadline[str(nodes[i.node])] += 1
+    smallest = min(nodes.values())
+    return {
+        "deadline_ms": smallest, "seconds": round(elapsed, 1), "mode": "event",
+        "load": "2 busy loops + 256 MB memory churn, outside the nodes",
+        "false_positives": by_deadline[str(smallest)],
+        "false_positives_all_nodes": len(fps), "false_positives_by_deadline_ms": by_deadline,
+        "false_positive_rules": sorted({i.rule for i in fps}),
+        "examples": [f"{i.node} {i.rule} ({i.detected_by}): "
+                     f"{'; '.join(h.summary for h in i.detectors)}" for i in fps[:5]],
+        "polls_per_s": round(polls / elapsed, 1),
+    }
+
+
+def run(*, soak_seconds: float = 60.0, trials: int = 20, period_ms: float = 50.0,
+        modes: tuple[str, ...] = ("event", "poll"), faults_: tuple[str, ...] = FAULTS) -> dict:
+    out: dict = {"period_ms": period_ms, "deadlines_ms": list(DEADLINES_MS), "results": [],
+                 "latency": {}, "soak": {}, "errors": []}
+    nodes = {f"n{i}": d for i, d in enumerate(DEADLINES_MS)}
+    with AgentLab(unique_name("b"), nodes=len(nodes), memory_limit=1 << 30) as al:
+        for node, deadline in nodes.items():
+            al.wait_registered(node)
+            al.restart_service(node, "--deadline", str(deadline / 1000))
+        for mode in modes:
+            mon = _measure(al, nodes, mode, trials, period_ms, faults_, out)
             try:
-                time.sleep(soak_seconds)
+                if mode == "event" and soak_seconds > 0:
+                    out["soak"] = _soak(mon, nodes, soak_seconds)
             finally:
-                for p in load:  # the cpu hog forks: kill each whole session
-                    os.killpg(p.pid, signal.SIGKILL)
-                for p in load:
-                    p.wait()
-            elapsed = time.monotonic() - t0
-            polls = sum(p.polls for p in mon.pollers) - polls0
-            fps = [i for i in mon.incidents() if i.id not in before]
-            by_deadline = {str(d): 0 for d in DEADLINES_MS}
-            for i in fps:
-                if i.node in nodes:
-                    by_deadline[str(nodes[i.node])] += 1
-            out["soak"] = {
-                "seconds": round(elapsed, 1), "load": "2 busy loops + 256 MB memory churn, outside the nodes",
-                "false_positives": len(fps), "false_positives_by_deadline_ms": by_deadline,
-                "false_positive_rules": sorted({i.rule for i in fps}),
-                "examples": [f"{i.node} {i.rule}: {'; '.join(h.summary for h in i.detectors)}"
-                             for i in fps[:5]],
-                "polls_per_s": round(polls / elapsed, 1),
-            }
+                mon.stop()
+    rows = {(r["fault"], r["deadline_ms"], r["mode"]): r for r in out["results"]}
+    out["event_vs_poll_p99"] = {
+        f"{f}@{d}": round(e["p99_ms"] / p["p99_ms"], 2)
+        for (f, d, m), e in rows.items() if m == "event"
+        if (p := rows.get((f, d, "poll"))) and e["p99_ms"] and p["p99_ms"]}
     for d, v in out["latency"].items():
         out[f"detect_p50_ms_deadline_{d}"] = v["p50_ms"]
         out[f"detect_p99_ms_deadline_{d}"] = v["p99_ms"]
-    out["false_positives_soak"] = out["soak"]["false_positives"]
+    if out["soak"]:
+        out["false_positives_soak"] = out["soak"]["false_positives"]
     return out
 
 
@@ -141,16 +225,22 @@ def main(argv=None) -> int:
     ap.add_argument("--soak-seconds", type=float, default=60.0)
     ap.add_argument("--trials", type=int, default=20, help="stalls per deadline")
     ap.add_argument("--period-ms", type=float, default=50.0, help="monitor poll period")
+    ap.add_argument("--modes", default="event,poll", help="event, poll or both")
+    ap.add_argument("--faults", default=",".join(FAULTS), help="of " + ", ".join(FAULTS))
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    r = run(soak_seconds=a.soak_seconds, trials=a.trials, period_ms=a.period_ms)
+    r = run(soak_seconds=a.soak_seconds, trials=a.trials, period_ms=a.period_ms,
+            modes=tuple(a.modes.split(",")), faults_=tuple(a.faults.split(",")))
     if a.json:
         print(json.dumps(r, indent=2))
         return 0
-    for d, v in r["latency"].items():
-        print(f"deadline {d:>4} ms: p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, "
-              f"{v['within_bound']}/{v['trials']} within {v['bound_ms']} ms")
-    print(f"soak {r['soak']['seconds']} s: {r['soak']['false_positives']} false positives")
+    for row in r["results"]:
+        print(f"{row['fault']:>9} deadline {row['deadline_ms']:>4} ms {row['mode']:>5}: "
+              f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms ({row['trials']} trials)")
+    if r["soak"]:
+        print(f"soak {r['soak']['seconds']} s: {r['soak']['false_positives']} false positives")
+    for e in r["errors"]:
+        print("error:", e)
     return 0
 
 

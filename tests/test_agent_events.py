@@ -99,3 +99,52 @@ def test_events_lost_beyond_the_history_are_announced_as_a_gap(agent_lab):
                                    type=EventFrame)
     assert first.kind == "gap" and first.gap == 10
     sock.close()
+
+
+def _until(sock, key, kinds: set[str], timeout: float = 20) -> EventFrame:
+    """The next frame of one of `kinds` (others are skipped: heartbeats)."""
+    (ev,) = _frames(sock, key, 1, timeout)
+    assert ev.kind in kinds, ev
+    return ev
+
+
+def test_a_stopped_service_is_one_violation_then_one_cleared_across_a_reconnect(agent_lab):
+    """The agent's watcher (agent/watch.py) judges a progress deadline itself: a SIGSTOPped
+    service gives exactly one `violation` (not repeated while it lasts), and one `cleared`
+    once it runs again, in order; a subscriber that reconnects from its last seq gets the
+    rest once, none again."""
+    import os
+    import signal
+    lab = agent_lab()
+    key = lab.agent_key.public
+    app, _ = lab.start_app("n0", box="svc")  # a progress counter, deadline 1 s
+    kinds = ["violation", "cleared"]
+    reply, sock = _subscribe(lab, kinds=kinds)
+    time.sleep(0.3)
+    stopped = time.monotonic()
+    os.kill(app.pid, signal.SIGSTOP)
+    try:
+        v = _until(sock, key, {"violation"})
+        assert time.monotonic() - stopped >= 1.0  # not before the deadline
+        assert v.node == "n0" and v.seq > reply["last_seq"]
+        d = v.data
+        assert (d["detector"], d["condition"], d["box"], d["sensor"]) == \
+            ("progress_stalled", "progress_stalled", "svc", "tick")
+        assert d["deadline_ms"] == 1000 and d["unchanged_ms"] > 1000
+        assert v.at - 1.2 <= d["onset"] <= v.at - 1.0
+        sock.close()  # the monitor goes away while the stall lasts
+        time.sleep(0.5)  # nothing new: a stall is said once
+    finally:
+        os.kill(app.pid, signal.SIGCONT)
+    _, sock = _subscribe(lab, epoch=reply["epoch"], since=v.seq, kinds=kinds)
+    c = _until(sock, key, {"cleared"})
+    assert c.seq > v.seq and c.node == "n0" and c.gap == 0
+    assert (c.data["box"], c.data["sensor"]) == ("svc", "tick") and c.data["stalled_ms"] > 1000
+    sock.settimeout(1.5)
+    import socket as _socket
+    with pytest.raises((_socket.timeout, AssertionError)):  # nothing more but heartbeats
+        _frames(sock, key, 1, timeout=1.2)
+    sock.close()
+    # polls see the stall the watcher saw: the sensors reply's unchanged time
+    sensors = lab.client().sensors("n0")
+    assert sensors.progress_unchanged_s["svc"]["tick"] < 0.5

@@ -203,7 +203,9 @@ def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
             assert time.monotonic() < end, "no new subscription"
             time.sleep(0.02)
         time.sleep(0.3)
-        assert [(seq, kind, node) for _, seq, kind, node in follower.seen] == \
+        # (the dead server's box also stalls: the agent's watcher pushes that as a violation)
+        assert [(seq, kind, node) for _, seq, kind, node in follower.seen
+                if kind == "owner_died"] == \
             [(inc.event["seq"], "owner_died", "n0")]  # once, not again after the reconnect
         assert len([i for i in mon.incidents() if i.rule == "server-died"]) == 1
 
@@ -342,3 +344,48 @@ def test_polling_is_not_audited_a_kill_is(agent_lab):
     new = rpc_lines()[before:]
     assert [(a["op"], a["ok"]) for a in new] == [("kill", True), ("read", False)], new
     assert new[0]["args"]["pid"] == victim.pid and new[1]["error"] == "no_such_region"
+
+
+def test_a_stall_pushed_by_the_agent_opens_the_incident_by_event(agent_lab):
+    """The agent's watcher pushes the stall (`violation`) the moment the deadline passes:
+    the hang rule opens its incident from the event (detected_by "event"), judged as a
+    poll would be; the monitor's subscription breaks and is renewed from its last seq
+    during the stall; the `cleared` comes once after the reconnect, the violation is not
+    seen again."""
+    al = agent_lab
+    cfg = al.monitor_config(period_ms=1000)  # the stall starts just after a poll: the next
+    svc = al.lab.service("n0").pid           # comes long after the event
+    with Monitor(cfg, key=al.monitor_key()) as mon:
+        mon.wait_ready()
+        (follower,) = mon.followers
+        assert follower.connected.wait(10)
+        polls = mon.status()["h0"]["polls"]
+        while mon.status()["h0"]["polls"] == polls:
+            time.sleep(0.005)
+        al.lab.node("n0").kill(svc, signal.SIGUSR1)
+        try:
+            inc = mon.wait_for(lambda i: i.rule == "hang" and i.state == "recorded", 5)
+            assert inc is not None, mon.incidents()
+            assert inc.detected_by == "event", inc
+            assert inc.event["kind"] == "violation" and inc.event["detector"] == "progress_stalled"
+            assert inc.onset_to_detect_ms >= 199  # not before the deadline (200 ms)
+            assert inc.diagnosis.culprits[0].pid == svc
+            subs = follower.subscriptions
+            follower.drop()
+            end = time.monotonic() + 10
+            while follower.subscriptions <= subs or not follower.connected.is_set():
+                assert time.monotonic() < end, "no new subscription"
+                time.sleep(0.02)
+        finally:
+            al.lab.node("n0").kill(svc, signal.SIGUSR2)
+        closed = mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5)
+        assert closed is not None
+        end = time.monotonic() + 5
+        while not any(kind == "cleared" for _, _, kind, _ in follower.seen):
+            assert time.monotonic() < end, list(follower.seen)
+            time.sleep(0.02)
+        time.sleep(0.3)
+        seen = [(seq, kind, node) for _, seq, kind, node in follower.seen]
+        assert [(k, n) for _, k, n in seen] == [("violation", "n0"), ("cleared", "n0")]
+        assert seen[0][0] == inc.event["seq"] < seen[1][0]
+        assert [i.id for i in mon.incidents()] == [inc.id]

@@ -109,6 +109,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "deadline of every op, seconds; late ops are abandoned")] = 1.0
     sample_period_s: Annotated[float, doc(
         "kernel sensor sampling period per node, seconds")] = 0.05
+    watch_period_ms: Annotated[float, doc(
+        "how often the agent's watcher reads every node's progress counters and link "
+        "state to push violations to subscribed monitors, ms (0: no watcher)")] = 5.0
     max_regions_per_node: Annotated[int, doc("application regions a node may register")] = 64
     max_region_bytes: Annotated[int, doc("size of one region, bytes")] = 16 * MiB
     max_node_bytes: Annotated[int, doc(
@@ -237,6 +240,9 @@ def _validate(c: AgentConfig) -> None:
                "public key is needed to check its answers (and it needs ours)")
     _check(math.isfinite(c.peer_check_ms) and 10 <= c.peer_check_ms <= 60000,
            ("peer_check_ms",), "must be within 10..60000 ms")
+    _check(math.isfinite(c.watch_period_ms) and (c.watch_period_ms == 0
+                                                  or 1 <= c.watch_period_ms <= 1000),
+           ("watch_period_ms",), "must be 0 (no watcher) or within 1..1000 ms")
     for key, low, high in (("vote_window_s", 0.01, 600), ("op_deadline_s", 0.01, 60),
                             ("orphan_timeout_s", 0.01, 3600), ("auth_timeout_s", 0.01, 60),
                             ("idle_timeout_s", 0.01, 86400), ("send_timeout_s", 0.01, 600),

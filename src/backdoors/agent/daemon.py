@@ -38,6 +38,7 @@ from .regions import Entry, RegionTable
 from .served import Lane, NodeRuntime
 from .sampler import KernelSensors, NodeSampler
 from .sessions import SessionTable
+from .watch import Watcher
 from .server import RpcServer
 
 log = logging.getLogger("backdoors.agent")
@@ -83,6 +84,7 @@ class Agent:
                                    max_sessions=config.max_sessions_per_node)
         self.sessions = SessionTable([n.name for n in config.nodes], config.max_sessions_per_node)
         self._setup_events()
+        self.watcher: Watcher | None = None  # violations pushed as events (agent/watch.py)
         self.leases: LeaseTable | None = None
         self.audit: AuditLog | None = None
         self.local: LocalServer | None = None
@@ -161,6 +163,10 @@ class Agent:
                                                      Lane(spec.name, NODE_WORKERS))
             sampler.after = lambda rt=rt: self._track(rt)
         self.leases = LeaseTable({n: rt.node for n, rt in self.nodes.items()})
+        if c.watch_period_ms > 0:  # (its thread starts in _run)
+            self.watcher = Watcher(self.nodes, self.regions, period_s=c.watch_period_ms / 1000,
+                                   publish=self.events.publish,
+                                   held=lambda node: bool(self.leases.holders(node)))
         for rt in self.nodes.values():
             try:
                 rt.sampler.sample_once()
@@ -186,12 +192,14 @@ class Agent:
             self.metrics_server.bind()
 
     def _run(self) -> None:
-        """Start the threads and tasks that serve: samplers, owners, registration, lease
-        reaper, metrics, the supervisor's watchdog, peer watch."""
+        """Start the threads and tasks that serve: samplers, owners, the watcher,
+        registration, lease reaper, metrics, the supervisor's watchdog, peer watch."""
         c = self.config
         for rt in self.nodes.values():
             rt.sampler.start()
         self.owners.start()
+        if self.watcher is not None:
+            self.watcher.start()
         self.local.start()
         self._reaper = asyncio.get_running_loop().create_task(self._reap_leases())
         if self.metrics_server is not None:
@@ -337,6 +345,8 @@ class Agent:
             self.local.stop()
             self.local = None
         self.owners.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         for rt in self.nodes.values():
             rt.sampler.stop()
             rt.lane.pool.shutdown(wait=False, cancel_futures=True)

@@ -8,7 +8,10 @@ counter's events in its window. The `sensors` reply carries both, so anyone that
 once (`backdoors status`, a monitor just started) judges a stall with
 `sensors.judgement` as a monitor that has polled all along would. A box registered anew
 (another registration time) or recreated (another owner) starts clean: its first sighting
-counts as a move.
+counts as a move. The agent's watcher (agent/watch.py) reads the progress counters far
+more often; `watched` notes when it last read each box and when it saw each counter
+move. Where this pass saw no move since the watcher's read, the counter (which only goes
+forward) has not moved since the watcher saw it move: the reply counts from then.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ class BoxTracking:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._trackers: dict[Key, SensorTracker] = {}
+        # the watcher's last read of each box, and when it saw each counter move
+        self._watched: dict[Key, tuple[float, dict[str, float]]] = {}
+
+    def watched(self, key: Key, read_at: float, changed_at: dict[str, float]) -> None:
+        """The watcher's latest read of a box at `read_at`: when each progress counter
+        last moved (time.monotonic())."""
+        self._watched[key] = (read_at, changed_at)
 
     def observe(self, key: Key, data: bytes, now: float
                 ) -> tuple[dict[str, float], dict[str, float]] | None:
@@ -43,8 +53,14 @@ class BoxTracking:
             if tracker is None:
                 tracker = self._trackers[key] = SensorTracker()
             snap = tracker.update(image, now)
-        unchanged = {s.name: round(s.stalled_for, 3) for s in snap.sensors
-                     if s.type is SensorType.PROGRESS and s.stalled_for is not None}
+            read_at, moved = self._watched.get(key, (0.0, {}))
+        unchanged = {}
+        for s in snap.sensors:
+            if s.type is SensorType.PROGRESS and s.stalled_for is not None:
+                since = s.stalled_for
+                if now - since <= read_at and s.name in moved:  # no move after that read
+                    since = max(since, now - moved[s.name])
+                unchanged[s.name] = round(since, 3)
         events = {s.name: s.rate for s in snap.sensors
                   if s.type is SensorType.PRESSURE and s.rate is not None}
         return unchanged, events
@@ -54,3 +70,5 @@ class BoxTracking:
         with self._lock:
             for key in self._trackers.keys() - keys:
                 del self._trackers[key]
+            for key in self._watched.keys() - keys:
+                del self._watched[key]

@@ -56,6 +56,9 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "this monitor's private key file (id = monitor_id, mode 0600; backdoors keys "
         "generate)")] = None
     period_ms: Annotated[Pos, doc("poll period")] = 50.0
+    events: Annotated[bool, doc(
+        "subscribe to every agent's events (violations its watcher judged, server deaths) "
+        "and act on them at once; false: detect by polling only")] = True
     timeout_ms: Annotated[Pos, doc(
         "per poll RPC; a slower agent counts as unreachable meanwhile")] = 500.0
     action_timeout_ms: Annotated[Pos, doc(

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import AgentError, ConfigError, SensorBoxError
-from ..sensors import SensorTracker, parse_box
+from ..sensors import SensorTracker, SensorType, parse_box, stalled
 from .rules import Rule, load_rulesets
 from .config import (
     AgentEntry, MonitorConfig, agent_keys, load_config, load_monitor_key, validate,
@@ -38,6 +38,9 @@ from .repair import context, respond
 log = logging.getLogger("backdoors.monitor")
 
 ClientFactory = Callable[[AgentEntry, float], Any]
+#: Event kinds whose condition a poll judges too: not judged again after a busy node's
+#: response (the next poll does), unlike a server's death
+POLLED_TOO = ("violation", "cleared")
 #: Where `run_monitor` (the `backdoors monitor` command) writes incidents by default.
 DEFAULT_INCIDENTS_DIR = "/var/lib/backdoors/incidents"
 
@@ -180,20 +183,35 @@ class AgentPoller:
 
     def _view(self, node: str, reply, at: float, info) -> NodeView:
         snapshots, errors = {}, dict(reply.errors)
+        agent_unchanged = getattr(reply, "progress_unchanged_s", None) or {}
         for box, data in reply.boxes.items():
             tracker = self._trackers.get((node, box))
             if tracker is None:
                 tracker = self._trackers[(node, box)] = SensorTracker(self.monitor.clock)
             try:
-                snapshots[box] = tracker.update(parse_box(data), at)
+                snapshots[box] = snap = tracker.update(parse_box(data), at)
             except SensorBoxError as e:
                 errors[box] = str(e)
+                continue
+            _longer_stalls(snap, agent_unchanged.get(box, {}))
         for key in [k for k in self._trackers if k[0] == node and k[1] not in reply.boxes]:
             del self._trackers[key]
         return NodeView(node, self.entry.host, at, snapshots,
                         frozen=info.frozen if info else None,
                         locked_by=list(info.locked_by) if info else [],
                         fenced=bool(info.fenced) if info else False, box_errors=errors)
+
+
+def _longer_stalls(snap, unchanged: dict[str, float]) -> None:
+    """Where the agent, which reads the counters far more often (its watcher), has seen a
+    progress counter unchanged for longer than this monitor's polls could, count the
+    stall from the agent's sighting: a poll then judges a stall as early as an event."""
+    for s in snap.sensors:
+        u = unchanged.get(s.name)
+        if s.type is SensorType.PROGRESS and isinstance(u, (int, float)) and \
+                s.stalled_for is not None and u > s.stalled_for:
+            s.stalled_for = float(u)
+            s.violated = stalled(s.stalled_for, s.deadline)
 
 
 class Monitor:
@@ -320,7 +338,7 @@ class Monitor:
         if view.event is None:
             self.metrics.saw(view)
         opened = self.engine.observe(view)
-        if view.event is not None and not opened:
+        if view.event is not None and not opened and view.event["kind"] not in POLLED_TOO:
             st = self.engine.nodes.get(view.node)
             if st is not None and st.busy is not None:  # judged again when the node is free
                 with self._cond:
@@ -350,7 +368,7 @@ class Monitor:
         """Subscribe to every agent's events (with the monitor's own key: agents of a
         custom client_factory are polled only)."""
         key = getattr(self, "key", None)
-        if key is None:
+        if key is None or not self.config.events:
             return
         from .events import EventFollower
         self.followers = [EventFollower(self, e, agent_keys(e)) for e in self.config.agents]
@@ -359,7 +377,7 @@ class Monitor:
 
     def on_event(self, host: str, ev, *, received: float, via: str = "event") -> None:
         """An agent's pushed event (agent.events.EventFrame): judged at once by the rules
-        whose detectors take events (see Detector.on_events)."""
+        whose detectors take events (see Detector.takes)."""
         if not ev.node:
             return
         event = {"kind": ev.kind, "seq": ev.seq, "at": ev.at, **ev.data}

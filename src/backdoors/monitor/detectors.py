@@ -88,8 +88,10 @@ class Detector(Unit):
     needs_node_state: ClassVar[bool] = False
     #: needs each poll to ask the agent for its view of its peer agents (op peers)
     needs_peers: ClassVar[bool] = False
-    #: judges the events an agent pushes (views with `event`); others see polls only
-    on_events: ClassVar[bool] = False
+    def takes(self, event: dict) -> bool:
+        """Whether this detector judges `event`, an agent's pushed event (a view with
+        `event`); others see polls only, and an event leaves their state as it is."""
+        return False
 
     @property
     def hold_ms(self) -> float:
@@ -143,7 +145,23 @@ class SensorDetector(Detector):
     def describe(v: Violation) -> str:
         raise NotImplementedError
 
+    def takes(self, event: dict) -> bool:
+        """A `violation` or `cleared` the agent's watcher judged for this kind of
+        detector, about a box and sensor this one watches."""
+        return _pushed(self, event) and fnmatch.fnmatchcase(str(event.get("box")), self.box) \
+            and (not self.sensors or any(fnmatch.fnmatchcase(str(event.get("sensor")), p)
+                                         for p in self.sensors))
+
+    def pushed_state(self, event: dict) -> SensorState:
+        """The sensor as the agent's violation event describes it."""
+        raise NotImplementedError
+
     def check(self, index: int, view: NodeView) -> Hit | None:
+        if view.event is not None:  # judged with the same rule as a poll's reading
+            if view.event.get("kind") != "violation" or not self.takes(view.event):
+                return None
+            v = self.violation(str(view.event["box"]), self.pushed_state(view.event))
+            return Hit(index, self.kind_name(), self.describe(v), [v]) if v else None
         found = [v for box, s in self.matching(view) if (v := self.violation(box, s))]
         if not found:
             return None
@@ -159,6 +177,12 @@ class ProgressStalled(SensorDetector, tag="progress_stalled"):
 
     sensor_type: ClassVar[SensorType] = SensorType.PROGRESS
     deadline_ms: Pos | None = None
+
+    def pushed_state(self, event: dict) -> SensorState:
+        return SensorState(0, str(event["sensor"]), SensorType.PROGRESS,
+                           float(event.get("value", 0)), True,
+                           stalled_for=float(event["unchanged_ms"]) / 1000,
+                           deadline=float(event["deadline_ms"]) / 1000)
 
     def violation(self, box: str, s: SensorState) -> Violation | None:
         deadline = self.deadline_ms / 1000 if self.deadline_ms is not None else s.deadline
@@ -182,6 +206,12 @@ class LevelOutOfBounds(SensorDetector, tag="level_out_of_bounds"):
     sensor_type: ClassVar[SensorType] = SensorType.LEVEL
     min: float | None = None
     max: float | None = None
+
+    def pushed_state(self, event: dict) -> SensorState:
+        lo, hi = event.get("min"), event.get("max")
+        return SensorState(0, str(event["sensor"]), SensorType.LEVEL, float(event["value"]),
+                           True, min=None if lo is None else float(lo),
+                           max=None if hi is None else float(hi))
 
     def problems(self) -> Iterator[tuple[Path, str]]:
         for bound in ("min", "max"):
@@ -261,7 +291,13 @@ class NodeFrozen(Detector, tag="node_frozen"):
     def hold_ms(self) -> float:
         return self.for_ms
 
+    def takes(self, event: dict) -> bool:
+        return _pushed(self, event)
+
     def check(self, index: int, view: NodeView) -> Hit | None:
+        if view.event is not None:  # the agent saw it frozen, by nobody's lock
+            return Hit(index, self.kind_name(), f"node {view.node} is frozen and nobody "
+                       "holds its lock") if view.event.get("kind") == "violation" else None
         if view.frozen and not view.locked_by:
             return Hit(index, self.kind_name(),
                        f"node {view.node} is frozen and nobody holds its lock")
@@ -312,7 +348,8 @@ class SessionsOrphaned(Detector, tag="sessions_orphaned"):
     """A server died holding client sessions (the agent's event "owner_died", pushed the
     moment its pidfd said so; or found by the monitor asking after a gap in events)."""
 
-    on_events: ClassVar[bool] = True
+    def takes(self, event: dict) -> bool:
+        return event.get("kind") == "owner_died"
 
     def check(self, index: int, view: NodeView) -> Hit | None:
         ev = view.event
@@ -327,6 +364,11 @@ class SessionsOrphaned(Detector, tag="sessions_orphaned"):
         import time
         died = (view.event or {}).get("died")
         return min(view.at, view.at - max(0.0, time.time() - died)) if died else view.at
+
+
+def _pushed(det: Detector, event: dict) -> bool:
+    """A violation (or its end) the agent judged for detectors of `det`'s kind."""
+    return event.get("kind") in ("violation", "cleared") and event.get("detector") == det.kind_name()
 
 
 # ---- registration ------------------------------------------------------------------------

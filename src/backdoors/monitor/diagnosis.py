@@ -268,9 +268,10 @@ def hang(view: NodeView, hits: list[Hit], table: Sequence[Row],
     all_stopped = bool(live) and all(p.state in ("T", "t") for p in live)
     owners: dict[int, list[str]] = {}
     for v in stalled:
-        snap = view.snapshots.get(v.box)
-        if snap is not None:
-            owners.setdefault(snap.owner_pid, []).append(
+        snap = view.snapshots.get(v.box)  # (an agent's violation event names the owner)
+        pid = snap.owner_pid if snap is not None else (view.event or {}).get("owner_pid")
+        if pid:
+            owners.setdefault(pid, []).append(
                 f"{v.box}/{v.sensor} (stalled {v.measure * 1000:.0f} ms, counter {v.value:.0f})")
     if not owners:
         for p in live:

@@ -70,6 +70,12 @@ class Detection:
     attempt: int = 1
 
 
+def _urgent(view: NodeView) -> bool:
+    """An event that opens an incident during the settling after a repair: a server's
+    death, not a violation (a repair's freeze stalls progress, as it does for polls)."""
+    return view.event is not None and view.event.get("kind") not in ("violation", "cleared")
+
+
 class Engine:
     """Rules applied to the views of every node; thread-safe per node."""
 
@@ -107,7 +113,7 @@ class Engine:
         for rule in self.rules:
             if not rule.applies_to(view.node):
                 continue
-            if view.event is not None and not any(d.on_events for d in rule.detectors):
+            if view.event is not None and not any(d.takes(view.event) for d in rule.detectors):
                 continue  # an event view tells only the rules that judge events
             if not view.agent_ok and not any(d.judges_stale for d in rule.detectors):
                 continue  # stale data cannot judge this rule: hold its state as it is
@@ -122,7 +128,7 @@ class Engine:
                 if again is not None:
                     opened.append(again)
             elif (self._fired(rule, hits) and not opened and st.busy is None
-                  and (now >= st.settle_until or view.event is not None)  # events: no stall
+                  and (now >= st.settle_until or _urgent(view))
                   and now >= rs.cooldown_until and not view.fenced):
                 det = self._open(rule, rs, st, view, hits)
                 opened.append(det)
@@ -138,6 +144,8 @@ class Engine:
         for i, det in enumerate(rule.detectors):
             if not view.agent_ok and not det.judges_stale:
                 continue  # no fresh data: neither fired nor cleared
+            if view.event is not None and not det.takes(view.event):
+                continue  # an event tells only the detectors that judge it
             hit = evaluate(det, i, view)
             if hit is None:
                 rs.since[i] = None

@@ -1,0 +1,192 @@
+"""Detection where the facts are: the agent judges its nodes itself and pushes violations.
+
+One thread (`bd-agent-watch`) wakes every `watch_period_ms` and, for every node:
+
+- reads each progress counter of the node's Sensor Boxes (one 64-bit memory load per
+  counter; the box is parsed again only when its layout generation changes), notes when
+  each last moved, and judges a stall with the monitor's judgement (`sensors.judgement`);
+- asks whether the node's service interface is up with carrier (one ioctl, the sampler's
+  `LinkWatch`);
+- every FROZEN_EVERY_S, whether the node's cgroup is frozen (one cgroupfs read).
+
+A condition that begins is published once (event "violation", agent.events) and once
+more when it ends ("cleared"); nothing is repeated while it lasts. A node frozen under a
+lease (the agent's own lock, asked by a monitor) is not a violation, and stalls that begin
+while it is held are not published (the lock stops progress on purpose). Each violation's
+`detector` names the monitor's detector kind that judges it, with the facts it judges:
+
+- progress_stalled: box, sensor, value, unchanged_ms, deadline_ms, onset (Unix time),
+  owner_pid (the box's registrant, host pid);
+- level_out_of_bounds: box "kernel", sensor "link_up", value 0, min 0.5 (link down);
+- node_frozen: the cgroup frozen by nobody's lock.
+
+What the watcher saw of the counters also feeds the `sensors` reply's
+`progress_unchanged_s` (agent/tracking.py), so a poll judges a stall as early as an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import BackdoorsError, SensorBoxError
+from ..sensors import SensorType, abi, parse_box, read_consistent, stalled
+from .served import NodeRuntime
+from .tracking import Key
+
+log = logging.getLogger("backdoors.agent")
+
+FROZEN_EVERY_S = 0.01
+RETRY_S = 1.0  # a box that did not parse is tried again after this
+
+
+@dataclass
+class _Counter:
+    name: str
+    offset: int  # of its value word
+    deadline: float
+    word: int
+    changed_at: float  # time.monotonic() the watcher saw it move (or first saw it)
+    onset_wall: float
+    stalled: bool = False
+
+
+@dataclass
+class _Box:
+    generation: int = -1
+    counters: list[_Counter] = field(default_factory=list)
+    retry_at: float = 0.0
+
+
+@dataclass
+class _NodeState:
+    boxes: dict[Key, _Box] = field(default_factory=dict)
+    link_down: bool = False
+    frozen: bool = False
+    frozen_due: float = 0.0
+
+
+class Watcher:
+    """Watches every node on one thread (`start`, `stop`); `publish(kind, node, **data)`
+    pushes an event; `held(node)` says whether a lease holds the node locked."""
+
+    def __init__(self, nodes: dict[str, NodeRuntime], regions, *, period_s: float,
+                 publish: Callable[..., int], held: Callable[[str], bool]):
+        self.nodes, self.regions, self.period = nodes, regions, period_s
+        self.publish, self.held = publish, held
+        self._states = {name: _NodeState() for name in nodes}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
+        self.errors = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            for name, rt in self.nodes.items():
+                try:
+                    self.check(rt, self._states[name])
+                except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                    self.errors += 1
+                    log.warning("node %s: watch failed: %s", name, e)
+            next_at += self.period
+            delay = next_at - time.monotonic()
+            if delay < 0:  # overran: skip the missed periods rather than catch up
+                next_at, delay = time.monotonic(), 0.0
+            self._stop.wait(delay)
+
+    # -- one pass over a node ----------------------------------------------------------
+
+    def check(self, rt: NodeRuntime, st: _NodeState) -> None:
+        now = time.monotonic()
+        held = self.held(rt.name)
+        self._progress(rt, st, now, held)
+        link = rt.sampler.link
+        if link is not None:
+            down = not link.up()
+            if down != st.link_down:
+                st.link_down = down
+                self._say(rt.name, down, detector="level_out_of_bounds", condition="link_down",
+                          box="kernel", sensor="link_up", value=0.0 if down else 1.0, min=0.5,
+                          interface=link.ifname, onset=time.time())
+        if now >= st.frozen_due:
+            st.frozen_due = now + FROZEN_EVERY_S
+            try:
+                frozen = rt.node.cgroup.is_frozen() and not held
+            except (OSError, BackdoorsError):
+                frozen = st.frozen  # unreadable for now: no news
+            if frozen != st.frozen:
+                st.frozen = frozen
+                self._say(rt.name, frozen, detector="node_frozen", condition="node_frozen",
+                          onset=time.time())
+
+    def _progress(self, rt: NodeRuntime, st: _NodeState, now: float, held: bool) -> None:
+        with self.regions.use_all(rt.name, "sensorbox") as entries:
+            keys = set()
+            for entry in entries:
+                if entry.internal:
+                    continue  # the kernel box has no progress counters
+                key = (entry.name, entry.registered_at)
+                keys.add(key)
+                box = st.boxes.get(key)
+                if box is None:
+                    box = st.boxes[key] = _Box()
+                if now < box.retry_at:
+                    continue
+                try:
+                    self._box(rt, entry, key, box, now, held)
+                except SensorBoxError:
+                    box.generation, box.retry_at = -1, now + RETRY_S  # the sampler says why
+        for key in st.boxes.keys() - keys:  # unregistered: its stalls end with it
+            for c in st.boxes.pop(key).counters:
+                if c.stalled:
+                    self._say(rt.name, False, detector="progress_stalled",
+                              condition="progress_stalled", box=key[0], sensor=c.name,
+                              why="box unregistered")
+
+    def _box(self, rt: NodeRuntime, entry, key: Key, box: _Box, now: float, held: bool) -> None:
+        region = entry.region
+        if region.load_word(abi.OFF_GENERATION) != box.generation:
+            image = parse_box(read_consistent(region))
+            old = {c.name: c for c in box.counters}
+            box.counters = []
+            for s in image.sensors:
+                if s.type is not SensorType.PROGRESS:
+                    continue
+                offset = abi.slot_offset(s.id - 1) + abi.SLOT_OFF_VALUE
+                c = old.get(s.name) or _Counter(s.name, offset, s.threshold, -1, now, time.time())
+                c.offset, c.deadline = offset, s.threshold
+                box.counters.append(c)
+            box.generation = image.generation
+        for c in box.counters:
+            word = region.load_word(c.offset)
+            if word != c.word:
+                if c.stalled:
+                    c.stalled = False
+                    self._say(rt.name, False, detector="progress_stalled",
+                              condition="progress_stalled", box=entry.name, sensor=c.name,
+                              value=word, stalled_ms=round((now - c.changed_at) * 1000, 1))
+                c.word, c.changed_at, c.onset_wall = word, now, time.time()
+                continue
+            unchanged = now - c.changed_at
+            if not c.stalled and not held and stalled(unchanged, c.deadline):
+                c.stalled = True
+                self._say(rt.name, True, detector="progress_stalled",
+                          condition="progress_stalled", box=entry.name, sensor=c.name,
+                          value=word, unchanged_ms=round(unchanged * 1000, 1),
+                          deadline_ms=round(c.deadline * 1000, 3), onset=c.onset_wall,
+                          owner_pid=entry.pid)
+        rt.tracking.watched(key, now, {c.name: c.changed_at for c in box.counters})
+
+    def _say(self, node: str, violated: bool, **data) -> None:
+        self.publish("violation" if violated else "cleared", node, **data)
