@@ -251,3 +251,20 @@ def test_the_operator_path_from_the_docs(walk):
         assert not Path(f"/sys/class/net/{node}-h").exists(), "a veth was left"
         assert not provision.record_path(node).exists()
     assert not walk.dir.exists()
+
+
+def test_the_docs_show_the_walkthrough_as_the_script_has_it():
+    """operations.md §15 names every step of the script, and its variables' defaults."""
+    import re
+    script = SCRIPT.read_text()
+    text = (ROOT / "docs/operations.md").read_text()
+    section = text[text.index("## 15. A walkthrough on one host"):]
+    steps = set()
+    for label in re.findall(r"^([a-z|\- ]+)\)$", script, re.MULTILINE):
+        steps.update(s.strip() for s in label.split("|"))
+    assert steps == set(re.findall(r"sh \$S ([a-z-]+)", section))
+    defaults = re.findall(r'^: "\$\{(\w+):=(.*?)\}"', script, re.MULTILINE)
+    assert len(defaults) == 8
+    for var, value in defaults:
+        shown = f'{var}="{value}"' if " " in value else f"{var}={value}"
+        assert f"`{shown}`" in section, shown
