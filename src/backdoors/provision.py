@@ -114,6 +114,26 @@ def _dirs_to_make(cgroup: Cgroup) -> list[Path]:
     return out
 
 
+def _shared_parents(cgroup: Cgroup, records: Path) -> list[Path]:
+    """The existing parent directories of `cgroup` that another node's `create` made: they
+    are this node's too, so that whichever node is deleted last removes them (`backdoors/`
+    of web0 and api0)."""
+    made = set()
+    for path in records.glob("*.json") if records.is_dir() else ():
+        try:
+            made.update(msgspec.json.decode(path.read_bytes(), type=Record).dirs)
+        except (OSError, msgspec.DecodeError):
+            continue  # not ours to judge: that directory stays
+    out = []
+    for mount in cgroup.layout.hierarchies().values():
+        path = mount
+        for part in cgroup.relpath.split("/")[:-1]:
+            path = path / part
+            if path.is_dir() and str(path) in made:
+                out.append(path)
+    return out
+
+
 def _check_bridge(bridge: str) -> None:
     try:
         info = net.link_info(None, bridge)
@@ -184,7 +204,7 @@ def create(name: str, *, cgroup: str | None = None, memory: int | None = None,
                  interface=interface, bridge=bridge, addresses=list(addresses),
                  gateway=gateway)
     try:
-        rec.dirs = [str(p) for p in _dirs_to_make(cg)]
+        rec.dirs = [str(p) for p in _shared_parents(cg, records) + _dirs_to_make(cg)]
         _save(rec, records)
         Node.create(name, cg.relpath, memory_limit=memory, pids_limit=pids, layout=layout)
         if netns is not None:

@@ -4,8 +4,9 @@
     rows = status_table(monitor_config="/etc/backdoors/backdoors.toml")
     render_status(rows)
 
-Each row is one node (JSON-friendly dict): its host, its state, its worst sensor and its
-open incidents. The state, worst first:
+Each row is one node (JSON-friendly dict): its host, its state, its worst sensor, the
+Sensor Boxes the agent reads of it (`boxes`: the services' registered ones and the agent's
+own "kernel") and its open incidents. The state, worst first:
 
 - `unreachable`: its agent did not answer (the error says why);
 - `fenced`: frozen and cut off the network after a recovery, until an operator acts;
@@ -149,7 +150,8 @@ def _open_incidents(path: str) -> dict[tuple[str, str], list]:
 def _row(host: str, address: str, node: str, **fields) -> dict:
     row = {"host": host, "address": address, "node": node, "state": "ok", "reachable": True,
            "error": None, "frozen": None, "locked_by": [], "fenced": False, "sessions": None,
-           "adopted_sessions": None, "violations": 0, "worst": None, "box_errors": {}}
+           "adopted_sessions": None, "violations": 0, "worst": None, "boxes": [],
+           "box_errors": {}}
     row.update(fields)
     return row
 
@@ -206,6 +208,7 @@ def _node_row(src: AgentSource, info, reply, sessions: list) -> dict:
     row = _row(src.host, src.address, info.name, frozen=info.frozen,
                locked_by=list(info.locked_by), fenced=info.fenced, sessions=len(sessions),
                adopted_sessions=adopted, violations=len(violated), box_errors=errors,
+               boxes=sorted(reply.boxes),
                worst=max(judged, key=lambda j: (j["violated"], j["ratio"]), default=None))
     if info.fenced:
         row["state"] = "fenced"

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from ..common.procs import alive
 from .. import net
 from ..errors import LabError
-from . import hogs
 from . import topology
 from .lab import Lab
 
@@ -87,7 +86,8 @@ def stop(lab: Lab, kind: str, node: str, **opts) -> None:
         for p in n.processes():
             n.kill(p.pid, signal.SIGCONT)
     elif kind in ("memory-hog", "fork-bomb", "cpu-hog"):
-        comm = hogs.COMM[{"memory-hog": "memory", "fork-bomb": "forkbomb", "cpu-hog": "cpu"}[kind]]
+        from .hogs import COMM  # lazily: else `python -m backdoors.lab.hogs` warns (runpy)
+        comm = COMM[{"memory-hog": "memory", "fork-bomb": "forkbomb", "cpu-hog": "cpu"}[kind]]
         with n.locked(timeout=5.0):  # nothing forks while we pick the victims
             for pid in _by_comm(lab, node, comm):
                 n.kill(pid, signal.SIGKILL)
