@@ -372,3 +372,54 @@ def test_history_is_bounded_by_age():
     h = fill(list(range(200)), step=0.05)  # 10 s of samples, 5 s kept
     assert len(h) in (100, 101) and h.entries()[0][0] >= 4.9
     assert h.copy().entries() == h.entries()
+
+
+# ---- pushed events ----------------------------------------------------------------------
+
+HANG_RULES = """
+[[rule]]
+name = "hang"
+match = "any"
+detectors = [{ kind = "progress_stalled", box = "*" }, { kind = "node_frozen" }]
+clear_ms = 200
+cooldown_ms = 500
+"""
+
+
+def stall_event(unchanged_ms, deadline_ms=50.0, seq=7):
+    """A `violation` as the agent's watcher pushes it (agent/watch.py)."""
+    return {"kind": "violation", "seq": seq, "at": 0.0, "detector": "progress_stalled",
+            "condition": "progress_stalled", "box": "svc", "sensor": "tick", "value": 42,
+            "unchanged_ms": unchanged_ms, "deadline_ms": deadline_ms, "onset": 0.0,
+            "owner_pid": 1234}
+
+
+@pytest.mark.parametrize("unchanged_ms", [50.0, 50.02, 55.0])
+def test_a_stall_the_agent_pushes_at_its_deadline_opens_the_incident_by_event(unchanged_ms):
+    """The watcher reads counters every 5 ms, so a deadline that is a multiple of 5 ms
+    (50, 100, 200 ms) is first passed by a hair: the agent sees 50.02 ms > 50 ms and pushes
+    its one violation, whose milliseconds may read 50.0 (rounded). That event must open
+    the incident: the agent does not say it again, and a poll would find it up to a poll
+    period late (bench_detection's hang trials opened by poll)."""
+    clock = Clock()
+    eng = Engine(list(rules.parse_ruleset(HANG_RULES).rule), "m1", clock=clock)
+    assert eng.observe(view(at=clock.t, boxes={"svc": [progress("tick", 41, 0.01, 0.05)]})) == []
+    clock.t += 0.05
+    opened = eng.observe(NodeView("n0", "h0", clock.t, event=stall_event(unchanged_ms),
+                                  via="event"))
+    assert len(opened) == 1
+    inc = opened[0].incident
+    assert inc.detected_by == "event" and inc.event["seq"] == 7
+    v = inc.detectors[0].violations[0]
+    assert (v.box, v.sensor, v.bound, v.measure) == ("svc", "tick", 0.05, unchanged_ms / 1000)
+    assert inc.onset_to_detect_ms == pytest.approx(unchanged_ms, abs=0.1)
+
+
+def test_a_rules_own_deadline_judges_a_pushed_stall_again():
+    """A rule's `deadline_ms` replaces the sensor's, for events as for polls: the agent
+    pushes at the box's deadline, and a longer one of the rule is left to the polls."""
+    for deadline_ms, opens in ((40, True), (50, True), (60, False)):
+        rule = HANG_RULES.replace('box = "*"', f'box = "*", deadline_ms = {deadline_ms}')
+        eng = Engine(list(rules.parse_ruleset(rule).rule), "m1", clock=Clock())
+        opened = eng.observe(NodeView("n0", "h0", 100.0, event=stall_event(50.02), via="event"))
+        assert bool(opened) is opens, deadline_ms
