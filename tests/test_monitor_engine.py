@@ -423,3 +423,33 @@ def test_a_rules_own_deadline_judges_a_pushed_stall_again():
         eng = Engine(list(rules.parse_ruleset(rule).rule), "m1", clock=Clock())
         opened = eng.observe(NodeView("n0", "h0", 100.0, event=stall_event(50.02), via="event"))
         assert bool(opened) is opens, deadline_ms
+
+
+def test_a_poll_and_an_event_judging_one_node_at_once_open_one_incident():
+    """The poller and the event follower call the engine from their own threads. An event
+    that arrives while a poll is opening the incident for the same stall must find it
+    open (and count as a detection), not open a second one that leaves the first open
+    for ever."""
+    import threading
+
+    clock = Clock()
+    eng = Engine(list(rules.parse_ruleset(HANG_RULES).rule), "m1", clock=clock)
+    opened: list = []
+    during: list = []
+
+    def the_event_comes_now():  # the clock is read while the poll opens the incident
+        if not during:
+            t = threading.Thread(target=lambda: opened.extend(eng.observe(
+                NodeView("n0", "h0", 100.0, event=stall_event(55.0), via="event"))))
+            during.append(t)
+            t.start()
+            t.join(0.5)  # it runs to its end here unless the node is being judged
+        return clock.t
+
+    eng.clock = the_event_comes_now
+    poll = view(at=100.0, boxes={"svc": [progress("tick", 41, 0.055, 0.05)]})
+    opened.extend(eng.observe(poll))
+    during[0].join()
+    assert len(opened) == 1 and opened[0].incident.detected_by == "poll"
+    assert [i.id for i in eng.open_incidents()] == [opened[0].incident.id]
+    assert opened[0].incident.detections == 2  # the poll that opened it, and the event
