@@ -372,3 +372,84 @@ def test_history_is_bounded_by_age():
     h = fill(list(range(200)), step=0.05)  # 10 s of samples, 5 s kept
     assert len(h) in (100, 101) and h.entries()[0][0] >= 4.9
     assert h.copy().entries() == h.entries()
+
+
+# ---- pushed events ----------------------------------------------------------------------
+
+HANG_RULES = """
+[[rule]]
+name = "hang"
+match = "any"
+detectors = [{ kind = "progress_stalled", box = "*" }, { kind = "node_frozen" }]
+clear_ms = 200
+cooldown_ms = 500
+"""
+
+
+def stall_event(unchanged_ms, deadline_ms=50.0, seq=7):
+    """A `violation` as the agent's watcher pushes it (agent/watch.py)."""
+    return {"kind": "violation", "seq": seq, "at": 0.0, "detector": "progress_stalled",
+            "condition": "progress_stalled", "box": "svc", "sensor": "tick", "value": 42,
+            "unchanged_ms": unchanged_ms, "deadline_ms": deadline_ms, "onset": 0.0,
+            "owner_pid": 1234}
+
+
+@pytest.mark.parametrize("unchanged_ms", [50.0, 50.02, 55.0])
+def test_a_stall_the_agent_pushes_at_its_deadline_opens_the_incident_by_event(unchanged_ms):
+    """The watcher reads counters every 5 ms, so a deadline that is a multiple of 5 ms
+    (50, 100, 200 ms) is first passed by a hair: the agent sees 50.02 ms > 50 ms and pushes
+    its one violation, whose milliseconds may read 50.0 (rounded). That event must open
+    the incident: the agent does not say it again, and a poll would find it up to a poll
+    period late (bench_detection's hang trials opened by poll)."""
+    clock = Clock()
+    eng = Engine(list(rules.parse_ruleset(HANG_RULES).rule), "m1", clock=clock)
+    assert eng.observe(view(at=clock.t, boxes={"svc": [progress("tick", 41, 0.01, 0.05)]})) == []
+    clock.t += 0.05
+    opened = eng.observe(NodeView("n0", "h0", clock.t, event=stall_event(unchanged_ms),
+                                  via="event"))
+    assert len(opened) == 1
+    inc = opened[0].incident
+    assert inc.detected_by == "event" and inc.event["seq"] == 7
+    v = inc.detectors[0].violations[0]
+    assert (v.box, v.sensor, v.bound, v.measure) == ("svc", "tick", 0.05, unchanged_ms / 1000)
+    assert inc.onset_to_detect_ms == pytest.approx(unchanged_ms, abs=0.1)
+
+
+def test_a_rules_own_deadline_judges_a_pushed_stall_again():
+    """A rule's `deadline_ms` replaces the sensor's, for events as for polls: the agent
+    pushes at the box's deadline, and a longer one of the rule is left to the polls."""
+    for deadline_ms, opens in ((40, True), (50, True), (60, False)):
+        rule = HANG_RULES.replace('box = "*"', f'box = "*", deadline_ms = {deadline_ms}')
+        eng = Engine(list(rules.parse_ruleset(rule).rule), "m1", clock=Clock())
+        opened = eng.observe(NodeView("n0", "h0", 100.0, event=stall_event(50.02), via="event"))
+        assert bool(opened) is opens, deadline_ms
+
+
+def test_a_poll_and_an_event_judging_one_node_at_once_open_one_incident():
+    """The poller and the event follower call the engine from their own threads. An event
+    that arrives while a poll is opening the incident for the same stall must find it
+    open (and count as a detection), not open a second one that leaves the first open
+    for ever."""
+    import threading
+
+    clock = Clock()
+    eng = Engine(list(rules.parse_ruleset(HANG_RULES).rule), "m1", clock=clock)
+    opened: list = []
+    during: list = []
+
+    def the_event_comes_now():  # the clock is read while the poll opens the incident
+        if not during:
+            t = threading.Thread(target=lambda: opened.extend(eng.observe(
+                NodeView("n0", "h0", 100.0, event=stall_event(55.0), via="event"))))
+            during.append(t)
+            t.start()
+            t.join(0.5)  # it runs to its end here unless the node is being judged
+        return clock.t
+
+    eng.clock = the_event_comes_now
+    poll = view(at=100.0, boxes={"svc": [progress("tick", 41, 0.055, 0.05)]})
+    opened.extend(eng.observe(poll))
+    during[0].join()
+    assert len(opened) == 1 and opened[0].incident.detected_by == "poll"
+    assert [i.id for i in eng.open_incidents()] == [opened[0].incident.id]
+    assert opened[0].incident.detections == 2  # the poll that opened it, and the event

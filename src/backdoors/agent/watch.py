@@ -181,10 +181,12 @@ class Watcher:
             unchanged = now - c.changed_at
             if not c.stalled and not held and stalled(unchanged, c.deadline):
                 c.stalled = True
+                # not rounded: a stall seen every period_s first passes a deadline that is
+                # a multiple of it by microseconds, which rounding would hide
                 self._say(rt.name, True, detector="progress_stalled",
                           condition="progress_stalled", box=entry.name, sensor=c.name,
-                          value=word, unchanged_ms=round(unchanged * 1000, 1),
-                          deadline_ms=round(c.deadline * 1000, 3), onset=c.onset_wall,
+                          value=word, unchanged_ms=unchanged * 1000,
+                          deadline_ms=c.deadline * 1000, onset=c.onset_wall,
                           owner_pid=entry.pid)
         rt.tracking.watched(key, now, {c.name: c.changed_at for c in box.counters})
 

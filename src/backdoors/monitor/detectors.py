@@ -156,11 +156,16 @@ class SensorDetector(Detector):
         """The sensor as the agent's violation event describes it."""
         raise NotImplementedError
 
+    def pushed_violation(self, box: str, event: dict) -> Violation | None:
+        """The violation of the agent's violation `event`, judged with this detector's
+        bounds."""
+        return self.violation(box, self.pushed_state(event))
+
     def check(self, index: int, view: NodeView) -> Hit | None:
         if view.event is not None:  # judged with the same rule as a poll's reading
             if view.event.get("kind") != "violation" or not self.takes(view.event):
                 return None
-            v = self.violation(str(view.event["box"]), self.pushed_state(view.event))
+            v = self.pushed_violation(str(view.event["box"]), view.event)
             return Hit(index, self.kind_name(), self.describe(v), [v]) if v else None
         found = [v for box, s in self.matching(view) if (v := self.violation(box, s))]
         if not found:
@@ -183,6 +188,16 @@ class ProgressStalled(SensorDetector, tag="progress_stalled"):
                            float(event.get("value", 0)), True,
                            stalled_for=float(event["unchanged_ms"]) / 1000,
                            deadline=float(event["deadline_ms"]) / 1000)
+
+    def pushed_violation(self, box: str, event: dict) -> Violation | None:
+        """The agent judged the stall against the sensor's own deadline, with its exact
+        times (`stalled`, strictly longer); a stall it pushes at its first sighting past
+        the deadline exceeds it by a hair, which the event's milliseconds need not show.
+        So only a rule's own `deadline_ms` judges the event again."""
+        s = self.pushed_state(event)
+        if self.deadline_ms is None and s.deadline is not None and s.stalled_for is not None:
+            return Violation(box, s.name, s.type, s.value, s.deadline, s.stalled_for)
+        return self.violation(box, s)
 
     def violation(self, box: str, s: SensorState) -> Violation | None:
         deadline = self.deadline_ms / 1000 if self.deadline_ms is not None else s.deadline

@@ -52,6 +52,9 @@ class NodeState:
     rules: dict[str, RuleState] = field(default_factory=dict)
     busy: str | None = None  # id of the incident being responded to
     settle_until: float = 0.0
+    #: held while the node is judged: its poller, its agent's event follower and the repair
+    #: workers all call in, and two of them must not both open the same rule's incident
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
 
 @dataclass
@@ -77,7 +80,8 @@ def _urgent(view: NodeView) -> bool:
 
 
 class Engine:
-    """Rules applied to the views of every node; thread-safe per node."""
+    """Rules applied to the views of every node; thread-safe (one node is judged by one
+    thread at a time)."""
 
     def __init__(self, rules: list[Rule], monitor_id: str, *, history_s: float = 5.0,
                  settle_s: float = 0.25, clock: Callable[[], float] = time.monotonic,
@@ -106,6 +110,10 @@ class Engine:
 
     def observe(self, view: NodeView) -> list[Detection]:
         st = self.state(view.node, view.host)
+        with st.lock:
+            return self._observe(st, view)
+
+    def _observe(self, st: NodeState, view: NodeView) -> list[Detection]:
         if view.agent_ok and view.event is None:
             st.history.add(view)
         now = view.at
@@ -225,13 +233,14 @@ class Engine:
     def responded(self, det: Detection, state: str) -> None:
         """Called by the repair worker when the response of `det` has finished."""
         st = self.state(det.view.node, det.view.host)
-        rs = st.rules[det.rule.name]
-        now = self.clock()
-        det.incident.state = state
-        det.incident.repaired_ms = round((now - det.detected) * 1000, 1)
-        rs.acted_at = now
-        st.busy = None
-        st.settle_until = now + self.settle_s
+        with st.lock:
+            rs = st.rules[det.rule.name]
+            now = self.clock()
+            det.incident.state = state
+            det.incident.repaired_ms = round((now - det.detected) * 1000, 1)
+            rs.acted_at = now
+            st.busy = None
+            st.settle_until = now + self.settle_s
 
     def close(self, st: NodeState, rule: Rule, outcome: str, now: float) -> None:
         rs = st.rules[rule.name]
@@ -252,9 +261,10 @@ class Engine:
         if st is None:
             return
         rules = {r.name: r for r in self.rules}
-        for name, rs in list(st.rules.items()):
-            if rs.incident is not None:
-                self.close(st, rules[name], outcome, self.clock())
+        with st.lock:
+            for name, rs in list(st.rules.items()):
+                if rs.incident is not None:
+                    self.close(st, rules[name], outcome, self.clock())
 
     def close_all(self, outcome: str) -> None:
         """Close every open incident (the monitor is stopping)."""
@@ -263,9 +273,10 @@ class Engine:
             states = list(self.nodes.values())
         rules = {r.name: r for r in self.rules}
         for st in states:
-            for name, rs in list(st.rules.items()):
-                if rs.incident is not None:
-                    self.close(st, rules[name], outcome, now)
+            with st.lock:
+                for name, rs in list(st.rules.items()):
+                    if rs.incident is not None:
+                        self.close(st, rules[name], outcome, now)
 
     # -- onset ---------------------------------------------------------------------------
 
