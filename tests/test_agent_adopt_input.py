@@ -19,6 +19,7 @@ import zlib
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
+from prometheus_client import generate_latest
 from hypothesis import strategies as st
 from test_agent_support import agent_lab, prefix
 
@@ -155,6 +156,8 @@ def test_staged_and_adopting_entries_expire(peer_lab):
     now[0] += recovery.ttl_s + 1
     assert recovery.expire() == 1 and recovery.staged == {}
     assert recovery.expired["staged"] == 2
+    scraped = generate_latest(peer_lab.agent.agent.metrics.registry).decode()
+    assert 'backdoors_agent_recovery_expired_total{what="staged"} 2.0' in scraped
 
 
 # -- the fuzzer over adopt and stage arguments --------------------------------------------

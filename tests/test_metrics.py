@@ -109,6 +109,8 @@ def test_agent_serves_its_metrics_and_stops_with_it(agent_lab):  # noqa: F811
     assert get(m, "backdoors_agent_sessions", node="n0") == 0
     assert get(m, "backdoors_agent_region_bytes", node="n0") > 0
     assert get(m, "backdoors_agent_node_frozen", node="n0") == 0
+    assert get(m, "backdoors_agent_recovery_expired_total", what="staged") == 0
+    assert get(m, "backdoors_agent_recovery_expired_total", what="adopting") == 0
     assert get(m, "backdoors_agent_node_locked", node="n0") == 0
     assert get(m, "backdoors_agent_node_fenced", node="n0") == 0
     assert 0 <= get(m, "backdoors_agent_sample_age_seconds", node="n0") < 1

@@ -40,6 +40,13 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class RecoveryView(Protocol):
+    """What the collector reads of the agent's session recovery (recovery.Recovery)."""
+
+    limbo: Mapping[str, list]  # node -> sessions dumped and not adopted yet
+    expired: Mapping[str, int]  # "staged" | "adopting" -> entries freed unused
+
+
 class Watched(Protocol):
     """What the collector reads of an agent at scrape time (daemon.Agent provides it)."""
 
@@ -48,6 +55,7 @@ class Watched(Protocol):
     sessions: SessionTable
     regions: RegionTable
     leases: LeaseTable | None
+    recovery: RecoveryView
 
     def lanes(self) -> list[Lane]:
         """Every worker lane: the nodes' and the memory lane."""
@@ -121,6 +129,7 @@ class AgentCollector(Collector):
         yield conns
         yield from self._nodes(a)
         yield from self._lanes(a)
+        yield from self._recovery(a.recovery)
         yield from self._kernel(a)
 
     def _nodes(self, a: Watched):
@@ -164,6 +173,20 @@ class AgentCollector(Collector):
             errors.add_metric([name], float(rt.sampler.errors))
             skipped.add_metric([name], float(rt.boxes.count(now)))
         yield from (sessions, region_bytes, frozen, locked, fenced, age, errors, skipped)
+
+    def _recovery(self, r: RecoveryView):
+        limbo = GaugeMetricFamily("backdoors_agent_sessions_in_limbo",
+                                  "Sessions of a node dumped by an evacuate that no target "
+                                  "adopted yet (kept for the next evacuate)", labels=["node"])
+        for node, kept in list(r.limbo.items()):
+            limbo.add_metric([node], float(len(kept)))
+        expired = CounterMetricFamily("backdoors_agent_recovery_expired",
+                                      "Hand-over state a peer left unused and the agent freed "
+                                      "after its TTL: staged pieces, restored sessions that "
+                                      "never got their final adopt", labels=["what"])
+        for what, count in list(r.expired.items()):
+            expired.add_metric([what], float(count))
+        yield from (limbo, expired)
 
     def _lanes(self, a: Watched):
         misses = CounterMetricFamily("backdoors_agent_deadline_misses",
