@@ -7,15 +7,25 @@ events (no timing decides them) with real sockets, memfds and the agent's real t
 - after `adopt`, the agent holds a handed-over session's box as a stand-in until the
   server registers its own; a stand-in coming after the server's registration must not
   replace it (the copy holds an older export: a later recovery would resume from there);
+- `readopt` hands orphans to a restarted server: a verdict that comes late (or never)
+  must not return the session to the orphans while the server may serve it (it reads
+  what was sent after the agent stopped waiting): the server's verdict is authoritative.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import threading
 from types import SimpleNamespace
 
 import pytest
+
+from backdoors.agent import owners
+from backdoors.agent.owners import OwnerWatch
+from backdoors.common import ipc
+from backdoors.continuations.adoption import AdoptionClient, HandoverReply, _decode_handover
 
 from backdoors.agent.protocol import MovedSession
 from backdoors.agent.recovery import Started, _hold
@@ -85,3 +95,87 @@ def test_stand_in_box_never_replaces_the_servers_own(tcp_pair):
         sessions.close()
         for entry in regions.entries(NODE):
             regions.remove(NODE, entry.name)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+class SlowServer:
+    """A scripted recovery server: reads every hand-over sent, answers the first at once
+    and the others only once `late` is set (after the agent stopped waiting)."""
+
+    def __init__(self, path: str, count: int):
+        self.listener = ipc.listen(path, mode=0o600, backlog=1)
+        self.listener.setblocking(True)
+        self.late, self.sessions = threading.Event(), []
+        self.thread = threading.Thread(target=self._run, args=(count,), daemon=True)
+        self.thread.start()
+
+    def _run(self, count: int) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            for i in range(count):
+                frame = ipc.recv(conn, max_bytes=1 << 20, max_fds=2)
+                for fd in frame.fds:
+                    os.close(fd)
+                self.sessions.append(_decode_handover(frame.payload).session)
+            for i, session in enumerate(self.sessions):
+                if i == 1:
+                    self.late.wait(30)
+                try:
+                    ipc.send(conn, HandoverReply(session, True))
+                except OSError:
+                    return  # the agent closed: too late to hear it
+
+    def close(self) -> None:
+        self.late.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_late_verdict_leaves_the_session_with_the_server(tcp_pair, tmp_path, monkeypatch):
+    """Two orphans of a dead server are handed to a restarted one; it accepts the first at
+    once, the second's verdict comes after the agent stopped waiting. Both stay held as
+    the server's (the first handed, the second reported unanswered): none is an orphan
+    again, so no later readopt hands it twice and the orphan closer never closes it."""
+    monkeypatch.setattr(owners, "VERDICT_WAIT_S", 0.2)
+    regions, sessions = _tables()
+    watch = OwnerWatch(sessions, regions, publish=lambda *a, **k: None,
+                       audit=SimpleNamespace(write=lambda **k: None), timeout_s=60.0,
+                       run_dir=str(tmp_path))
+    dead, server_pid = _dead_pid(), os.getpid()  # this process plays the restarted server
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        other = socket.create_connection(lst.getsockname())
+        second, _ = lst.accept()
+    boxes, names, held = [], [], []
+    server = SlowServer(str(tmp_path / "adopt.sock"), 2)
+    try:
+        for sock in (tcp_pair[0], second):
+            session = os.urandom(cbformat.SESSION_SIZE)
+            box = _box(session, 1, 0)
+            boxes.append(box)
+            names.append(f"cb-{session.hex()}")
+            regions.keep(NODE, names[-1], "cb", box.fd, dead)
+            held.append(sessions.hold(NODE, names[-1], sock.fileno(), dead))
+        failed: dict[str, str] = {}
+        call = SimpleNamespace(node=SimpleNamespace(name=NODE))
+        with AdoptionClient(str(tmp_path / "adopt.sock"), timeout=2.0) as client:
+            handed = watch._hand(call, client, server_pid, held, failed)
+        server.late.set()
+        assert handed == 1
+        assert list(failed) == [names[1]] and "held as server" in failed[names[1]]
+        assert {s.name: s.pid for s in sessions.list(NODE)} == dict.fromkeys(names, server_pid)
+        assert watch._orphaned(NODE, dead) == []  # nothing left to offer again
+    finally:
+        server.close()
+        watch.stop()
+        sessions.close()
+        for entry in regions.entries(NODE):
+            regions.remove(NODE, entry.name)
+        for box in boxes:
+            box.close()
+        other.close()
+        second.close()
