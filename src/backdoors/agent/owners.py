@@ -32,6 +32,7 @@ import msgspec
 
 from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
+from ..continuations.errors import NoVerdict
 from ..errors import BackdoorsError
 from ..tcprepair import repair
 from .membership import outsider
@@ -41,6 +42,7 @@ from .sessions import Session, SessionTable
 log = logging.getLogger("backdoors.agent")
 
 SIOCINQ = 0x541B
+VERDICT_WAIT_S = 10.0  # readopt waits this long for a server's verdicts once all are sent
 
 
 class ReadoptArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -301,15 +303,25 @@ class OwnerWatch:
         for s, _, _ in items:
             if s.since is not None:  # the socket's counters keep the offset it had
                 self.sessions.expect(s.node, s.name, s.since)
+        if items:  # what it takes is held as its own: its death orphans them again
+            self.watch(call.node.name, server_pid, None)
         try:
-            verdicts = client.hand_over_all([(s.sock, fd, h) for s, fd, h in items])
-        except BackdoorsError as e:
+            verdicts = client.hand_over_all([(s.sock, fd, h) for s, fd, h in items],
+                                            timeout=VERDICT_WAIT_S)
+        except BackdoorsError as e:  # sending broke: the server did not get them
             verdicts = [e] * len(items)
         handed = 0
         for (s, fd, _), verdict in zip(items, verdicts):
             os.close(fd)
-            if verdict is None:
-                handed += 1
+            # The server's verdict is authoritative. Without one (late, or the connection
+            # broke) a living server may still take the session (it reads what was sent):
+            # it stays the server's, never an orphan offered again or closed under it.
+            unanswered = isinstance(verdict, NoVerdict) and _alive(server_pid)
+            if verdict is None or unanswered:
+                handed += verdict is None
+                if unanswered:
+                    failed[s.name] = (f"hand-over: {verdict}; held as server {server_pid}'s "
+                                      "(orphaned again if it dies)")
                 # held as the new server's until it registers the session itself
                 self.sessions.hold(s.node, s.name, s.sock.fileno(), server_pid)
                 s.sock.close()

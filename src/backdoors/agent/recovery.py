@@ -580,11 +580,14 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
 
 def _hold(call: Call, item: Started, pid: int) -> None:
     """Register a handed-over session's box and socket under the server's pid (the
-    server's own registration of the same name replaces them)."""
+    server's own registration of the same name replaces them). The box is a stand-in: if
+    the server registered its own first (it attaches on its own thread, racing this), that
+    one stays; the copy handed over holds an older export, and a later recovery from it
+    would regenerate, paced as the server sends, all the output since (a long stall)."""
     node, name = call.node.name, item.moved.name
     try:
         call.agent.sessions.hold(node, name, item.sock.fileno(), pid)
-        call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid)
+        call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid, stand_in=True)
     except (BackdoorsError, OSError) as e:
         log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 

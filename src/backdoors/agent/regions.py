@@ -87,11 +87,13 @@ class RegionTable:
             mine = [e for e in self._nodes[node].values() if not e.internal]
         return sum(e.kind != SESSION_KIND for e in mine), sum(e.size for e in mine)
 
-    def add(self, entry: Entry) -> Entry | None:
+    def add(self, entry: Entry, *, stand_in: bool = False) -> Entry | None:
         """Insert `entry`; returns the entry it replaced (already retired), if any.
 
         A name in use is taken over only from a registrant that has exited, or by the same
-        process; otherwise, and beyond the caps, RegionRefused says why.
+        process; otherwise, and beyond the caps, RegionRefused says why. A `stand_in` (the
+        agent's copy of a box it handed to `entry.pid`) never replaces what that process
+        registered itself: then nothing is added and `entry` itself is returned.
         """
         if not REGION_NAME.fullmatch(entry.name):
             raise RegionRefused(f"region name {entry.name!r} must be 1-64 of A-Z a-z 0-9 _ . : -")
@@ -114,7 +116,10 @@ class RegionTable:
                 "which still runs: unregister it there first, or use another name")
         with self._lock:
             regions = self._nodes[entry.node]
-            if regions.get(entry.name) is not old:
+            current = regions.get(entry.name)
+            if stand_in and current is not None and current.pid == entry.pid:
+                return entry  # the registrant's own box is newer than the agent's copy
+            if current is not old:
                 raise RegionRefused(f"region {entry.name!r} changed during registration; retry")
             others = [e for e in regions.values() if not e.internal and e is not old]
             if entry.kind == SESSION_KIND:
@@ -142,18 +147,21 @@ class RegionTable:
         return old
 
     def keep(self, node: str, name: str, kind: str, fd: int, pid: int, *,
-             writable: bool = False, check=None) -> Region:
+             writable: bool = False, check=None, stand_in: bool = False) -> Region | None:
         """Take on a region held by `fd` for the process `pid`: open it (mapped only if a
         Sensor Box), run `check(region)` (validation), add it. The region is closed again if
-        anything fails."""
+        anything fails. `stand_in`: see `add`; None if `pid` had registered its own."""
         info = read_process(pid)
         region = Region(fd, writable=writable, label=f"node {node} region {name!r}",
                         map=kind in MAPPED_KINDS)
         try:
             if check is not None:
                 check(region)
-            self.add(Entry(node, name, kind, region, writable, pid,
-                           info.start_time if info else 0.0))
+            entry = Entry(node, name, kind, region, writable, pid,
+                          info.start_time if info else 0.0)
+            if self.add(entry, stand_in=stand_in) is entry:
+                region.close()
+                return None
         except BaseException:
             region.close()
             raise

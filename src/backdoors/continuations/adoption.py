@@ -33,7 +33,7 @@ from ..common import ipc
 from ..common.peers import not_the_agent
 from ..tcprepair import TcpState
 from .cbformat import SESSION_SIZE
-from .errors import AdoptionError, ContinuationError
+from .errors import AdoptionError, ContinuationError, NoVerdict
 from .image import CbImage, ResumePlan, read_cb
 
 log = logging.getLogger("backdoors.continuations")
@@ -305,11 +305,15 @@ class AdoptionClient:
             raise error
 
     def hand_over_all(
-        self, sessions: list[tuple[socket.socket | int, int, Handover]]
+        self, sessions: list[tuple[socket.socket | int, int, Handover]], *,
+        timeout: float | None = None,
     ) -> list[AdoptionError | None]:
         """Send every session, then collect the verdicts (one round trip for all, not
         one per session); returns None or the AdoptionError of each, in order. A broken
-        transport raises AdoptionError."""
+        transport while sending raises AdoptionError. Once all are sent, the verdicts
+        read are kept: a session whose verdict does not come (`timeout`, if given, else
+        the client's; or the connection broke) gets NoVerdict, as the server may have
+        taken it (it reads what was sent even after this side closes)."""
         for sock, cb_fd, handover in sessions:
             fd = sock if isinstance(sock, int) else sock.fileno()
             try:
@@ -320,7 +324,17 @@ class AdoptionClient:
                 raise AdoptionError(
                     f"hand-over of session {handover.session} to {self.path} failed: {err}"
                 ) from None
-        return [self._verdict(handover) for _, _, handover in sessions]
+        if timeout is not None:
+            self._sock.settimeout(timeout)
+        verdicts: list[AdoptionError | None] = []
+        for _, _, handover in sessions:
+            try:
+                verdicts.append(self._verdict(handover))
+            except AdoptionError as err:  # this one and the rest: unanswered
+                gone = NoVerdict(f"{err}; the server may hold the session")
+                verdicts += [gone] * (len(sessions) - len(verdicts))
+                break
+        return verdicts
 
     def _raise_refusal(self) -> None:
         """Raise the server's refusal if one waits unread (a server refuses a peer at

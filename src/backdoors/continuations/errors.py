@@ -32,3 +32,8 @@ class RecoveryError(ContinuationError):
 
 class AdoptionError(ContinuationError):
     """A recovered session could not be handed over to (or taken by) a recovery server."""
+
+
+class NoVerdict(AdoptionError):
+    """A session was sent to a recovery server but its verdict never came (late, or the
+    connection broke): the server may hold it and serve it, so it is not refused."""

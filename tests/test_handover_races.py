@@ -1,0 +1,181 @@
+"""Hand-overs of recovered sessions racing the recovery server (agent side).
+
+A recovery server answers a hand-over, then serves the session and registers its box on
+its own thread; the agent goes on after the verdicts. These tests fix each order of
+events (no timing decides them) with real sockets, memfds and the agent's real tables:
+
+- after `adopt`, the agent holds a handed-over session's box as a stand-in until the
+  server registers its own; a stand-in coming after the server's registration must not
+  replace it (the copy holds an older export: a later recovery would resume from there);
+- `readopt` hands orphans to a restarted server: a verdict that comes late (or never)
+  must not return the session to the orphans while the server may serve it (it reads
+  what was sent after the agent stopped waiting): the server's verdict is authoritative.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from backdoors.agent import owners
+from backdoors.agent.owners import OwnerWatch
+from backdoors.common import ipc
+from backdoors.continuations.adoption import AdoptionClient, HandoverReply, _decode_handover
+
+from backdoors.agent.protocol import MovedSession
+from backdoors.agent.recovery import Started, _hold
+from backdoors.agent.regions import RegionTable
+from backdoors.agent.sessions import SessionTable
+from backdoors.continuations import cbformat
+from backdoors.continuations.image import parse_cb
+from backdoors.continuations.region import CbRegion
+
+NODE = "n0"
+
+
+def _tables():
+    regions = RegionTable([NODE], max_regions=8, max_region_bytes=1 << 20,
+                          max_node_bytes=1 << 22)
+    return regions, SessionTable([NODE], max_per_node=8)
+
+
+@pytest.fixture
+def tcp_pair():
+    """A connected loopback TCP pair (server side, client side)."""
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        client = socket.create_connection(lst.getsockname())
+        server, _ = lst.accept()
+    yield server, client
+    server.close()
+    client.close()
+
+
+def _box(session: bytes, version: int, sent: int) -> CbRegion:
+    """A Continuation Box whose last export is `version`, taken after `sent` bytes."""
+    region = CbRegion.create(session, state_capacity=64, log_capacity=64)
+    region.write_export(version, sent, 0, cbformat.Encoding.RAW, b"%d" % sent)
+    return region
+
+
+def _export_held(regions: RegionTable, name: str) -> int:
+    with regions.use(NODE, name) as entry:
+        return parse_cb(entry.region.read(0, entry.size)).export.version
+
+
+def test_stand_in_box_never_replaces_the_servers_own(tcp_pair):
+    """The server registered its box (export 7) before the agent's `_hold` of the copy it
+    handed over (export 3): the agent keeps the server's, and the socket is held."""
+    regions, sessions = _tables()
+    session = os.urandom(cbformat.SESSION_SIZE)
+    name, pid = f"cb-{session.hex()}", os.getpid()  # this process plays the server
+    handed_copy, own = _box(session, 3, 3000), _box(session, 7, 7000)
+    call = SimpleNamespace(node=SimpleNamespace(name=NODE),
+                           agent=SimpleNamespace(sessions=sessions, regions=regions))
+    try:
+        regions.keep(NODE, name, "cb", own.fd, pid)  # the server's attach won the race
+        sessions.hold(NODE, name, tcp_pair[0].fileno(), pid)
+        item = Started(MovedSession(name, b"", b""), None, tcp_pair[0], handed_copy.fd)
+        _hold(call, item, pid)
+        assert _export_held(regions, name) == 7
+        assert [s.name for s in sessions.list(NODE)] == [name]
+        # the other order: the stand-in first, then the server's own replaces it
+        regions.remove(NODE, name)
+        _hold(call, item, pid)
+        assert _export_held(regions, name) == 3
+        regions.keep(NODE, name, "cb", own.fd, pid)
+        assert _export_held(regions, name) == 7
+    finally:
+        handed_copy.close()
+        own.close()
+        sessions.close()
+        for entry in regions.entries(NODE):
+            regions.remove(NODE, entry.name)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+class SlowServer:
+    """A scripted recovery server: reads every hand-over sent, answers the first at once
+    and the others only once `late` is set (after the agent stopped waiting)."""
+
+    def __init__(self, path: str, count: int):
+        self.listener = ipc.listen(path, mode=0o600, backlog=1)
+        self.listener.setblocking(True)
+        self.late, self.sessions = threading.Event(), []
+        self.thread = threading.Thread(target=self._run, args=(count,), daemon=True)
+        self.thread.start()
+
+    def _run(self, count: int) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            for i in range(count):
+                frame = ipc.recv(conn, max_bytes=1 << 20, max_fds=2)
+                for fd in frame.fds:
+                    os.close(fd)
+                self.sessions.append(_decode_handover(frame.payload).session)
+            for i, session in enumerate(self.sessions):
+                if i == 1:
+                    self.late.wait(30)
+                try:
+                    ipc.send(conn, HandoverReply(session, True))
+                except OSError:
+                    return  # the agent closed: too late to hear it
+
+    def close(self) -> None:
+        self.late.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_late_verdict_leaves_the_session_with_the_server(tcp_pair, tmp_path, monkeypatch):
+    """Two orphans of a dead server are handed to a restarted one; it accepts the first at
+    once, the second's verdict comes after the agent stopped waiting. Both stay held as
+    the server's (the first handed, the second reported unanswered): none is an orphan
+    again, so no later readopt hands it twice and the orphan closer never closes it."""
+    monkeypatch.setattr(owners, "VERDICT_WAIT_S", 0.2)
+    regions, sessions = _tables()
+    watch = OwnerWatch(sessions, regions, publish=lambda *a, **k: None,
+                       audit=SimpleNamespace(write=lambda **k: None), timeout_s=60.0,
+                       run_dir=str(tmp_path))
+    dead, server_pid = _dead_pid(), os.getpid()  # this process plays the restarted server
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        other = socket.create_connection(lst.getsockname())
+        second, _ = lst.accept()
+    boxes, names, held = [], [], []
+    server = SlowServer(str(tmp_path / "adopt.sock"), 2)
+    try:
+        for sock in (tcp_pair[0], second):
+            session = os.urandom(cbformat.SESSION_SIZE)
+            box = _box(session, 1, 0)
+            boxes.append(box)
+            names.append(f"cb-{session.hex()}")
+            regions.keep(NODE, names[-1], "cb", box.fd, dead)
+            held.append(sessions.hold(NODE, names[-1], sock.fileno(), dead))
+        failed: dict[str, str] = {}
+        call = SimpleNamespace(node=SimpleNamespace(name=NODE))
+        with AdoptionClient(str(tmp_path / "adopt.sock"), timeout=2.0) as client:
+            handed = watch._hand(call, client, server_pid, held, failed)
+        server.late.set()
+        assert handed == 1
+        assert list(failed) == [names[1]] and "held as server" in failed[names[1]]
+        assert {s.name: s.pid for s in sessions.list(NODE)} == dict.fromkeys(names, server_pid)
+        assert watch._orphaned(NODE, dead) == []  # nothing left to offer again
+    finally:
+        server.close()
+        watch.stop()
+        sessions.close()
+        for entry in regions.entries(NODE):
+            regions.remove(NODE, entry.name)
+        for box in boxes:
+            box.close()
+        other.close()
+        second.close()
