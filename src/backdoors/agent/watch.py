@@ -9,6 +9,13 @@ One thread (`bd-agent-watch`) wakes every `watch_period_ms` and, for every node:
   `LinkWatch`);
 - every FROZEN_EVERY_S, whether the node's cgroup is frozen (one cgroupfs read).
 
+Between passes it waits in poll(2) on a pidfd of every process that registered a Sensor
+Box, so the death of a registrant is seen the moment it happens (no thread per process):
+each progress counter of its boxes is published at once as stalled (`reason` "died"),
+rather than at its deadline, and is not published again when the deadline passes. A
+registrant already dead when first seen (a box taken back after an agent restart) is left
+to its deadline. The exit status is not known: the agent is not the service's parent.
+
 A condition that begins is published once (event "violation", agent.events) and once
 more when it ends ("cleared"); nothing is repeated while it lasts. A node frozen under a
 lease (the agent's own lock, asked by a monitor) is not a violation, and stalls that begin
@@ -16,7 +23,8 @@ while it is held are not published (the lock stops progress on purpose). Each vi
 `detector` names the monitor's detector kind that judges it, with the facts it judges:
 
 - progress_stalled: box, sensor, value, unchanged_ms, deadline_ms, onset (Unix time),
-  owner_pid (the box's registrant, host pid);
+  owner_pid (the box's registrant, host pid); for a dead registrant also reason "died"
+  and died (Unix time), unchanged_ms then being below the deadline;
 - level_out_of_bounds: box "kernel", sensor "link_up", value 0, min 0.5 (link down);
 - node_frozen: the cgroup frozen by nobody's lock.
 
@@ -27,6 +35,9 @@ What the watcher saw of the counters also feeds the `sensors` reply's
 from __future__ import annotations
 
 import logging
+import math
+import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -54,8 +65,12 @@ class _Counter:
     stalled: bool = False
 
 
+Owner = tuple[int, float]  # a registrant: (host pid, start time)
+
+
 @dataclass
 class _Box:
+    owner: Owner
     generation: int = -1
     counters: list[_Counter] = field(default_factory=list)
     retry_at: float = 0.0
@@ -67,6 +82,8 @@ class _NodeState:
     link_down: bool = False
     frozen: bool = False
     frozen_due: float = 0.0
+    owners: dict[Owner, int] = field(default_factory=dict)  # -> its pidfd
+    dead: set[Owner] = field(default_factory=set)  # registrants seen dead
 
 
 class Watcher:
@@ -81,6 +98,8 @@ class Watcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
         self.errors = 0
+        self._poll = select.poll()  # the registrants' pidfds; the watch thread's own
+        self._pidfds: dict[int, tuple[str, Owner]] = {}  # pidfd -> (node, registrant)
 
     def start(self) -> None:
         self._thread.start()
@@ -89,6 +108,10 @@ class Watcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(2.0)
+        if not self._thread.is_alive():
+            for fd in self._pidfds:
+                os.close(fd)
+            self._pidfds.clear()
 
     def _run(self) -> None:
         next_at = time.monotonic()
@@ -103,7 +126,26 @@ class Watcher:
             delay = next_at - time.monotonic()
             if delay < 0:  # overran: skip the missed periods rather than catch up
                 next_at, delay = time.monotonic(), 0.0
+            self._wait(delay)
+
+    def _wait(self, delay: float) -> None:
+        """Sleep `delay` s, or less when a registrant dies: its death is published now."""
+        try:
+            ready = self._poll.poll(math.ceil(delay * 1000)) if self._pidfds else None
+        except InterruptedError:
+            ready = []
+        if ready is None:
             self._stop.wait(delay)
+            return
+        for fd, _ in ready:
+            node, owner = self._pidfds.pop(fd)
+            self._poll.unregister(fd)
+            os.close(fd)
+            try:
+                self._died(self.nodes[node], self._states[node], owner)
+            except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                self.errors += 1
+                log.warning("node %s: publishing the death of %d failed: %s", node, owner[0], e)
 
     # -- one pass over a node ----------------------------------------------------------
 
@@ -140,19 +182,68 @@ class Watcher:
                 keys.add(key)
                 box = st.boxes.get(key)
                 if box is None:
-                    box = st.boxes[key] = _Box()
+                    box = st.boxes[key] = _Box((entry.pid, entry.start_time))
+                    self._follow(rt.name, st, entry)
                 if now < box.retry_at:
                     continue
                 try:
                     self._box(rt, entry, key, box, now, held)
                 except SensorBoxError:
                     box.generation, box.retry_at = -1, now + RETRY_S  # the sampler says why
-        for key in st.boxes.keys() - keys:  # unregistered: its stalls end with it
+        gone = st.boxes.keys() - keys
+        for key in gone:  # unregistered: its stalls end with it
             for c in st.boxes.pop(key).counters:
                 if c.stalled:
                     self._say(rt.name, False, detector="progress_stalled",
                               condition="progress_stalled", box=key[0], sensor=c.name,
                               why="box unregistered")
+        if gone:  # registrants with no box left are not followed any more
+            owners = {b.owner for b in st.boxes.values()}
+            for owner in st.owners.keys() - owners:
+                fd = st.owners.pop(owner)
+                del self._pidfds[fd]
+                self._poll.unregister(fd)
+                os.close(fd)
+            st.dead &= owners
+
+    def _follow(self, node: str, st: _NodeState, entry) -> None:
+        """Watch the registrant of `entry` for its death (once per process)."""
+        owner = (entry.pid, entry.start_time)
+        if owner in st.owners or owner in st.dead:
+            return
+        try:
+            fd = os.pidfd_open(entry.pid)
+        except OSError:
+            st.dead.add(owner)  # already gone: its boxes stall at their deadline
+            return
+        if not entry.registrant_alive():  # gone, or its pid reused, before the pidfd
+            os.close(fd)
+            st.dead.add(owner)
+            return
+        st.owners[owner] = fd
+        self._pidfds[fd] = (node, owner)
+        self._poll.register(fd, select.POLLIN)
+
+    def _died(self, rt: NodeRuntime, st: _NodeState, owner: Owner) -> None:
+        """Publish every progress counter of the dead `owner`'s boxes as stalled, once."""
+        st.owners.pop(owner, None)
+        st.dead.add(owner)
+        if self.held(rt.name):
+            return  # under a lock: its boxes stall at their deadline, as any stall does
+        now, died = time.monotonic(), time.time()
+        for key, box in st.boxes.items():
+            if box.owner != owner:
+                continue
+            for c in box.counters:
+                if c.stalled:
+                    continue
+                c.stalled = True
+                self._say(rt.name, True, detector="progress_stalled",
+                          condition="progress_stalled", box=key[0], sensor=c.name,
+                          value=c.word, unchanged_ms=(now - c.changed_at) * 1000,
+                          deadline_ms=c.deadline * 1000, onset=c.onset_wall,
+                          owner_pid=owner[0], reason="died", died=died)
+        log.warning("node %s: process %d that registered a Sensor Box died", rt.name, owner[0])
 
     def _box(self, rt: NodeRuntime, entry, key: Key, box: _Box, now: float, held: bool) -> None:
         region = entry.region
