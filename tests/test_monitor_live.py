@@ -389,3 +389,28 @@ def test_a_stall_pushed_by_the_agent_opens_the_incident_by_event(agent_lab):
         assert [(k, n) for _, k, n in seen] == [("violation", "n0"), ("cleared", "n0")]
         assert seen[0][0] == inc.event["seq"] < seen[1][0]
         assert [i.id for i in mon.incidents()] == [inc.id]
+
+
+def test_a_killed_service_opens_the_hang_incident_by_event_at_its_death(agent_lab):
+    """The agent follows the process that registered the service's Sensor Box: SIGKILLed,
+    its counter is pushed as stalled at once (`reason` "died"), and the hang rule opens
+    its incident from that event, the diagnosis naming the process gone; the agent does
+    not push it again when the deadline passes."""
+    al = agent_lab
+    cfg = al.monitor_config(period_ms=1000)  # the next poll comes long after the event
+    svc = al.lab.service("n0").pid
+    with Monitor(cfg, key=al.monitor_key()) as mon:
+        mon.wait_ready()
+        (follower,) = mon.followers
+        assert follower.connected.wait(10)
+        al.lab.node("n0").kill(svc, signal.SIGKILL)
+        inc = mon.wait_for(lambda i: i.rule == "hang" and i.state == "recorded", 5)
+        assert inc is not None, mon.incidents()
+        assert inc.detected_by == "event", inc
+        assert "gone" in inc.diagnosis.summary, inc.diagnosis
+        assert (inc.event["detector"], inc.event["reason"], inc.event["owner_pid"]) == \
+            ("progress_stalled", "died", svc)
+        assert "died" in inc.detectors[0].summary
+        time.sleep(0.5)  # past the deadline (200 ms)
+        died = [seq for _, seq, kind, _ in follower.seen if kind == "violation"]
+        assert died == [inc.event["seq"]], list(follower.seen)
