@@ -425,6 +425,20 @@ def test_a_rules_own_deadline_judges_a_pushed_stall_again():
         assert bool(opened) is opens, deadline_ms
 
 
+def test_a_pushed_death_of_the_registrant_opens_the_incident_whatever_the_deadline():
+    """The agent pushes a counter whose registering process died at the death (`reason`
+    "died"), long before the deadline: the counter will never move again, so it opens the
+    incident at once, even under a rule's own longer deadline; the summary says why."""
+    for extra in ("", ", deadline_ms = 5000"):
+        rule = HANG_RULES.replace('box = "*"', f'box = "*"{extra}')
+        eng = Engine(list(rules.parse_ruleset(rule).rule), "m1", clock=Clock())
+        event = dict(stall_event(3.0), reason="died", died=0.0)
+        (det,) = eng.observe(NodeView("n0", "h0", 100.0, event=event, via="event"))
+        hit = det.incident.detectors[0]
+        assert det.incident.detected_by == "event" and hit.violations[0].measure == 0.003
+        assert hit.summary == "svc/tick stopped for good: its process 1234 died"
+
+
 def test_a_poll_and_an_event_judging_one_node_at_once_open_one_incident():
     """The poller and the event follower call the engine from their own threads. An event
     that arrives while a poll is opening the incident for the same stall must find it
