@@ -7,7 +7,8 @@ One thread (`bd-agent-watch`) wakes every `watch_period_ms` and, for every node:
   each last moved, and judges a stall with the monitor's judgement (`sensors.judgement`);
 - asks whether the node's service interface is up with carrier (one ioctl, the sampler's
   `LinkWatch`);
-- every FROZEN_EVERY_S, whether the node's cgroup is frozen (one cgroupfs read).
+- every FROZEN_EVERY_S, whether the node's cgroup is frozen, and its count of OOM kills
+  (memory.events oom_kill; two cgroupfs reads).
 
 Between passes it waits in poll(2) on a pidfd of every process that registered a Sensor
 Box, so the death of a registrant is seen the moment it happens (no thread per process):
@@ -26,7 +27,11 @@ while it is held are not published (the lock stops progress on purpose). Each vi
   owner_pid (the box's registrant, host pid); for a dead registrant also reason "died"
   and died (Unix time), unchanged_ms then being below the deadline;
 - level_out_of_bounds: box "kernel", sensor "link_up", value 0, min 0.5 (link down);
-- node_frozen: the cgroup frozen by nobody's lock.
+- node_frozen: the cgroup frozen by nobody's lock;
+- pressure_over_rate (condition "oom_kill"): box "kernel", sensor "oom_kills", value (the
+  count), events (kills the watcher saw in the sensor's window), max_events, window_s,
+  onset: more kills in the window than the sensor allows (by default: any), the moment
+  the count rises; cleared once the window holds no more than that.
 
 What the watcher saw of the counters also feeds the `sensors` reply's
 `progress_unchanged_s` (agent/tracking.py), so a poll judges a stall as early as an event.
@@ -40,11 +45,13 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import BackdoorsError, SensorBoxError
-from ..sensors import SensorType, abi, parse_box, read_consistent, stalled
+from ..sensors import SensorType, abi, over_rate, parse_box, read_consistent, stalled
+from .sampler import OOM_WINDOW_S
 from .served import NodeRuntime
 from .tracking import Key
 
@@ -82,6 +89,9 @@ class _NodeState:
     link_down: bool = False
     frozen: bool = False
     frozen_due: float = 0.0
+    oom_count: int | None = None  # memory.events oom_kill at the last read
+    oom_kills: deque[float] = field(default_factory=deque)  # when each was seen (monotonic)
+    oom_violated: bool = False
     owners: dict[Owner, int] = field(default_factory=dict)  # -> its pidfd
     dead: set[Owner] = field(default_factory=set)  # registrants seen dead
 
@@ -171,6 +181,26 @@ class Watcher:
                 st.frozen = frozen
                 self._say(rt.name, frozen, detector="node_frozen", condition="node_frozen",
                           onset=time.time())
+            self._oom(rt, st, now)
+
+    def _oom(self, rt: NodeRuntime, st: _NodeState, now: float) -> None:
+        """Judge the OOM kills of the node's cgroup in the oom_kills sensor's window."""
+        try:
+            count = rt.node.cgroup.oom_kills()
+        except (OSError, BackdoorsError):
+            return  # unreadable for now: no news
+        if st.oom_count is not None and count > st.oom_count:
+            st.oom_kills.extend([now] * (count - st.oom_count))
+        st.oom_count = count
+        while st.oom_kills and st.oom_kills[0] <= now - OOM_WINDOW_S:
+            st.oom_kills.popleft()
+        limit = rt.sampler.limits.oom_kills_per_10s
+        violated = over_rate(len(st.oom_kills), limit)
+        if violated != st.oom_violated:
+            st.oom_violated = violated
+            self._say(rt.name, violated, detector="pressure_over_rate", condition="oom_kill",
+                      box="kernel", sensor="oom_kills", value=count, events=len(st.oom_kills),
+                      max_events=limit, window_s=OOM_WINDOW_S, onset=time.time())
 
     def _progress(self, rt: NodeRuntime, st: _NodeState, now: float, held: bool) -> None:
         with self.regions.use_all(rt.name, "sensorbox") as entries:

@@ -283,6 +283,13 @@ class PressureOverRate(SensorDetector, tag="pressure_over_rate"):
     sensor_type: ClassVar[SensorType] = SensorType.PRESSURE
     max_events: Pos | None = None
 
+    def pushed_state(self, event: dict) -> SensorState:
+        limit = event.get("max_events")
+        return SensorState(0, str(event["sensor"]), SensorType.PRESSURE, float(event["value"]),
+                           True, rate=float(event["events"]),
+                           max_events=None if limit is None else float(limit),
+                           window=event.get("window_s"))
+
     def violation(self, box: str, s: SensorState) -> Violation | None:
         limit = self.max_events if self.max_events is not None else s.max_events
         if s.rate is not None and limit is not None and over_rate(s.rate, limit):
