@@ -172,6 +172,28 @@ cooldown_ms = 0
 """
 
 
+def _next_event(sock, timeout: float = 10):
+    """The next event frame (not a heartbeat) on a subscription's socket."""
+    import msgspec
+    from backdoors.agent.events import EventFrame
+    from backdoors.agent.protocol import Envelope
+
+    def exactly(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            assert chunk, "the agent closed the event stream"
+            buf += chunk
+        return buf
+
+    sock.settimeout(timeout)
+    while True:
+        env = msgspec.msgpack.decode(exactly(int.from_bytes(exactly(4), "big")), type=Envelope)
+        ev = msgspec.msgpack.decode(env.body, type=EventFrame)
+        if ev.kind != "heartbeat":
+            return ev
+
+
 def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
     from backdoors.lab import topology
     from backdoors.lab.clients import StreamClients
@@ -193,10 +215,19 @@ def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
         while follower.subscriptions < 2 or not follower.connected.is_set():
             assert time.monotonic() < end, "no new subscription"
             time.sleep(0.02)
+        with al.lab.agent_client("h0") as c:
+            c.call("subscribe", kinds=["violation"])
+            stream = c.take_socket()
         al.lab.node("n0").kill(svc.pid, signal.SIGKILL)
         inc = mon.wait_for(lambda i: i.rule == "server-died", 10)
         assert inc is not None and inc.detected_by == "event", mon.incidents()
         assert inc.event["pid"] == svc.pid and len(inc.event["sessions"]) == 2
+        # a server dying with sessions is "owner_died" at once (a server-died rule re-adopts
+        # them); its box's stall is left to the deadline, so no hang rule takes it first
+        stall = _next_event(stream)
+        stream.close()
+        assert stall.kind == "violation" and "reason" not in stall.data, stall
+        assert stall.data["unchanged_ms"] > stall.data["deadline_ms"], stall
         follower.drop()
         end = time.monotonic() + 10
         while follower.subscriptions < 3 or not follower.connected.is_set():

@@ -15,7 +15,10 @@ Box, so the death of a registrant is seen the moment it happens (no thread per p
 each progress counter of its boxes is published at once as stalled (`reason` "died"),
 rather than at its deadline, and is not published again when the deadline passes. A
 registrant already dead when first seen (a box taken back after an agent restart) is left
-to its deadline. The exit status is not known: the agent is not the service's parent.
+to its deadline, and so is one that dies holding sessions: its death is the event
+"owner_died" (agent/owners.py), which a server-died rule answers by re-adopting them, and
+a stall pushed at the same moment must not let a hang rule take the node first. The exit
+status is not known: the agent is not the service's parent.
 
 A condition that begins is published once (event "violation", agent.events) and once
 more when it ends ("cleared"); nothing is repeated while it lasts. A node frozen under a
@@ -98,12 +101,14 @@ class _NodeState:
 
 class Watcher:
     """Watches every node on one thread (`start`, `stop`); `publish(kind, node, **data)`
-    pushes an event; `held(node)` says whether a lease holds the node locked."""
+    pushes an event; `held(node)` says whether a lease holds the node locked;
+    `holds_sessions(node, pid)` whether a process holds sessions of the node."""
 
     def __init__(self, nodes: dict[str, NodeRuntime], regions, *, period_s: float,
-                 publish: Callable[..., int], held: Callable[[str], bool]):
+                 publish: Callable[..., int], held: Callable[[str], bool],
+                 holds_sessions: Callable[[str, int], bool] = lambda node, pid: False):
         self.nodes, self.regions, self.period = nodes, regions, period_s
-        self.publish, self.held = publish, held
+        self.publish, self.held, self.holds_sessions = publish, held, holds_sessions
         self._states = {name: _NodeState() for name in nodes}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
@@ -258,8 +263,8 @@ class Watcher:
         """Publish every progress counter of the dead `owner`'s boxes as stalled, once."""
         st.owners.pop(owner, None)
         st.dead.add(owner)
-        if self.held(rt.name):
-            return  # under a lock: its boxes stall at their deadline, as any stall does
+        if self.held(rt.name) or self.holds_sessions(rt.name, owner[0]):
+            return  # stalls at the deadline: a lock's doing, or "owner_died" says it now
         now, died = time.monotonic(), time.time()
         for key, box in st.boxes.items():
             if box.owner != owner:
