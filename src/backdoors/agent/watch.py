@@ -265,6 +265,11 @@ class Watcher:
         st.dead.add(owner)
         if self.held(rt.name) or self.holds_sessions(rt.name, owner[0]):
             return  # stalls at the deadline: a lock's doing, or "owner_died" says it now
+        mine = [box for box in st.boxes.values() if box.owner == owner]
+        if any(not box.counters for box in mine):  # not parsed yet (or left for a retry)
+            for box in mine:
+                box.retry_at = 0.0
+            self._progress(rt, st, time.monotonic(), False)
         now, died = time.monotonic(), time.time()
         for key, box in st.boxes.items():
             if box.owner != owner:
