@@ -26,8 +26,9 @@ import threading
 import time
 import uuid
 
-from backdoors.agent import AgentClient, AgentConfig, BackgroundAgent, NodeSpec, new_key
+from backdoors.agent import AgentClient, AgentConfig, BackgroundAgent, Identity, NodeSpec, new_identity
 from backdoors.agent.errors import AgentError
+from backdoors.agent.keys import write_key_file
 from backdoors.common.runtime import AGENT_SOCKET_ENV
 from backdoors.nodes import Node
 
@@ -114,9 +115,9 @@ class _Flood:
             sel.close()
 
 
-def _measure(agent, monitor: str, key: bytes, seconds: float) -> dict:
+def _measure(agent, me: Identity, agent_key: Identity, seconds: float) -> dict:
     sensors_ms, connect_ms, errors = [], [], {}
-    kept = AgentClient(agent.address, monitor, key, timeout=5)
+    kept = AgentClient(agent.address, me, agent_key.id, agent_key.public, timeout=5)
     end = time.monotonic() + seconds
     i = 0
     while time.monotonic() < end:
@@ -127,7 +128,8 @@ def _measure(agent, monitor: str, key: bytes, seconds: float) -> dict:
             sensors_ms.append((time.perf_counter() - t) * 1000)
             if i % 4 == 0:
                 t = time.perf_counter()
-                with AgentClient(agent.address, monitor, key, timeout=5) as fresh:
+                with AgentClient(agent.address, me, agent_key.id, agent_key.public,
+                                 timeout=5) as fresh:
                     fresh.ping()
                 connect_ms.append((time.perf_counter() - t) * 1000)
         except AgentError as e:
@@ -141,8 +143,8 @@ def _measure(agent, monitor: str, key: bytes, seconds: float) -> dict:
             "new_connection_p99_ms": _pct(connect_ms, 0.99), "errors": errors}
 
 
-def _poll_hostile(agent, monitor: str, key: bytes, stop: threading.Event, seen: dict):
-    with AgentClient(agent.address, monitor, key, timeout=5) as c:
+def _poll_hostile(agent, me: Identity, agent_key: Identity, stop: threading.Event, seen: dict):
+    with AgentClient(agent.address, me, agent_key.id, agent_key.public, timeout=5) as c:
         while not stop.is_set():
             try:
                 reply = c.sensors("n0")
@@ -155,11 +157,14 @@ def _poll_hostile(agent, monitor: str, key: bytes, stop: threading.Event, seen: 
 def run(*, seconds: float = 3.0, stuck_boxes: int = 64, connections: int = 64) -> dict:
     prefix = f"bdb-{uuid.uuid4().hex[:6]}"
     tmp = tempfile.mkdtemp(prefix="bdb-", dir="/tmp")
-    keys = {"m1": new_key(), "m2": new_key()}
+    keys = {"m1": new_identity("m1"), "m2": new_identity("m2")}
+    agent_key = new_identity("h0")
+    write_key_file(f"{tmp}/agent-h0.key", agent_key)
     nodes = {n: Node.create(n, f"{prefix}/{n}") for n in ("n0", "n1")}
     config = AgentConfig(host="h0", listen="127.0.0.1:0", run_dir=f"{tmp}/run",
                          audit_log=f"{tmp}/audit.jsonl", cgroup=f"{prefix}-agent",
-                         monitors={m: k.hex() for m, k in keys.items()},
+                         monitors={m: k.public_text() for m, k in keys.items()},
+                         key_file=f"{tmp}/agent-h0.key",
                          nodes=[NodeSpec(n, f"{prefix}/{n}", isolation="trusted")
                                 for n in nodes])
     agent = BackgroundAgent(config).start()
@@ -182,16 +187,16 @@ def run(*, seconds: float = 3.0, stuck_boxes: int = 64, connections: int = 64) -
         start("n1", APP)
         stop, hostile = threading.Event(), {}
         pollers = [threading.Thread(target=_poll_hostile,
-                                    args=(agent, "m2", keys["m2"], stop, hostile))
+                                    args=(agent, keys["m2"], agent_key, stop, hostile))
                    for _ in range(2)]
         for t in pollers:
             t.start()
         try:
-            _measure(agent, "m1", keys["m1"], 0.3)  # warm up
-            out["baseline"] = _measure(agent, "m1", keys["m1"], seconds)
+            _measure(agent, keys["m1"], agent_key, 0.3)  # warm up
+            out["baseline"] = _measure(agent, keys["m1"], agent_key, seconds)
             start("n0", STUCK, str(stuck_boxes))
             with _Flood(agent.address, connections) as flood:
-                out["attack"] = _measure(agent, "m1", keys["m1"], seconds)
+                out["attack"] = _measure(agent, keys["m1"], agent_key, seconds)
             out["attack"]["keyless_opened"] = flood.opened
             out["attack"]["keyless_closed_by_agent"] = flood.closed_by_agent
         finally:

@@ -44,6 +44,7 @@ from .common.configfile import Document, descriptions
 from .errors import ConfigError
 from .monitor.config import AgentEntry, MonitorConfig
 from .monitor.config import decode_table as decode_monitor
+from .monitor.rules import load_rulesets
 
 T = TypeVar("T")
 
@@ -104,8 +105,6 @@ def check_monitor(path: str) -> tuple[MonitorConfig, list, list[str]]:
     quorum is set there, and a quorum its monitors cannot reach refuses every repair).
     Warnings: what loads but cannot work as meant (a ruleset that recovers sessions to
     another node, and no other node to recover to)."""
-    from .monitor.rules import load_rulesets
-
     config = load_monitor_config(path)
     rules = load_rulesets(config.rulesets)
     if isinstance(Document.read(path, "monitor config").table.get("agent"), dict):

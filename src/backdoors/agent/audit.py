@@ -1,4 +1,5 @@
-"""The append-only audit log: one JSON line per request and per local registration.
+"""The append-only audit log: one JSON line per request that acts or is refused (reads
+only when refused: protocol.READS, REFUSED) and per local registration.
 
 Opened with O_APPEND, each line written with one write(2), so lines of concurrent writers
 never interleave. Bulk data never enters the log: byte strings are summarised by length.

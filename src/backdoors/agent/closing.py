@@ -18,6 +18,8 @@ import stat
 import struct
 import threading
 
+from ..common import ipc
+
 log = logging.getLogger("backdoors.agent")
 
 _NO_LINGER = struct.pack("ii", 0, 0)
@@ -47,7 +49,7 @@ def drain(sock: socket.socket) -> list[int]:
     """Descriptors still queued unread on a Unix socket (taken out so that closing the
     socket does not close them on the caller's thread)."""
     fds: list[int] = []
-    space = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD
+    space = socket.CMSG_SPACE(ipc.SCM_MAX_FD * 4)
     for _ in range(DRAIN_READS):  # a sender that keeps sending is not followed for ever
         try:
             data, ancdata, _, _ = sock.recvmsg(65536, space,
@@ -56,8 +58,7 @@ def drain(sock: socket.socket) -> list[int]:
             return fds
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+                fds.extend(ipc.fds_in(payload))
         if not data and not ancdata:
             return fds
     return fds

@@ -32,7 +32,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..errors import ConfigError
 
 KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-MONITOR_ID = KEY_ID  # monitors and agents share one id syntax
 PUBLIC_PREFIX = "ed25519:"
 SIGNATURE_BYTES = 64
 #: Most public keys one id may have at once: the current one and, during a roll, the next.

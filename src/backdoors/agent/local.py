@@ -30,12 +30,13 @@ import socket
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
 
 from ..common import ipc
+from ..common.peers import SO_PEERPIDFD
 from ..common.runtime import agent_socket
 from ..errors import AgentError, SensorBoxError
 from ..nodes import Node
@@ -44,8 +45,8 @@ from ..sensors.region import HUGETLBFS_MAGIC, TMPFS_MAGIC, filesystem
 from .audit import AuditLog, RefusalLimiter, clip
 from .closing import Closer
 from .membership import misplaced, outside_message, read_cgroups
-from .protocol import DECODE_ERRORS
 from .metrics import AgentMetrics
+from .protocol import DECODE_ERRORS
 from .regions import SESSION_KIND, RegionRefused, RegionTable
 from .sessions import SessionRefused, SessionTable
 
@@ -56,7 +57,6 @@ MAX_FDS = 4
 CONN_TIMEOUT_S = 10.0
 MAX_CONNS_PER_NODE = 64  # each process keeps one connection
 MAX_CONNS_PER_PID = 8  # so that one process of a node cannot take all of its node's
-SO_PEERPIDFD = 77  # Linux 6.5+
 F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1+
 
 Word = Annotated[str, msgspec.Meta(max_length=32)]

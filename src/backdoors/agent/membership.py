@@ -6,6 +6,9 @@ A Layout names its hierarchies by controller ("memory", "freezer", ...) or "unif
 
 from __future__ import annotations
 
+import os
+import select
+
 from ..nodes import Layout
 from ..nodes.hierarchies import UNIFIED
 
@@ -67,8 +70,6 @@ def outsider(node, pid: int) -> str | None:
     processes in every hierarchy (a socket path is a name anyone able to write it, or to
     place a symlink there, can answer at). The pid is checked again after reading its
     cgroups, via a pidfd, so a recycled pid is noticed."""
-    import os
-    import select
     if pid <= 0:
         return f"the listener's pid is not visible to the agent (pid {pid})"
     try:

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from ..errors import BackdoorsError
 from .config import AgentConfig
 from .leases import LeaseTable
+from .listening import listen_socket
 from .regions import RegionTable
 from .served import Lane, NodeRuntime
 from .sessions import SessionTable
@@ -292,8 +293,6 @@ class MetricsServer:
 
     def bind(self) -> MetricsServer:
         """Bind and listen (in `netns`, bound to `interface`, if set); no thread yet."""
-        from .listening import listen_socket
-
         sock = listen_socket(self.listen, netns=self.netns, interface=self.interface,
                              backlog=16, what=self.what)
         host, port = sock.getsockname()[:2]

@@ -25,7 +25,7 @@ import msgspec
 
 from ..common.procs import installed_exe, same_start
 from ..errors import SensorBoxError
-from ..nodes import KEEP, process_table, read_process, subtree
+from ..nodes import KEEP, process_table, subtree
 from ..sensors import read_consistent
 from .config import AgentConfig
 from .leases import LeaseTable

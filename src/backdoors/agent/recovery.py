@@ -290,7 +290,7 @@ class Recovery:
             self._keep_limbo(rt.name)  # what is left in limbo now, if anything
 
     def _evacuate(self, call: Call) -> EvacuateReply:
-        rt, agent, a = call.node, call.agent, call.args
+        rt, a = call.node, call.args
         t0 = time.monotonic()
         moving = self.limbo.pop(rt.name, [])
         if moving:

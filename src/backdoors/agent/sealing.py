@@ -177,7 +177,7 @@ def confine(rules: dict[str, int], *, secrets: tuple[str, ...] = (),
         for path, access in done.rules.items():
             base = os.path.realpath(path)
             if "read_file" in access and (real == base or real.startswith(base.rstrip("/") + "/")):
-                warnings.append(f"the keys file {secret} lies beneath {path}, which the sealed "
+                warnings.append(f"the key file {secret} lies beneath {path}, which the sealed "
                                 f"agent may read: keep it elsewhere (/etc/backdoors)")
     return Confinement(version, done.rules, warnings)
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..tcprepair import TcpOptions, TcpState, TcpWindow
+from .closing import defuse
 
 
 class SessionRefused(Exception):
@@ -182,8 +182,5 @@ def since_from(handed: int, read: int) -> TcpState:
 def _close(sock: socket.socket) -> None:
     """Close a held socket with SO_LINGER cleared: the last close of a lingering socket
     with unsent data would block this thread for the linger time."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
-    except OSError:
-        pass
+    defuse(sock.fileno())
     sock.close()

@@ -164,6 +164,17 @@ def recv(sock: socket.socket, *, max_bytes: int, max_fds: int = 0) -> Frame:
     return frame
 
 
+def recv_queued(sock: socket.socket, *, max_bytes: int) -> bytes | None:
+    """The payload of a frame already waiting on `sock`, or None if none can be read now:
+    a peer's last word before it closed (a server refusing a connection at accept sends
+    one reply, then closes, and the client's next send fails with EPIPE)."""
+    try:
+        sock.settimeout(0.0)
+        return recv(sock, max_bytes=max_bytes).payload
+    except OSError:
+        return None
+
+
 def listen(path: str, *, mode: int, backlog: int) -> socket.socket:
     """A non-blocking Unix stream listener at `path` with file mode `mode`, once a stale
     file there was removed (`remove_stale`; its errors as they are)."""

@@ -19,8 +19,8 @@ the agent can look like from here:
   its namespaces (agent/isolation.py), so no process of a checked node looks like this.
 
 Where the kernel offers SO_PEERPIDFD (Linux 6.5+), the pid its pidfd shows here (fdinfo
-`Pid:`; -1 once the peer exited) must agree with SO_PEERCRED's. Stdlib only: services
-import it through common.runtime.
+`Pid:`; -1 once the peer exited) must agree with SO_PEERCRED's. Light (stdlib and
+common.ipc): services import it through common.runtime.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import os
 import socket
 import struct
 
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
-_UCRED = struct.Struct("3i")
+from .ipc import peer_credentials
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+
 
 
 def _overflow_uid() -> int:
@@ -73,8 +74,7 @@ def _pidfd_pid(sock: socket.socket) -> int | None:
 def not_the_agent(sock: socket.socket) -> str | None:
     """Why the peer of the connected Unix socket `sock` cannot be the agent (one sentence
     naming its pid and uid as seen here), or None if it can (the rules above)."""
-    pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                _UCRED.size))
+    pid, uid, _ = peer_credentials(sock)
     seen = _pidfd_pid(sock)
     if seen is not None and seen not in (pid, -1):
         return f"the peer's pidfd shows pid {seen} but SO_PEERCRED pid {pid}"

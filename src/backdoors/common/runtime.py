@@ -255,7 +255,7 @@ class _Channel:
                     except (BrokenPipeError, ConnectionResetError):
                         # The agent may refuse a connection at accept (one error frame, then
                         # close): that refusal, still queued here, is the answer.
-                        refusal = self._queued_reply()
+                        refusal = ipc.recv_queued(self.sock, max_bytes=MAX_REPLY)
                         if refusal is None:
                             raise
                         self.close()
@@ -270,18 +270,6 @@ class _Channel:
                     if fresh or attempt == 2:  # a kept connection may have gone stale: retry once
                         raise
         raise AssertionError("unreachable")
-
-    def _queued_reply(self) -> bytes | None:
-        try:
-            self.sock.settimeout(0.0)
-            frame = ipc.recv(self.sock, max_bytes=MAX_REPLY)
-        except OSError:
-            return None
-        if frame is None:
-            return None
-        for extra in frame.fds:
-            os.close(extra)
-        return frame.payload
 
     def close(self) -> None:
         if self.sock is not None:

@@ -339,13 +339,14 @@ class AdoptionClient:
     def _raise_refusal(self) -> None:
         """Raise the server's refusal if one waits unread (a server refuses a peer at
         accept with one reply, then closes); return if none does."""
-        try:
-            self._sock.settimeout(0.0)
-            frame = ipc.recv(self._sock, max_bytes=MAX_REPLY)
-            reply = _decode_reply(frame.payload) if frame is not None else None
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        payload = ipc.recv_queued(self._sock, max_bytes=MAX_REPLY)
+        if payload is None:
             return
-        if reply is not None and not reply.ok:
+        try:
+            reply = _decode_reply(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if not reply.ok:
             raise AdoptionError(f"recovery server at {self.path} refused the hand-over: "
                                 f"{reply.error}")
 

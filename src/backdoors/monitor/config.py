@@ -27,6 +27,8 @@ from typing import Annotated
 
 import msgspec
 
+from ..agent.keys import decode_publics, load_identity
+from ..agent.listening import interface_problem
 from ..common.configfile import Document, Invalid, convert, doc, parse_address
 from ..errors import ConfigError
 
@@ -102,7 +104,6 @@ def _validate(c: MonitorConfig) -> None:
             raise Invalid(("agents", i, "address"), f"{a.address!r} is not ADDR:PORT "
                           "(like 10.99.0.1:7700)") from None
         if a.public_key is not None:
-            from ..agent.keys import decode_publics
             try:
                 decode_publics({a.host: a.public_key}, "public_key")
             except ConfigError as e:
@@ -116,7 +117,6 @@ def _validate(c: MonitorConfig) -> None:
             raise Invalid(("metrics_listen",), f"{c.metrics_listen!r} is not ADDR:PORT "
                           "(like 10.99.0.250:9465)") from None
     if c.listen_interface is not None:
-        from ..agent.listening import interface_problem
         if (problem := interface_problem(c.listen_interface)) is not None:
             raise Invalid(("listen_interface",), problem)
     if not c.rulesets:
@@ -175,7 +175,6 @@ def load_monitor_key(config: MonitorConfig):
         raise ConfigError(f"monitor {config.monitor_id}: no key_file in the config (its "
                           "private key file: backdoors keys generate --id "
                           f"{config.monitor_id} FILE)")
-    from ..agent.keys import load_identity
     return load_identity(config.key_file, config.monitor_id)
 
 
@@ -184,5 +183,4 @@ def agent_keys(entry: AgentEntry) -> tuple:
     if entry.public_key is None:
         raise ConfigError(f"agent {entry.host}: no public_key in its [[agents]] entry (the "
                           "agent's \"ed25519:...\" key: backdoors keys show on its key file)")
-    from ..agent.keys import decode_publics
     return decode_publics({entry.host: entry.public_key}, f"agent {entry.host}")[entry.host]
