@@ -196,7 +196,10 @@ def test_garbage_on_the_local_socket_is_answered_and_changes_nothing(agent_lab):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(lab.socket_path("n0"))
-            s.sendall(garbage)
+            try:
+                s.sendall(garbage)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused at accept (this test is outside the node): the reply waits
             reply = s.recv(65536)
             assert reply and b"error" in reply
     _, reply = lab.start_app("n0", "svc")  # still serving

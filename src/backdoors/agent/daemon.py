@@ -52,11 +52,15 @@ class Agent:
     """One host's agent. Every kernel object it creates is removed by `stop()`."""
 
     def __init__(self, config: AgentConfig, *, layout: Layout | None = None,
-                 on_set_up: Callable[[Agent], None] | None = None):
+                 on_set_up: Callable[[Agent], None] | None = None,
+                 on_serving: Callable[[Agent], None] | None = None):
         validate(config)
         # called in start() once everything is opened and bound, before any thread starts
         # (the agent's Landlock confinement: agent/sealing.py)
         self.on_set_up = on_set_up
+        # called once it serves, before it tells its supervisor so (READY=1): the seccomp
+        # part of a seal, so that a supervised agent is never seen ready and unsealed
+        self.on_serving = on_serving
         self.config = config
         self.identity = config.identity()
         self.monitor_keys = config.monitor_keys()
@@ -209,6 +213,8 @@ class Agent:
         self.audit.write(kind="start", host=c.host, listen=f"{self.address[0]}:{self.address[1]}",
                          nodes=[n.name for n in c.nodes], quorum=c.quorum)
         log.info("agent %s listening on %s:%d for %d nodes", c.host, *self.address, len(self.nodes))
+        if self.on_serving is not None:
+            self.on_serving(self)
         self._supervised()
         self.peerwatch.start()
 

@@ -63,13 +63,15 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
 
 class _Sealing:
     """The two steps of the seal (agent/sealing.py): `confine` (no new privileges, Landlock)
-    once the agent is set up and before it starts a thread, `apply` once it serves."""
+    once the agent is set up and before it starts a thread, `serving` (seccomp) once it
+    serves and before it tells its supervisor it is ready."""
 
     def __init__(self, config: AgentConfig, config_path: str | None, action: str,
                  require_landlock: bool = False):
         self.secrets = secret_paths(config.key_file)
         self.action, self.require_landlock = action, require_landlock
         self.confined: Confinement | None = None
+        self.sealed: dict | None = None  # what serving() applied, for the ready line
 
     def confine(self, agent: Agent) -> None:
         c = agent.config
@@ -78,7 +80,7 @@ class _Sealing:
                                       cgroup_mounts=mounts),
                                 secrets=self.secrets, require_landlock=self.require_landlock)
 
-    def apply(self) -> dict:
+    def serving(self, agent: Agent) -> None:
         done = seal(secrets=self.secrets, action=self.action, confined=self.confined)
         for warning in done.warnings:
             log.warning("%s", warning)
@@ -87,19 +89,14 @@ class _Sealing:
                  f"; unknown here: {', '.join(done.unknown)}" if done.unknown else "",
                  done.landlock_abi, len(done.landlock),
                  "; ".join(f"{p} {'+'.join(a)}" for p, a in done.landlock.items()))
-        return {"action": done.action, "denied": len(done.denied),
-                "landlock": {"abi": done.landlock_abi, "rules": done.landlock}}
+        self.sealed = {"action": done.action, "denied": len(done.denied),
+                       "landlock": {"abi": done.landlock_abi, "rules": done.landlock}}
 
 
 async def _serve(config: AgentConfig, sealing: _Sealing | None = None) -> int:
-    agent = Agent(config, on_set_up=sealing.confine if sealing is not None else None)
-    await agent.start()
-    if sealing is not None:
-        try:
-            sealed = sealing.apply()
-        except BackdoorsError:
-            await agent.stop()
-            raise
+    agent = Agent(config, on_set_up=sealing.confine if sealing is not None else None,
+                  on_serving=sealing.serving if sealing is not None else None)
+    await agent.start()  # a failed seal stops it again and raises
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,7 +105,7 @@ async def _serve(config: AgentConfig, sealing: _Sealing | None = None) -> int:
     ready = {"event": "ready", "host": config.host, "pid": os.getpid(),
              "listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"}
     if sealing is not None:
-        ready["sealed"] = sealed
+        ready["sealed"] = sealing.sealed
     if agent.metrics_server is not None:
         ready["metrics"] = agent.metrics_server.url_host
     print(json.dumps(ready), flush=True)
