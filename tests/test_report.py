@@ -198,8 +198,19 @@ BENCH_DETECTION = {"period_ms": 50.0, "deadlines_ms": [50, 100, 200],
                    "latency": {str(d): {"trials": 20, "p50_ms": d + 0.0, "p99_ms": d + 50.0,
                                         "max_ms": d + 50.0, "bound_ms": d + 100.0,
                                         "within_bound": 20} for d in (50, 100, 200)},
+                   "results": [{"fault": f, "deadline_ms": d, "mode": m, "trials": 20,
+                                "p50_ms": (d or 5) + (40.0 if m == "poll" else 3.0),
+                                "p99_ms": (d or 8) + (95.0 if m == "poll" else 9.0)}
+                               for f, ds in (("hang", (50, 100, 200)), ("freeze", (200,)),
+                                             ("crash", (0,)), ("link_down", (0,)))
+                               for d in ds for m in ("event", "poll")],
                    "soak": {"seconds": 60.0, "load": "2 busy loops", "false_positives": 0,
                             "polls_per_s": 60.0}, "errors": []}
+BENCH_MONITOR = {"sensors_per_node": 16, "results": [
+    {"nodes": n, "mode": m, "monitor_cpu_pct": (3.0 if m == "event" else 10.0) * n / 8,
+     "agent_cpu_pct_per_node": 0.15 if m == "event" else 3.0, "detect_p50_ms": 210.0,
+     "detect_p99_ms": 215.0 if m == "event" else 400.0, "trials": 20}
+    for n in (8, 32, 128) for m in ("event", "poll")]}
 
 
 def inputs(tmp_path: Path, *, series: bool = True) -> dict:
@@ -211,7 +222,8 @@ def inputs(tmp_path: Path, *, series: bool = True) -> dict:
     bench = tmp_path / "bench"
     bench.mkdir()
     for name, value in {"bench_repair": bench_repair(series), "bench_recovery": BENCH_RECOVERY,
-                        "bench_sensors": BENCH_SENSORS, "bench_detection": BENCH_DETECTION}.items():
+                        "bench_sensors": BENCH_SENSORS, "bench_detection": BENCH_DETECTION,
+                        "bench_monitor": BENCH_MONITOR}.items():
         (bench / f"{name}.json").write_text(json.dumps(value, indent=2))
     (bench / "bench_tcprepair.json").write_text(json.dumps(
         {"benchmark": "tcprepair", "kernel": "6.18", "results": [
@@ -260,9 +272,10 @@ def test_the_report_has_every_section_and_real_plots(tmp_path):
     for anchor, title in SECTIONS.items():
         assert f'id="{anchor}"' in page and title in page
     assert 'class="note' not in page  # nothing missing, no figure failed
-    # 3 timelines, 2 repair cases, stall CDF, recovery vs HAProxy, overhead, sensor cost
+    # 3 timelines, 2 repair cases, stall CDF, recovery vs HAProxy, detection, overhead,
+    # monitor cost, sensor cost
     pngs = images(page)
-    assert len(pngs) == 9
+    assert len(pngs) == 11
     for png in pngs:
         check_png(png)
     # the header: verdicts of the demo
@@ -297,7 +310,7 @@ def test_missing_inputs_are_notes_naming_the_command(tmp_path, monkeypatch):
         assert title in page
     assert images(page) == []
     for name in ("bench_repair", "bench_recovery", "bench_sensors", "bench_detection",
-                 "bench_tcprepair"):
+                 "bench_monitor", "bench_tcprepair"):
         assert f"run <code>make bench</code> ({name})" in page
     assert "run <code>make demo</code>" in page
 
@@ -314,9 +327,18 @@ def test_an_older_bench_repair_falls_back_to_bars(tmp_path):
     page = build_report(**inputs(tmp_path, series=False)).read_text()
     assert "has no time series" in page
     pngs = images(page)
-    assert len(pngs) == 9
+    assert len(pngs) == 11
     for png in pngs:
         check_png(png)
+
+
+def test_an_older_bench_detection_gives_its_hang_table(tmp_path):
+    kw = inputs(tmp_path)
+    older = {k: v for k, v in BENCH_DETECTION.items() if k != "results"}
+    (Path(kw["bench_dir"]) / "bench_detection.json").write_text(json.dumps(older))
+    page = build_report(**kw).read_text()
+    assert "bound: deadline + 2 polls" in page and "detection latency by fault" not in page
+    assert len(images(page)) == 10
 
 
 def test_a_demo_without_incident_log_notes_it(tmp_path):
@@ -324,7 +346,7 @@ def test_a_demo_without_incident_log_notes_it(tmp_path):
     (Path(kw["demo_dir"]) / "incidents.jsonl").unlink()
     page = build_report(**kw).read_text()
     assert "is not there" in page  # the demo's log was named but is gone
-    assert len(images(page)) == 6  # no timelines
+    assert len(images(page)) == 8  # no timelines
 
 
 def test_the_newest_demo_is_the_default(tmp_path, monkeypatch):

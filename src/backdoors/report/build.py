@@ -289,12 +289,24 @@ def _detection_part(inputs: Inputs) -> list[Html]:
     d = inputs.bench.get("bench_detection")
     if d is None:
         return parts + [note(inputs.missing["bench_detection"])]
-    parts.append(table(
-        ["progress deadline (ms)", "trials", "p50 (ms)", "p99 (ms)", "max (ms)",
-         "bound: deadline + 2 polls (ms)", "within bound"],
-        [[k, _ms(v.trials), _ms(v.p50_ms), _ms(v.p99_ms), _ms(v.max_ms), _ms(v.bound_ms),
-          f"{_ms(v.within_bound)}/{_ms(v.trials)}"] for k, v in d.latency.items()],
-        numeric=(0, 1, 2, 3, 4, 5)))
+    if d.results:
+        parts.append(_plot("detection latency by fault and mode",
+                           lambda: plots.detection(d.results),
+                           "event: the agent judges its nodes and pushes the violation; "
+                           "poll: the monitor judges what it reads every "
+                           f"{_ms(d.period_ms)} ms. Dashed: the progress deadline"))
+        parts.append(table(
+            ["fault", "deadline (ms)", "mode", "trials", "p50 (ms)", "p99 (ms)"],
+            [[r.fault, _ms(r.deadline_ms) if r.deadline_ms else "-", r.mode, _ms(r.trials),
+              _ms(r.p50_ms, 1), _ms(r.p99_ms, 1)] for r in d.results],
+            numeric=(1, 3, 4, 5)))
+    elif d.latency:  # written by an older bench_detection: hangs, polled
+        parts.append(table(
+            ["progress deadline (ms)", "trials", "p50 (ms)", "p99 (ms)", "max (ms)",
+             "bound: deadline + 2 polls (ms)", "within bound"],
+            [[k, _ms(v.trials), _ms(v.p50_ms), _ms(v.p99_ms), _ms(v.max_ms), _ms(v.bound_ms),
+              f"{_ms(v.within_bound)}/{_ms(v.trials)}"] for k, v in d.latency.items()],
+            numeric=(0, 1, 2, 3, 4, 5)))
     if d.soak is not None and d.soak.false_positives is not None:
         load = d.soak.load or "saturated cores"
         parts.append(para(f"False positives: {d.soak.false_positives:.0f} in "
@@ -342,6 +354,7 @@ def overhead_section(inputs: Inputs) -> Html:
         ], numeric=(1, 2, 3)))
         if o.overhead_pct is not None:
             parts.append(para(f"Throughput overhead: {o.overhead_pct:.1f}%."))
+    parts += _monitor_part(inputs)
     parts.append(Html("<h3>Sensor updates (bench_sensors)</h3>"))
     s = inputs.bench.get("bench_sensors")
     if s is None:
@@ -355,6 +368,27 @@ def overhead_section(inputs: Inputs) -> Html:
                               "prometheus_client `Counter.inc()`; it is a memory store, no "
                               "system call."))
     return section("overhead", SECTIONS["overhead"], parts)
+
+
+def _monitor_part(inputs: Inputs) -> list[Html]:
+    parts = [Html("<h3>Cost of watching many nodes (bench_monitor)</h3>")]
+    m = inputs.bench.get("bench_monitor")
+    if m is None:
+        return parts + [note(inputs.missing["bench_monitor"])]
+    if not m.results:
+        return parts + [note(f"`{inputs.bench_files['bench_monitor']}` has no results: "
+                             "run `make bench` (bench_monitor)")]
+    sensors = f", {m.sensors_per_node:.0f} sensors per node" if m.sensors_per_node else ""
+    parts.append(_plot("monitor and agent cost vs nodes", lambda: plots.monitor_cost(m.results),
+                       f"one monitor, the agents of one lab{sensors}; dashed: the targets "
+                       "(monitor 10 % of a core, agent 0.2 % of a core per node)"))
+    parts.append(table(
+        ["nodes", "mode", "monitor CPU (%)", "agent CPU per node (%)", "detection p50 (ms)",
+         "detection p99 (ms)"],
+        [[_ms(r.nodes), r.mode, _ms(r.monitor_cpu_pct, 1), _ms(r.agent_cpu_pct_per_node, 3),
+          _ms(r.detect_p50_ms), _ms(r.detect_p99_ms)] for r in m.results],
+        numeric=(0, 2, 3, 4, 5)))
+    return parts
 
 
 # ---- 5. incidents ---------------------------------------------------------------------------
@@ -393,8 +427,8 @@ def sources(inputs: Inputs) -> Html:
     rows = [["demo results", str(inputs.demo_dir) if inputs.demo else "missing"],
             ["incident log", str(inputs.incidents_path or "missing")]]
     rows += [[name, str(inputs.bench_files.get(name, "missing"))]
-             for name in ("bench_repair", "bench_recovery", "bench_detection", "bench_sensors",
-                          "bench_tcprepair")]
+             for name in ("bench_repair", "bench_recovery", "bench_detection", "bench_monitor",
+                          "bench_sensors", "bench_tcprepair")]
     return Html('<footer><h2>Sources</h2>' + table(["input", "file"], rows) + "</footer>")
 
 

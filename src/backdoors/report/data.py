@@ -156,10 +156,37 @@ class Soak(msgspec.Struct):
     load: str = ""
 
 
+class DetectionRow(msgspec.Struct):
+    """One (fault, deadline, mode) of bench_detection: event-pushed or polled."""
+    fault: str
+    mode: str
+    deadline_ms: Num = None
+    p50_ms: Num = None
+    p99_ms: Num = None
+    trials: Num = None
+
+
 class BenchDetection(msgspec.Struct):
     period_ms: Num = None
+    results: list[DetectionRow] = []
     latency: dict[str, DetectionLatency] = {}
     soak: Soak | None = None
+
+
+class MonitorRow(msgspec.Struct):
+    """One (size, mode) of bench_monitor."""
+    nodes: float
+    mode: str = "poll"
+    monitor_cpu_pct: Num = None
+    agent_cpu_pct_per_node: Num = None
+    detect_p50_ms: Num = None
+    detect_p99_ms: Num = None
+    trials: Num = None
+
+
+class BenchMonitor(msgspec.Struct):
+    sensors_per_node: Num = None
+    results: list[MonitorRow] = []
 
 
 class TcpRepairRow(msgspec.Struct):
@@ -179,6 +206,7 @@ BENCHES: dict[str, type] = {
     "bench_repair": BenchRepair,
     "bench_recovery": BenchRecovery,
     "bench_detection": BenchDetection,
+    "bench_monitor": BenchMonitor,
     "bench_sensors": BenchSensors,
     "bench_tcprepair": BenchTcpRepair,
 }

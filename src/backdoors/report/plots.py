@@ -14,7 +14,15 @@ from functools import wraps
 
 from ..monitor.incidents import Incident
 from ..sensors import SensorType
-from .data import BenchSensors, MissingExtraError, Overhead, RecoveryRow, RepairPolicy
+from .data import (
+    BenchSensors,
+    DetectionRow,
+    MissingExtraError,
+    MonitorRow,
+    Overhead,
+    RecoveryRow,
+    RepairPolicy,
+)
 
 try:
     import matplotlib
@@ -368,31 +376,27 @@ def stall_cdf(cases: list[tuple[str, list[float], float | None]]) -> bytes:
 
 @_styled
 def recovery_bench(rows: list[RecoveryRow]) -> bytes:
-    """Per session count: backdoors' detection, recovery and stall vs HAProxy's resume
-    time (left), broken sessions of each (right)."""
+    """Per session count, on log axes: backdoors' detection, recovery and stall vs
+    HAProxy's resume time (left); broken sessions of each (right)."""
     fig = _figure(10, 3.8)
     left, right = fig.subplots(1, 2, width_ratios=[3, 2])
     labels = [f"{r.sessions:.0f}" for r in rows]
-    series = [("backdoors detection", "backdoors_detect_ms", "#aec7e8"),
-              ("backdoors recovery", "backdoors_recovery_ms", "#6baed6"),
-              ("backdoors stall p50", "backdoors_stall_p50_ms", BLUE),
-              ("backdoors stall p99", "backdoors_stall_p99_ms", "#08519c"),
-              ("HAProxy: new connections served", "haproxy_resume_ms", RED)]
-    series = [s for s in series if any(getattr(r, s[1]) is not None for r in rows)]
-    width = 0.8 / max(1, len(series))
-    every = []
-    for k, (label, key, colour) in enumerate(series):
-        vals = [getattr(r, key) for r in rows]
-        every += vals
-        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(rows))]
-        left.bar(xs, [v or 0 for v in vals], width, color=colour, label=label)
-    _log_if_wide(left, every)
-    left.set_xticks(range(len(rows)), labels)
-    left.set_xlabel("concurrent sessions")
-    left.set_ylabel("time (ms)")
-    left.set_title("Time to heal (node frozen)")
+    series = [("backdoors detection", "backdoors_detect_ms", "#aec7e8", ":"),
+              ("backdoors recovery", "backdoors_recovery_ms", "#6baed6", "-"),
+              ("backdoors stall p50", "backdoors_stall_p50_ms", BLUE, "--"),
+              ("backdoors stall p99", "backdoors_stall_p99_ms", "#08519c", "-"),
+              ("HAProxy: new connections served", "haproxy_resume_ms", RED, "-")]
+    for label, key, colour, style in series:
+        pts = [(r.sessions, getattr(r, key)) for r in rows
+               if getattr(r, key) is not None and getattr(r, key) > 0]
+        if pts:
+            left.plot(*zip(*pts), style, marker="o", color=colour, label=label)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("concurrent sessions (log scale)")
+    left.set_ylabel("time (ms, log scale)")
+    left.set_title("Time to heal vs sessions (node frozen)")
     left.legend(loc="upper left", fontsize=7)
-    left.margins(y=0.15)
     for k, (label, key, colour) in enumerate([("backdoors", "backdoors_broken", BLUE),
                                               ("HAProxy", "haproxy_broken", RED)]):
         vals = [getattr(r, key) for r in rows]
@@ -405,6 +409,79 @@ def recovery_bench(rows: list[RecoveryRow]) -> bytes:
     right.set_title("Sessions broken by the fault")
     right.legend(loc="upper left")
     right.margins(y=0.2)
+    return _png(fig)
+
+
+MODES = {"event": ("pushed by the agent (event)", BLUE), "poll": ("monitor's poll", ORANGE)}
+
+
+def _mode(name: str, i: int) -> tuple[str, str]:
+    return MODES.get(name, (name, f"C{(i + 2) % 10}"))
+
+
+@_styled
+def detection(rows: list[DetectionRow]) -> bytes:
+    """Detection latency by fault and mode: one panel per fault, a bar group per deadline,
+    p99 as bars and p50 as a black tick; the deadline as a dashed line."""
+    faults = list(dict.fromkeys(r.fault for r in rows))
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    fig = _figure(max(6.0, 3.0 * len(faults)), 3.4)
+    axes = fig.subplots(1, len(faults), squeeze=False)[0]
+    for ax, fault in zip(axes, faults):
+        mine = [r for r in rows if r.fault == fault]
+        deadlines = list(dict.fromkeys(r.deadline_ms for r in mine))
+        width = 0.8 / max(1, len(modes))
+        for k, mode in enumerate(modes):
+            label, colour = _mode(mode, k)
+            for i, d in enumerate(deadlines):
+                r = next((r for r in mine if r.mode == mode and r.deadline_ms == d), None)
+                if r is None or r.p99_ms is None:
+                    continue
+                x = i + (k - (len(modes) - 1) / 2) * width
+                ax.bar(x, r.p99_ms, width, color=colour, label=label if i == 0 else None)
+                if r.p50_ms is not None:
+                    ax.plot([x - width / 2, x + width / 2], [r.p50_ms] * 2, color="black", lw=1.2)
+        for i, d in enumerate(deadlines):
+            if d:
+                ax.plot([i - 0.45, i + 0.45], [d, d], "--", color=GREY, lw=1)
+        ax.set_xticks(range(len(deadlines)),
+                      [f"{d:.0f} ms" if d else "none" for d in deadlines])
+        ax.set_xlabel("deadline")
+        ax.set_title(fault.replace("_", " "))
+        ax.margins(y=0.15)
+    axes[0].set_ylabel("detection p99 (bars), p50 (ticks), ms")
+    axes[0].legend(loc="upper left", fontsize=7)
+    return _png(fig)
+
+
+@_styled
+def monitor_cost(rows: list[MonitorRow], *, monitor_target_pct: float = 10.0,
+                 agent_target_pct: float = 0.2) -> bytes:
+    """Cost of watching N nodes, by mode: monitor CPU (% of one core), agent CPU per node,
+    detection p99; the issue's targets as dashed lines."""
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    fig = _figure(10, 3.2)
+    axes = fig.subplots(1, 3)
+    panels = [("monitor_cpu_pct", "monitor CPU (% of a core)", monitor_target_pct),
+              ("agent_cpu_pct_per_node", "agent CPU per node (% of a core)", agent_target_pct),
+              ("detect_p99_ms", "detection p99 (ms)", None)]
+    for ax, (key, title, target) in zip(axes, panels):
+        for k, mode in enumerate(modes):
+            label, colour = _mode(mode, k)
+            pts = sorted((r.nodes, getattr(r, key)) for r in rows
+                         if r.mode == mode and getattr(r, key) is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=colour, label=label)
+        if target is not None:
+            ax.axhline(target, ls="--", color=GREY, lw=1, label="target")
+        ax.set_xscale("log", base=2)
+        sizes = sorted({r.nodes for r in rows})
+        ax.set_xticks(sizes, [f"{n:.0f}" for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("nodes watched (log scale)")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(loc="upper left", fontsize=7)
     return _png(fig)
 
 
