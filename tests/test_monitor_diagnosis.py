@@ -144,6 +144,52 @@ def test_first_process_is_protected_only_when_older_than_onset():
     assert {p.pid for p in diagnosis.bomb_lineage(young_first, 1.0)[0]} == {5, 6, 7}
 
 
+def test_a_late_onset_still_finds_the_bomb_s_older_generations():
+    """Under load the onset came late: the bomb's root and its first generations look old
+    (as in a demo run under stress-ng). Its kind joins them; old innocents stay."""
+    t = [row(10, 1, "svc", age=60, registered=True, exe="python3"),
+         row(20, 1, "bd-init", age=50, exe="python3"),
+         row(21, 20, "bd-forkprobe", age=40, exe="python3"),  # forks one child now and then
+         row(22, 21, "bd-forkprobe", age=0.1, exe="python3"),
+         row(30, 20, "bd-forkbomb", age=12.0, exe="python3")]  # the root, 3.5 s before onset
+    t += [row(p, 30, "bd-forkbomb", age=11.5 - 0.5 * (p - 31), exe="python3")
+          for p in range(31, 37)]  # old generations, each with fewer than 3 young children
+    t += [row(p, 31 + p % 6, "bd-forkbomb", age=0.3, exe="python3") for p in range(40, 50)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=8.5)
+    pids = {p.pid for p in lineage}
+    assert pids == {30, *range(31, 37), *range(40, 50), 22}
+    assert ev["kin"] == 7 and ev["kinds"] == ["python3:bd-forkbomb"]
+    assert ev["old_parents_spared"] == [21]  # the probe: one young child, of another kind
+
+
+def test_orphans_of_a_double_forking_bomb_join_by_kind_and_burst():
+    """Every child double-forks, so each is orphaned to the node's init at once: no tree
+    joins the generations born before onset. The burst does; an older process of the same
+    kind started long before, and registered services, do not."""
+    t = [row(1, 0, "catatonit", age=90, exe="catatonit"),
+         row(10, 1, "python3", age=60, registered=True, exe="python3"),
+         row(11, 1, "sleep", age=30, exe="sleep")]  # an innocent of the bomb's kind, long before
+    t += [row(p, 1, "sleep", age=1.5 + 0.25 * (p - 20), exe="sleep") for p in range(20, 30)]
+    t += [row(p, 1, "sleep", age=0.2, exe="sleep") for p in range(40, 45)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {*range(20, 30), *range(40, 45)}
+    lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0, kin_gap_s=0.5)
+    assert {p.pid for p in lineage} == set(range(40, 45))  # 1.3 s before the burst: too far
+
+
+def test_kin_never_takes_a_protected_process_nor_a_kind_of_few_young():
+    t = [row(10, 1, "svc", age=20, registered=True, exe="python3"),
+         row(11, 10, "svc", age=15, exe="python3"),  # the service's old worker, same kind
+         row(12, 1, "sshd", age=0.5, exe="sshd")]
+    t += [row(p, 10, "svc", age=0.2, exe="python3") for p in range(20, 25)]
+    t += [row(p, 12, "sshd", age=0.1, exe="sshd") for p in range(30, 35)]
+    t += [row(p, 1, "x", age=0.1, exe="x") for p in (40, 41)]  # two young: not a kind
+    t += [row(42, 1, "x", age=0.5 + 1.0, exe="x")]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0, protect_comms=["sshd"])
+    assert {p.pid for p in lineage} == {*range(20, 25), 40, 41}
+    assert 10 not in {p.pid for p in lineage} and ev["kin"] == 0
+
+
 def test_subtree_roots_split_whole_trees_from_singles():
     table = bomb_table()
     lineage, _ = diagnosis.bomb_lineage(table, 1.0)

@@ -186,9 +186,11 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
             })
             if n == 0:
                 comms = ", ".join(f"{c}×{k}" for c, k in evidence.get("comms", {}).items())
+                kin = evidence.get("kin", 0)
                 found = Finding(
                     finding.kind,
-                    f"fork bomb of {len(targets)} processes ({comms}) born since onset; "
+                    f"fork bomb of {len(targets)} processes ({comms}) born since onset"
+                    f"{f' or of its kind ({kin})' if kin else ''}; "
                     f"{evidence.get('spared_count', 0)} processes spared",
                     targets[:64], {**finding.evidence, "lineage": evidence})
             survivors = left
