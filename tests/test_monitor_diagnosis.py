@@ -177,6 +177,19 @@ def test_orphans_of_a_double_forking_bomb_join_by_kind_and_burst():
     assert {p.pid for p in lineage} == set(range(40, 45))  # 1.3 s before the burst: too far
 
 
+def test_the_node_s_init_that_inherited_the_orphans_is_spared():
+    """The node's PID 1 (catatonit, a child of the node's first process) inherits every
+    orphan of a double-forking bomb: many young children, but of another kind. Killing it
+    would end the node, service included (seen before this rule)."""
+    t = [row(5, 0, "unshare", age=90, exe="unshare"),
+         row(6, 5, "catatonit", age=90, exe="catatonit"),
+         row(10, 0, "python", age=60, registered=True, exe="python3")]
+    t += [row(p, 6, "bd-forkbomb", age=0.3, exe="") for p in range(20, 40)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == set(range(20, 40))
+    assert ev["old_parents_spared"] == [6]
+
+
 def test_kin_never_takes_a_protected_process_nor_a_kind_of_few_young():
     t = [row(10, 1, "svc", age=20, registered=True, exe="python3"),
          row(11, 10, "svc", age=15, exe="python3"),  # the service's old worker, same kind

@@ -146,7 +146,9 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     `young_age_s` seconds (since onset), plus their ancestors in the node up to, but
     excluding, any protected one (a registered service or one of its ancestors, the node's
     first process if older than onset, a protected comm). An ancestor older than onset joins only if at
-    least `old_ancestor_min_children` of its children are young.
+    least `old_ancestor_min_children` of its children are young and of its own kind (see
+    `_kind`): a bomb forks itself, while an init or a subreaper that a bomb's orphans were
+    reparented to runs another program (killing the node's PID 1 would end the node).
 
     The onset can come late (under load a bomb grows in fits, and its count of tasks
     pauses), and a bomb's processes need not stay in one tree (orphans go to the node's
@@ -177,9 +179,11 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
 
     young = [p for p in table if p.age_s <= young_age_s and running(p.state)
              and not protected(p)]
-    young_children: dict[int, int] = {}
+    young_children: dict[int, int] = {}  # of the parent's own kind: a bomb forks itself
     for p in young:
-        young_children[p.ppid] = young_children.get(p.ppid, 0) + 1
+        parent = by_pid.get(p.ppid)
+        if parent is not None and _kind(parent) == _kind(p):
+            young_children[p.ppid] = young_children.get(p.ppid, 0) + 1
     lineage: dict[int, Row] = {p.pid: p for p in young}
     held_back: list[Row] = []
     for p in young:
@@ -424,8 +428,9 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
 
     Onset comes from the sensor history; processes younger than onset + `onset_slack_ms`
     and their unprotected ancestors are the bomb. An ancestor older than onset joins only
-    with at least `old_ancestor_min_children` young children alive (a shell that forks
-    the bomb does; a service that started one helper does not). Its kin join (same
+    with at least `old_ancestor_min_children` young children of its own kind alive (a
+    shell that forks the bomb does; a service that started one helper, or the node's
+    init that inherited the bomb's orphans, does not). Its kin join (same
     executable and comm as at least `kin_min_young` young members, born within
     `kin_gap_ms` of the bomb's burst): older generations and orphans a late onset or the
     node's init would hide. Registered services, the node's first process and
