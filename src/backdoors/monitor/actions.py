@@ -156,10 +156,21 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
                 table = ctx.client.processes(ctx.node)
                 lineage, evidence = ctx.lineage(table.rows, ctx.clock() - ctx.onset)
                 roots, singles = subtree_roots(lineage, table.rows)
+                # every kill is sent while the node is frozen: one that fails (a tree slow
+                # to exit under load) must not spare the rest until the node is thawed
+                failed = []
                 for root in roots:
-                    ctx.client.kill_tree(ctx.node, root.pid)
+                    try:
+                        ctx.client.kill_tree(ctx.node, root.pid)
+                    except AgentError as e:
+                        failed.append(f"kill_tree {root.pid}: {e}")
                 for p in singles:
-                    ctx.client.kill(ctx.node, p.pid, p.start_time)
+                    try:
+                        ctx.client.kill(ctx.node, p.pid, p.start_time)
+                    except AgentError as e:
+                        failed.append(f"kill {p.pid}: {e}")
+                if failed:
+                    error = "; ".join(failed[:3]) + (f" (+{len(failed) - 3})" if len(failed) > 3 else "")
             except AgentError as e:
                 error = str(e)
             finally:
