@@ -231,6 +231,24 @@ def test_bomb_onset_from_the_fork_counters():
     assert diagnosis.bomb_onset(h, v, 0.20) == pytest.approx(0.05)
 
 
+def test_bomb_onset_is_not_dated_back_by_a_service_forking_one_child_at_a_time():
+    """A process forking now and then (the scenario's probe, every 20 ms) keeps the fork
+    counter rising by one per sample since it started; the bomb's burst starts later."""
+    from backdoors.monitor.history import History
+    from backdoors.sensors import SensorState
+    h = History()
+    forks = [0, 1, 2, 3, 4, 5, 6, 40, 90, 140]
+    pids = [8, 9, 8, 9, 8, 9, 9, 45, 100, 128]
+    for i, (f, p) in enumerate(zip(forks, pids)):
+        snap = Snapshot("kernel", 1, 2, i * 0.05, [
+            SensorState(1, "forks", "pressure", f, False, rate=0, max_events=200, window=1),
+            SensorState(2, "pids", "level", p, p > 115, min=0, max=115)])
+        h.add(NodeView("n0", "h0", i * 0.05, {"kernel": snap}))
+    v = NodeView("n0", "h0", 0.45, {})
+    assert diagnosis.bomb_onset(h, v, 0.45) == pytest.approx(0.30)
+    assert diagnosis.bomb_onset(h, v, 0.45, min_rise=1) == pytest.approx(0.0)  # as before
+
+
 # ---- hang ---------------------------------------------------------------------------------
 
 

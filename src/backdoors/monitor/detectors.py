@@ -74,7 +74,8 @@ class Hit(msgspec.Struct):
 class SensorHistory(Protocol):
     """What onsets read of a node's sensor history (monitor.history.History)."""
 
-    def rise_start(self, key: tuple[str, str], before: float) -> float | None: ...
+    def rise_start(self, key: tuple[str, str], before: float, gap: float = 0.5,
+                   min_step: float = 0.0) -> float | None: ...
 
     def violation_start(self, key: tuple[str, str], violated, before: float) -> float | None: ...
 

@@ -283,15 +283,22 @@ def subtree_roots(lineage: Sequence[Row], table: Sequence[Row]) -> tuple[list[Ro
 FORK_SENSORS = ((KERNEL_BOX, "forks"), (KERNEL_BOX, "fork_failures"), (KERNEL_BOX, "pids"))
 
 
-def bomb_onset(history: SensorHistory, view: NodeView, onset: float) -> float:
+def bomb_onset(history: SensorHistory, view: NodeView, onset: float,
+               min_rise: float = 2.0) -> float:
     """The onset of a fork bomb: the earliest start of the latest rise of the kernel's
-    fork counter, failed-fork counter or task count, whichever detector fired."""
-    times = [onset]
+    fork counter, failed-fork counter or task count, whichever detector fired; `onset`
+    (the detectors') if none rose. Only samples where a counter grew by at least
+    `min_rise` make a rise: a service that forks a child now and then keeps the fork
+    counter rising one at a time, which would date the bomb back to that service's start
+    and make it, and whatever started since, look young (under load, a probe forking
+    every 20 ms and the scenario's init were killed so). A bomb forks in bursts; what of
+    it is born before a late onset joins as its kin (bomb_lineage)."""
+    times = []
     for key in FORK_SENSORS:
-        t = history.rise_start(key, view.at)
+        t = history.rise_start(key, view.at, min_step=min_rise)
         if t is not None:
             times.append(t)
-    return min(times)
+    return min(times, default=onset)
 
 
 def fork_bomb(view: NodeView, hits: list[Hit], onset: float) -> Finding:
@@ -439,13 +446,14 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
 
     provides: ClassVar[frozenset[str]] = frozenset({"lineage"})
     onset_slack_ms: NonNeg = 250.0
+    onset_min_rise: Pos = 2.0
     old_ancestor_min_children: Annotated[int, msgspec.Meta(ge=1)] = 3
     kin_min_young: Annotated[int, msgspec.Meta(ge=1)] = 3
     kin_gap_ms: NonNeg = 2000.0
     protect_comms: list[str] = []
 
     def onset(self, history: SensorHistory, view: NodeView, onset: float) -> float:
-        return bomb_onset(history, view, onset)
+        return bomb_onset(history, view, onset, self.onset_min_rise)
 
     def run(self, ctx: Context) -> Finding:
         return fork_bomb(ctx.view, ctx.hits, ctx.onset)
