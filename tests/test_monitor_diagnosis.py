@@ -190,6 +190,22 @@ def test_the_node_s_init_that_inherited_the_orphans_is_spared():
     assert ev["old_parents_spared"] == [6]
 
 
+def test_what_the_bomb_exec_d_joins_it_even_when_born_before_onset():
+    """A Python bomb whose children exec `sleep`: the forkers are young or kin, most of the
+    sleeps are older than a late onset and too few are young to make `sleep` a kind; they
+    are the bomb's all the same (its descendants, born since it started). An older sleep
+    of the service is not."""
+    t = [row(10, 1, "python", age=60, registered=True, exe="python3"),
+         row(11, 10, "sleep", age=30, exe="sleep")]
+    t += [row(p, 1, "python", age=2.1, exe="python3") for p in range(24, 28)]  # orphans
+    t += [row(p, p + 4, "python", age=0.2, exe="python3") for p in range(20, 24)]
+    t += [row(p, 24 + p % 4, "sleep", age=2.0, exe="sleep") for p in range(30, 50)]
+    t += [row(50, 21, "sleep", age=0.1, exe="sleep")]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {*range(20, 28), *range(30, 51)}
+    assert ev["kin"] == 4 and ev["spawn"] == 20
+
+
 def test_kin_never_takes_a_protected_process_nor_a_kind_of_few_young():
     t = [row(10, 1, "svc", age=20, registered=True, exe="python3"),
          row(11, 10, "svc", age=15, exe="python3"),  # the service's old worker, same kind

@@ -158,8 +158,9 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     children or not), and so does every other live process of such a kind born after the
     bomb's oldest member so far, or
     within `kin_gap_s` of one born before (a bomb is born as a burst; an innocent of the
-    same kind started well before it is not). Protected processes are never part of it,
-    whatever their age or kind."""
+    same kind started well before it is not). Last, what its members started since its
+    oldest young or kin member joins (a `sleep` its processes exec'd). Protected processes
+    are never part of it, whatever their age or kind."""
     by_pid = {p.pid: p for p in table}
     first = first_process(table)
     protect_comms = list(protect_comms)
@@ -198,6 +199,8 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     kin = _bomb_kin(table, lineage, young, protected, by_pid, kin_min_young,
                     old_ancestor_min_children, kin_gap_s)
     lineage.update((p.pid, p) for p in kin)
+    spawn = _bomb_spawn(table, lineage, [*young, *kin], protected)
+    lineage.update((p.pid, p) for p in spawn)
     held_back = [p for p in held_back if p.pid not in lineage]
     spared = [p for p in table if p.pid not in lineage]
     comms: dict[str, int] = {}
@@ -213,6 +216,7 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
         "spared_count": len(spared),
         "old_parents_spared": sorted({p.pid for p in held_back}),
         "kin": len(kin),
+        "spawn": len(spawn),
         "kinds": sorted({f"{p.exe or '?'}:{p.comm}" for p in kin})[:5],
         "first_process": first.pid if first else None,
     }
@@ -249,6 +253,28 @@ def _bomb_kin(table: Sequence[Row], lineage: dict[int, Row], young: Sequence[Row
         if p.start_time >= oldest - gap_s:
             found[p.pid] = p
             oldest = min(oldest, p.start_time)
+    return sorted(found.values(), key=lambda p: p.pid)
+
+
+def _bomb_spawn(table: Sequence[Row], lineage: dict[int, Row], core: Sequence[Row],
+                protected: Callable[[Row], bool]) -> list[Row]:
+    """What the bomb started that it missed: live descendants of its members born since
+    its oldest young or kin member (`core`), e.g. the `sleep` a bomb's processes exec,
+    which hold its pids after the forkers are killed."""
+    if not core:
+        return []
+    since = min(p.start_time for p in core)
+    children: dict[int, list[Row]] = {}
+    for p in table:
+        children.setdefault(p.ppid, []).append(p)
+    found: dict[int, Row] = {}
+    todo = list(lineage)
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if (c.pid not in lineage and c.pid not in found and running(c.state)
+                    and c.start_time >= since and not protected(c)):
+                found[c.pid] = c
+                todo.append(c.pid)
     return sorted(found.values(), key=lambda p: p.pid)
 
 
