@@ -147,9 +147,14 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """Freeze, find the lineage born since onset, kill it frozen, thaw, check survivors."""
         rounds, killed_total, survivors, found = [], 0, [], None
-        for n in range(self.max_rounds):
+        for _ in range(self.max_rounds):
             t0 = ctx.clock()
-            lock = ctx.client.lock(ctx.node, self.lease_s)
+            try:
+                lock = ctx.client.lock(ctx.node, self.lease_s)
+            except AgentError as e:  # e.g. a bomb forking faster than it freezes: try again
+                rounds.append({"lineage": 0, "survivors": [t.pid for t in survivors],
+                               "error": f"lock failed: {e}"})
+                continue
             frozen_at = ctx.clock()
             error, table, lineage, evidence, roots, singles = None, None, [], {}, [], []
             try:
@@ -195,7 +200,7 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
                 "lineage": len(targets), "gone_after_ms": round(waited * 1000, 1),
                 "survivors": [t.pid for t in left], "error": error,
             })
-            if n == 0:
+            if found is None:  # the first round that read the table
                 comms = ", ".join(f"{c}×{k}" for c, k in evidence.get("comms", {}).items())
                 kin = evidence.get("kin", 0)
                 found = Finding(
