@@ -39,7 +39,6 @@ class NodeView:
     fenced: bool = False  # fenced after a recovery: out of service, left to the operator
     agent_ok: bool = True
     agent_silent_s: float = 0.0
-    box_errors: dict[str, str] = field(default_factory=dict)
     #: peer agents whose fresh `peers` view says this node's agent does not answer them
     down_reports: list[str] = field(default_factory=list)
     event: dict | None = None  # an event pushed by the agent (monitor.events), not a poll
