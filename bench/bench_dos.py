@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from backdoors.agent.errors import AgentError
 from backdoors.agent.keys import write_key_file
 from backdoors.common.runtime import AGENT_SOCKET_ENV
 from backdoors.nodes import Node
+from backdoors.scenarios.flood import KeylessFlood, loopback_addresses
 
 APP = """
 import sys, time
@@ -66,53 +65,6 @@ def _pct(samples: list[float], q: float) -> float | None:
         return None
     s = sorted(samples)
     return round(s[min(len(s) - 1, int(q * len(s)))], 3)
-
-
-class _Flood:
-    """`count` silent keyless connections from `count` loopback addresses, reopened."""
-
-    def __init__(self, address, count: int):
-        self.address, self.count = address, count
-        self.opened = self.closed_by_agent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self):
-        sel = selectors.DefaultSelector()
-        try:
-            while not self._stop.is_set():
-                while len(sel.get_map()) < self.count:
-                    i = self.opened % self.count
-                    try:
-                        s = socket.create_connection(
-                            self.address, timeout=1,
-                            source_address=(f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
-                    except OSError:
-                        break
-                    s.setblocking(False)
-                    sel.register(s, selectors.EVENT_READ)
-                    self.opened += 1
-                for key, _ in sel.select(0.05):
-                    try:
-                        gone = key.fileobj.recv(65536) == b""
-                    except (ConnectionResetError, BlockingIOError):
-                        gone = True
-                    if gone:
-                        sel.unregister(key.fileobj)
-                        key.fileobj.close()
-                        self.closed_by_agent += 1
-        finally:
-            for key in list(sel.get_map().values()):
-                key.fileobj.close()
-            sel.close()
 
 
 def _measure(agent, me: Identity, agent_key: Identity, seconds: float) -> dict:
@@ -195,7 +147,8 @@ def run(*, seconds: float = 3.0, stuck_boxes: int = 64, connections: int = 64) -
             _measure(agent, keys["m1"], agent_key, 0.3)  # warm up
             out["baseline"] = _measure(agent, keys["m1"], agent_key, seconds)
             start("n0", STUCK, str(stuck_boxes))
-            with _Flood(agent.address, connections) as flood:
+            with KeylessFlood(agent.address, connections,
+                              loopback_addresses(connections), connect_timeout=1) as flood:
                 out["attack"] = _measure(agent, keys["m1"], agent_key, seconds)
             out["attack"]["keyless_opened"] = flood.opened
             out["attack"]["keyless_closed_by_agent"] = flood.closed_by_agent

@@ -20,6 +20,7 @@ from test_agent_support import agent_lab, prefix, read_line, wait_for  # noqa: F
 
 from backdoors.agent.errors import AgentError
 from backdoors.agent.protocol import Envelope, Response, frame
+from backdoors.scenarios.flood import KeylessFlood, loopback_addresses
 
 pytestmark = pytest.mark.root
 
@@ -53,52 +54,9 @@ def _replies(data: bytes) -> list[Response]:
     return out
 
 
-class Flood:
-    """Keeps `count` keyless, silent connections open to the agent from `addresses`
-    (round robin), opening a new one whenever the agent closes one."""
-
-    def __init__(self, lab, count: int, addresses: list[str]):
-        self.lab, self.count, self.addresses = lab, count, addresses
-        self.opened = self.closed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        wait_for(lambda: self.opened >= self.count, what="the flood's connections")
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self):
-        import selectors
-        sel = selectors.DefaultSelector()
-        try:
-            while not self._stop.is_set():
-                while len(sel.get_map()) < self.count:
-                    s = _connect(self.lab, self.addresses[self.opened % len(self.addresses)])
-                    s.setblocking(False)
-                    sel.register(s, selectors.EVENT_READ)
-                    self.opened += 1
-                for key, _ in sel.select(0.05):
-                    try:
-                        gone = key.fileobj.recv(65536) == b""
-                    except (ConnectionResetError, BlockingIOError):
-                        gone = True
-                    if gone:
-                        sel.unregister(key.fileobj)
-                        key.fileobj.close()
-                        self.closed += 1
-        finally:
-            for key in list(sel.get_map().values()):
-                key.fileobj.close()
-            sel.close()
-
-
-def _addresses(n: int) -> list[str]:
-    return [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(n)]
+def Flood(lab, count: int, addresses: list[str]) -> KeylessFlood:
+    """The agent's keyless flood (scenarios.flood), `count` connections from `addresses`."""
+    return KeylessFlood(lab.agent.address, count, addresses, connect_timeout=10)
 
 
 # -- finding 5: keyless connections -----------------------------------------------------
@@ -110,7 +68,8 @@ def test_keyless_idle_connections_cannot_lock_a_monitor_out(agent_lab):
     held = lab.client("m2")
     assert held.ping()
     sock = held._sock
-    with Flood(lab, cap, _addresses(cap)) as flood:
+    with Flood(lab, cap, loopback_addresses(cap)) as flood:
+        wait_for(lambda: flood.opened >= cap, what="the flood's connections")
         assert held.ping() and held._sock is sock  # an authenticated connection stays
         c = lab.client(timeout=5)
         for _ in range(20):
@@ -118,14 +77,16 @@ def test_keyless_idle_connections_cannot_lock_a_monitor_out(agent_lab):
             c.close()  # a new connection each time: each must get in
         # the silent connections are closed (pre-authentication timeout or room made for
         # the monitor), and the agent never holds more of them than its reserve allows
-        wait_for(lambda: flood.closed >= cap, timeout=15, what="silent connections closed")
+        wait_for(lambda: flood.closed_by_agent >= cap, timeout=15,
+                 what="silent connections closed")
     assert lab.agent.agent.rpc.unauthenticated <= lab.config.max_unauthenticated
 
 
 def test_one_address_holds_at_most_its_share(agent_lab):
     lab = agent_lab()
     per_address = lab.config.max_unauthenticated_per_address
-    with Flood(lab, 3 * per_address, ["127.0.0.9"]):
+    with Flood(lab, 3 * per_address, ["127.0.0.9"]) as flood:
+        wait_for(lambda: flood.opened >= 3 * per_address, what="the flood's connections")
         wait_for(lambda: lab.agent.agent.rpc.unauthenticated_from("127.0.0.9") <= per_address,
                  what="the address held to its share")
         other = _connect(lab, "127.0.0.10")

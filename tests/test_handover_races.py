@@ -38,21 +38,33 @@ from backdoors.continuations.region import CbRegion
 NODE = "n0"
 
 
-def _tables():
+@pytest.fixture
+def tables():
+    """The agent's region and session tables for NODE, emptied and closed after."""
     regions = RegionTable([NODE], max_regions=8, max_region_bytes=1 << 20,
                           max_node_bytes=1 << 22)
-    return regions, SessionTable([NODE], max_per_node=8)
+    sessions = SessionTable([NODE], max_per_node=8)
+    yield regions, sessions
+    sessions.close()
+    for entry in regions.entries(NODE):
+        regions.remove(NODE, entry.name)
 
 
 @pytest.fixture
 def tcp_pair():
-    """A connected loopback TCP pair (server side, client side)."""
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        client = socket.create_connection(lst.getsockname())
-        server, _ = lst.accept()
-    yield server, client
-    server.close()
-    client.close()
+    """Connected loopback TCP pairs (server side, client side), closed after."""
+    made = []
+
+    def pair() -> tuple[socket.socket, socket.socket]:
+        with socket.create_server(("127.0.0.1", 0)) as lst:
+            client = socket.create_connection(lst.getsockname())
+            server, _ = lst.accept()
+        made.extend((server, client))
+        return server, client
+
+    yield pair
+    for s in made:
+        s.close()
 
 
 def _box(session: bytes, version: int, sent: int) -> CbRegion:
@@ -67,10 +79,11 @@ def _export_held(regions: RegionTable, name: str) -> int:
         return parse_cb(entry.region.read(0, entry.size)).export.version
 
 
-def test_stand_in_box_never_replaces_the_servers_own(tcp_pair):
+def test_stand_in_box_never_replaces_the_servers_own(tables, tcp_pair):
     """The server registered its box (export 7) before the agent's `_hold` of the copy it
     handed over (export 3): the agent keeps the server's, and the socket is held."""
-    regions, sessions = _tables()
+    regions, sessions = tables
+    server_side, _ = tcp_pair()
     session = os.urandom(cbformat.SESSION_SIZE)
     name, pid = f"cb-{session.hex()}", os.getpid()  # this process plays the server
     handed_copy, own = _box(session, 3, 3000), _box(session, 7, 7000)
@@ -78,8 +91,8 @@ def test_stand_in_box_never_replaces_the_servers_own(tcp_pair):
                            agent=SimpleNamespace(sessions=sessions, regions=regions))
     try:
         regions.keep(NODE, name, "cb", own.fd, pid)  # the server's attach won the race
-        sessions.hold(NODE, name, tcp_pair[0].fileno(), pid)
-        item = Started(MovedSession(name, b"", b""), None, tcp_pair[0], handed_copy.fd)
+        sessions.hold(NODE, name, server_side.fileno(), pid)
+        item = Started(MovedSession(name, b"", b""), None, server_side, handed_copy.fd)
         _hold(call, item, pid)
         assert _export_held(regions, name) == 7
         assert [s.name for s in sessions.list(NODE)] == [name]
@@ -92,9 +105,6 @@ def test_stand_in_box_never_replaces_the_servers_own(tcp_pair):
     finally:
         handed_copy.close()
         own.close()
-        sessions.close()
-        for entry in regions.entries(NODE):
-            regions.remove(NODE, entry.name)
 
 
 def _dead_pid() -> int:
@@ -136,24 +146,22 @@ class SlowServer:
         self.listener.close()
 
 
-def test_late_verdict_leaves_the_session_with_the_server(tcp_pair, tmp_path, monkeypatch):
+def test_late_verdict_leaves_the_session_with_the_server(tables, tcp_pair, tmp_path,
+                                                         monkeypatch):
     """Two orphans of a dead server are handed to a restarted one; it accepts the first at
     once, the second's verdict comes after the agent stopped waiting. Both stay held as
     the server's (the first handed, the second reported unanswered): none is an orphan
     again, so no later readopt hands it twice and the orphan closer never closes it."""
     monkeypatch.setattr(owners, "VERDICT_WAIT_S", 0.2)
-    regions, sessions = _tables()
+    regions, sessions = tables
     watch = OwnerWatch(sessions, regions, publish=lambda *a, **k: None,
                        audit=SimpleNamespace(write=lambda **k: None), timeout_s=60.0,
                        run_dir=str(tmp_path))
     dead, server_pid = _dead_pid(), os.getpid()  # this process plays the restarted server
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        other = socket.create_connection(lst.getsockname())
-        second, _ = lst.accept()
     boxes, names, held = [], [], []
     server = SlowServer(str(tmp_path / "adopt.sock"), 2)
     try:
-        for sock in (tcp_pair[0], second):
+        for sock, _ in (tcp_pair(), tcp_pair()):
             session = os.urandom(cbformat.SESSION_SIZE)
             box = _box(session, 1, 0)
             boxes.append(box)
@@ -172,10 +180,5 @@ def test_late_verdict_leaves_the_session_with_the_server(tcp_pair, tmp_path, mon
     finally:
         server.close()
         watch.stop()
-        sessions.close()
-        for entry in regions.entries(NODE):
-            regions.remove(NODE, entry.name)
         for box in boxes:
             box.close()
-        other.close()
-        second.close()

@@ -144,6 +144,81 @@ def test_first_process_is_protected_only_when_older_than_onset():
     assert {p.pid for p in diagnosis.bomb_lineage(young_first, 1.0)[0]} == {5, 6, 7}
 
 
+def test_a_late_onset_still_finds_the_bomb_s_older_generations():
+    """Under load the onset came late: the bomb's root and its first generations look old
+    (as in a demo run under stress-ng). Its kind joins them; old innocents stay."""
+    t = [row(10, 1, "svc", age=60, registered=True, exe="python3"),
+         row(20, 1, "bd-init", age=50, exe="python3"),
+         row(21, 20, "bd-forkprobe", age=40, exe="python3"),  # forks one child now and then
+         row(22, 21, "bd-forkprobe", age=0.1, exe="python3"),
+         row(30, 20, "bd-forkbomb", age=12.0, exe="python3")]  # the root, 3.5 s before onset
+    t += [row(p, 30, "bd-forkbomb", age=11.5 - 0.5 * (p - 31), exe="python3")
+          for p in range(31, 37)]  # old generations, each with fewer than 3 young children
+    t += [row(p, 31 + p % 6, "bd-forkbomb", age=0.3, exe="python3") for p in range(40, 50)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=8.5)
+    pids = {p.pid for p in lineage}
+    assert pids == {30, *range(31, 37), *range(40, 50), 22}
+    assert ev["kin"] == 7 and ev["kinds"] == ["python3:bd-forkbomb"]
+    assert ev["old_parents_spared"] == [21]  # the probe: one young child, of another kind
+
+
+def test_orphans_of_a_double_forking_bomb_join_by_kind_and_burst():
+    """Every child double-forks, so each is orphaned to the node's init at once: no tree
+    joins the generations born before onset. The burst does; an older process of the same
+    kind started long before, and registered services, do not."""
+    t = [row(1, 0, "catatonit", age=90, exe="catatonit"),
+         row(10, 1, "python3", age=60, registered=True, exe="python3"),
+         row(11, 1, "sleep", age=30, exe="sleep")]  # an innocent of the bomb's kind, long before
+    t += [row(p, 1, "sleep", age=1.5 + 0.25 * (p - 20), exe="sleep") for p in range(20, 30)]
+    t += [row(p, 1, "sleep", age=0.2, exe="sleep") for p in range(40, 45)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {*range(20, 30), *range(40, 45)}
+    lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0, kin_gap_s=0.5)
+    assert {p.pid for p in lineage} == set(range(40, 45))  # 1.3 s before the burst: too far
+
+
+def test_the_node_s_init_that_inherited_the_orphans_is_spared():
+    """The node's PID 1 (catatonit, a child of the node's first process) inherits every
+    orphan of a double-forking bomb: many young children, but of another kind. Killing it
+    would end the node, service included (seen before this rule)."""
+    t = [row(5, 0, "unshare", age=90, exe="unshare"),
+         row(6, 5, "catatonit", age=90, exe="catatonit"),
+         row(10, 0, "python", age=60, registered=True, exe="python3")]
+    t += [row(p, 6, "bd-forkbomb", age=0.3, exe="") for p in range(20, 40)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == set(range(20, 40))
+    assert ev["old_parents_spared"] == [6]
+
+
+def test_what_the_bomb_exec_d_joins_it_even_when_born_before_onset():
+    """A Python bomb whose children exec `sleep`: the forkers are young or kin, most of the
+    sleeps are older than a late onset and too few are young to make `sleep` a kind; they
+    are the bomb's all the same (its descendants, born since it started). An older sleep
+    of the service is not."""
+    t = [row(10, 1, "python", age=60, registered=True, exe="python3"),
+         row(11, 10, "sleep", age=30, exe="sleep")]
+    t += [row(p, 1, "python", age=2.1, exe="python3") for p in range(24, 28)]  # orphans
+    t += [row(p, p + 4, "python", age=0.2, exe="python3") for p in range(20, 24)]
+    t += [row(p, 24 + p % 4, "sleep", age=2.0, exe="sleep") for p in range(30, 50)]
+    t += [row(50, 21, "sleep", age=0.1, exe="sleep")]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {*range(20, 28), *range(30, 51)}
+    assert ev["kin"] == 4 and ev["spawn"] == 20
+
+
+def test_kin_never_takes_a_protected_process_nor_a_kind_of_few_young():
+    t = [row(10, 1, "svc", age=20, registered=True, exe="python3"),
+         row(11, 10, "svc", age=15, exe="python3"),  # the service's old worker, same kind
+         row(12, 1, "sshd", age=0.5, exe="sshd")]
+    t += [row(p, 10, "svc", age=0.2, exe="python3") for p in range(20, 25)]
+    t += [row(p, 12, "sshd", age=0.1, exe="sshd") for p in range(30, 35)]
+    t += [row(p, 1, "x", age=0.1, exe="x") for p in (40, 41)]  # two young: not a kind
+    t += [row(42, 1, "x", age=0.5 + 1.0, exe="x")]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0, protect_comms=["sshd"])
+    assert {p.pid for p in lineage} == {*range(20, 25), 40, 41}
+    assert 10 not in {p.pid for p in lineage} and ev["kin"] == 0
+
+
 def test_subtree_roots_split_whole_trees_from_singles():
     table = bomb_table()
     lineage, _ = diagnosis.bomb_lineage(table, 1.0)
@@ -170,6 +245,24 @@ def test_bomb_onset_from_the_fork_counters():
     v = NodeView("n0", "h0", 0.25, {})
     # detected on pids at 0.20: the forks counter began rising after the sample at 0.05
     assert diagnosis.bomb_onset(h, v, 0.20) == pytest.approx(0.05)
+
+
+def test_bomb_onset_is_not_dated_back_by_a_service_forking_one_child_at_a_time():
+    """A process forking now and then (the scenario's probe, every 20 ms) keeps the fork
+    counter rising by one per sample since it started; the bomb's burst starts later."""
+    from backdoors.monitor.history import History
+    from backdoors.sensors import SensorState
+    h = History()
+    forks = [0, 1, 2, 3, 4, 5, 6, 40, 90, 140]
+    pids = [8, 9, 8, 9, 8, 9, 9, 45, 100, 128]
+    for i, (f, p) in enumerate(zip(forks, pids)):
+        snap = Snapshot("kernel", 1, 2, i * 0.05, [
+            SensorState(1, "forks", "pressure", f, False, rate=0, max_events=200, window=1),
+            SensorState(2, "pids", "level", p, p > 115, min=0, max=115)])
+        h.add(NodeView("n0", "h0", i * 0.05, {"kernel": snap}))
+    v = NodeView("n0", "h0", 0.45, {})
+    assert diagnosis.bomb_onset(h, v, 0.45) == pytest.approx(0.30)
+    assert diagnosis.bomb_onset(h, v, 0.45, min_rise=1) == pytest.approx(0.0)  # as before
 
 
 # ---- hang ---------------------------------------------------------------------------------

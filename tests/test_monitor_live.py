@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -34,23 +35,45 @@ def agent_lab(root, unique):
         yield al
 
 
-def test_stall_is_detected_diagnosed_logged_and_closed(agent_lab, tmp_path):
+@pytest.fixture
+def stall(agent_lab):
+    """`with stall() as pid:` the service of n0 (pid) stalls (SIGUSR1) for the block and
+    resumes (SIGUSR2) when it ends, also on failure."""
+    @contextmanager
+    def stalled():
+        svc = agent_lab.lab.service("n0").pid
+        agent_lab.lab.node("n0").kill(svc, signal.SIGUSR1)
+        try:
+            yield svc
+        finally:
+            agent_lab.lab.node("n0").kill(svc, signal.SIGUSR2)
+    return stalled
+
+
+def _resubscribed(follower, past: int) -> None:
+    """Wait until the monitor's follower has subscribed more than `past` times and is
+    connected again."""
+    end = time.monotonic() + 10
+    while follower.subscriptions <= past or not follower.connected.is_set():
+        assert time.monotonic() < end, "no new subscription"
+        time.sleep(0.02)
+
+
+def test_stall_is_detected_diagnosed_logged_and_closed(agent_lab, stall, tmp_path):
     al = agent_lab
     cfg = al.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
-    svc = al.lab.service("n0").pid
     with Monitor(cfg, key=al.monitor_key()) as mon:
         mon.wait_ready()
         assert mon.status()["h0"]["reachable"] and mon.status()["h0"]["nodes"] == ["n0"]
-        al.lab.node("n0").kill(svc, signal.SIGUSR1)
-        inc = mon.wait_for(lambda i: i.rule == "hang" and i.state == "recorded", 5)
-        assert inc is not None, mon.incidents()
-        assert inc.node == "n0" and inc.host == "h0"
-        assert inc.diagnosis.evidence["scope"] == "process"
-        assert inc.diagnosis.culprits[0].pid == svc
-        assert inc.diagnosis.evidence["stuck"][0]["state"] == "S"
-        assert inc.onset_to_detect_ms >= 199  # not before the deadline (200 ms)
-        assert inc.sensors  # values around onset
-        al.lab.node("n0").kill(svc, signal.SIGUSR2)
+        with stall() as svc:
+            inc = mon.wait_for(lambda i: i.rule == "hang" and i.state == "recorded", 5)
+            assert inc is not None, mon.incidents()
+            assert inc.node == "n0" and inc.host == "h0"
+            assert inc.diagnosis.evidence["scope"] == "process"
+            assert inc.diagnosis.culprits[0].pid == svc
+            assert inc.diagnosis.evidence["stuck"][0]["state"] == "S"
+            assert inc.onset_to_detect_ms >= 199  # not before the deadline (200 ms)
+            assert inc.sensors  # values around onset
         closed = mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5)
         assert closed is not None
     logged = {i.id: i for i in load_incidents(tmp_path / "incidents")}
@@ -189,19 +212,13 @@ def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
                 assert time.monotonic() < end
                 time.sleep(0.05)
         follower.drop()  # the monitor's subscription breaks; it subscribes again
-        end = time.monotonic() + 10
-        while follower.subscriptions < 2 or not follower.connected.is_set():
-            assert time.monotonic() < end, "no new subscription"
-            time.sleep(0.02)
+        _resubscribed(follower, 1)
         al.lab.node("n0").kill(svc.pid, signal.SIGKILL)
         inc = mon.wait_for(lambda i: i.rule == "server-died", 10)
         assert inc is not None and inc.detected_by == "event", mon.incidents()
         assert inc.event["pid"] == svc.pid and len(inc.event["sessions"]) == 2
         follower.drop()
-        end = time.monotonic() + 10
-        while follower.subscriptions < 3 or not follower.connected.is_set():
-            assert time.monotonic() < end, "no new subscription"
-            time.sleep(0.02)
+        _resubscribed(follower, 2)
         time.sleep(0.3)
         # (the dead server's box also stalls: the agent's watcher pushes that as a violation)
         assert [(seq, kind, node) for _, seq, kind, node in follower.seen
@@ -210,26 +227,22 @@ def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
         assert len([i for i in mon.incidents() if i.rule == "server-died"]) == 1
 
 
-def test_a_long_hang_is_one_incident_until_it_clears(agent_lab, tmp_path, caplog):
+def test_a_long_hang_is_one_incident_until_it_clears(agent_lab, stall, tmp_path, caplog):
     """Under the default rules a hang that outlasts retry_after_ms + cooldown_ms (3.5 s)
     twice over is still one incident, updated while it lasts and closed when progress
     resumes (it used to be closed "unresolved" and opened again every ~3.6 s)."""
     al = agent_lab
     caplog.set_level(logging.INFO, logger="backdoors.monitor")
     cfg = al.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
-    svc = al.lab.service("n0").pid
     with Monitor(cfg, key=al.monitor_key()) as mon:
         mon.wait_ready()
-        al.lab.node("n0").kill(svc, signal.SIGUSR1)
-        try:
+        with stall():
             inc = mon.wait_for(lambda i: i.rule == "hang", 5)
             assert inc is not None, mon.incidents()
             time.sleep(8.0)
             assert [i.id for i in mon.incidents()] == [inc.id]
             assert inc.closed is None and inc.attempts == 1
             assert inc.detections > 50 and inc.last_seen > inc.detected + 6
-        finally:
-            al.lab.node("n0").kill(svc, signal.SIGUSR2)
         assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5) is not None
         assert inc.closed >= inc.last_seen
     [logged] = load_incidents(tmp_path / "incidents")
@@ -254,18 +267,16 @@ clear_ms = 200
 """
 
 
-def test_a_repair_that_does_not_help_is_retried_in_the_same_incident(agent_lab, tmp_path):
+def test_a_repair_that_does_not_help_is_retried_in_the_same_incident(agent_lab, stall, tmp_path):
     """A refresh that leaves the service stalled runs again in the same incident, up to
     max_attempts; then the incident stays open, unresolved, until the stall ends."""
     al = agent_lab
     calls = []
     cfg = al.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
-    svc = al.lab.service("n0").pid
     with Monitor(cfg, key=al.monitor_key(), rules=parse_ruleset(RETRIED_RULE).rule,
                  hooks={"restart": calls.append}) as mon:
         mon.wait_ready()
-        al.lab.node("n0").kill(svc, signal.SIGUSR1)
-        try:
+        with stall():
             inc = mon.wait_for(lambda i: i.state == "unresolved", 10)
             assert inc is not None, mon.incidents()
             assert [i.id for i in mon.incidents()] == [inc.id]
@@ -273,8 +284,6 @@ def test_a_repair_that_does_not_help_is_retried_in_the_same_incident(agent_lab, 
             assert len(calls) == 3 and {c["incident"] for c in calls} == {inc.id}
             time.sleep(1.0)
             assert len(calls) == 3 and inc.closed is None  # no more attempts: open until it clears
-        finally:
-            al.lab.node("n0").kill(svc, signal.SIGUSR2)
         assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5) is not None
     [logged] = load_incidents(tmp_path / "incidents")
     assert logged.attempts == 3 and logged.state == "unresolved" and len(logged.actions) == 3
@@ -289,19 +298,15 @@ max_attempts = 1
 """
 
 
-def test_no_recovery_node_says_what_to_configure(agent_lab):
+def test_no_recovery_node_says_what_to_configure(agent_lab, stall):
     """A recover action with nowhere to go names what is missing: the monitor knows one
     agent only, so another host's agent must be added to its agents (or a target set)."""
     al = agent_lab
-    svc = al.lab.service("n0").pid
     with Monitor(al.monitor_config(period_ms=50), key=al.monitor_key(),
                  rules=parse_ruleset(RECOVER_RULE).rule) as mon:
         mon.wait_ready()
-        al.lab.node("n0").kill(svc, signal.SIGUSR1)
-        try:
+        with stall():
             inc = mon.wait_for(lambda i: i.state == "failed", 10)
-        finally:
-            al.lab.node("n0").kill(svc, signal.SIGUSR2)
     assert inc is not None, mon.incidents()
     error = inc.actions[-1].detail["error"]
     assert "none" not in error.split() and "n0" in error and "h0" in error
@@ -346,15 +351,15 @@ def test_polling_is_not_audited_a_kill_is(agent_lab):
     assert new[0]["args"]["pid"] == victim.pid and new[1]["error"] == "no_such_region"
 
 
-def test_a_stall_pushed_by_the_agent_opens_the_incident_by_event(agent_lab):
+def test_a_stall_pushed_by_the_agent_opens_the_incident_by_event(agent_lab, stall):
     """The agent's watcher pushes the stall (`violation`) the moment the deadline passes:
     the hang rule opens its incident from the event (detected_by "event"), judged as a
     poll would be; the monitor's subscription breaks and is renewed from its last seq
     during the stall; the `cleared` comes once after the reconnect, the violation is not
     seen again."""
     al = agent_lab
-    cfg = al.monitor_config(period_ms=1000)  # the stall starts just after a poll: the next
-    svc = al.lab.service("n0").pid           # comes long after the event
+    # the stall starts just after a poll: the next comes long after the event
+    cfg = al.monitor_config(period_ms=1000)
     with Monitor(cfg, key=al.monitor_key()) as mon:
         mon.wait_ready()
         (follower,) = mon.followers
@@ -362,8 +367,7 @@ def test_a_stall_pushed_by_the_agent_opens_the_incident_by_event(agent_lab):
         polls = mon.status()["h0"]["polls"]
         while mon.status()["h0"]["polls"] == polls:
             time.sleep(0.005)
-        al.lab.node("n0").kill(svc, signal.SIGUSR1)
-        try:
+        with stall() as svc:
             inc = mon.wait_for(lambda i: i.rule == "hang" and i.state == "recorded", 5)
             assert inc is not None, mon.incidents()
             assert inc.detected_by == "event", inc
@@ -372,12 +376,7 @@ def test_a_stall_pushed_by_the_agent_opens_the_incident_by_event(agent_lab):
             assert inc.diagnosis.culprits[0].pid == svc
             subs = follower.subscriptions
             follower.drop()
-            end = time.monotonic() + 10
-            while follower.subscriptions <= subs or not follower.connected.is_set():
-                assert time.monotonic() < end, "no new subscription"
-                time.sleep(0.02)
-        finally:
-            al.lab.node("n0").kill(svc, signal.SIGUSR2)
+            _resubscribed(follower, subs)
         closed = mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5)
         assert closed is not None
         end = time.monotonic() + 5

@@ -44,9 +44,12 @@ def test_memory_hog_kills_the_grower_not_the_large_cache(root, unique, tmp_path)
     no_leftovers(name)
 
 
-def test_fork_bomb_is_frozen_killed_and_the_node_forks_again(root, unique, tmp_path):
+@pytest.mark.parametrize("shape", ["tree", "orphans"])
+def test_fork_bomb_is_frozen_killed_and_the_node_forks_again(root, unique, tmp_path, shape):
+    """"orphans": a bomb that double-forks, so each of its processes is orphaned to the
+    node's init at once and none descends from another; its kind finds them."""
     name = f"t{unique}"
-    r = repair.fork_bomb(name=name, incidents_dir=str(tmp_path))
+    r = repair.fork_bomb(name=name, incidents_dir=str(tmp_path), shape=shape)
     json.dumps(r)
     assert r["detected"] is True
     assert r["bomb_processes_left"] == 0

@@ -24,7 +24,7 @@ from ..nodes import Layout, Node, detect, read_process
 from ..sensors import KERNEL_BOX, Region
 from .audit import AuditLog
 from .config import AgentConfig, validate
-from .fdstore import AgentStore, Readopted
+from .fdstore import AgentStore
 from .isolation import refuse_unisolated
 from .leases import LeaseTable
 from .listening import listen_socket
@@ -101,7 +101,6 @@ class Agent:
         self._expire_errors: dict[str, str] = {}
         # the supervisor (systemd, the lab's keeper): fd store, readiness, watchdog
         self.store = AgentStore(Notifier())
-        self.readopted: Readopted | None = None
         self._watchdog: asyncio.Task | None = None
 
     def add_op(self, op: Op) -> None:
@@ -224,7 +223,7 @@ class Agent:
         there."""
         passed = listen_fds()
         if passed:
-            self.readopted = r = self.store.readopt(passed, self.regions, self.sessions)
+            r = self.store.readopt(passed, self.regions, self.sessions)
             r.dropped += self.recovery.take_back(r.state, set(self.nodes))
             r.dropped += self._refence(r.state.get(FENCES_KEY))
             self.audit.write(kind="readopted", host=self.config.host, regions=r.regions,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from ..common.procs import alive
 from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..continuations.errors import NoVerdict
@@ -238,7 +239,7 @@ class OwnerWatch:
         live, with their byte counts from a TCP_REPAIR dump (no restore, no move)."""
         node, pid = call.node.name, call.args.pid
         t0 = time.monotonic()
-        if pid and _alive(pid):
+        if pid and alive(pid):
             raise OpError("failed", f"process {pid} is alive: readopt is for the sessions of "
                                     "a dead server")
         mine = self._orphaned(node, pid)
@@ -282,7 +283,7 @@ class OwnerWatch:
             return [s for s in self.sessions.list(node) if s.pid == pid]
         with self._lock:
             dead = {d.pid for d in self._deaths if d.node == node}
-        return [s for s in self.sessions.list(node) if s.pid in dead and not _alive(s.pid)]
+        return [s for s in self.sessions.list(node) if s.pid in dead and not alive(s.pid)]
 
     def _hand(self, call: Call, client: AdoptionClient, server_pid: int,
               sessions: list[Session], failed: dict[str, str]) -> int:
@@ -316,7 +317,7 @@ class OwnerWatch:
             # The server's verdict is authoritative. Without one (late, or the connection
             # broke) a living server may still take the session (it reads what was sent):
             # it stays the server's, never an orphan offered again or closed under it.
-            unanswered = isinstance(verdict, NoVerdict) and _alive(server_pid)
+            unanswered = isinstance(verdict, NoVerdict) and alive(server_pid)
             if verdict is None or unanswered:
                 handed += verdict is None
                 if unanswered:
@@ -329,15 +330,6 @@ class OwnerWatch:
                 failed[s.name] = f"hand-over: {verdict}"
                 self.sessions.put_back(s)
         return handed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
 
 
 def _close(sock: socket.socket) -> bool:

@@ -2,7 +2,7 @@
 
     python -m backdoors.lab.hogs memory --rate-mb 40 --cap-mb 400
     python -m backdoors.lab.hogs cache --mb 256
-    python -m backdoors.lab.hogs forkbomb
+    python -m backdoors.lab.hogs forkbomb [--shape tree|orphans]
     python -m backdoors.lab.hogs cpu --procs 2
 
 Each sets its process name (comm) to `bd-<kind>` so the lab can find and stop it by name,
@@ -54,17 +54,32 @@ def cache(mb: float) -> None:
     hold_forever()
 
 
-def forkbomb() -> None:
+def forkbomb(shape: str = "tree") -> None:
     """Fork without end; every process keeps forking, none ever exits on its own.
 
-    The root is a child subreaper, so the lineage stays one tree even if a member is killed.
+    "tree": the root is a child subreaper, so the lineage stays one tree even if a member
+    is killed. "orphans": each fork is a double fork (the child forks the next bomb
+    process and exits at once), so every bomb process is orphaned to the node's init as
+    soon as it is born and no two of them share a tree.
     """
-    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if shape == "tree":
+        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     while True:
         try:
-            os.fork()
+            pid = os.fork()
         except OSError:
             time.sleep(0.001)  # the pids limit: keep trying, as a real bomb does
+            continue
+        if shape != "orphans":
+            continue
+        if pid != 0:
+            os.waitpid(pid, 0)
+            continue
+        try:  # the child: fork the next bomb process, which the node's init inherits
+            if os.fork() != 0:
+                os._exit(0)
+        except OSError:
+            os._exit(1)
 
 
 def cpu(procs: int) -> None:
@@ -84,7 +99,8 @@ def main(argv=None) -> int:
     m.add_argument("--cap-mb", type=float, default=400)
     c = sub.add_parser("cache")
     c.add_argument("--mb", type=float, default=256)
-    sub.add_parser("forkbomb")
+    f = sub.add_parser("forkbomb")
+    f.add_argument("--shape", choices=("tree", "orphans"), default="tree")
     p = sub.add_parser("cpu")
     p.add_argument("--procs", type=int, default=2)
     a = ap.parse_args(argv)
@@ -94,7 +110,7 @@ def main(argv=None) -> int:
     elif a.kind == "cache":
         cache(a.mb)
     elif a.kind == "forkbomb":
-        forkbomb()
+        forkbomb(a.shape)
     else:
         cpu(a.procs)
     return 0

@@ -147,19 +147,35 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """Freeze, find the lineage born since onset, kill it frozen, thaw, check survivors."""
         rounds, killed_total, survivors, found = [], 0, [], None
-        for n in range(self.max_rounds):
+        for _ in range(self.max_rounds):
             t0 = ctx.clock()
-            lock = ctx.client.lock(ctx.node, self.lease_s)
+            try:
+                lock = ctx.client.lock(ctx.node, self.lease_s)
+            except AgentError as e:  # e.g. a bomb forking faster than it freezes: try again
+                rounds.append({"lineage": 0, "survivors": [t.pid for t in survivors],
+                               "error": f"lock failed: {e}"})
+                continue
             frozen_at = ctx.clock()
             error, table, lineage, evidence, roots, singles = None, None, [], {}, [], []
             try:
                 table = ctx.client.processes(ctx.node)
                 lineage, evidence = ctx.lineage(table.rows, ctx.clock() - ctx.onset)
                 roots, singles = subtree_roots(lineage, table.rows)
+                # every kill is sent while the node is frozen: one that fails (a tree slow
+                # to exit under load) must not spare the rest until the node is thawed
+                failed = []
                 for root in roots:
-                    ctx.client.kill_tree(ctx.node, root.pid)
+                    try:
+                        ctx.client.kill_tree(ctx.node, root.pid)
+                    except AgentError as e:
+                        failed.append(f"kill_tree {root.pid}: {e}")
                 for p in singles:
-                    ctx.client.kill(ctx.node, p.pid, p.start_time)
+                    try:
+                        ctx.client.kill(ctx.node, p.pid, p.start_time)
+                    except AgentError as e:
+                        failed.append(f"kill {p.pid}: {e}")
+                if failed:
+                    error = "; ".join(failed[:3]) + (f" (+{len(failed) - 3})" if len(failed) > 3 else "")
             except AgentError as e:
                 error = str(e)
             finally:
@@ -184,11 +200,13 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
                 "lineage": len(targets), "gone_after_ms": round(waited * 1000, 1),
                 "survivors": [t.pid for t in left], "error": error,
             })
-            if n == 0:
+            if found is None:  # the first round that read the table
                 comms = ", ".join(f"{c}×{k}" for c, k in evidence.get("comms", {}).items())
+                kin = evidence.get("kin", 0)
                 found = Finding(
                     finding.kind,
-                    f"fork bomb of {len(targets)} processes ({comms}) born since onset; "
+                    f"fork bomb of {len(targets)} processes ({comms}) born since onset"
+                    f"{f' or of its kind ({kin})' if kin else ''}; "
                     f"{evidence.get('spared_count', 0)} processes spared",
                     targets[:64], {**finding.evidence, "lineage": evidence})
             survivors = left

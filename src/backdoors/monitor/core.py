@@ -182,7 +182,7 @@ class AgentPoller:
         log.debug("agent %s node %s: %s", self.entry.host, node, e)
 
     def _view(self, node: str, reply, at: float, info) -> NodeView:
-        snapshots, errors = {}, dict(reply.errors)
+        snapshots = {}
         agent_unchanged = getattr(reply, "progress_unchanged_s", None) or {}
         for box, data in reply.boxes.items():
             tracker = self._trackers.get((node, box))
@@ -191,7 +191,7 @@ class AgentPoller:
             try:
                 snapshots[box] = snap = tracker.update(parse_box(data), at)
             except SensorBoxError as e:
-                errors[box] = str(e)
+                log.debug("agent %s node %s box %s: %s", self.entry.host, node, box, e)
                 continue
             _longer_stalls(snap, agent_unchanged.get(box, {}))
         for key in [k for k in self._trackers if k[0] == node and k[1] not in reply.boxes]:
@@ -199,7 +199,7 @@ class AgentPoller:
         return NodeView(node, self.entry.host, at, snapshots,
                         frozen=info.frozen if info else None,
                         locked_by=list(info.locked_by) if info else [],
-                        fenced=bool(info.fenced) if info else False, box_errors=errors)
+                        fenced=bool(info.fenced) if info else False)
 
 
 def _longer_stalls(snap, unchanged: dict[str, float]) -> None:

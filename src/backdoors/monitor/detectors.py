@@ -39,7 +39,6 @@ class NodeView:
     fenced: bool = False  # fenced after a recovery: out of service, left to the operator
     agent_ok: bool = True
     agent_silent_s: float = 0.0
-    box_errors: dict[str, str] = field(default_factory=dict)
     #: peer agents whose fresh `peers` view says this node's agent does not answer them
     down_reports: list[str] = field(default_factory=list)
     event: dict | None = None  # an event pushed by the agent (monitor.events), not a poll
@@ -74,7 +73,8 @@ class Hit(msgspec.Struct):
 class SensorHistory(Protocol):
     """What onsets read of a node's sensor history (monitor.history.History)."""
 
-    def rise_start(self, key: tuple[str, str], before: float) -> float | None: ...
+    def rise_start(self, key: tuple[str, str], before: float, gap: float = 0.5,
+                   min_step: float = 0.0) -> float | None: ...
 
     def violation_start(self, key: tuple[str, str], violated, before: float) -> float | None: ...
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, ClassVar, Union
 
 import msgspec
@@ -132,14 +132,35 @@ def first_process(table: Sequence[Row]) -> Row | None:
     return min(roots, key=lambda p: (p.start_time, p.pid), default=None)
 
 
+def _kind(p: Row) -> tuple[str, str]:
+    """What a process runs, as far as the table tells without blocking: the installed
+    executable and the comm (a bomb's members share both: a fork keeps them, and an exec
+    sets both anew). /proc/PID/cmdline is not read: it can block on a process's memory."""
+    return p.exe, p.comm
+
+
 def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterable[str] = (),
-                 old_ancestor_min_children: int = 3) -> tuple[list[Row], dict[str, Any]]:
+                 old_ancestor_min_children: int = 3, kin_min_young: int = 3,
+                 kin_gap_s: float = 2.0) -> tuple[list[Row], dict[str, Any]]:
     """The fork bomb in a (frozen) node's table: live processes born within the last
     `young_age_s` seconds (since onset), plus their ancestors in the node up to, but
     excluding, any protected one (a registered service or one of its ancestors, the node's
     first process if older than onset, a protected comm). An ancestor older than onset joins only if at
-    least `old_ancestor_min_children` of its children are young. Protected processes are
-    never part of it, whatever their age."""
+    least `old_ancestor_min_children` of its children are young and of its own kind (see
+    `_kind`): a bomb forks itself, while an init or a subreaper that a bomb's orphans were
+    reparented to runs another program (killing the node's PID 1 would end the node).
+
+    The onset can come late (under load a bomb grows in fits, and its count of tasks
+    pauses), and a bomb's processes need not stay in one tree (orphans go to the node's
+    init). So the bomb also takes its kin: a *bomb kind* is an executable and comm (see
+    `_kind`) shared by at least `kin_min_young` young members; an older ancestor of such
+    a kind joins when at least `old_ancestor_min_children` members descend from it (young
+    children or not), and so does every other live process of such a kind born after the
+    bomb's oldest member so far, or
+    within `kin_gap_s` of one born before (a bomb is born as a burst; an innocent of the
+    same kind started well before it is not). Last, what its members started since its
+    oldest young or kin member joins (a `sleep` its processes exec'd). Protected processes
+    are never part of it, whatever their age or kind."""
     by_pid = {p.pid: p for p in table}
     first = first_process(table)
     protect_comms = list(protect_comms)
@@ -159,9 +180,11 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
 
     young = [p for p in table if p.age_s <= young_age_s and running(p.state)
              and not protected(p)]
-    young_children: dict[int, int] = {}
+    young_children: dict[int, int] = {}  # of the parent's own kind: a bomb forks itself
     for p in young:
-        young_children[p.ppid] = young_children.get(p.ppid, 0) + 1
+        parent = by_pid.get(p.ppid)
+        if parent is not None and _kind(parent) == _kind(p):
+            young_children[p.ppid] = young_children.get(p.ppid, 0) + 1
     lineage: dict[int, Row] = {p.pid: p for p in young}
     held_back: list[Row] = []
     for p in young:
@@ -173,6 +196,12 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
                 break
             lineage[parent.pid] = parent
             parent = by_pid.get(parent.ppid)
+    kin = _bomb_kin(table, lineage, young, protected, by_pid, kin_min_young,
+                    old_ancestor_min_children, kin_gap_s)
+    lineage.update((p.pid, p) for p in kin)
+    spawn = _bomb_spawn(table, lineage, [*young, *kin], protected)
+    lineage.update((p.pid, p) for p in spawn)
+    held_back = [p for p in held_back if p.pid not in lineage]
     spared = [p for p in table if p.pid not in lineage]
     comms: dict[str, int] = {}
     for p in lineage.values():
@@ -186,9 +215,67 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
         "spared": [_brief(p) for p in sorted(spared, key=lambda p: p.pid)[:10]],
         "spared_count": len(spared),
         "old_parents_spared": sorted({p.pid for p in held_back}),
+        "kin": len(kin),
+        "spawn": len(spawn),
+        "kinds": sorted({f"{p.exe or '?'}:{p.comm}" for p in kin})[:5],
         "first_process": first.pid if first else None,
     }
     return sorted(lineage.values(), key=lambda p: p.pid), evidence
+
+
+def _bomb_kin(table: Sequence[Row], lineage: dict[int, Row], young: Sequence[Row],
+              protected: Callable[[Row], bool], by_pid: dict[int, Row], min_young: int,
+              min_descendants: int, gap_s: float) -> list[Row]:
+    """The processes of the bomb's kinds that its lineage missed (see bomb_lineage)."""
+    counts: dict[tuple[str, str], int] = {}
+    for p in young:
+        counts[_kind(p)] = counts.get(_kind(p), 0) + 1
+    kinds = {k for k, n in counts.items() if n >= min_young}
+    if not kinds:
+        return []
+    found: dict[int, Row] = {}
+
+    def eligible(p: Row) -> bool:
+        return (p.pid not in lineage and p.pid not in found and running(p.state)
+                and _kind(p) in kinds and not protected(p))
+
+    descendants: dict[int, int] = {}  # older generations: a fork keeps the kind
+    for p in lineage.values():
+        parent = by_pid.get(p.ppid)
+        while parent is not None and eligible(parent):
+            descendants[parent.pid] = descendants.get(parent.pid, 0) + 1
+            parent = by_pid.get(parent.ppid)
+    found.update((pid, by_pid[pid]) for pid, n in descendants.items() if n >= min_descendants)
+    members = [p for p in (*lineage.values(), *found.values()) if _kind(p) in kinds]
+    oldest = min(p.start_time for p in members)
+    others = sorted((p for p in table if eligible(p)), key=lambda p: -p.start_time)
+    for p in others:  # youngest first: each one taken extends the burst back
+        if p.start_time >= oldest - gap_s:
+            found[p.pid] = p
+            oldest = min(oldest, p.start_time)
+    return sorted(found.values(), key=lambda p: p.pid)
+
+
+def _bomb_spawn(table: Sequence[Row], lineage: dict[int, Row], core: Sequence[Row],
+                protected: Callable[[Row], bool]) -> list[Row]:
+    """What the bomb started that it missed: live descendants of its members born since
+    its oldest young or kin member (`core`), e.g. the `sleep` a bomb's processes exec,
+    which hold its pids after the forkers are killed."""
+    if not core:
+        return []
+    since = min(p.start_time for p in core)
+    children: dict[int, list[Row]] = {}
+    for p in table:
+        children.setdefault(p.ppid, []).append(p)
+    found: dict[int, Row] = {}
+    todo = list(lineage)
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if (c.pid not in lineage and c.pid not in found and running(c.state)
+                    and c.start_time >= since and not protected(c)):
+                found[c.pid] = c
+                todo.append(c.pid)
+    return sorted(found.values(), key=lambda p: p.pid)
 
 
 def subtree_roots(lineage: Sequence[Row], table: Sequence[Row]) -> tuple[list[Row], list[Row]]:
@@ -222,15 +309,22 @@ def subtree_roots(lineage: Sequence[Row], table: Sequence[Row]) -> tuple[list[Ro
 FORK_SENSORS = ((KERNEL_BOX, "forks"), (KERNEL_BOX, "fork_failures"), (KERNEL_BOX, "pids"))
 
 
-def bomb_onset(history: SensorHistory, view: NodeView, onset: float) -> float:
+def bomb_onset(history: SensorHistory, view: NodeView, onset: float,
+               min_rise: float = 2.0) -> float:
     """The onset of a fork bomb: the earliest start of the latest rise of the kernel's
-    fork counter, failed-fork counter or task count, whichever detector fired."""
-    times = [onset]
+    fork counter, failed-fork counter or task count, whichever detector fired; `onset`
+    (the detectors') if none rose. Only samples where a counter grew by at least
+    `min_rise` make a rise: a service that forks a child now and then keeps the fork
+    counter rising one at a time, which would date the bomb back to that service's start
+    and make it, and whatever started since, look young (under load, a probe forking
+    every 20 ms and the scenario's init were killed so). A bomb forks in bursts; what of
+    it is born before a late onset joins as its kin (bomb_lineage)."""
+    times = []
     for key in FORK_SENSORS:
-        t = history.rise_start(key, view.at)
+        t = history.rise_start(key, view.at, min_step=min_rise)
         if t is not None:
             times.append(t)
-    return min(times)
+    return min(times, default=onset)
 
 
 def fork_bomb(view: NodeView, hits: list[Hit], onset: float) -> Finding:
@@ -367,18 +461,25 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
 
     Onset comes from the sensor history; processes younger than onset + `onset_slack_ms`
     and their unprotected ancestors are the bomb. An ancestor older than onset joins only
-    with at least `old_ancestor_min_children` young children alive (a shell that forks
-    the bomb does; a service that started one helper does not). Registered services, the
-    node's first process and `protect_comms` are never part of it.
+    with at least `old_ancestor_min_children` young children of its own kind alive (a
+    shell that forks the bomb does; a service that started one helper, or the node's
+    init that inherited the bomb's orphans, does not). Its kin join (same
+    executable and comm as at least `kin_min_young` young members, born within
+    `kin_gap_ms` of the bomb's burst): older generations and orphans a late onset or the
+    node's init would hide. Registered services, the node's first process and
+    `protect_comms` are never part of it.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset({"lineage"})
     onset_slack_ms: NonNeg = 250.0
+    onset_min_rise: Pos = 2.0
     old_ancestor_min_children: Annotated[int, msgspec.Meta(ge=1)] = 3
+    kin_min_young: Annotated[int, msgspec.Meta(ge=1)] = 3
+    kin_gap_ms: NonNeg = 2000.0
     protect_comms: list[str] = []
 
     def onset(self, history: SensorHistory, view: NodeView, onset: float) -> float:
-        return bomb_onset(history, view, onset)
+        return bomb_onset(history, view, onset, self.onset_min_rise)
 
     def run(self, ctx: Context) -> Finding:
         return fork_bomb(ctx.view, ctx.hits, ctx.onset)
@@ -386,7 +487,8 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
     def lineage(self, table: Sequence[Row], since_onset_s: float) -> tuple[list[Row], dict[str, Any]]:
         """The bomb in a frozen node's table, `since_onset_s` after onset (a LineageFinder)."""
         return bomb_lineage(table, since_onset_s + self.onset_slack_ms / 1000,
-                            self.protect_comms, self.old_ancestor_min_children)
+                            self.protect_comms, self.old_ancestor_min_children,
+                            self.kin_min_young, self.kin_gap_ms / 1000)
 
 
 class HangDiagnosis(Diagnosis, tag="hang"):

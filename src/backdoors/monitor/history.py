@@ -43,20 +43,22 @@ class History:
         """(time, value) of one sensor, from `since` on."""
         return [(t, v[key]) for t, v in self._entries if t >= since and key in v]
 
-    def rise_start(self, key: Key, before: float, gap: float = 0.5) -> float | None:
+    def rise_start(self, key: Key, before: float, gap: float = 0.5,
+                   min_step: float = 0.0) -> float | None:
         """When the counter `key` began its latest rise up to time `before`.
 
         Walks back from `before` over increases of the counter; flat stretches shorter than
         `gap` seconds do not end the rise (the agent counts forks from a process table it
-        reads less often under load). Returns the time of the last sample before the first
-        increase, i.e. the last time the counter was still at its old value; None if the
-        counter did not rise within `gap` before `before`.
+        reads less often under load). Increases smaller than `min_step` count as flat (a
+        service's occasional fork is not a fork bomb's rise). Returns the time of the last
+        sample before the first increase, i.e. the last time the counter was still at its
+        old value; None if the counter did not rise within `gap` before `before`.
         """
         points = [(t, v) for t, v in self.series(key) if t <= before]
         start, last_rise = None, before
         for i in range(len(points) - 1, 0, -1):
             (t0, v0), (t1, v1) = points[i - 1], points[i]
-            if v1 > v0:
+            if v1 > v0 and v1 - v0 >= min_step:
                 start, last_rise = t0, t0
             elif last_rise - t0 > gap:
                 break

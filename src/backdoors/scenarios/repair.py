@@ -228,9 +228,10 @@ def _count_comm(al: AgentLab, node: str, comm: str) -> int:
 def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_limit: int = 128,
                   memory_mb: int = 1024, period_ms: float = 50, timeout_s: float = 20.0,
                   wedge_cap_s: float = 30.0, settle_s: float = 1.0,
-                  incidents_dir: str | None = None) -> dict:
+                  incidents_dir: str | None = None, shape: str = "tree") -> dict:
     """The fork-bomb case under `policy`: "backdoors" (the default rules) or
-    "pids_limit_only" (the pids limit alone, watched for `wedge_cap_s`)."""
+    "pids_limit_only" (the pids limit alone, watched for `wedge_cap_s`). `shape` is the
+    bomb's (lab.hogs forkbomb --shape): "tree", or "orphans" (it double-forks)."""
     if policy not in ("backdoors", "pids_limit_only"):
         raise ValueError(f"unknown fork-bomb policy {policy!r}")
     name = name or unique_name("s")
@@ -252,7 +253,7 @@ def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_li
                                                  "init": init.proc.pid}).start()
             time.sleep(settle_s)  # a node in its steady state, not one just started
             t_bomb = time.monotonic()
-            init.spawn(_hog_argv("forkbomb"))
+            init.spawn(_hog_argv("forkbomb", "--shape", shape))
             inc, t_repaired = None, None
             if mon is not None:
                 inc = mon.wait_for(lambda i: i.rule == "fork-bomb" and i.state != "detected",
