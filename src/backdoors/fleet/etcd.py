@@ -82,7 +82,7 @@ class EtcdClient:
     `endpoints`: client URLs ("http://10.99.0.250:2379"). `timeout`: per request, seconds.
     """
 
-    def __init__(self, endpoints: list[str] | str, *, timeout: float = 0.5):
+    def __init__(self, endpoints: list[str] | str, *, timeout: float = 1.0):
         endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not endpoints:
             raise EtcdError("no etcd endpoint given (like http://127.0.0.1:2379)")
