@@ -234,6 +234,9 @@ def monitor(
     config: str = typer.Option(..., help="The monitor's TOML config, unified or its own (see docs/monitor.md)."),
     check: bool = typer.Option(False, "--check", help="Only check the config and its rulesets."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every poll problem."),
+    etcd: Optional[list[str]] = typer.Option(
+        None, "--etcd", help="Client URL of the fleet's etcd (repeat for several members): "
+        "share the nodes with the other monitors naming it (overrides the config's etcd)."),
 ) -> None:
     """Run a monitor until SIGINT or SIGTERM: poll agents, detect, diagnose, repair;
     incidents go to JSONL. A bad config or ruleset: one line on stderr, exit status 1."""
@@ -255,6 +258,11 @@ def monitor(
                   f"{', '.join(r.name for r in rules)})")
             return
         loaded = load_monitor_config(config)
+        if etcd:
+            import msgspec
+
+            from .monitor.config import validate
+            loaded = validate(msgspec.structs.replace(loaded, etcd=list(etcd)), "--etcd")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
