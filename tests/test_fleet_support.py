@@ -35,3 +35,9 @@ def etcd(unique):
         yield proc
     finally:
         proc.stop()
+
+
+def etcd_required() -> None:
+    """Skip locally, fail in CI, when etcd is not installed."""
+    if available() is None:
+        unavailable("etcd is not installed (Debian: etcd-server; make system-deps)")

@@ -71,15 +71,26 @@ def lab_up(
     pids: int = typer.Option(512, help="Pids limit of each node (0: none)."),
     agents: bool = typer.Option(True, "--agents/--no-agents", help="Start a backdoor agent per host."),
     foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
+    etcd: bool = typer.Option(False, "--etcd", help="Run an etcd on the private network (the monitor namespace) for a fleet of monitors."),
+    monitors: int = typer.Option(0, help="Start this many monitor processes (m1, m2, ...; with --etcd they share the nodes)."),
 ) -> None:
     """Build a lab. Without --foreground it stays until `backdoors lab down`."""
     from .lab import Lab
     from .lab.lab import StopSignals
 
+    if monitors and not agents:
+        raise typer.BadParameter("--monitors needs the agents (leave out --no-agents)")
+    ids = tuple(f"m{i + 1}" for i in range(max(1, monitors)))
     lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
-              pids_limit=pids or None, agents=agents)
+              pids_limit=pids or None, agents=agents, monitors=ids, etcd=etcd)
     signals = StopSignals() if foreground else None
     lab.up()
+    try:
+        for m in ids[:monitors]:
+            lab.start_monitor(m)
+    except BaseException:
+        lab.down()
+        raise
     if signals:
         try:
             if not signals.received:
@@ -122,6 +133,9 @@ def _show_lab(s: dict) -> None:
         t.add_row(*(str(n.get(c, n.get("error", "?"))) for c in
                     ("node", "host", "vip", "processes", "memory_mb", "frozen", "link", "service_pid")))
     out.print(t)
+    if s.get("etcd"):
+        monitors = ", ".join(f"{m} (pid {p})" for m, p in s.get("monitors", {}).items())
+        out.print(f"etcd {s['etcd']} (in the monitor namespace); monitors: {monitors or 'none'}")
 
 
 @lab_app.command("down")

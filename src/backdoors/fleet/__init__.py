@@ -10,6 +10,7 @@ checks the tokens (agent/tokens.py).
 from .assign import assign, owner
 from .etcd import EtcdClient, EtcdError, EtcdUnavailable
 from .member import FleetMember, Share
+from .process import EtcdProcess, reap
 
-__all__ = ["EtcdClient", "EtcdError", "EtcdUnavailable", "FleetMember", "Share", "assign",
-           "owner"]
+__all__ = ["EtcdClient", "EtcdError", "EtcdProcess", "EtcdUnavailable", "FleetMember", "Share",
+           "assign", "owner", "reap"]

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from .assign import assign
@@ -55,18 +56,21 @@ class FleetMember:
     """Keeps `member_id` in the fleet on a thread of its own (`start`, `stop`), or one
     `step()` at a time. `nodes()` gives every node of the fleet (names unique in it, like
     "h0/n0"); `on_change(share)` is called after a step that changed this member's nodes
-    or its degraded state."""
+    or its degraded state. `within()`, a context manager, is entered by the member's thread
+    around everything it does (e.g. a network namespace, where etcd is reachable)."""
 
     def __init__(self, client: EtcdClient, member_id: str, nodes: Callable[[], Iterable[str]],
                  *, prefix: str = PREFIX, ttl_s: int = 1, poll_s: float = 0.1,
                  info: dict | None = None, on_change: Callable[[Share], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 within: Callable[[], AbstractContextManager] | None = None):
         if "/" in member_id or not member_id:
             raise ValueError(f"fleet member id {member_id!r}: must be non-empty, without '/'")
         self.client, self.id, self.nodes = client, member_id, nodes
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.ttl_s, self.poll_s, self.info = max(1, int(ttl_s)), poll_s, dict(info or {})
-        self.on_change, self.clock = on_change, clock
+        self.on_change, self.clock, self.within = on_change, clock, within
+        self._release = False
         self.share = Share(member_id)
         self._lock = threading.Lock()  # guards `share` (read by the monitor's threads)
         self._renew_at = 0.0
@@ -95,25 +99,32 @@ class FleetMember:
     def stop(self, release: bool = True) -> None:
         """Stop stepping; with `release`, revoke the lease so that the others take this
         member's nodes at once (not after the TTL)."""
+        self._release = release
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
+        else:
+            self._leave()
+        with self._lock:
+            self.share.tokens, self.share.lease = {}, None
+
+    def _leave(self) -> None:
         lease = self.share.lease
-        if release and lease is not None:
+        if self._release and lease is not None:
             try:
                 self.client.revoke(lease)
             except EtcdError as e:
                 log.warning("fleet member %s: cannot revoke its lease: %s", self.id, e)
-        with self._lock:
-            self.share.tokens, self.share.lease = {}, None
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 - the member must keep stepping
-                log.exception("fleet member %s: step failed", self.id)
-            self._stop.wait(self.poll_s)
+        with self.within() if self.within is not None else nullcontext():
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - the member must keep stepping
+                    log.exception("fleet member %s: step failed", self.id)
+                self._stop.wait(self.poll_s)
+            self._leave()
 
     # -- one step --------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@
 Its data dir is its own (removed at stop), its name starts with the owner's prefix (the
 lab's reaper finds a crashed owner's etcd by it: `reap(prefix)`), and it runs with a short
 heartbeat (50 ms) and election timeout (500 ms) so that etcd grants 1 s leases (its
-minimum TTL is 1.5 election timeouts, rounded up to a second). `netns`: run it in that
-network namespace (the lab's private network).
+minimum TTL is 1.5 election timeouts, rounded up to a second). `within()`: a context
+manager that start() enters to start it and wait for it (e.g. the lab's monitor network
+namespace: the child is made, and its readiness checked, from there).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import psutil
 
@@ -34,8 +37,9 @@ class EtcdProcess:
     """One etcd member listening on `host`:`port` (clients) and `port`+1 (peers)."""
 
     def __init__(self, name: str, data_dir: str, *, host: str = "127.0.0.1", port: int = 2379,
-                 netns: str | None = None):
-        self.name, self.data_dir, self.host, self.port, self.netns = name, data_dir, host, port, netns
+                 within: Callable[[], AbstractContextManager] | None = None):
+        self.name, self.data_dir, self.host, self.port = name, data_dir, host, port
+        self.within = within
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -43,6 +47,10 @@ class EtcdProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> EtcdProcess:
+        with self.within() if self.within is not None else nullcontext():
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> EtcdProcess:
         exe = available()
         if exe is None:
             raise EtcdError("etcd is not installed (Debian: apt-get install etcd-server; "
@@ -56,8 +64,6 @@ class EtcdProcess:
                 "--initial-cluster", f"{self.name}={peer}",
                 "--heartbeat-interval", "50", "--election-timeout", "500",
                 "--log-level", "warn", "--logger", "zap"]
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
         log = open(os.path.join(self.data_dir, "etcd.log"), "wb")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

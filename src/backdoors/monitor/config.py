@@ -96,6 +96,9 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "after it stops renewing it (etcd grants at least 1.5 election timeouts)")] = 1
     fleet_poll_ms: Annotated[Pos, doc(
         "how often the fleet's membership and ownership are read from etcd")] = 100.0
+    etcd_netns: Annotated[str | None, doc(
+        "make the connections to etcd from this network namespace (the lab's monitor "
+        "namespace)")] = None
 
 
 def _validate(c: MonitorConfig) -> None:

@@ -267,7 +267,7 @@ class Monitor:
             self.share = FleetShare(config.monitor_id, config.etcd, self._fleet_nodes,
                                     prefix=config.fleet_prefix, ttl_s=config.lease_ttl_s,
                                     poll_s=config.fleet_poll_ms / 1000,
-                                    on_change=self._share_changed)
+                                    on_change=self._share_changed, netns=config.etcd_netns)
             self._shared: set[str] = set()
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy

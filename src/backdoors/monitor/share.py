@@ -43,11 +43,16 @@ class FleetShare:
 
     def __init__(self, monitor_id: str, endpoints: list[str], universe: Callable[[], set[str]],
                  *, prefix: str, ttl_s: int, poll_s: float,
-                 on_change: Callable[[Share], None] | None = None):
+                 on_change: Callable[[Share], None] | None = None, netns: str | None = None):
         self.client = EtcdClient(endpoints)
         self._on_change = on_change
+        within = None
+        if netns is not None:  # etcd is reached from there (the lab's monitor namespace)
+            from ..net.netns import enter
+            within = lambda: enter(netns)  # noqa: E731
         self.member = FleetMember(self.client, monitor_id, universe, prefix=prefix,
-                                  ttl_s=ttl_s, poll_s=poll_s, on_change=self._changed)
+                                  ttl_s=ttl_s, poll_s=poll_s, on_change=self._changed,
+                                  within=within)
         self._lock = threading.Lock()
         self._claimed: dict[str, int] = {}  # node key -> token the agent acknowledged
 
