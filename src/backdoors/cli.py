@@ -339,13 +339,15 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Hosts, nodes, node state (ok/suspect/locked/fenced/recovered), worst sensor, open incidents."""
-    from .status import render_status, status_table
+    from .status import fleet_status, render_fleet, render_status, status_table
 
     rows = status_table(lab=lab, monitor_config=config, incidents=incidents)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
     else:
         render_status(rows, out)
+        if (fleet := fleet_status(lab=lab, monitor_config=config)) is not None:
+            render_fleet(fleet, out)
 
 
 @config_app.command("show")

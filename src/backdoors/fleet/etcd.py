@@ -171,6 +171,11 @@ class EtcdClient:
         data = self.call("/v3/lease/keepalive", {"ID": str(lease)})
         return int(data.get("result", data).get("TTL", 0))
 
+    def time_to_live(self, lease: int) -> tuple[int, int]:
+        """(whole seconds `lease` has left, -1 when expired; the TTL it was granted)."""
+        data = self.call("/v3/kv/lease/timetolive", {"ID": str(lease)})
+        return int(data.get("TTL", 0)), int(data.get("grantedTTL", 0))
+
     def revoke(self, lease: int) -> None:
         """End `lease` now (its keys are deleted); an expired one is not an error."""
         try:

@@ -202,8 +202,10 @@ class FleetMember:
 
 
 def read_fleet(client: EtcdClient, prefix: str = PREFIX) -> dict:
-    """The fleet as etcd holds it: {"members": {id: info}, "owners": {node: [member,
-    token]}, "revision"} (for `backdoors status` and the tests)."""
+    """The fleet as etcd holds it: {"members": {id: info, with "lease", "lease_ttl_s" and
+    "lease_left_s" (whole seconds)},
+    "owners": {node: [member, token]}, "revision"} (for `backdoors status` and the
+    tests)."""
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     rev, kvs = client.prefix(prefix)
     members, owners = {}, {}
@@ -211,9 +213,14 @@ def read_fleet(client: EtcdClient, prefix: str = PREFIX) -> dict:
         rest = kv.key[len(prefix):]
         if rest.startswith("members/"):
             try:
-                members[rest[len("members/"):]] = json.loads(kv.value)
+                info = json.loads(kv.value)
             except ValueError:
-                members[rest[len("members/"):]] = {"raw": kv.value[:200]}
+                info = {"raw": kv.value[:200]}
+            info = info if isinstance(info, dict) else {"raw": str(info)[:200]}
+            info["lease"] = kv.lease
+            info["lease_left_s"], info["lease_ttl_s"] = \
+                client.time_to_live(kv.lease) if kv.lease else (None, None)
+            members[rest[len("members/"):]] = info
         elif rest.startswith("owners/"):
             owners[rest[len("owners/"):]] = [kv.value, kv.mod_revision]
     return {"members": members, "owners": owners, "revision": rev}
