@@ -730,6 +730,19 @@ def bench_nonintrusive(as_json: bool = typer.Option(False, "--json", help="Print
     _emit(_bench_module("bench_nonintrusive").run(), as_json)
 
 
+@bench_app.command("fleet")
+def bench_fleet(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    trials: int = typer.Option(10, help="Monitor SIGKILLs."),
+    monitors: int = typer.Option(3, help="Monitor processes of the fleet."),
+    nodes: int = typer.Option(16, help="Lab nodes (on 2 hosts) they share."),
+) -> None:
+    """A fleet of monitors through etcd: takeover p50/p99 from a monitor's SIGKILL to its
+    nodes claimed by the others (root; etcd-server)."""
+    _emit(_bench_module("bench_fleet").run(trials=trials, monitors=monitors, nodes=nodes),
+          as_json)
+
+
 @bench_app.command("monitor")
 def bench_monitor(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
