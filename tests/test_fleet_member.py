@@ -96,3 +96,38 @@ def test_unreachable_etcd_is_a_clear_error():
     with EtcdClient("http://127.0.0.1:9", timeout=0.2) as c:
         with pytest.raises(EtcdUnavailable, match="etcd unreachable .*is it running"):
             c.prefix("/")
+
+
+def test_without_etcd_a_monitor_is_alone_and_sends_no_token(tmp_path):
+    """The default path: no fleet, every node watched, clients without tokens."""
+    from backdoors.agent.keys import new_identity
+    from backdoors.monitor.config import AgentEntry, MonitorConfig
+    from backdoors.monitor.core import Monitor
+
+    agent = new_identity("h0")
+    config = MonitorConfig(monitor_id="m1", agents=[
+        AgentEntry("h0", "127.0.0.1:9", agent.public_text())])
+    mon = Monitor(config, key=new_identity("m1"))
+    assert mon.share is None and mon.fleet_status() is None
+    assert mon.watches("h0", "any-node")
+    client = mon._default_client(config.agents[0], 0.2)
+    assert client.tokens is None
+    payload, _ = client.signed_request("kill_node", {"node": "n0"})
+    assert b"token" not in payload
+
+
+def test_the_monitor_command_refuses_a_bad_etcd_url(tmp_path):
+    import subprocess
+    import sys
+
+    from backdoors.agent.keys import new_identity, write_key_file
+    key = tmp_path / "m1.key"
+    write_key_file(str(key), new_identity("m1"))
+    config = tmp_path / "m.toml"
+    config.write_text(f'monitor_id = "m1"\nkey_file = "{key}"\n[[agents]]\nhost = "h0"\n'
+                      f'address = "127.0.0.1:9"\n')
+    run = subprocess.run([sys.executable, "-m", "backdoors", "monitor", "--config",
+                          str(config), "--etcd", "10.0.0.1:2379"], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1
+    assert "etcd[0]" in run.stderr and "is not a URL" in run.stderr

@@ -234,6 +234,7 @@ class Agent:
             self.audit.write(kind="readopted", host=self.config.host, regions=r.regions,
                              sessions=r.sessions, dropped=r.dropped,
                              fenced=self.leases.fences(),
+                             tokens={n: list(t) for n, t in self.tokens.snapshot().items()},
                              adopted_addresses={n: sorted(c) for n, c in
                                                 self.recovery.adopted_addresses.items()},
                              limbo={n: len(m) for n, m in self.recovery.limbo.items()})
