@@ -420,6 +420,7 @@ class Monitor:
         except StaleTokenError as e:
             log.warning("fleet: node %s of %s: claim refused, a newer owner exists: %s",
                         node, host, e)
+            self.share.claimed(host, node, token, refused=True)
             return
         self.share.claimed(host, node, token)
         log.info("fleet: claimed node %s of %s with token %d", node, host, token)

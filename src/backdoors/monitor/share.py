@@ -55,6 +55,7 @@ class FleetShare:
                                   within=within)
         self._lock = threading.Lock()
         self._claimed: dict[str, int] = {}  # node key -> token the agent acknowledged
+        self._refused: dict[str, int] = {}  # node key -> token the agent found stale
 
     def start(self) -> FleetShare:
         self.member.start()
@@ -89,26 +90,30 @@ class FleetShare:
         return lambda node: self.token(host, node)
 
     def unclaimed(self, host: str, node: str) -> int | None:
-        """The token still to claim at the agent for `node`, None when claimed (or not
-        ours)."""
+        """The token still to claim at the agent for `node`, None when claimed, refused
+        (asked once per token) or not ours."""
         key = node_key(host, node)
         token = self.member.token(key)
         with self._lock:
-            return None if token is None or self._claimed.get(key) == token else token
+            done = token in (self._claimed.get(key), self._refused.get(key))
+            return None if token is None or done else token
 
-    def claimed(self, host: str, node: str, token: int) -> None:
+    def claimed(self, host: str, node: str, token: int, *, refused: bool = False) -> None:
+        """The agent acknowledged `token` for the node (or, `refused`, found it stale: a
+        newer owner exists, and this monitor will learn it from etcd)."""
         with self._lock:
-            self._claimed[node_key(host, node)] = token
+            (self._refused if refused else self._claimed)[node_key(host, node)] = token
 
     # -- for status and metrics --------------------------------------------------------
 
     def status(self) -> dict:
         s = self.member.snapshot()
         with self._lock:
-            claimed = dict(self._claimed)
+            claimed, refused = dict(self._claimed), dict(self._refused)
         return {"member": s.member, "members": s.members, "lease": s.lease, "ttl_s": s.ttl_s,
                 "degraded": s.degraded, "steps": s.steps,
-                "nodes": {n: {"token": t, "claimed": claimed.get(n) == t}
+                "nodes": {n: {"token": t, "claimed": claimed.get(n) == t,
+                              "refused": refused.get(n) == t}
                           for n, t in sorted(s.tokens.items())}}
 
     def collect(self):
