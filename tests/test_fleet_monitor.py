@@ -25,13 +25,14 @@ pytestmark = pytest.mark.root
 NODES = [f"n{i}" for i in range(8)]
 
 
-def until(fn, timeout=20.0, what="condition", every=0.01):
+def until(fn, timeout=20.0, what="condition", every=0.01, show=None):
+    """fn()'s first true value; on timeout, AssertionError with `show()` (what was seen)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if (v := fn()):
             return v
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"; saw {show()}" if show else ""))
 
 
 def monitor_config(lab, etcd, monitor_id: str, **extra) -> MonitorConfig:
@@ -69,7 +70,8 @@ def test_a_killed_monitors_nodes_are_taken_over_and_it_gets_a_share_back(agent_l
             assign([f"h0/{n}" for n in NODES], ["m1", "m2", "m3"]).items()}
     assert set(want.values()) == {"m1", "m2", "m3"}  # every monitor has a share
     procs = {m: start_monitor(lab, etcd, m) for m in ("m1", "m2", "m3")}
-    until(lambda: owners_at_agent(c) == want, 30, "each node claimed by its assigned monitor")
+    until(lambda: owners_at_agent(c) == want, 30, "each node claimed by its assigned monitor",
+          show=lambda: (owners_at_agent(c), read_fleet(EtcdClient(etcd.url)), want))
     takeovers = []
     for _ in range(3):
         lost = {n for n, m in want.items() if m == "m2"}
@@ -78,7 +80,8 @@ def test_a_killed_monitors_nodes_are_taken_over_and_it_gets_a_share_back(agent_l
         procs["m2"].wait()
         after = until(lambda: (o := owners_at_agent(c)) and
                       all(o[n] in ("m1", "m3") for n in lost) and o, 30,
-                      "m2's nodes claimed by m1 and m3", every=0.005)
+                      "m2's nodes claimed by m1 and m3", every=0.005,
+                      show=lambda: (owners_at_agent(c), read_fleet(EtcdClient(etcd.url))))
         takeovers.append((time.monotonic() - killed) * 1000)
         rest = {n.split("/")[1]: m for n, m in
                 assign([f"h0/{n}" for n in NODES], ["m1", "m3"]).items()}
@@ -87,7 +90,8 @@ def test_a_killed_monitors_nodes_are_taken_over_and_it_gets_a_share_back(agent_l
         assert {k.split("/")[1]: v[0] for k, v in etcd_owners.items()} == rest
         # m2 comes back: its share is given back to it
         procs["m2"] = start_monitor(lab, etcd, "m2")
-        until(lambda: owners_at_agent(c) == want, 30, "m2's share back")
+        until(lambda: owners_at_agent(c) == want, 30, "m2's share back",
+              show=lambda: (owners_at_agent(c), read_fleet(EtcdClient(etcd.url)), want))
     takeovers.sort()
     print(f"takeover ms: {[round(t) for t in takeovers]}, p50 {statistics.median(takeovers):.0f}")
     for p in procs.values():
