@@ -71,15 +71,26 @@ def lab_up(
     pids: int = typer.Option(512, help="Pids limit of each node (0: none)."),
     agents: bool = typer.Option(True, "--agents/--no-agents", help="Start a backdoor agent per host."),
     foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
+    etcd: bool = typer.Option(False, "--etcd", help="Run an etcd on the private network (the monitor namespace) for a fleet of monitors."),
+    monitors: int = typer.Option(0, help="Start this many monitor processes (m1, m2, ...; with --etcd they share the nodes)."),
 ) -> None:
     """Build a lab. Without --foreground it stays until `backdoors lab down`."""
     from .lab import Lab
     from .lab.lab import StopSignals
 
+    if monitors and not agents:
+        raise typer.BadParameter("--monitors needs the agents (leave out --no-agents)")
+    ids = tuple(f"m{i + 1}" for i in range(max(1, monitors)))
     lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
-              pids_limit=pids or None, agents=agents)
+              pids_limit=pids or None, agents=agents, monitors=ids, etcd=etcd)
     signals = StopSignals() if foreground else None
     lab.up()
+    try:
+        for m in ids[:monitors]:
+            lab.start_monitor(m)
+    except BaseException:
+        lab.down()
+        raise
     if signals:
         try:
             if not signals.received:
@@ -122,6 +133,9 @@ def _show_lab(s: dict) -> None:
         t.add_row(*(str(n.get(c, n.get("error", "?"))) for c in
                     ("node", "host", "vip", "processes", "memory_mb", "frozen", "link", "service_pid")))
     out.print(t)
+    if s.get("etcd"):
+        monitors = ", ".join(f"{m} (pid {p})" for m, p in s.get("monitors", {}).items())
+        out.print(f"etcd {s['etcd']} (in the monitor namespace); monitors: {monitors or 'none'}")
 
 
 @lab_app.command("down")
@@ -234,6 +248,9 @@ def monitor(
     config: str = typer.Option(..., help="The monitor's TOML config, unified or its own (see docs/monitor.md)."),
     check: bool = typer.Option(False, "--check", help="Only check the config and its rulesets."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every poll problem."),
+    etcd: Optional[list[str]] = typer.Option(
+        None, "--etcd", help="Client URL of the fleet's etcd (repeat for several members): "
+        "share the nodes with the other monitors naming it (overrides the config's etcd)."),
 ) -> None:
     """Run a monitor until SIGINT or SIGTERM: poll agents, detect, diagnose, repair;
     incidents go to JSONL. A bad config or ruleset: one line on stderr, exit status 1."""
@@ -255,6 +272,11 @@ def monitor(
                   f"{', '.join(r.name for r in rules)})")
             return
         loaded = load_monitor_config(config)
+        if etcd:
+            import msgspec
+
+            from .monitor.config import validate
+            loaded = validate(msgspec.structs.replace(loaded, etcd=list(etcd)), "--etcd")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -317,13 +339,15 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Hosts, nodes, node state (ok/suspect/locked/fenced/recovered), worst sensor, open incidents."""
-    from .status import render_status, status_table
+    from .status import fleet_status, render_fleet, render_status, status_table
 
     rows = status_table(lab=lab, monitor_config=config, incidents=incidents)
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
     else:
         render_status(rows, out)
+        if (fleet := fleet_status(lab=lab, monitor_config=config)) is not None:
+            render_fleet(fleet, out)
 
 
 @config_app.command("show")
@@ -704,6 +728,19 @@ def bench_recovery(
 def bench_nonintrusive(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """System calls and throughput of a service watched at 100 Hz vs not watched."""
     _emit(_bench_module("bench_nonintrusive").run(), as_json)
+
+
+@bench_app.command("fleet")
+def bench_fleet(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    trials: int = typer.Option(10, help="Monitor SIGKILLs."),
+    monitors: int = typer.Option(3, help="Monitor processes of the fleet."),
+    nodes: int = typer.Option(16, help="Lab nodes (on 2 hosts) they share."),
+) -> None:
+    """A fleet of monitors through etcd: takeover p50/p99 from a monitor's SIGKILL to its
+    nodes claimed by the others (root; etcd-server)."""
+    _emit(_bench_module("bench_fleet").run(trials=trials, monitors=monitors, nodes=nodes),
+          as_json)
 
 
 @bench_app.command("monitor")

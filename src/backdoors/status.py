@@ -147,11 +147,74 @@ def _open_incidents(path: str) -> dict[tuple[str, str], list]:
 # -- asking one agent -------------------------------------------------------------------
 
 
+def fleet_status(*, lab: str | None = None, monitor_config: str | None = None
+                 ) -> dict | None:
+    """The fleet of monitors as etcd holds it (fleet.member.read_fleet, plus each member's
+    share), for a lab that runs etcd or a monitor config naming one; None without etcd.
+    An unreachable etcd gives {"error": ...}."""
+    from contextlib import nullcontext
+
+    from .fleet import EtcdClient, EtcdError
+    from .fleet.member import PREFIX, read_fleet
+    if lab is not None:
+        from .lab import Lab
+        from .net.netns import enter
+        attached = Lab.attach(lab)
+        if attached.state.etcd is None:
+            return None
+        urls, prefix = [attached.state.etcd], PREFIX
+        within = enter(attached.plan.monitor_ns)
+    elif monitor_config is not None:
+        from .config import load_monitor_config
+        from .net.netns import enter
+        config = load_monitor_config(monitor_config)
+        if not config.etcd:
+            return None
+        urls, prefix = config.etcd, config.fleet_prefix
+        within = enter(config.etcd_netns) if config.etcd_netns else nullcontext()
+    else:
+        return None
+    try:
+        with within, EtcdClient(urls) as client:
+            fleet = read_fleet(client, prefix)
+    except EtcdError as e:
+        return {"error": str(e)}
+    shares: dict[str, int] = {}
+    for member, _ in fleet["owners"].values():
+        shares[member] = shares.get(member, 0) + 1
+    for m, info in fleet["members"].items():
+        info["nodes"] = shares.get(m, 0)
+    return fleet
+
+
+def render_fleet(fleet: dict, console=None) -> None:
+    """The fleet's members, their shares and leases, as one rich table."""
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    if "error" in fleet:
+        console.print(f"[red]fleet: {fleet['error']}[/]")
+        return
+    t = Table(title=f"fleet (etcd revision {fleet['revision']})")
+    for col in ("monitor", "nodes", "lease", "ttl", "left"):
+        t.add_column(col)
+    for m, info in sorted(fleet["members"].items()):
+        left, ttl = info.get("lease_left_s"), info.get("lease_ttl_s")
+        t.add_row(m, str(info.get("nodes", 0)), f"{info.get('lease', 0):x}",
+                  "-" if ttl is None else f"{ttl} s", "-" if left is None else f"{left} s")
+    orphans = sum(1 for o, _ in fleet["owners"].values() if o not in fleet["members"])
+    console.print(t)
+    if not fleet["members"]:
+        console.print("no live monitor in the fleet")
+    elif orphans:
+        console.print(f"{orphans} node(s) owned by monitors no longer live")
+
+
 def _row(host: str, address: str, node: str, **fields) -> dict:
     row = {"host": host, "address": address, "node": node, "state": "ok", "reachable": True,
            "error": None, "frozen": None, "locked_by": [], "fenced": False, "sessions": None,
            "adopted_sessions": None, "violations": 0, "worst": None, "boxes": [],
-           "box_errors": {}}
+           "box_errors": {}, "owner": None, "token": None}
     row.update(fields)
     return row
 
@@ -209,7 +272,8 @@ def _node_row(src: AgentSource, info, reply, sessions: list) -> dict:
                locked_by=list(info.locked_by), fenced=info.fenced, sessions=len(sessions),
                adopted_sessions=adopted, violations=len(violated), box_errors=errors,
                boxes=sorted(reply.boxes),
-               worst=max(judged, key=lambda j: (j["violated"], j["ratio"]), default=None))
+               worst=max(judged, key=lambda j: (j["violated"], j["ratio"]), default=None),
+               owner=getattr(info, "owner", None), token=getattr(info, "token", None))
     if info.fenced:
         row["state"] = "fenced"
     elif info.locked_by:
@@ -300,7 +364,9 @@ def render_status(rows: list[dict], console=None, *, title: str = "backdoors sta
 
     console = console or Console()
     t = Table(title=title)
-    for col in ("host", "node", "state", "worst sensor", "sessions", "open incidents"):
+    fleet = any(r.get("owner") for r in rows)  # a fleet of monitors: who watches each node
+    for col in ("host", "node", "state", "worst sensor", "sessions", "open incidents",
+                *(("watched by",) if fleet else ())):
         t.add_column(col, overflow="fold")
     for r in rows:
         state = f"[{_STYLE.get(r['state'], 'white')}]{r['state']}[/]"
@@ -320,8 +386,9 @@ def render_status(rows: list[dict], console=None, *, title: str = "backdoors sta
         if r["adopted_sessions"]:
             sessions += f" ({r['adopted_sessions']} recovered)"
         incs = ", ".join(f"{i['rule']} {i['id']}" for i in r["incidents"]) or "-"
+        owner = (f"{r['owner']} (token {r['token']})" if r.get("owner") else "-",) if fleet else ()
         t.add_row(escape(r["host"]), escape(r["node"]), state, escape(worst), sessions,
-                  escape(incs))
+                  escape(incs), *map(escape, owner))
     console.print(t)
     if not rows:
         console.print("no agents")

@@ -117,10 +117,14 @@ class AuditLog:
 
     def request(self, *, monitor: str, peer: str, op: str, args: Any, ok: bool,
                 error: str | None, elapsed_ms: float, votes: list[str] | None = None,
-                message: str | None = None) -> None:
-        """One line for an RPC request that reached dispatch."""
+                message: str | None = None, token: Any = None) -> None:
+        """One line for an RPC request that reached dispatch (`token`: its fencing token,
+        written only when it had one)."""
+        extra = {} if token is None else {"token": {"node": str(token.node)[:200],
+                                                    "token": token.token}}
         self.write(kind="rpc", monitor=monitor, peer=peer, op=op, args=summarise(args), ok=ok,
-                   error=error, message=message, elapsed_ms=round(elapsed_ms, 3), votes=votes)
+                   error=error, message=message, elapsed_ms=round(elapsed_ms, 3), votes=votes,
+                   **extra)
 
     def rejected(self, *, peer: str, code: str, message: str, monitor: str = "?",
                  op: str = "?") -> None:

@@ -15,6 +15,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -25,7 +26,8 @@ from .protocol import (
     DECODE_ERRORS, DESTRUCTIVE, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
     AdoptReply, Envelope, EvacuateReply, FenceReply, KillReply, KillTreeReply, LimitsReply,
     LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
-    SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply, frame,
+    TOKENED, ClaimReply, SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply,
+    frame,
 )
 from .keys import Identity, verify
 
@@ -47,12 +49,15 @@ class AgentClient:
     key(s), two during a rotation. `netns` makes the socket in that network namespace (the
     private network of a lab). `timeout` bounds each call; with an agent whose quorum is
     above 1, pass its `vote_window` too: destructive calls may wait that long for the
-    other monitors' votes.
+    other monitors' votes. `tokens(node)`, for a monitor of a fleet, gives the fencing
+    token sent with each op of protocol.TOKENED on `node` (None: none; it may raise to
+    refuse the call, for a node this monitor does not own).
     """
 
     def __init__(self, address: tuple[str, int] | str, identity: Identity, agent: str,
                  agent_keys: Ed25519PublicKey | tuple[Ed25519PublicKey, ...], *,
-                 netns: str | None = None, timeout: float = 1.0, vote_window: float = 0.0):
+                 netns: str | None = None, timeout: float = 1.0, vote_window: float = 0.0,
+                 tokens: Callable[[str], int | None] | None = None):
         if isinstance(address, str):
             from ..common.configfile import parse_address
             address = parse_address(address)
@@ -61,6 +66,7 @@ class AgentClient:
         self.agent_keys = (agent_keys,) if isinstance(agent_keys, Ed25519PublicKey) \
             else tuple(agent_keys)
         self.timeout, self.vote_window = timeout, vote_window
+        self.tokens = tokens
         self._identity = identity
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
@@ -95,13 +101,19 @@ class AgentClient:
                                  "protocol") from None
 
     def signed_request(self, op: str, args: dict[str, Any], *, ts: float | None = None,
-                       nonce: bytes | None = None, agent: str | None = None
-                       ) -> tuple[bytes, bytes]:
-        """(frame payload, nonce) of a request; exposed for tests of the agent's checks."""
+                       nonce: bytes | None = None, agent: str | None = None,
+                       token: int | None = None) -> tuple[bytes, bytes]:
+        """(frame payload, nonce) of a request; exposed for tests of the agent's checks.
+        `token`: the fencing token for args["node"] (default: from `tokens`)."""
         nonce = secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce
-        body = _encode({"v": VERSION, "monitor": self.monitor, "agent": agent or self.agent,
-                        "nonce": nonce, "ts": time.time() if ts is None else ts, "op": op,
-                        "args": args})
+        request = {"v": VERSION, "monitor": self.monitor, "agent": agent or self.agent,
+                   "nonce": nonce, "ts": time.time() if ts is None else ts, "op": op,
+                   "args": args}
+        if token is None and self.tokens is not None and op in TOKENED and "node" in args:
+            token = self.tokens(args["node"])
+        if token is not None:
+            request["token"] = {"node": args["node"], "token": token}
+        body = _encode(request)
         return _encode(Envelope(body, self._identity.sign(REQUEST_DOMAIN, body))), nonce
 
     def _request(self, op: str, args: dict[str, Any], timeout: float | None = None) -> msgspec.Raw:
@@ -235,6 +247,14 @@ class AgentClient:
 
     def nodes(self) -> list[NodeInfo]:
         return self._typed("nodes", list[NodeInfo])
+
+    def claim(self, node: str, token: int | None = None) -> ClaimReply:
+        """Tell the agent this monitor owns `node` since `token` (default: from `tokens`):
+        older tokens are refused from now on."""
+        payload, nonce = self.signed_request("claim", {"node": node}, token=token)
+        with self._lock:
+            reply = self._exchange(payload, self.timeout)
+        return self._decode("claim", self._open_reply("claim", reply, nonce), ClaimReply)
 
     def status(self, node: str) -> NodeStatus:
         return self._typed("status", NodeStatus, node=node)

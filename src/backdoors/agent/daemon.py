@@ -38,6 +38,7 @@ from .regions import Entry, RegionTable
 from .served import Lane, NodeRuntime
 from .sampler import KernelSensors, NodeSampler
 from .sessions import SessionTable
+from .tokens import TokenTable
 from .watch import Watcher
 from .server import RpcServer
 
@@ -46,6 +47,7 @@ log = logging.getLogger("backdoors.agent")
 NODE_WORKERS = 2
 LEASE_CHECK_S = 0.02
 FENCES_KEY = "fences"  # durable state (fd store): {node: [monitors holding its fence]}
+TOKENS_KEY = "tokens"  # durable state: {node: [highest fencing token, its monitor]}
 
 
 class Agent:
@@ -90,6 +92,7 @@ class Agent:
         self._setup_events()
         self.watcher: Watcher | None = None  # violations pushed as events (agent/watch.py)
         self.leases: LeaseTable | None = None
+        self.tokens = TokenTable()  # fencing tokens of a fleet of monitors (agent/tokens.py)
         self.audit: AuditLog | None = None
         self.local: LocalServer | None = None
         self.rpc: RpcServer | None = None
@@ -226,9 +229,11 @@ class Agent:
             r = self.store.readopt(passed, self.regions, self.sessions)
             r.dropped += self.recovery.take_back(r.state, set(self.nodes))
             r.dropped += self._refence(r.state.get(FENCES_KEY))
+            r.dropped += self.tokens.take_back(r.state.get(TOKENS_KEY), set(self.nodes))
             self.audit.write(kind="readopted", host=self.config.host, regions=r.regions,
                              sessions=r.sessions, dropped=r.dropped,
                              fenced=self.leases.fences(),
+                             tokens={n: list(t) for n, t in self.tokens.snapshot().items()},
                              adopted_addresses={n: sorted(c) for n, c in
                                                 self.recovery.adopted_addresses.items()},
                              limbo={n: len(m) for n, m in self.recovery.limbo.items()})
@@ -237,6 +242,7 @@ class Agent:
         self.store.attach(self.regions, self.sessions)
         self.recovery.keep = self.store.keep
         self.leases.observer = self._keep_fences
+        self.tokens.observer = lambda _: self.store.keep(TOKENS_KEY, self.tokens.encode())
 
     def _refence(self, data: bytes | None) -> list[str]:
         """Fence again the nodes a previous agent held fenced; what could not be taken

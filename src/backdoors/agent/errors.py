@@ -65,6 +65,13 @@ class BusyError(RemoteError):
     code = "busy"
 
 
+class StaleTokenError(RemoteError):
+    """The request's fencing token is older than one the agent has seen for the node:
+    another monitor owns it now (a fleet, docs/operations.md). Not applied."""
+
+    code = "stale_token"
+
+
 class TransportError(AgentError):
     """The client could not get an authentic reply (code: connect, timeout, protocol)."""
 
@@ -86,6 +93,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
     "deadline": DeadlineError,
     "quorum": QuorumError,
     "busy": BusyError,
+    "stale_token": StaleTokenError,
 }
 
 

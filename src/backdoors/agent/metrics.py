@@ -95,6 +95,10 @@ class AgentMetrics:
         self.stuck_ops = Gauge("backdoors_agent_stuck_ops",
                                "Operations abandoned at their deadline and still running, "
                                "by worker lane", ["lane"], registry=r)
+        self.stale_tokens = Counter("backdoors_agent_stale_tokens",
+                                    "Requests refused for a fencing token older than the "
+                                    "node's highest (stale_token), by node", ["node"],
+                                    registry=r)
         self.sample_seconds = Gauge("backdoors_agent_sample_seconds",
                                     "Duration of the node's last kernel-sensor sample",
                                     ["node"], registry=r)

@@ -31,12 +31,13 @@ from .config import AgentConfig
 from .leases import LeaseTable
 from .pidmap import box_in_host_terms
 from .protocol import (
-    DESTRUCTIVE, MAX_IO, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong,
+    DESTRUCTIVE, MAX_IO, ClaimReply, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong,
     ProcessRow, ProcessTable, RegionInfo, SensorsReply, WriteReply,
 )
 from .regions import Entry, NoSuchRegion, RegionTable
 from .served import NodeRuntime
 from .sessions import SessionTable
+from .tokens import TokenTable
 
 MAX_LEASE_S = 3600.0
 SENSORS_BUDGET = 0.25  # share of the op deadline `sensors` spends before leaving boxes unread
@@ -59,6 +60,7 @@ class AgentView(Protocol):
     leases: LeaseTable
     regions: RegionTable
     sessions: SessionTable
+    tokens: TokenTable  # the highest fencing token seen per node (agent/tokens.py)
     inner_timeout: float  # node ops give up before the op deadline
 
 
@@ -164,9 +166,18 @@ def nodes(call: Call) -> list[NodeInfo]:
     for name, rt in call.agent.nodes.items():
         latest = rt.sampler.latest
         lock = call.agent.leases.state(name)
+        token, owner = call.agent.tokens.get(name) or (None, None)
         out.append(NodeInfo(name, latest.stats.frozen if latest else None, lock.locked_by,
-                            lock.lease_left_s, lock.fenced, rt.sampler.age()))
+                            lock.lease_left_s, lock.fenced, rt.sampler.age(), token, owner))
     return out
+
+
+def claim(call: Call) -> ClaimReply:
+    """A fleet monitor's announcement that it owns the node now: its token (checked and
+    recorded by the server before this runs, as for every op of TOKENED) fences off the
+    previous owner's late requests even if the new owner never acts."""
+    token, owner = call.agent.tokens.get(call.node.name)
+    return ClaimReply(token, owner)
 
 
 def _region_infos(call: Call) -> list[RegionInfo]:
@@ -368,6 +379,7 @@ def set_limits(call: Call) -> LimitsReply:
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("ping", NoArgs, ping, "inline"),
     Op("nodes", NoArgs, nodes, "inline"),
+    Op("claim", NodeArgs, claim, "inline"),
     Op("status", NodeArgs, status),
     Op("regions", NodeArgs, regions),
     Op("read", ReadArgs, read, "inline"),

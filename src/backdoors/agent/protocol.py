@@ -34,6 +34,7 @@ EVENT_DOMAIN = b"backdoors/2 event\0"
 CODES = (
     "bad_frame", "auth", "replay", "bad_request", "unknown_op", "no_such_node",
     "no_such_region", "out_of_bounds", "not_writable", "deadline", "quorum", "busy", "failed",
+    "stale_token",
 )
 #: Operations held for votes when the agent's quorum is above 1: the one table, read by
 #: the server (ops.Op.destructive) and the client (which waits the vote window for them).
@@ -47,7 +48,11 @@ READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "pro
 #: Error codes of a request refused for what it asked (not for the agent's own trouble:
 #: busy, deadline, failed): a read refused so is audited.
 REFUSED = frozenset({"auth", "bad_request", "unknown_op", "no_such_node", "no_such_region",
-                     "out_of_bounds", "not_writable", "quorum"})
+                     "out_of_bounds", "not_writable", "quorum", "stale_token"})
+#: Operations that take a fencing token (Request.token, agent/tokens.py): the destructive
+#: ones, the live hand-over of a dead server's sessions, and `claim` (a new owner's
+#: announcement). Only these check and record it; a token on another op is refused.
+TOKENED = DESTRUCTIVE | {"readopt", "claim"}
 #: The only ops a peer agent (an id of the agent's `peers`) may call: session hand-over
 #: and the peer watch's ping. Peers never vote.
 PEER_OPS = frozenset({"stage", "adopt", "ping"})
@@ -78,9 +83,19 @@ class MonitorOf(msgspec.Struct):
     monitor: str
 
 
+class Token(msgspec.Struct, forbid_unknown_fields=True):
+    """A fencing token: the sender owns `node` since etcd revision `token` (a fleet of
+    monitors, docs/operations.md). The agent refuses a token older than the highest it
+    has seen for the node (agent/tokens.py)."""
+
+    node: str
+    token: int
+
+
 class Request(msgspec.Struct, forbid_unknown_fields=True):
     """A request body; `monitor` is the signer (a monitor, or a peer agent), `agent` the
-    agent it is for; `args` stays raw until the op's argument type decodes it."""
+    agent it is for; `args` stays raw until the op's argument type decodes it. `token`:
+    optional, for the ops of TOKENED (a monitor of a fleet sends it, others need not)."""
 
     v: int
     monitor: str
@@ -89,6 +104,7 @@ class Request(msgspec.Struct, forbid_unknown_fields=True):
     ts: float
     op: str
     args: msgspec.Raw = msgspec.Raw(b"\x80")
+    token: Token | None = None
 
 
 class ErrorInfo(msgspec.Struct):
@@ -143,6 +159,8 @@ class NodeInfo(msgspec.Struct):
     lease_left_s: float | None
     fenced: bool
     sample_age_s: float | None
+    token: int | None = None  # the highest fencing token seen for the node (None: none)
+    owner: str | None = None  # the monitor that sent it
 
 
 class RegionInfo(msgspec.Struct):
@@ -225,6 +243,13 @@ class LimitsReply(msgspec.Struct):
 
 class WriteReply(msgspec.Struct):
     written: int
+
+
+class ClaimReply(msgspec.Struct):
+    """`claim`: the node's highest token is now `token`, sent by `owner`."""
+
+    token: int
+    owner: str
 
 
 # -- session recovery (agent/recovery.py) -------------------------------------------------

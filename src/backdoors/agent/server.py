@@ -27,10 +27,11 @@ from .leases import LockBusy
 from .metrics import AgentMetrics
 from .ops import AgentView, Call, Op, OpError
 from .protocol import (
-    DECODE_ERRORS, MAX_FRAME, PEER_OPS, READS, REFUSED, REPLY_DOMAIN, Envelope, ErrorInfo,
-    Response, frame,
+    DECODE_ERRORS, MAX_FRAME, PEER_OPS, READS, REFUSED, REPLY_DOMAIN, TOKENED, Envelope,
+    ErrorInfo, Response, Token, frame,
 )
 from .served import Lane
+from .tokens import StaleToken
 from .votes import BallotBox, Short
 
 log = logging.getLogger("backdoors.agent")
@@ -275,7 +276,8 @@ class RpcServer:
         else:
             try:
                 args = op.decoder.decode(req.args)
-                outcome = await self._dispatch(op, args, req.monitor, opened.peer, payload)
+                outcome = await self._dispatch(op, args, req.monitor, opened.peer, payload,
+                                               req.token)
             except DECODE_ERRORS as e:
                 outcome = Outcome(False, code="bad_request", message=f"{req.op}: bad args: {e}")
         if op is not None and op.name == "subscribe" and outcome.ok:
@@ -292,17 +294,21 @@ class RpcServer:
         if label not in READS or (not outcome.ok and outcome.code in REFUSED):
             self.audit.request(monitor=req.monitor, peer=peer, op=label, args=args,
                                ok=outcome.ok, error=outcome.code, elapsed_ms=elapsed,
-                               votes=outcome.votes, message=outcome.message)
+                               votes=outcome.votes, message=outcome.message,
+                               token=req.token)
         return _reply(self.identity, req.nonce, outcome, elapsed)
 
     async def _dispatch(self, op: Op, args: Any, monitor: str, is_peer: bool,
-                        payload: bytes) -> Outcome:
+                        payload: bytes, token: Token | None = None) -> Outcome:
         rt = None
         if op.has_node:
             rt = self.agent.nodes.get(args.node)
             if rt is None:
                 return Outcome(False, code="no_such_node",
                                message=f"this agent serves no node {args.node[:64]!r}")
+        if token is not None or op.name == "claim":
+            if (refused := self._check_token(op, args, monitor, token)) is not None:
+                return refused
         if is_peer or not (op.destructive and self.ballots.quorum > 1):
             # a peer's op is never destructive (PEER_OPS): it never reaches a ballot
             return await self._execute(op, args, rt, {monitor: payload}, is_peer)
@@ -321,6 +327,25 @@ class RpcServer:
                 f"{self.ballots.window:g} s (from {', '.join(outcome.votes)}); not applied"))
         metrics.labels(op.name, "applied").inc()
         return outcome
+
+    def _check_token(self, op: Op, args: Any, monitor: str, token: Token | None
+                     ) -> Outcome | None:
+        """Check and record a request's fencing token (agent/tokens.py), in one step on
+        the event loop; the refusal, or None to go on."""
+        if token is None:
+            return Outcome(False, code="bad_request", message="claim needs a token")
+        if op.name not in TOKENED or not op.has_node:
+            return Outcome(False, code="bad_request", message=f"{op.name} takes no token "
+                           f"(only {', '.join(sorted(TOKENED))})")
+        if token.node != args.node:
+            return Outcome(False, code="bad_request", message=f"the token is for node "
+                           f"{token.node[:64]!r}, the request for {args.node[:64]!r}")
+        try:
+            self.agent.tokens.check(args.node, token.token, monitor)
+        except StaleToken as e:
+            self.metrics.stale_tokens.labels(args.node).inc()
+            return Outcome(False, code="stale_token", message=f"{op.name}: {e}")
+        return None
 
     async def _execute(self, op: Op, args: Any, rt, voters: dict[str, bytes],
                        is_peer: bool = False) -> Outcome:

@@ -45,7 +45,8 @@ from ..nodes import Node, cgroups
 from ..nodes.container import (Container, Isolation, NodeProcess, mount_tmpfs, python_paths,
                                uid_base_for, unmount_under)
 from ..sensors import SensorBoxReader, Snapshot
-from .agents import agent_pid, read_key, start_agent, stop_agents, write_keys
+from .. import fleet
+from .agents import agent_pid, key_path, read_key, start_agent, stop_agents, write_keys
 from . import topology
 
 STATE_FILE = "lab.json"
@@ -79,6 +80,8 @@ class LabState:
     created: float
     services: dict[str, ServiceInfo] = field(default_factory=dict)
     agents: dict[str, int] = field(default_factory=dict)
+    etcd: str | None = None  # the client URL of the lab's etcd (a fleet of monitors)
+    monitors: dict[str, int] = field(default_factory=dict)  # monitor processes: id -> pid
 
     @classmethod
     def load(cls, path: Path) -> "LabState":
@@ -102,19 +105,41 @@ def reap(name: str) -> dict[str, list[str]]:
     require_root("reaping a lab")
     topology.check_name(name)
     prefix = topology.prefix(name)
-    removed = {"netns": netns.reap(prefix), "cgroups": cgroups.reap(prefix), "files": []}
+    # the fleet's processes first (an etcd named by the prefix, monitors by their config)
+    removed = {"processes": [str(p) for p in fleet.reap(prefix)]}
+    removed["processes"] += [str(p) for p in _reap_monitors(topology.RUN_ROOT / name)]
+    removed.update(netns=netns.reap(prefix), cgroups=cgroups.reap(prefix), files=[])
     run_dir = topology.RUN_ROOT / name
     if run_dir.exists():
         unmount_under(run_dir)  # the nodes' run directories (tmpfs)
         shutil.rmtree(run_dir, ignore_errors=True)
         removed["files"].append(str(run_dir))
     for leftover in Path("/dev/shm").glob(f"{prefix}*"):
-        leftover.unlink(missing_ok=True)
+        if leftover.is_dir() and not leftover.is_symlink():  # the lab's etcd data
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
         removed["files"].append(str(leftover))
     for leftover in DATA_ROOT.glob(f"{prefix}*"):  # Lab.data_dir
         shutil.rmtree(leftover, ignore_errors=True)
         removed["files"].append(str(leftover))
     return removed
+
+
+def _reap_monitors(run_dir: Path) -> list[int]:
+    """SIGKILL the monitor processes started with a config in `run_dir` (Lab.start_monitor)."""
+    import psutil
+    mark = str(run_dir / "monitors") + "/"
+    killed = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(a.startswith(mark) for a in (p.info["cmdline"] or [])):
+            try:
+                p.kill()
+                p.wait(5)
+                killed.append(p.pid)
+            except psutil.Error:
+                pass
+    return killed
 
 
 def running_labs() -> list[str]:
@@ -130,11 +155,12 @@ class Lab:
     def __init__(self, name: str = "lab", *, hosts: int = 2, nodes: int = 4,
                  memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
                  services: bool = True, agents: bool = False, quorum: int = 1,
-                 monitors: tuple[str, ...] = ("m1",)):
+                 monitors: tuple[str, ...] = ("m1",), etcd: bool = False):
         self.plan = topology.plan(name, hosts, nodes)
         self.name = name
         self.with_services = services
         self.with_agents, self.quorum, self.monitors = agents, quorum, tuple(monitors)
+        self.with_etcd = etcd
         self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time())
         self._nodes: dict[str, Node] = {}
         self._keys: dict = {}  # id -> agent.keys.Identity, read once
@@ -165,6 +191,8 @@ class Lab:
             self.plan.run_dir.mkdir(parents=True)
             self.state.save(self.state_path)
             self._build_network()
+            if self.with_etcd:
+                self._start_etcd()
             for n in self.plan.nodes:
                 self._nodes[n.name] = Node.create(
                     n.name, n.cgroup, netns=n.netns,
@@ -191,10 +219,12 @@ class Lab:
     def down(self) -> dict[str, list[str]]:
         """Tear the lab down: agents first (they thaw what they hold), then processes,
         namespaces, cgroups and files. Idempotent."""
+        for monitor_id in list(self.state.monitors):
+            self.stop_monitor(monitor_id)
         if self.state.agents:
             stop_agents(self.state.agents)
         self._stop_containers()
-        return reap(self.name)
+        return reap(self.name)  # the etcd too (by its name)
 
     def __enter__(self) -> "Lab":
         return self.up()
@@ -223,6 +253,73 @@ class Lab:
             # ARP requests from the node's own address: a moving VIP is announced only
             # by the gratuitous ARP of the recovery, never early by a restored socket
             netns.set_sysctl(n.netns, "net/ipv4/conf/eth0/arp_announce", 2)
+
+    # ---- a fleet of monitors: etcd and monitor processes (docs/operations.md §8a) -------
+
+    def _start_etcd(self) -> None:
+        """etcd in the monitor namespace, on the private network; its data on tmpfs under
+        the lab's prefix (/dev/shm/bd-NAME-etcd: reaped with the lab, and no disk syncs)."""
+        prefix = topology.prefix(self.name)
+        proc = fleet.EtcdProcess(f"{prefix}etcd", f"/dev/shm/{prefix}etcd",
+                                 host=topology.MONITOR_ADDR,
+                                 port=topology.ETCD_PORT,
+                                 within=lambda: netns.enter(self.plan.monitor_ns)).start()
+        self.state.etcd = proc.url
+        self.state.save(self.state_path)
+
+    @property
+    def etcd_url(self) -> str:
+        if self.state.etcd is None:
+            raise LabError(f"lab {self.name} runs no etcd (Lab(etcd=True), lab up --etcd)")
+        return self.state.etcd
+
+    def monitor_config(self, monitor_id: str = "m1", **kw):
+        """A MonitorConfig polling every agent of the lab (nodes discovered) from its monitor
+        namespace, of the lab's fleet when it runs etcd; `kw` sets other keys."""
+        from ..monitor.config import AgentEntry, MonitorConfig
+        agents = [AgentEntry(h.name, self.agent_address(h.name), netns=self.plan.monitor_ns,
+                             public_key=self.agent_public_key(h.name))
+                  for h in self.plan.hosts]
+        if self.state.etcd is not None:
+            kw = {"etcd": [self.state.etcd], "etcd_netns": self.plan.monitor_ns, **kw}
+        return MonitorConfig(monitor_id=monitor_id, agents=agents, **kw)
+
+    def start_monitor(self, monitor_id: str, **kw) -> int:
+        """Run `backdoors monitor` as a process of its own (config, log and incidents in
+        <run_dir>/monitors/); its pid. `kw`: MonitorConfig keys."""
+        from ..common.configfile import dumps
+        folder = self.plan.run_dir / "monitors"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        path = folder / f"{monitor_id}.toml"
+        kw.setdefault("incidents_dir", str(folder / f"incidents-{monitor_id}"))
+        kw.setdefault("key_file", str(key_path(self.plan, monitor_id)))
+        path.write_text(dumps(self.monitor_config(monitor_id, **kw)))
+        with open(folder / f"{monitor_id}.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "backdoors", "monitor", "--config",
+                                     str(path)], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.state.monitors[monitor_id] = proc.pid
+        self.state.save(self.state_path)
+        return proc.pid
+
+    def stop_monitor(self, monitor_id: str, sig: int = signal.SIGTERM) -> None:
+        """Stop a monitor of `start_monitor` (SIGTERM: it leaves the fleet at once; SIGKILL:
+        its nodes move when its lease expires) and reap it."""
+        import psutil
+        pid = self.state.monitors.pop(monitor_id, None)
+        self.state.save(self.state_path)
+        if pid is None:
+            return
+        try:
+            p = psutil.Process(pid)
+            p.send_signal(sig)
+            try:
+                p.wait(15)
+            except psutil.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        except psutil.NoSuchProcess:
+            pass
 
     # ---- nodes and services -----------------------------------------------------------
 
@@ -436,7 +533,11 @@ class Lab:
         hosts = [{"host": h.name, "address": h.address, "netns": h.netns,
                   "agent_pid": agent_pid(self.plan, h) or self.state.agents.get(h.name),
                   "keeper_pid": self.state.agents.get(h.name)} for h in self.plan.hosts]
-        return {"lab": self.name, "owner_pid": self.state.owner_pid, "hosts": hosts, "nodes": nodes}
+        out = {"lab": self.name, "owner_pid": self.state.owner_pid, "hosts": hosts, "nodes": nodes}
+        if self.state.etcd is not None:
+            out["etcd"] = self.state.etcd
+            out["monitors"] = dict(self.state.monitors)
+        return out
 
 
 def _service_key(node: str, recoverable: bool) -> str:

@@ -27,6 +27,7 @@ MONITOR_ADDR = "10.99.0.250"
 SERVICE_PORT = 7000
 RECOVERABLE_PORT = 7100
 AGENT_PORT = 7700
+ETCD_PORT = 2379  # the lab's etcd, in the monitor namespace (a fleet of monitors); peers +1
 #: nodes per lab: lab nodes are cheap (a cgroup, a netns, a container), and watching many
 #: of them is what `backdoors bench monitor` measures; addresses allow up to 254
 MAX_NODES = 128

@@ -84,6 +84,21 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "the private network's interface (e.g. priv0): metrics_listen accepts only "
         "connections that arrive on it (SO_BINDTODEVICE), whatever the firewall; its "
         "address must be one of the interface's")] = None
+    etcd: Annotated[list[str] | None, doc(
+        "client URLs of the fleet's etcd (http://ADDR:2379): the monitors that name it share "
+        "the nodes, each watching its own and sending fencing tokens (docs/operations.md, "
+        "\"A fleet of monitors\"); unset: this monitor watches every node, without tokens")] = None
+    fleet_prefix: Annotated[str, doc(
+        "the fleet's keys in etcd: members/<monitor_id> and owners/<host>/<node> under "
+        "it")] = "/backdoors/fleet/"
+    lease_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=60), doc(
+        "this monitor's lease in the fleet, seconds: its nodes go to the others this long "
+        "after it stops renewing it (etcd grants at least 1.5 election timeouts)")] = 1
+    fleet_poll_ms: Annotated[Pos, doc(
+        "how often the fleet's membership and ownership are read from etcd")] = 100.0
+    etcd_netns: Annotated[str | None, doc(
+        "make the connections to etcd from this network namespace (the lab's monitor "
+        "namespace)")] = None
 
 
 def _validate(c: MonitorConfig) -> None:
@@ -119,6 +134,11 @@ def _validate(c: MonitorConfig) -> None:
     if c.listen_interface is not None:
         if (problem := interface_problem(c.listen_interface)) is not None:
             raise Invalid(("listen_interface",), problem)
+    for i, url in enumerate(c.etcd or []):
+        if not url.startswith(("http://", "https://")):
+            raise Invalid(("etcd", i), f"{url!r} is not a URL (like http://10.99.0.250:2379)")
+    if c.etcd is not None and not c.etcd:
+        raise Invalid(("etcd",), "name at least one etcd URL, or leave the key out")
     if not c.rulesets:
         raise Invalid(("rulesets",), "name at least one ruleset (\"default\")")
     if c.period_ms < 1:

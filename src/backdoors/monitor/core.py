@@ -114,7 +114,10 @@ class AgentPoller:
                     self.nodes = sorted(infos)
                     self._next_discover = now + m.config.discover_s
             for node in self.nodes:
+                if not m.watches(self.entry.host, node):
+                    continue  # another monitor's in the fleet
                 try:
+                    m.claim(client, self.entry.host, node)
                     reply = client.sensors(node)
                 except AgentError as e:
                     if getattr(e, "code", "") in ("connect", "timeout", "protocol", "auth"):
@@ -134,7 +137,7 @@ class AgentPoller:
             down = m.down_reports(self.entry.host) if m.needs_peers else []
             views = [NodeView(n, self.entry.host, now, agent_ok=False, agent_silent_s=silent,
                               down_reports=down)
-                     for n in (self.nodes or [self._pseudo])]
+                     for n in (self.nodes or [self._pseudo]) if m.watches(self.entry.host, n)]
         else:
             if self.error is not None:
                 log.info("agent %s reachable again", self.entry.host)
@@ -258,6 +261,14 @@ class Monitor:
                              on_close=self._closed,
                              on_unresolved=lambda inc: self._emit("unresolved", inc, record=inc))
         self.pollers = [AgentPoller(self, e) for e in config.agents]
+        self.share = None  # this monitor's share of a fleet (monitor/share.py), with etcd
+        if config.etcd:
+            from .share import FleetShare
+            self.share = FleetShare(config.monitor_id, config.etcd, self._fleet_nodes,
+                                    prefix=config.fleet_prefix, ttl_s=config.lease_ttl_s,
+                                    poll_s=config.fleet_poll_ms / 1000,
+                                    on_change=self._share_changed, netns=config.etcd_netns)
+            self._shared: set[str] = set()
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy
         self._pool = ThreadPoolExecutor(config.max_parallel_repairs,
@@ -270,13 +281,16 @@ class Monitor:
         self._started = False
         self.metrics = MonitorMetrics()  # served at config.metrics_listen while running
         self.metrics.watch(self)
+        if self.share is not None:
+            self.metrics.registry.register(self.share)
         self.metrics_server = None
 
     def _default_client(self, entry: AgentEntry, timeout: float):
         from ..agent.client import AgentClient
         return AgentClient(entry.address, self.key, entry.host, agent_keys(entry),
                            netns=entry.netns, timeout=timeout,
-                           vote_window=self.config.vote_window_s)
+                           vote_window=self.config.vote_window_s,
+                           tokens=self.share.tokens_for(entry.host) if self.share else None)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -290,6 +304,8 @@ class Monitor:
                     what=f"monitor {self.config.monitor_id} metrics").start()
             self._started = True
             log.info("monitor %s starting: %s", self.config.monitor_id, self.summary())
+            if self.share is not None:
+                self.share.start()
             for p in self.pollers:
                 p.start()
             self._follow_events()
@@ -311,6 +327,8 @@ class Monitor:
         self.stopping.set()
         for p in self.pollers:
             p.join(timeout)
+        if self.share is not None and self._started:
+            self.share.stop()  # its lease revoked: the others take its nodes at once
         for f in self.followers:
             f.stop(timeout)
         self._pool.shutdown(wait=True)
@@ -378,10 +396,49 @@ class Monitor:
     def on_event(self, host: str, ev, *, received: float, via: str = "event") -> None:
         """An agent's pushed event (agent.events.EventFrame): judged at once by the rules
         whose detectors take events (see Detector.takes)."""
-        if not ev.node:
+        if not ev.node or not self.watches(host, ev.node):
             return
         event = {"kind": ev.kind, "seq": ev.seq, "at": ev.at, **ev.data}
         self.observe(NodeView(ev.node, host, received, event=event, via=via))
+
+    # -- the fleet (monitor/share.py) ----------------------------------------------------
+
+    def watches(self, host: str, node: str) -> bool:
+        """Whether this monitor watches `node` of `host`: every node without a fleet, its
+        share with one."""
+        return self.share is None or self.share.watches(host, node)
+
+    def claim(self, client, host: str, node: str) -> None:
+        """Claim a newly owned node at its agent with its token (once per token): the
+        agent refuses the previous owner's requests from then on."""
+        token = self.share.unclaimed(host, node) if self.share is not None else None
+        if token is None:
+            return
+        from ..agent.errors import StaleTokenError
+        try:
+            client.claim(node, token)
+        except StaleTokenError as e:
+            log.warning("fleet: node %s of %s: claim refused, a newer owner exists: %s",
+                        node, host, e)
+            self.share.claimed(host, node, token, refused=True)
+            return
+        self.share.claimed(host, node, token)
+        log.info("fleet: claimed node %s of %s with token %d", node, host, token)
+
+    def _fleet_nodes(self) -> set[str]:
+        from .share import node_key
+        return {node_key(p.entry.host, n) for p in self.pollers for n in list(p.nodes)}
+
+    def _share_changed(self, share) -> None:
+        """Forget the nodes that left this monitor's share (their incidents closed)."""
+        now = set(share.tokens)
+        for key in self._shared - now:
+            self.engine.forget(key.split("/", 1)[1], "owned by another monitor of the fleet")
+        self._shared = now
+
+    def fleet_status(self) -> dict | None:
+        """This monitor's share of the fleet (None without etcd)."""
+        return self.share.status() if self.share is not None else None
 
     def polled(self) -> None:
         with self._cond:

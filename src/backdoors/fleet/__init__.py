@@ -1,0 +1,16 @@
+"""A fleet of monitors sharing the nodes through etcd (docs/operations.md, "A fleet").
+
+`etcd`: a small etcd v3 client (JSON gateway over httpx); `assign`: rendezvous hashing of
+nodes over the live monitors; `member`: one monitor's membership under a lease, and its
+ownership records, whose etcd revisions are its fencing tokens; `process`: an etcd server
+process of its own (the lab, the tests). The agent never imports this package: it only
+checks the tokens (agent/tokens.py).
+"""
+
+from .assign import assign, owner
+from .etcd import EtcdClient, EtcdError, EtcdUnavailable
+from .member import FleetMember, Share
+from .process import EtcdProcess, reap
+
+__all__ = ["EtcdClient", "EtcdError", "EtcdProcess", "EtcdUnavailable", "FleetMember", "Share",
+           "assign", "owner", "reap"]

@@ -1,0 +1,226 @@
+"""One monitor's place in the fleet: membership under a lease, and the nodes it owns.
+
+In etcd, under `prefix` (default "/backdoors/fleet/"):
+
+    members/<monitor id>   {"id", "since", ...info}   under the monitor's lease
+    owners/<node>          <monitor id>                under the owner's lease
+
+Each step (every `poll_s`) the member renews its lease (every third of the TTL), reads the
+live members and the ownership records, assigns every node by rendezvous hashing over the
+live members (fleet/assign.py: all members compute the same), gives up the nodes it owns
+that are no longer its own (a delete guarded by the record's revision), and takes the free
+nodes assigned to it (a txn: create only if the record does not exist). The revision of
+that txn is its **fencing token** for the node: etcd revisions only grow, so whoever owns a
+node later holds a higher token, and agents refuse the older ones (agent/tokens.py).
+
+A member that dies stops renewing: after the TTL its lease expires, its member key and
+ownership records go with it, and the others take its nodes at their next step. One that
+loses etcd keeps its last share (`degraded` says why): it cannot learn it lost its nodes,
+but its tokens then are older than the new owners', so the agents refuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+from .assign import assign
+from .etcd import Compare, EtcdClient, EtcdError, delete_op, put_op
+
+log = logging.getLogger("backdoors.fleet")
+
+PREFIX = "/backdoors/fleet/"
+
+
+@dataclass
+class Share:
+    """What a member holds as of its last step: the live members, its nodes with their
+    tokens, its lease; `degraded` is why etcd could not be reached (None: it could)."""
+
+    member: str
+    members: list[str] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)  # node -> fencing token
+    assigned: dict[str, str] = field(default_factory=dict)  # every node -> its member
+    lease: int | None = None
+    ttl_s: int = 0
+    degraded: str | None = None
+    steps: int = 0
+
+
+class FleetMember:
+    """Keeps `member_id` in the fleet on a thread of its own (`start`, `stop`), or one
+    `step()` at a time. `nodes()` gives every node of the fleet (names unique in it, like
+    "h0/n0"); `on_change(share)` is called after a step that changed this member's nodes
+    or its degraded state. `within()`, a context manager, is entered by the member's thread
+    around everything it does (e.g. a network namespace, where etcd is reachable)."""
+
+    def __init__(self, client: EtcdClient, member_id: str, nodes: Callable[[], Iterable[str]],
+                 *, prefix: str = PREFIX, ttl_s: int = 1, poll_s: float = 0.1,
+                 info: dict | None = None, on_change: Callable[[Share], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 within: Callable[[], AbstractContextManager] | None = None):
+        if "/" in member_id or not member_id:
+            raise ValueError(f"fleet member id {member_id!r}: must be non-empty, without '/'")
+        self.client, self.id, self.nodes = client, member_id, nodes
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.ttl_s, self.poll_s, self.info = max(1, int(ttl_s)), poll_s, dict(info or {})
+        self.on_change, self.clock, self.within = on_change, clock, within
+        self._release = False
+        self.share = Share(member_id)
+        self._lock = threading.Lock()  # guards `share` (read by the monitor's threads)
+        self._renew_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- for callers -----------------------------------------------------------------------
+
+    def token(self, node: str) -> int | None:
+        """This member's token for `node`, None when it does not own it."""
+        with self._lock:
+            return self.share.tokens.get(node)
+
+    def snapshot(self) -> Share:
+        with self._lock:
+            s = self.share
+            return Share(s.member, list(s.members), dict(s.tokens), dict(s.assigned), s.lease,
+                         s.ttl_s, s.degraded, s.steps)
+
+    def start(self) -> FleetMember:
+        self._thread = threading.Thread(target=self._run, name=f"bd-fleet-{self.id}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, release: bool = True) -> None:
+        """Stop stepping; with `release`, revoke the lease so that the others take this
+        member's nodes at once (not after the TTL)."""
+        self._release = release
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        else:
+            self._leave()
+        with self._lock:
+            self.share.tokens, self.share.lease = {}, None
+
+    def _leave(self) -> None:
+        lease = self.share.lease
+        if self._release and lease is not None:
+            try:
+                self.client.revoke(lease)
+            except EtcdError as e:
+                log.warning("fleet member %s: cannot revoke its lease: %s", self.id, e)
+
+    def _run(self) -> None:
+        with self.within() if self.within is not None else nullcontext():
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - the member must keep stepping
+                    log.exception("fleet member %s: step failed", self.id)
+                self._stop.wait(self.poll_s)
+            self._leave()
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self) -> Share:
+        before = (set(self.share.tokens.items()), self.share.degraded)
+        try:
+            self._step()
+        except EtcdError as e:
+            if self.share.degraded is None:
+                log.warning("fleet member %s: degraded, keeping its last %d node(s) and "
+                            "acting on no other: %s", self.id, len(self.share.tokens), e)
+            with self._lock:
+                self.share.degraded = str(e)
+        else:
+            if self.share.degraded is not None:
+                log.warning("fleet member %s: etcd reachable again", self.id)
+            with self._lock:
+                self.share.degraded = None
+                self.share.steps += 1
+        if self.on_change is not None and before != (set(self.share.tokens.items()),
+                                                     self.share.degraded):
+            self.on_change(self.snapshot())
+        return self.share
+
+    def _step(self) -> None:
+        c, now = self.client, self.clock()
+        if self.share.lease is not None and now >= self._renew_at:
+            if c.keepalive(self.share.lease) <= 0:
+                log.warning("fleet member %s: its lease expired (etcd did not hear from it "
+                            "within %d s): its nodes are others' now", self.id, self.ttl_s)
+                with self._lock:
+                    self.share.lease, self.share.tokens = None, {}
+            else:
+                self._renew_at = now + self.ttl_s / 3
+        if self.share.lease is None:
+            lease, ttl = c.grant(self.ttl_s)
+            c.put(self._member_key(self.id), json.dumps({"id": self.id, "since": time.time(),
+                                                         **self.info}), lease)
+            with self._lock:
+                self.share.lease, self.share.ttl_s = lease, ttl
+            self._renew_at = self.clock() + self.ttl_s / 3
+        lease = self.share.lease
+        _, kvs = c.prefix(self.prefix + "members/")
+        members = sorted(kv.key.rsplit("/", 1)[1] for kv in kvs)
+        _, kvs = c.prefix(self.prefix + "owners/")
+        owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
+        assigned = assign(set(self.nodes()) | set(owners), members)
+        tokens = {}
+        for node, kv in owners.items():
+            if kv.value != self.id or kv.lease != lease:
+                continue
+            if assigned.get(node) == self.id:
+                tokens[node] = kv.mod_revision
+            else:  # no longer ours: stop acting on it first, then let it go
+                with self._lock:
+                    self.share.tokens.pop(node, None)
+                c.txn([Compare(self._owner_key(node), "MOD", kv.mod_revision)],
+                      [delete_op(self._owner_key(node))])
+        for node, member in sorted(assigned.items()):
+            if member != self.id or node in owners:
+                continue
+            key = self._owner_key(node)
+            got = c.txn([Compare(key, "CREATE", 0)], [put_op(key, self.id, lease)])
+            if got.succeeded:
+                tokens[node] = got.revision
+        with self._lock:
+            self.share.members, self.share.assigned = members, assigned
+            self.share.tokens = tokens
+
+    def _member_key(self, member: str) -> str:
+        return f"{self.prefix}members/{member}"
+
+    def _owner_key(self, node: str) -> str:
+        return f"{self.prefix}owners/{node}"
+
+
+def read_fleet(client: EtcdClient, prefix: str = PREFIX) -> dict:
+    """The fleet as etcd holds it: {"members": {id: info, with "lease", "lease_ttl_s" and
+    "lease_left_s" (whole seconds)},
+    "owners": {node: [member, token]}, "revision"} (for `backdoors status` and the
+    tests)."""
+    prefix = prefix if prefix.endswith("/") else prefix + "/"
+    rev, kvs = client.prefix(prefix)
+    members, owners = {}, {}
+    for kv in kvs:
+        rest = kv.key[len(prefix):]
+        if rest.startswith("members/"):
+            try:
+                info = json.loads(kv.value)
+            except ValueError:
+                info = {"raw": kv.value[:200]}
+            info = info if isinstance(info, dict) else {"raw": str(info)[:200]}
+            info["lease"] = kv.lease
+            info["lease_left_s"], info["lease_ttl_s"] = \
+                client.time_to_live(kv.lease) if kv.lease else (None, None)
+            members[rest[len("members/"):]] = info
+        elif rest.startswith("owners/"):
+            owners[rest[len("owners/"):]] = [kv.value, kv.mod_revision]
+    return {"members": members, "owners": owners, "revision": rev}

@@ -1,0 +1,131 @@
+"""An etcd server process of its own: for the lab and the tests (a single member).
+
+    with EtcdProcess("bd-lab-etcd", "/run/backdoors/lab/etcd", port=23790) as etcd:
+        client = EtcdClient(etcd.url)
+
+Its data dir is its own (removed at stop), its name starts with the owner's prefix (the
+lab's reaper finds a crashed owner's etcd by it: `reap(prefix)`), and it runs with a short
+heartbeat (50 ms) and election timeout (500 ms) so that etcd grants 1 s leases (its
+minimum TTL is 1.5 election timeouts, rounded up to a second). `within()`: a context
+manager that start() enters to start it and wait for it (e.g. the lab's monitor network
+namespace: the child is made, and its readiness checked, from there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import psutil
+
+from .etcd import EtcdClient, EtcdError
+
+ETCD = "etcd"
+
+
+def available() -> str | None:
+    """The etcd server executable, None when it is not installed (Debian: etcd-server)."""
+    return shutil.which(ETCD)
+
+
+class EtcdProcess:
+    """One etcd member listening on `host`:`port` (clients) and `port`+1 (peers)."""
+
+    def __init__(self, name: str, data_dir: str, *, host: str = "127.0.0.1", port: int = 2379,
+                 within: Callable[[], AbstractContextManager] | None = None):
+        self.name, self.data_dir, self.host, self.port = name, data_dir, host, port
+        self.within = within
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EtcdProcess:
+        with self.within() if self.within is not None else nullcontext():
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> EtcdProcess:
+        exe = available()
+        if exe is None:
+            raise EtcdError("etcd is not installed (Debian: apt-get install etcd-server; "
+                            "make system-deps installs it)")
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        os.makedirs(self.data_dir, mode=0o700)
+        peer = f"http://{self.host}:{self.port + 1}"
+        argv = [exe, "--name", self.name, "--data-dir", os.path.join(self.data_dir, "data"),
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"{self.name}={peer}",
+                "--heartbeat-interval", "50", "--election-timeout", "500",
+                "--log-level", "warn", "--logger", "zap"]
+        log = open(os.path.join(self.data_dir, "etcd.log"), "wb")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        client = EtcdClient(self.url, timeout=0.5)
+        end = time.monotonic() + timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise EtcdError(f"etcd {self.name} exited with status {self.proc.returncode}"
+                                    f": {self._log_tail()}")
+                try:
+                    client.prefix("/")
+                    return self
+                except EtcdError:
+                    if time.monotonic() > end:
+                        self.stop()
+                        raise EtcdError(f"etcd {self.name} did not answer at {self.url} within "
+                                        f"{timeout:g} s: {self._log_tail()}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.data_dir, "etcd.log"), "rb") as f:
+                return f.read()[-600:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL) and remove its data dir."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def reap(prefix: str) -> list[int]:
+    """SIGKILL the etcd processes whose member name starts with `prefix` (a crashed
+    owner's); the pids killed."""
+    killed = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if not cmd or os.path.basename(cmd[0]) != ETCD or "--name" not in cmd:
+            continue
+        i = cmd.index("--name")
+        if i + 1 < len(cmd) and cmd[i + 1].startswith(prefix):
+            try:
+                p.kill()
+                killed.append(p.pid)
+            except psutil.Error:
+                pass
+    return killed

@@ -1,0 +1,212 @@
+"""A fleet of real monitors sharing a real agent's nodes through a real etcd: takeover
+after a SIGKILL, a paused monitor's late request refused, degraded mode without etcd."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+from test_agent_support import agent_lab, prefix, read_line
+from test_fleet_support import etcd
+
+from backdoors.agent.keys import write_key_file
+from backdoors.common.configfile import dumps
+from backdoors.fleet import EtcdClient, FleetMember, assign
+from backdoors.fleet.member import read_fleet
+from backdoors.monitor.config import AgentEntry, MonitorConfig
+
+__all__ = ["agent_lab", "etcd", "prefix"]
+pytestmark = pytest.mark.root
+
+NODES = [f"n{i}" for i in range(8)]
+
+
+def until(fn, timeout=20.0, what="condition", every=0.01, show=None):
+    """fn()'s first true value; on timeout, AssertionError with `show()` (what was seen)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (v := fn()):
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}" + (f"; saw {show()}" if show else ""))
+
+
+def monitor_config(lab, etcd, monitor_id: str, **extra) -> MonitorConfig:
+    key_file = os.path.join(lab.tmp, f"{monitor_id}.key")
+    write_key_file(key_file, lab.keys[monitor_id], overwrite=True)
+    host, port = lab.agent.address
+    fields = dict(monitor_id=monitor_id, key_file=key_file, events=False,
+                  incidents_dir=os.path.join(lab.tmp, f"incidents-{monitor_id}"),
+                  agents=[AgentEntry("h0", f"{host}:{port}", lab.agent_key.public_text())],
+                  etcd=[etcd.url], fleet_poll_ms=50.0)
+    fields.update(extra)
+    return MonitorConfig(**fields)
+
+
+def start_monitor(lab, etcd, monitor_id: str) -> subprocess.Popen:
+    """`python -m backdoors monitor --config FILE` as its own process."""
+    path = os.path.join(lab.tmp, f"{monitor_id}.toml")
+    with open(path, "w") as f:
+        f.write(dumps(monitor_config(lab, etcd, monitor_id)))
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors", "monitor", "--config", path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.procs.append(proc)
+    return proc
+
+
+def owners_at_agent(client) -> dict[str, str | None]:
+    """node -> the monitor whose token the agent holds for it."""
+    return {i.name: i.owner for i in client.nodes()}
+
+
+def test_a_killed_monitors_nodes_are_taken_over_and_it_gets_a_share_back(agent_lab, etcd):
+    lab = agent_lab(nodes={n: {} for n in NODES})
+    c = lab.client()
+    want = {n.split("/")[1]: m for n, m in
+            assign([f"h0/{n}" for n in NODES], ["m1", "m2", "m3"]).items()}
+    assert set(want.values()) == {"m1", "m2", "m3"}  # every monitor has a share
+    procs = {m: start_monitor(lab, etcd, m) for m in ("m1", "m2", "m3")}
+    until(lambda: owners_at_agent(c) == want, 30, "each node claimed by its assigned monitor",
+          show=lambda: (owners_at_agent(c), read_fleet(EtcdClient(etcd.url)), want))
+    takeovers = []
+    for _ in range(3):
+        lost = {n for n, m in want.items() if m == "m2"}
+        killed = time.monotonic()
+        procs["m2"].send_signal(signal.SIGKILL)
+        procs["m2"].wait()
+        until(lambda: (o := owners_at_agent(c)) and all(o[n] in ("m1", "m3") for n in lost),
+              30, "m2's nodes claimed by m1 and m3", every=0.005,
+              show=lambda: (owners_at_agent(c), read_fleet(EtcdClient(etcd.url))))
+        takeovers.append((time.monotonic() - killed) * 1000)
+        # each of m2's nodes went to its next monitor, nothing else moved (waited for: on a
+        # machine loaded enough to starve a monitor's keep-alive for its 1 s lease, its
+        # nodes may move and come back meanwhile)
+        rest = {n.split("/")[1]: m for n, m in
+                assign([f"h0/{n}" for n in NODES], ["m1", "m3"]).items()}
+        until(lambda: owners_at_agent(c) == rest, 30, "the nodes owned as assigned to m1, m3",
+              show=lambda: (owners_at_agent(c), read_fleet(EtcdClient(etcd.url)), rest))
+        etcd_owners = read_fleet(EtcdClient(etcd.url))["owners"]
+        assert {k.split("/")[1]: v[0] for k, v in etcd_owners.items()} == rest
+        # m2 comes back: its share is given back to it
+        procs["m2"] = start_monitor(lab, etcd, "m2")
+        until(lambda: owners_at_agent(c) == want, 30, "m2's share back",
+              show=lambda: (owners_at_agent(c), read_fleet(EtcdClient(etcd.url)), want))
+    takeovers.sort()
+    print(f"takeover ms: {[round(t) for t in takeovers]}, p50 {statistics.median(takeovers):.0f}")
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        p.wait(15)
+
+
+# A monitor of the fleet, reduced to what the test needs: it joins, owns its nodes and
+# claims them at the agent, prints its tokens; then, for each line on stdin, sends the
+# destructive request named there with the token it held before (a request in flight).
+HELPER = """
+import json, sys, time
+from backdoors.agent import AgentClient
+from backdoors.agent.keys import decode_public, load_identity
+from backdoors.fleet import EtcdClient, FleetMember
+url, key_file, address, agent_key, nodes = sys.argv[1:6]
+nodes = nodes.split(",")
+member = FleetMember(EtcdClient(url), "m1", lambda: nodes, poll_s=0.05).start()
+while len(member.snapshot().tokens) < len(nodes):
+    time.sleep(0.01)
+held = member.snapshot().tokens
+client = AgentClient(address, load_identity(key_file, "m1"), "h0",
+                     decode_public(agent_key, "h0"), timeout=5.0,
+                     tokens=lambda node: held["h0/" + node])
+for n in nodes:
+    client.claim(n.split("/")[1])
+print(json.dumps(held), flush=True)
+for line in sys.stdin:
+    node, pids = line.split()
+    try:
+        client.set_limits(node, pids=int(pids))
+        print(json.dumps({"ok": True}), flush=True)
+    except Exception as e:
+        print(json.dumps({"ok": False, "code": getattr(e, "code", ""), "error": str(e)}),
+              flush=True)
+"""
+
+
+def test_a_paused_monitors_late_request_is_refused_by_the_agent(agent_lab, etcd):
+    lab = agent_lab(nodes={"n0": {"pids_limit": 100}})
+    c = lab.client()
+    key_file = os.path.join(lab.tmp, "m1.key")
+    write_key_file(key_file, lab.keys["m1"], overwrite=True)
+    host, port = lab.agent.address
+    m1 = subprocess.Popen([sys.executable, "-c", HELPER, etcd.url, key_file, f"{host}:{port}",
+                           lab.agent_key.public_text(), "h0/n0"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    lab.procs.append(m1)
+    held = json.loads(read_line(m1, 20))
+    assert owners_at_agent(c) == {"n0": "m1"}
+    m1.send_signal(signal.SIGSTOP)  # paused, holding its lease
+    try:
+        m2 = start_monitor(lab, etcd, "m2")
+        until(lambda: owners_at_agent(c) == {"n0": "m2"}, 30, "m2 to take n0 over")
+        token = {i.name: i.token for i in c.nodes()}["n0"]
+        assert token > held["h0/n0"]
+        m1.stdin.write(b"n0 7\n")  # sent as soon as it runs again, with its old token
+        m1.stdin.flush()
+    finally:
+        m1.send_signal(signal.SIGCONT)
+    reply = json.loads(read_line(m1, 20))
+    assert reply["ok"] is False and reply["code"] == "stale_token", reply
+    assert "m2 owns the node now" in reply["error"]
+    assert c.status("n0").stats.pids_limit == 100  # not applied
+    refused = [r for r in lab.audit() if r.get("error") == "stale_token"]
+    assert [(r["monitor"], r["op"]) for r in refused] == [("m1", "set_limits")]
+    m1.stdin.close()
+    m1.wait(10)
+    m2.send_signal(signal.SIGTERM)
+    m2.wait(15)
+
+
+def test_a_monitor_without_etcd_keeps_its_share_and_says_so(agent_lab, etcd):
+    from prometheus_client import generate_latest
+
+    from backdoors.monitor.core import Monitor
+    from backdoors.monitor.share import NotOurs
+
+    lab = agent_lab(nodes={n: {} for n in NODES})
+    other = FleetMember(EtcdClient(etcd.url), "m2", lambda: [f"h0/{n}" for n in NODES],
+                        poll_s=0.05).start()
+    mon = Monitor(monitor_config(lab, etcd, "m1"), key=lab.keys["m1"])
+    try:
+        mon.start()
+        want = {n.split("/")[1]: m for n, m in
+                assign([f"h0/{n}" for n in NODES], ["m1", "m2"]).items()}
+        mine = {n for n, m in want.items() if m == "m1"}
+        assert mine and mine != set(NODES)
+        until(lambda: set(k.split("/")[1] for k in
+                          (mon.fleet_status()["nodes"])) == mine and
+              all(v["claimed"] for v in mon.fleet_status()["nodes"].values()), 30,
+              "m1's share claimed")
+        polls = mon.pollers[0].polls
+        etcd.proc.send_signal(signal.SIGSTOP)
+        try:
+            status = until(lambda: (s := mon.fleet_status())["degraded"] and s, 30,
+                           "m1 to say it is degraded")
+            assert "unreachable" in status["degraded"]
+            assert {k.split("/")[1] for k in status["nodes"]} == mine  # its last share
+            until(lambda: mon.pollers[0].polls > polls + 5, 30, "polls to go on")
+            text = generate_latest(mon.metrics.registry).decode()
+            assert "backdoors_monitor_fleet_degraded 1.0" in text
+            client = mon._client_for("h0")
+            theirs = sorted(set(NODES) - mine)[0]
+            with pytest.raises(NotOurs, match=f"node {theirs} of h0 is not this monitor's"):
+                client.set_limits(theirs, pids=50)
+            ours = sorted(mine)[0]
+            assert client.set_limits(ours, pids=50).pids_limit == 50  # its own: still acts
+        finally:
+            etcd.proc.send_signal(signal.SIGCONT)
+        until(lambda: mon.fleet_status()["degraded"] is None, 30, "etcd back")
+    finally:
+        mon.stop()
+        other.stop()

@@ -1,0 +1,149 @@
+"""Fencing tokens at the agent: a real agent, real signed RPC (no etcd needed here)."""
+
+import pytest
+from test_agent_support import agent_lab, prefix
+from prometheus_client import generate_latest
+
+from backdoors.agent.errors import RequestError, StaleTokenError
+from backdoors.agent.tokens import StaleToken, TokenTable
+
+__all__ = ["agent_lab", "prefix"]
+
+
+@pytest.mark.root
+def test_an_older_token_is_refused_audited_and_counted(agent_lab):
+    lab = agent_lab(nodes={"n0": {"pids_limit": 100}, "n1": {}})
+    m1, m2 = lab.client("m1"), lab.client("m2")
+    assert m1.claim("n0", token=5).token == 5
+    infos = {i.name: i for i in m1.nodes()}
+    assert (infos["n0"].token, infos["n0"].owner) == (5, "m1")
+    assert infos["n1"].token is None
+
+    # m2's ownership is older: refused, and the limit is left as it was
+    m2.tokens = lambda node: 4
+    with pytest.raises(StaleTokenError, match="older than token 5 of m1") as err:
+        m2.set_limits("n0", pids=50)
+    assert err.value.code == "stale_token"
+    assert m1.status("n0").stats.pids_limit == 100
+
+    # a newer owner takes the node: the former owner's late request is refused
+    m2.tokens = lambda node: 9
+    assert m2.set_limits("n0", pids=60).pids_limit == 60
+    m1.tokens = lambda node: 5
+    with pytest.raises(StaleTokenError, match="m2 owns the node now"):
+        m1.kill_node("n0")
+    with pytest.raises(StaleTokenError):
+        m1.claim("n0")
+    assert {i.name: i.token for i in m1.nodes()}["n0"] == 9
+
+    # tokens are per node; a request without one is not checked (operators, one monitor)
+    assert m1.claim("n1").token == 5
+    plain = lab.client("m3")
+    assert plain.set_limits("n0", pids=70).pids_limit == 70
+
+    audit = [r for r in lab.audit() if r.get("error") == "stale_token"]
+    assert [(r["monitor"], r["op"], r["token"]["token"]) for r in audit] == \
+        [("m2", "set_limits", 4), ("m1", "kill_node", 5), ("m1", "claim", 5)]
+    text = generate_latest(lab.agent.agent.metrics.registry).decode()
+    assert 'backdoors_agent_stale_tokens_total{node="n0"} 3.0' in text
+
+
+@pytest.mark.root
+def test_a_token_must_name_the_node_and_a_tokened_op(agent_lab):
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    c = lab.client()
+    with pytest.raises(RequestError, match="the token is for node 'n1'"):
+        _send(c, "kill_node", {"node": "n0"}, {"node": "n1", "token": 3})
+    with pytest.raises(RequestError, match="sensors takes no token"):
+        _send(c, "sensors", {"node": "n0"}, {"node": "n0", "token": 3})
+    with pytest.raises(RequestError, match="claim needs a token"):
+        c.claim("n0")
+    assert {i.name: i.token for i in c.nodes()} == {"n0": None, "n1": None}
+
+
+def _send(client, op, args, token):
+    """A request whose token is set as given (the client would name the args' node)."""
+    import secrets
+    import time
+
+    import msgspec
+
+    from backdoors.agent.protocol import REQUEST_DOMAIN, VERSION, Envelope
+    nonce = secrets.token_bytes(16)
+    body = msgspec.msgpack.encode({"v": VERSION, "monitor": client.monitor,
+                                   "agent": client.agent, "nonce": nonce, "ts": time.time(),
+                                   "op": op, "args": args, "token": token})
+    payload = msgspec.msgpack.encode(Envelope(body, client._identity.sign(REQUEST_DOMAIN,
+                                                                          body)))
+    return client._open_reply(op, client.exchange(payload, 5.0), nonce)
+
+
+def test_the_table_is_kept_and_taken_back():
+    kept = []
+    t = TokenTable()
+    t.observer = kept.append
+    assert t.check("n0", 7, "m1") is None and t.check("n0", 7, "m1") == 7
+    assert len(kept) == 1  # the same token again changes nothing
+    t.check("n0", 8, "m2")
+    with pytest.raises(StaleToken):
+        t.check("n0", 7, "m1")
+    again = TokenTable()
+    assert again.take_back(t.encode(), {"n0"}) == []
+    assert again.get("n0") == (8, "m2")
+    assert again.take_back(t.encode(), {"n1"}) == ["fencing token of n0: no such node"]
+    assert again.take_back(b"{not json", {"n0"})[0].startswith("fencing tokens:")
+
+
+@pytest.mark.root
+def test_the_tokens_outlive_an_agent_restart(agent_lab, tmp_path):
+    """A real agent under the lab's keeper, SIGKILLed: the new agent takes the tokens back
+    from the fd store and still refuses the older one."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from test_agent_support import to_toml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lab = agent_lab(start=False, listen=f"127.0.0.1:{port}")
+    lab.address = ("127.0.0.1", port)
+    path = tmp_path / "agent.toml"
+    path.write_text(to_toml(lab.config))
+    path.chmod(0o600)
+    pid_file = tmp_path / "pid"
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "backdoors.lab.keeper", "--notify", str(tmp_path / "notify"),
+         "--pid-file", str(pid_file), "--", sys.executable, "-m", "backdoors", "agent",
+         "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert json.loads(keeper.stdout.readline())["event"] == "ready"
+
+        def answering(pid=None):
+            try:
+                with lab.client(timeout=1.0) as c:
+                    return c.ping().pid != pid and c
+            except Exception:  # noqa: BLE001 - not serving yet
+                return None
+        end = time.monotonic() + 20
+        while not answering() and time.monotonic() < end:
+            time.sleep(0.05)
+        c = lab.client("m2")
+        assert c.claim("n0", token=57).token == 57
+        old = json.loads(pid_file.read_text())["pid"]
+        os.kill(old, signal.SIGKILL)
+        end = time.monotonic() + 20
+        while not answering(old) and time.monotonic() < end:
+            time.sleep(0.05)
+        c = lab.client("m1")
+        assert {i.name: (i.token, i.owner) for i in c.nodes()} == {"n0": (57, "m2")}
+        with pytest.raises(StaleTokenError, match="older than token 57 of m2"):
+            c.claim("n0", token=41)
+    finally:
+        keeper.send_signal(signal.SIGTERM)
+        keeper.wait(20)
