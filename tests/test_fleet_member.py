@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from test_fleet_support import etcd  # noqa: F401 - fixture
+from test_fleet_support import etcd, until  # noqa: F401 - etcd is a fixture
 
 from backdoors.fleet import EtcdClient, EtcdUnavailable, FleetMember, assign
 from backdoors.fleet.member import read_fleet
@@ -18,14 +18,6 @@ def test_rendezvous_moves_only_the_nodes_of_a_member_that_leaves():
     assert all(after[n] == m for n, m in before.items() if m != "m2")
     assert assign(NODES, []) == {}
 
-
-def until(fn, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (v := fn()):
-            return v
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_members_share_the_nodes_and_take_over_a_dead_ones(etcd):  # noqa: F811
