@@ -174,17 +174,6 @@ class AgentRegistrar:
             return False
         return True
 
-    def attach_later(self, box: ContinuationBox) -> Future:
-        """attach() on the registration worker (for recovered sessions, which the agent
-        that handed them over holds already); `box.registered` turns True when done, and
-        the Future gives the same bool."""
-        return WORKER.submit(self._attach_open, box)
-
-    def _attach_open(self, box: ContinuationBox) -> bool:
-        if box.fd >= 0:  # the session may have ended meanwhile
-            box.registered = self.attach(box)
-        return box.registered
-
     def release_later(self, name: str) -> Future:
         """The agent drops session `name` (one this process will not serve), on the worker."""
         return WORKER.submit(self._release_name, name, name)

@@ -21,7 +21,7 @@ import msgspec
 from ..errors import TcpRepairError
 from . import cbformat
 from .adoption import Recovered
-from .agent_link import Registrar, default_registrar
+from .agent_link import WORKER, NullRegistrar, Registrar, default_registrar
 from .connection import RecoverableConnection
 from .errors import ContinuationError, StateTooLargeError
 from .image import decode_state
@@ -155,7 +155,7 @@ def new_box(conn: socket.socket, *, state_capacity: int, log_capacity: int,
         rconn = RecoverableConnection(conn, region, session.hex())
         return ContinuationBox(region, rconn, session, version=0,
                                last=(cbformat.Encoding.NONE, b""), recovered=False,
-                               registrar=_registrar(registrar))
+                               registrar=registrar_or_default(registrar))
     except BaseException:
         region.close()
         raise
@@ -183,12 +183,23 @@ def open_cb(
                         registrar=registrar)
     # The agent that handed the session over already holds it: registering it again (under
     # this process) need not delay the session's first bytes.
-    attach_later = getattr(box._registrar, "attach_later", None)
-    if attach_later is not None:
-        box._attaching = attach_later(box)
-    else:
-        box.registered = box._registrar.attach(box)
+    attach_in_background(box)
     return box
+
+
+def attach_in_background(box: ContinuationBox) -> Future | None:
+    """Hand `box` to the agent on the registration worker (agent_link.WORKER), in order
+    with the other calls there; `box.registered` is set when done. None: no agent."""
+    if isinstance(box._registrar, NullRegistrar):
+        return None
+    box._attaching = WORKER.submit(_attach_open, box)
+    return box._attaching
+
+
+def _attach_open(box: ContinuationBox) -> bool:
+    if box.fd >= 0:  # the session may have ended meanwhile
+        box.registered = box._registrar.attach(box)
+    return box.registered
 
 
 def recovered_box(recovered: Recovered, *, state_capacity: int, log_capacity: int,
@@ -196,7 +207,7 @@ def recovered_box(recovered: Recovered, *, state_capacity: int, log_capacity: in
     """The rolled-back box of a recovered session, not yet registered under this process
     (the part of open_cb that the threaded and the asyncio servers share); on failure the
     session is dropped (see open_cb) and the error raised."""
-    registrar = _registrar(registrar)
+    registrar = registrar_or_default(registrar)
     try:
         image, plan, sock = recovered.image, recovered.plan, recovered.sock
         region = CbRegion.create(
@@ -244,7 +255,7 @@ def drop_recovered(recovered: Recovered, registrar: Registrar) -> None:
         release_later(f"cb-{recovered.session}")
 
 
-def _registrar(registrar: Registrar | None) -> Registrar:
+def registrar_or_default(registrar: Registrar | None) -> Registrar:
     if registrar is not None:
         return registrar
     return default_registrar()
