@@ -125,6 +125,9 @@ class AsyncListener:
             task = asyncio.create_task(handler(conn, *args))
             tasks.add(task)
             task.add_done_callback(done)
+            # let it start now: of a batch of recovered sessions, the first ones resume
+            # while the rest are still being taken, not after the whole batch
+            await asyncio.sleep(0)
 
     def close(self) -> None:
         """Stop accepting; a waiting accept() returns None. Safe from any thread and from
