@@ -268,6 +268,10 @@ class AdoptReply(msgspec.Struct):
     restore_ms: float
     announce_ms: float
     handover_ms: float
+    # the final batch's steps, ms: arp_ms (gratuitous ARPs), resume_ms (repair mode
+    # released), connect_ms (to the server, its checks), send_ms (batches sent, verdicts
+    # read), hold_ms (adopted sessions held as the server's)
+    phases: dict[str, float] = {}
 
 
 class EvacuateReply(msgspec.Struct):

@@ -39,6 +39,7 @@ import msgspec
 
 from .. import net
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
+from ..continuations.errors import NoVerdict
 from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
@@ -60,7 +61,6 @@ BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
 LONG_OP_S = 30.0
 STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)
 STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
-HANDOVER_BATCH = 64  # sessions per round of hand-overs (verdicts queue up meanwhile)
 ADOPT_MAX_BYTES = 512 << 20  # inflated Continuation Boxes an agent holds for adopts at most
 PENDING_TTL_S = 4 * LONG_OP_S  # staged pieces and sessions awaiting a final batch, at most
 ADDRESSES_KEY = "addresses"  # durable state: {node: [service addresses taken over]}
@@ -415,17 +415,21 @@ class Recovery:
             restored = self.adopting.pop(rt.name, [])
             self.expires.pop(rt.name, None)
         _announce(ns, ifname, a.addresses, count=1)  # a failure is logged: sessions go on
+        t_arp = time.monotonic()
         started = []
-        for r in restored:
+        for r in restored:  # repair mode released: each socket talks again
             try:
                 started.append(Started(r.moved, r.state, r.handle.resume(), r.cb_fd))
             except Exception as e:  # noqa: BLE001 - the handle closed the socket silently
                 failed[r.moved.name] = f"restore: {e}"
                 os.close(r.cb_fd)
+        t_resume = time.monotonic()
         _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
         t2 = time.monotonic()
-        handed = self._hand_over(call, started, failed)
-        return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2))
+        phases = {"arp_ms": _ms(t1, t_arp) + _ms(t_resume, t2), "resume_ms": _ms(t_arp, t_resume)}
+        handed = self._hand_over(call, started, failed, phases)
+        return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2),
+                          phases)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -494,8 +498,10 @@ class Recovery:
             raise
         return restoring
 
-    def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str]) -> int:
-        """Hand each session to the recovery server of its port, in the node's directory."""
+    def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str],
+                   phases: dict[str, float]) -> int:
+        """Hand each session to the recovery server of its port, in the node's directory
+        (adding the time of each step to `phases`)."""
         by_port: dict[int, list[Started]] = {}
         for item in started:
             by_port.setdefault(item.state.local_port, []).append(item)
@@ -505,7 +511,7 @@ class Recovery:
             path = adoption_path(directory, port)
             if not os.path.exists(path):
                 path = os.path.join(directory, ADOPT_SOCKET)  # one server for every port
-            handed += _hand_over_to(call, path, items, failed)
+            handed += _hand_over_to(call, path, items, failed, phases)
         return handed
 
     def _service_addresses(self, rt: NodeRuntime) -> list[str]:
@@ -528,10 +534,16 @@ class Recovery:
             raise OpError("auth", f"{op} from {peer}: {e}") from None
 
 
-def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[str, str]) -> int:
-    """Hand each started session (socket + a memfd copy of its CB) to the server at `path`,
-    then hold them here as the server's (off the sessions' critical path)."""
+def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[str, str],
+                  phases: dict[str, float]) -> int:
+    """Hand every started session (socket + a memfd copy of its CB) to the server at
+    `path` in batch frames (adoption.AdoptionClient: one reply per batch, a window of
+    batches in flight), then hold the adopted ones here as the server's (off the
+    sessions' critical path). A session the server refused is closed here (its client
+    gets nothing: the restored socket goes silently); one without a verdict stays held
+    as the server's, which may serve it."""
     node = call.node.name
+    t0 = time.monotonic()
     try:
         client = AdoptionClient(path)
     except BackdoorsError as e:
@@ -551,30 +563,49 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
                 os.close(item.cb_fd)
             log.warning("node %s: not handing sessions to %s: %s", node, path, why)
             return 0
-        for start in range(0, len(started), HANDOVER_BATCH):
-            batch = started[start:start + HANDOVER_BATCH]
-            for item in batch:
-                call.agent.sessions.expect(node, item.moved.name, item.state)
-            try:
-                verdicts = client.hand_over_all(
-                    [(item.sock, item.cb_fd,
-                      Handover.from_tcp_state(item.moved.name.removeprefix("cb-"), item.state))
-                     for item in batch])
-            except BackdoorsError as e:
-                verdicts = [e] * len(batch)
-            for item, verdict in zip(batch, verdicts):
-                if verdict is None:
-                    accepted.append(item)
-                else:
-                    failed[item.moved.name] = f"hand-over: {verdict}"
-                    close_silently(item.sock)
-                    os.close(item.cb_fd)
+        try:  # opened now: if the server dies during the hand-over, its death still shows
+            pidfd = os.pidfd_open(server)
+        except OSError:
+            pidfd = None
+        for item in started:
+            call.agent.sessions.expect(node, item.moved.name, item.state)
+        t1 = time.monotonic()
+        try:
+            verdicts = client.hand_over_all(
+                [(item.sock, item.cb_fd,
+                  Handover.from_tcp_state(item.moved.name.removeprefix("cb-"), item.state))
+                 for item in started])
+        except BackdoorsError as e:  # nothing was sent: nothing reached the server
+            verdicts = [e] * len(started)
+        t2 = time.monotonic()
+        for item, verdict in zip(started, verdicts):
+            if verdict is None:
+                accepted.append(item)
+            elif isinstance(verdict, NoVerdict):
+                # The server may serve it (it reads what was sent): held as its own, so
+                # it is not in `failed` (the evacuating agent would move it again).
+                log.warning("node %s: session %s: %s; held as server %d's", node,
+                            item.moved.name, verdict, server)
+                accepted.append(item)
+            else:
+                failed[item.moved.name] = f"hand-over: {verdict}"
+                close_silently(item.sock)
+                os.close(item.cb_fd)
     for item in accepted:
         # Held at once as if the server had registered it: recoverable again before the
         # server gets to register it itself (which replaces these).
         _hold(call, item, server)
         item.sock.close()  # the agent and the server hold their own duplicates
         os.close(item.cb_fd)
+    if pidfd is not None:
+        # the server owns what it took: if it dies (even before it registers anything),
+        # its sessions are orphans to readopt (agent.owners), never left held for nobody
+        if accepted and (owners := getattr(call.agent, "owners", None)) is not None:
+            owners.watch(node, server, pidfd)
+        os.close(pidfd)
+    t3 = time.monotonic()
+    for key, ms in (("connect_ms", _ms(t0, t1)), ("send_ms", _ms(t1, t2)), ("hold_ms", _ms(t2, t3))):
+        phases[key] = round(phases.get(key, 0.0) + ms, 3)
     return len(accepted)
 
 
