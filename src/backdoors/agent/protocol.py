@@ -283,3 +283,6 @@ class EvacuateReply(msgspec.Struct):
     dump_ms: float
     transfer_ms: float
     adopt: list[AdoptReply]
+    # the dump's steps, ms summed over the sessions: take_ms (out of the session table),
+    # repair_ms (TCP_REPAIR dump), cb_ms (CB read, compressed), remove_ms (region dropped)
+    phases: dict[str, float] = {}

@@ -39,7 +39,7 @@ import msgspec
 
 from .. import net
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
-from ..continuations.errors import NoVerdict
+from ..continuations.errors import NotHanded, NoVerdict
 from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
@@ -296,8 +296,9 @@ class Recovery:
         if moving:
             self._keep_limbo(rt.name)  # on its way: not to be moved twice by a new agent
         failed: dict[str, str] = {}
+        phases: dict[str, float] = {}
         try:
-            self._dump_all(call, moving, failed)
+            self._dump_all(call, moving, failed, phases)
         except BaseException:
             self.limbo[rt.name] = moving  # what was dumped so far is not lost
             raise
@@ -329,26 +330,39 @@ class Recovery:
             for m in kept:
                 failed[m.name] += " (kept here for another evacuate)"
         return EvacuateReply(len(moving) + dump_failures, sum(r.handed for r in replies),
-                             failed, _ms(t0, t1), _ms(t1), replies)
+                             failed, _ms(t0, t1), _ms(t1), replies, phases)
 
-    def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str]) -> None:
-        """Dump every held session of the node into `moving` (its socket closed silently)."""
+    def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str],
+                  phases: dict[str, float]) -> None:
+        """Dump every held session of the node into `moving` (its socket closed silently);
+        the time of each step, summed over the sessions, goes to `phases`."""
         rt, agent = call.node, call.agent
-        for s in agent.sessions.take_all(rt.name):
+        clock = time.monotonic
+        t = clock()
+        taken = agent.sessions.take_all(rt.name)
+        spent = {"take_ms": clock() - t, "repair_ms": 0.0, "cb_ms": 0.0, "remove_ms": 0.0}
+        for s in taken:
+            t0 = t1 = clock()
             try:
                 with repair(s.sock) as handle:
                     state = handle.dump(since=s.since)
                     handle.close()
+                t1 = clock()
                 with agent.regions.use(rt.name, s.name) as entry:
                     cb = zlib.compress(entry.region.read(0, entry.size), 1)  # mostly empty ring
                 moving.append(MovedSession(s.name, state.encode(), cb))
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
                 s.sock.close()
+            t2 = clock()
             try:
                 agent.regions.remove(rt.name, s.name)
             except KeyError:
                 pass
+            spent["repair_ms"] += t1 - t0
+            spent["cb_ms"] += t2 - t1
+            spent["remove_ms"] += clock() - t2
+        phases.update({k: round(v * 1000, 3) for k, v in spent.items()})
 
     def stage(self, call: Call) -> StageReply:
         """A piece of a large session state, sent ahead of the adopt that uses it (a
@@ -578,23 +592,29 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
         except BackdoorsError as e:  # nothing was sent: nothing reached the server
             verdicts = [e] * len(started)
         t2 = time.monotonic()
+        unanswered: list[BackdoorsError] = []
         for item, verdict in zip(started, verdicts):
             if verdict is None:
                 accepted.append(item)
-            elif isinstance(verdict, NoVerdict):
-                # The server may serve it (it reads what was sent): held as its own, so
-                # it is not in `failed` (the evacuating agent would move it again).
-                log.warning("node %s: session %s: %s; held as server %d's", node,
-                            item.moved.name, verdict, server)
+            elif isinstance(verdict, (NoVerdict, NotHanded)):
+                # The connection broke: the server may serve it (it reads what was sent),
+                # or died. Held as its own either way: if it died, the session is an
+                # orphan for its successor (agent.owners), never closed here. Not in
+                # `failed`: the evacuating agent would move it a second time.
+                unanswered.append(verdict)
                 accepted.append(item)
             else:
                 failed[item.moved.name] = f"hand-over: {verdict}"
                 close_silently(item.sock)
                 os.close(item.cb_fd)
+    if unanswered:
+        log.warning("node %s: %d sessions held as server %d's without its verdict: %s", node,
+                    len(unanswered), server, unanswered[0])
+    spent: dict[str, float] = {}
     for item in accepted:
         # Held at once as if the server had registered it: recoverable again before the
         # server gets to register it itself (which replaces these).
-        _hold(call, item, server)
+        _hold(call, item, server, spent)
         item.sock.close()  # the agent and the server hold their own duplicates
         os.close(item.cb_fd)
     if pidfd is not None:
@@ -604,12 +624,13 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
             owners.watch(node, server, pidfd)
         os.close(pidfd)
     t3 = time.monotonic()
-    for key, ms in (("connect_ms", _ms(t0, t1)), ("send_ms", _ms(t1, t2)), ("hold_ms", _ms(t2, t3))):
+    for key, ms in (("connect_ms", _ms(t0, t1)), ("send_ms", _ms(t1, t2)), ("hold_ms", _ms(t2, t3)),
+                    *((f"{k}_ms", v * 1000) for k, v in spent.items())):
         phases[key] = round(phases.get(key, 0.0) + ms, 3)
     return len(accepted)
 
 
-def _hold(call: Call, item: Started, pid: int) -> None:
+def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = None) -> None:
     """Register a handed-over session's box and socket under the server's pid (the
     server's own registration of the same name replaces them). The box is a stand-in: if
     the server registered its own first (it attaches on its own thread, racing this), that
@@ -617,8 +638,13 @@ def _hold(call: Call, item: Started, pid: int) -> None:
     would regenerate, paced as the server sends, all the output since (a long stall)."""
     node, name = call.node.name, item.moved.name
     try:
+        t0 = time.monotonic()
         call.agent.sessions.hold(node, name, item.sock.fileno(), pid)
+        t1 = time.monotonic()
         call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid, stand_in=True)
+        if spent is not None:  # seconds in each table, summed over the sessions
+            spent["hold_sessions"] = spent.get("hold_sessions", 0.0) + t1 - t0
+            spent["hold_regions"] = spent.get("hold_regions", 0.0) + time.monotonic() - t1
     except (BackdoorsError, OSError) as e:
         log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 

@@ -40,7 +40,7 @@ from ..common import ipc
 from ..common.peers import not_the_agent
 from ..tcprepair import TcpState
 from .cbformat import SESSION_SIZE
-from .errors import AdoptionError, ContinuationError, NoVerdict
+from .errors import AdoptionError, ContinuationError, NotHanded, NoVerdict
 from .image import CbImage, ResumePlan, read_cb
 
 log = logging.getLogger("backdoors.continuations")
@@ -369,7 +369,7 @@ class AdoptionClient:
         frames are sent, their verdicts are kept: a session whose verdict does not come
         (`timeout`, if given, else the client's; or the connection broke) gets NoVerdict,
         as the server may have taken it (it reads what was sent even after this side
-        closes); sessions not sent after that get an AdoptionError."""
+        closes); sessions not sent after that get NotHanded."""
         frames = self._frames(sessions)
         verdicts: list[AdoptionError | None] = [None] * len(sessions)
         sent = answered = 0  # frames
@@ -386,7 +386,7 @@ class AdoptionClient:
             for lo, hi in frames[answered:sent]:
                 verdicts[lo:hi] = [NoVerdict(f"{broken}; the server may hold the session")] * (hi - lo)
             for lo, hi in frames[sent:]:
-                verdicts[lo:hi] = [AdoptionError(f"not handed to {self.path}: {broken}")] * (hi - lo)
+                verdicts[lo:hi] = [NotHanded(f"not handed to {self.path}: {broken}")] * (hi - lo)
         return verdicts
 
     def _frames(self, sessions: list) -> list[tuple[int, int]]:

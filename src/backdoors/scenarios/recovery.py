@@ -134,6 +134,7 @@ def agent_fault(lab: Lab, node: str, sig: signal.Signals, sessions: int, mon: Mo
 
 def _facts(inc, wall_fault: float, report: dict) -> dict:
     stalls = report.pop("stalls_ms")
+    last_resumed = wall_fault + report.pop("last_resumed_s", 0.0)  # wall clock
     facts = {k: report[k] for k in ("sessions_ok", "bytes_lost", "bytes_duplicated",
                                      "broken_connections")}
     facts.update(detected=inc is not None, detect_ms=None, recovery_ms=None, rule=None,
@@ -149,5 +150,31 @@ def _facts(inc, wall_fault: float, report: dict) -> dict:
                      recover_status=rec.status, moved=rec.detail.get("moved"),
                      recover_detail={k: rec.detail.get(k) for k in
                                      ("target", "fence_ms", "evacuate_ms", "dump_ms", "transfer_ms", "failed")},
-                     incident=inc.id, error=rec.error)
+                     incident=inc.id, error=rec.error,
+                     phases=phases(rec.detail, inc.detected + rec.started_ms / 1000,
+                                   inc.detected + (rec.started_ms + rec.duration_ms) / 1000,
+                                   last_resumed))
     return facts
+
+
+def phases(detail: dict, started: float, ended: float, last_resumed: float) -> dict:
+    """Where the move went, ms: fence; dump (the failed node's agent); transfer (agent to
+    agent: stage/adopt requests, less the target's work); restore (inert sockets, every
+    batch); then the final batch's steps: arp (announcing the addresses), resume (repair
+    mode released), connect, send (batches to the server, its verdicts), hold (the
+    sessions held as the server's); first_byte (the end of the recover action to the
+    last client session receiving again); move (fence to that last first byte)."""
+    adopt = detail.get("adopt") or []
+    if not adopt:
+        return {}
+    final = adopt[-1].get("phases") or {}
+    agent_ms = sum(a["restore_ms"] + a["announce_ms"] + a["handover_ms"] for a in adopt)
+    out = {"fence": detail.get("fence_ms"), "dump": detail.get("dump_ms"),
+           "transfer": round(detail.get("transfer_ms", 0.0) - agent_ms, 1),
+           "restore": round(sum(a["restore_ms"] for a in adopt), 1)}
+    out.update({k.removesuffix("_ms"): round(v, 1) for k, v in final.items()})
+    out["dump_steps"] = {k.removesuffix("_ms"): round(v, 1)
+                         for k, v in (detail.get("dump_phases") or {}).items()}
+    out["first_byte"] = round((last_resumed - ended) * 1000, 1)
+    out["move"] = round((last_resumed - started) * 1000, 1)
+    return out
