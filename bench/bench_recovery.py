@@ -1,15 +1,18 @@
 """Session recovery vs HAProxy, and the cost of being recoverable, measured in one run.
 
-For N = 1, 10, 100, 1000 concurrent sessions and a frozen node:
+For N = 1, 10, 100, 1,000 and 10,000 concurrent sessions and a frozen node:
   backdoors: `scenario recovery` (agents, monitor, TCP_REPAIR, Continuation Boxes) —
-             broken sessions, detection, recovery time, client stall p50/p99;
+             broken sessions, detection, recovery time, client stall p50/p99, and
+             where the move went (phases: fence, dump, transfer, restore, arp, resume,
+             hand-over send, hold, first byte; `move` = fence to the last session's
+             first byte again);
   haproxy:   the same stream workload behind HAProxy balancing two plain servers with
              health checks, one server frozen (bench/haproxy_baseline.py) — broken
              sessions, time until new connections are served again.
 Overhead: the HTTP example serving keep-alive requests with Continuation Boxes (exports,
 agent registration) vs the same server with --plain, rounds alternated.
 
-    python bench/bench_recovery.py [--sessions 1 10 100 1000] [--json]
+    python bench/bench_recovery.py [--sessions 1 10 100 1000 10000] [--json]
 
 Stalls include the stream's pacing interval (reported): a session receives a chunk every
 `chunk / rate` seconds, so the gap around a fault is stall + up to one interval.
@@ -38,7 +41,11 @@ def _haproxy():
 
 
 def pacing(n: int) -> tuple[int, int]:
-    """(rate bytes/s, chunk bytes) per session: ~2 MB/s in all, keeping 2 cores usable."""
+    """(rate bytes/s, chunk bytes) per session: ~2 MB/s in all, keeping 2 cores usable;
+    beyond 1,000 sessions 128-byte chunks at most ~20,000 sends/s in all (10,000 sessions:
+    one chunk every 0.5 s each, the stalls' resolution)."""
+    if n > 1000:
+        return max(256, 2_560_000 // n), 128
     rate = max(2048, min(65536, 2_000_000 // n))
     chunk = max(128, min(1024, rate // 32))
     return rate, chunk
@@ -48,7 +55,10 @@ def recovery_row(n: int) -> dict:
     from backdoors.scenarios.recovery import recovery
 
     rate, chunk = pacing(n)
-    r = recovery("freeze", n, rate=rate, chunk=chunk, watch_s=2.0, timeout_s=60.0)
+    # beyond 1,000 sessions a chunk takes 0.5 s: an export every 2 chunks, not 8, so that
+    # what a recovered session regenerates (paced) stays within a second
+    r = recovery("freeze", n, rate=rate, chunk=chunk, watch_s=max(2.0, 4 * chunk / rate),
+                 timeout_s=60.0 + n / 100, export_every=chunk * 2 if n > 1000 else None)
     return {
         "sessions": n,
         "backdoors_broken": r["broken_connections"] + (n - r["sessions_ok"]),
@@ -63,6 +73,11 @@ def recovery_row(n: int) -> dict:
             round(r["stall_p99_ms"] - r["detect_ms"], 1) if r["detect_ms"] is not None else None),
         "pace_interval_ms": round(chunk / rate * 1000, 1),
         "backdoors_steps": r.get("recover_detail"),
+        # where the move went, ms (scenarios.recovery.phases): fence, dump, transfer,
+        # restore, arp, resume, connect, send, hold, first_byte, move
+        "backdoors_phases": r.get("phases"),
+        "backdoors_move_ms": (r.get("phases") or {}).get("move"),
+        "backdoors_error": r.get("error"),
     }
 
 
@@ -132,7 +147,10 @@ def _name(prefix: str) -> str:
     return prefix + os.urandom(3).hex()
 
 
-def run(sessions: tuple[int, ...] = (1, 10, 100, 1000), *, with_haproxy: bool = True,
+SESSIONS = (1, 10, 100, 1000, 10000)
+
+
+def run(sessions: tuple[int, ...] = SESSIONS, *, with_haproxy: bool = True,
         with_overhead: bool = True) -> dict:
     results = []
     for n in sessions:
@@ -150,7 +168,7 @@ def run(sessions: tuple[int, ...] = (1, 10, 100, 1000), *, with_haproxy: bool = 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 10, 100, 1000])
+    ap.add_argument("--sessions", type=int, nargs="+", default=list(SESSIONS))
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--no-overhead", action="store_true")
     ap.add_argument("--json", action="store_true")

@@ -47,9 +47,11 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
              period_ms: float = 50, deadline_ms: float = 200, rate: int = 16384,
              chunk: int = 1024, warmup_s: float = 1.0, watch_s: float = 2.0,
              timeout_s: float = 30.0, incidents_dir: str | None = None,
-             restart_server: bool = True) -> dict:
+             restart_server: bool = True, export_every: int | None = None) -> dict:
     """Run the case; returns the facts (see the module docstring). `restart_server`: the
-    server-crash fault's crashed server is restarted in its node (see server_crash)."""
+    server-crash fault's crashed server is restarted in its node (see server_crash).
+    `export_every`: bytes between the service's exports (default 8 chunks); a recovered
+    session regenerates what followed its last export, paced like the rest."""
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {', '.join(FAULTS)}, got {fault!r}")
     if fault == "server-crash":  # a server dies, its node stays healthy: server_crash.py
@@ -68,7 +70,7 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
              pids_limit=max(512, 2 * sessions + 256)) as lab:
         for node in ("n0", "n1"):
             lab.start_service(node, "--rate", str(rate), "--chunk", str(chunk),
-                              "--export-every", str(chunk * 8), "--deadline",
+                              "--export-every", str(export_every or chunk * 8), "--deadline",
                               str(deadline_ms / 1000), recoverable=True)
         with lab.agent_client("h0") as c:
             wait_until(lambda: any(k.startswith("rsvc") for k in c.sensors("n0").boxes), 10,
@@ -77,8 +79,10 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
                 mon.wait_ready(timeout=10)
                 vip = lab.plan.node("n0").vip
                 with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
-                    wait_until(lambda: len(c.call("sessions", node="n0")) == sessions, 30,
-                          f"{sessions} sessions held by the agent")
+                    # registering takes a round trip per session: ~1 ms each, more if loaded
+                    wait_until(lambda: len(c.call("sessions", node="n0")) == sessions,
+                               30 + sessions / 100, f"{sessions} sessions held by the agent",
+                               step=max(0.02, sessions / 20000))  # each answer lists them all
                     time.sleep(warmup_s)
                     if fault in AGENT_FAULTS:
                         out.update(agent_fault(lab, "n0", AGENT_FAULTS[fault], sessions, mon,
