@@ -75,14 +75,16 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
         with lab.agent_client("h0") as c:
             wait_until(lambda: any(k.startswith("rsvc") for k in c.sensors("n0").boxes), 10,
                   "the service's Sensor Box")
-            with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
-                mon.wait_ready(timeout=10)
-                vip = lab.plan.node("n0").vip
-                with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
-                    # registering takes a round trip per session: ~1 ms each, more if loaded
-                    wait_until(lambda: len(c.call("sessions", node="n0")) == sessions,
-                               30 + sessions / 100, f"{sessions} sessions held by the agent",
-                               step=max(0.02, sessions / 20000))  # each answer lists them all
+            vip = lab.plan.node("n0").vip
+            # the sessions first, then the monitor: a server starting thousands of session
+            # threads can miss its progress deadline while they connect (not the fault)
+            with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
+                # registering takes a round trip per session: ~1 ms each, more if loaded
+                wait_until(lambda: len(c.call("sessions", node="n0")) == sessions,
+                           30 + sessions / 100, f"{sessions} sessions held by the agent",
+                           step=max(0.02, sessions / 20000))  # each answer lists them all
+                with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
+                    mon.wait_ready(timeout=10)
                     time.sleep(warmup_s)
                     if fault in AGENT_FAULTS:
                         out.update(agent_fault(lab, "n0", AGENT_FAULTS[fault], sessions, mon,
