@@ -209,9 +209,9 @@ class UnixAdoptionSource:
         frame per batch), up to BATCH sessions, before the first is returned: a sender
         handing over many sessions waits for no round trip per session."""
         if not self._ready:
-            while len(self._ready) < BATCH:
+            for _ in range(BATCH):  # bounded: a sender that never stops cannot hold it here
                 events = self._epoll.poll(0)
-                if not events:
+                if not events or len(self._ready) >= BATCH:
                     break
                 for fd, _ in events:
                     if fd == self._listener.fileno():
