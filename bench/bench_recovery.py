@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -117,9 +116,11 @@ def overhead(seconds: float = 3.0, rounds: int = 3, size: int = 16 * 1024) -> di
     """Requests/s and latency of the HTTP example with CBs vs --plain (same lab node)."""
     from backdoors.lab import Lab
 
-    with tempfile.TemporaryDirectory() as www, Lab(_name("o"), hosts=1, nodes=1, agents=True,
-                                                    services=False) as lab:
-        os.chmod(www, 0o755)  # the node's server runs as an unprivileged uid
+    with Lab(_name("o"), hosts=1, nodes=1, agents=True, services=False) as lab:
+        # in the node's run directory: its /tmp is a tmpfs of its own (nodes.container)
+        www = str(lab.node_run_dir("n0") / "www")
+        os.mkdir(www, 0o755)  # the node's server runs as an unprivileged uid
+        os.chmod(www, 0o755)
         with open(os.path.join(www, "f.bin"), "wb") as f:
             f.write(os.urandom(size))
         servers = {}
@@ -170,9 +171,13 @@ def run(sessions: tuple[int, ...] = SESSIONS, *, with_haproxy: bool = True,
         results.append(row)
     out: dict = {"fault": "freeze", "results": results}
     if with_overhead:
-        o = overhead()
-        out["overhead_pct"] = o["overhead_pct"]
-        out["overhead"] = o
+        try:
+            o = overhead()
+        except (BackdoorsError, OSError, ValueError, AssertionError) as e:
+            out["overhead_pct"], out["overhead"] = None, {"error": f"{type(e).__name__}: {e}"}
+        else:
+            out["overhead_pct"] = o["overhead_pct"]
+            out["overhead"] = o
     return out
 
 
