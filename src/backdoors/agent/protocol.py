@@ -43,7 +43,7 @@ DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unl
 #: them several times a second; every request is counted in backdoors_agent_rpc_total.
 #: Every other op (and an unknown one) is audited: it changes or could change a node.
 READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "processes",
-                   "sessions", "peers", "subscribe", "orphans"})
+                   "sessions", "held", "peers", "subscribe", "orphans"})
 #: Error codes of a request refused for what it asked (not for the agent's own trouble:
 #: busy, deadline, failed): a read refused so is audited.
 REFUSED = frozenset({"auth", "bad_request", "unknown_op", "no_such_node", "no_such_region",
@@ -228,6 +228,14 @@ class WriteReply(msgspec.Struct):
 
 
 # -- session recovery (agent/recovery.py) -------------------------------------------------
+
+
+class HeldCount(msgspec.Struct):
+    """How many client sessions the agent holds for a node (`sessions` lists them: with
+    ~10,000 the list outgrows a reply), and how many wait in limbo."""
+
+    sessions: int
+    limbo: int
 
 
 class SessionInfo(msgspec.Struct):

@@ -48,7 +48,8 @@ from .client import AgentClient
 from .keys import Identity
 from .ops import Call, NodeArgs, Op, OpError
 from .protocol import (
-    AdoptReply, EvacuateReply, FenceReply, MovedSession, SessionInfo, StageReply, UnlockReply,
+    AdoptReply, EvacuateReply, FenceReply, HeldCount, MovedSession, SessionInfo, StageReply,
+    UnlockReply,
 )
 from .membership import outsider
 from .regions import REGION_NAME, SESSION_KIND
@@ -194,6 +195,7 @@ class Recovery:
     def ops(self) -> tuple[Op, ...]:
         return (
             Op("sessions", NodeArgs, self.sessions),
+            Op("held", NodeArgs, self.held),
             Op("fence", NodeArgs, self.fence),
             Op("unfence", NodeArgs, self.unfence),
             Op("evacuate", EvacuateArgs, self.evacuate, deadline_s=LONG_OP_S),
@@ -242,6 +244,10 @@ class Recovery:
         self.expire()
         return [SessionInfo(s.name, s.describe(), s.pid, s.since is not None)
                 for s in call.agent.sessions.list(call.node.name)]
+
+    def held(self, call: Call) -> HeldCount:
+        return HeldCount(call.agent.sessions.count(call.node.name),
+                         len(self.limbo.get(call.node.name, ())))
 
     def fence(self, call: Call) -> FenceReply:
         """Freeze the node (held until unlock) and cut it off the service network."""

@@ -80,9 +80,8 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
             # threads can miss its progress deadline while they connect (not the fault)
             with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
                 # registering takes a round trip per session: ~1 ms each, more if loaded
-                wait_until(lambda: len(c.call("sessions", node="n0")) == sessions,
-                           30 + sessions / 100, f"{sessions} sessions held by the agent",
-                           step=max(0.02, sessions / 20000))  # each answer lists them all
+                wait_until(lambda: c.held("n0").sessions == sessions,
+                           30 + sessions / 100, f"{sessions} sessions held by the agent")
                 with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
                     mon.wait_ready(timeout=10)
                     time.sleep(warmup_s)
