@@ -40,6 +40,7 @@ import msgspec
 from .. import net
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..continuations.errors import NotHanded, NoVerdict
+from ..common.procs import read_process
 from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
@@ -617,10 +618,11 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
         log.warning("node %s: %d sessions held as server %d's without its verdict: %s", node,
                     len(unanswered), server, unanswered[0])
     spent: dict[str, float] = {}
+    process = read_process(server) if accepted else None  # once, not once per session
     for item in accepted:
         # Held at once as if the server had registered it: recoverable again before the
         # server gets to register it itself (which replaces these).
-        _hold(call, item, server, spent)
+        _hold(call, item, server, spent, process)
         item.sock.close()  # the agent and the server hold their own duplicates
         os.close(item.cb_fd)
     if pidfd is not None:
@@ -636,7 +638,8 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
     return len(accepted)
 
 
-def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = None) -> None:
+def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = None,
+          process=None) -> None:
     """Register a handed-over session's box and socket under the server's pid (the
     server's own registration of the same name replaces them). The box is a stand-in: if
     the server registered its own first (it attaches on its own thread, racing this), that
@@ -647,7 +650,8 @@ def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = 
         t0 = time.monotonic()
         call.agent.sessions.hold(node, name, item.sock.fileno(), pid)
         t1 = time.monotonic()
-        call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid, stand_in=True)
+        call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid, stand_in=True,
+                                process=process)
         if spent is not None:  # seconds in each table, summed over the sessions
             spent["hold_sessions"] = spent.get("hold_sessions", 0.0) + t1 - t0
             spent["hold_regions"] = spent.get("hold_regions", 0.0) + time.monotonic() - t1

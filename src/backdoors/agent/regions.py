@@ -160,11 +160,14 @@ class RegionTable:
         return old
 
     def keep(self, node: str, name: str, kind: str, fd: int, pid: int, *,
-             writable: bool = False, check=None, stand_in: bool = False) -> Region | None:
+             writable: bool = False, check=None, stand_in: bool = False,
+             process=None) -> Region | None:
         """Take on a region held by `fd` for the process `pid`: open it (mapped only if a
         Sensor Box), run `check(region)` (validation), add it. The region is closed again if
-        anything fails. `stand_in`: see `add`; None if `pid` had registered its own."""
-        info = read_process(pid)
+        anything fails. `stand_in`: see `add`; None if `pid` had registered its own.
+        `process`: `pid`'s read_process(), if the caller read it already (for many regions
+        of one process: reading /proc/PID/stat costs a step per thread of PID)."""
+        info = process if process is not None else read_process(pid)
         region = Region(fd, writable=writable, label=f"node {node} region {name!r}",
                         map=kind in MAPPED_KINDS)
         try:
