@@ -51,8 +51,18 @@ def pacing(n: int) -> tuple[int, int]:
 
 
 def recovery_row(n: int) -> dict:
+    import resource
+
+    from backdoors.errors import LabError
+    from backdoors.lab.lab import raise_nofile
     from backdoors.scenarios.recovery import recovery
 
+    raise_nofile()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if 2 * n + 512 > hard:  # the server and each agent hold a socket and a CB per session
+        raise LabError(f"{n} sessions need about {2 * n + 512} descriptors in the server and "
+                       f"in each agent; the hard RLIMIT_NOFILE is {hard} and cannot be raised "
+                       "here (raising it takes CAP_SYS_RESOURCE)")
     rate, chunk = pacing(n)
     # beyond 1,000 sessions a chunk takes 0.5 s: an export every 2 chunks, not 8, so that
     # what a recovered session regenerates (paced) stays within a second; and the
