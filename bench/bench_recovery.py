@@ -59,10 +59,10 @@ def recovery_row(n: int) -> dict:
 
     raise_nofile()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if 2 * n + 512 > hard:  # the server and each agent hold a socket and a CB per session
-        raise LabError(f"{n} sessions need about {2 * n + 512} descriptors in the server and "
-                       f"in each agent; the hard RLIMIT_NOFILE is {hard} and cannot be raised "
-                       "here (raising it takes CAP_SYS_RESOURCE)")
+    if 3 * n + 512 > hard:  # the lab's server holds a socket and two memfds per session
+        raise LabError(f"{n} sessions need about {3 * n + 512} descriptors in the lab's "
+                       f"server; the hard RLIMIT_NOFILE is {hard} and cannot be raised here "
+                       "(raising it takes CAP_SYS_RESOURCE)")
     rate, chunk = pacing(n)
     # beyond 1,000 sessions a chunk takes 0.5 s: an export every 2 chunks, not 8, so that
     # what a recovered session regenerates (paced) stays within a second; and the
