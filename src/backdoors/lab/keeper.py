@@ -101,7 +101,10 @@ class Keeper:
                 os.dup2(sys.stderr.fileno(), 1)  # the agent's stdout: the log, not our reader
                 # first out of the way (above every target), then into place from 3 on
                 base = LISTEN_FDS_START + len(fds)
-                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in fds]
+                high = []
+                for fd in fds:  # moved, not copied: 10,000 sessions' fds twice overflow
+                    high.append(fcntl.fcntl(fd, fcntl.F_DUPFD, base))
+                    os.close(fd)
                 for i, fd in enumerate(high):
                     os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
                 if fds:
@@ -111,7 +114,8 @@ class Keeper:
                     os._exit(self._forked_agent(env))
                 os.execve(self.argv[0], self.argv, env)
             except BaseException as e:  # noqa: BLE001
-                os.write(2, f"keeper: cannot start {self.argv[0]}: {e}\n".encode())
+                what = self.argv[0] if self.argv else "the agent"
+                os.write(2, f"keeper: cannot start {what}: {e}\n".encode())
             os._exit(127)
         self.pid, self.ready = pid, False
         self.pidfd = os.pidfd_open(pid)
