@@ -8,7 +8,8 @@ target agent over the private network (agent to agent, signed with this agent's 
 the target lists it in its `peers`), with the monitors' signed evacuate requests as the
 warrant (agent/warrant.py). The target's `adopt` checks the warrant, adds the service addresses to its node, restores the
 sockets inside the node's namespace, announces the addresses (gratuitous ARP) and hands
-each session (socket + CB) to the recovery server listening on the node's adoption socket.
+the sessions (socket + CB each) in batches to the recovery server listening on the node's
+adoption socket (continuations.adoption: one frame and one reply per batch).
 
 `Recovery` holds these ops and what they keep between requests: sessions dumped but not
 adopted (the target failed, or answered something unreadable) stay in limbo and go with
