@@ -177,7 +177,10 @@ def run(sessions: tuple[int, ...] = SESSIONS, *, with_haproxy: bool = True,
         except BackdoorsError as e:  # one size that cannot run must not lose the others
             row = {"sessions": n, "backdoors_error": f"{type(e).__name__}: {e}"}
         if with_haproxy:
-            row.update(haproxy_row(n))
+            try:
+                row.update(haproxy_row(n))
+            except Exception as e:  # noqa: BLE001 - reported in the row, the others kept
+                row["haproxy_error"] = f"{type(e).__name__}: {e}"
         results.append(row)
     out: dict = {"fault": "freeze", "results": results}
     if with_overhead:
