@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -186,6 +187,7 @@ class Lab:
     def up(self) -> "Lab":
         """Build the lab (after reaping any leftovers of a lab of the same name)."""
         require_root("building a lab")
+        raise_nofile()
         reap(self.name)
         try:
             self.plan.run_dir.mkdir(parents=True)
@@ -557,3 +559,26 @@ class StopSignals:
         while not self.received:
             signal.pause()
         return self.received[0]
+
+
+#: descriptors a lab process may open: its agents, servers and clients hold a few per
+#: session, and the lab moves 10,000 sessions (bench recovery)
+NOFILE = 1 << 20
+
+
+def raise_nofile(limit: int = NOFILE) -> None:
+    """Raise this process's hard RLIMIT_NOFILE to `limit` (within fs.nr_open) before the
+    lab starts its processes: they inherit it (root may raise it) and raise their soft
+    limit to it as they need (the keeper, the lab's servers and clients do)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            limit = min(limit, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < limit:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, limit))
+        except (OSError, ValueError):
+            pass  # not allowed: the limits stay as they were
+
