@@ -206,3 +206,59 @@ def test_register_and_comment_are_exactly_once_too(db):
                                               item=5, rating=3, comment="fine seller")) == (said, True)
             assert (await store.view_user(c, 2))["rating"] == rating + 3
     run(go())
+
+
+# ---- the middle tier over its wire -----------------------------------------------------------
+
+
+def test_the_middle_tier_answers_calls_in_order_and_refuses_bad_ones(db):
+    _, pg, _ = db
+    import struct
+
+    from psycopg_pool import AsyncConnectionPool
+
+    from backdoors.casestudy.rubis import middle, wire
+    from backdoors.casestudy.rubis.wire import Call
+
+    async def go():
+        async with AsyncConnectionPool(pg.local_dsn(), min_size=1, max_size=4,
+                                       kwargs={"autocommit": True}, open=False) as pool:
+            served = []
+
+            async def session(r, w):
+                served.append(await middle.serve_session(r, w, pool))
+                w.close()
+
+            server = await asyncio.start_server(session, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+
+            async def call(id, op, key="", **args):
+                w.write(wire.frame(Call(id, op, args, key)))
+                return await wire.read_answer(r)
+
+            assert len((await call(1, "categories")).result) == 20
+            refused = await call(2, "bid", key="mt-bid-00001", item=7, bid="99999")
+            assert not refused.ok and "log in first" in refused.error
+            assert (await call(3, "login", nickname="user9", password="password9")).result["user"] == 9
+            first = await call(4, "bid", key="mt-bid-00001", item=7, bid="99999")
+            again = await call(5, "bid", key="mt-bid-00001", item=7, bid="99999")
+            assert first.ok and first.result["ok"] and again.result == first.result
+            assert not (await call(6, "bid", item=7, bid="1")).ok  # no key
+            assert "unknown op" in (await call(7, "drop_tables")).error
+            assert "not ['colour']" in (await call(8, "item", item=7, colour="red")).error
+            w.close()
+            # garbage: the session ends, the server goes on serving others
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            w2.write(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+            assert await r2.read() == b""
+            r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+            w3.write(wire.frame(Call(1, "regions")))
+            assert len((await wire.read_answer(r3)).result) == 62
+            w3.close()
+            server.close()
+            await server.wait_closed()
+            return served
+
+    served = run(go())
+    assert sorted(served)[:2] == [0, 1] and max(served) == 8
