@@ -44,7 +44,7 @@ from ..errors import BackdoorsError, LabError, NodeError, require_root
 from ..net import netns
 from ..nodes import Node, cgroups
 from ..nodes.container import (Container, Isolation, NodeProcess, mount_tmpfs, python_paths,
-                               uid_base_for, unmount_under)
+                               resize_tmpfs, uid_base_for, unmount_under)
 from ..sensors import SensorBoxReader, Snapshot
 from .. import fleet
 from .agents import agent_pid, key_path, read_key, start_agent, stop_agents, write_keys
@@ -337,6 +337,17 @@ class Lab:
         directory of /run/backdoors the node sees."""
         self.plan.node(node)
         return self.plan.run_dir / "nodes" / node
+
+    def grow_run_dir(self, node: str, size: int) -> Path:
+        """Let `node` keep up to `size` bytes in its run directory (a tmpfs charged to its
+        cgroup; NODE_RUN_DIR_BYTES by default): for a node that keeps data there, such as
+        the case study's database. Returns the directory."""
+        if size < NODE_RUN_DIR_BYTES:
+            raise LabError(f"a node's run directory holds at least {NODE_RUN_DIR_BYTES} bytes, "
+                           f"asked {size}")
+        path = self.node_run_dir(node)
+        resize_tmpfs(path, size)
+        return path
 
     def isolation(self, node: str) -> Isolation:
         """How `node` is isolated: its own uid range (derived from the lab name and the
