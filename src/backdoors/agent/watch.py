@@ -84,6 +84,7 @@ class _Box:
     generation: int = -1
     counters: list[_Counter] = field(default_factory=list)
     retry_at: float = 0.0
+    dead: bool = False  # its registrant died and its stalls were published: final
 
 
 @dataclass
@@ -274,6 +275,7 @@ class Watcher:
         for key, box in st.boxes.items():
             if box.owner != owner:
                 continue
+            box.dead = True
             for c in box.counters:
                 if c.stalled:
                     continue
@@ -301,6 +303,9 @@ class Watcher:
             box.generation = image.generation
         for c in box.counters:
             word = region.load_word(c.offset)
+            if box.dead:  # a dead process's counters do not resume: a change seen now is
+                c.word = word  # its last tick, written before its death, read late
+                continue
             if word != c.word:
                 if c.stalled:
                     c.stalled = False
