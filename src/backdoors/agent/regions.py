@@ -79,6 +79,9 @@ class RegionTable:
         self._lock = threading.Lock()
         #: called as observer("add" | "remove", entry) after a change (the fd store)
         self.observer: Callable[[str, Entry], None] | None = None
+        #: counts the changes of the table (added, removed): a reader that keeps borrowed
+        #: entries (the watcher) takes them again when it moves
+        self.version = 0
 
     def usage(self, node: str) -> tuple[int, int]:
         """(count, bytes) of the node's registered regions, the agent's own excluded; the
@@ -140,6 +143,7 @@ class RegionTable:
                         f"Continuation Boxes, the cap is {self.max_node_bytes} "
                         "(max_node_bytes): unregister some or register smaller ones")
             regions[entry.name] = entry
+            self.version += 1
             if old is not None:
                 self._retire(old)
         if self.observer is not None:
@@ -174,6 +178,7 @@ class RegionTable:
             if entry is None or entry.internal:
                 raise KeyError(name)
             del self._nodes[node][name]
+            self.version += 1
             self._retire(entry)
         if self.observer is not None:
             self.observer("remove", entry)
@@ -199,21 +204,27 @@ class RegionTable:
         try:
             yield entry
         finally:
-            self._give_back([entry])
+            self.give_back([entry])
 
     @contextmanager
     def use_all(self, node: str, kind: str) -> Iterator[list[Entry]]:
         """Borrow every region of `kind` of a node."""
+        entries = self.borrow_all(node, kind)
+        try:
+            yield entries
+        finally:
+            self.give_back(entries)
+
+    def borrow_all(self, node: str, kind: str) -> list[Entry]:
+        """Every region of `kind` of a node, borrowed (not closed, even when removed,
+        until given back with `give_back`)."""
         with self._lock:
             entries = [e for e in self._nodes[node].values() if e.kind == kind]
             for e in entries:
                 e._users += 1
-        try:
-            yield entries
-        finally:
-            self._give_back(entries)
+        return entries
 
-    def _give_back(self, entries: list[Entry]) -> None:
+    def give_back(self, entries: list[Entry]) -> None:
         with self._lock:
             for e in entries:
                 e._users -= 1
@@ -232,3 +243,4 @@ class RegionTable:
                 for e in regions.values():
                     self._retire(e)
                 regions.clear()
+            self.version += 1
