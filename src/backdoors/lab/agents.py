@@ -70,7 +70,10 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
         watch_peers={h.name: f"{h.address}:{topology.AGENT_PORT}" for h in plan.hosts
                      if h.name != host.name},
         # the server-crash tests' short bound (agent.owners); the default otherwise
-        orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")))
+        orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")),
+        # bench monitor's event mode samples kernel state slowly; the default otherwise
+        **({"sample_period_s": float(os.environ["BACKDOORS_LAB_SAMPLE_PERIOD_S"])}
+           if os.environ.get("BACKDOORS_LAB_SAMPLE_PERIOD_S") else {}))
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 
