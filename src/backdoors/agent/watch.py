@@ -12,7 +12,7 @@ notifies, and wakes every `watch_period_ms` only for what is a memory load:
 - link state: an rtnetlink socket per node netns bound to the link group
   (`net.links.LinkEvents`); on a message, one `LinkWatch.up()` ioctl says the state.
 - frozen state: the v2 freezer's `cgroup.events` (EPOLLPRI, `nodes.notify`). The v1
-  freezer notifies nothing: its state is read every FROZEN_V1_EVERY_S.
+  freezer notifies nothing: its state is read every FROZEN_READ_S.
 - OOM kills: the memory controller's OOM notification (v1 eventfd on
   memory.oom_control, v2 memory.events); the count is read at the wake-up and, since a
   v1 wake-up precedes the kill, again on each tick for OOM_SETTLE_S after it.
@@ -72,7 +72,7 @@ from .tracking import Key
 log = logging.getLogger("backdoors.agent")
 
 SLOW_S = 1.0  # every node's link, frozen state and OOM count read again (fallback)
-FROZEN_V1_EVERY_S = 0.05  # the v1 freezer's state, which nothing notifies
+FROZEN_READ_S = 0.05  # the v1 freezer's state, which nothing notifies, is read this often
 OOM_SETTLE_S = 0.5  # after an OOM notification, the count is read on every tick this long
 RETRY_S = 1.0  # a box that did not parse is tried again after this
 _GEN_WORD = abi.OFF_GENERATION // 8
@@ -143,14 +143,15 @@ class Watcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
         self.errors = 0
-        self.wakeups = 0  # epoll returns with something to handle (for tests and benches)
+        self._closed = False
         self._ep = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ep.register(self._wake_r, select.EPOLLIN)
         self._handlers: dict[int, Callable[[], None]] = {}  # fd -> what its wake-up means
+        self._sources: dict[int, tuple[_Node, str]] = {}  # fd -> (node, its source's attr)
         self._version = -1  # of the region table when the box list was built
         self._boxes: list[_Box] = []  # every node's, flat: what a tick reads
-        self._v1_freezers: list[_Node] = []  # nodes whose frozen state a tick reads
+        self._read_frozen: list[_Node] = []  # nodes whose frozen state a tick reads (v1)
         self._settling: set[_Node] = set()  # nodes just notified of an OOM
 
     def start(self) -> None:
@@ -168,6 +169,9 @@ class Watcher:
             self._close()
 
     def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for n in self._nodes.values():
             for fd in n.owners.values():
                 os.close(fd)
@@ -179,6 +183,7 @@ class Watcher:
             self.regions.give_back(n.entries)
             n.entries = []
         self._handlers.clear()
+        self._sources.clear()
         self._ep.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -187,7 +192,11 @@ class Watcher:
 
     def _run(self) -> None:
         for n in self._nodes.values():
-            self._open_sources(n)
+            try:
+                self._open_sources(n)
+            except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                self.errors += 1
+                log.warning("node %s: watch failed: %s", n.rt.name, e)
         next_tick = next_slow = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
@@ -210,16 +219,30 @@ class Watcher:
                 handler = self._handlers.get(fd)
                 if handler is None:
                     continue  # the stop pipe, or a source closed meanwhile
-                self.wakeups += 1
                 try:
                     handler()
                 except Exception as e:  # noqa: BLE001 - the watch must survive anything
                     self.errors += 1
-                    log.warning("watch: handling a notification failed: %s", e)
+                    self._drop(fd, e)
 
     def _watch(self, fd: int, mask: int, handler: Callable[[], None]) -> None:
         self._ep.register(fd, mask)
         self._handlers[fd] = handler
+
+    def _drop(self, fd: int, why: Exception) -> None:
+        """A notification source that failed is closed (it could wake the loop forever);
+        the slow reads stand in for it."""
+        node, attr = self._sources.pop(fd, (None, ""))
+        if node is None:
+            log.warning("watch: handling a notification failed: %s", why)
+            return
+        self._unwatch(fd)
+        getattr(node, attr).close()
+        setattr(node, attr, None)
+        if attr == "freezer":
+            self._read_frozen.append(node)
+        log.warning("node %s: %s notifications failed (%s): read every %g s from now on",
+                    node.rt.name, attr, why, self.slow_s)
 
     def _unwatch(self, fd: int) -> None:
         self._handlers.pop(fd, None)
@@ -235,7 +258,8 @@ class Watcher:
             try:
                 n.links = LinkEvents(rt.sampler.link.ns)
                 self._watch(n.links.fd, select.EPOLLIN, lambda: self._link(n, True))
-            except BackdoorsError as e:
+                self._sources[n.links.fd] = (n, "links")
+            except (OSError, BackdoorsError) as e:
                 log.warning("node %s: link changes not notified (%s): read every %g s",
                             rt.name, e, self.slow_s)
         for attr, opener, handler in (("freezer", FrozenNotifier.open, self._frozen_changed),
@@ -249,8 +273,9 @@ class Watcher:
             setattr(n, attr, src)
             if src is not None:
                 self._watch(src.fd, src.mask, lambda n=n, h=handler: h(n))
+                self._sources[src.fd] = (n, attr)
         if n.freezer is None:
-            self._v1_freezers.append(n)
+            self._read_frozen.append(n)
         now = time.monotonic()
         self._link(n, False)
         self._frozen(n, None)
@@ -318,9 +343,9 @@ class Watcher:
             if now >= n.oom_settle_until:
                 self._settling.discard(n)
             self._oom(n, now)
-        for n in self._v1_freezers:
+        for n in self._read_frozen:
             if now >= n.frozen_due:
-                n.frozen_due = now + FROZEN_V1_EVERY_S
+                n.frozen_due = now + FROZEN_READ_S
                 self._frozen(n, None)
 
     def _read_box(self, box: _Box, now: float) -> None:
