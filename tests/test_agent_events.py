@@ -195,7 +195,7 @@ while True:
 
 
 def test_oom_kills_in_a_node_are_one_violation_while_they_go_on(agent_lab):
-    """The watcher reads the node's memory.events: the first OOM kill is pushed at once as
+    """The watcher hears OOMs from the memory controller: the first OOM kill is pushed at once as
     a violation of the kernel box's oom_kills pressure sensor (by default any kill in
     its 10 s window violates), and further kills in the window add nothing."""
     import signal
