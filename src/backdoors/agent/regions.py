@@ -79,9 +79,9 @@ class RegionTable:
         self._lock = threading.Lock()
         #: called as observer("add" | "remove", entry) after a change (the fd store)
         self.observer: Callable[[str, Entry], None] | None = None
-        #: counts the changes of the table (added, removed): a reader that keeps borrowed
-        #: entries (the watcher) takes them again when it moves
-        self.version = 0
+        #: counts the Sensor Boxes added and removed: a reader that keeps borrowed boxes
+        #: (the watcher) takes them again when it moves (sessions' boxes do not move it)
+        self.box_version = 0
 
     def usage(self, node: str) -> tuple[int, int]:
         """(count, bytes) of the node's registered regions, the agent's own excluded; the
@@ -143,7 +143,8 @@ class RegionTable:
                         f"Continuation Boxes, the cap is {self.max_node_bytes} "
                         "(max_node_bytes): unregister some or register smaller ones")
             regions[entry.name] = entry
-            self.version += 1
+            if entry.kind == "sensorbox" or (old is not None and old.kind == "sensorbox"):
+                self.box_version += 1
             if old is not None:
                 self._retire(old)
         if self.observer is not None:
@@ -178,7 +179,8 @@ class RegionTable:
             if entry is None or entry.internal:
                 raise KeyError(name)
             del self._nodes[node][name]
-            self.version += 1
+            if entry.kind == "sensorbox":
+                self.box_version += 1
             self._retire(entry)
         if self.observer is not None:
             self.observer("remove", entry)
@@ -243,4 +245,4 @@ class RegionTable:
                 for e in regions.values():
                     self._retire(e)
                 regions.clear()
-            self.version += 1
+            self.box_version += 1

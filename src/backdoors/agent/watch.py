@@ -200,7 +200,7 @@ class Watcher:
         next_tick = next_slow = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
-            if self.regions.version != self._version:
+            if self.regions.box_version != self._version:
                 self._replan(now)
             if now >= next_tick:
                 self._tick(now)
@@ -286,7 +286,7 @@ class Watcher:
     def _replan(self, now: float) -> None:
         """The registrations changed: borrow every node's boxes again, follow new
         registrants, drop what was unregistered."""
-        self._version = self.regions.version
+        self._version = self.regions.box_version
         for n in self._nodes.values():
             try:
                 self._replan_node(n, now)
