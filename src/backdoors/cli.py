@@ -747,18 +747,23 @@ def bench_fleet(
 def bench_monitor(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     sizes: str = typer.Option("8,32,128", help="Node counts of the labs, comma-separated."),
+    modes: str = typer.Option("event,poll", help="Detection modes measured: event, poll or both."),
     seconds: float = typer.Option(10.0, help="Steady-state CPU window per size, seconds."),
     trials: int = typer.Option(20, help="Hangs per size."),
     period_ms: float = typer.Option(50.0, help="Monitor poll period."),
     hosts: int = typer.Option(1, help="Agents (lab hosts) the nodes are spread over."),
+    event_poll_ms: float = typer.Option(1000.0, help="Monitor poll period in event mode (liveness, fallback)."),
+    event_sample_s: float = typer.Option(1.0, help="Agents' kernel sampling period in event mode."),
 ) -> None:
-    """Monitor CPU, agent CPU per node and hang detection p50/p99 per lab size (poll mode)."""
+    """Monitor CPU, agent CPU per node and hang detection p50/p99 per lab size, event
+    mode (the agent pushes violations) and poll mode."""
     mod = _bench_module("bench_monitor")
     import logging
     logging.getLogger("backdoors.monitor").setLevel(logging.ERROR)  # the trials' incidents
     try:
-        result = mod.run(sizes=mod.parse_sizes(sizes), seconds=seconds, trials=trials,
-                         period_ms=period_ms, hosts=hosts)
+        result = mod.run(sizes=mod.parse_sizes(sizes), modes=mod.parse_modes(modes),
+                         seconds=seconds, trials=trials, period_ms=period_ms, hosts=hosts,
+                         event_poll_ms=event_poll_ms, event_sample_s=event_sample_s)
     except ValueError as e:
         raise BackdoorsError(f"bench monitor: {e}") from None
     if as_json:

@@ -43,7 +43,7 @@ from ..sensors import Region, parse_box, read_consistent
 from ..sensors.region import HUGETLBFS_MAGIC, TMPFS_MAGIC, filesystem
 from .audit import AuditLog, RefusalLimiter, clip
 from .closing import Closer
-from .membership import misplaced, outside_message, read_cgroups, readable
+from .membership import misplaced, outside_message, read_cgroups
 from .metrics import AgentMetrics
 from .protocol import DECODE_ERRORS
 from .regions import SESSION_KIND, RegionRefused, RegionTable
@@ -332,7 +332,7 @@ class LocalServer:
             cgroups = read_cgroups(conn.pid)
         except OSError:
             raise RegionRefused(f"the caller (pid {conn.pid}) has exited") from None
-        if conn.pidfd is not None and readable(conn.pidfd):
+        if conn.pidfd is not None and ipc.ready(conn.pidfd):
             raise RegionRefused(f"the caller (pid {conn.pid}) exited during the check")
         wrong = misplaced(node.cgroup.layout, cgroups, node.cgroup.relpath)
         if wrong is not None:

@@ -7,8 +7,8 @@ A Layout names its hierarchies by controller ("memory", "freezer", ...) or "unif
 from __future__ import annotations
 
 import os
-import select
 
+from ..common.ipc import ready
 from ..nodes import Layout
 from ..nodes.hierarchies import UNIFIED
 
@@ -78,7 +78,7 @@ def outsider(node, pid: int) -> str | None:
         return f"the listener (pid {pid}) has exited"
     try:
         cgroups = read_cgroups(pid)
-        if readable(pidfd):
+        if ready(pidfd):
             return f"the listener (pid {pid}) exited during the check"
     except OSError:
         return f"the listener (pid {pid}) has exited"
@@ -90,11 +90,4 @@ def outsider(node, pid: int) -> str | None:
                 f"of the {hierarchy} hierarchy, not {'/' + node.cgroup.relpath.strip('/')!r})")
     return None
 
-
-def readable(fd: int) -> bool:
-    """Whether `fd` polls readable now (poll, not select: an agent holding thousands of
-    sessions has descriptors numbered beyond select's 1024)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 

@@ -82,6 +82,9 @@ class RegionTable:
         self._lock = threading.Lock()
         #: called as observer("add" | "remove", entry) after a change (the fd store)
         self.observer: Callable[[str, Entry], None] | None = None
+        #: counts the Sensor Boxes added and removed: a reader that keeps borrowed boxes
+        #: (the watcher) takes them again when it moves (sessions' boxes do not move it)
+        self.box_version = 0
 
     def usage(self, node: str) -> tuple[int, int]:
         """(count, bytes) of the node's registered regions, the agent's own excluded; the
@@ -152,6 +155,8 @@ class RegionTable:
                         "(max_node_bytes): unregister some or register smaller ones")
             regions[entry.name] = entry
             self._count(entry, 1)
+            if entry.kind == "sensorbox" or (old is not None and old.kind == "sensorbox"):
+                self.box_version += 1
             if old is not None:
                 self._count(old, -1)
                 self._retire(old)
@@ -191,6 +196,8 @@ class RegionTable:
                 raise KeyError(name)
             del self._nodes[node][name]
             self._count(entry, -1)
+            if entry.kind == "sensorbox":
+                self.box_version += 1
             self._retire(entry)
         if self.observer is not None:
             self.observer("remove", entry)
@@ -216,21 +223,27 @@ class RegionTable:
         try:
             yield entry
         finally:
-            self._give_back([entry])
+            self.give_back([entry])
 
     @contextmanager
     def use_all(self, node: str, kind: str) -> Iterator[list[Entry]]:
         """Borrow every region of `kind` of a node."""
+        entries = self.borrow_all(node, kind)
+        try:
+            yield entries
+        finally:
+            self.give_back(entries)
+
+    def borrow_all(self, node: str, kind: str) -> list[Entry]:
+        """Every region of `kind` of a node, borrowed (not closed, even when removed,
+        until given back with `give_back`)."""
         with self._lock:
             entries = [e for e in self._nodes[node].values() if e.kind == kind]
             for e in entries:
                 e._users += 1
-        try:
-            yield entries
-        finally:
-            self._give_back(entries)
+        return entries
 
-    def _give_back(self, entries: list[Entry]) -> None:
+    def give_back(self, entries: list[Entry]) -> None:
         with self._lock:
             for e in entries:
                 e._users -= 1
@@ -250,3 +263,4 @@ class RegionTable:
                     self._retire(e)
                 regions.clear()
             self._tally = {n: [0, 0, 0] for n in self._nodes}
+            self.box_version += 1

@@ -76,7 +76,10 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
         # the lab moves up to 10,000 sessions of a node (bench recovery)
         max_sessions_per_node=LAB_SESSIONS, max_node_bytes=2 << 30,
         # the server-crash tests' short bound (agent.owners); the default otherwise
-        orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")))
+        orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")),
+        # bench monitor's event mode samples kernel state slowly; the default otherwise
+        **({"sample_period_s": float(os.environ["BACKDOORS_LAB_SAMPLE_PERIOD_S"])}
+           if os.environ.get("BACKDOORS_LAB_SAMPLE_PERIOD_S") else {}))
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 
