@@ -1,0 +1,92 @@
+"""The guest kernel: Debian's cloud kernel package, unpacked (not installed) by `make vm-kernel`.
+
+The package is fetched with `apt-get download` and unpacked with `dpkg-deb -x` into the
+checkout's `.cache/vm/` (or $BACKDOORS_VM_DIR). It ships the compressed image (vmlinuz),
+whose kallsyms table gives every kernel symbol's link-time address (the profile the host
+reads the guest with, kallsyms.py), and the modules the initramfs needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import VmError
+from . import kallsyms
+
+#: the kernel's virtual base of its image mapping (x86-64, arch/x86/include/asm/page_64_types.h)
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
+
+
+def cache_dir() -> Path:
+    """Where `make vm-kernel` unpacks the kernel package and the initramfs is built."""
+    env = os.environ.get("BACKDOORS_VM_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / ".cache" / "vm"
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    """One unpacked kernel build: its image, symbol map and modules."""
+
+    root: Path  # the unpacked package (boot/, lib/modules/)
+    version: str  # e.g. 6.1.0-57-cloud-amd64
+
+    @classmethod
+    def find(cls, folder: Path | None = None) -> "GuestKernel":
+        """The kernel unpacked under `folder` (default: cache_dir()/root)."""
+        root = (folder or cache_dir() / "root")
+        images = sorted((root / "boot").glob("vmlinuz-*")) if root.is_dir() else []
+        if not images:
+            raise VmError(f"no guest kernel unpacked under {root}: run `make vm-kernel` "
+                          "(downloads Debian's linux-image-cloud-amd64 and unpacks it)")
+        version = images[-1].name.removeprefix("vmlinuz-")
+        return cls(root, version)
+
+    @property
+    def image(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.version}"
+
+    @property
+    def modules_dir(self) -> Path:
+        return self.root / "lib" / "modules" / self.version
+
+    @property
+    def profile_path(self) -> Path:
+        return cache_dir() / f"profile-{self.version}.json"
+
+    @cached_property
+    def symbols(self) -> dict[str, int]:
+        """Symbol name -> link-time virtual address: the kallsyms table decoded from the
+        image once per kernel build, then cached as JSON next to it (the package's
+        System.map is a stub that points at the -dbg package)."""
+        try:
+            return json.loads(self.profile_path.read_text())["symbols"]
+        except (OSError, ValueError, KeyError):
+            pass
+        try:
+            image = self.image.read_bytes()
+        except OSError as e:
+            raise VmError(f"cannot read the guest kernel image {self.image}: {e.strerror}") from None
+        table = kallsyms.symbols(kallsyms.extract_vmlinux(image, str(self.image)), str(self.image))
+        out = {name: addr for name, (_kind, addr) in table.items()}
+        self.profile_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.profile_path.with_name(f".{self.profile_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"version": self.version, "symbols": out}))
+        tmp.replace(self.profile_path)
+        return out
+
+    def symbol(self, name: str) -> int:
+        """The link-time virtual address of kernel symbol `name`."""
+        try:
+            return self.symbols[name]
+        except KeyError:
+            raise VmError(f"kernel {self.version} has no symbol {name!r} in its kallsyms") from None
+
+    def image_offset(self, name: str) -> int:
+        """Where symbol `name` lies from the start of the kernel image (`_text`)."""
+        return self.symbol(name) - self.symbol("_text")
