@@ -1,0 +1,38 @@
+"""The lab's VM nodes: a namespace on the service bridge per VM, the guest bridged into it.
+
+The guest holds the node's address and VIP and serves HTTP on SERVICE_PORT (busybox
+httpd), so clients reach it like a container node's service. The guests' QEMU processes
+outlive a `lab up` that returns; `lab down` (or the next `up`) reaps them by name prefix.
+"""
+
+from __future__ import annotations
+
+from .. import net
+from ..net import netns
+from ..vm import machine
+from ..vm.machine import Vm, VmSpec
+from . import topology
+
+
+def build_network(plan: topology.Plan) -> None:
+    """Each VM node's namespace, its veth `eth0` on the service bridge (no address: the
+    guest has them)."""
+    for v in plan.vms:
+        netns.create(v.netns)
+        net.add_veth(plan.switch_ns, v.name, v.netns, "eth0", bridge=topology.BR_SERVICE)
+
+
+def spec(plan: topology.Plan, name: str, **kw) -> VmSpec:
+    v = plan.vm(name)
+    addrs = (f"{v.address}/{topology.SERVICE_PREFIXLEN}", f"{v.vip}/{topology.SERVICE_PREFIXLEN}")
+    return VmSpec(v.netns, plan.run_dir / "vms" / v.name, netns=v.netns, uplink="eth0",
+                  addresses=addrs, port=topology.SERVICE_PORT, **kw)
+
+
+def start(plan: topology.Plan, name: str, **kw) -> Vm:
+    """Boot VM node `name` (kw: VmSpec keys, e.g. accel, kaslr, memory_mb)."""
+    return Vm.start(spec(plan, name, **kw))
+
+
+def reap(prefix: str) -> list[int]:
+    return machine.reap(prefix)

@@ -1,0 +1,191 @@
+"""VM nodes: the guest kernel's profile, the initramfs, a QEMU guest in the lab whose
+service answers on the node's address, and its kernel read from its RAM alone."""
+
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from backdoors.errors import VmError
+from backdoors.net import netns
+from backdoors.vm import initramfs
+from backdoors.vm.kernel import GuestKernel
+
+from conftest import unavailable
+
+
+@pytest.fixture(scope="module")
+def kernel() -> GuestKernel:
+    try:
+        return GuestKernel.find()
+    except VmError as e:
+        unavailable(str(e))
+
+
+@pytest.fixture
+def qemu(root):
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} missing: make system-deps installs {package}")
+
+
+def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """name -> (mode, data) of a newc archive, read back independently of the writer."""
+    out, pos = {}, 0
+    while True:
+        assert data[pos:pos + 6] == b"070701", f"bad magic at {pos}"
+        fields = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = data[pos + 110:pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, data[pos:pos + size])
+        pos = (pos + size + 3) & ~3
+
+
+def test_cpio_archive_reads_back():
+    a = initramfs.Archive()
+    a.directory("bin")
+    a.file("bin/x", b"abcde", 0o755)
+    a.file("init", b"#!/bin/sh\n", 0o700)
+    entries = read_cpio(a.close())
+    assert entries["bin/x"] == (0o100755, b"abcde")
+    assert entries["init"] == (0o100700, b"#!/bin/sh\n")
+    assert entries["bin"][0] == 0o040755
+
+
+def test_profile_from_the_image_alone(kernel):
+    syms = kernel.symbols
+    assert len(syms) > 50_000
+    assert syms["_text"] == 0xFFFF_FFFF_8100_0000  # x86-64 link address of the image
+    assert syms["jiffies"] == syms["jiffies_64"]  # the linker script aliases them
+    for name in ("init_task", "sys_call_table", "linux_banner", "phys_base", "init_top_pgt"):
+        assert syms[name] > syms["_text"]
+    assert GuestKernel.find().symbol("jiffies") == syms["jiffies"]  # the cached profile
+    with pytest.raises(VmError, match="no symbol 'no_such_symbol'"):
+        kernel.symbol("no_such_symbol")
+
+
+def test_initramfs_modules_dependencies_first(kernel):
+    names = [p.name for p in initramfs.module_paths(kernel, initramfs.NIC_MODULES)]
+    assert names[-1] == "virtio_net.ko"
+    for dep, user in (("virtio.ko", "virtio_pci.ko"), ("net_failover.ko", "virtio_net.ko"),
+                      ("failover.ko", "net_failover.ko")):
+        assert names.index(dep) < names.index(user)
+    entries = read_cpio(initramfs.build(kernel).read_bytes())
+    assert entries["init"][0] & 0o111 and "bin/busybox" in entries
+    assert entries["etc/modules"][1].decode().split() == names
+
+
+def _qemus(prefix: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(a.startswith(prefix) for a in (p.info["cmdline"] or []))
+            and "qemu" in (p.info["cmdline"] or [""])[0]]
+
+
+def _memfds(prefix: str) -> list[str]:
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                try:
+                    if os.readlink(fd).startswith(f"/memfd:{prefix}"):
+                        found.append(str(fd))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return found
+
+
+def _advances(read, limit: float = 30.0) -> bool:
+    first, began = read(), time.monotonic()
+    while time.monotonic() - began < limit:
+        if read() > first:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _http_get(lab, address: str) -> bytes:
+    from backdoors.lab.topology import SERVICE_PORT
+    with lab.client_socket() as s:
+        s.settimeout(10)
+        s.connect((address, SERVICE_PORT))
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.slow
+def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
+    from backdoors.lab import Lab
+    name = f"v{unique}"
+    prefix = f"bd-{name}-"
+    with Lab(name, hosts=1, nodes=1, services=False, vm_nodes=1) as lab:
+        vm = lab.vm("v0")
+        plan = lab.plan.vm("v0")
+        print(f"VM boot {vm.boot_s:.1f}s with {vm.accel}")
+        # the guest answers on the node's address and VIP, from the lab's client namespace
+        for address in (plan.address, plan.vip):
+            reply = _http_get(lab, address)
+            assert reply.startswith(b"HTTP/1.") and reply.endswith(b"vm bd-%s-v0\n" % name.encode())
+        assert lab.status()["vms"][0]["qemu_pid"] == vm.pid
+        # jiffies, read from the guest's RAM without its help: ticks, freezes, resumes
+        memory = vm.memory()
+        assert memory.text_phys % (2 << 20) == 0
+        assert _advances(memory.jiffies)
+        vm.lock()
+        assert not vm.running()
+        frozen = memory.jiffies()
+        time.sleep(0.3)
+        assert memory.jiffies() == frozen
+        vm.unlock()
+        assert vm.running()
+        assert _advances(memory.jiffies)
+        assert _qemus(prefix) == [vm.pid]
+        assert _memfds(prefix)
+        assert netns.exists(plan.netns)
+    # teardown leaves nothing: no QEMU, no RAM memfd, no namespace (with it the tap)
+    assert _qemus(prefix) == []
+    assert _memfds(prefix) == []
+    assert not netns.exists(plan.netns)
+    assert not lab.plan.run_dir.exists()
+
+
+@pytest.mark.slow
+def test_vm_without_kaslr_and_a_killed_owner_reaped(qemu, kernel, unique, tmp_path):
+    """nokaslr: the kernel sits at its link address (KASLR offset 0); a guest whose owner
+    forgot it is found and killed by its name prefix, and with it its RAM."""
+    from backdoors.vm.machine import Vm, VmSpec, reap
+    prefix = f"bd-x{unique}-"
+    vm = Vm.start(VmSpec(f"{prefix}v0", tmp_path, kaslr=False))
+    try:
+        memory = vm.memory()
+        assert memory.kaslr_offset == 0
+        assert memory.text_phys == 0x100_0000  # CONFIG_PHYSICAL_START
+        assert _advances(memory.jiffies)
+        memory.close()
+        vm._memory = None
+        os.close(vm.ram_fd)  # as if its owner died: only QEMU holds the RAM now
+        vm.ram_fd = -1
+        assert reap(prefix) == [vm.pid]
+        assert _qemus(prefix) == [] and _memfds(prefix) == []
+    finally:
+        vm.stop()
+
+
+def test_vm_bad_spec_says_what_and_leaves_nothing(tmp_path):
+    from backdoors.vm.machine import Vm, VmSpec
+    with pytest.raises(VmError, match="memory_mb must be 64..2048, got 8"):
+        Vm.start(VmSpec("bd-bad-v0", tmp_path / "run", memory_mb=8))
+    with pytest.raises(VmError, match="accel must be tcg, kvm or auto"):
+        Vm.start(VmSpec("bd-bad-v0", tmp_path / "run", accel="hvf"))
+    assert not (tmp_path / "run").exists()
