@@ -112,6 +112,15 @@ def _advances(read, limit: float = 30.0) -> bool:
     return False
 
 
+def _eventually(check, limit: float = 30.0) -> bool:
+    began = time.monotonic()
+    while time.monotonic() - began < limit:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def _http_get(lab, address: str) -> bytes:
     from backdoors.lab.topology import SERVICE_PORT
     with lab.client_socket() as s:
@@ -150,6 +159,22 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         vm.unlock()
         assert vm.running()
         assert _advances(memory.jiffies)
+        # the guest kernel's box: its jiffies sensor stalls past its deadline while the
+        # vCPUs are stopped (a hung guest kernel, seen without an agent inside) and not after
+        from backdoors.sensors import SensorBoxReader
+        from backdoors.vm.sensors import GuestSampler, GuestSensors
+        box = GuestSensors("v0", memory, jiffies_deadline=0.5)
+        with GuestSampler(box, period=0.02), SensorBoxReader(box.box.fd) as reader:
+            assert _advances(lambda: reader.snapshot().get("jiffies").value)
+            assert not reader.snapshot().get("jiffies").violated
+            vm.lock()
+            locked_at = time.monotonic()
+            assert _eventually(lambda: reader.snapshot().get("jiffies").violated)
+            print(f"guest hang detected {1000 * (time.monotonic() - locked_at):.0f} ms "
+                  "after QMP stop (deadline 500 ms)")
+            vm.unlock()
+            assert _eventually(lambda: not reader.snapshot().get("jiffies").violated)
+        box.close()
         assert _qemus(prefix) == [vm.pid]
         assert _memfds(prefix)
         assert netns.exists(plan.netns)
