@@ -38,7 +38,7 @@ $(VM_STAMP):
 	echo "downloading the guest kernel $$pkg"; \
 	rm -f $(VM_DIR)/deb/*.deb; \
 	cd $(VM_DIR)/deb && apt-get download -q "$$pkg" 2>&1 | grep -v unsandboxed; cd - >/dev/null; \
-	rm -rf $(VM_DIR)/root && dpkg-deb -x $(VM_DIR)/deb/$$pkg_*.deb $(VM_DIR)/root
+	rm -rf $(VM_DIR)/root && dpkg-deb -x $(VM_DIR)/deb/$${pkg}_*.deb $(VM_DIR)/root
 	@touch $(VM_STAMP)
 
 vm-kernel: $(VM_STAMP)

@@ -53,7 +53,9 @@ class VmSpec:
     addresses: tuple[str, ...] = ()
     port: int = 80
     memory_mb: int = 256
-    accel: str = "tcg"  # tcg | kvm | auto (kvm if it boots within kvm_probe_s, else tcg)
+    #: tcg | kvm | auto (KVM if it boots within kvm_probe_s, else TCG); default TCG (or
+    #: $BACKDOORS_VM_ACCEL): nested KVM hangs in early boot on the machines this was built on
+    accel: str = field(default_factory=lambda: os.environ.get("BACKDOORS_VM_ACCEL", "tcg"))
     kaslr: bool = True
     kvm_probe_s: float = 15.0
     extra_append: tuple[str, ...] = field(default=())
