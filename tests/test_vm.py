@@ -150,6 +150,13 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         # jiffies, read from the guest's RAM without its help: ticks, freezes, resumes
         memory = vm.memory()
         assert memory.text_phys % (2 << 20) == 0
+        # the kernel's page tables agree: jiffies by its running virtual address, and the
+        # direct map (page_offset_base, randomised by KASLR too) maps physical 0 up
+        assert memory.translate(memory.virt("jiffies_64")) == memory.phys("jiffies_64")
+        direct = memory.read_u64("page_offset_base")
+        assert memory.translate(direct + memory.text_phys + 0x1234) == memory.text_phys + 0x1234
+        banner = memory.read_virt(memory.virt("linux_banner"), 64)
+        assert banner.startswith(f"Linux version {kernel.version} ".encode())
         assert _advances(memory.jiffies)
         vm.lock()
         assert not vm.running()
@@ -196,6 +203,8 @@ def test_vm_without_kaslr_and_a_killed_owner_reaped(qemu, kernel, unique, tmp_pa
         memory = vm.memory()
         assert memory.kaslr_offset == 0
         assert memory.text_phys == 0x100_0000  # CONFIG_PHYSICAL_START
+        assert memory.virt("_text") == 0xFFFF_FFFF_8100_0000
+        assert memory.translate(0xFFFF_FFFF_8100_0000) == 0x100_0000
         assert _advances(memory.jiffies)
         memory.close()
         vm._memory = None

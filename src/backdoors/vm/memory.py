@@ -7,7 +7,9 @@ found from the profile (kernel.py) and the kernel's physical load address, which
 located in memory: the `linux_banner` string lies at a fixed distance from `_text`, and
 `_text` is loaded on a 2 MiB boundary (CONFIG_PHYSICAL_ALIGN). So KASLR's physical
 randomisation costs one scan; its virtual offset follows from the guest's own `phys_base`
-(phys_base = physical _text - (virtual _text - __START_KERNEL_map)).
+(phys_base = physical _text - (virtual _text - __START_KERNEL_map)). Other virtual
+addresses (the direct map, slab objects) are translated by walking the kernel's page
+tables from `init_top_pgt`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from ..errors import VmError
 from .kernel import START_KERNEL_MAP, GuestKernel
 
 PHYSICAL_ALIGN = 2 << 20
+#: bits 12..51 of a page-table entry: the physical frame (NX and flags masked off)
+FRAME = 0x000F_FFFF_FFFF_F000
+PRESENT, HUGE = 0x1, 0x80
 
 
 class GuestMemory:
@@ -87,6 +92,35 @@ class GuestMemory:
         if phys < 0 or phys + length > self.size:
             raise VmError(f"{self.where}: read of {length} bytes at {phys:#x} outside the RAM")
         return self._map[phys:phys + length]
+
+    def translate(self, virt: int) -> int:
+        """The guest-physical address of a running kernel's virtual address, by walking
+        the kernel's own 4-level page tables from `init_top_pgt` (what CR3 holds for
+        kernel threads): 1 GiB and 2 MiB pages included."""
+        table = self.phys("init_top_pgt")
+        for level, shift in enumerate((39, 30, 21, 12)):
+            entry = struct.unpack("<Q", self.read(table + 8 * (virt >> shift & 511), 8))[0]
+            if not entry & PRESENT:
+                raise VmError(f"{self.where}: virtual {virt:#x} not mapped (level {4 - level} "
+                              f"entry {entry:#x})")
+            if shift in (30, 21) and entry & HUGE or shift == 12:
+                size = 1 << shift
+                return (entry & FRAME & ~(size - 1)) | (virt & (size - 1))
+            table = entry & FRAME
+        raise AssertionError("unreachable")
+
+    def read_virt(self, virt: int, length: int) -> bytes:
+        """`length` bytes at a kernel virtual address, page by page."""
+        out = []
+        while length > 0:
+            n = min(length, 0x1000 - (virt & 0xFFF))
+            out.append(self.read(self.translate(virt), n))
+            virt, length = virt + n, length - n
+        return b"".join(out)
+
+    def virt(self, symbol: str) -> int:
+        """The running kernel's virtual address of `symbol` (its link address + KASLR)."""
+        return (self.kernel.symbol(symbol) + self.kaslr_offset) % (1 << 64)
 
     def read_u64(self, symbol: str) -> int:
         return struct.unpack("<Q", self.read(self.phys(symbol), 8))[0]
