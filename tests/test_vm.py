@@ -157,6 +157,11 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         assert memory.translate(direct + memory.text_phys + 0x1234) == memory.text_phys + 0x1234
         banner = memory.read_virt(memory.virt("linux_banner"), 64)
         assert banner.startswith(f"Linux version {kernel.version} ".encode())
+        # any process (an agent) maps the same RAM through QEMU's descriptor
+        from backdoors.lab import vms
+        with vms.memory(lab.plan, "v0", lab.state.vms["v0"]) as other:
+            assert other.text_phys == memory.text_phys
+            assert _advances(other.jiffies)
         assert _advances(memory.jiffies)
         vm.lock()
         assert not vm.running()

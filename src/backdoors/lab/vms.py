@@ -7,10 +7,14 @@ outlive a `lab up` that returns; `lab down` (or the next `up`) reaps them by nam
 
 from __future__ import annotations
 
+import os
+
 from .. import net
 from ..net import netns
 from ..vm import machine
+from ..vm.kernel import GuestKernel
 from ..vm.machine import Vm, VmSpec
+from ..vm.memory import GuestMemory
 from . import topology
 
 
@@ -36,3 +40,12 @@ def start(plan: topology.Plan, name: str, **kw) -> Vm:
 
 def reap(prefix: str) -> list[int]:
     return machine.reap(prefix)
+
+
+def memory(plan: topology.Plan, name: str, pid: int) -> GuestMemory:
+    """VM node `name`'s RAM, mapped read-only from its QEMU (`pid`) by any process."""
+    fd = machine.open_ram(pid, plan.vm(name).netns)
+    try:
+        return GuestMemory(fd, GuestKernel.find(), where=f"VM node {name}")
+    finally:
+        os.close(fd)

@@ -269,6 +269,23 @@ def _bridge(spec: VmSpec) -> None:
         set_up(spec.netns, spec.uplink)
 
 
+def open_ram(pid: int, name: str) -> int:
+    """A read-only descriptor of the RAM of the guest `name` run by QEMU `pid`, taken from
+    /proc/PID/fd (for a process other than the VM's owner, e.g. an agent)."""
+    target = f"/memfd:{name}-ram"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError as e:
+        raise VmError(f"cannot list the descriptors of QEMU pid {pid} (VM {name}): {e.strerror}") from None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(target):
+                return os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+    raise VmError(f"QEMU pid {pid} holds no RAM memfd {target!r}: is it VM {name}'s QEMU?")
+
+
 def reap(prefix: str) -> list[int]:
     """SIGKILL every QEMU whose `-name` starts with `prefix` (a crashed owner's guests);
     their taps and RAM end with them. The pids killed."""
