@@ -66,6 +66,10 @@ def test_profile_from_the_image_alone(kernel):
     assert syms["jiffies"] == syms["jiffies_64"]  # the linker script aliases them
     for name in ("init_task", "sys_call_table", "linux_banner", "phys_base", "init_top_pgt"):
         assert syms[name] > syms["_text"]
+    assert kernel.member("list_head", "next") == 0
+    assert 0 < kernel.member("task_struct", "tasks") < kernel.member("task_struct", "comm")
+    with pytest.raises(VmError, match="no offset of task_struct.nothing"):
+        kernel.member("task_struct", "nothing")
     assert GuestKernel.find().symbol("jiffies") == syms["jiffies"]  # the cached profile
     with pytest.raises(VmError, match="no symbol 'no_such_symbol'"):
         kernel.symbol("no_such_symbol")
@@ -157,6 +161,10 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         assert memory.translate(direct + memory.text_phys + 0x1234) == memory.text_phys + 0x1234
         banner = memory.read_virt(memory.virt("linux_banner"), 64)
         assert banner.startswith(f"Linux version {kernel.version} ".encode())
+        # the process table, walked from init_task.tasks with offsets from the kernel's BTF
+        tasks = dict(memory.tasks())
+        assert tasks[0] == "swapper/0" and tasks[1] == "init" and tasks[2] == "kthreadd"
+        assert "httpd" in tasks.values()  # the guest's service
         # any process (an agent) maps the same RAM through QEMU's descriptor
         from backdoors.lab import vms
         with vms.memory(lab.plan, "v0", lab.state.vms["v0"]) as other:

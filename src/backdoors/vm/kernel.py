@@ -15,10 +15,15 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import VmError
-from . import kallsyms
+from . import btf, kallsyms
 
 #: the kernel's virtual base of its image mapping (x86-64, arch/x86/include/asm/page_64_types.h)
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
+PROFILE_FORMAT = 2
+#: structure members whose offsets the profile keeps (from the kernel's BTF)
+MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tgid"),
+           ("task_struct", "comm"), ("task_struct", "__state"), ("task_struct", "mm"),
+           ("list_head", "next"))
 
 
 def cache_dir() -> Path:
@@ -60,25 +65,44 @@ class GuestKernel:
         return cache_dir() / f"profile-{self.version}.json"
 
     @cached_property
-    def symbols(self) -> dict[str, int]:
-        """Symbol name -> link-time virtual address: the kallsyms table decoded from the
-        image once per kernel build, then cached as JSON next to it (the package's
-        System.map is a stub that points at the -dbg package)."""
+    def _profile(self) -> dict:
+        """The profile of this build, decoded from the image once and cached as JSON next
+        to it: symbols from kallsyms (the package's System.map is a stub that points at
+        the -dbg package) and the member offsets of MEMBERS from BTF."""
         try:
-            return json.loads(self.profile_path.read_text())["symbols"]
-        except (OSError, ValueError, KeyError):
+            cached = json.loads(self.profile_path.read_text())
+            if cached.get("format") == PROFILE_FORMAT:
+                return cached
+        except (OSError, ValueError):
             pass
         try:
             image = self.image.read_bytes()
         except OSError as e:
             raise VmError(f"cannot read the guest kernel image {self.image}: {e.strerror}") from None
-        table = kallsyms.symbols(kallsyms.extract_vmlinux(image, str(self.image)), str(self.image))
-        out = {name: addr for name, (_kind, addr) in table.items()}
+        vmlinux = kallsyms.extract_vmlinux(image, str(self.image))
+        table = kallsyms.symbols(vmlinux, str(self.image))
+        types = btf.Btf(btf.section(vmlinux, ".BTF", str(self.image)))
+        profile = {"format": PROFILE_FORMAT, "version": self.version,
+                   "symbols": {name: addr for name, (_kind, addr) in table.items()},
+                   "members": {f"{s}.{m}": types.member_offset(s, m) for s, m in MEMBERS}}
         self.profile_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.profile_path.with_name(f".{self.profile_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"version": self.version, "symbols": out}))
+        tmp.write_text(json.dumps(profile))
         tmp.replace(self.profile_path)
-        return out
+        return profile
+
+    @property
+    def symbols(self) -> dict[str, int]:
+        """Symbol name -> link-time virtual address."""
+        return self._profile["symbols"]
+
+    def member(self, struct_name: str, member: str) -> int:
+        """The byte offset of `member` in `struct struct_name` (one of MEMBERS)."""
+        try:
+            return self._profile["members"][f"{struct_name}.{member}"]
+        except KeyError:
+            raise VmError(f"the profile has no offset of {struct_name}.{member} "
+                          "(add it to vm.kernel.MEMBERS)") from None
 
     def symbol(self, name: str) -> int:
         """The link-time virtual address of kernel symbol `name`."""

@@ -125,6 +125,24 @@ class GuestMemory:
     def read_u64(self, symbol: str) -> int:
         return struct.unpack("<Q", self.read(self.phys(symbol), 8))[0]
 
+    def tasks(self, limit: int = 1 << 16) -> list[tuple[int, str]]:
+        """(pid, comm) of every task on the kernel's task list (init_task.tasks, a
+        circular list of task_structs linked through their `tasks` member), read through
+        the page tables; `limit` bounds a list a hostile or changing guest keeps long."""
+        k = self.kernel
+        link, pid_at, comm_at = (k.member("task_struct", m) for m in ("tasks", "pid", "comm"))
+        head = self.virt("init_task") + link
+        out, node = [], head
+        for _ in range(limit):
+            task = node - link
+            pid = struct.unpack("<i", self.read_virt(task + pid_at, 4))[0]
+            comm = self.read_virt(task + comm_at, 16).split(b"\0", 1)[0].decode(errors="replace")
+            out.append((pid, comm))
+            node = struct.unpack("<Q", self.read_virt(node, 8))[0]
+            if node == head:
+                return out
+        raise VmError(f"{self.where}: the task list has more than {limit} entries or loops")
+
     def jiffies(self) -> int:
         """The guest kernel's tick counter (jiffies_64): it stops when the guest's
         kernel stops ticking (vCPUs stopped, the guest hung)."""
