@@ -142,7 +142,7 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
     from backdoors.lab import Lab
     name = f"v{unique}"
     prefix = f"bd-{name}-"
-    with Lab(name, hosts=1, nodes=1, services=False, vm_nodes=1) as lab:
+    with Lab(name, hosts=1, nodes=1, services=False, vm_nodes=2) as lab:
         vm = lab.vm("v0")
         plan = lab.plan.vm("v0")
         print(f"VM boot {vm.boot_s:.1f}s with {vm.accel}")
@@ -187,6 +187,8 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         with GuestSampler(box, period=0.02), SensorBoxReader(box.box.fd) as reader:
             assert _advances(lambda: reader.snapshot().get("jiffies").value)
             assert not reader.snapshot().get("jiffies").violated
+            assert _eventually(lambda: reader.snapshot().get("tasks").value == len(memory.tasks()))
+            assert not reader.snapshot().get("tasks").violated
             vm.lock()
             locked_at = time.monotonic()
             assert _eventually(lambda: reader.snapshot().get("jiffies").violated)
@@ -195,7 +197,8 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
             vm.unlock()
             assert _eventually(lambda: not reader.snapshot().get("jiffies").violated)
         box.close()
-        assert _qemus(prefix) == [vm.pid]
+        assert sorted(_qemus(prefix)) == sorted(lab.state.vms.values())
+        assert _http_get(lab, lab.plan.vm("v1").vip).endswith(b"vm bd-%s-v1\n" % name.encode())
         assert _memfds(prefix)
         assert netns.exists(plan.netns)
     # teardown leaves nothing: no QEMU, no RAM memfd, no namespace (with it the tap)

@@ -267,10 +267,9 @@ class Lab:
 
     def _start_vms(self) -> None:
         vms.build_network(self.plan)
-        for v in self.plan.vms:
-            self._vms[v.name] = vms.start(self.plan, v.name)
-            self.state.vms[v.name] = self._vms[v.name].pid
-            self.state.save(self.state_path)
+        self._vms = vms.start_all(self.plan)
+        self.state.vms = {name: vm.pid for name, vm in self._vms.items()}
+        self.state.save(self.state_path)
 
     def vm(self, name: str):
         """VM node `name` (a vm.Vm: QMP lock, guest memory), if this process started it."""

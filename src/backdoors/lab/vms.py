@@ -11,7 +11,7 @@ import os
 
 from .. import net
 from ..net import netns
-from ..vm import machine
+from ..vm import initramfs, machine
 from ..vm.kernel import GuestKernel
 from ..vm.machine import Vm, VmSpec
 from ..vm.memory import GuestMemory
@@ -36,6 +36,28 @@ def spec(plan: topology.Plan, name: str, **kw) -> VmSpec:
 def start(plan: topology.Plan, name: str, **kw) -> Vm:
     """Boot VM node `name` (kw: VmSpec keys, e.g. accel, kaslr, memory_mb)."""
     return Vm.start(spec(plan, name, **kw))
+
+
+def start_all(plan: topology.Plan, **kw) -> dict[str, Vm]:
+    """Boot every VM node of `plan` at once (kw: VmSpec keys); if one fails, the others
+    are stopped and the first error raised."""
+    from concurrent.futures import ThreadPoolExecutor
+    if not plan.vms:
+        return {}
+    initramfs.build(GuestKernel.find())  # once, before the guests look for it
+    with ThreadPoolExecutor(len(plan.vms)) as pool:
+        futures = {v.name: pool.submit(start, plan, v.name, **kw) for v in plan.vms}
+    started, errors = {}, []
+    for name, future in futures.items():
+        try:
+            started[name] = future.result()
+        except BaseException as e:  # noqa: BLE001 - collected, the first re-raised
+            errors.append(e)
+    if errors:
+        for vm in started.values():
+            vm.stop()
+        raise errors[0]
+    return started
 
 
 def reap(prefix: str) -> list[int]:
