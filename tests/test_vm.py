@@ -59,6 +59,19 @@ def test_cpio_archive_reads_back():
     assert entries["bin"][0] == 0o040755
 
 
+def test_foreign_or_truncated_images_are_refused_clearly(kernel):
+    from backdoors.vm import btf, kallsyms
+    with pytest.raises(VmError, match="not an x86 bzImage"):
+        kallsyms.extract_vmlinux(b"\0" * 4096, "junk")
+    image = kernel.image.read_bytes()
+    with pytest.raises(VmError, match="truncated bzImage|payload|not an ELF|corrupt"):
+        kallsyms.extract_vmlinux(image[:0x4000], "cut")
+    with pytest.raises(VmError, match="no kallsyms token table"):
+        kallsyms.symbols(b"\x7fELF" + b"\0" * 100_000, "empty")
+    with pytest.raises(VmError, match="not BTF|truncated"):
+        btf.Btf(b"\0" * 64)
+
+
 def test_profile_from_the_image_alone(kernel):
     syms = kernel.symbols
     assert len(syms) > 50_000

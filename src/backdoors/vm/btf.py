@@ -41,6 +41,14 @@ class Btf:
     """The parsed types of one BTF blob (only what member offsets need)."""
 
     def __init__(self, blob: bytes):
+        try:
+            self._parse(blob)
+        except (struct.error, IndexError, ValueError) as e:
+            raise VmError(f"malformed BTF: {e}") from None
+
+    def _parse(self, blob: bytes) -> None:
+        if len(blob) < 24:
+            raise VmError(f"BTF of {len(blob)} bytes is truncated")
         magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", blob, 0)
         if magic != MAGIC:
             raise VmError(f"not BTF (magic {magic:#x})")

@@ -25,6 +25,8 @@ def extract_vmlinux(bzimage: bytes, where: str = "vmlinuz") -> bytes:
     if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
         raise VmError(f"{where} is not an x86 bzImage (no HdrS boot header)")
     setup_sects = bzimage[0x1F1] or 4
+    if len(bzimage) < (setup_sects + 1) * 512 + 8:
+        raise VmError(f"{where}: truncated bzImage ({len(bzimage)} bytes)")
     start = (setup_sects + 1) * 512
     off, length = struct.unpack_from("<II", bzimage, 0x248)
     payload = bzimage[start + off:start + off + length]
@@ -66,11 +68,14 @@ def symbols(image: bytes, where: str = "vmlinux") -> dict[str, tuple[str, int]]:
     """Symbol name -> (type letter, link-time address), decoded from `image`'s kallsyms."""
     digits = b"".join(b"%d\0" % d for d in range(10))
     at = image.find(digits)
-    while at >= 0:
-        found = _tables_at(image, at)
-        if found is not None:
-            return _decode(image, *found)
-        at = image.find(digits, at + 1)
+    try:
+        while at >= 0:
+            found = _tables_at(image, at)
+            if found is not None:
+                return _decode(image, *found)
+            at = image.find(digits, at + 1)
+    except (struct.error, IndexError, ValueError) as e:  # a truncated or foreign image
+        raise VmError(f"{where}: malformed kallsyms tables: {e}") from None
     raise VmError(f"{where}: no kallsyms token table found (is CONFIG_KALLSYMS set?)")
 
 

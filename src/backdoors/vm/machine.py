@@ -27,8 +27,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import VmError
-from ..net import add_bridge, netns, set_master, set_up
+from ..errors import NetError, VmError
+from ..net import add_bridge, link_info, netns, set_master, set_up
 from . import initramfs
 from .kernel import GuestKernel
 from .memory import GuestMemory
@@ -259,10 +259,9 @@ def _open_tap(ns: str) -> int:
 
 def _bridge(spec: VmSpec) -> None:
     """The node's bridge: the uplink (its veth on the service network) and, later, the tap."""
-    from ..net import links
     try:
-        links.link_info(spec.netns, BRIDGE)
-    except Exception:  # noqa: BLE001 - missing: make it
+        link_info(spec.netns, BRIDGE)
+    except NetError:  # missing: make it
         add_bridge(spec.netns, BRIDGE)
     if spec.uplink is not None:
         set_master(spec.netns, spec.uplink, BRIDGE)
