@@ -163,7 +163,8 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         for address in (plan.address, plan.vip):
             reply = _http_get(lab, address)
             assert reply.startswith(b"HTTP/1.") and reply.endswith(b"vm bd-%s-v0\n" % name.encode())
-        assert lab.status()["vms"][0]["qemu_pid"] == vm.pid
+        status = lab.status()["vms"][0]
+        assert status["qemu_pid"] == vm.pid and status["accel"] == vm.accel in ("tcg", "kvm")
         # jiffies, read from the guest's RAM without its help: ticks, freezes, resumes
         memory = vm.memory()
         assert memory.text_phys % (2 << 20) == 0

@@ -138,7 +138,8 @@ def _show_lab(s: dict) -> None:
         monitors = ", ".join(f"{m} (pid {p})" for m, p in s.get("monitors", {}).items())
         out.print(f"etcd {s['etcd']} (in the monitor namespace); monitors: {monitors or 'none'}")
     for v in s.get("vms", []):
-        out.print(f"VM node {v['node']}: {v['vip']} (address {v['address']}), QEMU pid {v['qemu_pid']}")
+        out.print(f"VM node {v['node']}: {v['vip']} (address {v['address']}), QEMU pid "
+                  f"{v['qemu_pid']}, {v.get('accel', '?')}, booted in {v.get('boot_s', '?')} s")
 
 
 @lab_app.command("down")

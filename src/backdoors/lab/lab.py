@@ -84,6 +84,7 @@ class LabState:
     monitors: dict[str, int] = field(default_factory=dict)  # monitor processes: id -> pid
     vm_nodes: int = 0
     vms: dict[str, int] = field(default_factory=dict)  # VM node -> its QEMU's pid
+    vm_boots: dict[str, dict] = field(default_factory=dict)  # VM node -> accel, boot_s
 
     @classmethod
     def load(cls, path: Path) -> "LabState":
@@ -269,6 +270,8 @@ class Lab:
         vms.build_network(self.plan)
         self._vms = vms.start_all(self.plan)
         self.state.vms = {name: vm.pid for name, vm in self._vms.items()}
+        self.state.vm_boots = {name: {"accel": vm.accel, "boot_s": round(vm.boot_s, 2)}
+                               for name, vm in self._vms.items()}
         self.state.save(self.state_path)
 
     def vm(self, name: str):
@@ -561,7 +564,8 @@ class Lab:
         out = {"lab": self.name, "owner_pid": self.state.owner_pid, "hosts": hosts, "nodes": nodes}
         if self.plan.vms:
             out["vms"] = [{"node": v.name, "address": v.address, "vip": v.vip,
-                           "qemu_pid": pid if (pid := self.state.vms.get(v.name)) and alive(pid) else None}
+                           "qemu_pid": pid if (pid := self.state.vms.get(v.name)) and alive(pid) else None,
+                           **self.state.vm_boots.get(v.name, {})}
                           for v in self.plan.vms]
         if self.state.etcd is not None:
             out["etcd"] = self.state.etcd
