@@ -721,7 +721,7 @@ def bench_agent(
 @bench_app.command("recovery")
 def bench_recovery(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    sessions: list[int] = typer.Option([1, 10, 100, 1000], help="Session counts (repeat the option)."),
+    sessions: list[int] = typer.Option([1, 10, 100, 1000, 10000], help="Session counts (repeat the option)."),
     haproxy: bool = typer.Option(True, "--haproxy/--no-haproxy", help="Measure the HAProxy peer too."),
 ) -> None:
     """Recovery of N sessions from a frozen node vs HAProxy; overhead of Continuation Boxes."""

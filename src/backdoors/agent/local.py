@@ -24,7 +24,6 @@ import fcntl
 import logging
 import math
 import os
-import select
 import selectors
 import socket
 import stat
@@ -44,7 +43,7 @@ from ..sensors import Region, parse_box, read_consistent
 from ..sensors.region import HUGETLBFS_MAGIC, TMPFS_MAGIC, filesystem
 from .audit import AuditLog, RefusalLimiter, clip
 from .closing import Closer
-from .membership import misplaced, outside_message, read_cgroups
+from .membership import misplaced, outside_message, read_cgroups, readable
 from .metrics import AgentMetrics
 from .protocol import DECODE_ERRORS
 from .regions import SESSION_KIND, RegionRefused, RegionTable
@@ -333,7 +332,7 @@ class LocalServer:
             cgroups = read_cgroups(conn.pid)
         except OSError:
             raise RegionRefused(f"the caller (pid {conn.pid}) has exited") from None
-        if conn.pidfd is not None and select.select([conn.pidfd], [], [], 0)[0]:
+        if conn.pidfd is not None and readable(conn.pidfd):
             raise RegionRefused(f"the caller (pid {conn.pid}) exited during the check")
         wrong = misplaced(node.cgroup.layout, cgroups, node.cgroup.relpath)
         if wrong is not None:

@@ -78,7 +78,7 @@ def outsider(node, pid: int) -> str | None:
         return f"the listener (pid {pid}) has exited"
     try:
         cgroups = read_cgroups(pid)
-        if select.select([pidfd], [], [], 0)[0]:
+        if readable(pidfd):
             return f"the listener (pid {pid}) exited during the check"
     except OSError:
         return f"the listener (pid {pid}) has exited"
@@ -89,3 +89,12 @@ def outsider(node, pid: int) -> str | None:
         return (f"the listener (pid {pid}) is not inside node {node.name} (cgroup {where!r} "
                 f"of the {hierarchy} hierarchy, not {'/' + node.cgroup.relpath.strip('/')!r})")
     return None
+
+
+def readable(fd: int) -> bool:
+    """Whether `fd` polls readable now (poll, not select: an agent holding thousands of
+    sessions has descriptors numbered beyond select's 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+

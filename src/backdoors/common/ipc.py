@@ -64,7 +64,9 @@ def send(sock: socket.socket, message: object, fds: Sequence[int] = (), *,
         try:
             sent = sock.sendmsg([data], ancillary)
         except BlockingIOError:
-            if not select.select([], [sock], [], timeout)[1]:
+            poller = select.poll()  # not select(): descriptors may be numbered beyond 1024
+            poller.register(sock, select.POLLOUT)
+            if not poller.poll(timeout * 1000):
                 raise
             continue
         data, ancillary = data[sent:], []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -43,7 +44,7 @@ from ..errors import BackdoorsError, LabError, NodeError, require_root
 from ..net import netns
 from ..nodes import Node, cgroups
 from ..nodes.container import (Container, Isolation, NodeProcess, mount_tmpfs, python_paths,
-                               uid_base_for, unmount_under)
+                               resize_tmpfs, uid_base_for, unmount_under)
 from ..sensors import SensorBoxReader, Snapshot
 from .. import fleet
 from .agents import agent_pid, key_path, read_key, start_agent, stop_agents, write_keys
@@ -192,6 +193,7 @@ class Lab:
     def up(self) -> "Lab":
         """Build the lab (after reaping any leftovers of a lab of the same name)."""
         require_root("building a lab")
+        raise_nofile()
         reap(self.name)
         try:
             self.plan.run_dir.mkdir(parents=True)
@@ -363,6 +365,17 @@ class Lab:
         directory of /run/backdoors the node sees."""
         self.plan.node(node)
         return self.plan.run_dir / "nodes" / node
+
+    def grow_run_dir(self, node: str, size: int) -> Path:
+        """Let `node` keep up to `size` bytes in its run directory (a tmpfs charged to its
+        cgroup; NODE_RUN_DIR_BYTES by default): for a node that keeps data there, such as
+        the case study's database. Returns the directory."""
+        if size < NODE_RUN_DIR_BYTES:
+            raise LabError(f"a node's run directory holds at least {NODE_RUN_DIR_BYTES} bytes, "
+                           f"asked {size}")
+        path = self.node_run_dir(node)
+        resize_tmpfs(path, size)
+        return path
 
     def isolation(self, node: str) -> Isolation:
         """How `node` is isolated: its own uid range (derived from the lab name and the
@@ -590,3 +603,26 @@ class StopSignals:
         while not self.received:
             signal.pause()
         return self.received[0]
+
+
+#: descriptors a lab process may open: its agents, servers and clients hold a few per
+#: session, and the lab moves 10,000 sessions (bench recovery)
+NOFILE = 1 << 20
+
+
+def raise_nofile(limit: int = NOFILE) -> None:
+    """Raise this process's hard RLIMIT_NOFILE to `limit` (within fs.nr_open) before the
+    lab starts its processes: they inherit it (root may raise it) and raise their soft
+    limit to it as they need (the keeper, the lab's servers and clients do)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            limit = min(limit, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < limit:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, limit))
+        except (OSError, ValueError):
+            pass  # not allowed: the limits stay as they were
+

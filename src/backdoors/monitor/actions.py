@@ -315,7 +315,8 @@ class Recover(Action, tag="recover"):
                   "evacuate_ms": round((ctx.clock() - fenced_at) * 1000, 1),
                   "fence": msgspec.to_builtins(fence), "sessions": ev.sessions,
                   "moved": ev.moved, "failed": ev.failed, "dump_ms": ev.dump_ms,
-                  "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt)}
+                  "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt),
+                  "dump_phases": ev.phases}
         if self.after == "release":
             ctx.client.kill_node(ctx.node)
             ctx.client.unlock(ctx.node, force=True)
