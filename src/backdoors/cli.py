@@ -73,6 +73,7 @@ def lab_up(
     foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
     etcd: bool = typer.Option(False, "--etcd", help="Run an etcd on the private network (the monitor namespace) for a fleet of monitors."),
     monitors: int = typer.Option(0, help="Start this many monitor processes (m1, m2, ...; with --etcd they share the nodes)."),
+    vm_nodes: int = typer.Option(0, "--vm-nodes", help="VM nodes (QEMU guests v0, v1, ...; docs/vm-backdoor.md) besides the container nodes."),
 ) -> None:
     """Build a lab. Without --foreground it stays until `backdoors lab down`."""
     from .lab import Lab
@@ -82,7 +83,7 @@ def lab_up(
         raise typer.BadParameter("--monitors needs the agents (leave out --no-agents)")
     ids = tuple(f"m{i + 1}" for i in range(max(1, monitors)))
     lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
-              pids_limit=pids or None, agents=agents, monitors=ids, etcd=etcd)
+              pids_limit=pids or None, agents=agents, monitors=ids, etcd=etcd, vm_nodes=vm_nodes)
     signals = StopSignals() if foreground else None
     lab.up()
     try:
@@ -136,6 +137,9 @@ def _show_lab(s: dict) -> None:
     if s.get("etcd"):
         monitors = ", ".join(f"{m} (pid {p})" for m, p in s.get("monitors", {}).items())
         out.print(f"etcd {s['etcd']} (in the monitor namespace); monitors: {monitors or 'none'}")
+    for v in s.get("vms", []):
+        out.print(f"VM node {v['node']}: {v['vip']} (address {v['address']}), QEMU pid "
+                  f"{v['qemu_pid']}, {v.get('accel', '?')}, booted in {v.get('boot_s', '?')} s")
 
 
 @lab_app.command("down")
