@@ -126,3 +126,48 @@ def test_an_oom_kill_is_pushed_from_the_memory_controller(watched):
     finally:
         hog.kill()
         hog.wait()
+
+
+@pytest.mark.parametrize("held_sessions", [True, False])
+def test_a_dead_registrant_is_told_to_the_owner_watch_before_any_stall(watched, held_sessions):
+    """A registrant's death goes to `owner_died` before anything else is said of it. If
+    it held sessions, "owner_died" (pushed by the owner watch) comes first and its box
+    stalls only at the deadline (for rules without a server-died rule); under load that
+    stall used to reach the monitor first, and a hang rule fenced the node the server was
+    being restarted in. Else its counters stall at once, reason "died"."""
+    from backdoors.sensors import SensorBox
+
+    w = watched
+
+    def owner_died(node, pid):
+        w.events.put(("owner_died", node, {"condition": "owner_died", "pid": pid}))
+        return held_sessions
+
+    w.watcher.owner_died = owner_died
+    box = SensorBox.create("srv")
+    progress = box.progress("progress", deadline=0.1)
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        w.watcher.regions.keep("n0", "srv", "sensorbox", os.dup(box.fd), owner.pid)
+        for _ in range(30):  # progressing while its registrant lives
+            progress.tick()
+            time.sleep(0.01)
+        owner.kill()
+        owner.wait()
+        said = []
+        while len(said) < 2:
+            kind, node, data = w.events.get(timeout=10)
+            if data.get("condition") in ("owner_died", "progress_stalled"):
+                said.append((kind, data))
+        assert [d["condition"] for _, d in said] == ["owner_died", "progress_stalled"]
+        assert said[0][1]["pid"] == owner.pid
+        kind, stall = said[1]
+        assert kind == "violation"
+        if held_sessions:  # at the deadline, as a hang
+            assert "reason" not in stall and stall["unchanged_ms"] >= stall["deadline_ms"]
+        else:
+            assert stall["reason"] == "died"
+    finally:
+        owner.kill()
+        owner.wait()
+        box.close()

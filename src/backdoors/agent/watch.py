@@ -130,15 +130,16 @@ class _Node:
 class Watcher:
     """Watches every node on one thread (`start`, `stop`); `publish(kind, node, **data)`
     pushes an event; `held(node)` says whether a lease holds the node locked;
-    `holds_sessions(node, pid)` whether a process holds sessions of the node. `slow_s`:
-    the fallback reads' period."""
+    `owner_died(node, pid)` is told of a registrant's death and says whether it held
+    sessions of the node (the owner watch has then pushed "owner_died"). `slow_s`: the
+    fallback reads' period."""
 
     def __init__(self, nodes: dict[str, NodeRuntime], regions, *, period_s: float,
                  publish: Callable[..., int], held: Callable[[str], bool],
-                 holds_sessions: Callable[[str, int], bool] = lambda node, pid: False,
+                 owner_died: Callable[[str, int], bool] = lambda node, pid: False,
                  slow_s: float = SLOW_S):
         self.nodes, self.regions, self.period, self.slow_s = nodes, regions, period_s, slow_s
-        self.publish, self.held, self.holds_sessions = publish, held, holds_sessions
+        self.publish, self.held, self.owner_died = publish, held, owner_died
         self._nodes = {name: _Node(rt) for name, rt in nodes.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
@@ -427,8 +428,12 @@ class Watcher:
         """Publish every progress counter of the dead `owner`'s boxes as stalled, once."""
         rt = n.rt
         n.dead.add(owner)
-        if self.held(rt.name) or self.holds_sessions(rt.name, owner[0]):
-            return  # stalls at the deadline: a lock's doing, or "owner_died" says it now
+        if self.held(rt.name):
+            return  # stalls at the deadline: a lock's doing
+        if self.owner_died(rt.name, owner[0]):
+            # "owner_died" says it, pushed by now even if the owner watch's own thread has
+            # not run yet: the box's stall at the deadline never reaches a monitor first
+            return
         now, died = time.monotonic(), time.time()
         mine = [box for box in n.boxes.values() if box.owner == owner]
         for box in mine:
