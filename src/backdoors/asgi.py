@@ -81,6 +81,8 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
 async def _session(conn, app, root_path: str, state_capacity: int) -> None:
     import h11
 
+    if isinstance(conn, socket.socket):  # a response leaves at once (a recovered socket
+        _nodelay(conn)                     # keeps the option: TCP_REPAIR restores it)
     try:
         cb = await create_cb_async(conn, state_capacity=state_capacity)
     except Exception as e:  # noqa: BLE001 - a box that cannot be made loses this session only
@@ -134,6 +136,15 @@ async def _session(conn, app, root_path: str, state_capacity: int) -> None:
             await cb.writer.drain()
             if s.close:
                 return
+
+
+def _nodelay(sock: socket.socket) -> None:
+    """No Nagle delay: a response's last segment would wait for the client's (delayed)
+    acknowledgement of the one before."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
 
 
 def _address(get) -> list | None:

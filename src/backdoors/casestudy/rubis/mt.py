@@ -59,6 +59,8 @@ class MiddleTier:
 
     async def serve(self, conn) -> None:
         """One recoverable channel: its box, then middle.serve_session until it ends."""
+        if isinstance(conn, socket.socket):  # no Nagle delay on replies (a recovered
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # socket keeps it)
         try:
             cb = await create_cb_async(conn, state_capacity=STATE_CAPACITY)
         except (ContinuationError, OSError, ValueError) as err:

@@ -13,6 +13,7 @@ the tail of its node's log.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -125,3 +126,73 @@ def connect(lab, server: Server, timeout: float = 10.0) -> socket.socket:
     s.settimeout(timeout)
     s.connect((server.vip, server.port))
     return s
+
+
+class Site:
+    """The whole site in a lab of two hosts, recoverable and plain side by side:
+
+        n0 FE a (h0)   n1 FE b (h1)   n2 MT a (h0)   n3 MT b (h1)   n4 PostgreSQL (h0)
+
+    Each FE node runs the recoverable front end (FE_PORT) and the plain one (uvicorn,
+    FE_PLAIN_PORT); each MT node the recoverable middle tier (MT_PORT) and the plain one
+    (MT_PLAIN_PORT). A front end's channels go to both middle tiers of its kind. A
+    context manager: up() builds the lab, starts and loads the database and the
+    servers; down() tears everything down (the lab's, so also on errors)."""
+
+    FE, MT, DB = ("n0", "n1"), ("n2", "n3"), "n4"
+
+    def __init__(self, name: str, scale, *, secret: str | None = None):
+        from ...lab.lab import Lab
+
+        self.lab = Lab(name, hosts=2, nodes=5, agents=True, services=False)
+        self.scale = scale
+        self.secret = secret or os.urandom(16).hex()
+        self.db = None
+        self.servers: dict[tuple[str, str, bool], Server] = {}  # (tier, node, plain)
+        self.timings: dict[str, float] = {}
+
+    def up(self) -> Site:
+        import psycopg
+
+        from ..postgres import Postgres
+        from .dataset import load
+
+        t0 = time.monotonic()
+        self.lab.up()
+        try:
+            self.db = Postgres(self.lab, self.DB).start()
+            t1 = time.monotonic()
+            with psycopg.connect(self.db.local_dsn()) as c:
+                load(c, self.scale)
+            t2 = time.monotonic()
+            for plain in (False, True):
+                mts = [start_mt(self.lab, n, self.db, plain=plain) for n in self.MT]
+                for s in mts:
+                    self.servers["mt", s.node, plain] = s
+                for n in self.FE:
+                    self.servers["fe", n, plain] = start_fe(
+                        self.lab, n, [s.address for s in mts], self.secret, plain=plain)
+            self.timings = {"lab_and_db_s": round(t1 - t0, 1), "load_s": round(t2 - t1, 1),
+                            "servers_s": round(time.monotonic() - t2, 1)}
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        for s in self.servers.values():
+            s.stop()
+        self.servers.clear()
+        if self.db is not None:
+            self.db.stop()
+            self.db = None
+        self.lab.down()
+
+    def __enter__(self) -> Site:
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def front_ends(self, plain: bool) -> list[Server]:
+        return [self.servers["fe", n, plain] for n in self.FE]

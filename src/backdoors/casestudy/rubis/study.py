@@ -1,0 +1,186 @@
+"""The measured case study: the RUBiS site under locust's load, plain and recoverable side
+by side in one run, and the database checked against what the clients were told.
+
+    rubis(users=64, seconds=10) -> {"load": [{users, plain_rps, recoverable_rps,
+        plain_p50_ms, recoverable_p50_ms, plain_p99_ms, recoverable_p99_ms, ...}, ...],
+        "overhead_pct_max", "bids_acknowledged", "bids_lost", "bids_duplicated", ...}
+
+The site (site.Site: 2 front ends, 2 middle tiers, PostgreSQL) runs both kinds of server
+on the same nodes. At each load level (users/16, /8, /4, /2, users) locust runs headless
+in the lab's client namespace for `seconds` against the plain front ends, then against the
+recoverable ones (the order alternates from level to level), with both mixes (browsing
+and bidding, locustfile.py). A level is below saturation while the plain site's
+throughput still grows by at least 10 % from the level before; `overhead_pct_max` is the
+largest throughput loss of recoverable vs plain among those levels (all levels if none).
+
+Every write a client got an OK for is recorded with its key; at the end each
+acknowledged bid must be in the database once (its row, its user, item and price):
+`bids_lost` counts the missing ones, `bids_duplicated` the extra rows of an acknowledged
+bid's (user, item, price).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ...errors import LabError
+from .dataset import Scale
+from .site import Site
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+MIXES = ("Browsing", "Bidding")
+#: a level is saturated once the plain site's throughput grows less than this from the
+#: level before
+GROWTH = 1.10
+
+
+def levels(users: int) -> list[int]:
+    """users/16, /8, /4, /2, users (at least 1 each, no repeats)."""
+    return sorted({max(1, users >> k) for k in (4, 3, 2, 1, 0)})
+
+
+def run_locust(site: Site, plain: bool, users: int, seconds: float, work: Path,
+               think: tuple[float, float] = (0.05, 0.15), timeout: float | None = None) -> dict:
+    """One headless locust run against the plain or recoverable front ends: its
+    aggregated figures and the file of acknowledged writes."""
+    tag = f"{'plain' if plain else 'recoverable'}-{users}"
+    prefix, acks = work / tag, work / f"{tag}.acks"
+    hosts = ",".join(f"http://{s.vip}:{s.port}" for s in site.front_ends(plain))
+    env = {"RUBIS_HOSTS": hosts, "RUBIS_ACKS": str(acks),
+           "RUBIS_DATA_USERS": str(site.scale.users), "RUBIS_DATA_ITEMS": str(site.scale.items),
+           "RUBIS_THINK_MIN": str(think[0]), "RUBIS_THINK_MAX": str(think[1])}
+    argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+            "-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--only-summary",
+            "--csv", str(prefix), "--exit-code-on-error", "0", "--host", hosts.split(",")[0],
+            "--stop-timeout", "5", *MIXES]
+    log = open(work / f"{tag}.log", "wb")
+    try:
+        proc = site.lab.run_in_client(argv, env={**os.environ, **env}, stdout=log, stderr=log,
+                                      stdin=None)
+        try:
+            proc.wait(timeout or seconds + 60)
+        except Exception:
+            proc.kill()
+            proc.wait(5)
+            raise LabError(f"locust ({tag}) did not finish: {_tail(work / f'{tag}.log')}")
+    finally:
+        log.close()
+    stats = Path(f"{prefix}_stats.csv")
+    if proc.returncode != 0 or not stats.exists():
+        raise LabError(f"locust ({tag}) failed ({proc.returncode}): {_tail(work / f'{tag}.log')}")
+    rows = {r["Name"]: r for r in csv.DictReader(stats.open())}
+    total = rows.get("Aggregated")
+    if total is None:
+        raise LabError(f"locust ({tag}) wrote no aggregated figures: {_tail(work / f'{tag}.log')}")
+    writes = sum(int(r["Request Count"]) for n, r in rows.items()
+                 if n in ("/bid", "/buy", "/comment", "/register"))
+    requests = int(total["Request Count"])
+    return {"rps": float(total["Requests/s"]), "p50_ms": float(total["50%"]),
+            "p99_ms": float(total["99%"]), "requests": requests,
+            "failed": int(total["Failure Count"]), "writes": writes, "acks": acks}
+
+
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-1500:]
+    except OSError:
+        return "(no log)"
+
+
+def check_bids(site: Site, ack_files: list[Path]) -> dict:
+    """Each acknowledged bid's row, once: {bids_acknowledged, bids_lost, bids_duplicated}."""
+    import psycopg
+
+    acked = []
+    for path in ack_files:
+        if path.exists():
+            acked += [a for a in map(json.loads, path.read_text().splitlines())
+                      if a["kind"] == "bid"]
+    lost = duplicated = 0
+    with psycopg.connect(site.db.local_dsn()) as c:
+        for a in acked:
+            want = (a["user"], a["item"], a["price"])
+            row = c.execute("SELECT user_id, item_id, bid::text FROM bids WHERE id = %s",
+                            (a["bid"],)).fetchone()
+            key = c.execute("SELECT result->>'bid' FROM requests WHERE key = %s",
+                            (a["key"],)).fetchone()
+            lost += row != want or key is None or key[0] != str(a["bid"])
+            same = c.execute("SELECT count(*) FROM bids WHERE user_id = %s AND item_id = %s "
+                             "AND bid = %s::numeric", want).fetchone()[0]
+            duplicated += max(0, same - 1)
+    return {"bids_acknowledged": len(acked), "bids_lost": lost, "bids_duplicated": duplicated}
+
+
+def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
+          name: str | None = None, think: tuple[float, float] = (0.05, 0.15),
+          work_dir: str | None = None) -> dict:
+    """Run the case study (root); returns the facts of the module docstring. The run's
+    files (locust's figures and logs, the acknowledged writes) are kept in `work_dir`
+    when given."""
+    if users < 1 or seconds <= 0:
+        raise LabError(f"users must be >= 1 and seconds > 0, got {users} and {seconds}")
+    scale = scale or Scale()
+    work = Path(work_dir or tempfile.mkdtemp(prefix="bd-rubis-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        out = _run(users, seconds, scale, name, think, work)
+    finally:
+        if work_dir is None:  # a directory of its own: the run's files go with it
+            shutil.rmtree(work, ignore_errors=True)
+    if work_dir is not None:
+        out["work_dir"] = str(work)
+    return out
+
+
+def _run(users: int, seconds: float, scale: Scale, name: str | None,
+         think: tuple[float, float], work: Path) -> dict:
+    out: dict = {"users": users, "seconds": seconds, "mixes": list(MIXES),
+                 "think_s": list(think), "data": {"users": scale.users, "items": scale.items,
+                                                  "bids": scale.bids}, "load": []}
+    acks = []
+    t0 = time.monotonic()
+    with Site(name or f"rb{os.urandom(3).hex()}", scale) as site:
+        out["setup"] = site.timings
+        for i, n in enumerate(levels(users)):
+            row: dict = {"users": n}
+            for plain in ((True, False) if i % 2 == 0 else (False, True)):
+                got = run_locust(site, plain, n, seconds, work, think)
+                kind = "plain" if plain else "recoverable"
+                acks.append(got["acks"])
+                row.update({f"{kind}_rps": round(got["rps"], 1),
+                            f"{kind}_p50_ms": got["p50_ms"], f"{kind}_p99_ms": got["p99_ms"],
+                            f"{kind}_requests": got["requests"],
+                            f"{kind}_failed": got["failed"],
+                            f"{kind}_write_pct": round(100 * got["writes"] / max(1, got["requests"]), 1)})
+            out["load"].append(row)
+        out.update(check_bids(site, acks))
+    out["wall_s"] = round(time.monotonic() - t0, 1)
+    out.update(overhead(out["load"]))
+    return out
+
+
+def overhead(load: list[dict]) -> dict:
+    """overhead_pct_max (throughput) and p99_overhead_pct_max below saturation."""
+    below, prev, saturated = [], None, False
+    for row in load:
+        row["overhead_pct"] = round(100 * (row["plain_rps"] - row["recoverable_rps"])
+                                    / row["plain_rps"], 1) if row["plain_rps"] else None
+        saturated = saturated or (prev is not None and row["plain_rps"] < GROWTH * prev)
+        row["saturated"] = saturated
+        prev = row["plain_rps"]
+        if not row["saturated"]:
+            below.append(row)
+    rows = below or load
+    p99 = [100 * (r["recoverable_p99_ms"] - r["plain_p99_ms"]) / r["plain_p99_ms"]
+           for r in rows if r["plain_p99_ms"]]
+    return {"overhead_pct_max": max((r["overhead_pct"] for r in rows
+                                     if r["overhead_pct"] is not None), default=None),
+            "p99_overhead_pct_max": round(max(p99), 1) if p99 else None,
+            "levels_below_saturation": [r["users"] for r in below]}
