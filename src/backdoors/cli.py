@@ -633,6 +633,7 @@ def casestudy_rubis(
     users: int = typer.Option(64, help="Locust users at the highest load level; the levels are users/16, /8, /4, /2 and users."),
     seconds: float = typer.Option(10.0, help="Seconds of load per level and kind of server."),
     scale: float = typer.Option(1.0, help="Size of the data set: 1.0 is 10,000 users, 20,000 items, 100,000 bids."),
+    rounds: int = typer.Option(1, help="Pairs of runs (plain, recoverable) per level, in alternating order, averaged: a machine shared with other work drifts."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Keep the run's files here (locust's figures and logs, the acknowledged writes)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -643,10 +644,12 @@ def casestudy_rubis(
     from .casestudy.rubis.study import rubis
     from .errors import require_root
 
-    if users < 1 or seconds <= 0 or not 0 < scale <= 10:
-        raise typer.BadParameter("--users must be >= 1, --seconds > 0, --scale in (0, 10]")
+    if users < 1 or seconds <= 0 or not 0 < scale <= 10 or rounds < 1:
+        raise typer.BadParameter("--users must be >= 1, --seconds > 0, --scale in (0, 10], "
+                                 "--rounds >= 1")
     require_root("the case study's lab")
-    _emit(rubis(users, seconds, scale=Scale().scaled(scale), work_dir=out_dir), as_json)
+    _emit(rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds, work_dir=out_dir),
+          as_json)
 
 
 @scenario_app.command("hostile-node")

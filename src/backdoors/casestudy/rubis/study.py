@@ -8,8 +8,9 @@ by side in one run, and the database checked against what the clients were told.
 The site (site.Site: 2 front ends, 2 middle tiers, PostgreSQL) runs both kinds of server
 on the same nodes. At each load level (users/16, /8, /4, /2, users) locust runs headless
 in the lab's client namespace for `seconds` against the plain front ends, then against the
-recoverable ones (the order alternates from level to level), with both mixes (browsing
-and bidding, locustfile.py). A level is below saturation while the plain site's
+recoverable ones (the order alternates from level to level, and from round to round:
+`rounds` pairs per level, averaged), with both mixes (browsing and bidding,
+locustfile.py). A level is below saturation while the plain site's
 throughput still grows by at least 10 % from the level before; `overhead_pct_max` is the
 largest throughput loss of recoverable vs plain among those levels (all levels if none).
 
@@ -47,10 +48,11 @@ def levels(users: int) -> list[int]:
 
 
 def run_locust(site: Site, plain: bool, users: int, seconds: float, work: Path,
-               think: tuple[float, float] = (0.05, 0.15), timeout: float | None = None) -> dict:
+               think: tuple[float, float] = (0.05, 0.15), timeout: float | None = None,
+               tag: str = "") -> dict:
     """One headless locust run against the plain or recoverable front ends: its
     aggregated figures and the file of acknowledged writes."""
-    tag = f"{'plain' if plain else 'recoverable'}-{users}"
+    tag = f"{'plain' if plain else 'recoverable'}-{users}{'-' + tag if tag else ''}"
     prefix, acks = work / tag, work / f"{tag}.acks"
     hosts = ",".join(f"http://{s.vip}:{s.port}" for s in site.front_ends(plain))
     env = {"RUBIS_HOSTS": hosts, "RUBIS_ACKS": str(acks),
@@ -120,17 +122,18 @@ def check_bids(site: Site, ack_files: list[Path]) -> dict:
 
 def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
           name: str | None = None, think: tuple[float, float] = (0.05, 0.15),
-          work_dir: str | None = None) -> dict:
+          rounds: int = 1, work_dir: str | None = None) -> dict:
     """Run the case study (root); returns the facts of the module docstring. The run's
     files (locust's figures and logs, the acknowledged writes) are kept in `work_dir`
     when given."""
-    if users < 1 or seconds <= 0:
-        raise LabError(f"users must be >= 1 and seconds > 0, got {users} and {seconds}")
+    if users < 1 or seconds <= 0 or rounds < 1:
+        raise LabError(f"users must be >= 1, seconds > 0 and rounds >= 1, got {users}, "
+                       f"{seconds} and {rounds}")
     scale = scale or Scale()
     work = Path(work_dir or tempfile.mkdtemp(prefix="bd-rubis-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        out = _run(users, seconds, scale, name, think, work)
+        out = _run(users, seconds, scale, name, think, rounds, work)
     finally:
         if work_dir is None:  # a directory of its own: the run's files go with it
             shutil.rmtree(work, ignore_errors=True)
@@ -140,8 +143,8 @@ def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
 
 
 def _run(users: int, seconds: float, scale: Scale, name: str | None,
-         think: tuple[float, float], work: Path) -> dict:
-    out: dict = {"users": users, "seconds": seconds, "mixes": list(MIXES),
+         think: tuple[float, float], rounds: int, work: Path) -> dict:
+    out: dict = {"users": users, "seconds": seconds, "rounds": rounds, "mixes": list(MIXES),
                  "think_s": list(think), "data": {"users": scale.users, "items": scale.items,
                                                   "bids": scale.bids}, "load": []}
     acks = []
@@ -149,21 +152,31 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
     with Site(name or f"rb{os.urandom(3).hex()}", scale) as site:
         out["setup"] = site.timings
         for i, n in enumerate(levels(users)):
+            runs: dict[str, list[dict]] = {"plain": [], "recoverable": []}
+            for r in range(rounds):  # ABBA...: a drift of the machine hits both alike
+                for plain in ((True, False) if (i + r) % 2 == 0 else (False, True)):
+                    got = run_locust(site, plain, n, seconds, work, think, tag=f"r{r}")
+                    acks.append(got["acks"])
+                    runs["plain" if plain else "recoverable"].append(got)
             row: dict = {"users": n}
-            for plain in ((True, False) if i % 2 == 0 else (False, True)):
-                got = run_locust(site, plain, n, seconds, work, think)
-                kind = "plain" if plain else "recoverable"
-                acks.append(got["acks"])
-                row.update({f"{kind}_rps": round(got["rps"], 1),
-                            f"{kind}_p50_ms": got["p50_ms"], f"{kind}_p99_ms": got["p99_ms"],
-                            f"{kind}_requests": got["requests"],
-                            f"{kind}_failed": got["failed"],
-                            f"{kind}_write_pct": round(100 * got["writes"] / max(1, got["requests"]), 1)})
+            for kind, got in runs.items():
+                requests = sum(g["requests"] for g in got)
+                row.update({f"{kind}_rps": round(_mean(got, "rps"), 1),
+                            f"{kind}_p50_ms": round(_mean(got, "p50_ms"), 1),
+                            f"{kind}_p99_ms": round(_mean(got, "p99_ms"), 1),
+                            f"{kind}_requests": requests,
+                            f"{kind}_failed": sum(g["failed"] for g in got),
+                            f"{kind}_write_pct": round(100 * sum(g["writes"] for g in got)
+                                                       / max(1, requests), 1)})
             out["load"].append(row)
         out.update(check_bids(site, acks))
     out["wall_s"] = round(time.monotonic() - t0, 1)
     out.update(overhead(out["load"]))
     return out
+
+
+def _mean(runs: list[dict], key: str) -> float:
+    return sum(r[key] for r in runs) / len(runs)
 
 
 def overhead(load: list[dict]) -> dict:
