@@ -31,14 +31,17 @@ def test_levels_and_overhead_below_saturation():
                    "levels_below_saturation": [4, 8]}
 
 
-def test_the_site_under_load_loses_no_bid_and_leaves_nothing_behind(root):
+def test_the_site_under_load_and_a_front_end_freeze_loses_no_request_nor_bid(root):
+    """Then a front-end node hangs under load (fe-freeze): the monitor moves its client
+    sessions to the other front end, no request fails, no acknowledged bid is lost or
+    applied twice."""
     from backdoors.casestudy.rubis.study import rubis
     from backdoors.lab.lab import running_labs
     from backdoors.scenarios.labkit import unique_name
 
     name = unique_name("rb")
     out = rubis(users=3, seconds=3, scale=Scale(users=300, items=500, bids=2000, comments=100),
-                name=name, rounds=2)
+                name=name, rounds=2, faults=("fe-freeze",))
     assert [r["users"] for r in out["load"]] == [1, 3] and out["rounds"] == 2
     for row in out["load"]:
         for kind in ("plain", "recoverable"):
@@ -47,6 +50,11 @@ def test_the_site_under_load_loses_no_bid_and_leaves_nothing_behind(root):
     assert out["bids_acknowledged"] > 0
     assert (out["bids_lost"], out["bids_duplicated"]) == (0, 0)
     assert isinstance(out["overhead_pct_max"], float)
+    [fault] = out["faults"]
+    assert (fault["tier"], fault["fault"], fault["recover_status"]) == ("fe", "freeze", "done")
+    assert fault["moved"] >= 1 and fault["detect_ms"] is not None, fault
+    assert fault["requests"] > 0 and fault["failed_requests"] == 0, fault
+    assert (fault["bids_lost"], fault["bids_duplicated"]) == (0, 0)
     assert name not in running_labs()
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"bd-{name}-" not in netns
@@ -58,10 +66,13 @@ def test_the_command_refuses_bad_arguments():
     assert r.returncode != 0 and "--users" in (r.stderr + r.stdout)
 
 
-@pytest.mark.parametrize("bad", [{"users": 0}, {"seconds": 0}, {"rounds": 0}])
-def test_rubis_refuses_bad_arguments_before_building_anything(bad):
+@pytest.mark.parametrize("bad, match", [({"users": 0}, "users must be"),
+                                        ({"seconds": 0}, "users must be"),
+                                        ({"rounds": 0}, "users must be"),
+                                        ({"faults": ("mt-lock",)}, "mt-lock not built yet")])
+def test_rubis_refuses_bad_arguments_before_building_anything(bad, match):
     from backdoors.casestudy.rubis.study import rubis
     from backdoors.errors import LabError
 
-    with pytest.raises(LabError, match="users must be"):
+    with pytest.raises(LabError, match=match):
         rubis(**{"users": 2, "seconds": 1, **bad})

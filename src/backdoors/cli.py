@@ -634,6 +634,7 @@ def casestudy_rubis(
     seconds: float = typer.Option(10.0, help="Seconds of load per level and kind of server."),
     scale: float = typer.Option(1.0, help="Size of the data set: 1.0 is 10,000 users, 20,000 items, 100,000 bids."),
     rounds: int = typer.Option(1, help="Pairs of runs (plain, recoverable) per level, in alternating order, averaged: a machine shared with other work drifts."),
+    faults: str = typer.Option("", help="Faults under load, after the levels (comma-separated); built so far: fe-freeze (front-end node n0 hung: every process stopped; the monitor moves its client sessions to FE b)."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Keep the run's files here (locust's figures and logs, the acknowledged writes)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -648,8 +649,8 @@ def casestudy_rubis(
         raise typer.BadParameter("--users must be >= 1, --seconds > 0, --scale in (0, 10], "
                                  "--rounds >= 1")
     require_root("the case study's lab")
-    _emit(rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds, work_dir=out_dir),
-          as_json)
+    _emit(rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds,
+                faults=tuple(f for f in faults.split(",") if f), work_dir=out_dir), as_json)
 
 
 @scenario_app.command("hostile-node")

@@ -24,6 +24,9 @@ from . import mt
 
 MT_PORT, MT_PLAIN_PORT = mt.PORT, mt.PORT + 1
 FE_PORT, FE_PLAIN_PORT = 8080, 8081
+#: progress deadlines of the servers' Sensor Boxes (their event loops tick every 10 ms):
+#: generous, for a 2-core machine running the whole site and its load at once
+FE_DEADLINE_S, MT_DEADLINE_S = 0.5, 1.0
 
 
 @dataclass
@@ -67,7 +70,8 @@ def start_mt(lab, node: str, db, *, plain: bool = False, pool: int = 8,
     port = MT_PLAIN_PORT if plain else MT_PORT
     name = mt_name(node, plain)
     argv = [sys.executable, "-m", "backdoors.casestudy.rubis.mt", "--port", str(port),
-            "--name", name, "--pool", str(pool)] + (["--plain"] if plain else [])
+            "--name", name, "--pool", str(pool), "--deadline", str(MT_DEADLINE_S)] + \
+        (["--plain"] if plain else [])
     proc = lab.run_in_node(node, argv, env={mt.DSN_ENV: db.dsn()})
     return _ready(lab, Server("mt", node, lab.plan.node(node).vip, port, plain, name, proc),
                   timeout)
@@ -86,7 +90,8 @@ def start_fe(lab, node: str, mts: list[str], secret: str, *, plain: bool = False
                 "--log-level", "warning"]
     else:
         argv = [sys.executable, "-m", "backdoors.asgi", "backdoors.casestudy.rubis.front:app",
-                "--port", str(port), "--state-capacity", str(front.STATE_CAPACITY)]
+                "--port", str(port), "--state-capacity", str(front.STATE_CAPACITY),
+                "--sensor-box", f"rubis-fe-{node}", "--deadline", str(FE_DEADLINE_S)]
     env = {front.MT_ENV: ",".join(mts), front.SECRET_ENV: secret}
     proc = lab.run_in_node(node, argv, env=env)
     return _ready(lab, Server("fe", node, lab.plan.node(node).vip, port, plain,

@@ -37,6 +37,8 @@ from .site import Site
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MIXES = ("Browsing", "Bidding")
+#: the faults built so far (issue 13 lists fe- and mt- freeze, lock, network, crash)
+FAULTS = ("fe-freeze",)
 #: a level is saturated once the plain site's throughput grows less than this from the
 #: level before
 GROWTH = 1.10
@@ -48,45 +50,91 @@ def levels(users: int) -> list[int]:
 
 
 def run_locust(site: Site, plain: bool, users: int, seconds: float, work: Path,
-               think: tuple[float, float] = (0.05, 0.15), timeout: float | None = None,
-               tag: str = "") -> dict:
+               think: tuple[float, float] = (0.05, 0.15), tag: str = "") -> dict:
     """One headless locust run against the plain or recoverable front ends: its
     aggregated figures and the file of acknowledged writes."""
-    tag = f"{'plain' if plain else 'recoverable'}-{users}{'-' + tag if tag else ''}"
-    prefix, acks = work / tag, work / f"{tag}.acks"
-    hosts = ",".join(f"http://{s.vip}:{s.port}" for s in site.front_ends(plain))
-    env = {"RUBIS_HOSTS": hosts, "RUBIS_ACKS": str(acks),
-           "RUBIS_DATA_USERS": str(site.scale.users), "RUBIS_DATA_ITEMS": str(site.scale.items),
-           "RUBIS_THINK_MIN": str(think[0]), "RUBIS_THINK_MAX": str(think[1])}
-    argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-            "-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--only-summary",
-            "--csv", str(prefix), "--exit-code-on-error", "0", "--host", hosts.split(",")[0],
-            "--stop-timeout", "5", *MIXES]
-    log = open(work / f"{tag}.log", "wb")
-    try:
-        proc = site.lab.run_in_client(argv, env={**os.environ, **env}, stdout=log, stderr=log,
-                                      stdin=None)
+    return Locust(site, plain, users, seconds, work, think, tag).finish()
+
+
+class Locust:
+    """A headless locust run in the lab's client namespace, started at once; finish()
+    waits for it and reads its figures."""
+
+    def __init__(self, site: Site, plain: bool, users: int, seconds: float, work: Path,
+                 think: tuple[float, float] = (0.05, 0.15), tag: str = ""):
+        self.tag = tag = f"{'plain' if plain else 'recoverable'}-{users}{'-' + tag if tag else ''}"
+        self.seconds, self.work = seconds, work
+        self.prefix, self.acks = work / tag, work / f"{tag}.acks"
+        hosts = ",".join(f"http://{s.vip}:{s.port}" for s in site.front_ends(plain))
+        env = {"RUBIS_HOSTS": hosts, "RUBIS_ACKS": str(self.acks),
+               "RUBIS_DATA_USERS": str(site.scale.users),
+               "RUBIS_DATA_ITEMS": str(site.scale.items),
+               "RUBIS_THINK_MIN": str(think[0]), "RUBIS_THINK_MAX": str(think[1])}
+        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+                "-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--only-summary",
+                "--csv", str(self.prefix), "--exit-code-on-error", "0",
+                "--host", hosts.split(",")[0], "--stop-timeout", "5", *MIXES]
+        self.log_path = work / f"{tag}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = site.lab.run_in_client(argv, env={**os.environ, **env}, stdout=log,
+                                               stderr=log)
+
+    def finish(self, timeout: float | None = None) -> dict:
+        tag = self.tag
         try:
-            proc.wait(timeout or seconds + 60)
+            self.proc.wait(timeout or self.seconds + 60)
         except Exception:
-            proc.kill()
-            proc.wait(5)
-            raise LabError(f"locust ({tag}) did not finish: {_tail(work / f'{tag}.log')}")
-    finally:
-        log.close()
-    stats = Path(f"{prefix}_stats.csv")
-    if proc.returncode != 0 or not stats.exists():
-        raise LabError(f"locust ({tag}) failed ({proc.returncode}): {_tail(work / f'{tag}.log')}")
-    rows = {r["Name"]: r for r in csv.DictReader(stats.open())}
-    total = rows.get("Aggregated")
-    if total is None:
-        raise LabError(f"locust ({tag}) wrote no aggregated figures: {_tail(work / f'{tag}.log')}")
-    writes = sum(int(r["Request Count"]) for n, r in rows.items()
-                 if n in ("/bid", "/buy", "/comment", "/register"))
-    requests = int(total["Request Count"])
-    return {"rps": float(total["Requests/s"]), "p50_ms": float(total["50%"]),
-            "p99_ms": float(total["99%"]), "requests": requests,
-            "failed": int(total["Failure Count"]), "writes": writes, "acks": acks}
+            self.proc.kill()
+            self.proc.wait(5)
+            raise LabError(f"locust ({tag}) did not finish: {_tail(self.log_path)}") from None
+        stats = Path(f"{self.prefix}_stats.csv")
+        if self.proc.returncode != 0 or not stats.exists():
+            raise LabError(f"locust ({tag}) failed ({self.proc.returncode}): "
+                           f"{_tail(self.log_path)}")
+        rows = {r["Name"]: r for r in csv.DictReader(stats.open())}
+        total = rows.get("Aggregated")
+        if total is None:
+            raise LabError(f"locust ({tag}) wrote no aggregated figures: {_tail(self.log_path)}")
+        writes = sum(int(r["Request Count"]) for n, r in rows.items()
+                     if n in ("/bid", "/buy", "/comment", "/register"))
+        requests = int(total["Request Count"])
+        return {"rps": float(total["Requests/s"]), "p50_ms": float(total["50%"]),
+                "p99_ms": float(total["99%"]), "requests": requests,
+                "failed": int(total["Failure Count"]), "writes": writes, "acks": self.acks,
+                "max_ms": float(total["Max Response Time"])}
+
+
+def fe_freeze(site: Site, users: int, seconds: float, work: Path,
+              think: tuple[float, float] = (0.05, 0.15), period_ms: float = 50) -> dict:
+    """The recoverable site under load while front-end node n0 freezes (every process
+    SIGSTOPped: a hang). A monitor with the "heal" ruleset sees the front end's progress
+    sensor stall, fences n0 and moves its client sessions to FE b (n1). Leaves n0 fenced:
+    run it last. Facts: requests and failed ones (locust's), the longest answer, detect_ms
+    (freeze to the incident), recovery_ms (the incident to the end of the move), moved."""
+    from ...lab import inject
+    from ...monitor import Monitor
+
+    fe = site.FE[0]
+    cfg = site.lab.monitor_config("m1", period_ms=period_ms, rulesets=["heal"])
+    with Monitor(cfg, key=site.lab.monitor_key("m1")) as mon:
+        mon.wait_ready(timeout=10)
+        run = Locust(site, False, users, seconds, work, think, tag="fe-freeze")
+        time.sleep(seconds / 3)
+        wall = time.time()
+        inject(site.lab, "freeze", fe)
+        inc = mon.wait_for(lambda i: i.node == fe and any(a.kind == "recover"
+                                                          for a in i.actions), seconds + 30)
+        got = run.finish()
+    facts = {"tier": "fe", "fault": "freeze", "users": users, "requests": got["requests"],
+             "failed_requests": got["failed"], "max_response_ms": got["max_ms"],
+             "detect_ms": None, "recovery_ms": None, "moved": None, "acks": got["acks"]}
+    if inc is not None:
+        rec = next(a for a in inc.actions if a.kind == "recover")
+        facts.update(detect_ms=round((inc.detected - wall) * 1000, 1),
+                     recovery_ms=round(rec.started_ms + rec.duration_ms, 1),
+                     moved=rec.detail.get("moved"), recover_status=rec.status,
+                     target=rec.detail.get("target"))
+    return facts
 
 
 def _tail(path: Path) -> str:
@@ -122,10 +170,13 @@ def check_bids(site: Site, ack_files: list[Path]) -> dict:
 
 def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
           name: str | None = None, think: tuple[float, float] = (0.05, 0.15),
-          rounds: int = 1, work_dir: str | None = None) -> dict:
+          rounds: int = 1, faults: tuple[str, ...] = (), work_dir: str | None = None) -> dict:
     """Run the case study (root); returns the facts of the module docstring. The run's
     files (locust's figures and logs, the acknowledged writes) are kept in `work_dir`
     when given."""
+    if unknown := set(faults) - set(FAULTS):
+        raise LabError(f"faults: {', '.join(sorted(unknown))} not built yet; choose from "
+                       f"{', '.join(FAULTS)}")
     if users < 1 or seconds <= 0 or rounds < 1:
         raise LabError(f"users must be >= 1, seconds > 0 and rounds >= 1, got {users}, "
                        f"{seconds} and {rounds}")
@@ -133,7 +184,7 @@ def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
     work = Path(work_dir or tempfile.mkdtemp(prefix="bd-rubis-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        out = _run(users, seconds, scale, name, think, rounds, work)
+        out = _run(users, seconds, scale, name, think, rounds, tuple(faults), work)
     finally:
         if work_dir is None:  # a directory of its own: the run's files go with it
             shutil.rmtree(work, ignore_errors=True)
@@ -143,7 +194,8 @@ def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
 
 
 def _run(users: int, seconds: float, scale: Scale, name: str | None,
-         think: tuple[float, float], rounds: int, work: Path) -> dict:
+         think: tuple[float, float], rounds: int, faults: tuple[str, ...],
+         work: Path) -> dict:
     out: dict = {"users": users, "seconds": seconds, "rounds": rounds, "mixes": list(MIXES),
                  "think_s": list(think), "data": {"users": scale.users, "items": scale.items,
                                                   "bids": scale.bids}, "load": []}
@@ -169,6 +221,11 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
                             f"{kind}_write_pct": round(100 * sum(g["writes"] for g in got)
                                                        / max(1, requests), 1)})
             out["load"].append(row)
+        if "fe-freeze" in faults:  # last: it leaves FE a fenced
+            fault = fe_freeze(site, max(1, users // 2), max(seconds, 9.0), work, think)
+            acks.append(fault.pop("acks"))
+            fault.update(check_bids(site, [acks[-1]]))
+            out["faults"] = [fault]
         out.update(check_bids(site, acks))
     out["wall_s"] = round(time.monotonic() - t0, 1)
     out.update(overhead(out["load"]))
