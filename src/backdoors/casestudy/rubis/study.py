@@ -14,6 +14,9 @@ locustfile.py). A level is below saturation while the plain site's
 throughput still grows by at least 10 % from the level before; `overhead_pct_max` is the
 largest throughput loss of recoverable vs plain among those levels (all levels if none).
 
+With `faults` (so far "fe-freeze", see fe_freeze), each fault is then played under load
+on the recoverable site; `faults` in the result has one row each.
+
 Every write a client got an OK for is recorded with its key; at the end each
 acknowledged bid must be in the database once (its row, its user, item and price):
 `bids_lost` counts the missing ones, `bids_duplicated` the extra rows of an acknowledged
