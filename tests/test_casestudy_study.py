@@ -31,7 +31,7 @@ def test_levels_and_overhead_below_saturation():
                    "levels_below_saturation": [4, 8]}
 
 
-def test_the_site_under_load_and_a_front_end_freeze_loses_no_request_nor_bid(root):
+def test_the_site_under_load_and_a_front_end_freeze_loses_no_request_nor_bid(root, tmp_path):
     """Then a front-end node hangs under load (fe-freeze): the monitor moves its client
     sessions to the other front end, no request fails, no acknowledged bid is lost or
     applied twice."""
@@ -40,21 +40,24 @@ def test_the_site_under_load_and_a_front_end_freeze_loses_no_request_nor_bid(roo
     from backdoors.scenarios.labkit import unique_name
 
     name = unique_name("rb")
+    work = tmp_path / "run"
     out = rubis(users=3, seconds=3, scale=Scale(users=300, items=500, bids=2000, comments=100),
-                name=name, rounds=2, faults=("fe-freeze",))
+                name=name, rounds=2, faults=("fe-freeze",), work_dir=str(work))
+    failures = {p.name: p.read_text()[-600:] for p in work.glob("*_failures.csv")
+                if len(p.read_text().splitlines()) > 1}
     assert [r["users"] for r in out["load"]] == [1, 3] and out["rounds"] == 2
     for row in out["load"]:
         for kind in ("plain", "recoverable"):
-            assert row[f"{kind}_requests"] > 0 and row[f"{kind}_failed"] == 0, row
+            assert row[f"{kind}_requests"] > 0 and row[f"{kind}_failed"] == 0, (row, failures)
             assert row[f"{kind}_rps"] > 0 and row[f"{kind}_p99_ms"] >= row[f"{kind}_p50_ms"]
-    assert out["bids_acknowledged"] > 0
-    assert (out["bids_lost"], out["bids_duplicated"]) == (0, 0)
+    assert out["bids_acknowledged"] > 0, out
+    assert (out["bids_lost"], out["bids_duplicated"]) == (0, 0), out
     assert isinstance(out["overhead_pct_max"], float)
     [fault] = out["faults"]
-    assert (fault["tier"], fault["fault"], fault["recover_status"]) == ("fe", "freeze", "done")
+    assert (fault["tier"], fault["fault"], fault["recover_status"]) == ("fe", "freeze", "done"), fault
     assert fault["moved"] >= 1 and fault["detect_ms"] is not None, fault
-    assert fault["requests"] > 0 and fault["failed_requests"] == 0, fault
-    assert (fault["bids_lost"], fault["bids_duplicated"]) == (0, 0)
+    assert fault["requests"] > 0 and fault["failed_requests"] == 0, (fault, failures)
+    assert (fault["bids_lost"], fault["bids_duplicated"]) == (0, 0), fault
     assert name not in running_labs()
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"bd-{name}-" not in netns
