@@ -1,7 +1,7 @@
 """A recoverable HTTP/1.1 server for any ASGI application.
 
     python -m backdoors.asgi myapp:app --port 8080 [--adopt /run/app/adopt-8080.sock]
-                             [--app-dir DIR]
+                             [--app-dir DIR] [--sensor-box NAME [--deadline S]]
 
     await serve(app, AsyncListener.tcp("0.0.0.0", 8080))      # from Python
 
@@ -81,6 +81,8 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
 async def _session(conn, app, root_path: str, state_capacity: int) -> None:
     import h11
 
+    if isinstance(conn, socket.socket):  # a response leaves at once (a recovered socket
+        _nodelay(conn)                     # keeps the option: TCP_REPAIR restores it)
     try:
         cb = await create_cb_async(conn, state_capacity=state_capacity)
     except Exception as e:  # noqa: BLE001 - a box that cannot be made loses this session only
@@ -134,6 +136,15 @@ async def _session(conn, app, root_path: str, state_capacity: int) -> None:
             await cb.writer.drain()
             if s.close:
                 return
+
+
+def _nodelay(sock: socket.socket) -> None:
+    """No Nagle delay: a response's last segment would wait for the client's (delayed)
+    acknowledgement of the one before."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
 
 
 def _address(get) -> list | None:
@@ -287,6 +298,27 @@ class Lifespan:
         await self._event("shutdown")
 
 
+def _heartbeat(name: str, deadline: float) -> asyncio.Task:
+    """A Sensor Box `name` whose progress sensor the event loop ticks every 10 ms (a
+    stuck or frozen loop stops it), registered with the node's agent if there is one."""
+    import os
+
+    from .common.runtime import AGENT_SOCKET_ENV, register_box
+    from .sensors import SensorBox
+
+    box = SensorBox.create(name)
+    progress = box.progress("progress", deadline=deadline)
+    if os.environ.get(AGENT_SOCKET_ENV):
+        register_box(box)
+
+    async def tick(box) -> None:  # holds the box for as long as it ticks
+        while box.fd >= 0:
+            progress.tick()
+            await asyncio.sleep(0.01)
+
+    return asyncio.create_task(tick(box))
+
+
 def load(spec: str):
     """'module:attribute' -> the ASGI application."""
     module, _, attr = spec.partition(":")
@@ -308,6 +340,12 @@ def main(argv=None) -> int:
     ap.add_argument("--adopt", default=None, help="the adoption socket for recovered sessions "
                     "(default: from $BACKDOORS_ADOPT_SOCKET / $BACKDOORS_ADOPT_DIR)")
     ap.add_argument("--app-dir", default="", help="a directory to import the application from")
+    ap.add_argument("--sensor-box", default="", metavar="NAME",
+                    help="a Sensor Box NAME with a progress sensor the event loop ticks every "
+                         "10 ms, registered with the node's agent: a hung or frozen server is "
+                         "then seen by the monitors")
+    ap.add_argument("--deadline", type=float, default=0.2,
+                    help="the progress sensor's deadline (s), with --sensor-box")
     ap.add_argument("--state-capacity", type=int, default=STATE_CAPACITY,
                     help="bytes of each session's exported state, which holds the response "
                          "being sent (a recovery inside a bigger one ends the connection)")
@@ -323,6 +361,7 @@ def main(argv=None) -> int:
         listener = AsyncListener.tcp(a.host, a.port, adopt=a.adopt, backlog=1024)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, listener.close)
+        ticker = _heartbeat(a.sensor_box, a.deadline) if a.sensor_box else None
         life = Lifespan(app)
         await life.startup()
         print("asgi listening on %s:%d" % listener.address, flush=True)
@@ -331,6 +370,8 @@ def main(argv=None) -> int:
                 await serve(app, listener, state_capacity=a.state_capacity)
         finally:
             await life.shutdown()
+            if ticker is not None:
+                ticker.cancel()
 
     run(main_task())
     return 0

@@ -50,6 +50,9 @@ keys_app = typer.Typer(rich_markup_mode=None, help=(
     "([agent.monitors], [agent.peers]), monitors their agents' ([[monitor.agents]] "
     "public_key)."), no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+casestudy_app = typer.Typer(rich_markup_mode=None, help="The case study: RUBiS, a multi-tier auction site made recoverable (docs/casestudy.md; root).",
+                            no_args_is_help=True)
+app.add_typer(casestudy_app, name="casestudy")
 
 out = Console()
 err = Console(stderr=True)
@@ -624,6 +627,31 @@ def scenario_recovery(
         raise typer.BadParameter(f"{fault!r}; choose one of {', '.join(FAULTS)}",
                                  param_hint="--fault")
     _emit(recovery(fault, sessions, restart_server=restart_server), as_json)
+
+
+@casestudy_app.command("rubis")
+def casestudy_rubis(
+    users: int = typer.Option(64, help="Locust users at the highest load level; the levels are users/16, /8, /4, /2 and users."),
+    seconds: float = typer.Option(10.0, help="Seconds of load per level and kind of server."),
+    scale: float = typer.Option(1.0, help="Size of the data set: 1.0 is 10,000 users, 20,000 items, 100,000 bids."),
+    rounds: int = typer.Option(1, help="Pairs of runs (plain, recoverable) per level, in alternating order, averaged: a machine shared with other work drifts."),
+    faults: str = typer.Option("", help="Faults under load, after the levels (comma-separated); built so far: fe-freeze (front-end node n0 hung: every process stopped; the monitor moves its client sessions to FE b)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Keep the run's files here (locust's figures and logs, the acknowledged writes)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """RUBiS under locust's load, plain (uvicorn, asyncio) vs recoverable, side by side.
+
+    A lab of two hosts: PostgreSQL with the RUBiS data set, two middle tiers and two front ends, each running a recoverable and a plain server. At each load level locust (headless, in the client namespace; a browsing and a bidding mix, about 15 % writes in the latter) loads the plain front ends, then the recoverable ones. Prints `load` (per level: users, rps, p50 and p99 ms, requests and failed ones, for both), `overhead_pct_max` (throughput, below saturation), and the database checked against what the clients were told: bids_acknowledged, bids_lost, bids_duplicated. About 25 s of set-up, then 2 x 5 levels x (seconds + ~3 s)."""
+    from .casestudy.rubis.dataset import Scale
+    from .casestudy.rubis.study import rubis
+    from .errors import require_root
+
+    if users < 1 or seconds <= 0 or not 0 < scale <= 10 or rounds < 1:
+        raise typer.BadParameter("--users must be >= 1, --seconds > 0, --scale in (0, 10], "
+                                 "--rounds >= 1")
+    require_root("the case study's lab")
+    _emit(rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds,
+                faults=tuple(f for f in faults.split(",") if f), work_dir=out_dir), as_json)
 
 
 @scenario_app.command("hostile-node")

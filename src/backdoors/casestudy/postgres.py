@@ -162,6 +162,19 @@ class Postgres:
             if c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
                 c.execute(f'CREATE DATABASE "{DATABASE}"')
 
+    def terminate(self, application_name: str) -> int:
+        """End every connection of `application_name` (pg_terminate_backend, waiting up to
+        5 s for each): their open transactions roll back. The fence of a failed middle
+        tier, before its sessions are replayed elsewhere: a frozen server's transaction
+        would otherwise hold its idempotency key's row lock, and the replay would wait on
+        it. Returns how many."""
+        import psycopg
+
+        with psycopg.connect(self.local_dsn(), autocommit=True) as c:
+            return c.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM "
+                             "pg_stat_activity WHERE application_name = %s",
+                             (application_name,)).fetchone()[0]
+
     def log_tail(self) -> str:
         try:
             return (self.run_dir / "postgres.log").read_text(errors="replace")[-_ERR_TAIL:]

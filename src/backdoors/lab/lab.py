@@ -459,11 +459,12 @@ class Lab:
         return env
 
     def run_in_node(self, node: str, argv: list[str], *, root: bool = False,
-                    **popen) -> NodeProcess:
+                    env: dict[str, str] | None = None, **popen) -> NodeProcess:
         """Start a program inside `node`'s container, as its services run (`root`: as the
-        node's root); its stderr goes to the node's log unless given. `popen`: stdin,
-        stdout, stderr, pass_fds, cwd (a path inside the node), new_session. The result
-        is Popen-like; its `pid` is the program's host pid."""
+        node's root); its stderr goes to the node's log unless given. `env`: variables
+        added to service_env(node). `popen`: stdin, stdout, stderr, pass_fds, cwd (a path
+        inside the node), new_session. The result is Popen-like; its `pid` is the
+        program's host pid."""
         log = None
         if "stderr" not in popen:
             log = popen["stderr"] = open(self.plan.run_dir / node / "stderr.log", "ab")
@@ -472,7 +473,8 @@ class Lab:
         if popen.get("cwd") is None:
             popen.pop("cwd", None)
         try:
-            return self.container(node).spawn(argv, root=root, env=self.service_env(node),
+            return self.container(node).spawn(argv, root=root,
+                                              env={**self.service_env(node), **(env or {})},
                                               **popen)
         finally:
             if log is not None:  # the program has its own copy

@@ -54,6 +54,15 @@ async def _login(conn, state: SessionState, a: dict) -> Any:
     return {"ok": user is not None, "user": user}
 
 
+@_takes("user")
+async def _resume(conn, state: SessionState, a: dict) -> Any:
+    """Log the channel in as `user` without a password: the front end's word, after it
+    checked the user's signed cookie. For a channel the front end opens again (after its
+    own recovery, or a reconnect); the channel is internal, reached by front ends only."""
+    state.user = store.whole(a.get("user"), "user")
+    return {"ok": True, "user": state.user}
+
+
 @_takes()
 async def _logout(conn, state: SessionState, a: dict) -> Any:
     state.user = None
@@ -88,6 +97,7 @@ READS = {
     "bids": _read(store.bid_history, "item"),
     "search": _read(store.search, "words", "page"),
     "login": _login,
+    "resume": _resume,
     "logout": _logout,
 }
 WRITES = {

@@ -58,6 +58,9 @@ def _whole(value: Any, what: str, low: int = 1, high: int = 2**31 - 1) -> int:
     return value
 
 
+whole = _whole  # for the middle tier's own fields
+
+
 def _text(value: Any, what: str, most: int = MAX_TEXT) -> str:
     if not isinstance(value, str) or not value or len(value) > most or "\x00" in value:
         raise RequestError(f"{what} must be text of 1..{most} characters")

@@ -1,0 +1,426 @@
+"""The front end: RUBiS's pages as a Starlette application, talking to the middle tier.
+
+    RUBIS_MT=10.77.100.3:7300,10.77.100.4:7300 RUBIS_SECRET=... \\
+        python -m backdoors.asgi backdoors.casestudy.rubis.front:app --port 8080
+    ... python -m uvicorn backdoors.casestudy.rubis.front:app --port 8081   # plain
+
+Pages (small HTML, each with markers a load driver checks): / (home), /categories,
+/regions, /category?id=&page=, /region?id=&category=&page=, /item?id=, /user?id=,
+/bids?item=, /search?q=&page=; forms posted to /login, /logout, /register, /bid, /buy,
+/comment (application/x-www-form-urlencoded).
+
+Each client connection has its own persistent channel to a middle tier (wire.py), picked
+by the connection's identity among RUBIS_MT, opened on its first request and closed
+after IDLE_S without one. The login is a signed cookie (HMAC with RUBIS_SECRET, shared by
+every front end): a channel logged in as someone else (or not at all) is told who its
+user is (the middle tier's `resume`) before the call. So a channel opened again — after
+the middle tier went away, or on another front end after a recovery — is logged in again
+from the request itself.
+
+Writes carry an idempotency key. Under the recoverable server it is the session's
+(`scope["extensions"]["backdoors.session"]["key"]`: the session id and the request's
+number, the same when the request is replayed on another node), so a replayed bid finds
+its key at the middle tier and is answered with the recorded result, never applied
+twice. Under a plain server it is random per request. A call whose channel breaks is sent
+again once on a new channel (a write with the same key): the front end's own
+reconnect-and-retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import html
+import logging
+import os
+import secrets
+import time
+import uuid
+import zlib
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse
+from starlette.routing import Route
+
+from .wire import Answer, Call, WireError, frame, read_answer
+
+log = logging.getLogger("backdoors.casestudy")
+
+MT_ENV = "RUBIS_MT"
+SECRET_ENV = "RUBIS_SECRET"
+COOKIE = "rubis"
+#: a session's exported state holds the response being sent: pages are a few KiB
+STATE_CAPACITY = 256 * 1024
+#: a channel unused this long is closed (the client connection went away)
+IDLE_S = 60.0
+#: a call that gets no answer this long is sent again on a new channel
+CALL_TIMEOUT_S = 30.0
+
+
+class MtUnavailable(Exception):
+    """No middle tier answered (after one retry on a new channel)."""
+
+
+class Channel:
+    """One client session's channel to its middle tier; calls one at a time, in order."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+        self.user: int | None = None  # who the middle tier has this channel logged in as
+        self.lock = asyncio.Lock()
+        self.next_id = 0
+        self.used = time.monotonic()
+
+    async def _open(self) -> None:
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), CALL_TIMEOUT_S)
+        self.user = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def _call(self, op: str, args: dict, key: str) -> Answer:
+        self.next_id += 1
+        self.writer.write(frame(Call(self.next_id, op, args, key)))
+        await self.writer.drain()
+        answer = await asyncio.wait_for(read_answer(self.reader), CALL_TIMEOUT_S)
+        if answer is None or answer.id != self.next_id:
+            raise WireError(f"the middle tier answered {answer!r} to call {self.next_id}")
+        return answer
+
+    async def call(self, user: int | None, op: str, args: dict, key: str = "") -> Answer:
+        """`op` as `user` (None: logged out); on a broken channel, once more on a new one."""
+        async with self.lock:
+            self.used = time.monotonic()
+            for attempt in (1, 2):
+                try:
+                    if self.writer is None:
+                        await self._open()
+                    if self.user != user and op != "login":
+                        if user is None:
+                            await self._call("logout", {}, "")
+                        else:
+                            await self._call("resume", {"user": user}, "")
+                        self.user = user
+                    answer = await self._call(op, args, key)
+                    if op == "login" and answer.ok:
+                        self.user = answer.result.get("user")
+                    return answer
+                except (OSError, WireError, asyncio.TimeoutError) as e:
+                    self.close()
+                    if attempt == 2:
+                        raise MtUnavailable(f"middle tier {self.host}:{self.port}: {e}") from None
+                    log.info("front end: channel to %s:%d broke (%s): again on a new one",
+                             self.host, self.port, e)
+        raise AssertionError("unreachable")
+
+
+class Channels:
+    """The channels of this front end, by client session."""
+
+    def __init__(self, addresses: list[tuple[str, int]]):
+        self.addresses = addresses
+        self.open: dict[str, Channel] = {}
+
+    def get(self, session: str) -> Channel:
+        ch = self.open.get(session)
+        if ch is None:
+            host, port = self.addresses[zlib.crc32(session.encode()) % len(self.addresses)]
+            ch = self.open[session] = Channel(host, port)
+        return ch
+
+    async def reap(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_S / 4)
+            now = time.monotonic()
+            for session, ch in list(self.open.items()):
+                if now - ch.used > IDLE_S and not ch.lock.locked():
+                    ch.close()
+                    del self.open[session]
+
+
+def parse_mts(text: str) -> list[tuple[str, int]]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"${MT_ENV}: expected HOST:PORT[,HOST:PORT...], got {part!r}")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError(f"${MT_ENV} names no middle tier (HOST:PORT[,HOST:PORT...])")
+    return out
+
+
+# ---- the session: channel, key, login ----------------------------------------------------
+
+
+class Bad(Exception):
+    """A request answered with `status` and a short page."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+
+
+def _session(request: Request) -> tuple[str, str]:
+    """(the client session's identity, an idempotency key for this request)."""
+    ext = request.scope.get("extensions", {}).get("backdoors.session")
+    if ext is not None:
+        return ext["id"], ext["key"]
+    host, port = request.scope.get("client") or ("?", 0)
+    return f"{host}:{port}", f"fe-{uuid.uuid4().hex}"
+
+
+def _sign(secret: bytes, text: str) -> str:
+    return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _cookie_user(request: Request) -> int | None:
+    raw = request.cookies.get(COOKIE, "")
+    uid, _, sig = raw.partition(".")
+    if uid.isdigit() and hmac.compare_digest(sig, _sign(request.app.state.secret, uid)):
+        return int(uid)
+    return None
+
+
+def _int(params, name: str, default: int | None = None, low: int = 0) -> int:
+    value = params.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise Bad(400, f"{name} is missing")
+        return default
+    if not value.isdigit() or int(value) < low or len(value) > 9:
+        raise Bad(400, f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    body = await request.body()
+    try:
+        return {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+    except UnicodeDecodeError:
+        raise Bad(400, "the form is not UTF-8") from None
+
+
+async def _call(request: Request, op: str, *, write: bool = False, **args):
+    """The middle tier's result of `op` for this request's session and user."""
+    session, key = _session(request)
+    user = _cookie_user(request)
+    if write and user is None and op != "register":
+        raise Bad(403, "log in first")
+    try:
+        answer = await request.app.state.channels.get(session).call(
+            user, op, args, key if write else "")
+    except MtUnavailable as e:
+        raise Bad(503, str(e)) from None
+    if not answer.ok:
+        raise Bad(400, answer.error)
+    return answer.result, key
+
+
+# ---- pages ----------------------------------------------------------------------------------
+
+e = html.escape
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(
+        f"<!doctype html><html><head><title>RUBiS: {e(title)}</title></head><body>"
+        f'<p><a href="/">home</a> <a href="/categories">categories</a> '
+        f'<a href="/regions">regions</a></p><h1>{e(title)}</h1>{body}</body></html>',
+        status_code=status)
+
+
+def _items(rows: list[dict]) -> str:
+    return "<table class=\"items\">" + "".join(
+        f'<tr><td><a href="/item?id={r["id"]}">{e(r["name"])}</a></td>'
+        f'<td>{e(r["max_bid"] or "-")}</td><td>{r["nb_of_bids"]}</td>'
+        f'<td>{e(r["end_date"])}</td></tr>' for r in rows) + "</table>"
+
+
+def _links(rows: list[dict], href: str) -> str:
+    return "<ul class=\"list\">" + "".join(
+        f'<li><a href="{href}{r["id"]}">{e(r["name"])}</a></li>' for r in rows) + "</ul>"
+
+
+async def home(request: Request):
+    user = _cookie_user(request)
+    who = f'<p id="who" data-user="{user}">logged in as user {user}</p>' if user else \
+        '<p id="who">not logged in</p>'
+    return _page("home", who + '<form method="post" action="/login"><input name="nickname">'
+                 '<input name="password" type="password"><button>log in</button></form>')
+
+
+async def categories(request: Request):
+    rows, _ = await _call(request, "categories")
+    return _page("categories", _links(rows, "/category?id="))
+
+
+async def regions(request: Request):
+    rows, _ = await _call(request, "regions")
+    return _page("regions", _links(rows, "/region?id="))
+
+
+async def category(request: Request):
+    q = request.query_params
+    cat, page = _int(q, "id", low=1), _int(q, "page", 0)
+    rows, _ = await _call(request, "category_items", category=cat, page=page)
+    return _page(f"category {cat}", _items(rows))
+
+
+async def region(request: Request):
+    q = request.query_params
+    reg, cat, page = _int(q, "id", low=1), _int(q, "category", 1, low=1), _int(q, "page", 0)
+    rows, _ = await _call(request, "region_items", region=reg, category=cat, page=page)
+    return _page(f"region {reg}", _items(rows))
+
+
+async def search(request: Request):
+    q = request.query_params
+    words, page = q.get("q", ""), _int(q, "page", 0)
+    rows, _ = await _call(request, "search", words=words, page=page)
+    return _page(f"search {words}", _items(rows))
+
+
+async def item(request: Request):
+    iid = _int(request.query_params, "id", low=1)
+    it, _ = await _call(request, "item", item=iid)
+    if it is None:
+        raise Bad(404, f"no item {iid}")
+    return _page(f"item {iid}", (
+        f'<div class="item" data-id="{it["id"]}" data-max="{e(it["max_bid"] or "0")}" '
+        f'data-initial="{e(it["initial_price"])}" data-quantity="{it["quantity"]}" '
+        f'data-seller="{it["seller"]["id"]}"><h2>{e(it["name"])}</h2>'
+        f'<p>{e(it["description"])}</p><p>bids: {it["nb_of_bids"]}, best '
+        f'{e(it["max_bid"] or "-")}, buy now {e(it["buy_now"])}, ends {e(it["end_date"])}</p>'
+        f'<p>seller <a href="/user?id={it["seller"]["id"]}">{e(it["seller"]["nickname"])}'
+        f'</a> <a href="/bids?item={iid}">bid history</a></p></div>'
+        f'<form method="post" action="/bid"><input type="hidden" name="item" value="{iid}">'
+        f'<input name="bid"><button>bid</button></form>'))
+
+
+async def user(request: Request):
+    uid = _int(request.query_params, "id", low=1)
+    u, _ = await _call(request, "user", user=uid)
+    if u is None:
+        raise Bad(404, f"no user {uid}")
+    comments = "".join(f'<li>{e(c["nickname"])} ({c["rating"]}): {e(c["comment"])}</li>'
+                       for c in u["comments"])
+    return _page(f"user {uid}", f'<div class="user" data-id="{u["id"]}"><h2>'
+                 f'{e(u["nickname"])}</h2><p>rating {u["rating"]}, since {e(u["since"])}</p>'
+                 f'<ul class="comments">{comments}</ul></div>')
+
+
+async def bids(request: Request):
+    iid = _int(request.query_params, "item", low=1)
+    rows, _ = await _call(request, "bids", item=iid)
+    return _page(f"bids on item {iid}", "<table class=\"bids\">" + "".join(
+        f'<tr><td>{e(b["nickname"])}</td><td>{e(b["bid"])}</td><td>{e(b["date"])}</td></tr>'
+        for b in rows) + "</table>")
+
+
+def _outcome(kind: str, result: dict, key: str, **data) -> HTMLResponse:
+    """A write's answer page: accepted (with what the site recorded) or refused."""
+    if result.get("ok"):
+        attrs = " ".join(f'data-{k}="{e(str(v))}"' for k, v in data.items())
+        return _page(f"{kind} accepted", f'<p class="ok" id="{kind}" data-key="{e(key)}" '
+                     f'{attrs}>{kind} accepted</p>')
+    return _page(f"{kind} refused", f'<p class="refused" id="{kind}" data-key="{e(key)}">'
+                 f'{e(result.get("reason", "refused"))}</p>')
+
+
+async def login(request: Request):
+    f = await _form(request)
+    result, _ = await _call(request, "login", nickname=f.get("nickname", ""),
+                            password=f.get("password", ""))
+    if not result["ok"]:
+        return _page("login refused", '<p class="refused" id="login">wrong nickname or '
+                     'password</p>', status=403)
+    uid = result["user"]
+    response = _page("logged in", f'<p class="ok" id="login" data-user="{uid}">welcome, user '
+                     f'{uid}</p>')
+    response.set_cookie(COOKIE, f"{uid}.{_sign(request.app.state.secret, str(uid))}",
+                        httponly=True, samesite="lax")
+    return response
+
+
+async def logout(request: Request):
+    response = RedirectResponse("/", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+async def register(request: Request):
+    f = await _form(request)
+    fields = {k: f.get(k, "") for k in ("firstname", "lastname", "nickname", "password",
+                                         "email")}
+    result, key = await _call(request, "register", write=True, region=_int(f, "region", low=1),
+                              **fields)
+    return _outcome("register", result, key, user=result.get("user", ""))
+
+
+async def bid(request: Request):
+    f = await _form(request)
+    args = {"item": _int(f, "item", low=1), "bid": f.get("bid", "")}
+    if f.get("max_bid"):
+        args["max_bid"] = f["max_bid"]
+    result, key = await _call(request, "bid", write=True, qty=_int(f, "qty", 1, low=1), **args)
+    return _outcome("bid", result, key, bid=result.get("bid", ""), item=args["item"],
+                    price=result.get("price", ""))
+
+
+async def buy(request: Request):
+    f = await _form(request)
+    result, key = await _call(request, "buy", write=True, item=_int(f, "item", low=1),
+                              qty=_int(f, "qty", 1, low=1))
+    return _outcome("buy", result, key, purchase=result.get("purchase", ""))
+
+
+async def comment(request: Request):
+    f = await _form(request)
+    rating = f.get("rating", "0")
+    if not rating.lstrip("-").isdigit():
+        raise Bad(400, f"rating must be a whole number, got {rating!r}")
+    result, key = await _call(request, "comment", write=True, to_user=_int(f, "to_user", low=1),
+                              item=_int(f, "item", low=1), rating=int(rating),
+                              comment=f.get("comment", ""))
+    return _outcome("comment", result, key, comment=result.get("comment", ""))
+
+
+async def _bad(request: Request, exc: Bad) -> HTMLResponse:
+    return _page("error", f'<p class="error">{e(str(exc))}</p>', status=exc.status)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette):
+    """Read the configuration; reap idle channels while serving."""
+    app.state.channels = Channels(parse_mts(os.environ.get(MT_ENV, "")))
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        log.warning("front end: $%s not set: a random secret (cookies of this front end "
+                    "only)", SECRET_ENV)
+    app.state.secret = (secret or secrets.token_hex(16)).encode()
+    reaper = asyncio.create_task(app.state.channels.reap())
+    try:
+        yield
+    finally:
+        reaper.cancel()
+        for ch in app.state.channels.open.values():
+            ch.close()
+
+
+app = Starlette(routes=[
+    Route("/", home), Route("/categories", categories), Route("/regions", regions),
+    Route("/category", category), Route("/region", region), Route("/search", search),
+    Route("/item", item), Route("/user", user), Route("/bids", bids),
+    Route("/login", login, methods=["POST"]), Route("/logout", logout, methods=["POST"]),
+    Route("/register", register, methods=["POST"]), Route("/bid", bid, methods=["POST"]),
+    Route("/buy", buy, methods=["POST"]), Route("/comment", comment, methods=["POST"]),
+], exception_handlers={Bad: _bad}, lifespan=lifespan)

@@ -1,0 +1,168 @@
+"""The load on the RUBiS site, for locust (`locust -f locustfile.py --headless ...`): not
+imported by backdoors itself (importing locust patches the standard library for gevent).
+
+Two mixes, modelled after TPC-W's: `Browsing` (read-only pages) and `Bidding` (logs in,
+then the same pages plus bids, purchases, comments and the odd registration: about 15 %
+of its requests write). Every user keeps one keep-alive connection, with its cookie, to
+one front end of RUBIS_HOSTS (users are spread over them in turn), thinks between
+RUBIS_THINK_MIN and RUBIS_THINK_MAX seconds, and checks every answer: its status and the
+page's marker. Every write the site acknowledged is appended to RUBIS_ACKS as a JSON line
+{kind, key, user, item, price, bid}: what the clients were told, to compare with the
+database afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import re
+
+from locust import FastHttpUser, between, task
+
+HOSTS = [h for h in os.environ.get("RUBIS_HOSTS", "").split(",") if h]
+DATA_USERS = int(os.environ.get("RUBIS_DATA_USERS", "100"))
+DATA_ITEMS = int(os.environ.get("RUBIS_DATA_ITEMS", "100"))
+THINK = (float(os.environ.get("RUBIS_THINK_MIN", "0.05")),
+         float(os.environ.get("RUBIS_THINK_MAX", "0.15")))
+_acks = open(os.environ["RUBIS_ACKS"], "a", buffering=1) if os.environ.get("RUBIS_ACKS") else None
+_next_host = itertools.count()
+_MAX = re.compile(r'data-max="([0-9.]+)" data-initial="([0-9.]+)" data-quantity="(\d+)" '
+                  r'data-seller="(\d+)"')
+_KEY = re.compile(r'data-key="([^"]+)"')
+_BID = re.compile(r'data-bid="(\d+)"')
+
+
+class Site(FastHttpUser):
+    abstract = True
+    wait_time = between(*THINK)
+    host = HOSTS[0] if HOSTS else "http://127.0.0.1"
+
+    def on_start(self) -> None:
+        self.base = HOSTS[next(_next_host) % len(HOSTS)] if HOSTS else self.host
+        self.user = None
+
+    def page(self, path: str, marker: str, name: str, status: int = 200) -> str | None:
+        with self.client.get(self.base + path, name=name, catch_response=True) as r:
+            text = r.text or ""
+            if r.status_code != status or marker not in text:
+                r.failure(f"{r.status_code}, marker {marker!r} missing")
+                return None
+            r.success()
+            return text
+
+    def post(self, path: str, form: dict, markers: tuple[str, ...], name: str) -> str | None:
+        with self.client.post(self.base + path, data=form, name=name, catch_response=True,
+                              headers={"Content-Type": "application/x-www-form-urlencoded"}) as r:
+            text = r.text or ""
+            if r.status_code != 200 or not any(m in text for m in markers):
+                r.failure(f"{r.status_code}: {text[-200:]!r}")
+                return None
+            r.success()
+            return text
+
+    def item_id(self) -> int:
+        return random.randint(1, DATA_ITEMS)
+
+    # ---- reads ------------------------------------------------------------------------
+
+    @task(5)
+    def home(self) -> None:
+        self.page("/", 'id="who"', "/")
+
+    @task(10)
+    def categories(self) -> None:
+        self.page("/categories", 'class="list"', "/categories")
+
+    @task(5)
+    def regions(self) -> None:
+        self.page("/regions", 'class="list"', "/regions")
+
+    @task(15)
+    def category(self) -> None:
+        self.page(f"/category?id={random.randint(1, 20)}&page={random.randint(0, 3)}",
+                  'class="items"', "/category")
+
+    @task(5)
+    def region(self) -> None:
+        self.page(f"/region?id={random.randint(1, 62)}&category={random.randint(1, 20)}",
+                  'class="items"', "/region")
+
+    @task(25)
+    def item(self) -> None:
+        i = self.item_id()
+        self.page(f"/item?id={i}", f'data-id="{i}"', "/item")
+
+    @task(8)
+    def user_page(self) -> None:
+        u = random.randint(1, DATA_USERS)
+        self.page(f"/user?id={u}", f'class="user" data-id="{u}"', "/user")
+
+    @task(7)
+    def bids(self) -> None:
+        self.page(f"/bids?item={self.item_id()}", 'class="bids"', "/bids")
+
+    @task(5)
+    def search(self) -> None:
+        self.page(f"/search?q={random.choice(('lamp', 'rare', 'piano', 'old', 'jade'))}",
+                  'class="items"', "/search")
+
+
+class Browsing(Site):
+    """Read-only pages."""
+
+
+class Bidding(Site):
+    """Logged in; about 15 % of its requests write (bid, buy now, comment, register)."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        u = random.randint(1, DATA_USERS)
+        if self.post("/login", {"nickname": f"user{u}", "password": f"password{u}"},
+                     ('id="login"',), "/login") is not None:
+            self.user = u
+
+    def ack(self, kind: str, text: str, **facts) -> None:
+        if _acks is not None and 'class="ok"' in text:
+            key = _KEY.search(text)
+            bid = _BID.search(text)
+            _acks.write(json.dumps({"kind": kind, "key": key and key.group(1), "user": self.user,
+                                    "bid": bid and int(bid.group(1)), **facts}) + "\n")
+
+    @task(12)
+    def place_bid(self) -> None:
+        i = self.item_id()
+        text = self.page(f"/item?id={i}", f'data-id="{i}"', "/item")
+        m = text and _MAX.search(text)
+        if not m or self.user is None:
+            return
+        price = f"{max(float(m.group(1)), float(m.group(2))) + random.randint(1, 500) / 100:.2f}"
+        out = self.post("/bid", {"item": str(i), "bid": price},
+                        ('class="ok" id="bid"', 'class="refused" id="bid"'), "/bid")
+        if out is not None:
+            self.ack("bid", out, item=i, price=price)
+
+    @task(2)
+    def buy(self) -> None:
+        if self.user is not None:
+            i = self.item_id()
+            out = self.post("/buy", {"item": str(i)},
+                            ('class="ok" id="buy"', 'class="refused" id="buy"'), "/buy")
+            if out is not None:
+                self.ack("buy", out, item=i)
+
+    @task(2)
+    def comment(self) -> None:
+        if self.user is not None:
+            self.post("/comment", {"to_user": str(random.randint(1, DATA_USERS)),
+                                   "item": str(self.item_id()), "rating": "3",
+                                   "comment": "fine"}, ('class="ok" id="comment"',), "/comment")
+
+    @task(1)
+    def register(self) -> None:
+        nick = f"new-{random.getrandbits(64):016x}"
+        self.post("/register", {"firstname": "A", "lastname": "B", "nickname": nick,
+                                "password": "pw", "email": f"{nick}@rubis.lab",
+                                "region": str(random.randint(1, 62))},
+                  ('class="ok" id="register"',), "/register")

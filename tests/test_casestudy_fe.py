@@ -1,0 +1,162 @@
+"""The case study's front end: RUBiS's pages (Starlette) served by the recoverable ASGI
+server and, plain, by uvicorn, over a real middle tier and PostgreSQL in lab nodes; and a
+client session moved to another front-end node with a bid in flight: the new front end
+opens its own channel, logs in again from the request's cookie, and the bid's
+idempotency key keeps it from applying twice."""
+
+from __future__ import annotations
+
+import http.client
+import re
+from urllib.parse import urlencode
+
+import pytest
+
+import psycopg  # noqa: E402
+
+from backdoors.casestudy.rubis import dataset  # noqa: E402
+from backdoors.casestudy.rubis.dataset import Scale  # noqa: E402
+
+SMALL = Scale(users=100, items=100, bids=500, comments=50, seed=5)
+SECRET = "fe-test-secret"
+
+
+@pytest.fixture(scope="module")
+def fes():
+    """2 hosts: FE a in n0 (h0), FE b in n1 (h1), the MT in n2 (h0), PostgreSQL in n3 (h1);
+    a plain FE (uvicorn) and a plain MT beside them."""
+    from conftest import needs_root
+
+    needs_root()
+    from backdoors.casestudy.postgres import Postgres
+    from backdoors.casestudy.rubis import site
+    from backdoors.lab.lab import Lab
+    from backdoors.scenarios.labkit import unique_name
+
+    with Lab(unique_name("fe"), hosts=2, nodes=4, agents=True, services=False) as lab:
+        with Postgres(lab, "n3") as pg:
+            with psycopg.connect(pg.local_dsn()) as c:
+                dataset.load(c, SMALL)
+            mt = site.start_mt(lab, "n2", pg)
+            mt_plain = site.start_mt(lab, "n2", pg, plain=True)
+            a = site.start_fe(lab, "n0", [mt.address], SECRET)
+            b = site.start_fe(lab, "n1", [mt.address], SECRET)
+            plain = site.start_fe(lab, "n1", [mt_plain.address], SECRET, plain=True)
+            yield lab, pg, a, b, plain
+
+
+class Client:
+    """A browser's keep-alive connection from the client namespace, with its cookie."""
+
+    def __init__(self, lab, server, timeout: float = 30):
+        from backdoors.casestudy.rubis import site
+
+        self.conn = http.client.HTTPConnection(server.vip, server.port, timeout=timeout)
+        self.conn.sock = site.connect(lab, server, timeout)
+        self.cookie = ""
+
+    def send(self, method: str, path: str, form: dict | None = None) -> None:
+        headers = {"Cookie": self.cookie} if self.cookie else {}
+        body = None
+        if form is not None:
+            body = urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        self.conn.request(method, path, body=body, headers=headers)
+
+    def answer(self) -> tuple[int, str]:
+        r = self.conn.getresponse()
+        text = r.read().decode()
+        if (cookie := r.getheader("set-cookie")):
+            self.cookie = cookie.split(";")[0]
+        return r.status, text
+
+    def get(self, path: str) -> tuple[int, str]:
+        self.send("GET", path)
+        return self.answer()
+
+    def post(self, path: str, **form) -> tuple[int, str]:
+        self.send("POST", path, form)
+        return self.answer()
+
+
+def _count(pg, sql: str, *args):
+    with psycopg.connect(pg.local_dsn()) as c:
+        return c.execute(sql, args).fetchone()[0]
+
+
+@pytest.mark.parametrize("which", ["recoverable", "plain"])
+def test_the_pages_and_a_bid_through_both_servers(fes, which):
+    lab, pg, a, _, plain = fes
+    c = Client(lab, a if which == "recoverable" else plain)
+    status, text = c.get("/categories")
+    assert status == 200 and text.count('href="/category?id=') == 20
+    status, text = c.get("/item?id=5")
+    assert status == 200 and 'class="item" data-id="5"' in text
+    best = float(re.search(r'data-max="([0-9.]+)"', text).group(1))
+    assert c.get("/category?id=3")[0] == 200 and c.get("/regions")[0] == 200
+    assert 'class="user" data-id="7"' in c.get("/user?id=7")[1]
+    assert c.get("/item?id=abc")[0] == 400 and c.get("/item?id=99999")[0] == 404
+    assert c.post("/bid", item="5", bid="1")[0] == 403  # not logged in
+    assert c.post("/login", nickname="user9", password="nope")[0] == 403
+    status, text = c.post("/login", nickname="user9", password="password9")
+    assert status == 200 and 'data-user="9"' in text and c.cookie.startswith("rubis=9.")
+    price = f"{best + 100 + (which == 'plain'):.2f}"
+    status, text = c.post("/bid", item="5", bid=price)
+    assert status == 200 and 'class="ok" id="bid"' in text, text
+    key = re.search(r'data-key="([^"]+)"', text).group(1)
+    if which == "recoverable":
+        assert re.fullmatch(r"[0-9a-f]+-\d+", key)  # the session's id and the request's number
+    assert _count(pg, "SELECT count(*) FROM requests WHERE key = %s AND result->>'ok' = 'true'",
+                  key) == 1
+    assert price in c.get("/bids?item=5")[1]
+    status, text = c.post("/bid", item="5", bid="1.00")
+    assert status == 200 and "bid too low" in text
+    # a forged cookie is nobody
+    c.cookie = "rubis=3.00000000000000000000000000000000"
+    assert c.post("/bid", item="5", bid="999999")[0] == 403
+    c.conn.close()
+
+
+def test_a_client_session_moves_to_another_front_end_with_its_bid(fes):
+    """The bid has been read by FE a, and its call waits at the middle tier (the item's
+    row is locked by the test), when node n0 fails: n0 is fenced and the session
+    evacuated to n1. FE b replays the request: it opens its own channel to the middle
+    tier, logs in from the cookie, and sends the bid with the same key, which waits for
+    the first call's transaction and then answers its result: one bid, acknowledged once,
+    and the session goes on at FE b."""
+    lab, pg, a, b, _ = fes
+    from backdoors.scenarios.labkit import wait_until
+
+    item = 17
+    c = Client(lab, a)
+    assert c.post("/login", nickname="user12", password="password12")[0] == 200
+    before = _count(pg, "SELECT nb_of_bids FROM items WHERE id = %s", item)
+    with lab.agent_client("h0") as c0:
+        wait_until(lambda: len(c0.sessions("n0")) == 1, 10, "the session held by n0's agent")
+        with psycopg.connect(pg.local_dsn()) as lock:
+            lock.execute("SELECT 1 FROM items WHERE id = %s FOR UPDATE", (item,))
+            c.send("POST", "/bid", {"item": str(item), "bid": "77777"})
+            wait_until(lambda: _count(
+                pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%FOR UPDATE%%'") == 1, 10,
+                "the bid waiting on the item's lock")
+            c0.fence("n0")
+            ev = c0.evacuate("n0", lab.agent_address("h1"), "h1", "n1", timeout=30)
+            assert (ev.sessions, ev.moved, ev.failed) == (1, 1, {}), ev
+            # FE b's replay waits on the key's row lock (the first call's transaction)
+            wait_until(lambda: _count(
+                pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'") == 2,
+                10, "the replayed bid waiting on its key")
+            lock.rollback()
+        status, text = c.answer()
+        assert status == 200 and 'class="ok" id="bid"' in text, text
+        bid_id = int(re.search(r'data-bid="(\d+)"', text).group(1))
+        assert _count(pg, "SELECT nb_of_bids FROM items WHERE id = %s", item) == before + 1
+        assert _count(pg, "SELECT count(*) FROM bids WHERE item_id = %s AND bid = 77777",
+                      item) == 1
+        assert _count(pg, "SELECT user_id FROM bids WHERE id = %s", bid_id) == 12
+        # the session goes on at FE b, logged in
+        status, text = c.post("/bid", item=str(item), bid="77778")
+        assert status == 200 and 'class="ok" id="bid"' in text, text
+        assert b.proc.poll() is None
+    c.conn.close()
