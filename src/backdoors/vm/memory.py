@@ -143,6 +143,38 @@ class GuestMemory:
                 return out
         raise VmError(f"{self.where}: the task list has more than {limit} entries or loops")
 
+    def process_tree(self, limit: int = 1 << 16) -> list[tuple[int, str, int]]:
+        """(pid, comm, task address) of every process reachable from init_task through
+        the `children`/`sibling` lists -- the process tree, a second kernel structure
+        holding the same thread-group leaders as the task list (a rootkit that unlinks a
+        task from `tasks` to hide it rarely unlinks it from its parent's children too)."""
+        k = self.kernel
+        children, sibling, pid_at, comm_at = (k.member("task_struct", m) for m in
+                                              ("children", "sibling", "pid", "comm"))
+        out, todo = [], [self.virt("init_task")]
+        while todo:
+            task = todo.pop()
+            if len(out) >= limit:
+                raise VmError(f"{self.where}: the process tree has more than {limit} tasks or loops")
+            pid = struct.unpack("<i", self.read_virt(task + pid_at, 4))[0]
+            comm = self.read_virt(task + comm_at, 16).split(b"\0", 1)[0].decode(errors="replace")
+            out.append((pid, comm, task))
+            head = task + children
+            node = struct.unpack("<Q", self.read_virt(head, 8))[0]
+            for _ in range(limit):
+                if node == head:
+                    break
+                todo.append(node - sibling)
+                node = struct.unpack("<Q", self.read_virt(node, 8))[0]
+            else:
+                raise VmError(f"{self.where}: a children list loops")
+        return out
+
+    def hidden_tasks(self) -> list[tuple[int, str, int]]:
+        """Processes in the process tree but not on the task list: hidden ones."""
+        listed = {pid for pid, _ in self.tasks()}
+        return [t for t in self.process_tree() if t[0] not in listed]
+
     def jiffies(self) -> int:
         """The guest kernel's tick counter (jiffies_64): it stops when the guest's
         kernel stops ticking (vCPUs stopped, the guest hung)."""

@@ -1,0 +1,162 @@
+"""The vm scenario: a VM node's kernel watched from outside, tampered with, healed.
+
+    vm_integrity(benign_s=600) -> {"boot_s", "accel", "guest_hang_detect_ms",
+        "tamper_detect_ms": {"p50", "p99"}, "tamper_healed", "hidden_process_found",
+        "false_positives", "benign_minutes", "overhead_pct", "tampers": [...], ...}
+
+A lab with one VM node. The guest kernel's jiffies sensor (vm.sensors) times a hang: the
+vCPUs stopped by QMP, seen stalled by deadline. Then the integrity baseline is taken from
+the kernel image (vm.integrity) and a Watch checks the guest a slice per tick. While a
+benign workload runs in the guest (file copies, compression, memory churn, processes:
+the guest's /cgi-bin/work) every finding is a false positive; the scan's cost is measured
+side by side, a STREAM-like copy loop in the guest (/cgi-bin/stream) timed alternately with
+the Watch paused and running. Then the `rootkit` fault (vm.rootkit, through QEMU's
+gdbstub) redirects a system call table entry, patches the first bytes of the uname system
+call's function (uname then fails in the guest) and unlinks a process from the task list;
+each is timed from its write to the Watch's finding and healed at once by the rule (write
+the clean bytes back with the vCPUs stopped, relink the process, verify). `tamper_healed`:
+every tamper restored, a full sweep clean, uname works again, the process is back on the
+task list and the guest still serves HTTP.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from ..errors import BackdoorsError
+from ..lab import Lab, topology
+from ..vm import rootkit
+from ..vm.integrity import Baseline, Checker, Healer, Watch
+from ..vm.sensors import GuestSampler, GuestSensors
+from .labkit import unique_name
+
+
+def guest_get(lab: Lab, vm: str, path: str, timeout: float = 120.0) -> str:
+    """GET `path` from VM node `vm`'s httpd, from the lab's client namespace; the body."""
+    with lab.client_socket() as s:
+        s.settimeout(timeout)
+        s.connect((lab.plan.vm(vm).vip, topology.SERVICE_PORT))
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    # the header ends at the first empty line (CGI programs end theirs with bare \n)
+    head, _, body = reply.replace(b"\r\n", b"\n").partition(b"\n\n")
+    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\n", 1)[0]:
+        raise BackdoorsError(f"VM node {vm}: GET {path} answered {head[:80]!r}")
+    return body.decode(errors="replace")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _timed(lab: Lab, path: str) -> float:
+    began = time.monotonic()
+    guest_get(lab, "v0", path)
+    return time.monotonic() - began
+
+
+def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tick: int = 96,
+                 overhead_pairs: int = 6, stream_passes: int = 8) -> dict:
+    with Lab(unique_name("vm"), hosts=1, nodes=1, services=False, vm_nodes=1) as lab:
+        vm = lab.vm("v0")
+        memory = vm.memory()
+        out: dict = {"boot_s": round(vm.boot_s, 2), "accel": vm.accel}
+        # a hung guest kernel: the vCPUs stopped, its jiffies stall past the deadline
+        box = GuestSensors("v0", memory, jiffies_deadline=0.5)
+        try:
+            with GuestSampler(box, period=0.02):
+                time.sleep(0.3)
+                vm.lock()
+                stopped = time.monotonic()
+                while not box.jiffies.violated and time.monotonic() - stopped < 10:
+                    time.sleep(0.002)
+                out["guest_hang_detect_ms"] = round(1000 * (time.monotonic() - stopped))
+                out["guest_hang_deadline_ms"] = 500
+                vm.unlock()
+        finally:
+            box.close()
+        # the baseline, from the image; the Watch
+        began = time.monotonic()
+        baseline = Baseline.take(memory)
+        out["baseline"] = {"take_s": round(time.monotonic() - began, 2), "pages": baseline.sources,
+                           "syscalls": len(baseline.syscalls),
+                           "unexplained_at_attach": [f.to_dict() for f in baseline.unexplained],
+                           "idt_unexplained": baseline.idt_unexplained}
+        checker = Checker(baseline, pages_per_tick=pages_per_tick)
+        out["sweep_s"] = round(len(baseline.pages) / pages_per_tick * tick_s, 2)
+        with Watch(checker, tick_s=tick_s) as watch:
+            # overhead: the guest's copy loop with the scan paused and running, alternately
+            guest_get(lab, "v0", "/cgi-bin/stream?1")  # makes its file
+            off, on = [], []
+            for i in range(overhead_pairs):
+                for paused in ((True, False) if i % 2 == 0 else (False, True)):
+                    watch.paused = paused
+                    (off if paused else on).append(_timed(lab, f"/cgi-bin/stream?{stream_passes}"))
+            watch.paused = False
+            out["overhead_pct"] = round(100 * (statistics.median(on) / statistics.median(off) - 1), 2)
+            out["stream_s"] = {"without_scan": round(statistics.median(off), 3),
+                               "with_scan": round(statistics.median(on), 3)}
+            # benign work: every finding meanwhile is a false positive
+            benign_from = time.monotonic()
+            guest_get(lab, "v0", f"/cgi-bin/work?{int(benign_s)}")
+            time.sleep(benign_s)
+            benign = [f for at, f in watch.seen if at >= benign_from]
+            out["false_positives"] = len(benign)
+            out["false_positive_findings"] = [f.to_dict() for f in benign[:10]]
+            out["benign_minutes"] = round((time.monotonic() - benign_from) / 60, 2)
+            out["sweeps"] = checker.sweeps
+            out["static_key_flips_followed"] = checker.benign_flips
+            time.sleep(1.0)  # the workload's last round ends
+            # the rootkit, and the rule that heals it
+            uname_before = guest_get(lab, "v0", "/cgi-bin/uname").strip()
+            pid = int(guest_get(lab, "v0", "/cgi-bin/spawn").strip())
+            healer, tampers, healed = Healer(vm), [], True
+            cases = (
+                ("syscall-table", lambda: rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall"),
+                 lambda f: f.kind == "syscall" and f.where == f"sys_call_table[{rootkit.NR_UNAME}]"),
+                ("function-patch", lambda: rootkit.patch_function(vm, "__x64_sys_newuname"),
+                 lambda f: f.kind == "text" and f.where.startswith("__x64_sys_newuname+")),
+                ("hidden-process", lambda: rootkit.hide_process(vm, pid),
+                 lambda f: f.kind == "process" and f.where == f"pid {pid}"),
+            )
+            for name, tamper, match in cases:
+                tamper()
+                done = time.monotonic()
+                row: dict = {"name": name}
+                if name == "function-patch":
+                    row["uname_while_tampered"] = guest_get(lab, "v0", "/cgi-bin/uname").strip()
+                if name == "hidden-process":
+                    row["on_task_list_while_hidden"] = pid in dict(memory.tasks())
+                seen = watch.wait_for(match, done, timeout=30)
+                row["detected"] = seen is not None
+                if seen is not None:
+                    row["detect_ms"] = round(1000 * (seen - done))
+                    finding = next(f for at, f in watch.seen if at == seen and match(f))
+                    row["finding"] = finding.to_dict()
+                    heal_began = time.monotonic()
+                    failed = healer.heal([finding])
+                    row["heal_ms"] = round(1000 * (time.monotonic() - heal_began))
+                    row["healed"] = not failed
+                healed &= bool(row.get("healed"))
+                tampers.append(row)
+            time.sleep(3 * tick_s)
+        leftover = checker.sweep()
+        out["tampers"] = tampers
+        detect = [t["detect_ms"] for t in tampers if "detect_ms" in t]
+        out["tamper_detect_ms"] = ({"p50": _percentile(detect, 0.5), "p99": _percentile(detect, 0.99)}
+                                   if detect else None)
+        out["hidden_process_found"] = bool(tampers[2].get("detected"))
+        uname_after = guest_get(lab, "v0", "/cgi-bin/uname").strip()
+        relisted = pid in dict(memory.tasks())
+        serves = guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
+        out["after_healing"] = {"sweep_findings": [f.to_dict() for f in leftover],
+                                "uname": uname_after, "uname_before": uname_before,
+                                "process_relisted": relisted, "serves_http": serves}
+        out["tamper_healed"] = (healed and not leftover and uname_after == uname_before
+                                and relisted and serves)
+        out["gibraltar"] = {"detect_s": 20, "false_positive_pct": 0.65, "overhead_pct": 0.49}
+        return out
