@@ -56,6 +56,23 @@ def test_diff_runs():
     assert diff_runs(b"abcdef", b"xbcdyz") == [(0, 1), (4, 6)]
 
 
+def test_static_key_flips_are_told_from_other_changes():
+    from backdoors.vm.integrity import diff_runs, static_key_flip
+    link = 0xFFFF_FFFF_8100_0000
+    # two adjacent 2-byte sites (jmp +0x0b, jmp +0x17) and a 5-byte one (a NOP)
+    clean = bytes.fromhex("4889f3" "eb0b" "eb17" "4889df" "0f1f440000" "c3")
+    jumps = {link + 3: link + 0x10, link + 5: link + 0x1E, link + 10: link + 0x100}
+
+    def ok(live):
+        return all(static_key_flip(link, clean, live, s, e, jumps) for s, e in diff_runs(clean, live))
+
+    assert ok(bytes.fromhex("4889f3" "6690" "6690" "4889df" "0f1f440000" "c3"))  # both off
+    assert ok(bytes.fromhex("4889f3" "eb0b" "eb17" "4889df" "e9f1000000" "c3"))  # on: its target
+    assert not ok(bytes.fromhex("4889f3" "eb0c" "eb17" "4889df" "0f1f440000" "c3"))  # elsewhere
+    assert not ok(bytes.fromhex("4889f3" "eb0b" "eb17" "4889df" "e9f2000000" "c3"))
+    assert not ok(bytes.fromhex("4889f3" "6690" "eb17" "4889d0" "0f1f440000" "c3"))  # not a site
+
+
 @pytest.mark.slow
 def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique):
     from backdoors.lab import Lab
@@ -117,3 +134,22 @@ def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique)
             rootkit.hide_process(vm, 99999)
         assert vm.running()
     assert _qemus(f"bd-{name}-") == [] and _memfds(f"bd-{name}-") == []
+
+
+@pytest.mark.slow
+def test_vm_scenario_reports_every_figure(qemu):
+    """`backdoors scenario vm` in small: a short benign run, a short overhead measure."""
+    from backdoors.scenarios import SCENARIOS
+    r = SCENARIOS["vm"](benign_s=10, overhead_pairs=2, stream_passes=10)
+    print({k: r[k] for k in ("boot_s", "accel", "guest_hang_detect_ms", "tamper_detect_ms",
+                             "false_positives", "overhead_pct", "scan_cpu_pct")})
+    for key in ("boot_s", "guest_hang_detect_ms", "benign_minutes", "overhead_pct"):
+        assert isinstance(r[key], (int, float))
+    assert r["accel"] in ("tcg", "kvm")
+    assert set(r["tamper_detect_ms"]) == {"p50", "p99"}
+    assert [t["name"] for t in r["tampers"]] == ["syscall-table", "function-patch", "hidden-process"]
+    assert all(t["detected"] and t["healed"] for t in r["tampers"])
+    assert r["tampers"][1]["uname_hijacked"] and not r["tampers"][2]["on_task_list_while_hidden"]
+    assert r["tamper_healed"] and r["hidden_process_found"]
+    assert r["false_positives"] == 0, r["false_positive_findings"]
+    assert r["baseline"]["unexplained_at_attach"] == []

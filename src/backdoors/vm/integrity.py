@@ -21,9 +21,10 @@ from the kernel image on the host, relocated for the running kernel's KASLR offs
   first reading, checked against the image: every gate must point into the entry text
   (or, for vectors the kernel never installs, at its early boot handlers).
 
-`Checker.tick()` compares a slice of the pages (bounded work per call) and every tick the
-small hot tables (system call table, IDT, OPS_TABLES), and reports mismatches by symbol +
-offset. At run time the kernel still flips static keys: a jump-label site that changes
+`Checker.tick()` compares a slice of the pages (bounded work per call; a page is compared
+with its clean bytes, a memcmp, cheaper than hashing it again) and every tick the small hot
+tables (system call table, IDT, OPS_TABLES), every few ticks the process cross-check, and
+reports mismatches by symbol + offset. At run time the kernel still flips static keys: a jump-label site that changes
 between its two legal forms (a NOP, or a jump to the entry's own target) is accepted and
 the baseline follows it; any other change is a `Finding`. `Healer` writes the clean bytes
 back through QEMU's debug interface with the vCPUs stopped and verifies them.
@@ -173,6 +174,36 @@ def patch_sites(image: KernelImage) -> tuple[Sites, dict[int, int]]:
     return Sites(spans), jumps
 
 
+def static_key_flip(link: int, clean: bytes, live: bytes, s: int, e: int,
+                    jumps: dict[int, int]) -> bool:
+    """Whether the change at [s, e) of a text buffer at link address `link` is static keys
+    flipping jump-label sites: every changed byte lies in a site (2 or 5 bytes, as the
+    kernel chose at build time; adjacent sites may change together) that now holds a NOP
+    of its size or a jump to its entry's own target."""
+    pos = s
+    while pos < e:
+        for at in range(pos, pos - 5, -1):
+            target = jumps.get(link + at)
+            if target is not None and at >= 0:
+                break
+        else:
+            return False
+        was = clean[at:at + 5]
+        size = 2 if was[:1] == b"\xeb" or was[:2] == NOP2 else 5
+        if pos >= at + size or at + size > len(clean):
+            return False
+        now = live[at:at + size]
+        rel = target - (link + at + size)
+        if size == 2:
+            legal = now == NOP2 or (now[0] == 0xEB and -128 <= rel < 128 and now[1] == rel & 0xFF)
+        else:
+            legal = now in NOPS5 or now == b"\xe9" + (rel & 0xFFFF_FFFF).to_bytes(4, "little")
+        if not legal:
+            return False
+        pos = at + size
+    return True
+
+
 def diff_runs(a: bytes, b: bytes) -> list[tuple[int, int]]:
     """[start, end) byte ranges where two equal-length buffers differ."""
     x = (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
@@ -276,10 +307,13 @@ class Checker:
     pages (round robin) and the hot tables; it returns the findings not reported before
     (a finding that goes away -- healed -- may be reported again if it comes back)."""
 
-    def __init__(self, baseline: Baseline, *, pages_per_tick: int = 128):
-        if pages_per_tick < 1:
-            raise VmError(f"pages_per_tick must be at least 1, got {pages_per_tick}")
+    def __init__(self, baseline: Baseline, *, pages_per_tick: int = 128,
+                 processes_every: int = 5):
+        if pages_per_tick < 1 or processes_every < 1:
+            raise VmError(f"pages_per_tick and processes_every must be at least 1, got "
+                          f"{pages_per_tick} and {processes_every}")
         self.baseline, self.pages_per_tick = baseline, pages_per_tick
+        self.processes_every, self._ticks = processes_every, 0
         self.memory = baseline.memory
         self._cursor = 0
         self.active: dict[tuple[str, str], Finding] = {}
@@ -292,14 +326,19 @@ class Checker:
 
     def tick(self) -> list[Finding]:
         found: list[Finding] = []
-        found += self._syscalls() + self._idt() + self._ops_tables() + self._processes()
+        found += self._syscalls() + self._idt() + self._ops_tables()
+        self._ticks += 1
+        hot = {"syscall", "idt", "ops"}
+        if self._ticks % self.processes_every == 0:
+            found += self._processes()
+            hot.add("process")
         pages = self.baseline.pages
         for _ in range(min(self.pages_per_tick, len(pages))):
             found += self._page(pages[self._cursor])
             self._cursor += 1
             if self._cursor == len(pages):
                 self._cursor, self.sweeps = 0, self.sweeps + 1
-        return self._new(found, {"syscall", "idt", "ops", "process"})
+        return self._new(found, hot)
 
     def sweep(self) -> list[Finding]:
         """Check every page once now (and the tables): all current findings."""
@@ -320,7 +359,7 @@ class Checker:
 
     def _page(self, page: Page) -> list[Finding]:
         live = self.memory.read(page.phys, len(page.clean))
-        if _digest(live) == page.digest:
+        if live == page.clean:  # memcmp with the clean bytes the digest was taken of
             for key in [k for k, f in self.active.items()
                         if f.kind == page.region and page.phys <= f.phys < page.phys + PAGE]:
                 del self.active[key]
@@ -329,7 +368,8 @@ class Checker:
         flipped = False
         for s, e in diff_runs(page.clean, live):
             link = page.link + s
-            if page.region == "text" and self._jump_flip(page, s, e, live):
+            if page.region == "text" and static_key_flip(page.link, page.clean, live, s, e,
+                                                         self.baseline.jumps):
                 flipped = True
                 continue
             out.append(Finding(page.region, self.baseline.symbols.name(link), link + self.baseline.slide,
@@ -338,29 +378,6 @@ class Checker:
             self.benign_flips += 1
             page.clean, page.digest = live, _digest(live)
         return out
-
-    def _jump_flip(self, page: Page, s: int, e: int, live: bytes) -> bool:
-        """Whether the change at [s, e) is a static key flipping a jump-label site: the
-        site (2 or 5 bytes, as the kernel chose at build time) now holds a NOP of its size
-        or a jump to that entry's own target."""
-        for code in range(page.link + s - 4, page.link + s + 1):
-            target = self.baseline.jumps.get(code)
-            at = code - page.link
-            if target is None or at < 0:
-                continue
-            was = page.clean[at:at + 5]
-            size = 2 if was[:1] == b"\xeb" or was[:2] == NOP2 else 5
-            if page.link + e > code + size or at + size > len(page.clean):
-                continue
-            now = live[at:at + size]
-            rel = target - (code + size)
-            if size == 2:
-                legal = now == NOP2 or (now[0] == 0xEB and -128 <= rel < 128 and now[1] == rel & 0xFF)
-            else:
-                legal = now in NOPS5 or now == b"\xe9" + (rel & 0xFFFF_FFFF).to_bytes(4, "little")
-            if legal:
-                return True
-        return False
 
     def _processes(self) -> list[Finding]:
         """Processes in the process tree but missing from the task list, at two checks
@@ -466,6 +483,7 @@ class Watch:
         self.seen: list[tuple[float, Finding]] = []
         self.errors: list[str] = []
         self.paused = False
+        self.ticks, self.cpu_s = 0, 0.0  # ticks run, and the thread's CPU time in them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="integrity-watch", daemon=True)
 
@@ -488,11 +506,14 @@ class Watch:
         while not self._stop.wait(self.tick_s):
             if self.paused:
                 continue
+            cpu = time.thread_time()
             try:
                 found = self.checker.tick()
             except VmError as e:  # a read torn by the running guest: the next tick reads again
                 self.errors.append(str(e))
                 continue
+            finally:
+                self.ticks, self.cpu_s = self.ticks + 1, self.cpu_s + time.thread_time() - cpu
             now = time.monotonic()
             self.seen += [(now, f) for f in found]
 

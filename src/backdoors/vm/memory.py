@@ -38,6 +38,7 @@ class GuestMemory:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         self.size = size
         self._text_phys: int | None = None
+        self._direct: int | None = None  # page_offset_base, read once (__ro_after_init)
 
     def close(self) -> None:
         self._map.close()
@@ -94,6 +95,16 @@ class GuestMemory:
         return self._map[phys:phys + length]
 
     def translate(self, virt: int) -> int:
+        """The guest-physical address of a running kernel's virtual address: in the direct
+        map (page_offset_base up: all of RAM, linearly -- where task_structs and other
+        slab objects live) by subtraction, elsewhere by `walk`."""
+        if self._direct is None:
+            self._direct = self.read_u64("page_offset_base")
+        if 0 <= virt - self._direct < self.size:
+            return virt - self._direct
+        return self.walk(virt)
+
+    def walk(self, virt: int) -> int:
         """The guest-physical address of a running kernel's virtual address, by walking
         the kernel's own 4-level page tables from `init_top_pgt` (what CR3 holds for
         kernel threads): 1 GiB and 2 MiB pages included."""
