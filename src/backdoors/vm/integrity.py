@@ -275,10 +275,11 @@ class Baseline:
                            if h is not None and not handlers.covers(h - slide, h - slide + 1)]
         return cls(memory, slide, pages, syscalls, idt, jumps, symbols, unexplained, idt_unexplained)
 
+    def __post_init__(self) -> None:
+        self._by_link = {p.link: p for p in self.pages}
+
     def page_of(self, link: int) -> Page:
         """The baseline page holding link address `link`."""
-        if not hasattr(self, "_by_link"):
-            self._by_link = {p.link: p for p in self.pages}
         try:
             return self._by_link[link - link % PAGE]
         except KeyError:
