@@ -315,6 +315,7 @@ class Checker:
                           f"{pages_per_tick} and {processes_every}")
         self.baseline, self.pages_per_tick = baseline, pages_per_tick
         self.processes_every, self._ticks = processes_every, 0
+        self._lock = threading.Lock()  # tick() and forget() may run in different threads
         self.memory = baseline.memory
         self._cursor = 0
         self.active: dict[tuple[str, str], Finding] = {}
@@ -326,6 +327,17 @@ class Checker:
                      for n in OPS_TABLES if n in k.symbols]
 
     def tick(self) -> list[Finding]:
+        with self._lock:
+            return self._tick()
+
+    def forget(self, findings: list[Finding]) -> None:
+        """Drop healed findings, so that the same tamper done again is reported again
+        even before the slice comes back to its page."""
+        with self._lock:
+            for f in findings:
+                self.active.pop(f.key, None)
+
+    def _tick(self) -> list[Finding]:
         found: list[Finding] = []
         found += self._syscalls() + self._idt() + self._ops_tables()
         self._ticks += 1
