@@ -12,11 +12,12 @@ the guest's /cgi-bin/work) every finding is a false positive; the scan's cost is
 side by side, a STREAM-like copy loop in the guest (/cgi-bin/stream) timed alternately with
 the Watch paused and running. Then the `rootkit` fault (vm.rootkit, through QEMU's
 gdbstub) redirects a system call table entry, patches the first bytes of the uname system
-call's function (uname then fails in the guest) and unlinks a process from the task list;
-each is timed from its write to the Watch's finding and healed at once by the rule (write
-the clean bytes back with the vCPUs stopped, relink the process, verify). `tamper_healed`:
-every tamper restored, a full sweep clean, uname works again, the process is back on the
-task list and the guest still serves HTTP.
+call's function (uname then fails in the guest) and unlinks a process from the task list,
+`tamper_rounds` times; each is timed from the start of its gdbstub session to the Watch's
+finding and healed at once by the rule (write the clean bytes back with the vCPUs
+stopped, relink the process, verify). `tamper_healed`: every tamper restored, a full
+sweep clean, uname works again, the processes are back on the task list and the guest
+still serves HTTP. `scan_cpu_pct`: the Watch's CPU time per wall time (one host core).
 """
 
 from __future__ import annotations
@@ -141,9 +142,15 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
                     watch.paused = paused
                     (off if paused else on).append(_timed(lab, f"/cgi-bin/stream?{stream_passes}"))
             watch.paused = False
-            out["overhead_pct"] = round(100 * (statistics.median(on) / statistics.median(off) - 1), 2)
+            # per pair (its two runs back to back, so under the same load from the rest of
+            # the machine), then the median over the pairs; the spread says how far to trust it
+            ratios = sorted(100 * (a / b - 1) for a, b in zip(on, off))
+            out["overhead_pct"] = round(statistics.median(ratios), 2)
+            out["overhead_pct_iqr"] = [round(_percentile(ratios, 0.25), 2), round(_percentile(ratios, 0.75), 2)]
             out["stream_s"] = {"without_scan": round(statistics.median(off), 3),
-                               "with_scan": round(statistics.median(on), 3)}
+                               "with_scan": round(statistics.median(on), 3),
+                               "runs_without": [round(x, 3) for x in off],
+                               "runs_with": [round(x, 3) for x in on]}
             # benign work: every finding meanwhile is a false positive
             benign_from = time.monotonic()
             guest_get(lab, "v0", f"/cgi-bin/work?{int(benign_s)}")
