@@ -654,6 +654,25 @@ def casestudy_rubis(
                 faults=tuple(f for f in faults.split(",") if f), work_dir=out_dir), as_json)
 
 
+@scenario_app.command("vm")
+def scenario_vm(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    benign_minutes: float = typer.Option(10.0, help="Minutes of benign work in the guest (false positives); 10 for the benchmark."),
+) -> None:
+    """A VM node's kernel from outside: a hang by jiffies, the integrity scan, a rootkit healed.
+
+    A lab with one VM node (QEMU, TCG unless KVM is asked for). Times a guest kernel hang (vCPUs stopped) by its jiffies deadline; takes the integrity baseline from the kernel image and scans the guest a slice per tick; counts findings during benign guest work (false positives) and the scan's cost on a copy loop in the guest (with and without, alternately); then a rootkit through QEMU's gdbstub (a system call table entry, a function's first bytes, a process unlinked from the task list), each detected and healed with the vCPUs stopped. Reports boot_s, accel, guest_hang_detect_ms, tamper_detect_ms {p50, p99}, tamper_healed, hidden_process_found, false_positives, benign_minutes, overhead_pct (root).
+    """
+    from .scenarios import SCENARIOS
+
+    if benign_minutes < 0:
+        raise typer.BadParameter(f"must be >= 0, got {benign_minutes}", param_hint="--benign-minutes")
+    result = SCENARIOS["vm"](benign_s=60 * benign_minutes)
+    _emit(result, as_json)
+    if not result["tamper_healed"] or not result["hidden_process_found"]:
+        raise typer.Exit(1)
+
+
 @scenario_app.command("hostile-node")
 def scenario_hostile_node(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """A node's root attacks its own host's agent; every attack must fail.

@@ -3,7 +3,8 @@
 Written as a cpio "newc" archive by Python (no root, no cpio tool): every entry owned by
 root whoever builds it. The /init brings the virtio NIC up with the addresses given on the
 kernel command line (`bd.addr=A/P,B/P`), serves HTTP on `bd.port` with busybox httpd, and
-prints `bd-guest: ready` on the console once it listens.
+prints `bd-guest: ready` on the console once it listens. A few CGI programs (CGI) let the
+host make the guest run a system call, a process, a memory benchmark or a benign workload.
 """
 
 from __future__ import annotations
@@ -21,6 +22,25 @@ BUSYBOX = Path("/bin/busybox")
 #: the NIC: virtio-net over virtio-pci (modules in Debian's cloud kernel); deps are added
 NIC_MODULES = ("virtio_pci", "virtio_net")
 READY = "bd-guest: ready"
+_HEAD = '#!/bin/sh\necho "Content-Type: text/plain"\necho\n'
+#: CGI programs of the guest's httpd (/cgi-bin/NAME): what the host asks the guest to do
+#: in the integrity tests and the vm scenario (`?N` is the argument)
+CGI = {
+    # a system call a rootkit can hijack: the kernel release, or the error
+    "uname": _HEAD + 'uname -r 2>&1 || echo "uname failed"\n',
+    # a long-lived process (the one the rootkit hides): its pid
+    "spawn": _HEAD + "sleep 86400 </dev/null >/dev/null 2>&1 &\necho $!\n",
+    # a STREAM-like copy loop: N passes of copy_to_user over a 16 MiB page-cache file
+    "stream": _HEAD + "[ -f /tmp/stream ] || dd if=/dev/zero of=/tmp/stream bs=1M count=16 2>/dev/null\n"
+              "i=0; while [ $i -lt ${QUERY_STRING:-1} ]; do dd if=/tmp/stream of=/dev/null bs=1M 2>/dev/null;"
+              " i=$((i+1)); done\necho done\n",
+    # benign work for N seconds in the background: file copies, compression (CPU),
+    # memory churn, process creation
+    "work": _HEAD + "end=$(( $(date +%s) + ${QUERY_STRING:-60} ))\n"
+            "( while [ $(date +%s) -lt $end ]; do cp -a /bin /tmp/w; rm -rf /tmp/w;"
+            " dd if=/dev/urandom of=/tmp/m bs=64k count=64 2>/dev/null; gzip -c /tmp/m | gunzip >/dev/null;"
+            " rm -f /tmp/m; ps >/dev/null; done ) </dev/null >/dev/null 2>&1 &\necho started\n",
+}
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -40,8 +60,9 @@ hostname "$name"
 ip link set lo up
 ip link set eth0 up
 for a in $(echo "$addrs" | tr , ' '); do ip addr add "$a" dev eth0; done
-mkdir -p /www
+mkdir -p /www/cgi-bin
 echo "vm $name" > /www/index.html
+for s in /etc/cgi/*; do ln -s "$s" /www/cgi-bin/; done
 httpd -p "$port" -h /www
 echo "%s $name" > /dev/console
 while true; do sleep 3600; done
@@ -92,6 +113,9 @@ def build(kernel: GuestKernel, out: Path | None = None) -> Path:
         archive.directory(d)
     archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
     archive.file("init", INIT.encode(), 0o755)
+    archive.directory("etc/cgi")
+    for name, script in CGI.items():
+        archive.file(f"etc/cgi/{name}", script.encode(), 0o755)
     archive.file("etc/modules", "".join(f"{m.name}\n" for m in mods).encode(), 0o644)
     for m in mods:
         archive.file(f"lib/modules/{m.name}", m.read_bytes(), 0o644)

@@ -121,7 +121,9 @@ def _decode(image: bytes, table: int, index_at: int) -> dict[str, tuple[str, int
         name = "".join(tokens[b] for b in image[pos:pos + length])
         pos += length
         off = offsets[i]
-        addr = base + off if off >= 0 else base - 1 - off  # ABSOLUTE_PERCPU: negative
+        # CONFIG_KALLSYMS_ABSOLUTE_PERCPU: a non-negative offset is an absolute value (a
+        # per-CPU symbol's offset in the per-CPU area), a negative one is relative to base
+        addr = off if off >= 0 else base - 1 - off
         out.setdefault(name[1:], (name[0], addr & 0xFFFF_FFFF_FFFF_FFFF))
     return out
 

@@ -19,11 +19,11 @@ from . import btf, kallsyms
 
 #: the kernel's virtual base of its image mapping (x86-64, arch/x86/include/asm/page_64_types.h)
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
-PROFILE_FORMAT = 2
+PROFILE_FORMAT = 3
 #: structure members whose offsets the profile keeps (from the kernel's BTF)
 MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tgid"),
            ("task_struct", "comm"), ("task_struct", "__state"), ("task_struct", "mm"),
-           ("list_head", "next"))
+           ("task_struct", "children"), ("task_struct", "sibling"), ("list_head", "next"))
 
 
 def cache_dir() -> Path:

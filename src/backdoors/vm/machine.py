@@ -26,12 +26,18 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from ..errors import NetError, VmError
 from ..net import add_bridge, link_info, netns, set_master, set_up
 from . import initramfs
 from .kernel import GuestKernel
 from .memory import GuestMemory
+
+if TYPE_CHECKING:
+    from .gdb import GdbStub
 
 QEMU = "qemu-system-x86_64"
 TUNSETIFF = 0x400454CA
@@ -123,7 +129,8 @@ class Vm:
             os.ftruncate(ram, spec.memory_mb << 20)
             tap = _open_tap(spec.netns) if spec.netns is not None else None
             argv = _argv(spec, kernel, initrd, accel, ram, tap)
-            for stale in (spec.run_dir / "console.log", spec.run_dir / "qmp.sock"):
+            for stale in (spec.run_dir / "console.log", spec.run_dir / "qmp.sock",
+                      spec.run_dir / "gdb.sock"):
                 stale.unlink(missing_ok=True)
             began = time.monotonic()
             with open(spec.run_dir / "qemu.log", "ab") as log:
@@ -177,6 +184,7 @@ class Vm:
             os.close(self.ram_fd)
             self.ram_fd = -1
         self.qmp_path.unlink(missing_ok=True)
+        self.gdb_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "Vm":
         return self
@@ -205,6 +213,38 @@ class Vm:
 
     def unlock(self) -> None:
         self.qmp("cont")
+
+    @property
+    def gdb_path(self) -> Path:
+        return self.spec.run_dir / "gdb.sock"
+
+    def gdb(self) -> "GdbStub":
+        """A connection to the guest's QEMU gdbstub (started on `gdb.sock` in the run
+        folder on first use, through HMP `gdbserver`): the debug interface the rootkit
+        fault writes through and the healer restores through. Connecting stops the vCPUs."""
+        from .gdb import GdbStub
+        if not self.gdb_path.exists():
+            self.qmp("human-monitor-command",
+                     **{"command-line": f"gdbserver unix:{self.gdb_path},server=on,wait=off"})
+        return GdbStub(self.gdb_path, where=f"VM {self.spec.name}")
+
+    @contextmanager
+    def debug(self) -> Iterator["GdbStub"]:
+        """A gdbstub session: the vCPUs stop while it is open; after it they are back as
+        they were (running, or stopped under the node lock). QEMU's own detach does not
+        say: after a session closed without one it leaves them stopped, and a detach
+        under QMP `stop` resumes them -- so QMP puts them right."""
+        was = self.running()
+        stub = self.gdb()
+        try:
+            yield stub
+        finally:
+            try:
+                stub.detach()
+            except VmError:
+                stub.close()
+            if self.running() != was:
+                self.qmp("cont" if was else "stop")
 
     def running(self) -> bool:
         return bool(self.qmp("query-status")["running"])  # type: ignore[index]

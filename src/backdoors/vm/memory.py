@@ -38,6 +38,7 @@ class GuestMemory:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         self.size = size
         self._text_phys: int | None = None
+        self._direct: int | None = None  # page_offset_base, read once (__ro_after_init)
 
     def close(self) -> None:
         self._map.close()
@@ -94,6 +95,16 @@ class GuestMemory:
         return self._map[phys:phys + length]
 
     def translate(self, virt: int) -> int:
+        """The guest-physical address of a running kernel's virtual address: in the direct
+        map (page_offset_base up: all of RAM, linearly -- where task_structs and other
+        slab objects live) by subtraction, elsewhere by `walk`."""
+        if self._direct is None:
+            self._direct = self.read_u64("page_offset_base")
+        if 0 <= virt - self._direct < self.size:
+            return virt - self._direct
+        return self.walk(virt)
+
+    def walk(self, virt: int) -> int:
         """The guest-physical address of a running kernel's virtual address, by walking
         the kernel's own 4-level page tables from `init_top_pgt` (what CR3 holds for
         kernel threads): 1 GiB and 2 MiB pages included."""
@@ -142,6 +153,38 @@ class GuestMemory:
             if node == head:
                 return out
         raise VmError(f"{self.where}: the task list has more than {limit} entries or loops")
+
+    def process_tree(self, limit: int = 1 << 16) -> list[tuple[int, str, int]]:
+        """(pid, comm, task address) of every process reachable from init_task through
+        the `children`/`sibling` lists -- the process tree, a second kernel structure
+        holding the same thread-group leaders as the task list (a rootkit that unlinks a
+        task from `tasks` to hide it rarely unlinks it from its parent's children too)."""
+        k = self.kernel
+        children, sibling, pid_at, comm_at = (k.member("task_struct", m) for m in
+                                              ("children", "sibling", "pid", "comm"))
+        out, todo = [], [self.virt("init_task")]
+        while todo:
+            task = todo.pop()
+            if len(out) >= limit:
+                raise VmError(f"{self.where}: the process tree has more than {limit} tasks or loops")
+            pid = struct.unpack("<i", self.read_virt(task + pid_at, 4))[0]
+            comm = self.read_virt(task + comm_at, 16).split(b"\0", 1)[0].decode(errors="replace")
+            out.append((pid, comm, task))
+            head = task + children
+            node = struct.unpack("<Q", self.read_virt(head, 8))[0]
+            for _ in range(limit):
+                if node == head:
+                    break
+                todo.append(node - sibling)
+                node = struct.unpack("<Q", self.read_virt(node, 8))[0]
+            else:
+                raise VmError(f"{self.where}: a children list loops")
+        return out
+
+    def hidden_tasks(self) -> list[tuple[int, str, int]]:
+        """Processes in the process tree but not on the task list: hidden ones."""
+        listed = {pid for pid, _ in self.tasks()}
+        return [t for t in self.process_tree() if t[0] not in listed]
 
     def jiffies(self) -> int:
         """The guest kernel's tick counter (jiffies_64): it stops when the guest's

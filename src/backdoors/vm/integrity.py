@@ -1,0 +1,541 @@
+"""Kernel integrity of a guest, checked from outside against a baseline from the image.
+
+The baseline (`Baseline.take`) covers, page by page (a BLAKE2b digest and the clean bytes
+of each 4 KiB page), the kernel's text [_text, _etext) and read-only data [__start_rodata,
+__end_rodata) -- which holds the system call table and the `const` operations tables --
+plus the IDT, and names the operations tables rootkits patch (OPS_TABLES). Its bytes come
+from the kernel image on the host, relocated for the running kernel's KASLR offset
+(image.py). Two kinds of bytes the image cannot predict:
+
+- the kernel patches its own text at boot (alternatives, paravirt calls, retpoline and
+  return-thunk sites, SMP lock prefixes, ftrace's mcount sites, static keys and static
+  calls): at attach, every byte of text that differs from the image must lie in a patch
+  site the image itself declares (its .altinstructions, .parainstructions,
+  .retpoline_sites, .return_sites, .smp_locks, __mcount_loc, __jump_table,
+  static_call_sites tables and the static call trampolines); such pages take the guest's
+  own first reading as their baseline. A differing byte outside every site is reported
+  (`Baseline.unexplained`) -- a kernel tampered before we attached;
+- `__ro_after_init` data (inside the read-only data) is written during boot: its pages take
+  the first reading too.
+- the IDT (`idt_table`) is built at boot from tables freed after init: its baseline is the
+  first reading, checked against the image: every gate must point into the entry text
+  (or, for vectors the kernel never installs, at its early boot handlers).
+
+`Checker.tick()` compares a slice of the pages (bounded work per call; a page is compared
+with its clean bytes, a memcmp, cheaper than hashing it again) and every tick the small hot
+tables (system call table, IDT, OPS_TABLES), every few ticks the process cross-check, and
+reports mismatches by symbol + offset. At run time the kernel still flips static keys: a jump-label site that changes
+between its two legal forms (a NOP, or a jump to the entry's own target) is accepted and
+the baseline follows it; any other change is a `Finding`. `Healer` writes the clean bytes
+back through QEMU's debug interface with the vCPUs stopped and verifies them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import re
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..errors import VmError
+from .image import KernelImage
+from .memory import GuestMemory
+
+PAGE = 4096
+#: operations tables rootkits patch to hide files, processes and sockets (all `const`, in
+#: the read-only data; checked every tick besides the page slices)
+OPS_TABLES = ("proc_root_operations", "proc_root_inode_operations", "proc_dir_operations",
+              "proc_pid_link_inode_operations", "ramfs_file_operations",
+              "shmem_file_operations", "tcp4_seq_ops")
+#: text locations ftrace rewrites at boot (its trampoline's call sites)
+FTRACE_SITES = ("ftrace_call", "ftrace_regs_call")
+#: x86 NOPs a jump-label site holds when its key is off (the kernel's choices; 2-byte
+#: sites hold NOP2)
+NOPS5 = (bytes.fromhex("0f1f440000"), bytes.fromhex("6666669090"), bytes.fromhex("6690669090"))
+NOP2 = bytes.fromhex("6690")
+IDT_ENTRIES = 256
+EARLY_IDT_HANDLER_SIZE = 9  # arch/x86/include/asm/segment.h
+_DIFF = re.compile(rb"[^\x00]+")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A tampered place: `kind` text | rodata | syscall | idt | ops | process; `where` a
+    symbol + offset (or table[index], or `pid N`); `phys`/`clean` the bytes healing writes
+    back (a hidden process: `virt` is its task_struct, relinked by the Healer)."""
+
+    kind: str
+    where: str
+    virt: int = 0
+    detail: str = ""
+    phys: int = 0
+    clean: bytes = b""
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "where": self.where, "virt": f"{self.virt:#x}",
+                "detail": self.detail}
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.where)
+
+
+@dataclass
+class Page:
+    link: int  # link-time address of the page
+    phys: int
+    digest: bytes
+    clean: bytes
+    source: str  # "image" (as the image predicts) | "boot" (the guest's first reading)
+    region: str
+
+
+class Symbols:
+    """Address -> symbol + offset for the kernel image's symbols (not per-CPU ones)."""
+
+    def __init__(self, symbols: dict[str, int], lowest: int):
+        pairs = sorted((a, n) for n, a in symbols.items() if a >= lowest)
+        self._addrs = [a for a, _ in pairs]
+        self._names = [n for _, n in pairs]
+
+    def name(self, link: int) -> str:
+        i = bisect.bisect_right(self._addrs, link) - 1
+        if i < 0:
+            return f"{link:#x}"
+        return f"{self._names[i]}+{link - self._addrs[i]:#x}"
+
+
+class Sites:
+    """Merged [start, end) link-address intervals the kernel may patch, for coverage tests."""
+
+    def __init__(self, spans: list[tuple[int, int]]):
+        merged: list[list[int]] = []
+        for s, e in sorted(spans):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        self._starts = [s for s, _ in merged]
+        self._ends = [e for _, e in merged]
+
+    def covers(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and end <= self._ends[i]
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+
+def patch_sites(image: KernelImage) -> tuple[Sites, dict[int, int]]:
+    """The text the kernel patches at boot, from the image's own tables; and the jump-label
+    sites (code -> target, link addresses) whose bytes may flip at run time."""
+    k = image.kernel
+    spans: list[tuple[int, int]] = []
+
+    def table(name: str | tuple[str, str]) -> tuple[int, bytes]:
+        if isinstance(name, tuple):
+            lo, hi = (k.symbol(n) for n in name)
+        else:
+            s = image.section(name)
+            lo, hi = s.addr, s.addr + s.size
+        return lo, image.bytes_at(lo, hi - lo)
+
+    def relative(name, size: int, length: int) -> None:
+        lo, data = table(name)
+        for at in range(0, len(data) - size + 1, size):
+            site = lo + at + struct.unpack_from("<i", data, at)[0]
+            spans.append((site, site + length))
+
+    lo, data = table(".altinstructions")  # s32 instr, s32 repl, u16 cpuid, u8 len, u8 repl len
+    for at in range(0, len(data) - 11, 12):
+        site = lo + at + struct.unpack_from("<i", data, at)[0]
+        spans.append((site, site + data[at + 10]))
+    _, data = table(".parainstructions")  # u8 *instr, u8 type, u8 len
+    for at in range(0, len(data) - 15, 16):
+        site = struct.unpack_from("<Q", data, at)[0]
+        spans.append((site, site + data[at + 9]))
+    relative(".retpoline_sites", 4, 6)
+    relative(".return_sites", 4, 5)
+    relative(".smp_locks", 4, 1)
+    relative(("__start_static_call_sites", "__stop_static_call_sites"), 8, 5)
+    _, data = table(("__start_mcount_loc", "__stop_mcount_loc"))
+    spans += [(a, a + 5) for a in struct.unpack(f"<{len(data) // 8}Q", data)]
+    jumps: dict[int, int] = {}
+    lo, data = table(("__start___jump_table", "__stop___jump_table"))  # s32 code, s32 target, long key
+    for at in range(0, len(data) - 15, 16):
+        code, target = struct.unpack_from("<ii", data, at)
+        jumps[lo + at + code] = lo + at + 4 + target
+        spans.append((lo + at + code, lo + at + code + 5))
+    spans += [(a, a + 8) for n, a in k.symbols.items() if n.startswith("__SCT__")]
+    spans += [(k.symbol(n), k.symbol(n) + 5) for n in FTRACE_SITES if n in k.symbols]
+    return Sites(spans), jumps
+
+
+def static_key_flip(link: int, clean: bytes, live: bytes, s: int, e: int,
+                    jumps: dict[int, int]) -> bool:
+    """Whether the change at [s, e) of a text buffer at link address `link` is static keys
+    flipping jump-label sites: every changed byte lies in a site (2 or 5 bytes, as the
+    kernel chose at build time; adjacent sites may change together) that now holds a NOP
+    of its size or a jump to its entry's own target."""
+    pos = s
+    while pos < e:
+        for at in range(pos, pos - 5, -1):
+            target = jumps.get(link + at)
+            if target is not None and at >= 0:
+                break
+        else:
+            return False
+        was = clean[at:at + 5]
+        size = 2 if was[:1] == b"\xeb" or was[:2] == NOP2 else 5
+        if pos >= at + size or at + size > len(clean):
+            return False
+        now = live[at:at + size]
+        rel = target - (link + at + size)
+        if size == 2:
+            legal = now == NOP2 or (now[0] == 0xEB and -128 <= rel < 128 and now[1] == rel & 0xFF)
+        else:
+            legal = now in NOPS5 or now == b"\xe9" + (rel & 0xFFFF_FFFF).to_bytes(4, "little")
+        if not legal:
+            return False
+        pos = at + size
+    return True
+
+
+def diff_runs(a: bytes, b: bytes) -> list[tuple[int, int]]:
+    """[start, end) byte ranges where two equal-length buffers differ."""
+    x = (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
+    return [m.span() for m in _DIFF.finditer(x)]
+
+
+@dataclass
+class Baseline:
+    """What a clean running kernel holds (see the module's docstring)."""
+
+    memory: GuestMemory
+    slide: int
+    pages: list[Page]
+    syscalls: list[int]  # running addresses of the system call table's entries
+    idt: bytes
+    jumps: dict[int, int]  # jump-label code -> target (link addresses)
+    symbols: Symbols
+    unexplained: list[Finding] = field(default_factory=list)
+    idt_unexplained: list[int] = field(default_factory=list)
+
+    @property
+    def sources(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.pages:
+            out[f"{p.region}.{p.source}"] = out.get(f"{p.region}.{p.source}", 0) + 1
+        return out
+
+    @classmethod
+    def take(cls, memory: GuestMemory, image: KernelImage | None = None) -> "Baseline":
+        k = memory.kernel
+        image = image or KernelImage(k)
+        slide = memory.kaslr_offset
+        symbols = Symbols(k.symbols, k.symbol("_text"))
+        sites, jumps = patch_sites(image)
+        ro_after_init = Sites([(k.symbol("__start_ro_after_init"), k.symbol("__end_ro_after_init"))])
+        pages: list[Page] = []
+        unexplained: list[Finding] = []
+        for region, lo, hi, allowed in (("text", "_text", "_etext", sites),
+                                         ("rodata", "__start_rodata", "__end_rodata", ro_after_init)):
+            start = k.symbol(lo)
+            # the last page may be cut where the image's segment ends (the rest of that
+            # page is whatever the boot decompressor left there)
+            end = min(-(-k.symbol(hi) // PAGE) * PAGE, image.loaded_end(start))
+            clean = image.bytes_at(start, end - start, slide)
+            phys = memory.phys(lo)
+            live = memory.read(phys, end - start)
+            for at in range(0, end - start, PAGE):
+                want, got = clean[at:at + PAGE], live[at:at + PAGE]
+                source = "image"
+                if want != got:
+                    source = "boot"
+                    for s, e in diff_runs(want, got):
+                        link = start + at + s
+                        if not allowed.covers(link, start + at + e):
+                            unexplained.append(Finding(region, symbols.name(link), link + slide,
+                                                       f"{e - s} bytes differ from the image at attach"))
+                    want = got
+                pages.append(Page(start + at, phys + at, _digest(want), want, source, region))
+        table = k.symbol("sys_call_table")
+        count = (_next_symbol(k.symbols, table) - table) // 8
+        syscalls = list(struct.unpack(f"<{count}Q", memory.read(memory.phys("sys_call_table"), 8 * count)))
+        idt = memory.read(memory.phys("idt_table"), 16 * IDT_ENTRIES)
+        # a gate points into the entry text, or (vectors the kernel never installs, such
+        # as reserved ones) still at the early boot handlers it set first
+        handlers = Sites([(k.symbol("__entry_text_start"), k.symbol("__entry_text_end")),
+                          (k.symbol("early_idt_handler_array"),
+                           k.symbol("early_idt_handler_array") + 32 * EARLY_IDT_HANDLER_SIZE)])
+        idt_unexplained = [n for n, h in enumerate(_gates(idt))
+                           if h is not None and not handlers.covers(h - slide, h - slide + 1)]
+        return cls(memory, slide, pages, syscalls, idt, jumps, symbols, unexplained, idt_unexplained)
+
+    def __post_init__(self) -> None:
+        self._by_link = {p.link: p for p in self.pages}
+
+    def page_of(self, link: int) -> Page:
+        """The baseline page holding link address `link`."""
+        try:
+            return self._by_link[link - link % PAGE]
+        except KeyError:
+            raise VmError(f"{link:#x} is outside the baseline's pages") from None
+
+
+def _digest(page: bytes) -> bytes:
+    return hashlib.blake2b(page, digest_size=16).digest()
+
+
+def _next_symbol(symbols: dict[str, int], addr: int) -> int:
+    return min(a for a in symbols.values() if a > addr)
+
+
+def _gates(idt: bytes) -> list[int | None]:
+    """Each IDT gate's handler address (None: not present)."""
+    out: list[int | None] = []
+    for n in range(len(idt) // 16):
+        lo, _sel, _ist, flags, mid, hi, _ = struct.unpack_from("<HHBBHII", idt, 16 * n)
+        out.append(lo | mid << 16 | hi << 32 if flags & 0x80 else None)
+    return out
+
+
+class Checker:
+    """Checks a running guest against its Baseline: `tick()` covers `pages_per_tick`
+    pages (round robin) and the hot tables; it returns the findings not reported before
+    (a finding that goes away -- healed -- may be reported again if it comes back)."""
+
+    def __init__(self, baseline: Baseline, *, pages_per_tick: int = 128,
+                 processes_every: int = 5):
+        if pages_per_tick < 1 or processes_every < 1:
+            raise VmError(f"pages_per_tick and processes_every must be at least 1, got "
+                          f"{pages_per_tick} and {processes_every}")
+        self.baseline, self.pages_per_tick = baseline, pages_per_tick
+        self.processes_every, self._ticks = processes_every, 0
+        self._lock = threading.Lock()  # tick() and forget() may run in different threads
+        self.memory = baseline.memory
+        self._cursor = 0
+        self.active: dict[tuple[str, str], Finding] = {}
+        self.benign_flips = 0
+        self._suspects: dict[int, int] = {}  # pid -> task seen hidden at the last check
+        self.sweeps = 0  # full passes over the pages
+        k = self.memory.kernel
+        self._ops = [(n, k.symbol(n), _next_symbol(k.symbols, k.symbol(n)) - k.symbol(n))
+                     for n in OPS_TABLES if n in k.symbols]
+
+    def tick(self) -> list[Finding]:
+        with self._lock:
+            return self._tick()
+
+    def forget(self, findings: list[Finding]) -> None:
+        """Drop healed findings, so that the same tamper done again is reported again
+        even before the slice comes back to its page."""
+        with self._lock:
+            for f in findings:
+                self.active.pop(f.key, None)
+
+    def _tick(self) -> list[Finding]:
+        found: list[Finding] = []
+        found += self._syscalls() + self._idt() + self._ops_tables()
+        self._ticks += 1
+        hot = {"syscall", "idt", "ops"}
+        if self._ticks % self.processes_every == 0:
+            found += self._processes()
+            hot.add("process")
+        pages = self.baseline.pages
+        for _ in range(min(self.pages_per_tick, len(pages))):
+            found += self._page(pages[self._cursor])
+            self._cursor += 1
+            if self._cursor == len(pages):
+                self._cursor, self.sweeps = 0, self.sweeps + 1
+        return self._new(found, hot)
+
+    def sweep(self) -> list[Finding]:
+        """Check every page once now (and the tables): all current findings."""
+        found = self._syscalls() + self._idt() + self._ops_tables()
+        for p in self.baseline.pages:
+            found += self._page(p)
+        return found
+
+    def _new(self, found: list[Finding], hot: set[str]) -> list[Finding]:
+        new = [f for f in found if f.key not in self.active]
+        for f in found:
+            self.active[f.key] = f
+        # a hot-table finding not seen this tick is gone (those tables are read every tick)
+        seen = {f.key for f in found}
+        for key in [k for k in self.active if k[0] in hot and k not in seen]:
+            del self.active[key]
+        return new
+
+    def _page(self, page: Page) -> list[Finding]:
+        live = self.memory.read(page.phys, len(page.clean))
+        if live == page.clean:  # memcmp with the clean bytes the digest was taken of
+            for key in [k for k, f in self.active.items()
+                        if f.kind == page.region and page.phys <= f.phys < page.phys + PAGE]:
+                del self.active[key]
+            return []
+        out = []
+        flipped = False
+        for s, e in diff_runs(page.clean, live):
+            link = page.link + s
+            if page.region == "text" and static_key_flip(page.link, page.clean, live, s, e,
+                                                         self.baseline.jumps):
+                flipped = True
+                continue
+            out.append(Finding(page.region, self.baseline.symbols.name(link), link + self.baseline.slide,
+                               f"{e - s} bytes differ", page.phys + s, page.clean[s:e]))
+        if flipped and not out:  # only static keys flipped: the baseline follows them
+            self.benign_flips += 1
+            page.clean, page.digest = live, _digest(live)
+        return out
+
+    def _processes(self) -> list[Finding]:
+        """Processes in the process tree but missing from the task list, at two checks
+        in a row (one check may race a fork: the child enters the tree, then the list)."""
+        try:
+            hidden = self.memory.hidden_tasks()
+        except VmError:
+            return [f for f in self.active.values() if f.kind == "process"]  # torn walk: keep
+        now = {pid: task for pid, _comm, task in hidden}
+        out = [Finding("process", f"pid {pid}", task, f"{comm!r} is in the process tree but "
+                       "not on the task list (hidden)")
+               for pid, comm, task in hidden if self._suspects.get(pid) == task]
+        self._suspects = now
+        return out
+
+    def _syscalls(self) -> list[Finding]:
+        b = self.baseline
+        phys = self.memory.phys("sys_call_table")
+        live = struct.unpack(f"<{len(b.syscalls)}Q", self.memory.read(phys, 8 * len(b.syscalls)))
+        virt = self.memory.virt("sys_call_table")
+        return [Finding("syscall", f"sys_call_table[{n}]", virt + 8 * n,
+                        f"-> {b.symbols.name(now - b.slide)} (was {b.symbols.name(was - b.slide)})",
+                        phys + 8 * n, struct.pack("<Q", was))
+                for n, (was, now) in enumerate(zip(b.syscalls, live)) if was != now]
+
+    def _idt(self) -> list[Finding]:
+        b = self.baseline
+        phys = self.memory.phys("idt_table")
+        live = self.memory.read(phys, len(b.idt))
+        if live == b.idt:
+            return []
+        was, now = _gates(b.idt), _gates(live)
+        virt = self.memory.virt("idt_table")
+        return [Finding("idt", f"idt_table[{n}]", virt + 16 * n,
+                        f"-> {b.symbols.name((now[n] or 0) - b.slide)} (was "
+                        f"{b.symbols.name((was[n] or 0) - b.slide)})",
+                        phys + 16 * n, b.idt[16 * n:16 * n + 16])
+                for n in range(IDT_ENTRIES) if live[16 * n:16 * n + 16] != b.idt[16 * n:16 * n + 16]]
+
+    def _ops_tables(self) -> list[Finding]:
+        out = []
+        for name, link, size in self._ops:
+            page = self.baseline.page_of(link)
+            off = link - page.link
+            if off + size > len(page.clean):
+                size = len(page.clean) - off  # a table across pages: its first page here, the rest by slices
+            live = self.memory.read(page.phys + off, size)
+            clean = page.clean[off:off + size]
+            for s, e in diff_runs(clean, live) if live != clean else ():
+                out.append(Finding("ops", f"{name}+{s:#x}", link + s + self.baseline.slide,
+                                   f"{e - s} bytes differ", page.phys + off + s, clean[s:e]))
+        return out
+
+
+class Healer:
+    """Restores tampered bytes: with the vCPUs stopped (QMP `stop`, the node lock), writes
+    each finding's clean bytes through QEMU's gdbstub (so TCG drops code translated from
+    the tampered bytes), relinks hidden processes, reads it all back from the RAM, then
+    lets the guest run again (QMP `cont`). Returns the findings it could not restore."""
+
+    def __init__(self, vm):
+        self.vm = vm
+
+    def heal(self, findings: list[Finding]) -> list[Finding]:
+        memory = self.vm.memory()
+        self.vm.lock()
+        try:
+            with self.vm.debug() as stub:
+                writes = []
+                for f in findings:
+                    if f.kind == "process":
+                        writes += [(f, phys, data) for phys, data in relink(memory, f.virt)]
+                    else:
+                        writes.append((f, f.phys, f.clean))
+                for _f, phys, data in writes:
+                    stub.write_phys(phys, data)
+                failed = {id(f): f for f, phys, data in writes
+                          if memory.read(phys, len(data)) != data}
+        finally:
+            self.vm.unlock()
+        return list(failed.values())
+
+
+def relink(memory: GuestMemory, task: int) -> list[tuple[int, bytes]]:
+    """The writes (physical address, bytes) that put a task unlinked from the task list
+    back at its end (before init_task), as list_add_tail would; read with the vCPUs
+    stopped so the list does not move meanwhile."""
+    link = memory.kernel.member("task_struct", "tasks")
+    node, head = task + link, memory.virt("init_task") + link
+    last = struct.unpack("<Q", memory.read_virt(head + 8, 8))[0]
+    return [(memory.translate(node), struct.pack("<QQ", head, last)),  # node.next, node.prev
+            (memory.translate(last), struct.pack("<Q", node)),  # last.next
+            (memory.translate(head + 8), struct.pack("<Q", node))]  # head.prev
+
+
+class Watch:
+    """Runs `checker.tick()` every `tick_s` in a thread of its own, stamping each new
+    finding with the monotonic time it was seen (`seen`: (time, Finding)). `paused`
+    skips ticks (to measure the scan's cost on the guest beside its absence)."""
+
+    def __init__(self, checker: Checker, *, tick_s: float = 0.02):
+        self.checker, self.tick_s = checker, tick_s
+        self.seen: list[tuple[float, Finding]] = []
+        self.errors: list[str] = []
+        self.paused = False
+        self.ticks, self.cpu_s = 0, 0.0  # ticks run, and the thread's CPU time in them
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="integrity-watch", daemon=True)
+
+    def start(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __enter__(self) -> "Watch":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            if self.paused:
+                continue
+            cpu = time.thread_time()
+            try:
+                found = self.checker.tick()
+            except VmError as e:  # a read torn by the running guest: the next tick reads again
+                self.errors.append(str(e))
+                continue
+            finally:
+                self.ticks, self.cpu_s = self.ticks + 1, self.cpu_s + time.thread_time() - cpu
+            now = time.monotonic()
+            self.seen += [(now, f) for f in found]
+
+    def wait_for(self, match, since: float, timeout: float) -> float | None:
+        """The time of the first finding since `since` for which `match(f)` holds."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for at, f in list(self.seen):
+                if at >= since and match(f):
+                    return at
+            time.sleep(0.005)
+        return None

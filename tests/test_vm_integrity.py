@@ -1,0 +1,155 @@
+"""Kernel integrity of a VM node (issue 15 §3): a baseline from the kernel image, a checker
+that covers it a slice per tick, the `rootkit` fault through QEMU's gdbstub, and healing
+with the vCPUs stopped -- on a real guest (TCG)."""
+
+import struct
+import time
+
+import pytest
+
+from backdoors.errors import VmError
+from backdoors.vm.image import KernelImage
+from backdoors.vm.kernel import GuestKernel
+
+from conftest import unavailable
+from test_vm import _memfds, _qemus, qemu  # noqa: F401 - the fixture
+
+
+@pytest.fixture(scope="module")
+def image() -> KernelImage:
+    try:
+        return KernelImage(GuestKernel.find())
+    except VmError as e:
+        unavailable(str(e))
+
+
+def test_image_relocations_slide_pointers_like_the_boot_decompressor(image):
+    k = image.kernel
+    relocs = image.relocations
+    assert relocs["32"] and relocs["32neg"] and relocs["64"]
+    table = k.symbol("sys_call_table")
+    slide = 0x1E00_0000
+    at_link = struct.unpack("<4Q", image.bytes_at(table, 32))
+    slid = struct.unpack("<4Q", image.bytes_at(table, 32, slide))
+    assert at_link[0] == k.symbol("__x64_sys_read")  # the table as linked
+    assert [b - a for a, b in zip(at_link, slid)] == [slide] * 4
+    with pytest.raises(VmError, match="no loaded segment holds"):
+        image.bytes_at(0x7000_0000_0000, 16)
+
+
+def test_patch_sites_come_from_the_images_own_tables(image):
+    from backdoors.vm.integrity import patch_sites
+    sites, jumps = patch_sites(image)
+    k = image.kernel
+    # static-key sites in the kernel's text (the rest are in init code, freed after boot)
+    assert sum(k.symbol("_text") <= c < k.symbol("_etext") for c in jumps) > 1000
+    # a function's ftrace site (its first bytes, after any ENDBR) is patchable at boot;
+    # its body is not
+    fn = k.symbol("__x64_sys_newuname")
+    assert sites.covers(fn, fn + 5) or sites.covers(fn + 4, fn + 9)
+    assert not sites.covers(fn + 5, fn + 6)  # mov 0x70(%rdi),%rdi
+
+
+def test_diff_runs():
+    from backdoors.vm.integrity import diff_runs
+    assert diff_runs(b"abcdef", b"abcdef") == []
+    assert diff_runs(b"abcdef", b"xbcdyz") == [(0, 1), (4, 6)]
+
+
+def test_static_key_flips_are_told_from_other_changes():
+    from backdoors.vm.integrity import diff_runs, static_key_flip
+    link = 0xFFFF_FFFF_8100_0000
+    # two adjacent 2-byte sites (jmp +0x0b, jmp +0x17) and a 5-byte one (a NOP)
+    clean = bytes.fromhex("4889f3" "eb0b" "eb17" "4889df" "0f1f440000" "c3")
+    jumps = {link + 3: link + 0x10, link + 5: link + 0x1E, link + 10: link + 0x100}
+
+    def ok(live):
+        return all(static_key_flip(link, clean, live, s, e, jumps) for s, e in diff_runs(clean, live))
+
+    assert ok(bytes.fromhex("4889f3" "6690" "6690" "4889df" "0f1f440000" "c3"))  # both off
+    assert ok(bytes.fromhex("4889f3" "eb0b" "eb17" "4889df" "e9f1000000" "c3"))  # on: its target
+    assert not ok(bytes.fromhex("4889f3" "eb0c" "eb17" "4889df" "0f1f440000" "c3"))  # elsewhere
+    assert not ok(bytes.fromhex("4889f3" "eb0b" "eb17" "4889df" "e9f2000000" "c3"))
+    assert not ok(bytes.fromhex("4889f3" "6690" "eb17" "4889d0" "0f1f440000" "c3"))  # not a site
+
+
+@pytest.mark.slow
+def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique):
+    from backdoors.lab import Lab
+    from backdoors.scenarios.vm import guest_get
+    from backdoors.vm import rootkit
+    from backdoors.vm.integrity import Baseline, Checker, Healer
+    name = f"i{unique}"
+    with Lab(name, hosts=1, nodes=1, services=False, vm_nodes=1) as lab:
+        vm = lab.vm("v0")
+        memory = vm.memory()
+        assert memory.kaslr_offset != 0 or True  # KASLR on in the lab (may draw 0)
+        baseline = Baseline.take(memory)
+        # every byte the kernel patched at boot lies in a site its image declares
+        assert baseline.unexplained == [] and baseline.idt_unexplained == []
+        assert baseline.sources["text.image"] > 0 and baseline.sources["rodata.image"] > 1000
+        checker = Checker(baseline, pages_per_tick=256)
+        assert checker.sweep() == []
+        ticks = 0
+        while checker.sweeps < 2:
+            assert checker.tick() == [], "a clean guest shows no finding"
+            ticks += 1
+        assert ticks >= 2 * len(baseline.pages) // 256  # bounded work per tick
+        uname = guest_get(lab, "v0", "/cgi-bin/uname").strip()
+        assert uname == GuestKernel.find().version
+        pid = int(guest_get(lab, "v0", "/cgi-bin/spawn").strip())
+        assert pid in dict(memory.tasks())
+
+        # the three tampers, through QEMU's gdbstub
+        was = rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall")
+        assert was == memory.virt("__x64_sys_newuname")
+        rootkit.patch_function(vm, "__x64_sys_newuname")
+        assert guest_get(lab, "v0", "/cgi-bin/uname").strip() != uname  # hijacked: fails
+        task = rootkit.hide_process(vm, pid)
+        assert pid not in dict(memory.tasks())
+        found = {}
+        for _ in range(len(baseline.pages) // 256 + 3):
+            for f in checker.tick():
+                found[f.key] = f
+        syscall = found[("syscall", f"sys_call_table[{rootkit.NR_UNAME}]")]
+        assert "__x64_sys_ni_syscall" in syscall.detail and "__x64_sys_newuname" in syscall.detail
+        patched = [f for f in found.values() if f.kind == "text"]
+        assert [f.where for f in patched] == ["__x64_sys_newuname+0x0"]
+        hidden = found[("process", f"pid {pid}")]
+        assert hidden.virt == task and "sleep" in hidden.detail
+        assert ("rodata", "sys_call_table+0x1f8") in found  # the table's page, too
+        # static keys the guest flipped meanwhile (DO_ONCE in the net code) were followed
+        assert checker.benign_flips >= 0
+
+        # healing: clean bytes back with the vCPUs stopped, verified; the guest runs on
+        assert Healer(vm).heal(list(found.values())) == []
+        assert vm.running()
+        assert checker.sweep() == []
+        assert guest_get(lab, "v0", "/cgi-bin/uname").strip() == uname
+        assert pid in dict(memory.tasks())
+        assert memory.hidden_tasks() == []
+        assert guest_get(lab, "v0", "/").strip() == f"vm bd-{name}-v0"
+        # a pid that is not there is refused, nothing written
+        with pytest.raises(VmError, match="no process 99999 to hide"):
+            rootkit.hide_process(vm, 99999)
+        assert vm.running()
+    assert _qemus(f"bd-{name}-") == [] and _memfds(f"bd-{name}-") == []
+
+
+@pytest.mark.slow
+def test_vm_scenario_reports_every_figure(qemu):
+    """`backdoors scenario vm` in small: a short benign run, a short overhead measure."""
+    from backdoors.scenarios import SCENARIOS
+    r = SCENARIOS["vm"](benign_s=10, overhead_pairs=2, stream_passes=10, tamper_rounds=2)
+    print({k: r[k] for k in ("boot_s", "accel", "guest_hang_detect_ms", "tamper_detect_ms",
+                             "false_positives", "overhead_pct", "scan_cpu_pct")})
+    for key in ("boot_s", "guest_hang_detect_ms", "benign_minutes", "overhead_pct"):
+        assert isinstance(r[key], (int, float))
+    assert r["accel"] in ("tcg", "kvm")
+    assert set(r["tamper_detect_ms"]) == {"p50", "p99"}
+    assert [t["name"] for t in r["tampers"]] == ["syscall-table", "function-patch", "hidden-process"] * 2
+    assert all(t["detected"] and t["healed"] for t in r["tampers"]), r["tampers"]
+    assert r["tampers"][1]["uname_hijacked"] and not r["tampers"][2]["on_task_list_while_hidden"]
+    assert r["tamper_healed"] and r["hidden_process_found"]
+    assert r["false_positives"] == 0, r["false_positive_findings"]
+    assert r["baseline"]["unexplained_at_attach"] == []
