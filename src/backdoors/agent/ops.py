@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ..common.procs import installed_exe, same_start
+from ..common.procs import exe_sha256, installed_exe, same_start
 from ..errors import SensorBoxError
 from ..nodes import KEEP, process_table, subtree
 from ..sensors import read_consistent
@@ -278,7 +278,7 @@ def processes(call: Call) -> ProcessTable:
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
                    same_start(registrants.get(p.pid, -1.0), p.start_time),
-                   (installed_exe(p.pid) or ("",))[0])
+                   (installed_exe(p.pid) or ("",))[0], exe_sha256(p.pid))
         for p in table
     ]
     return ProcessTable(rows, len(pids), len(pids) > cap)

@@ -7,6 +7,7 @@ status can, for a process stuck in the kernel), and one read gives every field n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import selectors
 import subprocess
@@ -92,6 +93,38 @@ def installed_exe(pid: int) -> tuple[str, tuple[int, int]] | None:
         return None
     installed = st.st_uid == 0 and not st.st_mode & 0o022 and not target.endswith(" (deleted)")
     return (os.path.basename(target) if installed else ""), (st.st_dev, st.st_ino)
+
+
+#: Executables larger than this are not hashed (exe_sha256 gives "").
+EXE_HASH_MAX_BYTES = 256 << 20
+_EXE_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+_EXE_DIGESTS_MAX = 1024
+
+
+def exe_sha256(pid: int) -> str:
+    """The sha256 (hex) of the executable `pid` runs, read through /proc/PID/exe; "" when
+    unreadable, gone or over EXE_HASH_MAX_BYTES. Cached by the file's identity (device,
+    inode, size, mtime): the members of a fork bomb, or every process of one program, cost
+    one stat each after the first read. A file rewritten in place gets a new mtime."""
+    path = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if (digest := _EXE_DIGESTS.get(key)) is not None:
+        return digest
+    if st.st_size > EXE_HASH_MAX_BYTES:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return ""
+    if len(_EXE_DIGESTS) >= _EXE_DIGESTS_MAX:
+        _EXE_DIGESTS.clear()
+    _EXE_DIGESTS[key] = digest
+    return digest
 
 
 def running(state: str) -> bool:
