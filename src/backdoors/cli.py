@@ -636,6 +636,20 @@ def scenario_hostile_node(as_json: bool = typer.Option(False, "--json", help="Pr
         raise typer.Exit(1)
 
 
+@scenario_app.command("warning")
+def scenario_warning(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Two clusters warn each other over NATS: a fork bomb repaired in A, the signed warning arms B, the same bomb in B is killed on sight, before its pids limit.
+
+    Two labs (each an agent, a node under a pids limit of 256, a service, a monitor) and two NATS servers linked by a leaf node. Reports first_cluster_repair_ms, second_cluster_repair_ms, second_cluster_service_impact (ms), warnings_sent, warnings_rejected, second_cluster_fork_failures (must be 0), second_cluster_killed_before_limit. About 15 s (root).
+    """
+    from .scenarios.warning import warning
+
+    result = warning()
+    _emit(result, as_json)
+    if not result.get("second_cluster_killed_before_limit"):
+        raise typer.Exit(1)
+
+
 # ---- benchmarks -----------------------------------------------------------------------
 
 

@@ -102,13 +102,25 @@ _EXE_DIGESTS_MAX = 1024
 
 
 def exe_sha256(pid: int) -> str:
-    """The sha256 (hex) of the executable `pid` runs, read through /proc/PID/exe; "" when
-    unreadable, gone or over EXE_HASH_MAX_BYTES. Cached by the file's identity (device,
-    inode, size, mtime): the members of a fork bomb, or every process of one program, cost
-    one stat each after the first read. A file rewritten in place gets a new mtime."""
+    """The sha256 (hex) of the executable `pid` runs; "" when unknown or over
+    EXE_HASH_MAX_BYTES. Read through /proc/PID/exe; where that is refused (a Landlocked
+    reader, like the sealed agent: Landlock denies it the ptrace-mode access /proc/PID/exe
+    needs to processes outside its domain), from the file the process's argv[0] names
+    when that is an absolute path (/proc/PID/cmdline needs no such access; a process
+    chooses its argv[0], so this names what it claims to run). Cached by the file's
+    identity (device, inode, size, mtime): a fork bomb's members, or every process of one
+    program, cost a stat each after the first read."""
     path = f"/proc/{pid}/exe"
     try:
         st = os.stat(path)
+    except PermissionError:
+        path = _argv0(pid)
+        if path is None:
+            return ""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ""
     except OSError:
         return ""
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -125,6 +137,17 @@ def exe_sha256(pid: int) -> str:
         _EXE_DIGESTS.clear()
     _EXE_DIGESTS[key] = digest
     return digest
+
+
+def _argv0(pid: int) -> str | None:
+    """The absolute path `pid`'s argv[0] names, None when it is relative or unreadable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    arg0 = head.split(b"\0", 1)[0].decode(errors="surrogateescape")
+    return arg0 if arg0.startswith("/") else None
 
 
 def running(state: str) -> bool:
