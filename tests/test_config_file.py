@@ -274,7 +274,8 @@ def test_show_without_a_file_prints_the_defaults(monkeypatch, tmp_path):
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 LAYOUT = {"agent": AgentConfig, "monitor": MonitorConfig}
 TABLES = {AgentConfig: {"nodes": NodeSpec, "kernel_sensors": KernelSensorLimits},
-          MonitorConfig: {"agents": AgentEntry}}
+          MonitorConfig: {"agents": AgentEntry, "warnings": WarningsConfig},
+          WarningsConfig: {"armed": ArmedEntry}}
 
 
 def section(doc: str, heading: str) -> str:

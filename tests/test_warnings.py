@@ -142,3 +142,13 @@ def test_a_crashed_owners_server_is_reaped_by_name(unique):
         p.proc.wait(5)
     finally:
         p.stop()
+
+
+def test_exe_sha256_is_the_executables_digest():
+    import hashlib
+    import os
+    import sys
+    from backdoors.common.procs import exe_sha256
+    with open(os.path.realpath(sys.executable), "rb") as f:
+        assert exe_sha256(os.getpid()) == hashlib.sha256(f.read()).hexdigest()
+    assert exe_sha256(2 ** 22 + 1) == ""  # no such process
