@@ -69,7 +69,7 @@ def test_culprit_identity_and_matching_roots():
     rows = [_row(1, 0, "init", HASH), _row(2, 1, "bomb", HASH), _row(3, 2, "bomb", HASH),
             _row(4, 1, "bomb", HASH), _row(5, 4, "other", HASH), _row(6, 1, "bomb", "cd" * 32)]
     assert culprit_identity(rows) == {"exe_sha256": HASH, "comm": "bomb", "exe": "python3",
-                                      "count": 3}
+                                      "count": 3, "cmdline": []}
     rule = Armed(HASH, "bomb")
     roots, singles = matching_roots(rows, rule.matches)
     assert [r.pid for r in roots] == [2]  # 4's tree holds a process of another comm
@@ -108,6 +108,7 @@ def test_warnings_cross_linked_servers_and_bad_ones_are_counted(linked):
     from backdoors.fleet.bus import Bus
     hub, spoke = linked
     ma, mb, intruder = new_identity("ma1"), new_identity("mb1"), new_identity("mx")
+    base = (hub.subscriptions(), spoke.subscriptions())
     sa = Scanner(lambda: [])
     sb = Scanner(lambda: [])
     wa = Warnings(ma, "A", "bdt.warnings", _verifier(mb), sa)
@@ -117,7 +118,8 @@ def test_warnings_cross_linked_servers_and_bad_ones_are_counted(linked):
     try:
         w = issue(ma, "A", "fork-bomb", HASH, "bd-forkbomb")
         data = seal(ma, w)
-        time.sleep(0.2)  # the subscriptions' interest crosses the leaf link
+        hub.wait_subscriptions(base[0] + 2)  # both monitors' interest, across the link
+        spoke.wait_subscriptions(base[1] + 2)
         wa.bus.publish(data, "bdt.warnings.A")
         _until(lambda: len(wb.accepted) == 1)
         assert [(r.exe_sha256, r.comm) for r in sb.rules()] == [(HASH, "bd-forkbomb")]

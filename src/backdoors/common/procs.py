@@ -139,15 +139,25 @@ def exe_sha256(pid: int) -> str:
     return digest
 
 
-def _argv0(pid: int) -> str | None:
-    """The absolute path `pid`'s argv[0] names, None when it is relative or unreadable."""
+def read_cmdline(pid: int, max_bytes: int = 1024, max_args: int = 32) -> list[str]:
+    """The command line of `pid` (at most `max_bytes`, `max_args` arguments; [] when gone,
+    a kernel thread or unreadable). Reading it takes the process's memory map lock
+    briefly: for a repair's table (frozen processes hold none), not for every poll."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            head = f.read(4096)
+            head = f.read(max_bytes)
     except OSError:
-        return None
-    arg0 = head.split(b"\0", 1)[0].decode(errors="surrogateescape")
-    return arg0 if arg0.startswith("/") else None
+        return []
+    args = head.split(b"\0")
+    if args and args[-1] == b"":
+        args.pop()
+    return [a.decode(errors="replace") for a in args[:max_args]]
+
+
+def _argv0(pid: int) -> str | None:
+    """The absolute path `pid`'s argv[0] names, None when it is relative or unreadable."""
+    args = read_cmdline(pid, 4096, 1)
+    return args[0] if args and args[0].startswith("/") else None
 
 
 def running(state: str) -> bool:

@@ -130,6 +130,30 @@ class NatsProcess:
             r = httpx.get(f"http://{self.host}:{self.http_port}/leafz", timeout=1.0)
         return int(r.json().get("leafnodes", 0))
 
+    def subscriptions(self) -> int:
+        """How many subscriptions this server knows (its /subsz): its clients', those its
+        leaf links brought (interest from the other side), and its own system ones (a few
+        dozen: count from a baseline)."""
+        import httpx
+        with self.within() if self.within is not None else nullcontext():
+            r = httpx.get(f"http://{self.host}:{self.http_port}/subsz", timeout=1.0)
+        return int(r.json().get("num_subscriptions", 0))
+
+    def wait_subscriptions(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until this server knows at least `n` subscriptions (e.g. the other
+        cluster's monitors', across the leaf link); NatsError after `timeout`."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                if self.subscriptions() >= n:
+                    return
+            except Exception:  # noqa: BLE001 - not answering yet
+                pass
+            if time.monotonic() > end:
+                raise NatsError(f"nats-server {self.name}: fewer than {n} subscriptions "
+                                f"within {timeout:g} s")
+            time.sleep(0.02)
+
     def wait_linked(self, timeout: float = 10.0) -> None:
         """Wait until a leaf-node link of this server is up; NatsError after `timeout`."""
         end = time.monotonic() + timeout

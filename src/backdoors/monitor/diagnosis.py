@@ -76,14 +76,18 @@ def culprit_identity(rows: Iterable[Row]) -> dict[str, Any] | None:
     several rows (a fork bomb), their most common (hash, comm), with its count. None when
     no row has a hash."""
     counts: dict[tuple[str, str, str], int] = {}
+    cmdlines: dict[tuple[str, str, str], list[str]] = {}
     for p in rows:
         if p.exe_sha256:
             k = (p.exe_sha256, p.comm, p.exe)
             counts[k] = counts.get(k, 0) + 1
+            if p.cmdline and k not in cmdlines:
+                cmdlines[k] = list(p.cmdline)
     if not counts:
         return None
-    (digest, comm, exe), n = max(counts.items(), key=lambda kv: kv[1])
-    return {"exe_sha256": digest, "comm": comm, "exe": exe, "count": n}
+    k, n = max(counts.items(), key=lambda kv: kv[1])
+    return {"exe_sha256": k[0], "comm": k[1], "exe": k[2], "count": n,
+            "cmdline": cmdlines.get(k, [])}
 
 
 def culprit_of(finding: Finding) -> dict[str, Any] | None:
@@ -479,7 +483,7 @@ class MemoryHogDiagnosis(Diagnosis, tag="memory_hog"):
     protect_comms: list[str] = []
 
     def run(self, ctx: Context) -> Finding:
-        table = ctx.client.processes(ctx.node)
+        table = ctx.client.processes(ctx.node, cmdline=True)  # the culprit's, for a warning
         return _table_noted(memory_hog(self, table.rows), table)
 
 

@@ -77,6 +77,7 @@ def warning(*, pids_limit: int = 256, period_ms: float = 50, scan_ms: float = 20
         hub = labs["A"].lab.start_nats()
         spoke = labs["B"].lab.start_nats(remotes=[hub.leaf_url])
         spoke.wait_linked()
+        base = (hub.subscriptions(), spoke.subscriptions())
         keys = {c: labs[c].monitor_key(ids[c]) for c in labs}
         mons, inits, bombs = {}, {}, []
         try:
@@ -89,7 +90,9 @@ def warning(*, pids_limit: int = 256, period_ms: float = 50, scan_ms: float = 20
                     trusted_keys={ids[other]: keys[other].public_text()}))
                 mons[c] = stack.enter_context(Monitor(cfg, key=keys[c]))
                 mons[c].wait_ready(timeout=10)
-            time.sleep(settle_s)  # the subscriptions' interest crosses the leaf link
+            hub.wait_subscriptions(base[0] + 2)  # both monitors' interest, across the link
+            spoke.wait_subscriptions(base[1] + 2)
+            time.sleep(settle_s)  # nodes in their steady state
 
             # cluster A: the usual detector and repair, then the warning
             rise_a = PidsWatch(labs["A"].lab.node(node))
@@ -140,6 +143,11 @@ def warning(*, pids_limit: int = 256, period_ms: float = 50, scan_ms: float = 20
             out["warnings_sent"] = sum(m.warnings.sent for m in mons.values())
             out["warnings_rejected"] = sum(m.warnings.rejected_total for m in mons.values())
             out["warnings_accepted"] = sum(len(m.warnings.accepted) for m in mons.values())
+            if wb.accepted:
+                w = wb.accepted[0]
+                out["warning"] = {"kind": w.kind, "comm": w.comm, "exe": w.exe,
+                                  "cmdline": w.cmdline, "cluster": w.cluster,
+                                  "node": w.node}
         finally:
             for c in ("A", "B"):  # never leave a bomb behind, whatever happened above
                 try:
