@@ -154,3 +154,15 @@ def test_exe_sha256_is_the_executables_digest():
     with open(os.path.realpath(sys.executable), "rb") as f:
         assert exe_sha256(os.getpid()) == hashlib.sha256(f.read()).hexdigest()
     assert exe_sha256(2 ** 22 + 1) == ""  # no such process
+
+
+def test_warnings_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+    a = new_identity("ma1")
+    w = Warnings(a, "B", "s", _verifier(), Scanner(lambda: []))
+    w.on_message("s.A", b"junk")
+    reg = CollectorRegistry()
+    reg.register(w)
+    text = generate_latest(reg).decode()
+    assert 'backdoors_monitor_warnings_rejected_total{reason="bad_envelope"} 1.0' in text
+    assert "backdoors_monitor_warnings_sent_total 0.0" in text

@@ -289,6 +289,7 @@ class Monitor:
             from . import prearm
             self.warnings = prearm.attach(self)
             self.subscribe(self.warnings.incident)
+            self.metrics.registry.register(self.warnings)
 
     def _default_client(self, entry: AgentEntry, timeout: float):
         from ..agent.client import AgentClient

@@ -256,6 +256,30 @@ class Warnings:
                     w.comm, w.exe_sha256[:12], w.node)
         return w
 
+    def collect(self):
+        """Prometheus: warnings sent, received, rejected (by reason), rules armed, kills."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        s = self.status()
+        sent = CounterMetricFamily("backdoors_monitor_warnings_sent",
+                                   "Warnings this monitor published to other clusters")
+        sent.add_metric([], s["sent"])
+        rejected = CounterMetricFamily("backdoors_monitor_warnings_rejected",
+                                       "Warnings refused: bad signature, unknown signer, "
+                                       "replay, outside the window, expired",
+                                       labels=["reason"])
+        for reason, n in sorted(s["rejected"].items()):
+            rejected.add_metric([reason], n)
+        accepted = CounterMetricFamily("backdoors_monitor_warnings_accepted",
+                                       "Warnings of other clusters verified and armed")
+        accepted.add_metric([], s["accepted"])
+        armed = GaugeMetricFamily("backdoors_monitor_prearmed_rules",
+                                  "Rules armed now (processes killed on sight)")
+        armed.add_metric([], s["armed"])
+        killed = CounterMetricFamily("backdoors_monitor_prearmed_killed",
+                                     "Processes killed on sight by an armed rule")
+        killed.add_metric([], s["prearmed_killed"])
+        yield from (sent, rejected, accepted, armed, killed)
+
     def status(self) -> dict:
         with self._lock:
             return {"cluster": self.cluster, "sent": self.sent, "received": self.received,
