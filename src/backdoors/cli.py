@@ -650,6 +650,27 @@ def scenario_warning(as_json: bool = typer.Option(False, "--json", help="Print J
         raise typer.Exit(1)
 
 
+@scenario_app.command("fleet")
+def scenario_fleet(
+    monitors: int = typer.Option(3, help="Monitor processes sharing the nodes through etcd."),
+    hosts: int = typer.Option(2, help="Hosts (one agent each)."),
+    nodes: int = typer.Option(8, help="Nodes with services (the issue's full run: --hosts 8 --nodes 64)."),
+    duration: float = typer.Option(60.0, help="Seconds of random faults."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the fault schedule (reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """A fleet of monitors under random faults of its nodes (fork bomb, memory hog, freeze) and of itself (monitor SIGKILL, monitor SIGSTOP longer than its lease, then SIGCONT).
+
+    Reports faults_injected, faults_handled, missed (must be 0), takeover_ms_p99, stale_token_ops_refused, stale_token_ops_applied (must be 0), double_acted (must be 0), from the agents' ownership, the monitors' incident logs and the agents' audit logs (root).
+    """
+    from .scenarios.fleet import fleet
+
+    result = fleet(monitors=monitors, hosts=hosts, nodes=nodes, duration_s=duration, seed=seed)
+    _emit(result, as_json)
+    if result["missed"] or result["stale_token_ops_applied"] or result["double_acted"]:
+        raise typer.Exit(1)
+
+
 # ---- benchmarks -----------------------------------------------------------------------
 
 
