@@ -86,7 +86,9 @@ def fleet(*, monitors: int = 3, hosts: int = 2, nodes: int = 8, duration_s: floa
                 if kind in NODE_FAULTS:
                     n = rng.choice(lab.plan.nodes)
                     injected.append({"kind": kind, "node": n.name, "host": n.host, "at": at})
-                    faults.inject(lab, kind, n.name)
+                    # a hog fast enough to cross the high mark (80% of 256 MiB) in fault_s
+                    faults.inject(lab, kind, n.name, **(
+                        {"rate_mb": 150, "cap_mb": 400} if kind == "memory-hog" else {}))
                     time.sleep(fault_s)
                     try:  # whatever the monitors left of it (nothing, when repaired)
                         faults.stop(lab, kind, n.name)
