@@ -116,12 +116,20 @@ def test_warnings_cross_linked_servers_and_bad_ones_are_counted(linked):
     wa.bus = Bus([hub.url], "bdt.warnings.*", wa.on_message).start()
     wb.bus = Bus([spoke.url], "bdt.warnings.*", wb.on_message).start()
     try:
-        w = issue(ma, "A", "fork-bomb", HASH, "bd-forkbomb")
-        data = seal(ma, w)
         hub.wait_subscriptions(base[0] + 2)  # both monitors' interest, across the link
         spoke.wait_subscriptions(base[1] + 2)
-        wa.bus.publish(data, "bdt.warnings.A")
-        _until(lambda: len(wb.accepted) == 1)
+        sent = {}
+        end = time.monotonic() + 10
+        while not wb.accepted:  # a fresh warning each time, until the link carries one
+            assert time.monotonic() < end, "no warning crossed the leaf link"
+            w = issue(ma, "A", "fork-bomb", HASH, "bd-forkbomb")
+            sent[w.id] = seal(ma, w)
+            wa.bus.publish(sent[w.id], "bdt.warnings.A")
+            attempt = time.monotonic() + 0.5
+            while not wb.accepted and time.monotonic() < attempt:
+                time.sleep(0.02)
+        data = sent[wb.accepted[0].id]
+        _until(lambda: sb.rules())
         assert [(r.exe_sha256, r.comm) for r in sb.rules()] == [(HASH, "bd-forkbomb")]
         assert wa.received == 0  # its own are skipped
         wa.bus.publish(data, "bdt.warnings.A")  # a replay
