@@ -284,7 +284,7 @@ def processes(call: Call) -> ProcessTable:
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
                    same_start(registrants.get(p.pid, -1.0), p.start_time),
-                   (installed_exe(p.pid) or ("",))[0], exe_sha256(p.pid),
+                   (installed_exe(p.pid) or ("",))[0], exe_sha256(p.pid, (p.start_time, p.comm)),
                    read_cmdline(p.pid) if with_cmdline else [])
         for p in table
     ]

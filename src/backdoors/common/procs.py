@@ -99,9 +99,11 @@ def installed_exe(pid: int) -> tuple[str, tuple[int, int]] | None:
 EXE_HASH_MAX_BYTES = 256 << 20
 _EXE_DIGESTS: dict[tuple[int, int, int, int], str] = {}
 _EXE_DIGESTS_MAX = 1024
+_BY_PROCESS: dict[tuple, str] = {}  # (pid, identity) -> digest, the argv[0] way
+_BY_PROCESS_MAX = 8192
 
 
-def exe_sha256(pid: int) -> str:
+def exe_sha256(pid: int, identity: tuple | None = None) -> str:
     """The sha256 (hex) of the executable `pid` runs; "" when unknown or over
     EXE_HASH_MAX_BYTES. Read through /proc/PID/exe; where that is refused (a Landlocked
     reader, like the sealed agent: Landlock denies it the ptrace-mode access /proc/PID/exe
@@ -109,20 +111,40 @@ def exe_sha256(pid: int) -> str:
     when that is an absolute path (/proc/PID/cmdline needs no such access; a process
     chooses its argv[0], so this names what it claims to run). Cached by the file's
     identity (device, inode, size, mtime): a fork bomb's members, or every process of one
-    program, cost a stat each after the first read."""
+    program, cost a stat each after the first read. `identity` (e.g. start time and comm,
+    which an exec changes) caches the argv[0] way per process: its command line is read
+    once, not at every table."""
     path = f"/proc/{pid}/exe"
     try:
         st = os.stat(path)
     except PermissionError:
-        path = _argv0(pid)
-        if path is None:
-            return ""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return ""
+        key = (pid, identity) if identity is not None else None
+        if key is not None and (digest := _BY_PROCESS.get(key)) is not None:
+            return digest
+        digest = _argv0_sha256(pid)
+        if key is not None and digest:  # an unreadable one is tried again next time
+            if len(_BY_PROCESS) >= _BY_PROCESS_MAX:
+                _BY_PROCESS.clear()
+            _BY_PROCESS[key] = digest
+        return digest
     except OSError:
         return ""
+    return _file_sha256(path, st)
+
+
+def _argv0_sha256(pid: int) -> str:
+    path = _argv0(pid)
+    if path is None:
+        return ""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return _file_sha256(path, st)
+
+
+def _file_sha256(path: str, st: os.stat_result) -> str:
+    """The sha256 of the file at `path` (stat `st`), cached by its identity."""
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if (digest := _EXE_DIGESTS.get(key)) is not None:
         return digest
