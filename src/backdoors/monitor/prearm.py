@@ -48,7 +48,8 @@ class Armed(msgspec.Struct, frozen=True):
 
 
 class Kill(msgspec.Struct):
-    """One pre-armed kill: when (Unix time), where, how many processes, by which rule."""
+    """One pre-armed kill: when (Unix time), where, the kills sent (trees and single
+    processes) and the processes the agent saw die, by which rule."""
 
     at: float
     host: str
@@ -58,6 +59,7 @@ class Kill(msgspec.Struct):
     source: str
     froze: bool
     error: str | None = None
+    sent: int = 0
 
 
 def matching_roots(rows, match: Callable) -> tuple[list, list]:
@@ -158,31 +160,43 @@ class Scanner:
 
     def _kill(self, host: str, client, node: str, rule: Armed, rules: list[Armed]) -> int:
         match = lambda r: any(x.matches(r) for x in rules)  # noqa: E731
-        froze, error, n = False, None, 0
+        froze, errors, n, sent = False, [], 0, 0
         try:
             if rule.kind == "fork-bomb":  # frozen, nothing forks while the trees are killed
                 client.lock(node, self.lease_s)
                 froze = True
             rows = client.processes(node).rows
             roots, singles = matching_roots(rows, match)
+            # every kill is sent while frozen: one that fails (a tree slow to exit under
+            # load) must not spare the others; the next scan finds what is left
             for r in roots:
-                n += len(client.kill_tree(node, r.pid))
+                sent += 1
+                try:
+                    n += len(client.kill_tree(node, r.pid))
+                except AgentError as e:
+                    errors.append(f"kill_tree {r.pid}: {e}")
             for r in singles:
-                n += bool(client.kill(node, r.pid, r.start_time))
+                sent += 1
+                try:
+                    n += bool(client.kill(node, r.pid, r.start_time))
+                except AgentError as e:
+                    errors.append(f"kill {r.pid}: {e}")
         except AgentError as e:
-            error = str(e)
+            errors.append(str(e))
         finally:
             if froze:
                 try:
                     client.unlock(node)
                 except AgentError as e:
-                    error = f"{error + '; ' if error else ''}unlock: {e}"
+                    errors.append(f"unlock: {e}")
+        error = "; ".join(errors[:3]) or None
         self.killed += n
-        k = Kill(self.clock(), host, node, n, rule.kind, rule.source, froze, error)
+        k = Kill(self.clock(), host, node, n, rule.kind, rule.source, froze, error, sent)
         with self._lock:
             self.kills.append(k)
-        log.warning("pre-armed rule (%s, %s) on %s/%s: %d process(es) killed%s", rule.kind,
-                    rule.source, host, node, n, f"; error: {error}" if error else "")
+        log.warning("pre-armed rule (%s, %s) on %s/%s: %d kill(s) sent, %d process(es) "
+                    "gone%s", rule.kind, rule.source, host, node, sent, n,
+                    f"; error: {error}" if error else "")
         return n
 
 

@@ -131,8 +131,8 @@ def warning(*, pids_limit: int = 256, period_ms: float = 50, scan_ms: float = 20
                 second_cluster_service_impact=watch.max_gap_ms(peak.rose_at, t_end),
                 second_cluster_fork_failures=n_b.cgroup.fork_failures() - failures_before,
                 second_cluster_peak_pids=peak.stop(),
-                prearmed_kills=[{"killed": k.killed, "froze": k.froze, "error": k.error}
-                                for k in wb.scanner.kills],
+                prearmed_kills=[{"sent": k.sent, "killed": k.killed, "froze": k.froze,
+                                 "error": k.error} for k in wb.scanner.kills],
                 second_cluster_detector_incidents=sum(
                     1 for i in mons["B"].incidents() if i.rule == "fork-bomb"),
             )
