@@ -1,5 +1,5 @@
-"""Detection latency by event and by poll, for hangs, freezes and link failures; false
-positives under load.
+"""Detection latency by event and by poll, for hangs, crashes, freezes and link failures;
+false positives under load.
 
 One lab, one node per deadline (50, 100, 200 ms), each with the sample service ticking
 every 10 ms under that deadline. The same run measures two modes: "event", the monitor
@@ -7,9 +7,12 @@ subscribed to the agents' events (the agent's watcher judges deadlines, link sta
 freezes itself and pushes violations), and "poll", the monitor polling every --period-ms
 only (config events = false). Faults, --trials times each per node (the nodes run their
 trials concurrently), the time until the monitor opens the incident measured from the
-injection: hang (the service's main loop stalled, SIGUSR1: rule hang), freeze (the node's
-cgroup frozen by nobody's lock: rule hang) and link_down (the node's service interface
-set down: rule network). Soak (event mode): for --soak-seconds, nothing is wrong but both
+injection: hang (the service's main loop stalled, SIGUSR1: rule hang), crash (the
+service SIGKILLed: rule hang; by event the agent pushes the death of the box's
+registrant at once, by poll the counter stalls past its deadline; the service is
+started again after each trial), freeze (the node's cgroup frozen by nobody's lock: rule
+hang) and link_down (the node's service interface set down: rule network). Soak (event
+mode): for --soak-seconds (60 by default; 600 for the 10-minute soak), nothing is wrong but both
 cores are saturated (two busy-loop processes and a memory churner allocating, touching
 and freeing 256 MB, all outside the nodes, so they compete with services, agent and
 monitor alike); every incident opened is a false positive.
@@ -72,14 +75,19 @@ actions = [{ kind = "record" }]
 clear_ms = 200
 cooldown_ms = 500
 """
-FAULTS = ("hang", "freeze", "link_down")
-RULE_OF = {"hang": "hang", "freeze": "hang", "link_down": "network"}
+FAULTS = ("hang", "crash", "freeze", "link_down")
+RULE_OF = {"hang": "hang", "crash": "hang", "freeze": "hang", "link_down": "network"}
 
 
-def _inject(al: AgentLab, node: str, fault: str, on: bool) -> None:
+def _inject(al: AgentLab, node: str, fault: str, on: bool, deadline_ms: float) -> None:
     n = al.lab.node(node)
     if fault == "hang":
         n.kill(al.lab.service(node).pid, signal.SIGUSR1 if on else signal.SIGUSR2)
+    elif fault == "crash":
+        if on:
+            n.kill(al.lab.service(node).pid, signal.SIGKILL)
+        else:  # the service again, its box registered
+            al.restart_service(node, "--deadline", str(deadline_ms / 1000))
     elif fault == "freeze":
         if on:
             n.lock()
@@ -89,20 +97,20 @@ def _inject(al: AgentLab, node: str, fault: str, on: bool) -> None:
         (faults.inject if on else faults.stop)(al.lab, "network", node, mode="down")
 
 
-def _trials(al: AgentLab, mon: Monitor, node: str, faults_: tuple[str, ...], trials: int,
-            results: dict, errors: list):
+def _trials(al: AgentLab, mon: Monitor, node: str, deadline_ms: float,
+            faults_: tuple[str, ...], trials: int, results: dict, errors: list):
     seen: set[str] = set()
     for fault in faults_:
         rule = RULE_OF[fault]
         for _ in range(trials):
             try:
                 t0_wall = time.time()
-                _inject(al, node, fault, True)
+                _inject(al, node, fault, True, deadline_ms)
                 try:
                     inc = mon.wait_for(lambda i: i.node == node and i.rule == rule
                                        and i.id not in seen, 5)
                 finally:
-                    _inject(al, node, fault, False)
+                    _inject(al, node, fault, False, deadline_ms)
                 if inc is None:
                     errors.append(f"{node}: {fault} was not detected within 5 s")
                     continue
@@ -126,9 +134,9 @@ def _measure(al: AgentLab, nodes: dict[str, int], mode: str, trials: int, period
     time.sleep(0.5)
     results: dict[str, dict] = {node: {} for node in nodes}
     errors: list[str] = []
-    threads = [threading.Thread(target=_trials, args=(al, mon, node, faults_, trials,
-                                                      results[node], errors))
-               for node in nodes]
+    threads = [threading.Thread(target=_trials, args=(al, mon, node, deadline, faults_,
+                                                      trials, results[node], errors))
+               for node, deadline in nodes.items()]
     for t in threads:
         t.start()
     for t in threads:
@@ -222,7 +230,8 @@ def run(*, soak_seconds: float = 60.0, trials: int = 20, period_ms: float = 50.0
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print JSON (default: a summary)")
-    ap.add_argument("--soak-seconds", type=float, default=60.0)
+    ap.add_argument("--soak-seconds", type=float, default=60.0,
+                    help="the saturated soak (600: the full 10 minutes; 0: none)")
     ap.add_argument("--trials", type=int, default=20, help="stalls per deadline")
     ap.add_argument("--period-ms", type=float, default=50.0, help="monitor poll period")
     ap.add_argument("--modes", default="event,poll", help="event, poll or both")

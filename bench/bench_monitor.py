@@ -15,14 +15,21 @@ from the lab's monitor namespace. The sizes are the peers: same machine, same ru
   SIGSTOPped and the time from the stop (the harness's wall clock) to the detection
   of the hang incident (Incident.detected) is measured; it includes the deadline.
 
-Detection today is the monitor's poll (`mode` "poll"): one sensors() call per node per
-period. Rows are keyed by (nodes, mode) so an event-driven mode (the agent judging its
-nodes' sensors and pushing violations) can be measured beside it: add it to MODES and
-set the lab and monitor up for it in `_measure_lab`. A size that cannot be measured (an
-agent starved and replaced by its keeper's watchdog) gives a row without measures and
-the reason in `errors`; the other sizes are measured all the same.
+Two modes, rows keyed by (nodes, mode), both in the same run:
 
-    python bench/bench_monitor.py [--json] [--sizes 8,32,128] [--seconds 10] [--trials 20]
+- "poll": the monitor detects by polling (one sensors() call per node every
+  --period-ms), events off; the agents sample kernel state every 50 ms (their default).
+- "event": the agent's watcher judges the progress counters and listens to the kernel,
+  and pushes violations; the monitor acts on them and polls only every
+  --event-poll-ms (its liveness check and fallback); the agents sample kernel state
+  every --event-sample-s (what a poll that rare reads).
+
+A size that cannot be measured (an agent starved and replaced by its keeper's watchdog)
+gives a row without measures and the reason in `errors`; the other sizes are measured
+all the same.
+
+    python bench/bench_monitor.py [--json] [--sizes 8,32,128] [--modes event,poll]
+                                  [--seconds 10] [--trials 20]
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ from backdoors.monitor import Monitor
 from backdoors.scenarios.labkit import AgentLab, unique_name
 
 SIZES = (8, 32, 128)
-MODES = ("poll",)
+MODES = ("event", "poll")
+EVENT_POLL_MS = 1000.0  # the monitor's poll in event mode: liveness and fallback
+EVENT_SAMPLE_S = 1.0  # the agents' kernel sampling in event mode
 MiB = 1 << 20
 #: the default rules' hang rule: an incident closes 200 ms after its sensors move again,
 #: and the rule fires again on that node after 500 ms more
@@ -115,11 +124,12 @@ def _steady(mon: Monitor, agent_pids: list[int], seconds: float) -> dict:
 
 
 def _detections(al: AgentLab, mon: Monitor, pids: dict[str, int], trials: int,
-                timeout: float) -> tuple[list[float], list[str]]:
+                timeout: float) -> tuple[list[float], dict[str, int], list[str]]:
     """Hang one node's ticker at a time (SIGSTOP), spread over the nodes; the ms from
-    each stop to its incident's detection, and what went wrong."""
+    each stop to its incident's detection, how many were detected by event and by poll,
+    and what went wrong."""
     nodes = list(pids)
-    latencies, errors = [], []
+    latencies, errors, by = [], [], {"event": 0, "poll": 0}
     last_used: dict[str, float] = {}
     seen = {i.id for i in mon.incidents()}
     for k in range(trials):
@@ -141,9 +151,10 @@ def _detections(al: AgentLab, mon: Monitor, pids: dict[str, int], trials: int,
         else:
             seen.add(inc.id)
             latencies.append((inc.detected - t0) * 1000)
+            by[inc.detected_by or "poll"] = by.get(inc.detected_by or "poll", 0) + 1
             mon.wait_for(lambda i: i.id == inc.id and i.outcome is not None, timeout)
         last_used[node] = time.monotonic()
-    return latencies, errors
+    return latencies, by, errors
 
 
 def _restarts(al: AgentLab) -> dict[str, int]:
@@ -157,9 +168,11 @@ def _restarts(al: AgentLab) -> dict[str, int]:
     return out
 
 
-def _row(size: int, mode: str, period_ms: float, deadline_ms: float, hosts: int) -> dict:
+def _row(size: int, mode: str, period_ms: float, deadline_ms: float, hosts: int,
+         sample_period_s: float) -> dict:
     """A row with every measure missing: a size that could not be measured."""
-    return {"nodes": size, "mode": mode, "hosts": hosts, "monitor_cpu_pct": None,
+    return {"nodes": size, "mode": mode, "hosts": hosts, "sample_period_s": sample_period_s,
+            "monitor_cpu_pct": None, "events_received": None, "detected_by": None,
             "agent_cpu_pct": None, "agent_cpu_pct_per_node": None,
             "agent_idle_cpu_pct_per_node": None, "detect_p50_ms": None, "detect_p99_ms": None,
             "detect_max_ms": None, "trials": 0, "period_ms": period_ms,
@@ -169,27 +182,48 @@ def _row(size: int, mode: str, period_ms: float, deadline_ms: float, hosts: int)
 
 
 def measure(size: int, mode: str, *, seconds: float, trials: int, period_ms: float,
-            deadline_ms: float, tick_ms: float, sensors: int, hosts: int = 1) -> dict:
+            deadline_ms: float, tick_ms: float, sensors: int, hosts: int = 1,
+            event_poll_ms: float = EVENT_POLL_MS, event_sample_s: float = EVENT_SAMPLE_S) -> dict:
     """One row: a lab of `size` nodes on `hosts` agents watched in `mode`. A size that
     cannot be measured (the lab does not come up, an agent cannot keep up) gives a row
     without measures and the reason in `errors`."""
-    if mode != "poll":
+    if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
-    row = _row(size, mode, period_ms, deadline_ms, hosts)
+    if mode == "event":
+        period_ms, sample_s = event_poll_ms, event_sample_s
+    else:
+        sample_s = None
+    row = _row(size, mode, period_ms, deadline_ms, hosts, sample_s or 0.05)
     al = AgentLab(unique_name("bm"), hosts=hosts, nodes=size, memory_limit=128 * MiB,
                   pids_limit=64, services=False)
     try:
         t0 = time.monotonic()
-        with al:
+        with _sample_period(sample_s), al:  # the lab writes the agents' configs at up
             try:
                 _measure_lab(al, row, seconds=seconds, trials=trials, period_ms=period_ms,
                              deadline_ms=deadline_ms, tick_ms=tick_ms, sensors=sensors,
-                             started=t0)
+                             started=t0, events=mode == "event")
             except (BackdoorsError, OSError) as e:
                 row["errors"].append(_unmeasured(size, e, _restarts(al)))
     except (BackdoorsError, OSError) as e:  # the lab did not come up
         row["errors"].append(_unmeasured(size, e, {}))
     return row
+
+
+@contextlib.contextmanager
+def _sample_period(seconds: float | None):
+    """The lab's agents sample kernel state every `seconds` (None: their default)."""
+    name = "BACKDOORS_LAB_SAMPLE_PERIOD_S"
+    old = os.environ.get(name)
+    if seconds is not None:
+        os.environ[name] = str(seconds)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _unmeasured(size: int, e: Exception, restarts: dict[str, int]) -> str:
@@ -200,9 +234,10 @@ def _unmeasured(size: int, e: Exception, restarts: dict[str, int]) -> str:
 
 
 def _measure_lab(al: AgentLab, row: dict, *, seconds: float, trials: int, period_ms: float,
-                 deadline_ms: float, tick_ms: float, sensors: int, started: float) -> None:
-    """Fill `row`: tickers up, the agents alone (their kernel samplers), then with the
-    monitor polling (steady state), then the hang trials."""
+                 deadline_ms: float, tick_ms: float, sensors: int, started: float,
+                 events: bool) -> None:
+    """Fill `row`: tickers up, the agents alone (their kernel samplers and watcher), then
+    with the monitor watching (steady state), then the hang trials."""
     size = row["nodes"]
     nodes = [n.name for n in al.plan.nodes]
     pids = _start_tickers(al, nodes, sensors, tick_ms, deadline_ms)
@@ -215,11 +250,18 @@ def _measure_lab(al: AgentLab, row: dict, *, seconds: float, trials: int, period
     time.sleep(seconds)
     idle_s = sum(_proc_cpu(p) - c for p, c in zip(agent_pids, idle))
     row["agent_idle_cpu_pct_per_node"] = round(100 * idle_s / (time.monotonic() - t0) / size, 3)
-    with Monitor(al.monitor_config(period_ms=period_ms), key=al.monitor_key()) as mon:
+    cfg = al.monitor_config(period_ms=period_ms, events=events)
+    with Monitor(cfg, key=al.monitor_key()) as mon:
         mon.wait_ready(timeout=30.0)
-        time.sleep(1.0)  # every box tracked, trackers warm
+        if events:
+            end = time.monotonic() + 30.0
+            while not all(f.connected.is_set() for f in mon.followers):
+                if time.monotonic() > end:
+                    raise LabError("the monitor did not subscribe to every agent's events")
+                time.sleep(0.05)
+        time.sleep(max(1.0, 2 * period_ms / 1000))  # every box tracked, trackers warm
         steady = _steady(mon, agent_pids, seconds)
-        lat, errors = _detections(al, mon, pids, trials, max(5.0, 20 * deadline_ms / 1000))
+        lat, by, errors = _detections(al, mon, pids, trials, max(5.0, 20 * deadline_ms / 1000))
     restarted = [h.name for h, p in zip(al.plan.hosts, agent_pids)
                  if al.lab.agent_pid(h.name) != p]
     if restarted:
@@ -236,7 +278,9 @@ def _measure_lab(al: AgentLab, row: dict, *, seconds: float, trials: int, period
         # what one node's sensors() costs the monitor, whatever the poll rate reached
         "monitor_cpu_us_per_node_poll": (round(1e6 * steady["monitor_cpu_s"] / steady["node_polls"])
                                          if steady["node_polls"] else None),
-        "steady_incidents": steady["incidents"], "errors": errors})
+        "steady_incidents": steady["incidents"], "detected_by": by,
+        "events_received": sum(len(f.seen) for f in mon.followers),
+        "errors": errors})
 
 
 def machine() -> dict:
@@ -250,13 +294,17 @@ def machine() -> dict:
 def run(*, sizes: tuple[int, ...] = SIZES, modes: tuple[str, ...] = MODES,
         seconds: float = 10.0, trials: int = 20, period_ms: float = 50.0,
         deadline_ms: float = 200.0, tick_ms: float = 20.0, sensors: int = 16,
-        hosts: int = 1) -> dict:
+        hosts: int = 1, event_poll_ms: float = EVENT_POLL_MS,
+        event_sample_s: float = EVENT_SAMPLE_S) -> dict:
     """A row per (size, mode); every lab is torn down before the next is built."""
     for s in sizes:
         if not 1 <= s <= MAX_NODES:
             raise ValueError(f"sizes must be 1..{MAX_NODES} nodes, got {s}")
     if not 1 <= hosts <= 8:
         raise ValueError(f"hosts must be 1..8, got {hosts}")
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r} (modes: {', '.join(MODES)})")
     if seconds <= 0 or trials < 1:
         raise ValueError("seconds must be > 0 and trials at least 1")
     out = {"machine": machine(), "sensors_per_node": sensors, "tick_ms": tick_ms,
@@ -266,7 +314,9 @@ def run(*, sizes: tuple[int, ...] = SIZES, modes: tuple[str, ...] = MODES,
             for mode in modes:
                 out["results"].append(measure(size, mode, seconds=seconds, trials=trials,
                                               period_ms=period_ms, deadline_ms=deadline_ms,
-                                              tick_ms=tick_ms, sensors=sensors, hosts=hosts))
+                                              tick_ms=tick_ms, sensors=sensors, hosts=hosts,
+                                              event_poll_ms=event_poll_ms,
+                                              event_sample_s=event_sample_s))
     return out
 
 
@@ -294,10 +344,23 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def parse_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes: expected some of {', '.join(MODES)}, got {text!r}")
+    return modes
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print JSON (default: a table)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="node counts, e.g. 8,32,128")
+    ap.add_argument("--modes", default=",".join(MODES), help="event,poll (either or both)")
+    ap.add_argument("--event-poll-ms", type=float, default=EVENT_POLL_MS,
+                    help="the monitor's poll period in event mode (liveness, fallback)")
+    ap.add_argument("--event-sample-s", type=float, default=EVENT_SAMPLE_S,
+                    help="the agents' kernel sampling period in event mode")
     ap.add_argument("--seconds", type=float, default=10.0, help="steady-state CPU window")
     ap.add_argument("--trials", type=int, default=20, help="hangs per size")
     ap.add_argument("--period-ms", type=float, default=50.0, help="monitor poll period")
@@ -306,8 +369,10 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-ms", type=float, default=200.0, help="their progress deadline")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    r = run(sizes=parse_sizes(a.sizes), seconds=a.seconds, trials=a.trials,
-            period_ms=a.period_ms, hosts=a.hosts, tick_ms=a.tick_ms, deadline_ms=a.deadline_ms)
+    r = run(sizes=parse_sizes(a.sizes), modes=parse_modes(a.modes), seconds=a.seconds,
+            trials=a.trials, period_ms=a.period_ms, hosts=a.hosts, tick_ms=a.tick_ms,
+            deadline_ms=a.deadline_ms, event_poll_ms=a.event_poll_ms,
+            event_sample_s=a.event_sample_s)
     if a.json:
         print(json.dumps(r, indent=2))
         return 0

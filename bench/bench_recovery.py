@@ -1,15 +1,18 @@
 """Session recovery vs HAProxy, and the cost of being recoverable, measured in one run.
 
-For N = 1, 10, 100, 1000 concurrent sessions and a frozen node:
+For N = 1, 10, 100, 1,000 and 10,000 concurrent sessions and a frozen node:
   backdoors: `scenario recovery` (agents, monitor, TCP_REPAIR, Continuation Boxes) —
-             broken sessions, detection, recovery time, client stall p50/p99;
+             broken sessions, detection, recovery time, client stall p50/p99, and
+             where the move went (phases: fence, dump, transfer, restore, arp, resume,
+             hand-over send, hold, first byte; `move` = fence to the last session's
+             first byte again);
   haproxy:   the same stream workload behind HAProxy balancing two plain servers with
              health checks, one server frozen (bench/haproxy_baseline.py) — broken
              sessions, time until new connections are served again.
 Overhead: the HTTP example serving keep-alive requests with Continuation Boxes (exports,
 agent registration) vs the same server with --plain, rounds alternated.
 
-    python bench/bench_recovery.py [--sessions 1 10 100 1000] [--json]
+    python bench/bench_recovery.py [--sessions 1 10 100 1000 10000] [--json]
 
 Stalls include the stream's pacing interval (reported): a session receives a chunk every
 `chunk / rate` seconds, so the gap around a fault is stall + up to one interval.
@@ -24,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,17 +40,38 @@ def _haproxy():
 
 
 def pacing(n: int) -> tuple[int, int]:
-    """(rate bytes/s, chunk bytes) per session: ~2 MB/s in all, keeping 2 cores usable."""
+    """(rate bytes/s, chunk bytes) per session: ~2 MB/s in all, keeping 2 cores usable;
+    beyond 1,000 sessions 128-byte chunks at most ~20,000 sends/s in all (10,000 sessions:
+    one chunk every 0.5 s each, the stalls' resolution)."""
+    if n > 1000:
+        return max(256, 2_560_000 // n), 128
     rate = max(2048, min(65536, 2_000_000 // n))
     chunk = max(128, min(1024, rate // 32))
     return rate, chunk
 
 
 def recovery_row(n: int) -> dict:
+    import resource
+
+    from backdoors.errors import LabError
+    from backdoors.lab.lab import raise_nofile
     from backdoors.scenarios.recovery import recovery
 
+    raise_nofile()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if 3 * n + 512 > hard:  # the lab's server holds a socket and two memfds per session
+        raise LabError(f"{n} sessions need about {3 * n + 512} descriptors in the lab's "
+                       f"server; the hard RLIMIT_NOFILE is {hard} and cannot be raised here "
+                       "(raising it takes CAP_SYS_RESOURCE)")
     rate, chunk = pacing(n)
-    r = recovery("freeze", n, rate=rate, chunk=chunk, watch_s=2.0, timeout_s=60.0)
+    # beyond 1,000 sessions a chunk takes 0.5 s: an export every 2 chunks, not 8, so that
+    # what a recovered session regenerates (paced) stays within a second; and the
+    # progress deadline is 1 s, not 200 ms: the lab's server runs a thread per session,
+    # and its heartbeat thread waits its turn among 10,000 for the GIL
+    big = n > 1000
+    r = recovery("freeze", n, rate=rate, chunk=chunk, watch_s=max(2.0, 4 * chunk / rate),
+                 timeout_s=60.0 + n / 100, export_every=chunk * 2 if big else None,
+                 deadline_ms=1000 if big else 200)
     return {
         "sessions": n,
         "backdoors_broken": r["broken_connections"] + (n - r["sessions_ok"]),
@@ -62,7 +85,13 @@ def recovery_row(n: int) -> dict:
         "backdoors_stall_p99_beyond_detection_ms": (
             round(r["stall_p99_ms"] - r["detect_ms"], 1) if r["detect_ms"] is not None else None),
         "pace_interval_ms": round(chunk / rate * 1000, 1),
+        "deadline_ms": r["deadline_ms"],
         "backdoors_steps": r.get("recover_detail"),
+        # where the move went, ms (scenarios.recovery.phases): fence, dump, transfer,
+        # restore, arp, resume, connect, send, hold, first_byte, move
+        "backdoors_phases": r.get("phases"),
+        "backdoors_move_ms": (r.get("phases") or {}).get("move"),
+        "backdoors_error": r.get("error"),
     }
 
 
@@ -97,9 +126,11 @@ def overhead(seconds: float = 3.0, rounds: int = 3, size: int = 16 * 1024) -> di
     """Requests/s and latency of the HTTP example with CBs vs --plain (same lab node)."""
     from backdoors.lab import Lab
 
-    with tempfile.TemporaryDirectory() as www, Lab(_name("o"), hosts=1, nodes=1, agents=True,
-                                                    services=False) as lab:
-        os.chmod(www, 0o755)  # the node's server runs as an unprivileged uid
+    with Lab(_name("o"), hosts=1, nodes=1, agents=True, services=False) as lab:
+        # in the node's run directory: its /tmp is a tmpfs of its own (nodes.container)
+        www = str(lab.node_run_dir("n0") / "www")
+        os.mkdir(www, 0o755)  # the node's server runs as an unprivileged uid
+        os.chmod(www, 0o755)
         with open(os.path.join(www, "f.bin"), "wb") as f:
             f.write(os.urandom(size))
         servers = {}
@@ -132,25 +163,40 @@ def _name(prefix: str) -> str:
     return prefix + os.urandom(3).hex()
 
 
-def run(sessions: tuple[int, ...] = (1, 10, 100, 1000), *, with_haproxy: bool = True,
+SESSIONS = (1, 10, 100, 1000, 10000)
+
+
+def run(sessions: tuple[int, ...] = SESSIONS, *, with_haproxy: bool = True,
         with_overhead: bool = True) -> dict:
+    from backdoors.errors import BackdoorsError
+
     results = []
     for n in sessions:
-        row = recovery_row(n)
+        try:
+            row = recovery_row(n)
+        except BackdoorsError as e:  # one size that cannot run must not lose the others
+            row = {"sessions": n, "backdoors_error": f"{type(e).__name__}: {e}"}
         if with_haproxy:
-            row.update(haproxy_row(n))
+            try:
+                row.update(haproxy_row(n))
+            except Exception as e:  # noqa: BLE001 - reported in the row, the others kept
+                row["haproxy_error"] = f"{type(e).__name__}: {e}"
         results.append(row)
     out: dict = {"fault": "freeze", "results": results}
     if with_overhead:
-        o = overhead()
-        out["overhead_pct"] = o["overhead_pct"]
-        out["overhead"] = o
+        try:
+            o = overhead()
+        except (BackdoorsError, OSError, ValueError, AssertionError) as e:
+            out["overhead_pct"], out["overhead"] = None, {"error": f"{type(e).__name__}: {e}"}
+        else:
+            out["overhead_pct"] = o["overhead_pct"]
+            out["overhead"] = o
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 10, 100, 1000])
+    ap.add_argument("--sessions", type=int, nargs="+", default=list(SESSIONS))
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--no-overhead", action="store_true")
     ap.add_argument("--json", action="store_true")

@@ -3,17 +3,19 @@
 One recovery server (a UnixAdoptionSource served by a thread of this process) for every
 example. This process connects as the agent does on a host (root in the initial user
 namespace: common.peers accepts it), so the frames reach the parser: random bytes, wrong
-and oversized lengths, msgpack of the wrong shape, Handover messages with fields out of
-range (version, session id, byte counts, tail), and 0 to 4 attached descriptors of every
-kind (a live TCP session with its real CB, unconnected sockets, garbage and sparse memfds,
+and oversized lengths, msgpack of the wrong shape, batch frames of Handover records with
+fields out of range (version, session id, byte counts, tail; too many or no records), and
+0 to 4 attached descriptors of every kind (a live TCP session with its real CB, unconnected sockets, garbage and sparse memfds,
 pipes, directories). 10,000 cases in CI (CI=true), 1,000 locally. Every reply is a clear
-refusal (or the acceptance of the one real session), no descriptor is left behind, the
-server keeps serving, and a legitimate hand-over works afterwards.
+refusal (or the acceptance of the one real session), one reply frame per batch, no
+descriptor is left behind, the server keeps serving, and a legitimate hand-over works
+afterwards.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import socket
@@ -29,7 +31,8 @@ from hypothesis import strategies as st
 from backdoors.common import ipc
 from backdoors.continuations import AdoptionClient, AdoptionError, Handover, create_cb
 from backdoors.continuations.adoption import (
-    MAX_MESSAGE, TAIL_MAX, HandoverReply, UnixAdoptionSource, cb_memfd,
+    HANDOVER_VERSION, MAX_BATCH, MAX_MESSAGE, TAIL_MAX, HandoverBatch, HandoverVerdicts,
+    UnixAdoptionSource, cb_memfd,
 )
 from backdoors.continuations.agent_link import NULL
 from backdoors.tcprepair import bytes_handed, bytes_received
@@ -105,7 +108,7 @@ def world():
 
 def _handover(cb) -> Handover:
     sock = cb.conn.sock
-    return Handover(1, cb.session, bytes_handed(sock), bytes_received(sock))
+    return Handover(cb.session, bytes_handed(sock), bytes_received(sock))
 
 
 def _make_fd(kind: str, cb, data: bytes) -> int:
@@ -144,28 +147,35 @@ values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=12)
 handover_like = st.fixed_dictionaries(
-    {"v": st.one_of(st.just(1), st.integers(-5, 300), values), "session": sessions,
-     "handed": positions, "read": positions},
-    optional={"tail": tails, "extra": values})
+    {"session": sessions, "handed": positions, "read": positions},
+    optional={"tail": tails, "extra": values, "v": values})
+batch_like = st.fixed_dictionaries(
+    {"v": st.one_of(st.just(HANDOVER_VERSION), st.just(1), st.integers(-5, 300), values),
+     "sessions": st.one_of(st.lists(handover_like, max_size=3), values,
+                           st.just([{"session": "ab" * 16, "handed": 0, "read": 0}] * (MAX_BATCH + 1)))},
+    optional={"extra": values})
 
 
 @st.composite
 def pieces(draw, real_session: str):
     """One write to the socket: (bytes, fd kinds). A frame (maybe with a wrong length) of
-    a Handover-like map, a real session's hand-over spoiled in one field, other msgpack or
-    raw bytes; or just raw bytes."""
+    a batch-like map, a batch with a real session's hand-over spoiled in one field (and
+    maybe a second record), other msgpack or raw bytes; or just raw bytes."""
     kind = draw(st.sampled_from(["handover", "real", "msgpack", "bytes", "raw"]))
     if kind == "raw":
         data = draw(st.binary(max_size=64))
     else:
         if kind == "handover":
-            payload = msgspec.msgpack.encode(draw(handover_like))
+            payload = msgspec.msgpack.encode(draw(batch_like))
         elif kind == "real":
             field = draw(st.sampled_from(["v", "session", "handed", "read", "tail"]))
             value = {"v": st.integers(-5, 300), "session": sessions, "handed": positions,
                      "read": positions, "tail": tails}[field]
-            payload = msgspec.msgpack.encode({"v": 1, "session": real_session, "handed": 0,
-                                              "read": 0, field: draw(value)})
+            record = {"session": real_session, "handed": 0, "read": 0}
+            batch = {"v": HANDOVER_VERSION, "sessions": [record]}
+            (batch if field == "v" else record)[field] = draw(value)
+            batch["sessions"] += draw(st.lists(handover_like, max_size=1))
+            payload = msgspec.msgpack.encode(batch)
         elif kind == "msgpack":
             payload = msgspec.msgpack.encode(draw(values))
         else:
@@ -190,14 +200,14 @@ def _send(sock: socket.socket, data: bytes, fds: list[int]) -> bool:
             os.close(fd)
 
 
-def _replies(sock: socket.socket) -> list[HandoverReply]:
+def _replies(sock: socket.socket) -> list[HandoverVerdicts]:
     out = []
     while True:
         try:
-            frame = ipc.recv(sock, max_bytes=4096)
+            frame = ipc.recv(sock, max_bytes=1 << 20)
         except (ipc.PeerClosed, ConnectionResetError):
             return out
-        out.append(msgspec.msgpack.decode(frame.payload, type=HandoverReply))
+        out.append(msgspec.msgpack.decode(frame.payload, type=HandoverVerdicts))
 
 
 def test_hostile_handovers_at_one_recovery_server(world):
@@ -224,10 +234,13 @@ def test_hostile_handovers_at_one_recovery_server(world):
             pass
         replies = _replies(sock)
         sock.close()
-        assert len(replies) <= len(writes) + 1
+        assert len(replies) <= len(writes) + 1  # one reply per batch frame, at most
         for reply in replies:
-            assert reply.ok and reply.session == real or not reply.ok and reply.error, reply
+            assert bool(reply.error) != bool(reply.verdicts), reply  # a frame refused whole, or not
             assert len(reply.error) < 4096
+            for v in reply.verdicts:
+                assert v.ok and v.session == real or not v.ok and v.error, v
+                assert len(v.error) < 4096
         assert _settled(before), f"{_fds() - before} descriptors left after {writes!r:.300}"
 
     fuzz()
@@ -248,10 +261,31 @@ def test_out_of_range_handover_fields_are_refused_by_name(world):
     server, cb = world
     good = _handover(cb)
     with AdoptionClient(server.source.path) as agent:
-        for change, where in (({"v": 256}, "$.v"), ({"session": cb.session.upper()}, "$.session"),
-                              ({"handed": -1}, "$.handed"), ({"read": 1 << 62}, "$.read"),
-                              ({"tail": b"t" * (TAIL_MAX + 1)}, "$.tail")):
+        for change, where in (({"session": cb.session.upper()}, "$.sessions[0].session"),
+                              ({"handed": -1}, "$.sessions[0].handed"),
+                              ({"read": 1 << 62}, "$.sessions[0].read"),
+                              ({"tail": b"t" * (TAIL_MAX + 1)}, "$.sessions[0].tail")):
             bad = msgspec.structs.replace(good, **change)
-            with pytest.raises(AdoptionError, match=rf"does not decode: .*at `\{where}`"):
+            with pytest.raises(AdoptionError, match=rf"does not decode: .*at `{re.escape(where)}`"):
                 agent.hand_over(cb.conn.sock, cb.fd, bad)
+
+
+@pytest.mark.parametrize("version", [1, 256, HANDOVER_VERSION + 1])
+def test_a_batch_of_another_version_is_refused_naming_both(world, version):
+    server, cb = world
+    before = _fds()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        sock.connect(server.source.path)
+        fds = [os.dup(cb.conn.sock.fileno()), os.dup(cb.fd)]
+        try:
+            ipc.send(sock, HandoverBatch(version, [_handover(cb)]), fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        reply = msgspec.msgpack.decode(ipc.recv(sock, max_bytes=4096).payload,
+                                       type=HandoverVerdicts)
+    assert reply.verdicts == []
+    assert reply.error == f"hand-over version {version}, this server knows {HANDOVER_VERSION}"
+    assert _settled(before)
 

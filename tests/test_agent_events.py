@@ -150,3 +150,75 @@ def test_a_stopped_service_is_one_violation_then_one_cleared_across_a_reconnect(
     # polls see the stall the watcher saw: the sensors reply's unchanged time
     sensors = lab.client().sensors("n0")
     assert sensors.progress_unchanged_s["svc"]["tick"] < 0.5
+
+
+def test_a_killed_service_is_one_violation_at_its_death_not_at_its_deadline(agent_lab):
+    """The watcher follows the process that registered a Sensor Box through a pidfd: its
+    death is pushed at once as a stall of each of its progress counters (`reason`
+    "died"), long before the deadline, and the deadline passing adds nothing."""
+    import os
+    import signal
+    import socket as _socket
+    lab = agent_lab()
+    key = lab.agent_key.public
+    app, _ = lab.start_app("n0", box="svc")  # a progress counter, deadline 1 s
+    reply, sock = _subscribe(lab, kinds=["violation", "cleared"])
+    time.sleep(0.3)
+    killed = time.monotonic()
+    os.kill(app.pid, signal.SIGKILL)
+    v = _until(sock, key, {"violation"})
+    assert time.monotonic() - killed < 1.0  # before the deadline: at the death
+    d = v.data
+    assert (d["detector"], d["box"], d["sensor"], d["reason"], d["owner_pid"]) == \
+        ("progress_stalled", "svc", "tick", "died", app.pid)
+    assert d["deadline_ms"] == 1000 and d["unchanged_ms"] < 1000 and v.seq > reply["last_seq"]
+    sock.settimeout(2.0)
+    extra = []  # nothing more: not at the deadline, and no "cleared" for a late last tick
+    try:
+        extra = _frames(sock, key, 1, timeout=1.5)
+    except (_socket.timeout, AssertionError):
+        pass
+    assert not extra, [(e.kind, e.data) for e in extra]
+    sock.close()
+
+
+OOM_LOOP = """
+import os
+while True:
+    pid = os.fork()
+    if pid == 0:
+        chunks = []
+        while True:
+            chunks.append(bytearray(1 << 20))
+    os.waitpid(pid, 0)
+"""
+
+
+def test_oom_kills_in_a_node_are_one_violation_while_they_go_on(agent_lab):
+    """The watcher hears OOMs from the memory controller: the first OOM kill is pushed at once as
+    a violation of the kernel box's oom_kills pressure sensor (by default any kill in
+    its 10 s window violates), and further kills in the window add nothing."""
+    import signal
+    import socket as _socket
+    lab = agent_lab(nodes={"n0": {"memory_limit": 64 << 20}})
+    key = lab.agent_key.public
+    _, sock = _subscribe(lab, kinds=["violation"])
+    hog = lab.run("n0", OOM_LOOP)
+    try:
+        v = _until(sock, key, {"violation"}, timeout=30)
+        d = v.data
+        assert (d["detector"], d["condition"], d["box"], d["sensor"]) == \
+            ("pressure_over_rate", "oom_kill", "kernel", "oom_kills")
+        assert d["value"] >= 1 and d["events"] >= 1 and d["max_events"] == 0.5
+        assert d["window_s"] == 10.0
+        end = time.monotonic() + 10
+        kernel = lambda: lab.client().sensors("n0").pressure_events["kernel"]["oom_kills"]  # noqa: E731
+        while kernel() < d["events"] + 1:  # more kills, in the same window
+            assert time.monotonic() < end, "no second OOM kill"
+            time.sleep(0.05)
+        sock.settimeout(1.0)
+        with pytest.raises((_socket.timeout, AssertionError)):  # said once
+            _frames(sock, key, 1, timeout=0.8)
+    finally:
+        hog.send_signal(signal.SIGKILL)
+    sock.close()

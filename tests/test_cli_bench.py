@@ -39,12 +39,24 @@ def test_bench_without_a_checkout_says_so_in_one_line(tmp_path):
 def test_bench_monitor_reports_cpu_and_detection_per_size(root, tmp_path):
     """One small lab per size; every row keyed by (nodes, mode), with sane values, and no
     lab left behind."""
-    from backdoors.lab.lab import running_labs
+    from backdoors.common.procs import alive
+    from backdoors.errors import LabError
+    from backdoors.lab.lab import STATE_FILE, LabState, running_labs
+    from backdoors.lab.topology import RUN_ROOT
 
-    def leftovers():  # the bench's labs are named bm<hex>
+    def leftovers():
+        """The bench's labs (bm<hex>) and namespaces left behind: a lab whose builder
+        still runs is another bench's, running beside this test, not a leftover."""
+        live, dead = set(), set()
+        for name in running_labs():
+            if name.startswith("bm"):
+                try:
+                    owner = LabState.load(RUN_ROOT / name / STATE_FILE).owner_pid
+                except LabError:  # torn down meanwhile
+                    continue
+                (live if alive(owner) else dead).add(name)
         netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
-        return ({n for n in running_labs() if n.startswith("bm")}
-                | {n for n in netns if n.startswith("bd-bm")})
+        return dead | {n for n in netns if n.startswith("bd-bm") and n.split("-")[1] not in live}
 
     before = leftovers()
     done = subprocess.run([sys.executable, "-m", "backdoors", "bench", "monitor", "--json",
@@ -53,15 +65,21 @@ def test_bench_monitor_reports_cpu_and_detection_per_size(root, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["machine"]["cpus"] >= 1
-    assert [(r["nodes"], r["mode"]) for r in result["results"]] == [(1, "poll"), (2, "poll")]
+    assert [(r["nodes"], r["mode"]) for r in result["results"]] == [
+        (1, "event"), (1, "poll"), (2, "event"), (2, "poll")]
     for r in result["results"]:
         assert r["errors"] == []
-        assert r["trials"] == 2
+        assert r["trials"] == 2 and sum(r["detected_by"].values()) == 2
         assert r["monitor_cpu_pct"] >= 0 and r["agent_cpu_pct_per_node"] >= 0
         assert r["agent_idle_cpu_pct_per_node"] >= 0 and r["monitor_cpu_us_per_node_poll"] >= 0
         assert 0 < r["detect_p50_ms"] <= r["detect_p99_ms"]
-        assert r["period_ms"] == 50.0 and r["deadline_ms"] > 0
+        assert r["deadline_ms"] > 0
         assert r["steady_incidents"] == 0  # nothing was wrong in the steady window
+        if r["mode"] == "event":  # the agents pushed; the monitor polled only as a fallback
+            assert r["events_received"] > 0 and r["period_ms"] > 50.0
+        else:
+            assert r["events_received"] == 0 and r["detected_by"]["event"] == 0
+            assert r["period_ms"] == 50.0
     assert not leftovers() - before
 
 

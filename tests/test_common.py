@@ -87,3 +87,30 @@ def test_runtime_paths_follow_the_environment():
     assert runtime.adoption_socket(7100, env) == "/run/bd/n0/adopt-7100.sock"
     assert runtime.adoption_socket(7100, {**env, "BACKDOORS_ADOPT_SOCKET": "/a.sock"}) == "/a.sock"
     assert runtime.adoption_socket(7100, {}) is None
+
+
+def test_ready_takes_descriptors_above_select_limit():
+    """An agent with many nodes holds more than 1024 descriptors: ipc.ready (poll) takes
+    those select(2) refuses (the registration check failed there at 128 nodes)."""
+    import os
+    import resource
+    import select
+
+    import pytest
+
+    from backdoors.common.ipc import ready
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip("needs a descriptor limit of 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    r, w = os.pipe()
+    high = os.dup2(r, 1500)
+    try:
+        assert not ready(high)
+        os.write(w, b"x")
+        assert ready(high) and ready(w, select.POLLOUT)
+    finally:
+        for fd in (high, r, w):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -308,7 +308,7 @@ def tcp_session(short_tmp):
 def live_handover(cb) -> Handover:
     """The hand-over of a live loopback session (no dump: its kernel counts as they are)."""
     sock = cb.conn.sock
-    return Handover(1, cb.session, bytes_handed(sock), bytes_received(sock))
+    return Handover(cb.session, bytes_handed(sock), bytes_received(sock))
 
 
 def test_listener_yields_new_connections_and_recovered_sessions(tcp_session):
@@ -347,8 +347,7 @@ def test_listener_yields_new_connections_and_recovered_sessions(tcp_session):
 @pytest.mark.parametrize("spoil, match", [
     (lambda h: msgspec.structs.replace(h, session="00" * 16), "names session"),
     (lambda h: msgspec.structs.replace(h, handed=0), "newer than the socket"),
-    (lambda h: msgspec.structs.replace(h, v=9), "version 9"),
-])
+])  # a batch of another hand-over version: test_adoption_fuzz
 def test_a_bad_handover_is_refused_with_its_reason(tcp_session, spoil, match):
     cb, client, path = tcp_session
     cb.conn.sendall(b"x")
@@ -374,7 +373,7 @@ def test_garbage_on_the_adoption_socket_is_refused(tcp_session):
         raw.connect(path)
         raw.send(len(b"\x93garbage").to_bytes(4, "big") + b"\x93garbage")
         assert listener.accept(timeout=0.5) is None  # refused, nothing yielded
-        assert b"carries 0 fds" in raw.recv(4096)
+        assert b"does not decode" in raw.recv(4096)
         raw.close()
 
 

@@ -77,15 +77,17 @@ class Held:
 
 
 class Server:
-    """An example server process running in a node's network namespace."""
+    """An example server process running in a node's network namespace (`example`: a
+    module of backdoors.examples, or a full module name)."""
 
     def __init__(self, lab: RecoveryLab, node: str, example: str, *args: str):
         self.node, self.example = node, example
         self.adopt = os.path.join(lab.tmp, f"{node}-{len(lab.servers)}.adopt")
         self.log_path = os.path.join(lab.tmp, f"{node}-{len(lab.servers)}.log")
         self._log = open(self.log_path, "wb")
+        module = example if "." in example else f"backdoors.examples.{example}"
         cmd = ["nsenter", f"--net={netns.path(lab.ns[node])}", sys.executable,
-               "-m", f"backdoors.examples.{example}", "--port", str(PORT), "--adopt", self.adopt, *args]
+               "-m", module, "--port", str(PORT), "--adopt", self.adopt, *args]
         env = {k: v for k, v in os.environ.items() if k != "BACKDOORS_AGENT_SOCKET"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)
         self.pid = self.proc.pid  # nsenter execs python: same process

@@ -2,11 +2,10 @@
 its nodes, a killed monitor's nodes taken over; everything reaped with the lab."""
 
 import signal
-import time
 
 import psutil
 import pytest
-from test_fleet_support import etcd_required
+from test_fleet_support import etcd_required, until
 
 from backdoors.fleet import assign
 from backdoors.lab import Lab
@@ -15,14 +14,6 @@ from backdoors.status import fleet_status, render_fleet, render_status, status_t
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-
-def until(fn, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (v := fn()):
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_lab_fleet_shares_the_nodes_and_survives_a_monitor(root):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from test_agent_support import agent_lab, prefix, read_line
-from test_fleet_support import etcd
+from test_fleet_support import etcd, until
 
 from backdoors.agent.keys import write_key_file
 from backdoors.common.configfile import dumps
@@ -24,15 +24,6 @@ pytestmark = pytest.mark.root
 
 NODES = [f"n{i}" for i in range(8)]
 
-
-def until(fn, timeout=20.0, what="condition", every=0.01, show=None):
-    """fn()'s first true value; on timeout, AssertionError with `show()` (what was seen)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (v := fn()):
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}" + (f"; saw {show()}" if show else ""))
 
 
 def monitor_config(lab, etcd, monitor_id: str, **extra) -> MonitorConfig:

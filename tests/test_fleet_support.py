@@ -2,6 +2,7 @@
 
 import socket
 import tempfile
+import time
 
 import pytest
 from conftest import unavailable
@@ -41,3 +42,13 @@ def etcd_required() -> None:
     """Skip locally, fail in CI, when etcd is not installed."""
     if available() is None:
         unavailable("etcd is not installed (Debian: etcd-server; make system-deps)")
+
+
+def until(fn, timeout=20.0, what="condition", every=0.01, show=None):
+    """fn()'s first true value; on timeout, AssertionError with `show()` (what was seen)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (v := fn()):
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}" + (f"; saw {show()}" if show else ""))

@@ -50,7 +50,7 @@ cb = cb_memfd("cb", b"\\0" * 4096)
 out = {"uid": os.getuid(), "pid": os.getpid()}
 try:
     with AdoptionClient(sys.argv[1]) as client:
-        client.hand_over(tcp, cb, Handover(1, "ab" * 16, 0, 0))
+        client.hand_over(tcp, cb, Handover("ab" * 16, 0, 0))
     out["error"] = None
 except Exception as e:
     out["error"] = str(e)
@@ -131,7 +131,7 @@ def test_only_the_agent_can_hand_sessions_to_a_recovery_server_in_the_node(lab):
                 import socket
                 with socket.create_server(("127.0.0.1", 0)) as ls, \
                         socket.create_connection(ls.getsockname()) as tcp:
-                    client.hand_over(tcp, cb, Handover(1, "cd" * 16, 0, 0))
+                    client.hand_over(tcp, cb, Handover("cd" * 16, 0, 0))
         out, err = server.communicate("stop\n", timeout=30)
     finally:
         if server.poll() is None:

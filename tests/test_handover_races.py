@@ -25,7 +25,9 @@ import pytest
 from backdoors.agent import owners
 from backdoors.agent.owners import OwnerWatch
 from backdoors.common import ipc
-from backdoors.continuations.adoption import AdoptionClient, HandoverReply, _decode_handover
+from backdoors.continuations.adoption import (
+    AdoptionClient, HandoverReply, HandoverVerdicts, _decode_batch,
+)
 
 from backdoors.agent.protocol import MovedSession
 from backdoors.agent.recovery import Started, _hold
@@ -114,8 +116,9 @@ def _dead_pid() -> int:
 
 
 class SlowServer:
-    """A scripted recovery server: reads every hand-over sent, answers the first at once
-    and the others only once `late` is set (after the agent stopped waiting)."""
+    """A scripted recovery server: reads every hand-over sent (one session per batch
+    frame), answers the first at once and the others only once `late` is set (after the
+    agent stopped waiting)."""
 
     def __init__(self, path: str, count: int):
         self.listener = ipc.listen(path, mode=0o600, backlog=1)
@@ -131,12 +134,13 @@ class SlowServer:
                 frame = ipc.recv(conn, max_bytes=1 << 20, max_fds=2)
                 for fd in frame.fds:
                     os.close(fd)
-                self.sessions.append(_decode_handover(frame.payload).session)
+                (handover,) = _decode_batch(frame.payload).sessions
+                self.sessions.append(handover.session)
             for i, session in enumerate(self.sessions):
                 if i == 1:
                     self.late.wait(30)
                 try:
-                    ipc.send(conn, HandoverReply(session, True))
+                    ipc.send(conn, HandoverVerdicts([HandoverReply(session, True)]))
                 except OSError:
                     return  # the agent closed: too late to hear it
 
@@ -170,7 +174,8 @@ def test_late_verdict_leaves_the_session_with_the_server(tables, tcp_pair, tmp_p
             held.append(sessions.hold(NODE, names[-1], sock.fileno(), dead))
         failed: dict[str, str] = {}
         call = SimpleNamespace(node=SimpleNamespace(name=NODE))
-        with AdoptionClient(str(tmp_path / "adopt.sock"), timeout=2.0) as client:
+        # one session per batch frame: the first frame's verdict comes, the second's not
+        with AdoptionClient(str(tmp_path / "adopt.sock"), timeout=2.0, batch=1) as client:
             handed = watch._hand(call, client, server_pid, held, failed)
         server.late.set()
         assert handed == 1

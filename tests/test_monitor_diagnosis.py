@@ -233,15 +233,21 @@ def test_subtree_roots_split_whole_trees_from_singles():
     assert 70 not in {p.pid for p in lineage}
 
 
-def test_bomb_onset_from_the_fork_counters():
+def _fork_history(forks: list[int], pids: list[int]):
+    """A node's history of kernel-box samples every 50 ms: fork counter and pids level."""
     from backdoors.monitor.history import History
     from backdoors.sensors import SensorState
     h = History()
-    for i, (forks, pids) in enumerate([(0, 3), (0, 3), (40, 45), (90, 100), (90, 128), (90, 128)]):
+    for i, (f, p) in enumerate(zip(forks, pids)):
         snap = Snapshot("kernel", 1, 2, i * 0.05, [
-            SensorState(1, "forks", "pressure", forks, False, rate=0, max_events=200, window=1),
-            SensorState(2, "pids", "level", pids, pids > 115, min=0, max=115)])
+            SensorState(1, "forks", "pressure", f, False, rate=0, max_events=200, window=1),
+            SensorState(2, "pids", "level", p, p > 115, min=0, max=115)])
         h.add(NodeView("n0", "h0", i * 0.05, {"kernel": snap}))
+    return h
+
+
+def test_bomb_onset_from_the_fork_counters():
+    h = _fork_history([0, 0, 40, 90, 90, 90], [3, 3, 45, 100, 128, 128])
     v = NodeView("n0", "h0", 0.25, {})
     # detected on pids at 0.20: the forks counter began rising after the sample at 0.05
     assert diagnosis.bomb_onset(h, v, 0.20) == pytest.approx(0.05)
@@ -250,16 +256,7 @@ def test_bomb_onset_from_the_fork_counters():
 def test_bomb_onset_is_not_dated_back_by_a_service_forking_one_child_at_a_time():
     """A process forking now and then (the scenario's probe, every 20 ms) keeps the fork
     counter rising by one per sample since it started; the bomb's burst starts later."""
-    from backdoors.monitor.history import History
-    from backdoors.sensors import SensorState
-    h = History()
-    forks = [0, 1, 2, 3, 4, 5, 6, 40, 90, 140]
-    pids = [8, 9, 8, 9, 8, 9, 9, 45, 100, 128]
-    for i, (f, p) in enumerate(zip(forks, pids)):
-        snap = Snapshot("kernel", 1, 2, i * 0.05, [
-            SensorState(1, "forks", "pressure", f, False, rate=0, max_events=200, window=1),
-            SensorState(2, "pids", "level", p, p > 115, min=0, max=115)])
-        h.add(NodeView("n0", "h0", i * 0.05, {"kernel": snap}))
+    h = _fork_history([0, 1, 2, 3, 4, 5, 6, 40, 90, 140], [8, 9, 8, 9, 8, 9, 9, 45, 100, 128])
     v = NodeView("n0", "h0", 0.45, {})
     assert diagnosis.bomb_onset(h, v, 0.45) == pytest.approx(0.30)
     assert diagnosis.bomb_onset(h, v, 0.45, min_rise=1) == pytest.approx(0.0)  # as before

@@ -425,6 +425,42 @@ def test_a_rules_own_deadline_judges_a_pushed_stall_again():
         assert bool(opened) is opens, deadline_ms
 
 
+def test_a_pushed_death_of_the_registrant_opens_the_incident_whatever_the_deadline():
+    """The agent pushes a counter whose registering process died at the death (`reason`
+    "died"), long before the deadline: the counter will never move again, so it opens the
+    incident at once, even under a rule's own longer deadline; the summary says why."""
+    for extra in ("", ", deadline_ms = 5000"):
+        rule = HANG_RULES.replace('box = "*"', f'box = "*"{extra}')
+        eng = Engine(list(rules.parse_ruleset(rule).rule), "m1", clock=Clock())
+        event = dict(stall_event(3.0), reason="died", died=0.0)
+        (det,) = eng.observe(NodeView("n0", "h0", 100.0, event=event, via="event"))
+        hit = det.incident.detectors[0]
+        assert det.incident.detected_by == "event" and hit.violations[0].measure == 0.003
+        assert hit.summary == "svc/tick stopped for good: its process 1234 died"
+
+
+def test_an_oom_kill_the_agent_pushes_opens_an_oom_rule_and_no_other():
+    """The agent pushes the first OOM kill in the oom_kills sensor's window as a
+    pressure_over_rate violation of the kernel box: a rule watching oom_kills opens its
+    incident from it; a rule watching other pressure sensors does not take it."""
+    ruleset = """
+[[rule]]
+name = "oom"
+detectors = [{ kind = "pressure_over_rate", box = "kernel", sensors = ["oom_kills"] }]
+[[rule]]
+name = "forks"
+detectors = [{ kind = "pressure_over_rate", box = "kernel", sensors = ["fork*"] }]
+"""
+    eng = Engine(list(rules.parse_ruleset(ruleset).rule), "m1", clock=Clock())
+    event = {"kind": "violation", "seq": 3, "at": 0.0, "detector": "pressure_over_rate",
+             "condition": "oom_kill", "box": "kernel", "sensor": "oom_kills", "value": 4,
+             "events": 1, "max_events": 0.5, "window_s": 10.0, "onset": 0.0}
+    (det,) = eng.observe(NodeView("n0", "h0", 100.0, event=event, via="event"))
+    assert det.incident.rule == "oom" and det.incident.detected_by == "event"
+    v = det.incident.detectors[0].violations[0]
+    assert (v.box, v.sensor, v.bound, v.measure) == ("kernel", "oom_kills", 0.5, 1.0)
+
+
 def test_a_poll_and_an_event_judging_one_node_at_once_open_one_incident():
     """The poller and the event follower call the engine from their own threads. An event
     that arrives while a poll is opening the incident for the same stall must find it

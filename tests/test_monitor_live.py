@@ -195,6 +195,28 @@ cooldown_ms = 0
 """
 
 
+def _next_event(sock, timeout: float = 10):
+    """The next event frame (not a heartbeat) on a subscription's socket."""
+    import msgspec
+    from backdoors.agent.events import EventFrame
+    from backdoors.agent.protocol import Envelope
+
+    def exactly(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            assert chunk, "the agent closed the event stream"
+            buf += chunk
+        return buf
+
+    sock.settimeout(timeout)
+    while True:
+        env = msgspec.msgpack.decode(exactly(int.from_bytes(exactly(4), "big")), type=Envelope)
+        ev = msgspec.msgpack.decode(env.body, type=EventFrame)
+        if ev.kind != "heartbeat":
+            return ev
+
+
 def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
     from backdoors.lab import topology
     from backdoors.lab.clients import StreamClients
@@ -213,10 +235,19 @@ def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
                 time.sleep(0.05)
         follower.drop()  # the monitor's subscription breaks; it subscribes again
         _resubscribed(follower, 1)
+        with al.lab.agent_client("h0") as c:
+            c.call("subscribe", kinds=["violation"])
+            stream = c.take_socket()
         al.lab.node("n0").kill(svc.pid, signal.SIGKILL)
         inc = mon.wait_for(lambda i: i.rule == "server-died", 10)
         assert inc is not None and inc.detected_by == "event", mon.incidents()
         assert inc.event["pid"] == svc.pid and len(inc.event["sessions"]) == 2
+        # a server dying with sessions is "owner_died" at once (a server-died rule re-adopts
+        # them); its box's stall is left to the deadline, so no hang rule takes it first
+        stall = _next_event(stream)
+        stream.close()
+        assert stall.kind == "violation" and "reason" not in stall.data, stall
+        assert stall.data["unchanged_ms"] > stall.data["deadline_ms"], stall
         follower.drop()
         _resubscribed(follower, 2)
         time.sleep(0.3)
@@ -388,3 +419,30 @@ def test_a_stall_pushed_by_the_agent_opens_the_incident_by_event(agent_lab, stal
         assert [(k, n) for _, k, n in seen] == [("violation", "n0"), ("cleared", "n0")]
         assert seen[0][0] == inc.event["seq"] < seen[1][0]
         assert [i.id for i in mon.incidents()] == [inc.id]
+
+
+def test_a_killed_service_opens_the_hang_incident_by_event_at_its_death(agent_lab):
+    """The agent follows the process that registered the service's Sensor Box: SIGKILLed,
+    its counter is pushed as stalled at once (`reason` "died"), and the hang rule opens
+    its incident from that event, the diagnosis naming the process gone; the agent does
+    not push it again when the deadline passes."""
+    al = agent_lab
+    cfg = al.monitor_config(period_ms=1000)  # the next poll comes long after the event
+    svc = al.lab.service("n0").pid
+    with Monitor(cfg, key=al.monitor_key()) as mon:
+        mon.wait_ready()
+        (follower,) = mon.followers
+        assert follower.connected.wait(10)
+        al.lab.node("n0").kill(svc, signal.SIGKILL)
+        inc = mon.wait_for(lambda i: i.rule == "hang" and i.state == "recorded", 5)
+        assert inc is not None, mon.incidents()
+        assert inc.detected_by == "event", inc
+        # gone, or not yet reaped by the node's init (the pidfd says so at the exit)
+        assert "gone" in inc.diagnosis.summary or "zombie" in inc.diagnosis.summary, \
+            inc.diagnosis
+        assert (inc.event["detector"], inc.event["reason"], inc.event["owner_pid"]) == \
+            ("progress_stalled", "died", svc)
+        assert "died" in inc.detectors[0].summary
+        time.sleep(0.5)  # past the deadline (200 ms)
+        died = [seq for _, seq, kind, _ in follower.seen if kind == "violation"]
+        assert died == [inc.event["seq"]], list(follower.seen)

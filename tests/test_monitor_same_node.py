@@ -19,13 +19,17 @@ class ScriptedAgent:
     """Answers readopt from `script`: (time at which the reply changes, reply); each
     call advances the clock by `step` s."""
 
-    def __init__(self, script, step: float = 0.5):
+    def __init__(self, script, step: float = 0.5, processes=()):
         self.script, self.step, self.now, self.calls = script, step, 0.0, 0
+        self.processes = list(processes)  # the node's process table (`processes` op)
 
     def clock(self) -> float:
         return self.now
 
     def call(self, op, **args):
+        if op == "processes":
+            assert args["node"] == "n0"
+            return {"rows": self.processes, "total": len(self.processes), "truncated": False}
         assert op == "readopt" and args["node"] == "n0" and args["pid"] == 0
         reply = [r for at, r in self.script if at <= self.now][-1]
         self.now += self.step
@@ -38,8 +42,8 @@ def _reply(sessions, handed, left, server_pid=0, failed=None):
             "handed": handed, "failed": failed or {}, "ms": 1.0, "left": left}
 
 
-def _run(agent: ScriptedAgent, **rule):
-    event = {"kind": "owner_died", "pid": 41, "sessions": ["cb-a"], "died": 0.0,
+def _run(agent: ScriptedAgent, died: float = 0.0, **rule):
+    event = {"kind": "owner_died", "pid": 41, "sessions": ["cb-a"], "died": died,
              "orphan_timeout_s": 10.0}
     view = SimpleNamespace(node="n0", host="h0", event=event)
     ctx = Context(rule="server-died", incident="i1", view=view, hits=[], onset=0.0,
@@ -84,3 +88,16 @@ def test_no_server_within_the_wait_moves_the_node_without_waiting_for_the_orphan
     else:
         raise AssertionError("the node's sessions did not move")
     assert 3.0 <= agent.now < 4.0
+
+
+def test_a_replacement_still_starting_when_the_wait_ends_keeps_the_node():
+    # nobody answers within same_node_wait_ms (3 s), but a process that started after the
+    # death runs in the node (its replacement, slow to start under load): not fenced, and
+    # it takes the sessions at 6 s; an old process alone would not have kept the node
+    import time
+    agent = ScriptedAgent([(0.0, _reply(24, 0, 24)), (6.0, _reply(24, 24, 0, server_pid=9))],
+                          processes=[{"pid": 5, "comm": "init", "age_s": 3600.0, "state": "S"},
+                                     {"pid": 9, "comm": "python", "age_s": 0.4, "state": "R"}])
+    out = _run(agent, died=time.time(), same_node_wait_ms=3000)
+    assert out.status == "done" and out.detail["same_node"], out.detail
+    assert out.detail["moved"] == 24 and out.detail["waited_for"]["pid"] == 9

@@ -71,3 +71,54 @@ def test_orphans_nobody_adopts_are_closed(root, monkeypatch):
         closed = [a for a in audit if a.get("kind") == "orphans_closed"]
         assert len(closed) == 1 and closed[0]["fin"] == 3 and closed[0]["rst"] == 1, closed
         assert any(a.get("kind") == "owner_died" for a in audit)
+
+
+REPLACEMENT_RULES = """
+[[rule]]
+name = "server-died"
+detectors = [{ kind = "sessions_orphaned" }]
+diagnosis = { kind = "none" }
+actions = [{ kind = "recover", same_node_wait_ms = 0 }]
+clear_ms = 0
+cooldown_ms = 0
+"""
+
+
+def test_a_replacement_slower_than_the_wait_is_not_fenced_but_gets_the_sessions(root):
+    """The server dies while its replacement is starting (here: 2 s late on purpose, as a
+    loaded machine makes a Python server): the recover action does not give the node up
+    when `same_node_wait_ms` (0 here) ends, since a process that started around the death
+    runs in the node; the replacement gets the sessions, the clients see nothing."""
+    import subprocess
+    import sys
+
+    from backdoors.monitor import Monitor, parse_ruleset
+    from backdoors.scenarios.labkit import lab_monitor_config
+
+    rules = parse_ruleset(REPLACEMENT_RULES).rule
+    with Lab(unique_name("w"), hosts=1, nodes=1, agents=True, services=False) as lab:
+        svc = lab.start_service("n0", recoverable=True)
+        vip = lab.plan.node("n0").vip
+        with lab.agent_client("h0") as c, \
+                Monitor(lab_monitor_config(lab), key=lab.monitor_key("m1"), rules=rules) as mon, \
+                StreamClients(lab, vip, topology.RECOVERABLE_PORT, 3) as clients:
+            assert all(f.connected.wait(10) for f in mon.followers)
+            end = time.monotonic() + 30
+            while len(c.call("sessions", node="n0")) < 3:
+                assert time.monotonic() < end, "sessions not held"
+                time.sleep(0.05)
+            late = lab.run_in_node("n0", ["sh", "-c", f"sleep 2; exec {sys.executable} -m "
+                                          f"backdoors.lab.recoverable --name rsvc-n0 --port "
+                                          f"{topology.RECOVERABLE_PORT}"],
+                                   stdout=subprocess.DEVNULL)
+            lab.node("n0").kill(svc.pid, signal.SIGKILL)
+            inc = mon.wait_for(lambda i: i.rule == "server-died" and i.actions, 30)
+            assert inc is not None, mon.incidents()
+            (act,) = inc.actions
+            assert act.status == "done", act
+            assert act.detail["same_node"] is True and act.detail["moved"] == 3, act
+            assert act.detail["waited_for"]["pid"] in (late.pid, *lab.node("n0").cgroup.procs())
+            assert not any(s.broken for s in clients.sessions)
+            assert not lab.node("n0").is_locked()  # never fenced
+            late.kill()
+            late.wait()

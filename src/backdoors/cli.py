@@ -73,6 +73,7 @@ def lab_up(
     foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
     etcd: bool = typer.Option(False, "--etcd", help="Run an etcd on the private network (the monitor namespace) for a fleet of monitors."),
     monitors: int = typer.Option(0, help="Start this many monitor processes (m1, m2, ...; with --etcd they share the nodes)."),
+    vm_nodes: int = typer.Option(0, "--vm-nodes", help="VM nodes (QEMU guests v0, v1, ...; docs/vm-backdoor.md) besides the container nodes."),
 ) -> None:
     """Build a lab. Without --foreground it stays until `backdoors lab down`."""
     from .lab import Lab
@@ -82,7 +83,7 @@ def lab_up(
         raise typer.BadParameter("--monitors needs the agents (leave out --no-agents)")
     ids = tuple(f"m{i + 1}" for i in range(max(1, monitors)))
     lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
-              pids_limit=pids or None, agents=agents, monitors=ids, etcd=etcd)
+              pids_limit=pids or None, agents=agents, monitors=ids, etcd=etcd, vm_nodes=vm_nodes)
     signals = StopSignals() if foreground else None
     lab.up()
     try:
@@ -136,6 +137,9 @@ def _show_lab(s: dict) -> None:
     if s.get("etcd"):
         monitors = ", ".join(f"{m} (pid {p})" for m, p in s.get("monitors", {}).items())
         out.print(f"etcd {s['etcd']} (in the monitor namespace); monitors: {monitors or 'none'}")
+    for v in s.get("vms", []):
+        out.print(f"VM node {v['node']}: {v['vip']} (address {v['address']}), QEMU pid "
+                  f"{v['qemu_pid']}, {v.get('accel', '?')}, booted in {v.get('boot_s', '?')} s")
 
 
 @lab_app.command("down")
@@ -752,7 +756,7 @@ def bench_agent(
 @bench_app.command("recovery")
 def bench_recovery(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    sessions: list[int] = typer.Option([1, 10, 100, 1000], help="Session counts (repeat the option)."),
+    sessions: list[int] = typer.Option([1, 10, 100, 1000, 10000], help="Session counts (repeat the option)."),
     haproxy: bool = typer.Option(True, "--haproxy/--no-haproxy", help="Measure the HAProxy peer too."),
 ) -> None:
     """Recovery of N sessions from a frozen node vs HAProxy; overhead of Continuation Boxes."""
@@ -782,18 +786,23 @@ def bench_fleet(
 def bench_monitor(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     sizes: str = typer.Option("8,32,128", help="Node counts of the labs, comma-separated."),
+    modes: str = typer.Option("event,poll", help="Detection modes measured: event, poll or both."),
     seconds: float = typer.Option(10.0, help="Steady-state CPU window per size, seconds."),
     trials: int = typer.Option(20, help="Hangs per size."),
     period_ms: float = typer.Option(50.0, help="Monitor poll period."),
     hosts: int = typer.Option(1, help="Agents (lab hosts) the nodes are spread over."),
+    event_poll_ms: float = typer.Option(1000.0, help="Monitor poll period in event mode (liveness, fallback)."),
+    event_sample_s: float = typer.Option(1.0, help="Agents' kernel sampling period in event mode."),
 ) -> None:
-    """Monitor CPU, agent CPU per node and hang detection p50/p99 per lab size (poll mode)."""
+    """Monitor CPU, agent CPU per node and hang detection p50/p99 per lab size, event
+    mode (the agent pushes violations) and poll mode."""
     mod = _bench_module("bench_monitor")
     import logging
     logging.getLogger("backdoors.monitor").setLevel(logging.ERROR)  # the trials' incidents
     try:
-        result = mod.run(sizes=mod.parse_sizes(sizes), seconds=seconds, trials=trials,
-                         period_ms=period_ms, hosts=hosts)
+        result = mod.run(sizes=mod.parse_sizes(sizes), modes=mod.parse_modes(modes),
+                         seconds=seconds, trials=trials, period_ms=period_ms, hosts=hosts,
+                         event_poll_ms=event_poll_ms, event_sample_s=event_sample_s)
     except ValueError as e:
         raise BackdoorsError(f"bench monitor: {e}") from None
     if as_json:

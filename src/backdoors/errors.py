@@ -23,6 +23,10 @@ class NodeError(BackdoorsError):
     """A node (cgroup + netns) operation failed."""
 
 
+class VmError(NodeError):
+    """A VM node (QEMU guest) could not be built, started, controlled or read."""
+
+
 class NetError(BackdoorsError):
     """A network namespace, link or address operation failed."""
 

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .errors import TransportError, remote_error
 from .protocol import (
     DECODE_ERRORS, DESTRUCTIVE, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
-    AdoptReply, Envelope, EvacuateReply, FenceReply, KillReply, KillTreeReply, LimitsReply,
+    AdoptReply, Envelope, EvacuateReply, FenceReply, HeldCount, KillReply, KillTreeReply,
+    LimitsReply,
     LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
     TOKENED, ClaimReply, SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply,
     frame,
@@ -306,6 +307,10 @@ class AgentClient:
     def sessions(self, node: str) -> list[SessionInfo]:
         """The client sessions the agent holds for `node`."""
         return self._typed("sessions", list[SessionInfo], node=node)
+
+    def held(self, node: str) -> HeldCount:
+        """How many sessions the agent holds for `node` (and keeps in limbo)."""
+        return self._typed("held", HeldCount, node=node)
 
     def fence(self, node: str) -> FenceReply:
         """Freeze `node` until unfenced and cut its network: fail-stop before evacuate."""

@@ -110,8 +110,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     sample_period_s: Annotated[float, doc(
         "kernel sensor sampling period per node, seconds")] = 0.05
     watch_period_ms: Annotated[float, doc(
-        "how often the agent's watcher reads every node's progress counters and link "
-        "state to push violations to subscribed monitors, ms (0: no watcher)")] = 5.0
+        "how often the agent's watcher reads every node's progress counters to push "
+        "violations to subscribed monitors, ms (deaths, link changes, freezes and OOM "
+        "kills come from kernel notifications); 0: no watcher")] = 5.0
     max_regions_per_node: Annotated[int, doc("application regions a node may register")] = 64
     max_region_bytes: Annotated[int, doc("size of one region, bytes")] = 16 * MiB
     max_node_bytes: Annotated[int, doc(

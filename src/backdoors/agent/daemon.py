@@ -172,7 +172,10 @@ class Agent:
         if c.watch_period_ms > 0:  # (its thread starts in _run)
             self.watcher = Watcher(self.nodes, self.regions, period_s=c.watch_period_ms / 1000,
                                    publish=self.events.publish,
-                                   held=lambda node: bool(self.leases.holders(node)))
+                                   held=lambda node: bool(self.leases.holders(node)),
+                                   holds_sessions=lambda node, pid: self.owners.owned(
+                                       node, pid) or any(
+                                       s.pid == pid for s in self.sessions.list(node)))
         for rt in self.nodes.values():
             try:
                 rt.sampler.sample_once()

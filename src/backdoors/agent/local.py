@@ -24,7 +24,6 @@ import fcntl
 import logging
 import math
 import os
-import select
 import selectors
 import socket
 import stat
@@ -333,7 +332,7 @@ class LocalServer:
             cgroups = read_cgroups(conn.pid)
         except OSError:
             raise RegionRefused(f"the caller (pid {conn.pid}) has exited") from None
-        if conn.pidfd is not None and select.select([conn.pidfd], [], [], 0)[0]:
+        if conn.pidfd is not None and ipc.ready(conn.pidfd):
             raise RegionRefused(f"the caller (pid {conn.pid}) exited during the check")
         wrong = misplaced(node.cgroup.layout, cgroups, node.cgroup.relpath)
         if wrong is not None:

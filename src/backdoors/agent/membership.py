@@ -7,8 +7,8 @@ A Layout names its hierarchies by controller ("memory", "freezer", ...) or "unif
 from __future__ import annotations
 
 import os
-import select
 
+from ..common.ipc import ready
 from ..nodes import Layout
 from ..nodes.hierarchies import UNIFIED
 
@@ -78,7 +78,7 @@ def outsider(node, pid: int) -> str | None:
         return f"the listener (pid {pid}) has exited"
     try:
         cgroups = read_cgroups(pid)
-        if select.select([pidfd], [], [], 0)[0]:
+        if ready(pidfd):
             return f"the listener (pid {pid}) exited during the check"
     except OSError:
         return f"the listener (pid {pid}) has exited"
@@ -89,3 +89,5 @@ def outsider(node, pid: int) -> str | None:
         return (f"the listener (pid {pid}) is not inside node {node.name} (cgroup {where!r} "
                 f"of the {hierarchy} hierarchy, not {'/' + node.cgroup.relpath.strip('/')!r})")
     return None
+
+

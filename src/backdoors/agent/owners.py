@@ -88,6 +88,7 @@ class OwnerWatch:
         self._sel = selectors.DefaultSelector()
         self._watched: dict[tuple[str, int], int] = {}  # (node, pid) -> pidfd
         self._deaths: list[_Death] = []
+        self._recent: dict[tuple[str, int], float] = {}  # dead owners -> until (monotonic)
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -170,11 +171,20 @@ class OwnerWatch:
                 return None
             return max(0.0, min(d.deadline for d in self._deaths) - time.monotonic())
 
+    def owned(self, node: str, pid: int) -> bool:
+        """Whether `pid` holds sessions of `node`, or held some when it died (within the
+        orphan timeout): its death is then the owner_died event's, whoever took them since."""
+        now = time.monotonic()
+        with self._lock:
+            self._recent = {k: t for k, t in self._recent.items() if t > now}
+            return (node, pid) in self._watched or (node, pid) in self._recent
+
     def _died(self, node: str, pid: int) -> None:
         with self._lock:
             fd = self._watched.pop((node, pid), None)
             if fd is None:
                 return
+            self._recent[(node, pid)] = time.monotonic() + self.timeout_s
             self._sel.unregister(fd)
             os.close(fd)
         died = time.time()

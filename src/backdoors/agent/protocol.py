@@ -44,7 +44,7 @@ DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unl
 #: them several times a second; every request is counted in backdoors_agent_rpc_total.
 #: Every other op (and an unknown one) is audited: it changes or could change a node.
 READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "processes",
-                   "sessions", "peers", "subscribe", "orphans"})
+                   "sessions", "held", "peers", "subscribe", "orphans"})
 #: Error codes of a request refused for what it asked (not for the agent's own trouble:
 #: busy, deadline, failed): a read refused so is audited.
 REFUSED = frozenset({"auth", "bad_request", "unknown_op", "no_such_node", "no_such_region",
@@ -257,6 +257,14 @@ class ClaimReply(msgspec.Struct):
 # -- session recovery (agent/recovery.py) -------------------------------------------------
 
 
+class HeldCount(msgspec.Struct):
+    """How many client sessions the agent holds for a node (`sessions` lists them: with
+    ~10,000 the list outgrows a reply), and how many wait in limbo."""
+
+    sessions: int
+    limbo: int
+
+
 class SessionInfo(msgspec.Struct):
     """A session held for a node: its Continuation Box name, connection and server pid."""
 
@@ -295,6 +303,10 @@ class AdoptReply(msgspec.Struct):
     restore_ms: float
     announce_ms: float
     handover_ms: float
+    # the final batch's steps, ms: arp_ms (gratuitous ARPs), resume_ms (repair mode
+    # released), connect_ms (to the server, its checks), send_ms (batches sent, verdicts
+    # read), hold_ms (adopted sessions held as the server's)
+    phases: dict[str, float] = {}
 
 
 class EvacuateReply(msgspec.Struct):
@@ -306,3 +318,6 @@ class EvacuateReply(msgspec.Struct):
     dump_ms: float
     transfer_ms: float
     adopt: list[AdoptReply]
+    # the dump's steps, ms summed over the sessions: take_ms (out of the session table),
+    # repair_ms (TCP_REPAIR dump), cb_ms (CB read, compressed), remove_ms (region dropped)
+    phases: dict[str, float] = {}

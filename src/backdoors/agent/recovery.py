@@ -8,7 +8,8 @@ target agent over the private network (agent to agent, signed with this agent's 
 the target lists it in its `peers`), with the monitors' signed evacuate requests as the
 warrant (agent/warrant.py). The target's `adopt` checks the warrant, adds the service addresses to its node, restores the
 sockets inside the node's namespace, announces the addresses (gratuitous ARP) and hands
-each session (socket + CB) to the recovery server listening on the node's adoption socket.
+the sessions (socket + CB each) in batches to the recovery server listening on the node's
+adoption socket (continuations.adoption: one frame and one reply per batch).
 
 `Recovery` holds these ops and what they keep between requests: sessions dumped but not
 adopted (the target failed, or answered something unreadable) stay in limbo and go with
@@ -39,6 +40,8 @@ import msgspec
 
 from .. import net
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
+from ..continuations.errors import NotHanded, NoVerdict
+from ..common.procs import read_process
 from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
@@ -47,7 +50,8 @@ from .client import AgentClient
 from .keys import Identity
 from .ops import Call, NodeArgs, Op, OpError
 from .protocol import (
-    AdoptReply, EvacuateReply, FenceReply, MovedSession, SessionInfo, StageReply, UnlockReply,
+    AdoptReply, EvacuateReply, FenceReply, HeldCount, MovedSession, SessionInfo, StageReply,
+    UnlockReply,
 )
 from .membership import outsider
 from .regions import REGION_NAME, SESSION_KIND
@@ -60,7 +64,6 @@ BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
 LONG_OP_S = 30.0
 STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)
 STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
-HANDOVER_BATCH = 64  # sessions per round of hand-overs (verdicts queue up meanwhile)
 ADOPT_MAX_BYTES = 512 << 20  # inflated Continuation Boxes an agent holds for adopts at most
 PENDING_TTL_S = 4 * LONG_OP_S  # staged pieces and sessions awaiting a final batch, at most
 ADDRESSES_KEY = "addresses"  # durable state: {node: [service addresses taken over]}
@@ -194,6 +197,7 @@ class Recovery:
     def ops(self) -> tuple[Op, ...]:
         return (
             Op("sessions", NodeArgs, self.sessions),
+            Op("held", NodeArgs, self.held),
             Op("fence", NodeArgs, self.fence),
             Op("unfence", NodeArgs, self.unfence),
             Op("evacuate", EvacuateArgs, self.evacuate, deadline_s=LONG_OP_S),
@@ -242,6 +246,10 @@ class Recovery:
         self.expire()
         return [SessionInfo(s.name, s.describe(), s.pid, s.since is not None)
                 for s in call.agent.sessions.list(call.node.name)]
+
+    def held(self, call: Call) -> HeldCount:
+        return HeldCount(call.agent.sessions.count(call.node.name),
+                         len(self.limbo.get(call.node.name, ())))
 
     def fence(self, call: Call) -> FenceReply:
         """Freeze the node (held until unlock) and cut it off the service network."""
@@ -296,8 +304,9 @@ class Recovery:
         if moving:
             self._keep_limbo(rt.name)  # on its way: not to be moved twice by a new agent
         failed: dict[str, str] = {}
+        phases: dict[str, float] = {}
         try:
-            self._dump_all(call, moving, failed)
+            self._dump_all(call, moving, failed, phases)
         except BaseException:
             self.limbo[rt.name] = moving  # what was dumped so far is not lost
             raise
@@ -329,26 +338,39 @@ class Recovery:
             for m in kept:
                 failed[m.name] += " (kept here for another evacuate)"
         return EvacuateReply(len(moving) + dump_failures, sum(r.handed for r in replies),
-                             failed, _ms(t0, t1), _ms(t1), replies)
+                             failed, _ms(t0, t1), _ms(t1), replies, phases)
 
-    def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str]) -> None:
-        """Dump every held session of the node into `moving` (its socket closed silently)."""
+    def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str],
+                  phases: dict[str, float]) -> None:
+        """Dump every held session of the node into `moving` (its socket closed silently);
+        the time of each step, summed over the sessions, goes to `phases`."""
         rt, agent = call.node, call.agent
-        for s in agent.sessions.take_all(rt.name):
+        clock = time.monotonic
+        t = clock()
+        taken = agent.sessions.take_all(rt.name)
+        spent = {"take_ms": clock() - t, "repair_ms": 0.0, "cb_ms": 0.0, "remove_ms": 0.0}
+        for s in taken:
+            t0 = t1 = clock()
             try:
                 with repair(s.sock) as handle:
                     state = handle.dump(since=s.since)
                     handle.close()
+                t1 = clock()
                 with agent.regions.use(rt.name, s.name) as entry:
                     cb = zlib.compress(entry.region.read(0, entry.size), 1)  # mostly empty ring
                 moving.append(MovedSession(s.name, state.encode(), cb))
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
                 s.sock.close()
+            t2 = clock()
             try:
                 agent.regions.remove(rt.name, s.name)
             except KeyError:
                 pass
+            spent["repair_ms"] += t1 - t0
+            spent["cb_ms"] += t2 - t1
+            spent["remove_ms"] += clock() - t2
+        phases.update({k: round(v * 1000, 3) for k, v in spent.items()})
 
     def stage(self, call: Call) -> StageReply:
         """A piece of a large session state, sent ahead of the adopt that uses it (a
@@ -415,17 +437,21 @@ class Recovery:
             restored = self.adopting.pop(rt.name, [])
             self.expires.pop(rt.name, None)
         _announce(ns, ifname, a.addresses, count=1)  # a failure is logged: sessions go on
+        t_arp = time.monotonic()
         started = []
-        for r in restored:
+        for r in restored:  # repair mode released: each socket talks again
             try:
                 started.append(Started(r.moved, r.state, r.handle.resume(), r.cb_fd))
             except Exception as e:  # noqa: BLE001 - the handle closed the socket silently
                 failed[r.moved.name] = f"restore: {e}"
                 os.close(r.cb_fd)
+        t_resume = time.monotonic()
         _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
         t2 = time.monotonic()
-        handed = self._hand_over(call, started, failed)
-        return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2))
+        phases = {"arp_ms": _ms(t1, t_arp) + _ms(t_resume, t2), "resume_ms": _ms(t_arp, t_resume)}
+        handed = self._hand_over(call, started, failed, phases)
+        return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2),
+                          phases)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -494,8 +520,10 @@ class Recovery:
             raise
         return restoring
 
-    def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str]) -> int:
-        """Hand each session to the recovery server of its port, in the node's directory."""
+    def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str],
+                   phases: dict[str, float]) -> int:
+        """Hand each session to the recovery server of its port, in the node's directory
+        (adding the time of each step to `phases`)."""
         by_port: dict[int, list[Started]] = {}
         for item in started:
             by_port.setdefault(item.state.local_port, []).append(item)
@@ -505,7 +533,7 @@ class Recovery:
             path = adoption_path(directory, port)
             if not os.path.exists(path):
                 path = os.path.join(directory, ADOPT_SOCKET)  # one server for every port
-            handed += _hand_over_to(call, path, items, failed)
+            handed += _hand_over_to(call, path, items, failed, phases)
         return handed
 
     def _service_addresses(self, rt: NodeRuntime) -> list[str]:
@@ -528,10 +556,16 @@ class Recovery:
             raise OpError("auth", f"{op} from {peer}: {e}") from None
 
 
-def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[str, str]) -> int:
-    """Hand each started session (socket + a memfd copy of its CB) to the server at `path`,
-    then hold them here as the server's (off the sessions' critical path)."""
+def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[str, str],
+                  phases: dict[str, float]) -> int:
+    """Hand every started session (socket + a memfd copy of its CB) to the server at
+    `path` in batch frames (adoption.AdoptionClient: one reply per batch, a window of
+    batches in flight), then hold the adopted ones here as the server's (off the
+    sessions' critical path). A session the server refused is closed here (its client
+    gets nothing: the restored socket goes silently); one without a verdict stays held
+    as the server's, which may serve it."""
     node = call.node.name
+    t0 = time.monotonic()
     try:
         client = AdoptionClient(path)
     except BackdoorsError as e:
@@ -551,34 +585,62 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
                 os.close(item.cb_fd)
             log.warning("node %s: not handing sessions to %s: %s", node, path, why)
             return 0
-        for start in range(0, len(started), HANDOVER_BATCH):
-            batch = started[start:start + HANDOVER_BATCH]
-            for item in batch:
-                call.agent.sessions.expect(node, item.moved.name, item.state)
-            try:
-                verdicts = client.hand_over_all(
-                    [(item.sock, item.cb_fd,
-                      Handover.from_tcp_state(item.moved.name.removeprefix("cb-"), item.state))
-                     for item in batch])
-            except BackdoorsError as e:
-                verdicts = [e] * len(batch)
-            for item, verdict in zip(batch, verdicts):
-                if verdict is None:
-                    accepted.append(item)
-                else:
-                    failed[item.moved.name] = f"hand-over: {verdict}"
-                    close_silently(item.sock)
-                    os.close(item.cb_fd)
+        try:  # opened now: if the server dies during the hand-over, its death still shows
+            pidfd = os.pidfd_open(server)
+        except OSError:
+            pidfd = None
+        for item in started:
+            call.agent.sessions.expect(node, item.moved.name, item.state)
+        t1 = time.monotonic()
+        try:
+            verdicts = client.hand_over_all(
+                [(item.sock, item.cb_fd,
+                  Handover.from_tcp_state(item.moved.name.removeprefix("cb-"), item.state))
+                 for item in started])
+        except BackdoorsError as e:  # nothing was sent: nothing reached the server
+            verdicts = [e] * len(started)
+        t2 = time.monotonic()
+        unanswered: list[BackdoorsError] = []
+        for item, verdict in zip(started, verdicts):
+            if verdict is None:
+                accepted.append(item)
+            elif isinstance(verdict, (NoVerdict, NotHanded)):
+                # The connection broke: the server may serve it (it reads what was sent),
+                # or died. Held as its own either way: if it died, the session is an
+                # orphan for its successor (agent.owners), never closed here. Not in
+                # `failed`: the evacuating agent would move it a second time.
+                unanswered.append(verdict)
+                accepted.append(item)
+            else:
+                failed[item.moved.name] = f"hand-over: {verdict}"
+                close_silently(item.sock)
+                os.close(item.cb_fd)
+    if unanswered:
+        log.warning("node %s: %d sessions held as server %d's without its verdict: %s", node,
+                    len(unanswered), server, unanswered[0])
+    spent: dict[str, float] = {}
+    process = read_process(server) if accepted else None  # once, not once per session
     for item in accepted:
         # Held at once as if the server had registered it: recoverable again before the
         # server gets to register it itself (which replaces these).
-        _hold(call, item, server)
+        _hold(call, item, server, spent, process)
         item.sock.close()  # the agent and the server hold their own duplicates
         os.close(item.cb_fd)
+    if pidfd is not None:
+        # the server owns what it took: if it dies (even before it registers anything),
+        # its sessions are orphans to readopt (agent.owners), never left held for nobody
+        if accepted and (owners := getattr(call.agent, "owners", None)) is not None:
+            owners.watch(node, server, pidfd)
+        os.close(pidfd)
+    t3 = time.monotonic()
+    for key, ms in (("connect_ms", _ms(t0, t1)), ("send_ms", _ms(t1, t2)), ("hold_ms", _ms(t2, t3)),
+                    *((f"{k}_ms", v * 1000) for k, v in spent.items())):
+        phases[key] = round(phases.get(key, 0.0) + ms, 3)
     return len(accepted)
 
 
-def _hold(call: Call, item: Started, pid: int) -> None:
+def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = None,
+          process=None) -> None:
     """Register a handed-over session's box and socket under the server's pid (the
     server's own registration of the same name replaces them). The box is a stand-in: if
     the server registered its own first (it attaches on its own thread, racing this), that
@@ -586,8 +648,14 @@ def _hold(call: Call, item: Started, pid: int) -> None:
     would regenerate, paced as the server sends, all the output since (a long stall)."""
     node, name = call.node.name, item.moved.name
     try:
+        t0 = time.monotonic()
         call.agent.sessions.hold(node, name, item.sock.fileno(), pid)
-        call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid, stand_in=True)
+        t1 = time.monotonic()
+        call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid, stand_in=True,
+                                process=process)
+        if spent is not None:  # seconds in each table, summed over the sessions
+            spent["hold_sessions"] = spent.get("hold_sessions", 0.0) + t1 - t0
+            spent["hold_regions"] = spent.get("hold_regions", 0.0) + time.monotonic() - t1
     except (BackdoorsError, OSError) as e:
         log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 

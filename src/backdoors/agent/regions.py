@@ -76,16 +76,28 @@ class RegionTable:
         self.max_sessions = max_sessions
         self.max_node_bytes = max_node_bytes
         self._nodes: dict[str, dict[str, Entry]] = {n: {} for n in nodes}
+        # per node, of the entries not internal: [Continuation Boxes, other regions, bytes]
+        # kept as entries come and go, so a registration costs O(1) with 10,000 sessions
+        self._tally: dict[str, list[int]] = {n: [0, 0, 0] for n in nodes}
         self._lock = threading.Lock()
         #: called as observer("add" | "remove", entry) after a change (the fd store)
         self.observer: Callable[[str, Entry], None] | None = None
+        #: counts the Sensor Boxes added and removed: a reader that keeps borrowed boxes
+        #: (the watcher) takes them again when it moves (sessions' boxes do not move it)
+        self.box_version = 0
 
     def usage(self, node: str) -> tuple[int, int]:
         """(count, bytes) of the node's registered regions, the agent's own excluded; the
         count leaves Continuation Boxes out (they have their own cap), the bytes do not."""
         with self._lock:
-            mine = [e for e in self._nodes[node].values() if not e.internal]
-        return sum(e.kind != SESSION_KIND for e in mine), sum(e.size for e in mine)
+            _, others, size = self._tally[node]
+        return others, size
+
+    def _count(self, entry: Entry, sign: int) -> None:  # with self._lock held
+        if not entry.internal:
+            tally = self._tally[entry.node]
+            tally[0 if entry.kind == SESSION_KIND else 1] += sign
+            tally[2] += sign * entry.size
 
     def add(self, entry: Entry, *, stand_in: bool = False) -> Entry | None:
         """Insert `entry`; returns the entry it replaced (already retired), if any.
@@ -121,37 +133,46 @@ class RegionTable:
                 return entry  # the registrant's own box is newer than the agent's copy
             if current is not old:
                 raise RegionRefused(f"region {entry.name!r} changed during registration; retry")
-            others = [e for e in regions.values() if not e.internal and e is not old]
+            held, count, total = self._tally[entry.node]  # of the others: `old` left out
+            if old is not None and not old.internal:
+                held -= old.kind == SESSION_KIND
+                count -= old.kind != SESSION_KIND
+                total -= old.size
             if entry.kind == SESSION_KIND:
-                held = sum(e.kind == SESSION_KIND for e in others)
                 if held + 1 > self.max_sessions:
                     raise RegionRefused(f"node {entry.node} has {held} Continuation Boxes, the "
                                         f"cap is {self.max_sessions} (max_sessions_per_node)")
             elif not entry.internal:
-                count = sum(e.kind != SESSION_KIND for e in others)
                 if count + 1 > self.max_regions:
                     raise RegionRefused(f"node {entry.node} has {count} regions, the cap is "
                                         f"{self.max_regions}: unregister some first")
             if not entry.internal:
-                total = sum(e.size for e in others) + entry.size
+                total += entry.size
                 if total > self.max_node_bytes:
                     raise RegionRefused(
                         f"node {entry.node} would hold {total} bytes of regions and "
                         f"Continuation Boxes, the cap is {self.max_node_bytes} "
                         "(max_node_bytes): unregister some or register smaller ones")
             regions[entry.name] = entry
+            self._count(entry, 1)
+            if entry.kind == "sensorbox" or (old is not None and old.kind == "sensorbox"):
+                self.box_version += 1
             if old is not None:
+                self._count(old, -1)
                 self._retire(old)
         if self.observer is not None:
             self.observer("add", entry)
         return old
 
     def keep(self, node: str, name: str, kind: str, fd: int, pid: int, *,
-             writable: bool = False, check=None, stand_in: bool = False) -> Region | None:
+             writable: bool = False, check=None, stand_in: bool = False,
+             process=None) -> Region | None:
         """Take on a region held by `fd` for the process `pid`: open it (mapped only if a
         Sensor Box), run `check(region)` (validation), add it. The region is closed again if
-        anything fails. `stand_in`: see `add`; None if `pid` had registered its own."""
-        info = read_process(pid)
+        anything fails. `stand_in`: see `add`; None if `pid` had registered its own.
+        `process`: `pid`'s read_process(), if the caller read it already (for many regions
+        of one process: reading /proc/PID/stat costs a step per thread of PID)."""
+        info = process if process is not None else read_process(pid)
         region = Region(fd, writable=writable, label=f"node {node} region {name!r}",
                         map=kind in MAPPED_KINDS)
         try:
@@ -174,6 +195,9 @@ class RegionTable:
             if entry is None or entry.internal:
                 raise KeyError(name)
             del self._nodes[node][name]
+            self._count(entry, -1)
+            if entry.kind == "sensorbox":
+                self.box_version += 1
             self._retire(entry)
         if self.observer is not None:
             self.observer("remove", entry)
@@ -199,21 +223,27 @@ class RegionTable:
         try:
             yield entry
         finally:
-            self._give_back([entry])
+            self.give_back([entry])
 
     @contextmanager
     def use_all(self, node: str, kind: str) -> Iterator[list[Entry]]:
         """Borrow every region of `kind` of a node."""
+        entries = self.borrow_all(node, kind)
+        try:
+            yield entries
+        finally:
+            self.give_back(entries)
+
+    def borrow_all(self, node: str, kind: str) -> list[Entry]:
+        """Every region of `kind` of a node, borrowed (not closed, even when removed,
+        until given back with `give_back`)."""
         with self._lock:
             entries = [e for e in self._nodes[node].values() if e.kind == kind]
             for e in entries:
                 e._users += 1
-        try:
-            yield entries
-        finally:
-            self._give_back(entries)
+        return entries
 
-    def _give_back(self, entries: list[Entry]) -> None:
+    def give_back(self, entries: list[Entry]) -> None:
         with self._lock:
             for e in entries:
                 e._users -= 1
@@ -232,3 +262,5 @@ class RegionTable:
                 for e in regions.values():
                     self._retire(e)
                 regions.clear()
+            self._tally = {n: [0, 0, 0] for n in self._nodes}
+            self.box_version += 1

@@ -31,6 +31,9 @@ RSS_POINT_S = 0.05  # keep at most one history point per process per this many s
 TABLE_DUTY = 0.2  # the process table takes at most this share of the sampler's time
 
 
+OOM_WINDOW_S = 10.0  # the oom_kills sensor's window (its bound: oom_kills_per_10s)
+
+
 class KernelSensors:
     """The kernel-sensor box of one node; thresholds depend on the limits it was made for."""
 
@@ -51,7 +54,7 @@ class KernelSensors:
         self.fork_failures = box.pressure("fork_failures", max_events=limits.fork_failures_per_s,
                                           window=1.0)
         self.oom_kills = box.pressure("oom_kills", max_events=limits.oom_kills_per_10s,
-                                      window=10.0)
+                                      window=OOM_WINDOW_S)
         self.psi = {
             "memory": box.level("psi_memory_some", min=0.0, max=limits.psi_memory_some),
             "cpu": box.level("psi_cpu_some", min=0.0, max=limits.psi_cpu_some),

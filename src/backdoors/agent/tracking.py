@@ -9,19 +9,32 @@ once (`backdoors status`, a monitor just started) judges a stall with
 `sensors.judgement` as a monitor that has polled all along would. A box registered anew
 (another registration time) or recreated (another owner) starts clean: its first sighting
 counts as a move. The agent's watcher (agent/watch.py) reads the progress counters far
-more often; `watched` notes when it last read each box and when it saw each counter
-move. Where this pass saw no move since the watcher's read, the counter (which only goes
+more often; `watched` hands over its record of a box once (it updates it in place: when
+it last read the box, when it saw each counter move). Where this pass saw no move since the watcher's read, the counter (which only goes
 forward) has not moved since the watcher saw it move: the reply counts from then.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 from ..errors import SensorBoxError
 from ..sensors import SensorTracker, SensorType, parse_box
 
 Key = tuple[str, float]  # (region name, registered_at), as in backoff.py
+
+
+class _Moved(Protocol):
+    name: str
+    changed_at: float  # time.monotonic() the watcher saw it move
+
+
+class Watched(Protocol):
+    """The watcher's record of one box, updated in place as it reads."""
+
+    read_at: float  # time.monotonic() of its last read
+    counters: list[_Moved]
 
 
 class BoxTracking:
@@ -31,13 +44,15 @@ class BoxTracking:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._trackers: dict[Key, SensorTracker] = {}
-        # the watcher's last read of each box, and when it saw each counter move
-        self._watched: dict[Key, tuple[float, dict[str, float]]] = {}
+        self._watched: dict[Key, Watched] = {}  # the watcher's record of each box
 
-    def watched(self, key: Key, read_at: float, changed_at: dict[str, float]) -> None:
-        """The watcher's latest read of a box at `read_at`: when each progress counter
-        last moved (time.monotonic())."""
-        self._watched[key] = (read_at, changed_at)
+    def watched(self, key: Key, record: Watched) -> None:
+        """The watcher's record of a box (kept, and read when a reply needs it)."""
+        self._watched[key] = record
+
+    def unwatched(self, key: Key) -> None:
+        """The watcher dropped the box (unregistered)."""
+        self._watched.pop(key, None)
 
     def observe(self, key: Key, data: bytes, now: float
                 ) -> tuple[dict[str, float], dict[str, float]] | None:
@@ -53,7 +68,9 @@ class BoxTracking:
             if tracker is None:
                 tracker = self._trackers[key] = SensorTracker()
             snap = tracker.update(image, now)
-            read_at, moved = self._watched.get(key, (0.0, {}))
+            record = self._watched.get(key)
+        read_at = record.read_at if record is not None else 0.0
+        moved = {c.name: c.changed_at for c in record.counters} if record is not None else {}
         unchanged = {}
         for s in snap.sensors:
             if s.type is SensorType.PROGRESS and s.stalled_for is not None:
@@ -66,9 +83,8 @@ class BoxTracking:
         return unchanged, events
 
     def keep(self, keys: set[Key]) -> None:
-        """Forget the boxes not in `keys` (unregistered)."""
+        """Forget the boxes not in `keys` (unregistered; the watcher's records go when
+        the watcher drops them, `unwatched`)."""
         with self._lock:
             for key in self._trackers.keys() - keys:
                 del self._trackers[key]
-            for key in self._watched.keys() - keys:
-                del self._watched[key]

@@ -1,13 +1,34 @@
 """Detection where the facts are: the agent judges its nodes itself and pushes violations.
 
-One thread (`bd-agent-watch`) wakes every `watch_period_ms` and, for every node:
+One thread (`bd-agent-watch`) watches every node. It waits in epoll on what the kernel
+notifies, and wakes every `watch_period_ms` only for what is a memory load:
 
-- reads each progress counter of the node's Sensor Boxes (one 64-bit memory load per
-  counter; the box is parsed again only when its layout generation changes), notes when
-  each last moved, and judges a stall with the monitor's judgement (`sensors.judgement`);
-- asks whether the node's service interface is up with carrier (one ioctl, the sampler's
-  `LinkWatch`);
-- every FROZEN_EVERY_S, whether the node's cgroup is frozen (one cgroupfs read).
+- progress counters: each tick reads every progress counter of every node's Sensor
+  Boxes (one 64-bit load per counter, from a flat list built when the registrations
+  change; a box is parsed again only when its layout generation changes), notes when
+  each last moved, and judges a stall with the monitor's judgement
+  (`sensors.judgement`). No syscall per node per tick.
+- deaths: a pidfd of every process that registered a Sensor Box (EPOLLIN at its exit).
+- link state: an rtnetlink socket per node netns bound to the link group
+  (`net.links.LinkEvents`); on a message, one `LinkWatch.up()` ioctl says the state.
+- frozen state: the v2 freezer's `cgroup.events` (EPOLLPRI, `nodes.notify`). The v1
+  freezer notifies nothing: its state is read every FROZEN_READ_S.
+- OOM kills: the memory controller's OOM notification (v1 eventfd on
+  memory.oom_control, v2 memory.events); the count is read at the wake-up and, since a
+  v1 wake-up precedes the kill, again on each tick for OOM_SETTLE_S after it.
+
+Every SLOW_S it also reads each node's link, frozen state and OOM count as a fallback
+(a notification source that could not be opened, a lease that ended with the node
+still frozen): a slow poll, the way the monitor's poll backs its events.
+
+The death of a registrant is published at once: each progress counter of its boxes is
+published as stalled (`reason` "died"), rather than at its deadline, and is not
+published again when the deadline passes. A registrant already dead when first seen (a
+box taken back after an agent restart) is left to its deadline, and so is one that dies
+holding sessions: its death is the event "owner_died" (agent/owners.py), which a
+server-died rule answers by re-adopting them, and a stall pushed at the same moment
+must not let a hang rule take the node first. The exit status is not known: the agent
+is not the service's parent.
 
 A condition that begins is published once (event "violation", agent.events) and once
 more when it ends ("cleared"); nothing is repeated while it lasts. A node frozen under a
@@ -16,9 +37,14 @@ while it is held are not published (the lock stops progress on purpose). Each vi
 `detector` names the monitor's detector kind that judges it, with the facts it judges:
 
 - progress_stalled: box, sensor, value, unchanged_ms, deadline_ms, onset (Unix time),
-  owner_pid (the box's registrant, host pid);
+  owner_pid (the box's registrant, host pid); for a dead registrant also reason "died"
+  and died (Unix time), unchanged_ms then being below the deadline;
 - level_out_of_bounds: box "kernel", sensor "link_up", value 0, min 0.5 (link down);
-- node_frozen: the cgroup frozen by nobody's lock.
+- node_frozen: the cgroup frozen by nobody's lock;
+- pressure_over_rate (condition "oom_kill"): box "kernel", sensor "oom_kills", value (the
+  count), events (kills the watcher saw in the sensor's window), max_events, window_s,
+  onset: more kills in the window than the sensor allows (by default: any), the moment
+  the count rises; cleared once the window holds no more than that.
 
 What the watcher saw of the counters also feeds the `sensors` reply's
 `progress_unchanged_s` (agent/tracking.py), so a poll judges a stall as early as an event.
@@ -27,168 +53,470 @@ What the watcher saw of the counters also feeds the `sensors` reply's
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import BackdoorsError, SensorBoxError
-from ..sensors import SensorType, abi, parse_box, read_consistent, stalled
+from ..net.links import LinkEvents
+from ..nodes.notify import FrozenNotifier, OomNotifier
+from ..sensors import SensorType, abi, over_rate, parse_box, read_consistent, stalled
+from .sampler import OOM_WINDOW_S
 from .served import NodeRuntime
 from .tracking import Key
 
 log = logging.getLogger("backdoors.agent")
 
-FROZEN_EVERY_S = 0.01
+SLOW_S = 1.0  # every node's link, frozen state and OOM count read again (fallback)
+FROZEN_READ_S = 0.05  # the v1 freezer's state, which nothing notifies, is read this often
+OOM_SETTLE_S = 0.5  # after an OOM notification, the count is read on every tick this long
 RETRY_S = 1.0  # a box that did not parse is tried again after this
+_GEN_WORD = abi.OFF_GENERATION // 8
+
+Owner = tuple[int, float]  # a registrant: (host pid, start time)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Counter:
     name: str
-    offset: int  # of its value word
+    word_index: int  # of its value word
     deadline: float
     word: int
     changed_at: float  # time.monotonic() the watcher saw it move (or first saw it)
     onset_wall: float
     stalled: bool = False
 
+    @property
+    def due(self) -> float:
+        return self.changed_at + self.deadline
 
-@dataclass
+
+@dataclass(eq=False)
 class _Box:
+    node: _Node
+    key: Key
+    entry: object  # the borrowed regions.Entry
+    owner: Owner
     generation: int = -1
     counters: list[_Counter] = field(default_factory=list)
     retry_at: float = 0.0
+    dead: bool = False  # its registrant died and its stalls were published: final
+    read_at: float = 0.0  # the watcher's last read (agent/tracking.py reads it)
 
 
-@dataclass
-class _NodeState:
+@dataclass(eq=False)
+class _Node:
+    rt: NodeRuntime
     boxes: dict[Key, _Box] = field(default_factory=dict)
+    entries: list = field(default_factory=list)  # borrowed from the region table
+    links: LinkEvents | None = None
     link_down: bool = False
+    freezer: FrozenNotifier | None = None
     frozen: bool = False
-    frozen_due: float = 0.0
+    frozen_due: float = 0.0  # next read of a v1 freezer's state
+    oom: OomNotifier | None = None
+    oom_count: int | None = None  # the OOM kill count at the last read
+    oom_kills: deque[float] = field(default_factory=deque)  # when each was seen (monotonic)
+    oom_violated: bool = False
+    oom_settle_until: float = 0.0  # read the count on every tick until then
+    owners: dict[Owner, int] = field(default_factory=dict)  # -> its pidfd
+    dead: set[Owner] = field(default_factory=set)  # registrants seen dead
 
 
 class Watcher:
     """Watches every node on one thread (`start`, `stop`); `publish(kind, node, **data)`
-    pushes an event; `held(node)` says whether a lease holds the node locked."""
+    pushes an event; `held(node)` says whether a lease holds the node locked;
+    `holds_sessions(node, pid)` whether a process holds sessions of the node. `slow_s`:
+    the fallback reads' period."""
 
     def __init__(self, nodes: dict[str, NodeRuntime], regions, *, period_s: float,
-                 publish: Callable[..., int], held: Callable[[str], bool]):
-        self.nodes, self.regions, self.period = nodes, regions, period_s
-        self.publish, self.held = publish, held
-        self._states = {name: _NodeState() for name in nodes}
+                 publish: Callable[..., int], held: Callable[[str], bool],
+                 holds_sessions: Callable[[str, int], bool] = lambda node, pid: False,
+                 slow_s: float = SLOW_S):
+        self.nodes, self.regions, self.period, self.slow_s = nodes, regions, period_s, slow_s
+        self.publish, self.held, self.holds_sessions = publish, held, holds_sessions
+        self._nodes = {name: _Node(rt) for name, rt in nodes.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
         self.errors = 0
+        self._closed = False
+        self._ep = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._ep.register(self._wake_r, select.EPOLLIN)
+        self._handlers: dict[int, Callable[[], None]] = {}  # fd -> what its wake-up means
+        self._sources: dict[int, tuple[_Node, str]] = {}  # fd -> (node, its source's attr)
+        self._version = -1  # of the region table when the box list was built
+        self._boxes: list[_Box] = []  # every node's, flat: what a tick reads
+        self._read_frozen: list[_Node] = []  # nodes whose frozen state a tick reads (v1)
+        self._settling: set[_Node] = set()  # nodes just notified of an OOM
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
         if self._thread.is_alive():
             self._thread.join(2.0)
+        if not self._thread.is_alive():
+            self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for n in self._nodes.values():
+            for fd in n.owners.values():
+                os.close(fd)
+            n.owners.clear()
+            for src in (n.links, n.freezer, n.oom):
+                if src is not None:
+                    src.close()
+            n.links = n.freezer = n.oom = None
+            self.regions.give_back(n.entries)
+            n.entries = []
+        self._handlers.clear()
+        self._sources.clear()
+        self._ep.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- the loop ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_at = time.monotonic()
+        for n in self._nodes.values():
+            try:
+                self._open_sources(n)
+            except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                self.errors += 1
+                log.warning("node %s: watch failed: %s", n.rt.name, e)
+        next_tick = next_slow = time.monotonic()
         while not self._stop.is_set():
-            for name, rt in self.nodes.items():
+            now = time.monotonic()
+            if self.regions.box_version != self._version:
+                self._replan(now)
+            if now >= next_tick:
+                self._tick(now)
+                next_tick += self.period
+                if next_tick <= now:  # overran: skip the missed periods rather than catch up
+                    next_tick = now + self.period
+            if now >= next_slow:
+                self._slow(now)
+                next_slow = now + self.slow_s
+            delay = max(0.0, min(next_tick, next_slow) - time.monotonic())
+            try:
+                ready = self._ep.poll(delay)
+            except InterruptedError:
+                continue
+            for fd, _ in ready:
+                handler = self._handlers.get(fd)
+                if handler is None:
+                    continue  # the stop pipe, or a source closed meanwhile
                 try:
-                    self.check(rt, self._states[name])
+                    handler()
                 except Exception as e:  # noqa: BLE001 - the watch must survive anything
                     self.errors += 1
-                    log.warning("node %s: watch failed: %s", name, e)
-            next_at += self.period
-            delay = next_at - time.monotonic()
-            if delay < 0:  # overran: skip the missed periods rather than catch up
-                next_at, delay = time.monotonic(), 0.0
-            self._stop.wait(delay)
+                    self._drop(fd, e)
 
-    # -- one pass over a node ----------------------------------------------------------
+    def _watch(self, fd: int, mask: int, handler: Callable[[], None]) -> None:
+        self._ep.register(fd, mask)
+        self._handlers[fd] = handler
 
-    def check(self, rt: NodeRuntime, st: _NodeState) -> None:
-        now = time.monotonic()
-        held = self.held(rt.name)
-        self._progress(rt, st, now, held)
-        link = rt.sampler.link
-        if link is not None:
-            down = not link.up()
-            if down != st.link_down:
-                st.link_down = down
-                self._say(rt.name, down, detector="level_out_of_bounds", condition="link_down",
-                          box="kernel", sensor="link_up", value=0.0 if down else 1.0, min=0.5,
-                          interface=link.ifname, onset=time.time())
-        if now >= st.frozen_due:
-            st.frozen_due = now + FROZEN_EVERY_S
+    def _drop(self, fd: int, why: Exception) -> None:
+        """A notification source that failed is closed (it could wake the loop forever);
+        the slow reads stand in for it."""
+        node, attr = self._sources.pop(fd, (None, ""))
+        if node is None:
+            log.warning("watch: handling a notification failed: %s", why)
+            return
+        self._unwatch(fd)
+        getattr(node, attr).close()
+        setattr(node, attr, None)
+        if attr == "freezer":
+            self._read_frozen.append(node)
+        log.warning("node %s: %s notifications failed (%s): read every %g s from now on",
+                    node.rt.name, attr, why, self.slow_s)
+
+    def _unwatch(self, fd: int) -> None:
+        self._handlers.pop(fd, None)
+        try:
+            self._ep.unregister(fd)
+        except OSError:
+            pass
+
+    def _open_sources(self, n: _Node) -> None:
+        """The node's notifications; what cannot be opened is left to the slow reads."""
+        rt = n.rt
+        if rt.sampler.link is not None:
             try:
-                frozen = rt.node.cgroup.is_frozen() and not held
-            except (OSError, BackdoorsError):
-                frozen = st.frozen  # unreadable for now: no news
-            if frozen != st.frozen:
-                st.frozen = frozen
-                self._say(rt.name, frozen, detector="node_frozen", condition="node_frozen",
-                          onset=time.time())
+                n.links = LinkEvents(rt.sampler.link.ns)
+                self._watch(n.links.fd, select.EPOLLIN, lambda: self._link(n, True))
+                self._sources[n.links.fd] = (n, "links")
+            except (OSError, BackdoorsError) as e:
+                log.warning("node %s: link changes not notified (%s): read every %g s",
+                            rt.name, e, self.slow_s)
+        for attr, opener, handler in (("freezer", FrozenNotifier.open, self._frozen_changed),
+                                      ("oom", OomNotifier.open, self._oom_notified)):
+            try:
+                src = opener(rt.node.cgroup)
+            except (OSError, BackdoorsError) as e:
+                log.warning("node %s: %s not notified (%s): read every %g s", rt.name, attr,
+                            e, self.slow_s)
+                continue
+            setattr(n, attr, src)
+            if src is not None:
+                self._watch(src.fd, src.mask, lambda n=n, h=handler: h(n))
+                self._sources[src.fd] = (n, attr)
+        if n.freezer is None:
+            self._read_frozen.append(n)
+        now = time.monotonic()
+        self._link(n, False)
+        self._frozen(n, None)
+        self._oom(n, now)
 
-    def _progress(self, rt: NodeRuntime, st: _NodeState, now: float, held: bool) -> None:
-        with self.regions.use_all(rt.name, "sensorbox") as entries:
+    # -- what a tick reads: progress counters ----------------------------------------
+
+    def _replan(self, now: float) -> None:
+        """The registrations changed: borrow every node's boxes again, follow new
+        registrants, drop what was unregistered."""
+        self._version = self.regions.box_version
+        for n in self._nodes.values():
+            try:
+                self._replan_node(n, now)
+            except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                self.errors += 1
+                log.warning("node %s: watch failed: %s", n.rt.name, e)
+        self._boxes = [b for n in self._nodes.values() for b in n.boxes.values()]
+
+    def _replan_node(self, n: _Node, now: float) -> None:
+        entries = [e for e in self.regions.borrow_all(n.rt.name, "sensorbox") if not e.internal]
+        old, n.entries = n.entries, entries
+        try:
             keys = set()
             for entry in entries:
-                if entry.internal:
-                    continue  # the kernel box has no progress counters
                 key = (entry.name, entry.registered_at)
                 keys.add(key)
-                box = st.boxes.get(key)
+                box = n.boxes.get(key)
                 if box is None:
-                    box = st.boxes[key] = _Box()
-                if now < box.retry_at:
-                    continue
-                try:
-                    self._box(rt, entry, key, box, now, held)
-                except SensorBoxError:
-                    box.generation, box.retry_at = -1, now + RETRY_S  # the sampler says why
-        for key in st.boxes.keys() - keys:  # unregistered: its stalls end with it
-            for c in st.boxes.pop(key).counters:
-                if c.stalled:
-                    self._say(rt.name, False, detector="progress_stalled",
-                              condition="progress_stalled", box=key[0], sensor=c.name,
-                              why="box unregistered")
+                    box = n.boxes[key] = _Box(n, key, entry, (entry.pid, entry.start_time))
+                    n.rt.tracking.watched(key, box)
+                    self._follow(n, entry)
+                box.entry = entry
+            gone = n.boxes.keys() - keys
+            for key in gone:  # unregistered: its stalls end with it
+                n.rt.tracking.unwatched(key)
+                for c in n.boxes.pop(key).counters:
+                    if c.stalled:
+                        self._say(n.rt.name, False, detector="progress_stalled",
+                                  condition="progress_stalled", box=key[0], sensor=c.name,
+                                  why="box unregistered")
+            if gone:  # registrants with no box left are not followed any more
+                owners = {b.owner for b in n.boxes.values()}
+                for owner in n.owners.keys() - owners:
+                    fd = n.owners.pop(owner)
+                    self._unwatch(fd)
+                    os.close(fd)
+                n.dead &= owners
+        finally:
+            self.regions.give_back(old)
 
-    def _box(self, rt: NodeRuntime, entry, key: Key, box: _Box, now: float, held: bool) -> None:
-        region = entry.region
-        if region.load_word(abi.OFF_GENERATION) != box.generation:
-            image = parse_box(read_consistent(region))
-            old = {c.name: c for c in box.counters}
-            box.counters = []
-            for s in image.sensors:
-                if s.type is not SensorType.PROGRESS:
-                    continue
-                offset = abi.slot_offset(s.id - 1) + abi.SLOT_OFF_VALUE
-                c = old.get(s.name) or _Counter(s.name, offset, s.threshold, -1, now, time.time())
-                c.offset, c.deadline = offset, s.threshold
-                box.counters.append(c)
-            box.generation = image.generation
+    def _tick(self, now: float) -> None:
+        for box in self._boxes:
+            if box.retry_at and now < box.retry_at:
+                continue
+            try:
+                self._read_box(box, now)
+            except SensorBoxError:
+                box.generation, box.retry_at = -1, now + RETRY_S  # the sampler says why
+            except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                self.errors += 1
+                box.retry_at = now + RETRY_S
+                log.warning("node %s: watch failed: %s", box.node.rt.name, e)
+        for n in list(self._settling):
+            if now >= n.oom_settle_until:
+                self._settling.discard(n)
+            self._oom(n, now)
+        for n in self._read_frozen:
+            if now >= n.frozen_due:
+                n.frozen_due = now + FROZEN_READ_S
+                self._frozen(n, None)
+
+    def _read_box(self, box: _Box, now: float) -> None:
+        region = box.entry.region
+        words = region.words
+        gen = words[_GEN_WORD] if words is not None else region.load_word(abi.OFF_GENERATION)
+        if gen != box.generation:
+            self._parse(box, region, now)
         for c in box.counters:
-            word = region.load_word(c.offset)
+            word = words[c.word_index] if words is not None else region.load_word(c.word_index * 8)
             if word != c.word:
+                if box.dead:  # a dead process's counters do not resume: a change seen now
+                    c.word = word  # is its last tick, written before its death, read late
+                    continue
                 if c.stalled:
                     c.stalled = False
-                    self._say(rt.name, False, detector="progress_stalled",
-                              condition="progress_stalled", box=entry.name, sensor=c.name,
+                    self._say(box.node.rt.name, False, detector="progress_stalled",
+                              condition="progress_stalled", box=box.key[0], sensor=c.name,
                               value=word, stalled_ms=round((now - c.changed_at) * 1000, 1))
                 c.word, c.changed_at, c.onset_wall = word, now, time.time()
+            elif not c.stalled and now > c.due and not box.dead:
+                self._stall(box, c, now)
+        box.read_at = now
+        box.retry_at = 0.0
+
+    def _parse(self, box: _Box, region, now: float) -> None:
+        image = parse_box(read_consistent(region))
+        old = {c.name: c for c in box.counters}
+        counters = []
+        for s in image.sensors:
+            if s.type is not SensorType.PROGRESS:
                 continue
-            unchanged = now - c.changed_at
-            if not c.stalled and not held and stalled(unchanged, c.deadline):
+            index = (abi.slot_offset(s.id - 1) + abi.SLOT_OFF_VALUE) // 8
+            c = old.get(s.name) or _Counter(s.name, index, s.threshold, -1, now, time.time())
+            c.word_index, c.deadline = index, s.threshold
+            counters.append(c)
+        box.counters = counters
+        box.generation = image.generation
+
+    def _stall(self, box: _Box, c: _Counter, now: float) -> None:
+        unchanged = now - c.changed_at
+        if not stalled(unchanged, c.deadline) or self.held(box.node.rt.name):
+            return
+        c.stalled = True
+        # not rounded: a stall seen every period_s first passes a deadline that is
+        # a multiple of it by microseconds, which rounding would hide
+        self._say(box.node.rt.name, True, detector="progress_stalled",
+                  condition="progress_stalled", box=box.key[0], sensor=c.name, value=c.word,
+                  unchanged_ms=unchanged * 1000, deadline_ms=c.deadline * 1000,
+                  onset=c.onset_wall, owner_pid=box.owner[0])
+
+    # -- deaths -----------------------------------------------------------------------
+
+    def _follow(self, n: _Node, entry) -> None:
+        """Watch the registrant of `entry` for its death (once per process)."""
+        owner = (entry.pid, entry.start_time)
+        if owner in n.owners or owner in n.dead:
+            return
+        try:
+            fd = os.pidfd_open(entry.pid)
+        except OSError:
+            n.dead.add(owner)  # already gone: its boxes stall at their deadline
+            return
+        if not entry.registrant_alive():  # gone, or its pid reused, before the pidfd
+            os.close(fd)
+            n.dead.add(owner)
+            return
+        n.owners[owner] = fd
+        self._watch(fd, select.EPOLLIN, lambda: self._death(n, owner, fd))
+
+    def _death(self, n: _Node, owner: Owner, fd: int) -> None:
+        self._unwatch(fd)
+        os.close(fd)
+        if n.owners.get(owner) == fd:
+            del n.owners[owner]
+        self._died(n, owner)
+
+    def _died(self, n: _Node, owner: Owner) -> None:
+        """Publish every progress counter of the dead `owner`'s boxes as stalled, once."""
+        rt = n.rt
+        n.dead.add(owner)
+        if self.held(rt.name) or self.holds_sessions(rt.name, owner[0]):
+            return  # stalls at the deadline: a lock's doing, or "owner_died" says it now
+        now, died = time.monotonic(), time.time()
+        mine = [box for box in n.boxes.values() if box.owner == owner]
+        for box in mine:
+            if not box.counters:  # not parsed yet (or left for a retry): read it now
+                try:
+                    self._parse(box, box.entry.region, now)
+                except SensorBoxError:
+                    continue
+            box.dead = True
+            for c in box.counters:
+                if c.stalled:
+                    continue
                 c.stalled = True
-                # not rounded: a stall seen every period_s first passes a deadline that is
-                # a multiple of it by microseconds, which rounding would hide
                 self._say(rt.name, True, detector="progress_stalled",
-                          condition="progress_stalled", box=entry.name, sensor=c.name,
-                          value=word, unchanged_ms=unchanged * 1000,
+                          condition="progress_stalled", box=box.key[0], sensor=c.name,
+                          value=c.word, unchanged_ms=(now - c.changed_at) * 1000,
                           deadline_ms=c.deadline * 1000, onset=c.onset_wall,
-                          owner_pid=entry.pid)
-        rt.tracking.watched(key, now, {c.name: c.changed_at for c in box.counters})
+                          owner_pid=owner[0], reason="died", died=died)
+        log.warning("node %s: process %d that registered a Sensor Box died", rt.name, owner[0])
+
+    # -- link, frozen state, OOM kills ------------------------------------------------
+
+    def _slow(self, now: float) -> None:
+        for n in self._nodes.values():
+            try:
+                self._link(n, False)
+                self._frozen(n, None)
+                self._oom(n, now)
+            except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                self.errors += 1
+                log.warning("node %s: watch failed: %s", n.rt.name, e)
+
+    def _link(self, n: _Node, notified: bool) -> None:
+        if notified and n.links is not None and not n.links.changed():
+            return
+        link = n.rt.sampler.link
+        if link is None:
+            return
+        down = not link.up()
+        if down != n.link_down:
+            n.link_down = down
+            self._say(n.rt.name, down, detector="level_out_of_bounds", condition="link_down",
+                      box="kernel", sensor="link_up", value=0.0 if down else 1.0, min=0.5,
+                      interface=link.ifname, onset=time.time())
+
+    def _frozen_changed(self, n: _Node) -> None:
+        self._frozen(n, n.freezer.consume())
+
+    def _frozen(self, n: _Node, frozen: bool | None) -> None:
+        """Judge the node's frozen state (`frozen`: as just notified; None: read it)."""
+        try:
+            if frozen is None:
+                frozen = n.freezer.consume() if n.freezer is not None else \
+                    n.rt.node.cgroup.is_frozen()
+        except (OSError, BackdoorsError):
+            return  # unreadable for now: no news
+        frozen = frozen and not self.held(n.rt.name)
+        if frozen != n.frozen:
+            n.frozen = frozen
+            self._say(n.rt.name, frozen, detector="node_frozen", condition="node_frozen",
+                      onset=time.time())
+
+    def _oom_notified(self, n: _Node) -> None:
+        n.oom.consume()
+        now = time.monotonic()
+        n.oom_settle_until = now + OOM_SETTLE_S
+        self._settling.add(n)
+        self._oom(n, now)
+
+    def _oom(self, n: _Node, now: float) -> None:
+        """Judge the OOM kills of the node's cgroup in the oom_kills sensor's window."""
+        rt = n.rt
+        try:
+            count = rt.node.cgroup.oom_kills()
+        except (OSError, BackdoorsError):
+            return  # unreadable for now: no news
+        if n.oom_count is not None and count > n.oom_count:
+            n.oom_kills.extend([now] * (count - n.oom_count))
+        n.oom_count = count
+        while n.oom_kills and n.oom_kills[0] <= now - OOM_WINDOW_S:
+            n.oom_kills.popleft()
+        limit = rt.sampler.limits.oom_kills_per_10s
+        violated = over_rate(len(n.oom_kills), limit)
+        if violated != n.oom_violated:
+            n.oom_violated = violated
+            self._say(rt.name, violated, detector="pressure_over_rate", condition="oom_kill",
+                      box="kernel", sensor="oom_kills", value=count, events=len(n.oom_kills),
+                      max_events=limit, window_s=OOM_WINDOW_S, onset=time.time())
 
     def _say(self, node: str, violated: bool, **data) -> None:
         self.publish("violation" if violated else "cleared", node, **data)

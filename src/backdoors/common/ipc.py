@@ -29,6 +29,15 @@ _UCRED = struct.Struct("3i")
 _encode = msgspec.msgpack.Encoder().encode
 
 
+def ready(fd: int, events: int = select.POLLIN, timeout: float | None = 0) -> bool:
+    """Whether `fd` is ready for `events` (select.POLLIN, POLLOUT) within `timeout` s
+    (None: wait). poll(2), not select(2): select cannot take a descriptor above 1023,
+    which an agent holding many nodes' descriptors reaches."""
+    p = select.poll()
+    p.register(fd, events)
+    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+
 class FrameError(OSError):
     """A frame broke the framing rules (too large, too many descriptors)."""
 
@@ -64,7 +73,7 @@ def send(sock: socket.socket, message: object, fds: Sequence[int] = (), *,
         try:
             sent = sock.sendmsg([data], ancillary)
         except BlockingIOError:
-            if not select.select([], [sock], [], timeout)[1]:
+            if not ready(sock.fileno(), select.POLLOUT, timeout):
                 raise
             continue
         data, ancillary = data[sent:], []

@@ -3,15 +3,22 @@
 At recovery the agent restores a session's socket in the recovery node, then hands the
 socket, the session's Continuation Box (a memfd) and the socket's byte counts at the dump
 to the recovery server. The local transport is a Unix stream socket at a path the
-server listens on, carrying common.ipc frames; one frame per session:
+server listens on, carrying common.ipc frames; one frame carries a batch of sessions:
 
-    frame:      msgpack Handover {v, session, handed, read, tail}
-    attached:   [restored socket fd, CB memfd]
-    reply:      a frame, msgpack HandoverReply {session, ok, error}
+    frame:      msgpack HandoverBatch {v, sessions: [Handover {session, handed, read, tail}]}
+    attached:   2 fds per session, in order: [socket 0, CB memfd 0, socket 1, CB 1, ...]
+    reply:      one frame, msgpack HandoverVerdicts {verdicts: [HandoverReply {session, ok,
+                error}], error}: a verdict per session, in order; or none and `error` when
+                the frame as a whole was refused (its metadata does not decode, its
+                descriptors do not match the sessions)
 
-The server validates before it replies: the CB parses, its session id matches, and it
-agrees with the byte counts (CbImage.plan). `ok: false` means the server refused the
-session (the sender still holds its copies and may try elsewhere); no reply means the
+A batch holds at most MAX_BATCH sessions (SCM_RIGHTS carries SCM_MAX_FD descriptors per
+message) and MAX_MESSAGE bytes; the sender splits larger hand-overs into frames and keeps
+a window of them in flight, so a thousand sessions cost a handful of messages and no
+round trip each. The server validates each session before it answers: the CB parses, its
+session id matches, and it agrees with the byte counts (CbImage.plan). `ok: false` means
+the server refused that session (and closed its copies; the sender still holds its own
+and may try elsewhere) while the others of the batch are adopted; no reply means the
 server is gone. `hand_over()` / `AdoptionClient` are the sending side (the agent's, and
 the tests').
 """
@@ -33,17 +40,20 @@ from ..common import ipc
 from ..common.peers import not_the_agent
 from ..tcprepair import TcpState
 from .cbformat import SESSION_SIZE
-from .errors import AdoptionError, ContinuationError, NoVerdict
+from .errors import AdoptionError, ContinuationError, NotHanded, NoVerdict
 from .image import CbImage, ResumePlan, read_cb
 
 log = logging.getLogger("backdoors.continuations")
 
-HANDOVER_VERSION = 1
+HANDOVER_VERSION = 2  # 2: a frame carries a batch of sessions, one reply frame per batch
 TAIL_MAX = 64 * 1024  # bytes of the dumped send queue sent along to check regeneration
-MAX_MESSAGE = TAIL_MAX + 4096
-MAX_REPLY = 4096
-BATCH = 256  # sessions taken per receive() at most
-_FDS = 2
+_FDS = 2  # per session: its socket, its CB memfd
+MAX_BATCH = ipc.SCM_MAX_FD // _FDS  # sessions per frame: their fds travel in one message
+MAX_MESSAGE = 1 << 20  # bytes of one batch frame (a session with the largest tail fits)
+MAX_REPLY = MAX_BATCH * 4096 + 4096  # a verdict per session, each error at most ~4 KiB
+ERROR_MAX = 4000  # characters of one refusal's reason sent back
+WINDOW = 8  # batch frames a sender has in flight before it waits for a verdict
+BATCH = 1024  # sessions taken per receive() at most (then served before more are read)
 
 
 #: a stream position as the CB plans it (image._MAX_POSITION): a byte count below 2**62
@@ -56,7 +66,6 @@ class Handover(msgspec.Struct, forbid_unknown_fields=True):
     """The metadata of one recovered session (travels with its two fds). Decoding checks
     the ranges: a field out of range is refused by name before anything else is read."""
 
-    v: Annotated[int, msgspec.Meta(ge=0, le=255)]
     session: SessionHex  # hex session id, as in the CB
     handed: Position  # bytes the old application had written to the socket (TcpState.handed)
     read: Position  # bytes it had read from it (TcpState.read)
@@ -68,17 +77,50 @@ class Handover(msgspec.Struct, forbid_unknown_fields=True):
         """The hand-over for a socket dumped as `state` (dumped with `since=` when it had
         been restored before, so the counts continue the session's)."""
         tail = state.send_queue[max(0, len(state.send_queue) - tail_max):]
-        return cls(HANDOVER_VERSION, session, state.handed, state.read, tail)
+        return cls(session, state.handed, state.read, tail)
+
+
+class HandoverBatch(msgspec.Struct, forbid_unknown_fields=True):
+    """One frame: a batch of sessions, their fds attached in the same order."""
+
+    v: Annotated[int, msgspec.Meta(ge=0, le=255)]
+    sessions: Annotated[list[Handover], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
 class HandoverReply(msgspec.Struct):
+    """The verdict on one session."""
+
     session: str
     ok: bool
     error: str = ""
 
 
-_decode_handover = msgspec.msgpack.Decoder(Handover).decode
-_decode_reply = msgspec.msgpack.Decoder(HandoverReply).decode
+class HandoverVerdicts(msgspec.Struct):
+    """The reply to one batch: a verdict per session in order, or (none and) `error` if
+    the whole frame was refused."""
+
+    verdicts: list[HandoverReply] = []
+    error: str = ""
+
+
+class _Versioned(msgspec.Struct):
+    v: object = None
+
+
+_decode_batch = msgspec.msgpack.Decoder(HandoverBatch).decode
+_decode_version = msgspec.msgpack.Decoder(_Versioned).decode
+_decode_verdicts = msgspec.msgpack.Decoder(HandoverVerdicts).decode
+
+
+def _batch_error(payload: bytes, err: Exception) -> str:
+    """Why a batch frame does not decode; a frame of another hand-over version says so."""
+    try:
+        v = _decode_version(payload).v
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        v = None
+    if isinstance(v, int) and not isinstance(v, bool) and v != HANDOVER_VERSION:
+        return f"hand-over version {v}, this server knows {HANDOVER_VERSION}"
+    return f"hand-over metadata does not decode: {err}"
 
 
 @dataclass(eq=False)
@@ -104,8 +146,6 @@ def prepare(sock: socket.socket, cb_fd: int, handover: Handover) -> Recovered:
 
     Reads the CB from `cb_fd` (the caller keeps and closes `cb_fd`).
     """
-    if handover.v != HANDOVER_VERSION:
-        raise AdoptionError(f"hand-over version {handover.v}, this server knows {HANDOVER_VERSION}")
     if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
         raise AdoptionError(f"session {handover.session}: the handed socket is not a TCP socket")
     try:
@@ -165,20 +205,19 @@ class UnixAdoptionSource:
         return self._epoll.fileno()
 
     def receive(self) -> Recovered | None:
-        """The next session. Everything already sent is taken (and answered) at once, so
-        a sender handing over many sessions waits for one round trip, not one each."""
+        """The next session. Every batch already sent is taken and answered (one reply
+        frame per batch), up to BATCH sessions, before the first is returned: a sender
+        handing over many sessions waits for no round trip per session."""
         if not self._ready:
-            for _ in range(BATCH):
+            for _ in range(BATCH):  # bounded: a sender that never stops cannot hold it here
                 events = self._epoll.poll(0)
-                if not events:
+                if not events or len(self._ready) >= BATCH:
                     break
                 for fd, _ in events:
                     if fd == self._listener.fileno():
                         self._accept()
                     elif (conn := self._conns.get(fd)) is not None:
-                        recovered = self._receive_from(conn)
-                        if recovered is not None:
-                            self._ready.append(recovered)
+                        self._ready.extend(self._receive_from(conn))
         return self._ready.popleft() if self._ready else None
 
     def _accept(self) -> None:
@@ -191,14 +230,15 @@ class UnixAdoptionSource:
             log.warning("refused a connection to %s: %s", self.path, why)
             try:  # the reason, best effort (never blocks), then nothing more is read
                 conn.setblocking(False)
-                conn.send(ipc.pack(HandoverReply("?", False, f"hand-over refused: {why}")))
+                conn.send(ipc.pack(HandoverVerdicts(error=f"hand-over refused: {why}")))
             except OSError:
                 pass
             conn.close()
             return
         conn.setblocking(False)
         self._conns[conn.fileno()] = conn
-        self._readers[conn.fileno()] = ipc.FrameReader(max_bytes=MAX_MESSAGE, max_fds=_FDS)
+        self._readers[conn.fileno()] = ipc.FrameReader(max_bytes=MAX_MESSAGE,
+                                                       max_fds=_FDS * MAX_BATCH)
         self._epoll.register(conn.fileno(), select.EPOLLIN)
 
     def _drop(self, conn: socket.socket) -> None:
@@ -211,51 +251,62 @@ class UnixAdoptionSource:
             pass
         conn.close()
 
-    def _receive_from(self, conn: socket.socket) -> Recovered | None:
+    def _receive_from(self, conn: socket.socket) -> list[Recovered]:
+        """The sessions of the next batch frame on `conn` that check (each refused one
+        closed and named in the reply); [] if no complete frame is there yet."""
         try:
             frame = self._readers[conn.fileno()].read(conn)
         except ipc.FrameError as err:  # a sender breaking the framing is not heard further
             if not isinstance(err, ipc.PeerClosed):
                 log.warning("refused a hand-over: %s", err.strerror)
-                self._reply(conn, HandoverReply("?", False, f"hand-over refused: {err.strerror}"))
+                self._reply(conn, HandoverVerdicts(error=f"hand-over refused: {err.strerror}"))
             self._drop(conn)
-            return None
+            return []
         except OSError:
             self._drop(conn)
-            return None
+            return []
         if frame is None:
-            return None
+            return []
         fds = frame.fds
-        session = "?"
-        sock: socket.socket | None = None
         try:
             try:
-                handover = _decode_handover(frame.payload)
-                session = handover.session
+                batch = _decode_batch(frame.payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as err:
-                handover = None
-                bad_metadata = f"hand-over metadata does not decode: {err}"
-            if len(fds) != _FDS:
-                raise AdoptionError(f"hand-over carries {len(fds)} fds, expected {_FDS} (socket, CB)")
-            if handover is None:
-                raise AdoptionError(bad_metadata)
-            sock = socket.socket(fileno=fds[0])
-            fds[0] = -1
-            recovered = prepare(sock, fds[1], handover)
-        except (ContinuationError, OSError) as err:
-            if sock is not None:
-                sock.close()
-            log.warning("refused recovered session %s: %s", session, err)
-            self._reply(conn, HandoverReply(session, False, str(err)))
-            return None
-        finally:
+                raise AdoptionError(_batch_error(frame.payload, err)) from None
+            if batch.v != HANDOVER_VERSION:
+                raise AdoptionError(f"hand-over version {batch.v}, this server knows "
+                                    f"{HANDOVER_VERSION}")
+            if len(fds) != _FDS * len(batch.sessions):
+                raise AdoptionError(f"hand-over of {len(batch.sessions)} sessions carries "
+                                    f"{len(fds)} fds, expected {_FDS * len(batch.sessions)} "
+                                    "(a socket and a CB each)")
+        except AdoptionError as err:
             for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
-        self._reply(conn, HandoverReply(session, True))
+                os.close(fd)
+            log.warning("refused a hand-over batch: %s", err)
+            self._reply(conn, HandoverVerdicts(error=str(err)[:ERROR_MAX]))
+            return []
+        recovered, verdicts = [], []
+        for i, handover in enumerate(batch.sessions):
+            sock_fd, cb_fd = fds[_FDS * i], fds[_FDS * i + 1]
+            sock: socket.socket | None = None
+            try:
+                sock = socket.socket(fileno=sock_fd)
+                recovered.append(prepare(sock, cb_fd, handover))
+                verdicts.append(HandoverReply(handover.session, True))
+            except (ContinuationError, OSError) as err:
+                if sock is not None:
+                    sock.close()
+                else:  # not a socket at all
+                    os.close(sock_fd)
+                log.warning("refused recovered session %s: %s", handover.session, err)
+                verdicts.append(HandoverReply(handover.session, False, str(err)[:ERROR_MAX]))
+            finally:
+                os.close(cb_fd)
+        self._reply(conn, HandoverVerdicts(verdicts))
         return recovered
 
-    def _reply(self, conn: socket.socket, reply: HandoverReply) -> None:
+    def _reply(self, conn: socket.socket, reply: HandoverVerdicts) -> None:
         try:
             ipc.send(conn, reply)
         except OSError:
@@ -279,10 +330,14 @@ class UnixAdoptionSource:
 
 
 class AdoptionClient:
-    """The sending side: hands recovered sessions to the server listening at `path`."""
+    """The sending side: hands recovered sessions to the server listening at `path`, in
+    batch frames of up to `batch` sessions, `window` frames in flight."""
 
-    def __init__(self, path: str, *, timeout: float = 5.0):
-        self.path = path
+    def __init__(self, path: str, *, timeout: float = 5.0, batch: int = MAX_BATCH,
+                 window: int = WINDOW):
+        if not 1 <= batch <= MAX_BATCH or window < 1:
+            raise ValueError(f"batch must be within 1..{MAX_BATCH} and window at least 1")
+        self.path, self.timeout, self.batch, self.window = path, timeout, batch, window
         try:
             self._sock = ipc.connect(path, timeout=timeout)
         except OSError as err:
@@ -308,33 +363,87 @@ class AdoptionClient:
         self, sessions: list[tuple[socket.socket | int, int, Handover]], *,
         timeout: float | None = None,
     ) -> list[AdoptionError | None]:
-        """Send every session, then collect the verdicts (one round trip for all, not
-        one per session); returns None or the AdoptionError of each, in order. A broken
-        transport while sending raises AdoptionError. Once all are sent, the verdicts
-        read are kept: a session whose verdict does not come (`timeout`, if given, else
-        the client's; or the connection broke) gets NoVerdict, as the server may have
-        taken it (it reads what was sent even after this side closes)."""
-        for sock, cb_fd, handover in sessions:
-            fd = sock if isinstance(sock, int) else sock.fileno()
-            try:
-                ipc.send(self._sock, handover, (fd, cb_fd))
-            except OSError as err:
+        """Send every session in batch frames and collect one verdict frame per batch
+        (with `window` frames in flight); returns None or the AdoptionError of each, in
+        order. A transport broken before anything was sent raises AdoptionError. Once
+        frames are sent, their verdicts are kept: a session whose verdict does not come
+        (`timeout`, if given, else the client's; or the connection broke) gets NoVerdict,
+        as the server may have taken it (it reads what was sent even after this side
+        closes); sessions not sent after that get NotHanded."""
+        frames = self._frames(sessions)
+        verdicts: list[AdoptionError | None] = [None] * len(sessions)
+        sent = answered = 0  # frames
+        wait = self.timeout if timeout is None else timeout
+        try:
+            while answered < len(frames):
+                if sent < len(frames) and sent - answered < self.window:
+                    self._send(sessions, *frames[sent], first=sent == 0)
+                    sent += 1
+                    continue
+                self._collect(sessions, *frames[answered], verdicts, wait)
+                answered += 1
+        except _Broken as broken:
+            for lo, hi in frames[answered:sent]:
+                verdicts[lo:hi] = [NoVerdict(f"{broken}; the server may hold the session")] * (hi - lo)
+            for lo, hi in frames[sent:]:
+                verdicts[lo:hi] = [NotHanded(f"not handed to {self.path}: {broken}")] * (hi - lo)
+        return verdicts
+
+    def _frames(self, sessions: list) -> list[tuple[int, int]]:
+        """[lo, hi) ranges of `sessions`: at most `batch` each, and MAX_MESSAGE bytes."""
+        out, lo, size = [], 0, 0
+        for i, (_, _, handover) in enumerate(sessions):
+            n = len(handover.tail) + 160
+            if i > lo and (i - lo == self.batch or size + n > MAX_MESSAGE - 64):
+                out.append((lo, i))
+                lo, size = i, 0
+            size += n
+        if lo < len(sessions):
+            out.append((lo, len(sessions)))
+        return out
+
+    def _send(self, sessions: list, lo: int, hi: int, *, first: bool) -> None:
+        fds: list[int] = []
+        for sock, cb_fd, _ in sessions[lo:hi]:
+            fds += (sock if isinstance(sock, int) else sock.fileno(), cb_fd)
+        batch = HandoverBatch(HANDOVER_VERSION, [h for _, _, h in sessions[lo:hi]])
+        self._sock.settimeout(self.timeout)
+        try:
+            ipc.send(self._sock, batch, fds)
+        except OSError as err:
+            if first:
                 if isinstance(err, (BrokenPipeError, ConnectionResetError)):
                     self._raise_refusal()  # refused at accept: its reason is queued here
                 raise AdoptionError(
-                    f"hand-over of session {handover.session} to {self.path} failed: {err}"
-                ) from None
-        if timeout is not None:
-            self._sock.settimeout(timeout)
-        verdicts: list[AdoptionError | None] = []
-        for _, _, handover in sessions:
-            try:
-                verdicts.append(self._verdict(handover))
-            except AdoptionError as err:  # this one and the rest: unanswered
-                gone = NoVerdict(f"{err}; the server may hold the session")
-                verdicts += [gone] * (len(sessions) - len(verdicts))
-                break
-        return verdicts
+                    f"hand-over of {hi - lo} sessions to {self.path} failed: {err}") from None
+            raise _Broken(f"hand-over to {self.path} broke: {err}") from None
+
+    def _collect(self, sessions: list, lo: int, hi: int, verdicts: list, wait: float) -> None:
+        """Read the verdicts on the batch [lo, hi) into `verdicts`; _Broken if none comes."""
+        self._sock.settimeout(wait)
+        try:
+            raw = ipc.recv(self._sock, max_bytes=MAX_REPLY).payload
+        except ipc.PeerClosed:
+            raise _Broken(f"recovery server at {self.path} closed without answering") from None
+        except OSError as err:
+            raise _Broken(f"no verdict from {self.path}: {err}") from None
+        try:
+            reply = _decode_verdicts(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            raise _Broken(f"bad reply from recovery server at {self.path}: {err}") from None
+        if reply.error and not reply.verdicts:
+            refused = AdoptionError(f"recovery server at {self.path} refused the hand-over: "
+                                    f"{reply.error}")
+            verdicts[lo:hi] = [refused] * (hi - lo)
+            return
+        names = [h.session for _, _, h in sessions[lo:hi]]
+        if [v.session for v in reply.verdicts] != names:
+            raise _Broken(f"recovery server at {self.path} answered for other sessions than "
+                          f"the {hi - lo} it was handed")
+        for i, (name, v) in enumerate(zip(names, reply.verdicts)):
+            if not v.ok:
+                verdicts[lo + i] = AdoptionError(
+                    f"recovery server at {self.path} refused session {name}: {v.error}")
 
     def _raise_refusal(self) -> None:
         """Raise the server's refusal if one waits unread (a server refuses a peer at
@@ -343,30 +452,12 @@ class AdoptionClient:
         if payload is None:
             return
         try:
-            reply = _decode_reply(payload)
+            reply = _decode_verdicts(payload)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        if not reply.ok:
+        if reply.error:
             raise AdoptionError(f"recovery server at {self.path} refused the hand-over: "
                                 f"{reply.error}")
-
-    def _verdict(self, handover: Handover) -> AdoptionError | None:
-        try:
-            raw = ipc.recv(self._sock, max_bytes=MAX_REPLY).payload
-        except ipc.PeerClosed:
-            raise AdoptionError(f"recovery server at {self.path} closed without answering") from None
-        except OSError as err:
-            raise AdoptionError(f"no verdict from {self.path} on session {handover.session}: {err}") from None
-        try:
-            reply = _decode_reply(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            raise AdoptionError(f"bad reply from recovery server at {self.path}: {err}") from None
-        if not reply.ok:
-            return AdoptionError(f"recovery server at {self.path} refused session {handover.session}: {reply.error}")
-        if reply.session != handover.session:
-            raise AdoptionError(f"recovery server at {self.path} accepted session "
-                                f"{reply.session}, expected {handover.session}")
-        return None
 
     def close(self) -> None:
         self._sock.close()
@@ -376,6 +467,10 @@ class AdoptionClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Broken(Exception):
+    """The hand-over connection broke after frames were sent (their verdicts unknown)."""
 
 
 def hand_over(path: str, sock: socket.socket | int, cb_fd: int, handover: Handover,

@@ -26,8 +26,9 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, Protocol
 
 from ..common import runtime
 from ..common.runtime import AGENT_SOCKET_ENV, RegistrationLink
@@ -70,6 +71,45 @@ class Registrar(Protocol):
         """The session ended normally: the agent drops the region and the socket."""
 
 
+class Worker:
+    """One daemon thread running calls in the order submitted: the agent calls that must
+    not hold up a session (recovered sessions' registration, every call of an asyncio
+    server) run here, and their order is kept (a session's release after its attach)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn(*args) on the worker thread after everything submitted before."""
+        future: Future = Future()
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child starts its own thread and queue
+                self._pid, self._thread, self._queue = os.getpid(), None, queue.SimpleQueue()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True, name=self.name)
+                self._thread.start()
+            self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - handed to whoever waits
+                future.set_exception(err)
+
+
+#: the worker of this process's registrars (one connection to the agent: one thread)
+WORKER = Worker("bd-cb-register")
+
+
 class NullRegistrar:
     """No agent: sessions are served but not recoverable by an agent."""
 
@@ -92,9 +132,6 @@ class AgentRegistrar:
                 f"Continuation Boxes need {', '.join(_NEEDED)} (see continuations/agent_link.py)"
             )
         self.client = client
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._queue_lock = threading.Lock()
-        self._worker: threading.Thread | None = None
         # boxes the agent holds now, by name: registered again when the agent restarts
         self._held: weakref.WeakValueDictionary[str, ContinuationBox] = weakref.WeakValueDictionary()
         self._held_lock = threading.Lock()
@@ -137,21 +174,9 @@ class AgentRegistrar:
             return False
         return True
 
-    def attach_later(self, box: ContinuationBox) -> None:
-        """attach() on a background thread (for recovered sessions, which the agent that
-        handed them over holds already); `box.registered` turns True when done."""
-        with self._queue_lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._attach_queued, daemon=True,
-                                                name="bd-cb-register")
-                self._worker.start()
-            self._queue.put(box)
-
-    def _attach_queued(self) -> None:
-        while True:
-            box = self._queue.get()
-            if box.fd >= 0:  # the session may have ended meanwhile
-                box.registered = self.attach(box)
+    def release_later(self, name: str) -> Future:
+        """The agent drops session `name` (one this process will not serve), on the worker."""
+        return WORKER.submit(self._release_name, name, name)
 
     def detach(self, box: ContinuationBox) -> None:
         with self._held_lock:
@@ -160,10 +185,13 @@ class AgentRegistrar:
         self._release(box)
 
     def _release(self, box: ContinuationBox) -> None:
+        self._release_name(box.name, box.session)
+
+    def _release_name(self, name: str, session: str) -> None:
         try:
-            self.client.release(box.name)
+            self.client.release(name)
         except (BackdoorsError, OSError) as err:
-            log.warning("session %s: agent did not release it: %s", box.session, err)
+            log.warning("session %s: agent did not release it: %s", session, err)
 
 
 NULL = NullRegistrar()

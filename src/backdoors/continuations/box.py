@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+from concurrent.futures import Future
 from typing import Any
 
 import msgspec
@@ -20,7 +21,7 @@ import msgspec
 from ..errors import TcpRepairError
 from . import cbformat
 from .adoption import Recovered
-from .agent_link import Registrar, default_registrar
+from .agent_link import WORKER, NullRegistrar, Registrar, default_registrar
 from .connection import RecoverableConnection
 from .errors import ContinuationError, StateTooLargeError
 from .image import decode_state
@@ -45,6 +46,7 @@ class ContinuationBox:
         self._last = last
         self._registrar = registrar
         self.registered = False
+        self._attaching: Future | None = None  # a background attach not finished yet
 
     @property
     def fd(self) -> int:
@@ -93,12 +95,20 @@ class ContinuationBox:
         if self.region.fd < 0:
             return
         try:
-            if self.registered or self.recovered:  # a recovered one the agent held at hand-over
+            if self._attaching is not None:  # the agent must not be handed closed fds
+                self._attaching.result()
+            if self._to_release():
                 self._registrar.detach(self)
         finally:
-            self.registered = False
             self.conn.close()
             self.region.close()
+
+    def _to_release(self) -> bool:
+        """Whether the agent holds this session (registered, or recovered: the agent that
+        handed it over holds it); the box counts as unregistered from here on."""
+        held = self.registered or self.recovered
+        self.registered = False
+        return held
 
     def __enter__(self) -> ContinuationBox:
         return self
@@ -127,19 +137,28 @@ def create_cb(
     if isinstance(conn, Recovered):
         return open_cb(conn, state_capacity=state_capacity, log_capacity=log_capacity,
                        registrar=registrar)
+    box = new_box(conn, state_capacity=state_capacity, log_capacity=log_capacity,
+                  registrar=registrar)
+    box.registered = box._registrar.attach(box)
+    return box
+
+
+def new_box(conn: socket.socket, *, state_capacity: int, log_capacity: int,
+            registrar: Registrar | None) -> ContinuationBox:
+    """A new, empty box for a fresh connection, not yet handed to the agent (the part of
+    create_cb that the threaded and the asyncio servers share)."""
     _check_fresh(conn)
     session = os.urandom(cbformat.SESSION_SIZE)
     region = CbRegion.create(session, state_capacity=_round(state_capacity),
                              log_capacity=_round(log_capacity), endpoints=endpoints_of(conn))
     try:
         rconn = RecoverableConnection(conn, region, session.hex())
-        box = ContinuationBox(region, rconn, session, version=0, last=(cbformat.Encoding.NONE, b""),
-                              recovered=False, registrar=_registrar(registrar))
+        return ContinuationBox(region, rconn, session, version=0,
+                               last=(cbformat.Encoding.NONE, b""), recovered=False,
+                               registrar=registrar_or_default(registrar))
     except BaseException:
         region.close()
         raise
-    box.registered = box._registrar.attach(box)
-    return box
 
 
 def open_cb(
@@ -155,15 +174,52 @@ def open_cb(
     box's and the ones given) holding the last export and the input logged since, and a
     connection that replays that input before the socket's and discards the output the
     client already has. import_state() returns the exported state.
+
+    If the box cannot be made (no memory, no descriptors, bad capacities), the session is
+    dropped, not leaked: its socket is closed and the agent told to release it, so the
+    client sees the connection end instead of waiting forever; the error is raised.
     """
-    image, plan, sock = recovered.image, recovered.plan, recovered.sock
-    region = CbRegion.create(
-        image.session,
-        state_capacity=max(_round(state_capacity), image.state_capacity),
-        log_capacity=max(_round(log_capacity), image.log_capacity),
-        endpoints=endpoints_of(sock),
-        recoveries=image.recoveries + 1,
-    )
+    box = recovered_box(recovered, state_capacity=state_capacity, log_capacity=log_capacity,
+                        registrar=registrar)
+    # The agent that handed the session over already holds it: registering it again (under
+    # this process) need not delay the session's first bytes.
+    attach_in_background(box)
+    return box
+
+
+def attach_in_background(box: ContinuationBox) -> Future | None:
+    """Hand `box` to the agent on the registration worker (agent_link.WORKER), in order
+    with the other calls there; `box.registered` is set when done. None: no agent."""
+    if isinstance(box._registrar, NullRegistrar):
+        return None
+    box._attaching = WORKER.submit(_attach_open, box)
+    return box._attaching
+
+
+def _attach_open(box: ContinuationBox) -> bool:
+    if box.fd >= 0:  # the session may have ended meanwhile
+        box.registered = box._registrar.attach(box)
+    return box.registered
+
+
+def recovered_box(recovered: Recovered, *, state_capacity: int, log_capacity: int,
+                  registrar: Registrar | None) -> ContinuationBox:
+    """The rolled-back box of a recovered session, not yet registered under this process
+    (the part of open_cb that the threaded and the asyncio servers share); on failure the
+    session is dropped (see open_cb) and the error raised."""
+    registrar = registrar_or_default(registrar)
+    try:
+        image, plan, sock = recovered.image, recovered.plan, recovered.sock
+        region = CbRegion.create(
+            image.session,
+            state_capacity=max(_round(state_capacity), image.state_capacity),
+            log_capacity=max(_round(log_capacity), image.log_capacity),
+            endpoints=endpoints_of(sock),
+            recoveries=image.recoveries + 1,
+        )
+    except BaseException:
+        drop_recovered(recovered, registrar)
+        raise
     try:
         ex = image.export
         if ex.version:
@@ -177,22 +233,29 @@ def open_cb(
         )
         box = ContinuationBox(region, rconn, image.session, version=ex.version,
                               last=(ex.encoding, ex.data), recovered=True,
-                              registrar=_registrar(registrar))
+                              registrar=registrar)
     except BaseException:
         region.close()
+        drop_recovered(recovered, registrar)
         raise
     recovered.opened = True
-    # The agent that handed the session over already holds it: registering it again (under
-    # this process) need not delay the session's first bytes.
-    attach_later = getattr(box._registrar, "attach_later", None)
-    if attach_later is not None:
-        attach_later(box)
-    else:
-        box.registered = box._registrar.attach(box)
     return box
 
 
-def _registrar(registrar: Registrar | None) -> Registrar:
+def drop_recovered(recovered: Recovered, registrar: Registrar) -> None:
+    """A recovered session this server will not serve: close its socket (FIN to the
+    client) and have the agent, which held it at the hand-over, release it."""
+    try:
+        recovered.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    recovered.close()
+    release_later = getattr(registrar, "release_later", None)
+    if release_later is not None:  # never blocks: an asyncio server calls this too
+        release_later(f"cb-{recovered.session}")
+
+
+def registrar_or_default(registrar: Registrar | None) -> Registrar:
     if registrar is not None:
         return registrar
     return default_registrar()

@@ -119,7 +119,8 @@ class RecoverableConnection:
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         """Send `count` bytes of `file` from `offset` (to its end if None); zero-copy
-        when the socket is blocking. Returns bytes sent (or skipped)."""
+        when the socket is blocking or non-blocking (not with a timeout). Returns bytes
+        sent (or skipped)."""
         fd = file if isinstance(file, int) else file.fileno()
         if count is None:
             count = max(0, os.fstat(fd).st_size - offset)
@@ -132,10 +133,12 @@ class RecoverableConnection:
             pos += k
             if self._sent >= self._skip_until:
                 self._tail = b""
-        blocking = self.sock.gettimeout() is None
+        # zero-copy unless the socket has a timeout (os.sendfile would not wait for it);
+        # a non-blocking one (asyncio) raises BlockingIOError with the count exact
+        zero_copy = self.sock.gettimeout() in (None, 0.0)
         out = self.sock.fileno()
         while pos < end:
-            if blocking:
+            if zero_copy:
                 n = os.sendfile(out, fd, pos, min(end - pos, _SENDFILE_CHUNK))
             else:
                 chunk = os.pread(fd, min(end - pos, _COPY_CHUNK), pos)

@@ -37,3 +37,8 @@ class AdoptionError(ContinuationError):
 class NoVerdict(AdoptionError):
     """A session was sent to a recovery server but its verdict never came (late, or the
     connection broke): the server may hold it and serve it, so it is not refused."""
+
+
+class NotHanded(AdoptionError):
+    """A session was never sent: the connection to the recovery server broke while the
+    batches before it were on their way (their sessions are NoVerdict)."""

@@ -32,7 +32,7 @@ class Listener:
         if sock is None and adopt is None:
             raise ValueError("a Listener needs a listening socket, an adoption source, or both")
         self.sock = sock
-        self.source: AdoptionSource | None = UnixAdoptionSource(adopt) if isinstance(adopt, str) else adopt
+        self.source = adoption_source(adopt)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel = selectors.DefaultSelector()
         self._closed = False
@@ -49,15 +49,9 @@ class Listener:
         """Listen on host:port (SO_REUSEADDR); `adopt`: a path (Unix adoption socket) or a
         source; default: the path in $BACKDOORS_ADOPT_SOCKET, else adopt-PORT.sock in
         $BACKDOORS_ADOPT_DIR, if either is set."""
-        if adopt is None:
-            adopt = adoption_socket(port)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = listen_tcp(host, port, backlog)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-            return cls(sock, adopt=adopt)
+            return cls(sock, adopt=adopt if adopt is not None else adoption_socket(port))
         except BaseException:
             sock.close()
             raise
@@ -130,3 +124,22 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def listen_tcp(host: str, port: int, backlog: int) -> socket.socket:
+    """A TCP socket listening on host:port with SO_REUSEADDR (IPv6 if `host` has a ':')."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def adoption_source(adopt: AdoptionSource | str | None) -> AdoptionSource | None:
+    """`adopt` as a source: a path becomes a UnixAdoptionSource listening there."""
+    return UnixAdoptionSource(adopt) if isinstance(adopt, str) else adopt

@@ -5,8 +5,9 @@
     python -m backdoors.examples.line_server --port 7000
     python -m backdoors.examples.sensor_service web-box
 
-Each server is a plain threaded server made recoverable with a few lines marked `# CB`
-(see docs/continuations.md). They are installed with the package because the demo and
+Each server is a plain asyncio server made recoverable with a few lines marked `# CB`
+(see docs/continuations.md): one task per session, none of them a thread, so a recovery
+that brings back a thousand sessions at once costs no thread start. They are installed with the package because the demo and
 the benchmarks run them (the HTTP server, as a module, from any working directory).
 They use only the public `backdoors.continuations` API; nothing in backdoors imports them.
 `sensor_service` (and its C twin, examples/c/sensor_service.c) is a service with a Sensor
@@ -17,11 +18,12 @@ Box registered with its node's agent: the operator walkthrough runs both
 from __future__ import annotations
 
 import argparse
-import logging
+import asyncio
 import resource
 import signal
-import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+from backdoors.continuations import AsyncListener, run
 
 
 def arguments(description: str) -> argparse.ArgumentParser:
@@ -33,23 +35,20 @@ def arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def serve_forever(listener, name: str, serve_session: Callable, *args) -> None:
-    """Serve every session `listener` accepts on a thread of its own, until SIGTERM.
+def serve_forever(listener: AsyncListener, name: str,
+                  serve_session: Callable[..., Awaitable[None]], *args) -> None:
+    """Serve every session `listener` accepts as a task of its own
+    (`serve_session(conn, *args)`), until SIGTERM; on uvloop when it is installed.
 
     Prints "<name> listening on ADDR:PORT" once ready (the lab waits for that line).
     """
-    log = logging.getLogger(name)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 3 descriptors per session:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # socket, box, its mapping
 
-    def session(conn) -> None:
-        try:
-            serve_session(conn, *args)
-        except OSError as err:  # the client went away
-            log.info("session ended: %s", err)
+    async def main() -> None:
+        async with listener:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, listener.close)
+            print("%s listening on %s:%d" % (name, *listener.address), flush=True)
+            await listener.serve(serve_session, *args)  # a client gone away is logged
 
-    with listener:
-        signal.signal(signal.SIGTERM, lambda *_: listener.close())
-        print("%s listening on %s:%d" % (name, *listener.address), flush=True)
-        while conn := listener.accept():
-            threading.Thread(target=session, args=(conn,), daemon=True).start()
+    run(main())

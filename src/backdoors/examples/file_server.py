@@ -17,7 +17,7 @@ import os
 
 import msgspec
 
-from backdoors.continuations import Listener, create_cb
+from backdoors.continuations import AsyncListener, create_cb_async
 from backdoors.examples import arguments, serve_forever
 
 CHUNK = 64 * 1024
@@ -31,23 +31,25 @@ class FileState(msgspec.Struct):
     offset: int = 0
 
 
-def serve_session(conn, root: str) -> None:
-    with create_cb(conn) as cb:  # CB
-        state = cb.import_state(FileState) or FileState(read_name(cb.conn))  # CB
+async def serve_session(conn, root: str) -> None:
+    async with await create_cb_async(conn) as cb:  # CB (was: reader, writer = ...)
+        state = cb.import_state(FileState) or FileState(await read_name(cb.reader))  # CB
         path = resolve(root, state.file_name)
         if path is None:
             return  # no such file: close at once
         with open(path, "rb") as f:
             f.seek(state.offset)
             while chunk := f.read(CHUNK):
-                cb.conn.sendall(chunk)  # CB (was: conn.sendall)
+                cb.writer.write(chunk)  # CB (was: writer.write)
+                await cb.writer.drain()  # CB (was: writer.drain)
                 state.offset += len(chunk)
                 if state.offset % EXPORT_EVERY == 0:  # CB
-                    cb.export(state)  # CB
+                    await cb.export(state)  # CB
 
 
-def read_name(conn) -> str:
-    return conn.readline(1024).rstrip(b"\r\n").decode("utf-8", "replace")
+async def read_name(reader) -> str:
+    line = await reader.readline(1024)
+    return line.rstrip(b"\r\n").decode("utf-8", "replace")
 
 
 def resolve(root: str, name: str) -> str | None:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=".", help="directory of the files served")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    listener = Listener.tcp(args.host, args.port, adopt=args.adopt)  # CB (was: a server socket)
+    listener = AsyncListener.tcp(args.host, args.port, adopt=args.adopt)  # CB (was: a server socket)
     serve_forever(listener, "file_server", serve_session, args.root)  # accept() gives CB conns
 
 

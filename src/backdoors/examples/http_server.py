@@ -16,6 +16,7 @@ recovery node (the server is deterministic given its state, its input and its fi
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import mimetypes
@@ -25,7 +26,7 @@ import urllib.parse
 
 import msgspec
 
-from backdoors.continuations import Listener, create_cb
+from backdoors.continuations import AsyncListener, create_cb_async
 from backdoors.examples import arguments, serve_forever
 
 EXPORT_EVERY = 1 << 20
@@ -65,51 +66,72 @@ class Request(msgspec.Struct):
 
 class PlainBox:
     """The same server without Continuation Boxes (--plain): what they cost is measured
-    against this (bench/bench_recovery.py, overhead_pct)."""
+    against this (bench/bench_recovery.py, overhead_pct). Its reader and writer are one
+    PlainStream over the bare socket."""
 
     def __init__(self, sock):
-        self.conn = PlainConn(sock)
+        self.reader = self.writer = PlainStream(sock)
 
     def import_state(self, type=None):  # noqa: A002 - mirrors ContinuationBox
         return None
 
-    def export(self, state) -> None:
-        pass
+    async def export(self, state) -> None:
+        await self.writer.drain()
 
-    def __enter__(self):
+    async def __aenter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.conn.close()
+    async def __aexit__(self, *exc) -> None:
+        self.writer.sock.close()
 
 
-class PlainConn:
+class PlainStream:
+    """readline/write/drain/sendfile of a session reader and writer, on a bare socket."""
+
     def __init__(self, sock):
-        self.sock, self.rfile = sock, sock.makefile("rb")
-        self.sendall = sock.sendall
+        sock.setblocking(False)
+        self.sock, self.buffer, self.pending = sock, bytearray(), bytearray()
 
-    def readline(self, limit: int = -1) -> bytes:
-        return self.rfile.readline(limit)
+    async def readline(self, limit: int = -1) -> bytes:
+        loop = asyncio.get_running_loop()
+        while True:
+            end = self.buffer.find(b"\n", 0, limit if limit >= 0 else None)
+            if end >= 0 or 0 <= limit <= len(self.buffer):
+                end = end + 1 if end >= 0 else limit
+                break
+            chunk = await loop.sock_recv(self.sock, 16384)
+            if not chunk:
+                end = len(self.buffer)
+                break
+            self.buffer += chunk
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return line
 
-    def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
-        return self.sock.sendfile(file, offset, count)
+    def write(self, data) -> None:
+        self.pending += data
 
-    def close(self) -> None:
-        self.rfile.close()
-        self.sock.close()
+    async def drain(self) -> None:
+        if self.pending:
+            await asyncio.get_running_loop().sock_sendall(self.sock, self.pending)
+            self.pending.clear()
+
+    async def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
+        await self.drain()
+        return await asyncio.get_running_loop().sock_sendfile(self.sock, file, offset, count)
 
 
-def serve_session(conn, root: str, plain: bool = False) -> None:
-    with (PlainBox(conn) if plain else create_cb(conn)) as cb:
+async def serve_session(conn, root: str, plain: bool = False) -> None:
+    async with (PlainBox(conn) if plain else await create_cb_async(conn)) as cb:
         state = cb.import_state(Session) or Session()
         while True:
             if state.response is None:
-                request = read_request(cb.conn)
+                request = await read_request(cb.reader)
                 if request is None:
                     return
                 state.response, state.done = respond(request, root), 0
-                cb.export(state)  # decided before a byte of it leaves
-            send_response(cb, state)
+                await cb.export(state)  # decided before a byte of it leaves
+            await send_response(cb, state)
             close = state.response.close
             state.response = None
             state.served += 1
@@ -117,29 +139,30 @@ def serve_session(conn, root: str, plain: bool = False) -> None:
                 return
 
 
-def send_response(cb, state: Session) -> None:
+async def send_response(cb, state: Session) -> None:
     """Send state.response from state.done on, exporting every EXPORT_EVERY bytes."""
     r = state.response
     if state.done < len(r.head):
-        cb.conn.sendall(r.head[state.done:])
+        cb.writer.write(r.head[state.done:])
         state.done = len(r.head)
     if state.done >= r.length:
+        await cb.writer.drain()
         return
     with open(r.path, "rb") as f:
         while state.done < r.length:
             pos = r.start + state.done - len(r.head)
             count = min(EXPORT_EVERY, r.end - pos)
-            if cb.conn.sendfile(f, pos, count) != count:
+            if await cb.writer.sendfile(f, pos, count) != count:  # drains the head first
                 raise OSError(f"{r.path} shrank while being sent")
             state.done += count
-            cb.export(state)
+            await cb.export(state)
 
 
-def read_request(conn) -> Request | Response | None:
+async def read_request(reader) -> Request | Response | None:
     """The next request, a ready error Response if it is malformed, None at EOF."""
-    line = conn.readline(MAX_LINE)
+    line = await reader.readline(MAX_LINE)
     while line in (b"\r\n", b"\n"):  # robustness: blank lines before a request
-        line = conn.readline(MAX_LINE)
+        line = await reader.readline(MAX_LINE)
     if not line:
         return None
     parts = line.decode("latin-1").split()
@@ -147,7 +170,7 @@ def read_request(conn) -> Request | Response | None:
         return error(400, "Bad Request", close=True)
     headers: dict[str, str] = {}
     for _ in range(MAX_HEADERS):
-        line = conn.readline(MAX_LINE)
+        line = await reader.readline(MAX_LINE)
         if line in (b"\r\n", b"\n"):
             return Request(parts[0], parts[1], parts[2], headers)
         name, sep, value = line.decode("latin-1").partition(":")
@@ -267,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="serve without Continuation Boxes (a baseline: not recoverable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    listener = (Listener(socket.create_server((args.host, args.port), backlog=128)) if args.plain
-                else Listener.tcp(args.host, args.port, adopt=args.adopt))
+    listener = (AsyncListener(socket.create_server((args.host, args.port), backlog=128))
+                if args.plain else AsyncListener.tcp(args.host, args.port, adopt=args.adopt))
     serve_forever(listener, "http_server", serve_session, args.root, args.plain)
 
 

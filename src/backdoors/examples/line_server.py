@@ -21,7 +21,7 @@ import logging
 
 import msgspec
 
-from backdoors.continuations import Listener, create_cb
+from backdoors.continuations import AsyncListener, create_cb_async
 from backdoors.examples import arguments, serve_forever
 
 EXPORT_EVERY = 16
@@ -35,16 +35,17 @@ class Tally(msgspec.Struct):
     count: int = 0  # commands handled
 
 
-def serve_session(conn) -> None:
-    with create_cb(conn) as cb:  # CB
+async def serve_session(conn) -> None:
+    async with await create_cb_async(conn) as cb:  # CB (was: reader, writer = ...)
         tally = cb.import_state(Tally) or Tally()  # CB
-        while line := cb.conn.readline(MAX_LINE):  # CB (was: rfile.readline)
+        while line := await cb.reader.readline(MAX_LINE):  # CB (was: reader.readline)
             reply, done = execute(tally, line)
-            cb.conn.sendall(reply)  # CB (was: conn.sendall)
+            cb.writer.write(reply)  # CB (was: writer.write)
+            await cb.writer.drain()  # CB (was: writer.drain)
             if done:
                 return
             if tally.count % EXPORT_EVERY == 0:  # CB
-                cb.export(tally)  # CB
+                await cb.export(tally)  # CB
 
 
 def execute(tally: Tally, line: bytes) -> tuple[bytes, bool]:
@@ -69,7 +70,7 @@ def execute(tally: Tally, line: bytes) -> tuple[bytes, bool]:
 def main(argv: list[str] | None = None) -> None:
     args = arguments(__doc__.splitlines()[0]).parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    listener = Listener.tcp(args.host, args.port, adopt=args.adopt)  # CB
+    listener = AsyncListener.tcp(args.host, args.port, adopt=args.adopt)  # CB
     serve_forever(listener, "line_server", serve_session)
 
 

@@ -150,6 +150,20 @@ class FleetMember:
         return self.share
 
     def _step(self) -> None:
+        try:
+            self._step_once()
+        except EtcdError as e:
+            if "lease not found" not in str(e):
+                raise
+            # the lease expired between its grant or renewal and its use (a member slowed
+            # past its TTL): what it owned is others' now; join again with a new lease
+            log.warning("fleet member %s: its lease expired before it was used: joining "
+                        "again", self.id)
+            with self._lock:
+                self.share.lease, self.share.tokens = None, {}
+            self._step_once()
+
+    def _step_once(self) -> None:
         c, now = self.client, self.clock()
         if self.share.lease is not None and now >= self._renew_at:
             if c.keepalive(self.share.lease) <= 0:

@@ -53,6 +53,10 @@ def lab_monitors(plan: topology.Plan) -> list[str]:
     return sorted(p.stem for p in keys_dir(plan).glob("*.key") if p.stem not in hosts)
 
 
+#: client sessions a lab node may hold (the agent's max_sessions_per_node)
+LAB_SESSIONS = 16384
+
+
 def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> AgentConfig:
     prefix = topology.SERVICE_PREFIXLEN
     nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns, addresses=[f"{n.vip}/{prefix}"],
@@ -69,8 +73,13 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
                             if h.name != host.name},
         watch_peers={h.name: f"{h.address}:{topology.AGENT_PORT}" for h in plan.hosts
                      if h.name != host.name},
+        # the lab moves up to 10,000 sessions of a node (bench recovery)
+        max_sessions_per_node=LAB_SESSIONS, max_node_bytes=2 << 30,
         # the server-crash tests' short bound (agent.owners); the default otherwise
-        orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")))
+        orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")),
+        # bench monitor's event mode samples kernel state slowly; the default otherwise
+        **({"sample_period_s": float(os.environ["BACKDOORS_LAB_SAMPLE_PERIOD_S"])}
+           if os.environ.get("BACKDOORS_LAB_SAMPLE_PERIOD_S") else {}))
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 

@@ -129,6 +129,9 @@ class StreamClients:
         """
         with self._lock:
             stalls = [max([g for at, g in s.gaps if at >= since], default=0.0) for s in self.sessions]
+            # when the last session received again: the end of its longest gap since
+            resumed = [max(((g, at) for at, g in s.gaps if at >= since), default=(0.0, since))[1]
+                       for s in self.sessions]
             ok = [not (s.broken or s.mismatches or s.lost or s.duplicated) and
                   (progressed_from is None or s.offset > progressed_from[i])
                   for i, s in enumerate(self.sessions)]
@@ -142,6 +145,7 @@ class StreamClients:
                 "broken_connections": sum(bool(s.broken) for s in self.sessions),
                 "broken_by": sorted({s.broken for s in self.sessions if s.broken}),
                 "stalls_ms": sorted(round(x * 1000, 1) for x in stalls),
+                "last_resumed_s": max(resumed, default=since) - since,
             }
 
     def close(self) -> None:

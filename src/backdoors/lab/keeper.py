@@ -59,7 +59,10 @@ class Keeper:
             if sealed:  # its import runs ldconfig: done here, never in a sealed agent
                 import pyseccomp  # noqa: F401
         self.watchdog_s = watchdog_s
-        self.store: list[tuple[str, int, tuple[int, int]]] = []  # (name, fd, (dev, ino))
+        # (dev, ino) -> (name, fd), in the order stored; and name -> those identities:
+        # every message costs O(1), not a scan (10,000 sessions are 40,000 messages)
+        self.store: dict[tuple[int, int], tuple[str, int]] = {}
+        self.names: dict[str, set[tuple[int, int]]] = {}
         self.sock = notify_listener(notify)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.sock, selectors.EVENT_READ, "notify")
@@ -82,8 +85,8 @@ class Keeper:
     # -- the agent ---------------------------------------------------------------------
 
     def spawn(self) -> None:
-        fds = [fd for _, fd, _ in self.store]
-        names = ":".join(name for name, _, _ in self.store)
+        fds = [fd for _, fd in self.store.values()]
+        names = ":".join(name for name, _ in self.store.values())
         env = dict(os.environ)
         env[NOTIFY_SOCKET_ENV] = self.notify_path
         if self.watchdog_s:
@@ -98,7 +101,10 @@ class Keeper:
                 os.dup2(sys.stderr.fileno(), 1)  # the agent's stdout: the log, not our reader
                 # first out of the way (above every target), then into place from 3 on
                 base = LISTEN_FDS_START + len(fds)
-                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in fds]
+                high = []
+                for fd in fds:  # moved, not copied: 10,000 sessions' fds twice overflow
+                    high.append(fcntl.fcntl(fd, fcntl.F_DUPFD, base))
+                    os.close(fd)
                 for i, fd in enumerate(high):
                     os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
                 if fds:
@@ -108,7 +114,8 @@ class Keeper:
                     os._exit(self._forked_agent(env))
                 os.execve(self.argv[0], self.argv, env)
             except BaseException as e:  # noqa: BLE001
-                os.write(2, f"keeper: cannot start {self.argv[0]}: {e}\n".encode())
+                what = self.argv[0] if self.argv else "the agent"
+                os.write(2, f"keeper: cannot start {what}: {e}\n".encode())
             os._exit(127)
         self.pid, self.ready = pid, False
         self.pidfd = os.pidfd_open(pid)
@@ -173,21 +180,18 @@ class Keeper:
             name = f.get("FDNAME", "stored")
             for fd in msg.fds:
                 st = os.fstat(fd)
-                if any(ident == (st.st_dev, st.st_ino) for _, _, ident in self.store):
+                ident = (st.st_dev, st.st_ino)
+                if ident in self.store:
                     os.close(fd)  # systemd keeps one copy of a file
                 else:
-                    self.store.append((name, fd, (st.st_dev, st.st_ino)))
+                    self.store[ident] = (name, fd)
+                    self.names.setdefault(name, set()).add(ident)
         else:
             for fd in msg.fds:
                 os.close(fd)
         if f.get("FDSTOREREMOVE") == "1" and "FDNAME" in f:
-            keep = []
-            for entry in self.store:
-                if entry[0] == f["FDNAME"]:
-                    os.close(entry[1])
-                else:
-                    keep.append(entry)
-            self.store = keep
+            for ident in self.names.pop(f["FDNAME"], ()):
+                os.close(self.store.pop(ident)[1])
         if f.get("READY") == "1":
             self.ready = True
             say("ready", pid=self.pid, stored=len(self.store))
@@ -270,9 +274,10 @@ class Keeper:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
         say("stopped", stored=len(self.store))
-        for _, fd, _ in self.store:
+        for _, fd in self.store.values():
             os.close(fd)
         self.store.clear()
+        self.names.clear()
         self.sock.close()
         try:
             os.unlink(self.notify_path)

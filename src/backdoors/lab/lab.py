@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -43,12 +44,12 @@ from ..errors import BackdoorsError, LabError, NodeError, require_root
 from ..net import netns
 from ..nodes import Node, cgroups
 from ..nodes.container import (Container, Isolation, NodeProcess, mount_tmpfs, python_paths,
-                               uid_base_for, unmount_under)
+                               resize_tmpfs, uid_base_for, unmount_under)
 from ..sensors import SensorBoxReader, Snapshot
 from .. import fleet
 from ..fleet import nats
 from .agents import agent_pid, key_path, read_key, start_agent, stop_agents, write_keys
-from . import topology
+from . import topology, vms
 
 STATE_FILE = "lab.json"
 #: Where Lab.data_dir makes directories: visible in the nodes (unlike /run/backdoors).
@@ -84,6 +85,9 @@ class LabState:
     etcd: str | None = None  # the client URL of the lab's etcd (a fleet of monitors)
     nats: str | None = None  # the client URL of the lab's NATS server (warnings)
     monitors: dict[str, int] = field(default_factory=dict)  # monitor processes: id -> pid
+    vm_nodes: int = 0
+    vms: dict[str, int] = field(default_factory=dict)  # VM node -> its QEMU's pid
+    vm_boots: dict[str, dict] = field(default_factory=dict)  # VM node -> accel, boot_s
 
     @classmethod
     def load(cls, path: Path) -> "LabState":
@@ -110,6 +114,7 @@ def reap(name: str) -> dict[str, list[str]]:
     # the fleet's processes first (an etcd named by the prefix, monitors by their config)
     removed = {"processes": [str(p) for p in fleet.reap(prefix) + nats.reap(prefix)]}
     removed["processes"] += [str(p) for p in _reap_monitors(topology.RUN_ROOT / name)]
+    removed["processes"] += [str(p) for p in vms.reap(prefix)]  # VM nodes' QEMUs
     removed.update(netns=netns.reap(prefix), cgroups=cgroups.reap(prefix), files=[])
     run_dir = topology.RUN_ROOT / name
     if run_dir.exists():
@@ -157,13 +162,15 @@ class Lab:
     def __init__(self, name: str = "lab", *, hosts: int = 2, nodes: int = 4,
                  memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
                  services: bool = True, agents: bool = False, quorum: int = 1,
-                 monitors: tuple[str, ...] = ("m1",), etcd: bool = False):
-        self.plan = topology.plan(name, hosts, nodes)
+                 monitors: tuple[str, ...] = ("m1",), etcd: bool = False, vm_nodes: int = 0):
+        self.plan = topology.plan(name, hosts, nodes, vm_nodes)
         self.name = name
         self.with_services = services
         self.with_agents, self.quorum, self.monitors = agents, quorum, tuple(monitors)
         self.with_etcd = etcd
-        self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time())
+        self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time(),
+                              vm_nodes=vm_nodes)
+        self._vms: dict = {}  # VM node -> vm.Vm started by this process
         self._nodes: dict[str, Node] = {}
         self._keys: dict = {}  # id -> agent.keys.Identity, read once
         self._containers: dict[str, Container] = {}
@@ -177,7 +184,7 @@ class Lab:
         topology.check_name(name)
         state = LabState.load(topology.RUN_ROOT / name / STATE_FILE)
         lab = cls(name, hosts=state.hosts, nodes=state.nodes, memory_limit=state.memory_limit,
-                  pids_limit=state.pids_limit)
+                  pids_limit=state.pids_limit, vm_nodes=state.vm_nodes)
         lab.state = state
         return lab
 
@@ -188,6 +195,7 @@ class Lab:
     def up(self) -> "Lab":
         """Build the lab (after reaping any leftovers of a lab of the same name)."""
         require_root("building a lab")
+        raise_nofile()
         reap(self.name)
         try:
             self.plan.run_dir.mkdir(parents=True)
@@ -195,6 +203,7 @@ class Lab:
             self._build_network()
             if self.with_etcd:
                 self._start_etcd()
+            self._start_vms()
             for n in self.plan.nodes:
                 self._nodes[n.name] = Node.create(
                     n.name, n.cgroup, netns=n.netns,
@@ -226,6 +235,9 @@ class Lab:
         if self.state.agents:
             stop_agents(self.state.agents)
         self._stop_containers()
+        for vm in self._vms.values():
+            vm.stop()
+        self._vms.clear()
         return reap(self.name)  # the etcd too (by its name)
 
     def __enter__(self) -> "Lab":
@@ -255,6 +267,24 @@ class Lab:
             # ARP requests from the node's own address: a moving VIP is announced only
             # by the gratuitous ARP of the recovery, never early by a restored socket
             netns.set_sysctl(n.netns, "net/ipv4/conf/eth0/arp_announce", 2)
+
+    # ---- VM nodes (vms.py, docs/vm-backdoor.md) --------------------------------------
+
+    def _start_vms(self) -> None:
+        vms.build_network(self.plan)
+        self._vms = vms.start_all(self.plan)
+        self.state.vms = {name: vm.pid for name, vm in self._vms.items()}
+        self.state.vm_boots = {name: {"accel": vm.accel, "boot_s": round(vm.boot_s, 2)}
+                               for name, vm in self._vms.items()}
+        self.state.save(self.state_path)
+
+    def vm(self, name: str):
+        """VM node `name` (a vm.Vm: QMP lock, guest memory), if this process started it."""
+        self.plan.vm(name)
+        if name not in self._vms:
+            raise LabError(f"VM node {name} of lab {self.name} was started by another process "
+                           f"(pid {self.state.owner_pid}): only its owner holds its RAM and QMP")
+        return self._vms[name]
 
     # ---- a fleet of monitors: etcd and monitor processes (docs/operations.md §8a) -------
 
@@ -350,6 +380,17 @@ class Lab:
         directory of /run/backdoors the node sees."""
         self.plan.node(node)
         return self.plan.run_dir / "nodes" / node
+
+    def grow_run_dir(self, node: str, size: int) -> Path:
+        """Let `node` keep up to `size` bytes in its run directory (a tmpfs charged to its
+        cgroup; NODE_RUN_DIR_BYTES by default): for a node that keeps data there, such as
+        the case study's database. Returns the directory."""
+        if size < NODE_RUN_DIR_BYTES:
+            raise LabError(f"a node's run directory holds at least {NODE_RUN_DIR_BYTES} bytes, "
+                           f"asked {size}")
+        path = self.node_run_dir(node)
+        resize_tmpfs(path, size)
+        return path
 
     def isolation(self, node: str) -> Isolation:
         """How `node` is isolated: its own uid range (derived from the lab name and the
@@ -549,6 +590,11 @@ class Lab:
                   "agent_pid": agent_pid(self.plan, h) or self.state.agents.get(h.name),
                   "keeper_pid": self.state.agents.get(h.name)} for h in self.plan.hosts]
         out = {"lab": self.name, "owner_pid": self.state.owner_pid, "hosts": hosts, "nodes": nodes}
+        if self.plan.vms:
+            out["vms"] = [{"node": v.name, "address": v.address, "vip": v.vip,
+                           "qemu_pid": pid if (pid := self.state.vms.get(v.name)) and alive(pid) else None,
+                           **self.state.vm_boots.get(v.name, {})}
+                          for v in self.plan.vms]
         if self.state.etcd is not None:
             out["etcd"] = self.state.etcd
             out["monitors"] = dict(self.state.monitors)
@@ -574,3 +620,26 @@ class StopSignals:
         while not self.received:
             signal.pause()
         return self.received[0]
+
+
+#: descriptors a lab process may open: its agents, servers and clients hold a few per
+#: session, and the lab moves 10,000 sessions (bench recovery)
+NOFILE = 1 << 20
+
+
+def raise_nofile(limit: int = NOFILE) -> None:
+    """Raise this process's hard RLIMIT_NOFILE to `limit` (within fs.nr_open) before the
+    lab starts its processes: they inherit it (root may raise it) and raise their soft
+    limit to it as they need (the keeper, the lab's servers and clients do)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            limit = min(limit, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < limit:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, limit))
+        except (OSError, ValueError):
+            pass  # not allowed: the limits stay as they were
+

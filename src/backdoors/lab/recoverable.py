@@ -4,58 +4,88 @@
 
 Every client session receives the stream of `backdoors.lab.stream`, paced at --rate
 bytes/s, from offset 0 (or from where a recovered session left off). The state of a
-session is its offset; it is exported every --export-every bytes. A heartbeat thread ticks
-a progress sensor every 10 ms while the process runs; its Sensor Box, the sessions' boxes
-and sockets are registered with the node's agent, and recovered sessions arrive on the
-node's adoption socket (BACKDOORS_AGENT_SOCKET, BACKDOORS_ADOPT_DIR). Prints one JSON
-line when ready: {"pid", "port", "box_fd"}. SIGUSR1 makes it leak memory (a service that
-is itself the memory hog: not repairable by killing it).
+session is its offset; it is exported every --export-every bytes. The sessions are tasks
+of one asyncio loop (`AsyncListener`, `create_cb_async`): a recovery that brings a
+thousand sessions starts no thread. A recovered session whose box cannot be opened is
+closed and released at the agent (counted in the log), never left hanging. A heartbeat
+thread ticks a progress sensor every 10 ms while the process runs; its Sensor Box, the
+sessions' boxes and sockets are registered with the node's agent, and recovered sessions
+arrive on the node's adoption socket (BACKDOORS_AGENT_SOCKET, BACKDOORS_ADOPT_DIR).
+Prints one JSON line when ready: {"pid", "port", "box_fd"}. SIGUSR1 makes it leak memory
+(a service that is itself the memory hog: not repairable by killing it).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import os
 import resource
 import signal
 import sys
 import threading
-import time
 
 import msgspec
 
 from ..common.runtime import AGENT_SOCKET_ENV, register_box
-from ..continuations import Listener, create_cb
+from ..continuations import AsyncListener, ContinuationError, Recovered, create_cb_async, run
 from ..sensors import SensorBox
 from . import stream
+
+log = logging.getLogger("backdoors.lab.recoverable")
 
 
 class StreamState(msgspec.Struct):
     offset: int = 0
 
 
-def serve(conn, rate: int, chunk: int, export_every: int) -> None:
-    try:
-        with create_cb(conn) as cb:
-            state = cb.import_state(StreamState) or StreamState()
-            interval = chunk / rate
-            next_at = time.monotonic()
-            while True:
-                # a chunk ends on a multiple of `chunk`, whatever offset a recovery resumed at
-                n = chunk - state.offset % chunk
-                cb.conn.sendall(stream.expected(state.offset, n))
-                state.offset += n
-                if state.offset % export_every == 0:
-                    cb.export(state)
-                next_at += interval
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                else:
-                    next_at = time.monotonic()
-    except OSError:
-        pass  # the client went away
+class Service:
+    """The sessions of the stream service: each a task streaming from its offset."""
+
+    def __init__(self, rate: int, chunk: int, export_every: int):
+        self.rate, self.chunk, self.export_every = rate, chunk, export_every
+        self.unopened = 0  # recovered sessions whose box could not be opened (dropped)
+
+    async def serve(self, conn) -> None:
+        try:
+            cb = await create_cb_async(conn)
+        except (ContinuationError, OSError, ValueError) as err:
+            if isinstance(conn, Recovered):  # closed and released by create_cb_async
+                self.unopened += 1
+                log.warning("recovered session %s dropped (%d so far): its box did not "
+                            "open: %s", conn.session, self.unopened, err)
+            else:
+                conn.close()
+                log.warning("new session refused: %s", err)
+            return
+        try:
+            async with cb:
+                await self.stream(cb)
+        except OSError:
+            pass  # the client went away
+
+    async def stream(self, cb) -> None:
+        chunk, loop = self.chunk, asyncio.get_running_loop()
+        state = cb.import_state(StreamState) or StreamState()
+        interval = chunk / self.rate
+        next_at = loop.time()
+        while True:
+            # a chunk ends on a multiple of `chunk`, whatever offset a recovery resumed at
+            n = chunk - state.offset % chunk
+            cb.writer.write(stream.expected(state.offset, n))
+            state.offset += n
+            if state.offset % self.export_every == 0:
+                await cb.export(state)  # drains first
+            else:
+                await cb.writer.drain()
+            next_at += interval
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                next_at = loop.time()
 
 
 def heartbeat(progress, stop: threading.Event, leak: threading.Event, leak_mb_s: float) -> None:
@@ -82,7 +112,6 @@ def main(argv=None) -> int:
         ap.error("--export-every must be a multiple of --chunk")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    threading.stack_size(256 * 1024)  # many sessions, one thread each
 
     box = SensorBox.create(a.name)
     progress = box.progress("progress", deadline=a.deadline)
@@ -91,16 +120,17 @@ def main(argv=None) -> int:
     stop, leak = threading.Event(), threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: leak.set())  # the lab's "the service leaks" fault
     threading.Thread(target=heartbeat, args=(progress, stop, leak, a.leak_mb_s), daemon=True).start()
+    service = Service(a.rate, a.chunk, a.export_every)
 
-    with Listener.tcp("0.0.0.0", a.port, backlog=1024) as listener:
-        signal.signal(signal.SIGTERM, lambda *_: listener.close())
-        print(json.dumps({"pid": os.getpid(), "port": a.port, "box_fd": box.fd}), flush=True)
-        while (conn := listener.accept()) is not None:
-            threading.Thread(target=serve, args=(conn, a.rate, a.chunk, a.export_every),
-                             daemon=True).start()
+    async def serve() -> None:
+        async with AsyncListener.tcp("0.0.0.0", a.port, backlog=1024) as listener:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, listener.close)
+            print(json.dumps({"pid": os.getpid(), "port": a.port, "box_fd": box.fd}), flush=True)
+            await listener.serve(service.serve)
+
+    run(serve())
     stop.set()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

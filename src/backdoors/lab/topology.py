@@ -5,7 +5,8 @@ cgroups) or lives under /run/backdoors/NAME, so `reap(NAME)` can remove what a k
 left behind, and labs with different names never collide. Addresses are private to the
 lab's own namespaces (nothing is routed to the host), so every lab uses the same plan:
 
-    service network 10.77.0.0/16   client .0.2, node i at .1.(i+1), VIP of node i at .100.(i+1)
+    service network 10.77.0.0/16   client .0.2, node i at .1.(i+1), VIP of node i at .100.(i+1),
+                                   VM node i at .2.(i+1), its VIP at .101.(i+1)
     private network 10.99.0.0/24   host j at .(j+1), monitor at .250
 """
 
@@ -31,6 +32,8 @@ ETCD_PORT = 2379  # the lab's etcd, in the monitor namespace (a fleet of monitor
 #: nodes per lab: lab nodes are cheap (a cgroup, a netns, a container), and watching many
 #: of them is what `backdoors bench monitor` measures; addresses allow up to 254
 MAX_NODES = 128
+#: VM nodes per lab: each is a QEMU guest with its own RAM (256 MiB)
+MAX_VM_NODES = 8
 
 BR_SERVICE = "br-svc"
 BR_PRIVATE = "br-priv"
@@ -69,10 +72,23 @@ class NodePlan:
 
 
 @dataclass(frozen=True)
+class VmPlan:
+    """A VM node (vm/machine.py): a guest bridged into its own namespace; the guest holds
+    the address and the VIP."""
+
+    name: str  # v0, v1, ...
+    host: str
+    netns: str
+    address: str
+    vip: str
+
+
+@dataclass(frozen=True)
 class Plan:
     lab: str
     hosts: tuple[HostPlan, ...]
     nodes: tuple[NodePlan, ...]
+    vms: tuple[VmPlan, ...] = ()
 
     @property
     def switch_ns(self) -> str:
@@ -96,6 +112,13 @@ class Plan:
                 return n
         raise LabError(f"lab {self.lab} has no node {name!r} (nodes: {', '.join(n.name for n in self.nodes)})")
 
+    def vm(self, name: str) -> VmPlan:
+        for v in self.vms:
+            if v.name == name:
+                return v
+        raise LabError(f"lab {self.lab} has no VM node {name!r} (VM nodes: "
+                       f"{', '.join(v.name for v in self.vms) or 'none; lab up --vm-nodes K'})")
+
     def host(self, name: str) -> HostPlan:
         for h in self.hosts:
             if h.name == name:
@@ -103,8 +126,9 @@ class Plan:
         raise LabError(f"lab {self.lab} has no host {name!r}")
 
 
-def plan(lab: str, hosts: int, nodes: int) -> Plan:
-    """The topology of a lab with `hosts` hosts and `nodes` nodes (node i on host i mod H)."""
+def plan(lab: str, hosts: int, nodes: int, vm_nodes: int = 0) -> Plan:
+    """The topology of a lab with `hosts` hosts and `nodes` nodes (node i on host i mod H),
+    and `vm_nodes` VM nodes."""
     check_name(lab)
     if not 1 <= hosts <= 8:
         raise LabError(f"--hosts must be 1..8, got {hosts}")
@@ -119,4 +143,8 @@ def plan(lab: str, hosts: int, nodes: int) -> Plan:
                  f"10.77.100.{i + 1}")
         for i in range(nodes)
     )
-    return Plan(lab, hs, ns)
+    if not 0 <= vm_nodes <= MAX_VM_NODES:
+        raise LabError(f"--vm-nodes must be 0..{MAX_VM_NODES}, got {vm_nodes}")
+    vs = tuple(VmPlan(f"v{i}", f"h{i % hosts}", f"{p}v{i}", f"10.77.2.{i + 1}",
+                      f"10.77.101.{i + 1}") for i in range(vm_nodes))
+    return Plan(lab, hs, ns, vs)

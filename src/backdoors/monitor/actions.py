@@ -292,6 +292,10 @@ class Recover(Action, tag="recover"):
 
     same_node_wait_ms: NonNeg = 3000.0
 
+    #: a process of the node started this long before the server's death, or after it,
+    #: is taken for its replacement starting (a supervisor restarts within milliseconds)
+    REPLACEMENT_SLACK_S: ClassVar[float] = 1.0
+
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """Fence the node, then evacuate its sessions to the target node's agent."""
         if self.when == "unrepaired" and ctx.repaired:
@@ -315,7 +319,8 @@ class Recover(Action, tag="recover"):
                   "evacuate_ms": round((ctx.clock() - fenced_at) * 1000, 1),
                   "fence": msgspec.to_builtins(fence), "sessions": ev.sessions,
                   "moved": ev.moved, "failed": ev.failed, "dump_ms": ev.dump_ms,
-                  "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt)}
+                  "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt),
+                  "dump_phases": ev.phases}
         if self.after == "release":
             ctx.client.kill_node(ctx.node)
             ctx.client.unlock(ctx.node, force=True)
@@ -323,6 +328,18 @@ class Recover(Action, tag="recover"):
         ok = ev.moved == ev.sessions and not ev.failed
         return Outcome("done" if ok else "failed", detail)
 
+
+    def _replacement(self, ctx: Context, ev: dict) -> dict | None:
+        """A process of the node that started around the server's death or after it
+        ({pid, comm, age_s}), None if there is none (or the agent cannot say)."""
+        if ev.get("died") is None:
+            return None
+        try:
+            rows = ctx.client.call("processes", node=ctx.node)["rows"]
+        except AgentError:
+            return None
+        young = _young(rows, float(ev["died"]), self.REPLACEMENT_SLACK_S)
+        return None if young is None else {k: young[k] for k in ("pid", "comm", "age_s")}
 
     def _same_node(self, ctx: Context, ev: dict) -> Outcome | None:
         """A server died (not the node): hand its sessions to a recovery server of the same
@@ -332,11 +349,17 @@ class Recover(Action, tag="recover"):
         Once a server of the node took sessions, the node stays where it is, and the other
         orphans (of servers that died together) are offered until the agent would close
         them (the event's `orphan_timeout_s`): a server restarting slower than
-        `same_node_wait_ms` (start-up under load) still gets its sessions back."""
+        `same_node_wait_ms` (start-up under load) still gets its sessions back.
+
+        So does one still starting when the wait ends: while a process of the node that
+        started around the death or after it (`_replacement`) runs there, the node is not
+        fenced (a fence would freeze the replacement half-started: under load a Python
+        server takes seconds of wall time to reach its listener)."""
         t0 = ctx.clock()
         end = t0 + self.same_node_wait_ms / 1000
         last = max(end, t0 + float(ev.get("orphan_timeout_s") or 0))
         tries, sessions, handed, servers = 0, None, 0, set()
+        starting, looked = None, 0.0
         while True:  # every orphan of the node (servers that died together go together)
             tries += 1
             reply = ctx.client.call("readopt", node=ctx.node, pid=0, timeout=self.timeout_s)
@@ -345,9 +368,15 @@ class Recover(Action, tag="recover"):
             if reply["handed"]:
                 servers.add(reply["server_pid"])
             failed = reply["failed"]  # why the sessions still held were not taken, this try
-            if reply["left"] == 0 or ctx.clock() >= (last if handed else end):
+            now = ctx.clock()
+            if reply["left"] == 0 or now >= last:
                 break
-            time.sleep(0.02 if not handed else 0.1)
+            if now >= end and not handed:
+                if now - looked >= 0.25:
+                    starting, looked = self._replacement(ctx, ev), now
+                if starting is None:
+                    break
+            time.sleep(0.02 if not (handed or starting) else 0.1)
         if sessions == 0:
             return Outcome("skipped", {"reason": f"no session of server {ev['pid']} is held "
                                                  "any more (released, moved or closed)"})
@@ -358,8 +387,18 @@ class Recover(Action, tag="recover"):
                   "sessions": sessions, "moved": handed, "left": reply["left"],
                   "failed": failed, "tries": tries,
                   "waited_ms": round((ctx.clock() - t0) * 1000, 1)}
+        if starting is not None:
+            detail["waited_for"] = starting
         ok = reply["left"] == 0 and not failed and handed == sessions  # none closed meanwhile
         return Outcome("done" if ok else "failed", detail)
+
+
+def _young(rows: list[dict], died: float, slack: float) -> dict | None:
+    """The first running process in `rows` (a `processes` reply) started after Unix time
+    `died` - `slack`, by its age (the agent's and the monitor's clocks are taken to agree
+    within the slack)."""
+    since = time.time() - died + slack
+    return next((r for r in rows if r["age_s"] < since and running(r["state"])), None)
 
 
 def no_recovery_node(ctx: Context, target: str | None) -> str:

@@ -166,7 +166,13 @@ class SensorDetector(Detector):
             if view.event.get("kind") != "violation" or not self.takes(view.event):
                 return None
             v = self.pushed_violation(str(view.event["box"]), view.event)
-            return Hit(index, self.kind_name(), self.describe(v), [v]) if v else None
+            if v is None:
+                return None
+            summary = self.describe(v)
+            if view.event.get("reason") == "died":
+                summary = (f"{v.box}/{v.sensor} stopped for good: its process "
+                           f"{view.event.get('owner_pid')} died")
+            return Hit(index, self.kind_name(), summary, [v])
         found = [v for box, s in self.matching(view) if (v := self.violation(box, s))]
         if not found:
             return None
@@ -193,8 +199,12 @@ class ProgressStalled(SensorDetector, tag="progress_stalled"):
         """The agent judged the stall against the sensor's own deadline, with its exact
         times (`stalled`, strictly longer); a stall it pushes at its first sighting past
         the deadline exceeds it by a hair, which the event's milliseconds need not show.
-        So only a rule's own `deadline_ms` judges the event again."""
+        So only a rule's own `deadline_ms` judges the event again. A counter whose
+        process died (`reason` "died", pushed at the death) violates at once."""
         s = self.pushed_state(event)
+        if event.get("reason") == "died" and s.stalled_for is not None:
+            # its process is gone: the counter cannot move again, whatever the deadline
+            return Violation(box, s.name, s.type, s.value, s.deadline, s.stalled_for)
         if self.deadline_ms is None and s.deadline is not None and s.stalled_for is not None:
             return Violation(box, s.name, s.type, s.value, s.deadline, s.stalled_for)
         return self.violation(box, s)
@@ -272,6 +282,13 @@ class PressureOverRate(SensorDetector, tag="pressure_over_rate"):
 
     sensor_type: ClassVar[SensorType] = SensorType.PRESSURE
     max_events: Pos | None = None
+
+    def pushed_state(self, event: dict) -> SensorState:
+        limit = event.get("max_events")
+        return SensorState(0, str(event["sensor"]), SensorType.PRESSURE, float(event["value"]),
+                           True, rate=float(event["events"]),
+                           max_events=None if limit is None else float(limit),
+                           window=event.get("window_s"))
 
     def violation(self, box: str, s: SensorState) -> Violation | None:
         limit = self.max_events if self.max_events is not None else s.max_events

@@ -318,3 +318,48 @@ class LinkWatch:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class LinkEvents:
+    """The kernel's link notifications (rtnetlink RTMGRP_LINK) of one namespace.
+
+    A netlink socket made inside the namespace and bound to the link group: the kernel
+    sends a message on every change of an interface there (up/down, carrier, added,
+    removed), so a watcher waits on `fd` instead of asking every tick. `changed()`
+    empties the socket and says whether anything came; the state itself is then one
+    `LinkWatch.up()`. An overrun socket (ENOBUFS: messages lost) counts as a change.
+    """
+
+    _RTMGRP_LINK = 1
+
+    def __init__(self, ns: str):
+        self.ns = ns
+        self._sock = netns.socket_in(ns, socket.AF_NETLINK,
+                                     socket.SOCK_RAW | socket.SOCK_NONBLOCK, 0)  # NETLINK_ROUTE
+        try:
+            self._sock.bind((0, self._RTMGRP_LINK))
+        except OSError as e:
+            self._sock.close()
+            raise NetError(f"cannot listen to link changes in namespace {ns}: {e.strerror}") from None
+
+    @property
+    def fd(self) -> int:
+        return self._sock.fileno()
+
+    def changed(self) -> bool:
+        """Read every pending message; True if there was one (or some were lost)."""
+        seen = False
+        while True:
+            try:
+                if not self._sock.recv(65536):
+                    return seen
+                seen = True
+            except BlockingIOError:
+                return seen
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise NetError(f"link changes in namespace {self.ns}: {e.strerror}") from None
+                seen = True
+
+    def close(self) -> None:
+        self._sock.close()

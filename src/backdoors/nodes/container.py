@@ -106,8 +106,8 @@ from backdoors.errors import NodeError
 from backdoors.nodes import syscalls
 from backdoors.nodes.cgroups import Cgroup
 
-__all__ = ["Container", "Isolation", "NodeProcess", "mount_tmpfs", "python_paths", "tools_missing",
-           "uid_base_for", "unmount_under"]
+__all__ = ["Container", "Isolation", "NodeProcess", "mount_tmpfs", "python_paths", "resize_tmpfs",
+           "tools_missing", "uid_base_for", "unmount_under"]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -699,6 +699,16 @@ def mount_tmpfs(path: str | os.PathLike, size: int, mode: int = 0o755) -> None:
                f"mode={mode:o},size={size}")
     except OSError as e:
         raise NodeError(f"cannot mount a tmpfs on {path}: {e.strerror}") from None
+
+
+def resize_tmpfs(path: str | os.PathLike, size: int) -> None:
+    """Give the tmpfs mounted on `path` (by mount_tmpfs) a new size in bytes: a node that
+    keeps more than sockets in its run directory (a database's files)."""
+    try:
+        _mount(None, str(path), None, MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               f"size={size}")
+    except OSError as e:
+        raise NodeError(f"cannot resize the tmpfs on {path} to {size} bytes: {e.strerror}") from None
 
 
 def unmount_under(path: str | os.PathLike) -> list[str]:

@@ -47,9 +47,11 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
              period_ms: float = 50, deadline_ms: float = 200, rate: int = 16384,
              chunk: int = 1024, warmup_s: float = 1.0, watch_s: float = 2.0,
              timeout_s: float = 30.0, incidents_dir: str | None = None,
-             restart_server: bool = True) -> dict:
+             restart_server: bool = True, export_every: int | None = None) -> dict:
     """Run the case; returns the facts (see the module docstring). `restart_server`: the
-    server-crash fault's crashed server is restarted in its node (see server_crash)."""
+    server-crash fault's crashed server is restarted in its node (see server_crash).
+    `export_every`: bytes between the service's exports (default 8 chunks); a recovered
+    session regenerates what followed its last export, paced like the rest."""
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {', '.join(FAULTS)}, got {fault!r}")
     if fault == "server-crash":  # a server dies, its node stays healthy: server_crash.py
@@ -68,17 +70,20 @@ def recovery(fault: str = "freeze", sessions: int = 10, *, name: str | None = No
              pids_limit=max(512, 2 * sessions + 256)) as lab:
         for node in ("n0", "n1"):
             lab.start_service(node, "--rate", str(rate), "--chunk", str(chunk),
-                              "--export-every", str(chunk * 8), "--deadline",
+                              "--export-every", str(export_every or chunk * 8), "--deadline",
                               str(deadline_ms / 1000), recoverable=True)
         with lab.agent_client("h0") as c:
             wait_until(lambda: any(k.startswith("rsvc") for k in c.sensors("n0").boxes), 10,
                   "the service's Sensor Box")
-            with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
-                mon.wait_ready(timeout=10)
-                vip = lab.plan.node("n0").vip
-                with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
-                    wait_until(lambda: len(c.call("sessions", node="n0")) == sessions, 30,
-                          f"{sessions} sessions held by the agent")
+            vip = lab.plan.node("n0").vip
+            # the sessions first, then the monitor: a server starting thousands of session
+            # threads can miss its progress deadline while they connect (not the fault)
+            with StreamClients(lab, vip, topology.RECOVERABLE_PORT, sessions) as clients:
+                # registering takes a round trip per session: ~1 ms each, more if loaded
+                wait_until(lambda: _held(c, "n0") == sessions,
+                           30 + sessions / 100, f"{sessions} sessions held by the agent")
+                with monitor_for(lab, period_ms=period_ms, incidents_dir=incidents_dir) as mon:
+                    mon.wait_ready(timeout=10)
                     time.sleep(warmup_s)
                     if fault in AGENT_FAULTS:
                         out.update(agent_fault(lab, "n0", AGENT_FAULTS[fault], sessions, mon,
@@ -132,8 +137,18 @@ def agent_fault(lab: Lab, node: str, sig: signal.Signals, sessions: int, mon: Mo
             "sessions_recovered_after_restart": held}
 
 
+def _held(client, node: str) -> int | None:
+    """Sessions the agent holds for `node`; None if it does not answer in time (busy with
+    thousands of registrations on a loaded machine: asked again)."""
+    try:
+        return client.held(node).sessions
+    except BackdoorsError:
+        return None
+
+
 def _facts(inc, wall_fault: float, report: dict) -> dict:
     stalls = report.pop("stalls_ms")
+    last_resumed = wall_fault + report.pop("last_resumed_s", 0.0)  # wall clock
     facts = {k: report[k] for k in ("sessions_ok", "bytes_lost", "bytes_duplicated",
                                      "broken_connections")}
     facts.update(detected=inc is not None, detect_ms=None, recovery_ms=None, rule=None,
@@ -149,5 +164,31 @@ def _facts(inc, wall_fault: float, report: dict) -> dict:
                      recover_status=rec.status, moved=rec.detail.get("moved"),
                      recover_detail={k: rec.detail.get(k) for k in
                                      ("target", "fence_ms", "evacuate_ms", "dump_ms", "transfer_ms", "failed")},
-                     incident=inc.id, error=rec.error)
+                     incident=inc.id, error=rec.error,
+                     phases=phases(rec.detail, inc.detected + rec.started_ms / 1000,
+                                   inc.detected + (rec.started_ms + rec.duration_ms) / 1000,
+                                   last_resumed))
     return facts
+
+
+def phases(detail: dict, started: float, ended: float, last_resumed: float) -> dict:
+    """Where the move went, ms: fence; dump (the failed node's agent); transfer (agent to
+    agent: stage/adopt requests, less the target's work); restore (inert sockets, every
+    batch); then the final batch's steps: arp (announcing the addresses), resume (repair
+    mode released), connect, send (batches to the server, its verdicts), hold (the
+    sessions held as the server's); first_byte (the end of the recover action to the
+    last client session receiving again); move (fence to that last first byte)."""
+    adopt = detail.get("adopt") or []
+    if not adopt:
+        return {}
+    final = adopt[-1].get("phases") or {}
+    agent_ms = sum(a["restore_ms"] + a["announce_ms"] + a["handover_ms"] for a in adopt)
+    out = {"fence": detail.get("fence_ms"), "dump": detail.get("dump_ms"),
+           "transfer": round(detail.get("transfer_ms", 0.0) - agent_ms, 1),
+           "restore": round(sum(a["restore_ms"] for a in adopt), 1)}
+    out.update({k.removesuffix("_ms"): round(v, 1) for k, v in final.items()})
+    out["dump_steps"] = {k.removesuffix("_ms"): round(v, 1)
+                         for k, v in (detail.get("dump_phases") or {}).items()}
+    out["first_byte"] = round((last_resumed - ended) * 1000, 1)
+    out["move"] = round((last_resumed - started) * 1000, 1)
+    return out

@@ -1,0 +1,340 @@
+"""A recoverable HTTP/1.1 server for any ASGI application.
+
+    python -m backdoors.asgi myapp:app --port 8080 [--adopt /run/app/adopt-8080.sock]
+                             [--app-dir DIR]
+
+    await serve(app, AsyncListener.tcp("0.0.0.0", 8080))      # from Python
+
+Every client connection is a Continuation Box session (backdoors.continuations): new
+connections and recovered sessions come through one AsyncListener; HTTP/1.1 is parsed
+by h11; requests on a connection are answered one at a time, keep-alive as HTTP/1.1 says.
+
+What makes an application recoverable without changing it: the whole response is
+produced by the application first, then the session's state is exported with the
+response in it, and only then is the response written. A recovery resumes from that
+export: the response is sent again (the box skips what the client already has), and
+the requests read after it are replayed from the receive log. The application sees a
+replayed request again, so it must give the same effect twice — reads are harmless; a
+state-changing request should use the key the server hands it:
+
+    scope["extensions"]["backdoors.session"] = {
+        "id": "<session hex>",   # the same on every node the session moves to
+        "seq": 7,                # this request's number in the session (replays keep it)
+        "key": "<id>-7",         # an idempotency key: id and seq
+        "state": {...},          # the application's own per-session state: a dict of
+    }                            # msgpack-able values, exported with the session
+
+The lifespan protocol (startup, shutdown) is run when the application supports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+import msgspec
+
+from .continuations import AsyncListener, StateTooLargeError, create_cb_async, run
+from .continuations.cbformat import MAX_STATE_CAPACITY
+
+log = logging.getLogger("backdoors.asgi")
+
+READ = 64 * 1024
+MAX_BODY = 8 << 20
+MAX_INCOMPLETE = 64 * 1024  # request line and headers
+SERVER_NAME = b"backdoors-asgi"
+
+
+STATE_CAPACITY = 64 * 1024
+
+
+class Session(msgspec.Struct):
+    """What a session exports: the response being sent and the parser's unread bytes."""
+
+    seq: int = 0                 # requests answered
+    pending: bytes = b""         # the response being sent when exported
+    unread: bytes = b""          # bytes read from the client and not parsed yet
+    state: dict[str, Any] = {}   # the application's ("backdoors.session" "state")
+    close: bool = False          # the connection ends after `pending`
+    oversize: int = 0            # the length of a response too big to keep (pending empty)
+
+
+class _Done(Exception):
+    """The client closed, or sent what cannot be answered."""
+
+
+async def serve(app, listener: AsyncListener, *, root_path: str = "",
+                state_capacity: int = STATE_CAPACITY) -> None:
+    """Serve `app` on `listener` until the listener is closed. `state_capacity`: bytes of
+    each session's exported state, which holds the response being sent: a response that
+    does not fit is sent all the same, but a recovery in the middle of it ends the
+    connection (the client sees it end rather than a wrong byte)."""
+    await listener.serve(_session, app, root_path, state_capacity)
+
+
+async def _session(conn, app, root_path: str, state_capacity: int) -> None:
+    import h11
+
+    try:
+        cb = await create_cb_async(conn, state_capacity=state_capacity)
+    except Exception as e:  # noqa: BLE001 - a box that cannot be made loses this session only
+        log.warning("asgi: a session could not get its box: %s", e)
+        if isinstance(conn, socket.socket):  # (a recovered one was dropped already)
+            conn.close()
+        return
+    async with cb:
+        s = cb.import_state(Session) or Session()
+        if s.oversize and cb.conn.skipping < s.oversize:
+            log.warning("asgi: session %s recovered inside a %d-byte response it could not "
+                        "keep: closing it", cb.session, s.oversize)
+            return
+        if s.pending or s.oversize:  # recovered: send it again; the box skips what was sent
+            cb.writer.write(s.pending)
+            await cb.writer.drain()
+            if s.close:
+                return
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_INCOMPLETE)
+        if s.unread:
+            parser.receive_data(s.unread)
+        sock = cb.conn.sock
+        client, server = _address(sock.getpeername), _address(sock.getsockname)
+        while True:
+            try:
+                request, body = await _read_request(parser, cb.reader)
+            except _Done:
+                return
+            except h11.RemoteProtocolError as e:
+                cb.writer.write(_plain(parser, e.error_status_hint, str(e)))
+                await cb.writer.drain()
+                return
+            ext = {"id": cb.session, "seq": s.seq, "key": f"{cb.session}-{s.seq}",
+                   "state": s.state}
+            scope = _scope(request, client, server, root_path, ext)
+            status, headers, chunks = await _call(app, scope, body)
+            s.state = ext["state"]
+            response = _encode(parser, request, status, headers, b"".join(chunks))
+            s.seq += 1
+            s.close = parser.our_state is h11.MUST_CLOSE
+            s.pending, s.oversize = response, 0
+            if not s.close:
+                parser.start_next_cycle()
+            s.unread = parser.trailing_data[0]
+            try:
+                await cb.export(s)
+            except StateTooLargeError:
+                s.pending, s.oversize = b"", len(response)
+                await cb.export(s)
+            cb.writer.write(response)
+            await cb.writer.drain()
+            if s.close:
+                return
+
+
+def _address(get) -> list | None:
+    try:
+        host, port = get()[:2]
+        return [host, port]
+    except OSError:
+        return None
+
+
+async def _read_request(parser, reader):
+    import h11
+
+    request, body = None, bytearray()
+    while True:
+        event = parser.next_event()
+        if event is h11.NEED_DATA:
+            parser.receive_data(await reader.read(READ))  # b"" marks the end of the stream
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+        elif isinstance(event, h11.EndOfMessage):
+            return request, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            raise _Done
+
+
+def _scope(request, client, server, root_path: str, ext: dict) -> dict:
+    target = request.target
+    path, _, query = target.partition(b"?")
+    return {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": request.http_version.decode(), "method": request.method.decode(),
+        "scheme": "http", "path": _unquote(path), "raw_path": path, "query_string": query,
+        "root_path": root_path, "headers": [(k.lower(), v) for k, v in request.headers],
+        "client": client, "server": server, "extensions": {"backdoors.session": ext},
+    }
+
+
+def _unquote(path: bytes) -> str:
+    from urllib.parse import unquote
+
+    return unquote(path.decode("latin-1"))
+
+
+async def _call(app, scope: dict, body: bytes) -> tuple[int, list, list[bytes]]:
+    """Run the application on one request; its whole response (500 if it fails)."""
+    sent_body = False
+    start: dict | None = None
+    chunks: list[bytes] = []
+    finished = asyncio.Event()
+
+    async def receive() -> dict:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await finished.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal start
+        kind = message["type"]
+        if kind == "http.response.start":
+            if start is not None:
+                raise RuntimeError("http.response.start sent twice")
+            start = message
+        elif kind == "http.response.body":
+            if start is None:
+                raise RuntimeError("http.response.body before http.response.start")
+            chunks.append(bytes(message.get("body", b"")))
+            if not message.get("more_body", False):
+                finished.set()
+
+    try:
+        await app(scope, receive, send)
+    except Exception:  # noqa: BLE001 - the application's failure is a 500, not a crash
+        log.exception("asgi: the application failed on %s %s", scope["method"], scope["path"])
+        if start is None or not finished.is_set():
+            return 500, [(b"content-type", b"text/plain")], [b"Internal Server Error\n"]
+    finally:
+        finished.set()
+    if start is None:
+        return 500, [(b"content-type", b"text/plain")], [b"no response from the application\n"]
+    return start["status"], list(start.get("headers", [])), chunks
+
+
+def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
+    import h11
+
+    names = {bytes(k).lower() for k, _ in headers}
+    headers = [(bytes(k), bytes(v)) for k, v in headers if bytes(k).lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    if b"server" not in names:
+        headers.append((b"server", SERVER_NAME))
+    out = parser.send(h11.Response(status_code=status, headers=headers))
+    if request.method != b"HEAD" and body:
+        out += parser.send(h11.Data(data=body))
+    out += parser.send(h11.EndOfMessage())
+    return out
+
+
+def _plain(parser, status: int, text: str) -> bytes:
+    import h11
+
+    body = (text + "\n").encode()
+    try:
+        return (parser.send(h11.Response(status_code=status, headers=[
+            (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")])) + parser.send(h11.Data(data=body))
+            + parser.send(h11.EndOfMessage()))
+    except h11.LocalProtocolError:
+        return b""
+
+
+class Lifespan:
+    """The application's lifespan protocol: startup before serving, shutdown after. An
+    application without one (it raises on the scope, or returns) is served all the same."""
+
+    def __init__(self, app):
+        self.app = app
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        try:
+            await self.app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                           self.inbox.get, self.outbox.put)
+        except Exception as e:  # noqa: BLE001 - no lifespan support
+            log.debug("asgi: no lifespan (%s)", e)
+        await self.outbox.put(None)
+
+    async def _event(self, event: str) -> None:
+        if self.task is None or self.task.done():
+            return
+        await self.inbox.put({"type": f"lifespan.{event}"})
+        message = await self.outbox.get()
+        if message is not None and message["type"] == f"lifespan.{event}.failed":
+            raise RuntimeError(f"the application's {event} failed: {message.get('message', '')}")
+
+    async def startup(self) -> None:
+        self.task = asyncio.create_task(self._run())
+        await self._event("startup")
+
+    async def shutdown(self) -> None:
+        await self._event("shutdown")
+
+
+def load(spec: str):
+    """'module:attribute' -> the ASGI application."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise SystemExit(f"application: expected module:attribute, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"application {spec}: {e}") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m backdoors.asgi",
+                                 description="Serve an ASGI application with recoverable "
+                                             "sessions (Continuation Boxes).")
+    ap.add_argument("app", help="module:attribute of the ASGI application")
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--adopt", default=None, help="the adoption socket for recovered sessions "
+                    "(default: from $BACKDOORS_ADOPT_SOCKET / $BACKDOORS_ADOPT_DIR)")
+    ap.add_argument("--app-dir", default="", help="a directory to import the application from")
+    ap.add_argument("--state-capacity", type=int, default=STATE_CAPACITY,
+                    help="bytes of each session's exported state, which holds the response "
+                         "being sent (a recovery inside a bigger one ends the connection)")
+    a = ap.parse_args(argv)
+    if not 0 < a.state_capacity <= MAX_STATE_CAPACITY:
+        ap.error(f"--state-capacity must be 1..{MAX_STATE_CAPACITY} bytes")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if a.app_dir:
+        sys.path.insert(0, a.app_dir)
+    app = load(a.app)
+
+    async def main_task() -> None:
+        listener = AsyncListener.tcp(a.host, a.port, adopt=a.adopt, backlog=1024)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, listener.close)
+        life = Lifespan(app)
+        await life.startup()
+        print("asgi listening on %s:%d" % listener.address, flush=True)
+        try:
+            with listener:
+                await serve(app, listener, state_capacity=a.state_capacity)
+        finally:
+            await life.shutdown()
+
+    run(main_task())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""RUBiS: the auction site's schema, its generated data set, and its data access."""

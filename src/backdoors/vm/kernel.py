@@ -1,0 +1,116 @@
+"""The guest kernel: Debian's cloud kernel package, unpacked (not installed) by `make vm-kernel`.
+
+The package is fetched with `apt-get download` and unpacked with `dpkg-deb -x` into the
+checkout's `.cache/vm/` (or $BACKDOORS_VM_DIR). It ships the compressed image (vmlinuz),
+whose kallsyms table gives every kernel symbol's link-time address (the profile the host
+reads the guest with, kallsyms.py), and the modules the initramfs needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import VmError
+from . import btf, kallsyms
+
+#: the kernel's virtual base of its image mapping (x86-64, arch/x86/include/asm/page_64_types.h)
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
+PROFILE_FORMAT = 2
+#: structure members whose offsets the profile keeps (from the kernel's BTF)
+MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tgid"),
+           ("task_struct", "comm"), ("task_struct", "__state"), ("task_struct", "mm"),
+           ("list_head", "next"))
+
+
+def cache_dir() -> Path:
+    """Where `make vm-kernel` unpacks the kernel package and the initramfs is built."""
+    env = os.environ.get("BACKDOORS_VM_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / ".cache" / "vm"
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    """One unpacked kernel build: its image, symbol map and modules."""
+
+    root: Path  # the unpacked package (boot/, lib/modules/)
+    version: str  # e.g. 6.1.0-57-cloud-amd64
+
+    @classmethod
+    def find(cls, folder: Path | None = None) -> "GuestKernel":
+        """The kernel unpacked under `folder` (default: cache_dir()/root)."""
+        root = (folder or cache_dir() / "root")
+        images = sorted((root / "boot").glob("vmlinuz-*")) if root.is_dir() else []
+        if not images:
+            raise VmError(f"no guest kernel unpacked under {root}: run `make vm-kernel` "
+                          "(downloads Debian's linux-image-cloud-amd64 and unpacks it)")
+        version = images[-1].name.removeprefix("vmlinuz-")
+        return cls(root, version)
+
+    @property
+    def image(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.version}"
+
+    @property
+    def modules_dir(self) -> Path:
+        return self.root / "lib" / "modules" / self.version
+
+    @property
+    def profile_path(self) -> Path:
+        return cache_dir() / f"profile-{self.version}.json"
+
+    @cached_property
+    def _profile(self) -> dict:
+        """The profile of this build, decoded from the image once and cached as JSON next
+        to it: symbols from kallsyms (the package's System.map is a stub that points at
+        the -dbg package) and the member offsets of MEMBERS from BTF."""
+        try:
+            cached = json.loads(self.profile_path.read_text())
+            if cached.get("format") == PROFILE_FORMAT:
+                return cached
+        except (OSError, ValueError):
+            pass
+        try:
+            image = self.image.read_bytes()
+        except OSError as e:
+            raise VmError(f"cannot read the guest kernel image {self.image}: {e.strerror}") from None
+        vmlinux = kallsyms.extract_vmlinux(image, str(self.image))
+        table = kallsyms.symbols(vmlinux, str(self.image))
+        types = btf.Btf(btf.section(vmlinux, ".BTF", str(self.image)))
+        profile = {"format": PROFILE_FORMAT, "version": self.version,
+                   "symbols": {name: addr for name, (_kind, addr) in table.items()},
+                   "members": {f"{s}.{m}": types.member_offset(s, m) for s, m in MEMBERS}}
+        self.profile_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.profile_path.with_name(f".{self.profile_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(profile))
+        tmp.replace(self.profile_path)
+        return profile
+
+    @property
+    def symbols(self) -> dict[str, int]:
+        """Symbol name -> link-time virtual address."""
+        return self._profile["symbols"]
+
+    def member(self, struct_name: str, member: str) -> int:
+        """The byte offset of `member` in `struct struct_name` (one of MEMBERS)."""
+        try:
+            return self._profile["members"][f"{struct_name}.{member}"]
+        except KeyError:
+            raise VmError(f"the profile has no offset of {struct_name}.{member} "
+                          "(add it to vm.kernel.MEMBERS)") from None
+
+    def symbol(self, name: str) -> int:
+        """The link-time virtual address of kernel symbol `name`."""
+        try:
+            return self.symbols[name]
+        except KeyError:
+            raise VmError(f"kernel {self.version} has no symbol {name!r} in its kallsyms") from None
+
+    def image_offset(self, name: str) -> int:
+        """Where symbol `name` lies from the start of the kernel image (`_text`)."""
+        return self.symbol(name) - self.symbol("_text")

@@ -1,0 +1,305 @@
+"""One VM node: a QEMU guest whose RAM, NIC and control channel the host owns.
+
+    vm = Vm.start(VmSpec("bd-lab-v0", run_dir, netns="bd-lab-v0", uplink="eth0",
+                         addresses=("10.77.2.1/16",)))
+    vm.memory().jiffies()   # read from the guest's RAM, without the guest's help
+    vm.lock(); vm.unlock()  # the node lock: QMP stop / cont of the vCPUs
+    vm.stop()
+
+What it owns, each named by the VM's name (a lab's prefix) so `reap(prefix)` finds it:
+- the RAM: a memfd `<name>-ram` made here and handed to QEMU (memory-backend-file on
+  /proc/self/fd/N, share=on), so the host maps the very pages the guest runs on;
+- the NIC: a tap `tap0` opened here inside the node's network namespace (not persistent:
+  it ends with the last holder, QEMU) and bridged there with the node's uplink, so the
+  guest answers on the node's service address;
+- the QEMU process (`-name <name>`), its QMP socket and console log in `run_dir`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import struct
+import subprocess
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import NetError, VmError
+from ..net import add_bridge, link_info, netns, set_master, set_up
+from . import initramfs
+from .kernel import GuestKernel
+from .memory import GuestMemory
+
+QEMU = "qemu-system-x86_64"
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+TAP, BRIDGE = "tap0", "br0"
+#: RAM must stay below the PCI hole so that memfd offsets are guest-physical addresses
+MAX_MEMORY_MB = 2048
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What to run: `name` prefixes every object (use the lab's prefix); `addresses` are
+    the guest's (CIDR), `port` its HTTP service's."""
+
+    name: str
+    run_dir: Path
+    netns: str | None = None  # where the tap goes; None: no NIC
+    uplink: str | None = None  # an interface of `netns` bridged with the tap
+    addresses: tuple[str, ...] = ()
+    port: int = 80
+    memory_mb: int = 256
+    #: tcg | kvm | auto (KVM if it boots within kvm_probe_s, else TCG); default TCG (or
+    #: $BACKDOORS_VM_ACCEL): nested KVM hangs in early boot on the machines this was built on
+    accel: str = field(default_factory=lambda: os.environ.get("BACKDOORS_VM_ACCEL", "tcg"))
+    kaslr: bool = True
+    kvm_probe_s: float = 15.0
+    extra_append: tuple[str, ...] = field(default=())
+
+    @property
+    def mac(self) -> str:
+        h = zlib.crc32(self.name.encode())
+        return "52:54:00:%02x:%02x:%02x" % (h >> 16 & 0xFF, h >> 8 & 0xFF, h & 0xFF)
+
+
+class Vm:
+    """A running guest; `start` builds it, `stop` removes all it owns."""
+
+    def __init__(self, spec: VmSpec, kernel: GuestKernel, proc: subprocess.Popen,
+                 ram_fd: int, accel: str, boot_s: float):
+        self.spec, self.kernel, self.proc = spec, kernel, proc
+        self.ram_fd, self.accel, self.boot_s = ram_fd, accel, boot_s
+        self._qmp = None
+        self._memory: GuestMemory | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def console_log(self) -> Path:
+        return self.spec.run_dir / "console.log"
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.spec.run_dir / "qmp.sock"
+
+    # ---- life cycle ---------------------------------------------------------------
+
+    @classmethod
+    def start(cls, spec: VmSpec, kernel: GuestKernel | None = None,
+              timeout: float = 120.0) -> "Vm":
+        """Boot the guest and wait until its service listens (`bd-guest: ready`)."""
+        if not 64 <= spec.memory_mb <= MAX_MEMORY_MB:
+            raise VmError(f"VM {spec.name}: memory_mb must be 64..{MAX_MEMORY_MB}, got {spec.memory_mb}")
+        if spec.accel not in ("tcg", "kvm", "auto"):
+            raise VmError(f"VM {spec.name}: accel must be tcg, kvm or auto, got {spec.accel!r}")
+        kernel = kernel or GuestKernel.find()
+        initrd = initramfs.build(kernel)
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        if spec.netns is not None:
+            _bridge(spec)
+        if spec.accel == "tcg":
+            return cls._boot(spec, kernel, initrd, "tcg", timeout)
+        if spec.accel == "kvm" or os.access("/dev/kvm", os.R_OK | os.W_OK):
+            try:
+                return cls._boot(spec, kernel, initrd, "kvm",
+                                 timeout if spec.accel == "kvm" else spec.kvm_probe_s)
+            except VmError:
+                if spec.accel == "kvm":
+                    raise
+        return cls._boot(spec, kernel, initrd, "tcg", timeout)
+
+    @classmethod
+    def _boot(cls, spec: VmSpec, kernel: GuestKernel, initrd: Path, accel: str,
+              timeout: float) -> "Vm":
+        ram = os.memfd_create(f"{spec.name}-ram", os.MFD_CLOEXEC)
+        tap = None
+        try:
+            os.ftruncate(ram, spec.memory_mb << 20)
+            tap = _open_tap(spec.netns) if spec.netns is not None else None
+            argv = _argv(spec, kernel, initrd, accel, ram, tap)
+            for stale in (spec.run_dir / "console.log", spec.run_dir / "qmp.sock"):
+                stale.unlink(missing_ok=True)
+            began = time.monotonic()
+            with open(spec.run_dir / "qemu.log", "ab") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        pass_fds=[fd for fd in (ram, tap) if fd is not None],
+                                        start_new_session=True)
+        except BaseException:
+            os.close(ram)
+            raise
+        finally:
+            if tap is not None:
+                os.close(tap)  # QEMU holds it now: the tap ends with QEMU
+        vm = cls(spec, kernel, proc, ram, accel, 0.0)
+        try:
+            vm._wait_ready(began, timeout)
+        except BaseException:
+            vm.stop()
+            raise
+        vm.boot_s = time.monotonic() - began
+        return vm
+
+    def _wait_ready(self, began: float, timeout: float) -> None:
+        while time.monotonic() - began < timeout:
+            if self.proc.poll() is not None:
+                raise VmError(f"VM {self.spec.name}: QEMU exited with status "
+                              f"{self.proc.returncode}; see {self.spec.run_dir / 'qemu.log'}")
+            try:
+                if initramfs.READY.encode() in self.console_log.read_bytes():
+                    return
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+        raise VmError(f"VM {self.spec.name} ({self.accel}) not ready within {timeout:.0f}s; "
+                      f"see its console {self.console_log}")
+
+    def stop(self) -> None:
+        """Kill QEMU (with it the tap and its hold on the RAM), close the RAM. Idempotent."""
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception:  # noqa: BLE001 - QEMU may be gone already
+                pass
+            self._qmp = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+        if self.ram_fd >= 0:
+            os.close(self.ram_fd)
+            self.ram_fd = -1
+        self.qmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- control (QMP) and reading ---------------------------------------------------
+
+    def qmp(self, command: str, **args) -> object:
+        """Run one QMP command; its "return" value."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        try:
+            if self._qmp is None:
+                q = QEMUMonitorProtocol(str(self.qmp_path))
+                q.connect()
+                self._qmp = q
+            return self._qmp.cmd(command, **args)
+        except Exception as e:  # qemu.qmp raises its own hierarchy (and OSError)
+            self._qmp = None
+            raise VmError(f"VM {self.spec.name}: QMP {command} failed: {e}") from None
+
+    def lock(self) -> None:
+        """The node lock of a VM: stop its vCPUs (the guest kernel no longer runs)."""
+        self.qmp("stop")
+
+    def unlock(self) -> None:
+        self.qmp("cont")
+
+    def running(self) -> bool:
+        return bool(self.qmp("query-status")["running"])  # type: ignore[index]
+
+    def memory(self) -> GuestMemory:
+        """The guest's RAM, mapped read-only (one mapping per Vm)."""
+        if self._memory is None:
+            self._memory = GuestMemory(self.ram_fd, self.kernel, where=f"VM {self.spec.name}")
+        return self._memory
+
+
+def _argv(spec: VmSpec, kernel: GuestKernel, initrd: Path, accel: str, ram: int,
+          tap: int | None) -> list[str]:
+    append = ["console=ttyS0", "panic=-1", "quiet", f"bd.name={spec.name}",
+              f"bd.port={spec.port}"]
+    if spec.addresses:
+        append.append("bd.addr=" + ",".join(spec.addresses))
+    if not spec.kaslr:
+        append.append("nokaslr")
+    append += spec.extra_append
+    size = f"{spec.memory_mb}M"
+    argv = [QEMU, "-name", spec.name, "-nodefaults", "-no-user-config", "-display", "none",
+            "-no-reboot", "-accel", accel, "-m", size, "-smp", "1",
+            "-object", f"memory-backend-file,id=mem,size={size},mem-path=/proc/self/fd/{ram},share=on",
+            "-machine", "pc,memory-backend=mem",
+            "-kernel", str(kernel.image), "-initrd", str(initrd), "-append", " ".join(append),
+            "-serial", f"file:{spec.run_dir / 'console.log'}",
+            "-qmp", f"unix:{spec.run_dir / 'qmp.sock'},server=on,wait=off"]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    if tap is not None:
+        argv += ["-netdev", f"tap,id=net0,fd={tap}",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac}"]
+    return argv
+
+
+def _open_tap(ns: str) -> int:
+    """A tap `tap0` in namespace `ns` (a tap lives where /dev/net/tun was opened), up
+    and in the node's bridge; the descriptor is inheritable for QEMU."""
+    with netns.enter(ns):
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", TAP.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError as e:
+        os.close(fd)
+        raise VmError(f"cannot create {TAP} in namespace {ns}: {e.strerror} "
+                      "(a VM already running there?)") from None
+    set_master(ns, TAP, BRIDGE)
+    set_up(ns, TAP)
+    return fd
+
+
+def _bridge(spec: VmSpec) -> None:
+    """The node's bridge: the uplink (its veth on the service network) and, later, the tap."""
+    try:
+        link_info(spec.netns, BRIDGE)
+    except NetError:  # missing: make it
+        add_bridge(spec.netns, BRIDGE)
+    if spec.uplink is not None:
+        set_master(spec.netns, spec.uplink, BRIDGE)
+        set_up(spec.netns, spec.uplink)
+
+
+def open_ram(pid: int, name: str) -> int:
+    """A read-only descriptor of the RAM of the guest `name` run by QEMU `pid`, taken from
+    /proc/PID/fd (for a process other than the VM's owner, e.g. an agent)."""
+    target = f"/memfd:{name}-ram"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError as e:
+        raise VmError(f"cannot list the descriptors of QEMU pid {pid} (VM {name}): {e.strerror}") from None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(target):
+                return os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+    raise VmError(f"QEMU pid {pid} holds no RAM memfd {target!r}: is it VM {name}'s QEMU?")
+
+
+def reap(prefix: str) -> list[int]:
+    """SIGKILL every QEMU whose `-name` starts with `prefix` (a crashed owner's guests);
+    their taps and RAM end with them. The pids killed."""
+    import psutil
+    killed = []
+    for p in psutil.process_iter(["cmdline"]):
+        argv = p.info["cmdline"] or []
+        if not argv or not argv[0].endswith(QEMU):
+            continue
+        if any(a == "-name" and i + 1 < len(argv) and argv[i + 1].startswith(prefix)
+               for i, a in enumerate(argv)):
+            try:
+                p.send_signal(signal.SIGKILL)
+                p.wait(5)
+                killed.append(p.pid)
+            except psutil.Error:
+                pass
+    return killed

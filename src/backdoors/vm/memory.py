@@ -1,0 +1,149 @@
+"""Reading a guest kernel from its RAM, without its help.
+
+The guest's RAM is a memfd (machine.py) that the host maps read-only; with the RAM below
+the PCI hole (at most 2 GiB here), an offset in the memfd is a guest-physical address.
+Kernel variables in the kernel image (jiffies, init_task, the system call table, ...) are
+found from the profile (kernel.py) and the kernel's physical load address, which is
+located in memory: the `linux_banner` string lies at a fixed distance from `_text`, and
+`_text` is loaded on a 2 MiB boundary (CONFIG_PHYSICAL_ALIGN). So KASLR's physical
+randomisation costs one scan; its virtual offset follows from the guest's own `phys_base`
+(phys_base = physical _text - (virtual _text - __START_KERNEL_map)). Other virtual
+addresses (the direct map, slab objects) are translated by walking the kernel's page
+tables from `init_top_pgt`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from ..errors import VmError
+from .kernel import START_KERNEL_MAP, GuestKernel
+
+PHYSICAL_ALIGN = 2 << 20
+#: bits 12..51 of a page-table entry: the physical frame (NX and flags masked off)
+FRAME = 0x000F_FFFF_FFFF_F000
+PRESENT, HUGE = 0x1, 0x80
+
+
+class GuestMemory:
+    """A read-only mapping of a guest's RAM, with the guest kernel located in it."""
+
+    def __init__(self, fd: int, kernel: GuestKernel, *, where: str = "guest RAM"):
+        self.kernel, self.where = kernel, where
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise VmError(f"{where}: the RAM memfd is empty")
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self.size = size
+        self._text_phys: int | None = None
+
+    def close(self) -> None:
+        self._map.close()
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- where the kernel is -------------------------------------------------------
+
+    @property
+    def text_phys(self) -> int:
+        """The guest-physical address of `_text` (found once, by its banner)."""
+        if self._text_phys is None:
+            self._text_phys = self._find_text()
+        return self._text_phys
+
+    def _find_text(self) -> int:
+        banner = f"Linux version {self.kernel.version} (".encode()
+        distance = self.kernel.image_offset("linux_banner")
+        at = self._map.find(banner)
+        while at >= 0:
+            text = at - distance
+            if text >= 0 and text % PHYSICAL_ALIGN == 0:
+                return text
+            at = self._map.find(banner, at + 1)
+        raise VmError(f"{self.where}: kernel {self.kernel.version} not found in memory "
+                      "(not booted yet, or another kernel runs)")
+
+    @property
+    def kaslr_offset(self) -> int:
+        """How far the running kernel's virtual addresses are from the link-time ones
+        (0 when booted with nokaslr)."""
+        phys_base = self.read_u64("phys_base")
+        # phys_base is a u64 that may hold a negative delta: compute modulo 2**64
+        running_text = (self.text_phys - phys_base + START_KERNEL_MAP) % (1 << 64)
+        return running_text - self.kernel.symbol("_text")
+
+    # ---- reading ------------------------------------------------------------------
+
+    def phys(self, symbol: str) -> int:
+        """The guest-physical address of a kernel image symbol."""
+        addr = self.text_phys + self.kernel.image_offset(symbol)
+        if not 0 <= addr < self.size:
+            raise VmError(f"{self.where}: {symbol} at physical {addr:#x} is outside the "
+                          f"{self.size >> 20} MiB of RAM")
+        return addr
+
+    def read(self, phys: int, length: int) -> bytes:
+        if phys < 0 or phys + length > self.size:
+            raise VmError(f"{self.where}: read of {length} bytes at {phys:#x} outside the RAM")
+        return self._map[phys:phys + length]
+
+    def translate(self, virt: int) -> int:
+        """The guest-physical address of a running kernel's virtual address, by walking
+        the kernel's own 4-level page tables from `init_top_pgt` (what CR3 holds for
+        kernel threads): 1 GiB and 2 MiB pages included."""
+        table = self.phys("init_top_pgt")
+        for level, shift in enumerate((39, 30, 21, 12)):
+            entry = struct.unpack("<Q", self.read(table + 8 * (virt >> shift & 511), 8))[0]
+            if not entry & PRESENT:
+                raise VmError(f"{self.where}: virtual {virt:#x} not mapped (level {4 - level} "
+                              f"entry {entry:#x})")
+            if shift in (30, 21) and entry & HUGE or shift == 12:
+                size = 1 << shift
+                return (entry & FRAME & ~(size - 1)) | (virt & (size - 1))
+            table = entry & FRAME
+        raise AssertionError("unreachable")
+
+    def read_virt(self, virt: int, length: int) -> bytes:
+        """`length` bytes at a kernel virtual address, page by page."""
+        out = []
+        while length > 0:
+            n = min(length, 0x1000 - (virt & 0xFFF))
+            out.append(self.read(self.translate(virt), n))
+            virt, length = virt + n, length - n
+        return b"".join(out)
+
+    def virt(self, symbol: str) -> int:
+        """The running kernel's virtual address of `symbol` (its link address + KASLR)."""
+        return (self.kernel.symbol(symbol) + self.kaslr_offset) % (1 << 64)
+
+    def read_u64(self, symbol: str) -> int:
+        return struct.unpack("<Q", self.read(self.phys(symbol), 8))[0]
+
+    def tasks(self, limit: int = 1 << 16) -> list[tuple[int, str]]:
+        """(pid, comm) of every task on the kernel's task list (init_task.tasks, a
+        circular list of task_structs linked through their `tasks` member), read through
+        the page tables; `limit` bounds a list a hostile or changing guest keeps long."""
+        k = self.kernel
+        link, pid_at, comm_at = (k.member("task_struct", m) for m in ("tasks", "pid", "comm"))
+        head = self.virt("init_task") + link
+        out, node = [], head
+        for _ in range(limit):
+            task = node - link
+            pid = struct.unpack("<i", self.read_virt(task + pid_at, 4))[0]
+            comm = self.read_virt(task + comm_at, 16).split(b"\0", 1)[0].decode(errors="replace")
+            out.append((pid, comm))
+            node = struct.unpack("<Q", self.read_virt(node, 8))[0]
+            if node == head:
+                return out
+        raise VmError(f"{self.where}: the task list has more than {limit} entries or loops")
+
+    def jiffies(self) -> int:
+        """The guest kernel's tick counter (jiffies_64): it stops when the guest's
+        kernel stops ticking (vCPUs stopped, the guest hung)."""
+        return self.read_u64("jiffies_64")

@@ -1,0 +1,70 @@
+"""A VM node's kernel-derived sensors, read from its RAM: the guest kernel's box.
+
+Like a container node's kernel box (agent/sampler.py) it is a Sensor Box named
+`KERNEL_BOX:<node>`, so monitors judge it the same way. Its progress sensor `jiffies`
+counts the guest kernel's ticks since the sampler started: a hung guest kernel (or one
+whose vCPUs are stopped) stops ticking, and the sensor stalls past its deadline with no
+agent inside the guest. The level `tasks` counts the guest's task list (a fork bomb in
+the guest is seen from outside).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..errors import VmError
+from ..sensors import KERNEL_BOX, SensorBox
+from .memory import GuestMemory
+
+
+class GuestSensors:
+    """The kernel box of one VM node, updated from its memory by `update()`."""
+
+    def __init__(self, node: str, memory: GuestMemory, *, jiffies_deadline: float = 1.0,
+                 max_tasks: float | None = None):
+        self.memory = memory
+        self.box = SensorBox.create(f"{KERNEL_BOX}:{node}", capacity=16)
+        self.jiffies = self.box.progress("jiffies", deadline=jiffies_deadline)
+        self.tasks = self.box.level("tasks", min=1.0, max=max_tasks)
+        self._base = memory.jiffies()
+        self.update()
+
+    def update(self) -> None:
+        ticks = self.memory.jiffies() - self._base
+        if ticks > self.jiffies.value:
+            self.jiffies.add(ticks - self.jiffies.value)
+        try:
+            self.tasks.set(float(len(self.memory.tasks())))
+        except VmError:
+            pass  # the list changed under the walk (the guest runs): the next period reads it
+
+    def close(self) -> None:
+        self.box.close()
+
+
+class GuestSampler:
+    """Updates a GuestSensors every `period` seconds in a thread of its own."""
+
+    def __init__(self, sensors: GuestSensors, *, period: float = 0.05):
+        self.sensors, self.period = sensors, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="guest-sampler", daemon=True)
+
+    def start(self) -> "GuestSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.sensors.update()
+
+    def __enter__(self) -> "GuestSampler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,128 @@
+"""The agent's watcher hears the kernel: a link going down (rtnetlink), a v2 freeze
+(cgroup.events) and an OOM kill (the memory controller's notification) are pushed
+without any read on a timer: its fallback reads are set an hour apart here."""
+
+import os
+import queue
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from backdoors.agent.config import KernelSensorLimits
+from backdoors.agent.regions import RegionTable
+from backdoors.agent.tracking import BoxTracking
+from backdoors.agent.watch import Watcher
+from backdoors.net import add_veth, netns, set_up
+from backdoors.net.links import LinkWatch
+from backdoors.nodes.cgroups import Cgroup
+
+pytestmark = pytest.mark.root
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def watched(root, unique):
+    """A node of its own (netns with eth0, cgroup limited to 48 MiB) watched by a Watcher
+    whose events land in `w.events` (kind, node, data)."""
+    prefix = f"bdt-{unique}-"
+    ns, peer = prefix + "n0", prefix + "sw"
+    cg = None
+    watcher = None
+    try:
+        netns.create(ns)
+        netns.create(peer)
+        add_veth(peer, "v0", ns, "eth0")
+        cg = Cgroup.create(f"bdt-{unique}/n0")
+        cg.set_memory_limit(48 << 20)
+        link = LinkWatch(ns, "eth0")
+        end = time.monotonic() + 10
+        while not link.up():  # the veth's carrier comes a moment after it is set up
+            assert time.monotonic() < end, "the veth never came up"
+            time.sleep(0.01)
+        rt = SimpleNamespace(name="n0", node=SimpleNamespace(cgroup=cg), tracking=BoxTracking(),
+                             sampler=SimpleNamespace(link=link, limits=KernelSensorLimits()))
+        regions = RegionTable(["n0"], max_regions=4, max_region_bytes=1 << 20,
+                              max_node_bytes=4 << 20)
+        events: queue.Queue = queue.Queue()
+        watcher = Watcher({"n0": rt}, regions, period_s=0.005, slow_s=HOUR,
+                          publish=lambda kind, node, **data: events.put((kind, node, data)),
+                          held=lambda node: False)
+        watcher.start()
+        yield SimpleNamespace(ns=ns, peer=peer, cg=cg, watcher=watcher, events=events)
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        if cg is not None:
+            cg.kill_all()
+            cg.destroy()
+            Cgroup.open(f"bdt-{unique}").destroy()
+        netns.reap(prefix)
+
+
+def _next(w, condition: str, timeout: float = 20.0) -> tuple[str, dict]:
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        assert left > 0, f"no {condition} event within {timeout} s"
+        try:
+            kind, node, data = w.events.get(timeout=left)
+        except queue.Empty:
+            continue
+        if data.get("condition") == condition:
+            assert node == "n0"
+            return kind, data
+
+
+def test_link_down_is_pushed_from_rtnetlink(watched):
+    w = watched
+    time.sleep(0.2)  # the watcher took its first look (link up: nothing said)
+    assert w.events.empty()
+    set_up(w.ns, "eth0", False)
+    kind, data = _next(w, "link_down")
+    assert kind == "violation" and data["sensor"] == "link_up" and data["value"] == 0.0
+    set_up(w.ns, "eth0", True)
+    kind, data = _next(w, "link_down")
+    assert kind == "cleared" and data["value"] == 1.0
+    assert w.events.empty()  # once each
+
+
+def test_a_v2_freeze_is_pushed_from_cgroup_events(watched):
+    w = watched
+    if w.cg.freezer != "v2":
+        pytest.skip("the v1 freezer notifies nothing (the watcher reads it on its ticks)")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        w.cg.attach(sleeper.pid)
+        w.cg.freeze()
+        kind, _ = _next(w, "node_frozen")
+        assert kind == "violation"
+        w.cg.thaw()
+        kind, _ = _next(w, "node_frozen")
+        assert kind == "cleared"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+HOG = "import os\nchunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))\n"
+
+
+def test_an_oom_kill_is_pushed_from_the_memory_controller(watched):
+    w = watched
+    r, wr = os.pipe()
+    hog = subprocess.Popen([sys.executable, "-c", f"import os; os.read({r}, 1)\n" + HOG],
+                           pass_fds=[r])
+    try:
+        w.cg.attach(hog.pid)
+        os.write(wr, b"x")  # allocate only once inside the cgroup
+        kind, data = _next(w, "oom_kill", timeout=30)
+        assert kind == "violation" and data["sensor"] == "oom_kills"
+        assert data["value"] >= 1 and data["events"] >= 1
+        hog.wait(10)  # the kill the notification told of
+    finally:
+        hog.kill()
+        hog.wait()

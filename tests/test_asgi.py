@@ -1,0 +1,150 @@
+"""The recoverable ASGI server: any ASGI application (here a Starlette one) served over
+HTTP/1.1 keep-alive, and its sessions moved byte-exact with the application's own
+per-session state."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import re
+import socket
+import threading
+
+import pytest
+
+import asgi_app  # noqa: E402 - tests/asgi_app.py
+from test_continuations_support import (  # noqa: E402,F401 - rlab is a fixture
+    Background,
+    rlab,
+    wait_for,
+)
+
+from backdoors import asgi  # noqa: E402
+from backdoors.continuations import AsyncListener  # noqa: E402
+from backdoors.continuations.cbformat import MAX_STATE_CAPACITY  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """The ASGI server with the test app on 127.0.0.1 (no agent: boxes unregistered)."""
+    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+    started = threading.Event()
+    box: dict = {}
+
+    def main() -> None:
+        async def go() -> None:
+            listener = AsyncListener.tcp("127.0.0.1", 0, adopt=None)
+            box["listener"], box["loop"] = listener, asyncio.get_running_loop()
+            started.set()
+            with listener:
+                await asgi.serve(asgi_app.app, listener)
+        asyncio.run(go())
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    assert started.wait(10)
+    yield box["listener"].address
+    box["loop"].call_soon_threadsafe(box["listener"].close)
+    t.join(10)
+
+
+def test_a_starlette_app_keeps_its_session_state_over_keep_alive(server):
+    c = http.client.HTTPConnection(*server, timeout=10)
+    keys = []
+    for i in range(1, 4):
+        c.request("GET", "/count?size=100")
+        r = c.getresponse()
+        body = r.read()
+        assert r.status == 200 and len(body) > 100
+        head = body.split(b"\n")[0].decode()
+        assert head.startswith(f"n={i} seq={i - 1} ")
+        keys.append(head.split("key=")[1])
+    assert len(set(keys)) == 3 and all(k.endswith(f"-{i}") for i, k in enumerate(keys))
+    c.request("POST", "/echo", body=b"bid 42")
+    r = c.getresponse()
+    assert (r.status, r.read()) == (200, b"BID 42")
+    c.request("GET", "/fail")
+    r = c.getresponse()
+    assert r.status == 500 and r.read()
+    c.request("GET", "/count")  # the session survived the application's failure
+    assert c.getresponse().read().startswith(b"n=4 seq=5 ")
+    c.close()
+    # another connection is another session
+    c2 = http.client.HTTPConnection(*server, timeout=10)
+    c2.request("GET", "/count")
+    assert c2.getresponse().read().startswith(b"n=1 seq=0 ")
+    c2.close()
+
+
+def test_pipelined_requests_are_answered_in_order_and_garbage_gets_400(server):
+    s = socket.create_connection(server, timeout=10)
+    s.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    got = b""
+    while got.count(b"n=") < 3:
+        got += s.recv(65536)
+    assert re.findall(rb"n=(\d) seq=(\d)", got) == [(b"1", b"0"), (b"2", b"1"), (b"3", b"2")]
+    s.close()
+    bad = socket.create_connection(server, timeout=10)
+    bad.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+    reply = b""
+    while chunk := bad.recv(65536):
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400")
+    bad.close()
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "too-big-to-keep"])
+def test_a_session_moves_mid_response_with_the_app_state(rlab, kept):
+    """Freeze the server after 1 MiB of a 14 MiB response (more than the sockets' buffers
+    hold, so the rest is sent again from the exported state); the session moves to another
+    node's ASGI server, the rest of the response arrives exactly, and the next request on
+    the same connection sees the application's state (its counter) carried over. A
+    response too big for the session's state ends the connection at the recovery: the
+    client has a correct prefix and then sees the end, never a wrong byte."""
+    size = 14 << 20
+    capacity = MAX_STATE_CAPACITY if kept else (1 << 20)
+    args = ("backdoors.asgi", "asgi_app:app", "--app-dir", TESTS, "--state-capacity",
+            str(capacity))
+    a = rlab.server("a", *args)
+    b = rlab.server("b", *args)
+    sock = rlab.connect()
+    reached = threading.Event()
+
+    def get(path: str) -> tuple[bytes, int, bytes]:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n".encode())
+        f = sock.makefile("rb")
+        status = f.readline()
+        length = 0
+        while (line := f.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        body = bytearray()
+        while len(body) < length:
+            chunk = f.read1(min(65536, length - len(body)))
+            if not chunk:
+                break
+            body += chunk
+            if len(body) >= 1 << 20 and not reached.is_set():
+                a.freeze()
+                reached.set()
+        return status, length, bytes(body)
+
+    status, _, body = get("/count?size=10")
+    assert status.startswith(b"HTTP/1.1 200") and body.startswith(b"n=1 seq=0 ")
+    client = Background(get, f"/count?size={size}")
+    wait_for(reached, "1 MiB of the big response", client=client)
+    rlab.recover(a.sessions()[0], b)
+    status, length, body = client.result()
+    head, _, rest = body.partition(b"\n")
+    assert head.startswith(b"n=2 seq=1 ")
+    want = asgi_app.numbered(size)
+    if not kept:
+        assert len(body) < length and want.startswith(rest), "a prefix, then the end"
+        return
+    assert rest == want, "the moved response is not byte-exact"
+    after = Background(get, "/count")
+    status, _, body = after.result(timeout=30)
+    assert body.startswith(b"n=3 seq=2 "), rlab.logs()

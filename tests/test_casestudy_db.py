@@ -1,0 +1,264 @@
+"""The case study's back end: a real PostgreSQL in a lab node, the RUBiS data set, and
+exactly-once writes (a replayed request never applies twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from backdoors.errors import ConfigError
+
+import psycopg  # noqa: E402
+
+from backdoors.casestudy.rubis import dataset, store  # noqa: E402
+from backdoors.casestudy.rubis.dataset import Scale  # noqa: E402
+
+SMALL = Scale(users=200, items=300, bids=3000, comments=100, seed=7)
+
+
+# ---- the data set (no database needed) ---------------------------------------------------
+
+
+def test_the_data_set_is_deterministic_and_consistent():
+    items, bids = dataset.items_and_bids(SMALL)
+    again = dataset.items_and_bids(SMALL)
+    assert (items, bids) == again
+    assert list(dataset.users(SMALL)) == list(dataset.users(SMALL))
+    assert dataset.items_and_bids(Scale(users=200, items=300, bids=3000, seed=8)) != (items, bids)
+    # each item's max_bid and nb_of_bids are those of its bids
+    per_item: dict[int, list] = {}
+    for _, _, item, _, price, _, _ in bids:
+        per_item.setdefault(item, []).append(price)
+    for row in items:
+        prices = per_item.get(row[0], [])
+        assert row[7] == len(prices)
+        assert row[8] == (max(prices) if prices else 0)
+        assert prices == sorted(prices)  # bids rise on their item
+
+
+@pytest.mark.parametrize("bad", [dict(users=1), dict(items=0), dict(bids=-1), dict(users="9")])
+def test_a_bad_scale_names_the_field(bad):
+    with pytest.raises(ConfigError, match="data set scale"):
+        Scale(**bad)
+
+
+# ---- a real database in a lab node ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def db(request):
+    from conftest import needs_root
+
+    needs_root()
+    from backdoors.casestudy.postgres import Postgres
+    from backdoors.lab.lab import Lab
+    from backdoors.scenarios.labkit import unique_name
+
+    with Lab(unique_name("db"), hosts=1, nodes=2, agents=False, services=False) as lab:
+        with Postgres(lab, "n1") as pg:
+            with psycopg.connect(pg.local_dsn()) as c:
+                counts = dataset.load(c, SMALL)
+            yield lab, pg, counts
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _conn(pg):
+    return await psycopg.AsyncConnection.connect(pg.local_dsn(), autocommit=True)
+
+
+def test_the_data_set_loads_and_agrees_with_itself(db):
+    _, pg, counts = db
+    assert counts == {"regions": 62, "categories": 20, "users": 200, "items": 300,
+                      "bids": 3000, "comments": 100}
+    with psycopg.connect(pg.local_dsn()) as c:
+        wrong = c.execute(
+            "SELECT count(*) FROM items i LEFT JOIN (SELECT item_id, count(*) n, max(bid) m "
+            "FROM bids GROUP BY item_id) b ON b.item_id = i.id "
+            "WHERE i.nb_of_bids <> coalesce(b.n, 0) OR i.max_bid <> coalesce(b.m, 0)").fetchone()[0]
+        assert wrong == 0
+        with pytest.raises(ConfigError, match="already holds"):
+            dataset.load(c, SMALL)
+
+
+def test_reads_answer_the_rubis_pages(db):
+    _, pg, _ = db
+
+    async def go():
+        async with await _conn(pg) as c:
+            assert len(await store.browse_categories(c)) == 20
+            assert len(await store.browse_regions(c)) == 62
+            page = await store.items_in_category(c, 3)
+            assert 0 < len(page) <= store.PAGE
+            item = await store.view_item(c, page[0]["id"])
+            assert item["id"] == page[0]["id"] and item["seller"]["nickname"].startswith("user")
+            assert await store.view_item(c, 10**6) is None
+            hist = await store.bid_history(c, item["id"])
+            assert [h["bid"] for h in hist] == sorted((h["bid"] for h in hist), key=float,
+                                                      reverse=True)
+            assert (await store.view_user(c, 5))["nickname"] == "user5"
+            assert await store.login(c, "user5", "password5") == 5
+            assert await store.login(c, "user5", "wrong") is None
+            assert all("%" not in r["name"] for r in await store.search(c, "%"))
+    run(go())
+
+
+def test_a_replayed_bid_applies_once_and_answers_the_same(db):
+    _, pg, _ = db
+
+    async def go():
+        async with await _conn(pg) as c:
+            item = (await store.view_item(c, 11))
+            price = f"{float(item['max_bid'] or item['initial_price']) + 10:.2f}"
+            first, replayed = await store.place_bid(c, "bid-test-0001", user=3, item=11, bid=price)
+            assert first["ok"] and not replayed
+            again, replayed = await store.place_bid(c, "bid-test-0001", user=3, item=11, bid=price)
+            assert replayed and again == first
+            after = await store.view_item(c, 11)
+            assert after["nb_of_bids"] == item["nb_of_bids"] + 1 and after["max_bid"] == price
+            # a refused bid is recorded as refused: its replay is refused the same way
+            low, _ = await store.place_bid(c, "bid-test-0002", user=3, item=11, bid="0.01")
+            assert not low["ok"] and low["reason"] == "bid too low"
+            assert (await store.place_bid(c, "bid-test-0002", user=3, item=11, bid="0.01")) == (low, True)
+            with pytest.raises(store.RequestError, match="was used for a bid"):
+                await store.buy_now(c, "bid-test-0001", user=3, item=11)
+    run(go())
+
+
+def test_concurrent_replays_of_one_purchase_apply_once(db):
+    _, pg, _ = db
+
+    async def go():
+        conns = [await _conn(pg) for _ in range(6)]
+        try:
+            before = (await store.view_item(conns[0], 21))["quantity"]
+            results = await asyncio.gather(*(store.buy_now(c, "buy-race-0001", user=4, item=21)
+                                             for c in conns))
+            assert len({repr(r) for r, _ in results}) == 1  # everyone told the same
+            assert sum(not replayed for _, replayed in results) == 1
+            assert (await store.view_item(conns[0], 21))["quantity"] == before - 1
+            cur = await conns[0].execute("SELECT count(*) FROM buy_now WHERE item_id = 21 AND "
+                                         "buyer_id = 4")
+            assert (await cur.fetchone())[0] == 1
+        finally:
+            for c in conns:
+                await c.close()
+    run(go())
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda c: store.place_bid(c, "short", user=1, item=1, bid="5"), "idempotency key"),
+    (lambda c: store.place_bid(c, "bad-price-01", user=1, item=1, bid="NaN"), "bid must be"),
+    (lambda c: store.place_bid(c, "bad-price-02", user=1, item=1, bid="-3"), "bid must be"),
+    (lambda c: store.buy_now(c, "bad-qty-0001", user=1, item=1, qty=0), "qty must be"),
+    (lambda c: store.leave_comment(c, "bad-rate-01", user=1, to_user=2, item=1, rating=9,
+                                   comment="x"), "rating must be"),
+])
+def test_bad_requests_are_refused_before_the_database(db, call, match):
+    _, pg, _ = db
+
+    async def go():
+        async with await _conn(pg) as c:
+            with pytest.raises(store.RequestError, match=match):
+                await call(c)
+            cur = await c.execute("SELECT count(*) FROM requests WHERE key LIKE 'bad-%%'")
+            assert (await cur.fetchone())[0] == 0
+    run(go())
+
+
+def test_another_node_reaches_it_over_tcp_with_the_password_only(db):
+    lab, pg, _ = db
+    probe = ("import psycopg, sys\n"
+             "try:\n"
+             "    with psycopg.connect(sys.argv[1]) as c:\n"
+             "        print(c.execute('SELECT count(*) FROM users').fetchone()[0])\n"
+             "except psycopg.OperationalError as e:\n"
+             "    print('refused', e)\n")
+    wrong = pg.dsn().replace(f"password={pg.password}", "password=guess")
+    for dsn, want in ((pg.dsn(), "200"), (wrong, "refused")):
+        p = lab.run_in_node("n0", [sys.executable, "-c", probe, dsn], stdout=subprocess.PIPE)
+        out, _ = p.communicate(timeout=60)
+        assert out.decode().strip().startswith(want), out
+
+
+def test_register_and_comment_are_exactly_once_too(db):
+    _, pg, _ = db
+
+    async def go():
+        async with await _conn(pg) as c:
+            new = dict(firstname="Ada", lastname="L", nickname="ada-once", password="pw",
+                       email="ada@rubis.lab", region=4)
+            first, replayed = await store.register(c, "reg-test-0001", **new)
+            assert first["ok"] and first["user"] > SMALL.users and not replayed
+            assert await store.register(c, "reg-test-0001", **new) == (first, True)
+            taken, _ = await store.register(c, "reg-test-0002", **new)
+            assert taken == {"ok": False, "reason": "nickname taken"}
+            rating = (await store.view_user(c, 2))["rating"]
+            said, _ = await store.leave_comment(c, "com-test-0001", user=first["user"], to_user=2,
+                                                item=5, rating=3, comment="fine seller")
+            assert said["ok"]
+            assert (await store.leave_comment(c, "com-test-0001", user=first["user"], to_user=2,
+                                              item=5, rating=3, comment="fine seller")) == (said, True)
+            assert (await store.view_user(c, 2))["rating"] == rating + 3
+    run(go())
+
+
+# ---- the middle tier over its wire -----------------------------------------------------------
+
+
+def test_the_middle_tier_answers_calls_in_order_and_refuses_bad_ones(db):
+    _, pg, _ = db
+    import struct
+
+    from psycopg_pool import AsyncConnectionPool
+
+    from backdoors.casestudy.rubis import middle, wire
+    from backdoors.casestudy.rubis.wire import Call
+
+    async def go():
+        async with AsyncConnectionPool(pg.local_dsn(), min_size=1, max_size=4,
+                                       kwargs={"autocommit": True}, open=False) as pool:
+            served = []
+
+            async def session(r, w):
+                served.append(await middle.serve_session(r, w, pool))
+                w.close()
+
+            server = await asyncio.start_server(session, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+
+            async def call(id, op, key="", **args):
+                w.write(wire.frame(Call(id, op, args, key)))
+                return await wire.read_answer(r)
+
+            assert len((await call(1, "categories")).result) == 20
+            refused = await call(2, "bid", key="mt-bid-00001", item=7, bid="99999")
+            assert not refused.ok and "log in first" in refused.error
+            assert (await call(3, "login", nickname="user9", password="password9")).result["user"] == 9
+            first = await call(4, "bid", key="mt-bid-00001", item=7, bid="99999")
+            again = await call(5, "bid", key="mt-bid-00001", item=7, bid="99999")
+            assert first.ok and first.result["ok"] and again.result == first.result
+            assert not (await call(6, "bid", item=7, bid="1")).ok  # no key
+            assert "unknown op" in (await call(7, "drop_tables")).error
+            assert "not ['colour']" in (await call(8, "item", item=7, colour="red")).error
+            w.close()
+            # garbage: the session ends, the server goes on serving others
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            w2.write(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+            assert await r2.read() == b""
+            r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+            w3.write(wire.frame(Call(1, "regions")))
+            assert len((await wire.read_answer(r3)).result) == 62
+            w3.close()
+            server.close()
+            await server.wait_closed()
+            return served
+
+    served = run(go())
+    assert sorted(served)[:2] == [0, 1] and max(served) == 8

@@ -1,0 +1,255 @@
+"""VM nodes: the guest kernel's profile, the initramfs, a QEMU guest in the lab whose
+service answers on the node's address, and its kernel read from its RAM alone."""
+
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from backdoors.errors import VmError
+from backdoors.net import netns
+from backdoors.vm import initramfs
+from backdoors.vm.kernel import GuestKernel
+
+from conftest import unavailable
+
+
+@pytest.fixture(scope="module")
+def kernel() -> GuestKernel:
+    try:
+        return GuestKernel.find()
+    except VmError as e:
+        unavailable(str(e))
+
+
+@pytest.fixture
+def qemu(root):
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} missing: make system-deps installs {package}")
+
+
+def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """name -> (mode, data) of a newc archive, read back independently of the writer."""
+    out, pos = {}, 0
+    while True:
+        assert data[pos:pos + 6] == b"070701", f"bad magic at {pos}"
+        fields = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = data[pos + 110:pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, data[pos:pos + size])
+        pos = (pos + size + 3) & ~3
+
+
+def test_cpio_archive_reads_back():
+    a = initramfs.Archive()
+    a.directory("bin")
+    a.file("bin/x", b"abcde", 0o755)
+    a.file("init", b"#!/bin/sh\n", 0o700)
+    entries = read_cpio(a.close())
+    assert entries["bin/x"] == (0o100755, b"abcde")
+    assert entries["init"] == (0o100700, b"#!/bin/sh\n")
+    assert entries["bin"][0] == 0o040755
+
+
+def test_foreign_or_truncated_images_are_refused_clearly(kernel):
+    from backdoors.vm import btf, kallsyms
+    with pytest.raises(VmError, match="not an x86 bzImage"):
+        kallsyms.extract_vmlinux(b"\0" * 4096, "junk")
+    image = kernel.image.read_bytes()
+    with pytest.raises(VmError, match="truncated bzImage|payload|not an ELF|corrupt"):
+        kallsyms.extract_vmlinux(image[:0x4000], "cut")
+    with pytest.raises(VmError, match="no kallsyms token table"):
+        kallsyms.symbols(b"\x7fELF" + b"\0" * 100_000, "empty")
+    with pytest.raises(VmError, match="not BTF|truncated"):
+        btf.Btf(b"\0" * 64)
+
+
+def test_profile_from_the_image_alone(kernel):
+    syms = kernel.symbols
+    assert len(syms) > 50_000
+    assert syms["_text"] == 0xFFFF_FFFF_8100_0000  # x86-64 link address of the image
+    assert syms["jiffies"] == syms["jiffies_64"]  # the linker script aliases them
+    for name in ("init_task", "sys_call_table", "linux_banner", "phys_base", "init_top_pgt"):
+        assert syms[name] > syms["_text"]
+    assert kernel.member("list_head", "next") == 0
+    assert 0 < kernel.member("task_struct", "tasks") < kernel.member("task_struct", "comm")
+    with pytest.raises(VmError, match="no offset of task_struct.nothing"):
+        kernel.member("task_struct", "nothing")
+    assert GuestKernel.find().symbol("jiffies") == syms["jiffies"]  # the cached profile
+    with pytest.raises(VmError, match="no symbol 'no_such_symbol'"):
+        kernel.symbol("no_such_symbol")
+
+
+def test_initramfs_modules_dependencies_first(kernel):
+    names = [p.name for p in initramfs.module_paths(kernel, initramfs.NIC_MODULES)]
+    assert names[-1] == "virtio_net.ko"
+    for dep, user in (("virtio.ko", "virtio_pci.ko"), ("net_failover.ko", "virtio_net.ko"),
+                      ("failover.ko", "net_failover.ko")):
+        assert names.index(dep) < names.index(user)
+    entries = read_cpio(initramfs.build(kernel).read_bytes())
+    assert entries["init"][0] & 0o111 and "bin/busybox" in entries
+    assert entries["etc/modules"][1].decode().split() == names
+
+
+def _qemus(prefix: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(a.startswith(prefix) for a in (p.info["cmdline"] or []))
+            and "qemu" in (p.info["cmdline"] or [""])[0]]
+
+
+def _memfds(prefix: str) -> list[str]:
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                try:
+                    if os.readlink(fd).startswith(f"/memfd:{prefix}"):
+                        found.append(str(fd))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return found
+
+
+def _advances(read, limit: float = 30.0) -> bool:
+    first, began = read(), time.monotonic()
+    while time.monotonic() - began < limit:
+        if read() > first:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _eventually(check, limit: float = 30.0) -> bool:
+    began = time.monotonic()
+    while time.monotonic() - began < limit:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _http_get(lab, address: str) -> bytes:
+    from backdoors.lab.topology import SERVICE_PORT
+    with lab.client_socket() as s:
+        s.settimeout(10)
+        s.connect((address, SERVICE_PORT))
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.slow
+def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
+    from backdoors.lab import Lab
+    name = f"v{unique}"
+    prefix = f"bd-{name}-"
+    with Lab(name, hosts=1, nodes=1, services=False, vm_nodes=2) as lab:
+        vm = lab.vm("v0")
+        plan = lab.plan.vm("v0")
+        print(f"VM boot {vm.boot_s:.1f}s with {vm.accel}")
+        # the guest answers on the node's address and VIP, from the lab's client namespace
+        for address in (plan.address, plan.vip):
+            reply = _http_get(lab, address)
+            assert reply.startswith(b"HTTP/1.") and reply.endswith(b"vm bd-%s-v0\n" % name.encode())
+        status = lab.status()["vms"][0]
+        assert status["qemu_pid"] == vm.pid and status["accel"] == vm.accel in ("tcg", "kvm")
+        # jiffies, read from the guest's RAM without its help: ticks, freezes, resumes
+        memory = vm.memory()
+        assert memory.text_phys % (2 << 20) == 0
+        # the kernel's page tables agree: jiffies by its running virtual address, and the
+        # direct map (page_offset_base, randomised by KASLR too) maps physical 0 up
+        assert memory.translate(memory.virt("jiffies_64")) == memory.phys("jiffies_64")
+        direct = memory.read_u64("page_offset_base")
+        assert memory.translate(direct + memory.text_phys + 0x1234) == memory.text_phys + 0x1234
+        banner = memory.read_virt(memory.virt("linux_banner"), 64)
+        assert banner.startswith(f"Linux version {kernel.version} ".encode())
+        # the process table, walked from init_task.tasks with offsets from the kernel's BTF
+        tasks = dict(memory.tasks())
+        assert tasks[0] == "swapper/0" and tasks[1] == "init" and tasks[2] == "kthreadd"
+        assert "httpd" in tasks.values()  # the guest's service
+        # any process (an agent) maps the same RAM through QEMU's descriptor
+        from backdoors.lab import vms
+        with vms.memory(lab.plan, "v0", lab.state.vms["v0"]) as other:
+            assert other.text_phys == memory.text_phys
+            assert _advances(other.jiffies)
+        assert _advances(memory.jiffies)
+        vm.lock()
+        assert not vm.running()
+        frozen = memory.jiffies()
+        time.sleep(0.3)
+        assert memory.jiffies() == frozen
+        vm.unlock()
+        assert vm.running()
+        assert _advances(memory.jiffies)
+        # the guest kernel's box: its jiffies sensor stalls past its deadline while the
+        # vCPUs are stopped (a hung guest kernel, seen without an agent inside) and not after
+        from backdoors.sensors import SensorBoxReader
+        from backdoors.vm.sensors import GuestSampler, GuestSensors
+        box = GuestSensors("v0", memory, jiffies_deadline=0.5)
+        with GuestSampler(box, period=0.02), SensorBoxReader(box.box.fd) as reader:
+            assert _advances(lambda: reader.snapshot().get("jiffies").value)
+            assert not reader.snapshot().get("jiffies").violated
+            assert _eventually(lambda: reader.snapshot().get("tasks").value == len(memory.tasks()))
+            assert not reader.snapshot().get("tasks").violated
+            vm.lock()
+            locked_at = time.monotonic()
+            assert _eventually(lambda: reader.snapshot().get("jiffies").violated)
+            print(f"guest hang detected {1000 * (time.monotonic() - locked_at):.0f} ms "
+                  "after QMP stop (deadline 500 ms)")
+            vm.unlock()
+            assert _eventually(lambda: not reader.snapshot().get("jiffies").violated)
+        box.close()
+        assert sorted(_qemus(prefix)) == sorted(lab.state.vms.values())
+        assert _http_get(lab, lab.plan.vm("v1").vip).endswith(b"vm bd-%s-v1\n" % name.encode())
+        assert _memfds(prefix)
+        assert netns.exists(plan.netns)
+    # teardown leaves nothing: no QEMU, no RAM memfd, no namespace (with it the tap)
+    assert _qemus(prefix) == []
+    assert _memfds(prefix) == []
+    assert not netns.exists(plan.netns)
+    assert not lab.plan.run_dir.exists()
+
+
+@pytest.mark.slow
+def test_vm_without_kaslr_and_a_killed_owner_reaped(qemu, kernel, unique, tmp_path):
+    """nokaslr: the kernel sits at its link address (KASLR offset 0); a guest whose owner
+    forgot it is found and killed by its name prefix, and with it its RAM."""
+    from backdoors.vm.machine import Vm, VmSpec, reap
+    prefix = f"bd-x{unique}-"
+    vm = Vm.start(VmSpec(f"{prefix}v0", tmp_path, kaslr=False))
+    try:
+        memory = vm.memory()
+        assert memory.kaslr_offset == 0
+        assert memory.text_phys == 0x100_0000  # CONFIG_PHYSICAL_START
+        assert memory.virt("_text") == 0xFFFF_FFFF_8100_0000
+        assert memory.translate(0xFFFF_FFFF_8100_0000) == 0x100_0000
+        assert _advances(memory.jiffies)
+        memory.close()
+        vm._memory = None
+        os.close(vm.ram_fd)  # as if its owner died: only QEMU holds the RAM now
+        vm.ram_fd = -1
+        assert reap(prefix) == [vm.pid]
+        assert _qemus(prefix) == [] and _memfds(prefix) == []
+    finally:
+        vm.stop()
+
+
+def test_vm_bad_spec_says_what_and_leaves_nothing(tmp_path):
+    from backdoors.vm.machine import Vm, VmSpec
+    with pytest.raises(VmError, match="memory_mb must be 64..2048, got 8"):
+        Vm.start(VmSpec("bd-bad-v0", tmp_path / "run", memory_mb=8))
+    with pytest.raises(VmError, match="accel must be tcg, kvm or auto"):
+        Vm.start(VmSpec("bd-bad-v0", tmp_path / "run", accel="hvf"))
+    assert not (tmp_path / "run").exists()
