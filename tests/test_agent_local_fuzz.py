@@ -201,11 +201,26 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _pidfds_on(pid: int, target: int) -> int:
+    """How many pidfds of process `target` process `pid` holds."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                count += f"Pid:\t{target}\n" in f.read()
+        except OSError:
+            continue
+    return count
+
+
 def test_hostile_registration_messages_are_refused_and_leak_nothing(agent_lab):
     lab = agent_lab(nodes={"n0": {}})  # the agent runs in this process
-    _, reply = lab.start_app("n0", "before")
+    app, reply = lab.start_app("n0", "before")
     assert reply["box"]["name"] == "before"
     me = os.getpid()
+    # The agent holds two pidfds of the app: its connection's (SO_PEERPIDFD) and, a tick
+    # after the registration, the watch's that follows the registrant.
+    wait_for(lambda: _pidfds_on(me, app.pid) >= 2, what="the watch to follow the app")
     before = _fds(me)
     driver = lab.run("n0", DRIVER, str(EXAMPLES))
     seen = json.loads(read_line(driver, timeout=900))

@@ -358,12 +358,14 @@ class Recover(Action, tag="recover"):
         t0 = ctx.clock()
         end = t0 + self.same_node_wait_ms / 1000
         last = max(end, t0 + float(ev.get("orphan_timeout_s") or 0))
-        tries, sessions, handed, servers = 0, None, 0, set()
+        tries, sessions, handed, servers = 0, 0, 0, set()
         starting, looked = None, 0.0
         while True:  # every orphan of the node (servers that died together go together)
             tries += 1
             reply = ctx.client.call("readopt", node=ctx.node, pid=0, timeout=self.timeout_s)
-            sessions = reply["sessions"] if sessions is None else sessions
+            # every orphan seen so far: a server that died together with this one may be
+            # seen dead by the agent a little later (under load), its sessions then join
+            sessions = max(sessions, handed + reply["sessions"])
             handed += reply["handed"]
             if reply["handed"]:
                 servers.add(reply["server_pid"])

@@ -163,7 +163,8 @@ def _facts(inc, wall_fault: float, report: dict) -> dict:
                      recovery_ms=round(rec.started_ms + rec.duration_ms, 1), rule=inc.rule,
                      recover_status=rec.status, moved=rec.detail.get("moved"),
                      recover_detail={k: rec.detail.get(k) for k in
-                                     ("target", "fence_ms", "evacuate_ms", "dump_ms", "transfer_ms", "failed")},
+                                     ("target", "fence_ms", "evacuate_ms", "dump_ms", "transfer_ms", "failed",
+                                       "sessions", "left", "tries", "waited_ms")},
                      incident=inc.id, error=rec.error,
                      phases=phases(rec.detail, inc.detected + rec.started_ms / 1000,
                                    inc.detected + (rec.started_ms + rec.duration_ms) / 1000,

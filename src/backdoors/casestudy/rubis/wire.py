@@ -72,23 +72,23 @@ async def _read_frame(reader) -> bytes | None:
         raise WireError(f"the stream ended inside a frame of {n} bytes") from e
 
 
-async def read_call(reader) -> Call | None:
+async def _read(reader, decode, what: str):
     body = await _read_frame(reader)
     if body is None:
         return None
     try:
-        return _dec_call(body)
+        return decode(body)
     except msgspec.ValidationError as e:
-        raise WireError(f"not a call: {e}") from None
+        raise WireError(f"not {what}: {e}") from None
     except msgspec.DecodeError as e:
         raise WireError(f"not msgpack: {e}") from None
 
 
+async def read_call(reader) -> Call | None:
+    """The next call; None at a clean end of stream."""
+    return await _read(reader, _dec_call, "a call")
+
+
 async def read_answer(reader) -> Answer | None:
-    body = await _read_frame(reader)
-    if body is None:
-        return None
-    try:
-        return _dec_answer(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise WireError(f"not an answer: {e}") from None
+    """The next answer; None at a clean end of stream."""
+    return await _read(reader, _dec_answer, "an answer")
