@@ -4,6 +4,7 @@ without any read on a timer: its fallback reads are set an hour apart here."""
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import time
@@ -126,3 +127,94 @@ def test_an_oom_kill_is_pushed_from_the_memory_controller(watched):
     finally:
         hog.kill()
         hog.wait()
+
+
+@pytest.mark.parametrize("held_sessions", [True, False])
+def test_a_dead_registrant_is_told_to_the_owner_watch_before_any_stall(watched, held_sessions):
+    """A registrant's death goes to `owner_died` before anything else is said of it. If
+    it held sessions, "owner_died" (pushed by the owner watch) comes first and its box
+    stalls only at the deadline (for rules without a server-died rule); under load that
+    stall used to reach the monitor first, and a hang rule fenced the node the server was
+    being restarted in. Else its counters stall at once, reason "died"."""
+    from backdoors.sensors import SensorBox
+
+    w = watched
+
+    def owner_died(node, pid):
+        w.events.put(("owner_died", node, {"condition": "owner_died", "pid": pid}))
+        return held_sessions
+
+    w.watcher.owner_died = owner_died
+    box = SensorBox.create("srv")
+    progress = box.progress("progress", deadline=0.1)
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        w.watcher.regions.keep("n0", "srv", "sensorbox", os.dup(box.fd), owner.pid)
+        for _ in range(30):  # progressing while its registrant lives
+            progress.tick()
+            time.sleep(0.01)
+        owner.kill()
+        owner.wait()
+        said = []
+        while len(said) < 2:
+            kind, node, data = w.events.get(timeout=10)
+            if data.get("condition") in ("owner_died", "progress_stalled"):
+                said.append((kind, data))
+        assert [d["condition"] for _, d in said] == ["owner_died", "progress_stalled"]
+        assert said[0][1]["pid"] == owner.pid
+        kind, stall = said[1]
+        assert kind == "violation"
+        if held_sessions:  # at the deadline, as a hang
+            assert "reason" not in stall and stall["unchanged_ms"] >= stall["deadline_ms"]
+        else:
+            assert stall["reason"] == "died"
+    finally:
+        owner.kill()
+        owner.wait()
+        box.close()
+
+
+TICKER = """
+import os, sys, time
+from backdoors.sensors import SensorBox
+os.sched_setaffinity(0, {0})
+box = SensorBox.create("starved")
+progress = box.progress("progress", deadline=0.1)
+print(box.fd, flush=True)
+while True:
+    progress.tick()
+    time.sleep(0.005)
+"""
+
+RT_HOG = """
+import os, time
+os.sched_setaffinity(0, {0})
+os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+end = time.monotonic() + 0.6
+while time.monotonic() < end:
+    pass
+"""
+
+
+def test_a_node_denied_the_cpu_is_not_hung_but_a_stopped_one_is(watched):
+    """A real-time hog on the CPU the node's only process is pinned to takes the CPU from
+    it for 600 ms, six times its deadline: the node could not run (cpu.pressure "full"),
+    so its deadline waits; the same process stopped (SIGSTOP: not runnable) stalls."""
+    w = watched
+    ticker = subprocess.Popen([sys.executable, "-c", TICKER], stdout=subprocess.PIPE, text=True)
+    try:
+        w.cg.attach(ticker.pid)
+        box_fd = int(ticker.stdout.readline())
+        fd = os.open(f"/proc/{ticker.pid}/fd/{box_fd}", os.O_RDWR)
+        w.watcher.regions.keep("n0", "starved", "sensorbox", fd, ticker.pid)
+        time.sleep(0.3)  # the watcher follows it ticking
+        subprocess.run([sys.executable, "-c", RT_HOG], check=True, timeout=30)
+        time.sleep(0.3)
+        said = [e for e in list(w.events.queue) if e[2].get("condition") == "progress_stalled"]
+        assert said == [], said
+        os.kill(ticker.pid, signal.SIGSTOP)
+        kind, data = _next(w, "progress_stalled", timeout=10)
+        assert kind == "violation" and data["box"] == "starved"
+    finally:
+        ticker.kill()
+        ticker.wait()

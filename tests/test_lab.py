@@ -219,6 +219,33 @@ def test_sigkilled_owner_is_reaped_by_next_down():
     assert leftovers(name) == []  # ... and the next `lab down` reaped all of it
 
 
+def test_next_lab_reaps_a_lab_whose_owner_died_but_keeps_a_detached_one():
+    killed, detached, third = ("t" + uuid.uuid4().hex[:6] for _ in range(3))
+    cli = [sys.executable, "-m", "backdoors", "lab"]
+    proc = None
+    try:
+        up = subprocess.run([*cli, "up", "--name", detached, "--hosts", "1", "--nodes", "1"],
+                            capture_output=True, text=True)
+        assert up.returncode == 0, up.stderr
+        proc = subprocess.Popen([*cli, "up", "--name", killed, "--hosts", "1", "--nodes", "1",
+                                 "--foreground"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        state = topology.RUN_ROOT / killed / "lab.json"
+        assert wait_for(lambda: state.exists() and json.loads(state.read_text())["services"], 20)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert leftovers(killed)
+        with Lab(third, hosts=1, nodes=1, services=False):  # its up() reaps the abandoned
+            assert leftovers(killed) == []
+            assert (topology.RUN_ROOT / detached / "lab.json").exists()  # left up on purpose
+    finally:
+        if proc is not None:
+            proc.kill()
+        for name in (killed, detached):
+            subprocess.run([*cli, "down", "--name", name], capture_output=True)
+    assert leftovers(detached) == [] and leftovers(third) == []
+
+
 def test_foreground_lab_tears_down_on_sigterm():
     name = "t" + uuid.uuid4().hex[:6]
     proc = subprocess.Popen([sys.executable, "-m", "backdoors", "lab", "up", "--name", name,

@@ -102,6 +102,7 @@ def lab_up(
             lab.down()
             err.print(f"lab {name} torn down")
         return
+    lab.detach()  # it outlives this command (not reaped as abandoned)
     _show_lab(lab.status())
     err.print(f"lab {name} is up; `backdoors lab down --name {name}` removes it")
 

@@ -173,7 +173,7 @@ class Agent:
             self.watcher = Watcher(self.nodes, self.regions, period_s=c.watch_period_ms / 1000,
                                    publish=self.events.publish,
                                    held=lambda node: bool(self.leases.holders(node)),
-                                   holds_sessions=lambda node, pid: self.owners.owned(
+                                   owner_died=lambda node, pid: self.owners.seen_dead(
                                        node, pid) or any(
                                        s.pid == pid for s in self.sessions.list(node)))
         for rt in self.nodes.values():

@@ -179,6 +179,12 @@ class OwnerWatch:
             self._recent = {k: t for k, t in self._recent.items() if t > now}
             return (node, pid) in self._watched or (node, pid) in self._recent
 
+    def seen_dead(self, node: str, pid: int) -> bool:
+        """`pid` of `node` died, as another watch saw first: its owner_died is pushed now
+        (once, whichever thread comes first). Whether it held sessions of the node."""
+        self._died(node, pid)
+        return self.owned(node, pid)
+
     def _died(self, node: str, pid: int) -> None:
         with self._lock:
             fd = self._watched.pop((node, pid), None)

@@ -11,7 +11,8 @@ once (`backdoors status`, a monitor just started) judges a stall with
 counts as a move. The agent's watcher (agent/watch.py) reads the progress counters far
 more often; `watched` hands over its record of a box once (it updates it in place: when
 it last read the box, when it saw each counter move). Where this pass saw no move since the watcher's read, the counter (which only goes
-forward) has not moved since the watcher saw it move: the reply counts from then.
+forward) has not moved since the watcher saw it move: the reply counts from then, less
+the time the watcher excused (the node starved of CPU, agent/watch.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ Key = tuple[str, float]  # (region name, registered_at), as in backoff.py
 class _Moved(Protocol):
     name: str
     changed_at: float  # time.monotonic() the watcher saw it move
+    excused: float  # seconds since then the node was starved of CPU (not counted)
 
 
 class Watched(Protocol):
@@ -70,14 +72,16 @@ class BoxTracking:
             snap = tracker.update(image, now)
             record = self._watched.get(key)
         read_at = record.read_at if record is not None else 0.0
-        moved = {c.name: c.changed_at for c in record.counters} if record is not None else {}
+        moved = {c.name: c for c in record.counters} if record is not None else {}
         unchanged = {}
         for s in snap.sensors:
             if s.type is SensorType.PROGRESS and s.stalled_for is not None:
                 since = s.stalled_for
-                if now - since <= read_at and s.name in moved:  # no move after that read
-                    since = max(since, now - moved[s.name])
-                unchanged[s.name] = round(since, 3)
+                c = moved.get(s.name)
+                if c is not None and now - since <= read_at:  # no move after that read
+                    # less the time the node was denied the CPU (the watcher's excuse)
+                    since = max(since, now - c.changed_at) - c.excused
+                unchanged[s.name] = round(max(since, 0.0), 3)
         events = {s.name: s.rate for s in snap.sensors
                   if s.type is SensorType.PRESSURE and s.rate is not None}
         return unchanged, events

@@ -21,6 +21,16 @@ Every SLOW_S it also reads each node's link, frozen state and OOM count as a fal
 (a notification source that could not be opened, a lease that ended with the node
 still frozen): a slow poll, the way the monitor's poll backs its events.
 
+A node denied the CPU is not hung: the deadline counts only time the node could run.
+While a box's node has counters, its v2 `cpu.pressure` "full" total (time during which
+the node's runnable tasks all waited for a CPU, none running: a host saturated from
+outside the node, not a busy loop inside it) is sampled every PSI_SAMPLE_S; when a
+counter passes its deadline, the time the node was so starved since the counter last
+moved is added to its deadline (`excused`), up to MAX_EXCUSE_S per stall. A stall
+published after an excuse says `starved_ms`. Measured beside `stress-ng --cpu 2` on two
+cores, the lab's services waited 100 to 450 ms on the run queue with their process
+getting no CPU at all: a hang at a 200 ms deadline, fencing a healthy node, before this.
+
 The death of a registrant is published at once: each progress counter of its boxes is
 published as stalled (`reason` "died"), rather than at its deadline, and is not
 published again when the deadline passes. A registrant already dead when first seen (a
@@ -38,7 +48,8 @@ while it is held are not published (the lock stops progress on purpose). Each vi
 
 - progress_stalled: box, sensor, value, unchanged_ms, deadline_ms, onset (Unix time),
   owner_pid (the box's registrant, host pid); for a dead registrant also reason "died"
-  and died (Unix time), unchanged_ms then being below the deadline;
+  and died (Unix time), unchanged_ms then being below the deadline; starved_ms when the
+  deadline was extended for CPU starvation;
 - level_out_of_bounds: box "kernel", sensor "link_up", value 0, min 0.5 (link down);
 - node_frozen: the cgroup frozen by nobody's lock;
 - pressure_over_rate (condition "oom_kill"): box "kernel", sensor "oom_kills", value (the
@@ -75,6 +86,9 @@ SLOW_S = 1.0  # every node's link, frozen state and OOM count read again (fallba
 FROZEN_READ_S = 0.05  # the v1 freezer's state, which nothing notifies, is read this often
 OOM_SETTLE_S = 0.5  # after an OOM notification, the count is read on every tick this long
 RETRY_S = 1.0  # a box that did not parse is tried again after this
+PSI_SAMPLE_S = 0.025  # a node's cpu.pressure "full" total is sampled this often
+PSI_KEEP_S = 3.0  # and kept this long (a longer stall's excuse counts from the oldest)
+MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
 _GEN_WORD = abi.OFF_GENERATION // 8
 
 Owner = tuple[int, float]  # a registrant: (host pid, start time)
@@ -89,10 +103,11 @@ class _Counter:
     changed_at: float  # time.monotonic() the watcher saw it move (or first saw it)
     onset_wall: float
     stalled: bool = False
+    excused: float = 0.0  # seconds of this stretch the node was starved of CPU
 
     @property
     def due(self) -> float:
-        return self.changed_at + self.deadline
+        return self.changed_at + self.deadline + self.excused
 
 
 @dataclass(eq=False)
@@ -125,20 +140,46 @@ class _Node:
     oom_settle_until: float = 0.0  # read the count on every tick until then
     owners: dict[Owner, int] = field(default_factory=dict)  # -> its pidfd
     dead: set[Owner] = field(default_factory=set)  # registrants seen dead
+    starved: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic, full_us)
+    starved_due: float = 0.0  # next sample
+
+    def sample_starved(self, now: float) -> None:
+        """Sample the node's cpu.pressure "full" total (nothing where PSI is missing)."""
+        self.starved_due = now + PSI_SAMPLE_S
+        total = self.rt.node.cgroup.cpu_full_us()
+        if total is None:
+            return
+        self.starved.append((now, total))
+        while self.starved and self.starved[0][0] < now - PSI_KEEP_S:
+            self.starved.popleft()
+
+    def starved_since(self, since: float, now: float) -> float:
+        """Seconds from `since` to `now` during which the node could not run (from the
+        last sample at or before `since`, else the oldest; 0 without samples)."""
+        self.sample_starved(now)
+        if not self.starved:
+            return 0.0
+        base = self.starved[0][1]
+        for t, total in self.starved:
+            if t > since:
+                break
+            base = total
+        return max(0, self.starved[-1][1] - base) / 1e6
 
 
 class Watcher:
     """Watches every node on one thread (`start`, `stop`); `publish(kind, node, **data)`
     pushes an event; `held(node)` says whether a lease holds the node locked;
-    `holds_sessions(node, pid)` whether a process holds sessions of the node. `slow_s`:
-    the fallback reads' period."""
+    `owner_died(node, pid)` is told of a registrant's death and says whether it held
+    sessions of the node (the owner watch has then pushed "owner_died"). `slow_s`: the
+    fallback reads' period."""
 
     def __init__(self, nodes: dict[str, NodeRuntime], regions, *, period_s: float,
                  publish: Callable[..., int], held: Callable[[str], bool],
-                 holds_sessions: Callable[[str, int], bool] = lambda node, pid: False,
+                 owner_died: Callable[[str, int], bool] = lambda node, pid: False,
                  slow_s: float = SLOW_S):
         self.nodes, self.regions, self.period, self.slow_s = nodes, regions, period_s, slow_s
-        self.publish, self.held, self.holds_sessions = publish, held, holds_sessions
+        self.publish, self.held, self.owner_died = publish, held, owner_died
         self._nodes = {name: _Node(rt) for name, rt in nodes.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
@@ -151,6 +192,7 @@ class Watcher:
         self._sources: dict[int, tuple[_Node, str]] = {}  # fd -> (node, its source's attr)
         self._version = -1  # of the region table when the box list was built
         self._boxes: list[_Box] = []  # every node's, flat: what a tick reads
+        self._counted: list[_Node] = []  # nodes with boxes: their CPU starvation is sampled
         self._read_frozen: list[_Node] = []  # nodes whose frozen state a tick reads (v1)
         self._settling: set[_Node] = set()  # nodes just notified of an OOM
 
@@ -294,6 +336,7 @@ class Watcher:
                 self.errors += 1
                 log.warning("node %s: watch failed: %s", n.rt.name, e)
         self._boxes = [b for n in self._nodes.values() for b in n.boxes.values()]
+        self._counted = [n for n in self._nodes.values() if n.boxes]
 
     def _replan_node(self, n: _Node, now: float) -> None:
         entries = [e for e in self.regions.borrow_all(n.rt.name, "sensorbox") if not e.internal]
@@ -328,6 +371,9 @@ class Watcher:
             self.regions.give_back(old)
 
     def _tick(self, now: float) -> None:
+        for n in self._counted:
+            if now >= n.starved_due:
+                n.sample_starved(now)
         for box in self._boxes:
             if box.retry_at and now < box.retry_at:
                 continue
@@ -365,7 +411,7 @@ class Watcher:
                     self._say(box.node.rt.name, False, detector="progress_stalled",
                               condition="progress_stalled", box=box.key[0], sensor=c.name,
                               value=word, stalled_ms=round((now - c.changed_at) * 1000, 1))
-                c.word, c.changed_at, c.onset_wall = word, now, time.time()
+                c.word, c.changed_at, c.onset_wall, c.excused = word, now, time.time(), 0.0
             elif not c.stalled and now > c.due and not box.dead:
                 self._stall(box, c, now)
         box.read_at = now
@@ -389,13 +435,19 @@ class Watcher:
         unchanged = now - c.changed_at
         if not stalled(unchanged, c.deadline) or self.held(box.node.rt.name):
             return
+        starved = min(box.node.starved_since(c.changed_at, now), MAX_EXCUSE_S)
+        if starved > c.excused:  # denied the CPU meanwhile: the deadline moves on
+            c.excused = starved
+            if not stalled(unchanged - starved, c.deadline):
+                return
         c.stalled = True
+        extra = {"starved_ms": round(c.excused * 1000, 1)} if c.excused else {}
         # not rounded: a stall seen every period_s first passes a deadline that is
         # a multiple of it by microseconds, which rounding would hide
         self._say(box.node.rt.name, True, detector="progress_stalled",
                   condition="progress_stalled", box=box.key[0], sensor=c.name, value=c.word,
                   unchanged_ms=unchanged * 1000, deadline_ms=c.deadline * 1000,
-                  onset=c.onset_wall, owner_pid=box.owner[0])
+                  onset=c.onset_wall, owner_pid=box.owner[0], **extra)
 
     # -- deaths -----------------------------------------------------------------------
 
@@ -427,8 +479,12 @@ class Watcher:
         """Publish every progress counter of the dead `owner`'s boxes as stalled, once."""
         rt = n.rt
         n.dead.add(owner)
-        if self.held(rt.name) or self.holds_sessions(rt.name, owner[0]):
-            return  # stalls at the deadline: a lock's doing, or "owner_died" says it now
+        if self.held(rt.name):
+            return  # stalls at the deadline: a lock's doing
+        if self.owner_died(rt.name, owner[0]):
+            # "owner_died" says it, pushed by now even if the owner watch's own thread has
+            # not run yet: the box's stall at the deadline never reaches a monitor first
+            return
         now, died = time.monotonic(), time.time()
         mine = [box for box in n.boxes.values() if box.owner == owner]
         for box in mine:

@@ -18,12 +18,15 @@ run directories) is hidden in the node but for the node's own run directory
 that killed its node's cgroup is started again by the next `run_in_node`.
 
 The lab owns everything it creates and removes it in `down()`. A lab whose owner was
-SIGKILLed is reaped by name prefix on the next `up()` or `down()` of the same name.
+SIGKILLed is reaped by name prefix on the next `up()` or `down()` of the same name, and by
+the next `up()` of any lab (its owner's pid and start time are in its state file) unless
+it was left up on purpose (`lab up` without --foreground detaches it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import shutil
@@ -37,7 +40,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..common.procs import alive, read_line
+from ..common.procs import alive, is_same, read_line, read_process
 from ..common.runtime import agent_socket, service_env
 from .. import net
 from ..errors import BackdoorsError, LabError, NodeError, require_root
@@ -50,6 +53,8 @@ from .. import fleet
 from ..fleet import nats
 from .agents import agent_pid, key_path, read_key, start_agent, stop_agents, write_keys
 from . import topology, vms
+
+log = logging.getLogger("backdoors.lab")
 
 STATE_FILE = "lab.json"
 #: Where Lab.data_dir makes directories: visible in the nodes (unlike /run/backdoors).
@@ -88,6 +93,8 @@ class LabState:
     vm_nodes: int = 0
     vms: dict[str, int] = field(default_factory=dict)  # VM node -> its QEMU's pid
     vm_boots: dict[str, dict] = field(default_factory=dict)  # VM node -> accel, boot_s
+    owner_start: float = 0.0  # the owner's start time (0: unknown, never taken as dead)
+    detached: bool = False  # left up for `lab down` (`lab up`): it outlives its owner
 
     @classmethod
     def load(cls, path: Path) -> "LabState":
@@ -149,6 +156,24 @@ def _reap_monitors(run_dir: Path) -> list[int]:
     return killed
 
 
+def reap_abandoned() -> list[str]:
+    """Reap every lab whose owner died without taking it down (a killed test or script):
+    its nodes, services and agents would otherwise run on. A lab left up on purpose
+    (`lab up` without --foreground) is detached and kept. Returns the names reaped."""
+    reaped = []
+    for name in running_labs():
+        try:
+            state = LabState.load(topology.RUN_ROOT / name / STATE_FILE)
+        except LabError:
+            continue  # corrupt: `lab down` says so to whoever looks
+        if state.detached or not state.owner_start:
+            continue
+        if not is_same(state.owner_pid, state.owner_start):
+            reap(name)
+            reaped.append(name)
+    return reaped
+
+
 def running_labs() -> list[str]:
     """Names of labs with a state file under /run/backdoors."""
     if not topology.RUN_ROOT.is_dir():
@@ -168,8 +193,9 @@ class Lab:
         self.with_services = services
         self.with_agents, self.quorum, self.monitors = agents, quorum, tuple(monitors)
         self.with_etcd = etcd
+        me = read_process(os.getpid())
         self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time(),
-                              vm_nodes=vm_nodes)
+                              vm_nodes=vm_nodes, owner_start=me.start_time if me else 0.0)
         self._vms: dict = {}  # VM node -> vm.Vm started by this process
         self._nodes: dict[str, Node] = {}
         self._keys: dict = {}  # id -> agent.keys.Identity, read once
@@ -196,6 +222,8 @@ class Lab:
         """Build the lab (after reaping any leftovers of a lab of the same name)."""
         require_root("building a lab")
         raise_nofile()
+        for other in reap_abandoned():
+            log.warning("reaped lab %s: its owner died without taking it down", other)
         reap(self.name)
         try:
             self.plan.run_dir.mkdir(parents=True)
@@ -226,6 +254,11 @@ class Lab:
             self.down()
             raise
         return self
+
+    def detach(self) -> None:
+        """Leave the lab up after this process exits, for `backdoors lab down`."""
+        self.state.detached = True
+        self.state.save(self.state_path)
 
     def down(self) -> dict[str, list[str]]:
         """Tear the lab down: agents first (they thaw what they hold), then processes,

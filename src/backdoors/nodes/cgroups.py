@@ -430,6 +430,18 @@ class Cgroup:
             return stat.get("usage_usec", 0) / 1e6
         raise NodeError(f"no CPU accounting available ({self.layout.describe()})")
 
+    def cpu_full_us(self) -> int | None:
+        """Microseconds so far during which the cgroup's runnable tasks all waited for a CPU
+        and none ran: the v2 cpu.pressure "full" total (no controller needed). None
+        without a v2 hierarchy or PSI."""
+        if UNIFIED not in self.paths:
+            return None
+        try:
+            return int(cgfs.pressure(cgfs.read(self.paths[UNIFIED] / "cpu.pressure"))
+                       ["full_total_us"])
+        except (NodeError, KeyError, ValueError):
+            return None
+
     def pressure(self) -> dict[str, dict[str, float | int]]:
         """PSI of the cgroup per resource ("memory", "cpu", "io"), from the v2 *.pressure files.
 
