@@ -11,13 +11,15 @@ all: test
 # Debian packages the tests and benchmarks use (gcc for the C Sensor Box writer test,
 # curl for the unmodified-client recovery test, haproxy for the recovery benchmark,
 # catatonit for the PID 1 and exec shim of nodes as containers; libseccomp2 for the sealed
-# agent's filter; etcd-server for a fleet of monitors; postgresql for the case study's
-# database; qemu-system-x86 and busybox-static for VM nodes, docs/vm-backdoor.md).
+# agent's filter; etcd-server for a fleet of monitors; nats-server for warnings between
+# clusters; postgresql for the case study's database; qemu-system-x86 and busybox-static
+# for VM nodes, docs/vm-backdoor.md).
 system-deps:
 	@missing=""; \
 	for p in gcc curl strace haproxy catatonit; do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	ldconfig -p | grep -q 'libseccomp\.so\.2 ' || missing="$$missing libseccomp2"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v nats-server >/dev/null 2>&1 || missing="$$missing nats-server"; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \
 	[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || missing="$$missing busybox-static"; \

@@ -16,7 +16,9 @@ from backdoors.common.configfile import descriptions
 from backdoors.config import load_agent_config as load_agent
 from backdoors.config import load_monitor_config as load_monitor
 from backdoors.errors import ConfigError
-from backdoors.monitor.config import AgentEntry, MonitorConfig
+from backdoors.monitor.config import (
+    AgentEntry, ArmedEntry, MonitorConfig, WarningsConfig, parse_config,
+)
 
 CONTRIB = Path(__file__).resolve().parents[1] / "contrib" / "backdoors.toml"
 
@@ -205,7 +207,8 @@ def test_monitor_check_warns_when_heal_has_nowhere_to_recover_to(folder):
 
 
 def test_every_key_is_documented():
-    for struct in (AgentConfig, NodeSpec, KernelSensorLimits, MonitorConfig, AgentEntry):
+    for struct in (AgentConfig, NodeSpec, KernelSensorLimits, MonitorConfig, AgentEntry,
+                   WarningsConfig, ArmedEntry):
         assert set(descriptions(struct)) == set(struct.__struct_fields__), struct.__name__
 
 
@@ -271,7 +274,8 @@ def test_show_without_a_file_prints_the_defaults(monkeypatch, tmp_path):
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 LAYOUT = {"agent": AgentConfig, "monitor": MonitorConfig}
 TABLES = {AgentConfig: {"nodes": NodeSpec, "kernel_sensors": KernelSensorLimits},
-          MonitorConfig: {"agents": AgentEntry}}
+          MonitorConfig: {"agents": AgentEntry, "warnings": WarningsConfig},
+          WarningsConfig: {"armed": ArmedEntry}}
 
 
 def section(doc: str, heading: str) -> str:
@@ -317,6 +321,12 @@ def test_the_monitor_docs_list_exactly_the_keys_of_its_classes():
     example, = toml_blocks(section("monitor.md", "## 2. Configuration"))
     assert sorted(example) == sorted(MonitorConfig.__struct_fields__)
     assert sorted(example["agents"][0]) == sorted(AgentEntry.__struct_fields__)
+    assert sorted(example["warnings"]) == sorted(WarningsConfig.__struct_fields__)
+    assert sorted(example["warnings"]["armed"][0]) == sorted(ArmedEntry.__struct_fields__)
+    parse_config(msgspec.toml.encode({**example, "warnings": {
+        **example["warnings"], "trusted_keys": {"w1": new_identity("w1").public_text()}},
+        "agents": [{**example["agents"][0], "public_key": new_identity("h0").public_text()}]}
+    ).decode())  # the example is a valid config
 
 
 def test_the_operations_guide_names_only_existing_keys():

@@ -49,7 +49,7 @@ class ScriptedAgent:
         self.table = [p for p in self.table if p.pid not in self.killed]
         return SimpleNamespace(thaw_ms=0.5)
 
-    def processes(self, node):
+    def processes(self, node, cmdline=False):
         return SimpleNamespace(rows=list(self.table), total=len(self.table), truncated=False)
 
     def kill_tree(self, node, pid):

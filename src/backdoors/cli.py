@@ -688,6 +688,41 @@ def scenario_hostile_node(as_json: bool = typer.Option(False, "--json", help="Pr
         raise typer.Exit(1)
 
 
+@scenario_app.command("warning")
+def scenario_warning(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Two clusters warn each other over NATS: a fork bomb repaired in A, the signed warning arms B, the same bomb in B is killed on sight, before its pids limit.
+
+    Two labs (each an agent, a node under a pids limit of 256, a service, a monitor) and two NATS servers linked by a leaf node. Reports first_cluster_repair_ms, second_cluster_repair_ms, second_cluster_service_impact (ms), warnings_sent, warnings_rejected, second_cluster_fork_failures (must be 0), second_cluster_killed_before_limit. About 15 s (root).
+    """
+    from .scenarios.warning import warning
+
+    result = warning()
+    _emit(result, as_json)
+    if not result.get("second_cluster_killed_before_limit"):
+        raise typer.Exit(1)
+
+
+@scenario_app.command("fleet")
+def scenario_fleet(
+    monitors: int = typer.Option(3, help="Monitor processes sharing the nodes through etcd."),
+    hosts: int = typer.Option(2, help="Hosts (one agent each)."),
+    nodes: int = typer.Option(8, help="Nodes with services (the issue's full run: --hosts 8 --nodes 64)."),
+    duration: float = typer.Option(60.0, help="Seconds of random faults."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the fault schedule (reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """A fleet of monitors under random faults of its nodes (fork bomb, memory hog, freeze) and of itself (monitor SIGKILL, monitor SIGSTOP longer than its lease, then SIGCONT).
+
+    Reports faults_injected, faults_handled, missed (must be 0), takeover_ms_p99, stale_token_ops_refused, stale_token_ops_applied (must be 0), double_acted (must be 0), from the agents' ownership, the monitors' incident logs and the agents' audit logs (root).
+    """
+    from .scenarios.fleet import fleet
+
+    result = fleet(monitors=monitors, hosts=hosts, nodes=nodes, duration_s=duration, seed=seed)
+    _emit(result, as_json)
+    if result["missed"] or result["stale_token_ops_applied"] or result["double_acted"]:
+        raise typer.Exit(1)
+
+
 # ---- benchmarks -----------------------------------------------------------------------
 
 

@@ -274,7 +274,10 @@ class AgentClient:
         return self._typed("write", WriteReply, node=node, region=region, offset=offset,
                            data=bytes(data)).written
 
-    def processes(self, node: str) -> ProcessTable:
+    def processes(self, node: str, *, cmdline: bool = False) -> ProcessTable:
+        """The node's process table; `cmdline`: each row's command line too."""
+        if cmdline:
+            return self._typed("processes", ProcessTable, node=node, cmdline=True)
         return self._typed("processes", ProcessTable, node=node)
 
     def lock(self, node: str, lease_s: float | None) -> LockReply:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ..common.procs import installed_exe, same_start
+from ..common.procs import exe_sha256, installed_exe, read_cmdline, same_start
 from ..errors import SensorBoxError
 from ..nodes import KEEP, process_table, subtree
 from ..sensors import read_consistent
@@ -111,6 +111,11 @@ class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 class NodeArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
+
+
+class ProcessesArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    cmdline: bool = False  # each row's command line too (a repair's table, not a poll's)
 
 
 class ReadArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -274,11 +279,13 @@ def processes(call: Call) -> ProcessTable:
     table = process_table(pids[:cap])
     now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
     registrants = dict(call.agent.regions.registrants(rt.name))
+    with_cmdline = call.args.cmdline
     rows = [
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
                    same_start(registrants.get(p.pid, -1.0), p.start_time),
-                   (installed_exe(p.pid) or ("",))[0])
+                   (installed_exe(p.pid) or ("",))[0], exe_sha256(p.pid, (p.start_time, p.comm)),
+                   read_cmdline(p.pid) if with_cmdline else [])
         for p in table
     ]
     return ProcessTable(rows, len(pids), len(pids) > cap)
@@ -384,7 +391,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("regions", NodeArgs, regions),
     Op("read", ReadArgs, read, "inline"),
     Op("sensors", NodeArgs, sensors, "memory"),
-    Op("processes", NodeArgs, processes),
+    Op("processes", ProcessesArgs, processes),
     Op("write", WriteArgs, write, "inline"),
     Op("lock", LockArgs, lock),
     Op("unlock", UnlockArgs, unlock),

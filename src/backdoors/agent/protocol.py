@@ -194,6 +194,8 @@ class ProcessRow(ProcessInfo, frozen=True):
     rss_rate: float
     registered: bool
     exe: str = ""  # the installed executable's name (procs.installed_exe), never the comm
+    exe_sha256: str = ""  # sha256 of its executable (procs.exe_sha256); "" if unreadable
+    cmdline: list[str] = []  # only when asked (processes(cmdline=True)); bounded
 
 
 class ProcessTable(msgspec.Struct):

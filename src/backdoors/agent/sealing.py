@@ -97,6 +97,10 @@ ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/hosts", "/etc/host.conf
 # needs no execute right in Landlock) and the zone database.
 LIBRARY_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib",
                 "/usr/share/zoneinfo")
+# Executables, read only to hash them (the process table's exe_sha256, for warnings
+# between clusters): Landlock denies a sealed agent /proc/PID/exe of node processes, so it
+# reads the file their argv[0] names (common.procs.exe_sha256).
+EXE_DIRS = ("/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
 DEVICES = {"/dev/null": landlock.READ_FILE | landlock.WRITE_FILE,
            "/dev/zero": landlock.READ_FILE, "/dev/urandom": landlock.READ_FILE,
            "/dev/random": landlock.READ_FILE}
@@ -134,6 +138,7 @@ def rules(*, run_dir: str, nodes: list[str], cgroup_mounts: list[str]) -> dict[s
     out: dict[str, int] = {p: landlock.READ for p in code_dirs()}
     out.update((p, landlock.READ) for p in LIBRARY_DIRS)
     out.update((p, landlock.READ_FILE) for p in ETC_FILES)
+    out.update((p, landlock.READ_FILE) for p in exe_dirs())
     out.update(DEVICES)
     out.update({"/proc": landlock.READ, "/sys": landlock.READ, "/run/netns": landlock.READ})
     # a node's network sysctls, set when it takes a service address over (adopt: ARP)
@@ -143,6 +148,12 @@ def rules(*, run_dir: str, nodes: list[str], cgroup_mounts: list[str]) -> dict[s
     # connected to, which Landlock does not check up to ABI 7
     out.update((os.path.join(run_dir, n), NODE_RUN_DIR) for n in nodes)
     return out
+
+
+def exe_dirs() -> list[str]:
+    """EXE_DIRS that exist, and this interpreter's own folder (resolved)."""
+    dirs = [*EXE_DIRS, os.path.dirname(os.path.realpath(sys.executable))]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
 def code_dirs() -> list[str]:

@@ -7,6 +7,7 @@ status can, for a process stuck in the kernel), and one read gives every field n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import selectors
 import subprocess
@@ -92,6 +93,93 @@ def installed_exe(pid: int) -> tuple[str, tuple[int, int]] | None:
         return None
     installed = st.st_uid == 0 and not st.st_mode & 0o022 and not target.endswith(" (deleted)")
     return (os.path.basename(target) if installed else ""), (st.st_dev, st.st_ino)
+
+
+#: Executables larger than this are not hashed (exe_sha256 gives "").
+EXE_HASH_MAX_BYTES = 256 << 20
+_EXE_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+_EXE_DIGESTS_MAX = 1024
+_BY_PROCESS: dict[tuple, str] = {}  # (pid, identity) -> digest, the argv[0] way
+_BY_PROCESS_MAX = 8192
+
+
+def exe_sha256(pid: int, identity: tuple | None = None) -> str:
+    """The sha256 (hex) of the executable `pid` runs; "" when unknown or over
+    EXE_HASH_MAX_BYTES. Read through /proc/PID/exe; where that is refused (a Landlocked
+    reader, like the sealed agent: Landlock denies it the ptrace-mode access /proc/PID/exe
+    needs to processes outside its domain), from the file the process's argv[0] names
+    when that is an absolute path (/proc/PID/cmdline needs no such access; a process
+    chooses its argv[0], so this names what it claims to run). Cached by the file's
+    identity (device, inode, size, mtime): a fork bomb's members, or every process of one
+    program, cost a stat each after the first read. `identity` (e.g. start time and comm,
+    which an exec changes) caches the argv[0] way per process: its command line is read
+    once, not at every table."""
+    path = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        key = (pid, identity) if identity is not None else None
+        if key is not None and (digest := _BY_PROCESS.get(key)) is not None:
+            return digest
+        digest = _argv0_sha256(pid)
+        if key is not None and digest:  # an unreadable one is tried again next time
+            if len(_BY_PROCESS) >= _BY_PROCESS_MAX:
+                _BY_PROCESS.clear()
+            _BY_PROCESS[key] = digest
+        return digest
+    except OSError:
+        return ""
+    return _file_sha256(path, st)
+
+
+def _argv0_sha256(pid: int) -> str:
+    path = _argv0(pid)
+    if path is None:
+        return ""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return _file_sha256(path, st)
+
+
+def _file_sha256(path: str, st: os.stat_result) -> str:
+    """The sha256 of the file at `path` (stat `st`), cached by its identity."""
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if (digest := _EXE_DIGESTS.get(key)) is not None:
+        return digest
+    if st.st_size > EXE_HASH_MAX_BYTES:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return ""
+    if len(_EXE_DIGESTS) >= _EXE_DIGESTS_MAX:
+        _EXE_DIGESTS.clear()
+    _EXE_DIGESTS[key] = digest
+    return digest
+
+
+def read_cmdline(pid: int, max_bytes: int = 1024, max_args: int = 32) -> list[str]:
+    """The command line of `pid` (at most `max_bytes`, `max_args` arguments; [] when gone,
+    a kernel thread or unreadable). Reading it takes the process's memory map lock
+    briefly: for a repair's table (frozen processes hold none), not for every poll."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            head = f.read(max_bytes)
+    except OSError:
+        return []
+    args = head.split(b"\0")
+    if args and args[-1] == b"":
+        args.pop()
+    return [a.decode(errors="replace") for a in args[:max_args]]
+
+
+def _argv0(pid: int) -> str | None:
+    """The absolute path `pid`'s argv[0] names, None when it is relative or unreadable."""
+    args = read_cmdline(pid, 4096, 1)
+    return args[0] if args and args[0].startswith("/") else None
 
 
 def running(state: str) -> bool:

@@ -4,7 +4,10 @@
 nodes over the live monitors; `member`: one monitor's membership under a lease, and its
 ownership records, whose etcd revisions are its fencing tokens; `process`: an etcd server
 process of its own (the lab, the tests). The agent never imports this package: it only
-checks the tokens (agent/tokens.py).
+checks the tokens (agent/tokens.py). Between clusters: `nats`, a NATS server process of its
+own, linked to another cluster's by a leaf-node connection; `bus`, a NATS connection
+(nats-py) for threaded code, which carries the monitors' signed warnings
+(monitor/warning.py).
 """
 
 from .assign import assign, owner

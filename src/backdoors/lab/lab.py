@@ -50,6 +50,7 @@ from ..nodes.container import (Container, Isolation, NodeProcess, mount_tmpfs, p
                                resize_tmpfs, uid_base_for, unmount_under)
 from ..sensors import SensorBoxReader, Snapshot
 from .. import fleet
+from ..fleet import nats
 from .agents import agent_pid, key_path, read_key, start_agent, stop_agents, write_keys
 from . import topology, vms
 
@@ -87,6 +88,7 @@ class LabState:
     services: dict[str, ServiceInfo] = field(default_factory=dict)
     agents: dict[str, int] = field(default_factory=dict)
     etcd: str | None = None  # the client URL of the lab's etcd (a fleet of monitors)
+    nats: str | None = None  # the client URL of the lab's NATS server (warnings)
     monitors: dict[str, int] = field(default_factory=dict)  # monitor processes: id -> pid
     vm_nodes: int = 0
     vms: dict[str, int] = field(default_factory=dict)  # VM node -> its QEMU's pid
@@ -117,7 +119,7 @@ def reap(name: str) -> dict[str, list[str]]:
     topology.check_name(name)
     prefix = topology.prefix(name)
     # the fleet's processes first (an etcd named by the prefix, monitors by their config)
-    removed = {"processes": [str(p) for p in fleet.reap(prefix)]}
+    removed = {"processes": [str(p) for p in fleet.reap(prefix) + nats.reap(prefix)]}
     removed["processes"] += [str(p) for p in _reap_monitors(topology.RUN_ROOT / name)]
     removed["processes"] += [str(p) for p in vms.reap(prefix)]  # VM nodes' QEMUs
     removed.update(netns=netns.reap(prefix), cgroups=cgroups.reap(prefix), files=[])
@@ -329,6 +331,19 @@ class Lab:
                                  within=lambda: netns.enter(self.plan.monitor_ns)).start()
         self.state.etcd = proc.url
         self.state.save(self.state_path)
+
+    def start_nats(self, remotes: list[str] | tuple[str, ...] = ()) -> "nats.NatsProcess":
+        """A NATS server of the lab's own, for warnings between clusters (labs): on the
+        host's loopback, where the lab's monitors run (in-process or start_monitor), with
+        free ports; it accepts leaf nodes (`.leaf_url`: give it as another lab's `remotes`).
+        Its config and log under the lab's prefix (/dev/shm/bd-NAME-nats); it is stopped
+        with the lab, by its name."""
+        prefix = topology.prefix(self.name)
+        proc = nats.NatsProcess(f"{prefix}nats", f"/dev/shm/{prefix}nats",
+                                leaf_port=nats.free_port(), remotes=list(remotes)).start()
+        self.state.nats = proc.url
+        self.state.save(self.state_path)
+        return proc
 
     @property
     def etcd_url(self) -> str:
@@ -618,6 +633,8 @@ class Lab:
         if self.state.etcd is not None:
             out["etcd"] = self.state.etcd
             out["monitors"] = dict(self.state.monitors)
+        if self.state.nats is not None:
+            out["nats"] = self.state.nats
         return out
 
 

@@ -158,7 +158,7 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
             frozen_at = ctx.clock()
             error, table, lineage, evidence, roots, singles = None, None, [], {}, [], []
             try:
-                table = ctx.client.processes(ctx.node)
+                table = ctx.client.processes(ctx.node, cmdline=True)  # frozen: cheap
                 lineage, evidence = ctx.lineage(table.rows, ctx.clock() - ctx.onset)
                 roots, singles = subtree_roots(lineage, table.rows)
                 # every kill is sent while the node is frozen: one that fails (a tree slow

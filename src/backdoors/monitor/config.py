@@ -49,6 +49,48 @@ class AgentEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     netns: Annotated[str | None, doc("make the connection from this network namespace")] = None
 
 
+class ArmedEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A rule armed from the start: processes running this executable as this comm are
+    killed on first sight (monitor/prearm.py)."""
+
+    exe_sha256: Annotated[str, doc("sha256 (64 hex digits) of the executable (sha256sum FILE)")]
+    comm: Annotated[str, doc("the comm it runs as (the hash alone would name every process "
+                             "of an interpreter)")]
+    kind: Annotated[str, doc('"fork-bomb" (the node is frozen while they are killed) or '
+                             '"memory-hog"')] = "fork-bomb"
+
+
+class WarningsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """[monitor.warnings]: signed early warnings between clusters over NATS (DINA)."""
+
+    nats: Annotated[list[str], doc(
+        "URLs of this cluster's NATS server(s) (nats://ADDR:4222); the clusters' servers "
+        "are linked (leaf nodes): docs/operations.md, \"Warnings between clusters\"")]
+    cluster: Annotated[str, doc(
+        "this cluster's name: its warnings go to <subject>.<cluster>")]
+    subject: Annotated[str, doc("the subject prefix of warnings")] = "backdoors.warnings"
+    trusted_keys: Annotated[dict[str, str | list[str]], doc(
+        'the other clusters\' monitors: id = "ed25519:..." (their monitor keys); a warning '
+        "signed by any other key is rejected")] = msgspec.field(default_factory=dict)
+    window_s: Annotated[Pos, doc(
+        "a warning issued further than this from now (either way) is rejected; ids are "
+        "remembered this long (replays are rejected)")] = 60.0
+    ttl_s: Annotated[Pos, doc("how long the warnings this monitor publishes, and the "
+                              "rules they arm, last")] = 3600.0
+    publish: Annotated[bool, doc(
+        "publish a warning when a fork bomb or memory hog is repaired")] = True
+    arm: Annotated[bool, doc("arm a rule for each verified warning of another cluster")] = True
+    scan_ms: Annotated[Pos, doc(
+        "while a rule is armed, every watched node's process table is read this often")] = 20.0
+    lease_s: Annotated[Pos, doc("the node lock held while a fork bomb's processes are "
+                                "killed on sight")] = 2.0
+    armed: Annotated[list[ArmedEntry], doc(
+        "rules armed from the start: [[monitor.warnings.armed]] exe_sha256, comm, "
+        "kind")] = msgspec.field(default_factory=list)
+    netns: Annotated[str | None, doc(
+        "make the connections to NATS from this network namespace")] = None
+
+
 class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Everything a monitor needs."""
 
@@ -99,6 +141,9 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     etcd_netns: Annotated[str | None, doc(
         "make the connections to etcd from this network namespace (the lab's monitor "
         "namespace)")] = None
+    warnings: Annotated[WarningsConfig | None, doc(
+        "[monitor.warnings]: warn other clusters of repaired attacks, and pre-arm against "
+        "theirs (docs/monitor.md, \"Warnings from other clusters\"); unset: none")] = None
 
 
 def _validate(c: MonitorConfig) -> None:
@@ -139,6 +184,8 @@ def _validate(c: MonitorConfig) -> None:
             raise Invalid(("etcd", i), f"{url!r} is not a URL (like http://10.99.0.250:2379)")
     if c.etcd is not None and not c.etcd:
         raise Invalid(("etcd",), "name at least one etcd URL, or leave the key out")
+    if c.warnings is not None:
+        _validate_warnings(c.warnings)
     if not c.rulesets:
         raise Invalid(("rulesets",), "name at least one ruleset (\"default\")")
     if c.period_ms < 1:
@@ -146,6 +193,31 @@ def _validate(c: MonitorConfig) -> None:
     for key in ("period_ms", "timeout_ms", "action_timeout_ms", "history_s"):
         if not math.isfinite(getattr(c, key)):
             raise Invalid((key,), "must be finite")
+
+
+def _validate_warnings(w: WarningsConfig) -> None:
+    if not w.nats:
+        raise Invalid(("warnings", "nats"), "name at least one NATS URL (nats://ADDR:4222)")
+    for i, url in enumerate(w.nats):
+        if not url.startswith(("nats://", "tls://")):
+            raise Invalid(("warnings", "nats", i), f"{url!r} is not a NATS URL "
+                          "(like nats://10.99.0.250:4222)")
+    if not NAME.fullmatch(w.cluster):
+        raise Invalid(("warnings", "cluster"), "must be 1-64 of A-Z a-z 0-9 _ . -")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", w.subject):
+        raise Invalid(("warnings", "subject"), f"{w.subject!r} is not a NATS subject "
+                      "(tokens of A-Z a-z 0-9 _ - joined by dots)")
+    try:
+        decode_publics(w.trusted_keys, "trusted_keys")
+    except ConfigError as e:
+        raise Invalid(("warnings", "trusted_keys"), str(e)) from None
+    for i, a in enumerate(w.armed):
+        if not re.fullmatch(r"[0-9a-f]{64}", a.exe_sha256):
+            raise Invalid(("warnings", "armed", i, "exe_sha256"), "64 lowercase hex digits")
+        if not a.comm:
+            raise Invalid(("warnings", "armed", i, "comm"), "name the comm")
+        if a.kind not in ("fork-bomb", "memory-hog"):
+            raise Invalid(("warnings", "armed", i, "kind"), '"fork-bomb" or "memory-hog"')
 
 
 def validate(config: MonitorConfig, source: str = "monitor config") -> MonitorConfig:

@@ -284,6 +284,12 @@ class Monitor:
         if self.share is not None:
             self.metrics.registry.register(self.share)
         self.metrics_server = None
+        self.warnings = None  # warnings between clusters (monitor/prearm.py), if configured
+        if config.warnings is not None:
+            from . import prearm
+            self.warnings = prearm.attach(self)
+            self.subscribe(self.warnings.incident)
+            self.metrics.registry.register(self.warnings)
 
     def _default_client(self, entry: AgentEntry, timeout: float):
         from ..agent.client import AgentClient
@@ -309,6 +315,9 @@ class Monitor:
             for p in self.pollers:
                 p.start()
             self._follow_events()
+            if self.warnings is not None:
+                from . import prearm
+                prearm.start(self.warnings, self.config.warnings)
         return self
 
     def summary(self) -> str:
@@ -331,6 +340,9 @@ class Monitor:
             self.share.stop()  # its lease revoked: the others take its nodes at once
         for f in self.followers:
             f.stop(timeout)
+        if self.warnings is not None and self._started:
+            from . import prearm
+            prearm.stop(self.warnings)
         self._pool.shutdown(wait=True)
         still_open = len(self.engine.open_incidents())
         self.engine.close_all("monitor stopped")

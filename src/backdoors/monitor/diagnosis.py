@@ -70,6 +70,35 @@ def _brief(p: Row) -> dict[str, Any]:
             "registered": p.registered}
 
 
+def culprit_identity(rows: Iterable[Row]) -> dict[str, Any] | None:
+    """What the culprit runs, for a warning to other clusters (monitor/warning.py): the
+    sha256 of its executable (as the agent read it), its comm and installed name; of
+    several rows (a fork bomb), their most common (hash, comm), with its count. None when
+    no row has a hash."""
+    counts: dict[tuple[str, str, str], int] = {}
+    cmdlines: dict[tuple[str, str, str], list[str]] = {}
+    for p in rows:
+        if p.exe_sha256:
+            k = (p.exe_sha256, p.comm, p.exe)
+            counts[k] = counts.get(k, 0) + 1
+            if p.cmdline and k not in cmdlines:
+                cmdlines[k] = list(p.cmdline)
+    if not counts:
+        return None
+    k, n = max(counts.items(), key=lambda kv: kv[1])
+    return {"exe_sha256": k[0], "comm": k[1], "exe": k[2], "count": n,
+            "cmdline": cmdlines.get(k, [])}
+
+
+def culprit_of(finding: Finding) -> dict[str, Any] | None:
+    """The culprit identity a finding carries (a memory hog's, or a fork bomb's lineage's)."""
+    ev = finding.evidence or {}
+    c = ev.get("culprit")
+    if c is None and isinstance(ev.get("lineage"), dict):
+        c = ev["lineage"].get("culprit")
+    return c if isinstance(c, dict) and c.get("exe_sha256") else None
+
+
 def _protected_comm(p: Row, patterns: Iterable[str]) -> bool:
     """`protect_comms` matches the installed executable the agent vouches for (`exe`),
     never the comm, which any process sets for itself."""
@@ -102,6 +131,7 @@ def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
                            "is not killed; nothing else to repair", [], evidence)
         return Finding("memory_hog", "no process grows faster than "
                        f"{cfg.min_rate_mb_s:g} MB/s: no culprit", [], evidence)
+    evidence["culprit"] = culprit_identity([top])
     note = "" if largest is None or largest.pid == top.pid else (
         f"; the largest process is {largest.comm} ({largest.pid}, "
         f"{largest.rss_bytes / MiB:.0f} MB), stable or slower")
@@ -219,6 +249,7 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
         "spawn": len(spawn),
         "kinds": sorted({f"{p.exe or '?'}:{p.comm}" for p in kin})[:5],
         "first_process": first.pid if first else None,
+        "culprit": culprit_identity(lineage.values()),
     }
     return sorted(lineage.values(), key=lambda p: p.pid), evidence
 
@@ -452,7 +483,7 @@ class MemoryHogDiagnosis(Diagnosis, tag="memory_hog"):
     protect_comms: list[str] = []
 
     def run(self, ctx: Context) -> Finding:
-        table = ctx.client.processes(ctx.node)
+        table = ctx.client.processes(ctx.node, cmdline=True)  # the culprit's, for a warning
         return _table_noted(memory_hog(self, table.rows), table)
 
 

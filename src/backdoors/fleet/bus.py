@@ -1,0 +1,97 @@
+"""A NATS connection (nats-py) for threaded code: publish bytes, receive them by callback.
+
+nats-py is asyncio; the monitor is threads. `Bus` runs the connection on an event loop of
+its own thread: `publish` may be called from any thread (it waits until the server has the
+message, `flush`), and `on_message(subject, data)` is called on the bus's thread for each
+message of the subscribed subject (keep it short: hand long work to another thread).
+nats-py reconnects by itself when its server goes away and comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+from .nats import NatsError
+
+log = logging.getLogger("backdoors.fleet")
+
+
+class Bus:
+    """A connection to `servers` (nats:// URLs), subscribed to `subject` when `on_message`
+    is given. `within()`: entered around the connection (a network namespace)."""
+
+    def __init__(self, servers: list[str], subject: str,
+                 on_message: Callable[[str, bytes], None] | None = None, *,
+                 name: str = "backdoors", timeout: float = 5.0,
+                 within: Callable[[], AbstractContextManager] | None = None):
+        if not servers:
+            raise NatsError("no NATS server given (like nats://127.0.0.1:4222)")
+        self.servers, self.subject, self.on_message = list(servers), subject, on_message
+        self.name, self.timeout, self.within = name, timeout, within
+        self._loop = asyncio.new_event_loop()
+        self._nc = None
+        self._thread = threading.Thread(target=self._run, name="bd-nats", daemon=True)
+
+    def _run(self) -> None:
+        # the loop's thread makes every connection (and reconnection): it enters `within`
+        with self.within() if self.within is not None else nullcontext():
+            self._loop.run_forever()
+
+    def start(self) -> Bus:
+        """Connect (and subscribe); NatsError when no server answers within the timeout."""
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._connect(), self._loop)
+        try:
+            fut.result(self.timeout + 1)
+        except Exception as e:  # noqa: BLE001 - nats-py raises many kinds
+            self.stop()
+            raise NatsError(f"NATS {', '.join(self.servers)}: cannot connect: "
+                            f"{e or type(e).__name__}") from None
+        return self
+
+    async def _connect(self) -> None:
+        import nats
+        self._nc = await nats.connect(servers=self.servers, name=self.name,
+                                      connect_timeout=self.timeout, max_reconnect_attempts=-1,
+                                      reconnect_time_wait=0.5, allow_reconnect=True)
+        if self.on_message is not None:
+            await self._nc.subscribe(self.subject, cb=self._deliver)
+            await self._nc.flush()
+
+    async def _deliver(self, msg) -> None:
+        try:
+            self.on_message(msg.subject, msg.data)
+        except Exception:  # noqa: BLE001 - one bad message must not end the subscription
+            log.exception("NATS message on %s: handler failed", msg.subject)
+
+    def publish(self, data: bytes, subject: str | None = None) -> None:
+        """Send `data` and wait until the server has it; NatsError if it cannot."""
+        async def send() -> None:
+            await self._nc.publish(subject or self.subject, data)
+            await self._nc.flush(timeout=self.timeout)
+        try:
+            asyncio.run_coroutine_threadsafe(send(), self._loop).result(self.timeout + 1)
+        except Exception as e:  # noqa: BLE001
+            raise NatsError(f"NATS publish on {subject or self.subject}: "
+                            f"{e or type(e).__name__}") from None
+
+    def stop(self) -> None:
+        if self._nc is not None and self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._nc.close(), self._loop).result(3)
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(3)
+        self._nc = None
+
+    def __enter__(self) -> Bus:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

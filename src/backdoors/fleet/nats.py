@@ -1,0 +1,212 @@
+"""A NATS server process of its own, for clusters that warn each other (docs/operations.md,
+"Warnings between clusters"); the lab and the tests run one per cluster.
+
+    hub = NatsProcess("bd-a-nats", "/dev/shm/bd-a-nats", port=24222, leaf_port=24223).start()
+    spoke = NatsProcess("bd-b-nats", "/dev/shm/bd-b-nats", port=24232,
+                        remotes=[hub.leaf_url]).start()
+    spoke.wait_linked()
+
+Two clusters' servers are linked by a **leaf-node connection**: one listens for leaf nodes
+(`leaf_port`), the other names it in `remotes`; a message published on either side reaches
+the subscribers of both (interest crosses the link), while each cluster keeps its own
+server, and its own failure domain. Its config and log are in its own folder (removed at
+stop); its name (`--name`, on its command line) starts with the owner's prefix, so that
+`reap(prefix)` finds a crashed owner's server. `within()`: a context manager start() enters
+to start it (e.g. a lab's monitor network namespace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import psutil
+
+from ..errors import BackdoorsError
+
+NATS_SERVER = "nats-server"
+
+
+class NatsError(BackdoorsError):
+    """The NATS server could not be started, or did not link."""
+
+
+def available() -> str | None:
+    """The nats-server executable, None when not installed (Debian: nats-server)."""
+    return shutil.which(NATS_SERVER)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class NatsProcess:
+    """One nats-server: clients on `host`:`port`, monitoring (HTTP) on `http_port`, leaf
+    nodes accepted on `leaf_port` (None: none), and leaf links to `remotes`
+    ("nats-leaf://HOST:PORT" of other servers)."""
+
+    def __init__(self, name: str, run_dir: str, *, host: str = "127.0.0.1",
+                 port: int | None = None, http_port: int | None = None,
+                 leaf_port: int | None = None, remotes: list[str] | None = None,
+                 within: Callable[[], AbstractContextManager] | None = None):
+        self.name, self.run_dir, self.host = name, run_dir, host
+        self.port = port or free_port(host)
+        self.http_port = http_port or free_port(host)
+        self.leaf_port, self.remotes = leaf_port, list(remotes or [])
+        self.within = within
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def leaf_url(self) -> str:
+        if self.leaf_port is None:
+            raise NatsError(f"nats {self.name} accepts no leaf nodes (no leaf_port)")
+        return f"nats-leaf://{self.host}:{self.leaf_port}"
+
+    def config(self) -> str:
+        """Its configuration file (NATS's format, of which JSON is a subset)."""
+        conf: dict = {"server_name": self.name, "listen": f"{self.host}:{self.port}",
+                      "http": f"{self.host}:{self.http_port}", "max_payload": 65536}
+        leaf: dict = {}
+        if self.leaf_port is not None:
+            leaf["listen"] = f"{self.host}:{self.leaf_port}"
+        if self.remotes:
+            leaf["remotes"] = [{"url": r} for r in self.remotes]
+            leaf["reconnect"] = 1  # seconds between tries while the other side is away
+        if leaf:
+            conf["leafnodes"] = leaf
+        return json.dumps(conf, indent=1)
+
+    def start(self, timeout: float = 10.0) -> NatsProcess:
+        with self.within() if self.within is not None else nullcontext():
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> NatsProcess:
+        exe = available()
+        if exe is None:
+            raise NatsError("nats-server is not installed (Debian: apt-get install "
+                            "nats-server; make system-deps installs it)")
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        os.makedirs(self.run_dir, mode=0o700)
+        conf = os.path.join(self.run_dir, "nats.conf")
+        with open(conf, "w") as f:
+            f.write(self.config())
+        log = open(os.path.join(self.run_dir, "nats.log"), "wb")
+        self.proc = subprocess.Popen([exe, "--name", self.name, "-c", conf], stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        end = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise NatsError(f"nats-server {self.name} exited with status "
+                                f"{self.proc.returncode}: {self._log_tail()}")
+            try:
+                socket.create_connection((self.host, self.port), 0.2).close()
+                return self
+            except OSError:
+                if time.monotonic() > end:
+                    self.stop()
+                    raise NatsError(f"nats-server {self.name} did not listen on {self.url} "
+                                    f"within {timeout:g} s: {self._log_tail()}") from None
+                time.sleep(0.05)
+
+    def leafs(self) -> int:
+        """How many leaf-node links this server has up (its /leafz)."""
+        import httpx
+        with self.within() if self.within is not None else nullcontext():
+            r = httpx.get(f"http://{self.host}:{self.http_port}/leafz", timeout=1.0)
+        return int(r.json().get("leafnodes", 0))
+
+    def subscriptions(self) -> int:
+        """How many subscriptions this server knows (its /subsz): its clients', those its
+        leaf links brought (interest from the other side), and its own system ones (a few
+        dozen: count from a baseline)."""
+        import httpx
+        with self.within() if self.within is not None else nullcontext():
+            r = httpx.get(f"http://{self.host}:{self.http_port}/subsz", timeout=1.0)
+        return int(r.json().get("num_subscriptions", 0))
+
+    def wait_subscriptions(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until this server knows at least `n` subscriptions (e.g. the other
+        cluster's monitors', across the leaf link); NatsError after `timeout`."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                if self.subscriptions() >= n:
+                    return
+            except Exception:  # noqa: BLE001 - not answering yet
+                pass
+            if time.monotonic() > end:
+                raise NatsError(f"nats-server {self.name}: fewer than {n} subscriptions "
+                                f"within {timeout:g} s")
+            time.sleep(0.02)
+
+    def wait_linked(self, timeout: float = 10.0) -> None:
+        """Wait until a leaf-node link of this server is up; NatsError after `timeout`."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                if self.leafs() > 0:
+                    return
+            except Exception:  # noqa: BLE001 - not answering yet
+                pass
+            if time.monotonic() > end:
+                raise NatsError(f"nats-server {self.name}: no leaf-node link up within "
+                                f"{timeout:g} s (remotes {self.remotes}): {self._log_tail()}")
+            time.sleep(0.05)
+
+    def _log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.run_dir, "nats.log"), "rb") as f:
+                return f.read()[-600:].decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL) and remove its folder."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> NatsProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def reap(prefix: str) -> list[int]:
+    """SIGKILL the nats-server processes whose `--name` starts with `prefix` (a crashed
+    owner's); the pids killed."""
+    killed = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if not cmd or os.path.basename(cmd[0]) != NATS_SERVER or "--name" not in cmd:
+            continue
+        i = cmd.index("--name")
+        if i + 1 < len(cmd) and cmd[i + 1].startswith(prefix):
+            try:
+                p.kill()
+                killed.append(p.pid)
+            except psutil.Error:
+                pass
+    return killed

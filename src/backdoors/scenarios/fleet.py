@@ -1,0 +1,205 @@
+"""`backdoors scenario fleet`: a fleet of monitors under a random schedule of faults (issue
+14 §2; a skeleton: the faults of the nodes and of the monitors, not yet etcd's own).
+
+A lab with its own etcd and `monitors` monitor processes (default rules) sharing `nodes`
+nodes with services on `hosts` hosts. For `duration_s`, every `interval_s`, one fault is
+drawn (seeded): a fault of a node (a fork bomb or a memory hog, each stopped after
+`fault_s` if still there; a frozen node, thawed after `fault_s`), or of the fleet (a
+monitor SIGKILLed, then started again once its nodes were taken over; a monitor SIGSTOPped
+for `pause_s`, longer than its lease — the paused process holding a lease — then
+SIGCONTed). The facts come from outside the monitors: the agents' ownership of the nodes
+(`nodes()`), the monitors' incident logs and the agents' audit logs.
+
+Keys: monitors, hosts, nodes, faults_injected, faults_handled (node faults that an
+incident of some monitor opened on that node within `handle_s`), missed (node faults
+nobody handled), takeover_ms_p99 (a monitor's SIGKILL to each of its nodes claimed by
+another), stale_token_ops_refused (the agents' `stale_token` refusals),
+stale_token_ops_applied (a destructive op applied with a token older than one the agent
+had already accepted for that node: must be 0), double_acted (destructive ops two monitors
+applied to one node within `overlap_s` of each other: must be 0).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+from ..errors import BackdoorsError
+from ..fleet import assign
+from ..lab import Lab, faults
+from .labkit import unique_name
+
+MiB = 1 << 20
+DESTRUCTIVE = ("kill", "kill_tree", "kill_node", "lock", "set_limits")
+NODE_FAULTS = ("fork-bomb", "memory-hog", "freeze")
+FLEET_FAULTS = ("monitor-kill", "monitor-stop")
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))], 1)
+
+
+def fleet(*, monitors: int = 3, hosts: int = 2, nodes: int = 8, duration_s: float = 60.0,
+          interval_s: float = 3.0, fault_s: float = 3.0, pause_s: float = 2.5,
+          handle_s: float = 10.0, overlap_s: float = 1.0, seed: int | None = None) -> dict:
+    """Run the scenario (see the module's docstring); a JSON-ready dict."""
+    rng = random.Random(seed)
+    ids = tuple(f"m{i + 1}" for i in range(monitors))
+    lab = Lab(unique_name("fl"), hosts=hosts, nodes=nodes, memory_limit=256 * MiB,
+              pids_limit=256, agents=True, services=True, monitors=ids, etcd=True)
+    injected: list[dict] = []
+    takeover: list[float] = []
+    with lab:
+        for m in ids:
+            lab.start_monitor(m, rulesets=["default"], fleet_poll_ms=50.0)
+        keys = [f"{n.host}/{n.name}" for n in lab.plan.nodes]
+        clients = {h.name: lab.agent_client(h.name) for h in lab.plan.hosts}
+        try:
+            def owners() -> dict[str, str | None]:
+                got = {}
+                for host, c in clients.items():
+                    got.update({f"{host}/{i.name}": i.owner for i in c.nodes()})
+                return got
+
+            def wait(pred, timeout: float) -> bool:
+                end = time.monotonic() + timeout
+                while not pred():
+                    if time.monotonic() > end:
+                        return False
+                    time.sleep(0.01)
+                return True
+
+            everyone = assign(keys, ids)
+            if not wait(lambda: owners() == everyone, 60):
+                raise BackdoorsError("scenario fleet: the monitors did not claim every node "
+                                     "within 60 s")
+            end = time.monotonic() + duration_s
+            while time.monotonic() < end:
+                kind = rng.choice(NODE_FAULTS + FLEET_FAULTS)
+                at = time.time()
+                if kind in NODE_FAULTS:
+                    n = rng.choice(lab.plan.nodes)
+                    injected.append({"kind": kind, "node": n.name, "host": n.host, "at": at})
+                    # a hog fast enough to cross the high mark (80% of 256 MiB) in fault_s
+                    faults.inject(lab, kind, n.name, **(
+                        {"rate_mb": 150, "cap_mb": 400} if kind == "memory-hog" else {}))
+                    time.sleep(fault_s)
+                    try:  # whatever the monitors left of it (nothing, when repaired)
+                        faults.stop(lab, kind, n.name)
+                    except BackdoorsError:
+                        pass
+                else:
+                    victim = rng.choice(ids)
+                    injected.append({"kind": kind, "monitor": victim, "at": at})
+                    lost = {k for k, m in owners().items() if m == victim}
+                    if kind == "monitor-kill":
+                        killed = time.monotonic()
+                        lab.stop_monitor(victim, signal.SIGKILL)
+                        if lost and wait(lambda: all(owners().get(k) not in (victim, None)
+                                                     for k in lost), 30):
+                            takeover.append((time.monotonic() - killed) * 1000)
+                        lab.start_monitor(victim, rulesets=["default"], fleet_poll_ms=50.0)
+                    else:
+                        pid = lab.state.monitors[victim]
+                        _signal(pid, signal.SIGSTOP)
+                        time.sleep(pause_s)
+                        _signal(pid, signal.SIGCONT)
+                    wait(lambda: owners() == everyone, 30)  # its share back
+                time.sleep(max(0.0, interval_s - fault_s))
+            time.sleep(2.0)  # the last incidents written
+            run_dir = lab.plan.run_dir
+            incidents = _incidents(run_dir / "monitors")
+            audit = _audit(run_dir)
+        finally:
+            for c in clients.values():
+                c.close()
+    node_faults = [f for f in injected if f["kind"] in NODE_FAULTS]
+    handled = [f for f in node_faults if any(
+        i["node"] == f["node"] and i["host"] == f["host"]
+        and f["at"] - 0.5 <= i["detected"] <= f["at"] + handle_s for i in incidents)]
+    refused, applied_stale, double = _fencing(audit, overlap_s)
+    return {
+        "monitors": monitors, "hosts": hosts, "nodes": nodes, "duration_s": duration_s,
+        "seed": seed, "faults_injected": len(injected),
+        "faults_by_kind": {k: sum(1 for f in injected if f["kind"] == k)
+                           for k in NODE_FAULTS + FLEET_FAULTS},
+        "faults_handled": len(handled), "missed": len(node_faults) - len(handled),
+        "missed_faults": [f for f in node_faults if f not in handled],
+        "takeover_ms": [round(x, 1) for x in takeover],
+        "takeover_ms_p99": _pct(takeover, 0.99),
+        "stale_token_ops_refused": refused, "stale_token_ops_applied": applied_stale,
+        "double_acted": double, "incidents": len(incidents),
+        "anchors_s": {"kubernetes_node_lease": 40, "nomad_heartbeat": 20,
+                      "memberlist_swim": 5, "target_takeover": 2},
+    }
+
+
+def _signal(pid: int, sig: int) -> None:
+    import os
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _incidents(folder: Path) -> list[dict]:
+    """Every incident the monitors opened: {monitor, node, host, detected}."""
+    out = []
+    for path in sorted(folder.glob("incidents-*/*.jsonl")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue  # a torn last line (a monitor SIGKILLed mid-write)
+            rec = ev.get("record")
+            if ev.get("event") == "opened" and isinstance(rec, dict):
+                out.append({"monitor": rec.get("monitor"), "node": rec.get("node"),
+                            "host": rec.get("host"), "detected": rec.get("detected", 0.0)})
+    return out
+
+
+def _audit(run_dir: Path) -> list[dict]:
+    """The agents' audit lines of requests, in each agent's order (with its host)."""
+    out = []
+    for path in sorted(run_dir.glob("audit-*.jsonl")):
+        host = path.stem[len("audit-"):]
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("kind") == "rpc":
+                rec["host"] = host
+                out.append(rec)
+    return out
+
+
+def _fencing(audit: list[dict], overlap_s: float) -> tuple[int, int, int]:
+    """(stale-token refusals, destructive ops applied with a token older than one already
+    accepted for the node, pairs of destructive ops by two monitors on one node within
+    `overlap_s`)."""
+    refused = sum(1 for r in audit if r.get("error") == "stale_token")
+    highest: dict[str, int] = {}
+    stale_applied = 0
+    last: dict[str, tuple[float, str]] = {}
+    double = 0
+    for r in audit:
+        tok = r.get("token") or {}
+        node = f"{r['host']}/{tok.get('node') or (r.get('args') or {}).get('node', '?')}"
+        if r.get("ok") and "token" in tok:
+            if r.get("op") in DESTRUCTIVE and tok["token"] < highest.get(node, 0):
+                stale_applied += 1
+            highest[node] = max(highest.get(node, 0), tok["token"])
+        if r.get("ok") and r.get("op") in DESTRUCTIVE:
+            ts, mon = r.get("ts", 0.0), r.get("monitor")
+            prev = last.get(node)
+            if prev is not None and prev[1] != mon and ts - prev[0] <= overlap_s:
+                double += 1
+            last[node] = (ts, mon)
+    return refused, stale_applied, double

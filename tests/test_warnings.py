@@ -1,0 +1,176 @@
+"""Warnings between clusters (DINA): signatures, replays and the window, over real NATS
+servers linked by a leaf-node connection."""
+
+import tempfile
+import time
+
+import pytest
+from conftest import unavailable
+
+from backdoors.agent.keys import new_identity
+from backdoors.fleet import nats as natsproc
+from backdoors.monitor.diagnosis import culprit_identity
+from backdoors.monitor.prearm import Armed, Scanner, Warnings, matching_roots
+from backdoors.monitor.warning import Verifier, WarningRejected, issue, seal
+from backdoors.agent.protocol import ProcessRow
+
+HASH = "ab" * 32
+
+
+def _verifier(*signers, **kw):
+    return Verifier({s.id: (s.public,) for s in signers}, **kw)
+
+
+def _reason(v, data):
+    with pytest.raises(WarningRejected) as e:
+        v.check(data)
+    return e.value.reason
+
+
+def test_a_signed_warning_is_accepted_once():
+    a = new_identity("ma1")
+    v = _verifier(a)
+    data = seal(a, issue(a, "A", "fork-bomb", HASH, "bd-forkbomb", cmdline=["python3", "-m", "x"]))
+    w = v.check(data)
+    assert (w.kind, w.exe_sha256, w.comm, w.cluster) == ("fork-bomb", HASH, "bd-forkbomb", "A")
+    assert _reason(v, data) == "replay"
+
+
+def test_unknown_signer_and_bad_signature_are_rejected():
+    a, intruder = new_identity("ma1"), new_identity("mx")
+    v = _verifier(a)
+    assert _reason(v, seal(intruder, issue(intruder, "X", "fork-bomb", HASH, "c"))) == \
+        "unknown_signer"
+    # signed by an unknown key under a trusted id
+    forged = new_identity("ma1")
+    assert _reason(v, seal(forged, issue(forged, "A", "fork-bomb", HASH, "c"))) == \
+        "bad_signature"
+    assert _reason(v, b"not msgpack at all") == "bad_envelope"
+
+
+def test_window_and_expiry():
+    a = new_identity("ma1")
+    now = time.time()
+    v = _verifier(a, window_s=60)
+    old = issue(a, "A", "memory-hog", HASH, "c", now=now - 120)
+    assert _reason(v, seal(a, old)) == "too_old"
+    ahead = issue(a, "A", "memory-hog", HASH, "c", now=now + 120)
+    assert _reason(v, seal(a, ahead)) == "future"
+    short = issue(a, "A", "memory-hog", HASH, "c", now=now - 10, ttl_s=5)
+    assert _reason(v, seal(a, short)) == "expired"
+
+
+def _row(pid, ppid, comm, digest):
+    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, 1.0, 0.0, False,
+                      "python3", digest)
+
+
+def test_culprit_identity_and_matching_roots():
+    rows = [_row(1, 0, "init", HASH), _row(2, 1, "bomb", HASH), _row(3, 2, "bomb", HASH),
+            _row(4, 1, "bomb", HASH), _row(5, 4, "other", HASH), _row(6, 1, "bomb", "cd" * 32)]
+    assert culprit_identity(rows) == {"exe_sha256": HASH, "comm": "bomb", "exe": "python3",
+                                      "count": 3, "cmdline": []}
+    rule = Armed(HASH, "bomb")
+    roots, singles = matching_roots(rows, rule.matches)
+    assert [r.pid for r in roots] == [2]  # 4's tree holds a process of another comm
+    assert [r.pid for r in singles] == [4]
+
+
+@pytest.fixture
+def linked(unique):
+    """Two NATS servers linked by a leaf-node connection: (hub, spoke)."""
+    if natsproc.available() is None:
+        unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
+    hub = natsproc.NatsProcess(f"bdt-nats-a-{unique}", tempfile.mkdtemp(prefix="bdt-nats-",
+                                                                       dir="/dev/shm"),
+                               leaf_port=natsproc.free_port())
+    spoke = natsproc.NatsProcess(f"bdt-nats-b-{unique}", tempfile.mkdtemp(prefix="bdt-nats-",
+                                                                         dir="/dev/shm"))
+    try:
+        hub.start()
+        spoke.remotes = [hub.leaf_url]
+        spoke.start()
+        spoke.wait_linked()
+        yield hub, spoke
+    finally:
+        spoke.stop()
+        hub.stop()
+
+
+def _until(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_warnings_cross_linked_servers_and_bad_ones_are_counted(linked):
+    from backdoors.fleet.bus import Bus
+    hub, spoke = linked
+    ma, mb, intruder = new_identity("ma1"), new_identity("mb1"), new_identity("mx")
+    base = (hub.subscriptions(), spoke.subscriptions())
+    sa = Scanner(lambda: [])
+    sb = Scanner(lambda: [])
+    wa = Warnings(ma, "A", "bdt.warnings", _verifier(mb), sa)
+    wb = Warnings(mb, "B", "bdt.warnings", _verifier(ma), sb)
+    wa.bus = Bus([hub.url], "bdt.warnings.*", wa.on_message).start()
+    wb.bus = Bus([spoke.url], "bdt.warnings.*", wb.on_message).start()
+    try:
+        hub.wait_subscriptions(base[0] + 2)  # both monitors' interest, across the link
+        spoke.wait_subscriptions(base[1] + 2)
+        sent = {}
+        end = time.monotonic() + 10
+        while not wb.accepted:  # a fresh warning each time, until the link carries one
+            assert time.monotonic() < end, "no warning crossed the leaf link"
+            w = issue(ma, "A", "fork-bomb", HASH, "bd-forkbomb")
+            sent[w.id] = seal(ma, w)
+            wa.bus.publish(sent[w.id], "bdt.warnings.A")
+            attempt = time.monotonic() + 0.5
+            while not wb.accepted and time.monotonic() < attempt:
+                time.sleep(0.02)
+        data = sent[wb.accepted[0].id]
+        _until(lambda: sb.rules())
+        assert [(r.exe_sha256, r.comm) for r in sb.rules()] == [(HASH, "bd-forkbomb")]
+        assert wa.received == 0  # its own are skipped
+        wa.bus.publish(data, "bdt.warnings.A")  # a replay
+        wa.bus.publish(seal(intruder, issue(intruder, "A", "fork-bomb", "cd" * 32, "x")),
+                       "bdt.warnings.A")
+        _until(lambda: wb.rejected_total == 2)
+        assert wb.rejected == {"replay": 1, "unknown_signer": 1}
+        assert [r.exe_sha256 for r in sb.rules()] == [HASH]  # nothing armed by them
+    finally:
+        wa.bus.stop()
+        wb.bus.stop()
+
+
+def test_a_crashed_owners_server_is_reaped_by_name(unique):
+    if natsproc.available() is None:
+        unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
+    p = natsproc.NatsProcess(f"bdt-reap-{unique}-nats", tempfile.mkdtemp(dir="/dev/shm")).start()
+    try:
+        assert natsproc.reap(f"bdt-reap-{unique}-") == [p.proc.pid]
+        p.proc.wait(5)
+    finally:
+        p.stop()
+
+
+def test_exe_sha256_is_the_executables_digest():
+    import hashlib
+    import os
+    import sys
+    from backdoors.common.procs import exe_sha256
+    with open(os.path.realpath(sys.executable), "rb") as f:
+        assert exe_sha256(os.getpid()) == hashlib.sha256(f.read()).hexdigest()
+    assert exe_sha256(2 ** 22 + 1) == ""  # no such process
+
+
+def test_warnings_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+    a = new_identity("ma1")
+    w = Warnings(a, "B", "s", _verifier(), Scanner(lambda: []))
+    w.on_message("s.A", b"junk")
+    reg = CollectorRegistry()
+    reg.register(w)
+    text = generate_latest(reg).decode()
+    assert 'backdoors_monitor_warnings_rejected_total{reason="bad_envelope"} 1.0' in text
+    assert "backdoors_monitor_warnings_sent_total 0.0" in text
