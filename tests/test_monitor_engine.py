@@ -415,6 +415,17 @@ def test_a_stall_the_agent_pushes_at_its_deadline_opens_the_incident_by_event(un
     assert inc.onset_to_detect_ms == pytest.approx(unchanged_ms, abs=0.1)
 
 
+def test_the_time_a_node_was_starved_of_cpu_does_not_count_against_a_rules_deadline():
+    """The agent pushes a stall only past the deadline plus the time its node could not
+    run (`starved_ms`); a rule's own deadline judges the same effective stall."""
+    rule = HANG_RULES.replace('box = "*"', 'box = "*", deadline_ms = 100')
+    for starved_ms, opens in ((0.0, True), (350.0, False)):
+        event = dict(stall_event(420.0, deadline_ms=50.0), starved_ms=starved_ms)
+        eng = Engine(list(rules.parse_ruleset(rule).rule), "m1", clock=Clock())
+        opened = eng.observe(NodeView("n0", "h0", 100.0, event=event, via="event"))
+        assert bool(opened) is opens, starved_ms
+
+
 def test_a_rules_own_deadline_judges_a_pushed_stall_again():
     """A rule's `deadline_ms` replaces the sensor's, for events as for polls: the agent
     pushes at the box's deadline, and a longer one of the rule is left to the polls."""

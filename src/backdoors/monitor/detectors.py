@@ -190,9 +190,12 @@ class ProgressStalled(SensorDetector, tag="progress_stalled"):
     deadline_ms: Pos | None = None
 
     def pushed_state(self, event: dict) -> SensorState:
+        """The stall as the agent saw it, less the time the node was starved of CPU
+        (`starved_ms`: not counted against a deadline, agent/watch.py)."""
+        unchanged = float(event["unchanged_ms"]) - float(event.get("starved_ms", 0))
         return SensorState(0, str(event["sensor"]), SensorType.PROGRESS,
                            float(event.get("value", 0)), True,
-                           stalled_for=float(event["unchanged_ms"]) / 1000,
+                           stalled_for=max(unchanged, 0.0) / 1000,
                            deadline=float(event["deadline_ms"]) / 1000)
 
     def pushed_violation(self, box: str, event: dict) -> Violation | None:
