@@ -225,6 +225,41 @@ def test_a_fence_holds_until_its_holder_unlocks(agent_lab):
     assert not m1.status("n0").stats.frozen
 
 
+RT_HOG = """
+import os, sys, time
+os.sched_setaffinity(0, {0})
+os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+print("on", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    pass
+"""
+
+
+def test_a_fence_waits_for_a_node_denied_the_cpu_to_freeze(agent_lab):
+    """The node's task must get a CPU to stop: a real-time hog on the only CPU it may use
+    holds that off for 2 s, twice the agent's op deadline. The fence waits (FENCE_S)
+    rather than giving up and thawing the node back (it failed recoveries under load)."""
+    import subprocess
+    import sys
+    lab = agent_lab()
+    app, _ = lab.start_app("n0")
+    for tid in os.listdir(f"/proc/{app.pid}/task"):
+        os.sched_setaffinity(int(tid), {0})
+    hog = subprocess.Popen([sys.executable, "-c", RT_HOG, "2.0"], stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert hog.stdout.readline() == "on\n"
+        reply = lab.client().fence("n0")
+        assert reply.frozen_ms > 0
+        assert lab.client().status("n0").stats.frozen
+    finally:
+        hog.kill()
+        hog.wait()
+    assert lab.client().unfence("n0").was_locked
+    assert not lab.client().status("n0").stats.frozen
+
+
 def test_unlock_force_overrides_another_monitors_lock(agent_lab):
     lab = agent_lab()
     m1, m2 = lab.client("m1"), lab.client("m2")

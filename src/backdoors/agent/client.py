@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import TransportError, remote_error
 from .protocol import (
-    DECODE_ERRORS, DESTRUCTIVE, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
+    DECODE_ERRORS, DESTRUCTIVE, FENCE_S, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
     AdoptReply, Envelope, EvacuateReply, FenceReply, HeldCount, KillReply, KillTreeReply,
     LimitsReply,
     LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
@@ -313,8 +313,9 @@ class AgentClient:
         return self._typed("held", HeldCount, node=node)
 
     def fence(self, node: str) -> FenceReply:
-        """Freeze `node` until unfenced and cut its network: fail-stop before evacuate."""
-        return self._typed("fence", FenceReply, node=node)
+        """Freeze `node` until unfenced and cut its network: fail-stop before evacuate.
+        Waits up to FENCE_S for the node to freeze (its tasks must get a CPU to stop)."""
+        return self._typed("fence", FenceReply, node=node, timeout=FENCE_S + 1.0)
 
     def unfence(self, node: str) -> UnlockReply:
         """Thaw a fenced node and bring its interface up again."""

@@ -20,6 +20,9 @@ from backdoors.nodes.node import NodeStats
 VERSION = 2
 #: Largest read length and write payload.
 MAX_IO = 1 << 20
+#: a fence waits this long for its node to freeze: under a host saturated from outside,
+#: the node's tasks must get a CPU to stop, which took over a second beside stress-ng
+FENCE_S = 10.0
 #: Largest frame, either direction: a full MAX_IO payload plus envelope and header.
 MAX_FRAME = MAX_IO + 4096
 NONCE_BYTES = 16

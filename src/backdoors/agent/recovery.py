@@ -50,7 +50,7 @@ from .client import AgentClient
 from .keys import Identity
 from .ops import Call, NodeArgs, Op, OpError
 from .protocol import (
-    AdoptReply, EvacuateReply, FenceReply, HeldCount, MovedSession, SessionInfo, StageReply,
+    FENCE_S, AdoptReply, EvacuateReply, FenceReply, HeldCount, MovedSession, SessionInfo, StageReply,
     UnlockReply,
 )
 from .membership import outsider
@@ -198,7 +198,7 @@ class Recovery:
         return (
             Op("sessions", NodeArgs, self.sessions),
             Op("held", NodeArgs, self.held),
-            Op("fence", NodeArgs, self.fence),
+            Op("fence", NodeArgs, self.fence, deadline_s=FENCE_S),
             Op("unfence", NodeArgs, self.unfence),
             Op("evacuate", EvacuateArgs, self.evacuate, deadline_s=LONG_OP_S),
             Op("stage", StageArgs, self.stage, "inline"),
@@ -255,7 +255,7 @@ class Recovery:
         """Freeze the node (held until unlock) and cut it off the service network."""
         rt, agent = call.node, call.agent
         t0 = time.monotonic()
-        agent.leases.lock(rt.name, call.monitors, None, agent.inner_timeout)
+        agent.leases.lock(rt.name, call.monitors, None, FENCE_S * 0.8)
         t1 = time.monotonic()
         removed = []
         if rt.spec.netns:
