@@ -75,6 +75,7 @@ def lab_up(
     agents: bool = typer.Option(True, "--agents/--no-agents", help="Start a backdoor agent per host."),
     foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
     etcd: bool = typer.Option(False, "--etcd", help="Run an etcd on the private network (the monitor namespace) for a fleet of monitors."),
+    etcd_members: int = typer.Option(0, "--etcd-members", help="Run an etcd cluster of this many members (odd: 1, 3, 5) instead of one; implies --etcd."),
     monitors: int = typer.Option(0, help="Start this many monitor processes (m1, m2, ...; with --etcd they share the nodes)."),
     vm_nodes: int = typer.Option(0, "--vm-nodes", help="VM nodes (QEMU guests v0, v1, ...; docs/vm-backdoor.md) besides the container nodes."),
 ) -> None:
@@ -86,7 +87,8 @@ def lab_up(
         raise typer.BadParameter("--monitors needs the agents (leave out --no-agents)")
     ids = tuple(f"m{i + 1}" for i in range(max(1, monitors)))
     lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
-              pids_limit=pids or None, agents=agents, monitors=ids, etcd=etcd, vm_nodes=vm_nodes)
+              pids_limit=pids or None, agents=agents, monitors=ids,
+              etcd=etcd_members or etcd, vm_nodes=vm_nodes)
     signals = StopSignals() if foreground else None
     lab.up()
     try:
