@@ -296,7 +296,9 @@ def _fleet_part(inputs: Inputs) -> list[Html]:
                        f"{_ms(f.monitors)} monitor processes, {_ms(f.nodes)} nodes, lease "
                        f"{_ms(f.lease_ttl_s)} s, fleet poll {_ms(f.fleet_poll_ms)} ms: from a "
                        "monitor's SIGKILL to each of its nodes claimed at its agent by another "
-                       "monitor; dashed: the 2 s target"))
+                       "monitor; dashed: the 2 s target" + "".join(
+                           f"; {k.replace('_', ' ')}: {v:g} s" for k, v in f.anchors_s.items()
+                           if k != "target_takeover")))
     parts.append(table(
         ["kills", "takeover p50 (ms)", "takeover p99 (ms)", "takeover max (ms)",
          "share given back p50 (ms)"],
