@@ -71,12 +71,14 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
     rng = random.Random(seed)
     ids = tuple(f"m{i + 1}" for i in range(monitors))
     lab = Lab(unique_name("fl"), hosts=hosts, nodes=nodes, memory_limit=256 * MiB,
-              pids_limit=256, agents=True, services=True, monitors=ids, etcd=etcd_members)
+              pids_limit=256, agents=True, services=False, monitors=ids, etcd=etcd_members)
     kinds = NODE_FAULTS + FLEET_FAULTS[:3] + (("etcd-kill",) if etcd_members >= 3 else ())
     injected: list[dict] = []
     takeover: list[float] = []
     cut_takeover: list[float] = []
     with lab:
+        for n in lab.plan.nodes:  # a generous wait: 64 services start slowly on 2 busy cores
+            lab.start_service(n.name, timeout=60.0)
         for m in ids:
             lab.start_monitor(m, rulesets=["default"], fleet_poll_ms=50.0)
         keys = [f"{n.host}/{n.name}" for n in lab.plan.nodes]
