@@ -11,7 +11,8 @@ all: test
 # Debian packages the tests and benchmarks use (gcc for the C Sensor Box writer test,
 # curl for the unmodified-client recovery test, haproxy for the recovery benchmark,
 # catatonit for the PID 1 and exec shim of nodes as containers; libseccomp2 for the sealed
-# agent's filter; etcd-server for a fleet of monitors; nats-server for warnings between
+# agent's filter; etcd-server for a fleet of monitors, nftables to cut a monitor off
+# from it (the fleet scenario); nats-server for warnings between
 # clusters; postgresql for the case study's database; qemu-system-x86 and busybox-static
 # for VM nodes, docs/vm-backdoor.md).
 system-deps:
@@ -19,6 +20,7 @@ system-deps:
 	for p in gcc curl strace haproxy catatonit; do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	ldconfig -p | grep -q 'libseccomp\.so\.2 ' || missing="$$missing libseccomp2"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	command -v nats-server >/dev/null 2>&1 || missing="$$missing nats-server"; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$$missing qemu-system-x86"; \

@@ -213,6 +213,14 @@ BENCH_MONITOR = {"sensors_per_node": 16, "results": [
     for n in (8, 32, 128) for m in ("event", "poll")]}
 
 
+BENCH_FLEET = {"monitors": 3, "nodes": 16, "trials": 6, "lease_ttl_s": 1, "fleet_poll_ms": 50,
+               "takeover_ms": [1362.0, 1134.0, 1535.0, 1290.5, 1401.2, 1250.0],
+               "takeover_ms_p50": 1326.0, "takeover_ms_p99": 1535.0, "takeover_ms_max": 1535.0,
+               "giveback_ms_p50": 210.0, "anchors_s": {"kubernetes_node_lease": 40,
+                                                       "nomad_heartbeat": 20,
+                                                       "memberlist_swim": 5}}
+
+
 def inputs(tmp_path: Path, *, series: bool = True) -> dict:
     """A demo folder (with its incident log) and a bench folder; build_report kwargs."""
     demo = tmp_path / "out" / "demo" / "20251128-050000"
@@ -223,7 +231,7 @@ def inputs(tmp_path: Path, *, series: bool = True) -> dict:
     bench.mkdir()
     for name, value in {"bench_repair": bench_repair(series), "bench_recovery": BENCH_RECOVERY,
                         "bench_sensors": BENCH_SENSORS, "bench_detection": BENCH_DETECTION,
-                        "bench_monitor": BENCH_MONITOR}.items():
+                        "bench_monitor": BENCH_MONITOR, "bench_fleet": BENCH_FLEET}.items():
         (bench / f"{name}.json").write_text(json.dumps(value, indent=2))
     (bench / "bench_tcprepair.json").write_text(json.dumps(
         {"benchmark": "tcprepair", "kernel": "6.18", "results": [
@@ -273,9 +281,9 @@ def test_the_report_has_every_section_and_real_plots(tmp_path):
         assert f'id="{anchor}"' in page and title in page
     assert 'class="note' not in page  # nothing missing, no figure failed
     # 3 timelines, 2 repair cases, stall CDF, recovery vs HAProxy, detection, overhead,
-    # monitor cost, sensor cost
+    # fleet takeover, monitor cost, sensor cost
     pngs = images(page)
-    assert len(pngs) == 11
+    assert len(pngs) == 12
     for png in pngs:
         check_png(png)
     # the header: verdicts of the demo
@@ -310,9 +318,16 @@ def test_missing_inputs_are_notes_naming_the_command(tmp_path, monkeypatch):
         assert title in page
     assert images(page) == []
     for name in ("bench_repair", "bench_recovery", "bench_sensors", "bench_detection",
-                 "bench_monitor", "bench_tcprepair"):
+                 "bench_monitor", "bench_tcprepair", "bench_fleet"):
         assert f"run <code>make bench</code> ({name})" in page
     assert "run <code>make demo</code>" in page
+
+
+def test_the_fleet_takeover_plot_shows_the_kills_and_the_target(tmp_path):
+    page = build_report(**inputs(tmp_path)).read_text()
+    assert "Takeover in a fleet of monitors (bench_fleet)" in page
+    assert "3 monitor processes, 16 nodes, lease 1 s" in page
+    assert ">1535<" in page  # p99 in the table
 
 
 def test_an_empty_bench_file_is_a_note_not_an_error(tmp_path):
@@ -327,7 +342,7 @@ def test_an_older_bench_repair_falls_back_to_bars(tmp_path):
     page = build_report(**inputs(tmp_path, series=False)).read_text()
     assert "has no time series" in page
     pngs = images(page)
-    assert len(pngs) == 11
+    assert len(pngs) == 12
     for png in pngs:
         check_png(png)
 
@@ -338,7 +353,7 @@ def test_an_older_bench_detection_gives_its_hang_table(tmp_path):
     (Path(kw["bench_dir"]) / "bench_detection.json").write_text(json.dumps(older))
     page = build_report(**kw).read_text()
     assert "bound: deadline + 2 polls" in page and "detection latency by fault" not in page
-    assert len(images(page)) == 10
+    assert len(images(page)) == 11
 
 
 def test_a_demo_without_incident_log_notes_it(tmp_path):
@@ -346,7 +361,7 @@ def test_a_demo_without_incident_log_notes_it(tmp_path):
     (Path(kw["demo_dir"]) / "incidents.jsonl").unlink()
     page = build_report(**kw).read_text()
     assert "is not there" in page  # the demo's log was named but is gone
-    assert len(images(page)) == 8  # no timelines
+    assert len(images(page)) == 9  # no timelines
 
 
 def test_the_newest_demo_is_the_default(tmp_path, monkeypatch):

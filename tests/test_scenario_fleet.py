@@ -30,12 +30,23 @@ def test_fleet_under_random_faults(root):
     from conftest import unavailable
     if available() is None:
         unavailable("etcd is not installed (Debian: etcd-server; make system-deps)")
+    from backdoors.net import firewall
+    if firewall.available() is None:
+        unavailable("nft is not installed (Debian: nftables; make system-deps)")
     from backdoors.scenarios.fleet import fleet
-    r = fleet(duration_s=15, interval_s=3, seed=7)
+    # a small fleet (the CI's size); each of the fleet's own faults once, then random ones
+    r = fleet(hosts=2, nodes=8, etcd_members=3, duration_s=6, interval_s=3, seed=7,
+              schedule=["monitor-cut", "etcd-kill", "monitor-kill", "monitor-stop"])
     for key in ("monitors", "hosts", "nodes", "faults_injected", "faults_handled",
                 "takeover_ms_p99", "stale_token_ops_refused", "stale_token_ops_applied",
                 "double_acted", "missed"):
         assert key in r, key
-    assert r["faults_injected"] >= 3
+    assert r["faults_injected"] >= 6, r
+    assert all(r["faults_by_kind"][k] >= 1 for k in ("monitor-cut", "etcd-kill",
+                                                      "monitor-kill", "monitor-stop")), r
+    # the cut monitor said it was degraded and another took its nodes; whatever it did
+    # late on them (a fault on one of them while cut) was refused: nothing stale applied
+    assert r["cut_degraded"] == 1 and len(r["cut_takeover_ms"]) == 1, r
+    assert r["takeover_ms_p99"] is not None, r
     assert r["stale_token_ops_applied"] == 0 and r["double_acted"] == 0, r
     assert r["missed"] == 0, r

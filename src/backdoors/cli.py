@@ -75,6 +75,7 @@ def lab_up(
     agents: bool = typer.Option(True, "--agents/--no-agents", help="Start a backdoor agent per host."),
     foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
     etcd: bool = typer.Option(False, "--etcd", help="Run an etcd on the private network (the monitor namespace) for a fleet of monitors."),
+    etcd_members: int = typer.Option(0, "--etcd-members", help="Run an etcd cluster of this many members (odd: 1, 3, 5) instead of one; implies --etcd."),
     monitors: int = typer.Option(0, help="Start this many monitor processes (m1, m2, ...; with --etcd they share the nodes)."),
     vm_nodes: int = typer.Option(0, "--vm-nodes", help="VM nodes (QEMU guests v0, v1, ...; docs/vm-backdoor.md) besides the container nodes."),
 ) -> None:
@@ -86,7 +87,8 @@ def lab_up(
         raise typer.BadParameter("--monitors needs the agents (leave out --no-agents)")
     ids = tuple(f"m{i + 1}" for i in range(max(1, monitors)))
     lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
-              pids_limit=pids or None, agents=agents, monitors=ids, etcd=etcd, vm_nodes=vm_nodes)
+              pids_limit=pids or None, agents=agents, monitors=ids,
+              etcd=etcd_members or etcd, vm_nodes=vm_nodes)
     signals = StopSignals() if foreground else None
     lab.up()
     try:
@@ -705,19 +707,22 @@ def scenario_warning(as_json: bool = typer.Option(False, "--json", help="Print J
 @scenario_app.command("fleet")
 def scenario_fleet(
     monitors: int = typer.Option(3, help="Monitor processes sharing the nodes through etcd."),
-    hosts: int = typer.Option(2, help="Hosts (one agent each)."),
-    nodes: int = typer.Option(8, help="Nodes with services (the issue's full run: --hosts 8 --nodes 64)."),
+    hosts: int = typer.Option(8, help="Hosts (one agent each)."),
+    nodes: int = typer.Option(64, help="Nodes with services, spread over the hosts."),
+    etcd_members: int = typer.Option(3, "--etcd-members", "--etcd", help="Members of the lab's etcd cluster (odd; 3 or more lets the schedule kill one)."),
     duration: float = typer.Option(60.0, help="Seconds of random faults."),
     seed: Optional[int] = typer.Option(None, help="Seed of the fault schedule (reported)."),
+    schedule: Optional[list[str]] = typer.Option(None, "--fault", help="A fault kind injected first, in order (repeat), before the random ones: fork-bomb, memory-hog, freeze, monitor-kill, monitor-stop, monitor-cut, etcd-kill."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """A fleet of monitors under random faults of its nodes (fork bomb, memory hog, freeze) and of itself (monitor SIGKILL, monitor SIGSTOP longer than its lease, then SIGCONT).
+    """A fleet of monitors under random faults of its nodes (fork bomb, memory hog, freeze), of its monitors (SIGKILL; SIGSTOP longer than its lease, then SIGCONT; cut off from etcd by nftables) and of its etcd (a member SIGKILLed, then restarted).
 
-    Reports faults_injected, faults_handled, missed (must be 0), takeover_ms_p99, stale_token_ops_refused, stale_token_ops_applied (must be 0), double_acted (must be 0), from the agents' ownership, the monitors' incident logs and the agents' audit logs (root).
+    Reports faults_injected, faults_handled, missed (must be 0), takeover_ms_p99, stale_token_ops_refused, stale_token_ops_applied (must be 0), double_acted (must be 0), from the agents' ownership, the monitors' incident logs and the agents' audit logs (root; etcd-server, nftables).
     """
     from .scenarios.fleet import fleet
 
-    result = fleet(monitors=monitors, hosts=hosts, nodes=nodes, duration_s=duration, seed=seed)
+    result = fleet(monitors=monitors, hosts=hosts, nodes=nodes, etcd_members=etcd_members,
+                   duration_s=duration, seed=seed, schedule=schedule or ())
     _emit(result, as_json)
     if result["missed"] or result["stale_token_ops_applied"] or result["double_acted"]:
         raise typer.Exit(1)

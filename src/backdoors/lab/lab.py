@@ -88,6 +88,7 @@ class LabState:
     services: dict[str, ServiceInfo] = field(default_factory=dict)
     agents: dict[str, int] = field(default_factory=dict)
     etcd: str | None = None  # the client URL of the lab's etcd (a fleet of monitors)
+    etcd_endpoints: list[str] = field(default_factory=list)  # every member's (Lab(etcd=3))
     nats: str | None = None  # the client URL of the lab's NATS server (warnings)
     monitors: dict[str, int] = field(default_factory=dict)  # monitor processes: id -> pid
     vm_nodes: int = 0
@@ -187,12 +188,18 @@ class Lab:
     def __init__(self, name: str = "lab", *, hosts: int = 2, nodes: int = 4,
                  memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
                  services: bool = True, agents: bool = False, quorum: int = 1,
-                 monitors: tuple[str, ...] = ("m1",), etcd: bool = False, vm_nodes: int = 0):
+                 monitors: tuple[str, ...] = ("m1",), etcd: bool | int = False, vm_nodes: int = 0):
         self.plan = topology.plan(name, hosts, nodes, vm_nodes)
         self.name = name
         self.with_services = services
         self.with_agents, self.quorum, self.monitors = agents, quorum, tuple(monitors)
-        self.with_etcd = etcd
+        # etcd: False (none), True (one member) or how many members its cluster has
+        self.etcd_members = int(etcd)
+        if self.etcd_members < 0 or (self.etcd_members > 1 and self.etcd_members % 2 == 0):
+            raise LabError(f"Lab(etcd={etcd!r}): an etcd cluster has an odd number of members "
+                           "(1, 3, 5: a majority survives a member's loss)")
+        self.with_etcd = self.etcd_members > 0
+        self._etcd: list = []  # fleet.EtcdProcess started by this process
         me = read_process(os.getpid())
         self.state = LabState(name, hosts, nodes, memory_limit, pids_limit, os.getpid(), time.time(),
                               vm_nodes=vm_nodes, owner_start=me.start_time if me else 0.0)
@@ -322,15 +329,38 @@ class Lab:
     # ---- a fleet of monitors: etcd and monitor processes (docs/operations.md §8a) -------
 
     def _start_etcd(self) -> None:
-        """etcd in the monitor namespace, on the private network; its data on tmpfs under
-        the lab's prefix (/dev/shm/bd-NAME-etcd: reaped with the lab, and no disk syncs)."""
+        """etcd in the monitor namespace, on the private network (one member, or a cluster
+        of `etcd_members` on ports 2 apart); its data on tmpfs under the lab's prefix
+        (/dev/shm/bd-NAME-etcd, -etcd1, ...: reaped with the lab, and no disk syncs)."""
         prefix = topology.prefix(self.name)
-        proc = fleet.EtcdProcess(f"{prefix}etcd", f"/dev/shm/{prefix}etcd",
-                                 host=topology.MONITOR_ADDR,
-                                 port=topology.ETCD_PORT,
-                                 within=lambda: netns.enter(self.plan.monitor_ns)).start()
-        self.state.etcd = proc.url
+        self._etcd = fleet.EtcdProcess.cluster(
+            f"{prefix}etcd", f"/dev/shm/{prefix}etcd", self.etcd_members,
+            host=topology.MONITOR_ADDR, port=topology.ETCD_PORT,
+            within=lambda: netns.enter(self.plan.monitor_ns))
+        for member in self._etcd:
+            member.launch()
+        for member in self._etcd:
+            member.wait()
+        self.state.etcd = self._etcd[0].url
+        self.state.etcd_endpoints = [m.url for m in self._etcd]
         self.state.save(self.state_path)
+
+    def kill_etcd_member(self, index: int) -> str:
+        """SIGKILL member `index` of the lab's etcd cluster (a crash; its data kept); its
+        name. Only members this process started (Lab(etcd=3) here, not `attach`)."""
+        member = self._etcd_member(index)
+        member.kill()
+        return member.name
+
+    def restart_etcd_member(self, index: int, timeout: float = 15.0) -> None:
+        """Start member `index` again with its data; back once it answers (it rejoined)."""
+        self._etcd_member(index).start(timeout, fresh=False)
+
+    def _etcd_member(self, index: int):
+        if not 0 <= index < len(self._etcd):
+            raise LabError(f"lab {self.name}: no etcd member {index} started by this process "
+                           f"(it started {len(self._etcd)}; Lab(etcd=3) for a cluster)")
+        return self._etcd[index]
 
     def start_nats(self, remotes: list[str] | tuple[str, ...] = ()) -> "nats.NatsProcess":
         """A NATS server of the lab's own, for warnings between clusters (labs): on the
@@ -359,7 +389,8 @@ class Lab:
                              public_key=self.agent_public_key(h.name))
                   for h in self.plan.hosts]
         if self.state.etcd is not None:
-            kw = {"etcd": [self.state.etcd], "etcd_netns": self.plan.monitor_ns, **kw}
+            kw = {"etcd": list(self.state.etcd_endpoints or [self.state.etcd]),
+                  "etcd_netns": self.plan.monitor_ns, **kw}
         return MonitorConfig(monitor_id=monitor_id, agents=agents, **kw)
 
     def start_monitor(self, monitor_id: str, **kw) -> int:
@@ -376,9 +407,43 @@ class Lab:
             proc = subprocess.Popen([sys.executable, "-m", "backdoors", "monitor", "--config",
                                      str(path)], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        # a cgroup of its own: what `cut_monitor` matches its sockets by (made before it
+        # opens any: the interpreter is still starting)
+        try:
+            cgroups.Cgroup.create(self._monitor_cgroup(monitor_id)).attach(proc.pid)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         self.state.monitors[monitor_id] = proc.pid
         self.state.save(self.state_path)
         return proc.pid
+
+    def _monitor_cgroup(self, monitor_id: str) -> str:
+        return f"{topology.prefix(self.name)}mon-{monitor_id}"
+
+    def _cut_table(self, monitor_id: str) -> str:
+        return "backdoors_cut_" + "".join(c if c.isalnum() else "_" for c in monitor_id)
+
+    def cut_monitor(self, monitor_id: str) -> None:
+        """Cut monitor `monitor_id` (of start_monitor) off from the lab's etcd: its packets
+        to every etcd member are dropped (nftables, in the monitor namespace, matched by its
+        cgroup); the agents it still reaches. `reconnect_monitor` lifts it; the lab's
+        teardown removes it with the namespace."""
+        if monitor_id not in self.state.monitors:
+            raise LabError(f"lab {self.name}: no monitor {monitor_id!r} of start_monitor "
+                           f"(running: {sorted(self.state.monitors) or 'none'})")
+        ports = [int(u.rsplit(":", 1)[1])
+                 for u in (self.state.etcd_endpoints or [self.etcd_url])]
+        from ..net import firewall
+        firewall.cut(self.plan.monitor_ns, self._cut_table(monitor_id),
+                     cgroup=self._monitor_cgroup(monitor_id), daddr=topology.MONITOR_ADDR,
+                     ports=ports)
+
+    def reconnect_monitor(self, monitor_id: str) -> None:
+        """Lift `cut_monitor` (nothing if it was not cut)."""
+        from ..net import firewall
+        firewall.restore(self.plan.monitor_ns, self._cut_table(monitor_id))
 
     def stop_monitor(self, monitor_id: str, sig: int = signal.SIGTERM) -> None:
         """Stop a monitor of `start_monitor` (SIGTERM: it leaves the fleet at once; SIGKILL:
@@ -398,6 +463,8 @@ class Lab:
                 p.wait(5)
         except psutil.NoSuchProcess:
             pass
+        self.reconnect_monitor(monitor_id)
+        cgroups.Cgroup(self._monitor_cgroup(monitor_id), cgroups.detect()).destroy()
 
     # ---- nodes and services -----------------------------------------------------------
 
@@ -632,6 +699,8 @@ class Lab:
                           for v in self.plan.vms]
         if self.state.etcd is not None:
             out["etcd"] = self.state.etcd
+            if len(self.state.etcd_endpoints) > 1:
+                out["etcd_members"] = list(self.state.etcd_endpoints)
             out["monitors"] = dict(self.state.monitors)
         if self.state.nats is not None:
             out["nats"] = self.state.nats

@@ -280,8 +280,31 @@ def recovery_section(inputs: Inputs) -> Html:
               _ms(r.backdoors_stall_p50_ms), _ms(r.backdoors_stall_p99_ms),
               _ms(r.pace_interval_ms, 1), _ms(r.haproxy_resume_ms)] for r in rec.results],
             numeric=tuple(range(9))))
-    parts += _detection_part(inputs) + _tcprepair_part(inputs)
+    parts += _detection_part(inputs) + _tcprepair_part(inputs) + _fleet_part(inputs)
     return section("recovery", SECTIONS["recovery"], parts)
+
+
+def _fleet_part(inputs: Inputs) -> list[Html]:
+    parts = [Html("<h3>Takeover in a fleet of monitors (bench_fleet)</h3>")]
+    f = inputs.bench.get("bench_fleet")
+    if f is None:
+        return parts + [note(inputs.missing["bench_fleet"])]
+    if not f.takeover_ms:
+        return parts + [note(f"`{inputs.bench_files['bench_fleet']}` has no takeover times: "
+                             "run `make bench` (bench_fleet)")]
+    parts.append(_plot("takeover times", lambda: plots.takeover(f.takeover_ms, f.anchors_s),
+                       f"{_ms(f.monitors)} monitor processes, {_ms(f.nodes)} nodes, lease "
+                       f"{_ms(f.lease_ttl_s)} s, fleet poll {_ms(f.fleet_poll_ms)} ms: from a "
+                       "monitor's SIGKILL to each of its nodes claimed at its agent by another "
+                       "monitor; dashed: the 2 s target" + "".join(
+                           f"; {k.replace('_', ' ')}: {v:g} s" for k, v in f.anchors_s.items()
+                           if k != "target_takeover")))
+    parts.append(table(
+        ["kills", "takeover p50 (ms)", "takeover p99 (ms)", "takeover max (ms)",
+         "share given back p50 (ms)"],
+        [[_ms(len(f.takeover_ms)), _ms(f.takeover_ms_p50), _ms(f.takeover_ms_p99),
+          _ms(f.takeover_ms_max), _ms(f.giveback_ms_p50)]], numeric=(0, 1, 2, 3, 4)))
+    return parts
 
 
 def _detection_part(inputs: Inputs) -> list[Html]:
@@ -428,7 +451,7 @@ def sources(inputs: Inputs) -> Html:
             ["incident log", str(inputs.incidents_path or "missing")]]
     rows += [[name, str(inputs.bench_files.get(name, "missing"))]
              for name in ("bench_repair", "bench_recovery", "bench_detection", "bench_monitor",
-                          "bench_sensors", "bench_tcprepair")]
+                          "bench_sensors", "bench_tcprepair", "bench_fleet")]
     return Html('<footer><h2>Sources</h2>' + table(["input", "file"], rows) + "</footer>")
 
 

@@ -202,6 +202,22 @@ class BenchTcpRepair(msgspec.Struct):
     results: list[TcpRepairRow] = []
 
 
+class BenchFleet(msgspec.Struct):
+    """bench_fleet: takeover in a fleet of monitors, from a monitor's SIGKILL to each of
+    its nodes claimed by another, one value per kill."""
+    monitors: Num = None
+    nodes: Num = None
+    trials: Num = None
+    lease_ttl_s: Num = None
+    fleet_poll_ms: Num = None
+    takeover_ms: list[float] = []
+    takeover_ms_p50: Num = None
+    takeover_ms_p99: Num = None
+    takeover_ms_max: Num = None
+    giveback_ms_p50: Num = None
+    anchors_s: dict[str, float] = {}
+
+
 BENCHES: dict[str, type] = {
     "bench_repair": BenchRepair,
     "bench_recovery": BenchRecovery,
@@ -209,6 +225,7 @@ BENCHES: dict[str, type] = {
     "bench_monitor": BenchMonitor,
     "bench_sensors": BenchSensors,
     "bench_tcprepair": BenchTcpRepair,
+    "bench_fleet": BenchFleet,
 }
 
 

@@ -375,6 +375,36 @@ def stall_cdf(cases: list[tuple[str, list[float], float | None]]) -> bytes:
 
 
 @_styled
+def takeover(takeover_ms: list[float], anchors_s: dict[str, float]) -> bytes:
+    """Takeover times in a fleet (one dot per monitor kill, in order) and their CDF, with
+    the target (`anchors_s["target_takeover"]`, default 2 s) as a dashed line."""
+    fig = _figure(8, 3.4)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    xs = list(range(1, len(takeover_ms) + 1))
+    left.plot(xs, takeover_ms, "o-", color="C0", lw=1, ms=5, label="takeover")
+    left.set_xlabel("monitor SIGKILL (in order)")
+    left.set_ylabel("takeover (ms)")
+    ordered = sorted(takeover_ms)
+    right.step([0.0] + ordered, [0.0] + [(k + 1) / len(ordered) for k in range(len(ordered))],
+               where="post", color="C0", lw=1.8,
+               label=f"{len(ordered)} kills, median {statistics.median(ordered):.0f} ms")
+    right.set_xlabel("takeover (ms)")
+    right.set_ylabel("fraction of kills")
+    right.set_ylim(0, 1.03)
+    target = anchors_s.get("target_takeover", 2) * 1000
+    top = max(max(takeover_ms), target) * 1.12  # the target line always in view
+    left.set_ylim(0, top)
+    right.set_xlim(0, top)
+    left.axhline(target, color="C3", ls="--", lw=1.1, label=f"target {target / 1000:g} s")
+    right.axvline(target, color="C3", ls="--", lw=1.1, label=f"target {target / 1000:g} s")
+    left.set_title("Takeover after a monitor's SIGKILL")
+    right.set_title("CDF")
+    left.legend(loc="lower right")
+    right.legend(loc="upper left")
+    return _png(fig)
+
+
+@_styled
 def recovery_bench(rows: list[RecoveryRow]) -> bytes:
     """Per session count, on log axes: backdoors' detection, recovery and stall vs
     HAProxy's resume time (left); broken sessions of each (right)."""

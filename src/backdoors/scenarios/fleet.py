@@ -1,22 +1,32 @@
 """`backdoors scenario fleet`: a fleet of monitors under a random schedule of faults (issue
-14 §2; a skeleton: the faults of the nodes and of the monitors, not yet etcd's own).
+14 §2): faults of its nodes, of its monitors and of its etcd.
 
-A lab with its own etcd and `monitors` monitor processes (default rules) sharing `nodes`
-nodes with services on `hosts` hosts. For `duration_s`, every `interval_s`, one fault is
-drawn (seeded): a fault of a node (a fork bomb or a memory hog, each stopped after
-`fault_s` if still there; a frozen node, thawed after `fault_s`), or of the fleet (a
-monitor SIGKILLed, then started again once its nodes were taken over; a monitor SIGSTOPped
-for `pause_s`, longer than its lease — the paused process holding a lease — then
-SIGCONTed). The facts come from outside the monitors: the agents' ownership of the nodes
-(`nodes()`), the monitors' incident logs and the agents' audit logs.
+A lab with its own etcd (a cluster of `etcd_members`) and `monitors` monitor processes
+(default rules) sharing `nodes` nodes with services on `hosts` hosts. For `duration_s`,
+every `interval_s`, one fault is drawn (seeded):
 
-Keys: monitors, hosts, nodes, faults_injected, faults_handled (node faults that an
-incident of some monitor opened on that node within `handle_s`), missed (node faults
+- of a node: a fork bomb or a memory hog, each stopped after `fault_s` if still there; a
+  frozen node, thawed after `fault_s`;
+- of a monitor: SIGKILLed, then started again once its nodes were taken over; SIGSTOPped for
+  `pause_s`, longer than its lease (the paused process holding a lease), then SIGCONTed;
+  cut off from etcd (nftables drops its packets to every member: Lab.cut_monitor) until
+  the others took its nodes, then a node fault on one of those nodes while it is still cut
+  off (it goes on watching them, degraded: its late repairs carry its old tokens, which the
+  agents must refuse), then the cut lifted;
+- of etcd (with 3 or more members): a member SIGKILLed, a node fault while it is down (the
+  fleet must keep working on the others' quorum), then the member restarted with its data.
+
+The facts come from outside the monitors: the agents' ownership of the nodes (`nodes()`),
+the monitors' incident logs and logs, and the agents' audit logs.
+
+Keys: monitors, hosts, nodes, etcd_members, faults_injected, faults_handled (node faults
+that an incident of some monitor opened on that node within `handle_s`), missed (node faults
 nobody handled), takeover_ms_p99 (a monitor's SIGKILL to each of its nodes claimed by
-another), stale_token_ops_refused (the agents' `stale_token` refusals),
-stale_token_ops_applied (a destructive op applied with a token older than one the agent
-had already accepted for that node: must be 0), double_acted (destructive ops two monitors
-applied to one node within `overlap_s` of each other: must be 0).
+another; `cut_takeover_ms`: from a monitor's cut), stale_token_ops_refused (the agents'
+`stale_token` refusals), stale_token_ops_applied (a destructive op applied with a token
+older than one the agent had already accepted for that node: must be 0), double_acted
+(destructive ops two monitors applied to one node within `overlap_s` of each other: must be
+0), cut_degraded (cuts after which the monitor said it was degraded).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from .labkit import unique_name
 MiB = 1 << 20
 DESTRUCTIVE = ("kill", "kill_tree", "kill_node", "lock", "set_limits")
 NODE_FAULTS = ("fork-bomb", "memory-hog", "freeze")
-FLEET_FAULTS = ("monitor-kill", "monitor-stop")
+FLEET_FAULTS = ("monitor-kill", "monitor-stop", "monitor-cut", "etcd-kill")
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -45,20 +55,34 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))], 1)
 
 
-def fleet(*, monitors: int = 3, hosts: int = 2, nodes: int = 8, duration_s: float = 60.0,
-          interval_s: float = 3.0, fault_s: float = 3.0, pause_s: float = 2.5,
-          handle_s: float = 10.0, overlap_s: float = 1.0, seed: int | None = None) -> dict:
-    """Run the scenario (see the module's docstring); a JSON-ready dict."""
+def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: int = 3,
+          duration_s: float = 60.0, interval_s: float = 3.0, fault_s: float = 3.0,
+          pause_s: float = 2.5, handle_s: float = 10.0, overlap_s: float = 1.0,
+          seed: int | None = None, schedule: list[str] | tuple[str, ...] = ()) -> dict:
+    """Run the scenario (see the module's docstring); a JSON-ready dict. `schedule`: kinds
+    injected first, in that order (even past `duration_s`), before the random draws."""
+    unknown = [k for k in schedule if k not in NODE_FAULTS + FLEET_FAULTS]
+    if unknown:
+        raise BackdoorsError(f"scenario fleet: unknown fault kinds {unknown} (known: "
+                             f"{', '.join(NODE_FAULTS + FLEET_FAULTS)})")
+    if "etcd-kill" in schedule and etcd_members < 3:
+        raise BackdoorsError("scenario fleet: etcd-kill needs a cluster of 3 or more members "
+                             f"(etcd_members={etcd_members})")
     rng = random.Random(seed)
     ids = tuple(f"m{i + 1}" for i in range(monitors))
     lab = Lab(unique_name("fl"), hosts=hosts, nodes=nodes, memory_limit=256 * MiB,
-              pids_limit=256, agents=True, services=True, monitors=ids, etcd=True)
+              pids_limit=256, agents=True, services=False, monitors=ids, etcd=etcd_members)
+    kinds = NODE_FAULTS + FLEET_FAULTS[:3] + (("etcd-kill",) if etcd_members >= 3 else ())
     injected: list[dict] = []
     takeover: list[float] = []
+    cut_takeover: list[float] = []
     with lab:
+        for n in lab.plan.nodes:  # a generous wait: 64 services start slowly on 2 busy cores
+            lab.start_service(n.name, timeout=60.0)
         for m in ids:
             lab.start_monitor(m, rulesets=["default"], fleet_poll_ms=50.0)
         keys = [f"{n.host}/{n.name}" for n in lab.plan.nodes]
+        by_key = {f"{n.host}/{n.name}": n for n in lab.plan.nodes}
         clients = {h.name: lab.agent_client(h.name) for h in lab.plan.hosts}
         try:
             def owners() -> dict[str, str | None]:
@@ -75,41 +99,68 @@ def fleet(*, monitors: int = 3, hosts: int = 2, nodes: int = 8, duration_s: floa
                     time.sleep(0.01)
                 return True
 
+            def node_fault(kind: str, n, during: str | None = None) -> None:
+                injected.append({"kind": kind, "node": n.name, "host": n.host,
+                                 "at": time.time(), **({"during": during} if during else {})})
+                # a hog fast enough to cross the high mark (80% of 256 MiB) in fault_s
+                faults.inject(lab, kind, n.name, **(
+                    {"rate_mb": 150, "cap_mb": 400} if kind == "memory-hog" else {}))
+                time.sleep(fault_s)
+                try:  # whatever the monitors left of it (nothing, when repaired)
+                    faults.stop(lab, kind, n.name)
+                except BackdoorsError:
+                    pass
+
+            def taken_over(victim: str, lost: set[str], since: float, into: list[float]):
+                if lost and wait(lambda: all(owners().get(k) not in (victim, None)
+                                             for k in lost), 30):
+                    into.append((time.monotonic() - since) * 1000)
+
             everyone = assign(keys, ids)
             if not wait(lambda: owners() == everyone, 60):
                 raise BackdoorsError("scenario fleet: the monitors did not claim every node "
                                      "within 60 s")
             end = time.monotonic() + duration_s
-            while time.monotonic() < end:
-                kind = rng.choice(NODE_FAULTS + FLEET_FAULTS)
-                at = time.time()
+            planned = list(schedule)
+            while planned or time.monotonic() < end:
+                kind = planned.pop(0) if planned else rng.choice(kinds)
                 if kind in NODE_FAULTS:
-                    n = rng.choice(lab.plan.nodes)
-                    injected.append({"kind": kind, "node": n.name, "host": n.host, "at": at})
-                    # a hog fast enough to cross the high mark (80% of 256 MiB) in fault_s
-                    faults.inject(lab, kind, n.name, **(
-                        {"rate_mb": 150, "cap_mb": 400} if kind == "memory-hog" else {}))
-                    time.sleep(fault_s)
-                    try:  # whatever the monitors left of it (nothing, when repaired)
-                        faults.stop(lab, kind, n.name)
-                    except BackdoorsError:
-                        pass
-                else:
-                    victim = rng.choice(ids)
-                    injected.append({"kind": kind, "monitor": victim, "at": at})
+                    node_fault(kind, rng.choice(lab.plan.nodes))
+                elif kind == "etcd-kill":
+                    member = rng.randrange(etcd_members)
+                    injected.append({"kind": kind, "member": member, "at": time.time()})
+                    lab.kill_etcd_member(member)
+                    # the fleet keeps working on the others' quorum
+                    node_fault(rng.choice(NODE_FAULTS), rng.choice(lab.plan.nodes), kind)
+                    lab.restart_etcd_member(member)
+                else:  # one with nodes to take over (rendezvous may leave one without)
+                    victim = rng.choice(sorted(set(everyone.values())))
+                    fault = {"kind": kind, "monitor": victim, "at": time.time()}
+                    injected.append(fault)
                     lost = {k for k, m in owners().items() if m == victim}
+                    since = time.monotonic()
                     if kind == "monitor-kill":
-                        killed = time.monotonic()
                         lab.stop_monitor(victim, signal.SIGKILL)
-                        if lost and wait(lambda: all(owners().get(k) not in (victim, None)
-                                                     for k in lost), 30):
-                            takeover.append((time.monotonic() - killed) * 1000)
+                        taken_over(victim, lost, since, takeover)
                         lab.start_monitor(victim, rulesets=["default"], fleet_poll_ms=50.0)
-                    else:
+                    elif kind == "monitor-stop":
                         pid = lab.state.monitors[victim]
                         _signal(pid, signal.SIGSTOP)
                         time.sleep(pause_s)
                         _signal(pid, signal.SIGCONT)
+                    else:  # monitor-cut
+                        log = lab.plan.run_dir / "monitors" / f"{victim}.log"
+                        seen = log.stat().st_size
+                        lab.cut_monitor(victim)
+                        try:
+                            taken_over(victim, lost, since, cut_takeover)
+                            if lost:  # it still watches them: its repairs come late
+                                node_fault(rng.choice(("fork-bomb", "memory-hog")),
+                                           by_key[rng.choice(sorted(lost))], kind)
+                            fault["degraded"] = wait(lambda: "DEGRADED" in log.read_text(
+                                errors="replace")[seen:], 10)
+                        finally:
+                            lab.reconnect_monitor(victim)
                     wait(lambda: owners() == everyone, 30)  # its share back
                 time.sleep(max(0.0, interval_s - fault_s))
             time.sleep(2.0)  # the last incidents written
@@ -124,15 +175,18 @@ def fleet(*, monitors: int = 3, hosts: int = 2, nodes: int = 8, duration_s: floa
         i["node"] == f["node"] and i["host"] == f["host"]
         and f["at"] - 0.5 <= i["detected"] <= f["at"] + handle_s for i in incidents)]
     refused, applied_stale, double = _fencing(audit, overlap_s)
+    cuts = [f for f in injected if f["kind"] == "monitor-cut"]
     return {
-        "monitors": monitors, "hosts": hosts, "nodes": nodes, "duration_s": duration_s,
-        "seed": seed, "faults_injected": len(injected),
+        "monitors": monitors, "hosts": hosts, "nodes": nodes, "etcd_members": etcd_members,
+        "duration_s": duration_s, "seed": seed, "faults_injected": len(injected),
         "faults_by_kind": {k: sum(1 for f in injected if f["kind"] == k)
                            for k in NODE_FAULTS + FLEET_FAULTS},
         "faults_handled": len(handled), "missed": len(node_faults) - len(handled),
         "missed_faults": [f for f in node_faults if f not in handled],
         "takeover_ms": [round(x, 1) for x in takeover],
         "takeover_ms_p99": _pct(takeover, 0.99),
+        "cut_takeover_ms": [round(x, 1) for x in cut_takeover],
+        "cut_degraded": sum(1 for f in cuts if f.get("degraded")),
         "stale_token_ops_refused": refused, "stale_token_ops_applied": applied_stale,
         "double_acted": double, "incidents": len(incidents),
         "anchors_s": {"kubernetes_node_lease": 40, "nomad_heartbeat": 20,
