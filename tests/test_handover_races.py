@@ -14,10 +14,14 @@ events (no timing decides them) with real sockets, memfds and the agent's real t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
 import subprocess
+import termios
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -187,3 +191,45 @@ def test_late_verdict_leaves_the_session_with_the_server(tables, tcp_pair, tmp_p
         watch.stop()
         for box in boxes:
             box.close()
+
+
+def test_a_death_told_by_the_box_watch_still_closes_the_orphans(tables, tcp_pair, tmp_path):
+    """The box watch may see a server's death before the owner watch's own thread does
+    (`seen_dead`, from the box watch's thread): the pidfd is then gone from the owner
+    watch's selector, and its thread, asleep with no deadline, must still be woken to
+    close the orphans at the timeout. Told here of a process still alive, whose pidfd
+    will never wake the thread by itself."""
+    regions, sessions = tables
+    watch = OwnerWatch(sessions, regions, publish=lambda *a, **k: None,
+                       audit=SimpleNamespace(write=lambda **k: None), timeout_s=0.2,
+                       run_dir=str(tmp_path))
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        watch.start()
+        server, client = tcp_pair()
+        sessions.hold(NODE, "cb-one", server.fileno(), owner.pid)
+        watch.watch(NODE, owner.pid, None)
+        _wait_asleep_in_select(watch)  # as it is when another thread tells it the death
+        assert watch.seen_dead(NODE, owner.pid)
+        client.settimeout(10)
+        assert client.recv(1) == b""  # FIN: closed at the timeout, not held forever
+        assert sessions.list(NODE) == []
+    finally:
+        watch.stop()
+        owner.kill()
+        owner.wait()
+
+
+def _wait_asleep_in_select(watch: OwnerWatch) -> None:
+    """Until the watch's thread has taken every wake-up and sleeps in epoll_wait."""
+    task = f"/proc/self/task/{watch._thread.native_id}/syscall"
+    end = time.monotonic() + 10
+    while True:
+        with open(task) as f:
+            syscall = f.read().split()[0]
+        pending = struct.unpack("i", fcntl.ioctl(watch._wake_r.fileno(), termios.FIONREAD,
+                                                 b"\0" * 4))[0]
+        if syscall == "232" and not pending:  # x86_64 epoll_wait, nothing left to read
+            return
+        assert time.monotonic() < end, "the owner watch's thread never went to sleep"
+        time.sleep(0.01)

@@ -201,6 +201,7 @@ class OwnerWatch:
         with self._lock:
             self._deaths.append(_Death(node, pid, died, time.monotonic() + self.timeout_s,
                                        orphans))
+        self._wake()  # told by another thread: the loop must take this deadline in
         self.publish("owner_died", node, pid=pid, sessions=names, died=died,
                      orphan_timeout_s=self.timeout_s)
         self.audit.write(kind="owner_died", node=node, pid=pid, sessions=len(names))
