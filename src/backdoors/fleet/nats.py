@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
-import psutil
-
 from ..errors import BackdoorsError
+from . import named
 
 NATS_SERVER = "nats-server"
 
@@ -169,23 +167,12 @@ class NatsProcess:
             time.sleep(0.05)
 
     def _log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.run_dir, "nats.log"), "rb") as f:
-                return f.read()[-600:].decode(errors="replace")
-        except OSError:
-            return "(no log)"
+        return named.log_tail(os.path.join(self.run_dir, "nats.log"))
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL) and remove its folder."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        named.stop(self.proc, self.run_dir)
         self.proc = None
-        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> NatsProcess:
         return self.start()
@@ -197,16 +184,4 @@ class NatsProcess:
 def reap(prefix: str) -> list[int]:
     """SIGKILL the nats-server processes whose `--name` starts with `prefix` (a crashed
     owner's); the pids killed."""
-    killed = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if not cmd or os.path.basename(cmd[0]) != NATS_SERVER or "--name" not in cmd:
-            continue
-        i = cmd.index("--name")
-        if i + 1 < len(cmd) and cmd[i + 1].startswith(prefix):
-            try:
-                p.kill()
-                killed.append(p.pid)
-            except psutil.Error:
-                pass
-    return killed
+    return named.reap(NATS_SERVER, prefix)

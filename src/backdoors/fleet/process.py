@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
-import psutil
-
+from . import named
 from .etcd import EtcdClient, EtcdError
 
 ETCD = "etcd"
@@ -138,11 +136,7 @@ class EtcdProcess:
             client.close()
 
     def _log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.data_dir, "etcd.log"), "rb") as f:
-                return f.read()[-600:].decode(errors="replace")
-        except OSError:
-            return "(no log)"
+        return named.log_tail(os.path.join(self.data_dir, "etcd.log"))
 
     def kill(self) -> None:
         """SIGKILL it (a member's crash), keeping its data dir for `start(fresh=False)`."""
@@ -153,15 +147,8 @@ class EtcdProcess:
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL) and remove its data dir."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        named.stop(self.proc, self.data_dir)
         self.proc = None
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EtcdProcess:
         return self.start()
@@ -173,16 +160,4 @@ class EtcdProcess:
 def reap(prefix: str) -> list[int]:
     """SIGKILL the etcd processes whose member name starts with `prefix` (a crashed
     owner's); the pids killed."""
-    killed = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if not cmd or os.path.basename(cmd[0]) != ETCD or "--name" not in cmd:
-            continue
-        i = cmd.index("--name")
-        if i + 1 < len(cmd) and cmd[i + 1].startswith(prefix):
-            try:
-                p.kill()
-                killed.append(p.pid)
-            except psutil.Error:
-                pass
-    return killed
+    return named.reap(ETCD, prefix)
