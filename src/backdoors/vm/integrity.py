@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from ..errors import VmError
 from .image import KernelImage
 from .memory import GuestMemory
+from .periodic import Periodic
 
 PAGE = 4096
 #: operations tables rootkits patch to hide files, processes and sockets (all `const`, in
@@ -486,49 +487,32 @@ def relink(memory: GuestMemory, task: int) -> list[tuple[int, bytes]]:
             (memory.translate(head + 8), struct.pack("<Q", node))]  # head.prev
 
 
-class Watch:
+class Watch(Periodic):
     """Runs `checker.tick()` every `tick_s` in a thread of its own, stamping each new
     finding with the monotonic time it was seen (`seen`: (time, Finding)). `paused`
     skips ticks (to measure the scan's cost on the guest beside its absence)."""
 
     def __init__(self, checker: Checker, *, tick_s: float = 0.02):
-        self.checker, self.tick_s = checker, tick_s
+        super().__init__(tick_s, "integrity-watch")
+        self.checker = checker
         self.seen: list[tuple[float, Finding]] = []
         self.errors: list[str] = []
         self.paused = False
         self.ticks, self.cpu_s = 0, 0.0  # ticks run, and the thread's CPU time in them
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="integrity-watch", daemon=True)
 
-    def start(self) -> "Watch":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def __enter__(self) -> "Watch":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.tick_s):
-            if self.paused:
-                continue
-            cpu = time.thread_time()
-            try:
-                found = self.checker.tick()
-            except VmError as e:  # a read torn by the running guest: the next tick reads again
-                self.errors.append(str(e))
-                continue
-            finally:
-                self.ticks, self.cpu_s = self.ticks + 1, self.cpu_s + time.thread_time() - cpu
-            now = time.monotonic()
-            self.seen += [(now, f) for f in found]
+    def step(self) -> None:
+        if self.paused:
+            return
+        cpu = time.thread_time()
+        try:
+            found = self.checker.tick()
+        except VmError as e:  # a read torn by the running guest: the next tick reads again
+            self.errors.append(str(e))
+            return
+        finally:
+            self.ticks, self.cpu_s = self.ticks + 1, self.cpu_s + time.thread_time() - cpu
+        now = time.monotonic()
+        self.seen += [(now, f) for f in found]
 
     def wait_for(self, match, since: float, timeout: float) -> float | None:
         """The time of the first finding since `since` for which `match(f)` holds."""

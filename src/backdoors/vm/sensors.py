@@ -10,11 +10,10 @@ the guest is seen from outside).
 
 from __future__ import annotations
 
-import threading
-
 from ..errors import VmError
 from ..sensors import KERNEL_BOX, SensorBox
 from .memory import GuestMemory
+from .periodic import Periodic
 
 
 class GuestSensors:
@@ -42,29 +41,12 @@ class GuestSensors:
         self.box.close()
 
 
-class GuestSampler:
+class GuestSampler(Periodic):
     """Updates a GuestSensors every `period` seconds in a thread of its own."""
 
     def __init__(self, sensors: GuestSensors, *, period: float = 0.05):
-        self.sensors, self.period = sensors, period
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="guest-sampler", daemon=True)
+        super().__init__(period, "guest-sampler")
+        self.sensors = sensors
 
-    def start(self) -> "GuestSampler":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self.sensors.update()
-
-    def __enter__(self) -> "GuestSampler":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def step(self) -> None:
+        self.sensors.update()

@@ -1,0 +1,38 @@
+"""A step run every period in a thread of its own, started and stopped with its owner
+(the guest's sensors, the kernel integrity watch): both read a running guest's memory
+from outside, at their own pace, and stop between two steps."""
+
+from __future__ import annotations
+
+import threading
+
+
+class Periodic:
+    """Calls `step()` (subclasses define it) every `period` seconds until `stop()`."""
+
+    def __init__(self, period: float, name: str):
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.step()
