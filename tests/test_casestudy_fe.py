@@ -14,8 +14,8 @@ import pytest
 
 import psycopg  # noqa: E402
 
-from backdoors.casestudy.rubis import dataset  # noqa: E402
 from backdoors.casestudy.rubis.dataset import Scale  # noqa: E402
+from test_casestudy_support import rubis_lab  # noqa: E402
 
 SMALL = Scale(users=100, items=100, bids=500, comments=50, seed=5)
 SECRET = "fe-test-secret"
@@ -25,24 +25,15 @@ SECRET = "fe-test-secret"
 def fes():
     """2 hosts: FE a in n0 (h0), FE b in n1 (h1), the MT in n2 (h0), PostgreSQL in n3 (h1);
     a plain FE (uvicorn) and a plain MT beside them."""
-    from conftest import needs_root
-
-    needs_root()
-    from backdoors.casestudy.postgres import Postgres
     from backdoors.casestudy.rubis import site
-    from backdoors.lab.lab import Lab
-    from backdoors.scenarios.labkit import unique_name
 
-    with Lab(unique_name("fe"), hosts=2, nodes=4, agents=True, services=False) as lab:
-        with Postgres(lab, "n3") as pg:
-            with psycopg.connect(pg.local_dsn()) as c:
-                dataset.load(c, SMALL)
-            mt = site.start_mt(lab, "n2", pg)
-            mt_plain = site.start_mt(lab, "n2", pg, plain=True)
-            a = site.start_fe(lab, "n0", [mt.address], SECRET)
-            b = site.start_fe(lab, "n1", [mt.address], SECRET)
-            plain = site.start_fe(lab, "n1", [mt_plain.address], SECRET, plain=True)
-            yield lab, pg, a, b, plain
+    with rubis_lab("fe", hosts=2, nodes=4, db_node="n3", scale=SMALL) as (lab, pg):
+        mt = site.start_mt(lab, "n2", pg)
+        mt_plain = site.start_mt(lab, "n2", pg, plain=True)
+        a = site.start_fe(lab, "n0", [mt.address], SECRET)
+        b = site.start_fe(lab, "n1", [mt.address], SECRET)
+        plain = site.start_fe(lab, "n1", [mt_plain.address], SECRET, plain=True)
+        yield lab, pg, a, b, plain
 
 
 class Client:

@@ -12,9 +12,10 @@ import pytest
 
 import psycopg  # noqa: E402
 
-from backdoors.casestudy.rubis import dataset, wire  # noqa: E402
+from backdoors.casestudy.rubis import wire  # noqa: E402
 from backdoors.casestudy.rubis.dataset import Scale  # noqa: E402
 from backdoors.casestudy.rubis.wire import Answer, Call  # noqa: E402
+from test_casestudy_support import rubis_lab  # noqa: E402
 
 SMALL = Scale(users=100, items=100, bids=500, comments=50, seed=3)
 
@@ -22,21 +23,12 @@ SMALL = Scale(users=100, items=100, bids=500, comments=50, seed=3)
 @pytest.fixture(scope="module")
 def mts():
     """A lab of 2 hosts: MT a in n0 (h0), MT b in n1 (h1), PostgreSQL in n2 (h0)."""
-    from conftest import needs_root
-
-    needs_root()
-    from backdoors.casestudy.postgres import Postgres
     from backdoors.casestudy.rubis import site
-    from backdoors.lab.lab import Lab
-    from backdoors.scenarios.labkit import unique_name
 
-    with Lab(unique_name("mt"), hosts=2, nodes=3, agents=True, services=False) as lab:
-        with Postgres(lab, "n2") as pg:
-            with psycopg.connect(pg.local_dsn()) as c:
-                dataset.load(c, SMALL)
-            a = site.start_mt(lab, "n0", pg)
-            b = site.start_mt(lab, "n1", pg)
-            yield lab, pg, a, b
+    with rubis_lab("mt", hosts=2, nodes=3, db_node="n2", scale=SMALL) as (lab, pg):
+        a = site.start_mt(lab, "n0", pg)
+        b = site.start_mt(lab, "n1", pg)
+        yield lab, pg, a, b
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:
