@@ -126,3 +126,16 @@ def test_validate_checks_a_config_built_in_code():
     c.quorum = 1
     validate(c)
     assert c.listen_address() == ("::1", 0)
+
+
+@pytest.mark.parametrize("table, match", [
+    ('psi_triggers = ["disk"]', r"key kernel_sensors\.psi_triggers: 'disk' is not one of memory"),
+    ('psi_triggers = ["cpu"]\npsi_cpu_some = 100',
+     r"key kernel_sensors\.psi_cpu_some: must be below 100 for a PSI trigger"),
+    ("psi_window_s = 20", r"key kernel_sensors\.psi_window_s: must be within 0\.5\.\.10 s"),
+])
+def test_psi_trigger_settings_are_checked(tmp_path, table, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(_write(tmp_path, GOOD + "\n[kernel_sensors]\n" + table + "\n"))
+    ok = load_config(_write(tmp_path, GOOD + '\n[kernel_sensors]\npsi_triggers = ["memory", "io"]\n'))
+    assert ok.kernel_sensors.psi_triggers == ("memory", "io")

@@ -26,9 +26,11 @@ HOUR = 3600.0
 
 
 @pytest.fixture
-def watched(root, unique):
+def watched(root, unique, request):
     """A node of its own (netns with eth0, cgroup limited to 48 MiB) watched by a Watcher
-    whose events land in `w.events` (kind, node, data)."""
+    whose events land in `w.events` (kind, node, data); its kernel-sensor limits are the
+    defaults, or the test's parameter (indirect)."""
+    limits = getattr(request, "param", KernelSensorLimits())
     prefix = f"bdt-{unique}-"
     ns, peer = prefix + "n0", prefix + "sw"
     cg = None
@@ -45,7 +47,7 @@ def watched(root, unique):
             assert time.monotonic() < end, "the veth never came up"
             time.sleep(0.01)
         rt = SimpleNamespace(name="n0", node=SimpleNamespace(cgroup=cg), tracking=BoxTracking(),
-                             sampler=SimpleNamespace(link=link, limits=KernelSensorLimits()))
+                             sampler=SimpleNamespace(link=link, limits=limits))
         regions = RegionTable(["n0"], max_regions=4, max_region_bytes=1 << 20,
                               max_node_bytes=4 << 20)
         events: queue.Queue = queue.Queue()
@@ -218,3 +220,34 @@ def test_a_node_denied_the_cpu_is_not_hung_but_a_stopped_one_is(watched):
     finally:
         ticker.kill()
         ticker.wait()
+
+
+SPIN = "import os, sys\nos.read(int(sys.argv[1]), 1)\nwhile True:\n    pass\n"
+
+
+@pytest.mark.parametrize("watched", [KernelSensorLimits(psi_triggers=("cpu",), psi_cpu_some=50.0)],
+                         indirect=True, ids=["cpu-trigger-50pct"])
+def test_cpu_pressure_is_pushed_from_a_psi_trigger(watched):
+    """Two busy loops on one CPU in the node: one of them always waits (cpu "some" near
+    100 %). The kernel's PSI trigger at 50 % of a 2 s window wakes the watcher, which
+    pushes it once, and says it cleared once the loops are gone."""
+    w = watched
+    r, wr = os.pipe()
+    spinners = [subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", SPIN, str(r)],
+                                 pass_fds=[r]) for _ in range(2)]
+    try:
+        for p in spinners:
+            w.cg.attach(p.pid)
+        os.write(wr, b"xx")  # they spin only once inside the node
+        kind, data = _next(w, "psi_cpu", timeout=30)
+        assert kind == "violation" and data["sensor"] == "psi_cpu_some"
+        assert data["trigger"] is True and data["value"] == data["max"] == 50.0
+        assert data["window_s"] == 2.0
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+        os.close(r)
+        os.close(wr)
+    kind, data = _next(w, "psi_cpu", timeout=30)
+    assert kind == "cleared"  # said once while it lasted, then cleared

@@ -472,6 +472,33 @@ detectors = [{ kind = "pressure_over_rate", box = "kernel", sensors = ["fork*"] 
     assert (v.box, v.sensor, v.bound, v.measure) == ("kernel", "oom_kills", 0.5, 1.0)
 
 
+def test_a_psi_trigger_the_agent_pushes_opens_the_memory_rule_unless_its_max_is_higher():
+    """A PSI trigger's event says the node stalled at least its share of the window (the
+    sensor's max): a rule on that sensor opens from it, its summary saying ">=", unless
+    the rule's own max is above what the kernel confirmed."""
+    event = {"kind": "violation", "seq": 5, "at": 0.0, "detector": "level_out_of_bounds",
+             "condition": "psi_memory", "box": "kernel", "sensor": "psi_memory_some",
+             "value": 40.0, "max": 40.0, "window_s": 2.0, "trigger": True, "onset": 0.0}
+    for extra, opens in (("", True), (", max = 30", True), (", max = 60", False)):
+        ruleset = f"""
+[[rule]]
+name = "memory"
+detectors = [{{ kind = "level_out_of_bounds", box = "kernel", sensors = ["psi_memory_some"]{extra} }}]
+"""
+        eng = Engine(list(rules.parse_ruleset(ruleset).rule), "m1", clock=Clock())
+        opened = eng.observe(NodeView("n0", "h0", 100.0, event=event, via="event"))
+        assert bool(opened) is opens, extra
+        if opens:
+            hit = opened[0].incident.detectors[0]
+            assert hit.summary == ("kernel/psi_memory_some = 40 >= 40" if not extra
+                                   else "kernel/psi_memory_some = 40 > 30")
+    # the same value without `trigger` is a level at its bound, not beyond it
+    eng = Engine(list(rules.parse_ruleset(ruleset.replace(", max = 60", "")).rule), "m1",
+                 clock=Clock())
+    plain = {k: v for k, v in event.items() if k != "trigger"}
+    assert eng.observe(NodeView("n0", "h0", 100.0, event=plain, via="event")) == []
+
+
 def test_a_poll_and_an_event_judging_one_node_at_once_open_one_incident():
     """The poller and the event follower call the engine from their own threads. An event
     that arrives while a poll is opening the incident for the same stall must find it

@@ -232,7 +232,7 @@ def _value(v) -> str:
         return repr(v)
     if isinstance(v, str):
         return json.dumps(v)  # JSON escapes are TOML basic-string escapes
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"

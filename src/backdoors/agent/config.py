@@ -73,6 +73,13 @@ class KernelSensorLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     psi_io_some: Annotated[float, doc("psi_io_some max (avg10, %)")] = 80.0
     oom_kills_per_10s: Annotated[float, doc(
         "oom_kills per 10 s window (0.5: any kill violates)")] = 0.5
+    psi_triggers: Annotated[tuple[str, ...], doc(
+        "resources (memory, cpu, io) whose psi_*_some max is also watched by a kernel PSI "
+        "trigger: stalled that share of a psi_window_s window, pushed at once, rather than "
+        "once the 10 s average climbs there")] = ("memory",)
+    psi_window_s: Annotated[float, doc(
+        "the PSI triggers' window, 0.5..10 s; one that is not a multiple of 2 s needs "
+        "CAP_SYS_RESOURCE")] = 2.0
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -264,8 +271,16 @@ def _validate(c: AgentConfig) -> None:
     ks = c.kernel_sensors
     for f in ks.__struct_fields__:
         v = getattr(ks, f)
-        _check(math.isfinite(v) and v > 0, ("kernel_sensors", f),
-               "must be a positive number")
+        if f != "psi_triggers":
+            _check(math.isfinite(v) and v > 0, ("kernel_sensors", f),
+                   "must be a positive number")
+    for r in ks.psi_triggers:
+        _check(r in ("memory", "cpu", "io"), ("kernel_sensors", "psi_triggers"),
+               f"{r!r} is not one of memory, cpu, io")
+        _check(getattr(ks, f"psi_{r}_some", 0) < 100, ("kernel_sensors", f"psi_{r}_some"),
+               "must be below 100 for a PSI trigger (psi_triggers)")
+    _check(0.5 <= ks.psi_window_s <= 10, ("kernel_sensors", "psi_window_s"),
+           "must be within 0.5..10 s (the kernel's range for PSI triggers)")
     _check(0 < ks.memory_high_pct <= 100 and 0 < ks.pids_high_pct <= 100,
            ("kernel_sensors",), "percentages must be within 0..100")
     _check(os.path.isabs(c.key_file), ("key_file",), "must be an absolute path")

@@ -16,6 +16,10 @@ notifies, and wakes every `watch_period_ms` only for what is a memory load:
 - OOM kills: the memory controller's OOM notification (v1 eventfd on
   memory.oom_control, v2 memory.events); the count is read at the wake-up and, since a
   v1 wake-up precedes the kill, again on each tick for OOM_SETTLE_S after it.
+- pressure: a PSI trigger (`nodes.notify.PressureTrigger`) on each resource of the
+  kernel box's `psi_triggers` (default: memory), at its `psi_*_some` max as a share of
+  `psi_window_s`: the kernel wakes the watcher when the node's tasks stalled that long
+  in a window, seconds before the 10 s average the sampler reads would get there.
 
 Every SLOW_S it also reads each node's link, frozen state and OOM count as a fallback
 (a notification source that could not be opened, a lease that ended with the node
@@ -56,6 +60,10 @@ while it is held are not published (the lock stops progress on purpose). Each vi
   count), events (kills the watcher saw in the sensor's window), max_events, window_s,
   onset: more kills in the window than the sensor allows (by default: any), the moment
   the count rises; cleared once the window holds no more than that.
+- level_out_of_bounds (condition "psi_<resource>"): box "kernel", sensor
+  "psi_<resource>_some", value and max (the trigger's share, %: the node stalled at
+  least that share of the window), window_s, trigger true, onset; cleared once the
+  trigger has not fired for PSI_CLEAR_WINDOWS windows.
 
 What the watcher saw of the counters also feeds the `sensors` reply's
 `progress_unchanged_s` (agent/tracking.py), so a poll judges a stall as early as an event.
@@ -74,7 +82,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BackdoorsError, SensorBoxError
 from ..net.links import LinkEvents
-from ..nodes.notify import FrozenNotifier, OomNotifier
+from ..nodes.notify import FrozenNotifier, OomNotifier, PressureTrigger
 from ..sensors import SensorType, abi, over_rate, parse_box, read_consistent, stalled
 from .sampler import OOM_WINDOW_S
 from .served import NodeRuntime
@@ -89,6 +97,7 @@ RETRY_S = 1.0  # a box that did not parse is tried again after this
 PSI_SAMPLE_S = 0.025  # a node's cpu.pressure "full" total is sampled this often
 PSI_KEEP_S = 3.0  # and kept this long (a longer stall's excuse counts from the oldest)
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
+PSI_CLEAR_WINDOWS = 2.5  # a PSI trigger silent this many windows: its pressure has ended
 _GEN_WORD = abi.OFF_GENERATION // 8
 
 Owner = tuple[int, float]  # a registrant: (host pid, start time)
@@ -142,6 +151,8 @@ class _Node:
     dead: set[Owner] = field(default_factory=set)  # registrants seen dead
     starved: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic, full_us)
     starved_due: float = 0.0  # next sample
+    psi: dict[str, PressureTrigger] = field(default_factory=dict)  # resource -> its trigger
+    psi_fired: dict[str, float] = field(default_factory=dict)  # -> last wake (monotonic), while over
 
     def sample_starved(self, now: float) -> None:
         """Sample the node's cpu.pressure "full" total (nothing where PSI is missing)."""
@@ -195,6 +206,7 @@ class Watcher:
         self._counted: list[_Node] = []  # nodes with boxes: their CPU starvation is sampled
         self._read_frozen: list[_Node] = []  # nodes whose frozen state a tick reads (v1)
         self._settling: set[_Node] = set()  # nodes just notified of an OOM
+        self._pressed: set[_Node] = set()  # nodes over a PSI trigger: a tick sees it end
 
     def start(self) -> None:
         self._thread.start()
@@ -218,10 +230,11 @@ class Watcher:
             for fd in n.owners.values():
                 os.close(fd)
             n.owners.clear()
-            for src in (n.links, n.freezer, n.oom):
+            for src in (n.links, n.freezer, n.oom, *n.psi.values()):
                 if src is not None:
                     src.close()
             n.links = n.freezer = n.oom = None
+            n.psi.clear()
             self.regions.give_back(n.entries)
             n.entries = []
         self._handlers.clear()
@@ -279,8 +292,11 @@ class Watcher:
             log.warning("watch: handling a notification failed: %s", why)
             return
         self._unwatch(fd)
-        getattr(node, attr).close()
-        setattr(node, attr, None)
+        if attr.startswith("psi:"):  # kept, closed, to say its pressure cleared
+            node.psi[attr[4:]].close()
+        else:
+            getattr(node, attr).close()
+            setattr(node, attr, None)
         if attr == "freezer":
             self._read_frozen.append(node)
         log.warning("node %s: %s notifications failed (%s): read every %g s from now on",
@@ -318,10 +334,30 @@ class Watcher:
                 self._sources[src.fd] = (n, attr)
         if n.freezer is None:
             self._read_frozen.append(n)
+        self._open_triggers(n)
         now = time.monotonic()
         self._link(n, False)
         self._frozen(n, None)
         self._oom(n, now)
+
+    def _open_triggers(self, n: _Node) -> None:
+        """The node's PSI triggers; one that cannot be set leaves that resource to the
+        sampler's 10 s average (read by every poll)."""
+        limits = n.rt.sampler.limits
+        for resource in limits.psi_triggers:
+            share = getattr(limits, f"psi_{resource}_some") / 100
+            try:
+                trigger = PressureTrigger.open(n.rt.node.cgroup, resource, share,
+                                               limits.psi_window_s)
+            except (OSError, BackdoorsError) as e:
+                log.warning("node %s: no PSI trigger on %s (%s): its 10 s average is "
+                            "judged instead", n.rt.name, resource, e)
+                continue
+            if trigger is None:
+                continue
+            n.psi[resource] = trigger
+            self._watch(trigger.fd, trigger.mask, lambda n=n, t=trigger: self._psi(n, t))
+            self._sources[trigger.fd] = (n, f"psi:{resource}")
 
     # -- what a tick reads: progress counters ----------------------------------------
 
@@ -389,6 +425,8 @@ class Watcher:
             if now >= n.oom_settle_until:
                 self._settling.discard(n)
             self._oom(n, now)
+        for n in list(self._pressed):
+            self._psi_ended(n, now)
         for n in self._read_frozen:
             if now >= n.frozen_due:
                 n.frozen_due = now + FROZEN_READ_S
@@ -573,6 +611,31 @@ class Watcher:
             self._say(rt.name, violated, detector="pressure_over_rate", condition="oom_kill",
                       box="kernel", sensor="oom_kills", value=count, events=len(n.oom_kills),
                       max_events=limit, window_s=OOM_WINDOW_S, onset=time.time())
+
+    def _psi(self, n: _Node, trigger: PressureTrigger) -> None:
+        """A PSI trigger fired: the node stalled on its resource past the share."""
+        trigger.consume()
+        first = trigger.resource not in n.psi_fired
+        n.psi_fired[trigger.resource] = time.monotonic()
+        self._pressed.add(n)
+        if first:
+            self._say_psi(n, trigger, True)
+
+    def _psi_ended(self, n: _Node, now: float) -> None:
+        for resource, at in list(n.psi_fired.items()):
+            trigger = n.psi[resource]
+            if now - at > PSI_CLEAR_WINDOWS * trigger.window_s:
+                del n.psi_fired[resource]
+                self._say_psi(n, trigger, False)
+        if not n.psi_fired:
+            self._pressed.discard(n)
+
+    def _say_psi(self, n: _Node, trigger: PressureTrigger, violated: bool) -> None:
+        pct = round(trigger.share * 100, 3)
+        self._say(n.rt.name, violated, detector="level_out_of_bounds",
+                  condition=f"psi_{trigger.resource}", box="kernel",
+                  sensor=f"psi_{trigger.resource}_some", value=pct, max=pct,
+                  window_s=trigger.window_s, trigger=True, onset=time.time())
 
     def _say(self, node: str, violated: bool, **data) -> None:
         self.publish("violation" if violated else "cleared", node, **data)

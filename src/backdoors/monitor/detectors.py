@@ -241,6 +241,18 @@ class LevelOutOfBounds(SensorDetector, tag="level_out_of_bounds"):
                            True, min=None if lo is None else float(lo),
                            max=None if hi is None else float(hi))
 
+    def pushed_violation(self, box: str, event: dict) -> Violation | None:
+        """A PSI trigger's event (`trigger`) is the kernel's judgement: the node stalled
+        at least `value` % of the window, its sensor's max. A rule's own `max` above
+        that is not shown passed, so it does not fire on it."""
+        s = self.pushed_state(event)
+        if not event.get("trigger"):
+            return self.violation(box, s)
+        if self.max is not None and self.max > s.value:
+            return None
+        return Violation(box, s.name, s.type, s.value, s.max if self.max is None else self.max,
+                         s.value)
+
     def problems(self) -> Iterator[tuple[Path, str]]:
         for bound in ("min", "max"):
             v = getattr(self, bound)
@@ -261,6 +273,8 @@ class LevelOutOfBounds(SensorDetector, tag="level_out_of_bounds"):
     @staticmethod
     def describe(v: Violation) -> str:
         rel = ">" if v.bound is None or v.value > v.bound else "<"
+        if v.bound is not None and v.value == v.bound:
+            rel = ">="  # a PSI trigger's: at least its share
         bound = "None" if v.bound is None else f"{v.bound:.4g}"
         return f"{v.box}/{v.sensor} = {v.value:.4g} {rel} {bound}"
 
@@ -271,7 +285,7 @@ class LevelOutOfBounds(SensorDetector, tag="level_out_of_bounds"):
         for v in hit.violations:
             if v.bound is None or not math.isfinite(v.value):
                 bad = lambda x: not math.isfinite(x)  # noqa: E731
-            elif v.value > v.bound:
+            elif v.value >= v.bound:
                 bad = lambda x, b=v.bound: x > b  # noqa: E731
             else:
                 bad = lambda x, b=v.bound: x < b  # noqa: E731

@@ -13,10 +13,16 @@ descriptors; closing them removes the kernel's registration).
   hits OOM, before the kill); v2: `memory.events` (EPOLLPRI when oom/oom_kill rise).
   Either way the count itself is `Cgroup.oom_kills()`, read after the wake-up; a v1
   wake-up comes before the kill is counted, so the caller reads again shortly after.
+- `PressureTrigger`: a PSI trigger on the cgroup's v2 `<resource>.pressure` (memory, cpu,
+  io): EPOLLPRI when its tasks were stalled ("some") for at least `share` of a
+  `window_s` window, at most once per window while that lasts. The kernel judges it as
+  it accounts the stall: nothing is read until it fires. Needs no controller (PSI is
+  accounted on the v2 hierarchy), only PSI in the kernel.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 from pathlib import Path
@@ -26,7 +32,7 @@ from backdoors.nodes import cgfs
 from backdoors.nodes.cgroups import Cgroup
 from backdoors.nodes.hierarchies import UNIFIED
 
-__all__ = ["FrozenNotifier", "OomNotifier"]
+__all__ = ["FrozenNotifier", "OomNotifier", "PressureTrigger"]
 
 
 class _FileNotifier:
@@ -122,3 +128,54 @@ class OomNotifier:
         elif self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
+
+
+class PressureTrigger:
+    """A PSI trigger of one resource of a cgroup; its fd wakes (EPOLLPRI) when the stall
+    passes the threshold; `consume()` has nothing to read (the poll itself re-arms it)."""
+
+    mask = select.EPOLLPRI
+    RESOURCES = ("memory", "cpu", "io")
+
+    def __init__(self, fd: int, resource: str, share: float, window_s: float):
+        self.fd, self.resource, self.share, self.window_s = fd, resource, share, window_s
+
+    @classmethod
+    def open(cls, cg: Cgroup, resource: str, share: float,
+             window_s: float = 2.0) -> PressureTrigger | None:
+        """A trigger at `share` (0..1) of `window_s` (0.5..10 s, the kernel's range) for
+        `cg`, or None without a v2 hierarchy or PSI. Without CAP_SYS_RESOURCE the kernel
+        takes only windows that are multiples of 2 s (and checks them every 2 s)."""
+        if resource not in cls.RESOURCES:
+            raise NodeError(f"no PSI for {resource!r}: one of {', '.join(cls.RESOURCES)}")
+        if not 0 < share < 1 or not 0.5 <= window_s <= 10:
+            raise NodeError(f"a PSI trigger needs 0 < share < 1 and a window of 0.5..10 s, "
+                            f"not {share:g} of {window_s:g} s")
+        if UNIFIED not in cg.paths:
+            return None
+        path = cg.paths[UNIFIED] / f"{resource}.pressure"
+        window_us = round(window_s * 1e6)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # no PSI in this kernel (or psi=0 on its command line)
+        except OSError as e:
+            raise cgfs.error("open", path, e) from None
+        try:  # the kernel keeps the trigger while this descriptor is open
+            os.write(fd, f"some {max(1, round(share * window_us))} {window_us}\0".encode())
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EOPNOTSUPP:
+                return None  # PSI compiled in but disabled
+            hint = ("a window that is not a multiple of 2 s needs CAP_SYS_RESOURCE"
+                    if e.errno == errno.EINVAL and window_us % 2_000_000 else "")
+            raise cgfs.error("write a PSI trigger to", path, e, hint) from None
+        return cls(fd, resource, share, window_s)
+
+    def consume(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
