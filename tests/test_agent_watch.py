@@ -251,3 +251,46 @@ def test_cpu_pressure_is_pushed_from_a_psi_trigger(watched):
         os.close(wr)
     kind, data = _next(w, "psi_cpu", timeout=30)
     assert kind == "cleared"  # said once while it lasted, then cleared
+
+
+THRASH = """import os, sys
+os.read(int(sys.argv[1]), 1)
+keep = bytearray(36 << 20)  # most of the node's 48 MiB: the file's pages cannot all stay
+for i in range(0, len(keep), 4096):
+    keep[i] = 1
+while True:
+    with open(sys.argv[2], "rb") as f:
+        while f.read(1 << 20):
+            pass
+"""
+
+
+@pytest.mark.parametrize("watched", [KernelSensorLimits(psi_memory_some=10.0)], indirect=True,
+                         ids=["memory-trigger-10pct"])
+def test_memory_pressure_is_pushed_from_a_psi_trigger(watched, tmp_path):
+    """A process of the node holds most of its memory limit and reads a file larger than
+    the rest, again and again: its reads wait on reclaim and refaults (memory "some",
+    about 30 % of the time here). The default trigger (memory) at 10 % of 2 s fires."""
+    w = watched
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(80):
+            f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read (charged) anew
+    r, wr = os.pipe()
+    reader = subprocess.Popen([sys.executable, "-c", THRASH, str(r), str(big)], pass_fds=[r])
+    try:
+        w.cg.attach(reader.pid)
+        os.write(wr, b"x")
+        kind, data = _next(w, "psi_memory", timeout=30)
+        assert kind == "violation" and data["sensor"] == "psi_memory_some"
+        assert data["trigger"] is True and data["value"] == data["max"] == 10.0
+    finally:
+        reader.kill()
+        reader.wait()
+        os.close(r)
+        os.close(wr)
+    kind, _ = _next(w, "psi_memory", timeout=30)
+    assert kind == "cleared"
