@@ -8,6 +8,10 @@ starts it again and waits until it has its share back (`giveback_ms`: from its s
 Python's import time included). Anchors (cited, not measured here): Kubernetes' node lease
 40 s, Nomad's heartbeat ~20 s, memberlist/SWIM ~5 s.
 
+`scenario`: then a short `scenario fleet` (3 monitors, 2 hosts, 8 nodes, a 3-member etcd,
+30 s of seeded random faults of the nodes, the monitors and etcd): its figures and its
+timeline, which the report plots.
+
     python bench/bench_fleet.py [TRIALS]        # or: backdoors bench fleet --json
 """
 
@@ -25,7 +29,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run(trials: int = 10, monitors: int = 3, nodes: int = 16) -> dict:
+def run(trials: int = 10, monitors: int = 3, nodes: int = 16, scenario_s: float = 30.0) -> dict:
     from backdoors.fleet import assign
     from backdoors.lab import Lab
     from backdoors.scenarios.labkit import unique_name
@@ -78,7 +82,19 @@ def run(trials: int = 10, monitors: int = 3, nodes: int = 16) -> dict:
             "takeover_ms_max": round(max(takeover), 1),
             "giveback_ms_p50": round(statistics.median(giveback), 1),
             "anchors_s": {"kubernetes_node_lease": 40, "nomad_heartbeat": 20,
-                          "memberlist_swim": 5}}
+                          "memberlist_swim": 5},
+            "scenario": _scenario(scenario_s) if scenario_s else None}
+
+
+def _scenario(duration_s: float) -> dict:
+    from backdoors.scenarios.fleet import fleet
+
+    got = fleet(monitors=3, hosts=2, nodes=8, etcd_members=3, duration_s=duration_s, seed=1,
+                schedule=("monitor-kill", "fork-bomb", "monitor-cut", "etcd-kill"))
+    return {k: got[k] for k in ("monitors", "hosts", "nodes", "etcd_members", "duration_s",
+                                "seed", "faults_injected", "faults_handled", "missed",
+                                "takeover_ms_p99", "stale_token_ops_refused",
+                                "stale_token_ops_applied", "double_acted", "timeline")}
 
 
 if __name__ == "__main__":

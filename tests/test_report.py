@@ -218,7 +218,24 @@ BENCH_FLEET = {"monitors": 3, "nodes": 16, "trials": 6, "lease_ttl_s": 1, "fleet
                "takeover_ms_p50": 1326.0, "takeover_ms_p99": 1535.0, "takeover_ms_max": 1535.0,
                "giveback_ms_p50": 210.0, "anchors_s": {"kubernetes_node_lease": 40,
                                                        "nomad_heartbeat": 20,
-                                                       "memberlist_swim": 5}}
+                                                       "memberlist_swim": 5},
+               "scenario": {
+                   "monitors": 3, "hosts": 2, "nodes": 8, "etcd_members": 3, "duration_s": 30,
+                   "seed": 1, "faults_injected": 6, "faults_handled": 4, "missed": 0,
+                   "takeover_ms_p99": 1712.5, "stale_token_ops_refused": 2,
+                   "stale_token_ops_applied": 0, "double_acted": 0,
+                   "timeline": {"start": 1796100000.0, "events": [
+                       {"t": 0.0, "lane": "m2", "kind": "monitor-kill", "target": "m2",
+                        "end": 3.1},
+                       {"t": 1.7, "lane": "m2", "kind": "taken-over", "target": "3 nodes"},
+                       {"t": 4.0, "lane": "nodes", "kind": "fork-bomb", "target": "h0/n3"},
+                       {"t": 4.5, "lane": "m1", "kind": "incident", "target": "h0/n3"},
+                       {"t": 8.0, "lane": "m3", "kind": "monitor-cut", "target": "m3",
+                        "end": 14.0},
+                       {"t": 16.0, "lane": "etcd", "kind": "etcd-kill", "target": "member 1",
+                        "end": 21.0},
+                       {"t": 17.0, "lane": "nodes", "kind": "memory-hog", "target": "h1/n6"},
+                       {"t": 18.1, "lane": "m3", "kind": "incident", "target": "h1/n6"}]}}}
 
 
 def inputs(tmp_path: Path, *, series: bool = True) -> dict:
@@ -281,9 +298,9 @@ def test_the_report_has_every_section_and_real_plots(tmp_path):
         assert f'id="{anchor}"' in page and title in page
     assert 'class="note' not in page  # nothing missing, no figure failed
     # 3 timelines, 2 repair cases, stall CDF, recovery vs HAProxy, detection, overhead,
-    # fleet takeover, monitor cost, sensor cost
+    # fleet takeover, fleet timeline, monitor cost, sensor cost
     pngs = images(page)
-    assert len(pngs) == 12
+    assert len(pngs) == 13
     for png in pngs:
         check_png(png)
     # the header: verdicts of the demo
@@ -330,6 +347,18 @@ def test_the_fleet_takeover_plot_shows_the_kills_and_the_target(tmp_path):
     assert ">1535<" in page  # p99 in the table
 
 
+def test_the_fleet_scenario_timeline_is_drawn_with_its_figures(tmp_path):
+    page = build_report(**inputs(tmp_path)).read_text()
+    assert "could not draw" not in page
+    assert "fleet scenario timeline" in page and "3 monitors, 2 hosts, 8 nodes, 30 s" in page
+    assert ">1712<" in page  # the scenario's takeover p99 in its table
+    kw = inputs(tmp_path / "old")  # a bench_fleet.json from before the scenario: a note
+    old = {k: v for k, v in BENCH_FLEET.items() if k != "scenario"}
+    (Path(kw["bench_dir"]) / "bench_fleet.json").write_text(json.dumps(old))
+    page = build_report(**kw).read_text()
+    assert "has no fleet scenario timeline" in page and ">1535<" in page
+
+
 def test_an_empty_bench_file_is_a_note_not_an_error(tmp_path):
     kw = inputs(tmp_path)
     (Path(kw["bench_dir"]) / "bench_recovery.json").write_text("")
@@ -342,7 +371,7 @@ def test_an_older_bench_repair_falls_back_to_bars(tmp_path):
     page = build_report(**inputs(tmp_path, series=False)).read_text()
     assert "has no time series" in page
     pngs = images(page)
-    assert len(pngs) == 12
+    assert len(pngs) == 13
     for png in pngs:
         check_png(png)
 
@@ -353,7 +382,7 @@ def test_an_older_bench_detection_gives_its_hang_table(tmp_path):
     (Path(kw["bench_dir"]) / "bench_detection.json").write_text(json.dumps(older))
     page = build_report(**kw).read_text()
     assert "bound: deadline + 2 polls" in page and "detection latency by fault" not in page
-    assert len(images(page)) == 11
+    assert len(images(page)) == 12
 
 
 def test_a_demo_without_incident_log_notes_it(tmp_path):
@@ -361,7 +390,7 @@ def test_a_demo_without_incident_log_notes_it(tmp_path):
     (Path(kw["demo_dir"]) / "incidents.jsonl").unlink()
     page = build_report(**kw).read_text()
     assert "is not there" in page  # the demo's log was named but is gone
-    assert len(images(page)) == 9  # no timelines
+    assert len(images(page)) == 10  # no repairing timelines
 
 
 def test_the_newest_demo_is_the_default(tmp_path, monkeypatch):

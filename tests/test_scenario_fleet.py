@@ -50,3 +50,12 @@ def test_fleet_under_random_faults(root):
     assert r["takeover_ms_p99"] is not None, r
     assert r["stale_token_ops_applied"] == 0 and r["double_acted"] == 0, r
     assert r["missed"] == 0, r
+    # the timeline holds every fault injected, in order, and the monitors' incidents
+    events = r["timeline"]["events"]
+    assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+    faults = [e for e in events if e["kind"] not in ("incident", "taken-over")]
+    assert len(faults) == r["faults_injected"]
+    assert {e["lane"] for e in faults if e["kind"] == "etcd-kill"} == {"etcd"}
+    assert all("end" in e for e in faults if e["kind"].startswith(("monitor-", "etcd-")))
+    assert 1 <= sum(e["kind"] == "incident" for e in events) <= r["incidents"]
+    assert any(e["kind"] == "taken-over" for e in events)

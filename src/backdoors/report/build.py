@@ -304,6 +304,21 @@ def _fleet_part(inputs: Inputs) -> list[Html]:
          "share given back p50 (ms)"],
         [[_ms(len(f.takeover_ms)), _ms(f.takeover_ms_p50), _ms(f.takeover_ms_p99),
           _ms(f.takeover_ms_max), _ms(f.giveback_ms_p50)]], numeric=(0, 1, 2, 3, 4)))
+    sc = f.scenario
+    if sc is None or not sc.timeline.events:
+        return parts + [note(f"`{inputs.bench_files['bench_fleet']}` has no fleet scenario "
+                             "timeline: run `make bench` (bench_fleet)")]
+    parts.append(_plot("fleet scenario timeline", lambda: plots.fleet_timeline(
+        sc.timeline.events), f"`scenario fleet`: {_ms(sc.monitors)} monitors, {_ms(sc.hosts)} "
+        f"hosts, {_ms(sc.nodes)} nodes, {_ms(sc.duration_s)} s of faults; a span is a fault "
+        "that lasted (a monitor down, stopped or cut off from etcd; an etcd member down)"))
+    parts.append(table(
+        ["faults", "handled", "missed", "takeover p99 (ms)", "stale-token ops refused",
+         "stale-token ops applied", "double acted"],
+        [[_ms(sc.faults_injected), _ms(sc.faults_handled), _ms(sc.missed),
+          _ms(sc.takeover_ms_p99), _ms(sc.stale_token_ops_refused),
+          _ms(sc.stale_token_ops_applied), _ms(sc.double_acted)]],
+        numeric=(0, 1, 2, 3, 4, 5, 6)))
     return parts
 
 

@@ -202,9 +202,39 @@ class BenchTcpRepair(msgspec.Struct):
     results: list[TcpRepairRow] = []
 
 
+class FleetEvent(msgspec.Struct):
+    """One event of the fleet scenario's timeline (seconds since its first fault)."""
+    t: float
+    lane: str  # a monitor's id, "nodes" or "etcd"
+    kind: str  # a fault kind, "incident" or "taken-over"
+    target: str = ""
+    end: Num = None  # for what lasted (a monitor down, stopped or cut; an etcd member down)
+
+
+class FleetTimeline(msgspec.Struct):
+    start: float = 0.0
+    events: list[FleetEvent] = []
+
+
+class FleetScenario(msgspec.Struct):
+    """bench_fleet's short `scenario fleet`: its figures and its timeline."""
+    monitors: Num = None
+    hosts: Num = None
+    nodes: Num = None
+    duration_s: Num = None
+    faults_injected: Num = None
+    faults_handled: Num = None
+    missed: Num = None
+    takeover_ms_p99: Num = None
+    stale_token_ops_refused: Num = None
+    stale_token_ops_applied: Num = None
+    double_acted: Num = None
+    timeline: FleetTimeline = msgspec.field(default_factory=FleetTimeline)
+
+
 class BenchFleet(msgspec.Struct):
     """bench_fleet: takeover in a fleet of monitors, from a monitor's SIGKILL to each of
-    its nodes claimed by another, one value per kill."""
+    its nodes claimed by another, one value per kill; and a short fleet scenario."""
     monitors: Num = None
     nodes: Num = None
     trials: Num = None
@@ -216,6 +246,7 @@ class BenchFleet(msgspec.Struct):
     takeover_ms_max: Num = None
     giveback_ms_p50: Num = None
     anchors_s: dict[str, float] = {}
+    scenario: FleetScenario | None = None
 
 
 BENCHES: dict[str, type] = {

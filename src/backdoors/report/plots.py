@@ -17,6 +17,7 @@ from ..sensors import SensorType
 from .data import (
     BenchSensors,
     DetectionRow,
+    FleetEvent,
     MissingExtraError,
     MonitorRow,
     Overhead,
@@ -401,6 +402,52 @@ def takeover(takeover_ms: list[float], anchors_s: dict[str, float]) -> bytes:
     right.set_title("CDF")
     left.legend(loc="lower right")
     right.legend(loc="upper left")
+    return _png(fig)
+
+
+FLEET_FAULTS = {  # fault kind -> colour in the fleet timeline
+    "fork-bomb": RED, "memory-hog": ORANGE, "freeze": PURPLE, "monitor-kill": RED,
+    "monitor-stop": ORANGE, "monitor-cut": PURPLE, "etcd-kill": GREY,
+}
+
+
+@_styled
+def fleet_timeline(events: list[FleetEvent]) -> bytes:
+    """The fleet scenario on one clock: a lane per monitor (its own faults as spans, the
+    incidents it opened as dots, its nodes taken over by the others as triangles), a lane
+    of node faults and one of etcd members killed."""
+    monitors = sorted({e.lane for e in events} - {"nodes", "etcd"})
+    lanes = ["nodes", *monitors] + (["etcd"] if any(e.lane == "etcd" for e in events) else [])
+    y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}
+    fig = _figure(10, 0.55 * len(lanes) + 1.6)
+    ax = fig.subplots()
+    shown: set[str] = set()
+
+    def label(kind: str) -> str | None:
+        if kind in shown:
+            return None
+        shown.add(kind)
+        return kind
+
+    for e in events:
+        row = y[e.lane]
+        if e.kind == "incident":
+            ax.plot(e.t, row, "o", color=BLUE, ms=5, label=label("incident opened"))
+        elif e.kind == "taken-over":
+            ax.plot(e.t, row, "v", color=GREEN, ms=7, label=label("its nodes taken over"))
+        else:
+            colour = FLEET_FAULTS.get(e.kind, GREY)
+            if e.end is not None and e.end > e.t:
+                ax.broken_barh([(e.t, e.end - e.t)], (row - 0.3, 0.6), color=colour,
+                               alpha=0.35, label=label(e.kind))
+            else:
+                ax.plot(e.t, row, "X", color=colour, ms=8, label=label(e.kind))
+    ax.set_yticks(list(y.values()), [f"monitor {lane}" if lane in monitors else lane
+                                     for lane in y])
+    ax.set_ylim(-0.7, len(lanes) - 0.3)
+    ax.set_xlabel("seconds since the first fault")
+    ax.set_title("Fleet scenario: faults, incidents and takeovers")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 

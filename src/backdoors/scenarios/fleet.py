@@ -26,7 +26,10 @@ another; `cut_takeover_ms`: from a monitor's cut), stale_token_ops_refused (the 
 `stale_token` refusals), stale_token_ops_applied (a destructive op applied with a token
 older than one the agent had already accepted for that node: must be 0), double_acted
 (destructive ops two monitors applied to one node within `overlap_s` of each other: must be
-0), cut_degraded (cuts after which the monitor said it was degraded).
+0), cut_degraded (cuts after which the monitor said it was degraded), timeline (what
+happened when, for the report's plot: `start` (Unix time) and `events`, each {t (s since
+start), lane (a monitor's id, "nodes" or "etcd"), kind, target; `end` for what lasted}:
+the faults injected, each monitor's incidents and its nodes' takeovers).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
     injected: list[dict] = []
     takeover: list[float] = []
     cut_takeover: list[float] = []
+    taken: list[dict] = []  # each takeover's end: {monitor, at, nodes}
     with lab:
         for n in lab.plan.nodes:  # a generous wait: 64 services start slowly on 2 busy cores
             lab.start_service(n.name, timeout=60.0)
@@ -115,6 +119,7 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
                 if lost and wait(lambda: all(owners().get(k) not in (victim, None)
                                              for k in lost), 30):
                     into.append((time.monotonic() - since) * 1000)
+                    taken.append({"monitor": victim, "at": time.time(), "nodes": len(lost)})
 
             everyone = assign(keys, ids)
             if not wait(lambda: owners() == everyone, 60):
@@ -128,11 +133,13 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
                     node_fault(kind, rng.choice(lab.plan.nodes))
                 elif kind == "etcd-kill":
                     member = rng.randrange(etcd_members)
-                    injected.append({"kind": kind, "member": member, "at": time.time()})
+                    fault = {"kind": kind, "member": member, "at": time.time()}
+                    injected.append(fault)
                     lab.kill_etcd_member(member)
                     # the fleet keeps working on the others' quorum
                     node_fault(rng.choice(NODE_FAULTS), rng.choice(lab.plan.nodes), kind)
                     lab.restart_etcd_member(member)
+                    fault["end"] = time.time()
                 else:  # one with nodes to take over (rendezvous may leave one without)
                     victim = rng.choice(sorted(set(everyone.values())))
                     fault = {"kind": kind, "monitor": victim, "at": time.time()}
@@ -143,11 +150,13 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
                         lab.stop_monitor(victim, signal.SIGKILL)
                         taken_over(victim, lost, since, takeover)
                         lab.start_monitor(victim, rulesets=["default"], fleet_poll_ms=50.0)
+                        fault["end"] = time.time()
                     elif kind == "monitor-stop":
                         pid = lab.state.monitors[victim]
                         _signal(pid, signal.SIGSTOP)
                         time.sleep(pause_s)
                         _signal(pid, signal.SIGCONT)
+                        fault["end"] = time.time()
                     else:  # monitor-cut
                         log = lab.plan.run_dir / "monitors" / f"{victim}.log"
                         seen = log.stat().st_size
@@ -161,6 +170,7 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
                                 errors="replace")[seen:], 10)
                         finally:
                             lab.reconnect_monitor(victim)
+                            fault["end"] = time.time()
                     wait(lambda: owners() == everyone, 30)  # its share back
                 time.sleep(max(0.0, interval_s - fault_s))
             time.sleep(2.0)  # the last incidents written
@@ -191,7 +201,32 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
         "double_acted": double, "incidents": len(incidents),
         "anchors_s": {"kubernetes_node_lease": 40, "nomad_heartbeat": 20,
                       "memberlist_swim": 5, "target_takeover": 2},
+        "timeline": _timeline(injected, incidents, taken),
     }
+
+
+def _timeline(injected: list[dict], incidents: list[dict], taken: list[dict]) -> dict:
+    """The run's events on one clock (seconds since the first fault), by lane: a monitor's
+    own faults, incidents and takeovers of its nodes in its lane; node faults in "nodes";
+    etcd members' in "etcd"."""
+    start = min([f["at"] for f in injected] + [i["detected"] for i in incidents], default=0.0)
+    events = []
+    for f in injected:
+        if f["kind"] in NODE_FAULTS:
+            lane, target = "nodes", f"{f['host']}/{f['node']}"
+        elif f["kind"] == "etcd-kill":
+            lane, target = "etcd", f"member {f['member']}"
+        else:
+            lane, target = f["monitor"], f["monitor"]
+        e = {"t": round(f["at"] - start, 3), "lane": lane, "kind": f["kind"], "target": target}
+        if "end" in f:
+            e["end"] = round(f["end"] - start, 3)
+        events.append(e)
+    events += [{"t": round(i["detected"] - start, 3), "lane": i["monitor"], "kind": "incident",
+                "target": f"{i['host']}/{i['node']}"} for i in incidents if i["detected"]]
+    events += [{"t": round(x["at"] - start, 3), "lane": x["monitor"], "kind": "taken-over",
+                "target": f"{x['nodes']} nodes"} for x in taken]
+    return {"start": start, "events": sorted(events, key=lambda e: e["t"])}
 
 
 def _signal(pid: int, sig: int) -> None:
