@@ -238,6 +238,45 @@ BENCH_FLEET = {"monitors": 3, "nodes": 16, "trials": 6, "lease_ttl_s": 1, "fleet
                        {"t": 18.1, "lane": "m3", "kind": "incident", "target": "h1/n6"}]}}}
 
 
+def _per_100ms(dip_from: int, dip_len: int, failed_at: tuple[int, ...] = (),
+               recovered: bool = True, n: int = 90) -> dict:
+    """A series around a fault at bucket 30: 12 ok per bucket, 6 of them the node's."""
+    ok = [12.0] * n
+    node = [6.0] * n
+    end = n if not recovered else 30 + dip_from + dip_len
+    for i in range(30 + dip_from, end):
+        ok[i], node[i] = 6.0, 0.0
+    failed = [3.0 if i - 30 in failed_at else 0.0 for i in range(n)]
+    return {"t0": -3000, "bucket_ms": 100, "ok": ok, "failed": failed, "node_ok": node,
+            "dip_from_ms": dip_from * 100, "dip_recovered": recovered, "baseline": 6.0,
+            "fraction": 0.5}
+
+
+BENCH_CASESTUDY = {
+    "users": 16, "seconds": 4.0, "rounds": 1, "mixes": ["Browsing", "Bidding"],
+    "data": {"users": 1000, "items": 2000, "bids": 10000},
+    "load": [{"users": u, "plain_rps": rps, "recoverable_rps": rps * 0.98,
+              "plain_p50_ms": 4.5 + u / 4, "recoverable_p50_ms": 4.6 + u / 4,
+              "plain_p99_ms": 40.0 + 5 * u, "recoverable_p99_ms": 43.0 + 5 * u,
+              "plain_requests": int(rps * 4), "plain_failed": 0,
+              "recoverable_requests": int(rps * 4), "recoverable_failed": 0,
+              "overhead_pct": 2.0, "saturated": u == 16}
+             for u, rps in ((1, 9.5), (2, 19.1), (4, 38.7), (8, 70.2), (16, 74.0))],
+    "overhead_pct_max": 2.5, "p99_overhead_pct_max": 7.5, "levels_below_saturation": [1, 2, 4, 8],
+    "bids_acknowledged": 417, "bids_lost": 0, "bids_duplicated": 0,
+    "faults": [
+        {"tier": "fe", "fault": "freeze", "users": 8, "requests": 1804, "failed_requests": 0,
+         "max_response_ms": 735.0, "detect_ms": 515.3, "recovery_ms": 121.4, "moved": 4,
+         "recover_status": "done", "target": "n1", "dip_ms": 600.0,
+         "per_100ms": _per_100ms(0, 6), "bids_acknowledged": 100, "bids_lost": 0,
+         "bids_duplicated": 0},
+        {"tier": "mt", "fault": "crash", "users": 8, "requests": 1650, "failed_requests": 3,
+         "haproxy_failed_requests": 37, "detect_ms": 230.0, "recovery_ms": 95.0,
+         "dip_ms": 2500.0, "per_100ms": _per_100ms(35, 0, failed_at=(3,), recovered=False),
+         "haproxy_per_100ms": _per_100ms(0, 20, failed_at=(0, 1, 2, 3)),
+         "bids_acknowledged": 90, "bids_lost": 0, "bids_duplicated": 1}]}
+
+
 def inputs(tmp_path: Path, *, series: bool = True) -> dict:
     """A demo folder (with its incident log) and a bench folder; build_report kwargs."""
     demo = tmp_path / "out" / "demo" / "20251128-050000"
@@ -248,7 +287,8 @@ def inputs(tmp_path: Path, *, series: bool = True) -> dict:
     bench.mkdir()
     for name, value in {"bench_repair": bench_repair(series), "bench_recovery": BENCH_RECOVERY,
                         "bench_sensors": BENCH_SENSORS, "bench_detection": BENCH_DETECTION,
-                        "bench_monitor": BENCH_MONITOR, "bench_fleet": BENCH_FLEET}.items():
+                        "bench_monitor": BENCH_MONITOR, "bench_fleet": BENCH_FLEET,
+                        "bench_casestudy": BENCH_CASESTUDY}.items():
         (bench / f"{name}.json").write_text(json.dumps(value, indent=2))
     (bench / "bench_tcprepair.json").write_text(json.dumps(
         {"benchmark": "tcprepair", "kernel": "6.18", "results": [
@@ -297,10 +337,10 @@ def test_the_report_has_every_section_and_real_plots(tmp_path):
     for anchor, title in SECTIONS.items():
         assert f'id="{anchor}"' in page and title in page
     assert 'class="note' not in page  # nothing missing, no figure failed
-    # 3 timelines, 2 repair cases, stall CDF, recovery vs HAProxy, detection, overhead,
-    # fleet takeover, fleet timeline, monitor cost, sensor cost
+    # 3 timelines, 2 repair cases, stall CDF, recovery vs HAProxy, RUBiS faults, detection,
+    # overhead, RUBiS load, fleet takeover, fleet timeline, monitor cost, sensor cost
     pngs = images(page)
-    assert len(pngs) == 13
+    assert len(pngs) == 15
     for png in pngs:
         check_png(png)
     # the header: verdicts of the demo
@@ -335,7 +375,7 @@ def test_missing_inputs_are_notes_naming_the_command(tmp_path, monkeypatch):
         assert title in page
     assert images(page) == []
     for name in ("bench_repair", "bench_recovery", "bench_sensors", "bench_detection",
-                 "bench_monitor", "bench_tcprepair", "bench_fleet"):
+                 "bench_monitor", "bench_tcprepair", "bench_fleet", "bench_casestudy"):
         assert f"run <code>make bench</code> ({name})" in page
     assert "run <code>make demo</code>" in page
 
@@ -359,6 +399,74 @@ def test_the_fleet_scenario_timeline_is_drawn_with_its_figures(tmp_path):
     assert "has no fleet scenario timeline" in page and ">1535<" in page
 
 
+def test_the_casestudy_figures_and_its_fault_table(tmp_path):
+    page = build_report(**inputs(tmp_path)).read_text()
+    assert "could not draw" not in page
+    assert 'alt="RUBiS throughput and latency vs load"' in page
+    assert 'alt="requests per 100 ms across each fault"' in page
+    assert "1000 users, 2000 items, 10000 bids" in page and "orange: HAProxy" in page
+    assert "throughput 2.5 % (target 5 %), p99 latency 7.5 %" in page
+    assert "acknowledged 417, lost 0, duplicated 0" in page
+    load = page.split("plain vs recoverable (bench_casestudy)")[1]
+    assert ">74.0<" in load and ">72.5<" in load and "0 / 0" in load  # 16 users' row
+    faults = page.split("a node fails (bench_casestudy)")[1].split("</table>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", faults)[1:]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
+    assert cells[0] == ["fe", "freeze", "8", "1804", "0", "-", "515", "121", "600", "100", "0",
+                        "0"]
+    # the middle tier's dip lasted to the series' end: a lower bound
+    assert cells[1] == ["mt", "crash", "8", "1650", "3", "37", "230", "95", "≥ 2500", "90", "0",
+                        "1"]
+
+
+def test_without_the_casestudy_file_a_note_tells_how_to_get_it(tmp_path):
+    kw = inputs(tmp_path)
+    (Path(kw["bench_dir"]) / "bench_casestudy.json").unlink()
+    page = build_report(**kw).read_text()
+    assert page.count("run <code>make bench</code> (bench_casestudy)") == 2  # both parts
+    assert "<code>backdoors casestudy rubis --json --faults fe-freeze &gt; " \
+           "out/bench/bench_casestudy.json</code>" in page
+    assert len(images(page)) == 13 and "could not draw" not in page
+
+
+def test_a_casestudy_file_without_series_still_has_its_table(tmp_path):
+    """A file written before the requests per 100 ms were recorded: its load figure and
+    fault table, a note for the missing series, and no fault figure."""
+    kw = inputs(tmp_path)
+    old = json.loads(json.dumps(BENCH_CASESTUDY))
+    old["faults"] = [{k: v for k, v in old["faults"][0].items()
+                      if k not in ("per_100ms", "dip_ms")}]
+    (Path(kw["bench_dir"]) / "bench_casestudy.json").write_text(json.dumps(old))
+    page = build_report(**kw).read_text()
+    assert "no requests per 100 ms for fe-freeze" in page
+    assert 'alt="requests per 100 ms across each fault"' not in page
+    assert 'alt="RUBiS throughput and latency vs load"' in page and ">515<" in page
+    assert len(images(page)) == 14 and "could not draw" not in page
+    old["faults"] = []
+    old["load"] = []
+    (Path(kw["bench_dir"]) / "bench_casestudy.json").write_text(json.dumps(old))
+    page = build_report(**kw).read_text()
+    assert "has no fault under load" in page and "has no load level" in page
+    assert len(images(page)) == 13
+
+
+def test_bench_casestudy_runs_the_study_short(monkeypatch):
+    """`make bench`'s runner calls the study with small parameters and every fault built
+    (the study itself is not run here)."""
+    from backdoors.casestudy.rubis import study
+
+    spec = importlib.util.spec_from_file_location("bench_casestudy",
+                                                  ROOT / "bench/bench_casestudy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+    monkeypatch.setattr(study, "rubis", lambda *a, **kw: calls.append((a, kw)) or {"load": []})
+    assert mod.run() == {"load": []}
+    [(args, kw)] = calls
+    assert args == (16, 4.0) and kw["rounds"] == 1 and kw["faults"] == study.FAULTS
+    assert kw["scale"].users == 1000 and kw["scale"].bids == 10000
+
+
 def test_an_empty_bench_file_is_a_note_not_an_error(tmp_path):
     kw = inputs(tmp_path)
     (Path(kw["bench_dir"]) / "bench_recovery.json").write_text("")
@@ -371,7 +479,7 @@ def test_an_older_bench_repair_falls_back_to_bars(tmp_path):
     page = build_report(**inputs(tmp_path, series=False)).read_text()
     assert "has no time series" in page
     pngs = images(page)
-    assert len(pngs) == 13
+    assert len(pngs) == 15
     for png in pngs:
         check_png(png)
 
@@ -382,7 +490,7 @@ def test_an_older_bench_detection_gives_its_hang_table(tmp_path):
     (Path(kw["bench_dir"]) / "bench_detection.json").write_text(json.dumps(older))
     page = build_report(**kw).read_text()
     assert "bound: deadline + 2 polls" in page and "detection latency by fault" not in page
-    assert len(images(page)) == 12
+    assert len(images(page)) == 14
 
 
 def test_a_demo_without_incident_log_notes_it(tmp_path):
@@ -390,7 +498,7 @@ def test_a_demo_without_incident_log_notes_it(tmp_path):
     (Path(kw["demo_dir"]) / "incidents.jsonl").unlink()
     page = build_report(**kw).read_text()
     assert "is not there" in page  # the demo's log was named but is gone
-    assert len(images(page)) == 10  # no repairing timelines
+    assert len(images(page)) == 12  # no repairing timelines
 
 
 def test_the_newest_demo_is_the_default(tmp_path, monkeypatch):

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from ..monitor.incidents import Incident
 from . import plots
-from .data import BenchRepair, Inputs, RepairPolicy, ReportError, Scenario, load_inputs
+from .data import (
+    BenchCasestudy,
+    BenchRepair,
+    CasestudyFault,
+    Inputs,
+    RepairPolicy,
+    ReportError,
+    Scenario,
+    load_inputs,
+)
 from .html import Html, esc, figure, inline, note, page, para, section, status, table
 
 log = logging.getLogger(__name__)
@@ -280,8 +289,96 @@ def recovery_section(inputs: Inputs) -> Html:
               _ms(r.backdoors_stall_p50_ms), _ms(r.backdoors_stall_p99_ms),
               _ms(r.pace_interval_ms, 1), _ms(r.haproxy_resume_ms)] for r in rec.results],
             numeric=tuple(range(9))))
+    parts += _casestudy_faults_part(inputs)
     parts += _detection_part(inputs) + _tcprepair_part(inputs) + _fleet_part(inputs)
     return section("recovery", SECTIONS["recovery"], parts)
+
+
+# the RUBiS case study (bench_casestudy): its two figures of the original evaluation
+
+CASESTUDY_FULL = ("backdoors casestudy rubis --json --faults fe-freeze "
+                  "> out/bench/bench_casestudy.json")
+
+
+def _casestudy_missing(inputs: Inputs) -> Html:
+    return note(f"{inputs.missing['bench_casestudy']} (root, about two minutes); or the "
+                f"full measure (several minutes): `{CASESTUDY_FULL}`")
+
+
+def _dip(f: CasestudyFault) -> str:
+    if f.dip_ms is None:
+        return "-"
+    open_ = f.per_100ms is not None and f.per_100ms.dip_recovered is False
+    return f"≥ {_ms(f.dip_ms)}" if open_ else _ms(f.dip_ms)
+
+
+def _casestudy_faults_part(inputs: Inputs) -> list[Html]:
+    parts = [Html("<h3>RUBiS under load: a node fails (bench_casestudy)</h3>")]
+    c: BenchCasestudy | None = inputs.bench.get("bench_casestudy")
+    if c is None:
+        return parts + [_casestudy_missing(inputs)]
+    if not c.faults:
+        return parts + [note(f"`{inputs.bench_files['bench_casestudy']}` has no fault under "
+                             f"load (run without --faults): `{CASESTUDY_FULL}`")]
+    drawn = [f for f in c.faults if f.per_100ms is not None and f.per_100ms.ok]
+    if drawn:
+        baseline = any(f.haproxy_per_100ms is not None for f in drawn)
+        parts.append(_plot("requests per 100 ms across each fault",
+                           lambda: plots.casestudy_faults(drawn),
+                           "the recoverable site under locust's load (bidding and browsing "
+                           "mixes): requests completed per 100 ms, the bars the whole site's "
+                           "(red: failed), the line those of the failed node's users; time "
+                           "0 is the fault's injection (dashed), then its detection and the "
+                           "end of the sessions' move (dotted). Shaded: the dip, the longest "
+                           "run of 100 ms buckets in which the node's users got less than "
+                           "half their mean of the second before the fault"
+                           + ("; orange: HAProxy's baseline" if baseline else
+                              "; HAProxy's baseline is not measured yet")))
+    old = [f"{f.tier}-{f.fault}" for f in c.faults if f not in drawn]
+    if old:
+        parts.append(note(f"no requests per 100 ms for {', '.join(old)} (a file written "
+                          f"before they were recorded): `{CASESTUDY_FULL}`"))
+    parts.append(table(
+        ["tier", "fault", "users", "requests", "failed requests", "HAProxy failed requests",
+         "detect (ms)", "recovery (ms)", "dip (ms)", "bids acknowledged", "bids lost",
+         "bids duplicated"],
+        [[f.tier, f.fault, _ms(f.users), _ms(f.requests), _ms(f.failed_requests),
+          _ms(f.haproxy_failed_requests), _ms(f.detect_ms), _ms(f.recovery_ms), _dip(f),
+          _ms(f.bids_acknowledged), _ms(f.bids_lost), _ms(f.bids_duplicated)]
+         for f in c.faults], numeric=tuple(range(2, 12))))
+    return parts
+
+
+def _casestudy_load_part(inputs: Inputs) -> list[Html]:
+    parts = [Html("<h3>RUBiS under load: plain vs recoverable (bench_casestudy)</h3>")]
+    c: BenchCasestudy | None = inputs.bench.get("bench_casestudy")
+    if c is None:
+        return parts + [_casestudy_missing(inputs)]
+    if not c.load:
+        return parts + [note(f"`{inputs.bench_files['bench_casestudy']}` has no load level: "
+                             f"`{CASESTUDY_FULL}`")]
+    d = c.data
+    parts.append(_plot("RUBiS throughput and latency vs load", lambda: plots.casestudy_load(
+        c.load), f"the same site (2 front ends, 2 middle tiers, PostgreSQL with "
+        f"{_ms(d.get('users'))} users, {_ms(d.get('items'))} items, {_ms(d.get('bids'))} bids) "
+        "served by plain servers (uvicorn, asyncio) and recoverable ones, loaded in turn by "
+        f"locust, {_ms(c.seconds)} s per level and kind, {_ms(c.rounds)} round(s) averaged; "
+        "locust's aggregate over every page. Shaded: levels at saturation (the plain site "
+        "grew less than 10 % from the level before)"))
+    parts.append(table(
+        ["users", "plain rps", "recoverable rps", "plain p50 (ms)", "recoverable p50 (ms)",
+         "plain p99 (ms)", "recoverable p99 (ms)", "failed (plain / recoverable)",
+         "throughput loss (%)", "saturated"],
+        [[_ms(r.users), _ms(r.plain_rps, 1), _ms(r.recoverable_rps, 1), _ms(r.plain_p50_ms, 1),
+          _ms(r.recoverable_p50_ms, 1), _ms(r.plain_p99_ms, 1), _ms(r.recoverable_p99_ms, 1),
+          f"{_ms(r.plain_failed)} / {_ms(r.recoverable_failed)}", _ms(r.overhead_pct, 1),
+          _yes(r.saturated)] for r in c.load], numeric=tuple(range(9))))
+    parts.append(para(
+        f"Largest loss below saturation: throughput {_ms(c.overhead_pct_max, 1)} % (target "
+        f"5 %), p99 latency {_ms(c.p99_overhead_pct_max, 1)} % (target 10 %). Bids "
+        f"acknowledged {_ms(c.bids_acknowledged)}, lost {_ms(c.bids_lost)}, duplicated "
+        f"{_ms(c.bids_duplicated)}."))
+    return parts
 
 
 def _fleet_part(inputs: Inputs) -> list[Html]:
@@ -392,7 +489,7 @@ def overhead_section(inputs: Inputs) -> Html:
         ], numeric=(1, 2, 3)))
         if o.overhead_pct is not None:
             parts.append(para(f"Throughput overhead: {o.overhead_pct:.1f}%."))
-    parts += _monitor_part(inputs)
+    parts += _casestudy_load_part(inputs) + _monitor_part(inputs)
     parts.append(Html("<h3>Sensor updates (bench_sensors)</h3>"))
     s = inputs.bench.get("bench_sensors")
     if s is None:
@@ -466,7 +563,8 @@ def sources(inputs: Inputs) -> Html:
             ["incident log", str(inputs.incidents_path or "missing")]]
     rows += [[name, str(inputs.bench_files.get(name, "missing"))]
              for name in ("bench_repair", "bench_recovery", "bench_detection", "bench_monitor",
-                          "bench_sensors", "bench_tcprepair", "bench_fleet")]
+                          "bench_sensors", "bench_tcprepair", "bench_fleet",
+                          "bench_casestudy")]
     return Html('<footer><h2>Sources</h2>' + table(["input", "file"], rows) + "</footer>")
 
 

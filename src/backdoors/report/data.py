@@ -249,6 +249,69 @@ class BenchFleet(msgspec.Struct):
     scenario: FleetScenario | None = None
 
 
+class CasestudyLoad(msgspec.Struct):
+    """One load level of the RUBiS case study: plain vs recoverable."""
+    users: float
+    plain_rps: Num = None
+    recoverable_rps: Num = None
+    plain_p50_ms: Num = None
+    recoverable_p50_ms: Num = None
+    plain_p99_ms: Num = None
+    recoverable_p99_ms: Num = None
+    plain_failed: Num = None
+    recoverable_failed: Num = None
+    overhead_pct: Num = None
+    saturated: bool | None = None
+
+
+class Per100ms(msgspec.Struct):
+    """Requests completed per bucket across a fault (casestudy.rubis.throughput): bucket i
+    starts t0 + i * bucket_ms ms from the fault; node_ok: the failed node's users' ok."""
+    t0: float = 0.0
+    bucket_ms: float = 100.0
+    ok: list[float] = []
+    failed: list[float] = []
+    node_ok: list[float] | None = None
+    dip_from_ms: Num = None
+    dip_recovered: bool | None = None
+    baseline: Num = None
+    fraction: Num = None
+
+
+class CasestudyFault(msgspec.Struct):
+    """One fault under load of the RUBiS case study."""
+    tier: str = ""
+    fault: str = ""
+    users: Num = None
+    requests: Num = None
+    failed_requests: Num = None
+    haproxy_failed_requests: Num = None
+    detect_ms: Num = None
+    recovery_ms: Num = None
+    dip_ms: Num = None
+    moved: Num = None
+    bids_acknowledged: Num = None
+    bids_lost: Num = None
+    bids_duplicated: Num = None
+    per_100ms: Per100ms | None = None
+    haproxy_per_100ms: Per100ms | None = None  # the baseline's, once it is measured
+
+
+class BenchCasestudy(msgspec.Struct):
+    """bench_casestudy: `backdoors casestudy rubis --json`, short."""
+    users: Num = None
+    seconds: Num = None
+    rounds: Num = None
+    data: dict[str, float] = {}
+    load: list[CasestudyLoad] = []
+    overhead_pct_max: Num = None
+    p99_overhead_pct_max: Num = None
+    bids_acknowledged: Num = None
+    bids_lost: Num = None
+    bids_duplicated: Num = None
+    faults: list[CasestudyFault] = []
+
+
 BENCHES: dict[str, type] = {
     "bench_repair": BenchRepair,
     "bench_recovery": BenchRecovery,
@@ -257,6 +320,7 @@ BENCHES: dict[str, type] = {
     "bench_sensors": BenchSensors,
     "bench_tcprepair": BenchTcpRepair,
     "bench_fleet": BenchFleet,
+    "bench_casestudy": BenchCasestudy,
 }
 
 

@@ -16,11 +16,14 @@ from ..monitor.incidents import Incident
 from ..sensors import SensorType
 from .data import (
     BenchSensors,
+    CasestudyFault,
+    CasestudyLoad,
     DetectionRow,
     FleetEvent,
     MissingExtraError,
     MonitorRow,
     Overhead,
+    Per100ms,
     RecoveryRow,
     RepairPolicy,
 )
@@ -562,6 +565,79 @@ def monitor_cost(rows: list[MonitorRow], *, monitor_target_pct: float = 10.0,
     return _png(fig)
 
 
+@_styled
+def casestudy_faults(faults: list[CasestudyFault]) -> bytes:
+    """RUBiS: requests per 100 ms across each fault, a panel each: the site's ok requests
+    as bars with its failed ones stacked in red, the failed node's users' ok requests as a
+    line, HAProxy's baseline when measured; the fault's injection, detection and the end
+    of the move as vertical lines, the dip shaded."""
+    cols = 1 if len(faults) == 1 else 2
+    rows = -(-len(faults) // cols)
+    fig = _figure(9 if cols == 1 else 12, 3.0 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    legend: dict[str, object] = {}
+    for ax, f in zip(axes, faults):
+        _fault_panel(ax, f)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    for ax in axes[len(faults):]:
+        ax.set_visible(False)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=5)
+    fig.suptitle("Requests per 100 ms across each fault", fontsize=10, fontweight="bold")
+    return _png(fig)
+
+
+def _starts(s: Per100ms) -> list[float]:
+    return [(s.t0 + i * s.bucket_ms) / 1000 for i in range(len(s.ok))]
+
+
+def _fault_panel(ax, f: CasestudyFault) -> None:
+    s = f.per_100ms
+    xs, width = _starts(s), s.bucket_ms / 1000
+    failed = (s.failed + [0.0] * len(xs))[:len(xs)]
+    ax.bar(xs, s.ok, width, align="edge", color="#9ecae1", label="ok (whole site)")
+    ax.bar(xs, failed, width, bottom=s.ok, align="edge", color=RED, label="failed")
+    if s.node_ok:
+        node = (s.node_ok + [0.0] * len(xs))[:len(xs)]
+        ax.step(xs + [xs[-1] + width], node + node[-1:], where="post", color="#08519c",
+                lw=1.4, label="ok (the failed node's users)")
+    h = f.haproxy_per_100ms
+    if h is not None and h.ok:
+        hx = _starts(h)
+        ax.step(hx + [hx[-1] + h.bucket_ms / 1000], h.ok + h.ok[-1:], where="post",
+                color=ORANGE, lw=1.4, label="ok, HAProxy baseline")
+        bad = [(x + h.bucket_ms / 2000, n) for x, n in zip(hx, h.failed) if n]
+        if bad:
+            ax.plot(*zip(*bad), "x", color=RED, ms=6, mew=1.5, label="failed, HAProxy baseline")
+    ax.axvline(0, color="black", ls="--", lw=1.2, label="fault injected")
+    facts = []
+    if f.detect_ms is not None:
+        ax.axvline(f.detect_ms / 1000, color=PURPLE, ls=":", lw=1.4, label="detected")
+        facts.append(f"detected {f.detect_ms:.0f} ms")
+        if f.recovery_ms is not None:
+            end = f.detect_ms + f.recovery_ms
+            ax.axvline(end / 1000, color=GREEN, ls=":", lw=1.4, label="sessions moved")
+            facts.append(f"moved {end:.0f} ms")
+    if f.dip_ms is not None:
+        facts.append(f"dip {'≥ ' if s.dip_recovered is False else ''}{f.dip_ms:.0f} ms")
+    if f.dip_ms and s.dip_from_ms is not None:
+        ax.axvspan(s.dip_from_ms / 1000, (s.dip_from_ms + f.dip_ms) / 1000, color=RED,
+                   alpha=0.1, label="dip")
+    if s.baseline is not None and s.fraction is not None:
+        ax.axhline(s.baseline * s.fraction, color=GREY, ls=":", lw=1,
+                   label=f"{s.fraction:.0%} of the mean before"
+                   f"{' (the node’s users)' if s.node_ok else ''}")
+    failed_n = "-" if f.failed_requests is None else f"{f.failed_requests:.0f}"
+    requests = "-" if f.requests is None else f"{f.requests:.0f}"
+    ax.set_title(f"{f.tier.upper()} {f.fault}: {requests} requests, {failed_n} failed"
+                 + (f"\n{', '.join(facts)}" if facts else ""))
+    ax.set_xlabel("time from the fault (s)")
+    ax.set_ylabel(f"requests per {s.bucket_ms:.0f} ms")
+    ax.set_xlim(xs[0], xs[-1] + width)
+    ax.set_ylim(0, 1.1 * max([o + b for o, b in zip(s.ok, failed)]
+                             + (h.ok if h is not None else []) + [1.0]))
+
+
 # ---- 4. low overhead under load -----------------------------------------------------------------
 
 
@@ -588,6 +664,50 @@ def overhead(o: Overhead) -> bytes:
     lat.set_title("Latency per request (keep-alive)")
     lat.legend(loc="upper left")
     lat.margins(y=0.15)
+    return _png(fig)
+
+
+@_styled
+def casestudy_load(rows: list[CasestudyLoad]) -> bytes:
+    """RUBiS: throughput (left) and p50/p99 latency (right) vs locust users, plain vs
+    recoverable, each recoverable point labelled with its throughput loss; the levels at
+    saturation shaded."""
+    fig = _figure(10, 3.6)
+    thr, lat = fig.subplots(1, 2)
+    kinds = [("plain", "plain", GREY), ("recoverable", "recoverable", BLUE)]
+    for kind, label, colour in kinds:
+        pts = [(r.users, getattr(r, f"{kind}_rps")) for r in rows
+               if getattr(r, f"{kind}_rps") is not None]
+        if pts:
+            thr.plot(*zip(*pts), "o-", color=colour, label=label)
+        for q, style in (("p50", "--"), ("p99", "-")):
+            pts = [(r.users, getattr(r, f"{kind}_{q}_ms")) for r in rows
+                   if getattr(r, f"{kind}_{q}_ms") is not None]
+            if pts:
+                lat.plot(*zip(*pts), style, marker="o", color=colour, label=f"{label} {q}")
+    for r in rows:
+        if r.overhead_pct is not None and r.recoverable_rps is not None:
+            thr.annotate(f"{r.overhead_pct:+.1f} %", (r.users, r.recoverable_rps),
+                         xytext=(4, -12), textcoords="offset points", fontsize=7, color=BLUE)
+    _log_if_wide(lat, [getattr(r, f"{k}_{q}_ms") for r in rows for k, _, _ in kinds
+                       for q in ("p50", "p99")])
+    users = sorted({r.users for r in rows})
+    first = next((r.users for r in sorted(rows, key=lambda r: r.users) if r.saturated), None)
+    for ax in (thr, lat):
+        if first is not None:
+            ax.axvspan(first / 2 ** 0.5, users[-1] * 2 ** 0.5, color=GREY, alpha=0.12,
+                       label="saturated")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(users, [f"{u:.0f}" for u in users])
+        ax.minorticks_off()
+        ax.set_xlim(users[0] / 2 ** 0.5, users[-1] * 2 ** 0.5)
+        ax.set_xlabel("locust users (log scale)")
+        ax.legend(loc="upper left", fontsize=7)
+    thr.set_ylim(bottom=0)
+    thr.set_ylabel("throughput (requests/s)")
+    thr.set_title("Throughput (labels: recoverable's loss vs plain)")
+    lat.set_ylabel("latency (ms)")
+    lat.set_title("Latency, p50 (dashed) and p99")
     return _png(fig)
 
 

@@ -8,18 +8,23 @@ one front end of RUBIS_HOSTS (users are spread over them in turn), thinks betwee
 RUBIS_THINK_MIN and RUBIS_THINK_MAX seconds, and checks every answer: its status and the
 page's marker. Every write the site acknowledged is appended to RUBIS_ACKS as a JSON line
 {kind, key, user, item, price, bid}: what the clients were told, to compare with the
-database afterwards.
+database afterwards. With RUBIS_REQUESTS, every request's end (Unix ms), whether it
+passed its check and its front end (an index in RUBIS_HOSTS) go to that file, one line each
+(throughput.py; buffered, flushed when locust quits): the requests per 100 ms across a fault.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
 import random
 import re
 
-from locust import FastHttpUser, between, task
+from locust import FastHttpUser, between, events, task
+
+from backdoors.casestudy.rubis.throughput import RequestLog
 
 HOSTS = [h for h in os.environ.get("RUBIS_HOSTS", "").split(",") if h]
 DATA_USERS = int(os.environ.get("RUBIS_DATA_USERS", "100"))
@@ -27,6 +32,10 @@ DATA_ITEMS = int(os.environ.get("RUBIS_DATA_ITEMS", "100"))
 THINK = (float(os.environ.get("RUBIS_THINK_MIN", "0.05")),
          float(os.environ.get("RUBIS_THINK_MAX", "0.15")))
 _acks = open(os.environ["RUBIS_ACKS"], "a", buffering=1) if os.environ.get("RUBIS_ACKS") else None
+_requests = RequestLog(os.environ["RUBIS_REQUESTS"]) if os.environ.get("RUBIS_REQUESTS") else None
+if _requests is not None:
+    events.quit.add_listener(lambda **_: _requests.flush())  # the users are stopped by then
+    atexit.register(_requests.close)
 _next_host = itertools.count()
 _MAX = re.compile(r'data-max="([0-9.]+)" data-initial="([0-9.]+)" data-quantity="(\d+)" '
                   r'data-seller="(\d+)"')
@@ -40,27 +49,32 @@ class Site(FastHttpUser):
     host = HOSTS[0] if HOSTS else "http://127.0.0.1"
 
     def on_start(self) -> None:
-        self.base = HOSTS[next(_next_host) % len(HOSTS)] if HOSTS else self.host
+        self.fe = next(_next_host) % len(HOSTS) if HOSTS else 0
+        self.base = HOSTS[self.fe] if HOSTS else self.host
         self.user = None
+
+    def checked(self, r, ok: bool, why: str) -> None:
+        if ok:
+            r.success()
+        else:
+            r.failure(why)
+        if _requests is not None:
+            _requests.add(ok, self.fe)
 
     def page(self, path: str, marker: str, name: str, status: int = 200) -> str | None:
         with self.client.get(self.base + path, name=name, catch_response=True) as r:
             text = r.text or ""
-            if r.status_code != status or marker not in text:
-                r.failure(f"{r.status_code}, marker {marker!r} missing")
-                return None
-            r.success()
-            return text
+            ok = r.status_code == status and marker in text
+            self.checked(r, ok, f"{r.status_code}, marker {marker!r} missing")
+            return text if ok else None
 
     def post(self, path: str, form: dict, markers: tuple[str, ...], name: str) -> str | None:
         with self.client.post(self.base + path, data=form, name=name, catch_response=True,
                               headers={"Content-Type": "application/x-www-form-urlencoded"}) as r:
             text = r.text or ""
-            if r.status_code != 200 or not any(m in text for m in markers):
-                r.failure(f"{r.status_code}: {text[-200:]!r}")
-                return None
-            r.success()
-            return text
+            ok = r.status_code == 200 and any(m in text for m in markers)
+            self.checked(r, ok, f"{r.status_code}: {text[-200:]!r}")
+            return text if ok else None
 
     def item_id(self) -> int:
         return random.randint(1, DATA_ITEMS)

@@ -15,7 +15,8 @@ throughput still grows by at least 10 % from the level before; `overhead_pct_max
 largest throughput loss of recoverable vs plain among those levels (all levels if none).
 
 With `faults` (so far "fe-freeze", see fe_freeze), each fault is then played under load
-on the recoverable site; `faults` in the result has one row each.
+on the recoverable site; `faults` in the result has one row each, with the requests
+per 100 ms across the fault (`per_100ms`) and the throughput's dip (`dip_ms`).
 
 Every write a client got an OK for is recorded with its key; at the end each
 acknowledged bid must be in the database once (its row, its user, item and price):
@@ -37,6 +38,7 @@ from pathlib import Path
 from ...errors import LabError
 from .dataset import Scale
 from .site import Site
+from .throughput import dip, per_100ms
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MIXES = ("Browsing", "Bidding")
@@ -61,15 +63,19 @@ def run_locust(site: Site, plain: bool, users: int, seconds: float, work: Path,
 
 class Locust:
     """A headless locust run in the lab's client namespace, started at once; finish()
-    waits for it and reads its figures."""
+    waits for it and reads its figures. With `requests`, each request's end and outcome
+    go to `self.requests` (throughput.py), front end i being site.front_ends(plain)[i]."""
 
     def __init__(self, site: Site, plain: bool, users: int, seconds: float, work: Path,
-                 think: tuple[float, float] = (0.05, 0.15), tag: str = ""):
+                 think: tuple[float, float] = (0.05, 0.15), tag: str = "",
+                 requests: bool = False):
         self.tag = tag = f"{'plain' if plain else 'recoverable'}-{users}{'-' + tag if tag else ''}"
         self.seconds, self.work = seconds, work
         self.prefix, self.acks = work / tag, work / f"{tag}.acks"
+        self.requests = work / f"{tag}.requests" if requests else None
         hosts = ",".join(f"http://{s.vip}:{s.port}" for s in site.front_ends(plain))
         env = {"RUBIS_HOSTS": hosts, "RUBIS_ACKS": str(self.acks),
+               **({"RUBIS_REQUESTS": str(self.requests)} if requests else {}),
                "RUBIS_DATA_USERS": str(site.scale.users),
                "RUBIS_DATA_ITEMS": str(site.scale.items),
                "RUBIS_THINK_MIN": str(think[0]), "RUBIS_THINK_MAX": str(think[1])}
@@ -115,8 +121,12 @@ def fe_freeze(site: Site, users: int, seconds: float, work: Path,
     """The recoverable site under load while front-end node n0 freezes (every process
     SIGSTOPped: a hang), once its users are connected. A monitor with the "heal" ruleset
     sees the front end's progress sensor stall, fences n0 and moves its client sessions
-    to FE b (n1). Leaves n0 fenced: run it last. Facts: requests and failed ones (locust's), the longest answer, detect_ms
-    (freeze to the incident), recovery_ms (the incident to the end of the move), moved."""
+    to FE b (n1). Leaves n0 fenced: run it last. Facts: requests and failed ones
+    (locust's), the longest answer, detect_ms (freeze to the incident), recovery_ms (the
+    incident to the end of the move), moved; `per_100ms`, the requests completed per
+    100 ms from 3 s before the freeze to 6 s after (throughput.per_100ms; `node_ok`: n0's
+    users), and `dip_ms`, how long n0's users got less than half their throughput
+    before the freeze (throughput.dip: its details are in per_100ms)."""
     from ...lab import inject
     from ...monitor import Monitor
 
@@ -124,7 +134,7 @@ def fe_freeze(site: Site, users: int, seconds: float, work: Path,
     cfg = site.lab.monitor_config("m1", period_ms=period_ms, rulesets=["heal"])
     with Monitor(cfg, key=site.lab.monitor_key("m1")) as mon:
         mon.wait_ready(timeout=10)
-        run = Locust(site, False, users, seconds, work, think, tag="fe-freeze")
+        run = Locust(site, False, users, seconds, work, think, tag="fe-freeze", requests=True)
         # every user of n0 connected and served first: a connection still in the accept
         # queue of a frozen server is not the server's yet, nor held by the agent, and is
         # not moved (see docs/casestudy.md)
@@ -143,6 +153,9 @@ def fe_freeze(site: Site, users: int, seconds: float, work: Path,
     facts = {"tier": "fe", "fault": "freeze", "users": users, "requests": got["requests"],
              "failed_requests": got["failed"], "max_response_ms": got["max_ms"],
              "detect_ms": None, "recovery_ms": None, "moved": None, "acks": got["acks"]}
+    series = per_100ms(run.requests, wall, node=0)  # n0 is the first of the front ends
+    series.update(dip(series))
+    facts.update(dip_ms=series.pop("dip_ms"), per_100ms=series)
     if inc is not None:
         rec = next(a for a in inc.actions if a.kind == "recover")
         facts.update(detect_ms=round((inc.detected - wall) * 1000, 1),
