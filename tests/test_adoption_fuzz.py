@@ -46,10 +46,11 @@ def _fds() -> int:
 
 
 def _settled(before: int) -> bool:
-    """True once this process holds `before` descriptors again (the server thread may be
-    finishing a connection); False if it keeps more."""
+    """True once this process holds no more than `before` descriptors (the server thread
+    may be finishing a connection: this test's, or one of an earlier test that was still
+    open when `before` was counted); False if it keeps more."""
     deadline = time.monotonic() + 5.0
-    while _fds() != before:
+    while _fds() > before:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.002)
@@ -210,6 +211,9 @@ def _replies(sock: socket.socket) -> list[HandoverVerdicts]:
         out.append(msgspec.msgpack.decode(frame.payload, type=HandoverVerdicts))
 
 
+# EXAMPLES round trips to a real recovery server take minutes on a loaded machine: the suite's
+# 300 s timeout is for hangs, not for this
+@pytest.mark.timeout(1200)
 def test_hostile_handovers_at_one_recovery_server(world):
     server, cb = world
     path = server.source.path

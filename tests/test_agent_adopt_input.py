@@ -55,10 +55,10 @@ def _fds() -> int:
 
 
 def _settled(before: int) -> bool:
-    """True once the agent holds `before` descriptors again (a worker thread may still be
-    finishing the reply it sent); False if it keeps more."""
+    """True once the agent holds no more than `before` descriptors (a worker thread may
+    still be finishing the reply it sent); False if it keeps more."""
     deadline = time.monotonic() + 5.0
-    while _fds() != before:
+    while _fds() > before:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
@@ -200,6 +200,9 @@ _calls = st.one_of(
 )
 
 
+# EXAMPLES round trips to a real agent take minutes on a loaded machine: the suite's
+# 300 s timeout is for hangs, not for this
+@pytest.mark.timeout(1200)
 def test_fuzz_adopt_and_stage_arguments(peer_lab):
     c = peer_lab.peer
     recovery = peer_lab.agent.agent.recovery

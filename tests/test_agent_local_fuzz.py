@@ -213,6 +213,9 @@ def _pidfds_on(pid: int, target: int) -> int:
     return count
 
 
+# EXAMPLES round trips to a real agent take minutes on a loaded machine: the suite's
+# 300 s timeout is for hangs, not for this
+@pytest.mark.timeout(1200)
 def test_hostile_registration_messages_are_refused_and_leak_nothing(agent_lab):
     lab = agent_lab(nodes={"n0": {}})  # the agent runs in this process
     app, reply = lab.start_app("n0", "before")

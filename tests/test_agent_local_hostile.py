@@ -15,7 +15,9 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 
 # Registers argv[1] sparse Continuation Boxes of 16 MiB each; prints, per box, the reply
-# (or error) and the bytes the kernel allocated to its memfd after the registration.
+# (or error) and the bytes the kernel allocated to its memfd after the registration. The
+# registrations wait up to 30 s, not the default 2 s: a client that gives up while the
+# agent (starved on a loaded host) still takes its box would count it as refused.
 SPARSE_CBS = """
 import json, os, sys
 from backdoors.continuations.region import CbRegion
@@ -25,7 +27,8 @@ out = []
 for i in range(int(sys.argv[1])):
     cb = CbRegion.create(os.urandom(16), state_capacity=4 << 20, log_capacity=(8 << 20) - 256)
     try:
-        r = {"ok": register_region(cb.fd, "cb-" + bytes(cb.mm[16:32]).hex(), kind="cb")}
+        r = {"ok": register_region(cb.fd, "cb-" + bytes(cb.mm[16:32]).hex(), kind="cb",
+                                   timeout=30)}
     except RegistrationError as e:
         r = {"error": str(e)}
     r["allocated"] = os.fstat(cb.fd).st_blocks * 512
@@ -55,7 +58,7 @@ fd = os.memfd_create("huge", os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
 os.ftruncate(fd, 2 << 20)
 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
 try:
-    print(json.dumps({"ok": register_region(fd, "huge")}), flush=True)
+    print(json.dumps({"ok": register_region(fd, "huge", timeout=30)}), flush=True)
 except RegistrationError as e:
     print(json.dumps({"error": str(e)}), flush=True)
 """
@@ -96,7 +99,7 @@ ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
 out = []
 for f in (fd, ro):
     try:
-        out.append({"ok": register_region(f, "mbox", writable=True)})
+        out.append({"ok": register_region(f, "mbox", writable=True, timeout=30)})
     except RegistrationError as e:
         out.append({"error": str(e)})
 print(json.dumps(out), flush=True)

@@ -43,7 +43,7 @@ if len(sys.argv) > 2 and sys.argv[2] == "mailbox":
     os.ftruncate(fd, 4096)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     mm = mmap.mmap(fd, 4096)
-    out["mailbox"] = register_region(fd, "mailbox", writable=True)
+    out["mailbox"] = register_region(fd, "mailbox", writable=True, timeout=30)
 print(json.dumps(out), flush=True)
 last = bytes(8)
 while True:
@@ -68,7 +68,8 @@ for i in range(spec.get("count", 1)):
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     try:
         results.append({"ok": register_region(fd, spec.get("name", "r") + str(i),
-                                              writable=spec.get("writable", False))})
+                                              writable=spec.get("writable", False),
+                                              timeout=30)})
     except RegistrationError as e:
         results.append({"error": str(e)})
 print(json.dumps(results), flush=True)
