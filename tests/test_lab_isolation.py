@@ -218,3 +218,49 @@ def test_the_agent_serves_a_services_box_with_its_host_pid(lab):
     with lab.agent_client("h0", timeout=5.0) as c:
         assert wait(lambda: "svc-n0" in c.sensors("n0").boxes)
         assert parse_box(c.sensors("n0").boxes["svc-n0"]).owner_pid == svc.pid
+
+
+SQUAT = """
+import json, os, socket, sys, time
+path = json.loads(sys.argv[1])
+os.unlink(path)
+if json.loads(sys.argv[2]) == "listener":   # a live listener of the node's own, kept open
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(1)
+    print(json.dumps("listening"), flush=True)
+    time.sleep(300)
+else:                                       # a directory with something in it
+    os.mkdir(path)
+    open(os.path.join(path, "x"), "w").close()
+    print(json.dumps("planted"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("trap", ["directory", "listener"])
+def test_what_a_node_plants_at_its_socket_path_does_not_keep_the_agent_from_restarting(lab, trap):
+    """The node owns its run directory: it may replace agent.sock by anything. The agent's
+    next start (a crash, the watchdog, an upgrade) must still serve every node."""
+    path = str(lab.node_run_dir("n0") / "agent.sock")
+    squatter = lab.run_in_node("n0", [PY, "-c", SQUAT, json.dumps(path), json.dumps(trap)],
+                               root=True, stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout.readline().strip() in (b'"planted"', b'"listening"')
+        before = lab.agent_pid("h0")
+        os.kill(before, signal.SIGKILL)  # its keeper starts it again
+        assert wait(lambda: lab.agent_pid("h0") not in (None, before) and _answers(lab), 30), \
+            (lab.plan.run_dir / "agent-h0.log").read_text()[-2000:]
+        # and n0 can register again: the path is the agent's socket once more
+        r = lab_exec(lab, PY, "-c", "import socket,sys; s = socket.socket(socket.AF_UNIX); "
+                     "s.connect(sys.argv[1]); print(s.getpeername())", path, root=False)
+        assert r.returncode == 0, r.stderr
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def _answers(lab) -> bool:
+    try:
+        return agent_answers(lab)
+    except Exception:  # noqa: BLE001 - not serving yet
+        return False
