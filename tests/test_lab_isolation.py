@@ -264,3 +264,27 @@ def _answers(lab) -> bool:
         return agent_answers(lab)
     except Exception:  # noqa: BLE001 - not serving yet
         return False
+
+
+PTYS = """
+import json, os
+fds, why = [], None
+for _ in range(400):
+    try:
+        fds.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+    except OSError as e:
+        why = e.strerror
+        break
+print(json.dumps({"opened": len(fds), "then": why, "pts": sorted(os.listdir("/dev/pts"))}))
+"""
+
+
+def test_the_nodes_ptys_are_its_own_and_bounded(lab):
+    """/dev/ptmx of the host's devpts would let a node take every pty of the machine
+    (kernel.pty.max is global): a node has a devpts instance of its own, capped."""
+    from backdoors.nodes.container import Isolation
+    cap = Isolation(uid_base=1 << 30).ptys
+    out = probe(lab, PTYS)
+    assert out["opened"] == cap and out["then"], out
+    # none of the host's ptys is listed in the node; only its own and its ptmx
+    assert set(out["pts"]) <= {"ptmx", *map(str, range(cap))}, out

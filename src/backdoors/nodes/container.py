@@ -22,7 +22,8 @@ start processes in them. Everything a node runs has no power over the host:
   namespace, so the node's root cannot change addresses, routes or sysctls; no name: a fresh,
   empty netns. **Cgroup**: every process joins the node's cgroup in every hierarchy (the
   `Cgroup` paths, v1 and v2) first, and sees it as "/" in its own cgroup namespace.
-  **IPC, UTS**: fresh ones; the hostname is `Isolation.hostname`.
+  **IPC, UTS**: fresh ones; the hostname is `Isolation.hostname`. **ptys**: a devpts
+  instance of its own (`Isolation.ptys` at most), its ptmx bound on /dev/ptmx.
 
 API (host root; the caller owns the netns and the cgroup, the container owns its processes)::
 
@@ -199,7 +200,9 @@ class Isolation:
     Python installation under a hidden /root: see `python_paths`). `hostname`: the node's
     hostname (UTS namespace). `scratch_bytes`: size of each of the node's private tmpfs
     at SCRATCH (/tmp, /var/tmp, /dev/shm): the host's are not writable from the node, and
-    what it writes there is charged to its own memory limit.
+    what it writes there is charged to its own memory limit. `ptys`: how many
+    pseudo-terminals the node may hold, in a devpts instance of its own (the host's
+    /dev/ptmx would let it take every pty of the machine: kernel.pty.max is global).
     """
 
     uid_base: int
@@ -209,8 +212,12 @@ class Isolation:
     share: tuple[Path, ...] = ()
     hostname: str = "node"
     scratch_bytes: int = 64 << 20
+    ptys: int = 32
 
     def __post_init__(self) -> None:
+        if not 1 <= self.ptys <= 1024:
+            raise NodeError(f"invalid isolation: ptys {self.ptys}: a node holds 1 to 1024 "
+                            "pseudo-terminals")
         if (self.uid_base <= 0 or self.count <= 0 or not 0 <= self.uid < self.count
                 or self.uid_base + self.count > (1 << 32) - 1):
             raise NodeError(
@@ -457,6 +464,7 @@ class Container:
                          CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
             failure.step("make mounts private", _mount, None, "/", None, MS_REC | MS_PRIVATE)
             _hide(hide, scratch, isolation.scratch_bytes, [(run_dir, True), *shares], failure)
+            _own_ptys(isolation.ptys, failure)
             failure.step("set the hostname", socket.sethostname, isolation.hostname)
             failure.step("enter the node's user namespace", syscalls.setns, userns,
                          CLONE_NEWUSER)
@@ -689,6 +697,18 @@ def _hide(hide: tuple[Path, ...], scratch: tuple[Path, ...], scratch_bytes: int,
     for path in hide:
         failure.step(f"make {path} read-only", _mount, None, str(path), None,
                      MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+
+
+def _own_ptys(count: int, failure: _ChildError) -> None:
+    """A devpts instance of the node's own at /dev/pts, of at most `count` ptys, and its
+    ptmx bound over /dev/ptmx: the host's ptys are neither listed nor used up by the node.
+    Mounted by host root, so locked for the node. Skipped where the host has no /dev/ptmx."""
+    if not os.path.exists("/dev/ptmx") or not os.path.isdir("/dev/pts"):
+        return
+    failure.step("mount a devpts of its own on /dev/pts", _mount, "devpts", "/dev/pts",
+                 "devpts", MS_NOSUID | MS_NOEXEC, f"newinstance,ptmxmode=0666,mode=0620,max={count}")
+    failure.step("bind its ptmx on /dev/ptmx", _mount, "/dev/pts/ptmx", "/dev/ptmx", None,
+                 MS_BIND)
 
 
 def mount_tmpfs(path: str | os.PathLike, size: int, mode: int = 0o755) -> None:
