@@ -288,3 +288,38 @@ def test_the_nodes_ptys_are_its_own_and_bounded(lab):
     assert out["opened"] == cap and out["then"], out
     # none of the host's ptys is listed in the node; only its own and its ptmx
     assert set(out["pts"]) <= {"ptmx", *map(str, range(cap))}, out
+
+
+SOCKET_BUFFERS = """
+import json, socket, sys
+lsn = socket.socket(); lsn.bind(("127.0.0.1", 0)); lsn.listen(8)
+pairs, queued = [], 0
+for _ in range(4):
+    c = socket.create_connection(lsn.getsockname()); a, _ = lsn.accept()
+    c.setblocking(False)
+    try:
+        while queued < (24 << 20):
+            queued += c.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    pairs.append((c, a))
+print(json.dumps(queued), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_nodes_socket_buffers_are_charged_to_its_memory(lab):
+    """TCP buffers are kernel memory from one global pool (net.ipv4.tcp_mem): uncharged,
+    a node could queue gigabytes beyond its memory limit and starve every TCP socket of the
+    host (the agent's, the other nodes' sessions). They count against the node's cgroup."""
+    cg = lab.node("n0").cgroup
+    before = cg.socket_memory()
+    proc = lab.run_in_node("n0", [PY, "-c", SOCKET_BUFFERS], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE)
+    try:
+        queued = json.loads(proc.stdout.readline())
+        assert queued >= 8 << 20, queued
+        assert cg.socket_memory() - before >= queued // 2, (before, cg.socket_memory(), queued)
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
