@@ -323,3 +323,41 @@ def test_the_nodes_socket_buffers_are_charged_to_its_memory(lab):
     finally:
         proc.stdin.close()
         proc.wait(10)
+
+
+INOTIFY = """
+import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+try:  # the node's own user namespace's limit: its root may raise it
+    with open("/proc/sys/user/max_inotify_instances", "w") as f:
+        f.write("100000")
+    raised = True
+except OSError:
+    raised = False
+fds = []
+while len(fds) < 1000:
+    fd = libc.inotify_init()
+    if fd < 0:
+        break
+    fds.append(fd)
+print(json.dumps({"raised": raised, "opened": len(fds), "errno": ctypes.get_errno()}))
+"""
+
+
+def test_what_a_node_creates_is_charged_to_its_own_uid_not_to_host_root(lab):
+    """Per-user kernel budgets (inotify instances: 128, fanotify groups, namespaces, POSIX
+    message queue bytes) of a user namespace are also charged, in the parent, to its
+    owner's uid: owned by host root, a node could use up host root's (every root daemon's)
+    inotify instances. The node's user namespace is owned by its own unprivileged uid."""
+    import fcntl
+    import struct
+    NS_GET_OWNER_UID = 0xB704
+    fd = os.open(f"/proc/{lab.container('n0').init_pid}/ns/user", os.O_RDONLY)
+    try:
+        owner = struct.unpack("I", fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+    assert owner == lab.isolation("n0").uid_base, owner
+    out = probe(lab, INOTIFY)  # its own limit raised, it still stops at its owner's budget
+    with open("/proc/sys/fs/inotify/max_user_instances") as f:
+        assert out["raised"] and out["opened"] <= int(f.read()), out

@@ -52,7 +52,10 @@ a controller-less v2 at /sys/fs/cgroup/unified; util-linux 2.38.1; catatonit 0.1
 takes ~50 ms, spawn ~17 ms.
 
 - The user namespace is made by a helper child (unshare(CLONE_NEWUSER), then exec `sleep`)
-  whose uid_map/gid_map host root writes: a process cannot map a range into its own new
+  with effective ids `uid_base`, so that the node's root owns it, not host root (per-user
+  kernel budgets such as inotify's 128 instances are also charged to a namespace's owner in
+  the parent: a root-owned node could use up host root's), and whose uid_map/gid_map host
+  root writes: a process cannot map a range into its own new
   namespace (that needs CAP_SETUID in the parent namespace), and util-linux 2.38's
   `unshare --map-users` fails here with "failed to execute newuidmap" (package uidmap).
 - Order: host root joins the cgroup and the netns, creates the mount, UTS and IPC namespaces
@@ -374,13 +377,44 @@ def _wait_for(check, timeout: float, what: str):
         pause = min(pause * 2, 0.01)
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_CAP_VERSION_3 = 0x20080522
+
+
+def _owned_userns(uid: int) -> None:
+    """unshare(CLONE_NEWUSER) with effective uid and gid `uid`, which then own the new user
+    namespace. The kernel charges the per-user budgets of a namespace's users (inotify
+    instances: 128, fanotify groups, namespaces, message queue bytes) also to its owner in
+    the parent: owned by host root, a node could use up every root daemon's. Real and saved
+    ids stay 0, so the permitted capabilities stay; the effective ones (cleared by the
+    euid change) are raised again, so hosts that allow only privileged processes to make
+    user namespaces (Debian's kernel.unprivileged_userns_clone=0) still do."""
+    os.setresgid(0, uid, 0)
+    os.setresuid(0, uid, 0)
+    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for d in data:
+        d.effective = d.permitted
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _unshare(CLONE_NEWUSER)
+
+
 def _make_userns(iso: Isolation) -> int:
-    """A new user namespace with the isolation's mapping; returns an fd naming it."""
+    """A new user namespace with the isolation's mapping, owned by the node's root's host
+    uid; returns an fd naming it."""
     sleep = shutil.which("sleep") or "/bin/sleep"
     try:
         holder = subprocess.Popen([sleep, "infinity"], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL,
-                                  preexec_fn=lambda: _unshare(CLONE_NEWUSER))
+                                  preexec_fn=lambda: _owned_userns(iso.uid_base))
     except subprocess.SubprocessError:
         raise NodeError("cannot create a user namespace: are they disabled "
                         "(/proc/sys/user/max_user_namespaces is 0)?") from None
