@@ -220,13 +220,18 @@ class LocalServer:
 
     def _run(self) -> None:
         while not self._stopping:
+            turn: set[str] = set()  # nodes served in this turn
             for key, _ in self._sel.select(timeout=1.0):
                 if key.data == "wake":
                     continue
                 try:
                     if key.data is None:
                         self._accept(key.fileobj)
-                    else:
+                    elif key.data.node not in turn:
+                        # one request per node per turn: a node keeping all its connections
+                        # busy delays another node's request by one of its own, not by 64
+                        # (the others stay readable: the next select returns at once)
+                        turn.add(key.data.node)
                         self._readable(key.data)
                 except Exception:  # noqa: BLE001 - one caller must not stop registrations
                     log.exception("local registration: unexpected error")
