@@ -361,3 +361,17 @@ def test_what_a_node_creates_is_charged_to_its_own_uid_not_to_host_root(lab):
     out = probe(lab, INOTIFY)  # its own limit raised, it still stops at its owner's budget
     with open("/proc/sys/fs/inotify/max_user_instances") as f:
         assert out["raised"] and out["opened"] <= int(f.read()), out
+
+
+def test_the_hosts_environment_does_not_leak_into_a_node(lab, monkeypatch):
+    """What the lab's owner has in its environment (a CI token, a cloud key) is not the
+    node's: programs in a node get the few variables they need, and the agent's socket."""
+    monkeypatch.setenv("RT_CLOUD_TOKEN", "s3cr3t")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    code = "import json, os; print(json.dumps(dict(os.environ)))"
+    for env in (probe(lab, code, root=False),  # `lab exec`, from the owner's shell
+                json.loads(lab.run_in_node("n0", [PY, "-c", code], stdout=subprocess.PIPE)
+                           .communicate(timeout=30)[0])):
+        assert "RT_CLOUD_TOKEN" not in env, sorted(env)
+        assert env["PATH"] == os.environ["PATH"] and env["LC_ALL"] == "C.UTF-8"
+        assert env["BACKDOORS_AGENT_SOCKET"].endswith("/nodes/n0/agent.sock")
