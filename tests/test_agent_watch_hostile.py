@@ -83,3 +83,45 @@ def test_a_node_churning_its_box_layouts_costs_each_tick_a_bounded_share():
             m.close()
         for box in (*hostile, victim):
             box.close()
+
+
+def test_a_node_toggling_its_counters_pushes_a_bounded_number_of_events():
+    """Each progress counter that stalls and moves again is two events: 512 counters of
+    1 ms deadline, ticked every other tick, were thousands of events a second, pushing
+    every other node's out of the bus's history and the monitors' queues (and keeping the
+    agent's event loop signing them). A node's progress events are budgeted; beyond,
+    they are counted and summarised, and another node's still go out."""
+    from backdoors.agent.watch import EVENTS_BURST, EVENTS_PER_S
+    regions = RegionTable(["n0", "n1"], max_regions=4, max_region_bytes=1 << 20,
+                          max_node_bytes=4 << 20)
+    box = SensorBox.create("t", capacity=512)
+    counters = [box.progress(f"p{i}", deadline=0.001) for i in range(512)]
+    regions.keep("n0", "t", "sensorbox", box.fd, os.getpid())
+    victim = SensorBox.create("v")
+    victim.progress("p", deadline=0.05)
+    regions.keep("n1", "v", "sensorbox", victim.fd, os.getpid())
+    events = []
+    w = Watcher({"n0": _rt("n0"), "n1": _rt("n1")}, regions, period_s=0.005, slow_s=HOUR,
+                publish=lambda kind, node, **data: events.append((kind, node, data)),
+                held=lambda node: False)
+    try:
+        now = started = time.monotonic()
+        w._replan(now)
+        for tick in range(200):  # a simulated second
+            if tick % 2:
+                for c in counters:
+                    c.tick()
+            now += 0.005
+            w._tick(now)
+        n0 = [(k, d) for k, node, d in events if node == "n0"]
+        progress = [d for k, d in n0 if k in ("violation", "cleared")]
+        # the burst, and what the bucket refilled in the (real) time the ticks took
+        allowed = EVENTS_BURST + (time.monotonic() - started) * EVENTS_PER_S
+        assert len(progress) <= allowed, (len(progress), allowed)
+        summaries = [d for k, d in n0 if k == "events_suppressed"]
+        assert summaries and summaries[0]["count"] > 0, n0[-3:]
+        assert any(k == "violation" and node == "n1" for k, node, _ in events)
+    finally:
+        w._close()
+        box.close()
+        victim.close()

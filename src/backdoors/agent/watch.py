@@ -64,6 +64,7 @@ What the watcher saw of the counters also feeds the `sensors` reply's
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -92,6 +93,13 @@ RETRY_S = 1.0  # a box that did not parse is tried again after this
 #: next ticks, in turn (that node's own detection slows down, no other's).
 PARSES_PER_TICK = 1
 COUNTERS_PER_TICK = 4096
+#: Progress events ("violation", "cleared") a node may push at once, and then per second:
+#: each counter that stalls and moves again is two events, and a node's root can toggle
+#: thousands, pushing every other node's out of the bus's history and the monitors'
+#: queues. Beyond, they are counted and said once a second ("events_suppressed" {count}):
+#: the monitors' polls judge that node meanwhile.
+EVENTS_BURST = 256
+EVENTS_PER_S = 64.0
 PSI_SAMPLE_S = 0.025  # a node's cpu.pressure "full" total is sampled this often
 PSI_KEEP_S = 3.0  # and kept this long (a longer stall's excuse counts from the oldest)
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
@@ -175,6 +183,40 @@ class _Node:
         return max(0, self.starved[-1][1] - base) / 1e6
 
 
+@dataclass(eq=False)
+class _EventBudget:
+    """A node's progress events: a token bucket of EVENTS_BURST refilled at EVENTS_PER_S;
+    what it refuses is counted and said once a second at most."""
+
+    node: str
+    publish: Callable[..., int]
+    tokens: float = EVENTS_BURST
+    at: float = field(default_factory=time.monotonic)
+    suppressed: int = 0
+    said_at: float = -math.inf
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(EVENTS_BURST, self.tokens + (now - self.at) * EVENTS_PER_S)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.suppressed += 1
+        self.flush(now)
+        return False
+
+    def flush(self, now: float) -> None:
+        """Say how many were suppressed since the last time, if a second has passed."""
+        if self.suppressed and now - self.said_at >= 1.0:
+            self.said_at = now
+            self.publish("events_suppressed", self.node, count=self.suppressed,
+                         per_s=EVENTS_PER_S, burst=EVENTS_BURST)
+            log.warning("node %s: %d progress events suppressed (over %g per s)", self.node,
+                        self.suppressed, EVENTS_PER_S)
+            self.suppressed = 0
+
+
 class Watcher:
     """Watches every node on one thread (`start`, `stop`); `publish(kind, node, **data)`
     pushes an event; `held(node)` says whether a lease holds the node locked;
@@ -202,6 +244,7 @@ class Watcher:
         self._counted: list[_Node] = []  # nodes with boxes: their CPU starvation is sampled
         self._read_frozen: list[_Node] = []  # nodes whose frozen state a tick reads (v1)
         self._settling: set[_Node] = set()  # nodes just notified of an OOM
+        self._budgets: dict[str, _EventBudget] = {}  # per node: its progress events
 
     def start(self) -> None:
         self._thread.start()
@@ -389,6 +432,9 @@ class Watcher:
             if now >= n.oom_settle_until:
                 self._settling.discard(n)
             self._oom(n, now)
+        for budget in self._budgets.values():  # the last suppressed, once a flood ended
+            if budget.suppressed:
+                budget.flush(time.monotonic())
         for n in self._read_frozen:
             if now >= n.frozen_due:
                 n.frozen_due = now + FROZEN_READ_S
@@ -611,4 +657,12 @@ class Watcher:
                       max_events=limit, window_s=OOM_WINDOW_S, onset=time.time())
 
     def _say(self, node: str, violated: bool, **data) -> None:
+        if data.get("detector") == "progress_stalled" and not self._budget(node).take():
+            return
         self.publish("violation" if violated else "cleared", node, **data)
+
+    def _budget(self, node: str) -> _EventBudget:
+        budget = self._budgets.get(node)
+        if budget is None:
+            budget = self._budgets[node] = _EventBudget(node, self.publish)
+        return budget
