@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 
 import pytest
 from test_agent_support import APP, REGISTER, agent_lab, prefix, read_line, wait_for
@@ -240,3 +241,108 @@ def test_refusals_are_truncated_and_rate_limited_in_logs(agent_lab, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name == "backdoors.agent"]
     assert sum(map(len, warnings)) < 64 << 10
     assert any("more refusals from node n0 suppressed" in w for w in warnings)
+
+
+# argv[1] processes, each with 8 connections (the per-process cap), each pipelining
+# argv[2] register/unregister pairs of a full box (4,096 sensors: the costliest to check)
+# once a line arrives on stdin; prints "queued" when all frames are sent. Replies are
+# never read.
+PIPELINER = """
+import array, fcntl, json, os, socket, sys
+import msgspec
+from backdoors.common.runtime import AGENT_SOCKET_ENV
+from backdoors.sensors import SensorBox
+box = SensorBox.create("p", capacity=4096)
+for i in range(4096):
+    box.progress(f"p{i}", deadline=3600.0)
+def frame(req):
+    p = msgspec.msgpack.encode(req)
+    return len(p).to_bytes(4, "big") + p
+children = []
+for _ in range(int(sys.argv[1]) - 1):
+    pid = os.fork()
+    if pid == 0:
+        children = None
+        break
+    children.append(pid)
+socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(8)]
+for s in socks:
+    s.connect(os.environ[AGENT_SOCKET_ENV])
+if children is not None:
+    print(json.dumps("connected"), flush=True)
+    sys.stdin.readline()
+    for pid in children:
+        os.kill(pid, 10)  # SIGUSR1: go
+else:
+    import signal
+    signal.sigwait([signal.SIGUSR1])
+fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [box.fd]))]
+for i, s in enumerate(socks):
+    for j in range(int(sys.argv[2])):
+        name = f"q{os.getpid()}-{i}"
+        s.sendmsg([frame({"op": "register", "kind": "sensorbox", "name": name})], fds)
+        s.sendall(frame({"op": "unregister", "name": name}))
+if children is not None:
+    for pid in children:
+        os.waitpid(pid, 0)
+    print(json.dumps("queued"), flush=True)
+sys.stdin.readline()
+"""
+
+# Connects (accepted before the flood), waits for a line on stdin, then sends one
+# registration frame; prints the wall time it sent at once the reply came.
+ONE_REGISTRATION = """
+import array, json, os, socket, sys, time
+import msgspec
+from backdoors.common import ipc
+from backdoors.common.runtime import AGENT_SOCKET_ENV
+from backdoors.sensors import SensorBox
+box = SensorBox.create("late")
+s = ipc.connect(os.environ[AGENT_SOCKET_ENV], timeout=60)
+payload = msgspec.msgpack.encode({"op": "register", "kind": "sensorbox", "name": "late"})
+data = [len(payload).to_bytes(4, "big") + payload]
+fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [box.fd]))]
+print(json.dumps("ready"), flush=True)
+sys.stdin.readline()
+sent = time.time()
+s.sendmsg(data, fds)
+reply = ipc.recv(s, max_bytes=1 << 16).payload
+print(json.dumps({"sent": sent, "ok": msgspec.msgpack.decode(reply)["ok"]}), flush=True)
+"""
+
+
+def test_a_node_with_requests_queued_on_all_its_connections_delays_another_by_one(agent_lab):
+    """The registration thread serves every node: one request per node per turn, so a node
+    that keeps 64 connections busy delays another node's request by one of its own, not 64."""
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    flood = lab.run("n0", PIPELINER, "8", "2", stdin=subprocess.PIPE)
+    late = lab.run("n1", ONE_REGISTRATION, stdin=subprocess.PIPE)
+    try:
+        assert json.loads(read_line(flood, 30)) == "connected"
+        assert json.loads(read_line(late, 30)) == "ready"
+        flood.stdin.write(b"go\n")
+        flood.stdin.flush()
+        assert json.loads(read_line(flood, 60)) == "queued"
+        late.stdin.write(b"go\n")
+        late.stdin.flush()
+        reply = json.loads(read_line(late, 60))
+        assert reply["ok"], reply
+        sent = reply["sent"]
+
+        def split() -> tuple[list[dict], list[dict]] | None:
+            """n0's records before n1's registration, and after it once there are any
+            (n0's backlog goes on after n1's turn: its requests were queued first)."""
+            records = lab.audit()
+            at = next(i for i, r in enumerate(records) if r.get("node") == "n1"
+                      and r.get("name") == "late" and r.get("ok"))
+            after = [r for r in records[at + 1:] if r.get("node") == "n0"]
+            return ([r for r in records[:at] if r.get("node") == "n0" and r["ts"] >= sent],
+                    after) if after else None
+
+        before, _ = wait_for(split, timeout=60, what="n0's requests after n1's")
+        # the turn under way, and one more: not one per connection of n0's (64)
+        assert len(before) <= 2, f"{len(before)} of n0's requests went before n1's"
+    finally:
+        for p in (flood, late):
+            p.kill()
+            p.wait()

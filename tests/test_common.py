@@ -114,3 +114,23 @@ def test_ready_takes_descriptors_above_select_limit():
         for fd in (high, r, w):
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_listen_never_changes_the_mode_of_what_a_symlink_swapped_in_names(tmp_path, monkeypatch):
+    """Whoever may write the socket's directory (a node, in its run directory) can swap the
+    bound socket for a symlink between bind and chmod: the mode must not follow it."""
+    victim = tmp_path / "keys"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    path = tmp_path / "agent.sock"
+
+    class Swapped(socket.socket):
+        def bind(self, address):
+            super().bind(address)
+            os.rename(address, str(tmp_path / "moved.sock"))  # the node's move, right then
+            os.symlink(victim, address)
+
+    monkeypatch.setattr(ipc.socket, "socket", Swapped)
+    with pytest.raises(ipc.NotASocket):
+        ipc.listen(str(path), mode=0o666, backlog=1)
+    assert victim.stat().st_mode & 0o777 == 0o600

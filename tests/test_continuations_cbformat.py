@@ -353,3 +353,13 @@ def test_a_copy_racing_the_writer_keeps_the_export_but_cannot_plan():
     assert image.log_end == image.export.received
     with pytest.raises(RecoveryError, match="freeze"):
         image.plan(handed=100, read=18)
+
+
+def test_deeply_nested_state_is_a_format_error_not_a_recursion_error():
+    """A CB's state comes from whoever wrote the box, and an evacuation carries it to
+    another node's server: msgpack nested deeper than the decoder's recursion limit must be
+    the documented CbFormatError (not RecursionError, which servers do not expect)."""
+    from backdoors.continuations.image import decode_state
+    nested = b"\x91" * 100_000 + b"\x00"
+    with pytest.raises(CbFormatError, match="does not decode"):
+        decode_state(cbformat.Encoding.MSGPACK, nested, None, "deep")

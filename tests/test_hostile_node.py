@@ -101,6 +101,15 @@ def test_filling_disk_and_memory_at_once(hostile):
     assert detail.count('"stopped_by": "ENOSPC"') >= 2, detail
 
 
+def test_socket_buffers_beyond_the_nodes_memory(hostile):
+    """Data queued in TCP connections the node never reads is kernel memory: it must stop
+    at the node's own memory limit, not drain the host's TCP pool."""
+    detail = attack(hostile, "socket-buffers")
+    facts = json.loads(detail.split(" -- ", 1)[1].rsplit(" (", 1)[0])
+    assert facts["queued_mib"] <= facts["bound_mib"] < facts["limit_mib"] + 32, facts
+    assert facts["stopped_by"].startswith("no more room"), facts
+
+
 def test_the_neighbour_stayed_healthy_through_all_of_it(hostile):
     healthy, facts = hostile.neighbour_healthy()
     assert healthy, facts

@@ -218,3 +218,160 @@ def test_the_agent_serves_a_services_box_with_its_host_pid(lab):
     with lab.agent_client("h0", timeout=5.0) as c:
         assert wait(lambda: "svc-n0" in c.sensors("n0").boxes)
         assert parse_box(c.sensors("n0").boxes["svc-n0"]).owner_pid == svc.pid
+
+
+SQUAT = """
+import json, os, socket, sys, time
+path = json.loads(sys.argv[1])
+os.unlink(path)
+if json.loads(sys.argv[2]) == "listener":   # a live listener of the node's own, kept open
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(1)
+    print(json.dumps("listening"), flush=True)
+    time.sleep(300)
+else:                                       # a directory with something in it
+    os.mkdir(path)
+    open(os.path.join(path, "x"), "w").close()
+    print(json.dumps("planted"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("trap", ["directory", "listener"])
+def test_what_a_node_plants_at_its_socket_path_does_not_keep_the_agent_from_restarting(lab, trap):
+    """The node owns its run directory: it may replace agent.sock by anything. The agent's
+    next start (a crash, the watchdog, an upgrade) must still serve every node."""
+    path = str(lab.node_run_dir("n0") / "agent.sock")
+    squatter = lab.run_in_node("n0", [PY, "-c", SQUAT, json.dumps(path), json.dumps(trap)],
+                               root=True, stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout.readline().strip() in (b'"planted"', b'"listening"')
+        before = lab.agent_pid("h0")
+        os.kill(before, signal.SIGKILL)  # its keeper starts it again
+        assert wait(lambda: lab.agent_pid("h0") not in (None, before) and _answers(lab), 30), \
+            (lab.plan.run_dir / "agent-h0.log").read_text()[-2000:]
+        # and n0 can register again: the path is the agent's socket once more
+        r = lab_exec(lab, PY, "-c", "import socket,sys; s = socket.socket(socket.AF_UNIX); "
+                     "s.connect(sys.argv[1]); print(s.getpeername())", path, root=False)
+        assert r.returncode == 0, r.stderr
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def _answers(lab) -> bool:
+    try:
+        return agent_answers(lab)
+    except Exception:  # noqa: BLE001 - not serving yet
+        return False
+
+
+PTYS = """
+import json, os
+fds, why = [], None
+for _ in range(400):
+    try:
+        fds.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+    except OSError as e:
+        why = e.strerror
+        break
+print(json.dumps({"opened": len(fds), "then": why, "pts": sorted(os.listdir("/dev/pts"))}))
+"""
+
+
+def test_the_nodes_ptys_are_its_own_and_bounded(lab):
+    """/dev/ptmx of the host's devpts would let a node take every pty of the machine
+    (kernel.pty.max is global): a node has a devpts instance of its own, capped."""
+    from backdoors.nodes.container import Isolation
+    cap = Isolation(uid_base=1 << 30).ptys
+    out = probe(lab, PTYS)
+    assert out["opened"] == cap and out["then"], out
+    # none of the host's ptys is listed in the node; only its own and its ptmx
+    assert set(out["pts"]) <= {"ptmx", *map(str, range(cap))}, out
+
+
+SOCKET_BUFFERS = """
+import json, socket, sys
+lsn = socket.socket(); lsn.bind(("127.0.0.1", 0)); lsn.listen(8)
+pairs, queued = [], 0
+for _ in range(4):
+    c = socket.create_connection(lsn.getsockname()); a, _ = lsn.accept()
+    c.setblocking(False)
+    try:
+        while queued < (24 << 20):
+            queued += c.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    pairs.append((c, a))
+print(json.dumps(queued), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_nodes_socket_buffers_are_charged_to_its_memory(lab):
+    """TCP buffers are kernel memory from one global pool (net.ipv4.tcp_mem): uncharged,
+    a node could queue gigabytes beyond its memory limit and starve every TCP socket of the
+    host (the agent's, the other nodes' sessions). They count against the node's cgroup."""
+    cg = lab.node("n0").cgroup
+    before = cg.socket_memory()
+    proc = lab.run_in_node("n0", [PY, "-c", SOCKET_BUFFERS], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE)
+    try:
+        queued = json.loads(proc.stdout.readline())
+        assert queued >= 8 << 20, queued
+        assert cg.socket_memory() - before >= queued // 2, (before, cg.socket_memory(), queued)
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+INOTIFY = """
+import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+try:  # the node's own user namespace's limit: its root may raise it
+    with open("/proc/sys/user/max_inotify_instances", "w") as f:
+        f.write("100000")
+    raised = True
+except OSError:
+    raised = False
+fds = []
+while len(fds) < 1000:
+    fd = libc.inotify_init()
+    if fd < 0:
+        break
+    fds.append(fd)
+print(json.dumps({"raised": raised, "opened": len(fds), "errno": ctypes.get_errno()}))
+"""
+
+
+def test_what_a_node_creates_is_charged_to_its_own_uid_not_to_host_root(lab):
+    """Per-user kernel budgets (inotify instances: 128, fanotify groups, namespaces, POSIX
+    message queue bytes) of a user namespace are also charged, in the parent, to its
+    owner's uid: owned by host root, a node could use up host root's (every root daemon's)
+    inotify instances. The node's user namespace is owned by its own unprivileged uid."""
+    import fcntl
+    import struct
+    NS_GET_OWNER_UID = 0xB704
+    fd = os.open(f"/proc/{lab.container('n0').init_pid}/ns/user", os.O_RDONLY)
+    try:
+        owner = struct.unpack("I", fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+    assert owner == lab.isolation("n0").uid_base, owner
+    out = probe(lab, INOTIFY)  # its own limit raised, it still stops at its owner's budget
+    with open("/proc/sys/fs/inotify/max_user_instances") as f:
+        assert out["raised"] and out["opened"] <= int(f.read()), out
+
+
+def test_the_hosts_environment_does_not_leak_into_a_node(lab, monkeypatch):
+    """What the lab's owner has in its environment (a CI token, a cloud key) is not the
+    node's: programs in a node get the few variables they need, and the agent's socket."""
+    monkeypatch.setenv("RT_CLOUD_TOKEN", "s3cr3t")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    code = "import json, os; print(json.dumps(dict(os.environ)))"
+    for env in (probe(lab, code, root=False),  # `lab exec`, from the owner's shell
+                json.loads(lab.run_in_node("n0", [PY, "-c", code], stdout=subprocess.PIPE)
+                           .communicate(timeout=30)[0])):
+        assert "RT_CLOUD_TOKEN" not in env, sorted(env)
+        assert env["PATH"] == os.environ["PATH"] and env["LC_ALL"] == "C.UTF-8"
+        assert env["BACKDOORS_AGENT_SOCKET"].endswith("/nodes/n0/agent.sock")

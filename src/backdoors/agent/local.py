@@ -20,6 +20,7 @@ over is closed by the Closer thread with SO_LINGER cleared (agent.closing).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import math
@@ -57,6 +58,7 @@ CONN_TIMEOUT_S = 10.0
 MAX_CONNS_PER_NODE = 64  # each process keeps one connection
 MAX_CONNS_PER_PID = 8  # so that one process of a node cannot take all of its node's
 F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1+
+CLAIM_TRIES = 3  # a node racing the agent for its socket path
 
 Word = Annotated[str, msgspec.Meta(max_length=32)]
 
@@ -131,8 +133,9 @@ class LocalServer:
             self._mkdir(self.run_dir)
             for node, path in self.paths.items():
                 self._mkdir(os.path.dirname(path))
-                # mode 0666: anyone may connect; the cgroup check decides
-                sock = ipc.listen(path, mode=0o666, backlog=256)
+                sock = self._claim(node, path)
+                if sock is None:
+                    continue
                 self._listeners[sock] = node
                 self._sel.register(sock, selectors.EVENT_READ, None)
             self._listening = True
@@ -140,6 +143,41 @@ class LocalServer:
             self._close_all()
             raise AgentError(f"cannot create the registration socket under {self.run_dir}: "
                              f"{e.strerror} ({e.filename or ''})") from None
+
+    def _claim(self, node: str, path: str) -> socket.socket | None:
+        """The listener at node `node`'s socket path. The directory is the node's own (its
+        processes write there; a container binds it in), so whatever the node left at the
+        path -- a directory, a file, a symlink, a listener of its own -- must not keep the
+        agent from starting for every node: anything that is not a socket file of this
+        agent's uid is moved aside (renamed within the directory: never followed, deleted
+        or read). A live listener of this uid (another agent) is refused as ever. A node
+        that keeps planting things faster than they are moved gets no socket (logged)."""
+        for _ in range(CLAIM_TRIES):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not (stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid()):
+                what = ("a socket of uid %d" % st.st_uid if stat.S_ISSOCK(st.st_mode)
+                        else _file_kind(st.st_mode))
+                aside = f"{path}.displaced-{os.getpid()}-{time.monotonic_ns()}"
+                os.rename(path, aside)  # rename(2) never follows the last component
+                log.warning("node %s: moved %s found at its socket path %s aside to %s",
+                            node, what, path, os.path.basename(aside))
+                self.audit.write(kind="socket_displaced", node=node, path=path, found=what,
+                                 moved_to=aside)
+            try:
+                # mode 0666: anyone may connect; the cgroup check decides
+                return ipc.listen(path, mode=0o666, backlog=256)
+            except ipc.NotASocket:
+                continue  # replaced under our feet (by the node): again
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or isinstance(e, ipc.SocketInUse):
+                    raise
+        log.error("node %s: something keeps reappearing at its socket path %s; it gets no "
+                  "registration socket until the agent restarts", node, path)
+        self.audit.write(kind="socket_unclaimed", node=node, path=path, tries=CLAIM_TRIES)
+        return None
 
     def alive(self) -> bool:
         """Whether the serving thread runs (for the watchdog)."""
@@ -182,13 +220,18 @@ class LocalServer:
 
     def _run(self) -> None:
         while not self._stopping:
+            turn: set[str] = set()  # nodes served in this turn
             for key, _ in self._sel.select(timeout=1.0):
                 if key.data == "wake":
                     continue
                 try:
                     if key.data is None:
                         self._accept(key.fileobj)
-                    else:
+                    elif key.data.node not in turn:
+                        # one request per node per turn: a node keeping all its connections
+                        # busy delays another node's request by one of its own, not by 64
+                        # (the others stay readable: the next select returns at once)
+                        turn.add(key.data.node)
                         self._readable(key.data)
                 except Exception:  # noqa: BLE001 - one caller must not stop registrations
                     log.exception("local registration: unexpected error")
@@ -407,6 +450,14 @@ class LocalServer:
         if held is None and not box:
             raise RegionRefused(f"node {conn.node} holds no session {req.name!r}")
         return {"name": req.name, "kind": SESSION_KIND, "socket": held is not None, "box": box}
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a fifo")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _check_cb(region: Region, name: str) -> None:

@@ -72,6 +72,7 @@ What the watcher saw of the counters also feeds the `sensors` reply's
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -94,6 +95,19 @@ SLOW_S = 1.0  # every node's link, frozen state and OOM count read again (fallba
 FROZEN_READ_S = 0.05  # the v1 freezer's state, which nothing notifies, is read this often
 OOM_SETTLE_S = 0.5  # after an OOM notification, the count is read on every tick this long
 RETRY_S = 1.0  # a box that did not parse is tried again after this
+#: What one tick does for one node at most: a node's root owns its boxes' memory and can
+#: change every layout on every tick (a 4,096-sensor box takes ~16 ms to parse), and keep
+#: 64 x 4,096 counters; the watch thread is every node's. Boxes beyond are read on the
+#: next ticks, in turn (that node's own detection slows down, no other's).
+PARSES_PER_TICK = 1
+COUNTERS_PER_TICK = 4096
+#: Progress events ("violation", "cleared") a node may push at once, and then per second:
+#: each counter that stalls and moves again is two events, and a node's root can toggle
+#: thousands, pushing every other node's out of the bus's history and the monitors'
+#: queues. Beyond, they are counted and said once a second ("events_suppressed" {count}):
+#: the monitors' polls judge that node meanwhile.
+EVENTS_BURST = 256
+EVENTS_PER_S = 64.0
 PSI_SAMPLE_S = 0.025  # a node's cpu.pressure "full" total is sampled this often
 PSI_KEEP_S = 3.0  # and kept this long (a longer stall's excuse counts from the oldest)
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
@@ -153,6 +167,8 @@ class _Node:
     starved_due: float = 0.0  # next sample
     psi: dict[str, PressureTrigger] = field(default_factory=dict)  # resource -> its trigger
     psi_fired: dict[str, float] = field(default_factory=dict)  # -> last wake (monotonic), while over
+    order: list[_Box] = field(default_factory=list)  # its boxes, as a tick visits them
+    cursor: int = 0  # where the next tick starts in `order`
 
     def sample_starved(self, now: float) -> None:
         """Sample the node's cpu.pressure "full" total (nothing where PSI is missing)."""
@@ -176,6 +192,40 @@ class _Node:
                 break
             base = total
         return max(0, self.starved[-1][1] - base) / 1e6
+
+
+@dataclass(eq=False)
+class _EventBudget:
+    """A node's progress events: a token bucket of EVENTS_BURST refilled at EVENTS_PER_S;
+    what it refuses is counted and said once a second at most."""
+
+    node: str
+    publish: Callable[..., int]
+    tokens: float = EVENTS_BURST
+    at: float = field(default_factory=time.monotonic)
+    suppressed: int = 0
+    said_at: float = -math.inf
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(EVENTS_BURST, self.tokens + (now - self.at) * EVENTS_PER_S)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.suppressed += 1
+        self.flush(now)
+        return False
+
+    def flush(self, now: float) -> None:
+        """Say how many were suppressed since the last time, if a second has passed."""
+        if self.suppressed and now - self.said_at >= 1.0:
+            self.said_at = now
+            self.publish("events_suppressed", self.node, count=self.suppressed,
+                         per_s=EVENTS_PER_S, burst=EVENTS_BURST)
+            log.warning("node %s: %d progress events suppressed (over %g per s)", self.node,
+                        self.suppressed, EVENTS_PER_S)
+            self.suppressed = 0
 
 
 class Watcher:
@@ -202,11 +252,11 @@ class Watcher:
         self._handlers: dict[int, Callable[[], None]] = {}  # fd -> what its wake-up means
         self._sources: dict[int, tuple[_Node, str]] = {}  # fd -> (node, its source's attr)
         self._version = -1  # of the region table when the box list was built
-        self._boxes: list[_Box] = []  # every node's, flat: what a tick reads
         self._counted: list[_Node] = []  # nodes with boxes: their CPU starvation is sampled
         self._read_frozen: list[_Node] = []  # nodes whose frozen state a tick reads (v1)
         self._settling: set[_Node] = set()  # nodes just notified of an OOM
         self._pressed: set[_Node] = set()  # nodes over a PSI trigger: a tick sees it end
+        self._budgets: dict[str, _EventBudget] = {}  # per node: its progress events
 
     def start(self) -> None:
         self._thread.start()
@@ -371,7 +421,9 @@ class Watcher:
             except Exception as e:  # noqa: BLE001 - the watch must survive anything
                 self.errors += 1
                 log.warning("node %s: watch failed: %s", n.rt.name, e)
-        self._boxes = [b for n in self._nodes.values() for b in n.boxes.values()]
+        for n in self._nodes.values():
+            n.order = list(n.boxes.values())
+            n.cursor = n.cursor % len(n.order) if n.order else 0
         self._counted = [n for n in self._nodes.values() if n.boxes]
 
     def _replan_node(self, n: _Node, now: float) -> None:
@@ -410,33 +462,62 @@ class Watcher:
         for n in self._counted:
             if now >= n.starved_due:
                 n.sample_starved(now)
-        for box in self._boxes:
-            if box.retry_at and now < box.retry_at:
-                continue
-            try:
-                self._read_box(box, now)
-            except SensorBoxError:
-                box.generation, box.retry_at = -1, now + RETRY_S  # the sampler says why
-            except Exception as e:  # noqa: BLE001 - the watch must survive anything
-                self.errors += 1
-                box.retry_at = now + RETRY_S
-                log.warning("node %s: watch failed: %s", box.node.rt.name, e)
+        for n in self._counted:
+            self._tick_node(n, now)
         for n in list(self._settling):
             if now >= n.oom_settle_until:
                 self._settling.discard(n)
             self._oom(n, now)
         for n in list(self._pressed):
             self._psi_ended(n, now)
+        for budget in self._budgets.values():  # the last suppressed, once a flood ended
+            if budget.suppressed:
+                budget.flush(time.monotonic())
         for n in self._read_frozen:
             if now >= n.frozen_due:
                 n.frozen_due = now + FROZEN_READ_S
                 self._frozen(n, None)
 
-    def _read_box(self, box: _Box, now: float) -> None:
+    def _tick_node(self, n: _Node, now: float) -> None:
+        """Read the node's boxes from where the last tick stopped, within the budget of
+        PARSES_PER_TICK layouts and about COUNTERS_PER_TICK counters."""
+        parses = counters = 0
+        boxes, start = n.order, n.cursor
+        waiting = None  # the first box whose new layout waits: the next tick starts there
+        for step in range(len(boxes)):
+            at = (start + step) % len(boxes)
+            if counters >= COUNTERS_PER_TICK:
+                n.cursor = at if waiting is None else waiting
+                return
+            box = boxes[at]
+            if box.retry_at and now < box.retry_at:
+                continue
+            try:
+                parsed = self._read_box(box, now, may_parse=parses < PARSES_PER_TICK)
+                if parsed is None:
+                    waiting = at if waiting is None else waiting
+                    continue
+                parses += parsed
+                counters += len(box.counters)
+            except SensorBoxError:
+                parses += 1
+                box.generation, box.retry_at = -1, now + RETRY_S  # the sampler says why
+            except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                self.errors += 1
+                box.retry_at = now + RETRY_S
+                log.warning("node %s: watch failed: %s", box.node.rt.name, e)
+        n.cursor = start if waiting is None else waiting
+
+    def _read_box(self, box: _Box, now: float, may_parse: bool = True) -> bool | None:
+        """Read the box's counters (parsing its layout first if it changed); whether it
+        was parsed, or None if its new layout had to wait (`may_parse` false)."""
         region = box.entry.region
         words = region.words
         gen = words[_GEN_WORD] if words is not None else region.load_word(abi.OFF_GENERATION)
-        if gen != box.generation:
+        parsed = gen != box.generation
+        if parsed:
+            if not may_parse:
+                return None  # a later tick parses it; its old counters wait with it
             self._parse(box, region, now)
         for c in box.counters:
             word = words[c.word_index] if words is not None else region.load_word(c.word_index * 8)
@@ -454,6 +535,7 @@ class Watcher:
                 self._stall(box, c, now)
         box.read_at = now
         box.retry_at = 0.0
+        return parsed
 
     def _parse(self, box: _Box, region, now: float) -> None:
         image = parse_box(read_consistent(region))
@@ -638,4 +720,12 @@ class Watcher:
                   window_s=trigger.window_s, trigger=True, onset=time.time())
 
     def _say(self, node: str, violated: bool, **data) -> None:
+        if data.get("detector") == "progress_stalled" and not self._budget(node).take():
+            return
         self.publish("violation" if violated else "cleared", node, **data)
+
+    def _budget(self, node: str) -> _EventBudget:
+        budget = self._budgets.get(node)
+        if budget is None:
+            budget = self._budgets[node] = _EventBudget(node, self.publish)
+        return budget

@@ -186,18 +186,40 @@ def recv_queued(sock: socket.socket, *, max_bytes: int) -> bytes | None:
 
 def listen(path: str, *, mode: int, backlog: int) -> socket.socket:
     """A non-blocking Unix stream listener at `path` with file mode `mode`, once a stale
-    file there was removed (`remove_stale`; its errors as they are)."""
+    file there was removed (`remove_stale`; its errors as they are).
+
+    The mode is set on the socket file as bound, never through a path: whoever may write
+    the directory (a node, in its own run directory) could swap a symlink in between bind
+    and chmod, and a chmod by path as root would follow it (to the agent's keys). If the
+    path no longer holds a socket after bind: NotASocket."""
     remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        os.chmod(path, mode)
+        _chmod_socket(path, mode)
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _chmod_socket(path: str, mode: int) -> None:
+    """chmod the socket file at `path` without following a symlink: opened O_PATH |
+    O_NOFOLLOW, checked to be a socket, changed through /proc/self/fd (Linux has no lchmod)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOENT):  # swapped for a symlink, or moved away
+            raise NotASocket(errno.EEXIST, "replaced during bind, not a socket now", path) from None
+        raise
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise NotASocket(errno.EEXIST, "replaced during bind, not a socket now", path)
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 def unlink_socket(path: str) -> None:

@@ -166,7 +166,9 @@ def decode_state(encoding: cbformat.Encoding, data: bytes, type: Any, session: s
         decoder = _DECODERS[type] = msgspec.msgpack.Decoder(Any if type is None else type)
     try:
         return decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+    # RecursionError: msgpack nested deeper than msgspec's limit (a hostile box's state,
+    # which an evacuation carries to another node's server)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
         raise CbFormatError(f"session {session}: exported state does not decode: {err}") from None
 
 

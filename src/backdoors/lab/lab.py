@@ -74,6 +74,11 @@ class ServiceInfo:
     ns_pid: int | None = None
 
 
+#: what a node's programs get of the lab owner's environment (Lab.service_env)
+NODE_ENV = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TERM", "TZ", "VIRTUAL_ENV"})
+NODE_ENV_PREFIXES = ("LC_", "PYTHON", "BACKDOORS_")
+
+
 @dataclass
 class LabState:
     """What `lab status`, `lab down` and fault commands need to find a running lab again."""
@@ -532,8 +537,12 @@ class Lab:
             self._containers.clear()
 
     def service_env(self, node: str) -> dict[str, str]:
-        """Environment for programs started in `node`."""
-        env = dict(os.environ)
+        """Environment for programs started in `node`: of this process's, only what a
+        program needs (NODE_ENV: the path, locale, terminal, time zone, Python's and
+        backdoors' own variables), never the rest (a token of the lab's owner is not
+        the node's); plus the node's agent socket and adoption directory."""
+        env = {k: v for k, v in os.environ.items()
+               if k in NODE_ENV or k.startswith(NODE_ENV_PREFIXES)}
         env["PYTHONUNBUFFERED"] = "1"
         sock = agent_socket(str(self.plan.run_dir / "nodes"), node)
         if os.path.exists(sock):

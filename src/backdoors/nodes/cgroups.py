@@ -381,6 +381,13 @@ class Cgroup:
         value = str(limit) if limit is not None else ("-1" if version == "v1" else "max")
         cgfs.write(file, value, "a limit below the current usage is refused (EBUSY) if the "
                    "kernel cannot reclaim enough: kill something first or choose more")
+        tcp = path / "memory.kmem.tcp.limit_in_bytes"
+        if version == "v1" and tcp.exists():
+            # v1 leaves TCP buffers out of the cgroup unless this is set: they come from the
+            # host's one pool (net.ipv4.tcp_mem), which a node could drain beyond its limit,
+            # starving every TCP socket of the host. Set, they are counted (and capped) for
+            # sockets made from now on; v2 counts them in memory.max by itself.
+            cgfs.write(tcp, value)
 
     def memory_limit(self) -> int | None:
         """The memory limit in bytes, None when unlimited."""
@@ -395,6 +402,14 @@ class Cgroup:
         version, path = self._controller_dir("memory")
         file = "memory.usage_in_bytes" if version == "v1" else "memory.current"
         return cgfs.read_int(path / file) or 0
+
+    def socket_memory(self) -> int:
+        """Bytes of TCP socket buffers charged to the cgroup (v1: memory.kmem.tcp, counted
+        once set_memory_limit enabled it; v2: memory.stat "sock")."""
+        version, path = self._controller_dir("memory")
+        if version == "v1":
+            return cgfs.read_int(path / "memory.kmem.tcp.usage_in_bytes") or 0
+        return cgfs.keyed(cgfs.read(path / "memory.stat")).get("sock", 0)
 
     def oom_kills(self) -> int:
         """How many processes the OOM killer killed in this cgroup (and below)."""

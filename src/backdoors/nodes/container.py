@@ -22,7 +22,8 @@ start processes in them. Everything a node runs has no power over the host:
   namespace, so the node's root cannot change addresses, routes or sysctls; no name: a fresh,
   empty netns. **Cgroup**: every process joins the node's cgroup in every hierarchy (the
   `Cgroup` paths, v1 and v2) first, and sees it as "/" in its own cgroup namespace.
-  **IPC, UTS**: fresh ones; the hostname is `Isolation.hostname`.
+  **IPC, UTS**: fresh ones; the hostname is `Isolation.hostname`. **ptys**: a devpts
+  instance of its own (`Isolation.ptys` at most), its ptmx bound on /dev/ptmx.
 
 API (host root; the caller owns the netns and the cgroup, the container owns its processes)::
 
@@ -51,7 +52,10 @@ a controller-less v2 at /sys/fs/cgroup/unified; util-linux 2.38.1; catatonit 0.1
 takes ~50 ms, spawn ~17 ms.
 
 - The user namespace is made by a helper child (unshare(CLONE_NEWUSER), then exec `sleep`)
-  whose uid_map/gid_map host root writes: a process cannot map a range into its own new
+  with effective ids `uid_base`, so that the node's root owns it, not host root (per-user
+  kernel budgets such as inotify's 128 instances are also charged to a namespace's owner in
+  the parent: a root-owned node could use up host root's), and whose uid_map/gid_map host
+  root writes: a process cannot map a range into its own new
   namespace (that needs CAP_SETUID in the parent namespace), and util-linux 2.38's
   `unshare --map-users` fails here with "failed to execute newuidmap" (package uidmap).
 - Order: host root joins the cgroup and the netns, creates the mount, UTS and IPC namespaces
@@ -199,7 +203,9 @@ class Isolation:
     Python installation under a hidden /root: see `python_paths`). `hostname`: the node's
     hostname (UTS namespace). `scratch_bytes`: size of each of the node's private tmpfs
     at SCRATCH (/tmp, /var/tmp, /dev/shm): the host's are not writable from the node, and
-    what it writes there is charged to its own memory limit.
+    what it writes there is charged to its own memory limit. `ptys`: how many
+    pseudo-terminals the node may hold, in a devpts instance of its own (the host's
+    /dev/ptmx would let it take every pty of the machine: kernel.pty.max is global).
     """
 
     uid_base: int
@@ -209,8 +215,12 @@ class Isolation:
     share: tuple[Path, ...] = ()
     hostname: str = "node"
     scratch_bytes: int = 64 << 20
+    ptys: int = 32
 
     def __post_init__(self) -> None:
+        if not 1 <= self.ptys <= 1024:
+            raise NodeError(f"invalid isolation: ptys {self.ptys}: a node holds 1 to 1024 "
+                            "pseudo-terminals")
         if (self.uid_base <= 0 or self.count <= 0 or not 0 <= self.uid < self.count
                 or self.uid_base + self.count > (1 << 32) - 1):
             raise NodeError(
@@ -367,13 +377,44 @@ def _wait_for(check, timeout: float, what: str):
         pause = min(pause * 2, 0.01)
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_CAP_VERSION_3 = 0x20080522
+
+
+def _owned_userns(uid: int) -> None:
+    """unshare(CLONE_NEWUSER) with effective uid and gid `uid`, which then own the new user
+    namespace. The kernel charges the per-user budgets of a namespace's users (inotify
+    instances: 128, fanotify groups, namespaces, message queue bytes) also to its owner in
+    the parent: owned by host root, a node could use up every root daemon's. Real and saved
+    ids stay 0, so the permitted capabilities stay; the effective ones (cleared by the
+    euid change) are raised again, so hosts that allow only privileged processes to make
+    user namespaces (Debian's kernel.unprivileged_userns_clone=0) still do."""
+    os.setresgid(0, uid, 0)
+    os.setresuid(0, uid, 0)
+    header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for d in data:
+        d.effective = d.permitted
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _unshare(CLONE_NEWUSER)
+
+
 def _make_userns(iso: Isolation) -> int:
-    """A new user namespace with the isolation's mapping; returns an fd naming it."""
+    """A new user namespace with the isolation's mapping, owned by the node's root's host
+    uid; returns an fd naming it."""
     sleep = shutil.which("sleep") or "/bin/sleep"
     try:
         holder = subprocess.Popen([sleep, "infinity"], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL,
-                                  preexec_fn=lambda: _unshare(CLONE_NEWUSER))
+                                  preexec_fn=lambda: _owned_userns(iso.uid_base))
     except subprocess.SubprocessError:
         raise NodeError("cannot create a user namespace: are they disabled "
                         "(/proc/sys/user/max_user_namespaces is 0)?") from None
@@ -457,6 +498,7 @@ class Container:
                          CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
             failure.step("make mounts private", _mount, None, "/", None, MS_REC | MS_PRIVATE)
             _hide(hide, scratch, isolation.scratch_bytes, [(run_dir, True), *shares], failure)
+            _own_ptys(isolation.ptys, failure)
             failure.step("set the hostname", socket.sethostname, isolation.hostname)
             failure.step("enter the node's user namespace", syscalls.setns, userns,
                          CLONE_NEWUSER)
@@ -689,6 +731,18 @@ def _hide(hide: tuple[Path, ...], scratch: tuple[Path, ...], scratch_bytes: int,
     for path in hide:
         failure.step(f"make {path} read-only", _mount, None, str(path), None,
                      MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+
+
+def _own_ptys(count: int, failure: _ChildError) -> None:
+    """A devpts instance of the node's own at /dev/pts, of at most `count` ptys, and its
+    ptmx bound over /dev/ptmx: the host's ptys are neither listed nor used up by the node.
+    Mounted by host root, so locked for the node. Skipped where the host has no /dev/ptmx."""
+    if not os.path.exists("/dev/ptmx") or not os.path.isdir("/dev/pts"):
+        return
+    failure.step("mount a devpts of its own on /dev/pts", _mount, "devpts", "/dev/pts",
+                 "devpts", MS_NOSUID | MS_NOEXEC, f"newinstance,ptmxmode=0666,mode=0620,max={count}")
+    failure.step("bind its ptmx on /dev/ptmx", _mount, "/dev/pts/ptmx", "/dev/ptmx", None,
+                 MS_BIND)
 
 
 def mount_tmpfs(path: str | os.PathLike, size: int, mode: int = 0o755) -> None:

@@ -539,11 +539,45 @@ memory = (f"killed by signal {os.WTERMSIG(status)} (the node's memory limit)"
 out(writable=writable, dirs=dirs, memory_hog=memory, effect=False)
 '''
 
+SOCKET_BUFFERS = r'''
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * ARG["connections"] + 64), hard))
+# kernel memory outside the node's own pages: data queued in loopback TCP connections it
+# never reads (the host's one pool, net.ipv4.tcp_mem, unless its cgroup counts them)
+lsn = socket.socket(); lsn.bind(("127.0.0.1", 0)); lsn.listen(1024)
+pairs, queued, why = [], 0, "asked bytes queued"
+chunk = b"\xee" * 65536
+end = time.monotonic() + 20
+while queued < ARG["bytes"]:
+    if len(pairs) >= ARG["connections"] or time.monotonic() > end:
+        why = f"no more room after {len(pairs)} connections"
+        break
+    try:
+        c = socket.create_connection(lsn.getsockname(), timeout=2); a, _ = lsn.accept()
+    except OSError as e:
+        why = "connect: " + err(e); break
+    c.setblocking(False)
+    try:
+        while queued < ARG["bytes"]:
+            queued += c.send(chunk)
+    except BlockingIOError:
+        pass
+    except OSError as e:
+        why = "send: " + err(e)
+    pairs.append((c, a))
+# the kernel lets every socket queue a little even past its cgroup's limit (tcp_wmem[0])
+bound = ARG["limit"] + len(pairs) * ARG["per_connection"]
+out(queued_mib=queued >> 20, connections=len(pairs), stopped_by=why,
+    limit_mib=ARG["limit"] >> 20, bound_mib=bound >> 20, effect=queued > bound)
+'''
+
 PROGRAMS = {"signal-all": SIGNAL_ALL, "ptrace-and-mem": PTRACE, "cgroupfs": CGROUPFS,
             "priority": PRIORITY, "private-network": NETWORK,
             "registration-malformed-flood": MALFORMED, "registration-connection-flood": CONNECTIONS,
             "registration-bad-memfds": MEMFDS, "registration-other-node": OTHER_NODE,
-            "descriptor-exhaustion": DESCRIPTORS, "fill-disk-and-memory": FILL}
+            "descriptor-exhaustion": DESCRIPTORS, "fill-disk-and-memory": FILL,
+            "socket-buffers": SOCKET_BUFFERS}
 
 
 # ---- the host side -----------------------------------------------------------------------
@@ -855,6 +889,9 @@ class Hostile:
                     "victim_socket": str(plan.run_dir / "nodes" / NEIGHBOUR / "agent.sock")}
         if name == "descriptor-exhaustion":
             return {"regions": 200, "sessions": 600}
+        if name == "socket-buffers":
+            return {"bytes": NODE_MEMORY + (128 << 20), "limit": NODE_MEMORY,
+                    "connections": 256, "per_connection": 64 << 10}
         if name == "fill-disk-and-memory":
             node_run = str(self.lab.node_run_dir(HOSTILE))
             return {"dirs": ["/tmp", "/dev/shm", "/var/tmp", node_run, "/"],
