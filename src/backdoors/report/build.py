@@ -300,9 +300,20 @@ CASESTUDY_FULL = ("backdoors casestudy rubis --json --faults fe-freeze "
                   "> out/bench/bench_casestudy.json")
 
 
-def _casestudy_missing(inputs: Inputs) -> Html:
-    return note(f"{inputs.missing['bench_casestudy']} (root, about two minutes); or the "
-                f"full measure (several minutes): `{CASESTUDY_FULL}`")
+def _casestudy(inputs: Inputs, title: str, key: str, what: str
+               ) -> tuple[list[Html], BenchCasestudy | None]:
+    """The part's heading and the case study's results when they have `key` rows; else
+    the heading and a note saying how to get them (`what`: what the file lacks)."""
+    parts = [Html(f"<h3>{title} (bench_casestudy)</h3>")]
+    c: BenchCasestudy | None = inputs.bench.get("bench_casestudy")
+    if c is None:
+        return parts + [note(f"{inputs.missing['bench_casestudy']} (root, about two "
+                             f"minutes); or the full measure (several minutes): "
+                             f"`{CASESTUDY_FULL}`")], None
+    if not getattr(c, key):
+        return parts + [note(f"`{inputs.bench_files['bench_casestudy']}` has {what}: "
+                             f"`{CASESTUDY_FULL}`")], None
+    return parts, c
 
 
 def _dip(f: CasestudyFault) -> str:
@@ -313,13 +324,10 @@ def _dip(f: CasestudyFault) -> str:
 
 
 def _casestudy_faults_part(inputs: Inputs) -> list[Html]:
-    parts = [Html("<h3>RUBiS under load: a node fails (bench_casestudy)</h3>")]
-    c: BenchCasestudy | None = inputs.bench.get("bench_casestudy")
+    parts, c = _casestudy(inputs, "RUBiS under load: a node fails", "faults",
+                          "no fault under load (run without --faults)")
     if c is None:
-        return parts + [_casestudy_missing(inputs)]
-    if not c.faults:
-        return parts + [note(f"`{inputs.bench_files['bench_casestudy']}` has no fault under "
-                             f"load (run without --faults): `{CASESTUDY_FULL}`")]
+        return parts
     drawn = [f for f in c.faults if f.per_100ms is not None and f.per_100ms.ok]
     if drawn:
         baseline = any(f.haproxy_per_100ms is not None for f in drawn)
@@ -350,13 +358,10 @@ def _casestudy_faults_part(inputs: Inputs) -> list[Html]:
 
 
 def _casestudy_load_part(inputs: Inputs) -> list[Html]:
-    parts = [Html("<h3>RUBiS under load: plain vs recoverable (bench_casestudy)</h3>")]
-    c: BenchCasestudy | None = inputs.bench.get("bench_casestudy")
+    parts, c = _casestudy(inputs, "RUBiS under load: plain vs recoverable", "load",
+                          "no load level")
     if c is None:
-        return parts + [_casestudy_missing(inputs)]
-    if not c.load:
-        return parts + [note(f"`{inputs.bench_files['bench_casestudy']}` has no load level: "
-                             f"`{CASESTUDY_FULL}`")]
+        return parts
     d = c.data
     parts.append(_plot("RUBiS throughput and latency vs load", lambda: plots.casestudy_load(
         c.load), f"the same site (2 front ends, 2 middle tiers, PostgreSQL with "
