@@ -300,8 +300,8 @@ class LocalServer:
         conn.deadline = math.inf  # idle between requests: a process keeps its connection
 
     def _fail(self, conn: _Conn, message: str, op: str = "?") -> None:
+        self._refused(conn, op, "", message)  # on record before the caller can see it
         self._reply(conn, LocalReply(False, error=message))
-        self._refused(conn, op, "", message)
         self._drop(conn)
 
     def _reply(self, conn: _Conn, reply: LocalReply) -> None:
