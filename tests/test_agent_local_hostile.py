@@ -258,11 +258,15 @@ for i in range(4096):
 def frame(req):
     p = msgspec.msgpack.encode(req)
     return len(p).to_bytes(4, "big") + p
+import ctypes, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # for sigwait, not death
+done_r, done_w = os.pipe()  # a byte from each child once it sent all its frames
 children = []
 for _ in range(int(sys.argv[1]) - 1):
     pid = os.fork()
     if pid == 0:
         children = None
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: gone with the parent
         break
     children.append(pid)
 socks = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(8)]
@@ -272,9 +276,8 @@ if children is not None:
     print(json.dumps("connected"), flush=True)
     sys.stdin.readline()
     for pid in children:
-        os.kill(pid, 10)  # SIGUSR1: go
+        os.kill(pid, signal.SIGUSR1)  # go
 else:
-    import signal
     signal.sigwait([signal.SIGUSR1])
 fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [box.fd]))]
 for i, s in enumerate(socks):
@@ -282,9 +285,11 @@ for i, s in enumerate(socks):
         name = f"q{os.getpid()}-{i}"
         s.sendmsg([frame({"op": "register", "kind": "sensorbox", "name": name})], fds)
         s.sendall(frame({"op": "unregister", "name": name}))
-if children is not None:
-    for pid in children:
-        os.waitpid(pid, 0)
+if children is None:
+    os.write(done_w, b"x")
+else:
+    for _ in children:
+        os.read(done_r, 1)
     print(json.dumps("queued"), flush=True)
 sys.stdin.readline()
 """
@@ -342,6 +347,49 @@ def test_a_node_with_requests_queued_on_all_its_connections_delays_another_by_on
         before, _ = wait_for(split, timeout=60, what="n0's requests after n1's")
         # the turn under way, and one more: not one per connection of n0's (64)
         assert len(before) <= 2, f"{len(before)} of n0's requests went before n1's"
+    finally:
+        for p in (flood, late):
+            p.kill()
+            p.wait()
+
+
+def test_a_node_over_its_share_of_the_registration_cpu_rests_and_loses_nothing(agent_lab):
+    """A node pipelining costly registrations (4,096-sensor boxes) on all its connections
+    took the registration thread's whole CPU, for as long as it liked, and some of its
+    connections were dropped unserved (their first request waited past CONN_TIMEOUT_S
+    behind the others). Past its share of the thread's CPU the node now rests (a share
+    made tiny here, so that even a slow machine passes it); another node registers all
+    the same, and every request the flooding node queued is answered, later."""
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    local = lab.agent.agent.local
+    local.cpu_share, local.cpu_burst_s = 0.005, 0.01  # 256 full boxes cost far more
+    procs, pairs = 8, 4  # 8 processes x 8 connections x 4 pairs: 256 full boxes
+    flood = lab.run("n0", PIPELINER, str(procs), str(pairs), stdin=subprocess.PIPE)
+    late = lab.run("n1", ONE_REGISTRATION, stdin=subprocess.PIPE)
+    try:
+        assert json.loads(read_line(flood, 30)) == "connected"
+        assert json.loads(read_line(late, 30)) == "ready"
+        flood.stdin.write(b"go\n")
+        flood.stdin.flush()
+        assert json.loads(read_line(flood, 60)) == "queued"
+        late.stdin.write(b"go\n")
+        late.stdin.flush()
+        assert json.loads(read_line(late, 60))["ok"]
+        wait_for(lambda: any(r.get("kind") == "local_rested" for r in lab.audit()),
+                 timeout=60, what="n0 rested")
+        local.cpu_share, local.cpu_burst_s = 0.5, 1.0  # the rest served at the default
+        local._cpu.clear()
+
+        def served() -> list[dict] | None:
+            records = [r for r in lab.audit() if r.get("node") == "n0"
+                       and r.get("kind") == "local" and r.get("op") == "register"]
+            return records if len(records) >= procs * 8 * pairs else None
+
+        records = wait_for(served, timeout=120, what="every queued request of n0 answered")
+        assert len(records) == procs * 8 * pairs and all(r["ok"] for r in records)
+        rested = [r for r in lab.audit() if r.get("kind") == "local_rested"]
+        assert {r["node"] for r in rested} == {"n0"}, rested
+        assert local.metrics.registration_rests.labels("n0")._value.get() >= 1
     finally:
         for p in (flood, late):
             p.kill()

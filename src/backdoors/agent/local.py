@@ -28,6 +28,8 @@ import os
 import selectors
 import socket
 import stat
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +61,11 @@ MAX_CONNS_PER_NODE = 64  # each process keeps one connection
 MAX_CONNS_PER_PID = 8  # so that one process of a node cannot take all of its node's
 F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1+
 CLAIM_TRIES = 3  # a node racing the agent for its socket path
+#: a node's requests may take this share of the registration thread's CPU time, after a
+#: burst of NODE_CPU_BURST_S; beyond, the node's connections rest until it is earned back
+NODE_CPU_SHARE = 0.5
+NODE_CPU_BURST_S = 1.0
+REST_LOG_S = 10.0  # a node's rests are logged and audited at most this often
 
 Word = Annotated[str, msgspec.Meta(max_length=32)]
 
@@ -80,6 +87,25 @@ _decode_request = msgspec.msgpack.Decoder(LocalRequest).decode
 
 
 @dataclass(eq=False)
+class _CpuBudget:
+    """A token bucket of CPU seconds: refilled at `share` per second, up to `burst`."""
+
+    share: float
+    burst: float
+    at: float
+    tokens: float
+    rests: int = 0  # since the last one logged
+    logged_at: float = -math.inf
+
+    def charge(self, spent: float, now: float) -> float:
+        """Take `spent` seconds; how long the node must rest to earn them back (0: none)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.share)
+        self.at = now
+        self.tokens -= spent
+        return max(0.0, -self.tokens / self.share)
+
+
+@dataclass(eq=False)
 class _Conn:
     sock: socket.socket
     node: str
@@ -88,6 +114,7 @@ class _Conn:
     pidfd: int | None
     deadline: float
     reader: ipc.FrameReader
+    served: int = 0  # the registration thread's turn that last served it
 
 
 class LocalServer:
@@ -108,6 +135,10 @@ class LocalServer:
         self._closer = Closer()
         self.sessions.closer = self._closer.close_socket
         self._limiter = RefusalLimiter()
+        self.cpu_share, self.cpu_burst_s = NODE_CPU_SHARE, NODE_CPU_BURST_S
+        self._cpu: dict[str, _CpuBudget] = {}
+        self._resting: dict[str, float] = {}  # node -> until (monotonic): not served
+        self._turns = 0
         self._reported_at = 0.0
         self._stopping = False
         self._listening = False
@@ -220,32 +251,93 @@ class LocalServer:
 
     def _run(self) -> None:
         while not self._stopping:
-            turn: set[str] = set()  # nodes served in this turn
-            for key, _ in self._sel.select(timeout=1.0):
+            timeout = 1.0
+            if self._resting:
+                timeout = max(0.0, min(timeout, min(self._resting.values()) - time.monotonic()))
+            # one request per node per turn: a node keeping all its connections busy delays
+            # another node's request by one of its own, not by 64 (the others stay
+            # readable: the next select returns at once); and of a node's ready
+            # connections, the one served longest ago, so that none of them waits for ever
+            turn: dict[str, _Conn] = {}
+            for key, _ in self._sel.select(timeout=timeout):
                 if key.data == "wake":
                     continue
-                try:
-                    if key.data is None:
-                        self._accept(key.fileobj)
-                    elif key.data.node not in turn:
-                        # one request per node per turn: a node keeping all its connections
-                        # busy delays another node's request by one of its own, not by 64
-                        # (the others stay readable: the next select returns at once)
-                        turn.add(key.data.node)
-                        self._readable(key.data)
-                except Exception:  # noqa: BLE001 - one caller must not stop registrations
-                    log.exception("local registration: unexpected error")
-                    if isinstance(key.data, _Conn):
-                        self._drop(key.data)
+                if key.data is None:
+                    self._serve(self._accept, key.fileobj)
+                    continue
+                best = turn.get(key.data.node)
+                if best is None or key.data.served < best.served:
+                    turn[key.data.node] = key.data
+            for conn in turn.values():
+                self._turns += 1
+                conn.served = self._turns
+                spent = time.thread_time()
+                self._serve(self._readable, conn)
+                self._charge(conn.node, time.thread_time() - spent)
             now = time.monotonic()
+            for node, until in list(self._resting.items()):
+                if until <= now:
+                    self._wake_node(node)
             if now - self._reported_at >= 1.0:
                 self._reported_at = now
                 for node, count in self._limiter.pending():
                     self._suppressed(node, count)
             for conn in [c for c in self._conns.values() if c.deadline < now]:
+                if not conn.reader.partial and _unread(conn.sock):
+                    # its request waits unread: the agent's backlog, not a slow caller
+                    conn.deadline = now + CONN_TIMEOUT_S
+                    continue
                 self._reply(conn, LocalReply(False, error=f"no complete request within "
                                                           f"{CONN_TIMEOUT_S:g} s"))
                 self._drop(conn)
+
+    def _serve(self, handler, arg) -> None:
+        try:
+            handler(arg)
+        except Exception:  # noqa: BLE001 - one caller must not stop registrations
+            log.exception("local registration: unexpected error")
+            if isinstance(arg, _Conn):
+                self._drop(arg)
+
+    def _charge(self, node: str, spent: float) -> None:
+        """Count the CPU a request of `node` took; a node over its share rests: its
+        connections are not read until it has earned the time back (its requests wait in
+        its sockets, and the other nodes' are served meanwhile)."""
+        now = time.monotonic()
+        budget = self._cpu.get(node)
+        if budget is None:
+            budget = self._cpu[node] = _CpuBudget(self.cpu_share, self.cpu_burst_s, now,
+                                                  self.cpu_burst_s)
+        rest = budget.charge(spent, now)
+        if rest <= 0 or node in self._resting:
+            return
+        self._resting[node] = now + rest
+        for conn in self._conns.values():
+            if conn.node == node:
+                try:
+                    self._sel.unregister(conn.sock)
+                except (KeyError, ValueError):
+                    pass
+        self.metrics.registration_rests.labels(node).inc()
+        budget.rests += 1
+        if now - budget.logged_at >= REST_LOG_S:
+            budget.logged_at = now
+            log.warning("node %s: its registrations took more than %g%% of the registration "
+                        "thread's CPU; they wait (%d rest(s) since the last report)", node,
+                        budget.share * 100, budget.rests)
+            self.audit.write(kind="local_rested", node=node, rests=budget.rests,
+                             share=budget.share)
+            budget.rests = 0
+
+    def _wake_node(self, node: str) -> None:
+        """A rested node's connections are read again."""
+        del self._resting[node]
+        for conn in self._conns.values():
+            if conn.node == node:
+                try:
+                    self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+                except KeyError:  # registered already
+                    pass
 
     def _accept(self, listener) -> None:
         node = self._listeners[listener]
@@ -274,7 +366,8 @@ class LocalServer:
         except RegionRefused as e:
             return self._fail(conn, str(e), op="connect")
         self._conns[sock] = conn
-        self._sel.register(sock, selectors.EVENT_READ, conn)
+        if node not in self._resting:  # else read once its rest ends
+            self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _readable(self, conn: _Conn) -> None:
         started = conn.reader.partial
@@ -450,6 +543,14 @@ class LocalServer:
         if held is None and not box:
             raise RegionRefused(f"node {conn.node} holds no session {req.name!r}")
         return {"name": req.name, "kind": SESSION_KIND, "socket": held is not None, "box": box}
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in `sock`'s receive queue (0 if it cannot say)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def _file_kind(mode: int) -> str:

@@ -92,6 +92,10 @@ class AgentMetrics:
         self.registrations = Counter("backdoors_agent_registrations",
                                      "Local registration requests by node, op and result",
                                      ["node", "op", "result"], registry=r)
+        self.registration_rests = Counter(
+            "backdoors_agent_registration_rests",
+            "Times a node's registrations were paused for taking more than its share of the "
+            "registration thread's CPU, by node", ["node"], registry=r)
         self.stuck_ops = Gauge("backdoors_agent_stuck_ops",
                                "Operations abandoned at their deadline and still running, "
                                "by worker lane", ["lane"], registry=r)
