@@ -159,6 +159,9 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     orphan_timeout_s: Annotated[float, doc(
         "seconds a held session whose server died may wait for a server to adopt it; "
         "then it is closed (FIN, or RST with unread input), never kept forever")] = 10.0
+    max_evacuate_bytes: Annotated[int, doc(
+        "what one evacuate dumps at most into the agent's memory (sessions' socket queues "
+        "and Continuation Boxes); the sessions beyond stay held for the next evacuate")] = 512 << 20
 
     @property
     def own_cgroup(self) -> str:
@@ -260,7 +263,7 @@ def _validate(c: AgentConfig) -> None:
                f"must be within {low}..{high} s")
     for key in ("max_regions_per_node", "max_region_bytes", "max_node_bytes",
                 "max_procs_sampled", "max_connections", "replay_cache_entries",
-                "max_sessions_per_node", "max_unauthenticated",
+                "max_sessions_per_node", "max_unauthenticated", "max_evacuate_bytes",
                 "max_unauthenticated_per_address"):
         _check(getattr(c, key) >= 1, (key,), "must be at least 1")
     _check(c.max_unauthenticated < c.max_connections, ("max_unauthenticated",),

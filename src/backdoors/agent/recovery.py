@@ -25,11 +25,13 @@ batch) expires after `PENDING_TTL_S` (freed, counted in `expired`).
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -62,6 +64,7 @@ log = logging.getLogger("backdoors.agent")
 
 BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
 LONG_OP_S = 30.0
+SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
 STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)
 STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
 ADOPT_MAX_BYTES = 512 << 20  # inflated Continuation Boxes an agent holds for adopts at most
@@ -349,7 +352,16 @@ class Recovery:
         t = clock()
         taken = agent.sessions.take_all(rt.name)
         spent = {"take_ms": clock() - t, "repair_ms": 0.0, "cb_ms": 0.0, "remove_ms": 0.0}
-        for s in taken:
+        cap, held = agent.config.max_evacuate_bytes, sum(_size(m) for m in moving)
+        for i, s in enumerate(taken):
+            if moving and held + _queued(s.sock) > cap:
+                # the agent's memory is not the node's to fill: the rest wait, held
+                for rest in taken[i:]:
+                    agent.sessions.put_back(rest)
+                    failed[rest.name] = (f"not dumped: this evacuate holds {held} bytes "
+                                         f"(max_evacuate_bytes {cap}); still held here: "
+                                         "evacuate again")
+                break
             t0 = t1 = clock()
             try:
                 with repair(s.sock) as handle:
@@ -359,6 +371,7 @@ class Recovery:
                 with agent.regions.use(rt.name, s.name) as entry:
                     cb = zlib.compress(entry.region.read(0, entry.size), 1)  # mostly empty ring
                 moving.append(MovedSession(s.name, state.encode(), cb))
+                held += _size(moving[-1])
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
                 s.sock.close()
@@ -707,6 +720,22 @@ def _stage(peer: AgentClient, to_node: str, m: MovedSession, warrant: list[bytes
     for off in range(0, len(m.tcp), STAGE_PIECE):
         peer.stage(to_node, m.name, off, len(m.tcp), m.tcp[off:off + STAGE_PIECE], warrant)
     return MovedSession(m.name, b"", m.cb, staged=True)
+
+
+def _size(m: MovedSession) -> int:
+    return len(m.tcp) + len(m.cb)
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes in a session socket's queues (unread input, unsent or unacknowledged output):
+    about what its dump will take (0 if it cannot say)."""
+    total = 0
+    for request in (SIOCINQ, SIOCOUTQ):
+        try:
+            total += struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+        except OSError:
+            pass
+    return total
 
 
 def _batches(moving: list[MovedSession]) -> Iterator[list[MovedSession]]:

@@ -128,8 +128,8 @@ class SessionTable:
         return True
 
     def put_back(self, session: Session) -> None:
-        """Hold a session taken with `take_if` again (unless its name was taken meanwhile:
-        then its socket is closed)."""
+        """Hold a session taken with `take_if` or `take_all` again (unless its name was
+        taken meanwhile: then its socket is closed)."""
         with self._lock:
             held = self._sessions[session.node]
             kept = session.name not in held

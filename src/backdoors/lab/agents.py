@@ -77,6 +77,9 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
         max_sessions_per_node=LAB_SESSIONS, max_node_bytes=2 << 30,
         # the server-crash tests' short bound (agent.owners); the default otherwise
         orphan_timeout_s=float(os.environ.get("BACKDOORS_LAB_ORPHAN_TIMEOUT_S", "10")),
+        # the evacuate cap's test; the default otherwise
+        **({"max_evacuate_bytes": int(os.environ["BACKDOORS_LAB_MAX_EVACUATE_BYTES"])}
+           if os.environ.get("BACKDOORS_LAB_MAX_EVACUATE_BYTES") else {}),
         # bench monitor's event mode samples kernel state slowly; the default otherwise
         **({"sample_period_s": float(os.environ["BACKDOORS_LAB_SAMPLE_PERIOD_S"])}
            if os.environ.get("BACKDOORS_LAB_SAMPLE_PERIOD_S") else {}))

@@ -572,9 +572,10 @@ class Lab:
                 log.close()
 
     def start_service(self, node: str, *extra: str, recoverable: bool = False,
-                      timeout: float = 10.0) -> ServiceInfo:
+                      timeout: float = 30.0) -> ServiceInfo:
         """Start the sample service in `node` (or, `recoverable`, the stream service with
-        Continuation Boxes on port RECOVERABLE_PORT) and wait until it is ready."""
+        Continuation Boxes on port RECOVERABLE_PORT) and wait until it is ready (a Python
+        start on a saturated host took more than 10 s)."""
         if recoverable:
             argv = [sys.executable, "-m", "backdoors.lab.recoverable", "--name", f"rsvc-{node}",
                     "--port", str(topology.RECOVERABLE_PORT), *extra]

@@ -1,0 +1,52 @@
+"""One evacuate dumps at most `max_evacuate_bytes` into the agent's memory (a node's
+socket queues are the node's to fill, not the agent's memory): the sessions beyond stay
+held at the source, failed with "not dumped", and the next evacuate takes them. Set to 1
+byte here, so that each evacuate moves one session (the first is always dumped); every
+client's stream continues byte-exact."""
+
+import time
+
+import pytest
+
+from backdoors.lab import Lab, topology
+from backdoors.lab.clients import StreamClients
+
+pytestmark = pytest.mark.root
+
+
+def wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_an_evacuate_over_its_byte_cap_leaves_the_rest_held_for_the_next(root, unique,
+                                                                          monkeypatch):
+    monkeypatch.setenv("BACKDOORS_LAB_MAX_EVACUATE_BYTES", "1")
+    with Lab(f"ec{unique}", hosts=1, nodes=2, agents=True, services=False) as lab:
+        for node in ("n0", "n1"):
+            lab.start_service(node, "--rate", "4096", recoverable=True)
+        vip = lab.plan.node("n0").vip
+        with lab.agent_client("h0", timeout=30) as c, \
+                StreamClients(lab, vip, topology.RECOVERABLE_PORT, 3) as clients:
+            wait(lambda: len(c.call("sessions", node="n0")) == 3, 20, "3 held sessions")
+            wait(lambda: all(o > 0 for o in clients.offsets()), 20, "data on every session")
+            at = clients.offsets()
+            since = time.monotonic()
+            c.call("fence", node="n0")
+            for left in (2, 1, 0):
+                moved = c.call("evacuate", node="n0", to=lab.agent_address("h0"),
+                               to_agent="h0", to_node="n1")
+                assert moved["moved"] == 1, moved
+                assert len(moved["failed"]) == left, moved
+                assert all("not dumped" in why and "max_evacuate_bytes 1" in why
+                           for why in moved["failed"].values()), moved
+                assert len(c.call("sessions", node="n0")) == left  # still held there
+            wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
+                 "every stream to continue")
+            report = clients.report(since, progressed_from=at)
+            assert report["sessions_ok"] == 3, report
+            assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
+            assert len(c.call("sessions", node="n1")) == 3
