@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 from test_agent_support import APP, REGISTER, agent_lab, prefix, read_line, wait_for
@@ -316,11 +317,11 @@ print(json.dumps({"sent": sent, "ok": msgspec.msgpack.decode(reply)["ok"]}), flu
 """
 
 
-def test_a_node_with_requests_queued_on_all_its_connections_delays_another_by_one(agent_lab):
-    """The registration thread serves every node: one request per node per turn, so a node
-    that keeps 64 connections busy delays another node's request by one of its own, not 64."""
-    lab = agent_lab(nodes={"n0": {}, "n1": {}})
-    flood = lab.run("n0", PIPELINER, "8", "2", stdin=subprocess.PIPE)
+@contextmanager
+def flooded(lab, procs: int, pairs: int):
+    """n0 floods (PIPELINER: `procs` processes x 8 connections x `pairs`), then n1
+    registers once; yields n1's reply ({sent, ok}); both programs killed after."""
+    flood = lab.run("n0", PIPELINER, str(procs), str(pairs), stdin=subprocess.PIPE)
     late = lab.run("n1", ONE_REGISTRATION, stdin=subprocess.PIPE)
     try:
         assert json.loads(read_line(flood, 30)) == "connected"
@@ -332,6 +333,18 @@ def test_a_node_with_requests_queued_on_all_its_connections_delays_another_by_on
         late.stdin.flush()
         reply = json.loads(read_line(late, 60))
         assert reply["ok"], reply
+        yield reply
+    finally:
+        for p in (flood, late):
+            p.kill()
+            p.wait()
+
+
+def test_a_node_with_requests_queued_on_all_its_connections_delays_another_by_one(agent_lab):
+    """The registration thread serves every node: one request per node per turn, so a node
+    that keeps 64 connections busy delays another node's request by one of its own, not 64."""
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    with flooded(lab, 8, 2) as reply:
         sent = reply["sent"]
 
         def split() -> tuple[list[dict], list[dict]] | None:
@@ -347,10 +360,6 @@ def test_a_node_with_requests_queued_on_all_its_connections_delays_another_by_on
         before, _ = wait_for(split, timeout=60, what="n0's requests after n1's")
         # the turn under way, and one more: not one per connection of n0's (64)
         assert len(before) <= 2, f"{len(before)} of n0's requests went before n1's"
-    finally:
-        for p in (flood, late):
-            p.kill()
-            p.wait()
 
 
 def test_a_node_over_its_share_of_the_registration_cpu_rests_and_loses_nothing(agent_lab):
@@ -364,17 +373,7 @@ def test_a_node_over_its_share_of_the_registration_cpu_rests_and_loses_nothing(a
     local = lab.agent.agent.local
     local.cpu_share, local.cpu_burst_s = 0.005, 0.01  # 256 full boxes cost far more
     procs, pairs = 8, 4  # 8 processes x 8 connections x 4 pairs: 256 full boxes
-    flood = lab.run("n0", PIPELINER, str(procs), str(pairs), stdin=subprocess.PIPE)
-    late = lab.run("n1", ONE_REGISTRATION, stdin=subprocess.PIPE)
-    try:
-        assert json.loads(read_line(flood, 30)) == "connected"
-        assert json.loads(read_line(late, 30)) == "ready"
-        flood.stdin.write(b"go\n")
-        flood.stdin.flush()
-        assert json.loads(read_line(flood, 60)) == "queued"
-        late.stdin.write(b"go\n")
-        late.stdin.flush()
-        assert json.loads(read_line(late, 60))["ok"]
+    with flooded(lab, procs, pairs):
         wait_for(lambda: any(r.get("kind") == "local_rested" for r in lab.audit()),
                  timeout=60, what="n0 rested")
         local.cpu_share, local.cpu_burst_s = 0.5, 1.0  # the rest served at the default
@@ -390,7 +389,3 @@ def test_a_node_over_its_share_of_the_registration_cpu_rests_and_loses_nothing(a
         rested = [r for r in lab.audit() if r.get("kind") == "local_rested"]
         assert {r["node"] for r in rested} == {"n0"}, rested
         assert local.metrics.registration_rests.labels("n0")._value.get() >= 1
-    finally:
-        for p in (flood, late):
-            p.kill()
-            p.wait()

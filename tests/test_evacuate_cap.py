@@ -10,16 +10,9 @@ import pytest
 
 from backdoors.lab import Lab, topology
 from backdoors.lab.clients import StreamClients
+from test_nodes_support import wait_for
 
 pytestmark = pytest.mark.root
-
-
-def wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_an_evacuate_over_its_byte_cap_leaves_the_rest_held_for_the_next(root, unique,
@@ -31,8 +24,8 @@ def test_an_evacuate_over_its_byte_cap_leaves_the_rest_held_for_the_next(root, u
         vip = lab.plan.node("n0").vip
         with lab.agent_client("h0", timeout=30) as c, \
                 StreamClients(lab, vip, topology.RECOVERABLE_PORT, 3) as clients:
-            wait(lambda: len(c.call("sessions", node="n0")) == 3, 20, "3 held sessions")
-            wait(lambda: all(o > 0 for o in clients.offsets()), 20, "data on every session")
+            wait_for(lambda: len(c.call("sessions", node="n0")) == 3, 20, "3 held sessions")
+            wait_for(lambda: all(o > 0 for o in clients.offsets()), 20, "data on every session")
             at = clients.offsets()
             since = time.monotonic()
             c.call("fence", node="n0")
@@ -44,7 +37,7 @@ def test_an_evacuate_over_its_byte_cap_leaves_the_rest_held_for_the_next(root, u
                 assert all("not dumped" in why and "max_evacuate_bytes 1" in why
                            for why in moved["failed"].values()), moved
                 assert len(c.call("sessions", node="n0")) == left  # still held there
-            wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
+            wait_for(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
                  "every stream to continue")
             report = clients.report(since, progressed_from=at)
             assert report["sessions_ok"] == 3, report
