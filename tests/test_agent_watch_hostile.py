@@ -35,6 +35,19 @@ def _bump(maps: list[mmap.mmap]) -> None:
         m[at:at + 8] = (gen + 2).to_bytes(8, "little")
 
 
+def _victim_and_watcher(regions: RegionTable) -> tuple[SensorBox, Watcher, list]:
+    """Node n1's box "v" (one counter, 50 ms deadline) and a watcher of n0 and n1 (5 ms
+    ticks, driven by the test) whose events land in the list."""
+    victim = SensorBox.create("v")
+    victim.progress("p", deadline=0.05)
+    regions.keep("n1", "v", "sensorbox", victim.fd, os.getpid())
+    events: list = []
+    w = Watcher({"n0": _rt("n0"), "n1": _rt("n1")}, regions, period_s=0.005, slow_s=HOUR,
+                publish=lambda kind, node, **data: events.append((kind, node, data)),
+                held=lambda node: False)
+    return victim, w, events
+
+
 def test_a_node_churning_its_box_layouts_costs_each_tick_a_bounded_share():
     regions = RegionTable(["n0", "n1"], max_regions=BOXES, max_region_bytes=1 << 20,
                           max_node_bytes=64 << 20)
@@ -46,13 +59,7 @@ def test_a_node_churning_its_box_layouts_costs_each_tick_a_bounded_share():
         regions.keep("n0", f"h{i}", "sensorbox", box.fd, os.getpid())
         hostile.append(box)
         maps.append(mmap.mmap(box.fd, os.fstat(box.fd).st_size))
-    victim = SensorBox.create("v")
-    victim.progress("p", deadline=0.05)
-    regions.keep("n1", "v", "sensorbox", victim.fd, os.getpid())
-    events = []
-    w = Watcher({"n0": _rt("n0"), "n1": _rt("n1")}, regions, period_s=0.005, slow_s=HOUR,
-                publish=lambda kind, node, **data: events.append((kind, node, data)),
-                held=lambda node: False)
+    victim, w, events = _victim_and_watcher(regions)
     try:
         now = time.monotonic()
         w._replan(now)
@@ -97,13 +104,7 @@ def test_a_node_toggling_its_counters_pushes_a_bounded_number_of_events():
     box = SensorBox.create("t", capacity=512)
     counters = [box.progress(f"p{i}", deadline=0.001) for i in range(512)]
     regions.keep("n0", "t", "sensorbox", box.fd, os.getpid())
-    victim = SensorBox.create("v")
-    victim.progress("p", deadline=0.05)
-    regions.keep("n1", "v", "sensorbox", victim.fd, os.getpid())
-    events = []
-    w = Watcher({"n0": _rt("n0"), "n1": _rt("n1")}, regions, period_s=0.005, slow_s=HOUR,
-                publish=lambda kind, node, **data: events.append((kind, node, data)),
-                held=lambda node: False)
+    victim, w, events = _victim_and_watcher(regions)
     try:
         now = started = time.monotonic()
         w._replan(now)

@@ -28,8 +28,6 @@ import os
 import selectors
 import socket
 import stat
-import struct
-import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from ..common.runtime import agent_socket
 from ..errors import AgentError, SensorBoxError
 from ..nodes import Node
 from ..sensors import Region, parse_box, read_consistent
+from ..tcprepair.kernel import SIOCINQ, ioctl_int
 from ..sensors.region import HUGETLBFS_MAGIC, TMPFS_MAGIC, filesystem
 from .audit import AuditLog, RefusalLimiter, clip
 from .closing import Closer
@@ -548,7 +547,7 @@ class LocalServer:
 def _unread(sock: socket.socket) -> int:
     """Bytes waiting in `sock`'s receive queue (0 if it cannot say)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        return ioctl_int(sock, SIOCINQ)
     except OSError:
         return 0
 

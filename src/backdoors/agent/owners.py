@@ -18,7 +18,6 @@ next orphan deadline; it never forks or executes anything.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import selectors
@@ -36,13 +35,13 @@ from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..continuations.errors import NoVerdict
 from ..errors import BackdoorsError
 from ..tcprepair import repair
+from ..tcprepair.kernel import SIOCINQ, ioctl_int
 from .membership import outsider
 from .ops import Call, Op, OpError
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("backdoors.agent")
 
-SIOCINQ = 0x541B
 VERDICT_WAIT_S = 10.0  # readopt waits this long for a server's verdicts once all are sent
 
 
@@ -353,7 +352,7 @@ def _close(sock: socket.socket) -> bool:
     """Close an orphaned session's socket: RST if input waits unread, else FIN after the
     output queued. True if it was reset."""
     try:
-        unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0" * 4))[0]
+        unread = ioctl_int(sock, SIOCINQ)
     except OSError:
         unread = 0
     try:

@@ -25,13 +25,11 @@ batch) expires after `PENDING_TTL_S` (freed, counted in `expired`).
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -48,6 +46,7 @@ from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
 from ..tcprepair import Repair, TcpState, close_silently, repair, restore_paused, segments_needed
+from ..tcprepair.kernel import SIOCINQ, SIOCOUTQ, ioctl_int
 from .client import AgentClient
 from .keys import Identity
 from .ops import Call, NodeArgs, Op, OpError
@@ -64,7 +63,6 @@ log = logging.getLogger("backdoors.agent")
 
 BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
 LONG_OP_S = 30.0
-SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
 STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)
 STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
 ADOPT_MAX_BYTES = 512 << 20  # inflated Continuation Boxes an agent holds for adopts at most
@@ -729,13 +727,10 @@ def _size(m: MovedSession) -> int:
 def _queued(sock: socket.socket) -> int:
     """Bytes in a session socket's queues (unread input, unsent or unacknowledged output):
     about what its dump will take (0 if it cannot say)."""
-    total = 0
-    for request in (SIOCINQ, SIOCOUTQ):
-        try:
-            total += struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
-        except OSError:
-            pass
-    return total
+    try:
+        return ioctl_int(sock, SIOCINQ) + ioctl_int(sock, SIOCOUTQ)
+    except OSError:
+        return 0
 
 
 def _batches(moving: list[MovedSession]) -> Iterator[list[MovedSession]]:
