@@ -128,8 +128,17 @@ def agent_fault(lab: Lab, node: str, sig: signal.Signals, sessions: int, mon: Mo
     held_at_answer = wait_until(first_answer, timeout_s, f"a new agent of host {host.name}", 0.005) - 1
     restart_ms = (time.monotonic() - t0) * 1000
     with lab.agent_client(host.name) as c:
-        held = wait_until(lambda: (n := len(c.call("sessions", node=node))) >= sessions and n,
-                     timeout_s, f"{sessions} sessions held by the new agent")
+        seen = [held_at_answer]
+
+        def all_held() -> int:
+            seen.append(len(c.call("sessions", node=node)))
+            return seen[-1] if seen[-1] >= sessions else 0
+
+        try:
+            held = wait_until(all_held, timeout_s, f"{sessions} sessions held by the new agent")
+        except LabError as e:
+            raise LabError(f"{e} (held at its first answer: {held_at_answer}, "
+                           f"last: {seen[-1]})") from None
     wait_until(lambda: not any(i.node == node and i.closed is None for i in mon.incidents()),
           timeout_s, f"no open incident on {node} after the agent came back")
     return {"agent_signal": sig.name, "agent_restart_ms": round(restart_ms, 1),
