@@ -174,3 +174,29 @@ def test_warnings_metrics():
     text = generate_latest(reg).decode()
     assert 'backdoors_monitor_warnings_rejected_total{reason="bad_envelope"} 1.0' in text
     assert "backdoors_monitor_warnings_sent_total 0.0" in text
+
+
+def test_a_repair_of_what_another_cluster_warned_of_is_not_echoed():
+    """B repairs the bomb A warned of: B publishes nothing (the fleet already knows), but
+    a culprit nobody warned of, or one only the operator's config armed, is published."""
+    from types import SimpleNamespace
+    from backdoors.monitor.diagnosis import Finding
+    mb = new_identity("mb1")
+    scanner = Scanner(lambda: [])
+    w = Warnings(mb, "B", "s", _verifier(), scanner)
+    published = []
+    w.bus = SimpleNamespace(publish=lambda data, subject: published.append(subject))
+
+    def repaired(exe, comm):
+        culprit = {"exe_sha256": exe, "comm": comm, "cmdline": [comm], "exe": "/bin/x"}
+        return SimpleNamespace(state="repaired", host="h0", node="n0", id="i1",
+                               diagnosis=Finding("fork_bomb", "a bomb",
+                                                 evidence={"culprit": culprit}))
+    scanner.arm(Armed(HASH, "bd-forkbomb", source="A/ma: warning x"))
+    scanner.arm(Armed("ef" * 32, "mine", source="config"))
+    assert w.incident("responded", repaired(HASH, "bd-forkbomb")) is None
+    assert w.echoes == 1 and w.sent == 0 and published == []
+    assert w.incident("responded", repaired(HASH, "other")) is not None  # another comm
+    assert w.incident("responded", repaired("ef" * 32, "mine")) is not None
+    assert w.sent == 2 and published == ["s.B", "s.B"]
+    assert w.status()["echoes"] == 1

@@ -14,7 +14,8 @@ hog is killed by pid and start time. Each kill is counted and kept in `kills`.
 `Warnings` is the monitor's side of the bus: it publishes a signed warning when one of
 its incidents of kind fork bomb or memory hog is repaired and its diagnosis names the
 culprit's executable hash, and arms a rule for each verified warning of another cluster;
-refusals (bad signature, unknown signer, replay, outside the window, expired) are counted
+a repair of a culprit it was warned of is not published again (every cluster on the bus got
+that warning; an echo would bounce between clusters for as long as the bomb runs). Refusals (bad signature, unknown signer, replay, outside the window, expired) are counted
 in `rejected`.
 """
 
@@ -110,6 +111,12 @@ class Scanner:
         log.warning("pre-armed: processes running %s… as %r are killed on sight (%s, %s)",
                     rule.exe_sha256[:12], rule.comm, rule.kind, rule.source)
         self._wake.set()
+
+    def warned_of(self, exe_sha256: str, comm: str) -> Armed | None:
+        """The armed rule for this culprit that came from another cluster's warning."""
+        rule = next((r for r in self.rules() if r.exe_sha256 == exe_sha256 and r.comm == comm),
+                    None)
+        return rule if rule is not None and rule.source != "config" else None
 
     def rules(self) -> list[Armed]:
         now = self.clock()
@@ -214,6 +221,7 @@ class Warnings:
         self.publishing, self.arming = publish, arm
         self.bus = None
         self.sent = 0
+        self.echoes = 0  # repairs of a culprit another cluster warned of: not published
         self.received = 0
         self.rejected: dict[str, int] = {}
         self.accepted: list[AttackWarning] = []
@@ -256,6 +264,13 @@ class Warnings:
         culprit = culprit_of(inc.diagnosis)
         if kind not in KINDS or culprit is None:
             return None
+        given = self.scanner.warned_of(culprit["exe_sha256"], culprit["comm"])
+        if given is not None:
+            with self._lock:
+                self.echoes += 1
+            log.warning("incident %s repaired %s %s, which %s already told the fleet of: "
+                        "no warning sent", inc.id, kind, culprit["comm"], given.source)
+            return None
         w = issue(self.signer, self.cluster, kind, culprit["exe_sha256"], culprit["comm"],
                   cmdline=culprit.get("cmdline") or (), exe=culprit.get("exe") or "",
                   node=f"{inc.host}/{inc.node}", incident=inc.id, ttl_s=self.ttl_s)
@@ -296,7 +311,8 @@ class Warnings:
 
     def status(self) -> dict:
         with self._lock:
-            return {"cluster": self.cluster, "sent": self.sent, "received": self.received,
+            return {"cluster": self.cluster, "sent": self.sent, "echoes": self.echoes,
+                    "received": self.received,
                     "rejected": dict(self.rejected), "accepted": len(self.accepted),
                     "armed": len(self.scanner.rules()), "prearmed_kills": len(self.scanner.kills),
                     "prearmed_killed": self.scanner.killed}
