@@ -64,6 +64,7 @@ CLAIM_TRIES = 3  # a node racing the agent for its socket path
 #: burst of NODE_CPU_BURST_S; beyond, the node's connections rest until it is earned back
 NODE_CPU_SHARE = 0.5
 NODE_CPU_BURST_S = 1.0
+CB_CHECK_BUDGET_S = 0.03  # a CB being registered must settle this fast (the turn is shared)
 REST_LOG_S = 10.0  # a node's rests are logged and audited at most this often
 
 Word = Annotated[str, msgspec.Meta(max_length=32)]
@@ -565,7 +566,7 @@ def _check_cb(region: Region, name: str) -> None:
     from ..continuations.errors import ContinuationError
     from ..continuations.image import read_cb
     try:
-        image = read_cb(region)
+        image = read_cb(region, budget_s=CB_CHECK_BUDGET_S)
     except ContinuationError as e:
         raise RegionRefused(f"region {name!r} is not a valid Continuation Box: {e}") from None
     if name != f"cb-{image.session_id}":

@@ -29,7 +29,8 @@ from ..sensors.region import Region
 from . import cbformat
 from .errors import CbFormatError, RecoveryError
 
-READ_RETRIES = 64
+READ_BUDGET_S = 0.25  # how long a reader keeps trying against a writer that keeps exporting
+LOG_RETRIES = 8
 _MAX_POSITION = 1 << 62
 
 
@@ -256,15 +257,16 @@ def _endpoints(family, laddr, lport, raddr, rport):
     return (make(laddr), lport), (make(raddr), rport)
 
 
-def read_cb(source: Region | int) -> CbImage:
+def read_cb(source: Region | int, budget_s: float = READ_BUDGET_S) -> CbImage:
     """A consistent, validated image of the CB held by `source` (a Region or an fd).
 
-    Works on a region whose owner is running (retries while it rewrites), frozen or dead.
-    CbFormatError if the region is malformed or never settles.
+    Works on a region whose owner is running (retries for up to `budget_s` while it
+    rewrites, mostly asleep), frozen or dead. CbFormatError if the region is malformed or
+    does not settle in time.
     """
     region = source if isinstance(source, Region) else _region(source)
     try:
-        return _read(region)
+        return _read(region, budget_s)
     except SensorBoxError as err:  # the Region's bounds checks
         raise CbFormatError(str(err).replace("region", "Continuation Box region", 1)) from None
     finally:
@@ -279,18 +281,23 @@ def _region(fd: int) -> Region:
         raise CbFormatError(str(err)) from None
 
 
-def _read(region: Region) -> CbImage:
+def _read(region: Region, budget_s: float) -> CbImage:
     """Copy under the active slot's seqlock; see read_cb.
 
     A copy is whole when the active slot's seq word reads 2v before and after it: the
     writer rewrites a slot (seq odd) only two exports later. The export version must also
     stay put for the log to belong to that export; a writer exporting faster than this
     reader copies gets, after a few tries, the whole export with an empty, flagged log.
+    A copy fails only when the writer finished two exports while it was made; such runs
+    come in streaks (tens of tries in a row, under load), hence a time budget.
     """
     fields = parse_header(region.read(0, cbformat.HEADER_SIZE))
     state_cap, log_cap = fields[2], fields[3]
     size = cbformat.region_size(state_cap, log_cap)
-    for attempt in range(READ_RETRIES):
+    give_up = time.monotonic() + budget_s
+    attempt = 0
+    while attempt < LOG_RETRIES * 2 or time.monotonic() < give_up:
+        attempt += 1
         version = region.load_word(cbformat.OFF_EXPORT_VERSION)
         seq_at = cbformat.slot_offset(version & 1, state_cap) + cbformat.SLOT_OFF_SEQ
         before = region.load_word(seq_at)
@@ -298,21 +305,18 @@ def _read(region: Region) -> CbImage:
         after = region.load_word(seq_at)
         stable = region.load_word(cbformat.OFF_EXPORT_VERSION) == version
         if before != after or before & 1:
-            time.sleep(0 if attempt < 8 else 0.0005)  # the slot was being rewritten
+            time.sleep(0 if attempt <= LOG_RETRIES else 0.0005)  # the slot was being rewritten
             continue
         if before != 2 * version or stable:
             # A writer never touches the active slot: a wrong seq here is corruption,
             # which parse_cb reports precisely.
             return parse_cb(data)
-        if attempt >= LOG_RETRIES:
+        if attempt > LOG_RETRIES:
             return _without_log(data, version)
     raise CbFormatError(
-        f"{region.label}: no consistent copy after {READ_RETRIES} tries: "
+        f"{region.label}: no consistent copy after {attempt} tries in {budget_s:g} s: "
         "the active slot kept being rewritten"
     )
-
-
-LOG_RETRIES = 8
 
 
 def _without_log(data: bytes, version: int) -> CbImage:
