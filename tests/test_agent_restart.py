@@ -156,6 +156,50 @@ def test_a_new_agent_takes_back_regions_and_sessions(listener, tcp_pair):
     store2.close()
 
 
+def test_a_replaced_entry_is_stored_before_the_old_one_goes(listener, tcp_pair):
+    """A server's own box over the agent's stand-in: the new file is stored first, so an
+    agent killed between the two messages leaves both and the next one takes the newest.
+    The same file held again as it was sends nothing; held again by another pid, it is
+    removed first (the supervisor keeps one copy of a file)."""
+    path, sock = listener
+    regions, sessions = _tables()
+    store = AgentStore(Notifier(path))
+    store.attach(regions, sessions)
+    stand_in, own = _memfd(b"stand-in"), _memfd(b"server's own")
+    regions.add(Entry("n0", "cb-s1", "cb", Region(stand_in), False, 4242, 9.5))
+    first = receive(sock)
+    regions.add(Entry("n0", "cb-s1", "cb", Region(own), False, 4242, 9.5))
+    second, removed = receive(sock), receive(sock)
+    assert second.fields["FDSTORE"] == "1" and second.fields["FDNAME"] != first.fields["FDNAME"]
+    assert removed.fields == {"FDSTOREREMOVE": "1", "FDNAME": first.fields["FDNAME"]}
+    conn, _ = tcp_pair
+    sessions.hold("n0", "cb-s1", conn.fileno(), 4242)
+    held = receive(sock)
+    sessions.hold("n0", "cb-s1", conn.fileno(), 4242)  # the server's own hold, as it was
+    sessions.hold("n0", "cb-s1", conn.fileno(), 5151)  # a successor's
+    gone, again = receive(sock), receive(sock)
+    assert gone.fields == {"FDSTOREREMOVE": "1", "FDNAME": held.fields["FDNAME"]}
+    assert again.fields["FDSTORE"] == "1"
+    sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        receive(sock)  # nothing else was sent
+    # killed between storing `second` and removing `first`: both reach the next agent
+    passed = [PassedFd(m.fds[0], m.fields["FDNAME"]) for m in (second, first, again)]
+    regions2, sessions2 = _tables()
+    sock.settimeout(5)
+    back = AgentStore(Notifier(path)).readopt(passed, regions2, sessions2)
+    assert (back.regions, back.sessions, back.dropped) == (1, 1, [])
+    assert receive(sock).fields == {"FDSTOREREMOVE": "1", "FDNAME": first.fields["FDNAME"]}
+    (entry,) = regions2.entries("n0")
+    assert entry.region.read(0, 12) == b"server's own"
+    assert sessions2.list("n0")[0].pid == 5151
+    for fd in (stand_in, own):
+        os.close(fd)
+    for table in (regions, sessions, regions2, sessions2):
+        table.close()
+    store.close()
+
+
 def test_entries_that_no_longer_fit_are_dropped_from_the_store(listener):
     path, sock = listener
     regions, sessions = _tables()
@@ -281,6 +325,43 @@ def test_registrars_register_again_when_the_agent_comes_back(tmp_path):
     _wait(lambda: len(client.calls) >= 2, 5, "registering again")
     assert client.calls == [("register", "cb-a"), ("hold", "cb-a")]
     assert reg.reattached == 1
+    reg._watch.close()
+    listener.close()
+
+
+def test_a_registration_the_agents_death_cut_short_is_made_again(tmp_path):
+    """The agent dies between a box's region and its socket: nothing is released (the
+    new agent may have taken the region back from the store) and the box is registered
+    again when the agent is back. A refusal is released and not registered again."""
+    from backdoors.errors import RegistrationError
+    path = str(tmp_path / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    client = _Client()
+    verdicts = {"cb-cut": RegistrationError("agent socket: Connection reset", "no_agent"),
+                "cb-no": RegistrationError("the agent refused hold_socket")}
+
+    def hold_socket(fd, *, name):
+        client.calls.append(("hold", name))
+        if name in verdicts:
+            raise verdicts.pop(name)
+        return {}
+    client.hold_socket = hold_socket
+    reg = AgentRegistrar(client, socket_path=path)
+    cut, refused = _Box("cb-cut"), _Box("cb-no")
+    assert reg.attach(cut) is True  # the agent may hold it: released when it ends
+    assert reg.attach(refused) is False
+    assert ("release", "cb-cut") not in client.calls
+    assert client.calls[-1] == ("release", "cb-no")
+    client.calls.clear()
+    listener.close()
+    os.unlink(path)
+    time.sleep(0.3)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    _wait(lambda: len(client.calls) >= 2, 5, "registering again")
+    assert client.calls == [("register", "cb-cut"), ("hold", "cb-cut")]
+    assert reg.reattached == 1 and cut.registered
     reg._watch.close()
     listener.close()
 

@@ -4,8 +4,8 @@ Every region a node registers (its memfd) and every session socket the agent hol
 also handed to the supervisor (systemd with `FileDescriptorStoreMax=`, or the lab's
 keeper) with `FDSTORE=1`, under a name that carries what the agent needs to take it back:
 
-    bd1.<base64url(msgpack {t: "r", n: node, r: name, k: kind, w: writable, p: pid, s: start})>
-    bd1.<base64url(msgpack {t: "s", n: node, r: name, p: pid[, h: handed, d: read]})>
+    bd1.<base64url(msgpack {t: "r", n: node, r: name, k: kind, w: writable, p: pid, s: start, g})>
+    bd1.<base64url(msgpack {t: "s", n: node, r: name, p: pid[, h: handed, d: read], g})>
     bd1.<base64url(msgpack {t: "d", k: key, g: generation})>
 
 (h, d: the stream offsets of a session restored here, see agent/sessions.py), so a
@@ -13,6 +13,14 @@ crashed, killed or restarted agent loses nothing: the next one gets the descript
 back ($LISTEN_FDS) and re-adopts them into its RegionTable and SessionTable. Dropping a
 region or session removes it from the store (`FDSTOREREMOVE=1`). The agent's own kernel
 sensor boxes are not stored: a new agent makes new ones.
+
+Every name carries a generation `g`, so that an entry replaced by another file (a server
+registering its own box over the agent's stand-in) is stored before the old one is
+removed: a crash in between leaves both, and the next agent takes the newest of each
+(node, name). The supervisor keeps one copy of a file, so the same file under new
+metadata (a session held again by another pid) must be removed first: only that case has
+a window, two messages wide. The same file under the same metadata (a server registering
+what the agent already holds for it) does not touch the store.
 
 The third kind is the agent's own small durable state (`keep`): bytes it must not forget
 across a restart and that no node's descriptor carries (the service addresses a node took
@@ -54,8 +62,9 @@ class AgentStore:
     def __init__(self, notifier: Notifier):
         self.notifier = notifier
         self._names: dict[tuple[str, str, str], str] = {}
+        self._files: dict[tuple[str, str, str], tuple[dict, tuple[int, int]]] = {}  # (meta, file)
         self._lock = threading.Lock()
-        self._generation = 0  # of `keep`'s entries, above every one taken back
+        self._generation = 0  # of the entries' names, above every one taken back
         self.errors = 0
 
     @property
@@ -76,9 +85,9 @@ class AgentStore:
         key = ("r", entry.node, entry.name)
         if what == "remove":
             return self._drop(key)
-        name = encode_name(PREFIX, {"t": "r", "n": entry.node, "r": entry.name, "k": entry.kind,
-                                    "w": entry.writable, "p": entry.pid, "s": entry.start_time})
-        self._put(key, name, entry.region.fd)
+        self._put(key, {"t": "r", "n": entry.node, "r": entry.name, "k": entry.kind,
+                        "w": entry.writable, "p": entry.pid, "s": entry.start_time},
+                  entry.region.fd)
 
     def session_changed(self, what: str, session: Session) -> None:
         key = ("s", session.node, session.name)
@@ -87,8 +96,7 @@ class AgentStore:
         meta = {"t": "s", "n": session.node, "r": session.name, "p": session.pid}
         if session.since is not None:
             meta["h"], meta["d"] = offsets(session.since)
-        name = encode_name(PREFIX, meta)
-        self._put(key, name, session.sock.fileno())
+        self._put(key, meta, session.sock.fileno())
 
     def keep(self, key: str, data: bytes | None) -> None:
         """Keep `data` under `key` (replacing what was kept there) in a memfd in the store;
@@ -118,21 +126,43 @@ class AgentStore:
             except (NotifyError, OSError) as e:
                 self._failed(f"cannot keep the agent's state {key!r} in the fd store: {e}")
 
-    def _put(self, key, name: str, fd: int) -> None:
+    def _put(self, key, meta: dict, fd: int) -> None:
+        """Store `fd` under `meta` (and a new generation) in place of what `key` had."""
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            return self._failed(f"cannot keep {key[1]}/{key[2]} in the fd store: {e}")
+        file = (st.st_dev, st.st_ino)
         with self._lock:
             old = self._names.get(key)
+            before = self._files.get(key)
+            if old is not None and before == (meta, file):
+                return  # stored so already
+            same_file = old is not None and before is not None and before[1] == file
+            self._generation += 1
+            name = encode_name(PREFIX, {**meta, "g": self._generation})
             try:
-                if old is not None:
+                if same_file:  # the supervisor would keep the old name's copy: it goes first
                     self.notifier.remove(old)
+                    self._forget(key)
                 self.notifier.store(name, fd)
-                self._names[key] = name
             except (NotifyError, OSError) as e:
-                self._names.pop(key, None)
-                self._failed(f"cannot keep {key[1]}/{key[2]} in the fd store: {e}")
+                return self._failed(f"cannot keep {key[1]}/{key[2]} in the fd store: {e}")
+            self._names[key], self._files[key] = name, (meta, file)
+            if old is not None and not same_file:
+                try:
+                    self.notifier.remove(old)
+                except (NotifyError, OSError) as e:
+                    self._failed(f"cannot remove the replaced {key[1]}/{key[2]} from the fd "
+                                 f"store: {e}")
+
+    def _forget(self, key) -> str | None:
+        self._files.pop(key, None)
+        return self._names.pop(key, None)
 
     def _drop(self, key) -> None:
         with self._lock:
-            name = self._names.pop(key, None)
+            name = self._forget(key)
             if name is None:
                 return
             try:
@@ -157,7 +187,7 @@ class AgentStore:
         (node gone, name taken) are removed from the store."""
         out = Readopted()
         kept: dict[str, tuple[int, str]] = {}  # state key -> (generation, name) taken
-        for p in passed:
+        for p in self._newest(passed):
             decoded = decode_name(p.name)
             try:
                 if decoded is None or decoded[0] != PREFIX:
@@ -167,6 +197,8 @@ class AgentStore:
                     self._take_state(p, str(meta["k"]), int(meta["g"]), kept, out)
                     continue
                 key = (meta["t"], meta["n"], meta["r"])
+                self._generation = max(self._generation, int(meta.get("g", 0)))
+                meta.pop("g", None)
                 if meta["t"] == "r":
                     region = Region(p.fd, writable=bool(meta["w"]),
                                     label=f"node {meta['n']} region {meta['r']!r}",
@@ -184,8 +216,10 @@ class AgentStore:
                     out.sessions += 1
                 else:
                     raise ValueError(f"unknown entry type {meta['t']!r}")
+                st = os.fstat(p.fd)
                 with self._lock:
                     self._names[key] = p.name
+                    self._files[key] = (meta, (st.st_dev, st.st_ino))
             except Exception as e:  # noqa: BLE001 - one bad entry must not stop the agent
                 out.dropped.append(f"{p.name[:40]}…: {e}")
                 log.warning("fd store entry %s not taken back: %s", p.name[:40], e)
@@ -199,6 +233,35 @@ class AgentStore:
             for k, (_, name) in kept.items():
                 self._names[("d", k, "")] = name
         return out
+
+    def _newest(self, passed: list[PassedFd]) -> list[PassedFd]:
+        """`passed` without the older generations of a region or session stored twice (a
+        crash between storing a replacement and removing the old one): those are removed
+        from the store and closed."""
+        newest: dict[tuple, tuple[int, PassedFd]] = {}
+        out = []
+        for p in passed:
+            decoded = decode_name(p.name)
+            meta = decoded[1] if decoded is not None and decoded[0] == PREFIX else None
+            if not isinstance(meta, dict) or meta.get("t") not in ("r", "s"):
+                out.append(p)
+                continue
+            key, g = (meta["t"], meta.get("n"), meta.get("r")), meta.get("g", 0)
+            g = g if isinstance(g, int) else 0
+            other = newest.get(key)
+            if other is None:
+                newest[key] = (g, p)
+                continue
+            older = other[1] if g > other[0] else p
+            newest[key] = max(other, (g, p), key=lambda gp: gp[0])
+            log.warning("fd store entry %s: a newer one of %s/%s was stored, dropped",
+                        older.name[:40], key[1], key[2])
+            try:
+                self.notifier.remove(older.name)
+            except (NotifyError, OSError):
+                pass
+            os.close(older.fd)
+        return out + [p for _, p in newest.values()]
 
     def _take_state(self, p: PassedFd, key: str, generation: int,
                     kept: dict[str, tuple[int, str]], out: Readopted) -> None:

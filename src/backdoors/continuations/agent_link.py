@@ -15,8 +15,10 @@ object with the same calls, a `RegistrationLink`):
     release(name)                        the session ended: drop region and socket
 
 When the agent restarts (its socket file replaced), the registrar registers every live
-box again (`runtime.AgentWatch`). An agent that refuses or fails does not stop the session: the box is served unregistered
-(`box.registered` is False) and a warning is logged.
+box again (`runtime.AgentWatch`), including one whose registration the agent's death cut
+short (it may hold part of it: nothing is released then). An agent that refuses does not
+stop the session: the box is served unregistered (`box.registered` is False) and a
+warning is logged.
 """
 
 from __future__ import annotations
@@ -140,13 +142,18 @@ class AgentRegistrar:
         self.reattached = 0
 
     def attach(self, box: ContinuationBox) -> bool:
-        if self._attach(box):
+        """True if the agent holds the box, or may (cut short by the agent's death: the
+        box is registered again when the agent is back); False if the agent refused."""
+        with self._held_lock:  # first: an agent restarting from now on registers it again
+            self._held[box.name] = box
+            if self._watch is None and self.socket_path:
+                self._watch = runtime.AgentWatch(self.socket_path, self._agent_back)
+        if self._attach(box) == "refused":
             with self._held_lock:
-                self._held[box.name] = box
-                if self._watch is None and self.socket_path:
-                    self._watch = runtime.AgentWatch(self.socket_path, self._agent_back)
-            return True
-        return False
+                if self._held.get(box.name) is box:
+                    del self._held[box.name]
+            return False
+        return True
 
     def _agent_back(self) -> None:
         """The agent restarted: register every live box again. A new agent that took
@@ -155,24 +162,29 @@ class AgentRegistrar:
         with self._held_lock:
             boxes = list(self._held.values())
         for box in boxes:
-            if box.fd >= 0 and self._attach(box):
+            if box.fd >= 0 and self._attach(box) == "held":
+                box.registered = True
                 self.reattached += 1
         if boxes:
             log.info("agent restarted: registered %d sessions again", len(boxes))
 
-    def _attach(self, box: ContinuationBox) -> bool:
+    def _attach(self, box: ContinuationBox) -> str:
+        """"held", "refused" (the agent said no: nothing of it held) or "cut" (no answer:
+        the agent died or is unreachable, and may hold the region)."""
         try:
             self.client.register_region(box.fd, name=box.name, kind=KIND)
         except (BackdoorsError, OSError) as err:
             log.warning("session %s: agent did not register its box: %s", box.session, err)
-            return False
+            return "cut" if _unanswered(err) else "refused"
         try:
             self.client.hold_socket(box.conn.fileno(), name=box.name)
         except (BackdoorsError, OSError) as err:
             log.warning("session %s: agent did not take its socket: %s", box.session, err)
+            if _unanswered(err):
+                return "cut"
             self._release(box)
-            return False
-        return True
+            return "refused"
+        return "held"
 
     def release_later(self, name: str) -> Future:
         """The agent drops session `name` (one this process will not serve), on the worker."""
@@ -192,6 +204,11 @@ class AgentRegistrar:
             self.client.release(name)
         except (BackdoorsError, OSError) as err:
             log.warning("session %s: agent did not release it: %s", session, err)
+
+
+def _unanswered(err: Exception) -> bool:
+    """The agent did not answer (gone, restarting or too slow), as opposed to refusing."""
+    return isinstance(err, OSError) or getattr(err, "code", None) == "no_agent"
 
 
 NULL = NullRegistrar()
