@@ -83,6 +83,11 @@ def test_profile_from_the_image_alone(kernel):
     assert 0 < kernel.member("task_struct", "tasks") < kernel.member("task_struct", "comm")
     with pytest.raises(VmError, match="no offset of task_struct.nothing"):
         kernel.member("task_struct", "nothing")
+    # the vmstat arrays' indexes, from the BTF's enums (they move between builds)
+    assert kernel.enum("zone_stat_item", "NR_FREE_PAGES") == 0
+    assert 0 < kernel.enum("node_stat_item", "NR_FILE_PAGES") < kernel.enum("node_stat_item", "NR_SHMEM")
+    with pytest.raises(VmError, match="no value of node_stat_item.NOTHING"):
+        kernel.enum("node_stat_item", "NOTHING")
     assert GuestKernel.find().symbol("jiffies") == syms["jiffies"]  # the cached profile
     with pytest.raises(VmError, match="no symbol 'no_such_symbol'"):
         kernel.symbol("no_such_symbol")
@@ -179,6 +184,17 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         tasks = dict(memory.tasks())
         assert tasks[0] == "swapper/0" and tasks[1] == "init" and tasks[2] == "kthreadd"
         assert "httpd" in tasks.values()  # the guest's service
+        # the kernel's counters (Orion's readings): a 16 MiB file written to the guest's
+        # tmpfs root shows as shmem and leaves that much less available; its CGI forked
+        from backdoors.scenarios.vm import guest_get
+        before = memory.readings()
+        assert 0 < before.free < 256 << 20 and before.shmem <= before.file
+        assert before.threads >= len(tasks) - 8 and before.forks >= len(tasks)
+        assert guest_get(lab, "v0", "/cgi-bin/stream?1").strip() == "done"
+        after = memory.readings()
+        assert after.shmem - before.shmem >= 15 << 20, (before, after)
+        assert before.available - after.available >= 12 << 20, (before, after)
+        assert after.forks > before.forks and after.jiffies > before.jiffies
         # any process (an agent) maps the same RAM through QEMU's descriptor
         from backdoors.lab import vms
         with vms.memory(lab.plan, "v0", lab.state.vms["v0"]) as other:

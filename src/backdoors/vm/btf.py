@@ -5,7 +5,8 @@ type section and a string section. Types are numbered from 1 in order; each is 1
 (name, info = kind << 24 | vlen, size or type) followed by kind-specific data; a struct's
 data is `vlen` members of 12 bytes (name, type, bit offset; with the kind flag the offset
 is bits 0-23 and a bitfield size bits 24-31). Anonymous members (unions and structs inside
-a struct) are searched through.
+a struct) are searched through. An enum's data is `vlen` (name, value) pairs: 8 bytes, or
+12 for a 64-bit enum (value low, high).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import struct
 from ..errors import VmError
 
 MAGIC = 0xEB9F
-STRUCT, UNION = 4, 5
+STRUCT, UNION, ENUM, ENUM64 = 4, 5, 6, 19
 #: bytes after the 12-byte type record, by kind: fixed, plus per vlen
 _EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8), 14: (4, 0),
           15: (0, 12), 17: (4, 0), 19: (0, 12)}
@@ -62,8 +63,9 @@ class Btf:
             name_off, info, _size = struct.unpack_from("<III", self._types, pos)
             kind, vlen = info >> 24 & 0x1F, info & 0xFFFF
             self._at.append(pos)
-            if kind in (STRUCT, UNION) and name_off:
-                self._by_name.setdefault((kind, self._name(name_off)), len(self._at) - 1)
+            if kind in (STRUCT, UNION, ENUM, ENUM64) and name_off:
+                named = ENUM if kind == ENUM64 else kind
+                self._by_name.setdefault((named, self._name(name_off)), len(self._at) - 1)
             fixed, per = _EXTRA.get(kind, (0, 0))
             pos += 12 + fixed + per * vlen
 
@@ -79,6 +81,25 @@ class Btf:
         if found is None:
             raise VmError(f"BTF: struct {struct_name} has no member {member}")
         return found // 8
+
+    def enum_value(self, enum_name: str, name: str) -> int:
+        """The value of enumerator `name` of `enum enum_name` (array indexes such as
+        `node_stat_item`'s differ between builds and configs)."""
+        tid = self._by_name.get((ENUM, enum_name))
+        if tid is None:
+            raise VmError(f"BTF has no enum {enum_name}")
+        pos = self._at[tid]
+        _name, info, _size = struct.unpack_from("<III", self._types, pos)
+        wide, vlen = (info >> 24 & 0x1F) == ENUM64, info & 0xFFFF
+        for i in range(vlen):
+            if wide:
+                name_off, low, high = struct.unpack_from("<III", self._types, pos + 12 + 12 * i)
+                value = low | high << 32
+            else:
+                name_off, value = struct.unpack_from("<Ii", self._types, pos + 12 + 8 * i)
+            if self._name(name_off) == name:
+                return value
+        raise VmError(f"BTF: enum {enum_name} has no {name}")
 
     def _find(self, tid: int, member: str) -> int | None:
         pos = self._at[tid]

@@ -19,11 +19,15 @@ from . import btf, kallsyms
 
 #: the kernel's virtual base of its image mapping (x86-64, arch/x86/include/asm/page_64_types.h)
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
-PROFILE_FORMAT = 3
+PROFILE_FORMAT = 4
 #: structure members whose offsets the profile keeps (from the kernel's BTF)
 MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tgid"),
            ("task_struct", "comm"), ("task_struct", "__state"), ("task_struct", "mm"),
            ("task_struct", "children"), ("task_struct", "sibling"), ("list_head", "next"))
+#: enumerators whose values the profile keeps (indexes of the kernel's vmstat arrays)
+ENUMS = (("zone_stat_item", "NR_FREE_PAGES"), ("node_stat_item", "NR_FILE_PAGES"),
+         ("node_stat_item", "NR_SHMEM"), ("node_stat_item", "NR_SLAB_UNRECLAIMABLE_B"),
+         ("node_stat_item", "NR_ANON_MAPPED"))
 
 
 def cache_dir() -> Path:
@@ -84,7 +88,8 @@ class GuestKernel:
         types = btf.Btf(btf.section(vmlinux, ".BTF", str(self.image)))
         profile = {"format": PROFILE_FORMAT, "version": self.version,
                    "symbols": {name: addr for name, (_kind, addr) in table.items()},
-                   "members": {f"{s}.{m}": types.member_offset(s, m) for s, m in MEMBERS}}
+                   "members": {f"{s}.{m}": types.member_offset(s, m) for s, m in MEMBERS},
+                   "enums": {f"{e}.{n}": types.enum_value(e, n) for e, n in ENUMS}}
         self.profile_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.profile_path.with_name(f".{self.profile_path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(profile))
@@ -103,6 +108,14 @@ class GuestKernel:
         except KeyError:
             raise VmError(f"the profile has no offset of {struct_name}.{member} "
                           "(add it to vm.kernel.MEMBERS)") from None
+
+    def enum(self, enum_name: str, name: str) -> int:
+        """The value of enumerator `name` of `enum enum_name` (one of ENUMS)."""
+        try:
+            return self._profile["enums"][f"{enum_name}.{name}"]
+        except KeyError:
+            raise VmError(f"the profile has no value of {enum_name}.{name} "
+                          "(add it to vm.kernel.ENUMS)") from None
 
     def symbol(self, name: str) -> int:
         """The link-time virtual address of kernel symbol `name`."""

@@ -17,14 +17,38 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 
 from ..errors import VmError
 from .kernel import START_KERNEL_MAP, GuestKernel
 
 PHYSICAL_ALIGN = 2 << 20
+PAGE = 4096
 #: bits 12..51 of a page-table entry: the physical frame (NX and flags masked off)
 FRAME = 0x000F_FFFF_FFFF_F000
 PRESENT, HUGE = 0x1, 0x80
+
+
+@dataclass(frozen=True)
+class Readings:
+    """One sample of a guest kernel's global counters (vmstat, threads, forks).
+
+    `available` is what the guest can still get without reclaiming anything it cannot
+    drop: free pages plus the page cache, less the tmpfs/shmem pages in it (the guest's
+    root file system is tmpfs: a file written there holds memory like an allocation)."""
+
+    jiffies: int
+    free: int  # bytes
+    file: int  # page cache, bytes (shmem included)
+    shmem: int
+    anon: int
+    slab_unreclaimable: int
+    threads: int  # nr_threads
+    forks: int  # total_forks: forks since boot
+
+    @property
+    def available(self) -> int:
+        return self.free + max(0, self.file - self.shmem)
 
 
 class GuestMemory:
@@ -185,6 +209,25 @@ class GuestMemory:
         """Processes in the process tree but not on the task list: hidden ones."""
         listed = {pid for pid, _ in self.tasks()}
         return [t for t in self.process_tree() if t[0] not in listed]
+
+    def readings(self) -> Readings:
+        """The guest kernel's counters now (vm_zone_stat, vm_node_stat: global sums of
+        per-CPU counts, which lag them by a few pages per CPU, and may read below 0)."""
+        k = self.kernel
+
+        def stat(array: str, enum: str, item: str) -> int:
+            at = self.phys(array) + 8 * k.enum(enum, item)
+            return max(0, struct.unpack("<q", self.read(at, 8))[0])
+
+        node = lambda item: stat("vm_node_stat", "node_stat_item", item)  # noqa: E731
+        return Readings(
+            jiffies=self.jiffies(),
+            free=stat("vm_zone_stat", "zone_stat_item", "NR_FREE_PAGES") * PAGE,
+            file=node("NR_FILE_PAGES") * PAGE, shmem=node("NR_SHMEM") * PAGE,
+            anon=node("NR_ANON_MAPPED") * PAGE,
+            slab_unreclaimable=node("NR_SLAB_UNRECLAIMABLE_B") * PAGE,
+            threads=struct.unpack("<i", self.read(self.phys("nr_threads"), 4))[0],
+            forks=self.read_u64("total_forks"))
 
     def jiffies(self) -> int:
         """The guest kernel's tick counter (jiffies_64): it stops when the guest's
