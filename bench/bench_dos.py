@@ -29,6 +29,7 @@ from backdoors.agent.errors import AgentError
 from backdoors.agent.keys import write_key_file
 from backdoors.common.runtime import AGENT_SOCKET_ENV
 from backdoors.nodes import Node
+from backdoors.nodes.cgroups import reap
 from backdoors.scenarios.flood import KeylessFlood, loopback_addresses
 
 APP = """
@@ -169,6 +170,7 @@ def run(*, seconds: float = 3.0, stuck_boxes: int = 64, connections: int = 64) -
             p.stdout.close()
         for n in nodes.values():
             n.destroy()
+        reap(prefix)  # the nodes' parent and the agent's cgroups, in every hierarchy
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 

@@ -3,7 +3,6 @@ service answers on the node's address, and its kernel read from its RAM alone.""
 
 import os
 import shutil
-import struct
 import time
 from pathlib import Path
 
