@@ -153,3 +153,9 @@ def test_vm_scenario_reports_every_figure(qemu):
     assert r["tamper_healed"] and r["hidden_process_found"]
     assert r["false_positives"] == 0, r["false_positive_findings"]
     assert r["baseline"]["unexplained_at_attach"] == []
+    # Orion: both faults reach their bound; a steady leak is predicted before it does
+    assert isinstance(r["prediction_false_alarms"], int)
+    leak, bomb = r["prediction"]["faults"]
+    assert leak["bound_crossed"] and bomb["bound_crossed"], r["prediction"]
+    assert leak["alarm"] is not None and leak["lead_ms"] > 0, r["prediction"]
+    assert set(r["prediction_lead_ms"]) == {"memory-leak", "fork-bomb"}

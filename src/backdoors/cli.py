@@ -663,7 +663,7 @@ def scenario_vm(
 ) -> None:
     """A VM node's kernel from outside: a hang by jiffies, the integrity scan, a rootkit healed.
 
-    A lab with one VM node (QEMU, TCG unless KVM is asked for). Times a guest kernel hang (vCPUs stopped) by its jiffies deadline; takes the integrity baseline from the kernel image and scans the guest a slice per tick; counts findings during benign guest work (false positives) and the scan's cost on a copy loop in the guest (with and without, alternately); then a rootkit through QEMU's gdbstub (a system call table entry, a function's first bytes, a process unlinked from the task list), each detected and healed with the vCPUs stopped. Reports boot_s, accel, guest_hang_detect_ms, tamper_detect_ms {p50, p99}, tamper_healed, hidden_process_found, false_positives, benign_minutes, overhead_pct (root).
+    A lab with one VM node (QEMU, TCG unless KVM is asked for). Times a guest kernel hang (vCPUs stopped) by its jiffies deadline; takes the integrity baseline from the kernel image and scans the guest a slice per tick; counts findings during benign guest work (false positives) and the scan's cost on a copy loop in the guest (with and without, alternately); then a rootkit through QEMU's gdbstub (a system call table entry, a function's first bytes, a process unlinked from the task list), each detected and healed with the vCPUs stopped; Orion predicts a memory leak and a fork bomb in the guest from its kernel's counters, against the plain bounds. Reports boot_s, accel, guest_hang_detect_ms, tamper_detect_ms {p50, p99}, tamper_healed, hidden_process_found, false_positives, benign_minutes, overhead_pct, prediction_lead_ms {memory-leak, fork-bomb}, prediction_false_alarms (root).
     """
     from .scenarios import SCENARIOS
 

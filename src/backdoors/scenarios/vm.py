@@ -2,7 +2,8 @@
 
     vm_integrity(benign_s=600) -> {"boot_s", "accel", "guest_hang_detect_ms",
         "tamper_detect_ms": {"p50", "p99"}, "tamper_healed", "hidden_process_found",
-        "false_positives", "benign_minutes", "overhead_pct", "tampers": [...], ...}
+        "false_positives", "benign_minutes", "overhead_pct", "tampers": [...],
+        "prediction_lead_ms": {"memory-leak", "fork-bomb"}, "prediction_false_alarms", ...}
 
 A lab with one VM node. The guest kernel's jiffies sensor (vm.sensors) times a hang: the
 vCPUs stopped by QMP, seen stalled by deadline. Then the integrity baseline is taken from
@@ -18,10 +19,18 @@ finding and healed at once by the rule (write the clean bytes back with the vCPU
 stopped, relink the process, verify). `tamper_healed`: every tamper restored, a full
 sweep clean, uname works again, the processes are back on the task list and the guest
 still serves HTTP. `scan_cpu_pct`: the Watch's CPU time per wall time (one host core).
+
+Orion (vm.orion) samples the guest's counters every 20 ms throughout: its alarms during
+the benign work are `prediction_false_alarms`. Then two bounded faults in the guest, a
+memory leak into its tmpfs (/cgi-bin/hog) and a fork bomb (/cgi-bin/bomb), each run until
+the plain bound detector fires on the same samples (available memory below 32 MiB;
+threads 256 above the guest's idle count): `prediction_lead_ms` is, per fault, how long
+before that the predictor's alarm came (negative: after; None: no alarm).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -30,6 +39,7 @@ from ..lab import Lab, topology
 from ..sensors import SensorBoxReader
 from ..vm import rootkit
 from ..vm.integrity import Baseline, Checker, Healer, Watch
+from ..vm.orion import OrionWatch, Predictor
 from ..vm.sensors import GuestSampler, GuestSensors
 from .labkit import unique_name
 
@@ -62,6 +72,40 @@ def _timed(lab: Lab, path: str) -> float:
 
 
 TAMPERS = ("syscall-table", "function-patch", "hidden-process")
+MEMORY_FLOOR = 32 << 20
+THREADS_ABOVE_IDLE = 256
+
+
+def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
+               timeout: float) -> dict:
+    """Start a fault in the guest; wait for the plain bound to be crossed; the alarm's
+    lead over it. Then wait until the guest is back below its bounds."""
+    began = time.monotonic()
+    guest_get(lab, "v0", path)
+    crossed: dict = {}
+    while kind not in crossed and time.monotonic() - began < timeout:
+        time.sleep(0.05)
+        alarms, crossed = orion.since(began)
+    alarms = [a for a in alarms if a.kind == kind]
+    seen = [r for t, r in orion.samples[-4096:] if t >= began]
+    row: dict = {"fault": fault, "path": path, "bound_crossed": kind in crossed,
+                 "lowest_available_mb": min((r.available >> 20 for r in seen), default=None),
+                 "peak_threads": max((r.threads for r in seen), default=None),
+                 "alarm": None if not alarms else {"eta_s": alarms[0].eta_s, "r2": alarms[0].r2,
+                                                   "after_start_ms": round(1000 * (alarms[0].at - began))}}
+    if kind in crossed:
+        row["bound_after_start_ms"] = round(1000 * (crossed[kind] - began))
+        row["lead_ms"] = round(1000 * (crossed[kind] - alarms[0].at)) if alarms else None
+    p = orion.predictor
+    end = time.monotonic() + 30
+    while time.monotonic() < end:  # the fault ends by itself (freed, processes gone)
+        r = orion.last()
+        if r is not None and r.available > 2 * p.memory_floor and \
+                r.threads < p.max_threads - THREADS_ABOVE_IDLE // 2:
+            break
+        time.sleep(0.1)
+    time.sleep(2 * p.window_s)  # the episode closes
+    return row
 
 
 def _tamper_round(lab: Lab, vm, watch: Watch, healer: Healer, pid: int, uname: str,
@@ -133,7 +177,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
                            "idt_unexplained": baseline.idt_unexplained}
         checker = Checker(baseline, pages_per_tick=pages_per_tick)
         out["sweep_s"] = round(len(baseline.pages) / pages_per_tick * tick_s, 2)
-        with Watch(checker, tick_s=tick_s) as watch:
+        with Watch(checker, tick_s=tick_s) as watch, contextlib.ExitStack() as stack:
             # overhead: the guest's copy loop with the scan paused and running, alternately
             guest_get(lab, "v0", "/cgi-bin/stream?1")  # makes its file
             off, on = [], []
@@ -151,11 +195,17 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
                                "with_scan": round(statistics.median(on), 3),
                                "runs_without": [round(x, 3) for x in off],
                                "runs_with": [round(x, 3) for x in on]}
+            # Orion, from here on: its bounds from the guest's idle counters
+            idle = memory.readings()
+            predictor = Predictor(memory_floor=MEMORY_FLOOR,
+                                  max_threads=idle.threads + THREADS_ABOVE_IDLE, window_s=0.5)
+            orion = stack.enter_context(OrionWatch(memory, predictor, period=0.02))
             # benign work: every finding meanwhile is a false positive
             benign_from = time.monotonic()
             guest_get(lab, "v0", f"/cgi-bin/work?{int(benign_s)}")
             time.sleep(benign_s)
             benign = [f for at, f in watch.seen if at >= benign_from]
+            out["prediction_false_alarms"] = len(orion.since(benign_from)[0])
             out["false_positives"] = len(benign)
             out["false_positive_findings"] = [f.to_dict() for f in benign[:10]]
             out["benign_minutes"] = round((time.monotonic() - benign_from) / 60, 2)
@@ -170,6 +220,19 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
                 pids.append(int(guest_get(lab, "v0", "/cgi-bin/spawn").strip()))
                 tampers += _tamper_round(lab, vm, watch, healer, pids[-1], uname_before, round_)
             time.sleep(3 * tick_s)
+            # Orion against the plain bounds, on two faults that reach them
+            leak_mb = (orion.last().available - MEMORY_FLOOR) // (1 << 20) + 8
+            faults = [_predicted(lab, orion, "memory-leak", f"/cgi-bin/hog?{leak_mb}",
+                                 "memory-exhaustion", 0.05 * leak_mb + 30),
+                      _predicted(lab, orion, "fork-bomb", "/cgi-bin/bomb?8", "fork-bomb", 60)]
+            orion.stop()
+            out["prediction"] = {"faults": faults, "window_s": predictor.window_s,
+                                 "horizon_s": predictor.horizon_s,
+                                 "fork_horizon_s": predictor.fork_horizon_s,
+                                 "memory_floor_mb": MEMORY_FLOOR >> 20,
+                                 "max_threads": predictor.max_threads, "idle_threads": idle.threads,
+                                 "samples": len(orion.samples), "missed_samples": orion.misses}
+            out["prediction_lead_ms"] = {f["fault"]: f.get("lead_ms") for f in faults}
         leftover = checker.sweep()
         out["tampers"] = tampers
         detect = [t["detect_ms"] for t in tampers if "detect_ms" in t]

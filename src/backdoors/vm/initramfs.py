@@ -40,6 +40,16 @@ CGI = {
             "( while [ $(date +%s) -lt $end ]; do cp -a /bin /tmp/w; rm -rf /tmp/w;"
             " dd if=/dev/urandom of=/tmp/m bs=64k count=64 2>/dev/null; gzip -c /tmp/m | gunzip >/dev/null;"
             " rm -f /tmp/m; ps >/dev/null; done ) </dev/null >/dev/null 2>&1 &\necho started\n",
+    # Orion's faults, bounded so the guest lives on: a leak of N MiB into a tmpfs of its
+    # own (the root's is capped at half the RAM), 1 MiB per 50 ms, held 2 s, then freed;
+    # and a fork bomb of depth N (2^(N+1) - 1 processes, each sleeping 3 s, then gone)
+    "hog": _HEAD + "mkdir -p /hog; grep -q ' /hog ' /proc/mounts || mount -t tmpfs -o size=95% tmpfs /hog 2>&1\n"
+           "grep ' /hog ' /proc/mounts\n"
+           "( i=0; while [ $i -lt ${QUERY_STRING:-64} ]; do"
+           " dd if=/dev/zero bs=1M count=1 >>/hog/leak 2>/dev/null; i=$((i+1)); usleep 50000; done;"
+           " sleep 2; rm -f /hog/leak ) </dev/null >/dev/null 2>&1 &\necho started\n",
+    "bomb": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi; exec sleep 3; }\n"
+            "( b ${QUERY_STRING:-8} ) </dev/null >/dev/null 2>&1 &\necho started\n",
 }
 
 INIT = """#!/bin/busybox sh

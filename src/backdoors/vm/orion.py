@@ -20,10 +20,14 @@ samples); false alarms are alarms during benign work, which never reaches a boun
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
-from .memory import Readings
+from ..errors import VmError
+from .memory import GuestMemory, Readings
+from .periodic import Periodic
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Predictor:
 
     def __init__(self, *, memory_floor: int, max_threads: int, window_s: float = 1.0,
                  horizon_s: float = 5.0, fork_horizon_s: float = 2.0, min_r2: float = 0.8,
-                 min_drop: int = 16 << 20, min_rise: int = 32):
+                 min_drop: int = 4 << 20, min_rise: int = 32):
         if not 0 < min_r2 <= 1 or window_s <= 0 or min(horizon_s, fork_horizon_s) <= 0:
             raise ValueError("Predictor: need 0 < min_r2 <= 1, window_s > 0, horizons > 0")
         self.memory_floor, self.max_threads = memory_floor, max_threads
@@ -140,3 +144,39 @@ def first_crossing(samples: list[tuple[float, Readings]], *, memory_floor: int,
         if r.threads > max_threads:
             out.setdefault("fork-bomb", t)
     return out
+
+
+class OrionWatch(Periodic):
+    """Samples a guest's counters every `period` seconds (host monotonic time) into a
+    Predictor; keeps every sample, so the plain bounds can be judged on the same ones."""
+
+    def __init__(self, memory: GuestMemory, predictor: Predictor, *, period: float = 0.02):
+        super().__init__(period, "orion")
+        self.memory, self.predictor = memory, predictor
+        self.samples: list[tuple[float, Readings]] = []
+        self.misses = 0  # samples not taken (a read failed: the guest changed under it)
+        self._lock = threading.Lock()
+
+    def step(self) -> None:
+        try:
+            r = self.memory.readings()
+        except VmError:
+            self.misses += 1
+            return
+        t = time.monotonic()
+        with self._lock:
+            self.samples.append((t, r))
+            self.predictor.observe(t, r)
+
+    def since(self, t0: float) -> tuple[list[Alarm], dict[str, float]]:
+        """The alarms raised and the bounds first crossed at or after `t0`."""
+        p = self.predictor
+        with self._lock:
+            alarms = [a for a in p.alarms if a.at >= t0]
+            samples = [(t, r) for t, r in self.samples if t >= t0]
+        return alarms, first_crossing(samples, memory_floor=p.memory_floor,
+                                      max_threads=p.max_threads)
+
+    def last(self) -> Readings | None:
+        with self._lock:
+            return self.samples[-1][1] if self.samples else None
