@@ -62,7 +62,7 @@ test: system-deps $(STAMP) $(VM_STAMP)
 demo: system-deps $(STAMP)
 	$(BIN)/backdoors demo
 
-bench: system-deps $(STAMP)
+bench: system-deps $(STAMP) $(VM_STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -277,6 +277,26 @@ BENCH_CASESTUDY = {
          "bids_acknowledged": 90, "bids_lost": 0, "bids_duplicated": 1}]}
 
 
+BENCH_VM = {"accel": "tcg", "boot_s": 6.3, "guest_hang_detect_ms": 501,
+            "guest_hang_deadline_ms": 500, "tamper_detect_ms": {"p50": 151, "p99": 716},
+            "tamper_healed": True, "hidden_process_found": True, "false_positives": 0,
+            "benign_minutes": 10.02, "overhead_pct": 3.1, "scan_cpu_pct": 3.2,
+            "prediction_lead_ms": {"memory-leak": 4922, "fork-bomb": 324},
+            "prediction_false_alarms": 0,
+            "gibraltar": {"detect_s": 20, "false_positive_pct": 0.65, "overhead_pct": 0.49},
+            "timeline": {"events": [
+                {"t": 0.3, "lane": "guest", "kind": "hang", "end": 0.8},
+                {"t": 30.0, "lane": "guest", "kind": "benign work", "end": 630.0},
+                {"t": 631.0, "lane": "syscall-table", "kind": "tamper"},
+                {"t": 631.02, "lane": "syscall-table", "kind": "detected"},
+                {"t": 631.03, "lane": "syscall-table", "kind": "healed"},
+                {"t": 632.0, "lane": "function-patch", "kind": "tamper"},
+                {"t": 632.6, "lane": "function-patch", "kind": "detected"},
+                {"t": 632.61, "lane": "function-patch", "kind": "healed"},
+                {"t": 640.0, "lane": "memory-leak", "kind": "fault", "end": 649.6},
+                {"t": 644.6, "lane": "memory-leak", "kind": "alarm"}]}}
+
+
 def inputs(tmp_path: Path, *, series: bool = True) -> dict:
     """A demo folder (with its incident log) and a bench folder; build_report kwargs."""
     demo = tmp_path / "out" / "demo" / "20251128-050000"
@@ -288,7 +308,7 @@ def inputs(tmp_path: Path, *, series: bool = True) -> dict:
     for name, value in {"bench_repair": bench_repair(series), "bench_recovery": BENCH_RECOVERY,
                         "bench_sensors": BENCH_SENSORS, "bench_detection": BENCH_DETECTION,
                         "bench_monitor": BENCH_MONITOR, "bench_fleet": BENCH_FLEET,
-                        "bench_casestudy": BENCH_CASESTUDY}.items():
+                        "bench_casestudy": BENCH_CASESTUDY, "bench_vm": BENCH_VM}.items():
         (bench / f"{name}.json").write_text(json.dumps(value, indent=2))
     (bench / "bench_tcprepair.json").write_text(json.dumps(
         {"benchmark": "tcprepair", "kernel": "6.18", "results": [
@@ -338,9 +358,10 @@ def test_the_report_has_every_section_and_real_plots(tmp_path):
         assert f'id="{anchor}"' in page and title in page
     assert 'class="note' not in page  # nothing missing, no figure failed
     # 3 timelines, 2 repair cases, stall CDF, recovery vs HAProxy, RUBiS faults, detection,
-    # overhead, RUBiS load, fleet takeover, fleet timeline, monitor cost, sensor cost
+    # overhead, RUBiS load, fleet takeover, fleet timeline, monitor cost, sensor cost,
+    # the VM backdoor's integrity timeline
     pngs = images(page)
-    assert len(pngs) == 15
+    assert len(pngs) == 16
     for png in pngs:
         check_png(png)
     # the header: verdicts of the demo
@@ -375,7 +396,8 @@ def test_missing_inputs_are_notes_naming_the_command(tmp_path, monkeypatch):
         assert title in page
     assert images(page) == []
     for name in ("bench_repair", "bench_recovery", "bench_sensors", "bench_detection",
-                 "bench_monitor", "bench_tcprepair", "bench_fleet", "bench_casestudy"):
+                 "bench_monitor", "bench_tcprepair", "bench_fleet", "bench_casestudy",
+                 "bench_vm"):
         assert f"run <code>make bench</code> ({name})" in page
     assert "run <code>make demo</code>" in page
 
@@ -397,6 +419,19 @@ def test_the_fleet_scenario_timeline_is_drawn_with_its_figures(tmp_path):
     (Path(kw["bench_dir"]) / "bench_fleet.json").write_text(json.dumps(old))
     page = build_report(**kw).read_text()
     assert "has no fleet scenario timeline" in page and ">1535<" in page
+
+
+def test_the_vm_backdoor_timeline_and_figures_beside_gibraltars(tmp_path):
+    page = build_report(**inputs(tmp_path)).read_text()
+    assert "could not draw" not in page and "integrity timeline" in page
+    for cell in (">151 / 716<", "~20000 average", ">0 / 10.0<", "0.65 % over 42 min",
+                 ">yes, yes<", ">501 (500)<", ">4922<", ">324<"):
+        assert cell in page, cell
+    kw = inputs(tmp_path / "old")  # without a timeline: the table and a note
+    (Path(kw["bench_dir"]) / "bench_vm.json").write_text(json.dumps(
+        {k: v for k, v in BENCH_VM.items() if k != "timeline"}))
+    page = build_report(**kw).read_text()
+    assert "has no timeline" in page and ">151 / 716<" in page
 
 
 def test_the_casestudy_figures_and_its_fault_table(tmp_path):

@@ -159,3 +159,10 @@ def test_vm_scenario_reports_every_figure(qemu):
     assert leak["bound_crossed"] and bomb["bound_crossed"], r["prediction"]
     assert leak["alarm"] is not None and leak["lead_ms"] > 0, r["prediction"]
     assert set(r["prediction_lead_ms"]) == {"memory-leak", "fork-bomb"}
+    # the report's timeline: every tamper written, detected and healed, on one clock
+    events = r["timeline"]["events"]
+    for lane in ("syscall-table", "function-patch", "hidden-process"):
+        kinds = [e["kind"] for e in events if e["lane"] == lane]
+        assert kinds == ["tamper", "detected", "healed"] * 2, (lane, kinds)
+    assert [e["kind"] for e in events if e["lane"] == "memory-leak"] == ["fault", "alarm"]
+    assert all(e["t"] >= 0 for e in events)

@@ -312,6 +312,37 @@ class BenchCasestudy(msgspec.Struct):
     faults: list[CasestudyFault] = []
 
 
+class VmEvent(msgspec.Struct):
+    """One event of the vm scenario's timeline (seconds since the guest was up)."""
+    t: float
+    lane: str  # "guest", a tamper kind or an Orion fault
+    kind: str  # hang, benign work, tamper, detected, healed, fault, alarm
+    end: Num = None  # for what lasted (the hang until seen, benign work, a fault to its bound)
+
+
+class VmTimeline(msgspec.Struct):
+    events: list[VmEvent] = []
+
+
+class BenchVm(msgspec.Struct):
+    """bench_vm: `scenario vm` in full (the guest kernel's integrity, Orion)."""
+    accel: str | None = None
+    boot_s: Num = None
+    guest_hang_detect_ms: Num = None
+    guest_hang_deadline_ms: Num = None
+    tamper_detect_ms: dict[str, float] | None = None
+    tamper_healed: bool | None = None
+    hidden_process_found: bool | None = None
+    false_positives: Num = None
+    benign_minutes: Num = None
+    overhead_pct: Num = None
+    scan_cpu_pct: Num = None
+    prediction_lead_ms: dict[str, Num] = {}
+    prediction_false_alarms: Num = None
+    timeline: VmTimeline | None = None
+    gibraltar: dict[str, float] = {}
+
+
 BENCHES: dict[str, type] = {
     "bench_repair": BenchRepair,
     "bench_recovery": BenchRecovery,
@@ -321,6 +352,7 @@ BENCHES: dict[str, type] = {
     "bench_tcprepair": BenchTcpRepair,
     "bench_fleet": BenchFleet,
     "bench_casestudy": BenchCasestudy,
+    "bench_vm": BenchVm,
 }
 
 

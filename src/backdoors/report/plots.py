@@ -20,6 +20,7 @@ from .data import (
     CasestudyLoad,
     DetectionRow,
     FleetEvent,
+    VmEvent,
     MissingExtraError,
     MonitorRow,
     Overhead,
@@ -450,6 +451,54 @@ def fleet_timeline(events: list[FleetEvent]) -> bytes:
     ax.set_ylim(-0.7, len(lanes) - 0.3)
     ax.set_xlabel("seconds since the first fault")
     ax.set_title("Fleet scenario: faults, incidents and takeovers")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)
+
+
+VM_MARKS = {  # event kind -> (marker, colour, legend)
+    "tamper": ("X", RED, "tamper written (gdbstub)"),
+    "detected": ("o", BLUE, "detected by the integrity scan"),
+    "healed": ("s", GREEN, "healed (vCPUs stopped, clean bytes)"),
+    "alarm": ("v", PURPLE, "Orion's alarm"),
+}
+VM_SPANS = {"hang": (ORANGE, "guest hung (vCPUs stopped) until seen"),
+            "benign work": (GREY, "benign work in the guest"),
+            "fault": (RED, "fault in the guest, until its plain bound")}
+
+
+@_styled
+def integrity_timeline(events: list[VmEvent]) -> bytes:
+    """The vm scenario on one clock: a lane for the guest (the hang, the benign work), one
+    per tamper kind (written, detected, healed: every round) and one per Orion fault (the
+    fault until its bound, the alarm)."""
+    lanes: list[str] = []
+    for e in events:
+        if e.lane not in lanes:
+            lanes.append(e.lane)
+    y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}
+    fig = _figure(10, 0.55 * len(lanes) + 1.6)
+    ax = fig.subplots()
+    shown: set[str] = set()
+
+    def label(text: str) -> str | None:
+        if text in shown:
+            return None
+        shown.add(text)
+        return text
+
+    for e in events:
+        row = y[e.lane]
+        if e.kind in VM_SPANS and e.end is not None:
+            colour, text = VM_SPANS[e.kind]
+            ax.broken_barh([(e.t, max(e.end - e.t, 0.05))], (row - 0.3, 0.6), color=colour,
+                           alpha=0.35, label=label(text))
+        else:
+            marker, colour, text = VM_MARKS.get(e.kind, ("d", GREY, e.kind))
+            ax.plot(e.t, row, marker, color=colour, ms=7, label=label(text))
+    ax.set_yticks(list(y.values()), list(y))
+    ax.set_ylim(-0.7, len(lanes) - 0.3)
+    ax.set_xlabel("seconds since the guest was up")
+    ax.set_title("The VM backdoor: hang, tampers healed, Orion's alarms")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 

@@ -73,11 +73,26 @@ def _timed(lab: Lab, path: str) -> float:
 
 TAMPERS = ("syscall-table", "function-patch", "hidden-process")
 MEMORY_FLOOR = 32 << 20
+
+
+class _Timeline:
+    """The scenario's events on one clock (seconds since the guest was up): the report's
+    integrity timeline. A lane per tamper kind, per Orion fault, and the guest's own."""
+
+    def __init__(self) -> None:
+        self.t0, self.events = time.monotonic(), []
+
+    def add(self, lane: str, kind: str, at: float, end: float | None = None) -> None:
+        event = {"t": round(at - self.t0, 3), "lane": lane, "kind": kind}
+        if end is not None:
+            event["end"] = round(end - self.t0, 3)
+        self.events.append(event)
+
 THREADS_ABOVE_IDLE = 256
 
 
 def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
-               timeout: float) -> dict:
+               timeout: float, timeline: _Timeline) -> dict:
     """Start a fault in the guest; wait for the plain bound to be crossed; the alarm's
     lead over it. Then wait until the guest is back below its bounds."""
     began = time.monotonic()
@@ -87,6 +102,9 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
         time.sleep(0.05)
         alarms, crossed = orion.since(began)
     alarms = [a for a in alarms if a.kind == kind]
+    timeline.add(fault, "fault", began, crossed.get(kind, time.monotonic()))
+    if alarms:
+        timeline.add(fault, "alarm", alarms[0].at)
     seen = [r for t, r in orion.samples[-4096:] if t >= began]
     row: dict = {"fault": fault, "path": path, "bound_crossed": kind in crossed,
                  "lowest_available_mb": min((r.available >> 20 for r in seen), default=None),
@@ -109,7 +127,7 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
 
 
 def _tamper_round(lab: Lab, vm, watch: Watch, healer: Healer, pid: int, uname: str,
-                  round_: int) -> list[dict]:
+                  round_: int, timeline: _Timeline) -> list[dict]:
     """The three tampers, one after the other, each timed from its write to the Watch's
     finding and healed at once (the monitor's rule); one row each."""
     cases = (
@@ -125,6 +143,7 @@ def _tamper_round(lab: Lab, vm, watch: Watch, healer: Healer, pid: int, uname: s
         # timed from the start of the tamper's gdbstub session (a few ms before its write):
         # the Watch may see the write before the session ends
         began = time.monotonic()
+        timeline.add(name, "tamper", began)
         tamper()
         row: dict = {"name": name, "round": round_}
         if name == "function-patch":
@@ -136,6 +155,7 @@ def _tamper_round(lab: Lab, vm, watch: Watch, healer: Healer, pid: int, uname: s
         row["detected"] = seen is not None
         if seen is not None:
             row["detect_ms"] = round(1000 * (seen - began))
+            timeline.add(name, "detected", seen)
             finding = next(f for at, f in watch.seen if at == seen and match(f))
             row["finding"] = finding.to_dict()
             heal_began = time.monotonic()
@@ -143,6 +163,8 @@ def _tamper_round(lab: Lab, vm, watch: Watch, healer: Healer, pid: int, uname: s
             if row["healed"]:
                 watch.checker.forget([finding])
             row["heal_ms"] = round(1000 * (time.monotonic() - heal_began))
+            if row["healed"]:
+                timeline.add(name, "healed", time.monotonic())
         rows.append(row)
     return rows
 
@@ -153,6 +175,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
         vm = lab.vm("v0")
         memory = vm.memory()
         out: dict = {"boot_s": round(vm.boot_s, 2), "accel": vm.accel}
+        timeline = _Timeline()
         # a hung guest kernel: the vCPUs stopped, its jiffies stall past the deadline
         box = GuestSensors("v0", memory, jiffies_deadline=0.5)
         try:
@@ -164,6 +187,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
                         and time.monotonic() - stopped < 10:
                     time.sleep(0.002)
                 out["guest_hang_detect_ms"] = round(1000 * (time.monotonic() - stopped))
+                timeline.add("guest", "hang", stopped, time.monotonic())
                 out["guest_hang_deadline_ms"] = 500
                 vm.unlock()
         finally:
@@ -209,6 +233,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             out["false_positives"] = len(benign)
             out["false_positive_findings"] = [f.to_dict() for f in benign[:10]]
             out["benign_minutes"] = round((time.monotonic() - benign_from) / 60, 2)
+            timeline.add("guest", "benign work", benign_from, time.monotonic())
             out["sweeps"] = checker.sweeps
             out["static_key_flips_followed"] = checker.benign_flips
             out["scan_cpu_pct"] = round(100 * watch.cpu_s / (watch.ticks * tick_s), 2) if watch.ticks else None
@@ -218,13 +243,15 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             healer, tampers, pids = Healer(vm), [], []
             for round_ in range(tamper_rounds):
                 pids.append(int(guest_get(lab, "v0", "/cgi-bin/spawn").strip()))
-                tampers += _tamper_round(lab, vm, watch, healer, pids[-1], uname_before, round_)
+                tampers += _tamper_round(lab, vm, watch, healer, pids[-1], uname_before, round_,
+                                         timeline)
             time.sleep(3 * tick_s)
             # Orion against the plain bounds, on two faults that reach them
             leak_mb = (orion.last().available - MEMORY_FLOOR) // (1 << 20) + 8
             faults = [_predicted(lab, orion, "memory-leak", f"/cgi-bin/hog?{leak_mb}",
-                                 "memory-exhaustion", 0.05 * leak_mb + 30),
-                      _predicted(lab, orion, "fork-bomb", "/cgi-bin/bomb?8", "fork-bomb", 60)]
+                                 "memory-exhaustion", 0.05 * leak_mb + 30, timeline),
+                      _predicted(lab, orion, "fork-bomb", "/cgi-bin/bomb?8", "fork-bomb", 60,
+                                 timeline)]
             orion.stop()
             out["prediction"] = {"faults": faults, "window_s": predictor.window_s,
                                  "horizon_s": predictor.horizon_s,
@@ -253,5 +280,6 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
                                 "processes_relisted": relisted, "serves_http": serves}
         out["tamper_healed"] = (all(t.get("healed") for t in tampers) and not leftover
                                 and uname_after == uname_before and relisted and serves)
+        out["timeline"] = {"events": timeline.events}
         out["gibraltar"] = {"detect_s": 20, "false_positive_pct": 0.65, "overhead_pct": 0.49}
         return out
