@@ -3,7 +3,6 @@ that covers it a slice per tick, the `rootkit` fault through QEMU's gdbstub, and
 with the vCPUs stopped -- on a real guest (TCG)."""
 
 import struct
-import time
 
 import pytest
 
