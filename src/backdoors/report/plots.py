@@ -409,6 +409,21 @@ def takeover(takeover_ms: list[float], anchors_s: dict[str, float]) -> bytes:
     return _png(fig)
 
 
+def _lanes(lanes: list[str]):
+    """A timeline's figure: one row per lane, top to bottom; `label(text)` gives each
+    legend entry once."""
+    y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}
+    fig = _figure(10, 0.55 * len(lanes) + 1.6)
+    shown: set[str] = set()
+
+    def label(text: str) -> str | None:
+        if text in shown:
+            return None
+        shown.add(text)
+        return text
+    return fig, fig.subplots(), y, label
+
+
 FLEET_FAULTS = {  # fault kind -> colour in the fleet timeline
     "fork-bomb": RED, "memory-hog": ORANGE, "freeze": PURPLE, "monitor-kill": RED,
     "monitor-stop": ORANGE, "monitor-cut": PURPLE, "etcd-kill": GREY,
@@ -422,17 +437,7 @@ def fleet_timeline(events: list[FleetEvent]) -> bytes:
     of node faults and one of etcd members killed."""
     monitors = sorted({e.lane for e in events} - {"nodes", "etcd"})
     lanes = ["nodes", *monitors] + (["etcd"] if any(e.lane == "etcd" for e in events) else [])
-    y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}
-    fig = _figure(10, 0.55 * len(lanes) + 1.6)
-    ax = fig.subplots()
-    shown: set[str] = set()
-
-    def label(kind: str) -> str | None:
-        if kind in shown:
-            return None
-        shown.add(kind)
-        return kind
-
+    fig, ax, y, label = _lanes(lanes)
     for e in events:
         row = y[e.lane]
         if e.kind == "incident":
@@ -448,7 +453,7 @@ def fleet_timeline(events: list[FleetEvent]) -> bytes:
                 ax.plot(e.t, row, "X", color=colour, ms=8, label=label(e.kind))
     ax.set_yticks(list(y.values()), [f"monitor {lane}" if lane in monitors else lane
                                      for lane in y])
-    ax.set_ylim(-0.7, len(lanes) - 0.3)
+    ax.set_ylim(-0.7, len(y) - 0.3)
     ax.set_xlabel("seconds since the first fault")
     ax.set_title("Fleet scenario: faults, incidents and takeovers")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -471,21 +476,7 @@ def integrity_timeline(events: list[VmEvent]) -> bytes:
     """The vm scenario on one clock: a lane for the guest (the hang, the benign work), one
     per tamper kind (written, detected, healed: every round) and one per Orion fault (the
     fault until its bound, the alarm)."""
-    lanes: list[str] = []
-    for e in events:
-        if e.lane not in lanes:
-            lanes.append(e.lane)
-    y = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}
-    fig = _figure(10, 0.55 * len(lanes) + 1.6)
-    ax = fig.subplots()
-    shown: set[str] = set()
-
-    def label(text: str) -> str | None:
-        if text in shown:
-            return None
-        shown.add(text)
-        return text
-
+    fig, ax, y, label = _lanes(list(dict.fromkeys(e.lane for e in events)))
     for e in events:
         row = y[e.lane]
         if e.kind in VM_SPANS and e.end is not None:
@@ -496,7 +487,7 @@ def integrity_timeline(events: list[VmEvent]) -> bytes:
             marker, colour, text = VM_MARKS.get(e.kind, ("d", GREY, e.kind))
             ax.plot(e.t, row, marker, color=colour, ms=7, label=label(text))
     ax.set_yticks(list(y.values()), list(y))
-    ax.set_ylim(-0.7, len(lanes) - 0.3)
+    ax.set_ylim(-0.7, len(y) - 0.3)
     ax.set_xlabel("seconds since the guest was up")
     ax.set_title("The VM backdoor: hang, tampers healed, Orion's alarms")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
