@@ -249,7 +249,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             # Orion against the plain bounds, on two faults that reach them
             leak_mb = (orion.last().available - MEMORY_FLOOR) // (1 << 20) + 8
             faults = [_predicted(lab, orion, "memory-leak", f"/cgi-bin/hog?{leak_mb}",
-                                 "memory-exhaustion", 0.05 * leak_mb + 30, timeline),
+                                 "memory-exhaustion", 0.2 * leak_mb + 60, timeline),
                       _predicted(lab, orion, "fork-bomb", "/cgi-bin/bomb?8", "fork-bomb", 60,
                                  timeline)]
             orion.stop()
