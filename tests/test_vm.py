@@ -218,6 +218,8 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
             assert not reader.snapshot().get("jiffies").violated
             assert _eventually(lambda: reader.snapshot().get("tasks").value == len(memory.tasks()))
             assert not reader.snapshot().get("tasks").violated
+            snap = reader.snapshot()  # the kernel's own counters, as Orion reads them
+            assert 0 < snap.get("available_mb").value < 256 and snap.get("threads").value >= 1
             vm.lock()
             locked_at = time.monotonic()
             assert _eventually(lambda: reader.snapshot().get("jiffies").violated)

@@ -5,7 +5,8 @@ Like a container node's kernel box (agent/sampler.py) it is a Sensor Box named
 counts the guest kernel's ticks since the sampler started: a hung guest kernel (or one
 whose vCPUs are stopped) stops ticking, and the sensor stalls past its deadline with no
 agent inside the guest. The level `tasks` counts the guest's task list (a fork bomb in
-the guest is seen from outside).
+the guest is seen from outside); `available_mb` and `threads` are the guest kernel's own
+counters (memory.Readings), bounded like Orion's plain detectors (vm.orion).
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ class GuestSensors:
     """The kernel box of one VM node, updated from its memory by `update()`."""
 
     def __init__(self, node: str, memory: GuestMemory, *, jiffies_deadline: float = 1.0,
-                 max_tasks: float | None = None):
+                 max_tasks: float | None = None, min_available_mb: float = 0.0,
+                 max_threads: float | None = None):
         self.memory = memory
         self.box = SensorBox.create(f"{KERNEL_BOX}:{node}", capacity=16)
         self.jiffies = self.box.progress("jiffies", deadline=jiffies_deadline)
         self.tasks = self.box.level("tasks", min=1.0, max=max_tasks)
+        self.available = self.box.level("available_mb", min=min_available_mb)
+        self.threads = self.box.level("threads", min=1.0, max=max_threads)
         self._base = memory.jiffies()
         self.update()
 
@@ -32,6 +36,9 @@ class GuestSensors:
         ticks = self.memory.jiffies() - self._base
         if ticks > self.jiffies.value:
             self.jiffies.add(ticks - self.jiffies.value)
+        r = self.memory.readings()
+        self.available.set(r.available / (1 << 20))
+        self.threads.set(float(r.threads))
         try:
             self.tasks.set(float(len(self.memory.tasks())))
         except VmError:
