@@ -13,9 +13,10 @@ hog is killed by pid and start time. Each kill is counted and kept in `kills`.
 
 `Warnings` is the monitor's side of the bus: it publishes a signed warning when one of
 its incidents of kind fork bomb or memory hog is repaired and its diagnosis names the
-culprit's executable hash, and arms a rule for each verified warning of another cluster;
-a repair of a culprit it was warned of is not published again (every cluster on the bus got
-that warning; an echo would bounce between clusters for as long as the bomb runs). Refusals (bad signature, unknown signer, replay, outside the window, expired) are counted
+culprit's executable hash, and arms a rule for each verified warning of another cluster.
+A repair of a culprit it was warned of is not published again (every cluster on the bus
+got that warning; an echo would bounce between clusters for as long as the bomb runs).
+Refusals (bad signature, unknown signer, replay, outside the window, expired) are counted
 in `rejected`.
 """
 
