@@ -461,7 +461,7 @@ def test_without_the_casestudy_file_a_note_tells_how_to_get_it(tmp_path):
     assert page.count("run <code>make bench</code> (bench_casestudy)") == 2  # both parts
     assert "<code>backdoors casestudy rubis --json --faults fe-freeze &gt; " \
            "out/bench/bench_casestudy.json</code>" in page
-    assert len(images(page)) == 13 and "could not draw" not in page
+    assert len(images(page)) == 14 and "could not draw" not in page
 
 
 def test_a_casestudy_file_without_series_still_has_its_table(tmp_path):
@@ -476,13 +476,13 @@ def test_a_casestudy_file_without_series_still_has_its_table(tmp_path):
     assert "no requests per 100 ms for fe-freeze" in page
     assert 'alt="requests per 100 ms across each fault"' not in page
     assert 'alt="RUBiS throughput and latency vs load"' in page and ">515<" in page
-    assert len(images(page)) == 14 and "could not draw" not in page
+    assert len(images(page)) == 15 and "could not draw" not in page
     old["faults"] = []
     old["load"] = []
     (Path(kw["bench_dir"]) / "bench_casestudy.json").write_text(json.dumps(old))
     page = build_report(**kw).read_text()
     assert "has no fault under load" in page and "has no load level" in page
-    assert len(images(page)) == 13
+    assert len(images(page)) == 14
 
 
 def test_bench_casestudy_runs_the_study_short(monkeypatch):
@@ -514,7 +514,7 @@ def test_an_older_bench_repair_falls_back_to_bars(tmp_path):
     page = build_report(**inputs(tmp_path, series=False)).read_text()
     assert "has no time series" in page
     pngs = images(page)
-    assert len(pngs) == 15
+    assert len(pngs) == 16
     for png in pngs:
         check_png(png)
 
@@ -525,7 +525,7 @@ def test_an_older_bench_detection_gives_its_hang_table(tmp_path):
     (Path(kw["bench_dir"]) / "bench_detection.json").write_text(json.dumps(older))
     page = build_report(**kw).read_text()
     assert "bound: deadline + 2 polls" in page and "detection latency by fault" not in page
-    assert len(images(page)) == 14
+    assert len(images(page)) == 15
 
 
 def test_a_demo_without_incident_log_notes_it(tmp_path):
@@ -533,7 +533,7 @@ def test_a_demo_without_incident_log_notes_it(tmp_path):
     (Path(kw["demo_dir"]) / "incidents.jsonl").unlink()
     page = build_report(**kw).read_text()
     assert "is not there" in page  # the demo's log was named but is gone
-    assert len(images(page)) == 12  # no repairing timelines
+    assert len(images(page)) == 13  # no repairing timelines
 
 
 def test_the_newest_demo_is_the_default(tmp_path, monkeypatch):
