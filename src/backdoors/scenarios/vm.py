@@ -73,6 +73,7 @@ def _timed(lab: Lab, path: str) -> float:
 
 TAMPERS = ("syscall-table", "function-patch", "hidden-process")
 MEMORY_FLOOR = 32 << 20
+THREADS_ABOVE_IDLE = 256
 
 
 class _Timeline:
@@ -87,8 +88,6 @@ class _Timeline:
         if end is not None:
             event["end"] = round(end - self.t0, 3)
         self.events.append(event)
-
-THREADS_ABOVE_IDLE = 256
 
 
 def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
@@ -106,11 +105,12 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
     if alarms:
         timeline.add(fault, "alarm", alarms[0].at)
     seen = [r for t, r in orion.samples[-4096:] if t >= began]
+    first = alarms[0] if alarms else None
     row: dict = {"fault": fault, "path": path, "bound_crossed": kind in crossed,
                  "lowest_available_mb": min((r.available >> 20 for r in seen), default=None),
                  "peak_threads": max((r.threads for r in seen), default=None),
-                 "alarm": None if not alarms else {"eta_s": alarms[0].eta_s, "r2": alarms[0].r2,
-                                                   "after_start_ms": round(1000 * (alarms[0].at - began))}}
+                 "alarm": first and {"eta_s": first.eta_s, "r2": first.r2,
+                                     "after_start_ms": round(1000 * (first.at - began))}}
     if kind in crossed:
         row["bound_after_start_ms"] = round(1000 * (crossed[kind] - began))
         row["lead_ms"] = round(1000 * (crossed[kind] - alarms[0].at)) if alarms else None
