@@ -19,6 +19,7 @@ from backdoors.agent.watch import Watcher
 from backdoors.net import add_veth, netns, set_up
 from backdoors.net.links import LinkWatch
 from backdoors.nodes.cgroups import Cgroup
+from backdoors.sensors import read_consistent
 
 pytestmark = pytest.mark.root
 
@@ -55,7 +56,7 @@ def watched(root, unique, request):
                           publish=lambda kind, node, **data: events.put((kind, node, data)),
                           held=lambda node: False)
         watcher.start()
-        yield SimpleNamespace(ns=ns, peer=peer, cg=cg, watcher=watcher, events=events)
+        yield SimpleNamespace(ns=ns, peer=peer, cg=cg, watcher=watcher, events=events, rt=rt)
     finally:
         if watcher is not None:
             watcher.stop()
@@ -201,7 +202,9 @@ while time.monotonic() < end:
 def test_a_node_denied_the_cpu_is_not_hung_but_a_stopped_one_is(watched):
     """A real-time hog on the CPU the node's only process is pinned to takes the CPU from
     it for 600 ms, six times its deadline: the node could not run (cpu.pressure "full"),
-    so its deadline waits; the same process stopped (SIGSTOP: not runnable) stalls."""
+    so its deadline waits, for the watcher and for a poll's reply alike (which counts
+    the starvation up to its own read, not the watcher's last judgement); the same
+    process stopped (SIGSTOP: not runnable) stalls."""
     w = watched
     ticker = subprocess.Popen([sys.executable, "-c", TICKER], stdout=subprocess.PIPE, text=True)
     try:
@@ -210,7 +213,19 @@ def test_a_node_denied_the_cpu_is_not_hung_but_a_stopped_one_is(watched):
         fd = os.open(f"/proc/{ticker.pid}/fd/{box_fd}", os.O_RDWR)
         w.watcher.regions.keep("n0", "starved", "sensorbox", fd, ticker.pid)
         time.sleep(0.3)  # the watcher follows it ticking
-        subprocess.run([sys.executable, "-c", RT_HOG], check=True, timeout=30)
+        polled = []
+        with w.watcher.regions.use_all("n0", "sensorbox") as entries:
+            (entry,) = entries
+            hog = subprocess.Popen([sys.executable, "-c", RT_HOG])
+            while hog.poll() is None:  # polls, as the sensors op's replies would say it
+                unchanged, _ = w.rt.tracking.observe((entry.name, entry.registered_at),
+                                                     read_consistent(entry.region),
+                                                     time.monotonic())
+                polled.append(unchanged["progress"])
+                time.sleep(0.002)
+        assert hog.returncode == 0
+        # the stretch a poll counts past half the deadline is the node's own time (none)
+        assert max(polled) <= 0.05 + 0.025, str(polled)  # + one starvation sample's period
         time.sleep(0.3)
         said = [e for e in list(w.events.queue) if e[2].get("condition") == "progress_stalled"]
         assert said == [], said

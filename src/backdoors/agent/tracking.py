@@ -10,9 +10,11 @@ once (`backdoors status`, a monitor just started) judges a stall with
 (another registration time) or recreated (another owner) starts clean: its first sighting
 counts as a move. The agent's watcher (agent/watch.py) reads the progress counters far
 more often; `watched` hands over its record of a box once (it updates it in place: when
-it last read the box, when it saw each counter move). Where this pass saw no move since the watcher's read, the counter (which only goes
-forward) has not moved since the watcher saw it move: the reply counts from then, less
-the time the watcher excused (the node starved of CPU, agent/watch.py).
+it last read the box, when it saw each counter move). Where this pass saw no move since
+the watcher's read, the counter (which only goes forward) has not moved since the
+watcher saw it move: the reply counts from then, less the time the node was starved of
+CPU in that stretch (agent/watch.py), counted up to this read once the stretch is half
+its deadline (the watcher's own excuse counts only to its last judgement).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class Watched(Protocol):
 
     read_at: float  # time.monotonic() of its last read
     counters: list[_Moved]
+
+    def excuse(self, since: float, now: float) -> float:
+        """Seconds from `since` to `now` (monotonic) its node was starved of CPU."""
 
 
 class BoxTracking:
@@ -79,8 +84,12 @@ class BoxTracking:
                 since = s.stalled_for
                 c = moved.get(s.name)
                 if c is not None and now - since <= read_at:  # no move after that read
-                    # less the time the node was denied the CPU (the watcher's excuse)
-                    since = max(since, now - c.changed_at) - c.excused
+                    since = max(since, now - c.changed_at)
+                    # less the time the node was denied the CPU
+                    excused = c.excused
+                    if s.deadline is not None and since - excused > s.deadline / 2:
+                        excused = max(excused, record.excuse(now - since, now))
+                    since -= excused
                 unchanged[s.name] = round(max(since, 0.0), 3)
         events = {s.name: s.rate for s in snap.sensors
                   if s.type is SensorType.PRESSURE and s.rate is not None}

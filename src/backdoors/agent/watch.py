@@ -109,6 +109,10 @@ COUNTERS_PER_TICK = 4096
 EVENTS_BURST = 256
 EVENTS_PER_S = 64.0
 PSI_SAMPLE_S = 0.025  # a node's cpu.pressure "full" total is sampled this often
+#: and never more often: read again within a scheduler tick (4 ms here), a CPU-starved
+#: cgroup's total loses the time of its CPU taken by a real-time task (measured: read
+#: every 2 ms, it stays still through a 600 ms starvation; every 4 ms and up, it counts)
+PSI_MIN_GAP_S = 0.0125
 PSI_KEEP_S = 3.0  # and kept this long (a longer stall's excuse counts from the oldest)
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
 PSI_CLEAR_WINDOWS = 2.5  # a PSI trigger silent this many windows: its pressure has ended
@@ -145,6 +149,11 @@ class _Box:
     dead: bool = False  # its registrant died and its stalls were published: final
     read_at: float = 0.0  # the watcher's last read (agent/tracking.py reads it)
 
+    def excuse(self, since: float, now: float) -> float:
+        """Seconds from `since` to `now` (monotonic) its node was starved of CPU, up to
+        MAX_EXCUSE_S; any thread may ask (agent/tracking.py, for a poll's reply)."""
+        return min(self.node.starved_since(since, now), MAX_EXCUSE_S)
+
 
 @dataclass(eq=False)
 class _Node:
@@ -169,29 +178,36 @@ class _Node:
     psi_fired: dict[str, float] = field(default_factory=dict)  # -> last wake (monotonic), while over
     order: list[_Box] = field(default_factory=list)  # its boxes, as a tick visits them
     cursor: int = 0  # where the next tick starts in `order`
+    starved_lock: threading.Lock = field(default_factory=threading.Lock)  # the watcher's
+    # thread samples `starved`; a poll's reply reads it too (_Box.excuse)
 
     def sample_starved(self, now: float) -> None:
-        """Sample the node's cpu.pressure "full" total (nothing where PSI is missing)."""
-        self.starved_due = now + PSI_SAMPLE_S
-        total = self.rt.node.cgroup.cpu_full_us()
-        if total is None:
-            return
-        self.starved.append((now, total))
-        while self.starved and self.starved[0][0] < now - PSI_KEEP_S:
-            self.starved.popleft()
+        """Sample the node's cpu.pressure "full" total (nothing where PSI is missing), if
+        the last sample is PSI_MIN_GAP_S old."""
+        with self.starved_lock:  # read and stamped in turn: the samples stay in order
+            if self.starved and now - self.starved[-1][0] < PSI_MIN_GAP_S:
+                return
+            self.starved_due = now + PSI_SAMPLE_S
+            total = self.rt.node.cgroup.cpu_full_us()
+            if total is None:
+                return
+            self.starved.append((now, total))
+            while self.starved and self.starved[0][0] < now - PSI_KEEP_S:
+                self.starved.popleft()
 
     def starved_since(self, since: float, now: float) -> float:
         """Seconds from `since` to `now` during which the node could not run (from the
         last sample at or before `since`, else the oldest; 0 without samples)."""
         self.sample_starved(now)
-        if not self.starved:
-            return 0.0
-        base = self.starved[0][1]
-        for t, total in self.starved:
-            if t > since:
-                break
-            base = total
-        return max(0, self.starved[-1][1] - base) / 1e6
+        with self.starved_lock:
+            if not self.starved:
+                return 0.0
+            base = self.starved[0][1]
+            for t, total in self.starved:
+                if t > since:
+                    break
+                base = total
+            return max(0, self.starved[-1][1] - base) / 1e6
 
 
 @dataclass(eq=False)
@@ -555,7 +571,7 @@ class Watcher:
         unchanged = now - c.changed_at
         if not stalled(unchanged, c.deadline) or self.held(box.node.rt.name):
             return
-        starved = min(box.node.starved_since(c.changed_at, now), MAX_EXCUSE_S)
+        starved = box.excuse(c.changed_at, now)
         if starved > c.excused:  # denied the CPU meanwhile: the deadline moves on
             c.excused = starved
             if not stalled(unchanged - starved, c.deadline):
