@@ -23,7 +23,7 @@ pytestmark = pytest.mark.root
 def leftovers(name: str) -> list[str]:
     prefix = topology.prefix(name)
     found = [f"netns {n}" for n in netns.names(prefix)]
-    for ctrl in ("memory", "pids", "freezer", "cpuacct", "unified"):
+    for ctrl in ("memory", "pids", "freezer", "cpu", "cpuacct", "unified"):
         base = Path("/sys/fs/cgroup") / ctrl
         if base.is_dir():
             found += [f"cgroup {p}" for p in base.iterdir() if p.name.startswith(prefix)]

@@ -1,5 +1,6 @@
 """Cgroup: layout detection, lifecycle, freezing (v1 and v2), killing, limits, reaping."""
 
+import os
 import signal
 import subprocess
 import time
@@ -50,7 +51,7 @@ def test_detect_this_machine():
     for mount in layout.hierarchies().values():
         assert (mount / "cgroup.procs").exists()
     if layout.kind == "hybrid":
-        assert set(layout.v1) == {"memory", "pids", "freezer", "cpuacct"}
+        assert set(layout.v1) == {"memory", "pids", "freezer", "cpu", "cpuacct"}
     else:
         assert {"memory", "pids"} <= layout.v2_controllers
 
@@ -61,7 +62,8 @@ def test_layout_from_hybrid_mounts():
     # cpuacct is co-mounted with cpu: one directory serves it.
     assert layout.v1["cpuacct"] == Path("/sys/fs/cgroup/cpu,cpuacct")
     assert layout.v2 == Path("/sys/fs/cgroup/unified")
-    assert list(layout.hierarchies()) == ["memory", "pids", "freezer", "cpuacct", "unified"]
+    assert layout.v1["cpu"] == layout.v1["cpuacct"]
+    assert list(layout.hierarchies()) == ["memory", "pids", "freezer", "cpu", "unified"]
     assert layout.home("memory") == "v1" and layout.home("io") is None
 
 
@@ -108,6 +110,43 @@ def test_create_attach_destroy_leaves_nothing(prefix):
     assert _leftovers(prefix) == []
     with pytest.raises(NodeError, match="does not exist"):
         Cgroup.open(prefix)
+
+
+SPIN = "import os, sys\nos.sched_setaffinity(0, {0})\nos.read(int(sys.argv[1]), 1)\nwhile True:\n    pass\n"
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_crowded_node_competes_for_the_cpu_as_one_group(prefix):
+    """32 busy loops in a node and one outside it, all on CPU 0: with the node in a cpu
+    controller of its own, the one outside keeps a share like the whole node's, not a
+    33rd of the CPU (what a node's fork bomb would leave the agent without it)."""
+    cg = Cgroup.create(f"{prefix}/crowd")
+    r, w = os.pipe()
+    procs = []
+    try:
+        procs = [subprocess.Popen([PY, "-c", SPIN, str(r)], pass_fds=[r]) for _ in range(33)]
+        outside, inside = procs[0], procs[1:]
+        for p in inside:
+            cg.attach(p.pid)
+        before = {p.pid: _cpu_s(p.pid) for p in procs}
+        os.write(w, b"x" * len(procs))
+        time.sleep(2.0)
+        used = {p.pid: _cpu_s(p.pid) - before[p.pid] for p in procs}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        os.close(r)
+        os.close(w)
+        cg.destroy()
+        Cgroup.open(prefix).destroy()
+    node = sum(used[p.pid] for p in inside)
+    # as one group, about even (1:1); as 33 tasks, 1:32
+    assert used[outside.pid] > node / 4, (used[outside.pid], node)
 
 
 def test_errors_say_what_and_where(prefix):

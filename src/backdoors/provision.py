@@ -1,7 +1,7 @@
 """Hand-made nodes on a real host: what `backdoors node create|run|delete` do.
 
 A hand-made node is a cgroup with a directory in every hierarchy of the host's layout
-(hybrid: memory, pids, freezer, cpuacct and the controller-less v2 one; unified: one v2
+(hybrid: memory, pids, freezer, cpu, cpuacct and the controller-less v2 one; unified: one v2
 directory), and optionally a network namespace joined to the host by a veth, whose host end
 may be a port of a bridge, with addresses and a default route. It is not a container: its
 processes share the host's PID, mount and user namespaces (docs/operations.md, "Node

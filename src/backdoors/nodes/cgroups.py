@@ -1,7 +1,7 @@
 """One cgroup across every hierarchy of the machine's layout, behind one interface.
 
 A Cgroup is the directory `relpath` in each hierarchy of the Layout (hybrid: memory, pids,
-freezer, cpuacct and the controller-less v2 one; unified: one v2 directory). Callers never
+freezer, cpu, cpuacct and the controller-less v2 one; unified: one v2 directory). Callers never
 see which version serves a controller. Freezing uses the v1 freezer or v2 cgroup.freeze,
 chosen per cgroup, so both paths can be exercised on a hybrid machine.
 """

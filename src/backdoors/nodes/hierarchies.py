@@ -2,7 +2,7 @@
 
 Two layouts exist in the wild and nodes must work on both:
 
-- **hybrid**: the controllers nodes use (memory, pids, freezer, cpuacct) are cgroup v1
+- **hybrid**: the controllers nodes use (memory, pids, freezer, cpu, cpuacct) are cgroup v1
   hierarchies, usually at /sys/fs/cgroup/<controller>; a controller-less cgroup v2 hierarchy
   (often /sys/fs/cgroup/unified) may sit beside them and still offers cgroup.freeze,
   cgroup.kill, cgroup.events and the *.pressure files.
@@ -20,8 +20,10 @@ from pathlib import Path
 
 from backdoors.errors import NodeError
 
-#: The v1 controllers a node uses, in the order their directories are made.
-V1_CONTROLLERS = ("memory", "pids", "freezer", "cpuacct")
+#: The v1 controllers a node uses, in the order their directories are made. cpu: a node
+#: competes for the CPU as one group, whatever its number of tasks (a fork bomb of
+#: hundreds cannot starve the agent, in a group of its own, nor the host's other tasks).
+V1_CONTROLLERS = ("memory", "pids", "freezer", "cpu", "cpuacct")
 #: The v2 controllers a node wants enabled in its parents' cgroup.subtree_control.
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 #: Name of the v2 hierarchy among a cgroup's directories.
