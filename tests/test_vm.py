@@ -274,11 +274,11 @@ def test_vm_bad_spec_says_what_and_leaves_nothing(tmp_path):
 
 def test_a_boot_failure_quotes_the_end_of_its_log(tmp_path):
     """The run directory goes with the lab: the error carries what the log said."""
-    from backdoors.vm.machine import _tail
+    from backdoors.common.logs import log_tail
     log = tmp_path / "qemu.log"
     log.write_text("".join(f"line {i}\n" for i in range(20)) + "qemu: could not load kernel\n")
-    assert _tail(log) == f"{log} ends: line 16 | line 17 | line 18 | line 19 | " \
+    assert log_tail(log) == f"{log} ends: line 16 | line 17 | line 18 | line 19 | " \
                          "qemu: could not load kernel"
     log.write_text("")
-    assert _tail(log) == f"{log} is empty"
-    assert _tail(tmp_path / "none") == f"{tmp_path / 'none'} is missing"
+    assert log_tail(log) == f"{log} is empty"
+    assert log_tail(tmp_path / "none") == f"{tmp_path / 'none'} is missing"

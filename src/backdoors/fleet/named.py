@@ -27,16 +27,6 @@ def stop(proc: subprocess.Popen | None, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def log_tail(path: str, size: int = 600) -> str:
-    """The last `size` bytes of a server's log, for an error message."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return "(no log)"
-
-
 def reap(executable: str, prefix: str) -> list[int]:
     """SIGKILL the `executable` processes whose `--name` starts with `prefix` (a crashed
     owner's); the pids killed."""

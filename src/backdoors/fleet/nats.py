@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
+from ..common.logs import log_tail
 from ..errors import BackdoorsError
 from . import named
 
@@ -167,7 +168,7 @@ class NatsProcess:
             time.sleep(0.05)
 
     def _log_tail(self) -> str:
-        return named.log_tail(os.path.join(self.run_dir, "nats.log"))
+        return log_tail(os.path.join(self.run_dir, "nats.log"))
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL) and remove its folder."""

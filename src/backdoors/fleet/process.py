@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
+from ..common.logs import log_tail
 from . import named
 from .etcd import EtcdClient, EtcdError
 
@@ -136,7 +137,7 @@ class EtcdProcess:
             client.close()
 
     def _log_tail(self) -> str:
-        return named.log_tail(os.path.join(self.data_dir, "etcd.log"))
+        return log_tail(os.path.join(self.data_dir, "etcd.log"))
 
     def kill(self) -> None:
         """SIGKILL it (a member's crash), keeping its data dir for `start(fresh=False)`."""

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ..common.logs import log_tail
 from ..errors import NetError, VmError
 from ..net import add_bridge, link_info, netns, set_master, set_up
 from . import initramfs
@@ -156,7 +157,7 @@ class Vm:
         while time.monotonic() - began < timeout:
             if self.proc.poll() is not None:
                 raise VmError(f"VM {self.spec.name}: QEMU exited with status "
-                              f"{self.proc.returncode}; {_tail(self.spec.run_dir / 'qemu.log')}")
+                              f"{self.proc.returncode}; {log_tail(self.spec.run_dir / 'qemu.log')}")
             try:
                 if initramfs.READY.encode() in self.console_log.read_bytes():
                     return
@@ -164,7 +165,7 @@ class Vm:
                 pass
             time.sleep(0.05)
         raise VmError(f"VM {self.spec.name} ({self.accel}) not ready within {timeout:.0f}s; "
-                      f"{_tail(self.console_log)}")
+                      f"{log_tail(self.console_log)}")
 
     def stop(self) -> None:
         """Kill QEMU (with it the tap and its hold on the RAM), close the RAM. Idempotent."""
@@ -254,15 +255,6 @@ class Vm:
         if self._memory is None:
             self._memory = GuestMemory(self.ram_fd, self.kernel, where=f"VM {self.spec.name}")
         return self._memory
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    """The last lines of a log, for an error (the run directory goes with the lab)."""
-    try:
-        text = path.read_bytes()[-4096:].decode(errors="replace").strip().splitlines()
-    except OSError:
-        return f"{path} is missing"
-    return f"{path} ends: " + " | ".join(text[-lines:]) if text else f"{path} is empty"
 
 
 def _argv(spec: VmSpec, kernel: GuestKernel, initrd: Path, accel: str, ram: int,

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ...common.logs import log_tail
 from ...errors import LabError
 from . import mt
 
@@ -100,10 +101,11 @@ def start_fe(lab, node: str, mts: list[str], secret: str, *, plain: bool = False
 
 def _ready(lab, server: Server, timeout: float) -> Server:
     end = time.monotonic() + timeout
+    log = lab.plan.run_dir / server.node / "stderr.log"
     while True:
         if server.proc.poll() is not None:
             raise LabError(f"the {server.name} server exited ({server.proc.returncode}) while "
-                           f"starting in node {server.node}: {_log_tail(lab, server.node)}")
+                           f"starting in node {server.node}: {log_tail(log)}")
         try:
             with lab.client_socket() as s:
                 s.settimeout(1.0)
@@ -114,15 +116,8 @@ def _ready(lab, server: Server, timeout: float) -> Server:
         if time.monotonic() > end:
             server.stop()
             raise LabError(f"the {server.name} server did not listen on {server.address} "
-                           f"within {timeout:g} s: {_log_tail(lab, server.node)}")
+                           f"within {timeout:g} s: {log_tail(log)}")
         time.sleep(0.1)
-
-
-def _log_tail(lab, node: str) -> str:
-    try:
-        return (lab.plan.run_dir / node / "stderr.log").read_text(errors="replace")[-2000:]
-    except OSError:
-        return "(no log)"
 
 
 def connect(lab, server: Server, timeout: float = 10.0) -> socket.socket:
