@@ -187,8 +187,7 @@ class AgentStore:
         (node gone, name taken) are removed from the store."""
         out = Readopted()
         kept: dict[str, tuple[int, str]] = {}  # state key -> (generation, name) taken
-        for p in self._newest(passed):
-            decoded = decode_name(p.name)
+        for p, decoded in self._newest(passed):
             try:
                 if decoded is None or decoded[0] != PREFIX:
                     continue  # not ours (a socket of socket activation?): leave it closed
@@ -234,26 +233,26 @@ class AgentStore:
                 self._names[("d", k, "")] = name
         return out
 
-    def _newest(self, passed: list[PassedFd]) -> list[PassedFd]:
-        """`passed` without the older generations of a region or session stored twice (a
-        crash between storing a replacement and removing the old one): those are removed
-        from the store and closed."""
-        newest: dict[tuple, tuple[int, PassedFd]] = {}
+    def _newest(self, passed: list[PassedFd]) -> list[tuple[PassedFd, tuple | None]]:
+        """`passed` with each name decoded, without the older generations of a region or
+        session stored twice (a crash between storing a replacement and removing the old
+        one): those are removed from the store and closed."""
+        newest: dict[tuple, tuple[int, PassedFd, tuple]] = {}
         out = []
         for p in passed:
             decoded = decode_name(p.name)
             meta = decoded[1] if decoded is not None and decoded[0] == PREFIX else None
             if not isinstance(meta, dict) or meta.get("t") not in ("r", "s"):
-                out.append(p)
+                out.append((p, decoded))
                 continue
             key, g = (meta["t"], meta.get("n"), meta.get("r")), meta.get("g", 0)
             g = g if isinstance(g, int) else 0
             other = newest.get(key)
             if other is None:
-                newest[key] = (g, p)
+                newest[key] = (g, p, decoded)
                 continue
             older = other[1] if g > other[0] else p
-            newest[key] = max(other, (g, p), key=lambda gp: gp[0])
+            newest[key] = max(other, (g, p, decoded), key=lambda entry: entry[0])
             log.warning("fd store entry %s: a newer one of %s/%s was stored, dropped",
                         older.name[:40], key[1], key[2])
             try:
@@ -261,7 +260,7 @@ class AgentStore:
             except (NotifyError, OSError):
                 pass
             os.close(older.fd)
-        return out + [p for _, p in newest.values()]
+        return out + [(p, decoded) for _, p, decoded in newest.values()]
 
     def _take_state(self, p: PassedFd, key: str, generation: int,
                     kept: dict[str, tuple[int, str]], out: Readopted) -> None:
