@@ -104,7 +104,7 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
     timeline.add(fault, "fault", began, crossed.get(kind, time.monotonic()))
     if alarms:
         timeline.add(fault, "alarm", alarms[0].at)
-    seen = [r for t, r in orion.samples[-4096:] if t >= began]
+    seen = [r for _, r in orion.samples_since(began)]
     first = alarms[0] if alarms else None
     row: dict = {"fault": fault, "path": path, "bound_crossed": kind in crossed,
                  "lowest_available_mb": min((r.available >> 20 for r in seen), default=None),

@@ -173,9 +173,13 @@ class OrionWatch(Periodic):
         p = self.predictor
         with self._lock:
             alarms = [a for a in p.alarms if a.at >= t0]
-            samples = [(t, r) for t, r in self.samples if t >= t0]
-        return alarms, first_crossing(samples, memory_floor=p.memory_floor,
+        return alarms, first_crossing(self.samples_since(t0), memory_floor=p.memory_floor,
                                       max_threads=p.max_threads)
+
+    def samples_since(self, t0: float) -> list[tuple[float, Readings]]:
+        """The samples taken at or after `t0` (a copy)."""
+        with self._lock:
+            return [(t, r) for t, r in self.samples if t >= t0]
 
     def last(self) -> Readings | None:
         with self._lock:
