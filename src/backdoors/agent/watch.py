@@ -109,9 +109,12 @@ COUNTERS_PER_TICK = 4096
 EVENTS_BURST = 256
 EVENTS_PER_S = 64.0
 PSI_SAMPLE_S = 0.025  # a node's cpu.pressure "full" total is sampled this often
-#: and never more often: read again within a scheduler tick (4 ms here), a CPU-starved
-#: cgroup's total loses the time of its CPU taken by a real-time task (measured: read
-#: every 2 ms, it stays still through a 600 ms starvation; every 4 ms and up, it counts)
+#: and never more often. The kernel weighs each CPU's share of a read's interval by the
+#: cgroup's non-idle time on it in whole jiffies (4 ms here): a read of any of the
+#: cgroup's *.pressure files within a jiffy of the last adds nothing and loses that
+#: interval (measured: read every 2 ms, the total stayed still through 600 ms of
+#: starvation; every 4 ms and up, it counted all of it). Others' reads (the sampler's,
+#: the node's own) can still take a few ms away: the excuse errs short, never long.
 PSI_MIN_GAP_S = 0.0125
 PSI_KEEP_S = 3.0  # and kept this long (a longer stall's excuse counts from the oldest)
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
