@@ -50,6 +50,11 @@ def test_cgroupfs_writes_and_own_mounts(hostile):
     assert '"written"' not in detail and '"made"' not in detail
 
 
+def test_the_agents_and_the_neighbours_cgroup_files_cannot_be_read(hostile):
+    detail = attack(hostile, "cgroup-reads")
+    assert '"read": 0' in detail and '"refused": ["ENOENT"]' in detail
+
+
 def test_renice_ioprio_oom_score_adj_of_the_agent(hostile):
     detail = attack(hostile, "priority")
     assert '"renice": "ESRCH"' in detail and '"oom_score_adj": "ENOENT"' in detail

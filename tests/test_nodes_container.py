@@ -173,6 +173,36 @@ print(json.dumps(out))
 """
 
 
+READ_CGROUP_FILES = """
+import json, sys
+out = {}
+for path in json.loads(sys.argv[1]):
+    try:
+        with open(path) as f:
+            out[path] = "read" if f.read() else "empty"
+    except OSError as e:
+        out[path] = e.strerror
+print(json.dumps(out))
+"""
+
+
+def test_root_reads_only_its_own_cgroup_files(setup):
+    """The host's cgroupfs is hidden, but for the node's own cgroup (read-only): another
+    node's files (its limits, its pressure, which a tight loop of reads would blind) are
+    not there, the node's own are."""
+    theirs = [p / f for p in setup.sibling.cgroup.paths.values()
+              for f in ("cgroup.procs", "memory.pressure", "cpu.pressure", "pids.max")
+              if (p / f).exists()]
+    own = [p / f for p in setup.node.cgroup.paths.values()
+           for f in ("cgroup.procs", "cpu.pressure", "pids.current") if (p / f).exists()]
+    out = setup.probe(READ_CGROUP_FILES, [str(p) for p in theirs + own])
+    assert len(theirs) >= 3 and len(own) >= 3
+    assert {out[str(p)] for p in theirs} == {"No such file or directory"}, out
+    assert {out[str(p)] for p in own} == {"read"}, out
+    made = setup.probe(WRITE_FILES, [str(own[0].parent / "pids.max")])
+    assert set(made.values()) != {"written"}, made
+
+
 def test_root_cannot_write_cgroupfs(setup):
     node, sibling = setup.node.cgroup, setup.sibling.cgroup
     targets = []

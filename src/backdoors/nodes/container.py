@@ -15,7 +15,11 @@ start processes in them. Everything a node runs has no power over the host:
   are *locked* for the node (umount gives EINVAL): propagation private (nothing leaks back),
   each `Isolation.hide` directory covered by an empty read-only tmpfs, and the node's run
   directory (writable) and the `Isolation.share` paths (read-only) bound back at their usual
-  paths. Hide /run/backdoors and only the node's own run directory is left there. /tmp,
+  paths. Hide /run/backdoors and only the node's own run directory is left there. The
+  host's cgroupfs is hidden the same way, but for the node's own cgroup directories,
+  bound back read-only: a node cannot read the agent's or another node's cgroup files
+  (reading a cgroup's *.pressure files within a jiffy of each other makes the kernel
+  drop that time from its totals: a node could blind another's PSI). /tmp,
   /var/tmp and /dev/shm are private tmpfs of `Isolation.scratch_bytes` (charged to the node);
   shares under one (a checkout in /tmp) are bound back read-only.
 - **Network**: the node's named netns (/var/run/netns/NAME), owned by the host's user
@@ -109,6 +113,7 @@ from pathlib import Path
 from backdoors.errors import NodeError
 from backdoors.nodes import syscalls
 from backdoors.nodes.cgroups import Cgroup
+from backdoors.nodes.hierarchies import Layout
 
 __all__ = ["Container", "Isolation", "NodeProcess", "mount_tmpfs", "python_paths", "resize_tmpfs",
            "tools_missing", "uid_base_for", "unmount_under"]
@@ -471,6 +476,9 @@ class Container:
                                 "directory")
         hide = tuple(Path(p).resolve() for p in isolation.hide if Path(p).is_dir())
         shares = [(Path(p).resolve(), False) for p in isolation.share if Path(p).exists()]
+        # the host's cgroupfs, but for the node's own cgroup (read-only: its limits)
+        hide += (_cgroup_root(cgroup.layout),)
+        shares += [(path, False) for path in cgroup.paths.values()]
         # each is covered whole; the run directory and shares under one are bound back
         scratch = tuple(Path(p).resolve() for p in SCRATCH if os.path.isdir(p) and not any(
             Path(p).resolve() == q for q in (run_dir, *hide, *(path for path, _ in shares)))
@@ -689,6 +697,11 @@ def _launch(argv: list[str], enter, failure: _ChildError, fds: list[int], what: 
         failure.close()
         for fd in fds:
             os.close(fd)
+
+
+def _cgroup_root(layout: Layout) -> Path:
+    """The folder that holds every cgroup hierarchy of `layout` (/sys/fs/cgroup)."""
+    return Path(os.path.commonpath([str(m) for m in layout.hierarchies().values()]))
 
 
 def _hide(hide: tuple[Path, ...], scratch: tuple[Path, ...], scratch_bytes: int,

@@ -216,6 +216,24 @@ out(cgroup_mounts=len(cg), own_mount=tries, through_own_mount=inside, host_files
     or any(set(r.get("dirs", ())) & set(ARG["foreign"]) for r in inside.values()))
 '''
 
+CGROUP_READS = r'''
+# the agent's and the neighbour's cgroup files, read in a tight loop: their usage is not
+# the node's to see, and reads of a cgroup's *.pressure files within a jiffy of each other
+# make the kernel drop those intervals from its totals (the neighbour's PSI, blinded)
+read, refused = {}, {}
+end = time.monotonic() + ARG["seconds"]
+while time.monotonic() < end:
+    for path in ARG["paths"]:
+        try:
+            with open(path) as f:
+                f.read()
+            read[path] = read.get(path, 0) + 1
+        except OSError as e:
+            refused[path] = err(e)
+out(tried=len(ARG["paths"]), read=len(read), refused=sorted(set(refused.values())),
+    effect=bool(read))
+'''
+
 PRIORITY = r'''
 res, effect = {}, False
 for pid in ARG["pids"]:
@@ -573,7 +591,7 @@ out(queued_mib=queued >> 20, connections=len(pairs), stopped_by=why,
 '''
 
 PROGRAMS = {"signal-all": SIGNAL_ALL, "ptrace-and-mem": PTRACE, "cgroupfs": CGROUPFS,
-            "priority": PRIORITY, "private-network": NETWORK,
+            "cgroup-reads": CGROUP_READS, "priority": PRIORITY, "private-network": NETWORK,
             "registration-malformed-flood": MALFORMED, "registration-connection-flood": CONNECTIONS,
             "registration-bad-memfds": MEMFDS, "registration-other-node": OTHER_NODE,
             "descriptor-exhaustion": DESCRIPTORS, "fill-disk-and-memory": FILL,
@@ -871,6 +889,15 @@ class Hostile:
             foreign = [plan.host(self.host).agent_cgroup.rsplit("/", 1)[-1],
                        plan.node(NEIGHBOUR).cgroup.rsplit("/", 1)[-1]]
             return {"writes": writes, "foreign": foreign}
+        if name == "cgroup-reads":
+            layout = detect()
+            paths = [str(path / f)
+                     for rel in (plan.host(self.host).agent_cgroup, plan.node(NEIGHBOUR).cgroup)
+                     for path in Cgroup(rel, layout).paths.values()
+                     for f in ("cpu.pressure", "memory.pressure", "io.pressure", "memory.current",
+                               "memory.usage_in_bytes", "pids.current", "cgroup.procs")
+                     if (path / f).exists()]
+            return {"paths": paths, "seconds": 1.0}
         if name == "private-network":
             h = plan.host(self.host)
             targets = [[h.address, topology.AGENT_PORT], [topology.MONITOR_ADDR, topology.AGENT_PORT]]
