@@ -24,7 +24,7 @@ from test_nodes_support import prefix, wait_for
 
 from backdoors.errors import NodeError
 from backdoors.net import netns as netns_mod
-from backdoors.nodes import Node, read_process
+from backdoors.nodes import Node, detect, read_process
 from backdoors.nodes.container import (
     Container,
     Isolation,
@@ -201,6 +201,15 @@ def test_root_reads_only_its_own_cgroup_files(setup):
     assert {out[str(p)] for p in own} == {"read"}, out
     made = setup.probe(WRITE_FILES, [str(own[0].parent / "pids.max")])
     assert set(made.values()) != {"written"}, made
+
+
+def test_the_cgroupfs_is_covered_whole_only_where_it_is_a_file_system_of_its_own():
+    from backdoors.nodes.container import _cgroup_roots
+    from backdoors.nodes.hierarchies import Layout
+    assert _cgroup_roots(detect()) == (Path("/sys/fs/cgroup"),)  # this host's (either layout)
+    # hierarchies in folders of the root file system: each is covered, never their parent
+    scattered = Layout(v1={"memory": Path("/cgroup-memory"), "pids": Path("/srv/pids")})
+    assert _cgroup_roots(scattered) == (Path("/cgroup-memory"), Path("/srv/pids"))
 
 
 def test_root_cannot_write_cgroupfs(setup):

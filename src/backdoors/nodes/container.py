@@ -477,7 +477,7 @@ class Container:
         hide = tuple(Path(p).resolve() for p in isolation.hide if Path(p).is_dir())
         shares = [(Path(p).resolve(), False) for p in isolation.share if Path(p).exists()]
         # the host's cgroupfs, but for the node's own cgroup (read-only: its limits)
-        hide += (_cgroup_root(cgroup.layout),)
+        hide += _cgroup_roots(cgroup.layout)
         shares += [(path, False) for path in cgroup.paths.values()]
         # each is covered whole; the run directory and shares under one are bound back
         scratch = tuple(Path(p).resolve() for p in SCRATCH if os.path.isdir(p) and not any(
@@ -699,9 +699,18 @@ def _launch(argv: list[str], enter, failure: _ChildError, fds: list[int], what: 
             os.close(fd)
 
 
-def _cgroup_root(layout: Layout) -> Path:
-    """The folder that holds every cgroup hierarchy of `layout` (/sys/fs/cgroup)."""
-    return Path(os.path.commonpath([str(m) for m in layout.hierarchies().values()]))
+def _cgroup_roots(layout: Layout) -> tuple[Path, ...]:
+    """What covers the host's cgroupfs: the folder that holds every hierarchy of `layout`
+    when it is a file system of its own for them (/sys/fs/cgroup: a tmpfs on hybrid hosts,
+    the cgroup2 mount on unified ones), else each hierarchy's mount."""
+    mounts = [str(m) for m in layout.hierarchies().values()]
+    common = os.path.commonpath(mounts)
+    with open("/proc/self/mounts") as f:
+        fstype = {fields[1]: fields[2] for fields in (line.split() for line in f)
+                  if len(fields) > 2}
+    if fstype.get(common) in ("tmpfs", "cgroup", "cgroup2"):
+        return (Path(common),)
+    return tuple(Path(m) for m in mounts)
 
 
 def _hide(hide: tuple[Path, ...], scratch: tuple[Path, ...], scratch_bytes: int,
