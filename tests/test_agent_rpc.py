@@ -6,7 +6,7 @@ import time
 
 import pytest
 from test_agent_support import GROWER, agent_lab, prefix, read_line, wait_for
-from test_nodes_support import COUNTER, alive, read_counter, require_freezer
+from test_nodes_support import COUNTER, FORK_BOMB, alive, read_counter, require_freezer
 
 from backdoors.agent import AgentClient
 from backdoors.agent.errors import BoundsError, BusyError, NotFoundError, RemoteError
@@ -170,6 +170,26 @@ def test_processes_shows_age_rss_and_growth(agent_lab):
     assert abs(rows[app.pid].rss_rate) < 5 * MiB
     assert 0.5 < rows[grower.pid].age_s < 10 and rows[grower.pid].comm.startswith("python")
     assert rows[grower.pid].rss_bytes > 20 * MiB
+
+
+def test_a_running_fork_bombs_table_comes_within_the_op_deadline(agent_lab):
+    """Reading a forking process's command line waits for its memory map lock (16 s for
+    one read, measured under a bomb): the table comes anyway, within the op deadline,
+    the rows not read in time left empty; with the node locked, every row is read."""
+    lab = agent_lab(nodes={"n0": {"pids_limit": 128}})
+    lab.run("n0", FORK_BOMB)
+    c = lab.client()
+    try:
+        wait_for(lambda: c.status("n0").stats.pids >= 100, 20, "the bomb at its limit")
+        for _ in range(3):  # the agent's op deadline (1 s) ends a table that waits
+            assert len(c.processes("n0", cmdline=True).rows) >= 50
+        c.lock("n0", 30)
+        rows = c.processes("n0", cmdline=True).rows
+        assert rows and all(r.cmdline and r.exe_sha256 for r in rows if r.state != "Z"), \
+            [r for r in rows if not r.cmdline and r.state != "Z"][:3]
+    finally:
+        lab.nodes["n0"].kill_all(10)
+        c.unlock("n0")
 
 
 def test_lock_freezes_and_the_lease_expiry_thaws(agent_lab, tmp_path):
@@ -394,6 +414,9 @@ def test_a_hog_naming_itself_after_a_protected_process_is_killed(agent_lab):
     wait_for(lambda: {r.comm for r in c.processes("n0").rows} == {"sshd", "sleep"},
              what="both processes")
     rows = {r.pid: r for r in c.processes("n0").rows}
+    only = c.processes("n0", comms=["sleep", "nothing"])  # a pre-armed scan's table
+    assert [r.pid for r in only.rows] == [sleeper.pid] and only.total == len(rows)
+    assert only.rows[0].exe_sha256 == rows[sleeper.pid].exe_sha256 != ""
     assert rows[hog.pid].comm == "sshd" and rows[hog.pid].exe == os.path.basename(
         os.path.realpath(sys.executable))
     assert rows[sleeper.pid].exe == "sleep"

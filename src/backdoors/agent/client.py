@@ -274,11 +274,17 @@ class AgentClient:
         return self._typed("write", WriteReply, node=node, region=region, offset=offset,
                            data=bytes(data)).written
 
-    def processes(self, node: str, *, cmdline: bool = False) -> ProcessTable:
-        """The node's process table; `cmdline`: each row's command line too."""
-        if cmdline:
-            return self._typed("processes", ProcessTable, node=node, cmdline=True)
-        return self._typed("processes", ProcessTable, node=node)
+    def processes(self, node: str, *, cmdline: bool = False,
+                  comms: list[str] | None = None, hashed: bool = True) -> ProcessTable:
+        """The node's process table; `cmdline`: each row's command line too; `comms`:
+        only the rows of processes whose comm is one of these; `hashed` false: no
+        executable hashes."""
+        extra: dict = {"cmdline": True} if cmdline else {}
+        if comms:
+            extra["comms"] = list(comms)
+        if not hashed:
+            extra["hashed"] = False
+        return self._typed("processes", ProcessTable, node=node, **extra)
 
     def lock(self, node: str, lease_s: float | None) -> LockReply:
         """Freeze `node` for `lease_s` seconds (renewable), or as a fence if None."""

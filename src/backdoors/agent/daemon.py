@@ -31,6 +31,7 @@ from .listening import listen_socket
 from .local import LocalServer
 from .events import EventBus
 from .metrics import AgentMetrics, MetricsServer
+from .mmreads import MmReads
 from .ops import OPS, Op, read_boxes
 from .peerwatch import PeerWatch
 from .recovery import Recovery
@@ -89,6 +90,7 @@ class Agent:
                                    max_node_bytes=config.max_node_bytes,
                                    max_sessions=config.max_sessions_per_node)
         self.sessions = SessionTable([n.name for n in config.nodes], config.max_sessions_per_node)
+        self.mmreads = MmReads()
         self._setup_events()
         self.watcher: Watcher | None = None  # violations pushed as events (agent/watch.py)
         self.leases: LeaseTable | None = None

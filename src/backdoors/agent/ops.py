@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import msgspec
@@ -29,6 +30,7 @@ from ..nodes import KEEP, process_table, subtree
 from ..sensors import read_consistent
 from .config import AgentConfig
 from .leases import LeaseTable
+from .mmreads import MmReads
 from .pidmap import box_in_host_terms
 from .protocol import (
     DESTRUCTIVE, MAX_IO, ClaimReply, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong,
@@ -42,6 +44,8 @@ from .tokens import TokenTable
 MAX_LEASE_S = 3600.0
 SENSORS_BUDGET = 0.25  # share of the op deadline `sensors` spends before leaving boxes unread
 PID_MAX = 1 << 22  # the kernel's largest pid_max
+#: `processes` waits this long for the reads of /proc/PID/cmdline it needs (agent/mmreads.py)
+MM_READ_BUDGET_S = 0.25
 
 
 class OpError(Exception):
@@ -61,6 +65,7 @@ class AgentView(Protocol):
     regions: RegionTable
     sessions: SessionTable
     tokens: TokenTable  # the highest fencing token seen per node (agent/tokens.py)
+    mmreads: MmReads  # /proc/PID/cmdline reads, under a budget (agent/mmreads.py)
     inner_timeout: float  # node ops give up before the op deadline
 
 
@@ -116,6 +121,8 @@ class NodeArgs(msgspec.Struct, forbid_unknown_fields=True):
 class ProcessesArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
     cmdline: bool = False  # each row's command line too (a repair's table, not a poll's)
+    comms: list[str] = []  # only the processes of these comms (a pre-armed scan's table)
+    hashed: bool = True  # each row's exe_sha256 (false: "", no read that may wait)
 
 
 class ReadArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -277,15 +284,30 @@ def processes(call: Call) -> ProcessTable:
     pids = rt.node.cgroup.procs()
     cap = call.agent.config.max_procs_sampled
     table = process_table(pids[:cap])
+    if call.args.comms:  # the rest of each row (its executable's hash) only for those
+        table = [p for p in table if p.comm in call.args.comms]
+    digests, waits = {}, {}  # reads of /proc/PID/cmdline may wait: agent/mmreads.py
+    for p in table:
+        if call.args.hashed:
+            identity = (p.start_time, p.comm)
+            digest = exe_sha256(p.pid, identity, via_cmdline=False)
+            if digest is None:
+                waits["h", p.pid] = partial(exe_sha256, p.pid, identity)
+            digests["h", p.pid] = digest
+        if call.args.cmdline:
+            waits["c", p.pid] = partial(read_cmdline, p.pid)
+    if waits and rt.node.cgroup.is_frozen():  # frozen processes hold no lock: in line
+        digests.update((key, read()) for key, read in waits.items())
+    elif waits:
+        digests.update(call.agent.mmreads.run(waits, MM_READ_BUDGET_S))
     now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
     registrants = dict(call.agent.regions.registrants(rt.name))
-    with_cmdline = call.args.cmdline
     rows = [
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
                    same_start(registrants.get(p.pid, -1.0), p.start_time),
-                   (installed_exe(p.pid) or ("",))[0], exe_sha256(p.pid, (p.start_time, p.comm)),
-                   read_cmdline(p.pid) if with_cmdline else [])
+                   (installed_exe(p.pid) or ("",))[0], digests.get(("h", p.pid)) or "",
+                   digests.get(("c", p.pid)) or [])
         for p in table
     ]
     return ProcessTable(rows, len(pids), len(pids) > cap)

@@ -103,7 +103,7 @@ _BY_PROCESS: dict[tuple, str] = {}  # (pid, identity) -> digest, the argv[0] way
 _BY_PROCESS_MAX = 8192
 
 
-def exe_sha256(pid: int, identity: tuple | None = None) -> str:
+def exe_sha256(pid: int, identity: tuple | None = None, *, via_cmdline: bool = True) -> str | None:
     """The sha256 (hex) of the executable `pid` runs; "" when unknown or over
     EXE_HASH_MAX_BYTES. Read through /proc/PID/exe; where that is refused (a Landlocked
     reader, like the sealed agent: Landlock denies it the ptrace-mode access /proc/PID/exe
@@ -113,7 +113,9 @@ def exe_sha256(pid: int, identity: tuple | None = None) -> str:
     identity (device, inode, size, mtime): a fork bomb's members, or every process of one
     program, cost a stat each after the first read. `identity` (e.g. start time and comm,
     which an exec changes) caches the argv[0] way per process: its command line is read
-    once, not at every table."""
+    once, not at every table. `via_cmdline` false: None where only the command line would
+    tell (reading it waits for the process's memory map lock, which a forking process
+    holds: see agent/mmreads.py)."""
     path = f"/proc/{pid}/exe"
     try:
         st = os.stat(path)
@@ -121,6 +123,8 @@ def exe_sha256(pid: int, identity: tuple | None = None) -> str:
         key = (pid, identity) if identity is not None else None
         if key is not None and (digest := _BY_PROCESS.get(key)) is not None:
             return digest
+        if not via_cmdline:
+            return None
         digest = _argv0_sha256(pid)
         if key is not None and digest:  # an unreadable one is tried again next time
             if len(_BY_PROCESS) >= _BY_PROCESS_MAX:
@@ -163,8 +167,9 @@ def _file_sha256(path: str, st: os.stat_result) -> str:
 
 def read_cmdline(pid: int, max_bytes: int = 1024, max_args: int = 32) -> list[str]:
     """The command line of `pid` (at most `max_bytes`, `max_args` arguments; [] when gone,
-    a kernel thread or unreadable). Reading it takes the process's memory map lock
-    briefly: for a repair's table (frozen processes hold none), not for every poll."""
+    a kernel thread or unreadable). Reading it waits for the process's memory map lock,
+    which a process holds through each of its forks: frozen processes hold none; of a
+    running fork bomb's processes, a read waited 16 s (measured; agent/mmreads.py)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             head = f.read(max_bytes)

@@ -5,11 +5,15 @@ interpreter's hash alone would name every Python or shell process of a node; a b
 comm alone is anyone's to choose), its kind, and when it expires. Rules come from
 verified warnings of other clusters (monitor/warning.py, over NATS: `Warnings`) or from the
 config (`[[monitor.warnings.armed]]`, an operator's own). While a rule is armed, the
-`Scanner` reads the process table of every node this monitor watches every `scan_ms`, and
-a process that matches is killed at once, before the usual detectors could see it: for a
-fork bomb the node is frozen first (a lease of `lease_s`), every matching process is
-killed frozen (whole trees where the tree is the bomb's), and the node is thawed; a memory
-hog is killed by pid and start time. Each kill is counted and kept in `kills`.
+`Scanner` looks at every node this monitor watches every `scan_ms` for processes of an
+armed comm (comm alone: the agent then reads nothing a forking process makes wait, see
+agent/mmreads.py); a node with one is read whole with executable hashes, and a process
+that matches is killed at once, before the usual detectors could see it: for a fork
+bomb the node is frozen first (a lease of `lease_s`; frozen, every hash is read at once),
+every matching process is killed frozen (whole trees where the tree is the bomb's), and
+the node is thawed; a memory hog is killed by pid and start time. A process of an armed
+comm whose executable is another is remembered and not looked at again. Each kill is
+counted and kept in `kills`.
 
 `Warnings` is the monitor's side of the bus: it publishes a signed warning when one of
 its incidents of kind fork bomb or memory hog is repaired and its diagnosis names the
@@ -33,6 +37,7 @@ from ..errors import AgentError
 from .warning import DIAGNOSIS_KINDS, KINDS, AttackWarning, Verifier, WarningRejected, issue, seal
 
 log = logging.getLogger("backdoors.monitor")
+CLEARED_MAX = 4096  # processes remembered as not matching (then forgotten at once)
 
 
 class Armed(msgspec.Struct, frozen=True):
@@ -102,6 +107,7 @@ class Scanner:
         self._lock = threading.Lock()
         self.kills: list[Kill] = []
         self.killed = 0  # processes
+        self._cleared: set[tuple[int, float]] = set()  # (pid, start time): not a match
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-mon-prearm", daemon=True)
@@ -151,29 +157,39 @@ class Scanner:
             self._stop.wait(self.scan_s)
 
     def scan(self, rules: list[Armed]) -> int:
-        """One pass over every node; the processes killed."""
+        """One pass over every node; the processes killed. A first look names the
+        suspects by comm alone (no executable hash: the agent reads nothing that a
+        forking process makes wait); a node with one is then read whole, locked for a
+        fork bomb's rule, and what matches is killed."""
         killed = 0
+        comms = sorted({r.comm for r in rules})
         for host, client, nodes in self.targets():
             for node in nodes:
                 try:
-                    rows = client.processes(node).rows
+                    rows = client.processes(node, comms=comms, hashed=False).rows
                 except AgentError as e:
                     log.debug("pre-armed scan of %s/%s: %s", host, node, e)
                     continue
-                hits = [r for r in rows if any(rule.matches(r) for rule in rules)]
-                if hits:
-                    rule = next(rule for rule in rules if rule.matches(hits[0]))
-                    killed += self._kill(host, client, node, rule, rules)
+                suspects = [r for r in rows if (r.pid, r.start_time) not in self._cleared]
+                if suspects:
+                    killed += self._kill(host, client, node, rules, suspects)
         return killed
 
-    def _kill(self, host: str, client, node: str, rule: Armed, rules: list[Armed]) -> int:
+    def _kill(self, host: str, client, node: str, rules: list[Armed], suspects: list) -> int:
         match = lambda r: any(x.matches(r) for x in rules)  # noqa: E731
-        froze, errors, n, sent = False, [], 0, 0
+        named = [x for x in rules if any(s.comm == x.comm for s in suspects)]
+        rule = named[0] if named else rules[0]
+        froze, errors, n, sent, hits = False, [], 0, 0, []
         try:
-            if rule.kind == "fork-bomb":  # frozen, nothing forks while the trees are killed
-                client.lock(node, self.lease_s)
+            if any(x.kind == "fork-bomb" for x in named):  # frozen, nothing forks while
+                client.lock(node, self.lease_s)            # the trees are killed
                 froze = True
-            rows = client.processes(node).rows
+            rows = client.processes(node).rows  # frozen, every hash is read at once
+            hits = [r for r in rows if match(r)]
+            self._clear(r for r in rows if r.exe_sha256 and not match(r)
+                        and any(r.comm == x.comm for x in rules))
+            if hits:
+                rule = next(x for x in rules if x.matches(hits[0]))
             roots, singles = matching_roots(rows, match)
             # every kill is sent while frozen: one that fails (a tree slow to exit under
             # load) must not spare the others; the next scan finds what is left
@@ -197,6 +213,8 @@ class Scanner:
                     client.unlock(node)
                 except AgentError as e:
                     errors.append(f"unlock: {e}")
+        if not hits and not errors:
+            return 0  # the suspects run something else under that name: cleared
         error = "; ".join(errors[:3]) or None
         self.killed += n
         k = Kill(self.clock(), host, node, n, rule.kind, rule.source, froze, error, sent)
@@ -206,6 +224,12 @@ class Scanner:
                     "gone%s", rule.kind, rule.source, host, node, sent, n,
                     f"; error: {error}" if error else "")
         return n
+
+    def _clear(self, rows) -> None:
+        """Processes seen to run another executable under an armed comm: not suspects."""
+        if len(self._cleared) > CLEARED_MAX:
+            self._cleared.clear()
+        self._cleared.update((r.pid, r.start_time) for r in rows)
 
 
 class Warnings:

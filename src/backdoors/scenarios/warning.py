@@ -38,19 +38,20 @@ SUBJECT = "backdoors.warnings"
 class PidsWatch(threading.Thread):
     """A node's task count, sampled every millisecond or so: its peak, and when it first
     rose `rise` above where it was at the start (a bomb's first forks: its interpreter's
-    start-up before them is not the bomb yet)."""
+    start-up before them is not the bomb yet). It reads pids.current alone: the monitors
+    it measures share this process (and its GIL) with it."""
 
     def __init__(self, node, rise: int = 2):
         super().__init__(name="bd-pids-watch", daemon=True)
         self.node, self.rise = node, rise
-        self.base = node.stats().pids
+        self.base = node.cgroup.pids_current()
         self.peak, self.rose_at = self.base, None
         self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(0.001):
             try:
-                pids = self.node.stats().pids
+                pids = self.node.cgroup.pids_current()
             except BackdoorsError:
                 continue
             self.peak = max(self.peak, pids)
