@@ -213,19 +213,21 @@ def test_a_node_denied_the_cpu_is_not_hung_but_a_stopped_one_is(watched):
         fd = os.open(f"/proc/{ticker.pid}/fd/{box_fd}", os.O_RDWR)
         w.watcher.regions.keep("n0", "starved", "sensorbox", fd, ticker.pid)
         time.sleep(0.3)  # the watcher follows it ticking
-        polled = []
+        polled, starved = [], 0.0
         with w.watcher.regions.use_all("n0", "sensorbox") as entries:
             (entry,) = entries
             hog = subprocess.Popen([sys.executable, "-c", RT_HOG])
             while hog.poll() is None:  # polls, as the sensors op's replies would say it
-                unchanged, _ = w.rt.tracking.observe((entry.name, entry.registered_at),
-                                                     read_consistent(entry.region),
-                                                     time.monotonic())
-                polled.append(unchanged["progress"])
+                seen = w.rt.tracking.observe((entry.name, entry.registered_at),
+                                             read_consistent(entry.region), time.monotonic())
+                polled.append(seen.unchanged["progress"])
+                starved = max(starved, seen.starved.get("progress", 0.0))
                 time.sleep(0.002)
         assert hog.returncode == 0
         # the stretch a poll counts past half the deadline is the node's own time (none)
         assert max(polled) <= 0.05 + 0.025, str(polled)  # + one starvation sample's period
+        assert starved >= 0.3  # and the reply says how much it took off (a monitor's
+        # own stretch, polled, is at least as long: agent/protocol.py, SensorsReply)
         time.sleep(0.3)
         said = [e for e in list(w.events.queue) if e[2].get("condition") == "progress_stalled"]
         assert said == [], said

@@ -426,6 +426,25 @@ def test_the_time_a_node_was_starved_of_cpu_does_not_count_against_a_rules_deadl
         assert bool(opened) is opens, starved_ms
 
 
+def test_a_polled_stall_counts_without_the_time_the_agent_found_its_node_starved():
+    """A monitor's own polls see a counter still for 250 ms; the agent, which reads it
+    far more often, found its node starved of CPU for 120 ms of that: not a stall at a
+    200 ms deadline. Without starvation, the agent's longer sighting counts."""
+    from backdoors.monitor.core import _agent_stalls
+    from backdoors.sensors import SensorType
+
+    def judged(unchanged, starved):
+        s = SensorState(1, "tick", SensorType.PROGRESS, 7, True, stalled_for=0.25,
+                        deadline=0.2)
+        _agent_stalls(Snapshot("svc", 100, 2, 10.0, [s]), {"tick": unchanged}, starved)
+        return round(s.stalled_for, 3), s.violated
+
+    assert judged(0.11, {"tick": 0.12}) == (0.13, False)
+    assert judged(0.21, {"tick": 0.12}) == (0.21, True)  # the agent's longer stretch
+    assert judged(0.3, {}) == (0.3, True)
+    assert judged(0.1, {}) == (0.25, True)  # the agent saw a move: its polls did not
+
+
 def test_a_rules_own_deadline_judges_a_pushed_stall_again():
     """A rule's `deadline_ms` replaces the sensor's, for events as for polls: the agent
     pushes at the box's deadline, and a longer one of the rule is left to the polls."""

@@ -247,7 +247,7 @@ def read_boxes(agent: AgentView, rt: NodeRuntime) -> SensorsReply:
     deadline, the rest wait for the next call: a node's hostile boxes cannot make its
     own kernel box late, nor hold the node's read workers for long. Each box read is
     tracked (`agent/tracking.py`): the sensors op and the sampler's pass both call this."""
-    boxes, errors, skipped, unchanged, events = {}, {}, {}, {}, {}
+    boxes, errors, skipped, unchanged, events, starved = {}, {}, {}, {}, {}, {}
     start = time.monotonic()
     budget = start + agent.config.op_deadline_s * SENSORS_BUDGET
     with agent.regions.use_all(rt.name, "sensorbox") as entries:
@@ -273,10 +273,12 @@ def read_boxes(agent: AgentView, rt: NodeRuntime) -> SensorsReply:
                 continue
             rt.boxes.succeeded(key)
             if (tracked := rt.tracking.observe(key, image, time.monotonic())) is not None:
-                unchanged[entry.name], events[entry.name] = tracked
+                unchanged[entry.name], events[entry.name] = tracked.unchanged, tracked.events
+                if tracked.starved:
+                    starved[entry.name] = tracked.starved
             boxes[entry.name] = (image if entry.internal
                                  else box_in_host_terms(image, entry.pid, entry.inner_pid))
-    return SensorsReply(boxes, errors, skipped, unchanged, events)
+    return SensorsReply(boxes, errors, skipped, unchanged, events, starved)
 
 
 def processes(call: Call) -> ProcessTable:

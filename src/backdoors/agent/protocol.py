@@ -211,14 +211,17 @@ class SensorsReply(msgspec.Struct):
     """Consistent copies of every Sensor Box of a node, and the boxes that failed; of
     those, `skipped` were not read (they kept failing): seconds until they are again.
     What the agent tracked of the boxes read (agent/tracking.py), per box and sensor:
-    `progress_unchanged_s`, seconds since each progress counter last changed, and
-    `pressure_events`, each pressure counter's events in its window."""
+    `progress_unchanged_s`, seconds since each progress counter last changed, less
+    `progress_starved_s`, the time of that stretch its node was starved of CPU (for the
+    counters with any), and `pressure_events`, each pressure counter's events in its
+    window."""
 
     boxes: dict[str, bytes]
     errors: dict[str, str]
     skipped: dict[str, float] = {}
     progress_unchanged_s: dict[str, dict[str, float]] = {}
     pressure_events: dict[str, dict[str, float]] = {}
+    progress_starved_s: dict[str, dict[str, float]] = {}
 
 
 class LockReply(msgspec.Struct):

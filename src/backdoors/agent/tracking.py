@@ -20,12 +20,22 @@ its deadline (the watcher's own excuse counts only to its last judgement).
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..errors import SensorBoxError
 from ..sensors import SensorTracker, SensorType, parse_box
 
 Key = tuple[str, float]  # (region name, registered_at), as in backoff.py
+
+
+class Observed(NamedTuple):
+    """What one read of a box tells, per sensor: progress counters' seconds unchanged
+    (less starvation), pressure counters' events in their window, and the seconds of
+    CPU starvation taken off each unchanged stretch (counters with any)."""
+
+    unchanged: dict[str, float]
+    events: dict[str, float]
+    starved: dict[str, float]
 
 
 class _Moved(Protocol):
@@ -61,11 +71,9 @@ class BoxTracking:
         """The watcher dropped the box (unregistered)."""
         self._watched.pop(key, None)
 
-    def observe(self, key: Key, data: bytes, now: float
-                ) -> tuple[dict[str, float], dict[str, float]] | None:
-        """Track one consistent copy of a box read at `now` (time.monotonic()); returns
-        ({progress sensor: seconds unchanged}, {pressure sensor: events in its window}),
-        or None for a box that does not parse (the reader sees why itself)."""
+    def observe(self, key: Key, data: bytes, now: float) -> Observed | None:
+        """Track one consistent copy of a box read at `now` (time.monotonic()); None for
+        a box that does not parse (the reader sees why itself)."""
         try:
             image = parse_box(data)
         except SensorBoxError:
@@ -78,7 +86,7 @@ class BoxTracking:
             record = self._watched.get(key)
         read_at = record.read_at if record is not None else 0.0
         moved = {c.name: c for c in record.counters} if record is not None else {}
-        unchanged = {}
+        unchanged, starved = {}, {}
         for s in snap.sensors:
             if s.type is SensorType.PROGRESS and s.stalled_for is not None:
                 since = s.stalled_for
@@ -90,10 +98,12 @@ class BoxTracking:
                     if s.deadline is not None and since - excused > s.deadline / 2:
                         excused = max(excused, record.excuse(now - since, now))
                     since -= excused
+                    if excused:
+                        starved[s.name] = round(excused, 3)
                 unchanged[s.name] = round(max(since, 0.0), 3)
         events = {s.name: s.rate for s in snap.sensors
                   if s.type is SensorType.PRESSURE and s.rate is not None}
-        return unchanged, events
+        return Observed(unchanged, events, starved)
 
     def keep(self, keys: set[Key]) -> None:
         """Forget the boxes not in `keys` (unregistered; the watcher's records go when

@@ -187,6 +187,7 @@ class AgentPoller:
     def _view(self, node: str, reply, at: float, info) -> NodeView:
         snapshots = {}
         agent_unchanged = getattr(reply, "progress_unchanged_s", None) or {}
+        agent_starved = getattr(reply, "progress_starved_s", None) or {}
         for box, data in reply.boxes.items():
             tracker = self._trackers.get((node, box))
             if tracker is None:
@@ -196,7 +197,7 @@ class AgentPoller:
             except SensorBoxError as e:
                 log.debug("agent %s node %s box %s: %s", self.entry.host, node, box, e)
                 continue
-            _longer_stalls(snap, agent_unchanged.get(box, {}))
+            _agent_stalls(snap, agent_unchanged.get(box, {}), agent_starved.get(box, {}))
         for key in [k for k in self._trackers if k[0] == node and k[1] not in reply.boxes]:
             del self._trackers[key]
         return NodeView(node, self.entry.host, at, snapshots,
@@ -205,15 +206,21 @@ class AgentPoller:
                         fenced=bool(info.fenced) if info else False)
 
 
-def _longer_stalls(snap, unchanged: dict[str, float]) -> None:
-    """Where the agent, which reads the counters far more often (its watcher), has seen a
-    progress counter unchanged for longer than this monitor's polls could, count the
-    stall from the agent's sighting: a poll then judges a stall as early as an event."""
+def _agent_stalls(snap, unchanged: dict[str, float], starved: dict[str, float]) -> None:
+    """Judge each progress counter's stall with what the agent saw. The agent reads the
+    counters far more often (its watcher): where it saw one unchanged for longer than
+    this monitor's polls could, the stall counts from its sighting (a poll then judges
+    a stall as early as an event). And the time the agent found the node starved of CPU
+    in its stretch (`starved`) does not count against the deadline here either: the
+    agent's stretch lies within this monitor's, so that much of this one is excused."""
     for s in snap.sensors:
-        u = unchanged.get(s.name)
-        if s.type is SensorType.PROGRESS and isinstance(u, (int, float)) and \
-                s.stalled_for is not None and u > s.stalled_for:
-            s.stalled_for = float(u)
+        if s.type is not SensorType.PROGRESS or s.stalled_for is None:
+            continue
+        u, excused = unchanged.get(s.name), starved.get(s.name, 0.0)
+        own = s.stalled_for - (excused if isinstance(excused, (int, float)) else 0.0)
+        best = max(own, float(u)) if isinstance(u, (int, float)) else own
+        if best != s.stalled_for:
+            s.stalled_for = max(best, 0.0)
             s.violated = stalled(s.stalled_for, s.deadline)
 
 
