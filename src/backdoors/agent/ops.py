@@ -288,28 +288,28 @@ def processes(call: Call) -> ProcessTable:
     table = process_table(pids[:cap])
     if call.args.comms:  # the rest of each row (its executable's hash) only for those
         table = [p for p in table if p.comm in call.args.comms]
-    digests, waits = {}, {}  # reads of /proc/PID/cmdline may wait: agent/mmreads.py
+    got, waits = {}, {}  # reads of /proc/PID/cmdline may wait: agent/mmreads.py
     for p in table:
         if call.args.hashed:
             identity = (p.start_time, p.comm)
             digest = exe_sha256(p.pid, identity, via_cmdline=False)
             if digest is None:
                 waits["h", p.pid] = partial(exe_sha256, p.pid, identity)
-            digests["h", p.pid] = digest
+            got["h", p.pid] = digest
         if call.args.cmdline:
             waits["c", p.pid] = partial(read_cmdline, p.pid)
     if waits and rt.node.cgroup.is_frozen():  # frozen processes hold no lock: in line
-        digests.update((key, read()) for key, read in waits.items())
+        got.update((key, read()) for key, read in waits.items())
     elif waits:
-        digests.update(call.agent.mmreads.run(waits, MM_READ_BUDGET_S))
+        got.update(call.agent.mmreads.run(waits, MM_READ_BUDGET_S))
     now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
     registrants = dict(call.agent.regions.registrants(rt.name))
     rows = [
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
                    same_start(registrants.get(p.pid, -1.0), p.start_time),
-                   (installed_exe(p.pid) or ("",))[0], digests.get(("h", p.pid)) or "",
-                   digests.get(("c", p.pid)) or [])
+                   (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
+                   got.get(("c", p.pid)) or [])
         for p in table
     ]
     return ProcessTable(rows, len(pids), len(pids) > cap)
