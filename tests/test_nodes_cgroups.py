@@ -65,12 +65,22 @@ def test_layout_from_hybrid_mounts():
     assert layout.v1["cpu"] == layout.v1["cpuacct"]
     assert list(layout.hierarchies()) == ["memory", "pids", "freezer", "cpu", "unified"]
     assert layout.home("memory") == "v1" and layout.home("io") is None
+    assert layout.root == Path("/sys/fs/cgroup")  # the tmpfs that holds them all
 
 
 def test_layout_from_unified_mounts():
     layout = layout_from_mounts(UNIFIED_MOUNTS)
     assert layout.kind == "unified"
     assert layout.hierarchies() == {"unified": Path("/sys/fs/cgroup")}
+    assert layout.root == Path("/sys/fs/cgroup")
+
+
+def test_hierarchies_scattered_over_a_host_file_system_have_no_root():
+    layout = layout_from_mounts(
+        "/dev/sda1 / ext4 rw 0 0\n"
+        "cgroup /memory cgroup rw,memory 0 0\n"
+        "cgroup /pids cgroup rw,pids 0 0\n")
+    assert layout.root is None  # covering "/" would hide the host from a node
 
 
 def test_layout_without_cgroups_is_a_clear_error():

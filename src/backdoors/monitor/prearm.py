@@ -178,7 +178,7 @@ class Scanner:
     def _kill(self, host: str, client, node: str, rules: list[Armed], suspects: list) -> int:
         match = lambda r: any(x.matches(r) for x in rules)  # noqa: E731
         named = [x for x in rules if any(s.comm == x.comm for s in suspects)]
-        rule = named[0] if named else rules[0]
+        rule = named[0]
         froze, errors, n, sent, hits = False, [], 0, 0, []
         try:
             if any(x.kind == "fork-bomb" for x in named):  # frozen, nothing forks while

@@ -700,17 +700,9 @@ def _launch(argv: list[str], enter, failure: _ChildError, fds: list[int], what: 
 
 
 def _cgroup_roots(layout: Layout) -> tuple[Path, ...]:
-    """What covers the host's cgroupfs: the folder that holds every hierarchy of `layout`
-    when it is a file system of its own for them (/sys/fs/cgroup: a tmpfs on hybrid hosts,
-    the cgroup2 mount on unified ones), else each hierarchy's mount."""
-    mounts = [str(m) for m in layout.hierarchies().values()]
-    common = os.path.commonpath(mounts)
-    with open("/proc/self/mounts") as f:
-        fstype = {fields[1]: fields[2] for fields in (line.split() for line in f)
-                  if len(fields) > 2}
-    if fstype.get(common) in ("tmpfs", "cgroup", "cgroup2"):
-        return (Path(common),)
-    return tuple(Path(m) for m in mounts)
+    """What covers the host's cgroupfs: the folder of every hierarchy where it is a file
+    system of its own (`Layout.root`), else each hierarchy's mount."""
+    return (layout.root,) if layout.root is not None else tuple(layout.hierarchies().values())
 
 
 def _hide(hide: tuple[Path, ...], scratch: tuple[Path, ...], scratch_bytes: int,

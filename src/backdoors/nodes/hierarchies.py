@@ -14,6 +14,7 @@ A controller is served by v1 when it is mounted as v1, else by v2 when the v2 ro
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +39,15 @@ class Layout:
 
     `v1` maps each v1-mounted controller nodes use to its mount point (co-mounted controllers
     share one); `v2` is the cgroup2 mount point or None; `v2_controllers` are the controllers
-    the v2 root offers (empty on hybrid machines).
+    the v2 root offers (empty on hybrid machines); `root` the folder that holds every
+    hierarchy when it is a file system of its own for them (/sys/fs/cgroup: a tmpfs on
+    hybrid hosts, the cgroup2 mount on unified ones), else None.
     """
 
     v1: dict[str, Path] = field(default_factory=dict)
     v2: Path | None = None
     v2_controllers: frozenset[str] = frozenset()
+    root: Path | None = None
 
     @property
     def kind(self) -> str:
@@ -102,8 +106,11 @@ def layout_from_mounts(text: str) -> Layout:
     v1: dict[str, Path] = {}
     v2_mounts: list[Path] = []
     readonly: list[str] = []
+    fstypes: dict[Path, str] = {}
     for line in text.splitlines():
         fields = line.split()
+        if len(fields) >= 3:
+            fstypes[Path(_unescape(fields[1]))] = fields[2]
         if len(fields) < 4 or fields[2] not in ("cgroup", "cgroup2"):
             continue
         mount, options = Path(_unescape(fields[1])), fields[3].split(",")
@@ -131,7 +138,10 @@ def layout_from_mounts(text: str) -> Layout:
     v2 = (preferred or v2_mounts or [None])[0]
     controllers = _read_controllers(v2) if v2 is not None else frozenset()
     ordered = {c: v1[c] for c in V1_CONTROLLERS if c in v1}
-    return Layout(v1=ordered, v2=v2, v2_controllers=controllers - ordered.keys())
+    mounts = [*ordered.values(), *([v2] if v2 is not None else [])]
+    common = Path(os.path.commonpath([str(m) for m in mounts]))
+    root = common if fstypes.get(common) in ("tmpfs", "cgroup", "cgroup2") else None
+    return Layout(v1=ordered, v2=v2, v2_controllers=controllers - ordered.keys(), root=root)
 
 
 def detect() -> Layout:
