@@ -316,8 +316,15 @@ class Lab:
     # ---- VM nodes (vms.py, docs/vm-backdoor.md) --------------------------------------
 
     def _start_vms(self) -> None:
+        """Each VM node's namespace and cgroup (the guest's own limits plus QEMU's), then
+        its QEMU, inside the node, as the node's unprivileged uid."""
         vms.build_network(self.plan)
-        self._vms = vms.start_all(self.plan)
+        nodes = {v.name: Node.create(v.name, v.cgroup, netns=v.netns,
+                                     memory_limit=vms.memory_limit(self.state.memory_limit),
+                                     pids_limit=self.state.pids_limit)
+                 for v in self.plan.vms}
+        self._vms = vms.start_all(self.plan, nodes, {v.name: self.vm_uid(v.name)
+                                                     for v in self.plan.vms})
         self.state.vms = {name: vm.pid for name, vm in self._vms.items()}
         self.state.vm_boots = {name: {"accel": vm.accel, "boot_s": round(vm.boot_s, 2)}
                                for name, vm in self._vms.items()}
@@ -502,10 +509,18 @@ class Lab:
         node's index, so concurrent labs rarely share one), /run/backdoors and the home
         directory hidden, the Python installation shared read-only."""
         index = [n.name for n in self.plan.nodes].index(self.plan.node(node).name)
-        # topology.MAX_NODES (128) uid ranges per lab; 350 slots keep every range below 2**32
-        slot = zlib.crc32(self.name.encode()) % 350 * topology.MAX_NODES + index
-        return Isolation(uid_base=uid_base_for(slot), hide=(topology.RUN_ROOT, Path.home()),
+        return Isolation(uid_base=self._uid_base(index), hide=(topology.RUN_ROOT, Path.home()),
                          share=python_paths(), hostname=node)
+
+    def vm_uid(self, name: str) -> int:
+        """The unprivileged host uid VM node `name`'s QEMU runs as: the first of the uid
+        range after the container nodes' ranges."""
+        index = [v.name for v in self.plan.vms].index(self.plan.vm(name).name)
+        return self._uid_base(len(self.plan.nodes) + index)
+
+    def _uid_base(self, index: int) -> int:
+        # topology.MAX_NODES (128) uid ranges per lab; 350 slots keep every range below 2**32
+        return uid_base_for(zlib.crc32(self.name.encode()) % 350 * topology.MAX_NODES + index)
 
     def container(self, node: str) -> Container:
         """The running container of `node`: the one this lab started, the one another

@@ -79,6 +79,7 @@ class VmPlan:
     name: str  # v0, v1, ...
     host: str
     netns: str
+    cgroup: str  # its QEMU's
     address: str
     vip: str
 
@@ -145,6 +146,9 @@ def plan(lab: str, hosts: int, nodes: int, vm_nodes: int = 0) -> Plan:
     )
     if not 0 <= vm_nodes <= MAX_VM_NODES:
         raise LabError(f"--vm-nodes must be 0..{MAX_VM_NODES}, got {vm_nodes}")
-    vs = tuple(VmPlan(f"v{i}", f"h{i % hosts}", f"{p}v{i}", f"10.77.2.{i + 1}",
+    if nodes + vm_nodes > MAX_NODES:  # (each has a uid range of the lab's: lab.Lab._uid_base)
+        raise LabError(f"--nodes plus --vm-nodes must be at most {MAX_NODES}, got "
+                       f"{nodes + vm_nodes}")
+    vs = tuple(VmPlan(f"v{i}", f"h{i % hosts}", f"{p}v{i}", f"{p}v{i}", f"10.77.2.{i + 1}",
                       f"10.77.101.{i + 1}") for i in range(vm_nodes))
     return Plan(lab, hs, ns, vs)

@@ -8,9 +8,11 @@ outlive a `lab up` that returns; `lab down` (or the next `up`) reaps them by nam
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .. import net
 from ..net import netns
+from ..nodes import Node
 from ..vm import initramfs, machine
 from ..vm.kernel import GuestKernel
 from ..vm.machine import Vm, VmSpec
@@ -26,27 +28,41 @@ def build_network(plan: topology.Plan) -> None:
         net.add_veth(plan.switch_ns, v.name, v.netns, "eth0", bridge=topology.BR_SERVICE)
 
 
+def memory_limit(node_limit: int | None) -> int | None:
+    """A VM node's memory limit: its guest's RAM (charged to the node as the guest touches
+    it) on top of what a container node may use, for QEMU itself."""
+    return None if node_limit is None else node_limit + (VmSpec.memory_mb << 20)
+
+
 def spec(plan: topology.Plan, name: str, **kw) -> VmSpec:
     v = plan.vm(name)
     addrs = (f"{v.address}/{topology.SERVICE_PREFIXLEN}", f"{v.vip}/{topology.SERVICE_PREFIXLEN}")
-    return VmSpec(v.netns, plan.run_dir / "vms" / v.name, netns=v.netns, uplink="eth0",
+    return VmSpec(v.netns, run_dir(plan, name), netns=v.netns, uplink="eth0",
                   addresses=addrs, port=topology.SERVICE_PORT, **kw)
 
 
+def run_dir(plan: topology.Plan, name: str) -> Path:
+    """VM node `name`'s folder: QEMU's log, console and QMP sockets."""
+    return plan.run_dir / "vms" / plan.vm(name).name
+
+
 def start(plan: topology.Plan, name: str, **kw) -> Vm:
-    """Boot VM node `name` (kw: VmSpec keys, e.g. accel, kaslr, memory_mb)."""
+    """Boot VM node `name` (kw: VmSpec keys, e.g. accel, kaslr, memory_mb, node, uid)."""
     return Vm.start(spec(plan, name, **kw))
 
 
-def start_all(plan: topology.Plan, **kw) -> dict[str, Vm]:
-    """Boot every VM node of `plan` at once (kw: VmSpec keys); if one fails, the others
-    are stopped and the first error raised."""
+def start_all(plan: topology.Plan, nodes: dict[str, Node], uids: dict[str, int],
+              **kw) -> dict[str, Vm]:
+    """Boot every VM node of `plan` at once, each QEMU in its node (`nodes`) as its uid
+    (`uids`); kw: other VmSpec keys. If one fails, the others are stopped and the first
+    error raised."""
     from concurrent.futures import ThreadPoolExecutor
     if not plan.vms:
         return {}
     initramfs.build(GuestKernel.find())  # once, before the guests look for it
     with ThreadPoolExecutor(len(plan.vms)) as pool:
-        futures = {v.name: pool.submit(start, plan, v.name, **kw) for v in plan.vms}
+        futures = {v.name: pool.submit(start, plan, v.name, node=nodes[v.name],
+                                       uid=uids[v.name], **kw) for v in plan.vms}
     started, errors = {}, []
     for name, future in futures.items():
         try:

@@ -65,10 +65,14 @@ def _netns_path(name: str) -> Path:
 
 
 def _credentials(user: str | int) -> tuple[int, int, list[int]]:
-    """(uid, gid, supplementary groups) of `user`, a name or a uid, from the passwd database."""
+    """(uid, gid, supplementary groups) of `user`, a name or a uid, from the passwd database;
+    a uid it does not list gets the gid of the same number and no groups (an id range no
+    host user owns, like the nodes' containers use)."""
     try:
         entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
     except KeyError:
+        if isinstance(user, int) and 0 < user < (1 << 32) - 1:
+            return user, user, []
         raise NodeError(f"no user {user!r} on this host (getent passwd {user}): create it "
                         "(useradd --system NAME) or give another") from None
     return entry.pw_uid, entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)

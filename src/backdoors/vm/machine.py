@@ -12,7 +12,14 @@ What it owns, each named by the VM's name (a lab's prefix) so `reap(prefix)` fin
 - the NIC: a tap `tap0` opened here inside the node's network namespace (not persistent:
   it ends with the last holder, QEMU) and bridged there with the node's uplink, so the
   guest answers on the node's service address;
-- the QEMU process (`-name <name>`), its QMP socket and console log in `run_dir`.
+- the QEMU process (`-name <name>`), its two QMP sockets (its owner's `qmp.sock`, an
+  agent's `agent-qmp.sock`: QEMU serves one client per socket) and console log in `run_dir`.
+
+Given a node (`VmSpec.node`), QEMU runs inside it: the guest's memory, threads and CPU
+are accounted to the node's cgroup, where an agent finds the QEMU. Given a uid
+(`VmSpec.uid`), QEMU runs as that unprivileged user (as libvirt's `qemu` user does), so a
+guest that broke out into QEMU would hold no power over the host; everything it needs
+is handed over open (RAM, tap, kernel, initramfs) or lies in `run_dir`, given to it.
 """
 
 from __future__ import annotations
@@ -36,14 +43,17 @@ from ..net import add_bridge, link_info, netns, set_master, set_up
 from . import initramfs
 from .kernel import GuestKernel
 from .memory import GuestMemory
+from .qmp import Qmp
 
 if TYPE_CHECKING:
+    from ..nodes import Node
     from .gdb import GdbStub
 
 QEMU = "qemu-system-x86_64"
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 TAP, BRIDGE = "tap0", "br0"
+AGENT_QMP = "agent-qmp.sock"
 #: RAM must stay below the PCI hole so that memfd offsets are guest-physical addresses
 MAX_MEMORY_MB = 2048
 
@@ -66,6 +76,8 @@ class VmSpec:
     kaslr: bool = True
     kvm_probe_s: float = 15.0
     extra_append: tuple[str, ...] = field(default=())
+    node: Node | None = None  # run QEMU inside this node (its cgroup and netns)
+    uid: int | None = None  # run QEMU as this host uid (and gid); None: as the caller
 
     @property
     def mac(self) -> str:
@@ -80,7 +92,7 @@ class Vm:
                  ram_fd: int, accel: str, boot_s: float):
         self.spec, self.kernel, self.proc = spec, kernel, proc
         self.ram_fd, self.accel, self.boot_s = ram_fd, accel, boot_s
-        self._qmp = None
+        self._qmp = Qmp(self.qmp_path, f"VM {spec.name}")
         self._memory: GuestMemory | None = None
 
     @property
@@ -95,6 +107,11 @@ class Vm:
     def qmp_path(self) -> Path:
         return self.spec.run_dir / "qmp.sock"
 
+    @property
+    def agent_qmp_path(self) -> Path:
+        """The QMP socket kept for an agent (its node lock: agent/config.py NodeSpec.vm)."""
+        return agent_qmp_path(self.spec.run_dir)
+
     # ---- life cycle ---------------------------------------------------------------
 
     @classmethod
@@ -108,6 +125,8 @@ class Vm:
         kernel = kernel or GuestKernel.find()
         initrd = initramfs.build(kernel)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
+        if spec.uid is not None:  # its console log and sockets go there
+            os.chown(spec.run_dir, spec.uid, spec.uid)
         if spec.netns is not None:
             _bridge(spec)
         if spec.accel == "tcg":
@@ -126,24 +145,23 @@ class Vm:
               timeout: float) -> "Vm":
         ram = os.memfd_create(f"{spec.name}-ram", os.MFD_CLOEXEC)
         tap = None
+        files = []  # kernel and initramfs, open: an unprivileged QEMU may not reach them
         try:
             os.ftruncate(ram, spec.memory_mb << 20)
             tap = _open_tap(spec.netns) if spec.netns is not None else None
-            argv = _argv(spec, kernel, initrd, accel, ram, tap)
-            for stale in (spec.run_dir / "console.log", spec.run_dir / "qmp.sock",
-                      spec.run_dir / "gdb.sock"):
-                stale.unlink(missing_ok=True)
+            files = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in (kernel.image, initrd)]
+            argv = _argv(spec, *files, accel, ram, tap)
+            for stale in ("console.log", "qmp.sock", AGENT_QMP, "gdb.sock"):
+                (spec.run_dir / stale).unlink(missing_ok=True)
             began = time.monotonic()
             with open(spec.run_dir / "qemu.log", "ab") as log:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        pass_fds=[fd for fd in (ram, tap) if fd is not None],
-                                        start_new_session=True)
+                proc = _spawn(spec, argv, log, [ram, *files, *([tap] if tap is not None else [])])
         except BaseException:
             os.close(ram)
             raise
         finally:
-            if tap is not None:
-                os.close(tap)  # QEMU holds it now: the tap ends with QEMU
+            for fd in files + ([tap] if tap is not None else []):
+                os.close(fd)  # QEMU holds them now: the tap ends with QEMU
         vm = cls(spec, kernel, proc, ram, accel, 0.0)
         try:
             vm._wait_ready(began, timeout)
@@ -169,12 +187,7 @@ class Vm:
 
     def stop(self) -> None:
         """Kill QEMU (with it the tap and its hold on the RAM), close the RAM. Idempotent."""
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except Exception:  # noqa: BLE001 - QEMU may be gone already
-                pass
-            self._qmp = None
+        self._qmp.close()
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
@@ -184,8 +197,8 @@ class Vm:
         if self.ram_fd >= 0:
             os.close(self.ram_fd)
             self.ram_fd = -1
-        self.qmp_path.unlink(missing_ok=True)
-        self.gdb_path.unlink(missing_ok=True)
+        for path in (self.qmp_path, self.agent_qmp_path, self.gdb_path):
+            path.unlink(missing_ok=True)
 
     def __enter__(self) -> "Vm":
         return self
@@ -197,16 +210,7 @@ class Vm:
 
     def qmp(self, command: str, **args) -> object:
         """Run one QMP command; its "return" value."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        try:
-            if self._qmp is None:
-                q = QEMUMonitorProtocol(str(self.qmp_path))
-                q.connect()
-                self._qmp = q
-            return self._qmp.cmd(command, **args)
-        except Exception as e:  # qemu.qmp raises its own hierarchy (and OSError)
-            self._qmp = None
-            raise VmError(f"VM {self.spec.name}: QMP {command} failed: {e}") from None
+        return self._qmp(command, **args)
 
     def lock(self) -> None:
         """The node lock of a VM: stop its vCPUs (the guest kernel no longer runs)."""
@@ -248,7 +252,7 @@ class Vm:
                 self.qmp("cont" if was else "stop")
 
     def running(self) -> bool:
-        return bool(self.qmp("query-status")["running"])  # type: ignore[index]
+        return self._qmp.running()
 
     def memory(self) -> GuestMemory:
         """The guest's RAM, mapped read-only (one mapping per Vm)."""
@@ -257,7 +261,22 @@ class Vm:
         return self._memory
 
 
-def _argv(spec: VmSpec, kernel: GuestKernel, initrd: Path, accel: str, ram: int,
+def agent_qmp_path(run_dir: Path) -> Path:
+    """The agent's QMP socket of the VM whose run folder is `run_dir`."""
+    return run_dir / AGENT_QMP
+
+
+def _spawn(spec: VmSpec, argv: list[str], log, fds: list[int]) -> subprocess.Popen:
+    """Start QEMU: in `spec.node` if given, as `spec.uid` if given."""
+    if spec.node is not None:
+        return spec.node.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             pass_fds=fds, user=spec.uid)
+    ids = {} if spec.uid is None else {"user": spec.uid, "group": spec.uid, "extra_groups": []}
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            pass_fds=fds, start_new_session=True, **ids)
+
+
+def _argv(spec: VmSpec, image: int, initrd: int, accel: str, ram: int,
           tap: int | None) -> list[str]:
     append = ["console=ttyS0", "panic=-1", "quiet", f"bd.name={spec.name}",
               f"bd.port={spec.port}"]
@@ -271,9 +290,11 @@ def _argv(spec: VmSpec, kernel: GuestKernel, initrd: Path, accel: str, ram: int,
             "-no-reboot", "-accel", accel, "-m", size, "-smp", "1",
             "-object", f"memory-backend-file,id=mem,size={size},mem-path=/proc/self/fd/{ram},share=on",
             "-machine", "pc,memory-backend=mem",
-            "-kernel", str(kernel.image), "-initrd", str(initrd), "-append", " ".join(append),
+            "-kernel", f"/proc/self/fd/{image}", "-initrd", f"/proc/self/fd/{initrd}",
+            "-append", " ".join(append),
             "-serial", f"file:{spec.run_dir / 'console.log'}",
-            "-qmp", f"unix:{spec.run_dir / 'qmp.sock'},server=on,wait=off"]
+            "-qmp", f"unix:{spec.run_dir / 'qmp.sock'},server=on,wait=off",
+            "-qmp", f"unix:{agent_qmp_path(spec.run_dir)},server=on,wait=off"]
     if accel == "kvm":
         argv += ["-cpu", "host"]
     if tap is not None:
