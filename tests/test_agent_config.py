@@ -139,3 +139,20 @@ def test_psi_trigger_settings_are_checked(tmp_path, table, match):
         load_config(_write(tmp_path, GOOD + "\n[kernel_sensors]\n" + table + "\n"))
     ok = load_config(_write(tmp_path, GOOD + '\n[kernel_sensors]\npsi_triggers = ["memory", "io"]\n'))
     assert ok.kernel_sensors.psi_triggers == ("memory", "io")
+
+
+@pytest.mark.parametrize("table, match", [
+    ('guest = "g"\nqmp = "q.sock"', r"key nodes\[1\]\.vm\.qmp: must be an absolute path"),
+    ('guest = "a b"\nqmp = "/q"', r"key nodes\[1\]\.vm\.guest: 'a b' must be 1-64"),
+    ('guest = "g"\nqmp = "/q"\njiffies_deadline_s = 0.01',
+     r"key nodes\[1\]\.vm\.jiffies_deadline_s: must be within 0\.05\.\.600 s"),
+    ('guest = "g"\nqmp = "/q"\nsample_period_s = 2', r"key nodes\[1\]\.vm\.sample_period_s: "
+     "must be below jiffies_deadline_s"),
+    ('qmp = "/q"', r"key nodes\[1\]\.vm: .*missing required field `guest`"),
+])
+def test_a_vm_node_is_checked(tmp_path, table, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(_write(tmp_path, GOOD + "\n[nodes.vm]\n" + table + "\n"))
+    ok = load_config(_write(tmp_path, GOOD + '\n[nodes.vm]\nguest = "bd-lab-v0"\nqmp = "/run/q"\n'))
+    assert ok.nodes[0].vm is None and ok.nodes[1].vm.guest == "bd-lab-v0"
+    assert (ok.nodes[1].vm.jiffies_deadline_s, ok.nodes[1].vm.sample_period_s) == (1.0, 0.05)

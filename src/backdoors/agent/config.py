@@ -29,6 +29,20 @@ FREEZERS = ("auto", "v1", "v2")
 ISOLATIONS = ("checked", "trusted")  # NodeSpec.isolation (the check: agent/isolation.py)
 
 
+class VmNodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A VM node: its cgroup holds the QEMU that runs the guest (docs/vm-backdoor.md)."""
+
+    guest: Annotated[str, doc(
+        "the guest's name (QEMU's -name), whose RAM is the memfd '<guest>-ram' QEMU holds")]
+    qmp: Annotated[str, doc(
+        "QEMU's QMP socket kept for the agent (absolute path): the node lock stops and "
+        "resumes the guest's vCPUs through it")]
+    jiffies_deadline_s: Annotated[float, doc(
+        "the guest kernel's jiffies progress deadline: a hung guest kernel stops ticking")] = 1.0
+    sample_period_s: Annotated[float, doc(
+        "how often the guest's kernel box is read from its RAM")] = 0.05
+
+
 class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A node served by the agent: its cgroup must exist before the agent starts."""
 
@@ -58,6 +72,9 @@ class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "root in the agent's PID namespace, able to write the agent's cgroup, or on the "
         'host network; see docs/operations.md, Node isolation); "trusted": not checked, '
         'for a node that runs only what you trust as much as the agent')] = "checked"
+    vm: Annotated[VmNodeSpec | None, doc(
+        "set for a VM node: the agent reads its guest kernel from the guest's RAM into the "
+        "node's box 'guest' and locks it by stopping its vCPUs")] = None
 
 
 class KernelSensorLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -346,6 +363,17 @@ def _validate_nodes(c: AgentConfig) -> None:
                 except ValueError:
                     ok = False
                 _check(ok, at + (key, a), f"{cidr!r} is not ADDR/PREFIXLEN")
+        if n.vm is not None:
+            _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", n.vm.guest)), at + ("vm", "guest"),
+                   f"{n.vm.guest!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+            _check(os.path.isabs(n.vm.qmp), at + ("vm", "qmp"), "must be an absolute path")
+            for key, low, high in (("jiffies_deadline_s", 0.05, 600),
+                                   ("sample_period_s", 0.005, 10)):
+                v = getattr(n.vm, key)
+                _check(math.isfinite(v) and low <= v <= high, at + ("vm", key),
+                       f"must be within {low}..{high} s")
+            _check(n.vm.sample_period_s < n.vm.jiffies_deadline_s, at + ("vm", "sample_period_s"),
+                   "must be below jiffies_deadline_s")
         mine = n.cgroup.strip("/")
         for j, other in enumerate(cgroups):
             nested = mine == other or mine.startswith(other + "/") or other.startswith(mine + "/")

@@ -21,7 +21,9 @@ from ..common.fdstore import Notifier, listen_fds, watchdog_interval
 from ..common.runtime import agent_socket
 from ..errors import AgentError, BackdoorsError
 from ..nodes import Layout, Node, detect, read_process
-from ..sensors import KERNEL_BOX, Region
+from ..sensors import GUEST_BOX, KERNEL_BOX, Region
+from ..vm.node import VmNode
+from ..vm.sensors import GuestSampler, GuestSensors
 from .audit import AuditLog
 from .config import AgentConfig, validate
 from .fdstore import AgentStore
@@ -157,8 +159,13 @@ class Agent:
             raise AgentError(f"cannot open the audit log {c.audit_log}: {e.strerror}") from None
         for spec in c.nodes:
             try:
-                node = Node.open(spec.name, spec.cgroup, netns=spec.netns, freezer=spec.freezer,
-                                 layout=self.layout)
+                if spec.vm is not None:
+                    node = VmNode.open(spec.name, spec.cgroup, netns=spec.netns,
+                                       freezer=spec.freezer, layout=self.layout,
+                                       guest=spec.vm.guest, qmp=spec.vm.qmp)
+                else:
+                    node = Node.open(spec.name, spec.cgroup, netns=spec.netns,
+                                     freezer=spec.freezer, layout=self.layout)
             except BackdoorsError as e:
                 raise AgentError(f"node {spec.name}: {e}") from None
             if spec.isolation != "trusted":  # could the node reach us? (agent/isolation.py)
@@ -170,6 +177,8 @@ class Agent:
             self.nodes[spec.name] = rt = NodeRuntime(spec, node, sampler,
                                                      Lane(spec.name, NODE_WORKERS))
             sampler.after = lambda rt=rt: self._track(rt)
+            if isinstance(node, VmNode):
+                rt.guest = self._open_guest(spec, node)
         self.leases = LeaseTable({n: rt.node for n, rt in self.nodes.items()})
         if c.watch_period_ms > 0:  # (its thread starts in _run)
             self.watcher = Watcher(self.nodes, self.regions, period_s=c.watch_period_ms / 1000,
@@ -202,12 +211,29 @@ class Agent:
                                                 what=f"agent {c.host} metrics")
             self.metrics_server.bind()
 
+    def _open_guest(self, spec, node: VmNode) -> GuestSampler:
+        """Map a VM node's guest RAM and show its guest kernel box (`GUEST_BOX`), owned by
+        the node's QEMU: its death is the guest's (agent/watch.py follows it)."""
+        try:
+            qemu = node.qemu()
+            sensors = GuestSensors(spec.name, node.memory(),
+                                   jiffies_deadline=spec.vm.jiffies_deadline_s)
+        except BackdoorsError as e:
+            raise AgentError(f"node {spec.name}: cannot read its guest kernel: {e}") from None
+        started = read_process(qemu)
+        region = Region(sensors.box.fd, label=f"node {spec.name} guest kernel sensors")
+        self.regions.add(Entry(spec.name, GUEST_BOX, "sensorbox", region, False, qemu,
+                               started.start_time if started else 0.0, internal=True))
+        return GuestSampler(sensors, period=spec.vm.sample_period_s)
+
     def _run(self) -> None:
         """Start the threads and tasks that serve: samplers, owners, the watcher,
         registration, lease reaper, metrics, the supervisor's watchdog, peer watch."""
         c = self.config
         for rt in self.nodes.values():
             rt.sampler.start()
+            if rt.guest is not None:
+                rt.guest.start()
         self.owners.start()
         if self.watcher is not None:
             self.watcher.start()
@@ -365,6 +391,8 @@ class Agent:
             self.watcher.stop()
         for rt in self.nodes.values():
             rt.sampler.stop()
+            if rt.guest is not None:
+                rt.guest.stop()
             rt.lane.pool.shutdown(wait=False, cancel_futures=True)
             rt.reads.pool.shutdown(wait=False, cancel_futures=True)
         self.regions.close()
@@ -373,6 +401,11 @@ class Agent:
         self.store.close()
         for rt in self.nodes.values():
             rt.sampler.close()
+            if rt.guest is not None:
+                rt.guest.sensors.close()
+                rt.guest.sensors.memory.close()
+            if isinstance(rt.node, VmNode):
+                rt.node.close()
         if self.audit is not None:
             self.audit.write(kind="stop", host=self.config.host)
             self.audit.close()

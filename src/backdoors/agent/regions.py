@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ..common.procs import is_same, read_process
 from ..errors import AgentError
-from ..sensors import KERNEL_BOX, Region
+from ..sensors import GUEST_BOX, KERNEL_BOX, Region
 from .pidmap import inner_pid
 
 REGION_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -111,8 +111,8 @@ class RegionTable:
             raise RegionRefused(f"region name {entry.name!r} must be 1-64 of A-Z a-z 0-9 _ . : -")
         if entry.kind not in KINDS:
             raise RegionRefused(f"region kind {entry.kind!r} is not one of {', '.join(KINDS)}")
-        if entry.name == KERNEL_BOX and not entry.internal:
-            raise RegionRefused(f"region name {KERNEL_BOX!r} is reserved for the agent's kernel "
+        if entry.name in (KERNEL_BOX, GUEST_BOX) and not entry.internal:
+            raise RegionRefused(f"region name {entry.name!r} is reserved for the agent's kernel "
                                 "sensors")
         if not entry.internal and entry.size > self.max_region_bytes:
             raise RegionRefused(f"region {entry.name!r} has {entry.size} bytes; the cap is "

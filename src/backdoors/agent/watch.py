@@ -84,7 +84,7 @@ from dataclasses import dataclass, field
 from ..errors import BackdoorsError, SensorBoxError
 from ..net.links import LinkEvents
 from ..nodes.notify import FrozenNotifier, OomNotifier, PressureTrigger
-from ..sensors import SensorType, abi, over_rate, parse_box, read_consistent, stalled
+from ..sensors import GUEST_BOX, SensorType, abi, over_rate, parse_box, read_consistent, stalled
 from .sampler import OOM_WINDOW_S
 from .served import NodeRuntime
 from .tracking import Key
@@ -446,7 +446,9 @@ class Watcher:
         self._counted = [n for n in self._nodes.values() if n.boxes]
 
     def _replan_node(self, n: _Node, now: float) -> None:
-        entries = [e for e in self.regions.borrow_all(n.rt.name, "sensorbox") if not e.internal]
+        # the registrants' boxes, and a VM node's guest kernel box (owned by its QEMU)
+        entries = [e for e in self.regions.borrow_all(n.rt.name, "sensorbox")
+                   if not e.internal or e.name == GUEST_BOX]
         old, n.entries = n.entries, entries
         try:
             keys = set()

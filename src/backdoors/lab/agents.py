@@ -16,13 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..agent.config import AgentConfig, NodeSpec, validate
+from ..agent.config import AgentConfig, NodeSpec, VmNodeSpec, validate
 from ..agent.keys import Identity, generate, load_identity
 from ..common.configfile import dumps
 from ..common.procs import read_line
 from ..errors import BackdoorsError, LabError
 from ..nodes import Cgroup
-from . import topology
+from ..vm.machine import agent_qmp_path
+from . import topology, vms
 
 READY_TIMEOUT = 15.0
 
@@ -63,6 +64,10 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
                       # a recovery may bring another node's sessions and address here
                       adopt_addresses=[f"{o.vip}/{prefix}" for o in plan.nodes if o is not n])
              for n in plan.nodes if n.host == host.name]
+    # VM nodes: the agent reads each guest's kernel from its RAM and locks it through QMP
+    nodes += [NodeSpec(v.name, v.cgroup, netns=v.netns,
+                       vm=VmNodeSpec(guest=v.netns, qmp=str(agent_qmp_path(vms.run_dir(plan, v.name)))))
+              for v in plan.vms if v.host == host.name]
     config = AgentConfig(
         host=host.name, listen=f"{host.address}:{topology.AGENT_PORT}", netns=host.netns,
         listen_interface="eth0",  # the host's private-network interface (lab._build_network)

@@ -85,6 +85,9 @@ _CODES = {SensorType.PROGRESS: 1, SensorType.LEVEL: 2, SensorType.PRESSURE: 3}
 #: its region name, reserved (apps cannot register it), and the prefix of its header name
 #: (`kernel:<node>`).
 KERNEL_BOX = "kernel"
+#: The box the agent keeps for a VM node's guest kernel, read from the guest's RAM (jiffies,
+#: tasks, memory); reserved like KERNEL_BOX (`guest:<node>`).
+GUEST_BOX = "guest"
 
 
 def region_size(capacity: int) -> int:

@@ -1,7 +1,7 @@
 """A VM node's kernel-derived sensors, read from its RAM: the guest kernel's box.
 
-Like a container node's kernel box (agent/sampler.py) it is a Sensor Box named
-`KERNEL_BOX:<node>`, so monitors judge it the same way. Its progress sensor `jiffies`
+Like a container node's kernel box (agent/sampler.py) it is a Sensor Box the agent keeps,
+named `GUEST_BOX:<node>`, so monitors judge it the same way. Its progress sensor `jiffies`
 counts the guest kernel's ticks since the sampler started: a hung guest kernel (or one
 whose vCPUs are stopped) stops ticking, and the sensor stalls past its deadline with no
 agent inside the guest. The level `tasks` counts the guest's task list (a fork bomb in
@@ -11,10 +11,14 @@ counters (memory.Readings), bounded like Orion's plain detectors (vm.orion).
 
 from __future__ import annotations
 
+import logging
+
 from ..errors import VmError
-from ..sensors import KERNEL_BOX, SensorBox
+from ..sensors import GUEST_BOX, SensorBox
 from .memory import GuestMemory
 from .periodic import Periodic
+
+log = logging.getLogger("backdoors.vm")
 
 
 class GuestSensors:
@@ -24,7 +28,7 @@ class GuestSensors:
                  max_tasks: float | None = None, min_available_mb: float = 0.0,
                  max_threads: float | None = None):
         self.memory = memory
-        self.box = SensorBox.create(f"{KERNEL_BOX}:{node}", capacity=16)
+        self.box = SensorBox.create(f"{GUEST_BOX}:{node}", capacity=16)
         self.jiffies = self.box.progress("jiffies", deadline=jiffies_deadline)
         self.tasks = self.box.level("tasks", min=1.0, max=max_tasks)
         self.available = self.box.level("available_mb", min=min_available_mb)
@@ -49,11 +53,22 @@ class GuestSensors:
 
 
 class GuestSampler(Periodic):
-    """Updates a GuestSensors every `period` seconds in a thread of its own."""
+    """Updates a GuestSensors every `period` seconds in a thread of its own. The guest
+    writes what is read: a read that fails (a corrupt or hostile kernel structure) is
+    counted and logged once, and the next period reads again; it never stops the thread."""
 
     def __init__(self, sensors: GuestSensors, *, period: float = 0.05):
         super().__init__(period, "guest-sampler")
         self.sensors = sensors
+        self.errors = 0
+        self._said: str | None = None
 
     def step(self) -> None:
-        self.sensors.update()
+        try:
+            self.sensors.update()
+            self._said = None
+        except Exception as e:  # noqa: BLE001 - whatever the guest wrote, sampling goes on
+            self.errors += 1
+            if str(e) != self._said:
+                self._said = str(e)
+                log.warning("%s: reading the guest kernel failed: %s", self.sensors.box.name, e)
