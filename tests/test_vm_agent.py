@@ -1,7 +1,8 @@
 """The agent owns VM nodes: the lab runs each QEMU inside its node as an unprivileged uid;
 the agent reads the guest kernel from its RAM into the node's `guest` box, pushes a hung
 guest kernel (vCPUs stopped behind its back) and a dead QEMU as events, and its node lock
-stops and resumes the guest's vCPUs through QMP."""
+stops and resumes the guest's vCPUs through QMP. Its integrity guard finds what a rootkit
+did to the guest kernel and heals it (op and monitor rule), the guest running on."""
 
 import os
 import signal
@@ -13,8 +14,12 @@ import pytest
 
 from backdoors.errors import VmError
 from backdoors.lab import Lab
+from backdoors.monitor import Monitor
 from backdoors.nodes import Node
+from backdoors.scenarios.labkit import lab_monitor_config
+from backdoors.scenarios.vm import guest_get
 from backdoors.sensors import parse_box
+from backdoors.vm import rootkit
 from backdoors.vm.kernel import GuestKernel
 
 from conftest import unavailable
@@ -107,6 +112,97 @@ def test_a_hung_guest_kernel_is_pushed_at_its_deadline(lab):
     c = _until(sock, key, {"cleared"})
     assert (c.node, c.data["box"], c.data["sensor"]) == ("v0", "guest", "jiffies")
     sock.close()
+
+
+def _ready(c) -> None:
+    """The guard's baseline taken and one full sweep of the kernel done."""
+    assert _eventually(lambda: (r := c.kernel_integrity("v0")).ready and r.sweeps >= 1, 180)
+
+
+def _open(c) -> set[tuple[str, str]]:
+    return {(f.kind, f.where.split("+")[0]) for f in c.kernel_integrity("v0").findings}
+
+
+def test_the_agent_finds_a_rootkit_in_the_guest_kernel_and_heals_it(lab):
+    """Three tampers through QEMU's debug interface (vm.rootkit): a system call table
+    entry redirected, uname's function patched, a process unlinked from the task list.
+    The guard finds each (pushed once as a violation of the guest box's `tampered`
+    level), `heal_kernel` restores them, and the guest serves on."""
+    vm = lab.vm("v0")
+    key = lab.agent_keys("h0")[0]
+    uname = guest_get(lab, "v0", "/cgi-bin/uname").strip()
+    pid = int(guest_get(lab, "v0", "/cgi-bin/spawn").strip())
+    with lab.agent_client("h0", timeout=10.0) as c:
+        _ready(c)
+        r = c.kernel_integrity("v0")
+        assert r.findings == [] and r.baseline_s > 0  # a clean sweep: no false finding
+        assert _guest(c)["tampered"] == 0
+        reply, sock = _subscribe(_Client(lab), kinds=["violation", "cleared"])
+        began = time.monotonic()
+        rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall")
+        v = _until(sock, key, {"violation"})
+        print(f"system call table entry redirected: pushed {1000 * (time.monotonic() - began):.0f} "
+              "ms after the tamper began")
+        assert (v.node, v.data["condition"], v.data["box"], v.data["sensor"]) == \
+            ("v0", "kernel_tampered", "guest", "tampered")
+        assert {"kind": "syscall", "where": f"sys_call_table[{rootkit.NR_UNAME}]"}.items() \
+            <= v.data["findings"][0].items()
+        rootkit.patch_function(vm, "__x64_sys_newuname")
+        rootkit.hide_process(vm, pid)
+        tampered = {("syscall", f"sys_call_table[{rootkit.NR_UNAME}]"),
+                    ("text", "__x64_sys_newuname"), ("process", f"pid {pid}")}
+        assert _eventually(lambda: _open(c) >= tampered, 60), _open(c)
+        assert _guest(c)["tampered"] >= 3
+        assert guest_get(lab, "v0", "/cgi-bin/uname").strip() != uname  # hijacked
+        healed = c.heal_kernel("v0")
+        print(f"healed {len(healed.healed)} findings in {healed.took_ms:.0f} ms")
+        assert healed.failed == [] and {(f.kind, f.where.split("+")[0])
+                                        for f in healed.healed} >= tampered
+        assert c.kernel_integrity("v0").findings == [] and vm.running()
+        cleared = _until(sock, key, {"cleared"})
+        assert (cleared.node, cleared.data["sensor"]) == ("v0", "tampered")
+        sock.close()
+        assert guest_get(lab, "v0", "/cgi-bin/uname").strip() == uname
+        assert pid in dict(vm.memory().tasks())  # back on the task list
+        assert _guest(c)["tampered"] == 0
+        # nothing open: nothing to heal
+        assert c.heal_kernel("v0").healed == []
+
+
+def test_a_heal_under_the_node_lock_leaves_the_guest_stopped(lab):
+    vm = lab.vm("v0")
+    with lab.agent_client("h0", timeout=10.0) as c:
+        _ready(c)
+        c.lock("v0", 30.0)
+        try:
+            rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall")
+            assert _eventually(lambda: _open(c) == {("syscall", f"sys_call_table[{rootkit.NR_UNAME}]")})
+            assert not c.heal_kernel("v0").failed
+            assert not vm.running()  # the lease still holds it
+        finally:
+            c.unlock("v0")
+        assert vm.running() and _open(c) == set()
+
+
+def test_the_monitor_heals_a_tampered_guest_kernel(lab, tmp_path):
+    """The default ruleset's `kernel-integrity` rule: detected (pushed), healed through
+    the agent, closed once the guest box's `tampered` level is back to 0."""
+    vm = lab.vm("v0")
+    cfg = lab_monitor_config(lab, period_ms=50, incidents_dir=str(tmp_path / "incidents"))
+    with Monitor(cfg, key=lab.monitor_key()) as mon:
+        mon.wait_ready()
+        with lab.agent_client("h0", timeout=10.0) as c:
+            _ready(c)
+        rootkit.patch_function(vm, "__x64_sys_newuname")
+        inc = mon.wait_for(lambda i: i.rule == "kernel-integrity" and i.state != "detected", 60)
+        assert inc is not None, mon.incidents()
+        assert (inc.node, inc.state) == ("v0", "repaired"), inc
+        (action,) = inc.actions
+        assert action.kind == "heal_kernel" and action.status == "done"
+        assert [f["where"].split("+")[0] for f in action.detail["healed"]] == ["__x64_sys_newuname"]
+        assert action.detail["open_after"] == []
+        assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 30) is not None
+    assert vm.running()
 
 
 def test_a_dead_qemu_is_pushed_at_its_death(lab):

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import TransportError, remote_error
 from .protocol import (
-    DECODE_ERRORS, DESTRUCTIVE, FENCE_S, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
-    AdoptReply, Envelope, EvacuateReply, FenceReply, HeldCount, KillReply, KillTreeReply,
-    LimitsReply,
+    DECODE_ERRORS, DESTRUCTIVE, FENCE_S, HEAL_S, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
+    AdoptReply, Envelope, EvacuateReply, FenceReply, HealReply, HeldCount, IntegrityReply,
+    KillReply, KillTreeReply, LimitsReply,
     LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
     TOKENED, ClaimReply, SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply,
     frame,
@@ -302,6 +302,14 @@ class AgentClient:
 
     def kill_node(self, node: str) -> list[int]:
         return self._typed("kill_node", KillTreeReply, node=node).pids
+
+    def kernel_integrity(self, node: str) -> IntegrityReply:
+        """A VM node's guest kernel integrity: baseline, sweeps, open findings."""
+        return self._typed("kernel_integrity", IntegrityReply, node=node)
+
+    def heal_kernel(self, node: str) -> HealReply:
+        """Restore the open findings of a VM node's guest kernel."""
+        return self._typed("heal_kernel", HealReply, node=node, timeout=HEAL_S + 1.0)
 
     def set_limits(self, node: str, *, memory: int | None | Any = _UNSET,
                    pids: int | None | Any = _UNSET) -> LimitsReply:

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from ..common.fdstore import Notifier, listen_fds, watchdog_interval
@@ -22,8 +23,8 @@ from ..common.runtime import agent_socket
 from ..errors import AgentError, BackdoorsError
 from ..nodes import Layout, Node, detect, read_process
 from ..sensors import GUEST_BOX, KERNEL_BOX, Region
+from ..vm.guard import GuestWatch
 from ..vm.node import VmNode
-from ..vm.sensors import GuestSampler, GuestSensors
 from .audit import AuditLog
 from .config import AgentConfig, validate
 from .fdstore import AgentStore
@@ -211,20 +212,32 @@ class Agent:
                                                 what=f"agent {c.host} metrics")
             self.metrics_server.bind()
 
-    def _open_guest(self, spec, node: VmNode) -> GuestSampler:
+    def _open_guest(self, spec, node: VmNode) -> GuestWatch:
         """Map a VM node's guest RAM and show its guest kernel box (`GUEST_BOX`), owned by
-        the node's QEMU: its death is the guest's (agent/watch.py follows it)."""
+        the node's QEMU: its death is the guest's (agent/watch.py follows it). Its
+        integrity guard's changes are pushed as events (vm/guard.py)."""
         try:
             qemu = node.qemu()
-            sensors = GuestSensors(spec.name, node.memory(),
-                                   jiffies_deadline=spec.vm.jiffies_deadline_s)
+            watch = GuestWatch(spec.name, node.memory(), sample_period=spec.vm.sample_period_s,
+                               jiffies_deadline=spec.vm.jiffies_deadline_s,
+                               on_change=lambda *a, n=spec.name: self._tampered(n, *a))
         except BackdoorsError as e:
             raise AgentError(f"node {spec.name}: cannot read its guest kernel: {e}") from None
         started = read_process(qemu)
-        region = Region(sensors.box.fd, label=f"node {spec.name} guest kernel sensors")
+        region = Region(watch.sensors.box.fd, label=f"node {spec.name} guest kernel sensors")
         self.regions.add(Entry(spec.name, GUEST_BOX, "sensorbox", region, False, qemu,
                                started.start_time if started else 0.0, internal=True))
-        return GuestSampler(sensors, period=spec.vm.sample_period_s)
+        return watch
+
+    def _tampered(self, node: str, violated: bool, new: list, count: int) -> None:
+        """A VM node's kernel integrity went bad (or good again): pushed like a level out
+        of bounds of its guest box, with the findings."""
+        self.events.publish("violation" if violated else "cleared", node,
+                            detector="level_out_of_bounds", condition="kernel_tampered",
+                            box=GUEST_BOX, sensor="tampered", value=float(count), max=0.5,
+                            findings=[f.to_dict() for f in new], onset=time.time())
+        self.audit.write(kind="kernel_tampered" if violated else "kernel_clean", node=node,
+                         findings=[f.to_dict() for f in new], open=count)
 
     def _run(self) -> None:
         """Start the threads and tasks that serve: samplers, owners, the watcher,
@@ -402,8 +415,7 @@ class Agent:
         for rt in self.nodes.values():
             rt.sampler.close()
             if rt.guest is not None:
-                rt.guest.sensors.close()
-                rt.guest.sensors.memory.close()
+                rt.guest.close()
             if isinstance(rt.node, VmNode):
                 rt.node.close()
         if self.audit is not None:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ..common.procs import exe_sha256, installed_exe, read_cmdline, same_start
-from ..errors import SensorBoxError
+from ..errors import BackdoorsError, SensorBoxError
 from ..nodes import KEEP, process_table, subtree
 from ..sensors import read_consistent
 from .config import AgentConfig
@@ -33,8 +33,9 @@ from .leases import LeaseTable
 from .mmreads import MmReads
 from .pidmap import box_in_host_terms
 from .protocol import (
-    DESTRUCTIVE, MAX_IO, ClaimReply, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong,
-    ProcessRow, ProcessTable, RegionInfo, SensorsReply, WriteReply,
+    DESTRUCTIVE, HEAL_S, MAX_IO, ClaimReply, GuestFinding, HealReply, IntegrityReply, KillReply,
+    KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong, ProcessRow, ProcessTable, RegionInfo,
+    SensorsReply, WriteReply,
 )
 from .regions import Entry, NoSuchRegion, RegionTable
 from .served import NodeRuntime
@@ -407,6 +408,42 @@ def set_limits(call: Call) -> LimitsReply:
     return LimitsReply(node.cgroup.memory_limit(), node.cgroup.pids_limit())
 
 
+def _guest(call: Call):
+    rt = call.node
+    if rt.guest is None:
+        raise OpError("bad_request", f"node {rt.name} is not a VM node")
+    return rt.guest.integrity
+
+
+def _findings(findings) -> list[GuestFinding]:
+    return [GuestFinding(**f.to_dict()) for f in findings]
+
+
+def kernel_integrity(call: Call) -> IntegrityReply:
+    guard = _guest(call)
+    checker = guard.checker
+    return IntegrityReply(checker is not None, guard.baseline_s and round(guard.baseline_s, 3),
+                          checker.sweeps if checker is not None else 0,
+                          _findings(guard.findings()), guard.errors, guard.last_error)
+
+
+def heal_kernel(call: Call) -> HealReply:
+    """Restore the open findings of a VM node's guest kernel: the clean bytes written
+    through QEMU's gdbstub with the vCPUs stopped (they stay stopped after if the node's
+    lock held them), read back, relinked processes; the lock operations wait meanwhile."""
+    guard, rt = _guest(call), call.node
+    if guard.checker is None:
+        raise OpError("failed", f"node {rt.name}: the integrity baseline is not taken yet")
+    began = time.monotonic()
+    with call.agent.leases.exclusive(rt.name):
+        try:
+            healed, failed = guard.heal(rt.node)
+        except BackdoorsError as e:
+            raise OpError("failed", f"node {rt.name}: healing failed: {e}") from None
+    return HealReply(_findings(healed), _findings(failed),
+                     round((time.monotonic() - began) * 1000, 1))
+
+
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("ping", NoArgs, ping, "inline"),
     Op("nodes", NoArgs, nodes, "inline"),
@@ -423,4 +460,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("kill_tree", KillTreeArgs, kill_tree),
     Op("kill_node", NodeArgs, kill_node),
     Op("set_limits", LimitsArgs, set_limits),
+    Op("kernel_integrity", NodeArgs, kernel_integrity),
+    Op("heal_kernel", NodeArgs, heal_kernel, deadline_s=HEAL_S),
 )}

@@ -23,6 +23,8 @@ MAX_IO = 1 << 20
 #: a fence waits this long for its node to freeze: under a host saturated from outside,
 #: the node's tasks must get a CPU to stop, which took over a second beside stress-ng
 FENCE_S = 10.0
+#: `heal_kernel` may take this long: a gdbstub session and QMP round trips to the guest's QEMU
+HEAL_S = 10.0
 #: Largest frame, either direction: a full MAX_IO payload plus envelope and header.
 MAX_FRAME = MAX_IO + 4096
 NONCE_BYTES = 16
@@ -42,12 +44,12 @@ CODES = (
 #: Operations held for votes when the agent's quorum is above 1: the one table, read by
 #: the server (ops.Op.destructive) and the client (which waits the vote window for them).
 DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits",
-                         "fence", "unfence", "evacuate"})
+                         "fence", "unfence", "evacuate", "heal_kernel"})
 #: Operations that only read: not audited unless refused (REFUSED), as a monitor polls
 #: them several times a second; every request is counted in backdoors_agent_rpc_total.
 #: Every other op (and an unknown one) is audited: it changes or could change a node.
 READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "processes",
-                   "sessions", "held", "peers", "subscribe", "orphans"})
+                   "sessions", "held", "peers", "subscribe", "orphans", "kernel_integrity"})
 #: Error codes of a request refused for what it asked (not for the agent's own trouble:
 #: busy, deadline, failed): a read refused so is audited.
 REFUSED = frozenset({"auth", "bad_request", "unknown_op", "no_such_node", "no_such_region",
@@ -251,6 +253,37 @@ class LimitsReply(msgspec.Struct):
 
 class WriteReply(msgspec.Struct):
     written: int
+
+
+class GuestFinding(msgspec.Struct):
+    """A tampered place of a VM node's guest kernel (vm/integrity.py Finding): `kind`
+    text | rodata | syscall | idt | ops | process, `where` a symbol + offset, a table
+    entry or a pid."""
+
+    kind: str
+    where: str
+    virt: str
+    detail: str
+
+
+class IntegrityReply(msgspec.Struct):
+    """`kernel_integrity` of a VM node: whether the clean baseline is taken (and in how
+    many seconds), full sweeps of the kernel so far, the open findings, failed checks."""
+
+    ready: bool
+    baseline_s: float | None
+    sweeps: int
+    findings: list[GuestFinding]
+    errors: int
+    last_error: str | None
+
+
+class HealReply(msgspec.Struct):
+    """`heal_kernel`: the findings restored, those that would not be, how long it took."""
+
+    healed: list[GuestFinding]
+    failed: list[GuestFinding]
+    took_ms: float
 
 
 class ClaimReply(msgspec.Struct):

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from ..errors import BackdoorsError
+from ..vm.kernel import cache_dir
 from .config import AgentConfig
 from .daemon import Agent
 from .hardening import OwnCgroup, harden
@@ -76,8 +77,10 @@ class _Sealing:
     def confine(self, agent: Agent) -> None:
         c = agent.config
         mounts = sorted({str(m) for m in agent.layout.hierarchies().values()})
+        # VM nodes: their integrity baselines come from the guest kernel's image (vm/guard.py)
+        kernels = (str(cache_dir()),) if any(n.vm is not None for n in c.nodes) else ()
         self.confined = confine(rules(run_dir=c.run_dir, nodes=[n.name for n in c.nodes],
-                                      cgroup_mounts=mounts),
+                                      cgroup_mounts=mounts, read_dirs=kernels),
                                 secrets=self.secrets, require_landlock=self.require_landlock)
 
     def serving(self, agent: Agent) -> None:

@@ -133,9 +133,12 @@ class Seal:
     landlock: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
-def rules(*, run_dir: str, nodes: list[str], cgroup_mounts: list[str]) -> dict[str, int]:
-    """The Landlock rules of a sealed agent: {path: accesses beneath it}."""
+def rules(*, run_dir: str, nodes: list[str], cgroup_mounts: list[str],
+          read_dirs: tuple[str, ...] = ()) -> dict[str, int]:
+    """The Landlock rules of a sealed agent: {path: accesses beneath it}; `read_dirs`
+    are read too (the guest kernels of VM nodes, for their integrity baselines)."""
     out: dict[str, int] = {p: landlock.READ for p in code_dirs()}
+    out.update((p, landlock.READ) for p in read_dirs)
     out.update((p, landlock.READ) for p in LIBRARY_DIRS)
     out.update((p, landlock.READ_FILE) for p in ETC_FILES)
     out.update((p, landlock.READ_FILE) for p in exe_dirs())

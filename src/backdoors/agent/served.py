@@ -10,7 +10,7 @@ import concurrent.futures
 from dataclasses import dataclass, field
 
 from ..nodes import Node
-from ..vm.sensors import GuestSampler
+from ..vm.guard import GuestWatch
 from .backoff import BoxBackoff
 from .config import NodeSpec
 from .sampler import NodeSampler
@@ -48,7 +48,7 @@ class NodeRuntime:
     reads: Lane = field(init=False)
     boxes: BoxBackoff = field(init=False, default_factory=BoxBackoff)
     tracking: BoxTracking = field(init=False, default_factory=BoxTracking)
-    guest: GuestSampler | None = None  # a VM node's guest kernel box (vm/sensors.py)
+    guest: GuestWatch | None = None  # a VM node's guest kernel box and integrity (vm/guard.py)
 
     def __post_init__(self) -> None:
         self.reads = Lane(f"{self.spec.name}:memory", READ_WORKERS)

@@ -434,7 +434,24 @@ def no_recovery_node(ctx: Context, target: str | None) -> str:
             "recover action")
 
 
+class HealKernel(Action, tag="heal_kernel"):
+    """Restore a VM node's tampered guest kernel through its agent: the clean bytes of
+    each open finding written back with the guest's vCPUs stopped, hidden processes
+    relinked, read back (docs/vm-backdoor.md); then ask the agent what is still open."""
+
+    def run(self, ctx: Context, finding: Finding) -> Outcome:
+        reply = ctx.client.heal_kernel(ctx.node)
+        detail: dict[str, Any] = {"healed": [msgspec.to_builtins(f) for f in reply.healed],
+                                  "failed": [msgspec.to_builtins(f) for f in reply.failed],
+                                  "took_ms": reply.took_ms}
+        if not reply.healed and not reply.failed:
+            return Outcome("skipped", {**detail, "reason": "nothing was open any more"})
+        left = ctx.client.kernel_integrity(ctx.node).findings
+        detail["open_after"] = [msgspec.to_builtins(f) for f in left]
+        return Outcome("failed" if reply.failed or left else "done", detail)
+
+
 # ---- registration ------------------------------------------------------------------------
 
-ACTIONS = (KillCulprit, LockKillLineage, Refresh, Record, Recover)
+ACTIONS = (KillCulprit, LockKillLineage, Refresh, Record, Recover, HealKernel)
 ActionUnit = Union[ACTIONS]  # the TOML `actions = [...]` entries

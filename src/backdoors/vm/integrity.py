@@ -331,6 +331,11 @@ class Checker:
         with self._lock:
             return self._tick()
 
+    def current(self) -> list[Finding]:
+        """The findings open now (seen, and not gone since)."""
+        with self._lock:
+            return list(self.active.values())
+
     def forget(self, findings: list[Finding]) -> None:
         """Drop healed findings, so that the same tamper done again is reported again
         even before the slice comes back to its page."""
@@ -450,14 +455,18 @@ class Healer:
     """Restores tampered bytes: with the vCPUs stopped (QMP `stop`, the node lock), writes
     each finding's clean bytes through QEMU's gdbstub (so TCG drops code translated from
     the tampered bytes), relinks hidden processes, reads it all back from the RAM, then
-    lets the guest run again (QMP `cont`). Returns the findings it could not restore."""
+    lets the guest run again (QMP `cont`) -- unless it was stopped before (held under a
+    lease): then it stays so. Returns the findings it could not restore. `vm`: a
+    machine.Vm or a node.VmNode (memory, running, lock, unlock, debug)."""
 
     def __init__(self, vm):
         self.vm = vm
 
     def heal(self, findings: list[Finding]) -> list[Finding]:
         memory = self.vm.memory()
-        self.vm.lock()
+        was = self.vm.running()
+        if was:
+            self.vm.lock()
         try:
             with self.vm.debug() as stub:
                 writes = []
@@ -471,7 +480,8 @@ class Healer:
                 failed = {id(f): f for f, phys, data in writes
                           if memory.read(phys, len(data)) != data}
         finally:
-            self.vm.unlock()
+            if was:
+                self.vm.unlock()
         return list(failed.values())
 
 

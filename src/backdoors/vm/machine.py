@@ -24,6 +24,7 @@ is handed over open (RAM, tap, kernel, initramfs) or lies in `run_dir`, given to
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -54,6 +55,7 @@ TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 TAP, BRIDGE = "tap0", "br0"
 AGENT_QMP = "agent-qmp.sock"
+GDB = "gdb.sock"
 #: RAM must stay below the PCI hole so that memfd offsets are guest-physical addresses
 MAX_MEMORY_MB = 2048
 
@@ -151,7 +153,7 @@ class Vm:
             tap = _open_tap(spec.netns) if spec.netns is not None else None
             files = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in (kernel.image, initrd)]
             argv = _argv(spec, *files, accel, ram, tap)
-            for stale in ("console.log", "qmp.sock", AGENT_QMP, "gdb.sock"):
+            for stale in ("console.log", "qmp.sock", AGENT_QMP, GDB):
                 (spec.run_dir / stale).unlink(missing_ok=True)
             began = time.monotonic()
             with open(spec.run_dir / "qemu.log", "ab") as log:
@@ -221,35 +223,15 @@ class Vm:
 
     @property
     def gdb_path(self) -> Path:
-        return self.spec.run_dir / "gdb.sock"
+        return self.spec.run_dir / GDB
 
     def gdb(self) -> "GdbStub":
-        """A connection to the guest's QEMU gdbstub (started on `gdb.sock` in the run
-        folder on first use, through HMP `gdbserver`): the debug interface the rootkit
-        fault writes through and the healer restores through. Connecting stops the vCPUs."""
-        from .gdb import GdbStub
-        if not self.gdb_path.exists():
-            self.qmp("human-monitor-command",
-                     **{"command-line": f"gdbserver unix:{self.gdb_path},server=on,wait=off"})
-        return GdbStub(self.gdb_path, where=f"VM {self.spec.name}")
+        """A connection to the guest's QEMU gdbstub (`gdb_stub`)."""
+        return gdb_stub(self._qmp, self.gdb_path, f"VM {self.spec.name}")
 
-    @contextmanager
-    def debug(self) -> Iterator["GdbStub"]:
-        """A gdbstub session: the vCPUs stop while it is open; after it they are back as
-        they were (running, or stopped under the node lock). QEMU's own detach does not
-        say: after a session closed without one it leaves them stopped, and a detach
-        under QMP `stop` resumes them -- so QMP puts them right."""
-        was = self.running()
-        stub = self.gdb()
-        try:
-            yield stub
-        finally:
-            try:
-                stub.detach()
-            except VmError:
-                stub.close()
-            if self.running() != was:
-                self.qmp("cont" if was else "stop")
+    def debug(self) -> "contextlib.AbstractContextManager[GdbStub]":
+        """A gdbstub session (`debug_session`)."""
+        return debug_session(self._qmp, self.gdb_path, f"VM {self.spec.name}")
 
     def running(self) -> bool:
         return self._qmp.running()
@@ -259,6 +241,36 @@ class Vm:
         if self._memory is None:
             self._memory = GuestMemory(self.ram_fd, self.kernel, where=f"VM {self.spec.name}")
         return self._memory
+
+
+def gdb_stub(qmp: Qmp, path: Path, where: str) -> "GdbStub":
+    """A connection to a guest's QEMU gdbstub on `path` (started there on first use
+    through QMP's HMP `gdbserver`; any party may use it, one at a time): the debug
+    interface the rootkit fault writes through and the healer restores through.
+    Connecting stops the vCPUs."""
+    from .gdb import GdbStub
+    if not path.exists():
+        qmp("human-monitor-command", **{"command-line": f"gdbserver unix:{path},server=on,wait=off"})
+    return GdbStub(path, where=where)
+
+
+@contextmanager
+def debug_session(qmp: Qmp, path: Path, where: str) -> Iterator["GdbStub"]:
+    """A gdbstub session: the vCPUs stop while it is open; after it they are back as
+    they were (running, or stopped under the node lock). QEMU's own detach does not say:
+    after a session closed without one it leaves them stopped, and a detach under QMP
+    `stop` resumes them -- so QMP puts them right."""
+    was = qmp.running()
+    stub = gdb_stub(qmp, path, where)
+    try:
+        yield stub
+    finally:
+        try:
+            stub.detach()
+        except VmError:
+            stub.close()
+        if qmp.running() != was:
+            qmp("cont" if was else "stop")
 
 
 def agent_qmp_path(run_dir: Path) -> Path:

@@ -10,6 +10,7 @@ the guest kernel without its help (memory.GuestMemory, sensors.GuestSensors).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from ..nodes import Node
 from ..nodes.cgroups import Cgroup
 from ..nodes.hierarchies import Layout
 from .kernel import GuestKernel
-from .machine import QEMU, open_ram
+from .gdb import GdbStub
+from .machine import GDB, QEMU, debug_session, open_ram
 from .memory import GuestMemory
 from .qmp import Qmp
 
@@ -31,6 +33,9 @@ class VmNode(Node):
         super().__init__(name, cgroup, netns)
         self.guest = guest
         self.qmp = Qmp(qmp, f"VM node {name}")
+        #: QEMU's gdbstub, when healing: beside the QMP socket (started there on first use)
+        self.gdb_path = qmp.parent / GDB
+        self._memory: GuestMemory | None = None
 
     def __repr__(self) -> str:
         return f"VmNode({self.name!r}, cgroup={self.cgroup.relpath!r}, guest={self.guest!r})"
@@ -57,13 +62,25 @@ class VmNode(Node):
                             f"{len(found)} {QEMU} processes, not one: is the guest running?")
         return found[0]
 
-    def memory(self, kernel: GuestKernel | None = None) -> GuestMemory:
-        """The guest's RAM, mapped read-only from its QEMU, with the kernel located in it."""
-        fd = open_ram(self.qemu(), self.guest)
-        try:
-            return GuestMemory(fd, kernel or GuestKernel.find(), where=f"VM node {self.name}")
-        finally:
-            os.close(fd)
+    def memory(self) -> GuestMemory:
+        """The guest's RAM, mapped read-only from its QEMU (once), with the kernel located
+        in it."""
+        if self._memory is None:
+            fd = open_ram(self.qemu(), self.guest)
+            try:
+                self._memory = GuestMemory(fd, GuestKernel.find(), where=f"VM node {self.name}")
+            finally:
+                os.close(fd)
+        return self._memory
+
+    def running(self) -> bool:
+        """Whether the guest's vCPUs run."""
+        return self.qmp.running()
+
+    def debug(self) -> contextlib.AbstractContextManager[GdbStub]:
+        """A session on the guest's gdbstub (machine.debug_session): what healing writes
+        through; the vCPUs are as they were after it."""
+        return debug_session(self.qmp, self.gdb_path, f"VM node {self.name}")
 
     # -- the node lock: the guest's vCPUs --------------------------------------------
 
@@ -98,3 +115,6 @@ class VmNode(Node):
 
     def close(self) -> None:
         self.qmp.close()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None

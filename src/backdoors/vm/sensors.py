@@ -6,7 +6,8 @@ counts the guest kernel's ticks since the sampler started: a hung guest kernel (
 whose vCPUs are stopped) stops ticking, and the sensor stalls past its deadline with no
 agent inside the guest. The level `tasks` counts the guest's task list (a fork bomb in
 the guest is seen from outside); `available_mb` and `threads` are the guest kernel's own
-counters (memory.Readings), bounded like Orion's plain detectors (vm.orion).
+counters (memory.Readings), bounded like Orion's plain detectors (vm.orion). The level
+`tampered` counts the open kernel integrity findings (guard.py; 0 where none runs).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class GuestSensors:
         self.tasks = self.box.level("tasks", min=1.0, max=max_tasks)
         self.available = self.box.level("available_mb", min=min_available_mb)
         self.threads = self.box.level("threads", min=1.0, max=max_threads)
+        # open kernel integrity findings (guard.IntegrityGuard sets it): any violates
+        self.tampered = self.box.level("tampered", min=0.0, max=0.5)
         self._base = memory.jiffies()
         self.update()
 

@@ -1,0 +1,121 @@
+"""What an agent runs for one VM node's guest: its kernel box, and its kernel integrity.
+
+`GuestWatch` bundles the two threads that read a guest's RAM from outside: the sampler of
+its kernel box (sensors.py) and the `IntegrityGuard`, which takes the clean baseline from
+the kernel image (integrity.Baseline: a few seconds, in its own thread, so the agent
+serves meanwhile) and then checks a slice of the kernel per tick (integrity.Checker).
+The open findings are the box's level `tampered` (max 0.5: any finding violates), read
+by monitors like any level; its changes are also told to `on_change` at once (the agent
+pushes them as events). `heal()` restores what is open (integrity.Healer) through the
+node's debug interface, then checks again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .integrity import Baseline, Checker, Finding, Healer
+from .memory import GuestMemory
+from .periodic import Periodic
+from .sensors import GuestSampler, GuestSensors
+
+log = logging.getLogger("backdoors.vm")
+
+#: a baseline that could not be taken (the guest still booting, a torn read) is tried again
+BASELINE_RETRY_S = 5.0
+MAX_FINDINGS_TOLD = 16  # findings an on_change call carries (the count says how many in all)
+
+OnChange = Callable[[bool, list[Finding], int], None]  # (violated, new findings, open count)
+
+
+class IntegrityGuard(Periodic):
+    """The kernel integrity watch of one guest, a slice every `tick_s` (`pages_per_tick`
+    pages: the whole kernel in len(pages) / pages_per_tick ticks)."""
+
+    def __init__(self, memory: GuestMemory, sensors: GuestSensors, *, on_change: OnChange,
+                 tick_s: float = 0.02, pages_per_tick: int = 128):
+        super().__init__(tick_s, "integrity-guard")
+        self.memory, self.sensors, self.on_change = memory, sensors, on_change
+        self.pages_per_tick = pages_per_tick
+        self.checker: Checker | None = None
+        self.baseline_s: float | None = None
+        self.errors, self.last_error = 0, None
+        self._retry_at = 0.0
+        self._violated = False
+        self._heal = threading.Lock()  # one heal at a time
+
+    def step(self) -> None:
+        try:
+            if self.checker is None:
+                self._take_baseline()
+                return
+            new = self.checker.tick()
+        except Exception as e:  # noqa: BLE001 - whatever the guest wrote, the watch goes on
+            self._failed(e)
+            return
+        self._show(new)
+
+    def _take_baseline(self) -> None:
+        if time.monotonic() < self._retry_at:
+            return
+        self._retry_at = time.monotonic() + BASELINE_RETRY_S
+        began = time.monotonic()
+        baseline = Baseline.take(self.memory)
+        self.checker = Checker(baseline, pages_per_tick=self.pages_per_tick)
+        self.baseline_s = time.monotonic() - began
+        log.info("%s: integrity baseline taken in %.1f s (%d pages)", self.sensors.box.name,
+                 self.baseline_s, len(baseline.pages))
+
+    def _failed(self, e: Exception) -> None:
+        self.errors += 1
+        if str(e) != self.last_error:  # said once, not every tick
+            log.warning("%s: integrity check failed: %s", self.sensors.box.name, e)
+        self.last_error = str(e)
+
+    def _show(self, new: list[Finding]) -> None:
+        count = len(self.findings())
+        self.sensors.tampered.set(float(count))
+        violated = count > 0
+        if violated != self._violated:
+            self._violated = violated
+            self.on_change(violated, new[:MAX_FINDINGS_TOLD], count)
+
+    def findings(self) -> list[Finding]:
+        """The open findings (none before the baseline is taken)."""
+        return self.checker.current() if self.checker is not None else []
+
+    def heal(self, vm) -> tuple[list[Finding], list[Finding]]:
+        """Restore every open finding through `vm` (a VmNode); (healed, not restored)."""
+        with self._heal:
+            findings = self.findings()
+            if not findings:
+                return [], []
+            failed = Healer(vm).heal(findings)
+            healed = [f for f in findings if f not in failed]
+            self.checker.forget(healed)
+            self._show([])
+            return healed, failed
+
+
+class GuestWatch:
+    """The guest kernel box of VM node `node` and its integrity guard, on `memory`."""
+
+    def __init__(self, node: str, memory: GuestMemory, *, on_change: OnChange,
+                 jiffies_deadline: float = 1.0, sample_period: float = 0.05):
+        self.sensors = GuestSensors(node, memory, jiffies_deadline=jiffies_deadline)
+        self.sampler = GuestSampler(self.sensors, period=sample_period)
+        self.integrity = IntegrityGuard(memory, self.sensors, on_change=on_change)
+
+    def start(self) -> None:
+        self.sampler.start()
+        self.integrity.start()
+
+    def stop(self) -> None:
+        self.sampler.stop()
+        self.integrity.stop()
+
+    def close(self) -> None:
+        self.sensors.close()
