@@ -153,6 +153,9 @@ def test_psi_trigger_settings_are_checked(tmp_path, table, match):
 def test_a_vm_node_is_checked(tmp_path, table, match):
     with pytest.raises(ConfigError, match=match):
         load_config(_write(tmp_path, GOOD + "\n[nodes.vm]\n" + table + "\n"))
+    twice = GOOD.replace('cgroup = "bd-lab/n0"', 'cgroup = "bd-lab/n0"\nvm = { guest = "g", qmp = "/q" }')
+    with pytest.raises(ConfigError, match=r"key nodes\[1\]\.vm\.guest: 'g' is another node's too"):
+        load_config(_write(tmp_path, twice + '\n[nodes.vm]\nguest = "g"\nqmp = "/q2"\n'))
     ok = load_config(_write(tmp_path, GOOD + '\n[nodes.vm]\nguest = "bd-lab-v0"\nqmp = "/run/q"\n'))
     assert ok.nodes[0].vm is None and ok.nodes[1].vm.guest == "bd-lab-v0"
     assert (ok.nodes[1].vm.jiffies_deadline_s, ok.nodes[1].vm.sample_period_s) == (1.0, 0.05)

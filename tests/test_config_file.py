@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 import backdoors.config as C
-from backdoors.agent.config import AgentConfig, KernelSensorLimits, NodeSpec
+from backdoors.agent.config import AgentConfig, KernelSensorLimits, NodeSpec, VmNodeSpec
 from backdoors.agent.keys import generate, new_identity
 from backdoors.common.configfile import descriptions
 from backdoors.config import load_agent_config as load_agent
@@ -207,7 +207,7 @@ def test_monitor_check_warns_when_heal_has_nowhere_to_recover_to(folder):
 
 
 def test_every_key_is_documented():
-    for struct in (AgentConfig, NodeSpec, KernelSensorLimits, MonitorConfig, AgentEntry,
+    for struct in (AgentConfig, NodeSpec, VmNodeSpec, KernelSensorLimits, MonitorConfig, AgentEntry,
                    WarningsConfig, ArmedEntry):
         assert set(descriptions(struct)) == set(struct.__struct_fields__), struct.__name__
 
@@ -274,6 +274,7 @@ def test_show_without_a_file_prints_the_defaults(monkeypatch, tmp_path):
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 LAYOUT = {"agent": AgentConfig, "monitor": MonitorConfig}
 TABLES = {AgentConfig: {"nodes": NodeSpec, "kernel_sensors": KernelSensorLimits},
+          NodeSpec: {"vm": VmNodeSpec},
           MonitorConfig: {"agents": AgentEntry, "warnings": WarningsConfig},
           WarningsConfig: {"armed": ArmedEntry}}
 

@@ -5,13 +5,21 @@ stops and resumes the guest's vCPUs through QMP. Its integrity guard finds what 
 did to the guest kernel and heals it (op and monitor rule), the guest running on."""
 
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
 
+from backdoors.agent import BackgroundAgent
+from backdoors.agent.config import VmNodeSpec
 from backdoors.errors import VmError
 from backdoors.lab import Lab
 from backdoors.monitor import Monitor
@@ -19,11 +27,15 @@ from backdoors.nodes import Node
 from backdoors.scenarios.labkit import lab_monitor_config
 from backdoors.scenarios.vm import guest_get
 from backdoors.sensors import parse_box
-from backdoors.vm import rootkit
+from backdoors.vm import initramfs, rootkit
 from backdoors.vm.kernel import GuestKernel
+from backdoors.vm.machine import QEMU
+
+from test_agent_support import agent_lab  # noqa: F401 - fixtures
+from test_nodes_support import prefix  # noqa: F401
 
 from conftest import unavailable
-from test_agent_events import _subscribe, _until
+from test_agent_events import _frames, _subscribe, _until
 
 pytestmark = pytest.mark.root
 
@@ -82,6 +94,7 @@ def test_the_agent_reads_the_guest_kernel_and_locks_it_by_its_vcpus(lab):
         c.lock("v0", 30.0)
         try:
             assert not vm.running()
+            time.sleep(0.2)  # the box's last sample before the stop is up to 50 ms old
             held = _guest(c)["jiffies"]
             time.sleep(0.3)
             assert _guest(c)["jiffies"] == held
@@ -92,12 +105,16 @@ def test_the_agent_reads_the_guest_kernel_and_locks_it_by_its_vcpus(lab):
 
 
 def test_a_hung_guest_kernel_is_pushed_at_its_deadline(lab):
-    """vCPUs stopped behind the agent's back (not its lock): the guest's jiffies stall, and
-    the watcher pushes one violation after the 1 s deadline, one `cleared` after."""
+    """An idle guest's kernel ticks on (nohz=off): no stall. vCPUs stopped behind the
+    agent's back (not its lock): the guest's jiffies stall, and the watcher pushes one
+    violation after the 1 s deadline, one `cleared` after."""
     vm = lab.vm("v0")
     key = lab.agent_keys("h0")[0]
     reply, sock = _subscribe(_Client(lab), kinds=["violation", "cleared"])
-    time.sleep(0.3)
+    sock.settimeout(3.5)
+    with pytest.raises((socket.timeout, AssertionError)):  # an idle guest ticks on: no stall
+        _frames(sock, key, 1, timeout=3.0)
+    sock.settimeout(10)
     stopped = time.monotonic()
     vm.lock()
     try:
@@ -205,6 +222,35 @@ def test_the_monitor_heals_a_tampered_guest_kernel(lab, tmp_path):
     assert vm.running()
 
 
+def test_a_fenced_vm_node_stays_fenced_across_an_agent_restart(lab):
+    """A fence of a VM node holds its guest's vCPUs stopped; the (sealed) agent SIGKILLed
+    and restarted by its keeper takes the fence back at start, before its seal, and the
+    guest stays stopped until unfenced."""
+    from backdoors.lab.agents import agent_pid
+    vm = lab.vm("v0")
+    with lab.agent_client("h0", timeout=15.0) as c:
+        c.fence("v0")
+    assert not vm.running()
+    old = agent_pid(lab.plan, lab.plan.host("h0"))
+    os.kill(old, signal.SIGKILL)
+    assert _eventually(lambda: agent_pid(lab.plan, lab.plan.host("h0")) not in (old, None))
+
+    def answers():
+        try:
+            with lab.agent_client("h0", timeout=5.0) as c:
+                return c.ping().pid != old
+        except Exception:  # noqa: BLE001 - not serving yet
+            return False
+    assert _eventually(answers, 30)
+    assert not vm.running()
+    with lab.agent_client("h0", timeout=15.0) as c:
+        assert [n.fenced for n in c.nodes() if n.name == "v0"] == [True]
+        c.unfence("v0")
+        assert vm.running()
+        first = _guest(c)["jiffies"]
+        assert _eventually(lambda: _guest(c)["jiffies"] > first)
+
+
 def test_a_dead_qemu_is_pushed_at_its_death(lab):
     """The guest box is owned by the QEMU: SIGKILL it and the stall is pushed at once
     (`reason` "died"), long before the deadline. Runs last: the guest is gone after."""
@@ -220,3 +266,62 @@ def test_a_dead_qemu_is_pushed_at_its_death(lab):
         ("v0", "guest", "jiffies", "died")
     sock.close()
 
+
+
+def test_a_qemu_started_the_operators_way_is_a_vm_node(agent_lab):  # noqa: F811
+    """QEMU as docs/operations.md ("VM nodes") has an operator start it, not the lab: its
+    RAM in a memfd it makes itself (memory-backend-memfd), a QMP socket for the agent,
+    the kernel in a folder of the host's, in the node's cgroup as an unprivileged uid; the
+    agent is given that folder. It reads the guest kernel, guards it, and locks it."""
+    kernel = GuestKernel.find()
+    initrd = initramfs.build(kernel)
+    lab = agent_lab(nodes={"v0": {}}, start=False)
+    shared = Path(tempfile.mkdtemp(prefix="bdt-kernels-"))  # as /var/lib/backdoors/kernels
+    proc = None
+    try:
+        shared.chmod(0o755)
+        folder = shared / kernel.version
+        (folder / "boot").mkdir(parents=True)
+        shutil.copy(kernel.image, folder / "boot")
+        shutil.copy(initrd, shared / "initrd.cpio")
+        run = shared / "web1"
+        run.mkdir()
+        uid = (1 << 30) + 350 * 128 * (1 << 16) + 1  # beyond every lab's uid ranges
+        os.chown(run, uid, uid)
+        argv = [QEMU, "-name", "web1", "-nodefaults", "-no-user-config", "-display", "none",
+                "-accel", "tcg", "-m", "256M", "-smp", "1",
+                "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+                "-machine", "pc,memory-backend=mem",
+                "-kernel", str(folder / "boot" / kernel.image.name),
+                "-initrd", str(shared / "initrd.cpio"),
+                "-append", "console=ttyS0 panic=-1 quiet nohz=off bd.name=web1",
+                "-serial", f"file:{run / 'console.log'}",
+                "-qmp", f"unix:{run / 'agent-qmp.sock'},server=on,wait=off"]
+        proc = lab.nodes["v0"].run(argv, user=uid, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+        assert _eventually(lambda: (run / "console.log").exists() and initramfs.READY.encode()
+                           in (run / "console.log").read_bytes(), 120), proc.poll()
+        spec = VmNodeSpec(guest="web1", qmp=str(run / "agent-qmp.sock"), kernel=str(folder))
+        config = lab.config
+        config.nodes = [msgspec.structs.replace(config.nodes[0], vm=spec)]
+        lab.agent = BackgroundAgent(config).start()
+        c = lab.client(timeout=10.0)
+        first = _guest(c)
+        assert first["tasks"] >= 3
+        assert _eventually(lambda: _guest(c)["jiffies"] > first["jiffies"])
+        _ready(c)
+        assert c.kernel_integrity("v0").findings == []
+        c.lock("v0", 30.0)
+        time.sleep(0.2)  # the box's last sample before the stop is up to 50 ms old
+        held = _guest(c)["jiffies"]
+        time.sleep(0.3)
+        assert _guest(c)["jiffies"] == held
+        c.unlock("v0")
+        assert _eventually(lambda: _guest(c)["jiffies"] > held)
+        assert (folder.parent / f"profile-{kernel.version}.json").exists()  # cached beside it
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            proc.stderr.close()
+        shutil.rmtree(shared, ignore_errors=True)

@@ -33,10 +33,14 @@ class VmNodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A VM node: its cgroup holds the QEMU that runs the guest (docs/vm-backdoor.md)."""
 
     guest: Annotated[str, doc(
-        "the guest's name (QEMU's -name), whose RAM is the memfd '<guest>-ram' QEMU holds")]
+        "the guest's name (QEMU's -name); its RAM is the memfd '<guest>-ram' QEMU holds, "
+        "else the one QEMU made for its memory-backend-memfd object")]
     qmp: Annotated[str, doc(
         "QEMU's QMP socket kept for the agent (absolute path): the node lock stops and "
         "resumes the guest's vCPUs through it")]
+    kernel: Annotated[str, doc(
+        "the guest kernel's unpacked package (absolute path; boot/vmlinuz-VERSION inside): "
+        "its symbols, structure layouts and clean bytes; empty: the lab's (make vm-kernel)")] = ""
     jiffies_deadline_s: Annotated[float, doc(
         "the guest kernel's jiffies progress deadline: a hung guest kernel stops ticking")] = 1.0
     sample_period_s: Annotated[float, doc(
@@ -340,6 +344,7 @@ def _check_quorum(c: AgentConfig, monitors: dict, peers: dict) -> None:
 
 def _validate_nodes(c: AgentConfig) -> None:
     names: set[str] = set()
+    guests: dict[str, set[str]] = {"guest": set(), "qmp": set()}
     cgroups: list[str] = [c.own_cgroup.strip("/")]
     for i, n in enumerate(c.nodes):
         at = ("nodes", i)
@@ -367,6 +372,8 @@ def _validate_nodes(c: AgentConfig) -> None:
             _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", n.vm.guest)), at + ("vm", "guest"),
                    f"{n.vm.guest!r} must be 1-64 of A-Z a-z 0-9 _ . -")
             _check(os.path.isabs(n.vm.qmp), at + ("vm", "qmp"), "must be an absolute path")
+            _check(not n.vm.kernel or os.path.isabs(n.vm.kernel), at + ("vm", "kernel"),
+                   "must be an absolute path (or empty: the lab's kernel)")
             for key, low, high in (("jiffies_deadline_s", 0.05, 600),
                                    ("sample_period_s", 0.005, 10)):
                 v = getattr(n.vm, key)
@@ -374,6 +381,11 @@ def _validate_nodes(c: AgentConfig) -> None:
                        f"must be within {low}..{high} s")
             _check(n.vm.sample_period_s < n.vm.jiffies_deadline_s, at + ("vm", "sample_period_s"),
                    "must be below jiffies_deadline_s")
+            for key in ("guest", "qmp"):
+                value = getattr(n.vm, key)
+                _check(value not in guests[key], at + ("vm", key),
+                       f"{value!r} is another node's too: one guest per VM node")
+                guests[key].add(value)
         mine = n.cgroup.strip("/")
         for j, other in enumerate(cgroups):
             nested = mine == other or mine.startswith(other + "/") or other.startswith(mine + "/")

@@ -163,7 +163,8 @@ class Agent:
                 if spec.vm is not None:
                     node = VmNode.open(spec.name, spec.cgroup, netns=spec.netns,
                                        freezer=spec.freezer, layout=self.layout,
-                                       guest=spec.vm.guest, qmp=spec.vm.qmp)
+                                       guest=spec.vm.guest, qmp=spec.vm.qmp,
+                                       kernel=spec.vm.kernel)
                 else:
                     node = Node.open(spec.name, spec.cgroup, netns=spec.netns,
                                      freezer=spec.freezer, layout=self.layout)
@@ -217,16 +218,15 @@ class Agent:
         the node's QEMU: its death is the guest's (agent/watch.py follows it). Its
         integrity guard's changes are pushed as events (vm/guard.py)."""
         try:
-            qemu = node.qemu()
             watch = GuestWatch(spec.name, node.memory(), sample_period=spec.vm.sample_period_s,
                                jiffies_deadline=spec.vm.jiffies_deadline_s,
                                on_change=lambda *a, n=spec.name: self._tampered(n, *a))
         except BackdoorsError as e:
+            node.close()
             raise AgentError(f"node {spec.name}: cannot read its guest kernel: {e}") from None
-        started = read_process(qemu)
         region = Region(watch.sensors.box.fd, label=f"node {spec.name} guest kernel sensors")
-        self.regions.add(Entry(spec.name, GUEST_BOX, "sensorbox", region, False, qemu,
-                               started.start_time if started else 0.0, internal=True))
+        self.regions.add(Entry(spec.name, GUEST_BOX, "sensorbox", region, False, node.pid,
+                               node.start_time, internal=True))
         return watch
 
     def _tampered(self, node: str, violated: bool, new: list, count: int) -> None:
@@ -404,8 +404,8 @@ class Agent:
             self.watcher.stop()
         for rt in self.nodes.values():
             rt.sampler.stop()
-            if rt.guest is not None:
-                rt.guest.stop()
+            if rt.guest is not None:  # (may be taking its baseline: seconds)
+                await asyncio.to_thread(rt.guest.stop)
             rt.lane.pool.shutdown(wait=False, cancel_futures=True)
             rt.reads.pool.shutdown(wait=False, cancel_futures=True)
         self.regions.close()

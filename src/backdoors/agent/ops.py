@@ -33,7 +33,7 @@ from .leases import LeaseTable
 from .mmreads import MmReads
 from .pidmap import box_in_host_terms
 from .protocol import (
-    DESTRUCTIVE, HEAL_S, MAX_IO, ClaimReply, GuestFinding, HealReply, IntegrityReply, KillReply,
+    DESTRUCTIVE, HEAL_S, MAX_FINDINGS_REPLY, MAX_IO, ClaimReply, GuestFinding, HealReply, IntegrityReply, KillReply,
     KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong, ProcessRow, ProcessTable, RegionInfo,
     SensorsReply, WriteReply,
 )
@@ -422,9 +422,11 @@ def _findings(findings) -> list[GuestFinding]:
 def kernel_integrity(call: Call) -> IntegrityReply:
     guard = _guest(call)
     checker = guard.checker
+    findings = guard.findings()
     return IntegrityReply(checker is not None, guard.baseline_s and round(guard.baseline_s, 3),
                           checker.sweeps if checker is not None else 0,
-                          _findings(guard.findings()), guard.errors, guard.last_error)
+                          _findings(findings[:MAX_FINDINGS_REPLY]), len(findings), guard.errors,
+                          guard.last_error)
 
 
 def heal_kernel(call: Call) -> HealReply:
@@ -437,10 +439,10 @@ def heal_kernel(call: Call) -> HealReply:
     began = time.monotonic()
     with call.agent.leases.exclusive(rt.name):
         try:
-            healed, failed = guard.heal(rt.node)
+            healed, failed, left = guard.heal(rt.node)
         except BackdoorsError as e:
             raise OpError("failed", f"node {rt.name}: healing failed: {e}") from None
-    return HealReply(_findings(healed), _findings(failed),
+    return HealReply(_findings(healed), _findings(failed), left,
                      round((time.monotonic() - began) * 1000, 1))
 
 

@@ -266,6 +266,10 @@ class GuestFinding(msgspec.Struct):
     detail: str
 
 
+#: findings a `kernel_integrity` reply lists (`open` counts them all)
+MAX_FINDINGS_REPLY = 256
+
+
 class IntegrityReply(msgspec.Struct):
     """`kernel_integrity` of a VM node: whether the clean baseline is taken (and in how
     many seconds), full sweeps of the kernel so far, the open findings, failed checks."""
@@ -273,16 +277,19 @@ class IntegrityReply(msgspec.Struct):
     ready: bool
     baseline_s: float | None
     sweeps: int
-    findings: list[GuestFinding]
+    findings: list[GuestFinding]  # the first MAX_FINDINGS_REPLY
+    open: int  # findings open, all told
     errors: int
     last_error: str | None
 
 
 class HealReply(msgspec.Struct):
-    """`heal_kernel`: the findings restored, those that would not be, how long it took."""
+    """`heal_kernel`: the findings restored, those that would not be, those left for the
+    next call (one call restores at most 256), how long it took."""
 
     healed: list[GuestFinding]
     failed: list[GuestFinding]
+    left: int
     took_ms: float
 
 

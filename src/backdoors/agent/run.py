@@ -78,7 +78,7 @@ class _Sealing:
         c = agent.config
         mounts = sorted({str(m) for m in agent.layout.hierarchies().values()})
         # VM nodes: their integrity baselines come from the guest kernel's image (vm/guard.py)
-        kernels = (str(cache_dir()),) if any(n.vm is not None for n in c.nodes) else ()
+        kernels = tuple(sorted({n.vm.kernel or str(cache_dir()) for n in c.nodes if n.vm}))
         self.confined = confine(rules(run_dir=c.run_dir, nodes=[n.name for n in c.nodes],
                                       cgroup_mounts=mounts, read_dirs=kernels),
                                 secrets=self.secrets, require_landlock=self.require_landlock)

@@ -439,16 +439,25 @@ class HealKernel(Action, tag="heal_kernel"):
     each open finding written back with the guest's vCPUs stopped, hidden processes
     relinked, read back (docs/vm-backdoor.md); then ask the agent what is still open."""
 
+    #: heal calls at most (one restores up to 256 findings)
+    MAX_CALLS: ClassVar[int] = 8
+
     def run(self, ctx: Context, finding: Finding) -> Outcome:
-        reply = ctx.client.heal_kernel(ctx.node)
-        detail: dict[str, Any] = {"healed": [msgspec.to_builtins(f) for f in reply.healed],
-                                  "failed": [msgspec.to_builtins(f) for f in reply.failed],
-                                  "took_ms": reply.took_ms}
-        if not reply.healed and not reply.failed:
+        healed, failed, took_ms = [], [], 0.0
+        for _ in range(self.MAX_CALLS):
+            reply = ctx.client.heal_kernel(ctx.node)
+            healed += [msgspec.to_builtins(f) for f in reply.healed]
+            failed += [msgspec.to_builtins(f) for f in reply.failed]
+            took_ms += reply.took_ms
+            if reply.failed or not reply.left:
+                break
+        detail: dict[str, Any] = {"healed": healed, "failed": failed,
+                                  "took_ms": round(took_ms, 1)}
+        if not healed and not failed:
             return Outcome("skipped", {**detail, "reason": "nothing was open any more"})
-        left = ctx.client.kernel_integrity(ctx.node).findings
-        detail["open_after"] = [msgspec.to_builtins(f) for f in left]
-        return Outcome("failed" if reply.failed or left else "done", detail)
+        after = ctx.client.kernel_integrity(ctx.node)
+        detail["open_after"] = [msgspec.to_builtins(f) for f in after.findings]
+        return Outcome("failed" if failed or after.open else "done", detail)
 
 
 # ---- registration ------------------------------------------------------------------------

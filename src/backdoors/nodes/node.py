@@ -308,11 +308,12 @@ class Node:
         The node is frozen while the tree is read and signalled, so nothing forks away.
         If the node was already locked it stays locked; with the v1 freezer the victims
         then die only when it is unlocked (v1-frozen tasks ignore SIGKILL until thawed).
-        Otherwise waits up to `timeout` for them to exit.
+        Otherwise waits up to `timeout` for them to exit. The freeze is the cgroup's
+        whatever a subclass's lock is (a VM node's stops vCPUs, not QEMU's forks).
         """
-        was_locked = self.is_locked()
+        was_locked = self.cgroup.freeze_requested()
         if not was_locked:
-            self.lock(timeout)
+            Node.lock(self, timeout)
         pidfds: list[int] = []
         try:
             table = self.processes()
@@ -331,11 +332,11 @@ class Node:
             for pidfd in pidfds:
                 os.close(pidfd)
             if not was_locked:
-                self.unlock(timeout)
+                Node.unlock(self, timeout)
             raise
         try:
             if not was_locked:
-                self.unlock(timeout)
+                Node.unlock(self, timeout)
             if not (was_locked and self.cgroup.freezer == "v1"):
                 if not syscalls.wait_exited(pidfds, timeout):
                     raise NodeError(

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from ..errors import VmError
+from .qmp import peer_pid
 
 #: bytes of guest memory per M packet (QEMU's packet buffer holds 4 KiB of hex and more)
 CHUNK = 1024
@@ -23,7 +24,9 @@ CHUNK = 1024
 class GdbStub:
     """One connection to a QEMU gdbstub (the guest's vCPUs stop while it is open)."""
 
-    def __init__(self, path: Path, *, where: str = "guest", timeout: float = 10.0):
+    def __init__(self, path: Path, *, where: str = "guest", timeout: float = 10.0,
+                 pid: int | None = None):
+        """Connect to the gdbstub at `path`; given QEMU's `pid`, refuse any other peer."""
         self.where = where
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -32,6 +35,10 @@ class GdbStub:
         except OSError as e:
             self._sock.close()
             raise VmError(f"{where}: cannot reach QEMU's gdbstub at {path}: {e.strerror or e}") from None
+        if pid is not None and (peer := peer_pid(self._sock)) != pid:
+            self._sock.close()
+            raise VmError(f"{where}: {path} is served by pid {peer}, not by the guest's QEMU "
+                          f"(pid {pid})")
         self._buf = b""
         self._physical = False
 

@@ -27,6 +27,10 @@ log = logging.getLogger("backdoors.vm")
 #: a baseline that could not be taken (the guest still booting, a torn read) is tried again
 BASELINE_RETRY_S = 5.0
 MAX_FINDINGS_TOLD = 16  # findings an on_change call carries (the count says how many in all)
+MAX_HEALED = 256  # findings one heal() restores (the vCPUs stay stopped meanwhile); the rest next
+#: findings gone this long before the guard tells the guest clean again: a byte that a
+#: rootkit keeps flipping is one episode, not an event (and an audit line) per tick
+CLEAN_S = 0.5
 
 OnChange = Callable[[bool, list[Finding], int], None]  # (violated, new findings, open count)
 
@@ -45,7 +49,8 @@ class IntegrityGuard(Periodic):
         self.errors, self.last_error = 0, None
         self._retry_at = 0.0
         self._violated = False
-        self._heal = threading.Lock()  # one heal at a time
+        self._clean_since: float | None = None
+        self._shown = threading.Lock()  # the guard's ticks and a heal both show the count
 
     def step(self) -> None:
         try:
@@ -76,28 +81,38 @@ class IntegrityGuard(Periodic):
         self.last_error = str(e)
 
     def _show(self, new: list[Finding]) -> None:
-        count = len(self.findings())
-        self.sensors.tampered.set(float(count))
-        violated = count > 0
-        if violated != self._violated:
-            self._violated = violated
-            self.on_change(violated, new[:MAX_FINDINGS_TOLD], count)
+        with self._shown:
+            count = len(self.findings())
+            self.sensors.tampered.set(float(count))
+            if count:
+                self._clean_since = None
+                if not self._violated:
+                    self._violated = True
+                    self.on_change(True, new[:MAX_FINDINGS_TOLD], count)
+            elif self._violated:
+                now = time.monotonic()
+                if self._clean_since is None:
+                    self._clean_since = now
+                elif now - self._clean_since >= CLEAN_S:
+                    self._violated = False
+                    self.on_change(False, [], 0)
 
     def findings(self) -> list[Finding]:
         """The open findings (none before the baseline is taken)."""
         return self.checker.current() if self.checker is not None else []
 
-    def heal(self, vm) -> tuple[list[Finding], list[Finding]]:
-        """Restore every open finding through `vm` (a VmNode); (healed, not restored)."""
-        with self._heal:
-            findings = self.findings()
-            if not findings:
-                return [], []
-            failed = Healer(vm).heal(findings)
-            healed = [f for f in findings if f not in failed]
-            self.checker.forget(healed)
-            self._show([])
-            return healed, failed
+    def heal(self, vm) -> tuple[list[Finding], list[Finding], int]:
+        """Restore the open findings (up to MAX_HEALED) through `vm` (a VmNode); (healed,
+        not restored, left for the next call). Callers serialise heals."""
+        findings = self.findings()
+        if not findings:
+            return [], [], 0
+        batch = findings[:MAX_HEALED]
+        failed = Healer(vm).heal(batch)
+        healed = [f for f in batch if f not in failed]
+        self.checker.forget(healed)
+        self._show([])
+        return healed, failed, len(findings) - len(batch)
 
 
 class GuestWatch:

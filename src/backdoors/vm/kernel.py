@@ -66,7 +66,8 @@ class GuestKernel:
 
     @property
     def profile_path(self) -> Path:
-        return cache_dir() / f"profile-{self.version}.json"
+        """Beside the unpacked package (in the lab: cache_dir())."""
+        return self.root.parent / f"profile-{self.version}.json"
 
     @cached_property
     def _profile(self) -> dict:
@@ -90,10 +91,12 @@ class GuestKernel:
                    "symbols": {name: addr for name, (_kind, addr) in table.items()},
                    "members": {f"{s}.{m}": types.member_offset(s, m) for s, m in MEMBERS},
                    "enums": {f"{e}.{n}": types.enum_value(e, n) for e, n in ENUMS}}
-        self.profile_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.profile_path.with_name(f".{self.profile_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(profile))
-        tmp.replace(self.profile_path)
+        try:
+            tmp.write_text(json.dumps(profile))
+            tmp.replace(self.profile_path)
+        except OSError:  # a read-only folder: decoded again next time, a few seconds
+            tmp.unlink(missing_ok=True)
         return profile
 
     @property

@@ -18,8 +18,9 @@ What it owns, each named by the VM's name (a lab's prefix) so `reap(prefix)` fin
 Given a node (`VmSpec.node`), QEMU runs inside it: the guest's memory, threads and CPU
 are accounted to the node's cgroup, where an agent finds the QEMU. Given a uid
 (`VmSpec.uid`), QEMU runs as that unprivileged user (as libvirt's `qemu` user does), so a
-guest that broke out into QEMU would hold no power over the host; everything it needs
-is handed over open (RAM, tap, kernel, initramfs) or lies in `run_dir`, given to it.
+guest that broke out into QEMU would hold only that uid's power; everything it needs is
+handed over open (RAM, sealed against resizing; tap, kernel, initramfs) or lies in
+`run_dir`, given to it (whose links the host does not follow).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 TAP, BRIDGE = "tap0", "br0"
 AGENT_QMP = "agent-qmp.sock"
 GDB = "gdb.sock"
+#: a guest's RAM memfd keeps its size: neither shrunk (reads of a mapping past its end
+#: fault, SIGBUS) nor grown, and the seals themselves fixed
+RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 #: RAM must stay below the PCI hole so that memfd offsets are guest-physical addresses
 MAX_MEMORY_MB = 2048
 
@@ -94,7 +98,7 @@ class Vm:
                  ram_fd: int, accel: str, boot_s: float):
         self.spec, self.kernel, self.proc = spec, kernel, proc
         self.ram_fd, self.accel, self.boot_s = ram_fd, accel, boot_s
-        self._qmp = Qmp(self.qmp_path, f"VM {spec.name}")
+        self._qmp = Qmp(self.qmp_path, f"VM {spec.name}", pid=proc.pid)
         self._memory: GuestMemory | None = None
 
     @property
@@ -145,18 +149,25 @@ class Vm:
     @classmethod
     def _boot(cls, spec: VmSpec, kernel: GuestKernel, initrd: Path, accel: str,
               timeout: float) -> "Vm":
-        ram = os.memfd_create(f"{spec.name}-ram", os.MFD_CLOEXEC)
+        ram = os.memfd_create(f"{spec.name}-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         tap = None
-        files = []  # kernel and initramfs, open: an unprivileged QEMU may not reach them
+        files: list[int] = []  # kernel and initramfs, open: an unprivileged QEMU may not reach them
         try:
             os.ftruncate(ram, spec.memory_mb << 20)
+            # its size fixed for good: a QEMU that shrank it would make the host's reads fault
+            fcntl.fcntl(ram, fcntl.F_ADD_SEALS, RAM_SEALS)
             tap = _open_tap(spec.netns) if spec.netns is not None else None
-            files = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in (kernel.image, initrd)]
+            for path in (kernel.image, initrd):
+                files.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
             argv = _argv(spec, *files, accel, ram, tap)
             for stale in ("console.log", "qmp.sock", AGENT_QMP, GDB):
                 (spec.run_dir / stale).unlink(missing_ok=True)
             began = time.monotonic()
-            with open(spec.run_dir / "qemu.log", "ab") as log:
+            # (the folder is QEMU's to write when it runs as a uid: no following its links)
+            log_fd = os.open(spec.run_dir / "qemu.log",
+                             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644)
+            with open(log_fd, "ab") as log:
                 proc = _spawn(spec, argv, log, [ram, *files, *([tap] if tap is not None else [])])
         except BaseException:
             os.close(ram)
@@ -251,7 +262,7 @@ def gdb_stub(qmp: Qmp, path: Path, where: str) -> "GdbStub":
     from .gdb import GdbStub
     if not path.exists():
         qmp("human-monitor-command", **{"command-line": f"gdbserver unix:{path},server=on,wait=off"})
-    return GdbStub(path, where=where)
+    return GdbStub(path, where=where, pid=qmp.pid)
 
 
 @contextmanager
@@ -290,7 +301,9 @@ def _spawn(spec: VmSpec, argv: list[str], log, fds: list[int]) -> subprocess.Pop
 
 def _argv(spec: VmSpec, image: int, initrd: int, accel: str, ram: int,
           tap: int | None) -> list[str]:
-    append = ["console=ttyS0", "panic=-1", "quiet", f"bd.name={spec.name}",
+    # nohz=off: the guest kernel ticks while idle, so its jiffies stand still only when
+    # it does not run (a tickless idle guest's stand still for as long as it idles)
+    append = ["console=ttyS0", "panic=-1", "quiet", "nohz=off", f"bd.name={spec.name}",
               f"bd.port={spec.port}"]
     if spec.addresses:
         append.append("bd.addr=" + ",".join(spec.addresses))
@@ -342,21 +355,48 @@ def _bridge(spec: VmSpec) -> None:
         set_up(spec.netns, spec.uplink)
 
 
+#: the memfd QEMU makes itself for `-object memory-backend-memfd` (its type name)
+QEMU_MEMFD = "memory-backend-memfd"
+
+
 def open_ram(pid: int, name: str) -> int:
     """A read-only descriptor of the RAM of the guest `name` run by QEMU `pid`, taken from
-    /proc/PID/fd (for a process other than the VM's owner, e.g. an agent)."""
-    target = f"/memfd:{name}-ram"
+    /proc/PID/fd (for a process other than the VM's owner, e.g. an agent): the memfd
+    `<name>-ram` handed to QEMU (a Vm's), else the one QEMU made for a
+    `memory-backend-memfd` object (an operator's QEMU), which must be its only one."""
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError as e:
         raise VmError(f"cannot list the descriptors of QEMU pid {pid} (VM {name}): {e.strerror}") from None
+    found: dict[str, list[str]] = {}
     for fd in fds:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(target):
-                return os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-    raise VmError(f"QEMU pid {pid} holds no RAM memfd {target!r}: is it VM {name}'s QEMU?")
+        memfd = link.removeprefix("/memfd:").removesuffix(" (deleted)")
+        if link.startswith("/memfd:") and memfd in (f"{name}-ram", QEMU_MEMFD):
+            found.setdefault(memfd, []).append(fd)
+    fd = (found.get(f"{name}-ram") or [None])[0]
+    if fd is None:
+        if len(found.get(QEMU_MEMFD, [])) > 1:
+            raise VmError(f"QEMU pid {pid} (VM {name}) holds {len(found[QEMU_MEMFD])} "
+                          f"{QEMU_MEMFD} memfds: give the guest one memory backend")
+        fd = (found.get(QEMU_MEMFD) or [None])[0]
+    if fd is None:
+        raise VmError(f"QEMU pid {pid} holds no RAM memfd of VM {name} (neither "
+                      f"'{name}-ram' nor '{QEMU_MEMFD}'): is it that VM's QEMU, started "
+                      f"with -object {QEMU_MEMFD},id=mem,share=on,... -machine memory-backend=mem?")
+    try:
+        ram = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise VmError(f"cannot open the RAM of VM {name} from QEMU pid {pid}: {e.strerror}") from None
+    if not fcntl.fcntl(ram, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+        os.close(ram)
+        raise VmError(f"the RAM memfd of VM {name} (QEMU pid {pid}) is not sealed against "
+                      "shrinking: QEMU could make every read of it fault (SIGBUS); QEMU seals "
+                      f"its {QEMU_MEMFD} unless told seal=off")
+    return ram
 
 
 def reap(prefix: str) -> list[int]:

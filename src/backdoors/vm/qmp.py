@@ -1,33 +1,49 @@
-"""A QMP connection to one QEMU, usable from any thread (qemu.qmp's QMPClient).
+"""A QMP connection to one QEMU, usable from any thread, with no thread or loop of its own.
+
+QMP is JSON lines over a socket: a greeting, `qmp_capabilities`, then one request and
+its reply at a time, QEMU's events interleaved. This speaks it directly, synchronously,
+rather than through qemu.qmp, whose client needs an asyncio loop: the agent locks a VM
+node from its event loop's thread before its seal (a fence taken back at start), when
+no other thread may exist yet (Landlock confines only threads started after it), and
+from worker threads after. Events are read past and dropped (nothing is kept); a line
+longer than MAX_LINE ends the connection.
 
 QEMU serves one client per QMP socket at a time: each party that controls a guest (the
 process that started it, the agent that locks it) has a socket of its own (machine.py).
-The client runs on an event loop of this connection's own, in a thread started on first
-use, so callers may be plain threads or an event loop's thread (the agent's) alike; each
-call waits for its reply. The connection is made on first use and made again after a
-failure: a caller never holds a broken one.
+Given the QEMU's `pid`, the connection checks that the peer is that process (SO_PEERCRED):
+a socket swapped for another guest's, or a QEMU restarted since, is refused. The
+connection is made on first use and again after any failure.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import socket
+import struct
 import threading
+import time
 from pathlib import Path
-
-from qemu.qmp import QMPClient
 
 from ..errors import VmError
 
+MAX_LINE = 1 << 20
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)[0]
+
 
 class Qmp:
-    """The QMP socket at `path`; `where` names the guest in errors."""
+    """The QMP socket at `path` of QEMU `pid` (None: not checked); `where` names the guest
+    in errors."""
 
-    def __init__(self, path: Path, where: str, timeout: float = 5.0):
-        self.path, self.where, self.timeout = path, where, timeout
+    def __init__(self, path: Path, where: str, *, pid: int | None = None, timeout: float = 5.0):
+        self.path, self.where, self.pid, self.timeout = path, where, pid, timeout
         self._lock = threading.Lock()  # one exchange at a time
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._client = None
+        self._sock: socket.socket | None = None
+        self._buf = b""
 
     def __call__(self, command: str, **args) -> object:
         """Run one QMP command; its "return" value. VmError if it fails."""
@@ -35,21 +51,20 @@ class Qmp:
 
     def cmd(self, command: str, args: dict | None = None, timeout: float | None = None) -> object:
         """Run `command` with `args`, waiting at most `timeout` (default: the connection's)."""
-        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever,
-                                                name="qmp", daemon=True)
-                self._thread.start()
-            future = asyncio.run_coroutine_threadsafe(
-                asyncio.wait_for(self._execute(command, args or {}), timeout), self._loop)
             try:
-                return future.result()
-            except Exception as e:  # qemu.qmp raises its own hierarchy (and OSError)
-                asyncio.run_coroutine_threadsafe(self._drop(), self._loop).result()
-                what = str(e) or type(e).__name__  # a timeout says nothing itself
-                raise VmError(f"{self.where}: QMP {command} failed: {what}") from None
+                if self._sock is None:
+                    self._connect(deadline)
+                return self._exchange({"execute": command, **({"arguments": args} if args else {})},
+                                      deadline)
+            except (OSError, ValueError) as e:  # the socket, or what came over it
+                self._drop()
+                raise VmError(f"{self.where}: QMP {command} failed: "
+                              f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+            except VmError:
+                self._drop()
+                raise
 
     def running(self) -> bool:
         """Whether the guest's vCPUs run (QMP query-status)."""
@@ -59,30 +74,58 @@ class Qmp:
         return bool(status["running"])
 
     def close(self) -> None:
-        """Disconnect and stop the connection's thread; a later call starts them again."""
         with self._lock:
-            if self._loop is None:
-                return
-            asyncio.run_coroutine_threadsafe(self._drop(), self._loop).result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
-            self._loop = self._thread = None
+            self._drop()
 
-    async def _execute(self, command: str, args: dict) -> object:
-        if self._client is None:
-            client = QMPClient(self.where)
-            await client.connect(str(self.path))
-            self._client = client
-        try:
-            return await self._client.execute(command, args or None)
-        finally:
-            self._client.events.clear()  # (nobody reads QEMU's events here)
+    # -- the protocol ------------------------------------------------------------------
 
-    async def _drop(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.disconnect()
-            except Exception:  # noqa: BLE001 - QEMU may be gone already
-                pass
+    def _connect(self, deadline: float) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock, self._buf = sock, b""
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.connect(str(self.path))
+        if self.pid is not None and (peer := peer_pid(sock)) != self.pid:
+            raise VmError(f"{self.where}: {self.path} is served by pid {peer}, not by the "
+                          f"guest's QEMU (pid {self.pid}): was the guest restarted? (restart "
+                          "the agent to follow it)")
+        greeting = self._line(deadline)
+        if "QMP" not in greeting:
+            raise VmError(f"{self.where}: {self.path} is not a QMP socket (it said "
+                          f"{str(greeting)[:80]})")
+        self._exchange({"execute": "qmp_capabilities"}, deadline)
+
+    def _exchange(self, request: dict, deadline: float) -> object:
+        assert self._sock is not None
+        self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            reply = self._line(deadline)
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                error = reply["error"]
+                desc = error.get("desc", error) if isinstance(error, dict) else error
+                raise VmError(f"{self.where}: QMP {request['execute']}: {desc}")
+            # an event (or anything else): not what we wait for
+
+    def _line(self, deadline: float) -> dict:
+        assert self._sock is not None
+        while b"\n" not in self._buf:
+            if len(self._buf) > MAX_LINE:
+                raise VmError(f"{self.where}: QMP sent a line over {MAX_LINE} bytes")
+            self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise VmError(f"{self.where}: QEMU closed the QMP connection")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise VmError(f"{self.where}: QMP sent {line[:80]!r}, not an object")
+        return message
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buf = b""

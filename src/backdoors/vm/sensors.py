@@ -13,6 +13,7 @@ counters (memory.Readings), bounded like Orion's plain detectors (vm.orion). The
 from __future__ import annotations
 
 import logging
+import time
 
 from ..errors import VmError
 from ..sensors import GUEST_BOX, SensorBox
@@ -20,6 +21,9 @@ from .memory import GuestMemory
 from .periodic import Periodic
 
 log = logging.getLogger("backdoors.vm")
+
+#: how often the task list is walked (the guest sets its length: a long one costs the host)
+TASKS_EVERY_S = 0.5
 
 
 class GuestSensors:
@@ -36,8 +40,13 @@ class GuestSensors:
         self.threads = self.box.level("threads", min=1.0, max=max_threads)
         # open kernel integrity findings (guard.IntegrityGuard sets it): any violates
         self.tampered = self.box.level("tampered", min=0.0, max=0.5)
-        self._base = memory.jiffies()
-        self.update()
+        self._tasks_due = 0.0
+        try:
+            self._base = memory.jiffies()
+            self.update()
+        except BaseException:
+            self.box.close()
+            raise
 
     def update(self) -> None:
         ticks = self.memory.jiffies() - self._base
@@ -46,10 +55,12 @@ class GuestSensors:
         r = self.memory.readings()
         self.available.set(r.available / (1 << 20))
         self.threads.set(float(r.threads))
-        try:
-            self.tasks.set(float(len(self.memory.tasks())))
-        except VmError:
-            pass  # the list changed under the walk (the guest runs): the next period reads it
+        if time.monotonic() >= self._tasks_due:  # a walk of the guest's list: not every period
+            self._tasks_due = time.monotonic() + TASKS_EVERY_S
+            try:
+                self.tasks.set(float(len(self.memory.tasks())))
+            except VmError:
+                pass  # the list changed under the walk (the guest runs): the next walk reads it
 
     def close(self) -> None:
         self.box.close()
