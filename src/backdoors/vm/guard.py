@@ -46,7 +46,6 @@ class IntegrityGuard(Periodic):
         self.pages_per_tick = pages_per_tick
         self.checker: Checker | None = None
         self.baseline_s: float | None = None
-        self.errors, self.last_error = 0, None
         self._retry_at = 0.0
         self._violated = False
         self._clean_since: float | None = None
@@ -59,7 +58,7 @@ class IntegrityGuard(Periodic):
                 return
             new = self.checker.tick()
         except Exception as e:  # noqa: BLE001 - whatever the guest wrote, the watch goes on
-            self._failed(e)
+            self.failed(f"{self.sensors.box.name}: integrity check", e)
             return
         self._show(new)
 
@@ -73,12 +72,6 @@ class IntegrityGuard(Periodic):
         self.baseline_s = time.monotonic() - began
         log.info("%s: integrity baseline taken in %.1f s (%d pages)", self.sensors.box.name,
                  self.baseline_s, len(baseline.pages))
-
-    def _failed(self, e: Exception) -> None:
-        self.errors += 1
-        if str(e) != self.last_error:  # said once, not every tick
-            log.warning("%s: integrity check failed: %s", self.sensors.box.name, e)
-        self.last_error = str(e)
 
     def _show(self, new: list[Finding]) -> None:
         with self._shown:

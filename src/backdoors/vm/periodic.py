@@ -4,7 +4,10 @@ from outside, at their own pace, and stop between two steps."""
 
 from __future__ import annotations
 
+import logging
 import threading
+
+log = logging.getLogger("backdoors.vm")
 
 
 class Periodic:
@@ -12,11 +15,20 @@ class Periodic:
 
     def __init__(self, period: float, name: str):
         self.period = period
+        self.errors, self.last_error = 0, None  # steps that failed, and the last one's error
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def step(self) -> None:
         raise NotImplementedError
+
+    def failed(self, what: str, e: Exception) -> None:
+        """Count a step that failed (`what` failed with `e`); log an error once, not every
+        period (the guest wrote what was read: the next step reads again)."""
+        self.errors += 1
+        if str(e) != self.last_error:
+            log.warning("%s failed: %s", what, e)
+        self.last_error = str(e)
 
     def start(self):
         self._thread.start()

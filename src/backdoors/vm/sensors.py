@@ -12,15 +12,12 @@ counters (memory.Readings), bounded like Orion's plain detectors (vm.orion). The
 
 from __future__ import annotations
 
-import logging
 import time
 
 from ..errors import VmError
 from ..sensors import GUEST_BOX, SensorBox
 from .memory import GuestMemory
 from .periodic import Periodic
-
-log = logging.getLogger("backdoors.vm")
 
 #: how often the task list is walked (the guest sets its length: a long one costs the host)
 TASKS_EVERY_S = 0.5
@@ -74,15 +71,10 @@ class GuestSampler(Periodic):
     def __init__(self, sensors: GuestSensors, *, period: float = 0.05):
         super().__init__(period, "guest-sampler")
         self.sensors = sensors
-        self.errors = 0
-        self._said: str | None = None
 
     def step(self) -> None:
         try:
             self.sensors.update()
-            self._said = None
+            self.last_error = None  # (a failure that comes back is said again)
         except Exception as e:  # noqa: BLE001 - whatever the guest wrote, sampling goes on
-            self.errors += 1
-            if str(e) != self._said:
-                self._said = str(e)
-                log.warning("%s: reading the guest kernel failed: %s", self.sensors.box.name, e)
+            self.failed(f"{self.sensors.box.name}: reading the guest kernel", e)
