@@ -33,6 +33,7 @@ from backdoors.vm.machine import QEMU
 
 from test_agent_support import agent_lab  # noqa: F401 - fixtures
 from test_nodes_support import prefix  # noqa: F401
+from test_vm import _eventually
 
 from conftest import unavailable
 from test_agent_events import _frames, _subscribe, _until
@@ -77,15 +78,6 @@ def _stands_still(c, still_s: float = 0.5, limit: float = 30.0) -> float:
         if now != last:
             last, since = now, time.monotonic()
     return last
-
-
-def _eventually(check, limit: float = 30.0) -> bool:
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_qemu_runs_inside_its_node_as_an_unprivileged_uid(lab):
@@ -207,7 +199,8 @@ def test_a_heal_under_the_node_lock_leaves_the_guest_stopped(lab):
         c.lock("v0", 30.0)
         try:
             rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall")
-            assert _eventually(lambda: _open(c) == {("syscall", f"sys_call_table[{rootkit.NR_UNAME}]")})
+            assert _eventually(lambda: _open(c) == {("syscall", f"sys_call_table[{rootkit.NR_UNAME}]")}), \
+                c.kernel_integrity("v0")
             assert not c.heal_kernel("v0").failed
             assert not vm.running()  # the lease still holds it
         finally:

@@ -3,6 +3,7 @@ that covers it a slice per tick, the `rootkit` fault through QEMU's gdbstub, and
 with the vCPUs stopped -- on a real guest (TCG)."""
 
 import struct
+import time
 
 import pytest
 
@@ -108,6 +109,11 @@ def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique)
         assert pid not in dict(memory.tasks())
         found = {}
         for _ in range(len(baseline.pages) // 256 + 3):
+            for f in checker.tick():
+                found[f.key] = f
+        began = time.monotonic()  # a hidden task counts once seen twice with the guest run between
+        while ("process", f"pid {pid}") not in found and time.monotonic() - began < 30:
+            time.sleep(0.01)
             for f in checker.tick():
                 found[f.key] = f
         syscall = found[("syscall", f"sys_call_table[{rootkit.NR_UNAME}]")]

@@ -322,6 +322,7 @@ class Checker:
         self.active: dict[tuple[str, str], Finding] = {}
         self.benign_flips = 0
         self._suspects: dict[int, int] = {}  # pid -> task seen hidden at the last check
+        self._suspects_at: int | None = None  # the guest's jiffies at that check
         self.sweeps = 0  # full passes over the pages
         k = self.memory.kernel
         self._ops = [(n, k.symbol(n), _next_symbol(k.symbols, k.symbol(n)) - k.symbol(n))
@@ -400,11 +401,18 @@ class Checker:
 
     def _processes(self) -> list[Finding]:
         """Processes in the process tree but missing from the task list, at two checks
-        in a row (one check may race a fork: the child enters the tree, then the list)."""
+        in a row with the guest run between them (one check may race a fork or an exit:
+        the task enters the tree, then the list; a guest stopped half-way, e.g. under
+        the node lock, stays half-way, so two checks of it are one)."""
+        kept = [f for f in self.active.values() if f.kind == "process"]
         try:
+            jiffies = self.memory.jiffies()
+            if jiffies == self._suspects_at:
+                return kept  # the guest has not run since the last check
             hidden = self.memory.hidden_tasks()
         except VmError:
-            return [f for f in self.active.values() if f.kind == "process"]  # torn walk: keep
+            return kept  # torn walk: keep
+        self._suspects_at = jiffies
         now = {pid: task for pid, _comm, task in hidden}
         out = [Finding("process", f"pid {pid}", task, f"{comm!r} is in the process tree but "
                        "not on the task list (hidden)")
