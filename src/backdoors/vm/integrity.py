@@ -175,34 +175,38 @@ def patch_sites(image: KernelImage) -> tuple[Sites, dict[int, int]]:
     return Sites(spans), jumps
 
 
-def static_key_flip(link: int, clean: bytes, live: bytes, s: int, e: int,
-                    jumps: dict[int, int]) -> bool:
-    """Whether the change at [s, e) of a text buffer at link address `link` is static keys
-    flipping jump-label sites: every changed byte lies in a site (2 or 5 bytes, as the
-    kernel chose at build time; adjacent sites may change together) that now holds a NOP
-    of its size or a jump to its entry's own target."""
-    pos = s
+def site_change(link: int, clean: bytes, live: bytes, s: int, e: int,
+                jumps: dict[int, int]) -> str | None:
+    """What the change at [s, e) of a text buffer at link address `link` is: "flip" --
+    static keys flipping jump-label sites: every changed byte lies in a site (2 or 5
+    bytes, as the kernel chose at build time; adjacent sites may change together) that
+    now holds a NOP of its size or a jump to its entry's own target; "poke" -- such a flip
+    under way at one site or more (the kernel's text_poke_bp writes an int3 over a site's
+    first byte, then its new tail, then its new first byte); None -- anything else."""
+    pos, kind = s, "flip"
     while pos < e:
         for at in range(pos, pos - 5, -1):
             target = jumps.get(link + at)
             if target is not None and at >= 0:
                 break
         else:
-            return False
+            return None
         was = clean[at:at + 5]
         size = 2 if was[:1] == b"\xeb" or was[:2] == NOP2 else 5
         if pos >= at + size or at + size > len(clean):
-            return False
+            return None
         now = live[at:at + size]
         rel = target - (link + at + size)
         if size == 2:
-            legal = now == NOP2 or (now[0] == 0xEB and -128 <= rel < 128 and now[1] == rel & 0xFF)
+            legal = (NOP2, bytes([0xEB, rel & 0xFF])) if -128 <= rel < 128 else (NOP2,)
         else:
-            legal = now in NOPS5 or now == b"\xe9" + (rel & 0xFFFF_FFFF).to_bytes(4, "little")
-        if not legal:
-            return False
+            legal = (*NOPS5, b"\xe9" + (rel & 0xFFFF_FFFF).to_bytes(4, "little"))
+        if now[0] == 0xCC and now[1:] in {clean[at + 1:at + size], *(x[1:] for x in legal)}:
+            kind = "poke"
+        elif now not in legal:
+            return None
         pos = at + size
-    return True
+    return kind
 
 
 def diff_runs(a: bytes, b: bytes) -> list[tuple[int, int]]:
@@ -323,6 +327,7 @@ class Checker:
         self.benign_flips = 0
         self._suspects: dict[int, int] = {}  # pid -> task seen hidden at the last check
         self._suspects_at: int | None = None  # the guest's jiffies at that check
+        self._pokes: dict[int, int] = {}  # page -> the guest's jiffies when seen mid-flip
         self.sweeps = 0  # full passes over the pages
         k = self.memory.kernel
         self._ops = [(n, k.symbol(n), _next_symbol(k.symbols, k.symbol(n)) - k.symbol(n))
@@ -380,24 +385,38 @@ class Checker:
     def _page(self, page: Page) -> list[Finding]:
         live = self.memory.read(page.phys, len(page.clean))
         if live == page.clean:  # memcmp with the clean bytes the digest was taken of
+            self._pokes.pop(page.phys, None)
             for key in [k for k, f in self.active.items()
                         if f.kind == page.region and page.phys <= f.phys < page.phys + PAGE]:
                 del self.active[key]
             return []
-        out = []
-        flipped = False
+        out, flipped, pokes = [], False, []
         for s, e in diff_runs(page.clean, live):
-            link = page.link + s
-            if page.region == "text" and static_key_flip(page.link, page.clean, live, s, e,
-                                                         self.baseline.jumps):
+            change = None
+            if page.region == "text":
+                change = site_change(page.link, page.clean, live, s, e, self.baseline.jumps)
+            if change == "poke":
+                pokes.append((s, e))
+            elif change == "flip":
                 flipped = True
-                continue
-            out.append(Finding(page.region, self.baseline.symbols.name(link), link + self.baseline.slide,
-                               f"{e - s} bytes differ", page.phys + s, page.clean[s:e]))
-        if flipped and not out:  # only static keys flipped: the baseline follows them
-            self.benign_flips += 1
-            page.clean, page.digest = live, _digest(live)
+            else:
+                out.append(self._text_finding(page, s, e, f"{e - s} bytes differ"))
+        if pokes:  # a flip under way is let be once; still half-done after the guest ran, it is not one
+            jiffies = self.memory.jiffies()
+            if self._pokes.setdefault(page.phys, jiffies) != jiffies:
+                out += [self._text_finding(page, s, e, "an int3 over a jump-label site, left there")
+                        for s, e in pokes]
+        else:
+            self._pokes.pop(page.phys, None)
+            if flipped and not out:  # only static keys flipped: the baseline follows them
+                self.benign_flips += 1
+                page.clean, page.digest = live, _digest(live)
         return out
+
+    def _text_finding(self, page: Page, s: int, e: int, detail: str) -> Finding:
+        link = page.link + s
+        return Finding(page.region, self.baseline.symbols.name(link), link + self.baseline.slide,
+                       detail, page.phys + s, page.clean[s:e])
 
     def _processes(self) -> list[Finding]:
         """Processes in the process tree but missing from the task list, at two checks
