@@ -5,7 +5,8 @@ recoverable; requests per 100 ms across each fault). Root; about two minutes.
 A data set of a tenth of the default (1,000 users, 2,000 items, 10,000 bids), load levels
 of 1, 2, 4, 8 and 16 locust users, 4 s per level and kind of server, then the faults
 built so far under load. Written by `make bench` to out/bench/bench_casestudy.json; the
-full measure is `backdoors casestudy rubis --json --faults fe-freeze` (docs/casestudy.md).
+full measure is `backdoors casestudy rubis --json --faults fe-freeze,fe-lock,fe-network,fe-crash`
+(docs/casestudy.md).
 
     python bench/bench_casestudy.py          # or: python bench/run_all.py bench_casestudy
 """

@@ -63,6 +63,34 @@ def test_the_site_under_load_and_a_front_end_freeze_loses_no_request_nor_bid(roo
     assert f"bd-{name}-" not in netns
 
 
+@pytest.mark.parametrize("fault", ["lock", "network", "crash"])
+def test_a_front_end_failing_under_load_loses_no_request_nor_bid(root, tmp_path, fault):
+    """fe-lock (the node's cgroup frozen behind the agent's back), fe-network (its link
+    down), fe-crash (its recoverable server killed; nothing restarts it): the monitor's
+    heal ruleset moves n0's client sessions to the other front end, no request fails,
+    no acknowledged bid is lost or applied twice, and the site's lab is gone after."""
+    from backdoors.casestudy.rubis.site import Site
+    from backdoors.casestudy.rubis.study import check_bids, fe_fault
+    from backdoors.lab.lab import running_labs
+    from backdoors.scenarios.labkit import unique_name
+
+    name = unique_name("rb")
+    with Site(name, Scale(users=300, items=500, bids=2000, comments=100)) as site:
+        row = fe_fault(site, fault, 4, 9.0, tmp_path)
+        row.update(check_bids(site, [row.pop("acks")]))
+    failures = {p.name: p.read_text()[-600:] for p in tmp_path.glob("*_failures.csv")
+                if len(p.read_text().splitlines()) > 1}
+    print({k: row[k] for k in ("rule", "detect_ms", "recovery_ms", "moved", "requests",
+                               "dip_ms", "bids_acknowledged")})
+    rule = {"lock": "hang", "network": "network-failure", "crash": ("server-died", "hang")}
+    assert (row["tier"], row["fault"], row["recover_status"]) == ("fe", fault, "done"), row
+    assert row["rule"] in rule[fault], row
+    assert row["moved"] >= 1 and row["detect_ms"] is not None, row
+    assert row["requests"] > 0 and row["failed_requests"] == 0, (row, failures)
+    assert row["bids_acknowledged"] > 0 and (row["bids_lost"], row["bids_duplicated"]) == (0, 0), row
+    assert name not in running_labs()
+
+
 def test_the_command_refuses_bad_arguments():
     r = subprocess.run([sys.executable, "-m", "backdoors", "casestudy", "rubis", "--users", "0"],
                        capture_output=True, text=True)

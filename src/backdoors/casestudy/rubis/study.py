@@ -14,14 +14,15 @@ locustfile.py). A level is below saturation while the plain site's
 throughput still grows by at least 10 % from the level before; `overhead_pct_max` is the
 largest throughput loss of recoverable vs plain among those levels (all levels if none).
 
-With `faults` (so far "fe-freeze", see fe_freeze), each fault is then played under load
-on the recoverable site; `faults` in the result has one row each, with the requests
-per 100 ms across the fault (`per_100ms`) and the throughput's dip (`dip_ms`).
+With `faults` (so far fe-freeze, fe-lock, fe-network, fe-crash: see fe_fault), each
+fault is then played under load on a recoverable site of its own (a fault leaves its
+node fenced); `faults` in the result has one row each, with the requests per 100 ms
+across the fault (`per_100ms`) and the throughput's dip (`dip_ms`).
 
 Every write a client got an OK for is recorded with its key; at the end each
 acknowledged bid must be in the database once (its row, its user, item and price):
 `bids_lost` counts the missing ones, `bids_duplicated` the extra rows of an acknowledged
-bid's (user, item, price).
+bid's (user, item, price): per fault row, and in all at the top.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .throughput import dip, per_100ms
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MIXES = ("Browsing", "Bidding")
 #: the faults built so far (issue 13 lists fe- and mt- freeze, lock, network, crash)
-FAULTS = ("fe-freeze",)
+FAULTS = ("fe-freeze", "fe-lock", "fe-network", "fe-crash")
 #: a level is saturated once the plain site's throughput grows less than this from the
 #: level before
 GROWTH = 1.10
@@ -116,25 +117,36 @@ class Locust:
                 "max_ms": float(total["Max Response Time"])}
 
 
-def fe_freeze(site: Site, users: int, seconds: float, work: Path,
-              think: tuple[float, float] = (0.05, 0.15), period_ms: float = 50) -> dict:
-    """The recoverable site under load while front-end node n0 freezes (every process
-    SIGSTOPped: a hang), once its users are connected. A monitor with the "heal" ruleset
-    sees the front end's progress sensor stall, fences n0 and moves its client sessions
-    to FE b (n1). Leaves n0 fenced: run it last. Facts: requests and failed ones
-    (locust's), the longest answer, detect_ms (freeze to the incident), recovery_ms (the
-    incident to the end of the move), moved; `per_100ms`, the requests completed per
-    100 ms from 3 s before the freeze to 6 s after (throughput.per_100ms; `node_ok`: n0's
-    users), and `dip_ms`, how long n0's users got less than half their throughput
-    before the freeze (throughput.dip: its details are in per_100ms)."""
+#: how each front-end fault is done to node n0 (docstring of fe_fault)
+FE_FAULTS = {"freeze": "every process SIGSTOPped", "lock": "its cgroup frozen",
+             "network": "its link down", "crash": "its recoverable server SIGKILLed"}
+
+
+def fe_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
+             think: tuple[float, float] = (0.05, 0.15), period_ms: float = 50) -> dict:
+    """The recoverable site under load while front-end node n0 fails, once its users are
+    connected: `freeze` (every process SIGSTOPped: a hang), `lock` (the node's cgroup
+    frozen behind the agent's back: the original's emulated freeze by remote OS
+    locking), `network` (its service link down: a failed network driver) or `crash`
+    (its recoverable server SIGKILLed; nothing restarts it). A monitor with the "heal"
+    ruleset (site_rules) sees it (progress stalled, node frozen by nobody's lock, link
+    down, sessions orphaned), fences n0 and moves its client sessions to FE b (n1). Leaves n0 fenced:
+    one fault per site. Facts: requests and failed ones (locust's), the longest answer,
+    detect_ms (the fault to the incident), recovery_ms (the incident to the end of the
+    move), moved, the rule; `per_100ms`, the requests completed per 100 ms from 3 s
+    before the fault to 6 s after (throughput.per_100ms; `node_ok`: n0's users), and
+    `dip_ms`, how long n0's users got less than half their throughput before the fault
+    (throughput.dip: its details are in per_100ms)."""
     from ...lab import inject
     from ...monitor import Monitor
 
+    if fault not in FE_FAULTS:
+        raise LabError(f"front-end fault {fault!r}; choose one of {', '.join(FE_FAULTS)}")
     fe = site.FE[0]
     cfg = site.lab.monitor_config("m1", period_ms=period_ms, rulesets=["heal"])
-    with Monitor(cfg, key=site.lab.monitor_key("m1")) as mon:
+    with Monitor(cfg, key=site.lab.monitor_key("m1"), rules=site_rules()) as mon:
         mon.wait_ready(timeout=10)
-        run = Locust(site, False, users, seconds, work, think, tag="fe-freeze", requests=True)
+        run = Locust(site, False, users, seconds, work, think, tag=f"fe-{fault}", requests=True)
         # every user of n0 connected and served first: a connection still in the accept
         # queue of a frozen server is not the server's yet, nor held by the agent, and is
         # not moved (see docs/casestudy.md)
@@ -146,13 +158,19 @@ def fe_freeze(site: Site, users: int, seconds: float, work: Path,
                 time.sleep(0.05)
         time.sleep(1.0)
         wall = time.time()
-        inject(site.lab, "freeze", fe)
+        if fault == "lock":
+            site.lab.node(fe).lock(5.0)
+        elif fault == "crash":
+            site.servers["fe", fe, False].stop()
+        else:
+            inject(site.lab, fault, fe)
         inc = mon.wait_for(lambda i: i.node == fe and any(a.kind == "recover"
                                                           for a in i.actions), seconds + 30)
         got = run.finish()
-    facts = {"tier": "fe", "fault": "freeze", "users": users, "requests": got["requests"],
+    facts = {"tier": "fe", "fault": fault, "users": users, "requests": got["requests"],
              "failed_requests": got["failed"], "max_response_ms": got["max_ms"],
-             "detect_ms": None, "recovery_ms": None, "moved": None, "acks": got["acks"]}
+             "detect_ms": None, "recovery_ms": None, "moved": None, "rule": None,
+             "acks": got["acks"]}
     series = per_100ms(run.requests, wall, node=0)  # n0 is the first of the front ends
     series.update(dip(series))
     facts.update(dip_ms=series.pop("dip_ms"), per_100ms=series)
@@ -161,8 +179,25 @@ def fe_freeze(site: Site, users: int, seconds: float, work: Path,
         facts.update(detect_ms=round((inc.detected - wall) * 1000, 1),
                      recovery_ms=round(rec.started_ms + rec.duration_ms, 1),
                      moved=rec.detail.get("moved"), recover_status=rec.status,
-                     target=rec.detail.get("target"))
+                     target=rec.detail.get("target"), rule=inc.rule)
     return facts
+
+
+def site_rules() -> list:
+    """The "heal" ruleset for the site: nothing restarts its servers, so the sessions of
+    a crashed one move at once rather than after waiting for it to come back on its node
+    (the server-died rule's recover action with `same_node_wait_ms` 0, as the ruleset
+    says to set it where nothing restarts servers)."""
+    import msgspec
+
+    from ...monitor.actions import Recover
+    from ...monitor.rules import load_ruleset
+
+    def now(action):
+        return msgspec.structs.replace(action, same_node_wait_ms=0.0) \
+            if isinstance(action, Recover) else action
+    return [msgspec.structs.replace(r, actions=[now(a) for a in r.actions])
+            if r.name == "server-died" else r for r in load_ruleset("heal").rule]
 
 
 def _tail(path: Path) -> str:
@@ -229,7 +264,8 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
                                                   "bids": scale.bids}, "load": []}
     acks = []
     t0 = time.monotonic()
-    with Site(name or f"rb{os.urandom(3).hex()}", scale) as site:
+    name = name or f"rb{os.urandom(3).hex()}"
+    with Site(name, scale) as site:
         out["setup"] = site.timings
         for i, n in enumerate(levels(users)):
             runs: dict[str, list[dict]] = {"plain": [], "recoverable": []}
@@ -249,12 +285,19 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
                             f"{kind}_write_pct": round(100 * sum(g["writes"] for g in got)
                                                        / max(1, requests), 1)})
             out["load"].append(row)
-        if "fe-freeze" in faults:  # last: it leaves FE a fenced
-            fault = fe_freeze(site, max(1, users // 2), max(seconds, 9.0), work, think)
-            acks.append(fault.pop("acks"))
-            fault.update(check_bids(site, [acks[-1]]))
-            out["faults"] = [fault]
         out.update(check_bids(site, acks))
+    if faults:
+        out["faults"] = []
+    for i, fault in enumerate(f for f in FAULTS if f in faults):
+        # a site of its own for each: a fault leaves its node fenced, its address moved
+        with Site(f"{name[:9]}{i + 1}", scale) as site:
+            row = fe_fault(site, fault.split("-", 1)[1], max(1, users // 2),
+                           max(seconds, 9.0), work, think)
+            row.update(check_bids(site, [row.pop("acks")]))
+            row["setup"] = site.timings
+        out["faults"].append(row)
+        for key in ("bids_acknowledged", "bids_lost", "bids_duplicated"):
+            out[key] += row[key]
     out["wall_s"] = round(time.monotonic() - t0, 1)
     out.update(overhead(out["load"]))
     return out
