@@ -131,15 +131,18 @@ def _cpu_s(pid: int) -> float:
 
 
 def test_a_crowded_node_competes_for_the_cpu_as_one_group(prefix):
-    """32 busy loops in a node and one outside it, all on CPU 0: with the node in a cpu
-    controller of its own, the one outside keeps a share like the whole node's, not a
-    33rd of the CPU (what a node's fork bomb would leave the agent without it)."""
-    cg = Cgroup.create(f"{prefix}/crowd")
+    """32 busy loops in a node and one in a cgroup of its own beside it (as the agent's),
+    all on CPU 0: with the node in a cpu controller of its own, the one outside keeps a
+    share like the whole node's, not a 33rd of the CPU (what a node's fork bomb would
+    leave the agent without it). Both under one parent: whatever else the host runs
+    weighs on both alike."""
+    cg, alone = Cgroup.create(f"{prefix}/crowd"), Cgroup.create(f"{prefix}/alone")
     r, w = os.pipe()
     procs = []
     try:
         procs = [subprocess.Popen([PY, "-c", SPIN, str(r)], pass_fds=[r]) for _ in range(33)]
         outside, inside = procs[0], procs[1:]
+        alone.attach(outside.pid)
         for p in inside:
             cg.attach(p.pid)
         before = {p.pid: _cpu_s(p.pid) for p in procs}
@@ -153,6 +156,7 @@ def test_a_crowded_node_competes_for_the_cpu_as_one_group(prefix):
         os.close(r)
         os.close(w)
         cg.destroy()
+        alone.destroy()
         Cgroup.open(prefix).destroy()
     node = sum(used[p.pid] for p in inside)
     # as one group, about even (1:1); as 33 tasks, 1:32
