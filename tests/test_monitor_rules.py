@@ -136,6 +136,11 @@ def test_wrong_type_is_located():
      "4: key rule[0].actions[0].kind", "fork_bomb"),
     ('name = "a"\ndetectors = [{ kind = "node_frozen" }]\nactions = [{ kind = "refresh" }]',
      "4: key rule[0].actions[0]", "exactly one of hook or command"),
+    ('name = "a"\ndetectors = [{ kind = "node_frozen" }]\nactions = [{ kind = "recover", '
+     'fence_hook = "db", fence_command = ["true"] }]', "4: key rule[0].actions[0]",
+     "at most one of fence_hook and fence_command"),
+    ('name = "a"\ndetectors = [{ kind = "node_frozen" }]\nactions = [{ kind = "recover", '
+     'fence_command = [] }]', "4: key rule[0].actions[0].fence_command", "must not be empty"),
     ('name = "a b"\ndetectors = [{ kind = "node_frozen" }]', "2: key rule[0].name", "without spaces"),
     ('name = "a"\ndetectors = []', "3: key rule[0].detectors", "length >= 1"),
     ('name = "a"\ndetectors = [{ kind = "level_out_of_bounds", min = 5, max = 1 }]',

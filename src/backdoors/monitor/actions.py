@@ -224,6 +224,30 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
         return Outcome(status, detail, found)
 
 
+def _call_out(ctx: Context, hook: str | None, command: list[str] | None, info: dict,
+              timeout_s: float) -> Outcome:
+    """Run an in-process hook (registered with the Monitor) or a command (`info`'s keys
+    expand in its arguments): "done" with what it said, "failed" on an error, a non-zero
+    exit or `timeout_s`."""
+    if hook is not None:
+        fn = ctx.hooks.get(hook)
+        if fn is None:
+            return Outcome("failed", {"error": f"no hook named {hook!r} is registered "
+                                               "with the monitor"})
+        try:
+            return Outcome("done", {"hook": hook, "result": fn(info)})
+        except Exception as e:  # noqa: BLE001 - a hook's failure is the action's outcome
+            return Outcome("failed", {"hook": hook, "error": f"{type(e).__name__}: {e}"})
+    argv = [a.format(**{k: "" if v is None else v for k, v in info.items()}) for a in command]
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, text=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Outcome("failed", {"command": argv, "error": str(e)})
+    detail = {"command": argv, "returncode": proc.returncode,
+              "output": (proc.stdout + proc.stderr)[-400:]}
+    return Outcome("done" if proc.returncode == 0 else "failed", detail)
+
+
 class Refresh(Action, tag="refresh"):
     """Restart the service: an in-process hook (`hook`, registered with the Monitor) or a
     command run by the monitor (`command`; {node}, {host}, {pid}, {incident} expand)."""
@@ -246,22 +270,7 @@ class Refresh(Action, tag="refresh"):
         pid = finding.culprits[0].pid if finding.culprits else None
         info = {"node": ctx.node, "host": ctx.host, "rule": ctx.rule,
                 "incident": ctx.incident, "pid": pid}
-        if self.hook is not None:
-            hook = ctx.hooks.get(self.hook)
-            if hook is None:
-                return Outcome("failed", {"error": f"no hook named {self.hook!r} is registered "
-                                                   "with the monitor"})
-            result = hook(info)
-            return Outcome("done", {"hook": self.hook, "result": result})
-        argv = [a.format(**{k: "" if v is None else v for k, v in info.items()})
-                for a in self.command]
-        try:
-            proc = subprocess.run(argv, capture_output=True, timeout=self.timeout_s, text=True)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return Outcome("failed", {"command": argv, "error": str(e)})
-        detail = {"command": argv, "returncode": proc.returncode,
-                  "output": (proc.stdout + proc.stderr)[-400:]}
-        return Outcome("done" if proc.returncode == 0 else "failed", detail)
+        return _call_out(ctx, self.hook, self.command, info, self.timeout_s)
 
 
 class Record(Action, tag="record"):
@@ -281,7 +290,13 @@ class Recover(Action, tag="recover"):
     The failed node stays fenced for inspection unless `after` is "release" (unfence and
     kill what ran there: a refresh is then up to the operator). With `when` =
     "unrepaired" it runs only if no earlier action of the incident repaired the node (a
-    memory hog that is the service itself cannot be killed: its sessions move instead)."""
+    memory hog that is the service itself cannot be killed: its sessions move instead).
+
+    `fence_hook` (in-process, registered with the Monitor) or `fence_command` ({node},
+    {host}, {incident}, {target} expand) fences what the node holds elsewhere, after the
+    node's own fence and before the move: e.g. its database connections, whose open
+    transactions would otherwise hold locks the replayed requests wait on. If it fails
+    the sessions do not move (a fence that did not hold is none); the node stays fenced."""
 
     effect: ClassVar[Literal["repair", "recover", "record"]] = "recover"
     needs_node_state: ClassVar[bool] = True
@@ -289,12 +304,24 @@ class Recover(Action, tag="recover"):
     when: Literal["always", "unrepaired"] = "always"
     after: Literal["fenced", "release"] = "fenced"
     timeout_s: float = 30.0
+    fence_hook: str | None = None
+    fence_command: list[str] | None = None
 
     same_node_wait_ms: NonNeg = 3000.0
 
     #: a process of the node started this long before the server's death, or after it,
     #: is taken for its replacement starting (a supervisor restarts within milliseconds)
     REPLACEMENT_SLACK_S: ClassVar[float] = 1.0
+
+    def problems(self) -> Iterator[tuple[Path, str]]:
+        if self.fence_hook is not None and self.fence_command is not None:
+            yield (), "recover takes at most one of fence_hook and fence_command"
+        elif self.fence_command is not None and not self.fence_command:
+            yield ("fence_command",), "must not be empty"
+
+    def missing_hook(self, hooks: dict[str, Callable[[dict], Any]]) -> str | None:
+        return self.fence_hook if self.fence_hook is not None and self.fence_hook not in hooks \
+            else None
 
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """Fence the node, then evacuate its sessions to the target node's agent."""
@@ -312,6 +339,16 @@ class Recover(Action, tag="recover"):
         to_host, to_address = ctx.placement[target]
         t0 = ctx.clock()
         fence = ctx.client.fence(ctx.node)
+        node_fenced_at, more = ctx.clock(), None
+        if self.fence_hook is not None or self.fence_command is not None:
+            info = {"node": ctx.node, "host": ctx.host, "rule": ctx.rule,
+                    "incident": ctx.incident, "target": target}
+            more = _call_out(ctx, self.fence_hook, self.fence_command, info, self.timeout_s)
+            if more.status != "done":
+                return Outcome("failed", {"target": target, "error": "the fence of what the "
+                                          "node holds elsewhere failed; nothing moved",
+                                          "fence": msgspec.to_builtins(fence),
+                                          "fence_more": more.detail})
         fenced_at = ctx.clock()
         ev = ctx.client.evacuate(ctx.node, to_address, to_host, target, timeout=self.timeout_s)
         detail = {"target": target, "target_host": to_host,
@@ -321,6 +358,10 @@ class Recover(Action, tag="recover"):
                   "moved": ev.moved, "failed": ev.failed, "dump_ms": ev.dump_ms,
                   "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt),
                   "dump_phases": ev.phases}
+        if more is not None:
+            detail.update(fence_ms=round((node_fenced_at - t0) * 1000, 1),
+                          fence_more_ms=round((fenced_at - node_fenced_at) * 1000, 1),
+                          fence_more=more.detail)
         if self.after == "release":
             ctx.client.kill_node(ctx.node)
             ctx.client.unlock(ctx.node, force=True)
