@@ -459,7 +459,7 @@ def test_without_the_casestudy_file_a_note_tells_how_to_get_it(tmp_path):
     (Path(kw["bench_dir"]) / "bench_casestudy.json").unlink()
     page = build_report(**kw).read_text()
     assert page.count("run <code>make bench</code> (bench_casestudy)") == 2  # both parts
-    assert "<code>backdoors casestudy rubis --json --faults fe-freeze,fe-lock,fe-network,fe-crash &gt; " \
+    assert "<code>backdoors casestudy rubis --json --faults all &gt; " \
            "out/bench/bench_casestudy.json</code>" in page
     assert len(images(page)) == 14 and "could not draw" not in page
 

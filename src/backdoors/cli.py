@@ -637,7 +637,7 @@ def casestudy_rubis(
     seconds: float = typer.Option(10.0, help="Seconds of load per level and kind of server."),
     scale: float = typer.Option(1.0, help="Size of the data set: 1.0 is 10,000 users, 20,000 items, 100,000 bids."),
     rounds: int = typer.Option(1, help="Pairs of runs (plain, recoverable) per level, in alternating order, averaged: a machine shared with other work drifts."),
-    faults: str = typer.Option("", help="Faults under load, after the levels (comma-separated); built so far: fe-freeze (front-end node n0 hung: every process stopped), fe-lock (its cgroup frozen), fe-network (its link down), fe-crash (its recoverable server killed); the monitor moves its client sessions to FE b. Each fault runs on a site of its own (~25 s more set-up each)."),
+    faults: str = typer.Option("", help="Faults under load, after the levels: comma-separated, or all. fe-* fail front-end node n0 (its client sessions move to FE b), mt-* middle-tier node n2 (its channels move to MT b, its database connections ended first): *-freeze (every process stopped), *-lock (its cgroup frozen), *-network (its link down), *-crash (its recoverable server killed). Each fault runs on a site of its own (~25 s more set-up each)."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Keep the run's files here (locust's figures and logs, the acknowledged writes)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -645,15 +645,16 @@ def casestudy_rubis(
 
     A lab of two hosts: PostgreSQL with the RUBiS data set, two middle tiers and two front ends, each running a recoverable and a plain server. At each load level locust (headless, in the client namespace; a browsing and a bidding mix, about 15 % writes in the latter) loads the plain front ends, then the recoverable ones. Prints `load` (per level: users, rps, p50 and p99 ms, requests and failed ones, for both), `overhead_pct_max` (throughput, below saturation), and the database checked against what the clients were told: bids_acknowledged, bids_lost, bids_duplicated. About 25 s of set-up, then 2 x 5 levels x (seconds + ~3 s)."""
     from .casestudy.rubis.dataset import Scale
-    from .casestudy.rubis.study import rubis
+    from .casestudy.rubis.study import FAULTS, rubis
     from .errors import require_root
 
     if users < 1 or seconds <= 0 or not 0 < scale <= 10 or rounds < 1:
         raise typer.BadParameter("--users must be >= 1, --seconds > 0, --scale in (0, 10], "
                                  "--rounds >= 1")
     require_root("the case study's lab")
-    _emit(rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds,
-                faults=tuple(f for f in faults.split(",") if f), work_dir=out_dir), as_json)
+    chosen = FAULTS if faults == "all" else tuple(f for f in faults.split(",") if f)
+    _emit(rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds, faults=chosen,
+                work_dir=out_dir), as_json)
 
 
 @scenario_app.command("vm")

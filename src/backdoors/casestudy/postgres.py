@@ -162,18 +162,28 @@ class Postgres:
             if c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
                 c.execute(f'CREATE DATABASE "{DATABASE}"')
 
-    def terminate(self, application_name: str) -> int:
-        """End every connection of `application_name` (pg_terminate_backend, waiting up to
-        5 s for each): their open transactions roll back. The fence of a failed middle
-        tier, before its sessions are replayed elsewhere: a frozen server's transaction
-        would otherwise hold its idempotency key's row lock, and the replay would wait on
-        it. Returns how many."""
+    def terminate(self, *application_names: str, timeout: float = 5.0) -> int:
+        """End every connection of these `application_names` and wait until their
+        backends are gone (their open transactions rolled back, their locks released):
+        the fence of a failed middle tier, before its sessions are replayed elsewhere (a
+        frozen server's transaction would otherwise hold its idempotency key's row lock,
+        and the replay would wait on it). All are signalled at once and polled every few
+        ms (pg_terminate_backend's own wait polls each in turn every 100 ms). Returns how
+        many; LabError if some outlive `timeout`."""
         import psycopg
 
         with psycopg.connect(self.local_dsn(), autocommit=True) as c:
-            return c.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM "
-                             "pg_stat_activity WHERE application_name = %s",
-                             (application_name,)).fetchone()[0]
+            ended = [pid for (pid,) in c.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = ANY(%s) AND "
+                "pg_terminate_backend(pid)", (list(application_names),)).fetchall()]
+            end = time.monotonic() + timeout
+            while left := [pid for (pid,) in c.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (ended,)).fetchall()]:
+                if time.monotonic() > end:
+                    raise LabError(f"PostgreSQL backends {left} of {', '.join(application_names)} "
+                                   f"still run {timeout:g} s after they were told to end")
+                time.sleep(0.005)
+        return len(ended)
 
     def log_tail(self) -> str:
         try:

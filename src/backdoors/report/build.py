@@ -298,7 +298,7 @@ def recovery_section(inputs: Inputs) -> Html:
 
 # the RUBiS case study (bench_casestudy): its two figures of the original evaluation
 
-CASESTUDY_FULL = ("backdoors casestudy rubis --json --faults fe-freeze,fe-lock,fe-network,fe-crash "
+CASESTUDY_FULL = ("backdoors casestudy rubis --json --faults all "
                   "> out/bench/bench_casestudy.json")
 
 

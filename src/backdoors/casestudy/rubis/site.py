@@ -194,5 +194,11 @@ class Site:
     def __exit__(self, *exc) -> None:
         self.down()
 
+    def db_fence(self, node: str) -> int:
+        """End the database connections of middle-tier node `node`'s servers (their open
+        transactions roll back, their locks go): the fence of a failed middle tier
+        before its channels are replayed elsewhere. Returns how many."""
+        return self.db.terminate(mt_name(node), mt_name(node, plain=True))
+
     def front_ends(self, plain: bool) -> list[Server]:
         return [self.servers["fe", n, plain] for n in self.FE]

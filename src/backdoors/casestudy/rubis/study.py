@@ -14,7 +14,7 @@ locustfile.py). A level is below saturation while the plain site's
 throughput still grows by at least 10 % from the level before; `overhead_pct_max` is the
 largest throughput loss of recoverable vs plain among those levels (all levels if none).
 
-With `faults` (so far fe-freeze, fe-lock, fe-network, fe-crash: see fe_fault), each
+With `faults` (FAULTS: fe- and mt- freeze, lock, network, crash; see play_fault), each
 fault is then played under load on a recoverable site of its own (a fault leaves its
 node fenced); `faults` in the result has one row each, with the requests per 100 ms
 across the fault (`per_100ms`) and the throughput's dip (`dip_ms`).
@@ -38,13 +38,11 @@ from pathlib import Path
 
 from ...errors import LabError
 from .dataset import Scale
-from .site import Site
+from .site import Site, start_fe
 from .throughput import dip, per_100ms
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MIXES = ("Browsing", "Bidding")
-#: the faults built so far (issue 13 lists fe- and mt- freeze, lock, network, crash)
-FAULTS = ("fe-freeze", "fe-lock", "fe-network", "fe-crash")
 #: a level is saturated once the plain site's throughput grows less than this from the
 #: level before
 GROWTH = 1.10
@@ -65,16 +63,17 @@ def run_locust(site: Site, plain: bool, users: int, seconds: float, work: Path,
 class Locust:
     """A headless locust run in the lab's client namespace, started at once; finish()
     waits for it and reads its figures. With `requests`, each request's end and outcome
-    go to `self.requests` (throughput.py), front end i being site.front_ends(plain)[i]."""
+    go to `self.requests` (throughput.py), front end i being site.front_ends(plain)[i]
+    (or `hosts`[i]: URLs to load instead of the front ends, e.g. a balancer's)."""
 
     def __init__(self, site: Site, plain: bool, users: int, seconds: float, work: Path,
                  think: tuple[float, float] = (0.05, 0.15), tag: str = "",
-                 requests: bool = False):
+                 requests: bool = False, hosts: list[str] | None = None):
         self.tag = tag = f"{'plain' if plain else 'recoverable'}-{users}{'-' + tag if tag else ''}"
         self.seconds, self.work = seconds, work
         self.prefix, self.acks = work / tag, work / f"{tag}.acks"
         self.requests = work / f"{tag}.requests" if requests else None
-        hosts = ",".join(f"http://{s.vip}:{s.port}" for s in site.front_ends(plain))
+        hosts = ",".join(hosts or [f"http://{s.vip}:{s.port}" for s in site.front_ends(plain)])
         env = {"RUBIS_HOSTS": hosts, "RUBIS_ACKS": str(self.acks),
                **({"RUBIS_REQUESTS": str(self.requests)} if requests else {}),
                "RUBIS_DATA_USERS": str(site.scale.users),
@@ -117,61 +116,82 @@ class Locust:
                 "max_ms": float(total["Max Response Time"])}
 
 
-#: how each front-end fault is done to node n0 (docstring of fe_fault)
-FE_FAULTS = {"freeze": "every process SIGSTOPped", "lock": "its cgroup frozen",
-             "network": "its link down", "crash": "its recoverable server SIGKILLed"}
+#: the faults built so far (issue 13's list: fe- and mt- freeze, lock, network, crash)
+FAULTS = tuple(f"{tier}-{kind}" for tier in ("fe", "mt")
+               for kind in ("freeze", "lock", "network", "crash"))
+#: how long a fault waits for the load to bring the sessions it is to move (locust itself
+#: takes seconds to start on a loaded machine)
+HELD_WAIT_S = 30.0
 
 
-def fe_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
-             think: tuple[float, float] = (0.05, 0.15), period_ms: float = 50) -> dict:
-    """The recoverable site under load while front-end node n0 fails, once its users are
-    connected: `freeze` (every process SIGSTOPped: a hang), `lock` (the node's cgroup
-    frozen behind the agent's back: the original's emulated freeze by remote OS
-    locking), `network` (its service link down: a failed network driver) or `crash`
-    (its recoverable server SIGKILLed; nothing restarts it). A monitor with the "heal"
-    ruleset (site_rules) sees it (progress stalled, node frozen by nobody's lock, link
-    down, sessions orphaned), fences n0 and moves its client sessions to FE b (n1). Leaves n0 fenced:
-    one fault per site. Facts: requests and failed ones (locust's), the longest answer,
-    detect_ms (the fault to the incident), recovery_ms (the incident to the end of the
-    move), moved, the rule; `per_100ms`, the requests completed per 100 ms from 3 s
-    before the fault to 6 s after (throughput.per_100ms; `node_ok`: n0's users), and
-    `dip_ms`, how long n0's users got less than half their throughput before the fault
+def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
+               think: tuple[float, float] = (0.05, 0.15), period_ms: float = 50) -> dict:
+    """The recoverable site under load while a node of one tier fails, once the sessions
+    are held by the agents: `fe-*` front-end node n0, `mt-*` the middle-tier node holding
+    the most channels (n2 on a tie). `freeze`: every process SIGSTOPped (a hang);
+    `lock`: the node's cgroup frozen behind the agent's back (the original's emulated
+    freeze by remote OS locking); `network`: its service link down (a failed network
+    driver); `crash`: its recoverable server SIGKILLed, nothing restarting it. A monitor
+    with the site's rules (site_rules: the "heal" ruleset) sees it (progress stalled,
+    node frozen by nobody's lock, link down, sessions orphaned), fences the node and
+    moves its sessions: n0's client sessions to FE b (n1); a middle tier's channels (the
+    middle-tier ends of the front ends' channels) to the other one, after its database
+    connections are terminated (their open transactions hold the locks the replayed
+    calls need). Leaves the node fenced: one fault per site.
+
+    Facts: requests and failed ones (locust's), the longest answer, detect_ms (the fault
+    to the incident), recovery_ms (the incident to the end of the move), moved, the rule
+    that acted; `per_100ms`, the requests completed per 100 ms from 3 s before the fault
+    to 6 s after (throughput.per_100ms; `node_ok`: n0's users, for a front end's fault;
+    a middle tier's stalls channels of both front ends, so the whole site's), and
+    `dip_ms`, how long that throughput stayed below half of what it was before the fault
     (throughput.dip: its details are in per_100ms)."""
     from ...lab import inject
     from ...monitor import Monitor
 
-    if fault not in FE_FAULTS:
-        raise LabError(f"front-end fault {fault!r}; choose one of {', '.join(FE_FAULTS)}")
-    fe = site.FE[0]
-    cfg = site.lab.monitor_config("m1", period_ms=period_ms, rulesets=["heal"])
-    with Monitor(cfg, key=site.lab.monitor_key("m1"), rules=site_rules()) as mon:
+    if fault not in FAULTS:
+        raise LabError(f"fault {fault!r}; choose one of {', '.join(FAULTS)}")
+    tier, kind = fault.split("-", 1)
+    node = site.FE[0] if tier == "fe" else site.MT[0]
+    lab = site.lab
+    cfg = lab.monitor_config("m1", period_ms=period_ms, rulesets=["heal"])
+    with Monitor(cfg, key=lab.monitor_key("m1"), rules=site_rules(site),
+                 hooks={"db-fence": lambda info: site.db_fence(info["node"])}) as mon:
         mon.wait_ready(timeout=10)
-        run = Locust(site, False, users, seconds, work, think, tag=f"fe-{fault}", requests=True)
-        # every user of n0 connected and served first: a connection still in the accept
+        run = Locust(site, False, users, seconds, work, think, tag=fault, requests=True)
+        # every session to move held by the agent first: a connection still in the accept
         # queue of a frozen server is not the server's yet, nor held by the agent, and is
         # not moved (see docs/casestudy.md)
-        want = (users + 1) // 2  # users take the front ends in turn, n0 first
-        host = site.lab.plan.node(fe).host
-        end = time.monotonic() + seconds / 2
-        with site.lab.agent_client(host) as c:
-            while len(c.sessions(fe)) < want and time.monotonic() < end:
-                time.sleep(0.05)
+        # (users take the front ends in turn, n0 first; each client connection has its
+        # channel to one middle tier, by a hash of its session)
+        held, want = ((node,), (users + 1) // 2) if tier == "fe" else (site.MT, users)
+        end = time.monotonic() + HELD_WAIT_S
+        while sum((counts := {n: _sessions(lab, n) for n in held}).values()) < want:
+            if time.monotonic() > end or run.proc.poll() is not None:
+                run.proc.kill()
+                seen = [(i.node, i.rule, i.state) for i in mon.incidents()]
+                raise LabError(f"{fault}: the load brought {counts} sessions, not {want}, in "
+                               f"{HELD_WAIT_S:g} s (incidents so far: {seen}; locust: "
+                               f"{_tail(run.log_path)[-300:]})")
+            time.sleep(0.05)
+        if tier == "mt":  # the middle tier holding the most channels (a tie: n2)
+            node = max(site.MT, key=lambda n: counts[n])
         time.sleep(1.0)
         wall = time.time()
-        if fault == "lock":
-            site.lab.node(fe).lock(5.0)
-        elif fault == "crash":
-            site.servers["fe", fe, False].stop()
+        if kind == "lock":
+            lab.node(node).lock(5.0)
+        elif kind == "crash":
+            site.servers[tier, node, False].stop()
         else:
-            inject(site.lab, fault, fe)
-        inc = mon.wait_for(lambda i: i.node == fe and any(a.kind == "recover"
-                                                          for a in i.actions), seconds + 30)
+            inject(lab, kind, node)
+        inc = mon.wait_for(lambda i: i.node == node and any(a.kind == "recover"
+                                                            for a in i.actions), seconds + 30)
         got = run.finish()
-    facts = {"tier": "fe", "fault": fault, "users": users, "requests": got["requests"],
-             "failed_requests": got["failed"], "max_response_ms": got["max_ms"],
-             "detect_ms": None, "recovery_ms": None, "moved": None, "rule": None,
-             "acks": got["acks"]}
-    series = per_100ms(run.requests, wall, node=0)  # n0 is the first of the front ends
+    facts = {"tier": tier, "fault": kind, "node": node, "users": users,
+             "requests": got["requests"], "failed_requests": got["failed"],
+             "max_response_ms": got["max_ms"], "detect_ms": None, "recovery_ms": None,
+             "moved": None, "rule": None, "acks": got["acks"]}
+    series = per_100ms(run.requests, wall, node=0 if tier == "fe" else None)
     series.update(dip(series))
     facts.update(dip_ms=series.pop("dip_ms"), per_100ms=series)
     if inc is not None:
@@ -179,25 +199,125 @@ def fe_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
         facts.update(detect_ms=round((inc.detected - wall) * 1000, 1),
                      recovery_ms=round(rec.started_ms + rec.duration_ms, 1),
                      moved=rec.detail.get("moved"), recover_status=rec.status,
-                     target=rec.detail.get("target"), rule=inc.rule)
+                     target=rec.detail.get("target"), rule=inc.rule,
+                     fence_more=rec.detail.get("fence_more"),
+                     fence_more_ms=rec.detail.get("fence_more_ms"))
     return facts
 
 
-def site_rules() -> list:
-    """The "heal" ruleset for the site: nothing restarts its servers, so the sessions of
-    a crashed one move at once rather than after waiting for it to come back on its node
-    (the server-died rule's recover action with `same_node_wait_ms` 0, as the ruleset
-    says to set it where nothing restarts servers)."""
+def haproxy_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
+                  think: tuple[float, float] = (0.05, 0.15)) -> dict:
+    """The baseline of a front end's fault: the same fault to n0 while the same load goes
+    through HAProxy to the plain front ends (balancer.py), then undone, so that the
+    recoverable run can follow on the same site. Facts, named haproxy_*: requests,
+    failed_requests (locust's), max_response_ms, detect_ms (the fault until HAProxy
+    marked n0's server DOWN), per_100ms and dip_ms (the whole site's: the balancer is its
+    only address), and the bids checked like the recoverable run's."""
+    from ...lab import faults
+    from .balancer import Balancer
+
+    tier, kind = fault.split("-", 1)
+    if tier != "fe":
+        raise LabError(f"{fault}: HAProxy balances the front ends; a middle tier's fault "
+                       "has no HAProxy baseline")
+    lab, node = site.lab, site.FE[0]
+    with Balancer(site) as lb:
+        run = Locust(site, True, users, seconds, work, think, tag=f"{fault}-haproxy",
+                     requests=True, hosts=[lb.url])
+        end = time.monotonic() + HELD_WAIT_S
+        while not all(n > 0 for n in lb.sessions_total().values()):  # both servers in use
+            if time.monotonic() > end or run.proc.poll() is not None:
+                run.proc.kill()
+                raise LabError(f"{fault} (HAProxy): the load reached {lb.sessions_total()} "
+                               f"in {HELD_WAIT_S:g} s ({_tail(run.log_path)})")
+            time.sleep(0.05)
+        time.sleep(1.0)
+        wall, began = time.time(), time.monotonic()
+        if kind == "lock":
+            lab.node(node).lock(5.0)
+        elif kind == "crash":
+            site.servers["fe", node, True].stop()
+        else:
+            faults.inject(lab, kind, node)
+        down_ms = lb.marked_down("fe0", began)
+        got = run.finish()
+    if kind == "lock":
+        lab.node(node).unlock(5.0)
+    elif kind == "crash":
+        mts = [site.servers["mt", n, True].address for n in site.MT]
+        site.servers["fe", node, True] = start_fe(lab, node, mts, site.secret, plain=True)
+    else:
+        faults.stop(lab, kind, node)
+    _until_healthy(site, node, time.monotonic())
+    series = per_100ms(run.requests, wall)
+    series.update(dip(series))
+    out = {"haproxy_requests": got["requests"], "haproxy_failed_requests": got["failed"],
+           "haproxy_max_response_ms": got["max_ms"], "haproxy_detect_ms": down_ms,
+           "haproxy_dip_ms": series.pop("dip_ms"), "haproxy_per_100ms": series}
+    out.update({f"haproxy_{k}": v for k, v in check_bids(site, [got["acks"]]).items()})
+    return out
+
+
+def _until_healthy(site: Site, node: str, since: float, timeout: float = 10.0) -> None:
+    """Until `node`'s agent shows it healthy again, in a sample taken after `since`
+    (time.monotonic()): not frozen, its link up, every progress counter moving. Else the
+    next run's monitor may act on what the agent saw of a fault already undone (found:
+    a link_up of 0 sampled before the link came back fenced the node at its first poll)."""
+    from ...sensors import KERNEL_BOX, parse_box
+
+    lab = site.lab
+    end = time.monotonic() + timeout
+    with lab.agent_client(lab.plan.node(node).host) as c:
+        while True:
+            info = next(n for n in c.nodes() if n.name == node)
+            got = c.sensors(node)
+            kernel = ({x.name: x.value for x in parse_box(got.boxes[KERNEL_BOX]).sensors}
+                      if KERNEL_BOX in got.boxes else {})
+            still = [v for box in got.progress_unchanged_s.values() for v in box.values()]
+            if (info.sample_age_s is not None and info.sample_age_s < time.monotonic() - since
+                    and info.frozen is False and kernel.get("link_up", 1.0) >= 0.5
+                    and all(v < 0.2 for v in still)):
+                return
+            if time.monotonic() > end:
+                raise LabError(f"node {node} not healthy {timeout:g} s after a fault was undone: "
+                               f"frozen {info.frozen}, link_up {kernel.get('link_up')}, progress "
+                               f"unchanged {got.progress_unchanged_s}")
+            time.sleep(0.05)
+
+
+def _sessions(lab, node: str) -> int:
+    with lab.agent_client(lab.plan.node(node).host) as c:
+        return len(c.sessions(node))
+
+
+def site_rules(site: Site) -> list:
+    """The "heal" ruleset, fitted to the site. Its rules that move sessions apply to a
+    front end (and the database node) as they are; for each middle-tier node a copy
+    (named `<rule>-<node>`) moves them to the other middle tier, and fences the node's
+    database connections first (the monitor hook `db-fence`). And nothing restarts the
+    site's servers, so the sessions of a crashed one move at once rather than after
+    waiting for it to come back on its node (`same_node_wait_ms` 0, as the ruleset says
+    to set it where nothing restarts servers)."""
     import msgspec
 
     from ...monitor.actions import Recover
     from ...monitor.rules import load_ruleset
 
-    def now(action):
-        return msgspec.structs.replace(action, same_node_wait_ms=0.0) \
-            if isinstance(action, Recover) else action
-    return [msgspec.structs.replace(r, actions=[now(a) for a in r.actions])
-            if r.name == "server-died" else r for r in load_ruleset("heal").rule]
+    def moving(rule, **change):
+        return msgspec.structs.replace(rule, actions=[
+            msgspec.structs.replace(a, same_node_wait_ms=0.0, **change)
+            if isinstance(a, Recover) else a for a in rule.actions])
+
+    out = []
+    for r in load_ruleset("heal").rule:
+        if not any(isinstance(a, Recover) for a in r.actions):
+            out.append(r)
+            continue
+        out.append(msgspec.structs.replace(moving(r), nodes=[*site.FE, site.DB]))
+        for mt, other in zip(site.MT, reversed(site.MT)):
+            out.append(msgspec.structs.replace(moving(r, target=other, fence_hook="db-fence"),
+                                               name=f"{r.name}-{mt}", nodes=[mt]))
+    return out
 
 
 def _tail(path: Path) -> str:
@@ -238,7 +358,7 @@ def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
     files (locust's figures and logs, the acknowledged writes) are kept in `work_dir`
     when given."""
     if unknown := set(faults) - set(FAULTS):
-        raise LabError(f"faults: {', '.join(sorted(unknown))} not built yet; choose from "
+        raise LabError(f"unknown faults: {', '.join(sorted(unknown))}; choose from "
                        f"{', '.join(FAULTS)}")
     if users < 1 or seconds <= 0 or rounds < 1:
         raise LabError(f"users must be >= 1, seconds > 0 and rounds >= 1, got {users}, "
@@ -291,9 +411,10 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
     for i, fault in enumerate(f for f in FAULTS if f in faults):
         # a site of its own for each: a fault leaves its node fenced, its address moved
         with Site(f"{name[:9]}{i + 1}", scale) as site:
-            row = fe_fault(site, fault.split("-", 1)[1], max(1, users // 2),
-                           max(seconds, 9.0), work, think)
-            row.update(check_bids(site, [row.pop("acks")]))
+            load = (max(1, users // 2), max(seconds, 9.0), work, think)
+            baseline = haproxy_fault(site, fault, *load) if fault.startswith("fe-") else {}
+            row = play_fault(site, fault, *load)
+            row.update(check_bids(site, [row.pop("acks")]), **baseline)
             row["setup"] = site.timings
         out["faults"].append(row)
         for key in ("bids_acknowledged", "bids_lost", "bids_duplicated"):
