@@ -28,9 +28,7 @@ Needs root; installs the Debian package haproxy when it is missing (`ensure_hapr
 from __future__ import annotations
 
 import argparse
-import csv
 import errno
-import io
 import json
 import os
 import re
@@ -44,6 +42,7 @@ import sys
 import time
 import uuid
 
+from backdoors.common import haproxy
 from backdoors.errors import BackdoorsError, require_root
 from backdoors.lab import SERVICE_PORT, Lab, inject, stream
 
@@ -158,24 +157,12 @@ backend stream_servers
 
 def cli(path: str, command: str, timeout: float = 2.0) -> str:
     """One command on HAProxy's stats socket; its whole answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-            s.sendall(command.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        except OSError as e:
-            raise HaproxyError(f"HAProxy stats socket {path}: {command!r} failed: {e}") from None
-    return b"".join(chunks).decode(errors="replace")
+    return haproxy.command(path, command, timeout, error=HaproxyError)
 
 
 def server_stats(path: str) -> dict[str, dict[str, str]]:
     """`show stat` of the servers of the stream backend, by server name."""
-    text = cli(path, "show stat").lstrip("# ")
-    return {row["svname"]: row for row in csv.DictReader(io.StringIO(text))
-            if row.get("pxname") == "stream_servers" and row.get("svname") in SERVERS}
+    return haproxy.server_stats(path, "stream_servers", SERVERS, error=HaproxyError)
 
 
 def session_servers(path: str) -> dict[int, str]:

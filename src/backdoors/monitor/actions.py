@@ -352,15 +352,14 @@ class Recover(Action, tag="recover"):
         fenced_at = ctx.clock()
         ev = ctx.client.evacuate(ctx.node, to_address, to_host, target, timeout=self.timeout_s)
         detail = {"target": target, "target_host": to_host,
-                  "fence_ms": round((fenced_at - t0) * 1000, 1),
+                  "fence_ms": round((node_fenced_at - t0) * 1000, 1),
                   "evacuate_ms": round((ctx.clock() - fenced_at) * 1000, 1),
                   "fence": msgspec.to_builtins(fence), "sessions": ev.sessions,
                   "moved": ev.moved, "failed": ev.failed, "dump_ms": ev.dump_ms,
                   "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt),
                   "dump_phases": ev.phases}
         if more is not None:
-            detail.update(fence_ms=round((node_fenced_at - t0) * 1000, 1),
-                          fence_more_ms=round((fenced_at - node_fenced_at) * 1000, 1),
+            detail.update(fence_more_ms=round((fenced_at - node_fenced_at) * 1000, 1),
                           fence_more=more.detail)
         if self.after == "release":
             ctx.client.kill_node(ctx.node)

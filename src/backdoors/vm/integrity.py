@@ -533,7 +533,6 @@ class Watch(Periodic):
         super().__init__(tick_s, "integrity-watch")
         self.checker = checker
         self.seen: list[tuple[float, Finding]] = []
-        self.errors: list[str] = []
         self.paused = False
         self.ticks, self.cpu_s = 0, 0.0  # ticks run, and the thread's CPU time in them
 
@@ -544,7 +543,7 @@ class Watch(Periodic):
         try:
             found = self.checker.tick()
         except VmError as e:  # a read torn by the running guest: the next tick reads again
-            self.errors.append(str(e))
+            self.failed("integrity watch", e)
             return
         finally:
             self.ticks, self.cpu_s = self.ticks + 1, self.cpu_s + time.thread_time() - cpu

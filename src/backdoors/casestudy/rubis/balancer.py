@@ -15,14 +15,12 @@ whether it was applied. Debian's `haproxy` (installed by `make`).
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import shutil
-import socket
 import subprocess
 import time
 
+from ...common import haproxy
 from ...common.logs import log_tail
 from ...errors import LabError
 from .site import FE_PLAIN_PORT, Site
@@ -110,15 +108,11 @@ class Balancer:
 
     def status(self) -> dict[str, str]:
         """Each server's state by HAProxy's health checks ("UP", "DOWN", ...)."""
-        text = self._cli("show stat").lstrip("# ")
-        return {row["svname"]: row["status"] for row in csv.DictReader(io.StringIO(text))
-                if row.get("pxname") == "rubis_fe" and row.get("svname") in SERVERS}
+        return {name: row["status"] for name, row in self._stats().items()}
 
     def sessions_total(self) -> dict[str, int]:
         """Each server's sessions since HAProxy started (its `stot`)."""
-        text = self._cli("show stat").lstrip("# ")
-        return {row["svname"]: int(row["stot"] or 0) for row in csv.DictReader(io.StringIO(text))
-                if row.get("pxname") == "rubis_fe" and row.get("svname") in SERVERS}
+        return {name: int(row["stot"] or 0) for name, row in self._stats().items()}
 
     def marked_down(self, server: str, since: float, timeout: float = 10.0) -> float | None:
         """Milliseconds from `since` (time.monotonic()) until HAProxy has `server` DOWN,
@@ -144,16 +138,5 @@ class Balancer:
         raise LabError(f"HAProxy's servers not all UP within {timeout:g} s ({status}): "
                        f"{log_tail(self.log_path)}")
 
-    def _cli(self, command: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(2.0)
-            try:
-                s.connect(self.socket_path)
-                s.sendall(command.encode() + b"\n")
-                chunks = []
-                while chunk := s.recv(65536):
-                    chunks.append(chunk)
-            except OSError as e:
-                raise LabError(f"HAProxy stats socket {self.socket_path}: {command!r}: {e}") \
-                    from None
-        return b"".join(chunks).decode(errors="replace")
+    def _stats(self) -> dict[str, dict[str, str]]:
+        return haproxy.server_stats(self.socket_path, "rubis_fe", SERVERS, error=LabError)

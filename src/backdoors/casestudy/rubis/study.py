@@ -146,7 +146,6 @@ def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
     a middle tier's stalls channels of both front ends, so the whole site's), and
     `dip_ms`, how long that throughput stayed below half of what it was before the fault
     (throughput.dip: its details are in per_100ms)."""
-    from ...lab import inject
     from ...monitor import Monitor
 
     if fault not in FAULTS:
@@ -178,12 +177,7 @@ def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
             node = max(site.MT, key=lambda n: counts[n])
         time.sleep(1.0)
         wall = time.time()
-        if kind == "lock":
-            lab.node(node).lock(5.0)
-        elif kind == "crash":
-            site.servers[tier, node, False].stop()
-        else:
-            inject(lab, kind, node)
+        _fail(site, kind, site.servers[tier, node, False])
         inc = mon.wait_for(lambda i: i.node == node and any(a.kind == "recover"
                                                             for a in i.actions), seconds + 30)
         got = run.finish()
@@ -233,12 +227,7 @@ def haproxy_fault(site: Site, fault: str, users: int, seconds: float, work: Path
             time.sleep(0.05)
         time.sleep(1.0)
         wall, began = time.time(), time.monotonic()
-        if kind == "lock":
-            lab.node(node).lock(5.0)
-        elif kind == "crash":
-            site.servers["fe", node, True].stop()
-        else:
-            faults.inject(lab, kind, node)
+        _fail(site, kind, site.servers["fe", node, True])
         down_ms = lb.marked_down("fe0", began)
         got = run.finish()
     if kind == "lock":
@@ -256,6 +245,19 @@ def haproxy_fault(site: Site, fault: str, users: int, seconds: float, work: Path
            "haproxy_dip_ms": series.pop("dip_ms"), "haproxy_per_100ms": series}
     out.update({f"haproxy_{k}": v for k, v in check_bids(site, [got["acks"]]).items()})
     return out
+
+
+def _fail(site: Site, kind: str, server) -> None:
+    """Fault `kind` done to `server`'s node: its cgroup frozen behind the agent's back
+    (lock), `server` killed (crash), or the lab's fault of that name (freeze, network)."""
+    from ...lab import inject
+
+    if kind == "lock":
+        site.lab.node(server.node).lock(5.0)
+    elif kind == "crash":
+        server.stop()
+    else:
+        inject(site.lab, kind, server.node)
 
 
 def _until_healthy(site: Site, node: str, since: float, timeout: float = 10.0) -> None:
