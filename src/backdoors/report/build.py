@@ -256,7 +256,9 @@ def recovery_section(inputs: Inputs) -> Html:
         parts.append(note(inputs.missing.get("demo", "no demo results")))
     elif not with_stalls:
         parts.append(note(f"the demo results in `{inputs.demo_dir}` have no recovery scenario "
-                          "with client stalls: run `make demo` (or `backdoors demo`)"))
+                          "with client stalls (the main demo's freeze, crash and network "
+                          "record them; the auction scenario counts requests instead): run "
+                          "`make demo` (or `backdoors demo`)"))
     else:
         parts.append(_plot("client stall distribution", lambda: plots.stall_cdf(
             [(s.name, s.stalls_ms, s.detect_ms) for s in with_stalls]),
@@ -342,14 +344,15 @@ def _casestudy_faults_part(inputs: Inputs) -> list[Html]:
                            "end of the sessions' move (dotted). Shaded: the dip, the longest "
                            "run of 100 ms buckets in which the node's users got less than "
                            "half their mean of the second before the fault"
-                           + ("; orange: HAProxy's baseline" if baseline else
-                              "; HAProxy's baseline is not measured yet")))
+                           + ("; orange: the baseline, the plain site behind HAProxy (for a "
+                              "middle tier's fault, with its front ends' own retry)"
+                              if baseline else "; the baseline is not measured yet")))
     old = [f"{f.tier}-{f.fault}" for f in c.faults if f not in drawn]
     if old:
         parts.append(note(f"no requests per 100 ms for {', '.join(old)} (a file written "
                           f"before they were recorded): `{CASESTUDY_FULL}`"))
     parts.append(table(
-        ["tier", "fault", "users", "requests", "failed requests", "HAProxy failed requests",
+        ["tier", "fault", "users", "requests", "failed requests", "baseline failed requests",
          "detect (ms)", "recovery (ms)", "dip (ms)", "bids acknowledged", "bids lost",
          "bids duplicated"],
         [[f.tier, f.fault, _ms(f.users), _ms(f.requests), _ms(f.failed_requests),

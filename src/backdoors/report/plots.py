@@ -645,10 +645,10 @@ def _fault_panel(ax, f: CasestudyFault) -> None:
     if h is not None and h.ok:
         hx = _starts(h)
         ax.step(hx + [hx[-1] + h.bucket_ms / 1000], h.ok + h.ok[-1:], where="post",
-                color=ORANGE, lw=1.4, label="ok, HAProxy baseline")
+                color=ORANGE, lw=1.4, label="ok, baseline (plain, HAProxy)")
         bad = [(x + h.bucket_ms / 2000, n) for x, n in zip(hx, h.failed) if n]
         if bad:
-            ax.plot(*zip(*bad), "x", color=RED, ms=6, mew=1.5, label="failed, HAProxy baseline")
+            ax.plot(*zip(*bad), "x", color=RED, ms=6, mew=1.5, label="failed, baseline")
     ax.axvline(0, color="black", ls="--", lw=1.2, label="fault injected")
     facts = []
     if f.detect_ms is not None:

@@ -11,7 +11,10 @@ Pages (small HTML, each with markers a load driver checks): / (home), /categorie
 
 Each client connection has its own persistent channel to a middle tier (wire.py), picked
 by the connection's identity among RUBIS_MT, opened on its first request and closed
-after IDLE_S without one. The login is a signed cookie (HMAC with RUBIS_SECRET, shared by
+after IDLE_S without one. A call whose channel breaks, or that gets no answer within
+RUBIS_CALL_TIMEOUT seconds (30 by default), is sent again once on a new channel to the
+next middle tier: the front end's own reconnect-and-retry, what a plain deployment has
+for a failing middle tier. The login is a signed cookie (HMAC with RUBIS_SECRET, shared by
 every front end): a channel logged in as someone else (or not at all) is told who its
 user is (the middle tier's `resume`) before the call. So a channel opened again — after
 the middle tier went away, or on another front end after a recovery — is logged in again
@@ -21,9 +24,8 @@ Writes carry an idempotency key. Under the recoverable server it is the session'
 (`scope["extensions"]["backdoors.session"]["key"]`: the session id and the request's
 number, the same when the request is replayed on another node), so a replayed bid finds
 its key at the middle tier and is answered with the recorded result, never applied
-twice. Under a plain server it is random per request. A call whose channel breaks is sent
-again once on a new channel (a write with the same key): the front end's own
-reconnect-and-retry.
+twice. Under a plain server it is random per request. A call sent again (above) carries
+the same key.
 """
 
 from __future__ import annotations
@@ -52,12 +54,15 @@ log = logging.getLogger("backdoors.casestudy")
 
 MT_ENV = "RUBIS_MT"
 SECRET_ENV = "RUBIS_SECRET"
+TIMEOUT_ENV = "RUBIS_CALL_TIMEOUT"
+#: what the log says when a call is sent again to another middle tier
+FAILOVER = "the call sent again to"
 COOKIE = "rubis"
 #: a session's exported state holds the response being sent: pages are a few KiB
 STATE_CAPACITY = 256 * 1024
 #: a channel unused this long is closed (the client connection went away)
 IDLE_S = 60.0
-#: a call that gets no answer this long is sent again on a new channel
+#: a call that gets no answer this long is sent again on a new channel (by default)
 CALL_TIMEOUT_S = 30.0
 
 
@@ -66,19 +71,26 @@ class MtUnavailable(Exception):
 
 
 class Channel:
-    """One client session's channel to its middle tier; calls one at a time, in order."""
+    """One client session's channel to a middle tier, `addresses`[`first`] at first;
+    calls one at a time, in order. A channel that breaks or times out (`timeout`) is
+    opened again to the next middle tier of `addresses`."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, addresses: list[tuple[str, int]], first: int = 0,
+                 timeout: float = CALL_TIMEOUT_S):
+        self.addresses, self.at, self.timeout = addresses, first % len(addresses), timeout
         self.reader = self.writer = None
         self.user: int | None = None  # who the middle tier has this channel logged in as
         self.lock = asyncio.Lock()
         self.next_id = 0
         self.used = time.monotonic()
 
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.addresses[self.at]
+
     async def _open(self) -> None:
         self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), CALL_TIMEOUT_S)
+            asyncio.open_connection(*self.address), self.timeout)
         self.user = None
 
     def close(self) -> None:
@@ -90,7 +102,7 @@ class Channel:
         self.next_id += 1
         self.writer.write(frame(Call(self.next_id, op, args, key)))
         await self.writer.drain()
-        answer = await asyncio.wait_for(read_answer(self.reader), CALL_TIMEOUT_S)
+        answer = await asyncio.wait_for(read_answer(self.reader), self.timeout)
         if answer is None or answer.id != self.next_id:
             raise WireError(f"the middle tier answered {answer!r} to call {self.next_id}")
         return answer
@@ -115,25 +127,28 @@ class Channel:
                     return answer
                 except (OSError, WireError, asyncio.TimeoutError) as e:
                     self.close()
+                    host, port = self.address
+                    what = str(e) or f"no answer in {self.timeout:g} s"
                     if attempt == 2:
-                        raise MtUnavailable(f"middle tier {self.host}:{self.port}: {e}") from None
-                    log.info("front end: channel to %s:%d broke (%s): again on a new one",
-                             self.host, self.port, e)
+                        raise MtUnavailable(f"middle tier {host}:{port}: {what}") from None
+                    self.at = (self.at + 1) % len(self.addresses)
+                    log.warning("front end: channel to %s:%d broke (%s): %s %s:%d", host,
+                                port, what, FAILOVER, *self.address)
         raise AssertionError("unreachable")
 
 
 class Channels:
     """The channels of this front end, by client session."""
 
-    def __init__(self, addresses: list[tuple[str, int]]):
-        self.addresses = addresses
+    def __init__(self, addresses: list[tuple[str, int]], timeout: float = CALL_TIMEOUT_S):
+        self.addresses, self.timeout = addresses, timeout
         self.open: dict[str, Channel] = {}
 
     def get(self, session: str) -> Channel:
         ch = self.open.get(session)
         if ch is None:
-            host, port = self.addresses[zlib.crc32(session.encode()) % len(self.addresses)]
-            ch = self.open[session] = Channel(host, port)
+            ch = self.open[session] = Channel(self.addresses, zlib.crc32(session.encode()),
+                                              self.timeout)
         return ch
 
     async def reap(self) -> None:
@@ -156,6 +171,21 @@ def parse_mts(text: str) -> list[tuple[str, int]]:
     if not out:
         raise ValueError(f"${MT_ENV} names no middle tier (HOST:PORT[,HOST:PORT...])")
     return out
+
+
+def parse_timeout(text: str) -> float:
+    """$RUBIS_CALL_TIMEOUT: seconds, more than 0 and less than 3600 (empty:
+    CALL_TIMEOUT_S)."""
+    if not text.strip():
+        return CALL_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 3600:
+        raise ValueError(f"${TIMEOUT_ENV}: expected seconds, more than 0 and less than 3600, "
+                         f"got {text!r}")
+    return value
 
 
 # ---- the session: channel, key, login ----------------------------------------------------
@@ -401,7 +431,8 @@ async def _bad(request: Request, exc: Bad) -> HTMLResponse:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette):
     """Read the configuration; reap idle channels while serving."""
-    app.state.channels = Channels(parse_mts(os.environ.get(MT_ENV, "")))
+    app.state.channels = Channels(parse_mts(os.environ.get(MT_ENV, "")),
+                                  parse_timeout(os.environ.get(TIMEOUT_ENV, "")))
     secret = os.environ.get(SECRET_ENV)
     if not secret:
         log.warning("front end: $%s not set: a random secret (cookies of this front end "

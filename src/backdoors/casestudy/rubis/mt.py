@@ -103,12 +103,19 @@ def main(argv=None) -> int:
     ap.add_argument("--pool", type=int, default=8, help="database connections at most")
     ap.add_argument("--deadline", type=float, default=0.2, help="progress deadline (s)")
     ap.add_argument("--plain", action="store_true", help="no Continuation Boxes (baseline)")
+    ap.add_argument("--lock-timeout", type=float, default=0.0,
+                    help="give up on a database lock after this many seconds (0: never)")
     a = ap.parse_args(argv)
     dsn = os.environ.get(DSN_ENV)
     if not dsn:
         ap.error(f"${DSN_ENV} must hold the database's connection string")
     if not 1 <= a.pool <= 100:
         ap.error("--pool must be 1..100")
+    if not 0 <= a.lock_timeout < 3600:
+        ap.error("--lock-timeout must be 0 or more seconds, under an hour")
+    session = {"autocommit": True, "application_name": a.name,
+               **({"options": f"-c lock_timeout={round(a.lock_timeout * 1000)}"}
+                  if a.lock_timeout else {})}
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
         loop = asyncio.get_running_loop()
         ticker = asyncio.create_task(_tick(progress))
         async with AsyncConnectionPool(dsn, min_size=min(2, a.pool), max_size=a.pool,
-                                       kwargs={"autocommit": True, "application_name": a.name},
+                                       kwargs=session,
                                        open=False) as pool:
             await pool.wait(timeout=30)
             tier = MiddleTier(pool, level)

@@ -66,22 +66,25 @@ def mt_name(node: str, plain: bool = False) -> str:
 
 
 def start_mt(lab, node: str, db, *, plain: bool = False, pool: int = 8,
-             timeout: float = 30.0) -> Server:
-    """The middle tier in `node`, connected to Postgres `db` (over TCP, its password)."""
+             lock_timeout: float | None = None, timeout: float = 30.0) -> Server:
+    """The middle tier in `node`, connected to Postgres `db` (over TCP, its password); its
+    database sessions give up on a lock after `lock_timeout` s (None: never)."""
     port = MT_PLAIN_PORT if plain else MT_PORT
     name = mt_name(node, plain)
     argv = [sys.executable, "-m", "backdoors.casestudy.rubis.mt", "--port", str(port),
             "--name", name, "--pool", str(pool), "--deadline", str(MT_DEADLINE_S)] + \
-        (["--plain"] if plain else [])
+        (["--plain"] if plain else []) + \
+        (["--lock-timeout", f"{lock_timeout:g}"] if lock_timeout else [])
     proc = lab.run_in_node(node, argv, env={mt.DSN_ENV: db.dsn()})
     return _ready(lab, Server("mt", node, lab.plan.node(node).vip, port, plain, name, proc),
                   timeout)
 
 
 def start_fe(lab, node: str, mts: list[str], secret: str, *, plain: bool = False,
-             timeout: float = 30.0) -> Server:
+             call_timeout: float | None = None, timeout: float = 30.0) -> Server:
     """The front end in `node`: the recoverable ASGI server, or (`plain`) uvicorn, serving
-    front:app, whose channels go to the middle tiers `mts` ("ADDR:PORT")."""
+    front:app, whose channels go to the middle tiers `mts` ("ADDR:PORT"); a call with no
+    answer in `call_timeout` s goes to the next one (None: front.CALL_TIMEOUT_S)."""
     from . import front
 
     port = FE_PLAIN_PORT if plain else FE_PORT
@@ -93,7 +96,8 @@ def start_fe(lab, node: str, mts: list[str], secret: str, *, plain: bool = False
         argv = [sys.executable, "-m", "backdoors.asgi", "backdoors.casestudy.rubis.front:app",
                 "--port", str(port), "--state-capacity", str(front.STATE_CAPACITY),
                 "--sensor-box", f"rubis-fe-{node}", "--deadline", str(FE_DEADLINE_S)]
-    env = {front.MT_ENV: ",".join(mts), front.SECRET_ENV: secret}
+    env = {front.MT_ENV: ",".join(mts), front.SECRET_ENV: secret,
+           **({front.TIMEOUT_ENV: f"{call_timeout:g}"} if call_timeout else {})}
     proc = lab.run_in_node(node, argv, env=env)
     return _ready(lab, Server("fe", node, lab.plan.node(node).vip, port, plain,
                               f"rubis-fe{'p' if plain else ''}-{node}", proc), timeout)
@@ -135,18 +139,24 @@ class Site:
 
     Each FE node runs the recoverable front end (FE_PORT) and the plain one (uvicorn,
     FE_PLAIN_PORT); each MT node the recoverable middle tier (MT_PORT) and the plain one
-    (MT_PLAIN_PORT). A front end's channels go to both middle tiers of its kind. A
-    context manager: up() builds the lab, starts and loads the database and the
-    servers; down() tears everything down (the lab's, so also on errors)."""
+    (MT_PLAIN_PORT). A front end's channels go to both middle tiers of its kind. With
+    `plain_call_timeout`, the plain site is deployed for failing middle tiers: its front
+    ends give up on a call after that many seconds and send it to the other middle tier
+    (else the front end's default, 30 s), and its middle tiers give up on a database
+    lock after half of it (a call stuck behind a failed node's locks frees its
+    connection). A context manager: up() builds the lab, starts and loads the database
+    and the servers; down() tears everything down (the lab's, so also on errors)."""
 
     FE, MT, DB = ("n0", "n1"), ("n2", "n3"), "n4"
 
-    def __init__(self, name: str, scale, *, secret: str | None = None):
+    def __init__(self, name: str, scale, *, secret: str | None = None,
+                 plain_call_timeout: float | None = None):
         from ...lab.lab import Lab
 
         self.lab = Lab(name, hosts=2, nodes=5, agents=True, services=False)
         self.scale = scale
         self.secret = secret or os.urandom(16).hex()
+        self.plain_call_timeout = plain_call_timeout
         self.db = None
         self.servers: dict[tuple[str, str, bool], Server] = {}  # (tier, node, plain)
         self.timings: dict[str, float] = {}
@@ -166,12 +176,10 @@ class Site:
                 load(c, self.scale)
             t2 = time.monotonic()
             for plain in (False, True):
-                mts = [start_mt(self.lab, n, self.db, plain=plain) for n in self.MT]
-                for s in mts:
-                    self.servers["mt", s.node, plain] = s
+                for n in self.MT:
+                    self.servers["mt", n, plain] = self.start_middle_tier(n, plain)
                 for n in self.FE:
-                    self.servers["fe", n, plain] = start_fe(
-                        self.lab, n, [s.address for s in mts], self.secret, plain=plain)
+                    self.servers["fe", n, plain] = self.start_front_end(n, plain)
             self.timings = {"lab_and_db_s": round(t1 - t0, 1), "load_s": round(t2 - t1, 1),
                             "servers_s": round(time.monotonic() - t2, 1)}
         except BaseException:
@@ -180,13 +188,15 @@ class Site:
         return self
 
     def down(self) -> None:
-        for s in self.servers.values():
-            s.stop()
-        self.servers.clear()
-        if self.db is not None:
-            self.db.stop()
-            self.db = None
-        self.lab.down()
+        try:
+            for s in self.servers.values():
+                s.stop()
+            self.servers.clear()
+            if self.db is not None:
+                self.db.stop()
+                self.db = None
+        finally:
+            self.lab.down()
 
     def __enter__(self) -> Site:
         return self.up()
@@ -199,6 +209,17 @@ class Site:
         transactions roll back, their locks go): the fence of a failed middle tier
         before its channels are replayed elsewhere. Returns how many."""
         return self.db.terminate(mt_name(node), mt_name(node, plain=True))
+
+    def start_middle_tier(self, node: str, plain: bool) -> Server:
+        """(Re)start the middle tier of `node` of that kind."""
+        lock = self.plain_call_timeout / 2 if plain and self.plain_call_timeout else None
+        return start_mt(self.lab, node, self.db, plain=plain, lock_timeout=lock)
+
+    def start_front_end(self, node: str, plain: bool) -> Server:
+        """(Re)start the front end of `node` of that kind."""
+        mts = [self.servers["mt", n, plain].address for n in self.MT]
+        return start_fe(self.lab, node, mts, self.secret, plain=plain,
+                        call_timeout=self.plain_call_timeout if plain else None)
 
     def front_ends(self, plain: bool) -> list[Server]:
         return [self.servers["fe", n, plain] for n in self.FE]

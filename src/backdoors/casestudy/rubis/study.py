@@ -17,7 +17,9 @@ largest throughput loss of recoverable vs plain among those levels (all levels i
 With `faults` (FAULTS: fe- and mt- freeze, lock, network, crash; see play_fault), each
 fault is then played under load on a recoverable site of its own (a fault leaves its
 node fenced); `faults` in the result has one row each, with the requests per 100 ms
-across the fault (`per_100ms`) and the throughput's dip (`dip_ms`).
+across the fault (`per_100ms`) and the throughput's dip (`dip_ms`). Before it, on the
+same site, its baseline (haproxy_fault: the plain site behind HAProxy, the same fault,
+then undone) adds the same facts named haproxy_*.
 
 Every write a client got an OK for is recorded with its key; at the end each
 acknowledged bid must be in the database once (its row, its user, item and price):
@@ -38,7 +40,8 @@ from pathlib import Path
 
 from ...errors import LabError
 from .dataset import Scale
-from .site import Site, start_fe
+from .front import FAILOVER
+from .site import Site, mt_name
 from .throughput import dip, per_100ms
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -122,10 +125,16 @@ FAULTS = tuple(f"{tier}-{kind}" for tier in ("fe", "mt")
 #: how long a fault waits for the load to bring the sessions it is to move (locust itself
 #: takes seconds to start on a loaded machine)
 HELD_WAIT_S = 30.0
+#: the baseline's plain front ends give up on a call to a middle tier after this long and
+#: send it to the other: twice the recoverable middle tier's progress deadline, and well
+#: above the site's healthy answer times (the longest seen under the fault runs' load:
+#: 735 ms), so that a slow but healthy call is not taken for a failure
+BASELINE_CALL_TIMEOUT_S = 2.0
 
 
 def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
-               think: tuple[float, float] = (0.05, 0.15), period_ms: float = 50) -> dict:
+               think: tuple[float, float] = (0.05, 0.15), period_ms: float = 50, *,
+               on_incident=None, incidents_dir: str | None = None) -> dict:
     """The recoverable site under load while a node of one tier fails, once the sessions
     are held by the agents: `fe-*` front-end node n0, `mt-*` the middle-tier node holding
     the most channels (n2 on a tie). `freeze`: every process SIGSTOPped (a hang);
@@ -145,7 +154,10 @@ def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
     to 6 s after (throughput.per_100ms; `node_ok`: n0's users, for a front end's fault;
     a middle tier's stalls channels of both front ends, so the whole site's), and
     `dip_ms`, how long that throughput stayed below half of what it was before the fault
-    (throughput.dip: its details are in per_100ms)."""
+    (throughput.dip: its details are in per_100ms).
+
+    `on_incident(event, incident)` is subscribed to the monitor's incidents (the demo's
+    live view); `incidents_dir` keeps the monitor's incident log."""
     from ...monitor import Monitor
 
     if fault not in FAULTS:
@@ -153,9 +165,12 @@ def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
     tier, kind = fault.split("-", 1)
     node = site.FE[0] if tier == "fe" else site.MT[0]
     lab = site.lab
-    cfg = lab.monitor_config("m1", period_ms=period_ms, rulesets=["heal"])
+    cfg = lab.monitor_config("m1", period_ms=period_ms, rulesets=["heal"],
+                             incidents_dir=incidents_dir)
     with Monitor(cfg, key=lab.monitor_key("m1"), rules=site_rules(site),
                  hooks={"db-fence": lambda info: site.db_fence(info["node"])}) as mon:
+        if on_incident is not None:
+            mon.subscribe(on_incident)
         mon.wait_ready(timeout=10)
         run = Locust(site, False, users, seconds, work, think, tag=fault, requests=True)
         # every session to move held by the agent first: a connection still in the accept
@@ -190,7 +205,7 @@ def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
     facts.update(dip_ms=series.pop("dip_ms"), per_100ms=series)
     if inc is not None:
         rec = next(a for a in inc.actions if a.kind == "recover")
-        facts.update(detect_ms=round((inc.detected - wall) * 1000, 1),
+        facts.update(incident=inc.id, detect_ms=round((inc.detected - wall) * 1000, 1),
                      recovery_ms=round(rec.started_ms + rec.duration_ms, 1),
                      moved=rec.detail.get("moved"), recover_status=rec.status,
                      target=rec.detail.get("target"), rule=inc.rule,
@@ -201,40 +216,52 @@ def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
 
 def haproxy_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
                   think: tuple[float, float] = (0.05, 0.15)) -> dict:
-    """The baseline of a front end's fault: the same fault to n0 while the same load goes
-    through HAProxy to the plain front ends (balancer.py), then undone, so that the
-    recoverable run can follow on the same site. Facts, named haproxy_*: requests,
-    failed_requests (locust's), max_response_ms, detect_ms (the fault until HAProxy
-    marked n0's server DOWN), per_100ms and dip_ms (the whole site's: the balancer is its
-    only address), and the bids checked like the recoverable run's."""
+    """The baseline of a fault: what a user would deploy today, the plain site behind
+    HAProxy (balancer.py), under the same load while the same fault is done to its plain
+    servers -- front end n0 (HAProxy's health checks take it out), or the plain middle
+    tier holding the most channels (the front ends' own reconnect-and-retry: a call with
+    no answer within the site's `plain_call_timeout` goes to the other middle tier) --
+    then undone, so that the recoverable run can follow on the same site. Facts, named
+    haproxy_*: requests, failed_requests (locust's), max_response_ms, detect_ms (a front
+    end's fault: until HAProxy marked n0's server DOWN; None for a middle tier's),
+    failovers (calls the front ends sent again to the other middle tier, from their
+    logs), per_100ms and dip_ms (the whole site's: the balancer is its only address),
+    and the bids checked like the recoverable run's."""
     from ...lab import faults
     from .balancer import Balancer
 
     tier, kind = fault.split("-", 1)
-    if tier != "fe":
-        raise LabError(f"{fault}: HAProxy balances the front ends; a middle tier's fault "
-                       "has no HAProxy baseline")
-    lab, node = site.lab, site.FE[0]
+    if tier == "mt" and not site.plain_call_timeout:
+        raise LabError(f"{fault}: the baseline of a middle tier's fault needs a site whose "
+                       "plain front ends give up on a middle tier in time (plain_call_timeout"
+                       f", e.g. BASELINE_CALL_TIMEOUT_S = {BASELINE_CALL_TIMEOUT_S:g} s)")
+    lab = site.lab
+    logs = [lab.plan.run_dir / n / "stderr.log" for n in site.FE]
     with Balancer(site) as lb:
         run = Locust(site, True, users, seconds, work, think, tag=f"{fault}-haproxy",
                      requests=True, hosts=[lb.url])
         end = time.monotonic() + HELD_WAIT_S
-        while not all(n > 0 for n in lb.sessions_total().values()):  # both servers in use
+        # both front ends in use; for a middle tier's fault, channels to a middle tier
+        while not (all(n > 0 for n in lb.sessions_total().values())
+                   and (tier == "fe" or sum((held := _plain_channels(site)).values()) > 0)):
             if time.monotonic() > end or run.proc.poll() is not None:
                 run.proc.kill()
                 raise LabError(f"{fault} (HAProxy): the load reached {lb.sessions_total()} "
                                f"in {HELD_WAIT_S:g} s ({_tail(run.log_path)})")
             time.sleep(0.05)
+        node = site.FE[0] if tier == "fe" else max(site.MT, key=lambda n: held[n])
         time.sleep(1.0)
+        logged = [_size(p) for p in logs]
         wall, began = time.time(), time.monotonic()
-        _fail(site, kind, site.servers["fe", node, True])
-        down_ms = lb.marked_down("fe0", began)
+        _fail(site, kind, site.servers[tier, node, True])
+        down_ms = lb.marked_down("fe0", began) if tier == "fe" else None
         got = run.finish()
+    failovers = sum(_read_from(p, at).count(FAILOVER) for p, at in zip(logs, logged))
     if kind == "lock":
         lab.node(node).unlock(5.0)
     elif kind == "crash":
-        mts = [site.servers["mt", n, True].address for n in site.MT]
-        site.servers["fe", node, True] = start_fe(lab, node, mts, site.secret, plain=True)
+        site.servers[tier, node, True] = (site.start_front_end(node, plain=True) if tier == "fe"
+                                          else site.start_middle_tier(node, plain=True))
     else:
         faults.stop(lab, kind, node)
     _until_healthy(site, node, time.monotonic())
@@ -242,6 +269,7 @@ def haproxy_fault(site: Site, fault: str, users: int, seconds: float, work: Path
     series.update(dip(series))
     out = {"haproxy_requests": got["requests"], "haproxy_failed_requests": got["failed"],
            "haproxy_max_response_ms": got["max_ms"], "haproxy_detect_ms": down_ms,
+           "haproxy_node": node, "haproxy_failovers": failovers,
            "haproxy_dip_ms": series.pop("dip_ms"), "haproxy_per_100ms": series}
     out.update({f"haproxy_{k}": v for k, v in check_bids(site, [got["acks"]]).items()})
     return out
@@ -285,6 +313,35 @@ def _until_healthy(site: Site, node: str, since: float, timeout: float = 10.0) -
                                f"frozen {info.frozen}, link_up {kernel.get('link_up')}, progress "
                                f"unchanged {got.progress_unchanged_s}")
             time.sleep(0.05)
+
+
+def _plain_channels(site: Site) -> dict[str, int]:
+    """The channels each plain middle tier serves (its Sensor Box's `sessions` level)."""
+    from ...sensors import parse_box
+
+    out = {}
+    for node in site.MT:
+        with site.lab.agent_client(site.lab.plan.node(node).host) as c:
+            data = c.sensors(node).boxes.get(mt_name(node, plain=True))
+        values = {s.name: s.value for s in parse_box(data).sensors} if data else {}
+        out[node] = int(values.get("sessions", 0))
+    return out
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _sessions(lab, node: str) -> int:
@@ -412,9 +469,10 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
         out["faults"] = []
     for i, fault in enumerate(f for f in FAULTS if f in faults):
         # a site of its own for each: a fault leaves its node fenced, its address moved
-        with Site(f"{name[:9]}{i + 1}", scale) as site:
+        with Site(f"{name[:9]}{i + 1}", scale,
+                  plain_call_timeout=BASELINE_CALL_TIMEOUT_S) as site:
             load = (max(1, users // 2), max(seconds, 9.0), work, think)
-            baseline = haproxy_fault(site, fault, *load) if fault.startswith("fe-") else {}
+            baseline = haproxy_fault(site, fault, *load)
             row = play_fault(site, fault, *load)
             row.update(check_bids(site, [row.pop("acks")]), **baseline)
             row["setup"] = site.timings
