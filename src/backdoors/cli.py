@@ -895,7 +895,7 @@ def report(
 @app.command()
 def demo(
     quick: bool = typer.Option(False, "--quick", help="One repair, a recovery, an agent restart and another recovery."),
-    scenario: Optional[str] = typer.Option(None, help="Run one scenario: memory-hog, fork-bomb, deadlock, freeze, crash, network."),
+    scenario: Optional[str] = typer.Option(None, help="Run one scenario: memory-hog, fork-bomb, deadlock, freeze, agent-restart, crash, network; or auction (the case study's auction site: a front end freezes under locust's load)."),
     name: str = typer.Option("demo", help="Lab name."),
     out_dir: str = typer.Option("out/demo", help="Where results, incidents and the report go."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),

@@ -144,8 +144,9 @@ class View:
                 boxes = client.sensors(name).boxes
                 row["sessions"] = len(client.call("sessions", node=name))
             except BackdoorsError:
-                boxes = {}
-            for box, data in boxes.items():
+                boxes = None
+            ticks = 0.0  # the progress of the node's services (the world's boxes), together
+            for box, data in (boxes or {}).items():
                 try:
                     img = parse_box(data)
                 except BackdoorsError:
@@ -156,12 +157,13 @@ class View:
                     row["memory"] = values.get("memory_mb", 0.0)
                     row["pids"] = values.get("pids", 0.0)
                     row["link"] = values.get("link_up", 1.0)
-                elif box.startswith("svc-"):
-                    ticks = values.get("progress", 0)
-                    prev = self._last_progress.get(name)
-                    self._last_progress[name] = (now, ticks)
-                    if prev and now > prev[0]:
-                        self._rate[name].append(max(0.0, (ticks - prev[1]) / (now - prev[0])))
+                elif box.startswith(self.world.progress_boxes):
+                    ticks += values.get("progress", 0)
+            prev = self._last_progress.get(name)
+            if boxes is not None:
+                self._last_progress[name] = (now, ticks)
+            if prev and boxes is not None and now > prev[0]:
+                self._rate[name].append(max(0.0, (ticks - prev[1]) / (now - prev[0])))
             if row["state"] == "ok" and (row.get("link", 1.0) < 0.5):
                 row["state"] = "link down"
             self._rows[name] = row
@@ -182,13 +184,7 @@ class View:
                       f"{r.get('memory', 0):.0f}", sparkline(self._mem[n.name]),
                       f"{r.get('pids', 0):.0f}", sparkline(self._rate[n.name]),
                       str(r.get("sessions", "-")))
-        c = w.clients
-        sessions = Text("")
-        if c is not None:
-            offs = c.offsets()
-            sessions = Text(f"clients: {len(offs)} stream sessions, {sum(offs) / 2**20:.2f} MiB "
-                            f"received and verified; {len(w.downloads)} curl downloads, "
-                            f"{sum(w.download_sizes()) / 2**20:.2f} MiB")
+        sessions = Text(w.summary())
         agents = Text("agents: " + ", ".join(
             f"{h} pid {a.get('pid')}" + (f" (restarted {a['restarts']}x)" if a.get("restarts") else "")
             for h, a in sorted(self._agents.items())))

@@ -47,6 +47,7 @@ class World:
         self.downloads: list[tuple[subprocess.Popen, Path]] = []
         self.monitor = None
         self.session_node = "n0"  # where the client sessions are served now
+        self.progress_boxes = ("svc-",)  # the boxes whose progress the view shows
         self.note = lambda text: None  # a line for the view's timeline (set by the runner)
         self._procs: list[subprocess.Popen] = []
 
@@ -111,7 +112,20 @@ class World:
             time.sleep(0.01)
         return {"old_pid": old, "new_pid": self.start_sample(node)}
 
+    def watch(self, fn) -> None:
+        """Call `fn(event, incident)` on the monitor's incidents."""
+        self.monitor.subscribe(fn)
+
     # ---- what the clients saw ----------------------------------------------------------
+
+    def summary(self) -> str:
+        """The clients, as the view shows them."""
+        if self.clients is None:
+            return ""
+        offs = self.clients.offsets()
+        return (f"clients: {len(offs)} stream sessions, {sum(offs) / MiB:.2f} MiB received and "
+                f"verified; {len(self.downloads)} curl downloads, "
+                f"{sum(self.download_sizes()) / MiB:.2f} MiB")
 
     def download_sizes(self) -> list[int]:
         return [out.stat().st_size if out.exists() else 0 for _, out in self.downloads]
