@@ -50,6 +50,9 @@ log = logging.getLogger("backdoors.agent")
 
 NODE_WORKERS = 2
 LEASE_CHECK_S = 0.02
+#: how long a stopping agent keeps trying to thaw the nodes it holds under a lease: a
+#: stop has no deadline to meet, and a node left frozen by it stays frozen
+STOP_THAW_S = 10.0
 FENCES_KEY = "fences"  # durable state (fd store): {node: [monitors holding its fence]}
 TOKENS_KEY = "tokens"  # durable state: {node: [highest fencing token, its monitor]}
 
@@ -464,16 +467,29 @@ class Agent:
             self._expiring.discard(name)
 
     async def _release_leases(self) -> None:
+        """Thaw every node held under a lease, tried again until STOP_THAW_S (a thaw under
+        load may take longer than an op's deadline); a node that stays frozen is said in
+        the log and the audit log."""
+        end = time.monotonic() + STOP_THAW_S
         for name in self.leases.leased():
-            loop = asyncio.get_running_loop()
-            try:
-                await asyncio.wait_for(loop.run_in_executor(
-                    None, self.nodes[name].node.unlock, self.inner_timeout),
-                    self.config.op_deadline_s)
+            node = self.nodes[name].node
+            while True:
+                try:
+                    await asyncio.to_thread(node.unlock, max(self.inner_timeout, 1.0))
+                except Exception as e:  # noqa: BLE001 - tried again until the end
+                    # (unless the node is gone: its cgroup removed, its QEMU exited)
+                    gone = not node.cgroup.exists() or (isinstance(node, VmNode)
+                                                        and not node.alive())
+                    if time.monotonic() < end and not gone:
+                        await asyncio.sleep(0.05)
+                        continue
+                    log.warning("node %s: could not thaw it at shutdown: %s", name, e)
+                    self.audit.write(kind="lease_released", node=name, ok=False,
+                                     why="agent stop", error=str(e))
+                    break
                 self.leases.released(name)
                 self.audit.write(kind="lease_released", node=name, ok=True, why="agent stop")
-            except Exception as e:  # noqa: BLE001 - TimeoutError too
-                log.warning("node %s: could not thaw it at shutdown: %s", name, e)
+                break
 
 
 def _nothing() -> None:
@@ -503,10 +519,13 @@ class BackgroundAgent:
             raise self._error
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         if self._loop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stopped.set)
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("agent %s: still stopping after %g s", self.agent.config.host,
+                            timeout)
 
     def _main(self) -> None:
         asyncio.run(self._serve())
