@@ -439,7 +439,7 @@ def test_the_casestudy_figures_and_its_fault_table(tmp_path):
     assert "could not draw" not in page
     assert 'alt="RUBiS throughput and latency vs load"' in page
     assert 'alt="requests per 100 ms across each fault"' in page
-    assert "1000 users, 2000 items, 10000 bids" in page and "orange: HAProxy" in page
+    assert "1000 users, 2000 items, 10000 bids" in page and "orange: the baseline" in page
     assert "throughput 2.5 % (target 5 %), p99 latency 7.5 %" in page
     assert "acknowledged 417, lost 0, duplicated 0" in page
     load = page.split("plain vs recoverable (bench_casestudy)")[1]
