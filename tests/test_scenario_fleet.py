@@ -16,11 +16,14 @@ def test_fencing_facts_from_audit_lines():
              _rpc("claim", "m2", 20, 5.0),
              _rpc("kill", "m1", 10, 5.1, ok=False, error="stale_token"),
              _rpc("kill", "m2", 20, 5.2)]
-    assert _fencing(audit, 1.0) == (1, 0, 0)
+    assert _fencing(audit, 1.0) == (1, 0, 0, [])
     # an op applied with an older token than one accepted: stale applied; two monitors'
-    # kills on one node within the overlap: double acted
+    # kills on one node within the overlap: double acted; each with its audit lines
     audit += [_rpc("kill", "m1", 10, 5.3)]
-    assert _fencing(audit, 1.0) == (1, 1, 1)
+    refused, stale, double, why = _fencing(audit, 1.0)
+    assert (refused, stale, double) == (1, 1, 1)
+    assert [(v["why"], v["node"], v["line"]["ts"], v["before"]["ts"]) for v in why] == [
+        ("stale", "h0/n0", 5.3, 5.2), ("double", "h0/n0", 5.3, 5.2)]
 
 
 @pytest.mark.root
@@ -48,7 +51,7 @@ def test_fleet_under_random_faults(root):
     # late on them (a fault on one of them while cut) was refused: nothing stale applied
     assert r["cut_degraded"] == 1 and len(r["cut_takeover_ms"]) == 1, r
     assert r["takeover_ms_p99"] is not None, r
-    assert r["stale_token_ops_applied"] == 0 and r["double_acted"] == 0, r
+    assert r["stale_token_ops_applied"] == 0 and r["double_acted"] == 0, r["fencing_violations"]
     assert r["missed"] == 0, r
     # the timeline holds every fault injected, in order, and the monitors' incidents
     events = r["timeline"]["events"]

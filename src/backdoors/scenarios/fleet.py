@@ -26,7 +26,8 @@ another; `cut_takeover_ms`: from a monitor's cut), stale_token_ops_refused (the 
 `stale_token` refusals), stale_token_ops_applied (a destructive op applied with a token
 older than one the agent had already accepted for that node: must be 0), double_acted
 (destructive ops two monitors applied to one node within `overlap_s` of each other: must be
-0), cut_degraded (cuts after which the monitor said it was degraded), timeline (what
+0; `fencing_violations`: the audit lines behind either, each with the line before it
+that it breaks), cut_degraded (cuts after which the monitor said it was degraded), timeline (what
 happened when, for the report's plot: `start` (Unix time) and `events`, each {t (s since
 start), lane (a monitor's id, "nodes" or "etcd"), kind, target; `end` for what lasted}:
 the faults injected, each monitor's incidents and its nodes' takeovers).
@@ -184,7 +185,7 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
     handled = [f for f in node_faults if any(
         i["node"] == f["node"] and i["host"] == f["host"]
         and f["at"] - 0.5 <= i["detected"] <= f["at"] + handle_s for i in incidents)]
-    refused, applied_stale, double = _fencing(audit, overlap_s)
+    refused, applied_stale, double, violations = _fencing(audit, overlap_s)
     cuts = [f for f in injected if f["kind"] == "monitor-cut"]
     return {
         "monitors": monitors, "hosts": hosts, "nodes": nodes, "etcd_members": etcd_members,
@@ -198,7 +199,7 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
         "cut_takeover_ms": [round(x, 1) for x in cut_takeover],
         "cut_degraded": sum(1 for f in cuts if f.get("degraded")),
         "stale_token_ops_refused": refused, "stale_token_ops_applied": applied_stale,
-        "double_acted": double, "incidents": len(incidents),
+        "double_acted": double, "fencing_violations": violations, "incidents": len(incidents),
         "anchors_s": {"kubernetes_node_lease": 40, "nomad_heartbeat": 20,
                       "memberlist_swim": 5, "target_takeover": 2},
         "timeline": _timeline(injected, incidents, taken),
@@ -269,26 +270,28 @@ def _audit(run_dir: Path) -> list[dict]:
     return out
 
 
-def _fencing(audit: list[dict], overlap_s: float) -> tuple[int, int, int]:
+def _fencing(audit: list[dict], overlap_s: float) -> tuple[int, int, int, list[dict]]:
     """(stale-token refusals, destructive ops applied with a token older than one already
     accepted for the node, pairs of destructive ops by two monitors on one node within
-    `overlap_s`)."""
+    `overlap_s`, and the audit lines behind the last two: {why, node, line, before})."""
     refused = sum(1 for r in audit if r.get("error") == "stale_token")
-    highest: dict[str, int] = {}
-    stale_applied = 0
-    last: dict[str, tuple[float, str]] = {}
-    double = 0
+    highest: dict[str, tuple[int, dict]] = {}  # node -> (its highest token, that line)
+    last: dict[str, dict] = {}  # node -> its last destructive op applied
+    violations: list[dict] = []
     for r in audit:
         tok = r.get("token") or {}
         node = f"{r['host']}/{tok.get('node') or (r.get('args') or {}).get('node', '?')}"
         if r.get("ok") and "token" in tok:
-            if r.get("op") in DESTRUCTIVE and tok["token"] < highest.get(node, 0):
-                stale_applied += 1
-            highest[node] = max(highest.get(node, 0), tok["token"])
+            top = highest.get(node)
+            if r.get("op") in DESTRUCTIVE and top is not None and tok["token"] < top[0]:
+                violations.append({"why": "stale", "node": node, "line": r, "before": top[1]})
+            if top is None or tok["token"] >= top[0]:
+                highest[node] = (tok["token"], r)
         if r.get("ok") and r.get("op") in DESTRUCTIVE:
-            ts, mon = r.get("ts", 0.0), r.get("monitor")
             prev = last.get(node)
-            if prev is not None and prev[1] != mon and ts - prev[0] <= overlap_s:
-                double += 1
-            last[node] = (ts, mon)
-    return refused, stale_applied, double
+            if (prev is not None and prev.get("monitor") != r.get("monitor")
+                    and r.get("ts", 0.0) - prev.get("ts", 0.0) <= overlap_s):
+                violations.append({"why": "double", "node": node, "line": r, "before": prev})
+            last[node] = r
+    return (refused, sum(v["why"] == "stale" for v in violations),
+            sum(v["why"] == "double" for v in violations), violations)
