@@ -147,3 +147,41 @@ def test_the_tokens_outlive_an_agent_restart(agent_lab, tmp_path):
     finally:
         keeper.send_signal(signal.SIGTERM)
         keeper.wait(20)
+
+
+@pytest.mark.root
+def test_a_new_owner_is_answered_after_the_former_owners_running_op(agent_lab):
+    """m1's kill_node is still running when m2 claims the node with a newer token: m2's
+    claim is answered only once m1's op has ended, and the agent's audit log has them in
+    that order (two owners never act on the node at once)."""
+    import threading
+    import time
+
+    from backdoors.agent.ops import NodeArgs, Op
+
+    lab = agent_lab(nodes={"n0": {}})
+    began, ended = threading.Event(), []
+
+    def slow_kill_node(call):  # holds the op running for a while
+        began.set()
+        time.sleep(0.5)
+        ended.append(time.monotonic())
+        return {"pids": []}
+
+    lab.agent.agent.add_op(Op("kill_node", NodeArgs, slow_kill_node))
+    m1, m2 = lab.client("m1"), lab.client("m2")
+    assert m1.claim("n0", token=5).token == 5
+    m1.tokens = lambda node: 5
+    done: list = []
+    first = threading.Thread(target=lambda: done.append(m1.call("kill_node", node="n0")))
+    first.start()
+    assert began.wait(5)
+    assert m2.claim("n0", token=9).token == 9
+    answered = time.monotonic()
+    first.join(5)
+    assert done == [{"pids": []}] and ended and answered >= ended[0]
+    order = [(r["monitor"], r["op"]) for r in lab.audit() if r.get("op") in ("claim", "kill_node")]
+    assert order == [("m1", "claim"), ("m1", "kill_node"), ("m2", "claim")], order
+    # and m1, late, is refused now
+    with pytest.raises(StaleTokenError):
+        m1.call("kill_node", node="n0")

@@ -81,6 +81,7 @@ class RpcServer:
         self._server: asyncio.base_events.Server | None = None
         self._conns: dict[asyncio.Task, _Conn] = {}
         self._streams: dict[asyncio.Task, Any] = {}  # subscribed connections: their args
+        self._tokened: dict[str, list[int]] = {}  # node -> tokens of its requests running
 
     @property
     def connections(self) -> int:
@@ -309,6 +310,36 @@ class RpcServer:
         if token is not None or op.name == "claim":
             if (refused := self._check_token(op, args, monitor, token)) is not None:
                 return refused
+            return await self._owned(op, args, monitor, token.token, lambda: self._run(
+                op, args, monitor, is_peer, payload, rt))
+        return await self._run(op, args, monitor, is_peer, payload, rt)
+
+    async def _owned(self, op: Op, args: Any, monitor: str, token: int, run) -> Outcome:
+        """Run `run()`, a request with fencing token `token`, once the node's requests
+        with older tokens have ended: a new owner's claim (or first op) is answered, and
+        its audit line written, only after the former owner's ops still running on the
+        node, so that two owners never act on it at once. An older op still running at
+        the op deadline is abandoned: the wait ends there. A newer owner that came
+        meanwhile makes this request stale."""
+        node = args.node
+        running = self._tokened.setdefault(node, [])
+        end = time.monotonic() + self.agent.config.op_deadline_s
+        while any(t < token for t in running) and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        seen = self.agent.tokens.get(node)
+        if seen is not None and seen[0] > token:
+            self.metrics.stale_tokens.labels(node).inc()
+            return Outcome(False, code="stale_token", message=(
+                f"{op.name}: token {token} of {monitor} for node {node} is older than token "
+                f"{seen[0]} of {seen[1]}, which came while it waited: not applied"))
+        running.append(token)
+        try:
+            return await run()
+        finally:
+            running.remove(token)
+
+    async def _run(self, op: Op, args: Any, monitor: str, is_peer: bool, payload: bytes,
+                   rt) -> Outcome:
         if is_peer or not (op.destructive and self.ballots.quorum > 1):
             # a peer's op is never destructive (PEER_OPS): it never reaches a ballot
             return await self._execute(op, args, rt, {monitor: payload}, is_peer)
