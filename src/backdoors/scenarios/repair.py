@@ -131,7 +131,7 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
             t_hog = time.monotonic()
             hog = al.lab.run_in_node(node, _hog_argv("memory", "--rate-mb", str(rate_mb),
                                                      "--cap-mb", str(memory_mb * 2)))
-            watch.pids["hog"] = hog.pid
+            watch.track("hog", hog.pid)
             inc = None
             end = t_hog + timeout_s
             if mon is not None:

@@ -74,7 +74,8 @@ class ProgressWatch:
     def __init__(self, lab, node: str, pids: dict[str, int], *, interval: float = 0.002,
                  sensor: str = "progress"):
         self.reader = lab.sensor_reader(node)
-        self.pids = dict(pids)
+        self._pids = dict(pids)
+        self._pids_lock = threading.Lock()
         self.interval, self.sensor = interval, sensor
         self.died: dict[str, float] = {}  # name -> time.monotonic() first seen dead
         self._gaps: list[tuple[float, float]] = []  # (gap start, gap length)
@@ -91,6 +92,11 @@ class ProgressWatch:
         self._sample()
         self._thread.start()
         return self
+
+    def track(self, name: str, pid: int) -> None:
+        """Watch one more process (safe while the sampling thread runs)."""
+        with self._pids_lock:
+            self._pids[name] = pid
 
     def stop(self) -> None:
         self._stop.set()
@@ -111,7 +117,9 @@ class ProgressWatch:
                 if self._last is not None:
                     self._gaps.append((self._last[1], now - self._last[1]))
                 self._last = (value, now)
-        for name, pid in self.pids.items():
+        with self._pids_lock:
+            pids = list(self._pids.items())
+        for name, pid in pids:
             if name not in self.died and not alive(pid):
                 self.died[name] = now
 
