@@ -252,7 +252,7 @@ def test_a_server_death_is_pushed_once_across_reconnects(agent_lab):
         _resubscribed(follower, 2)
         time.sleep(0.3)
         # (the dead server's box also stalls: the agent's watcher pushes that as a violation)
-        assert [(seq, kind, node) for _, seq, kind, node in follower.seen
+        assert [(seq, kind, node) for _, seq, kind, node in list(follower.seen)
                 if kind == "owner_died"] == \
             [(inc.event["seq"], "owner_died", "n0")]  # once, not again after the reconnect
         assert len([i for i in mon.incidents() if i.rule == "server-died"]) == 1
@@ -411,11 +411,11 @@ def test_a_stall_pushed_by_the_agent_opens_the_incident_by_event(agent_lab, stal
         closed = mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 5)
         assert closed is not None
         end = time.monotonic() + 5
-        while not any(kind == "cleared" for _, _, kind, _ in follower.seen):
+        while not any(kind == "cleared" for _, _, kind, _ in list(follower.seen)):
             assert time.monotonic() < end, list(follower.seen)
             time.sleep(0.02)
         time.sleep(0.3)
-        seen = [(seq, kind, node) for _, seq, kind, node in follower.seen]
+        seen = [(seq, kind, node) for _, seq, kind, node in list(follower.seen)]
         assert [(k, n) for _, k, n in seen] == [("violation", "n0"), ("cleared", "n0")]
         assert seen[0][0] == inc.event["seq"] < seen[1][0]
         assert [i.id for i in mon.incidents()] == [inc.id]
@@ -444,5 +444,5 @@ def test_a_killed_service_opens_the_hang_incident_by_event_at_its_death(agent_la
             ("progress_stalled", "died", svc)
         assert "died" in inc.detectors[0].summary
         time.sleep(0.5)  # past the deadline (200 ms)
-        died = [seq for _, seq, kind, _ in follower.seen if kind == "violation"]
+        died = [seq for _, seq, kind, _ in list(follower.seen) if kind == "violation"]
         assert died == [inc.event["seq"]], list(follower.seen)

@@ -104,7 +104,7 @@ class Engine:
     def open_incidents(self) -> list[Incident]:
         with self._lock:
             states = list(self.nodes.values())
-        return [rs.incident for st in states for rs in st.rules.values() if rs.incident]
+        return [rs.incident for st in states for rs in list(st.rules.values()) if rs.incident]
 
     # -- per poll ------------------------------------------------------------------------
 
@@ -231,16 +231,22 @@ class Engine:
         return Detection(inc, rule, view, hits, onset, view.at, st.history.copy())
 
     def responded(self, det: Detection, state: str) -> None:
-        """Called by the repair worker when the response of `det` has finished."""
-        st = self.state(det.view.node, det.view.host)
+        """Called by the repair worker when the response of `det` has finished (the
+        node may have been forgotten meanwhile: then only the incident is updated)."""
+        now = self.clock()
+        det.incident.state = state
+        det.incident.repaired_ms = round((now - det.detected) * 1000, 1)
+        with self._lock:
+            st = self.nodes.get(det.view.node)
+        if st is None:
+            return
         with st.lock:
-            rs = st.rules[det.rule.name]
-            now = self.clock()
-            det.incident.state = state
-            det.incident.repaired_ms = round((now - det.detected) * 1000, 1)
-            rs.acted_at = now
-            st.busy = None
-            st.settle_until = now + self.settle_s
+            rs = st.rules.get(det.rule.name)
+            if rs is not None and rs.incident is det.incident:
+                rs.acted_at = now
+            if st.busy == det.incident.id:  # not a newer state of a node forgotten and back
+                st.busy = None
+                st.settle_until = now + self.settle_s
 
     def close(self, st: NodeState, rule: Rule, outcome: str, now: float) -> None:
         rs = st.rules[rule.name]

@@ -65,17 +65,27 @@ class EventFollower:
     def _run(self) -> None:
         m = self.monitor
         while not m.stopping.is_set():
-            client = m.client_factory(self.entry, m.config.timeout_ms / 1000)
             try:
-                reply = client.call("subscribe", epoch=self.epoch,
-                                    since=self.last_seq if self.epoch else -1)
-                self._sock = client.take_socket()
-            except AgentError as e:
-                log.debug("agent %s: cannot subscribe to events: %s", self.entry.host, e)
-                client.close()
+                self._follow()
+            except Exception:  # noqa: BLE001 - the follower must live on: events fall back to polls meanwhile
+                log.exception("agent %s: event follower failed; subscribing again", self.entry.host)
                 m.stopping.wait(RETRY_S)
-                continue
+
+    def _follow(self) -> None:
+        """One subscription: subscribe, catch up, read events until the stream ends."""
+        m = self.monitor
+        client = m.client_factory(self.entry, m.config.timeout_ms / 1000)
+        try:
+            reply = client.call("subscribe", epoch=self.epoch,
+                                since=self.last_seq if self.epoch else -1)
+            self._sock = client.take_socket()
+        except AgentError as e:
+            log.debug("agent %s: cannot subscribe to events: %s", self.entry.host, e)
             client.close()
+            m.stopping.wait(RETRY_S)
+            return
+        client.close()
+        try:
             first = self.subscriptions == 0 or reply.get("epoch") != self.epoch
             if reply.get("epoch") != self.epoch and self.epoch:
                 log.info("agent %s restarted (new event epoch)", self.entry.host)
@@ -85,16 +95,15 @@ class EventFollower:
             self.connected.set()
             if first:
                 self._catch_up("subscribed")
-            try:
-                self._read(self._sock)
-            except (OSError, AgentError) as e:
-                if not m.stopping.is_set():
-                    log.info("agent %s: event stream ended (%s); subscribing again",
-                             self.entry.host, e)
-            finally:
-                self.connected.clear()
-                self._sock.close()
-                self._sock = None
+            self._read(self._sock)
+        except (OSError, AgentError) as e:
+            if not m.stopping.is_set():
+                log.info("agent %s: event stream ended (%s); subscribing again",
+                         self.entry.host, e)
+        finally:
+            self.connected.clear()
+            self._sock.close()
+            self._sock = None
 
     def _read(self, sock: socket.socket) -> None:
         sock.settimeout(READ_TIMEOUT_S)
