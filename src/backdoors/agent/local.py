@@ -251,45 +251,54 @@ class LocalServer:
 
     def _run(self) -> None:
         while not self._stopping:
-            timeout = 1.0
-            if self._resting:
-                timeout = max(0.0, min(timeout, min(self._resting.values()) - time.monotonic()))
-            # one request per node per turn: a node keeping all its connections busy delays
-            # another node's request by one of its own, not by 64 (the others stay
-            # readable: the next select returns at once); and of a node's ready
-            # connections, the one served longest ago, so that none of them waits for ever
-            turn: dict[str, _Conn] = {}
-            for key, _ in self._sel.select(timeout=timeout):
-                if key.data == "wake":
-                    continue
-                if key.data is None:
-                    self._serve(self._accept, key.fileobj)
-                    continue
-                best = turn.get(key.data.node)
-                if best is None or key.data.served < best.served:
-                    turn[key.data.node] = key.data
-            for conn in turn.values():
-                self._turns += 1
-                conn.served = self._turns
-                spent = time.thread_time()
-                self._serve(self._readable, conn)
-                self._charge(conn.node, time.thread_time() - spent)
-            now = time.monotonic()
-            for node, until in list(self._resting.items()):
-                if until <= now:
-                    self._wake_node(node)
-            if now - self._reported_at >= 1.0:
-                self._reported_at = now
-                for node, count in self._limiter.pending():
-                    self._suppressed(node, count)
-            for conn in [c for c in self._conns.values() if c.deadline < now]:
-                if not conn.reader.partial and _unread(conn.sock):
-                    # its request waits unread: the agent's backlog, not a slow caller
-                    conn.deadline = now + CONN_TIMEOUT_S
-                    continue
-                self._reply(conn, LocalReply(False, error=f"no complete request within "
-                                                          f"{CONN_TIMEOUT_S:g} s"))
-                self._drop(conn)
+            try:
+                self._turn()
+            except Exception:  # noqa: BLE001 - housekeeping must not end every node's registrations
+                log.exception("local registration: unexpected error in the loop")
+                time.sleep(0.05)
+
+    def _turn(self) -> None:
+        """One turn of the loop: serve the ready connections, wake resting nodes, report
+        suppressed requests, answer overdue connections."""
+        timeout = 1.0
+        if self._resting:
+            timeout = max(0.0, min(timeout, min(self._resting.values()) - time.monotonic()))
+        # one request per node per turn: a node keeping all its connections busy delays
+        # another node's request by one of its own, not by 64 (the others stay
+        # readable: the next select returns at once); and of a node's ready
+        # connections, the one served longest ago, so that none of them waits for ever
+        turn: dict[str, _Conn] = {}
+        for key, _ in self._sel.select(timeout=timeout):
+            if key.data == "wake":
+                continue
+            if key.data is None:
+                self._serve(self._accept, key.fileobj)
+                continue
+            best = turn.get(key.data.node)
+            if best is None or key.data.served < best.served:
+                turn[key.data.node] = key.data
+        for conn in turn.values():
+            self._turns += 1
+            conn.served = self._turns
+            spent = time.thread_time()
+            self._serve(self._readable, conn)
+            self._charge(conn.node, time.thread_time() - spent)
+        now = time.monotonic()
+        for node, until in list(self._resting.items()):
+            if until <= now:
+                self._wake_node(node)
+        if now - self._reported_at >= 1.0:
+            self._reported_at = now
+            for node, count in self._limiter.pending():
+                self._suppressed(node, count)
+        for conn in [c for c in self._conns.values() if c.deadline < now]:
+            if not conn.reader.partial and _unread(conn.sock):
+                # its request waits unread: the agent's backlog, not a slow caller
+                conn.deadline = now + CONN_TIMEOUT_S
+                continue
+            self._reply(conn, LocalReply(False, error=f"no complete request within "
+                                                      f"{CONN_TIMEOUT_S:g} s"))
+            self._drop(conn)
 
     def _serve(self, handler, arg) -> None:
         try:

@@ -91,11 +91,12 @@ class RpcServer:
     @property
     def unauthenticated(self) -> int:
         """Open connections that have not yet sent an authenticated request."""
-        return sum(not c.authenticated for c in self._conns.values())
+        return sum(not c.authenticated for c in list(self._conns.values()))
 
     def unauthenticated_from(self, address: str) -> int:
         """Open unauthenticated connections from source `address`."""
-        return sum(not c.authenticated and c.address == address for c in self._conns.values())
+        return sum(not c.authenticated and c.address == address
+                   for c in list(self._conns.values()))
 
     async def start(self, sock) -> None:
         self._server = await asyncio.start_server(self._serve, sock=sock)
