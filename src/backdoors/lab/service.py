@@ -47,14 +47,24 @@ def serve_client(conn: socket.socket, rate: int, errors) -> None:
             if delay > 0:
                 time.sleep(delay)
     except OSError:
-        errors.event()
+        with _errors_lock:  # one read-modify-write of the box at a time
+            errors.event()
     finally:
         conn.close()
 
 
+_errors_lock = threading.Lock()
+
+
 def accept_loop(listener: socket.socket, rate: int, errors) -> None:
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # EMFILE, ECONNABORTED: the service accepts on
+            if listener.fileno() < 0:
+                return
+            time.sleep(0.05)
+            continue
         threading.Thread(target=serve_client, args=(conn, rate, errors), daemon=True).start()
 
 
