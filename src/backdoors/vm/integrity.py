@@ -59,6 +59,7 @@ NOPS5 = (bytes.fromhex("0f1f440000"), bytes.fromhex("6666669090"), bytes.fromhex
 NOP2 = bytes.fromhex("6690")
 IDT_ENTRIES = 256
 EARLY_IDT_HANDLER_SIZE = 9  # arch/x86/include/asm/segment.h
+HEAL_ATTEMPTS = 200  # stops of the guest a heal may take to find no task list update under way
 _DIFF = re.compile(rb"[^\x00]+")
 
 
@@ -481,7 +482,8 @@ class Checker:
 class Healer:
     """Restores tampered bytes: with the vCPUs stopped (QMP `stop`, the node lock), writes
     each finding's clean bytes through QEMU's gdbstub (so TCG drops code translated from
-    the tampered bytes), relinks hidden processes, reads it all back from the RAM, then
+    the tampered bytes), relinks hidden processes (still alive; at a stop outside any task
+    list update, see `GuestMemory.task_list_settled`), reads it all back from the RAM, then
     lets the guest run again (QMP `cont`) -- unless it was stopped before (held under a
     lease): then it stays so. Returns the findings it could not restore. `vm`: a
     machine.Vm or a node.VmNode (memory, running, lock, unlock, debug)."""
@@ -492,36 +494,76 @@ class Healer:
     def heal(self, findings: list[Finding]) -> list[Finding]:
         memory = self.vm.memory()
         was = self.vm.running()
-        if was:
-            self.vm.lock()
-        try:
-            with self.vm.debug() as stub:
-                writes = []
-                for f in findings:
-                    if f.kind == "process":
-                        writes += [(f, phys, data) for phys, data in relink(memory, f.virt)]
-                    else:
-                        writes.append((f, f.phys, f.clean))
-                for _f, phys, data in writes:
-                    stub.write_phys(phys, data)
-                failed = {id(f): f for f, phys, data in writes
-                          if memory.read(phys, len(data)) != data}
-        finally:
+        relinks = any(f.kind == "process" for f in findings)
+        attempt = 0
+        while True:
+            attempt += 1
+            if attempt > 1:
+                time.sleep(0.005)
             if was:
-                self.vm.unlock()
+                self.vm.lock()
+            try:
+                with self.vm.debug() as stub:
+                    # stopped in a fork's or an exit's list update: let the guest finish it
+                    # (a guest held stopped under a lease cannot: relinked as it is)
+                    if relinks and was and attempt < HEAL_ATTEMPTS \
+                            and not memory.task_list_settled():
+                        continue
+                    return self._restore(memory, stub, findings)
+            finally:
+                if was:
+                    self.vm.unlock()
+
+    @staticmethod
+    def _restore(memory: GuestMemory, stub, findings: list[Finding]) -> list[Finding]:
+        writes = []
+        if any(f.kind == "process" for f in findings):  # one gone meanwhile is freed memory: let be
+            alive = {task for _pid, _comm, task in memory.process_tree()}
+            findings = [f for f in findings if f.kind != "process" or f.virt in alive]
+        for f in findings:
+            if f.kind == "process":
+                writes += [(f, phys, data) for phys, data in relink(memory, f.virt)]
+            else:
+                writes.append((f, f.phys, f.clean))
+        for _f, phys, data in writes:
+            stub.write_phys(phys, data)
+        failed = {id(f): f for f, phys, data in writes if memory.read(phys, len(data)) != data}
+        link = memory.kernel.member("task_struct", "tasks")
+        head = memory.virt("init_task") + link
+        failed |= {id(f): f for f in findings if f.kind == "process"
+                   and _list_end(memory, head, f.virt + link) is not None}
         return list(failed.values())
 
 
 def relink(memory: GuestMemory, task: int) -> list[tuple[int, bytes]]:
     """The writes (physical address, bytes) that put a task unlinked from the task list
-    back at its end (before init_task), as list_add_tail would; read with the vCPUs
-    stopped so the list does not move meanwhile."""
+    back at its end (before init_task), as list_add_tail would; none if it is on the list
+    already. Read with the vCPUs stopped so the list does not move meanwhile. The end is
+    the last task reached going forward from init_task -- the way the list is walked --
+    not init_task's `prev`, which a list update the vCPUs were stopped in the middle of
+    may have left elsewhere."""
     link = memory.kernel.member("task_struct", "tasks")
     node, head = task + link, memory.virt("init_task") + link
-    last = struct.unpack("<Q", memory.read_virt(head + 8, 8))[0]
+    last = _list_end(memory, head, node)
+    if last is None:
+        return []
     return [(memory.translate(node), struct.pack("<QQ", head, last)),  # node.next, node.prev
             (memory.translate(last), struct.pack("<Q", node)),  # last.next
             (memory.translate(head + 8), struct.pack("<Q", node))]  # head.prev
+
+
+def _list_end(memory: GuestMemory, head: int, node: int, limit: int = 1 << 16) -> int | None:
+    """The last entry of the circular list at `head` walked forward, or None if `node`
+    is on it."""
+    at = head
+    for _ in range(limit):
+        nxt = struct.unpack("<Q", memory.read_virt(at, 8))[0]
+        if nxt == node:
+            return None
+        if nxt == head:
+            return at
+        at = nxt
+    raise VmError(f"{memory.where}: the task list has more than {limit} entries or loops")
 
 
 class Watch(Periodic):

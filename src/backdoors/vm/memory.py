@@ -178,6 +178,14 @@ class GuestMemory:
                 return out
         raise VmError(f"{self.where}: the task list has more than {limit} entries or loops")
 
+    def task_list_settled(self) -> bool:
+        """Whether no task list update is under way: `tasklist_lock` (a qrwlock, whose
+        first byte is its writer's) is not write-held. A fork adds its task and an exit
+        removes one under that lock; vCPUs stopped from outside stop between two
+        instructions, maybe in such an update with stores still to come, and a list
+        written then is overwritten by them once the guest runs."""
+        return self.read(self.phys("tasklist_lock"), 1) == b"\0"
+
     def process_tree(self, limit: int = 1 << 16) -> list[tuple[int, str, int]]:
         """(pid, comm, task address) of every process reachable from init_task through
         the `children`/`sibling` lists -- the process tree, a second kernel structure

@@ -47,4 +47,7 @@ class Periodic:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a guest read mid-write: the thread must live on
+                self.failed(type(self).__name__, e)

@@ -18,6 +18,7 @@ the same profile the monitor uses: an attacker knows the kernel build too.
 from __future__ import annotations
 
 import struct
+import time
 
 from ..errors import VmError
 
@@ -46,17 +47,23 @@ def patch_function(vm, symbol: str, code: bytes = RETURN_ENOSYS) -> bytes:
     return was
 
 
-def hide_process(vm, pid: int) -> int:
+def hide_process(vm, pid: int, *, attempts: int = 200) -> int:
     """Unlink process `pid` from the guest's task list (prev->next = next, next->prev =
-    prev); its own links are left as they were. Returns its task_struct's address."""
+    prev); its own links are left as they were. Returns its task_struct's address. The
+    vCPUs may stop in the middle of a fork's or an exit's list update: then the guest is
+    let run a moment and stopped again (a real rootkit takes the list's lock)."""
     memory = vm.memory()
     link = memory.kernel.member("task_struct", "tasks")
-    with vm.debug() as stub:  # the vCPUs are stopped: the list holds still
-        task = next((t for p, _c, t in memory.process_tree() if p == pid), None)
-        if task is None:
-            raise VmError(f"VM {vm.spec.name}: no process {pid} to hide")
-        node = task + link
-        nxt, prev = struct.unpack("<QQ", memory.read_virt(node, 16))
-        stub.write_phys(memory.translate(prev), struct.pack("<Q", nxt))  # prev->next
-        stub.write_phys(memory.translate(nxt + 8), struct.pack("<Q", prev))  # next->prev
-    return task
+    for _ in range(attempts):
+        with vm.debug() as stub:  # the vCPUs are stopped: the list holds still
+            if memory.task_list_settled():
+                task = next((t for p, _c, t in memory.process_tree() if p == pid), None)
+                if task is None:
+                    raise VmError(f"VM {vm.spec.name}: no process {pid} to hide")
+                node = task + link
+                nxt, prev = struct.unpack("<QQ", memory.read_virt(node, 16))
+                stub.write_phys(memory.translate(prev), struct.pack("<Q", nxt))  # prev->next
+                stub.write_phys(memory.translate(nxt + 8), struct.pack("<Q", prev))  # next->prev
+                return task
+        time.sleep(0.005)
+    raise VmError(f"VM {vm.spec.name}: the task list was mid-update at each of {attempts} stops")
