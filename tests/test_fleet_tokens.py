@@ -14,7 +14,8 @@ __all__ = ["agent_lab", "prefix"]
 def test_an_older_token_is_refused_audited_and_counted(agent_lab):
     lab = agent_lab(nodes={"n0": {"pids_limit": 100}, "n1": {}})
     m1, m2 = lab.client("m1"), lab.client("m2")
-    assert m1.claim("n0", token=5).token == 5
+    first = m1.claim("n0", token=5)
+    assert (first.token, first.last_act_s, first.last_act_by) == (5, None, None)
     infos = {i.name: i for i in m1.nodes()}
     assert (infos["n0"].token, infos["n0"].owner) == (5, "m1")
     assert infos["n1"].token is None
@@ -176,8 +177,11 @@ def test_a_new_owner_is_answered_after_the_former_owners_running_op(agent_lab):
     first = threading.Thread(target=lambda: done.append(m1.call("kill_node", node="n0")))
     first.start()
     assert began.wait(5)
-    assert m2.claim("n0", token=9).token == 9
+    claimed = m2.claim("n0", token=9)
     answered = time.monotonic()
+    assert claimed.token == 9
+    # the new owner learns that m1 has just acted on the node (it holds off a while)
+    assert claimed.last_act_by == "m1" and 0 <= claimed.last_act_s < 5, claimed
     first.join(5)
     assert done == [{"pids": []}] and ended and answered >= ended[0]
     order = [(r["monitor"], r["op"]) for r in lab.audit() if r.get("op") in ("claim", "kill_node")]

@@ -208,6 +208,47 @@ def test_busy_node_and_settling_suppress_other_rules():
     assert [d.incident.node for d in eng.observe(mem_view(clock, 450, node="n1"))] == ["n1"]
 
 
+def test_a_node_taken_over_from_a_monitor_that_just_acted_gets_no_response_meanwhile():
+    """hand_over: the former owner acted on the node a moment ago; the new owner opens
+    nothing there until the quiet time has passed, then does; other nodes do not wait."""
+    eng, clock, closed = engine_and_clock()
+    eng.hand_over("n0", "h0", 1.0)
+    eng.observe(mem_view(clock, 450))
+    for _ in range(5):
+        clock.t += 0.19
+        assert eng.observe(mem_view(clock, 450)) == []
+    clock.t += 0.06
+    [d] = eng.observe(mem_view(clock, 450))
+    assert d.incident.rule == "mem"
+    assert eng.observe(mem_view(clock, 450, node="n1")) == []  # only that node waited
+    clock.t += 0.2
+    assert len(eng.observe(mem_view(clock, 450, node="n1"))) == 1
+
+
+def test_the_hand_over_quiet_holds_even_an_urgent_event():
+    """A pushed death opens its incident at once, settle or not (urgent): not during a
+    hand-over's quiet time (the former owner may be recovering those very sessions)."""
+    clock = Clock()
+    eng = Engine(list(rules.parse_ruleset(HANG_RULES).rule), "m1", clock=clock)
+    died = dict(stall_event(3.0), reason="died", died=0.0)
+    eng.hand_over("n0", "h0", 0.5)
+    assert eng.observe(NodeView("n0", "h0", clock.t, event=died, via="event")) == []
+    clock.t += 0.5
+    assert len(eng.observe(NodeView("n0", "h0", clock.t, event=died, via="event"))) == 1
+
+
+def test_a_response_ending_after_its_node_was_forgotten_updates_only_its_incident():
+    eng, clock, closed = engine_and_clock()
+    eng.observe(mem_view(clock, 450))
+    clock.t += 0.2
+    [d] = eng.observe(mem_view(clock, 450))
+    eng.forget("n0", "owned by another monitor of the fleet")
+    assert [c.outcome for c in closed] == ["owned by another monitor of the fleet"]
+    eng.responded(d, "repaired")
+    assert d.incident.state == "repaired" and d.incident.repaired_ms is not None
+    assert "n0" not in eng.nodes  # not brought back by the late response
+
+
 def test_a_silent_agent_neither_fires_nor_clears_sensor_rules():
     eng, clock, closed = engine_and_clock()
     eng.observe(mem_view(clock, 450))

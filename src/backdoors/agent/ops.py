@@ -188,9 +188,13 @@ def nodes(call: Call) -> list[NodeInfo]:
 def claim(call: Call) -> ClaimReply:
     """A fleet monitor's announcement that it owns the node now: its token (checked and
     recorded by the server before this runs, as for every op of TOKENED) fences off the
-    previous owner's late requests even if the new owner never acts."""
+    previous owner's late requests even if the new owner never acts. The reply says when
+    the node was last acted on, and by whom (see monitor.engine.Engine.hand_over)."""
     token, owner = call.agent.tokens.get(call.node.name)
-    return ClaimReply(token, owner)
+    acted = call.agent.tokens.last_act(call.node.name)
+    if acted is None:
+        return ClaimReply(token, owner)
+    return ClaimReply(token, owner, round(acted[0], 3), acted[1])
 
 
 def _region_infos(call: Call) -> list[RegionInfo]:

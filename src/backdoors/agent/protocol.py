@@ -294,10 +294,14 @@ class HealReply(msgspec.Struct):
 
 
 class ClaimReply(msgspec.Struct):
-    """`claim`: the node's highest token is now `token`, sent by `owner`."""
+    """`claim`: the node's highest token is now `token`, sent by `owner`; the node's last
+    tokened destructive op was applied `last_act_s` ago by `last_act_by` (None: none
+    since the agent started)."""
 
     token: int
     owner: str
+    last_act_s: float | None = None
+    last_act_by: str | None = None
 
 
 # -- session recovery (agent/recovery.py) -------------------------------------------------

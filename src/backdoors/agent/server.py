@@ -335,9 +335,12 @@ class RpcServer:
                 f"{seen[0]} of {seen[1]}, which came while it waited: not applied"))
         running.append(token)
         try:
-            return await run()
+            outcome = await run()
         finally:
             running.remove(token)
+        if outcome.ok and op.destructive:
+            self.agent.tokens.acted(node, monitor)
+        return outcome
 
     async def _run(self, op: Op, args: Any, monitor: str, is_peer: bool, payload: bytes,
                    rt) -> Outcome:

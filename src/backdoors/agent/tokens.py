@@ -14,6 +14,7 @@ is kept across an agent restart in the fd store (`observer`, as fences are).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 
@@ -26,6 +27,7 @@ class TokenTable:
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[int, str]] = {}
+        self._acted: dict[str, tuple[float, str]] = {}  # node -> (monotonic time, monitor)
         #: called with the whole table after each change (the daemon keeps it)
         self.observer: Callable[[dict[str, tuple[int, str]]], None] | None = None
 
@@ -45,6 +47,17 @@ class TokenTable:
             if self.observer is not None:
                 self.observer(self.snapshot())
         return seen[0] if seen else None
+
+    def acted(self, node: str, monitor: str) -> None:
+        """`monitor`'s tokened destructive op on `node` was applied now."""
+        self._acted[node] = (time.monotonic(), monitor)
+
+    def last_act(self, node: str) -> tuple[float, str] | None:
+        """(seconds since, monitor) of the last tokened destructive op applied on `node`
+        since this agent started; what a new owner's claim is told, so that it does not
+        repeat at once a repair its predecessor has just made."""
+        acted = self._acted.get(node)
+        return None if acted is None else (time.monotonic() - acted[0], acted[1])
 
     def snapshot(self) -> dict[str, tuple[int, str]]:
         return dict(self._seen)

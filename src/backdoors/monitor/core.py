@@ -41,6 +41,10 @@ ClientFactory = Callable[[AgentEntry, float], Any]
 #: Event kinds whose condition a poll judges too: not judged again after a busy node's
 #: response (the next poll does), unlike a server's death
 POLLED_TOO = ("violation", "cleared")
+#: a new owner does not respond on a node for this long after its former owner's last
+#: destructive op there (the settle a monitor keeps after its own response, kept across a
+#: hand-over: what the former owner did needs time to show)
+HANDOVER_QUIET_S = 2.0
 #: Where `run_monitor` (the `backdoors monitor` command) writes incidents by default.
 DEFAULT_INCIDENTS_DIR = "/var/lib/backdoors/incidents"
 
@@ -114,10 +118,12 @@ class AgentPoller:
                     self.nodes = sorted(infos)
                     self._next_discover = now + m.config.discover_s
             for node in self.nodes:
-                if not m.watches(self.entry.host, node):
+                if not m.owns(self.entry.host, node):
                     continue  # another monitor's in the fleet
                 try:
                     m.claim(client, self.entry.host, node)
+                    if not m.watches(self.entry.host, node):
+                        continue  # the agent knows a newer owner
                     reply = client.sensors(node)
                 except AgentError as e:
                     if getattr(e, "code", "") in ("connect", "timeout", "protocol", "auth"):
@@ -137,7 +143,7 @@ class AgentPoller:
             down = m.down_reports(self.entry.host) if m.needs_peers else []
             views = [NodeView(n, self.entry.host, now, agent_ok=False, agent_silent_s=silent,
                               down_reports=down)
-                     for n in (self.nodes or [self._pseudo]) if m.watches(self.entry.host, n)]
+                     for n in (self.nodes or [self._pseudo]) if m.owns(self.entry.host, n)]
         else:
             if self.error is not None:
                 log.info("agent %s reachable again", self.entry.host)
@@ -377,7 +383,8 @@ class Monitor:
         opened = self.engine.observe(view)
         if view.event is not None and not opened and view.event["kind"] not in POLLED_TOO:
             st = self.engine.nodes.get(view.node)
-            if st is not None and st.busy is not None:  # judged again when the node is free
+            if st is not None and (st.busy is not None or view.at < st.quiet_until):
+                # judged again when the node is free
                 with self._cond:
                     self._deferred.append(view)
                 if st.busy is None:  # its response ended meanwhile: judge it now
@@ -422,9 +429,14 @@ class Monitor:
 
     # -- the fleet (monitor/share.py) ----------------------------------------------------
 
-    def watches(self, host: str, node: str) -> bool:
-        """Whether this monitor watches `node` of `host`: every node without a fleet, its
+    def owns(self, host: str, node: str) -> bool:
+        """Whether `node` of `host` is this monitor's: every node without a fleet, its
         share with one."""
+        return self.share is None or self.share.owns(host, node)
+
+    def watches(self, host: str, node: str) -> bool:
+        """Whether this monitor judges `node` of `host`: every node without a fleet, with
+        one those of its share that its agent acknowledged (`claim`)."""
         return self.share is None or self.share.watches(host, node)
 
     def claim(self, client, host: str, node: str) -> None:
@@ -435,12 +447,21 @@ class Monitor:
             return
         from ..agent.errors import StaleTokenError
         try:
-            client.claim(node, token)
+            reply = client.claim(node, token)
         except StaleTokenError as e:
             log.warning("fleet: node %s of %s: claim refused, a newer owner exists: %s",
                         node, host, e)
             self.share.claimed(host, node, token, refused=True)
             return
+        if reply.last_act_by not in (None, reply.owner) and reply.last_act_s < HANDOVER_QUIET_S:
+            quiet = HANDOVER_QUIET_S - reply.last_act_s
+            self.engine.hand_over(node, host, quiet)
+            later = threading.Timer(quiet, self._judge_deferred, [node])
+            later.daemon = True
+            later.start()
+            log.info("fleet: node %s of %s was acted on by %s %.0f ms ago: no response on it "
+                     "for %.0f ms", node, host, reply.last_act_by, reply.last_act_s * 1000,
+                     quiet * 1000)
         self.share.claimed(host, node, token)
         log.info("fleet: claimed node %s of %s with token %d", node, host, token)
 

@@ -52,6 +52,7 @@ class NodeState:
     rules: dict[str, RuleState] = field(default_factory=dict)
     busy: str | None = None  # id of the incident being responded to
     settle_until: float = 0.0
+    quiet_until: float = 0.0  # no response before: its former owner acted on it (hand_over)
     #: held while the node is judged: its poller, its agent's event follower and the repair
     #: workers all call in, and two of them must not both open the same rule's incident
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -101,6 +102,13 @@ class Engine:
                 st = self.nodes[node] = NodeState(node, host, History(self.history_s))
             return st
 
+    def hand_over(self, node: str, host: str, quiet_s: float) -> None:
+        """`node` was just taken over from a monitor that acted on it: open or retry no
+        response on it for `quiet_s`."""
+        st = self.state(node, host)
+        with st.lock:
+            st.quiet_until = max(st.quiet_until, self.clock() + quiet_s)
+
     def open_incidents(self) -> list[Incident]:
         with self._lock:
             states = list(self.nodes.values())
@@ -136,7 +144,7 @@ class Engine:
                 if again is not None:
                     opened.append(again)
             elif (self._fired(rule, hits) and not opened and st.busy is None
-                  and (now >= st.settle_until or _urgent(view))
+                  and (now >= st.settle_until or _urgent(view)) and now >= st.quiet_until
                   and now >= rs.cooldown_until and not view.fenced):
                 det = self._open(rule, rs, st, view, hits)
                 opened.append(det)
@@ -197,7 +205,7 @@ class Engine:
                         inc.id, rule.name, inc.node, inc.attempts)
             self.on_unresolved(inc)
             return None
-        if not retry_ok or st.busy is not None or now < st.settle_until:
+        if not retry_ok or st.busy is not None or now < max(st.settle_until, st.quiet_until):
             return None  # another response on the node first; retried at a later poll
         inc.attempts += 1
         rs.acted_at = None

@@ -74,8 +74,15 @@ class FleetShare:
 
     # -- for the pollers and the clients ---------------------------------------------------
 
-    def watches(self, host: str, node: str) -> bool:
+    def owns(self, host: str, node: str) -> bool:
         return self.member.token(node_key(host, node)) is not None
+
+    def watches(self, host: str, node: str) -> bool:
+        """Owned, and claimed at its agent with the current token."""
+        key = node_key(host, node)
+        token = self.member.token(key)
+        with self._lock:
+            return token is not None and self._claimed.get(key) == token
 
     def token(self, host: str, node: str) -> int:
         """The token to send for `node` of `host`; NotOurs if it is not this monitor's."""
