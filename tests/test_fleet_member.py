@@ -84,6 +84,74 @@ def test_a_member_without_etcd_is_degraded_and_keeps_its_share(etcd):  # noqa: F
         client.close()
 
 
+def test_an_open_incident_is_recorded_and_handed_to_the_next_owner(etcd):  # noqa: F811
+    """The owner records its node's open incident in etcd; a non-owner's record is not
+    written; when the owner dies the record stays, and the member that takes the node
+    finds it (`inherited`); once closed, the record goes."""
+    clients = [EtcdClient(etcd.url) for _ in range(2)]
+    nodes = ["h0/n0", "h0/n1"]
+    m1 = FleetMember(clients[0], "m1", lambda: nodes, poll_s=0.05)
+    try:
+        until(lambda: set(m1.step().tokens) == set(nodes), what="m1 owns both nodes")
+        record = {"incident": "i-1", "monitor": "m1", "rule": "hang", "state": "repaired",
+                  "attempts": 1, "detected": time.time()}
+        m1.publish("h0/n0", record)
+        m1.publish("h0/nX", {"incident": "i-2", "monitor": "m1", "rule": "hang"})  # not its node
+        m1.step()
+        assert read_fleet(clients[0])["incidents"] == {"h0/n0": record}
+        old_tokens = dict(m1.share.tokens)
+        # m1 dies without a word; m2 takes its nodes once its lease expired
+        m2 = FleetMember(clients[1], "m2", lambda: nodes, poll_s=0.05)
+        inherited = {}
+
+        def took():
+            share = m2.step()
+            inherited.update(share.inherited)
+            return set(share.tokens) == set(nodes)
+        until(took, what="m2 owns both nodes")
+        assert inherited == {"h0/n0": record}
+        assert m2.step().inherited == {}  # found once, at the takeover
+        # m1, late (paused mid-step, with its old token), cannot write the record any more:
+        # the node's ownership record is not the one of its token
+        m1.publish("h0/n0", None)
+        m1._flush(old_tokens)
+        assert read_fleet(clients[1])["incidents"] == {"h0/n0": record}
+        m2.publish("h0/n0", None)  # closed by its new owner
+        m2.step()
+        assert read_fleet(clients[1])["incidents"] == {}
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_node_with_a_running_response_is_kept_until_it_ends(etcd):  # noqa: F811
+    """A member gives up a node assigned to another only once `hold` says no response
+    runs there any more."""
+    clients = [EtcdClient(etcd.url) for _ in range(2)]
+    responding = {"h0/n0", "h0/n1", "h0/n2", "h0/n3"}
+    nodes = sorted(responding)
+    m1 = FleetMember(clients[0], "m1", lambda: nodes, poll_s=0.05,
+                     hold=lambda node: node in responding)
+    m2 = FleetMember(clients[1], "m2", lambda: nodes, poll_s=0.05)
+    try:
+        until(lambda: set(m1.step().tokens) == set(nodes), what="m1 owns every node")
+        theirs = {n for n, m in assign(nodes, ["m1", "m2"]).items() if m == "m2"}
+        assert theirs, "rendezvous gives m2 some of these nodes"
+        for _ in range(5):
+            m2.step()
+            m1.step()
+        assert set(m1.share.tokens) == set(nodes) and not m2.share.tokens  # kept: held
+        responding.clear()  # the responses ended
+        m1.step()
+        until(lambda: set(m2.step().tokens) == theirs, what="m2 takes its nodes")
+        assert set(m1.step().tokens) == set(nodes) - theirs
+    finally:
+        m1.stop()
+        m2.stop()
+        for c in clients:
+            c.close()
+
+
 def test_unreachable_etcd_is_a_clear_error():
     with EtcdClient("http://127.0.0.1:9", timeout=0.2) as c:
         with pytest.raises(EtcdUnavailable, match="etcd unreachable .*is it running"):

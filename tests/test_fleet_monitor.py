@@ -201,3 +201,57 @@ def test_a_monitor_without_etcd_keeps_its_share_and_says_so(agent_lab, etcd):
     finally:
         mon.stop()
         other.stop()
+
+
+EMPTY_RULE = """
+[[rule]]
+name = "empty"
+detectors = [{ kind = "level_out_of_bounds", box = "kernel", sensors = ["pids"], min = 1 }]
+actions = [{ kind = "record" }]
+clear_ms = 100
+"""
+
+
+def test_an_open_incident_moves_with_its_node_to_the_next_monitor(agent_lab, etcd):
+    """m1 opens an incident on its node and records it in etcd; m1 stops (its lease
+    revoked: the node moves at once) while the incident is still open; m2 takes the node
+    and carries the incident on under its id; once the condition clears, m2 closes it and
+    the record goes."""
+    from backdoors.monitor.core import Monitor
+    from backdoors.monitor.rules import parse_ruleset
+
+    lab = agent_lab(nodes={"n0": {}})  # an empty node: "empty" fires until a process runs
+    rules = parse_ruleset(EMPTY_RULE).rule
+    fleet = EtcdClient(etcd.url)
+    m1 = Monitor(monitor_config(lab, etcd, "m1", period_ms=50), key=lab.keys["m1"],
+                 rules=rules).start()
+    m2 = None
+    try:
+        first = m1.wait_for(lambda i: i.rule == "empty", 30)
+        assert first is not None and first.node == "n0"
+        record = until(lambda: read_fleet(fleet)["incidents"].get("h0/n0"), 10,
+                       "the incident recorded in etcd")
+        assert (record["incident"], record["monitor"], record["rule"]) == (first.id, "m1", "empty")
+        m1.stop()
+        assert read_fleet(fleet)["incidents"]["h0/n0"]["incident"] == first.id  # still open
+        m2 = Monitor(monitor_config(lab, etcd, "m2", period_ms=50), key=lab.keys["m2"],
+                     rules=rules).start()
+        adopted = m2.wait_for(lambda i: i.id == first.id, 30)
+        assert adopted is not None and adopted.adopted_from == "m1" and adopted.monitor == "m2"
+        until(lambda: read_fleet(fleet)["incidents"].get("h0/n0", {}).get("monitor") == "m2",
+              10, "the record rewritten by its new owner")
+        assert not [i for i in m2.incidents() if i.rule == "empty" and i.id != first.id]
+        proc = lab.run("n0", "import time; time.sleep(60)")  # the node is not empty any more
+        try:
+            closed = m2.wait_for(lambda i: i.id == first.id and i.outcome == "cleared", 30)
+            assert closed is not None
+            until(lambda: "h0/n0" not in read_fleet(fleet)["incidents"], 10, "the record gone")
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        if not m1.stopping.is_set():
+            m1.stop()
+        if m2 is not None:
+            m2.stop()
+        fleet.close()

@@ -208,6 +208,11 @@ def render_fleet(fleet: dict, console=None) -> None:
         console.print("no live monitor in the fleet")
     elif orphans:
         console.print(f"{orphans} node(s) owned by monitors no longer live")
+    for node, r in sorted(fleet.get("incidents", {}).items()):
+        owner = (fleet["owners"].get(node) or ["nobody"])[0]
+        console.print(f"open incident on {node}: {r.get('incident', '?')}, rule "
+                      f"{r.get('rule', '?')}, {r.get('state', '?')}, recorded by "
+                      f"{r.get('monitor', '?')}; the node's owner: {owner}")
 
 
 def _row(host: str, address: str, node: str, **fields) -> dict:

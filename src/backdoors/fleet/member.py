@@ -4,6 +4,7 @@ In etcd, under `prefix` (default "/backdoors/fleet/"):
 
     members/<monitor id>   {"id", "since", ...info}   under the monitor's lease
     owners/<node>          <monitor id>                under the owner's lease
+    incidents/<node>       the node's open incident    {"incident", "monitor", "rule", ...}
 
 Each step (every `poll_s`) the member renews its lease (every third of the TTL), reads the
 live members and the ownership records, assigns every node by rendezvous hashing over the
@@ -17,6 +18,14 @@ A member that dies stops renewing: after the TTL its lease expires, its member k
 ownership records go with it, and the others take its nodes at their next step. One that
 loses etcd keeps its last share (`degraded` says why): it cannot learn it lost its nodes,
 but its tokens then are older than the new owners', so the agents refuse it.
+
+**Incident ownership.** The owner of a node records the node's open incident under
+`incidents/` (`publish`, written at its next step, only while its ownership record is the
+one of its token: a former owner cannot write it) and deletes it once the incident
+closes. The record is under no lease: it outlives its monitor, and the next owner of the
+node finds it when it takes the node (`Share.inherited`) and carries the incident on (the
+monitor adopts it). A member does not give up a node while `hold(node)` says a response
+runs there (at most HOLD_MAX_S): the response ends under one owner.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from .etcd import Compare, EtcdClient, EtcdError, delete_op, put_op
 log = logging.getLogger("backdoors.fleet")
 
 PREFIX = "/backdoors/fleet/"
+HOLD_MAX_S = 10.0  # the longest a member keeps a node assigned elsewhere for a running response
 
 
 @dataclass
@@ -50,6 +60,8 @@ class Share:
     ttl_s: int = 0
     degraded: str | None = None
     steps: int = 0
+    #: incident records found on the nodes taken at the last step (node -> record)
+    inherited: dict[str, dict] = field(default_factory=dict)
 
 
 class FleetMember:
@@ -63,13 +75,16 @@ class FleetMember:
                  *, prefix: str = PREFIX, ttl_s: int = 1, poll_s: float = 0.1,
                  info: dict | None = None, on_change: Callable[[Share], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 within: Callable[[], AbstractContextManager] | None = None):
+                 within: Callable[[], AbstractContextManager] | None = None,
+                 hold: Callable[[str], bool] | None = None):
         if "/" in member_id or not member_id:
             raise ValueError(f"fleet member id {member_id!r}: must be non-empty, without '/'")
         self.client, self.id, self.nodes = client, member_id, nodes
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.ttl_s, self.poll_s, self.info = max(1, int(ttl_s)), poll_s, dict(info or {})
-        self.on_change, self.clock, self.within = on_change, clock, within
+        self.on_change, self.clock, self.within, self.hold = on_change, clock, within, hold
+        self._pending: dict[str, str | None] = {}  # node -> incident record to write, None: delete
+        self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
         self._release = False
         self.share = Share(member_id)
         self._lock = threading.Lock()  # guards `share` (read by the monitor's threads)
@@ -88,7 +103,13 @@ class FleetMember:
         with self._lock:
             s = self.share
             return Share(s.member, list(s.members), dict(s.tokens), dict(s.assigned), s.lease,
-                         s.ttl_s, s.degraded, s.steps)
+                         s.ttl_s, s.degraded, s.steps, dict(s.inherited))
+
+    def publish(self, node: str, record: dict | None) -> None:
+        """Record `node`'s open incident in etcd (None: it closed) at the next step, if
+        the node is still this member's then; the latest record of a node wins."""
+        with self._lock:
+            self._pending[node] = None if record is None else json.dumps(record)
 
     def start(self) -> FleetMember:
         self._thread = threading.Thread(target=self._run, name=f"bd-fleet-{self.id}",
@@ -130,6 +151,8 @@ class FleetMember:
 
     def step(self) -> Share:
         before = (set(self.share.tokens.items()), self.share.degraded)
+        with self._lock:
+            self.share.inherited = {}
         try:
             self._step()
         except EtcdError as e:
@@ -186,17 +209,18 @@ class FleetMember:
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
         assigned = assign(set(self.nodes()) | set(owners), members)
-        tokens = {}
+        tokens, inherited = {}, {}
         for node, kv in owners.items():
             if kv.value != self.id or kv.lease != lease:
                 continue
-            if assigned.get(node) == self.id:
+            if assigned.get(node) == self.id or self._holds(node, now):
                 tokens[node] = kv.mod_revision
             else:  # no longer ours: stop acting on it first, then let it go
                 with self._lock:
                     self.share.tokens.pop(node, None)
                 c.txn([Compare(self._owner_key(node), "MOD", kv.mod_revision)],
                       [delete_op(self._owner_key(node))])
+        self._held = {n: t for n, t in self._held.items() if n in tokens}
         for node, member in sorted(assigned.items()):
             if member != self.id or node in owners:
                 continue
@@ -204,9 +228,56 @@ class FleetMember:
             got = c.txn([Compare(key, "CREATE", 0)], [put_op(key, self.id, lease)])
             if got.succeeded:
                 tokens[node] = got.revision
+                if (record := self._incident(node)) is not None:
+                    inherited[node] = record
         with self._lock:
             self.share.members, self.share.assigned = members, assigned
-            self.share.tokens = tokens
+            self.share.tokens, self.share.inherited = tokens, inherited
+        self._flush(tokens)
+
+    def _holds(self, node: str, now: float) -> bool:
+        """Whether to keep `node`, assigned to another member now, a while longer: a
+        response runs there (`hold`), for at most HOLD_MAX_S."""
+        if self.hold is None or not self.hold(node):
+            return False
+        since = self._held.setdefault(node, now)
+        if now - since < HOLD_MAX_S:
+            return True
+        log.warning("fleet member %s: node %s held %.0f s for its running response: let go",
+                    self.id, node, now - since)
+        return False
+
+    def _incident(self, node: str) -> dict | None:
+        """The open incident recorded for `node` (by its former owner), if any."""
+        kv = self.client.get(self._incident_key(node))
+        if kv is None:
+            return None
+        try:
+            record = json.loads(kv.value)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("incident"), str):
+            log.warning("fleet member %s: the incident record of node %s is not one: %r",
+                        self.id, node, kv.value[:200])
+            return None
+        return record
+
+    def _flush(self, tokens: dict[str, int]) -> None:
+        """Write the pending incident records of the nodes this member owns, each only if
+        the node's ownership record is still the one of its token."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        try:
+            for node, value in list(pending.items()):
+                token = tokens.get(node)
+                if token is not None:
+                    key = self._incident_key(node)
+                    self.client.txn([Compare(self._owner_key(node), "MOD", token)],
+                                    [delete_op(key) if value is None else put_op(key, value)])
+                del pending[node]
+        finally:
+            with self._lock:  # what could not be written goes again, unless newer came
+                self._pending = {**pending, **self._pending}
 
     def _member_key(self, member: str) -> str:
         return f"{self.prefix}members/{member}"
@@ -214,15 +285,18 @@ class FleetMember:
     def _owner_key(self, node: str) -> str:
         return f"{self.prefix}owners/{node}"
 
+    def _incident_key(self, node: str) -> str:
+        return f"{self.prefix}incidents/{node}"
+
 
 def read_fleet(client: EtcdClient, prefix: str = PREFIX) -> dict:
     """The fleet as etcd holds it: {"members": {id: info, with "lease", "lease_ttl_s" and
     "lease_left_s" (whole seconds)},
-    "owners": {node: [member, token]}, "revision"} (for `backdoors status` and the
-    tests)."""
+    "owners": {node: [member, token]}, "incidents": {node: its open incident's record},
+    "revision"} (for `backdoors status` and the tests)."""
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     rev, kvs = client.prefix(prefix)
-    members, owners = {}, {}
+    members, owners, incidents = {}, {}, {}
     for kv in kvs:
         rest = kv.key[len(prefix):]
         if rest.startswith("members/"):
@@ -237,4 +311,9 @@ def read_fleet(client: EtcdClient, prefix: str = PREFIX) -> dict:
             members[rest[len("members/"):]] = info
         elif rest.startswith("owners/"):
             owners[rest[len("owners/"):]] = [kv.value, kv.mod_revision]
-    return {"members": members, "owners": owners, "revision": rev}
+        elif rest.startswith("incidents/"):
+            try:
+                incidents[rest[len("incidents/"):]] = json.loads(kv.value)
+            except ValueError:
+                incidents[rest[len("incidents/"):]] = {"raw": kv.value[:200]}
+    return {"members": members, "owners": owners, "incidents": incidents, "revision": rev}

@@ -280,7 +280,8 @@ class Monitor:
             self.share = FleetShare(config.monitor_id, config.etcd, self._fleet_nodes,
                                     prefix=config.fleet_prefix, ttl_s=config.lease_ttl_s,
                                     poll_s=config.fleet_poll_ms / 1000,
-                                    on_change=self._share_changed, netns=config.etcd_netns)
+                                    on_change=self._share_changed, netns=config.etcd_netns,
+                                    hold=self._responding)
             self._shared: set[str] = set()
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy
@@ -303,6 +304,8 @@ class Monitor:
             self.warnings = prearm.attach(self)
             self.subscribe(self.warnings.incident)
             self.metrics.registry.register(self.warnings)
+        if self.share is not None:
+            self.subscribe(self.share.incident)
 
     def _default_client(self, entry: AgentEntry, timeout: float):
         from ..agent.client import AgentClient
@@ -470,11 +473,32 @@ class Monitor:
         return {node_key(p.entry.host, n) for p in self.pollers for n in list(p.nodes)}
 
     def _share_changed(self, share) -> None:
-        """Forget the nodes that left this monitor's share (their incidents closed)."""
+        """Forget the nodes that left this monitor's share (their incidents closed here,
+        carried on by their next owner), and adopt the open incidents recorded on the
+        nodes it took."""
         now = set(share.tokens)
         for key in self._shared - now:
             self.engine.forget(key.split("/", 1)[1], "owned by another monitor of the fleet")
         self._shared = now
+        for key, record in share.inherited.items():
+            host, node = key.split("/", 1)
+            inc = self.engine.adopt(node, host, record)
+            if inc is None:
+                log.info("fleet: node %s of %s: incident %s of %s not adopted (rule %s not "
+                         "here, or open here already)", node, host, record.get("incident"),
+                         record.get("monitor"), record.get("rule"))
+                continue
+            with self._cond:
+                self._incidents.append(inc)
+            log.warning("incident %s adopted from monitor %s: rule %s on node %s (host %s), "
+                        "%s, %d response(s) so far", inc.id, inc.adopted_from, inc.rule, node,
+                        host, inc.state, inc.attempts)
+            self._emit("adopted", inc, record=inc)
+
+    def _responding(self, key: str) -> bool:
+        """Whether a response runs on fleet node `key` (host/node): it is kept till then."""
+        st = self.engine.nodes.get(key.split("/", 1)[1])
+        return st is not None and st.busy is not None
 
     def fleet_status(self) -> dict | None:
         """This monitor's share of the fleet (None without etcd)."""

@@ -109,6 +109,36 @@ class Engine:
         with st.lock:
             st.quiet_until = max(st.quiet_until, self.clock() + quiet_s)
 
+    def adopt(self, node: str, host: str, record: dict) -> Incident | None:
+        """Carry on the open incident a former owner of `node` recorded in the fleet
+        (`{"incident", "monitor", "rule", "onset", "detected", "state", "attempts"}`): open
+        here under its id, as if its last response had just ended (retried after the
+        rule's retry_after_ms if its condition holds, closed once it is clear). None when
+        this monitor has no such rule, or that rule's incident is open on the node."""
+        rule = next((r for r in self.rules if r.name == record.get("rule")), None)
+        if rule is None:
+            return None
+        st = self.state(node, host)
+        with st.lock:
+            rs = st.rules.get(rule.name)
+            if rs is None:
+                rs = st.rules[rule.name] = RuleState([None] * len(rule.detectors))
+            if rs.incident is not None:
+                return None
+            now, wall = self.clock(), time.time()
+            detected = float(record.get("detected") or wall)
+            onset = float(record.get("onset") or detected)
+            inc = Incident(
+                id=str(record["incident"]), monitor=self.monitor_id, rule=rule.name, node=node,
+                host=host, onset=onset, detected=detected,
+                onset_to_detect_ms=round((detected - onset) * 1000, 1), detectors=[],
+                state=str(record.get("state") or "detected"),
+                attempts=max(1, int(record.get("attempts") or 1)), last_seen=wall,
+                adopted_from=str(record.get("monitor") or "?"))
+            rs.incident, rs.hits, rs.clear_since, rs.acted_at = inc, [], None, now
+            rs.detected_at, rs.onset = now - (wall - detected), now - (wall - onset)
+            return inc
+
     def open_incidents(self) -> list[Incident]:
         with self._lock:
             states = list(self.nodes.values())

@@ -9,6 +9,7 @@ monitor killed mid-repair leaves what it had done):
     {"v": 1, "event": "responded", "incident": ID, "at": T, "record": {...}}
     {"v": 1, "event": "retry",     "incident": ID, "at": T, "record": {...}}  # then diagnosis, actions again
     {"v": 1, "event": "unresolved","incident": ID, "at": T, "record": {...}}
+    {"v": 1, "event": "adopted",   "incident": ID, "at": T, "record": {...}}  # from a former owner (fleet)
     {"v": 1, "event": "closed",    "incident": ID, "at": T, "record": {...final incident...}}
 
 One incident is one ongoing condition, open until it clears (engine.py). `at` is Unix time. `load_incidents` folds events back into Incident records (the
@@ -77,6 +78,7 @@ class Incident(msgspec.Struct):
     last_seen: float | None = None  # the last poll that saw the condition
     detections: int = 1  # polls (or events) that saw the condition while it was open
     attempts: int = 1  # responses run (the first, then retries of a repair that did not help)
+    adopted_from: str | None = None  # the fleet monitor that opened it, when taken over from it
 
 
 class Event(msgspec.Struct, omit_defaults=True):

@@ -10,6 +10,10 @@ protocol.TOKENED, and refuse to send one for a node outside the share. Without e
 (`degraded`) the monitor keeps its last share: it goes on watching and repairing those
 nodes, and no other, and says so (log, status, metric
 `backdoors_monitor_fleet_degraded`).
+
+The share also records each owned node's open incident in etcd (`incident`, an incident
+listener): the next owner of the node adopts it (Monitor._share_changed). A node whose
+response is running is kept until it ends (`hold`).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class FleetShare:
 
     def __init__(self, monitor_id: str, endpoints: list[str], universe: Callable[[], set[str]],
                  *, prefix: str, ttl_s: int, poll_s: float,
-                 on_change: Callable[[Share], None] | None = None, netns: str | None = None):
+                 on_change: Callable[[Share], None] | None = None, netns: str | None = None,
+                 hold: Callable[[str], bool] | None = None):
         self.client = EtcdClient(endpoints)
         self._on_change = on_change
         within = None
@@ -52,7 +57,7 @@ class FleetShare:
             within = lambda: enter(netns)  # noqa: E731
         self.member = FleetMember(self.client, monitor_id, universe, prefix=prefix,
                                   ttl_s=ttl_s, poll_s=poll_s, on_change=self._changed,
-                                  within=within)
+                                  within=within, hold=hold)
         self._lock = threading.Lock()
         self._claimed: dict[str, int] = {}  # node key -> token the agent acknowledged
         self._refused: dict[str, int] = {}  # node key -> token the agent found stale
@@ -110,6 +115,22 @@ class FleetShare:
         newer owner exists, and this monitor will learn it from etcd)."""
         with self._lock:
             (self._refused if refused else self._claimed)[node_key(host, node)] = token
+
+    def incident(self, event: str, inc) -> None:
+        """An incident listener: record the open incident of an owned node in etcd, and
+        delete the record once it is closed. An incident closed because this monitor
+        stops, or lost the node, stays recorded: the next owner carries it on."""
+        if not self.owns(inc.host, inc.node):
+            return
+        key = node_key(inc.host, inc.node)
+        if event == "closed":
+            if inc.outcome != "monitor stopped":
+                self.member.publish(key, None)
+            return
+        self.member.publish(key, {
+            "incident": inc.id, "monitor": self.member.id, "rule": inc.rule,
+            "onset": inc.onset, "detected": inc.detected, "state": inc.state,
+            "attempts": inc.attempts, "adopted_from": inc.adopted_from})
 
     # -- for status and metrics --------------------------------------------------------
 
