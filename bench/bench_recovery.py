@@ -66,8 +66,8 @@ def recovery_row(n: int) -> dict:
     rate, chunk = pacing(n)
     # beyond 1,000 sessions a chunk takes 0.5 s: an export every 2 chunks, not 8, so that
     # what a recovered session regenerates (paced) stays within a second; and the
-    # progress deadline is 1 s, not 200 ms: the lab's server runs a thread per session,
-    # and its heartbeat thread waits its turn among 10,000 for the GIL
+    # progress deadline is 1 s, not 200 ms: the lab's server (one asyncio loop) ticks its
+    # progress between thousands of sessions' sends on a shared 2-core machine
     big = n > 1000
     r = recovery("freeze", n, rate=rate, chunk=chunk, watch_s=max(2.0, 4 * chunk / rate),
                  timeout_s=60.0 + n / 100, export_every=chunk * 2 if big else None,
