@@ -29,13 +29,15 @@ def test_members_share_the_nodes_and_take_over_a_dead_ones(etcd):  # noqa: F811
             m.start()
         want = assign(NODES, ["m1", "m2", "m3"])
 
-        def settled():
+        def settled():  # in etcd, and in each member's share (its step ends after etcd's)
             owners = read_fleet(clients[0])["owners"]
-            return owners if {n: o[0] for n, o in owners.items()} == want else None
+            if {n: o[0] for n, o in owners.items()} != want:
+                return None
+            # each member's tokens are the revisions of its records
+            return owners if all(m.snapshot().tokens == {n: o[1] for n, o in owners.items()
+                                                         if o[0] == m.id}
+                                 for m in members) else None
         owners = until(settled, what="every node owned as assigned")
-        for m in members:  # each member's tokens are the revisions of its records
-            assert m.snapshot().tokens == {n: o[1] for n, o in owners.items()
-                                          if o[0] == m.id}
         # m2 dies without a word (its thread stops, its lease is left to expire)
         dead = members[1]
         dead._stop.set()
@@ -141,8 +143,13 @@ def test_a_node_with_a_running_response_is_kept_until_it_ends(etcd):  # noqa: F8
             m2.step()
             m1.step()
         assert set(m1.share.tokens) == set(nodes) and not m2.share.tokens  # kept: held
-        responding.clear()  # the responses ended
+        # the responses end; what they recorded last goes with the node's release
+        last = {n: {"incident": f"i-{n}", "monitor": "m1", "rule": "hang"} for n in theirs}
+        for n, record in last.items():
+            m1.publish(n, record)
+        responding.clear()
         m1.step()
+        assert read_fleet(clients[0])["incidents"] == last
         until(lambda: set(m2.step().tokens) == theirs, what="m2 takes its nodes")
         assert set(m1.step().tokens) == set(nodes) - theirs
     finally:

@@ -249,6 +249,35 @@ def test_a_response_ending_after_its_node_was_forgotten_updates_only_its_inciden
     assert "n0" not in eng.nodes  # not brought back by the late response
 
 
+def test_an_adopted_incident_is_carried_on_under_its_id():
+    """Engine.adopt: the former owner's open incident goes on here under its id, as if
+    its last response had just ended; no second incident opens for it; it closes once its
+    condition clears. A record no rule here takes is refused; a malformed one is an error."""
+    clock, closed = Clock(), []
+    eng = Engine(list(rules.parse_ruleset(RETRY_RULES).rule), "m1", clock=clock, settle_s=0.2,
+                 on_close=closed.append)
+    record = {"incident": "20261202-n0-7", "monitor": "m2", "rule": "mem", "state": "repaired",
+              "attempts": 2, "detected": 1000.0, "onset": 999.5}
+    inc = eng.adopt("n0", "h0", record)
+    assert (inc.id, inc.monitor, inc.adopted_from, inc.attempts, inc.state) == \
+        ("20261202-n0-7", "m1", "m2", 2, "repaired")
+    assert eng.adopt("n0", "h0", record) is None  # open here already
+    assert eng.adopt("n0", "h0", dict(record, rule="nope")) is None
+    with pytest.raises(ValueError, match="20261202-n0-7"):
+        eng.adopt("n1", "h0", dict(record, attempts="many"))
+    eng.observe(mem_view(clock, 450))
+    clock.t += 0.2
+    assert eng.observe(mem_view(clock, 450)) == []  # held, but its retry waits retry_after_ms
+    clock.t += 0.35
+    [retry] = eng.observe(mem_view(clock, 450))
+    assert retry.incident is inc and retry.attempt == 3
+    eng.responded(retry, "repaired")
+    for _ in range(4):
+        clock.t += 0.1
+        eng.observe(mem_view(clock, 100))
+    assert [c.id for c in closed] == ["20261202-n0-7"] and closed[0].outcome == "cleared"
+
+
 def test_a_silent_agent_neither_fires_nor_clears_sensor_rules():
     eng, clock, closed = engine_and_clock()
     eng.observe(mem_view(clock, 450))
@@ -587,3 +616,36 @@ def test_a_poll_and_an_event_judging_one_node_at_once_open_one_incident():
     assert len(opened) == 1 and opened[0].incident.detected_by == "poll"
     assert [i.id for i in eng.open_incidents()] == [opened[0].incident.id]
     assert opened[0].incident.detections == 2  # the poll that opened it, and the event
+
+
+def test_a_monitor_judges_an_event_of_a_hand_over_quiet_once_the_quiet_ends(tmp_path):
+    """Through Monitor.observe: a server's death pushed in the quiet (an event no poll
+    tells again) is kept, not judged over and over, and opens its incident once the
+    quiet has passed."""
+    import time
+
+    from backdoors.agent.keys import new_identity
+    from backdoors.monitor.config import AgentEntry, MonitorConfig
+    from backdoors.monitor.core import Monitor
+
+    config = MonitorConfig(monitor_id="m1", incidents_dir=str(tmp_path), agents=[
+        AgentEntry("h0", "127.0.0.1:9", new_identity("h0").public_text(), nodes=["n0"])])
+    orphaned = """
+[[rule]]
+name = "server-died"
+detectors = [{ kind = "sessions_orphaned" }]
+actions = [{ kind = "record" }]
+"""
+    mon = Monitor(config, key=new_identity("m1"), rules=rules.parse_ruleset(orphaned).rule)
+    try:
+        held = time.monotonic()
+        mon.hold_off("n0", "h0", 0.3)
+        died = {"kind": "owner_died", "seq": 4, "at": time.time(), "pid": 1234,
+                "sessions": ["s1"], "died": time.time()}
+        mon.observe(NodeView("n0", "h0", mon.clock(), event=died, via="event"))
+        assert mon.incidents() == []
+        inc = mon.wait_for(lambda i: i.rule == "server-died", 10)
+        assert inc is not None and inc.detected_by == "event"
+        assert time.monotonic() - held >= 0.3
+    finally:
+        mon.stop()

@@ -69,20 +69,25 @@ class FleetMember:
     `step()` at a time. `nodes()` gives every node of the fleet (names unique in it, like
     "h0/n0"); `on_change(share)` is called after a step that changed this member's nodes
     or its degraded state. `within()`, a context manager, is entered by the member's thread
-    around everything it does (e.g. a network namespace, where etcd is reachable)."""
+    around everything it does (e.g. a network namespace, where etcd is reachable).
+    `hold(node)`: keep a node assigned elsewhere a while (a response runs there);
+    `on_inherit(node, record)`: the open incident recorded on a node just taken, told
+    before the share shows the node."""
 
     def __init__(self, client: EtcdClient, member_id: str, nodes: Callable[[], Iterable[str]],
                  *, prefix: str = PREFIX, ttl_s: int = 1, poll_s: float = 0.1,
                  info: dict | None = None, on_change: Callable[[Share], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  within: Callable[[], AbstractContextManager] | None = None,
-                 hold: Callable[[str], bool] | None = None):
+                 hold: Callable[[str], bool] | None = None,
+                 on_inherit: Callable[[str, dict], None] | None = None):
         if "/" in member_id or not member_id:
             raise ValueError(f"fleet member id {member_id!r}: must be non-empty, without '/'")
         self.client, self.id, self.nodes = client, member_id, nodes
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.ttl_s, self.poll_s, self.info = max(1, int(ttl_s)), poll_s, dict(info or {})
         self.on_change, self.clock, self.within, self.hold = on_change, clock, within, hold
+        self.on_inherit = on_inherit
         self._pending: dict[str, str | None] = {}  # node -> incident record to write, None: delete
         self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
         self._release = False
@@ -209,18 +214,26 @@ class FleetMember:
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
         assigned = assign(set(self.nodes()) | set(owners), members)
-        tokens, inherited = {}, {}
+        tokens, held = {}, set()
         for node, kv in owners.items():
             if kv.value != self.id or kv.lease != lease:
                 continue
-            if assigned.get(node) == self.id or self._holds(node, now):
+            if assigned.get(node) == self.id:
                 tokens[node] = kv.mod_revision
-            else:  # no longer ours: stop acting on it first, then let it go
+            elif self._holds(node, now):
+                tokens[node] = kv.mod_revision
+                held.add(node)
+            else:  # no longer ours: stop acting on it first, then let it go, with the last
+                # word on its incident (the next owner reads it)
                 with self._lock:
                     self.share.tokens.pop(node, None)
-                c.txn([Compare(self._owner_key(node), "MOD", kv.mod_revision)],
-                      [delete_op(self._owner_key(node))])
-        self._held = {n: t for n, t in self._held.items() if n in tokens}
+                    record = self._pending.pop(node, ...)
+                ops = [delete_op(self._owner_key(node))]
+                if record is not ...:
+                    key = self._incident_key(node)
+                    ops.append(delete_op(key) if record is None else put_op(key, record))
+                c.txn([Compare(self._owner_key(node), "MOD", kv.mod_revision)], ops)
+        self._held = {n: t for n, t in self._held.items() if n in held}
         for node, member in sorted(assigned.items()):
             if member != self.id or node in owners:
                 continue
@@ -228,8 +241,14 @@ class FleetMember:
             got = c.txn([Compare(key, "CREATE", 0)], [put_op(key, self.id, lease)])
             if got.succeeded:
                 tokens[node] = got.revision
-                if (record := self._incident(node)) is not None:
-                    inherited[node] = record
+        # the nodes new to this member: their open incidents, handed to `on_inherit` before
+        # the share shows the nodes (so nothing judges them before the incident is carried on)
+        inherited = {}
+        for node in sorted(set(tokens) - set(self.share.tokens)):
+            if (record := self._incident(node)) is not None:
+                inherited[node] = record
+                if self.on_inherit is not None:
+                    self.on_inherit(node, record)
         with self._lock:
             self.share.members, self.share.assigned = members, assigned
             self.share.tokens, self.share.inherited = tokens, inherited

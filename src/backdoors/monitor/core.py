@@ -72,7 +72,8 @@ class AgentPoller:
         self._thread.start()
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         m = self.monitor
@@ -281,10 +282,11 @@ class Monitor:
                                     prefix=config.fleet_prefix, ttl_s=config.lease_ttl_s,
                                     poll_s=config.fleet_poll_ms / 1000,
                                     on_change=self._share_changed, netns=config.etcd_netns,
-                                    hold=self._responding)
+                                    hold=self._responding, on_inherit=self._inherit)
             self._shared: set[str] = set()
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy
+        self._in_response: set[str] = set()  # nodes whose response has not yet been told
         self._pool = ThreadPoolExecutor(config.max_parallel_repairs,
                                         thread_name_prefix="bd-mon-repair")
         self._local = threading.local()
@@ -352,14 +354,14 @@ class Monitor:
         self.stopping.set()
         for p in self.pollers:
             p.join(timeout)
-        if self.share is not None and self._started:
-            self.share.stop()  # its lease revoked: the others take its nodes at once
         for f in self.followers:
             f.stop(timeout)
         if self.warnings is not None and self._started:
             from . import prearm
             prearm.stop(self.warnings)
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)  # running responses end under this monitor's tokens
+        if self.share is not None and self._started:
+            self.share.stop()  # its lease revoked: the others take its nodes at once
         still_open = len(self.engine.open_incidents())
         self.engine.close_all("monitor stopped")
         for c in self._worker_clients:
@@ -386,11 +388,12 @@ class Monitor:
         opened = self.engine.observe(view)
         if view.event is not None and not opened and view.event["kind"] not in POLLED_TOO:
             st = self.engine.nodes.get(view.node)
-            if st is not None and (st.busy is not None or view.at < st.quiet_until):
-                # judged again when the node is free
+            if st is not None and (st.busy is not None or self.clock() < st.quiet_until):
+                # judged again when the node is free (its response ended, its hand-over
+                # quiet over: Engine.hand_over)
                 with self._cond:
                     self._deferred.append(view)
-                if st.busy is None:  # its response ended meanwhile: judge it now
+                if st.busy is None and self.clock() >= st.quiet_until:  # free meanwhile
                     self._judge_deferred(view.node)
         for det in opened:
             inc = det.incident
@@ -406,9 +409,11 @@ class Monitor:
                             "(%s): attempt %d of %d", inc.id, det.rule.name, view.node,
                             inc.state, det.attempt, det.rule.max_attempts)
                 self._emit("retry", inc, record=inc)
+            self._in_response.add(view.node)
             try:
                 self._pool.submit(self._respond, det)
             except RuntimeError:  # shutting down
+                self._in_response.discard(view.node)
                 self.engine.responded(det, "not handled: monitor stopping")
 
     def _follow_events(self) -> None:
@@ -457,16 +462,20 @@ class Monitor:
             self.share.claimed(host, node, token, refused=True)
             return
         if reply.last_act_by not in (None, reply.owner) and reply.last_act_s < HANDOVER_QUIET_S:
-            quiet = HANDOVER_QUIET_S - reply.last_act_s
-            self.engine.hand_over(node, host, quiet)
-            later = threading.Timer(quiet, self._judge_deferred, [node])
-            later.daemon = True
-            later.start()
-            log.info("fleet: node %s of %s was acted on by %s %.0f ms ago: no response on it "
-                     "for %.0f ms", node, host, reply.last_act_by, reply.last_act_s * 1000,
-                     quiet * 1000)
+            log.info("fleet: node %s of %s was acted on by %s %.0f ms ago", node, host,
+                     reply.last_act_by, reply.last_act_s * 1000)
+            self.hold_off(node, host, HANDOVER_QUIET_S - reply.last_act_s)
         self.share.claimed(host, node, token)
         log.info("fleet: claimed node %s of %s with token %d", node, host, token)
+
+    def hold_off(self, node: str, host: str, quiet_s: float) -> None:
+        """No response on `node` for `quiet_s` (Engine.hand_over); the events that come
+        meanwhile are judged once it ends."""
+        log.info("node %s of %s: no response on it for %.0f ms", node, host, quiet_s * 1000)
+        self.engine.hand_over(node, host, quiet_s)
+        later = threading.Timer(quiet_s, self._judge_deferred, [node])
+        later.daemon = True
+        later.start()
 
     def _fleet_nodes(self) -> set[str]:
         from .share import node_key
@@ -474,31 +483,44 @@ class Monitor:
 
     def _share_changed(self, share) -> None:
         """Forget the nodes that left this monitor's share (their incidents closed here,
-        carried on by their next owner), and adopt the open incidents recorded on the
-        nodes it took."""
+        carried on by their next owner)."""
         now = set(share.tokens)
         for key in self._shared - now:
             self.engine.forget(key.split("/", 1)[1], "owned by another monitor of the fleet")
         self._shared = now
-        for key, record in share.inherited.items():
-            host, node = key.split("/", 1)
+
+    def _inherit(self, key: str, record: dict) -> None:
+        """Adopt the open incident a former owner recorded on fleet node `key`, just taken
+        (called before the share shows the node: nothing has judged it here yet); the
+        record becomes this monitor's. A record no rule here can carry on is deleted."""
+        host, node = key.split("/", 1)
+        try:
             inc = self.engine.adopt(node, host, record)
-            if inc is None:
-                log.info("fleet: node %s of %s: incident %s of %s not adopted (rule %s not "
-                         "here, or open here already)", node, host, record.get("incident"),
-                         record.get("monitor"), record.get("rule"))
-                continue
-            with self._cond:
-                self._incidents.append(inc)
-            log.warning("incident %s adopted from monitor %s: rule %s on node %s (host %s), "
-                        "%s, %d response(s) so far", inc.id, inc.adopted_from, inc.rule, node,
-                        host, inc.state, inc.attempts)
-            self._emit("adopted", inc, record=inc)
+        except ValueError as e:
+            log.warning("fleet: node %s of %s: a bad incident record, deleted: %s", node, host, e)
+            self.share.member.publish(key, None)
+            return
+        if inc is None:
+            st = self.engine.nodes.get(node)
+            rs = st.rules.get(str(record.get("rule"))) if st is not None else None
+            if rs is None or rs.incident is None:  # no rule here for it: nobody carries it on
+                self.share.member.publish(key, None)
+            log.info("fleet: node %s of %s: incident %s of %s not adopted (rule %s not here "
+                     "for the node, or open here already)", node, host, record.get("incident"),
+                     record.get("monitor"), record.get("rule"))
+            return
+        self.share.member.publish(key, self.share.record(inc))
+        with self._cond:
+            self._incidents.append(inc)
+        log.warning("incident %s adopted from monitor %s: rule %s on node %s (host %s), %s, "
+                    "%d response(s) so far", inc.id, inc.adopted_from, inc.rule, node, host,
+                    inc.state, inc.attempts)
+        self._emit("adopted", inc, record=inc)
 
     def _responding(self, key: str) -> bool:
-        """Whether a response runs on fleet node `key` (host/node): it is kept till then."""
-        st = self.engine.nodes.get(key.split("/", 1)[1])
-        return st is not None and st.busy is not None
+        """Whether a response runs on fleet node `key` (host/node), or has not yet been
+        told (its `responded` event, which records the incident): kept till then."""
+        return key.split("/", 1)[1] in self._in_response
 
     def fleet_status(self) -> dict | None:
         """This monitor's share of the fleet (None without etcd)."""
@@ -540,6 +562,7 @@ class Monitor:
                         det.incident.repaired_ms or 0,
                         f" ({det.incident.diagnosis.summary})" if det.incident.diagnosis else "")
             self._emit("responded", det.incident, record=det.incident)
+            self._in_response.discard(det.view.node)
             self._judge_deferred(det.view.node)
 
     def _judge_deferred(self, node: str) -> None:

@@ -52,7 +52,7 @@ class NodeState:
     rules: dict[str, RuleState] = field(default_factory=dict)
     busy: str | None = None  # id of the incident being responded to
     settle_until: float = 0.0
-    quiet_until: float = 0.0  # no response before: its former owner acted on it (hand_over)
+    quiet_until: float = 0.0  # no response before (engine clock): its former owner acted on it
     #: held while the node is judged: its poller, its agent's event follower and the repair
     #: workers all call in, and two of them must not both open the same rule's incident
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -114,10 +114,18 @@ class Engine:
         (`{"incident", "monitor", "rule", "onset", "detected", "state", "attempts"}`): open
         here under its id, as if its last response had just ended (retried after the
         rule's retry_after_ms if its condition holds, closed once it is clear). None when
-        this monitor has no such rule, or that rule's incident is open on the node."""
+        this monitor has no such rule for the node, or that rule's incident is open on the
+        node; ValueError when the record is not one."""
         rule = next((r for r in self.rules if r.name == record.get("rule")), None)
-        if rule is None:
+        if rule is None or not rule.applies_to(node):
             return None
+        wall = time.time()
+        try:
+            detected = float(record.get("detected") or wall)
+            onset = float(record.get("onset") or detected)
+            attempts = max(1, int(record.get("attempts") or 1))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"incident record {record.get('incident')!r}: {e}") from None
         st = self.state(node, host)
         with st.lock:
             rs = st.rules.get(rule.name)
@@ -125,15 +133,13 @@ class Engine:
                 rs = st.rules[rule.name] = RuleState([None] * len(rule.detectors))
             if rs.incident is not None:
                 return None
-            now, wall = self.clock(), time.time()
-            detected = float(record.get("detected") or wall)
-            onset = float(record.get("onset") or detected)
+            now = self.clock()
             inc = Incident(
                 id=str(record["incident"]), monitor=self.monitor_id, rule=rule.name, node=node,
                 host=host, onset=onset, detected=detected,
                 onset_to_detect_ms=round((detected - onset) * 1000, 1), detectors=[],
                 state=str(record.get("state") or "detected"),
-                attempts=max(1, int(record.get("attempts") or 1)), last_seen=wall,
+                attempts=attempts, last_seen=wall,
                 adopted_from=str(record.get("monitor") or "?"))
             rs.incident, rs.hits, rs.clear_since, rs.acted_at = inc, [], None, now
             rs.detected_at, rs.onset = now - (wall - detected), now - (wall - onset)
@@ -174,7 +180,8 @@ class Engine:
                 if again is not None:
                     opened.append(again)
             elif (self._fired(rule, hits) and not opened and st.busy is None
-                  and (now >= st.settle_until or _urgent(view)) and now >= st.quiet_until
+                  and (now >= st.settle_until or _urgent(view))
+                  and self.clock() >= st.quiet_until
                   and now >= rs.cooldown_until and not view.fenced):
                 det = self._open(rule, rs, st, view, hits)
                 opened.append(det)
@@ -235,7 +242,8 @@ class Engine:
                         inc.id, rule.name, inc.node, inc.attempts)
             self.on_unresolved(inc)
             return None
-        if not retry_ok or st.busy is not None or now < max(st.settle_until, st.quiet_until):
+        if not retry_ok or st.busy is not None or now < st.settle_until \
+                or self.clock() < st.quiet_until:
             return None  # another response on the node first; retried at a later poll
         inc.attempts += 1
         rs.acted_at = None

@@ -12,8 +12,8 @@ nodes, and no other, and says so (log, status, metric
 `backdoors_monitor_fleet_degraded`).
 
 The share also records each owned node's open incident in etcd (`incident`, an incident
-listener): the next owner of the node adopts it (Monitor._share_changed). A node whose
-response is running is kept until it ends (`hold`).
+listener): the next owner of the node adopts it (`on_inherit`: Monitor._inherit). A node
+whose response is running is kept until it ends (`hold`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class FleetShare:
     def __init__(self, monitor_id: str, endpoints: list[str], universe: Callable[[], set[str]],
                  *, prefix: str, ttl_s: int, poll_s: float,
                  on_change: Callable[[Share], None] | None = None, netns: str | None = None,
-                 hold: Callable[[str], bool] | None = None):
+                 hold: Callable[[str], bool] | None = None,
+                 on_inherit: Callable[[str, dict], None] | None = None):
         self.client = EtcdClient(endpoints)
         self._on_change = on_change
         within = None
@@ -57,7 +58,7 @@ class FleetShare:
             within = lambda: enter(netns)  # noqa: E731
         self.member = FleetMember(self.client, monitor_id, universe, prefix=prefix,
                                   ttl_s=ttl_s, poll_s=poll_s, on_change=self._changed,
-                                  within=within, hold=hold)
+                                  within=within, hold=hold, on_inherit=on_inherit)
         self._lock = threading.Lock()
         self._claimed: dict[str, int] = {}  # node key -> token the agent acknowledged
         self._refused: dict[str, int] = {}  # node key -> token the agent found stale
@@ -127,10 +128,13 @@ class FleetShare:
             if inc.outcome != "monitor stopped":
                 self.member.publish(key, None)
             return
-        self.member.publish(key, {
-            "incident": inc.id, "monitor": self.member.id, "rule": inc.rule,
-            "onset": inc.onset, "detected": inc.detected, "state": inc.state,
-            "attempts": inc.attempts, "adopted_from": inc.adopted_from})
+        self.member.publish(key, self.record(inc))
+
+    def record(self, inc) -> dict:
+        """An open incident as recorded in etcd (fleet.member: incidents/<node>)."""
+        return {"incident": inc.id, "monitor": self.member.id, "rule": inc.rule,
+                "onset": inc.onset, "detected": inc.detected, "state": inc.state,
+                "attempts": inc.attempts, "adopted_from": inc.adopted_from}
 
     # -- for status and metrics --------------------------------------------------------
 

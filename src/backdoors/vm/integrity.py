@@ -493,22 +493,26 @@ class Healer:
 
     def heal(self, findings: list[Finding]) -> list[Finding]:
         memory = self.vm.memory()
-        was = self.vm.running()
         relinks = any(f.kind == "process" for f in findings)
         attempt = 0
         while True:
             attempt += 1
             if attempt > 1:
                 time.sleep(0.005)
+            was = self.vm.running()  # read again: a lease may have stopped it meanwhile
             if was:
                 self.vm.lock()
             try:
                 with self.vm.debug() as stub:
                     # stopped in a fork's or an exit's list update: let the guest finish it
                     # (a guest held stopped under a lease cannot: relinked as it is)
-                    if relinks and was and attempt < HEAL_ATTEMPTS \
-                            and not memory.task_list_settled():
+                    settled = not relinks or memory.task_list_settled()
+                    if not settled and was and attempt < HEAL_ATTEMPTS:
                         continue
+                    if not settled and was:  # never outside an update: the relinks wait
+                        held = [f for f in findings if f.kind == "process"]
+                        rest = [f for f in findings if f.kind != "process"]
+                        return self._restore(memory, stub, rest) + held
                     return self._restore(memory, stub, findings)
             finally:
                 if was:
@@ -516,22 +520,21 @@ class Healer:
 
     @staticmethod
     def _restore(memory: GuestMemory, stub, findings: list[Finding]) -> list[Finding]:
-        writes = []
+        """Write the findings' clean bytes (relinks one after the other: each is computed
+        from the list as the previous one left it), read back; those that did not hold."""
+        failed: dict[int, Finding] = {}
         if any(f.kind == "process" for f in findings):  # one gone meanwhile is freed memory: let be
             alive = {task for _pid, _comm, task in memory.process_tree()}
             findings = [f for f in findings if f.kind != "process" or f.virt in alive]
-        for f in findings:
-            if f.kind == "process":
-                writes += [(f, phys, data) for phys, data in relink(memory, f.virt)]
-            else:
-                writes.append((f, f.phys, f.clean))
-        for _f, phys, data in writes:
-            stub.write_phys(phys, data)
-        failed = {id(f): f for f, phys, data in writes if memory.read(phys, len(data)) != data}
         link = memory.kernel.member("task_struct", "tasks")
         head = memory.virt("init_task") + link
-        failed |= {id(f): f for f in findings if f.kind == "process"
-                   and _list_end(memory, head, f.virt + link) is not None}
+        for f in findings:
+            writes = relink(memory, f.virt) if f.kind == "process" else [(f.phys, f.clean)]
+            for phys, data in writes:
+                stub.write_phys(phys, data)
+            if any(memory.read(phys, len(data)) != data for phys, data in writes) or \
+                    (f.kind == "process" and _list_end(memory, head, f.virt + link) is not None):
+                failed[id(f)] = f
         return list(failed.values())
 
 
