@@ -22,6 +22,7 @@ import os
 import random
 import re
 
+import gevent
 from locust import FastHttpUser, between, events, task
 
 from backdoors.casestudy.rubis.throughput import RequestLog
@@ -37,6 +38,16 @@ if _requests is not None:
     events.quit.add_listener(lambda **_: _requests.flush())  # the users are stopped by then
     atexit.register(_requests.close)
 _next_host = itertools.count()
+
+
+@events.init.add_listener
+def _clock_now(**_) -> None:
+    """Bring gevent's loop clock to now before locust sets its --run-time timer: a loop
+    that has not run yet keeps the time it was created (at import), and a timer set from
+    it fires early by every second the start-up took -- on a loaded machine the whole
+    run time, leaving a level with no request completed."""
+    gevent.get_hub().loop.update_now()
+
 _MAX = re.compile(r'data-max="([0-9.]+)" data-initial="([0-9.]+)" data-quantity="(\d+)" '
                   r'data-seller="(\d+)"')
 _KEY = re.compile(r'data-key="([^"]+)"')

@@ -1,0 +1,61 @@
+"""The load driver's locustfile under a slow start: a real headless locust run against a
+small HTTP server, its import stalled as on a loaded machine."""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import threading
+import time
+
+#: the study's locustfile, its import made to take 2.5 s of CPU (a starved machine)
+SLOW = """
+import time
+_s = time.monotonic()
+while time.monotonic() - _s < 2.5:
+    pass
+from backdoors.casestudy.rubis.locustfile import Browsing  # noqa: F401 - the user class
+"""
+
+
+class _Home(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        body = b'<p id="who">nobody</p>'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_slow_start_does_not_cut_the_run_time(tmp_path):
+    """gevent's loop keeps the time it was created until it first runs; locust sets its
+    --run-time timer from it. Without the locustfile's init hook a 3 s run whose start-up
+    took 2.5 s ends at once, with no request completed."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Home)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    slow = tmp_path / "slow_locustfile.py"
+    slow.write_text(SLOW)
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(slow), "--headless", "-u", "1", "-r", "1",
+             "-t", "3s", "--only-summary", "--host", host, "--stop-timeout", "2", "--exit-code-on-error", "0", "Browsing"],
+            capture_output=True, text=True, timeout=120,
+            env={"RUBIS_HOSTS": host, "PATH": "/usr/bin:/bin"})
+    finally:
+        server.shutdown()
+    log = proc.stderr
+    assert proc.returncode == 0, log[-2000:]
+    stamps = {}
+    for line in log.splitlines():
+        for what in ("Run time limit set", "--run-time limit reached"):
+            if what in line:
+                stamps[what] = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + \
+                    int(line[21:24]) / 1000
+    assert len(stamps) == 2, log[-2000:]
+    ran = stamps["--run-time limit reached"] - stamps["Run time limit set"]
+    assert ran >= 2.9, f"the run lasted {ran:.2f} s of its 3 s"
