@@ -93,14 +93,13 @@ def test_a_replacement_slower_than_the_wait_is_not_fenced_but_gets_the_sessions(
     import sys
 
     from backdoors.monitor import Monitor, parse_ruleset
-    from backdoors.scenarios.labkit import lab_monitor_config
 
     rules = parse_ruleset(REPLACEMENT_RULES).rule
     with Lab(unique_name("w"), hosts=1, nodes=1, agents=True, services=False) as lab:
         svc = lab.start_service("n0", recoverable=True)
         vip = lab.plan.node("n0").vip
         with lab.agent_client("h0") as c, \
-                Monitor(lab_monitor_config(lab), key=lab.monitor_key("m1"), rules=rules) as mon, \
+                Monitor(lab.monitor_config(), key=lab.monitor_key("m1"), rules=rules) as mon, \
                 StreamClients(lab, vip, topology.RECOVERABLE_PORT, 3) as clients:
             assert all(f.connected.wait(10) for f in mon.followers)
             end = time.monotonic() + 30

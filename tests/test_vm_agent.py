@@ -24,7 +24,6 @@ from backdoors.errors import VmError
 from backdoors.lab import Lab
 from backdoors.monitor import Monitor
 from backdoors.nodes import Node
-from backdoors.scenarios.labkit import lab_monitor_config
 from backdoors.scenarios.vm import guest_get
 from backdoors.sensors import parse_box
 from backdoors.vm import initramfs, rootkit
@@ -216,7 +215,7 @@ def test_the_monitor_heals_a_tampered_guest_kernel(lab, tmp_path):
     """The default ruleset's `kernel-integrity` rule: detected (pushed), healed through
     the agent, closed once the guest box's `tampered` level is back to 0."""
     vm = lab.vm("v0")
-    cfg = lab_monitor_config(lab, period_ms=50, incidents_dir=str(tmp_path / "incidents"))
+    cfg = lab.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
     with Monitor(cfg, key=lab.monitor_key()) as mon:
         mon.wait_ready()
         with lab.agent_client("h0", timeout=10.0) as c:

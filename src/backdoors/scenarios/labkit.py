@@ -15,7 +15,7 @@ import time
 from ..common.procs import alive
 from ..errors import LabError
 from ..lab import Lab
-from ..monitor.config import AgentEntry, MonitorConfig
+from ..monitor.config import MonitorConfig
 from ..sensors import KERNEL_BOX, parse_box
 
 MiB = 1 << 20
@@ -26,10 +26,11 @@ class AgentLab:
 
     def __init__(self, name: str, *, hosts: int = 1, nodes: int = 1,
                  memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
-                 monitors: tuple[str, ...] = ("m1",), quorum: int = 1, services: bool = True):
+                 monitors: tuple[str, ...] = ("m1",), quorum: int = 1, services: bool = True,
+                 etcd: bool | int = False):
         self.lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_limit,
                        pids_limit=pids_limit, services=services, agents=True, quorum=quorum,
-                       monitors=monitors)
+                       monitors=monitors, etcd=etcd)
 
     @property
     def plan(self):
@@ -55,7 +56,7 @@ class AgentLab:
         return self.lab.monitor_key(monitor_id)
 
     def monitor_config(self, monitor_id: str = "m1", **kw) -> MonitorConfig:
-        return lab_monitor_config(self.lab, monitor_id, **kw)
+        return self.lab.monitor_config(monitor_id, **kw)
 
     def wait_registered(self, node: str, timeout: float = 10.0, owner: int | None = None) -> None:
         """Wait until the node's agent serves an application box besides its kernel box
@@ -84,15 +85,6 @@ class AgentLab:
         pid = self.lab.start_service(node, *args).pid
         self.wait_registered(node, timeout, owner=pid)
         return pid
-
-
-def lab_monitor_config(lab: Lab, monitor_id: str = "m1", **kw) -> MonitorConfig:
-    """A config polling every agent of `lab` (nodes discovered) from the lab's monitor
-    namespace on the private network; `kw` sets other MonitorConfig keys."""
-    agents = [AgentEntry(h.name, lab.agent_address(h.name), netns=lab.plan.monitor_ns,
-                         public_key=lab.agent_public_key(h.name))
-              for h in lab.plan.hosts]
-    return MonitorConfig(monitor_id=monitor_id, agents=agents, **kw)
 
 
 def unique_name(prefix: str = "s") -> str:

@@ -25,7 +25,7 @@ from ..lab import topology
 from ..lab.agents import agent_pid
 from ..lab.clients import StreamClients
 from ..monitor import Monitor
-from .labkit import lab_monitor_config, unique_name, wait_until
+from .labkit import unique_name, wait_until
 
 FAULTS = ("freeze", "crash", "network", "memory-hog", "server-crash", "agent-restart",
           "agent-stop")
@@ -38,7 +38,7 @@ AGENT_FAULTS = {"agent-restart": signal.SIGKILL, "agent-stop": signal.SIGSTOP}
 def monitor_for(lab: Lab, *, period_ms: float = 50, incidents_dir: str | None = None,
                 rulesets: tuple[str, ...] = ("heal",), hooks=None) -> Monitor:
     """A monitor of every agent of `lab`, from its monitor namespace (not started)."""
-    cfg = lab_monitor_config(lab, period_ms=period_ms, incidents_dir=incidents_dir,
+    cfg = lab.monitor_config(period_ms=period_ms, incidents_dir=incidents_dir,
                              rulesets=list(rulesets))
     return Monitor(cfg, key=lab.monitor_key("m1"), hooks=hooks)
 

@@ -28,7 +28,7 @@ from ..lab import topology
 from ..common.procs import read_line
 from ..lab.clients import StreamClients
 from ..monitor import Monitor
-from .labkit import lab_monitor_config, unique_name, wait_until
+from .labkit import unique_name, wait_until
 
 
 HTTP_PORT = 8080
@@ -79,7 +79,7 @@ def server_crash(sessions: int = 10, *, restart: bool = True, name: str | None =
         with lab.agent_client("h0") as c:
             wait_until(lambda: sum(k.startswith(("rsvc", "svc")) for k in c.sensors("n0").boxes) == 2,
                   10, "the services' Sensor Boxes")
-            cfg = lab_monitor_config(lab, period_ms=period_ms, incidents_dir=incidents_dir,
+            cfg = lab.monitor_config(period_ms=period_ms, incidents_dir=incidents_dir,
                                      rulesets=["heal"])
             with Monitor(cfg, key=lab.monitor_key("m1")) as mon:
                 mon.wait_ready(timeout=10)
