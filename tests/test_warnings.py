@@ -48,6 +48,18 @@ def test_unknown_signer_and_bad_signature_are_rejected():
     assert _reason(v, b"not msgpack at all") == "bad_envelope"
 
 
+def test_an_intruders_forgeries_of_a_heard_warning_are_each_refused_for_what_they_are():
+    from backdoors.scenarios.warning import forgeries
+    a = new_identity("ma1")
+    v = _verifier(a)
+    genuine = seal(a, issue(a, "A", "fork-bomb", HASH, "bd-forkbomb"))
+    v.check(genuine)
+    bad = forgeries(genuine, "cd" * 32, "bd-service")
+    assert [r for r, _ in bad] == ["replay", "bad_signature", "unknown_signer",
+                                   "bad_signature", "bad_envelope"]
+    assert [_reason(v, data) for _, data in bad] == [r for r, _ in bad]
+
+
 def test_window_and_expiry():
     a = new_identity("ma1")
     now = time.time()
