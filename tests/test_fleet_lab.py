@@ -1,7 +1,10 @@
 """The lab with a fleet: its own etcd on the private network, monitor processes sharing
 its nodes, a killed monitor's nodes taken over; everything reaped with the lab."""
 
+import json
 import signal
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -52,6 +55,11 @@ def test_a_lab_fleet_shares_the_nodes_and_survives_a_monitor(root):
         render_fleet(fleet, console)
         text = console.export_text()
         assert "watched by" in text and "fleet (etcd revision" in text
+        shown = json.loads(subprocess.run(
+            [sys.executable, "-m", "backdoors", "status", "--lab", name, "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        assert {f"{r['host']}/{r['node']}": r["owner"] for r in shown["nodes"]} == rest
+        assert set(shown["fleet"]["members"]) == {"m1", "m3"}
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if any(f"bd-{name}-etcd" in a for a in (p.info["cmdline"] or []))]
     assert not [p for p in psutil.process_iter(["cmdline"])

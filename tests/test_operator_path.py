@@ -120,7 +120,7 @@ class Walkthrough:
         return (self.logs / f"{name}.err").read_text()[-3000:]
 
     def status(self) -> dict[str, dict]:
-        return {r["node"]: r for r in json.loads(self.step("status", "--json").stdout)}
+        return {r["node"]: r for r in json.loads(self.step("status", "--json").stdout)["nodes"]}
 
     def incidents(self) -> list[dict]:
         if not (self.dir / "incidents/incidents.jsonl").exists():

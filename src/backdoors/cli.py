@@ -74,8 +74,7 @@ def lab_up(
     pids: int = typer.Option(512, help="Pids limit of each node (0: none)."),
     agents: bool = typer.Option(True, "--agents/--no-agents", help="Start a backdoor agent per host."),
     foreground: bool = typer.Option(False, "--foreground", help="Hold the lab; tear it down on Ctrl-C or SIGTERM."),
-    etcd: bool = typer.Option(False, "--etcd", help="Run an etcd on the private network (the monitor namespace) for a fleet of monitors."),
-    etcd_members: int = typer.Option(0, "--etcd-members", help="Run an etcd cluster of this many members (odd: 1, 3, 5) instead of one; implies --etcd."),
+    etcd: int = typer.Option(0, "--etcd", "--etcd-members", metavar="N", help="Run an etcd of N members (odd: 1, 3, 5) on the private network (the monitor namespace), for a fleet of monitors; 0: none."),
     monitors: int = typer.Option(0, help="Start this many monitor processes (m1, m2, ...; with --etcd they share the nodes)."),
     vm_nodes: int = typer.Option(0, "--vm-nodes", help="VM nodes (QEMU guests v0, v1, ...; docs/vm-backdoor.md) besides the container nodes."),
 ) -> None:
@@ -88,7 +87,7 @@ def lab_up(
     ids = tuple(f"m{i + 1}" for i in range(max(1, monitors)))
     lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_mb * 2**20 or None,
               pids_limit=pids or None, agents=agents, monitors=ids,
-              etcd=etcd_members or etcd, vm_nodes=vm_nodes)
+              etcd=etcd, vm_nodes=vm_nodes)
     signals = StopSignals() if foreground else None
     lab.up()
     try:
@@ -348,15 +347,19 @@ def status(
     incidents: Optional[str] = typer.Option(None, "--incidents", help="Incident log file or folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Hosts, nodes, node state (ok/suspect/locked/fenced/recovered), worst sensor, open incidents."""
+    """Hosts, nodes, node state (ok/suspect/locked/fenced/recovered), worst sensor, open incidents; with a fleet of monitors (etcd), its members, their shares and leases.
+
+    --json prints {"nodes": [a row per node], "fleet": the fleet as etcd holds it, or null without etcd}.
+    """
     from .status import fleet_status, render_fleet, render_status, status_table
 
     rows = status_table(lab=lab, monitor_config=config, incidents=incidents)
+    fleet = fleet_status(lab=lab, monitor_config=config)
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps({"nodes": rows, "fleet": fleet}, indent=2, default=str))
     else:
         render_status(rows, out)
-        if (fleet := fleet_status(lab=lab, monitor_config=config)) is not None:
+        if fleet is not None:
             render_fleet(fleet, out)
 
 
@@ -693,9 +696,9 @@ def scenario_hostile_node(as_json: bool = typer.Option(False, "--json", help="Pr
 
 @scenario_app.command("warning")
 def scenario_warning(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Two clusters warn each other over NATS: a fork bomb repaired in A, the signed warning arms B, the same bomb in B is killed on sight, before its pids limit.
+    """Two clusters warn each other over NATS: a fork bomb repaired in A, the signed warning arms B, an intruder's replayed and forged warnings are refused, the same bomb in B is killed on sight, before its pids limit.
 
-    Two labs (each an agent, a node under a pids limit of 256, a service, a monitor) and two NATS servers linked by a leaf node. Reports first_cluster_repair_ms, second_cluster_repair_ms, second_cluster_service_impact (ms), warnings_sent, warnings_rejected, second_cluster_fork_failures (must be 0), second_cluster_killed_before_limit. About 15 s (root).
+    Two labs (each an agent, a node under a pids limit of 256, a service, its own etcd and two monitors sharing the node through it) and two NATS servers linked by a leaf node. An intruder on A's server replays the warning it heard, alters it to name B's service, signs such warnings with its own key, and sends bytes that are no warning. Reports first_cluster_repair_ms, second_cluster_repair_ms, second_cluster_service_impact (ms), warnings_sent, warnings_rejected (by reason), forged_rules_armed (must be 0), second_cluster_fork_failures (must be 0), second_cluster_killed_before_limit. About 25 s (root; etcd-server, nats-server).
     """
     from .scenarios.warning import warning
 

@@ -81,6 +81,15 @@ def status_table(*, lab: str | None = None, monitor_config: str | None = None,
 
 def _sources(lab: str | None, monitor_config: str | None,
              timeout: float) -> tuple[list[AgentSource], str | None]:
+    lab, monitor_config = _resolve(lab, monitor_config)
+    if lab is not None:
+        return _lab_sources(lab, timeout)
+    return _config_sources(monitor_config, timeout)
+
+
+def _resolve(lab: str | None, monitor_config: str | None) -> tuple[str | None, str | None]:
+    """The lab or the monitor config that status reads: the one given, else the unified
+    config at its default path, else the one running lab."""
     if lab is not None and monitor_config is not None:
         raise ConfigError("status: give a lab or a monitor config, not both")
     if lab is None and monitor_config is None:
@@ -96,9 +105,7 @@ def _sources(lab: str | None, monitor_config: str | None,
                     + (f"{len(labs)} labs are running ({', '.join(labs)})" if labs else
                        "no lab is running") + ": name a lab or a monitor config file")
             lab = labs[0]
-    if lab is not None:
-        return _lab_sources(lab, timeout)
-    return _config_sources(monitor_config, timeout)
+    return lab, monitor_config
 
 
 def _lab_sources(name: str, timeout: float) -> tuple[list[AgentSource], str | None]:
@@ -156,15 +163,16 @@ def fleet_status(*, lab: str | None = None, monitor_config: str | None = None
 
     from .fleet import EtcdClient, EtcdError
     from .fleet.member import PREFIX, read_fleet
+    lab, monitor_config = _resolve(lab, monitor_config)
     if lab is not None:
         from .lab import Lab
         from .net.netns import enter
         attached = Lab.attach(lab)
         if attached.state.etcd is None:
             return None
-        urls, prefix = [attached.state.etcd], PREFIX
+        urls, prefix = attached.state.etcd_endpoints or [attached.state.etcd], PREFIX
         within = enter(attached.plan.monitor_ns)
-    elif monitor_config is not None:
+    else:
         from .config import load_monitor_config
         from .net.netns import enter
         config = load_monitor_config(monitor_config)
@@ -172,8 +180,6 @@ def fleet_status(*, lab: str | None = None, monitor_config: str | None = None
             return None
         urls, prefix = config.etcd, config.fleet_prefix
         within = enter(config.etcd_netns) if config.etcd_netns else nullcontext()
-    else:
-        return None
     try:
         with within, EtcdClient(urls) as client:
             fleet = read_fleet(client, prefix)
