@@ -23,9 +23,13 @@ but its tokens then are older than the new owners', so the agents refuse it.
 `incidents/` (`publish`, written at its next step, only while its ownership record is the
 one of its token: a former owner cannot write it) and deletes it once the incident
 closes. The record is under no lease: it outlives its monitor, and the next owner of the
-node finds it when it takes the node (`Share.inherited`) and carries the incident on (the
+node finds it when it takes the node (`on_inherit`) and carries the incident on (the
 monitor adopts it). A member does not give up a node while `hold(node)` says a response
 runs there (at most HOLD_MAX_S): the response ends under one owner.
+
+**Nodes that leave.** A node the owner's own `nodes()` has not listed for `gone_s` (its
+agent answered without it: it was removed) is let go with its incident record, so etcd
+does not keep the records of nodes that are no more.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ log = logging.getLogger("backdoors.fleet")
 
 PREFIX = "/backdoors/fleet/"
 HOLD_MAX_S = 10.0  # the longest a member keeps a node assigned elsewhere for a running response
+GONE_S = 10.0  # how long an owned node is missing from the owner's nodes() before it is let go
 
 
 @dataclass
@@ -60,8 +65,6 @@ class Share:
     ttl_s: int = 0
     degraded: str | None = None
     steps: int = 0
-    #: incident records found on the nodes taken at the last step (node -> record)
-    inherited: dict[str, dict] = field(default_factory=dict)
 
 
 class FleetMember:
@@ -72,7 +75,8 @@ class FleetMember:
     around everything it does (e.g. a network namespace, where etcd is reachable).
     `hold(node)`: keep a node assigned elsewhere a while (a response runs there);
     `on_inherit(node, record)`: the open incident recorded on a node just taken, told
-    before the share shows the node."""
+    before the share shows the node. `gone_s`: how long a node this member owns may be
+    missing from `nodes()` before it is let go (it left the fleet)."""
 
     def __init__(self, client: EtcdClient, member_id: str, nodes: Callable[[], Iterable[str]],
                  *, prefix: str = PREFIX, ttl_s: int = 1, poll_s: float = 0.1,
@@ -80,16 +84,18 @@ class FleetMember:
                  clock: Callable[[], float] = time.monotonic,
                  within: Callable[[], AbstractContextManager] | None = None,
                  hold: Callable[[str], bool] | None = None,
-                 on_inherit: Callable[[str, dict], None] | None = None):
+                 on_inherit: Callable[[str, dict], None] | None = None,
+                 gone_s: float = GONE_S):
         if "/" in member_id or not member_id:
             raise ValueError(f"fleet member id {member_id!r}: must be non-empty, without '/'")
         self.client, self.id, self.nodes = client, member_id, nodes
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.ttl_s, self.poll_s, self.info = max(1, int(ttl_s)), poll_s, dict(info or {})
         self.on_change, self.clock, self.within, self.hold = on_change, clock, within, hold
-        self.on_inherit = on_inherit
+        self.on_inherit, self.gone_s = on_inherit, gone_s
         self._pending: dict[str, str | None] = {}  # node -> incident record to write, None: delete
         self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
+        self._missing: dict[str, float] = {}  # owned node not in nodes() -> since when
         self._release = False
         self.share = Share(member_id)
         self._lock = threading.Lock()  # guards `share` (read by the monitor's threads)
@@ -108,7 +114,7 @@ class FleetMember:
         with self._lock:
             s = self.share
             return Share(s.member, list(s.members), dict(s.tokens), dict(s.assigned), s.lease,
-                         s.ttl_s, s.degraded, s.steps, dict(s.inherited))
+                         s.ttl_s, s.degraded, s.steps)
 
     def publish(self, node: str, record: dict | None) -> None:
         """Record `node`'s open incident in etcd (None: it closed) at the next step, if
@@ -156,8 +162,6 @@ class FleetMember:
 
     def step(self) -> Share:
         before = (set(self.share.tokens.items()), self.share.degraded)
-        with self._lock:
-            self.share.inherited = {}
         try:
             self._step()
         except EtcdError as e:
@@ -213,27 +217,24 @@ class FleetMember:
         members = sorted(kv.key.rsplit("/", 1)[1] for kv in kvs)
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
-        assigned = assign(set(self.nodes()) | set(owners), members)
+        known = set(self.nodes())
+        assigned = assign(known | set(owners), members)
         tokens, held = {}, set()
         for node, kv in owners.items():
             if kv.value != self.id or kv.lease != lease:
                 continue
-            if assigned.get(node) == self.id:
+            if self._left(node, node in known, now):
+                self._let_go(node, kv.mod_revision, None)
+            elif assigned.get(node) == self.id:
                 tokens[node] = kv.mod_revision
             elif self._holds(node, now):
                 tokens[node] = kv.mod_revision
                 held.add(node)
             else:  # no longer ours: stop acting on it first, then let it go, with the last
                 # word on its incident (the next owner reads it)
-                with self._lock:
-                    self.share.tokens.pop(node, None)
-                    record = self._pending.pop(node, ...)
-                ops = [delete_op(self._owner_key(node))]
-                if record is not ...:
-                    key = self._incident_key(node)
-                    ops.append(delete_op(key) if record is None else put_op(key, record))
-                c.txn([Compare(self._owner_key(node), "MOD", kv.mod_revision)], ops)
+                self._let_go(node, kv.mod_revision, ...)
         self._held = {n: t for n, t in self._held.items() if n in held}
+        self._missing = {n: t for n, t in self._missing.items() if n in tokens}
         for node, member in sorted(assigned.items()):
             if member != self.id or node in owners:
                 continue
@@ -243,16 +244,43 @@ class FleetMember:
                 tokens[node] = got.revision
         # the nodes new to this member: their open incidents, handed to `on_inherit` before
         # the share shows the nodes (so nothing judges them before the incident is carried on)
-        inherited = {}
         for node in sorted(set(tokens) - set(self.share.tokens)):
-            if (record := self._incident(node)) is not None:
-                inherited[node] = record
-                if self.on_inherit is not None:
+            if (record := self._incident(node, tokens[node])) is not None and \
+                    self.on_inherit is not None:
+                try:
                     self.on_inherit(node, record)
+                except Exception:  # noqa: BLE001 - one record must not stop the others
+                    log.exception("fleet member %s: carrying on the incident of node %s "
+                                  "failed", self.id, node)
         with self._lock:
             self.share.members, self.share.assigned = members, assigned
-            self.share.tokens, self.share.inherited = tokens, inherited
+            self.share.tokens = tokens
         self._flush(tokens)
+
+    def _left(self, node: str, listed: bool, now: float) -> bool:
+        """Whether owned `node` left the fleet: missing from nodes() for gone_s."""
+        if listed:
+            self._missing.pop(node, None)
+            return False
+        since = self._missing.setdefault(node, now)
+        if now - since < self.gone_s:
+            return False
+        log.warning("fleet member %s: node %s not seen for %.0f s: it left the fleet, its "
+                    "records go", self.id, node, now - since)
+        return True
+
+    def _let_go(self, node: str, token: int, record) -> None:
+        """Give up `node` (its ownership record, if still the one of `token`), writing
+        its incident record last: `record` (None: deleted; ...: the pending one, if any)."""
+        with self._lock:
+            self.share.tokens.pop(node, None)
+            pending = self._pending.pop(node, ...)
+        record = pending if record is ... else record
+        ops = [delete_op(self._owner_key(node))]
+        if record is not ...:
+            key = self._incident_key(node)
+            ops.append(delete_op(key) if record is None else put_op(key, record))
+        self.client.txn([Compare(self._owner_key(node), "MOD", token)], ops)
 
     def _holds(self, node: str, now: float) -> bool:
         """Whether to keep `node`, assigned to another member now, a while longer: a
@@ -266,9 +294,11 @@ class FleetMember:
                     self.id, node, now - since)
         return False
 
-    def _incident(self, node: str) -> dict | None:
-        """The open incident recorded for `node` (by its former owner), if any."""
-        kv = self.client.get(self._incident_key(node))
+    def _incident(self, node: str, token: int) -> dict | None:
+        """The open incident recorded for `node` (by its former owner), if any; one that
+        is not a record is deleted (while `token` is the node's)."""
+        key = self._incident_key(node)
+        kv = self.client.get(key)
         if kv is None:
             return None
         try:
@@ -276,8 +306,10 @@ class FleetMember:
         except ValueError:
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("incident"), str):
-            log.warning("fleet member %s: the incident record of node %s is not one: %r",
-                        self.id, node, kv.value[:200])
+            log.warning("fleet member %s: the incident record of node %s is not one, "
+                        "deleted: %r", self.id, node, kv.value[:200])
+            self.client.txn([Compare(self._owner_key(node), "MOD", token),
+                             Compare(key, "MOD", kv.mod_revision)], [delete_op(key)])
             return None
         return record
 
