@@ -50,6 +50,18 @@ def test_an_older_token_is_refused_audited_and_counted(agent_lab):
 
 
 @pytest.mark.root
+def test_the_audit_names_the_incident_each_request_acted_for(agent_lab):
+    lab = agent_lab(nodes={"n0": {"pids_limit": 100}})
+    c = lab.client("m1")
+    c.incident = "20261202-071520-n0-1"
+    c.set_limits("n0", pids=90)
+    c.incident = None
+    c.set_limits("n0", pids=80)
+    lines = [r for r in lab.audit() if r.get("op") == "set_limits"]
+    assert [r.get("incident") for r in lines] == ["20261202-071520-n0-1", None]
+
+
+@pytest.mark.root
 def test_a_token_must_name_the_node_and_a_tokened_op(agent_lab):
     lab = agent_lab(nodes={"n0": {}, "n1": {}})
     c = lab.client()

@@ -117,11 +117,13 @@ class AuditLog:
 
     def request(self, *, monitor: str, peer: str, op: str, args: Any, ok: bool,
                 error: str | None, elapsed_ms: float, votes: list[str] | None = None,
-                message: str | None = None, token: Any = None) -> None:
+                message: str | None = None, token: Any = None, incident: str = "") -> None:
         """One line for an RPC request that reached dispatch (`token`: its fencing token,
-        written only when it had one)."""
-        extra = {} if token is None else {"token": {"node": str(token.node)[:200],
-                                                    "token": token.token}}
+        `incident`: the monitor's incident it acted for; each written only when given)."""
+        extra: dict[str, Any] = {} if token is None else {
+            "token": {"node": str(token.node)[:200], "token": token.token}}
+        if incident:
+            extra["incident"] = incident[:200]
         self.write(kind="rpc", monitor=monitor, peer=peer, op=op, args=summarise(args), ok=ok,
                    error=error, message=message, elapsed_ms=round(elapsed_ms, 3), votes=votes,
                    **extra)

@@ -68,6 +68,7 @@ class AgentClient:
             else tuple(agent_keys)
         self.timeout, self.vote_window = timeout, vote_window
         self.tokens = tokens
+        self.incident: str | None = None  # the incident the requests act for (its owner sets it)
         self._identity = identity
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
@@ -114,6 +115,8 @@ class AgentClient:
             token = self.tokens(args["node"])
         if token is not None:
             request["token"] = {"node": args["node"], "token": token}
+        if self.incident:
+            request["incident"] = self.incident
         body = _encode(request)
         return _encode(Envelope(body, self._identity.sign(REQUEST_DOMAIN, body))), nonce
 

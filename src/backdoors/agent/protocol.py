@@ -100,7 +100,9 @@ class Token(msgspec.Struct, forbid_unknown_fields=True):
 class Request(msgspec.Struct, forbid_unknown_fields=True):
     """A request body; `monitor` is the signer (a monitor, or a peer agent), `agent` the
     agent it is for; `args` stays raw until the op's argument type decodes it. `token`:
-    optional, for the ops of TOKENED (a monitor of a fleet sends it, others need not)."""
+    optional, for the ops of TOKENED (a monitor of a fleet sends it, others need not).
+    `incident`: optional, the monitor's incident the request acts for (audited: it tells
+    one incident's ops from another's)."""
 
     v: int
     monitor: str
@@ -110,6 +112,7 @@ class Request(msgspec.Struct, forbid_unknown_fields=True):
     op: str
     args: msgspec.Raw = msgspec.Raw(b"\x80")
     token: Token | None = None
+    incident: str = ""
 
 
 class ErrorInfo(msgspec.Struct):

@@ -297,7 +297,7 @@ class RpcServer:
             self.audit.request(monitor=req.monitor, peer=peer, op=label, args=args,
                                ok=outcome.ok, error=outcome.code, elapsed_ms=elapsed,
                                votes=outcome.votes, message=outcome.message,
-                               token=req.token)
+                               token=req.token, incident=req.incident)
         return _reply(self.identity, req.nonce, outcome, elapsed)
 
     async def _dispatch(self, op: Op, args: Any, monitor: str, is_peer: bool,

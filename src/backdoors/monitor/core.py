@@ -541,10 +541,11 @@ class Monitor:
         return clients[host]
 
     def _respond(self, det: Detection) -> None:
-        state = "failed"
+        state, client = "failed", None
         try:
-            ctx = context(det, self._client_for(det.view.host), self.clock, self.hooks,
-                          self.placement(), self.fleet())
+            client = self._client_for(det.view.host)
+            client.incident = det.incident.id  # in the agent's audit of each request
+            ctx = context(det, client, self.clock, self.hooks, self.placement(), self.fleet())
 
             def step(kind: str, payload) -> None:
                 if kind == "diagnosis":
@@ -557,6 +558,8 @@ class Monitor:
             log.exception("incident %s: response failed", det.incident.id)
             det.incident.actions.append(_failure(str(e)))
         finally:
+            if client is not None:
+                client.incident = None
             self.engine.responded(det, state)
             log.warning("incident %s: %s %.0f ms after detection%s", det.incident.id, state,
                         det.incident.repaired_ms or 0,
