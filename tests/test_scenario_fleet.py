@@ -1,5 +1,5 @@
-"""`backdoors scenario fleet` (skeleton): random faults of nodes and monitors; the fencing
-facts computed from the agents' audit lines."""
+"""`backdoors scenario fleet`: random faults of nodes and monitors; the fencing facts
+computed from the agents' audit lines and the monitors' incident spans."""
 
 import pytest
 
@@ -24,6 +24,47 @@ def test_fencing_facts_from_audit_lines():
     assert (refused, stale, double) == (1, 1, 1)
     assert [(v["why"], v["node"], v["line"]["ts"], v["before"]["ts"]) for v in why] == [
         ("stale", "h0/n0", 5.3, 5.2), ("double", "h0/n0", 5.3, 5.2)]
+
+
+def op(monitor, ts, incident=None, token=None, op="kill", ok=True, node="n0"):
+    r = {"kind": "rpc", "host": "h0", "monitor": monitor, "op": op, "ok": ok, "ts": ts,
+         "args": {"node": node}}
+    if incident:
+        r["incident"] = incident
+    if token is not None:
+        r["token"] = {"node": node, "token": token}
+    return r
+
+
+def test_two_monitors_acting_on_one_node_at_once_is_a_double_act():
+    # m2 acted in the middle of m1's incident's ops on the node
+    audit = [op("m1", 10.0, "i1", 5), op("m2", 14.0, "i2", 9), op("m1", 14.5, "i1", 5)]
+    refused, stale, double, violations = _fencing(audit, overlap_s=1.0)
+    assert (stale, double) == (1, 1)  # m1's last op was also older than m2's token
+    [v] = [v for v in violations if v["why"] == "double"]
+    assert {v["line"]["incident"], v["before"]["incident"]} == {"i1", "i2"}
+
+
+def test_one_after_the_other_or_one_incident_carried_on_is_not():
+    # m1 fenced off mid-repair (its late ops refused), then m2: one after the other
+    fenced = [op("m1", 10.0, "i1", 5), op("m2", 14.0, "i2", 9),
+              op("m1", 14.5, "i1", 5, ok=False), op("m2", 15.0, "i2", 9)]
+    assert _fencing(fenced, 1.0)[1:3] == (0, 0)
+    # m2 took the node and carried m1's incident on (adopted): one incident, two monitors
+    adopted = [op("m1", 10.0, "i1", 5), op("m2", 14.0, "i1", 9), op("m2", 15.0, "i1", 9)]
+    assert _fencing(adopted, 1.0)[2] == 0
+    # another node's incident at the same time is no concern of this one
+    assert _fencing([op("m1", 10.0, "i1"), op("m2", 10.5, "i2", node="n1"),
+                     op("m1", 11.0, "i1")], 1.0)[2] == 0
+
+
+def test_ops_naming_no_incident_pair_by_time_and_stale_tokens_are_counted():
+    audit = [op("m1", 10.0, token=5), op("m2", 10.4, token=9), op("m2", 20.0, token=9),
+             op("m1", 30.0, token=5), op("m1", 31.0, token=4, ok=False, op="lock")]
+    audit[-1]["error"] = "stale_token"
+    refused, stale, double, violations = _fencing(audit, overlap_s=1.0)
+    assert (refused, stale, double) == (1, 1, 1)
+    assert {v["why"] for v in violations} == {"stale", "double"}
 
 
 @pytest.mark.root
@@ -52,6 +93,7 @@ def test_fleet_under_random_faults(root):
     assert r["cut_degraded"] == 1 and len(r["cut_takeover_ms"]) == 1, r
     assert r["takeover_ms_p99"] is not None, r
     assert r["stale_token_ops_applied"] == 0 and r["double_acted"] == 0, r["fencing_violations"]
+    assert r["ops_without_incident"] == 0  # every monitor's op named its incident
     assert r["missed"] == 0, r
     # the timeline holds every fault injected, in order, and the monitors' incidents
     events = r["timeline"]["events"]

@@ -25,9 +25,12 @@ nobody handled), takeover_ms_p99 (a monitor's SIGKILL to each of its nodes claim
 another; `cut_takeover_ms`: from a monitor's cut), stale_token_ops_refused (the agents'
 `stale_token` refusals), stale_token_ops_applied (a destructive op applied with a token
 older than one the agent had already accepted for that node: must be 0), double_acted
-(destructive ops two monitors applied to one node within `overlap_s` of each other: must be
-0; `fencing_violations`: the audit lines behind either, each with the line before it
-that it breaks), cut_degraded (cuts after which the monitor said it was degraded), timeline (what
+(pairs of incidents of two monitors that acted on one node at once: the first to the last
+destructive op applied for one of them, as the audit lines name the incident each acted
+for, overlaps the other's: must be 0; an op that names no incident pairs by time, within
+`overlap_s`; a monitor fenced off mid-repair acted before its successor, not at once;
+`fencing_violations`: the audit lines behind either, each with the line before it that it
+breaks; `ops_without_incident`: destructive ops applied that named none), cut_degraded (cuts after which the monitor said it was degraded), timeline (what
 happened when, for the report's plot: `start` (Unix time) and `events`, each {t (s since
 start), lane (a monitor's id, "nodes" or "etcd"), kind, target; `end` for what lasted}:
 the faults injected, each monitor's incidents and its nodes' takeovers).
@@ -200,6 +203,8 @@ def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: i
         "cut_degraded": sum(1 for f in cuts if f.get("degraded")),
         "stale_token_ops_refused": refused, "stale_token_ops_applied": applied_stale,
         "double_acted": double, "fencing_violations": violations, "incidents": len(incidents),
+        "ops_without_incident": sum(1 for r in audit if r.get("ok") and r.get("op") in
+                                    DESTRUCTIVE and not r.get("incident")),
         "anchors_s": {"kubernetes_node_lease": 40, "nomad_heartbeat": 20,
                       "memberlist_swim": 5, "target_takeover": 2},
         "timeline": _timeline(injected, incidents, taken),
@@ -270,24 +275,49 @@ def _audit(run_dir: Path) -> list[dict]:
     return out
 
 
+def _node(r: dict) -> str:
+    tok = r.get("token") or {}
+    return f"{r['host']}/{tok.get('node') or (r.get('args') or {}).get('node', '?')}"
+
+
+def _acting(audit: list[dict]) -> dict[tuple[str, str], tuple[float, float, dict]]:
+    """(node, incident) -> (its first and last destructive op applied there, the first
+    op's line), for the ops that name their incident."""
+    spans: dict[tuple[str, str], tuple[float, float, dict]] = {}
+    for r in audit:
+        if r.get("ok") and r.get("op") in DESTRUCTIVE and r.get("incident"):
+            key, ts = (_node(r), r["incident"]), r.get("ts", 0.0)
+            first, last, line = spans.get(key, (ts, ts, r))
+            spans[key] = (min(first, ts), max(last, ts), line)
+    return spans
+
+
 def _fencing(audit: list[dict], overlap_s: float) -> tuple[int, int, int, list[dict]]:
     """(stale-token refusals, destructive ops applied with a token older than one already
-    accepted for the node, pairs of destructive ops by two monitors on one node within
-    `overlap_s`, and the audit lines behind the last two: {why, node, line, before})."""
+    accepted for the node, pairs of incidents of two monitors acting on one node at once
+    (see the module's docstring), and the audit lines behind the last two: {why, node,
+    line, before})."""
     refused = sum(1 for r in audit if r.get("error") == "stale_token")
     highest: dict[str, tuple[int, dict]] = {}  # node -> (its highest token, that line)
-    last: dict[str, dict] = {}  # node -> its last destructive op applied
+    last: dict[str, dict] = {}  # node -> its last destructive op applied naming no incident
     violations: list[dict] = []
+    acting = sorted(_acting(audit).items())
+    for i, ((node, inc), (first, end, line)) in enumerate(acting):
+        for (node2, inc2), (first2, end2, line2) in acting[i + 1:]:
+            if node2 == node and line2.get("monitor") != line.get("monitor") \
+                    and first <= end2 and first2 <= end:
+                violations.append({"why": "double", "node": node, "line": line2,
+                                   "before": line})
     for r in audit:
         tok = r.get("token") or {}
-        node = f"{r['host']}/{tok.get('node') or (r.get('args') or {}).get('node', '?')}"
+        node = _node(r)
         if r.get("ok") and "token" in tok:
             top = highest.get(node)
             if r.get("op") in DESTRUCTIVE and top is not None and tok["token"] < top[0]:
                 violations.append({"why": "stale", "node": node, "line": r, "before": top[1]})
             if top is None or tok["token"] >= top[0]:
                 highest[node] = (tok["token"], r)
-        if r.get("ok") and r.get("op") in DESTRUCTIVE:
+        if r.get("ok") and r.get("op") in DESTRUCTIVE and not r.get("incident"):
             prev = last.get(node)
             if (prev is not None and prev.get("monitor") != r.get("monitor")
                     and r.get("ts", 0.0) - prev.get("ts", 0.0) <= overlap_s):
