@@ -194,6 +194,20 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         assert after.shmem - before.shmem >= 15 << 20, (before, after)
         assert before.available - after.available >= 12 << 20, (before, after)
         assert after.forks > before.forks and after.jiffies > before.jiffies
+        # the process table (state, resident memory) and the load, as the guest's own
+        # /proc shows them: init, idle, reads the same; the load is one of those read
+        # around the guest's reading (avenrun moves every 5 s)
+        loads = [memory.load()]
+        table = {t.pid: t for t in memory.process_table()}
+        inside = guest_get(lab, "v0", "/cgi-bin/proc").splitlines()
+        loads.append(memory.load())
+        stat = {int(line.split(" ", 1)[0]): line.rsplit(")", 1)[1].split()
+                for line in inside[1:] if ")" in line}
+        assert table[1].comm == "init" and table[1].state == stat[1][0] == "S"
+        assert table[1].rss == int(stat[1][21]) * 4096 > 0
+        assert table[2].comm == "kthreadd" and table[2].rss == 0 and stat[2][21] == "0"
+        assert {t.state for t in table.values()} <= set("RSDTtXZPI")
+        assert tuple(float(x) for x in inside[0].split()[:3]) in loads, (inside[0], loads)
         # any process (an agent) maps the same RAM through QEMU's descriptor
         from backdoors.lab import vms
         with vms.memory(lab.plan, "v0", lab.state.vms["v0"]) as other:
@@ -220,6 +234,8 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
             assert not reader.snapshot().get("tasks").violated
             snap = reader.snapshot()  # the kernel's own counters, as Orion reads them
             assert 0 < snap.get("available_mb").value < 256 and snap.get("threads").value >= 1
+            assert snap.get("load1").value >= 0 and snap.get("blocked").value >= 0
+            assert 0 < snap.get("top_rss_mb").value < 256
             vm.lock()
             locked_at = time.monotonic()
             assert _eventually(lambda: reader.snapshot().get("jiffies").violated)

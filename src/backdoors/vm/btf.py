@@ -82,6 +82,13 @@ class Btf:
             raise VmError(f"BTF: struct {struct_name} has no member {member}")
         return found // 8
 
+    def size_of(self, struct_name: str) -> int:
+        """The size in bytes of `struct struct_name`."""
+        tid = self._by_name.get((STRUCT, struct_name))
+        if tid is None:
+            raise VmError(f"BTF has no struct {struct_name}")
+        return struct.unpack_from("<III", self._types, self._at[tid])[2]
+
     def enum_value(self, enum_name: str, name: str) -> int:
         """The value of enumerator `name` of `enum enum_name` (array indexes such as
         `node_stat_item`'s differ between builds and configs)."""

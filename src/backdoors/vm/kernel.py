@@ -19,11 +19,12 @@ from . import btf, kallsyms
 
 #: the kernel's virtual base of its image mapping (x86-64, arch/x86/include/asm/page_64_types.h)
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
-PROFILE_FORMAT = 4
+PROFILE_FORMAT = 5
 #: structure members whose offsets the profile keeps (from the kernel's BTF)
 MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tgid"),
            ("task_struct", "comm"), ("task_struct", "__state"), ("task_struct", "mm"),
-           ("task_struct", "children"), ("task_struct", "sibling"), ("list_head", "next"))
+           ("task_struct", "exit_state"), ("task_struct", "children"),
+           ("task_struct", "sibling"), ("list_head", "next"), ("mm_struct", "rss_stat"))
 #: enumerators whose values the profile keeps (indexes of the kernel's vmstat arrays)
 ENUMS = (("zone_stat_item", "NR_FREE_PAGES"), ("node_stat_item", "NR_FILE_PAGES"),
          ("node_stat_item", "NR_SHMEM"), ("node_stat_item", "NR_SLAB_UNRECLAIMABLE_B"),
@@ -90,7 +91,8 @@ class GuestKernel:
         profile = {"format": PROFILE_FORMAT, "version": self.version,
                    "symbols": {name: addr for name, (_kind, addr) in table.items()},
                    "members": {f"{s}.{m}": types.member_offset(s, m) for s, m in MEMBERS},
-                   "enums": {f"{e}.{n}": types.enum_value(e, n) for e, n in ENUMS}}
+                   "enums": {f"{e}.{n}": types.enum_value(e, n) for e, n in ENUMS},
+                   "rss": _rss_layout(types)}
         tmp = self.profile_path.with_name(f".{self.profile_path.name}.{os.getpid()}")
         try:
             tmp.write_text(json.dumps(profile))
@@ -120,6 +122,13 @@ class GuestKernel:
             raise VmError(f"the profile has no value of {enum_name}.{name} "
                           "(add it to vm.kernel.ENUMS)") from None
 
+    @property
+    def rss_layout(self) -> tuple[int, int]:
+        """How mm_struct.rss_stat holds a process's page counts: (the bytes from one
+        counter to the next, the offset of a counter's value in it)."""
+        stride, value = self._profile["rss"]
+        return stride, value
+
     def symbol(self, name: str) -> int:
         """The link-time virtual address of kernel symbol `name`."""
         try:
@@ -130,3 +139,13 @@ class GuestKernel:
     def image_offset(self, name: str) -> int:
         """Where symbol `name` lies from the start of the kernel image (`_text`)."""
         return self.symbol(name) - self.symbol("_text")
+
+
+def _rss_layout(types: btf.Btf) -> list[int]:
+    """mm_struct.rss_stat's layout in this build: up to 6.1 `struct mm_rss_stat`, an array
+    of atomic_long_t; from 6.2 an array of `struct percpu_counter`, whose `count` is the
+    sum (per-CPU deltas of up to a batch each not yet folded in)."""
+    try:
+        return [8, types.member_offset("mm_rss_stat", "count")]
+    except VmError:
+        return [types.size_of("percpu_counter"), types.member_offset("percpu_counter", "count")]

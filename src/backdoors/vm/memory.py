@@ -27,6 +27,29 @@ PAGE = 4096
 #: bits 12..51 of a page-table entry: the physical frame (NX and flags masked off)
 FRAME = 0x000F_FFFF_FFFF_F000
 PRESENT, HUGE = 0x1, 0x80
+#: a task's state letter as /proc shows it, by the highest bit of (__state | exit_state) &
+#: TASK_REPORT (include/linux/sched.h; fs/proc/array.c); TASK_IDLE shows as "I"
+STATES, TASK_REPORT, TASK_IDLE = "RSDTtXZP", 0x7F, 0x402
+#: mm_struct.rss_stat's counters that are resident: MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES
+RSS_COUNTERS = (0, 1, 3)
+FIXED_1 = 1 << 11  # avenrun's fixed point (include/linux/sched/loadavg.h)
+
+
+@dataclass(frozen=True)
+class GuestTask:
+    """A process of the guest, read from its task list."""
+
+    pid: int
+    comm: str
+    state: str  # R, S, D, T, t, X, Z, P or I, as in /proc/PID/stat
+    rss: int  # resident bytes of its memory (0: a kernel thread, which has none)
+
+
+def task_state(state: int, exit_state: int) -> str:
+    """The /proc state letter of a task's `__state` and `exit_state`."""
+    if state == TASK_IDLE:
+        return "I"
+    return STATES[((state | exit_state) & TASK_REPORT).bit_length()]
 
 
 @dataclass(frozen=True)
@@ -164,19 +187,55 @@ class GuestMemory:
         """(pid, comm) of every task on the kernel's task list (init_task.tasks, a
         circular list of task_structs linked through their `tasks` member), read through
         the page tables; `limit` bounds a list a hostile or changing guest keeps long."""
+        return [(self._pid(t), self._comm(t)) for t in self._task_list(limit)]
+
+    def process_table(self, limit: int = 1 << 16) -> list[GuestTask]:
+        """Every process on the task list with its state and resident memory (its mm's
+        rss counters: file, anon and shmem pages; they lag the truth by a few dozen
+        pages per thread, which the kernel folds in now and then)."""
         k = self.kernel
-        link, pid_at, comm_at = (k.member("task_struct", m) for m in ("tasks", "pid", "comm"))
+        state_at, exit_at, mm_at = (k.member("task_struct", m)
+                                    for m in ("__state", "exit_state", "mm"))
+        rss_at = k.member("mm_struct", "rss_stat")
+        stride, value = k.rss_layout
+        out = []
+        for task in self._task_list(limit):
+            state, = struct.unpack("<I", self.read_virt(task + state_at, 4))
+            exit_state, = struct.unpack("<i", self.read_virt(task + exit_at, 4))
+            mm, = struct.unpack("<Q", self.read_virt(task + mm_at, 8))
+            pages = sum(max(0, struct.unpack("<q", self.read_virt(
+                mm + rss_at + stride * i + value, 8))[0]) for i in RSS_COUNTERS) if mm else 0
+            out.append(GuestTask(self._pid(task), self._comm(task),
+                                 task_state(state, exit_state), pages * PAGE))
+        return out
+
+    def load(self) -> tuple[float, float, float]:
+        """The guest kernel's load averages (1, 5 and 15 minutes: avenrun), to two
+        decimals as its /proc/loadavg rounds them."""
+        out = []
+        for x in struct.unpack("<3Q", self.read(self.phys("avenrun"), 24)):
+            x += FIXED_1 // 200
+            out.append((x >> 11) + ((x & (FIXED_1 - 1)) * 100 >> 11) / 100)
+        return out[0], out[1], out[2]
+
+    def _task_list(self, limit: int) -> list[int]:
+        """The task_struct addresses on init_task.tasks, in list order."""
+        link = self.kernel.member("task_struct", "tasks")
         head = self.virt("init_task") + link
         out, node = [], head
         for _ in range(limit):
-            task = node - link
-            pid = struct.unpack("<i", self.read_virt(task + pid_at, 4))[0]
-            comm = self.read_virt(task + comm_at, 16).split(b"\0", 1)[0].decode(errors="replace")
-            out.append((pid, comm))
+            out.append(node - link)
             node = struct.unpack("<Q", self.read_virt(node, 8))[0]
             if node == head:
                 return out
         raise VmError(f"{self.where}: the task list has more than {limit} entries or loops")
+
+    def _pid(self, task: int) -> int:
+        return struct.unpack("<i", self.read_virt(task + self.kernel.member("task_struct", "pid"), 4))[0]
+
+    def _comm(self, task: int) -> str:
+        raw = self.read_virt(task + self.kernel.member("task_struct", "comm"), 16)
+        return raw.split(b"\0", 1)[0].decode(errors="replace")
 
     def task_list_settled(self) -> bool:
         """Whether no task list update is under way: `tasklist_lock` (a qrwlock, whose
@@ -192,16 +251,13 @@ class GuestMemory:
         holding the same thread-group leaders as the task list (a rootkit that unlinks a
         task from `tasks` to hide it rarely unlinks it from its parent's children too)."""
         k = self.kernel
-        children, sibling, pid_at, comm_at = (k.member("task_struct", m) for m in
-                                              ("children", "sibling", "pid", "comm"))
+        children, sibling = (k.member("task_struct", m) for m in ("children", "sibling"))
         out, todo = [], [self.virt("init_task")]
         while todo:
             task = todo.pop()
             if len(out) >= limit:
                 raise VmError(f"{self.where}: the process tree has more than {limit} tasks or loops")
-            pid = struct.unpack("<i", self.read_virt(task + pid_at, 4))[0]
-            comm = self.read_virt(task + comm_at, 16).split(b"\0", 1)[0].decode(errors="replace")
-            out.append((pid, comm, task))
+            out.append((self._pid(task), self._comm(task), task))
             head = task + children
             node = struct.unpack("<Q", self.read_virt(head, 8))[0]
             for _ in range(limit):

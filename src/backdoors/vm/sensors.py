@@ -4,10 +4,14 @@ Like a container node's kernel box (agent/sampler.py) it is a Sensor Box the age
 named `GUEST_BOX:<node>`, so monitors judge it the same way. Its progress sensor `jiffies`
 counts the guest kernel's ticks since the sampler started: a hung guest kernel (or one
 whose vCPUs are stopped) stops ticking, and the sensor stalls past its deadline with no
-agent inside the guest. The level `tasks` counts the guest's task list (a fork bomb in
-the guest is seen from outside); `available_mb` and `threads` are the guest kernel's own
-counters (memory.Readings), bounded like Orion's plain detectors (vm.orion). The level
-`tampered` counts the open kernel integrity findings (guard.py; 0 where none runs).
+agent inside the guest. From the task list (its process table, walked every
+TASKS_EVERY_S): `tasks` counts its processes (a fork bomb in the guest is seen from
+outside), `blocked` those in uninterruptible sleep (D: stuck on I/O or a lock), and
+`top_rss_mb` is the largest one's resident memory (a memory hog's size). `load1` is the
+guest kernel's 1-minute load average; `available_mb` and `threads` are its own counters
+(memory.Readings), bounded like Orion's plain detectors (vm.orion). The level `tampered`
+counts the open kernel integrity findings (guard.py; 0 where none runs). `table` keeps the
+last process table read.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 
 from ..errors import VmError
 from ..sensors import GUEST_BOX, SensorBox
-from .memory import GuestMemory
+from .memory import GuestMemory, GuestTask
 from .periodic import Periodic
 
 #: how often the task list is walked (the guest sets its length: a long one costs the host)
@@ -28,11 +32,16 @@ class GuestSensors:
 
     def __init__(self, node: str, memory: GuestMemory, *, jiffies_deadline: float = 1.0,
                  max_tasks: float | None = None, min_available_mb: float = 0.0,
-                 max_threads: float | None = None):
+                 max_threads: float | None = None, max_load: float | None = None,
+                 max_blocked: float | None = None):
         self.memory = memory
         self.box = SensorBox.create(f"{GUEST_BOX}:{node}", capacity=16)
         self.jiffies = self.box.progress("jiffies", deadline=jiffies_deadline)
         self.tasks = self.box.level("tasks", min=1.0, max=max_tasks)
+        self.blocked = self.box.level("blocked", min=0.0, max=max_blocked)
+        self.top_rss = self.box.level("top_rss_mb", min=0.0)
+        self.load1 = self.box.level("load1", min=0.0, max=max_load)
+        self.table: list[GuestTask] = []
         self.available = self.box.level("available_mb", min=min_available_mb)
         self.threads = self.box.level("threads", min=1.0, max=max_threads)
         # open kernel integrity findings (guard.IntegrityGuard sets it): any violates
@@ -52,12 +61,17 @@ class GuestSensors:
         r = self.memory.readings()
         self.available.set(r.available / (1 << 20))
         self.threads.set(float(r.threads))
+        self.load1.set(self.memory.load()[0])
         if time.monotonic() >= self._tasks_due:  # a walk of the guest's list: not every period
             self._tasks_due = time.monotonic() + TASKS_EVERY_S
             try:
-                self.tasks.set(float(len(self.memory.tasks())))
+                table = self.memory.process_table()
             except VmError:
-                pass  # the list changed under the walk (the guest runs): the next walk reads it
+                return  # the list changed under the walk (the guest runs): the next walk reads it
+            self.table = table
+            self.tasks.set(float(len(table)))
+            self.blocked.set(float(sum(1 for t in table if t.state == "D")))
+            self.top_rss.set(max(t.rss for t in table) / (1 << 20))
 
     def close(self) -> None:
         self.box.close()
