@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from ..errors import VmError
 from .image import KernelImage
+from .machine import settled_session
 from .memory import GuestMemory
 from .periodic import Periodic
 
@@ -494,29 +495,13 @@ class Healer:
     def heal(self, findings: list[Finding]) -> list[Finding]:
         memory = self.vm.memory()
         relinks = any(f.kind == "process" for f in findings)
-        attempt = 0
-        while True:
-            attempt += 1
-            if attempt > 1:
-                time.sleep(0.005)
-            was = self.vm.running()  # read again: a lease may have stopped it meanwhile
-            if was:
-                self.vm.lock()
-            try:
-                with self.vm.debug() as stub:
-                    # stopped in a fork's or an exit's list update: let the guest finish it
-                    # (a guest held stopped under a lease cannot: relinked as it is)
-                    settled = not relinks or memory.task_list_settled()
-                    if not settled and was and attempt < HEAL_ATTEMPTS:
-                        continue
-                    if not settled and was:  # never outside an update: the relinks wait
-                        held = [f for f in findings if f.kind == "process"]
-                        rest = [f for f in findings if f.kind != "process"]
-                        return self._restore(memory, stub, rest) + held
-                    return self._restore(memory, stub, findings)
-            finally:
-                if was:
-                    self.vm.unlock()
+        # a relink waits for a stop outside a fork's or an exit's list update
+        with settled_session(self.vm, HEAL_ATTEMPTS if relinks else 1, lock=True) as (stub, ok):
+            if relinks and not ok:  # never outside an update: the relinks wait
+                held = [f for f in findings if f.kind == "process"]
+                rest = [f for f in findings if f.kind != "process"]
+                return self._restore(memory, stub, rest) + held
+            return self._restore(memory, stub, findings)
 
     @staticmethod
     def _restore(memory: GuestMemory, stub, findings: list[Finding]) -> list[Finding]:

@@ -284,6 +284,32 @@ def debug_session(qmp: Qmp, path: Path, where: str) -> Iterator["GdbStub"]:
             qmp("cont" if was else "stop")
 
 
+@contextmanager
+def settled_session(vm, attempts: int, *, lock: bool = False) -> Iterator[tuple["GdbStub", bool]]:
+    """A debug session of `vm` (a Vm or a VmNode) at a stop outside any task list update
+    (GuestMemory.task_list_settled): a stop inside one lets the guest run 5 ms to finish
+    it, then stops it again, up to `attempts` stops. Yields (stub, ok): ok, the list may
+    be written now -- no update under way, or the guest was held stopped (under the node
+    lock: it cannot finish one; whoever writes then takes that risk); not ok after the
+    last stop. `lock`: each stop under the node lock too (vm.lock/unlock), as healing's."""
+    memory = vm.memory()
+    for attempt in range(1, attempts + 1):
+        if attempt > 1:
+            time.sleep(0.005)
+        was = vm.running()  # read each time: a lease may have stopped it meanwhile
+        if lock and was:
+            vm.lock()
+        try:
+            with vm.debug() as stub:
+                ok = not was or memory.task_list_settled()
+                if ok or attempt == attempts:
+                    yield stub, ok
+                    return
+        finally:
+            if lock and was:
+                vm.unlock()
+
+
 def agent_qmp_path(run_dir: Path) -> Path:
     """The agent's QMP socket of the VM whose run folder is `run_dir`."""
     return run_dir / AGENT_QMP

@@ -18,9 +18,9 @@ the same profile the monitor uses: an attacker knows the kernel build too.
 from __future__ import annotations
 
 import struct
-import time
 
 from ..errors import VmError
+from .machine import settled_session
 
 #: mov $-38 (-ENOSYS), %rax; ret
 RETURN_ENOSYS = bytes.fromhex("48c7c0daffffffc3")
@@ -54,16 +54,15 @@ def hide_process(vm, pid: int, *, attempts: int = 200) -> int:
     let run a moment and stopped again (a real rootkit takes the list's lock)."""
     memory = vm.memory()
     link = memory.kernel.member("task_struct", "tasks")
-    for _ in range(attempts):
-        with vm.debug() as stub:  # the vCPUs are stopped: the list holds still
-            if memory.task_list_settled():
-                task = next((t for p, _c, t in memory.process_tree() if p == pid), None)
-                if task is None:
-                    raise VmError(f"VM {vm.spec.name}: no process {pid} to hide")
-                node = task + link
-                nxt, prev = struct.unpack("<QQ", memory.read_virt(node, 16))
-                stub.write_phys(memory.translate(prev), struct.pack("<Q", nxt))  # prev->next
-                stub.write_phys(memory.translate(nxt + 8), struct.pack("<Q", prev))  # next->prev
-                return task
-        time.sleep(0.005)
-    raise VmError(f"VM {vm.spec.name}: the task list was mid-update at each of {attempts} stops")
+    with settled_session(vm, attempts) as (stub, ok):  # the vCPUs are stopped: the list holds still
+        if not ok:
+            raise VmError(f"VM {vm.spec.name}: the task list was mid-update at each of "
+                          f"{attempts} stops")
+        task = next((t for p, _c, t in memory.process_tree() if p == pid), None)
+        if task is None:
+            raise VmError(f"VM {vm.spec.name}: no process {pid} to hide")
+        node = task + link
+        nxt, prev = struct.unpack("<QQ", memory.read_virt(node, 16))
+        stub.write_phys(memory.translate(prev), struct.pack("<Q", nxt))  # prev->next
+        stub.write_phys(memory.translate(nxt + 8), struct.pack("<Q", prev))  # next->prev
+        return task
