@@ -639,7 +639,7 @@ actions = [{ kind = "record" }]
     mon = Monitor(config, key=new_identity("m1"), rules=rules.parse_ruleset(orphaned).rule)
     try:
         held = time.monotonic()
-        mon.hold_off("n0", "h0", 0.3)
+        mon.hold_off("n0", "h0", 0.3, "m9 acted on it 1700 ms ago")
         died = {"kind": "owner_died", "seq": 4, "at": time.time(), "pid": 1234,
                 "sessions": ["s1"], "died": time.time()}
         mon.observe(NodeView("n0", "h0", mon.clock(), event=died, via="event"))

@@ -462,16 +462,16 @@ class Monitor:
             self.share.claimed(host, node, token, refused=True)
             return
         if reply.last_act_by not in (None, reply.owner) and reply.last_act_s < HANDOVER_QUIET_S:
-            log.info("fleet: node %s of %s was acted on by %s %.0f ms ago", node, host,
-                     reply.last_act_by, reply.last_act_s * 1000)
-            self.hold_off(node, host, HANDOVER_QUIET_S - reply.last_act_s)
+            self.hold_off(node, host, HANDOVER_QUIET_S - reply.last_act_s,
+                          f"{reply.last_act_by} acted on it {reply.last_act_s * 1000:.0f} ms ago")
         self.share.claimed(host, node, token)
         log.info("fleet: claimed node %s of %s with token %d", node, host, token)
 
-    def hold_off(self, node: str, host: str, quiet_s: float) -> None:
+    def hold_off(self, node: str, host: str, quiet_s: float, why: str) -> None:
         """No response on `node` for `quiet_s` (Engine.hand_over); the events that come
         meanwhile are judged once it ends."""
-        log.info("node %s of %s: no response on it for %.0f ms", node, host, quiet_s * 1000)
+        log.info("node %s of %s: no response on it for %.0f ms (%s)", node, host,
+                 quiet_s * 1000, why)
         self.engine.hand_over(node, host, quiet_s)
         later = threading.Timer(quiet_s, self._judge_deferred, [node])
         later.daemon = True
