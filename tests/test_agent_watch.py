@@ -132,6 +132,49 @@ def test_an_oom_kill_is_pushed_from_the_memory_controller(watched):
         hog.wait()
 
 
+GROW = """import os, sys
+r = int(sys.argv[1])
+os.read(r, 1)
+held = b"\\1" * (40 << 20)  # past 80 % of the 48 MiB limit (38.4 MiB), short of it
+print("held", flush=True)
+os.read(r, 1)
+del held
+print("freed", flush=True)
+os.read(r, 1)
+"""
+
+
+def test_memory_use_past_the_high_mark_is_pushed_from_a_usage_threshold(watched):
+    """The node's memory use crosses 80 % of its limit (the kernel box's memory_mb max)
+    and back: a violation and its clearing, from the v1 threshold's eventfd (the slow
+    reads are an hour apart: nothing else would see it)."""
+    w = watched
+    if w.cg.layout.home("memory") != "v1":
+        pytest.skip("v2 has no usage threshold notification (the slow reads judge it)")
+    assert w.events.empty()
+    r, wr = os.pipe()
+    grower = subprocess.Popen([sys.executable, "-c", GROW, str(r)], pass_fds=[r],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        w.cg.attach(grower.pid)
+        os.write(wr, b"x")
+        kind, data = _next(w, "memory_high")
+        assert kind == "violation" and (data["box"], data["sensor"]) == ("kernel", "memory_mb")
+        assert data["max"] == pytest.approx(48 * 0.8) and data["value"] > data["max"]
+        assert grower.stdout.readline().strip() == "held"
+        os.write(wr, b"x")
+        assert grower.stdout.readline().strip() == "freed"
+        kind, data = _next(w, "memory_high")
+        assert kind == "cleared" and data["value"] <= data["max"]
+        os.write(wr, b"x")
+        grower.wait(10)
+    finally:
+        grower.kill()
+        grower.wait()
+        os.close(r)
+        os.close(wr)
+
+
 @pytest.mark.parametrize("held_sessions", [True, False])
 def test_a_dead_registrant_is_told_to_the_owner_watch_before_any_stall(watched, held_sessions):
     """A registrant's death goes to `owner_died` before anything else is said of it. If

@@ -16,14 +16,18 @@ notifies, and wakes every `watch_period_ms` only for what is a memory load:
 - OOM kills: the memory controller's OOM notification (v1 eventfd on
   memory.oom_control, v2 memory.events); the count is read at the wake-up and, since a
   v1 wake-up precedes the kill, again on each tick for OOM_SETTLE_S after it.
+- memory use: a usage threshold (v1, `nodes.notify.MemoryThreshold`) at the kernel box's
+  `memory_mb` max (`memory_high_pct` of the node's memory limit): the kernel wakes the
+  watcher when the usage crosses it, not the sampler's next read and a poll after it.
 - pressure: a PSI trigger (`nodes.notify.PressureTrigger`) on each resource of the
   kernel box's `psi_triggers` (default: memory), at its `psi_*_some` max as a share of
   `psi_window_s`: the kernel wakes the watcher when the node's tasks stalled that long
   in a window, seconds before the 10 s average the sampler reads would get there.
 
-Every SLOW_S it also reads each node's link, frozen state and OOM count as a fallback
-(a notification source that could not be opened, a lease that ended with the node
-still frozen): a slow poll, the way the monitor's poll backs its events.
+Every SLOW_S it also reads each node's link, frozen state, OOM count and memory use as a
+fallback (a notification source that could not be opened, a lease that ended with the
+node still frozen), and moves the memory threshold after a new memory limit: a slow
+poll, the way the monitor's poll backs its events.
 
 A node denied the CPU is not hung: the deadline counts only time the node could run.
 While a box's node has counters, its v2 `cpu.pressure` "full" total (time during which
@@ -60,6 +64,8 @@ while it is held are not published (the lock stops progress on purpose). Each vi
   count), events (kills the watcher saw in the sensor's window), max_events, window_s,
   onset: more kills in the window than the sensor allows (by default: any), the moment
   the count rises; cleared once the window holds no more than that.
+- level_out_of_bounds (condition "memory_high"): box "kernel", sensor "memory_mb", value
+  (MiB, at the wake-up), max (the threshold, MiB), onset; cleared once below it.
 - level_out_of_bounds (condition "psi_<resource>"): box "kernel", sensor
   "psi_<resource>_some", value and max (the trigger's share, %: the node stalled at
   least that share of the window), window_s, trigger true, onset; cleared once the
@@ -83,7 +89,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BackdoorsError, SensorBoxError
 from ..net.links import LinkEvents
-from ..nodes.notify import FrozenNotifier, OomNotifier, PressureTrigger
+from ..nodes.notify import FrozenNotifier, MemoryThreshold, OomNotifier, PressureTrigger
 from ..sensors import GUEST_BOX, SensorType, abi, over_rate, parse_box, read_consistent, stalled
 from .sampler import OOM_WINDOW_S
 from .served import NodeRuntime
@@ -120,6 +126,7 @@ PSI_KEEP_S = 3.0  # and kept this long (a longer stall's excuse counts from the 
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
 PSI_CLEAR_WINDOWS = 2.5  # a PSI trigger silent this many windows: its pressure has ended
 _GEN_WORD = abi.OFF_GENERATION // 8
+MiB = 1 << 20
 
 Owner = tuple[int, float]  # a registrant: (host pid, start time)
 
@@ -173,6 +180,9 @@ class _Node:
     oom_kills: deque[float] = field(default_factory=deque)  # when each was seen (monotonic)
     oom_violated: bool = False
     oom_settle_until: float = 0.0  # read the count on every tick until then
+    mem: MemoryThreshold | None = None
+    mem_at: int | None = None  # the memory threshold wanted (bytes; None: no limit)
+    mem_over: bool = False
     owners: dict[Owner, int] = field(default_factory=dict)  # -> its pidfd
     dead: set[Owner] = field(default_factory=set)  # registrants seen dead
     starved: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic, full_us)
@@ -299,10 +309,10 @@ class Watcher:
             for fd in n.owners.values():
                 os.close(fd)
             n.owners.clear()
-            for src in (n.links, n.freezer, n.oom, *n.psi.values()):
+            for src in (n.links, n.freezer, n.oom, n.mem, *n.psi.values()):
                 if src is not None:
                     src.close()
-            n.links = n.freezer = n.oom = None
+            n.links = n.freezer = n.oom = n.mem = None
             n.psi.clear()
             self.regions.give_back(n.entries)
             n.entries = []
@@ -408,6 +418,7 @@ class Watcher:
         self._link(n, False)
         self._frozen(n, None)
         self._oom(n, now)
+        self._memory(n, moved=True)
 
     def _open_triggers(self, n: _Node) -> None:
         """The node's PSI triggers; one that cannot be set leaves that resource to the
@@ -654,6 +665,7 @@ class Watcher:
                 self._link(n, False)
                 self._frozen(n, None)
                 self._oom(n, now)
+                self._memory(n, moved=True)
             except Exception as e:  # noqa: BLE001 - the watch must survive anything
                 self.errors += 1
                 log.warning("node %s: watch failed: %s", n.rt.name, e)
@@ -714,6 +726,51 @@ class Watcher:
             self._say(rt.name, violated, detector="pressure_over_rate", condition="oom_kill",
                       box="kernel", sensor="oom_kills", value=count, events=len(n.oom_kills),
                       max_events=limit, window_s=OOM_WINDOW_S, onset=time.time())
+
+    def _memory(self, n: _Node, moved: bool = False) -> None:
+        """Judge the node's memory use against its threshold (`moved`: first register
+        the threshold again if the memory limit changed)."""
+        rt = n.rt
+        try:
+            if moved:
+                limit = rt.node.cgroup.memory_limit()
+                want = None if not limit else int(limit * rt.sampler.limits.memory_high_pct / 100)
+                if want != n.mem_at:
+                    self._threshold(n, want)
+            usage = rt.node.cgroup.memory_usage() if n.mem_at is not None else 0
+        except (OSError, BackdoorsError):
+            return  # unreadable for now: no news
+        over = n.mem_at is not None and usage > n.mem_at
+        if over != n.mem_over:
+            n.mem_over = over
+            self._say(rt.name, over, detector="level_out_of_bounds", condition="memory_high",
+                      box="kernel", sensor="memory_mb", value=round(usage / MiB, 3),
+                      max=(n.mem_at or 0) / MiB, onset=time.time())
+
+    def _threshold(self, n: _Node, at: int | None) -> None:
+        """Register the node's memory threshold at `at` bytes (None: none), in place of
+        the one before; one that cannot be leaves it to the slow reads."""
+        if n.mem is not None:
+            self._unwatch(n.mem.fd)
+            self._sources.pop(n.mem.fd, None)
+            n.mem.close()
+            n.mem = None
+        n.mem_at = at
+        if at is None:
+            return
+        try:
+            n.mem = MemoryThreshold.open(n.rt.node.cgroup, at)
+        except (OSError, BackdoorsError) as e:
+            log.warning("node %s: memory use not notified (%s): read every %g s",
+                        n.rt.name, e, self.slow_s)
+            return
+        if n.mem is not None:
+            self._watch(n.mem.fd, n.mem.mask, lambda: self._memory_crossed(n))
+            self._sources[n.mem.fd] = (n, "mem")
+
+    def _memory_crossed(self, n: _Node) -> None:
+        n.mem.consume()
+        self._memory(n)
 
     def _psi(self, n: _Node, trigger: PressureTrigger) -> None:
         """A PSI trigger fired: the node stalled on its resource past the share."""

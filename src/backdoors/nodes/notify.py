@@ -13,6 +13,12 @@ descriptors; closing them removes the kernel's registration).
   hits OOM, before the kill); v2: `memory.events` (EPOLLPRI when oom/oom_kill rise).
   Either way the count itself is `Cgroup.oom_kills()`, read after the wake-up; a v1
   wake-up comes before the kill is counted, so the caller reads again shortly after.
+- `MemoryThreshold`: the v1 memory controller's usage threshold, an eventfd registered on
+  `memory.usage_in_bytes` through `cgroup.event_control`, signalled when the usage
+  crosses it either way (the kernel checks every 128 page charges or so: ~512 KiB).
+  The usage itself is `Cgroup.memory_usage()`, read after the wake-up. v2 has no such
+  notification (`memory.events` counts `high` only above a `memory.high`, which would
+  throttle the node): `open` gives None there.
 - `PressureTrigger`: a PSI trigger on the cgroup's v2 `<resource>.pressure` (memory, cpu,
   io): EPOLLPRI when its tasks were stalled ("some") for at least `share` of a
   `window_s` window, at most once per window while that lasts. The kernel judges it as
@@ -32,7 +38,7 @@ from backdoors.nodes import cgfs
 from backdoors.nodes.cgroups import Cgroup
 from backdoors.nodes.hierarchies import UNIFIED
 
-__all__ = ["FrozenNotifier", "OomNotifier", "PressureTrigger"]
+__all__ = ["FrozenNotifier", "MemoryThreshold", "OomNotifier", "PressureTrigger"]
 
 
 class _FileNotifier:
@@ -94,33 +100,13 @@ class OomNotifier:
             return cls(events.fd, events)
         if home != "v1":
             return None
-        memdir = cg.layout.v1["memory"] / cg.relpath
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            control = memdir / "memory.oom_control"
-            try:
-                cfd = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise cgfs.error("open", control, e) from None
-            try:  # the kernel keeps the registration until the eventfd is closed
-                cgfs.write(memdir / "cgroup.event_control", f"{efd} {cfd}")
-            finally:
-                os.close(cfd)
-        except BaseException:
-            os.close(efd)
-            raise
-        return cls(efd, None)
+        return cls(_v1_eventfd(cg, "memory.oom_control"), None)
 
     def consume(self) -> None:
         if self._events is not None:
             self._events.read()
             return
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            raise NodeError(f"cannot read the OOM eventfd: {e.strerror}") from None
+        _drain(self.fd, "OOM")
 
     def close(self) -> None:
         if self._events is not None:
@@ -128,6 +114,62 @@ class OomNotifier:
         elif self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
+
+
+class MemoryThreshold:
+    """The v1 memory usage threshold of a cgroup at `threshold` bytes; its eventfd wakes
+    (EPOLLIN) when the usage crosses it, up or down; `consume()` re-arms it."""
+
+    mask = select.EPOLLIN
+
+    def __init__(self, fd: int, threshold: int):
+        self.fd, self.threshold = fd, threshold
+
+    @classmethod
+    def open(cls, cg: Cgroup, threshold: int) -> MemoryThreshold | None:
+        """A threshold for `cg`, or None where its memory controller is not v1."""
+        if cg.layout.home("memory") != "v1":
+            return None
+        return cls(_v1_eventfd(cg, "memory.usage_in_bytes", f" {int(threshold)}"), threshold)
+
+    def consume(self) -> None:
+        _drain(self.fd, "memory threshold")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _v1_eventfd(cg: Cgroup, file: str, args: str = "") -> int:
+    """An eventfd registered on the v1 memory controller's `file` of `cg` (with `args`)
+    through `cgroup.event_control`; the kernel keeps the registration until it is closed."""
+    memdir = cg.layout.v1["memory"] / cg.relpath
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        path = memdir / file
+        try:
+            cfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise cgfs.error("open", path, e) from None
+        try:
+            cgfs.write(memdir / "cgroup.event_control", f"{efd} {cfd}{args}")
+        finally:
+            os.close(cfd)
+    except BaseException:
+        os.close(efd)
+        raise
+    return efd
+
+
+def _drain(fd: int, what: str) -> None:
+    """Read an eventfd's count (re-arming it); nothing to read is no error."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+    except OSError as e:
+        raise NodeError(f"cannot read the {what} eventfd: {e.strerror}") from None
 
 
 class PressureTrigger:
