@@ -744,7 +744,7 @@ class Watcher:
         if over != n.mem_over:
             n.mem_over = over
             self._say(rt.name, over, detector="level_out_of_bounds", condition="memory_high",
-                      box="kernel", sensor="memory_mb", value=round(usage / MiB, 3),
+                      box="kernel", sensor="memory_mb", value=usage / MiB,
                       max=(n.mem_at or 0) / MiB, onset=time.time())
 
     def _threshold(self, n: _Node, at: int | None) -> None:
