@@ -102,6 +102,11 @@ class KernelSensorLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True
         "the PSI triggers' window, 0.5..10 s; one that is not a multiple of 2 s needs "
         "CAP_SYS_RESOURCE")] = 2.0
 
+    def memory_high(self, limit: int | None) -> int | None:
+        """The memory use, in bytes, past which a node with memory limit `limit` is
+        high (None: the node has no limit, so no mark)."""
+        return int(limit * self.memory_high_pct / 100) if limit else None
+
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Everything the agent needs."""

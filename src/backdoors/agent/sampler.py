@@ -41,9 +41,9 @@ class KernelSensors:
                  pids_limit: int | None, link: bool = False):
         self.memory_limit, self.pids_limit = memory_limit, pids_limit
         self.box = box = SensorBox.create(f"{KERNEL_BOX}:{node}", capacity=16)
-        if memory_limit:
-            self.memory = box.level("memory_mb", min=0.0,
-                                    max=memory_limit * limits.memory_high_pct / 100 / MiB)
+        high = limits.memory_high(memory_limit)
+        if high is not None:
+            self.memory = box.level("memory_mb", min=0.0, max=high / MiB)
         else:
             self.memory = box.level("memory_mb", min=0.0)
         if pids_limit:

@@ -733,8 +733,7 @@ class Watcher:
         rt = n.rt
         try:
             if moved:
-                limit = rt.node.cgroup.memory_limit()
-                want = None if not limit else int(limit * rt.sampler.limits.memory_high_pct / 100)
+                want = rt.sampler.limits.memory_high(rt.node.cgroup.memory_limit())
                 if want != n.mem_at:
                     self._threshold(n, want)
             usage = rt.node.cgroup.memory_usage() if n.mem_at is not None else 0

@@ -126,8 +126,7 @@ class GuestKernel:
     def rss_layout(self) -> tuple[int, int]:
         """How mm_struct.rss_stat holds a process's page counts: (the bytes from one
         counter to the next, the offset of a counter's value in it)."""
-        stride, value = self._profile["rss"]
-        return stride, value
+        return tuple(self._profile["rss"])
 
     def symbol(self, name: str) -> int:
         """The link-time virtual address of kernel symbol `name`."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import VmError
@@ -187,7 +188,8 @@ class GuestMemory:
         """(pid, comm) of every task on the kernel's task list (init_task.tasks, a
         circular list of task_structs linked through their `tasks` member), read through
         the page tables; `limit` bounds a list a hostile or changing guest keeps long."""
-        return [(self._pid(t), self._comm(t)) for t in self._task_list(limit)]
+        ident = self._ident()
+        return [ident(t) for t in self._task_list(limit)]
 
     def process_table(self, limit: int = 1 << 16) -> list[GuestTask]:
         """Every process on the task list with its state and resident memory (its mm's
@@ -198,6 +200,7 @@ class GuestMemory:
                                     for m in ("__state", "exit_state", "mm"))
         rss_at = k.member("mm_struct", "rss_stat")
         stride, value = k.rss_layout
+        ident = self._ident()
         out = []
         for task in self._task_list(limit):
             state, = struct.unpack("<I", self.read_virt(task + state_at, 4))
@@ -205,8 +208,7 @@ class GuestMemory:
             mm, = struct.unpack("<Q", self.read_virt(task + mm_at, 8))
             pages = sum(max(0, struct.unpack("<q", self.read_virt(
                 mm + rss_at + stride * i + value, 8))[0]) for i in RSS_COUNTERS) if mm else 0
-            out.append(GuestTask(self._pid(task), self._comm(task),
-                                 task_state(state, exit_state), pages * PAGE))
+            out.append(GuestTask(*ident(task), task_state(state, exit_state), pages * PAGE))
         return out
 
     def load(self) -> tuple[float, float, float]:
@@ -230,12 +232,15 @@ class GuestMemory:
                 return out
         raise VmError(f"{self.where}: the task list has more than {limit} entries or loops")
 
-    def _pid(self, task: int) -> int:
-        return struct.unpack("<i", self.read_virt(task + self.kernel.member("task_struct", "pid"), 4))[0]
+    def _ident(self) -> Callable[[int], tuple[int, str]]:
+        """A reader of a task's (pid, comm), the member offsets looked up once a walk."""
+        pid_at, comm_at = (self.kernel.member("task_struct", m) for m in ("pid", "comm"))
 
-    def _comm(self, task: int) -> str:
-        raw = self.read_virt(task + self.kernel.member("task_struct", "comm"), 16)
-        return raw.split(b"\0", 1)[0].decode(errors="replace")
+        def ident(task: int) -> tuple[int, str]:
+            pid, = struct.unpack("<i", self.read_virt(task + pid_at, 4))
+            comm = self.read_virt(task + comm_at, 16).split(b"\0", 1)[0]
+            return pid, comm.decode(errors="replace")
+        return ident
 
     def task_list_settled(self) -> bool:
         """Whether no task list update is under way: `tasklist_lock` (a qrwlock, whose
@@ -252,12 +257,13 @@ class GuestMemory:
         task from `tasks` to hide it rarely unlinks it from its parent's children too)."""
         k = self.kernel
         children, sibling = (k.member("task_struct", m) for m in ("children", "sibling"))
+        ident = self._ident()
         out, todo = [], [self.virt("init_task")]
         while todo:
             task = todo.pop()
             if len(out) >= limit:
                 raise VmError(f"{self.where}: the process tree has more than {limit} tasks or loops")
-            out.append((self._pid(task), self._comm(task), task))
+            out.append((*ident(task), task))
             head = task + children
             node = struct.unpack("<Q", self.read_virt(head, 8))[0]
             for _ in range(limit):
