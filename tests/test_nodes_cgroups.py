@@ -351,3 +351,39 @@ def test_reap_refuses_foreign_names_and_its_own_cgroup(prefix):
     )
     assert "this process is inside" in out.stdout, out.stderr
     assert reap(prefix) == [f"{prefix}-self"]
+
+
+def test_a_weighted_cgroup_keeps_the_cpu_against_many_busy_nodes(prefix):
+    """8 node cgroups, each busy, and one beside them at the agent's CPU weight, all on CPU
+    0: the weighted one keeps nearly all it wants (at equal weights it would get a ninth:
+    what 64 nodes starting their services at once left the lab's agents, past their
+    watchdog). Bad weights are refused, saying the range."""
+    from backdoors.agent.hardening import CPU_WEIGHT
+    nodes = [Cgroup.create(f"{prefix}/n{i}") for i in range(8)]
+    agent = Cgroup.create(f"{prefix}/agent")
+    r, w = os.pipe()
+    procs = []
+    try:
+        with pytest.raises(NodeError, match="1..10000"):
+            agent.set_cpu_weight(0)
+        agent.set_cpu_weight(CPU_WEIGHT)
+        procs = [subprocess.Popen([PY, "-c", SPIN, str(r)], pass_fds=[r]) for _ in range(9)]
+        agent.attach(procs[0].pid)
+        for p, cg in zip(procs[1:], nodes):
+            cg.attach(p.pid)
+        before = {p.pid: _cpu_s(p.pid) for p in procs}
+        os.write(w, b"x" * len(procs))
+        time.sleep(2.0)
+        used = {p.pid: _cpu_s(p.pid) - before[p.pid] for p in procs}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        os.close(r)
+        os.close(w)
+        for cg in (*nodes, agent):
+            cg.destroy()
+        Cgroup.open(prefix).destroy()
+    rest = sum(used[p.pid] for p in procs[1:])
+    # weighted 10000 : 8 x 100, about 12:1; at equal weights 1:8
+    assert used[procs[0].pid] > 2 * rest, (used[procs[0].pid], rest)

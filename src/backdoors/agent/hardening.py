@@ -5,7 +5,10 @@
   and shorten the GIL switch interval so the RPC loop waits less behind sampler threads.
   Each step that the kernel refuses is a warning, not a failure.
 - `OwnCgroup`: a cgroup of its own outside every node, entered at start and removed at
-  exit (the daemon moves back to where it came from first).
+  exit (the daemon moves back to where it came from first), with the highest CPU weight:
+  nice applies among the tasks of one cgroup only, and each busy node's cgroup weighs as
+  much as the agent's otherwise (64 nodes starting their services at once starved the
+  lab's agents past their watchdog).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .membership import paths_in, read_cgroups
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 M_ARENA_MAX = -8
 NICE = -10
+CPU_WEIGHT = 10000  # the v2 maximum; a node's cgroup has 100
 OOM_SCORE_ADJ = -1000
 SWITCH_INTERVAL_S = 0.001
 
@@ -66,11 +70,16 @@ class OwnCgroup:
         self.layout = layout or detect()
         self.relpath = relpath
         self.cgroup: Cgroup | None = None
+        self.warning: str | None = None  # what enter() could not do
         self._origin: dict[str, str] = {}
 
     def enter(self) -> OwnCgroup:
         self._origin = paths_in(self.layout, read_cgroups("self"))
         self.cgroup = Cgroup.create(self.relpath, layout=self.layout)
+        try:
+            self.cgroup.set_cpu_weight(CPU_WEIGHT)
+        except NodeError as e:
+            self.warning = f"cannot raise the agent cgroup's CPU weight: {e}"
         self.cgroup.attach(os.getpid())
         return self
 

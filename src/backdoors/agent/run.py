@@ -40,6 +40,8 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
         print(f"backdoors agent: cannot enter its cgroup {config.own_cgroup!r}: {e}",
               file=sys.stderr)
         return 1
+    if own.warning:
+        log.warning("%s", own.warning)
     stuck = 0
     try:
         sealing = (_Sealing(config, config_path, seal_action, require_landlock)

@@ -436,6 +436,17 @@ class Cgroup:
         _, path = self._controller_dir("pids")
         return cgfs.keyed(cgfs.read(path / "pids.events")).get("max", 0)
 
+    def set_cpu_weight(self, weight: int) -> None:
+        """The cgroup's share of the CPU against its siblings when they all want it, on the
+        v2 scale: 1..10000, 100 the default (v1: cpu.shares, 1024 for 100)."""
+        if not 1 <= weight <= 10000:
+            raise NodeError(f"CPU weight {weight}: must be within 1..10000 (100: the default)")
+        version, path = self._controller_dir("cpu")
+        if version == "v1":
+            cgfs.write(path / "cpu.shares", str(max(2, weight * 1024 // 100)))
+        else:
+            cgfs.write(path / "cpu.weight", str(weight))
+
     def cpu_seconds(self) -> float:
         """CPU time used by the cgroup's processes so far (user + system), in seconds."""
         if "cpuacct" in self.layout.v1:
