@@ -195,10 +195,10 @@ def measure(size: int, mode: str, *, seconds: float, trials: int, period_ms: flo
         sample_s = None
     row = _row(size, mode, period_ms, deadline_ms, hosts, sample_s or 0.05)
     al = AgentLab(unique_name("bm"), hosts=hosts, nodes=size, memory_limit=128 * MiB,
-                  pids_limit=64, services=False)
+                  pids_limit=64, services=False, sample_period_s=sample_s)
     try:
         t0 = time.monotonic()
-        with _sample_period(sample_s), al:  # the lab writes the agents' configs at up
+        with al:
             try:
                 _measure_lab(al, row, seconds=seconds, trials=trials, period_ms=period_ms,
                              deadline_ms=deadline_ms, tick_ms=tick_ms, sensors=sensors,
@@ -208,22 +208,6 @@ def measure(size: int, mode: str, *, seconds: float, trials: int, period_ms: flo
     except (BackdoorsError, OSError) as e:  # the lab did not come up
         row["errors"].append(_unmeasured(size, e, {}))
     return row
-
-
-@contextlib.contextmanager
-def _sample_period(seconds: float | None):
-    """The lab's agents sample kernel state every `seconds` (None: their default)."""
-    name = "BACKDOORS_LAB_SAMPLE_PERIOD_S"
-    old = os.environ.get(name)
-    if seconds is not None:
-        os.environ[name] = str(seconds)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _unmeasured(size: int, e: Exception, restarts: dict[str, int]) -> str:

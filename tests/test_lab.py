@@ -307,3 +307,55 @@ def test_a_lab_plans_up_to_max_nodes_each_with_its_own_uid_range():
         assert len(set(bases)) == 128 and max(bases) + UID_COUNT <= 1 << 32
     with pytest.raises(LabError, match=r"1\.\.128"):
         topology.plan("big", 1, topology.MAX_NODES + 1)
+
+
+def test_a_scenario_tears_its_lab_down_on_sigterm():
+    """SIGTERM ends any command as Ctrl-C does: a scenario's lab is torn down at once, not
+    left for the next lab start to reap, and the exit status says the signal."""
+    def labs() -> set[str]:
+        return set(os.listdir(topology.RUN_ROOT)) if topology.RUN_ROOT.exists() else set()
+
+    before = labs()
+
+    def started() -> str | None:
+        for name in labs() - before:
+            try:
+                if json.loads((topology.RUN_ROOT / name / "lab.json").read_text())["services"]:
+                    return name
+            except (OSError, ValueError, KeyError):
+                pass  # not written yet
+        return None
+
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors", "scenario", "memory-hog",
+                             "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        name = wait_for(started, 60)
+        assert name, proc.stderr.read().decode() if proc.poll() is not None else "no lab"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        assert "SIGTERM: tearing down" in proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert leftovers(name) == []
+
+
+def test_services_that_do_not_start_are_named_and_none_is_left(lab):
+    """start_services starts them all at once; when one cannot start, the error names it
+    and its log, and no process of that start is left in any node."""
+    from backdoors.errors import LabError
+    with pytest.raises(LabError, match=r"in node n0 did not start within 20s; see .*stderr.log"):
+        lab.start_services(["n0", "n1"], "--no-such-option", timeout=20)
+
+    def stray() -> list[int]:
+        out = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if b"--no-such-option" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(int(pid))
+            except OSError:
+                pass
+        return out
+
+    assert stray() == []
+    assert all(lab.state.services[k].pid for k in lab.state.services)  # the lab's own run on

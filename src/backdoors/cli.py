@@ -715,6 +715,8 @@ def scenario_fleet(
     nodes: int = typer.Option(64, help="Nodes with services, spread over the hosts."),
     etcd_members: int = typer.Option(3, "--etcd-members", "--etcd", help="Members of the lab's etcd cluster (odd; 3 or more lets the schedule kill one)."),
     duration: float = typer.Option(60.0, help="Seconds of random faults."),
+    poll_ms: float = typer.Option(250.0, help="The monitors' poll period, ms (they also act on the agents' pushed events)."),
+    sample_period_s: float = typer.Option(0.25, help="The agents' kernel sampling period, s (their default, 0.05, takes ~1.5 cores at 64 nodes)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the fault schedule (reported)."),
     schedule: Optional[list[str]] = typer.Option(None, "--fault", help="A fault kind injected first, in order (repeat), before the random ones: fork-bomb, memory-hog, freeze, monitor-kill, monitor-stop, monitor-cut, etcd-kill."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -725,8 +727,13 @@ def scenario_fleet(
     """
     from .scenarios.fleet import fleet
 
+    if not (1 <= poll_ms <= 60000 and 0.005 <= sample_period_s <= 10):
+        raise typer.BadParameter("--poll-ms must be within 1..60000 and --sample-period-s "
+                                 "within 0.005..10")
     result = fleet(monitors=monitors, hosts=hosts, nodes=nodes, etcd_members=etcd_members,
-                   duration_s=duration, seed=seed, schedule=schedule or ())
+                   duration_s=duration, poll_ms=poll_ms, sample_period_s=sample_period_s,
+                   seed=seed, schedule=schedule or (),
+                   progress=lambda line: err.print(line, highlight=False))
     _emit(result, as_json)
     if result["missed"] or result["stale_token_ops_applied"] or result["double_acted"]:
         raise typer.Exit(1)
@@ -916,7 +923,28 @@ def _print_error(e: BackdoorsError) -> None:
     err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
 
 
+def _terminated(signum: int, _frame) -> None:
+    """End the command as Ctrl-C would, once: its finally blocks run, so a scenario, a
+    benchmark or the demo tears its lab down. A second signal does not cut the teardown
+    short (SIGKILL does; the next lab start reaps what is left)."""
+    import signal
+
+    def again(_signum: int, _frame) -> None:
+        err.print("already tearing down (SIGKILL abandons it)", highlight=False)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, again)  # not SIG_IGN: children started now must not inherit it
+    err.print(f"{signal.Signals(signum).name}: tearing down", highlight=False)
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import signal
+
+    # Commands that hold on (the agent, a monitor, a lab in the foreground) set their own.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _terminated)
     try:
         app()
     except NeedRootError as e:

@@ -58,7 +58,8 @@ def lab_monitors(plan: topology.Plan) -> list[str]:
 LAB_SESSIONS = 16384
 
 
-def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> AgentConfig:
+def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int,
+                 sample_period_s: float | None = None) -> AgentConfig:
     prefix = topology.SERVICE_PREFIXLEN
     nodes = [NodeSpec(n.name, n.cgroup, netns=n.netns, addresses=[f"{n.vip}/{prefix}"],
                       # a recovery may bring another node's sessions and address here
@@ -85,9 +86,9 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> A
         # the evacuate cap's test; the default otherwise
         **({"max_evacuate_bytes": int(os.environ["BACKDOORS_LAB_MAX_EVACUATE_BYTES"])}
            if os.environ.get("BACKDOORS_LAB_MAX_EVACUATE_BYTES") else {}),
-        # bench monitor's event mode samples kernel state slowly; the default otherwise
-        **({"sample_period_s": float(os.environ["BACKDOORS_LAB_SAMPLE_PERIOD_S"])}
-           if os.environ.get("BACKDOORS_LAB_SAMPLE_PERIOD_S") else {}))
+        # Lab(sample_period_s=): a large lab's or bench monitor's event mode samples
+        # kernel state slowly; the default otherwise
+        **({"sample_period_s": sample_period_s} if sample_period_s else {}))
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
 
@@ -103,12 +104,13 @@ def keeper_files(plan: topology.Plan, host: topology.HostPlan) -> tuple[Path, Pa
     return plan.run_dir / f"agent-{host.name}.notify", plan.run_dir / f"agent-{host.name}.pid"
 
 
-def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int) -> int:
+def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int,
+                sample_period_s: float | None = None) -> int:
     """Start the agent of `host` under its keeper (`lab.keeper`: the fd store that keeps
     its regions and sessions across a crash, its watchdog, its restarts) and wait until it
     serves; returns the keeper's pid (`agent_pid` tells the agent's)."""
     path = plan.run_dir / f"agent-{host.name}.toml"
-    path.write_text(dumps(agent_config(plan, host, quorum)))
+    path.write_text(dumps(agent_config(plan, host, quorum, sample_period_s)))
     path.chmod(0o600)  # root's only, like the keys: nodes never read an agent's config
     log_path = plan.run_dir / f"agent-{host.name}.log"
     notify, pid_file = keeper_files(plan, host)

@@ -193,11 +193,13 @@ class Lab:
     def __init__(self, name: str = "lab", *, hosts: int = 2, nodes: int = 4,
                  memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
                  services: bool = True, agents: bool = False, quorum: int = 1,
-                 monitors: tuple[str, ...] = ("m1",), etcd: bool | int = False, vm_nodes: int = 0):
+                 monitors: tuple[str, ...] = ("m1",), etcd: bool | int = False, vm_nodes: int = 0,
+                 sample_period_s: float | None = None):
         self.plan = topology.plan(name, hosts, nodes, vm_nodes)
         self.name = name
         self.with_services = services
         self.with_agents, self.quorum, self.monitors = agents, quorum, tuple(monitors)
+        self.sample_period_s = sample_period_s  # the agents' (None: their default)
         # etcd: False (none), True (one member) or how many members its cluster has
         self.etcd_members = int(etcd)
         if self.etcd_members < 0 or (self.etcd_members > 1 and self.etcd_members % 2 == 0):
@@ -257,11 +259,12 @@ class Lab:
             if self.with_agents:
                 self._keys = write_keys(self.plan, self.monitors)
                 for h in self.plan.hosts:
-                    self.state.agents[h.name] = start_agent(self.plan, h, self.quorum)
+                    self.state.agents[h.name] = start_agent(self.plan, h, self.quorum,
+                                                               self.sample_period_s)
                     self.state.save(self.state_path)
-            if self.with_services:
-                for n in self.plan.nodes:
-                    self.start_service(n.name)
+            if self.with_services:  # ~1 s of CPU each: 2 cores start ~2 a second
+                self.start_services([n.name for n in self.plan.nodes],
+                                    timeout=30.0 + 0.5 * len(self.plan.nodes))
         except BaseException:
             self.down()
             raise
@@ -420,9 +423,12 @@ class Lab:
                                      str(path)], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         # a cgroup of its own: what `cut_monitor` matches its sockets by (made before it
-        # opens any: the interpreter is still starting)
+        # opens any: the interpreter is still starting); weighted like a machine of its
+        # own, not one more node, against the nodes sharing this CPU
         try:
-            cgroups.Cgroup.create(self._monitor_cgroup(monitor_id)).attach(proc.pid)
+            cg = cgroups.Cgroup.create(self._monitor_cgroup(monitor_id))
+            cg.set_cpu_weight(MONITOR_CPU_WEIGHT)
+            cg.attach(proc.pid)
         except BaseException:
             proc.kill()
             proc.wait()
@@ -591,27 +597,45 @@ class Lab:
         """Start the sample service in `node` (or, `recoverable`, the stream service with
         Continuation Boxes on port RECOVERABLE_PORT) and wait until it is ready (a Python
         start on a saturated host took more than 10 s)."""
-        if recoverable:
-            argv = [sys.executable, "-m", "backdoors.lab.recoverable", "--name", f"rsvc-{node}",
-                    "--port", str(topology.RECOVERABLE_PORT), *extra]
-        else:
-            argv = [sys.executable, "-m", "backdoors.lab.service", "--name", f"svc-{node}",
-                    "--port", str(topology.SERVICE_PORT), *extra]
-        proc = self.run_in_node(node, argv, stdout=subprocess.PIPE)
-        line = read_line(proc, timeout)
-        if not line:
-            proc.kill()
-            raise LabError(
-                f"{argv[2]} in node {node} did not start within {timeout}s; see "
-                f"{self.plan.run_dir / node / 'stderr.log'}"
-            )
-        info = ServiceInfo(**{k: v for k, v in json.loads(line).items() if k in ("pid", "box_fd", "port")})
-        # it printed its pid inside the node; the lab speaks host pids
-        info.pid, info.ns_pid = proc.pid, info.pid
-        proc.stdout.close()
-        self.state.services[_service_key(node, recoverable)] = info
-        self.state.save(self.state_path)
-        return info
+        return self.start_services([node], *extra, recoverable=recoverable, timeout=timeout)[0]
+
+    def start_services(self, nodes: list[str], *extra: str, recoverable: bool = False,
+                       timeout: float = 30.0) -> list[ServiceInfo]:
+        """`start_service` in each of `nodes`, all started at once (a lab of many nodes comes
+        up in one interpreter start's time, not one per node); each must be ready within
+        `timeout` of the start. One that is not is killed, with those not yet ready."""
+        module, name, port = (("backdoors.lab.recoverable", "rsvc", topology.RECOVERABLE_PORT)
+                              if recoverable else
+                              ("backdoors.lab.service", "svc", topology.SERVICE_PORT))
+        started = []
+        try:
+            for node in nodes:
+                argv = [sys.executable, "-m", module, "--name", f"{name}-{node}",
+                        "--port", str(port), *extra]
+                started.append((node, self.run_in_node(node, argv, stdout=subprocess.PIPE)))
+            end = time.monotonic() + timeout
+            out = []
+            while started:
+                node, proc = started[0]
+                line = read_line(proc, max(0.0, end - time.monotonic()))
+                if not line:
+                    raise LabError(f"{module} in node {node} did not start within {timeout}s; "
+                                   f"see {self.plan.run_dir / node / 'stderr.log'}")
+                info = ServiceInfo(**{k: v for k, v in json.loads(line).items()
+                                      if k in ("pid", "box_fd", "port")})
+                started.pop(0)
+                # it printed its pid inside the node; the lab speaks host pids
+                info.pid, info.ns_pid = proc.pid, info.pid
+                proc.stdout.close()
+                self.state.services[_service_key(node, recoverable)] = info
+                self.state.save(self.state_path)
+                out.append(info)
+            return out
+        finally:
+            for _node, proc in started:  # not ready: none is left half started
+                proc.kill()
+                proc.wait()
+                proc.stdout.close()
 
     def service(self, node: str, *, recoverable: bool | None = None) -> ServiceInfo:
         """The sample service of `node` (recoverable=True: the stream service; None: the
@@ -750,6 +774,9 @@ class StopSignals:
             signal.pause()
         return self.received[0]
 
+
+#: a lab monitor's CPU weight (a node's cgroup has 100, an agent's 10000)
+MONITOR_CPU_WEIGHT = 1000
 
 #: descriptors a lab process may open: its agents, servers and clients hold a few per
 #: session, and the lab moves 10,000 sessions (bench recovery)

@@ -27,10 +27,10 @@ class AgentLab:
     def __init__(self, name: str, *, hosts: int = 1, nodes: int = 1,
                  memory_limit: int | None = 1 << 30, pids_limit: int | None = 512,
                  monitors: tuple[str, ...] = ("m1",), quorum: int = 1, services: bool = True,
-                 etcd: bool | int = False):
+                 etcd: bool | int = False, sample_period_s: float | None = None):
         self.lab = Lab(name, hosts=hosts, nodes=nodes, memory_limit=memory_limit,
                        pids_limit=pids_limit, services=services, agents=True, quorum=quorum,
-                       monitors=monitors, etcd=etcd)
+                       monitors=monitors, etcd=etcd, sample_period_s=sample_period_s)
 
     @property
     def plan(self):
