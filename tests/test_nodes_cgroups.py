@@ -130,6 +130,27 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _busy(cgroups: list[Cgroup], seconds: float = 2.0) -> list[float]:
+    """A busy loop in each of `cgroups` (one may be named more than once), all on CPU 0,
+    for `seconds`: the CPU seconds each got."""
+    r, w = os.pipe()
+    procs = []
+    try:
+        procs = [subprocess.Popen([PY, "-c", SPIN, str(r)], pass_fds=[r]) for _ in cgroups]
+        for p, cg in zip(procs, cgroups):
+            cg.attach(p.pid)
+        before = [_cpu_s(p.pid) for p in procs]
+        os.write(w, b"x" * len(procs))
+        time.sleep(seconds)
+        return [_cpu_s(p.pid) - b for p, b in zip(procs, before)]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        os.close(r)
+        os.close(w)
+
+
 def test_a_crowded_node_competes_for_the_cpu_as_one_group(prefix):
     """32 busy loops in a node and one in a cgroup of its own beside it (as the agent's),
     all on CPU 0: with the node in a cpu controller of its own, the one outside keeps a
@@ -137,30 +158,15 @@ def test_a_crowded_node_competes_for_the_cpu_as_one_group(prefix):
     leave the agent without it). Both under one parent: whatever else the host runs
     weighs on both alike."""
     cg, alone = Cgroup.create(f"{prefix}/crowd"), Cgroup.create(f"{prefix}/alone")
-    r, w = os.pipe()
-    procs = []
     try:
-        procs = [subprocess.Popen([PY, "-c", SPIN, str(r)], pass_fds=[r]) for _ in range(33)]
-        outside, inside = procs[0], procs[1:]
-        alone.attach(outside.pid)
-        for p in inside:
-            cg.attach(p.pid)
-        before = {p.pid: _cpu_s(p.pid) for p in procs}
-        os.write(w, b"x" * len(procs))
-        time.sleep(2.0)
-        used = {p.pid: _cpu_s(p.pid) - before[p.pid] for p in procs}
+        used = _busy([alone, *[cg] * 32])
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        os.close(r)
-        os.close(w)
         cg.destroy()
         alone.destroy()
         Cgroup.open(prefix).destroy()
-    node = sum(used[p.pid] for p in inside)
+    outside, node = used[0], sum(used[1:])
     # as one group, about even (1:1); as 33 tasks, 1:32
-    assert used[outside.pid] > node / 4, (used[outside.pid], node)
+    assert outside > node / 4, (outside, node)
 
 
 def test_errors_say_what_and_where(prefix):
@@ -361,29 +367,14 @@ def test_a_weighted_cgroup_keeps_the_cpu_against_many_busy_nodes(prefix):
     from backdoors.agent.hardening import CPU_WEIGHT
     nodes = [Cgroup.create(f"{prefix}/n{i}") for i in range(8)]
     agent = Cgroup.create(f"{prefix}/agent")
-    r, w = os.pipe()
-    procs = []
     try:
         with pytest.raises(NodeError, match="1..10000"):
             agent.set_cpu_weight(0)
         agent.set_cpu_weight(CPU_WEIGHT)
-        procs = [subprocess.Popen([PY, "-c", SPIN, str(r)], pass_fds=[r]) for _ in range(9)]
-        agent.attach(procs[0].pid)
-        for p, cg in zip(procs[1:], nodes):
-            cg.attach(p.pid)
-        before = {p.pid: _cpu_s(p.pid) for p in procs}
-        os.write(w, b"x" * len(procs))
-        time.sleep(2.0)
-        used = {p.pid: _cpu_s(p.pid) - before[p.pid] for p in procs}
+        used = _busy([agent, *nodes])
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        os.close(r)
-        os.close(w)
         for cg in (*nodes, agent):
             cg.destroy()
         Cgroup.open(prefix).destroy()
-    rest = sum(used[p.pid] for p in procs[1:])
     # weighted 10000 : 8 x 100, about 12:1; at equal weights 1:8
-    assert used[procs[0].pid] > 2 * rest, (used[procs[0].pid], rest)
+    assert used[0] > 2 * sum(used[1:]), used

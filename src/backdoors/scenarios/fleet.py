@@ -69,7 +69,8 @@ def _pct(values: list[float], q: float) -> float | None:
 def fleet(*, monitors: int = 3, hosts: int = 8, nodes: int = 64, etcd_members: int = 3,
           duration_s: float = 60.0, interval_s: float = 3.0, fault_s: float = 3.0,
           pause_s: float = 2.5, handle_s: float = 10.0, overlap_s: float = 1.0,
-          poll_ms: float = 250.0, sample_period_s: float = 0.25, seed: int | None = None, schedule: list[str] | tuple[str, ...] = (),
+          poll_ms: float = 250.0, sample_period_s: float = 0.25, seed: int | None = None,
+          schedule: list[str] | tuple[str, ...] = (),
           progress: Callable[[str], None] = lambda _line: None) -> dict:
     """Run the scenario (see the module's docstring); a JSON-ready dict. `schedule`: kinds
     injected first, in that order (even past `duration_s`), before the random draws;
