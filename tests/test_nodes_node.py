@@ -226,7 +226,10 @@ def test_kill_tree_takes_descendants_and_spares_the_rest(prefix, freezer):
     nested = node.run(["sh", "-c", "sh -c 'sleep 60 & wait' & wait"])  # sh -> sh -> sleep
     spawner = node.run([PY, "-c", SPAWNER])  # forks long-lived children continuously
     try:
-        wait_for(lambda: len(node.cgroup.procs()) >= 10, what="the spawner to fork")
+        wait_for(lambda: len(node.cgroup.procs()) >= 10, 30, what="the spawner to fork")
+        # and the nested tree whole: on a busy machine its sleep can come much later
+        wait_for(lambda: len(subtree(node.processes(), nested.pid)) >= 3, 30,
+                 what="sh -> sh -> sleep")
         for top in (nested.pid, spawner.pid):
             killed = node.kill_tree(top)
             assert top in killed and len(killed) >= 3
