@@ -107,6 +107,7 @@ def test_create_attach_destroy_leaves_nothing(prefix):
         cg.attach(child.pid)
         assert cg.procs() == [child.pid]
         assert Cgroup.open(f"{prefix}/a").procs() == [child.pid]  # members of children count
+        assert Cgroup.open(f"{prefix}/a").procs("pids") == [child.pid]  # one hierarchy's
         cgroup_file = Path(f"/proc/{child.pid}/cgroup").read_text()
         assert cgroup_file.count(f"/{prefix}/a/b") == len(cg.paths)
         cg.destroy()

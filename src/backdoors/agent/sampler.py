@@ -201,7 +201,9 @@ class NodeSampler:
         failures = cg.fork_failures()
         link_up = self.link.up() if self.link is not None else None
         if start >= self._table_due:
-            self._table = process_table(cg.procs()[: self.max_procs])
+            # the pids hierarchy: every task the node is charged for (a node cannot move
+            # its processes out of one hierarchy: it cannot write the host's cgroupfs)
+            self._table = process_table(cg.procs("pids")[: self.max_procs])
             now = time.monotonic()
             self.history.record(self._table, now)
             self._count_forks(self._table)

@@ -189,16 +189,21 @@ class Cgroup:
         for path in self.paths.values():
             cgfs.write(path / "cgroup.procs", str(pid), f"is process {pid} still alive?")
 
-    def procs(self) -> list[int]:
-        """Every process in this cgroup or below it, in any hierarchy (sorted pids)."""
-        missing = [str(p) for p in self.paths.values() if not p.is_dir()]
+    def procs(self, controller: str | None = None) -> list[int]:
+        """Every process in this cgroup or below it, in any hierarchy (sorted pids); with
+        `controller`, in the hierarchy holding it only (all when it is nowhere): a sixth
+        of the reads on a hybrid host, for a sampler (what a kill must find is in every
+        hierarchy's union)."""
+        tops = ([self._controller_dir(controller)[1]]
+                if controller and self.layout.home(controller) else list(self.paths.values()))
+        missing = [str(p) for p in tops if not p.is_dir()]
         if missing:
             raise NodeError(f"cgroup {self.relpath!r} vanished: {', '.join(missing)} is gone")
-        return self._procs()
+        return self._procs(tops)
 
-    def _procs(self) -> list[int]:
+    def _procs(self, tops: list[Path] | None = None) -> list[int]:
         pids: set[int] = set()
-        for top in self.paths.values():
+        for top in tops or self.paths.values():
             for path in cgfs.tree(top):
                 try:
                     pids.update(int(p) for p in cgfs.read(path / "cgroup.procs").split())
