@@ -77,8 +77,8 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int,
         key_file=str(key_path(plan, host.name)), cgroup=host.agent_cgroup, quorum=quorum,
         nodes=nodes, peers={h.name: read_key(plan, h.name).public_text() for h in plan.hosts
                             if h.name != host.name},
-        watch_peers={h.name: f"{h.address}:{topology.AGENT_PORT}" for h in plan.hosts
-                     if h.name != host.name},
+        watch_peers={h.name: f"{h.address}:{topology.AGENT_PORT}"
+                     for h in watched(plan, host)},
         # the lab moves up to 10,000 sessions of a node (bench recovery)
         max_sessions_per_node=LAB_SESSIONS, max_node_bytes=2 << 30,
         # the server-crash tests' short bound (agent.owners); the default otherwise
@@ -91,6 +91,19 @@ def agent_config(plan: topology.Plan, host: topology.HostPlan, quorum: int,
         **({"sample_period_s": sample_period_s} if sample_period_s else {}))
     validate(config, f"lab {plan.lab} agent {host.name}")
     return config
+
+
+#: how many hosts each lab agent pings (the next ones on a ring of the hosts): each agent is
+#: watched by as many, and 8 hosts ping 16 times per check, not 56
+PEERS_WATCHED = 2
+
+
+def watched(plan: topology.Plan, host: topology.HostPlan) -> list[topology.HostPlan]:
+    """The hosts whose agents `host`'s agent pings: the next PEERS_WATCHED on the ring
+    (every other host in a lab of up to PEERS_WATCHED + 1)."""
+    hosts = list(plan.hosts)
+    at = hosts.index(host)
+    return [hosts[(at + i) % len(hosts)] for i in range(1, min(PEERS_WATCHED, len(hosts) - 1) + 1)]
 
 
 #: the keeper kills and restarts an agent that has not pinged its watchdog for this long:
