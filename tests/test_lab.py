@@ -359,3 +359,36 @@ def test_services_that_do_not_start_are_named_and_none_is_left(lab):
 
     assert stray() == []
     assert all(lab.state.services[k].pid for k in lab.state.services)  # the lab's own run on
+
+
+FORKED = """
+import os, signal, time
+from backdoors import cli
+signal.signal(signal.SIGTERM, cli._Terminated())
+pid = os.fork()
+if pid == 0:
+    try:
+        time.sleep(30)
+    finally:  # the command's teardown, which a child must never run
+        print("child unwound", flush=True)
+    os._exit(0)
+time.sleep(0.3)
+os.kill(pid, signal.SIGTERM)
+_, status = os.waitpid(pid, 0)
+print("child", os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, flush=True)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except SystemExit as e:
+    print("parent", e.code, flush=True)
+"""
+
+
+def test_sigterm_to_a_forked_child_kills_it_and_only_the_command_unwinds():
+    """The command's SIGTERM handler is inherited by children it forks (pyroute2's netns
+    helpers): there SIGTERM kills as by default. Unwinding instead, a child ran the
+    command's teardown and the rest of its code: a test run forked that way ran the suite
+    twice at once."""
+    r = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
+                       timeout=30)
+    assert r.stdout.split("\n")[:2] == ["child True", "parent 143"], (r.stdout, r.stderr)

@@ -802,10 +802,17 @@ def bench_detection(
     soak_seconds: float = typer.Option(60.0, help="False-positive soak under full CPU and memory load."),
     trials: int = typer.Option(20, help="Hangs per deadline."),
     period_ms: float = typer.Option(50.0, help="Monitor poll period."),
+    faults: str = typer.Option("hang,crash,freeze,link_down,memory", help="Faults to time, comma-separated: hang, crash, freeze, link_down, memory."),
+    modes: str = typer.Option("event,poll", help="event (pushed by the agent), poll, or both."),
 ) -> None:
-    """Hang detection latency p50/p99 per deadline, and false positives under load."""
-    _emit(_bench_module("bench_detection").run(soak_seconds=soak_seconds, trials=trials,
-                                                period_ms=period_ms), as_json)
+    """Detection latency p50/p99 per fault, deadline and mode (event vs poll, side by side), and false positives under load."""
+    bench = _bench_module("bench_detection")
+    chosen, how = tuple(f for f in faults.split(",") if f), tuple(m for m in modes.split(",") if m)
+    if not chosen or set(chosen) - set(bench.FAULTS) or not how or set(how) - {"event", "poll"}:
+        raise typer.BadParameter(f"--faults: some of {', '.join(bench.FAULTS)}; --modes: "
+                                 "event, poll or both")
+    _emit(bench.run(soak_seconds=soak_seconds, trials=trials, period_ms=period_ms,
+                    faults_=chosen, modes=how), as_json)
 
 
 @bench_app.command("agent")
@@ -923,28 +930,41 @@ def _print_error(e: BackdoorsError) -> None:
     err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
 
 
-def _terminated(signum: int, _frame) -> None:
-    """End the command as Ctrl-C would, once: its finally blocks run, so a scenario, a
-    benchmark or the demo tears its lab down. A second signal does not cut the teardown
-    short (SIGKILL does; the next lab start reaps what is left)."""
-    import signal
+class _Terminated:
+    """SIGTERM or SIGHUP ends the command as Ctrl-C would, once: its finally blocks run, so
+    a scenario, a benchmark or the demo tears its lab down (exit status 128+N). A second
+    signal does not cut the teardown short (SIGKILL does; the next lab start reaps what is
+    left). A child forked by this process (pyroute2's netns helpers, a test's fork) keeps
+    the handler: there the signal kills as by default, or the child would unwind into this
+    process's code and tear the lab down under it."""
 
-    def again(_signum: int, _frame) -> None:
-        err.print("already tearing down (SIGKILL abandons it)", highlight=False)
+    def __init__(self) -> None:
+        self.owner, self.began = os.getpid(), False
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, again)  # not SIG_IGN: children started now must not inherit it
-    err.print(f"{signal.Signals(signum).name}: tearing down", highlight=False)
-    raise SystemExit(128 + signum)
+    def __call__(self, signum: int, _frame) -> None:
+        import signal
+
+        if os.getpid() != self.owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.began:
+            err.print("already tearing down (SIGKILL abandons it)", highlight=False)
+            return
+        self.began = True
+        err.print(f"{signal.Signals(signum).name}: tearing down", highlight=False)
+        raise SystemExit(128 + signum)
 
 
 def main() -> None:
     import signal
 
-    # Commands that hold on (the agent, a monitor, a lab in the foreground) set their own.
+    # Commands that hold on (the agent, a monitor, a lab in the foreground) set their own;
+    # the handlers before are restored at the end (main() called in-process, by a test).
+    handler, before = _Terminated(), {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is signal.SIG_DFL:
-            signal.signal(sig, _terminated)
+            before[sig] = signal.signal(sig, handler)
     try:
         app()
     except NeedRootError as e:
@@ -953,3 +973,6 @@ def main() -> None:
     except BackdoorsError as e:
         _print_error(e)
         sys.exit(1)
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
