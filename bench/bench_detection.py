@@ -1,5 +1,5 @@
-"""Detection latency by event and by poll, for hangs, crashes, freezes and link failures;
-false positives under load.
+"""Detection latency by event and by poll, for hangs, crashes, freezes, link failures and
+memory use past its high mark; false positives under load.
 
 One lab, one node per deadline (50, 100, 200 ms), each with the sample service ticking
 every 10 ms under that deadline. The same run measures two modes: "event", the monitor
@@ -11,7 +11,12 @@ injection: hang (the service's main loop stalled, SIGUSR1: rule hang), crash (th
 service SIGKILLed: rule hang; by event the agent pushes the death of the box's
 registrant at once, by poll the counter stalls past its deadline; the service is
 started again after each trial), freeze (the node's cgroup frozen by nobody's lock: rule
-hang) and link_down (the node's service interface set down: rule network). Soak (event
+hang), link_down (the node's service interface set down: rule network) and memory (a
+ballast holds the node ~40 MB below its memory high mark, 80 % of its limit; a process of
+the node, started and waiting beforehand, allocates and touches that distance + 24 MB at
+once: rule memory; by event the agent's usage threshold wakes its watcher, by poll the
+kernel sampler's next read and the poll after it see it; the time counts from the
+request to allocate, its ~10-30 ms of page faults included alike in both modes). Soak (event
 mode): for --soak-seconds (60 by default; 600 for the 10-minute soak), nothing is wrong but both
 cores are saturated (two busy-loop processes and a memory churner allocating, touching
 and freeing 256 MB, all outside the nodes, so they compete with services, agent and
@@ -74,14 +79,75 @@ detectors = [{ kind = "level_out_of_bounds", box = "kernel", sensors = ["link_up
 actions = [{ kind = "record" }]
 clear_ms = 200
 cooldown_ms = 500
+
+[[rule]]
+name = "memory"
+detectors = [{ kind = "level_out_of_bounds", box = "kernel", sensors = ["memory_mb"] }]
+actions = [{ kind = "record" }]
+clear_ms = 200
+cooldown_ms = 500
 """
-FAULTS = ("hang", "crash", "freeze", "link_down")
-RULE_OF = {"hang": "hang", "crash": "hang", "freeze": "hang", "link_down": "network"}
+FAULTS = ("hang", "crash", "freeze", "link_down", "memory")
+RULE_OF = {"hang": "hang", "crash": "hang", "freeze": "hang", "link_down": "network",
+           "memory": "memory"}
+MiB = 1 << 20
+BALLAST_BELOW_MB = 40  # where the ballast leaves the node: about this far below its high mark
+SPIKE_PAST_MB = 24  # the memory fault's allocation goes this far past the high mark
+#: says it is armed, reads a size, allocates and touches that many bytes, waits to exit
+_SPIKE = ("import sys\nprint('armed', flush=True)\n"
+          "b = bytearray(b'\\3') * int(sys.stdin.readline())\nsys.stdin.readline()\n")
 
 
-def _inject(al: AgentLab, node: str, fault: str, on: bool, deadline_ms: float) -> None:
+class _Spikes:
+    """Per node, the memory fault's process, started (and its interpreter loaded) before
+    the trial, so the trial times the allocation, not a Python start."""
+
+    def __init__(self, al: AgentLab):
+        self.al, self.ready, self.size, self.below_mb = al, {}, {}, {}
+
+    def ballast(self, node: str) -> None:
+        """Fill the node to about BALLAST_BELOW_MB under its high mark with a stable cache
+        (the armed process and the interpreters' page cache counted), and size the
+        fault's allocation from what is left."""
+        self.arm(node)
+        cg = self.al.lab.node(node).cgroup
+        high = 0.8 * cg.memory_limit()
+        mb = (high - cg.memory_usage()) / MiB - BALLAST_BELOW_MB - 16  # its interpreter
+        proc = self.al.lab.run_in_node(node, [sys.executable, "-m", "backdoors.lab.hogs",
+                                              "cache", "--mb", str(round(mb))],
+                                       stdout=subprocess.PIPE)
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"{node}: the memory ballast ({mb:.0f} MB) did not start")
+        below = high - cg.memory_usage()
+        if below < 4 * MiB:
+            raise RuntimeError(f"{node}: the memory ballast left the node {below / MiB:.0f} "
+                               "MB below its high mark")
+        self.below_mb[node] = round(below / MiB, 1)
+        self.size[node] = int(below) + SPIKE_PAST_MB * MiB
+
+    def arm(self, node: str) -> None:
+        self.ready[node] = self.al.lab.run_in_node(
+            node, [sys.executable, "-c", _SPIKE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if self.ready[node].stdout.readline().strip() != b"armed":
+            raise RuntimeError(f"{node}: the memory fault's process did not start")
+
+    def fire(self, node: str) -> None:
+        self.ready[node].stdin.write(b"%d\n" % self.size[node])
+        self.ready[node].stdin.flush()
+
+    def end(self, node: str) -> None:
+        proc = self.ready.pop(node)
+        proc.stdin.close()  # it exits, its memory freed
+        proc.wait(10)
+        self.arm(node)
+
+
+def _inject(al: AgentLab, node: str, fault: str, on: bool, deadline_ms: float,
+            spikes: _Spikes | None = None) -> None:
     n = al.lab.node(node)
-    if fault == "hang":
+    if fault == "memory":
+        (spikes.fire if on else spikes.end)(node)
+    elif fault == "hang":
         n.kill(al.lab.service(node).pid, signal.SIGUSR1 if on else signal.SIGUSR2)
     elif fault == "crash":
         if on:
@@ -98,19 +164,20 @@ def _inject(al: AgentLab, node: str, fault: str, on: bool, deadline_ms: float) -
 
 
 def _trials(al: AgentLab, mon: Monitor, node: str, deadline_ms: float,
-            faults_: tuple[str, ...], trials: int, results: dict, errors: list):
+            faults_: tuple[str, ...], trials: int, results: dict, errors: list,
+            spikes: _Spikes):
     seen: set[str] = set()
     for fault in faults_:
         rule = RULE_OF[fault]
         for _ in range(trials):
             try:
                 t0_wall = time.time()
-                _inject(al, node, fault, True, deadline_ms)
+                _inject(al, node, fault, True, deadline_ms, spikes)
                 try:
                     inc = mon.wait_for(lambda i: i.node == node and i.rule == rule
                                        and i.id not in seen, 5)
                 finally:
-                    _inject(al, node, fault, False, deadline_ms)
+                    _inject(al, node, fault, False, deadline_ms, spikes)
                 if inc is None:
                     errors.append(f"{node}: {fault} was not detected within 5 s")
                     continue
@@ -124,7 +191,7 @@ def _trials(al: AgentLab, mon: Monitor, node: str, deadline_ms: float,
 
 
 def _measure(al: AgentLab, nodes: dict[str, int], mode: str, trials: int, period_ms: float,
-             faults_: tuple[str, ...], out: dict) -> Monitor:
+             faults_: tuple[str, ...], out: dict, spikes: _Spikes) -> Monitor:
     """One mode's trials; returns its (running) monitor, for the soak."""
     cfg = al.monitor_config(period_ms=period_ms, events=mode == "event")
     mon = Monitor(cfg, key=al.monitor_key(), rules=parse_ruleset(RULES).rule).start()
@@ -135,7 +202,8 @@ def _measure(al: AgentLab, nodes: dict[str, int], mode: str, trials: int, period
     results: dict[str, dict] = {node: {} for node in nodes}
     errors: list[str] = []
     threads = [threading.Thread(target=_trials, args=(al, mon, node, deadline, faults_,
-                                                      trials, results[node], errors))
+                                                      trials, results[node], errors,
+                                                      spikes))
                for node, deadline in nodes.items()]
     for t in threads:
         t.start()
@@ -207,8 +275,13 @@ def run(*, soak_seconds: float = 60.0, trials: int = 20, period_ms: float = 50.0
         for node, deadline in nodes.items():
             al.wait_registered(node)
             al.restart_service(node, "--deadline", str(deadline / 1000))
+        spikes = _Spikes(al)
+        if "memory" in faults_:
+            for node in nodes:
+                spikes.ballast(node)
+            out["memory_below_high_mb"] = spikes.below_mb
         for mode in modes:
-            mon = _measure(al, nodes, mode, trials, period_ms, faults_, out)
+            mon = _measure(al, nodes, mode, trials, period_ms, faults_, out, spikes)
             try:
                 if mode == "event" and soak_seconds > 0:
                     out["soak"] = _soak(mon, nodes, soak_seconds)
