@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 
+from backdoors.agent.config import KernelSensorLimits
 from backdoors.lab import faults
 from backdoors.monitor import Monitor, parse_ruleset
 from backdoors.scenarios.labkit import AgentLab, unique_name
@@ -91,7 +92,7 @@ FAULTS = ("hang", "crash", "freeze", "link_down", "memory")
 RULE_OF = {"hang": "hang", "crash": "hang", "freeze": "hang", "link_down": "network",
            "memory": "memory"}
 MiB = 1 << 20
-BALLAST_BELOW_MB = 40  # where the ballast leaves the node: about this far below its high mark
+BALLAST_BELOW_MB = 40  # where the ballast aims to leave the node below its high mark (at most)
 SPIKE_PAST_MB = 24  # the memory fault's allocation goes this far past the high mark
 #: says it is armed, reads a size, allocates and touches that many bytes, waits to exit
 _SPIKE = ("import sys\nprint('armed', flush=True)\n"
@@ -106,12 +107,15 @@ class _Spikes:
         self.al, self.ready, self.size, self.below_mb = al, {}, {}, {}
 
     def ballast(self, node: str) -> None:
-        """Fill the node to about BALLAST_BELOW_MB under its high mark with a stable cache
-        (the armed process and the interpreters' page cache counted), and size the
-        fault's allocation from what is left."""
+        """Fill the node to at most BALLAST_BELOW_MB under its high mark (the agents' own
+        `memory_high`) with a stable cache, the armed process and the interpreters' page
+        cache counted (they often take more than allowed for: 18.5 MB below was measured),
+        and size the fault's allocation from what is left."""
         self.arm(node)
         cg = self.al.lab.node(node).cgroup
-        high = 0.8 * cg.memory_limit()
+        high = KernelSensorLimits().memory_high(cg.memory_limit())
+        if high is None:
+            raise RuntimeError(f"{node}: the memory fault needs a node with a memory limit")
         mb = (high - cg.memory_usage()) / MiB - BALLAST_BELOW_MB - 16  # its interpreter
         proc = self.al.lab.run_in_node(node, [sys.executable, "-m", "backdoors.lab.hogs",
                                               "cache", "--mb", str(round(mb))],
