@@ -4,15 +4,17 @@
 
 Every client session receives the stream of `backdoors.lab.stream`, paced at --rate
 bytes/s, from offset 0 (or from where a recovered session left off). The state of a
-session is its offset; it is exported every --export-every bytes. The sessions are tasks
-of one asyncio loop (`AsyncListener`, `create_cb_async`): a recovery that brings a
-thousand sessions starts no thread. A recovered session whose box cannot be opened is
-closed and released at the agent (counted in the log), never left hanging. A heartbeat
-thread ticks a progress sensor every 10 ms while the process runs; its Sensor Box, the
-sessions' boxes and sockets are registered with the node's agent, and recovered sessions
-arrive on the node's adoption socket (BACKDOORS_AGENT_SOCKET, BACKDOORS_ADOPT_DIR).
-Prints one JSON line when ready: {"pid", "port", "box_fd"}. SIGUSR1 makes it leak memory
-(a service that is itself the memory hog: not repairable by killing it).
+session is its offset; it is exported every --export-every bytes. After a recovery, the
+output regenerated from the last export that the client already has is not paced (it is
+discarded, not sent). The sessions are tasks of one asyncio loop (`AsyncListener`,
+`create_cb_async`): a recovery that brings a thousand sessions starts no thread. A
+recovered session whose box cannot be opened is closed and released at the agent
+(counted in the log), never left hanging. A heartbeat thread ticks a progress sensor
+every 10 ms while the process runs; its Sensor Box, the sessions' boxes and sockets are
+registered with the node's agent, and recovered sessions arrive on the node's adoption
+socket (BACKDOORS_AGENT_SOCKET, BACKDOORS_ADOPT_DIR). Prints one JSON line when ready:
+{"pid", "port", "box_fd"}. SIGUSR1 makes it leak memory (a service that is itself the
+memory hog: not repairable by killing it).
 """
 
 from __future__ import annotations
@@ -74,12 +76,20 @@ class Service:
         while True:
             # a chunk ends on a multiple of `chunk`, whatever offset a recovery resumed at
             n = chunk - state.offset % chunk
+            if skip := cb.conn.skipping:
+                # what the client already has is discarded, not sent: regenerate it in
+                # one piece up to the next export, unpaced (pacing is of the client's stream)
+                n = min(n + (max(0, skip - n) + chunk - 1) // chunk * chunk,
+                        self.export_every - state.offset % self.export_every)
             cb.writer.write(stream.expected(state.offset, n))
             state.offset += n
             if state.offset % self.export_every == 0:
                 await cb.export(state)  # drains first
             else:
                 await cb.writer.drain()
+            if cb.conn.skipping:  # still catching up (stopped at an export): no pacing
+                next_at = loop.time()
+                continue
             next_at += interval
             delay = next_at - loop.time()
             if delay > 0:
