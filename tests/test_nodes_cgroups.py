@@ -200,6 +200,50 @@ def test_limits_roundtrip(prefix):
     assert cg.cpu_seconds() == 0.0
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("freezer", ["v1", "v2"])
+def test_kept_files_read_what_the_kernel_says_and_follow_a_cgroup_made_again(prefix, freezer):
+    """A sampler's kept-open reads give what fresh reads give, see a cgroup removed and
+    made again under the same name (not the dead one's numbers), fail as fresh reads do
+    once it is gone, and close every descriptor they opened."""
+    require_freezer(freezer)
+    before = _open_fds()
+    cg = Cgroup.create(prefix, freezer=freezer)
+    cg.set_memory_limit(64 << 20)
+    cg.set_pids_limit(17)
+    cg.keep_files_open()
+    fresh = Cgroup.open(prefix, freezer=freezer)
+
+    def readings(c):
+        return (c.memory_limit(), c.pids_limit(), c.pids_current(), c.memory_usage(),
+                c.oom_kills(), c.fork_failures(), c.is_frozen(), sorted(c.pressure()))
+
+    assert readings(cg) == readings(fresh)
+    assert readings(cg)[:7] == (64 << 20, 17, 0, 0, 0, 0, False)
+    assert _open_fds() > before  # kept open
+    cg.set_pids_limit(5)
+    cg.freeze()
+    try:
+        assert cg.pids_limit() == 5 and cg.is_frozen()
+    finally:
+        cg.thaw()
+    assert not cg.is_frozen()
+
+    cg.destroy()
+    Cgroup.create(prefix, freezer=freezer).set_pids_limit(9)  # the same name, made again
+    assert cg.pids_limit() == 9 and cg.memory_limit() is None
+    fresh.destroy()
+    with pytest.raises(NodeError, match="does not exist"):
+        cg.pids_limit()
+    cg.close_files()
+    assert _open_fds() == before
+    with pytest.raises(NodeError, match="does not exist"):
+        cg.pids_current()  # closed: a fresh read, the same error
+
+
 # -- freezing ---------------------------------------------------------------------------
 
 

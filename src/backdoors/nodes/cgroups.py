@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from backdoors.errors import NodeError
@@ -48,6 +49,7 @@ class Cgroup:
         }
         self._requested_freezer = freezer
         self.freezer = self._pick_freezer(freezer)
+        self._kept: cgfs.KeptFiles | None = None
 
     def __repr__(self) -> str:
         return f"Cgroup({self.relpath!r}, {self.layout.kind}, freezer={self.freezer})"
@@ -261,8 +263,8 @@ class Cgroup:
     def is_frozen(self) -> bool:
         """True when the chosen freezer reports the cgroup completely frozen."""
         if self.freezer == "v1":
-            return self._v1_frozen()
-        events = cgfs.keyed(cgfs.read(self.paths[UNIFIED] / "cgroup.events"))
+            return self._read("freezer.state", lambda: self._v1_dir("freezer")).strip() == "FROZEN"
+        events = cgfs.keyed(self._read("cgroup.events", lambda: self.paths[UNIFIED]))
         return events.get("frozen") == 1
 
     def freeze_requested(self) -> bool:
@@ -367,6 +369,32 @@ class Cgroup:
 
     # -- limits and accounting -------------------------------------------------------
 
+    def keep_files_open(self) -> None:
+        """Keep the accounting files (memory, pids, CPU, pressure, frozen state) open once
+        read, and read them again with pread (cgfs.KeptFiles): for a sampler reading
+        them many times a second. close_files() closes them."""
+        if self._kept is None:
+            self._kept = cgfs.KeptFiles()
+
+    def close_files(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.close()
+
+    def _read(self, file: str, where: Callable[[], Path]) -> str:
+        """The text of `file` in the directory `where()` (built only when opened)."""
+        kept = self._kept
+        if kept is None:
+            return cgfs.read(where() / file)
+        return kept.read(file, lambda: where() / file)
+
+    def _home(self, controller: str) -> str:
+        """"v1" or "v2": where `controller` lives (NodeError if nowhere)."""
+        return self.layout.home(controller) or self._controller_dir(controller)[0]
+
+    def _in(self, controller: str) -> Callable[[], Path]:
+        return lambda: self._controller_dir(controller)[1]
+
     def _controller_dir(self, controller: str) -> tuple[str, Path]:
         home = self.layout.home(controller)
         if home == "v1":
@@ -396,17 +424,15 @@ class Cgroup:
 
     def memory_limit(self) -> int | None:
         """The memory limit in bytes, None when unlimited."""
-        version, path = self._controller_dir("memory")
-        if version == "v1":
-            value = cgfs.read_int(path / "memory.limit_in_bytes")
+        if self._home("memory") == "v1":
+            value = cgfs.to_int(self._read("memory.limit_in_bytes", self._in("memory")))
             return None if value is None or value >= _V1_UNLIMITED else value
-        return cgfs.read_int(path / "memory.max")
+        return cgfs.to_int(self._read("memory.max", self._in("memory")))
 
     def memory_usage(self) -> int:
         """Bytes of memory charged to the cgroup (page cache included)."""
-        version, path = self._controller_dir("memory")
-        file = "memory.usage_in_bytes" if version == "v1" else "memory.current"
-        return cgfs.read_int(path / file) or 0
+        file = "memory.usage_in_bytes" if self._home("memory") == "v1" else "memory.current"
+        return cgfs.to_int(self._read(file, self._in("memory"))) or 0
 
     def socket_memory(self) -> int:
         """Bytes of TCP socket buffers charged to the cgroup (v1: memory.kmem.tcp, counted
@@ -418,9 +444,8 @@ class Cgroup:
 
     def oom_kills(self) -> int:
         """How many processes the OOM killer killed in this cgroup (and below)."""
-        version, path = self._controller_dir("memory")
-        text = cgfs.read(path / ("memory.oom_control" if version == "v1" else "memory.events"))
-        return cgfs.keyed(text).get("oom_kill", 0)
+        file = "memory.oom_control" if self._home("memory") == "v1" else "memory.events"
+        return cgfs.keyed(self._read(file, self._in("memory"))).get("oom_kill", 0)
 
     def set_pids_limit(self, limit: int | None) -> None:
         """Allow at most `limit` tasks (processes and threads); None removes the limit."""
@@ -430,16 +455,15 @@ class Cgroup:
 
     def pids_limit(self) -> int | None:
         """The task limit, None when unlimited."""
-        return cgfs.read_int(self._controller_dir("pids")[1] / "pids.max")
+        return cgfs.to_int(self._read("pids.max", self._in("pids")))
 
     def pids_current(self) -> int:
         """Tasks (processes and threads) charged to the cgroup, exited-but-unreaped included."""
-        return cgfs.read_int(self._controller_dir("pids")[1] / "pids.current") or 0
+        return cgfs.to_int(self._read("pids.current", self._in("pids"))) or 0
 
     def fork_failures(self) -> int:
         """Forks refused so far because the pids limit was reached (pids.events "max")."""
-        _, path = self._controller_dir("pids")
-        return cgfs.keyed(cgfs.read(path / "pids.events")).get("max", 0)
+        return cgfs.keyed(self._read("pids.events", self._in("pids"))).get("max", 0)
 
     def set_cpu_weight(self, weight: int) -> None:
         """The cgroup's share of the CPU against its siblings when they all want it, on the
@@ -455,9 +479,10 @@ class Cgroup:
     def cpu_seconds(self) -> float:
         """CPU time used by the cgroup's processes so far (user + system), in seconds."""
         if "cpuacct" in self.layout.v1:
-            return (cgfs.read_int(self._v1_dir("cpuacct") / "cpuacct.usage") or 0) / 1e9
+            usage = self._read("cpuacct.usage", lambda: self._v1_dir("cpuacct"))
+            return (cgfs.to_int(usage) or 0) / 1e9
         if UNIFIED in self.paths:  # cpu.stat's usage_usec needs no controller
-            stat = cgfs.keyed(cgfs.read(self.paths[UNIFIED] / "cpu.stat"))
+            stat = cgfs.keyed(self._read("cpu.stat", lambda: self.paths[UNIFIED]))
             return stat.get("usage_usec", 0) / 1e6
         raise NodeError(f"no CPU accounting available ({self.layout.describe()})")
 
@@ -468,7 +493,7 @@ class Cgroup:
         if UNIFIED not in self.paths:
             return None
         try:
-            return int(cgfs.pressure(cgfs.read(self.paths[UNIFIED] / "cpu.pressure"))
+            return int(cgfs.pressure(self._read("cpu.pressure", lambda: self.paths[UNIFIED]))
                        ["full_total_us"])
         except (NodeError, KeyError, ValueError):
             return None
@@ -483,9 +508,9 @@ class Cgroup:
         if UNIFIED not in self.paths:
             return out
         for resource in ("memory", "cpu", "io"):
-            file = self.paths[UNIFIED] / f"{resource}.pressure"
             try:
-                out[resource] = cgfs.pressure(cgfs.read(file))
+                out[resource] = cgfs.pressure(self._read(f"{resource}.pressure",
+                                                         lambda: self.paths[UNIFIED]))
             except NodeError:
                 if not self.paths[UNIFIED].is_dir():
                     raise
