@@ -1,6 +1,7 @@
 """The agent's watcher hears the kernel: a link going down (rtnetlink), a v2 freeze
 (cgroup.events) and an OOM kill (the memory controller's notification) are pushed
-without any read on a timer: its fallback reads are set an hour apart here."""
+without any read on a timer: its fallback reads are set an hour apart here. Refused
+forks, which nothing notifies on a v1 hierarchy, are read on the watcher's ticks."""
 
 import os
 import queue
@@ -130,6 +131,47 @@ def test_an_oom_kill_is_pushed_from_the_memory_controller(watched):
     finally:
         hog.kill()
         hog.wait()
+
+
+FORKER = """import os, sys, time
+os.read(int(sys.argv[1]), 1)
+for _ in range(200):
+    try:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+    except BlockingIOError:  # refused by the pids limit
+        pass
+time.sleep(60)
+"""
+
+
+def test_forks_refused_by_the_pids_limit_are_pushed_within_the_window(watched):
+    """A fork bomb against the pids limit: its refused forks (pids.events, read by the
+    watcher's ticks: a v1 hierarchy notifies nothing) are one violation past the
+    fork_failures sensor's bound, and one clearing once a window passes without them."""
+    w = watched
+    w.cg.set_pids_limit(8)
+    r, wr = os.pipe()
+    bomb = subprocess.Popen([sys.executable, "-c", FORKER, str(r)], pass_fds=[r])
+    try:
+        w.cg.attach(bomb.pid)
+        time.sleep(0.2)  # the watcher read the count before: nothing refused yet
+        assert w.events.empty()
+        os.write(wr, b"x")
+        kind, data = _next(w, "fork_failures")
+        limit = KernelSensorLimits().fork_failures_per_s
+        assert kind == "violation" and data["sensor"] == "fork_failures"
+        assert data["events"] > limit and data["value"] >= data["events"]
+        assert data["max_events"] == limit and data["window_s"] == 1.0
+        kind, data = _next(w, "fork_failures", timeout=10)  # no more forks: it ends
+        assert kind == "cleared" and data["events"] <= limit
+        assert w.events.empty()
+    finally:
+        w.cg.kill_all()
+        bomb.wait()
+        os.close(r)
+        os.close(wr)
 
 
 GROW = """import os, sys

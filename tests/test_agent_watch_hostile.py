@@ -13,6 +13,7 @@ import os
 import time
 from types import SimpleNamespace
 
+from backdoors.agent.config import KernelSensorLimits
 from backdoors.agent.regions import RegionTable
 from backdoors.agent.tracking import BoxTracking
 from backdoors.agent.watch import COUNTERS_PER_TICK, PARSES_PER_TICK, Watcher
@@ -23,8 +24,9 @@ BOXES, SENSORS = 64, 256
 
 
 def _rt(name: str) -> SimpleNamespace:
-    return SimpleNamespace(name=name, tracking=BoxTracking(),
-                           node=SimpleNamespace(cgroup=SimpleNamespace(cpu_full_us=lambda: None)))
+    cgroup = SimpleNamespace(cpu_full_us=lambda: None, fork_failures=lambda: 0)
+    return SimpleNamespace(name=name, tracking=BoxTracking(), node=SimpleNamespace(cgroup=cgroup),
+                           sampler=SimpleNamespace(limits=KernelSensorLimits()))
 
 
 def _bump(maps: list[mmap.mmap]) -> None:

@@ -16,6 +16,9 @@ notifies, and wakes every `watch_period_ms` only for what is a memory load:
 - OOM kills: the memory controller's OOM notification (v1 eventfd on
   memory.oom_control, v2 memory.events); the count is read at the wake-up and, since a
   v1 wake-up precedes the kill, again on each tick for OOM_SETTLE_S after it.
+- refused forks: pids.events' "max" count, which nothing notifies on a v1 hierarchy,
+  is read every FORKS_READ_S (one pread of a kept-open file): a fork bomb against the
+  pids limit is pushed within that, not at the sampler's next read and a poll after it.
 - memory use: a usage threshold (v1, `nodes.notify.MemoryThreshold`) at the kernel box's
   `memory_mb` max (`memory_high_pct` of the node's memory limit): the kernel wakes the
   watcher when the usage crosses it, not the sampler's next read and a poll after it.
@@ -64,6 +67,8 @@ while it is held are not published (the lock stops progress on purpose). Each vi
   count), events (kills the watcher saw in the sensor's window), max_events, window_s,
   onset: more kills in the window than the sensor allows (by default: any), the moment
   the count rises; cleared once the window holds no more than that.
+- pressure_over_rate (condition "fork_failures"): box "kernel", sensor "fork_failures",
+  value (the count), events, max_events, window_s (1), onset, as for OOM kills.
 - level_out_of_bounds (condition "memory_high"): box "kernel", sensor "memory_mb", value
   (MiB, at the wake-up), max (the threshold, MiB), onset; cleared once below it.
 - level_out_of_bounds (condition "psi_<resource>"): box "kernel", sensor
@@ -91,7 +96,7 @@ from ..errors import BackdoorsError, SensorBoxError
 from ..net.links import LinkEvents
 from ..nodes.notify import FrozenNotifier, MemoryThreshold, OomNotifier, PressureTrigger
 from ..sensors import GUEST_BOX, SensorType, abi, over_rate, parse_box, read_consistent, stalled
-from .sampler import OOM_WINDOW_S
+from .sampler import FORK_WINDOW_S, OOM_WINDOW_S
 from .served import NodeRuntime
 from .tracking import Key
 
@@ -100,6 +105,10 @@ log = logging.getLogger("backdoors.agent")
 SLOW_S = 1.0  # every node's link, frozen state and OOM count read again (fallback)
 FROZEN_READ_S = 0.05  # the v1 freezer's state, which nothing notifies, is read this often
 OOM_SETTLE_S = 0.5  # after an OOM notification, the count is read on every tick this long
+#: pids.events, whose "max" count of refused forks notifies nothing on a v1 hierarchy
+#: (checked on 6.18: neither poll nor inotify wakes), is read this often: one pread of a
+#: kept-open file, ~1 us (Cgroup.keep_files_open)
+FORKS_READ_S = 0.025
 RETRY_S = 1.0  # a box that did not parse is tried again after this
 #: What one tick does for one node at most: a node's root owns its boxes' memory and can
 #: change every layout on every tick (a 4,096-sensor box takes ~16 ms to parse), and keep
@@ -166,6 +175,28 @@ class _Box:
 
 
 @dataclass(eq=False)
+class _Rate:
+    """A kernel event counter (OOM kills, failed forks) and what it rose by in the last
+    `window_s`: the pressure sensor's events per window, judged as the monitor does."""
+
+    window_s: float
+    count: int | None = None  # at the last read
+    rises: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic, by)
+    events: int = 0  # in the window
+    violated: bool = False
+
+    def update(self, count: int, now: float) -> int:
+        """Take a reading; the events in the window ending `now`."""
+        if self.count is not None and count > self.count:
+            self.rises.append((now, count - self.count))
+            self.events += count - self.count
+        self.count = count
+        while self.rises and self.rises[0][0] <= now - self.window_s:
+            self.events -= self.rises.popleft()[1]
+        return self.events
+
+
+@dataclass(eq=False)
 class _Node:
     rt: NodeRuntime
     boxes: dict[Key, _Box] = field(default_factory=dict)
@@ -176,9 +207,9 @@ class _Node:
     frozen: bool = False
     frozen_due: float = 0.0  # next read of a v1 freezer's state
     oom: OomNotifier | None = None
-    oom_count: int | None = None  # the OOM kill count at the last read
-    oom_kills: deque[float] = field(default_factory=deque)  # when each was seen (monotonic)
-    oom_violated: bool = False
+    oom_kills: _Rate = field(default_factory=lambda: _Rate(OOM_WINDOW_S))
+    fork_failures: _Rate = field(default_factory=lambda: _Rate(FORK_WINDOW_S))
+    forks_due: float = 0.0  # next read of the failed-fork count (inf: no pids controller)
     oom_settle_until: float = 0.0  # read the count on every tick until then
     mem: MemoryThreshold | None = None
     mem_at: int | None = None  # the memory threshold wanted (bytes; None: no limit)
@@ -502,6 +533,9 @@ class Watcher:
             self._oom(n, now)
         for n in list(self._pressed):
             self._psi_ended(n, now)
+        for n in self._nodes.values():
+            if now >= n.forks_due:
+                self._forks(n, now)
         for budget in self._budgets.values():  # the last suppressed, once a flood ended
             if budget.suppressed:
                 budget.flush(time.monotonic())
@@ -709,23 +743,35 @@ class Watcher:
 
     def _oom(self, n: _Node, now: float) -> None:
         """Judge the OOM kills of the node's cgroup in the oom_kills sensor's window."""
-        rt = n.rt
         try:
-            count = rt.node.cgroup.oom_kills()
+            count = n.rt.node.cgroup.oom_kills()
         except (OSError, BackdoorsError):
             return  # unreadable for now: no news
-        if n.oom_count is not None and count > n.oom_count:
-            n.oom_kills.extend([now] * (count - n.oom_count))
-        n.oom_count = count
-        while n.oom_kills and n.oom_kills[0] <= now - OOM_WINDOW_S:
-            n.oom_kills.popleft()
-        limit = rt.sampler.limits.oom_kills_per_10s
-        violated = over_rate(len(n.oom_kills), limit)
-        if violated != n.oom_violated:
-            n.oom_violated = violated
-            self._say(rt.name, violated, detector="pressure_over_rate", condition="oom_kill",
-                      box="kernel", sensor="oom_kills", value=count, events=len(n.oom_kills),
-                      max_events=limit, window_s=OOM_WINDOW_S, onset=time.time())
+        self._rate(n, n.oom_kills, count, now, "oom_kill", "oom_kills",
+                   n.rt.sampler.limits.oom_kills_per_10s)
+
+    def _forks(self, n: _Node, now: float) -> None:
+        """Judge the node's failed forks (pids.events "max") in the fork_failures
+        sensor's window: a fork bomb against the pids limit, FORKS_READ_S after it hits."""
+        n.forks_due = now + FORKS_READ_S
+        try:
+            count = n.rt.node.cgroup.fork_failures()
+        except (OSError, BackdoorsError):
+            if n.rt.node.cgroup.layout.home("pids") is None:
+                n.forks_due = math.inf  # no pids controller: no forks refused, ever
+            return  # otherwise unreadable for now: no news
+        self._rate(n, n.fork_failures, count, now, "fork_failures", "fork_failures",
+                   n.rt.sampler.limits.fork_failures_per_s)
+
+    def _rate(self, n: _Node, rate: _Rate, count: int, now: float, condition: str,
+              sensor: str, limit: float) -> None:
+        events = rate.update(count, now)
+        violated = over_rate(events, limit)
+        if violated != rate.violated:
+            rate.violated = violated
+            self._say(n.rt.name, violated, detector="pressure_over_rate", condition=condition,
+                      box="kernel", sensor=sensor, value=count, events=events,
+                      max_events=limit, window_s=rate.window_s, onset=time.time())
 
     def _memory(self, n: _Node, moved: bool = False) -> None:
         """Judge the node's memory use against its threshold (`moved`: first register
