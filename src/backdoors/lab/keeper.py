@@ -39,6 +39,7 @@ from ..common.fdstore import (LISTEN_FDS_START, NOTIFY_SOCKET_ENV, WATCHDOG_USEC
 RESTART_S = 0.1
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+MESSAGES_PER_WAKE = 256  # then the loop checks the agent (its exit, the watchdog) again
 
 
 def say(what: str, **fields) -> None:
@@ -64,6 +65,7 @@ class Keeper:
         self.store: dict[tuple[int, int], tuple[str, int]] = {}
         self.names: dict[str, set[tuple[int, int]]] = {}
         self.sock = notify_listener(notify)
+        self.sock.setblocking(False)  # read only when the selector says so, until empty
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.sock, selectors.EVENT_READ, "notify")
         self.pid = 0
@@ -164,11 +166,15 @@ class Keeper:
     # -- messages ----------------------------------------------------------------------
 
     def message(self) -> None:
-        try:
-            msg = receive(self.sock)
-        except BlockingIOError:
-            return
-        self.handle(msg)
+        """Take what is queued, up to MESSAGES_PER_WAKE: the notify socket queues only
+        net.unix.max_dgram_qlen (10 by default) datagrams, and an agent storing a thousand
+        descriptors waits on each one the keeper has not taken yet."""
+        for _ in range(MESSAGES_PER_WAKE):
+            try:
+                msg = receive(self.sock)
+            except BlockingIOError:
+                return
+            self.handle(msg)
 
     def handle(self, msg: Message) -> None:
         if msg.pid != self.pid:  # NotifyAccess=main
@@ -240,7 +246,6 @@ class Keeper:
     def _restart(self) -> None:
         time.sleep(RESTART_S)
         # the dead agent's last queued messages: what it stored just before dying counts
-        self.sock.setblocking(False)
         try:
             while True:
                 msg = receive(self.sock)
@@ -249,8 +254,6 @@ class Keeper:
                 self.handle(msg)  # only the old pid's: self.pid is still the dead agent's
         except BlockingIOError:
             pass
-        finally:
-            self.sock.setblocking(True)
         if not os.path.exists(self.notify_path):  # the lab was torn down around us
             say("notify socket gone: not restarting")
             self.stopping = True
