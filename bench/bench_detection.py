@@ -87,24 +87,84 @@ detectors = [{ kind = "level_out_of_bounds", box = "kernel", sensors = ["memory_
 actions = [{ kind = "record" }]
 clear_ms = 200
 cooldown_ms = 500
+
+[[rule]]
+name = "forks"
+detectors = [{ kind = "pressure_over_rate", box = "kernel", sensors = ["fork_failures"] }]
+actions = [{ kind = "record" }]
+clear_ms = 200
+cooldown_ms = 500
 """
-FAULTS = ("hang", "crash", "freeze", "link_down", "memory")
+FAULTS = ("hang", "crash", "freeze", "link_down", "memory", "forks")
 RULE_OF = {"hang": "hang", "crash": "hang", "freeze": "hang", "link_down": "network",
-           "memory": "memory"}
+           "memory": "memory", "forks": "forks"}
 MiB = 1 << 20
 BALLAST_BELOW_MB = 40  # where the ballast aims to leave the node below its high mark (at most)
 SPIKE_PAST_MB = 24  # the memory fault's allocation goes this far past the high mark
 #: says it is armed, reads a size, allocates and touches that many bytes, waits to exit
 _SPIKE = ("import sys\nprint('armed', flush=True)\n"
           "b = bytearray(b'\\3') * int(sys.stdin.readline())\nsys.stdin.readline()\n")
+FORK_ROOM, FORK_TRIES = 8, 64  # the forks fault: 56 forks refused at once (bound: 20/s)
+#: says it is armed, at a line forks FORK_TRIES times (the children wait), at the end of
+#: its input kills and reaps them
+_FORKER = f"""import os, signal, sys
+print("armed", flush=True)
+sys.stdin.readline()
+kids = []
+for _ in range({FORK_TRIES}):
+    try:
+        pid = os.fork()
+    except BlockingIOError:  # refused: the pids limit
+        continue
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    kids.append(pid)
+sys.stdin.read()
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+"""
 
 
-class _Spikes:
-    """Per node, the memory fault's process, started (and its interpreter loaded) before
-    the trial, so the trial times the allocation, not a Python start."""
+class _Armed:
+    """Per node, a fault's process started (its interpreter loaded) before the trial and
+    waiting for a line on stdin, so the trial times the fault, not a Python start."""
+
+    SCRIPT = ""
 
     def __init__(self, al: AgentLab):
-        self.al, self.ready, self.size, self.below_mb = al, {}, {}, {}
+        self.al, self.ready = al, {}
+
+    def arm(self, node: str) -> None:
+        self.ready[node] = self.al.lab.run_in_node(
+            node, [sys.executable, "-c", self.SCRIPT], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE)
+        if self.ready[node].stdout.readline().strip() != b"armed":
+            raise RuntimeError(f"{node}: the {type(self).__name__} fault's process did not start")
+
+    def fire(self, node: str) -> None:
+        self.ready[node].stdin.write(self.line(node))
+        self.ready[node].stdin.flush()
+
+    def line(self, node: str) -> bytes:
+        return b"\n"
+
+    def end(self, node: str) -> None:
+        proc = self.ready.pop(node)
+        proc.stdin.close()  # it undoes its fault and exits
+        proc.wait(10)
+        self.arm(node)
+
+
+class _Spikes(_Armed):
+    """The memory fault: a process that allocates and touches a size past the high mark."""
+
+    SCRIPT = _SPIKE
+
+    def __init__(self, al: AgentLab):
+        super().__init__(al)
+        self.size, self.below_mb = {}, {}
 
     def ballast(self, node: str) -> None:
         """Fill the node to at most BALLAST_BELOW_MB under its high mark (the agents' own
@@ -129,28 +189,40 @@ class _Spikes:
         self.below_mb[node] = round(below / MiB, 1)
         self.size[node] = int(below) + SPIKE_PAST_MB * MiB
 
-    def arm(self, node: str) -> None:
-        self.ready[node] = self.al.lab.run_in_node(
-            node, [sys.executable, "-c", _SPIKE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        if self.ready[node].stdout.readline().strip() != b"armed":
-            raise RuntimeError(f"{node}: the memory fault's process did not start")
+    def line(self, node: str) -> bytes:
+        return b"%d\n" % self.size[node]
+
+
+class _Forks(_Armed):
+    """The forks fault: a process that forks FORK_TRIES times at once against a pids limit
+    set FORK_ROOM tasks above the node's count for the trial (the node's own limit again
+    after it)."""
+
+    SCRIPT = _FORKER
+
+    def __init__(self, al: AgentLab):
+        super().__init__(al)
+        self.limit = {}
 
     def fire(self, node: str) -> None:
-        self.ready[node].stdin.write(b"%d\n" % self.size[node])
-        self.ready[node].stdin.flush()
+        cg = self.al.lab.node(node).cgroup
+        self.limit[node] = cg.pids_limit()
+        cg.set_pids_limit(cg.pids_current() + FORK_ROOM)
+        super().fire(node)
 
     def end(self, node: str) -> None:
         proc = self.ready.pop(node)
-        proc.stdin.close()  # it exits, its memory freed
+        proc.stdin.close()  # it kills its children and exits
         proc.wait(10)
+        self.al.lab.node(node).cgroup.set_pids_limit(self.limit.pop(node))
         self.arm(node)
 
 
 def _inject(al: AgentLab, node: str, fault: str, on: bool, deadline_ms: float,
-            spikes: _Spikes | None = None) -> None:
+            armed: dict[str, _Armed]) -> None:
     n = al.lab.node(node)
-    if fault == "memory":
-        (spikes.fire if on else spikes.end)(node)
+    if fault in armed:
+        (armed[fault].fire if on else armed[fault].end)(node)
     elif fault == "hang":
         n.kill(al.lab.service(node).pid, signal.SIGUSR1 if on else signal.SIGUSR2)
     elif fault == "crash":
@@ -169,19 +241,19 @@ def _inject(al: AgentLab, node: str, fault: str, on: bool, deadline_ms: float,
 
 def _trials(al: AgentLab, mon: Monitor, node: str, deadline_ms: float,
             faults_: tuple[str, ...], trials: int, results: dict, errors: list,
-            spikes: _Spikes):
+            armed: dict[str, _Armed]):
     seen: set[str] = set()
     for fault in faults_:
         rule = RULE_OF[fault]
         for _ in range(trials):
             try:
                 t0_wall = time.time()
-                _inject(al, node, fault, True, deadline_ms, spikes)
+                _inject(al, node, fault, True, deadline_ms, armed)
                 try:
                     inc = mon.wait_for(lambda i: i.node == node and i.rule == rule
                                        and i.id not in seen, 5)
                 finally:
-                    _inject(al, node, fault, False, deadline_ms, spikes)
+                    _inject(al, node, fault, False, deadline_ms, armed)
                 if inc is None:
                     errors.append(f"{node}: {fault} was not detected within 5 s")
                     continue
@@ -195,7 +267,7 @@ def _trials(al: AgentLab, mon: Monitor, node: str, deadline_ms: float,
 
 
 def _measure(al: AgentLab, nodes: dict[str, int], mode: str, trials: int, period_ms: float,
-             faults_: tuple[str, ...], out: dict, spikes: _Spikes) -> Monitor:
+             faults_: tuple[str, ...], out: dict, armed: dict[str, _Armed]) -> Monitor:
     """One mode's trials; returns its (running) monitor, for the soak."""
     cfg = al.monitor_config(period_ms=period_ms, events=mode == "event")
     mon = Monitor(cfg, key=al.monitor_key(), rules=parse_ruleset(RULES).rule).start()
@@ -207,7 +279,7 @@ def _measure(al: AgentLab, nodes: dict[str, int], mode: str, trials: int, period
     errors: list[str] = []
     threads = [threading.Thread(target=_trials, args=(al, mon, node, deadline, faults_,
                                                       trials, results[node], errors,
-                                                      spikes))
+                                                      armed))
                for node, deadline in nodes.items()]
     for t in threads:
         t.start()
@@ -279,13 +351,17 @@ def run(*, soak_seconds: float = 60.0, trials: int = 20, period_ms: float = 50.0
         for node, deadline in nodes.items():
             al.wait_registered(node)
             al.restart_service(node, "--deadline", str(deadline / 1000))
-        spikes = _Spikes(al)
+        spikes, forks = _Spikes(al), _Forks(al)
         if "memory" in faults_:
             for node in nodes:
                 spikes.ballast(node)
             out["memory_below_high_mb"] = spikes.below_mb
+        if "forks" in faults_:
+            for node in nodes:
+                forks.arm(node)
+        armed = {"memory": spikes, "forks": forks}
         for mode in modes:
-            mon = _measure(al, nodes, mode, trials, period_ms, faults_, out, spikes)
+            mon = _measure(al, nodes, mode, trials, period_ms, faults_, out, armed)
             try:
                 if mode == "event" and soak_seconds > 0:
                     out["soak"] = _soak(mon, nodes, soak_seconds)

@@ -802,7 +802,7 @@ def bench_detection(
     soak_seconds: float = typer.Option(60.0, help="False-positive soak under full CPU and memory load."),
     trials: int = typer.Option(20, help="Hangs per deadline."),
     period_ms: float = typer.Option(50.0, help="Monitor poll period."),
-    faults: str = typer.Option("hang,crash,freeze,link_down,memory", help="Faults to time, comma-separated: hang, crash, freeze, link_down, memory."),
+    faults: str = typer.Option("hang,crash,freeze,link_down,memory,forks", help="Faults to time, comma-separated: hang, crash, freeze, link_down, memory, forks."),
     modes: str = typer.Option("event,poll", help="event (pushed by the agent), poll, or both."),
 ) -> None:
     """Detection latency p50/p99 per fault, deadline and mode (event vs poll, side by side), and false positives under load."""
