@@ -1,5 +1,5 @@
-"""Detection latency by event and by poll, for hangs, crashes, freezes, link failures and
-memory use past its high mark; false positives under load.
+"""Detection latency by event and by poll, for hangs, crashes, freezes, link failures,
+memory use past its high mark and refused forks; false positives under load.
 
 One lab, one node per deadline (50, 100, 200 ms), each with the sample service ticking
 every 10 ms under that deadline. The same run measures two modes: "event", the monitor
@@ -11,16 +11,19 @@ injection: hang (the service's main loop stalled, SIGUSR1: rule hang), crash (th
 service SIGKILLed: rule hang; by event the agent pushes the death of the box's
 registrant at once, by poll the counter stalls past its deadline; the service is
 started again after each trial), freeze (the node's cgroup frozen by nobody's lock: rule
-hang), link_down (the node's service interface set down: rule network) and memory (a
-ballast holds the node ~40 MB below its memory high mark, 80 % of its limit; a process of
+hang), link_down (the node's service interface set down: rule network), memory (a
+ballast holds the node at most ~40 MB below its memory high mark; a process of
 the node, started and waiting beforehand, allocates and touches that distance + 24 MB at
 once: rule memory; by event the agent's usage threshold wakes its watcher, by poll the
 kernel sampler's next read and the poll after it see it; the time counts from the
-request to allocate, its ~10-30 ms of page faults included alike in both modes). Soak (event
-mode): for --soak-seconds (60 by default; 600 for the 10-minute soak), nothing is wrong but both
-cores are saturated (two busy-loop processes and a memory churner allocating, touching
-and freeing 256 MB, all outside the nodes, so they compete with services, agent and
-monitor alike); every incident opened is a false positive.
+request to allocate, its ~10-30 ms of page faults included alike in both modes) and forks
+(the node's pids limit set 8 tasks above its count; a process of the node, started and
+waiting beforehand, forks 64 times at once: rule forks on fork_failures; by event the
+agent's watcher reads pids.events every 25 ms, by poll the sampler and a poll see it).
+Soak (event mode): for --soak-seconds (60 by default; 600 for the 10-minute soak),
+nothing is wrong but both cores are saturated (two busy-loop processes and a memory
+churner allocating, touching and freeing 256 MB, all outside the nodes, so they compete
+with services, agent and monitor alike); every incident opened is a false positive.
 
 Output: `results`, rows {fault, deadline_ms, mode, p50_ms, p99_ms, trials}; `soak`
 {deadline_ms (the smallest), seconds, false_positives, ...}; `latency` (hang, event mode,
