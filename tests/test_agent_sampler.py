@@ -1,0 +1,57 @@
+"""The kernel sampler reads a node's process table when its tasks or memory move, and
+only every TABLE_IDLE_S while they stand still (here an hour: no timing involved)."""
+
+import subprocess
+import sys
+
+import pytest
+from test_nodes_support import prefix, wait_for
+
+from backdoors.agent import sampler as sampler_mod
+from backdoors.agent.config import KernelSensorLimits
+from backdoors.agent.sampler import NodeSampler
+from backdoors.nodes import Node
+
+__all__ = ["prefix"]  # the fixture, imported for pytest
+pytestmark = pytest.mark.root
+
+GROW = ("import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+        "b = bytearray(8 << 20)\nsys.stdin.readline()\n")
+
+
+def test_the_table_is_read_again_when_tasks_or_memory_move_and_not_while_still(prefix, monkeypatch):
+    monkeypatch.setattr(sampler_mod, "TABLE_IDLE_S", 3600.0)
+    node = Node.create("n", prefix, pids_limit=64, memory_limit=256 << 20)
+    s = NodeSampler(node, KernelSensorLimits(), period=0.05, max_procs=64,
+                    on_new_box=lambda box: None)
+    sleeper = grower = None
+    try:
+        sleeper = node.run(["sleep", "60"])
+        wait_for(lambda: open(f"/proc/{sleeper.pid}/comm").read() == "sleep\n",
+                 what="sleep to start")  # exec'd: its memory stands still
+        first = s.sample_once().table
+        assert [p.pid for p in first] == [sleeper.pid]
+        assert s.sample_once().table is first  # nothing moved: not read again
+
+        grower = node.run([sys.executable, "-c", GROW], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE)
+        assert grower.stdout.readline() == b"ready\n"  # started: its memory stands still
+        second = s.sample_once().table  # a task more: read at once
+        assert {p.pid for p in second} == {sleeper.pid, grower.pid}
+        assert s.sensors.forks.value >= 1
+        assert s.sample_once().table is second
+
+        before = node.cgroup.memory_usage()
+        grower.stdin.write(b"\n")
+        grower.stdin.flush()
+        wait_for(lambda: node.cgroup.memory_usage() >= before + (4 << 20), what="the allocation")
+        third = s.sample_once().table  # memory moved, the same tasks: read again
+        assert third is not second
+        assert {p.pid for p in third} == {sleeper.pid, grower.pid}
+    finally:
+        s.close()
+        for proc in (sleeper, grower):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        node.destroy()
