@@ -7,8 +7,9 @@ and at most a fifth of the thread's time: a big table is read less often) to cou
 processes (fork rate) and keep each process's RSS history over `RSS_WINDOW_S`, from
 which `rss_rate` gives its growth in bytes/s: with every sample while the node's task
 count or memory use moves, every TABLE_IDLE_S while both stand still (the table is most
-of a sample's cost: walking the cgroup and reading each process's /proc files). One thread per node: a node whose cgroupfs
-or /proc reads stall stalls only its own sampler, visible as a growing sample age.
+of a sample's cost: walking the cgroup and reading each process's /proc files). One
+thread per node: a node whose cgroupfs or /proc reads stall stalls only its own
+sampler, visible as a growing sample age.
 """
 
 from __future__ import annotations
