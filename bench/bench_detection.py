@@ -214,11 +214,8 @@ class _Forks(_Armed):
         super().fire(node)
 
     def end(self, node: str) -> None:
-        proc = self.ready.pop(node)
-        proc.stdin.close()  # it kills its children and exits
-        proc.wait(10)
+        super().end(node)  # its children killed: the next one arms within the room
         self.al.lab.node(node).cgroup.set_pids_limit(self.limit.pop(node))
-        self.arm(node)
 
 
 def _inject(al: AgentLab, node: str, fault: str, on: bool, deadline_ms: float,

@@ -263,7 +263,7 @@ class Cgroup:
     def is_frozen(self) -> bool:
         """True when the chosen freezer reports the cgroup completely frozen."""
         if self.freezer == "v1":
-            return self._read("freezer.state", lambda: self._v1_dir("freezer")).strip() == "FROZEN"
+            return self._v1_frozen()
         events = cgfs.keyed(self._read("cgroup.events", lambda: self.paths[UNIFIED]))
         return events.get("frozen") == 1
 
@@ -279,7 +279,7 @@ class Cgroup:
         return cgfs.read(self._state_file()).strip() == "1"
 
     def _v1_state(self) -> str:
-        return cgfs.read(self._v1_dir("freezer") / "freezer.state").strip()
+        return self._read("freezer.state", lambda: self._v1_dir("freezer")).strip()
 
     def _v1_frozen(self) -> bool:
         return self._v1_state() == "FROZEN"
