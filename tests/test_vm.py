@@ -203,7 +203,8 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
         loads.append(memory.load())
         stat = {int(line.split(" ", 1)[0]): line.rsplit(")", 1)[1].split()
                 for line in inside[1:] if ")" in line}
-        assert table[1].comm == "init" and table[1].state == stat[1][0] == "S"
+        # (init sleeps, but wakes to reap the CGI's orphans: R at times, in either read)
+        assert table[1].comm == "init" and {table[1].state, stat[1][0]} <= {"R", "S"}
         assert table[1].rss == int(stat[1][21]) * 4096 > 0
         assert table[2].comm == "kthreadd" and table[2].rss == 0 and stat[2][21] == "0"
         assert {t.state for t in table.values()} <= set("RSDTtXZPI")

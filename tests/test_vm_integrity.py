@@ -2,6 +2,7 @@
 that covers it a slice per tick, the `rootkit` fault through QEMU's gdbstub, and healing
 with the vCPUs stopped -- on a real guest (TCG)."""
 
+import contextlib
 import struct
 import time
 
@@ -12,7 +13,7 @@ from backdoors.vm.image import KernelImage
 from backdoors.vm.kernel import GuestKernel
 
 from conftest import unavailable
-from test_vm import _memfds, _qemus, qemu  # noqa: F401 - the fixture
+from test_vm import _eventually, _memfds, _qemus, qemu  # noqa: F401 - the fixture
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,12 @@ def test_static_key_flips_are_told_from_other_changes():
 
 
 @pytest.mark.slow
+def _parent(memory, pid: int) -> int | None:
+    with contextlib.suppress(VmError):  # a walk that a fork or an exit broke
+        return next(t.ppid for t in memory.process_table() if t.pid == pid)
+    return None
+
+
 def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique):
     from backdoors.lab import Lab
     from backdoors.scenarios.vm import guest_get
@@ -105,7 +112,9 @@ def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique)
         uname = guest_get(lab, "v0", "/cgi-bin/uname").strip()
         assert uname == GuestKernel.find().version
         pid = int(guest_get(lab, "v0", "/cgi-bin/spawn").strip())
-        assert pid in dict(memory.tasks())
+        deep = int(guest_get(lab, "v0", "/cgi-bin/spawn").strip())
+        assert {pid, deep} <= set(dict(memory.tasks())) and pid in memory.pid_table()
+        assert _eventually(lambda: _parent(memory, deep) == 1)  # its CGI's shell has exited
 
         # the three tampers, through QEMU's gdbstub
         was = rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall")
@@ -113,13 +122,17 @@ def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique)
         rootkit.patch_function(vm, "__x64_sys_newuname")
         assert guest_get(lab, "v0", "/cgi-bin/uname").strip() != uname  # hijacked: fails
         task = rootkit.hide_process(vm, pid)
-        assert pid not in dict(memory.tasks())
+        deep_task = rootkit.hide_process(vm, deep, deep=True)  # off the process tree too
+        assert not {pid, deep} & set(dict(memory.tasks()))
+        assert deep not in [p for p, _c, _t in memory.process_tree()]
+        assert memory.pid_table()[deep] == deep_task  # the kernel still finds it by its pid
         found = {}
         for _ in range(len(baseline.pages) // 256 + 3):
             for f in checker.tick():
                 found[f.key] = f
         began = time.monotonic()  # a hidden task counts once seen twice with the guest run between
-        while ("process", f"pid {pid}") not in found and time.monotonic() - began < 30:
+        while not {("process", f"pid {p}") for p in (pid, deep)} <= set(found) \
+                and time.monotonic() - began < 30:
             time.sleep(0.01)
             for f in checker.tick():
                 found[f.key] = f
@@ -129,6 +142,7 @@ def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique)
         assert [f.where for f in patched] == ["__x64_sys_newuname+0x0"]
         hidden = found[("process", f"pid {pid}")]
         assert hidden.virt == task and "sleep" in hidden.detail
+        assert found[("process", f"pid {deep}")].virt == deep_task
         assert ("rodata", "sys_call_table+0x1f8") in found  # the table's page, too
         # static keys the guest flipped meanwhile (DO_ONCE in the net code) were followed
         assert checker.benign_flips >= 0
@@ -138,7 +152,8 @@ def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique)
         assert vm.running()
         assert checker.sweep() == []
         assert guest_get(lab, "v0", "/cgi-bin/uname").strip() == uname
-        assert pid in dict(memory.tasks())
+        assert {pid, deep} <= set(dict(memory.tasks()))
+        assert deep in [p for p, _c, _t in memory.process_tree()]  # back with its parent
         assert memory.hidden_tasks() == []
         assert guest_get(lab, "v0", "/").strip() == f"vm bd-{name}-v0"
 
@@ -180,6 +195,7 @@ def test_vm_scenario_reports_every_figure(qemu):
     assert [t["name"] for t in r["tampers"]] == ["syscall-table", "function-patch", "hidden-process"] * 2
     assert all(t["detected"] and t["healed"] for t in r["tampers"]), r["tampers"]
     assert r["tampers"][1]["uname_hijacked"] and not r["tampers"][2]["on_task_list_while_hidden"]
+    assert not r["tampers"][2]["in_process_tree_while_hidden"]  # found by the pid map
     assert r["tamper_healed"] and r["hidden_process_found"]
     assert r["false_positives"] == 0, r["false_positive_findings"]
     assert r["baseline"]["unexplained_at_attach"] == []

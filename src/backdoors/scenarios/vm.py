@@ -13,11 +13,12 @@ the guest's /cgi-bin/work) every finding is a false positive; the scan's cost is
 side by side, a STREAM-like copy loop in the guest (/cgi-bin/stream) timed alternately with
 the Watch paused and running. Then the `rootkit` fault (vm.rootkit, through QEMU's
 gdbstub) redirects a system call table entry, patches the first bytes of the uname system
-call's function (uname then fails in the guest) and unlinks a process from the task list,
+call's function (uname then fails in the guest) and unlinks a process from the task list
+and from its parent's children (found by the pid map the kernel looks pids up in),
 `tamper_rounds` times; each is timed from the start of its gdbstub session to the Watch's
 finding and healed at once by the rule (write the clean bytes back with the vCPUs
 stopped, relink the process, verify). `tamper_healed`: every tamper restored, a full
-sweep clean, uname works again, the processes are back on the task list and the guest
+sweep clean, uname works again, the processes are back on both lists and the guest
 still serves HTTP. `scan_cpu_pct`: the Watch's CPU time per wall time (one host core).
 
 Orion (vm.orion) samples the guest's counters every 20 ms throughout: its alarms during
@@ -126,6 +127,20 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
     return row
 
 
+def _orphan(lab: Lab, vm, timeout: float = 30.0) -> int:
+    """A long-lived process of the guest (the one the rootkit hides), once its CGI shell
+    has exited and init adopted it: hidden from its parent's children before that, it
+    would be left to a parent that exits, and healed into a list that is no more."""
+    pid = int(guest_get(lab, "v0", "/cgi-bin/spawn").strip())
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(BackdoorsError):  # a walk that a fork or an exit broke
+            if any(t.pid == pid and t.ppid == 1 for t in vm.memory().process_table()):
+                return pid
+        time.sleep(0.02)
+    raise BackdoorsError(f"VM node v0: process {pid} was not adopted by init in {timeout:.0f} s")
+
+
 def _tamper_round(lab: Lab, vm, watch: Watch, healer: Healer, pid: int, uname: str,
                   round_: int, timeline: _Timeline) -> list[dict]:
     """The three tampers, one after the other, each timed from its write to the Watch's
@@ -135,7 +150,7 @@ def _tamper_round(lab: Lab, vm, watch: Watch, healer: Healer, pid: int, uname: s
          lambda f: f.kind == "syscall" and f.where == f"sys_call_table[{rootkit.NR_UNAME}]"),
         (lambda: rootkit.patch_function(vm, "__x64_sys_newuname"),
          lambda f: f.kind == "text" and f.where.startswith("__x64_sys_newuname+")),
-        (lambda: rootkit.hide_process(vm, pid),
+        (lambda: rootkit.hide_process(vm, pid, deep=True),
          lambda f: f.kind == "process" and f.where == f"pid {pid}"),
     )
     rows = []
@@ -151,6 +166,7 @@ def _tamper_round(lab: Lab, vm, watch: Watch, healer: Healer, pid: int, uname: s
         if name == "hidden-process":
             row["pid"] = pid
             row["on_task_list_while_hidden"] = pid in dict(vm.memory().tasks())
+            row["in_process_tree_while_hidden"] = pid in [p for p, _c, _t in vm.memory().process_tree()]
         seen = watch.wait_for(match, began, timeout=30)
         row["detected"] = seen is not None
         if seen is not None:
@@ -242,7 +258,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             uname_before = guest_get(lab, "v0", "/cgi-bin/uname").strip()
             healer, tampers, pids = Healer(vm), [], []
             for round_ in range(tamper_rounds):
-                pids.append(int(guest_get(lab, "v0", "/cgi-bin/spawn").strip()))
+                pids.append(_orphan(lab, vm))
                 tampers += _tamper_round(lab, vm, watch, healer, pids[-1], uname_before, round_,
                                          timeline)
             time.sleep(3 * tick_s)
@@ -273,7 +289,8 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
         out["hidden_process_found"] = bool(hidden) and all(t["detected"] for t in hidden)
         uname_after = guest_get(lab, "v0", "/cgi-bin/uname").strip()
         listed = dict(memory.tasks())
-        relisted = all(p in listed for p in pids)
+        tree = {p for p, _c, _t in memory.process_tree()}
+        relisted = all(p in listed and p in tree for p in pids)
         serves = guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
         out["after_healing"] = {"sweep_findings": [f.to_dict() for f in leftover],
                                 "uname": uname_after, "uname_before": uname_before,

@@ -39,6 +39,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..errors import VmError
 from .image import KernelImage
@@ -421,10 +422,11 @@ class Checker:
                        detail, page.phys + s, page.clean[s:e])
 
     def _processes(self) -> list[Finding]:
-        """Processes in the process tree but missing from the task list, at two checks
-        in a row with the guest run between them (one check may race a fork or an exit:
-        the task enters the tree, then the list; a guest stopped half-way, e.g. under
-        the node lock, stays half-way, so two checks of it are one)."""
+        """Processes in the process tree or the pid map but missing from the task list
+        (GuestMemory.hidden_tasks), at two checks in a row with the guest run between
+        them (one check may race a fork or an exit: the task enters the tree, then the
+        list; a guest stopped half-way, e.g. under the node lock, stays half-way, so two
+        checks of it are one)."""
         kept = [f for f in self.active.values() if f.kind == "process"]
         try:
             jiffies = self.memory.jiffies()
@@ -435,8 +437,8 @@ class Checker:
             return kept  # torn walk: keep
         self._suspects_at = jiffies
         now = {pid: task for pid, _comm, task in hidden}
-        out = [Finding("process", f"pid {pid}", task, f"{comm!r} is in the process tree but "
-                       "not on the task list (hidden)")
+        out = [Finding("process", f"pid {pid}", task, f"{comm!r} is in the process tree or the "
+                       "pid map but not on the task list (hidden)")
                for pid, comm, task in hidden if self._suspects.get(pid) == task]
         self._suspects = now
         return out
@@ -506,32 +508,48 @@ class Healer:
     @staticmethod
     def _restore(memory: GuestMemory, stub, findings: list[Finding]) -> list[Finding]:
         """Write the findings' clean bytes (relinks one after the other: each is computed
-        from the list as the previous one left it), read back; those that did not hold."""
+        from the lists as the previous one left them), read back; those that did not hold."""
         failed: dict[int, Finding] = {}
         if any(f.kind == "process" for f in findings):  # one gone meanwhile is freed memory: let be
-            alive = {task for _pid, _comm, task in memory.process_tree()}
+            alive = set(memory.pid_table().values()) | {memory.virt("init_task")}
             findings = [f for f in findings if f.kind != "process" or f.virt in alive]
-        link = memory.kernel.member("task_struct", "tasks")
-        head = memory.virt("init_task") + link
         for f in findings:
-            writes = relink(memory, f.virt) if f.kind == "process" else [(f.phys, f.clean)]
-            for phys, data in writes:
-                stub.write_phys(phys, data)
-            if any(memory.read(phys, len(data)) != data for phys, data in writes) or \
-                    (f.kind == "process" and _list_end(memory, head, f.virt + link) is not None):
-                failed[id(f)] = f
+            if f.kind != "process":
+                stub.write_phys(f.phys, f.clean)
+                if memory.read(f.phys, len(f.clean)) != f.clean:
+                    failed[id(f)] = f
+                continue
+            for head, node in _lists(memory, f.virt, alive):
+                writes = relink(memory, head, node)
+                for phys, data in writes:
+                    stub.write_phys(phys, data)
+                if any(memory.read(phys, len(data)) != data for phys, data in writes) or \
+                        _list_end(memory, head, node) is not None:
+                    failed[id(f)] = f
         return list(failed.values())
 
 
-def relink(memory: GuestMemory, task: int) -> list[tuple[int, bytes]]:
-    """The writes (physical address, bytes) that put a task unlinked from the task list
-    back at its end (before init_task), as list_add_tail would; none if it is on the list
+def _lists(memory: GuestMemory, task: int, alive: set[int]) -> list[tuple[int, int]]:
+    """(list head, the task's node) of the two lists a process is on: the task list
+    (init_task.tasks) and its parent's children (real_parent->children, via `sibling`).
+    Not the latter if that parent is gone (not in `alive`): a process off its parent's
+    list when the parent exited was not handed to a new one, and the old one's memory
+    is not a list any more."""
+    member = partial(memory.kernel.member, "task_struct")
+    out = [(memory.virt("init_task") + member("tasks"), task + member("tasks"))]
+    parent, = struct.unpack("<Q", memory.read_virt(task + member("real_parent"), 8))
+    if parent in alive:
+        out.append((parent + member("children"), task + member("sibling")))
+    return out
+
+
+def relink(memory: GuestMemory, head: int, node: int) -> list[tuple[int, bytes]]:
+    """The writes (physical address, bytes) that put `node`, unlinked from the circular
+    list at `head`, back at its end, as list_add_tail would; none if it is on the list
     already. Read with the vCPUs stopped so the list does not move meanwhile. The end is
-    the last task reached going forward from init_task -- the way the list is walked --
-    not init_task's `prev`, which a list update the vCPUs were stopped in the middle of
+    the last entry reached going forward from the head -- the way the list is walked --
+    not the head's `prev`, which a list update the vCPUs were stopped in the middle of
     may have left elsewhere."""
-    link = memory.kernel.member("task_struct", "tasks")
-    node, head = task + link, memory.virt("init_task") + link
     last = _list_end(memory, head, node)
     if last is None:
         return []
@@ -551,7 +569,7 @@ def _list_end(memory: GuestMemory, head: int, node: int, limit: int = 1 << 16) -
         if nxt == head:
             return at
         at = nxt
-    raise VmError(f"{memory.where}: the task list has more than {limit} entries or loops")
+    raise VmError(f"{memory.where}: a task list has more than {limit} entries or loops")
 
 
 class Watch(Periodic):

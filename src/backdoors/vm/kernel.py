@@ -19,12 +19,15 @@ from . import btf, kallsyms
 
 #: the kernel's virtual base of its image mapping (x86-64, arch/x86/include/asm/page_64_types.h)
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
-PROFILE_FORMAT = 5
+PROFILE_FORMAT = 7
 #: structure members whose offsets the profile keeps (from the kernel's BTF)
 MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tgid"),
            ("task_struct", "comm"), ("task_struct", "__state"), ("task_struct", "mm"),
            ("task_struct", "exit_state"), ("task_struct", "children"),
-           ("task_struct", "sibling"), ("list_head", "next"), ("mm_struct", "rss_stat"))
+           ("task_struct", "sibling"), ("task_struct", "real_parent"),
+           ("task_struct", "pid_links"), ("pid", "tasks"), ("pid_namespace", "idr"),
+           ("idr", "idr_rt"), ("idr", "idr_base"), ("xarray", "xa_head"),
+           ("xa_node", "shift"), ("xa_node", "slots"), ("list_head", "next"), ("mm_struct", "rss_stat"))
 #: enumerators whose values the profile keeps (indexes of the kernel's vmstat arrays)
 ENUMS = (("zone_stat_item", "NR_FREE_PAGES"), ("node_stat_item", "NR_FILE_PAGES"),
          ("node_stat_item", "NR_SHMEM"), ("node_stat_item", "NR_SLAB_UNRECLAIMABLE_B"),

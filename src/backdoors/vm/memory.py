@@ -41,6 +41,7 @@ class GuestTask:
     """A process of the guest, read from its task list."""
 
     pid: int
+    ppid: int  # its parent's (real_parent's tgid; 0 for init and kthreadd)
     comm: str
     state: str  # R, S, D, T, t, X, Z, P or I, as in /proc/PID/stat
     rss: int  # resident bytes of its memory (0: a kernel thread, which has none)
@@ -196,8 +197,8 @@ class GuestMemory:
         rss counters: file, anon and shmem pages; they lag the truth by a few dozen
         pages per thread, which the kernel folds in now and then)."""
         k = self.kernel
-        state_at, exit_at, mm_at = (k.member("task_struct", m)
-                                    for m in ("__state", "exit_state", "mm"))
+        state_at, exit_at, mm_at, parent_at, tgid_at = (k.member("task_struct", m) for m in (
+            "__state", "exit_state", "mm", "real_parent", "tgid"))
         rss_at = k.member("mm_struct", "rss_stat")
         stride, value = k.rss_layout
         ident = self._ident()
@@ -208,7 +209,10 @@ class GuestMemory:
             mm, = struct.unpack("<Q", self.read_virt(task + mm_at, 8))
             pages = sum(max(0, struct.unpack("<q", self.read_virt(
                 mm + rss_at + stride * i + value, 8))[0]) for i in RSS_COUNTERS) if mm else 0
-            out.append(GuestTask(*ident(task), task_state(state, exit_state), pages * PAGE))
+            parent, = struct.unpack("<Q", self.read_virt(task + parent_at, 8))
+            ppid, = struct.unpack("<i", self.read_virt(parent + tgid_at, 4)) if parent != task else (0,)
+            pid, comm = ident(task)
+            out.append(GuestTask(pid, ppid, comm, task_state(state, exit_state), pages * PAGE))
         return out
 
     def load(self) -> tuple[float, float, float]:
@@ -275,10 +279,72 @@ class GuestMemory:
                 raise VmError(f"{self.where}: a children list loops")
         return out
 
+    def pid_table(self, limit: int = 1 << 16) -> dict[int, int]:
+        """pid -> task_struct address of every process and thread with a pid in the
+        initial pid namespace: the pid allocator's own map (`init_pid_ns.idr`, an xarray
+        of `struct pid`), a third kernel structure beside the task list and the process
+        tree -- the one the kernel looks pids up in (kill, /proc), so a task unlinked
+        from both lists is still here. A pid no task holds (one being freed) is left out."""
+        k = self.kernel
+        idr = self.virt("init_pid_ns") + k.member("pid_namespace", "idr")
+        rt = idr + k.member("idr", "idr_rt")
+        base, = struct.unpack("<I", self.read_virt(idr + k.member("idr", "idr_base"), 4))
+        head, = struct.unpack("<Q", self.read_virt(rt + k.member("xarray", "xa_head"), 8))
+        first_at = k.member("pid", "tasks")  # tasks[PIDTYPE_PID].first
+        link_at = k.member("task_struct", "pid_links")  # pid_links[PIDTYPE_PID]
+        out = {}
+        for index, pid in self._xa_entries(head, limit):
+            first, = struct.unpack("<Q", self.read_virt(pid + first_at, 8))
+            if first:
+                out[base + index] = first - link_at
+        return out
+
+    def _xa_entries(self, head: int, limit: int) -> list[tuple[int, int]]:
+        """(index, entry) of every entry of the xarray whose `xa_head` is `head`
+        (lib/xarray.c: a node pointer is tagged 2 in its low bits and above 4096; smaller
+        tagged values are sibling and retry markers, not entries)."""
+        def is_node(e: int) -> bool:
+            return e & 3 == 2 and e > 4096
+        if not head:
+            return []
+        if not is_node(head):
+            return [] if head & 3 == 2 else [(0, head)]
+        k = self.kernel
+        shift_at, slots_at = k.member("xa_node", "shift"), k.member("xa_node", "slots")
+        out, todo, nodes = [], [(head - 2, 0)], 0
+        while todo:
+            node, base = todo.pop()
+            nodes += 1
+            if nodes > limit:
+                raise VmError(f"{self.where}: the pid map has more than {limit} nodes or loops")
+            shift = self.read_virt(node + shift_at, 1)[0]
+            if shift > 58:
+                raise VmError(f"{self.where}: a pid map node at {node:#x} has shift {shift}")
+            for i, e in enumerate(struct.unpack("<64Q", self.read_virt(node + slots_at, 512))):
+                if is_node(e) and shift:
+                    todo.append((e - 2, base + (i << shift)))
+                elif e and e & 3 != 2:
+                    out.append((base + (i << shift), e))
+        return out
+
     def hidden_tasks(self) -> list[tuple[int, str, int]]:
-        """Processes in the process tree but not on the task list: hidden ones."""
+        """Processes the kernel knows but its task list does not show: hidden ones. Known
+        by the process tree (a rootkit that unlinks a task from `tasks` rarely unlinks it
+        from its parent's children too) or by the pid map (`pid_table`: one that does
+        is still there, as the kernel must find its pid to run it); of the pid map, only
+        thread-group leaders (threads are never on the task list)."""
         listed = {pid for pid, _ in self.tasks()}
-        return [t for t in self.process_tree() if t[0] not in listed]
+        out = [t for t in self.process_tree() if t[0] not in listed]
+        seen = listed | {pid for pid, _, _ in out}
+        tgid_at = self.kernel.member("task_struct", "tgid")
+        ident = self._ident()
+        for pid, task in sorted(self.pid_table().items()):
+            if pid in seen:
+                continue
+            tgid, = struct.unpack("<i", self.read_virt(task + tgid_at, 4))
+            if tgid == pid:
+                out.append((*ident(task), task))
+        return out
 
     def readings(self) -> Readings:
         """The guest kernel's counters now (vm_zone_stat, vm_node_stat: global sums of

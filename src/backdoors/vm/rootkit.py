@@ -13,6 +13,8 @@ the same profile the monitor uses: an attacker knows the kernel build too.
   -ENOSYS at once -- the system call behind it fails, visibly).
 - `hide_process(vm, pid)`: unlink the process from the task list (`tasks`), the classic
   direct kernel object manipulation; it stays in its parent's children list and runs.
+  `deep=True` unlinks it from its parent's children list too (`sibling`): it is then in
+  neither list, found only through the pid map the kernel itself looks pids up in.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ def patch_function(vm, symbol: str, code: bytes = RETURN_ENOSYS) -> bytes:
     return was
 
 
-def hide_process(vm, pid: int, *, attempts: int = 200) -> int:
+def hide_process(vm, pid: int, *, deep: bool = False, attempts: int = 200) -> int:
     """Unlink process `pid` from the guest's task list (prev->next = next, next->prev =
-    prev); its own links are left as they were. Returns its task_struct's address. The
+    prev), and with `deep` from its parent's children list too; its own links are left
+    as they were. Returns its task_struct's address. The
     vCPUs may stop in the middle of a fork's or an exit's list update: then the guest is
     let run a moment and stopped again (a real rootkit takes the list's lock)."""
     memory = vm.memory()
@@ -61,8 +64,9 @@ def hide_process(vm, pid: int, *, attempts: int = 200) -> int:
         task = next((t for p, _c, t in memory.process_tree() if p == pid), None)
         if task is None:
             raise VmError(f"VM {vm.spec.name}: no process {pid} to hide")
-        node = task + link
-        nxt, prev = struct.unpack("<QQ", memory.read_virt(node, 16))
-        stub.write_phys(memory.translate(prev), struct.pack("<Q", nxt))  # prev->next
-        stub.write_phys(memory.translate(nxt + 8), struct.pack("<Q", prev))  # next->prev
+        links = [link] + ([memory.kernel.member("task_struct", "sibling")] if deep else [])
+        for at in links:
+            nxt, prev = struct.unpack("<QQ", memory.read_virt(task + at, 16))
+            stub.write_phys(memory.translate(prev), struct.pack("<Q", nxt))  # prev->next
+            stub.write_phys(memory.translate(nxt + 8), struct.pack("<Q", prev))  # next->prev
         return task
