@@ -20,6 +20,7 @@ import pytest
 
 from backdoors.agent import BackgroundAgent
 from backdoors.agent.config import VmNodeSpec
+from backdoors.agent.errors import RemoteError
 from backdoors.errors import VmError
 from backdoors.lab import Lab
 from backdoors.monitor import Monitor
@@ -230,6 +231,34 @@ def test_the_monitor_heals_a_tampered_guest_kernel(lab, tmp_path):
         assert action.detail["open_after"] == []
         assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 30) is not None
     assert vm.running()
+
+
+def test_the_guest_process_table_is_served_as_the_guest_sees_it(lab):
+    """`guest_processes`: the guest's task list walked from its RAM, each process with
+    its parent, state and resident memory as the guest's own /proc/PID/stat has them."""
+    pid = int(guest_get(lab, "v0", "/cgi-bin/spawn").strip())  # sleeps; its shell is gone
+    with lab.agent_client("h0", timeout=10.0) as c:
+        def table():
+            return {r.pid: r for r in c.guest_processes("v0").rows}
+        # the CGI answers before its child has exec'd and gone to sleep
+        assert _eventually(lambda: (r := table().get(pid)) and (r.comm, r.state) == ("sleep", "S"))
+        rows = table()
+        inside = guest_get(lab, "v0", "/cgi-bin/proc").splitlines()
+        stat = {int(line.split(" ", 1)[0]): line.rsplit(")", 1)[1].split()
+                for line in inside[1:] if ")" in line}
+        # the walk is the guest's list: a process /proc shows that was there at the walk
+        # (pids are handed out in increasing order) was walked
+        assert {p for p in stat if p <= max(rows)} <= set(rows), (sorted(rows), sorted(stat))
+        assert (rows[1].comm, rows[1].ppid, rows[2].comm, rows[2].ppid) == ("init", 0, "kthreadd", 0)
+        for p in (1, pid):  # (init's state is not compared: it wakes to reap the CGI's orphans)
+            assert (rows[p].ppid, rows[p].rss_bytes) == (int(stat[p][1]), int(stat[p][21]) * 4096)
+        assert rows[pid].state == stat[pid][0] == "S"
+        assert rows[pid].ppid == 1  # reparented to init
+        assert rows[2].rss_bytes == 0 and {r.state for r in rows.values()} <= set("RSDTtXZPI")
+        container = next(n.name for n in c.nodes() if n.name != "v0")
+        with pytest.raises(RemoteError, match="not a VM node") as err:
+            c.guest_processes(container)
+        assert err.value.code == "bad_request"
 
 
 def test_a_fenced_vm_node_stays_fenced_across_an_agent_restart(lab):

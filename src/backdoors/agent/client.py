@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .errors import TransportError, remote_error
 from .protocol import (
     DECODE_ERRORS, DESTRUCTIVE, FENCE_S, HEAL_S, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
-    AdoptReply, Envelope, EvacuateReply, FenceReply, HealReply, HeldCount, IntegrityReply,
+    AdoptReply, Envelope, EvacuateReply, FenceReply, GuestProcesses, HealReply, HeldCount, IntegrityReply,
     KillReply, KillTreeReply, LimitsReply,
     LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
     TOKENED, ClaimReply, SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply,
@@ -309,6 +309,10 @@ class AgentClient:
     def kernel_integrity(self, node: str) -> IntegrityReply:
         """A VM node's guest kernel integrity: baseline, sweeps, open findings."""
         return self._typed("kernel_integrity", IntegrityReply, node=node)
+
+    def guest_processes(self, node: str) -> GuestProcesses:
+        """A VM node's guest process table, read from its kernel's memory."""
+        return self._typed("guest_processes", GuestProcesses, node=node)
 
     def heal_kernel(self, node: str) -> HealReply:
         """Restore the open findings of a VM node's guest kernel."""

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ..common.procs import exe_sha256, installed_exe, read_cmdline, same_start
-from ..errors import BackdoorsError, SensorBoxError
+from ..errors import BackdoorsError, SensorBoxError, VmError
 from ..nodes import KEEP, process_table, subtree
 from ..sensors import read_consistent
 from .config import AgentConfig
@@ -33,8 +33,8 @@ from .leases import LeaseTable
 from .mmreads import MmReads
 from .pidmap import box_in_host_terms
 from .protocol import (
-    DESTRUCTIVE, HEAL_S, MAX_FINDINGS_REPLY, MAX_IO, ClaimReply, GuestFinding, HealReply, IntegrityReply, KillReply,
-    KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong, ProcessRow, ProcessTable, RegionInfo,
+    DESTRUCTIVE, HEAL_S, MAX_FINDINGS_REPLY, MAX_IO, ClaimReply, GuestFinding, GuestProcess,
+    GuestProcesses, HealReply, IntegrityReply, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong, ProcessRow, ProcessTable, RegionInfo,
     SensorsReply, WriteReply,
 )
 from .regions import Entry, NoSuchRegion, RegionTable
@@ -433,6 +433,27 @@ def kernel_integrity(call: Call) -> IntegrityReply:
                           guard.last_error)
 
 
+#: walks of a guest's task list a `guest_processes` makes: the guest runs meanwhile, and a
+#: fork or an exit under a walk makes it fail (memory.GuestMemory._task_list)
+GUEST_WALKS = 5
+
+
+def guest_processes(call: Call) -> GuestProcesses:
+    """A VM node's guest process table, read from its kernel's task list now."""
+    _guest(call)
+    rt, began = call.node, time.monotonic()
+    for attempt in range(GUEST_WALKS):
+        try:
+            table = rt.node.memory().process_table()
+            break
+        except VmError as e:
+            if attempt == GUEST_WALKS - 1:
+                raise OpError("failed", f"node {rt.name}: the guest's task list could not be "
+                              f"read in {GUEST_WALKS} walks: {e}") from None
+    return GuestProcesses([GuestProcess(t.pid, t.ppid, t.comm, t.state, t.rss) for t in table],
+                          round((time.monotonic() - began) * 1000, 1))
+
+
 def heal_kernel(call: Call) -> HealReply:
     """Restore the open findings of a VM node's guest kernel: the clean bytes written
     through QEMU's gdbstub with the vCPUs stopped (they stay stopped after if the node's
@@ -468,4 +489,5 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("set_limits", LimitsArgs, set_limits),
     Op("kernel_integrity", NodeArgs, kernel_integrity),
     Op("heal_kernel", NodeArgs, heal_kernel, deadline_s=HEAL_S),
+    Op("guest_processes", NodeArgs, guest_processes),
 )}

@@ -49,7 +49,8 @@ DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unl
 #: them several times a second; every request is counted in backdoors_agent_rpc_total.
 #: Every other op (and an unknown one) is audited: it changes or could change a node.
 READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "processes",
-                   "sessions", "held", "peers", "subscribe", "orphans", "kernel_integrity"})
+                   "sessions", "held", "peers", "subscribe", "orphans", "kernel_integrity",
+                   "guest_processes"})
 #: Error codes of a request refused for what it asked (not for the agent's own trouble:
 #: busy, deadline, failed): a read refused so is audited.
 REFUSED = frozenset({"auth", "bad_request", "unknown_op", "no_such_node", "no_such_region",
@@ -284,6 +285,25 @@ class IntegrityReply(msgspec.Struct):
     open: int  # findings open, all told
     errors: int
     last_error: str | None
+
+
+class GuestProcess(msgspec.Struct):
+    """A process of a VM node's guest, read from its kernel's task list (vm/memory.py
+    GuestTask): its parent's pid, its state letter as the guest's /proc shows it, its
+    resident bytes (0 for a kernel thread)."""
+
+    pid: int
+    ppid: int
+    comm: str
+    state: str
+    rss_bytes: int
+
+
+class GuestProcesses(msgspec.Struct):
+    """`guest_processes`: the guest's process table, walked when asked (`took_ms`)."""
+
+    rows: list[GuestProcess]
+    took_ms: float
 
 
 class HealReply(msgspec.Struct):
