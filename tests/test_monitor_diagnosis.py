@@ -387,3 +387,29 @@ def test_the_ancestors_of_a_service_are_never_part_of_a_bomb():
                                                                age=0.1)]
     lineage, _ = diagnosis.bomb_lineage(table, 1.0)
     assert {p.pid for p in lineage} == {20, 21, 22, 23}
+
+
+def _guest_rows(*rows):
+    from backdoors.agent.protocol import GuestProcess
+    return [GuestProcess(pid, ppid, comm, "R", rss) for pid, ppid, comm, rss in rows]
+
+
+def test_the_guest_culprit_is_the_largest_process_or_tree_outside_protect():
+    from backdoors.monitor.actions import guest_culprit
+    MiB = 1 << 20
+    rows = _guest_rows(
+        (1, 0, "init", 1 * MiB), (2, 0, "kthreadd", 0), (9, 2, "kworker/0:1", 0),
+        (40, 1, "httpd", 900 * MiB),  # the service: protected, however large
+        (41, 40, "sh", 2 * MiB),  # a CGI of the service's (its parent is protected: a root)
+        (50, 1, "tail", 120 * MiB),  # a hog adopted by init
+        # a bomb whose root exited: two trees adopted by init, of 3 and 4 processes
+        (60, 1, "sh", MiB), (61, 60, "sh", MiB), (62, 60, "sh", MiB),
+        (70, 1, "sh", MiB), (71, 70, "sh", MiB), (72, 71, "sh", MiB), (73, 71, "sh", MiB))
+    top, heads = guest_culprit(rows, "rss", {"httpd"})
+    assert (top.pid, heads) == (50, 1)
+    top, heads = guest_culprit(rows, "lineage", {"httpd"})
+    assert (top.pid, heads) == (70, 4)
+    # nothing protected: the service is the largest; pid 1, 2 and kernel threads never count
+    assert guest_culprit(rows, "rss", set())[0].pid == 40
+    assert guest_culprit(rows, "lineage", set())[0].pid == 70  # the service heads 2
+    assert guest_culprit(rows[:3], "rss", set()) is None  # only init and kernel threads

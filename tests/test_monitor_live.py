@@ -156,7 +156,7 @@ public_key = "{agent.public_key}"
 """)
     check = subprocess.run([sys.executable, "-m", "backdoors", "monitor", "--config", str(conf),
                             "--check"], capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0 and "memory-hog, fork-bomb, kernel-integrity, hang, agent-unreachable" in check.stdout
+    assert check.returncode == 0 and "memory-hog, fork-bomb, kernel-integrity, guest-unstable, hang, agent-unreachable" in check.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text(conf.read_text().replace("period_ms = 50", "period_ms = -1"))
     out = subprocess.run([sys.executable, "-m", "backdoors", "monitor", "--config", str(bad),
@@ -281,7 +281,7 @@ def test_a_long_hang_is_one_incident_until_it_clears(agent_lab, stall, tmp_path,
     assert logged.detections == inc.detections and [a.kind for a in logged.actions] == ["record"]
     said = [r.getMessage() for r in caplog.records if r.name == "backdoors.monitor"]
     assert any(m.startswith("monitor m1 starting: 1 agent(s): h0 at ") and "rules: memory-hog, "
-               "fork-bomb, kernel-integrity, hang, agent-unreachable" in m for m in said), said
+               "fork-bomb, kernel-integrity, guest-unstable, hang, agent-unreachable" in m for m in said), said
     assert any(m.startswith(f"incident {inc.id} opened: rule hang on node n0") for m in said)
     assert any(m.startswith(f"incident {inc.id} closed: cleared") for m in said)
     assert any(m.startswith("monitor m1 stopped: 1 incident(s) opened") for m in said)

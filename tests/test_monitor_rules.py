@@ -25,9 +25,10 @@ def error(text: str) -> str:
 
 def test_default_ruleset_covers_the_three_repair_cases():
     by_name = {r.name: r for r in monitor_rules.default_rules()}
-    assert list(by_name) == ["memory-hog", "fork-bomb", "kernel-integrity", "hang",
-                             "agent-unreachable"]
+    assert list(by_name) == ["memory-hog", "fork-bomb", "kernel-integrity", "guest-unstable",
+                             "hang", "agent-unreachable"]
     assert [type(a) for a in by_name["kernel-integrity"].actions] == [actions.HealKernel]
+    assert [type(a) for a in by_name["guest-unstable"].actions] == [actions.KillGuestCulprit]
     assert isinstance(by_name["memory-hog"].diagnosis, diagnosis.MemoryHogDiagnosis)
     assert [type(a) for a in by_name["memory-hog"].actions] == [actions.KillCulprit]
     assert isinstance(by_name["fork-bomb"].diagnosis, diagnosis.ForkBombDiagnosis)

@@ -171,7 +171,7 @@ def test_the_operator_path_from_the_docs(walk):
     walk.step("config")
     done = walk.step("check")
     assert f'host = "{walk.prefix}"' in done.stdout and 'isolation = "checked"' in done.stdout
-    assert ": ok (1 agents, 5 rules: memory-hog, fork-bomb, kernel-integrity, hang, agent-unreachable)" \
+    assert ": ok (1 agents, 6 rules: memory-hog, fork-bomb, kernel-integrity, guest-unstable, hang, agent-unreachable)" \
         in done.stdout, done.stdout
     walk.step("build-c")
 

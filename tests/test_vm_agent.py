@@ -261,6 +261,115 @@ def test_the_guest_process_table_is_served_as_the_guest_sees_it(lab):
         assert err.value.code == "bad_request"
 
 
+def _prediction(sock, key, kind: str, timeout: float = 60):
+    """The next `kind` event of Orion's (other conditions are skipped)."""
+    end = time.monotonic() + timeout
+    while True:
+        ev = _until(sock, key, {"violation", "cleared"}, timeout=max(0.1, end - time.monotonic()))
+        if ev.data.get("condition") == "unstable_predicted":
+            assert ev.kind == kind, ev
+            return ev
+
+
+def _gone(c, pids) -> bool:
+    return not set(pids) & {r.pid for r in c.guest_processes("v0").rows}
+
+
+def test_orion_in_the_agent_foresees_a_memory_hog_that_guest_kill_stops(lab):
+    """A process in the guest whose memory grows 20 MiB/s towards the 32 MiB floor: the
+    agent's Orion pushes `unstable_predicted` (memory-exhaustion) from the guest's
+    counters; the hog is the largest process of the guest's table, and `guest_kill`
+    (SIGKILL written into the guest kernel) stops it; the episode then ends."""
+    key = lab.agent_keys("h0")[0]
+    with lab.agent_client("h0", timeout=10.0) as c:
+        box = _guest(c)
+        assert box["predicted_oom"] == box["predicted_forks"] == 0
+        reply, sock = _subscribe(_Client(lab), kinds=["violation", "cleared"])
+        pid = int(guest_get(lab, "v0", f"/cgi-bin/grow?{int(box['available_mb']) - 16}").strip())
+        try:
+            v = _prediction(sock, key, "violation")
+            print(f"predicted: {v.data}; the guest box: {_guest(c)}")
+            assert (v.node, v.data["box"], v.data["sensor"], v.data["predicted"]) == \
+                ("v0", "guest", "predicted_oom", "memory-exhaustion")
+            assert 0 < v.data["eta_s"] <= 5 and v.data["slope"] < 0
+            assert _guest(c)["predicted_oom"] == 1
+            top = max(c.guest_processes("v0").rows, key=lambda r: r.rss_bytes)
+            assert (top.pid, top.comm) == (pid, "tail")
+            with pytest.raises(RemoteError, match="not 'init'") as err:  # an older table's pid
+                c.guest_kill("v0", pid, comm="init")
+            assert err.value.code == "failed"
+            r = c.guest_kill("v0", pid, comm="tail")
+            print(f"killed in {r.took_ms:.0f} ms")
+            assert (r.signalled, r.survivors) == ([pid], [])
+        finally:
+            if not _gone(c, [pid]):
+                c.guest_kill("v0", pid)
+        ended = _prediction(sock, key, "cleared")
+        assert (ended.data["sensor"], ended.data["predicted"]) == ("predicted_oom", "memory-exhaustion")
+        sock.close()
+        assert _guest(c)["predicted_oom"] == 0
+        assert _eventually(lambda: _guest(c)["available_mb"] > box["available_mb"] - 16)
+        for pid in (0, 1, 2):
+            with pytest.raises(RemoteError, match="take the guest down") as err:
+                c.guest_kill("v0", pid)
+            assert err.value.code == "bad_request"
+    assert guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
+
+
+def test_the_monitor_kills_the_hog_orion_foresees_in_a_guest(lab, tmp_path):
+    """The default ruleset's `guest-unstable` rule: Orion's push, the guest's largest
+    process killed from outside (not its httpd), the incident closed once the alarm ends."""
+    cfg = lab.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
+    with Monitor(cfg, key=lab.monitor_key()) as mon, \
+            lab.agent_client("h0", timeout=10.0) as c:
+        mon.wait_ready()
+        floor = _guest(c)["available_mb"]
+        pid = int(guest_get(lab, "v0", f"/cgi-bin/grow?{int(floor) - 16}").strip())
+        try:
+            inc = mon.wait_for(lambda i: i.rule == "guest-unstable" and i.state != "detected", 90)
+            assert inc is not None, mon.incidents()
+            assert (inc.node, inc.state) == ("v0", "repaired"), inc
+            (action,) = inc.actions
+            assert action.kind == "kill_guest_culprit" and action.status == "done", action
+            culprit = action.detail["culprit"]
+            assert (culprit["pid"], culprit["comm"], culprit["by"]) == (pid, "tail", "rss")
+            assert action.detail["signalled"] == [pid] and action.detail["survivors"] == []
+            print(f"killed in {action.detail['took_ms']:.0f} ms; the guest box after: {_guest(c)}")
+            assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 30) is not None
+        finally:
+            if not _gone(c, [pid]):
+                c.guest_kill("v0", pid)
+    assert guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
+
+
+def test_guest_kill_of_a_tree_kills_every_runnable_process_of_it(lab):
+    with lab.agent_client("h0", timeout=10.0) as c:
+        root = int(guest_get(lab, "v0", "/cgi-bin/spin?3").strip())
+        tree = set()
+
+        def grown() -> bool:  # 15 processes: the root and 14 descendants
+            rows = c.guest_processes("v0").rows
+            parents = {r.pid: r.ppid for r in rows}
+            tree.clear()
+            tree.update(p for p in parents if _descends(parents, p, root))
+            return len(tree) == 15
+        try:
+            assert _eventually(grown), tree
+            r = c.guest_kill("v0", root, tree=True)
+            assert set(r.signalled) == tree and r.survivors == [], r
+        finally:
+            if not _gone(c, tree | {root}):
+                c.guest_kill("v0", root, tree=True)
+        assert _gone(c, tree)
+    assert guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
+
+
+def _descends(parents: dict[int, int], pid: int, root: int) -> bool:
+    while pid and pid != root:
+        pid = parents.get(pid, 0)
+    return pid == root
+
+
 def test_a_fenced_vm_node_stays_fenced_across_an_agent_restart(lab):
     """A fence of a VM node holds its guest's vCPUs stopped; the (sealed) agent SIGKILLed
     and restarted by its keeper takes the fence back at start, before its seal, and the

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .errors import TransportError, remote_error
 from .protocol import (
     DECODE_ERRORS, DESTRUCTIVE, FENCE_S, HEAL_S, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
-    AdoptReply, Envelope, EvacuateReply, FenceReply, GuestProcesses, HealReply, HeldCount, IntegrityReply,
+    AdoptReply, Envelope, EvacuateReply, FenceReply, GuestKillReply, GuestProcesses, HealReply, HeldCount, IntegrityReply,
     KillReply, KillTreeReply, LimitsReply,
     LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
     TOKENED, ClaimReply, SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply,
@@ -313,6 +313,13 @@ class AgentClient:
     def guest_processes(self, node: str) -> GuestProcesses:
         """A VM node's guest process table, read from its kernel's memory."""
         return self._typed("guest_processes", GuestProcesses, node=node)
+
+    def guest_kill(self, node: str, pid: int, *, comm: str | None = None,
+                   tree: bool = False) -> GuestKillReply:
+        """SIGKILL a process of a VM node's guest (`tree`: its descendants too), written
+        into the guest kernel; `comm` guards against a pid reused since it was read."""
+        return self._typed("guest_kill", GuestKillReply, node=node, pid=pid, comm=comm,
+                           tree=tree, timeout=HEAL_S + 1.0)
 
     def heal_kernel(self, node: str) -> HealReply:
         """Restore the open findings of a VM node's guest kernel."""

@@ -45,6 +45,15 @@ class VmNodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "the guest kernel's jiffies progress deadline: a hung guest kernel stops ticking")] = 1.0
     sample_period_s: Annotated[float, doc(
         "how often the guest's kernel box is read from its RAM")] = 0.05
+    min_available_mb: Annotated[float, doc(
+        "the guest's available memory floor (MiB): its box's `available_mb` level violates "
+        "below it, and Orion predicts it being reached")] = 32.0
+    max_threads: Annotated[int, doc(
+        "the guest's thread ceiling: its box's `threads` level violates above it, and Orion "
+        "predicts it being reached (a fork bomb)")] = 1024
+    orion: Annotated[bool, doc(
+        "predict an unstable guest from its kernel's counters (vm/orion.py): the box's "
+        "`predicted_oom` / `predicted_forks` levels, pushed as `unstable_predicted`")] = True
 
 
 class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -386,6 +395,9 @@ def _validate_nodes(c: AgentConfig) -> None:
                        f"must be within {low}..{high} s")
             _check(n.vm.sample_period_s < n.vm.jiffies_deadline_s, at + ("vm", "sample_period_s"),
                    "must be below jiffies_deadline_s")
+            _check(math.isfinite(n.vm.min_available_mb) and n.vm.min_available_mb >= 0,
+                   at + ("vm", "min_available_mb"), "must be a number of MiB >= 0")
+            _check(n.vm.max_threads >= 1, at + ("vm", "max_threads"), "must be at least 1")
             for key in ("guest", "qmp"):
                 value = getattr(n.vm, key)
                 _check(value not in guests[key], at + ("vm", key),

@@ -25,6 +25,7 @@ from ..nodes import Layout, Node, detect, read_process
 from ..sensors import GUEST_BOX, KERNEL_BOX, Region
 from ..vm.guard import GuestWatch
 from ..vm.node import VmNode
+from ..vm.sensors import PREDICTED
 from .audit import AuditLog
 from .config import AgentConfig, validate
 from .fdstore import AgentStore
@@ -221,9 +222,13 @@ class Agent:
         the node's QEMU: its death is the guest's (agent/watch.py follows it). Its
         integrity guard's changes are pushed as events (vm/guard.py)."""
         try:
-            watch = GuestWatch(spec.name, node.memory(), sample_period=spec.vm.sample_period_s,
-                               jiffies_deadline=spec.vm.jiffies_deadline_s,
-                               on_change=lambda *a, n=spec.name: self._tampered(n, *a))
+            vm = spec.vm
+            watch = GuestWatch(spec.name, node.memory(), sample_period=vm.sample_period_s,
+                               jiffies_deadline=vm.jiffies_deadline_s,
+                               min_available_mb=vm.min_available_mb, max_threads=vm.max_threads,
+                               on_change=lambda *a, n=spec.name: self._tampered(n, *a),
+                               on_predicted=(lambda *a, n=spec.name: self._predicted(n, *a))
+                               if vm.orion else None)
         except BackdoorsError as e:
             node.close()
             raise AgentError(f"node {spec.name}: cannot read its guest kernel: {e}") from None
@@ -241,6 +246,23 @@ class Agent:
                             findings=[f.to_dict() for f in new], onset=time.time())
         self.audit.write(kind="kernel_tampered" if violated else "kernel_clean", node=node,
                          findings=[f.to_dict() for f in new], open=count)
+
+    def _predicted(self, node: str, kind: str, alarm) -> None:
+        """Orion foresaw a VM node's guest going unstable (or that episode ended): pushed
+        like a level out of bounds of its guest box, with the trend behind it."""
+        sensor = PREDICTED[kind]
+        if alarm is None:
+            self.events.publish("cleared", node, detector="level_out_of_bounds",
+                                condition="unstable_predicted", box=GUEST_BOX, sensor=sensor,
+                                predicted=kind, value=0.0, max=0.5)
+            return
+        self.events.publish("violation", node, detector="level_out_of_bounds",
+                            condition="unstable_predicted", box=GUEST_BOX, sensor=sensor,
+                            predicted=kind, value=1.0, max=0.5, eta_s=alarm.eta_s,
+                            slope=round(alarm.slope, 1), r2=alarm.r2, reading=alarm.value,
+                            onset=time.time())
+        self.audit.write(kind="unstable_predicted", node=node, predicted=kind,
+                         eta_s=alarm.eta_s)
 
     def _run(self) -> None:
         """Start the threads and tasks that serve: samplers, owners, the watcher,

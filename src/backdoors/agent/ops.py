@@ -12,6 +12,7 @@ read from the one table of them, `protocol.DESTRUCTIVE`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -28,14 +29,16 @@ from ..common.procs import exe_sha256, installed_exe, read_cmdline, same_start
 from ..errors import BackdoorsError, SensorBoxError, VmError
 from ..nodes import KEEP, process_table, subtree
 from ..sensors import read_consistent
+from ..vm.kill import alive as guest_alive, kill as guest_kill_tasks
 from .config import AgentConfig
 from .leases import LeaseTable
 from .mmreads import MmReads
 from .pidmap import box_in_host_terms
 from .protocol import (
-    DESTRUCTIVE, HEAL_S, MAX_FINDINGS_REPLY, MAX_IO, ClaimReply, GuestFinding, GuestProcess,
-    GuestProcesses, HealReply, IntegrityReply, KillReply, KillTreeReply, LimitsReply, NodeInfo, NodeStatus, Pong, ProcessRow, ProcessTable, RegionInfo,
-    SensorsReply, WriteReply,
+    DESTRUCTIVE, HEAL_S, MAX_FINDINGS_REPLY, MAX_IO, ClaimReply, GuestFinding, GuestKillReply,
+    GuestProcess, GuestProcesses, HealReply, IntegrityReply, KillReply, KillTreeReply,
+    LimitsReply, NodeInfo, NodeStatus, Pong, ProcessRow, ProcessTable, RegionInfo, SensorsReply,
+    WriteReply,
 )
 from .regions import Entry, NoSuchRegion, RegionTable
 from .served import NodeRuntime
@@ -159,6 +162,13 @@ class KillArgs(msgspec.Struct, forbid_unknown_fields=True):
 class KillTreeArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
     pid: int
+
+
+class GuestKillArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    pid: int
+    comm: str | None = None  # refused unless the process's comm is this (an older table's)
+    tree: bool = False  # its descendants too
 
 
 class LimitsArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -454,6 +464,33 @@ def guest_processes(call: Call) -> GuestProcesses:
                           round((time.monotonic() - began) * 1000, 1))
 
 
+#: how long `guest_kill` waits for what it signalled to be gone
+GUEST_KILL_WAIT_S = 1.0
+
+
+def guest_kill(call: Call) -> GuestKillReply:
+    """SIGKILL a process of a VM node's guest (and its descendants, `tree`) by writing the
+    signal into the guest kernel with the vCPUs stopped (vm/kill.py); then wait up to
+    GUEST_KILL_WAIT_S for them to be gone. Never the guest's init or a kernel thread."""
+    _guest(call)
+    a, rt = call.args, call.node
+    if a.pid <= 2:
+        raise OpError("bad_request", f"guest process {a.pid} is the guest's init, kthreadd "
+                      "or idle: killing it would take the guest down")
+    began = time.monotonic()
+    with call.agent.leases.exclusive(rt.name):
+        try:
+            tasks = guest_kill_tasks(rt.node, a.pid, comm=a.comm, tree=a.tree)
+        except BackdoorsError as e:
+            raise OpError("failed", f"node {rt.name}: {e}") from None
+    memory, left = rt.node.memory(), sorted(tasks)
+    while left and time.monotonic() - began < GUEST_KILL_WAIT_S:
+        time.sleep(0.01)
+        with contextlib.suppress(VmError):  # a walk that a fork or an exit broke: again
+            left = guest_alive(memory, tasks)
+    return GuestKillReply(sorted(tasks), left, round((time.monotonic() - began) * 1000, 1))
+
+
 def heal_kernel(call: Call) -> HealReply:
     """Restore the open findings of a VM node's guest kernel: the clean bytes written
     through QEMU's gdbstub with the vCPUs stopped (they stay stopped after if the node's
@@ -490,4 +527,5 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("kernel_integrity", NodeArgs, kernel_integrity),
     Op("heal_kernel", NodeArgs, heal_kernel, deadline_s=HEAL_S),
     Op("guest_processes", NodeArgs, guest_processes),
+    Op("guest_kill", GuestKillArgs, guest_kill, deadline_s=HEAL_S),
 )}

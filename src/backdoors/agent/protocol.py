@@ -44,7 +44,8 @@ CODES = (
 #: Operations held for votes when the agent's quorum is above 1: the one table, read by
 #: the server (ops.Op.destructive) and the client (which waits the vote window for them).
 DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unlock", "set_limits",
-                         "fence", "unfence", "evacuate", "heal_kernel"})
+                         "fence", "unfence", "evacuate", "heal_kernel",
+                         "guest_kill"})
 #: Operations that only read: not audited unless refused (REFUSED), as a monitor polls
 #: them several times a second; every request is counted in backdoors_agent_rpc_total.
 #: Every other op (and an unknown one) is audited: it changes or could change a node.
@@ -303,6 +304,15 @@ class GuestProcesses(msgspec.Struct):
     """`guest_processes`: the guest's process table, walked when asked (`took_ms`)."""
 
     rows: list[GuestProcess]
+    took_ms: float
+
+
+class GuestKillReply(msgspec.Struct):
+    """`guest_kill`: the guest pids SIGKILL was written for, those still alive when the
+    op stopped waiting, how long it all took."""
+
+    signalled: list[int]
+    survivors: list[int]
     took_ms: float
 
 

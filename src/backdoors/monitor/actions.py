@@ -500,7 +500,71 @@ class HealKernel(Action, tag="heal_kernel"):
         return Outcome("failed" if failed or after.open else "done", detail)
 
 
+def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str]) -> tuple[Any, int] | None:
+    """The process of a guest's table (agent guest_processes rows) to kill, and how many
+    processes it heads. Only user processes count: not pid 0-2, not kernel threads
+    (kthreadd's children, with no memory), not those whose comm is in `protect`. `by`
+    "rss": the largest resident one (a memory hog). "lineage": the root of the largest
+    tree of them -- a root being one whose parent is none of them (init, a protected
+    service, gone) -- ties to the newest (a fork bomb)."""
+    user = {r.pid: r for r in rows
+            if r.pid > 2 and r.ppid != 2 and r.rss_bytes > 0 and r.comm not in protect}
+    if not user:
+        return None
+    if by == "rss":
+        return max(user.values(), key=lambda r: (r.rss_bytes, r.pid)), 1
+    children: dict[int, list[int]] = {}
+    for r in user.values():
+        children.setdefault(r.ppid, []).append(r.pid)
+
+    def size(pid: int) -> int:
+        n, todo = 0, [pid]
+        while todo:
+            n += 1
+            todo += children.get(todo.pop(), [])
+        return n
+    roots = [r for r in user.values() if r.ppid not in user]
+    best = max(roots, key=lambda r: (size(r.pid), r.pid))
+    return best, size(best.pid)
+
+
+class KillGuestCulprit(Action, tag="kill_guest_culprit"):
+    """Kill what makes a VM node's guest unstable, found in its process table (read from
+    its kernel's memory by the agent: `guest_processes`) -- by="rss" the largest process
+    (memory exhaustion), by="lineage" the largest process tree, root and all (a fork
+    bomb; at least `min_lineage` processes), by="predicted" as the guest box's sensor
+    that fired says (`predicted_forks`: lineage, else rss) -- never a process whose comm
+    is in `protect` (the guest's service). SIGKILL is written into the guest kernel with
+    its vCPUs stopped (`guest_kill`, docs/vm-backdoor.md); done once all are gone."""
+
+    kills: ClassVar[bool] = True
+    by: Literal["predicted", "rss", "lineage"] = "predicted"
+    protect: list[str] = []
+    min_lineage: Annotated[int, msgspec.Meta(ge=1)] = 8
+
+    def run(self, ctx: Context, finding: Finding) -> Outcome:
+        by = self.by
+        if by == "predicted":
+            fired = {v.sensor for h in ctx.hits for v in h.violations}
+            by = "lineage" if "predicted_forks" in fired else "rss"
+        rows = ctx.client.guest_processes(ctx.node).rows
+        found = guest_culprit(rows, by, set(self.protect))
+        if found is None:
+            return Outcome("skipped", {"reason": "no user process in the guest outside protect"})
+        culprit, heads = found
+        who = {"pid": culprit.pid, "comm": culprit.comm, "rss_bytes": culprit.rss_bytes,
+               "processes": heads, "by": by}
+        if by == "lineage" and heads < self.min_lineage:
+            return Outcome("skipped", {"culprit": who, "reason": f"the largest process tree "
+                                       f"has {heads} processes, below min_lineage"})
+        reply = ctx.client.guest_kill(ctx.node, culprit.pid, comm=culprit.comm,
+                                      tree=by == "lineage")
+        detail = {"culprit": who, "signalled": reply.signalled, "survivors": reply.survivors,
+                  "took_ms": reply.took_ms}
+        return Outcome("failed" if reply.survivors else "done", detail)
+
+
 # ---- registration ------------------------------------------------------------------------
 
-ACTIONS = (KillCulprit, LockKillLineage, Refresh, Record, Recover, HealKernel)
+ACTIONS = (KillCulprit, LockKillLineage, Refresh, Record, Recover, HealKernel, KillGuestCulprit)
 ActionUnit = Union[ACTIONS]  # the TOML `actions = [...]` entries

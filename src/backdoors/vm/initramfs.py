@@ -50,6 +50,16 @@ CGI = {
            "( i=0; while [ $i -lt ${QUERY_STRING:-64} ]; do"
            " dd if=/dev/zero bs=1M count=1 >>/hog/leak 2>/dev/null; i=$((i+1)); usleep 50000; done;"
            " sleep 2; rm -f /hog/leak ) </dev/null >/dev/null 2>&1 &\necho started\n",
+    # what the agent's Orion and the monitor act on (docs/vm-backdoor.md): a process whose
+    # own memory grows N MiB, 1 MiB per 50 ms (`tail` keeping what it reads), and a
+    # process tree of depth N spinning (2^(N+1) - 1 processes, runnable, until killed);
+    # each prints its top process's pid
+    # (tail's buffer is allocated at once: N MiB, not more than the guest can commit)
+    "grow": _HEAD + "n=${QUERY_STRING:-64}; ( i=0; while [ $i -lt $n ]; do dd if=/dev/zero bs=1M"
+            " count=1 2>/dev/null; i=$((i+1)); usleep 50000; done ) </dev/null"
+            " | tail -c $((n * 1048576)) >/dev/null 2>&1 &\necho $!\n",
+    "spin": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi; while :; do :; done; }\n"
+            "( b ${QUERY_STRING:-3} ) </dev/null >/dev/null 2>&1 &\necho $!\n",
     "bomb": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi; exec sleep 3; }\n"
             "( b ${QUERY_STRING:-8} ) </dev/null >/dev/null 2>&1 &\necho started\n",
 }

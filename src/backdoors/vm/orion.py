@@ -111,6 +111,10 @@ class Predictor:
         self.alarms.extend(out)
         return out
 
+    def open_kinds(self) -> set[str]:
+        """The kinds whose alarm episode is open (raised, not yet cleared)."""
+        return set(self._raised)
+
     def _judge(self, kind: str, t: float, trend: Trend, bound: float, sign: int,
                least: float, horizon: float) -> Alarm | None:
         fit = trend.fit() if trend.span >= 0.8 * self.window_s else None

@@ -12,16 +12,27 @@ guest kernel's 1-minute load average; `available_mb` and `threads` are its own c
 (memory.Readings), bounded like Orion's plain detectors (vm.orion). The level `tampered`
 counts the open kernel integrity findings (guard.py; 0 where none runs). `table` keeps the
 last process table read.
+
+With a Predictor (vm.orion), each sample feeds it too: `predicted_oom` and
+`predicted_forks` are 1 while its memory-exhaustion or fork-bomb alarm is open (max 0.5:
+a violation, ahead of the bounds of `available_mb` and `threads`), and `on_predicted` is
+told at once, with the Alarm as it is raised and None as its episode ends.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from ..errors import VmError
 from ..sensors import GUEST_BOX, SensorBox
 from .memory import GuestMemory, GuestTask
+from .orion import Alarm, Predictor
 from .periodic import Periodic
+
+#: the box's sensor of each Orion alarm kind
+PREDICTED = {"memory-exhaustion": "predicted_oom", "fork-bomb": "predicted_forks"}
+OnPredicted = Callable[[str, "Alarm | None"], None]  # (kind, the alarm, or None: it ended)
 
 #: how often the task list is walked (the guest sets its length: a long one costs the host)
 TASKS_EVERY_S = 0.5
@@ -33,8 +44,10 @@ class GuestSensors:
     def __init__(self, node: str, memory: GuestMemory, *, jiffies_deadline: float = 1.0,
                  max_tasks: float | None = None, min_available_mb: float = 0.0,
                  max_threads: float | None = None, max_load: float | None = None,
-                 max_blocked: float | None = None):
+                 max_blocked: float | None = None, predictor: Predictor | None = None,
+                 on_predicted: OnPredicted | None = None):
         self.memory = memory
+        self.predictor, self.on_predicted = predictor, on_predicted
         self.box = SensorBox.create(f"{GUEST_BOX}:{node}", capacity=16)
         self.jiffies = self.box.progress("jiffies", deadline=jiffies_deadline)
         self.tasks = self.box.level("tasks", min=1.0, max=max_tasks)
@@ -46,6 +59,8 @@ class GuestSensors:
         self.threads = self.box.level("threads", min=1.0, max=max_threads)
         # open kernel integrity findings (guard.IntegrityGuard sets it): any violates
         self.tampered = self.box.level("tampered", min=0.0, max=0.5)
+        self.predicted = {kind: self.box.level(name, min=0.0, max=0.5)
+                          for kind, name in PREDICTED.items()} if predictor is not None else {}
         self._tasks_due = 0.0
         try:
             self._base = memory.jiffies()
@@ -62,6 +77,8 @@ class GuestSensors:
         self.available.set(r.available / (1 << 20))
         self.threads.set(float(r.threads))
         self.load1.set(self.memory.load()[0])
+        if self.predictor is not None:
+            self._predict(r)
         if time.monotonic() >= self._tasks_due:  # a walk of the guest's list: not every period
             self._tasks_due = time.monotonic() + TASKS_EVERY_S
             try:
@@ -72,6 +89,21 @@ class GuestSensors:
             self.tasks.set(float(len(table)))
             self.blocked.set(float(sum(1 for t in table if t.state == "D")))
             self.top_rss.set(max(t.rss for t in table) / (1 << 20))
+
+    def _predict(self, r) -> None:
+        p = self.predictor
+        was = p.open_kinds()
+        raised = p.observe(time.monotonic(), r)
+        for alarm in raised:
+            self.predicted[alarm.kind].set(1.0)
+        ended = was - p.open_kinds()
+        for kind in ended:
+            self.predicted[kind].set(0.0)
+        if self.on_predicted is not None:
+            for alarm in raised:
+                self.on_predicted(alarm.kind, alarm)
+            for kind in sorted(ended):
+                self.on_predicted(kind, None)
 
     def close(self) -> None:
         self.box.close()

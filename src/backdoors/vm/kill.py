@@ -1,0 +1,94 @@
+"""Killing a guest's processes from outside: SIGKILL written into its kernel's memory.
+
+There is no agent inside the guest to call kill(2). What kill(2) leaves behind is
+written instead, with the vCPUs stopped (QMP `stop`, through QEMU's gdbstub, at a stop
+outside any task list update, as healing writes): SIGKILL in the thread group's shared
+pending set (`signal->shared_pending.signal`) and TIF_SIGPENDING in each of its threads'
+flags (`thread_info.flags`, set by an atomic instruction in the guest, so a vCPU never
+stops half-way through it). When the guest runs again, a thread going back to user
+space -- at its next system call or timer tick, at once for a running one -- sees the
+flag, dequeues SIGKILL, and its whole group exits; a parent signalled so cannot fork
+any more (copy_process refuses while a signal is pending).
+
+What is not written is the wake-up kill(2) also does (signal_wake_up): a thread asleep
+in the guest dies when it next wakes, not before. Runaway processes -- a memory hog, a
+fork bomb's forking processes -- are running; `kill()` reports the ones still there.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import VmError
+from .machine import settled_session
+
+SIGKILL = 9
+TIF_SIGPENDING = 2  # arch/x86/include/asm/thread_info.h
+#: threads of one group written at most (a loop in a hostile list ends here)
+MAX_THREADS = 1 << 16
+
+
+def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
+         attempts: int = 200) -> dict[int, int]:
+    """SIGKILL the guest's process `pid` -- and with `tree` every descendant of it --
+    through `vm` (a machine.Vm or a node.VmNode). `comm`: refuse unless the process's is
+    that (the pid was read from an older table). Returns pid -> task_struct address of
+    every process signalled; VmError if there is no such process."""
+    memory = vm.memory()
+    with settled_session(vm, attempts, lock=True) as (stub, ok):
+        if not ok:
+            raise VmError(f"{memory.where}: the task list was mid-update at each of "
+                          f"{attempts} stops: nothing killed")
+        table = memory.process_table()
+        if not any(t.pid == pid for t in table):
+            raise VmError(f"{memory.where}: no process {pid} in the guest")
+        named = next(t.comm for t in table if t.pid == pid)
+        if comm is not None and named != comm:
+            raise VmError(f"{memory.where}: process {pid} is {named!r} now, not {comm!r}")
+        pids = _subtree(table, pid) if tree else {pid}
+        tasks = {p: t for p, t in memory.pid_table().items() if p in pids}
+        for task in tasks.values():
+            for phys, data in _writes(memory, task):
+                stub.write_phys(phys, data)
+        return tasks
+
+
+def alive(memory, tasks: dict[int, int]) -> list[int]:
+    """The pids of `tasks` (pid -> task_struct address, as `kill` returned) still
+    holding their pid with the same task."""
+    now = memory.pid_table()
+    return sorted(p for p, task in tasks.items() if now.get(p) == task)
+
+
+def _subtree(table, root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for t in table:
+        children.setdefault(t.ppid, []).append(t.pid)
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += children.get(p, [])
+    return out
+
+
+def _writes(memory, task: int) -> list[tuple[int, bytes]]:
+    """(physical address, bytes) that leave SIGKILL pending for `task`'s thread group."""
+    k = memory.kernel
+    member = k.member
+    u64 = lambda virt: struct.unpack("<Q", memory.read_virt(virt, 8))[0]  # noqa: E731
+    signal = u64(task + member("task_struct", "signal"))
+    pending = signal + member("signal_struct", "shared_pending") + member("sigpending", "signal")
+    out = [(memory.translate(pending), struct.pack("<Q", u64(pending) | 1 << (SIGKILL - 1)))]
+    flags_at = member("task_struct", "thread_info") + member("thread_info", "flags")
+    link = member("task_struct", "thread_node")
+    head = signal + member("signal_struct", "thread_head")
+    node = u64(head)
+    for _ in range(MAX_THREADS):
+        if node == head:
+            return out
+        flags = node - link + flags_at
+        out.append((memory.translate(flags), struct.pack("<Q", u64(flags) | 1 << TIF_SIGPENDING)))
+        node = u64(node)
+    raise VmError(f"{memory.where}: the thread list of task {task:#x} loops")
