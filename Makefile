@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 all: test
 
-# Debian packages the tests and benchmarks use (gcc for the C Sensor Box writer test,
+# Debian packages the tests and benchmarks use (gcc for the C Sensor Box writer test and,
+# with libc6-dev's static libc, the VM guest's STREAM benchmark;
 # curl for the unmodified-client recovery test, haproxy for the recovery benchmark,
 # catatonit for the PID 1 and exec shim of nodes as containers; libseccomp2 for the sealed
 # agent's filter; etcd-server for a fleet of monitors, nftables to cut a monitor off
@@ -18,6 +19,7 @@ all: test
 system-deps:
 	@missing=""; \
 	for p in gcc curl strace haproxy catatonit; do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	ls /usr/lib/*/libc.a >/dev/null 2>&1 || missing="$$missing libc6-dev"; \
 	ldconfig -p | grep -q 'libseccomp\.so\.2 ' || missing="$$missing libseccomp2"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \

@@ -185,12 +185,16 @@ def test_rootkit_detected_by_symbol_and_healed_guest_keeps_running(qemu, unique)
 def test_vm_scenario_reports_every_figure(qemu):
     """`backdoors scenario vm` in small: a short benign run, a short overhead measure."""
     from backdoors.scenarios import SCENARIOS
-    r = SCENARIOS["vm"](benign_s=10, overhead_pairs=2, stream_passes=10, tamper_rounds=2)
+    r = SCENARIOS["vm"](benign_s=10, overhead_pairs=2, stream_n=1 << 18, stream_times=5,
+                         tamper_rounds=2)
     print({k: r[k] for k in ("boot_s", "accel", "guest_hang_detect_ms", "tamper_detect_ms",
                              "false_positives", "overhead_pct", "scan_cpu_pct")})
     for key in ("boot_s", "guest_hang_detect_ms", "benign_minutes", "overhead_pct"):
         assert isinstance(r[key], (int, float))
     assert r["accel"] in ("tcg", "kvm")
+    stream = r["stream"]  # the guest's STREAM, with the scan paused and running
+    assert len(stream["runs_without"]) == len(stream["runs_with"]) == 2
+    assert all(run["triad_mb_s"] > 0 and run["copy_us"] > 0 for run in stream["runs_with"])
     assert set(r["tamper_detect_ms"]) == {"p50", "p99"}
     assert [t["name"] for t in r["tampers"]] == ["syscall-table", "function-patch", "hidden-process"] * 2
     assert all(t["detected"] and t["healed"] for t in r["tampers"]), r["tampers"]

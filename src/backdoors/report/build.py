@@ -565,7 +565,7 @@ def vm_section(inputs: Inputs) -> Html:
          ["false positives / benign minutes", f"{_ms(v.false_positives)} / "
           f"{_ms(v.benign_minutes, 1)}",
           f"{g['false_positive_pct']} % over 42 min" if "false_positive_pct" in g else "—"],
-         ["overhead on a copy loop in the guest (%)", _ms(v.overhead_pct, 1),
+         ["overhead on STREAM in the guest (%)", _ms(v.overhead_pct, 1),
           f"{g['overhead_pct']} (STREAM)" if "overhead_pct" in g else "—"],
          ["tampers healed, hidden process found",
           f"{_yes(v.tamper_healed)}, {_yes(v.hidden_process_found)}", "—"],

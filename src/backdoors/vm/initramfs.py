@@ -12,13 +12,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 from ..errors import VmError
 from .kernel import GuestKernel, cache_dir
 
 BUSYBOX = Path("/bin/busybox")
+#: the guest's STREAM-like benchmark (its /bin/stream), built static on the host
+STREAM_C = Path(__file__).with_name("stream.c")
 #: the NIC: virtio-net over virtio-pci (modules in Debian's cloud kernel); deps are added
 NIC_MODULES = ("virtio_pci", "virtio_net")
 READY = "bd-guest: ready"
@@ -50,6 +54,8 @@ CGI = {
            "( i=0; while [ $i -lt ${QUERY_STRING:-64} ]; do"
            " dd if=/dev/zero bs=1M count=1 >>/hog/leak 2>/dev/null; i=$((i+1)); usleep 50000; done;"
            " sleep 2; rm -f /hog/leak ) </dev/null >/dev/null 2>&1 &\necho started\n",
+    # the STREAM-like benchmark (/bin/stream: ?N,NTIMES -- N doubles an array, best of NTIMES)
+    "streambench": _HEAD + "IFS=,; set -- ${QUERY_STRING:-1048576,10}; /bin/stream \"$1\" \"$2\"\n",
     # what the agent's Orion and the monitor act on (docs/vm-backdoor.md): a process whose
     # own memory grows N MiB, 1 MiB per 50 ms (`tail` keeping what it reads), and a
     # process tree of depth N spinning (2^(N+1) - 1 processes, runnable, until killed);
@@ -134,6 +140,7 @@ def build(kernel: GuestKernel, out: Path | None = None) -> Path:
     for d in ("bin", "dev", "etc", "proc", "sys", "tmp", "lib", "lib/modules"):
         archive.directory(d)
     archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    archive.file("bin/stream", stream_binary().read_bytes(), 0o755)
     archive.file("init", INIT.encode(), 0o755)
     archive.directory("etc/cgi")
     for name, script in CGI.items():
@@ -151,6 +158,30 @@ def build(kernel: GuestKernel, out: Path | None = None) -> Path:
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     tmp.write_bytes(data)
     tmp.replace(out)
+    return out
+
+
+def stream_binary() -> Path:
+    """vm/stream.c built static with the host's gcc (cached by its source under
+    cache_dir()): the guest has no libc of its own."""
+    source = STREAM_C.read_bytes()
+    out = cache_dir() / f"stream-{hashlib.sha256(source).hexdigest()[:16]}"
+    if out.exists():
+        return out
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise VmError("gcc missing: it builds the guest's STREAM benchmark (make system-deps)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    try:
+        run = subprocess.run([gcc, "-O2", "-static", "-o", str(tmp), str(STREAM_C)],
+                             capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            raise VmError(f"building {STREAM_C} failed (is libc6-dev installed, for a static "
+                          f"link?): {run.stderr.strip()[-500:]}")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
