@@ -302,13 +302,13 @@ class GuestMemory:
     def _xa_entries(self, head: int, limit: int) -> list[tuple[int, int]]:
         """(index, entry) of every entry of the xarray whose `xa_head` is `head`
         (lib/xarray.c: a node pointer is tagged 2 in its low bits and above 4096; smaller
-        tagged values are sibling and retry markers, not entries)."""
+        tagged values are sibling and retry markers, odd ones values: none a pointer)."""
         def is_node(e: int) -> bool:
             return e & 3 == 2 and e > 4096
         if not head:
             return []
         if not is_node(head):
-            return [] if head & 3 == 2 else [(0, head)]
+            return [(0, head)] if head & 3 == 0 else []
         k = self.kernel
         shift_at, slots_at = k.member("xa_node", "shift"), k.member("xa_node", "slots")
         out, todo, nodes = [], [(head - 2, 0)], 0
@@ -323,7 +323,7 @@ class GuestMemory:
             for i, e in enumerate(struct.unpack("<64Q", self.read_virt(node + slots_at, 512))):
                 if is_node(e) and shift:
                     todo.append((e - 2, base + (i << shift)))
-                elif e and e & 3 != 2:
+                elif e and e & 3 == 0:
                     out.append((base + (i << shift), e))
         return out
 
