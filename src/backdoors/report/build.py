@@ -488,8 +488,8 @@ def overhead_section(inputs: Inputs) -> Html:
     else:
         o = rec.overhead
         detail = (f"the HTTP example serving {_ms(o.response_bytes)}-byte responses over "
-                  f"keep-alive, {_ms(o.rounds)} alternated rounds of {_ms(o.seconds_per_round)} s "
-                  "each, medians")
+                  f"keep-alive to {_ms(o.clients or 1)} clients at once, {_ms(o.rounds)} "
+                  f"alternated rounds of {_ms(o.seconds_per_round)} s each, medians")
         parts.append(_plot("throughput and latency with and without Continuation Boxes",
                            lambda: plots.overhead(o), detail))
         parts.append(table(["", "requests/s", "p50 (ms)", "p99 (ms)"], [
@@ -498,7 +498,9 @@ def overhead_section(inputs: Inputs) -> Html:
             ["with Continuation Boxes", _ms(o.cb_rps), _ms(o.cb_p50_ms, 3), _ms(o.cb_p99_ms, 3)],
         ], numeric=(1, 2, 3)))
         if o.overhead_pct is not None:
-            parts.append(para(f"Throughput overhead: {o.overhead_pct:.1f}%."))
+            spread = (f" (the pairs' middle half: {o.overhead_pct_iqr[0]:.1f} to "
+                      f"{o.overhead_pct_iqr[1]:.1f} %)" if len(o.overhead_pct_iqr) == 2 else "")
+            parts.append(para(f"Throughput overhead: {o.overhead_pct:.1f}%{spread}."))
     parts += _casestudy_load_part(inputs) + _monitor_part(inputs)
     parts.append(Html("<h3>Sensor updates (bench_sensors)</h3>"))
     s = inputs.bench.get("bench_sensors")

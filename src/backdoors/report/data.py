@@ -119,8 +119,10 @@ class Overhead(msgspec.Struct):
     plain_p99_ms: Num = None
     cb_p99_ms: Num = None
     overhead_pct: Num = None
+    overhead_pct_iqr: list[Num] = []
     response_bytes: Num = None
     rounds: Num = None
+    clients: Num = None
     seconds_per_round: Num = None
 
 
