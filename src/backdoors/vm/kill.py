@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 
 from ..errors import VmError
+from ..nodes import subtree
 from .machine import settled_session
 
 SIGKILL = 9
@@ -45,7 +46,7 @@ def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
         named = next(t.comm for t in table if t.pid == pid)
         if comm is not None and named != comm:
             raise VmError(f"{memory.where}: process {pid} is {named!r} now, not {comm!r}")
-        pids = _subtree(table, pid) if tree else {pid}
+        pids = subtree(table, pid) if tree else {pid}
         tasks = {p: t for p, t in memory.pid_table().items() if p in pids}
         for task in tasks.values():
             for phys, data in _writes(memory, task):
@@ -58,19 +59,6 @@ def alive(memory, tasks: dict[int, int]) -> list[int]:
     holding their pid with the same task."""
     now = memory.pid_table()
     return sorted(p for p, task in tasks.items() if now.get(p) == task)
-
-
-def _subtree(table, root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for t in table:
-        children.setdefault(t.ppid, []).append(t.pid)
-    out, todo = set(), [root]
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo += children.get(p, [])
-    return out
 
 
 def _writes(memory, task: int) -> list[tuple[int, bytes]]:
