@@ -55,10 +55,13 @@ def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
 
 
 def alive(memory, tasks: dict[int, int]) -> list[int]:
-    """The pids of `tasks` (pid -> task_struct address, as `kill` returned) still
-    holding their pid with the same task."""
+    """The pids of `tasks` (pid -> task_struct address, as `kill` returned) still alive:
+    holding their pid with the same task, and not exited (a zombie whose parent has not
+    reaped it yet is dead: it holds its pid, not its memory)."""
     now = memory.pid_table()
-    return sorted(p for p, task in tasks.items() if now.get(p) == task)
+    exit_at = memory.kernel.member("task_struct", "exit_state")
+    return sorted(p for p, task in tasks.items() if now.get(p) == task
+                  and not struct.unpack("<i", memory.read_virt(task + exit_at, 4))[0])
 
 
 def _writes(memory, task: int) -> list[tuple[int, bytes]]:
