@@ -523,9 +523,9 @@ def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str]) -> tu
             n += 1
             todo += children.get(todo.pop(), [])
         return n
-    roots = [r for r in user.values() if r.ppid not in user]
-    best = max(roots, key=lambda r: (size(r.pid), r.pid))
-    return best, size(best.pid)
+    sizes = {r.pid: size(r.pid) for r in user.values() if r.ppid not in user}  # the roots
+    best = max(sizes, key=lambda pid: (sizes[pid], pid))
+    return user[best], sizes[best]
 
 
 class KillGuestCulprit(Action, tag="kill_guest_culprit"):

@@ -30,7 +30,8 @@ MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tg
            ("xa_node", "shift"), ("xa_node", "slots"), ("task_struct", "signal"),
            ("signal_struct", "shared_pending"), ("sigpending", "signal"),
            ("signal_struct", "thread_head"), ("task_struct", "thread_node"),
-           ("task_struct", "thread_info"), ("thread_info", "flags"), ("list_head", "next"), ("mm_struct", "rss_stat"))
+           ("task_struct", "thread_info"), ("thread_info", "flags"), ("list_head", "next"),
+           ("mm_struct", "rss_stat"))
 #: enumerators whose values the profile keeps (indexes of the kernel's vmstat arrays)
 ENUMS = (("zone_stat_item", "NR_FREE_PAGES"), ("node_stat_item", "NR_FILE_PAGES"),
          ("node_stat_item", "NR_SHMEM"), ("node_stat_item", "NR_SLAB_UNRECLAIMABLE_B"),

@@ -41,9 +41,9 @@ def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
             raise VmError(f"{memory.where}: the task list was mid-update at each of "
                           f"{attempts} stops: nothing killed")
         table = memory.process_table()
-        if not any(t.pid == pid for t in table):
+        named = next((t.comm for t in table if t.pid == pid), None)
+        if named is None:
             raise VmError(f"{memory.where}: no process {pid} in the guest")
-        named = next(t.comm for t in table if t.pid == pid)
         if comm is not None and named != comm:
             raise VmError(f"{memory.where}: process {pid} is {named!r} now, not {comm!r}")
         pids = subtree(table, pid) if tree else {pid}
