@@ -3,12 +3,15 @@
 There is no agent inside the guest to call kill(2). What kill(2) leaves behind is
 written instead, with the vCPUs stopped (QMP `stop`, through QEMU's gdbstub, at a stop
 outside any task list update, as healing writes): SIGKILL in the thread group's shared
-pending set (`signal->shared_pending.signal`) and TIF_SIGPENDING in each of its threads'
-flags (`thread_info.flags`, set by an atomic instruction in the guest, so a vCPU never
-stops half-way through it). When the guest runs again, a thread going back to user
+pending set (`signal->shared_pending.signal`) and, as kill(2) does for a fatal signal, in
+each of its threads' own (`task_struct.pending.signal`), with TIF_SIGPENDING in each
+thread's flags (`thread_info.flags`, set by an atomic instruction in the guest, so a vCPU
+never stops half-way through it). When the guest runs again, a thread going back to user
 space -- at its next system call or timer tick, at once for a running one -- sees the
-flag, dequeues SIGKILL, and its whole group exits; a parent signalled so cannot fork
-any more (copy_process refuses while a signal is pending).
+flag, dequeues SIGKILL, and its whole group exits. A signalled parent forks no more:
+copy_process refuses at its start while a signal is pending, and one stopped half-way
+through a fork is ended before it links the child (a fatal signal, the thread's own
+SIGKILL, lets no child slip out), so a fork bomb leaves no orphan behind.
 
 What is not written is the wake-up kill(2) also does (signal_wake_up): a thread asleep
 in the guest dies when it next wakes, not before. Runaway processes -- a memory hog, a
@@ -73,13 +76,15 @@ def _writes(memory, task: int) -> list[tuple[int, bytes]]:
     pending = signal + member("signal_struct", "shared_pending") + member("sigpending", "signal")
     out = [(memory.translate(pending), struct.pack("<Q", u64(pending) | 1 << (SIGKILL - 1)))]
     flags_at = member("task_struct", "thread_info") + member("thread_info", "flags")
+    own_at = member("task_struct", "pending") + member("sigpending", "signal")
     link = member("task_struct", "thread_node")
     head = signal + member("signal_struct", "thread_head")
     node = u64(head)
     for _ in range(MAX_THREADS):
         if node == head:
             return out
-        flags = node - link + flags_at
-        out.append((memory.translate(flags), struct.pack("<Q", u64(flags) | 1 << TIF_SIGPENDING)))
+        thread = node - link
+        for at, bit in ((flags_at, 1 << TIF_SIGPENDING), (own_at, 1 << (SIGKILL - 1))):
+            out.append((memory.translate(thread + at), struct.pack("<Q", u64(thread + at) | bit)))
         node = u64(node)
     raise VmError(f"{memory.where}: the thread list of task {task:#x} loops")
