@@ -405,11 +405,20 @@ def test_the_guest_culprit_is_the_largest_process_or_tree_outside_protect():
         # a bomb whose root exited: two trees adopted by init, of 3 and 4 processes
         (60, 1, "sh", MiB), (61, 60, "sh", MiB), (62, 60, "sh", MiB),
         (70, 1, "sh", MiB), (71, 70, "sh", MiB), (72, 71, "sh", MiB), (73, 71, "sh", MiB))
-    top, heads = guest_culprit(rows, "rss", {"httpd"})
-    assert (top.pid, heads) == (50, 1)
-    top, heads = guest_culprit(rows, "lineage", {"httpd"})
-    assert (top.pid, heads) == (70, 4)
+    top, heads, how = guest_culprit(rows, "rss", {"httpd"})
+    assert (top.pid, heads, how) == (50, 1, "rss")
+    top, heads, how = guest_culprit(rows, "lineage", {"httpd"})
+    assert (top.pid, heads, how) == (70, 4, "lineage")
     # nothing protected: the service is the largest; pid 1, 2 and kernel threads never count
     assert guest_culprit(rows, "rss", set())[0].pid == 40
     assert guest_culprit(rows, "lineage", set())[0].pid == 70  # the service heads 2
     assert guest_culprit(rows[:3], "rss", set()) is None  # only init and kernel threads
+    # "memory": the hog holds more than any tree of at least 3 (4 MiB at most) ...
+    top, heads, how = guest_culprit(rows, "memory", {"httpd"}, 3)
+    assert (top.pid, heads, how) == (50, 1, "rss")
+    # ... but not more than a bomb of 200 small processes (as forked shells, 1 MiB each)
+    bomb = _guest_rows((100, 1, "sh", MiB), *((101 + i, 100 + i // 2, "sh", MiB) for i in range(199)))
+    top, heads, how = guest_culprit(rows + bomb, "memory", {"httpd"}, 8)
+    assert (top.pid, heads, how) == (100, 200, "lineage")
+    # a tree below min_lineage never counts, however much it holds
+    assert guest_culprit(rows + bomb, "memory", {"httpd"}, 201)[2] == "rss"

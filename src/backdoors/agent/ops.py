@@ -464,8 +464,9 @@ def guest_processes(call: Call) -> GuestProcesses:
                           round((time.monotonic() - began) * 1000, 1))
 
 
-#: how long `guest_kill` waits for what it signalled to be gone
-GUEST_KILL_WAIT_S = 1.0
+#: how long `guest_kill` waits for what it signalled to be gone (a sleeper dies when it
+#: wakes: this covers one waking once a second)
+GUEST_KILL_WAIT_S = 2.0
 
 
 def guest_kill(call: Call) -> GuestKillReply:

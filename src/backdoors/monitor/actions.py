@@ -500,68 +500,89 @@ class HealKernel(Action, tag="heal_kernel"):
         return Outcome("failed" if failed or after.open else "done", detail)
 
 
-def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str]) -> tuple[Any, int] | None:
-    """The process of a guest's table (agent guest_processes rows) to kill, and how many
-    processes it heads. Only user processes count: not pid 0-2, not kernel threads
-    (kthreadd's children, with no memory), not those whose comm is in `protect`. `by`
-    "rss": the largest resident one (a memory hog). "lineage": the root of the largest
-    tree of them -- a root being one whose parent is none of them (init, a protected
-    service, gone) -- ties to the newest (a fork bomb)."""
+def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str],
+                  min_lineage: int = 1) -> tuple[Any, int, str] | None:
+    """The process of a guest's table (agent guest_processes rows) to kill, how many
+    processes it heads, and how it was chosen ("rss" or "lineage"). Only user processes
+    count: not pid 0-2, not kernel threads (kthreadd's children, with no memory), not those
+    whose comm is in `protect`. `by` "rss": the largest resident one (a memory hog).
+    "lineage": the root of the largest tree of them -- a root being one whose parent is
+    none of them (init, a protected service, gone) -- ties to the newest (a fork bomb).
+    "memory": whichever holds more resident memory, the largest process or the tree of at
+    least `min_lineage` processes whose sum is largest (a fork bomb fills the memory with
+    many small processes, a hog with one large one)."""
     user = {r.pid: r for r in rows
             if r.pid > 2 and r.ppid != 2 and r.rss_bytes > 0 and r.comm not in protect}
     if not user:
         return None
+    largest = max(user.values(), key=lambda r: (r.rss_bytes, r.pid))
     if by == "rss":
-        return max(user.values(), key=lambda r: (r.rss_bytes, r.pid)), 1
+        return largest, 1, "rss"
     children: dict[int, list[int]] = {}
     for r in user.values():
         children.setdefault(r.ppid, []).append(r.pid)
 
-    def size(pid: int) -> int:
-        n, todo = 0, [pid]
+    def tree(pid: int) -> tuple[int, int]:  # (processes, resident bytes)
+        n, rss, todo = 0, 0, [pid]
         while todo:
-            n += 1
-            todo += children.get(todo.pop(), [])
-        return n
-    sizes = {r.pid: size(r.pid) for r in user.values() if r.ppid not in user}  # the roots
-    best = max(sizes, key=lambda pid: (sizes[pid], pid))
-    return user[best], sizes[best]
+            p = todo.pop()
+            n, rss = n + 1, rss + user[p].rss_bytes
+            todo += children.get(p, [])
+        return n, rss
+    trees = {r.pid: tree(r.pid) for r in user.values() if r.ppid not in user}  # the roots
+    if by == "lineage":
+        best = max(trees, key=lambda pid: (trees[pid][0], pid))
+        return user[best], trees[best][0], "lineage"
+    big = [pid for pid, (n, _) in trees.items() if n >= min_lineage]
+    best = max(big, key=lambda pid: (trees[pid][1], pid), default=None)
+    if best is not None and trees[best][1] > largest.rss_bytes:
+        return user[best], trees[best][0], "lineage"
+    return largest, 1, "rss"
 
 
 class KillGuestCulprit(Action, tag="kill_guest_culprit"):
     """Kill what makes a VM node's guest unstable, found in its process table (read from
-    its kernel's memory by the agent: `guest_processes`) -- by="rss" the largest process
-    (memory exhaustion), by="lineage" the largest process tree, root and all (a fork
-    bomb; at least `min_lineage` processes), by="predicted" as the guest box's sensor
-    that fired says (`predicted_forks`: lineage, else rss) -- never a process whose comm
+    its kernel's memory by the agent: `guest_processes`) -- by="rss" the largest process,
+    by="lineage" the largest process tree, root and all (a fork bomb; at least
+    `min_lineage` processes), by="memory" whichever of the two holds more memory (a fork
+    bomb also exhausts memory), by="predicted" as the guest box's sensor that fired says
+    (`predicted_forks`: lineage, `predicted_oom`: memory) -- never a process whose comm
     is in `protect` (the guest's service). SIGKILL is written into the guest kernel with
-    its vCPUs stopped (`guest_kill`, docs/vm-backdoor.md); done once all are gone."""
+    its vCPUs stopped (`guest_kill`, docs/vm-backdoor.md); done once all are gone, which
+    may take until each wakes: survivors are looked for up to `settle_s`."""
 
     kills: ClassVar[bool] = True
-    by: Literal["predicted", "rss", "lineage"] = "predicted"
+    by: Literal["predicted", "rss", "lineage", "memory"] = "predicted"
     protect: list[str] = []
     min_lineage: Annotated[int, msgspec.Meta(ge=1)] = 8
+    settle_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
 
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         by = self.by
         if by == "predicted":
             fired = {v.sensor for h in ctx.hits for v in h.violations}
-            by = "lineage" if "predicted_forks" in fired else "rss"
+            by = "lineage" if "predicted_forks" in fired else "memory"
         rows = ctx.client.guest_processes(ctx.node).rows
-        found = guest_culprit(rows, by, set(self.protect))
+        found = guest_culprit(rows, by, set(self.protect), self.min_lineage)
         if found is None:
             return Outcome("skipped", {"reason": "no user process in the guest outside protect"})
-        culprit, heads = found
+        culprit, heads, how = found
         who = {"pid": culprit.pid, "comm": culprit.comm, "rss_bytes": culprit.rss_bytes,
-               "processes": heads, "by": by}
-        if by == "lineage" and heads < self.min_lineage:
+               "processes": heads, "by": how}
+        if how == "lineage" and heads < self.min_lineage:
             return Outcome("skipped", {"culprit": who, "reason": f"the largest process tree "
                                        f"has {heads} processes, below min_lineage"})
+        began = time.monotonic()
         reply = ctx.client.guest_kill(ctx.node, culprit.pid, comm=culprit.comm,
-                                      tree=by == "lineage")
-        detail = {"culprit": who, "signalled": reply.signalled, "survivors": reply.survivors,
-                  "took_ms": reply.took_ms}
-        return Outcome("failed" if reply.survivors else "done", detail)
+                                      tree=how == "lineage")
+        left = set(reply.survivors)
+        while left and time.monotonic() - began < self.settle_s:
+            time.sleep(0.1)  # a sleeper dies when it wakes; a busy guest wakes them late
+            left &= {r.pid for r in ctx.client.guest_processes(ctx.node).rows
+                     if r.state not in ("Z", "X")}
+        detail = {"culprit": who, "signalled": reply.signalled, "survivors": sorted(left),
+                  "took_ms": round(max(reply.took_ms, 1000 * (time.monotonic() - began)), 1)}
+        return Outcome("failed" if left else "done", detail)
 
 
 # ---- registration ------------------------------------------------------------------------

@@ -66,6 +66,12 @@ CGI = {
             " | tail -c $((n * 1048576)) >/dev/null 2>&1 &\necho $!\n",
     "spin": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi; while :; do :; done; }\n"
             "( b ${QUERY_STRING:-3} ) </dev/null >/dev/null 2>&1 &\necho $!\n",
+    # a fork bomb of depth N whose processes stay until killed, each waking once a second
+    # (tail -f: a SIGKILL written from outside takes a sleeper when it wakes, vm/kill.py);
+    # prints its root's pid
+    "breed": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi;"
+             " exec tail -f /dev/null; }\n"
+             "( b ${QUERY_STRING:-9} ) </dev/null >/dev/null 2>&1 &\necho $!\n",
     "bomb": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi; exec sleep 3; }\n"
             "( b ${QUERY_STRING:-8} ) </dev/null >/dev/null 2>&1 &\necho started\n",
 }
