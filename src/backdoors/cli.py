@@ -912,7 +912,7 @@ def report(
 @app.command()
 def demo(
     quick: bool = typer.Option(False, "--quick", help="One repair, a recovery, an agent restart and another recovery."),
-    scenario: Optional[str] = typer.Option(None, help="Run one scenario: memory-hog, fork-bomb, deadlock, freeze, agent-restart, crash, network; or auction (the case study's auction site: a front end freezes under locust's load)."),
+    scenario: Optional[str] = typer.Option(None, help="Run one scenario: memory-hog, fork-bomb, deadlock, freeze, agent-restart, crash, network; or auction (the case study's auction site: a front end freezes under locust's load); or vm (the VM backdoor: a guest kernel rootkit healed, a memory hog and a fork bomb in the guest foreseen and killed; needs make vm-kernel)."),
     name: str = typer.Option("demo", help="Lab name."),
     out_dir: str = typer.Option("out/demo", help="Where results, incidents and the report go."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report at the end."),

@@ -9,6 +9,8 @@ by its keeper holding them, then its node frozen and the sessions moved on). A v
 
 `--scenario auction` plays the case study's auction site instead (demo/auction.py): a
 front end freezing under locust's load, its sessions moved, no request nor bid lost.
+`--scenario vm` plays the VM backdoor (demo/guest.py): a rootkit in a guest kernel
+healed, a memory hog and a fork bomb in the guest foreseen and killed from outside.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from . import steps
 from .view import View
 from .world import World
 
-AUCTION = "auction"
+AUCTION, VM = "auction", "vm"
 
 
 def run_demo(*, name: str = "demo", quick: bool = False, scenario: str | None = None,
@@ -34,19 +36,23 @@ def run_demo(*, name: str = "demo", quick: bool = False, scenario: str | None = 
     """Play the scenarios; returns {"passed", "results", "report", ...}."""
     require_root("the demo (it builds a lab of network namespaces and cgroups)")
     console = console or Console()
-    plays = dict(steps.SCENARIOS)
-    if scenario == AUCTION:  # (the case study's extra: imported only when played)
+    plays, world_of = dict(steps.SCENARIOS), None
+    if scenario == AUCTION:  # (the extras: imported only when played)
         from .auction import Auction, auction
-        plays[AUCTION] = auction
+        plays, world_of = {AUCTION: auction}, Auction
+    elif scenario == VM:
+        from .guest import PLAYS, GuestWorld
+        plays, world_of = PLAYS, GuestWorld
     elif scenario is not None and scenario not in plays:
         raise BackdoorsError(f"unknown scenario {scenario!r}; choose one of "
-                             f"{', '.join((*steps.ORDER, AUCTION))}")
-    order = [scenario] if scenario else list(steps.QUICK if quick else steps.ORDER)
+                             f"{', '.join((*steps.ORDER, AUCTION, VM))}")
+    order = (list(plays) if world_of else [scenario] if scenario else
+             list(steps.QUICK if quick else steps.ORDER))
     out_dir = Path(out_root).resolve() / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     records: list[dict] = []
-    world = (Auction(name, out_dir, say=console.print) if scenario == AUCTION else
+    world = (world_of(name, out_dir, say=console.print) if world_of else
              World(name, out_dir, stream_sessions=24, downloads=4, say=console.print))
     view = None
     quiet = logging.getLogger("backdoors.monitor")

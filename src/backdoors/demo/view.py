@@ -1,7 +1,7 @@
 """The demo's live terminal view (rich), or plain lines when stdout is not a terminal.
 
-Hosts and nodes with their state, each node's memory and service progress as
-sparklines, each host's agent (pid, restarts by its keeper), the client sessions and their
+Hosts and nodes with their state, each node's memory (a VM node's: the guest's
+available memory, read from its kernel) and service progress as sparklines, each host's agent (pid, restarts by its keeper), the client sessions and their
 bytes, and the incident timeline as it happens (agent restarts included).
 The view reads through its own agent clients, 4 times a second, on a thread of its own.
 """
@@ -21,7 +21,7 @@ from rich.text import Text
 
 from ..errors import BackdoorsError
 from ..lab.agents import keeper_files
-from ..sensors import KERNEL_BOX, parse_box
+from ..sensors import GUEST_BOX, KERNEL_BOX, parse_box
 
 BARS = "▁▂▃▄▅▆▇█"
 HISTORY = 32
@@ -43,8 +43,9 @@ class View:
         self.phase, self.next = "starting", ""
         self.events: deque[str] = deque(maxlen=10)
         self.verdicts: list[str] = []
-        self._mem = {n.name: deque(maxlen=HISTORY) for n in world.lab.plan.nodes}
-        self._rate = {n.name: deque(maxlen=HISTORY) for n in world.lab.plan.nodes}
+        self.nodes = (*world.lab.plan.nodes, *world.lab.plan.vms)
+        self._mem = {n.name: deque(maxlen=HISTORY) for n in self.nodes}
+        self._rate = {n.name: deque(maxlen=HISTORY) for n in self.nodes}
         self._last_progress: dict[str, tuple[float, float]] = {}
         self._rows: dict[str, dict] = {}
         self._agents: dict[str, dict] = {}  # host -> the keeper's pid file {pid, restarts}
@@ -132,7 +133,7 @@ class View:
         try:
             infos = {i.name: i for i in client.nodes()}
         except BackdoorsError as e:
-            for n in self.world.lab.plan.nodes:
+            for n in self.nodes:
                 if n.host == host:
                     self._rows[n.name] = {"state": f"agent unreachable: {e}"[:40]}
             return
@@ -157,6 +158,10 @@ class View:
                     row["memory"] = values.get("memory_mb", 0.0)
                     row["pids"] = values.get("pids", 0.0)
                     row["link"] = values.get("link_up", 1.0)
+                elif box == GUEST_BOX:
+                    self._mem[name].append(values.get("available_mb", 0.0))
+                    row["memory_text"] = f"{values.get('available_mb', 0.0):.0f} free"
+                    row["pids"] = values.get("tasks", 0.0)
                 elif box.startswith(self.world.progress_boxes):
                     ticks += values.get("progress", 0)
             prev = self._last_progress.get(name)
@@ -174,14 +179,15 @@ class View:
         for col in ("node", "host", "state", "memory MB", "memory", "tasks", "service progress/s",
                     "sessions held"):
             t.add_column(col, justify="right" if col not in ("state", "memory", "service progress/s") else "left")
-        for n in w.lab.plan.nodes:
+        for n in self.nodes:
             r = self._rows.get(n.name, {})
             state = r.get("state", "?")
             style = {"ok": "green", "fenced": "red", "locked": "yellow", "frozen": "red",
                      "link down": "red"}.get(state, "yellow")
             here = " ◀ sessions" if n.name == w.session_node else ""
             t.add_row(n.name, n.host, Text(state + here, style=style),
-                      f"{r.get('memory', 0):.0f}", sparkline(self._mem[n.name]),
+                      r.get("memory_text", f"{r.get('memory', 0):.0f}"),
+                      sparkline(self._mem[n.name]),
                       f"{r.get('pids', 0):.0f}", sparkline(self._rate[n.name]),
                       str(r.get("sessions", "-")))
         sessions = Text(w.summary())

@@ -121,18 +121,20 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
     return row
 
 
-def _orphan(lab: Lab, vm, timeout: float = 30.0) -> int:
-    """A long-lived process of the guest (the one the rootkit hides), once its CGI shell
-    has exited and init adopted it: hidden from its parent's children before that, it
-    would be left to a parent that exits, and healed into a list that is no more."""
-    pid = int(guest_get(lab, "v0", "/cgi-bin/spawn").strip())
+def adopted_process(lab: Lab, name: str = "v0", timeout: float = 30.0) -> int:
+    """A long-lived process of VM node `name`'s guest (the one the rootkit hides), once its
+    CGI shell has exited and init adopted it: hidden from its parent's children before
+    that, it would be left to a parent that exits, and healed into a list that is no more."""
+    pid = int(guest_get(lab, name, "/cgi-bin/spawn").strip())
+    memory = lab.vm(name).memory()
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         with contextlib.suppress(BackdoorsError):  # a walk that a fork or an exit broke
-            if any(t.pid == pid and t.ppid == 1 for t in vm.memory().process_table()):
+            if any(t.pid == pid and t.ppid == 1 for t in memory.process_table()):
                 return pid
         time.sleep(0.02)
-    raise BackdoorsError(f"VM node v0: process {pid} was not adopted by init in {timeout:.0f} s")
+    raise BackdoorsError(f"VM node {name}: process {pid} was not adopted by init in "
+                         f"{timeout:.0f} s")
 
 
 STREAM_KERNELS = ("copy", "scale", "add", "triad")
@@ -277,7 +279,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             uname_before = guest_get(lab, "v0", "/cgi-bin/uname").strip()
             healer, tampers, pids = Healer(vm), [], []
             for round_ in range(tamper_rounds):
-                pids.append(_orphan(lab, vm))
+                pids.append(adopted_process(lab))
                 tampers += _tamper_round(lab, vm, watch, healer, pids[-1], uname_before, round_,
                                          timeline)
             time.sleep(3 * tick_s)
