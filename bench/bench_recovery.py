@@ -10,7 +10,9 @@ For N = 1, 10, 100, 1,000 and 10,000 concurrent sessions and a frozen node:
              health checks, one server frozen (bench/haproxy_baseline.py) — broken
              sessions, time until new connections are served again.
 Overhead: the HTTP example serving keep-alive requests with Continuation Boxes (exports,
-agent registration) vs the same server with --plain, rounds alternated.
+agent registration) vs the same server with --plain, rounds alternated; and `roundtrip`,
+the CPU of one request-reply exchange through a box's reader/writer vs plain asyncio
+socket calls, in one process (steadier than throughput on a shared machine).
 
     python bench/bench_recovery.py [--sessions 1 10 100 1000 10000] [--json]
 
@@ -172,6 +174,64 @@ def overhead(seconds: float = 3.0, rounds: int = 8, size: int = 16 * 1024,
             "pair_overheads_pct": [round(x, 2) for x in losses]}
 
 
+def roundtrip(exchanges: int = 20000, rounds: int = 5) -> dict:
+    """CPU per request-reply exchange of a line protocol on loopback, one event loop
+    running client and server: the server's reader/writer being a Continuation Box's
+    (exporting every 100 exchanges) vs the plain asyncio socket calls of the HTTP
+    example's --plain mode. The client's share is the same in both: the difference is
+    the box's. Rounds alternate; medians."""
+    import asyncio
+    import socket
+    import time
+
+    from backdoors.continuations import AsyncListener, create_cb_async
+    from backdoors.continuations.agent_link import NULL
+    from backdoors.examples.http_server import PlainStream
+
+    async def once(mode: str) -> float:
+        loop = asyncio.get_running_loop()
+        async with AsyncListener.tcp("127.0.0.1", 0) as listener:
+            client = socket.socket()
+            client.setblocking(False)
+            await loop.sock_connect(client, listener.address)
+            conn = await listener.accept()
+            if mode == "cb":
+                cb = await create_cb_async(conn, registrar=NULL)
+                reader, writer, export = cb.reader, cb.writer, cb.export
+            else:
+                cb = None
+                reader = writer = PlainStream(conn)
+                export = None
+
+            async def serve() -> None:
+                n = 0
+                while await reader.readline():
+                    writer.write(b"pong\n")
+                    await writer.drain()
+                    n += 1
+                    if export is not None and n % 100 == 0:
+                        await export(n)
+            task = asyncio.create_task(serve())
+            began = time.process_time()
+            for _ in range(exchanges):
+                await loop.sock_sendall(client, b"ping\n")
+                await loop.sock_recv(client, 64)
+            cpu = time.process_time() - began
+            client.close()
+            await task
+            cb.close() if cb is not None else conn.close()
+            return cpu / exchanges * 1e6
+
+    us: dict[str, list[float]] = {"plain": [], "cb": []}
+    for i in range(rounds):
+        for mode in (("plain", "cb") if i % 2 == 0 else ("cb", "plain")):
+            us[mode].append(asyncio.run(once(mode)))
+    plain, cb = statistics.median(us["plain"]), statistics.median(us["cb"])
+    return {"exchanges": exchanges, "rounds": rounds, "plain_us": round(plain, 1),
+            "cb_us": round(cb, 1), "cb_extra_us": round(cb - plain, 1),
+            "cb_over_plain": round(cb / plain, 3)}
+
+
 def _name(prefix: str) -> str:
     return prefix + os.urandom(3).hex()
 
@@ -204,6 +264,7 @@ def run(sessions: tuple[int, ...] = SESSIONS, *, with_haproxy: bool = True,
         else:
             out["overhead_pct"] = o["overhead_pct"]
             out["overhead"] = o
+        out["roundtrip"] = roundtrip()
     return out
 
 

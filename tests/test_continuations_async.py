@@ -119,6 +119,53 @@ def test_new_and_recovered_sessions_share_one_accept_path(short_tmp):
     run(main())
 
 
+def test_a_reader_stays_registered_between_waits_and_never_outlives_its_socket(short_tmp):
+    """A session's reader keeps its socket registered with the loop from one wait to the
+    next (no epoll_ctl per request); closing the box drops it; and a socket closed
+    without its box's close (a server abandoning it) leaves nothing that stops the next
+    socket given that descriptor number from being woken."""
+
+    def watched(loop, fd: int) -> bool:
+        try:
+            return loop._selector.get_key(fd).data[0] is not None  # (reader, writer)
+        except KeyError:
+            return False
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with AsyncListener.tcp("127.0.0.1", 0) as listener:
+            client, cb = await connected(listener)
+            fd = cb.conn.fileno()
+            for i in range(3):  # a reply-request exchange: the read waits each time
+                reading = asyncio.create_task(cb.reader.readline())
+                await asyncio.sleep(0.01)
+                assert not reading.done() and watched(loop, fd)
+                await loop.sock_sendall(client, b"line %d\n" % i)
+                assert await reading == b"line %d\n" % i
+                assert watched(loop, fd)  # still: the next wait costs no system call
+            cb.close()
+            assert not watched(loop, fd)
+
+            client2, cb2 = await connected(listener)
+            reading = asyncio.create_task(cb2.reader.readline())
+            await asyncio.sleep(0.01)
+            reading.cancel()  # the session's task ends ...
+            await asyncio.sleep(0)
+            stale = cb2.conn.fileno()
+            abandon(cb2)  # ... and its socket is closed without the box's close()
+            client3, cb3 = await connected(listener)  # one of them gets its number back
+            assert stale in (client3.fileno(), cb3.conn.fileno(), cb3.fd)
+            reading = asyncio.create_task(cb3.reader.readline())
+            await asyncio.sleep(0.01)
+            await loop.sock_sendall(client3, b"woken\n")
+            assert await asyncio.wait_for(reading, 5) == b"woken\n"
+            cb3.close()
+            for s in (client, client2, client3):
+                s.close()
+
+    run(main())
+
+
 class Offset(msgspec.Struct):
     offset: int = 0
 

@@ -118,6 +118,7 @@ class AsyncContinuationBox:
         if self._closed:
             return
         self._closed = True
+        self.reader.unwatch()
         box = self.box
         try:
             box.conn.sock.shutdown(socket.SHUT_RDWR)
@@ -149,13 +150,69 @@ class SessionReader:
     def __init__(self, conn: RecoverableConnection):
         self._conn = conn
         self._eof = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the fd is registered there
+        self._fd = -1  # the fd registered
+        self._waiter: asyncio.Future | None = None
+        self._error: OSError | None = None  # met receiving on readiness, not yet raised
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         while True:
+            if self._error is not None and not self._conn.buffered:
+                error, self._error = self._error, None
+                raise error
             try:
                 return fn(*args)
             except BlockingIOError:
-                await _ready(self._conn.fileno(), writable=False)
+                await self._readable()
+
+    async def _readable(self) -> None:
+        """Wait until input is in the log (or the socket has news: EOF, an error). The
+        fd stays registered with the loop from one wait to the next -- a request-reply
+        session waits again soon, and epoll_ctl twice per wait was a fifth of the box's
+        cost -- until the log is full, the input ends, or the box closes."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self.unwatch()
+            self._fd = self._conn.fileno()
+            # a registration of a socket closed unwatched, that had this number, would
+            # swallow this one (asyncio keeps it as is: epoll would never be told)
+            loop.remove_reader(self._fd)
+            loop.add_reader(self._fd, self._on_readable)
+            self._loop = loop
+        self._waiter = loop.create_future()
+        try:
+            await self._waiter
+        except asyncio.CancelledError:
+            self.unwatch()  # the session's task is ending: its socket may close next
+            raise
+        finally:
+            self._waiter = None
+
+    def _on_readable(self) -> None:
+        """The socket is readable: receive into the log now, as a transport would (the
+        readiness is spent, it does not fire again for the same bytes), then wake the
+        reading task. A full log or the end of the input stops the watch: the reader
+        meets them itself (LogFullError, EOF)."""
+        conn = self._conn
+        try:
+            if conn.log_room <= 0 or conn._fill(FILL) == 0:
+                self.unwatch()
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._error = e
+            self.unwatch()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def unwatch(self) -> None:
+        """Drop the fd's registration with the loop. Before the fd is closed: asyncio
+        would keep a stale one, and break on the next socket given that number (the box
+        closes through close(), never by closing its socket; a cancelled read unwatches)."""
+        if self._loop is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
+            self._loop = None
 
     async def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes (b"" at EOF); n < 0: everything up to EOF."""
@@ -236,7 +293,7 @@ class SessionWriter:
                 except BlockingIOError:
                     n = -1
             if n < 0:
-                await _ready(self._conn.fileno(), writable=True)
+                await _writable(self._conn.fileno())
             else:
                 self._at += n
         self._pending.clear()
@@ -257,7 +314,7 @@ class SessionWriter:
                 break  # all of it, or the file ended early
             except BlockingIOError:
                 done += self._conn.sent - before
-                await _ready(self._conn.fileno(), writable=True)
+                await _writable(self._conn.fileno())
         return done
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -273,21 +330,15 @@ class SessionWriter:
         return sock if name == "socket" else default
 
 
-async def _ready(fd: int, *, writable: bool) -> None:
-    """Wait until `fd` is readable (or writable) on the running loop."""
+async def _writable(fd: int) -> None:
+    """Wait until `fd` is writable on the running loop."""
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
-    if writable:
-        loop.add_writer(fd, _wake, waiter)
-    else:
-        loop.add_reader(fd, _wake, waiter)
+    loop.add_writer(fd, _wake, waiter)
     try:
         await waiter
     finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        loop.remove_writer(fd)
 
 
 def _wake(waiter: asyncio.Future) -> None:
