@@ -237,6 +237,9 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
             assert 0 < snap.get("available_mb").value < 256 and snap.get("threads").value >= 1
             assert snap.get("load1").value >= 0 and snap.get("blocked").value >= 0
             assert 0 < snap.get("top_rss_mb").value < 256
+            assert snap.get("running").value >= 0 and snap.get("refault_rate").value == 0
+            # (a pass over the kernel's data pages takes ~30 samples; the second one says)
+            assert _eventually(lambda: reader.snapshot().get("data_churn_pct").value > 0)
             vm.lock()
             locked_at = time.monotonic()
             assert _eventually(lambda: reader.snapshot().get("jiffies").violated)
@@ -245,6 +248,26 @@ def test_vm_node_serves_and_its_kernel_is_read_from_ram(qemu, kernel, unique):
             vm.unlock()
             assert _eventually(lambda: not reader.snapshot().get("jiffies").violated)
         box.close()
+        # Orion's other inputs: the run queues' runnable tasks (3 spinning processes);
+        # page-cache churn as the guest's /proc/vmstat counts it (0 here: no disk, no swap);
+        # which kernel data pages change (jiffies' page does, at every tick)
+        from backdoors.vm.churn import DataChurn
+        from backdoors.vm.kill import kill
+        root = int(guest_get(lab, "v0", "/cgi-bin/spin?1").strip())
+        try:
+            assert _eventually(lambda: memory.readings().running >= 3)
+        finally:
+            kill(vm, root, tree=True)
+        assert _eventually(lambda: memory.readings().running <= 1)
+        vmstat = dict(line.split() for line in guest_get(lab, "v0", "/cgi-bin/vmstat").splitlines())
+        assert memory.readings().refaults == int(vmstat["workingset_refault_anon"]) + \
+            int(vmstat["workingset_refault_file"])
+        churn = DataChurn(memory, per_visit=256)
+        while churn.passes < 3:
+            churn.visit()
+            time.sleep(0.02)
+        assert 0 < churn.share < 1, churn.share
+        assert dict(churn.hot(len(churn.pages)))[memory.phys("jiffies_64") & ~0xFFF] >= 1
         assert sorted(_qemus(prefix)) == sorted(lab.state.vms.values())
         assert _http_get(lab, lab.plan.vm("v1").vip).endswith(b"vm bd-%s-v1\n" % name.encode())
         assert _memfds(prefix)

@@ -209,6 +209,12 @@ def test_vm_scenario_reports_every_figure(qemu):
     assert leak["bound_crossed"] and bomb["bound_crossed"], r["prediction"]
     assert leak["alarm"] is not None and leak["lead_ms"] > 0, r["prediction"]
     assert set(r["prediction_lead_ms"]) == {"memory-leak", "fork-bomb"}
+    # Orion's other inputs in each phase: the bomb fills the run queues; data pages move
+    inputs = r["prediction"]["inputs"]
+    assert set(inputs) == {"benign", "memory-leak", "fork-bomb"}, inputs
+    assert inputs["fork-bomb"]["running_max"] > inputs["benign"]["running_p50"], inputs
+    assert all(0 < i["data_churn_pct_p50"] < 100 and i["refaults_per_s"] >= 0
+               for i in inputs.values()), inputs
     # the report's timeline: every tamper written, detected and healed, on one clock
     events = r["timeline"]["events"]
     for lane in ("syscall-table", "function-patch", "hidden-process"):

@@ -27,6 +27,9 @@ memory leak into its tmpfs (/cgi-bin/hog) and a fork bomb (/cgi-bin/bomb), each 
 the plain bound detector fires on the same samples (available memory below 32 MiB;
 threads 256 above the guest's idle count): `prediction_lead_ms` is, per fault, how long
 before that the predictor's alarm came (negative: after; None: no alarm).
+`prediction.inputs` gives Orion's other inputs during the benign work and each fault
+(OrionWatch.inputs: the run queues' runnable tasks, page-cache refaults per second, and
+the share of the kernel's data pages changed per pass of churn.DataChurn).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..errors import BackdoorsError
 from ..lab import Lab, topology
 from ..sensors import SensorBoxReader
 from ..vm import rootkit
+from ..vm.churn import DataChurn
 from ..vm.integrity import Baseline, Checker, Healer, Watch
 from ..vm.orion import OrionWatch, Predictor
 from ..vm.sensors import GuestSampler, GuestSensors
@@ -97,6 +101,7 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
         alarms, crossed = orion.since(began)
     alarms = [a for a in alarms if a.kind == kind]
     timeline.add(fault, "fault", began, crossed.get(kind, time.monotonic()))
+    inputs = orion.inputs(began, time.monotonic())
     if alarms:
         timeline.add(fault, "alarm", alarms[0].at)
     seen = [r for _, r in orion.samples_since(began)]
@@ -105,7 +110,8 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
                  "lowest_available_mb": min((r.available >> 20 for r in seen), default=None),
                  "peak_threads": max((r.threads for r in seen), default=None),
                  "alarm": first and {"eta_s": first.eta_s, "r2": first.r2,
-                                     "after_start_ms": round(1000 * (first.at - began))}}
+                                     "after_start_ms": round(1000 * (first.at - began))},
+                 "inputs": inputs}
     if kind in crossed:
         row["bound_after_start_ms"] = round(1000 * (crossed[kind] - began))
         row["lead_ms"] = round(1000 * (crossed[kind] - alarms[0].at)) if alarms else None
@@ -260,7 +266,8 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             idle = memory.readings()
             predictor = Predictor(memory_floor=MEMORY_FLOOR,
                                   max_threads=idle.threads + THREADS_ABOVE_IDLE, window_s=0.5)
-            orion = stack.enter_context(OrionWatch(memory, predictor, period=0.02))
+            orion = stack.enter_context(OrionWatch(memory, predictor, period=0.02,
+                                                   churn=DataChurn(memory)))
             # benign work: every finding meanwhile is a false positive
             benign_from = time.monotonic()
             guest_get(lab, "v0", f"/cgi-bin/work?{int(benign_s)}")
@@ -270,6 +277,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             out["false_positives"] = len(benign)
             out["false_positive_findings"] = [f.to_dict() for f in benign[:10]]
             out["benign_minutes"] = round((time.monotonic() - benign_from) / 60, 2)
+            benign_inputs = orion.inputs(benign_from, time.monotonic())
             timeline.add("guest", "benign work", benign_from, time.monotonic())
             out["sweeps"] = checker.sweeps
             out["static_key_flips_followed"] = checker.benign_flips
@@ -295,7 +303,9 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
                                  "fork_horizon_s": predictor.fork_horizon_s,
                                  "memory_floor_mb": MEMORY_FLOOR >> 20,
                                  "max_threads": predictor.max_threads, "idle_threads": idle.threads,
-                                 "samples": len(orion.samples), "missed_samples": orion.misses}
+                                 "samples": len(orion.samples), "missed_samples": orion.misses,
+                                 "inputs": {"benign": benign_inputs,
+                                            **{f["fault"]: f.pop("inputs") for f in faults}}}
             out["prediction_lead_ms"] = {f["fault"]: f.get("lead_ms") for f in faults}
         leftover = checker.sweep()
         out["tampers"] = tampers

@@ -34,6 +34,7 @@ CGI = {
     "uname": _HEAD + 'uname -r 2>&1 || echo "uname failed"\n',
     # the guest's own view of what the host reads from its memory: load, processes
     "proc": _HEAD + "cat /proc/loadavg; cat /proc/[0-9]*/stat 2>/dev/null\n",
+    "vmstat": _HEAD + "cat /proc/vmstat\n",
     # a long-lived process (the one the rootkit hides): its pid
     "spawn": _HEAD + "sleep 86400 </dev/null >/dev/null 2>&1 &\necho $!\n",
     # a STREAM-like copy loop: N passes of copy_to_user over a 16 MiB page-cache file

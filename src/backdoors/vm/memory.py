@@ -25,6 +25,8 @@ from .kernel import START_KERNEL_MAP, GuestKernel
 
 PHYSICAL_ALIGN = 2 << 20
 PAGE = 4096
+#: CPUs whose run queues are read at most (a hostile nr_cpu_ids is refused past it)
+MAX_CPUS = 512
 #: bits 12..51 of a page-table entry: the physical frame (NX and flags masked off)
 FRAME = 0x000F_FFFF_FFFF_F000
 PRESENT, HUGE = 0x1, 0x80
@@ -70,6 +72,8 @@ class Readings:
     slab_unreclaimable: int
     threads: int  # nr_threads
     forks: int  # total_forks: forks since boot
+    refaults: int = 0  # pages evicted and faulted back in since boot (page-cache churn)
+    running: int = 0  # runnable tasks on the run queues (rq.nr_running, all CPUs)
 
     @property
     def available(self) -> int:
@@ -363,7 +367,22 @@ class GuestMemory:
             anon=node("NR_ANON_MAPPED") * PAGE,
             slab_unreclaimable=node("NR_SLAB_UNRECLAIMABLE_B") * PAGE,
             threads=struct.unpack("<i", self.read(self.phys("nr_threads"), 4))[0],
-            forks=self.read_u64("total_forks"))
+            forks=self.read_u64("total_forks"),
+            refaults=node("WORKINGSET_REFAULT_ANON") + node("WORKINGSET_REFAULT_FILE"),
+            running=self.nr_running())
+
+    def nr_running(self) -> int:
+        """Runnable tasks on the guest's run queues: each possible CPU's `runqueues`
+        (a per-CPU variable: its symbol is an offset into the CPU's per-CPU area, at
+        `__per_cpu_offset[cpu]`) `nr_running`, summed."""
+        k = self.kernel
+        cpus = struct.unpack("<I", self.read(self.phys("nr_cpu_ids"), 4))[0]
+        if not 1 <= cpus <= MAX_CPUS:
+            raise VmError(f"{self.where}: nr_cpu_ids is {cpus}, not 1..{MAX_CPUS}")
+        areas = struct.unpack(f"<{cpus}Q", self.read(self.phys("__per_cpu_offset"), 8 * cpus))
+        at = k.symbol("runqueues") + k.member("rq", "nr_running")
+        return sum(struct.unpack("<I", self.read_virt((area + at) % (1 << 64), 4))[0]
+                   for area in areas)
 
     def jiffies(self) -> int:
         """The guest kernel's tick counter (jiffies_64): it stops when the guest's

@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import VmError
+from .churn import DataChurn
 from .memory import GuestMemory, Readings
 from .periodic import Periodic
 
@@ -152,12 +153,16 @@ def first_crossing(samples: list[tuple[float, Readings]], *, memory_floor: int,
 
 class OrionWatch(Periodic):
     """Samples a guest's counters every `period` seconds (host monotonic time) into a
-    Predictor; keeps every sample, so the plain bounds can be judged on the same ones."""
+    Predictor; keeps every sample, so the plain bounds can be judged on the same ones.
+    With `churn`, visits the kernel's data pages too: `shares` keeps (time, share) of
+    each full pass."""
 
-    def __init__(self, memory: GuestMemory, predictor: Predictor, *, period: float = 0.02):
+    def __init__(self, memory: GuestMemory, predictor: Predictor, *, period: float = 0.02,
+                 churn: DataChurn | None = None):
         super().__init__(period, "orion")
-        self.memory, self.predictor = memory, predictor
+        self.memory, self.predictor, self.churn = memory, predictor, churn
         self.samples: list[tuple[float, Readings]] = []
+        self.shares: list[tuple[float, float]] = []
         self.misses = 0  # samples not taken (a read failed: the guest changed under it)
         self._lock = threading.Lock()
 
@@ -171,6 +176,12 @@ class OrionWatch(Periodic):
         with self._lock:
             self.samples.append((t, r))
             self.predictor.observe(t, r)
+        if self.churn is not None:
+            passes = self.churn.passes
+            self.churn.visit()
+            if self.churn.passes > passes and self.churn.share is not None:
+                with self._lock:
+                    self.shares.append((t, self.churn.share))
 
     def since(self, t0: float) -> tuple[list[Alarm], dict[str, float]]:
         """The alarms raised and the bounds first crossed at or after `t0`."""
@@ -184,6 +195,24 @@ class OrionWatch(Periodic):
         """The samples taken at or after `t0` (a copy)."""
         with self._lock:
             return [(t, r) for t, r in self.samples if t >= t0]
+
+    def inputs(self, t0: float, t1: float) -> dict:
+        """Orion's other inputs over [t0, t1): the run queues' runnable tasks, page-cache
+        churn (refaults per second) and the share of kernel data pages changed per pass."""
+        with self._lock:
+            samples = [(t, r) for t, r in self.samples if t0 <= t < t1]
+            shares = [100 * s for t, s in self.shares if t0 <= t < t1]
+        out: dict = {"samples": len(samples)}
+        if len(samples) > 1:
+            (ta, a), (tb, b) = samples[0], samples[-1]
+            running = sorted(r.running for _, r in samples)
+            out.update(running_p50=running[len(running) // 2], running_max=running[-1],
+                       refaults_per_s=round((b.refaults - a.refaults) / (tb - ta), 1))
+        if shares:
+            shares.sort()
+            out.update(data_churn_pct_p50=round(shares[len(shares) // 2], 2),
+                       data_churn_pct_max=round(shares[-1], 2), passes=len(shares))
+        return out
 
     def last(self) -> Readings | None:
         with self._lock:

@@ -11,7 +11,11 @@ outside), `blocked` those in uninterruptible sleep (D: stuck on I/O or a lock), 
 guest kernel's 1-minute load average; `available_mb` and `threads` are its own counters
 (memory.Readings), bounded like Orion's plain detectors (vm.orion). The level `tampered`
 counts the open kernel integrity findings (guard.py; 0 where none runs). `table` keeps the
-last process table read.
+last process table read. Orion's other inputs, as levels for rules and the live view:
+`running` (runnable tasks on the guest's run queues), `refault_rate` (pages evicted and
+faulted back per second over the last second: page-cache churn, thrashing) and
+`data_churn_pct` (the share of the kernel's data pages changed between two visits, over
+the last full pass of churn.DataChurn: how much of the kernel's state moves).
 
 With a Predictor (vm.orion), each sample feeds it too: `predicted_oom` and
 `predicted_forks` are 1 while its memory-exhaustion or fork-bomb alarm is open (max 0.5:
@@ -22,10 +26,12 @@ told at once, with the Alarm as it is raised and None as its episode ends.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 from ..errors import VmError
 from ..sensors import GUEST_BOX, SensorBox
+from .churn import DataChurn
 from .memory import GuestMemory, GuestTask
 from .orion import Alarm, Predictor
 from .periodic import Periodic
@@ -36,6 +42,8 @@ OnPredicted = Callable[[str, "Alarm | None"], None]  # (kind, the alarm, or None
 
 #: how often the task list is walked (the guest sets its length: a long one costs the host)
 TASKS_EVERY_S = 0.5
+#: the window of `refault_rate`
+REFAULT_WINDOW_S = 1.0
 
 
 class GuestSensors:
@@ -61,6 +69,11 @@ class GuestSensors:
         self.tampered = self.box.level("tampered", min=0.0, max=0.5)
         self.predicted = {kind: self.box.level(name, min=0.0, max=0.5)
                           for kind, name in PREDICTED.items()} if predictor is not None else {}
+        self.running = self.box.level("running", min=0.0)
+        self.refault_rate = self.box.level("refault_rate", min=0.0)
+        self.data_churn = self.box.level("data_churn_pct", min=0.0)
+        self.churn = DataChurn(memory)
+        self._refaults: deque[tuple[float, int]] = deque()  # (when, refaults) of the last second
         self._tasks_due = 0.0
         try:
             self._base = memory.jiffies()
@@ -77,6 +90,17 @@ class GuestSensors:
         self.available.set(r.available / (1 << 20))
         self.threads.set(float(r.threads))
         self.load1.set(self.memory.load()[0])
+        self.running.set(float(r.running))
+        now = time.monotonic()
+        self._refaults.append((now, r.refaults))
+        while now - self._refaults[0][0] > REFAULT_WINDOW_S:
+            self._refaults.popleft()
+        first, span = self._refaults[0][1], now - self._refaults[0][0]
+        if span > 0:
+            self.refault_rate.set(max(0, r.refaults - first) / span)
+        self.churn.visit()
+        if self.churn.share is not None:
+            self.data_churn.set(100 * self.churn.share)
         if self.predictor is not None:
             self._predict(r)
         if time.monotonic() >= self._tasks_due:  # a walk of the guest's list: not every period
