@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import zlib
 
+from ..errors import VmError
 from .memory import PAGE, GuestMemory
 
 #: the kernel's writable data sections: (first symbol, end symbol)
@@ -32,6 +33,8 @@ class DataChurn:
             lo = memory.phys(first) & ~(PAGE - 1)
             hi = memory.phys(end)
             self.pages += range(lo, hi, PAGE)
+        if not self.pages:
+            raise VmError(f"{memory.where}: the kernel image has no data pages")
         self.crcs: list[int | None] = [None] * len(self.pages)
         self.counts = [0] * len(self.pages)
         self.passes = 0
