@@ -1,5 +1,6 @@
 """`backdoors demo --scenario vm`: a rootkit in a guest kernel healed, a memory hog and a
-fork bomb in the guest foreseen and killed from outside, the guest's service answering
+fork bomb and CPU runaways in the guest foreseen and killed from outside, the guest's
+service answering
 throughout; results, incidents and the report written; the lab gone after."""
 
 import json
@@ -33,7 +34,7 @@ def test_demo_vm_end_to_end(root, tmp_path):
     (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     results = json.loads((out / "results.json").read_text())
     steps = {s["name"]: s for s in results["scenarios"]}
-    assert list(steps) == ["guest-rootkit", "guest-hog", "guest-fork-bomb"], steps
+    assert list(steps) == ["guest-rootkit", "guest-hog", "guest-fork-bomb", "guest-runaways"]
     for s in steps.values():
         assert (s["kind"], s["node"], s["passed"]) == ("repair", "v0", True), s
         assert s["checks"] and all(c["ok"] for c in s["checks"]), s["checks"]
@@ -41,7 +42,8 @@ def test_demo_vm_end_to_end(root, tmp_path):
     assert {n: (incidents[s["incident"]].node, incidents[s["incident"]].rule)
             for n, s in steps.items()} == {"guest-rootkit": ("v0", "kernel-integrity"),
                                            "guest-hog": ("v0", "guest-unstable"),
-                                           "guest-fork-bomb": ("v0", "guest-unstable")}
+                                           "guest-fork-bomb": ("v0", "guest-unstable"),
+                                           "guest-runaways": ("v0", "guest-unstable")}
     bomb = next(a for a in incidents[steps["guest-fork-bomb"]["incident"]].actions
                 if a.kind == "kill_guest_culprit")
     assert bomb.detail["culprit"]["by"] == "lineage" and bomb.detail["culprit"]["processes"] >= 64

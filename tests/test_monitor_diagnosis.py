@@ -420,5 +420,8 @@ def test_the_guest_culprit_is_the_largest_process_or_tree_outside_protect():
     bomb = _guest_rows((100, 1, "sh", MiB), *((101 + i, 100 + i // 2, "sh", MiB) for i in range(199)))
     top, heads, how = guest_culprit(rows + bomb, "memory", {"httpd"}, 8)
     assert (top.pid, heads, how) == (100, 200, "lineage")
+    # a process with no memory (in the middle of an exec) still heads its tree
+    mid = _guest_rows((100, 1, "sh", 0)) + bomb[1:]
+    assert guest_culprit(rows + mid, "lineage", {"httpd"})[:2] == (mid[0], 200)
     # a tree below min_lineage never counts, however much it holds
     assert guest_culprit(rows + bomb, "memory", {"httpd"}, 201)[2] == "rss"

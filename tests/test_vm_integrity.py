@@ -205,16 +205,20 @@ def test_vm_scenario_reports_every_figure(qemu):
     assert r["baseline"]["unexplained_at_attach"] == []
     # Orion: both faults reach their bound; a steady leak is predicted before it does
     assert isinstance(r["prediction_false_alarms"], int)
-    leak, bomb = r["prediction"]["faults"]
+    leak, bomb, runaways = r["prediction"]["faults"]
     assert leak["bound_crossed"] and bomb["bound_crossed"], r["prediction"]
+    assert runaways["bound_crossed"], r["prediction"]
     assert leak["alarm"] is not None and leak["lead_ms"] > 0, r["prediction"]
-    assert set(r["prediction_lead_ms"]) == {"memory-leak", "fork-bomb"}
+    assert set(r["prediction_lead_ms"]) == {"memory-leak", "fork-bomb", "runaways"}
     # Orion's other inputs in each phase: the bomb fills the run queues; data pages move
     inputs = r["prediction"]["inputs"]
-    assert set(inputs) == {"benign", "memory-leak", "fork-bomb"}, inputs
+    assert set(inputs) == {"benign", "memory-leak", "fork-bomb", "runaways"}, inputs
     assert inputs["fork-bomb"]["running_max"] > inputs["benign"]["running_p50"], inputs
-    assert all(0 < i["data_churn_pct_p50"] < 100 and i["refaults_per_s"] >= 0
-               for i in inputs.values()), inputs
+    assert inputs["runaways"]["running_max"] > inputs["benign"]["running_p50"], inputs
+    assert all(i["refaults_per_s"] >= 0 for i in inputs.values()), inputs
+    # (a fault's phase may end before a full pass over the kernel's data pages)
+    assert all(0 < i["data_churn_pct_p50"] < 100 for i in inputs.values()
+               if "passes" in i) and "passes" in inputs["benign"], inputs
     # the report's timeline: every tamper written, detected and healed, on one clock
     events = r["timeline"]["events"]
     for lane in ("syscall-table", "function-patch", "hidden-process"):

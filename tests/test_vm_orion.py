@@ -13,9 +13,9 @@ MiB = 1 << 20
 FLOOR, MAX_THREADS = 32 * MiB, 512
 
 
-def reading(available: float = 200 * MiB, threads: int = 40) -> Readings:
+def reading(available: float = 200 * MiB, threads: int = 40, running: int = 1) -> Readings:
     return Readings(jiffies=0, free=int(available), file=0, shmem=0, anon=0,
-                    slab_unreclaimable=0, threads=int(threads), forks=0)
+                    slab_unreclaimable=0, threads=int(threads), forks=0, running=int(running))
 
 
 def run(series, predictor=None):
@@ -59,6 +59,29 @@ def test_a_fork_bomb_is_predicted_before_the_ceiling():
     p, crossed = run(series)
     assert [a.kind for a in p.alarms] == ["fork-bomb"]
     assert p.alarms[0].at < crossed["fork-bomb"]
+
+
+def test_runnable_tasks_piling_up_are_predicted_before_the_run_queue_ceiling():
+    """CPU-bound runaways spawning 15 a second: the run queue heads for its ceiling (32)
+    and the starvation alarm comes before it is crossed; a run queue that only jitters
+    (busy work) raises none; without `max_running` there is no such kind."""
+    rng = random.Random(3)
+    ramp = [(t, reading(running=1 + 15 * t + rng.randint(-1, 1))) for t in ticks(4)]
+    p = Predictor(memory_floor=FLOOR, max_threads=MAX_THREADS, max_running=32)
+    samples = []
+    for t, r in ramp:
+        p.observe(t, r)
+        samples.append((t, r))
+    crossed = first_crossing(samples, memory_floor=FLOOR, max_threads=MAX_THREADS,
+                             max_running=32)
+    assert [a.kind for a in p.alarms] == ["starvation"]
+    assert p.alarms[0].at < crossed["starvation"]
+    busy = Predictor(memory_floor=FLOOR, max_threads=MAX_THREADS, max_running=32)
+    for t in ticks(60):
+        busy.observe(t, reading(running=rng.randint(0, 6)))
+    assert busy.alarms == []
+    plain, _ = run(ramp)
+    assert plain.alarms == [] and "starvation" not in plain.kinds
 
 
 @pytest.mark.parametrize("shape", ["noise", "sawtooth", "slow-leak", "busy-processes"])

@@ -51,9 +51,14 @@ class VmNodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_threads: Annotated[int, doc(
         "the guest's thread ceiling: its box's `threads` level violates above it, and Orion "
         "predicts it being reached (a fork bomb)")] = 1024
+    max_running: Annotated[int, doc(
+        "the guest's run queue ceiling (runnable tasks): its box's `running` level violates "
+        "above it, and Orion predicts it being reached (CPU-bound runaways starving the "
+        "service)")] = 32
     orion: Annotated[bool, doc(
         "predict an unstable guest from its kernel's counters (vm/orion.py): the box's "
-        "`predicted_oom` / `predicted_forks` levels, pushed as `unstable_predicted`")] = True
+        "`predicted_oom` / `predicted_forks` / `predicted_starvation` levels, pushed as "
+        "`unstable_predicted`")] = True
 
 
 class NodeSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -398,6 +403,7 @@ def _validate_nodes(c: AgentConfig) -> None:
             _check(math.isfinite(n.vm.min_available_mb) and n.vm.min_available_mb >= 0,
                    at + ("vm", "min_available_mb"), "must be a number of MiB >= 0")
             _check(n.vm.max_threads >= 1, at + ("vm", "max_threads"), "must be at least 1")
+            _check(n.vm.max_running >= 1, at + ("vm", "max_running"), "must be at least 1")
             for key in ("guest", "qmp"):
                 value = getattr(n.vm, key)
                 _check(value not in guests[key], at + ("vm", key),

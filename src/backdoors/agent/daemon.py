@@ -226,6 +226,7 @@ class Agent:
             watch = GuestWatch(spec.name, node.memory(), sample_period=vm.sample_period_s,
                                jiffies_deadline=vm.jiffies_deadline_s,
                                min_available_mb=vm.min_available_mb, max_threads=vm.max_threads,
+                               max_running=vm.max_running,
                                on_change=lambda *a, n=spec.name: self._tampered(n, *a),
                                on_predicted=(lambda *a, n=spec.name: self._predicted(n, *a))
                                if vm.orion else None)

@@ -16,6 +16,9 @@ answering throughout:
   process from outside (SIGKILL written into the guest kernel) before it does.
 - guest-fork-bomb: a fork bomb in the guest, foreseen the same way; its whole tree is
   killed from its root, with no child slipping out.
+- guest-runaways: CPU-bound processes piling up on the guest's run queue (the livelock of
+  a starved service, the kernel still ticking), foreseen before the run queue's ceiling
+  and killed the same way.
 
 Needs the guest kernel (`make vm-kernel`); docs/vm-backdoor.md.
 """
@@ -36,6 +39,8 @@ from .steps import TIMEOUT_S, Step, _note_incident, _wait
 VM = "v0"
 #: the fork bomb's depth: 2^(N+1) - 1 processes if nothing stops it
 BOMB_DEPTH = 9
+#: CPU-bound workers started one by one: how many, one every how many ms
+RUNAWAYS = "64,100"
 
 
 class GuestWorld:
@@ -199,6 +204,29 @@ def guest_fork_bomb(w: GuestWorld) -> dict:
                      f"{step.record['repair_ms']:.0f} ms after detection; the service ran on")
 
 
+def guest_runaways(w: GuestWorld) -> dict:
+    step = Step("guest-runaways", "guest CPU runaways: foreseen and killed", "repair", VM)
+    t0 = time.time()
+    root = int(w.get(f"/cgi-bin/workers?{RUNAWAYS}").strip())
+    w.note(f"CPU-bound workers started one by one in {VM} (parent {root}) pile up on "
+           "its run queue")
+    inc = _guest_incident(w, "guest-unstable", "kill_guest_culprit", t0)
+    if not step.check("foreseen and repaired", inc is not None, "" if inc else "no incident"):
+        return step.done("the runaways were NOT stopped")
+    _note_incident(step, inc, t0, "kill_guest_culprit")
+    act = next(a for a in inc.actions if a.kind == "kill_guest_culprit")
+    culprit = act.detail.get("culprit", {})
+    step.check("the workers were killed with their parent", act.status == "done" and
+               (culprit.get("pid"), culprit.get("by")) == (root, "lineage"),
+               f"{act.status}: {culprit}")
+    idle = _wait(lambda: w.guest()["running"] <= 2, 10.0)
+    step.check("the run queue is back to idle", idle, f"{w.guest()['running']:.0f} runnable")
+    step.check("the guest's service answered throughout", w.get("/").startswith("vm "))
+    step.check("the incident closed", _cleared(w, inc))
+    return step.done(f"{_foreseen(inc)}; {culprit.get('processes')} runaways killed "
+                     f"{step.record['repair_ms']:.0f} ms after detection; the service ran on")
+
+
 PLAYS = {"guest-rootkit": guest_rootkit, "guest-hog": guest_hog,
-         "guest-fork-bomb": guest_fork_bomb}
+         "guest-fork-bomb": guest_fork_bomb, "guest-runaways": guest_runaways}
 

@@ -504,15 +504,15 @@ def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str],
                   min_lineage: int = 1) -> tuple[Any, int, str] | None:
     """The process of a guest's table (agent guest_processes rows) to kill, how many
     processes it heads, and how it was chosen ("rss" or "lineage"). Only user processes
-    count: not pid 0-2, not kernel threads (kthreadd's children, with no memory), not those
-    whose comm is in `protect`. `by` "rss": the largest resident one (a memory hog).
+    count: not pid 0-2, not kernel threads (kthreadd's children), not those whose comm is
+    in `protect`. `by` "rss": the largest resident one (a memory hog).
     "lineage": the root of the largest tree of them -- a root being one whose parent is
     none of them (init, a protected service, gone) -- ties to the newest (a fork bomb).
     "memory": whichever holds more resident memory, the largest process or the tree of at
     least `min_lineage` processes whose sum is largest (a fork bomb fills the memory with
     many small processes, a hog with one large one)."""
-    user = {r.pid: r for r in rows
-            if r.pid > 2 and r.ppid != 2 and r.rss_bytes > 0 and r.comm not in protect}
+    # (no memory does not make a kernel thread: a process in the middle of an exec has none)
+    user = {r.pid: r for r in rows if r.pid > 2 and r.ppid != 2 and r.comm not in protect}
     if not user:
         return None
     largest = max(user.values(), key=lambda r: (r.rss_bytes, r.pid))
@@ -540,14 +540,19 @@ def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str],
     return largest, 1, "rss"
 
 
+#: the guest box's sensors whose violation says "too many processes": a tree is the culprit
+LINEAGE_SENSORS = frozenset({"predicted_forks", "predicted_starvation", "threads", "running"})
+
+
 class KillGuestCulprit(Action, tag="kill_guest_culprit"):
     """Kill what makes a VM node's guest unstable, found in its process table (read from
     its kernel's memory by the agent: `guest_processes`) -- by="rss" the largest process,
     by="lineage" the largest process tree, root and all (a fork bomb; at least
     `min_lineage` processes), by="memory" whichever of the two holds more memory (a fork
     bomb also exhausts memory), by="predicted" as the guest box's sensor that fired says
-    (`predicted_forks`: lineage, `predicted_oom`: memory) -- never a process whose comm
-    is in `protect` (the guest's service). SIGKILL is written into the guest kernel with
+    (`predicted_forks`, `predicted_starvation` or the bounds `threads`, `running`:
+    lineage; `predicted_oom`, `available_mb`: memory) -- never a process whose comm is
+    in `protect` (the guest's service). SIGKILL is written into the guest kernel with
     its vCPUs stopped (`guest_kill`, docs/vm-backdoor.md); done once all are gone, which
     may take until each wakes: survivors are looked for up to `settle_s`."""
 
@@ -561,7 +566,7 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
         by = self.by
         if by == "predicted":
             fired = {v.sensor for h in ctx.hits for v in h.violations}
-            by = "lineage" if "predicted_forks" in fired else "memory"
+            by = "lineage" if fired & LINEAGE_SENSORS else "memory"
         rows = ctx.client.guest_processes(ctx.node).rows
         found = guest_culprit(rows, by, set(self.protect), self.min_lineage)
         if found is None:

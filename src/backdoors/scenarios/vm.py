@@ -3,7 +3,8 @@
     vm_integrity(benign_s=600) -> {"boot_s", "accel", "guest_hang_detect_ms",
         "tamper_detect_ms": {"p50", "p99"}, "tamper_healed", "hidden_process_found",
         "false_positives", "benign_minutes", "overhead_pct", "tampers": [...],
-        "prediction_lead_ms": {"memory-leak", "fork-bomb"}, "prediction_false_alarms", ...}
+        "prediction_lead_ms": {"memory-leak", "fork-bomb", "runaways"},
+        "prediction_false_alarms", ...}
 
 A lab with one VM node. The guest kernel's jiffies sensor (vm.sensors) times a hang: the
 vCPUs stopped by QMP, seen stalled by deadline. Then the integrity baseline is taken from
@@ -22,11 +23,13 @@ sweep clean, uname works again, the processes are back on both lists and the gue
 still serves HTTP. `scan_cpu_pct`: the Watch's CPU time per wall time (one host core).
 
 Orion (vm.orion) samples the guest's counters every 20 ms throughout: its alarms during
-the benign work are `prediction_false_alarms`. Then two bounded faults in the guest, a
-memory leak into its tmpfs (/cgi-bin/hog) and a fork bomb (/cgi-bin/bomb), each run until
-the plain bound detector fires on the same samples (available memory below 32 MiB;
-threads 256 above the guest's idle count): `prediction_lead_ms` is, per fault, how long
-before that the predictor's alarm came (negative: after; None: no alarm).
+the benign work are `prediction_false_alarms`. Then three faults in the guest, a memory
+leak into its tmpfs (/cgi-bin/hog), a fork bomb (/cgi-bin/bomb) and CPU-bound workers
+(/cgi-bin/workers: 64 spinning processes started one every 100 ms, the livelock of a
+starved service, killed from outside once measured), each run until the plain bound
+detector fires on the same samples (available memory below 32 MiB; threads 256 and
+runnable tasks 32 above the guest's idle count): `prediction_lead_ms` is, per fault, how
+long before that the predictor's alarm came (negative: after; None: no alarm).
 `prediction.inputs` gives Orion's other inputs during the benign work and each fault
 (OrionWatch.inputs: the run queues' runnable tasks, page-cache refaults per second, and
 the share of the kernel's data pages changed per pass of churn.DataChurn).
@@ -44,6 +47,7 @@ from ..sensors import SensorBoxReader
 from ..vm import rootkit
 from ..vm.churn import DataChurn
 from ..vm.integrity import Baseline, Checker, Healer, Watch
+from ..vm.kill import kill
 from ..vm.orion import OrionWatch, Predictor
 from ..vm.sensors import GuestSampler, GuestSensors
 from .labkit import unique_name
@@ -73,6 +77,7 @@ def _percentile(values: list[float], q: float) -> float:
 TAMPERS = ("syscall-table", "function-patch", "hidden-process")
 MEMORY_FLOOR = 32 << 20
 THREADS_ABOVE_IDLE = 256
+RUNNING_ABOVE_IDLE = 32
 
 
 class _Timeline:
@@ -90,11 +95,12 @@ class _Timeline:
 
 
 def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
-               timeout: float, timeline: _Timeline) -> dict:
+               timeout: float, timeline: _Timeline, stop=None) -> dict:
     """Start a fault in the guest; wait for the plain bound to be crossed; the alarm's
-    lead over it. Then wait until the guest is back below its bounds."""
+    lead over it. Then `stop(body)` (the CGI's answer) the fault if it does not end by
+    itself, and wait until the guest is back below its bounds."""
     began = time.monotonic()
-    guest_get(lab, "v0", path)
+    body = guest_get(lab, "v0", path)
     crossed: dict = {}
     while kind not in crossed and time.monotonic() - began < timeout:
         time.sleep(0.05)
@@ -109,6 +115,7 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
     row: dict = {"fault": fault, "path": path, "bound_crossed": kind in crossed,
                  "lowest_available_mb": min((r.available >> 20 for r in seen), default=None),
                  "peak_threads": max((r.threads for r in seen), default=None),
+                 "peak_running": max((r.running for r in seen), default=None),
                  "alarm": first and {"eta_s": first.eta_s, "r2": first.r2,
                                      "after_start_ms": round(1000 * (first.at - began))},
                  "inputs": inputs}
@@ -116,11 +123,14 @@ def _predicted(lab: Lab, orion: OrionWatch, fault: str, path: str, kind: str,
         row["bound_after_start_ms"] = round(1000 * (crossed[kind] - began))
         row["lead_ms"] = round(1000 * (crossed[kind] - alarms[0].at)) if alarms else None
     p = orion.predictor
+    if stop is not None:
+        stop(body)
     end = time.monotonic() + 30
-    while time.monotonic() < end:  # the fault ends by itself (freed, processes gone)
+    while time.monotonic() < end:  # the fault ends (freed, processes gone)
         r = orion.last()
         if r is not None and r.available > 2 * p.memory_floor and \
-                r.threads < p.max_threads - THREADS_ABOVE_IDLE // 2:
+                r.threads < p.max_threads - THREADS_ABOVE_IDLE // 2 and \
+                r.running < p.max_running - RUNNING_ABOVE_IDLE // 2:
             break
         time.sleep(0.1)
     time.sleep(2 * p.window_s)  # the episode closes
@@ -265,7 +275,8 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             # Orion, from here on: its bounds from the guest's idle counters
             idle = memory.readings()
             predictor = Predictor(memory_floor=MEMORY_FLOOR,
-                                  max_threads=idle.threads + THREADS_ABOVE_IDLE, window_s=0.5)
+                                  max_threads=idle.threads + THREADS_ABOVE_IDLE,
+                                  max_running=idle.running + RUNNING_ABOVE_IDLE, window_s=0.5)
             orion = stack.enter_context(OrionWatch(memory, predictor, period=0.02,
                                                    churn=DataChurn(memory)))
             # benign work: every finding meanwhile is a false positive
@@ -296,13 +307,16 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             faults = [_predicted(lab, orion, "memory-leak", f"/cgi-bin/hog?{leak_mb}",
                                  "memory-exhaustion", 0.2 * leak_mb + 60, timeline),
                       _predicted(lab, orion, "fork-bomb", "/cgi-bin/bomb?8", "fork-bomb", 60,
-                                 timeline)]
+                                 timeline),
+                      _predicted(lab, orion, "runaways", "/cgi-bin/workers?64,100", "starvation",
+                                 60, timeline, stop=lambda body: kill(vm, int(body), tree=True))]
             orion.stop()
             out["prediction"] = {"faults": faults, "window_s": predictor.window_s,
                                  "horizon_s": predictor.horizon_s,
                                  "fork_horizon_s": predictor.fork_horizon_s,
                                  "memory_floor_mb": MEMORY_FLOOR >> 20,
                                  "max_threads": predictor.max_threads, "idle_threads": idle.threads,
+                                 "max_running": predictor.max_running,
                                  "samples": len(orion.samples), "missed_samples": orion.misses,
                                  "inputs": {"benign": benign_inputs,
                                             **{f["fault"]: f.pop("inputs") for f in faults}}}

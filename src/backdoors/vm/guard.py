@@ -111,18 +111,22 @@ class IntegrityGuard(Periodic):
 
 class GuestWatch:
     """The guest kernel box of VM node `node` and its integrity guard, on `memory`; with
-    `on_predicted`, Orion on the box's samples (bounds `min_available_mb`, `max_threads`)."""
+    `on_predicted`, Orion on the box's samples (bounds `min_available_mb`, `max_threads`,
+    `max_running`)."""
 
     def __init__(self, node: str, memory: GuestMemory, *, on_change: OnChange,
                  jiffies_deadline: float = 1.0, sample_period: float = 0.05,
                  min_available_mb: float = 0.0, max_threads: float | None = None,
+                 max_running: float | None = None,
                  on_predicted: OnPredicted | None = None):
         predictor = None
         if on_predicted is not None:
             predictor = Predictor(memory_floor=int(min_available_mb * (1 << 20)),
-                                  max_threads=int(max_threads or 1 << 22))
+                                  max_threads=int(max_threads or 1 << 22),
+                                  max_running=None if max_running is None else int(max_running))
         self.sensors = GuestSensors(node, memory, jiffies_deadline=jiffies_deadline,
                                     min_available_mb=min_available_mb, max_threads=max_threads,
+                                    max_running=max_running,
                                     predictor=predictor, on_predicted=on_predicted)
         self.sampler = GuestSampler(self.sensors, period=sample_period)
         self.integrity = IntegrityGuard(memory, self.sensors, on_change=on_change)

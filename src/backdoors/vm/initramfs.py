@@ -65,6 +65,11 @@ CGI = {
     "grow": _HEAD + "n=${QUERY_STRING:-64}; ( i=0; while [ $i -lt $n ]; do dd if=/dev/zero bs=1M"
             " count=1 2>/dev/null; i=$((i+1)); usleep 50000; done ) </dev/null"
             " | tail -c $((n * 1048576)) >/dev/null 2>&1 &\necho $!\n",
+    # CPU-bound workers started one by one: N of them, one every MS ms (?N,MS), each
+    # spinning until killed, under one parent; prints the parent's pid
+    "workers": _HEAD + "IFS=,; set -- ${QUERY_STRING:-64,100}; ( i=0; while [ $i -lt $1 ]; do"
+               " ( while :; do :; done ) & i=$((i + 1)); usleep $(($2 * 1000)); done; wait )"
+               " </dev/null >/dev/null 2>&1 &\necho $!\n",
     "spin": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi; while :; do :; done; }\n"
             "( b ${QUERY_STRING:-3} ) </dev/null >/dev/null 2>&1 &\necho $!\n",
     # a fork bomb of depth N whose processes stay until killed, each waking once a second

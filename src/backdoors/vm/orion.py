@@ -13,6 +13,9 @@ condition no longer holds for a whole window; it is raised again only after that
     fork-bomb           threads rising towards `max_threads` (`fork_horizon_s`: shorter,
                         as busy work starts and ends processes in bursts, and a bomb,
                         growing exponentially, is seconds from its ceiling at most)
+    starvation          runnable tasks piling up on the run queues towards `max_running`
+                        (`fork_horizon_s`; with `max_running` only): the livelock of a
+                        CPU-bound runaway -- the kernel ticks, the service is starved
 
 Lead time is what the prediction gains over the bound (the same counter, the same
 samples); false alarms are alarms during benign work, which never reaches a bound.
@@ -83,16 +86,25 @@ class Trend:
 class Predictor:
     """Raises an Alarm, once per episode, when a counter heads for its bound."""
 
-    def __init__(self, *, memory_floor: int, max_threads: int, window_s: float = 1.0,
-                 horizon_s: float = 5.0, fork_horizon_s: float = 2.0, min_r2: float = 0.8,
-                 min_drop: int = 4 << 20, min_rise: int = 32):
+    def __init__(self, *, memory_floor: int, max_threads: int, max_running: int | None = None,
+                 window_s: float = 1.0, horizon_s: float = 5.0, fork_horizon_s: float = 2.0,
+                 min_r2: float = 0.8, min_drop: int = 4 << 20, min_rise: int = 32,
+                 min_rise_running: int = 4):
         if not 0 < min_r2 <= 1 or window_s <= 0 or min(horizon_s, fork_horizon_s) <= 0:
             raise ValueError("Predictor: need 0 < min_r2 <= 1, window_s > 0, horizons > 0")
         self.memory_floor, self.max_threads = memory_floor, max_threads
+        self.max_running = max_running
         self.window_s, self.min_r2 = window_s, min_r2
         self.horizon_s, self.fork_horizon_s = horizon_s, fork_horizon_s
         self.min_drop, self.min_rise = min_drop, min_rise
         self.memory, self.threads = Trend(window_s), Trend(window_s)
+        self.running = Trend(window_s)
+        # kind -> (its trend, bound, direction, least move in a window, horizon)
+        self.kinds = {"memory-exhaustion": (self.memory, memory_floor, -1, min_drop, horizon_s),
+                      "fork-bomb": (self.threads, max_threads, 1, min_rise, fork_horizon_s)}
+        if max_running is not None:
+            self.kinds["starvation"] = (self.running, max_running, 1, min_rise_running,
+                                        fork_horizon_s)
         self.alarms: list[Alarm] = []
         self._raised: dict[str, float] = {}  # kind -> when its condition last held
 
@@ -100,12 +112,9 @@ class Predictor:
         """Take one sample (at `t` seconds); the alarms it raises."""
         self.memory.add(t, float(r.available))
         self.threads.add(t, float(r.threads))
+        self.running.add(t, float(r.running))
         out = []
-        for kind, trend, bound, sign, least, horizon in (
-                ("memory-exhaustion", self.memory, self.memory_floor, -1, self.min_drop,
-                 self.horizon_s),
-                ("fork-bomb", self.threads, self.max_threads, 1, self.min_rise,
-                 self.fork_horizon_s)):
+        for kind, (trend, bound, sign, least, horizon) in self.kinds.items():
             alarm = self._judge(kind, t, trend, bound, sign, least, horizon)
             if alarm is not None:
                 out.append(alarm)
@@ -140,7 +149,7 @@ class Predictor:
 
 
 def first_crossing(samples: list[tuple[float, Readings]], *, memory_floor: int,
-                   max_threads: int) -> dict[str, float]:
+                   max_threads: int, max_running: int | None = None) -> dict[str, float]:
     """When the plain bound detectors fire on the same samples: kind -> time."""
     out: dict[str, float] = {}
     for t, r in samples:
@@ -148,6 +157,8 @@ def first_crossing(samples: list[tuple[float, Readings]], *, memory_floor: int,
             out.setdefault("memory-exhaustion", t)
         if r.threads > max_threads:
             out.setdefault("fork-bomb", t)
+        if max_running is not None and r.running > max_running:
+            out.setdefault("starvation", t)
     return out
 
 
@@ -189,7 +200,7 @@ class OrionWatch(Periodic):
         with self._lock:
             alarms = [a for a in p.alarms if a.at >= t0]
         return alarms, first_crossing(self.samples_since(t0), memory_floor=p.memory_floor,
-                                      max_threads=p.max_threads)
+                                      max_threads=p.max_threads, max_running=p.max_running)
 
     def samples_since(self, t0: float) -> list[tuple[float, Readings]]:
         """The samples taken at or after `t0` (a copy)."""

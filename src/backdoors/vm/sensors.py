@@ -12,15 +12,17 @@ guest kernel's 1-minute load average; `available_mb` and `threads` are its own c
 (memory.Readings), bounded like Orion's plain detectors (vm.orion). The level `tampered`
 counts the open kernel integrity findings (guard.py; 0 where none runs). `table` keeps the
 last process table read. Orion's other inputs, as levels for rules and the live view:
-`running` (runnable tasks on the guest's run queues), `refault_rate` (pages evicted and
+`running` (runnable tasks on the guest's run queues, the mean over half a second: a
+wake-up burst is a moment's), `refault_rate` (pages evicted and
 faulted back per second over the last second: page-cache churn, thrashing) and
 `data_churn_pct` (the share of the kernel's data pages changed between two visits, over
 the last full pass of churn.DataChurn: how much of the kernel's state moves).
 
-With a Predictor (vm.orion), each sample feeds it too: `predicted_oom` and
-`predicted_forks` are 1 while its memory-exhaustion or fork-bomb alarm is open (max 0.5:
-a violation, ahead of the bounds of `available_mb` and `threads`), and `on_predicted` is
-told at once, with the Alarm as it is raised and None as its episode ends.
+With a Predictor (vm.orion), each sample feeds it too: `predicted_oom`,
+`predicted_forks` and `predicted_starvation` are 1 while its memory-exhaustion, fork-bomb
+or starvation alarm is open (max 0.5: a violation, ahead of the bounds of `available_mb`,
+`threads` and `running`), and `on_predicted` is told at once, with the Alarm as it is
+raised and None as its episode ends.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ from .orion import Alarm, Predictor
 from .periodic import Periodic
 
 #: the box's sensor of each Orion alarm kind
-PREDICTED = {"memory-exhaustion": "predicted_oom", "fork-bomb": "predicted_forks"}
+PREDICTED = {"memory-exhaustion": "predicted_oom", "fork-bomb": "predicted_forks",
+             "starvation": "predicted_starvation"}
 OnPredicted = Callable[[str, "Alarm | None"], None]  # (kind, the alarm, or None: it ended)
 
 #: how often the task list is walked (the guest sets its length: a long one costs the host)
 TASKS_EVERY_S = 0.5
-#: the window of `refault_rate`
+#: the window of `refault_rate`, and of `running`'s mean (one sample is a moment's)
 REFAULT_WINDOW_S = 1.0
+RUNNING_WINDOW_S = 0.5
 
 
 class GuestSensors:
@@ -51,7 +55,8 @@ class GuestSensors:
 
     def __init__(self, node: str, memory: GuestMemory, *, jiffies_deadline: float = 1.0,
                  max_tasks: float | None = None, min_available_mb: float = 0.0,
-                 max_threads: float | None = None, max_load: float | None = None,
+                 max_threads: float | None = None, max_running: float | None = None,
+                 max_load: float | None = None,
                  max_blocked: float | None = None, predictor: Predictor | None = None,
                  on_predicted: OnPredicted | None = None):
         self.memory = memory
@@ -67,13 +72,14 @@ class GuestSensors:
         self.threads = self.box.level("threads", min=1.0, max=max_threads)
         # open kernel integrity findings (guard.IntegrityGuard sets it): any violates
         self.tampered = self.box.level("tampered", min=0.0, max=0.5)
-        self.predicted = {kind: self.box.level(name, min=0.0, max=0.5)
-                          for kind, name in PREDICTED.items()} if predictor is not None else {}
-        self.running = self.box.level("running", min=0.0)
+        self.predicted = {kind: self.box.level(PREDICTED[kind], min=0.0, max=0.5)
+                          for kind in predictor.kinds} if predictor is not None else {}
+        self.running = self.box.level("running", min=0.0, max=max_running)
         self.refault_rate = self.box.level("refault_rate", min=0.0)
         self.data_churn = self.box.level("data_churn_pct", min=0.0)
         self.churn = DataChurn(memory)
         self._refaults: deque[tuple[float, int]] = deque()  # (when, refaults) of the last second
+        self._running: deque[tuple[float, int]] = deque()  # (when, runnable tasks)
         self._tasks_due = 0.0
         try:
             self._base = memory.jiffies()
@@ -90,8 +96,11 @@ class GuestSensors:
         self.available.set(r.available / (1 << 20))
         self.threads.set(float(r.threads))
         self.load1.set(self.memory.load()[0])
-        self.running.set(float(r.running))
         now = time.monotonic()
+        self._running.append((now, r.running))
+        while now - self._running[0][0] > RUNNING_WINDOW_S:
+            self._running.popleft()
+        self.running.set(sum(n for _, n in self._running) / len(self._running))
         self._refaults.append((now, r.refaults))
         while now - self._refaults[0][0] > REFAULT_WINDOW_S:
             self._refaults.popleft()
