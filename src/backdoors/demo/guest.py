@@ -2,8 +2,8 @@
 
 A lab of one host with a container node (n0) and a VM node (v0: a QEMU guest whose
 kernel the agent reads from its RAM, with no agent inside), an agent and a monitor
-running the packaged "heal" ruleset (the guest rules of every
-ruleset). In turn, with the guest's web server (httpd)
+running the packaged "default" ruleset (the guest rules are in every ruleset; a guest
+hang is recorded here, not fenced). In turn, with the guest's web server (httpd)
 answering throughout:
 
 - guest-rootkit: a rootkit in the guest kernel -- a system call table entry redirected,
@@ -67,7 +67,7 @@ class GuestWorld:
                 raise LabError(f"the agent took no clean baseline of {VM}'s kernel and swept "
                                "it once within 180 s")
         self.monitor = monitor_for(self.lab, incidents_dir=str(self.out_dir / "incidents"),
-                                   rulesets=("heal",))
+                                   rulesets=("default",))
         self.monitor.start()
         self.monitor.wait_ready(timeout=15)
         return self
@@ -123,9 +123,14 @@ def guest_rootkit(w: GuestWorld) -> dict:
     tampers = {("syscall", f"sys_call_table[{rootkit.NR_UNAME}]"),
                ("text", "__x64_sys_newuname"), ("process", f"pid {pid}")}
     t0 = time.time()
-    rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall")
-    rootkit.patch_function(vm, "__x64_sys_newuname")
-    rootkit.hide_process(vm, pid, deep=True)
+    # one after the other, as a rootkit installs its hooks: each write stops the vCPUs,
+    # and so does each heal; back to back on a loaded host they would hold the guest
+    # past its jiffies deadline (a hang, recorded)
+    for tamper in (lambda: rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall"),
+                   lambda: rootkit.patch_function(vm, "__x64_sys_newuname"),
+                   lambda: rootkit.hide_process(vm, pid, deep=True)):
+        tamper()
+        time.sleep(0.2)
     w.note(f"rootkit in {VM}'s kernel: sys_call_table[{rootkit.NR_UNAME}] redirected, "
            f"__x64_sys_newuname patched, process {pid} hidden")
     inc = _guest_incident(w, "kernel-integrity", "heal_kernel", t0)
