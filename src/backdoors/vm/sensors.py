@@ -13,10 +13,10 @@ guest kernel's 1-minute load average; `available_mb` and `threads` are its own c
 counts the open kernel integrity findings (guard.py; 0 where none runs). `table` keeps the
 last process table read. Orion's other inputs, as levels for rules and the live view:
 `running` (runnable tasks on the guest's run queues, the mean over half a second: a
-wake-up burst is a moment's), `refault_rate` (pages evicted and
-faulted back per second over the last second: page-cache churn, thrashing) and
-`data_churn_pct` (the share of the kernel's data pages changed between two visits, over
-the last full pass of churn.DataChurn: how much of the kernel's state moves).
+wake-up burst is a moment's), `refault_rate` (pages evicted and faulted back per second
+over the last second: page-cache churn, thrashing) and `data_churn_pct` (the share of
+the kernel's data pages changed between two visits, over the last full pass of
+churn.DataChurn: how much of the kernel's state moves).
 
 With a Predictor (vm.orion), each sample feeds it too: `predicted_oom`,
 `predicted_forks` and `predicted_starvation` are 1 while its memory-exhaustion, fork-bomb
