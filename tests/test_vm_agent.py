@@ -282,6 +282,17 @@ def _calm(c) -> None:
     assert _eventually(rest, 30), _guest(c)
 
 
+def _killed(mon):
+    """The monitor's first `guest-unstable` incident, once repaired by one kill: (the
+    incident, its kill_guest_culprit action)."""
+    inc = mon.wait_for(lambda i: i.rule == "guest-unstable" and i.state != "detected", 90)
+    assert inc is not None, mon.incidents()
+    assert (inc.node, inc.state) == ("v0", "repaired"), inc
+    (action,) = inc.actions
+    assert action.kind == "kill_guest_culprit" and action.status == "done", action
+    return inc, action
+
+
 def _gone(c, pids) -> bool:
     return not set(pids) & {r.pid for r in c.guest_processes("v0").rows}
 
@@ -338,11 +349,7 @@ def test_the_monitor_kills_the_hog_orion_foresees_in_a_guest(lab, tmp_path):
         floor = _guest(c)["available_mb"]
         pid = int(guest_get(lab, "v0", f"/cgi-bin/grow?{int(floor) - 16}").strip())
         try:
-            inc = mon.wait_for(lambda i: i.rule == "guest-unstable" and i.state != "detected", 90)
-            assert inc is not None, mon.incidents()
-            assert (inc.node, inc.state) == ("v0", "repaired"), inc
-            (action,) = inc.actions
-            assert action.kind == "kill_guest_culprit" and action.status == "done", action
+            inc, action = _killed(mon)
             culprit = action.detail["culprit"]
             assert (culprit["pid"], culprit["comm"], culprit["by"]) == (pid, "tail", "rss")
             assert action.detail["signalled"] == [pid] and action.detail["survivors"] == []
@@ -372,11 +379,7 @@ def test_the_monitor_kills_a_fork_bomb_orion_foresees_in_a_guest(lab, tmp_path):
                     if r.comm == "tail" and r.pid not in before]
         root = int(guest_get(lab, "v0", "/cgi-bin/breed?9").strip())
         try:
-            inc = mon.wait_for(lambda i: i.rule == "guest-unstable" and i.state != "detected", 90)
-            assert inc is not None, mon.incidents()
-            assert (inc.node, inc.state) == ("v0", "repaired"), inc
-            (action,) = inc.actions
-            assert action.kind == "kill_guest_culprit" and action.status == "done", action
+            inc, action = _killed(mon)
             culprit = action.detail["culprit"]
             assert (culprit["pid"], culprit["by"]) == (root, "lineage"), culprit
             assert culprit["processes"] >= 16 and action.detail["survivors"] == [], culprit
@@ -401,14 +404,10 @@ def test_the_monitor_kills_runaways_starving_a_guest_before_its_run_queue_ceilin
         _calm(c)
         root = int(guest_get(lab, "v0", "/cgi-bin/workers?64,100").strip())
         try:
-            inc = mon.wait_for(lambda i: i.rule == "guest-unstable" and i.state != "detected", 90)
-            assert inc is not None, mon.incidents()
-            assert (inc.node, inc.state) == ("v0", "repaired"), inc
+            inc, action = _killed(mon)
             fired = {v.sensor for h in inc.detectors for v in h.violations}
             assert "predicted_starvation" in fired, fired
             assert (inc.event or {}).get("reading", 0) < 32, inc.event  # before the ceiling
-            (action,) = inc.actions
-            assert action.kind == "kill_guest_culprit" and action.status == "done", action
             culprit = action.detail["culprit"]
             assert (culprit["pid"], culprit["by"]) == (root, "lineage"), culprit
             print(f"{culprit['processes']} runaways killed in {action.detail['took_ms']:.0f} "

@@ -163,24 +163,41 @@ def _foreseen(inc) -> str:
     return f"foreseen{eta} ({e.get('predicted') or ', '.join(fired)})"
 
 
+def _killed(w: GuestWorld, step: Step, path: str, says) -> tuple | None:
+    """Start a fault in the guest (GET `path`; `says(answer)` is its timeline line) and
+    wait for the `guest-unstable` rule's kill: (the CGI's answer, the incident, the kill's
+    culprit), or None if there was none (the step's check says so)."""
+    t0 = time.time()
+    answer = w.get(path).strip()
+    w.note(says(answer))
+    inc = _guest_incident(w, "guest-unstable", "kill_guest_culprit", t0)
+    if not step.check("foreseen and repaired", inc is not None, "" if inc else "no incident"):
+        return None
+    _note_incident(step, inc, t0, "kill_guest_culprit")
+    act = next(a for a in inc.actions if a.kind == "kill_guest_culprit")
+    step.record["culprit"] = culprit = {**act.detail.get("culprit", {}), "status": act.status}
+    return answer, inc, culprit
+
+
+def _after(w: GuestWorld, step: Step, inc) -> None:
+    step.check("the guest's service answered throughout", w.get("/").startswith("vm "))
+    step.check("the incident closed", _cleared(w, inc))
+
+
 def guest_hog(w: GuestWorld) -> dict:
     step = Step("guest-hog", "guest memory hog: foreseen and killed", "repair", VM)
     available = w.guest()["available_mb"]
-    t0 = time.time()
-    pid = int(w.get(f"/cgi-bin/grow?{int(available) - 16}").strip())
-    w.note(f"a process in {VM} ({pid}) grows 20 MiB/s towards the {available:.0f} MiB left")
-    inc = _guest_incident(w, "guest-unstable", "kill_guest_culprit", t0)
-    if not step.check("foreseen and repaired", inc is not None, "" if inc else "no incident"):
+    got = _killed(w, step, f"/cgi-bin/grow?{int(available) - 16}",
+                  lambda pid: f"a process in {VM} ({pid}) grows 20 MiB/s towards the "
+                              f"{available:.0f} MiB left")
+    if got is None:
         return step.done("the hog was NOT stopped")
-    _note_incident(step, inc, t0, "kill_guest_culprit")
-    act = next(a for a in inc.actions if a.kind == "kill_guest_culprit")
-    culprit = act.detail.get("culprit", {})
-    step.check("the hog was the process killed", act.status == "done" and
-               culprit.get("pid") == pid, f"{act.status}: {culprit}")
+    pid, inc, culprit = got
+    step.check("the hog was the process killed", culprit["status"] == "done" and
+               culprit.get("pid") == int(pid), str(culprit))
     back = _wait(lambda: w.guest()["available_mb"] > available - 16, 10.0)
     step.check("the guest's memory is back", back, f"{w.guest()['available_mb']:.0f} MiB")
-    step.check("the guest's service answered throughout", w.get("/").startswith("vm "))
-    step.check("the incident closed", _cleared(w, inc))
+    _after(w, step, inc)
     return step.done(f"{_foreseen(inc)}; the hog killed {step.record['repair_ms']:.0f} ms "
                      "after, from outside")
 
@@ -188,46 +205,35 @@ def guest_hog(w: GuestWorld) -> dict:
 def guest_fork_bomb(w: GuestWorld) -> dict:
     step = Step("guest-fork-bomb", "guest fork bomb: foreseen and killed", "repair", VM)
     threads = w.guest()["threads"]
-    t0 = time.time()
-    root = int(w.get(f"/cgi-bin/breed?{BOMB_DEPTH}").strip())
-    w.note(f"a fork bomb in {VM} (root {root}), doubling each level")
-    inc = _guest_incident(w, "guest-unstable", "kill_guest_culprit", t0)
-    if not step.check("foreseen and repaired", inc is not None, "" if inc else "no incident"):
+    got = _killed(w, step, f"/cgi-bin/breed?{BOMB_DEPTH}",
+                  lambda root: f"a fork bomb in {VM} (root {root}), doubling each level")
+    if got is None:
         return step.done("the fork bomb was NOT stopped")
-    _note_incident(step, inc, t0, "kill_guest_culprit")
-    act = next(a for a in inc.actions if a.kind == "kill_guest_culprit")
-    culprit = act.detail.get("culprit", {})
-    step.check("the bomb's tree was killed from its root", act.status == "done" and
-               (culprit.get("pid"), culprit.get("by")) == (root, "lineage"),
-               f"{act.status}: {culprit}")
+    root, inc, culprit = got
+    step.check("the bomb's tree was killed from its root", culprit["status"] == "done" and
+               (culprit.get("pid"), culprit.get("by")) == (int(root), "lineage"), str(culprit))
     calm = _wait(lambda: w.guest()["threads"] <= threads + 8, 10.0)
     step.check("no process of the bomb is left", calm,
                f"{w.guest()['threads']:.0f} threads, {threads:.0f} before")
     step.check("the guest forks again (a CGI answers)", w.get("/cgi-bin/uname").strip() != "")
-    step.check("the incident closed", _cleared(w, inc))
+    _after(w, step, inc)
     return step.done(f"{_foreseen(inc)}; {culprit.get('processes')} processes killed "
                      f"{step.record['repair_ms']:.0f} ms after detection; the service ran on")
 
 
 def guest_runaways(w: GuestWorld) -> dict:
     step = Step("guest-runaways", "guest CPU runaways: foreseen and killed", "repair", VM)
-    t0 = time.time()
-    root = int(w.get(f"/cgi-bin/workers?{RUNAWAYS}").strip())
-    w.note(f"CPU-bound workers started one by one in {VM} (parent {root}) pile up on "
-           "its run queue")
-    inc = _guest_incident(w, "guest-unstable", "kill_guest_culprit", t0)
-    if not step.check("foreseen and repaired", inc is not None, "" if inc else "no incident"):
+    got = _killed(w, step, f"/cgi-bin/workers?{RUNAWAYS}",
+                  lambda root: f"CPU-bound workers started one by one in {VM} (parent "
+                               f"{root}) pile up on its run queue")
+    if got is None:
         return step.done("the runaways were NOT stopped")
-    _note_incident(step, inc, t0, "kill_guest_culprit")
-    act = next(a for a in inc.actions if a.kind == "kill_guest_culprit")
-    culprit = act.detail.get("culprit", {})
-    step.check("the workers were killed with their parent", act.status == "done" and
-               (culprit.get("pid"), culprit.get("by")) == (root, "lineage"),
-               f"{act.status}: {culprit}")
+    root, inc, culprit = got
+    step.check("the workers were killed with their parent", culprit["status"] == "done" and
+               (culprit.get("pid"), culprit.get("by")) == (int(root), "lineage"), str(culprit))
     idle = _wait(lambda: w.guest()["running"] <= 2, 10.0)
     step.check("the run queue is back to idle", idle, f"{w.guest()['running']:.0f} runnable")
-    step.check("the guest's service answered throughout", w.get("/").startswith("vm "))
-    step.check("the incident closed", _cleared(w, inc))
+    _after(w, step, inc)
     return step.done(f"{_foreseen(inc)}; {culprit.get('processes')} runaways killed "
                      f"{step.record['repair_ms']:.0f} ms after detection; the service ran on")
 
