@@ -276,7 +276,7 @@ def vm_integrity(benign_s: float = 600.0, *, tick_s: float = 0.02, pages_per_tic
             idle = memory.readings()
             predictor = Predictor(memory_floor=MEMORY_FLOOR,
                                   max_threads=idle.threads + THREADS_ABOVE_IDLE,
-                                  max_running=idle.running + RUNNING_ABOVE_IDLE, window_s=0.5)
+                                  max_running=idle.running + RUNNING_ABOVE_IDLE)
             orion = stack.enter_context(OrionWatch(memory, predictor, period=0.02,
                                                    churn=DataChurn(memory)))
             # benign work: every finding meanwhile is a false positive
