@@ -179,6 +179,11 @@ def _killed(w: GuestWorld, step: Step, path: str, says) -> tuple | None:
     return answer, inc, culprit
 
 
+def _tree_killed(step: Step, what: str, culprit: dict, root: str) -> None:
+    step.check(what, culprit["status"] == "done" and
+               (culprit.get("pid"), culprit.get("by")) == (int(root), "lineage"), str(culprit))
+
+
 def _after(w: GuestWorld, step: Step, inc) -> None:
     step.check("the guest's service answered throughout", w.get("/").startswith("vm "))
     step.check("the incident closed", _cleared(w, inc))
@@ -210,8 +215,7 @@ def guest_fork_bomb(w: GuestWorld) -> dict:
     if got is None:
         return step.done("the fork bomb was NOT stopped")
     root, inc, culprit = got
-    step.check("the bomb's tree was killed from its root", culprit["status"] == "done" and
-               (culprit.get("pid"), culprit.get("by")) == (int(root), "lineage"), str(culprit))
+    _tree_killed(step, "the bomb's tree was killed from its root", culprit, root)
     calm = _wait(lambda: w.guest()["threads"] <= threads + 8, 10.0)
     step.check("no process of the bomb is left", calm,
                f"{w.guest()['threads']:.0f} threads, {threads:.0f} before")
@@ -229,8 +233,7 @@ def guest_runaways(w: GuestWorld) -> dict:
     if got is None:
         return step.done("the runaways were NOT stopped")
     root, inc, culprit = got
-    step.check("the workers were killed with their parent", culprit["status"] == "done" and
-               (culprit.get("pid"), culprit.get("by")) == (int(root), "lineage"), str(culprit))
+    _tree_killed(step, "the workers were killed with their parent", culprit, root)
     idle = _wait(lambda: w.guest()["running"] <= 2, 10.0)
     step.check("the run queue is back to idle", idle, f"{w.guest()['running']:.0f} runnable")
     _after(w, step, inc)
