@@ -10,7 +10,8 @@ by its keeper holding them, then its node frozen and the sessions moved on). A v
 `--scenario auction` plays the case study's auction site instead (demo/auction.py): a
 front end freezing under locust's load, its sessions moved, no request nor bid lost.
 `--scenario vm` plays the VM backdoor (demo/guest.py): a rootkit in a guest kernel
-healed, a memory hog and a fork bomb in the guest foreseen and killed from outside.
+healed; a memory hog, a fork bomb and CPU runaways in the guest foreseen and killed from
+outside.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The demo's live terminal view (rich), or plain lines when stdout is not a terminal.
 
 Hosts and nodes with their state, each node's memory (a VM node's: the guest's
-available memory, read from its kernel) and service progress as sparklines, each host's agent (pid, restarts by its keeper), the client sessions and their
+available memory, read from its kernel) and service progress as sparklines, each host's
+agent (pid, restarts by its keeper), the client sessions and their
 bytes, and the incident timeline as it happens (agent restarts included).
 The view reads through its own agent clients, 4 times a second, on a thread of its own.
 """
