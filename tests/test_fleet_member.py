@@ -90,7 +90,7 @@ def test_a_member_without_etcd_is_degraded_and_keeps_its_share(etcd):  # noqa: F
 def test_an_open_incident_is_recorded_and_handed_to_the_next_owner(etcd):  # noqa: F811
     """The owner records its node's open incident in etcd; a non-owner's record is not
     written; when the owner dies the record stays, and the member that takes the node
-    finds it (`on_inherit`); once closed, the record goes."""
+    finds it (`on_take`); once closed, the record goes."""
     clients = [EtcdClient(etcd.url) for _ in range(2)]
     nodes = ["h0/n0", "h0/n1"]
     m1 = FleetMember(clients[0], "m1", lambda: nodes, poll_s=0.05)
@@ -106,10 +106,10 @@ def test_an_open_incident_is_recorded_and_handed_to_the_next_owner(etcd):  # noq
         # m1 dies without a word; m2 takes its nodes once its lease expired
         told = []  # what m2 is told to carry on, each time
         m2 = FleetMember(clients[1], "m2", lambda: nodes, poll_s=0.05,
-                         on_inherit=lambda node, rec: told.append((node, rec)))
+                         on_take=lambda node, rec: told.append((node, rec)))
         until(lambda: set(m2.step().tokens) == set(nodes), what="m2 owns both nodes")
         m2.step()
-        assert told == [("h0/n0", record)]  # found once, at the takeover
+        assert sorted(told) == [("h0/n0", record), ("h0/n1", None)]  # told once, at the takeover
         # m1, late (paused mid-step, with its old token), cannot write the record any more:
         # the node's ownership record is not the one of its token
         m1.publish("h0/n0", None)
@@ -121,6 +121,29 @@ def test_an_open_incident_is_recorded_and_handed_to_the_next_owner(etcd):  # noq
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_node_taken_again_after_the_lease_expired_is_taken_anew(etcd):  # noqa: F811
+    """A member whose lease expired (paused, cut off) and that takes its node again holds
+    it under a new token: `on_take` is told again, with the record then in etcd (a
+    successor's, meanwhile), before the share shows the new token."""
+    client = EtcdClient(etcd.url)
+    told = []
+    m1 = FleetMember(client, "m1", lambda: ["h0/n0"], poll_s=0.05,
+                     on_take=lambda node, rec: told.append((node, rec, m1.token(node))))
+    try:
+        until(lambda: m1.step().tokens.get("h0/n0"), what="m1 owns h0/n0")
+        first = m1.token("h0/n0")
+        assert told == [("h0/n0", None, None)]
+        client.revoke(m1.share.lease)  # as if etcd had not heard from it for its TTL
+        record = {"incident": "i-9", "monitor": "m2", "rule": "hang"}
+        client.put("/backdoors/fleet/incidents/h0/n0", json.dumps(record))
+        until(lambda: (m1.step().tokens.get("h0/n0") or 0) > first, what="h0/n0 taken again")
+        assert told == [("h0/n0", None, None), ("h0/n0", record, None)]
+        m1.step()
+        assert len(told) == 2  # once per token
+    finally:
+        client.close()
 
 
 def test_a_node_with_a_running_response_is_kept_until_it_ends(etcd):  # noqa: F811
@@ -168,10 +191,10 @@ def test_a_bad_incident_record_is_deleted_and_a_failing_carry_on_spares_the_othe
         told.append(node)
         if node == "h0/n1":
             raise RuntimeError("a bug in the monitor")
-    m1 = FleetMember(clients[0], "m1", lambda: nodes, poll_s=0.05, on_inherit=carry_on)
+    m1 = FleetMember(clients[0], "m1", lambda: nodes, poll_s=0.05, on_take=carry_on)
     try:
         until(lambda: set(m1.step().tokens) == set(nodes), what="m1 owns every node")
-        assert told == ["h0/n1", "h0/n2"]
+        assert told == ["h0/n0", "h0/n1", "h0/n2"]  # h0/n0's bad record: told as none
         assert set(read_fleet(clients[1])["incidents"]) == {"h0/n1", "h0/n2"}
     finally:
         for c in clients:

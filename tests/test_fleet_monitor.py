@@ -255,3 +255,66 @@ def test_an_open_incident_moves_with_its_node_to_the_next_monitor(agent_lab, etc
         if m2 is not None:
             m2.stop()
         fleet.close()
+
+
+def test_a_node_taken_again_is_taken_anew(agent_lab, etcd):
+    """m1 has an incident open on its node when its lease expires (revoked here, as if
+    etcd had not heard from it: paused, cut off). It takes the node again under a new
+    token: another monitor may have acted on it meanwhile, so what m1 held of it is
+    dropped (the incident closed) and the incident is carried on from the record in etcd,
+    not from m1's memory."""
+    from backdoors.monitor.core import Monitor
+    from backdoors.monitor.rules import parse_ruleset
+
+    lab = agent_lab(nodes={"n0": {}})  # an empty node: "empty" fires until a process runs
+    fleet = EtcdClient(etcd.url)
+    m1 = Monitor(monitor_config(lab, etcd, "m1", period_ms=50), key=lab.keys["m1"],
+                 rules=parse_ruleset(EMPTY_RULE).rule).start()
+    try:
+        first = m1.wait_for(lambda i: i.rule == "empty", 30)
+        assert first is not None
+        until(lambda: read_fleet(fleet)["incidents"].get("h0/n0"), 10, "the record in etcd")
+        token = m1.share.member.token("h0/n0")
+        # as after a pause: its next step renews the lease, finds it expired and takes the
+        # node again in that same step (so the node never leaves its share; a step just
+        # before, seeing no members, may let it go first: closed as another's then)
+        m1.share.member._renew_at = 0.0
+        fleet.revoke(m1.share.member.share.lease)
+        until(lambda: (m1.share.member.token("h0/n0") or 0) > token, 30, "n0 taken again")
+        assert first.outcome in ("the node changed hands: taken anew",
+                                 "owned by another monitor of the fleet"), first.outcome
+        again = m1.wait_for(lambda i: i.id == first.id and i is not first, 10)
+        assert again is not None and again.adopted_from == "m1" and again.closed is None
+    finally:
+        m1.stop()
+        fleet.close()
+
+
+def test_a_response_ends_under_the_ownership_it_began_in(etcd):
+    """Within `pinned` (a response), the node's token is the one it began with: once the
+    node changed hands, even back to this monitor under a new token, nothing more is
+    sent for it; other threads, and the next response, use the new token."""
+    import threading
+
+    from backdoors.monitor.share import FleetShare, NotOurs
+
+    share = FleetShare("m1", [etcd.url], lambda: {"h0/n0"}, prefix="/backdoors/fleet/",
+                       ttl_s=1, poll_s=0.05)
+    try:
+        until(lambda: share.member.step().tokens.get("h0/n0"), 10, "m1 owns h0/n0")
+        token = share.token("h0", "n0")
+        with share.pinned("h0", "n0"):
+            assert share.token("h0", "n0") == token
+            share.client.revoke(share.member.share.lease)
+            until(lambda: (share.member.step().tokens.get("h0/n0") or 0) > token, 10,
+                  "h0/n0 taken again")
+            with pytest.raises(NotOurs, match="changed hands during this response"):
+                share.token("h0", "n0")
+            seen = []
+            other = threading.Thread(target=lambda: seen.append(share.token("h0", "n0")))
+            other.start()
+            other.join()
+            assert seen[0] > token
+        assert share.token("h0", "n0") == seen[0]
+    finally:
+        share.stop()

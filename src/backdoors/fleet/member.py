@@ -23,8 +23,10 @@ but its tokens then are older than the new owners', so the agents refuse it.
 `incidents/` (`publish`, written at its next step, only while its ownership record is the
 one of its token: a former owner cannot write it) and deletes it once the incident
 closes. The record is under no lease: it outlives its monitor, and the next owner of the
-node finds it when it takes the node (`on_inherit`) and carries the incident on (the
-monitor adopts it). A member does not give up a node while `hold(node)` says a response
+node finds it when it takes the node (`on_take`) and carries the incident on (the
+monitor adopts it). A node taken again with a new token (its lease expired meanwhile: a
+paused or cut-off member) is taken anew: what the member knew of it before is stale,
+another may have acted on it since. A member does not give up a node while `hold(node)` says a response
 runs there (at most HOLD_MAX_S): the response ends under one owner.
 
 **Nodes that leave.** A node the owner's own `nodes()` has not listed for `gone_s` (its
@@ -74,8 +76,9 @@ class FleetMember:
     or its degraded state. `within()`, a context manager, is entered by the member's thread
     around everything it does (e.g. a network namespace, where etcd is reachable).
     `hold(node)`: keep a node assigned elsewhere a while (a response runs there);
-    `on_inherit(node, record)`: the open incident recorded on a node just taken, told
-    before the share shows the node. `gone_s`: how long a node this member owns may be
+    `on_take(node, record)`: a node just taken (new to this member, or taken again with a
+    new token) and its open incident record (None: none), told before the share shows the
+    node's token. `gone_s`: how long a node this member owns may be
     missing from `nodes()` before it is let go (it left the fleet)."""
 
     def __init__(self, client: EtcdClient, member_id: str, nodes: Callable[[], Iterable[str]],
@@ -84,7 +87,7 @@ class FleetMember:
                  clock: Callable[[], float] = time.monotonic,
                  within: Callable[[], AbstractContextManager] | None = None,
                  hold: Callable[[str], bool] | None = None,
-                 on_inherit: Callable[[str, dict], None] | None = None,
+                 on_take: Callable[[str, dict | None], None] | None = None,
                  gone_s: float = GONE_S):
         if "/" in member_id or not member_id:
             raise ValueError(f"fleet member id {member_id!r}: must be non-empty, without '/'")
@@ -92,7 +95,7 @@ class FleetMember:
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.ttl_s, self.poll_s, self.info = max(1, int(ttl_s)), poll_s, dict(info or {})
         self.on_change, self.clock, self.within, self.hold = on_change, clock, within, hold
-        self.on_inherit, self.gone_s = on_inherit, gone_s
+        self.on_take, self.gone_s = on_take, gone_s
         self._pending: dict[str, str | None] = {}  # node -> incident record to write, None: delete
         self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
         self._missing: dict[str, float] = {}  # owned node not in nodes() -> since when
@@ -242,16 +245,17 @@ class FleetMember:
             got = c.txn([Compare(key, "CREATE", 0)], [put_op(key, self.id, lease)])
             if got.succeeded:
                 tokens[node] = got.revision
-        # the nodes new to this member: their open incidents, handed to `on_inherit` before
-        # the share shows the nodes (so nothing judges them before the incident is carried on)
-        for node in sorted(set(tokens) - set(self.share.tokens)):
-            if (record := self._incident(node, tokens[node])) is not None and \
-                    self.on_inherit is not None:
-                try:
-                    self.on_inherit(node, record)
-                except Exception:  # noqa: BLE001 - one record must not stop the others
-                    log.exception("fleet member %s: carrying on the incident of node %s "
-                                  "failed", self.id, node)
+        # the nodes taken at this step (new, or taken again: a new token), with their open
+        # incidents, handed to `on_take` before the share shows their tokens (so nothing
+        # judges or acts on them before their past is settled)
+        for node in sorted(n for n, t in tokens.items() if self.share.tokens.get(n) != t):
+            if self.on_take is None:
+                break
+            record = self._incident(node, tokens[node])  # etcd unreachable: taken next step
+            try:
+                self.on_take(node, record)
+            except Exception:  # noqa: BLE001 - one node must not stop the others
+                log.exception("fleet member %s: taking node %s failed", self.id, node)
         with self._lock:
             self.share.members, self.share.assigned = members, assigned
             self.share.tokens = tokens

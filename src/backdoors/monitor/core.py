@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any
 
 from ..errors import AgentError, ConfigError, SensorBoxError
@@ -282,7 +283,7 @@ class Monitor:
                                     prefix=config.fleet_prefix, ttl_s=config.lease_ttl_s,
                                     poll_s=config.fleet_poll_ms / 1000,
                                     on_change=self._share_changed, netns=config.etcd_netns,
-                                    hold=self._responding, on_inherit=self._inherit)
+                                    hold=self._responding, on_take=self._take)
             self._shared: set[str] = set()
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy
@@ -489,24 +490,26 @@ class Monitor:
             self.engine.forget(key.split("/", 1)[1], "owned by another monitor of the fleet")
         self._shared = now
 
-    def _inherit(self, key: str, record: dict) -> None:
-        """Adopt the open incident a former owner recorded on fleet node `key`, just taken
-        (called before the share shows the node: nothing has judged it here yet); the
-        record becomes this monitor's. A record no rule here can carry on is deleted."""
+    def _take(self, key: str, record: dict | None) -> None:
+        """Fleet node `key` was just taken (called before the share shows its token:
+        nothing judges it here meanwhile). What this monitor held of it from an earlier
+        ownership is dropped (its incidents closed: another monitor may have acted on the
+        node since); the open incident recorded in etcd, if any, is adopted and becomes
+        this monitor's. A record no rule here can carry on is deleted."""
         host, node = key.split("/", 1)
+        self.engine.forget(node, "the node changed hands: taken anew")
+        if record is None:
+            return
         try:
             inc = self.engine.adopt(node, host, record)
         except ValueError as e:
             log.warning("fleet: node %s of %s: a bad incident record, deleted: %s", node, host, e)
             self.share.member.publish(key, None)
             return
-        if inc is None:
-            st = self.engine.nodes.get(node)
-            rs = st.rules.get(str(record.get("rule"))) if st is not None else None
-            if rs is None or rs.incident is None:  # no rule here for it: nobody carries it on
-                self.share.member.publish(key, None)
+        if inc is None:  # no rule here for it: nobody carries it on
+            self.share.member.publish(key, None)
             log.info("fleet: node %s of %s: incident %s of %s not adopted (rule %s not here "
-                     "for the node, or open here already)", node, host, record.get("incident"),
+                     "for the node)", node, host, record.get("incident"),
                      record.get("monitor"), record.get("rule"))
             return
         self.share.member.publish(key, self.share.record(inc))
@@ -553,7 +556,9 @@ class Monitor:
                 else:
                     self._emit("action", det.incident, action=payload)
 
-            state = respond(det, ctx, step)
+            with (self.share.pinned(det.view.host, det.view.node) if self.share is not None
+                  else nullcontext()):
+                state = respond(det, ctx, step)
         except Exception as e:  # noqa: BLE001 - recorded; the worker must survive
             log.exception("incident %s: response failed", det.incident.id)
             det.incident.actions.append(_failure(str(e)))

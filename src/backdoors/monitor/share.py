@@ -12,15 +12,18 @@ nodes, and no other, and says so (log, status, metric
 `backdoors_monitor_fleet_degraded`).
 
 The share also records each owned node's open incident in etcd (`incident`, an incident
-listener): the next owner of the node adopts it (`on_inherit`: Monitor._inherit). A node
-whose response is running is kept until it ends (`hold`).
+listener): the next owner of the node adopts it (`on_take`: Monitor._take). A node
+whose response is running is kept until it ends (`hold`), and a response ends under the
+ownership it began in (`pinned`): once the node changed hands — even back to this monitor,
+after its lease expired — what is left of the response is not sent.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from prometheus_client.core import GaugeMetricFamily
 
@@ -49,7 +52,7 @@ class FleetShare:
                  *, prefix: str, ttl_s: int, poll_s: float,
                  on_change: Callable[[Share], None] | None = None, netns: str | None = None,
                  hold: Callable[[str], bool] | None = None,
-                 on_inherit: Callable[[str, dict], None] | None = None):
+                 on_take: Callable[[str, dict | None], None] | None = None):
         self.client = EtcdClient(endpoints)
         self._on_change = on_change
         within = None
@@ -58,10 +61,11 @@ class FleetShare:
             within = lambda: enter(netns)  # noqa: E731
         self.member = FleetMember(self.client, monitor_id, universe, prefix=prefix,
                                   ttl_s=ttl_s, poll_s=poll_s, on_change=self._changed,
-                                  within=within, hold=hold, on_inherit=on_inherit)
+                                  within=within, hold=hold, on_take=on_take)
         self._lock = threading.Lock()
         self._claimed: dict[str, int] = {}  # node key -> token the agent acknowledged
         self._refused: dict[str, int] = {}  # node key -> token the agent found stale
+        self._pins = threading.local()  # .pin: (node key, its token) of this thread's response
 
     def start(self) -> FleetShare:
         self.member.start()
@@ -91,12 +95,29 @@ class FleetShare:
             return token is not None and self._claimed.get(key) == token
 
     def token(self, host: str, node: str) -> int:
-        """The token to send for `node` of `host`; NotOurs if it is not this monitor's."""
-        token = self.member.token(node_key(host, node))
+        """The token to send for `node` of `host`; NotOurs if it is not this monitor's, or
+        (within `pinned`) no longer the token the response began with."""
+        key = node_key(host, node)
+        token = self.member.token(key)
         if token is None:
             raise NotOurs(f"node {node} of {host} is not this monitor's in the fleet (another "
                           "monitor owns it, or none yet): nothing destructive is sent")
+        pin = getattr(self._pins, "pin", None)
+        if pin is not None and pin[0] == key and pin[1] != token:
+            raise NotOurs(f"node {node} of {host} changed hands during this response (token "
+                          f"{pin[1]}, now {token}): the rest of it is not sent")
         return token
+
+    @contextmanager
+    def pinned(self, host: str, node: str) -> Iterator[None]:
+        """Within (on this thread): `token` for the node is the one it has now, or NotOurs.
+        A response runs so: it ends under the ownership it began in."""
+        key = node_key(host, node)
+        self._pins.pin = (key, self.member.token(key))
+        try:
+            yield
+        finally:
+            self._pins.pin = None
 
     def tokens_for(self, host: str) -> Callable[[str], int]:
         """The `tokens` callable of an AgentClient to `host`."""
