@@ -53,6 +53,12 @@ def test_one_after_the_other_or_one_incident_carried_on_is_not():
     # m2 took the node and carried m1's incident on (adopted): one incident, two monitors
     adopted = [op("m1", 10.0, "i1", 5), op("m2", 14.0, "i1", 9), op("m2", 15.0, "i1", 9)]
     assert _fencing(adopted, 1.0)[2] == 0
+    # ... having opened one of its own there first (seen under stress): m2 acts alone
+    own_first = [op("m1", 10.0, "i1", 5), op("m1", 12.0, "i1", 5), op("m2", 13.0, "i2", 9),
+                 op("m2", 14.0, "i1", 9), op("m2", 15.0, "i1", 9)]
+    assert _fencing(own_first, 1.0)[2] == 0
+    # but m1 acting for the carried-on incident while m2 does is a double act
+    assert _fencing(own_first + [op("m1", 13.5, "i1", 9)], 1.0)[2] == 1
     # another node's incident at the same time is no concern of this one
     assert _fencing([op("m1", 10.0, "i1"), op("m2", 10.5, "i2", node="n1"),
                      op("m1", 11.0, "i1")], 1.0)[2] == 0

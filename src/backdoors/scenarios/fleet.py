@@ -30,7 +30,8 @@ another; `cut_takeover_ms`: from a monitor's cut), stale_token_ops_refused (the 
 older than one the agent had already accepted for that node: must be 0), double_acted
 (pairs of incidents of two monitors that acted on one node at once: the first to the last
 destructive op applied for one of them, as the audit lines name the incident each acted
-for, overlaps the other's: must be 0; an op that names no incident pairs by time, within
+for, overlaps the other's: must be 0; an incident carried on by the node's next owner
+counts once per monitor; an op that names no incident pairs by time, within
 `overlap_s`; a monitor fenced off mid-repair acted before its successor, not at once;
 `fencing_violations`: the audit lines behind either, each with the line before it that it
 breaks; `ops_without_incident`: destructive ops applied that named none), cut_degraded (cuts after which the monitor said it was degraded), timeline (what
@@ -303,13 +304,15 @@ def _node(r: dict) -> str:
     return f"{r['host']}/{tok.get('node') or (r.get('args') or {}).get('node', '?')}"
 
 
-def _acting(audit: list[dict]) -> dict[tuple[str, str], tuple[float, float, dict]]:
-    """(node, incident) -> (its first and last destructive op applied there, the first
-    op's line), for the ops that name their incident."""
-    spans: dict[tuple[str, str], tuple[float, float, dict]] = {}
+def _acting(audit: list[dict]) -> dict[tuple[str, str, str], tuple[float, float, dict]]:
+    """(node, incident, monitor) -> (its first and last destructive op applied there, the
+    first op's line), for the ops that name their incident (an incident carried on by the
+    node's next owner is one span per monitor: each acted for it in turn)."""
+    spans: dict[tuple[str, str, str], tuple[float, float, dict]] = {}
     for r in audit:
         if r.get("ok") and r.get("op") in DESTRUCTIVE and r.get("incident"):
-            key, ts = (_node(r), r["incident"]), r.get("ts", 0.0)
+            key = (_node(r), r["incident"], str(r.get("monitor")))
+            ts = r.get("ts", 0.0)
             first, last, line = spans.get(key, (ts, ts, r))
             spans[key] = (min(first, ts), max(last, ts), line)
     return spans
@@ -325,8 +328,8 @@ def _fencing(audit: list[dict], overlap_s: float) -> tuple[int, int, int, list[d
     last: dict[str, dict] = {}  # node -> its last destructive op applied naming no incident
     violations: list[dict] = []
     acting = sorted(_acting(audit).items())
-    for i, ((node, inc), (first, end, line)) in enumerate(acting):
-        for (node2, inc2), (first2, end2, line2) in acting[i + 1:]:
+    for i, ((node, _, _), (first, end, line)) in enumerate(acting):
+        for (node2, _, _), (first2, end2, line2) in acting[i + 1:]:
             if node2 == node and line2.get("monitor") != line.get("monitor") \
                     and first <= end2 and first2 <= end:
                 violations.append({"why": "double", "node": node, "line": line2,
