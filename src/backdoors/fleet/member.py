@@ -26,8 +26,8 @@ closes. The record is under no lease: it outlives its monitor, and the next owne
 node finds it when it takes the node (`on_take`) and carries the incident on (the
 monitor adopts it). A node taken again with a new token (its lease expired meanwhile: a
 paused or cut-off member) is taken anew: what the member knew of it before is stale,
-another may have acted on it since. A member does not give up a node while `hold(node)` says a response
-runs there (at most HOLD_MAX_S): the response ends under one owner.
+another may have acted on it since. A member does not give up a node while `hold(node)`
+says a response runs there (at most HOLD_MAX_S): the response ends under one owner.
 
 **Nodes that leave.** A node the owner's own `nodes()` has not listed for `gone_s` (its
 agent answered without it: it was removed) is let go with its incident record, so etcd
@@ -78,8 +78,8 @@ class FleetMember:
     `hold(node)`: keep a node assigned elsewhere a while (a response runs there);
     `on_take(node, record)`: a node just taken (new to this member, or taken again with a
     new token) and its open incident record (None: none), told before the share shows the
-    node's token. `gone_s`: how long a node this member owns may be
-    missing from `nodes()` before it is let go (it left the fleet)."""
+    node's token. `gone_s`: how long a node this member owns may be missing from `nodes()`
+    before it is let go (it left the fleet)."""
 
     def __init__(self, client: EtcdClient, member_id: str, nodes: Callable[[], Iterable[str]],
                  *, prefix: str = PREFIX, ttl_s: int = 1, poll_s: float = 0.1,
