@@ -123,6 +123,29 @@ def test_create_attach_destroy_leaves_nothing(prefix):
         Cgroup.open(prefix)
 
 
+def test_tree_lists_every_cgroup_below_deepest_first(prefix, tmp_path):
+    """cgfs.tree: a leaf cgroup by one stat (a cgroup directory's link count is 2 + its
+    subdirectories), nested ones by a walk, in the order rmdir needs."""
+    from backdoors.nodes import cgfs
+
+    leaf = Cgroup.create(f"{prefix}/t/a/b")
+    try:
+        for top in leaf.paths.values():  # every hierarchy, v1 and v2 alike
+            b, a = top, top.parent
+            assert os.stat(b).st_nlink == 2 and cgfs.tree(b) == [b]
+            assert cgfs.tree(a) == [b, a]
+            (b / "c").mkdir()  # made by a node's root, say
+            try:
+                assert cgfs.tree(a) == [b / "c", b, a] and cgfs.tree(b) == [b / "c", b]
+            finally:
+                (b / "c").rmdir()
+        assert cgfs.tree(tmp_path / "nothing") == []
+        (tmp_path / "file").write_text("")
+        assert cgfs.tree(tmp_path / "file") == []
+    finally:
+        Cgroup.open(f"{prefix}/t").destroy()
+
+
 SPIN = "import os, sys\nos.sched_setaffinity(0, {0})\nos.read(int(sys.argv[1]), 1)\nwhile True:\n    pass\n"
 
 
