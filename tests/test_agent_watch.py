@@ -262,6 +262,51 @@ def test_a_dead_registrant_is_told_to_the_owner_watch_before_any_stall(watched, 
         box.close()
 
 
+def test_each_progress_counter_among_other_sensors_is_judged_on_its_own(watched):
+    """A box whose progress counters sit between levels and a pressure counter, all
+    written on every round: only the counter that stops is said stalled, with its last
+    value, and said cleared when it moves again (the watcher reads a box's counters in
+    one call and skips the per-counter judgement while none moved and no deadline is
+    near)."""
+    from backdoors.sensors import SensorBox
+
+    w = watched
+    box = SensorBox.create("mixed")
+    busy = box.level("busy", min=0.0)
+    p1 = box.progress("p1", deadline=0.1)
+    queue_len = box.level("queue", max=1e9)
+    p2 = box.progress("p2", deadline=0.1)
+    errors = box.pressure("errors", max_events=1e9)
+    p3 = box.progress("p3", deadline=0.1)
+    try:
+        w.watcher.regions.keep("n0", "mixed", "sensorbox", os.dup(box.fd), os.getpid())
+
+        def run(seconds: float, counters) -> None:
+            end = time.monotonic() + seconds
+            i = 0
+            while time.monotonic() < end:
+                i += 1
+                busy.set(i % 7)
+                queue_len.set(i)
+                errors.add(1)
+                for c in counters:
+                    c.tick()
+                time.sleep(0.005)
+
+        run(0.4, (p1, p2, p3))
+        run(0.5, (p1, p3))  # p2 stops: five deadlines
+        kind, data = _next(w, "progress_stalled")
+        assert (kind, data["sensor"], data["box"]) == ("violation", "p2", "mixed")
+        assert data["value"] == p2.value and data["unchanged_ms"] >= 100
+        run(0.1, (p1, p2, p3))
+        kind, data = _next(w, "progress_stalled")
+        assert (kind, data["sensor"]) == ("cleared", "p2")
+        said = [e for e in list(w.events.queue) if e[2].get("condition") == "progress_stalled"]
+        assert said == [], said  # p1 and p3 never stalled
+    finally:
+        box.close()
+
+
 TICKER = """
 import os, sys, time
 from backdoors.sensors import SensorBox

@@ -98,6 +98,24 @@ def _leftovers(name: str) -> list[str]:
     return [str(m / name) for m in layout.hierarchies().values() if (m / name).exists()]
 
 
+def test_one_number_of_an_accounting_file():
+    """The watcher's lean parses of files it reads many times a second agree with the
+    full ones, and say nothing (None, KeyError) rather than a wrong number."""
+    from backdoors.nodes import cgfs
+
+    psi = ("some avg10=1.50 avg60=0.20 avg300=0.00 total=123456\n"
+           "full avg10=0.00 avg60=0.00 avg300=0.00 total=7890\n")
+    assert cgfs.pressure_total(psi, "full") == cgfs.pressure(psi)["full_total_us"] == 7890
+    assert cgfs.pressure_total(psi, "some") == 123456
+    with pytest.raises(KeyError):
+        cgfs.pressure_total(psi.splitlines()[0], "full")  # a kernel without "full"
+    events = "max 3\nmax.imposed 5\n"
+    assert cgfs.keyed_one(events, "max") == cgfs.keyed(events)["max"] == 3
+    assert cgfs.keyed_one(events, "max.imposed") == 5
+    assert cgfs.keyed_one(events, "other") is None
+    assert cgfs.keyed_one("max many\n", "max") is None
+
+
 def test_create_attach_destroy_leaves_nothing(prefix):
     cg = Cgroup.create(f"{prefix}/a/b")
     assert Cgroup.create(f"{prefix}/a/b").paths == cg.paths  # idempotent

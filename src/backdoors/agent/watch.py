@@ -4,10 +4,11 @@ One thread (`bd-agent-watch`) watches every node. It waits in epoll on what the 
 notifies, and wakes every `watch_period_ms` only for what is a memory load:
 
 - progress counters: each tick reads every progress counter of every node's Sensor
-  Boxes (one 64-bit load per counter, from a flat list built when the registrations
-  change; a box is parsed again only when its layout generation changes), notes when
-  each last moved, and judges a stall with the monitor's judgement
-  (`sensors.judgement`). No syscall per node per tick.
+  Boxes (a box's counters in one call, a 64-bit load each, from the boxes listed when
+  the registrations change; a box is parsed again only when its layout generation
+  changes), notes when each last moved, and judges a stall with the monitor's
+  judgement (`sensors.judgement`), counter by counter only where one moved or a
+  deadline passed. No syscall per node per tick.
 - deaths: a pidfd of every process that registered a Sensor Box (EPOLLIN at its exit).
 - link state: an rtnetlink socket per node netns bound to the link group
   (`net.links.LinkEvents`); on a message, one `LinkWatch.up()` ioctl says the state.
@@ -86,6 +87,7 @@ import logging
 import math
 import os
 import select
+import struct
 import threading
 import time
 from collections import deque
@@ -167,6 +169,14 @@ class _Box:
     retry_at: float = 0.0
     dead: bool = False  # its registrant died and its stalls were published: final
     read_at: float = 0.0  # the watcher's last read (agent/tracking.py reads it)
+    unpack: Callable | None = None  # the counters' words in one call (set by _parse)
+    words: tuple[int, ...] | None = None  # as last read
+    due: float = -math.inf  # the earliest deadline of a counter not stalled (inf: none)
+
+    def replan(self) -> None:
+        """The earliest moment a counter of the box could stall."""
+        self.due = math.inf if self.dead else min(
+            (c.due for c in self.counters if not c.stalled), default=math.inf)
 
     def excuse(self, since: float, now: float) -> float:
         """Seconds from `since` to `now` (monotonic) its node was starved of CPU, up to
@@ -224,6 +234,25 @@ class _Node:
     cursor: int = 0  # where the next tick starts in `order`
     starved_lock: threading.Lock = field(default_factory=threading.Lock)  # the watcher's
     # thread samples `starved`; a poll's reply reads it too (_Box.excuse)
+
+    def quiet(self, now: float) -> bool:
+        """Whether a tick finds nothing to do on the node: every box's layout and counters
+        as last read (one C call for a box's counters), no deadline passed, no more than
+        COUNTERS_PER_TICK counters. Else the tick reads the boxes one by one."""
+        counted = 0
+        try:
+            for box in self.order:
+                words = box.entry.region.words
+                if (words is None or box.retry_at or now > box.due
+                        or words[_GEN_WORD] != box.generation):
+                    return False
+                counted += len(box.counters)
+                if counted > COUNTERS_PER_TICK or box.unpack(words) != box.words:
+                    return False
+                box.read_at = now
+        except Exception:  # noqa: BLE001 - the box by box read says what is wrong
+            return False
+        return True
 
     def sample_starved(self, now: float) -> None:
         """Sample the node's cpu.pressure "full" total (nothing where PSI is missing), if
@@ -525,8 +554,8 @@ class Watcher:
         for n in self._counted:
             if now >= n.starved_due:
                 n.sample_starved(now)
-        for n in self._counted:
-            self._tick_node(n, now)
+            if not n.quiet(now):
+                self._tick_node(n, now)
         for n in list(self._settling):
             if now >= n.oom_settle_until:
                 self._settling.discard(n)
@@ -585,8 +614,12 @@ class Watcher:
             if not may_parse:
                 return None  # a later tick parses it; its old counters wait with it
             self._parse(box, region, now)
-        for c in box.counters:
-            word = words[c.word_index] if words is not None else region.load_word(c.word_index * 8)
+        if words is not None:
+            values = box.unpack(words)
+        else:
+            values = tuple(region.load_word(c.word_index * 8) for c in box.counters)
+        box.words = values
+        for c, word in zip(box.counters, values):
             if word != c.word:
                 if box.dead:  # a dead process's counters do not resume: a change seen now
                     c.word = word  # is its last tick, written before its death, read late
@@ -599,6 +632,7 @@ class Watcher:
                 c.word, c.changed_at, c.onset_wall, c.excused = word, now, time.time(), 0.0
             elif not c.stalled and now > c.due and not box.dead:
                 self._stall(box, c, now)
+        box.replan()
         box.read_at = now
         box.retry_at = 0.0
         return parsed
@@ -614,8 +648,16 @@ class Watcher:
             c = old.get(s.name) or _Counter(s.name, index, s.threshold, -1, now, time.time())
             c.word_index, c.deadline = index, s.threshold
             counters.append(c)
-        box.counters = counters
+        box.counters = sorted(counters, key=lambda c: c.word_index)
         box.generation = image.generation
+        # the counters' value words in one C call: a native (aligned) word each, as the
+        # memoryview of the mapped region loads them, with padding ("x") between them
+        fmt, at = "@", 0
+        for c in box.counters:
+            fmt += f"{(c.word_index - at) * 8}xQ"
+            at = c.word_index + 1
+        box.unpack = struct.Struct(fmt).unpack_from
+        box.words, box.due = None, -math.inf  # the next read judges every counter
 
     def _stall(self, box: _Box, c: _Counter, now: float) -> None:
         unchanged = now - c.changed_at
@@ -680,6 +722,7 @@ class Watcher:
                 except SensorBoxError:
                     continue
             box.dead = True
+            box.due = math.inf
             for c in box.counters:
                 if c.stalled:
                     continue
@@ -760,6 +803,8 @@ class Watcher:
             if n.rt.node.cgroup.layout.home("pids") is None:
                 n.forks_due = math.inf  # no pids controller: no forks refused, ever
             return  # otherwise unreadable for now: no news
+        if count == n.fork_failures.count and not n.fork_failures.rises:
+            return  # none refused, none in the window
         self._rate(n, n.fork_failures, count, now, "fork_failures", "fork_failures",
                    n.rt.sampler.limits.fork_failures_per_s)
 

@@ -123,6 +123,24 @@ def keyed(text: str) -> dict[str, int]:
     return out
 
 
+def keyed_one(text: str, key: str) -> int | None:
+    """One integer of a "key value" per line file (keyed() for one key read often)."""
+    for line in text.splitlines():
+        k, _, value = line.partition(" ")
+        if k == key:
+            return int(value) if value.strip().isdigit() else None
+    return None
+
+
+def pressure_total(text: str, kind: str) -> int:
+    """The total (us) of a PSI file's `kind` line ("some" or "full"): pressure() for one
+    number, read many times a second (KeyError without that line)."""
+    for line in text.splitlines():
+        if line.startswith(kind):
+            return int(line[line.rindex("=") + 1:])
+    raise KeyError(kind)
+
+
 def pressure(text: str) -> dict[str, float | int]:
     """Parse a PSI file: "some avg10=0.00 avg60=0.00 avg300=0.00 total=12" lines.
 

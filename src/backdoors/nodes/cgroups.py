@@ -463,7 +463,7 @@ class Cgroup:
 
     def fork_failures(self) -> int:
         """Forks refused so far because the pids limit was reached (pids.events "max")."""
-        return cgfs.keyed(self._read("pids.events", self._in("pids"))).get("max", 0)
+        return cgfs.keyed_one(self._read("pids.events", self._in("pids")), "max") or 0
 
     def set_cpu_weight(self, weight: int) -> None:
         """The cgroup's share of the CPU against its siblings when they all want it, on the
@@ -493,8 +493,8 @@ class Cgroup:
         if UNIFIED not in self.paths:
             return None
         try:
-            return int(cgfs.pressure(self._read("cpu.pressure", lambda: self.paths[UNIFIED]))
-                       ["full_total_us"])
+            return cgfs.pressure_total(self._read("cpu.pressure", lambda: self.paths[UNIFIED]),
+                                       "full")
         except (NodeError, KeyError, ValueError):
             return None
 
