@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 from test_agent_support import PY, agent_lab, daemon, prefix
@@ -98,3 +99,58 @@ def test_a_missing_node_cgroup_fails_start_clearly(agent_lab):
     assert out.returncode == 1
     assert "node n0: cgroup" in out.stderr and "does not exist" in out.stderr
     assert not Cgroup(f"{lab.prefix}-agent", lab.nodes["n0"].cgroup.layout).exists()
+
+
+@pytest.mark.parametrize("wedge", [False, True])
+def test_the_watchdog_pings_while_every_lane_works_and_probes_each_lane_rarely(wedge):
+    """_keep_alive on a stand-in agent with real worker lanes: it pings every quarter
+    interval while each lane runs its probe within the grace (op deadline + interval),
+    probing a lane again only a quarter grace after its last probe, not at every ping;
+    a lane that runs nothing past the grace stops the pings."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from backdoors.agent.daemon import Agent
+    from backdoors.agent.served import Lane
+
+    lanes = [Lane(f"l{i}", 1) for i in range(3)]
+    probes = [0] * len(lanes)
+    for i, lane in enumerate(lanes):
+        def counted(fn, *args, _i=i, _submit=lane.pool.submit):
+            probes[_i] += 1
+            return _submit(fn, *args)
+
+        lane.pool.submit = counted
+    pings = []
+    release = threading.Event()
+    fake = SimpleNamespace(
+        config=SimpleNamespace(op_deadline_s=0.2), ops={}, lanes=lambda: lanes,
+        local=SimpleNamespace(alive=lambda: True),
+        store=SimpleNamespace(notifier=SimpleNamespace(
+            watchdog=lambda: pings.append(time.monotonic()))))
+    interval = 0.2  # a ping every 50 ms; grace 0.4 s: a lane probed every 0.1 s at most
+
+    async def run():
+        task = asyncio.get_running_loop().create_task(Agent._keep_alive(fake, interval))
+        await asyncio.sleep(1.0)
+        if wedge:
+            lanes[1].pool.submit(release.wait)  # its one worker busy from now on
+        await asyncio.sleep(1.5)  # past the grace, with room for a slow loop
+        last = time.monotonic()
+        await asyncio.sleep(1.0)
+        task.cancel()
+        return last
+
+    t0 = time.monotonic()
+    try:
+        last = asyncio.run(run())
+    finally:
+        release.set()
+        for lane in lanes:
+            lane.pool.shutdown(wait=True)
+    elapsed = time.monotonic() - t0
+    assert len([t for t in pings if t < t0 + 1.0]) >= 5  # ~20 on an idle machine
+    assert max(probes) <= elapsed / 0.1 + 2  # a probe per ping would be twice as many
+    late = [t for t in pings if t > last]
+    assert (late == []) if wedge else (len(late) >= 5)

@@ -355,10 +355,13 @@ class Agent:
         registration thread lives and every lane gets through its work: a probe queued
         on each lane must run within the longest op deadline (ops may fill a lane that
         long), unless the lane's workers are known stuck (abandoned at their deadline).
-        A stopped or wedged agent stops pinging and is replaced."""
+        A lane is probed again a quarter of that after its last probe, not every ping:
+        two lanes per node, each probe a thread wake-up and a loop wake-up. A stopped or
+        wedged agent stops pinging and is replaced."""
         period = interval / 4
         grace = max([self.config.op_deadline_s,
                      *(op.deadline_s or 0 for op in self.ops.values())]) + interval
+        refresh = grace / 4
         loop = asyncio.get_running_loop()
         probes: dict[int, tuple[float, asyncio.Future]] = {}  # by id(lane)
         while True:
@@ -367,7 +370,7 @@ class Agent:
             healthy = self.local is not None and self.local.alive()
             for lane in self.lanes():
                 probe = probes.get(id(lane))
-                if probe is None or probe[1].done():
+                if probe is None or (probe[1].done() and now - probe[0] >= refresh):
                     try:
                         probes[id(lane)] = (now, loop.run_in_executor(lane.pool, _nothing))
                     except RuntimeError:  # the pool shut down: we are stopping
