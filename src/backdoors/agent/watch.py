@@ -36,9 +36,10 @@ poll, the way the monitor's poll backs its events.
 A node denied the CPU is not hung: the deadline counts only time the node could run.
 While a box's node has counters, its v2 `cpu.pressure` "full" total (time during which
 the node's runnable tasks all waited for a CPU, none running: a host saturated from
-outside the node, not a busy loop inside it) is sampled every PSI_SAMPLE_S; when a
-counter passes its deadline, the time the node was so starved since the counter last
-moved is added to its deadline (`excused`), up to MAX_EXCUSE_S per stall. A stall
+outside the node, not a busy loop inside it) is sampled every PSI_SAMPLE_S while it
+moves (every PSI_IDLE_SAMPLE_S while it stands still); when a counter passes its
+deadline, the time the node was so starved since the counter last moved is added to
+its deadline (`excused`), up to MAX_EXCUSE_S per stall. A stall
 published after an excuse says `starved_ms`. Measured beside `stress-ng --cpu 2` on two
 cores, the lab's services waited 100 to 450 ms on the run queue with their process
 getting no CPU at all: a hang at a 200 ms deadline, fencing a healthy node, before this.
@@ -126,6 +127,12 @@ COUNTERS_PER_TICK = 4096
 EVENTS_BURST = 256
 EVENTS_PER_S = 64.0
 PSI_SAMPLE_S = 0.025  # a node's cpu.pressure "full" total is sampled this often
+#: while it moved in the last PSI_KEEP_S, else this often: the total stands still while
+#: the node is not starved, and each sample is a read (two cores, 32 nodes: 1,280 reads
+#: a second at PSI_SAMPLE_S). The first samples of a starvation are this far apart: an
+#: excuse may count up to that much starvation from before the counter's last move (errs
+#: long: a later detection, never a false one)
+PSI_IDLE_SAMPLE_S = 0.25
 #: and never more often. The kernel weighs each CPU's share of a read's interval by the
 #: cgroup's non-idle time on it in whole jiffies (4 ms here): a read of any of the
 #: cgroup's *.pressure files within a jiffy of the last adds nothing and loses that
@@ -228,6 +235,7 @@ class _Node:
     dead: set[Owner] = field(default_factory=set)  # registrants seen dead
     starved: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic, full_us)
     starved_due: float = 0.0  # next sample
+    starved_moved: float = -math.inf  # when the total was last seen to move
     psi: dict[str, PressureTrigger] = field(default_factory=dict)  # resource -> its trigger
     psi_fired: dict[str, float] = field(default_factory=dict)  # -> last wake (monotonic), while over
     order: list[_Box] = field(default_factory=list)  # its boxes, as a tick visits them
@@ -260,10 +268,14 @@ class _Node:
         with self.starved_lock:  # read and stamped in turn: the samples stay in order
             if self.starved and now - self.starved[-1][0] < PSI_MIN_GAP_S:
                 return
-            self.starved_due = now + PSI_SAMPLE_S
             total = self.rt.node.cgroup.cpu_full_us()
             if total is None:
+                self.starved_due = now + PSI_SAMPLE_S
                 return
+            if not self.starved or total != self.starved[-1][1]:
+                self.starved_moved = now
+            self.starved_due = now + (PSI_SAMPLE_S if now - self.starved_moved < PSI_KEEP_S
+                                      else PSI_IDLE_SAMPLE_S)
             self.starved.append((now, total))
             while self.starved and self.starved[0][0] < now - PSI_KEEP_S:
                 self.starved.popleft()
