@@ -154,3 +154,31 @@ def test_the_watchdog_pings_while_every_lane_works_and_probes_each_lane_rarely(w
     assert max(probes) <= elapsed / 0.1 + 2  # a probe per ping would be twice as many
     late = [t for t in pings if t > last]
     assert (late == []) if wedge else (len(late) >= 5)
+
+
+def test_the_sampler_queues_a_tracking_pass_only_when_none_ran_within_its_period():
+    """A monitor's sensors call is a tracking pass (ops.read_boxes sets passed_at): the
+    sampler's own pass is queued only when none ran within the sampling period."""
+    from types import SimpleNamespace
+
+    from backdoors.agent.daemon import Agent
+    from backdoors.agent.tracking import BoxTracking
+
+    queued = []
+    rt = SimpleNamespace(name="n0", tracking=BoxTracking(), sampler=SimpleNamespace(period=1.0),
+                         reads=SimpleNamespace(pool=SimpleNamespace(
+                             submit=lambda fn, *a: queued.append(fn) or _Done())))
+    fake = SimpleNamespace(_tracking={})
+    Agent._track(fake, rt)  # never passed: queued
+    assert len(queued) == 1
+    rt.tracking.passed_at = time.monotonic()  # a sensors call just now
+    Agent._track(fake, rt)
+    assert len(queued) == 1
+    rt.tracking.passed_at = time.monotonic() - 1.5
+    Agent._track(fake, rt)
+    assert len(queued) == 2
+
+
+class _Done:
+    def done(self) -> bool:
+        return True

@@ -396,7 +396,11 @@ class Agent:
 
     def _track(self, rt: NodeRuntime) -> None:
         """Queue the node's box tracking pass (ops.read_boxes, agent/tracking.py) on its
-        read workers, unless the last one is still queued or running: one at a time."""
+        read workers, unless the last one is still queued or running (one at a time), or
+        a pass ran within the sampling period: a monitor's sensors call is one, and a
+        monitor polling as often leaves the sampler's passes nothing to add."""
+        if time.monotonic() - rt.tracking.passed_at < rt.sampler.period:
+            return
         queued = self._tracking.get(rt.name)
         if queued is None or queued.done():
             self._tracking[rt.name] = rt.reads.pool.submit(read_boxes, self, rt)

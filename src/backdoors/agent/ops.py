@@ -269,6 +269,7 @@ def read_boxes(agent: AgentView, rt: NodeRuntime) -> SensorsReply:
         keys = {e: (e.name, e.registered_at) for e in entries}
         rt.boxes.keep(set(keys.values()))
         rt.tracking.keep(set(keys.values()))
+        rt.tracking.passed_at = start
         for entry in sorted(entries, key=lambda e: (not e.internal, rt.boxes.failures(keys[e]))):
             key = keys[entry]
             if (f := rt.boxes.skipped(key, start)) is not None:

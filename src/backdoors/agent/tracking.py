@@ -19,6 +19,7 @@ its deadline (the watcher's own excuse counts only to its last judgement).
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import NamedTuple, Protocol
 
@@ -62,6 +63,7 @@ class BoxTracking:
         self._lock = threading.Lock()
         self._trackers: dict[Key, SensorTracker] = {}
         self._watched: dict[Key, Watched] = {}  # the watcher's record of each box
+        self.passed_at = -math.inf  # time.monotonic() of the last pass over every box
 
     def watched(self, key: Key, record: Watched) -> None:
         """The watcher's record of a box (kept, and read when a reply needs it)."""
