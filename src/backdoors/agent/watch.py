@@ -127,20 +127,20 @@ COUNTERS_PER_TICK = 4096
 EVENTS_BURST = 256
 EVENTS_PER_S = 64.0
 PSI_SAMPLE_S = 0.025  # a node's cpu.pressure "full" total is sampled this often
-#: while it moved in the last PSI_KEEP_S, else this often: the total stands still while
-#: the node is not starved, and each sample is a read (two cores, 32 nodes: 1,280 reads
-#: a second at PSI_SAMPLE_S). The first samples of a starvation are this far apart: an
-#: excuse may count up to that much starvation from before the counter's last move (errs
-#: long: a later detection, never a false one)
-PSI_IDLE_SAMPLE_S = 0.25
 #: and never more often. The kernel weighs each CPU's share of a read's interval by the
 #: cgroup's non-idle time on it in whole jiffies (4 ms here): a read of any of the
 #: cgroup's *.pressure files within a jiffy of the last adds nothing and loses that
 #: interval (measured: read every 2 ms, the total stayed still through 600 ms of
 #: starvation; every 4 ms and up, it counted all of it). Others' reads (the sampler's,
-#: the node's own) can still take a few ms away: the excuse errs short, never long.
+#: the node's own) can still take a few ms away: the excuse errs short there.
 PSI_MIN_GAP_S = 0.0125
-PSI_KEEP_S = 3.0  # and kept this long (a longer stall's excuse counts from the oldest)
+#: PSI_SAMPLE_S applies while the total moved in the last PSI_KEEP_S; else it is sampled
+#: this often: the total stands still while the node is not starved, and each sample is
+#: a read (two cores, 32 nodes: 1,280 reads a second at PSI_SAMPLE_S). The first samples
+#: of a starvation are this far apart: an excuse may count up to that much starvation
+#: from before the counter's last move (errs long: a later detection, never a false one)
+PSI_IDLE_SAMPLE_S = 0.25
+PSI_KEEP_S = 3.0  # samples are kept this long (a longer stall's excuse counts from the oldest)
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
 PSI_CLEAR_WINDOWS = 2.5  # a PSI trigger silent this many windows: its pressure has ended
 _GEN_WORD = abi.OFF_GENERATION // 8
