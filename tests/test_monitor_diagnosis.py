@@ -20,10 +20,11 @@ MiB = 1 << 20
 
 
 def row(pid, ppid=1, comm="p", *, rss_mb=10, rate_mb=0.0, age=100.0, state="S",
-        registered=False, cpu=1.0, threads=1, exe=None):
-    """`exe`: the installed executable the agent vouches for; by default named as `comm`."""
+        registered=False, cpu=1.0, threads=1, exe=None, pgid=None):
+    """`exe`: the installed executable the agent vouches for; by default named as `comm`.
+    `pgid`: its process group, by default its own."""
     return ProcessRow(pid, ppid, comm, state, int(rss_mb * MiB), 1000.0 - age, cpu, threads,
-                      age, rate_mb * MiB, registered, comm if exe is None else exe)
+                      pid if pgid is None else pgid, age, rate_mb * MiB, registered, comm if exe is None else exe)
 
 
 # ---- memory hog ---------------------------------------------------------------------------
@@ -175,6 +176,27 @@ def test_orphans_of_a_double_forking_bomb_join_by_kind_and_burst():
     assert {p.pid for p in lineage} == {*range(20, 30), *range(40, 45)}
     lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0, kin_gap_s=0.5)
     assert {p.pid for p in lineage} == set(range(40, 45))  # 1.3 s before the burst: too far
+
+
+def test_the_forker_of_a_double_forking_bomb_joins_by_its_process_group():
+    """A bomb that ran 3 s before it began to double-fork (a slow start): its orphans are
+    the init's children and it is older than the burst by more than kin_gap_s, but they
+    are in its process group. An innocent of its kind in a group of its own is spared,
+    and so is one in the group of a protected process (a service's old worker)."""
+    t = [row(1, 0, "catatonit", age=90, exe="catatonit"),
+         row(5, 1, "bd-init", age=10, exe="python3"),  # leads the group; another kind
+         row(6, 5, "bd-forkbomb", age=4.0, exe="python3", pgid=5),  # the forker
+         row(7, 1, "bd-forkbomb", age=4.5, exe="python3"),  # an innocent of its kind
+         row(10, 1, "bd-forkbomb", age=60, registered=True, exe="python3"),
+         row(11, 10, "bd-forkbomb", age=30, exe="python3", pgid=10)]  # the service's
+    t += [row(p, 1, "bd-forkbomb", age=0.3, exe="python3", pgid=5) for p in range(20, 30)]
+    t += [row(p, 10, "bd-forkbomb", age=0.3, exe="python3", pgid=10) for p in (31, 32, 33)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {6, *range(20, 30), 31, 32, 33}
+    assert ev["kin"] == 1
+    # without the group (a bomb that calls setsid, say) the forker is too old to join
+    t[2] = row(6, 5, "bd-forkbomb", age=4.0, exe="python3")
+    assert 6 not in {p.pid for p in diagnosis.bomb_lineage(t, young_age_s=1.0)[0]}
 
 
 def test_the_node_s_init_that_inherited_the_orphans_is_spared():
@@ -425,3 +447,4 @@ def test_the_guest_culprit_is_the_largest_process_or_tree_outside_protect():
     assert guest_culprit(rows + mid, "lineage", {"httpd"})[:2] == (mid[0], 200)
     # a tree below min_lineage never counts, however much it holds
     assert guest_culprit(rows + bomb, "memory", {"httpd"}, 201)[2] == "rss"
+

@@ -16,7 +16,7 @@ from backdoors.monitor.diagnosis import Finding, ForkBombDiagnosis
 
 
 def _row(pid, ppid, comm, age, registered=False):
-    return ProcessRow(pid, ppid, comm, "S", 1 << 20, 1000.0 - age, 0.1, 1, age, 0.0,
+    return ProcessRow(pid, ppid, comm, "S", 1 << 20, 1000.0 - age, 0.1, 1, pid, age, 0.0,
                       registered, "python3")
 
 

@@ -28,6 +28,7 @@ def test_parse_stat_comm_with_spaces_and_parens():
         start_time=123456 / CLOCK_TICKS,
         cpu_seconds=300 / CLOCK_TICKS,
         threads=3,
+        pgid=4242,
     )
 
 
@@ -77,7 +78,7 @@ def test_vanished_processes_are_left_out():
 
 
 def _info(pid, ppid):
-    return ProcessInfo(pid, ppid, "p", "S", 0, 0.0, 0.0, 1)
+    return ProcessInfo(pid, ppid, "p", "S", 0, 0.0, 0.0, 1, pid)
 
 
 def test_subtree_follows_ppid_links():

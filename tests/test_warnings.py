@@ -73,7 +73,7 @@ def test_window_and_expiry():
 
 
 def _row(pid, ppid, comm, digest):
-    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, 1.0, 0.0, False,
+    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, pid, 1.0, 0.0, False,
                       "python3", digest)
 
 

@@ -322,7 +322,7 @@ def processes(call: Call) -> ProcessTable:
     registrants = dict(call.agent.regions.registrants(rt.name))
     rows = [
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
-                   p.threads, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
+                   p.threads, p.pgid, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
                    same_start(registrants.get(p.pid, -1.0), p.start_time),
                    (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
                    got.get(("c", p.pid)) or [])

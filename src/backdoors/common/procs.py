@@ -27,7 +27,8 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     """One process as seen from outside.
 
     start_time is in seconds since boot; with pid it names the process uniquely
-    (a recycled pid has a later start_time). cpu_seconds is user + system time.
+    (a recycled pid has a later start_time). cpu_seconds is user + system time. pgid is
+    its process group, inherited by every fork and kept when the process is orphaned.
     """
 
     pid: int
@@ -38,6 +39,7 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     start_time: float
     cpu_seconds: float
     threads: int
+    pgid: int
 
 
 def parse_stat(text: str) -> ProcessInfo:
@@ -60,6 +62,7 @@ def parse_stat(text: str) -> ProcessInfo:
         start_time=int(rest[19]) / CLOCK_TICKS,
         cpu_seconds=(int(rest[11]) + int(rest[12])) / CLOCK_TICKS,
         threads=int(rest[17]),
+        pgid=int(rest[2]),
     )
 
 

@@ -183,14 +183,20 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     The onset can come late (under load a bomb grows in fits, and its count of tasks
     pauses), and a bomb's processes need not stay in one tree (orphans go to the node's
     init). So the bomb also takes its kin: a *bomb kind* is an executable and comm (see
-    `_kind`) shared by at least `kin_min_young` young members; an older ancestor of such
-    a kind joins when at least `old_ancestor_min_children` members descend from it (young
-    children or not), and so does every other live process of such a kind born after the
-    bomb's oldest member so far, or
-    within `kin_gap_s` of one born before (a bomb is born as a burst; an innocent of the
-    same kind started well before it is not). Last, what its members started since its
-    oldest young or kin member joins (a `sleep` its processes exec'd). Protected processes
-    are never part of it, whatever their age or kind."""
+    `_kind`) shared by at least `kin_min_young` young members. Another live process of
+    such a kind joins when
+    - at least `old_ancestor_min_children` members descend from it (young children or
+      not): an older generation;
+    - it was born after the bomb's oldest member so far, or within `kin_gap_s` before
+      one (a bomb is born as a burst; an innocent of the same kind started well before
+      it is not);
+    - or it is in the process group of at least `kin_min_young` young members of its
+      kind, a group no protected process leads: a fork keeps the group and so does an
+      orphan, which ties a double-forking bomb's orphans to a forker that ran a while
+      before it began.
+    Last, what its members started since its oldest young or kin member joins (a `sleep`
+    its processes exec'd). Protected processes are never part of it, whatever their age
+    or kind."""
     by_pid = {p.pid: p for p in table}
     first = first_process(table)
     protect_comms = list(protect_comms)
@@ -264,6 +270,11 @@ def _bomb_kin(table: Sequence[Row], lineage: dict[int, Row], young: Sequence[Row
     kinds = {k for k, n in counts.items() if n >= min_young}
     if not kinds:
         return []
+    groups: dict[tuple[tuple[str, str], int], int] = {}  # (kind, pgid) -> young members
+    for p in young:
+        leader = by_pid.get(p.pgid)
+        if _kind(p) in kinds and p.pgid > 0 and not (leader and protected(leader)):
+            groups[_kind(p), p.pgid] = groups.get((_kind(p), p.pgid), 0) + 1
     found: dict[int, Row] = {}
 
     def eligible(p: Row) -> bool:
@@ -284,6 +295,9 @@ def _bomb_kin(table: Sequence[Row], lineage: dict[int, Row], young: Sequence[Row
         if p.start_time >= oldest - gap_s:
             found[p.pid] = p
             oldest = min(oldest, p.start_time)
+    # the bomb's process groups: a member found so does not extend the burst back
+    found.update((p.pid, p) for p in others
+                 if p.pid not in found and groups.get((_kind(p), p.pgid), 0) >= min_young)
     return sorted(found.values(), key=lambda p: p.pid)
 
 
