@@ -448,3 +448,44 @@ def test_the_guest_culprit_is_the_largest_process_or_tree_outside_protect():
     # a tree below min_lineage never counts, however much it holds
     assert guest_culprit(rows + bomb, "memory", {"httpd"}, 201)[2] == "rss"
 
+
+def test_a_runaway_tree_foreseen_while_still_small_is_killed_once_it_reaches_min_lineage():
+    """kill_guest_culprit against a guest whose CPU-bound workers are still being started
+    (a scripted agent: each table read shows one worker more): the tree below min_lineage
+    is looked at again, and killed whole once it reaches it -- not skipped."""
+    from types import SimpleNamespace
+
+    from backdoors.monitor.actions import KillGuestCulprit
+    from backdoors.monitor.context import Context
+    from backdoors.sensors import SensorType
+
+    class Guest:
+        def __init__(self):
+            self.workers, self.killed = 3, []
+
+        def guest_processes(self, node):
+            self.workers += 1
+            rows = _guest_rows((1, 0, "init", 1 << 20), (40, 1, "httpd", 8 << 20),
+                               (60, 1, "sh", 1 << 20),
+                               *((61 + i, 60, "sh", 1 << 20) for i in range(self.workers)))
+            return SimpleNamespace(rows=[r for r in rows if r.pid not in self.killed])
+
+        def guest_kill(self, node, pid, comm, tree):
+            assert tree
+            self.killed += [60, *range(61, 61 + self.workers)]
+            return SimpleNamespace(signalled=self.workers + 1, survivors=[], took_ms=1.0)
+
+    guest = Guest()
+    hit = Hit(0, "level_out_of_bounds", "guest/predicted_starvation = 1 > 0.5",
+              [Violation("guest", "predicted_starvation", SensorType.LEVEL, 1, 0.5, 1)])
+    ctx = Context(rule="guest-unstable", incident="i1", view=SimpleNamespace(node="v0"),
+                  hits=[hit], onset=0.0, detected=0.0, client=guest)
+    out = KillGuestCulprit(protect=["httpd"], min_lineage=8, grow_s=5).run(ctx, None)
+    assert out.status == "done", out
+    assert out.detail["culprit"] == {"pid": 60, "comm": "sh", "rss_bytes": 1 << 20,
+                                     "processes": 8, "by": "lineage"}
+    # a tree that stays below min_lineage for grow_s is still skipped
+    guest.guest_processes = lambda node: SimpleNamespace(rows=_guest_rows(
+        (1, 0, "init", 1 << 20), (60, 1, "sh", 1 << 20), (61, 60, "sh", 1 << 20)))
+    out = KillGuestCulprit(protect=["httpd"], min_lineage=8, grow_s=0.2).run(ctx, None)
+    assert out.status == "skipped" and "below min_lineage" in out.detail["reason"], out

@@ -48,7 +48,7 @@ def _incident(w: World, node: str, rules: tuple[str, ...], action: str, since: f
 def _note_incident(step: Step, inc, t0_wall: float, action: str) -> None:
     step.record["incident"] = inc.id
     step.record["detect_ms"] = round((inc.detected - t0_wall) * 1000, 1)
-    act = next(a for a in inc.actions if a.kind == action)
+    act = [a for a in inc.actions if a.kind == action][-1]  # the attempt that acted last
     step.record["repair_ms" if step.record["kind"] != "recovery" else "recovery_ms"] = round(
         act.started_ms + act.duration_ms, 1)
 

@@ -554,24 +554,32 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
     lineage; `predicted_oom`, `available_mb`: memory) -- never a process whose comm is
     in `protect` (the guest's service). SIGKILL is written into the guest kernel with
     its vCPUs stopped (`guest_kill`, docs/vm-backdoor.md); done once all are gone, which
-    may take until each wakes: survivors are looked for up to `settle_s`."""
+    may take until each wakes: survivors are looked for up to `settle_s`. A largest tree
+    below `min_lineage` is looked at again for up to `grow_s`: a runaway foreseen early
+    may still be starting its processes (it is skipped if it stays below)."""
 
     kills: ClassVar[bool] = True
     by: Literal["predicted", "rss", "lineage", "memory"] = "predicted"
     protect: list[str] = []
     min_lineage: Annotated[int, msgspec.Meta(ge=1)] = 8
     settle_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
+    grow_s: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
 
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         by = self.by
         if by == "predicted":
             fired = {v.sensor for h in ctx.hits for v in h.violations}
             by = "lineage" if fired & LINEAGE_SENSORS else "memory"
-        rows = ctx.client.guest_processes(ctx.node).rows
-        found = guest_culprit(rows, by, set(self.protect), self.min_lineage)
-        if found is None:
-            return Outcome("skipped", {"reason": "no user process in the guest outside protect"})
-        culprit, heads, how = found
+        until = time.monotonic() + self.grow_s
+        while True:
+            rows = ctx.client.guest_processes(ctx.node).rows
+            found = guest_culprit(rows, by, set(self.protect), self.min_lineage)
+            if found is None:
+                return Outcome("skipped", {"reason": "no user process in the guest outside protect"})
+            culprit, heads, how = found
+            if how != "lineage" or heads >= self.min_lineage or time.monotonic() >= until:
+                break
+            time.sleep(0.1)
         who = {"pid": culprit.pid, "comm": culprit.comm, "rss_bytes": culprit.rss_bytes,
                "processes": heads, "by": how}
         if how == "lineage" and heads < self.min_lineage:
