@@ -815,13 +815,14 @@ class Watcher:
             if n.rt.node.cgroup.layout.home("pids") is None:
                 n.forks_due = math.inf  # no pids controller: no forks refused, ever
             return  # otherwise unreadable for now: no news
-        if count == n.fork_failures.count and not n.fork_failures.rises:
-            return  # none refused, none in the window
         self._rate(n, n.fork_failures, count, now, "fork_failures", "fork_failures",
                    n.rt.sampler.limits.fork_failures_per_s)
 
     def _rate(self, n: _Node, rate: _Rate, count: int, now: float, condition: str,
               sensor: str, limit: float) -> None:
+        """Take a reading of an event counter and say its violation when it changes."""
+        if count == rate.count and not rate.rises:
+            return  # no new events and none in the window: judged "not violated" before
         events = rate.update(count, now)
         violated = over_rate(events, limit)
         if violated != rate.violated:

@@ -123,15 +123,6 @@ def keyed(text: str) -> dict[str, int]:
     return out
 
 
-def keyed_one(text: str, key: str) -> int | None:
-    """One integer of a "key value" per line file (keyed() for one key read often)."""
-    for line in text.splitlines():
-        k, _, value = line.partition(" ")
-        if k == key:
-            return int(value) if value.strip().isdigit() else None
-    return None
-
-
 def pressure_total(text: str, kind: str) -> int:
     """The total (us) of a PSI file's `kind` line ("some" or "full"): pressure() for one
     number, read many times a second (KeyError without that line)."""

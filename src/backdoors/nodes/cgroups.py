@@ -463,7 +463,7 @@ class Cgroup:
 
     def fork_failures(self) -> int:
         """Forks refused so far because the pids limit was reached (pids.events "max")."""
-        return cgfs.keyed_one(self._read("pids.events", self._in("pids")), "max") or 0
+        return cgfs.keyed(self._read("pids.events", self._in("pids"))).get("max", 0)
 
     def set_cpu_weight(self, weight: int) -> None:
         """The cgroup's share of the CPU against its siblings when they all want it, on the
