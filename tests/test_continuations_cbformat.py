@@ -242,6 +242,44 @@ def test_plan_refuses_a_box_that_disagrees_with_the_socket(handed, read, match):
         parse_cb(VALID).plan(handed, read)
 
 
+def test_a_channel_box_says_so_and_its_plan_discounts_the_syn():
+    """A socket that did connect() has its SYN in the kernel's count of bytes handed: its
+    box (a channel of the server on some port) carries the flag and that port, the plan
+    takes the SYN off, and a header with the flag but no port (or the reverse, or an
+    unknown flag) is refused by offset."""
+    from backdoors.continuations.box import new_box as make
+    from backdoors.tcprepair import bytes_handed
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        out = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        assert bytes_handed(out) == 1  # the SYN
+        cb = make(out, state_capacity=256, log_capacity=128, registrar=NullRegistrar(),
+                  channel_of=8080)
+        with cb:
+            cb.conn.sendall(b"call 1\n")
+            cb.export(b"s")
+            cb.conn.sendall(b"call 2\n")
+            data = region_bytes(cb)
+            image = parse_cb(data)
+            assert image.active_open and image.home_port == 8080
+            assert cbformat.home_port(data[:cbformat.HEADER_SIZE]) == 8080
+            plan = image.plan(bytes_handed(out), 0)
+            assert (plan.sent, plan.handed, plan.skip) == (7, 14, 7)
+            with pytest.raises(RecoveryError, match="active open"):
+                image.plan(0, 0)
+        peer.close()
+    assert not parse_cb(VALID).active_open and cbformat.home_port(VALID[:128]) == 0
+    for flags, port, match in ((1, 0, "needs a home_port"), (0, 80, "needs a home_port"),
+                               (2, 80, "unknown flags")):
+        bad = bytearray(data)
+        bad[106:110] = flags.to_bytes(2, "little") + port.to_bytes(2, "little")
+        with pytest.raises(CbFormatError, match="offset 106"):
+            parse_cb(bytes(bad))
+        with pytest.raises(CbFormatError, match=match):
+            parse_cb(bytes(bad))
+
+
 # ---------------------------------------------------------------- hostile regions
 
 

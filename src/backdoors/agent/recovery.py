@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import msgspec
 
 from .. import net
+from ..continuations import cbformat
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..continuations.errors import NotHanded, NoVerdict
 from ..common.procs import read_process
@@ -536,8 +537,9 @@ class Recovery:
         """Hand each session to the recovery server of its port, in the node's directory
         (adding the time of each step to `phases`)."""
         by_port: dict[int, list[Started]] = {}
-        for item in started:
-            by_port.setdefault(item.state.local_port, []).append(item)
+        for item in started:  # a channel goes to the server it belongs to (its home port)
+            port = cbformat.home_port(os.pread(item.cb_fd, cbformat.HEADER_SIZE, 0))
+            by_port.setdefault(port or item.state.local_port, []).append(item)
         directory = os.path.join(self.run_dir, call.node.name)
         handed = 0
         for port, items in sorted(by_port.items()):

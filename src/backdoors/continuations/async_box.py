@@ -43,12 +43,14 @@ async def create_cb_async(
     state_capacity: int = DEFAULT_STATE_CAPACITY,
     log_capacity: int = DEFAULT_LOG_CAPACITY,
     registrar: Registrar | None = None,
+    channel_of: int = 0,
 ) -> AsyncContinuationBox:
     """The session's box for what `AsyncListener.accept()` returned, as create_cb does:
     a new box for a fresh connection (registered with the agent before it is returned),
     the rolled-back one for a recovered session (registered in the background). A
     recovered session whose box cannot be made is dropped (closed, released at the
-    agent) and the error raised."""
+    agent) and the error raised. `channel_of`: a fresh socket this process connect()ed,
+    a channel of its server on that port (continuations.channels), not one it accepted."""
     registrar = registrar_or_default(registrar)
     if isinstance(conn, Recovered):
         conn.sock.setblocking(False)
@@ -58,7 +60,7 @@ async def create_cb_async(
         return AsyncContinuationBox(box)
     conn.setblocking(False)
     box = new_box(conn, state_capacity=state_capacity, log_capacity=log_capacity,
-                  registrar=registrar)
+                  registrar=registrar, channel_of=channel_of)
     cb = AsyncContinuationBox(box)
     if (attaching := attach_in_background(box)) is not None:
         try:

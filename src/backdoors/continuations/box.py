@@ -144,13 +144,15 @@ def create_cb(
 
 
 def new_box(conn: socket.socket, *, state_capacity: int, log_capacity: int,
-            registrar: Registrar | None) -> ContinuationBox:
+            registrar: Registrar | None, channel_of: int = 0) -> ContinuationBox:
     """A new, empty box for a fresh connection, not yet handed to the agent (the part of
-    create_cb that the threaded and the asyncio servers share)."""
-    _check_fresh(conn)
+    create_cb that the threaded and the asyncio servers share); `channel_of`: this
+    process connect()ed it, as a channel of its server on that port (not accepted it)."""
+    _check_fresh(conn, bool(channel_of))
     session = os.urandom(cbformat.SESSION_SIZE)
     region = CbRegion.create(session, state_capacity=_round(state_capacity),
-                             log_capacity=_round(log_capacity), endpoints=endpoints_of(conn))
+                             log_capacity=_round(log_capacity), endpoints=endpoints_of(conn),
+                             channel_of=channel_of)
     try:
         rconn = RecoverableConnection(conn, region, session.hex())
         return ContinuationBox(region, rconn, session, version=0,
@@ -216,6 +218,7 @@ def recovered_box(recovered: Recovered, *, state_capacity: int, log_capacity: in
             log_capacity=max(_round(log_capacity), image.log_capacity),
             endpoints=endpoints_of(sock),
             recoveries=image.recoveries + 1,
+            channel_of=image.home_port,
         )
     except BaseException:
         drop_recovered(recovered, registrar)
@@ -267,7 +270,7 @@ def _round(n: int) -> int:
     return cbformat.round8(n)
 
 
-def _check_fresh(sock: socket.socket) -> None:
+def _check_fresh(sock: socket.socket, active_open: bool = False) -> None:
     """A box must start with the connection: nothing read or written before it."""
     if not isinstance(sock, socket.socket):
         raise TypeError(f"create_cb needs a socket or a Recovered session, got {type(sock).__name__}")
@@ -276,7 +279,7 @@ def _check_fresh(sock: socket.socket) -> None:
     from ..tcprepair import bytes_handed, bytes_received
 
     try:
-        handed, read = bytes_handed(sock), bytes_received(sock)
+        handed, read = bytes_handed(sock, active_open=active_open), bytes_received(sock)
     except TcpRepairError:
         return  # the connection is already closing; nothing to recover anyway
     if handed > 0 or read > 0:

@@ -33,7 +33,15 @@ Header::
      72    16  local_addr      IPv4 in the first 4 bytes, rest zero
      88    16  remote_addr
     104     2  remote_port
-    106    22  reserved        zero
+    106     2  flags           bit 0: active open -- the session's socket did connect()
+                               (a channel to another server); the kernel's acknowledged
+                               count of such a socket includes its SYN, so the dumped
+                               `handed` is one more than the bytes written
+    108     2  home_port       the port of the server the session belongs to, when it is
+                               not its local port (a channel: its client sessions' port);
+                               0 otherwise. The agent hands a recovered session to the
+                               server of this port
+    110    18  reserved        zero
 
 Slot header (the state data follows it)::
 
@@ -72,7 +80,7 @@ ADDR_SIZE = 16
 MAX_STATE_CAPACITY = 16 << 20
 MAX_LOG_CAPACITY = 64 << 20
 
-HEADER = struct.Struct("<4sHHII16sQQQQIHH16s16sH22s")
+HEADER = struct.Struct("<4sHHII16sQQQQIHH16s16sHHH18s")
 SLOT = struct.Struct("<QQQIHHIIQ16s")
 assert HEADER.size == HEADER_SIZE and SLOT.size == SLOT_HEADER_SIZE
 
@@ -80,6 +88,11 @@ assert HEADER.size == HEADER_SIZE and SLOT.size == SLOT_HEADER_SIZE
 OFF_EXPORT_VERSION = 48
 OFF_LOG_END = 56
 OFF_RECOVERIES = 64
+#: header flags
+FLAG_ACTIVE_OPEN = 1
+FLAGS = FLAG_ACTIVE_OPEN  # every flag defined
+OFF_HOME_PORT = 108
+_HOME_PORT = struct.Struct("<H")
 # Slot header word offsets, relative to the slot.
 SLOT_OFF_SEQ = 0
 
@@ -90,6 +103,13 @@ class Encoding(enum.IntEnum):
     NONE = 0  # no state: the session was never exported
     RAW = 1  # bytes, as given
     MSGPACK = 2  # msgspec msgpack
+
+
+def home_port(header: bytes) -> int:
+    """The header's home_port (0: none, or too short to hold one)."""
+    if len(header) < OFF_HOME_PORT + _HOME_PORT.size:
+        return 0
+    return _HOME_PORT.unpack_from(header, OFF_HOME_PORT)[0]
 
 
 def round8(n: int) -> int:

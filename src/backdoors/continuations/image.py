@@ -87,6 +87,9 @@ class CbImage:
     # False when the copy was taken while the owner kept exporting: the export is whole,
     # but the log may already be reused, so the image cannot plan a resumption.
     log_complete: bool = True
+    # its socket did connect(): the kernel's count of bytes handed includes the SYN
+    active_open: bool = False
+    home_port: int = 0  # a channel's: the port of the server it belongs to
 
     @property
     def session_id(self) -> str:
@@ -125,6 +128,10 @@ class CbImage:
         for value, what in ((handed, "handed"), (read, "read")):
             if not (isinstance(value, int) and 0 <= value < _MAX_POSITION):
                 raise RecoveryError(f"{where}: byte count {what}={value!r} is not a stream position")
+        if self.active_open:  # the kernel counted its SYN as handed
+            if handed < 1:
+                raise RecoveryError(f"{where}: an active open with handed=0 (its SYN counts 1)")
+            handed -= 1
         if handed < ex.sent:
             raise RecoveryError(
                 f"{where}: the socket had {handed} bytes handed but the export was taken after "
@@ -177,7 +184,7 @@ def parse_cb(data: bytes | bytearray | memoryview) -> CbImage:
     """Validate a copy of a CB region and decode it; CbFormatError on anything malformed."""
     data = bytes(data)
     (pid, session, state_cap, log_cap, export_version, log_end, recoveries, family,
-     lport, laddr, raddr, rport) = parse_header(data)
+     lport, laddr, raddr, rport, flags, home) = parse_header(data)
     need = cbformat.region_size(state_cap, log_cap)
     if len(data) < need:
         raise CbFormatError(f"region truncated: {len(data)} bytes, its capacities need {need}")
@@ -193,6 +200,7 @@ def parse_cb(data: bytes | bytearray | memoryview) -> CbImage:
         session=session, owner_pid=pid, state_capacity=state_cap, log_capacity=log_cap,
         export=export, log_end=log_end, recoveries=recoveries, family=family,
         local=local, remote=remote, ring=data[ring_at:ring_at + log_cap],
+        active_open=bool(flags & cbformat.FLAG_ACTIVE_OPEN), home_port=home,
     )
 
 PREAMBLE = Preamble("Continuation Box", cbformat.MAGIC, cbformat.VERSION, cbformat.HEADER_SIZE,
@@ -207,8 +215,13 @@ def parse_header(data: bytes) -> tuple:
         cbformat.check_capacities(fields[2], fields[3])
     except ValueError as err:
         raise CbFormatError(f"header (offset 32): {err}") from None
+    if fields[-2] & ~cbformat.FLAGS:
+        raise CbFormatError(f"header (offset 106): unknown flags {fields[-2]:#x}")
+    if bool(fields[-2] & cbformat.FLAG_ACTIVE_OPEN) != bool(fields[-1]):
+        raise CbFormatError("header (offset 106): a channel (active open) needs a home_port "
+                            "and only a channel has one")
     if any(reserved):
-        raise CbFormatError("header (offset 106): reserved bytes are not zero")
+        raise CbFormatError("header (offset 110): reserved bytes are not zero")
     if fields[4] >= _MAX_POSITION:
         raise CbFormatError(f"header (offset 48): export_version {fields[4]} is out of range")
     return tuple(fields)

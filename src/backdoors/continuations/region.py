@@ -48,8 +48,11 @@ class CbRegion:
         log_capacity: int,
         endpoints: Endpoints = (0, None, None),
         recoveries: int = 0,
+        channel_of: int = 0,
     ) -> CbRegion:
-        """A new, empty box (export version 0, empty log) for `session`."""
+        """A new, empty box (export version 0, empty log) for `session`; `channel_of`:
+        its socket is an outgoing channel (it did connect()) of the server on that port
+        (cbformat's flags and home_port)."""
         cbformat.check_capacities(state_capacity, log_capacity)
         if len(session) != cbformat.SESSION_SIZE:
             raise ValueError(f"session id must be {cbformat.SESSION_SIZE} bytes")
@@ -67,7 +70,8 @@ class CbRegion:
             mm, 0, cbformat.MAGIC, cbformat.VERSION, cbformat.HEADER_SIZE, cbformat.SLOT_HEADER_SIZE, os.getpid(), session,
             state_capacity, log_capacity, 0, 0, recoveries, family,
             local[1] if local else 0, _packed(local), _packed(remote),
-            remote[1] if remote else 0, bytes(22),
+            remote[1] if remote else 0,
+            cbformat.FLAG_ACTIVE_OPEN if channel_of else 0, channel_of, bytes(18),
         )
         region = cls(fd, mm, state_capacity, log_capacity)
         region.write_export(0, 0, 0, cbformat.Encoding.NONE, b"", 0)  # slot 0: "no export yet"
