@@ -148,3 +148,43 @@ def test_a_session_moves_mid_response_with_the_app_state(rlab, kept):
     after = Background(get, "/count")
     status, _, body = after.result(timeout=30)
     assert body.startswith(b"n=3 seq=2 "), rlab.logs()
+
+
+@pytest.mark.parametrize("stop", ["sent", "read"])
+def test_a_session_moves_with_its_channel_to_a_backend(rlab, monkeypatch, stop):
+    """The application calls a backend (another ASGI server, in node d) on the session's
+    channel. The server stops once the call is sent (its answer not read yet), or once
+    the answer is read (the client's response not exported yet). Both sockets move to
+    node b: the replayed request makes the same call on the moved channel -- not sent
+    again, its answer read from the socket or replayed from the channel's log -- so the
+    backend counts one hit, on the one connection it ever had, and the session goes on
+    over it."""
+    from test_continuations_support import NODE_IPS, PORT
+
+    monkeypatch.setenv("ASGI_BACKEND", f"{NODE_IPS['d']}:{PORT}")
+    args = ("backdoors.asgi", "asgi_app:app", "--app-dir", TESTS)
+    rlab.server("d", "backdoors.asgi", "asgi_app:backend", "--app-dir", TESTS)
+    a = rlab.server("a", *args)
+    b = rlab.server("b", *args)
+    sock = rlab.connect()
+    f = sock.makefile("rb")
+
+    def get(path: str) -> str:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n".encode())
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        length = 0
+        while (line := f.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        return f.read(length).decode()
+
+    first = get("/relay")
+    conn = re.search(r"conn=(\w+)", first).group(1)
+    assert first.startswith("calls=1 recovered=False hits=1 "), first
+    client = Background(get, f"/relay?stop={stop}")
+    os.waitid(os.P_PID, a.pid, os.WSTOPPED)  # stopped where the test asked
+    held = a.sessions()
+    assert len(held) == 2, "the client's connection and its channel"
+    rlab.recover_all(held, b)
+    assert client.result(timeout=30) == f"calls=2 recovered=True hits=2 conn={conn}", rlab.logs()
+    assert get("/relay") == f"calls=3 recovered=True hits=3 conn={conn}", rlab.logs()

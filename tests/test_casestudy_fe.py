@@ -1,8 +1,8 @@
 """The case study's front end: RUBiS's pages (Starlette) served by the recoverable ASGI
 server and, plain, by uvicorn, over a real middle tier and PostgreSQL in lab nodes; and a
-client session moved to another front-end node with a bid in flight: the new front end
-opens its own channel, logs in again from the request's cookie, and the bid's
-idempotency key keeps it from applying twice."""
+client session moved to another front-end node with a bid in flight, its channel to the
+middle tier with it: the middle tier keeps its end, and the bid is applied and answered
+once."""
 
 from __future__ import annotations
 
@@ -108,13 +108,19 @@ def test_the_pages_and_a_bid_through_both_servers(fes, which):
     c.conn.close()
 
 
-def test_a_client_session_moves_to_another_front_end_with_its_bid(fes):
+def _ends(sessions) -> list[tuple[str, str]]:
+    """(local, remote) "address:port" of each held session."""
+    return [tuple(s.connection.split(" <-> ")) for s in sessions]
+
+
+def test_a_client_session_moves_to_another_front_end_with_its_channel_and_bid(fes):
     """The bid has been read by FE a, and its call waits at the middle tier (the item's
-    row is locked by the test), when node n0 fails: n0 is fenced and the session
-    evacuated to n1. FE b replays the request: it opens its own channel to the middle
-    tier, logs in from the cookie, and sends the bid with the same key, which waits for
-    the first call's transaction and then answers its result: one bid, acknowledged once,
-    and the session goes on at FE b."""
+    row is locked by the test), when node n0 fails: n0 is fenced and its sessions
+    evacuated to n1 -- the client's connection and its channel to the middle tier, which
+    was opened from n0's service address. FE b replays the request on the moved channel:
+    the call is not sent again (the middle tier has it), the middle tier keeps its end of
+    the channel (no new one), and answers the bid once its lock is free: one bid,
+    acknowledged once, and the session goes on at FE b on the same channel."""
     lab, pg, a, b, _ = fes
     from backdoors.scenarios.labkit import wait_until
 
@@ -122,22 +128,30 @@ def test_a_client_session_moves_to_another_front_end_with_its_bid(fes):
     c = Client(lab, a)
     assert c.post("/login", nickname="user12", password="password12")[0] == 200
     before = _count(pg, "SELECT nb_of_bids FROM items WHERE id = %s", item)
-    with lab.agent_client("h0") as c0:
-        wait_until(lambda: len(c0.sessions("n0")) == 1, 10, "the session held by n0's agent")
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+               "AND query LIKE '%%FOR UPDATE%%'")
+    with lab.agent_client("h0") as c0, lab.agent_client("h1") as c1:
+        wait_until(lambda: len(c0.sessions("n0")) == 2, 10,
+                   "the client's session and its channel held by n0's agent")
+        ends = _ends(c0.sessions("n0"))
+        (channel,) = [(lo, re) for lo, re in ends if re.endswith(":7300")]
+        assert channel[0].startswith(f"{a.vip}:"), ends  # from the service address
+        mt_side = (channel[1], channel[0])
+        assert mt_side in _ends(c0.sessions("n2"))
+        mt_before = set(_ends(c0.sessions("n2")))
         with psycopg.connect(pg.local_dsn()) as lock:
             lock.execute("SELECT 1 FROM items WHERE id = %s FOR UPDATE", (item,))
             c.send("POST", "/bid", {"item": str(item), "bid": "77777"})
-            wait_until(lambda: _count(
-                pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE '%%FOR UPDATE%%'") == 1, 10,
-                "the bid waiting on the item's lock")
+            wait_until(lambda: _count(pg, waiting) == 1, 10, "the bid waiting on the item's lock")
             c0.fence("n0")
             ev = c0.evacuate("n0", lab.agent_address("h1"), "h1", "n1", timeout=30)
-            assert (ev.sessions, ev.moved, ev.failed) == (1, 1, {}), ev
-            # FE b's replay waits on the key's row lock (the first call's transaction)
-            wait_until(lambda: _count(
-                pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'") == 2,
-                10, "the replayed bid waiting on its key")
+            assert (ev.sessions, ev.moved, ev.failed) == (2, 2, {}), ev
+            wait_until(lambda: len(c1.sessions("n1")) >= 2 and channel in _ends(
+                c1.sessions("n1")), 10, "FE b holding the client's session and its channel")
+            # the replay is on: it waits for the answer, it does not call again
+            assert _count(pg, waiting) == 1
+            assert _count(pg, "SELECT count(*) FROM pg_stat_activity "
+                              "WHERE wait_event_type = 'Lock'") == 1
             lock.rollback()
         status, text = c.answer()
         assert status == 200 and 'class="ok" id="bid"' in text, text
@@ -146,8 +160,11 @@ def test_a_client_session_moves_to_another_front_end_with_its_bid(fes):
         assert _count(pg, "SELECT count(*) FROM bids WHERE item_id = %s AND bid = 77777",
                       item) == 1
         assert _count(pg, "SELECT user_id FROM bids WHERE id = %s", bid_id) == 12
-        # the session goes on at FE b, logged in
+        # the session goes on at FE b, logged in, on the same channel: the middle tier
+        # kept its end and got no new one
         status, text = c.post("/bid", item=str(item), bid="77778")
         assert status == 200 and 'class="ok" id="bid"' in text, text
         assert b.proc.poll() is None
+        mt_after = set(_ends(c0.sessions("n2")))
+        assert mt_side in mt_after and not mt_after - mt_before, (mt_before, mt_after)
     c.conn.close()

@@ -22,7 +22,17 @@ state-changing request should use the key the server hands it:
         "seq": 7,                # this request's number in the session (replays keep it)
         "key": "<id>-7",         # an idempotency key: id and seq
         "state": {...},          # the application's own per-session state: a dict of
-    }                            # msgpack-able values, exported with the session
+                                 # msgpack-able values, exported with the session
+        "connect": connect,      # await connect(name, host, port): the session's channel
+    }                            # `name` to another server, which moves with the session
+
+A channel (continuations.channels) is an outgoing connection that belongs to the client
+session: opened from the address the client reached, exported with the session, moved
+with it to the recovery node and rolled back with it. Its `reader` and `writer` are
+asyncio's streams; its `state` dict (exported with it) holds what the application needs
+to make the same calls again; `recovered` says it came from another node. A replayed
+request must make the same calls on it, in the same order, as the first time (the
+middle tier's answers read before the failure are replayed from the channel's log).
 
 The lifespan protocol (startup, shutdown) is run when the application supports it.
 """
@@ -41,6 +51,7 @@ from typing import Any
 import msgspec
 
 from .continuations import AsyncListener, StateTooLargeError, create_cb_async, run
+from .continuations.channels import ChannelState, Handed, SessionChannels
 from .continuations.cbformat import MAX_STATE_CAPACITY
 
 log = logging.getLogger("backdoors.asgi")
@@ -54,7 +65,7 @@ SERVER_NAME = b"backdoors-asgi"
 STATE_CAPACITY = 64 * 1024
 
 
-class Session(msgspec.Struct):
+class Session(msgspec.Struct, tag="session"):
     """What a session exports: the response being sent and the parser's unread bytes."""
 
     seq: int = 0                 # requests answered
@@ -63,6 +74,11 @@ class Session(msgspec.Struct):
     state: dict[str, Any] = {}   # the application's ("backdoors.session" "state")
     close: bool = False          # the connection ends after `pending`
     oversize: int = 0            # the length of a response too big to keep (pending empty)
+    channels: dict[str, str] = {}  # its channels at the export: name -> channel box id
+
+
+#: what a box of this server exports: a client session, or one of its channels
+Kept = Session | ChannelState
 
 
 class _Done(Exception):
@@ -75,12 +91,14 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
     each session's exported state, which holds the response being sent: a response that
     does not fit is sent all the same, but a recovery in the middle of it ends the
     connection (the client sees it end rather than a wrong byte)."""
-    await listener.serve(_session, app, root_path, state_capacity)
+    handed = Handed()
+    try:
+        await listener.serve(_session, app, root_path, state_capacity, handed)
+    finally:
+        handed.close()
 
 
-async def _session(conn, app, root_path: str, state_capacity: int) -> None:
-    import h11
-
+async def _session(conn, app, root_path: str, state_capacity: int, handed: Handed) -> None:
     if isinstance(conn, socket.socket):  # a response leaves at once (a recovered socket
         _nodelay(conn)                     # keeps the option: TCP_REPAIR restores it)
     try:
@@ -90,8 +108,37 @@ async def _session(conn, app, root_path: str, state_capacity: int) -> None:
         if isinstance(conn, socket.socket):  # (a recovered one was dropped already)
             conn.close()
         return
+    try:
+        s = cb.import_state(Kept) or Session()
+    except Exception as e:  # noqa: BLE001 - a state this server cannot read loses this one
+        log.warning("asgi: recovered session %s has a state this server cannot read (%s): "
+                    "closing it", cb.session, e)
+        cb.close()
+        return
+    if isinstance(s, ChannelState):  # a channel, recovered: kept until its session claims it
+        handed.put(cb, s)
+        return
+    channels = SessionChannels(cb.session, cb.conn.sock.getsockname())
+    try:
+        await _serve_session(cb, s, channels, handed, app, root_path)
+    finally:
+        channels.close()
+
+
+async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Handed, app,
+                         root_path: str) -> None:
+    import h11
+
     async with cb:
-        s = cb.import_state(Session) or Session()
+        if s.channels:  # recovered: its channels were handed over with it
+            got = await asyncio.gather(*(handed.claim(i) for i in s.channels.values()))
+            for (name, box_id), kept in zip(s.channels.items(), got):
+                if kept is None:
+                    log.warning("asgi: session %s: its channel %s (%s) did not come with it; "
+                                "the application opens a new one", cb.session, name, box_id)
+                else:
+                    channels.adopt(name, *kept)
+            handed.drop_group(cb.session)
         if s.oversize and cb.conn.skipping < s.oversize:
             log.warning("asgi: session %s recovered inside a %d-byte response it could not "
                         "keep: closing it", cb.session, s.oversize)
@@ -116,7 +163,7 @@ async def _session(conn, app, root_path: str, state_capacity: int) -> None:
                 await cb.writer.drain()
                 return
             ext = {"id": cb.session, "seq": s.seq, "key": f"{cb.session}-{s.seq}",
-                   "state": s.state}
+                   "state": s.state, "connect": channels.connect}
             scope = _scope(request, client, server, root_path, ext)
             status, headers, chunks = await _call(app, scope, body)
             s.state = ext["state"]
@@ -127,6 +174,7 @@ async def _session(conn, app, root_path: str, state_capacity: int) -> None:
             if not s.close:
                 parser.start_next_cycle()
             s.unread = parser.trailing_data[0]
+            s.channels = await channels.export()  # before the session: never behind it
             try:
                 await cb.export(s)
             except StateTooLargeError:

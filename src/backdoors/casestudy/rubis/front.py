@@ -73,11 +73,19 @@ class MtUnavailable(Exception):
 class Channel:
     """One client session's channel to a middle tier, `addresses`[`first`] at first;
     calls one at a time, in order. A channel that breaks or times out (`timeout`) is
-    opened again to the next middle tier of `addresses`."""
+    opened again to the next middle tier of `addresses`.
+
+    Under the recoverable server (`connect`: the session's, from the backdoors.session
+    extension) the channel is the session's own: it moves with the client session, and
+    what a replay needs to make the same calls (the middle tier's index, the user it has
+    the channel logged in as, the last call's id) is kept in the channel's exported
+    state. A recovered channel carries on from that state."""
 
     def __init__(self, addresses: list[tuple[str, int]], first: int = 0,
-                 timeout: float = CALL_TIMEOUT_S):
+                 timeout: float = CALL_TIMEOUT_S, connect=None):
         self.addresses, self.at, self.timeout = addresses, first % len(addresses), timeout
+        self.connect = connect
+        self.conn = None  # the session's channel (under the recoverable server)
         self.reader = self.writer = None
         self.user: int | None = None  # who the middle tier has this channel logged in as
         self.lock = asyncio.Lock()
@@ -88,15 +96,35 @@ class Channel:
     def address(self) -> tuple[str, int]:
         return self.addresses[self.at]
 
+    @property
+    def ended(self) -> bool:
+        """Its session's channel ended with the session (recoverable server only)."""
+        return self.conn is not None and self.conn.closed
+
     async def _open(self) -> None:
-        self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(*self.address), self.timeout)
         self.user = None
+        if self.connect is None:
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(*self.address), self.timeout)
+            return
+        conn = await asyncio.wait_for(self.connect("mt", *self.address), self.timeout)
+        if conn.recovered and conn.state.get("at", len(self.addresses)) < len(self.addresses):
+            self.at, self.user, self.next_id = (conn.state["at"], conn.state["user"],
+                                                conn.state["next_id"])
+        self.conn, self.reader, self.writer = conn, conn.reader, conn.writer
+        self._keep()
+
+    def _keep(self) -> None:
+        """What a replay on another node needs, into the channel's exported state."""
+        if self.conn is not None:
+            self.conn.state.update(at=self.at, user=self.user, next_id=self.next_id)
 
     def close(self) -> None:
-        if self.writer is not None:
+        if self.conn is not None:
+            self.conn.close()
+        elif self.writer is not None:
             self.writer.close()
-        self.reader = self.writer = None
+        self.conn = self.reader = self.writer = None
 
     async def _call(self, op: str, args: dict, key: str) -> Answer:
         self.next_id += 1
@@ -124,6 +152,7 @@ class Channel:
                     answer = await self._call(op, args, key)
                     if op == "login" and answer.ok:
                         self.user = answer.result.get("user")
+                    self._keep()
                     return answer
                 except (OSError, WireError, asyncio.TimeoutError) as e:
                     self.close()
@@ -144,19 +173,24 @@ class Channels:
         self.addresses, self.timeout = addresses, timeout
         self.open: dict[str, Channel] = {}
 
-    def get(self, session: str) -> Channel:
+    def get(self, session: str, connect=None) -> Channel:
+        """The session's channel; `connect`: the recoverable server's, for channels that
+        move with their session."""
         ch = self.open.get(session)
         if ch is None:
             ch = self.open[session] = Channel(self.addresses, zlib.crc32(session.encode()),
-                                              self.timeout)
+                                              self.timeout, connect)
         return ch
 
     async def reap(self) -> None:
+        """Close channels unused for IDLE_S. A session's own channel (recoverable server)
+        stays open as long as its session: it is only forgotten once it ended with it."""
         while True:
             await asyncio.sleep(IDLE_S / 4)
             now = time.monotonic()
             for session, ch in list(self.open.items()):
-                if now - ch.used > IDLE_S and not ch.lock.locked():
+                if now - ch.used > IDLE_S and not ch.lock.locked() and (
+                        ch.connect is None or ch.conn is None or ch.ended):
                     ch.close()
                     del self.open[session]
 
@@ -199,13 +233,14 @@ class Bad(Exception):
         self.status = status
 
 
-def _session(request: Request) -> tuple[str, str]:
-    """(the client session's identity, an idempotency key for this request)."""
+def _session(request: Request) -> tuple[str, str, object]:
+    """(the client session's identity, an idempotency key for this request, the
+    recoverable server's channel opener or None)."""
     ext = request.scope.get("extensions", {}).get("backdoors.session")
     if ext is not None:
-        return ext["id"], ext["key"]
+        return ext["id"], ext["key"], ext.get("connect")
     host, port = request.scope.get("client") or ("?", 0)
-    return f"{host}:{port}", f"fe-{uuid.uuid4().hex}"
+    return f"{host}:{port}", f"fe-{uuid.uuid4().hex}", None
 
 
 def _sign(secret: bytes, text: str) -> str:
@@ -241,12 +276,12 @@ async def _form(request: Request) -> dict[str, str]:
 
 async def _call(request: Request, op: str, *, write: bool = False, **args):
     """The middle tier's result of `op` for this request's session and user."""
-    session, key = _session(request)
+    session, key, connect = _session(request)
     user = _cookie_user(request)
     if write and user is None and op != "register":
         raise Bad(403, "log in first")
     try:
-        answer = await request.app.state.channels.get(session).call(
+        answer = await request.app.state.channels.get(session, connect).call(
             user, op, args, key if write else "")
     except MtUnavailable as e:
         raise Bad(503, str(e)) from None

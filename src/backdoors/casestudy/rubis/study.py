@@ -177,10 +177,12 @@ def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
         # queue of a frozen server is not the server's yet, nor held by the agent, and is
         # not moved (see docs/casestudy.md)
         # (users take the front ends in turn, n0 first; each client connection has its
-        # channel to one middle tier, by a hash of its session)
+        # channel to one middle tier, by a hash of its session; a front end's agent holds
+        # the channels too, counted apart: their local port is not the server's)
         held, want = ((node,), (users + 1) // 2) if tier == "fe" else (site.MT, users)
+        port = site.servers[tier, held[0], False].port
         end = time.monotonic() + HELD_WAIT_S
-        while sum((counts := {n: _sessions(lab, n) for n in held}).values()) < want:
+        while sum((counts := {n: _sessions(lab, n, port) for n in held}).values()) < want:
             if time.monotonic() > end or run.proc.poll() is not None:
                 run.proc.kill()
                 seen = [(i.node, i.rule, i.state) for i in mon.incidents()]
@@ -344,9 +346,11 @@ def _read_from(path: Path, offset: int) -> str:
         return ""
 
 
-def _sessions(lab, node: str) -> int:
+def _sessions(lab, node: str, port: int) -> int:
+    """Sessions the node's agent holds whose local port is `port` (a server's)."""
     with lab.agent_client(lab.plan.node(node).host) as c:
-        return len(c.sessions(node))
+        return sum(s.connection.split(" <-> ")[0].endswith(f":{port}")
+                   for s in c.sessions(node))
 
 
 def site_rules(site: Site) -> list:
