@@ -133,9 +133,11 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
         if s.channels:  # recovered: its channels were handed over with it
             got = await asyncio.gather(*(handed.claim(i) for i in s.channels.values()))
             for (name, box_id), kept in zip(s.channels.items(), got):
-                if kept is None:
+                if kept is None or kept[1].group != cb.session:
                     log.warning("asgi: session %s: its channel %s (%s) did not come with it; "
                                 "the application opens a new one", cb.session, name, box_id)
+                    if kept is not None:  # another session's: not this one's to use
+                        kept[0].close()
                 else:
                     channels.adopt(name, *kept)
             handed.drop_group(cb.session)

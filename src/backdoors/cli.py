@@ -640,7 +640,7 @@ def casestudy_rubis(
     seconds: float = typer.Option(10.0, help="Seconds of load per level and kind of server."),
     scale: float = typer.Option(1.0, help="Size of the data set: 1.0 is 10,000 users, 20,000 items, 100,000 bids."),
     rounds: int = typer.Option(1, help="Pairs of runs (plain, recoverable) per level, in alternating order, averaged: a machine shared with other work drifts."),
-    faults: str = typer.Option("", help="Faults under load, after the levels: comma-separated, or all. fe-* fail front-end node n0 (its client sessions move to FE b), mt-* middle-tier node n2 (its channels move to MT b, its database connections ended first): *-freeze (every process stopped), *-lock (its cgroup frozen), *-network (its link down), *-crash (its recoverable server killed). Each fault runs on a site of its own (~25 s more set-up each)."),
+    faults: str = typer.Option("", help="Faults under load, after the levels: comma-separated, or all. fe-* fail front-end node n0 (its client sessions move to FE b with their channels to the middle tiers), mt-* middle-tier node n2 (its channels move to MT b, its database connections ended first): *-freeze (every process stopped), *-lock (its cgroup frozen), *-network (its link down), *-crash (its recoverable server killed). Each fault runs on a site of its own (~25 s more set-up each)."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Keep the run's files here (locust's figures and logs, the acknowledged writes)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

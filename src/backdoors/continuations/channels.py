@@ -117,8 +117,9 @@ class SessionChannels:
         except BaseException:
             cb.close()
             raise
-        if (old := self.open.get(name)) is not None:  # opened meanwhile by another task
-            old.close()
+        if (other := self.open.get(name)) is not None:  # opened meanwhile by another task
+            cb.close()
+            return other
         self.open[name] = ch
         return ch
 
