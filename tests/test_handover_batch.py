@@ -294,3 +294,37 @@ def test_sessions_after_a_broken_window_are_not_handed(live, tmp_path):
 def test_client_refuses_a_batch_size_beyond_one_message(tmp_path):
     with pytest.raises(ValueError, match="batch"):
         AdoptionClient(str(tmp_path / "none.sock"), batch=MAX_BATCH + 1)
+
+
+def test_readopt_sends_a_channel_to_its_server_s_port(tmp_path):
+    """A channel (a socket the server connect()ed for a client session) goes to the
+    adoption socket of the server it belongs to (its box's home port), not to one named
+    after its own ephemeral port; an accepted session goes by its local port."""
+    from backdoors.continuations.box import new_box
+
+    regions = RegionTable([NODE], max_regions=8, max_region_bytes=1 << 20, max_node_bytes=1 << 24)
+    table = SessionTable([NODE], max_per_node=8)
+    watch = OwnerWatch(table, regions, publish=lambda *a, **k: None,
+                       audit=SimpleNamespace(write=lambda **k: None), timeout_s=60.0,
+                       run_dir=str(tmp_path))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        out = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        channel = new_box(out, state_capacity=256, log_capacity=256, registrar=NULL,
+                          channel_of=8080)
+        client = create_cb(accepted, registrar=NULL)
+        try:
+            held = {}
+            for name, cb in (("cb-channel", channel), ("cb-client", client)):
+                regions.keep(NODE, name, "cb", cb.fd, os.getpid())
+                held[name] = table.hold(NODE, name, cb.conn.sock.fileno(), os.getpid())
+            assert watch._port(held["cb-channel"]) == 8080
+            assert watch._port(held["cb-client"]) == listener.getsockname()[1]
+            assert out.getsockname()[1] not in (8080, listener.getsockname()[1])
+        finally:
+            watch.stop()
+            table.close()
+            for entry in regions.entries(NODE):
+                regions.remove(NODE, entry.name)
+            channel.close()
+            client.close()

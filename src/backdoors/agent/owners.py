@@ -31,6 +31,7 @@ import msgspec
 
 from ..common.procs import alive
 from ..common.runtime import ADOPT_SOCKET, adoption_path
+from ..continuations import cbformat
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..continuations.errors import NoVerdict
 from ..errors import BackdoorsError
@@ -263,7 +264,7 @@ class OwnerWatch:
         by_port: dict[int, list[Session]] = {}
         for s in mine:
             try:
-                by_port.setdefault(s.sock.getsockname()[1], []).append(s)
+                by_port.setdefault(self._port(s), []).append(s)
             except OSError as e:
                 failed[s.name] = f"socket: {e}"
         directory = os.path.join(self.run_dir, node)
@@ -292,6 +293,16 @@ class OwnerWatch:
         return ReadoptReply(answered, server_pid, len(mine), handed, failed,
                             round((time.monotonic() - t0) * 1000, 3),
                             len(self._orphaned(node, pid)))
+
+    def _port(self, s: Session) -> int:
+        """The port of the server `s` goes to: its box's home port (a channel: its
+        server's), else its socket's local port."""
+        try:
+            with self.regions.use(s.node, s.name) as entry:
+                home = cbformat.home_port(entry.region.read(0, cbformat.HEADER_SIZE))
+        except KeyError:  # no box registered
+            home = 0  # (its hand-over fails on the missing box, with the reason)
+        return home or s.sock.getsockname()[1]
 
     def _orphaned(self, node: str, pid: int) -> list[Session]:
         """Sessions of `node` held for dead `pid` (0: any dead owner) not adopted yet."""
