@@ -32,7 +32,7 @@ with it to the recovery node and rolled back with it. Its `reader` and `writer` 
 asyncio's streams; its `state` dict (exported with it) holds what the application needs
 to make the same calls again; `recovered` says it came from another node. A replayed
 request must make the same calls on it, in the same order, as the first time (the
-middle tier's answers read before the failure are replayed from the channel's log).
+peer's answers read before the failure are replayed from the channel's log).
 
 The lifespan protocol (startup, shutdown) is run when the application supports it.
 """
