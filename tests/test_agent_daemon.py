@@ -182,3 +182,41 @@ def test_the_sampler_queues_a_tracking_pass_only_when_none_ran_within_its_period
 class _Done:
     def done(self) -> bool:
         return True
+
+
+def test_a_lane_tells_where_a_call_it_runs_is():
+    """What an abandoned op's error names: its wait for a worker, then the innermost
+    frame and the innermost of ours (here a read of a child that stays silent)."""
+    import threading
+
+    from backdoors.agent.served import Lane
+    from backdoors.common.procs import read_line
+
+    lane = Lane("t", 1)
+    hold = threading.Event()
+    try:
+        _, first = lane.submit(hold.wait)
+        silent = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)
+        _, second = lane.submit(read_line, silent, 30)
+        assert second.where() == "waiting for a worker"  # the one worker holds the first
+        assert "threading.py" in first.where()  # not ours: the innermost frame only
+        hold.set()
+        deadline = time.monotonic() + 10
+        while "read_line" not in second.where() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        where = second.where()
+        assert where.startswith("waited ") and " for a worker; at select (" in where, where
+        line = _line_of(read_line, "select(")
+        assert where.endswith(f" in read_line (common/procs.py:{line})"), where
+    finally:
+        hold.set()
+        silent.kill()
+        silent.wait()
+        lane.pool.shutdown(wait=True)
+
+
+def _line_of(fn, text: str) -> int:
+    import inspect
+
+    lines, first = inspect.getsourcelines(fn)
+    return first + next(i for i, line in enumerate(lines) if text in line)

@@ -7,6 +7,10 @@ lanes: none of them needs the daemon for it.
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 
 from ..nodes import Node
@@ -30,6 +34,50 @@ class Lane:
     def __post_init__(self) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(self.workers,
                                                           thread_name_prefix=f"bd-{self.name}")
+
+    def submit(self, fn, *args) -> tuple[concurrent.futures.Future, Running]:
+        """fn(*args) on a worker, and a handle that tells, while it runs, where it is."""
+        running = Running(time.monotonic())
+        return self.pool.submit(running.run, fn, *args), running
+
+
+@dataclass
+class Running:
+    """A call submitted to a lane: when, and once a worker took it, which thread has it."""
+
+    submitted: float
+    started: float | None = None
+    thread: int | None = None
+
+    def run(self, fn, *args):
+        self.started, self.thread = time.monotonic(), threading.get_ident()
+        try:
+            return fn(*args)
+        finally:
+            self.thread = None
+
+    def where(self) -> str:
+        """How long it waited for a worker and where it is now: its innermost frame and,
+        when that is not in our code, the innermost one that is (what an abandoned op
+        was stuck in)."""
+        if self.started is None:
+            return "waiting for a worker"
+        frame = sys._current_frames().get(self.thread) if self.thread is not None else None
+        spots = []
+        while frame is not None and len(spots) < 2:
+            ours = frame.f_code.co_filename.startswith(_OURS)
+            if not spots or ours:
+                spots.append(f"{frame.f_code.co_name} "
+                             f"({os.path.relpath(frame.f_code.co_filename, _OURS)}:"
+                             f"{frame.f_lineno})")
+                if ours:
+                    break
+            frame = frame.f_back
+        return (f"waited {self.started - self.submitted:.2f} s for a worker; "
+                f"at {' in '.join(spots) or 'its return'}")
+
+
+_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the backdoors package
 
 
 READ_WORKERS = 2  # per node, for its region copies (the sensors op)

@@ -423,7 +423,7 @@ class RpcServer:
                                   "that does not return); retry later")
         deadline = deadline or self.agent.config.op_deadline_s
         loop = asyncio.get_running_loop()
-        cf = lane.pool.submit(fn, *fn_args)
+        cf, running = lane.submit(fn, *fn_args)
         fut = asyncio.wrap_future(cf, loop=loop)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), deadline)
@@ -437,7 +437,8 @@ class RpcServer:
             started = time.monotonic()
             fut.add_done_callback(lambda f: self._late(lane, what, f, started))
             raise OpError("deadline", f"{what} on {lane.name} did not finish within "
-                                      f"{deadline:g} s; abandoned ({lane.stuck} stuck)") from None
+                                      f"{deadline:g} s ({running.where()}); abandoned "
+                                      f"({lane.stuck} stuck)") from None
 
     def _late(self, lane: Lane, what: str, fut: asyncio.Future, started: float) -> None:
         lane.stuck -= 1
