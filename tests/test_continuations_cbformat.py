@@ -264,12 +264,14 @@ def test_a_channel_box_says_so_and_its_plan_discounts_the_syn():
             image = parse_cb(data)
             assert image.active_open and image.home_port == 8080
             assert cbformat.home_port(data[:cbformat.HEADER_SIZE]) == 8080
+            assert cbformat.server_port(data[:cbformat.HEADER_SIZE], 41000) == 8080
             plan = image.plan(bytes_handed(out), 0)
             assert (plan.sent, plan.handed, plan.skip) == (7, 14, 7)
             with pytest.raises(RecoveryError, match="active open"):
                 image.plan(0, 0)
         peer.close()
     assert not parse_cb(VALID).active_open and cbformat.home_port(VALID[:128]) == 0
+    assert cbformat.server_port(VALID[:128], 8081) == cbformat.server_port(b"", 8081) == 8081
     for flags, port, match in ((1, 0, "needs a home_port"), (0, 80, "needs a home_port"),
                                (2, 80, "unknown flags")):
         bad = bytearray(data)

@@ -299,10 +299,10 @@ class OwnerWatch:
         server's), else its socket's local port."""
         try:
             with self.regions.use(s.node, s.name) as entry:
-                home = cbformat.home_port(entry.region.read(0, cbformat.HEADER_SIZE))
+                header = entry.region.read(0, cbformat.HEADER_SIZE)
         except KeyError:  # no box registered
-            home = 0  # (its hand-over fails on the missing box, with the reason)
-        return home or s.sock.getsockname()[1]
+            header = b""  # (its hand-over fails on the missing box, with the reason)
+        return cbformat.server_port(header, s.sock.getsockname()[1])
 
     def _orphaned(self, node: str, pid: int) -> list[Session]:
         """Sessions of `node` held for dead `pid` (0: any dead owner) not adopted yet."""

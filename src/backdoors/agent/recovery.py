@@ -538,8 +538,9 @@ class Recovery:
         (adding the time of each step to `phases`)."""
         by_port: dict[int, list[Started]] = {}
         for item in started:  # a channel goes to the server it belongs to (its home port)
-            port = cbformat.home_port(os.pread(item.cb_fd, cbformat.HEADER_SIZE, 0))
-            by_port.setdefault(port or item.state.local_port, []).append(item)
+            header = os.pread(item.cb_fd, cbformat.HEADER_SIZE, 0)
+            port = cbformat.server_port(header, item.state.local_port)
+            by_port.setdefault(port, []).append(item)
         directory = os.path.join(self.run_dir, call.node.name)
         handed = 0
         for port, items in sorted(by_port.items()):

@@ -112,6 +112,12 @@ def home_port(header: bytes) -> int:
     return _HOME_PORT.unpack_from(header, OFF_HOME_PORT)[0]
 
 
+def server_port(header: bytes, local_port: int) -> int:
+    """The port of the server a box's session belongs to: its home port (a channel's,
+    whose socket's own port is ephemeral), else the session socket's `local_port`."""
+    return home_port(header) or local_port
+
+
 def round8(n: int) -> int:
     return (n + 7) & ~7
 
