@@ -133,12 +133,21 @@ def test_adopt_refuses_hostile_sessions_naming_the_problem(peer_lab):
         {"name": "cb-cc", "tcp": msgspec.msgpack.encode(_state(options={"snd_wscale": 99})),
          "cb": good_cb},
     ]
+    four = zlib.compress(b"abcd")  # live parts (an evacuate's copy) that do not fit
+    for name, parts, size in (("cb-d1", [[0, 2], [1, 2]], 100), ("cb-d2", [[0, 4]], 1 << 40),
+                              ("cb-d3", [[0, 3]], 100), ("cb-d4", [[98, 4]], 100)):
+        sessions.append({"name": name, "tcp": msgspec.msgpack.encode(_state()), "cb": four,
+                         "cb_parts": parts, "cb_size": size})
     reply = c.call("adopt", node="n0", addresses=[], sessions=sessions, final=True)
     failed = reply["failed"]
     assert "inflates beyond" in failed["cb-aa"]
     assert "window.snd_wnd" in failed["cb-bb"]
     assert "is not cb-<session>" in failed["../../etc"]
     assert "options.snd_wscale" in failed["cb-cc"]
+    assert "part (1, 2) overlaps the one before it" in failed["cb-d1"]
+    assert f"a size of {1 << 40} bytes, not within" in failed["cb-d2"]
+    assert "its parts hold 3 bytes, its data 4" in failed["cb-d3"]
+    assert "part (98, 4) overlaps the one before it, is empty or ends beyond" in failed["cb-d4"]
     assert reply["restored"] == 0 and reply["handed"] == 0
     assert _settled(before)
 
@@ -190,7 +199,9 @@ def _tcp(draw):
 _cbs = st.one_of(st.binary(max_size=64), st.just(zlib.compress(bytes(20 << 20), 9)),
                  st.builds(lambda b: zlib.compress(b)[:-1], st.binary(max_size=32)))
 _sessions = st.lists(st.fixed_dictionaries(
-    {"name": _names, "tcp": _tcp(), "cb": _cbs}, optional={"staged": st.booleans()}),
+    {"name": _names, "tcp": _tcp(), "cb": _cbs},
+    optional={"staged": st.booleans(), "cb_size": _ints,
+              "cb_parts": st.lists(st.tuples(_ints, _ints), max_size=3)}),
     max_size=3)
 _calls = st.one_of(
     st.builds(lambda s, f: ("adopt", {"node": "n0", "addresses": [], "sessions": s, "final": f}),

@@ -362,8 +362,12 @@ class MovedSession(msgspec.Struct, forbid_unknown_fields=True):
 
     name: str  # "cb-<session>"
     tcp: bytes  # TcpState.encode(); empty when staged (sent before in pieces: op stage)
-    cb: bytes  # the Continuation Box region, zlib-compressed
+    cb: bytes  # the Continuation Box region, zlib-compressed (its live parts: cb_parts)
     staged: bool = False
+    #: (offset, length) of each piece `cb` holds, in order, of a region of cb_size bytes
+    #: whose other bytes are zero (continuations.image.live_parts); [] : the whole region
+    cb_parts: list[tuple[int, int]] = []
+    cb_size: int = 0
 
 
 class FenceReply(msgspec.Struct):

@@ -42,6 +42,7 @@ from .. import net
 from ..continuations import cbformat
 from ..continuations.adoption import AdoptionClient, Handover, cb_memfd
 from ..continuations.errors import NotHanded, NoVerdict
+from ..continuations.image import live_parts
 from ..common.procs import read_process
 from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
@@ -367,9 +368,11 @@ class Recovery:
                     state = handle.dump(since=s.since)
                     handle.close()
                 t1 = clock()
-                with agent.regions.use(rt.name, s.name) as entry:
-                    cb = zlib.compress(entry.region.read(0, entry.size), 1)  # mostly empty ring
-                moving.append(MovedSession(s.name, state.encode(), cb))
+                with agent.regions.use(rt.name, s.name) as entry:  # mostly an empty ring:
+                    parts = live_parts(entry.region.read, entry.size, state.read)  # its used
+                    cb = zlib.compress(b"".join(entry.region.read(*p) for p in parts), 1)
+                moving.append(MovedSession(s.name, state.encode(), cb, cb_parts=parts,
+                                           cb_size=entry.size))
                 held += _size(moving[-1])
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
@@ -485,12 +488,13 @@ class Recovery:
                         self.expires.pop((rt.name, m.name), None)
                     state = TcpState.decode(bytes(tcp))
                     cb = inflate(m.cb, min(limit, budget), f"session {m.name}: its CB")
-                    fd = cb_memfd(m.name, cb)
+                    size = _cb_size(m, len(cb), min(limit, budget))
+                    fd = cb_memfd(m.name, cb, m.cb_parts, size)
                 except (BackdoorsError, OpError, OSError) as e:
                     failed[m.name] = f"decode: {e}"
                     continue
-                budget -= len(cb)
-                out.append((m, state, fd, len(cb)))
+                budget -= size
+                out.append((m, state, fd, size))
         except BaseException:
             for _, _, fd, _ in out:
                 os.close(fd)
@@ -697,6 +701,26 @@ def inflate(data: bytes, limit: int, what: str) -> bytes:
     return out
 
 
+def _cb_size(m: MovedSession, inflated: int, limit: int) -> int:
+    """The size of the region `m.cb` (`inflated` bytes) is a copy of: its own length, or
+    cb_size when it holds cb_parts, which must be in order, apart, within cb_size (at
+    most `limit`) and as long as it is. AgentError naming the problem otherwise."""
+    if not m.cb_parts:
+        return inflated
+    what = f"session {m.name}: its CB"
+    if not 0 < m.cb_size <= limit:
+        raise AgentError(f"{what} has a size of {m.cb_size} bytes, not within (0, {limit}]")
+    end = total = 0
+    for offset, length in m.cb_parts:
+        if offset < end or length <= 0 or offset + length > m.cb_size:
+            raise AgentError(f"{what}: part ({offset}, {length}) overlaps the one before it, "
+                             f"is empty or ends beyond its {m.cb_size} bytes")
+        end, total = offset + length, total + length
+    if total != inflated:
+        raise AgentError(f"{what}: its parts hold {total} bytes, its data {inflated}")
+    return m.cb_size
+
+
 def _announce(ns: str, ifname: str, addresses: list[str], **kw) -> None:
     for cidr in addresses:
         try:
@@ -720,7 +744,7 @@ def _stage(peer: AgentClient, to_node: str, m: MovedSession, warrant: list[bytes
         return m
     for off in range(0, len(m.tcp), STAGE_PIECE):
         peer.stage(to_node, m.name, off, len(m.tcp), m.tcp[off:off + STAGE_PIECE], warrant)
-    return MovedSession(m.name, b"", m.cb, staged=True)
+    return msgspec.structs.replace(m, tcp=b"", staged=True)
 
 
 def _size(m: MovedSession) -> int:

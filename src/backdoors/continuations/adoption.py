@@ -31,6 +31,7 @@ import os
 import select
 import socket
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
@@ -480,12 +481,19 @@ def hand_over(path: str, sock: socket.socket | int, cb_fd: int, handover: Handov
         client.hand_over(sock, cb_fd, handover)
 
 
-def cb_memfd(name: str, data: bytes) -> int:
-    """A sealed memfd holding a copy of a Continuation Box, to hand over with its session."""
+def cb_memfd(name: str, data: bytes, parts: Sequence[tuple[int, int]] = (),
+             size: int | None = None) -> int:
+    """A sealed memfd holding a copy of a Continuation Box, to hand over with its session:
+    `data` whole, or the pieces (offset, length) of `parts` one after the other in a
+    region of `size` bytes, the rest zero (continuations.image.live_parts; checked by
+    the caller)."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, len(data))
-        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data) if size is None else size)
+        at, view = 0, memoryview(data)
+        for offset, length in parts or [(0, len(data))]:
+            os.pwrite(fd, view[at:at + length], offset)
+            at += length
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     except OSError:
         os.close(fd)

@@ -18,6 +18,7 @@ import ipaddress
 import socket
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,3 +342,40 @@ def _without_log(data: bytes, version: int) -> CbImage:
     received = fixed[slot + 16:slot + 24]
     fixed[cbformat.OFF_LOG_END:cbformat.OFF_LOG_END + 8] = received  # an empty log
     return dataclasses.replace(parse_cb(fixed), log_complete=False)
+
+
+def live_parts(read: Callable[[int, int], bytes], size: int, read_pos: int
+               ) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of a `size`-byte CB region that a recovery reads, in
+    order: the header, each slot's header and state data, and the receive log's bytes
+    from the active export's `received` position to `read_pos` (the socket's count of
+    bytes read, tcprepair's `read`) or log_end, whichever is later. The rest of a box is
+    mostly an empty ring: a copy of only these parts is the same box to a recovery.
+    [(0, size)] when the header or the active slot's positions do not parse: the whole
+    box, for the recovery to report what is wrong with it. `read(offset, length)` reads
+    the region (frozen or dead owner: the parts are read after this returns)."""
+    try:
+        fields = parse_header(read(0, cbformat.HEADER_SIZE))
+    except (CbFormatError, SensorBoxError):
+        return [(0, size)]
+    state_cap, log_cap, version, log_end = fields[2], fields[3], fields[4], fields[5]
+    ring = cbformat.log_offset(state_cap)
+    if cbformat.region_size(state_cap, log_cap) > size:
+        return [(0, size)]
+    parts = [(0, cbformat.HEADER_SIZE)]
+    received = 0
+    for index in (0, 1):
+        at = cbformat.slot_offset(index, state_cap)
+        slot = cbformat.SLOT.unpack_from(read(at, cbformat.SLOT_HEADER_SIZE))
+        parts.append((at, cbformat.SLOT_HEADER_SIZE + min(slot[3], state_cap)))
+        if index == version & 1:
+            received = slot[2]
+    end = max(read_pos, log_end)
+    if not 0 <= received <= end < _MAX_POSITION:
+        return [(0, size)]
+    first, count = received % log_cap, min(end - received, log_cap)
+    if first + count <= log_cap:
+        parts.append((ring + first, count))
+    else:  # it wraps: its end is at the ring's start
+        parts += [(ring, first + count - log_cap), (ring + first, log_cap - first)]
+    return [(offset, length) for offset, length in parts if length]
