@@ -368,8 +368,9 @@ class Recovery:
                     state = handle.dump(since=s.since)
                     handle.close()
                 t1 = clock()
-                with agent.regions.use(rt.name, s.name) as entry:  # mostly an empty ring:
-                    parts = live_parts(entry.region.read, entry.size, state.read)  # its used
+                # only the box's live parts: the rest is mostly an empty ring
+                with agent.regions.use(rt.name, s.name) as entry:
+                    parts = live_parts(entry.region.read, entry.size, state.read)
                     cb = zlib.compress(b"".join(entry.region.read(*p) for p in parts), 1)
                 moving.append(MovedSession(s.name, state.encode(), cb, cb_parts=parts,
                                            cb_size=entry.size))
