@@ -205,7 +205,8 @@ def test_a_lane_tells_where_a_call_it_runs_is():
         while "read_line" not in second.where() and time.monotonic() < deadline:
             time.sleep(0.01)
         where = second.where()
-        assert where.startswith("waited ") and " for a worker; at select (" in where, where
+        assert where.startswith("waited "), where
+        assert " for a worker; at select (selectors.py:" in where, where
         line = _line_of(read_line, "select(")
         assert where.endswith(f" in read_line (common/procs.py:{line})"), where
     finally:

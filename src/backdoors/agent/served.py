@@ -67,9 +67,9 @@ class Running:
         while frame is not None and len(spots) < 2:
             ours = frame.f_code.co_filename.startswith(_OURS)
             if not spots or ours:
-                spots.append(f"{frame.f_code.co_name} "
-                             f"({os.path.relpath(frame.f_code.co_filename, _OURS)}:"
-                             f"{frame.f_lineno})")
+                path = frame.f_code.co_filename
+                path = os.path.relpath(path, _OURS) if ours else os.path.basename(path)
+                spots.append(f"{frame.f_code.co_name} ({path}:{frame.f_lineno})")
                 if ours:
                     break
             frame = frame.f_back
