@@ -466,3 +466,35 @@ def test_the_live_parts_of_a_box_that_does_not_parse_are_the_whole_box():
     assert live_parts(lambda off, n: bytes(big[off:off + n]), len(big), 18) == [(0, len(big))]
     assert live_parts(lambda off, n: VALID[off:off + n], len(VALID), 5) != [(0, len(VALID))]
     assert live_parts(lambda off, n: VALID[off:off + n], len(VALID), 1 << 62) == [(0, len(VALID))]
+
+
+def test_reading_a_handed_copy_allocates_no_page_for_its_holes():
+    """A target reads each handed box once (adoption.prepare): with pread its ring's holes
+    stay holes, where loads through a mapping would give each a fresh zeroed page."""
+    from backdoors.continuations.adoption import Handover, cb_memfd, prepare
+    from backdoors.continuations.image import live_parts
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        with create_cb(conn, log_capacity=1 << 20, registrar=NullRegistrar()) as cb:
+            client.sendall(b"request\n")
+            cb.conn.readline()
+            cb.export(b"state")
+            data = region_bytes(cb)
+            session = read_cb(cb.fd).session_id
+        parts = live_parts(lambda off, n: data[off:off + n], len(data), 8)
+        copy = b"".join(data[o:o + n] for o, n in parts)
+        grown = {}
+        for name, read in (("prepare", lambda fd: prepare(client, fd, Handover(session, 0, 8)).image),
+                           ("mapped", lambda fd: read_cb(fd, map=True))):
+            fd = cb_memfd("cb", copy, parts, len(data))
+            try:
+                before = os.fstat(fd).st_blocks
+                assert read(fd).state() == b"state"
+                grown[name] = os.fstat(fd).st_blocks - before
+            finally:
+                os.close(fd)
+        client.close()
+    assert grown["prepare"] == 0
+    assert grown["mapped"] * 512 >= 1 << 20  # what a mapping costs: the whole ring

@@ -153,7 +153,7 @@ def prepare(sock: socket.socket, cb_fd: int, handover: Handover) -> Recovered:
         sock.getpeername()
     except OSError:
         raise AdoptionError(f"session {handover.session}: the handed socket is not connected") from None
-    image = read_cb(cb_fd)
+    image = read_cb(cb_fd, map=False)  # a copy read once: no page for its holes
     if image.session_id != handover.session:
         raise AdoptionError(
             f"hand-over names session {handover.session} but the CB holds {image.session_id}"

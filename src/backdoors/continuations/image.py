@@ -271,14 +271,16 @@ def _endpoints(family, laddr, lport, raddr, rport):
     return (make(laddr), lport), (make(raddr), rport)
 
 
-def read_cb(source: Region | int, budget_s: float = READ_BUDGET_S) -> CbImage:
+def read_cb(source: Region | int, budget_s: float = READ_BUDGET_S, *,
+            map: bool = True) -> CbImage:  # noqa: A002 - Region's word
     """A consistent, validated image of the CB held by `source` (a Region or an fd).
 
     Works on a region whose owner is running (retries for up to `budget_s` while it
     rewrites, mostly asleep), frozen or dead. CbFormatError if the region is malformed or
-    does not settle in time.
+    does not settle in time. `map=False` reads an fd with pread: for a copy read once
+    (a handed-over box), whose holes a mapping would fill with fresh zeroed pages.
     """
-    region = source if isinstance(source, Region) else _region(source)
+    region = source if isinstance(source, Region) else _region(source, map)
     try:
         return _read(region, budget_s)
     except SensorBoxError as err:  # the Region's bounds checks
@@ -288,9 +290,9 @@ def read_cb(source: Region | int, budget_s: float = READ_BUDGET_S) -> CbImage:
             region.close()
 
 
-def _region(fd: int) -> Region:
+def _region(fd: int, map: bool) -> Region:  # noqa: A002
     try:
-        return Region(fd, label=f"Continuation Box fd {fd}")
+        return Region(fd, label=f"Continuation Box fd {fd}", map=map)
     except SensorBoxError as err:
         raise CbFormatError(str(err)) from None
 
