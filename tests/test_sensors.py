@@ -42,6 +42,31 @@ def test_round_trip(box):
     assert [s.id for s in img.sensors] == [1, 2, 3]
 
 
+def test_a_stamped_progress_move_stores_its_time(box):
+    """A stamped counter's tick() and add() store the move's CLOCK_MONOTONIC time in the
+    slot's moved_ns (a reader then needs to look only once per deadline); a plain one
+    leaves it 0. parse_box shows param 0 for both, and a pressure counter's window is
+    untouched by its events."""
+    req = box.progress("requests", deadline=0.2, stamped=True)
+    plain = box.progress("plain", deadline=0.2)
+    err = box.pressure("errors", max_events=100, window=1.5)
+    at = abi.slot_offset(0) + abi.SLOT_OFF_MOVED_NS
+    with Region(box.fd) as region:
+        assert region.load_word(at) == 0  # never moved
+        for move in (req.tick, lambda: req.add(5)):
+            before = time.monotonic_ns()
+            move()
+            after = time.monotonic_ns()
+            err.event()
+            plain.tick()
+            assert before <= region.load_word(at) <= after
+        assert region.load_word(abi.slot_offset(1) + abi.SLOT_OFF_MOVED_NS) == 0
+        by = {s.name: s for s in parse_box(read_consistent(region)).sensors}
+    assert by["requests"].value == 6 and by["requests"].param == 0.0
+    assert by["plain"].value == 2 and by["plain"].param == 0.0
+    assert by["errors"].value == 2 and by["errors"].param == 1.5
+
+
 def test_memfd_is_sealed_and_mapped(box):
     import fcntl
     seals = fcntl.fcntl(box.fd, fcntl.F_GET_SEALS)

@@ -3,11 +3,12 @@
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from backdoors.sensors import SensorBoxReader
+from backdoors.sensors import SensorBoxReader, abi
 
 from conftest import unavailable
 
@@ -39,9 +40,15 @@ def check(snap):
 
 def test_c_writer_file(writer, tmp_path):
     path = tmp_path / "cbox"
+    before = time.monotonic_ns()
     subprocess.run([str(writer), str(path)], check=True)
+    after = time.monotonic_ns()
     with SensorBoxReader(str(path)) as rd:
         check(rd.snapshot())
+    # bd_sb_tick stamped the progress counter's last move (slot 0's moved_ns)
+    moved_at = abi.slot_offset(0) + abi.SLOT_OFF_MOVED_NS
+    moved_ns = int.from_bytes(path.read_bytes()[moved_at:moved_at + 8], "little")
+    assert before < moved_ns < after
 
 
 def test_c_writer_memfd(writer):

@@ -134,6 +134,7 @@ class BenchRecovery(msgspec.Struct):
 
 class BenchSensors(msgspec.Struct):
     progress_tick_ns: Num = None
+    stamped_progress_tick_ns: Num = None
     level_set_ns: Num = None
     pressure_event_ns: Num = None
     prometheus_counter_inc_ns: Num = None

@@ -753,6 +753,7 @@ def casestudy_load(rows: list[CasestudyLoad]) -> bytes:
 
 SENSOR_COSTS = [
     ("progress_tick_ns", "Sensor Box: progress tick", BLUE),
+    ("stamped_progress_tick_ns", "Sensor Box: stamped progress tick", BLUE),
     ("level_set_ns", "Sensor Box: level set", BLUE),
     ("pressure_event_ns", "Sensor Box: pressure event", BLUE),
     ("prometheus_counter_inc_ns", "prometheus_client Counter.inc", ORANGE),

@@ -27,8 +27,14 @@ Slot::
       6     2  reserved     0
       8     8  value        progress/pressure: u64 counter; level: f64
      16     8  threshold    progress: deadline (s); level: max; pressure: max events
-     24     8  param        level: min; pressure: window (s); progress: 0
+     24     8  param        level: min (f64); pressure: window (s, f64);
+                            progress: moved_ns (u64)
      32    32  name         UTF-8, NUL-padded (at most 31 bytes)
+
+A progress slot's moved_ns is the CLOCK_MONOTONIC time (ns) of the counter's last move,
+stored before the value; 0 from a writer that does not stamp. A reader that trusts it
+(agent/watch.py: only when it lies between two of its reads that saw the value change)
+looks at the counter once per deadline instead of polling for its moves.
 """
 
 import enum
@@ -53,6 +59,8 @@ OFF_COUNT = 16
 OFF_GENERATION = 24
 # Offset of a slot's value word, relative to the slot.
 SLOT_OFF_VALUE = 8
+# Offset of a progress slot's moved_ns word (the param field), relative to the slot.
+SLOT_OFF_MOVED_NS = 24
 
 FLAG_HAS_MIN = 1
 FLAG_HAS_MAX = 2

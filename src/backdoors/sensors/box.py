@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import struct
+from time import monotonic_ns
 
 from ..errors import SensorBoxError
 from . import abi
@@ -53,6 +54,30 @@ class Progress(_Counter):
     def tick(self) -> None:
         """Count one unit of progress: one store into the shared region."""
         self._count = c = self._count + 1
+        self._words[self._index] = c
+
+
+class StampedProgress(Progress):
+    """A Progress whose moves also store their time (CLOCK_MONOTONIC ns, the slot's
+    moved_ns), before the count: the agent then reads it once per deadline instead of
+    polling for its moves (agent/watch.py), for ~80 ns more per tick."""
+
+    __slots__ = ("_stamp",)
+
+    def __init__(self, words: memoryview, index: int, name: str, deadline: float):
+        super().__init__(words, index, name, deadline)
+        self._stamp = index + (abi.SLOT_OFF_MOVED_NS - abi.SLOT_OFF_VALUE) // 8
+
+    def tick(self) -> None:
+        """Count one unit of progress: its time, then its count, into the shared region."""
+        self._count = c = self._count + 1
+        self._words[self._stamp] = monotonic_ns()
+        self._words[self._index] = c
+
+    def add(self, n: int) -> None:
+        """Count `n` units at once."""
+        self._count = c = self._count + n
+        self._words[self._stamp] = monotonic_ns()
         self._words[self._index] = c
 
 
@@ -144,11 +169,14 @@ class SensorBox:
     def generation(self) -> int:
         return self._words[abi.OFF_GENERATION // 8]
 
-    def progress(self, name: str, *, deadline: float) -> Progress:
-        """Add a progress sensor that must tick at least every `deadline` seconds."""
+    def progress(self, name: str, *, deadline: float, stamped: bool = False) -> Progress:
+        """Add a progress sensor that must tick at least every `deadline` seconds.
+        `stamped`: each tick also stores its time (StampedProgress), so that the agent
+        reads the counter once per deadline rather than every few ms."""
         _positive(deadline, "deadline")
         index = self._add(name, abi.SensorType.PROGRESS, 0, 0, float(deadline), 0.0)
-        return self._remember(name, Progress(self._words, index, name, deadline))
+        kind = StampedProgress if stamped else Progress
+        return self._remember(name, kind(self._words, index, name, deadline))
 
     def level(self, name: str, *, min: float | None = None, max: float | None = None,
               initial: float = 0.0) -> Level:

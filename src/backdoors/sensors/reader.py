@@ -142,6 +142,8 @@ def parse_box(data: bytes) -> BoxImage:
             kind = abi.SensorType.from_code(type_)
         except ValueError:
             raise SensorBoxError(f"{where}: unknown sensor type {type_}") from None
+        if kind is abi.SensorType.PROGRESS:
+            param = 0.0  # its moved_ns (a u64 stamp), read by the agent's watcher
         if not (math.isfinite(threshold) and math.isfinite(param)):
             raise SensorBoxError(f"{where}: threshold/param must be finite")
         sname = _name(raw_name, where)

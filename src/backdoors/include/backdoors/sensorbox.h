@@ -1,8 +1,9 @@
 /*
- * backdoors Sensor Box writer, ABI version 1 — header-only, C99, Linux.
+ * backdoors Sensor Box writer, ABI version 1 — header-only, C11, Linux.
  *
  * A Sensor Box is a shared-memory region the backdoors agent reads from outside the
- * process. Updating a sensor is one aligned 64-bit store: no system call, no lock.
+ * process. Updating a sensor is an aligned 64-bit store (a progress tick: two, its time
+ * and its count): no system call, no lock.
  * Layout: docs/sensor-box.md (the Python reader, src/backdoors/sensors/abi.py, is the
  * reference). Little-endian machines only. `cc -I"$(backdoors config include-dir)"` finds
  * it; backdoors/register.h hands the box to the node's agent.
@@ -34,6 +35,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BD_SB_MAGIC "BDSB"
@@ -65,7 +67,10 @@ struct bd_sensor {
     uint16_t reserved;
     union { uint64_t count; double level; } value;
     double threshold;           /* progress: deadline s; level: max; pressure: max events */
-    double param;               /* level: min; pressure: window s */
+    union {
+        double param;           /* level: min; pressure: window s */
+        uint64_t moved_ns;      /* progress: CLOCK_MONOTONIC ns of the last move (bd_sb_tick) */
+    };
     char name[BD_SB_NAME_SIZE];
 };
 
@@ -177,11 +182,21 @@ static inline struct bd_sensor *bd_sb_pressure(struct bd_sensorbox *box, const c
     return bd__add(box, name, BD_PRESSURE, 0, max_events, window_s);
 }
 
-/* The update path: one aligned 64-bit store each. One writer per sensor. */
+/* The update path: aligned 64-bit stores. One writer per sensor. A progress tick stores
+ * the time of the move first, then the count (release: a reader that sees the count sees
+ * that time or a later one); the agent then reads the counter once per deadline. */
 static inline void bd_sb_tick(struct bd_sensor *s) {
+    if (s->type == BD_PROGRESS) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        __atomic_store_n(&s->moved_ns, (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec,
+                         __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&s->value.count, s->value.count + 1, __ATOMIC_RELEASE);
+}
+static inline void bd_sb_event(struct bd_sensor *s) {
     __atomic_store_n(&s->value.count, s->value.count + 1, __ATOMIC_RELAXED);
 }
-static inline void bd_sb_event(struct bd_sensor *s) { bd_sb_tick(s); }
 static inline void bd_sb_set(struct bd_sensor *s, double v) {
     union { double d; uint64_t u; } x = { .d = v };
     __atomic_store_n(&s->value.count, x.u, __ATOMIC_RELAXED);
