@@ -307,6 +307,59 @@ def test_each_progress_counter_among_other_sensors_is_judged_on_its_own(watched)
         box.close()
 
 
+def test_a_box_waits_for_its_deadline_only_while_its_stamps_can_be_trusted(watched):
+    """Four boxes, each a counter under a 100 ms deadline written every 5 ms: one
+    stamped (StampedProgress.tick), one plain (Progress.tick: no stamp), one stamps 10 s
+    ahead and one stamps at boot. Only the honest box is read lazily (once near each deadline);
+    the others are polled, and their stamps neither stall a moving counter early nor
+    hide a stopped one: each stop is pushed once, after its deadline."""
+    from backdoors.sensors import Region, SensorBox, abi
+
+    w = watched
+    stamps = {"honest": True, "unstamped": False,
+              "ahead": lambda: time.monotonic_ns() + 10**10, "boot": lambda: 1}
+    boxes, writers, regions = {}, {}, []
+    try:
+        for name, stamp in stamps.items():
+            box = boxes[name] = SensorBox.create(name)
+            counter = box.progress("p", deadline=0.1, stamped=stamp is True)
+            if isinstance(stamp, bool):
+                writers[name] = counter.tick
+            else:
+                region = Region(box.fd, writable=True)
+                regions.append(region)
+                value_at = abi.slot_offset(0) + abi.SLOT_OFF_VALUE
+                moved_at = abi.slot_offset(0) + abi.SLOT_OFF_MOVED_NS
+
+                def tick(region=region, stamp=stamp, n=[0]):  # noqa: B006 - its count
+                    n[0] += 1
+                    region.write(moved_at, stamp().to_bytes(8, "little"))
+                    region.write(value_at, n[0].to_bytes(8, "little"))
+                writers[name] = tick
+            w.watcher.regions.keep("n0", name, "sensorbox", os.dup(box.fd), os.getpid())
+        end = time.monotonic() + 0.8
+        while time.monotonic() < end:
+            for tick in writers.values():
+                tick()
+            time.sleep(0.005)
+        watched_boxes = {key[0]: b for key, b in w.watcher._nodes["n0"].boxes.items()}
+        assert {name: b.lazy for name, b in watched_boxes.items()} == {
+            "honest": True, "unstamped": False, "ahead": False, "boot": False}
+        said = [e for e in list(w.events.queue) if e[2].get("condition") == "progress_stalled"]
+        assert said == [], said  # none stalled while moving
+        stalls = {}
+        while len(stalls) < 4:
+            kind, data = _next(w, "progress_stalled")
+            assert kind == "violation" and data["box"] not in stalls
+            stalls[data["box"]] = data["unchanged_ms"]
+        assert all(ms >= 100 for ms in stalls.values()), stalls
+    finally:
+        for region in regions:
+            region.close()
+        for box in boxes.values():
+            box.close()
+
+
 TICKER = """
 import os, sys, time
 from backdoors.sensors import SensorBox

@@ -357,7 +357,7 @@ def _heartbeat(name: str, deadline: float) -> asyncio.Task:
     from .sensors import SensorBox
 
     box = SensorBox.create(name)
-    progress = box.progress("progress", deadline=deadline)
+    progress = box.progress("progress", deadline=deadline, stamped=True)
     if os.environ.get(AGENT_SOCKET_ENV):
         register_box(box)
 

@@ -1,14 +1,23 @@
 """Detection where the facts are: the agent judges its nodes itself and pushes violations.
 
 One thread (`bd-agent-watch`) watches every node. It waits in epoll on what the kernel
-notifies, and wakes every `watch_period_ms` only for what is a memory load:
+notifies, and wakes on a timer only for what is a memory load:
 
-- progress counters: each tick reads every progress counter of every node's Sensor
-  Boxes (a box's counters in one call, a 64-bit load each, from the boxes listed when
-  the registrations change; a box is parsed again only when its layout generation
-  changes), notes when each last moved, and judges a stall with the monitor's
-  judgement (`sensors.judgement`), counter by counter only where one moved or a
-  deadline passed. No syscall per node per tick.
+- progress counters: a tick reads the progress counters of the nodes' Sensor Boxes (a
+  box's counters with their stamps in one call, a 64-bit load each, from the boxes
+  listed when the registrations change; a box is parsed again only when its layout
+  generation changes), notes when each last moved, and judges a stall with the
+  monitor's judgement (`sensors.judgement`), counter by counter only where one moved
+  or a deadline passed. No syscall per node per tick. A counter's move is timed by its
+  stamp (the slot's moved_ns, sensors.StampedProgress and the C writer's bd_sb_tick)
+  when the stamp lies between the read before, which saw the old value, and this one;
+  else by this read (later than true: a stall is then judged late, never early). A box
+  whose counters' last moves were all so timed, none stalled, is *lazy*: a tick reads it
+  only when a deadline of it falls within LAZY_EARLY_S; while every box is lazy the
+  watcher wakes every LAZY_TICK_S (25 ms, for the periodic reads below) or at the next
+  deadline, where others keep it ticking every `watch_period_ms` (5 ms), since an
+  unstamped move is seen only by polling. A hostile stamp (ahead, behind, zero) only
+  makes its own box polled.
 - deaths: a pidfd of every process that registered a Sensor Box (EPOLLIN at its exit).
 - link state: an rtnetlink socket per node netns bound to the link group
   (`net.links.LinkEvents`); on a message, one `LinkWatch.up()` ioctl says the state.
@@ -144,6 +153,13 @@ PSI_KEEP_S = 3.0  # samples are kept this long (a longer stall's excuse counts f
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
 PSI_CLEAR_WINDOWS = 2.5  # a PSI trigger silent this many windows: its pressure has ended
 _GEN_WORD = abi.OFF_GENERATION // 8
+_STAMP_WORDS = (abi.SLOT_OFF_MOVED_NS - abi.SLOT_OFF_VALUE) // 8  # moved_ns after value
+#: With every progress counter of every box stamped (and no stall, no OOM settling), the
+#: watcher wakes this often, for the reads that stay periodic (failed forks, a v1
+#: freezer, CPU starvation samples), or at the next deadline if sooner; a tick reads a
+#: lazy box only when a deadline of it falls within the next LAZY_EARLY_S.
+LAZY_TICK_S = FORKS_READ_S
+LAZY_EARLY_S = LAZY_TICK_S
 MiB = 1 << 20
 
 Owner = tuple[int, float]  # a registrant: (host pid, start time)
@@ -159,6 +175,7 @@ class _Counter:
     onset_wall: float
     stalled: bool = False
     excused: float = 0.0  # seconds of this stretch the node was starved of CPU
+    stamped: bool = False  # its last move came with a stamp the watcher could trust
 
     @property
     def due(self) -> float:
@@ -177,13 +194,24 @@ class _Box:
     dead: bool = False  # its registrant died and its stalls were published: final
     read_at: float = 0.0  # the watcher's last read (agent/tracking.py reads it)
     unpack: Callable | None = None  # the counters' words in one call (set by _parse)
-    words: tuple[int, ...] | None = None  # as last read
+    words: tuple[int, ...] | None = None  # as last read: (value, moved_ns) per counter
     due: float = -math.inf  # the earliest deadline of a counter not stalled (inf: none)
+    lazy: bool = False  # read only near `due` (every counter stamped, none stalled)
 
     def replan(self) -> None:
-        """The earliest moment a counter of the box could stall."""
+        """The earliest moment a counter of the box could stall, and whether the box
+        can wait for it: a stalled counter is read every tick (its end is not stamped
+        ahead), and so is an unstamped one (its moves are seen only by polling)."""
         self.due = math.inf if self.dead else min(
             (c.due for c in self.counters if not c.stalled), default=math.inf)
+        self.lazy = self.dead or (self.entry.region.words is not None and all(
+            c.stamped and not c.stalled for c in self.counters))
+
+    def resting(self, words, now: float) -> bool:
+        """Whether a tick leaves the box unread: lazy, its layout unchanged, and no
+        deadline within the next LAZY_EARLY_S (one word load)."""
+        return (self.lazy and now < self.due - LAZY_EARLY_S
+                and words[_GEN_WORD] == self.generation)
 
     def excuse(self, since: float, now: float) -> float:
         """Seconds from `since` to `now` (monotonic) its node was starved of CPU, up to
@@ -251,6 +279,8 @@ class _Node:
         try:
             for box in self.order:
                 words = box.entry.region.words
+                if words is not None and box.resting(words, now):
+                    continue
                 if (words is None or box.retry_at or now > box.due
                         or words[_GEN_WORD] != box.generation):
                     return False
@@ -410,9 +440,7 @@ class Watcher:
                 self._replan(now)
             if now >= next_tick:
                 self._tick(now)
-                next_tick += self.period
-                if next_tick <= now:  # overran: skip the missed periods rather than catch up
-                    next_tick = now + self.period
+                next_tick = self._next_tick(next_tick, now)
             if now >= next_slow:
                 self._slow(now)
                 next_slow = now + self.slow_s
@@ -585,6 +613,23 @@ class Watcher:
                 n.frozen_due = now + FROZEN_READ_S
                 self._frozen(n, None)
 
+    def _next_tick(self, last: float, now: float) -> float:
+        """The next tick: a period on, while a box must be polled (one not lazy) or an OOM
+        count settles; else at the next deadline of a lazy box, LAZY_TICK_S on at most."""
+        poll, wake = bool(self._settling), now + LAZY_TICK_S
+        for n in self._counted:
+            for box in n.order:
+                if not box.lazy:
+                    poll = True
+                    break
+                wake = min(wake, box.due)
+            if poll:
+                break
+        if poll:
+            wake = last + self.period
+        # overran, or a deadline passed but not judged a stall (a lease holds the node)
+        return wake if wake > now else now + self.period
+
     def _tick_node(self, n: _Node, now: float) -> None:
         """Read the node's boxes from where the last tick stopped, within the budget of
         PARSES_PER_TICK layouts and about COUNTERS_PER_TICK counters."""
@@ -598,6 +643,9 @@ class Watcher:
                 return
             box = boxes[at]
             if box.retry_at and now < box.retry_at:
+                continue
+            words = box.entry.region.words
+            if words is not None and box.resting(words, now):
                 continue
             try:
                 parsed = self._read_box(box, now, may_parse=parses < PARSES_PER_TICK)
@@ -629,19 +677,28 @@ class Watcher:
         if words is not None:
             values = box.unpack(words)
         else:
-            values = tuple(region.load_word(c.word_index * 8) for c in box.counters)
+            values = tuple(region.load_word((c.word_index + i) * 8)
+                           for c in box.counters for i in (0, _STAMP_WORDS))
+        seen = time.monotonic()  # no honest stamp is later than this
         box.words = values
-        for c, word in zip(box.counters, values):
+        for i, c in enumerate(box.counters):
+            word = values[2 * i]
             if word != c.word:
                 if box.dead:  # a dead process's counters do not resume: a change seen now
                     c.word = word  # is its last tick, written before its death, read late
                     continue
+                # when it moved: its stamp, if it lies between the last read (which saw
+                # the old value) and this one; else now (later than true: never early)
+                moved = values[2 * i + 1] / 1e9
+                c.stamped = c.word != -1 and box.read_at < moved <= seen
+                at = moved if c.stamped else now
                 if c.stalled:
                     c.stalled = False
                     self._say(box.node.rt.name, False, detector="progress_stalled",
                               condition="progress_stalled", box=box.key[0], sensor=c.name,
-                              value=word, stalled_ms=round((now - c.changed_at) * 1000, 1))
-                c.word, c.changed_at, c.onset_wall, c.excused = word, now, time.time(), 0.0
+                              value=word, stalled_ms=round((at - c.changed_at) * 1000, 1))
+                c.word, c.changed_at, c.excused = word, at, 0.0
+                c.onset_wall = time.time() - (seen - at)
             elif not c.stalled and now > c.due and not box.dead:
                 self._stall(box, c, now)
         box.replan()
@@ -662,12 +719,13 @@ class Watcher:
             counters.append(c)
         box.counters = sorted(counters, key=lambda c: c.word_index)
         box.generation = image.generation
-        # the counters' value words in one C call: a native (aligned) word each, as the
-        # memoryview of the mapped region loads them, with padding ("x") between them
+        # the counters' value and moved_ns words in one C call, in that order: a native
+        # (aligned) word each, as the memoryview of the mapped region loads them, with
+        # padding ("x") between them
         fmt, at = "@", 0
         for c in box.counters:
-            fmt += f"{(c.word_index - at) * 8}xQ"
-            at = c.word_index + 1
+            fmt += f"{(c.word_index - at) * 8}xQ{(_STAMP_WORDS - 1) * 8}xQ"
+            at = c.word_index + _STAMP_WORDS + 1
         box.unpack = struct.Struct(fmt).unpack_from
         box.words, box.due = None, -math.inf  # the next read judges every counter
 
@@ -734,7 +792,7 @@ class Watcher:
                 except SensorBoxError:
                     continue
             box.dead = True
-            box.due = math.inf
+            box.replan()
             for c in box.counters:
                 if c.stalled:
                     continue

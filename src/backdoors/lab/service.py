@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     box = SensorBox.create(a.name)
-    progress = box.progress("progress", deadline=a.deadline)
+    progress = box.progress("progress", deadline=a.deadline, stamped=True)
     rss = box.level("rss_mb", max=a.rss_max_mb, initial=rss_mb())
     errors = box.pressure("errors", max_events=50, window=1.0)
     if os.environ.get(AGENT_SOCKET_ENV):

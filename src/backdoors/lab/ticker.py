@@ -2,8 +2,8 @@
 
     python -m backdoors.lab.ticker --name tick-n0 --sensors 16 --tick 0.02 --deadline 0.2
 
-A quarter of the sensors are progress counters (each must move within --deadline s), the
-rest levels and pressures; every --tick s the loop ticks every progress counter and sets
+A quarter of the sensors are progress counters (each must move within --deadline s;
+stamped, so the agent reads them once per deadline), the rest levels and pressures; every --tick s the loop ticks every progress counter and sets
 every level. It serves nothing (the registration client's thread that notices a
 restarted agent aside): what watching a node costs is then the watcher's cost. SIGSTOP is a hang (every progress counter stalls).
 The box is registered with the node's agent (BACKDOORS_AGENT_SOCKET); once it is, a
@@ -29,7 +29,8 @@ def build(box: SensorBox, sensors: int, deadline: float) -> tuple[list, list]:
     n_progress = max(1, sensors // 4)
     n_pressure = (sensors - n_progress) // 3
     n_level = sensors - n_progress - n_pressure
-    progress = [box.progress(f"progress{i}", deadline=deadline) for i in range(n_progress)]
+    progress = [box.progress(f"progress{i}", deadline=deadline, stamped=True)
+                for i in range(n_progress)]
     levels = [box.level(f"level{i}", min=0.0, max=1e9) for i in range(n_level)]
     for i in range(n_pressure):
         box.pressure(f"pressure{i}", max_events=1000, window=1.0)

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     box = SensorBox.create(a.name)
-    progress = box.progress("progress", deadline=a.deadline)
+    progress = box.progress("progress", deadline=a.deadline, stamped=True)
     level = box.level("sessions", max=100_000)
     if os.environ.get(AGENT_SOCKET_ENV):
         register_box(box)
