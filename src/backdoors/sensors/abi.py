@@ -33,8 +33,8 @@ Slot::
 
 A progress slot's moved_ns is the CLOCK_MONOTONIC time (ns) of the counter's last move,
 stored before the value; 0 from a writer that does not stamp. A reader that trusts it
-(agent/watch.py: only when it lies between two of its reads that saw the value change)
-looks at the counter once per deadline instead of polling for its moves.
+(agent/watch.py: only when it lies between its read that saw the old value and the one
+that sees the new) looks at the counter once per deadline instead of polling for moves.
 """
 
 import enum
