@@ -62,7 +62,9 @@ class GuestSensors:
         self.memory = memory
         self.predictor, self.on_predicted = predictor, on_predicted
         self.box = SensorBox.create(f"{GUEST_BOX}:{node}", capacity=16)
-        self.jiffies = self.box.progress("jiffies", deadline=jiffies_deadline)
+        # stamped: when this reader saw the guest's clock move, so the agent's watcher
+        # reads the box near its deadline only (agent/watch.py)
+        self.jiffies = self.box.progress("jiffies", deadline=jiffies_deadline, stamped=True)
         self.tasks = self.box.level("tasks", min=1.0, max=max_tasks)
         self.blocked = self.box.level("blocked", min=0.0, max=max_blocked)
         self.top_rss = self.box.level("top_rss_mb", min=0.0)
