@@ -32,10 +32,7 @@ MiB = 1 << 20
 RSS_WINDOW_S = 1.0
 RSS_POINT_S = 0.05  # keep at most one history point per process per this many seconds
 TABLE_DUTY = 0.2  # the process table takes at most this share of the sampler's time
-#: and is read this often while the node's tasks and memory stand still: what it feeds
-#: (new processes, RSS growth) moves the task count or the memory use, which brings the
-#: next sample's read; an idle node re-read at every 1 s sample was half its sampler's CPU
-TABLE_IDLE_S = 2.0
+TABLE_IDLE_S = 0.25  # and is read this often while the node's tasks and memory stand still
 TABLE_MEMORY_MOVE = 1 << 20  # memory use moved this much (bytes) since the last table
 
 
