@@ -615,8 +615,9 @@ class Watcher:
 
     def _next_tick(self, last: float, now: float) -> float:
         """The next tick: a period on, while a box must be polled (one not lazy) or an OOM
-        count settles; else at the next deadline of a lazy box, LAZY_TICK_S on at most."""
-        poll, wake = bool(self._settling), now + LAZY_TICK_S
+        count settles; else at the next deadline of a lazy box, LAZY_TICK_S (or the
+        period, if longer) on at most."""
+        poll, wake = bool(self._settling), now + max(LAZY_TICK_S, self.period)
         for n in self._counted:
             for box in n.order:
                 if not box.lazy:

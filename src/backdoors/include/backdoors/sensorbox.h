@@ -194,9 +194,8 @@ static inline void bd_sb_tick(struct bd_sensor *s) {
     }
     __atomic_store_n(&s->value.count, s->value.count + 1, __ATOMIC_RELEASE);
 }
-static inline void bd_sb_event(struct bd_sensor *s) {
-    __atomic_store_n(&s->value.count, s->value.count + 1, __ATOMIC_RELAXED);
-}
+/* A pressure event; on a progress counter, a tick (so every move of it is stamped). */
+static inline void bd_sb_event(struct bd_sensor *s) { bd_sb_tick(s); }
 static inline void bd_sb_set(struct bd_sensor *s, double v) {
     union { double d; uint64_t u; } x = { .d = v };
     __atomic_store_n(&s->value.count, x.u, __ATOMIC_RELAXED);
