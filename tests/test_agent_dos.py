@@ -228,3 +228,99 @@ def test_a_node_of_stuck_boxes_does_not_make_other_nodes_busy(agent_lab):
     assert {f"stuck{i}" for i in range(stuck)} <= set(reply.errors)
     assert any("skipped" in m for m in reply.errors.values())
     assert reply.skipped and set(reply.skipped) <= set(reply.errors)
+
+
+# Registers argv[1] boxes of the largest capacity, every slot a progress counter with a
+# name of the longest length: each box and its tracking near the most one box can be.
+BIG = """
+import json, sys, time
+from backdoors.sensors import SensorBox, abi
+from backdoors.common.runtime import register_box
+boxes = []
+for i in range(int(sys.argv[1])):
+    box = SensorBox.create(f"big{i}", capacity=abi.MAX_CAPACITY)
+    for k in range(abi.MAX_CAPACITY):
+        box.progress(f"{i:04d}-{k:04d}".ljust(abi.MAX_NAME_BYTES, "x"), deadline=60.0)
+    register_box(box)
+    boxes.append(box)
+print(json.dumps({"big": len(boxes)}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_node_whose_boxes_overflow_a_reply_gets_a_reply_that_fits(agent_lab):
+    """Boxes that would make a `sensors` reply larger than a frame are left out of it
+    (named in its errors): the monitor still reads the node, and the agent stays
+    reachable, rather than every reply of that node being refused as too large."""
+    # a long deadline: the time budget of a read (test above) does not cut it short here
+    lab = agent_lab(nodes={"n0": {}, "n1": {}}, op_deadline_s=30.0)
+    lab.start_app("n1")
+    proc = lab.run("n0", BIG, "6")
+    assert json.loads(read_line(proc, 60)) == {"big": 6}
+    c = lab.client(timeout=40)
+    wait_for(lambda: len(c.call("regions", node="n0")) == 7, timeout=10,
+             what="the big boxes registered")
+    reply = c.sensors("n0")
+    assert "kernel" in reply.boxes
+    read = {f"big{i}" for i in range(6)} & set(reply.boxes)
+    left = {f"big{i}" for i in range(6)} - read
+    assert read and left, (sorted(read), sorted(left))
+    assert all("full" in reply.errors[b] for b in left), {b: reply.errors[b] for b in left}
+    many = c.sensors_many()
+    assert set(many.replies) | set(many.errors) == {"n0", "n1"}
+    assert "app" in many.replies["n1"].boxes
+    assert many.errors.get("n0", None) is None or many.errors["n0"].code == "too_large"
+
+
+def test_one_request_reads_many_nodes_each_as_alone(agent_lab):
+    """`sensors_many` gives each node what its own `sensors` call would: a hostile
+    node's stuck boxes stay its own errors, an unknown node is an error of its own, and
+    a request naming no node reads every node."""
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    lab.start_app("n1")
+    proc = lab.run("n0", STUCK, "4")
+    assert json.loads(read_line(proc, 30)) == {"stuck": 4}
+    c = lab.client(timeout=10)
+    wait_for(lambda: len(c.call("regions", node="n0")) == 5, timeout=10,
+             what="the stuck boxes registered")
+    many = c.sensors_many(["n1", "n0", "gone"])
+    assert set(many.replies) == {"n0", "n1"}
+    assert "app" in many.replies["n1"].boxes and not many.replies["n1"].errors
+    assert "kernel" in many.replies["n0"].boxes
+    assert {f"stuck{i}" for i in range(4)} <= set(many.replies["n0"].errors)
+    assert many.errors["gone"].code == "no_such_node"
+    assert set(c.sensors_many().replies) == {"n0", "n1"}
+    for bad in (["n0", "n0"], ["n0", "x" * 200], ["../n0"]):
+        with pytest.raises(AgentError) as e:
+            c.sensors_many(bad)
+        assert e.value.code == "bad_request"
+
+
+# Forks argv[1] children that sleep: each has the parent's command line, made long by
+# argv[2:] (1 KiB of arguments).
+LONG_ARGV = """
+import os, sys, time
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+print("forked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_process_table_of_long_command_lines_fits_a_reply(agent_lab, monkeypatch):
+    """The rows of `processes` stop where the reply would exceed a frame (here a frame
+    of 16 KiB, so that 40 processes with 1 KiB command lines overflow it); the table
+    says it is truncated."""
+    import backdoors.agent.ops as ops
+    monkeypatch.setattr(ops, "REPLY_BYTES", 16 * 1024)
+    lab = agent_lab(nodes={"n0": {"pids_limit": 128}})
+    proc = lab.run("n0", LONG_ARGV, "40", *["a" * 120] * 8)
+    assert read_line(proc, 30).strip() == "forked"
+    c = lab.client(timeout=10)
+    table = c.processes("n0", cmdline=True)
+    assert table.truncated and 41 <= table.total
+    assert 0 < len(table.rows) < 41
+    assert len(msgspec.msgpack.encode(table)) <= 16 * 1024
+    assert len(c.processes("n0").rows) == table.total  # without command lines all fit

@@ -82,6 +82,58 @@ def test_stall_is_detected_diagnosed_logged_and_closed(agent_lab, stall, tmp_pat
     assert [a.kind for a in logged[inc.id].actions] == ["record"]
 
 
+class _Older:
+    """A client of an agent from before `sensors_many`: the agent itself answers that op
+    with unknown_op (asked under a name it does not know)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def sensors_many(self, nodes=None):
+        return self._client.call("sensors_many_of_a_later_agent", nodes=nodes or [])
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_an_agent_without_sensors_many_is_polled_node_by_node(agent_lab, stall):
+    al = agent_lab
+    cfg = al.monitor_config(period_ms=50, events=False)
+    with Monitor(cfg, key=al.monitor_key(), client_factory=lambda entry, timeout: _Older(
+            al.agent_client(entry.host, timeout=timeout))) as mon:
+        mon.wait_ready()
+        with stall():
+            inc = mon.wait_for(lambda i: i.rule == "hang", 5)
+        assert inc is not None and inc.node == "n0" and inc.detected_by in (None, "poll")
+        assert not mon.pollers[0].many_supported
+
+
+def test_polls_read_every_node_of_an_agent_in_one_request(root, unique):
+    with AgentLab(f"t{unique}", nodes=3) as al:
+        for node in ("n0", "n1", "n2"):
+            al.wait_registered(node)
+        asked = []
+
+        class Counted:
+            def __init__(self, client):
+                self._client = client
+
+            def __getattr__(self, name):
+                asked.append(name)
+                return getattr(self._client, name)
+
+        cfg = al.monitor_config(period_ms=50, events=False)
+        with Monitor(cfg, key=al.monitor_key(), client_factory=lambda entry, timeout: Counted(
+                al.agent_client(entry.host, timeout=timeout))) as mon:
+            mon.wait_ready()
+            polls, end = mon.pollers[0].polls, time.monotonic() + 10
+            while mon.pollers[0].polls < polls + 5:
+                assert time.monotonic() < end, "fewer than 5 polls in 10 s"
+                time.sleep(0.02)
+            assert {"n0", "n1", "n2"} <= set(mon.engine.nodes)
+        assert "sensors_many" in asked and "sensors" not in asked
+
+
 def test_silent_agent_is_its_own_condition_and_does_not_slow_the_others(agent_lab):
     al = agent_lab
     # A "black hole" agent on the private network: it accepts and never answers.

@@ -27,7 +27,7 @@ from .protocol import (
     AdoptReply, Envelope, EvacuateReply, FenceReply, GuestKillReply, GuestProcesses, HealReply, HeldCount, IntegrityReply,
     KillReply, KillTreeReply, LimitsReply,
     LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
-    TOKENED, ClaimReply, SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply,
+    TOKENED, ClaimReply, SensorsManyReply, SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply,
     frame,
 )
 from .keys import Identity, verify
@@ -272,6 +272,11 @@ class AgentClient:
 
     def sensors(self, node: str) -> SensorsReply:
         return self._typed("sensors", SensorsReply, node=node)
+
+    def sensors_many(self, nodes: list[str] | None = None) -> SensorsManyReply:
+        """`sensors` of each of `nodes` (default: every node) in one request; the nodes
+        not read are in `.errors` with their code."""
+        return self._typed("sensors_many", SensorsManyReply, nodes=list(nodes or []))
 
     def write(self, node: str, region: str, offset: int, data: bytes) -> int:
         return self._typed("write", WriteReply, node=node, region=region, offset=offset,

@@ -4,8 +4,10 @@ Each Op has a strict msgspec argument type (decoded from the request's raw args)
 `where` ("inline" on the event loop: memory-only and quick; "memory": a region copy that
 may retry, on the node's own read workers, or the shared memory workers for an op without
 a node; "node": anything touching /proc or cgroupfs, on the node's own workers under the
-op deadline). Whether it is destructive (held for votes when the quorum is above 1) is
-read from the one table of them, `protocol.DESTRUCTIVE`.
+op deadline; "each": a "memory" op of one node run for each of several nodes in one
+request, each on its own node's read workers under its own deadline, `sensors_many`).
+Whether it is destructive (held for votes when the quorum is above 1) is read from the
+one table of them, `protocol.DESTRUCTIVE`.
 `OPS` is the table of ops; `Agent.add_op` extends it. An op sees the agent only through
 `AgentView`: its configuration, nodes and tables.
 """
@@ -17,7 +19,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,11 +47,37 @@ from .served import NodeRuntime
 from .sessions import SessionTable
 from .tokens import TokenTable
 
+_encode = msgspec.msgpack.Encoder().encode
 MAX_LEASE_S = 3600.0
+#: What a reply's entries may take of a frame (the rest: the envelope and its fields).
+REPLY_BYTES = MAX_IO - 8192
 SENSORS_BUDGET = 0.25  # share of the op deadline `sensors` spends before leaving boxes unread
 PID_MAX = 1 << 22  # the kernel's largest pid_max
 #: `processes` waits this long for the reads of /proc/PID/cmdline it needs (agent/mmreads.py)
 MM_READ_BUDGET_S = 0.25
+
+
+class Room:
+    """The bytes left for the entries of one reply (a node's boxes, the nodes of a
+    `sensors_many`), so that it fits a frame however many entries there are or however
+    large: each entry's short refusal (`FULL`) is reserved up front, and an entry that no
+    longer fits is given that refusal instead."""
+
+    FULL = "not read: the reply is full"
+
+    def __init__(self, total: int, names: Iterable[str]):
+        # the refusal, and the name once more in another field (`skipped`)
+        self._shares = {n: 2 * len(n) + len(self.FULL) + 32 for n in names}
+        self.left = total - sum(self._shares.values())
+
+    def take(self, name: str, *parts: Any) -> bool:
+        """Whether `parts` (the entry of `name`, as encoded in the reply) fit: if so, they
+        are counted."""
+        extra = len(name) + sum(len(_encode(p)) + 16 for p in parts) - self._shares[name]
+        if extra > self.left:
+            return False
+        self.left -= extra
+        return True
 
 
 class OpError(Exception):
@@ -92,13 +120,13 @@ class Op:
     name: str
     args: type
     run: Callable[[Call], Any]
-    where: str = "node"  # "inline" | "memory" | "node"
+    where: str = "node"  # "inline" | "memory" | "node" | "each"
     deadline_s: float | None = None  # None: the agent's op_deadline_s
     decoder: msgspec.msgpack.Decoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.where not in ("inline", "memory", "node"):
-            raise ValueError(f"op {self.name}: where must be inline, memory or node")
+        if self.where not in ("inline", "memory", "node", "each"):
+            raise ValueError(f"op {self.name}: where must be inline, memory, node or each")
         object.__setattr__(self, "decoder", msgspec.msgpack.Decoder(self.args))
 
     @property
@@ -120,6 +148,10 @@ class NoArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 class NodeArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
+
+
+class NodesArgs(msgspec.Struct, forbid_unknown_fields=True):
+    nodes: list[str] = []  # empty: every node of the agent
 
 
 class ProcessesArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -260,35 +292,46 @@ def read_boxes(agent: AgentView, rt: NodeRuntime) -> SensorsReply:
     those that failed before. A box that failed is skipped while its back-off runs
     (`agent/backoff.py`), and once the boxes read have taken SENSORS_BUDGET of the op
     deadline, the rest wait for the next call: a node's hostile boxes cannot make its
-    own kernel box late, nor hold the node's read workers for long. Each box read is
-    tracked (`agent/tracking.py`): the sensors op and the sampler's pass both call this."""
+    own kernel box late, nor hold the node's read workers for long; nor make the reply
+    larger than a frame: the boxes that no longer fit are named in its errors (`Room`).
+    Each box read is tracked (`agent/tracking.py`): the sensors op and the sampler's
+    pass both call this."""
     boxes, errors, skipped, unchanged, events, starved = {}, {}, {}, {}, {}, {}
     start = time.monotonic()
     budget = start + agent.config.op_deadline_s * SENSORS_BUDGET
     with agent.regions.use_all(rt.name, "sensorbox") as entries:
         keys = {e: (e.name, e.registered_at) for e in entries}
+        room = Room(REPLY_BYTES, (e.name for e in entries))
+
+        def refuse(name: str, message: str, *more: Any) -> None:
+            errors[name] = message if room.take(name, message, *more) else room.FULL
+
         rt.boxes.keep(set(keys.values()))
         rt.tracking.keep(set(keys.values()))
         rt.tracking.passed_at = start
         for entry in sorted(entries, key=lambda e: (not e.internal, rt.boxes.failures(keys[e]))):
             key = keys[entry]
             if (f := rt.boxes.skipped(key, start)) is not None:
-                skipped[entry.name] = round(f.until - start, 3)
-                errors[entry.name] = (f"skipped for {f.until - start:.1f} s more: failed "
-                                      f"{f.failures} times in a row (last: {f.error})")
+                skipped[entry.name] = until = round(f.until - start, 3)
+                refuse(entry.name, f"skipped for {until:.1f} s more: failed {f.failures} "
+                                   f"times in a row (last: {f.error})", until)
                 continue
             if not entry.internal and time.monotonic() > budget:
-                errors[entry.name] = ("not read: this call's time went to boxes that did not "
-                                      "settle; read first by the next one")
+                refuse(entry.name, "not read: this call's time went to boxes that did not "
+                                   "settle; read first by the next one")
                 continue
             try:
                 image = read_consistent(entry.region)
             except SensorBoxError as e:
-                errors[entry.name] = str(e)
+                refuse(entry.name, str(e))
                 rt.boxes.failed(key, str(e), time.monotonic())
                 continue
             rt.boxes.succeeded(key)
-            if (tracked := rt.tracking.observe(key, image, time.monotonic())) is not None:
+            tracked = rt.tracking.observe(key, image, time.monotonic())
+            if not room.take(entry.name, image, *(tracked or ())):
+                errors[entry.name] = room.FULL
+                continue
+            if tracked is not None:
                 unchanged[entry.name], events[entry.name] = tracked.unchanged, tracked.events
                 if tracked.starved:
                     starved[entry.name] = tracked.starved
@@ -320,14 +363,18 @@ def processes(call: Call) -> ProcessTable:
         got.update(call.agent.mmreads.run(waits, MM_READ_BUDGET_S))
     now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
     registrants = dict(call.agent.regions.registrants(rt.name))
-    rows = [
-        ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
-                   p.threads, p.pgid, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
-                   same_start(registrants.get(p.pid, -1.0), p.start_time),
-                   (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
-                   got.get(("c", p.pid)) or [])
-        for p in table
-    ]
+    rows, room = [], REPLY_BYTES  # long command lines and paths: the rows that fit a frame
+    for p in table:
+        row = ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time,
+                         p.cpu_seconds, p.threads, p.pgid, round(boot - p.start_time, 3),
+                         rt.sampler.history.rate(p, now),
+                         same_start(registrants.get(p.pid, -1.0), p.start_time),
+                         (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
+                         got.get(("c", p.pid)) or [])
+        room -= len(_encode(row))
+        if room < 0:
+            return ProcessTable(rows, len(pids), True)
+        rows.append(row)
     return ProcessTable(rows, len(pids), len(pids) > cap)
 
 
@@ -518,6 +565,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("regions", NodeArgs, regions),
     Op("read", ReadArgs, read, "inline"),
     Op("sensors", NodeArgs, sensors, "memory"),
+    Op("sensors_many", NodesArgs, sensors, "each"),
     Op("processes", ProcessesArgs, processes),
     Op("write", WriteArgs, write, "inline"),
     Op("lock", LockArgs, lock),

@@ -39,7 +39,7 @@ EVENT_DOMAIN = b"backdoors/2 event\0"
 CODES = (
     "bad_frame", "auth", "replay", "bad_request", "unknown_op", "no_such_node",
     "no_such_region", "out_of_bounds", "not_writable", "deadline", "quorum", "busy", "failed",
-    "stale_token",
+    "stale_token", "too_large",
 )
 #: Operations held for votes when the agent's quorum is above 1: the one table, read by
 #: the server (ops.Op.destructive) and the client (which waits the vote window for them).
@@ -49,7 +49,8 @@ DESTRUCTIVE = frozenset({"write", "kill", "kill_tree", "kill_node", "lock", "unl
 #: Operations that only read: not audited unless refused (REFUSED), as a monitor polls
 #: them several times a second; every request is counted in backdoors_agent_rpc_total.
 #: Every other op (and an unknown one) is audited: it changes or could change a node.
-READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "processes",
+READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "sensors_many",
+                   "processes",
                    "sessions", "held", "peers", "subscribe", "orphans", "kernel_integrity",
                    "guest_processes"})
 #: Error codes of a request refused for what it asked (not for the agent's own trouble:
@@ -229,6 +230,16 @@ class SensorsReply(msgspec.Struct):
     progress_unchanged_s: dict[str, dict[str, float]] = {}
     pressure_events: dict[str, dict[str, float]] = {}
     progress_starved_s: dict[str, dict[str, float]] = {}
+
+
+class SensorsManyReply(msgspec.Struct):
+    """`sensors` of several nodes in one reply: each node read is its own (on its own
+    read workers, under its own deadline); `errors` holds the nodes not read, with the
+    code and message a `sensors` call of that node alone would have had, or
+    `too_large` when the reply was full: that node is read alone."""
+
+    replies: dict[str, SensorsReply]
+    errors: dict[str, ErrorInfo]
 
 
 class LockReply(msgspec.Struct):

@@ -22,13 +22,14 @@ import msgspec
 from ..errors import BackdoorsError
 from .audit import AuditLog
 from .auth import Authenticator, Rejected
+from .config import NODE_NAME
 from .keys import Identity
 from .leases import LockBusy
 from .metrics import AgentMetrics
-from .ops import AgentView, Call, Op, OpError
+from .ops import REPLY_BYTES, AgentView, Call, Op, OpError, Room
 from .protocol import (
     DECODE_ERRORS, MAX_FRAME, PEER_OPS, READS, REFUSED, REPLY_DOMAIN, TOKENED, Envelope,
-    ErrorInfo, Response, Token, frame,
+    ErrorInfo, Response, SensorsManyReply, Token, frame,
 )
 from .served import Lane
 from .tokens import StaleToken
@@ -38,6 +39,8 @@ log = logging.getLogger("backdoors.agent")
 
 FRAME_TIMEOUT_S = 5.0  # for the rest of a frame once its header came
 _encode = msgspec.msgpack.Encoder().encode
+#: The most nodes one "each" op names.
+MAX_EACH = 1024
 
 
 @dataclass
@@ -394,6 +397,8 @@ class RpcServer:
                 if holders and not holders & monitors:
                     raise LockBusy(f"{self.agent.leases.describe(rt.name)}: only its "
                                    f"holders may {op.name} it until they unlock")
+            if op.where == "each":
+                return Outcome(True, await self._each(op, args, monitors), votes=votes)
             call = Call(self.agent, args, rt, monitors, tuple(voters.values()), is_peer)
             if op.where == "inline":
                 result = op.run(call)
@@ -413,6 +418,40 @@ class RpcServer:
             log.exception("op %s failed", op.name)
             return Outcome(False, code="failed", message=f"internal error in {op.name}: {e!r}",
                            votes=votes)
+
+    async def _each(self, op: Op, args: Any, monitors: frozenset[str]) -> SensorsManyReply:
+        """`op` (a node's read) for each node of `args.nodes` (every node when empty), all
+        at once, each on its own node's read workers under its own deadline: a node whose
+        read is stuck or fails costs the others nothing. The replies go in the order
+        asked while they fit a frame (`Room`); the nodes after that get `too_large`."""
+        if len(args.nodes) > MAX_EACH or len(set(args.nodes)) != len(args.nodes):
+            raise OpError("bad_request", f"{op.name}: nodes must be distinct and at most "
+                                         f"{MAX_EACH}, got {len(args.nodes)}")
+        for name in args.nodes:
+            if not NODE_NAME.fullmatch(name):
+                raise OpError("bad_request", f"{op.name}: {name[:64]!r} is not a node name")
+        names = args.nodes or sorted(self.agent.nodes)
+
+        async def one(name: str) -> Any:
+            rt = self.agent.nodes.get(name)
+            if rt is None:
+                raise OpError("no_such_node", f"this agent serves no node {name[:64]!r}")
+            return await self.run_blocking(rt.reads, op.name, op.run,
+                                           Call(self.agent, args, rt, monitors),
+                                           deadline=op.deadline_s)
+
+        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+        replies, errors, room = {}, {}, Room(REPLY_BYTES, names)
+        for name, result in zip(names, results):
+            if isinstance(result, BaseException):
+                error = _error_info(op, result)
+                errors[name] = error if room.take(name, error) else ErrorInfo("too_large",
+                                                                                room.FULL)
+            elif room.take(name, result):
+                replies[name] = result
+            else:
+                errors[name] = ErrorInfo("too_large", room.FULL)
+        return SensorsManyReply(replies, errors)
 
     async def run_blocking(self, lane: Lane, what: str, fn, *fn_args,
                            deadline: float | None = None) -> Any:
@@ -455,6 +494,16 @@ def _reply(identity: Identity | None, nonce: bytes, outcome: Outcome,
     body = _encode(Response(nonce, outcome.ok, outcome.result if outcome.ok else None, error,
                             round(elapsed_ms, 3)))
     return _encode(Envelope(body, identity.sign(REPLY_DOMAIN, body) if identity else b""))
+
+
+def _error_info(op: Op, e: BaseException) -> ErrorInfo:
+    """What an op's failure on one node of an "each" op says, as _execute would."""
+    if isinstance(e, OpError):
+        return ErrorInfo(e.code, e.message)
+    if isinstance(e, BackdoorsError):
+        return ErrorInfo("failed", str(e))
+    log.error("op %s failed", op.name, exc_info=e)
+    return ErrorInfo("failed", f"internal error in {op.name}: {e!r}")
 
 
 def _ms(start: float) -> float:

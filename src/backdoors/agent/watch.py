@@ -153,7 +153,6 @@ PSI_KEEP_S = 3.0  # samples are kept this long (a longer stall's excuse counts f
 MAX_EXCUSE_S = 1.0  # a stall is excused for CPU starvation this long at most
 PSI_CLEAR_WINDOWS = 2.5  # a PSI trigger silent this many windows: its pressure has ended
 _GEN_WORD = abi.OFF_GENERATION // 8
-_STAMP_WORDS = (abi.SLOT_OFF_MOVED_NS - abi.SLOT_OFF_VALUE) // 8  # moved_ns after value
 #: With every progress counter of every box stamped (and no stall, no OOM settling), the
 #: watcher wakes this often, for the reads that stay periodic (failed forks, a v1
 #: freezer, CPU starvation samples), or at the next deadline if sooner; a tick reads a
@@ -679,7 +678,7 @@ class Watcher:
             values = box.unpack(words)
         else:
             values = tuple(region.load_word((c.word_index + i) * 8)
-                           for c in box.counters for i in (0, _STAMP_WORDS))
+                           for c in box.counters for i in (0, abi.STAMP_WORDS))
         seen = time.monotonic()  # no honest stamp is later than this
         box.words = values
         for i, c in enumerate(box.counters):
@@ -725,8 +724,8 @@ class Watcher:
         # padding ("x") between them
         fmt, at = "@", 0
         for c in box.counters:
-            fmt += f"{(c.word_index - at) * 8}xQ{(_STAMP_WORDS - 1) * 8}xQ"
-            at = c.word_index + _STAMP_WORDS + 1
+            fmt += f"{(c.word_index - at) * 8}xQ{(abi.STAMP_WORDS - 1) * 8}xQ"
+            at = c.word_index + abi.STAMP_WORDS + 1
         box.unpack = struct.Struct(fmt).unpack_from
         box.words, box.due = None, -math.inf  # the next read judges every counter
 

@@ -7,8 +7,8 @@
 
 One poller thread per agent, each with its own connection: an agent that is down or slow
 costs only its own thread (its calls time out after `timeout_ms`), and shows up as the
-`agent_unreachable` condition of its nodes. Each poll makes one `sensors()` call per node
-(plus one `nodes()` per agent when a rule watches for frozen nodes or nodes are
+`agent_unreachable` condition of its nodes. Each poll makes one `sensors_many()` call for
+the agent's nodes (plus one `nodes()` when a rule watches for frozen nodes or nodes are
 discovered). Responses (diagnosis and actions) run on a bounded pool of repair workers,
 each with its own connections, so polling goes on during a repair.
 """
@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any
 
+from ..agent.errors import remote_error
 from ..errors import AgentError, ConfigError, SensorBoxError
 from ..sensors import SensorTracker, SensorType, parse_box, stalled
 from .rules import Rule, load_rulesets
@@ -65,6 +66,7 @@ class AgentPoller:
         self.started = monitor.clock()
         self._next_discover = 0.0
         self.peers_supported = True  # False once the agent says it has no op peers
+        self.many_supported = True  # False once the agent says it has no op sensors_many
         self._trackers: dict[tuple[str, str], SensorTracker] = {}
         self._thread = threading.Thread(target=self._run, name=f"bd-mon-poll-{entry.host}",
                                         daemon=True)
@@ -99,10 +101,11 @@ class AgentPoller:
         """Poll this agent once and hand every node's view to the monitor's engine.
 
         Asks `nodes()` when nodes are discovered (every `discover_s`) or a rule needs the
-        nodes' state (frozen, locked, fenced), then `sensors()` per node, tracking each box
-        for stalls and rates. An agent that does not answer gives views with
-        `agent_ok=False` for each of its nodes (or one pseudo-node "@HOST" before any node
-        was known); an error about one node only skips that node. Returns the views.
+        nodes' state (frozen, locked, fenced), then the sensors of every node it watches
+        (`_read`), tracking each box for stalls and rates. An agent that does not answer
+        gives views with `agent_ok=False` for each of its nodes (or one pseudo-node "@HOST"
+        before any node was known); an error about one node only skips that node.
+        Returns the views.
         """
         m = self.monitor
         now = m.clock()
@@ -119,19 +122,19 @@ class AgentPoller:
                         self._drop(gone)
                     self.nodes = sorted(infos)
                     self._next_discover = now + m.config.discover_s
+            watched = []
             for node in self.nodes:
                 if not m.owns(self.entry.host, node):
                     continue  # another monitor's in the fleet
                 try:
                     m.claim(client, self.entry.host, node)
-                    if not m.watches(self.entry.host, node):
-                        continue  # the agent knows a newer owner
-                    reply = client.sensors(node)
                 except AgentError as e:
-                    if getattr(e, "code", "") in ("connect", "timeout", "protocol", "auth"):
-                        raise
+                    _raise_if_agent_wide(e)
                     self._node_error(node, e)
                     continue
+                if m.watches(self.entry.host, node):  # else the agent knows a newer owner
+                    watched.append(node)
+            for node, reply in self._read(client, watched):
                 views.append(self._view(node, reply, m.clock(), infos.get(node)))
             if m.needs_peers and self.peers_supported:
                 self._poll_peers(client)
@@ -158,6 +161,39 @@ class AgentPoller:
             m.observe(view)
         m.polled()
         return views
+
+    def _read(self, client, nodes: list[str]) -> list[tuple[str, Any]]:
+        """The sensors replies of `nodes`: one `sensors_many` call for them all, and a
+        `sensors` call for each node it left out as too large (or for every node, with
+        an agent that has no sensors_many or when it failed). A node's own error skips
+        that node."""
+        many = {}
+        if self.many_supported and nodes:
+            try:
+                got = client.sensors_many(nodes)
+            except AgentError as e:
+                _raise_if_agent_wide(e)
+                if getattr(e, "code", "") == "unknown_op":  # older agent: node by node now on
+                    self.many_supported = False
+                    log.info("agent %s has no op sensors_many: its nodes are read one by "
+                             "one", self.entry.host)
+                else:  # this poll node by node
+                    log.warning("agent %s: sensors_many failed (%s)", self.entry.host, e)
+            else:
+                many = got.replies
+                for node, error in got.errors.items():
+                    if error.code != "too_large":
+                        self._node_error(node, remote_error(error.code, error.message))
+                nodes = [n for n in nodes if n not in many and (
+                    n not in got.errors or got.errors[n].code == "too_large")]
+        out = [(n, many[n]) for n in many]
+        for node in nodes:
+            try:
+                out.append((node, client.sensors(node)))
+            except AgentError as e:
+                _raise_if_agent_wide(e)
+                self._node_error(node, e)
+        return out
 
     def _poll_peers(self, client) -> None:
         """This agent's view of its peer agents (op peers), for the agent_down detector."""
@@ -212,6 +248,12 @@ class AgentPoller:
                         frozen=info.frozen if info else None,
                         locked_by=list(info.locked_by) if info else [],
                         fenced=bool(info.fenced) if info else False)
+
+
+def _raise_if_agent_wide(e: AgentError) -> None:
+    """Re-raise an error of the agent as a whole (not of one node): it is unreachable."""
+    if getattr(e, "code", "") in ("connect", "timeout", "protocol", "auth"):
+        raise e
 
 
 def _agent_stalls(snap, unchanged: dict[str, float], starved: dict[str, float]) -> None:

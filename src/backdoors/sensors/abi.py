@@ -61,6 +61,8 @@ OFF_GENERATION = 24
 SLOT_OFF_VALUE = 8
 # Offset of a progress slot's moved_ns word (the param field), relative to the slot.
 SLOT_OFF_MOVED_NS = 24
+# Words from a progress slot's value to its moved_ns.
+STAMP_WORDS = (SLOT_OFF_MOVED_NS - SLOT_OFF_VALUE) // 8
 
 FLAG_HAS_MIN = 1
 FLAG_HAS_MAX = 2

@@ -66,7 +66,7 @@ class StampedProgress(Progress):
 
     def __init__(self, words: memoryview, index: int, name: str, deadline: float):
         super().__init__(words, index, name, deadline)
-        self._stamp = index + (abi.SLOT_OFF_MOVED_NS - abi.SLOT_OFF_VALUE) // 8
+        self._stamp = index + abi.STAMP_WORDS
 
     def tick(self) -> None:
         """Count one unit of progress: its time, then its count, into the shared region."""
