@@ -1,5 +1,6 @@
-"""The kernel sampler reads a node's process table when its tasks or memory move, and
-only every TABLE_IDLE_S while they stand still (here an hour: no timing involved)."""
+"""The kernel sampler reads a node's process table when its processes, tasks or memory
+move, and only every TABLE_IDLE_S while they stand still (here an hour: no timing
+involved)."""
 
 import subprocess
 import sys
@@ -54,4 +55,36 @@ def test_the_table_is_read_again_when_tasks_or_memory_move_and_not_while_still(p
             if proc is not None:
                 proc.kill()
                 proc.wait()
+        node.destroy()
+
+
+def test_a_process_replaced_by_another_is_read_and_counted_as_a_fork(prefix, monkeypatch):
+    """The same task count and memory, another process: the pids differ, so the table is
+    read again at once and the new process counted (a pool that replaces its workers
+    forks at the rate it replaces them)."""
+    monkeypatch.setattr(sampler_mod, "TABLE_IDLE_S", 3600.0)
+    node = Node.create("n", prefix, pids_limit=64, memory_limit=256 << 20)
+    s = NodeSampler(node, KernelSensorLimits(), period=0.05, max_procs=64,
+                    on_new_box=lambda box: None)
+    procs = []
+    try:
+        for _ in range(3):
+            if procs:
+                procs[-1].kill()
+                procs[-1].wait()
+            procs.append(node.run(["sleep", "60"]))
+            wait_for(lambda: open(f"/proc/{procs[-1].pid}/comm").read() == "sleep\n",
+                     what="sleep to start")
+            wait_for(lambda: node.cgroup.procs("pids") == [procs[-1].pid],
+                     what="only the new sleeper in the node")
+            forks = s.sensors.forks.value if s.sensors else 0
+            table = s.sample_once().table
+            assert [p.pid for p in table] == [procs[-1].pid]
+            if len(procs) > 1:
+                assert s.sensors.forks.value == forks + 1
+    finally:
+        s.close()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
         node.destroy()

@@ -363,19 +363,26 @@ def processes(call: Call) -> ProcessTable:
         got.update(call.agent.mmreads.run(waits, MM_READ_BUDGET_S))
     now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
     registrants = dict(call.agent.regions.registrants(rt.name))
-    rows, room = [], REPLY_BYTES  # long command lines and paths: the rows that fit a frame
-    for p in table:
-        row = ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time,
-                         p.cpu_seconds, p.threads, p.pgid, round(boot - p.start_time, 3),
-                         rt.sampler.history.rate(p, now),
-                         same_start(registrants.get(p.pid, -1.0), p.start_time),
-                         (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
-                         got.get(("c", p.pid)) or [])
+    rows, cut = _fitting(
+        ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
+                   p.threads, p.pgid, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
+                   same_start(registrants.get(p.pid, -1.0), p.start_time),
+                   (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
+                   got.get(("c", p.pid)) or [])
+        for p in table)  # long command lines: the rows that fit a frame
+    return ProcessTable(rows, len(pids), cut or len(pids) > cap)
+
+
+def _fitting(rows: Iterable[Any]) -> tuple[list[Any], bool]:
+    """The first of `rows` while they fit a reply (REPLY_BYTES encoded), and whether any
+    was left out."""
+    out, room = [], REPLY_BYTES
+    for row in rows:
         room -= len(_encode(row))
         if room < 0:
-            return ProcessTable(rows, len(pids), True)
-        rows.append(row)
-    return ProcessTable(rows, len(pids), len(pids) > cap)
+            return out, True
+        out.append(row)
+    return out, False
 
 
 # -- actions -----------------------------------------------------------------------------
@@ -508,8 +515,8 @@ def guest_processes(call: Call) -> GuestProcesses:
             if attempt == GUEST_WALKS - 1:
                 raise OpError("failed", f"node {rt.name}: the guest's task list could not be "
                               f"read in {GUEST_WALKS} walks: {e}") from None
-    return GuestProcesses([GuestProcess(t.pid, t.ppid, t.comm, t.state, t.rss) for t in table],
-                          round((time.monotonic() - began) * 1000, 1))
+    rows, cut = _fitting(GuestProcess(t.pid, t.ppid, t.comm, t.state, t.rss) for t in table)
+    return GuestProcesses(rows, round((time.monotonic() - began) * 1000, 1), cut)
 
 
 #: how long `guest_kill` waits for what it signalled to be gone (a sleeper dies when it

@@ -312,10 +312,12 @@ class GuestProcess(msgspec.Struct):
 
 
 class GuestProcesses(msgspec.Struct):
-    """`guest_processes`: the guest's process table, walked when asked (`took_ms`)."""
+    """`guest_processes`: the guest's process table, walked when asked (`took_ms`);
+    `truncated`: the rows stop where the reply would exceed a frame."""
 
     rows: list[GuestProcess]
     took_ms: float
+    truncated: bool = False
 
 
 class GuestKillReply(msgspec.Struct):

@@ -5,9 +5,10 @@ failed forks, OOM kills, PSI) and stores it in the node's kernel box (`KERNEL_BO
 like any application box. It also reads the process table (at most `max_procs` processes,
 and at most a fifth of the thread's time: a big table is read less often) to count new
 processes (fork rate) and keep each process's RSS history over `RSS_WINDOW_S`, from
-which `rss_rate` gives its growth in bytes/s: with every sample while the node's task
-count or memory use moves, every TABLE_IDLE_S while both stand still (the table is most
-of a sample's cost: walking the cgroup and reading each process's /proc files). One
+which `rss_rate` gives its growth in bytes/s: with every sample while the node's
+processes (their pids), task count or memory use move, every TABLE_IDLE_S while all
+stand still (reading each process's /proc files is most of a sample's cost; the list of
+pids, one read per cgroup, tells that no process came or went, so no fork is missed). One
 thread per node: a node whose cgroupfs or /proc reads stall stalls only its own
 sampler, visible as a growing sample age.
 """
@@ -32,7 +33,7 @@ MiB = 1 << 20
 RSS_WINDOW_S = 1.0
 RSS_POINT_S = 0.05  # keep at most one history point per process per this many seconds
 TABLE_DUTY = 0.2  # the process table takes at most this share of the sampler's time
-TABLE_IDLE_S = 0.25  # and is read this often while the node's tasks and memory stand still
+TABLE_IDLE_S = 5.0  # and is read this often while the node's processes and memory stand still
 TABLE_MEMORY_MOVE = 1 << 20  # memory use moved this much (bytes) since the last table
 
 
@@ -157,7 +158,8 @@ class NodeSampler:
         self._known: set[tuple[int, float]] | None = None
         self._table: list[ProcessInfo] = []
         self._table_due = self._table_idle_due = 0.0
-        self._table_at: tuple[int, int] | None = None  # (tasks, memory) at the last table
+        #: (pids, tasks, memory) at the last table
+        self._table_at: tuple[list[int], int, int] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bd-sample-{node.name}",
                                         daemon=True)
@@ -209,16 +211,18 @@ class NodeSampler:
         stats = self.node.stats()
         failures = cg.fork_failures()
         link_up = self.link.up() if self.link is not None else None
-        if start >= self._table_due and (start >= self._table_idle_due or self._moved(stats)):
+        if start >= self._table_due:
             # the pids hierarchy: every task the node is charged for (a node cannot move
             # its processes out of one hierarchy: it cannot write the host's cgroupfs)
-            self._table = process_table(cg.procs("pids")[: self.max_procs])
-            now = time.monotonic()
-            self.history.record(self._table, now)
-            self._count_forks(self._table)
-            self._table_due = now + max(0.0, (now - start) * (1 / TABLE_DUTY - 1))
-            self._table_idle_due = now + TABLE_IDLE_S
-            self._table_at = (stats.pids, stats.memory_bytes)
+            pids = cg.procs("pids")[: self.max_procs]
+            if start >= self._table_idle_due or self._moved(stats, pids):
+                self._table = process_table(pids)
+                now = time.monotonic()
+                self.history.record(self._table, now)
+                self._count_forks(self._table)
+                self._table_due = now + max(0.0, (now - start) * (1 / TABLE_DUTY - 1))
+                self._table_idle_due = now + TABLE_IDLE_S
+                self._table_at = (pids, stats.pids, stats.memory_bytes)
         sensors = self.sensors
         if sensors is None or (sensors.memory_limit, sensors.pids_limit) != (
                 stats.memory_limit, stats.pids_limit):
@@ -232,12 +236,14 @@ class NodeSampler:
             self.gauge.set(now - start)
         return self.latest
 
-    def _moved(self, stats: NodeStats) -> bool:
-        """Whether the node's task count or memory use moved since the last table."""
+    def _moved(self, stats: NodeStats, pids: list[int]) -> bool:
+        """Whether the node's processes, task count or memory use moved since the last
+        table."""
         if self._table_at is None:
             return True
-        pids, memory = self._table_at
-        return stats.pids != pids or abs(stats.memory_bytes - memory) >= TABLE_MEMORY_MOVE
+        listed, tasks, memory = self._table_at
+        return (pids != listed or stats.pids != tasks
+                or abs(stats.memory_bytes - memory) >= TABLE_MEMORY_MOVE)
 
     def _count_forks(self, table: list[ProcessInfo]) -> None:
         keys = {(p.pid, p.start_time) for p in table}
