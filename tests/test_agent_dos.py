@@ -248,6 +248,17 @@ time.sleep(600)
 """
 
 
+def _boxes_in_n0(lab, script: str, what: str, count: int, **client):
+    """Run `script` in node n0 to register `count` boxes; a client, once the agent holds
+    them (beside the node's kernel box)."""
+    proc = lab.run("n0", script, str(count))
+    assert json.loads(read_line(proc, 60)) == {what: count}
+    c = lab.client(**client)
+    wait_for(lambda: len(c.call("regions", node="n0")) == count + 1, timeout=10,
+             what=f"the {what} boxes registered")
+    return c
+
+
 def test_a_node_whose_boxes_overflow_a_reply_gets_a_reply_that_fits(agent_lab):
     """Boxes that would make a `sensors` reply larger than a frame are left out of it
     (named in its errors): the monitor still reads the node, and the agent stays
@@ -255,11 +266,7 @@ def test_a_node_whose_boxes_overflow_a_reply_gets_a_reply_that_fits(agent_lab):
     # a long deadline: the time budget of a read (test above) does not cut it short here
     lab = agent_lab(nodes={"n0": {}, "n1": {}}, op_deadline_s=30.0)
     lab.start_app("n1")
-    proc = lab.run("n0", BIG, "6")
-    assert json.loads(read_line(proc, 60)) == {"big": 6}
-    c = lab.client(timeout=40)
-    wait_for(lambda: len(c.call("regions", node="n0")) == 7, timeout=10,
-             what="the big boxes registered")
+    c = _boxes_in_n0(lab, BIG, "big", 6, timeout=40)
     reply = c.sensors("n0")
     assert "kernel" in reply.boxes
     read = {f"big{i}" for i in range(6)} & set(reply.boxes)
@@ -278,11 +285,7 @@ def test_one_request_reads_many_nodes_each_as_alone(agent_lab):
     a request naming no node reads every node."""
     lab = agent_lab(nodes={"n0": {}, "n1": {}})
     lab.start_app("n1")
-    proc = lab.run("n0", STUCK, "4")
-    assert json.loads(read_line(proc, 30)) == {"stuck": 4}
-    c = lab.client(timeout=10)
-    wait_for(lambda: len(c.call("regions", node="n0")) == 5, timeout=10,
-             what="the stuck boxes registered")
+    c = _boxes_in_n0(lab, STUCK, "stuck", 4, timeout=10)
     many = c.sensors_many(["n1", "n0", "gone"])
     assert set(many.replies) == {"n0", "n1"}
     assert "app" in many.replies["n1"].boxes and not many.replies["n1"].errors
