@@ -2,9 +2,9 @@
 
 A process inside the node (the only place the agent serves) throws hypothesis-generated
 frames at the registration socket: random bytes, bad and truncated lengths, msgpack of the
-wrong shape, requests with wrong, long or unknown fields, and 0 to 6 attached descriptors
-of every kind (memfds sealed or not, empty, garbage or huge and sparse, pipes, sockets,
-directories). 10,000 cases in CI (CI=true), 1,000 locally. Every frame the agent can
+wrong shape, requests with wrong, long or unknown fields (and attach's lists of names), and
+0 to 6 attached descriptors of every kind (memfds sealed or not, empty, garbage or huge
+and sparse, pipes, sockets, directories), or more than a request may carry. 10,000 cases in CI (CI=true), 1,000 locally. Every frame the agent can
 delimit is answered with a short, clear error (an accepted region is unregistered at
 once); afterwards the agent holds no descriptor more than before, and a legitimate
 registration still works.
@@ -32,7 +32,8 @@ from backdoors.common.runtime import AGENT_SOCKET_ENV
 
 PATH = os.environ[AGENT_SOCKET_ENV]
 MAX_FRAME = 64 * 1024
-OPS = ["register", "unregister", "hold_socket", "release"]
+OPS = ["register", "unregister", "hold_socket", "release", "attach"]
+MAX_FDS = 64  # (agent.local.MAX_FDS: two per box of an attach)
 
 
 def memfd(size, seals, data=b""):
@@ -68,12 +69,14 @@ def make_fd(kind, size, data):
         a, b = socket.socketpair()
         b.close()
         return [a.detach()]
+    if kind == "flood":  # one more than a request may carry
+        return [os.open("/dev/null", os.O_RDWR) for _ in range(MAX_FDS + 1)]
     s = socket.socket()  # "tcp": not connected
     return [s.detach()]
 
 
 FD_KINDS = ["memfd", "unsealed", "sealed_all", "empty", "sparse", "pipe", "devnull", "dir",
-            "unix", "tcp"]
+            "unix", "tcp", "flood"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
                     st.text(max_size=20), st.binary(max_size=40))
 values = st.recursive(scalars, lambda inner: st.one_of(
@@ -106,6 +109,8 @@ def messages(draw):
                "kind": draw(st.one_of(st.sampled_from(["sensorbox", "region", "cb"]),
                                       st.text(max_size=40))),
                "name": draw(names), "writable": draw(st.booleans())}
+    if draw(st.booleans()):
+        request["names"] = draw(st.lists(names, max_size=40))
     if kind == 4:  # a field of the wrong type, or an unknown one
         field = draw(st.sampled_from(sorted(request) + ["extra"]))
         request[field] = draw(values)
@@ -164,7 +169,7 @@ def check(payload):
 def storm(item):
     data, specs, ending = item
     fds = [fd for spec in specs for fd in make_fd(*spec)]
-    if len(fds) > 4:  # more than a request may carry: refused at once, whatever follows
+    if len(fds) > MAX_FDS:  # more than a request may carry: refused at once, whatever follows
         ending = "bad"
     seen["examples"] += 1
     try:
@@ -184,6 +189,11 @@ def storm(item):
     if ending == "bad":
         assert region is None and conn.reply() is None  # and the connection is closed
         conn.close()
+    elif region is not None and "held" in region:  # attach: each box held is taken back
+        for name in region["held"]:
+            seen["accepted"] += 1
+            conn.send(ipc.pack({"op": "release", "name": name}), [])
+            assert check(conn.reply()) is not None
     elif region is not None:  # something was accepted: take it back
         seen["accepted"] += 1
         op = "release" if region.get("kind") == "socket" else "unregister"

@@ -7,9 +7,10 @@ accepted only if /proc/PID/cgroup puts it inside that node's cgroup in every hie
 a node registers regions for itself only. Regions must be tmpfs memfds (not hugetlbfs) sealed against
 shrinking (no SIGBUS for the agent); Sensor Boxes and Continuation Boxes are validated
 before they are kept, Continuation Boxes with pread only (a sparse box costs the agent
-nothing). Continuation Boxes use two more ops: "hold_socket" hands over a duplicate of
-the session's TCP socket (kept in the SessionTable, so a crashed server's connections live
-on) and "release" drops a session's box and socket when it ends normally.
+nothing). Continuation Boxes use more ops: "hold_socket" hands over a duplicate of the
+session's TCP socket (kept in the SessionTable, so a crashed server's connections live
+on), "attach" does both for up to MAX_ATTACH boxes in one request (each box kept or
+refused on its own), and "release" drops a session's box and socket when it ends normally.
 
 A hostile caller must not stall or crowd out the others: membership is checked at accept
 too (an outsider's connection is answered and closed at once), connections are capped per
@@ -37,6 +38,7 @@ import msgspec
 
 from ..common import ipc
 from ..common.peers import SO_PEERPIDFD
+from ..common.procs import read_process
 from ..common.runtime import agent_socket
 from ..errors import AgentError, SensorBoxError
 from ..nodes import Node
@@ -54,7 +56,11 @@ from .sessions import SessionRefused, SessionTable
 log = logging.getLogger("backdoors.agent")
 
 MAX_FRAME = 64 * 1024
-MAX_FDS = 4
+#: Continuation Boxes one "attach" request may carry (a box's memfd and its socket each):
+#: a burst of new sessions (or a thousand recovered ones) costs a round trip and a
+#: membership check per batch, not two per box
+MAX_ATTACH = 32
+MAX_FDS = 2 * MAX_ATTACH
 CONN_TIMEOUT_S = 10.0
 MAX_CONNS_PER_NODE = 64  # each process keeps one connection
 MAX_CONNS_PER_PID = 8  # so that one process of a node cannot take all of its node's
@@ -68,13 +74,15 @@ CB_CHECK_BUDGET_S = 0.03  # a CB being registered must settle this fast (the tur
 REST_LOG_S = 10.0  # a node's rests are logged and audited at most this often
 
 Word = Annotated[str, msgspec.Meta(max_length=32)]
+Name = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class LocalRequest(msgspec.Struct, forbid_unknown_fields=True):
     op: Word
     kind: Word = "sensorbox"
-    name: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    name: Name = ""
     writable: bool = False
+    names: Annotated[list[Name], msgspec.Meta(max_length=MAX_ATTACH)] = []  # "attach"
 
 
 class LocalReply(msgspec.Struct):
@@ -144,7 +152,8 @@ class LocalServer:
         self._listening = False
         self._thread = threading.Thread(target=self._run, name="bd-agent-local", daemon=True)
         self.ops = {"register": self._register, "unregister": self._unregister,
-                    "hold_socket": self._hold_socket, "release": self._release}
+                    "hold_socket": self._hold_socket, "release": self._release,
+                    "attach": self._attach}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -443,9 +452,10 @@ class LocalServer:
         except (RegionRefused, SessionRefused, SensorBoxError) as e:
             self._refused(conn, req.op, req.name, str(e))
             return LocalReply(False, error=str(e))
-        self.audit.local(node=conn.node, pid=conn.pid, op=req.op, name=req.name, kind=req.kind,
-                         ok=True)
-        self.metrics.registrations.labels(conn.node, req.op, "ok").inc()
+        if req.op != "attach":  # (which accounts for each of its boxes)
+            self.audit.local(node=conn.node, pid=conn.pid, op=req.op, name=req.name,
+                             kind=req.kind, ok=True)
+            self.metrics.registrations.labels(conn.node, req.op, "ok").inc()
         self._count_regions(conn.node)
         return LocalReply(True, region=region)
 
@@ -489,7 +499,13 @@ class LocalServer:
     def _register(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         if len(fds) != 1:
             raise RegionRefused(f"attach exactly one file descriptor (SCM_RIGHTS), got {len(fds)}")
-        fd = fds[0]
+        region = self._keep(conn, req.name, req.kind, req.writable, fds[0])
+        return {"name": req.name, "kind": req.kind, "size": region.size,
+                "writable": req.writable}
+
+    def _keep(self, conn: _Conn, name: str, kind: str, writable: bool, fd: int,
+              process=None):
+        """Check the memfd `fd` and keep it as `name` of `kind` (validated as such)."""
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             st = os.fstat(fd)
@@ -505,25 +521,64 @@ class LocalServer:
                                 "memfd (a hole punched in a huge page region faults its readers)")
         if fs != TMPFS_MAGIC:
             raise RegionRefused("the fd is not a memfd (memfd_create with MFD_ALLOW_SEALING)")
-        if req.writable and (seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
-                             or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR):
-            raise RegionRefused(f"region {req.name!r} is registered writable, but the fd is "
+        if writable and (seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
+                         or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR):
+            raise RegionRefused(f"region {name!r} is registered writable, but the fd is "
                                 "read-only or sealed against writes")
         if not stat.S_ISREG(st.st_mode) or st.st_size <= 0:
             raise RegionRefused("the memfd is empty: size it (ftruncate) before sealing")
         if st.st_size > self.table.max_region_bytes:
-            raise RegionRefused(f"region {req.name!r} has {st.st_size} bytes; the cap is "
+            raise RegionRefused(f"region {name!r} has {st.st_size} bytes; the cap is "
                                 f"{self.table.max_region_bytes} per region")
         def check(region: Region) -> None:
-            if req.kind == "sensorbox":
+            if kind == "sensorbox":
                 parse_box(read_consistent(region))
-            elif req.kind == SESSION_KIND:
-                _check_cb(region, req.name)
+            elif kind == SESSION_KIND:
+                _check_cb(region, name)
 
-        region = self.table.keep(conn.node, req.name, req.kind, fd, conn.pid,
-                                 writable=req.writable, check=check)
-        return {"name": req.name, "kind": req.kind, "size": region.size,
-                "writable": req.writable}
+        return self.table.keep(conn.node, name, kind, fd, conn.pid, writable=writable,
+                               check=check, process=process)
+
+    def _attach(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
+        """Continuation Boxes and their sockets, many in one request: the descriptors are
+        each box's memfd then its socket, in the order of `names`. Each box is kept and its
+        socket held as by register (kind "cb") and hold_socket, or refused on its own
+        (nothing of it kept). The request's turn is shared: boxes it did not reach within
+        CB_CHECK_BUDGET_S (a node's boxes that never settle) are left for the caller to
+        send again ("later")."""
+        names = req.names
+        if not names or len(fds) != 2 * len(names):
+            raise RegionRefused(f"attach takes a memfd and a socket (SCM_RIGHTS) for each of "
+                                f"1 to {MAX_ATTACH} names, got {len(fds)} descriptors for "
+                                f"{len(names)} names")
+        if len(set(names)) != len(names):
+            raise RegionRefused("attach names a session twice")
+        process = read_process(conn.pid)  # once for the whole batch
+        held: list[str] = []
+        refused: dict[str, str] = {}
+        end = time.monotonic() + CB_CHECK_BUDGET_S
+        for i, name in enumerate(names):
+            if i and time.monotonic() > end:
+                return {"kind": SESSION_KIND, "held": held, "refused": refused,
+                        "later": names[i:]}
+            try:
+                self._keep(conn, name, SESSION_KIND, False, fds[2 * i], process)
+                try:
+                    self.sessions.hold(conn.node, name, fds[2 * i + 1], conn.pid)
+                except SessionRefused:
+                    self._drop_session(conn.node, name)
+                    raise
+            except (RegionRefused, SessionRefused) as e:
+                refused[name] = str(e)
+                self._refused(conn, "attach", name, str(e))
+                continue
+            held.append(name)
+            self.audit.local(node=conn.node, pid=conn.pid, op="attach", name=name,
+                             kind=SESSION_KIND, ok=True)
+            self.metrics.registrations.labels(conn.node, "attach", "ok").inc()
+        if held and self.owners is not None:  # their server's death becomes an event
+            self.owners.watch(conn.node, conn.pid, conn.pidfd)
+        return {"kind": SESSION_KIND, "held": held, "refused": refused, "later": []}
 
     def _unregister(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         try:
@@ -543,15 +598,19 @@ class LocalServer:
 
     def _release(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         """The session ended: drop its socket and its box (either may be gone already)."""
-        held = self.sessions.release(conn.node, req.name)
-        try:
-            self.table.remove(conn.node, req.name)
-            box = True
-        except KeyError:
-            box = False
+        held, box = self._drop_session(conn.node, req.name)
         if held is None and not box:
             raise RegionRefused(f"node {conn.node} holds no session {req.name!r}")
         return {"name": req.name, "kind": SESSION_KIND, "socket": held is not None, "box": box}
+
+    def _drop_session(self, node: str, name: str) -> tuple:
+        """Drop session `name`'s socket and box: (the session or None, whether a box was)."""
+        held = self.sessions.release(node, name)
+        try:
+            self.table.remove(node, name)
+        except KeyError:
+            return held, False
+        return held, True
 
 
 def _unread(sock: socket.socket) -> int:

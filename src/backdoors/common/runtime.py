@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import msgspec
@@ -116,6 +116,22 @@ def hold_socket(fd: int, *, name: str, socket_path: str | None = None,
     """Hand the agent a duplicate of a session's TCP socket (Continuation Boxes): the
     connection then survives a crash of this process, for recovery elsewhere."""
     return _call({"op": "hold_socket", "name": name}, fd, socket_path, timeout)
+
+
+#: Continuation Boxes one attach_sessions call may carry (the agent's limit)
+MAX_ATTACH = 32
+
+
+def attach_sessions(boxes: Sequence[tuple[str, int, int]], *, socket_path: str | None = None,
+                    timeout: float = 2.0) -> dict:
+    """Register Continuation Boxes and hand over their sockets in one request: `boxes` is
+    (name "cb-<session>", box memfd, session socket) each, 1 to MAX_ATTACH of them. Each is
+    held or refused on its own: {"held": [names], "refused": {name: why}, "later": [names
+    the agent's turn did not reach: send them again]}. A refusal of the whole request (an
+    agent older than this op says "unknown op" or "unknown field") raises."""
+    names = [name for name, _, _ in boxes]
+    fds = [fd for _, box, sock in boxes for fd in (box, sock)]
+    return _call({"op": "attach", "kind": "cb", "names": names}, fds, socket_path, timeout)
 
 
 def release(name: str, *, socket_path: str | None = None, timeout: float = 2.0) -> dict:
@@ -240,7 +256,7 @@ class _Channel:
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()
 
-    def exchange(self, request: dict, fd: int | None, timeout: float) -> bytes:
+    def exchange(self, request: dict, fds: Sequence[int], timeout: float) -> bytes:
         with self.lock:
             for attempt in (1, 2):
                 fresh = self.sock is None
@@ -251,7 +267,7 @@ class _Channel:
                             raise NotTheAgent(f"the listener is not the agent: {why}")
                     self.sock.settimeout(timeout)
                     try:
-                        ipc.send(self.sock, request, () if fd is None else (fd,))
+                        ipc.send(self.sock, request, fds)
                     except (BrokenPipeError, ConnectionResetError):
                         # The agent may refuse a connection at accept (one error frame, then
                         # close): that refusal, still queued here, is the answer.
@@ -289,13 +305,15 @@ def _channel(path: str) -> _Channel:
         return channel
 
 
-def _call(request: dict, fd: int | None, socket_path: str | None, timeout: float) -> dict:
+def _call(request: dict, fd: int | Sequence[int] | None, socket_path: str | None,
+          timeout: float) -> dict:
     path = socket_path or os.environ.get(AGENT_SOCKET_ENV)
     if not path:
         raise RegistrationError(f"no agent socket: pass socket_path or set {AGENT_SOCKET_ENV}",
                                 "no_agent")
     try:
-        reply = _channel(path).exchange(request, fd, timeout)
+        fds = () if fd is None else (fd,) if isinstance(fd, int) else tuple(fd)
+        reply = _channel(path).exchange(request, fds, timeout)
     except NotTheAgent as e:
         raise RegistrationError(f"agent socket {path}: {e}; nothing was sent", "not_agent") from None
     except OSError as e:
@@ -306,6 +324,6 @@ def _call(request: dict, fd: int | None, socket_path: str | None, timeout: float
     except (msgspec.MsgspecError, ValueError, RecursionError, KeyError, TypeError):
         raise RegistrationError(f"agent socket {path}: malformed reply", "protocol") from None
     if not ok:
-        raise RegistrationError(f"the agent refused {request['op']} of {request['name']!r}: "
-                                f"{error}")
+        what = request.get("name") or ", ".join(request.get("names", ()))
+        raise RegistrationError(f"the agent refused {request['op']} of {what!r}: {error}")
     return answer.get("region") or {}

@@ -13,6 +13,14 @@ object with the same calls, a `RegistrationLink`):
     register_region(fd, *, name, kind)   kind "cb": the CB memfd, named "cb-<session>"
     hold_socket(fd, *, name)             the session socket, under the same name
     release(name)                        the session ended: drop region and socket
+    attach_sessions([(name, fd, sock)])  optional: both for many boxes in one request
+
+Boxes attached in the background (`box.attach_in_background`: every box of an asyncio
+server, recovered ones of any server) are attached in batches: the attaches queued on the
+worker one after another go in one `attach_sessions` request (up to runtime.MAX_ATTACH
+each), so a burst of new sessions, or a thousand recovered ones, waits for a few round
+trips to the agent rather than two per box. An agent without that op (older) is sent
+register_region and hold_socket per box, as is a batch it refuses as a whole.
 
 When the agent restarts (its socket file replaced), the registrar registers every live
 box again (`runtime.AgentWatch`), including one whose registration the agent's death cut
@@ -87,6 +95,15 @@ class Worker:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run fn(*args) on the worker thread after everything submitted before."""
+        return self._put(fn, args, None)
+
+    def submit_batched(self, many: Callable[[list], list], item: Any) -> Future:
+        """Run many([item, ...]) on the worker thread after everything submitted before,
+        with the items of the calls of the same `many` queued right after this one (up to
+        MAX_BATCH): one call for a run of them, each future getting its item's result."""
+        return self._put(many, (item,), many)
+
+    def _put(self, fn: Callable[..., Any], args: tuple, many: Callable | None) -> Future:
         future: Future = Future()
         with self._lock:
             if self._pid != os.getpid():  # a forked child starts its own thread and queue
@@ -94,18 +111,48 @@ class Worker:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, daemon=True, name=self.name)
                 self._thread.start()
-            self._queue.put((future, fn, args))
+            self._queue.put((future, fn, args, many))
         return future
 
     def _run(self) -> None:
+        carried = None  # taken from the queue while gathering a batch, not of it
         while True:
-            future, fn, args = self._queue.get()
-            if not future.set_running_or_notify_cancel():
+            entry, carried = carried or self._queue.get(), None
+            many = entry[3]
+            if many is None:
+                future, fn, args, _ = entry
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as err:  # noqa: BLE001 - handed to whoever waits
+                        future.set_exception(err)
+                continue
+            batch = [entry]
+            while len(batch) < MAX_BATCH:
+                try:
+                    following = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if following[3] != many:
+                    carried = following
+                    break
+                batch.append(following)
+            batch = [e for e in batch if e[0].set_running_or_notify_cancel()]
+            if not batch:
                 continue
             try:
-                future.set_result(fn(*args))
+                results = many([e[2][0] for e in batch])
             except BaseException as err:  # noqa: BLE001 - handed to whoever waits
-                future.set_exception(err)
+                for e in batch:
+                    e[0].set_exception(err)
+            else:
+                for e, result in zip(batch, results):
+                    e[0].set_result(result)
+
+
+#: items one batched call of the worker takes at most (a thousand recovered sessions'
+#: attaches: a few calls, each sending runtime.MAX_ATTACH boxes per request)
+MAX_BATCH = 256
 
 
 #: the worker of this process's registrars (one connection to the agent: one thread)
@@ -140,33 +187,79 @@ class AgentRegistrar:
         self.socket_path = socket_path
         self._watch: runtime.AgentWatch | None = None
         self.reattached = 0
+        self.batches = callable(getattr(client, "attach_sessions", None))
 
     def attach(self, box: ContinuationBox) -> bool:
         """True if the agent holds the box, or may (cut short by the agent's death: the
         box is registered again when the agent is back); False if the agent refused."""
-        with self._held_lock:  # first: an agent restarting from now on registers it again
-            self._held[box.name] = box
+        return self.attach_many([box])[0]
+
+    def attach_many(self, boxes: list[ContinuationBox]) -> list[bool]:
+        """attach() for each box, in as few requests as the agent takes."""
+        with self._held_lock:  # first: an agent restarting from now on registers them again
+            for box in boxes:
+                self._held[box.name] = box
             if self._watch is None and self.socket_path:
                 self._watch = runtime.AgentWatch(self.socket_path, self._agent_back)
-        if self._attach(box) == "refused":
+        outcome = self._attach_all(boxes)
+        refused = [box for box in boxes if outcome[box] == "refused"]
+        if refused:
             with self._held_lock:
-                if self._held.get(box.name) is box:
-                    del self._held[box.name]
-            return False
-        return True
+                for box in refused:
+                    if self._held.get(box.name) is box:
+                        del self._held[box.name]
+        return [outcome[box] != "refused" for box in boxes]
 
     def _agent_back(self) -> None:
         """The agent restarted: register every live box again. A new agent that took
         them back from its fd store already holds them (same process: replaced in place);
         one started without the store learns them here."""
         with self._held_lock:
-            boxes = list(self._held.values())
-        for box in boxes:
-            if box.fd >= 0 and self._attach(box) == "held":
+            boxes = [box for box in self._held.values() if box.fd >= 0]
+        for box, got in self._attach_all(boxes).items():
+            if got == "held":
                 box.registered = True
                 self.reattached += 1
         if boxes:
             log.info("agent restarted: registered %d sessions again", len(boxes))
+
+    def _attach_all(self, boxes: list[ContinuationBox]) -> dict[ContinuationBox, str]:
+        """_attach() of each box, runtime.MAX_ATTACH boxes per request while the agent
+        takes attach_sessions."""
+        out: dict[ContinuationBox, str] = {}
+        todo = list(boxes)
+        while todo:
+            if not self.batches:
+                out.update((box, self._attach(box)) for box in todo)
+                break
+            chunk, todo = todo[:runtime.MAX_ATTACH], todo[runtime.MAX_ATTACH:]
+            by_name = {box.name: box for box in chunk}
+            try:
+                reply = self.client.attach_sessions(
+                    [(box.name, box.fd, box.conn.fileno()) for box in chunk])
+            except (BackdoorsError, OSError) as err:
+                if _unanswered(err):
+                    log.warning("%d sessions: the agent did not answer their attach: %s",
+                                len(chunk), err)
+                    out.update((box, "cut") for box in chunk)
+                    continue
+                if "unknown op" in str(err) or "unknown field" in str(err):
+                    log.info("the agent does not take attach_sessions (older): boxes are "
+                             "registered one by one")
+                    self.batches = False
+                out.update((box, self._attach(box)) for box in chunk)  # each on its own
+                continue
+            for name, why in dict(reply.get("refused") or {}).items():
+                if (box := by_name.get(name)) is not None:
+                    log.warning("session %s: agent did not attach it: %s", box.session, why)
+                    out[box] = "refused"
+            out.update((by_name[n], "held") for n in reply.get("held") or () if n in by_name)
+            later = [by_name[n] for n in reply.get("later") or () if n in by_name]
+            if later and len(later) < len(chunk):  # the agent's turn ended: sent again
+                todo[:0] = later
+        for box in boxes:  # a box the reply did not name (a confused agent): as if cut
+            out.setdefault(box, "cut")
+        return out
 
     def _attach(self, box: ContinuationBox) -> str:
         """"held", "refused" (the agent said no: nothing of it held) or "cut" (no answer:

@@ -194,14 +194,24 @@ def attach_in_background(box: ContinuationBox) -> Future | None:
     with the other calls there; `box.registered` is set when done. None: no agent."""
     if isinstance(box._registrar, NullRegistrar):
         return None
-    box._attaching = WORKER.submit(_attach_open, box)
+    box._attaching = WORKER.submit_batched(_attach_open, box)
     return box._attaching
 
 
-def _attach_open(box: ContinuationBox) -> bool:
-    if box.fd >= 0:  # the session may have ended meanwhile
-        box.registered = box._registrar.attach(box)
-    return box.registered
+def _attach_open(boxes: list[ContinuationBox]) -> list[bool]:
+    """Attach the boxes still open (a session may have ended meanwhile), each registrar's
+    in one attach_many; whether each is registered."""
+    by_registrar: dict[int, list[ContinuationBox]] = {}
+    for box in boxes:
+        if box.fd >= 0:
+            by_registrar.setdefault(id(box._registrar), []).append(box)
+    for group in by_registrar.values():
+        registrar = group[0]._registrar
+        many = getattr(registrar, "attach_many", None)
+        got = many(group) if many is not None else [registrar.attach(box) for box in group]
+        for box, registered in zip(group, got):
+            box.registered = registered
+    return [box.registered for box in boxes]
 
 
 def recovered_box(recovered: Recovered, *, state_capacity: int, log_capacity: int,

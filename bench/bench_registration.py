@@ -1,0 +1,125 @@
+"""What registering a Continuation Box with the agent costs, per box (JSON out).
+
+A process in a lab node holds `sessions` real TCP sessions, each with its box, and has
+the node's agent hold them, three ways side by side in one run, in turns (`rounds` of
+each, releasing everything between turns):
+
+- `two_requests`: register_region then hold_socket, one box at a time (the registration
+  before the "attach" op, and still what the C header and older agents do);
+- `attach_one`: one "attach" request per box (what create_cb does);
+- `attach_batch`: "attach" requests of runtime.MAX_ATTACH boxes (what an asyncio server's
+  worker sends for a burst of new sessions, or for recovered ones).
+
+Per box: the caller's wall time (ms) and the agent's CPU time (ms, its whole process), the
+median over the rounds, and each way's ratio to `two_requests`.
+
+    python bench/bench_registration.py [--sessions 256] [--rounds 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+from backdoors.lab.lab import Lab
+from backdoors.scenarios.labkit import unique_name
+
+# In the node: the sessions and boxes, then per turn (way) one JSON line of its wall time.
+DRIVER = r"""
+import json, os, socket, sys, time
+from backdoors.common import runtime
+from backdoors.continuations.region import CbRegion
+
+sessions, rounds = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(sessions)
+boxes, keep = [], []
+for _ in range(sessions):
+    c = socket.create_connection(srv.getsockname())
+    s, _ = srv.accept()
+    region = CbRegion.create(os.urandom(16), state_capacity=4096, log_capacity=4096)
+    keep += [c, s, region]
+    boxes.append(("cb-" + bytes(region.mm[16:32]).hex(), region.fd, s.fileno()))
+
+def two_requests():
+    for name, box, sock in boxes:
+        runtime.register_region(box, name, kind="cb")
+        runtime.hold_socket(sock, name=name)
+
+def attach(per):
+    def run():
+        for i in range(0, len(boxes), per):
+            got = runtime.attach_sessions(boxes[i:i + per])
+            assert len(got["held"]) == len(boxes[i:i + per]), got
+    return run
+
+ways = {"two_requests": two_requests, "attach_one": attach(1),
+        "attach_batch": attach(runtime.MAX_ATTACH)}
+print(json.dumps({"ready": True}), flush=True)
+for r in range(rounds):
+    for way, fn in ways.items():
+        sys.stdin.readline()  # the bench reads the agent's CPU time before each turn
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+        for name, _, _ in boxes:
+            runtime.release(name)
+        print(json.dumps({"way": way, "wall_s": wall}), flush=True)
+"""
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime, stime (clock ticks)
+
+
+def run(*, sessions: int = 256, rounds: int = 5) -> dict:
+    lab = Lab(unique_name("rg"), hosts=1, nodes=1, agents=True, services=False)
+    with lab:
+        agent = lab.agent_pid("h0")
+        proc = lab.run_in_node("n0", [sys.executable, "-c", DRIVER, str(sessions), str(rounds)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            json.loads(proc.stdout.readline())
+            seen: dict[str, list[tuple[float, float]]] = {}
+            for _ in range(rounds * 3):
+                cpu = _cpu_s(agent)
+                proc.stdin.write(b"\n")
+                proc.stdin.flush()
+                line = json.loads(proc.stdout.readline())
+                # the agent's CPU includes the releases after the turn (the same for each way)
+                seen.setdefault(line["way"], []).append((line["wall_s"], _cpu_s(agent) - cpu))
+        finally:
+            proc.kill()
+            proc.wait(10)
+    rows = []
+    for way, runs in seen.items():
+        rows.append({"way": way,
+                     "wall_ms_per_box": round(1000 * statistics.median(w for w, _ in runs) / sessions, 4),
+                     "agent_cpu_ms_per_box": round(1000 * statistics.median(c for _, c in runs) / sessions, 4)})
+    base = rows[0]
+    for row in rows:
+        row["wall_ratio"] = round(row["wall_ms_per_box"] / base["wall_ms_per_box"], 3)
+        row["agent_cpu_ratio"] = (round(row["agent_cpu_ms_per_box"] / base["agent_cpu_ms_per_box"], 3)
+                                  if base["agent_cpu_ms_per_box"] else None)
+    return {"sessions": sessions, "rounds": rounds, "results": rows,
+            "note": "agent CPU per box includes the release of each box after its turn"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", action="store_true", help="print JSON (the default output)")
+    a = ap.parse_args(argv)
+    print(json.dumps(run(sessions=a.sessions, rounds=a.rounds), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The local op "attach": many Continuation Boxes and their sockets in one request, each
+held or refused on its own; the registrar's batches, and its fallback for an agent without
+the op (a real agent answering an op it does not know)."""
+
+import json
+import threading
+
+import pytest
+from test_agent_support import agent_lab, prefix, read_line
+
+from backdoors.continuations.agent_link import Worker
+
+__all__ = ["agent_lab", "prefix"]
+
+# In node n0: boxes with real sockets, attached in one request with two bad ones among
+# them; then requests the agent refuses whole; then a registrar's 40 boxes (two requests),
+# and the same through a client whose attach op the agent does not know. Prints what it saw.
+ATTACH = r"""
+import json, os, socket, sys
+from backdoors.common import runtime
+from backdoors.continuations.agent_link import AgentRegistrar
+from backdoors.continuations.box import new_box
+from backdoors.continuations.region import CbRegion
+from backdoors.errors import RegistrationError
+
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(128)
+keep = []
+
+def pair():
+    c = socket.create_connection(srv.getsockname())
+    s, _ = srv.accept()
+    keep.append((c, s))
+    return s
+
+def cb():
+    region = CbRegion.create(os.urandom(16), state_capacity=4096, log_capacity=4096)
+    keep.append(region)
+    return "cb-" + bytes(region.mm[16:32]).hex(), region.fd
+
+out = {}
+good = [(*cb(), pair().fileno()) for _ in range(3)]
+misnamed = ("cb-" + "0" * 32, cb()[1], pair().fileno())  # a box of another session's name
+r, w = os.pipe()
+no_socket = (*cb(), r)  # a valid box whose "socket" is a pipe
+out["mixed"] = runtime.attach_sessions([good[0], misnamed, good[1], no_socket, good[2]])
+out["good"] = [g[0] for g in good]
+out["no_socket"] = no_socket[0]
+def refusal(names, fds):
+    try:
+        runtime._call({"op": "attach", "kind": "cb", "names": names}, fds, None, 2.0)
+        return "accepted"
+    except RegistrationError as e:
+        return str(e)
+
+out["twice"] = refusal([good[0][0]] * 2, [good[0][1], good[0][2]] * 2)
+out["too_many"] = refusal([f"cb-{i:032x}" for i in range(runtime.MAX_ATTACH + 1)], [])
+out["short"] = refusal([good[0][0]], [good[0][1]])
+
+reg = AgentRegistrar(runtime)
+boxes = [new_box(pair(), state_capacity=4096, log_capacity=4096, registrar=reg) for _ in range(40)]
+out["registrar"] = reg.attach_many(boxes)
+out["registrar_names"] = [b.name for b in boxes]
+
+class Older:  # the registration client, but its attach is an op the agent does not know
+    register_region = staticmethod(runtime.register_region)
+    hold_socket = staticmethod(runtime.hold_socket)
+    release = staticmethod(runtime.release)
+    @staticmethod
+    def attach_sessions(boxes):
+        names = [name for name, _, _ in boxes]
+        fds = [fd for _, box, sock in boxes for fd in (box, sock)]
+        return runtime._call({"op": "attach_v0", "kind": "cb", "names": names}, fds, None, 2.0)
+
+older = AgentRegistrar(Older)
+more = [new_box(pair(), state_capacity=4096, log_capacity=4096, registrar=older) for _ in range(3)]
+out["older"] = older.attach_many(more)
+out["older_batches"] = older.batches
+out["older_names"] = [b.name for b in more]
+print(json.dumps(out), flush=True)
+import time; time.sleep(60)
+"""
+
+
+@pytest.mark.root
+def test_one_request_attaches_many_boxes_each_held_or_refused_alone(agent_lab):
+    lab = agent_lab()
+    out = json.loads(read_line(lab.run("n0", ATTACH), 30))
+    mixed = out["mixed"]
+    assert mixed["held"] == out["good"] and mixed["later"] == []
+    assert set(mixed["refused"]) == {"cb-" + "0" * 32, out["no_socket"]}
+    assert "must be named cb-<session>" in mixed["refused"]["cb-" + "0" * 32]
+    assert "TCP socket" in mixed["refused"][out["no_socket"]]
+    # refused whole, naming why: a name twice, more boxes than a request takes, an fd short
+    assert "names a session twice" in out["twice"]
+    assert "malformed" in out["too_many"] and "32" in out["too_many"]
+    assert "a memfd and a socket" in out["short"]
+    # the registrar's 40 boxes (requests of 32 and 8), and 3 more one by one through an
+    # agent that does not know the op it was sent
+    assert out["registrar"] == [True] * 40
+    assert out["older"] == [True] * 3 and out["older_batches"] is False
+    c = lab.client()
+    held = {s.name for s in c.sessions("n0")}
+    regions = {r.name for r in c.regions("n0") if r.kind == "cb"}
+    expected = set(out["good"]) | set(out["registrar_names"]) | set(out["older_names"])
+    assert held == expected  # nothing of a refused box is held: not its socket ...
+    assert regions == expected  # ... nor its region (kept before its socket was refused)
+    audit = [a for a in lab.audit() if a.get("kind") == "local" and a.get("op") == "attach"]
+    assert {a["name"] for a in audit if a["ok"]} == set(out["good"]) | set(out["registrar_names"])
+
+
+def test_the_worker_batches_a_run_of_queued_calls_and_keeps_their_order():
+    worker = Worker("bd-test-batch")
+    gate = threading.Event()
+    calls: list = []
+
+    def many(items):
+        calls.append(("many", list(items)))
+        return [i * 10 for i in items]
+
+    first = worker.submit(gate.wait)  # holds the worker while the rest queue up
+    futures = [worker.submit_batched(many, i) for i in range(3)]
+    between = worker.submit(lambda: calls.append(("one", None)))
+    futures += [worker.submit_batched(many, i) for i in range(3, 5)]
+    gate.set()
+    assert first.result(5) is True
+    assert [f.result(5) for f in futures] == [0, 10, 20, 30, 40]
+    between.result(5)
+    assert calls == [("many", [0, 1, 2]), ("one", None), ("many", [3, 4])]
+
+
+def test_a_failed_batch_fails_each_of_its_calls():
+    worker = Worker("bd-test-batch-fail")
+
+    def many(items):
+        raise OSError("the agent went away")
+
+    futures = [worker.submit_batched(many, i) for i in range(3)]
+    for f in futures:
+        with pytest.raises(OSError, match="went away"):
+            f.result(5)
