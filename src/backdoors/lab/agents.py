@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..agent.config import AgentConfig, NodeSpec, VmNodeSpec, validate
+from ..agent.hardening import CPU_WEIGHT as AGENT_CPU_WEIGHT
 from ..agent.keys import Identity, generate, load_identity
 from ..common.configfile import dumps
 from ..common.procs import read_line
@@ -138,6 +139,14 @@ def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int,
         keeper_cgroup.attach(proc.pid)
     except BackdoorsError:
         pass  # it still works; only a crashed lab's reaper would miss it
+    try:
+        # The agent waits on its keeper (systemd's stand-in): the notify socket queues 10
+        # datagrams, and storing a thousand descriptors sends two thousand. At a node's
+        # weight the keeper waited for the CPU behind the nodes under load, and the agent
+        # (weight 10000) with it, in the middle of registering sessions.
+        keeper_cgroup.set_cpu_weight(AGENT_CPU_WEIGHT)
+    except BackdoorsError:
+        pass  # slower under load, not wrong
     line = read_line(proc, READY_TIMEOUT)
     proc.stdout.close()
     try:
