@@ -556,11 +556,12 @@ class LocalServer:
         process = read_process(conn.pid)  # once for the whole batch
         held: list[str] = []
         refused: dict[str, str] = {}
+        later: list[str] = []
         end = time.monotonic() + CB_CHECK_BUDGET_S
         for i, name in enumerate(names):
             if i and time.monotonic() > end:
-                return {"kind": SESSION_KIND, "held": held, "refused": refused,
-                        "later": names[i:]}
+                later = names[i:]
+                break
             try:
                 self._keep(conn, name, SESSION_KIND, False, fds[2 * i], process)
                 try:
@@ -578,7 +579,7 @@ class LocalServer:
             self.metrics.registrations.labels(conn.node, "attach", "ok").inc()
         if held and self.owners is not None:  # their server's death becomes an event
             self.owners.watch(conn.node, conn.pid, conn.pidfd)
-        return {"kind": SESSION_KIND, "held": held, "refused": refused, "later": []}
+        return {"kind": SESSION_KIND, "held": held, "refused": refused, "later": later}
 
     def _unregister(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         try:

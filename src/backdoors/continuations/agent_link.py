@@ -233,6 +233,11 @@ class AgentRegistrar:
                 out.update((box, self._attach(box)) for box in todo)
                 break
             chunk, todo = todo[:runtime.MAX_ATTACH], todo[runtime.MAX_ATTACH:]
+            for box in [b for b in chunk if b.fd < 0 or b.conn.fileno() < 0]:
+                out[box] = "refused"  # closed meanwhile: nothing of it to hand over
+                chunk.remove(box)
+            if not chunk:
+                continue
             by_name = {box.name: box for box in chunk}
             try:
                 reply = self.client.attach_sessions(
