@@ -96,7 +96,7 @@ def test_another_nodes_names_and_socket(hostile):
 
 def test_descriptor_exhaustion_is_capped(hostile):
     detail = attack(hostile, "descriptor-exhaustion")
-    assert "more than 4 file descriptors" in detail and "the cap is 64" in detail
+    assert "more than 64 file descriptors" in detail and "the cap is 64" in detail
 
 
 def test_filling_disk_and_memory_at_once(hostile):

@@ -468,7 +468,7 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
 res = {}
 box = box_bytes("fdx")
 S = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-# 250 descriptors on one frame (the agent takes 4 at most)
+# 250 descriptors on one frame (the agent takes 64 at most: 32 boxes of an attach)
 fds = [memfd(len(box), S, box) for _ in range(250)]
 try:
     r = request({"op": "register", "kind": "sensorbox", "name": "many"}, fds)
