@@ -27,13 +27,13 @@ import fcntl, json, os, socket, struct, sys
 import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from backdoors.agent.local import MAX_FDS
 from backdoors.common import ipc
 from backdoors.common.runtime import AGENT_SOCKET_ENV
 
 PATH = os.environ[AGENT_SOCKET_ENV]
 MAX_FRAME = 64 * 1024
 OPS = ["register", "unregister", "hold_socket", "release", "attach"]
-MAX_FDS = 64  # (agent.local.MAX_FDS: two per box of an attach)
 
 
 def memfd(size, seals, data=b""):

@@ -39,7 +39,7 @@ import msgspec
 from ..common import ipc
 from ..common.peers import SO_PEERPIDFD
 from ..common.procs import read_process
-from ..common.runtime import agent_socket
+from ..common.runtime import MAX_ATTACH, agent_socket
 from ..errors import AgentError, SensorBoxError
 from ..nodes import Node
 from ..sensors import Region, parse_box, read_consistent
@@ -56,10 +56,7 @@ from .sessions import SessionRefused, SessionTable
 log = logging.getLogger("backdoors.agent")
 
 MAX_FRAME = 64 * 1024
-#: Continuation Boxes one "attach" request may carry (a box's memfd and its socket each):
-#: a burst of new sessions (or a thousand recovered ones) costs a round trip and a
-#: membership check per batch, not two per box
-MAX_ATTACH = 32
+#: an "attach" request carries a memfd and a socket for each of its MAX_ATTACH boxes at most
 MAX_FDS = 2 * MAX_ATTACH
 CONN_TIMEOUT_S = 10.0
 MAX_CONNS_PER_NODE = 64  # each process keeps one connection
@@ -565,7 +562,7 @@ class LocalServer:
             try:
                 self._keep(conn, name, SESSION_KIND, False, fds[2 * i], process)
                 try:
-                    self.sessions.hold(conn.node, name, fds[2 * i + 1], conn.pid)
+                    self._hold(conn, name, fds[2 * i + 1])
                 except SessionRefused:
                     self._drop_session(conn.node, name)
                     raise
@@ -577,8 +574,6 @@ class LocalServer:
             self.audit.local(node=conn.node, pid=conn.pid, op="attach", name=name,
                              kind=SESSION_KIND, ok=True)
             self.metrics.registrations.labels(conn.node, "attach", "ok").inc()
-        if held and self.owners is not None:  # their server's death becomes an event
-            self.owners.watch(conn.node, conn.pid, conn.pidfd)
         return {"kind": SESSION_KIND, "held": held, "refused": refused, "later": later}
 
     def _unregister(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
@@ -592,10 +587,15 @@ class LocalServer:
     def _hold_socket(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         if len(fds) != 1:
             raise RegionRefused(f"attach exactly one socket (SCM_RIGHTS), got {len(fds)}")
-        session = self.sessions.hold(conn.node, req.name, fds[0], conn.pid)
-        if self.owners is not None:  # its death becomes an event (agent.owners)
-            self.owners.watch(conn.node, conn.pid, conn.pidfd)
+        session = self._hold(conn, req.name, fds[0])
         return {"name": req.name, "kind": "socket", "session": session.describe()}
+
+    def _hold(self, conn: _Conn, name: str, fd: int):
+        """Hold the session socket `fd` as `name`; its server's death becomes an event."""
+        session = self.sessions.hold(conn.node, name, fd, conn.pid)
+        if self.owners is not None:  # (agent.owners)
+            self.owners.watch(conn.node, conn.pid, conn.pidfd)
+        return session
 
     def _release(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         """The session ended: drop its socket and its box (either may be gone already)."""

@@ -118,7 +118,7 @@ def hold_socket(fd: int, *, name: str, socket_path: str | None = None,
     return _call({"op": "hold_socket", "name": name}, fd, socket_path, timeout)
 
 
-#: Continuation Boxes one attach_sessions call may carry (the agent's limit)
+#: Continuation Boxes one attach request may carry (the agent refuses more)
 MAX_ATTACH = 32
 
 
