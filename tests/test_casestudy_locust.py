@@ -59,3 +59,41 @@ def test_a_slow_start_does_not_cut_the_run_time(tmp_path):
     assert len(stamps) == 2, log[-2000:]
     ran = stamps["--run-time limit reached"] - stamps["Run time limit set"]
     assert ran >= 2.9, f"the run lasted {ran:.2f} s of its 3 s"
+
+
+class _KeptAlive(_Home):
+    """Keeps connections open (HTTP/1.1) and notes each request's client port."""
+    protocol_version = "HTTP/1.1"
+    ports: list[int] = []
+
+    def do_GET(self):  # noqa: N802
+        self.ports.append(self.client_address[1])
+        super().do_GET()
+
+
+def test_each_users_first_request_is_recorded_apart(tmp_path):
+    """RUBIS_LATENCIES: a line per request, its response time and whether it was its
+    user's first -- the one that opened the user's keep-alive connection."""
+    from backdoors.casestudy.rubis.latency import read_latencies
+    from backdoors.casestudy.rubis.study import LOCUSTFILE
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeptAlive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    path = tmp_path / "latencies"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE),
+             "--headless", "-u", "3", "-r", "3", "-t", "2s", "--only-summary", "--host", host,
+             "--stop-timeout", "5", "--exit-code-on-error", "0", "Browsing"],
+            capture_output=True, text=True, timeout=120,
+            env={"RUBIS_HOSTS": host, "RUBIS_LATENCIES": str(path), "PATH": "/usr/bin:/bin",
+                 "RUBIS_THINK_MIN": "0.01", "RUBIS_THINK_MAX": "0.02"})
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, later = read_latencies(path)
+    ports = _KeptAlive.ports
+    assert len(set(ports)) == 3, "each user keeps one connection"
+    assert len(first) == 3 and len(first) + len(later) == len(ports), (first, len(later), ports)
+    assert all(ms > 0 for ms in first + later)

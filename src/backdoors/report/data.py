@@ -261,6 +261,10 @@ class CasestudyLoad(msgspec.Struct):
     recoverable_p50_ms: Num = None
     plain_p99_ms: Num = None
     recoverable_p99_ms: Num = None
+    plain_first_p99_ms: Num = None  # the users' first requests (opening their sessions)
+    recoverable_first_p99_ms: Num = None
+    plain_steady_p99_ms: Num = None  # the later requests (on sessions set up)
+    recoverable_steady_p99_ms: Num = None
     plain_failed: Num = None
     recoverable_failed: Num = None
     overhead_pct: Num = None
@@ -309,6 +313,7 @@ class BenchCasestudy(msgspec.Struct):
     load: list[CasestudyLoad] = []
     overhead_pct_max: Num = None
     p99_overhead_pct_max: Num = None
+    steady_p99_overhead_pct_max: Num = None
     bids_acknowledged: Num = None
     bids_lost: Num = None
     bids_duplicated: Num = None

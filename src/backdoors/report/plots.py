@@ -709,8 +709,9 @@ def overhead(o: Overhead) -> bytes:
 
 @_styled
 def casestudy_load(rows: list[CasestudyLoad]) -> bytes:
-    """RUBiS: throughput (left) and p50/p99 latency (right) vs locust users, plain vs
-    recoverable, each recoverable point labelled with its throughput loss; the levels at
+    """RUBiS: throughput (left) and p50/p99 latency (right; and the p99 of the requests
+    after each user's first) vs locust users, plain vs recoverable, each recoverable point
+    labelled with its throughput loss; the levels at
     saturation shaded."""
     fig = _figure(10, 3.6)
     thr, lat = fig.subplots(1, 2)
@@ -720,11 +721,12 @@ def casestudy_load(rows: list[CasestudyLoad]) -> bytes:
                if getattr(r, f"{kind}_rps") is not None]
         if pts:
             thr.plot(*zip(*pts), "o-", color=colour, label=label)
-        for q, style in (("p50", "--"), ("p99", "-")):
+        for q, style, name in (("p50", "--", "p50"), ("p99", "-", "p99"),
+                               ("steady_p99", ":", "p99, sessions set up")):
             pts = [(r.users, getattr(r, f"{kind}_{q}_ms")) for r in rows
                    if getattr(r, f"{kind}_{q}_ms") is not None]
             if pts:
-                lat.plot(*zip(*pts), style, marker="o", color=colour, label=f"{label} {q}")
+                lat.plot(*zip(*pts), style, marker="o", color=colour, label=f"{label} {name}")
     for r in rows:
         if r.overhead_pct is not None and r.recoverable_rps is not None:
             thr.annotate(f"{r.overhead_pct:+.1f} %", (r.users, r.recoverable_rps),
@@ -747,7 +749,7 @@ def casestudy_load(rows: list[CasestudyLoad]) -> bytes:
     thr.set_ylabel("throughput (requests/s)")
     thr.set_title("Throughput (labels: recoverable's loss vs plain)")
     lat.set_ylabel("latency (ms)")
-    lat.set_title("Latency, p50 (dashed) and p99")
+    lat.set_title("Latency: p50 (dashed), p99, p99 of later requests (dotted)")
     return _png(fig)
 
 

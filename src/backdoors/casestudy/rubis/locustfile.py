@@ -11,6 +11,9 @@ page's marker. Every write the site acknowledged is appended to RUBIS_ACKS as a 
 database afterwards. With RUBIS_REQUESTS, every request's end (Unix ms), whether it
 passed its check and its front end (an index in RUBIS_HOSTS) go to that file, one line each
 (throughput.py; buffered, flushed when locust quits): the requests per 100 ms across a fault.
+With RUBIS_LATENCIES, every request's response time and whether it was its user's first
+(the one that opened the session) go to that file (latency.py): the p99 of sessions set
+up apart from that of the requests on them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import re
 import gevent
 from locust import FastHttpUser, between, events, task
 
+from backdoors.casestudy.rubis.latency import LatencyLog
 from backdoors.casestudy.rubis.throughput import RequestLog
 
 HOSTS = [h for h in os.environ.get("RUBIS_HOSTS", "").split(",") if h]
@@ -37,6 +41,10 @@ _requests = RequestLog(os.environ["RUBIS_REQUESTS"]) if os.environ.get("RUBIS_RE
 if _requests is not None:
     events.quit.add_listener(lambda **_: _requests.flush())  # the users are stopped by then
     atexit.register(_requests.close)
+_latencies = LatencyLog(os.environ["RUBIS_LATENCIES"]) if os.environ.get("RUBIS_LATENCIES") else None
+if _latencies is not None:
+    events.quit.add_listener(lambda **_: _latencies.flush())
+    atexit.register(_latencies.close)
 _next_host = itertools.count()
 
 
@@ -63,6 +71,7 @@ class Site(FastHttpUser):
         self.fe = next(_next_host) % len(HOSTS) if HOSTS else 0
         self.base = HOSTS[self.fe] if HOSTS else self.host
         self.user = None
+        self.first = True  # its next request opens its session (its keep-alive connection)
 
     def checked(self, r, ok: bool, why: str) -> None:
         if ok:
@@ -71,6 +80,9 @@ class Site(FastHttpUser):
             r.failure(why)
         if _requests is not None:
             _requests.add(ok, self.fe)
+        if _latencies is not None:
+            _latencies.add(r.request_meta["response_time"], self.first)
+        self.first = False
 
     def page(self, path: str, marker: str, name: str, status: int = 200) -> str | None:
         with self.client.get(self.base + path, name=name, catch_response=True) as r:

@@ -13,6 +13,10 @@ recoverable ones (the order alternates from level to level, and from round to ro
 locustfile.py). A level is below saturation while the plain site's
 throughput still grows by at least 10 % from the level before; `overhead_pct_max` is the
 largest throughput loss of recoverable vs plain among those levels (all levels if none).
+Besides locust's p50 and p99 (of every request), each row has those of the users' first
+requests apart (`*_first_p50_ms`, `*_first_p99_ms`: the requests that open a session)
+and the p99 of the later ones (`*_steady_p99_ms`: requests on sessions already set up),
+from the driver's own record of every response time (latency.py).
 
 With `faults` (FAULTS: fe- and mt- freeze, lock, network, crash; see play_fault), each
 fault is then played under load on a recoverable site of its own (a fault leaves its
@@ -41,6 +45,7 @@ from pathlib import Path
 from ...errors import LabError
 from .dataset import Scale
 from .front import FAILOVER
+from .latency import summary
 from .site import Site, mt_name
 from .throughput import dip, per_100ms
 
@@ -76,8 +81,10 @@ class Locust:
         self.seconds, self.work = seconds, work
         self.prefix, self.acks = work / tag, work / f"{tag}.acks"
         self.requests = work / f"{tag}.requests" if requests else None
+        self.latencies = work / f"{tag}.latencies"
         hosts = ",".join(hosts or [f"http://{s.vip}:{s.port}" for s in site.front_ends(plain)])
         env = {"RUBIS_HOSTS": hosts, "RUBIS_ACKS": str(self.acks),
+               "RUBIS_LATENCIES": str(self.latencies),
                **({"RUBIS_REQUESTS": str(self.requests)} if requests else {}),
                "RUBIS_DATA_USERS": str(site.scale.users),
                "RUBIS_DATA_ITEMS": str(site.scale.items),
@@ -116,7 +123,7 @@ class Locust:
         return {"rps": float(total["Requests/s"]), "p50_ms": float(total["50%"]),
                 "p99_ms": float(total["99%"]), "requests": requests,
                 "failed": int(total["Failure Count"]), "writes": writes, "acks": self.acks,
-                "max_ms": float(total["Max Response Time"])}
+                "max_ms": float(total["Max Response Time"]), **summary(self.latencies)}
 
 
 #: the faults built so far (issue 13's list: fe- and mt- freeze, lock, network, crash)
@@ -463,6 +470,10 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
                 row.update({f"{kind}_rps": round(_mean(got, "rps"), 1),
                             f"{kind}_p50_ms": round(_mean(got, "p50_ms"), 1),
                             f"{kind}_p99_ms": round(_mean(got, "p99_ms"), 1),
+                            f"{kind}_first_p50_ms": _mean_of(got, "first_p50_ms"),
+                            f"{kind}_first_p99_ms": _mean_of(got, "first_p99_ms"),
+                            f"{kind}_steady_p99_ms": _mean_of(got, "steady_p99_ms"),
+                            f"{kind}_sessions": sum(g["sessions"] for g in got),
                             f"{kind}_requests": requests,
                             f"{kind}_failed": sum(g["failed"] for g in got),
                             f"{kind}_write_pct": round(100 * sum(g["writes"] for g in got)
@@ -492,8 +503,15 @@ def _mean(runs: list[dict], key: str) -> float:
     return sum(r[key] for r in runs) / len(runs)
 
 
+def _mean_of(runs: list[dict], key: str) -> float | None:
+    """The mean of the runs that have `key` (a run with no request of that kind has None)."""
+    values = [r[key] for r in runs if r[key] is not None]
+    return round(sum(values) / len(values), 1) if values else None
+
+
 def overhead(load: list[dict]) -> dict:
-    """overhead_pct_max (throughput) and p99_overhead_pct_max below saturation."""
+    """overhead_pct_max (throughput), p99_overhead_pct_max and steady_p99_overhead_pct_max
+    below saturation."""
     below, prev, saturated = [], None, False
     for row in load:
         row["overhead_pct"] = round(100 * (row["plain_rps"] - row["recoverable_rps"])
@@ -504,9 +522,15 @@ def overhead(load: list[dict]) -> dict:
         if not row["saturated"]:
             below.append(row)
     rows = below or load
-    p99 = [100 * (r["recoverable_p99_ms"] - r["plain_p99_ms"]) / r["plain_p99_ms"]
-           for r in rows if r["plain_p99_ms"]]
     return {"overhead_pct_max": max((r["overhead_pct"] for r in rows
                                      if r["overhead_pct"] is not None), default=None),
-            "p99_overhead_pct_max": round(max(p99), 1) if p99 else None,
+            "p99_overhead_pct_max": _most_slower(rows, "p99_ms"),
+            "steady_p99_overhead_pct_max": _most_slower(rows, "steady_p99_ms"),
             "levels_below_saturation": [r["users"] for r in below]}
+
+
+def _most_slower(rows: list[dict], figure: str) -> float | None:
+    """The largest excess (%) of recoverable_<figure> over plain_<figure> among rows."""
+    excess = [100 * (r[f"recoverable_{figure}"] - r[f"plain_{figure}"]) / r[f"plain_{figure}"]
+              for r in rows if r.get(f"plain_{figure}") and r.get(f"recoverable_{figure}") is not None]
+    return round(max(excess), 1) if excess else None
