@@ -711,8 +711,7 @@ def overhead(o: Overhead) -> bytes:
 def casestudy_load(rows: list[CasestudyLoad]) -> bytes:
     """RUBiS: throughput (left) and p50/p99 latency (right; and the p99 of the requests
     after each user's first) vs locust users, plain vs recoverable, each recoverable point
-    labelled with its throughput loss; the levels at
-    saturation shaded."""
+    labelled with its throughput loss; the levels at saturation shaded."""
     fig = _figure(10, 3.6)
     thr, lat = fig.subplots(1, 2)
     kinds = [("plain", "plain", GREY), ("recoverable", "recoverable", BLUE)]

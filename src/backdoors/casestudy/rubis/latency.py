@@ -16,39 +16,22 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 from ...errors import LabError
+from .throughput import LineLog, logged_lines
 
 
-class LatencyLog:
-    """The load driver's side: a line per request; buffered, close() at exit writes the
-    rest."""
-
-    def __init__(self, path: str | os.PathLike):
-        self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - closed at exit
-
+class LatencyLog(LineLog):
     def add(self, ms: float, first: bool) -> None:
         self._file.write(f"{ms:.3f} {int(first)}\n")
 
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
 
 def read_latencies(path: str | os.PathLike) -> tuple[list[float], list[float]]:
-    """(first requests' times, later requests' times), ms. A last line without its newline
-    is a write cut short and is left out; any other line that is not a time and a 0 or 1
-    is a LabError naming the file and line."""
-    try:
-        text = Path(path).read_text(encoding="ascii", errors="replace")
-    except OSError as e:
-        raise LabError(f"{path}: cannot read the latencies file: {e.strerror}") from None
+    """(first requests' times, later requests' times), ms, from the file (logged_lines);
+    a line that is not a time and a 0 or 1 is a LabError naming the file and line."""
     first: list[float] = []
     later: list[float] = []
-    for n, line in enumerate(text.split("\n")[:-1], 1):  # the last: "" or a torn tail
+    for n, line in logged_lines(path, "latencies"):
         try:
             ms, kind = line.split()
             value = float(ms)

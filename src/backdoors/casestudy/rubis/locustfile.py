@@ -38,13 +38,11 @@ THINK = (float(os.environ.get("RUBIS_THINK_MIN", "0.05")),
          float(os.environ.get("RUBIS_THINK_MAX", "0.15")))
 _acks = open(os.environ["RUBIS_ACKS"], "a", buffering=1) if os.environ.get("RUBIS_ACKS") else None
 _requests = RequestLog(os.environ["RUBIS_REQUESTS"]) if os.environ.get("RUBIS_REQUESTS") else None
-if _requests is not None:
-    events.quit.add_listener(lambda **_: _requests.flush())  # the users are stopped by then
-    atexit.register(_requests.close)
 _latencies = LatencyLog(os.environ["RUBIS_LATENCIES"]) if os.environ.get("RUBIS_LATENCIES") else None
-if _latencies is not None:
-    events.quit.add_listener(lambda **_: _latencies.flush())
-    atexit.register(_latencies.close)
+for _log in (_requests, _latencies):
+    if _log is not None:
+        events.quit.add_listener(lambda _log=_log, **_: _log.flush())  # the users are stopped
+        atexit.register(_log.close)
 _next_host = itertools.count()
 
 

@@ -524,12 +524,12 @@ def overhead(load: list[dict]) -> dict:
     rows = below or load
     return {"overhead_pct_max": max((r["overhead_pct"] for r in rows
                                      if r["overhead_pct"] is not None), default=None),
-            "p99_overhead_pct_max": _most_slower(rows, "p99_ms"),
-            "steady_p99_overhead_pct_max": _most_slower(rows, "steady_p99_ms"),
+            "p99_overhead_pct_max": _largest_excess(rows, "p99_ms"),
+            "steady_p99_overhead_pct_max": _largest_excess(rows, "steady_p99_ms"),
             "levels_below_saturation": [r["users"] for r in below]}
 
 
-def _most_slower(rows: list[dict], figure: str) -> float | None:
+def _largest_excess(rows: list[dict], figure: str) -> float | None:
     """The largest excess (%) of recoverable_<figure> over plain_<figure> among rows."""
     excess = [100 * (r[f"recoverable_{figure}"] - r[f"plain_{figure}"]) / r[f"plain_{figure}"]
               for r in rows if r.get(f"plain_{figure}") and r.get(f"recoverable_{figure}") is not None]

@@ -22,16 +22,13 @@ from ...errors import LabError
 BUCKET_MS = 100
 
 
-class RequestLog:
-    """The load driver's side: appends a line per request to `path`. Buffered (one write
-    per 64 KiB, about 3,500 requests); flush() or close() at exit writes the rest."""
+class LineLog:
+    """The load driver's side of a file of one line per request, appended to `path`.
+    Buffered (one write per 64 KiB, a few thousand requests); flush() or close() at exit
+    writes the rest."""
 
     def __init__(self, path: str | os.PathLike):
         self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - closed at exit
-
-    def add(self, ok: bool, fe: int, at: float | None = None) -> None:
-        """A request answered (`at`: its end, Unix seconds; now by default)."""
-        self._file.write(f"{round((time.time() if at is None else at) * 1000)} {int(ok)} {fe}\n")
 
     def flush(self) -> None:
         self._file.flush()
@@ -40,17 +37,28 @@ class RequestLog:
         self._file.close()
 
 
-def read_requests(path: str | os.PathLike) -> list[tuple[int, bool, int]]:
-    """(end ms, ok, front end) of every request in the file. A last line without its
-    newline is a write cut short (the driver killed) and is left out; any other line that
-    is not three integers is a LabError naming the file and line."""
+class RequestLog(LineLog):
+    def add(self, ok: bool, fe: int, at: float | None = None) -> None:
+        """A request answered (`at`: its end, Unix seconds; now by default)."""
+        self._file.write(f"{round((time.time() if at is None else at) * 1000)} {int(ok)} {fe}\n")
+
+
+def logged_lines(path: str | os.PathLike, what: str) -> list[tuple[int, str]]:
+    """(number, line) of each complete line of a LineLog's file: a last line without its
+    newline is a write cut short (the driver killed) and is left out. LabError naming the
+    file (`what`: its kind) if it cannot be read."""
     try:
         text = Path(path).read_text(encoding="ascii", errors="replace")
     except OSError as e:
-        raise LabError(f"{path}: cannot read the requests file: {e.strerror}") from None
-    lines = text.split("\n")
+        raise LabError(f"{path}: cannot read the {what} file: {e.strerror}") from None
+    return list(enumerate(text.split("\n")[:-1], 1))  # the last: "" or a torn tail
+
+
+def read_requests(path: str | os.PathLike) -> list[tuple[int, bool, int]]:
+    """(end ms, ok, front end) of every request in the file (logged_lines); a line that
+    is not three integers is a LabError naming the file and line."""
     out = []
-    for n, line in enumerate(lines[:-1], 1):  # lines[-1]: "" or a torn tail
+    for n, line in logged_lines(path, "requests"):
         parts = line.split()
         try:
             t, ok, fe = map(int, parts)
