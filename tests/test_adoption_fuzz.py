@@ -201,6 +201,20 @@ def _send(sock: socket.socket, data: bytes, fds: list[int]) -> bool:
             os.close(fd)
 
 
+def _frames(stream: bytes) -> int:
+    """The complete frames the server reads from `stream`, whatever the writes that made
+    it: a frame's length may be wrong, so frames need not begin where writes do. Counting
+    stops at a length over MAX_MESSAGE (refused, then nothing more is read)."""
+    count, at = 0, 0
+    while at + ipc.HEADER <= len(stream):
+        size = int.from_bytes(stream[at:at + ipc.HEADER], "big")
+        at += ipc.HEADER + size
+        if size > MAX_MESSAGE or at > len(stream):
+            break
+        count += 1
+    return count
+
+
 def _replies(sock: socket.socket) -> list[HandoverVerdicts]:
     out = []
     while True:
@@ -228,8 +242,10 @@ def test_hostile_handovers_at_one_recovery_server(world):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(5.0)
         sock.connect(path)
+        stream = b""
         for data, kinds in writes:
             garbage = bytes(range(256)) * 2
+            stream += data
             if not _send(sock, data, [_make_fd(k, cb, garbage) for k in kinds]):
                 break
         try:
@@ -238,7 +254,9 @@ def test_hostile_handovers_at_one_recovery_server(world):
             pass
         replies = _replies(sock)
         sock.close()
-        assert len(replies) <= len(writes) + 1  # one reply per batch frame, at most
+        # one reply per complete frame, and at most one refusal more (of a frame too large
+        # or with too many descriptors), after which the server reads nothing more
+        assert len(replies) <= _frames(stream) + 1, (len(replies), stream[:300])
         for reply in replies:
             assert bool(reply.error) != bool(reply.verdicts), reply  # a frame refused whole, or not
             assert len(reply.error) < 4096
@@ -293,3 +311,20 @@ def test_a_batch_of_another_version_is_refused_naming_both(world, version):
     assert reply.error == f"hand-over version {version}, this server knows {HANDOVER_VERSION}"
     assert _settled(before)
 
+
+
+def test_frames_are_read_from_the_byte_stream_not_from_writes(world):
+    """Two frames in one write are two batches, two replies; a frame split over two writes
+    is one."""
+    server, _ = world
+    frame = ipc.pack(7)  # msgpack of the wrong shape: refused by name
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        sock.connect(server.source.path)
+        sock.sendall(frame + frame)
+        sock.sendall(frame[:3])
+        sock.sendall(frame[3:])
+        sock.shutdown(socket.SHUT_WR)
+        replies = _replies(sock)
+    assert [r.error for r in replies] == ["hand-over metadata does not decode: Expected "
+                                          "`object`, got `int`"] * 3
