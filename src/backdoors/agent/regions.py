@@ -54,10 +54,12 @@ class Entry:
     registered_at: float = field(default_factory=time.time)
     _users: int = 0
     _retired: bool = False
-    inner_pid: int = field(init=False)  # the registrant's pid inside its node
+    #: the registrant's pid inside its node, for a Sensor Box's owner_pid; other kinds
+    #: carry no pid, so their registration skips the /proc/PID/status read (~11 us a box)
+    inner_pid: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.inner_pid = inner_pid(self.pid)
+        self.inner_pid = inner_pid(self.pid) if self.kind in MAPPED_KINDS else self.pid
 
     @property
     def size(self) -> int:
