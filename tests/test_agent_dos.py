@@ -19,7 +19,7 @@ import pytest
 from test_agent_support import agent_lab, prefix, read_line, wait_for  # noqa: F401
 
 from backdoors.agent.errors import AgentError
-from backdoors.agent.protocol import Envelope, Response, frame
+from backdoors.agent.protocol import MAX_EACH, Envelope, Response, SensorsManyReply, frame
 from backdoors.scenarios.flood import KeylessFlood, loopback_addresses
 
 pytestmark = pytest.mark.root
@@ -297,6 +297,14 @@ def test_one_request_reads_many_nodes_each_as_alone(agent_lab):
         with pytest.raises(AgentError) as e:
             c.sensors_many(bad)
         assert e.value.code == "bad_request"
+    # more names than one request takes: the client sends them in turns, each answered
+    unknown = [f"u{i}" for i in range(2 * MAX_EACH)]
+    many = c.sensors_many(unknown[:MAX_EACH] + ["n0"] + unknown[MAX_EACH:] + ["n1"])
+    assert set(many.replies) == {"n0", "n1"} and "kernel" in many.replies["n1"].boxes
+    assert set(many.errors) >= set(unknown) and many.errors["u0"].code == "no_such_node"
+    with pytest.raises(AgentError) as e:  # the agent's own limit stands
+        c._typed("sensors_many", SensorsManyReply, nodes=unknown[:MAX_EACH + 1])
+    assert e.value.code == "bad_request" and f"at most {MAX_EACH}" in str(e.value)
 
 
 # Forks argv[1] children that sleep: each has the parent's command line, made long by

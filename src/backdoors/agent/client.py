@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import TransportError, remote_error
 from .protocol import (
-    DECODE_ERRORS, DESTRUCTIVE, FENCE_S, HEAL_S, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
+    DECODE_ERRORS, DESTRUCTIVE, FENCE_S, HEAL_S, MAX_EACH, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
     AdoptReply, Envelope, EvacuateReply, FenceReply, GuestKillReply, GuestProcesses, HealReply, HeldCount, IntegrityReply,
     KillReply, KillTreeReply, LimitsReply,
     LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
@@ -274,9 +274,18 @@ class AgentClient:
         return self._typed("sensors", SensorsReply, node=node)
 
     def sensors_many(self, nodes: list[str] | None = None) -> SensorsManyReply:
-        """`sensors` of each of `nodes` (default: every node) in one request; the nodes
-        not read are in `.errors` with their code."""
-        return self._typed("sensors_many", SensorsManyReply, nodes=list(nodes or []))
+        """`sensors` of each of `nodes` (default: every node) in one request, or one per
+        MAX_EACH nodes (the most a request names); the nodes not read are in `.errors`
+        with their code."""
+        nodes = list(nodes or [])
+        if len(nodes) <= MAX_EACH:
+            return self._typed("sensors_many", SensorsManyReply, nodes=nodes)
+        out = SensorsManyReply({}, {})
+        for i in range(0, len(nodes), MAX_EACH):
+            part = self._typed("sensors_many", SensorsManyReply, nodes=nodes[i:i + MAX_EACH])
+            out.replies.update(part.replies)
+            out.errors.update(part.errors)
+        return out
 
     def write(self, node: str, region: str, offset: int, data: bytes) -> int:
         return self._typed("write", WriteReply, node=node, region=region, offset=offset,

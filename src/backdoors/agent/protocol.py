@@ -27,6 +27,8 @@ FENCE_S = 10.0
 HEAL_S = 10.0
 #: Largest frame, either direction: a full MAX_IO payload plus envelope and header.
 MAX_FRAME = MAX_IO + 4096
+#: The most nodes one request of an "each" op (sensors_many) names.
+MAX_EACH = 1024
 NONCE_BYTES = 16
 #: A request's ts must be less than this many seconds from the agent's clock.
 REPLAY_WINDOW_S = 30.0

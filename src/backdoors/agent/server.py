@@ -28,7 +28,7 @@ from .leases import LockBusy
 from .metrics import AgentMetrics
 from .ops import REPLY_BYTES, AgentView, Call, Op, OpError, Room
 from .protocol import (
-    DECODE_ERRORS, MAX_FRAME, PEER_OPS, READS, REFUSED, REPLY_DOMAIN, TOKENED, Envelope,
+    DECODE_ERRORS, MAX_EACH, MAX_FRAME, PEER_OPS, READS, REFUSED, REPLY_DOMAIN, TOKENED, Envelope,
     ErrorInfo, Response, SensorsManyReply, Token, frame,
 )
 from .served import Lane
@@ -39,8 +39,6 @@ log = logging.getLogger("backdoors.agent")
 
 FRAME_TIMEOUT_S = 5.0  # for the rest of a frame once its header came
 _encode = msgspec.msgpack.Encoder().encode
-#: The most nodes one "each" op names.
-MAX_EACH = 1024
 
 
 @dataclass
