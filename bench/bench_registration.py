@@ -11,19 +11,32 @@ each, releasing everything between turns):
   worker sends for a burst of new sessions, or for recovered ones).
 
 Per box: the caller's wall time (ms) and the agent's CPU time (ms, its whole process), the
-median over the rounds, and each way's ratio to `two_requests`.
+median over the rounds, and each way's ratio to `two_requests`. The boxes have
+`state_capacity` and `log_capacity` (4 KiB each by default; an asgi channel's are 16 KiB
+and 256 KiB).
 
-    python bench/bench_registration.py [--sessions 256] [--rounds 5] [--json]
+`checks`: what the agent's check of one box costs, for the box shapes the servers make
+(create_cb's default, an asgi session's, an asgi channel's), two ways side by side in this
+process: `read_cb` (a consistent copy of the whole box, what the agent read before
+check_cb) and `check_cb` (its header and active slot); microseconds per check (median of
+`rounds` runs of 200) and the ratio.
+
+    python bench/bench_registration.py [--sessions 256] [--rounds 5]
+                                       [--state-capacity B] [--log-capacity B] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import time
 
+from backdoors.continuations.image import check_cb, read_cb
+from backdoors.continuations.region import CbRegion
 from backdoors.lab.lab import Lab
 from backdoors.scenarios.labkit import unique_name
 
@@ -33,7 +46,7 @@ import json, os, socket, sys, time
 from backdoors.common import runtime
 from backdoors.continuations.region import CbRegion
 
-sessions, rounds = int(sys.argv[1]), int(sys.argv[2])
+sessions, rounds, state_cap, log_cap = (int(a) for a in sys.argv[1:5])
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
 srv.listen(sessions)
@@ -41,7 +54,7 @@ boxes, keep = [], []
 for _ in range(sessions):
     c = socket.create_connection(srv.getsockname())
     s, _ = srv.accept()
-    region = CbRegion.create(os.urandom(16), state_capacity=4096, log_capacity=4096)
+    region = CbRegion.create(os.urandom(16), state_capacity=state_cap, log_capacity=log_cap)
     keep += [c, s, region]
     boxes.append(("cb-" + bytes(region.mm[16:32]).hex(), region.fd, s.fileno()))
 
@@ -78,11 +91,43 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # utime, stime (clock ticks)
 
 
-def run(*, sessions: int = 256, rounds: int = 5) -> dict:
+#: (name, state capacity, log capacity) of the boxes servers make
+SHAPES = (("create_cb", 4096, 64 * 1024), ("asgi_session", 64 * 1024, 64 * 1024),
+          ("asgi_channel", 16 * 1024, 256 * 1024))
+
+
+def checks(rounds: int, per_round: int = 200) -> list[dict]:
+    """Microseconds per check of one box of each shape, read_cb vs check_cb, alternated."""
+    from backdoors.sensors import Region
+    rows = []
+    for shape, state_cap, log_cap in SHAPES:
+        box = CbRegion.create(os.urandom(16), state_capacity=state_cap, log_capacity=log_cap)
+        region = Region(os.dup(box.fd), label=shape, map=False)  # as the agent holds a box
+        times: dict[str, list[float]] = {"read_cb": [], "check_cb": []}
+        try:
+            for _ in range(rounds):
+                for way, fn in (("read_cb", read_cb), ("check_cb", check_cb)):
+                    t0 = time.perf_counter()
+                    for _ in range(per_round):
+                        fn(region)
+                    times[way].append((time.perf_counter() - t0) / per_round * 1e6)
+        finally:
+            region.close()
+            box.close()
+        read_us, check_us = (round(statistics.median(times[w]), 1) for w in times)
+        rows.append({"shape": shape, "state_capacity": state_cap, "log_capacity": log_cap,
+                     "read_cb_us": read_us, "check_cb_us": check_us,
+                     "check_ratio": round(check_us / read_us, 3)})
+    return rows
+
+
+def run(*, sessions: int = 256, rounds: int = 5, state_capacity: int = 4096,
+        log_capacity: int = 4096) -> dict:
     lab = Lab(unique_name("rg"), hosts=1, nodes=1, agents=True, services=False)
     with lab:
         agent = lab.agent_pid("h0")
-        proc = lab.run_in_node("n0", [sys.executable, "-c", DRIVER, str(sessions), str(rounds)],
+        proc = lab.run_in_node("n0", [sys.executable, "-c", DRIVER, str(sessions), str(rounds),
+                                      str(state_capacity), str(log_capacity)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             json.loads(proc.stdout.readline())
@@ -107,7 +152,8 @@ def run(*, sessions: int = 256, rounds: int = 5) -> dict:
         row["wall_ratio"] = round(row["wall_ms_per_box"] / base["wall_ms_per_box"], 3)
         row["agent_cpu_ratio"] = (round(row["agent_cpu_ms_per_box"] / base["agent_cpu_ms_per_box"], 3)
                                   if base["agent_cpu_ms_per_box"] else None)
-    return {"sessions": sessions, "rounds": rounds, "results": rows,
+    return {"sessions": sessions, "rounds": rounds, "state_capacity": state_capacity,
+            "log_capacity": log_capacity, "results": rows, "checks": checks(rounds),
             "note": "agent CPU per box includes the release of each box after its turn"}
 
 
@@ -115,9 +161,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--state-capacity", type=int, default=4096, help="of each box (bytes)")
+    ap.add_argument("--log-capacity", type=int, default=4096, help="of each box (bytes)")
     ap.add_argument("--json", action="store_true", help="print JSON (the default output)")
     a = ap.parse_args(argv)
-    print(json.dumps(run(sessions=a.sessions, rounds=a.rounds), indent=2))
+    print(json.dumps(run(sessions=a.sessions, rounds=a.rounds, state_capacity=a.state_capacity,
+                         log_capacity=a.log_capacity), indent=2))
     return 0
 
 

@@ -27,7 +27,9 @@ from backdoors.continuations import (
     read_cb,
 )
 from backdoors.continuations import cbformat
+from backdoors.continuations.image import check_cb
 from backdoors.continuations.region import CbRegion
+from backdoors.sensors import Region
 
 SETTINGS = settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -168,6 +170,25 @@ def test_reader_never_sees_a_torn_export_from_a_running_writer():
         os.close(fd)
 
 
+def test_the_check_of_a_box_never_fails_on_a_running_writer():
+    """check_cb reads the header and the active slot apart; a writer exporting as fast
+    as it can never makes it report a valid box as corrupt."""
+    writer, fd = _spawn_writer()
+    try:
+        session = read_cb(fd).session_id
+        checks, deadline = 0, time.monotonic() + 2.0
+        with Region(os.dup(fd), label="box", map=False) as region:
+            while time.monotonic() < deadline:
+                assert check_cb(region) == session
+                checks += 1
+        assert read_cb(fd).export.version > 1000, "the writer did not run concurrently"
+        assert checks > 100
+    finally:
+        writer.kill()
+        writer.wait()
+        os.close(fd)
+
+
 def test_writer_killed_at_any_moment_leaves_a_valid_box():
     for _ in range(15):
         writer, fd = _spawn_writer()
@@ -286,11 +307,16 @@ def test_a_channel_box_says_so_and_its_plan_discounts_the_syn():
 
 
 def parse_or_error(data: bytes):
+    """parse_cb's image of `data`, None if it refuses it; check_cb (the agent's check of
+    a box's header and active slot, in a memfd) must agree: the same session, or a refusal."""
+    checked = _check_in_memfd(data)
     try:
         image = parse_cb(data)
     except CbFormatError as err:
         assert str(err)
+        assert checked is None, "check_cb passed what parse_cb refuses"
         return None
+    assert checked == image.session_id
     assert cbformat.region_size(image.state_capacity, image.log_capacity) <= len(data)
     assert len(image.export.data) <= image.state_capacity
     assert image.export.received <= image.log_end <= image.export.received + image.log_capacity
@@ -300,6 +326,20 @@ def parse_or_error(data: bytes):
     except CbFormatError:
         pass
     return image
+
+
+def _check_in_memfd(data: bytes) -> str | None:
+    fd = os.memfd_create("bdcb:check")
+    try:
+        os.write(fd, data)
+        try:
+            with Region(os.dup(fd), label="box", map=False) as region:
+                return check_cb(region, budget_s=0.01)
+        except CbFormatError as err:
+            assert str(err)
+            return None
+    finally:
+        os.close(fd)
 
 
 @SETTINGS

@@ -631,13 +631,14 @@ def _file_kind(mode: int) -> str:
 
 
 def _check_cb(region: Region, name: str) -> None:
-    """A Continuation Box must parse, and be named after its session."""
+    """A Continuation Box's header and active slot must parse, and it must be named after
+    its session."""
     from ..continuations.errors import ContinuationError
-    from ..continuations.image import read_cb
+    from ..continuations.image import check_cb
     try:
-        image = read_cb(region, budget_s=CB_CHECK_BUDGET_S)
+        session = check_cb(region, budget_s=CB_CHECK_BUDGET_S)
     except ContinuationError as e:
         raise RegionRefused(f"region {name!r} is not a valid Continuation Box: {e}") from None
-    if name != f"cb-{image.session_id}":
+    if name != f"cb-{session}":
         raise RegionRefused(f"a Continuation Box must be named cb-<session>: "
-                            f"cb-{image.session_id}, not {name!r}")
+                            f"cb-{session}, not {name!r}")

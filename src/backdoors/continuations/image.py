@@ -190,12 +190,11 @@ def parse_cb(data: bytes | bytearray | memoryview) -> CbImage:
     if len(data) < need:
         raise CbFormatError(f"region truncated: {len(data)} bytes, its capacities need {need}")
     local, remote = _endpoints(family, laddr, lport, raddr, rport)
-    export = _parse_slot(data, export_version & 1, export_version, state_cap)
-    if not export.received <= log_end <= export.received + log_cap:
-        raise CbFormatError(
-            f"header (offset 56): log_end {log_end} is outside [{export.received}, "
-            f"{export.received + log_cap}] (export {export_version} received + log capacity)"
-        )
+    index = export_version & 1
+    at = cbformat.slot_offset(index, state_cap)
+    export = _parse_slot(memoryview(data)[at:at + cbformat.SLOT_HEADER_SIZE + state_cap],
+                         index, export_version, state_cap)
+    _check_log_end(log_end, export, log_cap)
     ring_at = cbformat.log_offset(state_cap)
     return CbImage(
         session=session, owner_pid=pid, state_capacity=state_cap, log_capacity=log_cap,
@@ -203,6 +202,14 @@ def parse_cb(data: bytes | bytearray | memoryview) -> CbImage:
         local=local, remote=remote, ring=data[ring_at:ring_at + log_cap],
         active_open=bool(flags & cbformat.FLAG_ACTIVE_OPEN), home_port=home,
     )
+
+def _check_log_end(log_end: int, export: Export, log_cap: int) -> None:
+    if not export.received <= log_end <= export.received + log_cap:
+        raise CbFormatError(
+            f"header (offset 56): log_end {log_end} is outside [{export.received}, "
+            f"{export.received + log_cap}] (export {export.version} received + log capacity)"
+        )
+
 
 PREAMBLE = Preamble("Continuation Box", cbformat.MAGIC, cbformat.VERSION, cbformat.HEADER_SIZE,
                     cbformat.SLOT_HEADER_SIZE, "slot_header")
@@ -228,10 +235,12 @@ def parse_header(data: bytes) -> tuple:
     return tuple(fields)
 
 
-def _parse_slot(data: bytes, index: int, version: int, state_cap: int) -> Export:
+def _parse_slot(slot: bytes | memoryview, index: int, version: int, state_cap: int) -> Export:
+    """Slot `index` of export `version` from its bytes: the slot header, then (at least
+    as much as the header says is there) its state."""
     off = cbformat.slot_offset(index, state_cap)
     where = f"slot {index} (offset {off}) of export {version}"
-    seq, sent, received, length, encoding, res1, crc, res2, at_ns, res3 = cbformat.SLOT.unpack_from(data, off)
+    seq, sent, received, length, encoding, res1, crc, res2, at_ns, res3 = cbformat.SLOT.unpack_from(slot)
     if seq != 2 * version:
         state = "being rewritten" if seq & 1 else f"holding export {seq // 2}"
         raise CbFormatError(f"{where}: seq {seq} says the slot is {state}, expected {2 * version}")
@@ -249,8 +258,8 @@ def _parse_slot(data: bytes, index: int, version: int, state_cap: int) -> Export
         raise CbFormatError(f"{where}: encoding {enc.name} does not fit export version {version}")
     if version == 0 and (length or sent or received):
         raise CbFormatError(f"{where}: a session never exported must have no state and positions 0")
-    body = data[off + cbformat.SLOT_HEADER_SIZE:off + cbformat.SLOT_HEADER_SIZE + length]
-    if zlib.crc32(body, zlib.crc32(data[off + 8:off + 32])) != crc:
+    body = bytes(slot[cbformat.SLOT_HEADER_SIZE:cbformat.SLOT_HEADER_SIZE + length])
+    if zlib.crc32(body, zlib.crc32(slot[8:32])) != crc:
         raise CbFormatError(f"{where}: positions or state fail their CRC32 (corrupt or torn)")
     return Export(version, sent, received, enc, body, at_ns)
 
@@ -329,6 +338,53 @@ def _read(region: Region, budget_s: float) -> CbImage:
             return parse_cb(data)
         if attempt > LOG_RETRIES:
             return _without_log(data, version)
+    raise CbFormatError(
+        f"{region.label}: no consistent copy after {attempt} tries in {budget_s:g} s: "
+        "the active slot kept being rewritten"
+    )
+
+
+def check_cb(region: Region, budget_s: float = READ_BUDGET_S) -> str:
+    """The session id of the CB in `region` once its header and active slot pass the
+    checks parse_cb makes of them (and the region is as large as its capacities say);
+    CbFormatError as read_cb's. Only those parts are read, not the other slot or the
+    receive log: what the agent checks when a box is registered, for the price of its
+    header and state rather than of its capacities (a channel's log is 256 KiB)."""
+    try:
+        return _check(region, budget_s)
+    except SensorBoxError as err:  # the Region's bounds checks
+        raise CbFormatError(str(err).replace("region", "Continuation Box region", 1)) from None
+
+
+def _check(region: Region, budget_s: float) -> str:
+    """See check_cb; the active slot is read under its seq word as _read copies it."""
+    give_up = time.monotonic() + budget_s
+    attempt = 0
+    while attempt < LOG_RETRIES * 2 or time.monotonic() < give_up:
+        attempt += 1
+        fields = parse_header(region.read(0, cbformat.HEADER_SIZE))
+        session, state_cap, log_cap, version, log_end = fields[1:6]
+        need = cbformat.region_size(state_cap, log_cap)
+        if region.current_size() < need:
+            raise CbFormatError(f"region truncated: {region.current_size()} bytes, its "
+                                f"capacities need {need}")
+        family, lport, laddr, raddr, rport = fields[7:12]
+        _endpoints(family, laddr, lport, raddr, rport)
+        index = version & 1
+        at = cbformat.slot_offset(index, state_cap)
+        head = region.read(at, cbformat.SLOT_HEADER_SIZE)
+        length = min(cbformat.SLOT.unpack_from(head)[3], state_cap)
+        slot = head + region.read(at + cbformat.SLOT_HEADER_SIZE, length) if length else head
+        seq = int.from_bytes(head[:8], "little")
+        if (region.load_word(at + cbformat.SLOT_OFF_SEQ) != seq or seq & 1
+                or seq != 2 * version
+                and region.load_word(cbformat.OFF_EXPORT_VERSION) != version):
+            # the slot was being rewritten (two exports since the header was read); a
+            # wrong seq in a slot that stays put is corruption, which _parse_slot names
+            time.sleep(0 if attempt <= LOG_RETRIES else 0.0005)
+            continue
+        _check_log_end(log_end, _parse_slot(slot, index, version, state_cap), log_cap)
+        return session.hex()
     raise CbFormatError(
         f"{region.label}: no consistent copy after {attempt} tries in {budget_s:g} s: "
         "the active slot kept being rewritten"
