@@ -13,6 +13,8 @@ import textwrap
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backdoors.agent.fdstore import PREFIX, AgentStore
 from backdoors.agent.regions import Entry, RegionTable
@@ -79,6 +81,12 @@ def test_names_carry_metadata_within_systemds_rules():
     with pytest.raises(NotifyError, match="limit is 255"):
         encode_name(PREFIX, {"r": "y" * 400})
     assert not fdstore.valid_name("a:b") and not fdstore.valid_name("a\nb")
+
+
+@given(st.text(max_size=300))
+def test_a_name_is_valid_when_it_has_1_to_255_printable_ascii_characters_but_colon(name):
+    assert fdstore.valid_name(name) == (
+        0 < len(name) <= 255 and all(32 <= ord(c) <= 126 and c != ":" for c in name))
 
 
 def test_fdstore_messages_carry_real_descriptors(listener):

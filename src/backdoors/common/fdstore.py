@@ -47,7 +47,8 @@ class NotifyError(OSError):
 
 def valid_name(name: str) -> bool:
     """Whether `name` may be an FDNAME (systemd's rule)."""
-    return 0 < len(name) <= MAX_NAME and all(32 <= ord(c) < 127 and c != ":" for c in name)
+    return (0 < len(name) <= MAX_NAME and name.isascii() and name.isprintable()
+            and ":" not in name)  # (printable ASCII: 32 to 126)
 
 
 def encode_name(prefix: str, meta: Mapping) -> str:
