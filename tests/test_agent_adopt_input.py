@@ -170,6 +170,18 @@ def test_staged_and_adopting_entries_expire(peer_lab):
     assert 'backdoors_agent_recovery_expired_total{what="staged"} 2.0' in scraped
 
 
+def test_a_refused_first_piece_stages_nothing(peer_lab):
+    """A piece that does not fit is refused before its buffer is made: a peer sending
+    only such pieces cannot fill the staging cap with buffers that never expire."""
+    recovery = peer_lab.agent.agent.recovery
+    c = peer_lab.peer
+    for offset, total, data in ((-1, 1000, b"x"), (999, 1000, b"xy"), (0, 1, b"xy")):
+        with pytest.raises(RemoteError) as e:
+            c.stage("n0", "cb-01", offset, total, data)
+        assert e.value.code == "out_of_bounds" and "does not fit" in str(e.value)
+    assert recovery.staged == {} and recovery.expires == {}
+
+
 # -- the fuzzer over adopt and stage arguments --------------------------------------------
 
 _ints = st.one_of(st.integers(-(2**63), 2**64 - 1), st.sampled_from([0, 1, 2**32, -1]))
@@ -231,6 +243,7 @@ def test_fuzz_adopt_and_stage_arguments(peer_lab):
             c.call(op, **args)
         except RemoteError as e:
             assert e.code in ("bad_request", "out_of_bounds", "failed"), e
+        assert set(recovery.staged) <= set(recovery.expires)  # nothing staged for good
         recovery.close()  # drop what a valid stage or non-final adopt left pending
         assert _settled(before), f"{_fds()} descriptors, {before} before"
 

@@ -403,11 +403,13 @@ class Recovery:
                 if not 0 < a.total <= STAGE_MAX_BYTES - held:
                     raise OpError("out_of_bounds", f"staging {a.total} bytes would exceed "
                                                    f"{STAGE_MAX_BYTES} (holding {held})")
-                buf = self.staged[key] = bytearray(a.total)
-            if len(buf) != a.total or a.offset < 0 or a.offset + len(a.data) > a.total:
+            size = a.total if buf is None else len(buf)
+            if size != a.total or a.offset < 0 or a.offset + len(a.data) > a.total:
                 raise OpError("out_of_bounds", f"piece [{a.offset}, {a.offset + len(a.data)}) "
-                                               f"does not fit the {len(buf)} bytes staged for "
+                                               f"does not fit the {size} bytes staged for "
                                                f"{a.name!r}")
+            if buf is None:  # only for a piece that fits: a refused one stages nothing
+                buf = self.staged[key] = bytearray(a.total)
             buf[a.offset:a.offset + len(a.data)] = a.data
             self.expires[key] = self.clock() + self.ttl_s
         return StageReply(len(a.data))
