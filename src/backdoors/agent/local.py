@@ -38,8 +38,10 @@ import msgspec
 
 from ..common import ipc
 from ..common.peers import SO_PEERPIDFD
-from ..common.procs import read_process
+from ..common.procs import ProcessInfo, read_process
 from ..common.runtime import MAX_ATTACH, agent_socket
+from ..continuations.errors import ContinuationError
+from ..continuations.image import check_cb
 from ..errors import AgentError, SensorBoxError
 from ..nodes import Node
 from ..sensors import Region, parse_box, read_consistent
@@ -120,6 +122,7 @@ class _Conn:
     deadline: float
     reader: ipc.FrameReader
     served: int = 0  # the registration thread's turn that last served it
+    process: ProcessInfo | None = None  # the caller's, read at its first registration
 
 
 class LocalServer:
@@ -500,8 +503,7 @@ class LocalServer:
         return {"name": req.name, "kind": req.kind, "size": region.size,
                 "writable": req.writable}
 
-    def _keep(self, conn: _Conn, name: str, kind: str, writable: bool, fd: int,
-              process=None):
+    def _keep(self, conn: _Conn, name: str, kind: str, writable: bool, fd: int):
         """Check the memfd `fd` and keep it as `name` of `kind` (validated as such)."""
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -534,7 +536,15 @@ class LocalServer:
                 _check_cb(region, name)
 
         return self.table.keep(conn.node, name, kind, fd, conn.pid, writable=writable,
-                               check=check, process=process)
+                               check=check, process=self._process(conn))
+
+    @staticmethod
+    def _process(conn: _Conn) -> ProcessInfo | None:
+        """The caller's pid and start time, read once per connection (a pid's start time
+        is fixed; /proc/PID/stat costs a step per thread of PID); None if it has exited."""
+        if conn.process is None:
+            conn.process = read_process(conn.pid)
+        return conn.process
 
     def _attach(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         """Continuation Boxes and their sockets, many in one request: the descriptors are
@@ -550,7 +560,6 @@ class LocalServer:
                                 f"{len(names)} names")
         if len(set(names)) != len(names):
             raise RegionRefused("attach names a session twice")
-        process = read_process(conn.pid)  # once for the whole batch
         held: list[str] = []
         refused: dict[str, str] = {}
         later: list[str] = []
@@ -560,7 +569,7 @@ class LocalServer:
                 later = names[i:]
                 break
             try:
-                self._keep(conn, name, SESSION_KIND, False, fds[2 * i], process)
+                self._keep(conn, name, SESSION_KIND, False, fds[2 * i])
                 try:
                     self._hold(conn, name, fds[2 * i + 1])
                 except SessionRefused:
@@ -633,8 +642,6 @@ def _file_kind(mode: int) -> str:
 def _check_cb(region: Region, name: str) -> None:
     """A Continuation Box's header and active slot must parse, and it must be named after
     its session."""
-    from ..continuations.errors import ContinuationError
-    from ..continuations.image import check_cb
     try:
         session = check_cb(region, budget_s=CB_CHECK_BUDGET_S)
     except ContinuationError as e:
