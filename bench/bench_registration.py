@@ -16,7 +16,8 @@ median over the rounds, and each way's ratio to `two_requests`. The boxes have
 and 256 KiB).
 
 `checks`: what the agent's check of one box costs, for the box shapes the servers make
-(create_cb's default, an asgi session's, an asgi channel's), two ways side by side in this
+(create_cb's default, an asgi session's, an asgi channel's; new, and with a state nearly
+filling its capacity), two ways side by side in this
 process: `read_cb` (a consistent copy of the whole box, what the agent read before
 check_cb) and `check_cb` (its header and active slot); microseconds per check (median of
 `rounds` runs of 200) and the ratio.
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import time
 
+from backdoors.continuations.cbformat import Encoding
 from backdoors.continuations.image import check_cb, read_cb
 from backdoors.continuations.region import CbRegion
 from backdoors.lab.lab import Lab
@@ -91,18 +93,25 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # utime, stime (clock ticks)
 
 
-#: (name, state capacity, log capacity) of the boxes servers make
-SHAPES = (("create_cb", 4096, 64 * 1024), ("asgi_session", 64 * 1024, 64 * 1024),
-          ("asgi_channel", 16 * 1024, 256 * 1024))
+#: (name, state capacity, log capacity, bytes of exported state) of the boxes servers
+#: make: new (never exported, as when they register) and with their state nearly full (the
+#: check reads and checksums the state: its worst case)
+SHAPES = (("create_cb", 4096, 64 * 1024, 0), ("asgi_session", 64 * 1024, 64 * 1024, 0),
+          ("asgi_channel", 16 * 1024, 256 * 1024, 0),
+          ("create_cb_full", 4096, 64 * 1024, 4000),
+          ("asgi_session_full", 64 * 1024, 64 * 1024, 60 * 1024),
+          ("asgi_channel_full", 16 * 1024, 256 * 1024, 15 * 1024))
 
 
 def checks(rounds: int, per_round: int = 200) -> list[dict]:
     """Microseconds per check of one box of each shape, read_cb vs check_cb, alternated."""
     from backdoors.sensors import Region
     rows = []
-    for shape, state_cap, log_cap in SHAPES:
+    for shape, state_cap, log_cap, state in SHAPES:
         box = CbRegion.create(os.urandom(16), state_capacity=state_cap, log_capacity=log_cap)
-        region = Region(os.dup(box.fd), label=shape, map=False)  # as the agent holds a box
+        if state:
+            box.write_export(1, 0, 0, Encoding.RAW, os.urandom(state))
+        region = Region(box.fd, label=shape, map=False)  # as the agent holds a box
         times: dict[str, list[float]] = {"read_cb": [], "check_cb": []}
         try:
             for _ in range(rounds):
@@ -116,6 +125,7 @@ def checks(rounds: int, per_round: int = 200) -> list[dict]:
             box.close()
         read_us, check_us = (round(statistics.median(times[w]), 1) for w in times)
         rows.append({"shape": shape, "state_capacity": state_cap, "log_capacity": log_cap,
+                     "state_bytes": state,
                      "read_cb_us": read_us, "check_cb_us": check_us,
                      "check_ratio": round(check_us / read_us, 3)})
     return rows

@@ -177,7 +177,7 @@ def test_the_check_of_a_box_never_fails_on_a_running_writer():
     try:
         session = read_cb(fd).session_id
         checks, deadline = 0, time.monotonic() + 2.0
-        with Region(os.dup(fd), label="box", map=False) as region:
+        with Region(fd, label="box", map=False) as region:
             while time.monotonic() < deadline:
                 assert check_cb(region) == session
                 checks += 1
@@ -333,7 +333,7 @@ def _check_in_memfd(data: bytes) -> str | None:
     try:
         os.write(fd, data)
         try:
-            with Region(os.dup(fd), label="box", map=False) as region:
+            with Region(fd, label="box", map=False) as region:
                 return check_cb(region, budget_s=0.01)
         except CbFormatError as err:
             assert str(err)

@@ -280,6 +280,7 @@ class AgentClient:
         nodes = list(nodes or [])
         if len(nodes) <= MAX_EACH:
             return self._typed("sensors_many", SensorsManyReply, nodes=nodes)
+        nodes = list(dict.fromkeys(nodes))  # a node named twice is read once, in one request
         out = SensorsManyReply({}, {})
         for i in range(0, len(nodes), MAX_EACH):
             part = self._typed("sensors_many", SensorsManyReply, nodes=nodes[i:i + MAX_EACH])

@@ -122,7 +122,9 @@ class _Conn:
     deadline: float
     reader: ipc.FrameReader
     served: int = 0  # the registration thread's turn that last served it
-    process: ProcessInfo | None = None  # the caller's, read at its first registration
+    # the caller's, read at its first registration: only its start_time is used (fixed
+    # for the process's life; the other fields go stale)
+    process: ProcessInfo | None = None
 
 
 class LocalServer:

@@ -405,9 +405,10 @@ class Recovery:
                                                    f"{STAGE_MAX_BYTES} (holding {held})")
             size = a.total if buf is None else len(buf)
             if size != a.total or a.offset < 0 or a.offset + len(a.data) > a.total:
+                of = (f"a total of {a.total} bytes" if buf is None
+                      else f"the {size} bytes staged")
                 raise OpError("out_of_bounds", f"piece [{a.offset}, {a.offset + len(a.data)}) "
-                                               f"does not fit the {size} bytes staged for "
-                                               f"{a.name!r}")
+                                               f"does not fit {of} for {a.name!r}")
             if buf is None:  # only for a piece that fits: a refused one stages nothing
                 buf = self.staged[key] = bytearray(a.total)
             buf[a.offset:a.offset + len(a.data)] = a.data

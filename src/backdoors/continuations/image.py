@@ -203,6 +203,7 @@ def parse_cb(data: bytes | bytearray | memoryview) -> CbImage:
         active_open=bool(flags & cbformat.FLAG_ACTIVE_OPEN), home_port=home,
     )
 
+
 def _check_log_end(log_end: int, export: Export, log_cap: int) -> None:
     if not export.received <= log_end <= export.received + log_cap:
         raise CbFormatError(

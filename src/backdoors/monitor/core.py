@@ -8,9 +8,9 @@
 One poller thread per agent, each with its own connection: an agent that is down or slow
 costs only its own thread (its calls time out after `timeout_ms`), and shows up as the
 `agent_unreachable` condition of its nodes. Each poll makes one `sensors_many()` call for
-the agent's nodes (a request per 1024 of them; plus one `nodes()` when a rule watches for frozen nodes or nodes are
-discovered). Responses (diagnosis and actions) run on a bounded pool of repair workers,
-each with its own connections, so polling goes on during a repair.
+the agent's nodes (a request per 1024 of them; plus one `nodes()` when a rule watches for
+frozen nodes or nodes are discovered). Responses (diagnosis and actions) run on a bounded
+pool of repair workers, each with its own connections, so polling goes on during a repair.
 """
 
 from __future__ import annotations
