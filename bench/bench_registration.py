@@ -41,6 +41,7 @@ from backdoors.continuations.image import check_cb, read_cb
 from backdoors.continuations.region import CbRegion
 from backdoors.lab.lab import Lab
 from backdoors.scenarios.labkit import unique_name
+from backdoors.sensors import Region
 
 # In the node: the sessions and boxes, then per turn (way) one JSON line of its wall time.
 DRIVER = r"""
@@ -105,7 +106,6 @@ SHAPES = (("create_cb", 4096, 64 * 1024, 0), ("asgi_session", 64 * 1024, 64 * 10
 
 def checks(rounds: int, per_round: int = 200) -> list[dict]:
     """Microseconds per check of one box of each shape, read_cb vs check_cb, alternated."""
-    from backdoors.sensors import Region
     rows = []
     for shape, state_cap, log_cap, state in SHAPES:
         box = CbRegion.create(os.urandom(16), state_capacity=state_cap, log_capacity=log_cap)

@@ -18,7 +18,7 @@ import ipaddress
 import socket
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -320,10 +320,7 @@ def _read(region: Region, budget_s: float) -> CbImage:
     fields = parse_header(region.read(0, cbformat.HEADER_SIZE))
     state_cap, log_cap = fields[2], fields[3]
     size = cbformat.region_size(state_cap, log_cap)
-    give_up = time.monotonic() + budget_s
-    attempt = 0
-    while attempt < LOG_RETRIES * 2 or time.monotonic() < give_up:
-        attempt += 1
+    for attempt in _tries(region.label, budget_s):
         version = region.load_word(cbformat.OFF_EXPORT_VERSION)
         seq_at = cbformat.slot_offset(version & 1, state_cap) + cbformat.SLOT_OFF_SEQ
         before = region.load_word(seq_at)
@@ -331,7 +328,7 @@ def _read(region: Region, budget_s: float) -> CbImage:
         after = region.load_word(seq_at)
         stable = region.load_word(cbformat.OFF_EXPORT_VERSION) == version
         if before != after or before & 1:
-            time.sleep(0 if attempt <= LOG_RETRIES else 0.0005)  # the slot was being rewritten
+            _pause(attempt)  # the slot was being rewritten
             continue
         if before != 2 * version or stable:
             # A writer never touches the active slot: a wrong seq here is corruption,
@@ -339,10 +336,24 @@ def _read(region: Region, budget_s: float) -> CbImage:
             return parse_cb(data)
         if attempt > LOG_RETRIES:
             return _without_log(data, version)
-    raise CbFormatError(
-        f"{region.label}: no consistent copy after {attempt} tries in {budget_s:g} s: "
-        "the active slot kept being rewritten"
-    )
+    raise AssertionError("unreachable: _tries raises when the tries are over")
+
+
+def _tries(label: str, budget_s: float) -> Iterator[int]:
+    """A seqlock reader's attempts, numbered from 1: at least 2 * LOG_RETRIES, then on
+    until `budget_s` is spent; CbFormatError once they are over."""
+    give_up = time.monotonic() + budget_s
+    attempt = 0
+    while attempt < LOG_RETRIES * 2 or time.monotonic() < give_up:
+        attempt += 1
+        yield attempt
+    raise CbFormatError(f"{label}: no consistent copy after {attempt} tries in {budget_s:g} s: "
+                        "the active slot kept being rewritten")
+
+
+def _pause(attempt: int) -> None:
+    """Before trying again: at once for the first LOG_RETRIES, then mostly asleep."""
+    time.sleep(0 if attempt <= LOG_RETRIES else 0.0005)
 
 
 def check_cb(region: Region, budget_s: float = READ_BUDGET_S) -> str:
@@ -359,16 +370,12 @@ def check_cb(region: Region, budget_s: float = READ_BUDGET_S) -> str:
 
 def _check(region: Region, budget_s: float) -> str:
     """See check_cb; the active slot is read under its seq word as _read copies it."""
-    give_up = time.monotonic() + budget_s
-    attempt = 0
-    while attempt < LOG_RETRIES * 2 or time.monotonic() < give_up:
-        attempt += 1
+    for attempt in _tries(region.label, budget_s):
         fields = parse_header(region.read(0, cbformat.HEADER_SIZE))
         session, state_cap, log_cap, version, log_end = fields[1:6]
         need = cbformat.region_size(state_cap, log_cap)
-        if region.current_size() < need:
-            raise CbFormatError(f"region truncated: {region.current_size()} bytes, its "
-                                f"capacities need {need}")
+        if (size := region.current_size()) < need:
+            raise CbFormatError(f"region truncated: {size} bytes, its capacities need {need}")
         family, lport, laddr, raddr, rport = fields[7:12]
         _endpoints(family, laddr, lport, raddr, rport)
         index = version & 1
@@ -382,14 +389,11 @@ def _check(region: Region, budget_s: float) -> str:
                 and region.load_word(cbformat.OFF_EXPORT_VERSION) != version):
             # the slot was being rewritten (two exports since the header was read); a
             # wrong seq in a slot that stays put is corruption, which _parse_slot names
-            time.sleep(0 if attempt <= LOG_RETRIES else 0.0005)
+            _pause(attempt)
             continue
         _check_log_end(log_end, _parse_slot(slot, index, version, state_cap), log_cap)
         return session.hex()
-    raise CbFormatError(
-        f"{region.label}: no consistent copy after {attempt} tries in {budget_s:g} s: "
-        "the active slot kept being rewritten"
-    )
+    raise AssertionError("unreachable: _tries raises when the tries are over")
 
 
 def _without_log(data: bytes, version: int) -> CbImage:
