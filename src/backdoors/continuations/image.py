@@ -231,9 +231,13 @@ def parse_header(data: bytes) -> tuple:
                             "and only a channel has one")
     if any(reserved):
         raise CbFormatError("header (offset 110): reserved bytes are not zero")
-    if fields[4] >= _MAX_POSITION:
-        raise CbFormatError(f"header (offset 48): export_version {fields[4]} is out of range")
+    _check_version(fields[4])
     return tuple(fields)
+
+
+def _check_version(version: int) -> None:
+    if version >= _MAX_POSITION:
+        raise CbFormatError(f"header (offset 48): export_version {version} is out of range")
 
 
 def _parse_slot(slot: bytes | memoryview, index: int, version: int, state_cap: int) -> Export:
@@ -369,29 +373,39 @@ def check_cb(region: Region, budget_s: float = READ_BUDGET_S) -> str:
 
 
 def _check(region: Region, budget_s: float) -> str:
-    """See check_cb; the active slot is read under its seq word as _read copies it."""
+    """See check_cb. The header's fields fixed at creation are checked once; each try
+    then reads the export version, the active slot (one read) under its seq word and
+    log_end, with no work in between, as _read copies: a writer exporting in a tight loop
+    (an export every few µs) rewrites the slot two exports later, so a slower try never
+    settles. log_end is checked
+    against the export when the version stayed put through the try; after LOG_RETRIES
+    tries that did not, the export alone (what _read's copy without a log holds)."""
+    fields = parse_header(region.read(0, cbformat.HEADER_SIZE))
+    session, state_cap, log_cap = fields[1:4]
+    need = cbformat.region_size(state_cap, log_cap)
+    if (size := region.current_size()) < need:
+        raise CbFormatError(f"region truncated: {size} bytes, its capacities need {need}")
+    family, lport, laddr, raddr, rport = fields[7:12]
+    _endpoints(family, laddr, lport, raddr, rport)
     for attempt in _tries(region.label, budget_s):
-        fields = parse_header(region.read(0, cbformat.HEADER_SIZE))
-        session, state_cap, log_cap, version, log_end = fields[1:6]
-        need = cbformat.region_size(state_cap, log_cap)
-        if (size := region.current_size()) < need:
-            raise CbFormatError(f"region truncated: {size} bytes, its capacities need {need}")
-        family, lport, laddr, raddr, rport = fields[7:12]
-        _endpoints(family, laddr, lport, raddr, rport)
-        index = version & 1
-        at = cbformat.slot_offset(index, state_cap)
-        head = region.read(at, cbformat.SLOT_HEADER_SIZE)
-        length = min(cbformat.SLOT.unpack_from(head)[3], state_cap)
-        slot = head + region.read(at + cbformat.SLOT_HEADER_SIZE, length) if length else head
-        seq = int.from_bytes(head[:8], "little")
-        if (region.load_word(at + cbformat.SLOT_OFF_SEQ) != seq or seq & 1
-                or seq != 2 * version
-                and region.load_word(cbformat.OFF_EXPORT_VERSION) != version):
-            # the slot was being rewritten (two exports since the header was read); a
+        version = region.load_word(cbformat.OFF_EXPORT_VERSION)
+        seq_at = cbformat.slot_offset(version & 1, state_cap) + cbformat.SLOT_OFF_SEQ
+        before = region.load_word(seq_at)
+        slot = region.read(seq_at - cbformat.SLOT_OFF_SEQ, cbformat.SLOT_HEADER_SIZE + state_cap)
+        after = region.load_word(seq_at)
+        log_end = region.load_word(cbformat.OFF_LOG_END)
+        stable = region.load_word(cbformat.OFF_EXPORT_VERSION) == version
+        if before != after or before & 1 or before != 2 * version and not stable:
+            # the slot was being rewritten (two exports since the version was read); a
             # wrong seq in a slot that stays put is corruption, which _parse_slot names
             _pause(attempt)
             continue
-        _check_log_end(log_end, _parse_slot(slot, index, version, state_cap), log_cap)
+        _check_version(version)
+        export = _parse_slot(slot, version & 1, version, state_cap)
+        if stable:
+            _check_log_end(log_end, export, log_cap)
+        elif attempt <= LOG_RETRIES:
+            continue  # log_end may be a later export's: try for a steady one
         return session.hex()
     raise AssertionError("unreachable: _tries raises when the tries are over")
 
