@@ -312,7 +312,6 @@ def test_a_batch_of_another_version_is_refused_naming_both(world, version):
     assert _settled(before)
 
 
-
 def test_frames_are_read_from_the_byte_stream_not_from_writes(world):
     """Two frames in one write are two batches, two replies; a frame split over two writes
     is one."""
