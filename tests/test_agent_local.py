@@ -3,10 +3,13 @@
 import json
 import os
 import stat
+import subprocess
+import time
 
 import pytest
 from test_agent_support import REGISTER, agent_lab, prefix, read_line, wait_for
 
+from backdoors.agent import local
 from backdoors.common.runtime import register_box, register_region
 from backdoors.errors import RegistrationError
 from backdoors.sensors import SensorBox, parse_box
@@ -59,6 +62,46 @@ def test_a_process_outside_the_node_is_refused_and_audited(agent_lab):
     assert [r.name for r in lab.client().regions("n0")] == ["kernel"]
     refusals = [a for a in lab.audit() if a["kind"] == "local" and not a["ok"]]
     assert len(refusals) == 2 and all("only for itself" in a["error"] for a in refusals)
+
+
+# Registers a region per line read (its name), on the process's one connection to the
+# agent; prints each reply (or refusal) as a JSON line.
+REGISTER_EACH_LINE = """
+import fcntl, json, os, sys
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
+for line in sys.stdin:
+    fd = os.memfd_create("r", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    try:
+        print(json.dumps({"ok": register_region(fd, line.strip(), timeout=30)}), flush=True)
+    except RegistrationError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+"""
+
+
+def test_a_caller_moved_out_of_its_node_is_refused_within_the_recheck(agent_lab):
+    """The agent reads a caller's cgroups at most every CALLER_RECHECK_S on its
+    connection: a process the host moves out of its node (into the root cgroup of one
+    hierarchy) is refused from then on, on the same connection."""
+    lab = agent_lab()
+    proc = lab.run("n0", REGISTER_EACH_LINE, stdin=subprocess.PIPE)
+
+    def register(name: str) -> dict:
+        proc.stdin.write(f"{name}\n".encode())
+        proc.stdin.flush()
+        return json.loads(read_line(proc))
+
+    assert "ok" in register("before")
+    node = lab.nodes["n0"]
+    mount = next(iter(node.cgroup.layout.hierarchies().values()))
+    (mount / "cgroup.procs").write_text(str(proc.pid))  # out of the node there only
+    time.sleep(local.CALLER_RECHECK_S + 0.2)
+    after = register("after")
+    assert "registers only for itself" in after.get("error", ""), after
+    assert f"process {proc.pid} is not inside node n0" in after["error"]
+    assert sorted(r.name for r in lab.client().regions("n0")) == ["before", "kernel"]
 
 
 def test_an_unsealed_memfd_is_refused(agent_lab):

@@ -69,6 +69,9 @@ CLAIM_TRIES = 3  # a node racing the agent for its socket path
 #: burst of NODE_CPU_BURST_S; beyond, the node's connections rest until it is earned back
 NODE_CPU_SHARE = 0.5
 NODE_CPU_BURST_S = 1.0
+#: how long a caller found inside its node is believed to stay there (while its pidfd
+#: says it lives): only the host moves a process between nodes' cgroups
+CALLER_RECHECK_S = 1.0
 CB_CHECK_BUDGET_S = 0.03  # a CB being registered must settle this fast (the turn is shared)
 REST_LOG_S = 10.0  # a node's rests are logged and audited at most this often
 
@@ -125,6 +128,7 @@ class _Conn:
     # the caller's, read at its first registration: only its start_time is used (fixed
     # for the process's life; the other fields go stale)
     process: ProcessInfo | None = None
+    checked: float = -math.inf  # when its cgroups were last found inside its node
 
 
 class LocalServer:
@@ -484,6 +488,18 @@ class LocalServer:
         self.metrics.regions.labels(node).set(self.table.usage(node)[0])
 
     def _check_caller(self, conn: _Conn) -> None:
+        """The caller (the pid that connected) is alive and inside its node. Its cgroups
+        are read at most every CALLER_RECHECK_S (reading /proc/PID/cgroup was a quarter
+        of a registration's cost here): a process leaves its node's cgroups only by a
+        write to a cgroup.procs outside the node, which only the host can make; in
+        between, its pidfd (one poll) says whether it still lives, so a pid reused by
+        another process is noticed at once. Without a pidfd (older kernel) every request
+        reads them."""
+        now = time.monotonic()
+        if conn.pidfd is not None and now - conn.checked < CALLER_RECHECK_S:
+            if ipc.ready(conn.pidfd):
+                raise RegionRefused(f"the caller (pid {conn.pid}) has exited")
+            return
         node = self.nodes[conn.node]
         try:
             cgroups = read_cgroups(conn.pid)
@@ -497,6 +513,7 @@ class LocalServer:
                 "a node registers only for itself: "
                 + outside_message(conn.pid, conn.node, node.cgroup.paths, wrong,
                                   node.cgroup.relpath))
+        conn.checked = now
 
     def _register(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         if len(fds) != 1:
