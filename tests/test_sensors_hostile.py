@@ -117,6 +117,29 @@ def test_region_truncated_after_open(tmp_path):
     b.close()
 
 
+def test_a_pread_region_is_read_past_its_size_at_open_once_grown_and_never_written_past_its_end():
+    """Reads inside the size seen at open need no fstat (a shrunk file reads short); a read
+    past it, and every write, check the size now: a file grown since is read, a write past
+    the end of one shrunk since is refused rather than growing it back."""
+    fd = os.memfd_create("grows")
+    os.ftruncate(fd, 4096)
+    try:
+        with Region(fd, writable=True) as r:
+            assert not r.mapped and r.read(4088, 8) == bytes(8)
+            os.pwrite(fd, b"later", 8192)  # the owner grows it
+            assert r.read(8192, 5) == b"later"
+            os.ftruncate(fd, 100)
+            with pytest.raises(SensorBoxError, match="truncated"):
+                r.read(0, 4096)
+            with pytest.raises(SensorBoxError, match="outside the region of 100 bytes"):
+                r.write(200, b"x")
+            assert os.fstat(fd).st_size == 100
+            with pytest.raises(SensorBoxError, match="outside"):
+                r.read(-1, 8)
+    finally:
+        os.close(fd)
+
+
 def test_stuck_odd_generation_gives_up():
     b = SensorBox.create("stuck")
     b._words[abi.OFF_GENERATION // 8] = 3  # a writer that died mid-update
