@@ -1,5 +1,6 @@
-"""What a new client session costs the RUBiS case study's site, by process, plain vs
-recoverable (JSON out): where the first requests' extra time goes.
+"""What a new client session costs the RUBiS case study's site, by process (JSON out).
+
+Plain vs recoverable, side by side: where the first requests' extra time goes.
 
 The case study's site (casestudy.rubis.site: 2 front ends, 2 middle tiers, PostgreSQL, the
 lab's agents; a tenth of the data set) runs both kinds of server side by side. A client
