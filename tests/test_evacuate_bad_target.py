@@ -137,3 +137,61 @@ def test_sessions_dumped_while_earlier_batches_travel_survive_a_target_that_fail
             assert report["sessions_ok"] == count, report
             assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
             assert len(c.call("sessions", node="n1")) == count
+
+
+def test_a_target_agent_killed_while_batches_travel_loses_no_session(root, unique):
+    """The target's agent is killed (SIGKILL) while the first batches travel and the rest
+    are dumped: the evacuate fails with every session kept at the source; once the keeper
+    has started a new agent there, the next evacuate moves them all, byte-exact."""
+    import os
+    import signal
+
+    from backdoors.agent.recovery import BATCH_SESSIONS
+
+    count = 4 * BATCH_SESSIONS + 88
+    with Lab(f"e{unique}", hosts=2, nodes=2, agents=True, services=False,
+             pids_limit=2 * count + 256) as lab:
+        for node in ("n0", "n1"):
+            lab.start_service(node, "--rate", "2048", recoverable=True)
+        vip = lab.plan.node("n0").vip
+        with lab.agent_client("h0", timeout=60) as c, \
+                StreamClients(lab, vip, topology.RECOVERABLE_PORT, count) as clients:
+            wait(lambda: len(c.call("sessions", node="n0")) == count, 60,
+                 f"{count} held sessions")
+            c.call("fence", node="n0")
+            target = lab.agent_pid("h1")
+            failed: list[str] = []
+
+            def evacuate():
+                try:
+                    c.call("evacuate", node="n0", to=lab.agent_address("h1"), to_agent="h1",
+                           to_node="n1")
+                except AgentError as e:
+                    failed.append(str(e))
+
+            t = threading.Thread(target=evacuate)
+            t.start()
+            time.sleep(0.03)  # the dump of this many sessions takes longer than this
+            os.kill(target, signal.SIGKILL)
+            t.join()
+            assert failed and f"{count} sessions dumped" in failed[0] and "kept" in failed[0], failed
+            wait(lambda: lab.agent_pid("h1") not in (None, target), 30, "a new agent on h1")
+
+            at = clients.offsets()
+            since = time.monotonic()
+            deadline = time.monotonic() + 30
+            while True:  # the new agent may still be taking its nodes back
+                try:
+                    moved = c.call("evacuate", node="n0", to=lab.agent_address("h1"),
+                                   to_agent="h1", to_node="n1")
+                    break
+                except AgentError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            assert moved["moved"] == count and not moved["failed"], moved["failed"]
+            wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 60,
+                 "every stream to continue after the good evacuate")
+            report = clients.report(since, progressed_from=at)
+            assert report["sessions_ok"] == count, report
+            assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
