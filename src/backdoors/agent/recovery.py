@@ -29,12 +29,11 @@ import ipaddress
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -65,7 +64,6 @@ from .warrant import Warrants, WarrantError
 log = logging.getLogger("backdoors.agent")
 
 BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
-BATCH_SESSIONS = 128  # per adopt request: the target restores one while the next is dumped
 LONG_OP_S = 30.0
 STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)
 STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
@@ -310,22 +308,24 @@ class Recovery:
             self._keep_limbo(rt.name)  # on its way: not to be moved twice by a new agent
         failed: dict[str, str] = {}
         phases: dict[str, float] = {}
-        transfer = _Transfer(lambda: self._peer_client(a.to, a.to_agent), a.to_node,
-                             self._service_addresses(rt), list(call.warrant))
-        for m in moving:
-            transfer.add(m)
         try:
-            self._dump_all(call, moving, failed, phases, transfer.add)
+            self._dump_all(call, moving, failed, phases)
         except BaseException:
-            transfer.abort()
             self.limbo[rt.name] = moving  # what was dumped so far is not lost
             raise
         dump_failures = len(failed)
         t1 = time.monotonic()
+        replies: list[AdoptReply] = []
         try:
-            replies = transfer.finish()
-            for reply in replies:
-                failed.update(reply.failed)
+            with self._peer_client(a.to, a.to_agent) as peer:
+                warrant = list(call.warrant)
+                sent = [_stage(peer, a.to_node, m, warrant) for m in moving]
+                batches = list(_batches(sent)) or [[]]
+                for i, batch in enumerate(batches):
+                    reply = peer.adopt(a.to_node, self._service_addresses(rt), batch, warrant,
+                                       final=i == len(batches) - 1)
+                    replies.append(reply)
+                    failed.update(reply.failed)
         except Exception as e:  # noqa: BLE001 - whatever the peer did, nothing is dropped
             # Kept whole (not the staged stubs): the next evacuate may go to another agent.
             self.limbo[rt.name] = moving
@@ -344,10 +344,9 @@ class Recovery:
                              failed, _ms(t0, t1), _ms(t1), replies, phases)
 
     def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str],
-                  phases: dict[str, float], sink: Callable[[MovedSession], None]) -> None:
-        """Dump every held session of the node into `moving` (its socket closed silently),
-        each also to `sink` as soon as it is dumped; the time of each step, summed over the
-        sessions, goes to `phases`."""
+                  phases: dict[str, float]) -> None:
+        """Dump every held session of the node into `moving` (its socket closed silently);
+        the time of each step, summed over the sessions, goes to `phases`."""
         rt, agent = call.node, call.agent
         clock = time.monotonic
         t = clock()
@@ -379,8 +378,6 @@ class Recovery:
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
                 s.sock.close()
-            else:
-                sink(moving[-1])
             t2 = clock()
             try:
                 agent.regions.remove(rt.name, s.name)
@@ -767,58 +764,17 @@ def _queued(sock: socket.socket) -> int:
         return 0
 
 
-class _Transfer:
-    """Sends dumped sessions to the target agent while the rest are dumped: `add` puts
-    each in a batch (at most BATCH_BYTES and BATCH_SESSIONS), a full batch goes to a
-    thread of its own that stages and adopts it (not final: the target restores it inert),
-    so the target restores one batch while this agent dumps the next; `finish` sends the
-    rest as the final batch and returns the target's replies, or raises what went wrong
-    (after which nothing more was sent). `abort`: no final batch (the target drops the
-    batches it restored when they expire)."""
-
-    def __init__(self, connect: Callable[[], AgentClient], to_node: str,
-                 addresses: list[str], warrant: list[bytes]):
-        self._connect, self._to_node = connect, to_node
-        self._addresses, self._warrant = addresses, warrant
-        self._batch: list[MovedSession] = []
-        self._size = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.replies: list[AdoptReply] = []
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name="bd-transfer", daemon=True)
-        self._thread.start()
-
-    def add(self, m: MovedSession) -> None:
-        n = _size(m) + 64
-        if self._batch and (self._size + n > BATCH_BYTES or len(self._batch) >= BATCH_SESSIONS):
-            self._queue.put((self._batch, False))
-            self._batch, self._size = [], 0
-        self._batch.append(m)
-        self._size += n
-
-    def finish(self) -> list[AdoptReply]:
-        self._queue.put((self._batch, True))
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.replies
-
-    def abort(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            with self._connect() as peer:
-                while (item := self._queue.get()) is not None:
-                    batch, final = item
-                    sent = [_stage(peer, self._to_node, m, self._warrant) for m in batch]
-                    self.replies.append(peer.adopt(self._to_node, self._addresses, sent,
-                                                   self._warrant, final=final))
-                    if final:
-                        return
-        except Exception as e:  # noqa: BLE001 - finish() raises it in the evacuating thread
-            self.error = e
+def _batches(moving: list[MovedSession]) -> Iterator[list[MovedSession]]:
+    batch, size = [], 0
+    for m in moving:
+        n = len(m.tcp) + len(m.cb) + 64
+        if batch and size + n > BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(m)
+        size += n
+    if batch:
+        yield batch
 
 
 def _ms(start: float, end: float | None = None) -> float:

@@ -182,25 +182,21 @@ def _facts(inc, wall_fault: float, report: dict) -> dict:
 
 
 def phases(detail: dict, started: float, ended: float, last_resumed: float) -> dict:
-    """Where the move went, ms, in order (about adding up to the move): fence; dump (the
-    failed node's agent, while the batches dumped before travel and are restored);
-    transfer (from the end of the dump to the start of the final batch's restore: the
-    target catching up with the earlier batches, the final batch on its way); restore
-    (the final batch's sessions, inert); then the final batch's steps: arp (announcing the
-    addresses), resume (repair mode released), connect, send (batches to the server, its
-    verdicts), hold (the sessions held as the server's); first_byte (the end of the
-    recover action to the last client session receiving again); move (fence to that last
-    first byte). restored_before: the earlier batches' restore, overlapping the dump."""
+    """Where the move went, ms: fence; dump (the failed node's agent); transfer (agent to
+    agent: stage/adopt requests, less the target's work); restore (inert sockets, every
+    batch); then the final batch's steps: arp (announcing the addresses), resume (repair
+    mode released), connect, send (batches to the server, its verdicts), hold (the
+    sessions held as the server's); first_byte (the end of the recover action to the
+    last client session receiving again); move (fence to that last first byte)."""
     adopt = detail.get("adopt") or []
     if not adopt:
         return {}
-    final = adopt[-1]
-    final_ms = final["restore_ms"] + final["announce_ms"] + final["handover_ms"]
+    final = adopt[-1].get("phases") or {}
+    agent_ms = sum(a["restore_ms"] + a["announce_ms"] + a["handover_ms"] for a in adopt)
     out = {"fence": detail.get("fence_ms"), "dump": detail.get("dump_ms"),
-           "transfer": round(detail.get("transfer_ms", 0.0) - final_ms, 1),
-           "restore": round(final["restore_ms"], 1)}
-    out.update({k.removesuffix("_ms"): round(v, 1) for k, v in (final.get("phases") or {}).items()})
-    out["restored_before"] = round(sum(a["restore_ms"] for a in adopt[:-1]), 1)
+           "transfer": round(detail.get("transfer_ms", 0.0) - agent_ms, 1),
+           "restore": round(sum(a["restore_ms"] for a in adopt), 1)}
+    out.update({k.removesuffix("_ms"): round(v, 1) for k, v in final.items()})
     out["dump_steps"] = {k.removesuffix("_ms"): round(v, 1)
                          for k, v in (detail.get("dump_phases") or {}).items()}
     out["first_byte"] = round((last_resumed - ended) * 1000, 1)
