@@ -8,6 +8,7 @@ counts the kernel would report, and checks the client's stream is the uncrashed 
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -37,6 +38,7 @@ from backdoors.continuations import (
     hand_over,
     read_cb,
 )
+from backdoors.continuations.adoption import cb_memfd
 from backdoors.errors import AgentError
 from backdoors.tcprepair import bytes_handed, bytes_received
 
@@ -342,6 +344,98 @@ def test_listener_yields_new_connections_and_recovered_sessions(tcp_session):
         accepted.close()
         fresh.close()
         new.close()
+
+
+def _handed(path: str, sock, cb_fd: int, handover: Handover) -> Recovered:
+    """Hand one session to a Listener at `path` and return what its accept() gives."""
+    with Listener.tcp("127.0.0.1", 0, adopt=path) as listener:
+        got = []
+        server = threading.Thread(target=lambda: got.append(listener.accept(timeout=5)))
+        server.start()
+        hand_over(path, sock, cb_fd, handover)
+        server.join(5)
+    assert isinstance(got[0], Recovered), got
+    return got[0]
+
+
+def _opened(fd: int) -> int:
+    """How many of this process's descriptors refer to the file of `fd`."""
+    st, n = os.fstat(fd), 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            other = os.fstat(int(name))
+        except OSError:
+            continue
+        n += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+    return n
+
+
+def test_a_recovered_box_is_the_copy_handed_over_taken_over(tcp_session):
+    """The copy the agent made for the hand-over becomes the box: the same file, with
+    this process's pid, one more recovery and the log's end; its exports land there (the
+    agent holds that file as the session's stand-in)."""
+    cb, client, path = tcp_session
+    client.sendall(b"request\nnext\n")
+    assert cb.conn.readline() == b"request\n"
+    cb.conn.sendall(b"reply-1 ")
+    cb.export({"step": 1})
+    assert cb.conn.readline() == b"next\n"  # read after the export: replayed
+    copy = cb_memfd(cb.name, os.pread(cb.fd, os.fstat(cb.fd).st_size, 0))
+    try:
+        recovered = _handed(path, cb.conn.sock, copy, live_handover(cb))
+        new = create_cb(recovered, registrar=NULL)
+        assert recovered.cb_fd == -1  # taken
+        assert os.fstat(new.fd).st_ino == os.fstat(copy).st_ino
+        image = read_cb(copy)
+        assert (image.owner_pid, image.recoveries, image.log_end) == (os.getpid(), 1, 13)
+        assert image.local == cb.conn.sock.getsockname()[:2]  # the header kept as it was
+        assert new.import_state() == {"step": 1} and new.conn.readline() == b"next\n"
+        new.conn.sendall(b"reply-2")
+        assert client.recv(15, socket.MSG_WAITALL) == b"reply-1 reply-2"
+        new.export({"step": 2})
+        assert read_cb(copy).export.version == 2
+        new.close()
+    finally:
+        os.close(copy)
+
+
+def test_a_box_not_made_for_the_hand_over_or_too_small_is_copied(tcp_session):
+    """A server's own region (not a hand-over copy) is never written by the recovering
+    server, nor is a copy smaller than the capacities it asks for: each is copied into a
+    new box, and the copy's duplicate is closed."""
+    cb, client, path = tcp_session
+    cb.export({"step": 1})
+    copy = cb_memfd(cb.name, os.pread(cb.fd, os.fstat(cb.fd).st_size, 0))
+    try:
+        for fd, capacity in ((cb.fd, 4096), (copy, 8192)):
+            before = _opened(fd)
+            recovered = _handed(path, cb.conn.sock, fd, live_handover(cb))
+            new = create_cb(recovered, state_capacity=capacity, registrar=NULL)
+            assert os.fstat(new.fd).st_ino not in (os.fstat(cb.fd).st_ino,
+                                                    os.fstat(copy).st_ino)
+            assert read_cb(fd).recoveries == 0 and read_cb(new.fd).recoveries == 1
+            assert new.import_state() == {"step": 1}
+            new.close()
+            assert _opened(fd) == before  # the duplicate the server got went too
+    finally:
+        os.close(copy)
+
+
+def test_a_recovered_session_dropped_unopened_closes_its_copy(tcp_session):
+    cb, client, path = tcp_session
+    copy = cb_memfd(cb.name, os.pread(cb.fd, os.fstat(cb.fd).st_size, 0))
+    try:
+        recovered = _handed(path, cb.conn.sock, copy, live_handover(cb))
+        assert recovered.cb_fd >= 0 and _opened(copy) == 2
+        recovered.close()
+        assert recovered.cb_fd == -1 and _opened(copy) == 1
+        recovered = _handed(path, cb.conn.sock, copy, live_handover(cb))
+        assert _opened(copy) == 2
+        del recovered  # never opened nor closed: the copy goes with it
+        gc.collect()
+        assert _opened(copy) == 1
+    finally:
+        os.close(copy)
 
 
 @pytest.mark.parametrize("spoil, match", [

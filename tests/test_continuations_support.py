@@ -136,7 +136,7 @@ class Server:
                     socks.append(sock)
                 else:
                     sock.close()
-            elif target.startswith("/memfd:bdcb:"):
+            elif target.startswith(("/memfd:bdcb:", "/memfd:bdhand:")):  # a box, or a handed copy taken over
                 fd = pidfd_getfd(self.pid, int(name))
                 try:
                     boxes.append((read_cb(fd), fd))

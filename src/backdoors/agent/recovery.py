@@ -666,8 +666,9 @@ def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = 
     """Register a handed-over session's box and socket under the server's pid (the
     server's own registration of the same name replaces them). The box is a stand-in: if
     the server registered its own first (it attaches on its own thread, racing this), that
-    one stays; the copy handed over holds an older export, and a later recovery from it
-    would regenerate, paced as the server sends, all the output since (a long stall)."""
+    one stays. A server takes the copy handed over as its box (CbRegion.take_over): the
+    stand-in is then that box, live; one that made a new box (larger capacities) leaves
+    the stand-in at the hand-over's export until it registers its own."""
     node, name = call.node.name, item.moved.name
     try:
         t0 = time.monotonic()

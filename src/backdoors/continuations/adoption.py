@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import socket
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,20 +133,40 @@ class Recovered:
     image: CbImage
     plan: ResumePlan
     opened: bool = field(default=False)
+    #: the handed copy of the CB (a memfd cb_memfd made for this hand-over), which the
+    #: recovered box takes over as its own region (take_cb_fd); -1: none
+    cb_fd: int = -1
+    _closer: weakref.finalize | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cb_fd >= 0:  # closed with the session if nothing takes it
+            self._closer = weakref.finalize(self, os.close, self.cb_fd)
 
     @property
     def session(self) -> str:
         return self.image.session_id
 
+    def take_cb_fd(self) -> int:
+        """The handed CB's memfd, from now on the caller's to close; -1 if none."""
+        fd, self.cb_fd = self.cb_fd, -1
+        if self._closer is not None:
+            self._closer.detach()
+            self._closer = None
+        return fd
+
     def close(self) -> None:
-        """Drop a session that will not be served (its socket is closed)."""
+        """Drop a session that will not be served (its socket and CB copy are closed)."""
         self.sock.close()
+        if (fd := self.take_cb_fd()) >= 0:
+            os.close(fd)
 
 
 def prepare(sock: socket.socket, cb_fd: int, handover: Handover) -> Recovered:
     """Validate a handed-over session; ContinuationError (with the reason) if unusable.
 
-    Reads the CB from `cb_fd` (the caller keeps and closes `cb_fd`).
+    Reads the CB from `cb_fd`; the caller keeps and closes `cb_fd`. When it is a copy made
+    for the hand-over (is_handed_copy), the Recovered holds a duplicate, which its box
+    takes over (Recovered.take_cb_fd); any other box is copied into a new one.
     """
     if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
         raise AdoptionError(f"session {handover.session}: the handed socket is not a TCP socket")
@@ -159,7 +180,7 @@ def prepare(sock: socket.socket, cb_fd: int, handover: Handover) -> Recovered:
             f"hand-over names session {handover.session} but the CB holds {image.session_id}"
         )
     plan = image.plan(handover.handed, handover.read, handover.tail)
-    return Recovered(sock, image, plan)
+    return Recovered(sock, image, plan, cb_fd=os.dup(cb_fd) if is_handed_copy(cb_fd) else -1)
 
 
 class AdoptionSource(Protocol):
@@ -481,13 +502,27 @@ def hand_over(path: str, sock: socket.socket | int, cb_fd: int, handover: Handov
         client.hand_over(sock, cb_fd, handover)
 
 
+#: the name of every memfd cb_memfd makes: a copy made for one hand-over, which the
+#: recovery server may take over as its box (is_handed_copy)
+COPY_PREFIX = "bdhand:"
+
+
+def is_handed_copy(fd: int) -> bool:
+    """Whether `fd` is a memfd cb_memfd made (by its name): a copy for one hand-over,
+    not a box some process writes (an old server's region is named "bdcb:...")."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:" + COPY_PREFIX)
+    except OSError:
+        return False
+
+
 def cb_memfd(name: str, data: bytes, parts: Sequence[tuple[int, int]] = (),
              size: int | None = None) -> int:
-    """A sealed memfd holding a copy of a Continuation Box, to hand over with its session:
-    `data` whole, or the pieces (offset, length) of `parts` one after the other in a
+    """A sealed memfd holding a copy of a Continuation Box, to hand over with its session
+    (named COPY_PREFIX + `name`; the server takes it over as its box): `data` whole, or the pieces (offset, length) of `parts` one after the other in a
     region of `size` bytes, the rest zero (continuations.image.live_parts; checked by
     the caller)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(COPY_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, len(data) if size is None else size)
         at, view = 0, memoryview(data)

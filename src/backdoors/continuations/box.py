@@ -222,23 +222,28 @@ def recovered_box(recovered: Recovered, *, state_capacity: int, log_capacity: in
     registrar = registrar_or_default(registrar)
     try:
         image, plan, sock = recovered.image, recovered.plan, recovered.sock
-        region = CbRegion.create(
-            image.session,
-            state_capacity=max(_round(state_capacity), image.state_capacity),
-            log_capacity=max(_round(log_capacity), image.log_capacity),
-            endpoints=endpoints_of(sock),
-            recoveries=image.recoveries + 1,
-            channel_of=image.home_port,
-        )
+        state_cap = max(_round(state_capacity), image.state_capacity)
+        log_cap = max(_round(log_capacity), image.log_capacity)
+        region = taken = _taken_over(recovered, state_cap, log_cap)
+        if region is None:
+            region = CbRegion.create(
+                image.session,
+                state_capacity=state_cap,
+                log_capacity=log_cap,
+                endpoints=endpoints_of(sock),
+                recoveries=image.recoveries + 1,
+                channel_of=image.home_port,
+            )
     except BaseException:
         drop_recovered(recovered, registrar)
         raise
     try:
         ex = image.export
-        if ex.version:
-            region.write_export(ex.version, ex.sent, ex.received, ex.encoding, ex.data,
-                                ex.exported_at_ns)
-        region.put_log(plan.received, plan.replay)
+        if taken is None:  # a new region: the export and the log to replay (the copy has them)
+            if ex.version:
+                region.write_export(ex.version, ex.sent, ex.received, ex.encoding, ex.data,
+                                    ex.exported_at_ns)
+            region.put_log(plan.received, plan.replay)
         region.set_log_end(plan.read)
         rconn = RecoverableConnection(
             sock, region, image.session_id, sent=plan.sent, received=plan.received,
@@ -253,6 +258,26 @@ def recovered_box(recovered: Recovered, *, state_capacity: int, log_capacity: in
         raise
     recovered.opened = True
     return box
+
+
+def _taken_over(recovered: Recovered, state_capacity: int, log_capacity: int
+                ) -> CbRegion | None:
+    """The copy of the box handed over with the session, as its region: the agent made it
+    for this hand-over and only reads it, and it holds the export and the receive log the
+    session resumes from (nothing to fill). None, the copy closed, if there is none, or
+    it is not a region of these capacities (a new region is made then)."""
+    fd = recovered.take_cb_fd()
+    if fd < 0:
+        return None
+    image = recovered.image
+    region = None
+    if (state_capacity, log_capacity) == (image.state_capacity, image.log_capacity):
+        region = CbRegion.take_over(fd, state_capacity=state_capacity,
+                                    log_capacity=log_capacity,
+                                    recoveries=image.recoveries + 1)
+    if region is None:
+        os.close(fd)
+    return region
 
 
 def drop_recovered(recovered: Recovered, registrar: Registrar) -> None:

@@ -84,10 +84,13 @@ HEADER = struct.Struct("<4sHHII16sQQQQIHH16s16sHHH18s")
 SLOT = struct.Struct("<QQQIHHIIQ16s")
 assert HEADER.size == HEADER_SIZE and SLOT.size == SLOT_HEADER_SIZE
 
+#: the writer's pid and the recovery count (32-bit fields): rewritten by a server that
+#: takes over a handed box (CbRegion.take_over)
+OFF_PID = 12
 # Header words a writer stores after creation (byte offsets, 8-byte aligned).
 OFF_EXPORT_VERSION = 48
 OFF_LOG_END = 56
-OFF_RECOVERIES = 64
+OFF_RECOVERIES = 64  # (32-bit)
 #: header flags
 FLAG_ACTIVE_OPEN = 1
 FLAGS = FLAG_ACTIVE_OPEN  # every flag defined

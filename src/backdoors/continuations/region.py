@@ -77,6 +77,25 @@ class CbRegion:
         region.write_export(0, 0, 0, cbformat.Encoding.NONE, b"", 0)  # slot 0: "no export yet"
         return region
 
+    @classmethod
+    def take_over(cls, fd: int, *, state_capacity: int, log_capacity: int,
+                  recoveries: int) -> CbRegion | None:
+        """Become the writer of the box in `fd` as it is (its export, its receive log),
+        with this process's pid and `recoveries`: the copy of a box an agent made for one
+        hand-over, which only that agent reads. None (nothing done) if `fd` is not a
+        region of a box of these capacities: a new one is made then."""
+        size = cbformat.region_size(state_capacity, log_capacity)
+        try:
+            if os.fstat(fd).st_size != size:
+                return None
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError):
+            return None
+        region = cls(fd, mm, state_capacity, log_capacity)
+        _U32.pack_into(mm, cbformat.OFF_PID, os.getpid())
+        _U32.pack_into(mm, cbformat.OFF_RECOVERIES, recoveries)
+        return region
+
     # -- header words ----------------------------------------------------------------
 
     @property
@@ -147,6 +166,7 @@ class CbRegion:
 _SLOT_FIELDS = struct.Struct("<QQIHH")  # sent, received, length, encoding, reserved
 _SLOT_TAIL = struct.Struct("<24sIIQ16s")  # the slot header after its seq word
 _ZERO16 = bytes(16)
+_U32 = struct.Struct("<I")  # the pid and recoveries header fields
 assert 8 + _SLOT_TAIL.size == cbformat.SLOT_HEADER_SIZE and _SLOT_FIELDS.size == 24
 
 
