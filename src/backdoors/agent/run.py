@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 
+from ..common import fdtable
 from ..errors import BackdoorsError
 from ..vm.kernel import cache_dir
 from .config import AgentConfig
@@ -42,6 +43,7 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
         return 1
     if own.warning:
         log.warning("%s", own.warning)
+    fdtable.reserve()  # before any thread: adopting sessions then never waits for it to grow
     stuck = 0
     try:
         sealing = (_Sealing(config, config_path, seal_action, require_landlock)

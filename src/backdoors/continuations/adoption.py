@@ -38,7 +38,7 @@ from typing import Annotated, Protocol
 
 import msgspec
 
-from ..common import ipc
+from ..common import fdtable, ipc
 from ..common.peers import not_the_agent
 from ..tcprepair import TcpState
 from .cbformat import SESSION_SIZE
@@ -218,6 +218,7 @@ class UnixAdoptionSource:
                                 f"{err.strerror}") from None
         self._epoll = select.epoll()
         self._epoll.register(self._listener.fileno(), select.EPOLLIN)
+        fdtable.reserve()  # sessions arrive by the thousand, two descriptors each
         self._conns: dict[int, socket.socket] = {}
         self._readers: dict[int, ipc.FrameReader] = {}
         self._ready: deque[Recovered] = deque()

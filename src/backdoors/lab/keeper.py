@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 
+from ..common import fdtable
 from ..common.fdstore import (LISTEN_FDS_START, NOTIFY_SOCKET_ENV, WATCHDOG_USEC_ENV, Message,
                               notify_listener, receive)
 
@@ -216,6 +217,7 @@ class Keeper:
 
     def run(self) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+        fdtable.reserve()  # the fd store fills in bursts (a recovery's thousand sessions)
         self.spawn()
         while not self.stopping:
             timeout = self.deadline - time.monotonic() if (self.watchdog_s or not self.ready) else None

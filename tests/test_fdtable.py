@@ -1,0 +1,40 @@
+"""The descriptor table grown ahead of need (common.fdtable), seen in /proc's FDSize."""
+
+import subprocess
+import sys
+import textwrap
+
+PROBE = textwrap.dedent("""
+    import os, resource, sys
+    from backdoors.common import fdtable
+
+    def fdsize():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("FDSize:"))
+
+    soft = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    r, w = os.pipe()
+    before, opened = fdsize(), sorted(os.listdir("/proc/self/fd"))
+    got = fdtable.reserve(int(sys.argv[2]))
+    os.write(w, b"still open")
+    print(before, got, fdsize(), sorted(os.listdir("/proc/self/fd")) == opened,
+          os.read(r, 10) == b"still open")
+""")
+
+
+def probe(soft: int, slots: int) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(soft), str(slots)], check=True,
+                         capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_the_table_grows_to_the_slots_asked_and_no_descriptor_changes():
+    before, got, after, same, still = probe(4096, 3000)
+    assert int(before) < 3000 and got == "3000" and int(after) >= 3000
+    assert same == still == "True"
+
+
+def test_the_table_grows_no_further_than_the_soft_limit():
+    _, got, after, same, _ = probe(700, 16384)
+    assert got == "700" and 700 <= int(after) < 16384 and same == "True"
