@@ -87,8 +87,8 @@ class Service:
                 await cb.export(state)  # drains first
             else:
                 await cb.writer.drain()
-            if cb.conn.skipping:  # still catching up (stopped at an export): no pacing
-                next_at = loop.time()
+            if cb.conn.skipping or skip >= n:  # still catching up (stopped at an export),
+                next_at = loop.time()  # or all of it discarded: no pacing before new bytes
                 continue
             next_at += interval
             delay = next_at - loop.time()
