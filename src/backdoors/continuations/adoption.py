@@ -520,9 +520,9 @@ def is_handed_copy(fd: int) -> bool:
 def cb_memfd(name: str, data: bytes, parts: Sequence[tuple[int, int]] = (),
              size: int | None = None) -> int:
     """A sealed memfd holding a copy of a Continuation Box, to hand over with its session
-    (named COPY_PREFIX + `name`; the server takes it over as its box): `data` whole, or the pieces (offset, length) of `parts` one after the other in a
-    region of `size` bytes, the rest zero (continuations.image.live_parts; checked by
-    the caller)."""
+    (named COPY_PREFIX + `name`: the server takes it over as its box): `data` whole, or
+    the pieces (offset, length) of `parts` one after the other in a region of `size`
+    bytes, the rest zero (continuations.image.live_parts; checked by the caller)."""
     fd = os.memfd_create(COPY_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, len(data) if size is None else size)
