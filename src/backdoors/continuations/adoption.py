@@ -180,7 +180,8 @@ def prepare(sock: socket.socket, cb_fd: int, handover: Handover) -> Recovered:
             f"hand-over names session {handover.session} but the CB holds {image.session_id}"
         )
     plan = image.plan(handover.handed, handover.read, handover.tail)
-    return Recovered(sock, image, plan, cb_fd=os.dup(cb_fd) if is_handed_copy(cb_fd) else -1)
+    copy = os.dup(cb_fd) if is_handed_copy(cb_fd) else -1
+    return Recovered(sock, image, plan, cb_fd=copy)
 
 
 class AdoptionSource(Protocol):
