@@ -18,10 +18,14 @@ def test_levels_and_overhead_below_saturation():
     assert levels(64) == [4, 8, 16, 32, 64] and levels(3) == [1, 3] and levels(1) == [1]
     load = [{"users": 4, "plain_rps": 40.0, "recoverable_rps": 39.0, "plain_p99_ms": 10.0,
              "recoverable_p99_ms": 11.0, "plain_steady_p99_ms": 8.0,
-             "recoverable_steady_p99_ms": 8.2},
+             "recoverable_steady_p99_ms": 8.2, "plain_interval_rps": 40.0,
+             "recoverable_interval_rps": 41.0, "plain_interval_p99_ms": 6.0,
+             "recoverable_interval_p99_ms": 6.3},
             {"users": 8, "plain_rps": 80.0, "recoverable_rps": 76.0, "plain_p99_ms": 10.0,
              "recoverable_p99_ms": 10.0, "plain_steady_p99_ms": 9.0,
-             "recoverable_steady_p99_ms": None},  # (no later request in that run)
+             "recoverable_steady_p99_ms": None,  # (no later request in that run)
+             "plain_interval_rps": 80.0, "recoverable_interval_rps": 78.0,
+             "plain_interval_p99_ms": 7.0, "recoverable_interval_p99_ms": 7.0},
             {"users": 16, "plain_rps": 84.0, "recoverable_rps": 60.0, "plain_p99_ms": 50.0,
              "recoverable_p99_ms": 90.0, "plain_steady_p99_ms": 40.0,
              "recoverable_steady_p99_ms": 80.0},
@@ -31,7 +35,8 @@ def test_levels_and_overhead_below_saturation():
     # 16 users: the plain site grew < 10 %: saturated from there on, whatever follows
     assert [r["saturated"] for r in load] == [False, False, True, True]
     assert got == {"overhead_pct_max": 5.0, "p99_overhead_pct_max": 10.0,
-                   "steady_p99_overhead_pct_max": 2.5, "levels_below_saturation": [4, 8]}
+                   "steady_p99_overhead_pct_max": 2.5, "interval_overhead_pct_max": 2.5,
+                   "interval_p99_overhead_pct_max": 5.0, "levels_below_saturation": [4, 8]}
 
 
 def test_the_site_under_load_and_a_front_end_freeze_loses_no_request_nor_bid(root, tmp_path):
@@ -57,9 +62,12 @@ def test_the_site_under_load_and_a_front_end_freeze_loses_no_request_nor_bid(roo
             assert 0 < row[f"{kind}_sessions"] <= row["users"] * 2, row
             assert row[f"{kind}_first_p99_ms"] >= row[f"{kind}_first_p50_ms"] > 0, row
             assert row[f"{kind}_steady_p99_ms"] > 0, row
+            # the interval starts after the ramp-up (3 s / 4): its requests, a share of all
+            assert row[f"{kind}_interval_p99_ms"] > 0, row
+            assert 0 < row[f"{kind}_interval_rps"], row
     assert out["bids_acknowledged"] > 0, out
     assert (out["bids_lost"], out["bids_duplicated"]) == (0, 0), out
-    assert isinstance(out["overhead_pct_max"], float)
+    assert isinstance(out["overhead_pct_max"], float) and out["ramp_s"] == 0.75
     [fault] = out["faults"]
     assert (fault["tier"], fault["fault"], fault["recover_status"]) == ("fe", "freeze", "done"), fault
     assert fault["moved"] >= 1 and fault["detect_ms"] is not None, fault

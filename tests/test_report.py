@@ -258,11 +258,13 @@ BENCH_CASESTUDY = {
     "load": [{"users": u, "plain_rps": rps, "recoverable_rps": rps * 0.98,
               "plain_p50_ms": 4.5 + u / 4, "recoverable_p50_ms": 4.6 + u / 4,
               "plain_p99_ms": 40.0 + 5 * u, "recoverable_p99_ms": 43.0 + 5 * u,
+              "plain_interval_p99_ms": 20.0 + u, "recoverable_interval_p99_ms": 21.0 + u,
               "plain_requests": int(rps * 4), "plain_failed": 0,
               "recoverable_requests": int(rps * 4), "recoverable_failed": 0,
               "overhead_pct": 2.0, "saturated": u == 16}
              for u, rps in ((1, 9.5), (2, 19.1), (4, 38.7), (8, 70.2), (16, 74.0))],
     "overhead_pct_max": 2.5, "p99_overhead_pct_max": 7.5, "levels_below_saturation": [1, 2, 4, 8],
+    "ramp_s": 1.0, "interval_overhead_pct_max": 1.5, "interval_p99_overhead_pct_max": 4.5,
     "bids_acknowledged": 417, "bids_lost": 0, "bids_duplicated": 0,
     "faults": [
         {"tier": "fe", "fault": "freeze", "users": 8, "requests": 1804, "failed_requests": 0,
@@ -441,9 +443,12 @@ def test_the_casestudy_figures_and_its_fault_table(tmp_path):
     assert 'alt="requests per 100 ms across each fault"' in page
     assert "1000 users, 2000 items, 10000 bids" in page and "orange: the baseline" in page
     assert "throughput 2.5 % (target 5 %), p99 latency 7.5 %" in page
+    assert ("ramp-up of 1.0 s in which every user opens its session, as TPC-W measures): "
+            "throughput 1.5 %, p99 latency 4.5 %") in page
     assert "acknowledged 417, lost 0, duplicated 0" in page
     load = page.split("plain vs recoverable (bench_casestudy)")[1]
     assert ">74.0<" in load and ">72.5<" in load and "0 / 0" in load  # 16 users' row
+    assert "36.0 / 37.0" in load  # its measurement interval's p99
     faults = page.split("a node fails (bench_casestudy)")[1].split("</table>")[0]
     rows = re.findall(r"<tr>(.*?)</tr>", faults)[1:]
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]

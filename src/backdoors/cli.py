@@ -642,22 +642,24 @@ def casestudy_rubis(
     rounds: int = typer.Option(1, help="Pairs of runs (plain, recoverable) per level, in alternating order, averaged: a machine shared with other work drifts."),
     faults: str = typer.Option("", help="Faults under load, after the levels: comma-separated, or all. fe-* fail front-end node n0 (its client sessions move to FE b with their channels to the middle tiers), mt-* middle-tier node n2 (its channels move to MT b, its database connections ended first): *-freeze (every process stopped), *-lock (its cgroup frozen), *-network (its link down), *-crash (its recoverable server killed). Each fault runs on a site of its own (~25 s more set-up each)."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Keep the run's files here (locust's figures and logs, the acknowledged writes)."),
+    ramp: Optional[float] = typer.Option(None, help="Seconds of ramp-up (the users opening their sessions) left out of each run's measurement interval, as TPC-W measures; default 2 or a quarter of --seconds, the less."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """RUBiS under locust's load, plain (uvicorn, asyncio) vs recoverable, side by side.
 
-    A lab of two hosts: PostgreSQL with the RUBiS data set, two middle tiers and two front ends, each running a recoverable and a plain server. At each load level locust (headless, in the client namespace; a browsing and a bidding mix, about 15 % writes in the latter) loads the plain front ends, then the recoverable ones. Prints `load` (per level: users, rps, p50 and p99 ms, requests and failed ones, for both; and apart, the p50 and p99 of the users' first requests, which open the sessions, and the p99 of the later ones), `overhead_pct_max` (throughput, below saturation), `p99_overhead_pct_max` and `steady_p99_overhead_pct_max` (the same for p99 latency, of every request and of the later ones), and the database checked against what the clients were told: bids_acknowledged, bids_lost, bids_duplicated. About 25 s of set-up, then 2 x 5 levels x (seconds + ~3 s)."""
+    A lab of two hosts: PostgreSQL with the RUBiS data set, two middle tiers and two front ends, each running a recoverable and a plain server. At each load level locust (headless, in the client namespace; a browsing and a bidding mix, about 15 % writes in the latter) loads the plain front ends, then the recoverable ones. Prints `load` (per level: users, rps, p50 and p99 ms, requests and failed ones, for both; and apart, the p50 and p99 of the users' first requests, which open the sessions, and the p99 of the later ones), `overhead_pct_max` (throughput, below saturation), `p99_overhead_pct_max` and `steady_p99_overhead_pct_max` (the same for p99 latency, of every request and of the later ones), `interval_overhead_pct_max` and `interval_p99_overhead_pct_max` (throughput and p99 of the measurement intervals, after the ramp-up), and the database checked against what the clients were told: bids_acknowledged, bids_lost, bids_duplicated. About 25 s of set-up, then 2 x 5 levels x (seconds + ~3 s)."""
     from .casestudy.rubis.dataset import Scale
     from .casestudy.rubis.study import FAULTS, rubis
     from .errors import require_root
 
-    if users < 1 or seconds <= 0 or not 0 < scale <= 10 or rounds < 1:
+    if users < 1 or seconds <= 0 or not 0 < scale <= 10 or rounds < 1 or (
+            ramp is not None and not 0 <= ramp < seconds):
         raise typer.BadParameter("--users must be >= 1, --seconds > 0, --scale in (0, 10], "
-                                 "--rounds >= 1")
+                                 "--rounds >= 1, --ramp in [0, --seconds)")
     require_root("the case study's lab")
     chosen = FAULTS if faults == "all" else tuple(f for f in faults.split(",") if f)
     _emit(rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds, faults=chosen,
-                work_dir=out_dir), as_json)
+                work_dir=out_dir, ramp_s=ramp), as_json)
 
 
 @scenario_app.command("vm")

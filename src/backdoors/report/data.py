@@ -265,6 +265,8 @@ class CasestudyLoad(msgspec.Struct):
     recoverable_first_p99_ms: Num = None
     plain_steady_p99_ms: Num = None  # the later requests (on sessions set up)
     recoverable_steady_p99_ms: Num = None
+    plain_interval_p99_ms: Num = None  # the measurement interval (after the ramp-up)
+    recoverable_interval_p99_ms: Num = None
     plain_failed: Num = None
     recoverable_failed: Num = None
     overhead_pct: Num = None
@@ -314,6 +316,9 @@ class BenchCasestudy(msgspec.Struct):
     overhead_pct_max: Num = None
     p99_overhead_pct_max: Num = None
     steady_p99_overhead_pct_max: Num = None
+    interval_overhead_pct_max: Num = None
+    interval_p99_overhead_pct_max: Num = None
+    ramp_s: Num = None
     bids_acknowledged: Num = None
     bids_lost: Num = None
     bids_duplicated: Num = None

@@ -709,8 +709,8 @@ def overhead(o: Overhead) -> bytes:
 
 @_styled
 def casestudy_load(rows: list[CasestudyLoad]) -> bytes:
-    """RUBiS: throughput (left) and p50/p99 latency (right; and the p99 of the requests
-    after each user's first) vs locust users, plain vs recoverable, each recoverable point
+    """RUBiS: throughput (left) and p50/p99 latency (right; and the p99 of the
+    measurement interval, after the ramp-up) vs locust users, plain vs recoverable, each recoverable point
     labelled with its throughput loss; the levels at saturation shaded."""
     fig = _figure(10, 3.6)
     thr, lat = fig.subplots(1, 2)
@@ -721,7 +721,7 @@ def casestudy_load(rows: list[CasestudyLoad]) -> bytes:
         if pts:
             thr.plot(*zip(*pts), "o-", color=colour, label=label)
         for q, style, name in (("p50", "--", "p50"), ("p99", "-", "p99"),
-                               ("steady_p99", ":", "p99, sessions set up")):
+                               ("interval_p99", ":", "p99, measurement interval")):
             pts = [(r.users, getattr(r, f"{kind}_{q}_ms")) for r in rows
                    if getattr(r, f"{kind}_{q}_ms") is not None]
             if pts:

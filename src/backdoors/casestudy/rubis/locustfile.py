@@ -11,9 +11,10 @@ page's marker. Every write the site acknowledged is appended to RUBIS_ACKS as a 
 database afterwards. With RUBIS_REQUESTS, every request's end (Unix ms), whether it
 passed its check and its front end (an index in RUBIS_HOSTS) go to that file, one line each
 (throughput.py; buffered, flushed when locust quits): the requests per 100 ms across a fault.
-With RUBIS_LATENCIES, every request's response time and whether it was its user's first
-(the one that opened the session) go to that file (latency.py): the p99 of sessions set
-up apart from that of the requests on them.
+With RUBIS_LATENCIES, every request's response time, whether it was its user's first
+(the one that opened the session) and its end go to that file (latency.py): the p99 of
+sessions set up apart from that of the requests on them, and that of the measurement
+interval after the ramp-up.
 """
 
 from __future__ import annotations

@@ -16,7 +16,11 @@ largest throughput loss of recoverable vs plain among those levels (all levels i
 Besides locust's p50 and p99 (of every request), each row has those of the users' first
 requests apart (`*_first_p50_ms`, `*_first_p99_ms`: the requests that open a session)
 and the p99 of the later ones (`*_steady_p99_ms`: requests on sessions already set up),
-from the driver's own record of every response time (latency.py).
+from the driver's own record of every response time (latency.py). As TPC-W measures, the
+rows also have the figures of each run's measurement interval, after a ramp-up (`ramp_s`,
+by default RAMP_S or a quarter of the run, the less) in which the users open their
+sessions: `*_interval_rps` and `*_interval_p99_ms`, and their overheads below saturation
+(`interval_overhead_pct_max`, `interval_p99_overhead_pct_max`).
 
 With `faults` (FAULTS: fe- and mt- freeze, lock, network, crash; see play_fault), each
 fault is then played under load on a recoverable site of its own (a fault leaves its
@@ -54,6 +58,9 @@ MIXES = ("Browsing", "Bidding")
 #: a level is saturated once the plain site's throughput grows less than this from the
 #: level before
 GROWTH = 1.10
+#: the ramp-up left out of a run's measurement interval at most, seconds (every locust
+#: user starts in the first second and opens its session with its first request)
+RAMP_S = 2.0
 
 
 def levels(users: int) -> list[int]:
@@ -62,10 +69,12 @@ def levels(users: int) -> list[int]:
 
 
 def run_locust(site: Site, plain: bool, users: int, seconds: float, work: Path,
-               think: tuple[float, float] = (0.05, 0.15), tag: str = "") -> dict:
+               think: tuple[float, float] = (0.05, 0.15), tag: str = "",
+               ramp_s: float = 0.0) -> dict:
     """One headless locust run against the plain or recoverable front ends: its
-    aggregated figures and the file of acknowledged writes."""
-    return Locust(site, plain, users, seconds, work, think, tag).finish()
+    aggregated figures (and those of its measurement interval, after `ramp_s`) and the
+    file of acknowledged writes."""
+    return Locust(site, plain, users, seconds, work, think, tag, ramp_s=ramp_s).finish()
 
 
 class Locust:
@@ -76,9 +85,9 @@ class Locust:
 
     def __init__(self, site: Site, plain: bool, users: int, seconds: float, work: Path,
                  think: tuple[float, float] = (0.05, 0.15), tag: str = "",
-                 requests: bool = False, hosts: list[str] | None = None):
+                 requests: bool = False, hosts: list[str] | None = None, ramp_s: float = 0.0):
         self.tag = tag = f"{'plain' if plain else 'recoverable'}-{users}{'-' + tag if tag else ''}"
-        self.seconds, self.work = seconds, work
+        self.seconds, self.work, self.ramp_s = seconds, work, ramp_s
         self.prefix, self.acks = work / tag, work / f"{tag}.acks"
         self.requests = work / f"{tag}.requests" if requests else None
         self.latencies = work / f"{tag}.latencies"
@@ -123,7 +132,8 @@ class Locust:
         return {"rps": float(total["Requests/s"]), "p50_ms": float(total["50%"]),
                 "p99_ms": float(total["99%"]), "requests": requests,
                 "failed": int(total["Failure Count"]), "writes": writes, "acks": self.acks,
-                "max_ms": float(total["Max Response Time"]), **summary(self.latencies)}
+                "max_ms": float(total["Max Response Time"]),
+                **summary(self.latencies, self.ramp_s)}
 
 
 #: the faults built so far (issue 13's list: fe- and mt- freeze, lock, network, crash)
@@ -423,21 +433,23 @@ def check_bids(site: Site, ack_files: list[Path]) -> dict:
 
 def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
           name: str | None = None, think: tuple[float, float] = (0.05, 0.15),
-          rounds: int = 1, faults: tuple[str, ...] = (), work_dir: str | None = None) -> dict:
+          rounds: int = 1, faults: tuple[str, ...] = (), work_dir: str | None = None,
+          ramp_s: float | None = None) -> dict:
     """Run the case study (root); returns the facts of the module docstring. The run's
     files (locust's figures and logs, the acknowledged writes) are kept in `work_dir`
     when given."""
+    ramp_s = min(RAMP_S, seconds / 4) if ramp_s is None else ramp_s
     if unknown := set(faults) - set(FAULTS):
         raise LabError(f"unknown faults: {', '.join(sorted(unknown))}; choose from "
                        f"{', '.join(FAULTS)}")
-    if users < 1 or seconds <= 0 or rounds < 1:
-        raise LabError(f"users must be >= 1, seconds > 0 and rounds >= 1, got {users}, "
-                       f"{seconds} and {rounds}")
+    if users < 1 or seconds <= 0 or rounds < 1 or not 0 <= ramp_s < seconds:
+        raise LabError(f"users must be >= 1, seconds > 0, rounds >= 1 and the ramp-up in "
+                       f"[0, seconds), got {users}, {seconds}, {rounds} and {ramp_s}")
     scale = scale or Scale()
     work = Path(work_dir or tempfile.mkdtemp(prefix="bd-rubis-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        out = _run(users, seconds, scale, name, think, rounds, tuple(faults), work)
+        out = _run(users, seconds, scale, name, think, rounds, tuple(faults), work, ramp_s)
     finally:
         if work_dir is None:  # a directory of its own: the run's files go with it
             shutil.rmtree(work, ignore_errors=True)
@@ -448,8 +460,9 @@ def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
 
 def _run(users: int, seconds: float, scale: Scale, name: str | None,
          think: tuple[float, float], rounds: int, faults: tuple[str, ...],
-         work: Path) -> dict:
-    out: dict = {"users": users, "seconds": seconds, "rounds": rounds, "mixes": list(MIXES),
+         work: Path, ramp_s: float) -> dict:
+    out: dict = {"users": users, "seconds": seconds, "ramp_s": ramp_s, "rounds": rounds,
+                 "mixes": list(MIXES),
                  "think_s": list(think), "data": {"users": scale.users, "items": scale.items,
                                                   "bids": scale.bids}, "load": []}
     acks = []
@@ -461,7 +474,8 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
             runs: dict[str, list[dict]] = {"plain": [], "recoverable": []}
             for r in range(rounds):  # ABBA...: a drift of the machine hits both alike
                 for plain in ((True, False) if (i + r) % 2 == 0 else (False, True)):
-                    got = run_locust(site, plain, n, seconds, work, think, tag=f"r{r}")
+                    got = run_locust(site, plain, n, seconds, work, think, tag=f"r{r}",
+                                     ramp_s=ramp_s)
                     acks.append(got["acks"])
                     runs["plain" if plain else "recoverable"].append(got)
             row: dict = {"users": n}
@@ -473,6 +487,8 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
                             f"{kind}_first_p50_ms": _mean_of(got, "first_p50_ms"),
                             f"{kind}_first_p99_ms": _mean_of(got, "first_p99_ms"),
                             f"{kind}_steady_p99_ms": _mean_of(got, "steady_p99_ms"),
+                            f"{kind}_interval_rps": _mean_of(got, "interval_rps"),
+                            f"{kind}_interval_p99_ms": _mean_of(got, "interval_p99_ms"),
                             f"{kind}_sessions": sum(g["sessions"] for g in got),
                             f"{kind}_requests": requests,
                             f"{kind}_failed": sum(g["failed"] for g in got),
@@ -511,7 +527,8 @@ def _mean_of(runs: list[dict], key: str) -> float | None:
 
 def overhead(load: list[dict]) -> dict:
     """overhead_pct_max (throughput), p99_overhead_pct_max and steady_p99_overhead_pct_max
-    below saturation."""
+    below saturation; the same of the measurement intervals (interval_overhead_pct_max,
+    interval_p99_overhead_pct_max)."""
     below, prev, saturated = [], None, False
     for row in load:
         row["overhead_pct"] = round(100 * (row["plain_rps"] - row["recoverable_rps"])
@@ -526,11 +543,23 @@ def overhead(load: list[dict]) -> dict:
                                      if r["overhead_pct"] is not None), default=None),
             "p99_overhead_pct_max": _largest_excess(rows, "p99_ms"),
             "steady_p99_overhead_pct_max": _largest_excess(rows, "steady_p99_ms"),
+            "interval_overhead_pct_max": _largest_loss(rows, "interval_rps"),
+            "interval_p99_overhead_pct_max": _largest_excess(rows, "interval_p99_ms"),
             "levels_below_saturation": [r["users"] for r in below]}
+
+
+def _largest_loss(rows: list[dict], figure: str) -> float | None:
+    """The largest loss (%) of recoverable_<figure> against plain_<figure> among rows."""
+    excess = _excess(rows, figure)
+    return round(-min(excess), 1) if excess else None
 
 
 def _largest_excess(rows: list[dict], figure: str) -> float | None:
     """The largest excess (%) of recoverable_<figure> over plain_<figure> among rows."""
-    excess = [100 * (r[f"recoverable_{figure}"] - r[f"plain_{figure}"]) / r[f"plain_{figure}"]
-              for r in rows if r.get(f"plain_{figure}") and r.get(f"recoverable_{figure}") is not None]
+    excess = _excess(rows, figure)
     return round(max(excess), 1) if excess else None
+
+
+def _excess(rows: list[dict], figure: str) -> list[float]:
+    return [100 * (r[f"recoverable_{figure}"] - r[f"plain_{figure}"]) / r[f"plain_{figure}"]
+            for r in rows if r.get(f"plain_{figure}") and r.get(f"recoverable_{figure}") is not None]
