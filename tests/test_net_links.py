@@ -15,6 +15,7 @@ from backdoors.net import (
     add_route,
     add_veth,
     addresses,
+    cut_off,
     del_address,
     link_info,
     neighbours,
@@ -131,6 +132,18 @@ def test_addresses_add_and_delete_idempotently(topo):
     del_address(topo.a, "eth0", "10.77.0.50/24")
     del_address(topo.a, "eth0", "fd00:77::1/64")
     assert [a for a in addresses(topo.a, "eth0") if not a.startswith("fe80:")] == ["10.77.0.1/24"]
+
+
+def test_cut_off_removes_the_named_addresses_it_has_and_sets_the_link_down(topo):
+    add_address(topo.b, "eth0", "10.77.0.60/24")
+    assert udp_reaches(topo.a, topo.b, "10.77.0.60")
+    got = cut_off(topo.b, "eth0", ["10.77.0.60/24", "10.77.0.61/24"])
+    assert got == ["10.77.0.60/24"]  # .61 was not there
+    assert addresses(topo.b, "eth0") == ["10.77.0.2/24"] and not link_info(topo.b, "eth0").up
+    assert not udp_reaches(topo.a, topo.b, "10.77.0.2")
+    assert cut_off(topo.b, "eth0", ["10.77.0.60/24"]) == []  # again: nothing more to do
+    with pytest.raises(NetError, match=f"no interface 'eth9' in .*{topo.b}"):
+        cut_off(topo.b, "eth9", [])
 
 
 @pytest.mark.parametrize("bad", ["10.77.0.9", "10.77.0.300/24", "nonsense/8"])

@@ -263,11 +263,8 @@ class Recovery:
         removed = []
         if rt.spec.netns:
             try:
-                for cidr in self._service_addresses(rt):
-                    if cidr in net.addresses(rt.spec.netns, rt.spec.interface):
-                        net.del_address(rt.spec.netns, rt.spec.interface, cidr)
-                        removed.append(cidr)
-                net.set_up(rt.spec.netns, rt.spec.interface, False)
+                removed = net.cut_off(rt.spec.netns, rt.spec.interface,
+                                      self._service_addresses(rt))
             except BackdoorsError as e:
                 raise OpError("failed", f"node {rt.name} is frozen but its network could not "
                                         f"be cut: {e}") from None

@@ -190,16 +190,45 @@ def addresses(ns: str | None, ifname: str) -> list[str]:
     """Addresses of `ifname` as 'ip/prefixlen' strings, IPv4 first, in kernel order."""
     with netns.iproute(ns) as ipr:
         index = index_of(ipr, ns, ifname)
-        found = []
-        try:
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for msg in ipr.addr("dump", family=family, index=index):
-                    found.append(f"{msg.get('address')}/{msg['prefixlen']}")
-        except NetlinkError as e:
-            raise _error(e, ns, ifname, "cannot read addresses") from e
+        found = _addresses(ipr, ns, ifname, index)
         # A dump filtered by index is empty, not an error, once the interface is gone.
         index_of(ipr, ns, ifname, expect=index)
     return found
+
+
+def _addresses(ipr, ns: str | None, ifname: str, index: int) -> list[str]:
+    try:
+        return [f"{msg.get('address')}/{msg['prefixlen']}"
+                for family in (socket.AF_INET, socket.AF_INET6)
+                for msg in ipr.addr("dump", family=family, index=index)]
+    except NetlinkError as e:
+        raise _error(e, ns, ifname, "cannot read addresses") from e
+
+
+def cut_off(ns: str | None, ifname: str, cidrs: list[str]) -> list[str]:
+    """Remove those of `cidrs` that `ifname` has, then set it down (its traffic stops):
+    what fencing a node does to its service link, in one netlink session (a fence is on
+    the path of every recovery; three sessions took 3-9 ms). Returns the ones removed."""
+    with netns.iproute(ns) as ipr:
+        index = index_of(ipr, ns, ifname)
+        have = _addresses(ipr, ns, ifname, index)
+        removed = []
+        for cidr in cidrs:
+            if cidr not in have:
+                continue
+            iface = _parse_cidr(cidr, ns, ifname)
+            try:
+                ipr.addr("del", index=index, address=str(iface.ip),
+                         prefixlen=iface.network.prefixlen)
+            except NetlinkError as e:
+                if e.code != errno.EADDRNOTAVAIL:  # (gone meanwhile: as good)
+                    raise _error(e, ns, ifname, f"cannot delete address {cidr}") from e
+            removed.append(cidr)
+        try:
+            ipr.link("set", index=index, state="down")
+        except NetlinkError as e:
+            raise _error(e, ns, ifname, "cannot set interface down") from e
+    return removed
 
 
 def add_route(ns: str | None, dst_cidr: str, via: str) -> None:
