@@ -14,7 +14,8 @@ alternated), two ways:
 
 Per kind and way, the median over the rounds of: CPU ms per session (or request) of the
 front end process, the middle tiers, the agents (their whole processes, idle work
-included) and the database node's processes; the client's p50 and p99 ms; and the
+included), their supervisors (the lab's keepers, which hold the agents' fd stores: what
+systemd does on a real host) and the database node's processes; the client's p50 and p99 ms; and the
 recoverable site's ratio to the plain one's (CPU in all, and p50).
 
     python bench/bench_session_cost.py [--sessions 300] [--rounds 3] [--json]
@@ -61,16 +62,16 @@ print(json.dumps({"p50_ms": times[len(times) // 2], "p99_ms": times[int(len(time
 """
 
 WAYS = ("new", "same")
-PARTS = ("front_end", "middle_tiers", "agents", "database")
+PARTS = ("front_end", "middle_tiers", "agents", "supervisors", "database")
 
 
-def _cpu(pids: list[int]) -> float:
-    """CPU seconds of `pids` and their children so far (gone ones count 0)."""
+def _cpu(pids: list[int], children: bool = True) -> float:
+    """CPU seconds of `pids` (and their children) so far (gone ones count 0)."""
     total = 0.0
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            for p in (proc, *proc.children(recursive=True)):
+            for p in (proc, *(proc.children(recursive=True) if children else ())):
                 t = p.cpu_times()
                 total += t.user + t.system
         except psutil.NoSuchProcess:
@@ -82,7 +83,8 @@ def _pids(site: Site, plain: bool) -> dict[str, list[int]]:
     lab = site.lab
     return {"front_end": [site.servers["fe", Site.FE[0], plain].pid],
             "middle_tiers": [site.servers["mt", n, plain].pid for n in Site.MT],
-            "agents": [p for h in lab.plan.hosts if (p := lab.agent_pid(h.name))],
+            "agents": (agents := [p for h in lab.plan.hosts if (p := lab.agent_pid(h.name))]),
+            "supervisors": [psutil.Process(p).ppid() for p in agents],
             "database": lab.node(Site.DB).cgroup.procs()}
 
 
@@ -94,15 +96,15 @@ def run(*, sessions: int = 300, rounds: int = 3) -> dict:
                 fe = site.servers["fe", Site.FE[0], plain]
                 for way in WAYS:
                     pids = _pids(site, plain)
-                    before = {k: _cpu(v) for k, v in pids.items()}
+                    before = {k: _cpu(v, k != "supervisors") for k, v in pids.items()}
                     client = site.lab.run_in_client(
                         [sys.executable, "-c", CLIENT, fe.vip, str(fe.port), str(sessions), way],
                         stdout=subprocess.PIPE)
                     out, _ = client.communicate(timeout=60 + sessions)
                     if client.returncode != 0:
                         raise SystemExit(f"the client failed ({client.returncode})")
-                    row = {f"{k}_cpu_ms": (_cpu(v) - before[k]) * 1000 / sessions
-                           for k, v in pids.items()}
+                    row = {f"{k}_cpu_ms": (_cpu(v, k != "supervisors") - before[k]) * 1000
+                           / sessions for k, v in pids.items()}
                     row.update(json.loads(out))
                     seen.setdefault(("plain" if plain else "recoverable", way), []).append(row)
     rows = []
