@@ -252,8 +252,14 @@ def _recover(w: World, step: Step, fault: str, held: int) -> dict:
     return step.done(
         f"{report['sessions_ok']}/{n} stream sessions and {intact}/{len(w.downloads)} downloads "
         f"continued byte-exact on {target}; detected {step.record['detect_ms']:.0f} ms after the "
-        f"fault, moved in {step.record['recovery_ms']:.0f} ms; client stall p50 "
-        f"{statistics.median(report['stalls_ms']):.0f} ms, p99 {p99:.0f} ms")
+        f"fault, moved in {step.record['recovery_ms']:.0f} ms{_waited(act, node)}; "
+        f"client stall p50 {statistics.median(report['stalls_ms']):.0f} ms, p99 {p99:.0f} ms")
+
+
+def _waited(act, node: str) -> str:
+    """What of a move was the wait for a restarted server on the node (server-died)."""
+    waited = act.detail.get("same_node_waited_ms")
+    return f" ({waited:.0f} of them waiting for a restarted server on {node})" if waited else ""
 
 
 SCENARIOS = {

@@ -328,10 +328,13 @@ class Recover(Action, tag="recover"):
         if self.when == "unrepaired" and ctx.repaired:
             return Outcome("skipped", {"reason": "an earlier action repaired the node"})
         ev = ctx.view.event
+        waited_ms = None  # for a restarted server of the node, before moving its sessions
         if ev is not None and ev.get("kind") == "owner_died":
+            t_same = ctx.clock()
             same = self._same_node(ctx, ev)
             if same is not None:
                 return same
+            waited_ms = round((ctx.clock() - t_same) * 1000, 1)
         target = self.target or next((n for n, (host, _) in sorted(ctx.placement.items())
                                       if host != ctx.host), None)
         if target is None or target not in ctx.placement:
@@ -358,6 +361,8 @@ class Recover(Action, tag="recover"):
                   "moved": ev.moved, "failed": ev.failed, "dump_ms": ev.dump_ms,
                   "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt),
                   "dump_phases": ev.phases}
+        if waited_ms is not None:
+            detail["same_node_waited_ms"] = waited_ms
         if more is not None:
             detail.update(fence_more_ms=round((fenced_at - node_fenced_at) * 1000, 1),
                           fence_more=more.detail)
