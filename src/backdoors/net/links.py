@@ -162,28 +162,35 @@ def link_info(ns: str | None, ifname: str) -> LinkInfo:
 
 def add_address(ns: str | None, ifname: str, cidr: str) -> None:
     """Add address `cidr` (e.g. 10.0.0.5/24) to `ifname`; already present is fine."""
-    _change_address("add", ns, ifname, cidr, done_if=17)  # EEXIST
+    _change_address("add", ns, ifname, cidr, done_if=errno.EEXIST)
 
 
 def del_address(ns: str | None, ifname: str, cidr: str) -> None:
     """Remove address `cidr` from `ifname`; already absent is fine."""
-    _change_address("del", ns, ifname, cidr, done_if=99)  # EADDRNOTAVAIL: not there
+    _change_address("del", ns, ifname, cidr, done_if=errno.EADDRNOTAVAIL)
 
 
 def _change_address(op: str, ns: str | None, ifname: str, cidr: str, done_if: int) -> None:
+    with netns.iproute(ns) as ipr:
+        _change_address_on(ipr, index_of(ipr, ns, ifname), op, ns, ifname, cidr, done_if)
+
+
+def _change_address_on(ipr, index: int, op: str, ns: str | None, ifname: str, cidr: str,
+                       done_if: int) -> None:
+    """`op` ("add" or "del") address `cidr` on interface `index` over an open session;
+    error `done_if` means it is already done."""
     iface = _parse_cidr(cidr, ns, ifname)
     extra = {}
     if op == "add" and iface.version == 6:
         extra["flags"] = 0x02  # IFA_F_NODAD: usable at once, as a moved VIP must be
-    with netns.iproute(ns) as ipr:
-        try:
-            ipr.addr(op, index=index_of(ipr, ns, ifname), address=str(iface.ip),
-                     prefixlen=iface.network.prefixlen, **extra)
-        except NetlinkError as e:
-            if e.code == done_if:
-                return
-            verb = "add" if op == "add" else "delete"
-            raise _error(e, ns, ifname, f"cannot {verb} address {cidr}") from e
+    try:
+        ipr.addr(op, index=index, address=str(iface.ip),
+                 prefixlen=iface.network.prefixlen, **extra)
+    except NetlinkError as e:
+        if e.code == done_if:
+            return
+        verb = "add" if op == "add" else "delete"
+        raise _error(e, ns, ifname, f"cannot {verb} address {cidr}") from e
 
 
 def addresses(ns: str | None, ifname: str) -> list[str]:
@@ -216,13 +223,8 @@ def cut_off(ns: str | None, ifname: str, cidrs: list[str]) -> list[str]:
         for cidr in cidrs:
             if cidr not in have:
                 continue
-            iface = _parse_cidr(cidr, ns, ifname)
-            try:
-                ipr.addr("del", index=index, address=str(iface.ip),
-                         prefixlen=iface.network.prefixlen)
-            except NetlinkError as e:
-                if e.code != errno.EADDRNOTAVAIL:  # (gone meanwhile: as good)
-                    raise _error(e, ns, ifname, f"cannot delete address {cidr}") from e
+            # (gone meanwhile: as good)
+            _change_address_on(ipr, index, "del", ns, ifname, cidr, done_if=errno.EADDRNOTAVAIL)
             removed.append(cidr)
         try:
             ipr.link("set", index=index, state="down")
