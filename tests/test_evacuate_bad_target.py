@@ -119,9 +119,8 @@ def test_a_target_agent_killed_during_an_evacuate_loses_no_session(root, unique)
     """The target's agent is stopped before the evacuate, so that it takes nothing, and
     killed (SIGKILL) once the source, its 400 sessions dumped, waits on it: the evacuate
     fails with every session kept at the source; once the keeper has started a new agent
-    there, the next evacuate moves them all, byte-exact. (Killed at a set delay instead,
-    under load the kill could come after the target had handed the sessions to its
-    server: see the closing note of session 29.)"""
+    there, the next evacuate moves them all, byte-exact. (A kill after the target handed
+    the sessions to its server is the case of the next test: the answer lost.)"""
     import os
     import signal
 
@@ -177,3 +176,105 @@ def test_a_target_agent_killed_during_an_evacuate_loses_no_session(root, unique)
             report = clients.report(since, progressed_from=at)
             assert report["sessions_ok"] == count, report
             assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
+
+
+class AnswerLosingPeer:
+    """A relay on the private network to a real agent that forwards every request but
+    loses the answer: once the agent has answered (read whole, so it acted), the relay
+    closes the connection instead of passing the answer on."""
+
+    def __init__(self, netns: str, address: str, upstream: str):
+        self.netns, self.upstream = netns, upstream
+        with netns_mod.enter(netns):
+            self.sock = socket.create_server((address, 0))
+        self.address = f"{address}:{self.sock.getsockname()[1]}"
+        self.lost = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            host, port = self.upstream.rsplit(":", 1)
+            with netns_mod.enter(self.netns):
+                up = socket.create_connection((host, int(port)), timeout=60)
+            with conn, up:
+                threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
+                size = int.from_bytes(self._read(up, 4), "big")
+                self._read(up, size)  # the answer, dropped
+                self.lost += 1
+                conn.shutdown(socket.SHUT_RDWR)  # (wakes the forwarding thread's recv)
+
+    @staticmethod
+    def _forward(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _read(sock: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("the agent closed the relay's connection")
+            buf += chunk
+        return buf
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_evacuate_whose_answer_was_lost_is_not_moved_twice(root, unique):
+    """The target agent takes the sessions but its answer is lost (as when it dies right
+    after handing them to its server): the evacuate fails and the source keeps its dumps,
+    now stale copies of sessions served on the target. Evacuating to that target again
+    finds them there ("present"): the source drops its copies, nothing is restored twice,
+    and every stream continues byte-exact across both evacuates."""
+    count = 20
+    with Lab(f"e{unique}", hosts=2, nodes=2, agents=True, services=False) as lab:
+        for node in ("n0", "n1"):
+            lab.start_service(node, "--rate", "4096", recoverable=True)
+        vip = lab.plan.node("n0").vip
+        host = lab.plan.host("h0")
+        relay = AnswerLosingPeer(host.netns, host.address, lab.agent_address("h1"))
+        try:
+            with lab.agent_client("h0", timeout=60) as c, lab.agent_client("h1") as c1, \
+                    StreamClients(lab, vip, topology.RECOVERABLE_PORT, count) as clients:
+                wait(lambda: len(c.call("sessions", node="n0")) == count, 30,
+                     f"{count} held sessions")
+                wait(lambda: all(o > 0 for o in clients.offsets()), 20, "data on every session")
+                at = clients.offsets()
+                since = time.monotonic()
+                c.call("fence", node="n0")
+                with pytest.raises(AgentError, match=rf"{count} sessions dumped .*kept"):
+                    c.call("evacuate", node="n0", to=relay.address, to_agent="h1",
+                           to_node="n1")
+                assert relay.lost == 1
+                assert c.held("n0").limbo == count  # the source's copies, stale from now on
+                wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
+                     "every stream to continue, served on n1")
+                wait(lambda: len(c1.call("sessions", node="n1")) == count, 30,
+                     f"{count} sessions held on n1")
+
+                again = c.call("evacuate", node="n0", to=lab.agent_address("h1"),
+                               to_agent="h1", to_node="n1")
+                assert again["failed"] == {}, again["failed"]
+                assert again["moved"] == again["present"] == count, again
+                assert sum(r["restored"] for r in again["adopt"]) == 0
+                assert c.held("n0").limbo == 0
+                assert len(c1.call("sessions", node="n1")) == count
+
+                later = clients.offsets()
+                wait(lambda: all(o > a for o, a in zip(clients.offsets(), later)), 30,
+                     "every stream to go on after the second evacuate")
+                report = clients.report(since, progressed_from=at)
+                assert report["sessions_ok"] == count, report
+                assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
+        finally:
+            relay.close()

@@ -409,10 +409,15 @@ class AdoptReply(msgspec.Struct):
     # released), connect_ms (to the server, its checks), send_ms (batches sent, verdicts
     # read), hold_ms (adopted sessions held as the server's)
     phases: dict[str, float] = {}
+    # sessions whose connection the node already has (an earlier evacuate's answer was
+    # lost): not restored, not failed; the source drops its stale copies
+    present: list[str] = []
 
 
 class EvacuateReply(msgspec.Struct):
-    """`sessions` dumped or failed at the dump; `moved` handed over by the target."""
+    """`sessions` dumped or failed at the dump; `moved` handed over by the target, or
+    found there already (`present` of them: moved by an earlier evacuate whose answer was
+    lost)."""
 
     sessions: int
     moved: int
@@ -423,3 +428,4 @@ class EvacuateReply(msgspec.Struct):
     # the dump's steps, ms summed over the sessions: take_ms (out of the session table),
     # repair_ms (TCP_REPAIR dump), cb_ms (CB read, compressed), remove_ms (region dropped)
     phases: dict[str, float] = {}
+    present: int = 0

@@ -14,7 +14,8 @@ adoption socket (continuations.adoption: one frame and one reply per batch).
 `Recovery` holds these ops and what they keep between requests: sessions dumped but not
 adopted (the target failed, or answered something unreadable) stay in limbo and go with
 the next `evacuate` of the same node; whatever goes wrong after the dump, they are kept
-there, never dropped. Limbo and the service addresses each node took over outlive an
+there, never dropped, unless a target answers that it has them already (`present`: an
+earlier answer was lost after it took them). Limbo and the service addresses each node took over outlive an
 agent restart: every change goes to `keep` (the agent's fd store, agent/fdstore.py) and a
 new agent takes them back (`take_back`); a session on its way (between the dump and the
 target's answer) is in memory only, so that a restart can never move it twice. What a peer sends is hostile input until checked: session
@@ -329,7 +330,9 @@ class Recovery:
             log.warning("node %s: %d sessions kept in limbo: %s", rt.name, len(moving), e)
             raise OpError("failed", f"node {rt.name}: {len(moving)} sessions dumped but the "
                                     f"agent at {a.to} did not adopt them ({e}); they are kept "
-                                    "for another evacuate") from None
+                                    "for another evacuate (if its answer was lost after it took "
+                                    "them, evacuating to it again drops the copies it has)") \
+                from None
         refused = {name for r in replies for name in r.failed}
         if kept := [m for m in moving if m.name in refused]:
             # The target did not start these (it closed its copies silently): this agent's
@@ -337,8 +340,12 @@ class Recovery:
             self.limbo[rt.name] = kept
             for m in kept:
                 failed[m.name] += " (kept here for another evacuate)"
-        return EvacuateReply(len(moving) + dump_failures, sum(r.handed for r in replies),
-                             failed, _ms(t0, t1), _ms(t1), replies, phases)
+        # Sessions the target had already (an earlier evacuate's answer was lost): served
+        # there, so this agent's dumps of them are stale and dropped with `moving`.
+        present = sum(len(r.present) for r in replies)
+        return EvacuateReply(len(moving) + dump_failures,
+                             sum(r.handed for r in replies) + present,
+                             failed, _ms(t0, t1), _ms(t1), replies, phases, present)
 
     def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str],
                   phases: dict[str, float]) -> None:
@@ -438,6 +445,7 @@ class Recovery:
         states = self._decode_all(call, failed)  # each with its CB in a memfd: ours to close
         try:
             restoring = self._restore_all(call, states, failed)
+            present = self._present(call, states, restoring, failed)
         finally:
             for _, _, fd, _ in states:
                 if fd >= 0:
@@ -448,7 +456,8 @@ class Recovery:
             self.adopting.setdefault(rt.name, []).extend(restoring)
             self.expires[rt.name] = self.clock() + self.ttl_s
             if not a.final:
-                return AdoptReply(len(restoring), 0, failed, _ms(t0, t1), 0.0, 0.0)
+                return AdoptReply(len(restoring), 0, failed, _ms(t0, t1), 0.0, 0.0,
+                                  present=present)
             self.warrants.spend(warrant)
             restored = self.adopting.pop(rt.name, [])
             self.expires.pop(rt.name, None)
@@ -467,7 +476,7 @@ class Recovery:
         phases = {"arp_ms": _ms(t1, t_arp) + _ms(t_resume, t2), "resume_ms": _ms(t_arp, t_resume)}
         handed = self._hand_over(call, started, failed, phases)
         return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2),
-                          phases)
+                          phases, present)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -536,6 +545,32 @@ class Recovery:
                 r.close()
             raise
         return restoring
+
+    def _present(self, call: Call, states: list, restoring: list[Restoring],
+                 failed: dict[str, str]) -> list[str]:
+        """The sessions that failed to restore because the node already has their
+        connection (not a paused copy of this agent's): an earlier evacuate moved them here
+        and its answer was lost (this agent died after the hand-over). Taken out of
+        `failed`: the source's copies are stale, to be dropped, not kept for elsewhere."""
+        tried = [(m, st) for m, st, fd, _ in states if fd >= 0 and m.name in failed]
+        if not tried:
+            return []
+        with self._lock:
+            paused = [*self.adopting.get(call.node.name, ()), *restoring]
+        ours = {os.fstat(r.handle.sock.fileno()).st_ino for r in paused}
+        try:
+            here = net.sockets.connections(call.node.spec.netns)
+        except BackdoorsError as e:
+            log.warning("node %s: cannot tell which sessions it has already: %s",
+                        call.node.name, e)
+            return []
+        present = []
+        for m, st in tried:
+            key = (net.sockets.endpoint(*st.local), net.sockets.endpoint(*st.remote))
+            if key in here and here[key] not in ours:
+                del failed[m.name]
+                present.append(m.name)
+        return present
 
     def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str],
                    phases: dict[str, float]) -> int:

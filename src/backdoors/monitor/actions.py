@@ -361,6 +361,8 @@ class Recover(Action, tag="recover"):
                   "moved": ev.moved, "failed": ev.failed, "dump_ms": ev.dump_ms,
                   "transfer_ms": ev.transfer_ms, "adopt": msgspec.to_builtins(ev.adopt),
                   "dump_phases": ev.phases}
+        if ev.present:  # found on the target: moved by an earlier evacuate, answer lost
+            detail["present"] = ev.present
         if waited_ms is not None:
             detail["same_node_waited_ms"] = waited_ms
         if more is not None:

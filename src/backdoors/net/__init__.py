@@ -4,7 +4,7 @@ Netlink only (pyroute2), never the `ip` command. Every call names the namespace 
 in; interface names are local to that namespace.
 """
 
-from backdoors.net import netns
+from backdoors.net import netns, sockets
 from backdoors.net.arp import garp_frame, gratuitous_arp, neighbours
 from backdoors.net.links import (
     LinkInfo,
