@@ -8,6 +8,8 @@
 Every client connection is a Continuation Box session (backdoors.continuations): new
 connections and recovered sessions come through one AsyncListener; HTTP/1.1 is parsed
 by h11; requests on a connection are answered one at a time, keep-alive as HTTP/1.1 says.
+A request is kept in the session's receive log until answered, so it must fit there
+(`--log-capacity`): a bigger one is answered 413.
 
 What makes an application recoverable without changing it: the whole response is
 produced by the application first, then the session's state is exported with the
@@ -46,23 +48,25 @@ import logging
 import signal
 import socket
 import sys
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
 
-from .continuations import AsyncListener, StateTooLargeError, create_cb_async, run
+from .continuations import AsyncListener, LogFullError, StateTooLargeError, create_cb_async, run
 from .continuations.channels import ChannelState, Handed, SessionChannels
-from .continuations.cbformat import MAX_STATE_CAPACITY
+from .continuations.cbformat import MAX_LOG_CAPACITY, MAX_STATE_CAPACITY
 
 log = logging.getLogger("backdoors.asgi")
 
 READ = 64 * 1024
-MAX_BODY = 8 << 20
-MAX_INCOMPLETE = 64 * 1024  # request line and headers
+MAX_INCOMPLETE = 64 * 1024  # request line and headers, at most half the receive log
+LINGER_S = 2.0  # after refusing a request, how long its body is read and dropped at most
 SERVER_NAME = b"backdoors-asgi"
 
 
 STATE_CAPACITY = 64 * 1024
+LOG_CAPACITY = 64 * 1024
 
 
 class Session(msgspec.Struct, tag="session"):
@@ -85,24 +89,32 @@ class _Done(Exception):
     """The client closed, or sent what cannot be answered."""
 
 
+class _TooLarge(Exception):
+    """The request does not fit the session's receive log (answered 413)."""
+
+
 async def serve(app, listener: AsyncListener, *, root_path: str = "",
-                state_capacity: int = STATE_CAPACITY) -> None:
+                state_capacity: int = STATE_CAPACITY, log_capacity: int = LOG_CAPACITY) -> None:
     """Serve `app` on `listener` until the listener is closed. `state_capacity`: bytes of
     each session's exported state, which holds the response being sent: a response that
     does not fit is sent all the same, but a recovery in the middle of it ends the
-    connection (the client sees it end rather than a wrong byte)."""
+    connection (the client sees it end rather than a wrong byte). `log_capacity`: bytes
+    of each session's receive log, which holds a request until it is answered: a request
+    (head and body) that does not fit is refused with 413."""
     handed = Handed()
     try:
-        await listener.serve(_session, app, root_path, state_capacity, handed)
+        await listener.serve(_session, app, root_path, state_capacity, log_capacity, handed)
     finally:
         handed.close()
 
 
-async def _session(conn, app, root_path: str, state_capacity: int, handed: Handed) -> None:
+async def _session(conn, app, root_path: str, state_capacity: int, log_capacity: int,
+                   handed: Handed) -> None:
     if isinstance(conn, socket.socket):  # a response leaves at once (a recovered socket
         _nodelay(conn)                     # keeps the option: TCP_REPAIR restores it)
     try:
-        cb = await create_cb_async(conn, state_capacity=state_capacity)
+        cb = await create_cb_async(conn, state_capacity=state_capacity,
+                                   log_capacity=log_capacity)
     except Exception as e:  # noqa: BLE001 - a box that cannot be made loses this session only
         log.warning("asgi: a session could not get its box: %s", e)
         if isinstance(conn, socket.socket):  # (a recovered one was dropped already)
@@ -150,19 +162,25 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
             await cb.writer.drain()
             if s.close:
                 return
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_INCOMPLETE)
+        head_max = min(MAX_INCOMPLETE, cb.conn.log_capacity // 2)
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=head_max)
         if s.unread:
             parser.receive_data(s.unread)
         sock = cb.conn.sock
         client, server = _address(sock.getpeername), _address(sock.getsockname)
         while True:
             try:
-                request, body = await _read_request(parser, cb.reader)
+                request, body = await _read_request(parser, cb)
             except _Done:
                 return
             except h11.RemoteProtocolError as e:
                 cb.writer.write(_plain(parser, e.error_status_hint, str(e)))
                 await cb.writer.drain()
+                return
+            except _TooLarge as e:
+                cb.writer.write(_plain(parser, 413, str(e)))
+                await cb.writer.drain()
+                await _linger(cb)
                 return
             ext = {"id": cb.session, "seq": s.seq, "key": f"{cb.session}-{s.seq}",
                    "state": s.state, "connect": channels.connect}
@@ -205,25 +223,68 @@ def _address(get) -> list | None:
         return None
 
 
-async def _read_request(parser, reader):
+async def _read_request(parser, cb):
+    """The next request and its whole body. The request stays in the session's receive
+    log until its response is exported, so one that cannot fit there is _TooLarge: by
+    its Content-Length, before its body is read (and then no 100 Continue is sent), or
+    when the log fills (a chunked body). Each decision depends on the input stream only,
+    never on how it arrived, so a replay makes the same ones (and sends the same bytes)."""
     import h11
 
+    conn = cb.conn
     request, body = None, bytearray()
     while True:
         event = parser.next_event()
         if event is h11.NEED_DATA:
-            parser.receive_data(await reader.read(READ))  # b"" marks the end of the stream
+            try:
+                data = await cb.reader.read(READ)  # b"" marks the end of the stream
+            except LogFullError:
+                raise _TooLarge(_too_large(conn.log_capacity)) from None
+            parser.receive_data(data)
             continue
         if isinstance(event, h11.Request):
             request = event
+            length = next((int(v) for k, v in event.headers if k == b"content-length"), None)
+            # where the head ends in what the log holds since the export (the parser's
+            # buffer holds what comes after it): the body must fit behind it
+            head_end = conn.log_consumed - len(parser.trailing_data[0])
+            if length is not None and head_end + length > conn.log_capacity:
+                raise _TooLarge(_too_large(conn.log_capacity))
+            if event.http_version == b"1.1" and any(
+                    k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
+                # always, even if the body came with the head: a replay must send it too
+                cb.writer.write(parser.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                   reason=b"Continue")))
+                await cb.writer.drain()
         elif isinstance(event, h11.Data):
             body += event.data
-            if len(body) > MAX_BODY:
-                raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
         elif isinstance(event, h11.EndOfMessage):
             return request, bytes(body)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             raise _Done
+
+
+def _too_large(capacity: int) -> str:
+    return (f"request too large: a session's request (head and body) must fit its receive "
+            f"log of {capacity} bytes (the server's --log-capacity)")
+
+
+async def _linger(cb) -> None:
+    """After refusing a request whose body may still be arriving: stop sending and read
+    what comes, dropped, for up to LINGER_S, so that closing does not reset the
+    connection before the client has read the refusal (unread input makes close() send
+    a reset, and the client's stack may drop the response with it)."""
+    sock = cb.conn.sock
+    cb.reader.unwatch()  # read here, past the log (which is full, or not needed)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + LINGER_S
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := end - loop.time()) > 0:
+            if not await asyncio.wait_for(loop.sock_recv(sock, READ), left):
+                return
+    except (OSError, TimeoutError):
+        return
 
 
 def _scope(request, client, server, root_path: str, ext: dict) -> dict:
@@ -294,11 +355,18 @@ def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
     headers.append((b"content-length", str(len(body)).encode()))
     if b"server" not in names:
         headers.append((b"server", SERVER_NAME))
-    out = parser.send(h11.Response(status_code=status, headers=headers))
+    out = parser.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
     if request.method != b"HEAD" and body:
         out += parser.send(h11.Data(data=body))
     out += parser.send(h11.EndOfMessage())
     return out
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:  # a status of the application's own
+        return b""
 
 
 def _plain(parser, status: int, text: str) -> bytes:
@@ -306,7 +374,7 @@ def _plain(parser, status: int, text: str) -> bytes:
 
     body = (text + "\n").encode()
     try:
-        return (parser.send(h11.Response(status_code=status, headers=[
+        return (parser.send(h11.Response(status_code=status, reason=_reason(status), headers=[
             (b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")])) + parser.send(h11.Data(data=body))
             + parser.send(h11.EndOfMessage()))
@@ -399,9 +467,15 @@ def main(argv=None) -> int:
     ap.add_argument("--state-capacity", type=int, default=STATE_CAPACITY,
                     help="bytes of each session's exported state, which holds the response "
                          "being sent (a recovery inside a bigger one ends the connection)")
+    ap.add_argument("--log-capacity", type=int, default=LOG_CAPACITY,
+                    help="bytes of each session's receive log, which holds a request until "
+                         "it is answered: a request (head and body) that does not fit is "
+                         "refused with 413 (default %(default)s)")
     a = ap.parse_args(argv)
     if not 0 < a.state_capacity <= MAX_STATE_CAPACITY:
         ap.error(f"--state-capacity must be 1..{MAX_STATE_CAPACITY} bytes")
+    if not 4096 <= a.log_capacity <= MAX_LOG_CAPACITY:
+        ap.error(f"--log-capacity must be 4096..{MAX_LOG_CAPACITY} bytes")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if a.app_dir:
         sys.path.insert(0, a.app_dir)
@@ -417,7 +491,8 @@ def main(argv=None) -> int:
         print("asgi listening on %s:%d" % listener.address, flush=True)
         try:
             with listener:
-                await serve(app, listener, state_capacity=a.state_capacity)
+                await serve(app, listener, state_capacity=a.state_capacity,
+                            log_capacity=a.log_capacity)
         finally:
             await life.shutdown()
             if ticker is not None:

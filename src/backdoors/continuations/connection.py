@@ -77,6 +77,16 @@ class RecoverableConnection:
         return self._cap - (self._end - self._export_received)
 
     @property
+    def log_capacity(self) -> int:
+        """Bytes the receive log holds: what can be received between two exports."""
+        return self._cap
+
+    @property
+    def log_consumed(self) -> int:
+        """Bytes of input consumed since the last export (a replay counts the same)."""
+        return self._consumed - self._export_received
+
+    @property
     def skipping(self) -> int:
         """Bytes of regenerated output still to be discarded after a recovery."""
         return max(0, self._skip_until - self._sent)
