@@ -108,6 +108,20 @@ def test_http_suffix_range_pipelining_and_http10(start, docroot):
         assert sock.makefile("rb").read().startswith(b"HTTP/1.1 400 Bad Request")
 
 
+def test_http_a_head_too_large_gets_431(start, docroot):
+    """A head larger than the session's receive log (64 KiB), where it stays until
+    answered, is refused with 431 (from MAX_HEAD on), not dropped with the session."""
+    port = start("http_server", "--root", str(docroot))
+    head = b"GET /small.txt HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (i, b"v" * 8000) for i in range(10)) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(64).startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /small.txt HTTP/1.1\r\n\r\n")  # the server goes on
+        assert sock.recv(64).startswith(b"HTTP/1.1 200 OK")
+
+
 def test_http_with_curl(start, docroot, tmp_path):
     port = start("http_server", "--root", str(docroot))
     url = f"http://127.0.0.1:{port}"

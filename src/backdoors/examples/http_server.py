@@ -26,12 +26,13 @@ import urllib.parse
 
 import msgspec
 
-from backdoors.continuations import AsyncListener, create_cb_async
+from backdoors.continuations import AsyncListener, LogFullError, create_cb_async
 from backdoors.examples import arguments, serve_forever
 
 EXPORT_EVERY = 1 << 20
 MAX_LINE = 8192
 MAX_HEADERS = 100
+MAX_HEAD = 32 * 1024  # request line and headers: half the receive log (64 KiB)
 SERVER = "backdoors-example/1"
 
 log = logging.getLogger("http_server")
@@ -159,7 +160,16 @@ async def send_response(cb, state: Session) -> None:
 
 
 async def read_request(reader) -> Request | Response | None:
-    """The next request, a ready error Response if it is malformed, None at EOF."""
+    """The next request, a ready error Response if it is malformed or its head is larger
+    than MAX_HEAD (the head stays in the session's receive log until the response is
+    decided), None at EOF."""
+    try:
+        return await _read_request(reader)
+    except LogFullError:  # (pipelined requests read ahead fill the log too)
+        return error(431, "Request Header Fields Too Large", close=True)
+
+
+async def _read_request(reader) -> Request | Response | None:
     line = await reader.readline(MAX_LINE)
     while line in (b"\r\n", b"\n"):  # robustness: blank lines before a request
         line = await reader.readline(MAX_LINE)
@@ -169,10 +179,14 @@ async def read_request(reader) -> Request | Response | None:
     if not line.endswith(b"\n") or len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         return error(400, "Bad Request", close=True)
     headers: dict[str, str] = {}
+    size = len(line)
     for _ in range(MAX_HEADERS):
         line = await reader.readline(MAX_LINE)
         if line in (b"\r\n", b"\n"):
             return Request(parts[0], parts[1], parts[2], headers)
+        size += len(line)
+        if size > MAX_HEAD:
+            break
         name, sep, value = line.decode("latin-1").partition(":")
         if not sep or not line.endswith(b"\n"):
             return error(400, "Bad Request", close=True)
