@@ -285,3 +285,44 @@ def test_monitor_counts_recoveries_from_incident_events():
     assert get(m, "backdoors_monitor_repair_seconds_sum", rule="hang") == pytest.approx(0.041)
     assert get(m, "backdoors_monitor_incidents_closed_total", rule="hang",
                outcome="node_gone") == 1
+
+
+def test_a_client_dribbling_its_request_cannot_hold_the_metrics_server(monkeypatch):
+    """Requests are served one at a time: one sent a byte at a time, each byte within the
+    socket timeout, is cut off when the exchange's deadline passes, and the next scrape
+    is served."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from backdoors.agent import metrics as agent_metrics
+
+    monkeypatch.setattr(agent_metrics._Handler, "timeout", 1.0)
+    registry = CollectorRegistry()
+    Gauge("bd_test_up", "a gauge", registry=registry).set(1)
+    with agent_metrics.MetricsServer(registry, "127.0.0.1:0") as server:
+        slow = socket.create_connection(server.address, timeout=10)
+        stop = threading.Event()
+
+        def dribble() -> None:
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 100:
+                if stop.wait(0.3):
+                    return
+                try:
+                    slow.send(bytes([byte]))
+                except OSError:
+                    return
+
+        t = threading.Thread(target=dribble, daemon=True)
+        t.start()
+        try:
+            try:  # cut off: the end of the stream, or a reset (a timeout: still held)
+                assert slow.recv(1024) == b""
+            except ConnectionResetError:
+                pass
+        finally:
+            stop.set()
+            t.join(5)
+            slow.close()
+        status, values = scrape(server.address)
+        assert status == 200 and values[("bd_test_up",)] == 1.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.server
 import logging
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -238,11 +239,29 @@ class AgentCollector(Collector):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """GET /metrics; anything else is 404. One request at a time, 5 s to send it."""
+    """GET /metrics; anything else is 404. One request at a time, 5 s for the whole
+    exchange: a client that sends its request a byte at a time (each within the socket
+    timeout) is cut off then, so it cannot hold the one thread from the scrapers."""
 
     timeout = 5.0
     registry: CollectorRegistry
     server_version = "backdoors-metrics"
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(self.timeout, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if urlsplit(self.path).path != "/metrics":
