@@ -15,10 +15,11 @@ adoption socket (continuations.adoption: one frame and one reply per batch).
 adopted (the target failed, or answered something unreadable) stay in limbo and go with
 the next `evacuate` of the same node; whatever goes wrong after the dump, they are kept
 there, never dropped, unless a target answers that it has them already (`present`: an
-earlier answer was lost after it took them). Limbo and the service addresses each node took over outlive an
-agent restart: every change goes to `keep` (the agent's fd store, agent/fdstore.py) and a
-new agent takes them back (`take_back`); a session on its way (between the dump and the
-target's answer) is in memory only, so that a restart can never move it twice. What a peer sends is hostile input until checked: session
+earlier answer was lost after it took them). Limbo and the service addresses each node
+took over outlive an agent restart: every change goes to `keep` (the agent's fd store,
+agent/fdstore.py) and a new agent takes them back (`take_back`); a session on its way
+(between the dump and the target's answer) is in memory only, so that a restart can
+never move it twice. What a peer sends is hostile input until checked: session
 states are range-checked at decode (TcpState), Continuation Boxes are inflated with a
 bound, and what waits for a later request (staged pieces, sessions restored for a final
 batch) expires after `PENDING_TTL_S` (freed, counted in `expired`).
