@@ -34,6 +34,7 @@ from backdoors.tcprepair import (
     restore,
     segments_needed,
 )
+from backdoors.net import netns as bd_netns
 from backdoors.net.route import initial_window
 from backdoors.tcprepair import kernel
 
@@ -166,9 +167,12 @@ class Connection:
     With `new_node`, a third netns N on the same bridge is ready to take the address.
     """
 
-    def __init__(self, lab: Lab, server_buffers: int = 0, new_node: bool = False) -> None:
+    def __init__(self, lab: Lab, server_buffers: int = 0, new_node: bool = False,
+                 client_sysctls: dict[str, int] | None = None) -> None:
         self.lab = lab
         self.c = lab.client_switch()
+        for key, value in (client_sysctls or {}).items():  # e.g. TCP options it offers
+            bd_netns.set_sysctl(self.c.name, key, value)
         self.s = lab.node(self.c, "s", VIP)
         self.n = lab.node(self.c, "n", NEW_NODE_IP) if new_node else None
         listener = lab.socket_in(self.s, _listen, VIP)
@@ -484,6 +488,41 @@ def test_move_to_another_namespace_with_the_service_address(lab):
     assert_stream(recv_exactly(new, 10_000), 0, 10_000)
     assert bytes_handed(new, since=state) == total
     assert bytes_received(new, since=state) == 10_000
+
+
+@pytest.mark.parametrize("off", [("tcp_timestamps",), ("tcp_sack",), ("tcp_window_scaling",),
+                                 ("tcp_timestamps", "tcp_sack", "tcp_window_scaling")],
+                         ids=["no-timestamps", "no-sack", "no-wscale", "none"])
+def test_a_client_offering_fewer_tcp_options_moves(lab, off):
+    """A client stack that does not offer timestamps, SACK or window scaling (another OS,
+    an old one, a middlebox that strips them): the dump keeps what was negotiated, the
+    restored socket uses the same, and both streams carry on after a move."""
+    conn = Connection(lab, new_node=True,
+                      client_sysctls={f"net/ipv4/{name}": 0 for name in off})
+    total = 2_000_000
+    reader = Reader(conn.client, total)
+    conn.server.sendall(numbered(0, 300_000))
+    conn.client.sendall(numbered(0, 5000))
+    wait_until(lambda: inq(conn.server) == 5000, what="request at the old server")
+
+    conn.s.set_link("eth0", "down")
+    with repair(conn.server) as handle:
+        state = handle.dump()
+        handle.close()
+    assert state.options.timestamps == ("tcp_timestamps" not in off)
+    assert state.options.sack == ("tcp_sack" not in off)
+    assert state.options.wscale == ("tcp_window_scaling" not in off)
+    conn.move_address_to_new_node()
+    new = conn.restore_in(conn.n, TcpState.decode(state.encode()))
+    got = kernel.tcp_info(new).options
+    assert bool(got & kernel.TCPI_OPT_TIMESTAMPS) == state.options.timestamps
+    assert bool(got & kernel.TCPI_OPT_SACK) == state.options.sack
+    assert bool(got & kernel.TCPI_OPT_WSCALE) == state.options.wscale
+
+    new.sendall(numbered(300_000, total - 300_000))
+    assert_stream(reader.result(), 0, total)
+    conn.client.sendall(numbered(5000, 3000))
+    assert_stream(recv_exactly(new, 8000), 0, 8000)
 
 
 def test_restore_into_a_namespace_without_the_address_fails_cleanly(lab):
