@@ -1,11 +1,11 @@
-"""adopt and stage on hostile input (issue 10, finding 13), at a running agent.
+"""adopt, stage and present on hostile input (issue 10, finding 13), at a running agent.
 
 A peer (agent h1, listed in `peers`, with the monitors' warrant) sends what a compromised
 agent could:
 CBs that inflate a thousandfold, states with out-of-range window fields, names that are
 not session names, pieces that are never adopted. Each gets a clear error naming what is
 wrong, the agent holds no descriptor more afterwards, and what waits between requests
-expires. Then a fuzzer (hypothesis; 10,000 cases in CI) sends arbitrary adopt and stage
+expires. Then a fuzzer (hypothesis; 10,000 cases in CI) sends arbitrary adopt, stage and present
 arguments at the same agent: every reply an answer, no descriptor leaked, still serving.
 """
 
@@ -103,6 +103,7 @@ def peer_lab(agent_lab, prefix, root):
         lab = agent_lab(node_n0={"netns": ns, "interface": "lo"},
                         peers={"h1": peer.public_text()})
         lab.peer = _Peer(lab, peer)
+        lab.node_netns = ns
         yield lab
     finally:
         netns_mod.remove(ns)
@@ -150,6 +151,53 @@ def test_adopt_refuses_hostile_sessions_naming_the_problem(peer_lab):
     assert "part (98, 4) overlaps the one before it, is empty or ends beyond" in failed["cb-d4"]
     assert reply["restored"] == 0 and reply["handed"] == 0
     assert _settled(before)
+
+
+def test_present_answers_a_peer_and_refuses_bad_names_and_addresses(peer_lab):
+    """`present` (which of these sessions the node has) answers a peer without a warrant;
+    a name that is not a session's or an address that is not an IP is refused, named."""
+    c = peer_lab.peer
+    with netns_mod.enter(f"{peer_lab.node_netns}"):
+        server = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    with server, client, accepted:
+        (ip, port), (rip, rport) = accepted.getsockname(), accepted.getpeername()
+        asked = {"cb-here": [ip, port, rip, rport], "cb-gone": [ip, port, rip, rport + 1],
+                 "cb-v6": ["::1", port, "::1", rport]}
+        assert c.call("present", node="n0", sessions=asked) == {"present": ["cb-here"]}
+        with pytest.raises(RemoteError, match=r"'\.\./x' is not cb-<session>") as bad:
+            c.call("present", node="n0", sessions={"../x": [ip, port, rip, rport]})
+        assert bad.value.code == "bad_request"
+        with pytest.raises(RemoteError, match=r"session cb-bad: 'no-ip' does not appear") as bad:
+            c.call("present", node="n0", sessions={"cb-bad": ["no-ip", port, rip, rport]})
+        assert bad.value.code == "bad_request"
+
+
+def test_an_adopt_sent_again_replaces_the_inert_copies_of_an_unfinished_one(agent_lab, prefix,
+                                                                          root):
+    """A batch restored and waiting for a final batch that never came (its evacuate failed
+    after it) holds its sessions' addresses and ports: when the same sessions come again,
+    those inert copies are closed first, not left to stand in the way until they expire."""
+    ns = f"{prefix}-ns2"
+    netns_mod.create(ns)
+    try:
+        peer = new_identity("h1")
+        lab = agent_lab(node_n0={"netns": ns, "interface": "lo", "addresses": ["10.9.0.5/24"]},
+                        peers={"h1": peer.public_text()})
+        c = _Peer(lab, peer)
+        recovery = lab.agent.agent.recovery
+        session = {"name": "cb-01", "tcp": msgspec.msgpack.encode(_state()),
+                   "cb": zlib.compress(b"cb")}
+        for _ in range(2):
+            reply = c.call("adopt", node="n0", addresses=["10.9.0.5/24"], sessions=[session],
+                           final=False)
+            assert reply["restored"] == 1 and reply["failed"] == {}, reply
+            (copy,) = recovery.adopting["n0"]
+            assert copy.moved.name == "cb-01"
+        recovery.close()
+    finally:
+        netns_mod.remove(ns)
 
 
 def test_staged_and_adopting_entries_expire(peer_lab):
@@ -221,13 +269,16 @@ _calls = st.one_of(
     st.builds(lambda n, o, t, d: ("stage", {"node": "n0", "name": n, "offset": o, "total": t,
                                             "data": d}),
               _names, _ints, _ints, st.binary(max_size=64)),
+    st.builds(lambda s: ("present", {"node": "n0", "sessions": s}),
+              st.dictionaries(_names, st.tuples(st.text(max_size=40), _ints,
+                                                st.text(max_size=40), _ints), max_size=4)),
 )
 
 
 # EXAMPLES round trips to a real agent take minutes on a loaded machine: the suite's
 # 300 s timeout is for hangs, not for this
 @pytest.mark.timeout(1200)
-def test_fuzz_adopt_and_stage_arguments(peer_lab):
+def test_fuzz_adopt_stage_and_present_arguments(peer_lab):
     # what is checked is each call's answer, not how soon: the agent runs in this busy
     # process (hypothesis beside it), which a loaded host may keep off the CPU for seconds
     c = _Peer(peer_lab, peer_lab.peer.identity, timeout=60.0)

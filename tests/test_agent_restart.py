@@ -527,7 +527,7 @@ def test_recovery_takes_back_limbo_and_the_addresses_its_nodes_took_over():
 
     from backdoors.agent.keys import new_identity
     from backdoors.agent.protocol import MovedSession
-    from backdoors.agent.recovery import Recovery
+    from backdoors.agent.recovery import Recovery, Unsure
 
     kept: dict = {}
     r = Recovery("/nonexistent", identity=new_identity("h0"), peers={}, monitors={})
@@ -537,11 +537,17 @@ def test_recovery_takes_back_limbo_and_the_addresses_its_nodes_took_over():
     r._keep_limbo("n0")
     r._adopted("n0", "10.77.100.1/16")
     r._adopted("gone", "10.77.100.3/16")
+    unsure = Unsure("10.99.0.2:7700", "h1", "n1")  # where an evacuate's answer was lost
+    r._set_unsure("n0", unsure)
     r2 = Recovery("/nonexistent", identity=new_identity("h0"), peers={}, monitors={})
     r2.keep = kept.__setitem__
     dropped = r2.take_back({**kept, "limbo.gone": msgspec.msgpack.encode(moved),
-                            "limbo.n0x": b"\xc1"}, {"n0"})
+                            "limbo.n0x": b"\xc1", "unsure.n0x": b"\xc1"}, {"n0"})
     assert r2.limbo == {"n0": moved}
+    assert r2.unsure == {"n0": unsure}
     assert r2.adopted_addresses == {"n0": {"10.77.100.1/16"}}
-    assert len(dropped) == 3 and kept["limbo.gone"] is None and kept["limbo.n0x"] is None
+    assert len(dropped) == 4 and kept["limbo.gone"] is None and kept["limbo.n0x"] is None
+    assert kept["unsure.n0x"] is None
     assert kept["addresses"] == b'{"n0": ["10.77.100.1/16"]}'
+    r2._set_unsure("n0", None)
+    assert kept["unsure.n0"] is None and r2.unsure == {}

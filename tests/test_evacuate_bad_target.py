@@ -1,12 +1,16 @@
 """A real evacuation whose target answers badly loses nothing (issue 10, finding 11).
 
-One host, two container nodes with the recoverable service, three verifying stream
-clients on n0. n0 is fenced and evacuated first to a fake peer agent (a listener on the
-private network answering garbage to whatever it is sent), then to the real agent but a
-node it does not have (a failed reply): each evacuate fails with the reason, and the
-dumped sessions stay at the source (limbo). A third, good evacuate to n1 moves all three,
-and every client's stream continues byte-exact. Only the public lab and client helpers
-are used, so the test does not depend on how agents authenticate each other.
+First test: one host, two container nodes with the recoverable service, three verifying
+stream clients on n0. n0 is fenced and evacuated first to the real agent but a node it
+does not have (a failed reply), then to a fake peer agent (a listener on the private
+network answering garbage to whatever it is sent): each evacuate fails with the reason,
+and the dumped sessions stay at the source (limbo). A good evacuate to n1 moves all
+three, and every client's stream continues byte-exact. Only the public lab and client
+helpers are used, so the test does not depend on how agents authenticate each other.
+
+The others: a target agent killed during an evacuate; a target whose answer is lost after
+it took the sessions (a relay drops it), evacuated to again or to another node; a lost
+answer followed by hung-up clients and an unreachable first target.
 """
 
 import socket
@@ -19,6 +23,7 @@ from backdoors.errors import AgentError
 from backdoors.lab import Lab, topology
 from backdoors.lab.clients import StreamClients
 from backdoors.net import netns as netns_mod
+from backdoors.net import sockets as net_sockets
 
 pytestmark = pytest.mark.root
 
@@ -62,6 +67,8 @@ class GarbagePeer:
 
 
 def test_sessions_survive_a_malformed_and_a_failed_evacuate_then_move(root, unique):
+    """A target that refuses (no such node), then one whose answer is garbage (the
+    sessions may be there: another target must wait for its word), then the good one."""
     with Lab(f"e{unique}", hosts=1, nodes=2, agents=True, services=False) as lab:
         for node in ("n0", "n1"):
             lab.start_service(node, "--rate", "4096", recoverable=True)
@@ -75,16 +82,23 @@ def test_sessions_survive_a_malformed_and_a_failed_evacuate_then_move(root, uniq
                 wait(lambda: all(o > 0 for o in clients.offsets()), 20, "data on every session")
                 c.call("fence", node="n0")
 
+                with pytest.raises(AgentError, match=r"3 sessions dumped .*did not adopt.*n9.*kept"):
+                    c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
+                           to_node="n9")
+                assert c.call("sessions", node="n1") == []
+
                 with pytest.raises(AgentError, match=r"3 sessions dumped but the agent at "
                                                      rf"{fake.address} did not adopt them.*kept"):
                     c.call("evacuate", node="n0", to=fake.address, to_agent="h0", to_node="n1")
                 assert fake.connections >= 1
                 assert c.call("sessions", node="n1") == []  # nothing arrived anywhere
 
-                with pytest.raises(AgentError, match=r"3 sessions dumped .*did not adopt.*n9.*kept"):
+                # its answer unreadable, "n1 of h0" may have them: it is asked before they
+                # go elsewhere, and cannot say (garbage again)
+                with pytest.raises(AgentError, match=r"3 sessions may be served on node n1 of "
+                                                     r"agent h0 already.*cannot say.*kept"):
                     c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
                            to_node="n9")
-                assert c.call("sessions", node="n1") == []
 
                 at = clients.offsets()
                 since = time.monotonic()
@@ -178,17 +192,19 @@ def test_a_target_agent_killed_during_an_evacuate_loses_no_session(root, unique)
             assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
 
 
-class AnswerLosingPeer:
-    """A relay on the private network to a real agent that forwards every request but
-    loses the answer: once the agent has answered (read whole, so it acted), the relay
-    closes the connection instead of passing the answer on."""
+class Relay:
+    """A relay on the private network to a real agent. While `lose` is set it forwards a
+    connection's request but loses the answer: once the agent has answered (read whole,
+    so it acted), the relay closes the connection instead of passing the answer on.
+    While `refuse` is set it closes every connection at once (the agent cannot be
+    reached). Else it relays both ways."""
 
     def __init__(self, netns: str, address: str, upstream: str):
         self.netns, self.upstream = netns, upstream
         with netns_mod.enter(netns):
             self.sock = socket.create_server((address, 0))
         self.address = f"{address}:{self.sock.getsockname()[1]}"
-        self.lost = 0
+        self.lose, self.refuse, self.lost = True, False, 0
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -198,21 +214,28 @@ class AnswerLosingPeer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            if self.refuse:
+                conn.close()
+                continue
             host, port = self.upstream.rsplit(":", 1)
             with netns_mod.enter(self.netns):
                 up = socket.create_connection((host, int(port)), timeout=60)
-            with conn, up:
-                threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
-                size = int.from_bytes(self._read(up, 4), "big")
-                self._read(up, size)  # the answer, dropped
-                self.lost += 1
-                conn.shutdown(socket.SHUT_RDWR)  # (wakes the forwarding thread's recv)
+            threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
+            if self.lose:
+                with conn, up:
+                    size = int.from_bytes(self._read(up, 4), "big")
+                    self._read(up, size)  # the answer, dropped
+                    self.lost += 1
+                    conn.shutdown(socket.SHUT_RDWR)  # (wakes the forwarding thread's recv)
+            else:
+                threading.Thread(target=self._forward, args=(up, conn), daemon=True).start()
 
     @staticmethod
     def _forward(src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
@@ -230,19 +253,31 @@ class AnswerLosingPeer:
         self.sock.close()
 
 
-def test_an_evacuate_whose_answer_was_lost_is_not_moved_twice(root, unique):
+def _lose_an_answer(lab, c, relay, count: int) -> None:
+    """Fence n0 and evacuate it to n1 through `relay`, which loses the answer."""
+    c.call("fence", node="n0")
+    with pytest.raises(AgentError, match=rf"{count} sessions dumped .*kept"):
+        c.call("evacuate", node="n0", to=relay.address, to_agent="h1", to_node="n1")
+    assert relay.lost == 1
+    assert c.held("n0").limbo == count  # the source's copies, stale from now on
+
+
+@pytest.mark.parametrize("retry", ["same", "another"])
+def test_an_evacuate_whose_answer_was_lost_is_not_moved_twice(root, unique, retry):
     """The target agent takes the sessions but its answer is lost (as when it dies right
     after handing them to its server): the evacuate fails and the source keeps its dumps,
     now stale copies of sessions served on the target. Evacuating to that target again
-    finds them there ("present"): the source drops its copies, nothing is restored twice,
-    and every stream continues byte-exact across both evacuates."""
+    finds them there (its adopt answers "present"); evacuating to another node first asks
+    that target (op `present`). Either way the source drops its copies, nothing is
+    restored twice, the other node does not take the service address, and every stream
+    continues byte-exact across both evacuates."""
     count = 20
-    with Lab(f"e{unique}", hosts=2, nodes=2, agents=True, services=False) as lab:
-        for node in ("n0", "n1"):
+    with Lab(f"e{unique}", hosts=2, nodes=3, agents=True, services=False) as lab:
+        for node in ("n0", "n1", "n2"):
             lab.start_service(node, "--rate", "4096", recoverable=True)
         vip = lab.plan.node("n0").vip
         host = lab.plan.host("h0")
-        relay = AnswerLosingPeer(host.netns, host.address, lab.agent_address("h1"))
+        relay = Relay(host.netns, host.address, lab.agent_address("h1"))
         try:
             with lab.agent_client("h0", timeout=60) as c, lab.agent_client("h1") as c1, \
                     StreamClients(lab, vip, topology.RECOVERABLE_PORT, count) as clients:
@@ -251,22 +286,24 @@ def test_an_evacuate_whose_answer_was_lost_is_not_moved_twice(root, unique):
                 wait(lambda: all(o > 0 for o in clients.offsets()), 20, "data on every session")
                 at = clients.offsets()
                 since = time.monotonic()
-                c.call("fence", node="n0")
-                with pytest.raises(AgentError, match=rf"{count} sessions dumped .*kept"):
-                    c.call("evacuate", node="n0", to=relay.address, to_agent="h1",
-                           to_node="n1")
-                assert relay.lost == 1
-                assert c.held("n0").limbo == count  # the source's copies, stale from now on
+                _lose_an_answer(lab, c, relay, count)
                 wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
                      "every stream to continue, served on n1")
                 wait(lambda: len(c1.call("sessions", node="n1")) == count, 30,
                      f"{count} sessions held on n1")
 
-                again = c.call("evacuate", node="n0", to=lab.agent_address("h1"),
-                               to_agent="h1", to_node="n1")
+                relay.lose = False
+                if retry == "same":
+                    again = c.call("evacuate", node="n0", to=lab.agent_address("h1"),
+                                   to_agent="h1", to_node="n1")
+                    assert sum(r["restored"] for r in again["adopt"]) == 0
+                else:  # asked through the relay: the address the lost answer came from
+                    again = c.call("evacuate", node="n0", to=lab.agent_address("h0"),
+                                   to_agent="h0", to_node="n2")
+                    assert again["adopt"] == []  # n2 is not sent anything, nor the address
+                    assert c.call("sessions", node="n2") == []
                 assert again["failed"] == {}, again["failed"]
                 assert again["moved"] == again["present"] == count, again
-                assert sum(r["restored"] for r in again["adopt"]) == 0
                 assert c.held("n0").limbo == 0
                 assert len(c1.call("sessions", node="n1")) == count
 
@@ -278,3 +315,62 @@ def test_an_evacuate_whose_answer_was_lost_is_not_moved_twice(root, unique):
                 assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
         finally:
             relay.close()
+
+
+def test_after_a_lost_answer_sessions_go_elsewhere_only_once_their_target_says(root, unique):
+    """After an evacuate to n1 lost its answer, an evacuate to n2 asks n1's agent first:
+    while it cannot be reached the evacuate fails and every copy is kept; once it answers
+    that it has some of the sessions but not all (5 clients hung up meanwhile), their
+    copies are dropped and the others are kept, not sent to n2: n1 took the service
+    address with the sessions it serves, and n2 taking it too would draw their packets
+    away. Those 15 streams go on byte-exact on n1; n2 gets nothing."""
+    with Lab(f"e{unique}", hosts=2, nodes=3, agents=True, services=False) as lab:
+        for node in ("n0", "n1", "n2"):
+            lab.start_service(node, "--rate", "4096", recoverable=True)
+        vip = lab.plan.node("n0").vip
+        host = lab.plan.host("h0")
+        relay = Relay(host.netns, host.address, lab.agent_address("h1"))
+        port = topology.RECOVERABLE_PORT
+
+        def on_n1() -> int:
+            return sum(local[1] == port for local, _ in
+                       net_sockets.connections(lab.plan.node("n1").netns))
+
+        try:
+            with lab.agent_client("h0", timeout=60) as c, lab.agent_client("h1") as c1, \
+                    StreamClients(lab, vip, port, 15) as kept, \
+                    StreamClients(lab, vip, port, 5) as leaving:
+                wait(lambda: len(c.call("sessions", node="n0")) == 20, 30, "20 held sessions")
+                wait(lambda: all(o > 0 for o in kept.offsets() + leaving.offsets()), 20,
+                     "data on every session")
+                at = kept.offsets()
+                since = time.monotonic()
+                _lose_an_answer(lab, c, relay, 20)
+                wait(lambda: len(c1.call("sessions", node="n1")) == 20, 30, "20 sessions on n1")
+
+                relay.lose, relay.refuse = False, True
+                with pytest.raises(AgentError, match=r"20 sessions may be served on node n1 "
+                                                     r"of agent h1 already.*cannot say.*kept"):
+                    c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
+                           to_node="n2")
+                assert c.held("n0").limbo == 20
+
+                leaving.close()
+                wait(lambda: on_n1() == 15, 30, "the 5 hung-up sessions to end on n1")
+                relay.refuse = False
+                with pytest.raises(AgentError, match=r"15 of its sessions are served on node n1 "
+                                                     r"of agent h1 already.*other 5 are kept"):
+                    c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
+                           to_node="n2")
+                assert c.held("n0").limbo == 5
+                assert c.call("sessions", node="n2") == []
+
+                later = kept.offsets()
+                wait(lambda: all(o > a for o, a in zip(kept.offsets(), later)), 30,
+                     "the 15 streams to go on, on n1")
+                report = kept.report(since, progressed_from=at)
+                assert report["sessions_ok"] == 15, report
+                assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
+        finally:
+            relay.close()
+

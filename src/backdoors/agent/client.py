@@ -26,7 +26,7 @@ from .protocol import (
     DECODE_ERRORS, DESTRUCTIVE, FENCE_S, HEAL_S, MAX_EACH, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
     AdoptReply, Envelope, EvacuateReply, FenceReply, GuestKillReply, GuestProcesses, HealReply, HeldCount, IntegrityReply,
     KillReply, KillTreeReply, LimitsReply,
-    LockReply, MovedSession, NodeInfo, NodeStatus, Pong, ProcessTable, RawResponse, RegionInfo,
+    LockReply, MovedSession, NodeInfo, NodeStatus, Pong, PresentReply, ProcessTable, RawResponse, RegionInfo,
     TOKENED, ClaimReply, SensorsManyReply, SensorsReply, SessionInfo, StageReply, UnlockReply, WriteReply,
     frame,
 )
@@ -365,12 +365,19 @@ class AgentClient:
         return self._typed("unfence", UnlockReply, node=node)
 
     def evacuate(self, node: str, to: str, to_agent: str, to_node: str, *,
-                 timeout: float | None = None) -> EvacuateReply:
+                 if_unsure: str | Any = _UNSET, timeout: float | None = None) -> EvacuateReply:
         """Move the sessions of fenced `node` to `to_node` of agent `to_agent` (one of this
-        agent's peers) at `to` ("ADDR:PORT" on the private network). `timeout` overrides
-        the client's (a long op)."""
+        agent's peers) at `to` ("ADDR:PORT" on the private network). `if_unsure` "move":
+        move sessions that an earlier evacuate may have moved already (its answer was
+        lost) even if that evacuate's target cannot say (default "ask": refused then).
+        `timeout` overrides the client's (a long op)."""
         return self._typed("evacuate", EvacuateReply, node=node, to=to, to_agent=to_agent,
-                           to_node=to_node, timeout=timeout)
+                           to_node=to_node, if_unsure=if_unsure, timeout=timeout)
+
+    def present(self, node: str, sessions: dict[str, tuple[str, int, str, int]]) -> list[str]:
+        """Agent to agent: which of `sessions` (name -> local address and port, remote
+        address and port) `node` has: an evacuate's target asked after its answer was lost."""
+        return self._typed("present", PresentReply, node=node, sessions=sessions).present
 
     def stage(self, node: str, name: str, offset: int, total: int, data: bytes,
               warrant: list[bytes]) -> int:

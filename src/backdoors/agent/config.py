@@ -184,7 +184,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         "client sessions (Continuation Boxes and held sockets) per node")] = 4096
     peers: Annotated[dict[str, str | list[str]], doc(
         'peer agents: host -> its public key "ed25519:<hex>"; they may call stage, adopt '
-        "(with the monitors' evacuate) and ping, never vote; the agents this one evacuates "
+        "(with the monitors' evacuate), present and ping, never vote; the agents this one evacuates "
         "to and watches must be here")] = {}
     replay_cache_entries: Annotated[int, doc("nonces remembered for replay protection")] = 262144
     kernel_sensors: Annotated[KernelSensorLimits, doc(

@@ -63,9 +63,10 @@ REFUSED = frozenset({"auth", "bad_request", "unknown_op", "no_such_node", "no_su
 #: ones, the live hand-over of a dead server's sessions, and `claim` (a new owner's
 #: announcement). Only these check and record it; a token on another op is refused.
 TOKENED = DESTRUCTIVE | {"readopt", "claim"}
-#: The only ops a peer agent (an id of the agent's `peers`) may call: session hand-over
-#: and the peer watch's ping. Peers never vote.
-PEER_OPS = frozenset({"stage", "adopt", "ping"})
+#: The only ops a peer agent (an id of the agent's `peers`) may call: session hand-over,
+#: the question which sessions a node has already (after an answer was lost) and the
+#: peer watch's ping. Peers never vote.
+PEER_OPS = frozenset({"stage", "adopt", "present", "ping"})
 
 _HEADER = 4
 
@@ -383,6 +384,12 @@ class MovedSession(msgspec.Struct, forbid_unknown_fields=True):
     #: whose other bytes are zero (continuations.image.live_parts); [] : the whole region
     cb_parts: list[tuple[int, int]] = []
     cb_size: int = 0
+
+
+class PresentReply(msgspec.Struct):
+    """Which of the sessions asked about the node has: their connections are there."""
+
+    present: list[str]
 
 
 class FenceReply(msgspec.Struct):

@@ -37,6 +37,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import msgspec
 
@@ -54,9 +55,10 @@ from ..tcprepair.kernel import SIOCINQ, SIOCOUTQ, ioctl_int
 from .client import AgentClient
 from .keys import Identity
 from .ops import Call, NodeArgs, Op, OpError
+from .errors import RemoteError
 from .protocol import (
-    FENCE_S, AdoptReply, EvacuateReply, FenceReply, HeldCount, MovedSession, SessionInfo, StageReply,
-    UnlockReply,
+    FENCE_S, REFUSED, AdoptReply, EvacuateReply, FenceReply, HeldCount, MovedSession, PresentReply,
+    SessionInfo, StageReply, UnlockReply,
 )
 from .membership import outsider
 from .regions import REGION_NAME, SESSION_KIND
@@ -73,6 +75,8 @@ ADOPT_MAX_BYTES = 512 << 20  # inflated Continuation Boxes an agent holds for ad
 PENDING_TTL_S = 4 * LONG_OP_S  # staged pieces and sessions awaiting a final batch, at most
 ADDRESSES_KEY = "addresses"  # durable state: {node: [service addresses taken over]}
 LIMBO_KEY = "limbo."  # durable state: + node -> msgpack [MovedSession] dumped, not adopted
+UNSURE_KEY = "unsure."  # durable state: + node -> msgpack Unsure
+PRESENT_BATCH = 2048  # sessions per `present` question (well below the frame limit)
 
 
 class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -80,6 +84,24 @@ class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
     to: str  # the target agent, "ADDR:PORT" on the private network
     to_agent: str  # its id (host), one of this agent's peers
     to_node: str  # a node of the target agent running the recovery server
+    # sessions an earlier evacuate may have moved (its answer was lost) go elsewhere only
+    # once its target says which it has ("ask"), or even if it cannot say ("move")
+    if_unsure: Literal["ask", "move"] = "ask"
+
+
+class PresentArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    # session name -> (local address, local port, remote address, remote port)
+    sessions: dict[str, tuple[str, int, str, int]]
+
+
+class Unsure(msgspec.Struct, forbid_unknown_fields=True):
+    """The target of a node's evacuate whose answer was lost after its final batch was
+    sent: it may serve the sessions kept in limbo (durable state, with the limbo)."""
+
+    to: str
+    to_agent: str
+    to_node: str
 
 
 class StageArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -143,6 +165,7 @@ class Recovery:
         self.warrants = Warrants(identity.id, monitors, quorum, started=started)
         self.ttl_s, self.clock = ttl_s, clock
         self.limbo: dict[str, list[MovedSession]] = {}  # node -> dumped, not yet adopted
+        self.unsure: dict[str, Unsure] = {}  # node -> where its limbo may be served already
         self.adopting: dict[str, list[Restoring]] = {}  # node -> awaiting the final batch
         self.staged: dict[tuple[str, str], bytearray] = {}  # (node, session) -> state in pieces
         # when each staged entry / each node's adopting list expires (renewed by its requests)
@@ -175,6 +198,11 @@ class Recovery:
                     if node not in nodes:
                         raise ValueError("no such node")
                     self.limbo[node] = msgspec.msgpack.decode(data, type=list[MovedSession])
+                elif key.startswith(UNSURE_KEY):
+                    node = key.removeprefix(UNSURE_KEY)
+                    if node not in nodes:
+                        raise ValueError("no such node")
+                    self.unsure[node] = msgspec.msgpack.decode(data, type=Unsure)
             except (ValueError, AttributeError, msgspec.MsgspecError) as e:
                 dropped.append(f"{key[:80]}: {e}")
                 self.keep(key, None)
@@ -199,6 +227,16 @@ class Recovery:
             moved = self.limbo.get(node)
             self.keep(LIMBO_KEY + node, msgspec.msgpack.encode(moved) if moved else None)
 
+    def _set_unsure(self, node: str, unsure: Unsure | None) -> None:
+        if self.unsure.get(node) == unsure:
+            return
+        with self._keeping:
+            if unsure is None:
+                self.unsure.pop(node, None)
+            else:
+                self.unsure[node] = unsure
+            self.keep(UNSURE_KEY + node, msgspec.msgpack.encode(unsure) if unsure else None)
+
     def ops(self) -> tuple[Op, ...]:
         return (
             Op("sessions", NodeArgs, self.sessions),
@@ -208,6 +246,7 @@ class Recovery:
             Op("evacuate", EvacuateArgs, self.evacuate, deadline_s=LONG_OP_S),
             Op("stage", StageArgs, self.stage, "inline"),
             Op("adopt", AdoptArgs, self.adopt, deadline_s=LONG_OP_S),
+            Op("present", PresentArgs, self.present),
         )
 
     def close(self) -> None:
@@ -313,21 +352,32 @@ class Recovery:
             self.limbo[rt.name] = moving  # what was dumped so far is not lost
             raise
         dump_failures = len(failed)
+        total = len(moving) + dump_failures
         t1 = time.monotonic()
+        present = self._drop_present_elsewhere(call, moving)
+        if present and not moving:  # all served where an earlier evacuate sent them
+            self._set_unsure(rt.name, None)
+            return EvacuateReply(total, present, failed, _ms(t0, t1), 0.0, [], phases, present)
         replies: list[AdoptReply] = []
+        final_sent = False
         try:
             with self._peer_client(a.to, a.to_agent) as peer:
                 warrant = list(call.warrant)
                 sent = [_stage(peer, a.to_node, m, warrant) for m in moving]
                 batches = list(_batches(sent)) or [[]]
                 for i, batch in enumerate(batches):
+                    final_sent = i == len(batches) - 1  # (it may arrive, its answer not)
                     reply = peer.adopt(a.to_node, self._service_addresses(rt), batch, warrant,
-                                       final=i == len(batches) - 1)
+                                       final=final_sent)
                     replies.append(reply)
                     failed.update(reply.failed)
         except Exception as e:  # noqa: BLE001 - whatever the peer did, nothing is dropped
             # Kept whole (not the staged stubs): the next evacuate may go to another agent.
             self.limbo[rt.name] = moving
+            if final_sent and not (isinstance(e, RemoteError) and e.code in REFUSED):
+                # no answer, or one unreadable: the target may have started them (a
+                # refusal comes before anything is done). Asked before they go elsewhere.
+                self._set_unsure(rt.name, Unsure(a.to, a.to_agent, a.to_node))
             log.warning("node %s: %d sessions kept in limbo: %s", rt.name, len(moving), e)
             raise OpError("failed", f"node {rt.name}: {len(moving)} sessions dumped but the "
                                     f"agent at {a.to} did not adopt them ({e}); they are kept "
@@ -341,12 +391,65 @@ class Recovery:
             self.limbo[rt.name] = kept
             for m in kept:
                 failed[m.name] += " (kept here for another evacuate)"
+        self._set_unsure(rt.name, None)
         # Sessions the target had already (an earlier evacuate's answer was lost): served
         # there, so this agent's dumps of them are stale and dropped with `moving`.
-        present = sum(len(r.present) for r in replies)
-        return EvacuateReply(len(moving) + dump_failures,
-                             sum(r.handed for r in replies) + present,
+        present += sum(len(r.present) for r in replies)
+        return EvacuateReply(total, sum(r.handed for r in replies) + present,
                              failed, _ms(t0, t1), _ms(t1), replies, phases, present)
+
+    def _drop_present_elsewhere(self, call: Call, moving: list[MovedSession]) -> int:
+        """Before sessions go to another target than the one an earlier evacuate of the
+        node may have sent them to (its answer was lost), ask that one which it has: those
+        are served there, and this agent's copies of them are dropped from `moving` (how
+        many: the result). If it has some and not all, the rest may not go elsewhere: that
+        node took the service addresses with them (another target taking them too would
+        draw those sessions' packets away); they are kept in limbo, and the evacuate fails
+        saying to evacuate to it. If it cannot say, the evacuate fails with `moving` kept,
+        unless the request says to move them all the same (`if_unsure` "move")."""
+        rt, a = call.node, call.args
+        unsure = self.unsure.get(rt.name)
+        if unsure is not None and not moving:
+            self._set_unsure(rt.name, None)  # nothing left that it could have
+            return 0
+        if unsure is None or (unsure.to_agent, unsure.to_node) == (a.to_agent, a.to_node):
+            return 0  # none, or the same target: its adopt answers `present` itself
+        where = f"node {unsure.to_node} of agent {unsure.to_agent}"
+        asked = {}
+        for m in moving:
+            st = TcpState.decode(m.tcp)
+            asked[m.name] = (st.local_addr, st.local_port, st.remote_addr, st.remote_port)
+        names = list(asked)
+        try:
+            if unsure.to_agent not in self.peers:
+                raise AgentError("it is no longer among this agent's peers")
+            here: set[str] = set()
+            with self._peer_client(unsure.to, unsure.to_agent) as old:
+                for i in range(0, len(names), PRESENT_BATCH):
+                    chunk = {n: asked[n] for n in names[i:i + PRESENT_BATCH]}
+                    here.update(n for n in old.present(unsure.to_node, chunk) if n in chunk)
+        except Exception as e:  # noqa: BLE001 - whatever the old target did: it cannot say
+            if a.if_unsure != "move":
+                self.limbo[rt.name] = moving
+                raise OpError("failed", f"node {rt.name}: {len(moving)} sessions may be served "
+                                        f"on {where} already (the answer of the evacuate that "
+                                        f"sent them there was lost), and it cannot say now "
+                                        f"({e}); they are kept: evacuate to it, or here again "
+                                        "once it answers, or with if_unsure \"move\" if it is "
+                                        "gone for good") from None
+            log.warning("node %s: moving %d sessions that may be served on %s (it cannot say: "
+                        "%s)", rt.name, len(moving), where, e)
+            here = set()
+        moving[:] = [m for m in moving if m.name not in here]
+        if here and moving:
+            self.limbo[rt.name] = moving
+            raise OpError("failed", f"node {rt.name}: {len(here)} of its sessions are served on "
+                                    f"{where} already (the answer of the evacuate that sent "
+                                    f"them there was lost): their copies here are dropped; "
+                                    f"the other {len(moving)} are kept: evacuate to it (its "
+                                    "node has the service addresses)")
+        self._set_unsure(rt.name, None)
+        return len(here)
 
     def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str],
                   phases: dict[str, float]) -> None:
@@ -441,6 +544,7 @@ class Recovery:
         if not rt.spec.netns:
             raise OpError("failed", f"node {rt.name} has no network namespace to restore into")
         self.expire()
+        self._supersede(rt.name, {m.name for m in a.sessions})
         failed: dict[str, str] = {}
         t0 = time.monotonic()
         states = self._decode_all(call, failed)  # each with its CB in a memfd: ours to close
@@ -547,31 +651,70 @@ class Recovery:
             raise
         return restoring
 
+    def present(self, call: Call) -> PresentReply:
+        """Which of the sessions named the node has (their connections are there): what
+        an evacuating agent asks a target whose answer was lost before it sends the
+        sessions elsewhere."""
+        rt, a = call.node, call.args
+        if not rt.spec.netns:
+            raise OpError("failed", f"node {rt.name} has no network namespace: it has no "
+                                    "sessions of its own")
+        asked = []
+        for name, (local, lport, remote, rport) in a.sessions.items():
+            _check_name(name)
+            try:
+                asked.append((name, net.sockets.endpoint(local, lport),
+                              net.sockets.endpoint(remote, rport)))
+            except ValueError as e:
+                raise OpError("bad_request", f"session {name}: {e}") from None
+        try:
+            return PresentReply(self._here(rt, asked))
+        except BackdoorsError as e:
+            raise OpError("failed", str(e)) from None
+
     def _present(self, call: Call, states: list, restoring: list[Restoring],
                  failed: dict[str, str]) -> list[str]:
         """The sessions that failed to restore because the node already has their
-        connection (not a paused copy of this agent's): an earlier evacuate moved them here
-        and its answer was lost (this agent died after the hand-over). Taken out of
-        `failed`: the source's copies are stale, to be dropped, not kept for elsewhere."""
-        tried = [(m, st) for m, st, fd, _ in states if fd >= 0 and m.name in failed]
+        connection: an earlier evacuate moved them here and its answer was lost (this agent
+        died after the hand-over). Taken out of `failed`: the source's copies are stale, to
+        be dropped, not kept for elsewhere."""
+        tried = [(m.name, net.sockets.endpoint(*st.local), net.sockets.endpoint(*st.remote))
+                 for m, st, fd, _ in states if fd >= 0 and m.name in failed]
         if not tried:
             return []
-        with self._lock:
-            paused = [*self.adopting.get(call.node.name, ()), *restoring]
-        ours = {os.fstat(r.handle.sock.fileno()).st_ino for r in paused}
         try:
-            here = net.sockets.connections(call.node.spec.netns)
+            present = self._here(call.node, tried, restoring)
         except BackdoorsError as e:
             log.warning("node %s: cannot tell which sessions it has already: %s",
                         call.node.name, e)
             return []
-        present = []
-        for m, st in tried:
-            key = (net.sockets.endpoint(*st.local), net.sockets.endpoint(*st.remote))
-            if key in here and here[key] not in ours:
-                del failed[m.name]
-                present.append(m.name)
+        for name in present:
+            del failed[name]
         return present
+
+    def _here(self, rt: NodeRuntime, asked: list, restoring: list[Restoring] = ()) -> list[str]:
+        """The names of `asked` ((name, local, remote) endpoints) whose connection node
+        `rt` has, in any state but LISTEN, other than this agent's own inert copies
+        (restored for an adopt's final batch): NetError if its table cannot be read."""
+        with self._lock:
+            paused = [*self.adopting.get(rt.name, ()), *restoring]
+        ours = {os.fstat(r.handle.sock.fileno()).st_ino for r in paused}
+        here = net.sockets.connections(rt.spec.netns)
+        return [name for name, local, remote in asked
+                if (local, remote) in here and here[(local, remote)] not in ours]
+
+    def _supersede(self, node: str, names: set[str]) -> None:
+        """Close this agent's inert copies of `names` restored for an adopt of `node`
+        whose final batch never came (an evacuate that failed after an earlier batch): the
+        sessions come again, and the copies would stand in their way until they expire."""
+        with self._lock:
+            pending = self.adopting.get(node)
+            if not pending:
+                return
+            stale = [r for r in pending if r.moved.name in names]
+            pending[:] = [r for r in pending if r.moved.name not in names]
+        for r in stale:
+            r.close()
 
     def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str],
                    phases: dict[str, float]) -> int:
