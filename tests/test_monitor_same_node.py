@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from backdoors.agent.protocol import EvacuateReply
 from backdoors.monitor.actions import Recover
 from backdoors.monitor.context import Context
 from backdoors.monitor.diagnosis import Finding
@@ -79,7 +80,7 @@ def test_no_server_within_the_wait_moves_the_node_without_waiting_for_the_orphan
     agent = ScriptedAgent([(0.0, _reply(24, 0, 24))])
     moves = []
     agent.fence = lambda node: {"node": node}
-    agent.evacuate = lambda node, *to, timeout: moves.append((node, *to)) or SimpleNamespace(
+    agent.evacuate = lambda node, *to, timeout: moves.append((node, *to)) or EvacuateReply(
         sessions=24, moved=24, failed={}, dump_ms=1.0, transfer_ms=2.0, adopt=[], phases={})
     out = _run(agent, same_node_wait_ms=3000)
     assert moves == [("n0", "a1", "h1", "n1")] and out.status == "done", out.detail
