@@ -374,3 +374,56 @@ def test_after_a_lost_answer_sessions_go_elsewhere_only_once_their_target_says(r
         finally:
             relay.close()
 
+
+
+def test_sessions_a_target_refused_while_it_took_the_others_follow_them_only(root, unique):
+    """n0 serves two recoverable services (ports 7100 and 7101); n1 runs only the first.
+    An evacuate to n1 moves the 7100 sessions and n1 refuses the 7101 ones (no server for
+    them): kept at the source. n1 now holds n0's service address with the sessions it
+    serves, so the kept ones may not go to n2 (n2 taking the address would draw the
+    others' packets away); once n1 runs the second service they follow there, and every
+    stream continues byte-exact."""
+    second = topology.RECOVERABLE_PORT + 1
+    with Lab(f"e{unique}", hosts=2, nodes=3, agents=True, services=False) as lab:
+        for node in ("n0", "n1", "n2"):
+            lab.start_service(node, "--rate", "4096", recoverable=True)
+        for node in ("n0", "n2"):
+            lab.start_service(node, "--rate", "4096", "--port", str(second),
+                              "--name", f"rsvc2-{node}", recoverable=True)
+        vip = lab.plan.node("n0").vip
+        with lab.agent_client("h0", timeout=60) as c, \
+                StreamClients(lab, vip, topology.RECOVERABLE_PORT, 3) as first, \
+                StreamClients(lab, vip, second, 2) as other:
+            wait(lambda: len(c.call("sessions", node="n0")) == 5, 30, "5 held sessions")
+            wait(lambda: all(o > 0 for o in first.offsets() + other.offsets()), 20,
+                 "data on every session")
+            at = first.offsets() + other.offsets()
+            since = time.monotonic()
+            c.call("fence", node="n0")
+            moved = c.call("evacuate", node="n0", to=lab.agent_address("h1"), to_agent="h1",
+                           to_node="n1")
+            assert moved["sessions"] == 5 and moved["moved"] == 3, moved
+            assert len(moved["failed"]) == 2 and all(
+                "no recovery server" in why and "kept here" in why
+                for why in moved["failed"].values()), moved["failed"]
+            assert c.held("n0").limbo == 2
+
+            with pytest.raises(AgentError, match=r"its 2 sessions kept here were refused by "
+                                                 r"node n1 of agent h1.*can go only there"):
+                c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
+                       to_node="n2")
+            assert c.held("n0").limbo == 2 and c.call("sessions", node="n2") == []
+
+            lab.start_service("n1", "--rate", "4096", "--port", str(second),
+                              "--name", "rsvc2-n1", recoverable=True)
+            again = c.call("evacuate", node="n0", to=lab.agent_address("h1"), to_agent="h1",
+                           to_node="n1")
+            assert again["moved"] == 2 and again["failed"] == {}, again
+            assert c.held("n0").limbo == 0
+
+            wait(lambda: all(o > a for o, a in zip(first.offsets() + other.offsets(), at)), 30,
+                 "every stream to continue")
+            for group, start in ((first, at[:3]), (other, at[3:])):
+                report = group.report(since, progressed_from=start)
+                assert report["sessions_ok"] == report["sessions"], report
+                assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report

@@ -85,7 +85,8 @@ class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
     to_agent: str  # its id (host), one of this agent's peers
     to_node: str  # a node of the target agent running the recovery server
     # sessions an earlier evacuate may have moved (its answer was lost) go elsewhere only
-    # once its target says which it has ("ask"), or even if it cannot say ("move")
+    # once its target says which it has ("ask"), or even if it cannot say ("move"); the
+    # same for sessions a target refused while it took the node's others
     if_unsure: Literal["ask", "move"] = "ask"
 
 
@@ -96,12 +97,15 @@ class PresentArgs(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Unsure(msgspec.Struct, forbid_unknown_fields=True):
-    """The target of a node's evacuate whose answer was lost after its final batch was
-    sent: it may serve the sessions kept in limbo (durable state, with the limbo)."""
+    """Where the sessions kept in limbo must be asked about, or go (durable state, with
+    the limbo): the target of a node's evacuate whose answer was lost after its final
+    batch was sent, which may serve them; or (`split`) the target that took the node's
+    other sessions, with its service addresses, and refused these."""
 
     to: str
     to_agent: str
     to_node: str
+    split: bool = False
 
 
 class StageArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -384,17 +388,21 @@ class Recovery:
                                     "for another evacuate (if its answer was lost after it took "
                                     "them, evacuating to it again drops the copies it has)") \
                 from None
-        refused = {name for r in replies for name in r.failed}
-        if kept := [m for m in moving if m.name in refused]:
-            # The target did not start these (it closed its copies silently): this agent's
-            # dump is their only state. Kept for another evacuate, not dropped.
-            self.limbo[rt.name] = kept
-            for m in kept:
-                failed[m.name] += " (kept here for another evacuate)"
-        self._set_unsure(rt.name, None)
         # Sessions the target had already (an earlier evacuate's answer was lost): served
         # there, so this agent's dumps of them are stale and dropped with `moving`.
         present += sum(len(r.present) for r in replies)
+        refused = {name for r in replies for name in r.failed}
+        split = None
+        if kept := [m for m in moving if m.name in refused]:
+            # The target did not start these (it closed its copies silently): this agent's
+            # dump is their only state. Kept for another evacuate, not dropped; if it took
+            # others (and the addresses with them), that evacuate can only be to it.
+            self.limbo[rt.name] = kept
+            for m in kept:
+                failed[m.name] += " (kept here for another evacuate)"
+            if present or any(r.handed for r in replies):
+                split = Unsure(a.to, a.to_agent, a.to_node, split=True)
+        self._set_unsure(rt.name, split)
         return EvacuateReply(total, sum(r.handed for r in replies) + present,
                              failed, _ms(t0, t1), _ms(t1), replies, phases, present)
 
@@ -406,7 +414,9 @@ class Recovery:
         node took the service addresses with them (another target taking them too would
         draw those sessions' packets away); they are kept in limbo, and the evacuate fails
         saying to evacuate to it. If it cannot say, the evacuate fails with `moving` kept,
-        unless the request says to move them all the same (`if_unsure` "move")."""
+        unless the request says to move them all the same (`if_unsure` "move"). Sessions
+        that a target refused while it took the node's others (`split`) are not asked
+        about: they can go only there, unless the request says "move"."""
         rt, a = call.node, call.args
         unsure = self.unsure.get(rt.name)
         if unsure is not None and not moving:
@@ -415,6 +425,17 @@ class Recovery:
         if unsure is None or (unsure.to_agent, unsure.to_node) == (a.to_agent, a.to_node):
             return 0  # none, or the same target: its adopt answers `present` itself
         where = f"node {unsure.to_node} of agent {unsure.to_agent}"
+        if unsure.split:
+            if a.if_unsure != "move":
+                self.limbo[rt.name] = moving
+                raise OpError("failed", f"node {rt.name}: its {len(moving)} sessions kept here "
+                                        f"were refused by {where}, which serves its other "
+                                        "sessions with its service addresses: another node "
+                                        "taking those addresses would draw their packets away, "
+                                        "so these can go only there (see why it refused them, "
+                                        "then evacuate to it), or with if_unsure \"move\"")
+            self._set_unsure(rt.name, None)
+            return 0
         asked = {}
         for m in moving:
             st = TcpState.decode(m.tcp)
