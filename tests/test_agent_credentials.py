@@ -50,7 +50,7 @@ def test_an_agent_hosts_secrets_cannot_sign_as_a_monitor(agent_lab):
     as_monitor = type(stolen)("m1", stolen.private)
     with pytest.raises(TransportError, match="bad signature for monitor 'm1'"):
         lab.client(as_monitor).kill_node("n0")
-    with pytest.raises(AuthError, match="h0 is a peer agent: it may call adopt, ping, stage only"):
+    with pytest.raises(AuthError, match="h0 is a peer agent: it may call adopt, ping, present, stage only"):
         lab.client(stolen).kill_node("n0")  # an agent is its own peer (local recoveries)
     assert alive(victim.pid)
 
@@ -79,7 +79,7 @@ def test_a_hostile_peer_neither_votes_nor_calls_monitor_ops(agent_lab):
     assert alive(victim.pid)
     for op, args in (("nodes", {}), ("read", {"node": "n0", "region": "app", "offset": 0,
                                               "length": 4}), ("subscribe", {})):
-        with pytest.raises(AuthError, match="may call adopt, ping, stage only"):
+        with pytest.raises(AuthError, match="may call adopt, ping, present, stage only"):
             hostile.call(op, **args)
 
 
