@@ -10,7 +10,8 @@ helpers are used, so the test does not depend on how agents authenticate each ot
 
 The others: a target agent killed during an evacuate; a target whose answer is lost after
 it took the sessions (a relay drops it), evacuated to again or to another node; a lost
-answer followed by hung-up clients and an unreachable first target.
+answer followed by hung-up clients and an unreachable first target; a target that refused
+some sessions while it took the others.
 """
 
 import socket
