@@ -392,3 +392,30 @@ def test_sigterm_to_a_forked_child_kills_it_and_only_the_command_unwinds():
     r = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
                        timeout=30)
     assert r.stdout.split("\n")[:2] == ["child True", "parent 143"], (r.stdout, r.stderr)
+
+
+def test_sigterm_inside_a_finalizer_still_ends_the_command(tmp_path):
+    """A signal whose handler runs inside a __del__ (the garbage collector runs one between
+    any two bytecodes) cannot end the command from there: Python prints and ignores what
+    a __del__ raises, and the command ran on to exit 0 (a scenario's lab was left up until
+    it finished). The signal comes again just after, outside it."""
+    script = tmp_path / "finalizer.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from backdoors.cli import _Terminated\n"
+        "signal.signal(signal.SIGTERM, _Terminated())\n"
+        "class C:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        sum(range(10000))  # bytecodes: the handler runs in here\n"
+        "try:\n"
+        "    c = C()\n"
+        "    del c\n"
+        "    time.sleep(10)\n"
+        "    print('went on')\n"
+        "finally:\n"
+        "    print('finally ran')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc
+    assert proc.stdout == "finally ran\n" and "SIGTERM: tearing down" in proc.stderr, proc

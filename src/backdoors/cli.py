@@ -953,9 +953,30 @@ class _Terminated:
         if self.began:
             err.print("already tearing down (SIGKILL abandons it)", highlight=False)
             return
+        if _in_finalizer(_frame):
+            # an exception raised in a __del__ or a weakref callback is printed and
+            # ignored, and the command would run on: the signal comes again just after
+            import threading
+
+            timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
+            return
         self.began = True
         err.print(f"{signal.Signals(signum).name}: tearing down", highlight=False)
         raise SystemExit(128 + signum)
+
+
+def _in_finalizer(frame) -> bool:
+    """Whether `frame` runs inside a __del__ or a weakref finalizer (the garbage collector
+    runs them between any two bytecodes, and a signal handler runs inside them)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or (frame.f_globals.get("__name__") == "weakref"
+                                         and code.co_name in ("__call__", "_exitfunc")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main() -> None:
