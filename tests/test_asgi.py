@@ -96,14 +96,20 @@ def test_pipelined_requests_are_answered_in_order_and_garbage_gets_400(server):
     bad.close()
 
 
-def _response(s: socket.socket) -> tuple[bytes, bytes]:
-    """(status line, body) of one Content-Length response read from `s`."""
-    f = s.makefile("rb")
+def _head(f) -> tuple[bytes, int]:
+    """(status line, Content-Length) of the response head read from file `f`."""
     status = f.readline()
     length = 0
     while (line := f.readline()) not in (b"\r\n", b""):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":")[1])
+    return status, length
+
+
+def _response(s: socket.socket) -> tuple[bytes, bytes]:
+    """(status line, body) of one Content-Length response read from `s`."""
+    f = s.makefile("rb")
+    status, length = _head(f)
     return status, f.read(length)
 
 
@@ -202,11 +208,7 @@ def test_a_session_moves_mid_response_with_the_app_state(rlab, kept):
     def get(path: str) -> tuple[bytes, int, bytes]:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n".encode())
         f = sock.makefile("rb")
-        status = f.readline()
-        length = 0
-        while (line := f.readline()) not in (b"\r\n", b""):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
+        status, length = _head(f)
         body = bytearray()
         while len(body) < length:
             chunk = f.read1(min(65536, length - len(body)))

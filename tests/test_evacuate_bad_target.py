@@ -37,16 +37,17 @@ def wait(cond, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-class GarbagePeer:
-    """A listener on the private network that answers every connection with garbage."""
+class Listener:
+    """A listener on the private network of `netns` at `address`, a port of its own; each
+    connection goes to `serve`, on the listener's thread (started last: a subclass sets
+    what `serve` uses first)."""
 
     def __init__(self, netns: str, address: str):
+        self.netns = netns
         with netns_mod.enter(netns):
             self.sock = socket.create_server((address, 0))
         self.address = f"{address}:{self.sock.getsockname()[1]}"
-        self.connections = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while True:
@@ -54,17 +55,29 @@ class GarbagePeer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.connections += 1
-            with conn:
-                conn.settimeout(2.0)
-                try:
-                    conn.recv(65536)
-                    conn.sendall(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1 not an agent\n" * 4)
-                except OSError:
-                    pass
+            self.serve(conn)
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.sock.close()
+
+
+class GarbagePeer(Listener):
+    """A listener that answers every connection with garbage."""
+
+    connections = 0
+
+    def serve(self, conn: socket.socket) -> None:
+        self.connections += 1
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                conn.recv(65536)
+                conn.sendall(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1 not an agent\n" * 4)
+            except OSError:
+                pass
 
 
 def test_sessions_survive_a_malformed_and_a_failed_evacuate_then_move(root, unique):
@@ -193,43 +206,33 @@ def test_a_target_agent_killed_during_an_evacuate_loses_no_session(root, unique)
             assert report["bytes_lost"] == report["bytes_duplicated"] == 0, report
 
 
-class Relay:
-    """A relay on the private network to a real agent. While `lose` is set it forwards a
-    connection's request but loses the answer: once the agent has answered (read whole,
-    so it acted), the relay closes the connection instead of passing the answer on.
-    While `refuse` is set it closes every connection at once (the agent cannot be
-    reached). Else it relays both ways."""
+class Relay(Listener):
+    """A relay to a real agent. While `lose` is set it forwards a connection's request but
+    loses the answer: once the agent has answered (read whole, so it acted), the relay
+    closes the connection instead of passing the answer on. While `refuse` is set it
+    closes every connection at once (the agent cannot be reached). Else it relays both
+    ways."""
 
     def __init__(self, netns: str, address: str, upstream: str):
-        self.netns, self.upstream = netns, upstream
-        with netns_mod.enter(netns):
-            self.sock = socket.create_server((address, 0))
-        self.address = f"{address}:{self.sock.getsockname()[1]}"
+        self.upstream = upstream
         self.lose, self.refuse, self.lost = True, False, 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(netns, address)
 
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.refuse:
-                conn.close()
-                continue
-            host, port = self.upstream.rsplit(":", 1)
-            with netns_mod.enter(self.netns):
-                up = socket.create_connection((host, int(port)), timeout=60)
-            threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
-            if self.lose:
-                with conn, up:
-                    size = int.from_bytes(self._read(up, 4), "big")
-                    self._read(up, size)  # the answer, dropped
-                    self.lost += 1
-                    conn.shutdown(socket.SHUT_RDWR)  # (wakes the forwarding thread's recv)
-            else:
-                threading.Thread(target=self._forward, args=(up, conn), daemon=True).start()
+    def serve(self, conn: socket.socket) -> None:
+        if self.refuse:
+            conn.close()
+            return
+        host, port = self.upstream.rsplit(":", 1)
+        with netns_mod.enter(self.netns):
+            up = socket.create_connection((host, int(port)), timeout=60)
+        threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
+        if not self.lose:
+            threading.Thread(target=self._forward, args=(up, conn), daemon=True).start()
+            return
+        with conn, up, up.makefile("rb") as answers:
+            answers.read(int.from_bytes(answers.read(4), "big"))  # the answer, dropped
+            self.lost += 1
+            conn.shutdown(socket.SHUT_RDWR)  # (wakes the forwarding thread's recv)
 
     @staticmethod
     def _forward(src: socket.socket, dst: socket.socket) -> None:
@@ -239,19 +242,6 @@ class Relay:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-
-    @staticmethod
-    def _read(sock: socket.socket, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("the agent closed the relay's connection")
-            buf += chunk
-        return buf
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _lose_an_answer(lab, c, relay, count: int) -> None:
