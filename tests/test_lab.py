@@ -394,23 +394,38 @@ def test_sigterm_to_a_forked_child_kills_it_and_only_the_command_unwinds():
     assert r.stdout.split("\n")[:2] == ["child True", "parent 143"], (r.stdout, r.stderr)
 
 
-def test_sigterm_inside_a_finalizer_still_ends_the_command(tmp_path):
-    """A signal whose handler runs inside a __del__ (the garbage collector runs one between
-    any two bytecodes) cannot end the command from there: Python prints and ignores what
-    a __del__ raises, and the command ran on to exit 0 (a scenario's lab was left up until
-    it finished). The signal comes again just after, outside it."""
+FINALIZERS = {
+    "__del__": ("class C:\n"
+                "    def __del__(self):\n"
+                "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                "        sum(range(10000))  # bytecodes: the handler runs in here\n"
+                "c = C()\n"
+                "del c\n"),
+    "generator": ("def gen():\n"
+                  "    try:\n"
+                  "        yield 1\n"
+                  "    finally:\n"
+                  "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                  "        sum(range(10000))\n"
+                  "g = gen()\n"
+                  "next(g)\n"
+                  "del g\n"),
+}
+
+
+@pytest.mark.parametrize("where", sorted(FINALIZERS))
+def test_sigterm_inside_a_finalizer_still_ends_the_command(tmp_path, where):
+    """A signal whose handler runs inside a __del__ or a generator being finalized (the
+    garbage collector runs them between any two bytecodes) cannot end the command from
+    there: Python prints and drops what they raise, and the command ran on to exit 0 (a
+    scenario's lab was left up until it finished). The signal comes again just after."""
     script = tmp_path / "finalizer.py"
+    body = "".join("    " + line + "\n" for line in FINALIZERS[where].splitlines())
     script.write_text(
         "import os, signal, time\n"
         "from backdoors.cli import _Terminated\n"
-        "signal.signal(signal.SIGTERM, _Terminated())\n"
-        "class C:\n"
-        "    def __del__(self):\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "        sum(range(10000))  # bytecodes: the handler runs in here\n"
-        "try:\n"
-        "    c = C()\n"
-        "    del c\n"
+        "_Terminated().install()\n"
+        "try:\n" + body +
         "    time.sleep(10)\n"
         "    print('went on')\n"
         "finally:\n"

@@ -938,10 +938,36 @@ class _Terminated:
     signal does not cut the teardown short (SIGKILL does; the next lab start reaps what is
     left). A child forked by this process (pyroute2's netns helpers, a test's fork) keeps
     the handler: there the signal kills as by default, or the child would unwind into this
-    process's code and tear the lab down under it."""
+    process's code and tear the lab down under it.
+
+    The handler runs between any two bytecodes, also inside a __del__, a weakref callback
+    or a generator the garbage collector finalizes; what it raises there Python prints and
+    drops (sys.unraisablehook), and the command would run on. `unraisable`, installed as
+    that hook, sees the dropped exit and has the signal delivered again just after."""
 
     def __init__(self) -> None:
         self.owner, self.began = os.getpid(), False
+        self.exiting: SystemExit | None = None
+        self.hook = sys.unraisablehook
+
+    def install(self) -> dict:
+        """Handle SIGTERM and SIGHUP (those left at their default) and the dropped exits;
+        returns what `uninstall` restores."""
+        import signal
+
+        before = {}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                before[sig] = signal.signal(sig, self)
+        sys.unraisablehook = self.unraisable
+        return before
+
+    def uninstall(self, before: dict) -> None:
+        import signal
+
+        for sig, old in before.items():
+            signal.signal(sig, old)
+        sys.unraisablehook = self.hook
 
     def __call__(self, signum: int, _frame) -> None:
         import signal
@@ -953,41 +979,27 @@ class _Terminated:
         if self.began:
             err.print("already tearing down (SIGKILL abandons it)", highlight=False)
             return
-        if _in_finalizer(_frame):
-            # an exception raised in a __del__ or a weakref callback is printed and
-            # ignored, and the command would run on: the signal comes again just after
-            import threading
-
-            timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
-            timer.daemon = True
-            timer.start()
-            return
         self.began = True
         err.print(f"{signal.Signals(signum).name}: tearing down", highlight=False)
-        raise SystemExit(128 + signum)
+        self.exiting = SystemExit(128 + signum)
+        raise self.exiting
 
+    def unraisable(self, info) -> None:
+        if self.exiting is None or info.exc_value is not self.exiting:
+            return self.hook(info)
+        import threading
 
-def _in_finalizer(frame) -> bool:
-    """Whether `frame` runs inside a __del__ or a weakref finalizer (the garbage collector
-    runs them between any two bytecodes, and a signal handler runs inside them)."""
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "__del__" or (frame.f_globals.get("__name__") == "weakref"
-                                         and code.co_name in ("__call__", "_exitfunc")):
-            return True
-        frame = frame.f_back
-    return False
+        signum, self.exiting, self.began = info.exc_value.code - 128, None, False
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
 
 
 def main() -> None:
-    import signal
-
     # Commands that hold on (the agent, a monitor, a lab in the foreground) set their own;
     # the handlers before are restored at the end (main() called in-process, by a test).
-    handler, before = _Terminated(), {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is signal.SIG_DFL:
-            before[sig] = signal.signal(sig, handler)
+    handler = _Terminated()
+    before = handler.install()
     try:
         app()
     except NeedRootError as e:
@@ -997,5 +1009,4 @@ def main() -> None:
         _print_error(e)
         sys.exit(1)
     finally:
-        for sig, old in before.items():
-            signal.signal(sig, old)
+        handler.uninstall(before)
