@@ -4,13 +4,15 @@ import json
 import os
 import time
 
+import msgspec
 import pytest
 from test_agent_support import GROWER, agent_lab, prefix, read_line, wait_for
 from test_nodes_support import COUNTER, FORK_BOMB, alive, read_counter, require_freezer
 
 from backdoors.agent import AgentClient
 from backdoors.agent.errors import BoundsError, BusyError, NotFoundError, RemoteError
-from backdoors.agent.protocol import MAX_IO
+from backdoors.agent.ops import Op
+from backdoors.agent.protocol import MAX_IO, ProcessTable
 from backdoors.net import netns
 from backdoors.sensors import SensorTracker, parse_box
 
@@ -170,6 +172,60 @@ def test_processes_shows_age_rss_and_growth(agent_lab):
     assert abs(rows[app.pid].rss_rate) < 5 * MiB
     assert 0.5 < rows[grower.pid].age_s < 10 and rows[grower.pid].comm.startswith("python")
     assert rows[grower.pid].rss_bytes > 20 * MiB
+
+
+# Starts 5 threads, then (its boot clock between, on stdout) 7 more; holds them.
+THREADS = r"""
+import threading, time
+hold = threading.Event()
+def start(n):
+    for _ in range(n):
+        threading.Thread(target=hold.wait, daemon=True).start()
+start(5)
+time.sleep(0.3)
+print(time.clock_gettime(time.CLOCK_BOOTTIME), flush=True)
+time.sleep(0.3)
+start(7)
+print("ready", flush=True)
+hold.wait()
+"""
+
+
+def test_processes_counts_the_threads_a_process_started_lately(agent_lab):
+    """threads_within_s: each row's young_threads, its threads (not its first) started
+    within the last that many seconds; none asked, none counted; a negative age refused."""
+    lab = agent_lab()
+    proc = lab.run("n0", THREADS)
+    between = float(read_line(proc))
+    assert read_line(proc).strip() == "ready"
+    c = lab.client()
+    row = {r.pid: r for r in c.processes("n0").rows}[proc.pid]
+    assert row.threads == 13 and row.young_threads == 0
+    within = time.clock_gettime(time.CLOCK_BOOTTIME) - between
+    row = {r.pid: r for r in c.processes("n0", threads_within_s=within).rows}[proc.pid]
+    assert row.young_threads == 7, row
+    row = {r.pid: r for r in c.processes("n0", threads_within_s=3600).rows}[proc.pid]
+    assert row.young_threads == 12, row
+    with pytest.raises(RemoteError) as err:
+        c.processes("n0", threads_within_s=-1)
+    assert err.value.code == "bad_request" and "threads_within_s" in str(err.value)
+
+    class OlderArgs(msgspec.Struct, forbid_unknown_fields=True):  # before threads_within_s
+        node: str
+        cmdline: bool = False
+        comms: list[str] = []
+        hashed: bool = True
+
+    agent = lab.agent.agent
+    new = agent.ops["processes"]
+    asked = []
+    agent.ops["processes"] = Op("processes", OlderArgs, lambda call: asked.append(call.args)
+                                or ProcessTable([], 0, False))
+    try:  # an older agent refuses the field: asked again without it
+        assert c.processes("n0", cmdline=True, threads_within_s=1.0).rows == []
+        assert asked == [OlderArgs("n0", cmdline=True)]
+    finally:
+        agent.ops["processes"] = new
 
 
 def test_a_running_fork_bombs_table_comes_within_the_op_deadline(agent_lab):

@@ -20,11 +20,12 @@ MiB = 1 << 20
 
 
 def row(pid, ppid=1, comm="p", *, rss_mb=10, rate_mb=0.0, age=100.0, state="S",
-        registered=False, cpu=1.0, threads=1, exe=None, pgid=None):
+        registered=False, cpu=1.0, threads=1, exe=None, pgid=None, young_threads=0):
     """`exe`: the installed executable the agent vouches for; by default named as `comm`.
     `pgid`: its process group, by default its own."""
     return ProcessRow(pid, ppid, comm, state, int(rss_mb * MiB), 1000.0 - age, cpu, threads,
-                      pid if pgid is None else pgid, age, rate_mb * MiB, registered, comm if exe is None else exe)
+                      pid if pgid is None else pgid, age, rate_mb * MiB, registered,
+                      comm if exe is None else exe, young_threads=young_threads)
 
 
 # ---- memory hog ---------------------------------------------------------------------------
@@ -119,6 +120,42 @@ def test_bomb_lineage_is_young_processes_and_their_bomb_ancestors():
     assert ev["first_process"] == 20 and ev["old_parents_spared"] == [21]
     assert 10 not in pids and 50 not in pids and 60 not in pids
     assert ev["comms"]["bomb"] == 15
+
+
+def test_an_old_spawner_of_another_program_joins_but_a_subreaper_of_orphans_does_not():
+    """A process older than onset that starts another program without end (its young
+    children run `sleep`, in its process group) is the bomb's source; a subreaper that
+    inherited as many young orphans of another kind, each in its own group, is not."""
+    t = [row(10, 1, "svc", age=100, registered=True), row(20, 1, "init", age=100),
+         row(30, 20, "python3", age=5)]
+    t += [row(p, 30, "sleep", age=0.3, pgid=30) for p in range(40, 50)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {30, *range(40, 50)} and ev["old_parents_spared"] == [20]
+    t = [row(10, 1, "svc", age=100, registered=True), row(20, 1, "init", age=100),
+         row(30, 20, "reaper", age=5)]
+    t += [row(p, 30, "sleep", age=0.3) for p in range(40, 50)]  # orphans: groups of their own
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert 30 not in {p.pid for p in lineage} and ev["old_parents_spared"] == [30]
+
+
+def test_an_old_process_that_filled_the_node_with_threads_is_a_thread_bomb():
+    """A thread bomb: no process is young, one older process started most of the node's
+    tasks as threads since onset. A server that started a few threads is spared, and so
+    is a registered service that started as many as a bomb (the evidence names it)."""
+    t = [row(10, 1, "svc", age=100, registered=True, threads=4, young_threads=2),
+         row(20, 1, "init", age=100), row(30, 20, "worker", age=9, threads=230, young_threads=229),
+         row(40, 20, "server", age=50, threads=21, young_threads=20)]
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {30}
+    assert ev["thread_bombs"] == 1 and ev["young"] == 0 and ev["thread_bomb_min"] == 64.0
+    assert [e["pid"] for e in ev["young_threads"]] == [30, 40, 10]
+    leak = [row(10, 1, "svc", age=100, registered=True, threads=230, young_threads=229),
+            row(20, 1, "init", age=100), row(40, 20, "server", age=50, threads=21, young_threads=20)]
+    lineage, ev = diagnosis.bomb_lineage(leak, young_age_s=1.0)
+    assert lineage == [] and ev["young_threads"][0] == {**ev["young_threads"][0], "pid": 10,
+                                                         "protected": True, "young_threads": 229}
+    lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0, thread_share=0.05)
+    assert {p.pid for p in lineage} == {30, 40}
 
 
 def test_old_shell_that_forks_the_bomb_is_part_of_it():

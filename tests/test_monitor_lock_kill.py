@@ -15,9 +15,9 @@ from backdoors.monitor.context import Context
 from backdoors.monitor.diagnosis import Finding, ForkBombDiagnosis
 
 
-def _row(pid, ppid, comm, age, registered=False):
-    return ProcessRow(pid, ppid, comm, "S", 1 << 20, 1000.0 - age, 0.1, 1, pid, age, 0.0,
-                      registered, "python3")
+def _row(pid, ppid, comm, age, registered=False, threads=1):
+    return ProcessRow(pid, ppid, comm, "S", 1 << 20, 1000.0 - age, 0.1, threads, pid, age, 0.0,
+                      registered, "python3", young_threads=threads - 1)
 
 
 class ScriptedAgent:
@@ -34,6 +34,7 @@ class ScriptedAgent:
         self.locks, self.first_kill = 0, True
         self.killed: set[int] = set()
         self.tree_calls: list[int] = []
+        self.asked: list[float | None] = []  # each table's threads_within_s
 
     def clock(self) -> float:
         self.now += 0.001
@@ -49,7 +50,8 @@ class ScriptedAgent:
         self.table = [p for p in self.table if p.pid not in self.killed]
         return SimpleNamespace(thaw_ms=0.5)
 
-    def processes(self, node, cmdline=False):
+    def processes(self, node, cmdline=False, threads_within_s=None):
+        self.asked.append(threads_within_s)
         return SimpleNamespace(rows=list(self.table), total=len(self.table), truncated=False)
 
     def kill_tree(self, node, pid):
@@ -73,7 +75,7 @@ def test_a_failed_lock_or_kill_costs_a_round_not_the_rest_of_the_lineage():
     view = SimpleNamespace(node="n0", host="h0")
     ctx = Context(rule="fork-bomb", incident="i1", view=view, hits=[], onset=99.0,
                   detected=100.0, client=agent, clock=agent.clock,
-                  lineage=ForkBombDiagnosis().lineage)
+                  lineage=ForkBombDiagnosis())
     out = LockKillLineage(verify_ms=10).run(ctx, Finding("fork_bomb", "fork pressure"))
     rounds = out.detail["rounds"]
     assert rounds[0]["error"].startswith("lock failed: node n0 would not lock")
@@ -86,3 +88,19 @@ def test_a_failed_lock_or_kill_costs_a_round_not_the_rest_of_the_lineage():
     assert {p.pid for p in agent.table} >= {1, 10}  # the service and init never touched
     assert not ({1, 10} & agent.killed)
     assert out.finding is not None and "fork bomb of 15 processes" in out.finding.summary
+    # the two locked rounds' tables count the threads started since onset + slack
+    locked_tables = [a for a in agent.asked if a is not None]
+    assert len(locked_tables) == 2 and all(a > 1.25 for a in locked_tables), agent.asked
+
+
+def test_a_service_leaking_threads_is_named_and_spared():
+    """A registered service that started a thread bomb's share of the node's tasks since
+    onset is protected: nothing is killed, and the summary says what it did."""
+    agent = ScriptedAgent()
+    agent.table = [_row(1, 0, "init", 90), _row(10, 1, "svc", 60, registered=True, threads=200)]
+    ctx = Context(rule="fork-bomb", incident="i1", view=SimpleNamespace(node="n0", host="h0"),
+                  hits=[], onset=99.0, detected=100.0, client=agent, clock=agent.clock,
+                  lineage=ForkBombDiagnosis())
+    out = LockKillLineage(verify_ms=10).run(ctx, Finding("fork_bomb", "fork pressure"))
+    assert out.detail["killed"] == 0 and not agent.killed
+    assert "svc (pid 10) started 199 threads since onset, and is protected" in out.finding.summary

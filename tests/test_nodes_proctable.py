@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from backdoors.nodes import ProcessInfo, process_table, read_process, subtree
-from backdoors.common.procs import CLOCK_TICKS, PAGE_SIZE, parse_stat
+from backdoors.common.procs import CLOCK_TICKS, PAGE_SIZE, parse_stat, young_threads
 
 # A real stat line (Linux 6.x, 52 fields) whose comm contains spaces and parentheses.
 STAT_WEIRD = (
@@ -87,3 +87,36 @@ def test_subtree_follows_ppid_links():
     assert subtree(table, 12) == {12}
     assert subtree(table, 99) == {99}
     assert subtree(table, 1) == {1, 10, 11, 12, 13, 20}
+
+
+def test_young_threads_counts_newest_first_and_stops_at_an_older_one():
+    """Threads (not the first) started since a time: read newest first (by thread id),
+    ending at the first older one; `max_reads` bounds the reads; a gone pid gives 0."""
+    import threading
+    import time
+
+    hold = threading.Event()
+    threads = []
+
+    def start(n):
+        for _ in range(n):
+            t = threading.Thread(target=hold.wait)
+            t.start()
+            threads.append(t)
+
+    try:
+        start(3)
+        time.sleep(0.3)
+        between = time.clock_gettime(time.CLOCK_BOOTTIME)
+        time.sleep(0.3)
+        start(4)
+        assert young_threads(os.getpid(), between, 100) == (4, 5)  # 4 young, 1 older read
+        assert young_threads(os.getpid(), between, 2) == (2, 2)
+        assert young_threads(os.getpid(), 0.0, 1000)[0] >= 7
+    finally:
+        hold.set()
+        for t in threads:
+            t.join()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    assert young_threads(int(gone.stdout), 0.0, 100) == (0, 0)

@@ -69,6 +69,37 @@ def test_fork_bomb_is_frozen_killed_and_the_node_forks_again(root, unique, tmp_p
     no_leftovers(name)
 
 
+@pytest.mark.parametrize("shape", ["threads", "spawner"])
+def test_a_process_turning_into_a_bomb_is_killed_and_the_node_forks_again(
+        root, unique, tmp_path, shape):
+    """Bombs of a process that ran 3 s before it began (older than the onset), found
+    from outside: "threads" starts threads (no process is born, so no lineage by age:
+    it is the process that started most of the node's tasks since); "spawner" starts
+    `sleep` processes (its young children run another program, in its process group).
+    Before, the repair killed nothing and failed (threads), or killed the sleeps again
+    and again while the spawner refilled the node (spawner): the node stayed wedged."""
+    name = f"t{unique}"
+    r = repair.fork_bomb(name=name, incidents_dir=str(tmp_path), shape=shape)
+    assert r["detected"] is True
+    assert r["bomb_processes_left"] == 0
+    assert r["service_survived"] is True
+    assert r["probe_survived"] is True and r["init_survived"] is True, r
+    assert r["node_thawed"] is True and r["can_fork_after"] is True
+    [inc] = [i for i in load_incidents(tmp_path) if i.rule == "fork-bomb"]
+    [action] = inc.actions
+    assert action.kind == "lock_kill_lineage" and action.status == "done", action
+    lineage = inc.diagnosis.evidence["lineage"]
+    comms = lineage["comms"]
+    assert comms["bd-forkbomb"] == 1 and comms.get("bd-forkprobe", 0) <= 1, comms
+    if shape == "threads":
+        assert set(comms) <= {"bd-forkbomb", "bd-forkprobe"} and lineage["thread_bombs"] == 1
+        assert lineage["young_threads"][0]["comm"] == "bd-forkbomb"
+        assert lineage["young_threads"][0]["young_threads"] > 50
+    else:
+        assert set(comms) <= {"bd-forkbomb", "bd-forkprobe", "sleep"} and comms["sleep"] > 50
+    no_leftovers(name)
+
+
 @pytest.mark.parametrize("mode, scope", [("stall", "process"), ("freeze", "node"),
                                          ("cgroup-freeze", "node")])
 def test_hang_is_detected_and_diagnosed(root, unique, mode, scope):

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import TransportError, remote_error
+from .errors import RequestError, TransportError, remote_error
 from .protocol import (
     DECODE_ERRORS, DESTRUCTIVE, FENCE_S, HEAL_S, MAX_EACH, MAX_FRAME, NONCE_BYTES, REPLY_DOMAIN, REQUEST_DOMAIN, VERSION,
     AdoptReply, Envelope, EvacuateReply, FenceReply, GuestKillReply, GuestProcesses, HealReply, HeldCount, IntegrityReply,
@@ -293,15 +293,24 @@ class AgentClient:
                            data=bytes(data)).written
 
     def processes(self, node: str, *, cmdline: bool = False,
-                  comms: list[str] | None = None, hashed: bool = True) -> ProcessTable:
+                  comms: list[str] | None = None, hashed: bool = True,
+                  threads_within_s: float | None = None) -> ProcessTable:
         """The node's process table; `cmdline`: each row's command line too; `comms`:
         only the rows of processes whose comm is one of these; `hashed` false: no
-        executable hashes."""
+        executable hashes; `threads_within_s`: each row's `young_threads`, its threads
+        started within the last that many seconds (0 from an agent too old to count)."""
         extra: dict = {"cmdline": True} if cmdline else {}
         if comms:
             extra["comms"] = list(comms)
         if not hashed:
             extra["hashed"] = False
+        if threads_within_s is not None:
+            try:
+                return self._typed("processes", ProcessTable, node=node, **extra,
+                                   threads_within_s=threads_within_s)
+            except RequestError as e:
+                if "unknown field `threads_within_s`" not in str(e):  # else an older agent
+                    raise
         return self._typed("processes", ProcessTable, node=node, **extra)
 
     def lock(self, node: str, lease_s: float | None) -> LockReply:

@@ -210,6 +210,7 @@ class ProcessRow(ProcessInfo, frozen=True):
     exe: str = ""  # the installed executable's name (procs.installed_exe), never the comm
     exe_sha256: str = ""  # sha256 of its executable (procs.exe_sha256); "" if unreadable
     cmdline: list[str] = []  # only when asked (processes(cmdline=True)); bounded
+    young_threads: int = 0  # only when asked (processes(threads_within_s=...)): see there
 
 
 class ProcessTable(msgspec.Struct):

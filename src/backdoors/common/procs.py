@@ -81,6 +81,30 @@ def read_process(pid: int) -> ProcessInfo | None:
     return parse_stat(data.decode(errors="replace"))
 
 
+def young_threads(pid: int, since: float, max_reads: int) -> tuple[int, int]:
+    """(threads of `pid` other than its first started at or after `since`, seconds since
+    boot; /proc stat files read). Newest first, by thread id: the kernel hands ids out in
+    increasing order (until they wrap at pid_max), so the count ends at the first older
+    thread, or after `max_reads` reads; a thread bomb costs its young threads plus one."""
+    try:
+        tids = sorted((int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid),
+                      reverse=True)
+    except OSError:  # gone
+        return 0, 0
+    young = reads = 0
+    for tid in tids[:max_reads]:
+        reads += 1
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                text = f.read(4096).decode(errors="replace")
+        except OSError:  # that thread ended meanwhile
+            continue
+        if parse_stat(text).start_time < since:
+            break
+        young += 1
+    return young, reads
+
+
 def installed_exe(pid: int) -> tuple[str, tuple[int, int]] | None:
     """(name, (st_dev, st_ino)) of the executable `pid` runs, None if unreadable or gone.
 

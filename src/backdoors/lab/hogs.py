@@ -2,7 +2,7 @@
 
     python -m backdoors.lab.hogs memory --rate-mb 40 --cap-mb 400
     python -m backdoors.lab.hogs cache --mb 256
-    python -m backdoors.lab.hogs forkbomb [--shape tree|orphans]
+    python -m backdoors.lab.hogs forkbomb [--shape tree|orphans|threads|spawner] [--after S]
     python -m backdoors.lab.hogs cpu --procs 2
 
 Each sets its process name (comm) to `bd-<kind>` so the lab can find and stop it by name,
@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shutil
 import sys
+import threading
 import time
 
 _PR_SET_NAME = 15
@@ -54,14 +56,32 @@ def cache(mb: float) -> None:
     hold_forever()
 
 
-def forkbomb(shape: str = "tree") -> None:
+def forkbomb(shape: str = "tree", after: float = 0.0) -> None:
     """Fork without end; every process keeps forking, none ever exits on its own.
 
     "tree": the root is a child subreaper, so the lineage stays one tree even if a member
     is killed. "orphans": each fork is a double fork (the child forks the next bomb
     process and exits at once), so every bomb process is orphaned to the node's init as
-    soon as it is born and no two of them share a tree.
+    soon as it is born and no two of them share a tree. "threads": one process starts
+    threads without end (each sleeps), no process is born. "spawner": one process starts
+    `sleep` processes without end (another program, in its process group, as a shell or
+    subprocess starts them). `after`: seconds of quiet first (a process that ran a while
+    before it turned into a bomb).
     """
+    time.sleep(after)
+    if shape == "spawner":
+        sleep = shutil.which("sleep") or "/bin/sleep"
+        while True:
+            try:
+                os.posix_spawn(sleep, [sleep, "3600"], os.environ)
+            except OSError:
+                time.sleep(0.001)
+    if shape == "threads":
+        while True:
+            try:
+                threading.Thread(target=hold_forever, daemon=True).start()
+            except RuntimeError:  # "can't start new thread": the pids limit
+                time.sleep(0.001)
     if shape == "tree":
         _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     while True:
@@ -100,7 +120,8 @@ def main(argv=None) -> int:
     c = sub.add_parser("cache")
     c.add_argument("--mb", type=float, default=256)
     f = sub.add_parser("forkbomb")
-    f.add_argument("--shape", choices=("tree", "orphans"), default="tree")
+    f.add_argument("--shape", choices=("tree", "orphans", "threads", "spawner"), default="tree")
+    f.add_argument("--after", type=float, default=0.0, help="seconds of quiet first")
     p = sub.add_parser("cpu")
     p.add_argument("--procs", type=int, default=2)
     a = ap.parse_args(argv)
@@ -110,7 +131,7 @@ def main(argv=None) -> int:
     elif a.kind == "cache":
         cache(a.mb)
     elif a.kind == "forkbomb":
-        forkbomb(a.shape)
+        forkbomb(a.shape, a.after)
     else:
         cpu(a.procs)
     return 0

@@ -158,8 +158,10 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
             frozen_at = ctx.clock()
             error, table, lineage, evidence, roots, singles = None, None, [], {}, [], []
             try:
-                table = ctx.client.processes(ctx.node, cmdline=True)  # frozen: cheap
-                lineage, evidence = ctx.lineage(table.rows, ctx.clock() - ctx.onset)
+                young_s = ctx.lineage.young_age_s(ctx.clock() - ctx.onset)
+                table = ctx.client.processes(ctx.node, cmdline=True,  # frozen: cheap
+                                             threads_within_s=young_s)
+                lineage, evidence = ctx.lineage.lineage(table.rows, young_s)
                 roots, singles = subtree_roots(lineage, table.rows)
                 # every kill is sent while the node is frozen: one that fails (a tree slow
                 # to exit under load) must not spare the rest until the node is thawed
@@ -202,12 +204,13 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
             })
             if found is None:  # the first round that read the table
                 comms = ", ".join(f"{c}×{k}" for c, k in evidence.get("comms", {}).items())
-                kin = evidence.get("kin", 0)
+                kin, threads = evidence.get("kin", 0), evidence.get("thread_bombs", 0)
                 found = Finding(
                     finding.kind,
                     f"fork bomb of {len(targets)} processes ({comms}) born since onset"
-                    f"{f' or of its kind ({kin})' if kin else ''}; "
-                    f"{evidence.get('spared_count', 0)} processes spared",
+                    f"{f' or of its kind ({kin})' if kin else ''}"
+                    f"{f' or filling the node with threads since ({threads})' if threads else ''}; "
+                    f"{evidence.get('spared_count', 0)} processes spared{_spared_threads(evidence)}",
                     targets[:64], {**finding.evidence, "lineage": evidence})
             survivors = left
             if error is None and not left and not (table and table.truncated):
@@ -222,6 +225,16 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
             if why is not None:
                 status, detail["error"] = "failed", why
         return Outcome(status, detail, found)
+
+
+def _spared_threads(evidence: dict) -> str:
+    """What the summary says of a protected process that started as many threads since
+    onset as a thread bomb (a service leaking threads is never killed)."""
+    top = (evidence.get("young_threads") or [None])[0]
+    if top is None or not top["protected"] or top["young_threads"] < evidence["thread_bomb_min"]:
+        return ""
+    return (f"; {top['comm']} (pid {top['pid']}) started {top['young_threads']} threads "
+            "since onset, and is protected")
 
 
 def _call_out(ctx: Context, hook: str | None, command: list[str] | None, info: dict,

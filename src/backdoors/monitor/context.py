@@ -9,15 +9,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..agent.protocol import ProcessRow
 from .detectors import Hit, NodeView
 from .history import History
 
-#: A fork bomb's lineage in a (frozen) node's process table, `since_onset_s` after its
-#: onset: (its processes, the evidence). Provided by a diagnosis that finds lineages.
-LineageFinder = Callable[[Sequence[ProcessRow], float], tuple[list[ProcessRow], dict[str, Any]]]
+class LineageFinder(Protocol):
+    """Finds a fork bomb's lineage in a (frozen) node's process table: a diagnosis that
+    provides "lineage"."""
+
+    def young_age_s(self, since_onset_s: float) -> float:
+        """The largest age of the bomb's processes and threads, `since_onset_s` after its
+        onset: the table is read with threads_within_s set to it."""
+
+    def lineage(self, table: Sequence[ProcessRow], young_age_s: float
+                ) -> tuple[list[ProcessRow], dict[str, Any]]:
+        """(the bomb's processes, the evidence)."""
 
 
 @dataclass

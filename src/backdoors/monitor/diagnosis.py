@@ -171,14 +171,18 @@ def _kind(p: Row) -> tuple[str, str]:
 
 def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterable[str] = (),
                  old_ancestor_min_children: int = 3, kin_min_young: int = 3,
-                 kin_gap_s: float = 2.0) -> tuple[list[Row], dict[str, Any]]:
+                 kin_gap_s: float = 2.0, thread_share: float = 0.25,
+                 ) -> tuple[list[Row], dict[str, Any]]:
     """The fork bomb in a (frozen) node's table: live processes born within the last
     `young_age_s` seconds (since onset), plus their ancestors in the node up to, but
     excluding, any protected one (a registered service or one of its ancestors, the node's
-    first process if older than onset, a protected comm). An ancestor older than onset joins only if at
-    least `old_ancestor_min_children` of its children are young and of its own kind (see
-    `_kind`): a bomb forks itself, while an init or a subreaper that a bomb's orphans were
-    reparented to runs another program (killing the node's PID 1 would end the node).
+    first process if older than onset, a protected comm). An ancestor older than onset
+    joins only if at least `old_ancestor_min_children` of its children are young and of
+    its own kind (see `_kind`) or in its process group: a bomb forks itself, a spawner
+    starts another program in its group (a fork keeps it: a shell without job control,
+    subprocess), while an init or a subreaper that a bomb's orphans were reparented to
+    runs another program and leads another group (killing the node's PID 1 would end
+    the node).
 
     The onset can come late (under load a bomb grows in fits, and its count of tasks
     pauses), and a bomb's processes need not stay in one tree (orphans go to the node's
@@ -195,8 +199,10 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
       orphan, which ties a double-forking bomb's orphans to a forker that ran a while
       before it began.
     Last, what its members started since its oldest young or kin member joins (a `sleep`
-    its processes exec'd). Protected processes are never part of it, whatever their age
-    or kind."""
+    its processes exec'd), and so does a *thread bomb*: a process older than onset that
+    started at least `thread_share` of the node's tasks (and `kin_min_young`) as threads
+    since (its `young_threads`: the table must be read with threads_within_s). Protected
+    processes are never part of it, whatever their age or kind."""
     by_pid = {p.pid: p for p in table}
     first = first_process(table)
     protect_comms = list(protect_comms)
@@ -216,10 +222,12 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
 
     young = [p for p in table if p.age_s <= young_age_s and running(p.state)
              and not protected(p)]
-    young_children: dict[int, int] = {}  # of the parent's own kind: a bomb forks itself
+    # of the parent's own kind (a bomb forks itself) or in its process group (a spawner
+    # starts another program; a subreaper's inherited orphans are in their own group)
+    young_children: dict[int, int] = {}
     for p in young:
         parent = by_pid.get(p.ppid)
-        if parent is not None and _kind(parent) == _kind(p):
+        if parent is not None and (_kind(parent) == _kind(p) or 0 < parent.pgid == p.pgid):
             young_children[p.ppid] = young_children.get(p.ppid, 0) + 1
     lineage: dict[int, Row] = {p.pid: p for p in young}
     held_back: list[Row] = []
@@ -237,6 +245,13 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     lineage.update((p.pid, p) for p in kin)
     spawn = _bomb_spawn(table, lineage, [*young, *kin], protected)
     lineage.update((p.pid, p) for p in spawn)
+    tasks = sum(p.threads for p in table if running(p.state))
+    threaded = sorted((p for p in table if p.young_threads and running(p.state)),
+                      key=lambda p: -p.young_threads)
+    least = max(kin_min_young, thread_share * tasks)
+    thread_bombs = [p for p in threaded if p.pid not in lineage and not protected(p)
+                    and p.young_threads >= least]
+    lineage.update((p.pid, p) for p in thread_bombs)
     held_back = [p for p in held_back if p.pid not in lineage]
     spared = [p for p in table if p.pid not in lineage]
     comms: dict[str, int] = {}
@@ -254,6 +269,10 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
         "kin": len(kin),
         "spawn": len(spawn),
         "kinds": sorted({f"{p.exe or '?'}:{p.comm}" for p in kin})[:5],
+        "thread_bombs": len(thread_bombs),
+        "thread_bomb_min": round(least, 1),
+        "young_threads": [{**_brief(p), "young_threads": p.young_threads,
+                           "protected": protected(p)} for p in threaded[:5]],
         "first_process": first.pid if first else None,
         "culprit": culprit_identity(lineage.values()),
     }
@@ -511,8 +530,9 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
     init that inherited the bomb's orphans, does not). Its kin join (same
     executable and comm as at least `kin_min_young` young members, born within
     `kin_gap_ms` of the bomb's burst): older generations and orphans a late onset or the
-    node's init would hide. Registered services, the node's first process and
-    `protect_comms` are never part of it.
+    node's init would hide. A process older than onset that started `thread_share` of
+    the node's tasks as threads since joins too (a thread bomb). Registered services, the
+    node's first process and `protect_comms` are never part of it.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset({"lineage"})
@@ -521,6 +541,7 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
     old_ancestor_min_children: Annotated[int, msgspec.Meta(ge=1)] = 3
     kin_min_young: Annotated[int, msgspec.Meta(ge=1)] = 3
     kin_gap_ms: NonNeg = 2000.0
+    thread_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.25
     protect_comms: list[str] = []
 
     def onset(self, history: SensorHistory, view: NodeView, onset: float) -> float:
@@ -529,11 +550,16 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
     def run(self, ctx: Context) -> Finding:
         return fork_bomb(ctx.view, ctx.hits, ctx.onset)
 
-    def lineage(self, table: Sequence[Row], since_onset_s: float) -> tuple[list[Row], dict[str, Any]]:
-        """The bomb in a frozen node's table, `since_onset_s` after onset (a LineageFinder)."""
-        return bomb_lineage(table, since_onset_s + self.onset_slack_ms / 1000,
-                            self.protect_comms, self.old_ancestor_min_children,
-                            self.kin_min_young, self.kin_gap_ms / 1000)
+    def young_age_s(self, since_onset_s: float) -> float:
+        """How old the bomb's processes and threads are at most, `since_onset_s` after
+        its onset (a LineageFinder)."""
+        return since_onset_s + self.onset_slack_ms / 1000
+
+    def lineage(self, table: Sequence[Row], young_age_s: float) -> tuple[list[Row], dict[str, Any]]:
+        """The bomb in a frozen node's table, read with threads_within_s=`young_age_s`."""
+        return bomb_lineage(table, young_age_s, self.protect_comms,
+                            self.old_ancestor_min_children, self.kin_min_young,
+                            self.kin_gap_ms / 1000, self.thread_share)
 
 
 class HangDiagnosis(Diagnosis, tag="hang"):

@@ -37,7 +37,7 @@ def context(det: Detection, client: Any, clock: Callable[[], float],
             inc.onset_to_detect_ms = round((det.detected - onset) * 1000, 1)
     return Context(det.rule.name, inc.id, det.view, det.hits, onset, det.detected, client,
                    det.history, clock, hooks, placement,
-                   lineage=diagnosis.lineage if "lineage" in diagnosis.provides else None,
+                   lineage=diagnosis if "lineage" in diagnosis.provides else None,
                    fleet=fleet or {})
 
 

@@ -231,7 +231,9 @@ def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_li
                   incidents_dir: str | None = None, shape: str = "tree") -> dict:
     """The fork-bomb case under `policy`: "backdoors" (the default rules) or
     "pids_limit_only" (the pids limit alone, watched for `wedge_cap_s`). `shape` is the
-    bomb's (lab.hogs forkbomb --shape): "tree", or "orphans" (it double-forks)."""
+    bomb's (lab.hogs forkbomb --shape): "tree", "orphans" (it double-forks), "threads"
+    or "spawner" (one process, started 3 s before, so older than the onset, starts
+    threads, or `sleep` processes)."""
     if policy not in ("backdoors", "pids_limit_only"):
         raise ValueError(f"unknown fork-bomb policy {policy!r}")
     name = name or unique_name("s")
@@ -252,8 +254,9 @@ def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_li
             watch = ProgressWatch(al.lab, node, {"service": service_pid, "probe": probe.pid,
                                                  "init": init.proc.pid}).start()
             time.sleep(settle_s)  # a node in its steady state, not one just started
-            t_bomb = time.monotonic()
-            init.spawn(_hog_argv("forkbomb", "--shape", shape))
+            after = 3.0 if shape in ("threads", "spawner") else 0.0
+            t_bomb = time.monotonic() + after
+            init.spawn(_hog_argv("forkbomb", "--shape", shape, "--after", str(after)))
             inc, t_repaired = None, None
             if mon is not None:
                 inc = mon.wait_for(lambda i: i.rule == "fork-bomb" and i.state != "detected",
