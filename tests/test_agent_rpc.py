@@ -174,9 +174,10 @@ def test_processes_shows_age_rss_and_growth(agent_lab):
     assert rows[grower.pid].rss_bytes > 20 * MiB
 
 
-# Starts 5 threads, then (its boot clock between, on stdout) 7 more; holds them.
+# Starts 5 threads, then (its boot clock between, on stdout) 7 more; holds them, and
+# 3 children that exited, not reaped.
 THREADS = r"""
-import threading, time
+import os, threading, time
 hold = threading.Event()
 def start(n):
     for _ in range(n):
@@ -186,6 +187,10 @@ time.sleep(0.3)
 print(time.clock_gettime(time.CLOCK_BOOTTIME), flush=True)
 time.sleep(0.3)
 start(7)
+for _ in range(3):
+    if os.fork() == 0:
+        os._exit(0)
+time.sleep(0.2)
 print("ready", flush=True)
 hold.wait()
 """
@@ -193,17 +198,18 @@ hold.wait()
 
 def test_processes_counts_the_threads_a_process_started_lately(agent_lab):
     """threads_within_s: each row's young_threads, its threads (not its first) started
-    within the last that many seconds; none asked, none counted; a negative age refused."""
+    within the last that many seconds, and unreaped, its zombies; none asked, none
+    counted; a negative age refused."""
     lab = agent_lab()
     proc = lab.run("n0", THREADS)
     between = float(read_line(proc))
     assert read_line(proc).strip() == "ready"
     c = lab.client()
     row = {r.pid: r for r in c.processes("n0").rows}[proc.pid]
-    assert row.threads == 13 and row.young_threads == 0
+    assert row.threads == 13 and row.young_threads == 0 and row.unreaped == 0
     within = time.clock_gettime(time.CLOCK_BOOTTIME) - between
     row = {r.pid: r for r in c.processes("n0", threads_within_s=within).rows}[proc.pid]
-    assert row.young_threads == 7, row
+    assert row.young_threads == 7 and row.unreaped == 3, row
     row = {r.pid: r for r in c.processes("n0", threads_within_s=3600).rows}[proc.pid]
     assert row.young_threads == 12, row
     with pytest.raises(RemoteError) as err:

@@ -20,12 +20,12 @@ MiB = 1 << 20
 
 
 def row(pid, ppid=1, comm="p", *, rss_mb=10, rate_mb=0.0, age=100.0, state="S",
-        registered=False, cpu=1.0, threads=1, exe=None, pgid=None, young_threads=0):
+        registered=False, cpu=1.0, threads=1, exe=None, pgid=None, young_threads=0, unreaped=0):
     """`exe`: the installed executable the agent vouches for; by default named as `comm`.
     `pgid`: its process group, by default its own."""
     return ProcessRow(pid, ppid, comm, state, int(rss_mb * MiB), 1000.0 - age, cpu, threads,
                       pid if pgid is None else pgid, age, rate_mb * MiB, registered,
-                      comm if exe is None else exe, young_threads=young_threads)
+                      comm if exe is None else exe, young_threads=young_threads, unreaped=unreaped)
 
 
 # ---- memory hog ---------------------------------------------------------------------------
@@ -136,25 +136,33 @@ def test_an_old_spawner_of_another_program_joins_but_a_subreaper_of_orphans_does
     t += [row(p, 30, "sleep", age=0.3) for p in range(40, 50)]  # orphans: groups of their own
     lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
     assert 30 not in {p.pid for p in lineage} and ev["old_parents_spared"] == [30]
+    # a retry: spared before and with as many young children again, a spawner of sessions
+    lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0, spared_before={30, 20})
+    assert {p.pid for p in lineage} == {30, *range(40, 50)} and ev["old_parents_spared"] == [20]
 
 
-def test_an_old_process_that_filled_the_node_with_threads_is_a_thread_bomb():
-    """A thread bomb: no process is young, one older process started most of the node's
-    tasks as threads since onset. A server that started a few threads is spared, and so
-    is a registered service that started as many as a bomb (the evidence names it)."""
+def test_an_old_process_holding_the_nodes_tasks_as_threads_or_zombies_is_part_of_it():
+    """No process is young; one older process started most of the node's tasks as
+    threads since onset (a thread bomb), or holds them as children it does not reap
+    (zombies: not rows of the table). A server that started a few threads is spared, and
+    so is a registered service holding as many as a bomb (the evidence names it)."""
     t = [row(10, 1, "svc", age=100, registered=True, threads=4, young_threads=2),
          row(20, 1, "init", age=100), row(30, 20, "worker", age=9, threads=230, young_threads=229),
          row(40, 20, "server", age=50, threads=21, young_threads=20)]
     lineage, ev = diagnosis.bomb_lineage(t, young_age_s=1.0)
     assert {p.pid for p in lineage} == {30}
-    assert ev["thread_bombs"] == 1 and ev["young"] == 0 and ev["thread_bomb_min"] == 64.0
-    assert [e["pid"] for e in ev["young_threads"]] == [30, 40, 10]
+    assert ev["holding"] == 1 and ev["young"] == 0 and ev["holding_min"] == 64.0
+    assert [e["pid"] for e in ev["holders"]] == [30, 40, 10]
+    zombies = [row(10, 1, "svc", age=100, registered=True), row(20, 1, "init", age=100),
+               row(30, 20, "spawner", age=9, unreaped=240), row(40, 20, "server", age=50, unreaped=2)]
+    lineage, ev = diagnosis.bomb_lineage(zombies, young_age_s=1.0)
+    assert {p.pid for p in lineage} == {30} and ev["holding_min"] == 61.5  # of 246 tasks
     leak = [row(10, 1, "svc", age=100, registered=True, threads=230, young_threads=229),
             row(20, 1, "init", age=100), row(40, 20, "server", age=50, threads=21, young_threads=20)]
     lineage, ev = diagnosis.bomb_lineage(leak, young_age_s=1.0)
-    assert lineage == [] and ev["young_threads"][0] == {**ev["young_threads"][0], "pid": 10,
-                                                         "protected": True, "young_threads": 229}
-    lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0, thread_share=0.05)
+    assert lineage == [] and ev["holders"][0] == {**ev["holders"][0], "pid": 10,
+                                                  "protected": True, "young_threads": 229}
+    lineage, _ = diagnosis.bomb_lineage(t, young_age_s=1.0, task_share=0.05)
     assert {p.pid for p in lineage} == {30, 40}
 
 

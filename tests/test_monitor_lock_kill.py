@@ -103,4 +103,5 @@ def test_a_service_leaking_threads_is_named_and_spared():
                   lineage=ForkBombDiagnosis())
     out = LockKillLineage(verify_ms=10).run(ctx, Finding("fork_bomb", "fork pressure"))
     assert out.detail["killed"] == 0 and not agent.killed
-    assert "svc (pid 10) started 199 threads since onset, and is protected" in out.finding.summary
+    assert "svc (pid 10) holds 199 threads started since onset and 0 unreaped children, and " \
+        "is protected" in out.finding.summary

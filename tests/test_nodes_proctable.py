@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from backdoors.nodes import ProcessInfo, process_table, read_process, subtree
-from backdoors.common.procs import CLOCK_TICKS, PAGE_SIZE, parse_stat, young_threads
+from backdoors.common.procs import (
+    CLOCK_TICKS, PAGE_SIZE, parse_stat, unreaped_children, young_threads,
+)
 
 # A real stat line (Linux 6.x, 52 fields) whose comm contains spaces and parentheses.
 STAT_WEIRD = (
@@ -120,3 +122,45 @@ def test_young_threads_counts_newest_first_and_stops_at_an_older_one():
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     assert young_threads(int(gone.stdout), 0.0, 100) == (0, 0)
+
+
+def test_unreaped_children_are_the_children_not_among_the_live_ones():
+    """A child that exited and was not reaped is listed as a child, not as a live
+    process of the cgroup: `live` tells them apart. Children of every thread count."""
+    import threading
+
+    exited = []
+    for _ in range(2):
+        if (pid := os.fork()) == 0:
+            os._exit(0)
+        exited.append(pid)
+    live_child = subprocess.Popen(["sleep", "30"])
+    from_thread = []
+    t = threading.Thread(target=lambda: from_thread.append(os.fork() or os._exit(0)))
+    try:
+        t.start()
+        t.join()
+        assert from_thread and from_thread[0] > 0
+        children = [*exited, *from_thread]
+        for pid in children:  # exited, not reaped: zombies
+            assert _wait_state(pid, "Z")
+        live = {os.getpid(), live_child.pid}
+        assert unreaped_children(os.getpid(), live, 1000)[0] == 3
+        assert unreaped_children(os.getpid(), live | set(children), 1000)[0] == 0
+    finally:
+        live_child.kill()
+        live_child.wait()
+        for pid in [*exited, *from_thread]:
+            os.waitpid(pid, 0)
+
+
+def _wait_state(pid, state, timeout=10.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = read_process(pid)
+        if info is not None and info.state == state:
+            return True
+        time.sleep(0.01)
+    return False

@@ -69,15 +69,18 @@ def test_fork_bomb_is_frozen_killed_and_the_node_forks_again(root, unique, tmp_p
     no_leftovers(name)
 
 
-@pytest.mark.parametrize("shape", ["threads", "spawner"])
+@pytest.mark.parametrize("shape", ["threads", "spawner", "sessions", "zombies"])
 def test_a_process_turning_into_a_bomb_is_killed_and_the_node_forks_again(
         root, unique, tmp_path, shape):
     """Bombs of a process that ran 3 s before it began (older than the onset), found
     from outside: "threads" starts threads (no process is born, so no lineage by age:
     it is the process that started most of the node's tasks since); "spawner" starts
-    `sleep` processes (its young children run another program, in its process group).
-    Before, the repair killed nothing and failed (threads), or killed the sleeps again
-    and again while the spawner refilled the node (spawner): the node stayed wedged."""
+    `sleep` processes (its young children run another program, in its process group);
+    "sessions" gives each a session of its own, as a reaper's orphans have: spared at
+    first, the retry takes it, with as many young children again; "zombies" does not
+    reap them either: once they are killed it holds the node's pids as zombies, and the
+    next round takes it. Before, the repair killed nothing (threads), or the sleeps again
+    and again while the spawner refilled the node: the node stayed wedged."""
     name = f"t{unique}"
     r = repair.fork_bomb(name=name, incidents_dir=str(tmp_path), shape=shape)
     assert r["detected"] is True
@@ -86,17 +89,24 @@ def test_a_process_turning_into_a_bomb_is_killed_and_the_node_forks_again(
     assert r["probe_survived"] is True and r["init_survived"] is True, r
     assert r["node_thawed"] is True and r["can_fork_after"] is True
     [inc] = [i for i in load_incidents(tmp_path) if i.rule == "fork-bomb"]
-    [action] = inc.actions
+    assert len(inc.actions) == (2 if shape == "sessions" else 1), inc.actions
+    action = inc.actions[-1]
     assert action.kind == "lock_kill_lineage" and action.status == "done", action
     lineage = inc.diagnosis.evidence["lineage"]
     comms = lineage["comms"]
+    if shape == "zombies":  # the sleeps first; the spawner in the next round
+        assert set(comms) <= {"bd-forkprobe", "sleep"} and comms["sleep"] > 50
+        assert len(action.detail["rounds"]) == 2, action.detail
+        assert "then 1 that held their zombies (bd-forkbomb)" in inc.diagnosis.summary
+        assert inc.diagnosis.culprits[0].comm == "bd-forkbomb"
+        return no_leftovers(name)
     assert comms["bd-forkbomb"] == 1 and comms.get("bd-forkprobe", 0) <= 1, comms
     if shape == "threads":
-        assert set(comms) <= {"bd-forkbomb", "bd-forkprobe"} and lineage["thread_bombs"] == 1
-        assert lineage["young_threads"][0]["comm"] == "bd-forkbomb"
-        assert lineage["young_threads"][0]["young_threads"] > 50
-    else:
-        assert set(comms) <= {"bd-forkbomb", "bd-forkprobe", "sleep"} and comms["sleep"] > 50
+        assert set(comms) <= {"bd-forkbomb", "bd-forkprobe"} and lineage["holding"] == 1
+        assert lineage["holders"][0]["comm"] == "bd-forkbomb"
+        assert lineage["holders"][0]["young_threads"] > 50
+    else:  # the sessions' retry: the spawner and the sleeps it started since
+        assert set(comms) <= {"bd-forkbomb", "bd-forkprobe", "sleep"} and comms["sleep"] >= 3
     no_leftovers(name)
 
 

@@ -298,7 +298,8 @@ class AgentClient:
         """The node's process table; `cmdline`: each row's command line too; `comms`:
         only the rows of processes whose comm is one of these; `hashed` false: no
         executable hashes; `threads_within_s`: each row's `young_threads`, its threads
-        started within the last that many seconds (0 from an agent too old to count)."""
+        started within the last that many seconds, and `unreaped`, its zombies (0 from an
+        agent too old to count)."""
         extra: dict = {"cmdline": True} if cmdline else {}
         if comms:
             extra["comms"] = list(comms)

@@ -27,7 +27,9 @@ from typing import Annotated, Any, Protocol
 
 import msgspec
 
-from ..common.procs import exe_sha256, installed_exe, read_cmdline, same_start, young_threads
+from ..common.procs import (
+    exe_sha256, installed_exe, read_cmdline, same_start, unreaped_children, young_threads,
+)
 from ..errors import BackdoorsError, SensorBoxError, VmError
 from ..nodes import KEEP, process_table, subtree
 from ..sensors import read_consistent
@@ -55,8 +57,8 @@ SENSORS_BUDGET = 0.25  # share of the op deadline `sensors` spends before leavin
 PID_MAX = 1 << 22  # the kernel's largest pid_max
 #: `processes` waits this long for the reads of /proc/PID/cmdline it needs (agent/mmreads.py)
 MM_READ_BUDGET_S = 0.25
-#: /proc/PID/task/TID/stat reads one `processes` table makes at most (threads_within_s)
-MAX_THREAD_READS = 16384
+#: /proc/PID/task/TID files one `processes` table reads at most (threads_within_s)
+MAX_TASK_READS = 16384
 
 
 class Room:
@@ -161,8 +163,8 @@ class ProcessesArgs(msgspec.Struct, forbid_unknown_fields=True):
     cmdline: bool = False  # each row's command line too (a repair's table, not a poll's)
     comms: list[str] = []  # only the processes of these comms (a pre-armed scan's table)
     hashed: bool = True  # each row's exe_sha256 (false: "", no read that may wait)
-    # each row's young_threads: its threads started within the last that many seconds
-    # (a thread bomb's in a process older than its onset; a repair's frozen table)
+    # each row's young_threads (its threads started within the last that many seconds)
+    # and unreaped (its zombies): what a bomb holds besides processes (a repair's table)
     threads_within_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
@@ -368,19 +370,23 @@ def processes(call: Call) -> ProcessTable:
         got.update(call.agent.mmreads.run(waits, MM_READ_BUDGET_S))
     now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
     registrants = dict(call.agent.regions.registrants(rt.name))
-    young: dict[int, int] = {}
+    young, unreaped = {}, {}
     if call.args.threads_within_s is not None:
-        since, reads = boot - call.args.threads_within_s, MAX_THREAD_READS
+        since, reads, live = boot - call.args.threads_within_s, MAX_TASK_READS, set(pids)
         for p in sorted(table, key=lambda p: -p.threads):  # the most threads first
             if p.threads > 1 and reads > 0:
                 young[p.pid], read = young_threads(p.pid, since, reads)
+                reads -= read
+        for p in table:
+            if reads > 0:
+                unreaped[p.pid], read = unreaped_children(p.pid, live, min(reads, 64))
                 reads -= read
     rows, cut = _fitting(
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, p.pgid, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
                    same_start(registrants.get(p.pid, -1.0), p.start_time),
                    (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
-                   got.get(("c", p.pid)) or [], young.get(p.pid, 0))
+                   got.get(("c", p.pid)) or [], young.get(p.pid, 0), unreaped.get(p.pid, 0))
         for p in table)  # long command lines: the rows that fit a frame
     return ProcessTable(rows, len(pids), cut or len(pids) > cap)
 

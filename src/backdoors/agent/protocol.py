@@ -211,6 +211,7 @@ class ProcessRow(ProcessInfo, frozen=True):
     exe_sha256: str = ""  # sha256 of its executable (procs.exe_sha256); "" if unreadable
     cmdline: list[str] = []  # only when asked (processes(cmdline=True)); bounded
     young_threads: int = 0  # only when asked (processes(threads_within_s=...)): see there
+    unreaped: int = 0  # its exited children not reaped yet (zombies); asked as young_threads
 
 
 class ProcessTable(msgspec.Struct):

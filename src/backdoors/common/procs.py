@@ -11,6 +11,7 @@ import hashlib
 import os
 import selectors
 import subprocess
+from collections.abc import Collection
 
 import msgspec
 
@@ -103,6 +104,30 @@ def young_threads(pid: int, since: float, max_reads: int) -> tuple[int, int]:
             break
         young += 1
     return young, reads
+
+
+def unreaped_children(pid: int, live: Collection[int], max_reads: int) -> tuple[int, int]:
+    """(children of `pid` not in `live`, /proc files read): with `live` the processes of
+    its cgroup, its zombies (an exited process leaves cgroup.procs at once, and holds its
+    pid until its parent reaps it). Every thread's children (a thread forks for itself),
+    the first thread's first; at most `max_reads` reads."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:  # gone
+        return 0, 0
+    if pid in tids:
+        tids.remove(pid)
+        tids.insert(0, pid)
+    unreaped = reads = 0
+    for tid in tids[:max_reads]:
+        reads += 1
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                children = f.read().split()
+        except OSError:
+            continue
+        unreaped += sum(1 for c in children if int(c) not in live)
+    return unreaped, reads
 
 
 def installed_exe(pid: int) -> tuple[str, tuple[int, int]] | None:

@@ -2,7 +2,8 @@
 
     python -m backdoors.lab.hogs memory --rate-mb 40 --cap-mb 400
     python -m backdoors.lab.hogs cache --mb 256
-    python -m backdoors.lab.hogs forkbomb [--shape tree|orphans|threads|spawner] [--after S]
+    python -m backdoors.lab.hogs forkbomb [--shape tree|orphans|threads|spawner|sessions|zombies]
+                                          [--after S]
     python -m backdoors.lab.hogs cpu --procs 2
 
 Each sets its process name (comm) to `bd-<kind>` so the lab can find and stop it by name,
@@ -65,17 +66,24 @@ def forkbomb(shape: str = "tree", after: float = 0.0) -> None:
     soon as it is born and no two of them share a tree. "threads": one process starts
     threads without end (each sleeps), no process is born. "spawner": one process starts
     `sleep` processes without end (another program, in its process group, as a shell or
-    subprocess starts them). `after`: seconds of quiet first (a process that ran a while
-    before it turned into a bomb).
+    subprocess starts them) and reaping those that end; "sessions": the same, each in a
+    session of its own; "zombies": as "sessions", never reaping. `after`: seconds of
+    quiet first (a process that ran a while before it turned into a bomb).
     """
     time.sleep(after)
-    if shape == "spawner":
+    if shape in ("spawner", "sessions", "zombies"):
         sleep = shutil.which("sleep") or "/bin/sleep"
         while True:
             try:
-                os.posix_spawn(sleep, [sleep, "3600"], os.environ)
+                os.posix_spawn(sleep, [sleep, "3600"], os.environ, setsid=shape != "spawner")
             except OSError:
                 time.sleep(0.001)
+            while shape != "zombies":
+                try:
+                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                        break
+                except ChildProcessError:
+                    break
     if shape == "threads":
         while True:
             try:
@@ -120,7 +128,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("cache")
     c.add_argument("--mb", type=float, default=256)
     f = sub.add_parser("forkbomb")
-    f.add_argument("--shape", choices=("tree", "orphans", "threads", "spawner"), default="tree")
+    f.add_argument("--shape", choices=("tree", "orphans", "threads", "spawner", "sessions", "zombies"), default="tree")
     f.add_argument("--after", type=float, default=0.0, help="seconds of quiet first")
     p = sub.add_parser("cpu")
     p.add_argument("--procs", type=int, default=2)

@@ -134,7 +134,9 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
     The lock has a lease of `lease_s`, so a monitor dying mid-repair cannot leave the
     node frozen. Up to `max_rounds` rounds if survivors are found within `verify_ms`.
     Done only once the node can fork again: its task count below its pids limit within
-    `fork_wait_ms` (killed processes count until their parent reaps them).
+    `fork_wait_ms` (killed processes count until their parent reaps them). When zombies
+    hold it, another round: a parent that does not reap its killed children holds them
+    (`unreaped`), and joins the lineage.
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"lineage"})
@@ -147,8 +149,9 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """Freeze, find the lineage born since onset, kill it frozen, thaw, check survivors."""
         rounds, killed_total, survivors, found = [], 0, [], None
+        holders, for_zombies = [], False  # killed in a round for the zombies left
         for _ in range(self.max_rounds):
-            t0 = ctx.clock()
+            t0, checked = ctx.clock(), None  # this round's fork_room
             try:
                 lock = ctx.client.lock(ctx.node, self.lease_s)
             except AgentError as e:  # e.g. a bomb forking faster than it freezes: try again
@@ -161,7 +164,7 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
                 young_s = ctx.lineage.young_age_s(ctx.clock() - ctx.onset)
                 table = ctx.client.processes(ctx.node, cmdline=True,  # frozen: cheap
                                              threads_within_s=young_s)
-                lineage, evidence = ctx.lineage.lineage(table.rows, young_s)
+                lineage, evidence = ctx.lineage.lineage(table.rows, young_s, ctx.spared_before)
                 roots, singles = subtree_roots(lineage, table.rows)
                 # every kill is sent while the node is frozen: one that fails (a tree slow
                 # to exit under load) must not spare the rest until the node is thawed
@@ -204,37 +207,48 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
             })
             if found is None:  # the first round that read the table
                 comms = ", ".join(f"{c}×{k}" for c, k in evidence.get("comms", {}).items())
-                kin, threads = evidence.get("kin", 0), evidence.get("thread_bombs", 0)
+                kin, holding = evidence.get("kin", 0), evidence.get("holding", 0)
                 found = Finding(
                     finding.kind,
                     f"fork bomb of {len(targets)} processes ({comms}) born since onset"
                     f"{f' or of its kind ({kin})' if kin else ''}"
-                    f"{f' or filling the node with threads since ({threads})' if threads else ''}; "
-                    f"{evidence.get('spared_count', 0)} processes spared{_spared_threads(evidence)}",
+                    f"{f' or holding its tasks as threads or zombies ({holding})' if holding else ''}; "
+                    f"{evidence.get('spared_count', 0)} processes spared{_spared_holder(evidence)}",
                     targets[:64], {**finding.evidence, "lineage": evidence})
+            if for_zombies:
+                holders += targets
             survivors = left
             if error is None and not left and not (table and table.truncated):
-                break
+                checked = fork_room(ctx.client, ctx.node, killed_total,
+                                    self.fork_wait_ms / 1000, ctx.clock)
+                if checked[1] is None or not checked[0].get("unreaped"):
+                    break
+                for_zombies = True
         status = "done" if not survivors and rounds[-1]["error"] is None else "failed"
         detail = {"rounds": rounds, "killed": killed_total,
                   "survivors": [t.pid for t in survivors]}
         if status == "done":
-            seen, why = fork_room(ctx.client, ctx.node, killed_total, self.fork_wait_ms / 1000,
-                                  ctx.clock)
+            seen, why = checked or fork_room(ctx.client, ctx.node, killed_total,
+                                             self.fork_wait_ms / 1000, ctx.clock)
             detail.update(seen)
             if why is not None:
                 status, detail["error"] = "failed", why
+        if found is not None and holders:
+            found.summary += (f"; then {len(holders)} that held their zombies "
+                              f"({', '.join(sorted({t.comm for t in holders}))})")
+            found.culprits = (holders + found.culprits)[:64]
         return Outcome(status, detail, found)
 
 
-def _spared_threads(evidence: dict) -> str:
-    """What the summary says of a protected process that started as many threads since
-    onset as a thread bomb (a service leaking threads is never killed)."""
-    top = (evidence.get("young_threads") or [None])[0]
-    if top is None or not top["protected"] or top["young_threads"] < evidence["thread_bomb_min"]:
+def _spared_holder(evidence: dict) -> str:
+    """What the summary says of a protected process that holds as many of the node's tasks
+    as a bomb would (a service leaking threads or zombies is never killed)."""
+    top = (evidence.get("holders") or [None])[0]
+    if top is None or not top["protected"] or \
+            top["young_threads"] + top["unreaped"] < evidence["holding_min"]:
         return ""
-    return (f"; {top['comm']} (pid {top['pid']}) started {top['young_threads']} threads "
-            "since onset, and is protected")
+    return (f"; {top['comm']} (pid {top['pid']}) holds {top['young_threads']} threads started "
+            f"since onset and {top['unreaped']} unreaped children, and is protected")
 
 
 def _call_out(ctx: Context, hook: str | None, command: list[str] | None, info: dict,

@@ -7,7 +7,7 @@ it, they do not reach into the rule, the incident or each other.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,9 +23,9 @@ class LineageFinder(Protocol):
         """The largest age of the bomb's processes and threads, `since_onset_s` after its
         onset: the table is read with threads_within_s set to it."""
 
-    def lineage(self, table: Sequence[ProcessRow], young_age_s: float
-                ) -> tuple[list[ProcessRow], dict[str, Any]]:
-        """(the bomb's processes, the evidence)."""
+    def lineage(self, table: Sequence[ProcessRow], young_age_s: float,
+                spared_before: Collection[int] = ()) -> tuple[list[ProcessRow], dict[str, Any]]:
+        """(the bomb's processes, the evidence); `spared_before`: Context.spared_before."""
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Context:
     #: every agent of the monitor's config: host -> (its last poll error or None, {node: fenced})
     fleet: dict[str, tuple[str | None, dict[str, bool]]] = field(default_factory=dict)
     lineage: LineageFinder | None = None  # from the diagnosis, when it provides "lineage"
+    #: a retry's: the pids of the old parents of young processes the last attempt spared
+    spared_before: frozenset[int] = frozenset()
     repaired: bool = False  # an earlier action of this response changed the node
 
     @property

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Annotated, Any, ClassVar, Union
 
 import msgspec
@@ -171,8 +171,8 @@ def _kind(p: Row) -> tuple[str, str]:
 
 def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterable[str] = (),
                  old_ancestor_min_children: int = 3, kin_min_young: int = 3,
-                 kin_gap_s: float = 2.0, thread_share: float = 0.25,
-                 ) -> tuple[list[Row], dict[str, Any]]:
+                 kin_gap_s: float = 2.0, task_share: float = 0.25,
+                 spared_before: Collection[int] = ()) -> tuple[list[Row], dict[str, Any]]:
     """The fork bomb in a (frozen) node's table: live processes born within the last
     `young_age_s` seconds (since onset), plus their ancestors in the node up to, but
     excluding, any protected one (a registered service or one of its ancestors, the node's
@@ -182,7 +182,10 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     starts another program in its group (a fork keeps it: a shell without job control,
     subprocess), while an init or a subreaper that a bomb's orphans were reparented to
     runs another program and leads another group (killing the node's PID 1 would end
-    the node).
+    the node). One spared so before (`spared_before`, the pids of an earlier attempt's)
+    that has as many young children again joins whatever their kind: a reaper inherits
+    orphans from forkers that were killed, a spawner (one that gives each child a session
+    of its own) makes new ones.
 
     The onset can come late (under load a bomb grows in fits, and its count of tasks
     pauses), and a bomb's processes need not stay in one tree (orphans go to the node's
@@ -199,10 +202,11 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
       orphan, which ties a double-forking bomb's orphans to a forker that ran a while
       before it began.
     Last, what its members started since its oldest young or kin member joins (a `sleep`
-    its processes exec'd), and so does a *thread bomb*: a process older than onset that
-    started at least `thread_share` of the node's tasks (and `kin_min_young`) as threads
-    since (its `young_threads`: the table must be read with threads_within_s). Protected
-    processes are never part of it, whatever their age or kind."""
+    its processes exec'd), and so does a process that holds at least `task_share` of the
+    node's tasks (and `kin_min_young`) as threads it started since onset or exited
+    children it does not reap (its `young_threads` and `unreaped`: the table must be read
+    with threads_within_s): a thread bomb, a spawner whose children exit or were killed.
+    Protected processes are never part of it, whatever their age or kind."""
     by_pid = {p.pid: p for p in table}
     first = first_process(table)
     protect_comms = list(protect_comms)
@@ -227,7 +231,8 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     young_children: dict[int, int] = {}
     for p in young:
         parent = by_pid.get(p.ppid)
-        if parent is not None and (_kind(parent) == _kind(p) or 0 < parent.pgid == p.pgid):
+        if parent is not None and (_kind(parent) == _kind(p) or 0 < parent.pgid == p.pgid
+                                   or parent.pid in spared_before):
             young_children[p.ppid] = young_children.get(p.ppid, 0) + 1
     lineage: dict[int, Row] = {p.pid: p for p in young}
     held_back: list[Row] = []
@@ -245,13 +250,14 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     lineage.update((p.pid, p) for p in kin)
     spawn = _bomb_spawn(table, lineage, [*young, *kin], protected)
     lineage.update((p.pid, p) for p in spawn)
-    tasks = sum(p.threads for p in table if running(p.state))
-    threaded = sorted((p for p in table if p.young_threads and running(p.state)),
-                      key=lambda p: -p.young_threads)
-    least = max(kin_min_young, thread_share * tasks)
-    thread_bombs = [p for p in threaded if p.pid not in lineage and not protected(p)
-                    and p.young_threads >= least]
-    lineage.update((p.pid, p) for p in thread_bombs)
+    alive = [p for p in table if running(p.state)]
+    tasks = sum(p.threads + p.unreaped for p in alive)  # pids.current, as the rows tell
+    holders = sorted((p for p in alive if p.young_threads or p.unreaped),
+                     key=lambda p: -(p.young_threads + p.unreaped))
+    least = max(kin_min_young, task_share * tasks)
+    holding = [p for p in holders if p.pid not in lineage and not protected(p)
+               and p.young_threads + p.unreaped >= least]
+    lineage.update((p.pid, p) for p in holding)
     held_back = [p for p in held_back if p.pid not in lineage]
     spared = [p for p in table if p.pid not in lineage]
     comms: dict[str, int] = {}
@@ -269,10 +275,10 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
         "kin": len(kin),
         "spawn": len(spawn),
         "kinds": sorted({f"{p.exe or '?'}:{p.comm}" for p in kin})[:5],
-        "thread_bombs": len(thread_bombs),
-        "thread_bomb_min": round(least, 1),
-        "young_threads": [{**_brief(p), "young_threads": p.young_threads,
-                           "protected": protected(p)} for p in threaded[:5]],
+        "holding": len(holding),
+        "holding_min": round(least, 1),
+        "holders": [{**_brief(p), "young_threads": p.young_threads, "unreaped": p.unreaped,
+                     "protected": protected(p)} for p in holders[:5]],
         "first_process": first.pid if first else None,
         "culprit": culprit_identity(lineage.values()),
     }
@@ -530,8 +536,10 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
     init that inherited the bomb's orphans, does not). Its kin join (same
     executable and comm as at least `kin_min_young` young members, born within
     `kin_gap_ms` of the bomb's burst): older generations and orphans a late onset or the
-    node's init would hide. A process older than onset that started `thread_share` of
-    the node's tasks as threads since joins too (a thread bomb). Registered services, the
+    node's init would hide. A retry takes an old parent spared before if it has as many
+    young children again (a spawner). A process that holds `task_share` of the node's
+    tasks as threads started since onset or unreaped children joins too (a thread bomb,
+    a spawner whose children exited or were killed). Registered services, the
     node's first process and `protect_comms` are never part of it.
     """
 
@@ -541,7 +549,7 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
     old_ancestor_min_children: Annotated[int, msgspec.Meta(ge=1)] = 3
     kin_min_young: Annotated[int, msgspec.Meta(ge=1)] = 3
     kin_gap_ms: NonNeg = 2000.0
-    thread_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.25
+    task_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.25
     protect_comms: list[str] = []
 
     def onset(self, history: SensorHistory, view: NodeView, onset: float) -> float:
@@ -555,11 +563,12 @@ class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
         its onset (a LineageFinder)."""
         return since_onset_s + self.onset_slack_ms / 1000
 
-    def lineage(self, table: Sequence[Row], young_age_s: float) -> tuple[list[Row], dict[str, Any]]:
+    def lineage(self, table: Sequence[Row], young_age_s: float, spared_before: Collection[int] = ()
+                ) -> tuple[list[Row], dict[str, Any]]:
         """The bomb in a frozen node's table, read with threads_within_s=`young_age_s`."""
         return bomb_lineage(table, young_age_s, self.protect_comms,
                             self.old_ancestor_min_children, self.kin_min_young,
-                            self.kin_gap_ms / 1000, self.thread_share)
+                            self.kin_gap_ms / 1000, self.task_share, spared_before)
 
 
 class HangDiagnosis(Diagnosis, tag="hang"):

@@ -35,10 +35,12 @@ def context(det: Detection, client: Any, clock: Callable[[], float],
         if onset != det.onset:
             inc.onset = inc.detected - (det.detected - onset)
             inc.onset_to_detect_ms = round((det.detected - onset) * 1000, 1)
+    spared = (inc.diagnosis.evidence.get("lineage") or {}).get("old_parents_spared", []) \
+        if det.attempt > 1 and inc.diagnosis is not None else []
     return Context(det.rule.name, inc.id, det.view, det.hits, onset, det.detected, client,
                    det.history, clock, hooks, placement,
                    lineage=diagnosis if "lineage" in diagnosis.provides else None,
-                   fleet=fleet or {})
+                   spared_before=frozenset(spared), fleet=fleet or {})
 
 
 def diagnose(det: Detection, ctx: Context) -> Finding:

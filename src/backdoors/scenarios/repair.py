@@ -231,9 +231,10 @@ def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_li
                   incidents_dir: str | None = None, shape: str = "tree") -> dict:
     """The fork-bomb case under `policy`: "backdoors" (the default rules) or
     "pids_limit_only" (the pids limit alone, watched for `wedge_cap_s`). `shape` is the
-    bomb's (lab.hogs forkbomb --shape): "tree", "orphans" (it double-forks), "threads"
-    or "spawner" (one process, started 3 s before, so older than the onset, starts
-    threads, or `sleep` processes)."""
+    bomb's (lab.hogs forkbomb --shape): "tree", "orphans" (it double-forks), "threads",
+    "spawner", "sessions" or "zombies" (one process, started 3 s before, so older than
+    the onset, starts threads, `sleep` processes, each in a session of its own, and does
+    not reap them)."""
     if policy not in ("backdoors", "pids_limit_only"):
         raise ValueError(f"unknown fork-bomb policy {policy!r}")
     name = name or unique_name("s")
@@ -254,14 +255,17 @@ def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_li
             watch = ProgressWatch(al.lab, node, {"service": service_pid, "probe": probe.pid,
                                                  "init": init.proc.pid}).start()
             time.sleep(settle_s)  # a node in its steady state, not one just started
-            after = 3.0 if shape in ("threads", "spawner") else 0.0
+            after = 0.0 if shape in ("tree", "orphans") else 3.0
             t_bomb = time.monotonic() + after
             init.spawn(_hog_argv("forkbomb", "--shape", shape, "--after", str(after)))
             inc, t_repaired = None, None
             if mon is not None:
                 inc = mon.wait_for(lambda i: i.rule == "fork-bomb" and i.state != "detected",
                                    timeout_s)
-                if inc is not None:
+                if inc is not None:  # a retry may end it (a spawner spared at first)
+                    end = time.monotonic() + timeout_s
+                    while _count_comm(al, node, hogs.COMM["forkbomb"]) and time.monotonic() < end:
+                        time.sleep(0.05)
                     t_repaired = _mono(inc.detected) + (inc.repaired_ms or 0) / 1000
                 end = time.monotonic() + 5.0
                 while (t_repaired is None or not probe.can_fork_since(t_repaired)) and \
