@@ -44,6 +44,29 @@ def test_memory_hog_blames_growth_not_size():
     assert f.evidence["largest"]["pid"] == 11
 
 
+def test_memory_hog_finds_a_family_that_grows_by_forking():
+    """Children born with their memory (none grows for long): the family is the culprit,
+    from the forker down (not its shell), when it outgrows any single process; a pool
+    that replaced one worker is no family, nor a service's helpers."""
+    table = [row(10, 1, "svc", rss_mb=40, registered=True),
+             row(20, 1, "bash", rss_mb=4), row(30, 20, "forker", rss_mb=50),
+             row(40, 1, "leak", rss_mb=80, rate_mb=20)]
+    table += [row(p, 30, "forker", rss_mb=49, age=0.2 * (p - 30)) for p in range(31, 35)]
+    table += [row(p, 30, "forker", rss_mb=49, age=5 + p) for p in range(35, 38)]  # held before
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), table)
+    assert f.culprits[0].pid == 30 and {c.pid for c in f.culprits} == {30, *range(31, 38)}
+    assert f.evidence["family"]["members"] == 8 and "and its 7 descendants" in f.summary
+    pool = [row(10, 1, "svc", rss_mb=40, registered=True), row(40, 1, "leak", rss_mb=80, rate_mb=20),
+            row(50, 1, "master", rss_mb=200), row(51, 50, "master", rss_mb=200, age=0.3),
+            row(52, 50, "master", rss_mb=200, age=60)]
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), pool)
+    assert [c.pid for c in f.culprits] == [40] and "family" not in f.evidence
+    helpers = [row(10, 1, "svc", rss_mb=40, registered=True), row(40, 1, "leak", rss_mb=80, rate_mb=20)]
+    helpers += [row(p, 10, "helper", rss_mb=30, age=0.5) for p in range(11, 15)]
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), helpers)
+    assert [c.pid for c in f.culprits] == [40]
+
+
 def test_memory_hog_never_picks_a_registered_service_or_a_protected_comm():
     table = [row(10, comm="svc", rss_mb=40, rate_mb=50, registered=True),
              row(11, comm="sshd", rss_mb=20, rate_mb=30),

@@ -41,6 +41,24 @@ def test_memory_hog_kills_the_grower_not_the_large_cache(root, unique, tmp_path)
     [inc] = [i for i in load_incidents(tmp_path) if i.rule == "memory-hog"]
     largest = inc.diagnosis.evidence["largest"]
     assert largest["comm"] == "bd-cache" and inc.diagnosis.culprits[0].comm == "bd-memhog"
+    assert r["hog_processes_left"] == 0
+    no_leftovers(name)
+
+
+def test_a_memory_hog_that_grows_by_forking_is_killed_with_its_children(root, unique, tmp_path):
+    """Found from outside: a hog whose children each allocate and hold (none grows for
+    long) had no culprit; the node filled and the kernel's OOM killer took the service.
+    Now the family that grows is found, head first: the forker and every child."""
+    name = f"t{unique}"
+    r = repair.memory_hog(name=name, incidents_dir=str(tmp_path), forks=True)
+    assert r["detected"] is True and r["culprit_killed"] is True, r
+    assert r["hog_survived"] is False and r["hog_processes_left"] == 0, r
+    assert r["service_survived"] is True and r["cache_survived"] is True, r
+    assert r["innocent_killed"] == 0 and r["oom_kills"] == 0, r
+    [inc] = [i for i in load_incidents(tmp_path) if i.rule == "memory-hog"]
+    family = inc.diagnosis.evidence["family"]
+    assert family["comm"] == "bd-memhog" and family["members"] >= 3, family
+    assert {c.comm for c in inc.diagnosis.culprits} == {"bd-memhog"}
     no_leftovers(name)
 
 

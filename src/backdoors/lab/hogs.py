@@ -1,6 +1,6 @@
 """Misbehaving programs the lab starts inside a node to inject faults.
 
-    python -m backdoors.lab.hogs memory --rate-mb 40 --cap-mb 400
+    python -m backdoors.lab.hogs memory --rate-mb 40 --cap-mb 400 [--forks]
     python -m backdoors.lab.hogs cache --mb 256
     python -m backdoors.lab.hogs forkbomb [--shape tree|orphans|threads|spawner|sessions|zombies]
                                           [--after S]
@@ -36,8 +36,19 @@ def hold_forever() -> None:
         time.sleep(3600)
 
 
-def memory(rate_mb: float, cap_mb: float, step: float = 0.05) -> None:
-    """Grow resident memory by `rate_mb` MB/s up to `cap_mb`, touching every page."""
+def memory(rate_mb: float, cap_mb: float, step: float = 0.05, forks: bool = False) -> None:
+    """Grow resident memory by `rate_mb` MB/s up to `cap_mb`, touching every page.
+    `forks`: by forking instead, a child every 0.25 s that allocates its share and holds
+    it (no process grows for long)."""
+    if forks:
+        per_child, held = int(rate_mb * 2**20 * 0.25), 0
+        while held < cap_mb * 2**20:
+            if os.fork() == 0:
+                data = bytearray(b"\1") * per_child  # noqa: F841 (held)
+                hold_forever()
+            held += per_child
+            time.sleep(0.25)
+        hold_forever()
     chunks = []
     per_step = max(1, int(rate_mb * 2**20 * step))
     held = 0
@@ -125,6 +136,7 @@ def main(argv=None) -> int:
     m = sub.add_parser("memory")
     m.add_argument("--rate-mb", type=float, default=40)
     m.add_argument("--cap-mb", type=float, default=400)
+    m.add_argument("--forks", action="store_true", help="grow by forking children that allocate")
     c = sub.add_parser("cache")
     c.add_argument("--mb", type=float, default=256)
     f = sub.add_parser("forkbomb")
@@ -135,7 +147,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     set_comm(COMM[a.kind])
     if a.kind == "memory":
-        memory(a.rate_mb, a.cap_mb)
+        memory(a.rate_mb, a.cap_mb, forks=a.forks)
     elif a.kind == "cache":
         cache(a.mb)
     elif a.kind == "forkbomb":

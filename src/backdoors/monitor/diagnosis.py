@@ -111,7 +111,18 @@ def _protected_comm(p: Row, patterns: Iterable[str]) -> bool:
 def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
     """The process responsible for the growth: the highest RSS growth rate, at least
     `min_rate_mb_s`; never a registered service or a protected comm, never chosen for
-    its size. No culprit (and no kill) when nothing grows."""
+    its size. No culprit (and no kill) when nothing grows.
+
+    A hog can also grow by forking: each child allocates and holds, none grows for long
+    (and one born since the agent's last table shows no rate at all). So a process born
+    within `born_s` counts its RSS as growth over that time, and a process's *family*
+    grows by its own rate and its unprotected descendants'. A family with at least
+    `born_min` members born so (a forking pattern: a pool that replaced one worker is
+    not one; a forked child's RSS counts pages it shares with its parent, so one such
+    child says little) that outgrows the fastest single process is the culprit, all of
+    it, from its head: the process whose family grows fastest, not one of whose
+    children holds `family_share` of that growth (down the tree to where the growth
+    splits: the forker, not its shell)."""
     alive = [p for p in table if running(p.state)]
     by_rate = sorted(alive, key=lambda p: p.rss_rate, reverse=True)
     eligible = [p for p in by_rate if not p.registered and not _protected_comm(p, cfg.protect_comms)]
@@ -122,7 +133,19 @@ def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
         "min_rate_mb_s": cfg.min_rate_mb_s,
         "total_rss_mb": round(sum(p.rss_bytes for p in alive) / MiB, 1),
     }
+    family = _growing_family(cfg, alive)
     top = eligible[0] if eligible else None
+    if family is not None and family[1] > max(top.rss_rate if top else 0.0,
+                                              cfg.min_rate_mb_s * MiB):
+        head, rate, members = family
+        evidence["family"] = {**_brief(head), "members": len(members),
+                              "rate_mb_s": round(rate / MiB, 1),
+                              "rss_mb": round(sum(p.rss_bytes for p in members) / MiB, 1)}
+        evidence["culprit"] = culprit_identity(members)
+        return Finding("memory_hog", f"{head.comm} (pid {head.pid}) and its {len(members) - 1} "
+                       f"descendants grow {rate / MiB:.1f} MB/s together, now "
+                       f"{evidence['family']['rss_mb']:.0f} MB (processes born with their "
+                       "memory)", [_target(p) for p in members], evidence)
     if top is None or top.rss_rate < cfg.min_rate_mb_s * MiB:
         grower = by_rate[0] if by_rate else None
         if grower is not None and grower.registered and grower.rss_rate >= cfg.min_rate_mb_s * MiB:
@@ -137,6 +160,50 @@ def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
         f"{largest.rss_bytes / MiB:.0f} MB), stable or slower")
     return Finding("memory_hog", f"{top.comm} (pid {top.pid}) grows {top.rss_rate / MiB:.1f} MB/s, "
                    f"now {top.rss_bytes / MiB:.0f} MB{note}", [_target(top)], evidence)
+
+
+def _growing_family(cfg: MemoryHogDiagnosis, alive: Sequence[Row]
+                    ) -> tuple[Row, float, list[Row]] | None:
+    """(head, growth in bytes/s, members head first) of the fastest-growing family of
+    unprotected processes with more than one member (see memory_hog); None if none."""
+    def growth(p: Row) -> float:
+        return max(p.rss_rate, p.rss_bytes / cfg.born_s if p.age_s < cfg.born_s else 0.0)
+
+    free = {p.pid: p for p in alive if not p.registered and not _protected_comm(p, cfg.protect_comms)}
+    children: dict[int, list[Row]] = {}
+    for p in free.values():
+        children.setdefault(p.ppid, []).append(p)
+    total: dict[int, float] = {}
+
+    def family_rate(p: Row) -> float:  # iterative: a fork bomb's tree may be deep
+        order, todo = [], [p]
+        while todo:
+            cur = todo.pop()
+            order.append(cur)
+            todo.extend(c for c in children.get(cur.pid, ()) if c.pid not in total)
+        for cur in reversed(order):
+            total[cur.pid] = growth(cur) + sum(total[c.pid] for c in children.get(cur.pid, ()))
+        return total[p.pid]
+
+    roots = [p for p in free.values() if p.ppid not in free]
+    best = max(roots, key=family_rate, default=None)
+    if best is None or not children.get(best.pid):
+        return None
+    head = best
+    while True:  # down to where the growth splits
+        kids = children.get(head.pid, ())
+        lead = max(kids, key=lambda c: total[c.pid], default=None)
+        if lead is None or total[lead.pid] < cfg.family_share * total[head.pid]:
+            break
+        head = lead
+    members, todo = [], [head]
+    while todo:
+        cur = todo.pop()
+        members.append(cur)
+        todo.extend(children.get(cur.pid, ()))
+    if sum(1 for p in members if p.age_s < cfg.born_s) < cfg.born_min:
+        return None  # not a forking pattern: the single-process rule decides
+    return head, total[head.pid], members
 
 
 def largest_rss(cfg: LargestRssDiagnosis, table: Sequence[Row]) -> Finding:
@@ -520,6 +587,9 @@ class MemoryHogDiagnosis(Diagnosis, tag="memory_hog"):
     min_rate_mb_s: Pos = 1.0
     top: Annotated[int, msgspec.Meta(ge=1, le=50)] = 5
     protect_comms: list[str] = []
+    born_s: Pos = 1.0  # a process younger than this counts its RSS as growth over it
+    born_min: Annotated[int, msgspec.Meta(ge=2)] = 3  # of them in a family that forks
+    family_share: Annotated[float, msgspec.Meta(gt=0.5, le=1)] = 0.8
 
     def run(self, ctx: Context) -> Finding:
         table = ctx.client.processes(ctx.node, cmdline=True)  # the culprit's, for a warning
