@@ -96,6 +96,21 @@ def test_pipelined_requests_are_answered_in_order_and_garbage_gets_400(server):
     bad.close()
 
 
+@pytest.mark.parametrize("request_", [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # h2 preface
+                                      b"GET /count HTTP/3.0\r\nHost: x\r\n\r\n"])
+def test_a_request_of_another_http_version_gets_505_not_the_app(server, request_):
+    """h11 reads any HTTP/x.y as 1.1: an HTTP/2 client's preface was handed to the
+    application as a request for "*" with method PRI, answered 200 (found with curl
+    --http2-prior-knowledge); an HTTP/3.0 GET was served."""
+    s = socket.create_connection(server, timeout=10)
+    s.sendall(request_)
+    status, body = _response(s)
+    assert status.startswith(b"HTTP/1.1 505 HTTP Version Not Supported"), status
+    assert b"is not supported" in body
+    assert s.recv(1) == b""  # closed
+    s.close()
+
+
 def _head(f) -> tuple[bytes, int]:
     """(status line, Content-Length) of the response head read from file `f`."""
     status = f.readline()

@@ -243,6 +243,10 @@ async def _read_request(parser, cb):
             parser.receive_data(data)
             continue
         if isinstance(event, h11.Request):
+            if event.http_version not in (b"1.0", b"1.1"):  # h11 takes any as 1.1
+                raise h11.RemoteProtocolError(
+                    f"HTTP/{event.http_version.decode(errors='replace')} is not supported: "
+                    "this server speaks HTTP/1.1 (and 1.0)", error_status_hint=505)
             request = event
             length = next((int(v) for k, v in event.headers if k == b"content-length"), None)
             # where the head ends in what the log holds since the export (the parser's
