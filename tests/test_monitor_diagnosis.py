@@ -67,6 +67,17 @@ def test_memory_hog_finds_a_family_that_grows_by_forking():
     assert [c.pid for c in f.culprits] == [40]
 
 
+def test_memory_hog_without_a_culprit_says_how_much_memory_no_process_maps():
+    """A memfd written without mapping it grows the node, not any process's RSS (found
+    from outside: the kernel's OOM killer then took the whole node): the summary says so."""
+    table = [row(10, comm="svc", rss_mb=50, registered=True), row(11, comm="writer", rss_mb=10)]
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), table, node_memory_mb=450)
+    assert f.culprits == [] and f.evidence["node_memory_mb"] == 450
+    assert "RSS is 60 MB of the node's 450 MB" in f.summary and "memfd" in f.summary
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), table, node_memory_mb=100)
+    assert f.summary.endswith("no culprit")
+
+
 def test_memory_hog_never_picks_a_registered_service_or_a_protected_comm():
     table = [row(10, comm="svc", rss_mb=40, rate_mb=50, registered=True),
              row(11, comm="sshd", rss_mb=20, rate_mb=30),

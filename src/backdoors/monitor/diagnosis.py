@@ -108,7 +108,8 @@ def _protected_comm(p: Row, patterns: Iterable[str]) -> bool:
 # ---- memory hog ------------------------------------------------------------------------
 
 
-def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
+def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row],
+               node_memory_mb: float | None = None) -> Finding:
     """The process responsible for the growth: the highest RSS growth rate, at least
     `min_rate_mb_s`; never a registered service or a protected comm, never chosen for
     its size. No culprit (and no kill) when nothing grows.
@@ -153,13 +154,30 @@ def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row]) -> Finding:
                            f"grows {grower.rss_rate / MiB:.1f} MB/s: it holds the sessions, so it "
                            "is not killed; nothing else to repair", [], evidence)
         return Finding("memory_hog", "no process grows faster than "
-                       f"{cfg.min_rate_mb_s:g} MB/s: no culprit", [], evidence)
+                       f"{cfg.min_rate_mb_s:g} MB/s: no culprit{_unmapped(evidence, node_memory_mb)}",
+                       [], evidence)
     evidence["culprit"] = culprit_identity([top])
     note = "" if largest is None or largest.pid == top.pid else (
         f"; the largest process is {largest.comm} ({largest.pid}, "
         f"{largest.rss_bytes / MiB:.0f} MB), stable or slower")
     return Finding("memory_hog", f"{top.comm} (pid {top.pid}) grows {top.rss_rate / MiB:.1f} MB/s, "
                    f"now {top.rss_bytes / MiB:.0f} MB{note}", [_target(top)], evidence)
+
+
+def _unmapped(evidence: dict[str, Any], node_mb: float | None) -> str:
+    """What the summary says when the node's memory is mostly not its processes' RSS:
+    shared memory no process maps (a memfd or tmpfs file written, not mapped) or page
+    cache; a process table cannot tell whose (the sealed agent may not read other
+    processes' descriptors)."""
+    if node_mb is None:
+        return ""
+    evidence["node_memory_mb"] = round(node_mb, 1)
+    if evidence["total_rss_mb"] >= node_mb / 2:
+        return ""
+    return (f"; the processes' RSS is {evidence['total_rss_mb']:.0f} MB of the node's "
+            f"{node_mb:.0f} MB: the rest is memory no process maps (shared memory written "
+            "to a memfd or a tmpfs file, or page cache), whose holder a process table does "
+            "not show")
 
 
 def _growing_family(cfg: MemoryHogDiagnosis, alive: Sequence[Row]
@@ -593,7 +611,10 @@ class MemoryHogDiagnosis(Diagnosis, tag="memory_hog"):
 
     def run(self, ctx: Context) -> Finding:
         table = ctx.client.processes(ctx.node, cmdline=True)  # the culprit's, for a warning
-        return _table_noted(memory_hog(self, table.rows), table)
+        kernel = ctx.view.snapshots.get(KERNEL_BOX)
+        memory = next((s.value for s in kernel.sensors if s.name == "memory_mb"), None) \
+            if kernel is not None else None
+        return _table_noted(memory_hog(self, table.rows, memory), table)
 
 
 class ForkBombDiagnosis(Diagnosis, tag="fork_bomb"):
