@@ -47,7 +47,8 @@ def test_memory_hog_blames_growth_not_size():
 def test_memory_hog_finds_a_family_that_grows_by_forking():
     """Children born with their memory (none grows for long): the family is the culprit,
     from the forker down (not its shell), when it outgrows any single process; a pool
-    that replaced one worker is no family, nor a service's helpers."""
+    that replaced one worker is no family, nor a service's helpers, nor the node's first
+    process."""
     table = [row(10, 1, "svc", rss_mb=40, registered=True),
              row(20, 1, "bash", rss_mb=4), row(30, 20, "forker", rss_mb=50),
              row(40, 1, "leak", rss_mb=80, rate_mb=20)]
@@ -64,6 +65,11 @@ def test_memory_hog_finds_a_family_that_grows_by_forking():
     helpers = [row(10, 1, "svc", rss_mb=40, registered=True), row(40, 1, "leak", rss_mb=80, rate_mb=20)]
     helpers += [row(p, 10, "helper", rss_mb=30, age=0.5) for p in range(11, 15)]
     f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), helpers)
+    assert [c.pid for c in f.culprits] == [40]
+    # children of the node's first process (orphans): it is never a family's head
+    orphans = [row(2, 1, "init", rss_mb=1, age=500), row(40, 2, "leak", rss_mb=80, rate_mb=20)]
+    orphans += [row(p, 2, "forker", rss_mb=49, age=0.5) for p in range(50, 55)]
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), orphans)
     assert [c.pid for c in f.culprits] == [40]
 
 

@@ -15,6 +15,7 @@ from ..agent.protocol import ProcessRow
 from .detectors import Hit, NodeView
 from .history import History
 
+
 class LineageFinder(Protocol):
     """Finds a fork bomb's lineage in a (frozen) node's process table: a diagnosis that
     provides "lineage"."""

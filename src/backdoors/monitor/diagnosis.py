@@ -123,7 +123,8 @@ def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row],
     child says little) that outgrows the fastest single process is the culprit, all of
     it, from its head: the process whose family grows fastest, not one of whose
     children holds `family_share` of that growth (down the tree to where the growth
-    splits: the forker, not its shell)."""
+    splits: the forker, not its shell). Never the node's first process, nor an ancestor of
+    a registered service."""
     alive = [p for p in table if running(p.state)]
     by_rate = sorted(alive, key=lambda p: p.rss_rate, reverse=True)
     eligible = [p for p in by_rate if not p.registered and not _protected_comm(p, cfg.protect_comms)]
@@ -187,7 +188,10 @@ def _growing_family(cfg: MemoryHogDiagnosis, alive: Sequence[Row]
     def growth(p: Row) -> float:
         return max(p.rss_rate, p.rss_bytes / cfg.born_s if p.age_s < cfg.born_s else 0.0)
 
-    free = {p.pid: p for p in alive if not p.registered and not _protected_comm(p, cfg.protect_comms)}
+    # never the node's first process nor a service's keeper (killing either ends it)
+    first, keepers = first_process(alive), _keepers(alive, {p.pid: p for p in alive})
+    free = {p.pid: p for p in alive if not p.registered and p.pid not in keepers
+            and p is not first and not _protected_comm(p, cfg.protect_comms)}
     children: dict[int, list[Row]] = {}
     for p in free.values():
         children.setdefault(p.ppid, []).append(p)
@@ -254,6 +258,18 @@ def _kind(p: Row) -> tuple[str, str]:
     return p.exe, p.comm
 
 
+def _keepers(table: Sequence[Row], by_pid: dict[int, Row]) -> set[int]:
+    """The ancestors of registered services: they run them (a container's PID 1, its exec
+    shim, a supervisor), and killing one would take the service down too."""
+    keepers: set[int] = set()
+    for p in table:
+        parent = by_pid.get(p.ppid) if p.registered else None
+        while parent is not None and parent.pid not in keepers:
+            keepers.add(parent.pid)
+            parent = by_pid.get(parent.ppid)
+    return keepers
+
+
 def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterable[str] = (),
                  old_ancestor_min_children: int = 3, kin_min_young: int = 3,
                  kin_gap_s: float = 2.0, task_share: float = 0.25,
@@ -295,14 +311,7 @@ def bomb_lineage(table: Sequence[Row], young_age_s: float, protect_comms: Iterab
     by_pid = {p.pid: p for p in table}
     first = first_process(table)
     protect_comms = list(protect_comms)
-    # The ancestors of a registered service run it (a container's PID 1, its exec shim, a
-    # supervisor): killing one would take the service down too.
-    keepers: set[int] = set()
-    for p in table:
-        parent = by_pid.get(p.ppid) if p.registered else None
-        while parent is not None and parent.pid not in keepers:
-            keepers.add(parent.pid)
-            parent = by_pid.get(parent.ppid)
+    keepers = _keepers(table, by_pid)
 
     def protected(p: Row) -> bool:
         return p.registered or p.pid in keepers or (
