@@ -24,6 +24,7 @@ _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
+BOMB_SHAPES = ("tree", "orphans", "threads", "spawner", "sessions", "zombies")
 COMM = {"memory": "bd-memhog", "cache": "bd-cache", "forkbomb": "bd-forkbomb", "cpu": "bd-cpuhog"}
 
 
@@ -82,25 +83,10 @@ def forkbomb(shape: str = "tree", after: float = 0.0) -> None:
     quiet first (a process that ran a while before it turned into a bomb).
     """
     time.sleep(after)
-    if shape in ("spawner", "sessions", "zombies"):
-        sleep = shutil.which("sleep") or "/bin/sleep"
-        while True:
-            try:
-                os.posix_spawn(sleep, [sleep, "3600"], os.environ, setsid=shape != "spawner")
-            except OSError:
-                time.sleep(0.001)
-            while shape != "zombies":
-                try:
-                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                        break
-                except ChildProcessError:
-                    break
     if shape == "threads":
-        while True:
-            try:
-                threading.Thread(target=hold_forever, daemon=True).start()
-            except RuntimeError:  # "can't start new thread": the pids limit
-                time.sleep(0.001)
+        _thread_bomb()
+    if shape in ("spawner", "sessions", "zombies"):
+        _spawner(setsid=shape != "spawner", reap=shape != "zombies")
     if shape == "tree":
         _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     while True:
@@ -119,6 +105,29 @@ def forkbomb(shape: str = "tree", after: float = 0.0) -> None:
                 os._exit(0)
         except OSError:
             os._exit(1)
+
+
+def _thread_bomb() -> None:
+    while True:
+        try:
+            threading.Thread(target=hold_forever, daemon=True).start()
+        except RuntimeError:  # "can't start new thread": the pids limit
+            time.sleep(0.001)
+
+
+def _spawner(setsid: bool, reap: bool) -> None:
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    while True:
+        try:
+            os.posix_spawn(sleep, [sleep, "3600"], os.environ, setsid=setsid)
+        except OSError:
+            time.sleep(0.001)
+        while reap:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
 
 
 def cpu(procs: int) -> None:
@@ -140,7 +149,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("cache")
     c.add_argument("--mb", type=float, default=256)
     f = sub.add_parser("forkbomb")
-    f.add_argument("--shape", choices=("tree", "orphans", "threads", "spawner", "sessions", "zombies"), default="tree")
+    f.add_argument("--shape", choices=BOMB_SHAPES, default="tree")
     f.add_argument("--after", type=float, default=0.0, help="seconds of quiet first")
     p = sub.add_parser("cpu")
     p.add_argument("--procs", type=int, default=2)
