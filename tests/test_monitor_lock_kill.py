@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import msgspec
+
 from backdoors.agent.protocol import ProcessRow
 from backdoors.errors import AgentError
 from backdoors.monitor.actions import LockKillLineage
@@ -105,3 +107,59 @@ def test_a_service_leaking_threads_is_named_and_spared():
     assert out.detail["killed"] == 0 and not agent.killed
     assert "svc (pid 10) holds 199 threads started since onset and 0 unreaped children, and " \
         "is protected" in out.finding.summary
+
+
+class ZombieAgent(ScriptedAgent):
+    """A spawner (old, in a session of its own: spared) whose 20 young sleeps, once
+    killed, stay its zombies: they hold the node's pids until it is killed too. With
+    `reaper_holds`, the node's init holds them instead (it reaps late)."""
+
+    def __init__(self, reaper_holds: bool = False):
+        super().__init__()
+        self.reaper_holds = reaper_holds
+        self.table = [_row(1, 0, "init", 90), _row(10, 1, "svc", 60, registered=True),
+                      _row(30, 1, "spawner", 9)]
+        self.table += [_row(p, 30, "sleep", 0.3) for p in range(40, 60)]
+        self.zombies, self.first_kill = 0, False
+
+    def lock(self, node, lease_s):
+        return SimpleNamespace(freeze_ms=1.0)
+
+    def unlock(self, node):
+        gone = [p for p in self.table if p.pid in self.killed]
+        self.zombies += sum(1 for p in gone if p.comm == "sleep")
+        if any(p.pid == 30 for p in gone):
+            self.zombies = 0  # their parent is gone: init reaps them
+        self.table = [p for p in self.table if p.pid not in self.killed]
+        holder = 1 if self.reaper_holds else 30
+        self.table = [msgspec.structs.replace(p, unreaped=self.zombies) if p.pid == holder else p
+                      for p in self.table]
+        return SimpleNamespace(thaw_ms=0.5)
+
+    def status(self, node):
+        return SimpleNamespace(stats=SimpleNamespace(pids=len(self.table) + self.zombies,
+                                                     pids_limit=23))  # full at the start
+
+
+def _zombie_run(agent):
+    ctx = Context(rule="fork-bomb", incident="i1", view=SimpleNamespace(node="n0", host="h0"),
+                  hits=[], onset=99.0, detected=100.0, client=agent, clock=agent.clock,
+                  lineage=ForkBombDiagnosis())
+    return LockKillLineage(verify_ms=10, fork_wait_ms=1).run(ctx, Finding("fork_bomb", "x"))
+
+
+def test_zombies_held_by_a_parent_that_does_not_reap_send_another_round_for_it():
+    agent = ZombieAgent()
+    out = _zombie_run(agent)
+    assert [r["lineage"] for r in out.detail["rounds"]] == [20, 1]  # the sleeps, the spawner
+    assert out.status == "done" and 30 in agent.killed and 10 not in agent.killed
+    assert out.finding.culprits[0].pid == 30
+    assert "then 1 that held their zombies (spawner)" in out.finding.summary
+
+
+def test_zombies_a_protected_reaper_holds_end_the_rounds_failed_saying_so():
+    agent = ZombieAgent(reaper_holds=True)
+    out = _zombie_run(agent)
+    assert [r["lineage"] for r in out.detail["rounds"]] == [20, 0]  # nothing holds them to kill
+    assert out.status == "failed" and "20 zombies not reaped" in out.detail["error"]
+    assert not ({1, 10, 30} & agent.killed)

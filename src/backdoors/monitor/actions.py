@@ -150,8 +150,9 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
         """Freeze, find the lineage born since onset, kill it frozen, thaw, check survivors."""
         rounds, killed_total, survivors, found = [], 0, [], None
         holders, for_zombies = [], False  # killed in a round for the zombies left
+        checked = None  # the last fork_room, while no round failed since
         for _ in range(self.max_rounds):
-            t0, checked = ctx.clock(), None  # this round's fork_room
+            t0 = ctx.clock()
             try:
                 lock = ctx.client.lock(ctx.node, self.lease_s)
             except AgentError as e:  # e.g. a bomb forking faster than it freezes: try again
@@ -218,12 +219,16 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
             if for_zombies:
                 holders += targets
             survivors = left
-            if error is None and not left and not (table and table.truncated):
-                checked = fork_room(ctx.client, ctx.node, killed_total,
-                                    self.fork_wait_ms / 1000, ctx.clock)
-                if checked[1] is None or not checked[0].get("unreaped"):
-                    break
-                for_zombies = True
+            if error is not None or left or (table and table.truncated):
+                checked = None
+                continue
+            if for_zombies and not targets:
+                break  # no process holds them: the last check stands
+            checked = fork_room(ctx.client, ctx.node, killed_total, self.fork_wait_ms / 1000,
+                                ctx.clock)
+            if checked[1] is None or not checked[0].get("unreaped"):
+                break
+            for_zombies = True
         status = "done" if not survivors and rounds[-1]["error"] is None else "failed"
         detail = {"rounds": rounds, "killed": killed_total,
                   "survivors": [t.pid for t in survivors]}
