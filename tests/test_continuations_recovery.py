@@ -37,7 +37,7 @@ def files(rlab):
     return root, data
 
 
-def fetch_with_fault(rlab, server, fault: str, at: int = FREEZE_AT):
+def fetch_with_fault(rlab, server, fault: str, at: int = FREEZE_AT, half_close: bool = False):
     """Start a download of big.bin; when `at` bytes have arrived, freeze or crash `server`
     (holding its session first, as the agent does). Returns (client, held session)."""
     sock = rlab.connect()
@@ -53,7 +53,7 @@ def fetch_with_fault(rlab, server, fault: str, at: int = FREEZE_AT):
                 server.freeze()
             reached.set()
 
-    client = Background(file_client.fetch, sock, "big.bin", progress)
+    client = Background(file_client.fetch, sock, "big.bin", progress, half_close)
     wait_for(reached, f"{at} bytes at the client", client=client)
     if fault != "crash":
         held.extend(server.sessions())  # pidfd_getfd on the frozen process
@@ -75,6 +75,22 @@ def test_file_server_recovers_mid_stream(rlab, files, fault):
     assert 0 <= move.skip <= 256 * 1024  # at most one export interval regenerated
     assert move.replay == 0  # the file name was consumed before the first export
 
+    assert_exact(client.result(), data)
+
+
+@pytest.mark.parametrize("fault", ["freeze", "crash"])
+def test_file_server_recovers_a_client_that_half_closed(rlab, files, fault):
+    """The client shut its writing side down after the file's name (nc -N): the session
+    is half-closed (CLOSE_WAIT at the server) when it moves, and still gets the whole
+    file once, then the end."""
+    root, data = files
+    a = rlab.server("a", "file_server", "--root", root)
+    b = rlab.server("b", "file_server", "--root", root)
+    client, held = fetch_with_fault(rlab, a, fault, half_close=True)
+
+    move = rlab.recover(held, b)
+    assert move.state.peer_fin, "the client's FIN must have reached the server"
+    assert FREEZE_AT <= move.state.handed < FILE_SIZE
     assert_exact(client.result(), data)
 
 

@@ -562,7 +562,8 @@ def test_restore_beside_the_live_original_is_refused(lab):
 
 
 def test_dump_refuses_sockets_that_are_not_established(lab):
-    """(f) listening, unconnected, UDP and half-closed sockets raise, and stay usable."""
+    """(f) listening, unconnected, UDP and sockets that closed their side raise, and
+    stay usable."""
     conn = Connection(lab)
     listener = lab.socket_in(conn.s, _listen, VIP, PORT + 1)
     with pytest.raises(TcpRepairError, match="LISTEN, not ESTABLISHED"):
@@ -584,17 +585,46 @@ def test_dump_refuses_sockets_that_are_not_established(lab):
         repair(udp).dump()
     udp.close()
 
-    conn.client.shutdown(socket.SHUT_WR)
-    wait_until(lambda: conn.server.recv(1, socket.MSG_PEEK) == b"", what="FIN at the server")
-    with pytest.raises(TcpRepairError, match="CLOSE_WAIT, not ESTABLISHED"):
+    conn.server.shutdown(socket.SHUT_WR)  # our side closed (FIN_WAIT): not dumpable
+    assert conn.client.recv(1) == b""
+    with pytest.raises(TcpRepairError, match="FIN_WAIT[12], not ESTABLISHED or CLOSE_WAIT"):
         with repair(conn.server) as handle:
             handle.dump()
-    conn.server.sendall(b"bye")  # not left in repair mode: the half-closed socket works
-    assert recv_exactly(conn.client, 3) == b"bye"
+    conn.client.sendall(b"bye")  # not left in repair mode: the half-closed socket works
+    assert recv_exactly(conn.server, 3) == b"bye"
     close_silently(conn.server)  # repair mode is allowed in every state but LISTEN
-    conn.client.settimeout(0.5)
-    with pytest.raises(socket.timeout):  # no FIN came
-        conn.client.recv(1)
+
+
+@pytest.mark.parametrize("resend", [False, True], ids=["unacked-as-sent", "unacked-resent"])
+def test_a_connection_the_client_half_closed_moves_with_its_end_of_input(lab, resend):
+    """The client sent its request and shut its writing down, and reads the rest of the
+    answer (the server's socket in CLOSE_WAIT: nc -N, some HTTP/1.0 clients). The
+    restored socket has the unread part of the request, then the end of the input (the
+    client's FIN, given again); the answer goes on, and the server's close ends it."""
+    conn = Connection(lab)
+    conn.client.sendall(numbered(0, 3000))
+    conn.client.shutdown(socket.SHUT_WR)
+    # its FIN acknowledged (the server may delay that ACK): it never sends it again
+    wait_until(lambda: kernel.tcp_info(conn.client).state_name == "FIN_WAIT2",
+               what="the client's FIN at the server, acknowledged")
+    assert_stream(recv_exactly(conn.server, 1000), 0, 1000)
+    total, first = 400_000, 100_000
+    reader = Reader(conn.client, total + 1)  # one more: it must end at the server's FIN
+    conn.server.sendall(numbered(0, first))
+
+    state, new = move_in_place(conn, resend)
+    assert state.peer_fin and len(state.recv_queue) == 2000 and state.read == 1000
+    new.settimeout(10)  # without the FIN given again the read below would wait for good
+    assert_stream(recv_exactly(new, 2000), 1000, 2000)
+    assert new.recv(1) == b""  # the end of the input
+    assert kernel.tcp_info(new).state == kernel.CLOSE_WAIT
+    assert bytes_received(new, since=state) == 3000
+    new.sendall(numbered(first, total - first))
+    assert bytes_handed(new, since=state) == total
+    new.close()
+    reader.join(20)
+    assert reader.eof and reader.error is None, (reader.eof, reader.error)
+    assert_stream(bytes(reader.data), 0, total)
 
 
 def test_byte_counts_match_what_was_written_and_read(lab):
@@ -683,6 +713,33 @@ def test_ipv6_connection_moves(lab):
     new.sendall(numbered(4000, 1000))
     assert_stream(recv_exactly(client, 5000), 0, 5000)
     assert_stream(recv_exactly(new, 5000), 0, 5000)
+
+
+def test_a_half_closed_ipv6_connection_moves(lab):
+    """The client's FIN is given again over IPv6 too (its own header and checksum)."""
+    ns = lab.netns("v6h")
+    listener = lab.socket_in(ns, _listen, "::1", PORT, socket.AF_INET6)
+    client = lab.socket_in(ns, socket.create_connection, ("::1", PORT), 5)
+    server = listener.accept()[0]
+    client.sendall(numbered(0, 5000))
+    client.shutdown(socket.SHUT_WR)
+    # its FIN acknowledged (the server may delay that ACK): it never sends it again
+    wait_until(lambda: kernel.tcp_info(client).state_name == "FIN_WAIT2")
+
+    with repair(server) as handle:
+        state = handle.dump()
+        handle.close()
+    assert state.peer_fin and len(state.recv_queue) == 5000
+    new = lab.socket_in(ns, restore, TcpState.decode(state.encode()))
+    wait_until(lambda: kernel.tcp_info(new).state == kernel.CLOSE_WAIT, timeout=2,
+               what="the FIN given again (without it the socket stays ESTABLISHED)")
+    new.settimeout(10)
+    assert_stream(recv_exactly(new, 5000), 0, 5000)
+    assert new.recv(1) == b""
+    new.sendall(numbered(0, 4000))
+    new.close()
+    assert_stream(recv_exactly(client, 4000), 0, 4000)
+    assert client.recv(1) == b""
 
 
 def test_close_silently_sends_no_fin(lab):

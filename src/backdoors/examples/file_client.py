@@ -11,10 +11,14 @@ import sys
 from collections.abc import Callable
 
 
-def fetch(sock: socket.socket, name: str, progress: Callable[[int], None] | None = None) -> bytes:
+def fetch(sock: socket.socket, name: str, progress: Callable[[int], None] | None = None,
+          half_close: bool = False) -> bytes:
     """Send `name`, return every byte until the server closes; `progress(total)` is called
-    after each chunk."""
+    after each chunk. `half_close`: shut the writing side down after the name (as
+    `nc -N` does), the connection half-closed while the file comes."""
     sock.sendall(name.encode() + b"\n")
+    if half_close:
+        sock.shutdown(socket.SHUT_WR)
     parts, total = [], 0
     while chunk := sock.recv(1 << 16):
         parts.append(chunk)

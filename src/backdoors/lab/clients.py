@@ -50,7 +50,10 @@ class StreamClients:
 
     GAP_S = 0.02
 
-    def __init__(self, lab, address: str, port: int, count: int, *, connect_timeout: float = 5.0):
+    def __init__(self, lab, address: str, port: int, count: int, *, connect_timeout: float = 5.0,
+                 half_close: int = 0):
+        """`half_close`: so many of the sessions shut their writing side down once
+        connected (the server's socket in CLOSE_WAIT, as `nc -N` leaves it)."""
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.sessions: list[Session] = []
@@ -63,6 +66,8 @@ class StreamClients:
                 self.sessions.append(Session(s))
                 s.settimeout(connect_timeout)
                 s.connect((address, port))
+                if len(self.sessions) <= half_close:
+                    s.shutdown(socket.SHUT_WR)
                 s.setblocking(False)
         except OSError as e:
             self.close()

@@ -1,4 +1,6 @@
-"""Read an established TCP socket in repair mode into a TcpState (see `repair.Repair.dump`).
+"""Read an established TCP socket in repair mode into a TcpState (see `repair.Repair.dump`),
+or one whose peer has closed its side (CLOSE_WAIT: the client shut its writing down and
+waits for the rest of the answer); a socket that closed its own side is not dumped.
 
 The caller holds the network lock: while it is held no segment of the connection reaches
 this stack, so the snapshot is consistent and nothing is ACKed after it. A snapshot that
@@ -8,6 +10,8 @@ changes while it is taken (the lock is missing) is retried, then refused.
 from __future__ import annotations
 
 import socket
+
+import msgspec
 
 from backdoors.errors import TcpRepairError
 
@@ -25,16 +29,22 @@ def check_tcp(sock: socket.socket, step: str) -> None:
 
 
 def check_established(sock: socket.socket) -> None:
-    """Raise TcpRepairError unless `sock` is an established connection (dumpable)."""
+    """Raise TcpRepairError unless `sock` is an established connection, or one its peer
+    half-closed (dumpable)."""
     try:
         info = kernel.tcp_info(sock)
     except OSError as err:
         raise kernel.fail("dump: TCP_INFO", err, "is this a TCP socket?") from None
-    if info.state != kernel.ESTABLISHED:
+    if info.state not in DUMPABLE:
         raise TcpRepairError(
-            f"dump: socket is {info.state_name}, not ESTABLISHED; only established "
-            "connections can be dumped (listening, unconnected and closing sockets cannot)"
+            f"dump: socket is {info.state_name}, not ESTABLISHED or CLOSE_WAIT; only "
+            "established connections (or ones the peer half-closed) can be dumped "
+            "(listening, unconnected and closing sockets cannot)"
         )
+
+
+#: states dump() takes: established, and half-closed by the peer (its FIN is in rcv_seq)
+DUMPABLE = (kernel.ESTABLISHED, kernel.CLOSE_WAIT)
 
 
 def snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
@@ -59,23 +69,25 @@ def snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
     )
 
 
-def _queue_sizes(sock: socket.socket) -> tuple[int, int, int]:
-    """(unread, unacknowledged + unsent, unsent) bytes."""
+def _queue_sizes(sock: socket.socket) -> tuple[int, int, int, int]:
+    """(unread, unacknowledged + unsent, unsent) bytes, and the TCP state (a FIN that
+    arrives changes no size)."""
     try:
         return (
             kernel.ioctl_int(sock, kernel.SIOCINQ),
             kernel.ioctl_int(sock, kernel.SIOCOUTQ),
             kernel.ioctl_int(sock, kernel.SIOCOUTQNSD),
+            kernel.tcp_info(sock).state,
         )
     except OSError as err:
         raise kernel.fail("dump: reading queue sizes", err) from None
 
 
 def _read_state(
-    sock: socket.socket, sizes: tuple[int, int, int], since: TcpState | None
+    sock: socket.socket, sizes: tuple[int, int, int, int], since: TcpState | None
 ) -> TcpState | None:
     """The state, or None if a queue no longer holds the amount `sizes` says."""
-    inq, outq, unsent = sizes
+    inq, outq, unsent, _ = sizes
     try:
         kernel.select_queue(sock, kernel.RECV_QUEUE)
         rcv_seq = kernel.get_u32(sock, kernel.TCP_QUEUE_SEQ)
@@ -96,8 +108,14 @@ def _read_state(
         local, remote = sock.getsockname(), sock.getpeername()
     except OSError as err:
         raise kernel.fail("dump: reading queues, options, window and addresses", err) from None
-    if info.state != kernel.ESTABLISHED:
+    if info.state not in DUMPABLE:
         raise TcpRepairError(f"dump: connection went to {info.state_name} during the dump")
+    window = TcpWindow(*kernel.WINDOW.unpack(raw_window))
+    peer_fin = info.state == kernel.CLOSE_WAIT
+    if peer_fin:  # rcv_nxt is past the FIN, which takes one sequence number
+        rcv_seq = (rcv_seq - 1) & 0xFFFFFFFF
+        if 0 < (window.rcv_wup - rcv_seq) & 0xFFFFFFFF < 1 << 31:  # advertised past it
+            window = msgspec.structs.replace(window, rcv_wup=rcv_seq)
     wscale = bool(info.options & kernel.TCPI_OPT_WSCALE)
     return TcpState(
         family=int(sock.family),
@@ -118,12 +136,13 @@ def _read_state(
             snd_wscale=info.snd_wscale if wscale else 0,
             rcv_wscale=info.rcv_wscale if wscale else 0,
         ),
-        window=TcpWindow(*kernel.WINDOW.unpack(raw_window)),
+        window=window,
         timestamp=timestamp,
         nodelay=nodelay,
         keepalive=keepalive,
         handed=handed_from(info, outq, since),
         read=read_from(info, inq, since),
+        peer_fin=peer_fin,
     )
 
 

@@ -81,6 +81,7 @@ STATE_NAMES = {
     11: "CLOSING",
 }
 ESTABLISHED = 1
+CLOSE_WAIT = 8
 
 
 class TcpInfo(NamedTuple):

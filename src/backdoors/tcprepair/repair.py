@@ -20,7 +20,7 @@ from backdoors.errors import TcpRepairError
 
 from . import kernel
 from .dump import check_established, check_tcp, snapshot
-from .restore import abandon, finish, rebuild
+from .restore import abandon, fin_sender, finish, rebuild
 from .state import TcpState
 
 
@@ -28,10 +28,12 @@ class Repair:
     """One socket held in repair mode; see `repair` and `restore_paused`."""
 
     def __init__(self, sock: socket.socket, *, was_in_repair: bool,
-                 rebuilt: tuple[TcpState, bool] | None = None):
+                 rebuilt: tuple[TcpState, bool] | None = None,
+                 fin: socket.socket | None = None):
         self.sock = sock
         self._was_in_repair = was_in_repair
         self._rebuilt = rebuilt  # (state, resend_unacked) of a socket made by restore_paused
+        self._fin = fin  # a raw socket of its namespace, for a half-closed peer's FIN
         self._open = True
 
     def dump(self, *, since: TcpState | None = None) -> TcpState:
@@ -49,10 +51,12 @@ class Repair:
         if self._rebuilt is not None:
             state, resend_unacked = self._rebuilt
             try:
-                finish(self.sock, state, resend_unacked=resend_unacked)
+                finish(self.sock, state, resend_unacked=resend_unacked, fin=self._fin)
             except BaseException:
                 self.close()
                 raise
+            finally:
+                self._close_fin()
         else:
             try:
                 kernel.set_int(self.sock, kernel.TCP_REPAIR, kernel.REPAIR_OFF)
@@ -67,6 +71,12 @@ class Repair:
         if self._open:
             self._open = False
             abandon(self.sock)
+        self._close_fin()
+
+    def _close_fin(self) -> None:
+        if self._fin is not None:
+            self._fin.close()
+            self._fin = None
 
     def __enter__(self) -> Repair:
         return self
@@ -118,7 +128,12 @@ def restore_paused(state: TcpState, *, resend_unacked: bool = False) -> Repair:
     restored before any of them talks. The peer's packets must be kept away (network
     lock) until then. `resend_unacked`: see the `restore` module."""
     sock = rebuild(state, resend_unacked=resend_unacked)
-    return Repair(sock, was_in_repair=False, rebuilt=(state, resend_unacked))
+    try:
+        fin = fin_sender(state)
+    except BaseException:
+        abandon(sock)
+        raise
+    return Repair(sock, was_in_repair=False, rebuilt=(state, resend_unacked), fin=fin)
 
 
 def restore(state: TcpState, *, resend_unacked: bool = False) -> socket.socket:

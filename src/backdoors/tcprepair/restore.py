@@ -12,15 +12,27 @@ to 3 s): a segment lost under the network lock comes back only after the 1 s tai
 probe. With `resend_unacked=True` it is queued again as never sent and goes out at once;
 the peer drops what it already has. Then the first flight must pass whatever the peer
 already acknowledged (Linux ignores an ACK of data not yet sent): give the socket a large
-initial window (`segments_needed`, set on its route by the caller: net.route)."""
+initial window (`segments_needed`, set on its route by the caller: net.route).
+
+A connection the peer had half-closed (`peer_fin`) is rebuilt established, its receive
+sequence at the FIN; after repair off the FIN is given to it again: a FIN+ACK segment
+from the peer's address and port, written to a raw socket of the namespace, which the
+kernel loops back to the new socket (CLOSE_WAIT, and its application reads the end of
+the input). It carries no timestamp option: Linux checks PAWS only on segments that have
+one. The peer got our ACK of its FIN before the dump; the new socket's ACK of it again
+is a duplicate it ignores."""
 
 from __future__ import annotations
 
 import errno
 import functools
+import ipaddress
 import math
 import socket
+import struct
 from collections.abc import Callable, Iterable
+
+from backdoors.errors import TcpRepairError
 
 from . import kernel
 from .state import TcpState
@@ -46,9 +58,11 @@ def rebuild(state: TcpState, *, resend_unacked: bool = False) -> socket.socket:
     return sock
 
 
-def finish(sock: socket.socket, state: TcpState, *, resend_unacked: bool = False) -> None:
+def finish(sock: socket.socket, state: TcpState, *, resend_unacked: bool = False,
+           fin: socket.socket | None = None) -> None:
     """Bring a rebuilt socket to life: window, repair off (a window probe goes out), then
-    the data to send. Pass the same `resend_unacked` as to rebuild."""
+    the data to send, then the peer's FIN if it had sent one (through `fin`, a raw
+    socket of the namespace: `fin_sender`). Pass the same `resend_unacked` as to rebuild."""
     step = _Steps(f"restore {state.describe()}")
     step("TCP_REPAIR_WINDOW", sock.setsockopt, kernel.SOL_TCP, kernel.TCP_REPAIR_WINDOW,
          _window(state))
@@ -57,6 +71,58 @@ def finish(sock: socket.socket, state: TcpState, *, resend_unacked: bool = False
         step("write unacknowledged and never-sent data", _write_all, sock, state.send_queue)
     else:
         step("write never-sent data", _write_all, sock, state.never_sent)
+    if state.peer_fin:
+        if fin is None:
+            raise TcpRepairError(f"restore {state.describe()}: the peer had closed its side, "
+                                 "and no raw socket was made to give its FIN again")
+        step("give the peer's FIN again", fin.sendto, _peer_fin(state),
+             _sockaddr(state, (state.local_addr, 0)))
+
+
+def fin_sender(state: TcpState) -> socket.socket | None:
+    """A raw socket of the calling thread's network namespace to give `state`'s peer FIN
+    again (None when the peer had not closed); make it where the socket is rebuilt."""
+    if not state.peer_fin:
+        return None
+    try:
+        return socket.socket(state.family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    except OSError as err:
+        raise kernel.fail(f"restore {state.describe()}: a raw socket for the peer's FIN", err,
+                          "needs CAP_NET_RAW in this network namespace") from None
+
+
+def _peer_fin(state: TcpState) -> bytes:
+    """The peer's FIN+ACK segment, IP header included: its sequence number is the FIN's,
+    it acknowledges what the peer had acknowledged, and advertises its last window."""
+    src, dst = ipaddress.ip_address(state.remote_addr), ipaddress.ip_address(state.local_addr)
+    ack = (state.snd_seq - len(state.send_queue)) & 0xFFFFFFFF  # snd_una at the dump
+    window = min(state.window.snd_wnd >> state.options.snd_wscale, 0xFFFF)
+    tcp = _TCP.pack(state.remote_port, state.local_port, state.rcv_seq, ack,
+                    5 << 4, _FIN | _ACK, window, 0, 0)
+    if state.family == socket.AF_INET:
+        pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+        ip = _IP4.pack(0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0,
+                       src.packed, dst.packed)  # the kernel fills the checksum and id
+    else:
+        pseudo = src.packed + dst.packed + struct.pack("!IxxxB", len(tcp), socket.IPPROTO_TCP)
+        ip = _IP6.pack(6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src.packed, dst.packed)
+    checksum = _checksum(pseudo + tcp)
+    return ip + tcp[:16] + struct.pack("!H", checksum) + tcp[18:]
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+_TCP = struct.Struct("!HHIIBBHHH")  # ports, seq, ack, data offset, flags, window, csum, urg
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_IP6 = struct.Struct("!IHBB16s16s")
+_FIN, _ACK = 0x01, 0x10
 
 
 def segments_needed(states: Iterable[TcpState]) -> int:

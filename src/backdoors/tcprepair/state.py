@@ -1,4 +1,5 @@
-"""TcpState: everything needed to recreate one established TCP socket on another stack.
+"""TcpState: everything needed to recreate one established TCP socket on another stack
+(or one the peer half-closed: its FIN is given to the new socket again, see `restore`).
 
 It is plain data (a msgspec Struct) so an agent can send it to another agent as msgpack.
 Sequence numbers are the kernel's unsigned 32-bit values, taken verbatim.
@@ -79,6 +80,8 @@ class TcpState(msgspec.Struct, frozen=True):
     keepalive: bool = False  # SO_KEEPALIVE as the application had set it
     handed: U64 = 0  # bytes the application had written to the socket
     read: U64 = 0  # bytes the application had read from the socket
+    # the peer had closed its side (CLOSE_WAIT): `rcv_seq` is its FIN's sequence number
+    peer_fin: bool = False
 
     @property
     def local(self) -> tuple[str, int]:
