@@ -69,26 +69,26 @@ def snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
     )
 
 
-def _queue_sizes(sock: socket.socket) -> tuple[int, int, int, int]:
-    """(unread, unacknowledged + unsent, unsent) bytes, and the TCP state (a FIN that
-    arrives changes no size)."""
+def _queue_sizes(sock: socket.socket) -> tuple[int, int, int]:
+    """(unread, unacknowledged + unsent, unsent) bytes."""
     try:
         return (
             kernel.ioctl_int(sock, kernel.SIOCINQ),
             kernel.ioctl_int(sock, kernel.SIOCOUTQ),
             kernel.ioctl_int(sock, kernel.SIOCOUTQNSD),
-            kernel.tcp_info(sock).state,
         )
     except OSError as err:
         raise kernel.fail("dump: reading queue sizes", err) from None
 
 
 def _read_state(
-    sock: socket.socket, sizes: tuple[int, int, int, int], since: TcpState | None
+    sock: socket.socket, sizes: tuple[int, int, int], since: TcpState | None
 ) -> TcpState | None:
-    """The state, or None if a queue no longer holds the amount `sizes` says."""
-    inq, outq, unsent, _ = sizes
+    """The state, or None if a queue no longer holds the amount `sizes` says, or the
+    peer's FIN came meanwhile (it changes no size, but rcv_seq)."""
+    inq, outq, unsent = sizes
     try:
+        before = kernel.tcp_info(sock).state
         kernel.select_queue(sock, kernel.RECV_QUEUE)
         rcv_seq = kernel.get_u32(sock, kernel.TCP_QUEUE_SEQ)
         recv_queue = _peek(sock, inq)
@@ -110,6 +110,8 @@ def _read_state(
         raise kernel.fail("dump: reading queues, options, window and addresses", err) from None
     if info.state not in DUMPABLE:
         raise TcpRepairError(f"dump: connection went to {info.state_name} during the dump")
+    if info.state != before:
+        return None
     window = TcpWindow(*kernel.WINDOW.unpack(raw_window))
     peer_fin = info.state == kernel.CLOSE_WAIT
     if peer_fin:  # rcv_nxt is past the FIN, which takes one sequence number
