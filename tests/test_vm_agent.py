@@ -452,10 +452,11 @@ def test_guest_kill_of_a_tree_kills_every_runnable_process_of_it(lab):
             assert after.get(leaf, "Z") == "Z", after
             r = c.guest_kill("v0", root, tree=True)
             assert set(r.signalled) - {leaf} == tree - {leaf} and r.survivors == [], r
-        finally:
-            if not _gone(c, tree | {root}):
-                c.guest_kill("v0", root, tree=True)
-        assert _gone(c, tree)
+        finally:  # the killed tree leaves as the guest reaps it: on a busy host, later
+            if not _eventually(lambda: _gone(c, tree | {root}), 5):
+                with contextlib.suppress(RemoteError):  # the root may go meanwhile
+                    c.guest_kill("v0", root, tree=True)
+        assert _eventually(lambda: _gone(c, tree))
     assert guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
 
 

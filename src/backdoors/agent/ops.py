@@ -373,7 +373,7 @@ def processes(call: Call) -> ProcessTable:
     young, unreaped = {}, {}
     if call.args.threads_within_s is not None:
         since, reads, live = boot - call.args.threads_within_s, MAX_TASK_READS, set(pids)
-        for p in sorted(table, key=lambda p: -p.threads):  # the most threads first
+        for p in sorted(table, key=lambda p: -p.threads):  # the most threads first: a bomb
             if p.threads > 1 and reads > 0:
                 young[p.pid], read = young_threads(p.pid, since, reads)
                 reads -= read

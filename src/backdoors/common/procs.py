@@ -84,12 +84,10 @@ def read_process(pid: int) -> ProcessInfo | None:
 
 def young_threads(pid: int, since: float, max_reads: int) -> tuple[int, int]:
     """(threads of `pid` other than its first started at or after `since`, seconds since
-    boot; /proc stat files read). Newest first, by thread id: the kernel hands ids out in
-    increasing order (until they wrap at pid_max), so the count ends at the first older
-    thread, or after `max_reads` reads; a thread bomb costs its young threads plus one."""
+    boot; /proc stat files read): each thread's, at most `max_reads`. Not by thread id:
+    ids wrap at pid_max (32,768 on many hosts), so a young thread's may be the lower."""
     try:
-        tids = sorted((int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid),
-                      reverse=True)
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
     except OSError:  # gone
         return 0, 0
     young = reads = 0
@@ -100,9 +98,7 @@ def young_threads(pid: int, since: float, max_reads: int) -> tuple[int, int]:
                 text = f.read(4096).decode(errors="replace")
         except OSError:  # that thread ended meanwhile
             continue
-        if parse_stat(text).start_time < since:
-            break
-        young += 1
+        young += parse_stat(text).start_time >= since
     return young, reads
 
 
