@@ -119,7 +119,7 @@ def test_sessions_survive_a_malformed_and_a_failed_evacuate_then_move(root, uniq
                 moved = c.call("evacuate", node="n0", to=lab.agent_address("h0"), to_agent="h0",
                                to_node="n1")
                 assert moved["moved"] == 3 and not moved["failed"], moved
-                wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
+                wait(lambda: clients.beyond(at), 30,
                      "every stream to continue after the good evacuate")
                 report = clients.report(since, progressed_from=at)
                 assert report["sessions_ok"] == 3, report
@@ -199,7 +199,7 @@ def test_a_target_agent_killed_during_an_evacuate_loses_no_session(root, unique)
                         raise
                     time.sleep(0.5)
             assert moved["moved"] == count and not moved["failed"], moved["failed"]
-            wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 60,
+            wait(lambda: clients.beyond(at), 60,
                  "every stream to continue after the good evacuate")
             report = clients.report(since, progressed_from=at)
             assert report["sessions_ok"] == count, report
@@ -278,7 +278,7 @@ def test_an_evacuate_whose_answer_was_lost_is_not_moved_twice(root, unique, retr
                 at = clients.offsets()
                 since = time.monotonic()
                 _lose_an_answer(lab, c, relay, count)
-                wait(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
+                wait(lambda: clients.beyond(at), 30,
                      "every stream to continue, served on n1")
                 wait(lambda: len(c1.call("sessions", node="n1")) == count, 30,
                      f"{count} sessions held on n1")
@@ -299,7 +299,7 @@ def test_an_evacuate_whose_answer_was_lost_is_not_moved_twice(root, unique, retr
                 assert len(c1.call("sessions", node="n1")) == count
 
                 later = clients.offsets()
-                wait(lambda: all(o > a for o, a in zip(clients.offsets(), later)), 30,
+                wait(lambda: clients.beyond(later), 30,
                      "every stream to go on after the second evacuate")
                 report = clients.report(since, progressed_from=at)
                 assert report["sessions_ok"] == count, report
@@ -357,7 +357,7 @@ def test_after_a_lost_answer_sessions_go_elsewhere_only_once_their_target_says(r
                 assert c.call("sessions", node="n2") == []
 
                 later = kept.offsets()
-                wait(lambda: all(o > a for o, a in zip(kept.offsets(), later)), 30,
+                wait(lambda: kept.beyond(later), 30,
                      "the 15 streams to go on, on n1")
                 report = kept.report(since, progressed_from=at)
                 assert report["sessions_ok"] == 15, report
@@ -412,7 +412,7 @@ def test_sessions_a_target_refused_while_it_took_the_others_follow_them_only(roo
             assert again["moved"] == 2 and again["failed"] == {}, again
             assert c.held("n0").limbo == 0
 
-            wait(lambda: all(o > a for o, a in zip(first.offsets() + other.offsets(), at)), 30,
+            wait(lambda: first.beyond(at[:3]) and other.beyond(at[3:]), 30,
                  "every stream to continue")
             for group, start in ((first, at[:3]), (other, at[3:])):
                 report = group.report(since, progressed_from=start)

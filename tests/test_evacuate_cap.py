@@ -37,7 +37,7 @@ def test_an_evacuate_over_its_byte_cap_leaves_the_rest_held_for_the_next(root, u
                 assert all("not dumped" in why and "max_evacuate_bytes 1" in why
                            for why in moved["failed"].values()), moved
                 assert len(c.call("sessions", node="n0")) == left  # still held there
-            wait_for(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
+            wait_for(lambda: clients.beyond(at), 30,
                  "every stream to continue")
             report = clients.report(since, progressed_from=at)
             assert report["sessions_ok"] == 3, report

@@ -30,7 +30,7 @@ def test_half_closed_sessions_are_evacuated_with_the_others(root, unique):
             moved = c.call("evacuate", node="n0", to=lab.agent_address("h0"),
                            to_agent="h0", to_node="n1")
             assert moved["moved"] == 5 and not moved["failed"], moved
-            wait_for(lambda: all(o > a for o, a in zip(clients.offsets(), at)), 30,
+            wait_for(lambda: clients.beyond(at), 30,
                      "every stream to continue")
             report = clients.report(since, progressed_from=at)
             assert report["sessions_ok"] == 5, report

@@ -695,12 +695,17 @@ def test_byte_counts_leave_out_our_fin(lab):
         bytes_handed(conn.server)
 
 
-def test_ipv6_connection_moves(lab):
-    """An IPv6 connection over loopback is dumped and restored the same way."""
-    ns = lab.netns("v6")
+def _ipv6_loopback(lab: Lab, name: str) -> tuple[Netns, socket.socket, socket.socket]:
+    """(namespace, client, server) of an IPv6 connection over its loopback."""
+    ns = lab.netns(name)
     listener = lab.socket_in(ns, _listen, "::1", PORT, socket.AF_INET6)
     client = lab.socket_in(ns, socket.create_connection, ("::1", PORT), 5)
-    server = listener.accept()[0]
+    return ns, client, listener.accept()[0]
+
+
+def test_ipv6_connection_moves(lab):
+    """An IPv6 connection over loopback is dumped and restored the same way."""
+    ns, client, server = _ipv6_loopback(lab, "v6")
     client.sendall(numbered(0, 5000))
     server.sendall(numbered(0, 4000))
     wait_until(lambda: inq(server) == 5000)
@@ -717,10 +722,7 @@ def test_ipv6_connection_moves(lab):
 
 def test_a_half_closed_ipv6_connection_moves(lab):
     """The client's FIN is given again over IPv6 too (its own header and checksum)."""
-    ns = lab.netns("v6h")
-    listener = lab.socket_in(ns, _listen, "::1", PORT, socket.AF_INET6)
-    client = lab.socket_in(ns, socket.create_connection, ("::1", PORT), 5)
-    server = listener.accept()[0]
+    ns, client, server = _ipv6_loopback(lab, "v6h")
     client.sendall(numbered(0, 5000))
     client.shutdown(socket.SHUT_WR)
     # its FIN acknowledged (the server may delay that ACK): it never sends it again

@@ -126,6 +126,11 @@ class StreamClients:
         with self._lock:
             return [s.offset for s in self.sessions]
 
+    def beyond(self, offsets: list[int]) -> bool:
+        """Whether every session has received past its offset in `offsets` (taken from
+        offsets() earlier): all of them went on."""
+        return all(o > a for o, a in zip(self.offsets(), offsets))
+
     def report(self, since: float, progressed_from: list[int] | None = None) -> dict:
         """Totals; stalls count gaps that ended after `since` (time.monotonic()).
 
