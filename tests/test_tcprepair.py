@@ -321,9 +321,12 @@ def tcp_state(sock: socket.socket) -> str:
     return kernel.tcp_info(sock).state_name
 
 
-def move_in_place(conn: Connection, resend: bool = False) -> tuple[TcpState, socket.socket]:
-    """Lock, dump, close the old socket silently, restore in the same netns, unlock."""
-    conn.lock()
+def move_in_place(conn: Connection, resend: bool = False, *,
+                  locked: bool = False) -> tuple[TcpState, socket.socket]:
+    """Lock (unless `locked` already), dump, close the old socket silently, restore in
+    the same netns, unlock."""
+    if not locked:
+        conn.lock()
     with repair(conn.server) as handle:
         state = handle.dump()
         handle.close()
@@ -562,11 +565,10 @@ def test_restore_beside_the_live_original_is_refused(lab):
 
 
 def test_dump_refuses_sockets_that_are_not_established(lab):
-    """(f) listening, unconnected, UDP and sockets that closed their side raise, and
-    stay usable."""
+    """(f) listening, unconnected, UDP and closed sockets raise, and stay usable."""
     conn = Connection(lab)
     listener = lab.socket_in(conn.s, _listen, VIP, PORT + 1)
-    with pytest.raises(TcpRepairError, match="LISTEN, not ESTABLISHED"):
+    with pytest.raises(TcpRepairError, match="LISTEN, not a connection"):
         repair(listener).dump()
     with pytest.raises(TcpRepairError, match="EPERM.*LISTEN cannot be closed silently"):
         close_silently(listener)
@@ -575,7 +577,7 @@ def test_dump_refuses_sockets_that_are_not_established(lab):
     accepted.close()
 
     unconnected = socket.socket()
-    with pytest.raises(TcpRepairError, match="CLOSE, not ESTABLISHED"):
+    with pytest.raises(TcpRepairError, match="CLOSE, not a connection"):
         with repair(unconnected) as handle:
             handle.dump()
     unconnected.close()
@@ -585,13 +587,13 @@ def test_dump_refuses_sockets_that_are_not_established(lab):
         repair(udp).dump()
     udp.close()
 
-    conn.server.shutdown(socket.SHUT_WR)  # our side closed (FIN_WAIT): not dumpable
+    conn.server.shutdown(socket.SHUT_WR)  # both sides closed: the connection is over
     assert conn.client.recv(1) == b""
-    with pytest.raises(TcpRepairError, match="FIN_WAIT[12], not ESTABLISHED or CLOSE_WAIT"):
+    conn.client.close()
+    wait_until(lambda: tcp_state(conn.server) == "CLOSE", what="the connection closed")
+    with pytest.raises(TcpRepairError, match="CLOSE, not a connection"):
         with repair(conn.server) as handle:
             handle.dump()
-    conn.client.sendall(b"bye")  # not left in repair mode: the half-closed socket works
-    assert recv_exactly(conn.server, 3) == b"bye"
     close_silently(conn.server)  # repair mode is allowed in every state but LISTEN
 
 
@@ -625,6 +627,87 @@ def test_a_connection_the_client_half_closed_moves_with_its_end_of_input(lab, re
     reader.join(20)
     assert reader.eof and reader.error is None, (reader.eof, reader.error)
     assert_stream(bytes(reader.data), 0, total)
+
+
+@pytest.mark.parametrize("resend", [False, True], ids=["unacked-as-sent", "unacked-resent"])
+def test_a_connection_the_server_half_closed_moves_with_its_fin(lab, resend):
+    """The server wrote the end of its answer and shut its writing down, and reads on (a
+    linger before close); the last bytes and its FIN were caught by the network lock,
+    unacknowledged (FIN_WAIT1). The restored socket sends them again, then its FIN: the
+    client reads the whole answer and its end, and what it sends still reaches the
+    server, which can write no more."""
+    conn = Connection(lab)
+    first, total = 100_000, 108_000  # what is written under the lock fits the buffer
+    reader = Reader(conn.client, total + 1)  # one more: it must end at the server's FIN
+    conn.server.sendall(numbered(0, first))
+    wait_until(lambda: outq(conn.server) == 0, what="first part acknowledged")
+    conn.lock()
+    conn.server.sendall(numbered(first, total - first))
+    conn.server.shutdown(socket.SHUT_WR)
+    assert tcp_state(conn.server) == "FIN_WAIT1"
+    state, new = move_in_place(conn, resend, locked=True)
+    assert state.our_fin and not state.peer_fin
+    assert len(state.send_queue) == total - first and state.handed == total
+    reader.join(20)
+    assert reader.eof and reader.error is None, (reader.eof, reader.error)
+    assert_stream(bytes(reader.data), 0, total)
+    wait_until(lambda: tcp_state(new) == "FIN_WAIT2", what="its FIN acknowledged")
+    assert bytes_handed(new, since=state) == total
+    conn.client.sendall(numbered(0, 3000))
+    assert_stream(recv_exactly(new, 3000), 0, 3000)
+    with pytest.raises(BrokenPipeError):
+        new.send(b"more")
+
+
+def test_a_connection_whose_fin_was_acknowledged_moves_and_reads_on(lab):
+    """FIN_WAIT2: the client has the whole answer and its end, and goes on sending. The
+    restored socket sends its FIN again (the client acknowledges it again) and reads the
+    rest of the input, to the client's own FIN."""
+    conn = Connection(lab)
+    conn.server.sendall(numbered(0, 5000))
+    conn.server.shutdown(socket.SHUT_WR)
+    assert_stream(recv_exactly(conn.client, 5000), 0, 5000)
+    assert conn.client.recv(1) == b""
+    wait_until(lambda: tcp_state(conn.server) == "FIN_WAIT2", what="the FIN acknowledged")
+    conn.client.sendall(numbered(0, 2000))
+    assert_stream(recv_exactly(conn.server, 1000), 0, 1000)
+    wait_until(lambda: inq(conn.server) == 1000)
+
+    state, new = move_in_place(conn)
+    assert state.our_fin and not state.peer_fin and state.send_queue == b""
+    assert (state.handed, state.read) == (5000, 1000)
+    wait_until(lambda: tcp_state(new) == "FIN_WAIT2", what="its FIN again, acknowledged")
+    assert_stream(recv_exactly(new, 1000), 1000, 1000)
+    conn.client.sendall(numbered(2000, 3000))
+    assert_stream(recv_exactly(new, 3000), 2000, 3000)
+    assert (bytes_handed(new, since=state), bytes_received(new, since=state)) == (5000, 5000)
+    conn.client.shutdown(socket.SHUT_WR)
+    new.settimeout(10)
+    assert new.recv(1) == b""
+
+
+def test_a_connection_both_sides_closed_moves_to_its_last_ack(lab):
+    """LAST_ACK: the client sent its request and its FIN; the server answered and closed,
+    the answer and its FIN caught by the network lock. The restored socket gets the
+    client's FIN again and sends the answer and its FIN: the client reads both, and its
+    ACK ends the connection."""
+    conn = Connection(lab)
+    conn.client.sendall(numbered(0, 1000))
+    conn.client.shutdown(socket.SHUT_WR)
+    wait_until(lambda: tcp_state(conn.client) == "FIN_WAIT2", what="the client's FIN acknowledged")
+    assert_stream(recv_exactly(conn.server, 1000), 0, 1000)
+    assert conn.server.recv(1) == b""
+    reader = Reader(conn.client, 3001)
+    conn.lock()
+    conn.server.sendall(numbered(0, 3000))
+    conn.server.shutdown(socket.SHUT_WR)
+    assert tcp_state(conn.server) == "LAST_ACK"
+    state, new = move_in_place(conn, locked=True)
+    assert state.peer_fin and state.our_fin and len(state.send_queue) == 3000
+    reader.join(20)
+    assert reader.eof and reader.error is None, (reader.eof, reader.error)
+    assert_stream(bytes(reader.data), 0, 3000)
+    wait_until(lambda: tcp_state(new) == "CLOSE", what="the client's last ACK")
 
 
 def test_byte_counts_match_what_was_written_and_read(lab):

@@ -1,6 +1,9 @@
 """Read an established TCP socket in repair mode into a TcpState (see `repair.Repair.dump`),
-or one whose peer has closed its side (CLOSE_WAIT: the client shut its writing down and
-waits for the rest of the answer); a socket that closed its own side is not dumped.
+or one that either side half-closed: the peer (CLOSE_WAIT: the client shut its writing
+down and waits for the rest of the answer), this side (FIN_WAIT1/2: the server shut its
+writing down and reads on, a linger before close), or both (LAST_ACK, CLOSING). A FIN
+takes a sequence number but is no byte of the queues: the state records which were sent
+(`peer_fin`, `our_fin`) with the sequence numbers before them.
 
 The caller holds the network lock: while it is held no segment of the connection reaches
 this stack, so the snapshot is consistent and nothing is ACKed after it. A snapshot that
@@ -37,14 +40,18 @@ def check_established(sock: socket.socket) -> None:
         raise kernel.fail("dump: TCP_INFO", err, "is this a TCP socket?") from None
     if info.state not in DUMPABLE:
         raise TcpRepairError(
-            f"dump: socket is {info.state_name}, not ESTABLISHED or CLOSE_WAIT; only "
-            "established connections (or ones the peer half-closed) can be dumped "
-            "(listening, unconnected and closing sockets cannot)"
+            f"dump: socket is {info.state_name}, not a connection; only established or "
+            "half-closed connections can be dumped (listening, unconnected and closed "
+            "ones, and those in a handshake, cannot)"
         )
 
 
-#: states dump() takes: established, and half-closed by the peer (its FIN is in rcv_seq)
-DUMPABLE = (kernel.ESTABLISHED, kernel.CLOSE_WAIT)
+#: states dump() takes: established, and half-closed by the peer (its FIN is in rcv_seq),
+#: by this side (its FIN is in snd_seq), or both
+PEER_FIN = (kernel.CLOSE_WAIT, kernel.LAST_ACK, kernel.CLOSING)
+OUR_FIN = (kernel.FIN_WAIT1, kernel.FIN_WAIT2, kernel.LAST_ACK, kernel.CLOSING)
+OUR_FIN_UNACKED = (kernel.FIN_WAIT1, kernel.LAST_ACK, kernel.CLOSING)
+DUMPABLE = (kernel.ESTABLISHED, *PEER_FIN, kernel.FIN_WAIT1, kernel.FIN_WAIT2)
 
 
 def snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
@@ -70,7 +77,8 @@ def snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
 
 
 def _queue_sizes(sock: socket.socket) -> tuple[int, int, int]:
-    """(unread, unacknowledged + unsent, unsent) bytes."""
+    """(unread, unacknowledged + unsent, unsent) sequence numbers: bytes, and our FIN
+    while it is unacknowledged (or unsent)."""
     try:
         return (
             kernel.ioctl_int(sock, kernel.SIOCINQ),
@@ -89,6 +97,8 @@ def _read_state(
     inq, outq, unsent = sizes
     try:
         before = kernel.tcp_info(sock).state
+        if before in OUR_FIN_UNACKED:  # the queue sizes count our FIN: it is no byte
+            outq, unsent = outq - 1, max(0, unsent - 1)
         kernel.select_queue(sock, kernel.RECV_QUEUE)
         rcv_seq = kernel.get_u32(sock, kernel.TCP_QUEUE_SEQ)
         recv_queue = _peek(sock, inq)
@@ -113,7 +123,10 @@ def _read_state(
     if info.state != before:
         return None
     window = TcpWindow(*kernel.WINDOW.unpack(raw_window))
-    peer_fin = info.state == kernel.CLOSE_WAIT
+    our_fin = info.state in OUR_FIN
+    if our_fin:  # write_seq is past our FIN
+        snd_seq = (snd_seq - 1) & 0xFFFFFFFF
+    peer_fin = info.state in PEER_FIN
     if peer_fin:  # rcv_nxt is past the FIN, which takes one sequence number
         rcv_seq = (rcv_seq - 1) & 0xFFFFFFFF
         if 0 < (window.rcv_wup - rcv_seq) & 0xFFFFFFFF < 1 << 31:  # advertised past it
@@ -142,9 +155,10 @@ def _read_state(
         timestamp=timestamp,
         nodelay=nodelay,
         keepalive=keepalive,
-        handed=handed_from(info, outq, since),
+        handed=handed_from(info, sizes[1], since),  # (it leaves our FIN out itself)
         read=read_from(info, inq, since),
         peer_fin=peer_fin,
+        our_fin=our_fin,
     )
 
 

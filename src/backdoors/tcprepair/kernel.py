@@ -81,7 +81,11 @@ STATE_NAMES = {
     11: "CLOSING",
 }
 ESTABLISHED = 1
+FIN_WAIT1 = 4
+FIN_WAIT2 = 5
 CLOSE_WAIT = 8
+LAST_ACK = 9
+CLOSING = 11
 
 
 class TcpInfo(NamedTuple):

@@ -151,6 +151,6 @@ def _refusal(sock: socket.socket, err: OSError) -> str:
     except OSError:
         state = "unknown"
     if state == "LISTEN":
-        return ("the socket is LISTEN, not ESTABLISHED: a socket in LISTEN cannot be closed "
+        return ("the socket is LISTEN, not a connection: a socket in LISTEN cannot be closed "
                 "silently or dumped (the kernel refuses it repair mode); it is left open")
     return "needs CAP_NET_ADMIN in the socket's network namespace"

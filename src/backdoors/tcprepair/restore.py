@@ -20,7 +20,10 @@ from the peer's address and port, written to a raw socket of the namespace, whic
 kernel loops back to the new socket (CLOSE_WAIT, and its application reads the end of
 the input). It carries no timestamp option: Linux checks PAWS only on segments that have
 one. The peer got our ACK of its FIN before the dump; the new socket's ACK of it again
-is a duplicate it ignores."""
+is a duplicate it ignores. A connection whose own side was closed (`our_fin`) is rebuilt
+established, its send sequence at its FIN, and shut down for writing again after the data
+to send: its FIN goes out again after that data (FIN_WAIT1, or LAST_ACK with the peer's);
+a peer that had it already answers with an ACK of it."""
 
 from __future__ import annotations
 
@@ -62,7 +65,8 @@ def finish(sock: socket.socket, state: TcpState, *, resend_unacked: bool = False
            fin: socket.socket | None = None) -> None:
     """Bring a rebuilt socket to life: window, repair off (a window probe goes out), then
     the data to send, then the peer's FIN if it had sent one (through `fin`, a raw
-    socket of the namespace: `fin_sender`). Pass the same `resend_unacked` as to rebuild."""
+    socket of the namespace: `fin_sender`), then our own FIN if this side had closed.
+    Pass the same `resend_unacked` as to rebuild."""
     step = _Steps(f"restore {state.describe()}")
     step("TCP_REPAIR_WINDOW", sock.setsockopt, kernel.SOL_TCP, kernel.TCP_REPAIR_WINDOW,
          _window(state))
@@ -77,6 +81,8 @@ def finish(sock: socket.socket, state: TcpState, *, resend_unacked: bool = False
                                  "and no raw socket was made to give its FIN again")
         step("give the peer's FIN again", fin.sendto, _peer_fin(state),
              _sockaddr(state, (state.local_addr, 0)))
+    if state.our_fin:
+        step("close our side again", sock.shutdown, socket.SHUT_WR)
 
 
 def fin_sender(state: TcpState) -> socket.socket | None:

@@ -1,5 +1,6 @@
 """TcpState: everything needed to recreate one established TCP socket on another stack
-(or one the peer half-closed: its FIN is given to the new socket again, see `restore`).
+(or one half-closed by either side: the peer's FIN is given to the new socket again, and
+the new socket closes its own side again, see `restore`).
 
 It is plain data (a msgspec Struct) so an agent can send it to another agent as msgpack.
 Sequence numbers are the kernel's unsigned 32-bit values, taken verbatim.
@@ -80,8 +81,12 @@ class TcpState(msgspec.Struct, frozen=True):
     keepalive: bool = False  # SO_KEEPALIVE as the application had set it
     handed: U64 = 0  # bytes the application had written to the socket
     read: U64 = 0  # bytes the application had read from the socket
-    # the peer had closed its side (CLOSE_WAIT): `rcv_seq` is its FIN's sequence number
+    # the peer had closed its side (CLOSE_WAIT, LAST_ACK, CLOSING): `rcv_seq` is its
+    # FIN's sequence number
     peer_fin: bool = False
+    # this side had closed its own (FIN_WAIT1/2, LAST_ACK, CLOSING): `snd_seq` is its
+    # FIN's sequence number (the FIN is not in the queues: restore sends it again)
+    our_fin: bool = False
 
     @property
     def local(self) -> tuple[str, int]:
