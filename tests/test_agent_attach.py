@@ -3,6 +3,7 @@ held or refused on its own; the registrar's batches, and its fallback for an age
 the op (a real agent answering an op it does not know)."""
 
 import json
+import subprocess
 import threading
 
 import pytest
@@ -140,3 +141,59 @@ def test_a_failed_batch_fails_each_of_its_calls():
     for f in futures:
         with pytest.raises(OSError, match="went away"):
             f.result(5)
+
+
+# In node n0: three boxes attached, then (after a line on stdin) the same three again, as
+# a server does with the boxes its agent handed over and holds for it already, with a
+# new box of the first one's session (larger: a server that made its own) beside them.
+AGAIN = r"""
+import json, os, socket, sys
+from backdoors.common import runtime
+from backdoors.continuations.region import CbRegion
+
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(8)
+keep, boxes, sessions = [], [], []
+for _ in range(3):
+    c = socket.create_connection(srv.getsockname())
+    s, _ = srv.accept()
+    session = os.urandom(16)
+    region = CbRegion.create(session, state_capacity=4096, log_capacity=4096)
+    keep += [c, s, region]
+    sessions.append(session)
+    boxes.append(("cb-" + session.hex(), region.fd, s.fileno()))
+print(json.dumps(runtime.attach_sessions(boxes)), flush=True)
+sys.stdin.readline()
+bigger = CbRegion.create(sessions[0], state_capacity=4096, log_capacity=8192)
+keep.append(bigger)
+again = runtime.attach_sessions(boxes[1:] + [(boxes[0][0], bigger.fd, boxes[0][2])])
+print(json.dumps(again), flush=True)
+import time; time.sleep(60)
+"""
+
+
+@pytest.mark.root
+def test_attaching_again_what_the_agent_holds_changes_nothing_and_a_new_box_replaces(agent_lab):
+    """A server attaching the very box and socket the agent holds for it already (the
+    sessions its agent handed over and held as its own) is answered held, the entries
+    left as they are; a new box under one of those names replaces the one held."""
+    lab = agent_lab()
+    proc = lab.run("n0", AGAIN, stdin=subprocess.PIPE)
+    first = json.loads(read_line(proc, 30))
+    names = first["held"]
+    assert len(names) == 3 and not first["refused"]
+    c = lab.client()
+    before = {r.name: r for r in c.regions("n0") if r.kind == "cb"}
+    proc.stdin.write(b"\n")
+    proc.stdin.flush()
+    again = json.loads(read_line(proc, 30))
+    assert sorted(again["held"]) == sorted(names) and not again["refused"], again
+    after = {r.name: r for r in c.regions("n0") if r.kind == "cb"}
+    assert set(after) == set(names)
+    for name in names[1:]:  # the same files: not registered anew
+        assert after[name].registered_at == before[name].registered_at
+        assert after[name].size == before[name].size
+    assert after[names[0]].registered_at > before[names[0]].registered_at  # replaced
+    assert after[names[0]].size > before[names[0]].size
+    assert {s.name for s in c.sessions("n0")} == set(names)

@@ -588,12 +588,14 @@ class LocalServer:
                 later = names[i:]
                 break
             try:
-                self._keep(conn, name, SESSION_KIND, False, fds[2 * i])
-                try:
-                    self._hold(conn, name, fds[2 * i + 1])
-                except SessionRefused:
-                    self._drop_session(conn.node, name)
-                    raise
+                # one this agent handed over and holds for it since is not checked again
+                if not self._holds(conn, name, fds[2 * i], fds[2 * i + 1]):
+                    self._keep(conn, name, SESSION_KIND, False, fds[2 * i])
+                    try:
+                        self._hold(conn, name, fds[2 * i + 1])
+                    except SessionRefused:
+                        self._drop_session(conn.node, name)
+                        raise
             except (RegionRefused, SessionRefused) as e:
                 refused[name] = str(e)
                 self._refused(conn, "attach", name, str(e))
@@ -603,6 +605,19 @@ class LocalServer:
                              kind=SESSION_KIND, ok=True)
             self.metrics.registrations.labels(conn.node, "attach", "ok").inc()
         return {"kind": SESSION_KIND, "held": held, "refused": refused, "later": later}
+
+    def _holds(self, conn: _Conn, name: str, box_fd: int, sock_fd: int) -> bool:
+        """Whether the agent holds session `name` for the caller with these very files
+        already: a session this agent handed over and held as the caller's (its box taken
+        over), attached by the server in its turn. Nothing more to check or store then."""
+        process = self._process(conn)
+        if not (self.table.holds(conn.node, name, SESSION_KIND, box_fd, conn.pid,
+                                 process.start_time if process else None)
+                and self.sessions.holds(conn.node, name, sock_fd, conn.pid)):
+            return False
+        if self.owners is not None:
+            self.owners.watch(conn.node, conn.pid, conn.pidfd)
+        return True
 
     def _unregister(self, conn: _Conn, req: LocalRequest, fds: list[int]) -> dict:
         try:

@@ -9,6 +9,7 @@ and its worker threads: every access holds its lock (briefly: never during a cop
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -189,6 +190,23 @@ class RegionTable:
             region.close()
             raise
         return region
+
+    def holds(self, node: str, name: str, kind: str, fd: int, pid: int,
+              start_time: float | None) -> bool:
+        """Whether `name` of `node` is kept as `kind` for process `pid` (started at
+        `start_time`) with the very file `fd` refers to: a registrant registering again
+        what the agent keeps for it already (a handed-over box it took over)."""
+        try:
+            with self.use(node, name) as entry:
+                if (entry.internal or entry.kind != kind or entry.pid != pid
+                        or (start_time is not None and entry.start_time != start_time)):
+                    return False
+                kept = os.fstat(entry.region.fd)
+            given = os.fstat(fd)
+        except (NoSuchRegion, OSError):
+            return False
+        return (kept.st_dev, kept.st_ino, kept.st_size) == (given.st_dev, given.st_ino,
+                                                            given.st_size)
 
     def remove(self, node: str, name: str) -> Entry:
         """Unregister `name` (closed once no reader holds it); KeyError if absent."""

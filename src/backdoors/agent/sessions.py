@@ -140,6 +140,20 @@ class SessionTable:
         elif self.observer is not None:
             self.observer("add", session)
 
+    def holds(self, node: str, name: str, fd: int, pid: int) -> bool:
+        """Whether `name` of `node` is held for process `pid` with the very socket `fd`
+        refers to (a server holding again a session the agent handed to it)."""
+        try:
+            given = os.fstat(fd)
+            with self._lock:
+                session = self._sessions[node].get(name)
+                if session is None or session.pid != pid:
+                    return False
+                kept = os.fstat(session.sock.fileno())
+        except OSError:
+            return False
+        return (kept.st_dev, kept.st_ino) == (given.st_dev, given.st_ino)
+
     def expect(self, node: str, name: str, since: TcpState) -> None:
         """A session restored here will be held again under `name`: remember its origin."""
         with self._lock:
