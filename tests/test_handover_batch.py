@@ -118,7 +118,8 @@ class Server:
 
 def test_a_batch_beyond_one_message_is_split_and_each_socket_keeps_its_cb(live, tmp_path):
     """300 sessions (600 descriptors, over twice SCM_MAX_FD): frames of at most MAX_BATCH
-    sessions; every session adopted, with its own socket (the peer its client is)."""
+    sessions, each batch's verdicts given to `answered` as they come; every session
+    adopted, with its own socket (the peer its client is)."""
     sessions = live(300)
     path = str(tmp_path / "adopt.sock")
     frames: list[tuple[int, int]] = []
@@ -147,9 +148,13 @@ def test_a_batch_beyond_one_message_is_split_and_each_socket_keeps_its_cb(live, 
                       (300 - 2 * MAX_BATCH, 2 * (300 - 2 * MAX_BATCH))]
 
     server = Server(str(tmp_path / "real.sock"))
+    answered: list = []  # each batch's verdicts, as they come
     try:
         with AdoptionClient(server.source.path) as client:
-            assert client.hand_over_all(sessions.items()) == [None] * 300
+            assert client.hand_over_all(
+                sessions.items(), answered=lambda *batch: answered.append(batch)) == [None] * 300
+        assert answered == [(lo, hi, [None] * (hi - lo)) for lo, hi in
+                            ((0, MAX_BATCH), (MAX_BATCH, 2 * MAX_BATCH), (2 * MAX_BATCH, 300))]
         expected = {cb.session: cb.conn.sock.getpeername() for cb in sessions.cbs}
         assert {r.session: r.sock.getpeername() for r in server.taken(300)} == expected
     finally:

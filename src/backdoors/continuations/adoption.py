@@ -32,7 +32,7 @@ import select
 import socket
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
@@ -43,7 +43,7 @@ from ..common.peers import not_the_agent
 from ..tcprepair import TcpState
 from .cbformat import SESSION_SIZE
 from .errors import AdoptionError, ContinuationError, NotHanded, NoVerdict
-from .image import CbImage, ResumePlan, read_cb
+from .image import CbImage, ResumePlan, read_cb, read_copy
 
 log = logging.getLogger("backdoors.continuations")
 
@@ -55,7 +55,9 @@ MAX_MESSAGE = 1 << 20  # bytes of one batch frame (a session with the largest ta
 MAX_REPLY = MAX_BATCH * 4096 + 4096  # a verdict per session, each error at most ~4 KiB
 ERROR_MAX = 4000  # characters of one refusal's reason sent back
 WINDOW = 8  # batch frames a sender has in flight before it waits for a verdict
-BATCH = 1024  # sessions taken per receive() at most (then served before more are read)
+#: sessions taken per receive() at most: about a frame's, served before the next frame is
+#: read, so that the first sessions of a large hand-over resume while the rest arrive
+BATCH = MAX_BATCH
 
 
 #: a stream position as the CB plans it (image._MAX_POSITION): a byte count below 2**62
@@ -174,13 +176,16 @@ def prepare(sock: socket.socket, cb_fd: int, handover: Handover) -> Recovered:
         sock.getpeername()
     except OSError:
         raise AdoptionError(f"session {handover.session}: the handed socket is not connected") from None
-    image = read_cb(cb_fd, map=False)  # a copy read once: no page for its holes
+    handed_copy = is_handed_copy(cb_fd)
+    # a copy no process writes is read once, whole (no page for its holes); any other box
+    # under its seqlock
+    image = read_copy(cb_fd) if handed_copy else read_cb(cb_fd, map=False)
     if image.session_id != handover.session:
         raise AdoptionError(
             f"hand-over names session {handover.session} but the CB holds {image.session_id}"
         )
     plan = image.plan(handover.handed, handover.read, handover.tail)
-    copy = os.dup(cb_fd) if is_handed_copy(cb_fd) else -1
+    copy = os.dup(cb_fd) if handed_copy else -1
     return Recovered(sock, image, plan, cb_fd=copy)
 
 
@@ -386,6 +391,7 @@ class AdoptionClient:
     def hand_over_all(
         self, sessions: list[tuple[socket.socket | int, int, Handover]], *,
         timeout: float | None = None,
+        answered: Callable[[int, int, list[AdoptionError | None]], None] | None = None,
     ) -> list[AdoptionError | None]:
         """Send every session in batch frames and collect one verdict frame per batch
         (with `window` frames in flight); returns None or the AdoptionError of each, in
@@ -393,21 +399,26 @@ class AdoptionClient:
         frames are sent, their verdicts are kept: a session whose verdict does not come
         (`timeout`, if given, else the client's; or the connection broke) gets NoVerdict,
         as the server may have taken it (it reads what was sent even after this side
-        closes); sessions not sent after that get NotHanded."""
+        closes); sessions not sent after that get NotHanded. `answered(lo, hi, verdicts)`
+        is called with each batch's verdicts as they come (sessions[lo:hi]), in order,
+        while the server takes the next batches."""
         frames = self._frames(sessions)
         verdicts: list[AdoptionError | None] = [None] * len(sessions)
-        sent = answered = 0  # frames
+        sent = done = 0  # frames
         wait = self.timeout if timeout is None else timeout
         try:
-            while answered < len(frames):
-                if sent < len(frames) and sent - answered < self.window:
+            while done < len(frames):
+                if sent < len(frames) and sent - done < self.window:
                     self._send(sessions, *frames[sent], first=sent == 0)
                     sent += 1
                     continue
-                self._collect(sessions, *frames[answered], verdicts, wait)
-                answered += 1
+                lo, hi = frames[done]
+                self._collect(sessions, lo, hi, verdicts, wait)
+                done += 1
+                if answered is not None:
+                    answered(lo, hi, verdicts[lo:hi])
         except _Broken as broken:
-            for lo, hi in frames[answered:sent]:
+            for lo, hi in frames[done:sent]:
                 verdicts[lo:hi] = [NoVerdict(f"{broken}; the server may hold the session")] * (hi - lo)
             for lo, hi in frames[sent:]:
                 verdicts[lo:hi] = [NotHanded(f"not handed to {self.path}: {broken}")] * (hi - lo)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import socket
 import time
 import zlib
@@ -33,6 +34,7 @@ from .errors import CbFormatError, RecoveryError
 READ_BUDGET_S = 0.25  # how long a reader keeps trying against a writer that keeps exporting
 LOG_RETRIES = 8
 _MAX_POSITION = 1 << 62
+_MAX_COPY = cbformat.region_size(cbformat.MAX_STATE_CAPACITY, cbformat.MAX_LOG_CAPACITY)
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,7 @@ def _endpoints(family, laddr, lport, raddr, rport):
     if family == socket.AF_INET:
         if any(laddr[4:]) or any(raddr[4:]):
             raise CbFormatError("header (offset 72): IPv4 addresses with non-zero padding")
-        make = lambda raw: str(ipaddress.IPv4Address(raw[:4]))  # noqa: E731
+        make = lambda raw: socket.inet_ntop(socket.AF_INET, raw[:4])  # noqa: E731
     elif family == socket.AF_INET6:
         make = lambda raw: str(ipaddress.IPv6Address(raw))  # noqa: E731
     else:
@@ -302,6 +304,16 @@ def read_cb(source: Region | int, budget_s: float = READ_BUDGET_S, *,
     finally:
         if region is not source:
             region.close()
+
+
+def read_copy(fd: int) -> CbImage:
+    """The validated image of a CB copy that no process writes (one an agent made for a
+    hand-over): read with one pread, no seqlock. CbFormatError if it is malformed."""
+    try:
+        data = os.pread(fd, min(os.fstat(fd).st_size, _MAX_COPY), 0)
+    except OSError as err:
+        raise CbFormatError(f"Continuation Box fd {fd}: cannot read it: {err.strerror}") from None
+    return parse_cb(data)
 
 
 def _region(fd: int, map: bool) -> Region:  # noqa: A002
