@@ -31,6 +31,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -77,6 +78,7 @@ ADDRESSES_KEY = "addresses"  # durable state: {node: [service addresses taken ov
 LIMBO_KEY = "limbo."  # durable state: + node -> msgpack [MovedSession] dumped, not adopted
 UNSURE_KEY = "unsure."  # durable state: + node -> msgpack Unsure
 PRESENT_BATCH = 2048  # sessions per `present` question (well below the frame limit)
+AHEAD_SESSIONS = 128  # an evacuate sends a batch on every this many sessions dumped
 
 
 class EvacuateArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -350,35 +352,50 @@ class Recovery:
             self._keep_limbo(rt.name)  # on its way: not to be moved twice by a new agent
         failed: dict[str, str] = {}
         phases: dict[str, float] = {}
+        unsure = self.unsure.get(rt.name)
+        # Sessions go as they are dumped (the target restores a batch while the next one
+        # is dumped), unless an earlier target must first say which it has.
+        ahead = unsure is None or (unsure.to_agent, unsure.to_node) == (a.to_agent, a.to_node)
+        adopts = _Adopts(self, call)
+        dumped: list[str] = []
         try:
-            self._dump_all(call, moving, failed, phases)
-        except BaseException:
-            self.limbo[rt.name] = moving  # what was dumped so far is not lost
-            raise
-        dump_failures = len(failed)
-        total = len(moving) + dump_failures
-        t1 = time.monotonic()
-        present = self._drop_present_elsewhere(call, moving)
-        if present and not moving:  # all served where an earlier evacuate sent them
-            self._set_unsure(rt.name, None)
-            return EvacuateReply(total, present, failed, _ms(t0, t1), 0.0, [], phases, present)
-        replies: list[AdoptReply] = []
-        final_sent = False
-        try:
-            with self._peer_client(a.to, a.to_agent) as peer:
-                warrant = list(call.warrant)
-                sent = [_stage(peer, a.to_node, m, warrant) for m in moving]
-                batches = list(_batches(sent)) or [[]]
-                for i, batch in enumerate(batches):
-                    final_sent = i == len(batches) - 1  # (it may arrive, its answer not)
-                    reply = peer.adopt(a.to_node, self._service_addresses(rt), batch, warrant,
-                                       final=final_sent)
-                    replies.append(reply)
-                    failed.update(reply.failed)
-        except Exception as e:  # noqa: BLE001 - whatever the peer did, nothing is dropped
+            try:
+                self._dump_all(call, moving, failed, phases, dumped,
+                               adopts.send if ahead else None)
+            except BaseException:
+                adopts.abandon()
+                self.limbo[rt.name] = moving  # what was dumped so far is not lost
+                raise
+            dump_failures = len(failed)
+            total = len(moving) + dump_failures
+            t1 = time.monotonic()
+            if not ahead:
+                present = self._drop_present_elsewhere(call, moving)
+                if present and not moving:  # all served where an earlier evacuate sent them
+                    self._set_unsure(rt.name, None)
+                    return EvacuateReply(total, present, failed, _ms(t0, t1), 0.0, [], phases,
+                                         present)
+            else:
+                present = 0
+                if unsure is not None and not moving:
+                    self._set_unsure(rt.name, None)  # nothing left that it could have
+            adopts.send(moving[adopts.queued:], final=True)
+        finally:
+            # the dumped sessions' boxes travel in `moving`: their regions go (while the
+            # target works on the final batch)
+            t2 = time.monotonic()
+            for name in dumped:
+                try:
+                    call.agent.regions.remove(rt.name, name)
+                except KeyError:
+                    pass
+            phases["remove_ms"] = _ms(t2)
+            adopts.finish()
+        if adopts.error is not None:
+            e = adopts.error  # whatever the peer did, nothing is dropped
             # Kept whole (not the staged stubs): the next evacuate may go to another agent.
             self.limbo[rt.name] = moving
-            if final_sent and not (isinstance(e, RemoteError) and e.code in REFUSED):
+            if adopts.final_sent and not (isinstance(e, RemoteError) and e.code in REFUSED):
                 # no answer, or one unreadable: the target may have started them (a
                 # refusal comes before anything is done). Asked before they go elsewhere.
                 self._set_unsure(rt.name, Unsure(a.to, a.to_agent, a.to_node))
@@ -386,8 +403,10 @@ class Recovery:
             raise OpError("failed", f"node {rt.name}: {len(moving)} sessions dumped but the "
                                     f"agent at {a.to} did not adopt them ({e}); they are kept "
                                     "for another evacuate (if its answer was lost after it took "
-                                    "them, evacuating to it again drops the copies it has)") \
-                from None
+                                    "them, evacuating to it again drops the copies it has)")
+        replies = adopts.replies
+        for reply in replies:
+            failed.update(reply.failed)
         # Sessions the target had already (an earlier evacuate's answer was lost): served
         # there, so this agent's dumps of them are stale and dropped with `moving`.
         present += sum(len(r.present) for r in replies)
@@ -473,15 +492,19 @@ class Recovery:
         return len(here)
 
     def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str],
-                  phases: dict[str, float]) -> None:
-        """Dump every held session of the node into `moving` (its socket closed silently);
-        the time of each step, summed over the sessions, goes to `phases`."""
+                  phases: dict[str, float], dumped: list[str],
+                  ahead: Callable[[list[MovedSession]], None] | None = None) -> None:
+        """Dump every held session of the node into `moving` (its socket closed silently,
+        its name added to `dumped`: its region is the caller's to remove); every
+        `AHEAD_SESSIONS` sessions dumped go to `ahead` (sent on while the rest are dumped).
+        The time of each step, summed over the sessions, goes to `phases`."""
         rt, agent = call.node, call.agent
         clock = time.monotonic
         t = clock()
         taken = agent.sessions.take_all(rt.name)
-        spent = {"take_ms": clock() - t, "repair_ms": 0.0, "cb_ms": 0.0, "remove_ms": 0.0}
+        spent = {"take_ms": clock() - t, "repair_ms": 0.0, "cb_ms": 0.0}
         cap, held = agent.config.max_evacuate_bytes, sum(_size(m) for m in moving)
+        sent = 0  # those from limbo go with the first batch
         for i, s in enumerate(taken):
             if moving and held + _queued(s.sock) > cap:
                 # the agent's memory is not the node's to fill: the rest wait, held
@@ -492,6 +515,7 @@ class Recovery:
                                          "evacuate again")
                 break
             t0 = t1 = clock()
+            dumped.append(s.name)
             try:
                 with repair(s.sock) as handle:
                     state = handle.dump(since=s.since)
@@ -507,14 +531,11 @@ class Recovery:
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
                 s.sock.close()
-            t2 = clock()
-            try:
-                agent.regions.remove(rt.name, s.name)
-            except KeyError:
-                pass
             spent["repair_ms"] += t1 - t0
-            spent["cb_ms"] += t2 - t1
-            spent["remove_ms"] += clock() - t2
+            spent["cb_ms"] += clock() - t1
+            if ahead is not None and len(moving) - sent >= AHEAD_SESSIONS:
+                ahead(moving[sent:])
+                sent = len(moving)
         phases.update({k: round(v * 1000, 3) for k, v in spent.items()})
 
     def stage(self, call: Call) -> StageReply:
@@ -775,14 +796,73 @@ class Recovery:
             raise OpError("auth", f"{op} from {peer}: {e}") from None
 
 
+class _Adopts:
+    """The adopt requests of one evacuate, sent in order by a thread of their own: the
+    target restores a batch while the evacuating agent dumps the next. After the first
+    failure nothing more is sent (`error`); `final_sent` says whether the final batch was
+    (it may have arrived, its answer not)."""
+
+    def __init__(self, recovery: Recovery, call: Call):
+        self.recovery, self.call = recovery, call
+        self.replies: list[AdoptReply] = []
+        self.error: Exception | None = None
+        self.final_sent = False
+        self.queued = 0  # sessions given to `send` so far
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def send(self, sessions: list[MovedSession], *, final: bool = False) -> None:
+        """Queue `sessions` (in batches within BATCH_BYTES; the final batch may be empty)."""
+        self.queued += len(sessions)
+        batches = list(_batches(sessions)) or ([[]] if final else [])
+        for i, batch in enumerate(batches):
+            self._queue.put((batch, final and i == len(batches) - 1))
+        if self._thread is None and batches:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"bd-evacuate-{self.call.node.name}")
+            self._thread.start()
+
+    def abandon(self) -> None:
+        """Send nothing more (what is queued is dropped)."""
+        self.error = self.error or AgentError("the evacuate was abandoned")
+
+    def finish(self) -> None:
+        """Wait until every queued batch was sent and answered (or the first failed)."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        rt, a = self.call.node, self.call.args
+        warrant = list(self.call.warrant)
+        peer = None
+        try:
+            while (item := self._queue.get()) is not None:
+                if self.error is not None:
+                    continue  # drained, not sent
+                batch, final = item
+                try:
+                    if peer is None:
+                        peer = self.recovery._peer_client(a.to, a.to_agent)
+                    batch = [_stage(peer, a.to_node, m, warrant) for m in batch]
+                    self.final_sent = final
+                    self.replies.append(peer.adopt(a.to_node, self.recovery._service_addresses(rt),
+                                                   batch, warrant, final=final))
+                except Exception as e:  # noqa: BLE001 - the evacuate reports it, keeps all
+                    self.error = e
+        finally:
+            if peer is not None:
+                peer.close()
+
+
 def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[str, str],
                   phases: dict[str, float]) -> int:
     """Hand every started session (socket + a memfd copy of its CB) to the server at
     `path` in batch frames (adoption.AdoptionClient: one reply per batch, a window of
-    batches in flight), then hold the adopted ones here as the server's (off the
-    sessions' critical path). A session the server refused is closed here (its client
-    gets nothing: the restored socket goes silently); one without a verdict stays held
-    as the server's, which may serve it."""
+    batches in flight), holding the adopted ones here as the server's as each batch's
+    verdicts come (while the server takes the next). A session the server refused is
+    closed here (its client gets nothing: the restored socket goes silently); one without
+    a verdict stays held as the server's, which may serve it."""
     node = call.node.name
     t0 = time.monotonic()
     try:
@@ -794,7 +874,9 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
             close_silently(item.sock)  # the session is lost here; nothing reaches its client
             os.close(item.cb_fd)
         return 0
-    accepted: list[Started] = []
+    accepted = 0
+    unanswered: list[BackdoorsError] = []
+    spent: dict[str, float] = {}
     with client:
         server = client.server_pid
         if (why := outsider(call.node.node, server)) is not None:
@@ -810,52 +892,57 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
             pidfd = None
         for item in started:
             call.agent.sessions.expect(node, item.moved.name, item.state)
+        process = read_process(server)  # once, not once per session
+        settled = 0
+
+        def settle(lo: int, hi: int, verdicts: list) -> None:
+            """The verdicts on started[lo:hi]: each adopted session held here at once as
+            if the server had registered it (recoverable again before the server gets to
+            register it itself, which replaces these), each refused one closed."""
+            nonlocal accepted, settled
+            for item, verdict in zip(started[lo:hi], verdicts):
+                if verdict is not None and not isinstance(verdict, (NoVerdict, NotHanded)):
+                    failed[item.moved.name] = f"hand-over: {verdict}"
+                    close_silently(item.sock)
+                    os.close(item.cb_fd)
+                    continue
+                if verdict is not None:
+                    # The connection broke: the server may serve it (it reads what was
+                    # sent), or died. Held as its own either way: if it died, the session
+                    # is an orphan for its successor (agent.owners), never closed here.
+                    # Not in `failed`: the evacuating agent would move it a second time.
+                    unanswered.append(verdict)
+                accepted += 1
+                _hold(call, item, server, spent, process)
+                item.sock.close()  # the agent and the server hold their own duplicates
+                os.close(item.cb_fd)
+            settled = hi
+
         t1 = time.monotonic()
         try:
             verdicts = client.hand_over_all(
                 [(item.sock, item.cb_fd,
                   Handover.from_tcp_state(item.moved.name.removeprefix("cb-"), item.state))
-                 for item in started])
+                 for item in started], answered=settle)
         except BackdoorsError as e:  # nothing was sent: nothing reached the server
             verdicts = [e] * len(started)
-        t2 = time.monotonic()
-        unanswered: list[BackdoorsError] = []
-        for item, verdict in zip(started, verdicts):
-            if verdict is None:
-                accepted.append(item)
-            elif isinstance(verdict, (NoVerdict, NotHanded)):
-                # The connection broke: the server may serve it (it reads what was sent),
-                # or died. Held as its own either way: if it died, the session is an
-                # orphan for its successor (agent.owners), never closed here. Not in
-                # `failed`: the evacuating agent would move it a second time.
-                unanswered.append(verdict)
-                accepted.append(item)
-            else:
-                failed[item.moved.name] = f"hand-over: {verdict}"
-                close_silently(item.sock)
-                os.close(item.cb_fd)
+        settle(settled, len(started), verdicts[settled:])  # those without a verdict, if any
+    t2 = time.monotonic()
     if unanswered:
         log.warning("node %s: %d sessions held as server %d's without its verdict: %s", node,
                     len(unanswered), server, unanswered[0])
-    spent: dict[str, float] = {}
-    process = read_process(server) if accepted else None  # once, not once per session
-    for item in accepted:
-        # Held at once as if the server had registered it: recoverable again before the
-        # server gets to register it itself (which replaces these).
-        _hold(call, item, server, spent, process)
-        item.sock.close()  # the agent and the server hold their own duplicates
-        os.close(item.cb_fd)
     if pidfd is not None:
         # the server owns what it took: if it dies (even before it registers anything),
         # its sessions are orphans to readopt (agent.owners), never left held for nobody
         if accepted and (owners := getattr(call.agent, "owners", None)) is not None:
             owners.watch(node, server, pidfd)
         os.close(pidfd)
-    t3 = time.monotonic()
-    for key, ms in (("connect_ms", _ms(t0, t1)), ("send_ms", _ms(t1, t2)), ("hold_ms", _ms(t2, t3)),
+    for key, ms in (("connect_ms", _ms(t0, t1)), ("send_ms", _ms(t1, t2)),
                     *((f"{k}_ms", v * 1000) for k, v in spent.items())):
         phases[key] = round(phases.get(key, 0.0) + ms, 3)
-    return len(accepted)
+    phases["hold_ms"] = round(phases.get("hold_ms", 0.0)
+                              + sum(v for k, v in spent.items()) * 1000, 3)
+    return accepted
 
 
 def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = None,

@@ -183,11 +183,13 @@ def _facts(inc, wall_fault: float, report: dict) -> dict:
 
 def phases(detail: dict, started: float, ended: float, last_resumed: float) -> dict:
     """Where the move went, ms: fence; dump (the failed node's agent); transfer (agent to
-    agent: stage/adopt requests, less the target's work); restore (inert sockets, every
-    batch); then the final batch's steps: arp (announcing the addresses), resume (repair
-    mode released), connect, send (batches to the server, its verdicts), hold (the
-    sessions held as the server's); first_byte (the end of the recover action to the
-    last client session receiving again); move (fence to that last first byte)."""
+    agent: stage/adopt requests, less the target's work; negative when batches restored
+    while the source dumped); restore (inert sockets, every batch); then the final
+    batch's steps: arp (announcing the addresses), resume (repair mode released),
+    connect, send (batches to the server, its verdicts), hold (the sessions held as the
+    server's, within send); first_byte (the end of the recover action to the last client
+    session receiving again: negative if it came before); move (fence to that last
+    first byte)."""
     adopt = detail.get("adopt") or []
     if not adopt:
         return {}
