@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import threading
+import time
 
 import pytest
 
@@ -23,6 +24,7 @@ from test_continuations_support import (  # noqa: E402,F401 - rlab is a fixture
 from backdoors import asgi  # noqa: E402
 from backdoors.continuations import AsyncListener  # noqa: E402
 from backdoors.continuations.cbformat import MAX_STATE_CAPACITY  # noqa: E402
+from backdoors.tcprepair import kernel  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -201,6 +203,35 @@ def test_a_session_moves_between_100_continue_and_the_body(rlab):
     assert (status, body) == (b"HTTP/1.1 200 OK\r\n", b"BID 42"), rlab.logs()
     sock.sendall(b"GET /count HTTP/1.1\r\nHost: svc\r\n\r\n")
     assert _response(sock)[1].startswith(b"n=2 seq=2 "), rlab.logs()
+
+
+def test_a_session_moves_while_the_server_lingers_after_a_refusal(rlab):
+    """The server refused a request too large for the session (413), shut its writing
+    down and reads the rest of the body, dropped, before it closes (its linger: the
+    socket in FIN_WAIT2): the session moves (before, its dump was refused), the client
+    keeps the whole refusal and its end, and what it still sends reaches the new node's
+    server, which reads it and ends the session; no reset."""
+    args = ("backdoors.asgi", "asgi_app:app", "--app-dir", TESTS)
+    a = rlab.server("a", *args)
+    b = rlab.server("b", *args)
+    sock = rlab.connect()
+    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: svc\r\nContent-Length: 10000000\r\n\r\n"
+                 + b"x" * 1000)
+    status, body = _response(sock)
+    assert status.startswith(b"HTTP/1.1 413 ") and b"--log-capacity" in body
+    assert sock.recv(1) == b""
+    (held,) = a.sessions()
+    deadline = time.monotonic() + 5  # the server's FIN acknowledged
+    while kernel.tcp_info(held.sock).state != kernel.FIN_WAIT2:
+        assert time.monotonic() < deadline, kernel.tcp_info(held.sock).state_name
+        time.sleep(0.01)
+    a.freeze()
+    (move,) = rlab.recover_all([held], b)
+    assert move.state.our_fin and not move.state.peer_fin
+    sock.sendall(b"y" * 2000)  # more of the body: read and dropped on the new node
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(10)
+    assert sock.recv(1) == b"", rlab.logs()  # the end again, not a reset
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "too-big-to-keep"])
