@@ -284,6 +284,49 @@ def test_the_keeper_restarts_its_service_with_the_stored_fds(keeper_run, mode):
     assert state["pid"] == int(pid) and state["restarts"] == 1 and state["stored"] == 1
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("queue", [None, 512], ids=["kernel-default", "netns-512"])
+def test_the_keepers_notify_socket_queues_what_its_namespace_allows(tmp_path, unique, queue):
+    """systemd raises net.unix.max_dgram_qlen to 512, so its notify socket queues that many
+    messages while it is busy; the lab's keeper makes its socket in the namespace given
+    (--netns, raised so by the lab) and queues as many, else the machine's own (the
+    kernel's default is 10)."""
+    from backdoors.net import netns
+
+    name = f"bdt-{unique}-kq"
+    netns.create(name)
+    args = []
+    if queue:
+        netns.set_sysctl(name, "net/unix/max_dgram_qlen", queue)
+        args = ["--netns", name]
+    notify = tmp_path / "notify"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backdoors.lab.keeper", "--notify", str(notify), *args, "--",
+         sys.executable, "-c", "import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)  # SO_SNDBUFFORCE: the queue limits
+    try:
+        _wait(lambda: notify.exists(), what="the notify socket")
+        os.kill(proc.pid, signal.SIGSTOP)  # busy: it reads nothing meanwhile
+        sent = 0
+        try:
+            while sent < 600:
+                sender.sendto(b"WATCHDOG=1", socket.MSG_DONTWAIT, str(notify))
+                sent += 1
+        except BlockingIOError:
+            pass
+        with open("/proc/sys/net/unix/max_dgram_qlen") as f:
+            machine = int(f.read())
+        assert sent == (queue or machine) + 1  # (the kernel lets one more in)
+    finally:
+        sender.close()
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        netns.remove(name)
+
+
 # -- registrar reconnection -----------------------------------------------------------
 
 

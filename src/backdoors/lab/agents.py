@@ -22,6 +22,7 @@ from ..agent.keys import Identity, generate, load_identity
 from ..common.configfile import dumps
 from ..common.procs import read_line
 from ..errors import BackdoorsError, LabError
+from ..net.netns import set_sysctl
 from ..nodes import Cgroup
 from ..vm.machine import agent_qmp_path
 from . import topology, vms
@@ -111,6 +112,7 @@ def watched(plan: topology.Plan, host: topology.HostPlan) -> list[topology.HostP
 #: within the 2 s a stuck agent may last, with room for a loaded machine to starve a
 #: healthy agent's event loop for most of a second (800 ms killed healthy agents there)
 WATCHDOG_MS = 1500.0
+NOTIFY_QUEUE = 512  # messages the keeper's notify socket queues: systemd's minimum
 
 
 def keeper_files(plan: topology.Plan, host: topology.HostPlan) -> tuple[Path, Path]:
@@ -128,22 +130,27 @@ def start_agent(plan: topology.Plan, host: topology.HostPlan, quorum: int,
     path.chmod(0o600)  # root's only, like the keys: nodes never read an agent's config
     log_path = plan.run_dir / f"agent-{host.name}.log"
     notify, pid_file = keeper_files(plan, host)
+    # On a real host systemd raises net.unix.max_dgram_qlen to at least 512, so that its
+    # notify socket queues that many messages (a thousand sessions held are two thousand);
+    # the kernel's default is 10. The keeper makes its socket in the host's namespace,
+    # the lab's own, raised so (the machine's own setting is left alone).
+    set_sysctl(host.netns, "net/unix/max_dgram_qlen", NOTIFY_QUEUE)
     keeper_cgroup = Cgroup.create(f"{host.agent_cgroup}-keeper")  # reaped with the lab
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "backdoors.lab.keeper", "--notify", str(notify),
              "--pid-file", str(pid_file), "--watchdog-ms", str(WATCHDOG_MS),
-             "--agent-config", str(path), "--sealed"],
+             "--agent-config", str(path), "--sealed", "--netns", host.netns],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
     try:
         keeper_cgroup.attach(proc.pid)
     except BackdoorsError:
         pass  # it still works; only a crashed lab's reaper would miss it
     try:
-        # The agent waits on its keeper (systemd's stand-in): the notify socket queues 10
-        # datagrams, and storing a thousand descriptors sends two thousand. At a node's
-        # weight the keeper waited for the CPU behind the nodes under load, and the agent
-        # (weight 10000) with it, in the middle of registering sessions.
+        # The agent waits on its keeper (systemd's stand-in) once the notify socket's
+        # queue is full. At a node's weight the keeper waited for the CPU behind the nodes
+        # under load, and the agent (weight 10000) with it, in the middle of registering
+        # sessions.
         keeper_cgroup.set_cpu_weight(AGENT_CPU_WEIGHT)
     except BackdoorsError:
         pass  # slower under load, not wrong

@@ -5,7 +5,8 @@
     python -m backdoors.lab.keeper --notify PATH ... --agent-config FILE   (warm fork)
 
 It speaks systemd's notify protocol (`backdoors.common.fdstore`) on a Unix datagram
-socket it binds at PATH and passes to the agent as $NOTIFY_SOCKET:
+socket it binds at PATH and passes to the agent as $NOTIFY_SOCKET (made in --netns, if
+given: the socket queues as many messages as that namespace's net.unix.max_dgram_qlen):
 
 - READY=1: the agent serves. The first time, the keeper prints one JSON line on stdout
   {"event": "ready", "pid": <keeper>, "agent_pid": <agent>}, then closes stdout.
@@ -36,6 +37,7 @@ import time
 from ..common import fdtable
 from ..common.fdstore import (LISTEN_FDS_START, NOTIFY_SOCKET_ENV, WATCHDOG_USEC_ENV, Message,
                               notify_listener, receive)
+from ..net.netns import enter
 
 RESTART_S = 0.1
 START_TIMEOUT_S = 30.0
@@ -51,7 +53,7 @@ def say(what: str, **fields) -> None:
 class Keeper:
     def __init__(self, argv: list[str], notify: str, pid_file: str | None,
                  watchdog_s: float | None, agent_config: str | None = None,
-                 sealed: bool = False):
+                 sealed: bool = False, netns: str | None = None):
         self.argv, self.notify_path, self.pid_file = argv, notify, pid_file
         self.agent_config, self.sealed = agent_config, sealed
         if agent_config:  # warm: import the agent once here, fork it ready to run
@@ -65,7 +67,11 @@ class Keeper:
         # every message costs O(1), not a scan (10,000 sessions are 40,000 messages)
         self.store: dict[tuple[int, int], tuple[str, int]] = {}
         self.names: dict[str, set[tuple[int, int]]] = {}
-        self.sock = notify_listener(notify)
+        if netns:  # its queue length is that namespace's net.unix.max_dgram_qlen
+            with enter(netns):
+                self.sock = notify_listener(notify)
+        else:
+            self.sock = notify_listener(notify)
         self.sock.setblocking(False)  # read only when the selector says so, until empty
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.sock, selectors.EVENT_READ, "notify")
@@ -309,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                              "so a restart takes milliseconds) instead of executing COMMAND")
     parser.add_argument("--sealed", action="store_true",
                         help="seal the forked agent once it is set up (backdoors agent --sealed)")
+    parser.add_argument("--netns",
+                        help="make the notify socket in this network namespace: it queues "
+                             "that namespace's net.unix.max_dgram_qlen messages (systemd "
+                             "raises the host's to 512; the kernel's default is 10)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the agent's command line")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -316,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the agent's command after --, or --agent-config")
     keeper = Keeper(command, args.notify, args.pid_file,
                     args.watchdog_ms / 1000 if args.watchdog_ms else None, args.agent_config,
-                    sealed=args.sealed)
+                    sealed=args.sealed, netns=args.netns)
     return keeper.run()
 
 
