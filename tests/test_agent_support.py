@@ -128,8 +128,14 @@ class AgentLab:
         return proc, json.loads(read_line(proc))
 
     def audit(self) -> list[dict]:
-        with open(self.config.audit_log) as f:
-            return [json.loads(line) for line in f]
+        return read_audit(self.config.audit_log)
+
+
+def read_audit(path) -> list[dict]:
+    """The records of an audit log the agent may be appending to: its last line is left
+    out until whole (a reader can see a write's first page before its next)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def to_toml(config: AgentConfig) -> str:

@@ -2,7 +2,6 @@
 monitor recovers the sessions byte-exact (to the restarted server of the same node, or to
 another node), and sessions nobody adopts are closed at orphan_timeout_s, never kept."""
 
-import json
 import signal
 import socket
 import time
@@ -14,6 +13,7 @@ from backdoors.lab.clients import StreamClients
 from backdoors.net import netns
 from backdoors.scenarios.labkit import unique_name
 from backdoors.scenarios.recovery import recovery
+from test_agent_support import read_audit
 
 pytestmark = pytest.mark.root
 
@@ -66,8 +66,7 @@ def test_orphans_nobody_adopts_are_closed(root, monkeypatch):
                     pass
             talker.close()
             assert c.call("sessions", node="n0") == []
-        with open(lab.plan.run_dir / "audit-h0.jsonl") as f:
-            audit = [json.loads(line) for line in f]
+        audit = read_audit(lab.plan.run_dir / "audit-h0.jsonl")
         closed = [a for a in audit if a.get("kind") == "orphans_closed"]
         assert len(closed) == 1 and closed[0]["fin"] == 3 and closed[0]["rst"] == 1, closed
         assert any(a.get("kind") == "owner_died" for a in audit)
