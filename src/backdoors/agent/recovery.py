@@ -940,8 +940,7 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
     for key, ms in (("connect_ms", _ms(t0, t1)), ("send_ms", _ms(t1, t2)),
                     *((f"{k}_ms", v * 1000) for k, v in spent.items())):
         phases[key] = round(phases.get(key, 0.0) + ms, 3)
-    phases["hold_ms"] = round(phases.get("hold_ms", 0.0)
-                              + sum(v for k, v in spent.items()) * 1000, 3)
+    phases["hold_ms"] = round(phases.get("hold_ms", 0.0) + sum(spent.values()) * 1000, 3)
     return accepted
 
 
