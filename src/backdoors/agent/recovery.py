@@ -360,8 +360,7 @@ class Recovery:
         dumped: list[str] = []
         try:
             try:
-                self._dump_all(call, moving, failed, phases, dumped,
-                               adopts.send if ahead else None)
+                self._dump_all(call, moving, failed, phases, dumped, adopts if ahead else None)
             except BaseException:
                 adopts.abandon()
                 self.limbo[rt.name] = moving  # what was dumped so far is not lost
@@ -369,16 +368,11 @@ class Recovery:
             dump_failures = len(failed)
             total = len(moving) + dump_failures
             t1 = time.monotonic()
-            if not ahead:
-                present = self._drop_present_elsewhere(call, moving)
-                if present and not moving:  # all served where an earlier evacuate sent them
-                    self._set_unsure(rt.name, None)
-                    return EvacuateReply(total, present, failed, _ms(t0, t1), 0.0, [], phases,
-                                         present)
-            else:
-                present = 0
-                if unsure is not None and not moving:
-                    self._set_unsure(rt.name, None)  # nothing left that it could have
+            present = self._drop_present_elsewhere(call, moving)  # (0 when sent ahead)
+            if present and not moving:  # all served where an earlier evacuate sent them
+                self._set_unsure(rt.name, None)
+                return EvacuateReply(total, present, failed, _ms(t0, t1), 0.0, [], phases,
+                                     present)
             adopts.send(moving[adopts.queued:], final=True)
         finally:
             # the dumped sessions' boxes travel in `moving`: their regions go (while the
@@ -493,18 +487,18 @@ class Recovery:
 
     def _dump_all(self, call: Call, moving: list[MovedSession], failed: dict[str, str],
                   phases: dict[str, float], dumped: list[str],
-                  ahead: Callable[[list[MovedSession]], None] | None = None) -> None:
+                  ahead: _Adopts | None = None) -> None:
         """Dump every held session of the node into `moving` (its socket closed silently,
         its name added to `dumped`: its region is the caller's to remove); every
-        `AHEAD_SESSIONS` sessions dumped go to `ahead` (sent on while the rest are dumped).
-        The time of each step, summed over the sessions, goes to `phases`."""
+        `AHEAD_SESSIONS` sessions dumped go to `ahead` (sent on while the rest are dumped;
+        those from limbo go with the first batch). The time of each step, summed over the
+        sessions, goes to `phases`."""
         rt, agent = call.node, call.agent
         clock = time.monotonic
         t = clock()
         taken = agent.sessions.take_all(rt.name)
         spent = {"take_ms": clock() - t, "repair_ms": 0.0, "cb_ms": 0.0}
         cap, held = agent.config.max_evacuate_bytes, sum(_size(m) for m in moving)
-        sent = 0  # those from limbo go with the first batch
         for i, s in enumerate(taken):
             if moving and held + _queued(s.sock) > cap:
                 # the agent's memory is not the node's to fill: the rest wait, held
@@ -533,9 +527,8 @@ class Recovery:
                 s.sock.close()
             spent["repair_ms"] += t1 - t0
             spent["cb_ms"] += clock() - t1
-            if ahead is not None and len(moving) - sent >= AHEAD_SESSIONS:
-                ahead(moving[sent:])
-                sent = len(moving)
+            if ahead is not None and len(moving) - ahead.queued >= AHEAD_SESSIONS:
+                ahead.send(moving[ahead.queued:])
         phases.update({k: round(v * 1000, 3) for k, v in spent.items()})
 
     def stage(self, call: Call) -> StageReply:
