@@ -13,7 +13,6 @@ copy taken at any instant, even of a frozen or killed owner, is a valid box:
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import mmap
 import os
 import socket
@@ -184,4 +183,6 @@ def endpoints_of(sock: socket.socket) -> Endpoints:
 def _packed(endpoint: tuple[str, int] | None) -> bytes:
     if endpoint is None:
         return bytes(cbformat.ADDR_SIZE)
-    return ipaddress.ip_address(endpoint[0]).packed.ljust(cbformat.ADDR_SIZE, b"\0")
+    host = endpoint[0].partition("%")[0]  # (an IPv6 scope is not part of the address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.inet_pton(family, host).ljust(cbformat.ADDR_SIZE, b"\0")
