@@ -80,11 +80,11 @@ class Closer:
 
     def close(self, fd: int) -> None:
         """Close `fd` soon, off the caller's thread (the caller must not use it again)."""
-        defuse(fd)
         if self._stopped or not self._thread.is_alive():  # nothing served yet, or any more
+            defuse(fd)
             os.close(fd)
         else:
-            self._queue.put(fd)
+            self._queue.put(fd)  # (defused there, right before its close)
 
     def close_socket(self, sock: socket.socket) -> None:
         """Close a socket object the same way, and the descriptors queued unread on it."""
@@ -107,7 +107,7 @@ class Closer:
             fd = self._queue.get()
             if fd is None:
                 return
-            defuse(fd)  # again: the node may have set it meanwhile
+            defuse(fd)  # here, not when queued: the node could set it again in between
             try:
                 os.close(fd)
             except OSError as e:
