@@ -4,6 +4,7 @@ the region (random, corrupt and truncated bytes give a CbFormatError or a valid 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import signal
 import socket
@@ -548,3 +549,23 @@ def test_reading_a_handed_copy_allocates_no_page_for_its_holes():
         client.close()
     assert grown["prepare"] == 0
     assert grown["mapped"] * 512 >= 1 << 20  # what a mapping costs: the whole ring
+
+
+@SETTINGS
+@given(v6=st.booleans(), local=st.integers(0, 2**128 - 1), remote=st.integers(0, 2**128 - 1),
+       lport=st.integers(0, 65535), rport=st.integers(0, 65535), scope=st.booleans())
+def test_a_box_keeps_its_endpoints_as_given(v6, local, remote, lport, rport, scope):
+    """The endpoints written into a new box's header read back as the same addresses
+    (IPv4, IPv6, an IPv6 address with a scope: the scope is not stored), in the forms
+    Python's socket calls give them."""
+    family, make = ((socket.AF_INET6, ipaddress.IPv6Address) if v6
+                    else (socket.AF_INET, lambda n: ipaddress.IPv4Address(n % 2**32)))
+    la, ra = str(make(local)), str(make(remote))
+    region = CbRegion.create(os.urandom(16), state_capacity=64, log_capacity=64,
+                             endpoints=(family, (f"{la}%lo" if v6 and scope else la, lport),
+                                        (ra, rport)))
+    try:
+        image = read_cb(region.fd, map=False)
+    finally:
+        region.close()
+    assert (image.family, image.local, image.remote) == (family, (la, lport), (ra, rport))
