@@ -355,7 +355,7 @@ class Recovery:
         unsure = self.unsure.get(rt.name)
         # Sessions go as they are dumped (the target restores a batch while the next one
         # is dumped), unless an earlier target must first say which it has.
-        ahead = unsure is None or (unsure.to_agent, unsure.to_node) == (a.to_agent, a.to_node)
+        ahead = not _elsewhere(unsure, a)
         adopts = _Adopts(self, call)
         dumped: list[str] = []
         try:
@@ -435,7 +435,7 @@ class Recovery:
         if unsure is not None and not moving:
             self._set_unsure(rt.name, None)  # nothing left that it could have
             return 0
-        if unsure is None or (unsure.to_agent, unsure.to_node) == (a.to_agent, a.to_node):
+        if not _elsewhere(unsure, a):
             return 0  # none, or the same target: its adopt answers `present` itself
         where = f"node {unsure.to_node} of agent {unsure.to_agent}"
         if unsure.split:
@@ -1030,6 +1030,14 @@ def _stage(peer: AgentClient, to_node: str, m: MovedSession, warrant: list[bytes
 
 def _size(m: MovedSession) -> int:
     return len(m.tcp) + len(m.cb)
+
+
+def _elsewhere(unsure: Unsure | None, args: EvacuateArgs) -> bool:
+    """Whether an earlier evacuate that may have sent the node's sessions (`unsure`, or
+    None) sent them to another target than this one's (`args`): it must say first which
+    it has."""
+    return unsure is not None and (unsure.to_agent, unsure.to_node) != (args.to_agent,
+                                                                        args.to_node)
 
 
 def _queued(sock: socket.socket) -> int:

@@ -68,7 +68,7 @@ class CbRegion:
         cbformat.HEADER.pack_into(
             mm, 0, cbformat.MAGIC, cbformat.VERSION, cbformat.HEADER_SIZE, cbformat.SLOT_HEADER_SIZE, os.getpid(), session,
             state_capacity, log_capacity, 0, 0, recoveries, family,
-            local[1] if local else 0, _packed(local), _packed(remote),
+            local[1] if local else 0, _packed(family, local), _packed(family, remote),
             remote[1] if remote else 0,
             cbformat.FLAG_ACTIVE_OPEN if channel_of else 0, channel_of, bytes(18),
         )
@@ -180,9 +180,8 @@ def endpoints_of(sock: socket.socket) -> Endpoints:
     return (int(sock.family), (local[0], local[1]), (remote[0], remote[1]))
 
 
-def _packed(endpoint: tuple[str, int] | None) -> bytes:
+def _packed(family: int, endpoint: tuple[str, int] | None) -> bytes:
     if endpoint is None:
         return bytes(cbformat.ADDR_SIZE)
     host = endpoint[0].partition("%")[0]  # (an IPv6 scope is not part of the address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.inet_pton(family, host).ljust(cbformat.ADDR_SIZE, b"\0")
