@@ -20,7 +20,7 @@ from test_nodes_support import (
 )
 
 from backdoors.errors import NodeError
-from backdoors.nodes import Cgroup, Layout, Node, detect, reap
+from backdoors.nodes import Cgroup, Layout, Node, cgfs, detect, reap
 from backdoors.nodes.hierarchies import layout_from_mounts
 
 __all__ = ["prefix"]  # the fixture, imported for pytest
@@ -278,6 +278,57 @@ def test_kept_files_read_what_the_kernel_says_and_follow_a_cgroup_made_again(pre
     assert _open_fds() == before
     with pytest.raises(NodeError, match="does not exist"):
         cg.pids_current()  # closed: a fresh read, the same error
+
+
+def test_a_polled_file_reads_what_the_kernel_says_parses_only_changes_and_follows(prefix):
+    """The watcher's polled files (cgfs.Polled) give what fresh reads give as the kernel
+    changes them, parse a text only when it changed, follow a cgroup made again under
+    the same name, fail as fresh reads do once it is gone, and close what they opened."""
+    before = _open_fds()
+    cg = Cgroup.create(prefix)
+    cg.set_pids_limit(1)
+    parsed = []
+
+    def counting(text):
+        parsed.append(text)
+        return cgfs.keyed(text).get("max", 0)
+
+    polled = cgfs.Polled(lambda: cg.paths["pids"] / "pids.events", counting)
+    forks = cg.polled_fork_failures()
+    assert [polled.read() for _ in range(3)] == [0, 0, 0] and len(parsed) == 1
+    assert forks.read() == cg.fork_failures() == 0
+    # a process in the cgroup at its limit of 1 task: its forks are refused
+    child = subprocess.Popen([PY, "-c", "import os, sys\nsys.stdin.readline()\n"
+                              "for _ in range(3):\n    try: os.fork()\n"
+                              "    except OSError: pass\n"], stdin=subprocess.PIPE)
+    try:
+        cg.attach(child.pid)
+        child.communicate(b"go\n", timeout=10)
+    finally:
+        child.kill()
+        child.wait()
+    assert polled.read() == forks.read() == cg.fork_failures() == 3
+    assert len(parsed) == 2
+    full = cg.polled_cpu_full_us()
+    if full is not None:  # the unified hierarchy: the "full" line of cpu.pressure
+        total = full.read()
+        assert isinstance(total, int) and total >= 0
+
+    cg.destroy()
+    Cgroup.create(prefix)  # the same name, made again: its own count
+    assert polled.read() == forks.read() == 0
+    Cgroup.open(prefix).destroy()
+    for file in (polled, forks):
+        with pytest.raises(NodeError, match="does not exist"):
+            file.read()
+    bad = cgfs.Polled(lambda: Path("/proc/self/stat"), int)  # a text that does not parse
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            bad.read()
+    for file in (polled, forks, bad, full):
+        if file is not None:
+            file.close()
+    assert _open_fds() == before
 
 
 # -- freezing ---------------------------------------------------------------------------

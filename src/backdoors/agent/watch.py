@@ -106,6 +106,7 @@ from dataclasses import dataclass, field
 
 from ..errors import BackdoorsError, SensorBoxError
 from ..net.links import LinkEvents
+from ..nodes.cgfs import Polled
 from ..nodes.notify import FrozenNotifier, MemoryThreshold, OomNotifier, PressureTrigger
 from ..sensors import GUEST_BOX, SensorType, abi, over_rate, parse_box, read_consistent, stalled
 from .sampler import FORK_WINDOW_S, OOM_WINDOW_S
@@ -119,7 +120,7 @@ FROZEN_READ_S = 0.05  # the v1 freezer's state, which nothing notifies, is read 
 OOM_SETTLE_S = 0.5  # after an OOM notification, the count is read on every tick this long
 #: pids.events, whose "max" count of refused forks notifies nothing on a v1 hierarchy
 #: (checked on 6.18: neither poll nor inotify wakes), is read this often: one pread of a
-#: kept-open file, ~1 us (Cgroup.keep_files_open)
+#: kept-open file, parsed only when it changed, ~1 us (cgfs.Polled)
 FORKS_READ_S = 0.025
 RETRY_S = 1.0  # a box that did not parse is tried again after this
 #: What one tick does for one node at most: a node's root owns its boxes' memory and can
@@ -269,6 +270,8 @@ class _Node:
     cursor: int = 0  # where the next tick starts in `order`
     starved_lock: threading.Lock = field(default_factory=threading.Lock)  # the watcher's
     # thread samples `starved`; a poll's reply reads it too (_Box.excuse)
+    forks_file: Polled[int] | None = None  # pids.events (set by Watcher._open_sources)
+    full_file: Polled[int] | None = None  # cpu.pressure, read under starved_lock
 
     def quiet(self, now: float) -> bool:
         """Whether a tick finds nothing to do on the node: every box's layout and counters
@@ -297,7 +300,7 @@ class _Node:
         with self.starved_lock:  # read and stamped in turn: the samples stay in order
             if self.starved and now - self.starved[-1][0] < PSI_MIN_GAP_S:
                 return
-            total = self.rt.node.cgroup.cpu_full_us()
+            total = self._cpu_full_us()
             if total is None:
                 self.starved_due = now + PSI_SAMPLE_S
                 return
@@ -308,6 +311,12 @@ class _Node:
             self.starved.append((now, total))
             while self.starved and self.starved[0][0] < now - PSI_KEEP_S:
                 self.starved.popleft()
+
+    def _cpu_full_us(self) -> int | None:
+        try:
+            return self.full_file.read() if self.full_file is not None else None
+        except (BackdoorsError, KeyError, ValueError):
+            return None  # PSI off, or unreadable for now
 
     def starved_since(self, since: float, now: float) -> float:
         """Seconds from `since` to `now` during which the node could not run (from the
@@ -414,6 +423,11 @@ class Watcher:
                 if src is not None:
                     src.close()
             n.links = n.freezer = n.oom = n.mem = None
+            with n.starved_lock:  # a poll's reply may sample it still
+                for file in (n.forks_file, n.full_file):
+                    if file is not None:
+                        file.close()
+                n.forks_file = n.full_file = None
             n.psi.clear()
             self.regions.give_back(n.entries)
             n.entries = []
@@ -488,8 +502,12 @@ class Watcher:
             pass
 
     def _open_sources(self, n: _Node) -> None:
-        """The node's notifications; what cannot be opened is left to the slow reads."""
+        """The node's notifications, and the files a tick reads; what cannot be opened is
+        left to the slow reads."""
         rt = n.rt
+        n.forks_file = rt.node.cgroup.polled_fork_failures()
+        with n.starved_lock:
+            n.full_file = rt.node.cgroup.polled_cpu_full_us()
         if rt.sampler.link is not None:
             try:
                 n.links = LinkEvents(rt.sampler.link.ns)
@@ -867,8 +885,10 @@ class Watcher:
         """Judge the node's failed forks (pids.events "max") in the fork_failures
         sensor's window: a fork bomb against the pids limit, FORKS_READ_S after it hits."""
         n.forks_due = now + FORKS_READ_S
+        if n.forks_file is None:
+            return  # closed
         try:
-            count = n.rt.node.cgroup.fork_failures()
+            count = n.forks_file.read()
         except (OSError, BackdoorsError):
             if n.rt.node.cgroup.layout.home("pids") is None:
                 n.forks_due = math.inf  # no pids controller: no forks refused, ever

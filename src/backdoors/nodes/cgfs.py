@@ -16,8 +16,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from backdoors.errors import NodeError
+
+T = TypeVar("T")
 
 _HINTS = {
     errno.ENOENT: "it does not exist: the cgroup was removed, or the controller is not "
@@ -96,6 +99,56 @@ class KeptFiles:
         with self._lock:
             fds, self._fds = self._fds, None
         for fd in (fds or {}).values():
+            os.close(fd)
+
+
+class Polled(Generic[T]):
+    """One cgroupfs file its owner reads many times a second from one thread (the agent's
+    watcher): a pread of a descriptor kept open, its text parsed only when its bytes
+    changed. ~1 us a read where KeptFiles.read and a parse take ~3-5 us (the watcher
+    reads every node's failed forks 40 times a second). Not thread-safe; its owner
+    closes it. Like KeptFiles, a read that fails (the cgroup removed) opens the path
+    again: a cgroup made again under the name is read, one that is gone is read()'s
+    error. A text that does not parse raises the parser's error and is not kept."""
+
+    _SIZE = 4096
+
+    def __init__(self, path: Callable[[], Path], parse: Callable[[str], T]) -> None:
+        self._path, self._parse = path, parse
+        self._fd = -1
+        self._data = b""
+        self._value: T | None = None
+
+    def read(self) -> T:
+        """The file's value now."""
+        data = self._pread()
+        if data != self._data or self._value is None:
+            self._value = self._parse(data.decode())
+            self._data = data
+        return self._value
+
+    def _pread(self) -> bytes:
+        if self._fd >= 0:
+            try:
+                return os.pread(self._fd, self._SIZE, 0)
+            except OSError:
+                self.close()
+        where = self._path()
+        try:
+            fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise error("read", where, e) from None
+        try:
+            data = os.pread(fd, self._SIZE, 0)
+        except OSError as e:
+            os.close(fd)
+            raise error("read", where, e) from None
+        self._fd = fd
+        return data
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
             os.close(fd)
 
 

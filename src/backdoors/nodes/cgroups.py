@@ -463,7 +463,12 @@ class Cgroup:
 
     def fork_failures(self) -> int:
         """Forks refused so far because the pids limit was reached (pids.events "max")."""
-        return cgfs.keyed(self._read("pids.events", self._in("pids"))).get("max", 0)
+        return _refused(self._read("pids.events", self._in("pids")))
+
+    def polled_fork_failures(self) -> cgfs.Polled[int]:
+        """fork_failures() as a file one thread reads many times a second (cgfs.Polled;
+        NodeError without a pids controller; the caller closes it)."""
+        return cgfs.Polled(lambda: self._controller_dir("pids")[1] / "pids.events", _refused)
 
     def set_cpu_weight(self, weight: int) -> None:
         """The cgroup's share of the CPU against its siblings when they all want it, on the
@@ -486,17 +491,16 @@ class Cgroup:
             return stat.get("usage_usec", 0) / 1e6
         raise NodeError(f"no CPU accounting available ({self.layout.describe()})")
 
-    def cpu_full_us(self) -> int | None:
+    def polled_cpu_full_us(self) -> cgfs.Polled[int] | None:
         """Microseconds so far during which the cgroup's runnable tasks all waited for a CPU
-        and none ran: the v2 cpu.pressure "full" total (no controller needed). None
-        without a v2 hierarchy or PSI."""
+        and none ran: the v2 cpu.pressure "full" total (no controller needed), as a file
+        one thread reads many times a second (cgfs.Polled: NodeError where PSI is off,
+        KeyError without a "full" line; the caller closes it). None without a v2
+        hierarchy."""
         if UNIFIED not in self.paths:
             return None
-        try:
-            return cgfs.pressure_total(self._read("cpu.pressure", lambda: self.paths[UNIFIED]),
-                                       "full")
-        except (NodeError, KeyError, ValueError):
-            return None
+        return cgfs.Polled(lambda: self.paths[UNIFIED] / "cpu.pressure",
+                           lambda text: cgfs.pressure_total(text, "full"))
 
     def pressure(self) -> dict[str, dict[str, float | int]]:
         """PSI of the cgroup per resource ("memory", "cpu", "io"), from the v2 *.pressure files.
@@ -515,6 +519,10 @@ class Cgroup:
                 if not self.paths[UNIFIED].is_dir():
                     raise
         return out
+
+
+def _refused(events: str) -> int:
+    return cgfs.keyed(events).get("max", 0)
 
 
 def _check_limit(what: str, limit: int | None) -> None:
