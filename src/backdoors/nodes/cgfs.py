@@ -2,7 +2,8 @@
 
 Small helpers shared by the Cgroup class: one syscall per write (cgroupfs acts on each
 write), parsers for the flat-keyed and pressure formats, waiting on cgroup.events, and
-files kept open for a reader that reads them many times a second (`KeptFiles`).
+files kept open for readers that read them many times a second (`KeptFiles`, shared by
+threads; `Polled`, one file of one thread, parsed only when it changed).
 """
 
 from __future__ import annotations
