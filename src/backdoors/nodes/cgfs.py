@@ -40,9 +40,13 @@ def error(action: str, path: Path, exc: OSError, hint: str = "") -> NodeError:
 
 def read(path: Path) -> str:
     """The whole text of a cgroupfs (or procfs) file."""
+    return _read_bytes(path).decode()
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
         with open(path, "rb", buffering=0) as f:
-            return f.read().decode()
+            return f.read()
     except OSError as e:
         raise error("read", path, e) from None
 
@@ -59,71 +63,53 @@ def to_int(text: str) -> int | None:
 
 
 class KeptFiles:
-    """cgroupfs files kept open once read, and read again with pread: ~1 us a read
-    where opening, reading and closing takes ~20 us (and a Path to build). For a sampler
-    reading a node's accounting many times a second. Thread-safe; after close() every
-    read opens the file as read() does.
-
-    A kept file whose cgroup was removed fails its pread (ENODEV): it is closed and the
-    path opened again, so a cgroup made again under the same name is read, and one that
-    is gone gives read()'s error."""
-
-    _SIZE = 4096  # every accounting file read this way is smaller
+    """cgroupfs files kept open once read, and read again with pread (a `Polled` file
+    each, keyed by name): ~1 us a read where opening, reading and closing takes ~20 us
+    (and a Path to build). For a sampler reading a node's accounting many times a
+    second. Thread-safe; after close() every read opens the file as read() does."""
 
     def __init__(self) -> None:
-        self._fds: dict[str, int] | None = {}
+        self._files: dict[str, Polled[str]] | None = {}
         self._lock = threading.Lock()
 
     def read(self, key: str, path: Callable[[], Path]) -> str:
         """The text of the file `key` names (its path, built on the first read only)."""
         with self._lock:
-            if self._fds is not None:
-                fd = self._fds.get(key)
-                if fd is None:
-                    where = path()
-                    try:
-                        fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
-                    except OSError as e:
-                        raise error("read", where, e) from None
-                    self._fds[key] = fd
-                try:
-                    data = os.pread(fd, self._SIZE, 0)
-                except OSError:
-                    del self._fds[key]
-                    os.close(fd)
-                else:
-                    if len(data) < self._SIZE:
-                        return data.decode()
+            if self._files is not None:
+                file = self._files.get(key)
+                if file is None:
+                    file = self._files[key] = Polled(path, str)
+                return file.read()
         return read(path())
 
     def close(self) -> None:
         with self._lock:
-            fds, self._fds = self._fds, None
-        for fd in (fds or {}).values():
-            os.close(fd)
+            files, self._files = self._files, None
+        for file in (files or {}).values():
+            file.close()
 
 
 class Polled(Generic[T]):
-    """One cgroupfs file its owner reads many times a second from one thread (the agent's
-    watcher): a pread of a descriptor kept open, its text parsed only when its bytes
-    changed. ~1 us a read where KeptFiles.read and a parse take ~3-5 us (the watcher
-    reads every node's failed forks 40 times a second). Not thread-safe; its owner
-    closes it. Like KeptFiles, a read that fails (the cgroup removed) opens the path
-    again: a cgroup made again under the name is read, one that is gone is read()'s
-    error. A text that does not parse raises the parser's error and is not kept."""
+    """One cgroupfs file read many times a second: a pread of a descriptor kept open, its
+    text parsed only when its bytes changed (~1 us a read; a parse is 1-3 us more). Not
+    thread-safe: one thread reads it (the agent's watcher), or a lock guards it
+    (KeptFiles); its owner closes it. A kept file whose cgroup was removed fails its
+    pread (ENODEV): the path is opened again, so a cgroup made again under the same name
+    is read, and one that is gone gives read()'s error. A text that does not parse
+    raises the parser's error and is not kept."""
 
-    _SIZE = 4096
+    _SIZE = 4096  # every accounting file read this way is smaller (else: read whole)
 
     def __init__(self, path: Callable[[], Path], parse: Callable[[str], T]) -> None:
         self._path, self._parse = path, parse
         self._fd = -1
-        self._data = b""
-        self._value: T | None = None
+        self._data: bytes | None = None
+        self._value: T
 
     def read(self) -> T:
         """The file's value now."""
         data = self._pread()
-        if data != self._data or self._value is None:
+        if data != self._data:
             self._value = self._parse(data.decode())
             self._data = data
         return self._value
@@ -131,9 +117,11 @@ class Polled(Generic[T]):
     def _pread(self) -> bytes:
         if self._fd >= 0:
             try:
-                return os.pread(self._fd, self._SIZE, 0)
+                data = os.pread(self._fd, self._SIZE, 0)
             except OSError:
                 self.close()
+            else:
+                return data if len(data) < self._SIZE else _read_bytes(self._path())
         where = self._path()
         try:
             fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
@@ -145,7 +133,7 @@ class Polled(Generic[T]):
             os.close(fd)
             raise error("read", where, e) from None
         self._fd = fd
-        return data
+        return data if len(data) < self._SIZE else _read_bytes(where)
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
