@@ -39,6 +39,7 @@ from typing import Annotated, Protocol
 import msgspec
 
 from ..common import fdtable, ipc
+from ..common.accepting import Pause
 from ..common.peers import not_the_agent
 from ..tcprepair import TcpState
 from .cbformat import SESSION_SIZE
@@ -201,6 +202,13 @@ class AdoptionSource(Protocol):
     def close(self) -> None: ...
 
 
+def resume_in(source: AdoptionSource | None) -> float:
+    """Seconds until `source` takes connections again after a pause (0: it does, or it
+    cannot pause): the listener looks at it again then."""
+    resume = getattr(source, "resume_in", None)
+    return resume() if resume is not None else 0.0
+
+
 class UnixAdoptionSource:
     """Receives sessions on a Unix stream socket at `path` (mode 0600).
 
@@ -229,6 +237,8 @@ class UnixAdoptionSource:
         self._readers: dict[int, ipc.FrameReader] = {}
         self._ready: deque[Recovered] = deque()
         self.refused = 0  # connections refused: not from the agent
+        self._pause = Pause(f"adoption socket {path}")
+        self._paused = False
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -237,6 +247,9 @@ class UnixAdoptionSource:
         """The next session. Every batch already sent is taken and answered (one reply
         frame per batch), up to BATCH sessions, before the first is returned: a sender
         handing over many sessions waits for no round trip per session."""
+        if self._paused and not self._pause.remaining():
+            self._paused = False
+            self._epoll.register(self._listener.fileno(), select.EPOLLIN)
         if not self._ready:
             for _ in range(BATCH):  # bounded: a sender that never stops cannot hold it here
                 events = self._epoll.poll(0)
@@ -249,11 +262,24 @@ class UnixAdoptionSource:
                         self._ready.extend(self._receive_from(conn))
         return self._ready.popleft() if self._ready else None
 
+    def resume_in(self) -> float:
+        """Seconds until it takes connections again after running out of descriptors
+        (0: it does); the listener calls receive() then."""
+        return self._pause.remaining() if self._paused else 0.0
+
     def _accept(self) -> None:
         try:
             conn, _ = self._listener.accept()
         except BlockingIOError:
             return
+        except OSError as err:
+            if not self._pause.absorb(err):
+                raise
+            if self._pause.remaining():  # out of descriptors: not watched until it ends
+                self._paused = True
+                self._epoll.unregister(self._listener.fileno())
+            return
+        self._pause.accepted()
         if (why := not_the_agent(conn)) is not None:
             self.refused += 1
             log.warning("refused a connection to %s: %s", self.path, why)

@@ -19,9 +19,10 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from ..common.accepting import Pause
 from ..common.runtime import adoption_socket
-from .adoption import AdoptionSource, Recovered
-from .listener import adoption_source, listen_tcp
+from .adoption import AdoptionSource, Recovered, resume_in
+from .listener import adoption_source, listen_tcp, listening_name
 
 log = logging.getLogger("backdoors.continuations")
 
@@ -42,6 +43,7 @@ class AsyncListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future | None = None
         self._watched: list[int] = []
+        self._pause = Pause(listening_name(sock))
 
     @classmethod
     def tcp(cls, host: str, port: int, *, adopt: AdoptionSource | str | None = None,
@@ -66,32 +68,43 @@ class AsyncListener:
         while not self._closed:
             if self.source is not None and (recovered := self.source.receive()) is not None:
                 return recovered
-            if self.sock is not None:
+            if self.sock is not None and not self._pause.remaining():
                 try:
                     conn, _ = self.sock.accept()
                 except (BlockingIOError, InterruptedError):
                     pass
-                except OSError:
+                except OSError as err:
                     if self._closed:
                         return None
-                    raise
+                    if not self._pause.absorb(err):
+                        raise
+                    if not self._pause.remaining():
+                        continue  # that connection's own error: the next one now
                 else:
+                    self._pause.accepted()
                     conn.setblocking(False)
                     return conn
             await self._readable()
         return None
 
     async def _readable(self) -> None:
-        """Wait until the listening socket or the adoption source is readable (or close)."""
+        """Wait until the listening socket or the adoption source is readable (or close),
+        or until the end of a pause in accepting from either (common.accepting)."""
         loop = self._loop
         waiter = self._waiter = loop.create_future()
-        self._watched = [f.fileno() for f in (self.sock, self.source) if f is not None]
+        paused = self._pause.remaining()
+        self._watched = [f.fileno() for f in (None if paused else self.sock, self.source)
+                         if f is not None]
         for fd in self._watched:
             loop.add_reader(fd, _wake, waiter)
+        resume = [t for t in (paused, resume_in(self.source)) if t]
+        timer = loop.call_later(min(resume), _wake, waiter) if resume else None
         try:
             await waiter
         finally:
             self._unwatch()
+            if timer is not None:
+                timer.cancel()
 
     def _unwatch(self) -> None:
         for fd in self._watched:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 import selectors
 import socket
+import time
 from typing import Iterator
 
+from ..common.accepting import Pause
 from ..common.runtime import adoption_socket
-from .adoption import AdoptionSource, Recovered, UnixAdoptionSource
+from .adoption import AdoptionSource, Recovered, UnixAdoptionSource, resume_in
 
 
 class Listener:
@@ -39,9 +41,11 @@ class Listener:
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         if self.source is not None:
             self._sel.register(self.source.fileno(), selectors.EVENT_READ, "adopt")
+        self._keys: set[str] = set()
+        self._pause = Pause(listening_name(sock))
         if sock is not None:
             sock.setblocking(False)
-            self._sel.register(sock, selectors.EVENT_READ, "accept")
+            self._watch_sock()
 
     @classmethod
     def tcp(cls, host: str, port: int, *, adopt: AdoptionSource | str | None = None,
@@ -62,12 +66,18 @@ class Listener:
 
     def accept(self, timeout: float | None = None) -> socket.socket | Recovered | None:
         """The next new connection or recovered session; None when closed or on timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
         while not self._closed:
             if self.source is not None and (recovered := self.source.receive()) is not None:
                 return recovered  # taken earlier in a batch
-            events = self._sel.select(timeout)
-            if not events:
-                return None
+            self._watch_sock()
+            waits = [t for t in (self._pause.remaining(), resume_in(self.source)) if t]
+            paused = bool(waits)  # a pause ends: look again then
+            if end is not None:
+                waits.append(max(0.0, end - time.monotonic()))
+            events = self._sel.select(min(waits) if waits else None)
+            if not events and not paused:
+                return None  # the timeout
             kinds = {key.data for key, _ in events}
             if "wake" in kinds or self._closed:
                 return None
@@ -80,13 +90,31 @@ class Listener:
                     conn, _ = self.sock.accept()
                 except (BlockingIOError, InterruptedError):
                     continue
-                except OSError:
+                except OSError as err:
                     if self._closed:
                         return None
-                    raise
+                    if not self._pause.absorb(err):
+                        raise
+                    continue
+                self._pause.accepted()
                 conn.setblocking(True)
                 return conn
+            if end is not None and time.monotonic() >= end:
+                return None
         return None
+
+    def _watch_sock(self) -> None:
+        """The listening socket is watched unless accepting from it is paused."""
+        if self.sock is None:
+            return
+        watched = "accept" in self._keys
+        if self._pause.remaining():
+            if watched:
+                self._sel.unregister(self.sock)
+                self._keys.discard("accept")
+        elif not watched:
+            self._sel.register(self.sock, selectors.EVENT_READ, "accept")
+            self._keys.add("accept")
 
     def __iter__(self) -> Iterator[socket.socket | Recovered]:
         while (conn := self.accept()) is not None:
@@ -138,6 +166,15 @@ def listen_tcp(host: str, port: int, backlog: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def listening_name(sock: socket.socket | None) -> str:
+    """How logs name a listening socket: 'listening socket HOST:PORT'."""
+    try:
+        host, port = sock.getsockname()[:2]
+    except (AttributeError, OSError):
+        return "listening socket"
+    return f"listening socket {host}:{port}"
 
 
 def adoption_source(adopt: AdoptionSource | str | None) -> AdoptionSource | None:
