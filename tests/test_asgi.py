@@ -5,10 +5,14 @@ per-session state."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -29,10 +33,10 @@ from backdoors.tcprepair import kernel  # noqa: E402
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture
-def server(monkeypatch):
-    """The ASGI server with the test app on 127.0.0.1 (no agent: boxes unregistered)."""
-    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+@contextlib.contextmanager
+def serving(**options):
+    """The ASGI server with the test app on 127.0.0.1 (`options` for asgi.serve); its
+    address."""
     started = threading.Event()
     box: dict = {}
 
@@ -42,15 +46,25 @@ def server(monkeypatch):
             box["listener"], box["loop"] = listener, asyncio.get_running_loop()
             started.set()
             with listener:
-                await asgi.serve(asgi_app.app, listener)
+                await asgi.serve(asgi_app.app, listener, **options)
         asyncio.run(go())
 
     t = threading.Thread(target=main, daemon=True)
     t.start()
     assert started.wait(10)
-    yield box["listener"].address
-    box["loop"].call_soon_threadsafe(box["listener"].close)
-    t.join(10)
+    try:
+        yield box["listener"].address
+    finally:
+        box["loop"].call_soon_threadsafe(box["listener"].close)
+        t.join(10)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """The ASGI server with the test app on 127.0.0.1 (no agent: boxes unregistered)."""
+    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+    with serving() as address:
+        yield address
 
 
 def test_a_starlette_app_keeps_its_session_state_over_keep_alive(server):
@@ -166,6 +180,59 @@ def test_a_request_must_fit_the_sessions_receive_log(server):
     status, body = _response(s)
     assert status.startswith(b"HTTP/1.1 413 ") and b"too large" in body
     s.close()
+
+
+def test_a_silent_client_is_closed_and_a_slow_one_is_not(monkeypatch):
+    """A client that sends nothing for idle_s while a request is awaited (before its
+    first, or within one) is closed without an answer; one that keeps sending, however
+    slowly, is served, the clock starting again with every read."""
+    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+    idle = 3.0
+    with serving(idle_s=idle) as address:
+        silent = socket.create_connection(address, timeout=30)
+        partial = socket.create_connection(address, timeout=30)
+        partial.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\nab")
+        slow = socket.create_connection(address, timeout=30)
+        body = b"c" * 20
+        slow.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n")
+        for i in range(20):  # 6 s in all, twice idle_s, a byte every idle_s / 10
+            time.sleep(idle / 10)
+            slow.sendall(body[i:i + 1])
+        status, got = _response(slow)
+        assert (status, got) == (b"HTTP/1.1 200 OK\r\n", b"C" * 20)
+        assert silent.recv(100) == b""  # closed long since, nothing sent
+        assert partial.recv(100) == b""
+        slow.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")  # still served
+        status, _ = _response(slow)
+        assert status == b"HTTP/1.1 200 OK\r\n"
+        for s in (silent, partial, slow):
+            s.close()
+
+
+def test_a_request_sent_while_the_server_was_stopped_is_answered():
+    """The idle clock is the server's: a server stopped (SIGSTOP, a freeze) for longer
+    than idle_s finds, when it runs again, the request its client sent meanwhile, and
+    answers it instead of closing the session as silent."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKDOORS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors.asgi", "--app-dir", TESTS,
+                             "asgi_app:app", "--host", "127.0.0.1", "--port", "0",
+                             "--timeout-idle", "1"], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r":(\d+)$", line.strip()).group(1))
+        c = socket.create_connection(("127.0.0.1", port), timeout=30)
+        c.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _response(c)[0] == b"HTTP/1.1 200 OK\r\n"  # its session is waiting now
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        c.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(2.5)  # past its idle_s, by its clock too
+        proc.send_signal(signal.SIGCONT)
+        assert _response(c)[0] == b"HTTP/1.1 200 OK\r\n"
+        c.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_100_continue_is_sent_for_a_request_that_expects_it(server):

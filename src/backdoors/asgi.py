@@ -53,6 +53,7 @@ from typing import Any
 
 import msgspec
 
+from .common.ipc import ready
 from .continuations import AsyncListener, LogFullError, StateTooLargeError, create_cb_async, run
 from .continuations.channels import ChannelState, Handed, SessionChannels
 from .continuations.cbformat import MAX_LOG_CAPACITY, MAX_STATE_CAPACITY
@@ -62,6 +63,7 @@ log = logging.getLogger("backdoors.asgi")
 READ = 64 * 1024
 MAX_INCOMPLETE = 64 * 1024  # request line and headers, at most half the receive log
 LINGER_S = 2.0  # after refusing a request, how long its body is read and dropped at most
+IDLE_S = 75.0  # a client silent this long while a request is awaited is closed (nginx's)
 SERVER_NAME = b"backdoors-asgi"
 
 
@@ -94,22 +96,78 @@ class _TooLarge(Exception):
 
 
 async def serve(app, listener: AsyncListener, *, root_path: str = "",
-                state_capacity: int = STATE_CAPACITY, log_capacity: int = LOG_CAPACITY) -> None:
+                state_capacity: int = STATE_CAPACITY, log_capacity: int = LOG_CAPACITY,
+                idle_s: float | None = IDLE_S) -> None:
     """Serve `app` on `listener` until the listener is closed. `state_capacity`: bytes of
     each session's exported state, which holds the response being sent: a response that
     does not fit is sent all the same, but a recovery in the middle of it ends the
     connection (the client sees it end rather than a wrong byte). `log_capacity`: bytes
     of each session's receive log, which holds a request until it is answered: a request
-    (head and body) that does not fit is refused with 413."""
+    (head and body) that does not fit is refused with 413. `idle_s`: a client that sends
+    nothing for that long while a request (or the rest of one) is awaited is closed,
+    without an answer, so that clients gone without a word (a crashed host, a dropped
+    route) do not hold their sessions, and the agent's, for ever; None: never."""
     handed = Handed()
+    idle = _Idle(idle_s) if idle_s else None
     try:
-        await listener.serve(_session, app, root_path, state_capacity, log_capacity, handed)
+        await listener.serve(_session, app, root_path, state_capacity, log_capacity, handed,
+                             idle)
     finally:
         handed.close()
+        if idle is not None:
+            idle.stop()
+
+
+class _Idle:
+    """The sessions waiting for their client's next bytes, since when; a sweep every
+    idle_s / 8 ends those silent for idle_s (their read cancelled: _Done). Cheaper than a
+    timer per read (a dict entry, against ~2-5 us of call_at or asyncio.timeout). Input
+    already there is not silence: the loop ran late (the server was stopped, a freeze)."""
+
+    def __init__(self, idle_s: float):
+        self.idle_s = idle_s
+        self.waiting: dict[asyncio.Task, tuple[float, Any]] = {}  # task -> (since, cb)
+        self.expired: set[asyncio.Task] = set()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def read(self, cb) -> bytes:
+        """cb.reader.read(READ); _Done if the client stays silent for idle_s."""
+        task = asyncio.current_task()
+        self.waiting[task] = (task.get_loop().time(), cb)
+        try:
+            return await cb.reader.read(READ)
+        except asyncio.CancelledError:
+            if task not in self.expired:
+                raise
+            self.expired.discard(task)
+            task.uncancel()
+            log.info("asgi: session %s: nothing from the client for %g s: closed",
+                     cb.session, self.idle_s)
+            raise _Done from None
+        finally:
+            self.waiting.pop(task, None)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.idle_s / 8)
+            now = loop.time()
+            for task, (since, cb) in list(self.waiting.items()):
+                if now - since < self.idle_s:
+                    continue
+                if cb.conn.buffered or ready(cb.conn.fileno()):
+                    self.waiting[task] = (now, cb)  # it did send: its read goes on
+                    continue
+                del self.waiting[task]
+                self.expired.add(task)
+                task.cancel()
+
+    def stop(self) -> None:
+        self._sweeper.cancel()
 
 
 async def _session(conn, app, root_path: str, state_capacity: int, log_capacity: int,
-                   handed: Handed) -> None:
+                   handed: Handed, idle: _Idle | None) -> None:
     if isinstance(conn, socket.socket):  # a response leaves at once (a recovered socket
         _nodelay(conn)                     # keeps the option: TCP_REPAIR restores it)
     try:
@@ -132,13 +190,13 @@ async def _session(conn, app, root_path: str, state_capacity: int, log_capacity:
         return
     channels = SessionChannels(cb.session, cb.conn.sock.getsockname())
     try:
-        await _serve_session(cb, s, channels, handed, app, root_path)
+        await _serve_session(cb, s, channels, handed, app, root_path, idle)
     finally:
         channels.close()
 
 
 async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Handed, app,
-                         root_path: str) -> None:
+                         root_path: str, idle: _Idle | None) -> None:
     import h11
 
     async with cb:
@@ -170,7 +228,7 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
         client, server = _address(sock.getpeername), _address(sock.getsockname)
         while True:
             try:
-                request, body = await _read_request(parser, cb)
+                request, body = await _read_request(parser, cb, idle)
             except _Done:
                 return
             except h11.RemoteProtocolError as e:
@@ -223,12 +281,14 @@ def _address(get) -> list | None:
         return None
 
 
-async def _read_request(parser, cb):
+async def _read_request(parser, cb, idle: _Idle | None):
     """The next request and its whole body. The request stays in the session's receive
     log until its response is exported, so one that cannot fit there is _TooLarge: by
     its Content-Length, before its body is read (and then no 100 Continue is sent), or
     when the log fills (a chunked body). Each decision depends on the input stream only,
-    never on how it arrived, so a replay makes the same ones (and sends the same bytes)."""
+    never on how it arrived, so a replay makes the same ones (and sends the same bytes);
+    but a client silent for `idle.idle_s` is _Done (closed, nothing sent: no decision
+    to replay)."""
     import h11
 
     conn = cb.conn
@@ -236,8 +296,8 @@ async def _read_request(parser, cb):
     while True:
         event = parser.next_event()
         if event is h11.NEED_DATA:
-            try:
-                data = await cb.reader.read(READ)  # b"" marks the end of the stream
+            try:  # b"" marks the end of the stream
+                data = await (cb.reader.read(READ) if idle is None else idle.read(cb))
             except LogFullError:
                 raise _TooLarge(_too_large(conn.log_capacity)) from None
             parser.receive_data(data)
@@ -475,11 +535,18 @@ def main(argv=None) -> int:
                     help="bytes of each session's receive log, which holds a request until "
                          "it is answered: a request (head and body) that does not fit is "
                          "refused with 413 (default %(default)s)")
+    ap.add_argument("--timeout-idle", type=float, default=IDLE_S, metavar="S",
+                    help="close a client that sends nothing for S seconds while a request "
+                         "is awaited (between requests, or within one): clients gone "
+                         "without a word do not hold their sessions at the agent for ever; "
+                         "0: never (default %(default)s)")
     a = ap.parse_args(argv)
     if not 0 < a.state_capacity <= MAX_STATE_CAPACITY:
         ap.error(f"--state-capacity must be 1..{MAX_STATE_CAPACITY} bytes")
     if not 4096 <= a.log_capacity <= MAX_LOG_CAPACITY:
         ap.error(f"--log-capacity must be 4096..{MAX_LOG_CAPACITY} bytes")
+    if a.timeout_idle < 0:
+        ap.error("--timeout-idle must be 0 (never) or more seconds")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if a.app_dir:
         sys.path.insert(0, a.app_dir)
@@ -496,7 +563,7 @@ def main(argv=None) -> int:
         try:
             with listener:
                 await serve(app, listener, state_capacity=a.state_capacity,
-                            log_capacity=a.log_capacity)
+                            log_capacity=a.log_capacity, idle_s=a.timeout_idle or None)
         finally:
             await life.shutdown()
             if ticker is not None:
