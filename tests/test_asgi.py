@@ -272,6 +272,46 @@ def test_a_session_moves_between_100_continue_and_the_body(rlab):
     assert _response(sock)[1].startswith(b"n=2 seq=2 "), rlab.logs()
 
 
+def test_pipelined_requests_move_with_the_session_none_lost_none_twice(rlab):
+    """A client pipelines 10,000 requests and reads no answer: the server reads ahead
+    (its parser holds requests not answered yet), answers until its send buffer is full
+    and waits there. What it read ahead stays in the receive log at each export, not in
+    the state (which overflowed the state's 64 KiB and ended the session, found with a
+    pipelining client). Frozen there, its session moves; the client then gets every
+    answer once, in order, and the session's count goes on."""
+    import fcntl
+    import termios
+
+    args = ("backdoors.asgi", "asgi_app:app", "--app-dir", TESTS)
+    a = rlab.server("a", *args)
+    b = rlab.server("b", *args)
+    sock = rlab.connect(timeout=30)
+    sock.settimeout(30)
+    total = 10_000
+    sender = threading.Thread(target=sock.sendall, daemon=True,
+                              args=(b"GET /count HTTP/1.1\r\nHost: svc\r\n\r\n" * total,))
+    sender.start()
+
+    def answered() -> int:  # bytes of answers waiting at the client
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4), "little")
+
+    seen, end = -1, time.monotonic() + 30  # until it answered some and waits to send more
+    while (now := answered()) == 0 or now != seen:
+        assert time.monotonic() < end, f"{now} bytes answered in 30 s: {rlab.logs()}"
+        seen = now
+        time.sleep(0.3)
+    a.freeze()
+    before = sock.recv(seen, socket.MSG_PEEK).count(b" seq=")
+    rlab.recover(a.sessions()[0], b)
+    got = b""
+    while got.count(b" seq=") < total and (chunk := sock.recv(1 << 16)):
+        got += chunk
+    sender.join(10)
+    numbers = [tuple(map(int, m)) for m in re.findall(rb"n=(\d+) seq=(\d+)", got)]
+    assert numbers[:total] == [(i + 1, i) for i in range(total)], rlab.logs()
+    assert 0 < before < total  # the move came in the middle of the pipeline
+
+
 def test_a_session_moves_while_the_server_lingers_after_a_refusal(rlab):
     """The server refused a request too large for the session (413), shut its writing
     down and reads the rest of the body, dropped, before it closes (its linger: the

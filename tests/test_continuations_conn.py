@@ -242,6 +242,30 @@ def test_rollback_with_a_small_log_and_many_crashes():
     assert run_with_crashes(numbers, 3, budgets, log_capacity=256) == expected_output(numbers)
 
 
+def test_input_read_ahead_is_left_out_of_an_export_and_replayed():
+    """A parser that read ahead exports with `unread`: those bytes stay in the log (the
+    state need not hold them) and a recovery serves them again; more than was consumed
+    since the last export is refused, nothing changed."""
+    cb, peer = pair(log_capacity=64)
+    peer.sendall(b"REQ1REQ2REQ3")
+    assert cb.conn.recv(12) == b"REQ1REQ2REQ3"  # all of it, REQ1 answered
+    cb.export(b"after REQ1", unread=8)
+    assert cb.conn.log_room == 64 - 8 and cb.conn.log_consumed == 8
+    with pytest.raises(ValueError, match="only 8 were consumed since the last export"):
+        cb.export(b"x", unread=9)
+    assert cb.version == 1 and cb.conn.log_consumed == 8
+    image = read_cb(cb.fd)
+    a2, b2 = socket.socketpair()
+    new = create_cb(Recovered(a2, image, image.plan(handed=0, read=12, tail=b"")),
+                    registrar=NULL)
+    assert new.import_state() == b"after REQ1"
+    assert new.conn.recv(100) == b"REQ2REQ3"
+    for c in (cb, new):
+        c.close()
+    for sock in (peer, b2):
+        sock.close()
+
+
 def test_a_nondeterministic_recovering_server_is_caught():
     cb, peer = pair()
     cb.conn.sendall(b"AAAA")

@@ -72,11 +72,12 @@ LOG_CAPACITY = 64 * 1024
 
 
 class Session(msgspec.Struct, tag="session"):
-    """What a session exports: the response being sent and the parser's unread bytes."""
+    """What a session exports: the response being sent, and what the application keeps.
+    Input the parser read ahead (pipelined requests) stays in the receive log, left out
+    of the export (`unread`): a recovery replays it."""
 
     seq: int = 0                 # requests answered
     pending: bytes = b""         # the response being sent when exported
-    unread: bytes = b""          # bytes read from the client and not parsed yet
     state: dict[str, Any] = {}   # the application's ("backdoors.session" "state")
     close: bool = False          # the connection ends after `pending`
     oversize: int = 0            # the length of a response too big to keep (pending empty)
@@ -222,8 +223,6 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
                 return
         head_max = min(MAX_INCOMPLETE, cb.conn.log_capacity // 2)
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=head_max)
-        if s.unread:
-            parser.receive_data(s.unread)
         sock = cb.conn.sock
         client, server = _address(sock.getpeername), _address(sock.getsockname)
         while True:
@@ -251,13 +250,13 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
             s.pending, s.oversize = response, 0
             if not s.close:
                 parser.start_next_cycle()
-            s.unread = parser.trailing_data[0]
+            unread = len(parser.trailing_data[0])
             s.channels = await channels.export()  # before the session: never behind it
             try:
-                await cb.export(s)
+                await cb.export(s, unread=unread)
             except StateTooLargeError:
                 s.pending, s.oversize = b"", len(response)
-                await cb.export(s)
+                await cb.export(s, unread=unread)
             cb.writer.write(response)
             await cb.writer.drain()
             if s.close:

@@ -106,11 +106,12 @@ class AsyncContinuationBox:
         """The last exported state (see ContinuationBox.import_state); None if new."""
         return self.box.import_state(type)
 
-    async def export(self, state: Any) -> int:
-        """Send what the writer holds, then export `state` (see ContinuationBox.export):
-        an export records output the kernel has, never output still in this process."""
+    async def export(self, state: Any, *, unread: int = 0) -> int:
+        """Send what the writer holds, then export `state` (see ContinuationBox.export,
+        `unread` too): an export records output the kernel has, never output still in
+        this process."""
         await self.writer.drain()
-        return self.box.export(state)
+        return self.box.export(state, unread=unread)
 
     def close(self) -> None:
         """End the session: FIN to the client now; the release at the agent and the

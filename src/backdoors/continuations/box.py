@@ -63,10 +63,13 @@ class ContinuationBox:
         """Number of the last export (0: never exported); it continues across recoveries."""
         return self._version
 
-    def export(self, state: Any) -> int:
+    def export(self, state: Any, *, unread: int = 0) -> int:
         """Store `state` atomically with the connection's stream positions; returns the
         export version. `state` is bytes, or anything msgspec encodes to msgpack
-        (Structs, dicts, lists, numbers, strings). The receive log restarts here."""
+        (Structs, dicts, lists, numbers, strings). The receive log restarts here, less
+        the last `unread` bytes consumed: input a parser read ahead and has not used yet
+        (pipelined requests), which a recovery serves again rather than the state
+        having to hold it."""
         if state is None:
             raise TypeError("export(None): None means 'no state'; export a value")
         if isinstance(state, (bytes, bytearray, memoryview)):
@@ -79,7 +82,7 @@ class ContinuationBox:
                 f"{self.region.state_capacity}; create it with a larger state_capacity"
             )
         version = self._version + 1
-        sent, received = self.conn._exported()
+        sent, received = self.conn._exported(unread)
         self.region.write_export(version, sent, received, encoding, data)
         self._version, self._last = version, (encoding, data)
         return version

@@ -91,10 +91,16 @@ class RecoverableConnection:
         """Bytes of regenerated output still to be discarded after a recovery."""
         return max(0, self._skip_until - self._sent)
 
-    def _exported(self) -> tuple[int, int]:
-        """(sent, received) for an export; the log now starts at `received`."""
-        self._export_received = self._consumed
-        return self._sent, self._consumed
+    def _exported(self, unread: int = 0) -> tuple[int, int]:
+        """(sent, received) for an export; the log now starts at `received`: the input
+        consumed less its last `unread` bytes (read ahead by a parser and not used yet,
+        they stay in the log: a recovery serves them again)."""
+        if not 0 <= unread <= self._consumed - self._export_received:
+            raise ValueError(f"session {self.session}: {unread} bytes unread, but only "
+                             f"{self._consumed - self._export_received} were consumed since "
+                             "the last export")
+        self._export_received = self._consumed - unread
+        return self._sent, self._export_received
 
     # -- output ----------------------------------------------------------------------
 
