@@ -41,7 +41,7 @@ class Listener:
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         if self.source is not None:
             self._sel.register(self.source.fileno(), selectors.EVENT_READ, "adopt")
-        self._keys: set[str] = set()
+        self._watching = False  # the listening socket
         self._pause = Pause(listening_name(sock))
         if sock is not None:
             sock.setblocking(False)
@@ -107,14 +107,12 @@ class Listener:
         """The listening socket is watched unless accepting from it is paused."""
         if self.sock is None:
             return
-        watched = "accept" in self._keys
-        if self._pause.remaining():
-            if watched:
-                self._sel.unregister(self.sock)
-                self._keys.discard("accept")
-        elif not watched:
+        paused = bool(self._pause.remaining())
+        if paused and self._watching:
+            self._sel.unregister(self.sock)
+        elif not paused and not self._watching:
             self._sel.register(self.sock, selectors.EVENT_READ, "accept")
-            self._keys.add("accept")
+        self._watching = not paused
 
     def __iter__(self) -> Iterator[socket.socket | Recovered]:
         while (conn := self.accept()) is not None:
