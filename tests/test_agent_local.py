@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import stat
 import subprocess
 import time
@@ -160,6 +161,63 @@ print("{{}}", flush=True)
     assert [("ok" in r) for r in results] == [True, True, False]
     assert "would hold" in results[2]["error"] and "131072" in results[2]["error"]
     assert sorted(r.name for r in lab.client().regions("n0")) == ["kernel", "mid0", "mid1"]
+
+
+# Holds TCP sessions (a connected pair per session, the server end handed over) until
+# the agent refuses one; prints how many it held and the refusal.
+HOLD_UNTIL_REFUSED = """
+import json, resource, socket
+from backdoors.common.runtime import hold_socket
+from backdoors.errors import RegistrationError
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+lsn = socket.create_server(("127.0.0.1", 0))
+held, kept = 0, []
+while True:
+    c = socket.create_connection(lsn.getsockname())
+    a, _ = lsn.accept()
+    kept += [c, a]
+    try:
+        hold_socket(a.fileno(), name=f"cb-{held:032x}", timeout=10)
+    except RegistrationError as e:
+        print(json.dumps({"held": held, "error": str(e)}), flush=True)
+        break
+    held += 1
+"""
+
+
+def test_the_session_cap_is_each_nodes_share_of_the_agents_descriptors():
+    """Two descriptors a session, one or two a region, a reserve for the agent's own: a
+    node's cap is at most its share of the agent's RLIMIT_NOFILE (worked out by hand)."""
+    from backdoors.agent.descriptors import session_cap
+
+    # 20,000: a reserve of 2,500; 17,500 / 3 nodes = 5,833, less 2 * 64 regions and 32
+    cap = session_cap(16384, 3, 64, limit=20_000)
+    assert (cap.sessions, cap.lowered) == ((5833 - 128 - 32) // 2, True)
+    assert "descriptor limit of 20000 shared by its 3 nodes" in cap.note
+    # a shell's 1,024: a reserve of 256 at least
+    assert session_cap(4096, 1, 64, limit=1024).sessions == (768 - 160) // 2
+    # enough for the configured cap: kept, and said as configured
+    roomy = session_cap(4096, 2, 64, limit=1 << 20)
+    assert (roomy.sessions, roomy.lowered, roomy.note) == (4096, False, "max_sessions_per_node")
+    assert session_cap(4096, 1000, 64, limit=2048).sessions == 0  # none rather than EMFILE
+
+
+def test_a_node_is_refused_past_its_share_of_the_agents_descriptors(agent_lab):
+    """An agent started with few descriptors (a soft RLIMIT_NOFILE of 3,000 for one
+    node: a cap of 1,232 sessions, not 4,096) holds that many of a node's sessions and
+    refuses the next one saying why, instead of running out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3000, hard))
+    try:
+        lab = agent_lab(max_sessions_per_node=4096)  # the agent works its cap out now
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    got = json.loads(read_line(lab.run("n0", HOLD_UNTIL_REFUSED), timeout=120))
+    # 3,000 less a reserve of 375, less 2 * 64 regions and 32: 2,465 descriptors, 2 each
+    assert got["held"] == 1232, got
+    assert "the cap is 1232 (max_sessions_per_node 4096, lowered to fit the agent's " \
+           "descriptor limit of 3000 shared by its 1 nodes" in got["error"], got
+    assert lab.client().held("n0").sessions == 1232
 
 
 def test_kernel_is_a_reserved_name_and_a_live_owner_keeps_its_name(agent_lab):

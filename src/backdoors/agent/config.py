@@ -181,7 +181,8 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     send_timeout_s: Annotated[float, doc(
         "a peer that takes no bytes of a reply for this many seconds is dropped")] = 5.0
     max_sessions_per_node: Annotated[int, doc(
-        "client sessions (Continuation Boxes and held sockets) per node")] = 4096
+        "client sessions (Continuation Boxes and held sockets) per node; lowered to the "
+        "node's share of the agent's descriptor limit if that is less")] = 4096
     peers: Annotated[dict[str, str | list[str]], doc(
         'peer agents: host -> its public key "ed25519:<hex>"; they may call stage, adopt '
         "(with the monitors' evacuate), present and ping, never vote; the agents this one evacuates "

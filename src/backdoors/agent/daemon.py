@@ -28,6 +28,7 @@ from ..vm.node import VmNode
 from ..vm.sensors import PREDICTED
 from .audit import AuditLog
 from .config import AgentConfig, validate
+from .descriptors import session_cap
 from .fdstore import AgentStore
 from .isolation import refuse_unisolated
 from .leases import LeaseTable
@@ -91,12 +92,17 @@ class Agent:
         self.inner_timeout = config.op_deadline_s * 0.8  # node ops give up before the deadline
         self.nodes: dict[str, NodeRuntime] = {}
         self._tracking: dict[str, concurrent.futures.Future] = {}  # per node, the pass queued
+        cap = session_cap(config.max_sessions_per_node, len(config.nodes),
+                          config.max_regions_per_node)
+        if cap.lowered:
+            log.warning("sessions per node: %d, not %d: %s", cap.sessions, cap.configured,
+                        cap.note)
         self.regions = RegionTable([n.name for n in config.nodes],
                                    max_regions=config.max_regions_per_node,
                                    max_region_bytes=config.max_region_bytes,
                                    max_node_bytes=config.max_node_bytes,
-                                   max_sessions=config.max_sessions_per_node)
-        self.sessions = SessionTable([n.name for n in config.nodes], config.max_sessions_per_node)
+                                   max_sessions=cap.sessions, sessions_note=cap.note)
+        self.sessions = SessionTable([n.name for n in config.nodes], cap.sessions, cap.note)
         self.mmreads = MmReads()
         self._setup_events()
         self.watcher: Watcher | None = None  # violations pushed as events (agent/watch.py)

@@ -2,7 +2,8 @@
 
 - `harden()`: lock its memory (mlockall, so node memory pressure cannot page it out),
   exempt it from the OOM killer (oom_score_adj -1000), raise its CPU priority (nice -10),
-  and shorten the GIL switch interval so the RPC loop waits less behind sampler threads.
+  shorten the GIL switch interval so the RPC loop waits less behind sampler threads, and
+  raise its descriptor limit to the hard one (its nodes share it: agent/descriptors.py).
   Each step that the kernel refuses is a warning, not a failure.
 - `OwnCgroup`: a cgroup of its own outside every node, entered at start and removed at
   exit (the daemon moves back to where it came from first), with the highest CPU weight:
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import sys
 
 from ..errors import NodeError
@@ -59,6 +61,12 @@ def harden() -> list[str]:
     except OSError as e:
         warnings.append(f"cannot set nice {NICE}: {e.strerror}")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:  # a shell's 1024 would be all its nodes' sessions (agent/descriptors.py)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            warnings.append(f"cannot raise the descriptor limit from {soft} to {hard}: {e}")
     return warnings
 
 

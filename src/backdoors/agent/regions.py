@@ -74,9 +74,9 @@ class RegionTable:
     """Regions per node, with per-node caps on count, total bytes and region size."""
 
     def __init__(self, nodes, *, max_regions: int, max_region_bytes: int, max_node_bytes: int,
-                 max_sessions: int = 4096):
+                 max_sessions: int = 4096, sessions_note: str = "max_sessions_per_node"):
         self.max_regions, self.max_region_bytes = max_regions, max_region_bytes
-        self.max_sessions = max_sessions
+        self.max_sessions, self.sessions_note = max_sessions, sessions_note
         self.max_node_bytes = max_node_bytes
         self._nodes: dict[str, dict[str, Entry]] = {n: {} for n in nodes}
         # per node, of the entries not internal: [Continuation Boxes, other regions, bytes]
@@ -144,7 +144,7 @@ class RegionTable:
             if entry.kind == SESSION_KIND:
                 if held + 1 > self.max_sessions:
                     raise RegionRefused(f"node {entry.node} has {held} Continuation Boxes, the "
-                                        f"cap is {self.max_sessions} (max_sessions_per_node)")
+                                        f"cap is {self.max_sessions} ({self.sessions_note})")
             elif not entry.internal:
                 if count + 1 > self.max_regions:
                     raise RegionRefused(f"node {entry.node} has {count} regions, the cap is "

@@ -49,6 +49,7 @@ class SessionTable:
 
     nodes: list[str]
     max_per_node: int
+    note: str = "max_sessions_per_node"  # what the cap is (agent.descriptors)
     _sessions: dict[str, dict[str, Session]] = field(init=False)
     _adopted: dict[tuple[str, str], TcpState] = field(init=False, default_factory=dict)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
@@ -83,7 +84,7 @@ class SessionTable:
             if name not in held and len(held) >= self.max_per_node:
                 self.closer(sock)
                 raise SessionRefused(f"node {node} holds {len(held)} sessions, the cap is "
-                                     f"{self.max_per_node}")
+                                     f"{self.max_per_node} ({self.note})")
             old = held.pop(name, None)
             since = (self._adopted.pop((node, name), None) or since
                      or (old.since if old else None))
