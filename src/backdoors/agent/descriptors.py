@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 RESERVE_MIN = 256  # descriptors the agent keeps for itself, at least
 RESERVE_SHARE = 8  # or this fraction of the limit, if more
-PER_NODE = 32  # a node's own: cgroup files, PSI triggers, its registrants' pidfds
+#: a node's own besides its sessions and regions: its registration connections (at most
+#: 64, each a socket and its caller's pidfd), cgroup files, PSI triggers
+PER_NODE = 160
 
 
 @dataclass(frozen=True)
