@@ -2,13 +2,15 @@
 
 import json
 import os
+import re
 import resource
+import signal
 import stat
 import subprocess
 import time
 
 import pytest
-from test_agent_support import REGISTER, agent_lab, prefix, read_line, wait_for
+from test_agent_support import REGISTER, agent_lab, daemon, prefix, read_line, wait_for
 
 from backdoors.agent import local
 from backdoors.common.runtime import register_box, register_region
@@ -218,6 +220,60 @@ def test_a_node_is_refused_past_its_share_of_the_agents_descriptors(agent_lab):
     assert "the cap is 1168 (max_sessions_per_node 4096, lowered to fit the agent's " \
            "descriptor limit of 3000 shared by its 1 nodes" in got["error"], got
     assert lab.client().held("n0").sessions == 1168
+
+
+# Registers a region named by each line it reads, on a new connection each time.
+REGISTER_ON_LINE = """
+import fcntl, json, os, sys
+from backdoors.common import runtime
+from backdoors.common.runtime import _call
+kept = []  # earlier connections stay open: the agent frees nothing when one closes
+for line in sys.stdin:
+    kept += runtime._channels.values()
+    runtime._channels.clear()
+    fd = os.memfd_create("r", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    try:
+        r = _call({"op": "register", "name": line.strip(), "kind": "region"}, fd, None, 30)
+        print(json.dumps({"ok": bool(r)}), flush=True)
+    except Exception as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+"""
+
+
+def test_an_agent_out_of_descriptors_pauses_its_registration_sockets(agent_lab):
+    """The agent daemon's soft RLIMIT_NOFILE lowered under what it has open (prlimit):
+    a node's new connection cannot be accepted (EMFILE). The agent stops watching its
+    registration sockets for 0.1 s at a time instead of spinning on them, and once it
+    has descriptors again the connection is accepted and served."""
+    lab = agent_lab(start=False)
+    with daemon(lab) as (proc, _):
+        node = lab.run("n0", REGISTER_ON_LINE, stdin=subprocess.PIPE)
+        node.stdin.write(b"first\n")
+        node.stdin.flush()
+        assert json.loads(read_line(node, 30)) == {"ok": True}
+        used = {int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd")}
+        free = min(set(range(len(used) + 1)) - used)  # the lowest number a new fd would get
+        soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (free, hard))
+        try:
+            node.stdin.write(b"second\n")  # a new connection: nothing free to accept it
+            node.stdin.flush()
+            time.sleep(1.0)
+        finally:
+            resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert json.loads(read_line(node, 30)) == {"ok": True}  # accepted after a pause
+        node.stdin.close()
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=30)[1].decode()
+    assert "the agent's registration sockets: cannot accept (Too many open files)" in err, err
+    again = re.findall(r"registration sockets: accepting again after ([\d.]+) s \((\d+) "
+                       r"retries\)", err)
+    assert again, err
+    for seconds, retries in again:  # one retry per pause, no spinning
+        assert int(retries) <= float(seconds) / 0.1 + 2, err
 
 
 def test_kernel_is_a_reserved_name_and_a_live_owner_keeps_its_name(agent_lab):

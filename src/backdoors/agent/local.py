@@ -37,6 +37,7 @@ from typing import Annotated
 import msgspec
 
 from ..common import ipc
+from ..common.accepting import Pause
 from ..common.peers import SO_PEERPIDFD
 from ..common.procs import ProcessInfo, read_process
 from ..common.runtime import MAX_ATTACH, agent_socket
@@ -156,6 +157,8 @@ class LocalServer:
         self._reported_at = 0.0
         self._stopping = False
         self._listening = False
+        self._listeners_watched = True  # not while out of descriptors (common.accepting)
+        self._accept_pause = Pause("the agent's registration sockets")
         self._thread = threading.Thread(target=self._run, name="bd-agent-local", daemon=True)
         self.ops = {"register": self._register, "unregister": self._unregister,
                     "hold_socket": self._hold_socket, "release": self._release,
@@ -278,6 +281,11 @@ class LocalServer:
         timeout = 1.0
         if self._resting:
             timeout = max(0.0, min(timeout, min(self._resting.values()) - time.monotonic()))
+        if not self._listeners_watched:
+            if (paused := self._accept_pause.remaining()) > 0:
+                timeout = min(timeout, paused)
+            else:
+                self._watch_listeners(True)
         # one request per node per turn: a node keeping all its connections busy delays
         # another node's request by one of its own, not by 64 (the others stay
         # readable: the next select returns at once); and of a node's ready
@@ -367,8 +375,12 @@ class LocalServer:
         node = self._listeners[listener]
         try:
             sock, _ = listener.accept()
-        except OSError:
+        except OSError as err:
+            # out of descriptors: the listeners stay readable; not watched for a while
+            if self._accept_pause.absorb(err) and self._accept_pause.remaining():
+                self._watch_listeners(False)
             return
+        self._accept_pause.accepted()
         sock.setblocking(False)
         pid, uid, _ = ipc.peer_credentials(sock)
         try:
@@ -392,6 +404,14 @@ class LocalServer:
         self._conns[sock] = conn
         if node not in self._resting:  # else read once its rest ends
             self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _watch_listeners(self, on: bool) -> None:
+        for sock in self._listeners:
+            if on:
+                self._sel.register(sock, selectors.EVENT_READ, None)
+            else:
+                self._sel.unregister(sock)
+        self._listeners_watched = on
 
     def _readable(self, conn: _Conn) -> None:
         started = conn.reader.partial
@@ -503,8 +523,11 @@ class LocalServer:
         node = self.nodes[conn.node]
         try:
             cgroups = read_cgroups(conn.pid)
-        except OSError:
-            raise RegionRefused(f"the caller (pid {conn.pid}) has exited") from None
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ESRCH):
+                raise RegionRefused(f"the caller (pid {conn.pid}) has exited") from None
+            raise RegionRefused(f"cannot check the caller (pid {conn.pid}): {e.strerror}; "
+                                "try again") from None
         if conn.pidfd is not None and ipc.ready(conn.pidfd):
             raise RegionRefused(f"the caller (pid {conn.pid}) exited during the check")
         wrong = misplaced(node.cgroup.layout, cgroups, node.cgroup.relpath)
