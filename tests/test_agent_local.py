@@ -192,12 +192,12 @@ def test_the_session_cap_is_each_nodes_share_of_the_agents_descriptors():
     node's cap is at most its share of the agent's RLIMIT_NOFILE (worked out by hand)."""
     from backdoors.agent.descriptors import session_cap
 
-    # 20,000: a reserve of 2,500; 17,500 / 3 nodes = 5,833, less 2 * 64 regions and 160
+    # 20,000: a reserve of 2,500; 17,500 / 3 nodes = 5,833, less 2 * 64 regions and 288
     cap = session_cap(16384, 3, 64, limit=20_000)
-    assert (cap.sessions, cap.lowered) == ((5833 - 128 - 160) // 2, True)
+    assert (cap.sessions, cap.lowered) == ((5833 - 128 - 288) // 2, True)
     assert "descriptor limit of 20000 shared by its 3 nodes" in cap.note
     # a shell's 1,024: a reserve of 256 at least
-    assert session_cap(4096, 1, 64, limit=1024).sessions == (768 - 288) // 2
+    assert session_cap(4096, 1, 64, limit=1024).sessions == (768 - 416) // 2
     # enough for the configured cap: kept, and said as configured
     roomy = session_cap(4096, 2, 64, limit=1 << 20)
     assert (roomy.sessions, roomy.lowered, roomy.note) == (4096, False, "max_sessions_per_node")
@@ -206,7 +206,7 @@ def test_the_session_cap_is_each_nodes_share_of_the_agents_descriptors():
 
 def test_a_node_is_refused_past_its_share_of_the_agents_descriptors(agent_lab):
     """An agent started with few descriptors (a soft RLIMIT_NOFILE of 3,000 for one
-    node: a cap of 1,168 sessions, not 4,096) holds that many of a node's sessions and
+    node: a cap of 1,104 sessions, not 4,096) holds that many of a node's sessions and
     refuses the next one saying why, instead of running out of descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (3000, hard))
@@ -215,11 +215,11 @@ def test_a_node_is_refused_past_its_share_of_the_agents_descriptors(agent_lab):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     got = json.loads(read_line(lab.run("n0", HOLD_UNTIL_REFUSED), timeout=120))
-    # 3,000 less a reserve of 375, less 2 * 64 regions and 160: 2,337 descriptors, 2 each
-    assert got["held"] == 1168, got
-    assert "the cap is 1168 (max_sessions_per_node 4096, lowered to fit the agent's " \
+    # 3,000 less a reserve of 375, less 2 * 64 regions and 288: 2,209 descriptors, 2 each
+    assert got["held"] == 1104, got
+    assert "the cap is 1104 (max_sessions_per_node 4096, lowered to fit the agent's " \
            "descriptor limit of 3000 shared by its 1 nodes" in got["error"], got
-    assert lab.client().held("n0").sessions == 1168
+    assert lab.client().held("n0").sessions == 1104
 
 
 # Registers a region named by each line it reads, on a new connection each time.

@@ -205,6 +205,44 @@ def test_one_process_cannot_take_all_of_its_nodes_connections(agent_lab):
     assert reply["box"]["name"] == "svc"
 
 
+# On each of argv[1] connections (one process may have 8), the first bytes of a frame
+# with 64 descriptors attached, the rest never sent; prints what each connection got.
+UNFINISHED = """
+import array, json, os, socket, sys, time
+from backdoors.common.runtime import AGENT_SOCKET_ENV
+fds = [os.memfd_create("x") for _ in range(64)]
+conns, got = [], []
+for _ in range(int(sys.argv[1])):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(os.environ[AGENT_SOCKET_ENV])
+    c.sendmsg([(1000).to_bytes(4, "big") + b"x"],  # 1,000 bytes announced, 1 sent
+              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+    conns.append(c)
+    time.sleep(0.3)  # read by the agent before the next
+for c in conns:
+    c.settimeout(0.5)
+    try:
+        got.append(c.recv(4096)[4:].decode(errors="replace"))
+    except socket.timeout:
+        got.append("held")
+print(json.dumps(got), flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_node_cannot_make_the_agent_hold_descriptors_with_unfinished_requests(agent_lab):
+    """Descriptors come with a frame's first bytes and the agent holds them until it is
+    whole: a node's unfinished frames may hold 128 at once (two attaches' worth), not
+    64 connections x 64. The connection past it is refused and closed (its descriptors
+    with it); the others wait; the node's other processes still register."""
+    lab = agent_lab()
+    got = json.loads(read_line(lab.run("n0", UNFINISHED, "4"), 30))
+    assert got[:2] == ["held", "held"], got
+    assert all("descriptors in unfinished requests, the cap is 128" in g for g in got[2:]), got
+    _, reply = lab.start_app("n0", "svc")
+    assert reply["box"]["name"] == "svc"
+
+
 # Sends argv[1] registrations with a 60,000-character name on one connection.
 LONG_NAMES = """
 import json, os, sys

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 RESERVE_MIN = 256  # descriptors the agent keeps for itself, at least
 RESERVE_SHARE = 8  # or this fraction of the limit, if more
 #: a node's own besides its sessions and regions: its registration connections (at most
-#: 64, each a socket and its caller's pidfd), cgroup files, PSI triggers
-PER_NODE = 160
+#: 64, each a socket and its caller's pidfd), the descriptors of its unfinished requests
+#: (at most 128: agent/local.py), cgroup files, PSI triggers
+PER_NODE = 288
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ MAX_FRAME = 64 * 1024
 MAX_FDS = 2 * MAX_ATTACH
 CONN_TIMEOUT_S = 10.0
 MAX_CONNS_PER_NODE = 64  # each process keeps one connection
+#: descriptors a node's unfinished requests may hold at once (two whole attaches): 64
+#: connections each holding a frame's worth would be 4,096 (agent/descriptors.py)
+MAX_PENDING_FDS = 2 * MAX_FDS
 MAX_CONNS_PER_PID = 8  # so that one process of a node cannot take all of its node's
 F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1+
 CLAIM_TRIES = 3  # a node racing the agent for its socket path
@@ -426,6 +429,10 @@ class LocalServer:
         if frame is None:
             if not started and conn.reader.partial:  # it must be complete within CONN_TIMEOUT_S
                 conn.deadline = time.monotonic() + CONN_TIMEOUT_S
+            if conn.reader.pending_fds and (held := self._pending_fds(conn.node)) > MAX_PENDING_FDS:
+                self._fail(conn, f"node {conn.node} has {held} descriptors in unfinished "
+                                 f"requests, the cap is {MAX_PENDING_FDS}: send a request whole "
+                                 "before the next")
             return
         try:
             reply = self._dispatch(conn, frame.payload, frame.fds)
@@ -435,6 +442,11 @@ class LocalServer:
             frame.fds = []
         self._reply(conn, reply)
         conn.deadline = math.inf  # idle between requests: a process keeps its connection
+
+    def _pending_fds(self, node: str) -> int:
+        """Descriptors the node's connections have sent with requests not complete yet:
+        held by the agent until they are (or CONN_TIMEOUT_S), so capped per node."""
+        return sum(c.reader.pending_fds for c in self._conns.values() if c.node == node)
 
     def _fail(self, conn: _Conn, message: str, op: str = "?") -> None:
         self._refused(conn, op, "", message)  # on record before the caller can see it

@@ -111,6 +111,11 @@ class FrameReader:
         """True while a frame has begun and is not complete."""
         return self._size is not None or bool(self._buf) or bool(self._fds)
 
+    @property
+    def pending_fds(self) -> int:
+        """Descriptors received with a frame not complete yet (held here until it is)."""
+        return len(self._fds)
+
     def read(self, sock: socket.socket) -> Frame | None:
         """The next complete frame; None if a non-blocking socket has no more for now.
         PeerClosed at end of stream; OSError of the socket as is."""
