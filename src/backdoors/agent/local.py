@@ -15,8 +15,11 @@ refused on its own), and "release" drops a session's box and socket when it ends
 A hostile caller must not stall or crowd out the others: membership is checked at accept
 too (an outsider's connection is answered and closed at once), connections are capped per
 node and per process, request strings are bounded, refusals are logged at most
-RefusalLimiter's rate per node (the rest summarised), and every descriptor a node handed
-over is closed by the Closer thread with SO_LINGER cleared (agent.closing).
+RefusalLimiter's rate per node (the rest summarised), every descriptor a node handed
+over is closed by the Closer thread with SO_LINGER cleared (agent.closing), and the
+descriptors of a node's unfinished requests are capped (MAX_PENDING_FDS; its sessions
+are capped by its share of the agent's descriptors: agent.descriptors). Out of
+descriptors all the same, the sockets are not watched for a while (common.accepting).
 """
 
 from __future__ import annotations
