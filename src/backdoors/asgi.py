@@ -121,9 +121,9 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
 
 class _Idle:
     """The sessions waiting for their client's next bytes, since when; a sweep every
-    idle_s / 8 ends those silent for idle_s (their read cancelled: _Done). Cheaper than a
-    timer per read (a dict entry, against ~2-5 us of call_at or asyncio.timeout). Input
-    already there is not silence: the loop ran late (the server was stopped, a freeze)."""
+    idle_s / 8 ends those silent for idle_s (their read cancelled: _Done): a dict entry
+    per read, not a timer per read. Input already there is not silence: the loop ran
+    late (the server was stopped, a freeze)."""
 
     def __init__(self, idle_s: float):
         self.idle_s = idle_s
