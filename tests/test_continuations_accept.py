@@ -38,9 +38,11 @@ kind, adopt, headroom = sys.argv[1], sys.argv[2], int(sys.argv[3])
 logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
 def limit(port):
-    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + headroom,
-                                                resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    used, free, soft = {int(fd) for fd in os.listdir("/proc/self/fd")}, 0, 0
+    while free < headroom:  # exactly `headroom` numbers free under the limit
+        free += soft not in used
+        soft += 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     print(port, flush=True)
 
 def echo(conn):
