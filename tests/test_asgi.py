@@ -209,6 +209,57 @@ def test_a_silent_client_is_closed_and_a_slow_one_is_not(monkeypatch):
             s.close()
 
 
+def _get(address, path: str = "/count") -> tuple[bytes, bytes, socket.socket]:
+    s = socket.create_connection(address, timeout=30)
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    return *_response(s), s
+
+
+def test_new_connections_past_the_limit_are_answered_503(monkeypatch):
+    """While `limit` client sessions are served, a new connection is answered 503 (and
+    closed, its request read and dropped: no reset); once one of them ends, a new
+    connection is served again."""
+    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+    with serving(limit=2) as address:
+        held = [_get(address)[2] for _ in range(2)]
+        status, body, third = _get(address)
+        assert status == b"HTTP/1.1 503 Service Unavailable\r\n", (status, body)
+        assert b"its limit of 2 sessions" in body
+        assert third.recv(100) == b""  # closed
+        third.close()
+        held.pop().close()
+        deadline = time.monotonic() + 20
+        while True:  # the server sees the end of that session soon
+            status, _, s = _get(address)
+            s.close()
+            if status == b"HTTP/1.1 200 OK\r\n" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == b"HTTP/1.1 200 OK\r\n"
+        for s in held:
+            s.close()
+
+
+def test_a_server_at_its_limit_still_takes_the_sessions_a_recovery_hands_over(rlab):
+    """The limit is on new clients only: a server with a limit of 1 takes the two
+    sessions a recovery hands it and serves both; a new client is answered 503."""
+    args = ("backdoors.asgi", "asgi_app:app", "--app-dir", TESTS)
+    a = rlab.server("a", *args)
+    b = rlab.server("b", *args, "--limit-concurrency", "1")
+    clients = [rlab.connect() for _ in range(2)]
+    for c in clients:
+        c.sendall(b"GET /count HTTP/1.1\r\nHost: svc\r\n\r\n")
+        assert _response(c)[1].startswith(b"n=1 seq=0 ")
+    a.freeze()
+    rlab.recover_all(a.sessions(), b)  # the service address moves to b's node with them
+    for c in clients:
+        c.sendall(b"GET /count HTTP/1.1\r\nHost: svc\r\n\r\n")
+        assert _response(c)[1].startswith(b"n=2 seq=1 "), rlab.logs()
+    third = rlab.connect()
+    third.sendall(b"GET /count HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert _response(third)[0] == b"HTTP/1.1 503 Service Unavailable\r\n", rlab.logs()
+
+
 def test_a_request_sent_while_the_server_was_stopped_is_answered():
     """The idle clock is the server's: a server stopped (SIGSTOP, a freeze) for longer
     than idle_s finds, when it runs again, the request its client sent meanwhile, and

@@ -64,6 +64,9 @@ READ = 64 * 1024
 MAX_INCOMPLETE = 64 * 1024  # request line and headers, at most half the receive log
 LINGER_S = 2.0  # after refusing a request, how long its body is read and dropped at most
 IDLE_S = 75.0  # a client silent this long while a request is awaited is closed (nginx's)
+#: descriptors a client session may take here: a socket, its box's memfd and the box's
+#: mapping (Python's mmap keeps a duplicate), for the client and for one channel
+SESSION_FDS = 6
 SERVER_NAME = b"backdoors-asgi"
 
 
@@ -98,7 +101,7 @@ class _TooLarge(Exception):
 
 async def serve(app, listener: AsyncListener, *, root_path: str = "",
                 state_capacity: int = STATE_CAPACITY, log_capacity: int = LOG_CAPACITY,
-                idle_s: float | None = IDLE_S) -> None:
+                idle_s: float | None = IDLE_S, limit: int | None = None) -> None:
     """Serve `app` on `listener` until the listener is closed. `state_capacity`: bytes of
     each session's exported state, which holds the response being sent: a response that
     does not fit is sent all the same, but a recovery in the middle of it ends the
@@ -107,16 +110,30 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
     (head and body) that does not fit is refused with 413. `idle_s`: a client that sends
     nothing for that long while a request (or the rest of one) is awaited is closed,
     without an answer, so that clients gone without a word (a crashed host, a dropped
-    route) do not hold their sessions, and the agent's, for ever; None: never."""
+    route) do not hold their sessions, and the agent's, for ever; None: never. `limit`:
+    while that many client sessions are served, a new connection is answered 503 (no
+    box, nothing registered) so that the server's descriptors are not all taken by new
+    clients: sessions handed over by a recovery are always taken; None: no limit."""
     handed = Handed()
     idle = _Idle(idle_s) if idle_s else None
+    live = _Live(limit)
     try:
         await listener.serve(_session, app, root_path, state_capacity, log_capacity, handed,
-                             idle)
+                             idle, live)
     finally:
         handed.close()
         if idle is not None:
             idle.stop()
+
+
+class _Live:
+    """Client sessions being served, and the limit on new ones."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.count = limit, 0
+
+    def full(self) -> bool:
+        return self.limit is not None and self.count >= self.limit
 
 
 class _Idle:
@@ -168,9 +185,36 @@ class _Idle:
 
 
 async def _session(conn, app, root_path: str, state_capacity: int, log_capacity: int,
-                   handed: Handed, idle: _Idle | None) -> None:
-    if isinstance(conn, socket.socket):  # a response leaves at once (a recovered socket
-        _nodelay(conn)                     # keeps the option: TCP_REPAIR restores it)
+                   handed: Handed, idle: _Idle | None, live: _Live) -> None:
+    if isinstance(conn, socket.socket):
+        if live.full():
+            return await _busy(conn, live.limit)
+        _nodelay(conn)  # a response leaves at once (a recovered socket keeps the option)
+    live.count += 1
+    try:
+        await _open_session(conn, app, root_path, state_capacity, log_capacity, handed, idle)
+    finally:
+        live.count -= 1
+
+
+async def _busy(sock: socket.socket, limit: int) -> None:
+    """A new connection past the limit: 503 (no box, nothing registered), then its input
+    read and dropped for up to LINGER_S, so that the client reads the answer rather than
+    a reset (unread input makes close() send one)."""
+    body = f"this server serves its limit of {limit} sessions: try again\n".encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+            f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n")
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, head.encode() + body)
+        await _drop_input(sock)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+async def _open_session(conn, app, root_path: str, state_capacity: int, log_capacity: int,
+                        handed: Handed, idle: _Idle | None) -> None:
     try:
         cb = await create_cb_async(conn, state_capacity=state_capacity,
                                    log_capacity=log_capacity)
@@ -337,8 +381,12 @@ async def _linger(cb) -> None:
     what comes, dropped, for up to LINGER_S, so that closing does not reset the
     connection before the client has read the refusal (unread input makes close() send
     a reset, and the client's stack may drop the response with it)."""
-    sock = cb.conn.sock
     cb.reader.unwatch()  # read here, past the log (which is full, or not needed)
+    await _drop_input(cb.conn.sock)
+
+
+async def _drop_input(sock: socket.socket) -> None:
+    """Shut the sending side and read what comes, dropped, for up to LINGER_S."""
     loop = asyncio.get_running_loop()
     end = loop.time() + LINGER_S
     try:
@@ -500,6 +548,23 @@ def _heartbeat(name: str, deadline: float) -> asyncio.Task:
     return asyncio.create_task(tick(box))
 
 
+def default_limit() -> int:
+    """Client sessions for half of this process's descriptors (its soft RLIMIT_NOFILE,
+    raised to the hard one first), SESSION_FDS each, after 256 of its own: the other
+    half stays free for the sessions a recovery hands over."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    except (OSError, ValueError):
+        pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, (soft - 256) // (2 * SESSION_FDS))
+
+
 def load(spec: str):
     """'module:attribute' -> the ASGI application."""
     module, _, attr = spec.partition(":")
@@ -534,6 +599,11 @@ def main(argv=None) -> int:
                     help="bytes of each session's receive log, which holds a request until "
                          "it is answered: a request (head and body) that does not fit is "
                          "refused with 413 (default %(default)s)")
+    ap.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
+                    help="while N client sessions are served, a new connection is answered "
+                         "503 (sessions a recovery hands over are always taken). Default: "
+                         "half the descriptor limit's worth, at 6 a session (the other half "
+                         "for sessions a recovery brings)")
     ap.add_argument("--timeout-idle", type=float, default=IDLE_S, metavar="S",
                     help="close a client that sends nothing for S seconds while a request "
                          "is awaited (between requests, or within one): clients gone "
@@ -546,6 +616,9 @@ def main(argv=None) -> int:
         ap.error(f"--log-capacity must be 4096..{MAX_LOG_CAPACITY} bytes")
     if a.timeout_idle < 0:
         ap.error("--timeout-idle must be 0 (never) or more seconds")
+    if a.limit_concurrency is not None and a.limit_concurrency < 1:
+        ap.error("--limit-concurrency must be 1 or more sessions")
+    limit = a.limit_concurrency or default_limit()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if a.app_dir:
         sys.path.insert(0, a.app_dir)
@@ -562,7 +635,8 @@ def main(argv=None) -> int:
         try:
             with listener:
                 await serve(app, listener, state_capacity=a.state_capacity,
-                            log_capacity=a.log_capacity, idle_s=a.timeout_idle or None)
+                            log_capacity=a.log_capacity, idle_s=a.timeout_idle or None,
+                            limit=limit)
         finally:
             await life.shutdown()
             if ticker is not None:
