@@ -550,8 +550,8 @@ def _heartbeat(name: str, deadline: float) -> asyncio.Task:
 
 def default_limit() -> int:
     """Client sessions for half of this process's descriptors (its soft RLIMIT_NOFILE,
-    raised to the hard one first), SESSION_FDS each, after 256 of its own: the other
-    half stays free for the sessions a recovery hands over."""
+    raised to the hard one), SESSION_FDS each, after 256 of its own: the other half
+    stays free for the sessions a recovery hands over."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -618,7 +618,8 @@ def main(argv=None) -> int:
         ap.error("--timeout-idle must be 0 (never) or more seconds")
     if a.limit_concurrency is not None and a.limit_concurrency < 1:
         ap.error("--limit-concurrency must be 1 or more sessions")
-    limit = a.limit_concurrency or default_limit()
+    limit = default_limit()  # (raises the descriptor limit either way)
+    limit = a.limit_concurrency or limit
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if a.app_dir:
         sys.path.insert(0, a.app_dir)
