@@ -618,8 +618,8 @@ def main(argv=None) -> int:
         ap.error("--timeout-idle must be 0 (never) or more seconds")
     if a.limit_concurrency is not None and a.limit_concurrency < 1:
         ap.error("--limit-concurrency must be 1 or more sessions")
-    limit = default_limit()  # (raises the descriptor limit either way)
-    limit = a.limit_concurrency or limit
+    default = default_limit()  # it raises the descriptor limit too
+    limit = a.limit_concurrency or default
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if a.app_dir:
         sys.path.insert(0, a.app_dir)
