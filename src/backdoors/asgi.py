@@ -2,6 +2,7 @@
 
     python -m backdoors.asgi myapp:app --port 8080 [--adopt /run/app/adopt-8080.sock]
                              [--app-dir DIR] [--sensor-box NAME [--deadline S]]
+                             [--limit-concurrency N] [--timeout-idle S]
 
     await serve(app, AsyncListener.tcp("0.0.0.0", 8080))      # from Python
 
@@ -9,7 +10,9 @@ Every client connection is a Continuation Box session (backdoors.continuations):
 connections and recovered sessions come through one AsyncListener; HTTP/1.1 is parsed
 by h11; requests on a connection are answered one at a time, keep-alive as HTTP/1.1 says.
 A request is kept in the session's receive log until answered, so it must fit there
-(`--log-capacity`): a bigger one is answered 413.
+(`--log-capacity`): a bigger one is answered 413. A client silent for `--timeout-idle`
+while a request is awaited is closed; past `--limit-concurrency` client sessions a new
+connection is answered 503, while sessions a recovery hands over are always taken.
 
 What makes an application recoverable without changing it: the whole response is
 produced by the application first, then the session's state is exported with the
