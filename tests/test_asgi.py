@@ -240,6 +240,32 @@ def test_new_connections_past_the_limit_are_answered_503(monkeypatch):
             s.close()
 
 
+def test_refused_connections_read_before_they_close_are_capped(monkeypatch):
+    """A refusal is read for LINGER_S before its socket closes, but at most MAX_REFUSING
+    of them at once: a flood of refusals must not hold the descriptors kept for
+    recovered sessions. Each client gets its 503 either way."""
+    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+    monkeypatch.setattr(asgi, "MAX_REFUSING", 2)
+    monkeypatch.setattr(asgi, "LINGER_S", 60.0)  # they linger throughout the test
+    with serving(limit=1) as address:
+        held = _get(address)[2]
+        refused = []
+        for _ in range(6):
+            status, _, s = _get(address)
+            assert status == b"HTTP/1.1 503 Service Unavailable\r\n"
+            refused.append(s)
+        port = address[1]
+        ss = subprocess.run(["ss", "-Htanp", f"sport = :{port}"], capture_output=True,
+                            text=True, check=True).stdout
+        # the lingering ones: sent their FIN, still this process's (read on); the others
+        # were closed at once (gone, or the kernel's alone while their FIN goes out)
+        lingering = [line for line in ss.splitlines()
+                     if line.startswith("FIN-WAIT") and f"pid={os.getpid()}," in line]
+        assert len(lingering) == 2, ss
+        for s in (held, *refused):
+            s.close()
+
+
 def test_a_server_at_its_limit_still_takes_the_sessions_a_recovery_hands_over(rlab):
     """The limit is on new clients only: a server with a limit of 1 takes the two
     sessions a recovery hands it and serves both; a new client is answered 503."""

@@ -70,6 +70,7 @@ IDLE_S = 75.0  # a client silent this long while a request is awaited is closed 
 #: descriptors a client session may take here: a socket, its box's memfd and the box's
 #: mapping (Python's mmap keeps a duplicate), for the client and for one channel
 SESSION_FDS = 6
+MAX_REFUSING = 64  # connections refused past the session limit, read before they close
 SERVER_NAME = b"backdoors-asgi"
 
 
@@ -130,10 +131,12 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
 
 
 class _Live:
-    """Client sessions being served, and the limit on new ones."""
+    """Client sessions being served, the limit on new ones, and the refused connections
+    still read before they close (at most MAX_REFUSING: a flood of refusals must not
+    take the descriptors kept for recovered sessions)."""
 
     def __init__(self, limit: int | None):
-        self.limit, self.count = limit, 0
+        self.limit, self.count, self.refusing = limit, 0, 0
 
     def full(self) -> bool:
         return self.limit is not None and self.count >= self.limit
@@ -191,7 +194,7 @@ async def _session(conn, app, root_path: str, state_capacity: int, log_capacity:
                    handed: Handed, idle: _Idle | None, live: _Live) -> None:
     if isinstance(conn, socket.socket):
         if live.full():
-            return await _busy(conn, live.limit)
+            return await _busy(conn, live)
         _nodelay(conn)  # a response leaves at once (a recovered socket keeps the option)
     live.count += 1
     try:
@@ -200,19 +203,23 @@ async def _session(conn, app, root_path: str, state_capacity: int, log_capacity:
         live.count -= 1
 
 
-async def _busy(sock: socket.socket, limit: int) -> None:
+async def _busy(sock: socket.socket, live: _Live) -> None:
     """A new connection past the limit: 503 (no box, nothing registered), then its input
     read and dropped for up to LINGER_S, so that the client reads the answer rather than
-    a reset (unread input makes close() send one)."""
-    body = f"this server serves its limit of {limit} sessions: try again\n".encode()
+    a reset (unread input makes close() send one); past MAX_REFUSING such connections at
+    once, closed at once (the answer may then be lost to a reset)."""
+    body = f"this server serves its limit of {live.limit} sessions: try again\n".encode()
     head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
             f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n")
+    live.refusing += 1
     try:
-        await asyncio.get_running_loop().sock_sendall(sock, head.encode() + body)
-        await _drop_input(sock)
+        sock.send(head.encode() + body)  # a new socket's buffer takes it whole
+        if live.refusing <= MAX_REFUSING:
+            await _drop_input(sock)
     except OSError:
         pass
     finally:
+        live.refusing -= 1
         sock.close()
 
 
