@@ -209,7 +209,7 @@ async def _busy(sock: socket.socket, live: _Live) -> None:
     a reset (unread input makes close() send one); past MAX_REFUSING such connections at
     once, closed at once (the answer may then be lost to a reset)."""
     body = f"this server serves its limit of {live.limit} sessions: try again\n".encode()
-    head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+    head = ("HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
             f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n")
     live.refusing += 1
     try:
