@@ -6,11 +6,22 @@ capability is a failure, never a skip.
 """
 
 import os
+import resource
 import uuid
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_sessionstart(session) -> None:
+    """The soft descriptor limit raised to the hard one, as the agent daemon raises its
+    own (agent.hardening): agents run in this process (BackgroundAgent) share it, and
+    a shell's 1,024 would cap their nodes' sessions (agent.descriptors) below what the
+    tests hold."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def unavailable(reason: str) -> None:

@@ -130,9 +130,12 @@ class FrameReader:
                 except BlockingIOError:
                     return None
                 self._take_fds(ancdata)
-                if flags & socket.MSG_CTRUNC or len(self._fds) > self.max_fds:
+                truncated = flags & socket.MSG_CTRUNC and len(self._fds) <= self.max_fds
+                if truncated or len(self._fds) > self.max_fds:
                     self.discard()
-                    raise FrameError(f"more than {self.max_fds} file descriptors attached")
+                    raise FrameError("descriptors attached were dropped by the kernel (is this "
+                                     "process out of descriptors?)" if truncated else
+                                     f"more than {self.max_fds} file descriptors attached")
                 if not data:
                     self.discard()
                     raise PeerClosed("the other end closed the connection")
