@@ -6,10 +6,11 @@ capability is a failure, never a skip.
 """
 
 import os
-import resource
 import uuid
 
 import pytest
+
+from backdoors.common import fdtable
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -19,9 +20,7 @@ def pytest_sessionstart(session) -> None:
     own (agent.hardening): agents run in this process (BackgroundAgent) share it, and
     a shell's 1,024 would cap their nodes' sessions (agent.descriptors) below what the
     tests hold."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    fdtable.raise_limit()
 
 
 def unavailable(reason: str) -> None:

@@ -38,3 +38,14 @@ def test_the_table_grows_to_the_slots_asked_and_no_descriptor_changes():
 def test_the_table_grows_no_further_than_the_soft_limit():
     _, got, after, same, _ = probe(700, 16384)
     assert got == "700" and 700 <= int(after) < 16384 and same == "True"
+
+
+def test_raise_limit_lifts_the_soft_limit_to_the_hard_one():
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import resource
+        from backdoors.common import fdtable
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        print(fdtable.raise_limit() == hard, resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))
+    """)], check=True, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -564,15 +564,15 @@ def default_limit() -> int:
     stays free for the sessions a recovery hands over."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    from .common.fdtable import raise_limit
+
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
+        limit = raise_limit()
     except (OSError, ValueError):
-        pass
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(64, (soft - 256) // (2 * SESSION_FDS))
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        limit = 1 << 20
+    return max(64, (limit - 256) // (2 * SESSION_FDS))
 
 
 def load(spec: str):

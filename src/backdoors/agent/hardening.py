@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import sys
 
+from ..common import fdtable
 from ..errors import NodeError
 from ..nodes import Cgroup, Layout, detect
 from ..nodes import cgfs
@@ -61,12 +61,10 @@ def harden() -> list[str]:
     except OSError as e:
         warnings.append(f"cannot set nice {NICE}: {e.strerror}")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:  # a shell's 1024 would be all its nodes' sessions (agent/descriptors.py)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError) as e:
-            warnings.append(f"cannot raise the descriptor limit from {soft} to {hard}: {e}")
+    try:  # a shell's 1024 would be all its nodes' sessions (agent/descriptors.py)
+        fdtable.raise_limit()
+    except (OSError, ValueError) as e:
+        warnings.append(f"cannot raise the descriptor limit to the hard one: {e}")
     return warnings
 
 

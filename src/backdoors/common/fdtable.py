@@ -8,7 +8,8 @@ they are handed to, opens thousands of descriptors in a burst: several growths, 
 milliseconds of stalls on a recovery's critical path (measured: 3,000 dups beside one
 idle thread take 49 ms, a 20 ms stall the worst; 1.6 ms in a table grown beforehand).
 Growing it once at start puts that cost where nobody waits for it (and in a process of
-one thread there is no grace period at all).
+one thread there is no grace period at all). `raise_limit()` first: a table cannot grow
+past the soft RLIMIT_NOFILE, which a shell sets to 1,024.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ import resource
 
 #: slots reserved by default: 8 bytes each in the kernel (128 KiB), a few thousand sessions
 DEFAULT_SLOTS = 16384
+
+
+def raise_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (no privilege needed: a process
+    holding sessions by the thousand, while a shell gives it 1,024); the limit now.
+    OSError or ValueError if the kernel refuses."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def reserve(slots: int = DEFAULT_SLOTS) -> int:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import signal
 from collections.abc import Awaitable, Callable
 
+from backdoors.common import fdtable
 from backdoors.continuations import AsyncListener, run
 
 
@@ -42,8 +42,7 @@ def serve_forever(listener: AsyncListener, name: str,
 
     Prints "<name> listening on ADDR:PORT" once ready (the lab waits for that line).
     """
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 3 descriptors per session:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # socket, box, its mapping
+    fdtable.raise_limit()  # 3 descriptors per session: socket, box, its mapping
 
     async def main() -> None:
         async with listener:

@@ -14,13 +14,13 @@ A session ends broken on EOF, reset or error. Gaps between receptions give the s
 from __future__ import annotations
 
 import errno
-import resource
 import selectors
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
+from ..common import fdtable
 from ..errors import LabError
 from . import stream
 
@@ -54,8 +54,7 @@ class StreamClients:
                  half_close: int = 0):
         """`half_close`: so many of the sessions shut their writing side down once
         connected (the server's socket in CLOSE_WAIT, as `nc -N` leaves it)."""
-        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        fdtable.raise_limit()
         self.sessions: list[Session] = []
         self._sel = selectors.DefaultSelector()
         self._stop = threading.Event()

@@ -222,7 +222,7 @@ class Keeper:
     # -- the loop ----------------------------------------------------------------------
 
     def run(self) -> int:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+        fdtable.raise_limit()
         fdtable.reserve()  # the fd store fills in bursts (a recovery's thousand sessions)
         self.spawn()
         while not self.stopping:

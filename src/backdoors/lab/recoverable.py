@@ -24,13 +24,13 @@ import asyncio
 import json
 import logging
 import os
-import resource
 import signal
 import sys
 import threading
 
 import msgspec
 
+from ..common import fdtable
 from ..common.runtime import AGENT_SOCKET_ENV, register_box
 from ..continuations import AsyncListener, ContinuationError, Recovered, create_cb_async, run
 from ..sensors import SensorBox
@@ -120,8 +120,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.export_every % a.chunk:
         ap.error("--export-every must be a multiple of --chunk")
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    fdtable.raise_limit()
 
     box = SensorBox.create(a.name)
     progress = box.progress("progress", deadline=a.deadline, stamped=True)
