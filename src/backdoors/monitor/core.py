@@ -562,10 +562,14 @@ class Monitor:
                     inc.state, inc.attempts)
         self._emit("adopted", inc, record=inc)
 
+    def responding(self, node: str) -> bool:
+        """Whether a response (a repair, a retry of one, a recovery) runs on `node`, or
+        has not yet been told (its `responded` event, which records the incident)."""
+        return node in self._in_response
+
     def _responding(self, key: str) -> bool:
-        """Whether a response runs on fleet node `key` (host/node), or has not yet been
-        told (its `responded` event, which records the incident): kept till then."""
-        return key.split("/", 1)[1] in self._in_response
+        """`responding` for fleet node `key` (host/node)."""
+        return self.responding(key.split("/", 1)[1])
 
     def fleet_status(self) -> dict | None:
         """This monitor's share of the fleet (None without etcd)."""

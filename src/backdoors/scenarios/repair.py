@@ -269,6 +269,10 @@ def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_li
                     end = time.monotonic() + timeout_s
                     while _count_comm(al, node, hogs.COMM["forkbomb"]) and time.monotonic() < end:
                         time.sleep(0.05)
+                    # the retry that killed them may still hold the node locked: its end
+                    # (the unlock, repaired_ms) is the repair's
+                    while mon.responding(node) and time.monotonic() < end:
+                        time.sleep(0.02)
                     t_repaired = _mono(inc.detected) + (inc.repaired_ms or 0) / 1000
                 end = time.monotonic() + 5.0
                 while (t_repaired is None or not probe.can_fork_since(t_repaired)) and \
