@@ -362,6 +362,59 @@ def test_registration_runs_beside_the_event_loop():
     assert agent.calls[-1] == ("release", name)
 
 
+def test_past_its_limit_a_server_leaves_new_clients_waiting_and_still_takes_recovered_ones(
+        short_tmp):
+    """serve(limit=1): a second client waits in the backlog, not accepted, while a
+    session runs; a recovered session is taken all the same, and counts: once both
+    sessions end, and not before, the waiting client is served."""
+    path = os.path.join(short_tmp, "adopt.sock")
+    accepted: list[str] = []
+
+    async def echo(conn) -> None:
+        async with await create_cb_async(conn, registrar=NULL) as cb:
+            accepted.append("recovered" if cb.recovered else "new")
+            while data := await cb.reader.read(100):
+                cb.writer.write(data)
+                await cb.writer.drain()
+
+    async def round_trip(client: socket.socket, word: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, word)
+        return await asyncio.wait_for(read_all(client, len(word)), 20)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with AsyncListener.tcp("127.0.0.1", 0) as elsewhere, \
+                AsyncListener.tcp("127.0.0.1", 0, adopt=path) as listener:
+            moving_client, moving = await connected(elsewhere)  # a session to recover
+            serving = asyncio.create_task(listener.serve(echo, limit=1))
+            first, second = socket.socket(), socket.socket()
+            for c in (first, second):
+                c.setblocking(False)
+                await loop.sock_connect(c, listener.address)  # both in its backlog
+            assert await round_trip(first, b"one") == b"one"
+            await hand_over_soon(path, moving)
+            abandon(moving)
+            assert await round_trip(moving_client, b"moved") == b"moved"
+            await loop.sock_sendall(second, b"two")
+            await asyncio.sleep(0.3)  # time enough to take it, were it not at its limit
+            assert accepted == ["new", "recovered"]
+            first.close()  # two sessions still past the limit: the recovered one counts
+            await asyncio.sleep(0.3)
+            assert accepted == ["new", "recovered"]
+            moving_client.close()  # room for the one waiting
+            assert await asyncio.wait_for(read_all(second, 3), 20) == b"two"
+            assert accepted == ["new", "recovered", "new"]
+            listener.close()
+            await serving
+            second.close()
+
+    run(main())
+
+    with pytest.raises(ValueError, match="limit must be 1 or more"):
+        run(AsyncListener(adopt=path).serve(echo, limit=0))
+
+
 def test_close_ends_a_waiting_accept_from_another_thread():
     async def main():
         listener = AsyncListener.tcp("127.0.0.1", 0)

@@ -73,6 +73,25 @@ def test_line_server_protocol(start):
         assert line_client.run(sock, 5000) == 5000 * 5001 // 2
 
 
+def test_line_server_past_its_limit_leaves_new_clients_waiting(start):
+    """--limit-concurrency 2: a third client is not served while two sessions run, and
+    is once one ends; a bad limit is refused with a clear message."""
+    port = start("line_server", "--limit-concurrency", "2")
+    a, b, c = (socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3))
+    for sock in (a, b, c):
+        sock.sendall(b"ADD 1\n")
+    assert a.recv(100) == b"TOTAL 1\n" and b.recv(100) == b"TOTAL 1\n"
+    assert select.select([c], [], [], 0.3)[0] == []  # waiting to be accepted
+    a.sendall(b"QUIT\n")
+    assert a.recv(100) == b"BYE 1\n"
+    assert c.recv(100) == b"TOTAL 1\n"
+    for sock in (a, b, c):
+        sock.close()
+    bad = subprocess.run([sys.executable, "-m", "backdoors.examples.line_server", "--port",
+                          "0", "--limit-concurrency", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a number of sessions" in bad.stderr
+
+
 def test_http_keep_alive_ranges_and_errors(start, docroot):
     port = start("http_server", "--root", str(docroot))
     big = (docroot / "big.bin").read_bytes()

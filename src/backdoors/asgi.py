@@ -559,20 +559,11 @@ def _heartbeat(name: str, deadline: float) -> asyncio.Task:
 
 
 def default_limit() -> int:
-    """Client sessions for half of this process's descriptors (its soft RLIMIT_NOFILE,
-    raised to the hard one), SESSION_FDS each, after 256 of its own: the other half
-    stays free for the sessions a recovery hands over."""
-    import resource
+    """Client sessions for half of this process's descriptors, SESSION_FDS each
+    (common.fdtable.session_limit; it raises the descriptor limit too)."""
+    from .common.fdtable import session_limit
 
-    from .common.fdtable import raise_limit
-
-    try:
-        limit = raise_limit()
-    except (OSError, ValueError):
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if limit == resource.RLIM_INFINITY:
-        limit = 1 << 20
-    return max(64, (limit - 256) // (2 * SESSION_FDS))
+    return session_limit(SESSION_FDS)
 
 
 def load(spec: str):

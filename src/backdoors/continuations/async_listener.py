@@ -8,7 +8,9 @@ The asyncio twin of `Listener`: no thread per session and none per accept. Its l
 socket and its adoption source (`AdoptionSource.fileno()`) are watched by the event loop;
 accept() takes a recovered session first when both are ready (its client is already
 waiting), and every session the source took in a batch is handed out before the next
-wait. `listener.serve(handler)` runs the usual accept loop, one task per session.
+wait. `listener.serve(handler)` runs the usual accept loop, one task per session, with
+a limit on the sessions served at once: past it, new clients wait in the listening
+socket's backlog while recovered sessions are still taken.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -25,6 +28,8 @@ from .adoption import AdoptionSource, Recovered, resume_in
 from .listener import adoption_source, listen_tcp, listening_name
 
 log = logging.getLogger("backdoors.continuations")
+
+FULL_LOG_S = 60.0  # "serving its limit" is logged at most this often
 
 
 class AsyncListener:
@@ -44,6 +49,9 @@ class AsyncListener:
         self._waiter: asyncio.Future | None = None
         self._watched: list[int] = []
         self._pause = Pause(listening_name(sock))
+        self._limit: int | None = None  # serve()'s, on the sessions it runs
+        self._serving = 0
+        self._full_logged = -FULL_LOG_S
 
     @classmethod
     def tcp(cls, host: str, port: int, *, adopt: AdoptionSource | str | None = None,
@@ -68,7 +76,7 @@ class AsyncListener:
         while not self._closed:
             if self.source is not None and (recovered := self.source.receive()) is not None:
                 return recovered
-            if self.sock is not None and not self._pause.remaining():
+            if self.sock is not None and not self._pause.remaining() and not self._full():
                 try:
                     conn, _ = self.sock.accept()
                 except (BlockingIOError, InterruptedError):
@@ -93,8 +101,8 @@ class AsyncListener:
         loop = self._loop
         waiter = self._waiter = loop.create_future()
         paused = self._pause.remaining()
-        self._watched = [f.fileno() for f in (None if paused else self.sock, self.source)
-                         if f is not None]
+        sock = None if paused or self._full() else self.sock
+        self._watched = [f.fileno() for f in (sock, self.source) if f is not None]
         for fd in self._watched:
             loop.add_reader(fd, _wake, waiter)
         resume = [t for t in (paused, resume_in(self.source)) if t]
@@ -105,6 +113,10 @@ class AsyncListener:
             self._unwatch()
             if timer is not None:
                 timer.cancel()
+
+    def _full(self) -> bool:
+        """serve() runs its limit of sessions: new connections are not taken."""
+        return self._limit is not None and self._serving >= self._limit
 
     def _unwatch(self) -> None:
         for fd in self._watched:
@@ -118,15 +130,28 @@ class AsyncListener:
         while (conn := await self.accept()) is not None:
             yield conn
 
-    async def serve(self, handler: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    async def serve(self, handler: Callable[..., Awaitable[Any]], *args: Any,
+                    limit: int | None = None) -> None:
         """Run `handler(conn, *args)` as a task of its own for every accepted connection or
         recovered session, until close(). A handler's OSError (the client went away) is
         logged at INFO, any other error with its traceback; neither stops the server.
-        Sessions still running when this returns are left as they are (see run())."""
+        Sessions still running when this returns are left as they are (see run()).
+
+        `limit`: while that many sessions run, no new connection is accepted (they wait
+        in the listening socket's backlog, then the kernel drops their SYNs and clients
+        retry, as at nginx's worker_connections) so that a flood cannot take the
+        descriptors a recovery's sessions need; recovered sessions are always taken.
+        `common.fdtable.session_limit()` gives one for half the descriptors. None: none."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be 1 or more sessions, not {limit}")
         tasks: set[asyncio.Task] = set()
+        self._limit = limit
 
         def done(task: asyncio.Task) -> None:
             tasks.discard(task)
+            self._serving = len(tasks)
+            if self._serving + 1 == self._limit and self._waiter is not None:
+                _wake(self._waiter)  # room again: watch the listening socket
             if task.cancelled() or (err := task.exception()) is None:
                 return
             if isinstance(err, OSError):
@@ -138,6 +163,12 @@ class AsyncListener:
             task = asyncio.create_task(handler(conn, *args))
             tasks.add(task)
             task.add_done_callback(done)
+            self._serving = len(tasks)
+            if self._full() and (now := time.monotonic()) - self._full_logged >= FULL_LOG_S:
+                self._full_logged = now
+                log.warning("%s: serving its limit of %d sessions: new connections wait "
+                            "(recovered sessions are still taken)",
+                            listening_name(self.sock), limit)
             # let it start now: of a batch of recovered sessions, the first ones resume
             # while the rest are still being taken, not after the whole batch
             await asyncio.sleep(0)

@@ -25,29 +25,44 @@ from collections.abc import Awaitable, Callable
 from backdoors.common import fdtable
 from backdoors.continuations import AsyncListener, run
 
+SESSION_FDS = 3  # a session's socket and box, and one for what it opens
+
 
 def arguments(description: str) -> argparse.ArgumentParser:
-    """The options every example server takes: --host, --port and --adopt."""
+    """The options every example server takes: --host, --port, --adopt and
+    --limit-concurrency."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--adopt", help="Unix socket path where recovered sessions arrive")
+    parser.add_argument("--limit-concurrency", type=_sessions, metavar="N",
+                        help="serve at most N sessions at once; past them new clients wait "
+                             "to be accepted, recovered sessions are still taken (default: "
+                             f"half the descriptor limit at {SESSION_FDS} a session)")
     return parser
 
 
+def _sessions(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of sessions (1 or more)")
+    return int(text)
+
+
 def serve_forever(listener: AsyncListener, name: str,
-                  serve_session: Callable[..., Awaitable[None]], *args) -> None:
+                  serve_session: Callable[..., Awaitable[None]], *args,
+                  limit: int | None = None) -> None:
     """Serve every session `listener` accepts as a task of its own
-    (`serve_session(conn, *args)`), until SIGTERM; on uvloop when it is installed.
+    (`serve_session(conn, *args)`), at most `limit` at once (None: the default of
+    --limit-concurrency), until SIGTERM; on uvloop when it is installed.
 
     Prints "<name> listening on ADDR:PORT" once ready (the lab waits for that line).
     """
-    fdtable.raise_limit()  # 3 descriptors per session: socket, box, its mapping
+    limit = limit or fdtable.session_limit(SESSION_FDS)  # it raises the descriptor limit
 
     async def main() -> None:
         async with listener:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, listener.close)
             print("%s listening on %s:%d" % (name, *listener.address), flush=True)
-            await listener.serve(serve_session, *args)  # a client gone away is logged
+            await listener.serve(serve_session, *args, limit=limit)  # a client gone away is logged
 
     run(main())

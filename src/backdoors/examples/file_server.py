@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     listener = AsyncListener.tcp(args.host, args.port, adopt=args.adopt)  # CB (was: a server socket)
-    serve_forever(listener, "file_server", serve_session, args.root)  # accept() gives CB conns
+    serve_forever(listener, "file_server", serve_session, args.root,
+                  limit=args.limit_concurrency)  # accept() gives CB conns
 
 
 if __name__ == "__main__":

@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     listener = (AsyncListener(socket.create_server((args.host, args.port), backlog=128))
                 if args.plain else AsyncListener.tcp(args.host, args.port, adopt=args.adopt))
-    serve_forever(listener, "http_server", serve_session, args.root, args.plain)
+    serve_forever(listener, "http_server", serve_session, args.root, args.plain,
+                  limit=args.limit_concurrency)
 
 
 if __name__ == "__main__":

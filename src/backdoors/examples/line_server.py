@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = arguments(__doc__.splitlines()[0]).parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     listener = AsyncListener.tcp(args.host, args.port, adopt=args.adopt)  # CB
-    serve_forever(listener, "line_server", serve_session)
+    serve_forever(listener, "line_server", serve_session, limit=args.limit_concurrency)
 
 
 if __name__ == "__main__":

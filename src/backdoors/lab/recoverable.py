@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.export_every % a.chunk:
         ap.error("--export-every must be a multiple of --chunk")
-    fdtable.raise_limit()
+    limit = fdtable.session_limit(3)  # a session's socket and box, one to spare
 
     box = SensorBox.create(a.name)
     progress = box.progress("progress", deadline=a.deadline, stamped=True)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         async with AsyncListener.tcp("0.0.0.0", a.port, backlog=1024) as listener:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, listener.close)
             print(json.dumps({"pid": os.getpid(), "port": a.port, "box_fd": box.fd}), flush=True)
-            await listener.serve(service.serve)
+            await listener.serve(service.serve, limit=limit)
 
     run(serve())
     stop.set()

@@ -26,11 +26,11 @@ import asyncio
 import json
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
 
+from ...common import fdtable
 from ...common.runtime import AGENT_SOCKET_ENV, register_box
 from ...continuations import AsyncListener, ContinuationError, Recovered, create_cb_async, run
 from ...sensors import SensorBox
@@ -40,6 +40,7 @@ log = logging.getLogger("backdoors.casestudy")
 
 DSN_ENV = "RUBIS_DSN"
 PORT = 7300
+SESSION_FDS = 3  # a channel's socket and box, one to spare
 #: a session's exported state holds the reply being sent: a page of 25 items is ~3 KiB
 STATE_CAPACITY = 256 * 1024
 
@@ -117,8 +118,7 @@ def main(argv=None) -> int:
                **({"options": f"-c lock_timeout={round(a.lock_timeout * 1000)}"}
                   if a.lock_timeout else {})}
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = fdtable.session_limit(SESSION_FDS)  # it raises the descriptor limit
 
     box = SensorBox.create(a.name)
     progress = box.progress("progress", deadline=a.deadline, stamped=True)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                 async with AsyncListener.tcp("0.0.0.0", a.port, backlog=1024) as listener:
                     loop.add_signal_handler(signal.SIGTERM, listener.close)
                     _ready(a, box)
-                    await listener.serve(tier.serve)
+                    await listener.serve(tier.serve, limit=limit)
         ticker.cancel()
 
     run(serve())
