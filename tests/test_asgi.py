@@ -109,6 +109,7 @@ def test_pipelined_requests_are_answered_in_order_and_garbage_gets_400(server):
     while chunk := bad.recv(65536):
         reply += chunk
     assert reply.startswith(b"HTTP/1.1 400")
+    assert reply.endswith(b"\r\n\r\nillegal request line\n")  # the input not echoed back
     bad.close()
 
 

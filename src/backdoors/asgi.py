@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import re
 import signal
 import socket
 import sys
@@ -285,7 +286,8 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
             except _Done:
                 return
             except h11.RemoteProtocolError as e:
-                cb.writer.write(_plain(parser, e.error_status_hint, str(e)))
+                log.info("asgi: session %s: bad request from %s: %s", cb.session, client, e)
+                cb.writer.write(_plain(parser, e.error_status_hint, _without_input(str(e))))
                 await cb.writer.drain()
                 return
             except _TooLarge as e:
@@ -488,6 +490,13 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:  # a status of the application's own
         return b""
+
+
+def _without_input(reason: str) -> str:
+    """h11's reason for refusing a request, without the repr of the client's bytes it
+    may end with ("illegal request line: bytearray(b'...')"): an answer does not echo
+    them back; the log keeps them."""
+    return re.sub(r":\s*(?:bytearray\()?b['\"].*\Z", "", reason, flags=re.S)
 
 
 def _plain(parser, status: int, text: str) -> bytes:
