@@ -61,8 +61,10 @@ def recovery_row(n: int) -> dict:
 
     raise_nofile()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if 3 * n + 512 > hard:  # the lab's server holds a socket and two memfds per session
-        raise LabError(f"{n} sessions need about {3 * n + 512} descriptors in the lab's "
+    # the lab's server holds a socket and two memfds per session, and takes new sessions
+    # for half its descriptors (fdtable.session_limit): the other half is for recovered ones
+    if 6 * n + 256 > hard:
+        raise LabError(f"{n} sessions need about {6 * n + 256} descriptors in the lab's "
                        f"server; the hard RLIMIT_NOFILE is {hard} and cannot be raised here "
                        "(raising it takes CAP_SYS_RESOURCE)")
     rate, chunk = pacing(n)
