@@ -9,10 +9,14 @@ stream must be exactly the one they would have received without the failure.
 from __future__ import annotations
 
 import os
+import socket
 import threading
+import time
 
 import pytest
 from test_continuations_support import (  # noqa: F401 - rlab is a fixture
+    NODE_IPS,
+    PORT,
     Background,
     assert_exact,
     numbered,
@@ -21,6 +25,7 @@ from test_continuations_support import (  # noqa: F401 - rlab is a fixture
 )
 
 from backdoors.examples import file_client, line_client, line_server
+from backdoors.net import netns
 
 FILE_SIZE = 24 << 20
 FREEZE_AT = 3 << 20
@@ -193,3 +198,34 @@ def test_line_server_replays_the_receive_log(rlab, fault):
     assert move.replay > 0, "input read after the last export must be replayed"
     assert move.image.log_end <= move.state.read
     assert client.result() == count * (count + 1) // 2, rlab.logs()
+
+
+def test_a_flooded_server_still_takes_the_sessions_a_recovery_hands_it(rlab):
+    """A recovery server flooded with more connections than it has descriptors for
+    (RLIMIT_NOFILE 400) accepts new ones up to its limit only (half its descriptors:
+    64 sessions), so the sessions a recovery then hands it arrive whole and carry on.
+    Without the limit it ran out of descriptors and the hand-over was refused."""
+    a = rlab.server("a", "line_server")
+    b = rlab.server("b", "line_server", nofile=400)
+    clients = [rlab.connect() for _ in range(3)]
+    for i, c in enumerate(clients, 1):
+        c.sendall(b"ADD %d\n" % i)
+        assert c.recv(100) == b"TOTAL %d\n" % i
+    flood = []
+    for _ in range(600):
+        f = netns.socket_in(rlab.ns["c"])
+        f.setblocking(False)
+        f.connect_ex((NODE_IPS["b"], PORT))  # the backlog's connect at once, the rest retry
+        flood.append(f)
+    rlab.held.extend(flood)
+    end = time.monotonic() + 30
+    while "serving its limit of 64 sessions" not in b.log():
+        assert time.monotonic() < end, f"b did not reach its limit:\n{b.log()}"
+        time.sleep(0.1)
+    time.sleep(1.5)  # the first SYNs dropped are sent again (1 s): more connections wait
+    a.freeze()
+    rlab.recover_all(a.sessions(), b)  # every session accepted (asserted there)
+    for i, c in enumerate(clients, 1):
+        c.sendall(b"ADD 10\n")
+        assert c.recv(100) == b"TOTAL %d\n" % (i + 10), rlab.logs()
+    assert "Too many open files" not in b.log()

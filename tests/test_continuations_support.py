@@ -78,19 +78,21 @@ class Held:
 
 class Server:
     """An example server process running in a node's network namespace (`example`: a
-    module of backdoors.examples, or a full module name)."""
+    module of backdoors.examples, or a full module name); `nofile`: its RLIMIT_NOFILE."""
 
-    def __init__(self, lab: RecoveryLab, node: str, example: str, *args: str):
+    def __init__(self, lab: RecoveryLab, node: str, example: str, *args: str,
+                 nofile: int | None = None):
         self.node, self.example = node, example
         self.adopt = os.path.join(lab.tmp, f"{node}-{len(lab.servers)}.adopt")
         self.log_path = os.path.join(lab.tmp, f"{node}-{len(lab.servers)}.log")
         self._log = open(self.log_path, "wb")
         module = example if "." in example else f"backdoors.examples.{example}"
-        cmd = ["nsenter", f"--net={netns.path(lab.ns[node])}", sys.executable,
+        limit = [] if nofile is None else ["prlimit", f"--nofile={nofile}"]  # it execs too
+        cmd = ["nsenter", f"--net={netns.path(lab.ns[node])}", *limit, sys.executable,
                "-m", module, "--port", str(PORT), "--adopt", self.adopt, *args]
         env = {k: v for k, v in os.environ.items() if k != "BACKDOORS_AGENT_SOCKET"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)
-        self.pid = self.proc.pid  # nsenter execs python: same process
+        self.pid = self.proc.pid  # nsenter (and prlimit) exec python: same process
         lab.servers.append(self)
         self._wait_ready()
 
@@ -206,8 +208,8 @@ class RecoveryLab:
             self.close()
             raise
 
-    def server(self, node: str, example: str, *args: str) -> Server:
-        return Server(self, node, example, *args)
+    def server(self, node: str, example: str, *args: str, nofile: int | None = None) -> Server:
+        return Server(self, node, example, *args, nofile=nofile)
 
     def connect(self, timeout: float = 5) -> socket.socket:
         """A client socket in netns c connected to the service address."""
