@@ -20,7 +20,8 @@ the node's pids limit (B's node must count no fork refused by its pids limit) an
 B's own fork-bomb rule needs to.
 
 Keys: first_cluster_repair_ms (A: the bomb's first forks, seen in the node's task count,
-to repaired), second_cluster_repair_ms (B: its first forks to its last process gone),
+to repaired), second_cluster_repair_ms (B: its first forks to its last process gone; from
+its start if it was killed before a fork was seen: second_cluster_bomb_forked false),
 second_cluster_service_impact (the longest standstill of B's service's progress counter,
 ms, while the bomb ran), warnings_sent, warnings_accepted, warnings_rejected (every
 monitor's; bad signature, unknown signer, replay, window) and warnings_rejected_by_reason,
@@ -218,20 +219,25 @@ def warning(*, pids_limit: int = 256, period_ms: float = 50, scan_ms: float = 20
             watch = ProgressWatch(labs["B"].lab, node, {"service": service}).start()
             peak = PidsWatch(n_b)
             peak.start()
+            t_spawn = time.monotonic()
             inits["B"].spawn(_hog_argv("forkbomb"))
             comm = hogs.COMM["forkbomb"]
 
             def kills() -> list:
                 return [k for m in mons["B"] for k in m.warnings.scanner.kills]
 
-            wait_until(lambda: peak.rose_at, timeout_s, "the bomb forking in B")
+            # its first forks, or a kill: it may be killed between taking its name and
+            # forking (the scanner sees the name), before a fork was counted
+            wait_until(lambda: peak.rose_at or kills(), timeout_s, "the bomb forking in B")
             t_gone = wait_until(
                 lambda: (kills() and _count_comm(labs["B"], node, comm) == 0
                          and time.monotonic()), timeout_s, "the bomb gone from B", step=0.002)
             t_end = time.monotonic()
+            start = peak.rose_at or t_spawn
             out.update(
-                second_cluster_repair_ms=_ms(peak.rose_at, t_gone),
-                second_cluster_service_impact=watch.max_gap_ms(peak.rose_at, t_end),
+                second_cluster_bomb_forked=peak.rose_at is not None,
+                second_cluster_repair_ms=_ms(start, t_gone),
+                second_cluster_service_impact=watch.max_gap_ms(start, t_end),
                 second_cluster_fork_failures=n_b.cgroup.fork_failures() - failures_before,
                 second_cluster_peak_pids=peak.stop(),
                 prearmed_kills=[{"sent": k.sent, "killed": k.killed, "froze": k.froze,
