@@ -86,6 +86,16 @@ def test_a_bad_config_exits_2_naming_the_problem(tmp_path):
     assert f"{path}:2: key listen: Expected `str`, got `int`" in out.stderr
 
 
+def test_the_agent_without_root_exits_77_saying_so(tmp_path):
+    """As every command that needs root, before its config is read (only root may read
+    the key it names)."""
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                          PY, "-m", "backdoors", "agent", "--config", str(tmp_path / "x.toml")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 77, out.stderr
+    assert "the agent needs root" in out.stderr
+
+
 def test_a_missing_node_cgroup_fails_start_clearly(agent_lab):
     lab = agent_lab(start=False)
     lab.nodes["n0"].destroy()

@@ -226,8 +226,9 @@ def agent(
 ) -> None:
     """Run the backdoor agent of this host (root): serves monitors on the private network.
 
-    A bad config or no root: one line on stderr, exit status 2. When it serves it prints
-    one JSON line on stdout, {"event": "ready", ...}.
+    No root: one line on stderr, exit status 77; a bad config: the same, exit status 2
+    (`backdoors config show --config FILE` checks one without root).
+    When it serves it prints one JSON line on stdout, {"event": "ready", ...}.
     """
     import logging
 
@@ -243,11 +244,11 @@ def agent(
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s agent %(levelname)s %(message)s")
     try:
+        require_root("the agent")  # first: a config may name files only root can read
         loaded = load_agent_config(config)
-        require_root("the agent")
     except BackdoorsError as e:
         print(f"backdoors agent: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
+        raise typer.Exit(77 if isinstance(e, NeedRootError) else 2) from None
     raise typer.Exit(run_agent(loaded, sealed=sealed, config_path=config, seal_action=seal_action,
                                require_landlock=require_landlock))
 
