@@ -57,8 +57,10 @@ from typing import Any
 
 import msgspec
 
+from .common.fdtable import session_limit
 from .common.ipc import ready
 from .continuations import AsyncListener, LogFullError, StateTooLargeError, create_cb_async, run
+from .continuations.box import SESSION_FDS as BOX_SESSION_FDS
 from .continuations.channels import ChannelState, Handed, SessionChannels
 from .continuations.cbformat import MAX_LOG_CAPACITY, MAX_STATE_CAPACITY
 
@@ -68,9 +70,8 @@ READ = 64 * 1024
 MAX_INCOMPLETE = 64 * 1024  # request line and headers, at most half the receive log
 LINGER_S = 2.0  # after refusing a request, how long its body is read and dropped at most
 IDLE_S = 75.0  # a client silent this long while a request is awaited is closed (nginx's)
-#: descriptors a client session may take here: a socket, its box's memfd and the box's
-#: mapping (Python's mmap keeps a duplicate), for the client and for one channel
-SESSION_FDS = 6
+#: descriptors a client session may take here: its box session's and one channel's
+SESSION_FDS = 2 * BOX_SESSION_FDS
 MAX_REFUSING = 64  # connections refused past the session limit, read before they close
 SERVER_NAME = b"backdoors-asgi"
 
@@ -567,14 +568,6 @@ def _heartbeat(name: str, deadline: float) -> asyncio.Task:
     return asyncio.create_task(tick(box))
 
 
-def default_limit() -> int:
-    """Client sessions for half of this process's descriptors, SESSION_FDS each
-    (common.fdtable.session_limit; it raises the descriptor limit too)."""
-    from .common.fdtable import session_limit
-
-    return session_limit(SESSION_FDS)
-
-
 def load(spec: str):
     """'module:attribute' -> the ASGI application."""
     module, _, attr = spec.partition(":")
@@ -612,8 +605,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
                     help="while N client sessions are served, a new connection is answered "
                          "503 (sessions a recovery hands over are always taken). Default: "
-                         "half the descriptor limit's worth, at 6 a session (the other half "
-                         "for sessions a recovery brings)")
+                         f"half the descriptor limit's worth, at {SESSION_FDS} a session "
+                         "(the other half for sessions a recovery brings)")
     ap.add_argument("--timeout-idle", type=float, default=IDLE_S, metavar="S",
                     help="close a client that sends nothing for S seconds while a request "
                          "is awaited (between requests, or within one): clients gone "
@@ -628,7 +621,7 @@ def main(argv=None) -> int:
         ap.error("--timeout-idle must be 0 (never) or more seconds")
     if a.limit_concurrency is not None and a.limit_concurrency < 1:
         ap.error("--limit-concurrency must be 1 or more sessions")
-    default = default_limit()  # it raises the descriptor limit too
+    default = session_limit(SESSION_FDS)  # it raises the descriptor limit, needed either way
     limit = a.limit_concurrency or default
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if a.app_dir:

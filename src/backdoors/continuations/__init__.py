@@ -26,7 +26,14 @@ from .adoption import (
 from .agent_link import AgentRegistrar, NullRegistrar, Registrar, default_registrar
 from .async_box import AsyncContinuationBox, SessionReader, SessionWriter, create_cb_async
 from .async_listener import AsyncListener, run
-from .box import DEFAULT_LOG_CAPACITY, DEFAULT_STATE_CAPACITY, ContinuationBox, create_cb, open_cb
+from .box import (
+    DEFAULT_LOG_CAPACITY,
+    DEFAULT_STATE_CAPACITY,
+    SESSION_FDS,
+    ContinuationBox,
+    create_cb,
+    open_cb,
+)
 from .connection import RecoverableConnection, SessionFile
 from .errors import (
     AdoptionError,
@@ -44,7 +51,7 @@ __all__ = [
     "CbImage", "ContinuationBox", "ContinuationError", "DEFAULT_LOG_CAPACITY",
     "DEFAULT_STATE_CAPACITY", "Export", "Handover", "HandoverReply", "Listener",
     "LogFullError", "NullRegistrar", "Recovered", "RecoverableConnection", "RecoveryError",
-    "Registrar", "ResumePlan", "SessionFile", "SessionReader", "SessionWriter",
+    "Registrar", "ResumePlan", "SESSION_FDS", "SessionFile", "SessionReader", "SessionWriter",
     "StateTooLargeError", "UnixAdoptionSource", "create_cb", "create_cb_async",
     "default_registrar", "hand_over", "open_cb", "parse_cb", "prepare", "read_cb", "run",
 ]

@@ -49,8 +49,8 @@ class AsyncListener:
         self._waiter: asyncio.Future | None = None
         self._watched: list[int] = []
         self._pause = Pause(listening_name(sock))
-        self._limit: int | None = None  # serve()'s, on the sessions it runs
-        self._serving = 0
+        self._limit: int | None = None  # serve()'s, on its sessions' tasks
+        self._tasks: set[asyncio.Task] = set()
         self._full_logged = -FULL_LOG_S
 
     @classmethod
@@ -116,7 +116,7 @@ class AsyncListener:
 
     def _full(self) -> bool:
         """serve() runs its limit of sessions: new connections are not taken."""
-        return self._limit is not None and self._serving >= self._limit
+        return self._limit is not None and len(self._tasks) >= self._limit
 
     def _unwatch(self) -> None:
         for fd in self._watched:
@@ -144,13 +144,12 @@ class AsyncListener:
         `common.fdtable.session_limit()` gives one for half the descriptors. None: none."""
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be 1 or more sessions, not {limit}")
-        tasks: set[asyncio.Task] = set()
+        tasks = self._tasks
         self._limit = limit
 
         def done(task: asyncio.Task) -> None:
             tasks.discard(task)
-            self._serving = len(tasks)
-            if self._serving + 1 == self._limit and self._waiter is not None:
+            if len(tasks) + 1 == self._limit and self._waiter is not None:
                 _wake(self._waiter)  # room again: watch the listening socket
             if task.cancelled() or (err := task.exception()) is None:
                 return
@@ -163,7 +162,6 @@ class AsyncListener:
             task = asyncio.create_task(handler(conn, *args))
             tasks.add(task)
             task.add_done_callback(done)
-            self._serving = len(tasks)
             if self._full() and (now := time.monotonic()) - self._full_logged >= FULL_LOG_S:
                 self._full_logged = now
                 log.warning("%s: serving its limit of %d sessions: new connections wait "

@@ -29,6 +29,9 @@ from .region import CbRegion, endpoints_of
 
 DEFAULT_STATE_CAPACITY = 4096
 DEFAULT_LOG_CAPACITY = 64 * 1024
+#: descriptors a session holds in its server: its socket, its box's memfd and the duplicate
+#: that Python's mmap keeps of it (the size of a session for common.fdtable.session_limit)
+SESSION_FDS = 3
 
 _encode = msgspec.msgpack.Encoder().encode
 

@@ -23,9 +23,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from backdoors.common import fdtable
-from backdoors.continuations import AsyncListener, run
-
-SESSION_FDS = 3  # a session's socket and box, and one for what it opens
+from backdoors.continuations import SESSION_FDS, AsyncListener, run
 
 
 def arguments(description: str) -> argparse.ArgumentParser:
@@ -57,7 +55,8 @@ def serve_forever(listener: AsyncListener, name: str,
 
     Prints "<name> listening on ADDR:PORT" once ready (the lab waits for that line).
     """
-    limit = limit or fdtable.session_limit(SESSION_FDS)  # it raises the descriptor limit
+    default = fdtable.session_limit(SESSION_FDS)  # raises the descriptor limit: needed anyway
+    limit = limit or default
 
     async def main() -> None:
         async with listener:

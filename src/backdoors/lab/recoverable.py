@@ -33,6 +33,7 @@ import msgspec
 from ..common import fdtable
 from ..common.runtime import AGENT_SOCKET_ENV, register_box
 from ..continuations import AsyncListener, ContinuationError, Recovered, create_cb_async, run
+from ..continuations.box import SESSION_FDS
 from ..sensors import SensorBox
 from . import stream
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.export_every % a.chunk:
         ap.error("--export-every must be a multiple of --chunk")
-    limit = fdtable.session_limit(3)  # a session's socket and box, one to spare
+    limit = fdtable.session_limit(SESSION_FDS)  # it raises the descriptor limit
 
     box = SensorBox.create(a.name)
     progress = box.progress("progress", deadline=a.deadline, stamped=True)

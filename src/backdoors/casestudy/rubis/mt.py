@@ -33,6 +33,7 @@ import sys
 from ...common import fdtable
 from ...common.runtime import AGENT_SOCKET_ENV, register_box
 from ...continuations import AsyncListener, ContinuationError, Recovered, create_cb_async, run
+from ...continuations.box import SESSION_FDS
 from ...sensors import SensorBox
 from . import middle
 
@@ -40,7 +41,6 @@ log = logging.getLogger("backdoors.casestudy")
 
 DSN_ENV = "RUBIS_DSN"
 PORT = 7300
-SESSION_FDS = 3  # a channel's socket and box, one to spare
 #: a session's exported state holds the reply being sent: a page of 25 items is ~3 KiB
 STATE_CAPACITY = 256 * 1024
 
