@@ -136,11 +136,12 @@ def test_a_warrant_meets_the_targets_quorum_and_is_spent_once():
     now = [1000.0]
     w = Warrants("h0", {k: (v.public,) for k, v in m.items()}, 2, clock=lambda: now[0])
 
-    def order(who, ts=1000.0, nonce=None, to_node="n0"):
+    def order(who, ts=1000.0, nonce=None, to_node="n0", args=None):
+        args = msgspec.msgpack.encode(
+            args or {"node": "x", "to": "a:1", "to_agent": "h0", "to_node": to_node})
         body = msgspec.msgpack.encode({
             "v": VERSION, "monitor": who, "agent": "h1", "nonce": nonce or os.urandom(16),
-            "ts": ts, "op": "evacuate",
-            "args": {"node": "x", "to": "a:1", "to_agent": "h0", "to_node": to_node}})
+            "ts": ts, "op": "evacuate", "args": msgspec.Raw(args)})
         return msgspec.msgpack.encode(Envelope(body, m[who].sign(REQUEST_DOMAIN, body)))
 
     with pytest.raises(WarrantError, match="holds 1 monitors' evacuate, .* quorum is 2"):
@@ -153,6 +154,16 @@ def test_a_warrant_meets_the_targets_quorum_and_is_spent_once():
     with pytest.raises(WarrantError, match="already used"):
         w.check(warrant, "h1", "n0")
     assert len(pairs) == 2
+    # votes the source counted as one (the same args after decoding) agree here too: keys
+    # in another order, the default if_unsure sent or left out
+    args = {"node": "x", "to": "a:1", "to_agent": "h0", "to_node": "n0"}
+    w.check([order("m1", args=args), order("m2", args=dict(reversed(args.items())))],
+            "h1", "n0")
+    w.check([order("m1", args=args), order("m2", args={**args, "if_unsure": "ask"})],
+            "h1", "n0")
+    with pytest.raises(WarrantError, match="holds 1 monitors' evacuate"):
+        w.check([order("m1", args=args), order("m2", args={**args, "if_unsure": "move"})],
+                "h1", "n0")
     # a restarted agent has forgotten what was spent: it refuses what was signed before it
     now[0] = 1001.0
     w = Warrants("h0", {k: (v.public,) for k, v in m.items()}, 2, clock=lambda: now[0])

@@ -42,6 +42,7 @@ class Evacuation(msgspec.Struct):
     to: str
     to_agent: str
     to_node: str
+    if_unsure: str = "ask"  # recovery.EvacuateArgs' default: a vote counts it unsent or sent
 
 
 _evacuation = msgspec.msgpack.Decoder(Evacuation)
@@ -70,7 +71,7 @@ class Warrants:
             raise WarrantError(f"{len(warrant)} requests in the warrant, at most {MAX_WARRANT}")
         now = self.clock()
         self._forget(now)
-        agreeing: dict[bytes, set[str]] = {}
+        agreeing: dict[tuple, set[str]] = {}
         pairs = set()
         for i, payload in enumerate(warrant):
             req, monitor = self._open(payload, i)
@@ -97,7 +98,8 @@ class Warrants:
                 raise WarrantError(f"warrant request {i} (monitor {monitor}) was already used "
                                    "for a hand-over")
             pairs.add(pair)
-            agreeing.setdefault(bytes(req.args), set()).add(monitor)
+            # agreeing as the source's ballot counted them: the decoded args, not their bytes
+            agreeing.setdefault(msgspec.structs.astuple(ev), set()).add(monitor)
         best = max(len(v) for v in agreeing.values())
         if best < self.quorum:
             raise WarrantError(f"the warrant holds {best} monitors' evacuate, this agent's "
