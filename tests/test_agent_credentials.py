@@ -208,6 +208,58 @@ def test_a_request_does_not_replay_after_an_agent_restart(agent_lab):
     assert alive(victim.pid)
 
 
+@pytest.mark.root
+def test_a_request_does_not_replay_after_a_crash_when_its_signers_clock_is_ahead(
+        agent_lab, tmp_path):
+    """Outside review: the refusal of requests signed before the agent started compared
+    the signer's clock with the agent's; a monitor 5 s ahead (within the 30 s window)
+    signed a lock the agent served, the agent was SIGKILLed and restarted by its keeper,
+    and the same request froze the node again. Now each signer's latest request time
+    outlives the agent in its fd store: the replay is refused; what comes after is not."""
+    from test_agent_support import supervised
+
+    with supervised(agent_lab, tmp_path) as (lab, agent):
+        c = lab.client()
+        ahead = time.time() + 5
+        payload, _ = c.signed_request("lock", {"node": "n0", "lease_s": 0.3}, ts=ahead)
+        assert _reply(c.exchange(payload)).ok
+        later, _ = c.signed_request("nodes", {}, ts=ahead + 0.5)  # signed, never sent
+        end = time.monotonic() + 10
+        while lab.client().nodes()[0].locked_by and time.monotonic() < end:
+            time.sleep(0.05)  # the lease ran out
+        agent.kill()
+        c = lab.client()
+        reply = _reply(c.exchange(payload))
+        assert not reply.ok and reply.error.code == "replay", reply
+        assert "previous run of this agent took from 'm1'" in reply.error.message
+        assert not lab.client().nodes()[0].locked_by
+        assert _reply(c.exchange(later)).ok  # after the mark: a request the crash cut off
+        assert lab.client("m2").nodes()  # another signer's marks are its own
+
+
+def test_request_marks_kept_by_a_previous_run_are_read_back_or_dropped_saying_why():
+    keys = {m: (new_identity(m).public,) for m in ("m1", "m2")}
+    shared = {}
+
+    def share(data):
+        shared["memory"] = bytearray(data)
+        return shared["memory"]
+
+    first = Authenticator("h0", keys, cache_entries=64, clock=lambda: 1000.0, started=990.0)
+    assert first.resume(None, share) == []
+    first._marks[first._slots["m2"]] = 1004.5  # what open() writes for a request of m2
+    second = Authenticator("h0", keys, cache_entries=64, clock=lambda: 1001.0, started=1001.0)
+    assert second.resume(bytes(shared["memory"]), share) == []
+    assert second.previous == {"m2": 1004.5}
+    third = Authenticator("h0", keys, cache_entries=64, clock=lambda: 1002.0, started=1002.0)
+    assert third.resume(bytes(shared["memory"]), lambda data: None) == []
+    assert third.previous == {"m2": 1004.5}  # carried over by the second run
+    for garbage in (b"\xff" * 40, b"BDM1" + b"\x10\0\0\0" + b"[1,2]", b"BDM1\x05\0\0\0[\"m1\"]"):
+        fresh = Authenticator("h0", keys, cache_entries=64)
+        assert fresh.resume(garbage, lambda data: None)[0].startswith("request marks: ")
+        assert fresh.previous == {}
+
+
 def test_the_time_bound_is_strict_and_the_cache_keeps_each_signer_to_its_share():
     """Finding 3: ts + 30 s exactly was accepted, and one key could fill the replay cache
     for everyone (busy). Now |ts - now| < 30 s, and each signer has its own quota."""

@@ -172,6 +172,64 @@ def daemon(lab: AgentLab, *args: str):
         proc.stderr.close()
 
 
+class Supervised:
+    """An agent run by the lab's keeper (its fd store): `kill()` SIGKILLs it and waits for
+    the one the keeper starts in its place to answer."""
+
+    def __init__(self, lab: AgentLab, pid_file: str):
+        self.lab, self.pid_file = lab, pid_file
+
+    @property
+    def pid(self) -> int:
+        return json.loads(open(self.pid_file).read())["pid"]
+
+    def answering(self, old: int | None = None, timeout: float = 20.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                with self.lab.client(timeout=1.0) as c:
+                    if c.ping().pid != old:
+                        return
+            except Exception:  # noqa: BLE001 - not serving yet
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"no agent answered in {timeout} s")
+
+    def kill(self) -> None:
+        old = self.pid
+        os.kill(old, signal.SIGKILL)
+        self.answering(old)
+
+
+@contextmanager
+def supervised(make, tmp_path, **overrides):
+    """An AgentLab (from the agent_lab fixture `make`) whose agent runs under the lab's
+    keeper on a TCP port of 127.0.0.1; yields (lab, Supervised)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lab = make(start=False, listen=f"127.0.0.1:{port}", **overrides)
+    lab.address = ("127.0.0.1", port)
+    path = tmp_path / "agent.toml"
+    path.write_text(to_toml(lab.config))
+    path.chmod(0o600)
+    pid_file = tmp_path / "pid"
+    keeper = subprocess.Popen(
+        [PY, "-m", "backdoors.lab.keeper", "--notify", str(tmp_path / "notify"),
+         "--pid-file", str(pid_file), "--", PY, "-m", "backdoors", "agent",
+         "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert json.loads(keeper.stdout.readline())["event"] == "ready"
+        agent = Supervised(lab, str(pid_file))
+        agent.answering()
+        yield lab, agent
+    finally:
+        keeper.send_signal(signal.SIGTERM)
+        keeper.wait(20)
+        keeper.stdout.close()
+
+
 def read_line(proc: subprocess.Popen, timeout: float = 10.0) -> str:
     """One line of a child's stdout, or AssertionError after `timeout`."""
     import select

@@ -111,55 +111,16 @@ def test_the_table_is_kept_and_taken_back():
 def test_the_tokens_outlive_an_agent_restart(agent_lab, tmp_path):
     """A real agent under the lab's keeper, SIGKILLed: the new agent takes the tokens back
     from the fd store and still refuses the older one."""
-    import json
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
+    from test_agent_support import supervised
 
-    from test_agent_support import to_toml
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    lab = agent_lab(start=False, listen=f"127.0.0.1:{port}")
-    lab.address = ("127.0.0.1", port)
-    path = tmp_path / "agent.toml"
-    path.write_text(to_toml(lab.config))
-    path.chmod(0o600)
-    pid_file = tmp_path / "pid"
-    keeper = subprocess.Popen(
-        [sys.executable, "-m", "backdoors.lab.keeper", "--notify", str(tmp_path / "notify"),
-         "--pid-file", str(pid_file), "--", sys.executable, "-m", "backdoors", "agent",
-         "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        assert json.loads(keeper.stdout.readline())["event"] == "ready"
-
-        def answering(pid=None):
-            try:
-                with lab.client(timeout=1.0) as c:
-                    return c.ping().pid != pid and c
-            except Exception:  # noqa: BLE001 - not serving yet
-                return None
-        end = time.monotonic() + 20
-        while not answering() and time.monotonic() < end:
-            time.sleep(0.05)
+    with supervised(agent_lab, tmp_path) as (lab, agent):
         c = lab.client("m2")
         assert c.claim("n0", token=57).token == 57
-        old = json.loads(pid_file.read_text())["pid"]
-        os.kill(old, signal.SIGKILL)
-        end = time.monotonic() + 20
-        while not answering(old) and time.monotonic() < end:
-            time.sleep(0.05)
+        agent.kill()
         c = lab.client("m1")
         assert {i.name: (i.token, i.owner) for i in c.nodes()} == {"n0": (57, "m2")}
         with pytest.raises(StaleTokenError, match="older than token 57 of m2"):
             c.claim("n0", token=41)
-    finally:
-        keeper.send_signal(signal.SIGTERM)
-        keeper.wait(20)
 
 
 @pytest.mark.root

@@ -6,15 +6,24 @@ decoded into a Request (only the `monitor` field is read first, to choose the pu
 and a nonce is remembered only once its signature is good, so unauthenticated traffic
 cannot fill the cache. Each signer has its own share of the cache: one stolen key can make
 the agent answer `busy` to that key's holder only.
+
+The cache does not outlive the agent. What does: each signer's mark, the time of the
+latest request accepted from it, written before the request runs into memory the fd store
+keeps (`resume`). A restarted agent refuses a signer's requests up to its mark, besides
+those signed before the agent started: a signer whose clock is ahead of the agent's signs
+times after the restart for requests the previous run served.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import math
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -86,10 +95,39 @@ class Opened:
     peer: bool
 
 
+_MARKS = b"BDM1"  # then a u32 length, the signers' names (JSON), to 8 bytes, a float each
+
+
+def _marks_layout(signers: Sequence[str]) -> tuple[bytes, int]:
+    """The marks' header for `signers`, and the offset of their first mark."""
+    names = json.dumps(list(signers)).encode()
+    head = _MARKS + struct.pack("<I", len(names)) + names
+    return head, -(-len(head) // 8) * 8
+
+
+def read_marks(data: bytes) -> dict[str, float]:
+    """The marks kept in `data` (by `Authenticator.resume`); ValueError if unreadable."""
+    if data[:4] != _MARKS or len(data) < 8:
+        raise ValueError("not the agent's request marks")
+    size = struct.unpack_from("<I", data, 4)[0]
+    try:
+        signers = json.loads(data[8:8 + size])
+    except ValueError as e:
+        raise ValueError(f"the marks' signers: {e}") from None
+    if not isinstance(signers, list) or not all(isinstance(x, str) for x in signers):
+        raise ValueError("the marks' signers are not a list of names")
+    start = _marks_layout(signers)[1]
+    if len(data) < start + 8 * len(signers):
+        raise ValueError(f"{len(data)} bytes hold no mark for each of {len(signers)} signers")
+    marks = struct.unpack_from(f"<{len(signers)}d", data, start)
+    return {who: t for who, t in zip(signers, marks) if math.isfinite(t)}
+
+
 class Authenticator:
     """Turns a frame's payload into an authentic, fresh Request for agent `agent_id`, or
-    raises Rejected. Requests signed before `started` (the agent's start) are refused:
-    the replay cache does not outlive the agent."""
+    raises Rejected. Requests signed before `started` (the agent's start) are refused,
+    and after `resume` those up to their signer's mark of the previous run: the replay
+    cache does not outlive the agent."""
 
     def __init__(self, agent_id: str, monitors: Mapping[str, Sequence[Ed25519PublicKey]],
                  peers: Mapping[str, Sequence[Ed25519PublicKey]] | None = None, *,
@@ -100,6 +138,29 @@ class Authenticator:
         self.started = clock() if started is None else started
         signers = max(1, len(self.monitors) + len(self.peers))
         self.replay = ReplayGuard(max(1, cache_entries // signers))
+        self.previous: dict[str, float] = {}  # signer -> its mark in the previous run
+        self._slots: dict[str, int] = {}
+        self._marks = None  # memoryview of floats in the kept memory
+
+    def resume(self, kept: bytes | None, share: Callable[[bytes], Any]) -> list[str]:
+        """Take the marks a previous run kept (`kept`: None if none), and keep this run's,
+        starting from them, in the writable memory `share(initial bytes)` returns (None:
+        not kept). What could not be taken back, with why."""
+        dropped = []
+        if kept:
+            try:
+                self.previous = read_marks(kept)
+            except (ValueError, struct.error) as e:
+                dropped.append(f"request marks: {e}")
+        signers = sorted({*self.monitors, *self.peers})
+        head, start = _marks_layout(signers)
+        data = bytearray(head.ljust(start, b"\0")) + struct.pack(
+            f"<{len(signers)}d", *(self.previous.get(s, -math.inf) for s in signers))
+        memory = share(bytes(data)) if signers else None
+        if memory is not None:
+            self._marks = memoryview(memory)[start:start + 8 * len(signers)].cast("d")
+            self._slots = {s: i for i, s in enumerate(signers)}
+        return dropped
 
     def open(self, payload: bytes) -> Opened:
         try:
@@ -141,6 +202,11 @@ class Authenticator:
             raise Rejected("replay", f"request time {req.ts:.3f} is before this agent started "
                            f"({self.started:.3f}): sent to an earlier run, or replayed",
                            monitor=monitor, nonce=req.nonce, op=req.op)
+        if req.ts <= (mark := self.previous.get(monitor, -math.inf)):
+            raise Rejected("replay", f"request time {req.ts:.3f} is not after the last "
+                           f"request the previous run of this agent took from {shown!r} "
+                           f"({mark:.3f}): sent to an earlier run, or replayed",
+                           monitor=monitor, nonce=req.nonce, op=req.op)
         verdict = self.replay.admit(monitor, req.nonce, req.ts, now)
         if verdict == "replay":
             raise Rejected("replay", "this nonce was already used (a replayed request)",
@@ -149,4 +215,6 @@ class Authenticator:
             raise Rejected("busy", f"{monitor} has {self.replay.quota} recent requests, its "
                            "share of the replay cache; retry later", monitor=monitor,
                            signed=True, nonce=req.nonce, op=req.op)
+        if self._marks is not None and req.ts > self._marks[i := self._slots[monitor]]:
+            self._marks[i] = req.ts  # before the request runs
         return Opened(req, peer)

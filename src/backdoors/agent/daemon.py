@@ -57,6 +57,7 @@ LEASE_CHECK_S = 0.02
 STOP_THAW_S = 10.0
 FENCES_KEY = "fences"  # durable state (fd store): {node: [monitors holding its fence]}
 TOKENS_KEY = "tokens"  # durable state: {node: [highest fencing token, its monitor]}
+MARKS_KEY = "marks"  # durable, shared: each signer's latest request time (agent/auth.py)
 
 
 class Agent:
@@ -215,6 +216,10 @@ class Agent:
         self.local.listen()
         self.rpc = RpcServer(self, self.ops, self.identity, self.monitor_keys, self.peer_keys,
                              self.metrics, self.audit)
+        for why in self.rpc.auth.resume(self._kept_marks,
+                                        lambda data: self.store.keep_shared(MARKS_KEY, data)):
+            log.warning("not taken back from the fd store: %s", why)
+            self.audit.write(kind="readopted", host=c.host, dropped=[why])
         self._rpc_sock = self._listen_socket()
         self.address = self._rpc_sock.getsockname()[:2]
         if c.metrics_listen:
@@ -301,8 +306,10 @@ class Agent:
         limbo) a previous agent kept in the fd store, then mirror every later change
         there."""
         passed = listen_fds()
+        self._kept_marks = None
         if passed:
             r = self.store.readopt(passed, self.regions, self.sessions)
+            self._kept_marks = r.state.get(MARKS_KEY)
             r.dropped += self.recovery.take_back(r.state, set(self.nodes))
             r.dropped += self._refence(r.state.get(FENCES_KEY))
             r.dropped += self.tokens.take_back(r.state.get(TOKENS_KEY), set(self.nodes))

@@ -32,6 +32,7 @@ in between leaves both: the next agent takes the newest and drops the others.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 from dataclasses import dataclass, field
@@ -101,9 +102,21 @@ class AgentStore:
     def keep(self, key: str, data: bytes | None) -> None:
         """Keep `data` under `key` (replacing what was kept there) in a memfd in the store;
         None or empty drops it. A failure is logged and counted, not raised."""
+        if self.enabled:
+            self._keep(key, data, None)
+
+    def keep_shared(self, key: str, data: bytes) -> mmap.mmap | None:
+        """Keep `data` under `key` as `keep` does, and return a shared writable mapping of
+        the kept copy: state changed too often to keep by copy (at every request) is
+        written there and is in the store at once; the next agent reads it back as any
+        kept state. None without a store, or on failure (logged and counted)."""
         if not self.enabled:
-            return
+            return None
+        return self._keep(key, data, lambda fd: mmap.mmap(fd, len(data)))
+
+    def _keep(self, key: str, data: bytes | None, mapping) -> mmap.mmap | None:
         skey = ("d", key, "")
+        mapped = None
         with self._lock:
             old = self._names.get(skey)
             try:
@@ -115,6 +128,8 @@ class AgentStore:
                         view = memoryview(data)
                         while view:
                             view = view[os.write(fd, view):]
+                        if mapping is not None:
+                            mapped = mapping(fd)
                         self.notifier.store(name, fd)
                     finally:
                         os.close(fd)
@@ -124,7 +139,11 @@ class AgentStore:
                 if old is not None:
                     self.notifier.remove(old)
             except (NotifyError, OSError) as e:
+                if mapped is not None:
+                    mapped.close()
                 self._failed(f"cannot keep the agent's state {key!r} in the fd store: {e}")
+                return None
+        return mapped
 
     def _put(self, key, meta: dict, fd: int) -> None:
         """Store `fd` under `meta` (and a new generation) in place of what `key` had."""
