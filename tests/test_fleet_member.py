@@ -264,3 +264,30 @@ def test_the_monitor_command_refuses_a_bad_etcd_url(tmp_path):
                          text=True, timeout=60)
     assert run.returncode == 1
     assert "etcd[0]" in run.stderr and "is not a URL" in run.stderr
+
+
+def test_what_others_write_under_the_prefix_leaves_no_node_unwatched(etcd):  # noqa: F811
+    """Outside review: a member whose key went (deleted, or put again under another lease
+    by a second monitor with its id, which took it away when it stopped) never registered
+    again: no members, no node owned, nothing logged. Keys no monitor wrote (no lease, or
+    deeper under members/) counted as members, and an owner record without a lease kept
+    its node from everyone, for good. Now each step puts the member's key back, members
+    are leased keys right under members/, and a leaseless owner record is taken over."""
+    client = EtcdClient(etcd.url)
+    m = FleetMember(client, "m1", lambda: ["h0/n0", "h0/n1"], poll_s=0.05)
+    try:
+        until(lambda: m.step().degraded is None and len(m.share.tokens) == 2, what="a share")
+        client.put(m.prefix + "members/ghost", "{}")  # no lease
+        client.put(m.prefix + "members/x/m3", "{}", m.share.lease)
+        client.delete(m.prefix + "members/m1")
+        share = m.step()
+        assert share.members == ["m1"] and set(share.tokens) == {"h0/n0", "h0/n1"}
+        client.put(m.prefix + "owners/h0/n0", "m1")  # rewritten without a lease
+        until(lambda: (o := read_fleet(client)["owners"]).get("h0/n0") and
+              o["h0/n0"][0] == "m1" and m.step().tokens.get("h0/n0") == o["h0/n0"][1],
+              what="the leaseless record taken over")
+        kv = client.get(m.prefix + "owners/h0/n0")
+        assert kv.lease == m.share.lease
+    finally:
+        m.stop()
+        client.close()

@@ -10,7 +10,11 @@ Each step (every `poll_s`) the member renews its lease (every third of the TTL),
 live members and the ownership records, assigns every node by rendezvous hashing over the
 live members (fleet/assign.py: all members compute the same), gives up the nodes it owns
 that are no longer its own (a delete guarded by the record's revision), and takes the free
-nodes assigned to it (a txn: create only if the record does not exist). The revision of
+nodes assigned to it (a txn: create only if the record does not exist, or replace one
+under no lease, which no member wrote and which would never expire). Its own member key
+is put back when it is missing or under another lease (deleted by hand, or taken away by a
+second monitor with its id), and only leased keys right under members/ are members: a key
+no monitor wrote neither takes a share of the nodes nor holds one. The revision of
 that txn is its **fencing token** for the node: etcd revisions only grow, so whoever owns a
 node later holds a higher token, and agents refuse the older ones (agent/tokens.py).
 
@@ -217,7 +221,18 @@ class FleetMember:
             self._renew_at = self.clock() + self.ttl_s / 3
         lease = self.share.lease
         _, kvs = c.prefix(self.prefix + "members/")
-        members = sorted(kv.key.rsplit("/", 1)[1] for kv in kvs)
+        mine = self._member_key(self.id)
+        if not any(kv.key == mine and kv.lease == lease for kv in kvs):
+            # deleted, or put again under another lease (a second monitor with this id,
+            # whose lease ends with it): this member would be gone from the fleet for good
+            log.warning("fleet member %s: its key %s was gone or under another lease (a "
+                        "second monitor with this id?): registered again", self.id, mine)
+            c.put(mine, json.dumps({"id": self.id, "since": time.time(), **self.info}), lease)
+            _, kvs = c.prefix(self.prefix + "members/")
+        # a member is a key right under members/ with a lease (what no monitor wrote
+        # cannot hold a node: it would never expire)
+        members = sorted({kv.key.rsplit("/", 1)[1] for kv in kvs if kv.lease
+                          and "/" not in kv.key[len(self.prefix) + len("members/"):]})
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
         known = set(self.nodes())
@@ -239,10 +254,16 @@ class FleetMember:
         self._held = {n: t for n, t in self._held.items() if n in held}
         self._missing = {n: t for n, t in self._missing.items() if n in tokens}
         for node, member in sorted(assigned.items()):
-            if member != self.id or node in owners:
+            if member != self.id or (node in owners and owners[node].lease):
                 continue
             key = self._owner_key(node)
-            got = c.txn([Compare(key, "CREATE", 0)], [put_op(key, self.id, lease)])
+            if node in owners:  # a record without a lease (not a member's): it never expires
+                log.warning("fleet member %s: node %s's owner record has no lease: taken",
+                            self.id, node)
+                cond = Compare(key, "MOD", owners[node].mod_revision)
+            else:
+                cond = Compare(key, "CREATE", 0)
+            got = c.txn([cond], [put_op(key, self.id, lease)])
             if got.succeeded:
                 tokens[node] = got.revision
         # the nodes taken at this step (new, or taken again: a new token), with their open
