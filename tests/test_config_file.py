@@ -114,6 +114,16 @@ def test_plain_files_still_load(folder):
      r":25: key monitor\.metrics_listen: ':' is not ADDR:PORT"),
     (('address = "10.99.0.1:7700"\n', 'address = "h0"\n'),
      r":29: key monitor\.agents\[0\]\.address: 'h0' is not ADDR:PORT"),
+    # outside review: a poll that never comes, or comes after the lease expired, and a
+    # cluster name the other clusters' subscriptions (SUBJECT.*) never match
+    (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nfleet_poll_ms = inf'),
+     r":25: key monitor\.fleet_poll_ms: must be finite"),
+    (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nfleet_poll_ms = 2000\n'
+      'etcd = ["http://10.99.0.250:2379"]'),
+     r":25: key monitor\.fleet_poll_ms: 2000 ms: a fleet member renews its lease once a step"),
+    (('address = "10.99.0.1:7700"\n', 'address = "10.99.0.1:7700"\n[monitor.warnings]\n'
+      'nats = ["nats://10.99.0.250:4222"]\ncluster = "a.b"\n'),
+     r":32: key monitor\.warnings\.cluster: must be 1-64 of A-Z a-z 0-9 _ - \(no dot"),
 ])
 def test_errors_name_file_line_and_key(folder, change, where):
     path = write(folder, UNIFIED.replace(*change))

@@ -288,6 +288,9 @@ def test_what_others_write_under_the_prefix_leaves_no_node_unwatched(etcd):  # n
               what="the leaseless record taken over")
         kv = client.get(m.prefix + "owners/h0/n0")
         assert kv.lease == m.share.lease
+        # an incident record that is JSON but no object (`backdoors status` crashed on it)
+        client.put(m.prefix + "incidents/h9/n9", "[1, 2]")
+        assert read_fleet(client)["incidents"]["h9/n9"] == {"raw": "[1, 2]"}
     finally:
         m.stop()
         client.close()

@@ -212,3 +212,32 @@ def test_a_repair_of_what_another_cluster_warned_of_is_not_echoed():
     assert w.incident("responded", repaired("ef" * 32, "mine")) is not None
     assert w.sent == 2 and published == ["s.B", "s.B"]
     assert w.status()["echoes"] == 1
+
+
+def test_a_bus_whose_server_is_away_at_start_connects_when_it_comes(unique, caplog):
+    """Outside review: a monitor whose NATS server did not answer at start exited (with
+    "cannot connect: " and no reason, and a traceback per nats-py attempt), though the
+    warnings are best effort. Now its bus says why, goes on trying, and takes messages
+    once the server is there; one that must connect (wait=True) still fails, saying why."""
+    from backdoors.fleet.bus import Bus
+    if natsproc.available() is None:
+        unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
+    server = natsproc.NatsProcess(f"bdt-nats-l-{unique}", tempfile.mkdtemp(
+        prefix="bdt-nats-", dir="/dev/shm"))
+    heard = []
+    with pytest.raises(natsproc.NatsError, match=r"cannot connect: \w+"):
+        Bus([server.url], "bdt.late.*", timeout=0.5).start()
+    late = Bus([server.url], "bdt.late.*", lambda s, d: heard.append(d), timeout=0.5)
+    late.start(wait=False)
+    try:
+        assert "trying again in the background" in caplog.text
+        with pytest.raises(natsproc.NatsError, match="not connected"):
+            late.publish(b"too early", "bdt.late.x")
+        server.start()
+        with Bus([server.url], "bdt.late.*") as sender:
+            _until(lambda: sender.publish(b"hello", "bdt.late.x") or heard, timeout=15)
+        assert heard[0] == b"hello"
+        assert caplog.text.count("Traceback") == 0
+    finally:
+        late.stop()
+        server.stop()

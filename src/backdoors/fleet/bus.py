@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -34,6 +35,8 @@ class Bus:
         self.name, self.timeout, self.within = name, timeout, within
         self._loop = asyncio.new_event_loop()
         self._nc = None
+        self._connecting = None  # the future of the first connection
+        self._logged: dict[str, float] = {}  # an error's text -> when it was last logged
         self._thread = threading.Thread(target=self._run, name="bd-nats", daemon=True)
 
     def _run(self) -> None:
@@ -41,26 +44,44 @@ class Bus:
         with self.within() if self.within is not None else nullcontext():
             self._loop.run_forever()
 
-    def start(self) -> Bus:
-        """Connect (and subscribe); NatsError when no server answers within the timeout."""
+    def start(self, *, wait: bool = True) -> Bus:
+        """Connect (and subscribe); NatsError when no server answers within the timeout.
+        With `wait=False` a server that does not answer is logged, and the connection
+        goes on trying in the background (publish fails until it is made)."""
         self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._connect(), self._loop)
+        fut = self._connecting = asyncio.run_coroutine_threadsafe(self._connect(), self._loop)
         try:
             fut.result(self.timeout + 1)
         except Exception as e:  # noqa: BLE001 - nats-py raises many kinds
-            self.stop()
-            raise NatsError(f"NATS {', '.join(self.servers)}: cannot connect: "
-                            f"{e or type(e).__name__}") from None
+            why = f"NATS {', '.join(self.servers)}: cannot connect: {_reason(e)}"
+            if wait or fut.done():  # (done: a bad address, not a server away)
+                self.stop()
+                raise NatsError(why) from None
+            log.warning("%s; trying again in the background", why)
+            fut.add_done_callback(self._late)
         return self
+
+    def _late(self, fut) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            log.warning("NATS %s: connected", ", ".join(self.servers))
 
     async def _connect(self) -> None:
         import nats
-        self._nc = await nats.connect(servers=self.servers, name=self.name,
-                                      connect_timeout=self.timeout, max_reconnect_attempts=-1,
-                                      reconnect_time_wait=0.5, allow_reconnect=True)
+        nc = await nats.connect(servers=self.servers, name=self.name, error_cb=self._error,
+                                connect_timeout=self.timeout, max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.5, allow_reconnect=True)
         if self.on_message is not None:
-            await self._nc.subscribe(self.subject, cb=self._deliver)
-            await self._nc.flush()
+            await nc.subscribe(self.subject, cb=self._deliver)
+            await nc.flush()
+        self._nc = nc
+
+    async def _error(self, e: Exception) -> None:
+        """nats-py's errors (each failed attempt to connect, while it tries): one line
+        each, and the same one at most once a minute (nats-py logs a traceback each)."""
+        why, now = _reason(e), time.monotonic()
+        if now - self._logged.get(why, -60.0) >= 60.0:
+            self._logged[why] = now
+            log.warning("NATS %s: %s", ", ".join(self.servers), why)
 
     async def _deliver(self, msg) -> None:
         try:
@@ -71,15 +92,19 @@ class Bus:
     def publish(self, data: bytes, subject: str | None = None) -> None:
         """Send `data` and wait until the server has it; NatsError if it cannot."""
         async def send() -> None:
+            if self._nc is None:
+                raise ConnectionError("not connected (yet)")
             await self._nc.publish(subject or self.subject, data)
             await self._nc.flush(timeout=self.timeout)
         try:
             asyncio.run_coroutine_threadsafe(send(), self._loop).result(self.timeout + 1)
         except Exception as e:  # noqa: BLE001
             raise NatsError(f"NATS publish on {subject or self.subject}: "
-                            f"{e or type(e).__name__}") from None
+                            f"{_reason(e)}") from None
 
     def stop(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()  # (a connection still trying)
         if self._nc is not None and self._thread.is_alive():
             try:
                 asyncio.run_coroutine_threadsafe(self._nc.close(), self._loop).result(3)
@@ -95,3 +120,8 @@ class Bus:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, never empty (a TimeoutError's text is)."""
+    return str(e) or type(e).__name__

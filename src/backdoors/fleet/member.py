@@ -389,7 +389,9 @@ def read_fleet(client: EtcdClient, prefix: str = PREFIX) -> dict:
             owners[rest[len("owners/"):]] = [kv.value, kv.mod_revision]
         elif rest.startswith("incidents/"):
             try:
-                incidents[rest[len("incidents/"):]] = json.loads(kv.value)
+                record = json.loads(kv.value)
             except ValueError:
-                incidents[rest[len("incidents/"):]] = {"raw": kv.value[:200]}
+                record = {"raw": kv.value[:200]}
+            incidents[rest[len("incidents/"):]] = (
+                record if isinstance(record, dict) else {"raw": str(record)[:200]})
     return {"members": members, "owners": owners, "incidents": incidents, "revision": rev}

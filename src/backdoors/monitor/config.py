@@ -190,9 +190,13 @@ def _validate(c: MonitorConfig) -> None:
         raise Invalid(("rulesets",), "name at least one ruleset (\"default\")")
     if c.period_ms < 1:
         raise Invalid(("period_ms",), "must be at least 1 ms")
-    for key in ("period_ms", "timeout_ms", "action_timeout_ms", "history_s"):
+    for key in ("period_ms", "timeout_ms", "action_timeout_ms", "history_s", "fleet_poll_ms"):
         if not math.isfinite(getattr(c, key)):
             raise Invalid((key,), "must be finite")
+    if c.etcd and c.fleet_poll_ms > c.lease_ttl_s * 1000 / 3:
+        raise Invalid(("fleet_poll_ms",), f"{c.fleet_poll_ms:g} ms: a fleet member renews its "
+                      f"lease once a step, so a step must take at most a third of lease_ttl_s "
+                      f"({c.lease_ttl_s} s), or the lease expires between steps")
 
 
 def _validate_warnings(w: WarningsConfig) -> None:
@@ -202,8 +206,10 @@ def _validate_warnings(w: WarningsConfig) -> None:
         if not url.startswith(("nats://", "tls://")):
             raise Invalid(("warnings", "nats", i), f"{url!r} is not a NATS URL "
                           "(like nats://10.99.0.250:4222)")
-    if not NAME.fullmatch(w.cluster):
-        raise Invalid(("warnings", "cluster"), "must be 1-64 of A-Z a-z 0-9 _ . -")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", w.cluster):  # one token of the subject
+        raise Invalid(("warnings", "cluster"), "must be 1-64 of A-Z a-z 0-9 _ - (no dot: "
+                      "it is the last token of the warnings' subject, SUBJECT.CLUSTER, "
+                      "which the other clusters subscribe to as SUBJECT.*)")
     if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", w.subject):
         raise Invalid(("warnings", "subject"), f"{w.subject!r} is not a NATS subject "
                       "(tokens of A-Z a-z 0-9 _ - joined by dots)")

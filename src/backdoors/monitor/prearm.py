@@ -379,7 +379,7 @@ def start(w: Warnings, cfg) -> None:
         from ..net.netns import enter
         within = lambda: enter(cfg.netns)  # noqa: E731
     w.bus = Bus(cfg.nats, f"{cfg.subject}.*", w.on_message, name=f"backdoors-{cfg.cluster}",
-                within=within).start()
+                within=within).start(wait=False)  # a bus away must not stop the monitor
     w.scanner.start()
 
 
