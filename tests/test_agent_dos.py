@@ -335,3 +335,22 @@ def test_a_process_table_of_long_command_lines_fits_a_reply(agent_lab, monkeypat
     assert 0 < len(table.rows) < 41
     assert len(msgspec.msgpack.encode(table)) <= 16 * 1024
     assert len(c.processes("n0").rows) == table.total  # without command lines all fit
+
+
+def test_one_signer_cannot_hold_every_connection(agent_lab):
+    """Outside review: a stolen key (a peer's would do: ping is a peer op) opened the
+    agent's every slot with one authenticated ping each and kept them idle; an
+    authenticated connection was never evicted, so every monitor's new connection got
+    `busy` for as long as the idle timeout. Now a signer holding more than its share
+    of the authenticated slots gives way, oldest idle first; one within it does not."""
+    lab = agent_lab(max_connections=8, max_unauthenticated=2)  # 3 monitors: a share of 2
+    hog = [lab.client("m1") for _ in range(8)]
+    for c in hog:
+        assert c.ping()
+    other = lab.client("m2")
+    assert other.ping()  # got in: m1's oldest idle connection gave way
+    sock = other._sock
+    for c in [lab.client("m1") for _ in range(3)]:
+        assert c.ping()  # m1's new ones push out m1's own
+    assert other.ping() and other._sock is sock  # m2, within its share, stays
+    assert lab.client("m3").ping()

@@ -59,6 +59,8 @@ class _Conn:
     address: str  # the peer's source address, without the port
     opened: float  # time.monotonic()
     authenticated: bool = False  # sent a request that authenticated
+    signer: str = ""  # who signed its requests (once authenticated)
+    signed_by: str = ""  # who signed the request in hand
     in_request: bool = False  # a request is being answered (never evicted then)
     rejected: str | None = None  # the code, when the request in hand did not authenticate
     closing: str | None = None  # why the server closes it (told to the peer)
@@ -128,14 +130,32 @@ class RpcServer:
             if len(holding) < cap:
                 continue
             idle = [x for x in holding if not x.authenticated and not x.in_request]
-            if not idle:
+            if idle:  # silent ones first (a monitor's new connection has its request on the way)
+                self._evict(min(idle, key=lambda x: (_buffered(x.reader) > 0, x.opened)),
+                            f"{len(holding)} {what} are open: the oldest without an "
+                            "authenticated request gave way")
+            elif (hog := self._over_share(holding)) is not None:
+                self._evict(hog, f"{len(holding)} {what} are open: {hog.signer} holds more "
+                            "than its share; its oldest idle connection gave way")
+            else:
                 return f"{len(holding)} {what} are open, the most this agent serves"
-            # silent ones first (a monitor's new connection has its request on the way)
-            self._evict(min(idle, key=lambda x: (_buffered(x.reader) > 0, x.opened)),
-                        f"{len(holding)} {what} are open: the oldest without an "
-                        "authenticated request gave way")
         self._conns[new.task] = new
         return None
+
+    def _over_share(self, holding: list[_Conn]) -> _Conn | None:
+        """The oldest idle connection of the signer holding the most, if that is more than
+        a signer's share of the authenticated connections: one stolen key (a peer's, or a
+        monitor's) cannot keep every other signer from connecting."""
+        c = self.agent.config
+        signers = max(1, len(self.auth.monitors) + len(self.auth.peers))
+        share = max(2, (c.max_connections - c.max_unauthenticated) // signers)
+        held: dict[str, list[_Conn]] = {}
+        for x in holding:
+            if x.authenticated:
+                held.setdefault(x.signer, []).append(x)
+        most = max(held.values(), key=len, default=[])
+        idle = [x for x in most if not x.in_request]
+        return min(idle, key=lambda x: x.opened) if len(most) > share and idle else None
 
     def _evict(self, conn: _Conn, why: str) -> None:
         self._conns.pop(conn.task, None)
@@ -200,7 +220,8 @@ class RpcServer:
                     self._closed("auth_failed")
                     await self._drain(writer, 1.0)
                     return
-                conn.authenticated = conn.authenticated or conn.rejected is None
+                if conn.rejected is None and not conn.authenticated:
+                    conn.authenticated, conn.signer = True, conn.signed_by
                 if not await self._drain(writer, c.send_timeout_s):
                     self._closed("send_timeout")
                     return
@@ -268,6 +289,8 @@ class RpcServer:
             outcome = Outcome(False, code=r.code, message=r.message)
             return _reply(self.identity if r.signed else None, r.nonce, outcome, _ms(start))
         req = opened.request
+        if (conn := self._conns.get(asyncio.current_task())) is not None:
+            conn.signed_by = req.monitor
         op = self.ops.get(req.op)
         args: Any = None
         if op is None:
