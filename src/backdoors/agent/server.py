@@ -85,6 +85,7 @@ class RpcServer:
         self._conns: dict[asyncio.Task, _Conn] = {}
         self._streams: dict[asyncio.Task, Any] = {}  # subscribed connections: their args
         self._tokened: dict[str, list[int]] = {}  # node -> tokens of its requests running
+        self._vote_tokens: dict[tuple, int] = {}  # (ballot key, voter) -> its fencing token
 
     @property
     def connections(self) -> int:
@@ -333,11 +334,23 @@ class RpcServer:
                 return Outcome(False, code="no_such_node",
                                message=f"this agent serves no node {args.node[:64]!r}")
         if token is not None or op.name == "claim":
-            if (refused := self._check_token(op, args, monitor, token)) is not None:
+            voted = self._voted(op, is_peer)
+            if (refused := self._check_token(op, args, monitor, token, record=not voted)):
                 return refused
+            if voted:  # recorded once the vote applies it: one key alone records nothing
+                outcome = await self._run(op, args, monitor, is_peer, payload, rt, token.token)
+                if outcome.ok and op.destructive:
+                    self.agent.tokens.acted(args.node, monitor)
+                return outcome
             return await self._owned(op, args, monitor, token.token, lambda: self._run(
                 op, args, monitor, is_peer, payload, rt))
         return await self._run(op, args, monitor, is_peer, payload, rt)
+
+    def _voted(self, op: Op, is_peer: bool) -> bool:
+        """Whether a request waits for the quorum's votes: a monitor's destructive op, or
+        claim (a new owner's token fences the others off: no one key may set it)."""
+        return (not is_peer and self.ballots.quorum > 1
+                and (op.destructive or op.name == "claim"))
 
     async def _owned(self, op: Op, args: Any, monitor: str, token: int, run) -> Outcome:
         """Run `run()`, a request with fencing token `token`, once the node's requests
@@ -367,18 +380,23 @@ class RpcServer:
         return outcome
 
     async def _run(self, op: Op, args: Any, monitor: str, is_peer: bool, payload: bytes,
-                   rt) -> Outcome:
-        if is_peer or not (op.destructive and self.ballots.quorum > 1):
+                   rt, token: int | None = None) -> Outcome:
+        if not self._voted(op, is_peer):
             # a peer's op is never destructive (PEER_OPS): it never reaches a ballot
             return await self._execute(op, args, rt, {monitor: payload}, is_peer)
         key = (op.name, _encode(args))
         metrics = self.metrics.votes
         metrics.labels(op.name, "cast").inc()
+        if token is not None:
+            self._vote_tokens[key, monitor] = token
         try:
             outcome = await self.ballots.vote(
-                key, monitor, lambda voters: self._execute(op, args, rt, voters), payload)
+                key, monitor, lambda voters: self._execute(op, args, rt, voters, key=key),
+                payload)
         except OverflowError as e:
             return Outcome(False, code="busy", message=f"too many pending votes: {e}")
+        finally:
+            self._vote_tokens.pop((key, monitor), None)
         if isinstance(outcome, Short):
             metrics.labels(op.name, "expired").inc()
             return Outcome(False, code="quorum", votes=outcome.votes, message=(
@@ -387,10 +405,10 @@ class RpcServer:
         metrics.labels(op.name, "applied").inc()
         return outcome
 
-    def _check_token(self, op: Op, args: Any, monitor: str, token: Token | None
-                     ) -> Outcome | None:
-        """Check and record a request's fencing token (agent/tokens.py), in one step on
-        the event loop; the refusal, or None to go on."""
+    def _check_token(self, op: Op, args: Any, monitor: str, token: Token | None,
+                     record: bool = True) -> Outcome | None:
+        """Check and record (unless not `record`) a request's fencing token
+        (agent/tokens.py), in one step on the event loop; the refusal, or None to go on."""
         if token is None:
             return Outcome(False, code="bad_request", message="claim needs a token")
         if op.name not in TOKENED or not op.has_node:
@@ -400,18 +418,25 @@ class RpcServer:
             return Outcome(False, code="bad_request", message=f"the token is for node "
                            f"{token.node[:64]!r}, the request for {args.node[:64]!r}")
         try:
-            self.agent.tokens.check(args.node, token.token, monitor)
+            self.agent.tokens.check(args.node, token.token, monitor, record=record)
         except StaleToken as e:
             self.metrics.stale_tokens.labels(args.node).inc()
             return Outcome(False, code="stale_token", message=f"{op.name}: {e}")
         return None
 
     async def _execute(self, op: Op, args: Any, rt, voters: dict[str, bytes],
-                       is_peer: bool = False) -> Outcome:
-        """Run an op once for `voters` (signer -> signed request); every failure becomes an
+                       is_peer: bool = False, key: tuple | None = None) -> Outcome:
+        """Run an op once for `voters` (signer -> signed request; `key`: their ballot's,
+        whose voters' fencing tokens are recorded first); every failure becomes an
         Outcome."""
         monitors = frozenset(voters)
-        votes = sorted(monitors) if self.ballots.quorum > 1 and op.destructive else None
+        votes = sorted(monitors) if key is not None else None
+        for voter in sorted(voters) if key is not None else ():
+            if (token := self._vote_tokens.get((key, voter))) is not None:
+                try:
+                    self.agent.tokens.check(args.node, token, voter)
+                except StaleToken:
+                    pass  # a newer owner's came meanwhile: its own stays
         try:
             if op.destructive and rt is not None and op.name not in ("lock", "unlock"):
                 holders = self.agent.leases.holders(rt.name)

@@ -34,15 +34,15 @@ class TokenTable:
     def get(self, node: str) -> tuple[int, str] | None:
         return self._seen.get(node)
 
-    def check(self, node: str, token: int, monitor: str) -> int | None:
-        """Accept `monitor`'s `token` for `node` (recording it when higher) and return the
-        node's previous token; StaleToken if an older one than seen."""
+    def check(self, node: str, token: int, monitor: str, *, record: bool = True) -> int | None:
+        """Accept `monitor`'s `token` for `node` (recording it when higher, if `record`)
+        and return the node's previous token; StaleToken if an older one than seen."""
         seen = self._seen.get(node)
         if seen is not None and token < seen[0]:
             raise StaleToken(f"token {token} of {monitor} for node {node} is older than "
                              f"token {seen[0]} of {seen[1]}: {seen[1]} owns the node now; "
                              "not applied")
-        if seen is None or token > seen[0] or monitor != seen[1]:
+        if record and (seen is None or token > seen[0] or monitor != seen[1]):
             self._seen[node] = (token, monitor)
             if self.observer is not None:
                 self.observer(self.snapshot())
