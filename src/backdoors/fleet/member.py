@@ -16,7 +16,11 @@ is put back when it is missing or under another lease (deleted by hand, or taken
 second monitor with its id), and only leased keys right under members/ are members: a key
 no monitor wrote neither takes a share of the nodes nor holds one. The revision of
 that txn is its **fencing token** for the node: etcd revisions only grow, so whoever owns a
-node later holds a higher token, and agents refuse the older ones (agent/tokens.py).
+node later holds a higher token, and agents refuse the older ones (agent/tokens.py). An
+etcd made anew (or emptied) starts its revisions again, below the tokens the agents hold:
+so the token sent is the revision within the fleet's **epoch** (`fencing_token`), a number
+kept in etcd (`epoch`, under no lease) and made from the clock by the first member of an
+etcd without one; a later etcd's tokens outrank an earlier one's.
 
 A member that dies stops renewing: after the TTL its lease expires, its member key and
 ownership records go with it, and the others take its nodes at their next step. One that
@@ -54,6 +58,7 @@ from .etcd import Compare, EtcdClient, EtcdError, delete_op, put_op
 log = logging.getLogger("backdoors.fleet")
 
 PREFIX = "/backdoors/fleet/"
+EPOCH_BASE = 1_700_000_000  # an epoch is whole seconds since this unix time
 HOLD_MAX_S = 10.0  # the longest a member keeps a node assigned elsewhere for a running response
 GONE_S = 10.0  # how long an owned node is missing from the owner's nodes() before it is let go
 
@@ -71,6 +76,14 @@ class Share:
     ttl_s: int = 0
     degraded: str | None = None
     steps: int = 0
+    epoch: int = 0  # the fleet's epoch in its etcd (fencing_token)
+
+
+def fencing_token(epoch: int, revision: int) -> int:
+    """The token sent to agents for an ownership record of `revision` in `epoch`: a later
+    epoch's outranks any of an earlier one (an etcd made anew does not continue the old
+    one's revisions); within an epoch, the later revision's."""
+    return epoch << 32 | revision
 
 
 class FleetMember:
@@ -113,15 +126,17 @@ class FleetMember:
     # -- for callers -----------------------------------------------------------------------
 
     def token(self, node: str) -> int | None:
-        """This member's token for `node`, None when it does not own it."""
+        """This member's fencing token for `node` (what agents are sent), None when it
+        does not own it."""
         with self._lock:
-            return self.share.tokens.get(node)
+            revision = self.share.tokens.get(node)
+            return None if revision is None else fencing_token(self.share.epoch, revision)
 
     def snapshot(self) -> Share:
         with self._lock:
             s = self.share
             return Share(s.member, list(s.members), dict(s.tokens), dict(s.assigned), s.lease,
-                         s.ttl_s, s.degraded, s.steps)
+                         s.ttl_s, s.degraded, s.steps, s.epoch)
 
     def publish(self, node: str, record: dict | None) -> None:
         """Record `node`'s open incident in etcd (None: it closed) at the next step, if
@@ -233,6 +248,7 @@ class FleetMember:
         # cannot hold a node: it would never expire)
         members = sorted({kv.key.rsplit("/", 1)[1] for kv in kvs if kv.lease
                           and "/" not in kv.key[len(self.prefix) + len("members/"):]})
+        epoch = self._epoch()
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
         known = set(self.nodes())
@@ -269,7 +285,11 @@ class FleetMember:
         # the nodes taken at this step (new, or taken again: a new token), with their open
         # incidents, handed to `on_take` before the share shows their tokens (so nothing
         # judges or acts on them before their past is settled)
-        for node in sorted(n for n, t in tokens.items() if self.share.tokens.get(n) != t):
+        if epoch != self.share.epoch and self.share.tokens:
+            log.warning("fleet member %s: the fleet's epoch is %d, not %d: every node is "
+                        "taken anew", self.id, epoch, self.share.epoch)
+        for node in sorted(n for n, t in tokens.items()
+                           if self.share.tokens.get(n) != t or epoch != self.share.epoch):
             if self.on_take is None:
                 break
             record = self._incident(node, tokens[node])  # etcd unreachable: taken next step
@@ -279,8 +299,37 @@ class FleetMember:
                 log.exception("fleet member %s: taking node %s failed", self.id, node)
         with self._lock:
             self.share.members, self.share.assigned = members, assigned
-            self.share.tokens = tokens
+            self.share.tokens, self.share.epoch = tokens, epoch
         self._flush(tokens)
+
+    def _epoch(self) -> int:
+        """The fleet's epoch: kept in etcd (under no lease), made by the first member of
+        an etcd without one (new, or emptied: its revisions start again, below what the
+        agents hold) from the clock, so that the tokens of a later etcd outrank those of
+        an earlier one. (An etcd restored from a snapshot keeps its epoch: delete the key
+        then.)"""
+        key = self.prefix + "epoch"
+        for _ in range(3):  # (another member may make it at the same time)
+            kv = self.client.get(key)
+            if kv is not None:
+                try:
+                    epoch = int(kv.value)
+                except ValueError:
+                    epoch = -1
+                if 0 < epoch < 1 << 31:
+                    return epoch
+                log.warning("fleet member %s: %s is not an epoch (%r): made anew", self.id,
+                            key, kv.value[:64])
+                cond = Compare(key, "MOD", kv.mod_revision)
+            else:
+                cond = Compare(key, "CREATE", 0)
+            epoch = max(1, int(time.time()) - EPOCH_BASE)
+            if self.client.txn([cond], [put_op(key, str(epoch))]).succeeded:
+                (log.warning if self.share.epoch else log.info)(
+                    "fleet member %s: the fleet's epoch is %d now (etcd had none: a new or "
+                    "emptied etcd)", self.id, epoch)
+                return epoch
+        raise EtcdError(f"{key}: changed by others at each of 3 reads")
 
     def _left(self, node: str, listed: bool, now: float) -> bool:
         """Whether owned `node` left the fleet: missing from nodes() for gone_s."""

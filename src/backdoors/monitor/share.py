@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from prometheus_client.core import GaugeMetricFamily
 
 from ..errors import AgentError
-from ..fleet import EtcdClient, FleetMember, Share
+from ..fleet import EtcdClient, FleetMember, Share, fencing_token
 
 log = logging.getLogger("backdoors.monitor")
 
@@ -167,7 +167,8 @@ class FleetShare:
                 "degraded": s.degraded, "steps": s.steps,
                 "nodes": {n: {"token": t, "claimed": claimed.get(n) == t,
                               "refused": refused.get(n) == t}
-                          for n, t in sorted(s.tokens.items())}}
+                          for n, t in sorted((n, fencing_token(s.epoch, r))
+                                             for n, r in s.tokens.items())}}
 
     def collect(self):
         """Prometheus: this monitor's fleet state (registered in the monitor's registry)."""
