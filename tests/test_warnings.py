@@ -241,3 +241,32 @@ def test_a_bus_whose_server_is_away_at_start_connects_when_it_comes(unique, capl
     finally:
         late.stop()
         server.stop()
+
+
+def test_a_flood_of_forged_warnings_is_counted_not_logged_one_by_one_and_loses_no_real_one(
+        unique, caplog):
+    """Outside review: forged warnings on the bus were each logged (42,000 lines for a
+    flood) and checked on the loop that reads from the server, which cut the monitor off
+    as a slow consumer: the real warning after them was lost. Now they are checked on a
+    thread of their own, counted each, and logged at most once a second."""
+    from backdoors.fleet.bus import Bus
+    if natsproc.available() is None:
+        unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
+    server = natsproc.NatsProcess(f"bdt-nats-f-{unique}", tempfile.mkdtemp(
+        prefix="bdt-nats-", dir="/dev/shm")).start()
+    ma, mb, intruder = new_identity("ma1"), new_identity("mb1"), new_identity("mx")
+    wb = Warnings(mb, "B", "bdt.warnings", _verifier(ma), Scanner(lambda: []))
+    wb.bus = Bus([server.url], "bdt.warnings.*", wb.on_message).start()
+    try:
+        with Bus([server.url], "bdt.warnings.*") as sender:
+            forged = seal(intruder, issue(intruder, "A", "fork-bomb", "cd" * 32, "x"))
+            for _ in range(5000):
+                sender.publish(forged, "bdt.warnings.A")
+            sender.publish(seal(ma, issue(ma, "A", "fork-bomb", HASH, "bd-forkbomb")),
+                           "bdt.warnings.A")
+            _until(lambda: wb.accepted, timeout=60)
+        assert wb.rejected == {"unknown_signer": 5000}
+        assert caplog.text.count("rejected (unknown_signer)") < 20
+    finally:
+        wb.bus.stop()
+        server.stop()

@@ -2,8 +2,8 @@
 
 nats-py is asyncio; the monitor is threads. `Bus` runs the connection on an event loop of
 its own thread: `publish` may be called from any thread (it waits until the server has the
-message, `flush`), and `on_message(subject, data)` is called on the bus's thread for each
-message of the subscribed subject (keep it short: hand long work to another thread).
+message, `flush`), and `on_message(subject, data)` is called for each message of the
+subscribed subject, in order, on a thread of its own (the loop goes on reading meanwhile).
 nats-py reconnects by itself when its server goes away and comes back.
 """
 
@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 
 from .nats import NatsError
@@ -36,6 +37,7 @@ class Bus:
         self._loop = asyncio.new_event_loop()
         self._nc = None
         self._connecting = None  # the future of the first connection
+        self._handler = ThreadPoolExecutor(1, thread_name_prefix="bd-nats-in")
         self._logged: dict[str, float] = {}  # an error's text -> when it was last logged
         self._thread = threading.Thread(target=self._run, name="bd-nats", daemon=True)
 
@@ -84,10 +86,17 @@ class Bus:
             log.warning("NATS %s: %s", ", ".join(self.servers), why)
 
     async def _deliver(self, msg) -> None:
+        # on a thread of its own, one message after another: the loop keeps reading from
+        # the server meanwhile (a handler that takes its time, checking the signatures of
+        # a flood, would otherwise leave the server's buffer to fill until it cuts the
+        # connection as a slow consumer, and the messages in it are lost)
+        await asyncio.wrap_future(self._handler.submit(self._handle, msg.subject, msg.data))
+
+    def _handle(self, subject: str, data: bytes) -> None:
         try:
-            self.on_message(msg.subject, msg.data)
+            self.on_message(subject, data)
         except Exception:  # noqa: BLE001 - one bad message must not end the subscription
-            log.exception("NATS message on %s: handler failed", msg.subject)
+            log.exception("NATS message on %s: handler failed", subject)
 
     def publish(self, data: bytes, subject: str | None = None) -> None:
         """Send `data` and wait until the server has it; NatsError if it cannot."""
@@ -113,6 +122,7 @@ class Bus:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(3)
+        self._handler.shutdown(wait=False, cancel_futures=True)
         self._nc = None
 
     def __enter__(self) -> Bus:

@@ -38,6 +38,7 @@ from .warning import DIAGNOSIS_KINDS, KINDS, AttackWarning, Verifier, WarningRej
 
 log = logging.getLogger("backdoors.monitor")
 CLEARED_MAX = 4096  # processes remembered as not matching (then forgotten at once)
+REJECT_LOG_S = 1.0  # rejected warnings are logged at most once this often (all counted)
 
 
 class Armed(msgspec.Struct, frozen=True):
@@ -251,6 +252,7 @@ class Warnings:
         self.rejected: dict[str, int] = {}
         self.accepted: list[AttackWarning] = []
         self._lock = threading.Lock()
+        self._logged_at, self._quiet = -REJECT_LOG_S, 0  # rejections: last logged, not since
 
     @property
     def rejected_total(self) -> int:
@@ -268,7 +270,13 @@ class Warnings:
         except WarningRejected as e:
             with self._lock:
                 self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
-            log.warning("warning on %s rejected (%s): %s", subject, e.reason, e)
+                now, quiet = time.monotonic(), self._quiet
+                if now - self._logged_at < REJECT_LOG_S:
+                    self._quiet += 1
+                    return  # a flood of forgeries: counted, not logged one by one
+                self._logged_at, self._quiet = now, 0
+            log.warning("warning on %s rejected (%s): %s%s", subject, e.reason, e,
+                        f" ({quiet} more rejected before it, not logged)" if quiet else "")
             return
         with self._lock:
             self.accepted.append(w)
