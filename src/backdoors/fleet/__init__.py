@@ -2,8 +2,8 @@
 
 `etcd`: a small etcd v3 client (JSON gateway over httpx); `assign`: rendezvous hashing of
 nodes over the live monitors; `member`: one monitor's membership under a lease, and its
-ownership records, whose etcd revisions (in the fleet's epoch) are its fencing tokens; `process`: an etcd server
-process of its own (the lab, the tests). The agent never imports this package: it only
+ownership records, whose etcd revisions (in the fleet's epoch) are its fencing tokens;
+`process`: an etcd server process of its own (the lab, the tests). The agent never imports this package: it only
 checks the tokens (agent/tokens.py). Between clusters: `nats`, a NATS server process of its
 own, linked to another cluster's by a leaf-node connection; `bus`, a NATS connection
 (nats-py) for threaded code, which carries the monitors' signed warnings
