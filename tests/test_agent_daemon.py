@@ -9,6 +9,7 @@ import pytest
 from test_agent_support import PY, agent_lab, daemon, prefix
 
 from backdoors.agent.membership import read_cgroups
+from backdoors.errors import NodeError
 from backdoors.nodes import Cgroup
 
 __all__ = ["agent_lab", "prefix"]
@@ -75,6 +76,54 @@ def test_a_restarted_daemon_replaces_stale_sockets(agent_lab):
         assert lab.client().ping().pid == proc.pid
         _, reply = lab.start_app("n0")
         assert reply["box"]["name"] == "app"
+
+
+def test_a_second_agent_of_the_host_leaves_the_first_running(agent_lab):
+    """Outside review: a second `backdoors agent` with the same config joined the first's
+    cgroup, failed on the taken address, and on its way out destroyed the cgroup, which
+    SIGKILLs what is in it: the running agent. Now it leaves the cgroup to the first."""
+    lab = agent_lab(start=False)
+    with daemon(lab) as (proc, _):
+        path = os.path.join(lab.tmp, "agent.toml")
+        second = subprocess.run([PY, "-m", "backdoors", "agent", "--config", path],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr
+        assert "holds other processes" in second.stderr
+        assert proc.poll() is None and lab.client().ping().pid == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert not Cgroup(f"{lab.prefix}-agent", lab.nodes["n0"].cgroup.layout).exists()
+
+
+def test_a_sigterm_while_the_agent_starts_removes_its_cgroup(agent_lab):
+    """Outside review: SIGTERM (or SIGINT) between the agent's entering its own cgroup
+    and its event loop taking the signal killed it there, and the cgroup stayed."""
+    from test_agent_support import to_toml
+    lab = agent_lab(start=False)
+    path = os.path.join(lab.tmp, "agent.toml")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(to_toml(lab.config))
+    own = Cgroup(f"{lab.prefix}-agent", lab.nodes["n0"].cgroup.layout)
+    proc = subprocess.Popen([PY, "-m", "backdoors", "agent", "--config", path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def entered() -> bool:
+        try:
+            return proc.pid in own.procs()
+        except NodeError:  # not made in every hierarchy yet
+            return False
+    try:
+        end = time.monotonic() + 30
+        while not entered():
+            assert time.monotonic() < end and proc.poll() is None, "the agent in its cgroup"
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) in (0, 128 + signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not own.exists()
 
 
 def test_a_bad_config_exits_2_naming_the_problem(tmp_path):

@@ -70,7 +70,8 @@ def harden() -> list[str]:
 
 class OwnCgroup:
     """The daemon's own cgroup: `enter()` creates it and moves the process in; `leave()`
-    moves it back to its original cgroups and removes it."""
+    moves it back to its original cgroups and removes it, unless others are in it (the
+    agent of this host started first, which removing would kill)."""
 
     def __init__(self, relpath: str, layout: Layout | None = None):
         self.layout = layout or detect()
@@ -98,9 +99,13 @@ class OwnCgroup:
                 cgfs.write(mount / origin / "cgroup.procs", str(os.getpid()))
             except NodeError:
                 pass  # checked below
-        if os.getpid() in self.cgroup.procs():
+        left = self.cgroup.procs()
+        if os.getpid() in left:
             raise NodeError(f"the agent could not leave its cgroup {self.relpath!r}; it stays "
                             "(remove it later with backdoors.nodes.reap)")
+        if left:  # (destroy would kill them: another agent of this host, started first)
+            raise NodeError(f"the agent's cgroup {self.relpath!r} holds other processes "
+                            f"({', '.join(map(str, sorted(left)[:8]))}): it stays")
         self.cgroup.destroy()
         self.cgroup = None
 

@@ -35,17 +35,19 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
     for warning in harden():
         log.warning("%s", warning)
     own = OwnCgroup(config.own_cgroup)
-    try:
-        own.enter()
-    except BackdoorsError as e:
-        print(f"backdoors agent: cannot enter its cgroup {config.own_cgroup!r}: {e}",
-              file=sys.stderr)
-        return 1
-    if own.warning:
-        log.warning("%s", own.warning)
-    fdtable.reserve()  # before any thread: adopting sessions then never waits for it to grow
+    # until the event loop handles it: a SIGTERM while starting still removes the cgroup
+    default_term = signal.signal(signal.SIGTERM, _terminated)
     stuck = 0
     try:
+        try:
+            own.enter()
+        except BackdoorsError as e:
+            print(f"backdoors agent: cannot enter its cgroup {config.own_cgroup!r}: {e}",
+                  file=sys.stderr)
+            return 1
+        if own.warning:
+            log.warning("%s", own.warning)
+        fdtable.reserve()  # before any thread: adopting sessions then never waits for it
         sealing = (_Sealing(config, config_path, seal_action, require_landlock)
                    if sealed else None)
         stuck = asyncio.run(_serve(config, sealing))
@@ -58,12 +60,17 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
             own.leave()
         except BackdoorsError as e:
             log.warning("%s", e)
+        signal.signal(signal.SIGTERM, default_term)
     if stuck:  # worker threads blocked in the kernel would hold up interpreter exit
         log.warning("%d operations still stuck at exit; exiting without waiting for them", stuck)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 class _Sealing:
