@@ -1,6 +1,7 @@
 """The unified configuration file: [agent] and [monitor] in one TOML file, the loaders and
 entry points that accept it, its errors, and `config show`."""
 
+import os
 import re
 import subprocess
 import sys
@@ -351,3 +352,24 @@ def test_the_operations_guide_names_only_existing_keys():
     assert named
     for name, key in named:
         assert key in LAYOUT[name].__struct_fields__, f"[{name}] {key}"
+
+
+def test_monitor_check_refuses_what_the_monitor_would(folder):
+    """Outside review: `--check` (the units' ExecStartPre) passed a key file open to
+    others, another monitor's key and an incidents_dir that is a file; the monitor then
+    refused to start."""
+    import shutil
+    path = write(folder, UNIFIED)
+    assert check_monitor(path).returncode == 0
+    os.chmod(folder / "m1.key", 0o644)
+    check = check_monitor(path)
+    assert check.returncode == 1 and "readable by group or others" in check.stderr, check
+    os.chmod(folder / "m1.key", 0o600)
+    shutil.copy(folder / "h0.key", folder / "m1.key")
+    check = check_monitor(path)
+    assert check.returncode == 1 and "is the key of 'h0', not of 'm1'" in check.stderr, check
+    (folder / "m1.key").unlink()
+    generate(str(folder / "m1.key"), "m1")
+    (folder / "incidents").write_text("")
+    check = check_monitor(path)
+    assert check.returncode == 1 and "incidents is not a directory" in check.stderr, check

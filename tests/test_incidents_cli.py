@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from backdoors.cli import app
 from backdoors.monitor.detectors import Hit
 from backdoors.monitor.diagnosis import Finding
-from backdoors.monitor.incidents import ActionRecord, Incident, IncidentLog, show_incidents
+from backdoors.monitor.incidents import (
+    ActionRecord, Incident, IncidentLog, load_incidents, show_incidents,
+)
 
 NODES = ["web-frontend-1", "n0", "db-primary-eu-west"]
 
@@ -139,3 +141,25 @@ def test_a_missing_log_says_where_it_looked_and_why(tmp_path):
     res = bd("incidents", "--config", str(conf))
     assert res.returncode == 1 and res.stdout == ""
     assert f"{tmp_path}/nowhere" in res.stderr and f"incidents_dir of {conf}" in res.stderr
+
+
+def test_a_torn_line_costs_no_later_incident_and_odd_files_a_clear_error(tmp_path):
+    """Outside review: a line torn by a monitor killed mid-write had the next run's first
+    event appended to it, and from then on `incidents` and `status` refused the whole log;
+    a directory or dangling link named *.jsonl made a traceback; --limit 0 showed all."""
+    write_log(tmp_path, [incident(1, "n0")])
+    log_file = tmp_path / "incidents.jsonl"
+    whole = log_file.read_bytes()
+    log_file.write_bytes(whole + whole[:60])  # killed mid-write
+    write_log(tmp_path, [incident(2, "n1")])  # the next run ends the torn line first
+    assert [i.node for i in load_incidents(tmp_path)] == ["n0", "n1"]
+    log_file.write_bytes(whole + whole[:60] + whole)  # what an older monitor wrote
+    write_log(tmp_path, [incident(3, "n2")])
+    assert [i.node for i in load_incidents(tmp_path)] == ["n0", "n2"]
+    (tmp_path / "old.jsonl").mkdir()
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "nowhere")
+    assert [i.node for i in load_incidents(tmp_path)] == ["n0", "n2"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["incidents", str(tmp_path / "gone.jsonl")]).exit_code == 1
+    out = runner.invoke(app, ["incidents", str(tmp_path), "--limit", "0"])
+    assert out.exit_code == 2 and "--limit" in out.output

@@ -304,7 +304,7 @@ def incidents(
         None, "--config", help="Monitor or unified config whose incidents_dir to read "
         "(default /etc/backdoors/backdoors.toml when it exists and has a monitor section)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON: every field of every incident."),
-    limit: Optional[int] = typer.Option(None, help="Only the last N incidents."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the last N incidents."),
     wide: bool = typer.Option(False, "--wide", help="Every column (for a wide terminal)."),
 ) -> None:
     """Show incidents: detection, diagnosis, actions and their timings. Reads PATH, else

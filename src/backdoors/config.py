@@ -42,7 +42,7 @@ from .agent.config import AgentConfig, KernelSensorLimits, NodeSpec
 from .agent.config import decode_table as decode_agent
 from .common.configfile import Document, descriptions
 from .errors import ConfigError
-from .monitor.config import AgentEntry, MonitorConfig
+from .monitor.config import AgentEntry, MonitorConfig, load_monitor_key
 from .monitor.config import decode_table as decode_monitor
 from .monitor.rules import load_rulesets
 
@@ -109,6 +109,11 @@ def check_monitor(path: str) -> tuple[MonitorConfig, list, list[str]]:
     rules = load_rulesets(config.rulesets)
     if isinstance(Document.read(path, "monitor config").table.get("agent"), dict):
         load_agent_config(path)  # the unified file's [agent]
+    from .monitor.core import DEFAULT_INCIDENTS_DIR
+    load_monitor_key(config)  # as the monitor loads it: its mode, its id
+    incidents = config.incidents_dir or DEFAULT_INCIDENTS_DIR
+    if os.path.exists(incidents) and not os.path.isdir(incidents):
+        raise ConfigError(f"{path}: incidents_dir {incidents} is not a directory")
     return config, rules, _recovery_warnings(config, rules)
 
 

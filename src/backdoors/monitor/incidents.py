@@ -20,6 +20,7 @@ One incident is one ongoing condition, open until it clears (engine.py). `at` is
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ import msgspec
 from ..errors import ConfigError
 from .detectors import Hit
 from .diagnosis import Finding
+
+log = logging.getLogger("backdoors.monitor")
 
 LOG_NAME = "incidents.jsonl"
 
@@ -109,7 +112,10 @@ class IncidentLog:
             try:
                 d.mkdir(parents=True, exist_ok=True)
                 self.path = d / LOG_NAME
-                self._file = open(self.path, "ab", buffering=0)
+                self._file = open(self.path, "a+b", buffering=0)
+                end = self._file.tell()
+                if end and os.pread(self._file.fileno(), 1, end - 1) != b"\n":
+                    self._file.write(b"\n")  # a line torn by a monitor killed mid-write ends
             except OSError as e:
                 raise ConfigError(f"incidents directory {d}: {e.strerror}") from None
 
@@ -129,22 +135,27 @@ class IncidentLog:
 def _files(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     if p.is_dir():
-        return sorted(p.glob("*.jsonl"))
+        return sorted(f for f in p.glob("*.jsonl") if f.is_file())
     if p.exists():
         return [p]
     raise ConfigError(f"no incident log at {p}: give the monitor's incidents_dir or a .jsonl file")
 
 
 def load_incidents(path: str | os.PathLike) -> list[Incident]:
-    """Incidents of a log file (or of every *.jsonl in a directory), oldest first.
+    """Incidents of a log file (or of every *.jsonl file in a directory), oldest first.
 
-    A torn last line (a monitor killed mid-write) is skipped; any other bad line is a
-    ConfigError naming file and line.
+    A torn last line (a monitor killed mid-write) is skipped. So is any other line that
+    is no event, with a warning naming file and line; one that ends with an event (a
+    torn line the next event was appended to, by a monitor before it ended torn lines)
+    gives that event. A file that cannot be read is a ConfigError.
     """
     found: dict[str, Incident] = {}
     decoder = msgspec.json.Decoder(Event)
     for file in _files(path):
-        lines = file.read_bytes().split(b"\n")
+        try:
+            lines = file.read_bytes().split(b"\n")
+        except OSError as e:
+            raise ConfigError(f"cannot read the incident log {file}: {e.strerror}") from None
         for n, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
@@ -153,7 +164,12 @@ def load_incidents(path: str | os.PathLike) -> list[Incident]:
             except msgspec.DecodeError as e:
                 if n >= len(lines) - 1:
                     continue  # torn tail
-                raise ConfigError(f"{file}:{n}: not an incident event: {e}") from None
+                try:
+                    ev = decoder.decode(raw[raw.rindex(b'{"v":'):])
+                except (ValueError, msgspec.DecodeError):
+                    log.warning("%s:%d: not an incident event, skipped: %s", file, n, e)
+                    continue
+                log.warning("%s:%d: torn bytes before an event, skipped", file, n)
             if ev.record is not None:
                 found[ev.incident] = ev.record
                 continue
