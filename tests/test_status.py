@@ -225,3 +225,15 @@ def test_judge_levels_progress_and_pressure():
     calm = judge("t", after.sensors[3], 0.1)
     assert not calm["violated"] and calm["text"] == "t/tick unchanged 0.10 s (deadline 0.2 s)"
     assert judge("t", after.sensors[3], None)["text"] == "t/tick moving (deadline 0.2 s)"
+
+
+@pytest.mark.root
+def test_a_node_whose_cgroup_went_is_suspect_saying_why(lab):
+    """Outside review: a node deleted behind its agent's back showed `ok`, its values the
+    last sample's, for as long as the agent ran. Now `nodes` says why its sampling fails,
+    and status shows it suspect with that."""
+    lab.node("n1").cgroup.destroy()  # what `backdoors node delete` does to it
+    row = wait(lambda: (r := by_node(status_table(lab=lab.name))["n1"])["box_errors"].get(
+        "kernel") and r, what="n1's failed sampling in status")
+    assert row["state"] == "suspect" and "not sampled for" in row["box_errors"]["kernel"]
+    assert by_node(status_table(lab=lab.name))["n0"]["state"] == "ok"

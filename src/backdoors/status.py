@@ -268,6 +268,9 @@ def _node_read(client, node: str):
 
 def _node_row(src: AgentSource, info, reply, sessions: list) -> dict:
     errors, judged = dict(reply.errors), []
+    if getattr(info, "sample_error", None):  # its values are the last sample's, stale
+        errors["kernel"] = (f"not sampled for {info.sample_age_s or 0:.0f} s: "
+                            f"{info.sample_error}")
     for box, data in sorted(reply.boxes.items()):
         try:
             image = parse_box(data)

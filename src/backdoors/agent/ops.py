@@ -230,7 +230,8 @@ def nodes(call: Call) -> list[NodeInfo]:
         lock = call.agent.leases.state(name)
         token, owner = call.agent.tokens.get(name) or (None, None)
         out.append(NodeInfo(name, latest.stats.frozen if latest else None, lock.locked_by,
-                            lock.lease_left_s, lock.fenced, rt.sampler.age(), token, owner))
+                            lock.lease_left_s, lock.fenced, rt.sampler.age(), token, owner,
+                            rt.sampler.error))
     return out
 
 

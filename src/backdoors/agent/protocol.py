@@ -175,6 +175,7 @@ class NodeInfo(msgspec.Struct):
     sample_age_s: float | None
     token: int | None = None  # the highest fencing token seen for the node (None: none)
     owner: str | None = None  # the monitor that sent it
+    sample_error: str | None = None  # why its last sample failed (its cgroup gone?)
 
 
 class RegionInfo(msgspec.Struct):
