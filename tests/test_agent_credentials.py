@@ -310,6 +310,11 @@ def test_key_files_readable_by_others_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path} is readable by group or others .*"
                                           rf"chmod 600 {path}"):
         load_identity(path)
+    # outside review: a directory was "readable by group or others: run chmod 600"
+    with pytest.raises(ConfigError, match=rf"private key file {tmp_path} is not a file"):
+        load_identity(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^a key: id 'm 1' must be 1-64"):
+        new_identity("m 1")
 
 
 def _bd(*args: str) -> subprocess.CompletedProcess:

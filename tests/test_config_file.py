@@ -122,6 +122,8 @@ def test_plain_files_still_load(folder):
     (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nfleet_poll_ms = 2000\n'
       'etcd = ["http://10.99.0.250:2379"]'),
      r":25: key monitor\.fleet_poll_ms: 2000 ms: a fleet member renews its lease once a step"),
+    (('address = "10.99.0.1:7700"\n', 'address = "10.99.0.1:0"\n'),
+     r":29: key monitor\.agents\[0\]\.address: '10\.99\.0\.1:0': port 0 is no agent's"),
     (('address = "10.99.0.1:7700"\n', 'address = "10.99.0.1:7700"\n[monitor.warnings]\n'
       'nats = ["nats://10.99.0.250:4222"]\ncluster = "a.b"\n'),
      r":32: key monitor\.warnings\.cluster: must be 1-64 of A-Z a-z 0-9 _ - \(no dot"),

@@ -510,7 +510,7 @@ def node_kill(
 def node_create(
     name: str = typer.Argument(..., help="The node's name, as in the agent's [[nodes]] entry."),
     memory: Optional[str] = typer.Option(None, help="Memory limit, e.g. 2G, 512M (K/M/G/T: powers of 1024)."),
-    pids: Optional[int] = typer.Option(None, help="Limit of tasks (processes and threads)."),
+    pids: Optional[int] = typer.Option(None, min=1, help="Limit of tasks (processes and threads)."),
     cgroup: Optional[str] = typer.Option(None, help="Cgroup path in every hierarchy (default backdoors/NAME)."),
     netns: Optional[str] = typer.Option(None, help="Make a network namespace of this name for the node."),
     address: list[str] = typer.Option([], help="With --netns: an address ADDR/LEN on its interface (repeat the option)."),

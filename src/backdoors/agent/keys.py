@@ -61,7 +61,7 @@ class Identity:
 
 def new_identity(id: str) -> Identity:
     """A fresh keypair for `id`."""
-    _check_id(id, "new_identity")
+    _check_id(id, "a key")
     return Identity(id, Ed25519PrivateKey.generate())
 
 
@@ -145,6 +145,8 @@ def check_mode(path: str, what: str, *, writable_only: bool = False) -> None:
         mode = os.stat(path).st_mode
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{what} {path} is not a file ({stat.filemode(mode)})")
     lax = mode & (stat.S_IWGRP | stat.S_IWOTH) if writable_only else mode & 0o077
     if lax:
         fix = "chmod go-w" if writable_only else "chmod 600"

@@ -159,10 +159,13 @@ def _validate(c: MonitorConfig) -> None:
             raise Invalid(("agents", i, "host"), f"host {a.host!r} is listed twice")
         hosts.add(a.host)
         try:
-            parse_address(a.address)
+            port = parse_address(a.address)[1]
         except ValueError:
             raise Invalid(("agents", i, "address"), f"{a.address!r} is not ADDR:PORT "
                           "(like 10.99.0.1:7700)") from None
+        if port == 0:
+            raise Invalid(("agents", i, "address"), f"{a.address!r}: port 0 is no agent's "
+                          "(the agent's listen port, like 10.99.0.1:7700)")
         if a.public_key is not None:
             try:
                 decode_publics({a.host: a.public_key}, "public_key")
