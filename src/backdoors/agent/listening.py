@@ -60,7 +60,7 @@ def listen_socket(listen: str, *, netns: str | None = None, interface: str | Non
             except OSError as e:
                 raise ListenError(f"{prefix}: SO_BINDTODEVICE: " + (
                     "it needs CAP_NET_RAW on Linux before 5.7" if e.errno == errno.EPERM else
-                    f"no interface {interface}" if e.errno == errno.ENODEV else
+                    f"no interface {interface} (listen_interface)" if e.errno == errno.ENODEV else
                     e.strerror)) from None
         sock.bind((host, port))
         sock.listen(backlog)
