@@ -339,6 +339,7 @@ def test_a_fleet_whose_etcd_comes_back_empty_watches_its_nodes_again(agent_lab, 
         mon.start()
         until(lambda: all(mon.watches("h0", n) for n in nodes), 30, "m1 watching its nodes")
         before = {i.name: i.token for i in lab.client().nodes()}
+        time.sleep(1.0)  # epochs are whole seconds: the new etcd's comes a second later
         etcd.stop()
         etcd.start()  # empty, on the same address
         c = lab.client()

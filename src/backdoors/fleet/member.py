@@ -306,8 +306,9 @@ class FleetMember:
         """The fleet's epoch: kept in etcd (under no lease), made by the first member of
         an etcd without one (new, or emptied: its revisions start again, below what the
         agents hold) from the clock, so that the tokens of a later etcd outrank those of
-        an earlier one. (An etcd restored from a snapshot keeps its epoch: delete the key
-        then.)"""
+        an earlier one (in whole seconds: one made in the same second as its predecessor's
+        epoch gets the same). An etcd restored from a snapshot keeps its epoch: delete the
+        key then."""
         key = self.prefix + "epoch"
         for _ in range(3):  # (another member may make it at the same time)
             kv = self.client.get(key)
