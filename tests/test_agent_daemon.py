@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import msgspec
 import pytest
 from test_agent_support import PY, agent_lab, daemon, prefix
 
@@ -133,6 +134,24 @@ def test_a_bad_config_exits_2_naming_the_problem(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert f"{path}:2: key listen: Expected `str`, got `int`" in out.stderr
+
+
+def test_a_missing_key_file_or_audit_folder_exits_2_before_anything_starts(agent_lab):
+    """Outside review: they stopped the agent with status 1 once it had started (its
+    cgroup made, its sockets set up), where the README says a bad config exits 2."""
+    from test_agent_support import to_toml
+    lab = agent_lab(start=False)
+    path = os.path.join(lab.tmp, "agent.toml")
+    for change, said in ((dict(key_file=os.path.join(lab.tmp, "none.key")), "none.key"),
+                         (dict(audit_log=os.path.join(lab.tmp, "no", "audit.jsonl")),
+                          "its folder does not exist")):
+        config = msgspec.structs.replace(lab.config, **change)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(to_toml(config))
+        out = subprocess.run([PY, "-m", "backdoors", "agent", "--config", path],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and said in out.stderr, out.stderr
+    assert not Cgroup(f"{lab.prefix}-agent", lab.nodes["n0"].cgroup.layout).exists()
 
 
 def test_the_agent_without_root_exits_77_saying_so(tmp_path):

@@ -234,7 +234,7 @@ def agent(
 
     from .agent.run import run_agent
     from .config import load_agent_config
-    from .errors import require_root
+    from .errors import ConfigError, require_root
 
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -246,6 +246,10 @@ def agent(
     try:
         require_root("the agent")  # first: a config may name files only root can read
         loaded = load_agent_config(config)
+        loaded.identity()  # its key file, as the agent reads it (a config problem: 2)
+        if not os.path.isdir(os.path.dirname(loaded.audit_log)):
+            raise ConfigError(f"{config}: audit_log {loaded.audit_log}: its folder does not "
+                              "exist")
     except BackdoorsError as e:
         print(f"backdoors agent: {e}", file=sys.stderr)
         raise typer.Exit(77 if isinstance(e, NeedRootError) else 2) from None
