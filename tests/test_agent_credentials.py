@@ -164,11 +164,21 @@ def test_a_warrant_meets_the_targets_quorum_and_is_spent_once():
     with pytest.raises(WarrantError, match="holds 1 monitors' evacuate"):
         w.check([order("m1", args=args), order("m2", args={**args, "if_unsure": "move"})],
                 "h1", "n0")
-    # a restarted agent has forgotten what was spent: it refuses what was signed before it
+    # a restarted agent refuses what was signed before it started...
     now[0] = 1001.0
+    kept = w.encode()
     w = Warrants("h0", {k: (v.public,) for k, v in m.items()}, 2, clock=lambda: now[0])
     with pytest.raises(WarrantError, match="before this agent started"):
         w.check(warrant, "h1", "n0")
+    # ...and takes back what its predecessor spent: signed after its start by monitors
+    # whose clocks are ahead of its own, a spent warrant is still spent (outside review)
+    w = Warrants("h0", {k: (v.public,) for k, v in m.items()}, 2, clock=lambda: now[0],
+                 started=999.0)
+    w.take_back(kept)
+    with pytest.raises(WarrantError, match="already used"):
+        w.check(warrant, "h1", "n0")
+    with pytest.raises(ValueError, match="not the spent warrants"):
+        w.take_back(b"[[1]]")
 
 
 # -- 3. a request names its agent, and does not outlive the agent's run ---------------------

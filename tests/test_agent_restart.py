@@ -594,3 +594,11 @@ def test_recovery_takes_back_limbo_and_the_addresses_its_nodes_took_over():
     assert kept["addresses"] == b'{"n0": ["10.77.100.1/16"]}'
     r2._set_unsure("n0", None)
     assert kept["unsure.n0"] is None and r2.unsure == {}
+    # the spent warrants (kept by adopt's final batch), and a bad copy dropped saying why
+    r.warrants.spend(frozenset({("m1", b"n" * 16)}))
+    r3 = Recovery("/nonexistent", identity=new_identity("h0"), peers={}, monitors={})
+    r3.keep = kept.__setitem__
+    assert r3.take_back({"warrants": r.warrants.encode()}, {"n0"}) == []
+    assert r3.warrants.encode() == r.warrants.encode()
+    assert r3.take_back({"warrants": b"{"}, {"n0"})[0].startswith("warrants: not the spent")
+    assert kept["warrants"] is None

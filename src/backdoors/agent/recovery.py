@@ -77,6 +77,7 @@ PENDING_TTL_S = 4 * LONG_OP_S  # staged pieces and sessions awaiting a final bat
 ADDRESSES_KEY = "addresses"  # durable state: {node: [service addresses taken over]}
 LIMBO_KEY = "limbo."  # durable state: + node -> msgpack [MovedSession] dumped, not adopted
 UNSURE_KEY = "unsure."  # durable state: + node -> msgpack Unsure
+SPENT_KEY = "warrants"  # durable state: the spent warrants still within their life
 PRESENT_BATCH = 2048  # sessions per `present` question (well below the frame limit)
 AHEAD_SESSIONS = 128  # an evacuate sends a batch on every this many sessions dumped
 
@@ -204,6 +205,8 @@ class Recovery:
                     if node not in nodes:
                         raise ValueError("no such node")
                     self.limbo[node] = msgspec.msgpack.decode(data, type=list[MovedSession])
+                elif key == SPENT_KEY:
+                    self.warrants.take_back(data)
                 elif key.startswith(UNSURE_KEY):
                     node = key.removeprefix(UNSURE_KEY)
                     if node not in nodes:
@@ -599,6 +602,7 @@ class Recovery:
                 return AdoptReply(len(restoring), 0, failed, _ms(t0, t1), 0.0, 0.0,
                                   present=present)
             self.warrants.spend(warrant)
+            self.keep(SPENT_KEY, self.warrants.encode())
             restored = self.adopting.pop(rt.name, [])
             self.expires.pop(rt.name, None)
         _announce(ns, ifname, a.addresses, count=1)  # a failure is logged: sessions go on

@@ -6,14 +6,16 @@ checks them against its own monitors' public keys and its own quorum. Each must 
 authentic `evacuate` addressed to the sending peer, naming this agent and the node the
 sessions go to, and recent; together they must come from `quorum` distinct monitors
 agreeing on the same arguments. A warrant whose final adopt was served is spent: it cannot
-be used again while it is recent. The spent set is in memory only, so requests signed
-before this agent started are refused: a restarted agent cannot be handed a warrant its
-predecessor spent (the evacuating agent keeps the sessions; the monitor's next evacuate
-carries a fresh warrant).
+be used again while it is recent. The spent set is kept across a restart (in the fd
+store, where there is one), and requests signed before this agent started are refused: a
+restarted agent cannot be handed a warrant its predecessor spent (the evacuating agent
+keeps the sessions; the monitor's next evacuate carries a fresh warrant), even when the
+monitors' clocks are ahead of its own.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -111,6 +113,24 @@ class Warrants:
         expiry = self.clock() + WARRANT_TTL_S + REPLAY_WINDOW_S
         for pair in pairs:
             self._spent[pair] = expiry
+
+    def encode(self) -> bytes | None:
+        """The spent warrants still within their life, as kept in the fd store (None:
+        none): a restarted agent takes them back, so a monitor's clock ahead of this
+        agent's does not make one usable again."""
+        self._forget(self.clock())
+        if not self._spent:
+            return None
+        return json.dumps([[m, n.hex(), t] for (m, n), t in sorted(self._spent.items())]).encode()
+
+    def take_back(self, data: bytes) -> None:
+        """What `encode` kept; ValueError if it cannot be read."""
+        try:
+            kept = {(str(m), bytes.fromhex(n)): float(t) for m, n, t in json.loads(data)}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"not the spent warrants: {e}") from None
+        self._spent.update(kept)
+        self._forget(self.clock())
 
     def _open(self, payload: bytes, i: int) -> tuple[Request, str]:
         try:
