@@ -240,7 +240,7 @@ def claim(call: Call) -> ClaimReply:
     recorded by the server before this runs, as for every op of TOKENED) fences off the
     previous owner's late requests even if the new owner never acts. The reply says when
     the node was last acted on, and by whom (see monitor.engine.Engine.hand_over)."""
-    token, owner = call.agent.tokens.get(call.node.name)
+    token, owner = call.agent.tokens.get(call.node.name) or (None, None)  # (at a quorum)
     acted = call.agent.tokens.last_act(call.node.name)
     if acted is None:
         return ClaimReply(token, owner)

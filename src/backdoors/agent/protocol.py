@@ -346,12 +346,12 @@ class HealReply(msgspec.Struct):
 
 
 class ClaimReply(msgspec.Struct):
-    """`claim`: the node's highest token is now `token`, sent by `owner`; the node's last
-    tokened destructive op was applied `last_act_s` ago by `last_act_by` (None: none
-    since the agent started)."""
+    """`claim`: the node's highest token is now `token`, sent by `owner` (None at a quorum
+    above 1 until a vote applied a tokened op); the node's last tokened destructive op
+    was applied `last_act_s` ago by `last_act_by` (None: none since the agent started)."""
 
-    token: int
-    owner: str
+    token: int | None
+    owner: str | None
     last_act_s: float | None = None
     last_act_by: str | None = None
 

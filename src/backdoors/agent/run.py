@@ -56,6 +56,7 @@ def run_agent(config: AgentConfig, *, sealed: bool = False, config_path: str | N
         print(f"backdoors agent: {e}", file=sys.stderr)
         rc = 1
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # leaving the cgroup is not cut short
         try:
             own.leave()
         except BackdoorsError as e:

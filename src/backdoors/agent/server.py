@@ -61,6 +61,7 @@ class _Conn:
     authenticated: bool = False  # sent a request that authenticated
     signer: str = ""  # who signed its requests (once authenticated)
     signed_by: str = ""  # who signed the request in hand
+    streaming: bool = False  # subscribed: it carries the agent's events now
     in_request: bool = False  # a request is being answered (never evicted then)
     rejected: str | None = None  # the code, when the request in hand did not authenticate
     closing: str | None = None  # why the server closes it (told to the peer)
@@ -118,8 +119,9 @@ class RpcServer:
     # -- connections -------------------------------------------------------------------
 
     def _admit(self, new: _Conn) -> str | None:
-        """Count `new` in, making room by closing the oldest unauthenticated connection
-        that is not in a request when a cap is reached; or why it cannot be admitted."""
+        """Count `new` in, making room when a cap is reached by closing the oldest
+        unauthenticated connection not in a request, else (all connections open) an idle
+        one of a signer over its share; or why it cannot be admitted."""
         c = self.agent.config
         waiting = [x for x in self._conns.values() if not x.authenticated]
         caps = ((c.max_unauthenticated_per_address,
@@ -154,9 +156,14 @@ class RpcServer:
         for x in holding:
             if x.authenticated:
                 held.setdefault(x.signer, []).append(x)
-        most = max(held.values(), key=len, default=[])
-        idle = [x for x in most if not x.in_request]
-        return min(idle, key=lambda x: x.opened) if len(most) > share and idle else None
+        for conns in sorted(held.values(), key=len, reverse=True):  # the most first
+            if len(conns) <= share:
+                return None
+            # (an event stream is a monitor's eyes: never taken for a share)
+            idle = [x for x in conns if not x.in_request and not x.streaming]
+            if idle:
+                return min(idle, key=lambda x: x.opened)
+        return None
 
     def _evict(self, conn: _Conn, why: str) -> None:
         self._conns.pop(conn.task, None)
@@ -228,6 +235,7 @@ class RpcServer:
                     return
                 if (stream := self._streams.pop(task, None)) is not None:
                     args = stream  # subscribed: the connection carries events only now
+                    conn.streaming = True
                     await self.agent.events.stream(reader, writer, self.identity, args)
                     return
         except OSError:
@@ -334,12 +342,14 @@ class RpcServer:
                 return Outcome(False, code="no_such_node",
                                message=f"this agent serves no node {args.node[:64]!r}")
         if token is not None or op.name == "claim":
-            voted = self._voted(op, is_peer)
-            if (refused := self._check_token(op, args, monitor, token, record=not voted)):
+            # at a quorum, one key alone records no token: a destructive op's once its vote
+            # applies it, a claim's never (a fleet's node has one owner: it cannot be voted)
+            lone = self.ballots.quorum > 1 and not is_peer
+            if (refused := self._check_token(op, args, monitor, token, record=not lone)):
                 return refused
-            if voted:  # recorded once the vote applies it: one key alone records nothing
+            if lone and op.destructive:
                 outcome = await self._run(op, args, monitor, is_peer, payload, rt, token.token)
-                if outcome.ok and op.destructive:
+                if outcome.ok:
                     self.agent.tokens.acted(args.node, monitor)
                 return outcome
             return await self._owned(op, args, monitor, token.token, lambda: self._run(
@@ -347,10 +357,8 @@ class RpcServer:
         return await self._run(op, args, monitor, is_peer, payload, rt)
 
     def _voted(self, op: Op, is_peer: bool) -> bool:
-        """Whether a request waits for the quorum's votes: a monitor's destructive op, or
-        claim (a new owner's token fences the others off: no one key may set it)."""
-        return (not is_peer and self.ballots.quorum > 1
-                and (op.destructive or op.name == "claim"))
+        """Whether a request waits for the quorum's votes: a monitor's destructive op."""
+        return not is_peer and self.ballots.quorum > 1 and op.destructive
 
     async def _owned(self, op: Op, args: Any, monitor: str, token: int, run) -> Outcome:
         """Run `run()`, a request with fencing token `token`, once the node's requests
@@ -435,8 +443,10 @@ class RpcServer:
             if (token := self._vote_tokens.get((key, voter))) is not None:
                 try:
                     self.agent.tokens.check(args.node, token, voter)
-                except StaleToken:
-                    pass  # a newer owner's came meanwhile: its own stays
+                except StaleToken as e:  # a newer owner's came while the vote was open
+                    self.metrics.stale_tokens.labels(args.node).inc()
+                    return Outcome(False, code="stale_token", message=f"{op.name}: {e}",
+                                   votes=votes)
         try:
             if op.destructive and rt is not None and op.name not in ("lock", "unlock"):
                 holders = self.agent.leases.holders(rt.name)

@@ -1,14 +1,16 @@
 """Fencing tokens: the highest token seen per node, and the refusal of older ones.
 
-A monitor of a fleet owns a node since an etcd revision, its token (monitor/share.py), and
-sends it with every destructive request (protocol.TOKENED). The agent keeps, per node, the
+A monitor of a fleet owns a node since an etcd revision (within the fleet's epoch: its
+token, fleet/member.py), and sends it with every destructive request (protocol.TOKENED). The agent keeps, per node, the
 highest token it has seen and who sent it; a request with an older token is refused
 (`stale_token`), so a monitor that lost its ownership — paused, partitioned from etcd, its
 requests late — can never act on a node that another monitor now owns. A request without
 a token is not checked (a single monitor without etcd, an operator's command).
 
-The table lives on the event loop (checked and raised in one step, before the op runs) and
-is kept across an agent restart in the fd store (`observer`, as fences are).
+The table lives on the event loop (checked and raised in one step, before the op runs; at
+a quorum above 1 a token is recorded only when its request's vote applies it, and a claim's
+not at all: agent/server.py) and is kept across an agent restart in the fd store
+(`observer`, as fences are).
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ class Bus:
         self._nc = None
         self._connecting = None  # the future of the first connection
         self._handler = ThreadPoolExecutor(1, thread_name_prefix="bd-nats-in")
-        self._logged: dict[str, float] = {}  # an error's text -> when it was last logged
+        self._logged: dict[str, float] = {}  # an error's kind -> when it was last logged
+        self.errors: dict[str, int] = {}  # nats-py's errors by kind (SlowConsumerError...)
         self._thread = threading.Thread(target=self._run, name="bd-nats", daemon=True)
 
     def _run(self) -> None:
@@ -73,17 +74,22 @@ class Bus:
                                 connect_timeout=self.timeout, max_reconnect_attempts=-1,
                                 reconnect_time_wait=0.5, allow_reconnect=True)
         if self.on_message is not None:
-            await nc.subscribe(self.subject, cb=self._deliver)
+            # a flood past these is dropped by nats-py (counted in `errors`), not held
+            await nc.subscribe(self.subject, cb=self._deliver, pending_msgs_limit=65536,
+                               pending_bytes_limit=64 << 20)
             await nc.flush()
         self._nc = nc
 
     async def _error(self, e: Exception) -> None:
-        """nats-py's errors (each failed attempt to connect, while it tries): one line
-        each, and the same one at most once a minute (nats-py logs a traceback each)."""
-        why, now = _reason(e), time.monotonic()
-        if now - self._logged.get(why, -60.0) >= 60.0:
-            self._logged[why] = now
-            log.warning("NATS %s: %s", ", ".join(self.servers), why)
+        """nats-py's errors (each failed attempt to connect while it tries, each message
+        dropped past the subscription's pending limit): counted, and one line a minute
+        of each kind (nats-py would log a traceback each)."""
+        kind, now = type(e).__name__, time.monotonic()
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        if now - self._logged.get(kind, -60.0) >= 60.0:
+            self._logged[kind] = now
+            log.warning("NATS %s: %s (%d of this kind so far)", ", ".join(self.servers),
+                        _reason(e), self.errors[kind])
 
     async def _deliver(self, msg) -> None:
         # on a thread of its own, one message after another: the loop keeps reading from

@@ -324,7 +324,10 @@ class FleetMember:
                 cond = Compare(key, "MOD", kv.mod_revision)
             else:
                 cond = Compare(key, "CREATE", 0)
-            epoch = max(1, int(time.time()) - EPOCH_BASE)
+            epoch = int(time.time()) - EPOCH_BASE
+            if epoch < 1:  # a clock reset (no RTC, before NTP): its epoch would be the lowest
+                raise EtcdError(f"the clock says {time.time():.0f}: too early to make the "
+                                "fleet's epoch (set the clock)")
             if self.client.txn([cond], [put_op(key, str(epoch))]).succeeded:
                 (log.warning if self.share.epoch else log.info)(
                     "fleet member %s: the fleet's epoch is %d now (etcd had none: a new or "

@@ -164,9 +164,8 @@ def load_incidents(path: str | os.PathLike) -> list[Incident]:
             except msgspec.DecodeError as e:
                 if n >= len(lines) - 1:
                     continue  # torn tail
-                try:
-                    ev = decoder.decode(raw[raw.rindex(b'{"v":'):])
-                except (ValueError, msgspec.DecodeError):
+                ev = _after_torn_bytes(decoder, raw)
+                if ev is None:
                     log.warning("%s:%d: not an incident event, skipped: %s", file, n, e)
                     continue
                 log.warning("%s:%d: torn bytes before an event, skipped", file, n)
@@ -181,6 +180,17 @@ def load_incidents(path: str | os.PathLike) -> list[Incident]:
             if ev.action is not None:
                 inc.actions.append(ev.action)
     return sorted(found.values(), key=lambda i: i.detected)
+
+
+def _after_torn_bytes(decoder, raw: bytes) -> Event | None:
+    """The event that ends `raw` after torn bytes, if one does."""
+    at = raw.find(b'{"v":', 1)
+    while at > 0:
+        try:
+            return decoder.decode(raw[at:])
+        except msgspec.DecodeError:
+            at = raw.find(b'{"v":', at + 1)
+    return None
 
 
 def _fmt_time(t: float) -> str:
