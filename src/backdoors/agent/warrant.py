@@ -118,10 +118,9 @@ class Warrants:
         """The spent warrants still within their life, as kept in the fd store (None:
         none): a restarted agent takes them back, so a monitor's clock ahead of this
         agent's does not make one usable again."""
-        self._forget(self.clock())
-        if not self._spent:
-            return None
-        return json.dumps([[m, n.hex(), t] for (m, n), t in sorted(self._spent.items())]).encode()
+        now, spent = self.clock(), dict(self._spent)  # (a copy: check() runs on another thread)
+        live = sorted((m, n.hex(), t) for (m, n), t in spent.items() if t > now)
+        return json.dumps([list(e) for e in live]).encode() if live else None
 
     def take_back(self, data: bytes) -> None:
         """What `encode` kept; ValueError if it cannot be read."""
@@ -148,5 +147,6 @@ class Warrants:
             raise WarrantError(f"warrant request {i}: malformed body: {e}") from None
 
     def _forget(self, now: float) -> None:
-        for pair in [p for p, t in self._spent.items() if t <= now]:
-            del self._spent[pair]
+        for pair, t in list(self._spent.items()):  # (one step: spend() runs on another thread)
+            if t <= now:
+                self._spent.pop(pair, None)
