@@ -258,7 +258,7 @@ def test_a_sealed_agent_refuses_to_start_with_keys_readable_by_others(agent_lab,
     config.write_text(to_toml(lab.config))
     out = subprocess.run([PY, "-m", "backdoors", "agent", "--config", str(config), "--sealed"],
                          capture_output=True, timeout=60)
-    assert out.returncode == 1 and out.stdout == b""
+    assert out.returncode == 2 and out.stdout == b""  # a config problem, found before start
     stderr = out.stderr.decode()
     assert f"{keys} is readable by group or others" in stderr, stderr
     assert f"chmod 600 {keys}" in stderr

@@ -442,7 +442,7 @@ def test_log_folds_events_into_incidents(tmp_path):
     assert part.diagnosis.summary == "svc stuck" and part.actions[0].kind == "record"
 
 
-def test_log_tolerates_a_torn_tail_but_not_garbage(tmp_path):
+def test_log_tolerates_a_torn_tail_and_skips_garbage_saying_where(tmp_path, caplog):
     log = IncidentLog(tmp_path)
     log.write("opened", incident(), record=incident())
     log.close()
@@ -450,9 +450,10 @@ def test_log_tolerates_a_torn_tail_but_not_garbage(tmp_path):
     with open(path, "a") as f:
         f.write('{"v": 1, "event": "clo')
     assert len(load_incidents(path)) == 1
+    assert "not an incident event" not in caplog.text  # a torn tail is no news
     path.write_text("garbage\n" + path.read_text())
-    with pytest.raises(ConfigError, match=rf"{path}:1: not an incident event"):
-        load_incidents(path)
+    assert len(load_incidents(path)) == 1  # the rest of the log is still read
+    assert f"{path}:1: not an incident event, skipped" in caplog.text
     with pytest.raises(ConfigError, match="no incident log"):
         load_incidents(tmp_path / "nope")
 
