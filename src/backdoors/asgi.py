@@ -59,8 +59,8 @@ import msgspec
 
 from .common.fdtable import session_limit
 from .common.ipc import ready
+from .continuations import SESSION_FDS as BOX_SESSION_FDS
 from .continuations import AsyncListener, LogFullError, StateTooLargeError, create_cb_async, run
-from .continuations.box import SESSION_FDS as BOX_SESSION_FDS
 from .continuations.channels import ChannelState, Handed, SessionChannels
 from .continuations.cbformat import MAX_LOG_CAPACITY, MAX_STATE_CAPACITY
 

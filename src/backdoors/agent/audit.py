@@ -5,7 +5,7 @@ Opened with O_APPEND, each line written with one write(2), so lines of concurren
 never interleave. Bulk data never enters the log: byte strings are summarised by length.
 Unauthenticated rejections are rate-limited (a flood on the private network must not fill
 the disk): beyond `max_rejects_per_s`, they are counted and summarised in one line. Refused
-local registrations are limited per node the same way (`RefusalLimiter`), and every string
+local registrations are limited per node the same way (`common.ratelimit`), and every string
 a caller chose is cut to MAX_STRING characters.
 """
 
@@ -30,44 +30,6 @@ def clip(text: str | None, limit: int = MAX_STRING) -> str | None:
     if text is None or len(text) <= limit:
         return text
     return f"{text[:limit]}...({len(text) - limit} more)"
-
-
-class RefusalLimiter:
-    """A token bucket per key (a node): `admit(key)` says whether a refusal may be logged
-    and how many were suppressed before it; `pending()` hands over the suppressed counts
-    not reported yet (at most once per `1/rate` seconds per key)."""
-
-    def __init__(self, *, rate: float = 1.0, burst: int = 20, clock=time.monotonic):
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, refilled_at, suppressed]
-        self._lock = threading.Lock()
-
-    def admit(self, key: str) -> tuple[bool, int]:
-        """(log this one?, refusals suppressed since the last one logged, to report now)."""
-        with self._lock:
-            now = self._clock()
-            b = self._buckets.setdefault(key, [float(self.burst), now, 0])
-            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
-            if b[0] < 1:
-                b[2] += 1
-                return False, 0
-            b[0] -= 1
-            suppressed, b[2] = int(b[2]), 0
-            return True, suppressed
-
-    def pending(self) -> list[tuple[str, int]]:
-        """(key, count) of suppressed refusals whose key may log again; counts reset."""
-        out = []
-        with self._lock:
-            now = self._clock()
-            for key, b in self._buckets.items():
-                tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
-                if b[2] and tokens >= 1:
-                    b[0], b[1] = tokens - 1, now
-                    out.append((key, int(b[2])))
-                    b[2] = 0
-        return out
 
 
 def summarise(value: Any, depth: int = 0) -> Any:

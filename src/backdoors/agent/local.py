@@ -14,8 +14,8 @@ refused on its own), and "release" drops a session's box and socket when it ends
 
 A hostile caller must not stall or crowd out the others: membership is checked at accept
 too (an outsider's connection is answered and closed at once), connections are capped per
-node and per process, request strings are bounded, refusals are logged at most
-RefusalLimiter's rate per node (the rest summarised), every descriptor a node handed
+node and per process, request strings are bounded, refusals are logged at most at a
+rate per node (common.ratelimit; the rest summarised), every descriptor a node handed
 over is closed by the Closer thread with SO_LINGER cleared (agent.closing), and the
 descriptors of a node's unfinished requests are capped (MAX_PENDING_FDS; its sessions
 are capped by its share of the agent's descriptors: agent.descriptors). Out of
@@ -43,6 +43,7 @@ from ..common import ipc
 from ..common.accepting import Pause
 from ..common.peers import SO_PEERPIDFD
 from ..common.procs import ProcessInfo, read_process
+from ..common.ratelimit import LogLimiter
 from ..common.runtime import MAX_ATTACH, agent_socket
 from ..continuations.errors import ContinuationError
 from ..continuations.image import check_cb
@@ -51,7 +52,7 @@ from ..nodes import Node
 from ..sensors import Region, parse_box, read_consistent
 from ..tcprepair.kernel import SIOCINQ, ioctl_int
 from ..sensors.region import HUGETLBFS_MAGIC, TMPFS_MAGIC, filesystem
-from .audit import AuditLog, RefusalLimiter, clip
+from .audit import AuditLog, clip
 from .closing import Closer
 from .membership import misplaced, outside_message, read_cgroups
 from .metrics import AgentMetrics
@@ -155,7 +156,7 @@ class LocalServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._closer = Closer()
         self.sessions.closer = self._closer.close_socket
-        self._limiter = RefusalLimiter()
+        self._limiter = LogLimiter()
         self.cpu_share, self.cpu_burst_s = NODE_CPU_SHARE, NODE_CPU_BURST_S
         self._cpu: dict[str, _CpuBudget] = {}
         self._resting: dict[str, float] = {}  # node -> until (monotonic): not served

@@ -59,8 +59,7 @@ class _Conn:
     address: str  # the peer's source address, without the port
     opened: float  # time.monotonic()
     authenticated: bool = False  # sent a request that authenticated
-    signer: str = ""  # who signed its requests (once authenticated)
-    signed_by: str = ""  # who signed the request in hand
+    signer: str = ""  # who signed its first authentic request
     streaming: bool = False  # subscribed: it carries the agent's events now
     in_request: bool = False  # a request is being answered (never evicted then)
     rejected: str | None = None  # the code, when the request in hand did not authenticate
@@ -228,8 +227,7 @@ class RpcServer:
                     self._closed("auth_failed")
                     await self._drain(writer, 1.0)
                     return
-                if conn.rejected is None and not conn.authenticated:
-                    conn.authenticated, conn.signer = True, conn.signed_by
+                conn.authenticated = conn.authenticated or conn.rejected is None
                 if not await self._drain(writer, c.send_timeout_s):
                     self._closed("send_timeout")
                     return
@@ -298,8 +296,8 @@ class RpcServer:
             outcome = Outcome(False, code=r.code, message=r.message)
             return _reply(self.identity if r.signed else None, r.nonce, outcome, _ms(start))
         req = opened.request
-        if (conn := self._conns.get(asyncio.current_task())) is not None:
-            conn.signed_by = req.monitor
+        if (conn := self._conns.get(asyncio.current_task())) is not None and not conn.signer:
+            conn.signer = req.monitor
         op = self.ops.get(req.op)
         args: Any = None
         if op is None:

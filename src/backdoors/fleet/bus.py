@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 
+from ..common.ratelimit import LogLimiter
 from .nats import NatsError
 
 log = logging.getLogger("backdoors.fleet")
@@ -38,7 +38,7 @@ class Bus:
         self._nc = None
         self._connecting = None  # the future of the first connection
         self._handler = ThreadPoolExecutor(1, thread_name_prefix="bd-nats-in")
-        self._logged: dict[str, float] = {}  # an error's kind -> when it was last logged
+        self._log_limit = LogLimiter(rate=1 / 60, burst=1)  # a line a minute per kind
         self.errors: dict[str, int] = {}  # nats-py's errors by kind (SlowConsumerError...)
         self._thread = threading.Thread(target=self._run, name="bd-nats", daemon=True)
 
@@ -84,10 +84,9 @@ class Bus:
         """nats-py's errors (each failed attempt to connect while it tries, each message
         dropped past the subscription's pending limit): counted, and one line a minute
         of each kind (nats-py would log a traceback each)."""
-        kind, now = type(e).__name__, time.monotonic()
+        kind = type(e).__name__
         self.errors[kind] = self.errors.get(kind, 0) + 1
-        if now - self._logged.get(kind, -60.0) >= 60.0:
-            self._logged[kind] = now
+        if self._log_limit.admit(kind)[0]:
             log.warning("NATS %s: %s (%d of this kind so far)", ", ".join(self.servers),
                         _reason(e), self.errors[kind])
 

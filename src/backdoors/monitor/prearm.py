@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
+from ..common.ratelimit import LogLimiter
 from ..errors import AgentError
 from .warning import DIAGNOSIS_KINDS, KINDS, AttackWarning, Verifier, WarningRejected, issue, seal
 
@@ -252,7 +253,7 @@ class Warnings:
         self.rejected: dict[str, int] = {}
         self.accepted: list[AttackWarning] = []
         self._lock = threading.Lock()
-        self._logged_at, self._quiet = -REJECT_LOG_S, 0  # rejections: last logged, not since
+        self._log_limit = LogLimiter(rate=1 / REJECT_LOG_S, burst=1)  # rejections' lines
 
     @property
     def rejected_total(self) -> int:
@@ -270,13 +271,10 @@ class Warnings:
         except WarningRejected as e:
             with self._lock:
                 self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
-                now, quiet = time.monotonic(), self._quiet
-                if now - self._logged_at < REJECT_LOG_S:
-                    self._quiet += 1
-                    return  # a flood of forgeries: counted, not logged one by one
-                self._logged_at, self._quiet = now, 0
-            log.warning("warning on %s rejected (%s): %s%s", subject, e.reason, e,
-                        f" ({quiet} more rejected before it, not logged)" if quiet else "")
+            logged, quiet = self._log_limit.admit("rejected")
+            if logged:  # (a flood of forgeries: counted, not logged one by one)
+                log.warning("warning on %s rejected (%s): %s%s", subject, e.reason, e,
+                            f" ({quiet} more rejected before it, not logged)" if quiet else "")
             return
         with self._lock:
             self.accepted.append(w)

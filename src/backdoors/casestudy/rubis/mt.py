@@ -32,8 +32,9 @@ import sys
 
 from ...common import fdtable
 from ...common.runtime import AGENT_SOCKET_ENV, register_box
-from ...continuations import AsyncListener, ContinuationError, Recovered, create_cb_async, run
-from ...continuations.box import SESSION_FDS
+from ...continuations import (
+    SESSION_FDS, AsyncListener, ContinuationError, Recovered, create_cb_async, run,
+)
 from ...sensors import SensorBox
 from . import middle
 
