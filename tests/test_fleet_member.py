@@ -1,6 +1,7 @@
 """The fleet's membership and ownership against a real etcd: assignment, tokens, takeover."""
 
 import json
+import logging
 import time
 
 import pytest
@@ -291,6 +292,48 @@ def test_what_others_write_under_the_prefix_leaves_no_node_unwatched(etcd):  # n
         # an incident record that is JSON but no object (`backdoors status` crashed on it)
         client.put(m.prefix + "incidents/h9/n9", "[1, 2]")
         assert read_fleet(client)["incidents"]["h9/n9"] == {"raw": "[1, 2]"}
+    finally:
+        m.stop()
+        client.close()
+
+
+def test_a_token_no_owner_in_this_etcd_gave_moves_the_epoch_past_it(etcd, caplog):  # noqa: F811
+    """Outside review: an etcd restored from a snapshot, or made anew within the epoch's
+    second, or whose epoch a monitor with its clock behind made, gives tokens below those
+    the agents hold, and every claim is refused for good. A refused claim tells the member
+    the token the agent holds (`outranked`): a newer owner's (its record is not this
+    member's) leaves the epoch as it is; one from a later epoch, or from a revision after
+    that of this member's own record of the node, moves the epoch past it, and every node
+    is taken anew."""
+    from backdoors.fleet.member import fencing_token
+
+    client = EtcdClient(etcd.url)
+    m = FleetMember(client, "m1", lambda: ["h0/n0", "h0/n1"], poll_s=0.05)
+    try:
+        until(lambda: m.step().degraded is None and len(m.share.tokens) == 2, what="a share")
+        epoch, revision = m.share.epoch, m.share.tokens["h0/n0"]
+        # another's record: its owner's token is newer, rightly
+        lease, _ = client.grant(30)
+        client.put(m.prefix + "owners/h0/n1", "m2", lease)
+        m.outranked("h0/n1", fencing_token(epoch, revision + 50))
+        assert m.step().epoch == epoch and m.share.tokens["h0/n0"] == revision
+        assert client.get(m.prefix + "epoch").value == str(epoch)
+        # a revision after this member's record (its etcd's twin, made the same second)
+        held = fencing_token(epoch, revision + 1)
+        m.outranked("h0/n0", held)
+        moved = m.step().epoch
+        assert moved > epoch and m.token("h0/n0") > held
+        # a later epoch (a snapshot's, or a clock ahead of the one that made this epoch)
+        later = fencing_token(moved + 500, 3)
+        m.outranked("h0/n0", later)
+        assert m.step().epoch == moved + 501 and m.token("h0/n0") > later
+        assert client.get(m.prefix + "epoch").value == str(moved + 501)
+        # past every epoch (a stolen key's claim): logged, and the fleet goes on as it was
+        m.outranked("h0/n0", fencing_token((1 << 31) - 1, 1))
+        with caplog.at_level(logging.ERROR, "backdoors.fleet"):
+            last = m.step()
+        assert "past every epoch's" in caplog.text
+        assert last.degraded is None and last.epoch == moved + 501
     finally:
         m.stop()
         client.close()

@@ -351,3 +351,48 @@ def test_a_fleet_whose_etcd_comes_back_empty_watches_its_nodes_again(agent_lab, 
               show=lambda: (mon.fleet_status()["nodes"], c.nodes()))
     finally:
         mon.stop()
+
+
+def test_a_fleet_whose_etcd_gives_tokens_below_the_agents_watches_its_nodes_again(
+        agent_lab, etcd):
+    """Outside review: an etcd restored from a snapshot (an older epoch, revisions gone
+    back), or made anew within the second of its predecessor's epoch (the same epoch,
+    revisions gone back), or whose epoch a monitor with its clock behind made, gave tokens
+    below those the agents hold: every claim refused, for good, unless an operator deleted
+    the epoch key. Now a refused claim whose agent holds a token no owner in this etcd was
+    given moves the epoch past it."""
+    from backdoors.fleet import EtcdClient
+    from backdoors.monitor.core import Monitor
+
+    nodes = ("n0", "n1")
+    lab = agent_lab(nodes={n: {} for n in nodes})
+    client = EtcdClient(etcd.url)
+    for i in range(300):  # a fleet that ran a while: revisions in the hundreds
+        client.put("/other/app/key", str(i))
+    client.close()
+    c = lab.client()
+    for back in (0, 100):  # the same epoch, then one 100 s older
+        mon = Monitor(monitor_config(lab, etcd, "m1"), key=lab.keys["m1"])
+        try:
+            mon.start()
+            until(lambda: all(mon.watches("h0", n) for n in nodes), 30,
+                  "m1 watching its nodes")
+            before = {i.name: i.token for i in c.nodes()}
+        finally:
+            mon.stop()
+        etcd.stop()
+        etcd.start()  # empty, on the same address, its epoch set before any monitor's
+        client = EtcdClient(etcd.url)
+        client.put("/backdoors/fleet/epoch", str((max(before.values()) >> 32) - back))
+        client.close()
+        mon = Monitor(monitor_config(lab, etcd, "m1"), key=lab.keys["m1"])
+        try:
+            mon.start()
+
+            def again():  # claimed anew at the agent (tokens above the old), and watched
+                after = {i.name: i.token for i in c.nodes()}
+                return all(after[n] > before[n] and mon.watches("h0", n) for n in nodes)
+            until(again, 30, f"m1 watching its nodes again (epoch {back} s back)",
+                  show=lambda: (mon.fleet_status()["nodes"], c.nodes()))
+        finally:
+            mon.stop()

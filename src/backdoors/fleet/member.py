@@ -20,7 +20,9 @@ node later holds a higher token, and agents refuse the older ones (agent/tokens.
 etcd made anew (or emptied) starts its revisions again, below the tokens the agents hold:
 so the token sent is the revision within the fleet's **epoch** (`fencing_token`), a number
 kept in etcd (`epoch`, under no lease) and made from the clock by the first member of an
-etcd without one; a later etcd's tokens outrank an earlier one's.
+etcd without one; a later etcd's tokens outrank an earlier one's. A token an agent holds
+that no owner in this etcd was given (`outranked`: a snapshot's etcd, one made anew within
+its predecessor's epoch second, an epoch made by a clock behind) moves the epoch past it.
 
 A member that dies stops renewing: after the TTL its lease expires, its member key and
 ownership records go with it, and the others take its nodes at their next step. One that
@@ -117,6 +119,7 @@ class FleetMember:
         self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
         self._missing: dict[str, float] = {}  # owned node not in nodes() -> since when
         self._release = False
+        self._outranked: dict[str, int] = {}  # node -> the token its agent holds above ours
         self.share = Share(member_id)
         self._lock = threading.Lock()  # guards `share` (read by the monitor's threads)
         self._renew_at = 0.0
@@ -131,6 +134,12 @@ class FleetMember:
         with self._lock:
             revision = self.share.tokens.get(node)
             return None if revision is None else fencing_token(self.share.epoch, revision)
+
+    def outranked(self, node: str, token: int) -> None:
+        """`node`'s agent refused this member's claim: it holds `token`. Checked at the
+        next step (`_past`)."""
+        with self._lock:
+            self._outranked[node] = max(self._outranked.get(node, 0), token)
 
     def snapshot(self) -> Share:
         with self._lock:
@@ -251,6 +260,7 @@ class FleetMember:
         epoch = self._epoch()
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
+        epoch = self._past(epoch, owners, lease)
         known = set(self.nodes())
         assigned = assign(known | set(owners), members)
         tokens, held = {}, set()
@@ -307,8 +317,7 @@ class FleetMember:
         an etcd without one (new, or emptied: its revisions start again, below what the
         agents hold) from the clock, so that the tokens of a later etcd outrank those of
         an earlier one (in whole seconds: one made in the same second as its predecessor's
-        epoch gets the same). An etcd restored from a snapshot keeps its epoch: delete the
-        key then."""
+        epoch gets the same: `_past` moves it on)."""
         key = self.prefix + "epoch"
         for _ in range(3):  # (another member may make it at the same time)
             kv = self.client.get(key)
@@ -334,6 +343,50 @@ class FleetMember:
                     "emptied etcd)", self.id, epoch)
                 return epoch
         raise EtcdError(f"{key}: changed by others at each of 3 reads")
+
+    def _past(self, epoch: int, owners: dict, lease: int) -> int:
+        """The fleet's epoch, moved past the tokens agents refused this member's claims
+        with (`outranked`) that no owner in this etcd was given: from a later epoch, or,
+        in this epoch, from a revision after that of this member's own record of the node
+        (a newer owner's would have replaced the record). So an etcd whose tokens fall
+        below those the agents hold (restored from a snapshot, made anew within the
+        second of its predecessor's epoch, its epoch made by a clock behind) heals; a
+        newer owner's token leaves the epoch as it is."""
+        with self._lock:
+            refused, self._outranked = self._outranked, {}
+        beyond = []
+        for node, held in sorted(refused.items()):
+            kv = owners.get(node)
+            mine = kv is not None and kv.value == self.id and kv.lease == lease
+            if held >> 32 > epoch or (held >> 32 == epoch and mine
+                                      and held & 0xFFFFFFFF > kv.mod_revision):
+                beyond.append((held, node))
+        if not beyond:
+            return epoch
+        held, node = max(beyond)
+        if held >> 32 >= (1 << 31) - 1:  # no epoch can pass it
+            log.error("fleet member %s: node %s's agent holds token %d, past every epoch's: "
+                      "the node stays another's until the agent's kept tokens are cleared "
+                      "(docs/operations.md, section 13)", self.id, node, held)
+            return epoch
+        key, new = self.prefix + "epoch", max(int(time.time()) - EPOCH_BASE, (held >> 32) + 1)
+        moved = False
+        try:
+            moved = self.client.txn([Compare(key, "VALUE", str(epoch))],
+                                    [put_op(key, str(new))]).succeeded
+        finally:
+            if not moved:  # checked again at the next step
+                with self._lock:
+                    for n, t in refused.items():
+                        self._outranked[n] = max(self._outranked.get(n, 0), t)
+        if not moved:  # another member moved it first (past this token, or not yet)
+            return self._epoch()
+        log.warning("fleet member %s: node %s's agent holds token %d (epoch %d, revision "
+                    "%d), which no owner in this etcd was given (restored from a snapshot, "
+                    "made anew within the same second, or its epoch made by a clock behind): "
+                    "the fleet's epoch is %d now", self.id, node, held, held >> 32,
+                    held & 0xFFFFFFFF, new)
+        return new
 
     def _left(self, node: str, listed: bool, now: float) -> bool:
         """Whether owned `node` left the fleet: missing from nodes() for gone_s."""

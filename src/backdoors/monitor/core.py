@@ -502,6 +502,11 @@ class Monitor:
         except StaleTokenError as e:
             log.warning("fleet: node %s of %s: claim refused, a newer owner exists: %s",
                         node, host, e)
+            # the fleet checks whether that owner can be one of its etcd (fleet/member.py);
+            # if the agent cannot say now, the claim is tried again at the next poll
+            held = next((i.token for i in client.nodes() if i.name == node), None)
+            if held is not None:
+                self.share.outranked(host, node, held)
             self.share.claimed(host, node, token, refused=True)
             return
         if reply.last_act_by not in (None, reply.owner) and reply.last_act_s < HANDOVER_QUIET_S:

@@ -138,6 +138,11 @@ class FleetShare:
         with self._lock:
             (self._refused if refused else self._claimed)[node_key(host, node)] = token
 
+    def outranked(self, host: str, node: str, token: int) -> None:
+        """The agent refused this monitor's claim of the node: it holds `token` (the
+        fleet moves its epoch past a token its etcd never gave: FleetMember._past)."""
+        self.member.outranked(node_key(host, node), token)
+
     def incident(self, event: str, inc) -> None:
         """An incident listener: record the open incident of an owned node in etcd, and
         delete the record once it is closed. An incident closed because this monitor
