@@ -270,3 +270,47 @@ def test_a_flood_of_forged_warnings_is_counted_not_logged_one_by_one_and_loses_n
     finally:
         wb.bus.stop()
         server.stop()
+
+
+def test_a_server_with_users_keeps_strangers_off_the_bus_and_its_password_out_of_logs(
+        unique, caplog):
+    """Outside review: anyone who could reach a cluster's NATS server could publish on
+    the warnings' subject, and make every monitor check the signature of each message.
+    A server that names its users (docs/operations.md, "Warnings between clusters")
+    refuses a client without a password, and drops what a user without the right to
+    publish there sends; the monitors' password, in their URL, is not in their logs."""
+    from backdoors.fleet.bus import Bus
+    if natsproc.available() is None:
+        unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
+    users = {"mon": ("s3cret-pw", ["bdt.warnings.A"], ["bdt.warnings.*"]),
+             "reader": ("r3ader-pw", [], ["bdt.warnings.*"])}
+    server = natsproc.NatsProcess(f"bdt-nats-u-{unique}", tempfile.mkdtemp(
+        prefix="bdt-nats-", dir="/dev/shm"), users=users).start()
+    ma, mb = new_identity("ma1"), new_identity("mb1")
+    wb = Warnings(mb, "B", "bdt.warnings", _verifier(ma), Scanner(lambda: []))
+    try:
+        with pytest.raises(natsproc.NatsError, match="(?i)authorization"):
+            Bus([server.url], "bdt.warnings.*", timeout=2).start()
+        wrong = server.url_of("mon").replace("s3cret-pw", "wr0ng-pw")
+        with pytest.raises(natsproc.NatsError, match="(?i)authorization") as e:
+            Bus([wrong], "bdt.warnings.*", timeout=2).start()
+        assert "mon:***@" in str(e.value) and "wr0ng-pw" not in str(e.value)
+        wb.bus = Bus([server.url_of("mon")], "bdt.warnings.*", wb.on_message).start()
+        with Bus([server.url_of("reader")], "bdt.warnings.*") as reader:
+            junk = b"\x00" * 100
+            for _ in range(200):
+                try:
+                    reader.publish(junk, "bdt.warnings.A")
+                except natsproc.NatsError:
+                    pass  # the server may cut off a client that breaks its permissions
+        with Bus([server.url_of("mon")], "bdt.warnings.*") as sender:
+            sender.publish(seal(ma, issue(ma, "A", "fork-bomb", HASH, "bd-forkbomb")),
+                           "bdt.warnings.A")
+            _until(lambda: wb.accepted, timeout=30)
+        assert wb.rejected == {}, wb.rejected  # nothing of the reader's reached it
+        assert "mon:***@" in caplog.text
+        assert all(pw not in caplog.text for pw in ("s3cret-pw", "r3ader-pw", "wr0ng-pw"))
+    finally:
+        if wb.bus is not None:
+            wb.bus.stop()
+        server.stop()

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from urllib.parse import urlsplit, urlunsplit
 
 from ..common.ratelimit import LogLimiter
 from .nats import NatsError
@@ -33,6 +34,7 @@ class Bus:
         if not servers:
             raise NatsError("no NATS server given (like nats://127.0.0.1:4222)")
         self.servers, self.subject, self.on_message = list(servers), subject, on_message
+        self.shown = ", ".join(_without_password(u) for u in servers)  # for the logs
         self.name, self.timeout, self.within = name, timeout, within
         self._loop = asyncio.new_event_loop()
         self._nc = None
@@ -40,6 +42,7 @@ class Bus:
         self._handler = ThreadPoolExecutor(1, thread_name_prefix="bd-nats-in")
         self._log_limit = LogLimiter(rate=1 / 60, burst=1)  # a line a minute per kind
         self.errors: dict[str, int] = {}  # nats-py's errors by kind (SlowConsumerError...)
+        self.last_error = ""  # the latest of them (why a connection does not come up)
         self._thread = threading.Thread(target=self._run, name="bd-nats", daemon=True)
 
     def _run(self) -> None:
@@ -56,7 +59,9 @@ class Bus:
         try:
             fut.result(self.timeout + 1)
         except Exception as e:  # noqa: BLE001 - nats-py raises many kinds
-            why = f"NATS {', '.join(self.servers)}: cannot connect: {_reason(e)}"
+            why = f"NATS {self.shown}: cannot connect: {_reason(e)}"
+            if self.last_error:
+                why += f" (the last error: {self.last_error})"
             if wait or fut.done():  # (done: a bad address, not a server away)
                 self.stop()
                 raise NatsError(why) from None
@@ -66,7 +71,7 @@ class Bus:
 
     def _late(self, fut) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            log.warning("NATS %s: connected", ", ".join(self.servers))
+            log.warning("NATS %s: connected", self.shown)
 
     async def _connect(self) -> None:
         import nats
@@ -86,8 +91,9 @@ class Bus:
         of each kind (nats-py would log a traceback each)."""
         kind = type(e).__name__
         self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.last_error = _reason(e)
         if self._log_limit.admit(kind)[0]:
-            log.warning("NATS %s: %s (%d of this kind so far)", ", ".join(self.servers),
+            log.warning("NATS %s: %s (%d of this kind so far)", self.shown,
                         _reason(e), self.errors[kind])
 
     async def _deliver(self, msg) -> None:
@@ -117,18 +123,24 @@ class Bus:
                             f"{_reason(e)}") from None
 
     def stop(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()  # (a connection still trying)
-        if self._nc is not None and self._thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(self._nc.close(), self._loop).result(3)
+        if self._thread.is_alive():
+            try:  # close the connection, and end what runs on the loop (a connection
+                # still trying) before the loop stops
+                asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
-        if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(3)
         self._handler.shutdown(wait=False, cancel_futures=True)
         self._nc = None
+
+    async def _close(self) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def __enter__(self) -> Bus:
         return self.start()
@@ -140,3 +152,13 @@ class Bus:
 def _reason(e: BaseException) -> str:
     """What went wrong, never empty (a TimeoutError's text is)."""
     return str(e) or type(e).__name__
+
+
+def _without_password(url: str) -> str:
+    """`url` as logged: a password or token in it (nats://user:password@host,
+    nats://token@host) left out."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    user = f"{parts.username}:***" if parts.password is not None else "***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))

@@ -52,16 +52,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 class NatsProcess:
     """One nats-server: clients on `host`:`port`, monitoring (HTTP) on `http_port`, leaf
     nodes accepted on `leaf_port` (None: none), and leaf links to `remotes`
-    ("nats-leaf://HOST:PORT" of other servers)."""
+    ("nats-leaf://HOST:PORT" of other servers). `users`: name -> (password, subjects it
+    may publish on, subjects it may subscribe to); given, only they may connect as
+    clients, each within its permissions (leaf links are not affected)."""
 
     def __init__(self, name: str, run_dir: str, *, host: str = "127.0.0.1",
                  port: int | None = None, http_port: int | None = None,
                  leaf_port: int | None = None, remotes: list[str] | None = None,
+                 users: dict[str, tuple[str, list[str], list[str]]] | None = None,
                  within: Callable[[], AbstractContextManager] | None = None):
         self.name, self.run_dir, self.host = name, run_dir, host
         self.port = port or free_port(host)
         self.http_port = http_port or free_port(host)
         self.leaf_port, self.remotes = leaf_port, list(remotes or [])
+        self.users = dict(users or {})
         self.within = within
         self.proc: subprocess.Popen | None = None
 
@@ -87,7 +91,17 @@ class NatsProcess:
             leaf["reconnect"] = 1  # seconds between tries while the other side is away
         if leaf:
             conf["leafnodes"] = leaf
+        if self.users:  # (an empty list would allow every subject: deny them all then)
+            conf["authorization"] = {"users": [
+                {"user": u, "password": pw, "permissions": {
+                    "publish": {"allow": pub} if pub else {"deny": [">"]},
+                    "subscribe": {"allow": sub} if sub else {"deny": [">"]}}}
+                for u, (pw, pub, sub) in sorted(self.users.items())]}
         return json.dumps(conf, indent=1)
+
+    def url_of(self, user: str) -> str:
+        """The URL a client connects with as `user` (its password in it)."""
+        return f"nats://{user}:{self.users[user][0]}@{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> NatsProcess:
         with self.within() if self.within is not None else nullcontext():

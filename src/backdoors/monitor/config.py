@@ -64,8 +64,10 @@ class WarningsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """[monitor.warnings]: signed early warnings between clusters over NATS (DINA)."""
 
     nats: Annotated[list[str], doc(
-        "URLs of this cluster's NATS server(s) (nats://ADDR:4222); the clusters' servers "
-        "are linked (leaf nodes): docs/operations.md, \"Warnings between clusters\"")]
+        "URLs of this cluster's NATS server(s) (nats://ADDR:4222; with a user of the "
+        "server: nats://USER:PASSWORD@ADDR:4222, shown without the password in logs); the "
+        "clusters' servers are linked (leaf nodes): docs/operations.md, \"Warnings between "
+        "clusters\"")]
     cluster: Annotated[str, doc(
         "this cluster's name: its warnings go to <subject>.<cluster>")]
     subject: Annotated[str, doc("the subject prefix of warnings")] = "backdoors.warnings"
