@@ -313,3 +313,24 @@ def test_connections_beyond_the_cap_are_refused_busy(agent_lab):
             return None
 
     wait_for(ping_ok, what="a free connection slot")
+
+
+def test_rejections_past_the_audit_rate_are_counted_in_one_line(tmp_path):
+    """A peer that sends garbage at will cannot fill the audit log: rejections past
+    `max_rejects_per_s` are counted, and the count is written with the next line logged
+    (or at close)."""
+    import json
+
+    from backdoors.agent.audit import AuditLog
+
+    path = str(tmp_path / "audit.jsonl")
+    audit = AuditLog(path, max_rejects_per_s=5)
+    for i in range(20):
+        audit.rejected(peer="10.0.0.9", code="auth", message=f"bad signature {i}")
+    audit.close()
+    lines = [json.loads(x) for x in open(path)]
+    logged = [x for x in lines if x["kind"] == "rejected"]
+    counted = sum(x["count"] for x in lines if x["kind"] == "rejected_suppressed")
+    # (5 at once, and one more per 0.2 s the loop took: none, but on a very busy machine)
+    assert 5 <= len(logged) < 20 and len(logged) + counted == 20, lines
+    assert lines[-1]["kind"] == "rejected_suppressed"

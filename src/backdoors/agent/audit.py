@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 
+from ..common.ratelimit import LogLimiter
+
 log = logging.getLogger("backdoors.agent")
 
 _encode = msgspec.json.Encoder().encode
@@ -60,10 +62,7 @@ class AuditLog:
         self.failures = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._lock = threading.Lock()
-        self._rate = max_rejects_per_s
-        self._tokens = max_rejects_per_s
-        self._refill_at = time.monotonic()
-        self._suppressed = 0
+        self._rejects = LogLimiter(rate=max_rejects_per_s, burst=max(1, int(max_rejects_per_s)))
 
     def write(self, **fields: Any) -> None:
         fields.setdefault("ts", round(time.time(), 6))
@@ -93,15 +92,9 @@ class AuditLog:
     def rejected(self, *, peer: str, code: str, message: str, monitor: str = "?",
                  op: str = "?") -> None:
         """One line for a request rejected before dispatch (rate-limited)."""
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._rate, self._tokens + (now - self._refill_at) * self._rate)
-            self._refill_at = now
-            if self._tokens < 1:
-                self._suppressed += 1
-                return
-            self._tokens -= 1
-            suppressed, self._suppressed = self._suppressed, 0
+        admit, suppressed = self._rejects.admit("rejected")
+        if not admit:
+            return
         if suppressed:
             self.write(kind="rejected_suppressed", count=suppressed)
         self.write(kind="rejected", monitor=monitor, peer=peer, op=op, ok=False, error=code,
@@ -118,10 +111,9 @@ class AuditLog:
         self.write(kind="local_suppressed", node=node, count=count)
 
     def close(self) -> None:
+        for _, count in self._rejects.pending(every=True):
+            self.write(kind="rejected_suppressed", count=count)
         with self._lock:
             if self._fd >= 0:
-                if self._suppressed:
-                    os.write(self._fd, _encode({"ts": time.time(), "kind": "rejected_suppressed",
-                                                "count": self._suppressed}) + b"\n")
                 os.close(self._fd)
                 self._fd = -1

@@ -33,14 +33,15 @@ class LogLimiter:
             suppressed, b[2] = int(b[2]), 0
             return True, suppressed
 
-    def pending(self) -> list[tuple[str, int]]:
-        """(key, count) of suppressed lines whose key may log again; counts reset."""
+    def pending(self, *, every: bool = False) -> list[tuple[str, int]]:
+        """(key, count) of suppressed lines whose key may log again (`every`: all of
+        them, at the end); counts reset."""
         out = []
         with self._lock:
             now = self._clock()
             for key, b in self._buckets.items():
                 tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
-                if b[2] and tokens >= 1:
+                if b[2] and (tokens >= 1 or every):
                     b[0], b[1] = tokens - 1, now
                     out.append((key, int(b[2])))
                     b[2] = 0
