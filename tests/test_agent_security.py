@@ -333,4 +333,3 @@ def test_rejections_past_the_audit_rate_are_counted_in_one_line(tmp_path):
     counted = sum(x["count"] for x in lines if x["kind"] == "rejected_suppressed")
     # (5 at once, and one more per 0.2 s the loop took: none, but on a very busy machine)
     assert 5 <= len(logged) < 20 and len(logged) + counted == 20, lines
-    assert lines[-1]["kind"] == "rejected_suppressed"
