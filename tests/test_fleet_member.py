@@ -1,5 +1,6 @@
 """The fleet's membership and ownership against a real etcd: assignment, tokens, takeover."""
 
+import base64
 import json
 import logging
 import time
@@ -297,14 +298,15 @@ def test_what_others_write_under_the_prefix_leaves_no_node_unwatched(etcd):  # n
         client.close()
 
 
-def test_a_token_no_owner_in_this_etcd_gave_moves_the_epoch_past_it(etcd, caplog):  # noqa: F811
+def test_a_token_this_etcd_never_gave_moves_the_epoch_past_it(etcd, caplog):  # noqa: F811
     """Outside review: an etcd restored from a snapshot, or made anew within the epoch's
     second, or whose epoch a monitor with its clock behind made, gives tokens below those
     the agents hold, and every claim is refused for good. A refused claim tells the member
-    the token the agent holds (`outranked`): a newer owner's (its record is not this
-    member's) leaves the epoch as it is; one from a later epoch, or from a revision after
-    that of this member's own record of the node, moves the epoch past it, and every node
-    is taken anew."""
+    the token the agent holds and whose (`outranked`): a newer owner's (its record is not
+    this member's), a monitor's of no member's name (a fleet on another etcd) or one of an
+    epoch no clock made leave the epoch as it is; one from a later epoch, or from a
+    revision after that of this member's own record of the node (equal: another
+    member's), moves the epoch past it, and every node is taken again in the new epoch."""
     from backdoors.fleet.member import fencing_token
 
     client = EtcdClient(etcd.url)
@@ -312,28 +314,79 @@ def test_a_token_no_owner_in_this_etcd_gave_moves_the_epoch_past_it(etcd, caplog
     try:
         until(lambda: m.step().degraded is None and len(m.share.tokens) == 2, what="a share")
         epoch, revision = m.share.epoch, m.share.tokens["h0/n0"]
+
+        def unmoved():
+            share = m.step()
+            assert share.epoch == epoch and share.tokens["h0/n0"] == revision
+            assert client.get(m.prefix + "epoch").value == str(epoch)
+
         # another's record: its owner's token is newer, rightly
         lease, _ = client.grant(30)
         client.put(m.prefix + "owners/h0/n1", "m2", lease)
-        m.outranked("h0/n1", fencing_token(epoch, revision + 50))
-        assert m.step().epoch == epoch and m.share.tokens["h0/n0"] == revision
-        assert client.get(m.prefix + "epoch").value == str(epoch)
-        # a revision after this member's record (its etcd's twin, made the same second)
-        held = fencing_token(epoch, revision + 1)
-        m.outranked("h0/n0", held)
-        moved = m.step().epoch
-        assert moved > epoch and m.token("h0/n0") > held
-        # a later epoch (a snapshot's, or a clock ahead of the one that made this epoch)
-        later = fencing_token(moved + 500, 3)
-        m.outranked("h0/n0", later)
-        assert m.step().epoch == moved + 501 and m.token("h0/n0") > later
-        assert client.get(m.prefix + "epoch").value == str(moved + 501)
-        # past every epoch (a stolen key's claim): logged, and the fleet goes on as it was
-        m.outranked("h0/n0", fencing_token((1 << 31) - 1, 1))
+        m.outranked("h0/n1", fencing_token(epoch, revision + 50), "m2")
+        unmoved()
+        # a monitor that is no member here (a fleet on another etcd), an epoch no clock made
+        m.outranked("h0/n0", fencing_token(epoch + 100, 3), "elsewhere")
+        unmoved()
         with caplog.at_level(logging.ERROR, "backdoors.fleet"):
-            last = m.step()
-        assert "past every epoch's" in caplog.text
-        assert last.degraded is None and last.epoch == moved + 501
+            m.outranked("h0/n0", fencing_token(epoch + 10 * 86_400, 3), "m1")
+            unmoved()
+        assert "no clock has made yet" in caplog.text
+        # the same revision as this member's record, held by itself: its own token
+        m.outranked("h0/n0", fencing_token(epoch, revision), "m1")
+        unmoved()
+        for holder, held in (("m1", fencing_token(epoch, revision + 1)),  # its etcd's twin
+                             ("m1", fencing_token(epoch + 500, 3))):  # a later epoch
+            before = m.share.epoch
+            m.outranked("h0/n0", held, holder)
+            share = m.step()
+            kv = client.get(m.prefix + "epoch")
+            # (the clock's epoch, when later: a second may have passed)
+            assert share.epoch >= max(before + 1, (held >> 32) + 1) and \
+                share.epoch == int(kv.value) < (held >> 32) + 100
+            # both nodes taken again after the epoch was written: their tokens are of it
+            assert all(t > kv.mod_revision for t in share.tokens.values()), share.tokens
+            assert m.token("h0/n0") > held
     finally:
         m.stop()
         client.close()
+
+
+def test_a_member_whose_lease_ends_while_it_moves_the_epoch_keeps_no_token_of_it(
+        etcd):  # noqa: F811
+    """Review: a member that moved the epoch built its tokens from the records it had
+    read before, in the new epoch: if its lease ended meanwhile and another member took a
+    node, the old owner's token (new epoch, old revision) outranked the new owner's. Now
+    every take is a txn that the epoch is the one read, and a record of an earlier epoch
+    is taken again in the new one (or not, when it changed)."""
+    from backdoors.fleet.member import fencing_token
+
+    client, other = EtcdClient(etcd.url), EtcdClient(etcd.url)
+    m1 = FleetMember(client, "m1", lambda: ["h0/n0"], poll_s=0.05)
+    m2 = FleetMember(other, "m2", lambda: ["h0/n0"], poll_s=0.05)
+    try:
+        until(lambda: m1.step().degraded is None and m1.share.tokens, what="m1's share")
+        epoch = m1.share.epoch
+        real_txn = client.txn
+
+        def txn(conditions, ops):
+            if any(base64.b64decode(op.get("request_put", {}).get("key", "")).endswith(
+                    b"/epoch") for op in ops):
+                # just before m1 moves the epoch: its lease ends, m2 takes the node
+                client.txn = real_txn
+                client.revoke(m1.share.lease)
+                until(lambda: m2.step().tokens.get("h0/n0"), what="m2 taking the node")
+            return real_txn(conditions, ops)
+        client.txn = txn
+        m1.outranked("h0/n0", fencing_token(epoch + 100, 1), "m1")
+        m1.step()
+        assert m1.share.epoch == epoch + 101  # moved
+        assert m1.token("h0/n0") is None, m1.share  # but the node is m2's now
+        # m2's next step takes it again in the new epoch: above anything m1 held
+        share = m2.step()
+        assert share.epoch == epoch + 101 and m2.token("h0/n0") > fencing_token(epoch + 100, 1)
+    finally:
+        m1.stop()
+        m2.stop()
+        client.close()
+        other.close()

@@ -200,3 +200,20 @@ def test_at_quorum_one_key_alone_records_no_token(agent_lab):
     m1.tokens = lambda node: 499
     with pytest.raises(StaleTokenError):  # an older one is still refused before its vote
         m1.set_limits("n0", pids=50)
+
+
+def test_the_same_token_from_another_monitor_is_refused():
+    """Review: one etcd history gives a revision to one owner, so the same token from a
+    second monitor is another history's (an etcd restored or made anew): refused as
+    stale, as an older one is, so the fleet's heal (FleetMember._past) moves past it;
+    the same monitor may send its token again, and a higher one is taken."""
+    from backdoors.agent.tokens import StaleToken, TokenTable
+
+    table = TokenTable()
+    assert table.check("n0", 5, "m1") is None
+    assert table.check("n0", 5, "m1") == 5
+    with pytest.raises(StaleToken, match="m1's token"):
+        table.check("n0", 5, "m2")
+    with pytest.raises(StaleToken, match="older"):
+        table.check("n0", 4, "m2")
+    assert table.check("n0", 6, "m2") == 5 and table.get("n0") == (6, "m2")

@@ -440,7 +440,7 @@ class RpcServer:
         for voter in sorted(voters) if key is not None else ():
             if (token := self._vote_tokens.get((key, voter))) is not None:
                 try:
-                    self.agent.tokens.check(args.node, token, voter)
+                    self.agent.tokens.check(args.node, token, voter, peers=monitors)
                 except StaleToken as e:  # a newer owner's came while the vote was open
                     self.metrics.stale_tokens.labels(args.node).inc()
                     return Outcome(False, code="stale_token", message=f"{op.name}: {e}",

@@ -2,7 +2,8 @@
 
 A monitor of a fleet owns a node since an etcd revision (within the fleet's epoch: its
 token, fleet/member.py), and sends it with every destructive request (protocol.TOKENED). The agent keeps, per node, the
-highest token it has seen and who sent it; a request with an older token is refused
+highest token it has seen and who sent it; a request with an older token (or the same
+token from another monitor, which no one etcd history gives) is refused
 (`stale_token`), so a monitor that lost its ownership — paused, partitioned from etcd, its
 requests late — can never act on a node that another monitor now owns. A request without
 a token is not checked (a single monitor without etcd, an operator's command).
@@ -36,15 +37,23 @@ class TokenTable:
     def get(self, node: str) -> tuple[int, str] | None:
         return self._seen.get(node)
 
-    def check(self, node: str, token: int, monitor: str, *, record: bool = True) -> int | None:
+    def check(self, node: str, token: int, monitor: str, *, record: bool = True,
+              peers: frozenset[str] = frozenset()) -> int | None:
         """Accept `monitor`'s `token` for `node` (recording it when higher, if `record`)
-        and return the node's previous token; StaleToken if an older one than seen."""
+        and return the node's previous token; StaleToken if an older one than seen, or,
+        recording, the same one of another monitor than `peers` (its co-voters)."""
         seen = self._seen.get(node)
         if seen is not None and token < seen[0]:
             raise StaleToken(f"token {token} of {monitor} for node {node} is older than "
                              f"token {seen[0]} of {seen[1]}: {seen[1]} owns the node now; "
                              "not applied")
-        if record and (seen is None or token > seen[0] or monitor != seen[1]):
+        if record and seen is not None and token == seen[0] and seen[1] not in (
+                peers | {monitor}):
+            # one fleet gives a token to one owner: a second is from another etcd history
+            raise StaleToken(f"token {token} of {monitor} for node {node} is {seen[1]}'s "
+                             "token (given by another etcd, or before a restore): not "
+                             "applied")
+        if record and (seen is None or token > seen[0]):
             self._seen[node] = (token, monitor)
             if self.observer is not None:
                 self.observer(self.snapshot())

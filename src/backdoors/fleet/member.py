@@ -20,9 +20,12 @@ node later holds a higher token, and agents refuse the older ones (agent/tokens.
 etcd made anew (or emptied) starts its revisions again, below the tokens the agents hold:
 so the token sent is the revision within the fleet's **epoch** (`fencing_token`), a number
 kept in etcd (`epoch`, under no lease) and made from the clock by the first member of an
-etcd without one; a later etcd's tokens outrank an earlier one's. A token an agent holds
-that no owner in this etcd was given (`outranked`: a snapshot's etcd, one made anew within
-its predecessor's epoch second, an epoch made by a clock behind) moves the epoch past it.
+etcd without one; a later etcd's tokens outrank an earlier one's. A token a member holds
+at an agent that this etcd never gave (`outranked`: a snapshot's etcd, one made anew
+within its predecessor's epoch second, an epoch made by a clock behind) moves the epoch
+past it (`_past`). Every take is a txn that the epoch is still the one read, and a record
+of an earlier epoch is taken again in the new one: a token's epoch is the one in force at
+its revision.
 
 A member that dies stops renewing: after the TTL its lease expires, its member key and
 ownership records go with it, and the others take its nodes at their next step. One that
@@ -61,6 +64,7 @@ log = logging.getLogger("backdoors.fleet")
 
 PREFIX = "/backdoors/fleet/"
 EPOCH_BASE = 1_700_000_000  # an epoch is whole seconds since this unix time
+EPOCH_SLACK_S = 86_400  # a refusing agent's epoch this far ahead of the clock is no clock's
 HOLD_MAX_S = 10.0  # the longest a member keeps a node assigned elsewhere for a running response
 GONE_S = 10.0  # how long an owned node is missing from the owner's nodes() before it is let go
 
@@ -119,7 +123,8 @@ class FleetMember:
         self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
         self._missing: dict[str, float] = {}  # owned node not in nodes() -> since when
         self._release = False
-        self._outranked: dict[str, int] = {}  # node -> the token its agent holds above ours
+        self._outranked: dict[str, tuple[int, str]] = {}  # node -> (token, holder) its
+        # agent refused this member's claim with
         self.share = Share(member_id)
         self._lock = threading.Lock()  # guards `share` (read by the monitor's threads)
         self._renew_at = 0.0
@@ -135,11 +140,11 @@ class FleetMember:
             revision = self.share.tokens.get(node)
             return None if revision is None else fencing_token(self.share.epoch, revision)
 
-    def outranked(self, node: str, token: int) -> None:
-        """`node`'s agent refused this member's claim: it holds `token`. Checked at the
-        next step (`_past`)."""
+    def outranked(self, node: str, token: int, holder: str) -> None:
+        """`node`'s agent refused this member's claim: it holds `token`, of monitor
+        `holder`. Checked at the next step (`_past`)."""
         with self._lock:
-            self._outranked[node] = max(self._outranked.get(node, 0), token)
+            self._outranked[node] = (token, holder)
 
     def snapshot(self) -> Share:
         with self._lock:
@@ -257,10 +262,14 @@ class FleetMember:
         # cannot hold a node: it would never expire)
         members = sorted({kv.key.rsplit("/", 1)[1] for kv in kvs if kv.lease
                           and "/" not in kv.key[len(self.prefix) + len("members/"):]})
-        epoch = self._epoch()
+        epoch, at = self._epoch()
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
-        epoch = self._past(epoch, owners, lease)
+        epoch, at = self._past(epoch, at, owners, members, lease)
+        # every take is a txn that the epoch is still the one read (`at`, its mod revision):
+        # so a token's epoch is the one in force at its revision, and a later take's token
+        # is the higher, whatever epoch a member read before it
+        same_epoch = Compare(self.prefix + "epoch", "MOD", at)
         known = set(self.nodes())
         assigned = assign(known | set(owners), members)
         tokens, held = {}, set()
@@ -269,11 +278,17 @@ class FleetMember:
                 continue
             if self._left(node, node in known, now):
                 self._let_go(node, kv.mod_revision, None)
-            elif assigned.get(node) == self.id:
-                tokens[node] = kv.mod_revision
-            elif self._holds(node, now):
-                tokens[node] = kv.mod_revision
-                held.add(node)
+            elif assigned.get(node) == self.id or self._holds(node, now):
+                if assigned.get(node) != self.id:
+                    held.add(node)
+                if kv.mod_revision > at:
+                    tokens[node] = kv.mod_revision
+                else:  # taken in an earlier epoch: taken again in this one, unless the
+                    # record changed since it was read (this member's lease expired)
+                    got = c.txn([Compare(kv.key, "MOD", kv.mod_revision), same_epoch],
+                                [put_op(kv.key, self.id, lease)])
+                    if got.succeeded:
+                        tokens[node] = got.revision
             else:  # no longer ours: stop acting on it first, then let it go, with the last
                 # word on its incident (the next owner reads it)
                 self._let_go(node, kv.mod_revision, ...)
@@ -289,7 +304,7 @@ class FleetMember:
                 cond = Compare(key, "MOD", owners[node].mod_revision)
             else:
                 cond = Compare(key, "CREATE", 0)
-            got = c.txn([cond], [put_op(key, self.id, lease)])
+            got = c.txn([cond, same_epoch], [put_op(key, self.id, lease)])
             if got.succeeded:
                 tokens[node] = got.revision
         # the nodes taken at this step (new, or taken again: a new token), with their open
@@ -312,22 +327,19 @@ class FleetMember:
             self.share.tokens, self.share.epoch = tokens, epoch
         self._flush(tokens)
 
-    def _epoch(self) -> int:
-        """The fleet's epoch: kept in etcd (under no lease), made by the first member of
-        an etcd without one (new, or emptied: its revisions start again, below what the
-        agents hold) from the clock, so that the tokens of a later etcd outrank those of
-        an earlier one (in whole seconds: one made in the same second as its predecessor's
-        epoch gets the same: `_past` moves it on)."""
+    def _epoch(self) -> tuple[int, int]:
+        """The fleet's epoch and the revision it was written at: kept in etcd (under no
+        lease), made by the first member of an etcd without one (new, or emptied: its
+        revisions start again, below what the agents hold) from the clock, so that the
+        tokens of a later etcd outrank those of an earlier one (in whole seconds: one made
+        in the same second as its predecessor's epoch gets the same: `_past` moves it)."""
         key = self.prefix + "epoch"
         for _ in range(3):  # (another member may make it at the same time)
             kv = self.client.get(key)
             if kv is not None:
-                try:
-                    epoch = int(kv.value)
-                except ValueError:
-                    epoch = -1
+                epoch = int(kv.value) if kv.value.isdigit() else -1
                 if 0 < epoch < 1 << 31:
-                    return epoch
+                    return epoch, kv.mod_revision
                 log.warning("fleet member %s: %s is not an epoch (%r): made anew", self.id,
                             key, kv.value[:64])
                 cond = Compare(key, "MOD", kv.mod_revision)
@@ -337,56 +349,68 @@ class FleetMember:
             if epoch < 1:  # a clock reset (no RTC, before NTP): its epoch would be the lowest
                 raise EtcdError(f"the clock says {time.time():.0f}: too early to make the "
                                 "fleet's epoch (set the clock)")
-            if self.client.txn([cond], [put_op(key, str(epoch))]).succeeded:
+            got = self.client.txn([cond], [put_op(key, str(epoch))])
+            if got.succeeded:
                 (log.warning if self.share.epoch else log.info)(
                     "fleet member %s: the fleet's epoch is %d now (etcd had none: a new or "
                     "emptied etcd)", self.id, epoch)
-                return epoch
+                return epoch, got.revision
         raise EtcdError(f"{key}: changed by others at each of 3 reads")
 
-    def _past(self, epoch: int, owners: dict, lease: int) -> int:
-        """The fleet's epoch, moved past the tokens agents refused this member's claims
-        with (`outranked`) that no owner in this etcd was given: from a later epoch, or,
-        in this epoch, from a revision after that of this member's own record of the node
-        (a newer owner's would have replaced the record). So an etcd whose tokens fall
-        below those the agents hold (restored from a snapshot, made anew within the
-        second of its predecessor's epoch, its epoch made by a clock behind) heals; a
-        newer owner's token leaves the epoch as it is."""
+    def _past(self, epoch: int, at: int, owners: dict, members: list[str],
+              lease: int) -> tuple[int, int]:
+        """The fleet's epoch (and its revision), moved past the tokens agents refused this
+        member's claims with (`outranked`) that this etcd never gave. Such a token is one
+        a member of this fleet (the member itself, or another now live) holds from a
+        later epoch, or, in this epoch, from a revision after that of this member's own
+        record of the node (equal: another member's), which a newer owner's take would
+        have replaced. So an etcd whose tokens fall below those the agents hold (restored
+        from a snapshot, made anew within the second of its predecessor's epoch, its
+        epoch made by a clock behind) heals; a newer owner's token leaves the epoch as it
+        is, and so does one held by a monitor of no member's name (a fleet on another
+        etcd, where it outranks this one: the operator ends one of the two), or from an
+        epoch more than EPOCH_SLACK_S ahead of this clock (what no clock made)."""
         with self._lock:
             refused, self._outranked = self._outranked, {}
-        beyond = []
-        for node, held in sorted(refused.items()):
-            kv = owners.get(node)
+        beyond, ahead = [], int(time.time()) - EPOCH_BASE + EPOCH_SLACK_S
+        for node, (held, holder) in sorted(refused.items()):
+            e, r, kv = held >> 32, held & 0xFFFFFFFF, owners.get(node)
             mine = kv is not None and kv.value == self.id and kv.lease == lease
-            if held >> 32 > epoch or (held >> 32 == epoch and mine
-                                      and held & 0xFFFFFFFF > kv.mod_revision):
+            after = mine and (r > kv.mod_revision or (r == kv.mod_revision
+                                                      and holder != self.id))
+            if not (e > epoch or (e == epoch and after)):
+                continue  # a newer owner's, in this etcd
+            if holder != self.id and holder not in members:
+                log.warning("fleet member %s: node %s's agent holds token %d of %s, no "
+                            "member of this fleet: left to it (a fleet on another etcd?)",
+                            self.id, node, held, holder)
+            elif e > ahead:
+                log.error("fleet member %s: node %s's agent holds token %d of %s, of an "
+                          "epoch no clock has made yet (a stolen key?): the node stays "
+                          "refused until its agent's kept tokens are cleared "
+                          "(docs/operations.md, section 13)", self.id, node, held, holder)
+            else:
                 beyond.append((held, node))
         if not beyond:
-            return epoch
+            return epoch, at
         held, node = max(beyond)
-        if held >> 32 >= (1 << 31) - 1:  # no epoch can pass it
-            log.error("fleet member %s: node %s's agent holds token %d, past every epoch's: "
-                      "the node stays another's until the agent's kept tokens are cleared "
-                      "(docs/operations.md, section 13)", self.id, node, held)
-            return epoch
         key, new = self.prefix + "epoch", max(int(time.time()) - EPOCH_BASE, (held >> 32) + 1)
-        moved = False
+        got = None
         try:
-            moved = self.client.txn([Compare(key, "VALUE", str(epoch))],
-                                    [put_op(key, str(new))]).succeeded
+            got = self.client.txn([Compare(key, "MOD", at)], [put_op(key, str(new))])
         finally:
-            if not moved:  # checked again at the next step
+            if got is None or not got.succeeded:  # checked again at the next step
                 with self._lock:
-                    for n, t in refused.items():
-                        self._outranked[n] = max(self._outranked.get(n, 0), t)
-        if not moved:  # another member moved it first (past this token, or not yet)
+                    for n, h in refused.items():
+                        self._outranked.setdefault(n, h)
+        if not got.succeeded:  # another member moved it first (past this token, or not yet)
             return self._epoch()
         log.warning("fleet member %s: node %s's agent holds token %d (epoch %d, revision "
-                    "%d), which no owner in this etcd was given (restored from a snapshot, "
-                    "made anew within the same second, or its epoch made by a clock behind): "
-                    "the fleet's epoch is %d now", self.id, node, held, held >> 32,
+                    "%d), which this etcd never gave (restored from a snapshot, made anew "
+                    "within the same second, or its epoch made by a clock behind): the "
+                    "fleet's epoch is %d now", self.id, node, held, held >> 32,
                     held & 0xFFFFFFFF, new)
-        return new
+        return new, got.revision
 
     def _left(self, node: str, listed: bool, now: float) -> bool:
         """Whether owned `node` left the fleet: missing from nodes() for gone_s."""

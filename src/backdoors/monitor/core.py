@@ -500,13 +500,12 @@ class Monitor:
         try:
             reply = client.claim(node, token)
         except StaleTokenError as e:
-            log.warning("fleet: node %s of %s: claim refused, a newer owner exists: %s",
-                        node, host, e)
-            # the fleet checks whether that owner can be one of its etcd (fleet/member.py);
-            # if the agent cannot say now, the claim is tried again at the next poll
-            held = next((i.token for i in client.nodes() if i.name == node), None)
-            if held is not None:
-                self.share.outranked(host, node, held)
+            log.warning("fleet: node %s of %s: claim refused: %s", node, host, e)
+            # the fleet checks whether that token can be of its etcd (fleet/member.py); if
+            # the agent cannot say now, the claim is tried again at the next poll
+            info = next((i for i in client.nodes() if i.name == node), None)
+            if info is not None and info.token is not None:
+                self.share.outranked(host, node, info.token, info.owner or "")
             self.share.claimed(host, node, token, refused=True)
             return
         if reply.last_act_by not in (None, reply.owner) and reply.last_act_s < HANDOVER_QUIET_S:

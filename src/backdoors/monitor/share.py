@@ -138,10 +138,11 @@ class FleetShare:
         with self._lock:
             (self._refused if refused else self._claimed)[node_key(host, node)] = token
 
-    def outranked(self, host: str, node: str, token: int) -> None:
-        """The agent refused this monitor's claim of the node: it holds `token` (the
-        fleet moves its epoch past a token its etcd never gave: FleetMember._past)."""
-        self.member.outranked(node_key(host, node), token)
+    def outranked(self, host: str, node: str, token: int, holder: str) -> None:
+        """The agent refused this monitor's claim of the node: it holds `token` of monitor
+        `holder` (the fleet moves its epoch past a token its etcd never gave:
+        FleetMember._past)."""
+        self.member.outranked(node_key(host, node), token, holder)
 
     def incident(self, event: str, inc) -> None:
         """An incident listener: record the open incident of an owned node in etcd, and
