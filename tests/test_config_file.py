@@ -127,6 +127,11 @@ def test_plain_files_still_load(folder):
     (('address = "10.99.0.1:7700"\n', 'address = "10.99.0.1:7700"\n[monitor.warnings]\n'
       'nats = ["nats://10.99.0.250:4222"]\ncluster = "a.b"\n'),
      r":32: key monitor\.warnings\.cluster: must be 1-64 of A-Z a-z 0-9 _ - \(no dot"),
+    # review: a password nats-py would cut at '/' (and log), shown without it
+    (('address = "10.99.0.1:7700"\n', 'address = "10.99.0.1:7700"\n[monitor.warnings]\n'
+      'nats = ["nats://mon:ab/cd@10.99.0.250:4222"]\ncluster = "a"\n'),
+     r":31: key monitor\.warnings\.nats\[0\]: 'nats://mon:\*\*\*@10\.99\.0\.250:4222': "
+     r"the user or password holds / \? or #"),
 ])
 def test_errors_name_file_line_and_key(folder, change, where):
     path = write(folder, UNIFIED.replace(*change))

@@ -314,3 +314,11 @@ def test_a_server_with_users_keeps_strangers_off_the_bus_and_its_password_out_of
         if wb.bus is not None:
             wb.bus.stop()
         server.stop()
+
+
+def test_a_nats_url_is_logged_without_its_password_whatever_it_holds():
+    from backdoors.fleet.bus import without_password
+    assert without_password("nats://10.0.0.1:4222") == "nats://10.0.0.1:4222"
+    assert without_password("nats://mon:s3cret@10.0.0.1:4222") == "nats://mon:***@10.0.0.1:4222"
+    assert without_password("tls://mon:a/b?c#d@e@[::1]:4222") == "tls://mon:***@[::1]:4222"
+    assert without_password("nats://t0ken@h:4222") == "nats://***@h:4222"

@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from urllib.parse import urlsplit, urlunsplit
 
 from ..common.ratelimit import LogLimiter
 from .nats import NatsError
@@ -34,7 +33,7 @@ class Bus:
         if not servers:
             raise NatsError("no NATS server given (like nats://127.0.0.1:4222)")
         self.servers, self.subject, self.on_message = list(servers), subject, on_message
-        self.shown = ", ".join(_without_password(u) for u in servers)  # for the logs
+        self.shown = ", ".join(without_password(u) for u in servers)  # for the logs
         self.name, self.timeout, self.within = name, timeout, within
         self._loop = asyncio.new_event_loop()
         self._nc = None
@@ -60,7 +59,7 @@ class Bus:
             fut.result(self.timeout + 1)
         except Exception as e:  # noqa: BLE001 - nats-py raises many kinds
             why = f"NATS {self.shown}: cannot connect: {_reason(e)}"
-            if self.last_error:
+            if self.last_error and self.last_error != _reason(e):
                 why += f" (the last error: {self.last_error})"
             if wait or fut.done():  # (done: a bad address, not a server away)
                 self.stop()
@@ -135,12 +134,14 @@ class Bus:
         self._nc = None
 
     async def _close(self) -> None:
-        if self._nc is not None:
-            await self._nc.close()
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in others:
-            t.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        try:
+            if self._nc is not None:
+                await self._nc.close()
+        finally:
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
     def __enter__(self) -> Bus:
         return self.start()
@@ -154,11 +155,12 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     """`url` as logged: a password or token in it (nats://user:password@host,
-    nats://token@host) left out."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    nats://token@host) left out, whatever characters it holds."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
         return url
-    user = f"{parts.username}:***" if parts.password is not None else "***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
+    user = userinfo.split(":", 1)[0] + ":***" if ":" in userinfo else "***"
+    return f"{scheme}://{user}@{host}"

@@ -207,10 +207,15 @@ def _validate(c: MonitorConfig) -> None:
 def _validate_warnings(w: WarningsConfig) -> None:
     if not w.nats:
         raise Invalid(("warnings", "nats"), "name at least one NATS URL (nats://ADDR:4222)")
+    from ..fleet.bus import without_password
     for i, url in enumerate(w.nats):
         if not url.startswith(("nats://", "tls://")):
-            raise Invalid(("warnings", "nats", i), f"{url!r} is not a NATS URL "
-                          "(like nats://10.99.0.250:4222)")
+            raise Invalid(("warnings", "nats", i), f"{without_password(url)!r} is not a "
+                          "NATS URL (like nats://10.99.0.250:4222)")
+        if any(c in url.partition("://")[2].rpartition("@")[0] for c in "/?#"):
+            raise Invalid(("warnings", "nats", i), f"{without_password(url)!r}: the user "
+                          "or password holds / ? or #, which end a URL's address: use "
+                          "letters and digits (openssl rand -hex 24)")
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", w.cluster):  # one token of the subject
         raise Invalid(("warnings", "cluster"), "must be 1-64 of A-Z a-z 0-9 _ - (no dot: "
                       "it is the last token of the warnings' subject, SUBJECT.CLUSTER, "
