@@ -31,6 +31,7 @@ from backdoors.sensors import parse_box
 from backdoors.vm import initramfs, rootkit
 from backdoors.vm.kernel import GuestKernel
 from backdoors.vm.machine import QEMU
+from backdoors.vm.qmp import Qmp
 
 from test_agent_support import agent_lab  # noqa: F401 - fixtures
 from test_nodes_support import prefix  # noqa: F401
@@ -517,7 +518,12 @@ def test_a_qemu_started_the_operators_way_is_a_vm_node(agent_lab):  # noqa: F811
     """QEMU as docs/operations.md ("VM nodes") has an operator start it, not the lab: its
     RAM in a memfd it makes itself (memory-backend-memfd), a QMP socket for the agent,
     the kernel in a folder of the host's, in the node's cgroup as an unprivileged uid; the
-    agent is given that folder. It reads the guest kernel, guards it, and locks it."""
+    agent is given that folder. It reads the guest kernel, guards it, and locks it.
+
+    The agent starts before the guest has booted (QEMU `-S`: no kernel in its RAM yet):
+    outside review, that stopped the agent, and with it every node of the host (as did
+    any guest whose memory is not what a kernel holds). Now the node is served without
+    its guest box, and the guest kernel is read once it is there."""
     kernel = GuestKernel.find()
     initrd = initramfs.build(kernel)
     lab = agent_lab(nodes={"v0": {}}, start=False)
@@ -540,17 +546,23 @@ def test_a_qemu_started_the_operators_way_is_a_vm_node(agent_lab):  # noqa: F811
                 "-kernel", str(folder / "boot" / kernel.image.name),
                 "-initrd", str(shared / "initrd.cpio"),
                 "-append", "console=ttyS0 panic=-1 quiet nohz=off bd.name=web1",
-                "-serial", f"file:{run / 'console.log'}",
-                "-qmp", f"unix:{run / 'agent-qmp.sock'},server=on,wait=off"]
+                "-serial", f"file:{run / 'console.log'}", "-S",
+                "-qmp", f"unix:{run / 'agent-qmp.sock'},server=on,wait=off",
+                "-qmp", f"unix:{run / 'operator-qmp.sock'},server=on,wait=off"]
         proc = lab.nodes["v0"].run(argv, user=uid, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE)
-        assert _eventually(lambda: (run / "console.log").exists() and initramfs.READY.encode()
-                           in (run / "console.log").read_bytes(), 120), proc.poll()
+        assert _eventually(lambda: all((run / f"{who}-qmp.sock").exists()
+                                       for who in ("agent", "operator")), 30), proc.poll()
         spec = VmNodeSpec(guest="web1", qmp=str(run / "agent-qmp.sock"), kernel=str(folder))
         config = lab.config
         config.nodes = [msgspec.structs.replace(config.nodes[0], vm=spec)]
         lab.agent = BackgroundAgent(config).start()
         c = lab.client(timeout=10.0)
+        assert [n.name for n in c.nodes()] == ["v0"] and "guest" not in c.sensors("v0").boxes
+        Qmp(run / "operator-qmp.sock", "web1")("cont")  # the guest boots
+        assert _eventually(lambda: initramfs.READY.encode() in (
+            run / "console.log").read_bytes(), 120), proc.poll()
+        assert _eventually(lambda: "guest" in c.sensors("v0").boxes, 60)
         first = _guest(c)
         assert first["tasks"] >= 3
         assert _eventually(lambda: _guest(c)["jiffies"] > first["jiffies"])

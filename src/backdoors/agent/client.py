@@ -340,11 +340,13 @@ class AgentClient:
         return self._typed("guest_processes", GuestProcesses, node=node)
 
     def guest_kill(self, node: str, pid: int, *, comm: str | None = None,
-                   tree: bool = False) -> GuestKillReply:
-        """SIGKILL a process of a VM node's guest (`tree`: its descendants too), written
-        into the guest kernel; `comm` guards against a pid reused since it was read."""
+                   tree: bool = False, spare: list[str] | None = None) -> GuestKillReply:
+        """SIGKILL a process of a VM node's guest (`tree`: its descendants too, but those
+        whose comm is in `spare` and theirs), written into the guest kernel; `comm` guards
+        against a pid reused since it was read."""
+        more = {"spare": list(spare)} if spare else {}  # (an older agent knows no spare)
         return self._typed("guest_kill", GuestKillReply, node=node, pid=pid, comm=comm,
-                           tree=tree, timeout=HEAL_S + 1.0)
+                           tree=tree, timeout=HEAL_S + 1.0, **more)
 
     def heal_kernel(self, node: str) -> HealReply:
         """Restore the open findings of a VM node's guest kernel."""

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from ..common.fdstore import Notifier, listen_fds, watchdog_interval
+from ..common.ratelimit import LogLimiter
 from ..common.runtime import agent_socket
 from ..errors import AgentError, BackdoorsError
 from ..nodes import Layout, Node, detect, read_process
@@ -58,6 +59,7 @@ STOP_THAW_S = 10.0
 FENCES_KEY = "fences"  # durable state (fd store): {node: [monitors holding its fence]}
 TOKENS_KEY = "tokens"  # durable state: {node: [highest fencing token, its monitor]}
 MARKS_KEY = "marks"  # durable, shared: each signer's latest request time (agent/auth.py)
+GUEST_RETRY_S = 5.0  # a VM node whose guest kernel cannot be read is tried again this often
 
 
 class Agent:
@@ -116,6 +118,9 @@ class Agent:
         self.address: tuple[str, int] | None = None
         self.metrics_server: MetricsServer | None = None  # GET /metrics, with metrics_listen
         self._reaper: asyncio.Task | None = None
+        self._stopping = threading.Event()
+        self._guest_retry: threading.Thread | None = None
+        self._guest_logs = LogLimiter(rate=1 / 60, burst=1)  # a node's unreadable guest
         self._expiring: set[str] = set()
         self._expire_errors: dict[str, str] = {}
         # the supervisor (systemd, the lab's keeper): fd store, readiness, watchdog
@@ -228,10 +233,13 @@ class Agent:
                                                 what=f"agent {c.host} metrics")
             self.metrics_server.bind()
 
-    def _open_guest(self, spec, node: VmNode) -> GuestWatch:
+    def _open_guest(self, spec, node: VmNode) -> GuestWatch | None:
         """Map a VM node's guest RAM and show its guest kernel box (`GUEST_BOX`), owned by
         the node's QEMU: its death is the guest's (agent/watch.py follows it). Its
-        integrity guard's changes are pushed as events (vm/guard.py)."""
+        integrity guard's changes are pushed as events (vm/guard.py). None when the
+        guest kernel cannot be read (not booted yet, or its memory is not what a kernel
+        holds: a hostile guest must not keep the agent from serving the host's other
+        nodes): the node is served without its box, and tried again (`_retry_guests`)."""
         try:
             vm = spec.vm
             watch = GuestWatch(spec.name, node.memory(), sample_period=vm.sample_period_s,
@@ -242,8 +250,12 @@ class Agent:
                                on_predicted=(lambda *a, n=spec.name: self._predicted(n, *a))
                                if vm.orion else None)
         except BackdoorsError as e:
-            node.close()
-            raise AgentError(f"node {spec.name}: cannot read its guest kernel: {e}") from None
+            if self._guest_logs.admit(spec.name)[0]:
+                log.error("node %s: cannot read its guest kernel (tried again every %g s; "
+                          "the node is served without its guest box meanwhile): %s",
+                          spec.name, GUEST_RETRY_S, e)
+                self.audit.write(kind="guest_unreadable", node=spec.name, error=str(e)[:200])
+            return None
         region = Region(watch.sensors.box.fd, label=f"node {spec.name} guest kernel sensors")
         self.regions.add(Entry(spec.name, GUEST_BOX, "sensorbox", region, False, node.pid,
                                node.start_time, internal=True))
@@ -284,6 +296,10 @@ class Agent:
             rt.sampler.start()
             if rt.guest is not None:
                 rt.guest.start()
+        if any(isinstance(rt.node, VmNode) and rt.guest is None for rt in self.nodes.values()):
+            self._guest_retry = threading.Thread(target=self._retry_guests, daemon=True,
+                                                 name="bd-guest-retry")
+            self._guest_retry.start()
         self.owners.start()
         if self.watcher is not None:
             self.watcher.start()
@@ -298,6 +314,19 @@ class Agent:
             self.on_serving(self)
         self._supervised()
         self.peerwatch.start()
+
+    def _retry_guests(self) -> None:
+        """Open the guest kernels that could not be read, until all are."""
+        while not self._stopping.wait(GUEST_RETRY_S):
+            waiting = [rt for rt in self.nodes.values()
+                       if isinstance(rt.node, VmNode) and rt.guest is None]
+            if not waiting:
+                return
+            for rt in waiting:
+                if (watch := self._open_guest(rt.spec, rt.node)) is not None:
+                    rt.guest = watch
+                    watch.start()
+                    log.warning("node %s: its guest kernel is read now", rt.name)
 
     # -- supervisor: fd store, readiness, watchdog (see agent/fdstore.py) ---------------
 
@@ -448,6 +477,9 @@ class Agent:
         self.owners.stop()
         if self.watcher is not None:
             self.watcher.stop()
+        self._stopping.set()
+        if self._guest_retry is not None:  # (an open under way ends first)
+            await asyncio.to_thread(self._guest_retry.join)
         for rt in self.nodes.values():
             rt.sampler.stop()
             if rt.guest is not None:  # (may be taking its baseline: seconds)

@@ -208,6 +208,7 @@ class GuestKillArgs(msgspec.Struct, forbid_unknown_fields=True):
     pid: int
     comm: str | None = None  # refused unless the process's comm is this (an older table's)
     tree: bool = False  # its descendants too
+    spare: list[str] = []  # but not those whose comm is one of these, nor theirs
 
 
 class LimitsArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -555,7 +556,8 @@ def guest_kill(call: Call) -> GuestKillReply:
     began = time.monotonic()
     with call.agent.leases.exclusive(rt.name):
         try:
-            tasks = guest_kill_tasks(rt.node, a.pid, comm=a.comm, tree=a.tree)
+            tasks = guest_kill_tasks(rt.node, a.pid, comm=a.comm, tree=a.tree,
+                                     spare=frozenset(a.spare))
         except BackdoorsError as e:
             raise OpError("failed", f"node {rt.name}: {e}") from None
     memory, left = rt.node.memory(), sorted(tasks)

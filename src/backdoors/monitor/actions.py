@@ -626,7 +626,7 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
                                        f"has {heads} processes, below min_lineage"})
         began = time.monotonic()
         reply = ctx.client.guest_kill(ctx.node, culprit.pid, comm=culprit.comm,
-                                      tree=how == "lineage")
+                                      tree=how == "lineage", spare=self.protect)
         left = set(reply.survivors)
         while left and time.monotonic() - began < self.settle_s:
             time.sleep(0.1)  # a sleeper dies when it wakes; a busy guest wakes them late

@@ -7,7 +7,7 @@ nodes tests and the package report).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from backdoors.common.procs import ProcessInfo, read_process
 
@@ -22,11 +22,14 @@ def process_table(pids: Iterable[int]) -> list[ProcessInfo]:
     return table
 
 
-def subtree(table: Iterable[ProcessInfo], pid: int) -> set[int]:
-    """`pid` and all its descendants found in `table` (following ppid links)."""
+def subtree(table: Iterable[ProcessInfo], pid: int,
+            spare: Collection[str] = ()) -> set[int]:
+    """`pid` and all its descendants found in `table` (following ppid links), but for
+    the processes whose comm is in `spare` and their own descendants."""
     children: dict[int, list[int]] = {}
     for info in table:
-        children.setdefault(info.ppid, []).append(info.pid)
+        if info.comm not in spare:
+            children.setdefault(info.ppid, []).append(info.pid)
     found, todo = set(), [pid]
     while todo:
         current = todo.pop()

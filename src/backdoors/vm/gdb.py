@@ -12,6 +12,7 @@ RAM memfd from outside QEMU would not.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 from ..errors import VmError
@@ -19,6 +20,8 @@ from .qmp import peer_pid
 
 #: bytes of guest memory per M packet (QEMU's packet buffer holds 4 KiB of hex and more)
 CHUNK = 1024
+#: the longest packet taken (a reply holds at most CHUNK bytes as hex, and little more)
+MAX_PACKET = 64 << 10
 
 
 class GdbStub:
@@ -41,6 +44,7 @@ class GdbStub:
                           f"(pid {pid})")
         self._buf = b""
         self._physical = False
+        self.timeout = timeout
 
     def close(self) -> None:
         """Disconnect without detaching (the vCPUs may stay stopped)."""
@@ -79,7 +83,14 @@ class GdbStub:
             reply = self.request(f"m{addr + at:x},{n:x}")
             if reply.startswith("E") and len(reply) == 3:
                 raise VmError(f"{self.where}: gdbstub refused a read at physical {addr + at:#x}: {reply}")
-            out.append(bytes.fromhex(reply))
+            try:
+                data = bytes.fromhex(reply)
+            except ValueError:
+                data = b""
+            if len(data) != n:
+                raise VmError(f"{self.where}: gdbstub answered a read of {n} bytes at "
+                              f"physical {addr + at:#x} with {reply[:40]!r}")
+            out.append(data)
         return b"".join(out)
 
     def _phys_mode(self) -> None:
@@ -93,20 +104,29 @@ class GdbStub:
     # ---- the protocol ---------------------------------------------------------------
 
     def request(self, payload: str) -> str:
-        """Send one packet, wait for its reply packet's payload. Stop notifications
-        (`T...`/`S...`, sent when the vCPUs stop on connection) are acknowledged and
-        skipped: no request here is answered by one."""
+        """Send one packet, wait for its reply packet's payload (at most the connection's
+        timeout in all). Stop notifications (`T...`/`S...`, sent when the vCPUs stop on
+        connection) are acknowledged and skipped: no request here is answered by one."""
         raw = payload.encode()
-        self._sock.sendall(b"$%s#%02x" % (raw, sum(raw) & 0xFF))
-        while True:
-            reply = self._packet()
-            self._sock.sendall(b"+")
-            if reply[:1] not in ("T", "S"):
-                return reply
+        deadline = time.monotonic() + self.timeout
+        try:
+            self._sock.sendall(b"$%s#%02x" % (raw, sum(raw) & 0xFF))
+            while True:
+                reply = self._packet(deadline)
+                self._sock.sendall(b"+")
+                if reply[:1] not in ("T", "S"):
+                    return reply
+        except OSError as e:
+            raise VmError(f"{self.where}: gdbstub connection failed: {e}") from None
 
-    def _packet(self) -> str:
+    def _packet(self, deadline: float) -> str:
         """The next packet's payload (acknowledgements skipped)."""
         while True:
+            if time.monotonic() > deadline:
+                raise VmError(f"{self.where}: gdbstub did not answer in time")
+            if len(self._buf) > MAX_PACKET:
+                raise VmError(f"{self.where}: gdbstub sent over {MAX_PACKET} bytes without "
+                              "a whole packet")
             self._buf = self._buf.lstrip(b"+")
             if self._buf.startswith(b"-"):
                 raise VmError(f"{self.where}: gdbstub asked for a retransmission (bad checksum)")
@@ -116,10 +136,8 @@ class GdbStub:
                 payload = self._buf[start + 1:end]
                 self._buf = self._buf[end + 3:]
                 return payload.decode("latin-1")
-            try:
-                more = self._sock.recv(65536)
-            except OSError as e:
-                raise VmError(f"{self.where}: gdbstub connection failed: {e}") from None
+            self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            more = self._sock.recv(65536)
             if not more:
                 raise VmError(f"{self.where}: gdbstub closed the connection")
             self._buf += more

@@ -33,11 +33,12 @@ MAX_THREADS = 1 << 16
 
 
 def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
-         attempts: int = 200) -> dict[int, int]:
-    """SIGKILL the guest's process `pid` -- and with `tree` every descendant of it --
-    through `vm` (a machine.Vm or a node.VmNode). `comm`: refuse unless the process's is
-    that (the pid was read from an older table). Returns pid -> task_struct address of
-    every process signalled; VmError if there is no such process."""
+         spare: frozenset[str] = frozenset(), attempts: int = 200) -> dict[int, int]:
+    """SIGKILL the guest's process `pid` -- and with `tree` every descendant of it but
+    those whose comm is in `spare` (and theirs) -- through `vm` (a machine.Vm or a
+    node.VmNode). `comm`: refuse unless the process's is that (the pid was read from an
+    older table). Returns pid -> task_struct address of every process signalled; VmError
+    if there is no such process, or it is one to spare."""
     memory = vm.memory()
     with settled_session(vm, attempts, lock=True) as (stub, ok):
         if not ok:
@@ -49,7 +50,9 @@ def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
             raise VmError(f"{memory.where}: no process {pid} in the guest")
         if comm is not None and named != comm:
             raise VmError(f"{memory.where}: process {pid} is {named!r} now, not {comm!r}")
-        pids = subtree(table, pid) if tree else {pid}
+        if named in spare:
+            raise VmError(f"{memory.where}: process {pid} is {named!r}, one to spare")
+        pids = subtree(table, pid, spare) if tree else {pid}
         tasks = {p: t for p, t in memory.pid_table().items() if p in pids}
         for task in tasks.values():
             for phys, data in _writes(memory, task):

@@ -44,7 +44,7 @@ from ..errors import NetError, VmError
 from ..net import add_bridge, link_info, netns, set_master, set_up
 from . import initramfs
 from .kernel import GuestKernel
-from .memory import GuestMemory
+from .memory import MAX_RAM, GuestMemory
 from .qmp import Qmp
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ GDB = "gdb.sock"
 #: fault, SIGBUS) nor grown, and the seals themselves fixed
 RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 #: RAM must stay below the PCI hole so that memfd offsets are guest-physical addresses
-MAX_MEMORY_MB = 2048
+MAX_MEMORY_MB = MAX_RAM >> 20
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ tables from `init_top_pgt`.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -25,6 +24,9 @@ from .kernel import START_KERNEL_MAP, GuestKernel
 
 PHYSICAL_ALIGN = 2 << 20
 PAGE = 4096
+#: the most RAM read: below the PCI hole all of it, so a memfd offset is a guest-physical
+#: address (above it, QEMU maps the rest from 4 GiB: offsets would name other memory)
+MAX_RAM = 2 << 30
 #: CPUs whose run queues are read at most (a hostile nr_cpu_ids is refused past it)
 MAX_CPUS = 512
 #: bits 12..51 of a page-table entry: the physical frame (NX and flags masked off)
@@ -81,20 +83,31 @@ class Readings:
 
 
 class GuestMemory:
-    """A read-only mapping of a guest's RAM, with the guest kernel located in it."""
+    """A guest's RAM, read with pread(2) on its memfd, with the guest kernel located in it.
+
+    Not a mapping: a read fault on a page the guest never touched would allocate it (a
+    memfd's hole is no zero page), charged to the reader and, in the agent, locked by its
+    mlockall: a guest whose pointers lead across its untouched RAM would move it into
+    the agent. pread of a hole copies zeroes and allocates nothing."""
 
     def __init__(self, fd: int, kernel: GuestKernel, *, where: str = "guest RAM"):
         self.kernel, self.where = kernel, where
         size = os.fstat(fd).st_size
         if size == 0:
             raise VmError(f"{where}: the RAM memfd is empty")
-        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        if size > MAX_RAM:
+            raise VmError(f"{where}: {size >> 20} MiB of RAM, over the {MAX_RAM >> 20} MiB "
+                          "read (past them the memfd's offsets are not the guest's physical "
+                          "addresses): give the guest at most -m 2G")
+        self._fd = os.dup(fd)
         self.size = size
         self._text_phys: int | None = None
         self._direct: int | None = None  # page_offset_base, read once (__ro_after_init)
 
     def close(self) -> None:
-        self._map.close()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> "GuestMemory":
         return self
@@ -112,14 +125,13 @@ class GuestMemory:
         return self._text_phys
 
     def _find_text(self) -> int:
+        """The first 2 MiB boundary whose `linux_banner` (at its distance) is this
+        kernel's: one short read per boundary."""
         banner = f"Linux version {self.kernel.version} (".encode()
         distance = self.kernel.image_offset("linux_banner")
-        at = self._map.find(banner)
-        while at >= 0:
-            text = at - distance
-            if text >= 0 and text % PHYSICAL_ALIGN == 0:
+        for text in range(0, self.size - distance - len(banner) + 1, PHYSICAL_ALIGN):
+            if self.read(text + distance, len(banner)) == banner:
                 return text
-            at = self._map.find(banner, at + 1)
         raise VmError(f"{self.where}: kernel {self.kernel.version} not found in memory "
                       "(not booted yet, or another kernel runs)")
 
@@ -143,9 +155,13 @@ class GuestMemory:
         return addr
 
     def read(self, phys: int, length: int) -> bytes:
-        if phys < 0 or phys + length > self.size:
+        if phys < 0 or length < 0 or phys + length > self.size:
             raise VmError(f"{self.where}: read of {length} bytes at {phys:#x} outside the RAM")
-        return self._map[phys:phys + length]
+        data = os.pread(self._fd, length, phys)
+        if len(data) != length:
+            raise VmError(f"{self.where}: read of {length} bytes at {phys:#x}: got "
+                          f"{len(data)} (the RAM memfd shrank?)")
+        return data
 
     def translate(self, virt: int) -> int:
         """The guest-physical address of a running kernel's virtual address: in the direct
@@ -213,6 +229,7 @@ class GuestMemory:
             mm, = struct.unpack("<Q", self.read_virt(task + mm_at, 8))
             pages = sum(max(0, struct.unpack("<q", self.read_virt(
                 mm + rss_at + stride * i + value, 8))[0]) for i in RSS_COUNTERS) if mm else 0
+            pages = min(pages, self.size // PAGE)  # (corrupt counters: no more than the RAM)
             parent, = struct.unpack("<Q", self.read_virt(task + parent_at, 8))
             ppid, = struct.unpack("<i", self.read_virt(parent + tgid_at, 4)) if parent != task else (0,)
             pid, comm = ident(task)
@@ -232,12 +249,15 @@ class GuestMemory:
         """The task_struct addresses on init_task.tasks, in list order."""
         link = self.kernel.member("task_struct", "tasks")
         head = self.virt("init_task") + link
-        out, node = [], head
+        out, node, seen = [], head, {head}
         for _ in range(limit):
             out.append(node - link)
             node = struct.unpack("<Q", self.read_virt(node, 8))[0]
             if node == head:
                 return out
+            if node in seen:
+                break
+            seen.add(node)
         raise VmError(f"{self.where}: the task list has more than {limit} entries or loops")
 
     def _ident(self) -> Callable[[int], tuple[int, str]]:
@@ -266,21 +286,25 @@ class GuestMemory:
         k = self.kernel
         children, sibling = (k.member("task_struct", m) for m in ("children", "sibling"))
         ident = self._ident()
-        out, todo = [], [self.virt("init_task")]
+        root = self.virt("init_task")
+        out, todo, seen = [], [root], {root}
+        links = 2 * limit  # list links followed in all: each task is in one children list
         while todo:
             task = todo.pop()
-            if len(out) >= limit:
-                raise VmError(f"{self.where}: the process tree has more than {limit} tasks or loops")
             out.append((*ident(task), task))
             head = task + children
             node = struct.unpack("<Q", self.read_virt(head, 8))[0]
-            for _ in range(limit):
-                if node == head:
-                    break
-                todo.append(node - sibling)
+            in_list = set()
+            while node != head:
+                links -= 1
+                if links < 0 or node in in_list:
+                    raise VmError(f"{self.where}: the process tree has more than {limit} "
+                                  "tasks or loops")
+                in_list.add(node)
+                if node - sibling not in seen:  # (else met in another list: re-parented
+                    seen.add(node - sibling)  # while the guest ran)
+                    todo.append(node - sibling)
                 node = struct.unpack("<Q", self.read_virt(node, 8))[0]
-            else:
-                raise VmError(f"{self.where}: a children list loops")
         return out
 
     def pid_table(self, limit: int = 1 << 16) -> dict[int, int]:
@@ -315,17 +339,21 @@ class GuestMemory:
             return [(0, head)] if head & 3 == 0 else []
         k = self.kernel
         shift_at, slots_at = k.member("xa_node", "shift"), k.member("xa_node", "slots")
-        out, todo, nodes = [], [(head - 2, 0)], 0
+        out, todo, seen = [], [(head - 2, 0)], {head - 2}
         while todo:
             node, base = todo.pop()
-            nodes += 1
-            if nodes > limit:
-                raise VmError(f"{self.where}: the pid map has more than {limit} nodes or loops")
+            if len(seen) > limit or len(out) > limit:
+                raise VmError(f"{self.where}: the pid map has more than {limit} nodes or "
+                              "entries, or loops")
             shift = self.read_virt(node + shift_at, 1)[0]
             if shift > 58:
                 raise VmError(f"{self.where}: a pid map node at {node:#x} has shift {shift}")
             for i, e in enumerate(struct.unpack("<64Q", self.read_virt(node + slots_at, 512))):
                 if is_node(e) and shift:
+                    if e - 2 in seen:  # a node is in one place of a tree
+                        raise VmError(f"{self.where}: the pid map loops (node {e - 2:#x} "
+                                      "twice)")
+                    seen.add(e - 2)
                     todo.append((e - 2, base + (i << shift)))
                 elif e and e & 3 == 0:
                     out.append((base + (i << shift), e))

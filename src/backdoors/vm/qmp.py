@@ -52,19 +52,23 @@ class Qmp:
     def cmd(self, command: str, args: dict | None = None, timeout: float | None = None) -> object:
         """Run `command` with `args`, waiting at most `timeout` (default: the connection's)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        with self._lock:
-            try:
-                if self._sock is None:
-                    self._connect(deadline)
-                return self._exchange({"execute": command, **({"arguments": args} if args else {})},
-                                      deadline)
-            except (OSError, ValueError) as e:  # the socket, or what came over it
-                self._drop()
-                raise VmError(f"{self.where}: QMP {command} failed: "
-                              f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
-            except VmError:
-                self._drop()
-                raise
+        if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
+            raise VmError(f"{self.where}: QMP {command}: another command held the connection "
+                          "past this one's deadline")
+        try:
+            if self._sock is None:
+                self._connect(deadline)
+            return self._exchange({"execute": command, **({"arguments": args} if args else {})},
+                                  deadline)
+        except (OSError, ValueError, RecursionError) as e:  # the socket, or what came over
+            self._drop()  # it (JSON nested past the parser's depth: RecursionError)
+            what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:200]
+            raise VmError(f"{self.where}: QMP {command} failed: {what}") from None
+        except VmError:
+            self._drop()
+            raise
+        finally:
+            self._lock.release()
 
     def running(self) -> bool:
         """Whether the guest's vCPUs run (QMP query-status)."""
@@ -74,8 +78,11 @@ class Qmp:
         return bool(status["running"])
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        if self._lock.acquire(timeout=self.timeout):  # (else a command's deadline ends it)
+            try:
+                self._drop()
+            finally:
+                self._lock.release()
 
     # -- the protocol ------------------------------------------------------------------
 
@@ -109,7 +116,11 @@ class Qmp:
             # an event (or anything else): not what we wait for
 
     def _line(self, deadline: float) -> dict:
+        """The next line, as a JSON object; VmError past `deadline`, however many lines
+        (events) came before it."""
         assert self._sock is not None
+        if time.monotonic() > deadline:
+            raise VmError(f"{self.where}: QMP did not answer in time (it sent other lines)")
         while b"\n" not in self._buf:
             if len(self._buf) > MAX_LINE:
                 raise VmError(f"{self.where}: QMP sent a line over {MAX_LINE} bytes")
