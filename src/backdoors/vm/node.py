@@ -98,7 +98,7 @@ class VmNode(Node):
         is thawed -- only ever a guest this call found running."""
         began = time.monotonic()
         try:
-            if not self.qmp.running():
+            if not self.qmp.running(timeout):
                 return time.monotonic() - began
             self.qmp.cmd("stop", timeout=timeout)
         except BackdoorsError as e:

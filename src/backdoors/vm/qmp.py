@@ -70,9 +70,9 @@ class Qmp:
         finally:
             self._lock.release()
 
-    def running(self) -> bool:
+    def running(self, timeout: float | None = None) -> bool:
         """Whether the guest's vCPUs run (QMP query-status)."""
-        status = self("query-status")
+        status = self.cmd("query-status", timeout=timeout)
         if not isinstance(status, dict) or "running" not in status:
             raise VmError(f"{self.where}: QMP query-status answered {status!r}")
         return bool(status["running"])
