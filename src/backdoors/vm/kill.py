@@ -54,9 +54,14 @@ def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
             raise VmError(f"{memory.where}: process {pid} is {named!r}, one to spare")
         pids = subtree(table, pid, spare) if tree else {pid}
         tasks = {p: t for p, t in memory.pid_table().items() if p in pids}
+        writes = []  # all read first (bounded), then written
         for task in tasks.values():
-            for phys, data in _writes(memory, task):
-                stub.write_phys(phys, data)
+            writes += _writes(memory, task)
+            if len(writes) > 2 * MAX_THREADS + len(tasks):
+                raise VmError(f"{memory.where}: more than {MAX_THREADS} threads to signal: "
+                              "nothing killed")
+        for phys, data in writes:
+            stub.write_phys(phys, data)
         return tasks
 
 
@@ -82,10 +87,13 @@ def _writes(memory, task: int) -> list[tuple[int, bytes]]:
     own_at = member("task_struct", "pending") + member("sigpending", "signal")
     link = member("task_struct", "thread_node")
     head = signal + member("signal_struct", "thread_head")
-    node = u64(head)
+    node, seen = u64(head), set()
     for _ in range(MAX_THREADS):
         if node == head:
             return out
+        if node in seen:
+            break
+        seen.add(node)
         thread = node - link
         for at, bit in ((flags_at, 1 << TIF_SIGPENDING), (own_at, 1 << (SIGKILL - 1))):
             out.append((memory.translate(thread + at), struct.pack("<Q", u64(thread + at) | bit)))
