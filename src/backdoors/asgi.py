@@ -49,6 +49,7 @@ import asyncio
 import importlib
 import logging
 import re
+import select
 import signal
 import socket
 import sys
@@ -74,6 +75,7 @@ IDLE_S = 75.0  # a client silent this long while a request is awaited is closed 
 SESSION_FDS = 2 * BOX_SESSION_FDS
 MAX_REFUSING = 64  # connections refused past the session limit, read before they close
 SERVER_NAME = b"backdoors-asgi"
+HANGUP_POLL_S = 0.2  # how often an application waiting for a disconnect has its client checked
 
 
 STATE_CAPACITY = 64 * 1024
@@ -107,7 +109,8 @@ class _TooLarge(Exception):
 
 async def serve(app, listener: AsyncListener, *, root_path: str = "",
                 state_capacity: int = STATE_CAPACITY, log_capacity: int = LOG_CAPACITY,
-                idle_s: float | None = IDLE_S, limit: int | None = None) -> None:
+                idle_s: float | None = IDLE_S, limit: int | None = None,
+                state: dict | None = None) -> None:
     """Serve `app` on `listener` until the listener is closed. `state_capacity`: bytes of
     each session's exported state, which holds the response being sent: a response that
     does not fit is sent all the same, but a recovery in the middle of it ends the
@@ -119,17 +122,27 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
     route) do not hold their sessions, and the agent's, for ever; None: never. `limit`:
     while that many client sessions are served, a new connection is answered 503 (no
     box, nothing registered) so that the server's descriptors are not all taken by new
-    clients: sessions handed over by a recovery are always taken; None: no limit."""
+    clients: sessions handed over by a recovery are always taken; None: no limit.
+    `state`: the lifespan's state (`Lifespan.state`), a shallow copy of which each
+    request's scope carries."""
     handed = Handed()
     idle = _Idle(idle_s) if idle_s else None
     live = _Live(limit)
+    site = _Site(app, root_path, {} if state is None else state)
     try:
-        await listener.serve(_session, app, root_path, state_capacity, log_capacity, handed,
-                             idle, live)
+        await listener.serve(_session, site, state_capacity, log_capacity, handed, idle, live)
     finally:
         handed.close()
         if idle is not None:
             idle.stop()
+
+
+class _Site:
+    """What every session of one server shares: the application, its root path, and the
+    lifespan's state."""
+
+    def __init__(self, app, root_path: str, state: dict):
+        self.app, self.root_path, self.state = app, root_path, state
 
 
 class _Live:
@@ -156,10 +169,12 @@ class _Idle:
         self.expired: set[asyncio.Task] = set()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
-    async def read(self, cb) -> bytes:
-        """cb.reader.read(READ); _Done if the client stays silent for idle_s."""
+    async def read(self, cb, since: float | None = None) -> bytes:
+        """cb.reader.read(READ); _Done if the client stays silent for idle_s (counted
+        from `since`, when given: a request's head must come whole within idle_s, not a
+        byte every idle_s)."""
         task = asyncio.current_task()
-        self.waiting[task] = (task.get_loop().time(), cb)
+        self.waiting[task] = (task.get_loop().time() if since is None else since, cb)
         try:
             return await cb.reader.read(READ)
         except asyncio.CancelledError:
@@ -167,8 +182,8 @@ class _Idle:
                 raise
             self.expired.discard(task)
             task.uncancel()
-            log.info("asgi: session %s: nothing from the client for %g s: closed",
-                     cb.session, self.idle_s)
+            log.info("asgi: session %s: nothing (or no whole request head) from the "
+                     "client for %g s: closed", cb.session, self.idle_s)
             raise _Done from None
         finally:
             self.waiting.pop(task, None)
@@ -192,7 +207,7 @@ class _Idle:
         self._sweeper.cancel()
 
 
-async def _session(conn, app, root_path: str, state_capacity: int, log_capacity: int,
+async def _session(conn, site: _Site, state_capacity: int, log_capacity: int,
                    handed: Handed, idle: _Idle | None, live: _Live) -> None:
     if isinstance(conn, socket.socket):
         if live.full():
@@ -200,7 +215,7 @@ async def _session(conn, app, root_path: str, state_capacity: int, log_capacity:
         _nodelay(conn)  # a response leaves at once (a recovered socket keeps the option)
     live.count += 1
     try:
-        await _open_session(conn, app, root_path, state_capacity, log_capacity, handed, idle)
+        await _open_session(conn, site, state_capacity, log_capacity, handed, idle)
     finally:
         live.count -= 1
 
@@ -225,7 +240,7 @@ async def _busy(sock: socket.socket, live: _Live) -> None:
         sock.close()
 
 
-async def _open_session(conn, app, root_path: str, state_capacity: int, log_capacity: int,
+async def _open_session(conn, site: _Site, state_capacity: int, log_capacity: int,
                         handed: Handed, idle: _Idle | None) -> None:
     try:
         cb = await create_cb_async(conn, state_capacity=state_capacity,
@@ -247,13 +262,13 @@ async def _open_session(conn, app, root_path: str, state_capacity: int, log_capa
         return
     channels = SessionChannels(cb.session, cb.conn.sock.getsockname())
     try:
-        await _serve_session(cb, s, channels, handed, app, root_path, idle)
+        await _serve_session(cb, s, channels, handed, site, idle)
     finally:
         channels.close()
 
 
-async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Handed, app,
-                         root_path: str, idle: _Idle | None) -> None:
+async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Handed,
+                         site: _Site, idle: _Idle | None) -> None:
     import h11
 
     async with cb:
@@ -273,37 +288,36 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
                         "keep: closing it", cb.session, s.oversize)
             return
         if s.pending or s.oversize:  # recovered: send it again; the box skips what was sent
-            cb.writer.write(s.pending)
-            await cb.writer.drain()
+            await _send(cb, s.pending, idle)
+            s.pending = b""  # (the box's export keeps it)
             if s.close:
-                return
+                return await _linger(cb)
         head_max = min(MAX_INCOMPLETE, cb.conn.log_capacity // 2)
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=head_max)
         sock = cb.conn.sock
         client, server = _address(sock.getpeername), _address(sock.getsockname)
         while True:
             try:
-                request, body = await _read_request(parser, cb, idle)
+                request, body = await _read_request(parser, cb, idle, head_max)
             except _Done:
                 return
             except h11.RemoteProtocolError as e:
                 log.info("asgi: session %s: bad request from %s: %s", cb.session, client, e)
-                cb.writer.write(_plain(parser, e.error_status_hint, _without_input(str(e))))
-                await cb.writer.drain()
-                return
+                await _send(cb, _plain(parser, e.error_status_hint, _without_input(str(e))),
+                            idle)
+                return await _linger(cb)
             except _TooLarge as e:
-                cb.writer.write(_plain(parser, 413, str(e)))
-                await cb.writer.drain()
-                await _linger(cb)
-                return
+                await _send(cb, _plain(parser, 413, str(e)), idle)
+                return await _linger(cb)
             ext = {"id": cb.session, "seq": s.seq, "key": f"{cb.session}-{s.seq}",
                    "state": s.state, "connect": channels.connect}
-            scope = _scope(request, client, server, root_path, ext)
-            status, headers, chunks = await _call(app, scope, body)
+            scope = _scope(request, client, server, site.root_path, ext, site.state)
+            status, headers, chunks = await _call(site.app, scope, body, sock)
             s.state = ext["state"]
             response = _encode(parser, request, status, headers, b"".join(chunks))
+            del chunks, body
             s.seq += 1
-            s.close = parser.our_state is h11.MUST_CLOSE
+            s.close = parser.our_state is not h11.DONE
             s.pending, s.oversize = response, 0
             if not s.close:
                 parser.start_next_cycle()
@@ -314,10 +328,10 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
             except StateTooLargeError:
                 s.pending, s.oversize = b"", len(response)
                 await cb.export(s, unread=unread)
-            cb.writer.write(response)
-            await cb.writer.drain()
+            await _send(cb, response, idle)
+            s.pending = response = b""  # (the box's export keeps it)
             if s.close:
-                return
+                return await _linger(cb)
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -329,6 +343,30 @@ def _nodelay(sock: socket.socket) -> None:
         pass
 
 
+async def _send(cb, data: bytes, idle: _Idle | None) -> None:
+    """Write `data` and wait until the kernel has it all; _Done if the client takes
+    none of it for idle_s (a client that stops reading must not hold its session, and
+    the response, for ever)."""
+    cb.writer.write(data)
+    if idle is None:
+        return await cb.writer.drain()
+    while cb.writer.pending:
+        before = cb.writer.pending
+        try:
+            await asyncio.wait_for(cb.writer.drain(), idle.idle_s)
+        except TimeoutError:
+            if cb.writer.pending == before:
+                log.info("asgi: session %s: the client read nothing for %g s: closed",
+                         cb.session, idle.idle_s)
+                raise _Done from None
+
+
+def _framed_twice(request) -> bool:
+    """Whether a request has both a Content-Length and a Transfer-Encoding."""
+    names = {k.lower() for k, _ in request.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 def _address(get) -> list | None:
     try:
         host, port = get()[:2]
@@ -337,7 +375,7 @@ def _address(get) -> list | None:
         return None
 
 
-async def _read_request(parser, cb, idle: _Idle | None):
+async def _read_request(parser, cb, idle: _Idle | None, head_max: int):
     """The next request and its whole body. The request stays in the session's receive
     log until its response is exported, so one that cannot fit there is _TooLarge: by
     its Content-Length, before its body is read (and then no 100 Continue is sent), or
@@ -349,13 +387,20 @@ async def _read_request(parser, cb, idle: _Idle | None):
 
     conn = cb.conn
     request, body = None, bytearray()
+    begin = conn.log_consumed - len(parser.trailing_data[0])  # where this request starts
+    head_since = asyncio.get_running_loop().time() if parser.trailing_data[0] else None
     while True:
         event = parser.next_event()
         if event is h11.NEED_DATA:
             try:  # b"" marks the end of the stream
-                data = await (cb.reader.read(READ) if idle is None else idle.read(cb))
+                if idle is None:
+                    data = await cb.reader.read(READ)
+                else:  # a head begun must come whole within idle_s
+                    data = await idle.read(cb, head_since if request is None else None)
             except LogFullError:
                 raise _TooLarge(_too_large(conn.log_capacity)) from None
+            if data and request is None and head_since is None:
+                head_since = asyncio.get_running_loop().time()
             parser.receive_data(data)
             continue
         if isinstance(event, h11.Request):
@@ -364,10 +409,15 @@ async def _read_request(parser, cb, idle: _Idle | None):
                     f"HTTP/{event.http_version.decode(errors='replace')} is not supported: "
                     "this server speaks HTTP/1.1 (and 1.0)", error_status_hint=505)
             request = event
-            length = next((int(v) for k, v in event.headers if k == b"content-length"), None)
             # where the head ends in what the log holds since the export (the parser's
             # buffer holds what comes after it): the body must fit behind it
             head_end = conn.log_consumed - len(parser.trailing_data[0])
+            if head_end - begin > head_max:  # (h11 checks only a head still incomplete:
+                # the same head is refused however it arrived)
+                raise h11.RemoteProtocolError(f"request head too large: at most {head_max} "
+                                              "bytes", error_status_hint=431)
+            length = None if _chunked(event) else next(
+                (int(v) for k, v in event.headers if k == b"content-length"), None)
             if length is not None and head_end + length > conn.log_capacity:
                 raise _TooLarge(_too_large(conn.log_capacity))
             if event.http_version == b"1.1" and any(
@@ -382,6 +432,10 @@ async def _read_request(parser, cb, idle: _Idle | None):
             return request, bytes(body)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             raise _Done
+
+
+def _chunked(request) -> bool:
+    return any(k == b"transfer-encoding" for k, _ in request.headers)
 
 
 def _too_large(capacity: int) -> str:
@@ -411,7 +465,7 @@ async def _drop_input(sock: socket.socket) -> None:
         return
 
 
-def _scope(request, client, server, root_path: str, ext: dict) -> dict:
+def _scope(request, client, server, root_path: str, ext: dict, state: dict) -> dict:
     target = request.target
     path, _, query = target.partition(b"?")
     return {
@@ -420,6 +474,7 @@ def _scope(request, client, server, root_path: str, ext: dict) -> dict:
         "scheme": "http", "path": _unquote(path), "raw_path": path, "query_string": query,
         "root_path": root_path, "headers": [(k.lower(), v) for k, v in request.headers],
         "client": client, "server": server, "extensions": {"backdoors.session": ext},
+        "state": dict(state),  # (ASGI: a shallow copy of the lifespan's, per request)
     }
 
 
@@ -429,8 +484,12 @@ def _unquote(path: bytes) -> str:
     return unquote(path.decode("latin-1"))
 
 
-async def _call(app, scope: dict, body: bytes) -> tuple[int, list, list[bytes]]:
-    """Run the application on one request; its whole response (500 if it fails)."""
+async def _call(app, scope: dict, body: bytes,
+                sock: socket.socket | None = None) -> tuple[int, list, list[bytes]]:
+    """Run the application on one request; its whole response (500 if it fails, or
+    returns before its body's end). Once it has the body, `receive()` says
+    `http.disconnect` when the response is done or the client went away (`sock` hung
+    up: an application waiting for that, a long poll, ends)."""
     sent_body = False
     start: dict | None = None
     chunks: list[bytes] = []
@@ -441,7 +500,13 @@ async def _call(app, scope: dict, body: bytes) -> tuple[int, list, list[bytes]]:
         if not sent_body:
             sent_body = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await finished.wait()
+        while not finished.is_set():
+            if sock is not None and ready(sock.fileno(), select.POLLRDHUP):
+                break
+            try:
+                await asyncio.wait_for(finished.wait(), HANGUP_POLL_S)
+            except TimeoutError:
+                pass
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
@@ -464,26 +529,46 @@ async def _call(app, scope: dict, body: bytes) -> tuple[int, list, list[bytes]]:
         log.exception("asgi: the application failed on %s %s", scope["method"], scope["path"])
         if start is None or not finished.is_set():
             return 500, [(b"content-type", b"text/plain")], [b"Internal Server Error\n"]
-    finally:
-        finished.set()
     if start is None:
         return 500, [(b"content-type", b"text/plain")], [b"no response from the application\n"]
+    if not finished.is_set():
+        log.error("asgi: the application returned before its response's end on %s %s",
+                  scope["method"], scope["path"])
+        return 500, [(b"content-type", b"text/plain")], [b"incomplete response\n"]
     return start["status"], list(start.get("headers", [])), chunks
 
 
 def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
+    """The response's bytes: its Content-Length the body's (a HEAD's and a 304's the
+    application's, which are the length a GET would have; none for a 204). What h11
+    refuses to send (a 1xx or 101 status, a header with a line break, a body for a 204,
+    an answer to CONNECT) is a 500 that ends the connection, not a session failed."""
     import h11
 
-    names = {bytes(k).lower() for k, _ in headers}
-    headers = [(bytes(k), bytes(v)) for k, v in headers if bytes(k).lower() != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    if b"server" not in names:
-        headers.append((b"server", SERVER_NAME))
-    out = parser.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
-    if request.method != b"HEAD" and body:
-        out += parser.send(h11.Data(data=body))
-    out += parser.send(h11.EndOfMessage())
-    return out
+    try:
+        names = {bytes(k).lower() for k, _ in headers}
+        keep = request.method == b"HEAD" or status == 304
+        headers = [(bytes(k), bytes(v)) for k, v in headers
+                   if keep or bytes(k).lower() != b"content-length"]
+        if status != 204 and b"content-length" not in {k.lower() for k, _ in headers}:
+            headers.append((b"content-length", str(len(body)).encode()))
+        if b"server" not in names:
+            headers.append((b"server", SERVER_NAME))
+        if _framed_twice(request):  # RFC 9112 6.1: it ends its connection
+            headers.append((b"connection", b"close"))
+        out = parser.send(h11.Response(status_code=status, headers=headers,
+                                       reason=_reason(status)))
+        if request.method != b"HEAD" and body:
+            out += parser.send(h11.Data(data=body))
+        return out + parser.send(h11.EndOfMessage())
+    except (h11.LocalProtocolError, TypeError, ValueError) as e:
+        log.error("asgi: the application's response to %s %s cannot be sent (%s): 500",
+                  request.method.decode(errors="replace"),
+                  request.target[:200].decode(errors="replace"), e)
+        text = b"the application's response cannot be sent\n"
+        return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\n"
+                b"content-length: %d\r\nconnection: close\r\nserver: %s\r\n\r\n%s"
+                % (len(text), SERVER_NAME, text))
 
 
 def _reason(status: int) -> bytes:
@@ -522,11 +607,12 @@ class Lifespan:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
+        self.state: dict = {}  # what the application keeps there, for every request
 
     async def _run(self) -> None:
         try:
-            await self.app({"type": "lifespan", "asgi": {"version": "3.0"}},
-                           self.inbox.get, self.outbox.put)
+            await self.app({"type": "lifespan", "asgi": {"version": "3.0"},
+                            "state": self.state}, self.inbox.get, self.outbox.put)
         except Exception as e:  # noqa: BLE001 - no lifespan support
             log.debug("asgi: no lifespan (%s)", e)
         await self.outbox.put(None)
@@ -640,7 +726,7 @@ def main(argv=None) -> int:
             with listener:
                 await serve(app, listener, state_capacity=a.state_capacity,
                             log_capacity=a.log_capacity, idle_s=a.timeout_idle or None,
-                            limit=limit)
+                            limit=limit, state=life.state)
         finally:
             await life.shutdown()
             if ticker is not None:

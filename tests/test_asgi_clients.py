@@ -1,0 +1,216 @@
+"""The ASGI server with clients and applications it was not first tested with (an outside
+review): a client that goes away while the application waits for it, one that stops
+reading, one that sends its head a byte at a time, pipelined input past a closing
+answer; applications that keep lifespan state, answer HEAD or 204, send what HTTP cannot
+carry, or stop mid-body. Raw ASGI applications, raw sockets; no agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+
+import pytest
+
+from backdoors import asgi
+from backdoors.continuations import AsyncListener
+
+
+@contextlib.contextmanager
+def serving(app, **options):
+    """`app` served on 127.0.0.1 (its lifespan run first); the address."""
+    started = threading.Event()
+    box: dict = {}
+
+    def main() -> None:
+        async def go() -> None:
+            life = asgi.Lifespan(app)
+            await life.startup()
+            listener = AsyncListener.tcp("127.0.0.1", 0, adopt=None)
+            box["listener"], box["loop"] = listener, asyncio.get_running_loop()
+            started.set()
+            with listener:
+                await asgi.serve(app, listener, state=life.state, **options)
+            await life.shutdown()
+        asyncio.run(go())
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    assert started.wait(10)
+    try:
+        yield box["listener"].address
+    finally:
+        box["loop"].call_soon_threadsafe(box["listener"].close)
+        t.join(10)
+
+
+@pytest.fixture(autouse=True)
+def _no_agent(monkeypatch):
+    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+
+
+async def app(scope, receive, send):
+    """/wait: answers once the client is gone (a long poll); /big?N: N bytes; /head:
+    declares 1234 bytes; /empty: 204; /switch: status 101; /cut: stops mid-body;
+    /state: the lifespan's state."""
+    if scope["type"] == "lifespan":
+        while (m := await receive())["type"] != "lifespan.shutdown":
+            scope["state"]["started"] = "yes"
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    path, query = scope["path"], scope["query_string"].decode()
+    await receive()
+    status, headers, body = 200, [], b"ok"
+    if path == "/wait":
+        assert (await receive())["type"] == "http.disconnect"
+        body = b"gone"
+    elif path == "/big":
+        body = b"x" * int(query)
+    elif path == "/head":
+        headers = [(b"content-length", b"1234")]
+        body = b""
+    elif path == "/empty":
+        status, body = 204, b""
+    elif path == "/switch":
+        status = 101
+    elif path == "/state":
+        body = scope["state"]["started"].encode()
+    elif path == "/cut":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        return
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _connect(address) -> socket.socket:
+    s = socket.create_connection(address, timeout=20)
+    return s
+
+
+def _exchange(address, request: bytes) -> bytes:
+    """Send `request` and read until the server closes."""
+    with _connect(address) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def _served(address) -> bool:
+    with contextlib.suppress(OSError):
+        reply = _exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return reply.startswith(b"HTTP/1.1 200")
+    return False
+
+
+def _until(predicate, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_an_application_waiting_for_its_client_learns_it_left():
+    """The long-poll pattern: the application awaits receive() for the disconnect. It
+    was never told (receive waited for the response it was to make), and each such
+    client held a session for good: past the limit, every new client got 503."""
+    with serving(app, limit=1, idle_s=60) as address:
+        s = _connect(address)
+        s.sendall(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        assert not _served(address)  # the one session is the long poll's
+        s.close()
+        _until(lambda: _served(address))
+
+
+def test_a_client_that_stops_reading_is_closed_after_the_idle_timeout():
+    with serving(app, limit=1, idle_s=1) as address:
+        s = _connect(address)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /big?20000000 HTTP/1.1\r\nHost: x\r\n\r\n")  # never read
+        try:
+            _until(lambda: _served(address))
+        finally:
+            s.close()
+
+
+def test_a_head_sent_a_byte_at_a_time_is_closed_within_the_idle_timeout():
+    """Slowloris: the idle clock started again at each byte, so a head trickled in
+    slower than nothing yet faster than idle_s held its session for good."""
+    with serving(app, idle_s=1) as address:
+        s = _connect(address)
+        head = b"GET /state HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200
+        closed = False
+        try:
+            for byte in head:  # a byte every 0.3 s: never silent for idle_s
+                s.sendall(bytes([byte]))
+                time.sleep(0.3)
+        except OSError:
+            closed = True
+        if not closed:
+            s.settimeout(5)
+            closed = s.recv(100) == b""
+        s.close()
+        assert closed  # closed while the client kept sending
+
+
+def test_the_lifespans_state_reaches_every_request():
+    with serving(app) as address:
+        reply = _exchange(address, b"GET /state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert reply.endswith(b"\r\n\r\nyes")
+
+
+def test_head_keeps_the_applications_length_and_204_has_none():
+    with serving(app) as address:
+        head = _exchange(address, b"HEAD /head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b"content-length: 1234\r\n" in head.lower() and head.endswith(b"\r\n\r\n")
+        empty = _exchange(address, b"GET /empty HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert empty.startswith(b"HTTP/1.1 204") and b"content-length" not in empty.lower()
+
+
+def test_a_closing_answer_arrives_whole_though_input_was_left_unread():
+    """Closing with unread input sends a reset, which made the client's stack drop the
+    rest of the answer: the server now lingers after every answer that ends the
+    connection, as it did after a 413."""
+    n = 4_000_000
+    with serving(app) as address, _connect(address) as s:
+        s.sendall(b"GET /big?%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % n
+                  + b"z" * 100_000)
+        time.sleep(1.0)
+        out = b""
+        while chunk := s.recv(1 << 20):
+            out += chunk
+        assert out.endswith(b"x" * 1000) and len(out.split(b"\r\n\r\n", 1)[1]) == n
+
+
+def test_what_http_cannot_carry_is_a_500_that_ends_the_connection():
+    """A 101 from the application (or a header with a line break, a body on a 204) made
+    h11 raise: the session failed with an empty reply, pipelined requests lost."""
+    with serving(app) as address:
+        reply = _exchange(address, b"GET /switch HTTP/1.1\r\nHost: x\r\n\r\n"
+                                   b"GET /state HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 500") and reply.count(b"HTTP/1.1") == 1
+        cut = _exchange(address, b"GET /cut HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert cut.startswith(b"HTTP/1.1 500") and b"part" not in cut
+
+
+def test_a_head_is_limited_by_its_size_however_it_arrives():
+    """h11 limits a head only while it is incomplete: one that came whole in one read
+    passed, the same bytes in two reads were refused."""
+    with serving(app) as address:
+        pad = b"X-Pad: " + b"a" * 40_000 + b"\r\n"
+        reply = _exchange(address, b"GET /state HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n")
+        assert reply.startswith(b"HTTP/1.1 431"), reply[:80]
+
+
+def test_a_request_framed_both_ways_is_read_by_its_chunks_and_ends_the_connection():
+    with serving(app) as address:
+        reply = _exchange(address, b"POST /state HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: 999999\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                   b"5\r\nhello\r\n0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in reply.lower()
