@@ -114,6 +114,31 @@ def test_a_region_registered_writable_must_be_writable(agent_lab):
     assert all("read-only or sealed against writes" in r.get("error", "") for r in results)
 
 
+# A memfd reopened write-only through /proc (outside review): it passed every check, then
+# the agent's read failed with EBADF, which escaped as a traceback per request, unlimited.
+WRITE_ONLY = """
+import fcntl, json, os
+from backdoors.common.runtime import register_region
+from backdoors.errors import RegistrationError
+fd = os.memfd_create("wo", os.MFD_ALLOW_SEALING)
+os.ftruncate(fd, 4096)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+wo = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY)
+try:
+    print(json.dumps({"ok": register_region(wo, "wbox", timeout=30)}), flush=True)
+except RegistrationError as e:
+    print(json.dumps({"error": str(e)}), flush=True)
+"""
+
+
+def test_a_write_only_memfd_is_refused_saying_why(agent_lab, caplog):
+    lab = agent_lab()
+    with caplog.at_level(logging.ERROR):
+        result = json.loads(read_line(lab.run("n0", WRITE_ONLY)))
+    assert "open write-only" in result.get("error", ""), result
+    assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text
+
+
 # A TCP socket whose close would linger: a full send queue towards a listener that never
 # accepts, SO_LINGER 600 s. argv[1] "refused": sent where a memfd is expected; "release":
 # held as a session socket, then released. The node's own copy is closed first, so the

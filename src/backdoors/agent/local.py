@@ -578,8 +578,11 @@ class LocalServer:
                                 "memfd (a hole punched in a huge page region faults its readers)")
         if fs != TMPFS_MAGIC:
             raise RegionRefused("the fd is not a memfd (memfd_create with MFD_ALLOW_SEALING)")
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        if mode == os.O_WRONLY:  # (reopened so through /proc/self/fd: the agent reads it)
+            raise RegionRefused("the memfd is open write-only: the agent must read it")
         if writable and (seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
-                         or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR):
+                         or mode != os.O_RDWR):
             raise RegionRefused(f"region {name!r} is registered writable, but the fd is "
                                 "read-only or sealed against writes")
         if not stat.S_ISREG(st.st_mode) or st.st_size <= 0:
@@ -588,10 +591,14 @@ class LocalServer:
             raise RegionRefused(f"region {name!r} has {st.st_size} bytes; the cap is "
                                 f"{self.table.max_region_bytes} per region")
         def check(region: Region) -> None:
-            if kind == "sensorbox":
-                parse_box(read_consistent(region))
-            elif kind == SESSION_KIND:
-                _check_cb(region, name)
+            try:
+                if kind == "sensorbox":
+                    parse_box(read_consistent(region))
+                elif kind == SESSION_KIND:
+                    _check_cb(region, name)
+            except OSError as e:  # (whatever the node made of the file: a refusal)
+                raise RegionRefused(f"region {name!r} cannot be read: "
+                                    f"{e.strerror or e}") from None
 
         return self.table.keep(conn.node, name, kind, fd, conn.pid, writable=writable,
                                check=check, process=self._process(conn))
