@@ -856,3 +856,23 @@ def test_dump_without_privilege_names_the_capability(lab):
         pool.submit(dump_unprivileged).result()
     conn.server.sendall(b"ok")
     assert recv_exactly(conn.client, 2) == b"ok"
+
+
+def test_a_peer_with_no_route_gets_no_window_route_and_fails_nothing(lab):
+    """Outside review: a peer the restoring namespace has no route to (a v4-mapped IPv6
+    client without an IPv6 route there) made `initial_window` raise for the whole batch,
+    and the node's other sessions failed with it. It is now left without the larger
+    window (a session to it fails alone, if it must), the routable peers get theirs."""
+    ns = lab.node(lab.client_switch(), "s", "10.77.0.2")
+
+    def hosts() -> list:  # host routes of the main table
+        with IPRoute() as ipr:
+            return [r.get_attr("RTA_DST") for r in ipr.get_routes(table=254)
+                    if r["dst_len"] in (32, 128)]
+
+    def routes() -> tuple[list, list]:
+        with initial_window(["::ffff:10.7.0.1", CLIENT_IP, "2001:db8::1"], 12):
+            inside = hosts()
+        return inside, hosts()
+    inside, after = ns.run(routes)
+    assert inside == [CLIENT_IP] and after == []

@@ -71,6 +71,8 @@ log = logging.getLogger("backdoors.agent")
 BATCH_BYTES = 768 * 1024  # per adopt request, below the 1 MiB frame limit
 LONG_OP_S = 30.0
 STAGE_PIECE = 512 * 1024  # session states above this go ahead in pieces (op stage)
+MAX_MOVED_CB = BATCH_BYTES - 4096  # a moved session's compressed box, at most (it travels
+# in the adopt request; a larger one is not dumped: its session alone fails)
 STAGE_MAX_BYTES = 512 << 20  # what an agent holds staged at most
 ADOPT_MAX_BYTES = 512 << 20  # inflated Continuation Boxes an agent holds for adopts at most
 PENDING_TTL_S = 4 * LONG_OP_S  # staged pieces and sessions awaiting a final batch, at most
@@ -503,6 +505,12 @@ class Recovery:
         spent = {"take_ms": clock() - t, "repair_ms": 0.0, "cb_ms": 0.0}
         cap, held = agent.config.max_evacuate_bytes, sum(_size(m) for m in moving)
         for i, s in enumerate(taken):
+            if (queued := _queued(s.sock)) > STAGE_MAX_BYTES:  # no target stages it: it
+                # stays (alone, it would fail every batch, and its node's moves with it)
+                agent.sessions.put_back(s)
+                failed[s.name] = (f"not dumped: its queues hold {queued} bytes, more than "
+                                  f"a move carries ({STAGE_MAX_BYTES}); still held here")
+                continue
             if moving and held + _queued(s.sock) > cap:
                 # the agent's memory is not the node's to fill: the rest wait, held
                 for rest in taken[i:]:
@@ -522,6 +530,10 @@ class Recovery:
                 with agent.regions.use(rt.name, s.name) as entry:
                     parts = live_parts(entry.region.read, entry.size, state.read)
                     cb = zlib.compress(b"".join(entry.region.read(*p) for p in parts), 1)
+                if len(cb) > MAX_MOVED_CB:  # (no adopt request could carry it: alone, it
+                    # would fail every batch it is in, and its node's evacuations with it)
+                    raise AgentError(f"its box compresses to {len(cb)} bytes, more than an "
+                                     f"adopt request carries ({MAX_MOVED_CB})")
                 moving.append(MovedSession(s.name, state.encode(), cb, cb_parts=parts,
                                            cb_size=entry.size))
                 held += _size(moving[-1])
@@ -1024,8 +1036,9 @@ def _cidr(text: str):
 
 def _stage(peer: AgentClient, to_node: str, m: MovedSession, warrant: list[bytes]
            ) -> MovedSession:
-    """Send a large session state ahead in pieces; the session then travels without it."""
-    if len(m.tcp) <= STAGE_PIECE:
+    """Send a large session state ahead in pieces (one that would not fit an adopt
+    request beside its box too); the session then travels without it."""
+    if len(m.tcp) <= STAGE_PIECE and _size(m) + 64 <= BATCH_BYTES:
         return m
     for off in range(0, len(m.tcp), STAGE_PIECE):
         peer.stage(to_node, m.name, off, len(m.tcp), m.tcp[off:off + STAGE_PIECE], warrant)

@@ -43,18 +43,20 @@ log = logging.getLogger("backdoors.lab.recoverable")
 
 class StreamState(msgspec.Struct):
     offset: int = 0
+    pad: bytes = b""  # a session's own data, kept with it (--state-pad)
 
 
 class Service:
     """The sessions of the stream service: each a task streaming from its offset."""
 
-    def __init__(self, rate: int, chunk: int, export_every: int):
-        self.rate, self.chunk, self.export_every = rate, chunk, export_every
+    def __init__(self, rate: int, chunk: int, export_every: int, pad: int = 0):
+        self.rate, self.chunk, self.export_every, self.pad = rate, chunk, export_every, pad
         self.unopened = 0  # recovered sessions whose box could not be opened (dropped)
 
     async def serve(self, conn) -> None:
         try:
-            cb = await create_cb_async(conn)
+            cb = await create_cb_async(conn, **({"state_capacity": -(-(self.pad + 4096) // 8) * 8}
+                                                if self.pad else {}))
         except (ContinuationError, OSError, ValueError) as err:
             if isinstance(conn, Recovered):  # closed and released by create_cb_async
                 self.unopened += 1
@@ -72,7 +74,7 @@ class Service:
 
     async def stream(self, cb) -> None:
         chunk, loop = self.chunk, asyncio.get_running_loop()
-        state = cb.import_state(StreamState) or StreamState()
+        state = cb.import_state(StreamState) or StreamState(pad=os.urandom(self.pad))
         interval = chunk / self.rate
         next_at = loop.time()
         while True:
@@ -117,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--export-every", type=int, default=8 * 1024, help="a multiple of --chunk")
     ap.add_argument("--deadline", type=float, default=0.2, help="progress deadline (s)")
+    ap.add_argument("--state-pad", type=int, default=0, metavar="BYTES",
+                    help="random bytes each session keeps in its exported state (a service "
+                         "with large sessions)")
     ap.add_argument("--leak-mb-s", type=float, default=50.0,
                     help="after SIGUSR1, leak this many MB/s (the service itself as memory hog)")
     a = ap.parse_args(argv)
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
     stop, leak = threading.Event(), threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: leak.set())  # the lab's "the service leaks" fault
     threading.Thread(target=heartbeat, args=(progress, stop, leak, a.leak_mb_s), daemon=True).start()
-    service = Service(a.rate, a.chunk, a.export_every)
+    service = Service(a.rate, a.chunk, a.export_every, a.state_pad)
 
     async def serve() -> None:
         async with AsyncListener.tcp("0.0.0.0", a.port, backlog=1024) as listener:

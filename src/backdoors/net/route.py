@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 from collections.abc import Iterable, Iterator
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from backdoors.errors import NetError
+log = logging.getLogger("backdoors.net")
 
 
 @contextlib.contextmanager
@@ -30,7 +31,9 @@ def initial_window(peers: Iterable[str], segments: int) -> Iterator[None]:
     """Host routes to `peers` with initcwnd `segments`, in the calling thread's netns.
 
     Restore the sockets inside the block. A peer that already has a host route of its own
-    is left alone (its route is the operator's).
+    is left alone (its route is the operator's), and so is one with no route here, or
+    whose host route cannot be added: its sockets restore without the larger window (a
+    session to such a peer fails alone, if it must, not the others).
     """
     added: list[dict] = []
     with IPRoute() as ipr:
@@ -41,7 +44,8 @@ def initial_window(peers: Iterable[str], segments: int) -> Iterator[None]:
                 try:
                     found = ipr.route("get", dst=peer)[0]
                 except NetlinkError as e:
-                    raise NetError(f"initial window: no route to {peer}: {e}") from None
+                    log.warning("initial window: no route to %s (%s): left as it is", peer, e)
+                    continue
                 spec = {"dst": peer, "dst_len": plen, "oif": found.get_attr("RTA_OIF"),
                         "family": found["family"]}
                 gateway = found.get_attr("RTA_GATEWAY")
@@ -50,9 +54,10 @@ def initial_window(peers: Iterable[str], segments: int) -> Iterator[None]:
                 try:
                     ipr.route("add", metrics={"initcwnd": segments}, **spec)
                 except NetlinkError as e:
-                    if e.code == errno.EEXIST:  # the operator's own host route: leave it
-                        continue
-                    raise NetError(f"initial window: cannot add a host route to {peer}: {e}") from None
+                    if e.code != errno.EEXIST:  # (EEXIST: the operator's own host route)
+                        log.warning("initial window: cannot add a host route to %s (%s): "
+                                    "left as it is", peer, e)
+                    continue
                 added.append(spec)
             yield
         finally:
