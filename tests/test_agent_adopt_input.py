@@ -133,6 +133,9 @@ def test_adopt_refuses_hostile_sessions_naming_the_problem(peer_lab):
         {"name": "../../etc", "tcp": b"", "cb": good_cb},
         {"name": "cb-cc", "tcp": msgspec.msgpack.encode(_state(options={"snd_wscale": 99})),
          "cb": good_cb},
+        # (outside review) a socket of an address that does not move with it: a node's own
+        # making, to take the target's loopback or its own service address
+        {"name": "cb-ee", "tcp": msgspec.msgpack.encode(_state()), "cb": good_cb},
     ]
     four = zlib.compress(b"abcd")  # live parts (an evacuate's copy) that do not fit
     for name, parts, size in (("cb-d1", [[0, 2], [1, 2]], 100), ("cb-d2", [[0, 4]], 1 << 40),
@@ -145,6 +148,7 @@ def test_adopt_refuses_hostile_sessions_naming_the_problem(peer_lab):
     assert "window.snd_wnd" in failed["cb-bb"]
     assert "is not cb-<session>" in failed["../../etc"]
     assert "options.snd_wscale" in failed["cb-cc"]
+    assert "local address 10.9.0.5 is none of the service addresses" in failed["cb-ee"]
     assert "part (1, 2) overlaps the one before it" in failed["cb-d1"]
     assert f"a size of {1 << 40} bytes, not within" in failed["cb-d2"]
     assert "its parts hold 3 bytes, its data 4" in failed["cb-d3"]

@@ -644,6 +644,7 @@ class Recovery:
         limit = call.agent.config.max_region_bytes
         with self._lock:
             budget = ADOPT_MAX_BYTES - self._adopting_bytes()
+        served = {_plain_ip(c.split("/")[0]) for c in a.addresses} - {None}
         out: list = []
         try:
             for m in a.sessions:
@@ -655,6 +656,10 @@ class Recovery:
                     state = TcpState.decode(bytes(tcp))
                     cb = inflate(m.cb, min(limit, budget), f"session {m.name}: its CB")
                     size = _cb_size(m, len(cb), min(limit, budget))
+                    if _plain_ip(state.local_addr) not in served:  # (a node's own making: a
+                        # socket of the target's loopback, or of its own service address)
+                        raise OpError("failed", f"its local address {state.local_addr} is "
+                                                "none of the service addresses moved with it")
                     fd = cb_memfd(m.name, cb, m.cb_parts, size)
                 except (BackdoorsError, OpError, OSError) as e:
                     failed[m.name] = f"decode: {e}"
@@ -1025,6 +1030,15 @@ def _announce(ns: str, ifname: str, addresses: list[str], **kw) -> None:
         except BackdoorsError as e:
             log.warning("gratuitous ARP for %s in %s failed: %s", cidr, ns, e)
 
+
+
+def _plain_ip(text: str):
+    """An address as compared: an IPv4-mapped IPv6 one as its IPv4 (None: no address)."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
 
 
 def _cidr(text: str):
