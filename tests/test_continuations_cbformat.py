@@ -569,3 +569,22 @@ def test_a_box_keeps_its_endpoints_as_given(v6, local, remote, lport, rport, sco
     finally:
         region.close()
     assert (image.family, image.local, image.remote) == (family, (la, lport), (ra, rport))
+
+
+def test_a_box_copy_keeps_the_holes_of_a_sparse_box():
+    """Outside review: an agent's copy of a node's box (readopt, adopt) wrote every byte,
+    zeros too: a sparse 16 MiB box the node paid nothing for became 16 MiB of the agent's
+    memory. Pages of zeros are now left holes."""
+    import os
+
+    from backdoors.continuations.adoption import cb_memfd
+
+    data = bytearray(16 << 20)
+    data[:10], data[5 << 20:(5 << 20) + 5] = b"x" * 10, b"y" * 5
+    fd = cb_memfd("cb-sparse", bytes(data))
+    try:
+        assert os.fstat(fd).st_blocks * 512 <= 2 * 4096
+        assert os.pread(fd, 10, 0) == b"x" * 10 and os.pread(fd, 5, 5 << 20) == b"y" * 5
+        assert os.pread(fd, 4096, 1 << 20) == bytes(4096) and os.fstat(fd).st_size == 16 << 20
+    finally:
+        os.close(fd)

@@ -321,7 +321,7 @@ class OwnerWatch:
             try:
                 with repair(s.sock) as handle:  # back in service, as found, on exit
                     state = handle.dump(since=s.since)
-                with self.regions.use(s.node, s.name) as entry:
+                with self.regions.use(s.node, s.name) as entry:  # (its holes stay holes)
                     cb_fd = cb_memfd(s.name, entry.region.read(0, entry.size))
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"

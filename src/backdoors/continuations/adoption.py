@@ -555,18 +555,27 @@ def is_handed_copy(fd: int) -> bool:
         return False
 
 
+_PAGE = 4096
+_ZEROS = bytes(_PAGE)
+
+
 def cb_memfd(name: str, data: bytes, parts: Sequence[tuple[int, int]] = (),
              size: int | None = None) -> int:
     """A sealed memfd holding a copy of a Continuation Box, to hand over with its session
     (named COPY_PREFIX + `name`: the server takes it over as its box): `data` whole, or
     the pieces (offset, length) of `parts` one after the other in a region of `size`
-    bytes, the rest zero (continuations.image.live_parts; checked by the caller)."""
+    bytes, the rest zero (continuations.image.live_parts; checked by the caller). Pages
+    of zeros are left holes: a box the node left sparse costs the copy's maker (an
+    agent) no more than it cost the node."""
     fd = os.memfd_create(COPY_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, len(data) if size is None else size)
         at, view = 0, memoryview(data)
         for offset, length in parts or [(0, len(data))]:
-            os.pwrite(fd, view[at:at + length], offset)
+            for i in range(0, length, _PAGE):
+                piece = view[at + i:at + min(length, i + _PAGE)]
+                if piece != _ZEROS[:len(piece)]:
+                    os.pwrite(fd, piece, offset + i)
             at += length
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     except OSError:
