@@ -529,9 +529,12 @@ async def _call(app, scope: dict, body: bytes,
         log.exception("asgi: the application failed on %s %s", scope["method"], scope["path"])
         if start is None or not finished.is_set():
             return 500, [(b"content-type", b"text/plain")], [b"Internal Server Error\n"]
+    finally:
+        done = finished.is_set()
+        finished.set()  # (what still waits in receive() ends)
     if start is None:
         return 500, [(b"content-type", b"text/plain")], [b"no response from the application\n"]
-    if not finished.is_set():
+    if not done:
         log.error("asgi: the application returned before its response's end on %s %s",
                   scope["method"], scope["path"])
         return 500, [(b"content-type", b"text/plain")], [b"incomplete response\n"]
@@ -550,7 +553,7 @@ def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
         keep = request.method == b"HEAD" or status == 304
         headers = [(bytes(k), bytes(v)) for k, v in headers
                    if keep or bytes(k).lower() != b"content-length"]
-        if status != 204 and b"content-length" not in {k.lower() for k, _ in headers}:
+        if status not in (204, 304) and b"content-length" not in {k.lower() for k, _ in headers}:
             headers.append((b"content-length", str(len(body)).encode()))
         if b"server" not in names:
             headers.append((b"server", SERVER_NAME))
