@@ -290,10 +290,10 @@ def test_a_server_with_users_keeps_strangers_off_the_bus_and_its_password_out_of
     wb = Warnings(mb, "B", "bdt.warnings", _verifier(ma), Scanner(lambda: []))
     try:
         with pytest.raises(natsproc.NatsError, match="(?i)authorization"):
-            Bus([server.url], "bdt.warnings.*", timeout=2).start()
+            Bus([server.url], "bdt.warnings.*", timeout=5).start()
         wrong = server.url_of("mon").replace("s3cret-pw", "wr0ng-pw")
         with pytest.raises(natsproc.NatsError, match="(?i)authorization") as e:
-            Bus([wrong], "bdt.warnings.*", timeout=2).start()
+            Bus([wrong], "bdt.warnings.*", timeout=5).start()
         assert "mon:***@" in str(e.value) and "wr0ng-pw" not in str(e.value)
         wb.bus = Bus([server.url_of("mon")], "bdt.warnings.*", wb.on_message).start()
         with Bus([server.url_of("reader")], "bdt.warnings.*") as reader:
