@@ -556,8 +556,8 @@ def test_a_runaway_tree_foreseen_while_still_small_is_killed_once_it_reaches_min
                                *((61 + i, 60, "sh", 1 << 20) for i in range(self.workers)))
             return SimpleNamespace(rows=[r for r in rows if r.pid not in self.killed])
 
-        def guest_kill(self, node, pid, comm, tree):
-            assert tree
+        def guest_kill(self, node, pid, comm, tree, spare):
+            assert tree and spare == ["httpd"]  # its protect: spared in the tree too
             self.killed += [60, *range(61, 61 + self.workers)]
             return SimpleNamespace(signalled=self.workers + 1, survivors=[], took_ms=1.0)
 
