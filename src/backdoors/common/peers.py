@@ -42,13 +42,21 @@ def _overflow_uid() -> int:
         return 65534
 
 
+_INITIAL_USERNS: dict[int, bool] = {}  # this process's user namespace (inode) -> the answer
+
+
 def _initial_userns() -> bool:
-    """True if this process is in the initial user namespace (the identity map)."""
+    """True if this process is in the initial user namespace (the identity map). Kept
+    per user namespace, read first at import: a server out of descriptors (EMFILE) when
+    it checks a peer could not open the map then, and would refuse the agent."""
     try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
+        ns = os.stat("/proc/self/ns/user").st_ino  # (no descriptor needed)
+        if ns not in _INITIAL_USERNS:
+            with open("/proc/self/uid_map") as f:
+                _INITIAL_USERNS[ns] = f.read().split() == ["0", "0", "4294967295"]
+        return _INITIAL_USERNS[ns]
     except OSError:
-        return False
+        return False  # not known now: refused, asked again next time
 
 
 def _pidfd_pid(sock: socket.socket) -> int | None:
@@ -87,3 +95,6 @@ def not_the_agent(sock: socket.socket) -> str | None:
         return None
     return (f"the peer (pid {pid}, uid {uid}) is a process of this node: its pid is visible "
             "here and it is not root in the initial user namespace")
+
+
+_initial_userns()
