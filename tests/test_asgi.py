@@ -34,19 +34,23 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @contextlib.contextmanager
-def serving(**options):
-    """The ASGI server with the test app on 127.0.0.1 (`options` for asgi.serve); its
-    address."""
+def serving(app=None, **options):
+    """The ASGI server with `app` (default: the test app) on 127.0.0.1, its lifespan run
+    first (`options` for asgi.serve); its address."""
+    app = app or asgi_app.app
     started = threading.Event()
     box: dict = {}
 
     def main() -> None:
         async def go() -> None:
+            life = asgi.Lifespan(app)
+            await life.startup()
             listener = AsyncListener.tcp("127.0.0.1", 0, adopt=None)
             box["listener"], box["loop"] = listener, asyncio.get_running_loop()
             started.set()
             with listener:
-                await asgi.serve(asgi_app.app, listener, **options)
+                await asgi.serve(app, listener, state=life.state, **options)
+            await life.shutdown()
         asyncio.run(go())
 
     t = threading.Thread(target=main, daemon=True)

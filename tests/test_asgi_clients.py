@@ -6,44 +6,13 @@ carry, or stop mid-body. Raw ASGI applications, raw sockets; no agent."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
-import threading
 import time
 
 import pytest
 
-from backdoors import asgi
-from backdoors.continuations import AsyncListener
-
-
-@contextlib.contextmanager
-def serving(app, **options):
-    """`app` served on 127.0.0.1 (its lifespan run first); the address."""
-    started = threading.Event()
-    box: dict = {}
-
-    def main() -> None:
-        async def go() -> None:
-            life = asgi.Lifespan(app)
-            await life.startup()
-            listener = AsyncListener.tcp("127.0.0.1", 0, adopt=None)
-            box["listener"], box["loop"] = listener, asyncio.get_running_loop()
-            started.set()
-            with listener:
-                await asgi.serve(app, listener, state=life.state, **options)
-            await life.shutdown()
-        asyncio.run(go())
-
-    t = threading.Thread(target=main, daemon=True)
-    t.start()
-    assert started.wait(10)
-    try:
-        yield box["listener"].address
-    finally:
-        box["loop"].call_soon_threadsafe(box["listener"].close)
-        t.join(10)
+from test_asgi import serving
 
 
 @pytest.fixture(autouse=True)

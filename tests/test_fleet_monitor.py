@@ -320,6 +320,14 @@ def test_a_response_ends_under_the_ownership_it_began_in(etcd):
         share.stop()
 
 
+def _ran_a_while(etcd) -> None:
+    """Revisions in the hundreds, as in a fleet that ran a while."""
+    client = EtcdClient(etcd.url)
+    for i in range(300):
+        client.put("/other/app/key", str(i))
+    client.close()
+
+
 def test_a_fleet_whose_etcd_comes_back_empty_watches_its_nodes_again(agent_lab, etcd):
     """Outside review: etcd made anew on the same address (its data lost) starts its
     revisions again, below the tokens the agents hold: every claim was refused as stale,
@@ -330,10 +338,7 @@ def test_a_fleet_whose_etcd_comes_back_empty_watches_its_nodes_again(agent_lab, 
 
     nodes = ("n0", "n1")
     lab = agent_lab(nodes={n: {} for n in nodes})
-    client = EtcdClient(etcd.url)
-    for i in range(300):  # a fleet that ran a while: revisions in the hundreds
-        client.put("/other/app/key", str(i))
-    client.close()
+    _ran_a_while(etcd)
     mon = Monitor(monitor_config(lab, etcd, "m1"), key=lab.keys["m1"])
     try:
         mon.start()
@@ -366,10 +371,7 @@ def test_a_fleet_whose_etcd_gives_tokens_below_the_agents_watches_its_nodes_agai
 
     nodes = ("n0", "n1")
     lab = agent_lab(nodes={n: {} for n in nodes})
-    client = EtcdClient(etcd.url)
-    for i in range(300):  # a fleet that ran a while: revisions in the hundreds
-        client.put("/other/app/key", str(i))
-    client.close()
+    _ran_a_while(etcd)
     c = lab.client()
     for back in (0, 100):  # the same epoch, then one 100 s older
         mon = Monitor(monitor_config(lab, etcd, "m1"), key=lab.keys["m1"])
