@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ..common.text import printable
 from ..errors import BackdoorsError
 from ..lab.agents import keeper_files
 from ..sensors import GUEST_BOX, KERNEL_BOX, parse_box
@@ -62,10 +63,10 @@ class View:
             self.console.print(f"== {phase}" + (f"   (next: {next_})" if next_ else ""))
 
     def say(self, text: str) -> None:
-        line = f"{datetime.now():%H:%M:%S.%f}"[:-3] + "  " + text
+        line = f"{datetime.now():%H:%M:%S.%f}"[:-3] + "  " + printable(text)
         self.events.append(line)
         if not self.live_mode:
-            self.console.print(line, highlight=False)
+            self.console.print(Text(line), highlight=False)
 
     def verdict(self, record: dict) -> None:
         mark = "[green]PASS[/]" if record["passed"] else "[red]FAIL[/]"

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from ..common.text import cell
 from ..errors import ConfigError
 from .detectors import Hit
 from .diagnosis import Finding
@@ -258,11 +259,10 @@ def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int
     from rich import box
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text
 
     console = console or Console()
     if not incidents:
-        console.print(f"no incidents in {path}")
+        console.print(cell(f"no incidents in {path}"))
         return incidents
     rows = [(i, _result(i), _span(lasted(i))) for i in incidents]
     width = lambda head, texts: max(len(head), *(len(x) for x in texts))  # noqa: E731
@@ -277,7 +277,7 @@ def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int
         if room() < 12:
             del cols["node"]
         diagnosis = room() >= 12
-    t = Table(title=f"incidents in {path}", box=box.SIMPLE_HEAD, show_edge=False,
+    t = Table(title=cell(f"incidents in {path}"), box=box.SIMPLE_HEAD, show_edge=False,
               padding=(0, 0), title_justify="left")  # columns apart by the box's space
     for name in ("id", "node", "rule", "result", "lasted"):
         if name == "lasted" and wide:
@@ -301,10 +301,11 @@ def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int
                     str(i.detections), str(i.attempts), _ms(i.repaired_ms), acts]
         else:
             row.append(span)
+        row = [cell(x) for x in row]  # (a node chose its names, and its processes theirs)
         if wide:
-            row.append(_what(i))
+            row.append(cell(_what(i)))
         elif diagnosis:
-            row.append(Text(_what(i), no_wrap=True, overflow="ellipsis"))
+            row.append(cell(_what(i), no_wrap=True, overflow="ellipsis"))
         t.add_row(*row)
     console.print(t)
     return incidents
