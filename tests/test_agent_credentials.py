@@ -340,7 +340,9 @@ def test_the_keys_command_generates_shows_and_rotates(tmp_path):
     assert first.startswith('m1 = "ed25519:') and stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert _bd("show", path).stdout.strip() == first
     assert _bd("generate", "--id", "m1", path).returncode != 0  # never overwritten
+    os.chown(path, 65534, 65534)  # a monitor running as its own user (review: rotate made it root's)
     rolling = _bd("rotate", path).stdout.strip()
+    assert (os.stat(path).st_uid, os.stat(path).st_gid) == (65534, 65534)
     old_pub = first.split('"')[1]
     assert rolling.startswith(f'm1 = ["{old_pub}", "ed25519:')
     current, nxt = read_key_file(path)

@@ -18,6 +18,7 @@ generate|show|rotate` writes and shows them (cli.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -180,7 +181,8 @@ def read_key_file(path: str) -> tuple[Identity, Identity | None]:
 
 def write_key_file(path: str, current: Identity, next: Identity | None = None, *,
                    overwrite: bool = False) -> None:
-    """Write a private key file, mode 0600 (atomically replaced when `overwrite`)."""
+    """Write a private key file, mode 0600 (atomically replaced when `overwrite`, keeping
+    the replaced file's owner: a monitor running as its own user reads its key still)."""
     lines = [f"# backdoors private key (Ed25519) of {current.id!r}. Secret: keep it mode 0600.\n",
              f"# Its public key, for the configs that check it: {current.public_text()}\n",
              f'id = "{current.id}"\n', f'private_key = "{_seed(current).hex()}"\n']
@@ -197,10 +199,30 @@ def write_key_file(path: str, current: Identity, next: Identity | None = None, *
         raise ConfigError(f"key file {path} exists: remove it first, or rotate it") from None
     except OSError as e:
         raise ConfigError(f"cannot write key file {path}: {e.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.writelines(lines)
-    if overwrite:
-        os.replace(target, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            if overwrite:
+                owner = os.stat(path)
+                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(target, path)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise ConfigError(f"cannot write key file {path}: {e.strerror}") from None
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def generate(path: str, id: str) -> Identity:
