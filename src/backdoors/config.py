@@ -42,8 +42,10 @@ from .agent.config import AgentConfig, KernelSensorLimits, NodeSpec
 from .agent.config import decode_table as decode_agent
 from .common.configfile import Document, descriptions
 from .errors import ConfigError
+from .fleet.bus import without_password
 from .monitor.config import AgentEntry, MonitorConfig, load_monitor_key
 from .monitor.config import decode_table as decode_monitor
+from .monitor.config import validate as validate_monitor
 from .monitor.rules import load_rulesets
 
 T = TypeVar("T")
@@ -66,6 +68,14 @@ def load_monitor_config(path: str) -> MonitorConfig:
     """The monitor's config at `path`: the [monitor] section of the unified file, or a
     plain monitor file."""
     return _load(path, "monitor", decode_monitor)
+
+
+def monitor_config(path: str, etcd: list[str] | None = None) -> MonitorConfig:
+    """The monitor's config at `path`, with `etcd` (the CLI's --etcd) in place of its own."""
+    config = load_monitor_config(path)
+    if etcd:
+        config = validate_monitor(msgspec.structs.replace(config, etcd=list(etcd)), "--etcd")
+    return config
 
 
 def is_unified(table: dict) -> bool:
@@ -98,15 +108,20 @@ def _section(document: Document, section: str, decode: Callable[[dict, str], T])
 # -- monitor --check --------------------------------------------------------------------
 
 
-def check_monitor(path: str) -> tuple[MonitorConfig, list, list[str]]:
+def check_monitor(path: str, etcd: list[str] | None = None,
+                  ) -> tuple[MonitorConfig, list, list[str]]:
     """What `backdoors monitor --check` checks: (the monitor's config, its rules,
-    warnings). A ConfigError for anything the monitor would refuse, and, in a unified file
-    with an [agent] section, for an agent config its agent would refuse (the agents'
-    quorum is set there, and a quorum its monitors cannot reach refuses every repair).
-    Warnings: what loads but cannot work as meant (a ruleset that recovers sessions to
-    another node, and no other node to recover to)."""
-    config = load_monitor_config(path)
+    warnings). A ConfigError for anything the monitor would refuse (started by the CLI:
+    no in-process hooks; `etcd` overriding the config's, as --etcd does), and, in a
+    unified file with an [agent] section, for an agent config its agent would refuse (the
+    agents' quorum is set there, and a quorum its monitors cannot reach refuses every
+    repair). Warnings: what loads but cannot work as meant (a ruleset that recovers
+    sessions to another node, and no other node to recover to)."""
+    from .monitor.core import check_agent_keys, check_hooks
+    config = monitor_config(path, etcd)
     rules = load_rulesets(config.rulesets)
+    check_hooks(rules, {})
+    check_agent_keys(config)
     if isinstance(Document.read(path, "monitor config").table.get("agent"), dict):
         load_agent_config(path)  # the unified file's [agent]
     from .monitor.core import DEFAULT_INCIDENTS_DIR
@@ -235,12 +250,13 @@ def _value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON escapes are TOML basic-string escapes
+    if isinstance(v, str):  # (a password in a URL shown as ***: this output is pasted)
+        return json.dumps(without_password(v))  # JSON escapes are TOML basic-string escapes
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, dict):  # (TOML has no null: an unset member is left out)
+        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()
+                                if x is not None) + " }"
     raise TypeError(f"no TOML for {type(v).__name__}")
 
 

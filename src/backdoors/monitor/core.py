@@ -274,6 +274,21 @@ def _agent_stalls(snap, unchanged: dict[str, float], starved: dict[str, float]) 
             s.violated = stalled(s.stalled_for, s.deadline)
 
 
+def check_hooks(rules: list[Rule], hooks: dict[str, Callable[[dict], Any]]) -> None:
+    """Every in-process hook the rules name is among `hooks` (ConfigError otherwise)."""
+    for rule in rules:
+        for a in rule.actions:
+            if (missing := a.missing_hook(hooks)) is not None:
+                raise ConfigError(f"rule {rule.name}: {a.kind_name()} hook {missing!r} is "
+                                  f"not registered (hooks: {', '.join(hooks) or 'none'})")
+
+
+def check_agent_keys(config: MonitorConfig) -> None:
+    """Every agent entry has a good public key: fail at start, not at each poll."""
+    for entry in config.agents:
+        agent_keys(entry)
+
+
 class Monitor:
     """Watches the nodes of `config.agents` with `rules` (default: config.rulesets).
 
@@ -291,16 +306,11 @@ class Monitor:
         self.config = validate(config)
         self.rules = list(rules) if rules is not None else load_rulesets(config.rulesets)
         self.hooks = dict(hooks or {})
-        for rule in self.rules:
-            for a in rule.actions:
-                if (missing := a.missing_hook(self.hooks)) is not None:
-                    raise ConfigError(f"rule {rule.name}: {a.kind_name()} hook {missing!r} is "
-                                      f"not registered (hooks: {', '.join(self.hooks) or 'none'})")
+        check_hooks(self.rules, self.hooks)
         self.clock = clock
         if client_factory is None:
             self.key = key if key is not None else load_monitor_key(config)
-            for entry in config.agents:
-                agent_keys(entry)  # a missing or bad public key: fail now, not at each poll
+            check_agent_keys(config)
             client_factory = self._default_client
         self.client_factory = client_factory
         # a unit that watches frozen or fenced nodes makes every poll ask nodes()
