@@ -233,7 +233,35 @@ def test_unfence_and_kill(root):
             assert r.returncode == 0 and "processes killed" in r.stderr, r.stderr
             assert lab.node("n0").processes() == []
             r = cli("node", "unfence", "n9", "--lab", name)
-            assert r.returncode == 1 and "no reachable agent serves node 'n9'" in r.stderr
+            assert r.returncode == 1, r.stderr
+            assert "no agent serves node 'n9': h0 (" in r.stderr and "serves n0" in r.stderr
+
+
+def test_kill_names_what_each_agent_said_when_none_serves_the_node(tmp_path):
+    """Outside review: every agent's error became "no reachable agent serves node", which
+    reads as a typo in the node's name."""
+    from backdoors.agent.keys import generate, new_identity
+
+    generate(str(tmp_path / "m1.key"), "m1")
+    conf = tmp_path / "monitor.toml"
+    conf.write_text('monitor_id = "m1"\nkey_file = "m1.key"\n' + "".join(
+        f'[[agents]]\nhost = "h{i}"\naddress = "127.0.0.1:{i + 1}"\n'
+        f'public_key = "{new_identity(f"h{i}").public_text()}"\n' for i in range(2)))
+    for cmd in ("kill", "unfence"):
+        r = cli("node", cmd, "n0", "--config", str(conf))
+        assert r.returncode == 1, r.stderr
+        assert "no agent serves node 'n0': h0 (127.0.0.1:1): " in r.stderr
+        assert "h1 (127.0.0.1:2): " in r.stderr and r.stderr.count("refused") == 2, r.stderr
+    r = cli("node", "kill", "n0", "--config", str(conf), "--lab", "x")
+    assert r.returncode == 1 and "status:" not in r.stderr
+    assert "give a lab (--lab) or a monitor config (--config), not both" in r.stderr
+
+
+def test_the_printed_config_entry_is_toml_whatever_the_names_hold():
+    rec = provision.Record("web0", 'svc/we"b[/]0', netns='ns"1', interface="eth0",
+                           addresses=["10.0.0.2"])
+    entry = tomllib.loads(provision.stanza(rec).replace("[[agent.nodes]]", "[[nodes]]"))
+    assert entry["nodes"][0]["cgroup"] == 'svc/we"b[/]0' and entry["nodes"][0]["netns"] == 'ns"1'
 
 
 def test_size_parsing():

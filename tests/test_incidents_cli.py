@@ -163,3 +163,27 @@ def test_a_torn_line_costs_no_later_incident_and_odd_files_a_clear_error(tmp_pat
     assert runner.invoke(app, ["incidents", str(tmp_path / "gone.jsonl")]).exit_code == 1
     out = runner.invoke(app, ["incidents", str(tmp_path), "--limit", "0"])
     assert out.exit_code == 2 and "--limit" in out.output
+
+
+def test_a_broken_default_config_is_named_not_taken_for_an_agent_hosts(tmp_path, monkeypatch):
+    """Outside review: any error in /etc/backdoors/backdoors.toml was taken for "no
+    [monitor] section", and the default folder was read instead, its error blaming a
+    missing config."""
+    import backdoors.config
+    import backdoors.monitor
+
+    default = tmp_path / "backdoors.toml"
+    monkeypatch.setattr(backdoors.config, "DEFAULT_PATH", str(default))
+    monkeypatch.setattr(backdoors.monitor, "DEFAULT_INCIDENTS_DIR", str(tmp_path / "none"))
+    write_log(tmp_path / "spool", [incident(1, "n0")])
+    default.write_text('[monitor]\nmonitor_id = "m1"\nincidents_dir = "spool"\nperiod_ms = "fast"\n'
+                       '[[monitor.agents]]\nhost = "h0"\naddress = "10.99.0.1:7700"\n')
+    res = CliRunner().invoke(app, ["incidents", "--json"])
+    assert res.exit_code == 1 and f"{default}:4: key monitor.period_ms" in str(res.exception)
+    default.write_text(default.read_text().replace('period_ms = "fast"\n', ""))
+    res = CliRunner().invoke(app, ["incidents", "--json"])
+    assert res.exit_code == 0 and len(json.loads(res.output)) == 1, res.output
+    default.write_text('[agent]\nhost = "h0"\n')  # an agent host's file: the default folder
+    res = CliRunner().invoke(app, ["incidents", "--json"])
+    assert res.exit_code == 1, res.output
+    assert f"no incident log at {tmp_path}/none (the default: no monitor config at" in str(res.exception)

@@ -4,6 +4,8 @@ incidents, unreachable agents, and a monitor config as the source."""
 import io
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -162,6 +164,11 @@ nodes = ["x0"]
     nodes = by_node(rows)
     assert nodes["n0"]["state"] == nodes["n1"]["state"] == "ok"
     assert nodes["x0"]["state"] == "unreachable" and nodes["x0"]["host"] == "gone"
+    for args, code in (((), 0), (("--check",), 3)):  # --check: a node not ok fails a script
+        r = subprocess.run([sys.executable, "-m", "backdoors", "status", "--config", str(conf),
+                            "--json", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == code, r.stderr
+        assert {n["node"]: n["state"] for n in json.loads(r.stdout)["nodes"]}["x0"] == "unreachable"
     with pytest.raises(Exception, match="not both"):
         status_table(lab=lab.name, monitor_config=str(conf))
 

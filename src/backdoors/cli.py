@@ -15,7 +15,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from .common.text import cell
 from .errors import BackdoorsError, NeedRootError
 
 app = typer.Typer(
@@ -120,7 +122,7 @@ def lab_status(
     from .errors import require_root
     from .lab import Lab, running_labs
 
-    require_root("reading lab status")
+    require_root("reading lab status", "it enters the lab's network namespaces and cgroups")
     names = [name] if name else running_labs()
     statuses = [Lab.attach(n).status() for n in names]
     if as_json:
@@ -244,7 +246,7 @@ def agent(
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s agent %(levelname)s %(message)s")
     try:
-        require_root("the agent")  # first: a config may name files only root can read
+        require_root("the agent", "it reads and changes nodes' cgroups, namespaces and processes")  # first: a config may name files only root can read
         loaded = load_agent_config(config)
         loaded.identity()  # its key file, as the agent reads it (a config problem: 2)
         if not os.path.isdir(os.path.dirname(loaded.audit_log)):
@@ -272,25 +274,20 @@ def monitor(
     import signal
     import threading
 
-    from .config import check_monitor, load_monitor_config
+    from .config import check_monitor, monitor_config
     from .monitor.core import run_monitor
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if check:
-            loaded, rules, warnings = check_monitor(config)
+            loaded, rules, warnings = check_monitor(config, etcd)
             for w in warnings:
                 print(f"warning: {w}", file=sys.stderr)
             print(f"{config}: ok ({len(loaded.agents)} agents, {len(rules)} rules: "
                   f"{', '.join(r.name for r in rules)})")
             return
-        loaded = load_monitor_config(config)
-        if etcd:
-            import msgspec
-
-            from .monitor.config import validate
-            loaded = validate(msgspec.structs.replace(loaded, etcd=list(etcd)), "--etcd")
+        loaded = monitor_config(config, etcd)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -298,6 +295,19 @@ def monitor(
     except BackdoorsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def _has_monitor(path: str) -> bool:
+    """Whether the config file at `path` is a monitor's, not an agent host's (a unified
+    file without [monitor], an agent file with its [[nodes]]). A file that cannot be read
+    or parsed says so (ConfigError)."""
+    from .common.configfile import Document
+    from .config import is_unified
+
+    table = Document.read(path, "config").table
+    if is_unified(table):
+        return isinstance(table.get("monitor"), dict)
+    return "nodes" not in table
 
 
 @app.command()
@@ -326,11 +336,8 @@ def incidents(
         cfg = None
         if config is not None:
             cfg = load_monitor_config(config)
-        elif os.path.exists(DEFAULT_PATH):
-            try:
-                cfg = load_monitor_config(DEFAULT_PATH)
-            except ConfigError:  # an agent host's file: no [monitor] section
-                cfg = None
+        elif os.path.exists(DEFAULT_PATH) and _has_monitor(DEFAULT_PATH):
+            cfg = load_monitor_config(DEFAULT_PATH)  # (a broken one says so)
         source = config or DEFAULT_PATH
         if cfg is not None and cfg.incidents_dir is not None:
             path, where = cfg.incidents_dir, f"the incidents_dir of {source}"
@@ -347,14 +354,18 @@ def incidents(
 
 @app.command()
 def status(
-    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
-    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
-    incidents: Optional[str] = typer.Option(None, "--incidents", help="Incident log file or folder."),
+    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab (not with --config)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file (default: /etc/backdoors/backdoors.toml if it exists, else the one running lab)."),
+    incidents: Optional[str] = typer.Option(None, "--incidents", help="Incident log file or folder (default: the config's incidents_dir, or the lab's)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    check: bool = typer.Option(False, "--check", help="Exit with status 3 when a node is not "
+                               "ok or recovered, or the fleet cannot be read (for scripts, cron, Nagios)."),
 ) -> None:
     """Hosts, nodes, node state (ok/suspect/locked/fenced/recovered), worst sensor, open incidents; with a fleet of monitors (etcd), its members, their shares and leases.
 
     --json prints {"nodes": [a row per node], "fleet": the fleet as etcd holds it, or null without etcd}.
+
+    Exit status: 0; with --check, 3 when a node is not ok or recovered (suspect, locked, fenced, unreachable) or the fleet cannot be read; 1 on an error (a bad config).
     """
     from .status import fleet_status, render_fleet, render_status, status_table
 
@@ -366,6 +377,9 @@ def status(
         render_status(rows, out)
         if fleet is not None:
             render_fleet(fleet, out)
+    if check and (any(r["state"] not in ("ok", "recovered") for r in rows)
+                  or (fleet or {}).get("error")):
+        raise typer.Exit(3)
 
 
 @config_app.command("show")
@@ -468,23 +482,28 @@ def _node_client(node: str, lab: Optional[str], config: Optional[str]):
 
     path = config or (DEFAULT_PATH if lab is None and os.path.exists(DEFAULT_PATH) else None)
     window = load_monitor_config(path).vote_window_s if path is not None else 0.0
+    seen = []  # what each agent said: the operator must tell a typo from agents down
     for src in sources:
-        client = src.connect()
-        client.vote_window = window
+        client = None
         try:
-            if node in {i.name for i in client.nodes()}:
+            client = src.connect()
+            client.vote_window = window
+            served = sorted(i.name for i in client.nodes())
+            if node in served:
                 return client
-        except BackdoorsError:
-            pass
-        client.close()
-    raise BackdoorsError(f"no reachable agent serves node {node!r}")
+            seen.append(f"{src.host} ({src.address}) serves {', '.join(served) or 'no node'}")
+        except (BackdoorsError, OSError) as e:
+            seen.append(f"{src.host} ({src.address}): {e}")
+        if client is not None:
+            client.close()
+    raise BackdoorsError(f"no agent serves node {node!r}: " + "; ".join(seen or ["no agents"]))
 
 
 @node_app.command("unfence")
 def node_unfence(
     node: str = typer.Argument(..., help="The fenced node."),
-    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
-    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
+    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab (not with --config)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file (default: /etc/backdoors/backdoors.toml if it exists, else the one running lab)."),
 ) -> None:
     """Return a node fenced by a recovery to service: thaw it, bring its interface up.
 
@@ -498,8 +517,8 @@ def node_unfence(
 @node_app.command("kill")
 def node_kill(
     node: str = typer.Argument(..., help="The node whose processes to kill."),
-    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab."),
-    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file."),
+    lab: Optional[str] = typer.Option(None, "--lab", help="A running lab (not with --config)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Monitor or unified config file (default: /etc/backdoors/backdoors.toml if it exists, else the one running lab)."),
 ) -> None:
     """Kill every process of a node (a refresh starts from there).
 
@@ -539,10 +558,10 @@ def node_create(
                            pids=pids, netns=netns, addresses=address, bridge=bridge,
                            gateway=gateway, interface=interface, veth=veth, layout=layout)
     dirs = ", ".join(str(m / rec.cgroup) for m in layout.hierarchies().values())
-    err.print(f"node {name}: cgroup {rec.cgroup!r} in {dirs} ({layout.kind} layout)"
-              + (f"; netns {rec.netns} with {rec.interface} (host end {rec.veth}"
-                 + (f" on bridge {rec.bridge}" if rec.bridge else "") + ")" if rec.netns else ""),
-              highlight=False, soft_wrap=True)
+    err.print(cell(f"node {name}: cgroup {rec.cgroup!r} in {dirs} ({layout.kind} layout)"
+                   + (f"; netns {rec.netns} with {rec.interface} (host end {rec.veth}"
+                      + (f" on bridge {rec.bridge}" if rec.bridge else "") + ")"
+                      if rec.netns else "")), highlight=False, soft_wrap=True)
     err.print(escape(provision.what_it_is(rec)), highlight=False, soft_wrap=True)
     err.print("The agent's config entry for it (stdout):", highlight=False)
     print(provision.stanza(rec), end="")
@@ -585,6 +604,13 @@ def node_delete(name: str = typer.Argument(..., help="A node made by `backdoors 
 # ---- scenarios ------------------------------------------------------------------------
 
 
+def _verdict(result: dict, as_json: bool, passed: bool) -> None:
+    """Print a scenario's result; exit status 1 if it did not do what it shows."""
+    _emit(result, as_json)
+    if not passed:
+        raise typer.Exit(1)
+
+
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2, default=str))
@@ -600,7 +626,9 @@ def scenario_memory_hog(as_json: bool = typer.Option(False, "--json", help="Prin
     """A hog grows beside the service and a large stable cache: the hog (not the largest) is killed."""
     from .scenarios import SCENARIOS
 
-    _emit(SCENARIOS["memory-hog"](), as_json)
+    r = SCENARIOS["memory-hog"]()
+    _verdict(r, as_json, r["detected"] and r["culprit_killed"] and r["service_survived"]
+             and not r["innocent_killed"])
 
 
 @scenario_app.command("fork-bomb")
@@ -608,7 +636,9 @@ def scenario_fork_bomb(as_json: bool = typer.Option(False, "--json", help="Print
     """A fork bomb wedges a node under its pids limit: lock, kill the lineage, unlock."""
     from .scenarios import SCENARIOS
 
-    _emit(SCENARIOS["fork-bomb"](), as_json)
+    r = SCENARIOS["fork-bomb"]()
+    _verdict(r, as_json, r["detected"] and r["service_survived"] and r["node_thawed"]
+             and not r["bomb_processes_left"])
 
 
 @scenario_app.command("hang")
@@ -620,7 +650,8 @@ def scenario_hang(
     """The service stops progressing: detected within deadline + 2 polls, with a diagnosis."""
     from .scenarios import SCENARIOS
 
-    _emit(SCENARIOS["hang"](mode=mode, refresh=refresh), as_json)
+    r = SCENARIOS["hang"](mode=mode, refresh=refresh)
+    _verdict(r, as_json, r["detected"] and (not refresh or r.get("service_restarted")))
 
 
 @scenario_app.command("recovery")
@@ -636,7 +667,9 @@ def scenario_recovery(
     if fault not in FAULTS:
         raise typer.BadParameter(f"{fault!r}; choose one of {', '.join(FAULTS)}",
                                  param_hint="--fault")
-    _emit(recovery(fault, sessions, restart_server=restart_server), as_json)
+    r = recovery(fault, sessions, restart_server=restart_server)
+    _verdict(r, as_json, r["detected"] and r["sessions_ok"] == sessions
+             and not r["bytes_lost"] and not r["bytes_duplicated"] and not r["corrupt_sessions"])
 
 
 @casestudy_app.command("rubis")
@@ -663,8 +696,10 @@ def casestudy_rubis(
                                  "--rounds >= 1, --ramp in [0, --seconds)")
     require_root("the case study's lab")
     chosen = FAULTS if faults == "all" else tuple(f for f in faults.split(",") if f)
-    _emit(rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds, faults=chosen,
-                work_dir=out_dir, ramp_s=ramp), as_json)
+    r = rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds, faults=chosen,
+              work_dir=out_dir, ramp_s=ramp)
+    _verdict(r, as_json, not r["bids_lost"] and not r["bids_duplicated"]
+             and not any(f.get("failed_requests") for f in r.get("faults", ())))
 
 
 @scenario_app.command("vm")
@@ -895,7 +930,7 @@ def bench_monitor(
     out.print(t)
     for r in result["results"]:
         for e in r["errors"]:
-            err.print(f"{r['nodes']} nodes: {e}")
+            err.print(cell(f"{r['nodes']} nodes: {e}"))
 
 
 # ---- demo -----------------------------------------------------------------------------
@@ -934,7 +969,7 @@ def demo(
 
 def _print_error(e: BackdoorsError) -> None:
     """One line on stderr, the message verbatim (brackets in it are not markup)."""
-    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    err.print(Text("error:", "bold red") + " " + cell(e), highlight=False, soft_wrap=True)
 
 
 class _Terminated:

@@ -56,10 +56,8 @@ class ConfigError(BackdoorsError):
     """A configuration or ruleset file is invalid."""
 
 
-def require_root(what: str) -> None:
-    """Raise NeedRootError unless running as root; `what` names the operation."""
+def require_root(what: str, why: str = "it creates cgroups and network namespaces") -> None:
+    """Raise NeedRootError unless running as root; `what` names the operation, `why` says
+    what of it needs root."""
     if os.geteuid() != 0:
-        raise NeedRootError(
-            f"{what} needs root: it creates cgroups and network namespaces. "
-            "Run it with sudo or as root."
-        )
+        raise NeedRootError(f"{what} needs root: {why}. Run it with sudo or as root.")

@@ -16,6 +16,7 @@ as another user and under catatonit, which reaps the orphans a fork bomb leaves.
 from __future__ import annotations
 
 import errno
+import json
 import ipaddress
 import os
 import pwd
@@ -267,7 +268,7 @@ def delete(name: str, *, records: Path = RECORDS, layout: Layout | None = None) 
     made; NodeError (nothing touched) if `create` did not make it."""
     rec = load(name, records, ": its cgroup and netns are not ours to remove; remove them "
                "the way they were made")
-    require_root(f"deleting node {name}")
+    require_root(f"deleting node {name}", "it removes cgroups and network namespaces")
     return _remove(rec, layout or detect(), records)
 
 
@@ -285,7 +286,7 @@ def run(name: str, argv: Sequence[str], *, user: str | None = None, init: bool =
         rec = load(name, records, ": for a node made otherwise give its --cgroup PATH "
                    "(and --netns NS)")
         cgroup, netns = rec.cgroup, rec.netns
-    require_root(f"running a command in node {name}")
+    require_root(f"running a command in node {name}", "it enters the node's cgroups and namespaces")
     node = Node.open(name, cgroup, netns=netns)
     argv = list(argv)
     if init:
@@ -326,17 +327,22 @@ def run(name: str, argv: Sequence[str], *, user: str | None = None, init: bool =
     return code if code >= 0 else 128 - code
 
 
+def _toml(value: str) -> str:
+    """A TOML basic string (a JSON string is one: quotes and controls escaped)."""
+    return json.dumps(value)
+
+
 def stanza(rec: Record) -> str:
     """The agent's config entry for node `rec`, TOML with comments, to paste."""
     lines = [
         "[[agent.nodes]]        # in /etc/backdoors/backdoors.toml ([[nodes]] in an agent-only file)",
-        f'name = "{rec.name}"',
-        f'cgroup = "{rec.cgroup}"',
+        f"name = {_toml(rec.name)}",
+        f"cgroup = {_toml(rec.cgroup)}",
     ]
     if rec.netns is not None:
-        lines += [f'netns = "{rec.netns}"', f'interface = "{rec.interface}"']
+        lines += [f"netns = {_toml(rec.netns)}", f"interface = {_toml(rec.interface)}"]
         if rec.addresses:
-            lines.append("addresses = [" + ", ".join(f'"{a}"' for a in rec.addresses)
+            lines.append("addresses = [" + ", ".join(_toml(a) for a in rec.addresses)
                          + "]   # keep only the service addresses that move on recovery")
     if rec.netns is None:
         lines += ['isolation = "trusted"   # no netns: it shares the host network, which the '

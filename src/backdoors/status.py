@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .agent.errors import RemoteError
+from .common.text import cell, printable
 from .errors import BackdoorsError, ConfigError, SensorBoxError
 from .sensors import SensorType, out_of_bounds, over_rate, parse_box, stalled
 
@@ -91,7 +92,7 @@ def _resolve(lab: str | None, monitor_config: str | None) -> tuple[str | None, s
     """The lab or the monitor config that status reads: the one given, else the unified
     config at its default path, else the one running lab."""
     if lab is not None and monitor_config is not None:
-        raise ConfigError("status: give a lab or a monitor config, not both")
+        raise ConfigError("give a lab (--lab) or a monitor config (--config), not both")
     if lab is None and monitor_config is None:
         from .config import DEFAULT_PATH
         from .lab import running_labs
@@ -101,7 +102,7 @@ def _resolve(lab: str | None, monitor_config: str | None) -> tuple[str | None, s
             labs = running_labs()
             if len(labs) != 1:
                 raise ConfigError(
-                    f"status: no config at {DEFAULT_PATH} and "
+                    f"no config at {DEFAULT_PATH} and "
                     + (f"{len(labs)} labs are running ({', '.join(labs)})" if labs else
                        "no lab is running") + ": name a lab or a monitor config file")
             lab = labs[0]
@@ -112,7 +113,7 @@ def _lab_sources(name: str, timeout: float) -> tuple[list[AgentSource], str | No
     from .errors import require_root
     from .lab import Lab
 
-    require_root(f"reading the status of lab {name} (its agents sit in network namespaces)")
+    require_root(f"reading the status of lab {name}", "its agents sit in network namespaces")
     lab = Lab.attach(name)
     if not lab.state.agents:
         raise ConfigError(f"lab {name} runs no agents (it was built with --no-agents)")
@@ -199,14 +200,14 @@ def render_fleet(fleet: dict, console=None) -> None:
     from rich.table import Table
     console = console or Console()
     if "error" in fleet:
-        console.print(f"[red]fleet: {fleet['error']}[/]")
+        console.print(cell(f"fleet: {fleet['error']}", "red"))
         return
     t = Table(title=f"fleet (etcd revision {fleet['revision']})")
     for col in ("monitor", "nodes", "lease", "ttl", "left"):
         t.add_column(col)
     for m, info in sorted(fleet["members"].items()):
         left, ttl = info.get("lease_left_s"), info.get("lease_ttl_s")
-        t.add_row(m, str(info.get("nodes", 0)), f"{info.get('lease', 0):x}",
+        t.add_row(cell(m), str(info.get("nodes", 0)), f"{info.get('lease', 0):x}",
                   "-" if ttl is None else f"{ttl} s", "-" if left is None else f"{left} s")
     orphans = sum(1 for o, _ in fleet["owners"].values() if o not in fleet["members"])
     console.print(t)
@@ -216,9 +217,9 @@ def render_fleet(fleet: dict, console=None) -> None:
         console.print(f"{orphans} node(s) owned by monitors no longer live")
     for node, r in sorted(fleet.get("incidents", {}).items()):
         owner = (fleet["owners"].get(node) or ["nobody"])[0]
-        console.print(f"open incident on {node}: {r.get('incident', '?')}, rule "
-                      f"{r.get('rule', '?')}, {r.get('state', '?')}, recorded by "
-                      f"{r.get('monitor', '?')}; the node's owner: {owner}")
+        console.print(cell(f"open incident on {node}: {r.get('incident', '?')}, rule "
+                           f"{r.get('rule', '?')}, {r.get('state', '?')}, recorded by "
+                           f"{r.get('monitor', '?')}; the node's owner: {owner}"))
 
 
 def _row(host: str, address: str, node: str, **fields) -> dict:
@@ -242,6 +243,14 @@ def _agent_rows(src: AgentSource) -> list[dict]:
                                      fenced=info.fenced, error=f"{read.code}: {read}"))
                     continue
                 rows.append(_node_row(src, info, *read))
+            served = {r["node"] for r in rows}
+            missing = [n for n in src.nodes or () if n not in served]
+            rows += [_row(src.host, src.address, n, state="suspect",
+                          error=f"listed for agent {src.host}, which does not serve it")
+                     for n in missing]
+            if not rows:
+                rows.append(_row(src.host, src.address, "-", state="suspect",
+                                 error=f"agent {src.host} serves no node"))
             return rows
     except (BackdoorsError, OSError) as e:  # transport, auth, a missing netns
         return [_row(src.host, src.address, n, reachable=False, state="unreachable",
@@ -373,7 +382,6 @@ def render_status(rows: list[dict], console=None, *, title: str = "backdoors sta
     """Print the rows as one rich table: host, node, state, worst sensor, sessions,
     open incidents."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -383,11 +391,11 @@ def render_status(rows: list[dict], console=None, *, title: str = "backdoors sta
                 *(("watched by",) if fleet else ())):
         t.add_column(col, overflow="fold")
     for r in rows:
-        state = f"[{_STYLE.get(r['state'], 'white')}]{r['state']}[/]"
+        state = cell(r["state"], _STYLE.get(r["state"], "white"))
         if r["state"] == "locked" and r["locked_by"]:
-            state += f" ({', '.join(r['locked_by'])})"
+            state.append(printable(f" ({', '.join(r['locked_by'])})"))
         elif r["state"] == "suspect" and r["frozen"]:
-            state += " (frozen, no lock holder)"
+            state.append(" (frozen, no lock holder)")
         if r["reachable"] is False or r["worst"] is None:
             worst = r["error"] or "-"
         else:
@@ -401,8 +409,8 @@ def render_status(rows: list[dict], console=None, *, title: str = "backdoors sta
             sessions += f" ({r['adopted_sessions']} recovered)"
         incs = ", ".join(f"{i['rule']} {i['id']}" for i in r["incidents"]) or "-"
         owner = (f"{r['owner']} (token {r['token']})" if r.get("owner") else "-",) if fleet else ()
-        t.add_row(escape(r["host"]), escape(r["node"]), state, escape(worst), sessions,
-                  escape(incs), *map(escape, owner))
+        t.add_row(cell(r["host"]), cell(r["node"]), state, cell(worst), sessions, cell(incs),
+                  *map(cell, owner))
     console.print(t)
     if not rows:
         console.print("no agents")

@@ -35,7 +35,7 @@ def run_demo(*, name: str = "demo", quick: bool = False, scenario: str | None = 
              out_root: str = "out/demo", report: bool = True,
              console: Console | None = None) -> dict:
     """Play the scenarios; returns {"passed", "results", "report", ...}."""
-    require_root("the demo (it builds a lab of network namespaces and cgroups)")
+    require_root("the demo", "it builds a lab of network namespaces and cgroups")
     console = console or Console()
     plays, world_of = dict(steps.SCENARIOS), None
     if scenario == AUCTION:  # (the extras: imported only when played)

@@ -121,7 +121,7 @@ class LabState:
 
 def reap(name: str) -> dict[str, list[str]]:
     """Remove every kernel object and file of lab `name`, whoever left them."""
-    require_root("reaping a lab")
+    require_root("reaping a lab", "it removes network namespaces, cgroups and processes")
     topology.check_name(name)
     prefix = topology.prefix(name)
     # the fleet's processes first (an etcd named by the prefix, monitors by their config)

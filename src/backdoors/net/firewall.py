@@ -51,7 +51,7 @@ def cut(ns: str, table: str, *, cgroup: str, daddr: str, ports: list[int]) -> No
         raise NetError(f"cut: {daddr!r} is not an IPv4 address") from None
     if not ports or any(not (0 < int(p) < 65536) for p in ports):
         raise NetError(f"cut: ports {ports!r} must be 1..65535, at least one")
-    require_root("cutting traffic with nftables")
+    require_root("cutting traffic with nftables", "nftables rules are the host's")
     if not netns.exists(ns):
         raise NetError(f"cut: no network namespace {ns!r}")
     rules = (f"table inet {table}\ndelete table inet {table}\n"  # replace: add, then delete

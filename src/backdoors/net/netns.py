@@ -99,7 +99,7 @@ def remove(name: str) -> None:
     The kernel destroys the namespace (and its interfaces; veth peers elsewhere go too)
     once nothing else holds it: no process inside, no open socket created inside.
     """
-    require_root(f"removing network namespace {name!r}")
+    require_root(f"removing network namespace {name!r}", "it unmounts /run/netns")
     if os.path.lexists(path(name)):
         _remove_mount(name)
 
@@ -124,7 +124,7 @@ def enter(name: str) -> Iterator[None]:
     Only this thread moves. Keep the body short and synchronous: everything the thread
     does meanwhile (including other coroutines of an event loop it runs) happens in `name`.
     """
-    require_root(f"entering network namespace {name!r}")
+    require_root(f"entering network namespace {name!r}", "setns(2) needs CAP_SYS_ADMIN")
     target = open_fd(name)
     try:
         saved = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
