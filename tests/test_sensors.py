@@ -132,6 +132,28 @@ def test_pressure_rate_over_window(box):
     assert s.rate == 0 and not s.violated
 
 
+def test_a_pressure_window_the_node_sets_huge_keeps_the_readers_memory_bounded(box):
+    """Outside review: the history kept every sample of a window the node sets (1e300 s):
+    memory without bound in the monitor and the agent. It keeps HIST_SAMPLES per window,
+    and the rate over a window it can follow stays exact to within a sample."""
+    from backdoors.sensors.reader import HIST_SAMPLES
+
+    clock = FakeClock()
+    huge = box.pressure("huge", max_events=1e9, window=1e300)
+    day = box.pressure("day", max_events=1e9, window=86400.0)
+    second = box.pressure("second", max_events=1e9, window=1.0)
+    rd = SensorBoxReader(box.fd, clock=clock)
+    for _ in range(20_000):
+        clock.t += 0.001
+        for s in (huge, day, second):
+            s.add(1)
+        snap = rd.snapshot()
+    hist = rd.tracker._hist
+    assert max(len(h) for h in hist.values()) <= HIST_SAMPLES + 1
+    assert snap.get("huge").rate == snap.get("day").rate == 19_999  # all since the first
+    assert abs(snap.get("second").rate - 1000) <= 1000 / HIST_SAMPLES + 1
+
+
 def test_sensor_added_while_running_changes_generation(box):
     rd = SensorBoxReader(box.fd)
     box.progress("a", deadline=1)

@@ -196,6 +196,11 @@ def read_consistent(region: Region) -> bytes:
     )
 
 
+#: samples a pressure sensor's history keeps per window, at most (its rate is then measured
+#: over its window less at most window/HIST_SAMPLES)
+HIST_SAMPLES = 256
+
+
 class SensorTracker:
     """Derives stalls and rates from successive images of one box.
 
@@ -233,7 +238,10 @@ class SensorTracker:
                 states.append(SensorState(s.id, s.name, s.type, s.value, bad, min=lo, max=hi))
             else:
                 hist = self._hist.setdefault(s.id, deque())
-                hist.append((now, s.value))
+                # a sample per window/HIST_SAMPLES at most: the node chooses the window (a
+                # day, 1e300 s), not how much of the reader's memory its history takes
+                if not hist or now - hist[-1][0] >= s.param / HIST_SAMPLES:
+                    hist.append((now, s.value))
                 while len(hist) > 1 and hist[1][0] <= now - s.param:
                     hist.popleft()
                 # hist[0] is the newest sample at least one window old (or the oldest one)
