@@ -3,6 +3,7 @@ servers linked by a leaf-node connection."""
 
 import tempfile
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import unavailable
@@ -72,9 +73,9 @@ def test_window_and_expiry():
     assert _reason(v, seal(a, short)) == "expired"
 
 
-def _row(pid, ppid, comm, digest):
-    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, pid, 1.0, 0.0, False,
-                      "python3", digest)
+def _row(pid, ppid, comm, digest, cmdline=(), registered=False):
+    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, pid, 1.0, 0.0, registered,
+                      "python3", digest, list(cmdline))
 
 
 def test_culprit_identity_and_matching_roots():
@@ -86,6 +87,25 @@ def test_culprit_identity_and_matching_roots():
     roots, singles = matching_roots(rows, rule.matches)
     assert [r.pid for r in roots] == [2]  # 4's tree holds a process of another comm
     assert [r.pid for r in singles] == [4]
+
+
+def test_an_interpreters_culprit_is_armed_by_its_command_line_and_services_are_spared():
+    """Outside review: a bomb run by python3 was warned of as (python3's hash, "python3"),
+    and the receiving cluster then killed every python3 process of its nodes, its own
+    registered Python services too."""
+    bomb = ["python3", "-c", "import os\nwhile 1: os.fork()"]
+    rows = [_row(10, 1, "python3", HASH, cmdline=bomb), _row(11, 10, "python3", HASH, cmdline=bomb),
+            _row(12, 1, "python3", HASH, cmdline=["python3", "web.py"]),
+            _row(13, 1, "python3", HASH, cmdline=bomb, registered=True)]
+    mb = new_identity("mb1")
+    w = Warnings(mb, "B", "s", _verifier(), Scanner(lambda: []))
+    warning = issue(new_identity("ma1"), "A", "fork-bomb", HASH, "python3", cmdline=bomb)
+    w.verifier = SimpleNamespace(check=lambda data: warning)
+    w.on_message("s.A", b"signed")
+    [rule] = w.scanner.rules()
+    assert rule.cmdline == tuple(bomb)
+    assert [r.pid for r in rows if rule.matches(r)] == [10, 11]  # not web.py, not a service
+    assert [r.pid for r in rows if Armed(HASH, "python3").matches(r)] == [10, 11, 12]
 
 
 @pytest.fixture

@@ -58,6 +58,9 @@ class ArmedEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                              "of an interpreter)")]
     kind: Annotated[str, doc('"fork-bomb" (the node is frozen while they are killed) or '
                              '"memory-hog"')] = "fork-bomb"
+    cmdline: Annotated[list[str], doc(
+        "only processes with exactly this command line (argv), for an executable others "
+        "run too (an interpreter: python3, bash); empty: any")] = []
 
 
 class WarningsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

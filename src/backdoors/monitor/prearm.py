@@ -43,17 +43,27 @@ REJECT_LOG_S = 1.0  # rejected warnings are logged at most once this often (all 
 
 
 class Armed(msgspec.Struct, frozen=True):
-    """A pre-armed rule: processes running `exe_sha256` with comm `comm` are killed on
-    sight until `expires_at` (Unix time; 0: never)."""
+    """A pre-armed rule: processes running `exe_sha256` with comm `comm` (and, when
+    given, command line `cmdline`) are killed on sight until `expires_at` (Unix time; 0:
+    never). A process registered with its agent (a node's service) never matches: a
+    culprit run by an interpreter has the interpreter's hash and comm (python3), which
+    the node's own Python service shares; its command line tells them apart."""
 
     exe_sha256: str
     comm: str
     kind: str = "fork-bomb"
     expires_at: float = 0.0
     source: str = "config"  # "config", or "<cluster>/<monitor>: warning <id>"
+    cmdline: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple:
+        return self.exe_sha256, self.comm, self.cmdline
 
     def matches(self, row) -> bool:
-        return row.exe_sha256 == self.exe_sha256 and row.comm == self.comm
+        return (row.exe_sha256 == self.exe_sha256 and row.comm == self.comm
+                and not row.registered
+                and (not self.cmdline or tuple(row.cmdline) == self.cmdline))
 
 
 class Kill(msgspec.Struct):
@@ -116,15 +126,17 @@ class Scanner:
 
     def arm(self, rule: Armed) -> None:
         with self._lock:
-            self._rules[(rule.exe_sha256, rule.comm)] = rule
-        log.warning("pre-armed: processes running %s… as %r are killed on sight (%s, %s)",
-                    rule.exe_sha256[:12], rule.comm, rule.kind, rule.source)
+            self._rules[rule.key] = rule
+        log.warning("pre-armed: processes running %s… as %r%s are killed on sight (%s, %s)",
+                    rule.exe_sha256[:12], rule.comm,
+                    f" with command line {' '.join(rule.cmdline)[:200]!r}" if rule.cmdline
+                    else "", rule.kind, rule.source)
         self._wake.set()
 
-    def warned_of(self, exe_sha256: str, comm: str) -> Armed | None:
+    def warned_of(self, exe_sha256: str, comm: str, cmdline=()) -> Armed | None:
         """The armed rule for this culprit that came from another cluster's warning."""
-        rule = next((r for r in self.rules() if r.exe_sha256 == exe_sha256 and r.comm == comm),
-                    None)
+        rule = next((r for r in self.rules() if (r.exe_sha256, r.comm) == (exe_sha256, comm)
+                     and r.cmdline in ((), tuple(cmdline))), None)
         return rule if rule is not None and rule.source != "config" else None
 
     def rules(self) -> list[Armed]:
@@ -186,9 +198,10 @@ class Scanner:
             if any(x.kind == "fork-bomb" for x in named):  # frozen, nothing forks while
                 client.lock(node, self.lease_s)            # the trees are killed
                 froze = True
-            rows = client.processes(node).rows  # frozen, every hash is read at once
+            # frozen, every hash is read at once (and command lines, if a rule names one)
+            rows = client.processes(node, cmdline=any(x.cmdline for x in named)).rows
             hits = [r for r in rows if match(r)]
-            self._clear(r for r in rows if r.exe_sha256 and not match(r)
+            self._clear(r for r in rows if (r.exe_sha256 or r.registered) and not match(r)
                         and any(r.comm == x.comm for x in rules))
             if hits:
                 rule = next(x for x in rules if x.matches(hits[0]))
@@ -282,7 +295,8 @@ class Warnings:
                     w.monitor, w.kind, w.comm, w.exe_sha256[:12])
         if self.arming:
             self.scanner.arm(Armed(w.exe_sha256, w.comm, w.kind, w.expires_at,
-                                   f"{w.cluster}/{w.monitor}: warning {w.id}"))
+                                   f"{w.cluster}/{w.monitor}: warning {w.id}",
+                                   tuple(w.cmdline)))
 
     def incident(self, event: str, inc) -> AttackWarning | None:
         """An incident event of this monitor: a repaired fork bomb or memory hog whose
@@ -295,7 +309,8 @@ class Warnings:
         culprit = culprit_of(inc.diagnosis)
         if kind not in KINDS or culprit is None:
             return None
-        given = self.scanner.warned_of(culprit["exe_sha256"], culprit["comm"])
+        given = self.scanner.warned_of(culprit["exe_sha256"], culprit["comm"],
+                                       culprit.get("cmdline") or ())
         if given is not None:
             with self._lock:
                 self.echoes += 1
@@ -370,7 +385,7 @@ def attach(monitor) -> Warnings:
     scanner = Scanner(targets, scan_s=cfg.scan_ms / 1000, lease_s=cfg.lease_s)
     scanner.clients = clients
     for a in cfg.armed:
-        scanner.arm(Armed(a.exe_sha256, a.comm, a.kind, 0.0, "config"))
+        scanner.arm(Armed(a.exe_sha256, a.comm, a.kind, 0.0, "config", tuple(a.cmdline)))
     verifier = Verifier(decode_publics(cfg.trusted_keys, "[monitor.warnings] trusted_keys"),
                         window_s=cfg.window_s)
     return Warnings(getattr(monitor, "key", None), cfg.cluster, cfg.subject, verifier,
