@@ -342,3 +342,27 @@ def test_a_nats_url_is_logged_without_its_password_whatever_it_holds():
     assert without_password("nats://mon:s3cret@10.0.0.1:4222") == "nats://mon:***@10.0.0.1:4222"
     assert without_password("tls://mon:a/b?c#d@e@[::1]:4222") == "tls://mon:***@[::1]:4222"
     assert without_password("nats://t0ken@h:4222") == "nats://***@h:4222"
+
+
+def test_a_process_whose_hash_cannot_be_read_freezes_its_node_once_not_at_every_scan():
+    """Outside review: a process of an armed comm whose executable hash the agent could
+    not read (a sealed agent and a relative argv[0]) was never cleared: its node was
+    frozen and thawed at every scan, 50 times a second, while the rule was armed."""
+    calls = []
+
+    class Agent:
+        def processes(self, node, **kw):
+            calls.append("processes")
+            return SimpleNamespace(rows=[_row(20, 1, "python3", "")])
+
+        def lock(self, node, lease):
+            calls.append("lock")
+
+        def unlock(self, node):
+            calls.append("unlock")
+
+    scanner = Scanner(lambda: [("h0", Agent(), ["n0"])])
+    rules = [Armed(HASH, "python3")]
+    for _ in range(50):
+        assert scanner.scan(rules) == 0
+    assert calls.count("lock") == calls.count("unlock") == 1 and not scanner.kills

@@ -12,8 +12,9 @@ that matches is killed at once, before the usual detectors could see it: for a f
 bomb the node is frozen first (a lease of `lease_s`; frozen, every hash is read at once),
 every matching process is killed frozen (whole trees where the tree is the bomb's), and
 the node is thawed; a memory hog is killed by pid and start time. A process of an armed
-comm whose executable is another is remembered and not looked at again. Each kill is
-counted and kept in `kills`.
+comm that does not match (another executable, or one whose hash the agent could not read)
+is remembered and not looked at again. Each kill is
+counted, and the latest KILLS_KEPT are kept in `kills`.
 
 `Warnings` is the monitor's side of the bus: it publishes a signed warning when one of
 its incidents of kind fork bomb or memory hog is repaired and its diagnosis names the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import msgspec
@@ -39,6 +41,8 @@ from .warning import DIAGNOSIS_KINDS, KINDS, AttackWarning, Verifier, WarningRej
 
 log = logging.getLogger("backdoors.monitor")
 CLEARED_MAX = 4096  # processes remembered as not matching (then forgotten at once)
+KILLS_KEPT = 1024  # the latest pre-armed kills kept for status (a node may start a match
+                   # again and again: each scan's kill is one more)
 REJECT_LOG_S = 1.0  # rejected warnings are logged at most once this often (all counted)
 
 
@@ -117,7 +121,8 @@ class Scanner:
         self.targets, self.scan_s, self.lease_s, self.clock = targets, scan_s, lease_s, clock
         self._rules: dict[tuple[str, str], Armed] = {}
         self._lock = threading.Lock()
-        self.kills: list[Kill] = []
+        self.kills: deque[Kill] = deque(maxlen=KILLS_KEPT)  # the latest
+        self.kill_events = 0  # all of them
         self.killed = 0  # processes
         self._cleared: set[tuple[int, float]] = set()  # (pid, start time): not a match
         self._stop = threading.Event()
@@ -201,8 +206,9 @@ class Scanner:
             # frozen, every hash is read at once (and command lines, if a rule names one)
             rows = client.processes(node, cmdline=any(x.cmdline for x in named)).rows
             hits = [r for r in rows if match(r)]
-            self._clear(r for r in rows if (r.exe_sha256 or r.registered) and not match(r)
-                        and any(r.comm == x.comm for x in rules))
+            # what does not match is not looked at again, its hash unreadable too (it
+            # can never match; looked at again, its node would be frozen at every scan)
+            self._clear(r for r in rows if not match(r) and any(r.comm == x.comm for x in rules))
             if hits:
                 rule = next(x for x in rules if x.matches(hits[0]))
             roots, singles = matching_roots(rows, match)
@@ -235,6 +241,7 @@ class Scanner:
         k = Kill(self.clock(), host, node, n, rule.kind, rule.source, froze, error, sent)
         with self._lock:
             self.kills.append(k)
+            self.kill_events += 1
         log.warning("pre-armed rule (%s, %s) on %s/%s: %d kill(s) sent, %d process(es) "
                     "gone%s", rule.kind, rule.source, host, node, sent, n,
                     f"; error: {error}" if error else "")
@@ -360,7 +367,7 @@ class Warnings:
             return {"cluster": self.cluster, "sent": self.sent, "echoes": self.echoes,
                     "received": self.received,
                     "rejected": dict(self.rejected), "accepted": len(self.accepted),
-                    "armed": len(self.scanner.rules()), "prearmed_kills": len(self.scanner.kills),
+                    "armed": len(self.scanner.rules()), "prearmed_kills": self.scanner.kill_events,
                     "prearmed_killed": self.scanner.killed}
 
 
