@@ -8,7 +8,7 @@ from backdoors.monitor import rules
 from backdoors.monitor.detectors import NodeView, evaluate
 from backdoors.monitor.engine import Engine
 from backdoors.monitor.history import History
-from backdoors.sensors import SensorBox, SensorTracker, Snapshot, SensorState, parse_box
+from backdoors.sensors import SensorBox, SensorState, SensorTracker, SensorType, Snapshot, parse_box
 
 
 def progress(name, value, stalled, deadline=0.2):
@@ -649,3 +649,45 @@ actions = [{ kind = "record" }]
         assert time.monotonic() - held >= 0.3
     finally:
         mon.stop()
+
+
+def _stall_view(t, stalled, names="abc"):
+    sensors = [SensorState(i + 1, n, SensorType.PROGRESS, 5, n in stalled,
+                           stalled_for=(t if n in stalled else 0.0), deadline=0.1)
+               for i, n in enumerate(names)]
+    return NodeView("n0", "h0", t, {"app": Snapshot("app", 42, 2, t, sensors)})
+
+
+def test_only_a_view_of_the_whole_rule_says_its_condition_is_clear():
+    """Outside review: an event (of one sensor) and a silent agent's view (of the stale
+    detectors) were judged as "the rule's condition is clear": a `cleared` event of one
+    counter closed a hang while another counter was still stalled (then reopened as a new
+    incident, past max_attempts), and a silent agent closed a stall it could not see."""
+    now, closed = [0.0], []
+    hang = rules.parse_ruleset('''
+[[rule]]
+name = "hang"
+detectors = [{ kind = "progress_stalled", box = "*" }, { kind = "agent_unreachable", after_ms = 3000 }]
+actions = [{ kind = "refresh", command = ["true"] }]
+clear_ms = 200
+cooldown_ms = 500
+''').rule
+    eng = Engine(list(hang), "m", clock=lambda: now[0], settle_s=0.25, on_close=closed.append)
+
+    def at(t, v):
+        now[0] = t
+        return eng.observe(v)
+
+    [d] = at(1.0, _stall_view(1.0, "abc"))
+    eng.responded(d, "repaired")
+    at(1.05, _stall_view(1.05, "abc"))
+    for t, sensor in ((1.3, "a"), (1.6, "c"), (1.9, "a")):  # b still stalled
+        at(t, NodeView("n0", "h0", t, via="event", event={
+            "kind": "cleared", "detector": "progress_stalled", "box": "app", "sensor": sensor}))
+    for t, silent in ((2.0, 0.4), (2.5, 0.9)):  # the agent silent: nothing is known
+        at(t, NodeView("n0", "h0", t, agent_ok=False, agent_silent_s=silent))
+    assert closed == []
+    assert at(2.6, _stall_view(2.6, "b")) == []  # the same incident, still open
+    at(2.7, _stall_view(2.7, ""))
+    at(2.95, _stall_view(2.95, ""))  # clear for clear_ms on whole views: closed
+    assert [(i.id, i.outcome) for i in closed] == [(d.incident.id, "cleared")]

@@ -172,11 +172,11 @@ class Engine:
             rs = st.rules.get(rule.name)
             if rs is None:
                 rs = st.rules[rule.name] = RuleState([None] * len(rule.detectors))
-            hits, raw = self._hits(rule, rs, view)
+            hits, raw, whole = self._hits(rule, rs, view)
             if rs.incident is not None and view.fenced and st.busy != rs.incident.id:
                 self.close(st, rule, "fenced", now)  # recovered away; the node is out of service
             elif rs.incident is not None:  # held open by the raw condition: for_ms debounces
-                again = self._follow(rule, rs, st, view, raw, retry_ok=not opened)  # opening only
+                again = self._follow(rule, rs, st, view, raw, whole, retry_ok=not opened)
                 if again is not None:
                     opened.append(again)
             elif (self._fired(rule, hits) and not opened and st.busy is None
@@ -191,30 +191,38 @@ class Engine:
     def _fired(rule: Rule, hits: list[Hit]) -> bool:
         return bool(hits) if rule.match == "any" else len(hits) == len(rule.detectors)
 
-    def _hits(self, rule: Rule, rs: RuleState, view: NodeView) -> tuple[list[Hit], list[Hit]]:
-        """(hits held for their for_ms, every hit now)."""
+    def _hits(self, rule: Rule, rs: RuleState,
+              view: NodeView) -> tuple[list[Hit], list[Hit], bool]:
+        """(hits held for their for_ms, every hit now, whether the view judged the whole
+        rule). Only a poll with fresh data judges every detector: an event tells of one
+        sensor, a silent agent's view only of what judges stale data, so neither says
+        the rule's condition is clear (nor restarts a detector's for_ms)."""
         hits, raw = [], []
+        whole = view.event is None and view.agent_ok
         for i, det in enumerate(rule.detectors):
             if not view.agent_ok and not det.judges_stale:
+                whole = False
                 continue  # no fresh data: neither fired nor cleared
             if view.event is not None and not det.takes(view.event):
                 continue  # an event tells only the detectors that judge it
             hit = evaluate(det, i, view)
             if hit is None:
-                rs.since[i] = None
+                if whole:
+                    rs.since[i] = None
                 continue
             raw.append(hit)
             if rs.since[i] is None:
                 rs.since[i] = view.at
             if (view.at - rs.since[i]) * 1000 >= det.hold_ms:
                 hits.append(hit)
-        return hits, raw
+        return hits, raw, whole
 
     def _follow(self, rule: Rule, rs: RuleState, st: NodeState, view: NodeView,
-                raw: list[Hit], retry_ok: bool) -> Detection | None:
+                raw: list[Hit], whole: bool, retry_ok: bool) -> Detection | None:
         """Update the open incident of `rule` from this view: count the condition while
-        it holds, close it once clear for clear_ms, or return another attempt of its
-        response when it still holds retry_after_ms after the last one."""
+        it holds, close it once clear for clear_ms (as judged by `whole` views only), or
+        return another attempt of its response when it still holds retry_after_ms after
+        the last one."""
         inc, now = rs.incident, view.at
         fired = self._fired(rule, raw)
         if fired:
@@ -223,6 +231,8 @@ class Engine:
         if st.busy == inc.id:
             return None  # its response is running: judge it afterwards
         if not fired:
+            if not whole:
+                return None  # a part of the rule said nothing: not that it is clear
             if rs.clear_since is None:
                 rs.clear_since = now
             if (now - rs.clear_since) * 1000 >= rule.clear_ms:
