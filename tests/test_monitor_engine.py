@@ -691,3 +691,33 @@ cooldown_ms = 500
     at(2.7, _stall_view(2.7, ""))
     at(2.95, _stall_view(2.95, ""))  # clear for clear_ms on whole views: closed
     assert [(i.id, i.outcome) for i in closed] == [(d.incident.id, "cleared")]
+
+
+def test_a_recovery_that_fenced_the_node_but_moved_nothing_is_tried_again():
+    """Outside review: a recover whose fence held and whose move failed left an incident
+    the next poll closed as "fenced" (its sessions moved away, by the docs' word): the
+    sessions stayed on a frozen node, and no response was tried again."""
+    now, closed, unresolved = [0.0], [], []
+    heal = list(rules.load_ruleset("heal").rule)
+    eng = Engine(heal, "m", clock=lambda: now[0], on_close=closed.append,
+                 on_unresolved=unresolved.append)
+
+    def poll(t, fenced, stalled=True):
+        now[0] = t
+        s = SensorState(1, "tick", SensorType.PROGRESS, 5, stalled, stalled_for=t if stalled else 0,
+                        deadline=0.1)
+        return eng.observe(NodeView("n0", "h0", t, {"app": Snapshot("app", 42, 2, t, [s])},
+                                    frozen=fenced, locked_by=["m"] if fenced else [],
+                                    fenced=fenced))
+
+    [d] = poll(1.0, False)
+    eng.responded(d, "failed")  # fenced, then the evacuation failed
+    attempts = []
+    for i in range(1, 40):
+        for det in poll(1.0 + 0.25 * i, True):
+            attempts.append(det.attempt)
+            eng.responded(det, "failed")
+    assert closed == [] and attempts == list(range(2, d.rule.max_attempts + 1))
+    assert [i.id for i in unresolved] == [d.incident.id]
+    assert poll(30.0, True) == [] and closed == []  # open, unresolved, while it is stranded
+    assert d.incident.state == "unresolved"

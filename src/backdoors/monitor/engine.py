@@ -173,10 +173,15 @@ class Engine:
             if rs is None:
                 rs = st.rules[rule.name] = RuleState([None] * len(rule.detectors))
             hits, raw, whole = self._hits(rule, rs, view)
-            if rs.incident is not None and view.fenced and st.busy != rs.incident.id:
+            stranded = (view.fenced and rs.incident is not None
+                        and rs.incident.state in ("failed", "unresolved"))
+            if rs.incident is not None and view.fenced and st.busy != rs.incident.id \
+                    and not stranded:
                 self.close(st, rule, "fenced", now)  # recovered away; the node is out of service
             elif rs.incident is not None:  # held open by the raw condition: for_ms debounces
-                again = self._follow(rule, rs, st, view, raw, whole, retry_ok=not opened)
+                # fenced by a response that then failed (its sessions not moved): it holds
+                again = self._follow(rule, rs, st, view, raw, whole or stranded,
+                                     retry_ok=not opened, holds=stranded)
                 if again is not None:
                     opened.append(again)
             elif (self._fired(rule, hits) and not opened and st.busy is None
@@ -218,13 +223,14 @@ class Engine:
         return hits, raw, whole
 
     def _follow(self, rule: Rule, rs: RuleState, st: NodeState, view: NodeView,
-                raw: list[Hit], whole: bool, retry_ok: bool) -> Detection | None:
+                raw: list[Hit], whole: bool, retry_ok: bool,
+                holds: bool = False) -> Detection | None:
         """Update the open incident of `rule` from this view: count the condition while
-        it holds, close it once clear for clear_ms (as judged by `whole` views only), or
-        return another attempt of its response when it still holds retry_after_ms after
-        the last one."""
+        it holds (or `holds`), close it once clear for clear_ms (as judged by `whole` views
+        only), or return another attempt of its response when it still holds
+        retry_after_ms after the last one."""
         inc, now = rs.incident, view.at
-        fired = self._fired(rule, raw)
+        fired = self._fired(rule, raw) or holds
         if fired:
             inc.detections += 1
             inc.last_seen = self._wall(now)
