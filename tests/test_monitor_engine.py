@@ -721,3 +721,49 @@ def test_a_recovery_that_fenced_the_node_but_moved_nothing_is_tried_again():
     assert [i.id for i in unresolved] == [d.incident.id]
     assert poll(30.0, True) == [] and closed == []  # open, unresolved, while it is stranded
     assert d.incident.state == "unresolved"
+
+
+def test_a_node_name_is_one_agents(caplog, tmp_path):
+    """Outside review: two agents serving a node of the same name were merged into one
+    node (one history, one incident: the second node's hang opened nothing, and one
+    agent's discovery closed the other's incidents). Listed twice: refused; discovered
+    twice: the first agent's is watched, the other said so once."""
+    from types import SimpleNamespace
+
+    from backdoors.agent.protocol import SensorsReply
+    from backdoors.errors import ConfigError
+    from backdoors.monitor.config import parse_config
+    from backdoors.monitor.core import Monitor
+
+    two = '''monitor_id = "m1"
+[[agents]]
+host = "h0"
+address = "10.99.0.1:7700"
+{0}
+[[agents]]
+host = "h1"
+address = "10.99.0.2:7700"
+{0}
+'''
+    with pytest.raises(ConfigError, match=r"agents\[1\]\.nodes: node 'svc' is listed for agent 'h0' too"):
+        parse_config(two.format('nodes = ["svc"]'), "monitor.toml")
+
+    class Agent:
+        def nodes(self):
+            return [SimpleNamespace(name="svc", fenced=False, frozen=False, locked_by=[])]
+
+        def sensors_many(self, nodes):
+            return SimpleNamespace(replies={n: SensorsReply({}, {}) for n in nodes}, errors={})
+
+    cfg = parse_config(two.format(""), "monitor.toml")
+    mon = Monitor(cfg, client_factory=lambda entry, timeout: Agent())
+    for _ in range(3):
+        for p in mon.pollers:
+            p.poll_once(Agent())
+    assert [p.nodes for p in mon.pollers] == [["svc"], []]
+    said = [r for r in caplog.records if "serves a node 'svc'" in r.getMessage()]
+    assert len(said) == 1 and "agent h1" in said[0].getMessage()
+    mon.pollers[0]._drop("svc")  # gone from h0: h1's may be watched now
+    mon.pollers[1]._next_discover = 0.0  # (its next discovery)
+    mon.pollers[1].poll_once(Agent())
+    assert mon.pollers[1].nodes == ["svc"]

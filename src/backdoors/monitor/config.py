@@ -156,7 +156,7 @@ def _validate(c: MonitorConfig) -> None:
         raise Invalid(("monitor_id",), "must be 1-64 of A-Z a-z 0-9 _ . -")
     if not c.agents:
         raise Invalid(("agents",), "name at least one agent ([[agents]] host, address)")
-    hosts = set()
+    hosts, listed = set(), {}
     for i, a in enumerate(c.agents):
         if not NAME.fullmatch(a.host):
             raise Invalid(("agents", i, "host"), "must be 1-64 of A-Z a-z 0-9 _ . -")
@@ -178,6 +178,10 @@ def _validate(c: MonitorConfig) -> None:
                 raise Invalid(("agents", i, "public_key"), str(e).split(": ", 2)[-1]) from None
         if a.nodes is not None and len(set(a.nodes)) != len(a.nodes):
             raise Invalid(("agents", i, "nodes"), "a node is listed twice")
+        for n in a.nodes or ():  # a monitor knows a node by its name: one per name
+            if (other := listed.setdefault(n, a.host)) != a.host:
+                raise Invalid(("agents", i, "nodes"), f"node {n!r} is listed for agent "
+                              f"{other!r} too: node names are unique across a monitor's agents")
     if c.metrics_listen is not None:
         try:
             parse_address(c.metrics_listen)

@@ -120,7 +120,7 @@ class AgentPoller:
                 if discover:
                     for gone in set(self.nodes) - set(infos):
                         self._drop(gone)
-                    self.nodes = sorted(infos)
+                    self.nodes = m.names.take(self.entry.host, sorted(infos))
                     self._next_discover = now + m.config.discover_s
             watched = []
             for node in self.nodes:
@@ -219,6 +219,7 @@ class AgentPoller:
 
     def _drop(self, node: str) -> None:
         self.nodes = [n for n in self.nodes if n != node]
+        self.monitor.names.release(self.entry.host, node)
         for key in [k for k in self._trackers if k[0] == node]:
             del self._trackers[key]
         self.monitor.engine.forget(node)
@@ -274,6 +275,37 @@ def _agent_stalls(snap, unchanged: dict[str, float], starved: dict[str, float]) 
             s.violated = stalled(s.stalled_for, s.deadline)
 
 
+class NodeNames:
+    """Which agent serves each node name: the monitor knows a node by its name, so a name
+    is one agent's (the first to list it; the config's lists first). Another agent's node
+    of a taken name is not watched, and said so once."""
+
+    def __init__(self, listed: dict[str, str]):
+        self._host = dict(listed)
+        self._said: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def take(self, host: str, names: list[str]) -> list[str]:
+        """The names of `names` that are `host`'s (taken for it if free)."""
+        out = []
+        with self._lock:
+            for n in names:
+                owner = self._host.setdefault(n, host)
+                if owner == host:
+                    out.append(n)
+                elif (host, n) not in self._said:
+                    self._said.add((host, n))
+                    log.error("agent %s serves a node %r, and so does agent %s: only %s's is "
+                              "watched (node names must be unique across a monitor's agents)",
+                              host, n, owner, owner)
+        return out
+
+    def release(self, host: str, name: str) -> None:
+        with self._lock:
+            if self._host.get(name) == host:
+                del self._host[name]
+
+
 def check_hooks(rules: list[Rule], hooks: dict[str, Callable[[dict], Any]]) -> None:
     """Every in-process hook the rules name is among `hooks` (ConfigError otherwise)."""
     for rule in rules:
@@ -327,6 +359,7 @@ class Monitor:
                              settle_s=config.settle_ms / 1000, clock=clock,
                              on_close=self._closed,
                              on_unresolved=lambda inc: self._emit("unresolved", inc, record=inc))
+        self.names = NodeNames({n: e.host for e in config.agents for n in e.nodes or ()})
         self.pollers = [AgentPoller(self, e) for e in config.agents]
         self.share = None  # this monitor's share of a fleet (monitor/share.py), with etcd
         if config.etcd:
