@@ -767,3 +767,50 @@ address = "10.99.0.2:7700"
     mon.pollers[1]._next_discover = 0.0  # (its next discovery)
     mon.pollers[1].poll_once(Agent())
     assert mon.pollers[1].nodes == ["svc"]
+
+
+def test_a_stopping_monitor_starts_no_response_it_had_queued():
+    """Outside review: stop() let the pool start every response still queued, with their
+    kills, fences and moves, after the pollers had stopped, and waited for them all."""
+    import threading
+    from types import SimpleNamespace as NS
+
+    from backdoors.monitor.config import parse_config
+    from backdoors.monitor.core import Monitor
+
+    cfg = parse_config('monitor_id = "m1"\nmax_parallel_repairs = 1\nevents = false\n'
+                       '[[agents]]\nhost = "h0"\naddress = "10.99.0.1:7700"\n'
+                       'nodes = ["n0", "n1", "n2"]\n', "monitor.toml")
+    hog = list(rules.parse_ruleset('''
+[[rule]]
+name = "hog"
+detectors = [{ kind = "level_out_of_bounds", box = "kernel", sensors = ["memory_mb"] }]
+diagnosis = { kind = "largest_rss" }
+actions = [{ kind = "kill_culprit", wait_ms = 1 }]
+''').rule)
+    reading, release, killed = threading.Event(), threading.Event(), []
+
+    class Agent:
+        def processes(self, node, **kw):
+            reading.set()
+            release.wait(10)  # a slow agent: the first response runs while stop() is asked
+            return NS(rows=[NS(pid=10, ppid=1, comm="x", state="S", rss_bytes=1, start_time=1.0,
+                               age_s=1, rss_rate=0, registered=False)], truncated=False, total=1)
+
+        def kill(self, node, pid, start_time):
+            killed.append(node)
+            return True
+
+        def close(self):
+            pass
+
+    mon = Monitor(cfg, rules=hog, client_factory=lambda e, t: Agent())
+    for n in ("n0", "n1", "n2"):
+        s = SensorState(1, "memory_mb", SensorType.LEVEL, 900.0, True, max=800.0)
+        mon.observe(NodeView(n, "h0", mon.clock(), {"kernel": Snapshot("kernel", 1, 2, 0, [s])}))
+    assert reading.wait(10)
+    threading.Timer(0.3, release.set).start()
+    mon.stop()
+    assert killed == ["n0"]  # the running one ended; the two queued never started
+    states = {i.node: i.state for i in mon._incidents}
+    assert states["n1"] == states["n2"] == "not handled: monitor stopping", states

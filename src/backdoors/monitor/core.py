@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any
 
@@ -375,6 +375,8 @@ class Monitor:
         self._in_response: set[str] = set()  # nodes whose response has not yet been told
         self._pool = ThreadPoolExecutor(config.max_parallel_repairs,
                                         thread_name_prefix="bd-mon-repair")
+        self._queued: dict[Future, Detection] = {}  # responses submitted, not yet ended
+        self._queued_lock = threading.Lock()
         self._local = threading.local()
         self._worker_clients: list[Any] = []
         self._cond = threading.Condition()
@@ -436,7 +438,8 @@ class Monitor:
                 f"{self.config.period_ms:g} ms; incidents: {where}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop polling, let running repairs finish, close open incidents, close the log."""
+        """Stop polling, let running repairs finish (start no queued one), close open
+        incidents, close the log."""
         self.stopping.set()
         for p in self.pollers:
             p.join(timeout)
@@ -445,7 +448,15 @@ class Monitor:
         if self.warnings is not None and self._started:
             from . import prearm
             prearm.stop(self.warnings)
-        self._pool.shutdown(wait=True)  # running responses end under this monitor's tokens
+        # running responses end under this monitor's tokens; those not started never do
+        # (a stopping monitor starts no kill, fence or move: its pollers have stopped)
+        with self._queued_lock:
+            queued = dict(self._queued)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for fut, det in queued.items():
+            if fut.cancelled():
+                self._in_response.discard(det.view.node)
+                self.engine.responded(det, "not handled: monitor stopping")
         if self.share is not None and self._started:
             self.share.stop()  # its lease revoked: the others take its nodes at once
         still_open = len(self.engine.open_incidents())
@@ -497,10 +508,18 @@ class Monitor:
                 self._emit("retry", inc, record=inc)
             self._in_response.add(view.node)
             try:
-                self._pool.submit(self._respond, det)
+                fut = self._pool.submit(self._respond, det)
             except RuntimeError:  # shutting down
                 self._in_response.discard(view.node)
                 self.engine.responded(det, "not handled: monitor stopping")
+            else:
+                with self._queued_lock:
+                    self._queued[fut] = det
+                fut.add_done_callback(self._ended)
+
+    def _ended(self, fut: Future) -> None:
+        with self._queued_lock:
+            self._queued.pop(fut, None)
 
     def _follow_events(self) -> None:
         """Subscribe to every agent's events (with the monitor's own key: agents of a
