@@ -118,7 +118,7 @@ def test_plain_files_still_load(folder):
     # outside review: a poll that never comes, or comes after the lease expired, and a
     # cluster name the other clusters' subscriptions (SUBJECT.*) never match
     (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nfleet_poll_ms = inf'),
-     r":25: key monitor\.fleet_poll_ms: must be finite"),
+     r":25: key monitor\.fleet_poll_ms: must be a finite number, not inf"),
     (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nfleet_poll_ms = 2000\n'
       'etcd = ["http://10.99.0.250:2379"]'),
      r":25: key monitor\.fleet_poll_ms: 2000 ms: a fleet member renews its lease once a step"),

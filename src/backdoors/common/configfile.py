@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -127,11 +128,30 @@ def convert(table: Any, type_: type[T], hint: Callable[[Path, str], str] | None 
     `hint(path, message)` may return a sentence appended to a schema error.
     """
     try:
-        return msgspec.convert(table, type_, strict=True)
+        value = msgspec.convert(table, type_, strict=True)
     except msgspec.ValidationError as e:
         path, message = parse_error_path(str(e))
         extra = hint(path, message) if hint else ""
         raise Invalid(path, f"{message}; {extra}" if extra else message) from None
+    for path, number in _nonfinite(value, ()):  # TOML has inf and nan; no key means them
+        raise Invalid(path, f"must be a finite number, not {number}")
+    return value
+
+
+def _nonfinite(value: Any, path: Path):
+    """(key path, value) of every float in `value` that is inf or nan."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            yield path, value
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            yield from _nonfinite(getattr(value, name), path + (name,))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _nonfinite(item, path + (i,))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _nonfinite(item, path + (key,))
 
 
 def decode(text: str, type_: type[T], source: str,

@@ -256,6 +256,22 @@ def _spared_holder(evidence: dict) -> str:
             f"since onset and {top['unreaped']} unreaped children, and is protected")
 
 
+REFRESH_KEYS = ("node", "host", "rule", "incident", "pid")
+FENCE_KEYS = ("node", "host", "rule", "incident", "target")
+
+
+def _template_problem(command: list[str], keys: tuple[str, ...]) -> str | None:
+    """What is wrong with a command's {key} templates (checked at load, not first at an
+    incident's response), or None."""
+    for arg in command:
+        try:
+            arg.format(**{k: "x" for k in keys})
+        except (KeyError, IndexError, ValueError) as e:
+            return (f"argument {arg!r}: {type(e).__name__} {e} in its {{}} template; it "
+                    f"may use {', '.join('{' + k + '}' for k in keys)} ({{{{ }}}} for a brace)")
+    return None
+
+
 def _call_out(ctx: Context, hook: str | None, command: list[str] | None, info: dict,
               timeout_s: float) -> Outcome:
     """Run an in-process hook (registered with the Monitor) or a command (`info`'s keys
@@ -293,6 +309,8 @@ class Refresh(Action, tag="refresh"):
             yield (), "refresh needs exactly one of hook or command"
         elif self.command is not None and not self.command:
             yield ("command",), "must not be empty"
+        elif self.command is not None and (bad := _template_problem(self.command, REFRESH_KEYS)):
+            yield ("command",), bad
 
     def missing_hook(self, hooks: dict[str, Callable[[dict], Any]]) -> str | None:
         return self.hook if self.hook is not None and self.hook not in hooks else None
@@ -335,7 +353,7 @@ class Recover(Action, tag="recover"):
     target: str | None = None
     when: Literal["always", "unrepaired"] = "always"
     after: Literal["fenced", "release"] = "fenced"
-    timeout_s: float = 30.0
+    timeout_s: Pos = 30.0
     fence_hook: str | None = None
     fence_command: list[str] | None = None
 
@@ -350,6 +368,9 @@ class Recover(Action, tag="recover"):
             yield (), "recover takes at most one of fence_hook and fence_command"
         elif self.fence_command is not None and not self.fence_command:
             yield ("fence_command",), "must not be empty"
+        elif self.fence_command is not None and (
+                bad := _template_problem(self.fence_command, FENCE_KEYS)):
+            yield ("fence_command",), bad
 
     def missing_hook(self, hooks: dict[str, Callable[[dict], Any]]) -> str | None:
         return self.fence_hook if self.fence_hook is not None and self.fence_hook not in hooks \
