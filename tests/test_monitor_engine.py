@@ -814,3 +814,44 @@ actions = [{ kind = "kill_culprit", wait_ms = 1 }]
     assert killed == ["n0"]  # the running one ended; the two queued never started
     states = {i.node: i.state for i in mon._incidents}
     assert states["n1"] == states["n2"] == "not handled: monitor stopping", states
+
+
+def test_a_box_that_stops_reading_says_nothing_and_is_logged(caplog):
+    """Outside review: a box that no longer parsed (a writer stuck mid-add) or that the
+    agent could not read dropped out of the view, its sensors with it: the open hang of a
+    stalled service closed as cleared, with only a debug line."""
+    import os
+    from types import SimpleNamespace as NS
+
+    from backdoors.monitor.config import parse_config
+    from backdoors.monitor.core import Monitor
+
+    box = SensorBox.create("app")
+    box.progress("tick", deadline=0.1)
+    good = os.pread(box.fd, 1 << 20, 0)
+    box.close()
+    torn = b"\0" * 8 + good[8:]
+    now, closed = [0.0], []
+    cfg = parse_config('monitor_id = "m1"\n[[agents]]\nhost = "h0"\naddress = "10.99.0.1:7700"\n',
+                       "monitor.toml")
+    poller = Monitor(cfg, client_factory=lambda e, t: None, clock=lambda: now[0]).pollers[0]
+    eng = Engine(rules.default_rules(), "m", clock=lambda: now[0], on_close=closed.append)
+
+    def poll(t, **reply):
+        now[0] = t
+        view = poller._view("n0", NS(**{"boxes": {}, "errors": {}, **reply}), t, None)
+        return view, eng.observe(view)
+
+    poll(0.0, boxes={"app": good})
+    view, [d] = poll(0.5, boxes={"app": good})
+    eng.responded(d, "recorded")
+    for t in (1.0, 1.5, 2.0):
+        view, _ = poll(t, boxes={"app": torn})
+        assert view.unread == ("app",)
+    for t in (2.5, 3.0):
+        view, _ = poll(t, errors={"app": "layout generation did not settle"})
+    assert closed == []
+    said = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(said) == 1 and "box app unreadable" in said[0]
+    poll(3.5, boxes={"app": good})  # readable, its counter still stalled: still open
+    assert closed == []

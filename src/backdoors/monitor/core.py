@@ -68,6 +68,7 @@ class AgentPoller:
         self.peers_supported = True  # False once the agent says it has no op peers
         self.many_supported = True  # False once the agent says it has no op sensors_many
         self._trackers: dict[tuple[str, str], SensorTracker] = {}
+        self._unread: set[tuple[str, str]] = set()  # (node, box) last seen unreadable
         self._thread = threading.Thread(target=self._run, name=f"bd-mon-poll-{entry.host}",
                                         daemon=True)
 
@@ -219,6 +220,7 @@ class AgentPoller:
 
     def _drop(self, node: str) -> None:
         self.nodes = [n for n in self.nodes if n != node]
+        self._unread = {(n, b) for n, b in self._unread if n != node}
         self.monitor.names.release(self.entry.host, node)
         for key in [k for k in self._trackers if k[0] == node]:
             del self._trackers[key]
@@ -233,6 +235,7 @@ class AgentPoller:
         snapshots = {}
         agent_unchanged = getattr(reply, "progress_unchanged_s", None) or {}
         agent_starved = getattr(reply, "progress_starved_s", None) or {}
+        unread = dict(getattr(reply, "errors", None) or {})  # box -> why
         for box, data in reply.boxes.items():
             tracker = self._trackers.get((node, box))
             if tracker is None:
@@ -240,15 +243,29 @@ class AgentPoller:
             try:
                 snapshots[box] = snap = tracker.update(parse_box(data), at)
             except SensorBoxError as e:
-                log.debug("agent %s node %s box %s: %s", self.entry.host, node, box, e)
+                unread[box] = str(e)
                 continue
             _agent_stalls(snap, agent_unchanged.get(box, {}), agent_starved.get(box, {}))
-        for key in [k for k in self._trackers if k[0] == node and k[1] not in reply.boxes]:
+        for key in [k for k in self._trackers
+                    if k[0] == node and k[1] not in reply.boxes and k[1] not in unread]:
             del self._trackers[key]
+        self._say_unread(node, unread)
         return NodeView(node, self.entry.host, at, snapshots,
                         frozen=info.frozen if info else None,
                         locked_by=list(info.locked_by) if info else [],
-                        fenced=bool(info.fenced) if info else False)
+                        fenced=bool(info.fenced) if info else False,
+                        unread=tuple(sorted(unread)))
+
+    def _say_unread(self, node: str, unread: dict[str, str]) -> None:
+        """Log a box of `node` once when it becomes unreadable (and once readable again)."""
+        was = {b for n, b in self._unread if n == node}
+        for box in sorted(set(unread) - was):
+            log.warning("agent %s node %s: box %s unreadable (%s): no rule of the node is "
+                        "judged clear until it reads again", self.entry.host, node, box,
+                        str(unread[box])[:200])
+        for box in sorted(was - set(unread)):
+            log.info("agent %s node %s: box %s reads again", self.entry.host, node, box)
+        self._unread = {(n, b) for n, b in self._unread if n != node} | {(node, b) for b in unread}
 
 
 def _raise_if_agent_wide(e: AgentError) -> None:

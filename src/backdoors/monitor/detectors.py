@@ -43,6 +43,9 @@ class NodeView:
     down_reports: list[str] = field(default_factory=list)
     event: dict | None = None  # an event pushed by the agent (monitor.events), not a poll
     via: str = "poll"  # how this view came: "poll" or "event"
+    #: boxes of the node the agent could not read, or that did not parse: what they would
+    #: say is unknown, so this view says no rule's condition is clear
+    unread: tuple[str, ...] = ()
 
     def sensor(self, box: str, name: str) -> SensorState | None:
         snap = self.snapshots.get(box)

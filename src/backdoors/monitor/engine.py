@@ -200,10 +200,11 @@ class Engine:
               view: NodeView) -> tuple[list[Hit], list[Hit], bool]:
         """(hits held for their for_ms, every hit now, whether the view judged the whole
         rule). Only a poll with fresh data judges every detector: an event tells of one
-        sensor, a silent agent's view only of what judges stale data, so neither says
-        the rule's condition is clear (nor restarts a detector's for_ms)."""
+        sensor, a silent agent's view only of what judges stale data, and a box the agent
+        could not read says nothing, so none says the rule's condition is clear (nor
+        restarts a detector's for_ms)."""
         hits, raw = [], []
-        whole = view.event is None and view.agent_ok
+        whole = view.event is None and view.agent_ok and not view.unread
         for i, det in enumerate(rule.detectors):
             if not view.agent_ok and not det.judges_stale:
                 whole = False
