@@ -855,3 +855,25 @@ def test_a_box_that_stops_reading_says_nothing_and_is_logged(caplog):
     assert len(said) == 1 and "box app unreadable" in said[0]
     poll(3.5, boxes={"app": good})  # readable, its counter still stalled: still open
     assert closed == []
+
+
+def test_a_node_with_thousands_of_sensors_costs_the_monitor_a_bounded_share():
+    """Outside review: a node's boxes (4,096 sensors each) all went into every history
+    entry (~70 MB a box at the defaults) and into 4 metric series each per scrape, and a
+    node gone kept its last view (and series) for good."""
+    from backdoors.monitor.history import MAX_KEYS
+    from backdoors.monitor.metrics import MAX_SENSOR_SERIES, MonitorCollector, MonitorMetrics
+
+    boxes = {f"b{j}": Snapshot(f"b{j}", 42, 2, 0.0, [
+        SensorState(i + 1, f"s{i}", SensorType.LEVEL, 1.0, False, max=2.0) for i in range(4096)])
+        for j in range(3)}
+    h = History(60.0)
+    for t in range(10):
+        h.add(NodeView("n0", "h0", float(t), boxes))
+    assert max(len(values) for _, values in h.entries()) == MAX_KEYS
+    metrics = MonitorMetrics()
+    metrics.saw(NodeView("n0", "h0", 0.0, boxes))
+    series = list(MonitorCollector(None, metrics)._sensors(metrics.views()))
+    assert max(len(f.samples) for f in series) == MAX_SENSOR_SERIES
+    metrics.forget("h0", "n0")
+    assert metrics.views() == []

@@ -225,6 +225,7 @@ class AgentPoller:
         for key in [k for k in self._trackers if k[0] == node]:
             del self._trackers[key]
         self.monitor.engine.forget(node)
+        self.monitor.metrics.forget(self.entry.host, node)
 
     def _node_error(self, node: str, e: AgentError) -> None:
         if getattr(e, "code", "") == "no_such_node" and self.discover:

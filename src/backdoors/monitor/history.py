@@ -1,16 +1,21 @@
 """A short history of a node's sensor values, for onsets and incident timelines.
 
-One entry per poll: the time and, per (box, sensor), the value. Bounded by age
-(`seconds`) and by count, so a fast poll cannot make it grow without end.
+One entry per poll: the time and, per (box, sensor), the value (MAX_KEYS sensors at
+most). Bounded by age (`seconds`) and by count, so a fast poll cannot make it grow without
+end.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from .detectors import NodeView
 
 Key = tuple[str, str]  # (box, sensor)
+#: sensors of a node kept per entry: a node chooses how many it has (4,096 a box, boxes
+#: in their dozens), not how much of the monitor's memory its history takes
+MAX_KEYS = 512
 
 
 class History:
@@ -21,8 +26,8 @@ class History:
         self._entries: deque[tuple[float, dict[Key, float]]] = deque(maxlen=max_entries)
 
     def add(self, view: NodeView) -> None:
-        values = {(box, s.name): s.value for box, snap in view.snapshots.items()
-                  for s in snap.sensors}
+        every = ((box, s) for box, snap in view.snapshots.items() for s in snap.sensors)
+        values = {(box, s.name): s.value for box, s in itertools.islice(every, MAX_KEYS)}
         self._entries.append((view.at, values))
         while self._entries and self._entries[0][0] < view.at - self.seconds:
             self._entries.popleft()

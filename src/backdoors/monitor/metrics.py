@@ -10,6 +10,7 @@ sensors and the loaded rules. docs/metrics.md lists every metric.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -33,6 +34,9 @@ class Monitor(Protocol):
     def subscribe(self, fn: Callable[[str, Incident], None]) -> None: ...
 
 
+#: sensors of one node exported (4 series each): a node chooses how many it has (up to
+#: 4,096 a box), not how many series every scrape of the monitor carries
+MAX_SENSOR_SERIES = 256
 _POLL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _REPAIR_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -93,6 +97,11 @@ class MonitorMetrics:
         """Keep the latest view of a node (called on every poll)."""
         with self._lock:
             self._views[(view.host, view.node)] = view
+
+    def forget(self, host: str, node: str) -> None:
+        """A node gone from its agent: its series go with it."""
+        with self._lock:
+            self._views.pop((host, node), None)
 
     def views(self) -> list[NodeView]:
         with self._lock:
@@ -189,13 +198,13 @@ class MonitorCollector(Collector):
             if v.frozen is not None:  # the poll asked nodes(): lock state known
                 frozen.add_metric([v.host, v.node], float(v.frozen))
                 fenced.add_metric([v.host, v.node], float(v.fenced))
-            for box, snap in sorted(v.snapshots.items()):
-                for s in snap.sensors:
-                    key = [v.host, v.node, box, s.name]
-                    value.add_metric(key + [str(s.type)], float(s.value))
-                    violated.add_metric(key, float(s.violated))
-                    if s.stalled_for is not None:
-                        stalled.add_metric(key, s.stalled_for)
-                    if s.rate is not None:
-                        events.add_metric(key, s.rate)
+            shown = ((box, s) for box, snap in sorted(v.snapshots.items()) for s in snap.sensors)
+            for box, s in itertools.islice(shown, MAX_SENSOR_SERIES):
+                key = [v.host, v.node, box, s.name]
+                value.add_metric(key + [str(s.type)], float(s.value))
+                violated.add_metric(key, float(s.violated))
+                if s.stalled_for is not None:
+                    stalled.add_metric(key, s.stalled_for)
+                if s.rate is not None:
+                    events.add_metric(key, s.rate)
         yield from (value, violated, stalled, events, frozen, fenced)
