@@ -208,6 +208,69 @@ def test_register_and_comment_are_exactly_once_too(db):
     run(go())
 
 
+def test_the_write_check_finds_a_write_lost_or_applied_twice(db):
+    """Outside review: the old check could not fail: a bid applied twice is refused the
+    second time ("bid too low"), and purchases, comments and registrations were not
+    checked at all. Each row a write makes now carries its key, and the check counts them.
+    Also: a key reused by another user or with other arguments is refused (it answered the
+    first request's result), and nobody rates themselves."""
+    from backdoors.casestudy.rubis.study import count_writes
+
+    _, pg, _ = db
+
+    async def go():
+        async with await _conn(pg) as c:
+            item = await store.view_item(c, 12)
+            price = f"{float(item['max_bid'] or item['initial_price']) + 10:.2f}"
+            bid, _ = await store.place_bid(c, "chk-bid-0001", user=6, item=12, bid=price)
+            low, _ = await store.place_bid(c, "chk-bid-0002", user=6, item=12, bid="0.01")
+            buy, _ = await store.buy_now(c, "chk-buy-0001", user=6, item=13)
+            com, _ = await store.leave_comment(c, "chk-com-0001", user=6, to_user=7, item=13,
+                                               rating=2, comment="ok")
+            reg, _ = await store.register(c, "chk-reg-0001", firstname="B", lastname="C",
+                                          nickname="chk-once", password="pw",
+                                          email="b@rubis.lab", region=3)
+            assert bid["ok"] and not low["ok"] and buy["ok"] and com["ok"] and reg["ok"]
+            with pytest.raises(store.RequestError, match="another bid request"):
+                await store.place_bid(c, "chk-bid-0001", user=8, item=12, bid=price)
+            own, _ = await store.leave_comment(c, "chk-com-0002", user=6, to_user=6, item=13,
+                                               rating=5, comment="me")
+            assert own == {"ok": False, "reason": "a user does not rate themselves"}
+            return price
+    price = run(go())
+    told = [{"kind": "bid", "key": "chk-bid-0001", "ok": True, "user": 6, "item": 12,
+             "price": price},
+            {"kind": "bid", "key": "chk-bid-0002", "ok": False, "user": 6, "item": 12,
+             "price": "0.01"},
+            {"kind": "buy", "key": "chk-buy-0001", "ok": True},
+            {"kind": "comment", "key": "chk-com-0001", "ok": True},
+            {"kind": "comment", "key": "chk-com-0002", "ok": False},
+            {"kind": "register", "key": "chk-reg-0001", "ok": True}]
+    with psycopg.connect(pg.local_dsn()) as c:
+        clean = count_writes(c, told)
+        assert (clean["writes_acknowledged"], clean["writes_refused"]) == (4, 2)
+        assert clean["writes_lost"] == clean["writes_duplicated"] == clean["bids_duplicated"] == 0
+        # exactly-once broken three ways: a bid applied twice, a purchase lost, a comment
+        # applied under a refused request's key
+        c.execute("INSERT INTO bids (user_id, item_id, qty, bid, max_bid, date, key) SELECT "
+                  "user_id, item_id, qty, bid, max_bid, date, key FROM bids WHERE key = %s",
+                  ("chk-bid-0001",))
+        c.execute("DELETE FROM buy_now WHERE key = 'chk-buy-0001'")
+        c.execute("INSERT INTO comments (from_user_id, to_user_id, item_id, rating, date, "
+                  "comment, key) VALUES (6, 6, 13, 5, now(), 'me', 'chk-com-0002')")
+        broken = count_writes(c, told)
+        c.rollback()
+    assert broken["bids_duplicated"] == 1 and broken["bids_lost"] == 0
+    assert broken["writes_lost"] == 1
+    assert broken["writes_duplicated"] == 2  # the bid's second row, the refused comment's
+    with psycopg.connect(pg.local_dsn()) as c:  # a row of a key no client was told of
+        c.execute("INSERT INTO buy_now (buyer_id, item_id, qty, date, key) VALUES "
+                  "(6, 13, 1, now(), 'chk-buy-0009')")
+        unseen = count_writes(c, told)
+        c.rollback()
+    assert unseen["writes_duplicated"] == 1 and unseen["writes_lost"] == 0
+
+
 # ---- the middle tier over its wire -----------------------------------------------------------
 
 

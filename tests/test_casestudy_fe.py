@@ -28,8 +28,8 @@ def fes():
     from backdoors.casestudy.rubis import site
 
     with rubis_lab("fe", hosts=2, nodes=4, db_node="n3", scale=SMALL) as (lab, pg):
-        mt = site.start_mt(lab, "n2", pg)
-        mt_plain = site.start_mt(lab, "n2", pg, plain=True)
+        mt = site.start_mt(lab, "n2", pg, secret=SECRET)
+        mt_plain = site.start_mt(lab, "n2", pg, secret=SECRET, plain=True)
         a = site.start_fe(lab, "n0", [mt.address], SECRET)
         b = site.start_fe(lab, "n1", [mt.address], SECRET)
         plain = site.start_fe(lab, "n1", [mt_plain.address], SECRET, plain=True)
@@ -167,4 +167,31 @@ def test_a_client_session_moves_to_another_front_end_with_its_channel_and_bid(fe
         assert b.proc.poll() is None
         mt_after = set(_ends(c0.sessions("n2")))
         assert mt_side in mt_after and not mt_after - mt_before, (mt_before, mt_after)
+    c.conn.close()
+
+
+@pytest.mark.parametrize("which", ["recoverable", "plain"])
+def test_hostile_input_is_refused_as_the_clients_fault(fes, which):
+    """Outside review: these were 500s (an exception per request, in the log): a cookie
+    that is not ASCII, digits of other scripts, a 5,000-digit id, ratings of --1 or 30
+    digits, and a field too large for a frame (a failover, then a 503 naming the middle
+    tiers' addresses)."""
+    lab, _, a, _, plain = fes
+    c = Client(lab, a if which == "recoverable" else plain)
+    assert c.post("/login", nickname="user9", password="password9")[0] == 200
+    login = c.cookie
+    c.cookie = "rubis=1.\u00e9"
+    c.send("GET", "/")
+    assert c.answer()[0] == 200  # nobody: the home page
+    c.cookie = login
+    for path in ("/item?id=%C2%B2", "/item?id=%D9%A1", "/item?id=" + "1" * 5000):
+        assert c.get(path)[0] == 400, path
+    for rating in ("--1", "\u00b2", "9" * 30, "6"):
+        status, text = c.post("/comment", to_user="2", item="3", rating=rating, comment="hi")
+        assert status == 400, (rating, status, text)
+    if which == "plain":  # (the recoverable server refuses it by its receive log: 413)
+        status, text = c.post("/comment", to_user="2", item="3", rating="1",
+                              comment="x" * (1 << 20))
+        assert status == 413 and "too large" in text and "10." not in text, text[-300:]
+    assert c.get("/item?id=5")[0] == 200  # the channel serves on
     c.conn.close()

@@ -97,3 +97,35 @@ def test_each_users_first_request_is_recorded_apart(tmp_path):
     assert len(set(ports)) == 3, "each user keeps one connection"
     assert len(first) == 3 and len(first) + len(later) == len(ports), (first, len(later), ports)
     assert all(ms > 0 for ms in first + later)
+
+
+class _Hangs(_Home):
+    """Answers nothing: every request waits (a frozen server no one moved)."""
+    release = threading.Event()
+
+    def do_GET(self):  # noqa: N802
+        self.release.wait(60)
+
+
+def test_a_request_left_waiting_at_the_end_is_counted(tmp_path):
+    """Outside review: locust kills the users still in a request --stop-timeout after the
+    run, and counts their requests nowhere: a site whose requests hang showed 0 failed.
+    RUBIS_UNANSWERED says how many it left waiting."""
+    from backdoors.casestudy.rubis.study import LOCUSTFILE
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hangs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    count = tmp_path / "unanswered"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE),
+             "--headless", "-u", "3", "-r", "3", "-t", "2s", "--only-summary", "--host", host,
+             "--stop-timeout", "1", "--exit-code-on-error", "0", "Browsing"],
+            capture_output=True, text=True, timeout=120,
+            env={"RUBIS_HOSTS": host, "RUBIS_UNANSWERED": str(count), "PATH": "/usr/bin:/bin"})
+    finally:
+        _Hangs.release.set()
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert count.read_text() == "3\n", proc.stderr[-2000:]

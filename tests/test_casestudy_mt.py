@@ -12,12 +12,13 @@ import pytest
 
 import psycopg  # noqa: E402
 
-from backdoors.casestudy.rubis import wire  # noqa: E402
+from backdoors.casestudy.rubis import middle, wire  # noqa: E402
 from backdoors.casestudy.rubis.dataset import Scale  # noqa: E402
 from backdoors.casestudy.rubis.wire import Answer, Call  # noqa: E402
 from test_casestudy_support import rubis_lab  # noqa: E402
 
 SMALL = Scale(users=100, items=100, bids=500, comments=50, seed=3)
+SECRET = "mt-test-secret"
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def mts():
     from backdoors.casestudy.rubis import site
 
     with rubis_lab("mt", hosts=2, nodes=3, db_node="n2", scale=SMALL) as (lab, pg):
-        a = site.start_mt(lab, "n0", pg)
-        b = site.start_mt(lab, "n1", pg)
+        a = site.start_mt(lab, "n0", pg, secret=SECRET)
+        b = site.start_mt(lab, "n1", pg, secret=SECRET)
         yield lab, pg, a, b
 
 
@@ -73,13 +74,26 @@ def test_calls_over_the_wire_to_a_real_middle_tier(mts):
 
     ch = Channel(site.connect(lab, a))
     assert len(ch.call("categories").result) == 20
-    assert ch.call("resume", user=4).result == {"ok": True, "user": 4}
+    assert ch.call("resume", user=4, proof=wire.proof(SECRET.encode(), 4)).result == {
+        "ok": True, "user": 4}
+    # anyone who reaches the port is not a front end: no proof, no login (outside review)
+    for bad in ({}, {"proof": wire.proof(b"guess", 5)}, {"proof": wire.proof(SECRET.encode(), 4)}):
+        refused = ch.call("resume", user=5, **bad)
+        assert not refused.ok and "resume refused" in refused.error, refused
     first = ch.call("bid", key="mt-proc-bid-01", item=3, bid="99999")
     assert first.ok and first.result["ok"], first
     assert ch.call("bid", key="mt-proc-bid-01", item=3, bid="99999").result == first.result
     assert not ch.call("bid", item=3, bid="1").ok  # no key: refused
     assert _count(pg, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
                   site.mt_name("n0")) >= 1  # its pool, by name (what a fence terminates)
+    # a peer that sends half a frame is closed once CALL_S has passed (outside review: it
+    # held its session, and the listener's room, for good)
+    half = site.connect(lab, a)
+    half.sendall(b"\x00\x10")
+    half.settimeout(middle.CALL_S + 20)
+    assert half.recv(1) == b""
+    half.close()
+    assert len(ch.call("categories").result) == 20  # the others are served on
     ch.sock.close()
 
 

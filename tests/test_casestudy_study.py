@@ -96,14 +96,14 @@ def test_a_node_failing_under_load_loses_no_request_nor_bid(root, tmp_path, faul
     fails, no acknowledged bid is lost or applied twice, and the site's lab is gone
     after."""
     from backdoors.casestudy.rubis.site import Site
-    from backdoors.casestudy.rubis.study import check_bids, play_fault
+    from backdoors.casestudy.rubis.study import check_writes, play_fault
     from backdoors.lab.lab import running_labs
     from backdoors.scenarios.labkit import unique_name
 
     name = unique_name("rb")
     with Site(name, Scale(users=300, items=500, bids=2000, comments=100)) as site:
         row = play_fault(site, fault, 4, 9.0, tmp_path)
-        row.update(check_bids(site, [row.pop("acks")]))
+        row.update(check_writes(site, [row.pop("acks")]))
     failures = {p.name: p.read_text()[-600:] for p in tmp_path.glob("*_failures.csv")
                 if len(p.read_text().splitlines()) > 1}
     print({k: row[k] for k in ("rule", "detect_ms", "recovery_ms", "moved", "requests",
@@ -129,7 +129,7 @@ def test_the_haproxy_baseline_then_the_recoverable_run_on_one_site(root, tmp_pat
     the same site. HAProxy marks n0's server DOWN; every bid it acknowledged is in the
     database once; the recoverable run after it still moves n0's sessions, none failed."""
     from backdoors.casestudy.rubis.site import Site
-    from backdoors.casestudy.rubis.study import check_bids, haproxy_fault, play_fault
+    from backdoors.casestudy.rubis.study import check_writes, haproxy_fault, play_fault
     from backdoors.errors import LabError
     from backdoors.scenarios.labkit import unique_name
 
@@ -138,7 +138,7 @@ def test_the_haproxy_baseline_then_the_recoverable_run_on_one_site(root, tmp_pat
             haproxy_fault(site, "mt-crash", 4, 9.0, tmp_path)
         base = haproxy_fault(site, "fe-network", 4, 9.0, tmp_path)
         row = play_fault(site, "fe-network", 4, 9.0, tmp_path)
-        row.update(check_bids(site, [row.pop("acks")]))
+        row.update(check_writes(site, [row.pop("acks")]))
     print({k: v for k, v in base.items() if k != "haproxy_per_100ms"})
     assert base["haproxy_detect_ms"] is not None and base["haproxy_requests"] > 0, base
     assert base["haproxy_bids_acknowledged"] > 0, base
@@ -154,7 +154,7 @@ def test_a_middle_tier_s_baseline_is_the_front_ends_own_retry(root, tmp_path):
     other; every bid acknowledged is in the database once. Then the recoverable run on the
     same site moves the channels of its middle tier, none failed."""
     from backdoors.casestudy.rubis.site import Site
-    from backdoors.casestudy.rubis.study import (BASELINE_CALL_TIMEOUT_S, check_bids,
+    from backdoors.casestudy.rubis.study import (BASELINE_CALL_TIMEOUT_S, check_writes,
                                                  haproxy_fault, play_fault)
     from backdoors.scenarios.labkit import unique_name
 
@@ -162,7 +162,7 @@ def test_a_middle_tier_s_baseline_is_the_front_ends_own_retry(root, tmp_path):
               plain_call_timeout=BASELINE_CALL_TIMEOUT_S) as site:
         base = haproxy_fault(site, "mt-freeze", 4, 9.0, tmp_path)
         row = play_fault(site, "mt-freeze", 4, 9.0, tmp_path)
-        row.update(check_bids(site, [row.pop("acks")]))
+        row.update(check_writes(site, [row.pop("acks")]))
     print({k: v for k, v in base.items() if k != "haproxy_per_100ms"})
     assert base["haproxy_node"] in site.MT and base["haproxy_requests"] > 0, base
     assert base["haproxy_failovers"] >= 1, base  # the front ends' own failover ran

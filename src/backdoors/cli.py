@@ -685,7 +685,7 @@ def casestudy_rubis(
 ) -> None:
     """RUBiS under locust's load, plain (uvicorn, asyncio) vs recoverable, side by side.
 
-    A lab of two hosts: PostgreSQL with the RUBiS data set, two middle tiers and two front ends, each running a recoverable and a plain server. At each load level locust (headless, in the client namespace; a browsing and a bidding mix, about 15 % writes in the latter) loads the plain front ends, then the recoverable ones. Prints `load` (per level: users, rps, p50 and p99 ms, requests and failed ones, for both; and apart, the p50 and p99 of the users' first requests, which open the sessions, and the p99 of the later ones), `overhead_pct_max` (throughput, below saturation), `p99_overhead_pct_max` and `steady_p99_overhead_pct_max` (the same for p99 latency, of every request and of the later ones), `interval_overhead_pct_max` and `interval_p99_overhead_pct_max` (throughput and p99 of the measurement intervals, after the ramp-up), and the database checked against what the clients were told: bids_acknowledged, bids_lost, bids_duplicated. About 25 s of set-up, then 2 x 5 levels x (seconds + ~3 s)."""
+    A lab of two hosts: PostgreSQL with the RUBiS data set, two middle tiers and two front ends, each running a recoverable and a plain server. At each load level locust (headless, in the client namespace; a browsing and a bidding mix, about 15 % writes in the latter) loads the plain front ends, then the recoverable ones. Prints `load` (per level: users, rps, p50 and p99 ms, requests and failed ones, for both; and apart, the p50 and p99 of the users' first requests, which open the sessions, and the p99 of the later ones), `overhead_pct_max` (throughput, below saturation), `p99_overhead_pct_max` and `steady_p99_overhead_pct_max` (the same for p99 latency, of every request and of the later ones), `interval_overhead_pct_max` and `interval_p99_overhead_pct_max` (throughput and p99 of the measurement intervals, after the ramp-up), and the database checked against what the clients were told: bids_acknowledged, bids_lost, bids_duplicated, and writes_* over every kind of write. Exit status 1 if a write was lost or duplicated, or a fault failed a request. About 25 s of set-up, then 2 x 5 levels x (seconds + ~3 s)."""
     from .casestudy.rubis.dataset import Scale
     from .casestudy.rubis.study import FAULTS, rubis
     from .errors import require_root
@@ -698,7 +698,7 @@ def casestudy_rubis(
     chosen = FAULTS if faults == "all" else tuple(f for f in faults.split(",") if f)
     r = rubis(users, seconds, scale=Scale().scaled(scale), rounds=rounds, faults=chosen,
               work_dir=out_dir, ramp_s=ramp)
-    _verdict(r, as_json, not r["bids_lost"] and not r["bids_duplicated"]
+    _verdict(r, as_json, not r["writes_lost"] and not r["writes_duplicated"]
              and not any(f.get("failed_requests") for f in r.get("faults", ())))
 
 

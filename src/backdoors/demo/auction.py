@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..casestudy.rubis.dataset import Scale
 from ..casestudy.rubis.site import Site
-from ..casestudy.rubis.study import check_bids, play_fault
+from ..casestudy.rubis.study import check_writes, play_fault
 from ..errors import LabError
 from .steps import Step
 
@@ -74,7 +74,7 @@ def auction(w: Auction) -> dict:
     except LabError as e:  # the load did not start, or did not end: no verdict on the move
         step.check("the load ran and the freeze was played", False, str(e))
         return step.done("the scenario could not be played")
-    facts.update(check_bids(w.site, [facts.pop("acks")]))
+    facts.update(check_writes(w.site, [facts.pop("acks")]))
     moved = facts.get("recover_status") == "done"
     if moved:
         w.session_node = facts["target"]

@@ -48,7 +48,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse
 from starlette.routing import Route
 
-from .wire import Answer, Call, WireError, frame, read_answer
+from .wire import Answer, Call, WireError, frame, proof, read_answer
 
 log = logging.getLogger("backdoors.casestudy")
 
@@ -70,6 +70,10 @@ class MtUnavailable(Exception):
     """No middle tier answered (after one retry on a new channel)."""
 
 
+class CallTooLarge(Exception):
+    """A call that no frame can carry: the request's fault, not the channel's."""
+
+
 class Channel:
     """One client session's channel to a middle tier, `addresses`[`first`] at first;
     calls one at a time, in order. A channel that breaks or times out (`timeout`) is
@@ -82,9 +86,9 @@ class Channel:
     state. A recovered channel carries on from that state."""
 
     def __init__(self, addresses: list[tuple[str, int]], first: int = 0,
-                 timeout: float = CALL_TIMEOUT_S, connect=None):
+                 timeout: float = CALL_TIMEOUT_S, connect=None, secret: bytes = b""):
         self.addresses, self.at, self.timeout = addresses, first % len(addresses), timeout
-        self.connect = connect
+        self.connect, self.secret = connect, secret
         self.conn = None  # the session's channel (under the recoverable server)
         self.reader = self.writer = None
         self.user: int | None = None  # who the middle tier has this channel logged in as
@@ -127,8 +131,12 @@ class Channel:
         self.conn = self.reader = self.writer = None
 
     async def _call(self, op: str, args: dict, key: str) -> Answer:
+        try:
+            data = frame(Call(self.next_id + 1, op, args, key))
+        except (WireError, OverflowError) as e:
+            raise CallTooLarge(str(e)) from None
         self.next_id += 1
-        self.writer.write(frame(Call(self.next_id, op, args, key)))
+        self.writer.write(data)
         await self.writer.drain()
         answer = await asyncio.wait_for(read_answer(self.reader), self.timeout)
         if answer is None or answer.id != self.next_id:
@@ -147,7 +155,8 @@ class Channel:
                         if user is None:
                             await self._call("logout", {}, "")
                         else:
-                            await self._call("resume", {"user": user}, "")
+                            await self._call("resume", {"user": user, "proof": proof(
+                                self.secret, user)}, "")
                         self.user = user
                     answer = await self._call(op, args, key)
                     if op == "login" and answer.ok:
@@ -169,8 +178,9 @@ class Channel:
 class Channels:
     """The channels of this front end, by client session."""
 
-    def __init__(self, addresses: list[tuple[str, int]], timeout: float = CALL_TIMEOUT_S):
-        self.addresses, self.timeout = addresses, timeout
+    def __init__(self, addresses: list[tuple[str, int]], timeout: float = CALL_TIMEOUT_S,
+                 secret: bytes = b""):
+        self.addresses, self.timeout, self.secret = addresses, timeout, secret
         self.open: dict[str, Channel] = {}
 
     def get(self, session: str, connect=None) -> Channel:
@@ -179,7 +189,7 @@ class Channels:
         ch = self.open.get(session)
         if ch is None:
             ch = self.open[session] = Channel(self.addresses, zlib.crc32(session.encode()),
-                                              self.timeout, connect)
+                                              self.timeout, connect, self.secret)
         return ch
 
     async def reap(self) -> None:
@@ -250,9 +260,15 @@ def _sign(secret: bytes, text: str) -> str:
 def _cookie_user(request: Request) -> int | None:
     raw = request.cookies.get(COOKIE, "")
     uid, _, sig = raw.partition(".")
-    if uid.isdigit() and hmac.compare_digest(sig, _sign(request.app.state.secret, uid)):
+    if _digits(uid, 9) and hmac.compare_digest(sig.encode(), _sign(request.app.state.secret,
+                                                                   uid).encode()):
         return int(uid)
     return None
+
+
+def _digits(value: str, most: int) -> bool:
+    """1 to `most` ASCII digits (str.isdigit takes ² and other scripts' digits)."""
+    return 0 < len(value) <= most and value.isascii() and value.isdigit()
 
 
 def _int(params, name: str, default: int | None = None, low: int = 0) -> int:
@@ -261,8 +277,8 @@ def _int(params, name: str, default: int | None = None, low: int = 0) -> int:
         if default is None:
             raise Bad(400, f"{name} is missing")
         return default
-    if not value.isdigit() or int(value) < low or len(value) > 9:
-        raise Bad(400, f"{name} must be a whole number >= {low}, got {value!r}")
+    if not _digits(value, 9) or int(value) < low:
+        raise Bad(400, f"{name} must be a whole number >= {low}, got {value[:40]!r}")
     return int(value)
 
 
@@ -283,10 +299,13 @@ async def _call(request: Request, op: str, *, write: bool = False, **args):
     try:
         answer = await request.app.state.channels.get(session, connect).call(
             user, op, args, key if write else "")
-    except MtUnavailable as e:
-        raise Bad(503, str(e)) from None
-    if not answer.ok:
-        raise Bad(400, answer.error)
+    except MtUnavailable as e:  # (the middle tiers' addresses are for the log, not the client)
+        log.warning("front end: %s", e)
+        raise Bad(503, "no middle tier answers now: try again") from None
+    except CallTooLarge as e:
+        raise Bad(413, f"the request is too large: {e}") from None
+    if not answer.ok:  # the database's failure is the server's; a refusal, the request's
+        raise Bad(503 if answer.server else 400, answer.error)
     return answer.result, key
 
 
@@ -451,8 +470,8 @@ async def buy(request: Request):
 async def comment(request: Request):
     f = await _form(request)
     rating = f.get("rating", "0")
-    if not rating.lstrip("-").isdigit():
-        raise Bad(400, f"rating must be a whole number, got {rating!r}")
+    if not _digits(rating.removeprefix("-"), 1):
+        raise Bad(400, f"rating must be a whole number from -5 to 5, got {rating[:40]!r}")
     result, key = await _call(request, "comment", write=True, to_user=_int(f, "to_user", low=1),
                               item=_int(f, "item", low=1), rating=int(rating),
                               comment=f.get("comment", ""))
@@ -466,13 +485,14 @@ async def _bad(request: Request, exc: Bad) -> HTMLResponse:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette):
     """Read the configuration; reap idle channels while serving."""
-    app.state.channels = Channels(parse_mts(os.environ.get(MT_ENV, "")),
-                                  parse_timeout(os.environ.get(TIMEOUT_ENV, "")))
     secret = os.environ.get(SECRET_ENV)
     if not secret:
         log.warning("front end: $%s not set: a random secret (cookies of this front end "
-                    "only)", SECRET_ENV)
+                    "only, and middle tiers refuse its channels' resume)", SECRET_ENV)
     app.state.secret = (secret or secrets.token_hex(16)).encode()
+    app.state.channels = Channels(parse_mts(os.environ.get(MT_ENV, "")),
+                                  parse_timeout(os.environ.get(TIMEOUT_ENV, "")),
+                                  app.state.secret)
     reaper = asyncio.create_task(app.state.channels.reap())
     try:
         yield

@@ -6,9 +6,12 @@ then the same pages plus bids, purchases, comments and the odd registration: abo
 of its requests write). Every user keeps one keep-alive connection, with its cookie, to
 one front end of RUBIS_HOSTS (users are spread over them in turn), thinks between
 RUBIS_THINK_MIN and RUBIS_THINK_MAX seconds, and checks every answer: its status and the
-page's marker. Every write the site acknowledged is appended to RUBIS_ACKS as a JSON line
-{kind, key, user, item, price, bid}: what the clients were told, to compare with the
-database afterwards. With RUBIS_REQUESTS, every request's end (Unix ms), whether it
+page's marker. Every write the site answered (accepted or refused) is appended to
+RUBIS_ACKS as a JSON line {kind, key, ok, user, item, price, bid}: what the clients were
+told, to compare with the database afterwards. With RUBIS_UNANSWERED, the number of
+requests still waiting for their answer when locust stopped their users (it kills those
+still in a task --stop-timeout after the run's end, and counts them nowhere) is written to
+that file when locust quits: a request that hangs is a failure too. With RUBIS_REQUESTS, every request's end (Unix ms), whether it
 passed its check and its front end (an index in RUBIS_HOSTS) go to that file, one line each
 (throughput.py; buffered, flushed when locust quits): the requests per 100 ms across a fault.
 With RUBIS_LATENCIES, every request's response time, whether it was its user's first
@@ -27,6 +30,7 @@ import random
 import re
 
 import gevent
+from gevent import GreenletExit
 from locust import FastHttpUser, between, events, task
 
 from backdoors.casestudy.rubis.latency import LatencyLog
@@ -45,6 +49,25 @@ for _log in (_requests, _latencies):
         events.quit.add_listener(lambda _log=_log, **_: _log.flush())  # the users are stopped
         atexit.register(_log.close)
 _next_host = itertools.count()
+_unanswered = 0
+
+
+@events.quit.add_listener
+def _say_unanswered(**_) -> None:
+    if os.environ.get("RUBIS_UNANSWERED"):
+        with open(os.environ["RUBIS_UNANSWERED"], "w") as f:
+            f.write(f"{_unanswered}\n")
+
+
+def _asked(request):
+    """`request()` (a request made with catch_response), counted as unanswered if its
+    user is killed while it waits."""
+    global _unanswered
+    try:
+        return request()
+    except GreenletExit:
+        _unanswered += 1
+        raise
 
 
 @events.init.add_listener
@@ -84,15 +107,17 @@ class Site(FastHttpUser):
         self.first = False
 
     def page(self, path: str, marker: str, name: str, status: int = 200) -> str | None:
-        with self.client.get(self.base + path, name=name, catch_response=True) as r:
+        with _asked(lambda: self.client.get(self.base + path, name=name,
+                                            catch_response=True)) as r:
             text = r.text or ""
             ok = r.status_code == status and marker in text
             self.checked(r, ok, f"{r.status_code}, marker {marker!r} missing")
             return text if ok else None
 
     def post(self, path: str, form: dict, markers: tuple[str, ...], name: str) -> str | None:
-        with self.client.post(self.base + path, data=form, name=name, catch_response=True,
-                              headers={"Content-Type": "application/x-www-form-urlencoded"}) as r:
+        with _asked(lambda: self.client.post(
+                self.base + path, data=form, name=name, catch_response=True,
+                headers={"Content-Type": "application/x-www-form-urlencoded"})) as r:
             text = r.text or ""
             ok = r.status_code == 200 and any(m in text for m in markers)
             self.checked(r, ok, f"{r.status_code}: {text[-200:]!r}")
@@ -159,11 +184,13 @@ class Bidding(Site):
                      ('id="login"',), "/login") is not None:
             self.user = u
 
-    def ack(self, kind: str, text: str, **facts) -> None:
-        if _acks is not None and 'class="ok"' in text:
-            key = _KEY.search(text)
+    def ack(self, kind: str, text: str | None, **facts) -> None:
+        """Record what a write was answered (accepted or refused), by its key."""
+        key = text and _KEY.search(text)
+        if _acks is not None and key:
             bid = _BID.search(text)
-            _acks.write(json.dumps({"kind": kind, "key": key and key.group(1), "user": self.user,
+            _acks.write(json.dumps({"kind": kind, "key": key.group(1), "user": self.user,
+                                    "ok": 'class="ok"' in text,
                                     "bid": bid and int(bid.group(1)), **facts}) + "\n")
 
     @task(12)
@@ -191,14 +218,16 @@ class Bidding(Site):
     @task(2)
     def comment(self) -> None:
         if self.user is not None:
-            self.post("/comment", {"to_user": str(random.randint(1, DATA_USERS)),
-                                   "item": str(self.item_id()), "rating": "3",
-                                   "comment": "fine"}, ('class="ok" id="comment"',), "/comment")
+            to = random.randint(1, DATA_USERS - 1)
+            to += to >= self.user  # another user (one does not rate oneself)
+            self.ack("comment", self.post(
+                "/comment", {"to_user": str(to), "item": str(self.item_id()), "rating": "3",
+                             "comment": "fine"}, ('class="ok" id="comment"',), "/comment"))
 
     @task(1)
     def register(self) -> None:
         nick = f"new-{random.getrandbits(64):016x}"
-        self.post("/register", {"firstname": "A", "lastname": "B", "nickname": nick,
-                                "password": "pw", "email": f"{nick}@rubis.lab",
-                                "region": str(random.randint(1, 62))},
-                  ('class="ok" id="register"',), "/register")
+        self.ack("register", self.post(
+            "/register", {"firstname": "A", "lastname": "B", "nickname": nick, "password": "pw",
+                          "email": f"{nick}@rubis.lab", "region": str(random.randint(1, 62))},
+            ('class="ok" id="register"',), "/register"))

@@ -14,6 +14,7 @@ gets its recorded result, a replayed read runs again (none of its answer had bee
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,10 +22,22 @@ from typing import Any
 import msgspec
 import psycopg
 
+from ...continuations.errors import StateTooLargeError
 from . import store
-from .wire import Answer, Call, WireError, frame, read_call
+from .wire import Answer, Call, WireError, frame, proof, read_call
 
 log = logging.getLogger("backdoors.casestudy")
+
+#: the front ends' shared secret (RUBIS_SECRET): `resume` needs its proof (mt.py sets it)
+SECRET = b""
+#: a session's calls: none for this long and it is closed (a front end closes an idle
+#: client's session, and its channel with it, after 75 s); a call begun must be whole
+#: within CALL_S (a peer that sends half a frame holds nothing for long)
+IDLE_S = 300.0
+CALL_S = 10.0
+#: an error answer quotes at most this much of what it refuses
+ERROR_CHARS = 300
+
 
 
 class SessionState(msgspec.Struct):
@@ -54,12 +67,17 @@ async def _login(conn, state: SessionState, a: dict) -> Any:
     return {"ok": user is not None, "user": user}
 
 
-@_takes("user")
+@_takes("user", "proof")
 async def _resume(conn, state: SessionState, a: dict) -> Any:
     """Log the channel in as `user` without a password: the front end's word, after it
-    checked the user's signed cookie. For a channel the front end opens again (after its
-    own recovery, or a reconnect); the channel is internal, reached by front ends only."""
-    state.user = store.whole(a.get("user"), "user")
+    checked the user's signed cookie, with its proof of the front ends' secret. For a
+    channel the front end opens again (after its own recovery, or a reconnect)."""
+    user = store.whole(a.get("user"), "user")
+    if not SECRET:
+        raise store.RequestError("resume is off: this middle tier has no $RUBIS_SECRET")
+    if not hmac.compare_digest(str(a.get("proof", "")).encode(), proof(SECRET, user).encode()):
+        raise store.RequestError("resume refused: its proof is not of the front ends' secret")
+    state.user = user
     return {"ok": True, "user": state.user}
 
 
@@ -121,14 +139,19 @@ async def dispatch(conn, state: SessionState, call: Call) -> Answer:
             if not call.key:
                 raise store.RequestError(f"{call.op} needs an idempotency key")
             return Answer(call.id, True, await WRITES[call.op](conn, state, call.args, call.key))
-        return Answer(call.id, False, error=f"unknown op {call.op!r}")
+        return Answer(call.id, False, error=_clip(f"unknown op {call.op!r}"))
     except store.RequestError as e:
-        return Answer(call.id, False, error=str(e))
+        return Answer(call.id, False, error=_clip(str(e)))
     except TypeError as e:  # a required argument missing
-        return Answer(call.id, False, error=f"bad arguments for {call.op}: {e}")
+        return Answer(call.id, False, error=_clip(f"bad arguments for {call.op!r}: {e}"))
     except psycopg.Error as e:  # rolled back: nothing of a write was applied
-        log.warning("middle tier: %s failed in the database: %s", call.op, e)
-        return Answer(call.id, False, error=f"database: {type(e).__name__}")
+        log.warning("middle tier: %s failed in the database: %s", _clip(call.op, 64), e)
+        return Answer(call.id, False, error=f"database: {type(e).__name__}", server=True)
+
+
+def _clip(text: str, limit: int = ERROR_CHARS) -> str:
+    """An error quoting a peer's input, cut (the answer must fit a frame and the box)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
 
 
 async def serve_session(reader, writer, pool, *, box=None) -> int:
@@ -141,18 +164,41 @@ async def serve_session(reader, writer, pool, *, box=None) -> int:
         await writer.drain()
     while True:
         try:
-            call = await read_call(reader)
+            call = await read_call(reader, idle_s=IDLE_S, call_s=CALL_S)
         except WireError as e:
-            log.warning("middle tier: closing a session: %s", e)
+            log.warning("middle tier: closing the session of %s: %s", _peer(writer), e)
             return state.served
         if call is None:
             return state.served
         async with pool.connection() as conn:
             answer = await dispatch(conn, state, call)
-        reply = frame(answer)
+        reply = _reply(answer)
         state.served += 1
         if box is not None:
             state.pending = reply
-            await box.export(state)
+            try:
+                await box.export(state)
+            except StateTooLargeError as e:  # applied, and not answerable as it is
+                log.warning("middle tier: call %d of %s: %s", call.id, _peer(writer), e)
+                state.pending = reply = frame(Answer(call.id, False, server=True, error=(
+                    "the answer is over the session's state capacity")))
+                await box.export(state)
         writer.write(reply)
         await writer.drain()
+
+
+def _reply(answer: Answer) -> bytes:
+    """The answer's frame; one too large for a frame becomes an error answer."""
+    try:
+        return frame(answer)
+    except WireError as e:
+        return frame(Answer(answer.id, False, server=True, error=f"the answer: {e}"))
+
+
+def _peer(writer) -> str:
+    """Who is at the other end of a session (for the logs)."""
+    try:
+        peer = writer.get_extra_info("peername")
+    except Exception:  # noqa: BLE001 - a closed transport
+        peer = None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "a front end"

@@ -12,7 +12,8 @@ read after it replayed (a replayed write finds its idempotency key). `--plain` s
 same logic without boxes (asyncio.start_server): the baseline a user would run today.
 
 The DSN comes from the environment (RUBIS_DSN: it holds the database's password, which a
-command line would show to every process of the node). The pool's connections carry
+command line would show to every process of the node), and so does the front ends' secret
+(RUBIS_SECRET): a channel logs in again without a password (`resume`) only with its proof. The pool's connections carry
 `application_name` = --name, so a fence can end a failed node's transactions by name
 (Postgres.terminate). A Sensor Box (--name) holds a progress sensor ticked by the event
 loop every 10 ms and a level of open sessions; it is registered with the node's agent when
@@ -41,6 +42,7 @@ from . import middle
 log = logging.getLogger("backdoors.casestudy")
 
 DSN_ENV = "RUBIS_DSN"
+SECRET_ENV = "RUBIS_SECRET"  # the front ends' secret (front.SECRET_ENV)
 PORT = 7300
 #: a session's exported state holds the reply being sent: a page of 25 items is ~3 KiB
 STATE_CAPACITY = 256 * 1024
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     dsn = os.environ.get(DSN_ENV)
     if not dsn:
         ap.error(f"${DSN_ENV} must hold the database's connection string")
+    # the front ends' secret: a channel's `resume` must prove it (without: resume is off)
+    middle.SECRET = os.environ.get(SECRET_ENV, "").encode()
     if not 1 <= a.pool <= 100:
         ap.error("--pool must be 1..100")
     if not 0 <= a.lock_timeout < 3600:

@@ -65,17 +65,18 @@ def mt_name(node: str, plain: bool = False) -> str:
     return f"rubis-mt{'p' if plain else ''}-{node}"
 
 
-def start_mt(lab, node: str, db, *, plain: bool = False, pool: int = 8,
+def start_mt(lab, node: str, db, *, secret: str = "", plain: bool = False, pool: int = 8,
              lock_timeout: float | None = None, timeout: float = 30.0) -> Server:
     """The middle tier in `node`, connected to Postgres `db` (over TCP, its password); its
-    database sessions give up on a lock after `lock_timeout` s (None: never)."""
+    database sessions give up on a lock after `lock_timeout` s (None: never); `secret`:
+    the front ends' (a channel's resume proves it; none: resume is off)."""
     port = MT_PLAIN_PORT if plain else MT_PORT
     name = mt_name(node, plain)
     argv = [sys.executable, "-m", "backdoors.casestudy.rubis.mt", "--port", str(port),
             "--name", name, "--pool", str(pool), "--deadline", str(MT_DEADLINE_S)] + \
         (["--plain"] if plain else []) + \
         (["--lock-timeout", f"{lock_timeout:g}"] if lock_timeout else [])
-    proc = lab.run_in_node(node, argv, env={mt.DSN_ENV: db.dsn()})
+    proc = lab.run_in_node(node, argv, env={mt.DSN_ENV: db.dsn(), mt.SECRET_ENV: secret})
     return _ready(lab, Server("mt", node, lab.plan.node(node).vip, port, plain, name, proc),
                   timeout)
 
@@ -213,7 +214,8 @@ class Site:
     def start_middle_tier(self, node: str, plain: bool) -> Server:
         """(Re)start the middle tier of `node` of that kind."""
         lock = self.plain_call_timeout / 2 if plain and self.plain_call_timeout else None
-        return start_mt(self.lab, node, self.db, plain=plain, lock_timeout=lock)
+        return start_mt(self.lab, node, self.db, secret=self.secret, plain=plain,
+                        lock_timeout=lock)
 
     def start_front_end(self, node: str, plain: bool) -> Server:
         """(Re)start the front end of `node` of that kind."""

@@ -16,6 +16,8 @@ the same way. Returns (result, replayed).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -160,24 +162,29 @@ async def login(conn, nickname: str, password: str) -> int | None:
 # ---- exactly-once writes ---------------------------------------------------------------------
 
 
-async def once(conn, key: str, kind: str,
+async def once(conn, key: str, kind: str, request: dict,
                effect: Callable[[Any], Awaitable[dict]]) -> tuple[dict, bool]:
     """Run `effect(conn)` once per `key`, in one transaction with the key's record:
-    (result, replayed)."""
+    (result, replayed). `request` is what it asks (its user and arguments): the key's
+    replay must ask the same, or it is refused."""
     from psycopg.types.json import Jsonb
 
     if not isinstance(key, str) or not KEY_RE.match(key):
         raise RequestError("idempotency key must be 8..128 characters of [A-Za-z0-9._:-]")
+    asked = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
     async with conn.transaction():
         cur = await conn.execute(
-            "INSERT INTO requests (key, kind, result) VALUES (%s, %s, 'null') "
-            "ON CONFLICT (key) DO NOTHING", (key, kind))
+            "INSERT INTO requests (key, kind, request, result) VALUES (%s, %s, %s, 'null') "
+            "ON CONFLICT (key) DO NOTHING", (key, kind, asked))
         if cur.rowcount == 0:
-            old_kind, result = (await _rows(
-                conn, "SELECT kind, result FROM requests WHERE key = %s", (key,)))[0]
+            old_kind, old_request, result = (await _rows(
+                conn, "SELECT kind, request, result FROM requests WHERE key = %s", (key,)))[0]
             if old_kind != kind:
                 raise RequestError(f"idempotency key {key} was used for a {old_kind} request, "
                                    f"not {kind}")
+            if old_request != asked:
+                raise RequestError(f"idempotency key {key} was used for another {kind} "
+                                   "request (another user, or other arguments)")
             return result, True
         result = await effect(conn)
         # what was stored (jsonb orders keys its own way): the original answer and every
@@ -201,11 +208,11 @@ async def register(conn, key: str, *, firstname: str, lastname: str, nickname: s
             return {"ok": False, "reason": "no such region"}
         uid = (await _rows(
             c, "INSERT INTO users (firstname, lastname, nickname, password, email, "
-               "creation_date, region) VALUES (%s, %s, %s, %s, %s, now(), %s) RETURNING id",
-            fields))[0][0]
+               "creation_date, region, key) VALUES (%s, %s, %s, %s, %s, now(), %s, %s) "
+               "RETURNING id", (*fields, key)))[0][0]
         return {"ok": True, "user": uid}
 
-    return await once(conn, key, "register", effect)
+    return await once(conn, key, "register", {"fields": fields}, effect)
 
 
 async def place_bid(conn, key: str, *, user: int, item: int, bid: str, max_bid: str | None = None,
@@ -227,14 +234,15 @@ async def place_bid(conn, key: str, *, user: int, item: int, bid: str, max_bid: 
         if price < initial or price <= current:
             return {"ok": False, "reason": "bid too low", "max_bid": _money(max(initial, current))}
         bid_id = (await _rows(
-            c, "INSERT INTO bids (user_id, item_id, qty, bid, max_bid, date) "
-               "VALUES (%s, %s, %s, %s, %s, now()) RETURNING id",
-            (user, item, qty, price, ceiling)))[0][0]
+            c, "INSERT INTO bids (user_id, item_id, qty, bid, max_bid, date, key) "
+               "VALUES (%s, %s, %s, %s, %s, now(), %s) RETURNING id",
+            (user, item, qty, price, ceiling, key)))[0][0]
         await c.execute("UPDATE items SET max_bid = %s, nb_of_bids = nb_of_bids + 1 WHERE id = %s",
                         (price, item))
         return {"ok": True, "bid": bid_id, "item": item, "price": _money(price)}
 
-    return await once(conn, key, "bid", effect)
+    return await once(conn, key, "bid", {"user": user, "item": item, "qty": qty,
+                                         "bid": str(price), "max_bid": str(ceiling)}, effect)
 
 
 async def buy_now(conn, key: str, *, user: int, item: int, qty: int = 1) -> tuple[dict, bool]:
@@ -249,13 +257,13 @@ async def buy_now(conn, key: str, *, user: int, item: int, qty: int = 1) -> tupl
         if qty > stock:
             return {"ok": False, "reason": "not enough items", "quantity": stock}
         purchase = (await _rows(
-            c, "INSERT INTO buy_now (buyer_id, item_id, qty, date) VALUES (%s, %s, %s, now()) "
-               "RETURNING id", (user, item, qty)))[0][0]
+            c, "INSERT INTO buy_now (buyer_id, item_id, qty, date, key) "
+               "VALUES (%s, %s, %s, now(), %s) RETURNING id", (user, item, qty, key)))[0][0]
         await c.execute("UPDATE items SET quantity = quantity - %s WHERE id = %s", (qty, item))
         return {"ok": True, "purchase": purchase, "item": item, "qty": qty,
                 "price": _money(price)}
 
-    return await once(conn, key, "buy_now", effect)
+    return await once(conn, key, "buy_now", {"user": user, "item": item, "qty": qty}, effect)
 
 
 async def leave_comment(conn, key: str, *, user: int, to_user: int, item: int, rating: int,
@@ -264,16 +272,18 @@ async def leave_comment(conn, key: str, *, user: int, to_user: int, item: int, r
               _whole(rating, "rating", -5, 5), _text(comment, "comment"))
 
     async def effect(c) -> dict:
+        if fields[0] == fields[1]:
+            return {"ok": False, "reason": "a user does not rate themselves"}
         if len(await _rows(c, "SELECT 1 FROM users WHERE id = ANY(%s)",
                            ([fields[0], fields[1]],))) != len({fields[0], fields[1]}):
             return {"ok": False, "reason": "no such user"}
         if not await _rows(c, "SELECT 1 FROM items WHERE id = %s", (fields[2],)):
             return {"ok": False, "reason": "no such item"}
         cid = (await _rows(
-            c, "INSERT INTO comments (from_user_id, to_user_id, item_id, rating, date, comment) "
-               "VALUES (%s, %s, %s, %s, now(), %s) RETURNING id", fields))[0][0]
+            c, "INSERT INTO comments (from_user_id, to_user_id, item_id, rating, date, comment, "
+               "key) VALUES (%s, %s, %s, %s, now(), %s, %s) RETURNING id", (*fields, key)))[0][0]
         await c.execute("UPDATE users SET rating = rating + %s WHERE id = %s",
                         (fields[3], fields[1]))
         return {"ok": True, "comment": cid}
 
-    return await once(conn, key, "comment", effect)
+    return await once(conn, key, "comment", {"fields": fields}, effect)

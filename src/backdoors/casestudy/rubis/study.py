@@ -29,10 +29,12 @@ across the fault (`per_100ms`) and the throughput's dip (`dip_ms`). Before it, o
 same site, its baseline (haproxy_fault: the plain site behind HAProxy, the same fault,
 then undone) adds the same facts named haproxy_*.
 
-Every write a client got an OK for is recorded with its key; at the end each
-acknowledged bid must be in the database once (its row, its user, item and price):
-`bids_lost` counts the missing ones, `bids_duplicated` the extra rows of an acknowledged
-bid's (user, item, price): per fault row, and in all at the top.
+Every write a client was answered (bid, buy, comment, register; accepted or refused) is
+recorded with its key, and every row a write makes carries its key: at the end an
+acknowledged write must have exactly one row (a bid's with its user, item and price), a
+refused one none (count_writes). `bids_lost` / `writes_lost` count the acknowledged ones
+missing, `bids_duplicated` / `writes_duplicated` the rows past one, a refused write's rows
+and rows no acknowledged record accounts for: per fault row, and in all at the top.
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ class Locust:
         self.prefix, self.acks = work / tag, work / f"{tag}.acks"
         self.requests = work / f"{tag}.requests" if requests else None
         self.latencies = work / f"{tag}.latencies"
+        self.unanswered = work / f"{tag}.unanswered"
         hosts = ",".join(hosts or [f"http://{s.vip}:{s.port}" for s in site.front_ends(plain)])
         env = {"RUBIS_HOSTS": hosts, "RUBIS_ACKS": str(self.acks),
-               "RUBIS_LATENCIES": str(self.latencies),
+               "RUBIS_LATENCIES": str(self.latencies), "RUBIS_UNANSWERED": str(self.unanswered),
                **({"RUBIS_REQUESTS": str(self.requests)} if requests else {}),
                "RUBIS_DATA_USERS": str(site.scale.users),
                "RUBIS_DATA_ITEMS": str(site.scale.items),
@@ -106,6 +109,19 @@ class Locust:
         with open(self.log_path, "wb") as log:
             self.proc = site.lab.run_in_client(argv, env={**os.environ, **env}, stdout=log,
                                                stderr=log)
+
+    def __enter__(self) -> Locust:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End locust if it still runs (an error on the way: it is in no node, and the
+        lab's teardown would not end it)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
 
     def finish(self, timeout: float | None = None) -> dict:
         tag = self.tag
@@ -129,9 +145,15 @@ class Locust:
         if requests == 0:  # (locust writes N/A for the percentiles)
             raise LabError(f"locust ({tag}): no request completed in {self.seconds:g} s: "
                            f"{_tail(self.log_path)}")
+        try:  # requests killed waiting for their answer: failed, though locust counts none
+            unanswered = int(self.unanswered.read_text())
+        except (OSError, ValueError):
+            raise LabError(f"locust ({tag}) did not say how many requests it left "
+                           f"unanswered: {_tail(self.log_path)}") from None
         return {"rps": float(total["Requests/s"]), "p50_ms": float(total["50%"]),
-                "p99_ms": float(total["99%"]), "requests": requests,
-                "failed": int(total["Failure Count"]), "writes": writes, "acks": self.acks,
+                "p99_ms": float(total["99%"]), "requests": requests + unanswered,
+                "failed": int(total["Failure Count"]) + unanswered, "unanswered": unanswered,
+                "writes": writes, "acks": self.acks,
                 "max_ms": float(total["Max Response Time"]),
                 **summary(self.latencies, self.ramp_s)}
 
@@ -189,32 +211,32 @@ def play_fault(site: Site, fault: str, users: int, seconds: float, work: Path,
         if on_incident is not None:
             mon.subscribe(on_incident)
         mon.wait_ready(timeout=10)
-        run = Locust(site, False, users, seconds, work, think, tag=fault, requests=True)
-        # every session to move held by the agent first: a connection still in the accept
-        # queue of a frozen server is not the server's yet, nor held by the agent, and is
-        # not moved (see docs/casestudy.md)
-        # (users take the front ends in turn, n0 first; each client connection has its
-        # channel to one middle tier, by a hash of its session; a front end's agent holds
-        # the channels too, counted apart: their local port is not the server's)
-        held, want = ((node,), (users + 1) // 2) if tier == "fe" else (site.MT, users)
-        port = site.servers[tier, held[0], False].port
-        end = time.monotonic() + HELD_WAIT_S
-        while sum((counts := {n: _sessions(lab, n, port) for n in held}).values()) < want:
-            if time.monotonic() > end or run.proc.poll() is not None:
-                run.proc.kill()
-                seen = [(i.node, i.rule, i.state) for i in mon.incidents()]
-                raise LabError(f"{fault}: the load brought {counts} sessions, not {want}, in "
-                               f"{HELD_WAIT_S:g} s (incidents so far: {seen}; locust: "
-                               f"{_tail(run.log_path)[-300:]})")
-            time.sleep(0.05)
-        if tier == "mt":  # the middle tier holding the most channels (a tie: n2)
-            node = max(site.MT, key=lambda n: counts[n])
-        time.sleep(1.0)
-        wall = time.time()
-        _fail(site, kind, site.servers[tier, node, False])
-        inc = mon.wait_for(lambda i: i.node == node and any(a.kind == "recover"
-                                                            for a in i.actions), seconds + 30)
-        got = run.finish()
+        with Locust(site, False, users, seconds, work, think, tag=fault, requests=True) as run:
+            # every session to move held by the agent first: a connection still in the accept
+            # queue of a frozen server is not the server's yet, nor held by the agent, and is
+            # not moved (see docs/casestudy.md)
+            # (users take the front ends in turn, n0 first; each client connection has its
+            # channel to one middle tier, by a hash of its session; a front end's agent holds
+            # the channels too, counted apart: their local port is not the server's)
+            held, want = ((node,), (users + 1) // 2) if tier == "fe" else (site.MT, users)
+            port = site.servers[tier, held[0], False].port
+            end = time.monotonic() + HELD_WAIT_S
+            while sum((counts := {n: _sessions(lab, n, port) for n in held}).values()) < want:
+                if time.monotonic() > end or run.proc.poll() is not None:
+                    run.proc.kill()
+                    seen = [(i.node, i.rule, i.state) for i in mon.incidents()]
+                    raise LabError(f"{fault}: the load brought {counts} sessions, not {want}, in "
+                                   f"{HELD_WAIT_S:g} s (incidents so far: {seen}; locust: "
+                                   f"{_tail(run.log_path)[-300:]})")
+                time.sleep(0.05)
+            if tier == "mt":  # the middle tier holding the most channels (a tie: n2)
+                node = max(site.MT, key=lambda n: counts[n])
+            time.sleep(1.0)
+            wall = time.time()
+            _fail(site, kind, site.servers[tier, node, False])
+            inc = mon.wait_for(lambda i: i.node == node and any(a.kind == "recover"
+                                                                for a in i.actions), seconds + 30)
+            got = run.finish()
     facts = {"tier": tier, "fault": kind, "node": node, "users": users,
              "requests": got["requests"], "failed_requests": got["failed"],
              "max_response_ms": got["max_ms"], "detect_ms": None, "recovery_ms": None,
@@ -257,24 +279,24 @@ def haproxy_fault(site: Site, fault: str, users: int, seconds: float, work: Path
     lab = site.lab
     logs = [lab.plan.run_dir / n / "stderr.log" for n in site.FE]
     with Balancer(site) as lb:
-        run = Locust(site, True, users, seconds, work, think, tag=f"{fault}-haproxy",
-                     requests=True, hosts=[lb.url])
-        end = time.monotonic() + HELD_WAIT_S
-        # both front ends in use; for a middle tier's fault, channels to a middle tier
-        while not (all(n > 0 for n in lb.sessions_total().values())
-                   and (tier == "fe" or sum((held := _plain_channels(site)).values()) > 0)):
-            if time.monotonic() > end or run.proc.poll() is not None:
-                run.proc.kill()
-                raise LabError(f"{fault} (HAProxy): the load reached {lb.sessions_total()} "
-                               f"in {HELD_WAIT_S:g} s ({_tail(run.log_path)})")
-            time.sleep(0.05)
-        node = site.FE[0] if tier == "fe" else max(site.MT, key=lambda n: held[n])
-        time.sleep(1.0)
-        logged = [_size(p) for p in logs]
-        wall, began = time.time(), time.monotonic()
-        _fail(site, kind, site.servers[tier, node, True])
-        down_ms = lb.marked_down("fe0", began) if tier == "fe" else None
-        got = run.finish()
+        with Locust(site, True, users, seconds, work, think, tag=f"{fault}-haproxy",
+                    requests=True, hosts=[lb.url]) as run:
+            end = time.monotonic() + HELD_WAIT_S
+            # both front ends in use; for a middle tier's fault, channels to a middle tier
+            while not (all(n > 0 for n in lb.sessions_total().values())
+                       and (tier == "fe" or sum((held := _plain_channels(site)).values()) > 0)):
+                if time.monotonic() > end or run.proc.poll() is not None:
+                    run.proc.kill()
+                    raise LabError(f"{fault} (HAProxy): the load reached {lb.sessions_total()} "
+                                   f"in {HELD_WAIT_S:g} s ({_tail(run.log_path)})")
+                time.sleep(0.05)
+            node = site.FE[0] if tier == "fe" else max(site.MT, key=lambda n: held[n])
+            time.sleep(1.0)
+            logged = [_size(p) for p in logs]
+            wall, began = time.time(), time.monotonic()
+            _fail(site, kind, site.servers[tier, node, True])
+            down_ms = lb.marked_down("fe0", began) if tier == "fe" else None
+            got = run.finish()
     failovers = sum(_read_from(p, at).count(FAILOVER) for p, at in zip(logs, logged))
     if kind == "lock":
         lab.node(node).unlock(5.0)
@@ -290,7 +312,7 @@ def haproxy_fault(site: Site, fault: str, users: int, seconds: float, work: Path
            "haproxy_max_response_ms": got["max_ms"], "haproxy_detect_ms": down_ms,
            "haproxy_node": node, "haproxy_failovers": failovers,
            "haproxy_dip_ms": series.pop("dip_ms"), "haproxy_per_100ms": series}
-    out.update({f"haproxy_{k}": v for k, v in check_bids(site, [got["acks"]]).items()})
+    out.update({f"haproxy_{k}": v for k, v in check_writes(site, [got["acks"]]).items()})
     return out
 
 
@@ -407,28 +429,62 @@ def _tail(path: Path) -> str:
         return "(no log)"
 
 
-def check_bids(site: Site, ack_files: list[Path]) -> dict:
-    """Each acknowledged bid's row, once: {bids_acknowledged, bids_lost, bids_duplicated}."""
+#: the table a write of each kind (as the pages name it) adds its row to, and the kind its
+#: key is recorded under (store.py)
+WRITES = {"bid": ("bids", "bid"), "buy": ("buy_now", "buy_now"),
+          "comment": ("comments", "comment"), "register": ("users", "register")}
+
+
+def check_writes(site: Site, ack_files: list[Path]) -> dict:
+    """What the clients were told (the acknowledgement files) against the database."""
     import psycopg
 
-    acked = []
+    told = []
     for path in ack_files:
         if path.exists():
-            acked += [a for a in map(json.loads, path.read_text().splitlines())
-                      if a["kind"] == "bid"]
-    lost = duplicated = 0
+            told += [json.loads(line) for line in path.read_text().splitlines()]
     with psycopg.connect(site.db.local_dsn()) as c:
-        for a in acked:
-            want = (a["user"], a["item"], a["price"])
-            row = c.execute("SELECT user_id, item_id, bid::text FROM bids WHERE id = %s",
-                            (a["bid"],)).fetchone()
-            key = c.execute("SELECT result->>'bid' FROM requests WHERE key = %s",
-                            (a["key"],)).fetchone()
-            lost += row != want or key is None or key[0] != str(a["bid"])
-            same = c.execute("SELECT count(*) FROM bids WHERE user_id = %s AND item_id = %s "
-                             "AND bid = %s::numeric", want).fetchone()[0]
-            duplicated += max(0, same - 1)
-    return {"bids_acknowledged": len(acked), "bids_lost": lost, "bids_duplicated": duplicated}
+        return count_writes(c, told)
+
+
+def count_writes(c, told: list[dict]) -> dict:
+    """Every write a client was answered, by its idempotency key (each row a write makes
+    carries it): an acknowledged one has its recorded result and exactly one row (a bid's
+    with its user, item and price), a refused one none. Over the whole database, each
+    kind's rows of a key are as many as its acknowledged records. {bids_acknowledged,
+    bids_lost, bids_duplicated} and the same over every kind as writes_*:
+    `lost`, an acknowledged write with no row or no record; `duplicated`, its rows past one,
+    a refused write's rows, and rows no acknowledged record accounts for."""
+    out = {f"{what}_{n}": 0 for what in ("bids", "writes")
+           for n in ("acknowledged", "refused", "lost", "duplicated")}
+    seen = dict.fromkeys(WRITES, 0)  # rows counted as duplicates, by kind
+    for a in told:
+        table, kind = WRITES[a["kind"]]
+        rows = c.execute(f"SELECT count(*) FROM {table} WHERE key = %s", (a["key"],)).fetchone()[0]
+        record = c.execute("SELECT result->>'ok' FROM requests WHERE key = %s AND kind = %s",
+                           (a["key"], kind)).fetchone()
+        if a["ok"]:
+            lost = rows == 0 or record is None or record[0] != "true"
+            if a["kind"] == "bid" and not lost:
+                lost = c.execute("SELECT user_id, item_id, bid::text FROM bids WHERE key = %s",
+                                 (a["key"],)).fetchone() != (a["user"], a["item"], a["price"])
+            counts = {"acknowledged": 1, "lost": int(lost), "duplicated": max(0, rows - 1)}
+        else:
+            counts = {"refused": 1, "duplicated": rows}
+        seen[a["kind"]] += counts["duplicated"]
+        for n, v in counts.items():
+            out[f"writes_{n}"] += v
+            if a["kind"] == "bid":
+                out[f"bids_{n}"] += v
+    for kind, (table, recorded) in WRITES.items():
+        rows = c.execute(f"SELECT count(*) FROM {table} WHERE key IS NOT NULL").fetchone()[0]
+        oks = c.execute("SELECT count(*) FROM requests WHERE kind = %s AND result->>'ok' = "
+                        "'true'", (recorded,)).fetchone()[0]
+        extra = max(0, rows - oks - seen[kind])
+        out["writes_duplicated"] += extra
+        if kind == "bid":
+            out["bids_duplicated"] += extra
+    return out
 
 
 def rubis(users: int = 64, seconds: float = 10.0, *, scale: Scale | None = None,
@@ -495,7 +551,7 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
                             f"{kind}_write_pct": round(100 * sum(g["writes"] for g in got)
                                                        / max(1, requests), 1)})
             out["load"].append(row)
-        out.update(check_bids(site, acks))
+        out.update(check_writes(site, acks))
     if faults:
         out["faults"] = []
     for i, fault in enumerate(f for f in FAULTS if f in faults):
@@ -505,11 +561,12 @@ def _run(users: int, seconds: float, scale: Scale, name: str | None,
             load = (max(1, users // 2), max(seconds, 9.0), work, think)
             baseline = haproxy_fault(site, fault, *load)
             row = play_fault(site, fault, *load)
-            row.update(check_bids(site, [row.pop("acks")]), **baseline)
+            row.update(check_writes(site, [row.pop("acks")]), **baseline)
             row["setup"] = site.timings
         out["faults"].append(row)
-        for key in ("bids_acknowledged", "bids_lost", "bids_duplicated"):
-            out[key] += row[key]
+        for key in out:
+            if key.startswith(("bids_", "writes_")):
+                out[key] += row[key]
     out["wall_s"] = round(time.monotonic() - t0, 1)
     out.update(overhead(out["load"]))
     return out

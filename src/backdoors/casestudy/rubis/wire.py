@@ -12,6 +12,9 @@ the reply in it before sending it (see middle.py) and a recovered session re-sen
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import struct
 from typing import Any
 
@@ -39,6 +42,13 @@ class Answer(msgspec.Struct):
     ok: bool
     result: Any = None
     error: str = ""
+    server: bool = False  # the error is the server's (its database), not the call's
+
+
+def proof(secret: bytes, user: int) -> str:
+    """What a front end shows for `resume` as `user`: a middle tier trusts a proof of the
+    front ends' secret (RUBIS_SECRET), not whoever reaches its port."""
+    return hmac.new(secret, f"resume:{user}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -53,40 +63,55 @@ def frame(msg: Call | Answer) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def _read_frame(reader) -> bytes | None:
-    """The next frame's body; None at a clean end of stream (between frames)."""
-    head = await reader.read(_LEN.size)
+async def _read_frame(reader, idle_s: float | None, call_s: float | None) -> bytes | None:
+    """The next frame's body; None at a clean end of stream (between frames). Its first
+    byte must come within `idle_s`, the rest within `call_s` of it (None: no limit)."""
+    try:
+        head = await asyncio.wait_for(reader.read(_LEN.size), idle_s)
+    except asyncio.TimeoutError:
+        raise WireError(f"no call for {idle_s:g} s") from None
     if not head:
         return None
-    while len(head) < _LEN.size:
-        more = await reader.read(_LEN.size - len(head))
-        if not more:
-            raise WireError("the stream ended inside a frame header")
-        head += more
-    (n,) = _LEN.unpack(head)
-    if n > MAX_FRAME:
-        raise WireError(f"a frame of {n} bytes announced, over the {MAX_FRAME}-byte limit")
     try:
-        return await reader.readexactly(n)
-    except Exception as e:  # asyncio.IncompleteReadError, or the CB reader's
-        raise WireError(f"the stream ended inside a frame of {n} bytes") from e
+        async with asyncio.timeout(call_s):
+            while len(head) < _LEN.size:
+                more = await reader.read(_LEN.size - len(head))
+                if not more:
+                    raise WireError("the stream ended inside a frame header")
+                head += more
+            (n,) = _LEN.unpack(head)
+            if n > MAX_FRAME:
+                raise WireError(f"a frame of {n} bytes announced, over the {MAX_FRAME}-byte limit")
+            try:
+                return await reader.readexactly(n)
+            except asyncio.IncompleteReadError:
+                raise WireError(f"the stream ended inside a frame of {n} bytes") from None
+            except (OSError, BackdoorsError) as e:  # the socket's, or the CB reader's (log full)
+                raise WireError(f"a frame of {n} bytes could not be read: {e}") from None
+    except TimeoutError:
+        raise WireError(f"a frame not whole {call_s:g} s after its first byte") from None
 
 
-async def _read(reader, decode, what: str):
-    body = await _read_frame(reader)
+async def _read(reader, decode, what: str, idle_s: float | None = None,
+                call_s: float | None = None):
+    body = await _read_frame(reader, idle_s, call_s)
     if body is None:
         return None
     try:
         return decode(body)
     except msgspec.ValidationError as e:
-        raise WireError(f"not {what}: {e}") from None
+        raise WireError(f"not {what}: {str(e)[:300]}") from None
     except msgspec.DecodeError as e:
         raise WireError(f"not msgpack: {e}") from None
+    except RecursionError:
+        raise WireError(f"not {what}: nested too deep") from None
 
 
-async def read_call(reader) -> Call | None:
-    """The next call; None at a clean end of stream."""
-    return await _read(reader, _dec_call, "a call")
+async def read_call(reader, *, idle_s: float | None = None,
+                    call_s: float | None = None) -> Call | None:
+    """The next call; None at a clean end of stream. WireError when none begins within
+    `idle_s`, or one begun is not whole within `call_s` (None: no limit)."""
+    return await _read(reader, _dec_call, "a call", idle_s, call_s)
 
 
 async def read_answer(reader) -> Answer | None:
