@@ -131,7 +131,10 @@ class Balancer:
                 raise LabError(f"HAProxy exited ({self.proc.returncode}) at start: "
                                f"{log_tail(self.log_path)}")
             if os.path.exists(self.socket_path):
-                status = self.status()
+                try:
+                    status = self.status()
+                except LabError:  # bound, not listening yet
+                    status = {}
                 if len(status) == len(SERVERS) and all(s == "UP" for s in status.values()):
                     return
             time.sleep(0.05)
@@ -139,4 +142,10 @@ class Balancer:
                        f"{log_tail(self.log_path)}")
 
     def _stats(self) -> dict[str, dict[str, str]]:
-        return haproxy.server_stats(self.socket_path, "rubis_fe", SERVERS, error=LabError)
+        try:
+            return haproxy.server_stats(self.socket_path, "rubis_fe", SERVERS, error=LabError)
+        except LabError as e:
+            if self.proc is not None and self.proc.poll() is not None:  # say why
+                raise LabError(f"HAProxy exited ({self.proc.returncode}): "
+                               f"{log_tail(self.log_path)}") from None
+            raise e

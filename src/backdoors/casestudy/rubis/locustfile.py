@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import time
 
 import gevent
 from gevent import GreenletExit
@@ -50,6 +51,13 @@ for _log in (_requests, _latencies):
         atexit.register(_log.close)
 _next_host = itertools.count()
 _unanswered = 0
+_stopping_at = float("inf")  # when locust began to stop its users (monotonic)
+
+
+@events.test_stopping.add_listener
+def _stopping(**_) -> None:
+    global _stopping_at
+    _stopping_at = time.monotonic()
 
 
 @events.quit.add_listener
@@ -61,12 +69,15 @@ def _say_unanswered(**_) -> None:
 
 def _asked(request):
     """`request()` (a request made with catch_response), counted as unanswered if its
-    user is killed while it waits."""
+    user is killed while it waits for an answer it asked before the stop began (it had
+    --stop-timeout more to come). A request begun after (a user stopped while it slept
+    is killed at its next switch, which may be its next request) was cut by locust."""
     global _unanswered
+    began = time.monotonic()
     try:
         return request()
     except GreenletExit:
-        _unanswered += 1
+        _unanswered += began < _stopping_at
         raise
 
 
