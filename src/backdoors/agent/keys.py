@@ -201,7 +201,7 @@ def write_key_file(path: str, current: Identity, next: Identity | None = None, *
         raise ConfigError(f"cannot write key file {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "w") as f:
-            if overwrite:
+            if overwrite and os.path.exists(path):
                 owner = os.stat(path)
                 os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
             f.writelines(lines)
