@@ -67,6 +67,7 @@ def test_the_site_under_load_and_a_front_end_freeze_loses_no_request_nor_bid(roo
             assert 0 < row[f"{kind}_interval_rps"], row
     assert out["bids_acknowledged"] > 0, out
     assert (out["bids_lost"], out["bids_duplicated"]) == (0, 0), out
+    assert (out["writes_lost"], out["writes_duplicated"]) == (0, 0), out
     assert isinstance(out["overhead_pct_max"], float) and out["ramp_s"] == 0.75
     [fault] = out["faults"]
     assert (fault["tier"], fault["fault"], fault["recover_status"]) == ("fe", "freeze", "done"), fault
@@ -120,6 +121,7 @@ def test_a_node_failing_under_load_loses_no_request_nor_bid(root, tmp_path, faul
         assert row["fence_more"]["hook"] == "db-fence", row
     assert row["requests"] > 0 and row["failed_requests"] == 0, (row, failures)
     assert row["bids_acknowledged"] > 0 and (row["bids_lost"], row["bids_duplicated"]) == (0, 0), row
+    assert (row["writes_lost"], row["writes_duplicated"]) == (0, 0), row
     assert name not in running_labs()
 
 
