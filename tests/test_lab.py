@@ -434,3 +434,31 @@ def test_sigterm_inside_a_finalizer_still_ends_the_command(tmp_path, where):
                           timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, proc
     assert proc.stdout == "finally ran\n" and "SIGTERM: tearing down" in proc.stderr, proc
+
+
+def test_a_signal_sent_again_while_the_hook_still_runs_still_ends_the_command(tmp_path):
+    """The signal sent again 10 ms after a dropped exit came, on a loaded machine (run 94),
+    while the hook that sent it still ran: raised there, Python dropped it too, for good,
+    and the command ran on to exit 0. Here the hook is held 0.3 s in its thread's start."""
+    script = tmp_path / "slow_hook.py"
+    body = "".join("    " + line + "\n" for line in FINALIZERS["__del__"].splitlines())
+    script.write_text(
+        "import os, signal, threading, time\n"
+        "from backdoors.cli import _Terminated\n"
+        "start = threading.Thread.start\n"
+        "def slow_start(self):\n"
+        "    start(self)\n"
+        "    end = time.monotonic() + 0.3\n"
+        "    while time.monotonic() < end:\n"
+        "        pass\n"
+        "threading.Thread.start = slow_start\n"
+        "_Terminated().install()\n"
+        "try:\n" + body +
+        "    time.sleep(10)\n"
+        "    print('went on')\n"
+        "finally:\n"
+        "    print('finally ran')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc
+    assert proc.stdout == "finally ran\n", proc

@@ -983,7 +983,8 @@ class _Terminated:
     The handler runs between any two bytecodes, also inside a __del__, a weakref callback
     or a generator the garbage collector finalizes; what it raises there Python prints and
     drops (sys.unraisablehook), and the command would run on. `unraisable`, installed as
-    that hook, sees the dropped exit and has the signal delivered again just after."""
+    that hook, sees the dropped exit and has the signal delivered again just after, until
+    a handler raises it where it counts (not inside the hook itself)."""
 
     def __init__(self) -> None:
         self.owner, self.began = os.getpid(), False
@@ -1009,13 +1010,15 @@ class _Terminated:
             signal.signal(sig, old)
         sys.unraisablehook = self.hook
 
-    def __call__(self, signum: int, _frame) -> None:
+    def __call__(self, signum: int, frame) -> None:
         import signal
 
         if os.getpid() != self.owner:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        if _within(frame, _Terminated.unraisable.__code__):
+            return  # raised in the hook, the exit would be dropped for good: sent again
         if self.began:
             err.print("already tearing down (SIGKILL abandons it)", highlight=False)
             return
@@ -1027,12 +1030,33 @@ class _Terminated:
     def unraisable(self, info) -> None:
         if self.exiting is None or info.exc_value is not self.exiting:
             return self.hook(info)
-        import threading
-
         signum, self.exiting, self.began = info.exc_value.code - 128, None, False
-        timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
-        timer.daemon = True
-        timer.start()
+        self._again(signum)
+
+    def _again(self, signum: int) -> None:
+        """Deliver `signum` to this process again every 10 ms until a handler raises its
+        exit outside a finalizer or this hook (on a loaded machine the first may come
+        while the hook still runs)."""
+        import threading
+        import time
+
+        def resend() -> None:
+            while True:
+                time.sleep(0.01)
+                if self.began:
+                    return
+                os.kill(os.getpid(), signum)
+
+        threading.Thread(target=resend, name="bd-resignal", daemon=True).start()
+
+
+def _within(frame, code) -> bool:
+    """Whether `frame` or one of its callers runs `code`."""
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main() -> None:
