@@ -1,6 +1,7 @@
 """Warnings between clusters (DINA): signatures, replays and the window, over real NATS
 servers linked by a leaf-node connection."""
 
+import os
 import tempfile
 import time
 from types import SimpleNamespace
@@ -309,12 +310,20 @@ def test_a_server_with_users_keeps_strangers_off_the_bus_and_its_password_out_of
     ma, mb = new_identity("ma1"), new_identity("mb1")
     wb = Warnings(mb, "B", "bdt.warnings", _verifier(ma), Scanner(lambda: []))
     try:
-        with pytest.raises(natsproc.NatsError, match="(?i)authorization"):
-            Bus([server.url], "bdt.warnings.*", timeout=5).start()
-        wrong = server.url_of("mon").replace("s3cret-pw", "wr0ng-pw")
-        with pytest.raises(natsproc.NatsError, match="(?i)authorization") as e:
-            Bus([wrong], "bdt.warnings.*", timeout=5).start()
-        assert "mon:***@" in str(e.value) and "wr0ng-pw" not in str(e.value)
+        def refused(url: str) -> str:
+            """The error of a bus the server refused: the refusal named (or, under load, a
+            connection reset before nats-py read it, the server's log saying it refused)."""
+            log = os.path.join(server.run_dir, "nats.log")
+            before = open(log, errors="replace").read().count("authentication error")
+            with pytest.raises(natsproc.NatsError) as e:
+                Bus([url], "bdt.warnings.*", timeout=5).start()
+            after = open(log, errors="replace").read().count("authentication error")
+            assert "authorization" in str(e.value).lower() or after > before, (e.value, after)
+            return str(e.value)
+
+        refused(server.url)
+        wrong = refused(server.url_of("mon").replace("s3cret-pw", "wr0ng-pw"))
+        assert "mon:***@" in wrong and "wr0ng-pw" not in wrong
         wb.bus = Bus([server.url_of("mon")], "bdt.warnings.*", wb.on_message).start()
         with Bus([server.url_of("reader")], "bdt.warnings.*") as reader:
             junk = b"\x00" * 100

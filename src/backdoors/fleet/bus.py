@@ -42,6 +42,7 @@ class Bus:
         self._log_limit = LogLimiter(rate=1 / 60, burst=1)  # a line a minute per kind
         self.errors: dict[str, int] = {}  # nats-py's errors by kind (SlowConsumerError...)
         self.last_error = ""  # the latest of them (why a connection does not come up)
+        self.refused = ""  # the server's refusal of the credentials, if any attempt met it
         self._thread = threading.Thread(target=self._run, name="bd-nats", daemon=True)
 
     def _run(self) -> None:
@@ -59,7 +60,9 @@ class Bus:
             fut.result(self.timeout + 1)
         except Exception as e:  # noqa: BLE001 - nats-py raises many kinds
             why = f"NATS {self.shown}: cannot connect: {_reason(e)}"
-            if self.last_error and self.last_error != _reason(e):
+            if self.refused and self.refused not in why:  # (a later attempt may only see
+                why += f" (the server refused: {self.refused})"  # the connection reset)
+            if self.last_error and self.last_error not in why:
                 why += f" (the last error: {self.last_error})"
             if wait or fut.done():  # (done: a bad address, not a server away)
                 self.stop()
@@ -91,6 +94,8 @@ class Bus:
         kind = type(e).__name__
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.last_error = _reason(e)
+        if "authorization" in self.last_error.lower():
+            self.refused = self.last_error
         if self._log_limit.admit(kind)[0]:
             log.warning("NATS %s: %s (%d of this kind so far)", self.shown,
                         _reason(e), self.errors[kind])
