@@ -39,7 +39,6 @@ CALL_S = 10.0
 ERROR_CHARS = 300
 
 
-
 class SessionState(msgspec.Struct):
     user: int | None = None
     served: int = 0
