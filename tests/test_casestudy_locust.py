@@ -71,26 +71,34 @@ class _KeptAlive(_Home):
         super().do_GET()
 
 
+def _browsing(handler, stop_timeout: int, env: dict, before_shutdown=lambda: None):
+    """The study's locustfile, 3 Browsing users for 2 s, against a local server of
+    `handler`; the finished locust process."""
+    from backdoors.casestudy.rubis.study import LOCUSTFILE
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE),
+             "--headless", "-u", "3", "-r", "3", "-t", "2s", "--only-summary", "--host", host,
+             "--stop-timeout", str(stop_timeout), "--exit-code-on-error", "0", "Browsing"],
+            capture_output=True, text=True, timeout=120,
+            env={"RUBIS_HOSTS": host, "PATH": "/usr/bin:/bin", **env})
+    finally:
+        before_shutdown()
+        server.shutdown()
+
+
 def test_each_users_first_request_is_recorded_apart(tmp_path):
     """RUBIS_LATENCIES: a line per request, its response time and whether it was its
     user's first -- the one that opened the user's keep-alive connection."""
     from backdoors.casestudy.rubis.latency import read_latencies
-    from backdoors.casestudy.rubis.study import LOCUSTFILE
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeptAlive)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host = f"http://127.0.0.1:{server.server_address[1]}"
     path = tmp_path / "latencies"
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE),
-             "--headless", "-u", "3", "-r", "3", "-t", "2s", "--only-summary", "--host", host,
-             "--stop-timeout", "5", "--exit-code-on-error", "0", "Browsing"],
-            capture_output=True, text=True, timeout=120,
-            env={"RUBIS_HOSTS": host, "RUBIS_LATENCIES": str(path), "PATH": "/usr/bin:/bin",
-                 "RUBIS_THINK_MIN": "0.01", "RUBIS_THINK_MAX": "0.02"})
-    finally:
-        server.shutdown()
+    proc = _browsing(_KeptAlive, 5, {"RUBIS_LATENCIES": str(path), "RUBIS_THINK_MIN": "0.01",
+                                     "RUBIS_THINK_MAX": "0.02"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     first, later = read_latencies(path)
     ports = _KeptAlive.ports
@@ -111,21 +119,8 @@ def test_a_request_left_waiting_at_the_end_is_counted(tmp_path):
     """Outside review: locust kills the users still in a request --stop-timeout after the
     run, and counts their requests nowhere: a site whose requests hang showed 0 failed.
     RUBIS_UNANSWERED says how many it left waiting."""
-    from backdoors.casestudy.rubis.study import LOCUSTFILE
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hangs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host = f"http://127.0.0.1:{server.server_address[1]}"
     count = tmp_path / "unanswered"
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE),
-             "--headless", "-u", "3", "-r", "3", "-t", "2s", "--only-summary", "--host", host,
-             "--stop-timeout", "1", "--exit-code-on-error", "0", "Browsing"],
-            capture_output=True, text=True, timeout=120,
-            env={"RUBIS_HOSTS": host, "RUBIS_UNANSWERED": str(count), "PATH": "/usr/bin:/bin"})
-    finally:
-        _Hangs.release.set()
-        server.shutdown()
+    proc = _browsing(_Hangs, 1, {"RUBIS_UNANSWERED": str(count)},
+                     before_shutdown=_Hangs.release.set)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert count.read_text() == "3\n", proc.stderr[-2000:]

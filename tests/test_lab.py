@@ -413,25 +413,31 @@ FINALIZERS = {
 }
 
 
-@pytest.mark.parametrize("where", sorted(FINALIZERS))
-def test_sigterm_inside_a_finalizer_still_ends_the_command(tmp_path, where):
-    """A signal whose handler runs inside a __del__ or a generator being finalized (the
-    garbage collector runs them between any two bytecodes) cannot end the command from
-    there: Python prints and drops what they raise, and the command ran on to exit 0 (a
-    scenario's lab was left up until it finished). The signal comes again just after."""
+def _signalled_in_finalizer(tmp_path, where: str, before: str = ""):
+    """A command (the CLI's handler installed, after `before`) that sends itself SIGTERM
+    inside a finalizer of kind `where`, then would sleep 10 s; its finished process."""
     script = tmp_path / "finalizer.py"
     body = "".join("    " + line + "\n" for line in FINALIZERS[where].splitlines())
     script.write_text(
-        "import os, signal, time\n"
-        "from backdoors.cli import _Terminated\n"
+        "import os, signal, threading, time\n"
+        "from backdoors.cli import _Terminated\n" + before +
         "_Terminated().install()\n"
         "try:\n" + body +
         "    time.sleep(10)\n"
         "    print('went on')\n"
         "finally:\n"
         "    print('finally ran')\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=60)
+
+
+@pytest.mark.parametrize("where", sorted(FINALIZERS))
+def test_sigterm_inside_a_finalizer_still_ends_the_command(tmp_path, where):
+    """A signal whose handler runs inside a __del__ or a generator being finalized (the
+    garbage collector runs them between any two bytecodes) cannot end the command from
+    there: Python prints and drops what they raise, and the command ran on to exit 0 (a
+    scenario's lab was left up until it finished). The signal comes again just after."""
+    proc = _signalled_in_finalizer(tmp_path, where)
     assert proc.returncode == 128 + signal.SIGTERM, proc
     assert proc.stdout == "finally ran\n" and "SIGTERM: tearing down" in proc.stderr, proc
 
@@ -440,25 +446,13 @@ def test_a_signal_sent_again_while_the_hook_still_runs_still_ends_the_command(tm
     """The signal sent again 10 ms after a dropped exit came, on a loaded machine (run 94),
     while the hook that sent it still ran: raised there, Python dropped it too, for good,
     and the command ran on to exit 0. Here the hook is held 0.3 s in its thread's start."""
-    script = tmp_path / "slow_hook.py"
-    body = "".join("    " + line + "\n" for line in FINALIZERS["__del__"].splitlines())
-    script.write_text(
-        "import os, signal, threading, time\n"
-        "from backdoors.cli import _Terminated\n"
+    proc = _signalled_in_finalizer(tmp_path, "__del__", before=(
         "start = threading.Thread.start\n"
         "def slow_start(self):\n"
         "    start(self)\n"
         "    end = time.monotonic() + 0.3\n"
         "    while time.monotonic() < end:\n"
         "        pass\n"
-        "threading.Thread.start = slow_start\n"
-        "_Terminated().install()\n"
-        "try:\n" + body +
-        "    time.sleep(10)\n"
-        "    print('went on')\n"
-        "finally:\n"
-        "    print('finally ran')\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60)
+        "threading.Thread.start = slow_start\n"))
     assert proc.returncode == 128 + signal.SIGTERM, proc
     assert proc.stdout == "finally ran\n", proc

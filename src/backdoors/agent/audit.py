@@ -20,18 +20,12 @@ from typing import Any
 import msgspec
 
 from ..common.ratelimit import LogLimiter
+from ..common.text import clip
 
 log = logging.getLogger("backdoors.agent")
 
 _encode = msgspec.json.Encoder().encode
 MAX_STRING = 200
-
-
-def clip(text: str | None, limit: int = MAX_STRING) -> str | None:
-    """`text` cut to `limit` characters (marked), for logs of attacker-chosen strings."""
-    if text is None or len(text) <= limit:
-        return text
-    return f"{text[:limit]}...({len(text) - limit} more)"
 
 
 def summarise(value: Any, depth: int = 0) -> Any:

@@ -52,7 +52,8 @@ from ..nodes import Node
 from ..sensors import Region, parse_box, read_consistent
 from ..tcprepair.kernel import SIOCINQ, ioctl_int
 from ..sensors.region import HUGETLBFS_MAGIC, TMPFS_MAGIC, filesystem
-from .audit import AuditLog, clip
+from ..common.text import clip
+from .audit import AuditLog
 from .closing import Closer
 from .membership import misplaced, outside_message, read_cgroups
 from .metrics import AgentMetrics

@@ -4,7 +4,8 @@ A node writes its sensor names, its processes' names (comm) and, through errors,
 what the tools print. Shown as they are, an ESC starts a terminal sequence (clear the
 screen, move the cursor over a state column, set the title or the clipboard) and a rich
 markup tag restyles the line or stops the command. `printable` makes the controls visible
-instead; `cell` is that as rich Text, which is never read as markup.
+instead; `cell` is that as rich Text, which is never read as markup. `clip` cuts such a
+string for a log line or an error answer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import re
 # C0 and C1 controls, DEL, and the bidirectional overrides and isolates (which reorder
 # what follows them on the screen)
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clip(text: str | None, limit: int = 200) -> str | None:
+    """`text` cut to `limit` characters (marked), for logs of attacker-chosen strings."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text) - limit} more)"
 
 
 def printable(text: object) -> str:

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any
 
+from ..common.text import clip
 from ..agent.errors import remote_error
 from ..errors import AgentError, ConfigError, SensorBoxError
 from ..sensors import SensorTracker, SensorType, parse_box, stalled
@@ -263,7 +264,7 @@ class AgentPoller:
         for box in sorted(set(unread) - was):
             log.warning("agent %s node %s: box %s unreadable (%s): no rule of the node is "
                         "judged clear until it reads again", self.entry.host, node, box,
-                        str(unread[box])[:200])
+                        clip(str(unread[box])))
         for box in sorted(was - set(unread)):
             log.info("agent %s node %s: box %s reads again", self.entry.host, node, box)
         self._unread = {(n, b) for n, b in self._unread if n != node} | {(node, b) for b in unread}

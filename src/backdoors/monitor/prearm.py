@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 import msgspec
 
 from ..common.ratelimit import LogLimiter
+from ..common.text import clip
 from ..errors import AgentError
 from .warning import DIAGNOSIS_KINDS, KINDS, AttackWarning, Verifier, WarningRejected, issue, seal
 
@@ -134,7 +135,7 @@ class Scanner:
             self._rules[rule.key] = rule
         log.warning("pre-armed: processes running %s… as %r%s are killed on sight (%s, %s)",
                     rule.exe_sha256[:12], rule.comm,
-                    f" with command line {' '.join(rule.cmdline)[:200]!r}" if rule.cmdline
+                    f" with command line {clip(' '.join(rule.cmdline))!r}" if rule.cmdline
                     else "", rule.kind, rule.source)
         self._wake.set()
 

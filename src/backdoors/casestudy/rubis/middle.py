@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import psycopg
 
+from ...common.text import clip
 from ...continuations.errors import StateTooLargeError
 from . import store
 from .wire import Answer, Call, WireError, frame, proof, read_call
@@ -35,7 +36,8 @@ SECRET = b""
 #: within CALL_S (a peer that sends half a frame holds nothing for long)
 IDLE_S = 300.0
 CALL_S = 10.0
-#: an error answer quotes at most this much of what it refuses
+#: an error answer quotes at most this much of what it refuses (the answer must fit a
+#: frame and the box)
 ERROR_CHARS = 300
 
 
@@ -138,19 +140,15 @@ async def dispatch(conn, state: SessionState, call: Call) -> Answer:
             if not call.key:
                 raise store.RequestError(f"{call.op} needs an idempotency key")
             return Answer(call.id, True, await WRITES[call.op](conn, state, call.args, call.key))
-        return Answer(call.id, False, error=_clip(f"unknown op {call.op!r}"))
+        return Answer(call.id, False, error=clip(f"unknown op {call.op!r}", ERROR_CHARS))
     except store.RequestError as e:
-        return Answer(call.id, False, error=_clip(str(e)))
+        return Answer(call.id, False, error=clip(str(e), ERROR_CHARS))
     except TypeError as e:  # a required argument missing
-        return Answer(call.id, False, error=_clip(f"bad arguments for {call.op!r}: {e}"))
+        return Answer(call.id, False,
+                      error=clip(f"bad arguments for {call.op!r}: {e}", ERROR_CHARS))
     except psycopg.Error as e:  # rolled back: nothing of a write was applied
-        log.warning("middle tier: %s failed in the database: %s", _clip(call.op, 64), e)
+        log.warning("middle tier: %s failed in the database: %s", clip(call.op, 64), e)
         return Answer(call.id, False, error=f"database: {type(e).__name__}", server=True)
-
-
-def _clip(text: str, limit: int = ERROR_CHARS) -> str:
-    """An error quoting a peer's input, cut (the answer must fit a frame and the box)."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
 
 
 async def serve_session(reader, writer, pool, *, box=None) -> int:
