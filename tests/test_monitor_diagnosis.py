@@ -498,8 +498,13 @@ def test_the_ancestors_of_a_service_are_never_part_of_a_bomb():
 
 
 def _guest_rows(*rows):
+    """(pid, ppid, comm, rss[, exe]) as the agent's rows: started in pid order, a kernel
+    thread (rss 0, kthreadd's) running no file, every other one the file of its comm's
+    name unless `exe` says."""
     from backdoors.agent.protocol import GuestProcess
-    return [GuestProcess(pid, ppid, comm, "R", rss) for pid, ppid, comm, rss in rows]
+    return [GuestProcess(pid, ppid, comm, "R", rss, start_ns=pid,
+                         exe=0 if ppid == 2 else more[0] if more else sum(comm.encode()))
+            for pid, ppid, comm, rss, *more in rows]
 
 
 def test_the_guest_culprit_is_the_largest_process_or_tree_outside_protect():
@@ -533,6 +538,32 @@ def test_the_guest_culprit_is_the_largest_process_or_tree_outside_protect():
     assert guest_culprit(rows + mid, "lineage", {"httpd"})[:2] == (mid[0], 200)
     # a tree below min_lineage never counts, however much it holds
     assert guest_culprit(rows + bomb, "memory", {"httpd"}, 201)[2] == "rss"
+
+
+def test_a_guest_process_that_takes_the_services_name_is_not_spared():
+    """Outside review: `protect` spared by comm, a guest process's own choice: a runaway
+    named httpd was spared and the next largest process killed in its stead. The service
+    is now the oldest process of the name and the workers it forked under its name and
+    executable (vm.service)."""
+    from backdoors.monitor.actions import guest_culprit
+    from backdoors.vm.service import service
+    MiB, BUSYBOX, OTHER = 1 << 20, 7, 8
+    rows = _guest_rows(
+        (1, 0, "init", MiB, BUSYBOX), (2, 0, "kthreadd", 0),
+        (40, 1, "httpd", 8 * MiB, BUSYBOX),  # the service, started at boot
+        (41, 40, "httpd", 2 * MiB, BUSYBOX),  # its worker for a connection
+        (42, 41, "hog.cgi", MiB, BUSYBOX),  # a CGI program the worker exec'd ...
+        (43, 42, "httpd", 300 * MiB, BUSYBOX),  # ... whose child took the name
+        (44, 41, "httpd", 200 * MiB, OTHER),  # the worker exec'd another file so named
+        (50, 1, "httpd", 500 * MiB, OTHER),  # a runaway elsewhere, renamed
+        (60, 1, "sh", 100 * MiB, BUSYBOX))
+    assert service(rows, {"httpd"}) == {40, 41}
+    assert service(rows, {"httpd", "sh"}) == {40, 41, 60}
+    assert service(rows, set()) == set()
+    assert guest_culprit(rows, "rss", {"httpd"})[0].pid == 50
+    assert guest_culprit([r for r in rows if r.pid != 50], "rss", {"httpd"})[0].pid == 43
+    # the workers of a service a runaway outlived are no longer the service's
+    assert service([r for r in rows if r.pid != 40], {"httpd"}) == {41}
 
 
 def test_a_runaway_tree_foreseen_while_still_small_is_killed_once_it_reaches_min_lineage():

@@ -368,6 +368,38 @@ def test_the_monitor_kills_the_hog_orion_foresees_in_a_guest(lab, tmp_path):
     assert guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
 
 
+def test_a_runaway_that_takes_the_guest_services_name_is_killed_not_spared(lab, tmp_path):
+    """Outside review: the rules' `protect = ["httpd"]` spared any guest process named
+    httpd, a name a process chooses: a runaway so named (/cgi-bin/impostor: another
+    executable run as /tmp/httpd, taking the guest's memory down to its floor at once)
+    was spared and the next largest process killed in its stead. The guest's service is
+    now its oldest httpd and the workers it forks (vm.service): the runaway is killed, the
+    service serves on, and the agent refuses to kill the service itself."""
+    cfg = lab.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
+    with lab.agent_client("h0", timeout=10.0) as c:
+        _calm(c)
+        service = [r for r in c.guest_processes("v0").rows if r.comm == "httpd"]
+        assert len(service) == 1 and service[0].ppid == 1 and service[0].exe, service
+        with pytest.raises(RemoteError, match="guest's service 'httpd'") as err:
+            c.guest_kill("v0", service[0].pid, spare=["httpd"])
+        assert err.value.code == "failed"
+        with Monitor(cfg, key=lab.monitor_key()) as mon:
+            mon.wait_ready()
+            floor = _guest(c)["available_mb"]
+            pid = int(guest_get(lab, "v0", f"/cgi-bin/impostor?{int(floor) - 16}").strip())
+            try:
+                inc, action = _killed(mon)
+                assert (action.detail["culprit"]["pid"], action.detail["culprit"]["comm"]) == \
+                    (pid, "httpd"), action.detail
+                assert action.detail["signalled"] == [pid] and action.detail["survivors"] == []
+                assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 30)
+            finally:
+                if not _gone(c, [pid]):
+                    c.guest_kill("v0", pid)
+        assert service[0].pid in {r.pid for r in c.guest_processes("v0").rows}
+    assert guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
+
+
 def test_the_monitor_kills_a_fork_bomb_orion_foresees_in_a_guest(lab, tmp_path):
     """A fork bomb in the guest (/cgi-bin/breed: a tree doubling each level whose
     processes stay): Orion foresees the guest running out of memory or of threads --

@@ -29,7 +29,8 @@ MEMBERS = {
     "task_struct.pid": 0x40, "task_struct.tgid": 0x44, "task_struct.comm": 0x50,
     "task_struct.__state": 0x60, "task_struct.exit_state": 0x64, "task_struct.mm": 0x68,
     "task_struct.real_parent": 0x70, "task_struct.pid_links": 0x78,
-    "mm_struct.rss_stat": 0x0,
+    "task_struct.start_time": 0x80, "mm_struct.rss_stat": 0x0, "mm_struct.exe_file": 0x40,
+    "file.f_inode": 0x20,
     "pid_namespace.idr": 0x0, "idr.idr_rt": 0x0, "idr.idr_base": 0x20,
     "xarray.xa_head": 0x8, "xa_node.shift": 0x0, "xa_node.slots": 0x28, "pid.tasks": 0x8,
 }
@@ -329,13 +330,14 @@ def test_a_gdbstub_reply_that_is_not_the_bytes_asked_for_is_an_error(tmp_path):
 def test_a_tree_kill_spares_the_protected_processes_and_theirs():
     """Outside review: the monitor chose a guest's culprit outside `protect`, but the
     agent's tree kill then took its whole subtree: a protected service started by the
-    culprit's shell died with it. The kill now spares `spare` (the monitor's protect)
-    and what descends from them."""
+    culprit's shell died with it. The kill now spares the service of `spare` (the
+    monitor's protect, vm.service) and what descends from it."""
     from backdoors.nodes import subtree
     from backdoors.vm.memory import GuestTask
+    from backdoors.vm.service import service
 
-    rows = [GuestTask(10, 1, "sh", "S", 0), GuestTask(11, 10, "httpd", "S", 0),
-            GuestTask(12, 11, "httpd", "S", 0), GuestTask(13, 10, "spin", "R", 0),
-            GuestTask(14, 13, "spin", "R", 0)]
+    rows = [GuestTask(10, 1, "sh", "S", 0, 10, 7), GuestTask(11, 10, "httpd", "S", 0, 11, 7),
+            GuestTask(12, 11, "httpd", "S", 0, 12, 7), GuestTask(13, 10, "spin", "R", 0, 13, 7),
+            GuestTask(14, 13, "spin", "R", 0, 14, 7)]
     assert subtree(rows, 10) == {10, 11, 12, 13, 14}
-    assert subtree(rows, 10, {"httpd"}) == {10, 13, 14}
+    assert subtree(rows, 10, service(rows, {"httpd"})) == {10, 13, 14}

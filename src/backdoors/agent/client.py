@@ -341,9 +341,9 @@ class AgentClient:
 
     def guest_kill(self, node: str, pid: int, *, comm: str | None = None,
                    tree: bool = False, spare: list[str] | None = None) -> GuestKillReply:
-        """SIGKILL a process of a VM node's guest (`tree`: its descendants too, but those
-        whose comm is in `spare` and theirs), written into the guest kernel; `comm` guards
-        against a pid reused since it was read."""
+        """SIGKILL a process of a VM node's guest (`tree`: its descendants too, but the
+        guest's service of each comm in `spare`, vm.service, and theirs), written into the
+        guest kernel; `comm` guards against a pid reused since it was read."""
         more = {"spare": list(spare)} if spare else {}  # (an older agent knows no spare)
         return self._typed("guest_kill", GuestKillReply, node=node, pid=pid, comm=comm,
                            tree=tree, timeout=HEAL_S + 1.0, **more)

@@ -208,7 +208,7 @@ class GuestKillArgs(msgspec.Struct, forbid_unknown_fields=True):
     pid: int
     comm: str | None = None  # refused unless the process's comm is this (an older table's)
     tree: bool = False  # its descendants too
-    spare: list[str] = []  # but not those whose comm is one of these, nor theirs
+    spare: list[str] = []  # but not the guest's service of these comms (vm.service), nor theirs
 
 
 class LimitsArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -535,7 +535,8 @@ def guest_processes(call: Call) -> GuestProcesses:
             if attempt == GUEST_WALKS - 1:
                 raise OpError("failed", f"node {rt.name}: the guest's task list could not be "
                               f"read in {GUEST_WALKS} walks: {e}") from None
-    rows, cut = _fitting(GuestProcess(t.pid, t.ppid, t.comm, t.state, t.rss) for t in table)
+    rows, cut = _fitting(GuestProcess(t.pid, t.ppid, t.comm, t.state, t.rss, t.start_ns, t.exe)
+                           for t in table)
     return GuestProcesses(rows, round((time.monotonic() - began) * 1000, 1), cut)
 
 

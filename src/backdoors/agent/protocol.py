@@ -308,13 +308,17 @@ class IntegrityReply(msgspec.Struct):
 class GuestProcess(msgspec.Struct):
     """A process of a VM node's guest, read from its kernel's task list (vm/memory.py
     GuestTask): its parent's pid, its state letter as the guest's /proc shows it, its
-    resident bytes (0 for a kernel thread)."""
+    resident bytes (0 for a kernel thread), its start (the guest's monotonic clock, ns)
+    and its executable (a token: equal for processes that run the same file, 0 for
+    none)."""
 
     pid: int
     ppid: int
     comm: str
     state: str
     rss_bytes: int
+    start_ns: int = 0  # (0 from an agent older than them)
+    exe: int = 0
 
 
 class GuestProcesses(msgspec.Struct):

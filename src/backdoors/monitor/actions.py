@@ -21,6 +21,7 @@ import msgspec
 
 from ..common.procs import running
 from ..errors import AgentError
+from ..vm.service import service
 from .context import Context
 from .diagnosis import Finding, Target, subtree_roots
 from .unit import NonNeg, Path, Pos, Unit
@@ -564,15 +565,17 @@ def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str],
                   min_lineage: int = 1) -> tuple[Any, int, str] | None:
     """The process of a guest's table (agent guest_processes rows) to kill, how many
     processes it heads, and how it was chosen ("rss" or "lineage"). Only user processes
-    count: not pid 0-2, not kernel threads (kthreadd's children), not those whose comm is
-    in `protect`. `by` "rss": the largest resident one (a memory hog).
+    count: not pid 0-2, not kernel threads (kthreadd's children), not the service
+    processes of the comms in `protect` (vm.service: not any process that names itself
+    so). `by` "rss": the largest resident one (a memory hog).
     "lineage": the root of the largest tree of them -- a root being one whose parent is
     none of them (init, a protected service, gone) -- ties to the newest (a fork bomb).
     "memory": whichever holds more resident memory, the largest process or the tree of at
     least `min_lineage` processes whose sum is largest (a fork bomb fills the memory with
     many small processes, a hog with one large one)."""
     # (no memory does not make a kernel thread: a process in the middle of an exec has none)
-    user = {r.pid: r for r in rows if r.pid > 2 and r.ppid != 2 and r.comm not in protect}
+    spared = service(rows, protect)
+    user = {r.pid: r for r in rows if r.pid > 2 and r.ppid != 2 and r.pid not in spared}
     if not user:
         return None
     largest = max(user.values(), key=lambda r: (r.rss_bytes, r.pid))
@@ -611,8 +614,9 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
     `min_lineage` processes), by="memory" whichever of the two holds more memory (a fork
     bomb also exhausts memory), by="predicted" as the guest box's sensor that fired says
     (`predicted_forks`, `predicted_starvation` or the bounds `threads`, `running`:
-    lineage; `predicted_oom`, `available_mb`: memory) -- never a process whose comm is
-    in `protect` (the guest's service). SIGKILL is written into the guest kernel with
+    lineage; `predicted_oom`, `available_mb`: memory) -- never the guest's service
+    named in `protect` (vm.service: its oldest process of that comm and its workers, not
+    any process that takes the name). SIGKILL is written into the guest kernel with
     its vCPUs stopped (`guest_kill`, docs/vm-backdoor.md); done once all are gone, which
     may take until each wakes: survivors are looked for up to `settle_s`. A largest tree
     below `min_lineage` is looked at again for up to `grow_s`: a runaway foreseen early
@@ -635,7 +639,7 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
             rows = ctx.client.guest_processes(ctx.node).rows
             found = guest_culprit(rows, by, set(self.protect), self.min_lineage)
             if found is None:
-                return Outcome("skipped", {"reason": "no user process in the guest outside protect"})
+                return Outcome("skipped", {"reason": "no user process in the guest but its service"})
             culprit, heads, how = found
             if how != "lineage" or heads >= self.min_lineage or time.monotonic() >= until:
                 break

@@ -23,12 +23,12 @@ def process_table(pids: Iterable[int]) -> list[ProcessInfo]:
 
 
 def subtree(table: Iterable[ProcessInfo], pid: int,
-            spare: Collection[str] = ()) -> set[int]:
+            spare: Collection[int] = ()) -> set[int]:
     """`pid` and all its descendants found in `table` (following ppid links), but for
-    the processes whose comm is in `spare` and their own descendants."""
+    the processes in `spare` (pids) and their own descendants."""
     children: dict[int, list[int]] = {}
     for info in table:
-        if info.comm not in spare:
+        if info.pid not in spare:
             children.setdefault(info.ppid, []).append(info.pid)
     found, todo = set(), [pid]
     while todo:

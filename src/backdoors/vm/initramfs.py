@@ -78,6 +78,10 @@ CGI = {
     "breed": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi;"
              " exec tail -f /dev/null; }\n"
              "( b ${QUERY_STRING:-9} ) </dev/null >/dev/null 2>&1 &\necho $!\n",
+    # a runaway that takes the guest service's name: the STREAM-like benchmark run as
+    # /tmp/httpd, holding N MiB and spinning until killed; prints its pid
+    "impostor": _HEAD + "ln -sf /bin/stream /tmp/httpd; /tmp/httpd $(( ${QUERY_STRING:-64} * 43690 ))"
+                " 1000000000 </dev/null >/dev/null 2>&1 &\necho $!\n",
     "bomb": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi; exec sleep 3; }\n"
             "( b ${QUERY_STRING:-8} ) </dev/null >/dev/null 2>&1 &\necho started\n",
 }

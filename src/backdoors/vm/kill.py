@@ -25,6 +25,7 @@ import struct
 from ..errors import VmError
 from ..nodes import subtree
 from .machine import settled_session
+from .service import service
 
 SIGKILL = 9
 TIF_SIGPENDING = 2  # arch/x86/include/asm/thread_info.h
@@ -35,10 +36,10 @@ MAX_THREADS = 1 << 16
 def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
          spare: frozenset[str] = frozenset(), attempts: int = 200) -> dict[int, int]:
     """SIGKILL the guest's process `pid` -- and with `tree` every descendant of it but
-    those whose comm is in `spare` (and theirs) -- through `vm` (a machine.Vm or a
-    node.VmNode). `comm`: refuse unless the process's is that (the pid was read from an
-    older table). Returns pid -> task_struct address of every process signalled; VmError
-    if there is no such process, or it is one to spare."""
+    the service processes of the comms in `spare` (vm.service) and theirs -- through
+    `vm` (a machine.Vm or a node.VmNode). `comm`: refuse unless the process's is that
+    (the pid was read from an older table). Returns pid -> task_struct address of every
+    process signalled; VmError if there is no such process, or it is one to spare."""
     memory = vm.memory()
     with settled_session(vm, attempts, lock=True) as (stub, ok):
         if not ok:
@@ -50,9 +51,11 @@ def kill(vm, pid: int, *, comm: str | None = None, tree: bool = False,
             raise VmError(f"{memory.where}: no process {pid} in the guest")
         if comm is not None and named != comm:
             raise VmError(f"{memory.where}: process {pid} is {named!r} now, not {comm!r}")
-        if named in spare:
-            raise VmError(f"{memory.where}: process {pid} is {named!r}, one to spare")
-        pids = subtree(table, pid, spare) if tree else {pid}
+        spared = service(table, spare)
+        if pid in spared:
+            raise VmError(f"{memory.where}: process {pid} is the guest's service {named!r}, "
+                          "one to spare")
+        pids = subtree(table, pid, spared) if tree else {pid}
         tasks = {p: t for p, t in memory.pid_table().items() if p in pids}
         writes = []  # all read first (bounded), then written
         for task in tasks.values():
