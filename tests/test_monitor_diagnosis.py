@@ -499,7 +499,7 @@ def test_the_ancestors_of_a_service_are_never_part_of_a_bomb():
 
 def _guest_rows(*rows):
     """(pid, ppid, comm, rss[, exe]) as the agent's rows: started in pid order, a kernel
-    thread (rss 0, kthreadd's) running no file, every other one the file of its comm's
+    thread (rss 0, kthreadd's) of no exec, every other one forked from an exec of its comm's
     name unless `exe` says."""
     from backdoors.agent.protocol import GuestProcess
     return [GuestProcess(pid, ppid, comm, "R", rss, start_ns=pid,
@@ -543,8 +543,9 @@ def test_the_guest_culprit_is_the_largest_process_or_tree_outside_protect():
 def test_a_guest_process_that_takes_the_services_name_is_not_spared():
     """Outside review: `protect` spared by comm, a guest process's own choice: a runaway
     named httpd was spared and the next largest process killed in its stead. The service
-    is now the oldest process of the name and the workers it forked under its name and
-    executable (vm.service)."""
+    is now the oldest process of the name and the workers forked from it that keep its
+    name and its exec (vm.service; `exe` here: a token of the exec)."""
+    from backdoors.agent.protocol import GuestProcess
     from backdoors.monitor.actions import guest_culprit
     from backdoors.vm.service import service
     MiB, BUSYBOX, OTHER = 1 << 20, 7, 8
@@ -564,6 +565,34 @@ def test_a_guest_process_that_takes_the_services_name_is_not_spared():
     assert guest_culprit([r for r in rows if r.pid != 50], "rss", {"httpd"})[0].pid == 43
     # the workers of a service a runaway outlived are no longer the service's
     assert service([r for r in rows if r.pid != 40], {"httpd"}) == {41}
+    # a CGI program that renamed itself under the worker: the service's file, exec'd anew
+    renamed = _guest_rows((45, 41, "httpd", 600 * MiB, 9))
+    assert service(rows + renamed, {"httpd"}) == {40, 41}
+    assert guest_culprit(rows + renamed, "rss", {"httpd"})[0].pid == 45
+    # the oldest is the service, not the lowest pid (pids wrap)
+    wrapped = [GuestProcess(7, 1, "httpd", "S", MiB, start_ns=900, exe=3),
+               GuestProcess(30000, 1, "httpd", "S", MiB, start_ns=100, exe=4),
+               GuestProcess(31000, 30000, "httpd", "S", MiB, start_ns=200, exe=4)]
+    assert service(wrapped, {"httpd"}) == {30000, 31000}
+    assert guest_culprit(wrapped, "rss", {"httpd"})[0].pid == 7
+
+
+def test_a_guest_hog_caught_forking_is_the_culprit_not_its_child():
+    """Seen in a guest: a shell growing its memory forks a command every 50 ms; a table
+    read between a fork and its exec shows the child as large as its parent (their pages
+    shared), and the newer was killed: a child about to exec, the hog left. The parent
+    holding as much is the culprit; a child that grew past its parent still is."""
+    from backdoors.monitor.actions import guest_culprit
+    MiB = 1 << 20
+    rows = _guest_rows((1, 0, "init", MiB), (40, 1, "httpd", 8 * MiB),
+                       (50, 1, "sh", 160 * MiB), (51, 50, "sh", 160 * MiB))
+    assert guest_culprit(rows, "rss", {"httpd"})[0].pid == 50
+    assert guest_culprit(rows, "memory", {"httpd"}, 8)[0].pid == 50
+    grown = _guest_rows((1, 0, "init", MiB), (50, 1, "sh", 20 * MiB), (51, 50, "tail", 160 * MiB))
+    assert guest_culprit(grown, "rss", set())[0].pid == 51
+    # a table whose parents loop ends
+    loop = _guest_rows((60, 61, "a", MiB), (61, 60, "b", MiB))
+    assert guest_culprit(loop, "rss", set())[0].pid in (60, 61)
 
 
 def test_a_runaway_tree_foreseen_while_still_small_is_killed_once_it_reaches_min_lineage():

@@ -161,6 +161,10 @@ def test_wrong_type_is_located():
      "must be a finite number, not inf"),
     ('name = "a"\ndetectors = [{ kind = "progress_stalled", deadline_ms = inf }]',
      "3: key rule[0].detectors[0].deadline_ms", "finite"),
+    # a comm is 15 characters at most: a longer name to protect would protect nothing
+    ('name = "a"\ndetectors = [{ kind = "node_frozen" }]\nactions = [{ kind = '
+     '"kill_guest_culprit", protect = ["httpd-frontend-01"] }]',
+     "4: key rule[0].actions[0].protect[0]", "length <= 15"),
 ])
 def test_semantic_errors_name_line_and_key(body, where, words):
     msg = error("[[rule]]\n" + body + "\n")

@@ -6,6 +6,7 @@ did to the guest kernel and heals it (op and monitor rule), the guest running on
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from backdoors.agent.config import VmNodeSpec
 from backdoors.agent.errors import RemoteError
 from backdoors.errors import VmError
 from backdoors.lab import Lab
+from backdoors.lab.topology import SERVICE_PORT
 from backdoors.monitor import Monitor
 from backdoors.nodes import Node
 from backdoors.scenarios.vm import guest_get
@@ -368,36 +370,67 @@ def test_the_monitor_kills_the_hog_orion_foresees_in_a_guest(lab, tmp_path):
     assert guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
 
 
-def test_a_runaway_that_takes_the_guest_services_name_is_killed_not_spared(lab, tmp_path):
-    """Outside review: the rules' `protect = ["httpd"]` spared any guest process named
-    httpd, a name a process chooses: a runaway so named (/cgi-bin/impostor: another
-    executable run as /tmp/httpd, taking the guest's memory down to its floor at once)
-    was spared and the next largest process killed in its stead. The guest's service is
-    now its oldest httpd and the workers it forks (vm.service): the runaway is killed, the
-    service serves on, and the agent refuses to kill the service itself."""
+def _impostor_killed(lab, tmp_path, start) -> dict:
+    """The default rules against a runaway named httpd that `start(c, mb)` starts in the
+    guest (its pid returned), growing the guest's memory to 16 MiB short of its floor: the
+    runaway is killed, not spared, and the guest's httpd serves on. The action's detail."""
     cfg = lab.monitor_config(period_ms=50, incidents_dir=str(tmp_path / "incidents"))
     with lab.agent_client("h0", timeout=10.0) as c:
         _calm(c)
-        service = [r for r in c.guest_processes("v0").rows if r.comm == "httpd"]
-        assert len(service) == 1 and service[0].ppid == 1 and service[0].exe, service
-        with pytest.raises(RemoteError, match="guest's service 'httpd'") as err:
-            c.guest_kill("v0", service[0].pid, spare=["httpd"])
-        assert err.value.code == "failed"
+        [root] = [r for r in c.guest_processes("v0").rows if r.comm == "httpd"]
+        assert root.ppid == 1 and root.exe and root.start_ns, root
         with Monitor(cfg, key=lab.monitor_key()) as mon:
             mon.wait_ready()
-            floor = _guest(c)["available_mb"]
-            pid = int(guest_get(lab, "v0", f"/cgi-bin/impostor?{int(floor) - 16}").strip())
+            pid = start(c, int(_guest(c)["available_mb"]) - 16)
             try:
                 inc, action = _killed(mon)
-                assert (action.detail["culprit"]["pid"], action.detail["culprit"]["comm"]) == \
-                    (pid, "httpd"), action.detail
+                culprit = action.detail["culprit"]
+                assert (culprit["pid"], culprit["comm"]) == (pid, "httpd"), action.detail
+                assert root.pid in action.detail["service"] and pid not in action.detail["service"]
                 assert action.detail["signalled"] == [pid] and action.detail["survivors"] == []
                 assert mon.wait_for(lambda i: i.id == inc.id and i.outcome == "cleared", 30)
             finally:
                 if not _gone(c, [pid]):
                     c.guest_kill("v0", pid)
-        assert service[0].pid in {r.pid for r in c.guest_processes("v0").rows}
+        assert root.pid in {r.pid for r in c.guest_processes("v0").rows}
+        with pytest.raises(RemoteError, match="guest's service 'httpd'") as err:
+            c.guest_kill("v0", root.pid, spare=["httpd"])
+        assert err.value.code == "failed"
     assert guest_get(lab, "v0", "/").strip() == f"vm {lab.plan.vm('v0').netns}"
+    return action.detail
+
+
+def test_a_runaway_that_takes_the_guest_services_name_is_killed_not_spared(lab, tmp_path):
+    """Outside review: the rules' `protect = ["httpd"]` spared any guest process named
+    httpd, a name a process chooses: a runaway so named (/cgi-bin/impostor: another
+    executable run as /tmp/httpd, taking the guest's memory down to its floor at once)
+    was spared and the next largest process killed in its stead. The guest's service is
+    now its oldest httpd and the workers forked from it (vm.service)."""
+    _impostor_killed(lab, tmp_path, lambda c, mb: int(
+        guest_get(lab, "v0", f"/cgi-bin/impostor?{mb}").strip()))
+
+
+def test_a_cgi_program_renamed_as_the_guest_service_is_killed_not_spared(lab, tmp_path):
+    """Outside review of the fix above: a CGI program of the guest's httpd that renames
+    itself httpd (/cgi-bin/renamed: a busybox script, as httpd is busybox) is a child of
+    the service's worker, with the service's executable file. It is not the service's:
+    it exec'd since (vm.service compares the exec, mm->exe_file, not the file)."""
+    with lab.client_socket() as s:
+        def start(c, mb: int) -> int:
+            s.settimeout(60)
+            s.connect((lab.plan.vm("v0").vip, SERVICE_PORT))
+            s.sendall(f"GET /cgi-bin/renamed?{mb} HTTP/1.0\r\n\r\n".encode())
+            reply = b""
+            while not re.search(rb"\n\r?\n(\d+)\n", reply):
+                chunk = s.recv(4096)
+                assert chunk, reply
+                reply += chunk
+            return int(re.search(rb"\n\r?\n(\d+)\n", reply)[1])
+
+        detail = _impostor_killed(lab, tmp_path, start)
+        assert len(detail["service"]) >= 2  # httpd and the worker still running the CGI
+        while s.recv(4096):  # the worker ends the reply once its CGI is gone
+            pass
 
 
 def test_the_monitor_kills_a_fork_bomb_orion_foresees_in_a_guest(lab, tmp_path):

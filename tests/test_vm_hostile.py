@@ -30,7 +30,6 @@ MEMBERS = {
     "task_struct.__state": 0x60, "task_struct.exit_state": 0x64, "task_struct.mm": 0x68,
     "task_struct.real_parent": 0x70, "task_struct.pid_links": 0x78,
     "task_struct.start_time": 0x80, "mm_struct.rss_stat": 0x0, "mm_struct.exe_file": 0x40,
-    "file.f_inode": 0x20,
     "pid_namespace.idr": 0x0, "idr.idr_rt": 0x0, "idr.idr_base": 0x20,
     "xarray.xa_head": 0x8, "xa_node.shift": 0x0, "xa_node.slots": 0x28, "pid.tasks": 0x8,
 }

@@ -309,8 +309,8 @@ class GuestProcess(msgspec.Struct):
     """A process of a VM node's guest, read from its kernel's task list (vm/memory.py
     GuestTask): its parent's pid, its state letter as the guest's /proc shows it, its
     resident bytes (0 for a kernel thread), its start (the guest's monotonic clock, ns)
-    and its executable (a token: equal for processes that run the same file, 0 for
-    none)."""
+    and its exec (a token: equal for the processes forked from one exec with none since,
+    0 for none)."""
 
     pid: int
     ppid: int

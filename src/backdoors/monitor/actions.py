@@ -567,7 +567,8 @@ def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str],
     processes it heads, and how it was chosen ("rss" or "lineage"). Only user processes
     count: not pid 0-2, not kernel threads (kthreadd's children), not the service
     processes of the comms in `protect` (vm.service: not any process that names itself
-    so). `by` "rss": the largest resident one (a memory hog).
+    so). `by` "rss": the largest resident one (a memory hog), or its parent if that
+    holds as much (a hog caught forking: the child shows the pages it shares as its own).
     "lineage": the root of the largest tree of them -- a root being one whose parent is
     none of them (init, a protected service, gone) -- ties to the newest (a fork bomb).
     "memory": whichever holds more resident memory, the largest process or the tree of at
@@ -579,6 +580,11 @@ def guest_culprit(rows: list, by: str, protect: frozenset[str] | set[str],
     if not user:
         return None
     largest = max(user.values(), key=lambda r: (r.rss_bytes, r.pid))
+    seen = {largest.pid}
+    while (up := user.get(largest.ppid)) is not None and up.pid not in seen \
+            and up.rss_bytes >= largest.rss_bytes:
+        largest = up
+        seen.add(up.pid)
     if by == "rss":
         return largest, 1, "rss"
     children: dict[int, list[int]] = {}
@@ -624,7 +630,8 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
 
     kills: ClassVar[bool] = True
     by: Literal["predicted", "rss", "lineage", "memory"] = "predicted"
-    protect: list[str] = []
+    #: comms (a comm is at most 15 characters: a longer name would protect nothing)
+    protect: list[Annotated[str, msgspec.Meta(min_length=1, max_length=15)]] = []
     min_lineage: Annotated[int, msgspec.Meta(ge=1)] = 8
     settle_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
     grow_s: Annotated[float, msgspec.Meta(ge=0, le=10)] = 1.0
@@ -638,8 +645,10 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
         while True:
             rows = ctx.client.guest_processes(ctx.node).rows
             found = guest_culprit(rows, by, set(self.protect), self.min_lineage)
+            spared = sorted(service(rows, self.protect))
             if found is None:
-                return Outcome("skipped", {"reason": "no user process in the guest but its service"})
+                return Outcome("skipped", {"reason": "no user process in the guest but its "
+                                           "service", "service": spared})
             culprit, heads, how = found
             if how != "lineage" or heads >= self.min_lineage or time.monotonic() >= until:
                 break
@@ -647,8 +656,9 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
         who = {"pid": culprit.pid, "comm": culprit.comm, "rss_bytes": culprit.rss_bytes,
                "processes": heads, "by": how}
         if how == "lineage" and heads < self.min_lineage:
-            return Outcome("skipped", {"culprit": who, "reason": f"the largest process tree "
-                                       f"has {heads} processes, below min_lineage"})
+            return Outcome("skipped", {"culprit": who, "service": spared, "reason": f"the "
+                                       f"largest process tree has {heads} processes, below "
+                                       "min_lineage"})
         began = time.monotonic()
         reply = ctx.client.guest_kill(ctx.node, culprit.pid, comm=culprit.comm,
                                       tree=how == "lineage", spare=self.protect)
@@ -657,7 +667,8 @@ class KillGuestCulprit(Action, tag="kill_guest_culprit"):
             time.sleep(0.1)  # a sleeper dies when it wakes; a busy guest wakes them late
             left &= {r.pid for r in ctx.client.guest_processes(ctx.node).rows
                      if r.state not in ("Z", "X")}
-        detail = {"culprit": who, "signalled": reply.signalled, "survivors": sorted(left),
+        detail = {"culprit": who, "service": spared, "signalled": reply.signalled,
+                  "survivors": sorted(left),
                   "took_ms": round(max(reply.took_ms, 1000 * (time.monotonic() - began)), 1)}
         return Outcome("failed" if left else "done", detail)
 

@@ -82,6 +82,15 @@ CGI = {
     # /tmp/httpd, holding N MiB and spinning until killed; prints its pid
     "impostor": _HEAD + "ln -sf /bin/stream /tmp/httpd; /tmp/httpd $(( ${QUERY_STRING:-64} * 43690 ))"
                 " 1000000000 </dev/null >/dev/null 2>&1 &\necho $!\n",
+    # a CGI program that renames itself httpd (under the service's worker, which waits for
+    # it) and grows N MiB, 1 MiB per 50 ms, until killed; prints its pid at once
+    "renamed": _HEAD + r"""echo $$
+printf httpd > /proc/$$/comm
+i=0; while [ $i -lt ${QUERY_STRING:-64} ]; do
+  eval "v$i=\$(head -c 1048576 /dev/zero | tr '\000' x)"; i=$((i+1)); usleep 50000
+done
+while :; do sleep 1; done
+""",
     "bomb": _HEAD + "b() { if [ $1 -gt 0 ]; then b $(($1 - 1)) & b $(($1 - 1)) & fi; exec sleep 3; }\n"
             "( b ${QUERY_STRING:-8} ) </dev/null >/dev/null 2>&1 &\necho started\n",
 }

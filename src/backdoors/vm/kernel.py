@@ -32,7 +32,7 @@ MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tg
            ("signal_struct", "thread_head"), ("task_struct", "thread_node"),
            ("task_struct", "thread_info"), ("thread_info", "flags"), ("list_head", "next"),
            ("mm_struct", "rss_stat"), ("task_struct", "pending"), ("rq", "nr_running"),
-           ("task_struct", "start_time"), ("mm_struct", "exe_file"), ("file", "f_inode"))
+           ("task_struct", "start_time"), ("mm_struct", "exe_file"))
 #: enumerators whose values the profile keeps (indexes of the kernel's vmstat arrays)
 ENUMS = (("zone_stat_item", "NR_FREE_PAGES"), ("node_stat_item", "NR_FILE_PAGES"),
          ("node_stat_item", "NR_SHMEM"), ("node_stat_item", "NR_SLAB_UNRECLAIMABLE_B"),

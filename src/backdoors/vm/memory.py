@@ -50,7 +50,9 @@ class GuestTask:
     state: str  # R, S, D, T, t, X, Z, P or I, as in /proc/PID/stat
     rss: int  # resident bytes of its memory (0: a kernel thread, which has none)
     start_ns: int = 0  # when it was forked, on the guest's monotonic clock
-    exe: int = 0  # its executable: the address of the file's inode (0: none, a kernel thread)
+    #: its exec: the address of the struct file it exec'd (mm->exe_file), shared by the
+    #: processes forked from it and new at each exec (0: none, a kernel thread)
+    exe: int = 0
 
 
 def task_state(state: int, exit_state: int) -> str:
@@ -218,15 +220,13 @@ class GuestMemory:
         """Every process on the task list with its state, resident memory (its mm's
         rss counters: file, anon and shmem pages; they lag the truth by a few dozen
         pages per thread, which the kernel folds in now and then), start time and
-        executable (mm->exe_file->f_inode: what the process runs, which it cannot rename
-        as it can its comm)."""
+        exec (mm->exe_file: what it runs, from which exec; unlike its comm, not its own
+        to change)."""
         k = self.kernel
         state_at, exit_at, mm_at, parent_at, tgid_at, start_at = (
             k.member("task_struct", m)
             for m in ("__state", "exit_state", "mm", "real_parent", "tgid", "start_time"))
         rss_at, exe_at = k.member("mm_struct", "rss_stat"), k.member("mm_struct", "exe_file")
-        inode_at = k.member("file", "f_inode")
-        u64 = lambda virt: struct.unpack("<Q", self.read_virt(virt, 8))[0]  # noqa: E731
         stride, value = k.rss_layout
         ident = self._ident()
         out = []
@@ -239,10 +239,11 @@ class GuestMemory:
             pages = min(pages, self.size // PAGE)  # (corrupt counters: no more than the RAM)
             parent, = struct.unpack("<Q", self.read_virt(task + parent_at, 8))
             ppid, = struct.unpack("<i", self.read_virt(parent + tgid_at, 4)) if parent != task else (0,)
-            exe = u64(mm + exe_at) if mm else 0
+            start, = struct.unpack("<Q", self.read_virt(task + start_at, 8))
+            exe, = struct.unpack("<Q", self.read_virt(mm + exe_at, 8)) if mm else (0,)
             pid, comm = ident(task)
             out.append(GuestTask(pid, ppid, comm, task_state(state, exit_state), pages * PAGE,
-                                 u64(task + start_at), u64(exe + inode_at) if exe else 0))
+                                 start, exe))
         return out
 
     def load(self) -> tuple[float, float, float]:

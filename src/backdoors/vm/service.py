@@ -1,18 +1,20 @@
 """Which of a guest's processes are its service: the ones a kill must spare.
 
 There is no agent inside a guest for the service to register with, and a comm is a
-process's own choice (prctl PR_SET_NAME, or a file of that name to exec): a runaway
-named `httpd` would be spared and the next largest process killed in its stead. So a
-name in `protect` stands for one tree of processes: the oldest process of that comm
-(the service, started when the guest booted, before anything could take its name) and
-those forked from it that still carry its comm and run its executable (its workers),
-parent to child. A process of that name elsewhere -- forked by anything else, a CGI
-program's child, another executable -- is not the service.
+process's own choice (prctl PR_SET_NAME, a write to /proc/self/comm, or a file of that
+name to exec): a runaway named `httpd` would be spared and the next largest process
+killed in its stead. So a name in `protect` stands for one tree of processes: the
+oldest process of that comm (the service, started when the guest booted, before anything
+could take its name) and those forked from it, parent to child, that still carry its
+comm and its exec -- the same `mm->exe_file`, which a fork shares and every exec
+replaces: its workers, running the code it runs. A process of that name elsewhere, or
+one that exec'd anything since (a CGI program, a script run as `httpd` by the same
+interpreter, even the service's own file again), is not the service.
 
-What this cannot tell apart: a process the service itself exec'd into its own
-executable under its own name (it is the service's code), and, once the service has
-exited, an older process of that name (then it is the oldest). Rows without start
-times and executables (0: from an older agent) make the service the lowest pid's tree.
+What this cannot tell apart: several independent instances of one name (only the
+oldest's tree is the service), and a service restarted after boot when an older process
+of its name lives on (that one is the oldest). Rows without start times and execs (0:
+from an older agent) make the service the lowest pid's tree of the name.
 """
 
 from __future__ import annotations
