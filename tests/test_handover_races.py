@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 
 from backdoors.agent import owners
+from backdoors.agent.closing import Closer
 from backdoors.agent.owners import OwnerWatch
 from backdoors.common import ipc
 from backdoors.continuations.adoption import (
@@ -218,6 +219,54 @@ def test_a_death_told_by_the_box_watch_still_closes_the_orphans(tables, tcp_pair
         watch.stop()
         owner.kill()
         owner.wait()
+
+
+def test_an_orphan_the_node_left_lingering_does_not_stall_the_owner_watch(tables, tcp_pair,
+                                                                          tmp_path):
+    """Outside review: a node's server set SO_LINGER (an hour) on a session whose client
+    reads nothing, filled its send queue and died. The owner watch's thread closed the
+    orphan itself, blocking in close(2) for the linger time; the registrations that wake
+    it then blocked on its full wake-up pair, and no node's orphans were closed again.
+    The close is now the agent's Closer's (SO_LINGER cleared first), and a wake-up never
+    blocks."""
+    regions, sessions = tables
+    closer = Closer()
+    closer.start()
+    sessions.closer = closer.close_socket
+    watch = OwnerWatch(sessions, regions, publish=lambda *a, **k: None,
+                       audit=SimpleNamespace(write=lambda **k: None), timeout_s=0.2,
+                       run_dir=str(tmp_path))
+    owner = subprocess.Popen(["sleep", "60"])
+    server, client = tcp_pair()
+    try:
+        watch.start()
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:  # a client that reads nothing: the send queue fills
+                server.send(b"x" * 65536)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+        sessions.hold(NODE, "cb-lingering", server.fileno(), owner.pid)
+        server.close()  # the agent's is the last reference
+        watch.watch(NODE, owner.pid, None)
+        owner.kill()
+        owner.wait()
+        end = time.monotonic() + 10
+        while sessions.list(NODE):  # closed as an orphan at the timeout
+            assert time.monotonic() < end, "the orphan was never closed"
+            time.sleep(0.01)
+        _wait_asleep_in_select(watch)  # back asleep: not blocked in the close
+        idle = OwnerWatch(sessions, regions, publish=lambda *a, **k: None,
+                          audit=None, timeout_s=0.2, run_dir=str(tmp_path))
+        for _ in range(5000):  # a thread that takes no wake-up blocks none
+            idle._wake()
+        idle.stop()
+    finally:
+        client.close()  # (with unread input: a reset, which ends any linger)
+        watch.stop()
+        closer.stop()
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
 
 
 def _wait_asleep_in_select(watch: OwnerWatch) -> None:

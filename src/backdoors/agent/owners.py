@@ -92,6 +92,7 @@ class OwnerWatch:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # (a full pair holds a wake-up already)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="bd-agent-owners", daemon=True)
@@ -217,7 +218,7 @@ class OwnerWatch:
             for s in d.sessions:
                 if not self.sessions.take_if(s):
                     continue  # adopted, moved or released meanwhile
-                (rst if _close(s.sock) else fin).append(s.name)
+                (rst if _close(s.sock, self.sessions.closer) else fin).append(s.name)
                 try:
                     self.regions.remove(d.node, s.name)
                 except KeyError:
@@ -359,9 +360,12 @@ class OwnerWatch:
         return handed
 
 
-def _close(sock: socket.socket) -> bool:
+def _close(sock: socket.socket, closer) -> bool:
     """Close an orphaned session's socket: RST if input waits unread, else FIN after the
-    output queued. True if it was reset."""
+    output queued. True if it was reset. The close itself is `closer`'s (the agent's
+    Closer: with SO_LINGER the node set, the last close waits for the peer to take the
+    output, for as long as the node chose -- not on this thread, which registrations
+    wake)."""
     try:
         unread = ioctl_int(sock, SIOCINQ)
     except OSError:
@@ -373,6 +377,6 @@ def _close(sock: socket.socket) -> bool:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-    sock.close()
+    closer(sock)
     return bool(unread)
 
