@@ -154,6 +154,31 @@ def test_a_pressure_window_the_node_sets_huge_keeps_the_readers_memory_bounded(b
     assert abs(snap.get("second").rate - 1000) <= 1000 / HIST_SAMPLES + 1
 
 
+def test_a_box_of_thousands_of_pressure_sensors_keeps_the_readers_memory_bounded():
+    """Outside review: each pressure sensor kept HIST_SAMPLES samples (~100 bytes each),
+    so a node's box of 4096 of them (its region: 256 KiB) made a 99 MiB history in the
+    agent, which is locked in memory. A box's sensors now share BOX_HIST_SAMPLES (here
+    1024 sensors: 16 each, not 256), and each still measures its rate (over its window
+    and at most window/16 more)."""
+    from backdoors.sensors.reader import BOX_HIST_SAMPLES
+
+    n = 1024
+    big = SensorBox.create("bdt-pressures", capacity=n)
+    try:
+        sensors = [big.pressure(f"p{i}", max_events=1e9, window=1.0) for i in range(n)]
+        clock = FakeClock()
+        with SensorBoxReader(big.fd, clock=clock) as rd:
+            for _ in range(300):
+                clock.t += 1 / 256
+                sensors[0].add(1)
+                snap = rd.snapshot()
+            samples = [len(h) for h in rd.tracker._hist.values()]
+        assert len(samples) == n and max(samples) <= BOX_HIST_SAMPLES // n + 1, max(samples)
+        assert 256 <= snap.get("p0").rate <= 256 * (1 + 1 / 16) + 1
+    finally:
+        big.close()
+
+
 def test_sensor_added_while_running_changes_generation(box):
     rd = SensorBoxReader(box.fd)
     box.progress("a", deadline=1)

@@ -197,8 +197,13 @@ def read_consistent(region: Region) -> bytes:
 
 
 #: samples a pressure sensor's history keeps per window, at most (its rate is then measured
-#: over its window less at most window/HIST_SAMPLES)
+#: over its window and at most window/HIST_SAMPLES more)
 HIST_SAMPLES = 256
+#: samples the pressure sensors of one box keep together, at most (a box of 64 keeps
+#: HIST_SAMPLES each; a node's box of thousands, down to MIN_HIST_SAMPLES each: ~100
+#: bytes a sample, not hundreds of times the box's size)
+BOX_HIST_SAMPLES = 16_384
+MIN_HIST_SAMPLES = 4
 
 
 class SensorTracker:
@@ -222,6 +227,8 @@ class SensorTracker:
             self._last.clear()
             self._hist.clear()
         states = []
+        pressures = sum(1 for s in image.sensors if s.type is abi.SensorType.PRESSURE)
+        keep = max(MIN_HIST_SAMPLES, min(HIST_SAMPLES, BOX_HIST_SAMPLES // max(1, pressures)))
         for s in image.sensors:
             if s.type is abi.SensorType.PROGRESS:
                 prev = self._last.get(s.id)
@@ -238,9 +245,10 @@ class SensorTracker:
                 states.append(SensorState(s.id, s.name, s.type, s.value, bad, min=lo, max=hi))
             else:
                 hist = self._hist.setdefault(s.id, deque())
-                # a sample per window/HIST_SAMPLES at most: the node chooses the window (a
-                # day, 1e300 s), not how much of the reader's memory its history takes
-                if not hist or now - hist[-1][0] >= s.param / HIST_SAMPLES:
+                # a sample per window/keep at most: the node chooses the window (a day,
+                # 1e300 s) and its number of sensors, not how much of the reader's memory
+                # their history takes
+                if not hist or now - hist[-1][0] >= s.param / keep:
                     hist.append((now, s.value))
                 while len(hist) > 1 and hist[1][0] <= now - s.param:
                     hist.popleft()
