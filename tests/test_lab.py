@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from backdoors.errors import LabError, NodeError
 from backdoors.lab import SERVICE_PORT, Lab, inject
 from backdoors.lab import stream
 from backdoors.lab import topology
@@ -208,6 +209,10 @@ def test_sigkilled_owner_is_reaped_by_next_down():
     try:
         assert wait_for(lambda: (topology.RUN_ROOT / name / "lab.json").exists() and
                         len(json.loads((topology.RUN_ROOT / name / "lab.json").read_text())["services"]) == 2, 20)
+        # outside review: a second lab of the name reaped this one, its owner running
+        with pytest.raises(LabError, match=f"lab {name} is up \\(owned by pid {proc.pid}\\)"):
+            Lab(name, hosts=1, nodes=1).up()
+        assert len(json.loads((topology.RUN_ROOT / name / "lab.json").read_text())["services"]) == 2
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert leftovers(name)  # the killed owner left its lab behind ...
@@ -227,6 +232,11 @@ def test_next_lab_reaps_a_lab_whose_owner_died_but_keeps_a_detached_one():
         up = subprocess.run([*cli, "up", "--name", detached, "--hosts", "1", "--nodes", "1"],
                             capture_output=True, text=True)
         assert up.returncode == 0, up.stderr
+        again = subprocess.run([*cli, "up", "--name", detached, "--hosts", "1", "--nodes", "1"],
+                               capture_output=True, text=True)  # (it reaped the first)
+        assert again.returncode == 1 and f"lab {detached} is up (left up)" in again.stderr, \
+            again.stderr
+        assert (topology.RUN_ROOT / detached / "lab.json").exists()
         proc = subprocess.Popen([*cli, "up", "--name", killed, "--hosts", "1", "--nodes", "1",
                                  "--foreground"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
@@ -244,6 +254,56 @@ def test_next_lab_reaps_a_lab_whose_owner_died_but_keeps_a_detached_one():
         for name in (killed, detached):
             subprocess.run([*cli, "down", "--name", name], capture_output=True)
     assert leftovers(detached) == [] and leftovers(third) == []
+
+
+def test_a_lab_that_cannot_be_reaped_does_not_stop_the_next_lab(monkeypatch, caplog):
+    """Outside review: one abandoned lab whose reaping failed (a process stuck in D state,
+    or two labs starting at once reaping it together) made every lab start on the machine
+    fail. Its failure is now logged, and the next lab starts."""
+    from backdoors.lab import lab as labmod
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stuck, started = ("t" + uuid.uuid4().hex[:6] for _ in range(2))
+    (topology.RUN_ROOT / stuck).mkdir(parents=True)
+    state = labmod.LabState(stuck, 1, 1, None, None, dead.pid, time.time(), owner_start=1.0)
+    state.save(topology.RUN_ROOT / stuck / "lab.json")
+    reap = labmod.reap
+
+    def failing(name):
+        if name == stuck:
+            raise NodeError(f"cgroup bd-{stuck}-n0: 1 processes survived SIGKILL for 5 s")
+        return reap(name)
+    monkeypatch.setattr(labmod, "reap", failing)
+    try:
+        with Lab(started, hosts=1, nodes=1, services=False):
+            assert f"lab {stuck}: its owner died, and reaping it failed" in caplog.text
+    finally:
+        reap(stuck)
+    assert leftovers(started) == [] and leftovers(stuck) == []
+
+
+def test_teardown_signals_no_process_that_took_a_recorded_pid():
+    """Outside review: the lab kept its monitors' and agent keepers' bare pids; one that
+    exited early left a pid the kernel could give another process (another lab's agent),
+    which the teardown then sent SIGTERM and SIGKILL. A recorded pid is signalled only
+    while it is in its cgroup."""
+    from backdoors.lab.agents import stop_agents
+
+    decoy = subprocess.Popen(["sleep", "60"])
+    try:
+        with Lab("t" + uuid.uuid4().hex[:6], hosts=1, nodes=1, services=False,
+                 agents=True) as lab:
+            lab.state.monitors["m1"] = decoy.pid  # a monitor's pid, recycled
+            lab.stop_monitor("m1")
+            stop_agents(lab.plan, {"h0": decoy.pid})  # a keeper's, recycled
+            assert decoy.poll() is None
+            keeper = lab.state.agents["h0"]
+        assert not Path(f"/proc/{keeper}").exists()  # the real one was stopped
+        assert decoy.poll() is None
+    finally:
+        decoy.kill()
+        decoy.wait()
 
 
 def test_foreground_lab_tears_down_on_sigterm():
@@ -296,7 +356,7 @@ def test_commands_needing_root_say_so(monkeypatch, capsys):
 def test_a_lab_plans_up_to_max_nodes_each_with_its_own_uid_range():
     """128 nodes (what `bench monitor` watches): distinct addresses and uid ranges, all
     mappable; one more is refused naming the bound."""
-    from backdoors.errors import LabError
+    from backdoors.errors import LabError, NodeError
     from backdoors.nodes.container import UID_COUNT
 
     p = topology.plan("big", 8, topology.MAX_NODES)
@@ -307,6 +367,21 @@ def test_a_lab_plans_up_to_max_nodes_each_with_its_own_uid_range():
         assert len(set(bases)) == 128 and max(bases) + UID_COUNT <= 1 << 32
     with pytest.raises(LabError, match=r"1\.\.128"):
         topology.plan("big", 1, topology.MAX_NODES + 1)
+
+
+def test_a_lab_may_not_be_named_for_the_agents_cgroups():
+    """Outside review: a lab named `agent` reaped bd-agent-*, the default cgroup of every
+    standalone agent on the host (agent.config), killing them."""
+    from backdoors.agent.config import AgentConfig
+    from backdoors.errors import LabError, NodeError
+
+    for name in topology.RESERVED:
+        with pytest.raises(LabError, match="reserved"):
+            Lab(name)
+    own = AgentConfig(host="h", listen="127.0.0.1:1", run_dir="/run/x", audit_log="/run/x/a",
+                      monitors=[], key_file="/run/x/k").own_cgroup
+    assert not any(own.startswith(topology.prefix(name)) for name in ("a", "ag", "agen", "agents"))
+    assert own.startswith(topology.prefix("agent"))
 
 
 def test_a_scenario_tears_its_lab_down_on_sigterm():
@@ -343,7 +418,7 @@ def test_a_scenario_tears_its_lab_down_on_sigterm():
 def test_services_that_do_not_start_are_named_and_none_is_left(lab):
     """start_services starts them all at once; when one cannot start, the error names it
     and its log, and no process of that start is left in any node."""
-    from backdoors.errors import LabError
+    from backdoors.errors import LabError, NodeError
     with pytest.raises(LabError, match=r"in node n0 did not start within 20s; see .*stderr.log"):
         lab.start_services(["n0", "n1"], "--no-such-option", timeout=20)
 

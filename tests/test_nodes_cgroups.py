@@ -468,6 +468,25 @@ def test_reap_removes_leftovers_of_a_killed_owner(prefix):
         unrelated.destroy()
 
 
+def test_reap_takes_a_keeper_before_what_it_keeps(prefix, monkeypatch):
+    """Outside review: reaped in name order, an agent's cgroup went before its keeper's
+    (bd-X-agent-h0, then bd-X-agent-h0-keeper), and the keeper, alive meanwhile, could
+    restart the agent into the cgroup just removed. A name that extends another's goes
+    first."""
+    order = []
+    destroy = Cgroup.destroy
+
+    def spy(self, timeout=5.0):
+        order.append(self.relpath)
+        destroy(self, timeout)
+    monkeypatch.setattr(Cgroup, "destroy", spy)
+    for name in ("agent-h0", "agent-h0-keeper", "n0"):
+        Cgroup.create(f"{prefix}-{name}")
+    assert reap(prefix) == [f"{prefix}-{n}" for n in ("agent-h0", "agent-h0-keeper", "n0")]
+    assert order.index(f"{prefix}-agent-h0-keeper") < order.index(f"{prefix}-agent-h0")
+    assert all(_leftovers(name) == [] for name in order)
+
+
 SELF_REAPER = """
 import os, sys
 from backdoors.errors import NodeError

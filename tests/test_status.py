@@ -128,7 +128,7 @@ def test_a_stopped_service_is_stalled_on_every_run_after_its_deadline(root, uniq
 
 @pytest.mark.root
 def test_an_unreachable_agent_is_a_state_not_a_traceback(lab):
-    stop_agents(lab.state.agents)
+    stop_agents(lab.plan, lab.state.agents)
     rows = status_table(lab=lab.name, timeout=0.5)
     assert [r["node"] for r in rows] == ["n0", "n1"]
     for r in rows:

@@ -24,6 +24,7 @@ from ..common.procs import read_line
 from ..errors import BackdoorsError, LabError
 from ..net.netns import set_sysctl
 from ..nodes import Cgroup
+from ..nodes.cgroups import top_level_names
 from ..vm.machine import agent_qmp_path
 from . import topology, vms
 
@@ -176,22 +177,21 @@ def agent_pid(plan: topology.Plan, host: topology.HostPlan) -> int | None:
         return None
 
 
-def stop_agents(pids: dict[str, int], timeout: float = 5.0) -> None:
-    """SIGTERM each agent (it thaws leased nodes, removes its sockets) and wait for it."""
-    import os
-    import time
-    for pid in pids.values():
+def stop_agents(plan: topology.Plan, pids: dict[str, int], timeout: float = 5.0) -> None:
+    """SIGTERM each host's agent keeper of `pids` (it stops its agent, which thaws leased
+    nodes and removes its sockets) and wait for it. A pid no longer in the keeper's cgroup
+    is not the keeper any more (it exited and the pid went to another process) and is
+    left alone."""
+    import psutil
+    keepers = []
+    for host in plan.hosts:
+        if (pid := pids.get(host.name)) is None:
+            continue
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+            keeper = psutil.Process(pid)
+            if f"{host.agent_cgroup}-keeper" in top_level_names(pid):
+                keeper.send_signal(signal.SIGTERM)  # (psutil: the same process, by its start)
+                keepers.append(keeper)
+        except psutil.NoSuchProcess:
             pass
-    end = time.monotonic() + timeout
-    for pid in pids.values():
-        while time.monotonic() < end:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    break
-            except ChildProcessError:  # not our child (another process started the lab)
-                if not Path(f"/proc/{pid}").exists():
-                    break
-            time.sleep(0.01)
+    psutil.wait_procs(keepers, timeout)

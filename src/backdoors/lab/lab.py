@@ -129,11 +129,6 @@ def reap(name: str) -> dict[str, list[str]]:
     removed["processes"] += [str(p) for p in _reap_monitors(topology.RUN_ROOT / name)]
     removed["processes"] += [str(p) for p in vms.reap(prefix)]  # VM nodes' QEMUs
     removed.update(netns=netns.reap(prefix), cgroups=cgroups.reap(prefix), files=[])
-    run_dir = topology.RUN_ROOT / name
-    if run_dir.exists():
-        unmount_under(run_dir)  # the nodes' run directories (tmpfs)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        removed["files"].append(str(run_dir))
     for leftover in Path("/dev/shm").glob(f"{prefix}*"):
         if leftover.is_dir() and not leftover.is_symlink():  # the lab's etcd data
             shutil.rmtree(leftover, ignore_errors=True)
@@ -143,6 +138,11 @@ def reap(name: str) -> dict[str, list[str]]:
     for leftover in DATA_ROOT.glob(f"{prefix}*"):  # Lab.data_dir
         shutil.rmtree(leftover, ignore_errors=True)
         removed["files"].append(str(leftover))
+    run_dir = topology.RUN_ROOT / name  # last: its state file names the lab to reap again
+    if run_dir.exists():
+        unmount_under(run_dir)  # the nodes' run directories (tmpfs)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed["files"].append(str(run_dir))
     return removed
 
 
@@ -175,7 +175,12 @@ def reap_abandoned() -> list[str]:
         if state.detached or not state.owner_start:
             continue
         if not is_same(state.owner_pid, state.owner_start):
-            reap(name)
+            try:
+                reap(name)
+            except BackdoorsError as e:  # (a process in D state; another reaper's race)
+                log.warning("lab %s: its owner died, and reaping it failed: %s "
+                            "(`backdoors lab down --name %s` tries again)", name, e, name)
+                continue
             reaped.append(name)
     return reaped
 
@@ -232,12 +237,27 @@ class Lab:
     def state_path(self) -> Path:
         return self.plan.run_dir / STATE_FILE
 
+    def _refuse_if_up(self) -> None:
+        """LabError if the lab of this name is up: reaping it would take down another
+        command's lab (two `lab up` or `demo` runs with the default name)."""
+        try:
+            other = LabState.load(self.state_path)
+        except LabError:
+            return  # none, or corrupt: its leftovers are reaped
+        if other.detached or (is_same(other.owner_pid, other.owner_start) if other.owner_start
+                              else alive(other.owner_pid)):
+            how = "left up" if other.detached else f"owned by pid {other.owner_pid}"
+            raise LabError(f"lab {self.name} is up ({how}): take it down first "
+                           f"(backdoors lab down --name {self.name}) or choose another name")
+
     def up(self) -> "Lab":
-        """Build the lab (after reaping any leftovers of a lab of the same name)."""
+        """Build the lab (after reaping any leftovers of a lab of the same name); LabError
+        if a lab of this name is up (its owner runs, or it was left up on purpose)."""
         require_root("building a lab")
         raise_nofile()
         for other in reap_abandoned():
             log.warning("reaped lab %s: its owner died without taking it down", other)
+        self._refuse_if_up()
         reap(self.name)
         try:
             self.plan.run_dir.mkdir(parents=True)
@@ -281,7 +301,7 @@ class Lab:
         for monitor_id in list(self.state.monitors):
             self.stop_monitor(monitor_id)
         if self.state.agents:
-            stop_agents(self.state.agents)
+            stop_agents(self.plan, self.state.agents)
         self._stop_containers()
         for vm in self._vms.values():
             vm.stop()
@@ -465,7 +485,8 @@ class Lab:
 
     def stop_monitor(self, monitor_id: str, sig: int = signal.SIGTERM) -> None:
         """Stop a monitor of `start_monitor` (SIGTERM: it leaves the fleet at once; SIGKILL:
-        its nodes move when its lease expires) and reap it."""
+        its nodes move when its lease expires) and reap it. A pid no longer in the
+        monitor's cgroup is another process's now (the monitor exited) and is left alone."""
         import psutil
         pid = self.state.monitors.pop(monitor_id, None)
         self.state.save(self.state_path)
@@ -473,12 +494,13 @@ class Lab:
             return
         try:
             p = psutil.Process(pid)
-            p.send_signal(sig)
-            try:
-                p.wait(15)
-            except psutil.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            if self._monitor_cgroup(monitor_id) in cgroups.top_level_names(pid):
+                p.send_signal(sig)  # (psutil: the same process, by its start time)
+                try:
+                    p.wait(15)
+                except psutil.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
         except psutil.NoSuchProcess:
             pass
         self.reconnect_monitor(monitor_id)

@@ -39,12 +39,20 @@ BR_SERVICE = "br-svc"
 BR_PRIVATE = "br-priv"
 
 
+#: names whose prefix is another's: `bd-agent-` is a standalone agent's own cgroup (its
+#: default, agent.config), which reaping such a lab would kill
+RESERVED = frozenset({"agent"})
+
+
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise LabError(
             f"invalid lab name {name!r}: use 1-10 lowercase letters or digits, starting "
             "with a letter (it prefixes namespace and cgroup names)"
         )
+    if name in RESERVED:
+        raise LabError(f"lab name {name!r} is reserved: bd-{name}- names the host's own "
+                       "agents' cgroups, which the lab's teardown would reap")
     return name
 
 

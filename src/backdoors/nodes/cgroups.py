@@ -315,7 +315,12 @@ class Cgroup:
         while True:
             seen = self._procs()
             if kill_file.exists():
-                cgfs.write(kill_file, "1")
+                try:
+                    cgfs.write(kill_file, "1")
+                except NodeError:
+                    if not kill_file.parent.exists():  # removed meanwhile (another reaper)
+                        return sorted(killed)
+                    raise
             elif v1_freezer:
                 self._v1_freeze_briefly()
             pids = sorted(set(seen).union(self._procs()))
@@ -530,10 +535,14 @@ def _check_limit(what: str, limit: int | None) -> None:
         raise NodeError(f"invalid {what} {limit!r}: give a non-negative integer, or None for none")
 
 
-def _own_top_level_names() -> set[str]:
-    """The top-level cgroup names the calling process is inside, in any hierarchy."""
-    lines = cgfs.read(Path("/proc/self/cgroup")).splitlines()
-    return {line.split(":", 2)[2].strip("/").split("/")[0] for line in lines}
+def top_level_names(pid: int | str = "self") -> set[str]:
+    """The top-level cgroup names process `pid` is inside, in any hierarchy (none for a
+    process that is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split(":", 2)[2].strip("/").split("/")[0] for line in lines if line.count(":") >= 2}
 
 
 #: Cgroups the project creates are named "bd..." (bd-lab1, bdt-1234 in tests); reap touches
@@ -562,12 +571,14 @@ def reap(prefix: str, *, layout: Layout | None = None, timeout: float = 5.0) -> 
             )
         except OSError as e:
             raise cgfs.error("list", mount, e) from None
-    own = _own_top_level_names()
+    own = top_level_names()
     if names & own:
         raise NodeError(
             f"refusing to reap {sorted(names & own)}: this process is inside it; "
             "reap from outside the cgroups being removed"
         )
-    for name in sorted(names):
+    # a name that extends another's first: a keeper (bd-X-agent-h0-keeper) before the agent
+    # it would restart meanwhile (bd-X-agent-h0)
+    for name in sorted(names, reverse=True):
         Cgroup(name, layout).destroy(timeout)
     return sorted(names)
