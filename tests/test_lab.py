@@ -306,6 +306,26 @@ def test_teardown_signals_no_process_that_took_a_recorded_pid():
         decoy.wait()
 
 
+def test_a_lab_torn_down_leaves_no_copy_of_its_mounts_in_another_labs_nodes():
+    """Outside review: a node's private mount namespace copied every mount of the host at
+    its start, another lab's netns files and node run directories (tmpfs) among them; that
+    lab's teardown did not reach the copies, so its namespaces (veths, bridges, addresses)
+    and tmpfs lived on, unseen by any reaper, for as long as the node. The node now
+    detaches them."""
+    first, second = ("t" + uuid.uuid4().hex[:6] for _ in range(2))
+    lab1 = Lab(first, hosts=1, nodes=1, services=False).up()
+    try:
+        with Lab(second, hosts=1, nodes=1, services=False) as lab2:
+            init = lab2.container("n0").init_pid
+            lab1.down()
+            mounts = Path(f"/proc/{init}/mountinfo").read_text()
+            assert f"bd-{first}-" not in mounts and f"/{first}/" not in mounts, mounts
+            assert "nsfs" not in mounts, mounts  # no namespace handle at all
+    finally:
+        lab1.down()
+    assert leftovers(first) == [] and leftovers(second) == []
+
+
 def test_foreground_lab_tears_down_on_sigterm():
     name = "t" + uuid.uuid4().hex[:6]
     proc = subprocess.Popen([sys.executable, "-m", "backdoors", "lab", "up", "--name", name,

@@ -505,6 +505,8 @@ class Container:
             failure.step("create mount, uts, ipc namespaces", _unshare,
                          CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
             failure.step("make mounts private", _mount, None, "/", None, MS_REC | MS_PRIVATE)
+            failure.step("detach copies of others' mounts", _drop_copies, (*hide, *scratch),
+                         [run_dir, *(path for path, _ in shares)])
             _hide(hide, scratch, isolation.scratch_bytes, [(run_dir, True), *shares], failure)
             _own_ptys(isolation.ptys, failure)
             failure.step("set the hostname", socket.sethostname, isolation.hostname)
@@ -703,6 +705,25 @@ def _cgroup_roots(layout: Layout) -> tuple[Path, ...]:
     """What covers the host's cgroupfs: the folder of every hierarchy where it is a file
     system of its own (`Layout.root`), else each hierarchy's mount."""
     return (layout.root,) if layout.root is not None else tuple(layout.hierarchies().values())
+
+
+def _drop_copies(covered: tuple[Path, ...], binds: list[Path]) -> None:
+    """In the node's new mount namespace: detach the copies it made of mounts it must not
+    keep alive -- namespace handles (nsfs: every node's and lab's netns file; this one
+    entered its own by fd) and the mounts under a path about to be covered but for those
+    bound back. A copy in a private namespace holds its namespace or tmpfs after the host
+    removed it there (another lab's, torn down while this node runs)."""
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = Path(fields[4].encode().decode("unicode_escape"))
+            fstype = fields[fields.index("-") + 1]
+            related = any(b == point or b in point.parents or point in b.parents for b in binds)
+            if fstype == "nsfs" or (any(c in point.parents for c in covered) and not related):
+                points.append(str(point))
+    for point in sorted(points, key=len, reverse=True):
+        _libc.umount2(point.encode(), MNT_DETACH)  # (fails if one above took it: fine)
 
 
 def _hide(hide: tuple[Path, ...], scratch: tuple[Path, ...], scratch_bytes: int,
