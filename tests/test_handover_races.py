@@ -269,6 +269,52 @@ def test_an_orphan_the_node_left_lingering_does_not_stall_the_owner_watch(tables
             owner.wait()
 
 
+def test_a_flood_of_owner_deaths_is_bounded_and_said(tcp_pair, tmp_path, monkeypatch):
+    """Outside review: every dead session owner was an owner_died event, unlimited: a
+    node whose short-lived servers each held a session pushed hundreds a second, out of
+    the bus's history and the monitors' queues, and other nodes' events were lost. A
+    node's owner_died events now have a budget; beyond it they are counted and said
+    ("events_suppressed", events "owner_died"), on which monitors ask for its orphans."""
+    monkeypatch.setattr(owners, "OWNER_EVENTS_PER_S", 0.001)  # (no refill within the test)
+    n = owners.OWNER_EVENTS_BURST + 16
+    regions = RegionTable([NODE], max_regions=8, max_region_bytes=1 << 20,
+                          max_node_bytes=1 << 22)
+    sessions = SessionTable([NODE], max_per_node=n)
+    published = []
+    watch = OwnerWatch(sessions, regions, publish=lambda kind, node, **d: published.append(
+        (kind, d)), audit=SimpleNamespace(write=lambda **k: None), timeout_s=60.0,
+                       run_dir=str(tmp_path))
+    holders = [subprocess.Popen(["sleep", "60"]) for _ in range(n)]
+    try:
+        watch.start()
+        for i, holder in enumerate(holders):
+            server, _ = tcp_pair()
+            sessions.hold(NODE, f"cb-{i}", server.fileno(), holder.pid)
+            watch.watch(NODE, holder.pid, None)
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+
+        def said() -> tuple[int, int]:
+            deaths = sum(1 for kind, _ in published if kind == "owner_died")
+            told = sum(d["count"] for kind, d in published if kind == "events_suppressed"
+                       and d["events"] == "owner_died")
+            return deaths, told
+        end = time.monotonic() + 10
+        while sum(said()) < n:
+            assert time.monotonic() < end, said()
+            time.sleep(0.05)
+        assert said() == (owners.OWNER_EVENTS_BURST, 16)
+        assert len(sessions.list(NODE)) == n  # held as orphans all the same
+    finally:
+        watch.stop()
+        sessions.close()
+        for holder in holders:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+
+
 def _wait_asleep_in_select(watch: OwnerWatch) -> None:
     """Until the watch's thread has taken every wake-up and sleeps in epoll_wait."""
     task = f"/proc/self/task/{watch._thread.native_id}/syscall"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import secrets
 import threading
 import time
@@ -40,6 +41,42 @@ HEARTBEAT_S = 1.0
 WRITE_TIMEOUT_S = 5.0  # a subscriber that takes no bytes for this long is dropped
 MAX_SUBSCRIBERS = 16
 _encode = msgspec.msgpack.Encoder().encode
+
+
+
+class EventBudget:
+    """A node's events of one kind (`events`: "progress", "owner_died"): a token bucket
+    of `burst` refilled at `per_s`; what it refuses is counted and said once a second at
+    most ("events_suppressed" {count, events, per_s, burst}), a node's flood pushing no
+    other node's events out of the bus's history and the monitors' queues. Not locked:
+    one thread's, or its owner's lock."""
+
+    def __init__(self, node: str, publish, events: str, burst: int, per_s: float):
+        self.node, self.publish, self.events = node, publish, events
+        self.burst, self.per_s = burst, per_s
+        self.tokens, self.at = float(burst), time.monotonic()
+        self.suppressed, self.said_at = 0, -math.inf
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.suppressed += 1
+        self.flush(now)
+        return False
+
+    def flush(self, now: float) -> None:
+        """Say how many were suppressed since the last time, if a second has passed."""
+        if self.suppressed and now - self.said_at >= 1.0:
+            self.said_at = now
+            self.publish("events_suppressed", self.node, count=self.suppressed,
+                         events=self.events, per_s=self.per_s, burst=self.burst)
+            log.warning("node %s: %d %s events suppressed (over %g per s)", self.node,
+                        self.suppressed, self.events, self.per_s)
+            self.suppressed = 0
 
 
 class SubscribeArgs(msgspec.Struct, forbid_unknown_fields=True):

@@ -37,6 +37,7 @@ from ..continuations.errors import NoVerdict
 from ..errors import BackdoorsError
 from ..tcprepair import repair
 from ..tcprepair.kernel import SIOCINQ, ioctl_int
+from .events import EventBudget
 from .membership import outsider
 from .ops import Call, Op, OpError
 from .sessions import Session, SessionTable
@@ -44,6 +45,10 @@ from .sessions import Session, SessionTable
 log = logging.getLogger("backdoors.agent")
 
 VERDICT_WAIT_S = 10.0  # readopt waits this long for a server's verdicts once all are sent
+#: owner_died events a node may push at once, then per second: beyond, they are counted
+#: and said ("events_suppressed"), and the monitors ask the node's orphans instead
+OWNER_EVENTS_BURST = 64
+OWNER_EVENTS_PER_S = 16.0
 
 
 class ReadoptArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -89,6 +94,7 @@ class OwnerWatch:
         self._watched: dict[tuple[str, int], int] = {}  # (node, pid) -> pidfd
         self._deaths: list[_Death] = []
         self._recent: dict[tuple[str, int], float] = {}  # dead owners -> until (monotonic)
+        self._budgets: dict[str, EventBudget] = {}  # per node: its owner_died events
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -150,6 +156,11 @@ class OwnerWatch:
     def _run(self) -> None:
         while not self._stopping:
             timeout = self._next_deadline()
+            with self._lock:  # a flood's last suppressed deaths, said within a second
+                for budget in self._budgets.values():
+                    budget.flush(time.monotonic())
+                if any(b.suppressed for b in self._budgets.values()):
+                    timeout = min(timeout if timeout is not None else 1.0, 1.0)
             for key, _ in self._sel.select(timeout):
                 if key.data is None:
                     try:
@@ -202,9 +213,13 @@ class OwnerWatch:
         with self._lock:
             self._deaths.append(_Death(node, pid, died, time.monotonic() + self.timeout_s,
                                        orphans))
+            budget = self._budgets.get(node) or self._budgets.setdefault(node, EventBudget(
+                node, self.publish, "owner_died", OWNER_EVENTS_BURST, OWNER_EVENTS_PER_S))
+            pushed = budget.take()
         self._wake()  # told by another thread: the loop must take this deadline in
-        self.publish("owner_died", node, pid=pid, sessions=names, died=died,
-                     orphan_timeout_s=self.timeout_s)
+        if pushed:  # (else the monitors ask the node's orphans, told of the suppression)
+            self.publish("owner_died", node, pid=pid, sessions=names, died=died,
+                         orphan_timeout_s=self.timeout_s)
         self.audit.write(kind="owner_died", node=node, pid=pid, sessions=len(names))
         log.warning("node %s: server %d died holding %d sessions", node, pid, len(names))
 

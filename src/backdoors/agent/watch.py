@@ -109,6 +109,7 @@ from ..net.links import LinkEvents
 from ..nodes.cgfs import Polled
 from ..nodes.notify import FrozenNotifier, MemoryThreshold, OomNotifier, PressureTrigger
 from ..sensors import GUEST_BOX, SensorType, abi, over_rate, parse_box, read_consistent, stalled
+from .events import EventBudget
 from .sampler import FORK_WINDOW_S, OOM_WINDOW_S
 from .served import NodeRuntime
 from .tracking import Key
@@ -333,40 +334,6 @@ class _Node:
             return max(0, self.starved[-1][1] - base) / 1e6
 
 
-@dataclass(eq=False)
-class _EventBudget:
-    """A node's progress events: a token bucket of EVENTS_BURST refilled at EVENTS_PER_S;
-    what it refuses is counted and said once a second at most."""
-
-    node: str
-    publish: Callable[..., int]
-    tokens: float = EVENTS_BURST
-    at: float = field(default_factory=time.monotonic)
-    suppressed: int = 0
-    said_at: float = -math.inf
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(EVENTS_BURST, self.tokens + (now - self.at) * EVENTS_PER_S)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        self.suppressed += 1
-        self.flush(now)
-        return False
-
-    def flush(self, now: float) -> None:
-        """Say how many were suppressed since the last time, if a second has passed."""
-        if self.suppressed and now - self.said_at >= 1.0:
-            self.said_at = now
-            self.publish("events_suppressed", self.node, count=self.suppressed,
-                         per_s=EVENTS_PER_S, burst=EVENTS_BURST)
-            log.warning("node %s: %d progress events suppressed (over %g per s)", self.node,
-                        self.suppressed, EVENTS_PER_S)
-            self.suppressed = 0
-
-
 class Watcher:
     """Watches every node on one thread (`start`, `stop`); `publish(kind, node, **data)`
     pushes an event; `held(node)` says whether a lease holds the node locked;
@@ -395,7 +362,7 @@ class Watcher:
         self._read_frozen: list[_Node] = []  # nodes whose frozen state a tick reads (v1)
         self._settling: set[_Node] = set()  # nodes just notified of an OOM
         self._pressed: set[_Node] = set()  # nodes over a PSI trigger: a tick sees it end
-        self._budgets: dict[str, _EventBudget] = {}  # per node: its progress events
+        self._budgets: dict[str, EventBudget] = {}  # per node: its progress events
 
     def start(self) -> None:
         self._thread.start()
@@ -983,8 +950,9 @@ class Watcher:
             return
         self.publish("violation" if violated else "cleared", node, **data)
 
-    def _budget(self, node: str) -> _EventBudget:
+    def _budget(self, node: str) -> EventBudget:
         budget = self._budgets.get(node)
         if budget is None:
-            budget = self._budgets[node] = _EventBudget(node, self.publish)
+            budget = self._budgets[node] = EventBudget(node, self.publish, "progress",
+                                                       EVENTS_BURST, EVENTS_PER_S)
         return budget

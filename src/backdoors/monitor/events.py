@@ -131,6 +131,8 @@ class EventFollower:
                 self.last_seq = ev.seq
                 self.seen.append((ev.epoch, ev.seq, ev.kind, ev.node))
                 self.monitor.on_event(self.entry.host, ev, received=self.monitor.clock())
+                if ev.kind == "events_suppressed" and ev.data.get("events") == "owner_died":
+                    self._catch_up("suppressed")  # deaths the agent did not push
 
     def _catch_up(self, why: str) -> None:
         """What events may have told: the nodes' orphaned sessions, asked by poll."""
