@@ -94,6 +94,57 @@ def test_a_node_churning_its_box_layouts_costs_each_tick_a_bounded_share():
             box.close()
 
 
+def test_a_box_held_mid_update_or_relaid_every_tick_costs_the_watch_little(monkeypatch):
+    """Outside review: a box whose generation a node held odd (a writer mid-update, for
+    ever) made each tick wait out the seqlock's retries (~30 ms against a 5 ms period),
+    and one whose layout changed on every tick was parsed on every tick (4,096 sensors:
+    22-33 ms): every node's detection waited behind it. A box mid-update is looked at
+    again at the next tick, and one is parsed no sooner than PARSE_SPACING times its
+    last parse took."""
+    from backdoors.agent import watch
+    from backdoors.agent.watch import PARSE_SPACING
+
+    reads = []
+    read = watch.read_consistent
+    monkeypatch.setattr(watch, "read_consistent", lambda region: reads.append(1) or read(region))
+    regions = RegionTable(["n0", "n1"], max_regions=4, max_region_bytes=1 << 20,
+                          max_node_bytes=4 << 20)
+    box = SensorBox.create("h", capacity=64)
+    box.progress("p", deadline=HOUR)
+    regions.keep("n0", "h", "sensorbox", box.fd, os.getpid())
+    m = mmap.mmap(box.fd, os.fstat(box.fd).st_size)
+    victim, w, events = _victim_and_watcher(regions)
+    try:
+        now = time.monotonic()
+        w._replan(now)
+        w._tick(now)
+        (h,) = w._nodes["n0"].boxes.values()
+        assert h.counters and h.parse_after > now and len(reads) == 2  # both boxes parsed
+        at = abi.OFF_GENERATION
+        m[at:at + 8] = (int.from_bytes(m[at:at + 8], "little") + 1).to_bytes(8, "little")
+        for _ in range(10):  # held odd: not read, not waited for
+            now = max(now, h.parse_after) + 0.005
+            w._tick(now)
+        assert len(reads) == 2 and h.generation % 2 == 0
+        m[at:at + 8] = (int.from_bytes(m[at:at + 8], "little") + 1).to_bytes(8, "little")
+        while len(reads) == 2:  # even again, and changed: parsed once its spacing passed
+            now += 0.005
+            w._tick(now)
+        assert h.generation == int.from_bytes(m[at:at + 8], "little")
+        last, spacing = now, h.parse_after - now
+        assert 0 < spacing and PARSE_SPACING > 1
+        _bump([m])
+        w._tick(now + spacing / 2)
+        assert len(reads) == 3  # not before the spacing ...
+        w._tick(h.parse_after)
+        assert len(reads) == 4 and last < h.parse_after  # ... and after it
+    finally:
+        w._close()
+        m.close()
+        box.close()
+        victim.close()
+
+
 def test_a_node_toggling_its_counters_pushes_a_bounded_number_of_events():
     """Each progress counter that stalls and moves again is two events: 512 counters of
     1 ms deadline, ticked every other tick, were thousands of events a second, pushing

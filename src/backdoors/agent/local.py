@@ -138,6 +138,9 @@ class _Conn:
     # for the process's life; the other fields go stale)
     process: ProcessInfo | None = None
     checked: float = -math.inf  # when its cgroups were last found inside its node
+    #: time its request spent waiting on its node's box (a generation held odd: the
+    #: seqlock's retries sleep), charged with its CPU time
+    waited: float = 0.0
 
 
 class LocalServer:
@@ -313,7 +316,8 @@ class LocalServer:
             conn.served = self._turns
             spent = time.thread_time()
             self._serve(self._readable, conn)
-            self._charge(conn.node, time.thread_time() - spent)
+            self._charge(conn.node, time.thread_time() - spent + conn.waited)
+            conn.waited = 0.0
         now = time.monotonic()
         for node, until in list(self._resting.items()):
             if until <= now:
@@ -340,7 +344,8 @@ class LocalServer:
                 self._drop(arg)
 
     def _charge(self, node: str, spent: float) -> None:
-        """Count the CPU a request of `node` took; a node over its share rests: its
+        """Count the time a request of `node` took (its CPU, and its waits on the node's
+        box: the registration thread's time either way); a node over its share rests: its
         connections are not read until it has earned the time back (its requests wait in
         its sockets, and the other nodes' are served meanwhile)."""
         now = time.monotonic()
@@ -594,7 +599,12 @@ class LocalServer:
         def check(region: Region) -> None:
             try:
                 if kind == "sensorbox":
-                    parse_box(read_consistent(region))
+                    began, cpu = time.monotonic(), time.thread_time()
+                    try:
+                        parse_box(read_consistent(region))
+                    finally:
+                        conn.waited += max(0.0, time.monotonic() - began
+                                           - (time.thread_time() - cpu))
                 elif kind == SESSION_KIND:
                     _check_cb(region, name)
             except OSError as e:  # (whatever the node made of the file: a refusal)

@@ -125,10 +125,16 @@ OOM_SETTLE_S = 0.5  # after an OOM notification, the count is read on every tick
 FORKS_READ_S = 0.025
 RETRY_S = 1.0  # a box that did not parse is tried again after this
 #: What one tick does for one node at most: a node's root owns its boxes' memory and can
-#: change every layout on every tick (a 4,096-sensor box takes ~16 ms to parse), and keep
-#: 64 x 4,096 counters; the watch thread is every node's. Boxes beyond are read on the
-#: next ticks, in turn (that node's own detection slows down, no other's).
+#: change every layout on every tick (a 4,096-sensor box takes ~16-30 ms to parse), and
+#: keep 64 x 4,096 counters; the watch thread is every node's. Boxes beyond are read on
+#: the next ticks, in turn.
 PARSES_PER_TICK = 1
+#: And a box is parsed again no sooner than PARSE_SPACING times its last parse took after
+#: it (a box whose layout changes on every tick takes at most 1/PARSE_SPACING of the
+#: thread, not all of it: every node's detection waits behind a parse). A layout being
+#: changed (an odd generation: a writer mid-update) is not waited for but looked at
+#: again at the next tick; the old counters wait with it.
+PARSE_SPACING = 20
 COUNTERS_PER_TICK = 4096
 #: Progress events ("violation", "cleared") a node may push at once, and then per second:
 #: each counter that stalls and moves again is two events, and a node's root can toggle
@@ -192,6 +198,7 @@ class _Box:
     generation: int = -1
     counters: list[_Counter] = field(default_factory=list)
     retry_at: float = 0.0
+    parse_after: float = 0.0  # the next parse no sooner (PARSE_SPACING)
     dead: bool = False  # its registrant died and its stalls were published: final
     read_at: float = 0.0  # the watcher's last read (agent/tracking.py reads it)
     unpack: Callable | None = None  # the counters' words in one call (set by _parse)
@@ -656,9 +663,13 @@ class Watcher:
         gen = words[_GEN_WORD] if words is not None else region.load_word(abi.OFF_GENERATION)
         parsed = gen != box.generation
         if parsed:
-            if not may_parse:
+            if not may_parse or gen & 1 or now < box.parse_after:
                 return None  # a later tick parses it; its old counters wait with it
-            self._parse(box, region, now)
+            began = time.monotonic()
+            try:
+                self._parse(box, region, now)
+            finally:
+                box.parse_after = now + PARSE_SPACING * (time.monotonic() - began)
         if words is not None:
             values = box.unpack(words)
         else:
