@@ -315,6 +315,39 @@ def test_a_flood_of_owner_deaths_is_bounded_and_said(tcp_pair, tmp_path, monkeyp
                 holder.wait()
 
 
+def test_descriptors_a_node_hands_over_are_told_apart_without_fstat(tables, tcp_pair,
+                                                                     monkeypatch):
+    """Outside review: the agent fstat'ed descriptors a node handed it before knowing
+    what they were (the Closer's defuse; `holds` for an attach); fstat of a file on a FUSE
+    mount the node serves waits for its daemon, for ever if it never answers, on a thread
+    every node shares. Sockets and memfds are now told by calls that only they answer."""
+    from backdoors.agent.closing import defuse
+    regions, _ = tables
+    r, w = os.pipe()
+    server, _ = tcp_pair()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+    box = _box(os.urandom(cbformat.SESSION_SIZE), 1, 0)
+    regions.keep(NODE, "cb-x", "cb", box.fd, os.getpid())
+    fstat = os.fstat
+    looked = {r, w, server.fileno()}
+
+    def guarded(fd, *a, **k):
+        assert fd not in looked, f"fstat of handed descriptor {fd}"
+        return fstat(fd, *a, **k)
+    monkeypatch.setattr(os, "fstat", guarded)
+    try:
+        defuse(r)  # not a socket: left as it is
+        defuse(server.fileno())
+        assert struct.unpack("ii", server.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                     8))[0] == 0  # linger off
+        assert not regions.holds(NODE, "cb-x", "cb", r, os.getpid(), None)  # not a memfd
+    finally:
+        monkeypatch.undo()
+        os.close(r)
+        os.close(w)
+        box.close()
+
+
 def _wait_asleep_in_select(watch: OwnerWatch) -> None:
     """Until the watch's thread has taken every wake-up and sleeps in epoll_wait."""
     task = f"/proc/self/task/{watch._thread.native_id}/syscall"

@@ -14,7 +14,6 @@ import logging
 import os
 import queue
 import socket
-import stat
 import struct
 import threading
 
@@ -27,16 +26,13 @@ DRAIN_READS = 64
 
 
 def defuse(fd: int) -> None:
-    """Clear SO_LINGER if `fd` is a socket (so its last close returns at once)."""
+    """Clear SO_LINGER if `fd` is a socket (so its last close returns at once). Told by
+    the socket calls failing on anything else, not by fstat(2): that of a file on a FUSE
+    mount the node serves waits for the node's daemon, for ever if it never answers."""
     try:
-        if stat.S_ISSOCK(os.fstat(fd).st_mode):
-            _setsockopt_linger(fd)
+        sock = socket.socket(fileno=fd)
     except OSError:
-        pass
-
-
-def _setsockopt_linger(fd: int) -> None:
-    sock = socket.socket(fileno=fd)
+        return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
     except OSError:

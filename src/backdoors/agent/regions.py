@@ -9,6 +9,7 @@ and its worker threads: every access holds its lock (briefly: never during a cop
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import threading
@@ -202,6 +203,7 @@ class RegionTable:
                         or (start_time is not None and entry.start_time != start_time)):
                     return False
                 kept = os.fstat(entry.region.fd)
+            fcntl.fcntl(fd, fcntl.F_GET_SEALS)  # a memfd (not: a FUSE file, whose fstat waits)
             given = os.fstat(fd)
         except (NoSuchRegion, OSError):
             return False
