@@ -29,8 +29,9 @@ def stop(proc: subprocess.Popen | None, folder: str) -> None:
 
 def reap(executable: str, prefix: str) -> list[int]:
     """SIGKILL the `executable` processes whose `--name` starts with `prefix` (a crashed
-    owner's); the pids killed."""
-    killed = []
+    owner's) and wait for them to be gone (their data folders are removed next); the pids
+    killed."""
+    killed, procs = [], []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
         if not cmd or os.path.basename(cmd[0]) != executable or "--name" not in cmd:
@@ -40,6 +41,8 @@ def reap(executable: str, prefix: str) -> list[int]:
             try:
                 p.kill()
                 killed.append(p.pid)
+                procs.append(p)
             except psutil.Error:
                 pass
+    psutil.wait_procs(procs, timeout=5)
     return killed
