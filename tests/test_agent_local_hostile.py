@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -500,3 +501,51 @@ def test_a_node_holding_its_box_mid_update_pays_for_the_registration_threads_wai
         registrar.wait()
     rested = [r for r in lab.audit() if r.get("kind") == "local_rested"]
     assert {r["node"] for r in rested} == {"n0"}, rested
+
+
+# argv[1] register/unregister pairs of one box on one connection, each answered.
+CHURN = """
+import array, json, os, socket, sys
+import msgspec
+from backdoors.common import ipc
+from backdoors.common.runtime import AGENT_SOCKET_ENV
+from backdoors.sensors import SensorBox
+box = SensorBox.create("c")
+s = ipc.connect(os.environ[AGENT_SOCKET_ENV], timeout=60)
+fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [box.fd]))]
+ok = 0
+for _ in range(int(sys.argv[1])):
+    for req, anc in (({"op": "register", "kind": "sensorbox", "name": "c"}, fds),
+                     ({"op": "unregister", "name": "c"}, [])):
+        p = msgspec.msgpack.encode(req)
+        s.sendmsg([len(p).to_bytes(4, "big") + p], anc)
+        ok += msgspec.msgpack.decode(ipc.recv(s, max_bytes=1 << 16).payload)["ok"]
+print(json.dumps(ok), flush=True)
+"""
+
+
+def test_a_node_churning_registrations_writes_a_bounded_audit(agent_lab):
+    """Outside review: every successful registration was an audit line, without limit:
+    a node's register/unregister loop wrote thousands a second (gigabytes a day on the
+    host's disk). Beyond a node's rate they are counted in `local_suppressed` lines (ok
+    true); the metrics count every one. (A burst of 50 and 1 a second here.)"""
+    lab = agent_lab(nodes={"n0": {}})
+    local = lab.agent.agent.local
+    local._ok_limiter.burst, local._ok_limiter.rate = 50, 1.0
+    local._ok_limiter._buckets.clear()
+    began = time.monotonic()
+    assert json.loads(read_line(lab.run("n0", CHURN, "300"), 120)) == 600
+    took = time.monotonic() - began
+
+    def said() -> tuple[int, int] | None:
+        records = lab.audit()
+        ok = sum(1 for r in records if r.get("kind") == "local" and r.get("ok")
+                 and r.get("name") == "c")
+        told = sum(r["count"] for r in records
+                   if r.get("kind") == "local_suppressed" and r.get("ok"))
+        return (ok, told) if ok + told == 600 else None
+    ok, told = wait_for(said, timeout=10, what="every registration audited or counted")
+    assert ok <= 50 + took + 1, (ok, told, took)
+    counted = sum(local.metrics.registrations.labels("n0", op, "ok")._value.get()
+                  for op in ("register", "unregister"))
+    assert counted >= 600

@@ -100,9 +100,9 @@ class AuditLog:
         self.write(kind="local", node=node, pid=pid, op=clip(op, 64), name=clip(name),
                    region_kind=clip(kind, 64), ok=ok, error=clip(error))
 
-    def local_suppressed(self, *, node: str, count: int) -> None:
-        """One line for `count` refusals of `node` not logged one by one."""
-        self.write(kind="local_suppressed", node=node, count=count)
+    def local_suppressed(self, *, node: str, count: int, ok: bool = False) -> None:
+        """One line for `count` refusals (`ok`: successes) of `node` not logged one by one."""
+        self.write(kind="local_suppressed", node=node, count=count, ok=ok)
 
     def close(self) -> None:
         for _, count in self._rejects.pending(every=True):

@@ -78,6 +78,10 @@ CLAIM_TRIES = 3  # a node racing the agent for its socket path
 #: burst of NODE_CPU_BURST_S; beyond, the node's connections rest until it is earned back
 NODE_CPU_SHARE = 0.5
 NODE_CPU_BURST_S = 1.0
+#: a node's successful registrations audited one by one, at once and then per second:
+#: beyond, counted in a `local_suppressed` line (ok true); the metrics count every one
+OK_AUDIT_BURST = 1000
+OK_AUDIT_PER_S = 200.0
 #: how long a caller found inside its node is believed to stay there (while its pidfd
 #: says it lives): only the host moves a process between nodes' cgroups
 CALLER_RECHECK_S = 1.0
@@ -160,7 +164,8 @@ class LocalServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._closer = Closer()
         self.sessions.closer = self._closer.close_socket
-        self._limiter = LogLimiter()
+        self._limiter = LogLimiter()  # refusals
+        self._ok_limiter = LogLimiter(rate=OK_AUDIT_PER_S, burst=OK_AUDIT_BURST)
         self.cpu_share, self.cpu_burst_s = NODE_CPU_SHARE, NODE_CPU_BURST_S
         self._cpu: dict[str, _CpuBudget] = {}
         self._resting: dict[str, float] = {}  # node -> until (monotonic): not served
@@ -326,6 +331,8 @@ class LocalServer:
             self._reported_at = now
             for node, count in self._limiter.pending():
                 self._suppressed(node, count)
+            for node, count in self._ok_limiter.pending():
+                self.audit.local_suppressed(node=node, count=count, ok=True)
         for conn in [c for c in self._conns.values() if c.deadline < now]:
             if not conn.reader.partial and _unread(conn.sock):
                 # its request waits unread: the agent's backlog, not a slow caller
@@ -501,11 +508,20 @@ class LocalServer:
             self._refused(conn, req.op, req.name, str(e))
             return LocalReply(False, error=str(e))
         if req.op != "attach":  # (which accounts for each of its boxes)
-            self.audit.local(node=conn.node, pid=conn.pid, op=req.op, name=req.name,
-                             kind=req.kind, ok=True)
-            self.metrics.registrations.labels(conn.node, req.op, "ok").inc()
+            self._audit_ok(conn, req.op, req.name, req.kind)
         self._count_regions(conn.node)
         return LocalReply(True, region=region)
+
+    def _audit_ok(self, conn: _Conn, op: str, name: str, kind: str | None) -> None:
+        """Count a success; audit it unless the node is over its rate (a register and
+        unregister loop: thousands of lines a second, gigabytes a day)."""
+        self.metrics.registrations.labels(conn.node, op, "ok").inc()
+        logged, suppressed = self._ok_limiter.admit(conn.node)
+        if suppressed:
+            self.audit.local_suppressed(node=conn.node, count=suppressed, ok=True)
+        if logged:
+            self.audit.local(node=conn.node, pid=conn.pid, op=op, name=name, kind=kind,
+                             ok=True)
 
     def _refused(self, conn: _Conn, op: str, name: str, message: str) -> None:
         """Count a refusal; log and audit it unless the node is over its refusal rate."""
@@ -658,9 +674,7 @@ class LocalServer:
                 self._refused(conn, "attach", name, str(e))
                 continue
             held.append(name)
-            self.audit.local(node=conn.node, pid=conn.pid, op="attach", name=name,
-                             kind=SESSION_KIND, ok=True)
-            self.metrics.registrations.labels(conn.node, "attach", "ok").inc()
+            self._audit_ok(conn, "attach", name, SESSION_KIND)
         return {"kind": SESSION_KIND, "held": held, "refused": refused, "later": later}
 
     def _holds(self, conn: _Conn, name: str, box_fd: int, sock_fd: int) -> bool:
