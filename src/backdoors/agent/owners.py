@@ -213,8 +213,10 @@ class OwnerWatch:
         with self._lock:
             self._deaths.append(_Death(node, pid, died, time.monotonic() + self.timeout_s,
                                        orphans))
-            budget = self._budgets.get(node) or self._budgets.setdefault(node, EventBudget(
-                node, self.publish, "owner_died", OWNER_EVENTS_BURST, OWNER_EVENTS_PER_S))
+            budget = self._budgets.get(node)
+            if budget is None:
+                budget = self._budgets[node] = EventBudget(
+                    node, self.publish, "owner_died", OWNER_EVENTS_BURST, OWNER_EVENTS_PER_S)
             pushed = budget.take()
         self._wake()  # told by another thread: the loop must take this deadline in
         if pushed:  # (else the monitors ask the node's orphans, told of the suppression)
