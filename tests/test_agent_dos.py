@@ -82,6 +82,41 @@ def test_keyless_idle_connections_cannot_lock_a_monitor_out(agent_lab):
     assert lab.agent.agent.rpc.unauthenticated <= lab.config.max_unauthenticated
 
 
+def test_a_request_whose_connection_gave_way_to_a_flood_is_sent_again(agent_lab):
+    """Seen in CI (run 99, beside stress-ng): a monitor's new connection became the oldest
+    unauthenticated one before the agent read its request, gave way to a keyless flood's
+    newer connection, and the request failed ("busy: ... gave way"). It was not served:
+    the client now sends it again on a new connection. (And the agent counts a request
+    still in the kernel's queue as on its way: silent connections give way first.)"""
+    lab = agent_lab()
+    c = lab.client(timeout=10)
+    connect, flood = c._connect, []
+
+    def connect_then_flood(timeout):  # connected, the request not sent yet
+        connect(timeout)
+        if flood:
+            return
+        for source in loopback_addresses(lab.config.max_unauthenticated):
+            flood.append(socket.create_connection(lab.agent.address, timeout=10,
+                                                  source_address=(source, 0)))
+        wait_for(lambda: _has_bytes(c._sock), what="the agent's word that it gave way")
+    c._connect = connect_then_flood
+    try:
+        assert c.ping()
+    finally:
+        c.close()
+        for s in flood:
+            s.close()
+    assert len(flood) == lab.config.max_unauthenticated
+
+
+def _has_bytes(s: socket.socket) -> bool:
+    try:
+        return bool(s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
 def test_one_address_holds_at_most_its_share(agent_lab):
     lab = agent_lab()
     per_address = lab.config.max_unauthenticated_per_address

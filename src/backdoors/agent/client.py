@@ -36,6 +36,21 @@ _encode = msgspec.msgpack.Encoder().encode
 _envelope = msgspec.msgpack.Decoder(Envelope)
 _response = msgspec.msgpack.Decoder(RawResponse)
 _UNSET = msgspec.UNSET
+#: sends of a request again after the agent closed its connection to make room for a
+#: newer one before reading it (its reserve of unauthenticated connections full)
+EVICTED_RETRIES = 3
+
+
+def _evicted(reply: bytes) -> bool:
+    """Whether `reply` is the agent's word that the connection gave way to a newer one
+    before its request was read (unsigned: no request of it was served)."""
+    try:
+        env = _envelope.decode(reply)
+        resp = _response.decode(env.body)
+    except DECODE_ERRORS:
+        return False
+    return (not env.sig and resp.error is not None and resp.error.code == "busy"
+            and "gave way" in resp.error.message)
 
 
 class _Closed(Exception):
@@ -123,8 +138,15 @@ class AgentClient:
     def _request(self, op: str, args: dict[str, Any], timeout: float | None = None) -> msgspec.Raw:
         payload, nonce = self.signed_request(op, args)
         timeout = (timeout or self.timeout) + (self.vote_window if op in DESTRUCTIVE else 0.0)
-        with self._lock:
-            reply = self._exchange(payload, timeout)
+        deadline = time.monotonic() + timeout
+        for attempt in range(EVICTED_RETRIES + 1):
+            with self._lock:
+                reply = self._exchange(payload, max(0.001, deadline - time.monotonic()))
+                if attempt == EVICTED_RETRIES or not _evicted(reply):
+                    break
+                # room made for a newer connection before the request was read (a keyless
+                # flood): it was not served; sent again on a new connection
+                self._disconnect()
         return self._open_reply(op, reply, nonce)
 
     def _open_reply(self, op: str, reply: bytes, nonce: bytes) -> msgspec.Raw:

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from ..errors import BackdoorsError
+from ..tcprepair.kernel import SIOCINQ, ioctl_int
 from .audit import AuditLog
 from .auth import Authenticator, Rejected
 from .config import NODE_NAME
@@ -64,6 +65,7 @@ class _Conn:
     in_request: bool = False  # a request is being answered (never evicted then)
     rejected: str | None = None  # the code, when the request in hand did not authenticate
     closing: str | None = None  # why the server closes it (told to the peer)
+    sock: Any = None  # its socket (what the event loop has not read of it yet)
 
 
 class RpcServer:
@@ -133,7 +135,7 @@ class RpcServer:
                 continue
             idle = [x for x in holding if not x.authenticated and not x.in_request]
             if idle:  # silent ones first (a monitor's new connection has its request on the way)
-                self._evict(min(idle, key=lambda x: (_buffered(x.reader) > 0, x.opened)),
+                self._evict(min(idle, key=lambda x: (_pending(x) > 0, x.opened)),
                             f"{len(holding)} {what} are open: the oldest without an "
                             "authenticated request gave way")
             elif (hog := self._over_share(holding)) is not None:
@@ -177,7 +179,8 @@ class RpcServer:
         peer = _peer(writer)
         task = asyncio.current_task()
         c = self.agent.config
-        conn = _Conn(task, reader, _address(writer), time.monotonic())
+        conn = _Conn(task, reader, _address(writer), time.monotonic(),
+                     sock=writer.get_extra_info("socket"))
         if (refusal := self._admit(conn)) is not None:
             await self._refuse(writer, peer, "busy", refusal)
             _close(writer)
@@ -576,6 +579,19 @@ def _close(writer: asyncio.StreamWriter) -> None:
 def _buffered(reader: asyncio.StreamReader) -> int:
     """Bytes received and not yet read (StreamReader keeps them in `_buffer`)."""
     return len(getattr(reader, "_buffer", b""))
+
+
+def _pending(conn: _Conn) -> int:
+    """Bytes the peer sent that the agent has not read: in the StreamReader, or still in
+    the kernel's receive queue (the event loop has not read them yet: a monitor's first
+    request, while a flood of connections keeps the loop busy)."""
+    queued = 0
+    if conn.sock is not None:
+        try:
+            queued = ioctl_int(conn.sock, SIOCINQ)
+        except (OSError, ValueError):
+            pass
+    return _buffered(conn.reader) + queued
 
 
 def _address(writer: asyncio.StreamWriter) -> str:
