@@ -41,16 +41,9 @@ _UNSET = msgspec.UNSET
 EVICTED_RETRIES = 3
 
 
-def _evicted(reply: bytes) -> bool:
-    """Whether `reply` is the agent's word that the connection gave way to a newer one
-    before its request was read (unsigned: no request of it was served)."""
-    try:
-        env = _envelope.decode(reply)
-        resp = _response.decode(env.body)
-    except DECODE_ERRORS:
-        return False
-    return (not env.sig and resp.error is not None and resp.error.code == "busy"
-            and "gave way" in resp.error.message)
+class _GaveWay(TransportError):
+    """The agent's word that the connection gave way to a newer one before the request
+    was read (unsigned: no request of it was served)."""
 
 
 class _Closed(Exception):
@@ -142,12 +135,15 @@ class AgentClient:
         for attempt in range(EVICTED_RETRIES + 1):
             with self._lock:
                 reply = self._exchange(payload, max(0.001, deadline - time.monotonic()))
-                if attempt == EVICTED_RETRIES or not _evicted(reply):
-                    break
-                # room made for a newer connection before the request was read (a keyless
-                # flood): it was not served; sent again on a new connection
-                self._disconnect()
-        return self._open_reply(op, reply, nonce)
+                try:
+                    return self._open_reply(op, reply, nonce)
+                except _GaveWay:
+                    if attempt == EVICTED_RETRIES:
+                        raise
+                    # room made for a newer connection before the request was read (a
+                    # keyless flood): it was not served; sent again on a new connection
+                    self._disconnect()
+        raise AssertionError("unreachable")
 
     def _open_reply(self, op: str, reply: bytes, nonce: bytes) -> msgspec.Raw:
         try:
@@ -158,9 +154,11 @@ class AgentClient:
         if not env.sig:
             said = f"{resp.error.code}: {resp.error.message}" if resp.error else \
                 ("ok" if resp.ok else "failed")
-            raise TransportError(f"{op}: unsigned reply ({said[:300]}): not the agent's word "
-                                 "(it signs every answer to an authentic, fresh request)",
-                                 "protocol")
+            gave_way = resp.error is not None and resp.error.code == "busy" \
+                and "gave way" in resp.error.message
+            raise (_GaveWay if gave_way else TransportError)(
+                f"{op}: unsigned reply ({said[:300]}): not the agent's word (it signs every "
+                "answer to an authentic, fresh request)", "protocol")
         if not verify(self.agent_keys, REPLY_DOMAIN, env.body, env.sig):
             raise TransportError(f"{op}: the reply's signature is invalid: not agent "
                                  f"{self.agent}, or another key", "protocol")

@@ -135,7 +135,7 @@ class RpcServer:
                 continue
             idle = [x for x in holding if not x.authenticated and not x.in_request]
             if idle:  # silent ones first (a monitor's new connection has its request on the way)
-                self._evict(min(idle, key=lambda x: (_pending(x) > 0, x.opened)),
+                self._evict(min(idle, key=lambda x: (_pending(x), x.opened)),
                             f"{len(holding)} {what} are open: the oldest without an "
                             "authenticated request gave way")
             elif (hog := self._over_share(holding)) is not None:
@@ -581,17 +581,18 @@ def _buffered(reader: asyncio.StreamReader) -> int:
     return len(getattr(reader, "_buffer", b""))
 
 
-def _pending(conn: _Conn) -> int:
-    """Bytes the peer sent that the agent has not read: in the StreamReader, or still in
-    the kernel's receive queue (the event loop has not read them yet: a monitor's first
-    request, while a flood of connections keeps the loop busy)."""
-    queued = 0
-    if conn.sock is not None:
-        try:
-            queued = ioctl_int(conn.sock, SIOCINQ)
-        except (OSError, ValueError):
-            pass
-    return _buffered(conn.reader) + queued
+def _pending(conn: _Conn) -> bool:
+    """Whether the peer sent bytes the agent has not read: in the StreamReader, or still
+    in the kernel's receive queue (the event loop has not read them yet: a monitor's
+    first request, while a flood of connections keeps the loop busy)."""
+    if _buffered(conn.reader):
+        return True
+    if conn.sock is None:
+        return False
+    try:
+        return ioctl_int(conn.sock, SIOCINQ) > 0
+    except (OSError, ValueError):
+        return False
 
 
 def _address(writer: asyncio.StreamWriter) -> str:
