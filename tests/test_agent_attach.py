@@ -9,6 +9,7 @@ import threading
 import pytest
 from test_agent_support import agent_lab, prefix, read_line
 
+from backdoors import net
 from backdoors.continuations.agent_link import Worker
 
 __all__ = ["agent_lab", "prefix"]
@@ -197,3 +198,74 @@ def test_attaching_again_what_the_agent_holds_changes_nothing_and_a_new_box_repl
     assert after[names[0]].registered_at > before[names[0]].registered_at  # replaced
     assert after[names[0]].size > before[names[0]].size
     assert {s.name for s in c.sessions("n0")} == set(names)
+
+
+# In node n0 (in netns argv[1]): a session attached; then the same name sent again with a
+# new box and a socket the agent must refuse (a pipe; a TCP socket of the netns argv[2]),
+# and such a socket held on its own. Prints the replies and errors.
+REFUSED = r"""
+import json, os, socket, sys
+from backdoors.common import runtime
+from backdoors.continuations.region import CbRegion
+from backdoors.errors import RegistrationError
+from backdoors.net import netns
+
+def pair():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    c = socket.create_connection(srv.getsockname())
+    s, _ = srv.accept()
+    keep.extend([srv, c, s])
+    return s
+
+keep = []
+session = os.urandom(16)
+name = "cb-" + session.hex()
+first = CbRegion.create(session, state_capacity=4096, log_capacity=4096)
+out = {"name": name, "first": runtime.attach_sessions([(name, first.fd, pair().fileno())])}
+with netns.enter(sys.argv[2]):
+    foreign = pair()
+r, w = os.pipe()
+for label, sock in (("pipe", r), ("foreign", foreign.fileno())):
+    box = CbRegion.create(session, state_capacity=4096, log_capacity=8192)
+    keep.append(box)
+    out[label] = runtime.attach_sessions([(name, box.fd, sock)])
+try:
+    runtime.hold_socket(foreign.fileno(), name="cb-" + "1" * 32)
+    out["hold"] = "held"
+except RegistrationError as e:
+    out["hold"] = str(e)
+print(json.dumps(out), flush=True)
+import time; time.sleep(60)
+"""
+
+
+@pytest.mark.root
+def test_a_refused_socket_leaves_the_session_held_under_its_name_as_it_was(agent_lab, prefix):
+    """Outside review: an attach whose socket the agent refused dropped the session held
+    under that name before (the new box had replaced its box, then both were dropped).
+    The socket is now checked before the box is kept. And a session socket must live in
+    its node's network namespace: one of a namespace the node made (unshare) is refused."""
+    ns, foreign = f"{prefix}-ns", f"{prefix}-other"
+    made = []
+    try:
+        for n in (ns, foreign):
+            net.netns.create(n)
+            made.append(n)
+            net.set_up(n, "lo")
+        lab = agent_lab(nodes={"n0": {"netns": ns}}, node_n0={"netns": ns})
+        c = lab.client()
+        out = json.loads(read_line(lab.run("n0", REFUSED, ns, foreign), 30))
+        name = out["name"]
+        assert out["first"]["held"] == [name]
+        [before] = [r for r in c.regions("n0") if r.name == name]
+        assert "TCP socket" in out["pipe"]["refused"][name]
+        assert f"not of node n0's network namespace {ns!r}" in out["foreign"]["refused"][name]
+        assert f"not of node n0's network namespace {ns!r}" in out["hold"]
+        [after] = [r for r in c.regions("n0") if r.name == name]
+        assert (after.registered_at, after.size) == (before.registered_at, before.size)
+        assert [s.name for s in c.sessions("n0")] == [name]
+    finally:
+        for n in made:
+            net.netns.remove(n)

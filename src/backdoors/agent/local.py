@@ -39,6 +39,7 @@ from typing import Annotated
 
 import msgspec
 
+from .. import net
 from ..common import ipc
 from ..common.accepting import Pause
 from ..common.peers import SO_PEERPIDFD
@@ -663,9 +664,11 @@ class LocalServer:
             try:
                 # one this agent handed over and holds for it since is not checked again
                 if not self._holds(conn, name, fds[2 * i], fds[2 * i + 1]):
+                    # its socket checked first: a refused one leaves what is held as it was
+                    self._check_socket(conn, name, fds[2 * i + 1])
                     self._keep(conn, name, SESSION_KIND, False, fds[2 * i])
                     try:
-                        self._hold(conn, name, fds[2 * i + 1])
+                        self._hold(conn, name, fds[2 * i + 1], checked=True)
                     except SessionRefused:
                         self._drop_session(conn.node, name)
                         raise
@@ -704,8 +707,30 @@ class LocalServer:
         session = self._hold(conn, req.name, fds[0])
         return {"name": req.name, "kind": "socket", "session": session.describe()}
 
-    def _hold(self, conn: _Conn, name: str, fd: int):
-        """Hold the session socket `fd` as `name`; its server's death becomes an event."""
+    def _check_socket(self, conn: _Conn, name: str, fd: int) -> None:
+        """SessionRefused if `_hold` would refuse `fd` as `name` now; keeps nothing."""
+        self.sessions.check(conn.node, name, fd)
+        self._check_netns(conn, fd)
+
+    def _check_netns(self, conn: _Conn, fd: int) -> None:
+        """A session socket must live in its node's network namespace: one a node made in
+        a namespace of its own (unshare) would be moved, its addresses taken, as the
+        node's. (A node without a namespace of its own: not checked.)"""
+        ns = self.nodes[conn.node].netns
+        try:
+            if ns is None or net.netns.same_as_socket(ns, fd):
+                return
+        except OSError as e:
+            raise SessionRefused(f"the socket's network namespace cannot be told: "
+                                 f"{e.strerror or e}") from None
+        raise SessionRefused(f"the socket is not of node {conn.node}'s network namespace "
+                             f"{ns!r}")
+
+    def _hold(self, conn: _Conn, name: str, fd: int, *, checked: bool = False):
+        """Hold the session socket `fd` as `name` (`checked`: by `_check_socket` already);
+        its server's death becomes an event."""
+        if not checked:
+            self._check_socket(conn, name, fd)
         session = self.sessions.hold(conn.node, name, fd, conn.pid)
         if self.owners is not None:  # (agent.owners)
             self.owners.watch(conn.node, conn.pid, conn.pidfd)

@@ -65,6 +65,33 @@ class SessionTable:
              since: TcpState | None = None) -> Session:
         """Keep a duplicate of the TCP socket `fd` (the caller keeps its own fd); `since`:
         the state it was restored from, if not announced by `expect`."""
+        sock = self._duplicate(fd)
+        with self._lock:
+            held = self._sessions[node]
+            try:
+                self._room(node, name)
+            except SessionRefused:
+                self.closer(sock)
+                raise
+            old = held.pop(name, None)
+            since = (self._adopted.pop((node, name), None) or since
+                     or (old.since if old else None))
+            session = Session(node, name, sock, pid, since)
+            held[name] = session
+        if self.observer is not None:
+            self.observer("add", session)
+        if old is not None:
+            self.closer(old.sock)
+        return session
+
+    def check(self, node: str, name: str, fd: int) -> None:
+        """SessionRefused if `hold` would refuse `fd` as `name` now; keeps nothing."""
+        self.closer(self._duplicate(fd))
+        with self._lock:
+            self._room(node, name)
+
+    def _duplicate(self, fd: int) -> socket.socket:
+        """A duplicate of `fd`, a connected TCP socket; SessionRefused if it is not one."""
         dup = os.dup(fd)
         try:
             sock = socket.socket(fileno=dup)
@@ -79,22 +106,14 @@ class SessionTable:
         except OSError:
             self.closer(sock)
             raise SessionRefused("hold_socket takes a connected socket") from None
-        with self._lock:
-            held = self._sessions[node]
-            if name not in held and len(held) >= self.max_per_node:
-                self.closer(sock)
-                raise SessionRefused(f"node {node} holds {len(held)} sessions, the cap is "
-                                     f"{self.max_per_node} ({self.note})")
-            old = held.pop(name, None)
-            since = (self._adopted.pop((node, name), None) or since
-                     or (old.since if old else None))
-            session = Session(node, name, sock, pid, since)
-            held[name] = session
-        if self.observer is not None:
-            self.observer("add", session)
-        if old is not None:
-            self.closer(old.sock)
-        return session
+        return sock
+
+    def _room(self, node: str, name: str) -> None:
+        """SessionRefused if `name` would be a new session past the node's cap (locked)."""
+        held = self._sessions[node]
+        if name not in held and len(held) >= self.max_per_node:
+            raise SessionRefused(f"node {node} holds {len(held)} sessions, the cap is "
+                                 f"{self.max_per_node} ({self.note})")
 
     def release(self, node: str, name: str) -> Session | None:
         """Drop a session (it ended); closes the agent's duplicate."""

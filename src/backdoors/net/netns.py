@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import socket
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from backdoors.errors import NetError, require_root
 NETNS_DIR = "/var/run/netns"
 _CLONE_NEWNET = 0x40000000
 _THREAD_NETNS = "/proc/thread-self/ns/net"
+_SIOCGSKNS = 0x894C  # a socket's network namespace, as a new descriptor
 _NETLINK_BUFFER = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -199,6 +201,19 @@ def open_fd(name: str | None) -> int:
         return os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise missing from None
+
+
+def same_as_socket(name: str, fd: int) -> bool:
+    """Whether the socket `fd` lives in namespace `name` (SIOCGSKNS: the kernel's own
+    answer, whichever namespace the socket's maker had entered since); OSError if `fd` is
+    no socket or `name` is gone."""
+    ns_fd = fcntl.ioctl(fd, _SIOCGSKNS)
+    try:
+        theirs = os.fstat(ns_fd)
+    finally:
+        os.close(ns_fd)
+    ours = os.stat(path(name))
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _setns(fd: int, what: str) -> None:
