@@ -2,10 +2,12 @@
 servers linked by a leaf-node connection."""
 
 import os
+import socket
 import tempfile
 import time
 from types import SimpleNamespace
 
+import psutil
 import pytest
 from conftest import unavailable
 
@@ -116,7 +118,7 @@ def linked(unique):
         unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
     hub = natsproc.NatsProcess(f"bdt-nats-a-{unique}", tempfile.mkdtemp(prefix="bdt-nats-",
                                                                        dir="/dev/shm"),
-                               leaf_port=natsproc.free_port())
+                               leaf_port=0)
     spoke = natsproc.NatsProcess(f"bdt-nats-b-{unique}", tempfile.mkdtemp(prefix="bdt-nats-",
                                                                          dir="/dev/shm"))
     try:
@@ -187,6 +189,37 @@ def test_a_crashed_owners_server_is_reaped_by_name(unique):
         p.stop()
 
 
+def test_a_server_takes_the_ports_the_kernel_picks_as_it_binds(unique):
+    """Outside review: the lab picked a free port, then started the server on it; another
+    process could take the port between the two, and the server then exited while the
+    other's listener answered its readiness check. Ports left 0 are now picked by the
+    server as it binds, and read back from it; a port given and taken fails, naming why,
+    leaving nothing behind."""
+    if natsproc.available() is None:
+        unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        folder = tempfile.mkdtemp(prefix="bdt-nats-", dir="/dev/shm")
+        busy = natsproc.NatsProcess(f"bdt-nats-p-{unique}", folder, port=port)
+        with pytest.raises(natsproc.NatsError, match="exited with status 1.*already in use"):
+            busy.start()
+        assert busy.proc is None and not os.path.exists(folder)
+        assert natsproc.reap(f"bdt-nats-p-{unique}") == []
+    p = natsproc.NatsProcess(f"bdt-nats-p-{unique}", tempfile.mkdtemp(dir="/dev/shm"),
+                             leaf_port=0).start()
+    try:
+        ports = {p.port, p.http_port, p.leaf_port}
+        assert len(ports) == 3 and 0 not in ports
+        owned = {c.laddr.port for c in psutil.Process(p.proc.pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+        assert ports <= owned
+        assert p.leafs() == 0 and p.subscriptions() > 0  # its monitoring port answers
+    finally:
+        p.stop()
+
+
 def test_exe_sha256_is_the_executables_digest():
     import hashlib
     import os
@@ -245,6 +278,7 @@ def test_a_bus_whose_server_is_away_at_start_connects_when_it_comes(unique, capl
         unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
     server = natsproc.NatsProcess(f"bdt-nats-l-{unique}", tempfile.mkdtemp(
         prefix="bdt-nats-", dir="/dev/shm"))
+    server.start().stop()  # its address known (the ports it took), the server away
     heard = []
     with pytest.raises(natsproc.NatsError, match=r"cannot connect: \w+"):
         Bus([server.url], "bdt.late.*", timeout=0.5).start()

@@ -1,9 +1,8 @@
 """A NATS server process of its own, for clusters that warn each other (docs/operations.md,
 "Warnings between clusters"); the lab and the tests run one per cluster.
 
-    hub = NatsProcess("bd-a-nats", "/dev/shm/bd-a-nats", port=24222, leaf_port=24223).start()
-    spoke = NatsProcess("bd-b-nats", "/dev/shm/bd-b-nats", port=24232,
-                        remotes=[hub.leaf_url]).start()
+    hub = NatsProcess("bd-a-nats", "/dev/shm/bd-a-nats", leaf_port=0).start()
+    spoke = NatsProcess("bd-b-nats", "/dev/shm/bd-b-nats", remotes=[hub.leaf_url]).start()
     spoke.wait_linked()
 
 Two clusters' servers are linked by a **leaf-node connection**: one listens for leaf nodes
@@ -13,14 +12,19 @@ server, and its own failure domain. Its config and log are in its own folder (re
 stop); its name (`--name`, on its command line) starts with the owner's prefix, so that
 `reap(prefix)` finds a crashed owner's server. `within()`: a context manager start() enters
 to start it (e.g. a lab's monitor network namespace).
+
+A port left 0 is the kernel's pick, made by the server as it binds (its config says -1),
+and read back once it listens (its ports file, `ports_file_dir`; the leaf port from
+/varz): a port picked beforehand could be taken by another process before the server
+bound it, and a server that found it taken would exit while the other's listener answered.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import glob
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -42,28 +46,21 @@ def available() -> str | None:
     return shutil.which(NATS_SERVER)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class NatsProcess:
     """One nats-server: clients on `host`:`port`, monitoring (HTTP) on `http_port`, leaf
-    nodes accepted on `leaf_port` (None: none), and leaf links to `remotes`
+    nodes accepted on `leaf_port` (None: none; 0, as the others: the kernel's pick, known
+    once started), and leaf links to `remotes`
     ("nats-leaf://HOST:PORT" of other servers). `users`: name -> (password, subjects it
     may publish on, subjects it may subscribe to); given, only they may connect as
     clients, each within its permissions (leaf links are not affected)."""
 
     def __init__(self, name: str, run_dir: str, *, host: str = "127.0.0.1",
-                 port: int | None = None, http_port: int | None = None,
+                 port: int = 0, http_port: int = 0,
                  leaf_port: int | None = None, remotes: list[str] | None = None,
                  users: dict[str, tuple[str, list[str], list[str]]] | None = None,
                  within: Callable[[], AbstractContextManager] | None = None):
         self.name, self.run_dir, self.host = name, run_dir, host
-        self.port = port or free_port(host)
-        self.http_port = http_port or free_port(host)
+        self.port, self.http_port = port, http_port
         self.leaf_port, self.remotes = leaf_port, list(remotes or [])
         self.users = dict(users or {})
         self.within = within
@@ -81,11 +78,12 @@ class NatsProcess:
 
     def config(self) -> str:
         """Its configuration file (NATS's format, of which JSON is a subset)."""
-        conf: dict = {"server_name": self.name, "listen": f"{self.host}:{self.port}",
-                      "http": f"{self.host}:{self.http_port}", "max_payload": 65536}
+        conf: dict = {"server_name": self.name, "listen": f"{self.host}:{self.port or -1}",
+                      "http": f"{self.host}:{self.http_port or -1}", "max_payload": 65536,
+                      "ports_file_dir": self.run_dir}
         leaf: dict = {}
         if self.leaf_port is not None:
-            leaf["listen"] = f"{self.host}:{self.leaf_port}"
+            leaf["listen"] = f"{self.host}:{self.leaf_port or -1}"
         if self.remotes:
             leaf["remotes"] = [{"url": r} for r in self.remotes]
             leaf["reconnect"] = 1  # seconds between tries while the other side is away
@@ -122,19 +120,35 @@ class NatsProcess:
                                      stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         end = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise NatsError(f"nats-server {self.name} exited with status "
-                                f"{self.proc.returncode}: {self._log_tail()}")
+        while not self._listening():
+            if self.proc.poll() is not None or time.monotonic() > end:
+                why = (f"exited with status {self.proc.returncode}"
+                       if self.proc.poll() is not None else f"did not listen within {timeout:g} s")
+                why += f": {self._log_tail()}"
+                self.stop()
+                raise NatsError(f"nats-server {self.name} {why}")
+            time.sleep(0.05)
+        return self
+
+    def _listening(self) -> bool:
+        """Whether the server listens on all its ports; their numbers taken from it. Its
+        ports file is written once its client port listens, after the others."""
+        pattern = os.path.join(glob.escape(self.run_dir), f"*_{self.proc.pid}.ports")
+        try:
+            with open(glob.glob(pattern)[0]) as f:
+                ports = json.load(f)
+            self.port = _port(ports["nats"][0])
+            self.http_port = _port(ports["monitoring"][0])
+        except (OSError, ValueError, KeyError, IndexError):  # (not yet, or half written)
+            return False
+        if self.leaf_port == 0:
+            import httpx
             try:
-                socket.create_connection((self.host, self.port), 0.2).close()
-                return self
-            except OSError:
-                if time.monotonic() > end:
-                    self.stop()
-                    raise NatsError(f"nats-server {self.name} did not listen on {self.url} "
-                                    f"within {timeout:g} s: {self._log_tail()}") from None
-                time.sleep(0.05)
+                varz = httpx.get(f"http://{self.host}:{self.http_port}/varz", timeout=1.0)
+                self.leaf_port = max(0, int(varz.json()["leaf"]["port"]))
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return False
+        return self.leaf_port != 0
 
     def leafs(self) -> int:
         """How many leaf-node links this server has up (its /leafz)."""
@@ -200,3 +214,8 @@ def reap(prefix: str) -> list[int]:
     """SIGKILL the nats-server processes whose `--name` starts with `prefix` (a crashed
     owner's); the pids killed."""
     return named.reap(NATS_SERVER, prefix)
+
+
+def _port(url: str) -> int:
+    """The port of a URL of a ports file (`nats://127.0.0.1:4222`)."""
+    return int(url.rsplit(":", 1)[1])

@@ -405,7 +405,7 @@ class Lab:
         with the lab, by its name."""
         prefix = topology.prefix(self.name)
         proc = nats.NatsProcess(f"{prefix}nats", f"/dev/shm/{prefix}nats",
-                                leaf_port=nats.free_port(), remotes=list(remotes)).start()
+                                leaf_port=0, remotes=list(remotes)).start()
         self.state.nats = proc.url
         self.state.save(self.state_path)
         return proc
