@@ -498,3 +498,38 @@ def test_two_nodes_cannot_reach_each_other(setup):
     assert seen_b["pids"] == [1, seen_b["me"]]  # not a's sleeper, nor anything else
     assert net_b not in (os.readlink("/proc/self/ns/net"),
                          os.readlink(f"/proc/{setup.box.init_pid}/ns/net"))
+
+
+# Makes a node's user namespace, its maker stuck where it maps it: prints its holder's pid.
+MAKER = r"""
+import subprocess, sys, time
+from backdoors.nodes import container
+made = subprocess.Popen
+def spied(*args, **kwargs):
+    proc = made(*args, **kwargs)
+    print(proc.pid, flush=True)
+    return proc
+container.subprocess.Popen = spied
+container.open = lambda *args, **kwargs: time.sleep(60)  # the uid_map write, held here
+container._make_userns(container.Isolation(uid_base=container.uid_base_for(int(sys.argv[1]))))
+"""
+
+
+@pytest.mark.root
+def test_a_user_namespaces_holder_ends_with_its_maker_killed_before_it_ended_it(prefix):
+    """Review: the helper that holds a new user namespace until its maps are written (it
+    ran `sleep infinity`) was left running by a maker SIGKILLed in those milliseconds. It
+    now reads a pipe from its maker, and ends at EOF."""
+    maker = subprocess.Popen([sys.executable, "-c", MAKER,
+                              str(int(prefix.rsplit("-", 1)[1], 16) % 4096)],
+                             stdout=subprocess.PIPE)
+    try:
+        holder = int(maker.stdout.readline())
+        assert read_process(holder).comm == "cat"
+    finally:
+        maker.kill()
+        maker.wait()
+        maker.stdout.close()
+    # reparented to us (a subreaper: the prefix fixture) or to init; gone or a zombie
+    assert wait_for(lambda: read_process(holder) is None
+                    or read_process(holder).state == "Z", 10), read_process(holder)

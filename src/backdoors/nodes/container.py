@@ -55,7 +55,8 @@ Facts checked on this machine (Linux 6.18, hybrid cgroups: v1 memory/pids/freeze
 a controller-less v2 at /sys/fs/cgroup/unified; util-linux 2.38.1; catatonit 0.1.7): start
 takes ~50 ms, spawn ~17 ms.
 
-- The user namespace is made by a helper child (unshare(CLONE_NEWUSER), then exec `sleep`)
+- The user namespace is made by a helper child (unshare(CLONE_NEWUSER), then exec `cat`
+  reading a pipe from its maker, so that it ends with its maker, even a SIGKILLed one)
   with effective ids `uid_base`, so that the node's root owns it, not host root (per-user
   kernel budgets such as inotify's 128 instances are also charged to a namespace's owner in
   the parent: a root-owned node could use up host root's), and whose uid_map/gid_map host
@@ -191,8 +192,8 @@ def python_paths() -> tuple[Path, ...]:
 
 
 def tools_missing() -> list[str]:
-    """The programs containers need that are not installed (catatonit, unshare, sleep)."""
-    return [t for t in (_INIT, "unshare", "sleep") if shutil.which(t) is None]
+    """The programs containers need that are not installed (catatonit, unshare, cat)."""
+    return [t for t in (_INIT, "unshare", "cat") if shutil.which(t) is None]
 
 
 @dataclass(frozen=True)
@@ -414,11 +415,12 @@ def _owned_userns(uid: int) -> None:
 
 def _make_userns(iso: Isolation) -> int:
     """A new user namespace with the isolation's mapping, owned by the node's root's host
-    uid; returns an fd naming it."""
-    sleep = shutil.which("sleep") or "/bin/sleep"
+    uid; returns an fd naming it. Its holder, a child until then, reads a pipe whose other
+    end is ours: it ends at EOF if we are killed before we end it (no exec keeps a
+    PR_SET_PDEATHSIG across the credential change)."""
+    cat = shutil.which("cat") or "/bin/cat"
     try:
-        holder = subprocess.Popen([sleep, "infinity"], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL,
+        holder = subprocess.Popen([cat], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   preexec_fn=lambda: _owned_userns(iso.uid_base))
     except subprocess.SubprocessError:
         raise NodeError("cannot create a user namespace: are they disabled "
@@ -433,6 +435,7 @@ def _make_userns(iso: Isolation) -> int:
     finally:
         holder.kill()
         holder.wait()
+        holder.stdin.close()
 
 
 class Container:
