@@ -3,8 +3,12 @@ held or refused on its own; the registrar's batches, and its fallback for an age
 the op (a real agent answering an op it does not know)."""
 
 import json
+import os
+import socket
+import struct
 import subprocess
 import threading
+import time
 
 import pytest
 from test_agent_support import agent_lab, prefix, read_line
@@ -269,3 +273,37 @@ def test_a_refused_socket_leaves_the_session_held_under_its_name_as_it_was(agent
     finally:
         for n in made:
             net.netns.remove(n)
+
+
+def test_a_socket_checked_then_reset_is_held_not_refused_after_its_box_was_kept():
+    """Outside review of the fix above: the socket was checked, then duplicated and
+    checked again when held, with the box kept in between; a reset between the two
+    checks refused it there, and the session held under its name was dropped. `check`
+    now hands over the duplicate it checked, and `hold` takes it as it is."""
+    from backdoors.agent.sessions import SessionTable
+    table = SessionTable(["n0"], 4)
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        made = [socket.create_connection(lst.getsockname()) for _ in range(2)]
+        accepted = [lst.accept()[0] for _ in made]
+    try:
+        table.hold("n0", "cb-x", accepted[0].fileno(), os.getpid())
+        sock = table.check("n0", "cb-x", accepted[1].fileno())
+        made[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        made[1].close()  # a reset: getpeername of the server's side fails from now on
+        assert _wait_reset(accepted[1])
+        held = table.hold("n0", "cb-x", accepted[1].fileno(), os.getpid(), checked=sock)
+        assert [s.name for s in table.list("n0")] == ["cb-x"] and held.sock is sock
+    finally:
+        table.close()
+        for s in made + accepted:
+            s.close()
+
+
+def _wait_reset(sock: socket.socket) -> bool:
+    for _ in range(500):
+        try:
+            sock.getpeername()
+        except OSError:
+            return True
+        time.sleep(0.01)
+    return False

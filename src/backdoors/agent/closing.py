@@ -82,6 +82,7 @@ class Closer:
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None  # the one taking from the queue
         self._closing = 0  # its close in progress (a sequence number), 0: none
+        self._since = 0.0  # when that close began (monotonic)
         self._closes = 0
         self._watching = False  # the watchdog waits on a close (not idle)
         self._stalled = 0  # threads left in a stalled close
@@ -116,7 +117,8 @@ class Closer:
         self.close(sock.detach())
 
     def stop(self) -> None:
-        """Close what is queued, then end the threads (without waiting for a stalled close)."""
+        """Close what is queued, then end the threads (without waiting for a stalled close:
+        what is queued behind it stays open)."""
         with self._cond:
             self._stopped = True
             worker = self._worker
@@ -142,7 +144,7 @@ class Closer:
             defuse(fd)  # here, not when queued: the node could set it again in between
             with self._cond:
                 self._closes += 1
-                self._closing = self._closes
+                self._closing, self._since = self._closes, time.monotonic()
                 if not self._watching:
                     self._cond.notify_all()
             try:
@@ -164,8 +166,9 @@ class Closer:
                 if not closing:
                     self._cond.wait()
                     continue
-                self._cond.wait(STALL_S)
-                if self._stopped or self._closing != closing:
+                stalled_at = self._since + STALL_S  # (woken early by a stalled one back)
+                if self._cond.wait_for(lambda: self._stopped or self._closing != closing,
+                                       stalled_at - time.monotonic()):
                     continue
                 if self._stalled >= MAX_STALLED:  # (held up until one of them is back)
                     log.error("closing node descriptors: %d closes stalled (a node's "

@@ -48,7 +48,7 @@ from ..common.ratelimit import LogLimiter
 from ..common.runtime import MAX_ATTACH, agent_socket
 from ..continuations.errors import ContinuationError
 from ..continuations.image import check_cb
-from ..errors import AgentError, SensorBoxError
+from ..errors import AgentError, NetError, SensorBoxError
 from ..nodes import Node
 from ..sensors import Region, parse_box, read_consistent
 from ..tcprepair.kernel import SIOCINQ, ioctl_int
@@ -665,10 +665,14 @@ class LocalServer:
                 # one this agent handed over and holds for it since is not checked again
                 if not self._holds(conn, name, fds[2 * i], fds[2 * i + 1]):
                     # its socket checked first: a refused one leaves what is held as it was
-                    self._check_socket(conn, name, fds[2 * i + 1])
-                    self._keep(conn, name, SESSION_KIND, False, fds[2 * i])
+                    sock = self._check_socket(conn, name, fds[2 * i + 1])
                     try:
-                        self._hold(conn, name, fds[2 * i + 1], checked=True)
+                        self._keep(conn, name, SESSION_KIND, False, fds[2 * i])
+                    except BaseException:
+                        self.sessions.closer(sock)
+                        raise
+                    try:  # (refused now only by the cap, reached meanwhile: a new name)
+                        self._hold(conn, name, fds[2 * i + 1], checked=sock)
                     except SessionRefused:
                         self._drop_session(conn.node, name)
                         raise
@@ -707,31 +711,38 @@ class LocalServer:
         session = self._hold(conn, req.name, fds[0])
         return {"name": req.name, "kind": "socket", "session": session.describe()}
 
-    def _check_socket(self, conn: _Conn, name: str, fd: int) -> None:
-        """SessionRefused if `_hold` would refuse `fd` as `name` now; keeps nothing."""
-        self.sessions.check(conn.node, name, fd)
-        self._check_netns(conn, fd)
+    def _check_socket(self, conn: _Conn, name: str, fd: int) -> socket.socket:
+        """SessionRefused if `_hold` would refuse `fd` as `name` now; else the duplicate
+        to hold (`_hold(checked=)`) or to close (`sessions.closer`)."""
+        sock = self.sessions.check(conn.node, name, fd)
+        try:
+            self._check_netns(conn, sock.fileno())
+        except SessionRefused:
+            self.sessions.closer(sock)
+            raise
+        return sock
 
     def _check_netns(self, conn: _Conn, fd: int) -> None:
         """A session socket must live in its node's network namespace: one a node made in
         a namespace of its own (unshare) would be moved, its addresses taken, as the
         node's. (A node without a namespace of its own: not checked.)"""
         ns = self.nodes[conn.node].netns
+        if ns is None:
+            return
         try:
-            if ns is None or net.netns.same_as_socket(ns, fd):
-                return
-        except OSError as e:
-            raise SessionRefused(f"the socket's network namespace cannot be told: "
-                                 f"{e.strerror or e}") from None
-        raise SessionRefused(f"the socket is not of node {conn.node}'s network namespace "
-                             f"{ns!r}")
+            same = net.netns.same_as_socket(ns, fd)
+        except NetError as e:
+            raise SessionRefused(str(e)) from None
+        if not same:
+            raise SessionRefused(f"the socket is not of node {conn.node}'s network "
+                                 f"namespace {ns!r}")
 
-    def _hold(self, conn: _Conn, name: str, fd: int, *, checked: bool = False):
-        """Hold the session socket `fd` as `name` (`checked`: by `_check_socket` already);
-        its server's death becomes an event."""
-        if not checked:
-            self._check_socket(conn, name, fd)
-        session = self.sessions.hold(conn.node, name, fd, conn.pid)
+    def _hold(self, conn: _Conn, name: str, fd: int, *, checked: socket.socket | None = None):
+        """Hold the session socket `fd` as `name` (`checked`: `_check_socket`'s duplicate
+        of it, taken over); its server's death becomes an event."""
+        if checked is None:
+            checked = self._check_socket(conn, name, fd)
+        session = self.sessions.hold(conn.node, name, fd, conn.pid, checked=checked)
         if self.owners is not None:  # (agent.owners)
             self.owners.watch(conn.node, conn.pid, conn.pidfd)
         return session

@@ -62,10 +62,11 @@ class SessionTable:
         self._sessions = {n: {} for n in self.nodes}
 
     def hold(self, node: str, name: str, fd: int, pid: int,
-             since: TcpState | None = None) -> Session:
-        """Keep a duplicate of the TCP socket `fd` (the caller keeps its own fd); `since`:
-        the state it was restored from, if not announced by `expect`."""
-        sock = self._duplicate(fd)
+             since: TcpState | None = None, *, checked: socket.socket | None = None) -> Session:
+        """Keep a duplicate of the TCP socket `fd` (the caller keeps its own fd), or the
+        one `check` returned for it (`checked`: the table's from then on); `since`: the
+        state it was restored from, if not announced by `expect`."""
+        sock = checked if checked is not None else self._duplicate(fd)
         with self._lock:
             held = self._sessions[node]
             try:
@@ -84,11 +85,18 @@ class SessionTable:
             self.closer(old.sock)
         return session
 
-    def check(self, node: str, name: str, fd: int) -> None:
-        """SessionRefused if `hold` would refuse `fd` as `name` now; keeps nothing."""
-        self.closer(self._duplicate(fd))
-        with self._lock:
-            self._room(node, name)
+    def check(self, node: str, name: str, fd: int) -> socket.socket:
+        """SessionRefused if `hold` would refuse `fd` as `name` now; else the duplicate
+        to hold (`hold(checked=)`: then only the cap, reached meanwhile, refuses it) or to
+        close with `closer`."""
+        sock = self._duplicate(fd)
+        try:
+            with self._lock:
+                self._room(node, name)
+        except SessionRefused:
+            self.closer(sock)
+            raise
+        return sock
 
     def _duplicate(self, fd: int) -> socket.socket:
         """A duplicate of `fd`, a connected TCP socket; SessionRefused if it is not one."""

@@ -196,8 +196,12 @@ class AgentRegistrar:
 
     def attach_many(self, boxes: list[ContinuationBox]) -> list[bool]:
         """attach() for each box, in as few requests as the agent takes."""
+        replaced: dict[str, ContinuationBox] = {}  # a box held before under the same name
         with self._held_lock:  # first: an agent restarting from now on registers them again
             for box in boxes:
+                old = self._held.get(box.name)
+                if old is not None and old is not box:
+                    replaced[box.name] = old
                 self._held[box.name] = box
             if self._watch is None and self.socket_path:
                 self._watch = runtime.AgentWatch(self.socket_path, self._agent_back)
@@ -205,9 +209,12 @@ class AgentRegistrar:
         refused = [box for box in boxes if outcome[box] == "refused"]
         if refused:
             with self._held_lock:
-                for box in refused:
+                for box in refused:  # (the agent keeps what it held under that name)
                     if self._held.get(box.name) is box:
-                        del self._held[box.name]
+                        if box.name in replaced:
+                            self._held[box.name] = replaced[box.name]
+                        else:
+                            del self._held[box.name]
         return [outcome[box] != "refused" for box in boxes]
 
     def _agent_back(self) -> None:

@@ -21,9 +21,9 @@ bound it, and a server that found it taken would exit while the other's listener
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import glob
 import shutil
 import subprocess
 import time
@@ -68,13 +68,19 @@ class NatsProcess:
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"nats://{self.host}:{self._known(self.port)}"
 
     @property
     def leaf_url(self) -> str:
         if self.leaf_port is None:
             raise NatsError(f"nats {self.name} accepts no leaf nodes (no leaf_port)")
-        return f"nats-leaf://{self.host}:{self.leaf_port}"
+        return f"nats-leaf://{self.host}:{self._known(self.leaf_port)}"
+
+    def _known(self, port: int) -> int:
+        if not port:
+            raise NatsError(f"nats {self.name}: its port is the kernel's pick, known once "
+                            "it is started (start() first, or give the port)")
+        return port
 
     def config(self) -> str:
         """Its configuration file (NATS's format, of which JSON is a subset)."""
@@ -99,7 +105,7 @@ class NatsProcess:
 
     def url_of(self, user: str) -> str:
         """The URL a client connects with as `user` (its password in it)."""
-        return f"nats://{user}:{self.users[user][0]}@{self.host}:{self.port}"
+        return f"nats://{user}:{self.users[user][0]}@{self.host}:{self._known(self.port)}"
 
     def start(self, timeout: float = 10.0) -> NatsProcess:
         with self.within() if self.within is not None else nullcontext():

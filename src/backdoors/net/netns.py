@@ -205,14 +205,21 @@ def open_fd(name: str | None) -> int:
 
 def same_as_socket(name: str, fd: int) -> bool:
     """Whether the socket `fd` lives in namespace `name` (SIOCGSKNS: the kernel's own
-    answer, whichever namespace the socket's maker had entered since); OSError if `fd` is
-    no socket or `name` is gone."""
-    ns_fd = fcntl.ioctl(fd, _SIOCGSKNS)
+    answer, whichever namespace the socket's maker had entered since); NetError if `fd`
+    is no socket or namespace `name` does not exist."""
+    try:
+        ns_fd = fcntl.ioctl(fd, _SIOCGSKNS)
+    except OSError as e:
+        raise NetError(f"cannot tell the socket's network namespace (SIOCGSKNS): "
+                       f"{e.strerror}") from None
     try:
         theirs = os.fstat(ns_fd)
     finally:
         os.close(ns_fd)
-    ours = os.stat(path(name))
+    try:
+        ours = os.stat(path(name))
+    except OSError as e:
+        raise NetError(f"network namespace {name!r}: {e.strerror} ({path(name)})") from None
     return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
