@@ -39,7 +39,7 @@ class PrivateNetns:
     """A network namespace with loopback up and one worker thread inside it."""
 
     def __init__(self) -> None:
-        self.name = f"bdt-bench{uuid.uuid4().hex[:6]}-tr"
+        self.name = f"bdb-{uuid.uuid4().hex[:6]}-tr"  # (not bdt-: the tests reap those)
         netns.create(self.name)
         self.pool = ThreadPoolExecutor(1)
         try:

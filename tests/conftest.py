@@ -9,18 +9,22 @@ import os
 import uuid
 
 import pytest
+from leftovers import hold_runs_lock
 
 from backdoors.common import fdtable
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+RUNS_LOCK = pytest.StashKey[int]()
 
 
 def pytest_sessionstart(session) -> None:
     """The soft descriptor limit raised to the hard one, as the agent daemon raises its
     own (agent.hardening): agents run in this process (BackgroundAgent) share it, and
     a shell's 1,024 would cap their nodes' sessions (agent.descriptors) below what the
-    tests hold."""
+    tests hold. As root, what a killed run left is reaped first (leftovers)."""
     fdtable.raise_limit()
+    if os.geteuid() == 0:
+        session.config.stash[RUNS_LOCK] = hold_runs_lock()
 
 
 def unavailable(reason: str) -> None:
