@@ -8,10 +8,10 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 
 import pytest
 from test_agent_support import agent_lab, prefix, read_line
+from test_nodes_support import wait_for
 
 from backdoors import net
 from backdoors.continuations.agent_link import Worker
@@ -290,7 +290,7 @@ def test_a_socket_checked_then_reset_is_held_not_refused_after_its_box_was_kept(
         sock = table.check("n0", "cb-x", accepted[1].fileno())
         made[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         made[1].close()  # a reset: getpeername of the server's side fails from now on
-        assert _wait_reset(accepted[1])
+        wait_for(lambda: not _connected(accepted[1]), 5, "the reset")
         held = table.hold("n0", "cb-x", accepted[1].fileno(), os.getpid(), checked=sock)
         assert [s.name for s in table.list("n0")] == ["cb-x"] and held.sock is sock
     finally:
@@ -299,11 +299,10 @@ def test_a_socket_checked_then_reset_is_held_not_refused_after_its_box_was_kept(
             s.close()
 
 
-def _wait_reset(sock: socket.socket) -> bool:
-    for _ in range(500):
-        try:
-            sock.getpeername()
-        except OSError:
-            return True
-        time.sleep(0.01)
-    return False
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True

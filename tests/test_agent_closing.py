@@ -8,6 +8,7 @@ import socket
 import struct
 
 import pytest
+from test_nodes_support import wait_for
 
 from backdoors.agent import closing
 from backdoors.agent.closing import Closer
@@ -57,7 +58,7 @@ def test_a_stalled_close_is_left_to_its_thread_and_the_others_go_on(lingering):
         assert _closed(closer, 30)  # not after the 600 s of the stalled one
         assert closer.stalled >= 1  # (2 if the pipe's close was slow enough to look stalled)
         client.close()  # the reset ends the linger: the stalled thread is back, and ends
-        assert _wait(lambda: closer.stalled == 0)
+        wait_for(lambda: closer.stalled == 0, 30, "the stalled thread back")
         assert _closed(closer, 30)
     finally:
         closer.stop()
@@ -70,7 +71,7 @@ def test_past_max_stalled_the_next_close_waits_for_one_to_be_back(lingering, mon
     try:
         (fd1, client1), (fd2, _) = lingering(), lingering()
         closer.close(fd1)
-        assert _wait(lambda: closer.stalled == 1)
+        wait_for(lambda: closer.stalled == 1, 30, "the first close left stalled")
         closer.close(fd2)  # stalls the thread that replaced the first: none replaces it
         assert not _closed(closer, 2 * closing.STALL_S + 1)
         client1.close()  # the first is back: the second is left in its turn
@@ -78,12 +79,3 @@ def test_past_max_stalled_the_next_close_waits_for_one_to_be_back(lingering, mon
     finally:
         closer.stop()
 
-
-def _wait(check, timeout: float = 30.0) -> bool:
-    import time
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
