@@ -520,7 +520,8 @@ def test_guest_kill_of_a_tree_kills_every_runnable_process_of_it(lab):
             assert (r.signalled, r.survivors) == ([leaf], []), r
             after = {r.pid: r.state for r in c.guest_processes("v0").rows}
             print(f"leaf {leaf} after its kill: {after.get(leaf, 'reaped')}")
-            assert after.get(leaf, "Z") == "Z", after
+            # (X: caught while its parent reaps it, EXIT_DEAD -- seen on a busy host)
+            assert after.get(leaf, "Z") in ("Z", "X"), after
             r = c.guest_kill("v0", root, tree=True)
             assert set(r.signalled) - {leaf} == tree - {leaf} and r.survivors == [], r
         finally:  # the killed tree leaves as the guest reaps it: on a busy host, later
