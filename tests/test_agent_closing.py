@@ -1,6 +1,7 @@
 """The agent's Closer: a close a node stalls (its SO_LINGER set again after the agent
 cleared it, as a node that wins that race does) is left to its thread and the others go
-on; at most MAX_STALLED threads are left so."""
+on; at most MAX_STALLED_PER_NODE threads are left so per node, MAX_STALLED in all, and past
+either only that node's closes wait: another node's never do."""
 
 import os
 import select
@@ -39,11 +40,12 @@ def lingering(monkeypatch):
         client.close()  # (with unread input: a reset, which ends any linger)
 
 
-def _closed(closer: Closer, timeout: float) -> bool:
-    """Queue a pipe's write end on `closer`: whether its reader saw it closed in time."""
+def _closed(closer: Closer, timeout: float, node: str = "n0") -> bool:
+    """Queue a pipe's write end on `closer` as `node`'s: whether its reader saw it closed
+    in time."""
     r, w = os.pipe()
     try:
-        closer.close(w)
+        closer.close(node, w)
         return bool(select.select([r], [], [], timeout)[0]) and os.read(r, 1) == b""
     finally:
         os.close(r)
@@ -54,7 +56,7 @@ def test_a_stalled_close_is_left_to_its_thread_and_the_others_go_on(lingering):
     closer.start()
     try:
         fd, client = lingering()
-        closer.close(fd)
+        closer.close("n0", fd)
         assert _closed(closer, 30)  # not after the 600 s of the stalled one
         assert closer.stalled >= 1  # (2 if the pipe's close was slow enough to look stalled)
         client.close()  # the reset ends the linger: the stalled thread is back, and ends
@@ -64,18 +66,41 @@ def test_a_stalled_close_is_left_to_its_thread_and_the_others_go_on(lingering):
         closer.stop()
 
 
-def test_past_max_stalled_the_next_close_waits_for_one_to_be_back(lingering, monkeypatch):
-    monkeypatch.setattr(closing, "MAX_STALLED", 1)
+@pytest.mark.parametrize("cap", ["MAX_STALLED_PER_NODE", "MAX_STALLED"])
+def test_past_a_cap_the_nodes_next_close_waits_for_one_back_and_no_other_nodes(
+        lingering, monkeypatch, cap):
+    monkeypatch.setattr(closing, cap, 1)
     closer = Closer()
     closer.start()
     try:
         (fd1, client1), (fd2, _) = lingering(), lingering()
-        closer.close(fd1)
-        wait_for(lambda: closer.stalled == 1, 30, "the first close left stalled")
-        closer.close(fd2)  # stalls the thread that replaced the first: none replaces it
+        closer.close("n0", fd1)
+        wait_for(lambda: closer.stalled_of("n0") == 1, 30, "the first close left stalled")
+        closer.close("n0", fd2)  # stalls the thread that replaced the first: none replaces it
         assert not _closed(closer, 2 * closing.STALL_S + 1)
+        for _ in range(3):  # another node's closes go on, on a thread of their own
+            assert _closed(closer, 30, node="n1")
+        assert closer.stalled_of("n1") == 0
         client1.close()  # the first is back: the second is left in its turn
-        assert _closed(closer, 30) and closer.stalled >= 1
+        assert _closed(closer, 30) and closer.stalled_of("n0") >= 1
+    finally:
+        closer.stop()
+
+
+def test_nodes_that_each_stall_their_closes_hold_up_no_other_node(lingering):
+    """As many stalling nodes as MAX_STALLED takes, each past its own cap: the threads left
+    stay within MAX_STALLED, and a quiet node's closes are not held up by any."""
+    closer = Closer()
+    closer.start()
+    stallers = closing.MAX_STALLED // closing.MAX_STALLED_PER_NODE + 1
+    try:
+        for i in range(stallers):
+            for _ in range(closing.MAX_STALLED_PER_NODE + 1):
+                closer.close(f"bad{i}", lingering()[0])
+        wait_for(lambda: closer.stalled == closing.MAX_STALLED, 60,
+                 "every stall the cap allows left to its thread")
+        assert _closed(closer, 30, node="quiet")
+        assert closer.stalled == closing.MAX_STALLED
     finally:
         closer.stop()
 

@@ -8,20 +8,24 @@ the close itself on a thread of its own, never registration's or a request's.
 
 A node can still stall a close: it sets the option again between the two (its own copy
 closed right after), or hands a file of a FUSE mount it serves (each close asks its
-daemon, which need never answer). A close that has taken STALL_S is left to its thread,
-and a new thread closes the rest; at most MAX_STALLED threads are left so (a node that
-stalls more holds up the closes from then on, and the agent logs it).
+daemon, which need never answer). So each node's descriptors are closed in a lane of
+their own, by a thread of the lane's: a node that stalls its closes holds up its own, no
+other node's. A close that has taken STALL_S is left to its thread and a new one takes
+the lane's next, up to MAX_STALLED_PER_NODE threads so left per node and MAX_STALLED in
+all; past either, that node's next closes wait until a stalled one ends.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import queue
 import socket
 import struct
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 
 from ..common import ipc
 
@@ -30,7 +34,9 @@ log = logging.getLogger("backdoors.agent")
 _NO_LINGER = struct.pack("ii", 0, 0)
 DRAIN_READS = 64
 STALL_S = 0.5  # a close this long is stalled (a linger time, a FUSE daemon): left to its thread
-MAX_STALLED = 16  # threads left in a stalled close, at most
+MAX_STALLED_PER_NODE = 4  # threads left in a stalled close of one node's, at most
+MAX_STALLED = 64  # and of all nodes'
+IDLE_S = 1.0  # a lane's thread with nothing to close ends after this
 
 
 def defuse(fd: int) -> None:
@@ -68,117 +74,164 @@ def drain(sock: socket.socket) -> list[int]:
     return fds
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One node's closes: its queue, the thread taking from it, the close in progress."""
+
+    wake: threading.Condition  # its thread waits on it for more (on the Closer's lock)
+    queue: deque[int] = field(default_factory=deque)
+    worker: threading.Thread | None = None
+    closing: int = 0  # the close in progress (a sequence number), 0: none
+    since: float = 0.0  # when it began (monotonic)
+    stalled: int = 0  # threads left in a stalled close of this lane's
+    held: bool = False  # its close stalled past the caps: waits for a stalled one back
+
+
 class Closer:
-    """A thread that closes descriptors (sockets defused first); `close(fd)` queues one.
-    A watchdog thread replaces it when a close stalls (STALL_S); idle, it only waits.
+    """Closes descriptors (sockets defused first) off the caller's thread, in a lane per
+    node; `close(node, fd)` queues one. A watchdog thread replaces a lane's thread when
+    its close stalls (STALL_S); idle, it only waits.
 
     The threads start with `start()` (the agent starts no thread before its seal's path
     part, agent/sealing.py); until then, and after `stop()`, a close is done at once."""
 
     def __init__(self, name: str = "bd-agent-closer"):
         self.name = name
-        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._watch_wake = threading.Condition(self._lock)
+        self._lanes: dict[str, _Lane] = {}
+        self._started = False
         self._stopped = False
-        self._cond = threading.Condition()
-        self._worker: threading.Thread | None = None  # the one taking from the queue
-        self._closing = 0  # its close in progress (a sequence number), 0: none
-        self._since = 0.0  # when that close began (monotonic)
         self._closes = 0
-        self._watching = False  # the watchdog waits on a close (not idle)
-        self._stalled = 0  # threads left in a stalled close
+        self._stalled = 0  # threads left in a stalled close, all lanes
+        self._due = math.inf  # when the watchdog wakes next (inf: when told)
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watch", daemon=True)
 
     @property
     def stalled(self) -> int:
         """Threads left in a close that stalled, and not back from it yet."""
-        with self._cond:
+        with self._lock:
             return self._stalled
 
+    def stalled_of(self, node: str) -> int:
+        """Those of them left in a close of `node`'s."""
+        with self._lock:
+            lane = self._lanes.get(node)
+            return lane.stalled if lane else 0
+
     def start(self) -> None:
-        with self._cond:
-            self._replace()
+        with self._lock:
+            self._started = True
         self._watchdog.start()
 
-    def close(self, fd: int) -> None:
-        """Close `fd` soon, off the caller's thread (the caller must not use it again)."""
-        if self._stopped or self._worker is None:  # nothing served yet, or any more
+    def close(self, node: str, fd: int) -> None:
+        """Close `fd`, a descriptor of `node`'s, soon, off the caller's thread (the caller
+        must not use it again)."""
+        with self._lock:
+            queued = self._started and not self._stopped
+            if queued:
+                lane = self._lanes.get(node)
+                if lane is None:
+                    lane = self._lanes[node] = _Lane(threading.Condition(self._lock))
+                lane.queue.append(fd)  # (defused there, right before its close)
+                if lane.worker is None:
+                    self._replace(node, lane)
+                else:
+                    lane.wake.notify()
+        if not queued:  # nothing served yet, or any more
             defuse(fd)
             os.close(fd)
-        else:
-            self._queue.put(fd)  # (defused there, right before its close)
 
-    def close_socket(self, sock: socket.socket) -> None:
+    def close_socket(self, node: str, sock: socket.socket) -> None:
         """Close a socket object the same way, and the descriptors queued unread on it."""
         if sock.fileno() < 0:
             return
         if sock.family == socket.AF_UNIX:
             for queued in drain(sock):
-                self.close(queued)
-        self.close(sock.detach())
+                self.close(node, queued)
+        self.close(node, sock.detach())
 
     def stop(self) -> None:
         """Close what is queued, then end the threads (without waiting for a stalled close:
         what is queued behind it stays open)."""
-        with self._cond:
+        with self._lock:
             self._stopped = True
-            worker = self._worker
-            self._cond.notify_all()
-        if worker is not None:
-            self._queue.put(None)
-            worker.join(1.0)
+            workers = [lane.worker for lane in self._lanes.values() if lane.worker]
+            for lane in self._lanes.values():
+                lane.wake.notify_all()
+            self._watch_wake.notify_all()
+        end = time.monotonic() + 1.0
+        for worker in workers:
+            worker.join(max(0.0, end - time.monotonic()))
         if self._watchdog.is_alive():
-            self._watchdog.join(1.0)
+            self._watchdog.join(max(0.0, end - time.monotonic()))
 
-    def _replace(self) -> None:
-        """A new worker takes the queue (the old one, if any, is left to its close)."""
-        self._worker = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._closing = 0
-        self._worker.start()
+    def _replace(self, node: str, lane: _Lane) -> None:
+        """A new thread takes the lane (the old one, if any, is left to its close). Locked."""
+        lane.worker = threading.Thread(target=self._run, args=(node, lane),
+                                       name=f"{self.name}-{node}", daemon=True)
+        lane.closing, lane.held = 0, False
+        lane.worker.start()
 
-    def _run(self) -> None:
+    def _run(self, node: str, lane: _Lane) -> None:
         me = threading.current_thread()
         while True:
-            fd = self._queue.get()
-            if fd is None:
-                return
+            with self._lock:
+                if not lane.queue and not self._stopped:
+                    lane.wake.wait(IDLE_S)
+                if not lane.queue:  # idle, or stopped and done: the lane's thread ends
+                    lane.worker = None
+                    if not lane.stalled and self._lanes.get(node) is lane:
+                        del self._lanes[node]
+                    return
+                fd = lane.queue.popleft()
             defuse(fd)  # here, not when queued: the node could set it again in between
-            with self._cond:
+            with self._lock:
                 self._closes += 1
-                self._closing, self._since = self._closes, time.monotonic()
-                if not self._watching:
-                    self._cond.notify_all()
+                lane.closing, lane.since = self._closes, time.monotonic()
+                if lane.since + STALL_S < self._due:
+                    self._watch_wake.notify()
             try:
                 os.close(fd)
             except OSError as e:
-                log.warning("closing a node's descriptor %d: %s", fd, e.strerror)
-            with self._cond:
-                if self._worker is not me:  # it stalled and was replaced: back, it ends
+                log.warning("closing a descriptor of node %s's (%d): %s", node, fd, e.strerror)
+            with self._lock:
+                if lane.worker is not me:  # it stalled and was replaced: back, it ends
+                    lane.stalled -= 1
                     self._stalled -= 1
-                    self._cond.notify_all()
+                    for other in self._lanes.values():  # room again: held ones are looked at
+                        other.held = False
+                    if not lane.stalled and lane.worker is None and self._lanes.get(node) is lane:
+                        del self._lanes[node]
+                    self._watch_wake.notify()
                     return
-                self._closing = 0
+                lane.closing, lane.held = 0, False
 
     def _watch(self) -> None:
-        with self._cond:
+        with self._lock:
             while not self._stopped:
-                closing = self._closing
-                self._watching = closing != 0
-                if not closing:
-                    self._cond.wait()
+                now = time.monotonic()
+                due = [(lane.since + STALL_S, node, lane) for node, lane in self._lanes.items()
+                       if lane.closing and not lane.held]
+                if not due:
+                    self._due = math.inf
+                    self._watch_wake.wait()
                     continue
-                stalled_at = self._since + STALL_S  # (woken early by a stalled one back)
-                if self._cond.wait_for(lambda: self._stopped or self._closing != closing,
-                                       stalled_at - time.monotonic()):
+                at, node, lane = min(due, key=lambda d: d[0])
+                if at > now:
+                    self._due = at
+                    self._watch_wake.wait(at - now)
                     continue
-                if self._stalled >= MAX_STALLED:  # (held up until one of them is back)
-                    log.error("closing node descriptors: %d closes stalled (a node's "
-                              "SO_LINGER set again, or its FUSE daemon silent); the next "
-                              "waits for one of them", self._stalled + 1)
-                    while self._stalled >= MAX_STALLED and not self._stopped:
-                        self._cond.wait()
+                if lane.stalled >= MAX_STALLED_PER_NODE or self._stalled >= MAX_STALLED:
+                    lane.held = True  # looked at again once a stalled one is back
+                    log.error("closing node %s's descriptors: %d of its closes and %d in all "
+                              "stalled (its SO_LINGER set again, or its FUSE daemon silent); "
+                              "its next close waits for one of them", node, lane.stalled + 1,
+                              self._stalled + 1)
                     continue
+                lane.stalled += 1
                 self._stalled += 1
-                log.warning("closing a node's descriptor stalled for %.1f s (its SO_LINGER "
-                            "set again, or a FUSE daemon silent): left to its thread, "
-                            "%d so far", STALL_S, self._stalled)
-                self._replace()
+                log.warning("closing a descriptor of node %s's stalled for %.1f s (its "
+                            "SO_LINGER set again, or its FUSE daemon silent): left to its "
+                            "thread, %d of its so far", node, STALL_S, lane.stalled)
+                self._replace(node, lane)

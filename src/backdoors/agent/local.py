@@ -25,6 +25,7 @@ descriptors all the same, the sockets are not watched for a while (common.accept
 from __future__ import annotations
 
 import errno
+import functools
 import fcntl
 import logging
 import math
@@ -410,7 +411,7 @@ class LocalServer:
             pidfd = None
         conn = _Conn(sock, node, pid, uid, pidfd, time.monotonic() + CONN_TIMEOUT_S,
                      ipc.FrameReader(max_bytes=MAX_FRAME, max_fds=MAX_FDS,
-                                     close=self._closer.close))
+                                     close=functools.partial(self._closer.close, node)))
         mine = [c for c in self._conns.values() if c.node == node]
         try:
             self._check_caller(conn)  # at accept: an outsider holds no connection slot
@@ -456,7 +457,7 @@ class LocalServer:
             reply = self._dispatch(conn, frame.payload, frame.fds)
         finally:
             for fd in frame.fds:  # what the handlers kept, they duplicated
-                self._closer.close(fd)
+                self._closer.close(conn.node, fd)
             frame.fds = []
         self._reply(conn, reply)
         conn.deadline = math.inf  # idle between requests: a process keeps its connection
@@ -484,7 +485,7 @@ class LocalServer:
         except (KeyError, ValueError):
             pass
         conn.reader.discard()
-        self._closer.close_socket(conn.sock)
+        self._closer.close_socket(conn.node, conn.sock)
         if conn.pidfd is not None:
             os.close(conn.pidfd)
             conn.pidfd = None
@@ -669,7 +670,7 @@ class LocalServer:
                     try:
                         self._keep(conn, name, SESSION_KIND, False, fds[2 * i])
                     except BaseException:
-                        self.sessions.closer(sock)
+                        self.sessions.closer(conn.node, sock)
                         raise
                     try:  # (refused now only by the cap, reached meanwhile: a new name)
                         self._hold(conn, name, fds[2 * i + 1], checked=sock)
@@ -718,7 +719,7 @@ class LocalServer:
         try:
             self._check_netns(conn, sock.fileno())
         except SessionRefused:
-            self.sessions.closer(sock)
+            self.sessions.closer(conn.node, sock)
             raise
         return sock
 

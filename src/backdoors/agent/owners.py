@@ -235,7 +235,7 @@ class OwnerWatch:
             for s in d.sessions:
                 if not self.sessions.take_if(s):
                     continue  # adopted, moved or released meanwhile
-                (rst if _close(s.sock, self.sessions.closer) else fin).append(s.name)
+                (rst if _close(s, self.sessions.closer) else fin).append(s.name)
                 try:
                     self.regions.remove(d.node, s.name)
                 except KeyError:
@@ -377,12 +377,13 @@ class OwnerWatch:
         return handed
 
 
-def _close(sock: socket.socket, closer) -> bool:
+def _close(session: Session, closer) -> bool:
     """Close an orphaned session's socket: RST if input waits unread, else FIN after the
     output queued. True if it was reset. The close itself is `closer`'s (the agent's
     Closer: with SO_LINGER the node set, the last close waits for the peer to take the
     output, for as long as the node chose -- not on this thread, which registrations
     wake)."""
+    sock = session.sock
     try:
         unread = ioctl_int(sock, SIOCINQ)
     except OSError:
@@ -394,6 +395,6 @@ def _close(sock: socket.socket, closer) -> bool:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-    closer(sock)
+    closer(session.node, sock)
     return bool(unread)
 

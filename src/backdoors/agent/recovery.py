@@ -539,7 +539,7 @@ class Recovery:
                 held += _size(moving[-1])
             except (BackdoorsError, OSError, KeyError) as e:
                 failed[s.name] = f"dump: {e}"
-                agent.sessions.closer(s.sock)  # (its linger is the node's: off this lane)
+                agent.sessions.closer(s.node, s.sock)  # (its linger is the node's: off this lane)
             spent["repair_ms"] += t1 - t0
             spent["cb_ms"] += clock() - t1
             if ahead is not None and len(moving) - ahead.queued >= AHEAD_SESSIONS:

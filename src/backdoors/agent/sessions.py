@@ -55,8 +55,10 @@ class SessionTable:
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     #: called as observer("add" | "remove", session) after a change (the fd store)
     observer: Callable[[str, Session], None] | None = field(default=None, compare=False)
-    #: how a held socket is closed: the local server sets its Closer (off its thread)
-    closer: Callable[[socket.socket], None] = field(default=lambda s: _close(s), compare=False)
+    #: how a held socket of a node is closed, as closer(node, sock): the local server sets
+    #: its Closer's (off its thread, in the node's lane)
+    closer: Callable[[str, socket.socket], None] = field(default=lambda node, s: _close(s),
+                                                         compare=False)
 
     def __post_init__(self) -> None:
         self._sessions = {n: {} for n in self.nodes}
@@ -66,13 +68,13 @@ class SessionTable:
         """Keep a duplicate of the TCP socket `fd` (the caller keeps its own fd), or the
         one `check` returned for it (`checked`: the table's from then on); `since`: the
         state it was restored from, if not announced by `expect`."""
-        sock = checked if checked is not None else self._duplicate(fd)
+        sock = checked if checked is not None else self._duplicate(node, fd)
         with self._lock:
             held = self._sessions[node]
             try:
                 self._room(node, name)
             except SessionRefused:
-                self.closer(sock)
+                self.closer(node, sock)
                 raise
             old = held.pop(name, None)
             since = (self._adopted.pop((node, name), None) or since
@@ -82,23 +84,23 @@ class SessionTable:
         if self.observer is not None:
             self.observer("add", session)
         if old is not None:
-            self.closer(old.sock)
+            self.closer(node, old.sock)
         return session
 
     def check(self, node: str, name: str, fd: int) -> socket.socket:
         """SessionRefused if `hold` would refuse `fd` as `name` now; else the duplicate
         to hold (`hold(checked=)`: then only the cap, reached meanwhile, refuses it) or to
         close with `closer`."""
-        sock = self._duplicate(fd)
+        sock = self._duplicate(node, fd)
         try:
             with self._lock:
                 self._room(node, name)
         except SessionRefused:
-            self.closer(sock)
+            self.closer(node, sock)
             raise
         return sock
 
-    def _duplicate(self, fd: int) -> socket.socket:
+    def _duplicate(self, node: str, fd: int) -> socket.socket:
         """A duplicate of `fd`, a connected TCP socket; SessionRefused if it is not one."""
         dup = os.dup(fd)
         try:
@@ -107,12 +109,12 @@ class SessionTable:
             os.close(dup)
             raise SessionRefused("hold_socket takes a TCP socket") from None
         if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-            self.closer(sock)
+            self.closer(node, sock)
             raise SessionRefused("hold_socket takes a TCP socket")
         try:
             sock.getpeername()
         except OSError:
-            self.closer(sock)
+            self.closer(node, sock)
             raise SessionRefused("hold_socket takes a connected socket") from None
         return sock
 
@@ -130,7 +132,7 @@ class SessionTable:
         if session is not None:
             if self.observer is not None:
                 self.observer("remove", session)
-            self.closer(session.sock)
+            self.closer(node, session.sock)
         return session
 
     def take_all(self, node: str) -> list[Session]:
@@ -164,7 +166,7 @@ class SessionTable:
             if kept:
                 held[session.name] = session
         if not kept:
-            self.closer(session.sock)
+            self.closer(session.node, session.sock)
         elif self.observer is not None:
             self.observer("add", session)
 
@@ -199,7 +201,7 @@ class SessionTable:
         with self._lock:
             for held in self._sessions.values():
                 for s in held.values():
-                    self.closer(s.sock)
+                    self.closer(s.node, s.sock)
                 held.clear()
             self._adopted.clear()
 
