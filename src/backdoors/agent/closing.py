@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import socket
 import struct
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from ..common import ipc
@@ -37,6 +37,7 @@ STALL_S = 0.5  # a close this long is stalled (a linger time, a FUSE daemon): le
 MAX_STALLED_PER_NODE = 4  # threads left in a stalled close of one node's, at most
 MAX_STALLED = 64  # and of all nodes'
 IDLE_S = 1.0  # a lane's thread with nothing to close ends after this
+_STOP = -1  # queued by stop(): the lane's thread ends once what was queued before is closed
 
 
 def defuse(fd: int) -> None:
@@ -78,8 +79,7 @@ def drain(sock: socket.socket) -> list[int]:
 class _Lane:
     """One node's closes: its queue, the thread taking from it, the close in progress."""
 
-    wake: threading.Condition  # its thread waits on it for more (on the Closer's lock)
-    queue: deque[int] = field(default_factory=deque)
+    queue: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
     worker: threading.Thread | None = None
     closing: int = 0  # the close in progress (a sequence number), 0: none
     since: float = 0.0  # when it began (monotonic)
@@ -132,12 +132,10 @@ class Closer:
             if queued:
                 lane = self._lanes.get(node)
                 if lane is None:
-                    lane = self._lanes[node] = _Lane(threading.Condition(self._lock))
-                lane.queue.append(fd)  # (defused there, right before its close)
+                    lane = self._lanes[node] = _Lane()
+                lane.queue.put(fd)  # (defused there, right before its close)
                 if lane.worker is None:
                     self._replace(node, lane)
-                else:
-                    lane.wake.notify()
         if not queued:  # nothing served yet, or any more
             defuse(fd)
             os.close(fd)
@@ -156,13 +154,14 @@ class Closer:
         what is queued behind it stays open)."""
         with self._lock:
             self._stopped = True
-            workers = [lane.worker for lane in self._lanes.values() if lane.worker]
-            for lane in self._lanes.values():
-                lane.wake.notify_all()
+            lanes = [lane for lane in self._lanes.values() if lane.worker]
+            for lane in lanes:
+                lane.queue.put(_STOP)
             self._watch_wake.notify_all()
         end = time.monotonic() + 1.0
-        for worker in workers:
-            worker.join(max(0.0, end - time.monotonic()))
+        for lane in lanes:
+            if (worker := lane.worker) is not None:
+                worker.join(max(0.0, end - time.monotonic()))
         if self._watchdog.is_alive():
             self._watchdog.join(max(0.0, end - time.monotonic()))
 
@@ -176,15 +175,18 @@ class Closer:
     def _run(self, node: str, lane: _Lane) -> None:
         me = threading.current_thread()
         while True:
-            with self._lock:
-                if not lane.queue and not self._stopped:
-                    lane.wake.wait(IDLE_S)
-                if not lane.queue:  # idle, or stopped and done: the lane's thread ends
-                    lane.worker = None
+            try:
+                fd = lane.queue.get(timeout=IDLE_S)
+            except queue.Empty:
+                fd = _STOP
+            if fd == _STOP:
+                with self._lock:  # (closes are queued under it: none is missed)
+                    if not lane.queue.empty():
+                        continue
+                    lane.worker = None  # idle, or stopped and done: the lane's thread ends
                     if not lane.stalled and self._lanes.get(node) is lane:
                         del self._lanes[node]
                     return
-                fd = lane.queue.popleft()
             defuse(fd)  # here, not when queued: the node could set it again in between
             with self._lock:
                 self._closes += 1
