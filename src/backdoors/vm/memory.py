@@ -37,6 +37,9 @@ PRESENT, HUGE = 0x1, 0x80
 STATES, TASK_REPORT, TASK_IDLE = "RSDTtXZP", 0x7F, 0x402
 #: mm_struct.rss_stat's counters that are resident: MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES
 RSS_COUNTERS = (0, 1, 3)
+#: the task_struct members process_table reads, in its order, with their formats
+TASK_MEMBERS = (("__state", "<I"), ("exit_state", "<i"), ("mm", "<Q"), ("real_parent", "<Q"),
+                ("start_time", "<Q"), ("pid", "<i"), ("comm", "16s"), ("tgid", "<i"))
 FIXED_1 = 1 << 11  # avenrun's fixed point (include/linux/sched/loadavg.h)
 
 
@@ -171,11 +174,14 @@ class GuestMemory:
         """The guest-physical address of a running kernel's virtual address: in the direct
         map (page_offset_base up: all of RAM, linearly -- where task_structs and other
         slab objects live) by subtraction, elsewhere by `walk`."""
+        if 0 <= virt - self._direct_base() < self.size:
+            return virt - self._direct_base()
+        return self.walk(virt)
+
+    def _direct_base(self) -> int:
         if self._direct is None:
             self._direct = self.read_u64("page_offset_base")
-        if 0 <= virt - self._direct < self.size:
-            return virt - self._direct
-        return self.walk(virt)
+        return self._direct
 
     def walk(self, virt: int) -> int:
         """The guest-physical address of a running kernel's virtual address, by walking
@@ -194,7 +200,10 @@ class GuestMemory:
         raise AssertionError("unreachable")
 
     def read_virt(self, virt: int, length: int) -> bytes:
-        """`length` bytes at a kernel virtual address, page by page."""
+        """`length` bytes at a kernel virtual address: at once within the direct map (RAM
+        there is linear), else page by page."""
+        if 0 <= (at := virt - self._direct_base()) and at + length <= self.size:
+            return self.read(at, length)
         out = []
         while length > 0:
             n = min(length, 0x1000 - (virt & 0xFFF))
@@ -223,26 +232,32 @@ class GuestMemory:
         exec (mm->exe_file: what it runs, from which exec; unlike its comm, not its own
         to change)."""
         k = self.kernel
-        state_at, exit_at, mm_at, parent_at, tgid_at, start_at = (
-            k.member("task_struct", m)
-            for m in ("__state", "exit_state", "mm", "real_parent", "tgid", "start_time"))
+        # each task's members, and its mm's, read at once (a span of each struct), not
+        # one read apiece: a few reads a task, and its members as of one moment
+        at = {m: k.member("task_struct", m) for m, _ in TASK_MEMBERS}
+        lo = min(at.values())
+        span = max(at[m] + struct.calcsize(f) for m, f in TASK_MEMBERS) - lo
+        tgid_at = at["tgid"]
         rss_at, exe_at = k.member("mm_struct", "rss_stat"), k.member("mm_struct", "exe_file")
         stride, value = k.rss_layout
-        ident = self._ident()
+        counters = [rss_at + stride * i + value for i in RSS_COUNTERS]
+        mm_lo = min(*counters, exe_at)
+        mm_span = max(*counters, exe_at) + 8 - mm_lo
         out = []
         for task in self._task_list(limit):
-            state, = struct.unpack("<I", self.read_virt(task + state_at, 4))
-            exit_state, = struct.unpack("<i", self.read_virt(task + exit_at, 4))
-            mm, = struct.unpack("<Q", self.read_virt(task + mm_at, 8))
-            pages = sum(max(0, struct.unpack("<q", self.read_virt(
-                mm + rss_at + stride * i + value, 8))[0]) for i in RSS_COUNTERS) if mm else 0
+            buf = self.read_virt(task + lo, span)
+            state, exit_state, mm, parent, start, pid, comm = (
+                struct.unpack_from(f, buf, at[m] - lo)[0] for m, f in TASK_MEMBERS if m != "tgid")
+            pages, exe = 0, 0
+            if mm:
+                mm_buf = self.read_virt(mm + mm_lo, mm_span)
+                pages = sum(max(0, struct.unpack_from("<q", mm_buf, c - mm_lo)[0])
+                            for c in counters)
+                exe, = struct.unpack_from("<Q", mm_buf, exe_at - mm_lo)
             pages = min(pages, self.size // PAGE)  # (corrupt counters: no more than the RAM)
-            parent, = struct.unpack("<Q", self.read_virt(task + parent_at, 8))
             ppid, = struct.unpack("<i", self.read_virt(parent + tgid_at, 4)) if parent != task else (0,)
-            start, = struct.unpack("<Q", self.read_virt(task + start_at, 8))
-            exe, = struct.unpack("<Q", self.read_virt(mm + exe_at, 8)) if mm else (0,)
-            pid, comm = ident(task)
-            out.append(GuestTask(pid, ppid, comm, task_state(state, exit_state), pages * PAGE,
+            name = comm.split(b"\0", 1)[0].decode(errors="replace")
+            out.append(GuestTask(pid, ppid, name, task_state(state, exit_state), pages * PAGE,
                                  start, exe))
         return out
 
