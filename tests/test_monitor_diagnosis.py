@@ -73,6 +73,43 @@ def test_memory_hog_finds_a_family_that_grows_by_forking():
     assert [c.pid for c in f.culprits] == [40]
 
 
+def test_memory_hog_spread_over_slow_orphans_of_one_kind_is_their_kind():
+    """Found from outside: a hog of 60 double-forked, setsid orphans, each growing
+    0.7 MB/s (none a culprit alone, no family), had no culprit; the node filled and the
+    kernel's OOM killer took the service. Now the growing processes of one kind are the
+    culprit together, with their spawner (born with them), never an older innocent of
+    their kind, the service or its keepers."""
+    svc = [row(1, 0, "init", rss_mb=1, age=500), row(9, 1, "sh", rss_mb=1, age=400),
+           row(10, 9, "svc", rss_mb=50, registered=True, age=400)]
+    old_kin = row(20, 1, "spreader", rss_mb=5, age=300)  # of the hog's kind, long before
+    spawner = row(30, 1, "spreader", rss_mb=5, age=12.2)
+    orphans = [row(p, 1, "spreader", rss_mb=6, rate_mb=0.7, age=12.0 - 0.2 * (p - 100))
+               for p in range(100, 160)]
+    table = svc + [old_kin, spawner, row(40, 1, "leak", rss_mb=80, rate_mb=5)] + orphans
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), table)
+    assert {c.pid for c in f.culprits} == {30, *range(100, 160)}
+    assert f.evidence["kin"]["growing"] == 60 and f.evidence["kin"]["members"] == 61
+    assert "60 processes of spreader" in f.summary and "42.0 MB/s together" in f.summary
+    # a single process that outgrows them is the culprit; too few growers are no kind
+    fast = svc + orphans[:10] + [row(40, 1, "leak", rss_mb=80, rate_mb=9)]
+    assert [c.pid for c in diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), fast).culprits] == [40]
+    few = svc + orphans[:3]
+    assert diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), few).culprits == []
+
+
+def test_the_init_that_inherited_a_hogs_orphans_heads_no_family():
+    """Found with the spread hog: a lab node's first process is `unshare`, its pid
+    namespace's init the `catatonit` it forked; the orphans, born with their memory, went
+    to that init, whose family then grew fastest, and killing it ended the whole node,
+    service included. An init of other programs, outside their groups, heads no family."""
+    table = [row(2, 1, "unshare", rss_mb=1, age=500), row(3, 2, "catatonit", rss_mb=1, age=500),
+             row(5, 1, "catatonit", rss_mb=1, age=400),
+             row(6, 5, "svc", rss_mb=50, registered=True, age=400)]
+    table += [row(p, 3, "hog", rss_mb=40, age=0.1 * (p - 100), pgid=p) for p in range(100, 106)]
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), table)
+    assert 3 not in {c.pid for c in f.culprits} and "family" not in f.evidence
+
+
 def test_memory_hog_without_a_culprit_says_how_much_memory_no_process_maps():
     """A memfd written without mapping it grows the node, not any process's RSS (found
     from outside: the kernel's OOM killer then took the whole node): the summary says so."""
@@ -115,14 +152,25 @@ def test_memory_hog_without_growth_names_no_culprit():
 @given(st.lists(st.tuples(st.floats(0, 2000), st.floats(0, 100), st.booleans()), min_size=1,
                 max_size=30))
 def test_memory_hog_culprit_is_always_the_fastest_eligible_grower(procs):
+    """The fastest eligible process, or the growing ones of a kind (here all are of one)
+    when at least kin_min grow and together outgrow it; nothing when nothing grows enough."""
     table = [row(i + 2, rss_mb=rss, rate_mb=rate, registered=reg)
              for i, (rss, rate, reg) in enumerate(procs)]
-    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(min_rate_mb_s=1.0), table)
+    cfg = diagnosis.MemoryHogDiagnosis(min_rate_mb_s=1.0)
+    f = diagnosis.memory_hog(cfg, table)
     eligible = [p for p in table if not p.registered]
-    if f.culprits:
+    first = diagnosis.first_process(table)  # never one of a kind's (nor of a family)
+    growing = [p for p in eligible if p.rss_rate > 0 and p is not first]
+    fastest = max((p.rss_rate for p in eligible), default=0.0)
+    kin = len(growing) >= cfg.kin_min and sum(p.rss_rate for p in growing) > max(fastest, 0.0)
+    if kin and sum(p.rss_rate for p in growing) >= 1.0 * MiB:
+        assert "kin" in f.evidence
+        assert {c.pid for c in f.culprits} >= {p.pid for p in growing}
+        assert not any(p.registered for p in table if p.pid in {c.pid for c in f.culprits})
+    elif f.culprits:
         c = next(p for p in table if p.pid == f.culprits[0].pid)
         assert not c.registered and c.rss_rate >= 1.0 * MiB
-        assert c.rss_rate == max(p.rss_rate for p in eligible)
+        assert c.rss_rate == fastest
     else:
         assert all(p.rss_rate < 1.0 * MiB for p in eligible)
 

@@ -62,6 +62,23 @@ def test_a_memory_hog_that_grows_by_forking_is_killed_with_its_children(root, un
     no_leftovers(name)
 
 
+def test_a_memory_hog_spread_over_slow_orphans_is_killed_all_of_it(root, unique, tmp_path):
+    """Found from outside: ~60 double-forked, setsid orphans each growing 0.7 MB/s (none a
+    hog alone, no family) had no culprit; the node filled and the kernel's OOM killer took
+    the service. Now the growing processes of one kind are the culprit, with their spawner."""
+    name = f"t{unique}"
+    r = repair.memory_hog(name=name, incidents_dir=str(tmp_path), spread=True, timeout_s=60)
+    assert r["detected"] is True and r["culprit_killed"] is True, r
+    assert r["hog_survived"] is False and r["hog_processes_left"] == 0, r
+    assert r["service_survived"] is True and r["cache_survived"] is True, r
+    assert r["innocent_killed"] == 0 and r["oom_kills"] == 0, r
+    [inc] = [i for i in load_incidents(tmp_path) if i.rule == "memory-hog"]
+    kin = inc.diagnosis.evidence["kin"]
+    assert kin["comm"] == "bd-memhog" and kin["growing"] >= 4, kin
+    assert {c.comm for c in inc.diagnosis.culprits} == {"bd-memhog"}
+    no_leftovers(name)
+
+
 @pytest.mark.parametrize("shape", ["tree", "orphans"])
 def test_fork_bomb_is_frozen_killed_and_the_node_forks_again(root, unique, tmp_path, shape):
     """"orphans": a bomb that double-forks, so each of its processes is orphaned to the

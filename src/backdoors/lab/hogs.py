@@ -37,10 +37,29 @@ def hold_forever() -> None:
         time.sleep(3600)
 
 
-def memory(rate_mb: float, cap_mb: float, step: float = 0.05, forks: bool = False) -> None:
+#: a spread hog's processes each grow this fast: under the default memory-hog bound (1 MB/s)
+SPREAD_RATE_MB = 0.7
+
+
+def memory(rate_mb: float, cap_mb: float, step: float = 0.05, forks: bool = False,
+           spread: bool = False) -> None:
     """Grow resident memory by `rate_mb` MB/s up to `cap_mb`, touching every page.
     `forks`: by forking instead, a child every 0.25 s that allocates its share and holds
-    it (no process grows for long)."""
+    it (no process grows for long). `spread`: by orphans instead (each double-forked, in a
+    session of its own), one every 0.2 s, each growing SPREAD_RATE_MB MB/s: no process is
+    a hog alone, and they make no family."""
+    if spread:
+        count = max(1, round(rate_mb / SPREAD_RATE_MB))
+        for _ in range(count):
+            child = os.fork()
+            if child == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    _grow(SPREAD_RATE_MB, cap_mb / count, step)
+                os._exit(0)
+            os.waitpid(child, 0)
+            time.sleep(0.2)
+        hold_forever()
     if forks:
         per_child, held = int(rate_mb * 2**20 * 0.25), 0
         while held < cap_mb * 2**20:
@@ -50,6 +69,11 @@ def memory(rate_mb: float, cap_mb: float, step: float = 0.05, forks: bool = Fals
             held += per_child
             time.sleep(0.25)
         hold_forever()
+    _grow(rate_mb, cap_mb, step)
+
+
+def _grow(rate_mb: float, cap_mb: float, step: float) -> None:
+    """Allocate `rate_mb` MB/s (written, so resident) up to `cap_mb`, then hold it."""
     chunks = []
     per_step = max(1, int(rate_mb * 2**20 * step))
     held = 0
@@ -146,6 +170,8 @@ def main(argv=None) -> int:
     m.add_argument("--rate-mb", type=float, default=40)
     m.add_argument("--cap-mb", type=float, default=400)
     m.add_argument("--forks", action="store_true", help="grow by forking children that allocate")
+    m.add_argument("--spread", action="store_true",
+                   help="grow by orphans each too slow to be a hog (double-forked, setsid)")
     c = sub.add_parser("cache")
     c.add_argument("--mb", type=float, default=256)
     f = sub.add_parser("forkbomb")
@@ -156,7 +182,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     set_comm(COMM[a.kind])
     if a.kind == "memory":
-        memory(a.rate_mb, a.cap_mb, forks=a.forks)
+        memory(a.rate_mb, a.cap_mb, forks=a.forks, spread=a.spread)
     elif a.kind == "cache":
         cache(a.mb)
     elif a.kind == "forkbomb":

@@ -124,7 +124,13 @@ def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row],
     it, from its head: the process whose family grows fastest, not one of whose
     children holds `family_share` of that growth (down the tree to where the growth
     splits: the forker, not its shell). Never the node's first process, nor an ancestor of
-    a registered service."""
+    a registered service.
+
+    A hog can also spread over processes that each grow too slowly to be one and that
+    make no family (orphans: double-forked, setsid). So the free processes of one kind
+    (an executable and comm, `_kind`) that grow, at least `kin_min` of them, are the
+    culprit together when they outgrow the fastest single process, with what of their
+    kind was born with them (`_growing_kin`)."""
     alive = [p for p in table if running(p.state)]
     by_rate = sorted(alive, key=lambda p: p.rss_rate, reverse=True)
     eligible = [p for p in by_rate if not p.registered and not _protected_comm(p, cfg.protect_comms)]
@@ -135,7 +141,8 @@ def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row],
         "min_rate_mb_s": cfg.min_rate_mb_s,
         "total_rss_mb": round(sum(p.rss_bytes for p in alive) / MiB, 1),
     }
-    family = _growing_family(cfg, alive)
+    free = _free(cfg, alive)
+    family = _growing_family(cfg, free)
     top = eligible[0] if eligible else None
     if family is not None and family[1] > max(top.rss_rate if top else 0.0,
                                               cfg.min_rate_mb_s * MiB):
@@ -148,6 +155,21 @@ def memory_hog(cfg: MemoryHogDiagnosis, table: Sequence[Row],
                        f"descendants grow {rate / MiB:.1f} MB/s together, now "
                        f"{evidence['family']['rss_mb']:.0f} MB (processes born with their "
                        "memory)", [_target(p) for p in members], evidence)
+    kin = _growing_kin(cfg, free)
+    if kin is not None and kin[0] >= cfg.min_rate_mb_s * MiB and kin[0] > (
+            top.rss_rate if top else 0.0):
+        rate, members = kin
+        (exe, comm), growing = _kind(members[0]), sum(1 for p in members if p.rss_rate > 0)
+        rss_mb = round(sum(p.rss_bytes for p in members) / MiB, 1)
+        evidence["kin"] = {"exe": exe, "comm": comm, "members": len(members),
+                           "growing": growing, "rate_mb_s": round(rate / MiB, 1), "rss_mb": rss_mb}
+        evidence["culprit"] = culprit_identity(members)
+        fastest = max(p.rss_rate for p in members)
+        return Finding("memory_hog", f"{growing} processes of {comm}{f' ({exe})' if exe and exe != comm else ''} "
+                       f"grow {rate / MiB:.1f} MB/s together (the fastest {fastest / MiB:.1f} "
+                       f"alone), now {rss_mb:.0f} MB with {len(members) - growing} more of "
+                       "their kind (a hog spread over processes)",
+                       [_target(p) for p in members], evidence)
     if top is None or top.rss_rate < cfg.min_rate_mb_s * MiB:
         grower = by_rate[0] if by_rate else None
         if grower is not None and grower.registered and grower.rss_rate >= cfg.min_rate_mb_s * MiB:
@@ -181,20 +203,56 @@ def _unmapped(evidence: dict[str, Any], node_mb: float | None) -> str:
             "not show")
 
 
-def _growing_family(cfg: MemoryHogDiagnosis, alive: Sequence[Row]
+def _free(cfg: MemoryHogDiagnosis, alive: Sequence[Row]) -> dict[int, Row]:
+    """The processes a memory hog's repair may kill, by pid: never a registered service,
+    a protected comm, the node's first process nor a service's keeper (killing either
+    ends it)."""
+    first, keepers = first_process(alive), _keepers(alive, {p.pid: p for p in alive})
+    return {p.pid: p for p in alive if not p.registered and p.pid not in keepers
+            and p is not first and not _protected_comm(p, cfg.protect_comms)}
+
+
+def _growing_kin(cfg: MemoryHogDiagnosis, free: dict[int, Row]
+                 ) -> tuple[float, list[Row]] | None:
+    """(growth in bytes/s, members oldest first) of the kind (see `_kind`) whose free
+    processes grow fastest together, if at least `kin_min` of them grow: a hog spread
+    over processes each too slow to be one, orphans (double-forked, setsid) that make no
+    family. With them, the kind's free processes born from `kin_gap_s` before the oldest
+    grower on (what starts them: a spawner that would start more); not older ones (an
+    innocent of the same kind that ran before). None if no kind has so many growers."""
+    growing: dict[tuple[str, str], list[Row]] = {}
+    for p in free.values():
+        if p.rss_rate > 0:
+            growing.setdefault(_kind(p), []).append(p)
+    kind, members = max(growing.items(), key=lambda kv: sum(p.rss_rate for p in kv[1]),
+                        default=(None, []))
+    if len(members) < cfg.kin_min:
+        return None
+    oldest = max(p.age_s for p in members) + cfg.kin_gap_s
+    members += [p for p in free.values()
+                if p.rss_rate <= 0 and _kind(p) == kind and p.age_s <= oldest]
+    return (sum(p.rss_rate for p in members),
+            sorted(members, key=lambda p: (-p.age_s, p.pid)))
+
+
+def _growing_family(cfg: MemoryHogDiagnosis, free: dict[int, Row]
                     ) -> tuple[Row, float, list[Row]] | None:
     """(head, growth in bytes/s, members head first) of the fastest-growing family of
-    unprotected processes with more than one member (see memory_hog); None if none."""
+    free processes (`_free`) with more than one member (see memory_hog); None if none."""
     def growth(p: Row) -> float:
         return max(p.rss_rate, p.rss_bytes / cfg.born_s if p.age_s < cfg.born_s else 0.0)
 
-    # never the node's first process nor a service's keeper (killing either ends it)
-    first, keepers = first_process(alive), _keepers(alive, {p.pid: p for p in alive})
-    free = {p.pid: p for p in alive if not p.registered and p.pid not in keepers
-            and p is not first and not _protected_comm(p, cfg.protect_comms)}
     children: dict[int, list[Row]] = {}
     for p in free.values():
         children.setdefault(p.ppid, []).append(p)
+    # a reaper (an init, a subreaper) that inherited orphans heads no family: none of its
+    # children runs its program or is in its group (a forker's children do one or the
+    # other: a fork keeps both), and killing a pid namespace's init ends the whole node
+    reapers = {pid for pid, kids in children.items() if pid in free and not any(
+        _kind(c) == _kind(free[pid]) or 0 < c.pgid == free[pid].pgid for c in kids)}
+    for pid in reapers:  # its children: each a root of its own
+        del children[pid]
+    free = {pid: p for pid, p in free.items() if pid not in reapers}
     total: dict[int, float] = {}
 
     def family_rate(p: Row) -> float:  # iterative: a fork bomb's tree may be deep
@@ -616,6 +674,8 @@ class MemoryHogDiagnosis(Diagnosis, tag="memory_hog"):
     protect_comms: list[str] = []
     born_s: Pos = 1.0  # a process younger than this counts its RSS as growth over it
     born_min: Annotated[int, msgspec.Meta(ge=2)] = 3  # of them in a family that forks
+    kin_min: Annotated[int, msgspec.Meta(ge=2)] = 4  # growing processes of one kind, none fast
+    kin_gap_s: NonNeg = 2.0  # their kind's processes born this long before them join them
     family_share: Annotated[float, msgspec.Meta(gt=0.5, le=1)] = 0.8
 
     def run(self, ctx: Context) -> Finding:

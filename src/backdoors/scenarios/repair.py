@@ -99,11 +99,13 @@ def _incident_summary(inc: Incident | None) -> dict | None:
 def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory_mb: int = 512,
                    cache_mb: float = 240, rate_mb: float = 40, period_ms: float = 50,
                    timeout_s: float = 20.0, observe_s: float = 1.0,
-                   incidents_dir: str | None = None, forks: bool = False) -> dict:
+                   incidents_dir: str | None = None, forks: bool = False,
+                   spread: bool = False) -> dict:
     """The memory-hog case under `policy`: "backdoors" (the default rules), "largest_rss"
     (a monitor killing the largest process) or "kernel_oom" (no monitor: the memory
     limit and the kernel's OOM killer alone). `forks`: the hog grows by forking children
-    that allocate (lab.hogs memory --forks)."""
+    that allocate (lab.hogs memory --forks); `spread`: by orphans each too slow to be a
+    hog (--spread)."""
     if policy not in ("backdoors", "largest_rss", "kernel_oom"):
         raise ValueError(f"unknown memory-hog policy {policy!r}")
     name = name or unique_name("s")
@@ -132,7 +134,8 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
             t_hog = time.monotonic()
             hog = al.lab.run_in_node(node, _hog_argv("memory", "--rate-mb", str(rate_mb),
                                                      "--cap-mb", str(memory_mb * 2),
-                                                     *(["--forks"] if forks else [])))
+                                                     *(["--forks"] if forks else []),
+                                                     *(["--spread"] if spread else [])))
             watch.track("hog", hog.pid)
             inc = None
             end = t_hog + timeout_s
