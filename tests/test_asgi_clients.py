@@ -6,8 +6,13 @@ carry, or stop mid-body. Raw ASGI applications, raw sockets; no agent."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,6 +23,9 @@ from test_asgi import serving
 @pytest.fixture(autouse=True)
 def _no_agent(monkeypatch):
     monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+
+
+RELEASE = asyncio.Event()  # what /after's work waits for
 
 
 async def app(scope, receive, send):
@@ -51,6 +59,24 @@ async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"part", "more_body": True})
         return
+    elif path == "/after":  # work after the response (a background task), until /release
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        await RELEASE.wait()
+        return
+    elif path == "/release":
+        RELEASE.set()
+    elif path == "/nostatus":
+        await send({"type": "http.response.start", "headers": None})
+        await send({"type": "http.response.body", "body": b"x"})
+        return
+    elif path == "/twice":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first"})
+        await send({"type": "http.response.body", "body": b"SECOND"})
+        return
+    elif path.startswith("/path"):
+        body = f"{path}?{query}".encode()
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -183,3 +209,79 @@ def test_a_request_framed_both_ways_is_read_by_its_chunks_and_ends_the_connectio
                                    b"Content-Length: 999999\r\nTransfer-Encoding: chunked\r\n\r\n"
                                    b"5\r\nhello\r\n0\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in reply.lower()
+
+
+def test_work_after_the_response_does_not_hold_the_response_back():
+    """Found from outside: a background task (Starlette's BackgroundTask) sleeping 3 s
+    held its response back 3 s; the response is whole at its body's end. Here the work
+    waits until another request releases it: the response must come first."""
+    with serving(app) as address, _connect(address) as s:
+        s.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")  # (before: never, till released)
+        assert not RELEASE.is_set()
+        released = _exchange(address, b"GET /release HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert released.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        assert out.endswith(b"yes")  # the session served its next request meanwhile
+
+
+def test_a_start_without_status_is_a_500_and_pipelined_requests_are_still_answered():
+    """Found from outside: a start message without `status` (headers None) failed the
+    session: an empty reply, the pipelined request lost."""
+    with serving(app) as address:
+        reply = _exchange(address, b"GET /nostatus HTTP/1.1\r\nHost: x\r\n\r\n"
+                                   b"GET /state HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 500") and reply.count(b"HTTP/1.1") == 1
+
+
+def test_a_body_sent_after_the_responses_end_is_not_sent():
+    """Found from outside: it was appended, the Content-Length counting it."""
+    with serving(app) as address:
+        reply = _exchange(address, b"GET /twice HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert body == b"first" and b"content-length: 5\r\n" in head.lower()
+
+
+def test_every_response_has_a_date_and_absolute_form_targets_are_paths():
+    """RFC 9110 6.6.1 (an origin server with a clock sends Date) and RFC 9112 3.2.2 (a
+    server accepts the absolute form): found missing from outside."""
+    with serving(app) as address:
+        reply = _exchange(address, b"GET http://x:80/path/a%20b?q=1 HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert body == b"/path/a b?q=1"
+        assert b"\r\ndate: " in head.lower() and head.lower().split(b"date: ")[1][:3] in (
+            b"mon", b"tue", b"wed", b"thu", b"fri", b"sat", b"sun")
+
+
+LIFESPAN_APP = """
+import os
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (m := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        open(os.environ["SHUTDOWN_MARK"], "w").close()
+        await send({"type": "lifespan.shutdown.complete"})
+"""
+
+
+def test_ctrl_c_stops_the_server_as_sigterm_does(tmp_path):
+    """Found from outside: SIGINT raised KeyboardInterrupt through the loop, skipped the
+    lifespan's shutdown, and the interpreter crashed at exit (SIGSEGV)."""
+    (tmp_path / "lifeapp.py").write_text(LIFESPAN_APP)
+    mark = tmp_path / "shut"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKDOORS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors.asgi", "lifeapp:app", "--port", "0",
+                             "--app-dir", str(tmp_path)], env={**env, "SHUTDOWN_MARK": str(mark)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"listening" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert mark.exists() and b"Traceback" not in err

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import logging
 import re
@@ -53,6 +54,8 @@ import select
 import signal
 import socket
 import sys
+import time
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
@@ -75,6 +78,7 @@ IDLE_S = 75.0  # a client silent this long while a request is awaited is closed 
 SESSION_FDS = 2 * BOX_SESSION_FDS
 MAX_REFUSING = 64  # connections refused past the session limit, read before they close
 SERVER_NAME = b"backdoors-asgi"
+ABSOLUTE_FORM = re.compile(rb"(?i)https?://")  # a request target with scheme and authority
 HANGUP_POLL_S = 0.2  # how often an application waiting for a disconnect has its client checked
 
 
@@ -467,6 +471,8 @@ async def _drop_input(sock: socket.socket) -> None:
 
 def _scope(request, client, server, root_path: str, ext: dict, state: dict) -> dict:
     target = request.target
+    if ABSOLUTE_FORM.match(target):  # RFC 9112 3.2.2: a server takes it; the path is after
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
     path, _, query = target.partition(b"?")
     return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -512,6 +518,8 @@ async def _call(app, scope: dict, body: bytes,
     async def send(message: dict) -> None:
         nonlocal start
         kind = message["type"]
+        if finished.is_set():
+            raise RuntimeError(f"{kind} after the response's end")
         if kind == "http.response.start":
             if start is not None:
                 raise RuntimeError("http.response.start sent twice")
@@ -523,22 +531,47 @@ async def _call(app, scope: dict, body: bytes,
             if not message.get("more_body", False):
                 finished.set()
 
+    # the response is whole at its body's end: what the application does after (a
+    # background task) runs on while it is sent, as in other ASGI servers
+    task = asyncio.ensure_future(app(scope, receive, send))
+    ended = asyncio.ensure_future(finished.wait())
     try:
-        await app(scope, receive, send)
-    except Exception:  # noqa: BLE001 - the application's failure is a 500, not a crash
-        log.exception("asgi: the application failed on %s %s", scope["method"], scope["path"])
-        if start is None or not finished.is_set():
-            return 500, [(b"content-type", b"text/plain")], [b"Internal Server Error\n"]
+        await asyncio.wait((task, ended), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # (the session cancelled: the application with it)
+        task.cancel()
+        raise
     finally:
-        done = finished.is_set()
-        finished.set()  # (what still waits in receive() ends)
+        ended.cancel()
+    if not task.done():
+        _AFTER.add(task)
+        task.add_done_callback(functools.partial(_after_response, scope))
+    elif not task.cancelled() and (err := task.exception()) is not None:
+        log.error("asgi: the application failed on %s %s", scope["method"], scope["path"],
+                  exc_info=err)
+        if start is None or not finished.is_set():
+            finished.set()
+            return 500, [(b"content-type", b"text/plain")], [b"Internal Server Error\n"]
+    done = finished.is_set()
+    finished.set()  # (what still waits in receive() ends)
     if start is None:
         return 500, [(b"content-type", b"text/plain")], [b"no response from the application\n"]
     if not done:
         log.error("asgi: the application returned before its response's end on %s %s",
                   scope["method"], scope["path"])
         return 500, [(b"content-type", b"text/plain")], [b"incomplete response\n"]
-    return start["status"], list(start.get("headers", [])), chunks
+    # (a start without a status, or headers None: a 500 from _encode, the session goes on)
+    return start.get("status"), list(start.get("headers") or []), chunks
+
+
+#: applications still running after their response's end (background tasks), held here
+_AFTER: set[asyncio.Task] = set()
+
+
+def _after_response(scope: dict, task: asyncio.Task) -> None:
+    _AFTER.discard(task)
+    if not task.cancelled() and (err := task.exception()) is not None:
+        log.error("asgi: the application failed after its response on %s %s",
+                  scope["method"], scope["path"], exc_info=err)
 
 
 def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
@@ -557,6 +590,8 @@ def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
             headers.append((b"content-length", str(len(body)).encode()))
         if b"server" not in names:
             headers.append((b"server", SERVER_NAME))
+        if b"date" not in names:  # RFC 9110 6.6.1 (exported with the response: a resend is the same)
+            headers.append((b"date", _date()))
         if _framed_twice(request):  # RFC 9112 6.1: it ends its connection
             headers.append((b"connection", b"close"))
         out = parser.send(h11.Response(status_code=status, headers=headers,
@@ -572,6 +607,18 @@ def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
         return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\n"
                 b"content-length: %d\r\nconnection: close\r\nserver: %s\r\n\r\n%s"
                 % (len(text), SERVER_NAME, text))
+
+
+_dated: tuple[int, bytes] = (0, b"")
+
+
+def _date() -> bytes:
+    """The HTTP date of now (made once a second)."""
+    global _dated
+    now = int(time.time())
+    if _dated[0] != now:
+        _dated = (now, formatdate(now, usegmt=True).encode())
+    return _dated[1]
 
 
 def _reason(status: int) -> bytes:
@@ -720,7 +767,8 @@ def main(argv=None) -> int:
     async def main_task() -> None:
         listener = AsyncListener.tcp(a.host, a.port, adopt=a.adopt, backlog=1024)
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, listener.close)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # (Ctrl-C too: lifespan shutdown runs)
+            loop.add_signal_handler(sig, listener.close)
         ticker = _heartbeat(a.sensor_box, a.deadline) if a.sensor_box else None
         life = Lifespan(app)
         await life.startup()
