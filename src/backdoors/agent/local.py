@@ -25,8 +25,8 @@ descriptors all the same, the sockets are not watched for a while (common.accept
 from __future__ import annotations
 
 import errno
-import functools
 import fcntl
+import functools
 import logging
 import math
 import os
