@@ -37,16 +37,9 @@ def _guest_table(memory, tries: int = 50):
     raise RuntimeError(f"{tries} walks of the guest's task list in a row were broken")
 
 
-def _wait(what: str, check, timeout: float = 300.0) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
 def run(depths: tuple[int, ...] = (3, 6, 8), reads: int = 30) -> dict:
     from backdoors.lab import Lab
+    from backdoors.scenarios.labkit import wait_until
     from backdoors.scenarios.vm import guest_get
 
     rows = []
@@ -61,12 +54,12 @@ def run(depths: tuple[int, ...] = (3, 6, 8), reads: int = 30) -> dict:
             added = 2 ** (depth + 1) - 1  # the breed tree: each level doubles
             guest_get(lab, "v0", f"/cgi-bin/breed?{depth}")
             extra += added
-            _wait(f"{base_guest + extra} guest tasks",
-                  lambda: len(_guest_table(memory)[0]) >= base_guest + extra)
+            wait_until(lambda: len(_guest_table(memory)[0]) >= base_guest + extra, 300,
+                       f"{base_guest + extra} guest tasks", step=0.2)
             lab.run_in_node("n0", ["sh", "-c", f"for i in $(seq {added}); do sleep 3600 & done; wait"])
             sleepers += 1
-            _wait(f"{extra} sleeping processes in n0",
-                  lambda: len(node.processes()) >= extra + sleepers)
+            wait_until(lambda: len(node.processes()) >= extra + sleepers, 300,
+                       f"{extra} sleeping processes in n0", step=0.2)
             guest_s, proc_s = [], []
             guest_n = proc_n = 0
             for i in range(reads):  # alternately, so both share the machine's moments
