@@ -532,6 +532,104 @@ def test_the_agent_tells_its_supervisor(agent_lab, listener, monkeypatch):
                 os.close(fd)
 
 
+def test_a_nodes_service_is_its_first_registrant_and_a_new_agent_keeps_it():
+    """RegionTable.service: the first process to register while no service runs; one that
+    registers beside it does not take its place, one that registers after its end does.
+    A new agent readopts the regions in whatever order the store hands them over: the
+    services it kept are taken back over what that order claimed."""
+    from backdoors.common.procs import read_process
+
+    me = (os.getpid(), read_process(os.getpid()).start_time)
+    parent = (os.getppid(), read_process(os.getppid()).start_time)  # runs beside it
+    gone = (2**22 + 1, 1.0)  # above pid_max: no process
+
+    def add(table, name, who):
+        fd = _memfd(b"r")
+        table.add(Entry("n0", name, "region", Region(fd), False, *who))
+        os.close(fd)
+
+    regions, _ = _tables()
+    kept = []
+    regions.service_observer = kept.append
+    add(regions, "svc", me)
+    add(regions, "intruder", parent)
+    assert regions.service("n0") == me and kept == [{"n0": me}]
+    again, _ = _tables()  # the next agent: the intruder's region readopted first
+    add(again, "intruder", parent)
+    add(again, "svc", me)
+    assert again.service("n0") == parent
+    again.take_back_services({**kept[-1], "not-a-node": gone})
+    assert again.service("n0") == me
+    ended, _ = _tables()
+    add(ended, "svc", gone)
+    add(ended, "next", me)
+    assert ended.service("n0") == me
+    for table in (regions, again, ended):
+        table.close()
+
+
+# A service: registers a Sensor Box "svc"; after a line on stdin, registers "svc2" and
+# unregisters "svc" (its regions then all newer in the fd store than what registered
+# between); prints a line after each step, then holds until stdin ends.
+SERVICE = """
+import sys
+from backdoors.common.runtime import register_box, unregister
+from backdoors.sensors import SensorBox
+first = SensorBox.create("svc")
+register_box(first)
+print("registered", flush=True)
+sys.stdin.readline()
+again = SensorBox.create("svc2")
+register_box(again)
+unregister("svc")
+print("again", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.root
+def test_a_restarted_agent_keeps_the_nodes_service_not_a_process_registered_beside_it(root):
+    """Lab end to end: the node's service registered first, a hostile process beside it,
+    then the service registered anew (so the fd store hands the new agent the hostile
+    process's region first); the agent is SIGKILLed and its keeper starts another, which
+    takes the regions back: the service is still the service, the other process not."""
+    from backdoors.lab import Lab
+    from backdoors.lab.agents import agent_pid
+    from backdoors.scenarios.labkit import unique_name
+
+    with Lab(unique_name("ar"), hosts=1, nodes=1, agents=True, services=False) as lab:
+        service = lab.run_in_node("n0", [sys.executable, "-c", SERVICE],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert service.stdout.readline().strip() == b"registered"
+        intruder = lab.run_in_node("n0", [sys.executable, "-m", "backdoors.lab.hogs", "memory",
+                                          "--rate-mb", "0.1", "--cap-mb", "1",
+                                          "--register", "intruder"])
+
+        def registered(names):
+            try:
+                with lab.agent_client("h0") as c:
+                    if {r.name for r in c.regions("n0")} >= names:
+                        return {r.pid: r.registered for r in c.processes("n0").rows
+                                if r.pid in (service.pid, intruder.pid)}
+            except Exception:  # noqa: BLE001 - the new agent not serving yet
+                return None
+            return None
+
+        want = {service.pid: True, intruder.pid: False}
+        assert _wait(lambda: registered({"svc", "intruder"}), 20, "both registered") == want
+        service.stdin.write(b"\n")
+        service.stdin.flush()
+        assert service.stdout.readline().strip() == b"again"
+        assert _wait(lambda: registered({"svc2", "intruder"}), 10, "svc2") == want
+        old = agent_pid(lab.plan, lab.plan.host("h0"))
+        os.kill(old, signal.SIGKILL)
+        _wait(lambda: agent_pid(lab.plan, lab.plan.host("h0")) not in (old, None), 10,
+              "a new agent")
+        assert _wait(lambda: registered({"svc2", "intruder"}), 10, "the new agent") == want
+        service.stdin.close()
+        service.wait(10)
+
+
 def test_the_agents_durable_state_is_kept_newest_generation_first(listener, tcp_pair):
     """`keep` stores bytes in a memfd (new generation before the old one is removed); a
     new agent takes the newest back and removes older generations left by a crash; a

@@ -174,6 +174,54 @@ def test_processes_shows_age_rss_and_growth(agent_lab):
     assert rows[grower.pid].rss_bytes > 20 * MiB
 
 
+# Registers a Sensor Box named argv[1], then forks a child that registers argv[1] + "-kid";
+# prints "ready" once both are registered, then holds.
+FAMILY = """
+import os, sys, time
+from backdoors.sensors import SensorBox
+from backdoors.common.runtime import register_box
+box = SensorBox.create(sys.argv[1])
+register_box(box)
+r, w = os.pipe()
+if os.fork() == 0:
+    kid = SensorBox.create(sys.argv[1] + "-kid")
+    register_box(kid)
+    os.write(w, b"x")
+    time.sleep(300)
+    os._exit(0)
+os.read(r, 1)
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_service_is_the_first_registrant_and_what_descends_from_it(agent_lab):
+    """`registered` (what diagnosis spares) is the node's service: the first process to
+    register while none ran, and its descendants that register; a process registering
+    beside it is not. Once the service ends, the next process to register is."""
+    lab = agent_lab()
+    service = lab.run("n0", FAMILY, "svc")
+    assert read_line(service).strip() == "ready"
+    intruder, _ = lab.start_app("n0", "intruder")
+    c = lab.client()
+
+    def registered() -> dict[int, bool]:
+        return {r.pid: r.registered for r in c.processes("n0").rows}
+
+    rows = {r.pid: r for r in c.processes("n0").rows}
+    [kid] = [pid for pid, r in rows.items() if r.ppid == service.pid]
+    owners = {r.pid for r in c.regions("n0") if r.name != "kernel"}
+    assert owners == {service.pid, kid, intruder.pid}
+    assert registered() == {service.pid: True, kid: True, intruder.pid: False}
+    service.kill()
+    os.kill(kid, 9)
+    service.wait(10)
+    # no service runs: every running registrant counts, until another registers
+    wait_for(lambda: registered() == {intruder.pid: True}, what="the service's end")
+    app, _ = lab.start_app("n0", "svc2")
+    assert registered() == {app.pid: True, intruder.pid: False}
+
+
 # Starts 5 threads, then (its boot clock between, on stdout) 7 more; holds them, and
 # 3 children that exited, not reaped.
 THREADS = r"""

@@ -59,6 +59,7 @@ STOP_THAW_S = 10.0
 FENCES_KEY = "fences"  # durable state (fd store): {node: [monitors holding its fence]}
 TOKENS_KEY = "tokens"  # durable state: {node: [highest fencing token, its monitor]}
 MARKS_KEY = "marks"  # durable, shared: each signer's latest request time (agent/auth.py)
+SERVICES_KEY = "services"  # durable state: {node: [pid, start_time] of its service}
 GUEST_RETRY_S = 5.0  # a VM node whose guest kernel cannot be read is tried again this often
 
 
@@ -342,6 +343,7 @@ class Agent:
             r.dropped += self.recovery.take_back(r.state, set(self.nodes))
             r.dropped += self._refence(r.state.get(FENCES_KEY))
             r.dropped += self.tokens.take_back(r.state.get(TOKENS_KEY), set(self.nodes))
+            r.dropped += self._take_back_services(r.state.get(SERVICES_KEY))
             self.audit.write(kind="readopted", host=self.config.host, regions=r.regions,
                              sessions=r.sessions, dropped=r.dropped,
                              fenced=self.leases.fences(),
@@ -355,6 +357,25 @@ class Agent:
         self.recovery.keep = self.store.keep
         self.leases.observer = self._keep_fences
         self.tokens.observer = lambda _: self.store.keep(TOKENS_KEY, self.tokens.encode())
+        self.regions.service_observer = self._keep_services
+        self._keep_services({n: who for n in self.nodes
+                             if (who := self.regions.service(n)) is not None})
+
+    def _take_back_services(self, data: bytes | None) -> list[str]:
+        """The nodes' services a previous agent kept; what could not be read, with why."""
+        if not data:
+            return []
+        try:
+            kept = {str(n): (int(pid), float(start))
+                    for n, (pid, start) in json.loads(data).items()}
+        except (ValueError, AttributeError, TypeError) as e:
+            return [f"services: {e}"]
+        self.regions.take_back_services(kept)
+        return []
+
+    def _keep_services(self, services: dict[str, tuple[int, float]]) -> None:
+        self.store.keep(SERVICES_KEY, json.dumps(services, sort_keys=True).encode()
+                        if services else None)
 
     def _refence(self, data: bytes | None) -> list[str]:
         """Fence again the nodes a previous agent held fenced; what could not be taken

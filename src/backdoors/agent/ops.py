@@ -371,7 +371,8 @@ def processes(call: Call) -> ProcessTable:
     elif waits:
         got.update(call.agent.mmreads.run(waits, MM_READ_BUDGET_S))
     now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
-    registrants = dict(call.agent.regions.registrants(rt.name))
+    service = _service_of(table, dict(call.agent.regions.registrants(rt.name)),
+                          call.agent.regions.service(rt.name))
     young, unreaped = {}, {}
     if call.args.threads_within_s is not None:
         since, reads, live = boot - call.args.threads_within_s, MAX_TASK_READS, set(pids)
@@ -386,11 +387,33 @@ def processes(call: Call) -> ProcessTable:
     rows, cut = _fitting(
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
                    p.threads, p.pgid, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
-                   same_start(registrants.get(p.pid, -1.0), p.start_time),
+                   p.pid in service,
                    (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
                    got.get(("c", p.pid)) or [], young.get(p.pid, 0), unreaped.get(p.pid, 0))
         for p in table)  # long command lines: the rows that fit a frame
     return ProcessTable(rows, len(pids), cut or len(pids) > cap)
+
+
+def _service_of(table: list, registrants: dict[int, float],
+                service: tuple[int, float] | None) -> set[int]:
+    """The pids of `table` that count as the node's service (`registered`): its running
+    registrants that are the node's service (RegionTable.service) or descend from it;
+    every running registrant while that service is not in the table (it ended)."""
+    live = {p.pid for p in table if same_start(registrants.get(p.pid, -1.0), p.start_time)}
+    root = next((p.pid for p in table if service is not None and p.pid == service[0]
+                 and same_start(service[1], p.start_time)), None)
+    if root is None:
+        return live
+    children: dict[int, list[int]] = {}
+    for p in table:
+        children.setdefault(p.ppid, []).append(p.pid)
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, ()))
+    return live & tree
 
 
 def _fitting(rows: Iterable[Any]) -> tuple[list[Any], bool]:

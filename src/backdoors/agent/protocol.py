@@ -207,7 +207,7 @@ class ProcessRow(ProcessInfo, frozen=True):
 
     age_s: float
     rss_rate: float
-    registered: bool
+    registered: bool  # a registrant that is the node's service or descends from it
     exe: str = ""  # the installed executable's name (procs.installed_exe), never the comm
     exe_sha256: str = ""  # sha256 of its executable (procs.exe_sha256); "" if unreadable
     cmdline: list[str] = []  # only when asked (processes(cmdline=True)); bounded

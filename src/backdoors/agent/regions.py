@@ -89,6 +89,11 @@ class RegionTable:
         #: counts the Sensor Boxes added and removed: a reader that keeps borrowed boxes
         #: (the watcher) takes them again when it moves (sessions' boxes do not move it)
         self.box_version = 0
+        #: per node, (pid, start_time) of its service: the first process to register while
+        #: no service of the node ran (see `service`)
+        self._service: dict[str, tuple[int, float]] = {}
+        #: called with every node's service after one changes (the fd store keeps them)
+        self.service_observer: Callable[[dict[str, tuple[int, float]]], None] | None = None
 
     def usage(self, node: str) -> tuple[int, int]:
         """(count, bytes) of the node's registered regions, the agent's own excluded; the
@@ -166,7 +171,38 @@ class RegionTable:
                 self._retire(old)
         if self.observer is not None:
             self.observer("add", entry)
+        if not entry.internal:
+            self._claim(entry.node, (entry.pid, entry.start_time))
         return old
+
+    # -- the service of a node ---------------------------------------------------------
+
+    def service(self, node: str) -> tuple[int, float] | None:
+        """(pid, start_time) of the node's service: the first process that registered a
+        region while no service of the node ran (it may have ended since). Another process
+        of the node that registers while the service runs does not become the service: a
+        hostile process registering a box is not spared as the service is (diagnosis)."""
+        with self._lock:
+            return self._service.get(node)
+
+    def _claim(self, node: str, registrant: tuple[int, float]) -> None:
+        with self._lock:
+            current = self._service.get(node)
+        if current == registrant or (current is not None and is_same(*current)):
+            return
+        with self._lock:
+            if self._service.get(node) != current:
+                return  # claimed meanwhile
+            self._service[node] = registrant
+            services = dict(self._service)
+        if self.service_observer is not None:
+            self.service_observer(services)
+
+    def take_back_services(self, kept: dict[str, tuple[int, float]]) -> None:
+        """The services a previous agent kept (the fd store), over those its regions'
+        readoption claimed in whatever order they came; nodes not served here dropped."""
+        with self._lock:
+            self._service.update((n, who) for n, who in kept.items() if n in self._nodes)
 
     def keep(self, node: str, name: str, kind: str, fd: int, pid: int, *,
              writable: bool = False, check=None, stand_in: bool = False,
