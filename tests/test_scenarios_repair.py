@@ -61,6 +61,21 @@ def test_a_memory_hog_spread_over_slow_orphans_is_killed_all_of_it(root, unique,
     assert kin["growing"] >= 4, kin
 
 
+def test_a_memory_hog_that_registers_a_box_beside_the_service_is_killed(root, unique, tmp_path):
+    """Found from outside: a hog that registered a Sensor Box counted as the node's
+    service, so it was spared and its incident ended unresolved. The service is the
+    first registrant; a process registering beside it is not, and its hog is killed."""
+    name = f"t{unique}"
+    r = repair.memory_hog(name=name, incidents_dir=str(tmp_path), register=True)
+    assert r["hog_registered"] is True, r
+    assert r["detected"] is True and r["culprit_killed"] is True, r
+    assert r["hog_survived"] is False and r["service_survived"] is True, r
+    assert r["cache_survived"] is True and r["innocent_killed"] == 0 and r["oom_kills"] == 0, r
+    [inc] = [i for i in load_incidents(tmp_path) if i.rule == "memory-hog"]
+    assert [c.comm for c in inc.diagnosis.culprits] == ["bd-memhog"], inc.diagnosis
+    no_leftovers(name)
+
+
 def _whole_hog_killed(unique: str, tmp_path, found: str, **kw) -> dict:
     """Run the memory-hog scenario (`kw`); check that every hog process was killed and
     nothing else, the kernel never stepping in; the diagnosis's `found` evidence."""

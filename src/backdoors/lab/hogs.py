@@ -1,6 +1,7 @@
 """Misbehaving programs the lab starts inside a node to inject faults.
 
-    python -m backdoors.lab.hogs memory --rate-mb 40 --cap-mb 400 [--forks]
+    python -m backdoors.lab.hogs memory --rate-mb 40 --cap-mb 400 [--forks | --spread]
+                                        [--register NAME]
     python -m backdoors.lab.hogs cache --mb 256
     python -m backdoors.lab.hogs forkbomb [--shape tree|orphans|threads|spawner|sessions|zombies]
                                           [--after S]
@@ -42,12 +43,19 @@ SPREAD_RATE_MB = 0.7
 
 
 def memory(rate_mb: float, cap_mb: float, step: float = 0.05, forks: bool = False,
-           spread: bool = False) -> None:
+           spread: bool = False, register: str | None = None) -> None:
     """Grow resident memory by `rate_mb` MB/s up to `cap_mb`, touching every page.
     `forks`: by forking instead, a child every 0.25 s that allocates its share and holds
     it (no process grows for long). `spread`: by orphans instead (each double-forked, in a
     session of its own), one every 0.2 s, each growing SPREAD_RATE_MB MB/s: no process is
-    a hog alone, and they make no family."""
+    a hog alone, and they make no family. `register`: first register a Sensor Box of that
+    name with the node's agent, as the service does (a hog passing itself off as it)."""
+    if register:
+        from ..common.runtime import register_box
+        from ..sensors import SensorBox
+
+        box = SensorBox.create(register)  # noqa: F841 (held: the agent maps it)
+        register_box(box)
     if spread:
         count = max(1, round(rate_mb / SPREAD_RATE_MB))
         for _ in range(count):
@@ -172,6 +180,8 @@ def main(argv=None) -> int:
     m.add_argument("--forks", action="store_true", help="grow by forking children that allocate")
     m.add_argument("--spread", action="store_true",
                    help="grow by orphans each too slow to be a hog (double-forked, setsid)")
+    m.add_argument("--register", metavar="NAME",
+                   help="first register a Sensor Box NAME with the node's agent")
     c = sub.add_parser("cache")
     c.add_argument("--mb", type=float, default=256)
     f = sub.add_parser("forkbomb")
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     set_comm(COMM[a.kind])
     if a.kind == "memory":
-        memory(a.rate_mb, a.cap_mb, forks=a.forks, spread=a.spread)
+        memory(a.rate_mb, a.cap_mb, forks=a.forks, spread=a.spread, register=a.register)
     elif a.kind == "cache":
         cache(a.mb)
     elif a.kind == "forkbomb":

@@ -25,7 +25,7 @@ from ..errors import BackdoorsError, LabError
 from ..lab import hogs
 from ..monitor import Monitor, parse_ruleset
 from ..monitor.incidents import Incident
-from .labkit import AgentLab, unique_name
+from .labkit import AgentLab, unique_name, wait_until
 from .watch import ForkProbe, ProgressWatch
 
 MiB = 1 << 20
@@ -100,12 +100,13 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
                    cache_mb: float = 240, rate_mb: float = 40, period_ms: float = 50,
                    timeout_s: float = 20.0, observe_s: float = 1.0,
                    incidents_dir: str | None = None, forks: bool = False,
-                   spread: bool = False) -> dict:
+                   spread: bool = False, register: bool = False) -> dict:
     """The memory-hog case under `policy`: "backdoors" (the default rules), "largest_rss"
     (a monitor killing the largest process) or "kernel_oom" (no monitor: the memory
     limit and the kernel's OOM killer alone). `forks`: the hog grows by forking children
     that allocate (lab.hogs memory --forks); `spread`: by orphans each too slow to be a
-    hog (--spread)."""
+    hog (--spread); `register`: the hog first registers a Sensor Box beside the service's
+    (--register; `hog_registered` says whether the agent took it)."""
     if policy not in ("backdoors", "largest_rss", "kernel_oom"):
         raise ValueError(f"unknown memory-hog policy {policy!r}")
     name = name or unique_name("s")
@@ -135,8 +136,12 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
             hog = al.lab.run_in_node(node, _hog_argv("memory", "--rate-mb", str(rate_mb),
                                                      "--cap-mb", str(memory_mb * 2),
                                                      *(["--forks"] if forks else []),
-                                                     *(["--spread"] if spread else [])))
+                                                     *(["--spread"] if spread else []),
+                                                     *(["--register", HOG_BOX] if register
+                                                       else [])))
             watch.track("hog", hog.pid)
+            if register:
+                out["hog_registered"] = _registered(al, node, HOG_BOX, hog.pid)
             inc = None
             end = t_hog + timeout_s
             if mon is not None:
@@ -176,6 +181,21 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
                 watch.stop()
             _reap(hog, cache)
     return out
+
+
+#: the Sensor Box a registering hog registers (run_memory_hog(register=True))
+HOG_BOX = "bd-hogbox"
+
+
+def _registered(al: AgentLab, node: str, name: str, pid: int, timeout: float = 10.0) -> bool:
+    """Whether the agent comes to hold region `name` of `node`, registered by `pid`."""
+    with al.agent_client(al.plan.node(node).host) as c:
+        try:
+            return wait_until(lambda: any(r.name == name and r.pid == pid
+                                          for r in c.regions(node)), timeout,
+                              f"region {name} of node {node} registered by {pid}")
+        except LabError:
+            return False
 
 
 def memory_hog(**kw) -> dict:
