@@ -92,6 +92,19 @@ def _whole_hog_killed(unique: str, tmp_path, found: str, **kw) -> dict:
     return inc.diagnosis.evidence[found]
 
 
+def test_a_fork_bomb_that_registers_a_box_beside_the_service_is_killed(root, unique, tmp_path):
+    """A bomb whose first process registered a Sensor Box (as the service does) before it
+    began to fork: that process is not the node's service, so it is not spared as the
+    bomb's protected ancestor; the whole bomb goes."""
+    name = f"t{unique}"
+    r = repair.fork_bomb(name=name, incidents_dir=str(tmp_path), register=True)
+    assert r["bomb_registered"] is True, r
+    assert r["detected"] is True and r["bomb_processes_left"] == 0, r
+    assert r["service_survived"] is True and r["probe_survived"] is True, r
+    assert r["init_survived"] is True and r["node_thawed"] is True, r
+    no_leftovers(name)
+
+
 @pytest.mark.parametrize("shape", ["tree", "orphans"])
 def test_fork_bomb_is_frozen_killed_and_the_node_forks_again(root, unique, tmp_path, shape):
     """"orphans": a bomb that double-forks, so each of its processes is orphaned to the

@@ -4,7 +4,7 @@
                                         [--register NAME]
     python -m backdoors.lab.hogs cache --mb 256
     python -m backdoors.lab.hogs forkbomb [--shape tree|orphans|threads|spawner|sessions|zombies]
-                                          [--after S]
+                                          [--after S] [--register NAME]
     python -m backdoors.lab.hogs cpu --procs 2
 
 Each sets its process name (comm) to `bd-<kind>` so the lab can find and stop it by name,
@@ -50,12 +50,7 @@ def memory(rate_mb: float, cap_mb: float, step: float = 0.05, forks: bool = Fals
     session of its own), one every 0.2 s, each growing SPREAD_RATE_MB MB/s: no process is
     a hog alone, and they make no family. `register`: first register a Sensor Box of that
     name with the node's agent, as the service does (a hog passing itself off as it)."""
-    if register:
-        from ..common.runtime import register_box
-        from ..sensors import SensorBox
-
-        box = SensorBox.create(register)  # noqa: F841 (held: the agent maps it)
-        register_box(box)
+    box = _registered(register)  # noqa: F841 (held)
     if spread:
         count = max(1, round(rate_mb / SPREAD_RATE_MB))
         for _ in range(count):
@@ -80,6 +75,19 @@ def memory(rate_mb: float, cap_mb: float, step: float = 0.05, forks: bool = Fals
     _grow(rate_mb, cap_mb, step)
 
 
+def _registered(name: str | None):
+    """A Sensor Box `name` registered with the node's agent, as the service registers
+    its own (None: none); the caller holds it for as long as it runs."""
+    if not name:
+        return None
+    from ..common.runtime import register_box
+    from ..sensors import SensorBox
+
+    box = SensorBox.create(name)
+    register_box(box)
+    return box
+
+
 def _grow(rate_mb: float, cap_mb: float, step: float) -> None:
     """Allocate `rate_mb` MB/s (written, so resident) up to `cap_mb`, then hold it."""
     chunks = []
@@ -101,7 +109,7 @@ def cache(mb: float) -> None:
     hold_forever()
 
 
-def forkbomb(shape: str = "tree", after: float = 0.0) -> None:
+def forkbomb(shape: str = "tree", after: float = 0.0, register: str | None = None) -> None:
     """Fork without end; every process keeps forking, none ever exits on its own.
 
     "tree": the root is a child subreaper, so the lineage stays one tree even if a member
@@ -112,8 +120,10 @@ def forkbomb(shape: str = "tree", after: float = 0.0) -> None:
     `sleep` processes without end (another program, in its process group, as a shell or
     subprocess starts them) and reaping those that end; "sessions": the same, each in a
     session of its own; "zombies": as "sessions", never reaping. `after`: seconds of
-    quiet first (a process that ran a while before it turned into a bomb).
+    quiet first (a process that ran a while before it turned into a bomb). `register`:
+    first register a Sensor Box of that name, as memory() does.
     """
+    box = _registered(register)  # noqa: F841 (held)
     time.sleep(after)
     if shape == "threads":
         _thread_bomb()
@@ -187,6 +197,8 @@ def main(argv=None) -> int:
     f = sub.add_parser("forkbomb")
     f.add_argument("--shape", choices=BOMB_SHAPES, default="tree")
     f.add_argument("--after", type=float, default=0.0, help="seconds of quiet first")
+    f.add_argument("--register", metavar="NAME",
+                   help="first register a Sensor Box NAME with the node's agent")
     p = sub.add_parser("cpu")
     p.add_argument("--procs", type=int, default=2)
     a = ap.parse_args(argv)
@@ -196,7 +208,7 @@ def main(argv=None) -> int:
     elif a.kind == "cache":
         cache(a.mb)
     elif a.kind == "forkbomb":
-        forkbomb(a.shape, a.after)
+        forkbomb(a.shape, a.after, a.register)
     else:
         cpu(a.procs)
     return 0

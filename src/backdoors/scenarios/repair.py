@@ -187,13 +187,14 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
 HOG_BOX = "bd-hogbox"
 
 
-def _registered(al: AgentLab, node: str, name: str, pid: int, timeout: float = 10.0) -> bool:
-    """Whether the agent comes to hold region `name` of `node`, registered by `pid`."""
+def _registered(al: AgentLab, node: str, name: str, pid: int | None = None,
+                timeout: float = 10.0) -> bool:
+    """Whether the agent comes to hold region `name` of `node` (registered by `pid`)."""
     with al.agent_client(al.plan.node(node).host) as c:
         try:
-            return wait_until(lambda: any(r.name == name and r.pid == pid
+            return wait_until(lambda: any(r.name == name and pid in (None, r.pid)
                                           for r in c.regions(node)), timeout,
-                              f"region {name} of node {node} registered by {pid}")
+                              f"region {name} of node {node} registered")
         except LabError:
             return False
 
@@ -254,13 +255,15 @@ def _count_comm(al: AgentLab, node: str, comm: str) -> int:
 def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_limit: int = 128,
                   memory_mb: int = 1024, period_ms: float = 50, timeout_s: float = 20.0,
                   wedge_cap_s: float = 30.0, settle_s: float = 1.0,
-                  incidents_dir: str | None = None, shape: str = "tree") -> dict:
+                  incidents_dir: str | None = None, shape: str = "tree",
+                  register: bool = False) -> dict:
     """The fork-bomb case under `policy`: "backdoors" (the default rules) or
     "pids_limit_only" (the pids limit alone, watched for `wedge_cap_s`). `shape` is the
     bomb's (lab.hogs forkbomb --shape): "tree", "orphans" (it double-forks), "threads",
     "spawner", "sessions" or "zombies" (one process, started 3 s before, so older than
     the onset, starts threads, `sleep` processes, each in a session of its own, and does
-    not reap them)."""
+    not reap them). `register`: the bomb first registers a Sensor Box beside the
+    service's (`bomb_registered` says whether the agent took it)."""
     if policy not in ("backdoors", "pids_limit_only"):
         raise ValueError(f"unknown fork-bomb policy {policy!r}")
     name = name or unique_name("s")
@@ -283,7 +286,10 @@ def run_fork_bomb(policy: str = "backdoors", *, name: str | None = None, pids_li
             time.sleep(settle_s)  # a node in its steady state, not one just started
             after = 0.0 if shape in ("tree", "orphans") else 3.0
             t_bomb = time.monotonic() + after
-            init.spawn(_hog_argv("forkbomb", "--shape", shape, "--after", str(after)))
+            init.spawn(_hog_argv("forkbomb", "--shape", shape, "--after", str(after),
+                                 *(["--register", HOG_BOX] if register else [])))
+            if register:
+                out["bomb_registered"] = _registered(al, node, HOG_BOX)
             inc, t_repaired = None, None
             if mon is not None:
                 inc = mon.wait_for(lambda i: i.rule == "fork-bomb" and i.state != "detected",
