@@ -402,18 +402,7 @@ def _service_of(table: list, registrants: dict[int, float],
     live = {p.pid for p in table if same_start(registrants.get(p.pid, -1.0), p.start_time)}
     root = next((p.pid for p in table if service is not None and p.pid == service[0]
                  and same_start(service[1], p.start_time)), None)
-    if root is None:
-        return live
-    children: dict[int, list[int]] = {}
-    for p in table:
-        children.setdefault(p.ppid, []).append(p.pid)
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in tree:
-            tree.add(pid)
-            todo.extend(children.get(pid, ()))
-    return live & tree
+    return live if root is None else live & subtree(table, root)
 
 
 def _fitting(rows: Iterable[Any]) -> tuple[list[Any], bool]:
