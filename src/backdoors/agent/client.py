@@ -181,8 +181,8 @@ class AgentClient:
         deadline = time.monotonic() + timeout
         for attempt in (1, 2):
             reused = self._sock is not None
-            if not reused:
-                self._connect(timeout)
+            if not reused:  # (a second connect gets what is left of the call's time)
+                self._connect(max(0.001, deadline - time.monotonic()))
             try:
                 self._sock.settimeout(max(0.001, deadline - time.monotonic()))
                 self._sock.sendall(frame(payload))
