@@ -30,6 +30,11 @@ from .listener import adoption_source, listen_tcp, listening_name
 log = logging.getLogger("backdoors.continuations")
 
 FULL_LOG_S = 60.0  # "serving its limit" is logged at most this often
+#: sessions serve() takes, of those ready at once, before letting them start: a recovery's
+#: sessions are all taken (the agent's batches read and answered) before the first starts
+#: writing, which moves 1,000 sessions sooner than starting each as it comes
+#: (docs/recovery.md); the bound keeps the loop's other work from waiting long
+TAKE_AT_ONCE = 1024
 
 
 class AsyncListener:
@@ -141,7 +146,10 @@ class AsyncListener:
         in the listening socket's backlog, then the kernel drops their SYNs and clients
         retry, as at nginx's worker_connections) so that a flood cannot take the
         descriptors a recovery's sessions need; recovered sessions are always taken.
-        `common.fdtable.session_limit()` gives one for half the descriptors. None: none."""
+        `common.fdtable.session_limit()` gives one for half the descriptors. None: none.
+
+        The sessions ready at once (a recovery's batches, a burst of connections) are all
+        taken, up to TAKE_AT_ONCE, before their handlers start."""
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be 1 or more sessions, not {limit}")
         tasks = self._tasks
@@ -158,6 +166,7 @@ class AsyncListener:
             else:
                 log.error("session failed", exc_info=err)
 
+        taken = 0
         async for conn in self:
             task = asyncio.create_task(handler(conn, *args))
             tasks.add(task)
@@ -167,9 +176,9 @@ class AsyncListener:
                 log.warning("%s: serving its limit of %d sessions: new connections wait "
                             "(recovered sessions are still taken)",
                             listening_name(self.sock), limit)
-            # let it start now: of a batch of recovered sessions, the first ones resume
-            # while the rest are still being taken, not after the whole batch
-            await asyncio.sleep(0)
+            taken += 1
+            if taken % TAKE_AT_ONCE == 0:
+                await asyncio.sleep(0)  # the sessions taken so far start now
 
     def close(self) -> None:
         """Stop accepting; a waiting accept() returns None. Safe from any thread and from
