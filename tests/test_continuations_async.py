@@ -427,6 +427,98 @@ def test_close_ends_a_waiting_accept_from_another_thread():
     run(main())
 
 
+class _ClosedInAccept:
+    """A listening socket whose first accept() runs the listener's close() inside it, as a
+    signal.signal handler run during the accept(2) call would."""
+
+    def __init__(self, sock: socket.socket, listener: AsyncListener):
+        self._sock, self._listener, self._fired = sock, listener, False
+
+    def accept(self):
+        if not self._fired:
+            self._fired = True
+            self._listener.close()
+        return self._sock.accept()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_a_close_during_accept_is_not_lost():
+    async def main():
+        listener = AsyncListener.tcp("127.0.0.1", 0)
+        real = listener.sock
+        listener.sock = _ClosedInAccept(real, listener)
+
+        async def never(conn):
+            raise AssertionError("no connection was made")
+
+        try:
+            await asyncio.wait_for(listener.serve(never), 10)  # returns: not lost
+        finally:
+            listener.sock = real
+            listener.release()
+
+    run(main())
+
+
+def test_a_new_connections_handler_starts_before_the_next_is_taken():
+    """So that a limit a handler checks when it starts (asgi's) holds during a burst."""
+    burst = 50
+
+    class Counting(AsyncListener):
+        taken = 0
+
+        async def accept(self):
+            conn = await super().accept()
+            if conn is not None:
+                self.taken += 1
+            return conn
+
+    async def main():
+        listener = Counting.tcp("127.0.0.1", 0, backlog=burst)
+        clients = [socket.create_connection(listener.address) for _ in range(burst)]
+        seen: list[int] = []
+
+        async def handler(conn):
+            seen.append(listener.taken)
+            conn.close()
+            if len(seen) == burst:
+                listener.close()
+
+        try:
+            await asyncio.wait_for(listener.serve(handler), 20)
+        finally:
+            listener.release()
+            for c in clients:
+                c.close()
+        assert seen == list(range(1, burst + 1))
+
+    run(main())
+
+
+def test_a_channel_handed_to_a_session_cancelled_meanwhile_is_closed():
+    from backdoors.continuations.channels import ChannelState, Handed
+
+    class Box:
+        session, closed = "ch-1", False
+
+        def close(self):
+            self.closed = True
+
+    async def main():
+        handed, box = Handed(), Box()
+        claiming = asyncio.create_task(handed.claim(box.session))
+        await asyncio.sleep(0)  # waiting for it
+        handed.put(box, ChannelState("s-1", "mt"))
+        claiming.cancel()  # before the claim resumes with it
+        with pytest.raises(asyncio.CancelledError):
+            await claiming
+        assert box.closed
+
+    run(main())
+
+
 def test_run_uses_uvloop_only_when_asked_and_installed():
     async def kind():
         return type(asyncio.get_running_loop()).__module__

@@ -30,11 +30,12 @@ from .listener import adoption_source, listen_tcp, listening_name
 log = logging.getLogger("backdoors.continuations")
 
 FULL_LOG_S = 60.0  # "serving its limit" is logged at most this often
-#: sessions serve() takes, of those ready at once, before letting them start: a recovery's
-#: sessions are all taken (the agent's batches read and answered) before the first starts
-#: writing, which moves 1,000 sessions sooner than starting each as it comes
-#: (docs/recovery.md); the bound keeps the loop's other work from waiting long
-TAKE_AT_ONCE = 1024
+#: seconds serve() spends taking the recovered sessions ready at once before letting them
+#: start: a recovery's sessions are taken many to a loop turn (the agent's batches read and
+#: answered sooner), not one, which moves 1,000 sessions sooner (docs/recovery.md); the
+#: bound keeps timers and the other sessions from waiting long (a progress sensor ticked on
+#: the loop must not look hung)
+TAKE_S = 0.005
 
 
 class AsyncListener:
@@ -110,6 +111,8 @@ class AsyncListener:
         self._watched = [f.fileno() for f in (sock, self.source) if f is not None]
         for fd in self._watched:
             loop.add_reader(fd, _wake, waiter)
+        if self._closed:  # close() came before the waiter was there to wake (a signal
+            _wake(waiter)  # handler run inside accept(), another thread)
         resume = [t for t in (paused, resume_in(self.source)) if t]
         timer = loop.call_later(min(resume), _wake, waiter) if resume else None
         try:
@@ -148,8 +151,8 @@ class AsyncListener:
         descriptors a recovery's sessions need; recovered sessions are always taken.
         `common.fdtable.session_limit()` gives one for half the descriptors. None: none.
 
-        The sessions ready at once (a recovery's batches, a burst of connections) are all
-        taken, up to TAKE_AT_ONCE, before their handlers start."""
+        A new connection's handler starts before the next connection is taken; recovered
+        sessions ready at once are taken for up to TAKE_S before theirs start."""
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be 1 or more sessions, not {limit}")
         tasks = self._tasks
@@ -166,7 +169,7 @@ class AsyncListener:
             else:
                 log.error("session failed", exc_info=err)
 
-        taken = 0
+        taking_until = 0.0
         async for conn in self:
             task = asyncio.create_task(handler(conn, *args))
             tasks.add(task)
@@ -176,9 +179,9 @@ class AsyncListener:
                 log.warning("%s: serving its limit of %d sessions: new connections wait "
                             "(recovered sessions are still taken)",
                             listening_name(self.sock), limit)
-            taken += 1
-            if taken % TAKE_AT_ONCE == 0:
+            if not isinstance(conn, Recovered) or time.monotonic() >= taking_until:
                 await asyncio.sleep(0)  # the sessions taken so far start now
+                taking_until = time.monotonic() + TAKE_S
 
     def close(self) -> None:
         """Stop accepting; a waiting accept() returns None. Safe from any thread and from

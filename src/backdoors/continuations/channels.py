@@ -174,6 +174,10 @@ class Handed:
         waiter = self._waiting[box_id] = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait({waiter}, timeout=wait)
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # came, and nobody will use it
+                waiter.result()[0].close()
+            raise
         finally:
             if self._waiting.get(box_id) is waiter:
                 del self._waiting[box_id]
