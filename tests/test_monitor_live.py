@@ -498,3 +498,51 @@ def test_a_killed_service_opens_the_hang_incident_by_event_at_its_death(agent_la
         time.sleep(0.5)  # past the deadline (200 ms)
         died = [seq for _, seq, kind, _ in list(follower.seen) if kind == "violation"]
         assert died == [inc.event["seq"]], list(follower.seen)
+
+
+class _Unreachable:
+    """The follower's view of a monitor that cannot reach the agent while `on` is set."""
+
+    def __init__(self, mon):
+        self._mon, self.on = mon, threading.Event()
+
+    def client_factory(self, entry, timeout):
+        if self.on.is_set():
+            from backdoors.errors import AgentError
+            raise AgentError("the monitor cannot reach the agent (test)")
+        return self._mon.client_factory(entry, timeout)
+
+    def __getattr__(self, name):
+        return getattr(self._mon, name)
+
+
+def test_a_stall_that_ended_while_the_monitor_was_away_opens_no_incident(agent_lab, stall):
+    """Outside review: a stall that began and ended while the monitor's event stream was
+    down came back in the replay after the reconnect and opened a hang incident on a
+    healthy node (whose default response fences it and moves its sessions). The polls
+    meanwhile saw nothing; the replay must not either."""
+    al = agent_lab
+    with Monitor(al.monitor_config(period_ms=1000), key=al.monitor_key()) as mon:
+        mon.wait_ready()
+        (follower,) = mon.followers
+        assert follower.connected.wait(10)
+        away = _Unreachable(mon)
+        follower.monitor = away
+        away.on.set()
+        subscriptions = follower.subscriptions
+        follower.drop()  # the stream breaks; no new one while `away.on` is set
+        end = time.monotonic() + 10
+        while follower.connected.is_set():
+            assert time.monotonic() < end, "the follower did not notice the drop"
+            time.sleep(0.02)
+        with stall():
+            time.sleep(0.5)  # past the 200 ms deadline: the agent publishes a violation
+        time.sleep(0.5)  # and its end ("cleared")
+        away.on.clear()
+        _resubscribed(follower, subscriptions)
+        end = time.monotonic() + 10
+        while follower.stale < 1:
+            assert time.monotonic() < end, f"no stale violation dropped: {list(follower.seen)}"
+            time.sleep(0.02)
+        time.sleep(0.5)  # what the monitor would do with it, done by now
+        assert [i for i in mon.incidents() if i.rule == "hang"] == []

@@ -8,6 +8,10 @@ in order. Where the agent says events were lost (a "gap" frame, or events older 
 history) and at the first subscription, the follower asks the agent's `orphans` of each
 node instead (a poll), so that nothing waits for the next event. The periodic poll
 (AgentPoller) stays the liveness check.
+
+The events a resubscription replays (published while the follower was away) are held
+until the replay ends: a violation among them that a later one clears is dropped, since
+it ended before the monitor could see it (a poll then would not have fired either).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class EventFollower:
         self.epoch, self.last_seq = "", -1
         self.subscriptions = 0  # successful subscribes (reconnects + 1)
         self.gaps = 0  # events the agent said this follower missed
+        self.stale = 0  # replayed violations dropped: cleared before the replay
         self.seen: deque[tuple[str, int, str, str]] = deque(maxlen=65536)  # epoch, seq, kind, node
         self.connected = threading.Event()
         self._sock: socket.socket | None = None
@@ -89,13 +94,14 @@ class EventFollower:
             first = self.subscriptions == 0 or reply.get("epoch") != self.epoch
             if reply.get("epoch") != self.epoch and self.epoch:
                 log.info("agent %s restarted (new event epoch)", self.entry.host)
-            if not self.epoch:
+            fresh = not self.epoch
+            if fresh:
                 self.epoch, self.last_seq = reply["epoch"], reply["last_seq"]
             self.subscriptions += 1
             self.connected.set()
             if first:
                 self._catch_up("subscribed")
-            self._read(self._sock)
+            self._read(self._sock, 0 if fresh else int(reply["last_seq"]))
         except (OSError, AgentError) as e:
             if not m.stopping.is_set():
                 log.info("agent %s: event stream ended (%s); subscribing again",
@@ -105,8 +111,11 @@ class EventFollower:
             self._sock.close()
             self._sock = None
 
-    def _read(self, sock: socket.socket) -> None:
+    def _read(self, sock: socket.socket, replay_to: int) -> None:
+        """Events until the stream ends; those up to seq `replay_to` (replayed from the
+        agent's history) held until the replay ends, then judged (_replayed)."""
         sock.settimeout(READ_TIMEOUT_S)
+        replay: list[EventFrame] = []
         while not self.monitor.stopping.is_set():
             size = int.from_bytes(_exactly(sock, 4), "big")
             if not 0 < size <= MAX_FRAME:
@@ -120,19 +129,53 @@ class EventFollower:
                 raise AgentError(f"malformed event frame: {e}") from None
             if ev.epoch != self.epoch:  # the agent restarted: its seqs start again
                 self.epoch, self.last_seq = ev.epoch, 0
+            if replay and (not ev.seq or ev.seq > replay_to):  # the replay is over
+                self._replayed(replay)
+                replay = []
             if ev.gap:
                 self.gaps += ev.gap
                 log.warning("agent %s: %d events missed; polling instead", self.entry.host,
                             ev.gap)
                 self._catch_up("gap")
             if ev.seq:
-                if ev.seq <= self.last_seq:
+                if ev.seq <= (replay[-1].seq if replay else self.last_seq):
                     continue  # had it already (never expected: the agent sends after since)
+                if ev.seq <= replay_to:
+                    replay.append(ev)
+                    if ev.seq == replay_to:
+                        self._replayed(replay)
+                        replay = []
+                    continue
+                self._deliver(ev)
+
+    def _replayed(self, events: list[EventFrame]) -> None:
+        """Judge the events of a replay, but for the violations a later one of them
+        clears (those ended while this follower was away)."""
+        cleared: set[tuple] = set()
+        stale: set[int] = set()
+        for ev in reversed(events):
+            key = (ev.node, *(ev.data.get(k) for k in ("detector", "condition", "box",
+                                                          "sensor")))
+            if ev.kind == "cleared":
+                cleared.add(key)
+            elif ev.kind == "violation" and key in cleared:
+                stale.add(ev.seq)
+        for ev in events:
+            if ev.seq in stale:
+                self.stale += 1
                 self.last_seq = ev.seq
-                self.seen.append((ev.epoch, ev.seq, ev.kind, ev.node))
-                self.monitor.on_event(self.entry.host, ev, received=self.monitor.clock())
-                if ev.kind == "events_suppressed" and ev.data.get("events") == "owner_died":
-                    self._catch_up("suppressed")  # deaths the agent did not push
+                log.info("agent %s: node %s: a violation replayed after a reconnect had "
+                         "ended already (%s/%s): not judged", self.entry.host, ev.node,
+                         ev.data.get("box"), ev.data.get("sensor"))
+                continue
+            self._deliver(ev)
+
+    def _deliver(self, ev: EventFrame) -> None:
+        self.last_seq = ev.seq
+        self.seen.append((ev.epoch, ev.seq, ev.kind, ev.node))
+        self.monitor.on_event(self.entry.host, ev, received=self.monitor.clock())
+        if ev.kind == "events_suppressed" and ev.data.get("events") == "owner_died":
+            self._catch_up("suppressed")  # deaths the agent did not push
 
     def _catch_up(self, why: str) -> None:
         """What events may have told: the nodes' orphaned sessions, asked by poll."""
