@@ -6,7 +6,7 @@ import time
 import pytest
 import msgspec
 
-from test_agent_support import agent_lab, prefix  # noqa: F401 - fixtures
+from test_agent_support import agent_lab, prefix, wait_for  # noqa: F401 - fixtures
 
 from backdoors.agent.events import EventFrame
 from backdoors.agent.keys import verify
@@ -15,8 +15,8 @@ from backdoors.agent.protocol import EVENT_DOMAIN, Envelope
 pytestmark = pytest.mark.root
 
 
-def _subscribe(lab, **args):
-    c = lab.client()
+def _subscribe(lab, monitor: str = "m1", **args):
+    c = lab.client(monitor)
     reply = c.call("subscribe", **args)
     sock = c.take_socket()
     sock.settimeout(10)
@@ -231,3 +231,43 @@ def test_oom_kills_in_a_node_are_one_violation_while_they_go_on(agent_lab):
     finally:
         hog.send_signal(signal.SIGKILL)
     sock.close()
+
+
+def test_a_reconnect_gets_every_event_the_history_still_holds(agent_lab):
+    """Outside review: the replay went through the subscriber's live queue (QUEUE_MAX),
+    so a monitor that missed 2,000 events got 1,024 and a gap though the agent kept all
+    of them (HISTORY)."""
+    from backdoors.agent.events import HISTORY, QUEUE_MAX
+    lab = agent_lab(nodes={"n0": {}})
+    bus, key = lab.agent.agent.events, lab.agent_key.public
+    missed = (QUEUE_MAX + HISTORY) // 2
+    reply, sock = _subscribe(lab)
+    sock.close()
+    for i in range(missed):
+        bus.publish("test", "n0", i=i)
+    _, sock = _subscribe(lab, epoch=reply["epoch"], since=reply["last_seq"])
+    got = _frames(sock, key, missed)  # (a gap frame fails it)
+    sock.close()
+    assert [e.data["i"] for e in got] == list(range(missed))
+
+
+def test_one_key_cannot_take_every_subscription_slot(agent_lab):
+    """Outside review: 16 streams of one monitor key, never read, held every slot and
+    another monitor was refused. A key's next stream beyond MAX_PER_SIGNER now replaces
+    its oldest (which the agent closes)."""
+    from backdoors.agent.events import MAX_PER_SIGNER, MAX_SUBSCRIBERS
+    lab = agent_lab(nodes={"n0": {}})
+    bus = lab.agent.agent.events
+    mine = [_subscribe(lab, monitor="m1")[1] for _ in range(MAX_SUBSCRIBERS)]
+    try:
+        wait_for(lambda: bus.subscribers == MAX_PER_SIGNER, timeout=10,
+                 what=f"m1's streams cut to {MAX_PER_SIGNER}")
+        for sock in mine[:-MAX_PER_SIGNER]:  # the replaced ones end
+            sock.settimeout(10)
+            while sock.recv(65536):
+                pass
+        _, theirs = _subscribe(lab, monitor="m2")
+        theirs.close()
+    finally:
+        for sock in mine:
+            sock.close()

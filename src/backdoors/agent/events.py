@@ -13,8 +13,14 @@ Args `epoch` and `since` ask for the events after `since` of the agent run `epoc
 the monitor saw last, at a reconnect): they are sent first, from the history. An event
 the subscriber cannot get any more (beyond the history, or dropped because it did not
 read fast enough: each subscriber has a queue of QUEUE_MAX frames) is never sent late:
-the next frame says how many came before it unseen (`gap`), and the monitor polls.
-Nothing a subscriber does blocks the agent or another subscriber.
+the next frame says how many came before it unseen (`gap`), and the monitor polls. The
+events of the history a reconnect asks for are sent whatever their number (they are the
+history's own frames, not copies), written in runs of REPLAY_RUN so that the loop's other
+work goes on between them.
+
+Nothing a subscriber does blocks the agent or another subscriber. One monitor (one key)
+has at most MAX_PER_SIGNER streams: its next replaces its oldest, so one key, stolen or
+buggy, cannot take the slots (MAX_SUBSCRIBERS) of the others.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ QUEUE_MAX = 1024  # frames queued per subscriber before it loses events (and see
 HEARTBEAT_S = 1.0
 WRITE_TIMEOUT_S = 5.0  # a subscriber that takes no bytes for this long is dropped
 MAX_SUBSCRIBERS = 16
+MAX_PER_SIGNER = 4  # a monitor's streams of one agent (one, two while it reconnects)
+REPLAY_RUN = 64  # replayed frames written before the loop runs other work
 _encode = msgspec.msgpack.Encoder().encode
 
 
@@ -104,10 +112,12 @@ class EventFrame(msgspec.Struct, omit_defaults=True):
 
 
 class _Subscriber:
-    def __init__(self, kinds: frozenset[str]):
-        self.kinds = kinds
+    def __init__(self, kinds: frozenset[str], signer: str = ""):
+        self.kinds, self.signer = kinds, signer
         self.queue: deque[EventFrame] = deque()
         self.ready = asyncio.Event()
+        self.replaced = False  # its signer subscribed again: this stream ends
+        self.since = time.monotonic()
 
     def offer(self, ev: EventFrame) -> None:
         if self.kinds and ev.kind not in self.kinds:
@@ -179,32 +189,56 @@ class EventBus:
         for sub in list(self._subs):
             sub.offer(ev)
 
-    def subscribe(self, args: SubscribeArgs) -> SubscribeReply:
+    def subscribe(self, args: SubscribeArgs, signer: str = "") -> SubscribeReply:
         """The op's reply (validated here; the stream starts when the server calls
-        `stream`)."""
-        if len(self._subs) >= MAX_SUBSCRIBERS:
+        `stream`). Busy when MAX_SUBSCRIBERS stream, unless `signer` has its
+        MAX_PER_SIGNER (its new stream replaces its oldest)."""
+        if len(self._subs) >= MAX_SUBSCRIBERS and len(self._of(signer)) < MAX_PER_SIGNER:
             from .ops import OpError
             raise OpError("busy", f"{len(self._subs)} monitors are subscribed, the most this "
                                   "agent serves")
         return SubscribeReply(self.epoch, self._last)
 
+    def _of(self, signer: str) -> list[_Subscriber]:
+        """`signer`'s streams, the oldest first."""
+        return sorted((sub for sub in self._subs if sub.signer == signer),
+                      key=lambda sub: sub.since)
+
     async def stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     identity, args: SubscribeArgs) -> None:
+                     identity, args: SubscribeArgs, signer: str = "") -> None:
         """Serve one subscriber until it goes away (or stops reading)."""
-        sub = _Subscriber(frozenset(args.kinds))
+        sub = _Subscriber(frozenset(args.kinds), signer)
+        old: list[EventFrame] = []
         if args.since >= 0:
             since = args.since if args.epoch == self.epoch else 0
             old = [ev for ev in self._history if ev.seq > since]
             first = old[0].seq if old else since + 1  # (later ones are on their way)
             if first - since - 1 > 0:  # beyond the history
                 sub.lose(first - since - 1, self.epoch)
-            for ev in old:
-                sub.offer(ev)
-            sub.ready.set()
-        self._subs.add(sub)
+            if sub.kinds:
+                old = [ev for ev in old if ev.kind in sub.kinds]
+        mine = self._of(signer)
+        for older in mine[:max(0, len(mine) - MAX_PER_SIGNER + 1)]:
+            older.replaced = True
+            older.ready.set()
+            self._subs.discard(older)
+        if len(self._subs) >= MAX_SUBSCRIBERS:  # others took the slots since the reply
+            return
+        self._subs.add(sub)  # live events queue from here on, after the replay's last
+        if sub.queue:
+            sub.ready.set()  # the gap, at once
         eof = asyncio.ensure_future(reader.read(1))  # a subscriber sends nothing more
         try:
-            while not eof.done():
+            for i in range(0, len(old), REPLAY_RUN):  # the history's frames, not the queue's
+                _write(writer, identity, [*sub.queue, *old[i:i + REPLAY_RUN]] if i == 0
+                       else old[i:i + REPLAY_RUN])
+                if i == 0:
+                    sub.queue.clear()  # (a gap for what is beyond the history: first)
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+                await asyncio.sleep(0)
+                if eof.done() or sub.replaced:
+                    return
+            while not eof.done() and not sub.replaced:
                 ready = asyncio.ensure_future(sub.ready.wait())
                 await asyncio.wait({ready, eof}, timeout=HEARTBEAT_S,
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -215,13 +249,18 @@ class EventBus:
                 if not frames:
                     frames.append(EventFrame("heartbeat", 0, self.epoch, at=time.time(),
                                              data={"last_seq": self._last}))
-                for ev in frames:
-                    body = _encode(ev)
-                    writer.write(frame(_encode(Envelope(body, identity.sign(EVENT_DOMAIN,
-                                                                            body)))))
+                if sub.replaced:
+                    return
+                _write(writer, identity, frames)
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError):
             pass  # gone, or not reading: it reconnects and asks for what it missed
         finally:
             self._subs.discard(sub)
             eof.cancel()
+
+
+def _write(writer: asyncio.StreamWriter, identity, frames: list[EventFrame]) -> None:
+    for ev in frames:
+        body = _encode(ev)
+        writer.write(frame(_encode(Envelope(body, identity.sign(EVENT_DOMAIN, body)))))

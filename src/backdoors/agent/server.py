@@ -85,7 +85,7 @@ class RpcServer:
         self.memory_lane = Lane("memory", 2)
         self._server: asyncio.base_events.Server | None = None
         self._conns: dict[asyncio.Task, _Conn] = {}
-        self._streams: dict[asyncio.Task, Any] = {}  # subscribed connections: their args
+        self._streams: dict[asyncio.Task, Any] = {}  # subscribed connections: (args, signer)
         self._tokened: dict[str, list[int]] = {}  # node -> tokens of its requests running
         self._vote_tokens: dict[tuple, int] = {}  # (ballot key, voter) -> its fencing token
 
@@ -235,9 +235,9 @@ class RpcServer:
                     self._closed("send_timeout")
                     return
                 if (stream := self._streams.pop(task, None)) is not None:
-                    args = stream  # subscribed: the connection carries events only now
+                    args, signer = stream  # subscribed: the connection carries events only now
                     conn.streaming = True
-                    await self.agent.events.stream(reader, writer, self.identity, args)
+                    await self.agent.events.stream(reader, writer, self.identity, args, signer)
                     return
         except OSError:
             pass  # the peer went away
@@ -322,7 +322,7 @@ class RpcServer:
                 if args.since < 0:
                     args = msgspec.structs.replace(args, epoch=outcome.result.epoch,
                                                    since=outcome.result.last_seq)
-                self._streams[task] = args
+                self._streams[task] = (args, req.monitor)
         elapsed = _ms(start)
         label = op.name if op else "?"
         self.metrics.rpc.labels(label, "ok" if outcome.ok else outcome.code).inc()

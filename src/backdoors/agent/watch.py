@@ -358,6 +358,7 @@ class Watcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bd-agent-watch", daemon=True)
         self.errors = 0
+        self._tick_failed_at = -math.inf
         self._closed = False
         self._ep = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -426,7 +427,14 @@ class Watcher:
             if self.regions.box_version != self._version:
                 self._replan(now)
             if now >= next_tick:
-                self._tick(now)
+                try:
+                    self._tick(now)
+                except Exception as e:  # noqa: BLE001 - the watch must survive anything
+                    self.errors += 1
+                    if now - self._tick_failed_at >= 1.0:  # said once a second at most
+                        self._tick_failed_at = now
+                        log.warning("watch: a tick failed (%d errors so far): %r",
+                                    self.errors, e)
                 next_tick = self._next_tick(next_tick, now)
             if now >= next_slow:
                 self._slow(now)
