@@ -142,9 +142,8 @@ class Agent:
                                  audit=None, timeout_s=self.config.orphan_timeout_s,
                                  run_dir=self.config.run_dir, registry=self.metrics.registry)
         self.ops.update((op.name, op) for op in self.owners.ops())
-        self.add_op(Op("subscribe", SubscribeArgs,
-                       lambda call: self.events.subscribe(call.args, min(call.monitors, default="")),
-                       "inline"))
+        self.add_op(Op("subscribe", SubscribeArgs, lambda call: self.events.subscribe(
+            call.args, min(call.monitors, default="")), "inline"))
 
     def socket_path(self, node: str) -> str:
         """The registration socket of `node` (give it to the node's apps)."""
