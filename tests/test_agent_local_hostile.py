@@ -503,6 +503,144 @@ def test_a_node_holding_its_box_mid_update_pays_for_the_registration_threads_wai
     assert {r["node"] for r in rested} == {"n0"}, rested
 
 
+# Registers a Continuation Box whose active slot's seq word is held odd (an update never
+# ends), argv[1] times on one connection; prints how many were refused.
+ODD_CB = r"""
+import array, json, os, socket, sys
+import msgspec
+from backdoors.common import ipc
+from backdoors.common.runtime import AGENT_SOCKET_ENV
+from backdoors.continuations import cbformat
+from backdoors.continuations.region import CbRegion
+cb = CbRegion.create(os.urandom(16), state_capacity=4096, log_capacity=4096)
+name = "cb-" + bytes(cb.mm[16:32]).hex()
+v = int.from_bytes(cb.mm[48:56], "little")
+at = cbformat.slot_offset(v & 1, 4096) + cbformat.SLOT_OFF_SEQ
+cb.mm[at:at + 8] = (int.from_bytes(cb.mm[at:at + 8], "little") | 1).to_bytes(8, "little")
+s = ipc.connect(os.environ[AGENT_SOCKET_ENV], timeout=600)
+payload = msgspec.msgpack.encode({"op": "register", "kind": "cb", "name": name})
+fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cb.fd]))]
+refused = 0
+for _ in range(int(sys.argv[1])):
+    s.sendmsg([len(payload).to_bytes(4, "big") + payload], fds)
+    refused += not msgspec.msgpack.decode(ipc.recv(s, max_bytes=1 << 16).payload)["ok"]
+print(json.dumps(refused), flush=True)
+"""
+
+
+def test_a_node_holding_its_cb_mid_update_pays_for_the_wait_too(agent_lab):
+    """Outside review: the wait was charged to the node for a Sensor Box held mid-update
+    (above), not for a Continuation Box: each registration of one whose active slot
+    stays odd waits out check_cb's retries (~30 ms) on the registration thread, and the
+    node never rested (another node's requests ~35x slower). It rests now."""
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    local = lab.agent.agent.local
+    local.cpu_share, local.cpu_burst_s = 0.05, 0.4
+    registrar = lab.run("n0", ODD_CB, "40")
+    try:
+        wait_for(lambda: any(r.get("kind") == "local_rested" for r in lab.audit()),
+                 timeout=120, what="n0 rested")
+        local.cpu_share, local.cpu_burst_s = 0.5, 1.0  # the rest served at the default
+        local._cpu.clear()
+        assert json.loads(read_line(registrar, 300)) == 40  # every one refused, answered
+    finally:
+        registrar.kill()
+        registrar.wait()
+    rested = [r for r in lab.audit() if r.get("kind") == "local_rested"]
+    assert {r["node"] for r in rested} == {"n0"}, rested
+
+
+# Mounts a FUSE file system of its own (a private mount namespace) whose daemon stops
+# answering GETATTR, registers a Continuation Box, then attaches that box with a file of
+# the mount as its "socket"; prints the mount point, then sleeps until killed.
+FUSE_ATTACH = r"""
+import ctypes, json, os, struct, sys, tempfile, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.unshare(0x20000) == 0, ctypes.get_errno()  # CLONE_NEWNS
+assert libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC | MS_PRIVATE
+mnt = tempfile.mkdtemp(prefix="bd-test-fuse-")
+dev = os.open("/dev/fuse", os.O_RDWR)
+opts = f"fd={dev},rootmode=40000,user_id=0,group_id=0".encode()
+assert libc.mount(b"bdtest", mnt.encode(), b"fuse", 0x2 | 0x4, opts) == 0, ctypes.get_errno()
+print(json.dumps({"mount": mnt}), flush=True)
+silent = threading.Event()
+HEAD = struct.Struct("<IIQQIIIHH")
+
+def attr(ino):
+    mode = 0o040755 if ino == 1 else 0o100644
+    return struct.pack("<QQQQQQIIIIIIIIII", ino, 0, 0, 0, 0, 0, 0, 0, 0, mode, 1, 0, 0, 0,
+                       4096, 0)
+
+def reply(unique, payload=b"", error=0):
+    os.write(dev, struct.pack("<IiQ", 16 + len(payload), error, unique) + payload)
+
+def serve():
+    while True:
+        try:
+            buf = os.read(dev, 1 << 20)
+        except OSError:
+            return
+        _, op, unique, nodeid, *_ = HEAD.unpack_from(buf)
+        if op == 26:  # INIT
+            reply(unique, struct.pack("<IIIIHHIIHHII", 7, 31, 0, 0, 0, 0, 4096, 1, 0, 0, 0, 0)
+                  + bytes(24))
+        elif op == 1:  # LOOKUP
+            reply(unique, struct.pack("<QQQQII", 2, 0, 0, 0, 0, 0) + attr(2))
+        elif op == 3:  # GETATTR: never answered once silent
+            if not silent.is_set():
+                reply(unique, struct.pack("<QII", 0, 0, 0) + attr(nodeid))
+        elif op == 14:  # OPEN
+            reply(unique, struct.pack("<QIi", 0, 32, 0))
+        elif op in (2, 42, 36):  # FORGET, BATCH_FORGET, INTERRUPT: no reply
+            pass
+        elif op in (18, 25):  # RELEASE, FLUSH
+            if not silent.is_set():
+                reply(unique)
+        else:
+            reply(unique, error=-38)  # ENOSYS
+
+threading.Thread(target=serve, daemon=True).start()
+ffd = os.open(os.path.join(mnt, "f"), os.O_RDONLY)
+from backdoors.common import runtime
+from backdoors.continuations.region import CbRegion
+from backdoors.errors import RegistrationError
+cb = CbRegion.create(os.urandom(16), state_capacity=4096, log_capacity=4096)
+name = "cb-" + bytes(cb.mm[16:32]).hex()
+runtime.register_region(cb.fd, name, kind="cb", timeout=5)
+silent.set()
+print(json.dumps({"attaching": name}), flush=True)
+try:
+    runtime.attach_sessions([(name, cb.fd, ffd)], timeout=600)
+except RegistrationError:
+    pass
+time.sleep(600)
+"""
+
+
+def test_a_file_of_a_silent_fuse_mount_handed_as_a_socket_stalls_no_other_node(agent_lab):
+    """Outside review: `attach` of a box the agent already held for the caller fstat()ed
+    the descriptor given as its socket before checking it was one: a file of a FUSE mount
+    whose daemon never answers held the registration thread, which serves every node,
+    until the daemon went away. It is now told a socket by the socket calls, which never
+    ask a file system; another node registers while the daemon stays silent."""
+    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    attacker = lab.run("n0", FUSE_ATTACH)
+    mount = None
+    try:
+        mount = json.loads(read_line(attacker, 30))["mount"]
+        assert "attaching" in json.loads(read_line(attacker, 30))
+        time.sleep(0.5)  # its attach in the agent's hands
+        other = lab.run("n1", REGISTER, json.dumps({"name": "meanwhile"}))
+        got = json.loads(read_line(other, 60))  # while the daemon stays silent
+        assert [list(r) for r in got] == [["ok"]], got
+        assert attacker.poll() is None
+    finally:
+        attacker.kill()  # /dev/fuse closed: the mount's connection ends
+        attacker.wait()
+        if mount is not None:
+            os.rmdir(mount)
+
+
 # argv[1] register/unregister pairs of one box on one connection, each answered.
 CHURN = """
 import array, json, os, socket, sys

@@ -157,6 +157,43 @@ def test_write_only_to_writable_regions(agent_lab):
     assert c.read("n0", "mailbox", 0, 8) == b"\x01hello\x00\x02"
 
 
+# Registers a writable memfd, then sets O_APPEND on its open file description (which the
+# agent's descriptor shares); on a line from stdin, prints its size and first 8 bytes.
+APPENDING = r"""
+import fcntl, json, os, sys
+from backdoors.common.runtime import register_region
+fd = os.memfd_create("mbox", os.MFD_ALLOW_SEALING)
+os.ftruncate(fd, 4096)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+register_region(fd, "mbox", writable=True, timeout=5)
+fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+print(json.dumps("appending"), flush=True)
+sys.stdin.readline()
+print(json.dumps({"size": os.fstat(fd).st_size, "head": os.pread(fd, 8, 0).hex()}), flush=True)
+"""
+
+
+def test_a_write_lands_at_its_offset_even_if_the_node_set_o_append(agent_lab):
+    """Outside review: the agent's descriptor of a region shares the node's open file
+    description; a node that set O_APPEND on it after registering made every monitor
+    write land at the end of the memfd (Linux pwrite with O_APPEND), growing it, while
+    the op said it was written at its offset."""
+    import subprocess
+    lab = agent_lab()
+    proc = lab.run("n0", APPENDING, stdin=subprocess.PIPE)
+    try:
+        assert json.loads(read_line(proc)) == "appending"
+        c = lab.client()
+        for _ in range(10):
+            assert c.write("n0", "mbox", 0, b"\x01hello\x00\x02") == 8
+        assert c.read("n0", "mbox", 0, 8) == b"\x01hello\x00\x02"
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        assert json.loads(read_line(proc)) == {"size": 4096, "head": "0168656c6c6f0002"}
+    finally:
+        proc.kill()
+        proc.wait()
+
 def test_processes_shows_age_rss_and_growth(agent_lab):
     lab = agent_lab()
     app, _ = lab.start_app("n0", "svc")

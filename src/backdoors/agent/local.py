@@ -615,19 +615,19 @@ class LocalServer:
             raise RegionRefused(f"region {name!r} has {st.st_size} bytes; the cap is "
                                 f"{self.table.max_region_bytes} per region")
         def check(region: Region) -> None:
+            # the time spent waiting for a box held mid-update is the node's (it rests
+            # for it), not only the CPU time: the Sensor Box's seqlock as the CB's slots
+            began, cpu = time.monotonic(), time.thread_time()
             try:
                 if kind == "sensorbox":
-                    began, cpu = time.monotonic(), time.thread_time()
-                    try:
-                        parse_box(read_consistent(region))
-                    finally:
-                        conn.waited += max(0.0, time.monotonic() - began
-                                           - (time.thread_time() - cpu))
+                    parse_box(read_consistent(region))
                 elif kind == SESSION_KIND:
                     _check_cb(region, name)
             except OSError as e:  # (whatever the node made of the file: a refusal)
                 raise RegionRefused(f"region {name!r} cannot be read: "
                                     f"{e.strerror or e}") from None
+            finally:
+                conn.waited += max(0.0, time.monotonic() - began - (time.thread_time() - cpu))
 
         return self.table.keep(conn.node, name, kind, fd, conn.pid, writable=writable,
                                check=check, process=self._process(conn))

@@ -174,6 +174,9 @@ class SessionTable:
         """Whether `name` of `node` is held for process `pid` with the very socket `fd`
         refers to (a server holding again a session the agent handed to it)."""
         try:
+            # a socket first (its own calls, never a stat: that of a file on a FUSE mount
+            # the node serves waits for the node's daemon, for ever if it never answers)
+            socket.socket(fileno=fd).detach()
             given = os.fstat(fd)
             with self._lock:
                 session = self._sessions[node].get(name)

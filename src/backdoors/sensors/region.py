@@ -14,6 +14,7 @@ when the huge page pool is empty.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -115,7 +116,7 @@ class Region:
             self._mm[offset:offset + len(data)] = data
             return
         try:
-            written = os.pwrite(self.fd, data, offset)
+            written = _pwrite_at(self.fd, data, offset)
         except OSError as e:
             raise SensorBoxError(f"{self.label}: cannot write at {offset}: {e.strerror}") from None
         if written != len(data):
@@ -159,3 +160,22 @@ def _sealed_against_shrink(fd: int) -> bool:
         return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
     except OSError:
         return False  # not a memfd / shmem file: no seals
+
+
+#: pwritev's flag (Linux 6.9) to write at the offset even if the file is open O_APPEND
+RWF_NOAPPEND = getattr(os, "RWF_NOAPPEND", 0x20)
+
+
+def _pwrite_at(fd: int, data: bytes, offset: int) -> int:
+    """pwrite at `offset` whatever the file's flags: the agent's descriptor of a region
+    shares its open file description with the node's, which can set O_APPEND on it (a
+    plain pwrite then writes at the end, growing the file). A kernel without
+    RWF_NOAPPEND: refused while O_APPEND is set."""
+    try:
+        return os.pwritev(fd, [data], offset, RWF_NOAPPEND)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+        raise OSError(errno.EINVAL, "the file was set O_APPEND by its owner: not written")
+    return os.pwrite(fd, data, offset)
