@@ -306,3 +306,46 @@ def _connected(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+# In a node: holds a session (box + socket); with argv[1] "release", releases it; prints
+# "done" and sleeps until killed.
+HOLD_THEN = r"""
+import json, os, socket, sys, time
+from backdoors.common import runtime
+from backdoors.continuations.region import CbRegion
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+c = socket.create_connection(srv.getsockname())
+s, _ = srv.accept()
+region = CbRegion.create(os.urandom(16), state_capacity=4096, log_capacity=4096)
+name = "cb-" + bytes(region.mm[16:32]).hex()
+assert runtime.attach_sessions([(name, region.fd, s.fileno())])["held"] == [name]
+if sys.argv[1] == "release":
+    runtime.release(name)
+print(json.dumps("done"), flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_owner_that_released_its_sessions_is_no_longer_watched(agent_lab):
+    """Outside review: the agent kept a pidfd of every process that ever held a session
+    until it died, outside the node's descriptor budget: a node's processes that each
+    hold a session, release it and live on piled them up. Owners holding none are
+    dropped every PRUNE_S; one still holding its session stays watched."""
+    lab = agent_lab(nodes={"n0": {}})
+    owners = lab.agent.agent.owners
+    released = lab.run("n0", HOLD_THEN, "release")
+    holding = lab.run("n0", HOLD_THEN, "hold")
+    try:
+        assert json.loads(read_line(released, 30)) == "done"
+        assert json.loads(read_line(holding, 30)) == "done"
+        wait_for(lambda: ("n0", released.pid) not in owners._watched, timeout=30,
+                 what="the owner that released its session no longer watched")
+        assert ("n0", holding.pid) in owners._watched
+        assert released.poll() is None
+    finally:
+        for proc in (released, holding):
+            proc.kill()
+            proc.wait()

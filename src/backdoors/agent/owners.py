@@ -13,7 +13,10 @@ silence for an answer), else with a FIN after what the dead server had written. 
 "orphans_closed"). A client of a dead server therefore never hangs silently.
 
 One thread waits on every pidfd (select on a wakeup socket and the pidfds) and on the
-next orphan deadline; it never forks or executes anything.
+next orphan deadline; it never forks or executes anything. Every PRUNE_S it stops
+watching the processes that hold no session any more (released, or moved away), so that
+a node whose processes each hold a session, release it and live on keeps no pidfd of
+the agent's per process.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ VERDICT_WAIT_S = 10.0  # readopt waits this long for a server's verdicts once al
 #: and said ("events_suppressed"), and the monitors ask the node's orphans instead
 OWNER_EVENTS_BURST = 64
 OWNER_EVENTS_PER_S = 16.0
+PRUNE_S = 5.0  # how often owners that hold no session any more stop being watched
 
 
 class ReadoptArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,6 +105,7 @@ class OwnerWatch:
         self._wake_w.setblocking(False)  # (a full pair holds a wake-up already)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
+        self.prune_s = PRUNE_S
         self._thread = threading.Thread(target=self._run, name="bd-agent-owners", daemon=True)
         self.closed = None
         if registry is not None:
@@ -154,13 +159,19 @@ class OwnerWatch:
         self._wake()
 
     def _run(self) -> None:
+        next_prune = time.monotonic() + self.prune_s
         while not self._stopping:
+            if time.monotonic() >= next_prune:
+                self._prune()
+                next_prune = time.monotonic() + self.prune_s
             timeout = self._next_deadline()
+            until_prune = max(0.0, next_prune - time.monotonic())
+            timeout = until_prune if timeout is None else min(timeout, until_prune)
             with self._lock:  # a flood's last suppressed deaths, said within a second
                 for budget in self._budgets.values():
                     budget.flush(time.monotonic())
                 if any(b.suppressed for b in self._budgets.values()):
-                    timeout = min(timeout if timeout is not None else 1.0, 1.0)
+                    timeout = min(timeout, 1.0)
             for key, _ in self._sel.select(timeout):
                 if key.data is None:
                     try:
@@ -176,6 +187,18 @@ class OwnerWatch:
                 self._close_expired()
             except Exception:  # noqa: BLE001
                 log.exception("owner watch: closing orphans failed")
+
+    def _prune(self) -> None:
+        """Stop watching the processes that hold no session of their node any more.
+        Under the lock: one that holds a session after the table was read here is watched
+        again (`watch` comes after the hold)."""
+        with self._lock:
+            nodes = {node for node, _ in self._watched}
+            holders = {(node, s.pid) for node in nodes for s in self.sessions.list(node)}
+            for key in [k for k in self._watched if k not in holders]:
+                fd = self._watched.pop(key)
+                self._sel.unregister(fd)
+                os.close(fd)
 
     def _next_deadline(self) -> float | None:
         with self._lock:
