@@ -153,6 +153,8 @@ class EventBus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._history: deque[EventFrame] = deque(maxlen=HISTORY)
         self._subs: set[_Subscriber] = set()
+        self._wire: dict[int, bytes] = {}  # seq -> its signed frame (events in the history)
+        self._signer = None  # the identity that signed them
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -183,6 +185,8 @@ class EventBus:
         return seq
 
     def _deliver(self, ev: EventFrame) -> None:
+        if len(self._history) == HISTORY:
+            self._wire.pop(self._history[0].seq, None)
         self._history.append(ev)
         if self.metrics is not None:
             self.metrics.labels(ev.kind).inc()
@@ -230,8 +234,8 @@ class EventBus:
         eof = asyncio.ensure_future(reader.read(1))  # a subscriber sends nothing more
         try:
             for i in range(0, len(old), REPLAY_RUN):  # the history's frames, not the queue's
-                _write(writer, identity, [*sub.queue, *old[i:i + REPLAY_RUN]] if i == 0
-                       else old[i:i + REPLAY_RUN])
+                self._write(writer, identity, [*sub.queue, *old[i:i + REPLAY_RUN]] if i == 0
+                            else old[i:i + REPLAY_RUN])
                 if i == 0:
                     sub.queue.clear()  # (a gap for what is beyond the history: first)
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
@@ -251,7 +255,7 @@ class EventBus:
                                              data={"last_seq": self._last}))
                 if sub.replaced:
                     return
-                _write(writer, identity, frames)
+                self._write(writer, identity, frames)
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError):
             pass  # gone, or not reading: it reconnects and asks for what it missed
@@ -259,8 +263,16 @@ class EventBus:
             self._subs.discard(sub)
             eof.cancel()
 
-
-def _write(writer: asyncio.StreamWriter, identity, frames: list[EventFrame]) -> None:
-    for ev in frames:
-        body = _encode(ev)
-        writer.write(frame(_encode(Envelope(body, identity.sign(EVENT_DOMAIN, body)))))
+    def _write(self, writer: asyncio.StreamWriter, identity, frames: list[EventFrame]) -> None:
+        """Write `frames`, signed: an event once for every subscriber (its signed frame
+        kept while the history holds it), a gap or heartbeat each time."""
+        if identity is not self._signer:
+            self._signer, self._wire = identity, {}
+        for ev in frames:
+            wire = self._wire.get(ev.seq) if ev.seq else None
+            if wire is None:
+                body = _encode(ev)
+                wire = frame(_encode(Envelope(body, identity.sign(EVENT_DOMAIN, body))))
+                if ev.seq and self._history and ev.seq >= self._history[0].seq:
+                    self._wire[ev.seq] = wire
+            writer.write(wire)
