@@ -102,6 +102,10 @@ def test_plain_files_still_load(folder):
 @pytest.mark.parametrize("change, where", [
     (('cgroup = "svc/n1"', 'cgroup = "svc/n0/x"'),
      r":16: key agent\.nodes\[1\]\.cgroup: 'svc/n0/x' overlaps node n0's cgroup"),
+    # outside review: a /sys/fs/cgroup path was taken as relative (and made under it)
+    (('cgroup = "svc/n1"', 'cgroup = "/sys/fs/cgroup/svc/n1"'),
+     r":16: key agent\.nodes\[1\]\.cgroup: '/sys/fs/cgroup/svc/n1' is not a relative "
+     r"cgroup path \(the path inside each hierarchy"),
     (("[agent]\n", "[agent]\nquorum = 5\n"),
      r":2: key agent\.quorum: quorum = 5 needs 5 monitors that vote, and the 2 of monitors "
      r"\(.*monitors\.pub: m1, m2\) cannot reach it"),
@@ -417,3 +421,31 @@ def test_monitor_check_checks_what_the_monitor_started_so_would_refuse(folder):
                                       'incidents_dir = "incidents"\nrulesets = ["demo"]')
     check = check_monitor(write(folder, demo))
     assert check.returncode == 1 and "hook 'restart-service' is not registered" in check.stderr, check
+
+
+def _agent_check(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backdoors", "agent", "--config", path,
+                           "--check"], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.root
+def test_agent_check_says_what_the_agent_would_refuse_at_start(tmp_path):
+    """Outside review: nothing checked an agent's config as the agent starts with it
+    (`config show` and `monitor --check` passed a key of another host, which the agent
+    then refused, restarting 10 times a second under its unit). `agent --check` runs the
+    agent's own start checks, without starting it: the unit's ExecStartPre."""
+    text = CONTRIB.read_text().replace("/etc/backdoors/", f"{tmp_path}/").replace(
+        "/var/log/backdoors/", f"{tmp_path}/")
+    keys_in(tmp_path, ("m1", "m2"), "web-a")
+    good = write(tmp_path, text)
+    ok = _agent_check(good)
+    assert ok.returncode == 0 and f"{good}: ok (agent web-a" in ok.stdout, ok
+    wrong_key = write(tmp_path, text.replace(f"{tmp_path}/web-a.key", f"{tmp_path}/m2.key"),
+                      "wrong-key.toml")
+    out = _agent_check(wrong_key)
+    assert out.returncode == 2 and "is the key of 'm2', not of 'web-a'" in out.stderr, out
+    no_folder = write(tmp_path, text.replace(f"{tmp_path}/audit.jsonl",
+                                             f"{tmp_path}/none/audit.jsonl"), "no-folder.toml")
+    out = _agent_check(no_folder)
+    assert out.returncode == 2 and "its folder does not exist" in out.stderr, out
+    assert not (tmp_path / "audit.jsonl").exists()  # a check starts nothing, writes nothing

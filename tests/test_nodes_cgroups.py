@@ -214,6 +214,12 @@ def test_errors_say_what_and_where(prefix):
         cg.set_memory_limit(-5)
     with pytest.raises(NodeError, match="invalid cgroup path"):
         Cgroup.create("../etc")
+    # outside review: an absolute /sys/fs/cgroup path was made relative, a cgroup
+    # .../memory/sys/fs/cgroup/x in every hierarchy
+    with pytest.raises(NodeError, match="not a path under /sys/fs/cgroup"):
+        Cgroup.create(f"/sys/fs/cgroup/{prefix}-abs")
+    assert not any(os.path.exists(f"{root}/sys/fs/cgroup")
+                   for root in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids"))
     with pytest.raises(NodeError, match="unknown freezer"):
         Cgroup.open(prefix, freezer="v3")
     cg.destroy()

@@ -225,11 +225,13 @@ def agent(
     sealed: bool = typer.Option(False, "--sealed", help="Once set up, seal the agent: not dumpable, no new privileges, Landlock path rules (no execution, no reading outside its code, /proc, /sys and a few /etc files), a seccomp filter refusing exec, ptrace, mount, module loading... (docs/operations.md, \"The sealed agent\")."),
     seal_action: str = typer.Option("errno", help="With --sealed, what a denied system call does: errno (EPERM), log (allowed, logged by the kernel: a dry run) or kill."),
     require_landlock: bool = typer.Option(False, "--require-landlock", help="With --sealed, refuse to start on a kernel without Landlock (by default: a warning, and the paths are not confined)."),
+    check: bool = typer.Option(False, "--check", help="Only check the config as the agent would start with it (its key file, id and mode, the audit log's folder), then exit: 0 if it would start (the unit's ExecStartPre)."),
 ) -> None:
     """Run the backdoor agent of this host (root): serves monitors on the private network.
 
     No root: one line on stderr, exit status 77; a bad config: the same, exit status 2
-    (`backdoors config show --config FILE` checks one without root).
+    (`--check` checks one as root, without starting; `backdoors config show --config FILE`
+    shows its keys without root).
     When it serves it prints one JSON line on stdout, {"event": "ready", ...}.
     """
     import logging
@@ -255,6 +257,9 @@ def agent(
     except BackdoorsError as e:
         print(f"backdoors agent: {e}", file=sys.stderr)
         raise typer.Exit(77 if isinstance(e, NeedRootError) else 2) from None
+    if check:
+        print(f"{config}: ok (agent {loaded.host}, {len(loaded.nodes)} nodes)")
+        return
     raise typer.Exit(run_agent(loaded, sealed=sealed, config_path=config, seal_action=seal_action,
                                require_landlock=require_landlock))
 

@@ -373,7 +373,8 @@ def _validate_nodes(c: AgentConfig) -> None:
         _check(n.name not in names, at + ("name",), f"node {n.name!r} is listed twice")
         names.add(n.name)
         _check(_relpath_ok(n.cgroup), at + ("cgroup",),
-               f"{n.cgroup!r} is not a relative cgroup path")
+               f"{n.cgroup!r} is not a relative cgroup path (the path inside each hierarchy, "
+               "like 'backdoors/web0', not under /sys/fs/cgroup)")
         _check(n.freezer in FREEZERS, at + ("freezer",),
                f"must be one of {', '.join(FREEZERS)}")
         _check(n.isolation in ISOLATIONS, at + ("isolation",),
@@ -429,5 +430,5 @@ def _publics(table: dict, key: str) -> dict:
 
 def _relpath_ok(path: str) -> bool:
     parts = path.strip("/").split("/")
-    return bool(path.strip("/")) and all(p and p not in (".", "..") and not p.startswith(".")
-                                         for p in parts)
+    return bool(path.strip("/")) and parts[:3] != ["sys", "fs", "cgroup"] and all(
+        p and p not in (".", "..") and not p.startswith(".") for p in parts)

@@ -32,6 +32,9 @@ def _check_relpath(relpath: str) -> str:
         raise NodeError(
             f"invalid cgroup path {relpath!r}: use names separated by '/', like 'bd-lab1/n0'"
         )
+    if parts[:3] == ["sys", "fs", "cgroup"]:  # (it would be made under every hierarchy)
+        raise NodeError(f"invalid cgroup path {relpath!r}: give the path inside the "
+                        "hierarchies, like 'backdoors/web0', not a path under /sys/fs/cgroup")
     return "/".join(parts)
 
 
