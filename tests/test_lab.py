@@ -201,6 +201,22 @@ def test_two_labs_in_parallel(lab):
     assert leftovers(other) == []
 
 
+def test_a_program_run_in_the_client_namespace_is_reaped_with_the_lab(lab):
+    """Outside review: programs started in the client namespace (the demo's curls, the
+    case study's locust) were in no cgroup of the lab, so the reap of a killed lab left
+    them running (one curl hung for minutes, holding the namespace). They are in the
+    lab's client cgroup now, which the reap kills."""
+    from backdoors.nodes import cgroups
+    client_cgroup = f"{topology.prefix(lab.name)}client"
+    proc = lab.run_in_client(["sleep", "600"])
+    try:
+        assert client_cgroup in Path(f"/proc/{proc.pid}/cgroup").read_text()
+        assert cgroups.reap(client_cgroup)
+        assert proc.wait(10) is not None
+    finally:
+        proc.kill()
+        proc.wait()
+
 def test_sigkilled_owner_is_reaped_by_next_down():
     name = "t" + uuid.uuid4().hex[:6]
     proc = subprocess.Popen([sys.executable, "-m", "backdoors", "lab", "up", "--name", name,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -77,7 +78,11 @@ def run_demo(*, name: str = "demo", quick: bool = False, scenario: str | None = 
         if view is not None:
             view.stop()
         console.print("tearing the lab down")
-        world.close()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not
+        try:                                                     # cut the teardown short
+            world.close()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     results = {"started": started, "lab": name, "duration_s": round(time.time() - started, 1),
                "incidents": str(out_dir / "incidents" / "incidents.jsonl"), "scenarios": records}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,11 +37,11 @@ class World:
         self.stream_sessions, self.download_count = stream_sessions, downloads
         self.lab = Lab(name, hosts=2, nodes=4, agents=True, services=True,
                        memory_limit=512 * MiB, pids_limit=256)
-        # not under /tmp: every node has a private /tmp (nodes.container.SCRATCH)
-        self.tmp = Path(tempfile.mkdtemp(prefix="backdoors-demo-", dir="/run"))  # not bd-demo-*: the lab reaps those
-        os.chmod(self.tmp, 0o755)  # the nodes' services (unprivileged uids) read www
-        self.www = self.tmp / "www"
-        self.source = self.www / "big.bin"
+        # the served file and the downloads: made with the lab (up), in its data directory
+        # (not under /tmp: every node has a private /tmp, nodes.container.SCRATCH), so that
+        # the next lab reaps them if this process is killed
+        self.tmp: Path | None = None
+        self.www = self.source = Path()
         self.clients: StreamClients | None = None
         self.downloads: list[tuple[subprocess.Popen, Path]] = []
         self.monitor = None
@@ -56,6 +55,9 @@ class World:
     def up(self) -> World:
         self.say("building the lab: 2 hosts, 4 nodes, an agent per host")
         self.lab.up()
+        self.tmp = self.lab.data_dir("demo")  # mode 0755: the nodes' services read www
+        self.www = self.tmp / "www"
+        self.source = self.www / "big.bin"
         self.www.mkdir()
         with open(self.source, "wb") as f:
             f.write(os.urandom(FILE_MB * MiB))
@@ -162,4 +164,5 @@ class World:
         self.lab.down()
         for proc in self._procs:
             proc.poll()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)

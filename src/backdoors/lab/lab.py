@@ -739,9 +739,18 @@ class Lab:
         return netns.socket_in(self.plan.client_ns, family, type)
 
     def run_in_client(self, argv: list[str], **popen) -> subprocess.Popen:
-        """Start a program (curl, a test client) in the client namespace."""
+        """Start a program (curl, a test client) in the client namespace, in the lab's
+        client cgroup: killed with the lab, and reaped with it if its owner was killed
+        (nothing it started lives on, holding the namespace)."""
         with netns.enter(self.plan.client_ns):
-            return subprocess.Popen(argv, **popen)
+            proc = subprocess.Popen(argv, **popen)
+        try:
+            cgroups.Cgroup.create(f"{topology.prefix(self.name)}client").attach(proc.pid)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        return proc
 
     # ---- status -----------------------------------------------------------------------
 
