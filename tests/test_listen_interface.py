@@ -112,3 +112,18 @@ def test_no_such_interface_is_an_error_and_the_wildcard_is_any_of_its_addresses(
         port = sock.getsockname()[1]
         assert connects(peer, (PRIVATE, port))
         assert not connects(node, (PRIVATE, port)) and not connects(node, (SERVICE, port))
+
+
+def test_an_address_that_is_not_the_interfaces_is_an_error(hosts):
+    """Outside review: `listen = "<the service address>"` with `listen_interface = "priv"`
+    started, said it was ready, and no one could ever connect. The listener now tries a
+    connection of its own (from this host, one to an address of the interface counts as
+    arriving on it) and refuses to start when it is not accepted."""
+    host, peer, node = hosts
+    with pytest.raises(ListenError, match=r"10\.97\.0\.1 is not an address of interface priv"):
+        listen_socket(f"{SERVICE}:0", netns=host, interface="priv", what="agent h0 RPC")
+    with listen_socket(f"{PRIVATE}:0", netns=host, interface="priv") as sock:
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.accept()  # its own probe was taken, not left for the server
+        assert connects(peer, sock.getsockname()[:2])

@@ -64,6 +64,8 @@ def listen_socket(listen: str, *, netns: str | None = None, interface: str | Non
                     e.strerror)) from None
         sock.bind((host, port))
         sock.listen(backlog)
+        if interface is not None and host not in ("0.0.0.0", "::"):
+            _check_on_interface(sock, host, netns, family, prefix, interface)
     except OSError as e:
         sock.close()
         raise ListenError(f"{prefix}: {e.strerror}") from None
@@ -71,3 +73,28 @@ def listen_socket(listen: str, *, netns: str | None = None, interface: str | Non
         sock.close()
         raise
     return sock
+
+
+def _check_on_interface(sock: socket.socket, host: str, netns: str | None, family: int,
+                        prefix: str, interface: str) -> None:
+    """ListenError unless `host` is an address of `interface`: bound to the interface, a
+    listener on another one's address is never reached (a connection from this host to an
+    address of the interface counts as arriving on it, so one is tried)."""
+    if netns:
+        from ..net.netns import socket_in
+        probe = socket_in(netns, family)
+    else:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    with probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(sock.getsockname()[:2])
+        except OSError:
+            raise ListenError(f"{prefix}: {host} is not an address of interface {interface}, "
+                              "so nothing can reach it (listen_interface must hold the "
+                              "listen address)") from None
+        sock.settimeout(1.0)
+        try:
+            sock.accept()[0].close()  # (the probe, not left for the server to find)
+        finally:
+            sock.settimeout(None)
