@@ -149,7 +149,7 @@ class AgentPoller:
             silent = now - (self.last_ok if self.last_ok is not None else self.started)
             down = m.down_reports(self.entry.host) if m.needs_peers else []
             views = [NodeView(n, self.entry.host, now, agent_ok=False, agent_silent_s=silent,
-                              down_reports=down)
+                              agent_error=self.error, down_reports=down)
                      for n in (self.nodes or [self._pseudo]) if m.owns(self.entry.host, n)]
         else:
             if self.error is not None:

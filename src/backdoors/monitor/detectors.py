@@ -39,6 +39,7 @@ class NodeView:
     fenced: bool = False  # fenced after a recovery: out of service, left to the operator
     agent_ok: bool = True
     agent_silent_s: float = 0.0
+    agent_error: str = ""  # why the agent's last poll failed (its words, or the transport's)
     #: peer agents whose fresh `peers` view says this node's agent does not answer them
     down_reports: list[str] = field(default_factory=list)
     event: dict | None = None  # an event pushed by the agent (monitor.events), not a poll
@@ -364,8 +365,9 @@ class AgentUnreachable(Detector, tag="agent_unreachable"):
 
     def check(self, index: int, view: NodeView) -> Hit | None:
         if not view.agent_ok and view.agent_silent_s * 1000 >= self.after_ms:
+            why = f": {view.agent_error[:200]}" if view.agent_error else ""
             return Hit(index, self.kind_name(), f"agent of host {view.host} silent for "
-                                                f"{view.agent_silent_s * 1000:.0f} ms")
+                                                f"{view.agent_silent_s * 1000:.0f} ms{why}")
         return None
 
     @classmethod
