@@ -97,6 +97,27 @@ def test_plain_files_still_load(folder):
     assert load_agent(agent).nodes[1].cgroup == "svc/n1"
     monitor = write(folder, monitor_part.replace("monitor.", ""), "monitor.toml")
     assert load_monitor(monitor).agents[0].host == "h0"
+    # outside review: the other daemon's file said "unknown field 'host'"
+    with pytest.raises(ConfigError, match=r"agent\.toml: this is an agent's config \(it has "
+                       r"host and nodes\), not the monitor's"):
+        load_monitor(agent)
+    with pytest.raises(ConfigError, match=r"monitor\.toml: this is a monitor's config"):
+        load_agent(monitor)
+
+
+def test_monitor_check_says_an_incidents_dir_it_cannot_make(folder):
+    """Outside review: monitor --check passed incidents_dir = "/proc/nope/incidents",
+    which the monitor then could not make. The check makes it as the monitor would, and
+    removes what it made."""
+    bad = write(folder, checkable(UNIFIED).replace('incidents_dir = "incidents"',
+                                                   'incidents_dir = "/proc/nope/incidents"'))
+    out = check_monitor(bad)
+    assert out.returncode == 1, out
+    assert "incidents_dir /proc/nope/incidents cannot be made" in out.stderr, out.stderr
+    good = write(folder, checkable(UNIFIED).replace('incidents_dir = "incidents"',
+                                                    'incidents_dir = "new/incidents"'))
+    assert check_monitor(good).returncode == 0
+    assert not (folder / "new").exists()  # made to check, then removed
 
 
 @pytest.mark.parametrize("change, where", [

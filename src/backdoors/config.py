@@ -83,9 +83,21 @@ def is_unified(table: dict) -> bool:
     return any(isinstance(table.get(s), dict) for s in SECTIONS)
 
 
+#: keys only one daemon's own (not unified) file has: a file of the other kind is named so
+_ONLY = {"agent": ("host", "nodes"), "monitor": ("agents", "rulesets")}
+_A = {"agent": "an", "monitor": "a"}
+
+
 def _load(path: str, section: str, decode: Callable[[dict, str], T]) -> T:
     document = Document.read(path, f"{section} config")
     if not is_unified(document.table):
+        other = "monitor" if section == "agent" else "agent"
+        if any(k in document.table for k in _ONLY[other]) and \
+                not any(k in document.table for k in _ONLY[section]):
+            raise ConfigError(f"{document.source}: this is {_A[other]} {other}'s config (it has "
+                              f"{' and '.join(k for k in _ONLY[other] if k in document.table)}),"
+                              f" not the {section}'s: give the {section} its own file, or "
+                              f"one unified file with an [agent] and a [monitor] section")
         return document.decode(lambda table: decode(table, document.folder))
     return _section(document, section, decode)
 
@@ -129,7 +141,29 @@ def check_monitor(path: str, etcd: list[str] | None = None,
     incidents = config.incidents_dir or DEFAULT_INCIDENTS_DIR
     if os.path.exists(incidents) and not os.path.isdir(incidents):
         raise ConfigError(f"{path}: incidents_dir {incidents} is not a directory")
+    if not os.path.exists(incidents):
+        _can_make(path, incidents)
     return config, rules, _recovery_warnings(config, rules)
+
+
+def _can_make(path: str, folder: str) -> None:
+    """ConfigError unless `folder` (missing) can be made, as the monitor makes it at
+    start: tried, then what was made is removed (a check leaves nothing)."""
+    made, at = [], os.path.abspath(folder)
+    while not os.path.exists(at):
+        made.append(at)
+        at = os.path.dirname(at)
+    try:
+        os.makedirs(folder)
+    except OSError as e:
+        raise ConfigError(f"{path}: incidents_dir {folder} cannot be made: "
+                          f"{e.strerror or e}") from None
+    finally:
+        for d in made:  # the deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
 
 
 def _recovery_warnings(config: MonitorConfig, rules: list) -> list[str]:
