@@ -14,7 +14,7 @@ from backdoors.agent.errors import BoundsError, BusyError, NotFoundError, Remote
 from backdoors.agent.ops import Op
 from backdoors.agent.protocol import MAX_IO, ProcessTable
 from backdoors.net import netns
-from backdoors.sensors import SensorTracker, parse_box
+from backdoors.sensors import KERNEL_SENSORS, SensorTracker, parse_box
 
 __all__ = ["agent_lab", "prefix"]
 pytestmark = pytest.mark.root
@@ -53,6 +53,9 @@ def test_kernel_sensors_report_memory_and_pids(agent_lab):
     assert sensors["pids"].value == 3 and sensors["pids"].max == pytest.approx(45)
     assert {"forks", "fork_failures", "oom_kills", "psi_memory_some", "psi_cpu_some",
             "psi_io_some"} <= set(sensors)
+    # the names and types the monitor's rules are checked against
+    assert {n: s.type for n, s in sensors.items()} == \
+        {n: t for n, t in KERNEL_SENSORS.items() if n in sensors}
     assert sensors["forks"].value >= 1  # the grower appeared after the first sample
     tracker = SensorTracker()
     snap = tracker.update(parse_box(c.sensors("n0").boxes["kernel"]))

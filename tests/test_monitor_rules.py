@@ -165,6 +165,13 @@ def test_wrong_type_is_located():
     ('name = "a"\ndetectors = [{ kind = "node_frozen" }]\nactions = [{ kind = '
      '"kill_guest_culprit", protect = ["httpd-frontend-01"] }]',
      "4: key rule[0].actions[0].protect[0]", "length <= 15"),
+    # outside review: a misspelt kernel sensor made a rule that never fires
+    ('name = "a"\ndetectors = [{ kind = "level_out_of_bounds", box = "kernel", '
+     'sensors = ["memory_mbb"] }]', "3: key rule[0].detectors[0].sensors[0]",
+     "no level sensor of the kernel box is 'memory_mbb'; it has memory_mb, pids"),
+    ('name = "a"\ndetectors = [{ kind = "pressure_over_rate", box = "kernel", '
+     'sensors = ["memory_mb"] }]', "3: key rule[0].detectors[0].sensors[0]",
+     "no pressure sensor of the kernel box is 'memory_mb'; it has forks"),
 ])
 def test_semantic_errors_name_line_and_key(body, where, words):
     msg = error("[[rule]]\n" + body + "\n")

@@ -22,7 +22,10 @@ from typing import Annotated, ClassVar, Protocol, Union
 
 import msgspec
 
-from ..sensors import SensorState, SensorType, Snapshot, out_of_bounds, over_rate, stalled
+from ..sensors import (
+    KERNEL_BOX, KERNEL_SENSORS, SensorState, SensorType, Snapshot, out_of_bounds, over_rate,
+    stalled,
+)
 from .unit import NonNeg, Path, Pos, Unit
 
 
@@ -132,6 +135,12 @@ class SensorDetector(Detector):
     def problems(self) -> Iterator[tuple[Path, str]]:
         if not self.box:
             yield ("box",), "must be a box name or glob"
+        if self.box == KERNEL_BOX:  # its sensors are known: a misspelt one never fires
+            names = [n for n, t in KERNEL_SENSORS.items() if t == self.sensor_type]
+            for i, pattern in enumerate(self.sensors):
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    yield ("sensors", i), (f"no {self.sensor_type} sensor of the kernel box "
+                                           f"is {pattern!r}; it has {', '.join(names)}")
 
     def matching(self, view: NodeView) -> Iterator[tuple[str, SensorState]]:
         for box, snap in view.snapshots.items():

@@ -95,6 +95,14 @@ _CODES = {SensorType.PROGRESS: 1, SensorType.LEVEL: 2, SensorType.PRESSURE: 3}
 #: its region name, reserved (apps cannot register it), and the prefix of its header name
 #: (`kernel:<node>`).
 KERNEL_BOX = "kernel"
+#: The sensors the agent may put in a node's kernel box (agent/sampler.py), by type: the
+#: PSI ones where the kernel has PSI, `link_up` for a node with a network namespace.
+KERNEL_SENSORS: dict[str, SensorType] = {
+    "memory_mb": SensorType.LEVEL, "pids": SensorType.LEVEL, "link_up": SensorType.LEVEL,
+    "psi_memory_some": SensorType.LEVEL, "psi_cpu_some": SensorType.LEVEL,
+    "psi_io_some": SensorType.LEVEL, "forks": SensorType.PRESSURE,
+    "fork_failures": SensorType.PRESSURE, "oom_kills": SensorType.PRESSURE,
+}
 #: The box the agent keeps for a VM node's guest kernel, read from the guest's RAM (jiffies,
 #: tasks, memory); reserved like KERNEL_BOX (`guest:<node>`).
 GUEST_BOX = "guest"
