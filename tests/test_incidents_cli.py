@@ -165,6 +165,17 @@ def test_a_torn_line_costs_no_later_incident_and_odd_files_a_clear_error(tmp_pat
     assert out.exit_code == 2 and "--limit" in out.output
 
 
+def test_a_file_that_is_no_incident_log_is_said_so_and_wide_is_wide_when_piped(tmp_path):
+    """Outside review: a config file given as the log read as "no incidents" (exit 0),
+    and `--wide` piped was squeezed into 80 columns, worse than without it."""
+    conf = monitor_config(tmp_path, "spool")
+    res = bd("incidents", str(conf))
+    assert res.returncode == 1 and "is not an incident log: none of its lines" in res.stderr
+    write_log(tmp_path / "spool", [incident(1, NODES[0])])
+    res = bd("incidents", "--config", str(conf), "--wide", COLUMNS="80")
+    assert res.returncode == 0, res.stderr
+    assert "kill_culprit:done" in res.stdout and max(map(len, res.stdout.splitlines())) > 80
+
 def test_a_broken_default_config_is_named_not_taken_for_an_agent_hosts(tmp_path, monkeypatch):
     """Outside review: any error in /etc/backdoors/backdoors.toml was taken for "no
     [monitor] section", and the default folder was read instead, its error blaming a

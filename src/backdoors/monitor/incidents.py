@@ -157,6 +157,7 @@ def load_incidents(path: str | os.PathLike) -> list[Incident]:
             lines = file.read_bytes().split(b"\n")
         except OSError as e:
             raise ConfigError(f"cannot read the incident log {file}: {e.strerror}") from None
+        events, skipped = 0, []
         for n, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
@@ -167,9 +168,11 @@ def load_incidents(path: str | os.PathLike) -> list[Incident]:
                     continue  # torn tail
                 ev = _after_torn_bytes(decoder, raw)
                 if ev is None:
+                    skipped.append((n, e))
                     log.warning("%s:%d: not an incident event, skipped: %s", file, n, e)
                     continue
                 log.warning("%s:%d: torn bytes before an event, skipped", file, n)
+            events += 1
             if ev.record is not None:
                 found[ev.incident] = ev.record
                 continue
@@ -180,6 +183,10 @@ def load_incidents(path: str | os.PathLike) -> list[Incident]:
                 inc.diagnosis = ev.diagnosis
             if ev.action is not None:
                 inc.actions.append(ev.action)
+        if skipped and not events:  # (a TOML file given as the log, say)
+            n, e = skipped[0]
+            raise ConfigError(f"{file} is not an incident log: none of its lines is an "
+                              f"incident event (line {n}: {e})")
     return sorted(found.values(), key=lambda i: i.detected)
 
 
@@ -240,6 +247,9 @@ def _what(inc: Incident) -> str:
     return "; ".join(h.summary for h in inc.detectors) or "-"
 
 
+WIDE_PIPED = 200  # columns of `--wide` written to a pipe or file
+
+
 def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int | None = None,
                    console=None, wide: bool = False) -> list[Incident]:
     """Print the incidents of a log (file or directory): a table, or JSON with `as_json`.
@@ -261,6 +271,8 @@ def show_incidents(path: str | os.PathLike, as_json: bool = False, *, limit: int
     from rich.table import Table
 
     console = console or Console()
+    if wide and not console.is_terminal and console.width < WIDE_PIPED:
+        console.width = WIDE_PIPED  # piped: every column, not 80 of them
     if not incidents:
         console.print(cell(f"no incidents in {path}"))
         return incidents
