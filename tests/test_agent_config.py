@@ -126,6 +126,10 @@ def test_validate_checks_a_config_built_in_code():
     c.quorum = 1
     validate(c)
     assert c.listen_address() == ("::1", 0)
+    # outside review: "::1:7700" was taken as [::1]:7700 (but which colon is the port's?)
+    c.listen = "::1:7700"
+    with pytest.raises(ConfigError, match=r"'::1:7700' is not ADDR:PORT .*\[V6ADDR\]:PORT"):
+        validate(c)
 
 
 @pytest.mark.parametrize("table, match", [

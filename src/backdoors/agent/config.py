@@ -262,7 +262,8 @@ def _validate(c: AgentConfig) -> None:
     try:
         parse_address(c.listen)
     except ValueError:
-        _check(False, ("listen",), f"{c.listen!r} is not ADDR:PORT (like 10.0.0.1:7700)")
+        _check(False, ("listen",), f"{c.listen!r} is not ADDR:PORT (like 10.0.0.1:7700; "
+               "[V6ADDR]:PORT for IPv6)")
     if c.metrics_listen is not None:
         try:
             parse_address(c.metrics_listen)

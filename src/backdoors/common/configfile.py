@@ -190,7 +190,10 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not ADDR:PORT")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if ":" in host and not bracketed:  # "::1:7700": which colon ends the address?
+        raise ValueError(f"{text!r}: an IPv6 address takes brackets: [V6ADDR]:PORT")
     ipaddress.ip_address(host)
     return host, int(port)
 
