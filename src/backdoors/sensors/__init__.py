@@ -13,7 +13,7 @@ from .reader import BoxImage, Sensor, SensorBoxReader, SensorState, SensorTracke
 from .region import Region
 
 __all__ = [
-    "GUEST_BOX", "KERNEL_BOX", "KERNEL_SENSORS", "BoxImage", "Level", "Pressure", "Progress", "Region", "Sensor",
-    "SensorBox", "SensorBoxReader", "SensorState", "SensorTracker", "SensorType", "Snapshot",
+    "GUEST_BOX", "KERNEL_BOX", "KERNEL_SENSORS", "BoxImage", "Level", "Pressure", "Progress",
+    "Region", "Sensor", "SensorBox", "SensorBoxReader", "SensorState", "SensorTracker", "SensorType", "Snapshot",
     "StampedProgress", "out_of_bounds", "over_rate", "parse_box", "read_consistent", "stalled",
 ]
