@@ -456,8 +456,21 @@ def test_a_node_over_its_share_of_the_registration_cpu_rests_and_loses_nothing(a
         assert local.metrics.registration_rests.labels("n0")._value.get() >= 1
 
 
-# Registers argv[1] times, one at a time, a box whose generation it holds odd (a writer
-# mid-update, for ever); prints the number of replies (each a refusal).
+# ... then registers it (`kind`, `name`, `fd`) argv[1] times, one at a time, on one
+# connection; prints the number of replies (each a refusal).
+REGISTER_AGAIN = """
+s = ipc.connect(os.environ[AGENT_SOCKET_ENV], timeout=600)
+payload = msgspec.msgpack.encode({"op": "register", "kind": kind, "name": name})
+fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+refused = 0
+for _ in range(int(sys.argv[1])):
+    s.sendmsg([len(payload).to_bytes(4, "big") + payload], fds)
+    refused += not msgspec.msgpack.decode(ipc.recv(s, max_bytes=1 << 16).payload)["ok"]
+print(json.dumps(refused), flush=True)
+"""
+
+
+# A box whose generation it holds odd (a writer mid-update, for ever) ...
 ODD_REGISTRAR = """
 import array, json, mmap, os, socket, sys
 import msgspec
@@ -469,15 +482,9 @@ box.progress("p", deadline=3600.0)
 m = mmap.mmap(box.fd, os.fstat(box.fd).st_size)
 at = abi.OFF_GENERATION
 m[at:at + 8] = (int.from_bytes(m[at:at + 8], "little") + 1).to_bytes(8, "little")
-s = ipc.connect(os.environ[AGENT_SOCKET_ENV], timeout=600)
-payload = msgspec.msgpack.encode({"op": "register", "kind": "sensorbox", "name": "odd"})
-fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [box.fd]))]
-refused = 0
-for _ in range(int(sys.argv[1])):
-    s.sendmsg([len(payload).to_bytes(4, "big") + payload], fds)
-    refused += not msgspec.msgpack.decode(ipc.recv(s, max_bytes=1 << 16).payload)["ok"]
-print(json.dumps(refused), flush=True)
+kind, name, fd = "sensorbox", "odd", box.fd
 """
+ODD_REGISTRAR += REGISTER_AGAIN
 
 
 def test_a_node_holding_its_box_mid_update_pays_for_the_registration_threads_wait(agent_lab):
@@ -486,10 +493,15 @@ def test_a_node_holding_its_box_mid_update_pays_for_the_registration_threads_wai
     node, for ~1 ms of its CPU, and only CPU was charged to the node's share: other
     nodes got ~28 registrations a second. The wait is charged too: the node rests. (The
     share is set so that the CPU alone stays within it, the waits not.)"""
-    lab = agent_lab(nodes={"n0": {}, "n1": {}})
+    _rests_while_it_registers(agent_lab(nodes={"n0": {}, "n1": {}}), ODD_REGISTRAR)
+
+
+def _rests_while_it_registers(lab, script: str) -> None:
+    """n0 runs `script` (40 registrations of a box held mid-update, each refused) under a
+    share its CPU alone stays within, its waits not: n0, and n0 alone, rests."""
     local = lab.agent.agent.local
     local.cpu_share, local.cpu_burst_s = 0.05, 0.4
-    registrar = lab.run("n0", ODD_REGISTRAR, "40")
+    registrar = lab.run("n0", script, "40")
     try:
         wait_for(lambda: any(r.get("kind") == "local_rested" for r in lab.audit()),
                  timeout=120, what="n0 rested")
@@ -503,8 +515,7 @@ def test_a_node_holding_its_box_mid_update_pays_for_the_registration_threads_wai
     assert {r["node"] for r in rested} == {"n0"}, rested
 
 
-# Registers a Continuation Box whose active slot's seq word is held odd (an update never
-# ends), argv[1] times on one connection; prints how many were refused.
+# A Continuation Box whose active slot's seq word is held odd (an update never ends) ...
 ODD_CB = r"""
 import array, json, os, socket, sys
 import msgspec
@@ -517,15 +528,9 @@ name = "cb-" + bytes(cb.mm[16:32]).hex()
 v = int.from_bytes(cb.mm[48:56], "little")
 at = cbformat.slot_offset(v & 1, 4096) + cbformat.SLOT_OFF_SEQ
 cb.mm[at:at + 8] = (int.from_bytes(cb.mm[at:at + 8], "little") | 1).to_bytes(8, "little")
-s = ipc.connect(os.environ[AGENT_SOCKET_ENV], timeout=600)
-payload = msgspec.msgpack.encode({"op": "register", "kind": "cb", "name": name})
-fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cb.fd]))]
-refused = 0
-for _ in range(int(sys.argv[1])):
-    s.sendmsg([len(payload).to_bytes(4, "big") + payload], fds)
-    refused += not msgspec.msgpack.decode(ipc.recv(s, max_bytes=1 << 16).payload)["ok"]
-print(json.dumps(refused), flush=True)
+kind, fd = "cb", cb.fd
 """
+ODD_CB += REGISTER_AGAIN
 
 
 def test_a_node_holding_its_cb_mid_update_pays_for_the_wait_too(agent_lab):
@@ -533,21 +538,7 @@ def test_a_node_holding_its_cb_mid_update_pays_for_the_wait_too(agent_lab):
     (above), not for a Continuation Box: each registration of one whose active slot
     stays odd waits out check_cb's retries (~30 ms) on the registration thread, and the
     node never rested (another node's requests ~35x slower). It rests now."""
-    lab = agent_lab(nodes={"n0": {}, "n1": {}})
-    local = lab.agent.agent.local
-    local.cpu_share, local.cpu_burst_s = 0.05, 0.4
-    registrar = lab.run("n0", ODD_CB, "40")
-    try:
-        wait_for(lambda: any(r.get("kind") == "local_rested" for r in lab.audit()),
-                 timeout=120, what="n0 rested")
-        local.cpu_share, local.cpu_burst_s = 0.5, 1.0  # the rest served at the default
-        local._cpu.clear()
-        assert json.loads(read_line(registrar, 300)) == 40  # every one refused, answered
-    finally:
-        registrar.kill()
-        registrar.wait()
-    rested = [r for r in lab.audit() if r.get("kind") == "local_rested"]
-    assert {r["node"] for r in rested} == {"n0"}, rested
+    _rests_while_it_registers(agent_lab(nodes={"n0": {}, "n1": {}}), ODD_CB)
 
 
 # Mounts a FUSE file system of its own (a private mount namespace) whose daemon stops
