@@ -15,8 +15,8 @@ from backdoors.agent.protocol import EVENT_DOMAIN, Envelope
 pytestmark = pytest.mark.root
 
 
-def _subscribe(lab, monitor: str = "m1", **args):
-    c = lab.client(monitor)
+def _subscribe(lab, monitor: str | None = None, **args):
+    c = lab.client() if monitor is None else lab.client(monitor)
     reply = c.call("subscribe", **args)
     sock = c.take_socket()
     sock.settimeout(10)
