@@ -228,16 +228,15 @@ class EventBus:
             self._subs.discard(older)
         if len(self._subs) >= MAX_SUBSCRIBERS:  # others took the slots since the reply
             return
-        self._subs.add(sub)  # live events queue from here on, after the replay's last
-        if sub.queue:
-            sub.ready.set()  # the gap, at once
+        # first the gap for what is beyond the history, if any, then the history's frames
+        # (not through the queue, which live events take from here on)
+        replay = [*sub.queue, *old]
+        sub.queue.clear()
+        self._subs.add(sub)
         eof = asyncio.ensure_future(reader.read(1))  # a subscriber sends nothing more
         try:
-            for i in range(0, len(old), REPLAY_RUN):  # the history's frames, not the queue's
-                self._write(writer, identity, [*sub.queue, *old[i:i + REPLAY_RUN]] if i == 0
-                            else old[i:i + REPLAY_RUN])
-                if i == 0:
-                    sub.queue.clear()  # (a gap for what is beyond the history: first)
+            for i in range(0, len(replay), REPLAY_RUN):
+                self._write(writer, identity, replay[i:i + REPLAY_RUN])
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
                 await asyncio.sleep(0)
                 if eof.done() or sub.replaced:

@@ -45,11 +45,7 @@ def listen_socket(listen: str, *, netns: str | None = None, interface: str | Non
         (f" in netns {netns}" if netns else "")
     prefix = f"cannot serve {what} on {listen}{where}"
     try:
-        if netns:
-            from ..net.netns import socket_in  # pyroute2: only when needed
-            sock = socket_in(netns, family)
-        else:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = _tcp_socket(netns, family)
     except (OSError, BackdoorsError) as e:
         raise ListenError(f"{prefix}: {e}") from None
     try:
@@ -80,12 +76,7 @@ def _check_on_interface(sock: socket.socket, host: str, netns: str | None, famil
     """ListenError unless `host` is an address of `interface`: bound to the interface, a
     listener on another one's address is never reached (a connection from this host to an
     address of the interface counts as arriving on it, so one is tried)."""
-    if netns:
-        from ..net.netns import socket_in
-        probe = socket_in(netns, family)
-    else:
-        probe = socket.socket(family, socket.SOCK_STREAM)
-    with probe:
+    with _tcp_socket(netns, family) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(sock.getsockname()[:2])
@@ -98,3 +89,10 @@ def _check_on_interface(sock: socket.socket, host: str, netns: str | None, famil
             sock.accept()[0].close()  # (the probe, not left for the server to find)
         finally:
             sock.settimeout(None)
+
+
+def _tcp_socket(netns: str | None, family: int) -> socket.socket:
+    if netns:
+        from ..net.netns import socket_in  # pyroute2: only when needed
+        return socket_in(netns, family)
+    return socket.socket(family, socket.SOCK_STREAM)
