@@ -214,6 +214,49 @@ def test_processes_shows_age_rss_and_growth(agent_lab):
     assert rows[grower.pid].rss_bytes > 20 * MiB
 
 
+# Prints "ready", then on each line of stdin forks a child that runs 0.3 s and reaps it,
+# printing "reaped".
+REAPER = """
+import os, sys, time
+print("ready", flush=True)
+for _ in sys.stdin:
+    if (child := os.fork()) == 0:
+        time.sleep(0.3)
+        os._exit(0)
+    os.waitpid(child, 0)
+    print("reaped", flush=True)
+"""
+
+
+def test_processes_tells_since_when_a_process_reaped_a_child(agent_lab):
+    """`reaped_s`: None until the agent's table shows the process's reaped children's
+    page faults rise (it reaped a child that ran), then the seconds since."""
+    import subprocess
+    lab = agent_lab()
+    proc = lab.run("n0", REAPER, stdin=subprocess.PIPE)
+    c = lab.client()
+
+    def row():
+        return next(r for r in c.processes("n0").rows if r.pid == proc.pid)
+
+    try:
+        assert read_line(proc).strip() == "ready"
+        time.sleep(0.5)  # tables of it, as it is
+        before = row()
+        assert before.reaped_s is None, before
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        assert read_line(proc).strip() == "reaped"
+        reaped = wait_for(lambda: row().reaped_s is not None and row(), timeout=10,
+                          what="the reap in the agent's table")
+        assert reaped.child_faults > before.child_faults and 0 <= reaped.reaped_s < 10, reaped
+        time.sleep(0.3)
+        assert row().reaped_s > reaped.reaped_s  # since then: it reaped nothing more
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # Registers a Sensor Box named argv[1], then forks a child that registers argv[1] + "-kid";
 # prints "ready" once both are registered, then holds.
 FAMILY = """

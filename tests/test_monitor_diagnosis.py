@@ -20,12 +20,14 @@ MiB = 1 << 20
 
 
 def row(pid, ppid=1, comm="p", *, rss_mb=10, rate_mb=0.0, age=100.0, state="S",
-        registered=False, cpu=1.0, threads=1, exe=None, pgid=None, young_threads=0, unreaped=0):
+        registered=False, cpu=1.0, threads=1, exe=None, pgid=None, young_threads=0, unreaped=0,
+        reaped_s=None):
     """`exe`: the installed executable the agent vouches for; by default named as `comm`.
     `pgid`: its process group, by default its own."""
     return ProcessRow(pid, ppid, comm, state, int(rss_mb * MiB), 1000.0 - age, cpu, threads,
-                      pid if pgid is None else pgid, age, rate_mb * MiB, registered,
-                      comm if exe is None else exe, young_threads=young_threads, unreaped=unreaped)
+                      pid if pgid is None else pgid, 0, age, rate_mb * MiB, registered,
+                      comm if exe is None else exe, young_threads=young_threads, unreaped=unreaped,
+                      reaped_s=reaped_s)
 
 
 # ---- memory hog ---------------------------------------------------------------------------
@@ -95,6 +97,22 @@ def test_memory_hog_spread_over_slow_orphans_of_one_kind_is_their_kind():
     assert [c.pid for c in diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), fast).culprits] == [40]
     few = svc + orphans[:3]
     assert diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(), few).culprits == []
+
+
+def test_a_spawner_slow_to_start_joins_its_orphans_by_what_it_reaped():
+    """Found in a stressed run: the spawner took more than `kin_gap_s` to start its first
+    orphan and escaped. It reaps the middle child of each double fork: a process of the
+    kind that reaped a child since the oldest grower was born joins, however old; one
+    that reaped before, or never since the agent saw it, does not."""
+    svc = [row(1, 0, "init", rss_mb=1, age=500), row(10, 1, "svc", registered=True, age=400)]
+    orphans = [row(p, 1, "spreader", rss_mb=6, rate_mb=0.7, age=3.0 - 0.2 * (p - 100))
+               for p in range(100, 110)]
+    spawner = row(30, 1, "spreader", rss_mb=5, age=9.0, reaped_s=0.1)
+    reaped_before = row(20, 1, "spreader", rss_mb=5, age=60, reaped_s=3.5)
+    never = row(21, 1, "spreader", rss_mb=5, age=60)
+    f = diagnosis.memory_hog(diagnosis.MemoryHogDiagnosis(),
+                             svc + [spawner, reaped_before, never] + orphans)
+    assert {c.pid for c in f.culprits} == {30, *range(100, 110)}
 
 
 def test_the_init_that_inherited_a_hogs_orphans_heads_no_family():

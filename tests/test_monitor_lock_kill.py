@@ -18,7 +18,7 @@ from backdoors.monitor.diagnosis import Finding, ForkBombDiagnosis
 
 
 def _row(pid, ppid, comm, age, registered=False, threads=1):
-    return ProcessRow(pid, ppid, comm, "S", 1 << 20, 1000.0 - age, 0.1, threads, pid, age, 0.0,
+    return ProcessRow(pid, ppid, comm, "S", 1 << 20, 1000.0 - age, 0.1, threads, pid, 0, age, 0.0,
                       registered, "python3", young_threads=threads - 1)
 
 

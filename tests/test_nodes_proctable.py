@@ -13,7 +13,7 @@ from backdoors.common.procs import (
 
 # A real stat line (Linux 6.x, 52 fields) whose comm contains spaces and parentheses.
 STAT_WEIRD = (
-    "4242 (a) b (c) d) S 4200 4242 4200 34816 4242 4194304 120 0 0 0 "
+    "4242 (a) b (c) d) S 4200 4242 4200 34816 4242 4194304 120 7 0 5 "
     "250 50 0 0 20 0 3 0 123456 18350080 2345 18446744073709551615 1 1 0 0 0 0 0 "
     "16781312 2 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
 )
@@ -31,6 +31,7 @@ def test_parse_stat_comm_with_spaces_and_parens():
         cpu_seconds=300 / CLOCK_TICKS,
         threads=3,
         pgid=4242,
+        child_faults=7 + 5,  # cminflt + cmajflt
     )
 
 
@@ -80,7 +81,7 @@ def test_vanished_processes_are_left_out():
 
 
 def _info(pid, ppid):
-    return ProcessInfo(pid, ppid, "p", "S", 0, 0.0, 0.0, 1, pid)
+    return ProcessInfo(pid, ppid, "p", "S", 0, 0.0, 0.0, 1, pid, 0)
 
 
 def test_subtree_follows_ppid_links():

@@ -61,6 +61,14 @@ def test_a_memory_hog_spread_over_slow_orphans_is_killed_all_of_it(root, unique,
     assert kin["growing"] >= 4, kin
 
 
+def test_a_memory_hog_spread_by_a_spawner_slow_to_start_is_killed_with_it(root, unique, tmp_path):
+    """Found in a stressed run: a spawner that started its first orphan more than
+    `kin_gap_s` after its own start (there, slow imports) was not their kin, and lived.
+    It reaps the middle child of each double fork, which the agent's table shows."""
+    kin = _whole_hog_killed(unique, tmp_path, "kin", spread=True, after_s=3.0, timeout_s=60)
+    assert kin["growing"] >= 4, kin
+
+
 def test_a_memory_hog_that_registers_a_box_beside_the_service_is_killed(root, unique, tmp_path):
     """Found from outside: a hog that registered a Sensor Box counted as the node's
     service, so it was spared and its incident ended unresolved. The service is the

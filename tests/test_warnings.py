@@ -77,7 +77,7 @@ def test_window_and_expiry():
 
 
 def _row(pid, ppid, comm, digest, cmdline=(), registered=False):
-    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, pid, 1.0, 0.0, registered,
+    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, pid, 0, 1.0, 0.0, registered,
                       "python3", digest, list(cmdline))
 
 

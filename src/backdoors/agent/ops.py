@@ -371,6 +371,7 @@ def processes(call: Call) -> ProcessTable:
     elif waits:
         got.update(call.agent.mmreads.run(waits, MM_READ_BUDGET_S))
     now, boot = time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
+    history = rt.sampler.history
     service = _service_of(table, dict(call.agent.regions.registrants(rt.name)),
                           call.agent.regions.service(rt.name))
     young, unreaped = {}, {}
@@ -386,10 +387,11 @@ def processes(call: Call) -> ProcessTable:
                 reads -= read
     rows, cut = _fitting(
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
-                   p.threads, p.pgid, round(boot - p.start_time, 3), rt.sampler.history.rate(p, now),
-                   p.pid in service,
+                   p.threads, p.pgid, p.child_faults, round(boot - p.start_time, 3),
+                   history.rate(p, now), p.pid in service,
                    (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
-                   got.get(("c", p.pid)) or [], young.get(p.pid, 0), unreaped.get(p.pid, 0))
+                   got.get(("c", p.pid)) or [], young.get(p.pid, 0), unreaped.get(p.pid, 0),
+                   history.reaped_s(p, now))
         for p in table)  # long command lines: the rows that fit a frame
     return ProcessTable(rows, len(pids), cut or len(pids) > cap)
 

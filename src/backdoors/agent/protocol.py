@@ -213,6 +213,9 @@ class ProcessRow(ProcessInfo, frozen=True):
     cmdline: list[str] = []  # only when asked (processes(cmdline=True)); bounded
     young_threads: int = 0  # only when asked (processes(threads_within_s=...)): see there
     unreaped: int = 0  # its exited children not reaped yet (zombies); asked as young_threads
+    #: seconds since the agent's table first showed it had reaped a child (its
+    #: child_faults rose); None if it showed none since the process's first table
+    reaped_s: float | None = None
 
 
 class ProcessTable(msgspec.Struct):

@@ -106,11 +106,14 @@ class Sample:
 
 
 class RssHistory:
-    """RSS of each process over the last RSS_WINDOW_S; bounded by the sampled processes."""
+    """RSS of each process over the last RSS_WINDOW_S, and when it last reaped a child;
+    bounded by the sampled processes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._points: dict[tuple[int, float], deque[tuple[float, int]]] = {}
+        #: (child_faults, when a table first showed it higher) of each process
+        self._reaped: dict[tuple[int, float], tuple[int, float | None]] = {}
 
     def record(self, table: list[ProcessInfo], now: float) -> None:
         with self._lock:
@@ -125,8 +128,10 @@ class RssHistory:
                     points.append((now, p.rss_bytes))
                 while len(points) > 2 and now - points[1][0] >= RSS_WINDOW_S:
                     points.popleft()
+                faults, at = self._reaped.get(key, (p.child_faults, None))
+                self._reaped[key] = (p.child_faults, now if p.child_faults > faults else at)
             for key in self._points.keys() - alive:
-                del self._points[key]
+                del self._points[key], self._reaped[key]
 
     def rate(self, p: ProcessInfo, now: float) -> float:
         """Bytes/s of `p`'s RSS growth from the oldest point in the window to `p` now."""
@@ -137,6 +142,13 @@ class RssHistory:
             t0, rss0 = points[0]
         span = now - t0
         return (p.rss_bytes - rss0) / span if span >= 0.05 else 0.0
+
+    def reaped_s(self, p: ProcessInfo, now: float) -> float | None:
+        """Seconds since a table first showed `p` had reaped a child (its `child_faults`
+        rose), None if none did since the first table that showed `p`."""
+        with self._lock:
+            at = self._reaped.get((p.pid, p.start_time), (0, None))[1]
+        return None if at is None else round(max(0.0, now - at), 3)
 
 
 class NodeSampler:

@@ -30,6 +30,8 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     start_time is in seconds since boot; with pid it names the process uniquely
     (a recycled pid has a later start_time). cpu_seconds is user + system time. pgid is
     its process group, inherited by every fork and kept when the process is orphaned.
+    child_faults is the page faults of the children it reaped (cminflt + cmajflt), kept
+    across an exec: it rises when the process reaps a child that ran.
     """
 
     pid: int
@@ -41,6 +43,7 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     cpu_seconds: float
     threads: int
     pgid: int
+    child_faults: int
 
 
 def parse_stat(text: str) -> ProcessInfo:
@@ -64,6 +67,7 @@ def parse_stat(text: str) -> ProcessInfo:
         cpu_seconds=(int(rest[11]) + int(rest[12])) / CLOCK_TICKS,
         threads=int(rest[17]),
         pgid=int(rest[2]),
+        child_faults=int(rest[8]) + int(rest[10]),
     )
 
 

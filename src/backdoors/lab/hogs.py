@@ -43,14 +43,16 @@ SPREAD_RATE_MB = 0.7
 
 
 def memory(rate_mb: float, cap_mb: float, step: float = 0.05, forks: bool = False,
-           spread: bool = False, register: str | None = None) -> None:
+           spread: bool = False, register: str | None = None, after: float = 0.0) -> None:
     """Grow resident memory by `rate_mb` MB/s up to `cap_mb`, touching every page.
     `forks`: by forking instead, a child every 0.25 s that allocates its share and holds
     it (no process grows for long). `spread`: by orphans instead (each double-forked, in a
     session of its own), one every 0.2 s, each growing SPREAD_RATE_MB MB/s: no process is
     a hog alone, and they make no family. `register`: first register a Sensor Box of that
-    name with the node's agent, as the service does (a hog passing itself off as it)."""
+    name with the node's agent, as the service does (a hog passing itself off as it).
+    `after`: seconds of quiet first (a spawner slow to start)."""
     box = _registered(register)  # noqa: F841 (held)
+    time.sleep(after)
     if spread:
         count = max(1, round(rate_mb / SPREAD_RATE_MB))
         for _ in range(count):
@@ -192,6 +194,7 @@ def main(argv=None) -> int:
                    help="grow by orphans each too slow to be a hog (double-forked, setsid)")
     m.add_argument("--register", metavar="NAME",
                    help="first register a Sensor Box NAME with the node's agent")
+    m.add_argument("--after", type=float, default=0.0, help="seconds of quiet first")
     c = sub.add_parser("cache")
     c.add_argument("--mb", type=float, default=256)
     f = sub.add_parser("forkbomb")
@@ -204,7 +207,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     set_comm(COMM[a.kind])
     if a.kind == "memory":
-        memory(a.rate_mb, a.cap_mb, forks=a.forks, spread=a.spread, register=a.register)
+        memory(a.rate_mb, a.cap_mb, forks=a.forks, spread=a.spread, register=a.register,
+               after=a.after)
     elif a.kind == "cache":
         cache(a.mb)
     elif a.kind == "forkbomb":

@@ -218,8 +218,10 @@ def _growing_kin(cfg: MemoryHogDiagnosis, free: dict[int, Row]
     processes grow fastest together, if at least `kin_min` of them grow: a hog spread
     over processes each too slow to be one, orphans (double-forked, setsid) that make no
     family. With them, the kind's free processes born from `kin_gap_s` before the oldest
-    grower on (what starts them: a spawner that would start more); not older ones (an
-    innocent of the same kind that ran before). None if no kind has so many growers."""
+    grower on, and older ones that reaped a child since it was born (what starts them: a
+    spawner that would start more, reaping the middle child of each double fork, however
+    long it took to start); not other older ones (an innocent of the same kind that ran
+    before). None if no kind has so many growers."""
     growing: dict[tuple[str, str], list[Row]] = {}
     for p in free.values():
         if p.rss_rate > 0:
@@ -228,9 +230,9 @@ def _growing_kin(cfg: MemoryHogDiagnosis, free: dict[int, Row]
                         default=(None, []))
     if len(members) < cfg.kin_min:
         return None
-    oldest = max(p.age_s for p in members) + cfg.kin_gap_s
-    members += [p for p in free.values()
-                if p.rss_rate <= 0 and _kind(p) == kind and p.age_s <= oldest]
+    first = max(p.age_s for p in members)
+    members += [p for p in free.values() if p.rss_rate <= 0 and _kind(p) == kind and (
+        p.age_s <= first + cfg.kin_gap_s or p.reaped_s is not None and p.reaped_s <= first)]
     return (sum(p.rss_rate for p in members),
             sorted(members, key=lambda p: (-p.age_s, p.pid)))
 

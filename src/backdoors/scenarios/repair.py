@@ -100,13 +100,14 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
                    cache_mb: float = 240, rate_mb: float = 40, period_ms: float = 50,
                    timeout_s: float = 20.0, observe_s: float = 1.0,
                    incidents_dir: str | None = None, forks: bool = False,
-                   spread: bool = False, register: bool = False) -> dict:
+                   spread: bool = False, register: bool = False, after_s: float = 0.0) -> dict:
     """The memory-hog case under `policy`: "backdoors" (the default rules), "largest_rss"
     (a monitor killing the largest process) or "kernel_oom" (no monitor: the memory
     limit and the kernel's OOM killer alone). `forks`: the hog grows by forking children
     that allocate (lab.hogs memory --forks); `spread`: by orphans each too slow to be a
     hog (--spread); `register`: the hog first registers a Sensor Box beside the service's
-    (--register; `hog_registered` says whether the agent took it)."""
+    (--register; `hog_registered` says whether the agent took it); `after_s`: it is
+    quiet that long first (--after)."""
     if policy not in ("backdoors", "largest_rss", "kernel_oom"):
         raise ValueError(f"unknown memory-hog policy {policy!r}")
     name = name or unique_name("s")
@@ -138,7 +139,7 @@ def run_memory_hog(policy: str = "backdoors", *, name: str | None = None, memory
                                                      *(["--forks"] if forks else []),
                                                      *(["--spread"] if spread else []),
                                                      *(["--register", HOG_BOX] if register
-                                                       else [])))
+                                                       else []), "--after", str(after_s)))
             watch.track("hog", hog.pid)
             if register:
                 out["hog_registered"] = _registered(al, node, HOG_BOX, hog.pid)
