@@ -117,6 +117,16 @@ def _has_bytes(s: socket.socket) -> bool:
         return False
 
 
+def _still_open(s: socket.socket) -> bool:
+    """Whether the agent neither closed `s` nor told it anything."""
+    s.settimeout(0)
+    try:
+        s.recv(1, socket.MSG_PEEK)  # bytes, or b"" at the end
+    except BlockingIOError:
+        return True
+    return False
+
+
 def test_one_address_holds_at_most_its_share(agent_lab):
     lab = agent_lab()
     per_address = lab.config.max_unauthenticated_per_address
@@ -389,3 +399,69 @@ def test_one_signer_cannot_hold_every_connection(agent_lab):
         assert c.ping()  # m1's new ones push out m1's own
     assert other.ping() and other._sock is sock  # m2, within its share, stays
     assert lab.client("m3").ping()
+
+
+def _first_request_on_a_new_connection(lab, monitor: str, op: str, args: dict) -> Response:
+    """The reply to `op`, signed by `monitor`, sent as the first request of a new
+    connection."""
+    payload, _ = lab.client(monitor).signed_request(op, args)
+    with _connect(lab) as s:
+        s.sendall(frame(payload))
+        s.settimeout(10)
+        data = b""
+        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+            if not (chunk := s.recv(65536)):
+                break
+            data += chunk
+    [reply] = _replies(data)
+    return reply
+
+
+def test_a_signers_slow_first_requests_do_not_fill_the_keyless_room(agent_lab):
+    """Outside review: a connection counted as unauthenticated until its first request
+    was answered, and was never evicted while in it; at quorum 2 one monitor key's
+    `kill`s, each the first request of a new connection and waiting out the vote,
+    filled the keyless connections' room and every monitor's new connection was refused
+    `busy`. A request counts as authenticated once its signature is verified, and a
+    signer has at most its share of requests in flight; the next is refused `busy`,
+    signed, to that signer only."""
+    lab = agent_lab(quorum=2, vote_window_s=5.0, max_connections=16, max_unauthenticated=2)
+    rpc = lab.agent.agent.rpc
+    share = rpc.in_flight_share()
+    replies: list[Response] = []
+    voters = []
+    try:
+        for i in range(share + 2):
+            voters.append(threading.Thread(target=lambda pid=900000 + i: replies.append(
+                _first_request_on_a_new_connection(lab, "m1", "kill", {"node": "n0", "pid": pid}))))
+            voters[-1].start()
+            if i < share:  # waiting for the vote, and counted as authenticated
+                wait_for(lambda: rpc.connections == i + 1 and rpc.unauthenticated == 0,
+                         timeout=10, what=f"m1's kill {i + 1} in flight, authenticated")
+        wait_for(lambda: len(replies) == 2, timeout=10, what="m1's requests past its share")
+        assert [r.error.code for r in replies] == ["busy", "busy"], replies
+        assert "in flight" in replies[0].error.message, replies[0]
+        assert lab.client("m2").ping()  # another monitor's new connection is served
+    finally:
+        for t in voters:
+            t.join(10)
+    assert sorted(r.error.code for r in replies) == ["busy", "busy"] + ["quorum"] * share
+
+
+def test_a_new_connection_makes_room_once(agent_lab):
+    """Outside review: every cap's list was made before any eviction, so a connection
+    evicted for its address's cap still counted for the overall cap, which evicted a
+    second one (another address's) for one new connection."""
+    lab = agent_lab(max_unauthenticated=4, max_unauthenticated_per_address=2,
+                    auth_timeout_s=30)
+    rpc = lab.agent.agent.rpc
+    others = [_connect(lab, "127.0.0.2") for _ in range(2)]
+    mine = [_connect(lab, "127.0.0.3") for _ in range(2)]
+    wait_for(lambda: rpc.unauthenticated == 4, what="four silent connections")
+    newest = _connect(lab, "127.0.0.3")
+    assert b"gave way" in _closed_by_agent(mine[0])  # the oldest of its address
+    wait_for(lambda: rpc.unauthenticated_from("127.0.0.3") == 2, what="the new one counted")
+    assert rpc.unauthenticated_from("127.0.0.2") == 2 and rpc.unauthenticated == 4
+    assert all(map(_still_open, [*others, mine[1], newest]))
+    for s in [*others, *mine, newest]:
+        s.close()

@@ -39,6 +39,9 @@ from .votes import BallotBox, Short
 log = logging.getLogger("backdoors.agent")
 
 FRAME_TIMEOUT_S = 5.0  # for the rest of a frame once its header came
+#: a signer may have at least this many requests in flight: a monitor's poller, event
+#: follower and repair workers (4 by default) each wait for one reply at a time
+MIN_IN_FLIGHT = 8
 _encode = msgspec.msgpack.Encoder().encode
 
 
@@ -88,6 +91,7 @@ class RpcServer:
         self._streams: dict[asyncio.Task, Any] = {}  # subscribed connections: (args, signer)
         self._tokened: dict[str, list[int]] = {}  # node -> tokens of its requests running
         self._vote_tokens: dict[tuple, int] = {}  # (ballot key, voter) -> its fencing token
+        self._in_flight: dict[str, int] = {}  # signer -> its requests being answered
 
     @property
     def connections(self) -> int:
@@ -124,13 +128,15 @@ class RpcServer:
         unauthenticated connection not in a request, else (all connections open) an idle
         one of a signer over its share; or why it cannot be admitted."""
         c = self.agent.config
-        waiting = [x for x in self._conns.values() if not x.authenticated]
         caps = ((c.max_unauthenticated_per_address,
-                 [x for x in waiting if x.address == new.address],
+                 lambda x: not x.authenticated and x.address == new.address,
                  f"unauthenticated connections from {new.address}"),
-                (c.max_unauthenticated, waiting, "unauthenticated connections"),
-                (c.max_connections, list(self._conns.values()), "connections"))
-        for cap, holding, what in caps:
+                (c.max_unauthenticated, lambda x: not x.authenticated,
+                 "unauthenticated connections"),
+                (c.max_connections, lambda x: True, "connections"))
+        for cap, counted, what in caps:
+            # (counted anew for each cap: a connection evicted for the one before is gone)
+            holding = [x for x in self._conns.values() if counted(x)]
             if len(holding) < cap:
                 continue
             idle = [x for x in holding if not x.authenticated and not x.in_request]
@@ -150,9 +156,7 @@ class RpcServer:
         """The oldest idle connection of the signer holding the most, if that is more than
         a signer's share of the authenticated connections: one stolen key (a peer's, or a
         monitor's) cannot keep every other signer from connecting."""
-        c = self.agent.config
-        signers = max(1, len(self.auth.monitors) + len(self.auth.peers))
-        share = max(2, (c.max_connections - c.max_unauthenticated) // signers)
+        share = self.signer_share()
         held: dict[str, list[_Conn]] = {}
         for x in holding:
             if x.authenticated:
@@ -165,6 +169,17 @@ class RpcServer:
             if idle:
                 return min(idle, key=lambda x: x.opened)
         return None
+
+    def signer_share(self) -> int:
+        """A signer's share of the authenticated connections."""
+        c = self.agent.config
+        signers = max(1, len(self.auth.monitors) + len(self.auth.peers))
+        return max(2, (c.max_connections - c.max_unauthenticated) // signers)
+
+    def in_flight_share(self) -> int:
+        """The requests a signer may have in flight: its share of the connections, but
+        no fewer than a monitor makes at once (MIN_IN_FLIGHT)."""
+        return max(MIN_IN_FLIGHT, self.signer_share())
 
     def _evict(self, conn: _Conn, why: str) -> None:
         self._conns.pop(conn.task, None)
@@ -230,7 +245,6 @@ class RpcServer:
                     self._closed("auth_failed")
                     await self._drain(writer, 1.0)
                     return
-                conn.authenticated = conn.authenticated or conn.rejected is None
                 if not await self._drain(writer, c.send_timeout_s):
                     self._closed("send_timeout")
                     return
@@ -299,23 +313,36 @@ class RpcServer:
             outcome = Outcome(False, code=r.code, message=r.message)
             return _reply(self.identity if r.signed else None, r.nonce, outcome, _ms(start))
         req = opened.request
-        if (conn := self._conns.get(asyncio.current_task())) is not None and not conn.signer:
-            conn.signer = req.monitor
+        if (conn := self._conns.get(asyncio.current_task())) is not None:
+            # authenticated from here on, its request running or not: a signer's slow
+            # requests count against its share, not against the keyless connections' room
+            conn.authenticated, conn.signer = True, conn.signer or req.monitor
         op = self.ops.get(req.op)
         args: Any = None
-        if op is None:
+        in_flight = self._in_flight.get(req.monitor, 0)
+        if in_flight >= self.in_flight_share():
+            outcome = Outcome(False, code="busy", message=(
+                f"{req.monitor} has {in_flight} requests in flight here, a signer's share: "
+                "one key cannot take every worker and connection from the others"))
+        elif op is None:
             outcome = Outcome(False, code="unknown_op", message=f"unknown op {req.op[:64]!r}; "
                               f"known: {', '.join(sorted(self.ops))}")
         elif opened.peer and op.name not in PEER_OPS:
             outcome = Outcome(False, code="auth", message=f"{req.monitor} is a peer agent: it "
                               f"may call {', '.join(sorted(PEER_OPS))} only")
         else:
+            self._in_flight[req.monitor] = in_flight + 1
             try:
                 args = op.decoder.decode(req.args)
                 outcome = await self._dispatch(op, args, req.monitor, opened.peer, payload,
                                                req.token)
             except DECODE_ERRORS as e:
                 outcome = Outcome(False, code="bad_request", message=f"{req.op}: bad args: {e}")
+            finally:
+                if (left := self._in_flight[req.monitor] - 1) > 0:
+                    self._in_flight[req.monitor] = left
+                else:
+                    del self._in_flight[req.monitor]
         if op is not None and op.name == "subscribe" and outcome.ok:
             task = asyncio.current_task()
             if task in self._conns:  # "from now on" = after the last_seq of the reply
