@@ -390,3 +390,29 @@ def test_a_member_whose_lease_ends_while_it_moves_the_epoch_keeps_no_token_of_it
         m2.stop()
         client.close()
         other.close()
+
+
+def test_a_step_longer_than_the_lease_keeps_it(etcd, caplog):  # noqa: F811
+    """Outside review: the lease was renewed only as a step began; a step that took
+    longer than the lease (many nodes to take, each claimed at its agent; a slow etcd)
+    lost it partway, and the member joined again and took every node anew, step after
+    step. It is renewed within a step now: each node is taken once."""
+    client = EtcdClient(etcd.url)
+    takes: dict[str, int] = {}
+
+    def slow_take(node, record):  # a claim at the node's agent, ~0.15 s each
+        takes[node] = takes.get(node, 0) + 1
+        time.sleep(0.15)
+
+    member = FleetMember(client, "m1", lambda: NODES, ttl_s=1, poll_s=0.05, on_take=slow_take)
+    try:
+        with caplog.at_level(logging.WARNING, logger="backdoors.fleet"):
+            member.start()
+            until(lambda: len(member.snapshot().tokens) == len(NODES), timeout=30,
+                  what="every node owned")  # 16 x 0.15 s: longer than the 1 s lease
+            time.sleep(1.5)  # more steps
+        assert takes == {n: 1 for n in NODES}, takes
+        assert not [r for r in caplog.records if "expired" in r.getMessage()]
+    finally:
+        member.stop()
+        client.close()

@@ -182,6 +182,7 @@ class Recovery:
         self.expired = {"staged": 0, "adopting": 0}  # entries freed unused, since the start
         self.adopted_addresses: dict[str, set[str]] = {}  # node -> service addresses taken over
         self._lock = threading.Lock()  # stage runs inline, adopt on a worker thread
+        self._presenting: set[str] = set()  # peers whose `present` is being answered
         # keeps durable state across a restart: (key, bytes or None to drop) -> None
         self.keep: Callable[[str, bytes | None], None] = lambda key, data: None
         self._keeping = threading.Lock()  # one change of durable state at a time
@@ -710,23 +711,42 @@ class Recovery:
     def present(self, call: Call) -> PresentReply:
         """Which of the sessions named the node has (their connections are there): what
         an evacuating agent asks a target whose answer was lost before it sends the
-        sessions elsewhere."""
+        sessions elsewhere. Only sessions on addresses the node took over by an adopt can
+        be (a peer learns nothing of the node's other connections, and asking of them
+        costs no read of its table); one question of a peer at a time (a table read
+        takes a node worker: a peer asking without end would take them all)."""
         rt, a = call.node, call.args
         if not rt.spec.netns:
             raise OpError("failed", f"node {rt.name} has no network namespace: it has no "
                                     "sessions of its own")
+        with self._keeping:
+            adopted = {str(ipaddress.ip_interface(c).ip)
+                       for c in self.adopted_addresses.get(rt.name, ())}
         asked = []
         for name, (local, lport, remote, rport) in a.sessions.items():
             _check_name(name)
             try:
-                asked.append((name, net.sockets.endpoint(local, lport),
-                              net.sockets.endpoint(remote, rport)))
+                here = (name, net.sockets.endpoint(local, lport),
+                        net.sockets.endpoint(remote, rport))
             except ValueError as e:
                 raise OpError("bad_request", f"session {name}: {e}") from None
+            if here[1][0] in adopted:
+                asked.append(here)
+        if not asked:
+            return PresentReply([])
+        peer = min(call.monitors)  # (a peer's request has one signer)
+        with self._lock:
+            if peer in self._presenting:
+                raise OpError("busy", f"a question of {peer} about its sessions is being "
+                                      "answered: one at a time")
+            self._presenting.add(peer)
         try:
             return PresentReply(self._here(rt, asked))
         except BackdoorsError as e:
             raise OpError("failed", str(e)) from None
+        finally:
+            with self._lock:
+                self._presenting.discard(peer)
 
     def _present(self, call: Call, states: list, restoring: list[Restoring],
                  failed: dict[str, str]) -> list[str]:

@@ -135,6 +135,8 @@ class Bus:
                 pass
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(3)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()  # (its selector and self-pipe: three descriptors)
         self._handler.shutdown(wait=False, cancel_futures=True)
         self._nc = None
 

@@ -231,6 +231,18 @@ class FleetMember:
                 self.share.lease, self.share.tokens = None, {}
             self._step_once()
 
+    def _renew(self) -> None:
+        """Renew the lease if a third of its TTL passed since it was: a step that takes
+        many nodes, or on a slow etcd, outlasts the lease (EtcdError "lease not found"
+        when it expired: `_step` joins again)."""
+        now = self.clock()
+        if self.share.lease is None or now < self._renew_at:
+            return
+        if self.client.keepalive(self.share.lease) <= 0:
+            raise EtcdError(f"requested lease not found: it expired within a step "
+                            f"(etcd did not hear from it within {self.ttl_s} s)")
+        self._renew_at = now + self.ttl_s / 3
+
     def _step_once(self) -> None:
         c, now = self.client, self.clock()
         if self.share.lease is not None and now >= self._renew_at:
@@ -276,6 +288,7 @@ class FleetMember:
         for node, kv in owners.items():
             if kv.value != self.id or kv.lease != lease:
                 continue
+            self._renew()
             if self._left(node, node in known, now):
                 self._let_go(node, kv.mod_revision, None)
             elif assigned.get(node) == self.id or self._holds(node, now):
@@ -297,6 +310,7 @@ class FleetMember:
         for node, member in sorted(assigned.items()):
             if member != self.id or (node in owners and owners[node].lease):
                 continue
+            self._renew()
             key = self._owner_key(node)
             if node in owners:  # a record without a lease (not a member's): it never expires
                 log.warning("fleet member %s: node %s's owner record has no lease: taken",
@@ -317,6 +331,7 @@ class FleetMember:
                            if self.share.tokens.get(n) != t or epoch != self.share.epoch):
             if self.on_take is None:
                 break
+            self._renew()
             record = self._incident(node, tokens[node])  # etcd unreachable: taken next step
             try:
                 self.on_take(node, record)

@@ -17,6 +17,7 @@ accepted; ids are remembered until their warning would be refused as too old any
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -126,6 +127,9 @@ class Verifier:
         if w.monitor != sealed.signer or w.kind not in KINDS or len(w.exe_sha256) != 64:
             raise WarningRejected("bad_body", f"warning {w.id} of {sealed.signer!r}: signer, "
                                   "kind or exe_sha256 not as a warning has them")
+        if not (math.isfinite(w.issued_at) and math.isfinite(w.expires_at)):
+            raise WarningRejected("bad_body", f"warning {w.id} of {sealed.signer!r}: its "
+                                  "times are not finite (NaN passes every comparison)")
         now = self.clock()
         if w.issued_at > now + self.window_s:
             raise WarningRejected("future", f"warning {w.id}: issued {w.issued_at - now:.0f} s "
