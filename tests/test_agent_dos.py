@@ -404,16 +404,17 @@ def test_one_signer_cannot_hold_every_connection(agent_lab):
 def _first_request_on_a_new_connection(lab, monitor: str, op: str, args: dict) -> Response:
     """The reply to `op`, signed by `monitor`, sent as the first request of a new
     connection."""
-    payload, _ = lab.client(monitor).signed_request(op, args)
+    return _sent_alone(lab, lab.client(monitor).signed_request(op, args)[0])
+
+
+def _sent_alone(lab, payload: bytes) -> Response:
+    """The reply to request `payload`, sent on a new connection of its own (as a machine
+    in the middle would)."""
     with _connect(lab) as s:
         s.sendall(frame(payload))
         s.settimeout(10)
-        data = b""
-        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
-            if not (chunk := s.recv(65536)):
-                break
-            data += chunk
-    [reply] = _replies(data)
+        size = int.from_bytes(s.recv(4, socket.MSG_WAITALL), "big")
+        [reply] = _replies(size.to_bytes(4, "big") + s.recv(size, socket.MSG_WAITALL))
     return reply
 
 
@@ -465,3 +466,22 @@ def test_a_new_connection_makes_room_once(agent_lab):
     assert all(map(_still_open, [*others, mine[1], newest]))
     for s in [*others, *mine, newest]:
         s.close()
+
+
+def test_an_unlock_held_back_and_sent_after_a_later_fence_is_refused(agent_lab):
+    """Outside review: a machine in the middle withheld m1's signed `unlock`, let m1 fence
+    the node (`lock` without a lease), then sent the unlock: it was applied, and the node
+    ran unfenced while m1 held it fenced. Of one signer's lock/unlock for a node, one
+    signed before the latest taken is refused."""
+    lab = agent_lab()
+    c = lab.client("m1")
+    held, _ = c.signed_request("unlock", {"node": "n0"})
+    time.sleep(0.01)  # signed later
+    c.lock("n0", lease_s=None)
+    assert lab.nodes["n0"].is_locked()
+    reply = _sent_alone(lab, held)
+    assert not reply.ok and reply.error.code == "stale_request", reply
+    assert lab.nodes["n0"].is_locked()
+    c.unlock("n0")  # m1's own, later: applied
+    assert not lab.nodes["n0"].is_locked()
+

@@ -58,7 +58,8 @@ READS = frozenset({"ping", "nodes", "status", "regions", "read", "sensors", "sen
 #: Error codes of a request refused for what it asked (not for the agent's own trouble:
 #: busy, deadline, failed): a read refused so is audited.
 REFUSED = frozenset({"auth", "bad_request", "unknown_op", "no_such_node", "no_such_region",
-                     "out_of_bounds", "not_writable", "quorum", "stale_token"})
+                     "out_of_bounds", "not_writable", "quorum", "stale_token",
+                     "stale_request"})
 #: Operations that take a fencing token (Request.token, agent/tokens.py): the destructive
 #: ones, the live hand-over of a dead server's sessions, and `claim` (a new owner's
 #: announcement). Only these check and record it; a token on another op is refused.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ from .votes import BallotBox, Short
 log = logging.getLogger("backdoors.agent")
 
 FRAME_TIMEOUT_S = 5.0  # for the rest of a frame once its header came
+#: the ops that set a node's state one way or the other, by what they set: of one signer's
+#: requests for one node, one signed before the latest taken is refused (held back on the
+#: way and sent late, an `unlock` would undo a later fence)
+ORDERED = {"lock": "lock", "unlock": "lock", "fence": "fence", "unfence": "fence",
+           "set_limits": "limits"}
 #: a signer may have at least this many requests in flight: a monitor's poller, event
 #: follower and repair workers (4 by default) each wait for one reply at a time
 MIN_IN_FLIGHT = 8
@@ -92,6 +98,7 @@ class RpcServer:
         self._tokened: dict[str, list[int]] = {}  # node -> tokens of its requests running
         self._vote_tokens: dict[tuple, int] = {}  # (ballot key, voter) -> its fencing token
         self._in_flight: dict[str, int] = {}  # signer -> its requests being answered
+        self._order: dict[tuple[str, str, str], float] = {}  # (signer, node, ORDERED) -> ts
 
     @property
     def connections(self) -> int:
@@ -334,8 +341,8 @@ class RpcServer:
             self._in_flight[req.monitor] = in_flight + 1
             try:
                 args = op.decoder.decode(req.args)
-                outcome = await self._dispatch(op, args, req.monitor, opened.peer, payload,
-                                               req.token)
+                outcome = self._out_of_order(op, args, req) or await self._dispatch(
+                    op, args, req.monitor, opened.peer, payload, req.token)
             except DECODE_ERRORS as e:
                 outcome = Outcome(False, code="bad_request", message=f"{req.op}: bad args: {e}")
             finally:
@@ -360,6 +367,21 @@ class RpcServer:
                                votes=outcome.votes, message=outcome.message,
                                token=req.token, incident=req.incident)
         return _reply(self.identity, req.nonce, outcome, elapsed)
+
+    def _out_of_order(self, op: Op, args: Any, req) -> Outcome | None:
+        """The refusal of a request of ORDERED signed before one its signer sent later
+        for the same node and state, which came first; None to go on (and it is the
+        latest now)."""
+        if (what := ORDERED.get(op.name)) is None or args.node not in self.agent.nodes:
+            return None
+        key = (req.monitor, args.node, what)
+        if req.ts < (latest := self._order.get(key, -math.inf)):
+            return Outcome(False, code="stale_request", message=(
+                f"{op.name} of node {args.node} signed at {req.ts:.3f}, before the {what} "
+                f"request {req.monitor} signed at {latest:.3f}, which came first: not applied "
+                "(held back on the way?)"))
+        self._order[key] = req.ts
+        return None
 
     async def _dispatch(self, op: Op, args: Any, monitor: str, is_peer: bool,
                         payload: bytes, token: Token | None = None) -> Outcome:
