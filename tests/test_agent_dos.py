@@ -20,6 +20,7 @@ from test_agent_support import agent_lab, prefix, read_line, wait_for  # noqa: F
 
 from backdoors.agent.errors import AgentError
 from backdoors.agent.protocol import MAX_EACH, Envelope, Response, SensorsManyReply, frame
+from backdoors.agent.server import _pending
 from backdoors.scenarios.flood import KeylessFlood, loopback_addresses
 
 pytestmark = pytest.mark.root
@@ -485,3 +486,33 @@ def test_an_unlock_held_back_and_sent_after_a_later_fence_is_refused(agent_lab):
     c.unlock("n0")  # m1's own, later: applied
     assert not lab.nodes["n0"].is_locked()
 
+
+
+def test_a_flood_whose_connections_each_send_a_byte_gives_way_before_a_monitor(agent_lab):
+    """Outside review: any byte on the way made a connection look like a monitor's
+    request, so a keyless flood whose connections each sent one evicted a monitor's new
+    connection once it was the oldest. Of those with bytes on the way, the address
+    holding the most gives way first."""
+    lab = agent_lab(max_unauthenticated=4, max_unauthenticated_per_address=4,
+                    auth_timeout_s=30)
+    rpc = lab.agent.agent.rpc
+    request = frame(lab.client("m1").signed_request("ping", {})[0])
+    monitor = _connect(lab, "127.0.0.20")
+    monitor.sendall(request[:2])  # on its way, and the oldest
+    flood = []
+    for _ in range(6):
+        flood.append(_connect(lab, "127.0.0.9"))
+        flood[-1].sendall(b"\0")
+        port = flood[-1].getsockname()[1]
+        wait_for(lambda: any(x.sock.getpeername()[1] == port and _pending(x)
+                             for x in list(rpc._conns.values())),
+                 what="the flood's newest connection taken, its byte come")
+    assert rpc.unauthenticated == 4
+    assert _still_open(monitor)
+    monitor.settimeout(10)
+    monitor.sendall(request[2:])
+    size = int.from_bytes(monitor.recv(4, socket.MSG_WAITALL), "big")
+    [reply] = _replies(size.to_bytes(4, "big") + monitor.recv(size, socket.MSG_WAITALL))
+    assert reply.ok, reply
+    for s in [monitor, *flood]:
+        s.close()

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -147,10 +148,15 @@ class RpcServer:
             if len(holding) < cap:
                 continue
             idle = [x for x in holding if not x.authenticated and not x.in_request]
-            if idle:  # silent ones first (a monitor's new connection has its request on the way)
-                self._evict(min(idle, key=lambda x: (_pending(x), x.opened)),
-                            f"{len(holding)} {what} are open: the oldest without an "
-                            "authenticated request gave way")
+            if idle:
+                # silent ones first (a monitor's new connection has its request on the way),
+                # then the address holding the most (a flood's connections may each send a
+                # byte), then the oldest
+                held = Counter(x.address for x in idle)
+                self._evict(min(idle, key=lambda x: (_pending(x), -held[x.address], x.opened)),
+                            f"{len(holding)} {what} are open: one without an authenticated "
+                            "request (silent, of the address holding the most, the oldest) "
+                            "gave way")
             elif (hog := self._over_share(holding)) is not None:
                 self._evict(hog, f"{len(holding)} {what} are open: {hog.signer} holds more "
                             "than its share; its oldest idle connection gave way")
