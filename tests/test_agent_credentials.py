@@ -288,7 +288,11 @@ def test_the_time_bound_is_strict_and_the_cache_keeps_each_signer_to_its_share()
     for ts in (970.0, 1030.0):
         with pytest.raises(Rejected, match="30 s or more") as err:
             auth.open(request(m1, ts))
-        assert err.value.code == "replay"
+        assert err.value.code == "replay" and err.value.verified  # (m1's own, for the audit)
+    forged = Envelope(msgspec.msgpack.decode(request(m1, 1000.0), type=Envelope).body, b"x" * 64)
+    with pytest.raises(Rejected, match="bad signature") as err:
+        auth.open(msgspec.msgpack.encode(forged))
+    assert not err.value.verified
     auth.open(request(m1, 970.001))
     auth.open(request(m1, 1000.0))
     with pytest.raises(Rejected, match="m1 has 2 recent requests") as err:

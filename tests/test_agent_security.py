@@ -333,3 +333,23 @@ def test_rejections_past_the_audit_rate_are_counted_in_one_line(tmp_path):
     counted = sum(x["count"] for x in lines if x["kind"] == "rejected_suppressed")
     # (5 at once, and one more per 0.2 s the loop took: none, but on a very busy machine)
     assert 5 <= len(logged) < 20 and len(logged) + counted == 20, lines
+
+
+def test_keyless_noise_does_not_hide_a_signers_rejection(tmp_path):
+    """Outside review: one bucket for every rejection let a keyless sender's garbage
+    (2,000 frames/s) leave a stolen key's request for another agent unlogged. A signer's
+    own rejections (its signature verified) have a bucket of their own."""
+    import json
+
+    from backdoors.agent.audit import AuditLog
+
+    path = str(tmp_path / "audit.jsonl")
+    audit = AuditLog(path, max_rejects_per_s=5)
+    for i in range(50):
+        audit.rejected(peer="10.0.0.9", code="bad_frame", message=f"garbage {i}")
+    audit.rejected(peer="10.0.0.7", code="auth", message="the request is for agent h2",
+                   monitor="m1", verified=True)
+    audit.close()
+    lines = [json.loads(x) for x in open(path)]
+    assert [x["monitor"] for x in lines if x["kind"] == "rejected" and x["error"] == "auth"] \
+        == ["m1"], lines

@@ -3,8 +3,10 @@ only when refused: protocol.READS, REFUSED) and per local registration.
 
 Opened with O_APPEND, each line written with one write(2), so lines of concurrent writers
 never interleave. Bulk data never enters the log: byte strings are summarised by length.
-Unauthenticated rejections are rate-limited (a flood on the private network must not fill
-the disk): beyond `max_rejects_per_s`, they are counted and summarised in one line. Refused
+Rejections are rate-limited (a flood on the private network must not fill the disk):
+beyond `max_rejects_per_s`, they are counted and summarised in one line; those of
+requests a signer did sign (a replay, one for another agent) each signer apart, so that
+keyless noise cannot hide a stolen key's. Refused
 local registrations are limited per node the same way (`common.ratelimit`), and every string
 a caller chose is cut to MAX_STRING characters.
 """
@@ -84,13 +86,16 @@ class AuditLog:
                    **extra)
 
     def rejected(self, *, peer: str, code: str, message: str, monitor: str = "?",
-                 op: str = "?") -> None:
-        """One line for a request rejected before dispatch (rate-limited)."""
-        admit, suppressed = self._rejects.admit("rejected")
+                 op: str = "?", verified: bool = False) -> None:
+        """One line for a request rejected before dispatch, rate-limited: those signed by
+        a signer (`verified`: a replay, a request for another agent) each signer apart
+        from the rest, so that keyless noise cannot hide a stolen key's."""
+        admit, suppressed = self._rejects.admit(f"signer {monitor}" if verified else "rejected")
         if not admit:
             return
         if suppressed:
-            self.write(kind="rejected_suppressed", count=suppressed)
+            self.write(kind="rejected_suppressed", count=suppressed,
+                       **({"monitor": monitor} if verified else {}))
         self.write(kind="rejected", monitor=monitor, peer=peer, op=op, ok=False, error=code,
                    message=message[:MAX_STRING])
 
@@ -105,8 +110,10 @@ class AuditLog:
         self.write(kind="local_suppressed", node=node, count=count, ok=ok)
 
     def close(self) -> None:
-        for _, count in self._rejects.pending(every=True):
-            self.write(kind="rejected_suppressed", count=count)
+        for key, count in self._rejects.pending(every=True):
+            signer = key.removeprefix("signer ") if key.startswith("signer ") else None
+            self.write(kind="rejected_suppressed", count=count,
+                       **({"monitor": signer} if signer else {}))
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)

@@ -50,6 +50,7 @@ class Rejected(Exception):
         super().__init__(message)
         self.code, self.message, self.monitor, self.signed = code, message, monitor, signed
         self.nonce, self.op = nonce, op
+        self.verified = False  # the signature was `monitor`'s (a signer's own rejection)
 
 
 class ReplayGuard:
@@ -179,6 +180,14 @@ class Authenticator:
         if not verify(keys, REQUEST_DOMAIN, env.body, env.sig):
             raise Rejected("auth", f"bad signature for {'peer' if peer else 'monitor'} "
                            f"{shown!r}", monitor=shown)
+        try:
+            return self._verified(env, monitor, peer, shown)
+        except Rejected as r:
+            r.verified = True
+            raise
+
+    def _verified(self, env, monitor: str, peer: bool, shown: str) -> Opened:
+        """The rest of `open` for a body whose signature is `monitor`'s."""
         try:
             req = _request.decode(env.body)
         except DECODE_ERRORS as e:

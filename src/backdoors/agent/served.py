@@ -6,7 +6,9 @@ lanes: none of them needs the daemon for it.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import functools
 import os
 import sys
 import threading
@@ -21,24 +23,104 @@ from .sampler import NodeSampler
 from .tracking import BoxTracking
 
 
+class FairPool(concurrent.futures.Executor):
+    """`workers` threads (started as needed) that take queued calls by turns of their
+    submitters (`submit_as`): one signer's many requests wait behind each other's, not
+    in front of every other signer's (a stolen key looping slow ops on a node would take
+    its workers from the monitors' kills). Daemon threads: a call stuck in the kernel
+    does not keep the process from exiting."""
+
+    def __init__(self, workers: int, prefix: str):
+        self.workers, self.prefix = workers, prefix
+        self._cond = threading.Condition()
+        self._queues: dict[str, collections.deque] = {}  # submitter -> its calls, in order
+        self._turns: collections.deque[str] = collections.deque()  # submitters with calls
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._shutdown = False
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        return self.submit_as("", functools.partial(fn, *args, **kwargs))
+
+    def submit_as(self, who: str, fn, *args) -> concurrent.futures.Future:
+        """fn(*args) in `who`'s turn."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if (queue := self._queues.get(who)) is None:
+                queue = self._queues[who] = collections.deque()
+                self._turns.append(who)
+            queue.append((future, fn, args))
+            if self._idle == 0 and len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"{self.prefix}_{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+            self._cond.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                while not self._turns and not self._shutdown:
+                    self._cond.wait()
+                self._idle -= 1
+                if not self._turns:
+                    return  # shut down
+                who = self._turns.popleft()
+                queue = self._queues[who]
+                future, fn, args = queue.popleft()
+                if queue:
+                    self._turns.append(who)  # its next call: after the others' turns
+                else:
+                    del self._queues[who]
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - the caller's to see
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+            del future, fn, args
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._cond:
+            self._shutdown = True
+            if cancel_futures:
+                for queue in self._queues.values():
+                    for future, _, _ in queue:
+                        future.cancel()
+                self._queues.clear()
+                self._turns.clear()
+            self._cond.notify_all()
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
 @dataclass
 class Lane:
-    """Workers for blocking ops, and how many of them are stuck past a deadline."""
+    """Workers for blocking ops, taken by turns of their signers, and how many of them
+    are stuck past a deadline."""
 
     name: str
     workers: int
     stuck: int = 0
     misses: int = 0
-    pool: concurrent.futures.ThreadPoolExecutor = field(init=False)
+    pool: FairPool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.workers,
-                                                          thread_name_prefix=f"bd-{self.name}")
+        self.pool = FairPool(self.workers, f"bd-{self.name}")
 
-    def submit(self, fn, *args) -> tuple[concurrent.futures.Future, Running]:
-        """fn(*args) on a worker, and a handle that tells, while it runs, where it is."""
+    def submit(self, fn, *args, who: str = "") -> tuple[concurrent.futures.Future, Running]:
+        """fn(*args) on a worker in `who`'s turn, and a handle that tells, while it runs,
+        where it is."""
         running = Running(time.monotonic())
-        return self.pool.submit(running.run, fn, *args), running
+        return self.pool.submit_as(who, running.run, fn, *args), running
 
 
 @dataclass

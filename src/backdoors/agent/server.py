@@ -312,7 +312,7 @@ class RpcServer:
             conn.rejected = r.code
         self.metrics.rejected.labels(r.code).inc()
         self.audit.rejected(peer=peer, code=r.code, message=r.message, monitor=r.monitor,
-                                  op=r.op if r.op in self.ops else "?")
+                            op=r.op if r.op in self.ops else "?", verified=r.verified)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -518,7 +518,8 @@ class RpcServer:
                 lane = (rt.lane if op.where == "node" else self.memory_lane if rt is None
                         else rt.reads)  # a node's region copies wait only for its own
                 result = await self.run_blocking(lane, op.name, op.run, call,
-                                                 deadline=op.deadline_s)
+                                                 deadline=op.deadline_s,
+                                                 who=",".join(sorted(monitors)))
             return Outcome(True, result, votes=votes)
         except OpError as e:
             return Outcome(False, code=e.code, message=e.message, votes=votes)
@@ -550,7 +551,8 @@ class RpcServer:
                 raise OpError("no_such_node", f"this agent serves no node {name[:64]!r}")
             return await self.run_blocking(rt.reads, op.name, op.run,
                                            Call(self.agent, args, rt, monitors),
-                                           deadline=op.deadline_s)
+                                           deadline=op.deadline_s,
+                                           who=",".join(sorted(monitors)))
 
         results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
         replies, errors, room = {}, {}, Room(REPLY_BYTES, names)
@@ -566,15 +568,16 @@ class RpcServer:
         return SensorsManyReply(replies, errors)
 
     async def run_blocking(self, lane: Lane, what: str, fn, *fn_args,
-                           deadline: float | None = None) -> Any:
-        """fn(*fn_args) on the lane's workers, abandoned (code deadline) at the op deadline."""
+                           deadline: float | None = None, who: str = "") -> Any:
+        """fn(*fn_args) on the lane's workers in `who`'s turn (its signers), abandoned
+        (code deadline) at the op deadline."""
         if lane.stuck >= lane.workers:
             raise OpError("busy", f"all {lane.workers} workers of {lane.name} are stuck in "
                                   "operations past their deadline (a /proc or cgroupfs access "
                                   "that does not return); retry later")
         deadline = deadline or self.agent.config.op_deadline_s
         loop = asyncio.get_running_loop()
-        cf, running = lane.submit(fn, *fn_args)
+        cf, running = lane.submit(fn, *fn_args, who=who)
         fut = asyncio.wrap_future(cf, loop=loop)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), deadline)
