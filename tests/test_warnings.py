@@ -271,6 +271,7 @@ def test_a_repair_of_what_another_cluster_warned_of_is_not_echoed():
     assert w.echoes == 1 and w.sent == 0 and published == []
     assert w.incident("responded", repaired(HASH, "other")) is not None  # another comm
     assert w.incident("responded", repaired("ef" * 32, "mine")) is not None
+    w.flush()  # (published off the repair worker)
     assert w.sent == 2 and published == ["s.B", "s.B"]
     assert w.status()["echoes"] == 1
 

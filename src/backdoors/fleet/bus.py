@@ -118,6 +118,8 @@ class Bus:
         async def send() -> None:
             if self._nc is None:
                 raise ConnectionError("not connected (yet)")
+            if not self._nc.is_connected:  # (nats-py would hold it, and lose it)
+                raise ConnectionError("not connected (the server went away: reconnecting)")
             await self._nc.publish(subject or self.subject, data)
             await self._nc.flush(timeout=self.timeout)
         try:

@@ -253,21 +253,26 @@ class FleetMember:
                     self.share.lease, self.share.tokens = None, {}
             else:
                 self._renew_at = now + self.ttl_s / 3
+        mine = self._member_key(self.id)
         if self.share.lease is None:
+            if (held := c.get(mine)) is not None and held.lease:
+                raise EtcdError(f"its key {mine} is held under another lease: a second "
+                                f"monitor with id {self.id} runs (or this one's last run, "
+                                "until its lease expires); waiting for it to go")
             lease, ttl = c.grant(self.ttl_s)
-            c.put(self._member_key(self.id), json.dumps({"id": self.id, "since": time.time(),
-                                                         **self.info}), lease)
+            c.put(mine, json.dumps({"id": self.id, "since": time.time(), **self.info}), lease)
             with self._lock:
                 self.share.lease, self.share.ttl_s = lease, ttl
             self._renew_at = self.clock() + self.ttl_s / 3
         lease = self.share.lease
         _, kvs = c.prefix(self.prefix + "members/")
-        mine = self._member_key(self.id)
+        if any(kv.key == mine and kv.lease not in (0, lease) for kv in kvs):
+            raise EtcdError(f"its key {mine} was put again under another lease: a second "
+                            f"monitor with id {self.id} runs (refused: two cannot share one)")
         if not any(kv.key == mine and kv.lease == lease for kv in kvs):
-            # deleted, or put again under another lease (a second monitor with this id,
-            # whose lease ends with it): this member would be gone from the fleet for good
-            log.warning("fleet member %s: its key %s was gone or under another lease (a "
-                        "second monitor with this id?): registered again", self.id, mine)
+            # deleted (by hand): this member would be gone from the fleet for good
+            log.warning("fleet member %s: its key %s was gone: registered again", self.id,
+                        mine)
             c.put(mine, json.dumps({"id": self.id, "since": time.time(), **self.info}), lease)
             _, kvs = c.prefix(self.prefix + "members/")
         # a member is a key right under members/ with a lease (what no monitor wrote
@@ -321,6 +326,10 @@ class FleetMember:
             got = c.txn([cond, same_epoch], [put_op(key, self.id, lease)])
             if got.succeeded:
                 tokens[node] = got.revision
+        if any(r >= 1 << 32 for r in tokens.values()):  # (fencing_token's 32 bits)
+            raise EtcdError(f"etcd revision {max(tokens.values())} does not fit a fencing "
+                            "token's 32 bits, so a newer owner's token would rank below an "
+                            "older one's: give the fleet an etcd of its own (a new epoch)")
         # the nodes taken at this step (new, or taken again: a new token), with their open
         # incidents, handed to `on_take` before the share shows their tokens (so nothing
         # judges or acts on them before their past is settled)

@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
@@ -275,6 +276,13 @@ class Warnings:
         self.accepted: list[AttackWarning] = []
         self._lock = threading.Lock()
         self._log_limit = LogLimiter(rate=1 / REJECT_LOG_S, burst=1)  # rejections' lines
+        # publishing waits for the server (a hung one: its timeout): not on the repair
+        # worker that reported the incident, which would hold the node meanwhile
+        self._outbox = ThreadPoolExecutor(1, thread_name_prefix="bd-warn-out")
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the warnings handed over so far are published (or failed)."""
+        self._outbox.submit(lambda: None).result(timeout)
 
     @property
     def rejected_total(self) -> int:
@@ -328,16 +336,19 @@ class Warnings:
         w = issue(self.signer, self.cluster, kind, culprit["exe_sha256"], culprit["comm"],
                   cmdline=culprit.get("cmdline") or (), exe=culprit.get("exe") or "",
                   node=f"{inc.host}/{inc.node}", incident=inc.id, ttl_s=self.ttl_s)
+        self._outbox.submit(self._publish, w)
+        return w
+
+    def _publish(self, w: AttackWarning) -> None:
         try:
             self.bus.publish(seal(self.signer, w), f"{self.subject}.{self.cluster}")
         except Exception as e:  # noqa: BLE001 - a bus down must not fail the repair
-            log.warning("warning for incident %s not published: %s", inc.id, e)
-            return None
+            log.warning("warning for incident %s not published: %s", w.incident, e)
+            return
         with self._lock:
             self.sent += 1
-        log.warning("warning %s published: %s %s (%s…) repaired on %s", w.id, kind,
+        log.warning("warning %s published: %s %s (%s…) repaired on %s", w.id, w.kind,
                     w.comm, w.exe_sha256[:12], w.node)
-        return w
 
     def collect(self):
         """Prometheus: warnings sent, received, rejected (by reason), rules armed, kills."""
@@ -414,6 +425,7 @@ def start(w: Warnings, cfg) -> None:
 
 def stop(w: Warnings) -> None:
     w.scanner.stop()
+    w._outbox.shutdown(wait=True, cancel_futures=True)  # (the one being sent ends first)
     if w.bus is not None:
         w.bus.stop()
         w.bus = None
