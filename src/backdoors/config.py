@@ -138,6 +138,9 @@ def check_monitor(path: str, etcd: list[str] | None = None,
         load_agent_config(path)  # the unified file's [agent]
     from .monitor.core import DEFAULT_INCIDENTS_DIR
     load_monitor_key(config)  # as the monitor loads it: its mode, its id
+    if config.etcd:
+        from .monitor.config import etcd_client
+        etcd_client(config).close()  # its password and TLS files, as the monitor reads them
     incidents = config.incidents_dir or DEFAULT_INCIDENTS_DIR
     if os.path.exists(incidents) and not os.path.isdir(incidents):
         raise ConfigError(f"{path}: incidents_dir {incidents} is not a directory")

@@ -165,6 +165,7 @@ def fleet_status(*, lab: str | None = None, monitor_config: str | None = None
     from .fleet import EtcdClient, EtcdError
     from .fleet.member import PREFIX, read_fleet
     lab, monitor_config = _resolve(lab, monitor_config)
+    config = None
     if lab is not None:
         from .lab import Lab
         from .net.netns import enter
@@ -175,6 +176,7 @@ def fleet_status(*, lab: str | None = None, monitor_config: str | None = None
         within = enter(attached.plan.monitor_ns)
     else:
         from .config import load_monitor_config
+        from .monitor.config import etcd_client
         from .net.netns import enter
         config = load_monitor_config(monitor_config)
         if not config.etcd:
@@ -182,9 +184,9 @@ def fleet_status(*, lab: str | None = None, monitor_config: str | None = None
         urls, prefix = config.etcd, config.fleet_prefix
         within = enter(config.etcd_netns) if config.etcd_netns else nullcontext()
     try:
-        with within, EtcdClient(urls) as client:
+        with within, (EtcdClient(urls) if config is None else etcd_client(config)) as client:
             fleet = read_fleet(client, prefix)
-    except EtcdError as e:
+    except (EtcdError, ConfigError) as e:
         return {"error": str(e)}
     shares: dict[str, int] = {}
     for member, _ in fleet["owners"].values():

@@ -10,6 +10,11 @@ the monitor's fleet thread is synchronous: the gateway needs nothing but HTTP.)
 
 Several endpoints may be given: a request that cannot reach one tries the next.
 `EtcdUnavailable` says none answered; `EtcdError` is an answer that is an error.
+
+An etcd anyone on its network can write to lets anyone blind the fleet (a leased member or
+owner record no monitor wrote takes nodes from every monitor): give the fleet's etcd
+authentication (`user`, `password`: etcd's simple or JWT tokens, taken again when one
+expires) and, over https, its CA (`ca`) and a client certificate (`cert`, `key`).
 """
 
 from __future__ import annotations
@@ -80,18 +85,31 @@ class EtcdClient:
     """Synchronous etcd v3 over the JSON gateway; one httpx connection pool, thread-safe.
 
     `endpoints`: client URLs ("http://10.99.0.250:2379"). `timeout`: per request, seconds.
+    `user`, `password`: etcd authentication; `ca`, `cert`, `key`: TLS files (https).
     """
 
-    def __init__(self, endpoints: list[str] | str, *, timeout: float = 1.0):
+    def __init__(self, endpoints: list[str] | str, *, timeout: float = 1.0,
+                 user: str | None = None, password: str | None = None,
+                 ca: str | None = None, cert: str | None = None, key: str | None = None):
         endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not endpoints:
             raise EtcdError("no etcd endpoint given (like http://127.0.0.1:2379)")
         for e in endpoints:
             if not e.startswith(("http://", "https://")):
                 raise EtcdError(f"etcd endpoint {e!r} is not a URL (like http://127.0.0.1:2379)")
+        if (user is None) != (password is None):
+            raise EtcdError("etcd authentication needs both a user and a password")
+        if (cert is None) != (key is None):
+            raise EtcdError("an etcd client certificate needs both its cert and key files")
         self.endpoints = [e.rstrip("/") for e in endpoints]
-        self._http = httpx.Client(timeout=timeout)
+        try:
+            self._http = httpx.Client(timeout=timeout, verify=ca if ca else True,
+                                      cert=(cert, key) if cert else None)
+        except (OSError, ValueError) as e:  # (ssl's errors are OSErrors)
+            raise EtcdError(f"etcd TLS files (ca {ca}, cert {cert}, key {key}): {e}") from None
         self._first = 0  # the endpoint that answered last
+        self._user, self._password = user, password
+        self._token: str | None = None  # etcd's auth token, while it holds
 
     def close(self) -> None:
         self._http.close()
@@ -103,14 +121,38 @@ class EtcdClient:
         self.close()
 
     def call(self, path: str, body: dict) -> dict:
-        """POST `body` to `path` on the first endpoint that answers; etcd's JSON reply."""
+        """POST `body` to `path` on the first endpoint that answers; etcd's JSON reply
+        (authenticated first, and again once if etcd says the token expired)."""
+        if self._user is None:
+            return self._post(path, body)
+        if self._token is None:
+            self._authenticate()
+        try:
+            return self._post(path, body, self._token)
+        except EtcdError as e:
+            if "invalid auth token" not in str(e):
+                raise
+        self._authenticate()
+        return self._post(path, body, self._token)
+
+    def _authenticate(self) -> None:
+        self._token = None
+        data = self._post("/v3/auth/authenticate", {"name": self._user,
+                                                    "password": self._password})
+        if not data.get("token"):
+            raise EtcdError(f"etcd gave user {self._user!r} no token: is authentication "
+                            "enabled on it (etcdctl auth enable)?")
+        self._token = data["token"]
+
+    def _post(self, path: str, body: dict, token: str | None = None) -> dict:
         problems = []
         n = len(self.endpoints)
         for i in range(n):
             at = (self._first + i) % n
             url = self.endpoints[at] + path
             try:
-                r = self._http.post(url, json=body)
+                r = self._http.post(url, json=body,
+                                    headers={"Authorization": token} if token else None)
             except httpx.HTTPError as e:
                 problems.append(f"{self.endpoints[at]}: {e or type(e).__name__}")
                 continue

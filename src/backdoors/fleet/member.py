@@ -44,7 +44,9 @@ says a response runs there (at most HOLD_MAX_S): the response ends under one own
 
 **Nodes that leave.** A node the owner's own `nodes()` has not listed for `gone_s` (its
 agent answered without it: it was removed) is let go with its incident record, so etcd
-does not keep the records of nodes that are no more.
+does not keep the records of nodes that are no more. The incident record of a node
+removed while its owner was away (no owner record, not in `nodes()`) is deleted
+by the member that finds it so for `gone_s` (`_sweep`).
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class FleetMember:
         self._pending: dict[str, str | None] = {}  # node -> incident record to write, None: delete
         self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
         self._missing: dict[str, float] = {}  # owned node not in nodes() -> since when
+        #: incident record of a node nobody owns nor lists -> (since when, its revision)
+        self._unowned: dict[str, tuple[float, int]] = {}
+        self._sweep_at = 0.0
         self._release = False
         self._outranked: dict[str, tuple[int, str]] = {}  # node -> (token, holder) its
         # agent refused this member's claim with
@@ -288,6 +293,7 @@ class FleetMember:
         # is the higher, whatever epoch a member read before it
         same_epoch = Compare(self.prefix + "epoch", "MOD", at)
         known = set(self.nodes())
+        self._sweep(known, owners, now)
         assigned = assign(known | set(owners), members)
         tokens, held = {}, set()
         for node, kv in owners.items():
@@ -435,6 +441,33 @@ class FleetMember:
                     "fleet's epoch is %d now", self.id, node, held, held >> 32,
                     held & 0xFFFFFFFF, new)
         return new, got.revision
+
+    def _sweep(self, known: set[str], owners: dict, now: float) -> None:
+        """Every gone_s / 2, delete the incident records of nodes that have had no owner
+        and been in no nodes() of this member for gone_s, unchanged: nodes removed while
+        their owner was away, whose records no owner would ever let go (a node of that
+        name added later would adopt the incident, its attempts counted)."""
+        if now < self._sweep_at:
+            return
+        self._sweep_at = now + self.gone_s / 2
+        at = self.prefix + "incidents/"
+        _, kvs = self.client.prefix(at)
+        seen = {}
+        for kv in kvs:
+            node = kv.key[len(at):]
+            if node in known or node in owners:
+                continue
+            since, revision = self._unowned.get(node, (now, kv.mod_revision))
+            if revision != kv.mod_revision:
+                since = now
+            seen[node] = (since, kv.mod_revision)
+            if now - since >= self.gone_s and self.client.txn(
+                    [Compare(kv.key, "MOD", kv.mod_revision),
+                     Compare(self._owner_key(node), "CREATE", 0)], [delete_op(kv.key)]).succeeded:
+                log.warning("fleet member %s: the incident record of node %s, which nobody has "
+                            "owned or listed for %.0f s, deleted", self.id, node, now - since)
+                del seen[node]
+        self._unowned = seen
 
     def _left(self, node: str, listed: bool, now: float) -> bool:
         """Whether owned `node` left the fleet: missing from nodes() for gone_s."""

@@ -27,7 +27,7 @@ from typing import Annotated
 
 import msgspec
 
-from ..agent.keys import decode_publics, load_identity
+from ..agent.keys import check_mode, decode_publics, load_identity
 from ..agent.listening import interface_problem
 from ..common.configfile import Document, Invalid, convert, doc, parse_address
 from ..errors import ConfigError
@@ -146,6 +146,17 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     etcd_netns: Annotated[str | None, doc(
         "make the connections to etcd from this network namespace (the lab's monitor "
         "namespace)")] = None
+    etcd_user: Annotated[str | None, doc(
+        "the fleet's etcd user (etcd authentication enabled: anyone who can write to the "
+        "fleet's keys can take nodes from every monitor); with etcd_password_file")] = None
+    etcd_password_file: Annotated[str | None, doc(
+        "a file holding etcd_user's password (its first line; mode 0600)")] = None
+    etcd_ca: Annotated[str | None, doc(
+        "the CA file that signed etcd's server certificate (https etcd URLs)")] = None
+    etcd_cert: Annotated[str | None, doc(
+        "this monitor's client certificate for etcd (with etcd_key)")] = None
+    etcd_key: Annotated[str | None, doc(
+        "the private key of etcd_cert (mode 0600)")] = None
     warnings: Annotated[WarningsConfig | None, doc(
         "[monitor.warnings]: warn other clusters of repaired attacks, and pre-arm against "
         "theirs (docs/monitor.md, \"Warnings from other clusters\"); unset: none")] = None
@@ -196,6 +207,12 @@ def _validate(c: MonitorConfig) -> None:
             raise Invalid(("etcd", i), f"{url!r} is not a URL (like http://10.99.0.250:2379)")
     if c.etcd is not None and not c.etcd:
         raise Invalid(("etcd",), "name at least one etcd URL, or leave the key out")
+    if (c.etcd_user is None) != (c.etcd_password_file is None):
+        raise Invalid(("etcd_user",), "etcd authentication needs both etcd_user and "
+                      "etcd_password_file")
+    if (c.etcd_cert is None) != (c.etcd_key is None):
+        raise Invalid(("etcd_cert",), "an etcd client certificate needs both etcd_cert and "
+                      "etcd_key")
     if c.warnings is not None:
         _validate_warnings(c.warnings)
     if not c.rulesets:
@@ -275,7 +292,10 @@ def _resolve(c: MonitorConfig, base: str | None) -> MonitorConfig:
     rulesets = [r if not (os.sep in r or r.endswith(".toml")) else absolute(r)
                 for r in c.rulesets]
     return msgspec.structs.replace(c, key_file=absolute(c.key_file),
-                                   incidents_dir=absolute(c.incidents_dir), rulesets=rulesets)
+                                   incidents_dir=absolute(c.incidents_dir), rulesets=rulesets,
+                                   etcd_password_file=absolute(c.etcd_password_file),
+                                   etcd_ca=absolute(c.etcd_ca), etcd_cert=absolute(c.etcd_cert),
+                                   etcd_key=absolute(c.etcd_key))
 
 
 def load_config(path: str) -> MonitorConfig:
@@ -291,6 +311,27 @@ def load_monitor_key(config: MonitorConfig):
                           "private key file: backdoors keys generate --id "
                           f"{config.monitor_id} FILE)")
     return load_identity(config.key_file, config.monitor_id)
+
+
+def etcd_client(config: MonitorConfig):
+    """A client of the fleet's etcd (`config.etcd`), authenticated as the config says;
+    ConfigError if its password or key file is missing or readable by others."""
+    from ..fleet import EtcdClient, EtcdError
+    password = None
+    if config.etcd_password_file is not None:
+        check_mode(config.etcd_password_file, "etcd password file")
+        try:
+            with open(config.etcd_password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"etcd password file {config.etcd_password_file}: {e}") from None
+    if config.etcd_key is not None:
+        check_mode(config.etcd_key, "etcd client key file")
+    try:
+        return EtcdClient(config.etcd, user=config.etcd_user, password=password,
+                          ca=config.etcd_ca, cert=config.etcd_cert, key=config.etcd_key)
+    except EtcdError as e:
+        raise ConfigError(str(e)) from None
 
 
 def agent_keys(entry: AgentEntry) -> tuple:

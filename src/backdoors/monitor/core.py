@@ -30,7 +30,7 @@ from ..errors import AgentError, ConfigError, SensorBoxError
 from ..sensors import SensorTracker, SensorType, parse_box, stalled
 from .rules import Rule, load_rulesets
 from .config import (
-    AgentEntry, MonitorConfig, agent_keys, load_config, load_monitor_key, validate,
+    AgentEntry, MonitorConfig, agent_keys, etcd_client, load_config, load_monitor_key, validate,
 )
 from .detectors import NodeView
 from .engine import Detection, Engine
@@ -383,7 +383,7 @@ class Monitor:
         self.share = None  # this monitor's share of a fleet (monitor/share.py), with etcd
         if config.etcd:
             from .share import FleetShare
-            self.share = FleetShare(config.monitor_id, config.etcd, self._fleet_nodes,
+            self.share = FleetShare(config.monitor_id, etcd_client(config), self._fleet_nodes,
                                     prefix=config.fleet_prefix, ttl_s=config.lease_ttl_s,
                                     poll_s=config.fleet_poll_ms / 1000,
                                     on_change=self._share_changed, netns=config.etcd_netns,

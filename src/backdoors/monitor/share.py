@@ -48,12 +48,13 @@ class FleetShare:
     """The monitor's side of the fleet; `universe()` gives every node key it knows of
     (host/node of every agent polled); `on_change(share)` follows each change."""
 
-    def __init__(self, monitor_id: str, endpoints: list[str], universe: Callable[[], set[str]],
+    def __init__(self, monitor_id: str, etcd: list[str] | EtcdClient,
+                 universe: Callable[[], set[str]],
                  *, prefix: str, ttl_s: int, poll_s: float,
                  on_change: Callable[[Share], None] | None = None, netns: str | None = None,
                  hold: Callable[[str], bool] | None = None,
                  on_take: Callable[[str, dict | None], None] | None = None):
-        self.client = EtcdClient(endpoints)
+        self.client = etcd if isinstance(etcd, EtcdClient) else EtcdClient(etcd)
         self._on_change = on_change
         within = None
         if netns is not None:  # etcd is reached from there (the lab's monitor namespace)
