@@ -63,3 +63,17 @@ def test_a_reconnect_gets_only_what_is_left_of_the_calls_time():
             s.close()
         listener.close()
         server.join(5)
+
+
+def test_request_times_never_go_back_when_the_wall_clock_does(monkeypatch):
+    """Outside review: an agent refuses a lock or unlock signed before the latest it took
+    from the signer (stale_request); a monitor whose wall clock NTP stepped back would
+    have had its locks and fences refused for as long as the step. Request times never
+    go back."""
+    from backdoors.agent import client
+
+    wall = iter([1000.0, 1000.5, 990.0, 990.1, 1001.0])
+    monkeypatch.setattr(client.time, "time", lambda: next(wall))
+    clock = client._SigningClock()
+    times = [clock() for _ in range(5)]
+    assert times == sorted(times) and len(set(times)) == 5 and times[-1] == 1001.0

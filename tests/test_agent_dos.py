@@ -427,27 +427,33 @@ def test_a_signers_slow_first_requests_do_not_fill_the_keyless_room(agent_lab):
     `busy`. A request counts as authenticated once its signature is verified, and a
     signer has at most its share of requests in flight; the next is refused `busy`,
     signed, to that signer only."""
-    lab = agent_lab(quorum=2, vote_window_s=5.0, max_connections=16, max_unauthenticated=2)
+    lab = agent_lab(quorum=2, vote_window_s=60.0, max_connections=16, max_unauthenticated=2,
+                    signer_in_flight=4)
     rpc = lab.agent.agent.rpc
     share = rpc.in_flight_share()
     replies: list[Response] = []
-    voters = []
+    voters, pids = [], range(900000, 900000 + share + 2)
     try:
-        for i in range(share + 2):
-            voters.append(threading.Thread(target=lambda pid=900000 + i: replies.append(
+        for i, pid in enumerate(pids):
+            voters.append(threading.Thread(target=lambda pid=pid: replies.append(
                 _first_request_on_a_new_connection(lab, "m1", "kill", {"node": "n0", "pid": pid}))))
             voters[-1].start()
             if i < share:  # waiting for the vote, and counted as authenticated
                 wait_for(lambda: rpc.connections == i + 1 and rpc.unauthenticated == 0,
-                         timeout=10, what=f"m1's kill {i + 1} in flight, authenticated")
-        wait_for(lambda: len(replies) == 2, timeout=10, what="m1's requests past its share")
+                         timeout=30, what=f"m1's kill {i + 1} in flight, authenticated")
+        wait_for(lambda: len(replies) == 2, timeout=30, what="m1's requests past its share")
         assert [r.error.code for r in replies] == ["busy", "busy"], replies
         assert "in flight" in replies[0].error.message, replies[0]
-        assert lab.client("m2").ping()  # another monitor's new connection is served
+        m2 = lab.client("m2")
+        assert m2.ping()  # another monitor's new connection is served
     finally:
+        for pid in pids[:share]:  # m2's votes end m1's (there is no such process)
+            assert lab.client("m2").kill("n0", pid) is False
         for t in voters:
-            t.join(10)
-    assert sorted(r.error.code for r in replies) == ["busy", "busy"] + ["quorum"] * share
+            t.join(30)
+    assert len(replies) == share + 2
+    assert [r.ok for r in replies] == [False, False] + [True] * share, replies  # busy, then m2 voted
+
 
 
 def test_a_new_connection_makes_room_once(agent_lab):
@@ -469,23 +475,31 @@ def test_a_new_connection_makes_room_once(agent_lab):
         s.close()
 
 
-def test_an_unlock_held_back_and_sent_after_a_later_fence_is_refused(agent_lab):
+@pytest.mark.parametrize("held_op, held_args", [
+    ("unlock", {"node": "n0"}), ("lock", {"node": "n0", "lease_s": 0.5})])
+@pytest.mark.parametrize("fence_op", ["lock", "fence"])
+def test_an_unlock_held_back_and_sent_after_a_later_fence_is_refused(agent_lab, held_op,
+                                                                       held_args, fence_op):
     """Outside review: a machine in the middle withheld m1's signed `unlock`, let m1 fence
-    the node (`lock` without a lease), then sent the unlock: it was applied, and the node
-    ran unfenced while m1 held it fenced. Of one signer's lock/unlock for a node, one
-    signed before the latest taken is refused."""
+    the node (`lock` without a lease, or `fence`), then sent the unlock: it was applied,
+    and the node ran unfenced while m1 held it fenced (a held `lock` with a lease did the
+    same when its lease ran out). Of one signer's lock, unlock, fence and unfence for a
+    node, one signed before the latest taken is refused."""
     lab = agent_lab()
     c = lab.client("m1")
-    held, _ = c.signed_request("unlock", {"node": "n0"})
+    held, _ = c.signed_request(held_op, held_args)
     time.sleep(0.01)  # signed later
-    c.lock("n0", lease_s=None)
+    if fence_op == "fence":
+        c.call("fence", node="n0")
+    else:
+        c.lock("n0", lease_s=None)
     assert lab.nodes["n0"].is_locked()
     reply = _sent_alone(lab, held)
     assert not reply.ok and reply.error.code == "stale_request", reply
+    time.sleep(0.6)  # (past the held lock's lease, had it been applied)
     assert lab.nodes["n0"].is_locked()
-    c.unlock("n0")  # m1's own, later: applied
+    c.call("unfence", node="n0") if fence_op == "fence" else c.unlock("n0")  # later: applied
     assert not lab.nodes["n0"].is_locked()
-
 
 
 def test_a_flood_whose_connections_each_send_a_byte_gives_way_before_a_monitor(agent_lab):

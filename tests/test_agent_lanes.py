@@ -67,3 +67,26 @@ def test_shutdown_cancels_what_is_queued_and_refuses_more():
     gate.set()
     assert all(f.result(10) is True for f in running)
     assert len(lane.pool._threads) == 2  # no more than its workers
+
+
+def test_calls_submitted_at_once_get_every_free_worker():
+    """Outside review: a worker counted as idle until it woke, so two calls submitted
+    together to a pool with one idle worker started no second one: the second waited
+    behind the first with a worker free."""
+    pool = FairPool(4, "t")
+    started, release = threading.Semaphore(0), threading.Event()
+
+    def hold():
+        started.release()
+        release.wait(10)
+
+    try:
+        pool.submit_as("a", lambda: None).result(10)  # one worker, idle now
+        calls = [pool.submit_as("a", hold), pool.submit_as("b", hold)]
+        assert started.acquire(timeout=10) and started.acquire(timeout=10)  # both at once
+        release.set()
+        for f in calls:
+            f.result(10)
+    finally:
+        release.set()
+        pool.shutdown()

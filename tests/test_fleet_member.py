@@ -449,19 +449,23 @@ def test_the_incident_record_of_a_node_removed_while_its_owner_was_away_goes(etc
     """Outside review: a node removed while its owner was down kept its incident record
     for good (listed by `backdoors status`; a node of that name added later adopted the
     incident, its attempts counted). A record whose node nobody owns nor lists goes after
-    gone_s; one of a listed node, or of a node another member owns, stays."""
+    gone_s; one of a listed node, of a node another member owns, or of a host whose
+    nodes were not listed yet (its agent away since the start), stays."""
     client = EtcdClient(etcd.url)
-    m = FleetMember(client, "m1", lambda: ["h0/n0"], poll_s=0.05, gone_s=0.5)
+    m = FleetMember(client, "m1", lambda: ["h0/n0"], poll_s=0.05, gone_s=0.5,
+                    listed=lambda: {"h0"})  # (h1's agent not polled yet: its nodes unknown)
     try:
         until(lambda: m.step().degraded is None and len(m.share.tokens) == 1, what="a share")
         record = json.dumps({"incident": "i1", "monitor": "m0", "rule": "hang"})
-        for node in ("h0/n0", "h0/n8", "h0/n9"):
+        for node in ("h0/n0", "h0/n8", "h0/n9", "h1/n0"):
             client.put(m.prefix + f"incidents/{node}", record)
         lease, _ = client.grant(30)
         client.put(m.prefix + "owners/h0/n8", "m2", lease)  # another member's node
         until(lambda: m.step() and "h0/n9" not in read_fleet(client)["incidents"],
               what="the unowned, unlisted node's record gone")
-        assert set(read_fleet(client)["incidents"]) == {"h0/n0", "h0/n8"}
+        time.sleep(0.6)
+        m.step()
+        assert set(read_fleet(client)["incidents"]) == {"h0/n0", "h0/n8", "h1/n0"}
     finally:
         m.stop()
         client.close()

@@ -25,9 +25,9 @@ def row(pid, ppid=1, comm="p", *, rss_mb=10, rate_mb=0.0, age=100.0, state="S",
     """`exe`: the installed executable the agent vouches for; by default named as `comm`.
     `pgid`: its process group, by default its own."""
     return ProcessRow(pid, ppid, comm, state, int(rss_mb * MiB), 1000.0 - age, cpu, threads,
-                      pid if pgid is None else pgid, 0, age, rate_mb * MiB, registered,
-                      comm if exe is None else exe, young_threads=young_threads, unreaped=unreaped,
-                      reaped_s=reaped_s)
+                      pid if pgid is None else pgid, age_s=age, rss_rate=rate_mb * MiB,
+                      registered=registered, exe=comm if exe is None else exe,
+                      young_threads=young_threads, unreaped=unreaped, reaped_s=reaped_s)
 
 
 # ---- memory hog ---------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from backdoors.monitor.diagnosis import Finding, ForkBombDiagnosis
 
 
 def _row(pid, ppid, comm, age, registered=False, threads=1):
-    return ProcessRow(pid, ppid, comm, "S", 1 << 20, 1000.0 - age, 0.1, threads, pid, 0, age, 0.0,
-                      registered, "python3", young_threads=threads - 1)
+    return ProcessRow(pid, ppid, comm, "S", 1 << 20, 1000.0 - age, 0.1, threads, pid, age_s=age,
+                      rss_rate=0.0, registered=registered, exe="python3",
+                      young_threads=threads - 1)
 
 
 class ScriptedAgent:

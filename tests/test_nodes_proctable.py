@@ -81,7 +81,7 @@ def test_vanished_processes_are_left_out():
 
 
 def _info(pid, ppid):
-    return ProcessInfo(pid, ppid, "p", "S", 0, 0.0, 0.0, 1, pid, 0)
+    return ProcessInfo(pid, ppid, "p", "S", 0, 0.0, 0.0, 1, pid)
 
 
 def test_subtree_follows_ppid_links():
@@ -167,3 +167,17 @@ def _wait_state(pid, state, timeout=10.0):
             return True
         time.sleep(0.01)
     return False
+
+
+def test_a_row_of_an_agent_before_child_faults_decodes():
+    """Outside review: `child_faults` was required, so a monitor could not read the
+    process table of an agent not yet upgraded (every lineage and memory-hog diagnosis
+    failed); it reads as 0, and `reaped_s` as None."""
+    import msgspec
+
+    from backdoors.agent.protocol import ProcessRow
+    old = {"pid": 7, "ppid": 1, "comm": "p", "state": "S", "rss_bytes": 0, "start_time": 1.0,
+           "cpu_seconds": 0.0, "threads": 1, "pgid": 7, "age_s": 2.0, "rss_rate": 0.0,
+           "registered": False}
+    row = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=ProcessRow)
+    assert row.child_faults == 0 and row.reaped_s is None and row.age_s == 2.0

@@ -84,8 +84,9 @@ def test_window_and_expiry():
 
 
 def _row(pid, ppid, comm, digest, cmdline=(), registered=False):
-    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, pid, 0, 1.0, 0.0, registered,
-                      "python3", digest, list(cmdline))
+    return ProcessRow(pid, ppid, comm, "R", 0, float(pid), 0.0, 1, pid, age_s=1.0, rss_rate=0.0,
+                      registered=registered, exe="python3", exe_sha256=digest,
+                      cmdline=list(cmdline))
 
 
 def test_culprit_identity_and_matching_roots():

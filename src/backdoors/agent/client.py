@@ -41,6 +41,25 @@ _UNSET = msgspec.UNSET
 EVICTED_RETRIES = 3
 
 
+class _SigningClock:
+    """Request times of this process: the wall clock, but never below the last one given
+    (plus 1 us). An agent refuses a lock/unlock or fence/unfence signed before the
+    latest it took from the same signer (stale_request): a wall clock stepped back would
+    otherwise make this monitor's next ones look older for as long as the step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def __call__(self) -> float:
+        with self._lock:
+            self._last = max(time.time(), self._last + 1e-6)
+            return self._last
+
+
+_signing_time = _SigningClock()
+
+
 class _GaveWay(TransportError):
     """The agent's word that the connection gave way to a newer one before the request
     was read (unsigned: no request of it was served)."""
@@ -117,7 +136,7 @@ class AgentClient:
         `token`: the fencing token for args["node"] (default: from `tokens`)."""
         nonce = secrets.token_bytes(NONCE_BYTES) if nonce is None else nonce
         request = {"v": VERSION, "monitor": self.monitor, "agent": agent or self.agent,
-                   "nonce": nonce, "ts": time.time() if ts is None else ts, "op": op,
+                   "nonce": nonce, "ts": _signing_time() if ts is None else ts, "op": op,
                    "args": args}
         if token is None and self.tokens is not None and op in TOKENED and "node" in args:
             token = self.tokens(args["node"])

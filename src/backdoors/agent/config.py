@@ -172,6 +172,10 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_unauthenticated: Annotated[int, doc(
         "of those, connections that have not yet sent an authenticated request (below "
         "max_connections: the rest is kept for monitors); the oldest gives way to a new one")] = 16
+    signer_in_flight: Annotated[int, doc(
+        "requests one signer may have in flight at once (more if its share of "
+        "max_connections is more); the next is refused busy: at least a monitor's "
+        "max_parallel_repairs + 2 (its poller and its pre-armed scanner)")] = 16
     max_unauthenticated_per_address: Annotated[int, doc(
         "unauthenticated connections from one source address; the oldest gives way")] = 8
     auth_timeout_s: Annotated[float, doc(
@@ -306,7 +310,7 @@ def _validate(c: AgentConfig) -> None:
     for key in ("max_regions_per_node", "max_region_bytes", "max_node_bytes",
                 "max_procs_sampled", "max_connections", "replay_cache_entries",
                 "max_sessions_per_node", "max_unauthenticated", "max_evacuate_bytes",
-                "max_unauthenticated_per_address"):
+                "max_unauthenticated_per_address", "signer_in_flight"):
         _check(getattr(c, key) >= 1, (key,), "must be at least 1")
     _check(c.max_unauthenticated < c.max_connections, ("max_unauthenticated",),
            f"must be below max_connections ({c.max_connections}): the rest is kept for "

@@ -387,11 +387,11 @@ def processes(call: Call) -> ProcessTable:
                 reads -= read
     rows, cut = _fitting(
         ProcessRow(p.pid, p.ppid, p.comm, p.state, p.rss_bytes, p.start_time, p.cpu_seconds,
-                   p.threads, p.pgid, p.child_faults, round(boot - p.start_time, 3),
-                   history.rate(p, now), p.pid in service,
-                   (installed_exe(p.pid) or ("",))[0], got.get(("h", p.pid)) or "",
-                   got.get(("c", p.pid)) or [], young.get(p.pid, 0), unreaped.get(p.pid, 0),
-                   history.reaped_s(p, now))
+                   p.threads, p.pgid, p.child_faults, age_s=round(boot - p.start_time, 3),
+                   rss_rate=history.rate(p, now), registered=p.pid in service,
+                   exe=(installed_exe(p.pid) or ("",))[0], exe_sha256=got.get(("h", p.pid)) or "",
+                   cmdline=got.get(("c", p.pid)) or [], young_threads=young.get(p.pid, 0),
+                   unreaped=unreaped.get(p.pid, 0), reaped_s=history.reaped_s(p, now))
         for p in table)  # long command lines: the rows that fit a frame
     return ProcessTable(rows, len(pids), cut or len(pids) > cap)
 

@@ -203,8 +203,9 @@ class NodeStatus(msgspec.Struct):
     sampler_error: str | None
 
 
-class ProcessRow(ProcessInfo, frozen=True):
-    """A process of a node; `age_s` is computed by the agent, `rss_rate` in bytes/s."""
+class ProcessRow(ProcessInfo, frozen=True, kw_only=True):
+    """A process of a node; `age_s` is computed by the agent, `rss_rate` in bytes/s.
+    Its own fields are keyword-only (they follow ProcessInfo's, which end in defaults)."""
 
     age_s: float
     rss_rate: float
@@ -214,7 +215,7 @@ class ProcessRow(ProcessInfo, frozen=True):
     cmdline: list[str] = []  # only when asked (processes(cmdline=True)); bounded
     young_threads: int = 0  # only when asked (processes(threads_within_s=...)): see there
     unreaped: int = 0  # its exited children not reaped yet (zombies); asked as young_threads
-    #: seconds since the agent's table first showed it had reaped a child (its
+    #: seconds since the agent's table first showed it had reaped its latest child (its
     #: child_faults rose); None if it showed none since the process's first table
     reaped_s: float | None = None
 

@@ -36,7 +36,8 @@ class FairPool(concurrent.futures.Executor):
         self._queues: dict[str, collections.deque] = {}  # submitter -> its calls, in order
         self._turns: collections.deque[str] = collections.deque()  # submitters with calls
         self._threads: list[threading.Thread] = []
-        self._idle = 0
+        self._idle = 0  # workers waiting for a call
+        self._queued = 0  # calls waiting for a worker
         self._shutdown = False
 
     def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
@@ -52,7 +53,10 @@ class FairPool(concurrent.futures.Executor):
                 queue = self._queues[who] = collections.deque()
                 self._turns.append(who)
             queue.append((future, fn, args))
-            if self._idle == 0 and len(self._threads) < self.workers:
+            self._queued += 1
+            # (an idle worker counts as idle until it wakes: more calls than idle workers
+            # start one, not only when none is idle)
+            if self._queued > self._idle and len(self._threads) < self.workers:
                 thread = threading.Thread(target=self._work, daemon=True,
                                           name=f"{self.prefix}_{len(self._threads)}")
                 self._threads.append(thread)
@@ -72,6 +76,7 @@ class FairPool(concurrent.futures.Executor):
                 who = self._turns.popleft()
                 queue = self._queues[who]
                 future, fn, args = queue.popleft()
+                self._queued -= 1
                 if queue:
                     self._turns.append(who)  # its next call: after the others' turns
                 else:
@@ -95,6 +100,7 @@ class FairPool(concurrent.futures.Executor):
                         future.cancel()
                 self._queues.clear()
                 self._turns.clear()
+                self._queued = 0
             self._cond.notify_all()
             threads = list(self._threads)
         if wait:

@@ -43,12 +43,10 @@ log = logging.getLogger("backdoors.agent")
 FRAME_TIMEOUT_S = 5.0  # for the rest of a frame once its header came
 #: the ops that set a node's state one way or the other, by what they set: of one signer's
 #: requests for one node, one signed before the latest taken is refused (held back on the
-#: way and sent late, an `unlock` would undo a later fence)
-ORDERED = {"lock": "lock", "unlock": "lock", "fence": "fence", "unfence": "fence",
+#: way and sent late, an `unlock` would undo a later fence). A fence is a lock without a
+#: lease (and the network cut): the four share one order.
+ORDERED = {"lock": "freeze", "unlock": "freeze", "fence": "freeze", "unfence": "freeze",
            "set_limits": "limits"}
-#: a signer may have at least this many requests in flight: a monitor's poller, event
-#: follower and repair workers (4 by default) each wait for one reply at a time
-MIN_IN_FLIGHT = 8
 _encode = msgspec.msgpack.Encoder().encode
 
 
@@ -191,8 +189,8 @@ class RpcServer:
 
     def in_flight_share(self) -> int:
         """The requests a signer may have in flight: its share of the connections, but
-        no fewer than a monitor makes at once (MIN_IN_FLIGHT)."""
-        return max(MIN_IN_FLIGHT, self.signer_share())
+        no fewer than a monitor makes at once (`signer_in_flight`)."""
+        return max(self.agent.config.signer_in_flight, self.signer_share())
 
     def _evict(self, conn: _Conn, why: str) -> None:
         self._conns.pop(conn.task, None)

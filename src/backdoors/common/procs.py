@@ -43,7 +43,7 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     cpu_seconds: float
     threads: int
     pgid: int
-    child_faults: int
+    child_faults: int = 0  # (an agent before it sends none)
 
 
 def parse_stat(text: str) -> ProcessInfo:

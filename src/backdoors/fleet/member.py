@@ -104,7 +104,8 @@ class FleetMember:
     `on_take(node, record)`: a node just taken (new to this member, or taken again with a
     new token) and its open incident record (None: none), told before the share shows the
     node's token. `gone_s`: how long a node this member owns may be missing from `nodes()`
-    before it is let go (it left the fleet)."""
+    before it is let go (it left the fleet). `listed()`: the hosts whose nodes `nodes()`
+    has listed since the start (None: every host's; see `_sweep`)."""
 
     def __init__(self, client: EtcdClient, member_id: str, nodes: Callable[[], Iterable[str]],
                  *, prefix: str = PREFIX, ttl_s: int = 1, poll_s: float = 0.1,
@@ -113,14 +114,14 @@ class FleetMember:
                  within: Callable[[], AbstractContextManager] | None = None,
                  hold: Callable[[str], bool] | None = None,
                  on_take: Callable[[str, dict | None], None] | None = None,
-                 gone_s: float = GONE_S):
+                 gone_s: float = GONE_S, listed: Callable[[], set[str]] | None = None):
         if "/" in member_id or not member_id:
             raise ValueError(f"fleet member id {member_id!r}: must be non-empty, without '/'")
         self.client, self.id, self.nodes = client, member_id, nodes
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.ttl_s, self.poll_s, self.info = max(1, int(ttl_s)), poll_s, dict(info or {})
         self.on_change, self.clock, self.within, self.hold = on_change, clock, within, hold
-        self.on_take, self.gone_s = on_take, gone_s
+        self.on_take, self.gone_s, self.listed = on_take, gone_s, listed
         self._pending: dict[str, str | None] = {}  # node -> incident record to write, None: delete
         self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
         self._missing: dict[str, float] = {}  # owned node not in nodes() -> since when
@@ -446,17 +447,19 @@ class FleetMember:
         """Every gone_s / 2, delete the incident records of nodes that have had no owner
         and been in no nodes() of this member for gone_s, unchanged: nodes removed while
         their owner was away, whose records no owner would ever let go (a node of that
-        name added later would adopt the incident, its attempts counted)."""
+        name added later would adopt the incident, its attempts counted). With `listed`,
+        only of the hosts ("host/node") whose nodes it says were listed since the start."""
         if now < self._sweep_at:
             return
         self._sweep_at = now + self.gone_s / 2
         at = self.prefix + "incidents/"
         _, kvs = self.client.prefix(at)
-        seen = {}
+        seen, listed = {}, self.listed() if self.listed is not None else None
         for kv in kvs:
             node = kv.key[len(at):]
-            if node in known or node in owners:
-                continue
+            if node in known or node in owners or (
+                    listed is not None and node.split("/", 1)[0] not in listed):
+                continue  # (a host not listed yet, its agent away: not known to be gone)
             since, revision = self._unowned.get(node, (now, kv.mod_revision))
             if revision != kv.mod_revision:
                 since = now

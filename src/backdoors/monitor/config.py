@@ -120,7 +120,9 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     history_s: Annotated[Pos, doc("sensor history kept per node, seconds")] = 5.0
     discover_s: Annotated[Pos, doc(
         "how often nodes() is asked when an agent's nodes are discovered")] = 2.0
-    max_parallel_repairs: Annotated[int, msgspec.Meta(ge=1, le=64), doc("repair workers")] = 4
+    max_parallel_repairs: Annotated[int, msgspec.Meta(ge=1, le=64), doc(
+        "repair workers (above 14, raise the agents' signer_in_flight to this + 2: each "
+        "worker may wait on one agent at once)")] = 4
     settle_ms: Annotated[float, msgspec.Meta(ge=0), doc(
         "after a repair, no new incident on that node for this long")] = 250.0
     vote_window_s: Annotated[float, msgspec.Meta(ge=0), doc(

@@ -387,7 +387,8 @@ class Monitor:
                                     prefix=config.fleet_prefix, ttl_s=config.lease_ttl_s,
                                     poll_s=config.fleet_poll_ms / 1000,
                                     on_change=self._share_changed, netns=config.etcd_netns,
-                                    hold=self._responding, on_take=self._take)
+                                    hold=self._responding, on_take=self._take,
+                                    listed=self._listed_hosts)
             self._shared: set[str] = set()
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy
@@ -604,6 +605,10 @@ class Monitor:
         later = threading.Timer(quiet_s, self._judge_deferred, [node])
         later.daemon = True
         later.start()
+
+    def _listed_hosts(self) -> set[str]:
+        """The agents polled since this monitor started: their nodes are known."""
+        return {p.entry.host for p in self.pollers if p.last_ok is not None}
 
     def _fleet_nodes(self) -> set[str]:
         from .share import node_key

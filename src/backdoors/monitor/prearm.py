@@ -336,7 +336,12 @@ class Warnings:
         w = issue(self.signer, self.cluster, kind, culprit["exe_sha256"], culprit["comm"],
                   cmdline=culprit.get("cmdline") or (), exe=culprit.get("exe") or "",
                   node=f"{inc.host}/{inc.node}", incident=inc.id, ttl_s=self.ttl_s)
-        self._outbox.submit(self._publish, w)
+        try:
+            self._outbox.submit(self._publish, w)
+        except RuntimeError:  # (shut down: the monitor is stopping)
+            log.warning("warning for incident %s not published: the monitor is stopping",
+                        inc.id)
+            return None
         return w
 
     def _publish(self, w: AttackWarning) -> None:

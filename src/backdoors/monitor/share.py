@@ -53,7 +53,8 @@ class FleetShare:
                  *, prefix: str, ttl_s: int, poll_s: float,
                  on_change: Callable[[Share], None] | None = None, netns: str | None = None,
                  hold: Callable[[str], bool] | None = None,
-                 on_take: Callable[[str, dict | None], None] | None = None):
+                 on_take: Callable[[str, dict | None], None] | None = None,
+                 listed: Callable[[], set[str]] | None = None):
         self.client = etcd if isinstance(etcd, EtcdClient) else EtcdClient(etcd)
         self._on_change = on_change
         within = None
@@ -62,7 +63,7 @@ class FleetShare:
             within = lambda: enter(netns)  # noqa: E731
         self.member = FleetMember(self.client, monitor_id, universe, prefix=prefix,
                                   ttl_s=ttl_s, poll_s=poll_s, on_change=self._changed,
-                                  within=within, hold=hold, on_take=on_take)
+                                  within=within, hold=hold, on_take=on_take, listed=listed)
         self._lock = threading.Lock()
         self._claimed: dict[str, int] = {}  # node key -> token the agent acknowledged
         self._refused: dict[str, int] = {}  # node key -> token the agent found stale
