@@ -144,8 +144,8 @@ class RssHistory:
         return (p.rss_bytes - rss0) / span if span >= 0.05 else 0.0
 
     def reaped_s(self, p: ProcessInfo, now: float) -> float | None:
-        """Seconds since a table first showed `p` had reaped a child (its `child_faults`
-        rose), None if none did since the first table that showed `p`."""
+        """Seconds since a table first showed `p` had reaped its latest child (its
+        `child_faults` rose), None if none did since the first table that showed `p`."""
         with self._lock:
             at = self._reaped.get((p.pid, p.start_time), (0, None))[1]
         return None if at is None else round(max(0.0, now - at), 3)
