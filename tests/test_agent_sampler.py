@@ -37,7 +37,10 @@ def test_the_table_is_read_again_when_tasks_or_memory_move_and_not_while_still(p
         grower = node.run([sys.executable, "-c", GROW], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE)
         assert grower.stdout.readline() == b"ready\n"  # started: its memory stands still
-        second = s.sample_once().table  # a task more: read at once
+        # a task more: read again as soon as a table is due (at most a TABLE_DUTY share of
+        # the sampler's time: under load, a few samples later)
+        second = wait_for(lambda: (t := s.sample_once().table) is not first and t,
+                          what="the table read again")
         assert {p.pid for p in second} == {sleeper.pid, grower.pid}
         assert s.sensors.forks.value >= 1
         assert s.sample_once().table is second
@@ -46,8 +49,9 @@ def test_the_table_is_read_again_when_tasks_or_memory_move_and_not_while_still(p
         grower.stdin.write(b"\n")
         grower.stdin.flush()
         wait_for(lambda: node.cgroup.memory_usage() >= before + (4 << 20), what="the allocation")
-        third = s.sample_once().table  # memory moved, the same tasks: read again
-        assert third is not second
+        # memory moved, the same tasks: read again (once due)
+        third = wait_for(lambda: (t := s.sample_once().table) is not second and t,
+                         what="the table read again")
         assert {p.pid for p in third} == {sleeper.pid, grower.pid}
     finally:
         s.close()
@@ -78,8 +82,8 @@ def test_a_process_replaced_by_another_is_read_and_counted_as_a_fork(prefix, mon
             wait_for(lambda: node.cgroup.procs("pids") == [procs[-1].pid],
                      what="only the new sleeper in the node")
             forks = s.sensors.forks.value if s.sensors else 0
-            table = s.sample_once().table
-            assert [p.pid for p in table] == [procs[-1].pid]
+            wait_for(lambda: [p.pid for p in s.sample_once().table] == [procs[-1].pid],
+                     what="the table read again (once due)")
             if len(procs) > 1:
                 assert s.sensors.forks.value == forks + 1
     finally:
