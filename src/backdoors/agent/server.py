@@ -541,7 +541,7 @@ class RpcServer:
         for name in args.nodes:
             if not NODE_NAME.fullmatch(name):
                 raise OpError("bad_request", f"{op.name}: {name[:64]!r} is not a node name")
-        names = args.nodes or sorted(self.agent.nodes)
+        names, who = args.nodes or sorted(self.agent.nodes), ",".join(sorted(monitors))
 
         async def one(name: str) -> Any:
             rt = self.agent.nodes.get(name)
@@ -549,8 +549,7 @@ class RpcServer:
                 raise OpError("no_such_node", f"this agent serves no node {name[:64]!r}")
             return await self.run_blocking(rt.reads, op.name, op.run,
                                            Call(self.agent, args, rt, monitors),
-                                           deadline=op.deadline_s,
-                                           who=",".join(sorted(monitors)))
+                                           deadline=op.deadline_s, who=who)
 
         results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
         replies, errors, room = {}, {}, Room(REPLY_BYTES, names)

@@ -229,10 +229,11 @@ class FleetMember:
         except EtcdError as e:
             if "lease not found" not in str(e):
                 raise
-            # the lease expired between its grant or renewal and its use (a member slowed
-            # past its TTL): what it owned is others' now; join again with a new lease
-            log.warning("fleet member %s: its lease expired before it was used: joining "
-                        "again", self.id)
+            # the lease expired (a member slowed or cut off past its TTL): what it owned
+            # is others' now; join again with a new lease
+            log.warning("fleet member %s: its lease expired (etcd did not hear from it "
+                        "within %d s): its nodes are others' now; joining again", self.id,
+                        self.ttl_s)
             with self._lock:
                 self.share.lease, self.share.tokens = None, {}
             self._step_once()
@@ -245,20 +246,13 @@ class FleetMember:
         if self.share.lease is None or now < self._renew_at:
             return
         if self.client.keepalive(self.share.lease) <= 0:
-            raise EtcdError(f"requested lease not found: it expired within a step "
-                            f"(etcd did not hear from it within {self.ttl_s} s)")
+            raise EtcdError(f"requested lease not found: it expired (etcd did not hear "
+                            f"from it within {self.ttl_s} s)")
         self._renew_at = now + self.ttl_s / 3
 
     def _step_once(self) -> None:
         c, now = self.client, self.clock()
-        if self.share.lease is not None and now >= self._renew_at:
-            if c.keepalive(self.share.lease) <= 0:
-                log.warning("fleet member %s: its lease expired (etcd did not hear from it "
-                            "within %d s): its nodes are others' now", self.id, self.ttl_s)
-                with self._lock:
-                    self.share.lease, self.share.tokens = None, {}
-            else:
-                self._renew_at = now + self.ttl_s / 3
+        self._renew()
         mine = self._member_key(self.id)
         if self.share.lease is None:
             if (held := c.get(mine)) is not None and held.lease:
