@@ -291,6 +291,9 @@ def agent_lab(prefix):  # noqa: F811 - the nodes tests' fixture
         yield make
     finally:
         for lab in labs:
+            for proc in lab.procs:  # (a test that failed before stopping them)
+                if proc.poll() is None:
+                    proc.terminate()
             for c in lab.clients:
                 c.close()
             if lab.agent is not None:

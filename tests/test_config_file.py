@@ -147,6 +147,9 @@ def test_monitor_check_says_an_incidents_dir_it_cannot_make(folder):
     (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nfleet_poll_ms = 2000\n'
       'etcd = ["http://10.99.0.250:2379"]'),
      r":25: key monitor\.fleet_poll_ms: 2000 ms: a fleet member renews its lease once a step"),
+    (('incidents_dir = "incidents"', 'incidents_dir = "incidents"\nfleet_reach_ms = 100\n'
+      'etcd = ["http://10.99.0.250:2379"]'),
+     r":25: key monitor\.fleet_reach_ms: 100 ms: an agent answers at most once a poll"),
     (('address = "10.99.0.1:7700"\n', 'address = "10.99.0.1:0"\n'),
      r":29: key monitor\.agents\[0\]\.address: '10\.99\.0\.1:0': port 0 is no agent's"),
     (('address = "10.99.0.1:7700"\n', 'address = "10.99.0.1:7700"\n[monitor.warnings]\n'

@@ -6,6 +6,8 @@ import logging
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_fleet_support import etcd, until  # noqa: F401 - etcd is a fixture
 
 from backdoors.fleet import EtcdClient, EtcdUnavailable, FleetMember, assign
@@ -20,6 +22,45 @@ def test_rendezvous_moves_only_the_nodes_of_a_member_that_leaves():
     assert set(before.values()) == {"m1", "m2", "m3"}
     assert all(after[n] == m for n, m in before.items() if m != "m2")
     assert assign(NODES, []) == {}
+
+
+HOSTS = ["h0", "h1", "h2"]
+MEMBERS = ["m1", "m2", "m3"]
+_reach = st.dictionaries(st.sampled_from(MEMBERS),
+                         st.none() | st.frozensets(st.sampled_from(HOSTS)))
+_nodes = st.lists(st.sampled_from([f"{h}/n{i}" for h in HOSTS for i in range(6)]),
+                  unique=True)
+
+
+@given(_nodes, _reach, st.dictionaries(st.sampled_from([f"{h}/n{i}" for h in HOSTS
+                                                        for i in range(6)]),
+                                       st.sampled_from(MEMBERS + ["gone"])))
+def test_a_node_goes_to_a_member_that_reaches_its_host(nodes, reaches, owners):
+    got = assign(nodes, MEMBERS, reaches, owners)
+    assert set(got) == set(nodes) and set(got.values()) <= set(MEMBERS)
+
+    def reaches_host(m, host):
+        return reaches.get(m) is None or host in reaches[m]
+    for n, m in got.items():
+        host = n.split("/")[0]
+        near = [x for x in MEMBERS if reaches_host(x, host)]
+        if near:  # the rendezvous choice among those that reach it
+            assert m == assign([n], near)[n]
+        elif owners.get(n) in MEMBERS:  # none does: it stays where it is
+            assert m == owners[n]
+        else:
+            assert m == assign([n], MEMBERS)[n]
+
+
+@given(_reach, st.sampled_from(MEMBERS), st.sampled_from(HOSTS))
+def test_a_member_that_loses_a_host_gives_up_only_that_hosts_nodes(reaches, member, host):
+    nodes = [f"{h}/n{i}" for h in HOSTS for i in range(6)]
+    before = assign(nodes, MEMBERS, reaches)
+    had = reaches.get(member)
+    lost = dict(reaches, **{member: (frozenset(HOSTS) if had is None else had) - {host}})
+    after = assign(nodes, MEMBERS, lost, before)
+    moved = {n for n in nodes if after[n] != before[n]}
+    assert all(n.startswith(host + "/") and before[n] == member for n in moved)
 
 
 
@@ -62,6 +103,53 @@ def test_members_share_the_nodes_and_take_over_a_dead_ones(etcd):  # noqa: F811
         final = until(lambda: (o := read_fleet(clients[0])["owners"]) and
                       {n: x[0] for n, x in o.items()} == want and o, what="m2's share back")
         assert all(final[n][1] > again[n][1] for n in lost)
+    finally:
+        for m in members:
+            m.stop()
+        for c in clients:
+            c.close()
+
+
+def test_each_node_goes_to_a_member_that_reaches_its_agent(etcd):  # noqa: F811
+    """A member publishes the hosts it reaches; a node goes to a member that reaches its
+    host, and stays with its owner when no member does: a host lost by every member
+    within the grace (it died) moves nothing."""
+    clients = [EtcdClient(etcd.url) for _ in range(3)]
+    reach = {"m1": {"h0", "h1"}, "m2": {"h0", "h1"}, "m3": {"h0", "h1"}}
+    members = [FleetMember(c, f"m{i + 1}", lambda: NODES, poll_s=0.05,
+                           reach=lambda m=f"m{i + 1}": set(reach[m]), reach_grace_s=3.0)
+               for i, c in enumerate(clients)]
+
+    def owners():
+        return {n: o[0] for n, o in read_fleet(clients[0])["owners"].items()}
+    try:
+        for m in members:
+            m.start()
+        full = assign(NODES, MEMBERS)
+        until(lambda: owners() == full, what="every node owned as assigned",
+              show=owners)
+        assert {m: i["reaches"] for m, i in read_fleet(clients[0])["members"].items()} == \
+            {m: ["h0", "h1"] for m in MEMBERS}
+        # m1 loses h0: after the grace, its h0 nodes go to the others, nothing else moves
+        reach["m1"] = {"h1"}
+        want = {n: (assign([n], ["m2", "m3"])[n] if n.startswith("h0/") else m)
+                for n, m in full.items()}
+        assert want != full  # (m1 had some of h0)
+        until(lambda: owners() == want, what="m1's h0 nodes taken by m2 and m3",
+              show=owners)
+        # every member loses h1 (it died): its nodes stay where they are
+        for m in MEMBERS:
+            reach[m].discard("h1")
+        until(lambda: all(read_fleet(clients[0])["members"][m]["reaches"] == sorted(reach[m])
+                          for m in MEMBERS), what="the members' records say so")
+        for _ in range(10):
+            assert owners() == want
+            time.sleep(0.05)
+        # m1 reaches h0 again: its nodes come back
+        reach["m1"].add("h0")
+        until(lambda: {n: m for n, m in owners().items() if n.startswith("h0/")} ==
+              {n: m for n, m in full.items() if n.startswith("h0/")},
+              what="m1's h0 nodes back", show=owners)
     finally:
         for m in members:
             m.stop()

@@ -4,6 +4,7 @@ after a SIGKILL, a paused monitor's late request refused, degraded mode without 
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,11 +39,11 @@ def monitor_config(lab, etcd, monitor_id: str, **extra) -> MonitorConfig:
     return MonitorConfig(**fields)
 
 
-def start_monitor(lab, etcd, monitor_id: str) -> subprocess.Popen:
+def start_monitor(lab, etcd, monitor_id: str, **extra) -> subprocess.Popen:
     """`python -m backdoors monitor --config FILE` as its own process."""
     path = os.path.join(lab.tmp, f"{monitor_id}.toml")
     with open(path, "w") as f:
-        f.write(dumps(monitor_config(lab, etcd, monitor_id)))
+        f.write(dumps(monitor_config(lab, etcd, monitor_id, **extra)))
     proc = subprocess.Popen([sys.executable, "-m", "backdoors", "monitor", "--config", path],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lab.procs.append(proc)
@@ -91,6 +92,42 @@ def test_a_killed_monitors_nodes_are_taken_over_and_it_gets_a_share_back(agent_l
     for p in procs.values():
         p.send_signal(signal.SIGTERM)
     for p in procs.values():
+        p.wait(15)
+
+
+def test_a_monitor_that_cannot_reach_an_agent_leaves_its_nodes_to_one_that_can(
+        agent_lab, etcd):
+    """m2's way to the agent is cut (its address for h0 answers nothing): every node goes
+    to m1, which reaches it, and none is left unwatched; m2 takes its share once it
+    reaches the agent too."""
+    lab = agent_lab(nodes={n: {} for n in NODES})
+    c = lab.client()
+    with socket.socket() as closed:  # a port bound and never listened on: refused
+        closed.bind((lab.agent.address[0], 0))
+        cut = f"{lab.agent.address[0]}:{closed.getsockname()[1]}"
+        procs = [start_monitor(lab, etcd, "m1"),
+                 start_monitor(lab, etcd, "m2", agents=[
+                     AgentEntry("h0", cut, lab.agent_key.public_text())])]
+
+        def fleet():
+            return read_fleet(EtcdClient(etcd.url))
+        until(lambda: {m: i.get("reaches") for m, i in fleet()["members"].items()} ==
+              {"m1": ["h0"], "m2": []}, 30, "m1 reaching h0, m2 reaching nothing", show=fleet)
+        until(lambda: owners_at_agent(c) == {n: "m1" for n in NODES}, 30,
+              "every node claimed by m1", show=lambda: (owners_at_agent(c), fleet()))
+        assert {n: o[0] for n, o in fleet()["owners"].items()} == \
+            {f"h0/{n}": "m1" for n in NODES}
+    # m2, started again with the agent's address, takes its share
+    procs[1].send_signal(signal.SIGTERM)
+    procs[1].wait(15)
+    procs[1] = start_monitor(lab, etcd, "m2")
+    want = {n.split("/")[1]: m for n, m in assign([f"h0/{n}" for n in NODES],
+                                                  ["m1", "m2"]).items()}
+    until(lambda: owners_at_agent(c) == want, 30, "the nodes shared by m1 and m2",
+          show=lambda: (owners_at_agent(c), fleet()))
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
         p.wait(15)
 
 

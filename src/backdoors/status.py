@@ -196,6 +196,14 @@ def fleet_status(*, lab: str | None = None, monitor_config: str | None = None
     return fleet
 
 
+def _reaches(hosts) -> str:
+    """A member's reached agents, as its record says ("every host": it does not say)."""
+    if not isinstance(hosts, list):
+        return "every host"
+    text = ", ".join(map(str, hosts)) or "none"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def render_fleet(fleet: dict, console=None) -> None:
     """The fleet's members, their shares and leases, as one rich table."""
     from rich.console import Console
@@ -205,11 +213,12 @@ def render_fleet(fleet: dict, console=None) -> None:
         console.print(cell(f"fleet: {fleet['error']}", "red"))
         return
     t = Table(title=f"fleet (etcd revision {fleet['revision']})")
-    for col in ("monitor", "nodes", "lease", "ttl", "left"):
+    for col in ("monitor", "nodes", "reaches", "lease", "ttl", "left"):
         t.add_column(col)
     for m, info in sorted(fleet["members"].items()):
         left, ttl = info.get("lease_left_s"), info.get("lease_ttl_s")
-        t.add_row(cell(m), str(info.get("nodes", 0)), f"{info.get('lease', 0):x}",
+        t.add_row(cell(m), str(info.get("nodes", 0)), cell(_reaches(info.get("reaches"))),
+                  f"{info.get('lease', 0):x}",
                   "-" if ttl is None else f"{ttl} s", "-" if left is None else f"{left} s")
     orphans = sum(1 for o, _ in fleet["owners"].values() if o not in fleet["members"])
     console.print(t)

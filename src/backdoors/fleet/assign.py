@@ -4,12 +4,19 @@ Every monitor computes the same assignment from the same membership, with no
 coordination: node n goes to the member m with the highest hash(m, n). When a member
 leaves, only its nodes move (each to its own next-highest member); when one joins, it takes
 about 1/N of the nodes, from every other member alike.
+
+**Reach.** A node is named "host/node", after the agent that holds it. A member that
+cannot reach a host's agent cannot watch its nodes, so each node is hashed over the
+members that reach its host (`reaches`). When none does (the host is down, or cut off from
+every monitor), the node stays with its owner (`owners`) while that one is a member, else
+is hashed over every member: someone keeps it, to record and answer its silence, and a
+host that dies moves none of its nodes once every member lost it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 def weight(member: str, node: str) -> int:
@@ -26,9 +33,30 @@ def owner(node: str, members: Iterable[str]) -> str | None:
     return best
 
 
-def assign(nodes: Iterable[str], members: Iterable[str]) -> dict[str, str]:
-    """node -> member, for every node (empty without members)."""
+def host_of(node: str) -> str:
+    """The host of fleet node "host/node" (a name without "/" is its own host)."""
+    return node.split("/", 1)[0]
+
+
+def assign(nodes: Iterable[str], members: Iterable[str],
+           reaches: Mapping[str, frozenset[str] | set[str] | None] | None = None,
+           owners: Mapping[str, str] | None = None) -> dict[str, str]:
+    """node -> member, for every node (empty without members). `reaches`: member -> the
+    hosts it reaches (a member missing, or None: every host); `owners`: node -> its
+    member now (for the nodes of a host no member reaches)."""
     members = sorted(set(members))
     if not members:
         return {}
-    return {n: owner(n, members) for n in nodes}
+    if not reaches:
+        return {n: owner(n, members) for n in nodes}
+    out, owners = {}, owners or {}
+    for n in nodes:
+        host = host_of(n)
+        near = [m for m in members if (r := reaches.get(m)) is None or host in r]
+        if near:
+            out[n] = owner(n, near)
+        elif owners.get(n) in members:
+            out[n] = owners[n]
+        else:
+            out[n] = owner(n, members)
+    return out

@@ -2,13 +2,15 @@
 
 In etcd, under `prefix` (default "/backdoors/fleet/"):
 
-    members/<monitor id>   {"id", "since", ...info}   under the monitor's lease
+    members/<monitor id>   {"id", "since", "reaches", ...info}   under the monitor's lease
     owners/<node>          <monitor id>                under the owner's lease
     incidents/<node>       the node's open incident    {"incident", "monitor", "rule", ...}
 
 Each step (every `poll_s`) the member renews its lease (every third of the TTL), reads the
 live members and the ownership records, assigns every node by rendezvous hashing over the
-live members (fleet/assign.py: all members compute the same), gives up the nodes it owns
+live members that reach its host (fleet/assign.py: all members compute the same; with
+`reach`, a member's record lists the hosts it reaches now, put again when they change),
+gives up the nodes it owns
 that are no longer its own (a delete guarded by the record's revision), and takes the free
 nodes assigned to it (a txn: create only if the record does not exist, or replace one
 under no lease, which no member wrote and which would never expire). Its own member key
@@ -41,6 +43,8 @@ monitor adopts it). A node taken again with a new token (its lease expired meanw
 paused or cut-off member) is taken anew: what the member knew of it before is stale,
 another may have acted on it since. A member does not give up a node while `hold(node)`
 says a response runs there (at most HOLD_MAX_S): the response ends under one owner.
+Nor, for `reach_grace_s`, a node of a host it stopped reaching: when the host died, every
+member loses it within moments, and the node then stays with its owner (fleet/assign.py).
 
 **Nodes that leave.** A node the owner's own `nodes()` has not listed for `gone_s` (its
 agent answered without it: it was removed) is let go with its incident record, so etcd
@@ -59,7 +63,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
-from .assign import assign
+from .assign import assign, host_of
 from .etcd import Compare, EtcdClient, EtcdError, delete_op, put_op
 
 log = logging.getLogger("backdoors.fleet")
@@ -68,6 +72,7 @@ PREFIX = "/backdoors/fleet/"
 EPOCH_BASE = 1_700_000_000  # an epoch is whole seconds since this unix time
 EPOCH_SLACK_S = 86_400  # a refusing agent's epoch this far ahead of the clock is no clock's
 HOLD_MAX_S = 10.0  # the longest a member keeps a node assigned elsewhere for a running response
+REACH_GRACE_S = 1.0  # how long a member keeps a node of a host it stopped reaching
 GONE_S = 10.0  # how long an owned node is missing from the owner's nodes() before it is let go
 
 
@@ -105,7 +110,10 @@ class FleetMember:
     new token) and its open incident record (None: none), told before the share shows the
     node's token. `gone_s`: how long a node this member owns may be missing from `nodes()`
     before it is let go (it left the fleet). `listed()`: the hosts whose nodes `nodes()`
-    has listed since the start (None: every host's; see `_sweep`)."""
+    has listed since the start (None: every host's; see `_sweep`). `reach()`: the hosts
+    this member reaches now (None: it reaches every host), published in its record so
+    that each node goes to a member that can watch it; a node of a host it stopped
+    reaching is kept `reach_grace_s` more (the others may lose the host too)."""
 
     def __init__(self, client: EtcdClient, member_id: str, nodes: Callable[[], Iterable[str]],
                  *, prefix: str = PREFIX, ttl_s: int = 1, poll_s: float = 0.1,
@@ -114,16 +122,21 @@ class FleetMember:
                  within: Callable[[], AbstractContextManager] | None = None,
                  hold: Callable[[str], bool] | None = None,
                  on_take: Callable[[str, dict | None], None] | None = None,
-                 gone_s: float = GONE_S, listed: Callable[[], set[str]] | None = None):
+                 gone_s: float = GONE_S, listed: Callable[[], set[str]] | None = None,
+                 reach: Callable[[], Iterable[str]] | None = None,
+                 reach_grace_s: float = REACH_GRACE_S):
         if "/" in member_id or not member_id:
             raise ValueError(f"fleet member id {member_id!r}: must be non-empty, without '/'")
         self.client, self.id, self.nodes = client, member_id, nodes
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.ttl_s, self.poll_s, self.info = max(1, int(ttl_s)), poll_s, dict(info or {})
         self.on_change, self.clock, self.within, self.hold = on_change, clock, within, hold
-        self.on_take, self.gone_s, self.listed = on_take, gone_s, listed
+        self.on_take, self.gone_s, self.listed, self.reach = on_take, gone_s, listed, reach
+        self.reach_grace_s = reach_grace_s
+        self._since = 0.0  # when this member joined under its lease (its record's "since")
         self._pending: dict[str, str | None] = {}  # node -> incident record to write, None: delete
         self._held: dict[str, float] = {}  # node assigned elsewhere -> since when it is held
+        self._lost: dict[str, float] = {}  # owned node of a host it stopped reaching -> since
         self._missing: dict[str, float] = {}  # owned node not in nodes() -> since when
         #: incident record of a node nobody owns nor lists -> (since when, its revision)
         self._unowned: dict[str, tuple[float, int]] = {}
@@ -260,7 +273,8 @@ class FleetMember:
                                 f"monitor with id {self.id} runs (or this one's last run, "
                                 "until its lease expires); waiting for it to go")
             lease, ttl = c.grant(self.ttl_s)
-            c.put(mine, json.dumps({"id": self.id, "since": time.time(), **self.info}), lease)
+            self._since = time.time()
+            c.put(mine, self._record(), lease)
             with self._lock:
                 self.share.lease, self.share.ttl_s = lease, ttl
             self._renew_at = self.clock() + self.ttl_s / 3
@@ -269,16 +283,20 @@ class FleetMember:
         if any(kv.key == mine and kv.lease not in (0, lease) for kv in kvs):
             raise EtcdError(f"its key {mine} was put again under another lease: a second "
                             f"monitor with id {self.id} runs (refused: two cannot share one)")
-        if not any(kv.key == mine and kv.lease == lease for kv in kvs):
-            # deleted (by hand): this member would be gone from the fleet for good
-            log.warning("fleet member %s: its key %s was gone: registered again", self.id,
-                        mine)
-            c.put(mine, json.dumps({"id": self.id, "since": time.time(), **self.info}), lease)
+        record = self._record()
+        kept = next((kv for kv in kvs if kv.key == mine and kv.lease == lease), None)
+        if kept is None or kept.value != record:
+            if kept is None:  # deleted (by hand): it would be gone from the fleet for good
+                log.warning("fleet member %s: its key %s was gone: registered again",
+                            self.id, mine)
+            c.put(mine, record, lease)  # (or the hosts it reaches changed)
             _, kvs = c.prefix(self.prefix + "members/")
         # a member is a key right under members/ with a lease (what no monitor wrote
         # cannot hold a node: it would never expire)
-        members = sorted({kv.key.rsplit("/", 1)[1] for kv in kvs if kv.lease
-                          and "/" not in kv.key[len(self.prefix) + len("members/"):]})
+        live = [kv for kv in kvs if kv.lease
+                and "/" not in kv.key[len(self.prefix) + len("members/"):]]
+        members = sorted({kv.key.rsplit("/", 1)[1] for kv in live})
+        reaches = {kv.key.rsplit("/", 1)[1]: _reaches(kv.value) for kv in live}
         epoch, at = self._epoch()
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
@@ -289,7 +307,8 @@ class FleetMember:
         same_epoch = Compare(self.prefix + "epoch", "MOD", at)
         known = set(self.nodes())
         self._sweep(known, owners, now)
-        assigned = assign(known | set(owners), members)
+        assigned = assign(known | set(owners), members, reaches,
+                          {n: kv.value for n, kv in owners.items() if kv.lease})
         tokens, held = {}, set()
         for node, kv in owners.items():
             if kv.value != self.id or kv.lease != lease:
@@ -297,7 +316,8 @@ class FleetMember:
             self._renew()
             if self._left(node, node in known, now):
                 self._let_go(node, kv.mod_revision, None)
-            elif assigned.get(node) == self.id or self._holds(node, now):
+            elif (assigned.get(node) == self.id or self._holds(node, now)
+                  or self._unreached(node, reaches, now)):
                 if assigned.get(node) != self.id:
                     held.add(node)
                 if kv.mod_revision > at:
@@ -312,6 +332,7 @@ class FleetMember:
                 # word on its incident (the next owner reads it)
                 self._let_go(node, kv.mod_revision, ...)
         self._held = {n: t for n, t in self._held.items() if n in held}
+        self._lost = {n: t for n, t in self._lost.items() if n in held}
         self._missing = {n: t for n, t in self._missing.items() if n in tokens}
         for node, member in sorted(assigned.items()):
             if member != self.id or (node in owners and owners[node].lease):
@@ -503,6 +524,16 @@ class FleetMember:
                     self.id, node, now - since)
         return False
 
+    def _unreached(self, node: str, reaches: dict, now: float) -> bool:
+        """Whether to keep `node`, assigned elsewhere because this member stopped reaching
+        its host, a while longer (reach_grace_s): a host that died is lost by every member
+        within moments of each other, and then its nodes stay where they are."""
+        mine = reaches.get(self.id)
+        if mine is None or host_of(node) in mine:
+            return False
+        since = self._lost.setdefault(node, now)
+        return now - since < self.reach_grace_s
+
     def _incident(self, node: str, token: int) -> dict | None:
         """The open incident recorded for `node` (by its former owner), if any; one that
         is not a record is deleted (while `token` is the node's)."""
@@ -539,6 +570,14 @@ class FleetMember:
             with self._lock:  # what could not be written goes again, unless newer came
                 self._pending = {**pending, **self._pending}
 
+    def _record(self) -> str:
+        """This member's record under members/: its id, since when it is a member, the
+        hosts it reaches (with `reach`), and its info."""
+        record = {"id": self.id, "since": self._since, **self.info}
+        if self.reach is not None:
+            record["reaches"] = sorted(set(self.reach()))
+        return json.dumps(record)
+
     def _member_key(self, member: str) -> str:
         return f"{self.prefix}members/{member}"
 
@@ -547,6 +586,18 @@ class FleetMember:
 
     def _incident_key(self, node: str) -> str:
         return f"{self.prefix}incidents/{node}"
+
+
+def _reaches(value: str) -> frozenset[str] | None:
+    """The hosts a member's record says it reaches (None: every host: a record without
+    the list, or not a record)."""
+    try:
+        hosts = json.loads(value).get("reaches")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        return None
+    return frozenset(hosts)
 
 
 def read_fleet(client: EtcdClient, prefix: str = PREFIX) -> dict:

@@ -145,6 +145,10 @@ class MonitorConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         "after it stops renewing it (etcd grants at least 1.5 election timeouts)")] = 1
     fleet_poll_ms: Annotated[Pos, doc(
         "how often the fleet's membership and ownership are read from etcd")] = 100.0
+    fleet_reach_ms: Annotated[Pos | None, doc(
+        "a monitor reaches an agent while the agent answered it within this long; the "
+        "fleet gives each node to a monitor that reaches its agent (to any, when none "
+        "does); unset: 2000, or twice the longer of period_ms and timeout_ms")] = None
     etcd_netns: Annotated[str | None, doc(
         "make the connections to etcd from this network namespace (the lab's monitor "
         "namespace)")] = None
@@ -221,13 +225,27 @@ def _validate(c: MonitorConfig) -> None:
         raise Invalid(("rulesets",), "name at least one ruleset (\"default\")")
     if c.period_ms < 1:
         raise Invalid(("period_ms",), "must be at least 1 ms")
-    for key in ("period_ms", "timeout_ms", "action_timeout_ms", "history_s", "fleet_poll_ms"):
-        if not math.isfinite(getattr(c, key)):
+    for key in ("period_ms", "timeout_ms", "action_timeout_ms", "history_s", "fleet_poll_ms",
+                "fleet_reach_ms"):
+        if getattr(c, key) is not None and not math.isfinite(getattr(c, key)):
             raise Invalid((key,), "must be finite")
     if c.etcd and c.fleet_poll_ms > c.lease_ttl_s * 1000 / 3:
         raise Invalid(("fleet_poll_ms",), f"{c.fleet_poll_ms:g} ms: a fleet member renews its "
                       f"lease once a step, so a step must take at most a third of lease_ttl_s "
                       f"({c.lease_ttl_s} s), or the lease expires between steps")
+    if c.etcd and reach_ms(c) < 2 * max(c.period_ms, c.timeout_ms):
+        raise Invalid(("fleet_reach_ms",), f"{c.fleet_reach_ms:g} ms: an agent answers at "
+                      f"most once a poll (period_ms {c.period_ms:g}), and one poll may wait "
+                      f"timeout_ms ({c.timeout_ms:g}); below twice the longer, a reachable "
+                      "agent would seem lost between answers, and its nodes would move")
+
+
+def reach_ms(c: MonitorConfig) -> float:
+    """How long an agent that answered counts as reached (fleet_reach_ms, or its
+    default)."""
+    if c.fleet_reach_ms is not None:
+        return c.fleet_reach_ms
+    return max(2000.0, 2 * max(c.period_ms, c.timeout_ms))
 
 
 def _validate_warnings(w: WarningsConfig) -> None:

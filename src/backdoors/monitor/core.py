@@ -30,7 +30,8 @@ from ..errors import AgentError, ConfigError, SensorBoxError
 from ..sensors import SensorTracker, SensorType, parse_box, stalled
 from .rules import Rule, load_rulesets
 from .config import (
-    AgentEntry, MonitorConfig, agent_keys, etcd_client, load_config, load_monitor_key, validate,
+    AgentEntry, MonitorConfig, agent_keys, etcd_client, load_config, load_monitor_key,
+    reach_ms, validate,
 )
 from .detectors import NodeView
 from .engine import Detection, Engine
@@ -140,6 +141,10 @@ class AgentPoller:
                 views.append(self._view(node, reply, m.clock(), infos.get(node)))
             if m.needs_peers and self.peers_supported:
                 self._poll_peers(client)
+            elif not (infos or watched) and m.share is not None and (
+                    self.last_ok is None
+                    or now - self.last_ok >= reach_ms(m.config) / 4000):
+                client.ping()  # nothing was asked of it: whether it answers (the fleet's reach)
         except AgentError as e:
             self.failures += 1
             if self.error is None:
@@ -388,7 +393,9 @@ class Monitor:
                                     poll_s=config.fleet_poll_ms / 1000,
                                     on_change=self._share_changed, netns=config.etcd_netns,
                                     hold=self._responding, on_take=self._take,
-                                    listed=self._listed_hosts)
+                                    listed=self._listed_hosts, reach=self._reached_hosts,
+                                    # (the others lose a dead host within a ping of it)
+                                    reach_grace_s=max(1.0, reach_ms(config) / 2000))
             self._shared: set[str] = set()
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy
@@ -609,6 +616,13 @@ class Monitor:
     def _listed_hosts(self) -> set[str]:
         """The agents polled since this monitor started: their nodes are known."""
         return {p.entry.host for p in self.pollers if p.last_ok is not None}
+
+    def _reached_hosts(self) -> set[str]:
+        """The agents that answered this monitor within fleet_reach_ms: the fleet gives
+        each node to a monitor that reaches its agent."""
+        since = self.clock() - reach_ms(self.config) / 1000
+        return {p.entry.host for p in self.pollers
+                if p.last_ok is not None and p.last_ok >= since}
 
     def _fleet_nodes(self) -> set[str]:
         from .share import node_key

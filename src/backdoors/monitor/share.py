@@ -54,7 +54,8 @@ class FleetShare:
                  on_change: Callable[[Share], None] | None = None, netns: str | None = None,
                  hold: Callable[[str], bool] | None = None,
                  on_take: Callable[[str, dict | None], None] | None = None,
-                 listed: Callable[[], set[str]] | None = None):
+                 listed: Callable[[], set[str]] | None = None,
+                 reach: Callable[[], set[str]] | None = None, reach_grace_s: float = 1.0):
         self.client = etcd if isinstance(etcd, EtcdClient) else EtcdClient(etcd)
         self._on_change = on_change
         within = None
@@ -63,7 +64,8 @@ class FleetShare:
             within = lambda: enter(netns)  # noqa: E731
         self.member = FleetMember(self.client, monitor_id, universe, prefix=prefix,
                                   ttl_s=ttl_s, poll_s=poll_s, on_change=self._changed,
-                                  within=within, hold=hold, on_take=on_take, listed=listed)
+                                  within=within, hold=hold, on_take=on_take, listed=listed,
+                                  reach=reach, reach_grace_s=reach_grace_s)
         self._lock = threading.Lock()
         self._claimed: dict[str, int] = {}  # node key -> token the agent acknowledged
         self._refused: dict[str, int] = {}  # node key -> token the agent found stale
