@@ -16,6 +16,7 @@ pool of repair workers, each with its own connections, so polling goes on during
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -65,6 +66,7 @@ class AgentPoller:
         self.failures = 0
         self.error: str | None = None
         self.last_ok: float | None = None
+        self.answered = -math.inf  # when the agent last answered a request (the fleet's reach)
         self.started = monitor.clock()
         self._next_discover = 0.0
         self.peers_supported = True  # False once the agent says it has no op peers
@@ -139,12 +141,14 @@ class AgentPoller:
                     watched.append(node)
             for node, reply in self._read(client, watched):
                 views.append(self._view(node, reply, m.clock(), infos.get(node)))
+            asked = discover or m.needs_node_state or bool(watched)
             if m.needs_peers and self.peers_supported:
                 self._poll_peers(client)
-            elif not (infos or watched) and m.share is not None and (
-                    self.last_ok is None
-                    or now - self.last_ok >= reach_ms(m.config) / 4000):
+                asked = True
+            elif not asked and m.share is not None and (
+                    now - self.answered >= reach_ms(m.config) / 4000):
                 client.ping()  # nothing was asked of it: whether it answers (the fleet's reach)
+                asked = True
         except AgentError as e:
             self.failures += 1
             if self.error is None:
@@ -160,6 +164,8 @@ class AgentPoller:
             if self.error is not None:
                 log.info("agent %s reachable again", self.entry.host)
             self.error, self.last_ok = None, m.clock()
+            if asked:
+                self.answered = self.last_ok
             self.polls += 1
             if self._pseudo in m.engine.nodes:  # it was silent before any node was known
                 m.engine.forget(self._pseudo, "agent reachable again")
@@ -621,8 +627,7 @@ class Monitor:
         """The agents that answered this monitor within fleet_reach_ms: the fleet gives
         each node to a monitor that reaches its agent."""
         since = self.clock() - reach_ms(self.config) / 1000
-        return {p.entry.host for p in self.pollers
-                if p.last_ok is not None and p.last_ok >= since}
+        return {p.entry.host for p in self.pollers if p.answered >= since}
 
     def _fleet_nodes(self) -> set[str]:
         from .share import node_key
