@@ -131,6 +131,45 @@ def test_a_monitor_that_cannot_reach_an_agent_leaves_its_nodes_to_one_that_can(
         p.wait(15)
 
 
+def test_an_agent_lost_by_every_monitor_moves_none_of_its_nodes(agent_lab, etcd):
+    """The agent hangs (its loop blocked) for longer than the fleet's reach and grace:
+    every monitor loses it within moments of the others, and its nodes stay with their
+    owners, under the same records (no take, no new token), during and after."""
+    lab = agent_lab(nodes={n: {} for n in NODES})
+    c = lab.client()
+    want = {n.split("/")[1]: m for n, m in
+            assign([f"h0/{n}" for n in NODES], ["m1", "m2", "m3"]).items()}
+    procs = [start_monitor(lab, etcd, m) for m in ("m1", "m2", "m3")]
+    etc = EtcdClient(etcd.url)
+
+    def fleet():
+        return read_fleet(etc)
+    until(lambda: owners_at_agent(c) == want and all(
+        i.get("reaches") == ["h0"] for i in fleet()["members"].values()), 30,
+        "each node claimed by its monitor, each reaching h0",
+        show=lambda: (owners_at_agent(c), fleet()))
+    before = fleet()["owners"]
+    hung = time.monotonic()
+    lab.agent._loop.call_soon_threadsafe(time.sleep, 5.0)  # the agent answers nothing
+    until(lambda: all(i.get("reaches") == [] for i in fleet()["members"].values()), 10,
+          "every monitor lost h0", show=fleet)
+    seen = []
+    while time.monotonic() - hung < 6.0:  # past the reach (2 s) and the grace (1 s)
+        seen.append(fleet()["owners"])
+        time.sleep(0.05)
+    until(lambda: all(i.get("reaches") == ["h0"] for i in fleet()["members"].values()), 30,
+          "every monitor reaching h0 again", show=fleet)
+    time.sleep(1.0)
+    seen.append(fleet()["owners"])
+    assert all(o == before for o in seen), [o for o in seen if o != before][:3]
+    assert owners_at_agent(c) == want
+    etc.close()
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait(15)
+
+
 # A monitor of the fleet, reduced to what the test needs: it joins, owns its nodes and
 # claims them at the agent, prints its tokens; then, for each line on stdin, sends the
 # destructive request named there with the token it held before (a request in flight).
