@@ -47,6 +47,8 @@ def test_a_lab_fleet_shares_the_nodes_and_survives_a_monitor(root):
         fleet = fleet_status(lab=name)
         assert set(fleet["members"]) == {"m1", "m3"}
         assert sum(m["nodes"] for m in fleet["members"].values()) == len(keys)
+        hosts = sorted(h.name for h in lab.plan.hosts)
+        assert all(m["reaches"] == hosts for m in fleet["members"].values())
         assert all(m["lease_left_s"] is not None and m["lease_left_s"] >= 0
                    for m in fleet["members"].values())
         from rich.console import Console
@@ -55,6 +57,7 @@ def test_a_lab_fleet_shares_the_nodes_and_survives_a_monitor(root):
         render_fleet(fleet, console)
         text = console.export_text()
         assert "watched by" in text and "fleet (etcd revision" in text
+        assert "reaches" in text and ", ".join(hosts) in text
         shown = json.loads(subprocess.run(
             [sys.executable, "-m", "backdoors", "status", "--lab", name, "--json"],
             capture_output=True, text=True, check=True).stdout)
