@@ -5,7 +5,10 @@ A lab with its own etcd (1 s leases, 50 ms heartbeat) and `monitors` monitor pro
 sharing `nodes` nodes on 2 hosts. Each trial SIGKILLs one monitor (in turn), polls the
 agents' `nodes()` every 5 ms until every node it owned is owned by another monitor, then
 starts it again and waits until it has its share back (`giveback_ms`: from its start,
-Python's import time included). Anchors (cited, not measured here): Kubernetes' node lease
+Python's import time included). Then each trial cuts one monitor off from one host's
+agent (nftables: Lab.cut_monitor) until each of its nodes there is claimed by a monitor
+that reaches it (`cut_takeover_ms`: the fleet's reach, 2 s, its grace, 1 s, and a step),
+and lifts the cut. Anchors (cited, not measured here): Kubernetes' node lease
 40 s, Nomad's heartbeat ~20 s, memberlist/SWIM ~5 s.
 
 `scenario`: then a short `scenario fleet` (3 monitors, 2 hosts, 8 nodes, a 3-member etcd,
@@ -37,7 +40,7 @@ def run(trials: int = 10, monitors: int = 3, nodes: int = 16, scenario_s: float 
     ids = tuple(f"m{i + 1}" for i in range(monitors))
     lab = Lab(unique_name("bf"), hosts=2, nodes=nodes, agents=True, services=False,
               monitors=ids, etcd=True)
-    takeover, giveback = [], []
+    takeover, giveback, cut_takeover = [], [], []
     with lab:
         poll_ms = 50.0
         for m in ids:
@@ -73,6 +76,18 @@ def run(trials: int = 10, monitors: int = 3, nodes: int = 16, scenario_s: float 
                               fleet_poll_ms=poll_ms)
             wait(lambda: owners() == everyone, 60, f"{victim}'s share back")
             giveback.append((time.monotonic() - started) * 1000)
+        # a monitor cut off from one host's agent (nftables): from the cut to each of its
+        # nodes there claimed by a monitor that reaches it (fleet_reach_ms + the grace)
+        for t in range(trials):
+            victim, host = ids[t % len(ids)], lab.plan.hosts[t % 2].name
+            lost = {k for k, m in everyone.items() if m == victim and k.startswith(host + "/")}
+            cut = time.monotonic()
+            lab.cut_monitor(victim, host)
+            wait(lambda: all(owners()[k] not in (victim, None) for k in lost), 30,
+                 f"{victim}'s nodes on {host} taken over")
+            cut_takeover.append((time.monotonic() - cut) * 1000)
+            lab.reconnect_monitor(victim, host)
+            wait(lambda: owners() == everyone, 60, f"{victim}'s nodes on {host} back")
         for c in clients.values():
             c.close()
     return {"monitors": monitors, "nodes": nodes, "trials": trials, "lease_ttl_s": 1,
@@ -81,6 +96,9 @@ def run(trials: int = 10, monitors: int = 3, nodes: int = 16, scenario_s: float 
             "takeover_ms_p99": round(_pct(takeover, 0.99), 1),
             "takeover_ms_max": round(max(takeover), 1),
             "giveback_ms_p50": round(statistics.median(giveback), 1),
+            "cut_takeover_ms": [round(x, 1) for x in cut_takeover],
+            "cut_takeover_ms_p50": round(statistics.median(cut_takeover), 1),
+            "fleet_reach_ms": 2000, "reach_grace_ms": 1000,
             "anchors_s": {"kubernetes_node_lease": 40, "nomad_heartbeat": 20,
                           "memberlist_swim": 5},
             "scenario": _scenario(scenario_s) if scenario_s else None}

@@ -1,6 +1,7 @@
 """The fleet's own faults in the lab: a 3-member etcd losing a member (the fleet keeps
 working, the member rejoins), a monitor cut off from etcd by an nftables rule (it goes
-degraded, the other takes its nodes, it comes back once the cut is lifted); nothing left."""
+degraded, the other takes its nodes, it comes back once the cut is lifted), or from one
+host's agent (the other, which reaches it, takes its nodes there); nothing left."""
 
 import signal
 from pathlib import Path
@@ -77,6 +78,19 @@ def test_a_three_member_etcd_loses_a_member_and_a_monitor_is_cut_off(root):
         assert firewall.tables(lab.plan.monitor_ns) == []
         until(lambda: _owners(lab) == want, 60, "m1 back with its share",
               show=lambda: _owners(lab))
+
+        # m1 cut off from h0's agent only: m2, which reaches it, takes m1's h0 nodes; m1
+        # keeps its h1 nodes; lifted, m1 has its h0 nodes back
+        lab.cut_monitor("m1", "h0")
+        assert firewall.tables(lab.plan.monitor_ns) == ["backdoors_cuta_m1_h0"]
+        apart = {k: ("m2" if k.startswith("h0/") else m) for k, m in want.items()}
+        assert apart != want  # (m1 had nodes on h0)
+        until(lambda: _owners(lab) == apart, 60, "m1's h0 nodes taken by m2",
+              show=lambda: _owners(lab))
+        lab.reconnect_monitor("m1", "h0")
+        until(lambda: _owners(lab) == want, 60, "m1's h0 nodes back",
+              show=lambda: _owners(lab))
+        lab.cut_monitor("m1", "h1")  # left in place: the lab's teardown removes it
     assert _left(name) == []
 
 

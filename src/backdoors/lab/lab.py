@@ -460,28 +460,36 @@ class Lab:
     def _monitor_cgroup(self, monitor_id: str) -> str:
         return f"{topology.prefix(self.name)}mon-{monitor_id}"
 
-    def _cut_table(self, monitor_id: str) -> str:
-        return "backdoors_cut_" + "".join(c if c.isalnum() else "_" for c in monitor_id)
+    def _cut_table(self, monitor_id: str, host: str | None = None) -> str:
+        def safe(name: str) -> str:
+            return "".join(c if c.isalnum() else "_" for c in name)
+        if host is None:
+            return "backdoors_cut_" + safe(monitor_id)
+        return f"backdoors_cuta_{safe(monitor_id)}_{safe(host)}"
 
-    def cut_monitor(self, monitor_id: str) -> None:
+    def cut_monitor(self, monitor_id: str, host: str | None = None) -> None:
         """Cut monitor `monitor_id` (of start_monitor) off from the lab's etcd: its packets
         to every etcd member are dropped (nftables, in the monitor namespace, matched by its
-        cgroup); the agents it still reaches. `reconnect_monitor` lifts it; the lab's
-        teardown removes it with the namespace."""
+        cgroup); the agents it still reaches. With `host`, off from that host's agent
+        instead (etcd and the other agents it still reaches). `reconnect_monitor` lifts
+        it; the lab's teardown removes it with the namespace."""
         if monitor_id not in self.state.monitors:
             raise LabError(f"lab {self.name}: no monitor {monitor_id!r} of start_monitor "
                            f"(running: {sorted(self.state.monitors) or 'none'})")
-        ports = [int(u.rsplit(":", 1)[1])
-                 for u in (self.state.etcd_endpoints or [self.etcd_url])]
+        if host is None:
+            daddr = topology.MONITOR_ADDR
+            ports = [int(u.rsplit(":", 1)[1])
+                     for u in (self.state.etcd_endpoints or [self.etcd_url])]
+        else:
+            daddr, ports = self.plan.host(host).address, [topology.AGENT_PORT]
         from ..net import firewall
-        firewall.cut(self.plan.monitor_ns, self._cut_table(monitor_id),
-                     cgroup=self._monitor_cgroup(monitor_id), daddr=topology.MONITOR_ADDR,
-                     ports=ports)
+        firewall.cut(self.plan.monitor_ns, self._cut_table(monitor_id, host),
+                     cgroup=self._monitor_cgroup(monitor_id), daddr=daddr, ports=ports)
 
-    def reconnect_monitor(self, monitor_id: str) -> None:
-        """Lift `cut_monitor` (nothing if it was not cut)."""
+    def reconnect_monitor(self, monitor_id: str, host: str | None = None) -> None:
+        """Lift `cut_monitor(monitor_id, host)` (nothing if it was not cut)."""
         from ..net import firewall
-        firewall.restore(self.plan.monitor_ns, self._cut_table(monitor_id))
+        firewall.restore(self.plan.monitor_ns, self._cut_table(monitor_id, host))
 
     def stop_monitor(self, monitor_id: str, sig: int = signal.SIGTERM) -> None:
         """Stop a monitor of `start_monitor` (SIGTERM: it leaves the fleet at once; SIGKILL:
@@ -504,6 +512,8 @@ class Lab:
         except psutil.NoSuchProcess:
             pass
         self.reconnect_monitor(monitor_id)
+        for h in self.plan.hosts:
+            self.reconnect_monitor(monitor_id, h.name)
         cgroups.Cgroup(self._monitor_cgroup(monitor_id), cgroups.detect()).destroy()
 
     # ---- nodes and services -----------------------------------------------------------
