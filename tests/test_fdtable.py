@@ -49,3 +49,18 @@ def test_raise_limit_lifts_the_soft_limit_to_the_hard_one():
         print(fdtable.raise_limit() == hard, resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))
     """)], check=True, capture_output=True, text=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_the_session_limit_is_what_the_descriptors_allow_however_few():
+    """Under 128 descriptors the limit was 64 sessions anyway: clients past what the
+    descriptors held stalled in the accept queue instead of being refused (outside
+    review)."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import resource
+        from backdoors.common import fdtable
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1280, 1280))
+        print(fdtable.session_limit(6))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+        print(fdtable.session_limit(6))
+    """)], check=True, capture_output=True, text=True)
+    assert out.stdout.split() == [str((1280 - 256) // 12), "1"]

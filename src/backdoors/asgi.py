@@ -3,6 +3,7 @@
     python -m backdoors.asgi myapp:app --port 8080 [--adopt /run/app/adopt-8080.sock]
                              [--app-dir DIR] [--sensor-box NAME [--deadline S]]
                              [--limit-concurrency N] [--timeout-idle S]
+                             [--max-response BYTES]
 
     await serve(app, AsyncListener.tcp("0.0.0.0", 8080))      # from Python
 
@@ -11,8 +12,11 @@ connections and recovered sessions come through one AsyncListener; HTTP/1.1 is p
 by h11; requests on a connection are answered one at a time, keep-alive as HTTP/1.1 says.
 A request is kept in the session's receive log until answered, so it must fit there
 (`--log-capacity`): a bigger one is answered 413. A client silent for `--timeout-idle`
-while a request is awaited is closed; past `--limit-concurrency` client sessions a new
-connection is answered 503, while sessions a recovery hands over are always taken.
+while a request is awaited, or whose request does not come whole within it, is closed;
+past `--limit-concurrency` client sessions a new connection is answered 503, while
+sessions a recovery hands over are always taken. A response is held whole before it is
+sent (below), so one past `--max-response` bytes (an endless stream: server-sent events
+are not for this server) is a 500 that ends the connection.
 
 What makes an application recoverable without changing it: the whole response is
 produced by the application first, then the session's state is exported with the
@@ -84,6 +88,7 @@ HANGUP_POLL_S = 0.2  # how often an application waiting for a disconnect has its
 
 STATE_CAPACITY = 64 * 1024
 LOG_CAPACITY = 64 * 1024
+RESPONSE_MAX = 32 << 20  # bytes of a response body held at most (it is sent whole)
 
 
 class Session(msgspec.Struct, tag="session"):
@@ -114,25 +119,28 @@ class _TooLarge(Exception):
 async def serve(app, listener: AsyncListener, *, root_path: str = "",
                 state_capacity: int = STATE_CAPACITY, log_capacity: int = LOG_CAPACITY,
                 idle_s: float | None = IDLE_S, limit: int | None = None,
-                state: dict | None = None) -> None:
+                state: dict | None = None, response_max: int | None = RESPONSE_MAX) -> None:
     """Serve `app` on `listener` until the listener is closed. `state_capacity`: bytes of
     each session's exported state, which holds the response being sent: a response that
     does not fit is sent all the same, but a recovery in the middle of it ends the
     connection (the client sees it end rather than a wrong byte). `log_capacity`: bytes
     of each session's receive log, which holds a request until it is answered: a request
     (head and body) that does not fit is refused with 413. `idle_s`: a client that sends
-    nothing for that long while a request (or the rest of one) is awaited is closed,
-    without an answer, so that clients gone without a word (a crashed host, a dropped
+    nothing for that long while a request is awaited, or whose request does not come
+    whole within that long of its first byte, is closed without an answer, so that clients gone without a word (a crashed host, a dropped
     route) do not hold their sessions, and the agent's, for ever; None: never. `limit`:
     while that many client sessions are served, a new connection is answered 503 (no
     box, nothing registered) so that the server's descriptors are not all taken by new
     clients: sessions handed over by a recovery are always taken; None: no limit.
     `state`: the lifespan's state (`Lifespan.state`), a shallow copy of which each
-    request's scope carries."""
+    request's scope carries. `response_max`: the most bytes of a response body held
+    (a response is sent whole, once the application has made it): past it, a 500 that
+    ends the connection, so that an endless stream (server-sent events) cannot grow the
+    server without bound; None: no bound."""
     handed = Handed()
     idle = _Idle(idle_s) if idle_s else None
     live = _Live(limit)
-    site = _Site(app, root_path, {} if state is None else state)
+    site = _Site(app, root_path, {} if state is None else state, response_max)
     try:
         await listener.serve(_session, site, state_capacity, log_capacity, handed, idle, live)
     finally:
@@ -142,11 +150,12 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
 
 
 class _Site:
-    """What every session of one server shares: the application, its root path, and the
-    lifespan's state."""
+    """What every session of one server shares: the application, its root path, the
+    lifespan's state, and the bound on a response."""
 
-    def __init__(self, app, root_path: str, state: dict):
+    def __init__(self, app, root_path: str, state: dict, response_max: int | None):
         self.app, self.root_path, self.state = app, root_path, state
+        self.response_max = response_max
 
 
 class _Live:
@@ -175,8 +184,8 @@ class _Idle:
 
     async def read(self, cb, since: float | None = None) -> bytes:
         """cb.reader.read(READ); _Done if the client stays silent for idle_s (counted
-        from `since`, when given: a request's head must come whole within idle_s, not a
-        byte every idle_s)."""
+        from `since`, when given: a request must come whole within idle_s, not a byte
+        every idle_s)."""
         task = asyncio.current_task()
         self.waiting[task] = (task.get_loop().time() if since is None else since, cb)
         try:
@@ -186,8 +195,8 @@ class _Idle:
                 raise
             self.expired.discard(task)
             task.uncancel()
-            log.info("asgi: session %s: nothing (or no whole request head) from the "
-                     "client for %g s: closed", cb.session, self.idle_s)
+            log.info("asgi: session %s: nothing (or no whole request) from the client "
+                     "for %g s: closed", cb.session, self.idle_s)
             raise _Done from None
         finally:
             self.waiting.pop(task, None)
@@ -267,6 +276,8 @@ async def _open_session(conn, site: _Site, state_capacity: int, log_capacity: in
     channels = SessionChannels(cb.session, cb.conn.sock.getsockname())
     try:
         await _serve_session(cb, s, channels, handed, site, idle)
+    except _Done:  # the client stopped reading (_send): closed, as it was told
+        pass
     finally:
         channels.close()
 
@@ -316,7 +327,8 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
             ext = {"id": cb.session, "seq": s.seq, "key": f"{cb.session}-{s.seq}",
                    "state": s.state, "connect": channels.connect}
             scope = _scope(request, client, server, site.root_path, ext, site.state)
-            status, headers, chunks = await _call(site.app, scope, body, sock)
+            status, headers, chunks = await _call(site.app, scope, body, sock,
+                                                  site.response_max)
             s.state = ext["state"]
             response = _encode(parser, request, status, headers, b"".join(chunks))
             del chunks, body
@@ -331,11 +343,32 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
                 await cb.export(s, unread=unread)
             except StateTooLargeError:
                 s.pending, s.oversize = b"", len(response)
-                await cb.export(s, unread=unread)
+                try:
+                    await cb.export(s, unread=unread)
+                except (StateTooLargeError, TypeError, ValueError) as e:
+                    response = await _unexportable(cb, s, unread, e)
+            except (TypeError, ValueError) as e:  # (msgspec: a value it cannot encode)
+                response = await _unexportable(cb, s, unread, e)
             await _send(cb, response, idle)
             s.pending = response = b""  # (the box's export keeps it)
             if s.close:
                 return await _linger(cb)
+
+
+async def _unexportable(cb, s: Session, unread: int, e: Exception) -> bytes:
+    """The application left a state the session cannot export (too large for
+    --state-capacity, or a value msgpack cannot hold): its response cannot be made
+    recoverable, so it is not sent. A 500 that ends the connection is, with the state
+    emptied (the application's mistake, like an exception)."""
+    log.error("asgi: session %s: the application's state cannot be exported (%s): 500, "
+              "and the connection ends", cb.session, e)
+    text = b"the application's session state cannot be kept\n"
+    response = (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\n"
+                b"content-length: %d\r\nconnection: close\r\nserver: %s\r\n\r\n%s"
+                % (len(text), SERVER_NAME, text))
+    s.state, s.pending, s.oversize, s.close, s.channels = {}, response, 0, True, {}
+    await cb.export(s, unread=unread)
+    return response
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -399,8 +432,9 @@ async def _read_request(parser, cb, idle: _Idle | None, head_max: int):
             try:  # b"" marks the end of the stream
                 if idle is None:
                     data = await cb.reader.read(READ)
-                else:  # a head begun must come whole within idle_s
-                    data = await idle.read(cb, head_since if request is None else None)
+                else:  # a request begun must come whole within idle_s (its head and its
+                    # body: a byte every idle_s would hold the session for ever)
+                    data = await idle.read(cb, head_since)
             except LogFullError:
                 raise _TooLarge(_too_large(conn.log_capacity)) from None
             if data and request is None and head_since is None:
@@ -471,8 +505,12 @@ async def _drop_input(sock: socket.socket) -> None:
 
 def _scope(request, client, server, root_path: str, ext: dict, state: dict) -> dict:
     target = request.target
-    if ABSOLUTE_FORM.match(target):  # RFC 9112 3.2.2: a server takes it; the path is after
-        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+    if ABSOLUTE_FORM.match(target):  # RFC 9112 3.2.2: a server takes it; RFC 3986 3: the
+        # authority ends at the first "/", "?" or "#", and an empty path is "/"
+        rest = target.split(b"://", 1)[1]
+        end = min((i for i in map(rest.find, (b"/", b"?", b"#")) if i >= 0), default=len(rest))
+        target = rest[end:]
+        target = target if target.startswith(b"/") else b"/" + target
     path, _, query = target.partition(b"?")
     return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -490,15 +528,18 @@ def _unquote(path: bytes) -> str:
     return unquote(path.decode("latin-1"))
 
 
-async def _call(app, scope: dict, body: bytes,
-                sock: socket.socket | None = None) -> tuple[int, list, list[bytes]]:
+async def _call(app, scope: dict, body: bytes, sock: socket.socket | None = None,
+                limit: int | None = None) -> tuple[int, list, list[bytes]]:
     """Run the application on one request; its whole response (500 if it fails, or
-    returns before its body's end). Once it has the body, `receive()` says
+    returns before its body's end; a 500 that ends the connection once its body passes
+    `limit` bytes: the response is held whole before it is sent, so an endless stream
+    must not grow the server without bound). Once it has the body, `receive()` says
     `http.disconnect` when the response is done or the client went away (`sock` hung
     up: an application waiting for that, a long poll, ends)."""
     sent_body = False
     start: dict | None = None
     chunks: list[bytes] = []
+    size, over = 0, False
     finished = asyncio.Event()
 
     async def receive() -> dict:
@@ -516,7 +557,7 @@ async def _call(app, scope: dict, body: bytes,
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
-        nonlocal start
+        nonlocal start, size, over
         kind = message["type"]
         if finished.is_set():
             raise RuntimeError(f"{kind} after the response's end")
@@ -527,7 +568,15 @@ async def _call(app, scope: dict, body: bytes,
         elif kind == "http.response.body":
             if start is None:
                 raise RuntimeError("http.response.body before http.response.start")
-            chunks.append(bytes(message.get("body", b"")))
+            chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if limit is not None and size > limit:
+                over = True
+                chunks.clear()
+                finished.set()
+                raise RuntimeError(f"the response passed {limit} bytes, the most this server "
+                                   "holds (a response is sent whole; --max-response)")
+            chunks.append(chunk)
             if not message.get("more_body", False):
                 finished.set()
 
@@ -542,6 +591,15 @@ async def _call(app, scope: dict, body: bytes,
         raise
     finally:
         ended.cancel()
+    if over:
+        log.error("asgi: the application's response to %s %s passed %d bytes: 500, and the "
+                  "connection ends", scope["method"], scope["path"], limit)
+        if task.done() and not task.cancelled():
+            task.exception()  # (the error it was sent: told above)
+        elif not task.done():
+            task.cancel()
+        return 500, [(b"content-type", b"text/plain"), (b"connection", b"close")], [
+            b"response too large\n"]
     if not task.done():
         _AFTER.add(task)
         task.add_done_callback(functools.partial(_after_response, scope))
@@ -576,7 +634,8 @@ def _after_response(scope: dict, task: asyncio.Task) -> None:
 
 def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
     """The response's bytes: its Content-Length the body's (a HEAD's and a 304's the
-    application's, which are the length a GET would have; none for a 204). What h11
+    application's, which are the length a GET would have, or none when it gave none;
+    none for a 204). What h11
     refuses to send (a 1xx or 101 status, a header with a line break, a body for a 204,
     an answer to CONNECT) is a 500 that ends the connection, not a session failed."""
     import h11
@@ -586,8 +645,9 @@ def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
         keep = request.method == b"HEAD" or status == 304
         headers = [(bytes(k), bytes(v)) for k, v in headers
                    if keep or bytes(k).lower() != b"content-length"]
-        if status not in (204, 304) and b"content-length" not in {k.lower() for k, _ in headers}:
-            headers.append((b"content-length", str(len(body)).encode()))
+        if status not in (204, 304) and b"content-length" not in {k.lower() for k, _ in headers} \
+                and (body or request.method != b"HEAD"):  # (RFC 9110 8.6: a HEAD's only if
+            headers.append((b"content-length", str(len(body)).encode()))  # it is a GET's)
         if b"server" not in names:
             headers.append((b"server", SERVER_NAME))
         if b"date" not in names:  # RFC 9110 6.6.1 (exported with the response: a resend is the same)
@@ -743,9 +803,15 @@ def main(argv=None) -> int:
                          "503 (sessions a recovery hands over are always taken). Default: "
                          f"half the descriptor limit's worth, at {SESSION_FDS} a session "
                          "(the other half for sessions a recovery brings)")
+    ap.add_argument("--max-response", type=int, default=RESPONSE_MAX, metavar="BYTES",
+                    help="the largest response body held: a response is sent whole once "
+                         "the application has made it (that is what makes it "
+                         "recoverable), so a bigger one, or an endless stream, is a 500 "
+                         "that ends the connection (default %(default)s)")
     ap.add_argument("--timeout-idle", type=float, default=IDLE_S, metavar="S",
                     help="close a client that sends nothing for S seconds while a request "
-                         "is awaited (between requests, or within one): clients gone "
+                         "is awaited, or whose request (head and body) does not come whole "
+                         "within S seconds of its first byte: clients gone "
                          "without a word do not hold their sessions at the agent for ever; "
                          "0: never (default %(default)s)")
     a = ap.parse_args(argv)
@@ -755,6 +821,8 @@ def main(argv=None) -> int:
         ap.error(f"--log-capacity must be 4096..{MAX_LOG_CAPACITY} bytes")
     if a.timeout_idle < 0:
         ap.error("--timeout-idle must be 0 (never) or more seconds")
+    if a.max_response < 1:
+        ap.error("--max-response must be 1 or more bytes")
     if a.limit_concurrency is not None and a.limit_concurrency < 1:
         ap.error("--limit-concurrency must be 1 or more sessions")
     default = session_limit(SESSION_FDS)  # it raises the descriptor limit, needed either way
@@ -777,7 +845,7 @@ def main(argv=None) -> int:
             with listener:
                 await serve(app, listener, state_capacity=a.state_capacity,
                             log_capacity=a.log_capacity, idle_s=a.timeout_idle or None,
-                            limit=limit, state=life.state)
+                            limit=limit, state=life.state, response_max=a.max_response)
         finally:
             await life.shutdown()
             if ticker is not None:

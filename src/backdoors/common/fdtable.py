@@ -35,14 +35,16 @@ def raise_limit() -> int:
 def session_limit(per_session: int) -> int:
     """Sessions for half of this process's descriptors (its soft RLIMIT_NOFILE, raised to
     the hard one), `per_session` descriptors each, after 256 of its own: the other half
-    stays free for the sessions a recovery hands over. At least 64."""
+    stays free for the sessions a recovery hands over. At least 1 (a floor above what
+    the descriptors allow would leave clients stalled in the accept queue rather than
+    refused)."""
     try:
         limit = raise_limit()
     except (OSError, ValueError):
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if limit == resource.RLIM_INFINITY:
         limit = 1 << 20
-    return max(64, (limit - 256) // (2 * per_session))
+    return max(1, (limit - 256) // (2 * per_session))
 
 
 def reserve(slots: int = DEFAULT_SLOTS) -> int:
