@@ -122,6 +122,24 @@ def test_create_cb_refuses_a_tcp_connection_that_already_carried_data():
         client.close()
 
 
+def test_a_sessions_urgent_data_is_a_logged_byte_of_its_stream():
+    """MSG_OOB: in the stream the box logs (out of line, a move lost it: tcprepair)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        client.send(b"!", socket.MSG_OOB)  # before the box: a client does not wait
+        with create_cb(conn, registrar=NULL) as cb:
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) == 1
+            client.sendall(b"ab")
+            client.send(b"U", socket.MSG_OOB)
+            client.sendall(b"cd")
+            got = b""
+            while len(got) < 6:
+                got += cb.conn.recv(6 - len(got))
+            assert got == b"!abUcd"
+        client.close()
+
+
 # ---------------------------------------------------------------- rollback
 
 

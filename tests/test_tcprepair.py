@@ -397,6 +397,50 @@ def test_unread_receive_queue_is_restored(lab):
     assert bytes_received(new, since=state) == 560_000
 
 
+@pytest.mark.parametrize("inline", [False, True])
+def test_urgent_data_moves_in_the_stream(lab, inline):
+    """A client's urgent byte (MSG_OOB) unread at the dump: the unread count and a read
+    stop at its mark, so the bytes past it were left out of the dump yet counted as
+    received, and the client's next bytes came after zeros (outside review). The dump
+    takes the urgent byte in the stream (SO_OOBINLINE), as recoverable sessions' sockets
+    have it, and every byte past it."""
+    conn = Connection(lab)
+    if inline:
+        conn.server.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    conn.client.sendall(b"A" * 50)
+    conn.client.send(b"U", socket.MSG_OOB)
+    conn.client.sendall(b"B" * 50)
+    wait_until(lambda: kernel.tcp_info(conn.server).bytes_received == 101,
+               what="all queued")
+    assert inq(conn.server) == (101 if inline else 50)  # (out of line: up to the mark)
+    state, new = move_in_place(conn)
+    assert state.recv_queue == b"A" * 50 + b"U" + b"B" * 50 and state.read == 0
+    conn.client.sendall(b"z" * 20)
+    assert recv_exactly(new, 121) == b"A" * 50 + b"U" + b"B" * 50 + b"z" * 20
+    assert bytes_received(new, since=state) == 121
+
+
+def _snd_mss(sock: socket.socket) -> int:
+    """tcp_info's tcpi_snd_mss (the segment size this socket sends)."""
+    return struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104),
+                              16)[0]
+
+
+def test_a_restored_socket_sends_segments_as_large_as_before(lab):
+    """The segment size is set at connect from the MSS clamp, which TCP_REPAIR_OPTIONS set
+    only after: restored sockets sent 524-byte segments on a 1500-byte path, for good
+    (outside review: ~2.8 times the segments after a move)."""
+    conn = Connection(lab)
+    conn.client.sendall(b"x" * 1000)
+    recv_exactly(conn.server, 1000)
+    before = _snd_mss(conn.server)
+    assert before > 1000
+    state, new = move_in_place(conn)
+    new.sendall(b"y" * 100_000)
+    assert recv_exactly(conn.client, 100_000) == b"y" * 100_000
+    assert _snd_mss(new) == before
+
+
 def test_send_queue_unacked_and_unsent_arrive_once(lab):
     """(c, d) queued output, part sent and lost under the lock, part never sent, arrives once."""
     # a send buffer far beyond what the client's receive window lets be in flight: some of

@@ -154,6 +154,11 @@ def new_box(conn: socket.socket, *, state_capacity: int, log_capacity: int,
     """A new, empty box for a fresh connection, not yet handed to the agent (the part of
     create_cb that the threaded and the asyncio servers share); `channel_of`: this
     process connect()ed it, as a channel of its server on that port (not accepted it)."""
+    if isinstance(conn, socket.socket) and conn.type == socket.SOCK_STREAM and \
+            conn.family in (socket.AF_INET, socket.AF_INET6):
+        # urgent data is a byte of the stream the box logs (out of line, a move could
+        # not keep it: tcprepair/dump.py)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     _check_fresh(conn, bool(channel_of))
     session = os.urandom(cbformat.SESSION_SIZE)
     region = CbRegion.create(session, state_capacity=_round(state_capacity),

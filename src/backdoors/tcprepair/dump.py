@@ -8,6 +8,13 @@ takes a sequence number but is no byte of the queues: the state records which we
 The caller holds the network lock: while it is held no segment of the connection reaches
 this stack, so the snapshot is consistent and nothing is ACKed after it. A snapshot that
 changes while it is taken (the lock is missing) is retried, then refused.
+
+**Urgent data.** Out of line (the default), an urgent byte is left out of the stream the
+application reads, and the unread count (SIOCINQ) and a read both stop at its mark:
+bytes past it would be missed by the dump, yet counted as received. So a dumped socket is
+set SO_OOBINLINE first (an urgent byte is then a byte of the stream, as the sockets of
+recoverable sessions have it from the start: continuations.box), and its queue is peeked
+on past each mark.
 """
 
 from __future__ import annotations
@@ -61,6 +68,10 @@ def snapshot(sock: socket.socket, since: TcpState | None) -> TcpState:
     so the queue sizes change only when segments arrive: equal sizes before and after
     mean the sequence numbers, queues and window belong together.
     """
+    try:  # (urgent data: see the module's docstring)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    except OSError as err:
+        raise kernel.fail("dump: SO_OOBINLINE", err) from None
     for _ in range(_ATTEMPTS):
         sizes = _queue_sizes(sock)
         state = _read_state(sock, sizes, since)
@@ -163,12 +174,26 @@ def _read_state(
 
 
 def _peek(sock: socket.socket, size: int) -> bytes | None:
-    """The `size` bytes of the selected queue, or None if it holds another amount."""
+    """The `size` bytes of the selected queue, or None if it holds another amount. A
+    peek of the receive queue stops at an urgent mark: it goes on from there
+    (SO_PEEK_OFF)."""
     if size == 0:
         return b""
+    flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
     try:
         # one byte more than expected: getting it means the queue grew
-        data = sock.recv(size + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = sock.recv(size + 1, flags)
     except BlockingIOError:
         return None
+    if 0 < len(data) < size:  # (an urgent mark)
+        parts = [data]
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, kernel.SO_PEEK_OFF, len(data))
+            while 0 < len(parts[-1]) and (got := sum(map(len, parts))) <= size:
+                parts.append(sock.recv(size + 1 - got, flags))
+        except BlockingIOError:
+            pass
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, kernel.SO_PEEK_OFF, -1)
+        data = b"".join(parts)
     return data if len(data) == size else None

@@ -54,6 +54,7 @@ SIOCOUTQ = 0x5411  # bytes in the send queue: sent but unacknowledged, plus neve
 SIOCOUTQNSD = 0x894B  # bytes in the send queue never sent
 
 SO_SNDBUFFORCE = 32
+SO_PEEK_OFF = 42  # MSG_PEEK from this offset, moved on by each peek (TCP: Linux 6.9+)
 
 # struct tcp_info: offsets checked by experiment on 6.18 (the struct is 280 bytes there)
 TCP_INFO_LEN = 280
@@ -83,6 +84,7 @@ STATE_NAMES = {
 ESTABLISHED = 1
 FIN_WAIT1 = 4
 FIN_WAIT2 = 5
+CLOSE = 7
 CLOSE_WAIT = 8
 LAST_ACK = 9
 CLOSING = 11

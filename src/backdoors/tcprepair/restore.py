@@ -141,6 +141,9 @@ def segments_needed(states: Iterable[TcpState]) -> int:
     return min(need, MAX_SEGMENTS)
 
 
+_MIN_MSS, _MAX_USER_MSS = 88, 32767  # TCP_MAXSEG's bounds (TCP_MIN_MSS, MAX_TCP_WINDOW)
+
+
 def _rebuild(sock: socket.socket, state: TcpState, resend_unacked: bool) -> None:
     step = _Steps(f"restore {state.describe()}")
     tcp_opt = functools.partial(sock.setsockopt, kernel.SOL_TCP)
@@ -159,6 +162,12 @@ def _rebuild(sock: socket.socket, state: TcpState, resend_unacked: bool) -> None
     step("select send queue", kernel.select_queue, sock, kernel.SEND_QUEUE)
     step("set send sequence", kernel.set_u32, sock, kernel.TCP_QUEUE_SEQ, send_start)
 
+    # The segment size is set at connect, from the MSS clamp: TCP_REPAIR_OPTIONS sets the
+    # clamp only after, so without this the restored socket sends 536-byte segments
+    # (the default clamp) for good, whatever the path's MTU. (TCP_MAXSEG takes at most
+    # 32767: a loopback's clamp is larger.)
+    if state.options.mss >= _MIN_MSS:
+        step("TCP_MAXSEG", tcp_opt, socket.TCP_MAXSEG, min(state.options.mss, _MAX_USER_MSS))
     step(f"connect {_addr(state.remote)}", sock.connect, _sockaddr(state, state.remote))
 
     # Options only between connect and the first data (Linux >= 6.1 refuses them later).
@@ -170,6 +179,8 @@ def _rebuild(sock: socket.socket, state: TcpState, resend_unacked: bool) -> None
         step("TCP_NODELAY", tcp_opt, socket.TCP_NODELAY, 1)
     if state.keepalive:
         step("SO_KEEPALIVE", sock.setsockopt, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # urgent data in the stream, as it was dumped (tcprepair/dump.py)
+    step("SO_OOBINLINE", sock.setsockopt, socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     if len(state.send_queue) * 2 > sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
         # The whole send queue must fit at once: restore never waits for the peer. Only
         # then is the size forced, because a set size ends the kernel's autotuning.
