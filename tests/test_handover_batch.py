@@ -235,7 +235,7 @@ def test_a_server_dying_mid_batch_loses_nothing(live, tmp_path, monkeypatch):
     if pid == 0:  # the server (its pid is the listener's credentials): one frame, then gone
         try:
             listener = ipc.listen(path, mode=0o600, backlog=1)
-            listener.setblocking(True)
+            listener.settimeout(60)  # (a parent that failed first never connects)
             os.write(ready_w, b"r")
             conn, _ = listener.accept()
             ipc.FrameReader(max_bytes=1 << 20, max_fds=2 * MAX_BATCH).read(conn)
@@ -258,7 +258,7 @@ def test_a_server_dying_mid_batch_loses_nothing(live, tmp_path, monkeypatch):
             owners=watch))
     failed: dict[str, str] = {}
     try:
-        handed = _hand_over_to(call, path, started, failed, {})
+        handed = _hand_over_to(call, path, started, failed, {}, [])
         os.waitpid(pid, 0)
         assert failed == {} and handed == count
         assert {s.pid for s in table.list(NODE)} == {pid}

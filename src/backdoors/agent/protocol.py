@@ -431,12 +431,15 @@ class AdoptReply(msgspec.Struct):
     # sessions whose connection the node already has (an earlier evacuate's answer was
     # lost): not restored, not failed; the source drops its stale copies
     present: list[str] = []
+    # sessions whose client ended the connection during the move (a reset its restored
+    # socket drew): over, nothing to serve; not failed, not kept for another evacuate
+    ended: list[str] = []
 
 
 class EvacuateReply(msgspec.Struct):
     """`sessions` dumped or failed at the dump; `moved` handed over by the target, or
     found there already (`present` of them: moved by an earlier evacuate whose answer was
-    lost)."""
+    lost); `ended` by their clients during the move (moved + ended + failed = sessions)."""
 
     sessions: int
     moved: int
@@ -448,3 +451,4 @@ class EvacuateReply(msgspec.Struct):
     # repair_ms (TCP_REPAIR dump), cb_ms (CB read, compressed), remove_ms (region dropped)
     phases: dict[str, float] = {}
     present: int = 0
+    ended: int = 0

@@ -52,7 +52,7 @@ from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
 from ..tcprepair import Repair, TcpState, close_silently, repair, restore_paused, segments_needed
-from ..tcprepair.kernel import SIOCINQ, SIOCOUTQ, ioctl_int
+from ..tcprepair.kernel import CLOSE, SIOCINQ, SIOCOUTQ, ioctl_int, tcp_info
 from .client import AgentClient
 from .keys import Identity
 from .ops import Call, NodeArgs, Op, OpError
@@ -423,7 +423,8 @@ class Recovery:
                 split = Unsure(a.to, a.to_agent, a.to_node, split=True)
         self._set_unsure(rt.name, split)
         return EvacuateReply(total, sum(r.handed for r in replies) + present,
-                             failed, _ms(t0, t1), _ms(t1), replies, phases, present)
+                             failed, _ms(t0, t1), _ms(t1), replies, phases, present,
+                             sum(len(r.ended) for r in replies))
 
     def _drop_present_elsewhere(self, call: Call, moving: list[MovedSession]) -> int:
         """Before sessions go to another target than the one an earlier evacuate of the
@@ -631,9 +632,10 @@ class Recovery:
         _announce(ns, ifname, a.addresses)  # again, in case the first crossed a stale ARP request
         t2 = time.monotonic()
         phases = {"arp_ms": _ms(t1, t_arp) + _ms(t_resume, t2), "resume_ms": _ms(t_arp, t_resume)}
-        handed = self._hand_over(call, started, failed, phases)
+        ended: list[str] = []
+        handed = self._hand_over(call, started, failed, phases, ended)
         return AdoptReply(len(started), handed, failed, _ms(t0, t1), _ms(t1, t2), _ms(t2),
-                          phases, present)
+                          phases, present, ended)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -793,9 +795,10 @@ class Recovery:
             r.close()
 
     def _hand_over(self, call: Call, started: list[Started], failed: dict[str, str],
-                   phases: dict[str, float]) -> int:
+                   phases: dict[str, float], ended: list[str]) -> int:
         """Hand each session to the recovery server of its port, in the node's directory
-        (adding the time of each step to `phases`)."""
+        (adding the time of each step to `phases`; the sessions whose clients ended them
+        meanwhile to `ended`)."""
         by_port: dict[int, list[Started]] = {}
         for item in started:  # a channel goes to the server it belongs to (its home port)
             header = os.pread(item.cb_fd, cbformat.HEADER_SIZE, 0)
@@ -807,7 +810,7 @@ class Recovery:
             path = adoption_path(directory, port)
             if not os.path.exists(path):
                 path = os.path.join(directory, ADOPT_SOCKET)  # one server for every port
-            handed += _hand_over_to(call, path, items, failed, phases)
+            handed += _hand_over_to(call, path, items, failed, phases, ended)
         return handed
 
     def _service_addresses(self, rt: NodeRuntime) -> list[str]:
@@ -890,13 +893,14 @@ class _Adopts:
 
 
 def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[str, str],
-                  phases: dict[str, float]) -> int:
+                  phases: dict[str, float], ended: list[str]) -> int:
     """Hand every started session (socket + a memfd copy of its CB) to the server at
     `path` in batch frames (adoption.AdoptionClient: one reply per batch, a window of
     batches in flight), holding the adopted ones here as the server's as each batch's
     verdicts come (while the server takes the next). A session the server refused is
-    closed here (its client gets nothing: the restored socket goes silently); one without
-    a verdict stays held as the server's, which may serve it."""
+    closed here (its client gets nothing: the restored socket goes silently), unless its
+    client ended the connection meanwhile (a reset: `ended`, nothing left to move); one
+    without a verdict stays held as the server's, which may serve it."""
     node = call.node.name
     t0 = time.monotonic()
     try:
@@ -936,7 +940,10 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
             nonlocal accepted, settled
             for item, verdict in zip(started[lo:hi], verdicts):
                 if verdict is not None and not isinstance(verdict, (NoVerdict, NotHanded)):
-                    failed[item.moved.name] = f"hand-over: {verdict}"
+                    if _ended(item.sock):  # (refused as "not connected")
+                        ended.append(item.moved.name)
+                    else:
+                        failed[item.moved.name] = f"hand-over: {verdict}"
                     close_silently(item.sock)
                     os.close(item.cb_fd)
                     continue
@@ -976,6 +983,15 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
         phases[key] = round(phases.get(key, 0.0) + ms, 3)
     phases["hold_ms"] = round(phases.get("hold_ms", 0.0) + sum(spent.values()) * 1000, 3)
     return accepted
+
+
+def _ended(sock: socket.socket) -> bool:
+    """Whether a restored connection is over: its client reset it (the reset sent while
+    it moved was lost; the restored socket's first segment drew another)."""
+    try:
+        return tcp_info(sock).state == CLOSE
+    except (BackdoorsError, OSError):
+        return False
 
 
 def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = None,

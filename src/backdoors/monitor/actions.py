@@ -417,6 +417,8 @@ class Recover(Action, tag="recover"):
                   "dump_phases": ev.phases}
         if ev.present:  # found on the target: moved by an earlier evacuate, answer lost
             detail["present"] = ev.present
+        if ev.ended:  # their clients reset them during the move: over, nothing to move
+            detail["ended"] = ev.ended
         if waited_ms is not None:
             detail["same_node_waited_ms"] = waited_ms
         if more is not None:
@@ -426,7 +428,8 @@ class Recover(Action, tag="recover"):
             ctx.client.kill_node(ctx.node)
             ctx.client.unlock(ctx.node, force=True)
             detail["released"] = True
-        ok = ev.moved == ev.sessions and not ev.failed
+        # (a session its client ended during the move is over, not failed)
+        ok = ev.moved + ev.ended == ev.sessions and not ev.failed
         return Outcome("done" if ok else "failed", detail)
 
 
