@@ -202,8 +202,9 @@ def test_line_server_replays_the_receive_log(rlab, fault):
 
 def test_a_flooded_server_still_takes_the_sessions_a_recovery_hands_it(rlab):
     """A recovery server flooded with more connections than it has descriptors for
-    (RLIMIT_NOFILE 400) accepts new ones up to its limit only (half its descriptors:
-    64 sessions), so the sessions a recovery then hands it arrive whole and carry on.
+    (RLIMIT_NOFILE 400) accepts new ones up to its limit only (half its descriptors past
+    its own 256: 24 sessions of 3), so the sessions a recovery then hands it arrive whole
+    and carry on.
     Without the limit it ran out of descriptors and the hand-over was refused."""
     a = rlab.server("a", "line_server")
     b = rlab.server("b", "line_server", nofile=400)
@@ -219,7 +220,7 @@ def test_a_flooded_server_still_takes_the_sessions_a_recovery_hands_it(rlab):
         flood.append(f)
     rlab.held.extend(flood)
     end = time.monotonic() + 30
-    while "serving its limit of 64 sessions" not in b.log():
+    while "serving its limit of 24 sessions" not in b.log():
         assert time.monotonic() < end, f"b did not reach its limit:\n{b.log()}"
         time.sleep(0.1)
     time.sleep(1.5)  # the first SYNs dropped are sent again (1 s): more connections wait
