@@ -359,3 +359,51 @@ def test_ctrl_c_stops_the_server_as_sigterm_does(tmp_path):
         proc.kill()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert mark.exists() and b"Traceback" not in err
+
+
+SLOW_APP = """
+import asyncio
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await receive()
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1.0)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"finished"})
+"""
+
+
+def test_without_an_agent_a_stop_finishes_the_answers_begun_and_ends_idle_connections(
+        tmp_path):
+    """SIGTERM with no agent to take the sessions: a request being answered got no
+    answer at all (outside review). It is answered now (connection: close), and a
+    keep-alive connection waiting for a request is closed at once."""
+    (tmp_path / "slowapp.py").write_text(SLOW_APP)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKDOORS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "backdoors.asgi", "slowapp:app", "--host",
+                             "127.0.0.1", "--port", "0", "--app-dir", str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline().decode()
+        assert "listening" in line, line
+        address = ("127.0.0.1", int(line.rsplit(":", 1)[1]))
+        idle = _connect(address)
+        idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(1000).endswith(b"finished")  # kept alive, waiting for the next
+        busy = _connect(address)
+        busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)  # the application is answering
+        proc.send_signal(signal.SIGTERM)
+        assert idle.recv(100) == b""  # closed, not left to wait
+        reply = b""
+        while chunk := busy.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"finished"), reply
+        assert b"connection: close" in reply.lower()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        idle.close()
+        busy.close()
+    finally:
+        proc.kill()

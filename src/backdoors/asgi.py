@@ -69,6 +69,7 @@ from .common.fdtable import session_limit
 from .common.ipc import ready
 from .continuations import SESSION_FDS as BOX_SESSION_FDS
 from .continuations import AsyncListener, LogFullError, StateTooLargeError, create_cb_async, run
+from .continuations.agent_link import NULL, default_registrar
 from .continuations.channels import ChannelState, Handed, SessionChannels
 from .continuations.cbformat import MAX_LOG_CAPACITY, MAX_STATE_CAPACITY
 
@@ -89,6 +90,7 @@ HANGUP_POLL_S = 0.2  # how often an application waiting for a disconnect has its
 STATE_CAPACITY = 64 * 1024
 LOG_CAPACITY = 64 * 1024
 RESPONSE_MAX = 32 << 20  # bytes of a response body held at most (it is sent whole)
+GRACE_S = 10.0  # without an agent, how long a stopping server finishes its answers
 
 
 class Session(msgspec.Struct, tag="session"):
@@ -119,7 +121,8 @@ class _TooLarge(Exception):
 async def serve(app, listener: AsyncListener, *, root_path: str = "",
                 state_capacity: int = STATE_CAPACITY, log_capacity: int = LOG_CAPACITY,
                 idle_s: float | None = IDLE_S, limit: int | None = None,
-                state: dict | None = None, response_max: int | None = RESPONSE_MAX) -> None:
+                state: dict | None = None, response_max: int | None = RESPONSE_MAX,
+                grace_s: float = GRACE_S) -> None:
     """Serve `app` on `listener` until the listener is closed. `state_capacity`: bytes of
     each session's exported state, which holds the response being sent: a response that
     does not fit is sent all the same, but a recovery in the middle of it ends the
@@ -136,13 +139,20 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
     request's scope carries. `response_max`: the most bytes of a response body held
     (a response is sent whole, once the application has made it): past it, a 500 that
     ends the connection, so that an endless stream (server-sent events) cannot grow the
-    server without bound; None: no bound."""
+    server without bound; None: no bound.
+
+    Once the listener is closed, the sessions are left to the agent that holds them (it
+    moves them to a recovery server). Without an agent ($BACKDOORS_AGENT_SOCKET unset)
+    nothing would: the requests being answered are answered first (for up to `grace_s`;
+    their connections end after), and the connections waiting for a request end."""
     handed = Handed()
     idle = _Idle(idle_s) if idle_s else None
     live = _Live(limit)
     site = _Site(app, root_path, {} if state is None else state, response_max)
     try:
         await listener.serve(_session, site, state_capacity, log_capacity, handed, idle, live)
+        if default_registrar() is NULL:  # no agent holds the sessions: they end here
+            await site.drain(listener.running(), grace_s)
     finally:
         handed.close()
         if idle is not None:
@@ -151,11 +161,30 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
 
 class _Site:
     """What every session of one server shares: the application, its root path, the
-    lifespan's state, and the bound on a response."""
+    lifespan's state, the bound on a response, and whether the server stops (without an
+    agent: `drain`)."""
 
     def __init__(self, app, root_path: str, state: dict, response_max: int | None):
         self.app, self.root_path, self.state = app, root_path, state
         self.response_max = response_max
+        self.stopping = False
+        self.waiting: set[asyncio.Task] = set()  # sessions with no byte of a next request
+
+    async def drain(self, sessions: set[asyncio.Task], grace_s: float) -> None:
+        """End the sessions waiting for a request; let those answering one finish it
+        (then they end) for up to grace_s; end the rest."""
+        self.stopping = True
+        for task in self.waiting & sessions:
+            task.cancel()
+        if not sessions:
+            return
+        _, late = await asyncio.wait(sessions, timeout=grace_s)
+        if late:
+            log.warning("asgi: %d sessions still answering %g s after the stop: closed",
+                        len(late), grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
 
 
 class _Live:
@@ -311,9 +340,9 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=head_max)
         sock = cb.conn.sock
         client, server = _address(sock.getpeername), _address(sock.getsockname)
-        while True:
+        while not site.stopping:
             try:
-                request, body = await _read_request(parser, cb, idle, head_max)
+                request, body = await _read_request(parser, cb, idle, head_max, site.waiting)
             except _Done:
                 return
             except h11.RemoteProtocolError as e:
@@ -330,6 +359,8 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
             status, headers, chunks = await _call(site.app, scope, body, sock,
                                                   site.response_max)
             s.state = ext["state"]
+            if site.stopping:  # (the server stops, with no agent: the connection ends)
+                headers = [*headers, (b"connection", b"close")]
             response = _encode(parser, request, status, headers, b"".join(chunks))
             del chunks, body
             s.seq += 1
@@ -412,64 +443,74 @@ def _address(get) -> list | None:
         return None
 
 
-async def _read_request(parser, cb, idle: _Idle | None, head_max: int):
+async def _read_request(parser, cb, idle: _Idle | None, head_max: int,
+                        waiting: set[asyncio.Task] | None = None):
     """The next request and its whole body. The request stays in the session's receive
     log until its response is exported, so one that cannot fit there is _TooLarge: by
     its Content-Length, before its body is read (and then no 100 Continue is sent), or
     when the log fills (a chunked body). Each decision depends on the input stream only,
     never on how it arrived, so a replay makes the same ones (and sends the same bytes);
     but a client silent for `idle.idle_s` is _Done (closed, nothing sent: no decision
-    to replay)."""
+    to replay). The task is in `waiting` until the request's first byte."""
     import h11
 
     conn = cb.conn
     request, body = None, bytearray()
     begin = conn.log_consumed - len(parser.trailing_data[0])  # where this request starts
     head_since = asyncio.get_running_loop().time() if parser.trailing_data[0] else None
-    while True:
-        event = parser.next_event()
-        if event is h11.NEED_DATA:
-            try:  # b"" marks the end of the stream
-                if idle is None:
-                    data = await cb.reader.read(READ)
-                else:  # a request begun must come whole within idle_s (its head and its
-                    # body: a byte every idle_s would hold the session for ever)
-                    data = await idle.read(cb, head_since)
-            except LogFullError:
-                raise _TooLarge(_too_large(conn.log_capacity)) from None
-            if data and request is None and head_since is None:
-                head_since = asyncio.get_running_loop().time()
-            parser.receive_data(data)
-            continue
-        if isinstance(event, h11.Request):
-            if event.http_version not in (b"1.0", b"1.1"):  # h11 takes any as 1.1
-                raise h11.RemoteProtocolError(
-                    f"HTTP/{event.http_version.decode(errors='replace')} is not supported: "
-                    "this server speaks HTTP/1.1 (and 1.0)", error_status_hint=505)
-            request = event
-            # where the head ends in what the log holds since the export (the parser's
-            # buffer holds what comes after it): the body must fit behind it
-            head_end = conn.log_consumed - len(parser.trailing_data[0])
-            if head_end - begin > head_max:  # (h11 checks only a head still incomplete:
-                # the same head is refused however it arrived)
-                raise h11.RemoteProtocolError(f"request head too large: at most {head_max} "
-                                              "bytes", error_status_hint=431)
-            length = None if _chunked(event) else next(
-                (int(v) for k, v in event.headers if k == b"content-length"), None)
-            if length is not None and head_end + length > conn.log_capacity:
-                raise _TooLarge(_too_large(conn.log_capacity))
-            if event.http_version == b"1.1" and any(
-                    k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
-                # always, even if the body came with the head: a replay must send it too
-                cb.writer.write(parser.send(h11.InformationalResponse(status_code=100, headers=[],
-                                                                   reason=b"Continue")))
-                await cb.writer.drain()
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            return request, bytes(body)
-        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-            raise _Done
+    task = asyncio.current_task()
+    if waiting is not None and head_since is None:
+        waiting.add(task)
+    try:
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                try:  # b"" marks the end of the stream
+                    if idle is None:
+                        data = await cb.reader.read(READ)
+                    else:  # a request begun must come whole within idle_s (its head and its
+                        # body: a byte every idle_s would hold the session for ever)
+                        data = await idle.read(cb, head_since)
+                except LogFullError:
+                    raise _TooLarge(_too_large(conn.log_capacity)) from None
+                if data and request is None and head_since is None:
+                    head_since = asyncio.get_running_loop().time()
+                    if waiting is not None:
+                        waiting.discard(task)
+                parser.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                if event.http_version not in (b"1.0", b"1.1"):  # h11 takes any as 1.1
+                    raise h11.RemoteProtocolError(
+                        f"HTTP/{event.http_version.decode(errors='replace')} is not supported: "
+                        "this server speaks HTTP/1.1 (and 1.0)", error_status_hint=505)
+                request = event
+                # where the head ends in what the log holds since the export (the parser's
+                # buffer holds what comes after it): the body must fit behind it
+                head_end = conn.log_consumed - len(parser.trailing_data[0])
+                if head_end - begin > head_max:  # (h11 checks only a head still incomplete:
+                    # the same head is refused however it arrived)
+                    raise h11.RemoteProtocolError(f"request head too large: at most {head_max} "
+                                                  "bytes", error_status_hint=431)
+                length = None if _chunked(event) else next(
+                    (int(v) for k, v in event.headers if k == b"content-length"), None)
+                if length is not None and head_end + length > conn.log_capacity:
+                    raise _TooLarge(_too_large(conn.log_capacity))
+                if event.http_version == b"1.1" and any(
+                        k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
+                    # always, even if the body came with the head: a replay must send it too
+                    cb.writer.write(parser.send(h11.InformationalResponse(
+                        status_code=100, headers=[], reason=b"Continue")))
+                    await cb.writer.drain()
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                raise _Done
+    finally:
+        if waiting is not None:
+            waiting.discard(task)
 
 
 def _chunked(request) -> bool:

@@ -183,6 +183,10 @@ class AsyncListener:
                 await asyncio.sleep(0)  # the sessions taken so far start now
                 taking_until = time.monotonic() + TAKE_S
 
+    def running(self) -> set[asyncio.Task]:
+        """The session tasks serve() started that have not ended."""
+        return set(self._tasks)
+
     def close(self) -> None:
         """Stop accepting; a waiting accept() returns None. Safe from any thread and from
         a signal handler (loop.add_signal_handler or signal.signal)."""
