@@ -85,6 +85,8 @@ async def app(scope, receive, send):
             await asyncio.sleep(0)
     elif path == "/badstate":
         scope["extensions"]["backdoors.session"]["state"]["x"] = object()
+    elif path == "/hugeint":
+        scope["extensions"]["backdoors.session"]["state"]["x"] = 2 ** 70
     elif path == "/bigstate":
         scope["extensions"]["backdoors.session"]["state"]["x"] = "s" * int(query)
     elif path == "/bare":  # HEAD without a length: the application does not know it
@@ -184,7 +186,7 @@ def test_an_endless_response_is_a_500_that_ends_the_connection():
         assert big.startswith(b"HTTP/1.1 200 ") and big.endswith(b"x" * 1000)
 
 
-@pytest.mark.parametrize("path", ["/badstate", "/bigstate?70000"])
+@pytest.mark.parametrize("path", ["/badstate", "/hugeint", "/bigstate?70000"])
 def test_a_state_that_cannot_be_exported_is_a_500_that_ends_the_connection(path):
     """The application left a state msgpack cannot hold, or one past the state's
     capacity: the client got no answer at all (outside review)."""
@@ -362,12 +364,13 @@ def test_ctrl_c_stops_the_server_as_sigterm_does(tmp_path):
 
 
 SLOW_APP = """
-import asyncio
+import asyncio, os
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     await receive()
     if scope["path"] == "/slow":
+        open(os.environ["STARTED_MARK"], "w").close()
         await asyncio.sleep(1.0)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"finished"})
@@ -382,7 +385,8 @@ def test_without_an_agent_a_stop_finishes_the_answers_begun_and_ends_idle_connec
     (tmp_path / "slowapp.py").write_text(SLOW_APP)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKDOORS_")}
     proc = subprocess.Popen([sys.executable, "-m", "backdoors.asgi", "slowapp:app", "--host",
-                             "127.0.0.1", "--port", "0", "--app-dir", str(tmp_path)], env=env,
+                             "127.0.0.1", "--port", "0", "--app-dir", str(tmp_path)],
+                            env={**env, "STARTED_MARK": str(tmp_path / "started")},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = proc.stdout.readline().decode()
@@ -393,7 +397,7 @@ def test_without_an_agent_a_stop_finishes_the_answers_begun_and_ends_idle_connec
         assert idle.recv(1000).endswith(b"finished")  # kept alive, waiting for the next
         busy = _connect(address)
         busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.3)  # the application is answering
+        _until(lambda: (tmp_path / "started").exists())  # the application is answering
         proc.send_signal(signal.SIGTERM)
         assert idle.recv(100) == b""  # closed, not left to wait
         reply = b""

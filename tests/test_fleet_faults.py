@@ -82,7 +82,7 @@ def test_a_three_member_etcd_loses_a_member_and_a_monitor_is_cut_off(root):
         # m1 cut off from h0's agent only: m2, which reaches it, takes m1's h0 nodes; m1
         # keeps its h1 nodes; lifted, m1 has its h0 nodes back
         lab.cut_monitor("m1", "h0")
-        assert firewall.tables(lab.plan.monitor_ns) == ["backdoors_cuta_m1_h0"]
+        assert firewall.tables(lab.plan.monitor_ns) == ["backdoors_cuta_m1__h0"]
         apart = {k: ("m2" if k.startswith("h0/") else m) for k, m in want.items()}
         assert apart != want  # (m1 had nodes on h0)
         until(lambda: _owners(lab) == apart, 60, "m1's h0 nodes taken by m2",

@@ -376,14 +376,19 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
                 s.pending, s.oversize = b"", len(response)
                 try:
                     await cb.export(s, unread=unread)
-                except (StateTooLargeError, TypeError, ValueError) as e:
+                except (StateTooLargeError, *_UNENCODABLE) as e:
                     response = await _unexportable(cb, s, unread, e)
-            except (TypeError, ValueError) as e:  # (msgspec: a value it cannot encode)
+            except _UNENCODABLE as e:  # (msgspec: a value it cannot encode)
                 response = await _unexportable(cb, s, unread, e)
             await _send(cb, response, idle)
             s.pending = response = b""  # (the box's export keeps it)
-            if s.close:
+            if s.close or site.stopping:  # (stopping: its answer may have said keep-alive)
                 return await _linger(cb)
+
+
+#: what msgspec raises for a value msgpack cannot hold (an object, an int past 64 bits, a
+#: dict that holds itself)
+_UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
 
 
 async def _unexportable(cb, s: Session, unread: int, e: Exception) -> bytes:
@@ -548,7 +553,7 @@ def _scope(request, client, server, root_path: str, ext: dict, state: dict) -> d
     target = request.target
     if ABSOLUTE_FORM.match(target):  # RFC 9112 3.2.2: a server takes it; RFC 3986 3: the
         # authority ends at the first "/", "?" or "#", and an empty path is "/"
-        rest = target.split(b"://", 1)[1]
+        rest = target.split(b"://", 1)[1].partition(b"#")[0]  # (a fragment is no path)
         end = min((i for i in map(rest.find, (b"/", b"?", b"#")) if i >= 0), default=len(rest))
         target = rest[end:]
         target = target if target.startswith(b"/") else b"/" + target

@@ -9,8 +9,12 @@ about 1/N of the nodes, from every other member alike.
 cannot reach a host's agent cannot watch its nodes, so each node is hashed over the
 members that reach its host (`reaches`). When none does (the host is down, or cut off from
 every monitor), the node stays with its owner (`owners`) while that one is a member, else
-is hashed over every member: someone keeps it, to record and answer its silence, and a
-host that dies moves none of its nodes once every member lost it.
+is hashed over the members that know the host's nodes (`knows`: they listed them once; a
+member that never did could not take them), or every member if none does: someone keeps
+it, to record and answer its silence, and a host that dies moves none of its nodes once
+every member lost it. A member that says nothing of its reach (an older version) makes
+the whole fleet assign as before, over every member: members that judged by different
+rules would each leave a node to the other.
 """
 
 from __future__ import annotations
@@ -38,25 +42,29 @@ def host_of(node: str) -> str:
     return node.split("/", 1)[0]
 
 
+Hosts = frozenset[str] | set[str] | None  # None: every host
+
+
 def assign(nodes: Iterable[str], members: Iterable[str],
-           reaches: Mapping[str, frozenset[str] | set[str] | None] | None = None,
-           owners: Mapping[str, str] | None = None) -> dict[str, str]:
+           reaches: Mapping[str, Hosts] | None = None, owners: Mapping[str, str] | None = None,
+           knows: Mapping[str, Hosts] | None = None) -> dict[str, str]:
     """node -> member, for every node (empty without members). `reaches`: member -> the
-    hosts it reaches (a member missing, or None: every host); `owners`: node -> its
-    member now (for the nodes of a host no member reaches)."""
+    hosts it reaches (None for any member, or a member missing: reach is not used);
+    `owners`: node -> its member now, and `knows`: member -> the hosts whose nodes it
+    knows (missing or None: every host), for the nodes of a host no member reaches."""
     members = sorted(set(members))
     if not members:
         return {}
-    if not reaches:
+    if reaches is None or any(reaches.get(m) is None for m in members):
         return {n: owner(n, members) for n in nodes}
-    out, owners = {}, owners or {}
+    out, owners, knows = {}, owners or {}, knows or {}
     for n in nodes:
         host = host_of(n)
-        near = [m for m in members if (r := reaches.get(m)) is None or host in r]
-        if near:
+        if near := [m for m in members if host in reaches[m]]:
             out[n] = owner(n, near)
         elif owners.get(n) in members:
             out[n] = owners[n]
         else:
-            out[n] = owner(n, members)
+            aware = [m for m in members if (k := knows.get(m)) is None or host in k]
+            out[n] = owner(n, aware or members)
     return out

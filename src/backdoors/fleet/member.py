@@ -2,7 +2,7 @@
 
 In etcd, under `prefix` (default "/backdoors/fleet/"):
 
-    members/<monitor id>   {"id", "since", "reaches", ...info}   under the monitor's lease
+    members/<monitor id>   {"id", "since", "reaches", "knows", ...info}   under its lease
     owners/<node>          <monitor id>                under the owner's lease
     incidents/<node>       the node's open incident    {"incident", "monitor", "rule", ...}
 
@@ -274,7 +274,7 @@ class FleetMember:
                                 "until its lease expires); waiting for it to go")
             lease, ttl = c.grant(self.ttl_s)
             self._since = time.time()
-            c.put(mine, self._record(), lease)
+            c.put(mine, self._record(set(self.nodes())), lease)
             with self._lock:
                 self.share.lease, self.share.ttl_s = lease, ttl
             self._renew_at = self.clock() + self.ttl_s / 3
@@ -283,7 +283,8 @@ class FleetMember:
         if any(kv.key == mine and kv.lease not in (0, lease) for kv in kvs):
             raise EtcdError(f"its key {mine} was put again under another lease: a second "
                             f"monitor with id {self.id} runs (refused: two cannot share one)")
-        record = self._record()
+        known = set(self.nodes())
+        record = self._record(known)
         kept = next((kv for kv in kvs if kv.key == mine and kv.lease == lease), None)
         if kept is None or kept.value != record:
             if kept is None:  # deleted (by hand): it would be gone from the fleet for good
@@ -296,7 +297,8 @@ class FleetMember:
         live = [kv for kv in kvs if kv.lease
                 and "/" not in kv.key[len(self.prefix) + len("members/"):]]
         members = sorted({kv.key.rsplit("/", 1)[1] for kv in live})
-        reaches = {kv.key.rsplit("/", 1)[1]: _reaches(kv.value) for kv in live}
+        reaches = {kv.key.rsplit("/", 1)[1]: _hosts(kv.value, "reaches") for kv in live}
+        knows = {kv.key.rsplit("/", 1)[1]: _hosts(kv.value, "knows") for kv in live}
         epoch, at = self._epoch()
         _, kvs = c.prefix(self.prefix + "owners/")
         owners = {kv.key[len(self.prefix) + len("owners/"):]: kv for kv in kvs}
@@ -305,10 +307,9 @@ class FleetMember:
         # so a token's epoch is the one in force at its revision, and a later take's token
         # is the higher, whatever epoch a member read before it
         same_epoch = Compare(self.prefix + "epoch", "MOD", at)
-        known = set(self.nodes())
         self._sweep(known, owners, now)
         assigned = assign(known | set(owners), members, reaches,
-                          {n: kv.value for n, kv in owners.items() if kv.lease})
+                          {n: kv.value for n, kv in owners.items() if kv.lease}, knows)
         tokens, held = {}, set()
         for node, kv in owners.items():
             if kv.value != self.id or kv.lease != lease:
@@ -570,12 +571,13 @@ class FleetMember:
             with self._lock:  # what could not be written goes again, unless newer came
                 self._pending = {**pending, **self._pending}
 
-    def _record(self) -> str:
+    def _record(self, known: set[str]) -> str:
         """This member's record under members/: its id, since when it is a member, the
-        hosts it reaches (with `reach`), and its info."""
+        hosts it reaches and those whose nodes it knows (with `reach`), and its info."""
         record = {"id": self.id, "since": self._since, **self.info}
         if self.reach is not None:
             record["reaches"] = sorted(set(self.reach()))
+            record["knows"] = sorted({host_of(n) for n in known})
         return json.dumps(record)
 
     def _member_key(self, member: str) -> str:
@@ -588,11 +590,11 @@ class FleetMember:
         return f"{self.prefix}incidents/{node}"
 
 
-def _reaches(value: str) -> frozenset[str] | None:
-    """The hosts a member's record says it reaches (None: every host: a record without
-    the list, or not a record)."""
+def _hosts(value: str, key: str) -> frozenset[str] | None:
+    """The hosts a member's record lists under `key` ("reaches", "knows"); None (every
+    host) for a record without the list, or not a record."""
     try:
-        hosts = json.loads(value).get("reaches")
+        hosts = json.loads(value).get(key)
     except (ValueError, AttributeError):
         return None
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):

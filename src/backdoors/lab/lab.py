@@ -461,11 +461,11 @@ class Lab:
         return f"{topology.prefix(self.name)}mon-{monitor_id}"
 
     def _cut_table(self, monitor_id: str, host: str | None = None) -> str:
-        def safe(name: str) -> str:
-            return "".join(c if c.isalnum() else "_" for c in name)
+        def safe(name: str) -> str:  # one name each ("_" + hex for the rest: never "__")
+            return "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in name)
         if host is None:
             return "backdoors_cut_" + safe(monitor_id)
-        return f"backdoors_cuta_{safe(monitor_id)}_{safe(host)}"
+        return f"backdoors_cuta_{safe(monitor_id)}__{safe(host)}"
 
     def cut_monitor(self, monitor_id: str, host: str | None = None) -> None:
         """Cut monitor `monitor_id` (of start_monitor) off from the lab's etcd: its packets

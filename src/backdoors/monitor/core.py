@@ -400,8 +400,10 @@ class Monitor:
                                     on_change=self._share_changed, netns=config.etcd_netns,
                                     hold=self._responding, on_take=self._take,
                                     listed=self._listed_hosts, reach=self._reached_hosts,
-                                    # (the others lose a dead host within a ping of it)
-                                    reach_grace_s=max(1.0, reach_ms(config) / 2000))
+                                    # (the others lose a dead host within a ping of it,
+                                    # and say so at their next fleet step)
+                                    reach_grace_s=max(1.0, reach_ms(config) / 2000)
+                                    + 2 * config.fleet_poll_ms / 1000)
             self._shared: set[str] = set()
         self.followers: list = []  # monitor.events.EventFollower per agent, while running
         self._deferred: list[NodeView] = []  # events that came while their node was busy

@@ -112,7 +112,7 @@ def _read_state(
             outq, unsent = outq - 1, max(0, unsent - 1)
         kernel.select_queue(sock, kernel.RECV_QUEUE)
         rcv_seq = kernel.get_u32(sock, kernel.TCP_QUEUE_SEQ)
-        recv_queue = _peek(sock, inq)
+        recv_queue = _peek(sock, inq, marks=True)
         kernel.select_queue(sock, kernel.SEND_QUEUE)
         snd_seq = kernel.get_u32(sock, kernel.TCP_QUEUE_SEQ)
         send_queue = _peek(sock, outq)
@@ -173,10 +173,10 @@ def _read_state(
     )
 
 
-def _peek(sock: socket.socket, size: int) -> bytes | None:
-    """The `size` bytes of the selected queue, or None if it holds another amount. A
-    peek of the receive queue stops at an urgent mark: it goes on from there
-    (SO_PEEK_OFF)."""
+def _peek(sock: socket.socket, size: int, marks: bool = False) -> bytes | None:
+    """The `size` bytes of the selected queue, or None if it holds another amount. With
+    `marks` (the receive queue), a peek that stops at an urgent mark goes on from there
+    (SO_PEEK_OFF: TCP has it from Linux 6.9; before, such a socket is not dumped)."""
     if size == 0:
         return b""
     flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
@@ -185,7 +185,7 @@ def _peek(sock: socket.socket, size: int) -> bytes | None:
         data = sock.recv(size + 1, flags)
     except BlockingIOError:
         return None
-    if 0 < len(data) < size:  # (an urgent mark)
+    if marks and 0 < len(data) < size:  # (an urgent mark)
         parts = [data]
         try:
             sock.setsockopt(socket.SOL_SOCKET, kernel.SO_PEEK_OFF, len(data))
