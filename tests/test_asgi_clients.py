@@ -117,6 +117,24 @@ def _served(address) -> bool:
     return False
 
 
+def _trickle(s: socket.socket, data: bytes) -> tuple[int, bool]:
+    """Send `data` a byte every 0.3 s (never silent for an idle_s of 1); (bytes sent,
+    whether the server closed the connection), and close it."""
+    sent, closed = 0, False
+    try:
+        for byte in data:
+            s.sendall(bytes([byte]))
+            sent += 1
+            time.sleep(0.3)
+    except OSError:
+        closed = True
+    if not closed:
+        s.settimeout(5)
+        closed = s.recv(100) == b""
+    s.close()
+    return sent, closed
+
+
 def _until(predicate, timeout: float = 20.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
@@ -157,19 +175,8 @@ def test_a_request_body_sent_a_byte_at_a_time_is_closed_within_the_idle_timeout(
     with serving(app, idle_s=1) as address:
         s = _connect(address)
         s.sendall(b"POST /state HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n")
-        sent, closed, start = 0, False, time.monotonic()
-        try:
-            while sent < 40:  # a byte every 0.3 s: never silent for idle_s
-                s.sendall(b"b")
-                sent += 1
-                time.sleep(0.3)
-        except OSError:
-            closed = True
-        if not closed:
-            s.settimeout(5)
-            closed = s.recv(100) == b""
-        s.close()
-        assert closed and sent < 40, (sent, time.monotonic() - start)
+        sent, closed = _trickle(s, b"b" * 40)
+        assert closed and sent < 40, sent
 
 
 def test_an_endless_response_is_a_500_that_ends_the_connection():
@@ -205,17 +212,7 @@ def test_a_head_sent_a_byte_at_a_time_is_closed_within_the_idle_timeout():
     with serving(app, idle_s=1) as address:
         s = _connect(address)
         head = b"GET /state HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200
-        closed = False
-        try:
-            for byte in head:  # a byte every 0.3 s: never silent for idle_s
-                s.sendall(bytes([byte]))
-                time.sleep(0.3)
-        except OSError:
-            closed = True
-        if not closed:
-            s.settimeout(5)
-            closed = s.recv(100) == b""
-        s.close()
+        _, closed = _trickle(s, head)
         assert closed  # closed while the client kept sending
 
 
