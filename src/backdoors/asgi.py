@@ -130,8 +130,9 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
     of each session's receive log, which holds a request until it is answered: a request
     (head and body) that does not fit is refused with 413. `idle_s`: a client that sends
     nothing for that long while a request is awaited, or whose request does not come
-    whole within that long of its first byte, is closed without an answer, so that clients gone without a word (a crashed host, a dropped
-    route) do not hold their sessions, and the agent's, for ever; None: never. `limit`:
+    whole within that long of its first byte, is closed without an answer, so that
+    clients gone without a word (a crashed host, a dropped route) do not hold their
+    sessions, and the agent's, for ever; None: never. `limit`:
     while that many client sessions are served, a new connection is answered 503 (no
     box, nothing registered) so that the server's descriptors are not all taken by new
     clients: sessions handed over by a recovery are always taken; None: no limit.
@@ -398,10 +399,7 @@ async def _unexportable(cb, s: Session, unread: int, e: Exception) -> bytes:
     emptied (the application's mistake, like an exception)."""
     log.error("asgi: session %s: the application's state cannot be exported (%s): 500, "
               "and the connection ends", cb.session, e)
-    text = b"the application's session state cannot be kept\n"
-    response = (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\n"
-                b"content-length: %d\r\nconnection: close\r\nserver: %s\r\n\r\n%s"
-                % (len(text), SERVER_NAME, text))
+    response = _closing_500(b"the application's session state cannot be kept\n")
     s.state, s.pending, s.oversize, s.close, s.channels = {}, response, 0, True, {}
     await cb.export(s, unread=unread)
     return response
@@ -696,8 +694,8 @@ def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
             headers.append((b"content-length", str(len(body)).encode()))  # it is a GET's)
         if b"server" not in names:
             headers.append((b"server", SERVER_NAME))
-        if b"date" not in names:  # RFC 9110 6.6.1 (exported with the response: a resend is the same)
-            headers.append((b"date", _date()))
+        if b"date" not in names:  # RFC 9110 6.6.1 (exported with the response: a resend
+            headers.append((b"date", _date()))  # is the same)
         if _framed_twice(request):  # RFC 9112 6.1: it ends its connection
             headers.append((b"connection", b"close"))
         out = parser.send(h11.Response(status_code=status, headers=headers,
@@ -709,10 +707,15 @@ def _encode(parser, request, status: int, headers: list, body: bytes) -> bytes:
         log.error("asgi: the application's response to %s %s cannot be sent (%s): 500",
                   request.method.decode(errors="replace"),
                   request.target[:200].decode(errors="replace"), e)
-        text = b"the application's response cannot be sent\n"
-        return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\n"
-                b"content-length: %d\r\nconnection: close\r\nserver: %s\r\n\r\n%s"
-                % (len(text), SERVER_NAME, text))
+        return _closing_500(b"the application's response cannot be sent\n")
+
+
+def _closing_500(text: bytes) -> bytes:
+    """A 500 that ends the connection, made without h11 (whose state the failed
+    response may have left unusable)."""
+    return (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\n"
+            b"content-length: %d\r\nconnection: close\r\nserver: %s\r\n\r\n%s"
+            % (len(text), SERVER_NAME, text))
 
 
 _dated: tuple[int, bytes] = (0, b"")
