@@ -330,6 +330,42 @@ def test_100_continue_is_sent_for_a_request_that_expects_it(server):
     s.close()
 
 
+def test_empty_lines_before_a_request_are_ignored(server):
+    """RFC 9112 2.2: a server ignores empty lines before a request line (some clients send
+    a CRLF after a POST's body): alone, in their own segments, or read ahead with the
+    request before them."""
+    s = socket.create_connection(server, timeout=10)
+    s.sendall(b"\r\n")
+    time.sleep(0.1)  # (a segment of its own)
+    s.sendall(b"\r\n\nGET /count HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _response(s)[1].startswith(b"n=1 seq=0 ")
+    s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nbid\r\n"
+              b"\r\nGET /count HTTP/1.1\r\nHost: x\r\n\r\n")
+    f = s.makefile("rb")  # (one reader for the two answers)
+    status, length = _head(f)
+    assert (status, f.read(length)) == (b"HTTP/1.1 200 OK\r\n", b"BID")
+    status, length = _head(f)
+    assert f.read(length).startswith(b"n=2 seq=2 ")
+    s.sendall(b"\r\n\r\nNOT HTTP\r\n\r\n")  # what follows them is still checked
+    assert _head(f)[0].startswith(b"HTTP/1.1 400")
+    s.close()
+
+
+def test_a_session_moves_after_empty_lines_read_ahead(rlab):
+    """A POST's body followed by a CRLF, then the session moves: on the node it moves to,
+    the next request is answered once, and the session goes on with its state."""
+    args = ("backdoors.asgi", "asgi_app:app", "--app-dir", TESTS)
+    a = rlab.server("a", *args)
+    b = rlab.server("b", *args)
+    sock = rlab.connect()
+    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nbid\r\n")
+    assert _response(sock) == (b"HTTP/1.1 200 OK\r\n", b"BID")
+    a.freeze()
+    rlab.recover(a.sessions()[0], b)
+    sock.sendall(b"\r\nGET /count HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert _response(sock)[1].startswith(b"n=1 seq=1 "), rlab.logs()
+
+
 def test_a_session_moves_between_100_continue_and_the_body(rlab):
     """The server answers the head with 100 Continue and is frozen before the body
     comes: on the node the session moves to, the replayed head makes the same 100

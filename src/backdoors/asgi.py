@@ -369,6 +369,7 @@ async def _serve_session(cb, s: Session, channels: SessionChannels, handed: Hand
             s.pending, s.oversize = response, 0
             if not s.close:
                 parser.start_next_cycle()
+                parser = _past_blank_lines(parser, head_max)
             unread = len(parser.trailing_data[0])
             s.channels = await channels.export()  # before the session: never behind it
             try:
@@ -480,6 +481,12 @@ async def _read_request(parser, cb, idle: _Idle | None, head_max: int,
                     head_since = asyncio.get_running_loop().time()
                     if waiting is not None:
                         waiting.discard(task)
+                if request is None and not parser.trailing_data[0]:
+                    # RFC 9112 2.2: empty lines before a request line are ignored (some
+                    # clients send a CRLF after a POST's body); the request is then
+                    # counted from its first byte on, and b"" still ends the stream
+                    if data and not (data := data.lstrip(b"\r\n")):
+                        continue
                 parser.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
@@ -514,6 +521,24 @@ async def _read_request(parser, cb, idle: _Idle | None, head_max: int,
     finally:
         if waiting is not None:
             waiting.discard(task)
+
+
+def _past_blank_lines(parser, head_max: int):
+    """The parser for the next request: `parser`, or one past the empty lines that begin
+    the input it read ahead (RFC 9112 2.2: they are ignored; h11 refuses them). Between
+    requests h11 keeps nothing else, so a new one is the same parser. The lines are then
+    no longer unread: a recovery does not replay them."""
+    import h11
+
+    ahead, closed = parser.trailing_data
+    if ahead[:1] not in (b"\r", b"\n"):
+        return parser
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=head_max)
+    if rest := ahead.lstrip(b"\r\n"):
+        parser.receive_data(rest)
+    if closed:
+        parser.receive_data(b"")
+    return parser
 
 
 def _chunked(request) -> bool:
