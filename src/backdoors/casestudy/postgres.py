@@ -82,8 +82,12 @@ class Postgres:
                 str(bins / "postgres"), "-D", str(self.data), "-p", str(self.port),
                 "-c", f"listen_addresses={self.address}",
                 "-c", f"unix_socket_directories={self.run_dir}",
-                # a lab's database on a tmpfs: durability settings buy nothing here
-                "-c", "max_connections=200", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                # a lab's database on a tmpfs, lost with the host anyway: no fsync and no
+                # full pages (they guard against a host crash). A commit still writes its
+                # WAL before it returns (synchronous_commit): a backend killed (the OOM
+                # killer, a memory hog's kill) restarts the server, which must keep every
+                # write it acknowledged
+                "-c", "max_connections=200", "-c", "fsync=off",
                 "-c", "full_page_writes=off"], stderr=log, new_session=True)
         try:
             self._wait_ready(timeout)

@@ -49,9 +49,12 @@ def _price(text: str | int | float | Decimal, what: str) -> Decimal:
         value = Decimal(str(text))
     except InvalidOperation:
         raise RequestError(f"{what} must be a price, got {text!r}") from None
-    if not value.is_finite() or value <= 0 or value >= Decimal(10) ** 10:
-        raise RequestError(f"{what} must be a positive price below 10^10, got {text!r}")
-    return value.quantize(Decimal("0.01"))
+    for _ in range(2):  # before rounding (which a huge exponent would fail), and after it
+        # (9999999999.995 rounds to 10^10, past numeric(12, 2); 0.001 to 0)
+        if not value.is_finite() or not 0 < value < Decimal(10) ** 10:
+            raise RequestError(f"{what} must be a positive price below 10^10, got {text!r}")
+        value = value.quantize(Decimal("0.01"))
+    return value
 
 
 def _whole(value: Any, what: str, low: int = 1, high: int = 2**31 - 1) -> int:
@@ -206,11 +209,14 @@ async def register(conn, key: str, *, firstname: str, lastname: str, nickname: s
             return {"ok": False, "reason": "nickname taken"}
         if not await _rows(c, "SELECT 1 FROM regions WHERE id = %s", (fields[5],)):
             return {"ok": False, "reason": "no such region"}
-        uid = (await _rows(
+        made = await _rows(  # (a registration of the same nickname under way: its end
+            # is waited for, and if it took the nickname, nothing is made)
             c, "INSERT INTO users (firstname, lastname, nickname, password, email, "
                "creation_date, region, key) VALUES (%s, %s, %s, %s, %s, now(), %s, %s) "
-               "RETURNING id", (*fields, key)))[0][0]
-        return {"ok": True, "user": uid}
+               "ON CONFLICT (nickname) DO NOTHING RETURNING id", (*fields, key))
+        if not made:
+            return {"ok": False, "reason": "nickname taken"}
+        return {"ok": True, "user": made[0][0]}
 
     return await once(conn, key, "register", {"fields": fields}, effect)
 
