@@ -235,6 +235,71 @@ def test_two_registrations_of_one_nickname_at_once_one_is_told_it_is_taken(db):
     run(go())
 
 
+def test_a_call_that_finds_no_database_connection_in_time_is_answered(db):
+    """Outside review: with every pooled connection held (calls waiting on a row lock),
+    the pool's timeout escaped the session: it ended with a traceback, unanswered."""
+    _, pg, _ = db
+    from psycopg_pool import AsyncConnectionPool
+
+    from backdoors.casestudy.rubis import middle, wire
+    from backdoors.casestudy.rubis.wire import Call
+
+    async def go():
+        async with AsyncConnectionPool(pg.local_dsn(), min_size=1, max_size=1, timeout=0.5,
+                                       kwargs={"autocommit": True}, open=False) as pool:
+            server = await asyncio.start_server(
+                lambda r, w: middle.serve_session(r, w, pool), "127.0.0.1", 0)
+            r, w = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            async with pool.connection():  # the only one, held
+                w.write(wire.frame(Call(1, "categories")))
+                busy = await asyncio.wait_for(wire.read_answer(r), 10)
+            assert (busy.ok, busy.server, busy.error) == (False, True, "database: PoolTimeout")
+            w.write(wire.frame(Call(2, "categories")))  # the session goes on
+            assert len((await asyncio.wait_for(wire.read_answer(r), 10)).result) == 20
+            w.close()
+            server.close()
+            await server.wait_closed()
+    run(go())
+
+
+@pytest.mark.parametrize("mt_secret", [b"", b"another secret"])
+def test_a_write_is_not_made_as_the_user_a_channel_had_when_resume_is_refused(
+        db, monkeypatch, mt_secret):
+    """Outside review: a front end's channel logged in as user 9 is asked to bid for
+    user 10; the middle tier refuses its `resume` (no secret, or another), and the bid
+    was made all the same, as user 9. Now the call is answered as the server's fault
+    and nothing is written."""
+    _, pg, _ = db
+    from psycopg_pool import AsyncConnectionPool
+
+    from backdoors.casestudy.rubis import front, middle
+
+    monkeypatch.setattr(middle, "SECRET", mt_secret)
+    key = f"resume-bid-{len(mt_secret):04d}"
+
+    async def go():
+        async with AsyncConnectionPool(pg.local_dsn(), min_size=1, max_size=2,
+                                       kwargs={"autocommit": True}, open=False) as pool:
+            server = await asyncio.start_server(
+                lambda r, w: middle.serve_session(r, w, pool), "127.0.0.1", 0)
+            ch = front.Channel([server.sockets[0].getsockname()[:2]], secret=b"front secret")
+            login = await ch.call(None, "login", {"nickname": "user9", "password": "password9"})
+            assert login.ok and login.result["user"] == 9
+            bid = await ch.call(10, "bid", {"item": 8, "bid": "99999"}, key)
+            assert (bid.ok, bid.server) == (False, True), bid
+            ch.close()
+            server.close()
+            await server.wait_closed()
+            cur = await pool.getconn()
+            try:
+                made = await (await cur.execute("SELECT count(*) FROM bids WHERE key = %s",
+                                                (key,))).fetchone()
+            finally:
+                await pool.putconn(cur)
+            assert made[0] == 0
+    run(go())
+
+
 def test_the_write_check_finds_a_write_lost_or_applied_twice(db):
     """Outside review: the old check could not fail: a bid applied twice is refused the
     second time ("bid too low"), and purchases, comments and registrations were not

@@ -153,10 +153,16 @@ class Channel:
                         await self._open()
                     if self.user != user and op != "login":
                         if user is None:
-                            await self._call("logout", {}, "")
+                            told = await self._call("logout", {}, "")
                         else:
-                            await self._call("resume", {"user": user, "proof": proof(
+                            told = await self._call("resume", {"user": user, "proof": proof(
                                 self.secret, user)}, "")
+                        if not told.ok:  # (the channel is still someone else's: the call
+                            # must not run as them; the front ends' setup is at fault)
+                            log.error("front end: middle tier %s:%d refused this session's "
+                                      "user: %s", *self.address, told.error)
+                            return Answer(told.id, False, error="the middle tier did not take "
+                                          "this session's user", server=True)
                         self.user = user
                     answer = await self._call(op, args, key)
                     if op == "login" and answer.ok:

@@ -167,8 +167,17 @@ async def serve_session(reader, writer, pool, *, box=None) -> int:
             return state.served
         if call is None:
             return state.served
-        async with pool.connection() as conn:
-            answer = await dispatch(conn, state, call)
+        try:
+            conn = await pool.getconn()
+        except psycopg.Error as e:  # none free in time (PoolTimeout: all held, say by calls
+            # waiting on a frozen peer's row lock), or none could be made: the call's answer
+            log.warning("middle tier: no database connection for %s: %s", clip(call.op, 64), e)
+            answer = Answer(call.id, False, error=f"database: {type(e).__name__}", server=True)
+        else:
+            try:
+                answer = await dispatch(conn, state, call)
+            finally:
+                await pool.putconn(conn)
         reply = _reply(answer)
         state.served += 1
         if box is not None:
