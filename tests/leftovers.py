@@ -2,7 +2,8 @@
 
 Tests name their kernel objects and files `bdt-<unique>...` and remove them as they end;
 a run killed before (SIGKILL, a CI timeout) leaves them: cgroups with their processes,
-network namespaces, etcd and NATS servers, folders in /tmp and /dev/shm. Every run holds
+network namespaces, etcd and NATS servers, stand-alone VMs' QEMUs (their own session:
+their owner's death does not end them), folders in /tmp and /dev/shm. Every run holds
 a shared lock on RUNS_LOCK while it runs; a run that can take it exclusively at its start
 is the only one, so every `bdt-` object is a dead run's, and it reaps them.
 """
@@ -17,6 +18,7 @@ from backdoors.fleet import nats, process
 from backdoors.lab.lab import reap_abandoned
 from backdoors.net import netns
 from backdoors.nodes import cgroups
+from backdoors.vm import machine
 
 RUNS_LOCK = "/run/backdoors-tests.lock"
 PREFIX = "bdt-"
@@ -42,7 +44,8 @@ def hold_runs_lock() -> int:
 
 def reap() -> dict[str, list]:
     """Remove every `bdt-` object and file, and every lab whose owner died."""
-    reaped: dict[str, list] = {"processes": nats.reap(PREFIX) + process.reap(PREFIX)}
+    reaped: dict[str, list] = {"processes": nats.reap(PREFIX) + process.reap(PREFIX)
+                               + machine.reap(PREFIX)}  # stand-alone VMs' QEMUs
     reaped["labs"] = reap_abandoned()
     reaped["cgroups"] = cgroups.reap(PREFIX)
     reaped["netns"] = netns.reap(PREFIX)

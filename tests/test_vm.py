@@ -15,6 +15,7 @@ from backdoors.vm import initramfs
 from backdoors.vm.kernel import GuestKernel
 
 from conftest import unavailable
+from leftovers import PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,68 @@ def test_profile_from_the_image_alone(kernel):
     assert GuestKernel.find().symbol("jiffies") == syms["jiffies"]  # the cached profile
     with pytest.raises(VmError, match="no symbol 'no_such_symbol'"):
         kernel.symbol("no_such_symbol")
+
+
+def _crafted_ram(kernel, text: int, slide: int, size: int = 96 << 20):
+    """A guest RAM memfd holding the kernel at physical `text` with KASLR offset `slide`,
+    as far as locating it reads (its banner, phys_base and the pages checked, relocated
+    from the image), the rest a hole; and `put(phys, data)`."""
+    from backdoors.vm.image import KernelImage
+    from backdoors.vm.kernel import START_KERNEL_MAP
+    from backdoors.vm.memory import PAGE
+    fd = os.memfd_create(f"{PREFIX}crafted-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    put = lambda phys, data: os.pwrite(fd, data, phys)  # noqa: E731
+    image, link = KernelImage(kernel), kernel.symbol("_text")
+    for name in ("_text", "sys_call_table", "linux_banner"):  # (memory.CHECKED, the banner)
+        at = kernel.symbol(name) - kernel.symbol(name) % PAGE
+        put(text + at - link, image.bytes_at(at, 2 * PAGE, slide))
+    phys_base = (text - (link + slide - START_KERNEL_MAP)) % (1 << 64)
+    put(text + kernel.image_offset("phys_base"), phys_base.to_bytes(8, "little"))
+    return fd, put
+
+
+def test_a_forged_banner_in_guest_memory_is_not_taken_for_the_kernel(kernel):
+    """Outside review: the first 2 MiB boundary whose 36-byte banner prefix matched was
+    the kernel: any process could write one below the real one. A candidate holds the
+    kernel only if its phys_base gives an offset KASLR chooses and the image's bytes,
+    relocated for it, are there."""
+    from backdoors.vm.kernel import START_KERNEL_MAP
+    from backdoors.vm.memory import GuestMemory
+    text, slide = 32 << 20, 6 << 20
+    fd, put = _crafted_ram(kernel, text, slide)
+    try:
+        banner = f"Linux version {kernel.version} (".encode()
+        distance = kernel.image_offset("linux_banner")
+        put((2 << 20) + distance, banner)  # a banner alone (phys_base 0: an offset < 0)
+        forged = 4 << 20  # a banner and a phys_base giving offset 0: no kernel bytes there
+        put(forged + distance, banner)
+        put(forged + kernel.image_offset("phys_base"),
+            ((forged - (kernel.symbol("_text") - START_KERNEL_MAP)) % (1 << 64)).to_bytes(8, "little"))
+        with GuestMemory(fd, kernel, where="crafted") as memory:
+            assert memory.text_phys == text and memory.kaslr_offset == slide
+        put(text + distance, bytes(len(banner)))  # the real one gone: none is the kernel
+        with GuestMemory(fd, kernel, where="crafted") as memory:
+            with pytest.raises(VmError, match="not found in memory.*refused at 0x200000.*0x400000"):
+                memory.text_phys  # noqa: B018
+    finally:
+        os.close(fd)
+
+
+def test_the_kaslr_offset_is_found_once_at_attach(kernel):
+    """Outside review: phys_base was read from guest memory at every virt(): a guest
+    that rewrote it moved every address the reader computes."""
+    from backdoors.vm.memory import GuestMemory
+    text, slide = 32 << 20, 6 << 20
+    fd, put = _crafted_ram(kernel, text, slide)
+    try:
+        with GuestMemory(fd, kernel, where="crafted") as memory:
+            where = memory.virt("sys_call_table")
+            assert where == kernel.symbol("sys_call_table") + slide
+            put(text + kernel.image_offset("phys_base"), (1 << 20).to_bytes(8, "little"))
+            assert memory.kaslr_offset == slide and memory.virt("sys_call_table") == where
+    finally:
+        os.close(fd)
 
 
 def test_initramfs_modules_dependencies_first(kernel):
@@ -284,7 +347,7 @@ def test_vm_without_kaslr_and_a_killed_owner_reaped(qemu, kernel, unique, tmp_pa
     """nokaslr: the kernel sits at its link address (KASLR offset 0); a guest whose owner
     forgot it is found and killed by its name prefix, and with it its RAM."""
     from backdoors.vm.machine import Vm, VmSpec, reap
-    prefix = f"bd-x{unique}-"
+    prefix = f"{PREFIX}x{unique}-"  # the tests' prefix: a killed run's is reaped (leftovers)
     vm = Vm.start(VmSpec(f"{prefix}v0", tmp_path, kaslr=False))
     try:
         memory = vm.memory()

@@ -24,6 +24,7 @@ from backdoors.vm.memory import MAX_RAM, PAGE, GuestMemory
 
 DIRECT = 0xFFFF_8880_0000_0000  # page_offset_base: RAM at DIRECT + physical
 INIT = 0x10_0000  # init_task's physical address
+BOUNDS = 0x3000  # max_threads, pid_max
 MEMBERS = {
     "task_struct.tasks": 0x10, "task_struct.children": 0x20, "task_struct.sibling": 0x30,
     "task_struct.pid": 0x40, "task_struct.tgid": 0x44, "task_struct.comm": 0x50,
@@ -32,6 +33,7 @@ MEMBERS = {
     "task_struct.start_time": 0x80, "mm_struct.rss_stat": 0x0, "mm_struct.exe_file": 0x40,
     "pid_namespace.idr": 0x0, "idr.idr_rt": 0x0, "idr.idr_base": 0x20,
     "xarray.xa_head": 0x8, "xa_node.shift": 0x0, "xa_node.slots": 0x28, "pid.tasks": 0x8,
+    "task_struct.group_leader": 0x88,
 }
 
 
@@ -57,6 +59,9 @@ class Guest(GuestMemory):
 
     def virt(self, symbol: str) -> int:
         return DIRECT + {"init_task": INIT, "init_pid_ns": 0x1000}[symbol]
+
+    def phys(self, symbol: str) -> int:  # the guest's bounds of its walks (0: none)
+        return {"max_threads": BOUNDS, "pid_max": BOUNDS + 4}[symbol]
 
     def read(self, phys: int, length: int) -> bytes:
         self.counted += 1
@@ -130,6 +135,103 @@ def test_a_pid_map_whose_nodes_repeat_ends_at_once(ram):
         with pytest.raises(VmError, match="pid map loops"):
             g.pid_table()
         assert g.counted < 10
+
+
+def _pid(put, index: int, struct_pid: int, task: int, *, leader: bool) -> None:
+    """Pid map slot `index` (a one-level xarray at 0x2000) -> struct pid at `struct_pid`,
+    held by `task` (PIDTYPE_PID), and with `leader` its thread group's (PIDTYPE_TGID)."""
+    put(0x1000 + MEMBERS["xarray.xa_head"], "<Q", DIRECT + 0x2000 + 2)
+    put(0x2000 + MEMBERS["xa_node.slots"] + 8 * index, "<Q", DIRECT + struct_pid)
+    links = DIRECT + task + MEMBERS["task_struct.pid_links"]
+    put(struct_pid + MEMBERS["pid.tasks"], "<QQ", links, links + 16 if leader else 0)
+
+
+def test_a_hidden_process_with_a_forged_tgid_is_still_found_by_the_pid_map(ram):
+    """Outside review: a process unlinked from the task list and its parent's children
+    counted from the pid map only if task->tgid == its pid: one 4-byte write hid it.
+    Leadership is its own `group_leader`, or its pid's PIDTYPE_TGID link: addresses."""
+    fd, put = ram
+    _task(put, INIT, 0, b"swapper")
+    put(INIT + MEMBERS["task_struct.group_leader"], "<Q", DIRECT + INIT)
+    hidden, thread = INIT + 0x4000, INIT + 0x8000  # on no list; a thread of init
+    _task(put, hidden, 2, b"evil")
+    put(hidden + MEMBERS["task_struct.tgid"], "<i", 1)  # the forged tgid
+    put(hidden + MEMBERS["task_struct.group_leader"], "<Q", DIRECT + hidden)
+    _task(put, thread, 3, b"worker")
+    put(thread + MEMBERS["task_struct.tgid"], "<i", 0)
+    put(thread + MEMBERS["task_struct.group_leader"], "<Q", DIRECT + INIT)
+    _pid(put, 2, 0x9000, hidden, leader=True)
+    _pid(put, 3, 0x9100, thread, leader=False)
+    with Guest(fd) as g:
+        assert g.pid_table() == {2: DIRECT + hidden, 3: DIRECT + thread}
+        assert g.hidden_tasks() == [(2, "evil", DIRECT + hidden)]
+        # its group_leader pointed elsewhere too: its pid's TGID link still says leader
+        put(hidden + MEMBERS["task_struct.group_leader"], "<Q", DIRECT + INIT)
+        assert g.hidden_tasks() == [(2, "evil", DIRECT + hidden)]
+
+
+def test_a_failing_process_table_walk_is_counted_and_logged_by_the_sampler(ram, caplog):
+    """Outside review: a VmError of the sampler's task list walk was swallowed: no
+    count, no log. (The guest's counters are given; the walk is the crafted RAM's.)"""
+    from backdoors.vm.memory import Readings
+    from backdoors.vm.sensors import GuestSampler, GuestSensors
+
+    class Counters(Guest):
+        def jiffies(self) -> int:
+            return 100 + self.counted
+
+        def readings(self) -> Readings:
+            return Readings(self.jiffies(), 1 << 30, 0, 0, 0, 0, 10, 10)
+
+        def load(self) -> tuple[float, float, float]:
+            return 0.0, 0.0, 0.0
+
+        def phys(self, symbol: str) -> int:  # the data the churn sensor visits
+            return {"_sdata": 0x20_0000, "_edata": 0x20_2000}.get(symbol, 0x20_0000)
+
+    fd, put = ram
+    _task(put, INIT, 0, b"swapper")
+    a, b = INIT + 0x1000, INIT + 0x2000
+    tasks = MEMBERS["task_struct.tasks"]
+    put(INIT + tasks, "<Q", DIRECT + a + tasks)  # init -> a -> b -> a -> ...: a loop
+    put(a + tasks, "<Q", DIRECT + b + tasks)
+    put(b + tasks, "<Q", DIRECT + a + tasks)
+    with Counters(fd) as g:
+        sensors = GuestSensors("hostile", g)  # its first walk fails: it is built all the same
+        try:
+            sampler = GuestSampler(sensors)
+            sensors._tasks_due = 0.0
+            with caplog.at_level("WARNING", logger="backdoors.vm"):
+                sampler.step()
+            assert sampler.errors == 1 and "process table walk" in sampler.last_error
+            assert "loops" in caplog.text
+        finally:
+            sensors.close()
+
+
+def test_a_forged_long_task_list_is_walked_no_further_than_the_guests_threads_max(ram):
+    """Outside review: a compromised kernel that links 65,535 fake tasks into its lists
+    cost the host ~1 CPU-second a walk. A walk now stops at the guest's own bound:
+    max_threads (fork refuses a thread past it) for the lists, pid_max for the pid map."""
+    fd, put = ram
+    _task(put, INIT, 0, b"swapper")
+    tasks, children, sibling = (MEMBERS[f"task_struct.{m}"] for m in ("tasks", "children", "sibling"))
+    base, n = 0x20_0000, 5000
+    for i in range(n):  # init -> t0 -> ... -> t4999 -> init, in both lists; no loop
+        at, nxt = base + 0x100 * i, base + 0x100 * (i + 1)
+        _task(put, at, 1000 + i, b"fake")
+        put(at + tasks, "<Q", DIRECT + (nxt + tasks if i + 1 < n else INIT + tasks))
+        put(at + sibling, "<Q", DIRECT + (nxt + sibling if i + 1 < n else INIT + children))
+    put(INIT + tasks, "<Q", DIRECT + base + tasks)
+    put(INIT + children, "<Q", DIRECT + base + sibling)
+    with Guest(fd) as g:
+        assert len(g.tasks()) == n + 1 and len(g.process_tree()) == n + 1  # no bound: all
+        put(BOUNDS, "<i", 200)  # threads-max 200
+        for walk in (g.tasks, g.process_table, g.process_tree):
+            g.counted = 0
+            with pytest.raises(VmError, match="more than 201 "):
+                walk()
+            assert g.counted < 10 * 201, (walk, g.counted)
 
 
 def test_corrupt_rss_counters_read_as_at_most_the_ram(ram):

@@ -226,3 +226,109 @@ def test_vm_scenario_reports_every_figure(qemu):
         assert kinds == ["tamper", "detected", "healed"] * 2, (lane, kinds)
     assert [e["kind"] for e in events if e["lane"] == "memory-leak"] == ["fault", "alarm"]
     assert all(e["t"] >= 0 for e in events)
+
+
+def test_a_kernel_tampered_before_attach_is_reported_at_attach_and_healed_to_the_image(
+        qemu, image, unique, tmp_path):
+    """Outside review: what differed from the image at attach became the clean baseline
+    and was never reported; put right later, the clean value was reported as the tamper
+    and healing wrote the rootkit's back. Now: open findings from attach (level, event,
+    kernel_integrity's list), healed to the image's bytes (an ftrace site to its boot
+    NOP); an IDT gate with no clean value known is reported, not healed, until it is put
+    right."""
+    from backdoors.vm import rootkit
+    from backdoors.vm.guard import GuestWatch
+    from backdoors.vm.integrity import patch_sites
+    from backdoors.vm.machine import Vm, VmSpec
+    from backdoors.vm.memory import GuestMemory
+    from leftovers import PREFIX
+    vm = Vm.start(VmSpec(f"{PREFIX}a{unique}-v0", tmp_path))
+    try:
+        memory, k = vm.memory(), vm.kernel
+        slide = memory.kaslr_offset
+        from backdoors.vm.memory import WALK_LIMIT
+        assert 20 < memory._tasks_bound(None) < WALK_LIMIT  # the guest's threads-max bounds walks
+        sites, _ = patch_sites(image)
+        # 4 bytes of code the guest never runs, in no patch site: int3s over them
+        start = k.symbol("suspend_devices_and_enter")
+        link = next(a for a in range(start, start + 256)
+                    if not any(sites.covers(b, b + 1) for b in range(a - 8, a + 12)))
+        clean = image.bytes_at(link, 4, slide)
+        text = memory.phys("_text") + link - k.symbol("_text")
+        assert memory.read(text, 4) == clean
+        with vm.debug() as stub:
+            stub.write_phys(text, b"\xcc" * 4)
+        was = rootkit.redirect_syscall(vm, rootkit.NR_UNAME, "__x64_sys_ni_syscall")
+        # over a function's first bytes: its ftrace site (the NOP the kernel wrote at boot)
+        # and past it
+        uname = rootkit.patch_function(vm, "__x64_sys_newuname")
+        # IDT vector 4 (#OF: INTO is invalid in 64-bit mode, never raised) -> elsewhere
+        gate_at = memory.phys("idt_table") + 16 * 4
+        gate = memory.read(gate_at, 16)
+        to = memory.virt("__x64_sys_ni_syscall")
+        forged = bytearray(gate)
+        struct.pack_into("<H", forged, 0, to & 0xFFFF)
+        struct.pack_into("<HI", forged, 6, to >> 16 & 0xFFFF, to >> 32)
+        with vm.debug() as stub:
+            stub.write_phys(gate_at, bytes(forged))
+
+        # an agent attaches now
+        events = []
+        agent = GuestMemory(vm.ram_fd, k, where="agent")
+        watch = GuestWatch("v0", agent, on_change=lambda *a: events.append(a))
+        try:
+            guard = watch.integrity
+            guard.step()  # the baseline
+            assert guard.checker is not None
+            found = {f.key: f for f in guard.findings()}
+            name = guard.checker.baseline.symbols.name(link)
+            assert found[("text", name)].clean == clean
+            syscall = found[("syscall", f"sys_call_table[{rootkit.NR_UNAME}]")]
+            assert syscall.clean == struct.pack("<Q", was) and "at attach" in syscall.detail
+            assert ("rodata", f"sys_call_table+{8 * rootkit.NR_UNAME:#x}") in found
+            idt = found[("idt", "idt_table[4]")]
+            assert idt.clean == b"" and "not healable" in idt.detail
+            patched = found[("text", "__x64_sys_newuname+0x0")]
+            assert patched.clean == uname and "8 bytes differ" in patched.detail
+            assert set(found) == {("text", name), syscall.key, idt.key, patched.key,
+                                  ("rodata", f"sys_call_table+{8 * rootkit.NR_UNAME:#x}")}
+            assert watch.sensors.tampered.value == len(found) == 5
+            assert [(v, n) for v, _new, n in events] == [(True, 5)]
+            assert {f.key for f in events[0][1]} == set(found)
+            for _ in range(len(guard.checker.baseline.pages) // guard.pages_per_tick + 2):
+                guard.step()  # a whole sweep: the same four, told once
+            assert {f.key for f in guard.findings()} == set(found) and len(events) == 1
+
+            # healing writes the image's bytes, never the readings at attach
+            healed, failed, left = guard.heal(vm)
+            assert [f.key for f in failed] == [idt.key] and left == 0
+            assert memory.read(text, 4) == clean
+            assert memory.read(memory.phys("__x64_sys_newuname"), len(uname)) == uname
+            entry = memory.phys("sys_call_table") + 8 * rootkit.NR_UNAME
+            assert memory.read(entry, 8) == struct.pack("<Q", was)
+            assert memory.read(gate_at, 16) == bytes(forged)  # not written
+            assert [f.key for f in guard.findings()] == [idt.key]
+            # the gate put right: its finding closes, that reading its clean value now
+            with vm.debug() as stub:
+                stub.write_phys(gate_at, gate)
+            guard.step()
+            assert guard.findings() == [] and guard.checker.sweep() == []
+            assert guard.checker.baseline.idt[16 * 4:16 * 5] == gate
+            assert vm.running()
+        finally:
+            watch.close()
+            agent.close()
+        # a banner any process could write, at a 2 MiB boundary below the kernel: not it
+        banner = f"Linux version {k.version} (".encode()
+        distance = k.image_offset("linux_banner")
+        at = next(b + distance for b in range(0, memory.text_phys, 2 << 20)
+                  if memory.read((b + distance) & ~0xFFF, 0x2000) == bytes(0x2000))
+        with vm.debug() as stub:
+            stub.write_phys(at, banner)
+        with GuestMemory(vm.ram_fd, k, where="fresh") as fresh:
+            assert fresh.text_phys == memory.text_phys and fresh.kaslr_offset == slide
+        with vm.debug() as stub:
+            stub.write_phys(at, bytes(len(banner)))
+    finally:
+        vm.stop()
+    assert _qemus(f"{PREFIX}a{unique}-") == [] and _memfds(f"{PREFIX}a{unique}-") == []

@@ -4,6 +4,7 @@
 its kernel box (sensors.py) and the `IntegrityGuard`, which takes the clean baseline from
 the kernel image (integrity.Baseline: a few seconds, in its own thread, so the agent
 serves meanwhile) and then checks a slice of the kernel per tick (integrity.Checker).
+What differs from the image at attach (a kernel tampered before) is open from then on.
 The open findings are the box's level `tampered` (max 0.5: any finding violates), read
 by monitors like any level; its changes are also told to `on_change` at once (the agent
 pushes them as events). `heal()` restores what is open (integrity.Healer) through the
@@ -73,6 +74,11 @@ class IntegrityGuard(Periodic):
         self.baseline_s = time.monotonic() - began
         log.info("%s: integrity baseline taken in %.1f s (%d pages)", self.sensors.box.name,
                  self.baseline_s, len(baseline.pages))
+        if baseline.unexplained:  # tampered before we attached: told at once
+            log.warning("%s: the guest kernel differs from its image at attach: %s",
+                        self.sensors.box.name, ", ".join(
+                            f"{f.kind} {f.where}" for f in baseline.unexplained[:MAX_FINDINGS_TOLD]))
+        self._show(self.checker.current())
 
     def _show(self, new: list[Finding]) -> None:
         with self._shown:

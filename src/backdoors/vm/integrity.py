@@ -11,15 +11,22 @@ from the kernel image on the host, relocated for the running kernel's KASLR offs
   return-thunk sites, SMP lock prefixes, ftrace's mcount sites, static keys and static
   calls): at attach, every byte of text that differs from the image must lie in a patch
   site the image itself declares (its .altinstructions, .parainstructions,
-  .retpoline_sites, .return_sites, .smp_locks, __mcount_loc, __jump_table,
-  static_call_sites tables and the static call trampolines); such pages take the guest's
-  own first reading as their baseline. A differing byte outside every site is reported
-  (`Baseline.unexplained`) -- a kernel tampered before we attached;
-- `__ro_after_init` data (inside the read-only data) is written during boot: its pages take
-  the first reading too.
+  .retpoline_sites, .return_sites, .smp_locks, __jump_table, static_call_sites tables and
+  the static call trampolines); those bytes take the guest's own first reading as their
+  baseline. ftrace's sites (__mcount_loc) are checked for their value: the image's call
+  or a NOP (what the kernel writes at boot). Any other differing byte is a kernel
+  tampered before we attached: a finding (`Baseline.unexplained`), open from attach,
+  whose clean bytes are the image's (an ftrace site's, the NOP) -- a tampered reading
+  never becomes the baseline;
+- `__ro_after_init` data (inside the read-only data) is written during boot: its bytes take
+  the first reading too. The system call table is `const`: its clean entries are the
+  image's, and an entry that differs at attach is a finding too;
 - the IDT (`idt_table`) is built at boot from tables freed after init: its baseline is the
   first reading, checked against the image: every gate must point into the entry text
-  (or, for vectors the kernel never installs, at its early boot handlers).
+  (or, for vectors the kernel never installs, at its early boot handlers). A gate that
+  points elsewhere at attach is a finding with no clean value known: reported until the
+  gate points where a clean kernel's may (that reading becomes its baseline), never
+  healed.
 
 `Checker.tick()` compares a slice of the pages (bounded work per call; a page is compared
 with its clean bytes, a memcmp, cheaper than hashing it again) and every tick the small hot
@@ -69,7 +76,8 @@ _DIFF = re.compile(rb"[^\x00]+")
 class Finding:
     """A tampered place: `kind` text | rodata | syscall | idt | ops | process; `where` a
     symbol + offset (or table[index], or `pid N`); `phys`/`clean` the bytes healing writes
-    back (a hidden process: `virt` is its task_struct, relinked by the Healer)."""
+    back (a hidden process: `virt` is its task_struct, relinked by the Healer; no `clean`
+    bytes: none known, the finding is reported but cannot be healed)."""
 
     kind: str
     where: str
@@ -133,9 +141,19 @@ class Sites:
         return len(self._starts)
 
 
-def patch_sites(image: KernelImage) -> tuple[Sites, dict[int, int]]:
-    """The text the kernel patches at boot, from the image's own tables; and the jump-label
-    sites (code -> target, link addresses) whose bytes may flip at run time."""
+def mcount_sites(image: KernelImage) -> list[int]:
+    """The ftrace call sites (__mcount_loc: a function's `call __fentry__`, link
+    addresses), sorted: at boot the kernel makes each a 5-byte NOP (ftrace off)."""
+    k = image.kernel
+    lo, hi = k.symbol("__start_mcount_loc"), k.symbol("__stop_mcount_loc")
+    data = image.bytes_at(lo, hi - lo)
+    return sorted(struct.unpack(f"<{len(data) // 8}Q", data))
+
+
+def patch_sites(image: KernelImage, *, mcount: bool = True) -> tuple[Sites, dict[int, int]]:
+    """The text the kernel patches at boot, from the image's own tables (without the
+    ftrace sites if not `mcount`: the baseline checks those on their own); and the
+    jump-label sites (code -> target, link addresses) whose bytes may flip at run time."""
     k = image.kernel
     spans: list[tuple[int, int]] = []
 
@@ -165,8 +183,8 @@ def patch_sites(image: KernelImage) -> tuple[Sites, dict[int, int]]:
     relative(".return_sites", 4, 5)
     relative(".smp_locks", 4, 1)
     relative(("__start_static_call_sites", "__stop_static_call_sites"), 8, 5)
-    _, data = table(("__start_mcount_loc", "__stop_mcount_loc"))
-    spans += [(a, a + 5) for a in struct.unpack(f"<{len(data) // 8}Q", data)]
+    if mcount:
+        spans += [(a, a + 5) for a in mcount_sites(image)]
     jumps: dict[int, int] = {}
     lo, data = table(("__start___jump_table", "__stop___jump_table"))  # s32 code, s32 target, long key
     for at in range(0, len(data) - 15, 16):
@@ -240,8 +258,13 @@ class Baseline:
     idt: bytes
     jumps: dict[int, int]  # jump-label code -> target (link addresses)
     symbols: Symbols
+    #: what differs from a clean kernel at attach (tampered before we attached): text,
+    #: rodata, syscall and idt findings, open from the start (Checker)
     unexplained: list[Finding] = field(default_factory=list)
+    #: IDT gates pointing outside the entry text at attach (no clean value known: their
+    #: first legal reading becomes it)
     idt_unexplained: list[int] = field(default_factory=list)
+    handlers: Sites = field(default_factory=lambda: Sites([]))  # where IDT gates may point
 
     @property
     def sources(self) -> dict[str, int]:
@@ -256,7 +279,8 @@ class Baseline:
         image = image or KernelImage(k)
         slide = memory.kaslr_offset
         symbols = Symbols(k.symbols, k.symbol("_text"))
-        sites, jumps = patch_sites(image)
+        sites, jumps = patch_sites(image, mcount=False)
+        mcount = mcount_sites(image)
         ro_after_init = Sites([(k.symbol("__start_ro_after_init"), k.symbol("__end_ro_after_init"))])
         pages: list[Page] = []
         unexplained: list[Finding] = []
@@ -269,33 +293,67 @@ class Baseline:
             clean = image.bytes_at(start, end - start, slide)
             phys = memory.phys(lo)
             live = memory.read(phys, end - start)
+            image_bytes = clean
+            if region == "text":
+                clean = _ftrace_sites(clean, live, start, mcount)
             for at in range(0, end - start, PAGE):
                 want, got = clean[at:at + PAGE], live[at:at + PAGE]
-                source = "image"
                 if want != got:
-                    source = "boot"
-                    runs = [(s, e, f"{e - s} bytes differ") for s, e in diff_runs(want, got)
+                    runs = [(s, e) for s, e in diff_runs(want, got)
                             if not allowed.covers(start + at + s, start + at + e)]
-                    if len(runs) > PAGE_FINDINGS:
-                        runs[PAGE_FINDINGS - 1:] = [_rest([r[:2] for r in runs[PAGE_FINDINGS - 1:]])]
-                    for s, e, what in runs:
+                    # the clean page: the patch sites as the kernel patched them, every
+                    # other byte as the image has it (never a tampered reading)
+                    page = bytearray(got)
+                    for s, e in runs:
+                        page[s:e] = want[s:e]
+                    shown = [(s, e, f"{e - s} bytes differ") for s, e in runs]
+                    if len(shown) > PAGE_FINDINGS:
+                        shown[PAGE_FINDINGS - 1:] = [_rest(runs[PAGE_FINDINGS - 1:])]
+                    for s, e, what in shown:
                         link = start + at + s
                         unexplained.append(Finding(region, symbols.name(link), link + slide,
-                                                   f"{what} from the image at attach"))
-                    want = got
+                                                   f"{what} from the image at attach",
+                                                   phys + at + s, bytes(page[s:e])))
+                    want = bytes(page)
+                source = "image" if want == image_bytes[at:at + PAGE] else "boot"
                 pages.append(Page(start + at, phys + at, _digest(want), want, source, region))
         table = k.symbol("sys_call_table")
         count = (_next_symbol(k.symbols, table) - table) // 8
-        syscalls = list(struct.unpack(f"<{count}Q", memory.read(memory.phys("sys_call_table"), 8 * count)))
+        virt, phys = memory.virt("sys_call_table"), memory.phys("sys_call_table")
+        live_calls = struct.unpack(f"<{count}Q", memory.read(phys, 8 * count))
+        # the table is const: the image has its clean entries (relocated)
+        syscalls = list(struct.unpack(f"<{count}Q", image.bytes_at(table, 8 * count, slide)))
+        for n, (was, now) in enumerate(zip(syscalls, live_calls)):
+            if was != now:
+                unexplained.append(Finding(
+                    "syscall", f"sys_call_table[{n}]", virt + 8 * n,
+                    f"-> {symbols.name(now - slide)} at attach (the image has "
+                    f"{symbols.name(was - slide)})", phys + 8 * n, struct.pack("<Q", was)))
         idt = memory.read(memory.phys("idt_table"), 16 * IDT_ENTRIES)
         # a gate points into the entry text, or (vectors the kernel never installs, such
         # as reserved ones) still at the early boot handlers it set first
         handlers = Sites([(k.symbol("__entry_text_start"), k.symbol("__entry_text_end")),
                           (k.symbol("early_idt_handler_array"),
                            k.symbol("early_idt_handler_array") + 32 * EARLY_IDT_HANDLER_SIZE)])
-        idt_unexplained = [n for n, h in enumerate(_gates(idt))
-                           if h is not None and not handlers.covers(h - slide, h - slide + 1)]
-        return cls(memory, slide, pages, syscalls, idt, jumps, symbols, unexplained, idt_unexplained)
+        baseline = cls(memory, slide, pages, syscalls, idt, jumps, symbols, unexplained,
+                       handlers=handlers)
+        baseline.idt_unexplained = [n for n, h in enumerate(_gates(idt)) if not baseline.idt_legal(h)]
+        unexplained += [baseline.idt_finding(n, idt) for n in baseline.idt_unexplained]
+        return baseline
+
+    def idt_legal(self, handler: int | None) -> bool:
+        """Whether an IDT gate's handler is one a clean kernel installs (or none)."""
+        return handler is None or self.handlers.covers(handler - self.slide, handler - self.slide + 1)
+
+    def idt_finding(self, n: int, idt: bytes) -> Finding:
+        """The finding of IDT gate `n` (in `idt`, a reading of the table) pointing outside
+        the entry text since attach: its clean value is unknown (the IDT is built at
+        boot from tables freed after init), so it is reported and cannot be healed."""
+        virt = self.memory.virt("idt_table") + 16 * n
+        return Finding("idt", f"idt_table[{n}]", virt,
+                       f"-> {self.symbols.name((_gates(idt)[n] or 0) - self.slide)}: outside "
+                       "the entry text since attach; no clean value known, not healable",
+                       self.memory.phys("idt_table") + 16 * n, b"")
 
     def __post_init__(self) -> None:
         self._by_link = {p.link: p for p in self.pages}
@@ -306,6 +364,18 @@ class Baseline:
             return self._by_link[link - link % PAGE]
         except KeyError:
             raise VmError(f"{link:#x} is outside the baseline's pages") from None
+
+
+def _ftrace_sites(clean: bytes, live: bytes, start: int, sites: list[int]) -> bytes:
+    """The image's text at link address `start` with each ftrace site as the kernel left
+    it at boot: as the image has it (a call) or the NOP it writes; any other reading
+    (a rootkit's jump over a function's first bytes) is not clean: the NOP is."""
+    out = bytearray(clean)
+    for site in sites[bisect.bisect_left(sites, start):bisect.bisect_left(sites, start + len(clean) - 4)]:
+        at = site - start
+        if live[at:at + 5] != clean[at:at + 5]:
+            out[at:at + 5] = live[at:at + 5] if live[at:at + 5] in NOPS5 else NOPS5[0]
+    return bytes(out)
 
 
 def _digest(page: bytes) -> bytes:
@@ -350,6 +420,13 @@ class Checker:
         k = self.memory.kernel
         self._ops = [(n, k.symbol(n), _next_symbol(k.symbols, k.symbol(n)) - k.symbol(n))
                      for n in OPS_TABLES if n in k.symbols]
+        # what was tampered before attach is open from the start (a clean read of its
+        # page, or of its table, closes it as any finding)
+        for f in baseline.unexplained:
+            self.active[f.key] = f
+            if f.kind in ("text", "rodata"):
+                page = baseline.page_of(f.virt - baseline.slide)
+                self._page_keys.setdefault(page.phys, set()).add(f.key)
 
     def tick(self) -> list[Finding]:
         with self._lock:
@@ -477,15 +554,25 @@ class Checker:
         b = self.baseline
         phys = self.memory.phys("idt_table")
         live = self.memory.read(phys, len(b.idt))
-        if live == b.idt:
+        if live == b.idt and not b.idt_unexplained:
             return []
         was, now = _gates(b.idt), _gates(live)
         virt = self.memory.virt("idt_table")
-        return [Finding("idt", f"idt_table[{n}]", virt + 16 * n,
-                        f"-> {b.symbols.name((now[n] or 0) - b.slide)} (was "
-                        f"{b.symbols.name((was[n] or 0) - b.slide)})",
-                        phys + 16 * n, b.idt[16 * n:16 * n + 16])
-                for n in range(IDT_ENTRIES) if live[16 * n:16 * n + 16] != b.idt[16 * n:16 * n + 16]]
+        out = []
+        for n in range(IDT_ENTRIES):
+            gate = live[16 * n:16 * n + 16]
+            if n in b.idt_unexplained:  # no clean value known yet
+                if b.idt_legal(now[n]):  # put right: that is its clean value now
+                    b.idt = b.idt[:16 * n] + gate + b.idt[16 * n + 16:]
+                    b.idt_unexplained.remove(n)
+                else:
+                    out.append(b.idt_finding(n, live))
+            elif gate != b.idt[16 * n:16 * n + 16]:
+                out.append(Finding("idt", f"idt_table[{n}]", virt + 16 * n,
+                                   f"-> {b.symbols.name((now[n] or 0) - b.slide)} (was "
+                                   f"{b.symbols.name((was[n] or 0) - b.slide)})",
+                                   phys + 16 * n, b.idt[16 * n:16 * n + 16]))
+        return out
 
     def _ops_tables(self) -> list[Finding]:
         out = []
@@ -535,6 +622,9 @@ class Healer:
             findings = [f for f in findings if f.kind != "process" or f.virt in alive]
         for f in findings:
             if f.kind != "process":
+                if not f.clean:  # no clean value known: not healable
+                    failed[id(f)] = f
+                    continue
                 stub.write_phys(f.phys, f.clean)
                 if memory.read(f.phys, len(f.clean)) != f.clean:
                     failed[id(f)] = f

@@ -19,7 +19,7 @@ from . import btf, kallsyms
 
 #: the kernel's virtual base of its image mapping (x86-64, arch/x86/include/asm/page_64_types.h)
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
-PROFILE_FORMAT = 11
+PROFILE_FORMAT = 12
 #: structure members whose offsets the profile keeps (from the kernel's BTF)
 MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tgid"),
            ("task_struct", "comm"), ("task_struct", "__state"), ("task_struct", "mm"),
@@ -32,7 +32,8 @@ MEMBERS = (("task_struct", "tasks"), ("task_struct", "pid"), ("task_struct", "tg
            ("signal_struct", "thread_head"), ("task_struct", "thread_node"),
            ("task_struct", "thread_info"), ("thread_info", "flags"), ("list_head", "next"),
            ("mm_struct", "rss_stat"), ("task_struct", "pending"), ("rq", "nr_running"),
-           ("task_struct", "start_time"), ("mm_struct", "exe_file"))
+           ("task_struct", "start_time"), ("mm_struct", "exe_file"),
+           ("task_struct", "group_leader"))
 #: enumerators whose values the profile keeps (indexes of the kernel's vmstat arrays)
 ENUMS = (("zone_stat_item", "NR_FREE_PAGES"), ("node_stat_item", "NR_FILE_PAGES"),
          ("node_stat_item", "NR_SHMEM"), ("node_stat_item", "NR_SLAB_UNRECLAIMABLE_B"),

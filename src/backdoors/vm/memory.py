@@ -7,7 +7,10 @@ found from the profile (kernel.py) and the kernel's physical load address, which
 located in memory: the `linux_banner` string lies at a fixed distance from `_text`, and
 `_text` is loaded on a 2 MiB boundary (CONFIG_PHYSICAL_ALIGN). So KASLR's physical
 randomisation costs one scan; its virtual offset follows from the guest's own `phys_base`
-(phys_base = physical _text - (virtual _text - __START_KERNEL_map)). Other virtual
+(phys_base = physical _text - (virtual _text - __START_KERNEL_map)). A banner is a string
+any process may write: a boundary holds the kernel only if that offset is one KASLR
+chooses and the image's bytes, relocated for it, are there (`_candidate`); both are
+found once, at attach. Other virtual
 addresses (the direct map, slab objects) are translated by walking the kernel's page
 tables from `init_top_pgt`.
 """
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import VmError
+from .image import KernelImage
 from .kernel import START_KERNEL_MAP, GuestKernel
 
 PHYSICAL_ALIGN = 2 << 20
@@ -41,6 +45,16 @@ RSS_COUNTERS = (0, 1, 3)
 TASK_MEMBERS = (("__state", "<I"), ("exit_state", "<i"), ("mm", "<Q"), ("real_parent", "<Q"),
                 ("start_time", "<Q"), ("pid", "<i"), ("comm", "16s"), ("tgid", "<i"))
 FIXED_1 = 1 << 11  # avenrun's fixed point (include/linux/sched/loadavg.h)
+#: KASLR offsets a kernel may have: 2 MiB aligned, below the 1 GiB of the kernel image
+#: mapping (arch/x86/include/asm/page_64_types.h KERNEL_IMAGE_SIZE)
+MAX_KASLR = 1 << 30
+#: the pages compared with the image where a banner is found (text, and read-only data
+#: with pointers the KASLR offset relocates), and the share of their bytes that must match
+CHECKED = ("_text", "sys_call_table")
+MATCH = 0.75
+#: the most entries a walk of a guest list or map reads; less where the guest's own bound
+#: is lower (`_bound`: a list a compromised kernel forges long costs the host per walk)
+WALK_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class GuestMemory:
         self._fd = os.dup(fd)
         self.size = size
         self._text_phys: int | None = None
+        self._kaslr = 0  # the KASLR offset, found with _text_phys
         self._direct: int | None = None  # page_offset_base, read once (__ro_after_init)
 
     def close(self) -> None:
@@ -126,30 +141,67 @@ class GuestMemory:
 
     @property
     def text_phys(self) -> int:
-        """The guest-physical address of `_text` (found once, by its banner)."""
+        """The guest-physical address of `_text` (found once, by its banner, and checked
+        against the image: `_find_text`)."""
         if self._text_phys is None:
-            self._text_phys = self._find_text()
+            self._text_phys, self._kaslr = self._find_text()
         return self._text_phys
 
-    def _find_text(self) -> int:
-        """The first 2 MiB boundary whose `linux_banner` (at its distance) is this
-        kernel's: one short read per boundary."""
+    def _find_text(self) -> tuple[int, int]:
+        """(physical `_text`, KASLR offset) of the first 2 MiB boundary whose
+        `linux_banner` (at its distance) is this kernel's and that holds the kernel
+        (`_candidate`): a banner is 36 bytes any process may write in its memory, so a
+        boundary with one is a candidate only. One short read per boundary."""
         banner = f"Linux version {self.kernel.version} (".encode()
         distance = self.kernel.image_offset("linux_banner")
+        image, refused = None, []
         for text in range(0, self.size - distance - len(banner) + 1, PHYSICAL_ALIGN):
-            if self.read(text + distance, len(banner)) == banner:
-                return text
+            if self.read(text + distance, len(banner)) != banner:
+                continue
+            image = image or KernelImage(self.kernel)
+            slide, why = self._candidate(text, image)
+            if slide is not None:
+                return text, slide
+            refused.append(f"{text:#x}: {why}")
         raise VmError(f"{self.where}: kernel {self.kernel.version} not found in memory "
-                      "(not booted yet, or another kernel runs)")
+                      "(not booted yet, or another kernel runs)"
+                      + (f"; banners refused at {'; '.join(refused[:4])}" if refused else ""))
+
+    def _candidate(self, text: int, image: KernelImage) -> tuple[int | None, str]:
+        """(the KASLR offset, "") if a kernel is loaded at physical `text`, else (None,
+        why not): the offset its `phys_base` gives must be one KASLR chooses (2 MiB
+        aligned, in 0..MAX_KASLR), and the image's bytes relocated for it must be there:
+        of the pages at CHECKED (text and read-only data; boot patches a few bytes),
+        at least MATCH of the bytes."""
+        k = self.kernel
+        at = text + k.image_offset("phys_base")
+        if at + 8 > self.size:
+            return None, "phys_base outside the RAM"
+        phys_base, = struct.unpack("<Q", self.read(at, 8))
+        slide = (text - phys_base + START_KERNEL_MAP - k.symbol("_text")) % (1 << 64)
+        if slide >= MAX_KASLR or slide % PHYSICAL_ALIGN:
+            return None, f"its phys_base gives KASLR offset {slide:#x}"
+        same = total = 0
+        for name in CHECKED:
+            link = k.symbol(name) - k.symbol(name) % PAGE
+            want = image.bytes_at(link, PAGE, slide)
+            phys = text + link - k.symbol("_text")
+            if phys + PAGE > self.size:
+                return None, f"{name} outside the RAM"
+            same += sum(a == b for a, b in zip(want, self.read(phys, PAGE)))
+            total += PAGE
+        if same < MATCH * total:
+            return None, f"{same} of {total} bytes of the image there"
+        return slide, ""
 
     @property
     def kaslr_offset(self) -> int:
         """How far the running kernel's virtual addresses are from the link-time ones
-        (0 when booted with nokaslr)."""
-        phys_base = self.read_u64("phys_base")
-        # phys_base is a u64 that may hold a negative delta: compute modulo 2**64
-        running_text = (self.text_phys - phys_base + START_KERNEL_MAP) % (1 << 64)
-        return running_text - self.kernel.symbol("_text")
+        (0 when booted with nokaslr): from the guest's `phys_base` (phys_base = physical
+        _text - (virtual _text - __START_KERNEL_map)), read once when the kernel is
+        located -- the guest may write it later, the kernel does not move."""
+        self.text_phys
+        return self._kaslr
 
     # ---- reading ------------------------------------------------------------------
 
@@ -218,14 +270,29 @@ class GuestMemory:
     def read_u64(self, symbol: str) -> int:
         return struct.unpack("<Q", self.read(self.phys(symbol), 8))[0]
 
-    def tasks(self, limit: int = 1 << 16) -> list[tuple[int, str]]:
+    def tasks(self, limit: int | None = None) -> list[tuple[int, str]]:
         """(pid, comm) of every task on the kernel's task list (init_task.tasks, a
         circular list of task_structs linked through their `tasks` member), read through
         the page tables; `limit` bounds a list a hostile or changing guest keeps long."""
         ident = self._ident()
         return [ident(t) for t in self._task_list(limit)]
 
-    def process_table(self, limit: int = 1 << 16) -> list[GuestTask]:
+    def _bound(self, symbol: str, extra: int = 0) -> int:
+        """WALK_LIMIT, or the guest's own bound if lower: its int `symbol` (max_threads:
+        fork refuses a thread past it; pid_max: pids are below it) + `extra`; unreadable
+        or not positive, WALK_LIMIT."""
+        try:
+            value, = struct.unpack("<i", self.read(self.phys(symbol), 4))
+        except VmError:
+            return WALK_LIMIT
+        return min(WALK_LIMIT, value + extra) if value > 0 else WALK_LIMIT
+
+    def _tasks_bound(self, limit: int | None) -> int:
+        """A walk's limit of tasks: `limit`, or the guest's threads-max (+ init_task,
+        not counted in it), at most WALK_LIMIT."""
+        return self._bound("max_threads", 1) if limit is None else limit
+
+    def process_table(self, limit: int | None = None) -> list[GuestTask]:
         """Every process on the task list with its state, resident memory (its mm's
         rss counters: file, anon and shmem pages; they lag the truth by a few dozen
         pages per thread, which the kernel folds in now and then), start time and
@@ -270,8 +337,9 @@ class GuestMemory:
             out.append((x >> 11) + ((x & (FIXED_1 - 1)) * 100 >> 11) / 100)
         return out[0], out[1], out[2]
 
-    def _task_list(self, limit: int) -> list[int]:
+    def _task_list(self, limit: int | None) -> list[int]:
         """The task_struct addresses on init_task.tasks, in list order."""
+        limit = self._tasks_bound(limit)
         link = self.kernel.member("task_struct", "tasks")
         head = self.virt("init_task") + link
         out, node, seen = [], head, {head}
@@ -303,12 +371,13 @@ class GuestMemory:
         written then is overwritten by them once the guest runs."""
         return self.read(self.phys("tasklist_lock"), 1) == b"\0"
 
-    def process_tree(self, limit: int = 1 << 16) -> list[tuple[int, str, int]]:
+    def process_tree(self, limit: int | None = None) -> list[tuple[int, str, int]]:
         """(pid, comm, task address) of every process reachable from init_task through
         the `children`/`sibling` lists -- the process tree, a second kernel structure
         holding the same thread-group leaders as the task list (a rootkit that unlinks a
         task from `tasks` to hide it rarely unlinks it from its parent's children too)."""
         k = self.kernel
+        limit = self._tasks_bound(limit)
         children, sibling = (k.member("task_struct", m) for m in ("children", "sibling"))
         ident = self._ident()
         root = self.virt("init_task")
@@ -332,13 +401,19 @@ class GuestMemory:
                 node = struct.unpack("<Q", self.read_virt(node, 8))[0]
         return out
 
-    def pid_table(self, limit: int = 1 << 16) -> dict[int, int]:
+    def pid_table(self, limit: int | None = None) -> dict[int, int]:
         """pid -> task_struct address of every process and thread with a pid in the
         initial pid namespace: the pid allocator's own map (`init_pid_ns.idr`, an xarray
         of `struct pid`), a third kernel structure beside the task list and the process
         tree -- the one the kernel looks pids up in (kill, /proc), so a task unlinked
         from both lists is still here. A pid no task holds (one being freed) is left out."""
+        return {pid: task for pid, (task, _) in self._pid_map(limit).items()}
+
+    def _pid_map(self, limit: int | None) -> dict[int, tuple[int, int]]:
+        """pid -> (task_struct address, struct pid address): pid_table's, with the pids;
+        at most `limit` entries, by default pid_max (at most WALK_LIMIT)."""
         k = self.kernel
+        limit = self._bound("pid_max") if limit is None else limit
         idr = self.virt("init_pid_ns") + k.member("pid_namespace", "idr")
         rt = idr + k.member("idr", "idr_rt")
         base, = struct.unpack("<I", self.read_virt(idr + k.member("idr", "idr_base"), 4))
@@ -349,7 +424,7 @@ class GuestMemory:
         for index, pid in self._xa_entries(head, limit):
             first, = struct.unpack("<Q", self.read_virt(pid + first_at, 8))
             if first:
-                out[base + index] = first - link_at
+                out[base + index] = (first - link_at, pid)
         return out
 
     def _xa_entries(self, head: int, limit: int) -> list[tuple[int, int]]:
@@ -389,19 +464,26 @@ class GuestMemory:
         by the process tree (a rootkit that unlinks a task from `tasks` rarely unlinks it
         from its parent's children too) or by the pid map (`pid_table`: one that does
         is still there, as the kernel must find its pid to run it); of the pid map, only
-        thread-group leaders (threads are never on the task list)."""
+        thread-group leaders (threads are never on the task list): a task is one if it
+        is its own `group_leader` or its pid's PIDTYPE_TGID list holds it -- addresses
+        compared, not its `tgid`, a number a rootkit rewrites at no cost to the task."""
         listed = {pid for pid, _ in self.tasks()}
         out = [t for t in self.process_tree() if t[0] not in listed]
         seen = listed | {pid for pid, _, _ in out}
-        tgid_at = self.kernel.member("task_struct", "tgid")
         ident = self._ident()
-        for pid, task in sorted(self.pid_table().items()):
-            if pid in seen:
-                continue
-            tgid, = struct.unpack("<i", self.read_virt(task + tgid_at, 4))
-            if tgid == pid:
+        for pid, (task, pid_struct) in sorted(self._pid_map(None).items()):
+            if pid not in seen and self._leads_group(task, pid_struct):
                 out.append((*ident(task), task))
         return out
+
+    def _leads_group(self, task: int, pid: int) -> bool:
+        """Whether `task`, the holder of `struct pid` at `pid`, leads its thread group."""
+        k = self.kernel
+        leader, = struct.unpack("<Q", self.read_virt(task + k.member("task_struct", "group_leader"), 8))
+        # pid->tasks[PIDTYPE_TGID].first: the leader's pid_links[PIDTYPE_TGID] (an
+        # hlist_head is 8 bytes, an hlist_node 16), on a thread's pid empty
+        first, = struct.unpack("<Q", self.read_virt(pid + k.member("pid", "tasks") + 8, 8))
+        return task in (leader, first - k.member("task_struct", "pid_links") - 16)
 
     def readings(self) -> Readings:
         """The guest kernel's counters now (vm_zone_stat, vm_node_stat: global sums of

@@ -68,14 +68,21 @@ class VmNode(Node):
 
     def memory(self) -> GuestMemory:
         """The guest's RAM, mapped read-only from its QEMU (once), with the kernel located
-        in it."""
+        in it. Kept only once the kernel is found: a guest still booting (or a kernel not
+        found) is searched for afresh at the next call."""
         if self._memory is None:
             fd = open_ram(self.pid, self.guest)
             try:
-                self._memory = GuestMemory(fd, GuestKernel.find(self.kernel),
-                                           where=f"VM node {self.name}")
+                memory = GuestMemory(fd, GuestKernel.find(self.kernel),
+                                     where=f"VM node {self.name}")
             finally:
                 os.close(fd)
+            try:
+                memory.text_phys  # noqa: B018 - located (and checked) now, or not kept
+            except BaseException:
+                memory.close()
+                raise
+            self._memory = memory
         return self._memory
 
     def running(self) -> bool:

@@ -27,6 +27,7 @@ raised and None as its episode ends.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,6 +49,11 @@ TASKS_EVERY_S = 0.5
 #: the window of `refault_rate`, and of `running`'s mean (one sample is a moment's)
 REFAULT_WINDOW_S = 1.0
 RUNNING_WINDOW_S = 0.5
+
+
+class WalkFailed(VmError):
+    """A walk of the guest's task list failed (torn by a fork or an exit, or a hostile
+    list): the other readings were taken; the next walk reads it again."""
 
 
 class GuestSensors:
@@ -85,7 +91,8 @@ class GuestSensors:
         self._tasks_due = 0.0
         try:
             self._base = memory.jiffies()
-            self.update()
+            with contextlib.suppress(WalkFailed):  # (the sampler walks again, and says so)
+                self.update()
         except BaseException:
             self.box.close()
             raise
@@ -118,8 +125,9 @@ class GuestSensors:
             self._tasks_due = time.monotonic() + TASKS_EVERY_S
             try:
                 table = self.memory.process_table()
-            except VmError:
-                return  # the list changed under the walk (the guest runs): the next walk reads it
+            except VmError as e:  # the list changed under the walk (the guest runs), or a
+                # hostile one: the sampler counts and logs it, the next walk reads it again
+                raise WalkFailed(f"the process table walk: {e}") from None
             self.table = table
             self.tasks.set(float(len(table)))
             self.blocked.set(float(sum(1 for t in table if t.state == "D")))
