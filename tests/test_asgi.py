@@ -548,3 +548,90 @@ def test_a_session_moves_with_its_channel_to_a_backend(rlab, monkeypatch, stop):
     rlab.recover_all(held, b)
     assert client.result(timeout=30) == f"calls=2 recovered=True hits=2 conn={conn}", rlab.logs()
     assert get("/relay") == f"calls=3 recovered=True hits=3 conn={conn}", rlab.logs()
+
+
+def test_spare_channels_the_peer_closed_are_passed_over_and_idle_ones_closed(monkeypatch):
+    """Spares (--spare-channels) are connections held open ahead: one the peer has
+    closed meanwhile (its own idle timeout) is not handed to a session, which opens a
+    new channel instead; and spares no session took for SPARE_IDLE_S are closed."""
+    import psutil
+
+    from backdoors.continuations import channels
+    from backdoors.scenarios.labkit import wait_until
+
+    monkeypatch.delenv("BACKDOORS_AGENT_SOCKET", raising=False)
+
+    def channels_to(port: int) -> int:  # this process's open connections to the peer
+        return sum(1 for c in psutil.Process().net_connections("tcp")
+                   if c.raddr and c.raddr.port == port and c.status == "ESTABLISHED")
+
+    clients = []  # (their sessions, and so their channels, stay open)
+
+    def relay(address) -> str:
+        clients.append(c := http.client.HTTPConnection(*address, timeout=10))
+        c.request("GET", "/relay")
+        r = c.getresponse()
+        assert r.status == 200
+        return r.read().decode()
+
+    with serving(asgi_app.backend, idle_s=1.0) as closing, \
+            serving(asgi_app.backend, idle_s=None) as keeping, \
+            serving(spares=2) as front:
+        monkeypatch.setenv("ASGI_BACKEND", "%s:%d" % closing)
+        assert relay(front).startswith("calls=1 recovered=False hits=1 ")
+        wait_until(lambda: channels_to(closing[1]) == 3, 30, "a channel and two spares")
+        wait_until(lambda: channels_to(closing[1]) == 0, 30, "the peer closing them, idle")
+        assert relay(front).startswith("calls=1 recovered=False hits=1 ")  # a new one
+        monkeypatch.setattr(channels, "SPARE_IDLE_S", 2.0)
+        monkeypatch.setenv("ASGI_BACKEND", "%s:%d" % keeping)
+        assert relay(front).startswith("calls=1 recovered=False hits=1 ")
+        wait_until(lambda: channels_to(keeping[1]) == 3, 30, "a channel and two spares")
+        wait_until(lambda: channels_to(keeping[1]) == 1, 30, "the spares closed, untaken")
+        for c in clients:
+            c.close()
+
+
+def test_a_new_session_takes_a_spare_channel_and_moves_with_it(rlab, monkeypatch):
+    """With --spare-channels 2: once a session has opened a channel to the backend, the
+    server opens two more, so the next session's first call goes on a connection the
+    backend already held (no connect, no registration on its path). The spare it took
+    moves with its session like any channel; the spares no session took are closed on
+    the node they move to."""
+    from test_continuations_support import NODE_IPS, PORT
+
+    from backdoors.scenarios.labkit import wait_until
+
+    monkeypatch.setenv("ASGI_BACKEND", f"{NODE_IPS['d']}:{PORT}")
+    args = ("backdoors.asgi", "asgi_app:app", "--app-dir", TESTS, "--spare-channels", "2")
+    d = rlab.server("d", "backdoors.asgi", "asgi_app:backend", "--app-dir", TESTS)
+    a = rlab.server("a", *args)
+    b = rlab.server("b", *args)
+
+    def held(server) -> set[str]:
+        sessions = server.sessions()
+        for h in sessions:
+            h.close()
+        return {h.session for h in sessions}
+
+    def relay(sock: socket.socket) -> str:
+        sock.sendall(b"GET /relay HTTP/1.1\r\nHost: svc\r\n\r\n")
+        status, body = _response(sock)
+        assert status.startswith(b"HTTP/1.1 200"), (status, body)
+        return body.decode()
+
+    first = rlab.connect()
+    one = relay(first)
+    assert one.startswith("calls=1 recovered=False hits=1 "), one
+    wait_until(lambda: len(held(d)) == 3, 30, "the backend holding 2 spares")
+    spares = held(d) - {re.search(r"conn=(\w+)", one).group(1)}
+    second = rlab.connect()
+    two = relay(second)
+    conn = re.search(r"conn=(\w+)", two).group(1)
+    assert two.startswith("calls=1 recovered=False hits=1 ") and conn in spares, (two, spares)
+    a.freeze()
+    rlab.recover_all(a.sessions(), b)
+    assert relay(second) == f"calls=2 recovered=True hits=2 conn={conn}", rlab.logs()
+    # the spares left at a came to b with no session: closed there, so the backend ends
+    # up holding the two sessions' channels only
+    wait_until(lambda: len(held(d)) == 2, 30, "the moved spares closed")
+    assert relay(first).startswith("calls=2 recovered=True hits=2 "), rlab.logs()

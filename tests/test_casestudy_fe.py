@@ -30,8 +30,9 @@ def fes():
     with rubis_lab("fe", hosts=2, nodes=4, db_node="n3", scale=SMALL) as (lab, pg):
         mt = site.start_mt(lab, "n2", pg, secret=SECRET)
         mt_plain = site.start_mt(lab, "n2", pg, secret=SECRET, plain=True)
-        a = site.start_fe(lab, "n0", [mt.address], SECRET)
-        b = site.start_fe(lab, "n1", [mt.address], SECRET)
+        # (no spare channels: the tests count the sessions the agents hold)
+        a = site.start_fe(lab, "n0", [mt.address], SECRET, spares=0)
+        b = site.start_fe(lab, "n1", [mt.address], SECRET, spares=0)
         plain = site.start_fe(lab, "n1", [mt_plain.address], SECRET, plain=True)
         yield lab, pg, a, b, plain
 

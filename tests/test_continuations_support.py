@@ -145,8 +145,9 @@ class Server:
                 except CbFormatError:  # caught being created: its header is not there yet
                     os.close(fd)
         held = []
-        for sock in socks:
-            match = [(img, fd) for img, fd in boxes if img.remote == _peer(sock)]
+        for sock in socks:  # (both ends: a server's channels to one peer share its address)
+            match = [(img, fd) for img, fd in boxes
+                     if (img.local, img.remote) == (sock.getsockname(), _peer(sock))]
             if match:
                 held.append(Held(sock, match[0][1], match[0][0].session_id))
                 boxes.remove(match[0])

@@ -3,7 +3,7 @@
     python -m backdoors.asgi myapp:app --port 8080 [--adopt /run/app/adopt-8080.sock]
                              [--app-dir DIR] [--sensor-box NAME [--deadline S]]
                              [--limit-concurrency N] [--timeout-idle S]
-                             [--max-response BYTES]
+                             [--max-response BYTES] [--spare-channels N]
 
     await serve(app, AsyncListener.tcp("0.0.0.0", 8080))      # from Python
 
@@ -41,7 +41,9 @@ with it to the recovery node and rolled back with it. Its `reader` and `writer` 
 asyncio's streams; its `state` dict (exported with it) holds what the application needs
 to make the same calls again; `recovered` says it came from another node. A replayed
 request must make the same calls on it, in the same order, as the first time (the
-peer's answers read before the failure are replayed from the channel's log).
+peer's answers read before the failure are replayed from the channel's log). Once a
+session has opened a channel to a peer, the server can keep `--spare-channels` more open
+to it, held by the agent, for the sessions that come next (continuations.channels.Spares).
 
 The lifespan protocol (startup, shutdown) is run when the application supports it.
 """
@@ -70,7 +72,7 @@ from .common.ipc import ready
 from .continuations import SESSION_FDS as BOX_SESSION_FDS
 from .continuations import AsyncListener, LogFullError, StateTooLargeError, create_cb_async, run
 from .continuations.agent_link import NULL, default_registrar
-from .continuations.channels import ChannelState, Handed, SessionChannels
+from .continuations.channels import SPARES, ChannelState, Handed, SessionChannels, Spares
 from .continuations.cbformat import MAX_LOG_CAPACITY, MAX_STATE_CAPACITY
 
 log = logging.getLogger("backdoors.asgi")
@@ -122,7 +124,7 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
                 state_capacity: int = STATE_CAPACITY, log_capacity: int = LOG_CAPACITY,
                 idle_s: float | None = IDLE_S, limit: int | None = None,
                 state: dict | None = None, response_max: int | None = RESPONSE_MAX,
-                grace_s: float = GRACE_S) -> None:
+                grace_s: float = GRACE_S, spares: int = SPARES) -> None:
     """Serve `app` on `listener` until the listener is closed. `state_capacity`: bytes of
     each session's exported state, which holds the response being sent: a response that
     does not fit is sent all the same, but a recovery in the middle of it ends the
@@ -140,7 +142,9 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
     request's scope carries. `response_max`: the most bytes of a response body held
     (a response is sent whole, once the application has made it): past it, a 500 that
     ends the connection, so that an endless stream (server-sent events) cannot grow the
-    server without bound; None: no bound.
+    server without bound; None: no bound. `spares`: spare channels kept open to each
+    peer sessions have opened channels to, so that a new session's first call does not
+    wait for a connect and its registrations (continuations.channels.Spares); 0: none.
 
     Once the listener is closed, the sessions are left to the agent that holds them (it
     moves them to a recovery server). Without an agent ($BACKDOORS_AGENT_SOCKET unset)
@@ -149,12 +153,14 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
     handed = Handed()
     idle = _Idle(idle_s) if idle_s else None
     live = _Live(limit)
-    site = _Site(app, root_path, {} if state is None else state, response_max)
+    site = _Site(app, root_path, {} if state is None else state, response_max,
+                 Spares(spares))
     try:
         await listener.serve(_session, site, state_capacity, log_capacity, handed, idle, live)
         if default_registrar() is NULL:  # no agent holds the sessions: they end here
             await site.drain(listener.running(), grace_s)
     finally:
+        site.spares.close()
         handed.close()
         if idle is not None:
             idle.stop()
@@ -162,12 +168,13 @@ async def serve(app, listener: AsyncListener, *, root_path: str = "",
 
 class _Site:
     """What every session of one server shares: the application, its root path, the
-    lifespan's state, the bound on a response, and whether the server stops (without an
-    agent: `drain`)."""
+    lifespan's state, the bound on a response, the spare channels, and whether the server
+    stops (without an agent: `drain`)."""
 
-    def __init__(self, app, root_path: str, state: dict, response_max: int | None):
+    def __init__(self, app, root_path: str, state: dict, response_max: int | None,
+                 spares: Spares):
         self.app, self.root_path, self.state = app, root_path, state
-        self.response_max = response_max
+        self.response_max, self.spares = response_max, spares
         self.stopping = False
         self.waiting: set[asyncio.Task] = set()  # sessions with no byte of a next request
 
@@ -301,9 +308,12 @@ async def _open_session(conn, site: _Site, state_capacity: int, log_capacity: in
         cb.close()
         return
     if isinstance(s, ChannelState):  # a channel, recovered: kept until its session claims it
-        handed.put(cb, s)
+        if s.group:
+            handed.put(cb, s)
+        else:  # a spare no session had taken
+            cb.close()
         return
-    channels = SessionChannels(cb.session, cb.conn.sock.getsockname())
+    channels = SessionChannels(cb.session, cb.conn.sock.getsockname(), site.spares)
     try:
         await _serve_session(cb, s, channels, handed, site, idle)
     except _Done:  # the client stopped reading (_send): closed, as it was told
@@ -888,6 +898,15 @@ def main(argv=None) -> int:
                          "within S seconds of its first byte: clients gone "
                          "without a word do not hold their sessions at the agent for ever; "
                          "0: never (default %(default)s)")
+    ap.add_argument("--spare-channels", type=int, default=SPARES, metavar="N",
+                    help="once a session has opened a channel to a peer (the application's "
+                         "connect), keep N more open to it, held by the agent, for the "
+                         "sessions that come next: their first call then waits for no "
+                         "connect and no registration. Made again once no session took one "
+                         "for 0.2 s, closed after 60 s untaken. Worth about as many as the "
+                         "new sessions that come at once, for an application whose sessions "
+                         "open channels (see docs/casestudy.md for what was measured, and an "
+                         "open question); 0: none (default %(default)s)")
     a = ap.parse_args(argv)
     if not 0 < a.state_capacity <= MAX_STATE_CAPACITY:
         ap.error(f"--state-capacity must be 1..{MAX_STATE_CAPACITY} bytes")
@@ -899,6 +918,8 @@ def main(argv=None) -> int:
         ap.error("--max-response must be 1 or more bytes")
     if a.limit_concurrency is not None and a.limit_concurrency < 1:
         ap.error("--limit-concurrency must be 1 or more sessions")
+    if not 0 <= a.spare_channels <= 1024:
+        ap.error("--spare-channels must be 0..1024")
     default = session_limit(SESSION_FDS)  # it raises the descriptor limit, needed either way
     limit = a.limit_concurrency or default
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -919,7 +940,8 @@ def main(argv=None) -> int:
             with listener:
                 await serve(app, listener, state_capacity=a.state_capacity,
                             log_capacity=a.log_capacity, idle_s=a.timeout_idle or None,
-                            limit=limit, state=life.state, response_max=a.max_response)
+                            limit=limit, state=life.state, response_max=a.max_response,
+                            spares=a.spare_channels)
         finally:
             await life.shutdown()
             if ticker is not None:

@@ -19,6 +19,13 @@ connection:
   make the same calls for the same request and answers: calls from the request, the
   session's state and the answers before them.
 
+A server may keep spare channels (`Spares`): opened ahead from an address to a peer
+that its sessions have called, so that a new session's first call finds one connected
+and held by the agent (its own box's and the peer's registrations done), not a connect
+and two registrations on its first request's path. A spare belongs to no session until
+one takes it (its export names no group): one moved by a recovery before that is closed
+on arrival.
+
 The client session's export lists its channels (name -> channel box id). On the recovery
 node the channels and their session arrive as separate recovered sessions, in any order:
 `Handed` keeps each channel until its session claims it; a session waits for the channels
@@ -31,6 +38,7 @@ its own).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 from typing import Any
@@ -46,6 +54,11 @@ WAIT_S = 3.0  # how long a recovered session waits for a channel it lists
 ORPHAN_S = 30.0  # a recovered channel no session claimed is closed after this
 STATE_CAPACITY = 16 * 1024  # a channel's exported state (the application's dict in it)
 LOG_CAPACITY = 256 * 1024  # a channel's answers read between two exports of its session
+SPARES = 0  # spare channels kept per (local address, peer), by default: none
+#: spares are made again once no session took one for this long: a burst of new sessions
+#: is not slowed by the making of the spares it took
+SPARE_QUIET_S = 0.2
+SPARE_IDLE_S = 60.0  # no session took one for this long: the spares are closed, none made
 
 
 class ChannelState(msgspec.Struct, tag="channel"):
@@ -82,12 +95,111 @@ class Channel:
         return f"<Channel {self.name} of {self._owner.group} {self.cb.box!r}>"
 
 
+async def _open_box(local: tuple, host: str, port: int) -> AsyncContinuationBox:
+    """A new connection to host:port from local's address, with its box held by the
+    agent."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((local[0], 0))
+        await loop.sock_connect(sock, (host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return await create_cb_async(sock, state_capacity=STATE_CAPACITY,
+                                     log_capacity=LOG_CAPACITY, channel_of=local[1])
+    except BaseException:
+        sock.close()
+        raise
+
+
+class Spares:
+    """Spare channels of one server, per (local address, peer): up to `count` each, made
+    once a session opened a channel from that address to that peer, and again once no
+    session took one for SPARE_QUIET_S; all closed once none was taken for SPARE_IDLE_S
+    (made again when a session next opens one). 0: none."""
+
+    def __init__(self, count: int = SPARES):
+        if count < 0:
+            raise ValueError(f"spare channels must be 0 or more, got {count}")
+        self.count = count
+        self._ready: dict[tuple, collections.deque[AsyncContinuationBox]] = {}
+        self._taken_at: dict[tuple, float] = {}
+        self._making: dict[tuple, asyncio.Task] = {}
+        self._closed = False
+
+    def take(self, local: tuple, peer: tuple) -> AsyncContinuationBox | None:
+        """A spare from `local` to `peer` (a still open one), or None; spares are made
+        for them from now on."""
+        if self.count == 0 or self._closed:
+            return None
+        key = (local, peer)
+        self._taken_at[key] = asyncio.get_running_loop().time()
+        ready = self._ready.setdefault(key, collections.deque())
+        got = None
+        while ready and got is None:
+            cb = ready.popleft()
+            if _untouched(cb):
+                got = cb
+            else:  # the peer closed it, or said something unasked
+                cb.close()
+        if (task := self._making.get(key)) is None or task.done():
+            self._making[key] = asyncio.create_task(self._make(key))
+        return got
+
+    async def _make(self, key: tuple) -> None:
+        local, (host, port) = key
+        loop, ready = asyncio.get_running_loop(), self._ready[key]
+        while not self._closed:
+            now = loop.time()
+            if now - self._taken_at[key] >= SPARE_IDLE_S:
+                break
+            if (wait := self._taken_at[key] + SPARE_QUIET_S - now) > 0 or len(ready) >= self.count:
+                await asyncio.sleep(max(wait, 0) or SPARE_QUIET_S * 5)
+                continue
+            try:
+                cb = await _open_box(local, host, port)
+            except Exception as e:  # noqa: BLE001 - the peer down, the agent refusing...
+                log.info("spare channels from %s to %s:%d: %s; none made until a session "
+                         "opens one", local[0], host, port, e)
+                break
+            try:
+                await cb.export(ChannelState("", ""))  # no session's yet
+            except BaseException:
+                cb.close()
+                raise
+            ready.append(cb)
+        for cb in ready:
+            cb.close()
+        ready.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        for task in self._making.values():
+            task.cancel()
+        for ready in self._ready.values():
+            for cb in ready:
+                cb.close()
+            ready.clear()
+
+
+def _untouched(cb: AsyncContinuationBox) -> bool:
+    """Nothing has come on the spare's socket: neither the peer's end nor a byte."""
+    try:
+        cb.conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
 class SessionChannels:
     """The channels of one client session: opened from `local` (the address its client
-    reached), exported before it, closed with it."""
+    reached), or taken from `spares`, exported before it, closed with it."""
 
-    def __init__(self, group: str, local: tuple):
-        self.group, self.local = group, local
+    def __init__(self, group: str, local: tuple, spares: Spares | None = None):
+        self.group, self.local, self.spares = group, local, spares
         self.open: dict[str, Channel] = {}
 
     async def connect(self, name: str, host: str, port: int) -> Channel:
@@ -98,19 +210,9 @@ class SessionChannels:
             raise ValueError(f"a channel needs a name, got {name!r}")
         if (ch := self.open.get(name)) is not None:
             return ch
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in self.local[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.bind((self.local[0], 0))
-            await loop.sock_connect(sock, (host, port))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            cb = await create_cb_async(sock, state_capacity=STATE_CAPACITY,
-                                       log_capacity=LOG_CAPACITY, channel_of=self.local[1])
-        except BaseException:
-            sock.close()
-            raise
+        cb = self.spares.take(self.local, (host, port)) if self.spares is not None else None
+        if cb is None:
+            cb = await _open_box(self.local, host, port)
         ch = Channel(cb, name, {}, self)
         try:
             await cb.export(ChannelState(self.group, name))  # it is a channel before any byte

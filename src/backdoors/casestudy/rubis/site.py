@@ -28,6 +28,11 @@ FE_PORT, FE_PLAIN_PORT = 8080, 8081
 #: progress deadlines of the servers' Sensor Boxes (their event loops tick every 10 ms):
 #: generous, for a 2-core machine running the whole site and its load at once
 FE_DEADLINE_S, MT_DEADLINE_S = 0.5, 1.0
+#: spare channels a recoverable front end keeps to each middle tier (asgi --spare-channels).
+#: None yet: with 16 the users' first requests are faster (docs/casestudy.md), but an
+#: fe-lock fault's first recovery attempt failed in 2 of about 35 trials (the second
+#: moved every session), cause not found
+FE_SPARES = 0
 
 
 @dataclass
@@ -82,10 +87,12 @@ def start_mt(lab, node: str, db, *, secret: str = "", plain: bool = False, pool:
 
 
 def start_fe(lab, node: str, mts: list[str], secret: str, *, plain: bool = False,
-             call_timeout: float | None = None, timeout: float = 30.0) -> Server:
+             call_timeout: float | None = None, spares: int = FE_SPARES,
+             timeout: float = 30.0) -> Server:
     """The front end in `node`: the recoverable ASGI server, or (`plain`) uvicorn, serving
     front:app, whose channels go to the middle tiers `mts` ("ADDR:PORT"); a call with no
-    answer in `call_timeout` s goes to the next one (None: front.CALL_TIMEOUT_S)."""
+    answer in `call_timeout` s goes to the next one (None: front.CALL_TIMEOUT_S); the
+    recoverable one keeps `spares` spare channels to each middle tier its sessions call."""
     from . import front
 
     port = FE_PLAIN_PORT if plain else FE_PORT
@@ -96,7 +103,8 @@ def start_fe(lab, node: str, mts: list[str], secret: str, *, plain: bool = False
     else:
         argv = [sys.executable, "-m", "backdoors.asgi", "backdoors.casestudy.rubis.front:app",
                 "--port", str(port), "--state-capacity", str(front.STATE_CAPACITY),
-                "--sensor-box", f"rubis-fe-{node}", "--deadline", str(FE_DEADLINE_S)]
+                "--sensor-box", f"rubis-fe-{node}", "--deadline", str(FE_DEADLINE_S),
+                "--spare-channels", str(spares)]
     env = {front.MT_ENV: ",".join(mts), front.SECRET_ENV: secret,
            **({front.TIMEOUT_ENV: f"{call_timeout:g}"} if call_timeout else {})}
     proc = lab.run_in_node(node, argv, env=env)
