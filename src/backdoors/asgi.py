@@ -308,10 +308,7 @@ async def _open_session(conn, site: _Site, state_capacity: int, log_capacity: in
         cb.close()
         return
     if isinstance(s, ChannelState):  # a channel, recovered: kept until its session claims it
-        if s.group:
-            handed.put(cb, s)
-        else:  # a spare no session had taken
-            cb.close()
+        handed.put(cb, s)
         return
     channels = SessionChannels(cb.session, cb.conn.sock.getsockname(), site.spares)
     try:
@@ -470,8 +467,10 @@ async def _read_request(parser, cb, idle: _Idle | None, head_max: int,
 
     conn = cb.conn
     request, body = None, bytearray()
-    begin = conn.log_consumed - len(parser.trailing_data[0])  # where this request starts
-    head_since = asyncio.get_running_loop().time() if parser.trailing_data[0] else None
+    ahead = len(parser.trailing_data[0])  # read ahead with the last request
+    begin = conn.log_consumed - ahead  # where this request starts
+    head_since = asyncio.get_running_loop().time() if ahead else None
+    fed = ahead > 0  # the parser holds part of this request
     task = asyncio.current_task()
     if waiting is not None and head_since is None:
         waiting.add(task)
@@ -491,12 +490,13 @@ async def _read_request(parser, cb, idle: _Idle | None, head_max: int,
                     head_since = asyncio.get_running_loop().time()
                     if waiting is not None:
                         waiting.discard(task)
-                if request is None and not parser.trailing_data[0]:
+                if request is None and not fed:
                     # RFC 9112 2.2: empty lines before a request line are ignored (some
                     # clients send a CRLF after a POST's body); the request is then
                     # counted from its first byte on, and b"" still ends the stream
                     if data and not (data := data.lstrip(b"\r\n")):
                         continue
+                fed = fed or bool(data)
                 parser.receive_data(data)
                 continue
             if isinstance(event, h11.Request):

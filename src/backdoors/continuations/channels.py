@@ -257,7 +257,11 @@ class Handed:
         self._waiting: dict[str, asyncio.Future] = {}
 
     def put(self, cb: AsyncContinuationBox, kept: ChannelState) -> None:
-        """A recovered channel: to its waiting session, else kept for `ORPHAN_S`."""
+        """A recovered channel: to its waiting session, else kept for `ORPHAN_S`; a
+        spare no session had taken (no group) is closed."""
+        if not kept.group:
+            cb.close()
+            return
         waiter = self._waiting.pop(cb.session, None)
         if waiter is not None and not waiter.done():
             waiter.set_result((cb, kept))
