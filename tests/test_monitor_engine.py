@@ -795,7 +795,8 @@ actions = [{ kind = "kill_culprit", wait_ms = 1 }]
             reading.set()
             release.wait(10)  # a slow agent: the first response runs while stop() is asked
             return NS(rows=[NS(pid=10, ppid=1, comm="x", state="S", rss_bytes=1, start_time=1.0,
-                               age_s=1, rss_rate=0, registered=False)], truncated=False, total=1)
+                               age_s=1, rss_rate=0, registered=False, exe="x")],
+                      truncated=False, total=1)
 
         def kill(self, node, pid, start_time):
             killed.append(node)

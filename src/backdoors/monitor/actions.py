@@ -63,38 +63,71 @@ def _rows(ctx: Context) -> list:
     return ctx.client.processes(ctx.node).rows
 
 
-def _wait_gone(ctx: Context, targets: list[Target], timeout: float) -> tuple[list[Target], float]:
-    """Poll the process table until none of `targets` is alive; (survivors, seconds)."""
+def _wait_gone(ctx: Context, targets: list[Target], timeout: float
+               ) -> tuple[list[Target], float, list]:
+    """Poll the process table until none of `targets` is alive; (survivors, seconds,
+    the last table's running rows)."""
     start = ctx.clock()
     want = {(t.pid, t.start_time) for t in targets}
     while True:
-        alive = {(p.pid, p.start_time) for p in _rows(ctx) if running(p.state)}
+        rows = [p for p in _rows(ctx) if running(p.state)]
+        alive = {(p.pid, p.start_time) for p in rows}
         left = [t for t in targets if (t.pid, t.start_time) in alive & want]
         waited = ctx.clock() - start
         if not left or waited >= timeout:
-            return left, waited
+            return left, waited, rows
         time.sleep(0.01)
+
+
+def _stragglers(rows: list, culprits: list[Target], within_s: float) -> list[Target]:
+    """What the culprits started while they were killed: processes of a culprit's kind
+    (executable and comm: a fork keeps both) born after the newest culprit, within the
+    last `within_s`, and not a registered service. (The table the culprits were chosen
+    from was taken before they were killed: a child forked since, e.g. the middle child
+    of a double fork that was about to start the next orphan, is in none.) `rows`: the running processes once the culprits are gone."""
+    kinds = {(t.exe, t.comm) for t in culprits}
+    newest = max(t.start_time for t in culprits)
+    return [Target(p.pid, p.start_time, p.comm, p.exe) for p in rows
+            if (p.exe, p.comm) in kinds and p.start_time >= newest and p.age_s <= within_s
+            and not p.registered]
 
 
 class KillCulprit(Action, tag="kill_culprit"):
     """Kill the diagnosed culprit through the agent (pid + start time, so never a reused
-    pid), then wait up to `wait_ms` for it to be gone."""
+    pid), then wait up to `wait_ms` for it to be gone; then what it started meanwhile
+    (`_stragglers`, born within `stragglers_s`), for up to `rounds` rounds."""
 
     needs: ClassVar[frozenset[str]] = frozenset({"culprits"})
     kills: ClassVar[bool] = True
     wait_ms: Pos = 1000.0
+    stragglers_s: NonNeg = 1.0
+    rounds: Annotated[int, msgspec.Meta(ge=1)] = 3
 
     def run(self, ctx: Context, finding: Finding) -> Outcome:
-        """SIGKILL each culprit (pid + start time), then wait for it to be gone."""
+        """SIGKILL each culprit (pid + start time), wait for it to be gone; again for
+        its stragglers."""
         if not finding.culprits:
             return Outcome("skipped", {"reason": "the diagnosis named no culprit"})
-        killed = []
-        for t in finding.culprits:
-            if ctx.client.kill(ctx.node, t.pid, t.start_time):
-                killed.append({"pid": t.pid, "comm": t.comm})
-        left, waited = _wait_gone(ctx, finding.culprits, self.wait_ms / 1000)
-        detail = {"killed": killed, "gone_after_ms": round(waited * 1000, 1),
+        killed: list[dict] = []
+        stragglers: list[int] = []
+        start, targets = ctx.clock(), list(finding.culprits)
+        for _ in range(self.rounds):
+            for t in targets:
+                if ctx.client.kill(ctx.node, t.pid, t.start_time):
+                    killed.append({"pid": t.pid, "comm": t.comm})
+            left, _, rows = _wait_gone(ctx, targets, self.wait_ms / 1000)
+            if left:
+                break
+            targets = _stragglers(rows, finding.culprits, self.stragglers_s)
+            if not targets:
+                break
+            stragglers += [t.pid for t in targets]
+        else:
+            left = targets  # still starting more after the last round
+        detail = {"killed": killed, "gone_after_ms": round((ctx.clock() - start) * 1000, 1),
                   "survivors": [t.pid for t in left]}
+        if stragglers:
+            detail["stragglers"] = stragglers
         return Outcome("failed" if left else "done", detail)
 
 
@@ -193,9 +226,9 @@ class LockKillLineage(Action, tag="lock_kill_lineage"):
                     error = f"{error + '; ' if error else ''}unlock failed: {e} (the lease " \
                             f"thaws the node within {self.lease_s:g} s)"
             thawed_at = ctx.clock()
-            targets = [Target(p.pid, p.start_time, p.comm) for p in lineage]
-            left, waited = (_wait_gone(ctx, targets, self.verify_ms / 1000) if targets
-                            else ([], 0.0))
+            targets = [Target(p.pid, p.start_time, p.comm, p.exe) for p in lineage]
+            left, waited, _ = (_wait_gone(ctx, targets, self.verify_ms / 1000) if targets
+                               else ([], 0.0, []))
             killed_total += len(targets) - len(left)
             rounds.append({
                 "freeze_ms": round(lock.freeze_ms, 2), "thaw_ms": thaw_ms,

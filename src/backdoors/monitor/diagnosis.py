@@ -49,6 +49,7 @@ class Target(msgspec.Struct, frozen=True):
     pid: int
     start_time: float
     comm: str
+    exe: str = ""  # its installed executable's name, as the agent's table showed it
 
 
 class Finding(msgspec.Struct):
@@ -61,7 +62,7 @@ class Finding(msgspec.Struct):
 
 
 def _target(p: Row) -> Target:
-    return Target(p.pid, p.start_time, p.comm)
+    return Target(p.pid, p.start_time, p.comm, p.exe)
 
 
 def _brief(p: Row) -> dict[str, Any]:

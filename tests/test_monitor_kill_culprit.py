@@ -1,0 +1,81 @@
+"""The kill_culprit action against culprits that start more while they are killed (seen
+from a spread memory hog: the middle child of a double fork, chosen from a table taken
+before it forked, started one more orphan as it was killed). The agent is a scripted
+stand-in with a synthetic table; the real case runs in test_scenarios_repair.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from backdoors.agent.protocol import ProcessRow
+from backdoors.monitor.actions import KillCulprit
+from backdoors.monitor.context import Context
+from backdoors.monitor.diagnosis import Finding, Target
+
+BOOT = 1000.0  # the start time (s since boot) of a process of age 0
+
+
+def _row(pid, comm, age, exe="python3", registered=False):
+    return ProcessRow(pid, 1, comm, "S", 1 << 20, BOOT - age, 0.1, 1, pid, age_s=age,
+                      rss_rate=0.0, registered=registered, exe=exe)
+
+
+class Spawning:
+    """A node whose culprits each start `spawns` more of their kind as they are killed
+    (up to `generations` times), beside an older process of their kind, a newborn of
+    another kind and a registered service born of their kind."""
+
+    def __init__(self, generations: int):
+        self.table = [_row(10, "hog", 5.0), _row(11, "hog", 2.0), _row(12, "hog", 1.0),
+                      _row(20, "hog", 30.0),  # ran before the hog: not one of it
+                      _row(30, "other", 0.0, exe="sh"),  # born with it, another kind
+                      _row(31, "hog", 0.0, registered=True)]  # a service of that program
+        self.generations, self.next_pid, self.killed = generations, 100, []
+
+    def processes(self, node, **kw):
+        return SimpleNamespace(rows=list(self.table), total=len(self.table), truncated=False)
+
+    def kill(self, node, pid, start_time):
+        row = next(p for p in self.table if p.pid == pid and p.start_time == start_time)
+        self.table.remove(row)
+        self.killed.append(pid)
+        if self.generations and row.start_time >= BOOT - 1.0:  # the newest starts one more
+            self.generations -= 1
+            self.table.append(_row(self.next_pid, "hog", 0.0))
+            self.next_pid += 1
+        return True
+
+
+def _run(agent: Spawning, **kw):
+    ctx = Context(rule="memory-hog", incident="i1", view=SimpleNamespace(node="n0", host="h0"),
+                  hits=[], onset=0.0, detected=0.0, client=agent)
+    culprits = [Target(p.pid, p.start_time, p.comm, p.exe) for p in agent.table
+                if p.pid in (10, 11, 12)]
+    return KillCulprit(**kw).run(ctx, Finding("memory_hog", "spread", culprits))
+
+
+def test_what_the_culprits_start_while_killed_is_killed_and_nothing_else():
+    agent = Spawning(generations=2)
+    out = _run(agent)
+    assert out.status == "done", out.detail
+    assert agent.killed == [10, 11, 12, 100, 101]
+    assert out.detail["stragglers"] == [100, 101] and out.detail["survivors"] == []
+    assert {p.pid for p in agent.table} == {20, 30, 31}
+
+
+def test_culprits_that_keep_starting_more_fail_the_action_after_its_rounds():
+    agent = Spawning(generations=10)
+    out = _run(agent, rounds=2)
+    assert out.status == "failed"
+    assert agent.killed == [10, 11, 12, 100]
+    assert out.detail["survivors"] == [101]
+
+
+def test_no_straggler_is_older_than_stragglers_s():
+    for within, killed in ((0.2, False), (1.0, True)):
+        agent = Spawning(generations=0)
+        agent.table.append(_row(40, "hog", 0.5))  # born after the culprits, 0.5 s ago
+        out = _run(agent, stragglers_s=within)
+        assert out.status == "done"
+        assert out.detail.get("stragglers") == ([40] if killed else None)
+        assert (40 in agent.killed) is killed
