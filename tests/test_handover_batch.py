@@ -333,3 +333,84 @@ def test_readopt_sends_a_channel_to_its_server_s_port(tmp_path):
                 regions.remove(NODE, entry.name)
             channel.close()
             client.close()
+
+
+def _ending_server(path: str, end: int) -> threading.Thread:
+    """A scripted recovery server: takes one frame, ends session `end` at once (its
+    client had shut its side: the connection is over, CLOSED, once the client's kernel
+    acknowledges) before its verdicts, all of them ok; as a front end closes a spare
+    channel no session took the moment it arrives."""
+    from backdoors.tcprepair.kernel import CLOSE, tcp_info
+
+    listener = ipc.listen(path, mode=0o600, backlog=1)
+    listener.setblocking(True)
+
+    def run() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            frame = ipc.FrameReader(max_bytes=1 << 20, max_fds=2 * MAX_BATCH).read(conn)
+            batch = _decode_batch(frame.payload)
+            with socket.socket(fileno=os.dup(frame.fds[2 * end])) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+                deadline = time.monotonic() + 10
+                while tcp_info(sock).state != CLOSE and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            frame.close_fds()
+            ipc.send(conn, HandoverVerdicts([
+                {"session": h.session, "ok": True} for h in batch.sessions]))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("path", ["adopt", "readopt"])
+def test_a_session_the_server_ends_at_once_fails_nothing_else(live, tmp_path, monkeypatch,
+                                                              path):
+    """The server takes a batch and ends one of its sessions before the agent holds them
+    (seen with spare channels: the front end closed each at once, the middle tier closed
+    its end, and the agent's duplicate was no longer connected). Holding that one was
+    refused ("not connected"), and the refusal failed the whole adopt: every session of
+    the move stayed in limbo until the next attempt, 3 s later. Now the others are held
+    as the server's and the ended one is only the server's."""
+    sessions = live(4)
+    sessions.clients[1].shutdown(socket.SHUT_WR)
+    names = [f"cb-{cb.session}" for cb in sessions.cbs]
+    regions = RegionTable([NODE], max_regions=8, max_region_bytes=1 << 20,
+                          max_node_bytes=1 << 24)
+    table = SessionTable([NODE], max_per_node=8)
+    adopt = str(tmp_path / "adopt.sock")
+    thread = _ending_server(adopt, end=1)
+    failed: dict[str, str] = {}
+    try:
+        if path == "adopt":
+            monkeypatch.setattr(recovery, "outsider", lambda node, pid: None)  # no node here
+            started = [Started(MovedSession(name, b"", b""),
+                               SimpleNamespace(send_queue=b"", handed=bytes_handed(cb.conn.sock),
+                                               read=bytes_received(cb.conn.sock)),
+                               socket.socket(fileno=os.dup(cb.conn.sock.fileno())), os.dup(cb.fd))
+                       for name, cb in zip(names, sessions.cbs)]
+            call = SimpleNamespace(node=SimpleNamespace(name=NODE, node=None), agent=SimpleNamespace(
+                sessions=SimpleNamespace(expect=lambda *a: None, hold=table.hold),
+                regions=regions))
+            handed = _hand_over_to(call, adopt, started, failed, {}, [])
+        else:
+            watch = OwnerWatch(table, regions, publish=lambda *a, **k: None,
+                               audit=SimpleNamespace(write=lambda **k: None), timeout_s=60.0,
+                               run_dir=str(tmp_path))
+            held = [table.hold(NODE, name, cb.conn.sock.fileno(), 2**22 + 1)
+                    for name, cb in zip(names, sessions.cbs)]
+            for name, cb in zip(names, sessions.cbs):
+                regions.keep(NODE, name, "cb", cb.fd, 2**22 + 1)
+            with AdoptionClient(adopt) as client:
+                handed = watch._hand(SimpleNamespace(node=SimpleNamespace(name=NODE)), client,
+                                     os.getpid(), held, failed)
+        thread.join(10)
+        assert handed == 4 and failed == {}
+        assert sorted(s.name for s in table.list(NODE)) == sorted(names[:1] + names[2:])
+        assert {s.pid for s in table.list(NODE)} == {os.getpid()}
+    finally:
+        table.close()
+        for entry in regions.entries(NODE):
+            regions.remove(NODE, entry.name)

@@ -43,7 +43,7 @@ from ..tcprepair.kernel import SIOCINQ, ioctl_int
 from .events import EventBudget
 from .membership import outsider
 from .ops import Call, Op, OpError
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionRefused, SessionTable
 
 log = logging.getLogger("backdoors.agent")
 
@@ -392,7 +392,11 @@ class OwnerWatch:
                     failed[s.name] = (f"hand-over: {verdict}; held as server {server_pid}'s "
                                       "(orphaned again if it dies)")
                 # held as the new server's until it registers the session itself
-                self.sessions.hold(s.node, s.name, s.sock.fileno(), server_pid)
+                try:
+                    self.sessions.hold(s.node, s.name, s.sock.fileno(), server_pid)
+                except SessionRefused as e:  # it ended already (the server closed it)
+                    log.info("node %s: readopted session %s not held again: %s", s.node,
+                             s.name, e)
                 s.sock.close()
             else:
                 failed[s.name] = f"hand-over: {verdict}"
