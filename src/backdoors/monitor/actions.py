@@ -84,7 +84,8 @@ def _stragglers(rows: list, culprits: list[Target], within_s: float) -> list[Tar
     (executable and comm: a fork keeps both) born after the newest culprit, within the
     last `within_s`, and not a registered service. (The table the culprits were chosen
     from was taken before they were killed: a child forked since, e.g. the middle child
-    of a double fork that was about to start the next orphan, is in none.) `rows`: the running processes once the culprits are gone."""
+    of a double fork that was about to start the next orphan, is in none.) `rows`: the
+    running processes once the culprits are gone."""
     kinds = {(t.exe, t.comm) for t in culprits}
     newest = max(t.start_time for t in culprits)
     return [Target(p.pid, p.start_time, p.comm, p.exe) for p in rows
