@@ -28,11 +28,9 @@ FE_PORT, FE_PLAIN_PORT = 8080, 8081
 #: progress deadlines of the servers' Sensor Boxes (their event loops tick every 10 ms):
 #: generous, for a 2-core machine running the whole site and its load at once
 FE_DEADLINE_S, MT_DEADLINE_S = 0.5, 1.0
-#: spare channels a recoverable front end keeps to each middle tier (asgi --spare-channels).
-#: None yet: with 16 the users' first requests are faster (docs/casestudy.md), but an
-#: fe-lock fault's first recovery attempt failed in 2 of about 35 trials (the second
-#: moved every session), cause not found
-FE_SPARES = 0
+#: spare channels a recoverable front end keeps to each middle tier (asgi --spare-channels):
+#: the users' first requests wait for no connect (docs/casestudy.md)
+FE_SPARES = 16
 
 
 @dataclass
