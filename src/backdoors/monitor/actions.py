@@ -79,30 +79,37 @@ def _wait_gone(ctx: Context, targets: list[Target], timeout: float
         time.sleep(0.01)
 
 
-def _stragglers(rows: list, culprits: list[Target], within_s: float) -> list[Target]:
+def _stragglers(rows: list, culprits: list[Target], killed: set[int], since: float
+                ) -> list[Target]:
     """What the culprits started while they were killed: processes of a culprit's kind
-    (executable and comm: a fork keeps both) born after the newest culprit, within the
-    last `within_s`, and not a registered service. (The table the culprits were chosen
-    from was taken before they were killed: a child forked since, e.g. the middle child
-    of a double fork that was about to start the next orphan, is in none.) `rows`: the
-    running processes once the culprits are gone."""
+    (executable and comm: a fork keeps both) born after the newest culprit and not
+    before `since` (the agent's boot clock), not a registered service, and tied to the
+    killed ones: a child of one, in a process group one led, or an orphan whose group's
+    leader is gone (the middle child of a double fork leads the orphan's group and exits;
+    it may have been born after the table too). (The table the culprits were chosen from
+    was taken before they were killed: a child forked since is in none.) A process
+    whose parent and group leader live on is not one: a pool's master that replaced a
+    killed worker, a supervisor that restarted it. `rows`: the running processes once
+    the killed ones are gone."""
     kinds = {(t.exe, t.comm) for t in culprits}
-    newest = max(t.start_time for t in culprits)
+    born = max(since, max(t.start_time for t in culprits))
+    live = {p.pid for p in rows}
     return [Target(p.pid, p.start_time, p.comm, p.exe) for p in rows
-            if (p.exe, p.comm) in kinds and p.start_time >= newest and p.age_s <= within_s
-            and not p.registered]
+            if (p.exe, p.comm) in kinds and p.start_time >= born and not p.registered
+            and (p.ppid in killed or p.pgid in killed or p.pgid not in live)]
 
 
 class KillCulprit(Action, tag="kill_culprit"):
     """Kill the diagnosed culprit through the agent (pid + start time, so never a reused
     pid), then wait up to `wait_ms` for it to be gone; then what it started meanwhile
-    (`_stragglers`, born within `stragglers_s`), for up to `rounds` rounds."""
+    (`_stragglers`, born at most `stragglers_s` before the kill), for up to `rounds`
+    rounds (0: none), failed if more still come."""
 
     needs: ClassVar[frozenset[str]] = frozenset({"culprits"})
     kills: ClassVar[bool] = True
     wait_ms: Pos = 1000.0
     stragglers_s: NonNeg = 1.0
-    rounds: Annotated[int, msgspec.Meta(ge=1)] = 3
+    rounds: Annotated[int, msgspec.Meta(ge=0)] = 3
 
     def run(self, ctx: Context, finding: Finding) -> Outcome:
         """SIGKILL each culprit (pid + start time), wait for it to be gone; again for
@@ -110,25 +117,30 @@ class KillCulprit(Action, tag="kill_culprit"):
         if not finding.culprits:
             return Outcome("skipped", {"reason": "the diagnosis named no culprit"})
         killed: list[dict] = []
-        stragglers: list[int] = []
-        start, targets = ctx.clock(), list(finding.culprits)
-        for _ in range(self.rounds):
+        found: list[int] = []
+        start, targets, since = ctx.clock(), list(finding.culprits), None
+        for done_rounds in range(self.rounds + 1):
             for t in targets:
                 if ctx.client.kill(ctx.node, t.pid, t.start_time):
                     killed.append({"pid": t.pid, "comm": t.comm})
             left, _, rows = _wait_gone(ctx, targets, self.wait_ms / 1000)
-            if left:
+            if left or not self.rounds or not rows:
                 break
-            targets = _stragglers(rows, finding.culprits, self.stragglers_s)
+            if since is None:  # the kill's start on the agent's boot clock, less the window
+                now = max(p.start_time + p.age_s for p in rows)
+                since = now - (ctx.clock() - start) - self.stragglers_s
+            targets = _stragglers(rows, finding.culprits,
+                                  {t.pid for t in finding.culprits} | set(found), since)
             if not targets:
                 break
-            stragglers += [t.pid for t in targets]
-        else:
-            left = targets  # still starting more after the last round
+            if done_rounds == self.rounds:  # more still come after the last round
+                left = targets
+                break
+            found += [t.pid for t in targets]
         detail = {"killed": killed, "gone_after_ms": round((ctx.clock() - start) * 1000, 1),
                   "survivors": [t.pid for t in left]}
-        if stragglers:
-            detail["stragglers"] = stragglers
+        if found:
+            detail["stragglers"] = found
         return Outcome("failed" if left else "done", detail)
 
 
