@@ -392,7 +392,7 @@ def test_a_session_the_server_ends_at_once_fails_nothing_else(live, tmp_path, mo
                                socket.socket(fileno=os.dup(cb.conn.sock.fileno())), os.dup(cb.fd))
                        for name, cb in zip(names, sessions.cbs)]
             call = SimpleNamespace(node=SimpleNamespace(name=NODE, node=None), agent=SimpleNamespace(
-                sessions=SimpleNamespace(expect=lambda *a: None, hold=table.hold),
+                sessions=table,
                 regions=regions))
             handed = _hand_over_to(call, adopt, started, failed, {}, [])
         else:
@@ -410,6 +410,7 @@ def test_a_session_the_server_ends_at_once_fails_nothing_else(live, tmp_path, mo
         assert handed == 4 and failed == {}
         assert sorted(s.name for s in table.list(NODE)) == sorted(names[:1] + names[2:])
         assert {s.pid for s in table.list(NODE)} == {os.getpid()}
+        assert not table._adopted  # no restored state is kept for the ended one
     finally:
         table.close()
         for entry in regions.entries(NODE):

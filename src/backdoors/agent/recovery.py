@@ -52,7 +52,7 @@ from ..common.runtime import ADOPT_SOCKET, adoption_path
 from ..errors import AgentError, BackdoorsError
 from ..net.route import initial_window
 from ..tcprepair import Repair, TcpState, close_silently, repair, restore_paused, segments_needed
-from ..tcprepair.kernel import CLOSE, SIOCINQ, SIOCOUTQ, ioctl_int, tcp_info
+from ..tcprepair.kernel import SIOCINQ, SIOCOUTQ, ioctl_int
 from .client import AgentClient
 from .keys import Identity
 from .ops import Call, NodeArgs, Op, OpError
@@ -64,7 +64,7 @@ from .protocol import (
 from .membership import outsider
 from .regions import REGION_NAME, SESSION_KIND
 from .served import NodeRuntime
-from .sessions import SessionRefused
+from .sessions import SessionRefused, ended as _ended
 from .warrant import Warrants, WarrantError
 
 log = logging.getLogger("backdoors.agent")
@@ -945,6 +945,7 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
                         ended.append(item.moved.name)
                     else:
                         failed[item.moved.name] = f"hand-over: {verdict}"
+                    call.agent.sessions.forget(node, item.moved.name)
                     close_silently(item.sock)
                     os.close(item.cb_fd)
                     continue
@@ -986,15 +987,6 @@ def _hand_over_to(call: Call, path: str, started: list[Started], failed: dict[st
     return accepted
 
 
-def _ended(sock: socket.socket) -> bool:
-    """Whether a restored connection is over: its client reset it (the reset sent while
-    it moved was lost; the restored socket's first segment drew another)."""
-    try:
-        return tcp_info(sock).state == CLOSE
-    except (BackdoorsError, OSError):
-        return False
-
-
 def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = None,
           process=None) -> None:
     """Register a handed-over session's box and socket under the server's pid (the
@@ -1018,6 +1010,7 @@ def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = 
             spent["hold_regions"] = spent.get("hold_regions", 0.0) + time.monotonic() - t1
     except (BackdoorsError, OSError, SessionRefused) as e:
         if _ended(item.sock):
+            call.agent.sessions.forget(node, name)
             log.debug("node %s: handed-over session %s ended before it was held", node, name)
         else:
             log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)

@@ -19,7 +19,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import BackdoorsError
 from ..tcprepair import TcpOptions, TcpState, TcpWindow
+from ..tcprepair.kernel import CLOSE, tcp_info
 from .closing import defuse
 
 
@@ -192,6 +194,11 @@ class SessionTable:
         with self._lock:
             self._adopted[(node, name)] = since
 
+    def forget(self, node: str, name: str) -> None:
+        """A session `expect`ed here that will not be held (it ended, or was refused)."""
+        with self._lock:
+            self._adopted.pop((node, name), None)
+
     def list(self, node: str) -> list[Session]:
         with self._lock:
             return list(self._sessions[node].values())
@@ -207,6 +214,15 @@ class SessionTable:
                     self.closer(s.node, s.sock)
                 held.clear()
             self._adopted.clear()
+
+
+def ended(sock: socket.socket) -> bool:
+    """Whether a connection is over (its socket in CLOSE): reset by its peer, or closed
+    by both sides."""
+    try:
+        return tcp_info(sock).state == CLOSE
+    except (BackdoorsError, OSError):
+        return False
 
 
 def offsets(since: TcpState) -> tuple[int, int]:
