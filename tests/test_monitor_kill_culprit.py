@@ -26,14 +26,17 @@ class Spawning:
     (`generations` times in all); beside them, processes none of which is one of the
     hog's: an older one of its kind, a newborn of another kind, a registered service of
     its program, a pool worker of its kind that the pool's master (pid 40) just started,
-    and a child of a culprit (pid 10) born before the newest culprit."""
+    one a supervisor (42) just restarted, both in a group led from outside the node, and
+    a child of a culprit (pid 10) born before the newest culprit."""
 
     def __init__(self, generations: int):
         self.table = [_row(10, "hog", 5.0), _row(11, "hog", 2.0), _row(12, "hog", 1.0),
                       _row(20, "hog", 30.0),  # ran before the hog
                       _row(30, "other", 0.0, exe="sh", ppid=10),  # another kind
                       _row(31, "hog", 0.0, registered=True, ppid=12),  # a service
-                      _row(40, "hog", 60.0), _row(41, "hog", 0.0, ppid=40, pgid=40),
+                      _row(40, "hog", 60.0, pgid=7), _row(41, "hog", 0.0, ppid=40, pgid=7),
+                      _row(42, "sup", 60.0, exe="sup", pgid=7),  # (7: not of the node)
+                      _row(43, "hog", 0.0, ppid=42, pgid=7),
                       _row(50, "hog", 4.0, ppid=10, pgid=10)]  # (10's first child)
         self.generations, self.next_pid, self.killed = generations, 100, []
 
@@ -68,7 +71,7 @@ def test_what_the_culprits_start_while_killed_is_killed_and_nothing_else():
     assert out.status == "done", out.detail
     assert agent.killed == [10, 11, 12, 100, 101]
     assert out.detail["stragglers"] == [100, 101] and out.detail["survivors"] == []
-    assert {p.pid for p in agent.table} == {20, 30, 31, 40, 41, 50}
+    assert {p.pid for p in agent.table} == {20, 30, 31, 40, 41, 42, 43, 50}
 
 
 def test_culprits_that_keep_starting_more_fail_the_action_after_its_rounds():

@@ -84,19 +84,26 @@ def _stragglers(rows: list, culprits: list[Target], killed: set[int], since: flo
     """What the culprits started while they were killed: processes of a culprit's kind
     (executable and comm: a fork keeps both) born after the newest culprit and not
     before `since` (the agent's boot clock), not a registered service, and tied to the
-    killed ones: a child of one, in a process group one led, or an orphan whose group's
-    leader is gone (the middle child of a double fork leads the orphan's group and exits;
-    it may have been born after the table too). (The table the culprits were chosen from
-    was taken before they were killed: a child forked since is in none.) A process
-    whose parent and group leader live on is not one: a pool's master that replaced a
-    killed worker, a supervisor that restarted it. `rows`: the running processes once
-    the killed ones are gone."""
+    killed ones: a child of one, in a process group one led, or an orphan (the middle
+    child of a double fork, maybe born after the table too, leads the orphan's group and
+    exits: the group's leader is gone, and its parent, a reaper, is of another kind and
+    group). (The table the culprits were chosen from was taken before they were killed:
+    a child forked since is in none.) So not a process that a live one of the kind
+    started (a pool's master replacing a killed worker), nor one in its parent's group (a
+    supervisor restarting it). `rows`: the running processes once the killed ones are
+    gone."""
     kinds = {(t.exe, t.comm) for t in culprits}
     born = max(since, max(t.start_time for t in culprits))
-    live = {p.pid for p in rows}
+    by_pid = {p.pid: p for p in rows}
+
+    def orphan(p) -> bool:
+        parent = by_pid.get(p.ppid)
+        return p.pgid not in by_pid and (parent is None or (
+            (parent.exe, parent.comm) not in kinds and parent.pgid != p.pgid))
+
     return [Target(p.pid, p.start_time, p.comm, p.exe) for p in rows
             if (p.exe, p.comm) in kinds and p.start_time >= born and not p.registered
-            and (p.ppid in killed or p.pgid in killed or p.pgid not in live)]
+            and (p.ppid in killed or p.pgid in killed or orphan(p))]
 
 
 class KillCulprit(Action, tag="kill_culprit"):
