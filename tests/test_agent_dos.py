@@ -287,7 +287,7 @@ for i in range(int(sys.argv[1])):
     box = SensorBox.create(f"big{i}", capacity=abi.MAX_CAPACITY)
     for k in range(abi.MAX_CAPACITY):
         box.progress(f"{i:04d}-{k:04d}".ljust(abi.MAX_NAME_BYTES, "x"), deadline=60.0)
-    register_box(box)
+    register_box(box, timeout=60)  # the agent rests a node whose registrations cost much
     boxes.append(box)
 print(json.dumps({"big": len(boxes)}), flush=True)
 time.sleep(600)
