@@ -21,7 +21,13 @@ def pytest_sessionstart(session) -> None:
     """The soft descriptor limit raised to the hard one, as the agent daemon raises its
     own (agent.hardening): agents run in this process (BackgroundAgent) share it, and
     a shell's 1,024 would cap their nodes' sessions (agent.descriptors) below what the
-    tests hold. As root, what a killed run left is reaped first (leftovers)."""
+    tests hold. As root, what a killed run left is reaped first (leftovers). SIGTERM or
+    SIGHUP (a CI timeout) stops the run as Ctrl-C would, so that the running test's labs,
+    VMs and servers are torn down (left at the default, the run died at once and left
+    them: a VM's QEMU ran on)."""
+    from backdoors.cli import _Terminated
+
+    _Terminated(lambda signum: KeyboardInterrupt(f"signal {signum}")).install()
     fdtable.raise_limit()
     if os.geteuid() == 0:
         session.config.stash[RUNS_LOCK] = hold_runs_lock()

@@ -989,11 +989,16 @@ class _Terminated:
     or a generator the garbage collector finalizes; what it raises there Python prints and
     drops (sys.unraisablehook), and the command would run on. `unraisable`, installed as
     that hook, sees the dropped exit and has the signal delivered again just after, until
-    a handler raises it where it counts (not inside the hook itself)."""
+    a handler raises it where it counts (not inside the hook itself).
 
-    def __init__(self) -> None:
+    `exit(signum)` makes what is raised: SystemExit(128+N) unless given (a test run raises
+    KeyboardInterrupt, which pytest stops on, tearing its fixtures down)."""
+
+    def __init__(self, exit=None) -> None:
         self.owner, self.began = os.getpid(), False
-        self.exiting: SystemExit | None = None
+        self.exit = exit or (lambda signum: SystemExit(128 + signum))
+        self.exiting: BaseException | None = None
+        self.signum = 0
         self.hook = sys.unraisablehook
 
     def install(self) -> dict:
@@ -1029,14 +1034,14 @@ class _Terminated:
             return
         self.began = True
         err.print(f"{signal.Signals(signum).name}: tearing down", highlight=False)
-        self.exiting = SystemExit(128 + signum)
+        self.exiting, self.signum = self.exit(signum), signum
         raise self.exiting
 
     def unraisable(self, info) -> None:
         if self.exiting is None or info.exc_value is not self.exiting:
             return self.hook(info)
-        signum, self.exiting, self.began = info.exc_value.code - 128, None, False
-        self._again(signum)
+        self.exiting, self.began = None, False
+        self._again(self.signum)
 
     def _again(self, signum: int) -> None:
         """Deliver `signum` to this process again every 10 ms until a handler raises its
