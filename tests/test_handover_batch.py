@@ -250,12 +250,9 @@ def test_a_server_dying_mid_batch_loses_nothing(live, tmp_path, monkeypatch):
                                        read=bytes_received(cb.conn.sock)),
                        socket.socket(fileno=os.dup(cb.conn.sock.fileno())), os.dup(cb.fd))
                for cb in sessions.cbs]
-    expected: list = []
     call = SimpleNamespace(
         node=SimpleNamespace(name=NODE, node=None),
-        agent=SimpleNamespace(sessions=SimpleNamespace(
-            expect=lambda *a: expected.append(a), hold=table.hold), regions=regions,
-            owners=watch))
+        agent=SimpleNamespace(sessions=table, regions=regions, owners=watch))
     failed: dict[str, str] = {}
     try:
         handed = _hand_over_to(call, path, started, failed, {}, [])

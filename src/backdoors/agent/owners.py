@@ -43,7 +43,7 @@ from ..tcprepair.kernel import SIOCINQ, ioctl_int
 from .events import EventBudget
 from .membership import outsider
 from .ops import Call, Op, OpError
-from .sessions import Session, SessionRefused, SessionTable, ended
+from .sessions import Session, SessionTable
 
 log = logging.getLogger("backdoors.agent")
 
@@ -392,16 +392,7 @@ class OwnerWatch:
                     failed[s.name] = (f"hand-over: {verdict}; held as server {server_pid}'s "
                                       "(orphaned again if it dies)")
                 # held as the new server's until it registers the session itself
-                try:
-                    self.sessions.hold(s.node, s.name, s.sock.fileno(), server_pid)
-                except (SessionRefused, OSError) as e:  # the server's alone now
-                    if ended(s.sock):  # (the server closed it, and so did its peer)
-                        self.sessions.forget(s.node, s.name)
-                        log.debug("node %s: readopted session %s ended before it was "
-                                  "held", s.node, s.name)
-                    else:
-                        log.warning("node %s: could not hold readopted session %s: %s",
-                                    s.node, s.name, e)
+                self.sessions.hold_handed(s.node, s.name, s.sock, server_pid)
                 s.sock.close()
             else:
                 failed[s.name] = f"hand-over: {verdict}"

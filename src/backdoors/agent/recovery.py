@@ -64,7 +64,7 @@ from .protocol import (
 from .membership import outsider
 from .regions import REGION_NAME, SESSION_KIND
 from .served import NodeRuntime
-from .sessions import SessionRefused, ended as _ended
+from .sessions import ended as _ended
 from .warrant import Warrants, WarrantError
 
 log = logging.getLogger("backdoors.agent")
@@ -995,25 +995,21 @@ def _hold(call: Call, item: Started, pid: int, spent: dict[str, float] | None = 
     one stays. A server takes the copy handed over as its box (CbRegion.take_over): the
     stand-in is then that box, live; one that made a new box (larger capacities) leaves
     the stand-in at the hand-over's export until it registers its own. A session that
-    cannot be held (it ended already: the server closed it and its peer answered, as a
-    spare channel no session took; or the node's cap) is the server's alone: logged, never
-    an error of the whole hand-over."""
+    cannot be held (SessionTable.hold_handed) is the server's alone, never an error of the
+    whole hand-over."""
     node, name = call.node.name, item.moved.name
     try:
         t0 = time.monotonic()
-        call.agent.sessions.hold(node, name, item.sock.fileno(), pid)
+        if not call.agent.sessions.hold_handed(node, name, item.sock, pid):
+            return
         t1 = time.monotonic()
         call.agent.regions.keep(node, name, SESSION_KIND, item.cb_fd, pid, stand_in=True,
                                 process=process)
         if spent is not None:  # seconds in each table, summed over the sessions
             spent["hold_sessions"] = spent.get("hold_sessions", 0.0) + t1 - t0
             spent["hold_regions"] = spent.get("hold_regions", 0.0) + time.monotonic() - t1
-    except (BackdoorsError, OSError, SessionRefused) as e:
-        if _ended(item.sock):
-            call.agent.sessions.forget(node, name)
-            log.debug("node %s: handed-over session %s ended before it was held", node, name)
-        else:
-            log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
+    except (BackdoorsError, OSError) as e:
+        log.warning("node %s: could not hold handed-over session %s: %s", node, name, e)
 
 
 def _check_name(name: str) -> None:

@@ -13,6 +13,7 @@ session with a stand-in state carrying them (`since_from`).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,8 @@ from ..errors import BackdoorsError
 from ..tcprepair import TcpOptions, TcpState, TcpWindow
 from ..tcprepair.kernel import CLOSE, tcp_info
 from .closing import defuse
+
+log = logging.getLogger("backdoors.agent")
 
 
 class SessionRefused(Exception):
@@ -193,6 +196,25 @@ class SessionTable:
         """A session restored here will be held again under `name`: remember its origin."""
         with self._lock:
             self._adopted[(node, name)] = since
+
+    def hold_handed(self, node: str, name: str, sock: socket.socket, pid: int) -> bool:
+        """Hold a session handed over to server `pid` as the server's, until it registers
+        the session itself; False if it cannot be (logged, never raised: the session is
+        then the server's alone): it ended already (the server closed it and its peer
+        answered, as a spare channel no session took: its `expect`ed state is forgotten),
+        or it is refused (the node's cap)."""
+        try:
+            self.hold(node, name, sock.fileno(), pid)
+            return True
+        except (SessionRefused, OSError) as e:
+            if ended(sock):
+                self.forget(node, name)
+                log.debug("node %s: handed-over session %s ended before it was held", node,
+                          name)
+            else:
+                log.warning("node %s: could not hold handed-over session %s: %s", node,
+                            name, e)
+            return False
 
     def forget(self, node: str, name: str) -> None:
         """A session `expect`ed here that will not be held (it ended, or was refused)."""
