@@ -385,3 +385,39 @@ def test_a_boot_failure_quotes_the_end_of_its_log(tmp_path):
     log.write_text("")
     assert log_tail(log) == f"{log} is empty"
     assert log_tail(tmp_path / "none") == f"{tmp_path / 'none'} is missing"
+
+
+@pytest.mark.slow
+def test_a_vm_lab_whose_owner_was_killed_is_reaped_qemu_and_all(qemu, kernel, unique):
+    """A run killed mid-test (SIGKILL: no teardown) left its VM lab: namespaces, the
+    cgroups of its nodes and agent keeper, and the VM's QEMU, which its owner's death
+    does not end. The next lab's start reaps all of it."""
+    import signal
+    import subprocess
+    import sys
+
+    from backdoors.lab import Lab
+    from backdoors.lab.lab import running_labs
+    from test_lab import leftovers
+
+    name = f"k{unique}"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom backdoors.lab import Lab\n"
+         f"lab = Lab({name!r}, hosts=1, nodes=1, services=False, agents=True, vm_nodes=1).up()\n"
+         "print(lab.vm('v0').pid, flush=True)\ntime.sleep(600)\n"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = owner.stdout.readline()
+        assert line.strip().isdigit(), owner.stderr.read() if owner.poll() is not None else line
+        qemu_pid = int(line)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert psutil.pid_exists(qemu_pid) and leftovers(name)  # left behind ...
+        with Lab(f"r{unique}", hosts=1, nodes=1, services=False):  # ... until a lab starts
+            assert name not in running_labs() and leftovers(name) == []
+            assert not psutil.pid_exists(qemu_pid) or psutil.Process(qemu_pid).status() == "zombie"
+    finally:
+        owner.kill()
+        if name in running_labs():
+            subprocess.run([sys.executable, "-m", "backdoors", "lab", "down", "--name", name],
+                           capture_output=True)
